@@ -1,0 +1,252 @@
+//! The one outbound HTTP client and the base-URL rules every backend shares.
+//!
+//! The client follows no redirects, ignores `HTTP(S)_PROXY` from the environment, applies a
+//! connect and a total timeout, and caps response bodies. Errors never carry the URL (query
+//! strings can hold secrets) or the body.
+
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION};
+use url::Url;
+
+use super::Header;
+
+/// Default cap on an upstream response body.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Which outbound URLs are allowed.
+#[derive(Debug, Clone, Default)]
+pub struct EgressPolicy {
+    /// Accept `http://` base URLs (for fakes on loopback and lab setups). Off by default.
+    pub allow_http: bool,
+}
+
+/// The shared outbound client.
+#[derive(Clone, Debug)]
+pub struct HttpClient {
+    client: reqwest::Client,
+    max_body: usize,
+    timeout: Duration,
+}
+
+/// A transport failure, without URL or body.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The upstream did not answer in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// DNS, connect or TLS failed.
+    #[error("connection failed")]
+    Connect,
+    /// The body exceeded the cap.
+    #[error("response body larger than {0} bytes")]
+    TooLarge(usize),
+    /// Anything else.
+    #[error("request failed: {0}")]
+    Other(String),
+}
+
+/// A buffered upstream response.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// The body (at most the cap).
+    pub body: Vec<u8>,
+}
+
+impl UpstreamResponse {
+    /// `Retry-After` in seconds, when present and numeric.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// True when the content type says JSON.
+    pub fn is_json(&self) -> bool {
+        self.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("json"))
+    }
+}
+
+impl HttpClient {
+    /// Builds the client.
+    pub fn new(timeout: Duration, max_body: usize) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .user_agent(concat!("credbroker/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.without_url().to_string())?;
+        Ok(Self {
+            client,
+            max_body,
+            timeout,
+        })
+    }
+
+    /// GET `url` with the credential headers and `Accept: application/json`.
+    pub async fn get(
+        &self,
+        url: &str,
+        auth: &[Header],
+    ) -> Result<UpstreamResponse, TransportError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        for h in auth {
+            let mut v = HeaderValue::from_str(h.value.expose_secret()).map_err(|_| {
+                TransportError::Other("credential is not a valid header value".into())
+            })?;
+            v.set_sensitive(true);
+            let name = if h.name == "authorization" {
+                AUTHORIZATION
+            } else {
+                reqwest::header::HeaderName::from_static(h.name)
+            };
+            headers.insert(name, v);
+        }
+        let req = self.client.get(url).headers(headers);
+        self.send(req).await
+    }
+
+    /// Sends a request and buffers the body up to the cap, all within the timeout.
+    pub async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<UpstreamResponse, TransportError> {
+        let fut = async {
+            let mut resp = req.send().await.map_err(|e| self.classify(e))?;
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|e| self.classify(e))? {
+                if body.len() + chunk.len() > self.max_body {
+                    return Err(TransportError::TooLarge(self.max_body));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(UpstreamResponse {
+                status,
+                headers,
+                body,
+            })
+        };
+        // reqwest's timeout covers the whole exchange too; this guards the body loop as well.
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| TransportError::Timeout(self.timeout))?
+    }
+
+    fn classify(&self, e: reqwest::Error) -> TransportError {
+        if e.is_timeout() {
+            TransportError::Timeout(self.timeout)
+        } else if e.is_connect() {
+            TransportError::Connect
+        } else {
+            TransportError::Other(e.without_url().to_string())
+        }
+    }
+}
+
+/// A parsed base URL and whether it is an `http://` stand-in (host-shape rules skipped).
+#[derive(Debug)]
+pub struct BaseUrl {
+    /// The URL, without trailing slash on its path.
+    pub url: Url,
+    /// True for an allowed `http://` stand-in.
+    pub is_stand_in: bool,
+}
+
+/// Parses what an admin pasted: adds `https://` when no scheme is given, lowercases the host,
+/// and refuses credentials, fragments, queries and schemes other than https (http only when the
+/// policy allows it).
+pub fn parse_base_url(raw: &str, egress: &EgressPolicy) -> Result<BaseUrl, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err("a base URL is required".to_owned());
+    }
+    let with_scheme = if raw.contains("://") {
+        raw.to_owned()
+    } else {
+        format!("https://{raw}")
+    };
+    let mut url = Url::parse(&with_scheme).map_err(|e| format!("not a valid URL ({e})"))?;
+    let is_stand_in = match url.scheme() {
+        "https" => false,
+        "http" if egress.allow_http => true,
+        "http" => {
+            return Err(
+                "plain http is refused; use the https URL (http is allowed only with \
+                 CREDBROKER_EGRESS_ALLOW_HTTP=1)"
+                    .to_owned(),
+            )
+        }
+        other => return Err(format!("scheme '{other}' is not allowed; use https")),
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "the URL must not contain a user name or password; put credentials in `credential`"
+                .to_owned(),
+        );
+    }
+    if url.fragment().is_some() {
+        return Err("the URL must not contain a fragment (#…)".to_owned());
+    }
+    if url.query().is_some() {
+        return Err("the URL must not contain a query string (?…)".to_owned());
+    }
+    if url.host_str().is_none_or(|h| h.is_empty()) {
+        return Err("the URL has no host".to_owned());
+    }
+    let path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&path);
+    Ok(BaseUrl { url, is_stand_in })
+}
+
+/// The URL as a string without a trailing slash.
+pub fn url_string(url: &Url) -> String {
+    url.as_str().trim_end_matches('/').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_canonicalizes() {
+        let p = EgressPolicy::default();
+        let b = parse_base_url("App.Asana.com/api/1.0/", &p).unwrap();
+        assert_eq!(url_string(&b.url), "https://app.asana.com/api/1.0");
+        assert!(!b.is_stand_in);
+    }
+
+    #[test]
+    fn refuses_bad_shapes() {
+        let p = EgressPolicy::default();
+        for bad in [
+            "",
+            "http://127.0.0.1:1",
+            "ftp://x",
+            "https://u:p@host",
+            "https://host/#frag",
+            "https://host/?q=1",
+            "https://",
+        ] {
+            assert!(parse_base_url(bad, &p).is_err(), "{bad} accepted");
+        }
+        let allow = EgressPolicy { allow_http: true };
+        assert!(
+            parse_base_url("http://127.0.0.1:1/x", &allow)
+                .unwrap()
+                .is_stand_in
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! Upstream systems behind one [`Backend`] trait.
+//!
+//! A backend knows three things about its vendor: which base URLs are right
+//! ([`Backend::canonical_base_url`]), how to prove a credential authenticates
+//! ([`Backend::check`]), and how to turn a credential into ready-to-send headers
+//! ([`Backend::issue`]). The seam covers all three credential families:
+//! - static secrets (PAT, API key, basic): `issue` builds the header locally, no upstream call;
+//! - refreshable OAuth grants: `issue` calls the token endpoint and may return an
+//!   `updated_credential` (a rotated refresh token) that the broker persists before handing the
+//!   access token out;
+//! - authorization-code grants: the same as refreshable grants once the code was exchanged.
+//!
+//! Registration is one exhaustive `match` in [`registry`]; kinds without a backend in this build
+//! are refused with `UNIMPLEMENTED`.
+
+pub mod asana;
+pub mod http;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::error::BrokerError;
+use crate::model::{AuthCheck, Credential, SystemKind};
+use crate::secret::SecretString;
+
+pub use self::http::{EgressPolicy, HttpClient};
+
+/// What a backend works on: a stored system or a candidate that is not saved yet.
+#[derive(Debug)]
+pub struct Target<'a> {
+    /// The system id, when the target is stored.
+    pub system_id: Option<&'a str>,
+    /// The canonical base URL.
+    pub base_url: &'a str,
+    /// The credential.
+    pub credential: &'a Credential,
+}
+
+/// One ready-to-send HTTP header. The value is secret.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// Header name.
+    pub name: &'static str,
+    /// Header value.
+    pub value: SecretString,
+}
+
+/// What [`Backend::issue`] returns.
+#[derive(Debug)]
+pub struct Issued {
+    /// Headers the worker sends.
+    pub headers: Vec<Header>,
+    /// When the headers stop working; `None` for static secrets without a known expiry.
+    pub expires_at: Option<SystemTime>,
+    /// Where the worker sends its API calls.
+    pub api_base_url: String,
+    /// A credential to persist (flushed) before the headers are handed out, e.g. a rotated
+    /// refresh token.
+    pub updated_credential: Option<Credential>,
+}
+
+/// Why [`Backend::issue`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The grant is dead; a person must re-authorize.
+    #[error("{0}")]
+    ReauthorizationRequired(String),
+    /// Temporary: timeouts, 5xx, connection errors.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The upstream rate-limited us.
+    #[error("{0}")]
+    RateLimited(String),
+    /// The stored credential cannot be used by this backend.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl From<BackendError> for BrokerError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::ReauthorizationRequired(m) => BrokerError::FailedPrecondition(m),
+            BackendError::Unavailable(m) => BrokerError::Unavailable(m),
+            BackendError::RateLimited(m) => BrokerError::ResourceExhausted(m),
+            BackendError::Unsupported(m) => BrokerError::FailedPrecondition(m),
+        }
+    }
+}
+
+/// One upstream system.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// The kind this backend serves.
+    fn kind(&self) -> SystemKind;
+
+    /// Turns what an admin pasted into the one canonical base URL, or says what to enter instead.
+    ///
+    /// # Behavior
+    /// - https URLs must have the vendor's host shape;
+    /// - with `egress.allow_http`, any `http://` URL is taken as given (a stand-in for the
+    ///   vendor, e.g. a fake on loopback) without host-shape rules.
+    fn canonical_base_url(&self, raw: &str, egress: &EgressPolicy) -> Result<String, String>;
+
+    /// Verifies upstream that the credential authenticates, reporting identity and missing
+    /// permissions. Never fails: every problem is an [`AuthCheck`] with a failure class.
+    async fn check(&self, target: &Target<'_>) -> AuthCheck;
+
+    /// Builds the headers a worker sends (calling the token endpoint for OAuth grants).
+    async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError>;
+}
+
+/// Shared plumbing handed to every backend.
+#[derive(Clone)]
+pub struct BackendContext {
+    /// The one outbound HTTP client.
+    pub http: HttpClient,
+    /// Egress rules.
+    pub egress: EgressPolicy,
+}
+
+/// The backends of this build, by kind.
+#[derive(Clone)]
+pub struct Registry {
+    backends: Vec<(SystemKind, Arc<dyn Backend>)>,
+}
+
+impl Registry {
+    /// Builds every backend this build has.
+    pub fn new(ctx: &BackendContext) -> Self {
+        let backends = SystemKind::ALL
+            .into_iter()
+            .filter_map(|k| registry(k, ctx).map(|b| (k, b)))
+            .collect();
+        Self { backends }
+    }
+
+    /// The backend for `kind`, or `UNIMPLEMENTED`.
+    pub fn get(&self, kind: SystemKind) -> Result<&Arc<dyn Backend>, BrokerError> {
+        self.backends
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, b)| b)
+            .ok_or_else(|| {
+                BrokerError::Unimplemented(format!(
+                    "{} systems are not supported by this credbroker build yet",
+                    kind.display_name()
+                ))
+            })
+    }
+}
+
+/// One exhaustive match: a new kind is a compile error until it is listed here.
+fn registry(kind: SystemKind, ctx: &BackendContext) -> Option<Arc<dyn Backend>> {
+    match kind {
+        SystemKind::Asana => Some(Arc::new(asana::AsanaBackend::new(ctx.clone()))),
+        SystemKind::AzureDevOps
+        | SystemKind::Salesforce
+        | SystemKind::ServiceNow
+        | SystemKind::Zendesk
+        | SystemKind::JiraCloud
+        | SystemKind::Freshdesk
+        | SystemKind::Freshservice => None,
+    }
+}
+
+/// A header value marked sensitive-by-construction.
+pub fn bearer(token: &SecretString) -> Header {
+    Header {
+        name: "authorization",
+        value: SecretString::new(format!("Bearer {}", token.expose_secret())),
+    }
+}
+
+/// `Authorization: Basic base64(user:password)`.
+pub fn basic(user: &str, password: &str) -> Header {
+    use base64::Engine;
+    let raw = zeroize::Zeroizing::new(format!("{user}:{password}"));
+    Header {
+        name: "authorization",
+        value: SecretString::new(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
+        )),
+    }
+}

@@ -1,0 +1,88 @@
+//! `credbroker`: the server. Parses flags and environment, sets up logging, binds the listener
+//! and hands over to `credbroker::server::run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use credbroker::config::{Config, Overrides};
+
+/// Exit code for bad configuration (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Exit code for a refused start (EX_CONFIG): wrong key, locked or damaged data directory.
+const EXIT_CONFIG: u8 = 78;
+
+/// credbroker: a gRPC credential broker for sync engines.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "CREDBROKER_LISTEN")]
+    listen: Option<String>,
+    /// Data directory (store, generated master key, admin token) [default: ./data].
+    #[arg(long, env = "CREDBROKER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Optional TOML config file; every setting has a default.
+    #[arg(long, env = "CREDBROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Master key file (32 random bytes, base64) [default: <data-dir>/master.key, generated].
+    #[arg(long, env = "CREDBROKER_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "CREDBROKER_LOG_FORMAT")]
+    log_format: Option<String>,
+    /// Accept http:// base URLs (fakes on loopback, labs): 1 or 0.
+    #[arg(long, env = "CREDBROKER_EGRESS_ALLOW_HTTP")]
+    egress_allow_http: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        master_key_file: args.master_key_file,
+        log_format: args.log_format,
+        egress_allow_http: args.egress_allow_http,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("credbroker: configuration error: {e}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    credbroker::telemetry::init(config.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("credbroker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(message = "Cannot bind the listen address.", addr = %config.listen, error = %e);
+                eprintln!("credbroker: cannot listen on {}: {e}", config.listen);
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(message = "gRPC listening.", addr = %addr, data_dir = %config.data_dir.display());
+        match credbroker::server::run(listener, config, credbroker::shutdown::signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(message = "credbroker refused to start.", error = %e);
+                eprintln!("credbroker: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        }
+    })
+}

@@ -1,0 +1,755 @@
+//! The domain core: registration, checks, token issue and caching, rotation, callers.
+//!
+//! It depends only on the [`CredentialStore`] trait, the [`Keyring`] and the backend
+//! [`Registry`]; no proto or HTTP types appear here.
+//!
+//! # Hot path
+//! `access_token` answers from an in-memory map while the cached headers stay valid for the
+//! requested time: no disk read, no decryption, no upstream call. A miss takes the system's
+//! single-flight lock, re-checks the cache, and only then reads, decrypts and issues, so
+//! concurrent misses for one system cause one issue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::backends::{EgressPolicy, Header, Registry, Target};
+use crate::crypto::{Keyring, RecordBinding};
+use crate::error::BrokerError;
+use crate::model::{
+    unix_now, AuthCheck, CallerRecord, Credential, Role, SystemKind, SystemRecord, SystemState,
+};
+use crate::secret::SecretString;
+use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
+
+/// Largest `min_valid_seconds` a worker may ask for (one day).
+pub const MAX_MIN_VALID_SECONDS: u32 = 86_400;
+/// Default page size of `ListSystems`.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page size of `ListSystems`.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Longest system id.
+pub const MAX_SYSTEM_ID_LEN: usize = 128;
+/// Longest caller name.
+pub const MAX_CALLER_NAME_LEN: usize = 64;
+/// Name of the admin caller created on first start.
+pub const BOOTSTRAP_ADMIN: &str = "admin";
+
+/// Headers handed to a worker, cached until they expire.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// Ready-to-send headers.
+    pub headers: Vec<Header>,
+    /// When the headers stop being valid.
+    pub expires_at: SystemTime,
+    /// Where the worker sends its API calls.
+    pub api_base_url: String,
+    /// The credential version the headers come from.
+    pub credential_version: u64,
+    /// Opaque id; new for every mint.
+    pub token_id: String,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Caller name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    hash: [u8; 32],
+}
+
+/// What `RegisterSystem` needs.
+#[derive(Debug)]
+pub struct RegisterInput {
+    /// Requested id; empty means generate one.
+    pub system_id: String,
+    /// Display name.
+    pub display_name: String,
+    /// Description.
+    pub description: String,
+    /// Kind.
+    pub kind: SystemKind,
+    /// Base URL as pasted.
+    pub base_url: String,
+    /// The credential.
+    pub credential: Credential,
+    /// Check upstream before saving.
+    pub check: bool,
+}
+
+/// What a check targets.
+#[derive(Debug)]
+pub enum CheckTarget {
+    /// A stored system.
+    Stored(String),
+    /// A candidate not saved yet.
+    Candidate {
+        /// Kind.
+        kind: SystemKind,
+        /// Base URL as pasted.
+        base_url: String,
+        /// Credential.
+        credential: Credential,
+    },
+}
+
+/// Why the broker could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The master key does not match the store.
+    #[error(
+        "the master key does not match this data directory (key check failed); refusing to \
+         start. Nothing was changed. Start with the key the store was created with \
+         (CREDBROKER_MASTER_KEY_FILE)"
+    )]
+    WrongKey,
+    /// The store's metadata is missing or unreadable.
+    #[error("the store is damaged: {0}; refusing to start. Nothing was changed")]
+    Damaged(String),
+    /// Storage failed.
+    #[error("storage error during start: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The broker core.
+pub struct Broker {
+    store: Arc<dyn CredentialStore>,
+    keyring: Keyring,
+    registry: Registry,
+    egress: EgressPolicy,
+    static_header_ttl: Duration,
+    tokens: RwLock<HashMap<String, Arc<IssuedToken>>>,
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
+}
+
+/// Settings the core needs.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Egress rules for base URLs.
+    pub egress: EgressPolicy,
+    /// Declared validity of static headers.
+    pub static_header_ttl: Duration,
+}
+
+impl Broker {
+    /// Opens the broker on `store`: verifies the master key against the store's key check value
+    /// (initializing a fresh store), loads callers, and creates the bootstrap admin on a store
+    /// without callers. Returns the admin token when one was created.
+    pub async fn open(
+        store: Arc<dyn CredentialStore>,
+        keyring: Keyring,
+        registry: Registry,
+        settings: BrokerSettings,
+    ) -> Result<(Self, Option<SecretString>), OpenError> {
+        let kcv_key = format!("kcv/{:08x}", keyring.primary_id());
+        match store.get_meta("format_version").await? {
+            None => {
+                let empty =
+                    store.count_systems().await? == 0 && store.list_callers().await?.is_empty();
+                if !empty {
+                    return Err(OpenError::Damaged("format version missing".to_owned()));
+                }
+                store.put_meta(&kcv_key, &keyring.key_check_value()).await?;
+                store
+                    .put_meta("format_version", STORE_FORMAT_VERSION.as_bytes())
+                    .await?;
+            }
+            Some(v) if v == STORE_FORMAT_VERSION.as_bytes() => {
+                match store.get_meta(&kcv_key).await? {
+                    Some(kcv) if keyring.verify_key_check_value(&kcv) => {}
+                    _ => return Err(OpenError::WrongKey),
+                }
+            }
+            Some(_) => {
+                return Err(OpenError::Damaged(
+                    "unknown store format version".to_owned(),
+                ))
+            }
+        }
+        let broker = Self {
+            store,
+            keyring,
+            registry,
+            egress: settings.egress,
+            static_header_ttl: settings.static_header_ttl,
+            tokens: RwLock::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
+            callers: RwLock::new(HashMap::new()),
+        };
+        let callers = broker.store.list_callers().await?;
+        let mut admin_token = None;
+        if callers.is_empty() {
+            let (_, token) = broker
+                .create_caller(BOOTSTRAP_ADMIN, Role::Admin)
+                .await
+                .map_err(|_| OpenError::Damaged("could not create the admin caller".to_owned()))?;
+            admin_token = Some(token);
+        } else {
+            let mut map = write(&broker.callers);
+            for c in callers.into_iter().filter(|c| !c.revoked) {
+                if let Some(hash) = decode_hash(&c.token_sha256) {
+                    map.insert(
+                        hash,
+                        Arc::new(Caller {
+                            name: c.name,
+                            role: c.role,
+                            hash,
+                        }),
+                    );
+                }
+            }
+        }
+        Ok((broker, admin_token))
+    }
+
+    // ----- callers -------------------------------------------------------------------------
+
+    /// The caller holding `token`, if any. Revoked callers are not found.
+    pub fn authenticate(&self, token: &str) -> Option<Arc<Caller>> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let map = read(&self.callers);
+        let c = map.get(&hash)?;
+        // The map lookup is by hash; confirm in constant time anyway.
+        bool::from(c.hash.ct_eq(&hash)).then(|| c.clone())
+    }
+
+    /// Creates a caller and returns it with its token (shown once).
+    pub async fn create_caller(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<(CallerRecord, SecretString), BrokerError> {
+        validate_slug(name, MAX_CALLER_NAME_LEN).map_err(|m| BrokerError::invalid("name", m))?;
+        let mut raw = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let token = SecretString::new(format!("cbt_{}", URL_SAFE_NO_PAD.encode(raw)));
+        let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
+        let record = CallerRecord {
+            name: name.to_owned(),
+            role,
+            token_sha256: hex(&hash),
+            created_at: unix_now(),
+            revoked: false,
+        };
+        self.store
+            .insert_caller(&record)
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists => {
+                    BrokerError::AlreadyExists(format!("caller '{name}' already exists"))
+                }
+                other => other.into(),
+            })?;
+        write(&self.callers).insert(
+            hash,
+            Arc::new(Caller {
+                name: name.to_owned(),
+                role,
+                hash,
+            }),
+        );
+        Ok((record, token))
+    }
+
+    /// Every caller.
+    pub async fn list_callers(&self) -> Result<Vec<CallerRecord>, BrokerError> {
+        Ok(self.store.list_callers().await?)
+    }
+
+    /// Revokes a caller; its token stops working at once. The last active admin cannot be
+    /// revoked (nobody could administer the broker afterwards).
+    pub async fn revoke_caller(&self, name: &str) -> Result<CallerRecord, BrokerError> {
+        let callers = self.store.list_callers().await?;
+        let mut record = callers
+            .iter()
+            .find(|c| c.name == name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("caller '{name}' not found")))?;
+        if record.revoked {
+            return Ok(record);
+        }
+        let active_admins = callers
+            .iter()
+            .filter(|c| c.role == Role::Admin && !c.revoked)
+            .count();
+        if record.role == Role::Admin && active_admins <= 1 {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "'{name}' is the last active admin; create another admin before revoking it"
+            )));
+        }
+        record.revoked = true;
+        self.store.update_caller(&record).await?;
+        if let Some(hash) = decode_hash(&record.token_sha256) {
+            write(&self.callers).remove(&hash);
+        }
+        Ok(record)
+    }
+
+    // ----- systems -------------------------------------------------------------------------
+
+    /// Registers a system.
+    pub async fn register(
+        &self,
+        input: RegisterInput,
+    ) -> Result<(SystemRecord, Option<AuthCheck>), BrokerError> {
+        let backend = self.registry.get(input.kind)?.clone();
+        let system_id = if input.system_id.is_empty() {
+            generate_id(input.kind)
+        } else {
+            validate_slug(&input.system_id, MAX_SYSTEM_ID_LEN)
+                .map_err(|m| BrokerError::invalid("system_id", m))?;
+            input.system_id
+        };
+        check_credential_type(input.kind, &input.credential)?;
+        let base_url = backend
+            .canonical_base_url(&input.base_url, &self.egress)
+            .map_err(|m| BrokerError::invalid("base_url", m))?;
+        if self.store.get_system(&system_id).await?.is_some() {
+            return Err(already_exists(&system_id));
+        }
+        let check = if input.check {
+            let check = backend
+                .check(&Target {
+                    system_id: Some(&system_id),
+                    base_url: &base_url,
+                    credential: &input.credential,
+                })
+                .await;
+            if !check.ok {
+                return Err(failed_check(&check, "nothing was saved"));
+            }
+            Some(check)
+        } else {
+            None
+        };
+        let now = unix_now();
+        let version = 1;
+        let record = SystemRecord {
+            sealed_credential: self.seal(&system_id, version, &input.credential)?,
+            system_id: system_id.clone(),
+            display_name: input.display_name,
+            description: input.description,
+            kind: input.kind,
+            base_url,
+            credential_type: input.credential.credential_type(),
+            credential_version: version,
+            state: SystemState::Active,
+            created_at: now,
+            updated_at: now,
+            last_check: check.clone(),
+            credential_expires_at: input.credential.expires_at(),
+            revision: 1,
+        };
+        self.store
+            .insert_system(&record)
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists => already_exists(&system_id),
+                other => other.into(),
+            })?;
+        tracing::info!(message = "System registered.", system = %record.kind, credential_id = %record.system_id);
+        Ok((record, check))
+    }
+
+    /// Checks a stored or candidate credential. A stored system's `last_check` is updated.
+    pub async fn check(&self, target: CheckTarget) -> Result<AuthCheck, BrokerError> {
+        match target {
+            CheckTarget::Candidate {
+                kind,
+                base_url,
+                credential,
+            } => {
+                let backend = self.registry.get(kind)?.clone();
+                check_credential_type(kind, &credential)?;
+                let base_url = backend
+                    .canonical_base_url(&base_url, &self.egress)
+                    .map_err(|m| BrokerError::invalid("candidate.base_url", m))?;
+                Ok(backend
+                    .check(&Target {
+                        system_id: None,
+                        base_url: &base_url,
+                        credential: &credential,
+                    })
+                    .await)
+            }
+            CheckTarget::Stored(system_id) => {
+                let record = self.get_system(&system_id).await?;
+                let backend = self.registry.get(record.kind)?.clone();
+                let credential = self.open_credential(&record)?;
+                let check = backend
+                    .check(&Target {
+                        system_id: Some(&system_id),
+                        base_url: &record.base_url,
+                        credential: &credential,
+                    })
+                    .await;
+                let mut updated = record.clone();
+                updated.last_check = Some(check.clone());
+                updated.revision += 1;
+                match self.store.update_system(&updated, record.revision).await {
+                    // A concurrent rotation or delete wins; the check result is still returned.
+                    Ok(()) | Err(StoreError::Conflict) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                Ok(check)
+            }
+        }
+    }
+
+    /// Headers for `system_id`, valid at least `min_valid` seconds.
+    pub async fn access_token(
+        &self,
+        system_id: &str,
+        min_valid: u32,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        if min_valid > MAX_MIN_VALID_SECONDS {
+            return Err(BrokerError::invalid(
+                "min_valid_seconds",
+                format!("must be at most {MAX_MIN_VALID_SECONDS}"),
+            ));
+        }
+        let need_until = SystemTime::now() + Duration::from_secs(u64::from(min_valid));
+        if let Some(t) = self.cached(system_id, need_until) {
+            return Ok(t);
+        }
+        if system_id.is_empty() {
+            return Err(BrokerError::invalid("system_id", "is required"));
+        }
+        let flight = self.flight(system_id);
+        let _guard = flight.lock().await;
+        if let Some(t) = self.cached(system_id, need_until) {
+            return Ok(t);
+        }
+        let record = self.get_system(system_id).await?;
+        match record.state {
+            SystemState::Active => {}
+            SystemState::AuthorizationPending => {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "system '{system_id}' is waiting for its authorization to be completed"
+                )))
+            }
+            SystemState::ReauthorizationRequired => {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "system '{system_id}' needs to be re-authorized by an admin"
+                )))
+            }
+        }
+        let now = SystemTime::now();
+        let cred_expiry = record
+            .credential_expires_at
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        if cred_expiry.is_some_and(|e| e <= now) {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "the credential of system '{system_id}' has expired; rotate in a new one"
+            )));
+        }
+        let credential = self.open_credential(&record)?;
+        let backend = self.registry.get(record.kind)?.clone();
+        let issued = backend
+            .issue(&Target {
+                system_id: Some(system_id),
+                base_url: &record.base_url,
+                credential: &credential,
+            })
+            .await?;
+        let mut expires_at = issued.expires_at.unwrap_or_else(|| {
+            now + self
+                .static_header_ttl
+                .max(Duration::from_secs(u64::from(min_valid)))
+        });
+        if let Some(e) = cred_expiry {
+            expires_at = expires_at.min(e);
+        }
+        if expires_at < need_until {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "system '{system_id}' cannot provide headers valid for {min_valid} s (the \
+                 credential expires sooner)"
+            )));
+        }
+        let mut id = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let token = Arc::new(IssuedToken {
+            headers: issued.headers,
+            expires_at,
+            api_base_url: issued.api_base_url,
+            credential_version: record.credential_version,
+            token_id: URL_SAFE_NO_PAD.encode(id),
+        });
+        write(&self.tokens).insert(system_id.to_owned(), token.clone());
+        Ok(token)
+    }
+
+    /// Replaces a system's credential, checking the new one first unless `skip_check`.
+    pub async fn rotate(
+        &self,
+        system_id: &str,
+        credential: Credential,
+        skip_check: bool,
+    ) -> Result<(SystemRecord, Option<AuthCheck>), BrokerError> {
+        let record = self.get_system(system_id).await?;
+        let backend = self.registry.get(record.kind)?.clone();
+        check_credential_type(record.kind, &credential)?;
+        let check = if skip_check {
+            None
+        } else {
+            let check = backend
+                .check(&Target {
+                    system_id: Some(system_id),
+                    base_url: &record.base_url,
+                    credential: &credential,
+                })
+                .await;
+            if !check.ok {
+                return Err(failed_check(&check, "the old credential stays in use"));
+            }
+            Some(check)
+        };
+        let flight = self.flight(system_id);
+        let _guard = flight.lock().await;
+        let current = self.get_system(system_id).await?;
+        let version = current.credential_version + 1;
+        let mut updated = current.clone();
+        updated.sealed_credential = self.seal(system_id, version, &credential)?;
+        updated.credential_type = credential.credential_type();
+        updated.credential_version = version;
+        updated.credential_expires_at = credential.expires_at();
+        updated.state = SystemState::Active;
+        updated.updated_at = unix_now();
+        updated.revision = current.revision + 1;
+        if check.is_some() {
+            updated.last_check = check.clone();
+        }
+        self.store.update_system(&updated, current.revision).await?;
+        write(&self.tokens).remove(system_id);
+        tracing::info!(message = "Credential rotated.", system = %updated.kind, credential_id = %system_id);
+        Ok((updated, check))
+    }
+
+    /// One system's metadata.
+    pub async fn get_system(&self, system_id: &str) -> Result<SystemRecord, BrokerError> {
+        if system_id.is_empty() {
+            return Err(BrokerError::invalid("system_id", "is required"));
+        }
+        self.store
+            .get_system(system_id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("system '{system_id}' not found")))
+    }
+
+    /// A page of systems after `after`; the bool says whether more follow.
+    pub async fn list_systems(
+        &self,
+        after: Option<&str>,
+        page_size: usize,
+    ) -> Result<(Vec<SystemRecord>, bool), BrokerError> {
+        let size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(BrokerError::invalid(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE_SIZE}"),
+                ))
+            }
+            n => n,
+        };
+        let mut page = self.store.list_systems(after, size + 1).await?;
+        let more = page.len() > size;
+        page.truncate(size);
+        Ok((page, more))
+    }
+
+    /// Deletes a system and drops its cached headers.
+    pub async fn delete_system(&self, system_id: &str) -> Result<(), BrokerError> {
+        if system_id.is_empty() {
+            return Err(BrokerError::invalid("system_id", "is required"));
+        }
+        let flight = self.flight(system_id);
+        let _guard = flight.lock().await;
+        if !self.store.delete_system(system_id).await? {
+            return Err(BrokerError::NotFound(format!(
+                "system '{system_id}' not found"
+            )));
+        }
+        write(&self.tokens).remove(system_id);
+        lock(&self.flights).remove(system_id);
+        tracing::info!(message = "System deleted.", credential_id = %system_id);
+        Ok(())
+    }
+
+    /// Flushes the store (at shutdown).
+    pub async fn flush(&self) -> Result<(), BrokerError> {
+        Ok(self.store.flush().await?)
+    }
+
+    // ----- helpers -------------------------------------------------------------------------
+
+    fn cached(&self, system_id: &str, need_until: SystemTime) -> Option<Arc<IssuedToken>> {
+        let map = read(&self.tokens);
+        map.get(system_id)
+            .filter(|t| t.expires_at >= need_until)
+            .cloned()
+    }
+
+    fn flight(&self, system_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.flights)
+            .entry(system_id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn seal(
+        &self,
+        system_id: &str,
+        version: u64,
+        credential: &Credential,
+    ) -> Result<Vec<u8>, BrokerError> {
+        let plaintext = zeroize::Zeroizing::new(
+            serde_json::to_vec(credential)
+                .map_err(|_| BrokerError::Internal("could not encode the credential"))?,
+        );
+        Ok(self.keyring.seal(
+            &RecordBinding {
+                system_id,
+                credential_type: credential.credential_type(),
+                version,
+            },
+            &plaintext,
+        ))
+    }
+
+    fn open_credential(&self, record: &SystemRecord) -> Result<Credential, BrokerError> {
+        let plaintext = self
+            .keyring
+            .open(
+                &RecordBinding {
+                    system_id: &record.system_id,
+                    credential_type: record.credential_type,
+                    version: record.credential_version,
+                },
+                &record.sealed_credential,
+            )
+            .map_err(|e| {
+                tracing::error!(message = "Stored credential failed to decrypt.", credential_id = %record.system_id, error = %e);
+                BrokerError::DataLoss(format!(
+                    "the stored credential of system '{}' failed authentication (tampered or \
+                     corrupt); rotate in a new credential",
+                    record.system_id
+                ))
+            })?;
+        serde_json::from_slice(&plaintext).map_err(|_| {
+            BrokerError::DataLoss(format!(
+                "the stored credential of system '{}' is unreadable",
+                record.system_id
+            ))
+        })
+    }
+}
+
+fn check_credential_type(kind: SystemKind, credential: &Credential) -> Result<(), BrokerError> {
+    let accepted = kind.accepted_credentials();
+    if accepted.contains(&credential.credential_type()) {
+        return Ok(());
+    }
+    let names: Vec<&str> = accepted.iter().map(|c| c.field_name()).collect();
+    Err(BrokerError::invalid(
+        "credential",
+        format!(
+            "{} does not accept {}; use {}",
+            kind.display_name(),
+            credential.credential_type(),
+            names.join(" or ")
+        ),
+    ))
+}
+
+fn failed_check(check: &AuthCheck, consequence: &str) -> BrokerError {
+    let class = check.failure.map(|f| f.as_str()).unwrap_or("unknown");
+    BrokerError::FailedPrecondition(format!(
+        "credential check failed ({class}): {}; {consequence}",
+        check.message
+    ))
+}
+
+fn already_exists(system_id: &str) -> BrokerError {
+    BrokerError::AlreadyExists(format!("system '{system_id}' already exists"))
+}
+
+/// Checks a slug: `[a-z0-9][a-z0-9._-]{0,max-1}`.
+pub fn validate_slug(s: &str, max: usize) -> Result<(), String> {
+    let ok_first = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok_rest = s
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if s.is_empty() || s.len() > max || !ok_first || !ok_rest {
+        return Err(format!(
+            "'{}' must match [a-z0-9][a-z0-9._-]{{0,{}}}",
+            s.chars().take(140).collect::<String>(),
+            max - 1
+        ));
+    }
+    Ok(())
+}
+
+fn generate_id(kind: SystemKind) -> String {
+    let mut raw = [0u8; 6];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    format!("{}-{}", kind.slug().replace('_', "-"), hex(&raw))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hash(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+// Poisoning only happens after a panic while holding the lock; the maps stay consistent (every
+// critical section is a single insert/remove/get), so recover the guard instead of panicking.
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs() {
+        assert!(validate_slug("acme-asana.1_x", 128).is_ok());
+        for bad in ["", "-a", "A", "a b", "a/b", &"a".repeat(129)] {
+            assert!(validate_slug(bad, 128).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hash_hex_round_trip() {
+        let h: [u8; 32] = Sha256::digest(b"x").into();
+        assert_eq!(decode_hash(&hex(&h)), Some(h));
+    }
+}

@@ -1,0 +1,977 @@
+//! `credbrokerctl`: the admin CLI. It talks to the broker over gRPC (sled locks the data
+//! directory, so the CLI never opens the store itself).
+//!
+//! Secrets are never taken from argv: they come from a file (`--secret-file`,
+//! `--secret FIELD=file:PATH`), standard input (`--secret-stdin`, `--secret FIELD=stdin`), an
+//! environment variable (`--secret FIELD=env:VAR`) or an interactive prompt.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::model::{CredentialType, SystemKind};
+use crate::pb;
+use crate::pb::credential_broker_client::CredentialBrokerClient;
+use crate::server::ADMIN_TOKEN_FILE;
+
+/// credbrokerctl: administer a credbroker server over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "credbrokerctl", version, about)]
+pub struct Cli {
+    /// Server address.
+    #[arg(
+        long,
+        env = "CREDBROKER_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub addr: String,
+    /// Caller token (default: read from --token-file, else <data-dir>/admin.token).
+    #[arg(long, env = "CREDBROKER_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// File holding the caller token.
+    #[arg(long, env = "CREDBROKER_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// The server's data directory, to find admin.token.
+    #[arg(
+        long,
+        env = "CREDBROKER_DATA_DIR",
+        default_value = "./data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// Top-level commands.
+// Parsed once per process; the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage systems.
+    #[command(subcommand)]
+    System(SystemCmd),
+    /// See what a worker gets.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Manage callers.
+    #[command(subcommand)]
+    Caller(CallerCmd),
+}
+
+/// `system …`
+#[derive(Debug, Subcommand)]
+pub enum SystemCmd {
+    /// Register a system.
+    Register(RegisterArgs),
+    /// List systems.
+    List {
+        /// Page size (all pages are fetched).
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// Show one system.
+    Show {
+        /// System id.
+        system_id: String,
+    },
+    /// Check a stored system, or a candidate credential (with --kind).
+    Check {
+        /// System id (omit to check a candidate).
+        system_id: Option<String>,
+        /// Candidate kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Candidate base URL.
+        #[arg(long, default_value = "")]
+        base_url: String,
+        /// Candidate credential.
+        #[command(flatten)]
+        credential: CredentialArgs,
+    },
+    /// Rotate a system's credential (checked first unless --skip-check).
+    Rotate {
+        /// System id.
+        system_id: String,
+        /// Do not check the new credential first.
+        #[arg(long)]
+        skip_check: bool,
+        /// The new credential.
+        #[command(flatten)]
+        credential: CredentialArgs,
+    },
+    /// Delete a system and its credential.
+    Delete {
+        /// System id.
+        system_id: String,
+    },
+}
+
+/// `system register` arguments.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// System kind: asana, azure-devops, salesforce, servicenow, zendesk, jira-cloud, freshdesk,
+    /// freshservice.
+    #[arg(long)]
+    pub kind: String,
+    /// System id (generated when omitted).
+    #[arg(long = "id", default_value = "")]
+    pub system_id: String,
+    /// Display name.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Description.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Base URL (empty = the vendor default where there is one).
+    #[arg(long, default_value = "")]
+    pub base_url: String,
+    /// Check the credential upstream before saving; nothing is saved when it fails.
+    #[arg(long)]
+    pub check: bool,
+    /// The credential.
+    #[command(flatten)]
+    pub credential: CredentialArgs,
+}
+
+/// Credential input (non-secret fields as flags, secrets from files, stdin, env or a prompt).
+#[derive(Debug, Args, Default)]
+pub struct CredentialArgs {
+    /// personal-access-token, api-key, basic, oauth-client-credentials, oauth-refresh-token,
+    /// oauth-password-grant, salesforce-login, oauth-authorization-code (default: the kind's
+    /// first supported type).
+    #[arg(long)]
+    pub credential_type: Option<String>,
+    /// User name (basic, password grant, Salesforce login; optional for PATs).
+    #[arg(long)]
+    pub username: Option<String>,
+    /// OAuth client id.
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// OAuth scope (repeatable).
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// PAT expiry: YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds.
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    /// Read the main secret (token, key, password, client secret) from this file.
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Read the main secret from standard input.
+    #[arg(long)]
+    pub secret_stdin: bool,
+    /// FIELD=file:PATH, FIELD=stdin or FIELD=env:VAR for any secret field (repeatable).
+    #[arg(long = "secret")]
+    pub secrets: Vec<String>,
+}
+
+/// `token …`
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Get the headers a worker would get.
+    Get {
+        /// System id.
+        system_id: String,
+        /// The headers must stay valid at least this long.
+        #[arg(long, default_value_t = 0)]
+        min_valid_seconds: u32,
+    },
+}
+
+/// `caller …`
+#[derive(Debug, Subcommand)]
+pub enum CallerCmd {
+    /// Create a caller and print its token (shown once).
+    Add {
+        /// Caller name.
+        name: String,
+        /// admin or worker.
+        #[arg(long, default_value = "worker")]
+        role: String,
+    },
+    /// List callers.
+    List,
+    /// Revoke a caller.
+    Revoke {
+        /// Caller name.
+        name: String,
+    },
+}
+
+type Client = CredentialBrokerClient<InterceptedService<Channel, AuthInterceptor>>;
+
+/// Adds the caller token to every request.
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    header: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut()
+            .insert("authorization", self.header.clone());
+        Ok(req)
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn main(cli: Cli) -> i32 {
+    let output = cli.output;
+    match dispatch(cli).await {
+        Ok(()) => 0,
+        Err(e) => {
+            if let Some(status) = e.downcast_ref::<Status>() {
+                let code = format!("{:?}", status.code());
+                if output == Output::Json {
+                    eprintln!(
+                        "{}",
+                        json!({"error": {"code": code, "message": status.message()}})
+                    );
+                } else {
+                    eprintln!("error: {code}: {}", status.message());
+                }
+            } else if output == Output::Json {
+                eprintln!("{}", json!({"error": {"message": format!("{e:#}")}}));
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            1
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<Client> {
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => t.trim().to_owned(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the token file {}", f.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => {
+            let path = cli.data_dir.join(ADMIN_TOKEN_FILE);
+            std::fs::read_to_string(&path)
+                .with_context(|| {
+                    format!(
+                        "no caller token: pass --token/CREDBROKER_TOKEN or --token-file, or run \
+                         next to the server's data directory ({} not readable)",
+                        path.display()
+                    )
+                })?
+                .trim()
+                .to_owned()
+        }
+    };
+    let mut header: MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| anyhow!("the caller token contains characters not allowed in a header"))?;
+    header.set_sensitive(true);
+    let addr = if cli.addr.contains("://") {
+        cli.addr.clone()
+    } else {
+        format!("http://{}", cli.addr)
+    };
+    let channel = Channel::from_shared(addr.clone())
+        .map_err(|_| anyhow!("invalid --addr '{addr}'"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to credbroker at {addr}"))?;
+    Ok(CredentialBrokerClient::with_interceptor(
+        channel,
+        AuthInterceptor { header },
+    ))
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let out = cli.output;
+    let mut client = connect(&cli).await?;
+    match cli.command {
+        Command::System(cmd) => match cmd {
+            SystemCmd::Register(a) => {
+                let kind = parse_kind(&a.kind)?;
+                let credential = build_credential(kind, &a.credential)?;
+                let resp = client
+                    .register_system(pb::RegisterSystemRequest {
+                        system_id: a.system_id,
+                        display_name: a.name,
+                        description: a.description,
+                        kind: crate::server::convert::kind_to_proto(kind) as i32,
+                        base_url: a.base_url,
+                        credential: Some(credential),
+                        check: a.check,
+                    })
+                    .await?
+                    .into_inner();
+                let sys = resp.system.unwrap_or_default();
+                print_system(out, &sys, resp.check.as_ref(), "registered");
+            }
+            SystemCmd::List { page_size } => {
+                let mut all = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let resp = client
+                        .list_systems(pb::ListSystemsRequest {
+                            page_size,
+                            page_token: page_token.clone(),
+                        })
+                        .await?
+                        .into_inner();
+                    all.extend(resp.systems);
+                    if resp.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = resp.next_page_token;
+                }
+                if out == Output::Json {
+                    println!("{}", Value::Array(all.iter().map(system_json).collect()));
+                } else if all.is_empty() {
+                    println!("no systems");
+                } else {
+                    println!(
+                        "{:<32} {:<14} {:<8} {:<26} BASE URL",
+                        "ID", "KIND", "VERSION", "STATE"
+                    );
+                    for s in &all {
+                        println!(
+                            "{:<32} {:<14} {:<8} {:<26} {}",
+                            s.system_id,
+                            kind_name(s.kind),
+                            s.credential_version,
+                            state_name(s.state),
+                            s.base_url
+                        );
+                    }
+                }
+            }
+            SystemCmd::Show { system_id } => {
+                let sys = client
+                    .get_system(pb::GetSystemRequest { system_id })
+                    .await?
+                    .into_inner()
+                    .system
+                    .unwrap_or_default();
+                print_system(out, &sys, sys.last_check.as_ref(), "");
+            }
+            SystemCmd::Check {
+                system_id,
+                kind,
+                base_url,
+                credential,
+            } => {
+                use pb::check_authentication_request::Target;
+                let target = match (system_id, kind) {
+                    (Some(id), None) => Target::SystemId(id),
+                    (None, Some(k)) => {
+                        let kind = parse_kind(&k)?;
+                        Target::Candidate(pb::CandidateSystem {
+                            kind: crate::server::convert::kind_to_proto(kind) as i32,
+                            base_url,
+                            credential: Some(build_credential(kind, &credential)?),
+                        })
+                    }
+                    _ => bail!("give either a SYSTEM_ID or --kind (with a candidate credential)"),
+                };
+                let check = client
+                    .check_authentication(pb::CheckAuthenticationRequest {
+                        target: Some(target),
+                    })
+                    .await?
+                    .into_inner()
+                    .check
+                    .unwrap_or_default();
+                if out == Output::Json {
+                    println!("{}", check_json(&check));
+                } else {
+                    print_check(&check);
+                }
+                if !check.ok {
+                    bail!("the check failed");
+                }
+            }
+            SystemCmd::Rotate {
+                system_id,
+                skip_check,
+                credential,
+            } => {
+                let current = client
+                    .get_system(pb::GetSystemRequest {
+                        system_id: system_id.clone(),
+                    })
+                    .await?
+                    .into_inner()
+                    .system
+                    .unwrap_or_default();
+                let kind = kind_from_proto(current.kind)?;
+                let credential = build_credential(kind, &credential)?;
+                let resp = client
+                    .rotate_credential(pb::RotateCredentialRequest {
+                        system_id,
+                        credential: Some(credential),
+                        skip_check,
+                    })
+                    .await?
+                    .into_inner();
+                print_system(
+                    out,
+                    &resp.system.unwrap_or_default(),
+                    resp.check.as_ref(),
+                    "rotated",
+                );
+            }
+            SystemCmd::Delete { system_id } => {
+                client
+                    .delete_system(pb::DeleteSystemRequest {
+                        system_id: system_id.clone(),
+                    })
+                    .await?;
+                if out == Output::Json {
+                    println!("{}", json!({"deleted": system_id}));
+                } else {
+                    println!("deleted {system_id}");
+                }
+            }
+        },
+        Command::Token(TokenCmd::Get {
+            system_id,
+            min_valid_seconds,
+        }) => {
+            let t = client
+                .get_access_token(pb::GetAccessTokenRequest {
+                    system_id,
+                    min_valid_seconds,
+                })
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                println!(
+                    "{}",
+                    json!({
+                        "headers": t.headers.iter().map(|h| json!({"name": h.name, "value": h.value})).collect::<Vec<_>>(),
+                        "expires_at": t.expires_at.as_ref().map(ts_string),
+                        "api_base_url": t.api_base_url,
+                        "credential_version": t.credential_version,
+                        "token_id": t.token_id,
+                    })
+                );
+            } else {
+                for h in &t.headers {
+                    println!("{}: {}", h.name, h.value);
+                }
+                println!("api_base_url: {}", t.api_base_url);
+                println!(
+                    "expires_at: {}",
+                    t.expires_at.as_ref().map(ts_string).unwrap_or_default()
+                );
+                println!("credential_version: {}", t.credential_version);
+                println!("token_id: {}", t.token_id);
+            }
+        }
+        Command::Caller(cmd) => match cmd {
+            CallerCmd::Add { name, role } => {
+                let role = match role.as_str() {
+                    "admin" => pb::CallerRole::Admin,
+                    "worker" => pb::CallerRole::Worker,
+                    other => bail!("--role must be admin or worker, not '{other}'"),
+                };
+                let resp = client
+                    .create_caller(pb::CreateCallerRequest {
+                        name,
+                        role: role as i32,
+                    })
+                    .await?
+                    .into_inner();
+                let c = resp.caller.unwrap_or_default();
+                if out == Output::Json {
+                    println!(
+                        "{}",
+                        json!({"caller": caller_json(&c), "token": resp.token})
+                    );
+                } else {
+                    println!("created caller {} ({})", c.name, role_name(c.role));
+                    println!("token (shown once): {}", resp.token);
+                }
+            }
+            CallerCmd::List => {
+                let resp = client
+                    .list_callers(pb::ListCallersRequest {})
+                    .await?
+                    .into_inner();
+                if out == Output::Json {
+                    println!(
+                        "{}",
+                        Value::Array(resp.callers.iter().map(caller_json).collect())
+                    );
+                } else {
+                    println!("{:<32} {:<8} {:<8} CREATED", "NAME", "ROLE", "REVOKED");
+                    for c in &resp.callers {
+                        println!(
+                            "{:<32} {:<8} {:<8} {}",
+                            c.name,
+                            role_name(c.role),
+                            c.revoked,
+                            c.created_at.as_ref().map(ts_string).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            CallerCmd::Revoke { name } => {
+                let c = client
+                    .revoke_caller(pb::RevokeCallerRequest { name })
+                    .await?
+                    .into_inner()
+                    .caller
+                    .unwrap_or_default();
+                if out == Output::Json {
+                    println!("{}", caller_json(&c));
+                } else {
+                    println!("revoked caller {}", c.name);
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn parse_kind(s: &str) -> Result<SystemKind> {
+    SystemKind::from_slug(s).ok_or_else(|| {
+        let all: Vec<String> = SystemKind::ALL
+            .iter()
+            .map(|k| k.slug().replace('_', "-"))
+            .collect();
+        anyhow!("unknown kind '{s}'; one of: {}", all.join(", "))
+    })
+}
+
+fn kind_from_proto(v: i32) -> Result<SystemKind> {
+    crate::server::convert::kind(v, "kind").map_err(|e| anyhow!("{e}"))
+}
+
+fn parse_credential_type(s: &str) -> Result<CredentialType> {
+    let norm = s.trim().to_ascii_lowercase().replace('-', "_");
+    [
+        CredentialType::PersonalAccessToken,
+        CredentialType::ApiKey,
+        CredentialType::Basic,
+        CredentialType::OAuthClientCredentials,
+        CredentialType::OAuthRefreshToken,
+        CredentialType::OAuthPasswordGrant,
+        CredentialType::SalesforceLogin,
+        CredentialType::OAuthAuthorizationCode,
+    ]
+    .into_iter()
+    .find(|t| t.field_name() == norm)
+    .ok_or_else(|| anyhow!("unknown credential type '{s}'"))
+}
+
+/// The secret fields of a credential type, main secret first, with whether each is required.
+fn secret_fields(t: CredentialType) -> &'static [(&'static str, bool)] {
+    match t {
+        CredentialType::PersonalAccessToken => &[("token", true)],
+        CredentialType::ApiKey => &[("key", true)],
+        CredentialType::Basic => &[("password", true)],
+        CredentialType::OAuthClientCredentials => &[("client_secret", true)],
+        CredentialType::OAuthRefreshToken => &[("client_secret", true), ("refresh_token", true)],
+        CredentialType::OAuthPasswordGrant => &[("password", true), ("client_secret", true)],
+        CredentialType::SalesforceLogin => &[
+            ("password", true),
+            ("security_token", true),
+            ("client_secret", false),
+        ],
+        CredentialType::OAuthAuthorizationCode => &[("client_secret", true)],
+    }
+}
+
+struct SecretReader {
+    stdin_used: bool,
+}
+
+impl SecretReader {
+    fn read(&mut self, field: &str, source: &str) -> Result<String> {
+        let value = if source == "stdin" {
+            if self.stdin_used {
+                bail!("only one secret can come from standard input");
+            }
+            self.stdin_used = true;
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the secret from standard input")?;
+            s
+        } else if let Some(path) = source.strip_prefix("file:") {
+            std::fs::read_to_string(path).with_context(|| format!("reading {field} from {path}"))?
+        } else if let Some(var) = source.strip_prefix("env:") {
+            std::env::var(var).with_context(|| format!("reading {field} from ${var}"))?
+        } else {
+            bail!("secret source for {field} must be file:PATH, stdin or env:VAR");
+        };
+        Ok(value.trim_end_matches(['\r', '\n']).to_owned())
+    }
+}
+
+fn gather_secrets(
+    t: CredentialType,
+    a: &CredentialArgs,
+) -> Result<std::collections::HashMap<&'static str, String>> {
+    let fields = secret_fields(t);
+    let mut reader = SecretReader { stdin_used: false };
+    let mut out = std::collections::HashMap::new();
+    let main = fields[0].0;
+    if let Some(path) = &a.secret_file {
+        out.insert(
+            main,
+            reader.read(main, &format!("file:{}", path.display()))?,
+        );
+    }
+    if a.secret_stdin {
+        if out.contains_key(main) {
+            bail!("--secret-file and --secret-stdin both give {main}");
+        }
+        out.insert(main, reader.read(main, "stdin")?);
+    }
+    for spec in &a.secrets {
+        let (field, source) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--secret takes FIELD=SOURCE, e.g. token=file:/run/pat"))?;
+        let known = fields
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|(f, _)| *f)
+            .ok_or_else(|| {
+                let names: Vec<&str> = fields.iter().map(|(f, _)| *f).collect();
+                anyhow!(
+                    "{} has no secret field '{field}' (fields: {})",
+                    t,
+                    names.join(", ")
+                )
+            })?;
+        out.insert(known, reader.read(known, source)?);
+    }
+    for (field, required) in fields {
+        if out.contains_key(field) || !required {
+            continue;
+        }
+        if std::io::stdin().is_terminal() {
+            let v = rpassword::prompt_password(format!("{field}: "))
+                .with_context(|| format!("reading {field} from the terminal"))?;
+            out.insert(field, v);
+        } else {
+            bail!(
+                "{field} is required: use --secret-file PATH, --secret-stdin or --secret {field}=file:PATH \
+                 (secrets are never taken from the command line)"
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn build_credential(kind: SystemKind, a: &CredentialArgs) -> Result<pb::Credential> {
+    use pb::credential::Credential as C;
+    let t = match &a.credential_type {
+        Some(s) => parse_credential_type(s)?,
+        None => kind.accepted_credentials()[0],
+    };
+    let mut s = gather_secrets(t, a)?;
+    let mut take = |f: &str| s.remove(f).unwrap_or_default();
+    let username = a.username.clone().unwrap_or_default();
+    let client_id = a.client_id.clone().unwrap_or_default();
+    let inner = match t {
+        CredentialType::PersonalAccessToken => C::PersonalAccessToken(pb::PersonalAccessToken {
+            token: take("token"),
+            username,
+            expires_at: a
+                .expires_at
+                .as_deref()
+                .map(parse_time)
+                .transpose()?
+                .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+        }),
+        CredentialType::ApiKey => C::ApiKey(pb::ApiKey { key: take("key") }),
+        CredentialType::Basic => C::Basic(pb::BasicCredential {
+            username,
+            password: take("password"),
+        }),
+        CredentialType::OAuthClientCredentials => {
+            C::OauthClientCredentials(pb::OAuthClientCredentials {
+                client_id,
+                client_secret: take("client_secret"),
+                scopes: a.scopes.clone(),
+            })
+        }
+        CredentialType::OAuthRefreshToken => C::OauthRefreshToken(pb::OAuthRefreshToken {
+            client_id,
+            client_secret: take("client_secret"),
+            refresh_token: take("refresh_token"),
+        }),
+        CredentialType::OAuthPasswordGrant => C::OauthPasswordGrant(pb::OAuthPasswordGrant {
+            client_id,
+            client_secret: take("client_secret"),
+            username,
+            password: take("password"),
+        }),
+        CredentialType::SalesforceLogin => C::SalesforceLogin(pb::SalesforceLogin {
+            username,
+            password: take("password"),
+            security_token: take("security_token"),
+            client_id,
+            client_secret: take("client_secret"),
+        }),
+        CredentialType::OAuthAuthorizationCode => {
+            C::OauthAuthorizationCode(pb::OAuthAuthorizationCode {
+                client_id,
+                client_secret: take("client_secret"),
+                scopes: a.scopes.clone(),
+            })
+        }
+    };
+    Ok(pb::Credential {
+        credential: Some(inner),
+    })
+}
+
+/// Parses `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM:SSZ` or Unix seconds.
+pub fn parse_time(s: &str) -> Result<i64> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let bad = || anyhow!("'{s}' is not YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds");
+    let (date, time) = match s.split_once('T') {
+        Some((d, t)) => (d, Some(t.trim_end_matches('Z'))),
+        None => (s, None),
+    };
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = match (d.next(), d.next(), d.next(), d.next()) {
+        (Some(Ok(y)), Some(Ok(m)), Some(Ok(dd)), None) => (y, m, dd),
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return Err(bad());
+    }
+    let mut secs = days_from_civil(y, m, day) * 86_400;
+    if let Some(t) = time {
+        let parts: Vec<i64> = t
+            .split(':')
+            .map(|p| p.parse::<i64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad())?;
+        match parts.as_slice() {
+            [h, mi, se] if *h < 24 && *mi < 60 && *se < 61 => secs += h * 3600 + mi * 60 + se,
+            _ => return Err(bad()),
+        }
+    }
+    Ok(secs)
+}
+
+// Howard Hinnant's days_from_civil.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// RFC 3339 (UTC) rendering of a timestamp.
+pub fn ts_string(t: &prost_types::Timestamp) -> String {
+    let days = t.seconds.div_euclid(86_400);
+    let rem = t.seconds.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+fn kind_name(v: i32) -> String {
+    kind_from_proto(v)
+        .map(|k| k.slug().replace('_', "-"))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn state_name(v: i32) -> &'static str {
+    match pb::SystemState::try_from(v) {
+        Ok(pb::SystemState::Active) => "active",
+        Ok(pb::SystemState::AuthorizationPending) => "authorization_pending",
+        Ok(pb::SystemState::ReauthorizationRequired) => "reauthorization_required",
+        _ => "unknown",
+    }
+}
+
+fn role_name(v: i32) -> &'static str {
+    match pb::CallerRole::try_from(v) {
+        Ok(pb::CallerRole::Admin) => "admin",
+        Ok(pb::CallerRole::Worker) => "worker",
+        _ => "unknown",
+    }
+}
+
+fn failure_name(v: i32) -> String {
+    pb::AuthFailure::try_from(v)
+        .map(|f| {
+            f.as_str_name()
+                .trim_start_matches("AUTH_FAILURE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn cred_type_name(v: i32) -> String {
+    pb::CredentialType::try_from(v)
+        .map(|f| {
+            f.as_str_name()
+                .trim_start_matches("CREDENTIAL_TYPE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn check_json(c: &pb::AuthCheck) -> Value {
+    json!({
+        "ok": c.ok,
+        "failure": if c.ok { Value::Null } else { Value::String(failure_name(c.failure)) },
+        "message": c.message,
+        "identity": c.identity.as_ref().map(|i| json!({"id": i.id, "display_name": i.display_name, "email": i.email})),
+        "missing_permissions": c.missing_permissions,
+        "checked_at": c.checked_at.as_ref().map(ts_string),
+    })
+}
+
+fn system_json(s: &pb::System) -> Value {
+    json!({
+        "system_id": s.system_id,
+        "display_name": s.display_name,
+        "description": s.description,
+        "kind": kind_name(s.kind),
+        "base_url": s.base_url,
+        "credential_type": cred_type_name(s.credential_type),
+        "credential_version": s.credential_version,
+        "state": state_name(s.state),
+        "created_at": s.created_at.as_ref().map(ts_string),
+        "updated_at": s.updated_at.as_ref().map(ts_string),
+        "credential_expires_at": s.credential_expires_at.as_ref().map(ts_string),
+        "last_check": s.last_check.as_ref().map(check_json),
+    })
+}
+
+fn caller_json(c: &pb::Caller) -> Value {
+    json!({
+        "name": c.name,
+        "role": role_name(c.role),
+        "revoked": c.revoked,
+        "created_at": c.created_at.as_ref().map(ts_string),
+    })
+}
+
+fn print_check(c: &pb::AuthCheck) {
+    if c.ok {
+        println!("check: ok");
+    } else {
+        println!("check: FAILED ({})", failure_name(c.failure));
+    }
+    if let Some(i) = &c.identity {
+        println!("identity: {} ({}) <{}>", i.display_name, i.id, i.email);
+    }
+    if !c.missing_permissions.is_empty() {
+        println!("missing permissions: {}", c.missing_permissions.join(", "));
+    }
+    if !c.message.is_empty() {
+        println!("message: {}", c.message);
+    }
+}
+
+fn print_system(out: Output, s: &pb::System, check: Option<&pb::AuthCheck>, verb: &str) {
+    if out == Output::Json {
+        let mut v = system_json(s);
+        if let (Some(c), Some(obj)) = (check, v.as_object_mut()) {
+            obj.insert("check".to_owned(), check_json(c));
+        }
+        println!("{v}");
+        return;
+    }
+    if !verb.is_empty() {
+        println!("{verb} {}", s.system_id);
+    }
+    println!("id: {}", s.system_id);
+    if !s.display_name.is_empty() {
+        println!("name: {}", s.display_name);
+    }
+    println!("kind: {}", kind_name(s.kind));
+    println!("base_url: {}", s.base_url);
+    println!(
+        "credential: {} (version {})",
+        cred_type_name(s.credential_type),
+        s.credential_version
+    );
+    println!("state: {}", state_name(s.state));
+    if let Some(e) = &s.credential_expires_at {
+        println!("credential_expires_at: {}", ts_string(e));
+    }
+    if let Some(c) = check {
+        print_check(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_parsing_round_trips() {
+        let t = parse_time("2027-01-31").unwrap();
+        assert_eq!(
+            ts_string(&prost_types::Timestamp {
+                seconds: t,
+                nanos: 0
+            }),
+            "2027-01-31T00:00:00Z"
+        );
+        let t = parse_time("2026-11-23T15:04:05Z").unwrap();
+        assert_eq!(
+            ts_string(&prost_types::Timestamp {
+                seconds: t,
+                nanos: 0
+            }),
+            "2026-11-23T15:04:05Z"
+        );
+        assert_eq!(parse_time("0").unwrap(), 0);
+        assert!(parse_time("2027-13-01").is_err());
+        assert!(parse_time("soon").is_err());
+    }
+}

@@ -1,0 +1,260 @@
+//! Configuration: every setting has a default; a TOML file, environment variables and flags
+//! override it in that order (flag > env > file > default).
+//!
+//! The binary parses flags and environment with clap into [`Overrides`]; tests build a
+//! [`Config`] directly, so nothing here reads or mutates the process environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default gRPC listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+
+/// The broker's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Data directory (store, generated master key, admin token).
+    pub data_dir: PathBuf,
+    /// Master key file; `None` means `<data_dir>/master.key`.
+    pub master_key_file: Option<PathBuf>,
+    /// Emit JSON logs.
+    pub log_json: bool,
+    /// Accept `http://` base URLs (fakes, labs).
+    pub egress_allow_http: bool,
+    /// Server-side cap on any RPC's duration.
+    pub request_timeout: Duration,
+    /// Cap on any outbound upstream call.
+    pub upstream_timeout: Duration,
+    /// How long in-flight RPCs may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Largest accepted request message.
+    pub max_request_bytes: usize,
+    /// Largest upstream response body read.
+    pub max_upstream_body_bytes: usize,
+    /// Concurrent RPCs per connection.
+    pub concurrency_limit_per_connection: usize,
+    /// HTTP/2 max concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// How long a static header handed to a worker is declared valid before it asks again.
+    pub static_header_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            master_key_file: None,
+            log_json: false,
+            egress_allow_http: false,
+            request_timeout: Duration::from_secs(30),
+            upstream_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            max_request_bytes: 64 * 1024,
+            max_upstream_body_bytes: 1024 * 1024,
+            concurrency_limit_per_connection: 256,
+            max_concurrent_streams: 256,
+            static_header_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The TOML file's shape; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Config::listen`].
+    pub listen: Option<String>,
+    /// See [`Config::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Config::master_key_file`].
+    pub master_key_file: Option<PathBuf>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// See [`Config::egress_allow_http`].
+    pub egress_allow_http: Option<bool>,
+    /// Seconds.
+    pub request_timeout_secs: Option<u64>,
+    /// Seconds.
+    pub upstream_timeout_secs: Option<u64>,
+    /// Seconds.
+    pub shutdown_grace_secs: Option<u64>,
+    /// Bytes.
+    pub max_request_bytes: Option<usize>,
+    /// Bytes.
+    pub max_upstream_body_bytes: Option<usize>,
+    /// Count.
+    pub concurrency_limit_per_connection: Option<usize>,
+    /// Count.
+    pub max_concurrent_streams: Option<u32>,
+    /// Seconds.
+    pub static_header_ttl_secs: Option<u64>,
+}
+
+/// Values from flags or the environment (highest precedence).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen` / `CREDBROKER_LISTEN`.
+    pub listen: Option<String>,
+    /// `--data-dir` / `CREDBROKER_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `CREDBROKER_MASTER_KEY_FILE`.
+    pub master_key_file: Option<PathBuf>,
+    /// `CREDBROKER_LOG_FORMAT`.
+    pub log_format: Option<String>,
+    /// `CREDBROKER_EGRESS_ALLOW_HTTP`.
+    pub egress_allow_http: Option<String>,
+}
+
+impl Config {
+    /// Builds the config from an optional TOML text and overrides, reporting every problem.
+    pub fn build(file: Option<&str>, o: &Overrides) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let f: FileConfig = match file {
+            Some(text) => toml::from_str(text).unwrap_or_else(|e| {
+                errors.push(format!("config file: {}", e.message()));
+                FileConfig::default()
+            }),
+            None => FileConfig::default(),
+        };
+        let mut c = Config::default();
+        if let Some(listen) = o.listen.clone().or(f.listen) {
+            match listen.parse() {
+                Ok(a) => c.listen = a,
+                Err(_) => errors.push(format!(
+                    "listen: '{listen}' is not an address like 127.0.0.1:50051"
+                )),
+            }
+        }
+        if let Some(d) = o.data_dir.clone().or(f.data_dir) {
+            c.data_dir = d;
+        }
+        c.master_key_file = o.master_key_file.clone().or(f.master_key_file);
+        match o.log_format.clone().or(f.log_format).as_deref() {
+            None | Some("text") | Some("") => {}
+            Some("json") => c.log_json = true,
+            Some(other) => errors.push(format!("log format: '{other}' must be 'text' or 'json'")),
+        }
+        match o.egress_allow_http.as_deref() {
+            None => c.egress_allow_http = f.egress_allow_http.unwrap_or(false),
+            Some(v) => match parse_bool(v) {
+                Some(b) => c.egress_allow_http = b,
+                None => errors.push(format!(
+                    "CREDBROKER_EGRESS_ALLOW_HTTP: '{v}' must be 1/0/true/false"
+                )),
+            },
+        }
+        let secs = |v: Option<u64>, name: &str, errors: &mut Vec<String>, target: &mut Duration| {
+            if let Some(s) = v {
+                if s == 0 {
+                    errors.push(format!("{name} must be greater than 0"));
+                } else {
+                    *target = Duration::from_secs(s);
+                }
+            }
+        };
+        secs(
+            f.request_timeout_secs,
+            "request_timeout_secs",
+            &mut errors,
+            &mut c.request_timeout,
+        );
+        secs(
+            f.upstream_timeout_secs,
+            "upstream_timeout_secs",
+            &mut errors,
+            &mut c.upstream_timeout,
+        );
+        secs(
+            f.shutdown_grace_secs,
+            "shutdown_grace_secs",
+            &mut errors,
+            &mut c.shutdown_grace,
+        );
+        secs(
+            f.static_header_ttl_secs,
+            "static_header_ttl_secs",
+            &mut errors,
+            &mut c.static_header_ttl,
+        );
+        if let Some(v) = f.max_request_bytes {
+            c.max_request_bytes = v;
+        }
+        if let Some(v) = f.max_upstream_body_bytes {
+            c.max_upstream_body_bytes = v;
+        }
+        if let Some(v) = f.concurrency_limit_per_connection {
+            c.concurrency_limit_per_connection = v;
+        }
+        if let Some(v) = f.max_concurrent_streams {
+            c.max_concurrent_streams = v;
+        }
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Reads the TOML file at `path`, if any, and builds the config.
+    pub fn load(path: Option<&Path>, o: &Overrides) -> Result<Self, Vec<String>> {
+        let text = match path {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| vec![format!("config file {}: {e}", p.display())])?,
+            ),
+            None => None,
+        };
+        Self::build(text.as_deref(), o)
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precedence_and_all_errors_reported() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:7000".into()),
+            ..Default::default()
+        };
+        let c = Config::build(
+            Some("listen = \"127.0.0.1:6000\"\nupstream_timeout_secs = 3\n"),
+            &o,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(3));
+
+        let bad = Overrides {
+            listen: Some("nope".into()),
+            log_format: Some("xml".into()),
+            ..Default::default()
+        };
+        let errs = Config::build(Some("request_timeout_secs = 0"), &bad).unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(Config::build(Some("lisen = \"x\""), &Overrides::default()).is_err());
+    }
+}

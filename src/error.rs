@@ -1,0 +1,115 @@
+//! The broker's one error type and its one mapping to `tonic::Status`.
+//!
+//! Variants are named for what they mean. Messages are written for the caller and never contain a
+//! secret or a raw upstream body; storage, crypto and unexpected errors become `Internal` with a
+//! fixed message while the detail is logged server-side.
+
+use tonic::{Code, Status};
+
+/// Every error an RPC can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The request is malformed; `field` names the offending field.
+    #[error("invalid {field}: {message}")]
+    InvalidArgument {
+        /// The request field (proto name) that is wrong.
+        field: &'static str,
+        /// What is wrong and what to send instead.
+        message: String,
+    },
+    /// No system or caller with that name.
+    #[error("{0}")]
+    NotFound(String),
+    /// The id is taken.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The system is not in a state that allows this (failed check, reauthorization needed, …).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// No or an unknown caller token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role does not allow this RPC.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A retryable condition: starting up, storage briefly unavailable, upstream down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The upstream rate-limited us.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The system kind or credential type is not implemented by this build.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A stored record failed authentication (tampered, swapped or corrupt).
+    #[error("{0}")]
+    DataLoss(String),
+    /// Storage, crypto or another internal fault; the message is fixed and safe.
+    #[error("{0}")]
+    Internal(&'static str),
+}
+
+impl BrokerError {
+    /// Shorthand for [`BrokerError::InvalidArgument`].
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::NotFound(_) => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Unimplemented(_) => Code::Unimplemented,
+            Self::DataLoss(_) => Code::DataLoss,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(err: BrokerError) -> Self {
+        Status::new(err.code(), err.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for BrokerError {
+    fn from(err: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match err {
+            StoreError::Conflict => {
+                Self::Unavailable("the record changed concurrently; retry".to_owned())
+            }
+            StoreError::AlreadyExists => Self::AlreadyExists("record already exists".to_owned()),
+            StoreError::Backend(detail) => {
+                tracing::error!(message = "Storage operation failed.", error = %detail);
+                Self::Unavailable("storage is unavailable; retry later".to_owned())
+            }
+            StoreError::Corrupt(detail) => {
+                tracing::error!(message = "Stored record is corrupt.", error = %detail);
+                Self::DataLoss("a stored record is corrupt".to_owned())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_the_field() {
+        let status: Status = BrokerError::invalid("base_url", "must be https").into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("base_url"));
+    }
+}

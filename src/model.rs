@@ -1,0 +1,473 @@
+//! Domain types: systems, credentials, checks and callers. No proto or HTTP types here.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::SecretString;
+
+/// The upstream systems credbroker knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemKind {
+    /// Azure DevOps Services and Server.
+    AzureDevOps,
+    /// Salesforce.
+    Salesforce,
+    /// ServiceNow.
+    ServiceNow,
+    /// Zendesk.
+    Zendesk,
+    /// Jira Cloud.
+    JiraCloud,
+    /// Freshdesk.
+    Freshdesk,
+    /// Freshservice.
+    Freshservice,
+    /// Asana.
+    Asana,
+}
+
+impl SystemKind {
+    /// Every kind, in proto order.
+    pub const ALL: [SystemKind; 8] = [
+        Self::AzureDevOps,
+        Self::Salesforce,
+        Self::ServiceNow,
+        Self::Zendesk,
+        Self::JiraCloud,
+        Self::Freshdesk,
+        Self::Freshservice,
+        Self::Asana,
+    ];
+
+    /// The slug used in ids, the CLI and logs.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::AzureDevOps => "azure_devops",
+            Self::Salesforce => "salesforce",
+            Self::ServiceNow => "servicenow",
+            Self::Zendesk => "zendesk",
+            Self::JiraCloud => "jira_cloud",
+            Self::Freshdesk => "freshdesk",
+            Self::Freshservice => "freshservice",
+            Self::Asana => "asana",
+        }
+    }
+
+    /// The vendor's product name, for messages.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Self::AzureDevOps => "Azure DevOps",
+            Self::Salesforce => "Salesforce",
+            Self::ServiceNow => "ServiceNow",
+            Self::Zendesk => "Zendesk",
+            Self::JiraCloud => "Jira Cloud",
+            Self::Freshdesk => "Freshdesk",
+            Self::Freshservice => "Freshservice",
+            Self::Asana => "Asana",
+        }
+    }
+
+    /// Parses a slug (`asana`, `azure-devops`, `azure_devops`).
+    pub fn from_slug(s: &str) -> Option<Self> {
+        let norm = s.trim().to_ascii_lowercase().replace('-', "_");
+        Self::ALL.into_iter().find(|k| k.slug() == norm)
+    }
+
+    /// The credential types this kind really supports (see `shared/upstreams.md` §11).
+    pub fn accepted_credentials(self) -> &'static [CredentialType] {
+        use CredentialType as C;
+        match self {
+            Self::AzureDevOps => &[C::PersonalAccessToken],
+            Self::Salesforce => &[C::OAuthClientCredentials, C::SalesforceLogin],
+            Self::ServiceNow => &[C::Basic, C::OAuthRefreshToken, C::OAuthPasswordGrant],
+            Self::Zendesk => &[C::OAuthAuthorizationCode],
+            Self::JiraCloud => &[C::OAuthAuthorizationCode],
+            Self::Freshdesk => &[C::ApiKey],
+            Self::Freshservice => &[C::ApiKey],
+            Self::Asana => &[C::PersonalAccessToken],
+        }
+    }
+}
+
+impl fmt::Display for SystemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.slug())
+    }
+}
+
+/// The type of a credential, without its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialType {
+    /// `personal_access_token`.
+    PersonalAccessToken,
+    /// `api_key`.
+    ApiKey,
+    /// `basic`.
+    Basic,
+    /// `oauth_client_credentials`.
+    OAuthClientCredentials,
+    /// `oauth_refresh_token`.
+    OAuthRefreshToken,
+    /// `oauth_password_grant`.
+    OAuthPasswordGrant,
+    /// `salesforce_login`.
+    SalesforceLogin,
+    /// `oauth_authorization_code`.
+    OAuthAuthorizationCode,
+}
+
+impl CredentialType {
+    /// The proto oneof field name.
+    pub fn field_name(self) -> &'static str {
+        match self {
+            Self::PersonalAccessToken => "personal_access_token",
+            Self::ApiKey => "api_key",
+            Self::Basic => "basic",
+            Self::OAuthClientCredentials => "oauth_client_credentials",
+            Self::OAuthRefreshToken => "oauth_refresh_token",
+            Self::OAuthPasswordGrant => "oauth_password_grant",
+            Self::SalesforceLogin => "salesforce_login",
+            Self::OAuthAuthorizationCode => "oauth_authorization_code",
+        }
+    }
+}
+
+impl fmt::Display for CredentialType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.field_name())
+    }
+}
+
+/// A credential with its secret values. `Debug` is hand-written and prints no secret.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Credential {
+    /// A personal access token.
+    PersonalAccessToken {
+        /// The token.
+        token: SecretString,
+        /// Optional user name.
+        username: Option<String>,
+        /// Optional admin-supplied expiry, seconds since the epoch.
+        expires_at: Option<u64>,
+    },
+    /// An API key.
+    ApiKey {
+        /// The key.
+        key: SecretString,
+    },
+    /// User name and password.
+    Basic {
+        /// User name.
+        username: String,
+        /// Password.
+        password: SecretString,
+    },
+    /// OAuth client credentials.
+    OAuthClientCredentials {
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: SecretString,
+        /// Requested scopes.
+        scopes: Vec<String>,
+    },
+    /// An OAuth refresh token.
+    OAuthRefreshToken {
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: SecretString,
+        /// Refresh token.
+        refresh_token: SecretString,
+    },
+    /// An OAuth password grant (the password is exchanged, never stored by the OAuth backends).
+    OAuthPasswordGrant {
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: SecretString,
+        /// User name.
+        username: String,
+        /// Password.
+        password: SecretString,
+    },
+    /// Salesforce legacy login.
+    SalesforceLogin {
+        /// User name.
+        username: String,
+        /// Password.
+        password: SecretString,
+        /// Security token (appended to the password only on the wire).
+        security_token: SecretString,
+        /// Optional client id (OAuth username-password flow).
+        client_id: Option<String>,
+        /// Optional client secret.
+        client_secret: Option<SecretString>,
+    },
+    /// An OAuth authorization-code client.
+    OAuthAuthorizationCode {
+        /// Client id.
+        client_id: String,
+        /// Client secret.
+        client_secret: SecretString,
+        /// Requested scopes.
+        scopes: Vec<String>,
+    },
+}
+
+impl Credential {
+    /// The credential's type.
+    pub fn credential_type(&self) -> CredentialType {
+        match self {
+            Self::PersonalAccessToken { .. } => CredentialType::PersonalAccessToken,
+            Self::ApiKey { .. } => CredentialType::ApiKey,
+            Self::Basic { .. } => CredentialType::Basic,
+            Self::OAuthClientCredentials { .. } => CredentialType::OAuthClientCredentials,
+            Self::OAuthRefreshToken { .. } => CredentialType::OAuthRefreshToken,
+            Self::OAuthPasswordGrant { .. } => CredentialType::OAuthPasswordGrant,
+            Self::SalesforceLogin { .. } => CredentialType::SalesforceLogin,
+            Self::OAuthAuthorizationCode { .. } => CredentialType::OAuthAuthorizationCode,
+        }
+    }
+
+    /// The admin-supplied expiry, when the credential has one.
+    pub fn expires_at(&self) -> Option<u64> {
+        match self {
+            Self::PersonalAccessToken { expires_at, .. } => *expires_at,
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("type", &self.credential_type())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lifecycle state of a system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemState {
+    /// Serving tokens.
+    Active,
+    /// Waiting for an authorization-code flow to finish.
+    AuthorizationPending,
+    /// The grant is dead; an admin must re-authorize.
+    ReauthorizationRequired,
+}
+
+/// Why a check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthFailure {
+    /// The upstream rejected the credential.
+    InvalidCredentials,
+    /// Authenticated, but permissions a sync needs are missing.
+    InsufficientPermissions,
+    /// The credential expired or was revoked.
+    ExpiredOrRevoked,
+    /// The OAuth grant must be re-authorized by a person.
+    ReauthorizationRequired,
+    /// DNS, connect, TLS or timeout.
+    Unreachable,
+    /// The upstream rate-limited the check.
+    RateLimited,
+    /// The URL or setup is wrong.
+    Misconfigured,
+    /// The upstream failed (5xx, garbage).
+    UpstreamError,
+}
+
+impl AuthFailure {
+    /// The snake_case name used in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::InsufficientPermissions => "insufficient_permissions",
+            Self::ExpiredOrRevoked => "expired_or_revoked",
+            Self::ReauthorizationRequired => "reauthorization_required",
+            Self::Unreachable => "unreachable",
+            Self::RateLimited => "rate_limited",
+            Self::Misconfigured => "misconfigured",
+            Self::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// Who a credential authenticates as.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Upstream user id.
+    pub id: String,
+    /// Display name.
+    pub display_name: String,
+    /// E-mail, when the upstream reveals it.
+    pub email: String,
+}
+
+/// The outcome of an authentication check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthCheck {
+    /// True when the credential authenticates with every permission a sync needs.
+    pub ok: bool,
+    /// Set when `ok` is false.
+    pub failure: Option<AuthFailure>,
+    /// For a human: what was found, what to fix.
+    pub message: String,
+    /// The identity, when authentication succeeded.
+    pub identity: Option<Identity>,
+    /// Permissions (named as the vendor's UI names them) that are missing.
+    pub missing_permissions: Vec<String>,
+    /// When the check ran, seconds since the epoch.
+    pub checked_at: u64,
+}
+
+impl AuthCheck {
+    /// A passing check.
+    pub fn ok(identity: Identity, message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            failure: None,
+            message: message.into(),
+            identity: Some(identity),
+            missing_permissions: Vec::new(),
+            checked_at: unix_now(),
+        }
+    }
+
+    /// A failing check.
+    pub fn failed(failure: AuthFailure, message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            failure: Some(failure),
+            message: message.into(),
+            identity: None,
+            missing_permissions: Vec::new(),
+            checked_at: unix_now(),
+        }
+    }
+}
+
+/// A registered system's metadata (clear) plus its sealed credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemRecord {
+    /// The system id.
+    pub system_id: String,
+    /// Display name.
+    pub display_name: String,
+    /// Description.
+    pub description: String,
+    /// Kind.
+    pub kind: SystemKind,
+    /// Canonical base URL.
+    pub base_url: String,
+    /// Credential type (metadata).
+    pub credential_type: CredentialType,
+    /// Starts at 1; +1 on every rotation.
+    pub credential_version: u64,
+    /// Lifecycle state.
+    pub state: SystemState,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+    /// Seconds since the epoch.
+    pub updated_at: u64,
+    /// The last check, if any.
+    pub last_check: Option<AuthCheck>,
+    /// Admin-supplied credential expiry, seconds since the epoch.
+    pub credential_expires_at: Option<u64>,
+    /// The sealed credential (see `crypto`).
+    #[serde(with = "b64")]
+    pub sealed_credential: Vec<u8>,
+    /// Bumped on every write; used for compare-and-swap.
+    pub revision: u64,
+}
+
+/// A caller's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// `GetAccessToken` only.
+    Worker,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Admin => "admin",
+            Self::Worker => "worker",
+        })
+    }
+}
+
+/// A caller as stored: its token is kept only as a SHA-256 hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerRecord {
+    /// Unique name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// SHA-256 of the bearer token, hex.
+    pub token_sha256: String,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+    /// Revoked callers are refused.
+    pub revoked: bool,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+mod b64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_debug_has_no_secret() {
+        let c = Credential::Basic {
+            username: "u".into(),
+            password: "pw-canary-123".into(),
+        };
+        assert!(!format!("{c:?}").contains("pw-canary-123"));
+    }
+
+    #[test]
+    fn kind_slugs_round_trip() {
+        for k in SystemKind::ALL {
+            assert_eq!(SystemKind::from_slug(k.slug()), Some(k));
+        }
+        assert_eq!(
+            SystemKind::from_slug("Azure-DevOps"),
+            Some(SystemKind::AzureDevOps)
+        );
+    }
+}

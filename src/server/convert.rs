@@ -1,0 +1,294 @@
+//! Proto ⇄ domain conversions. Field problems become `INVALID_ARGUMENT` naming the field.
+
+use std::time::{Duration, SystemTime};
+
+use prost_types::Timestamp;
+
+use crate::error::BrokerError;
+use crate::model::{
+    AuthCheck, AuthFailure, CallerRecord, Credential, CredentialType, Role, SystemKind,
+    SystemRecord, SystemState,
+};
+use crate::pb;
+use crate::secret::SecretString;
+
+/// Proto kind → domain kind.
+pub fn kind(value: i32, field: &'static str) -> Result<SystemKind, BrokerError> {
+    use pb::SystemKind as P;
+    match P::try_from(value) {
+        Ok(P::AzureDevops) => Ok(SystemKind::AzureDevOps),
+        Ok(P::Salesforce) => Ok(SystemKind::Salesforce),
+        Ok(P::Servicenow) => Ok(SystemKind::ServiceNow),
+        Ok(P::Zendesk) => Ok(SystemKind::Zendesk),
+        Ok(P::JiraCloud) => Ok(SystemKind::JiraCloud),
+        Ok(P::Freshdesk) => Ok(SystemKind::Freshdesk),
+        Ok(P::Freshservice) => Ok(SystemKind::Freshservice),
+        Ok(P::Asana) => Ok(SystemKind::Asana),
+        Ok(P::Unspecified) => Err(BrokerError::invalid(
+            field,
+            "is required (SYSTEM_KIND_ASANA, …)",
+        )),
+        Err(_) => Err(BrokerError::invalid(
+            field,
+            format!("unknown system kind {value}"),
+        )),
+    }
+}
+
+/// Domain kind → proto kind.
+pub fn kind_to_proto(k: SystemKind) -> pb::SystemKind {
+    use pb::SystemKind as P;
+    match k {
+        SystemKind::AzureDevOps => P::AzureDevops,
+        SystemKind::Salesforce => P::Salesforce,
+        SystemKind::ServiceNow => P::Servicenow,
+        SystemKind::Zendesk => P::Zendesk,
+        SystemKind::JiraCloud => P::JiraCloud,
+        SystemKind::Freshdesk => P::Freshdesk,
+        SystemKind::Freshservice => P::Freshservice,
+        SystemKind::Asana => P::Asana,
+    }
+}
+
+fn cred_type_to_proto(t: CredentialType) -> pb::CredentialType {
+    use pb::CredentialType as P;
+    match t {
+        CredentialType::PersonalAccessToken => P::PersonalAccessToken,
+        CredentialType::ApiKey => P::ApiKey,
+        CredentialType::Basic => P::Basic,
+        CredentialType::OAuthClientCredentials => P::OauthClientCredentials,
+        CredentialType::OAuthRefreshToken => P::OauthRefreshToken,
+        CredentialType::OAuthPasswordGrant => P::OauthPasswordGrant,
+        CredentialType::SalesforceLogin => P::SalesforceLogin,
+        CredentialType::OAuthAuthorizationCode => P::OauthAuthorizationCode,
+    }
+}
+
+/// A token-like secret: trimmed, non-empty, and valid in an HTTP header.
+fn token(v: String, field: &'static str) -> Result<SecretString, BrokerError> {
+    let s = SecretString::new(v);
+    let trimmed = s.expose_secret().trim();
+    if trimmed.is_empty() {
+        return Err(BrokerError::invalid(field, "is required"));
+    }
+    if trimmed.chars().any(|c| c.is_control() || c == ' ') || !trimmed.is_ascii() {
+        return Err(BrokerError::invalid(
+            field,
+            "contains spaces, control or non-ASCII characters, which no vendor issues; paste \
+             the value exactly as the vendor shows it",
+        ));
+    }
+    Ok(if trimmed.len() == s.expose_secret().len() {
+        s
+    } else {
+        SecretString::from(trimmed)
+    })
+}
+
+/// A password: kept exactly as given, must be non-empty and free of control characters.
+fn password(v: String, field: &'static str) -> Result<SecretString, BrokerError> {
+    let s = SecretString::new(v);
+    if s.is_empty() {
+        return Err(BrokerError::invalid(field, "is required"));
+    }
+    if s.expose_secret().chars().any(|c| c.is_control()) {
+        return Err(BrokerError::invalid(field, "contains control characters"));
+    }
+    Ok(s)
+}
+
+fn plain(v: String, field: &'static str) -> Result<String, BrokerError> {
+    let t = v.trim();
+    if t.is_empty() {
+        return Err(BrokerError::invalid(field, "is required"));
+    }
+    if t.chars().any(|c| c.is_control()) {
+        return Err(BrokerError::invalid(field, "contains control characters"));
+    }
+    Ok(t.to_owned())
+}
+
+fn optional(v: String) -> Option<String> {
+    let t = v.trim();
+    (!t.is_empty()).then(|| t.to_owned())
+}
+
+/// Proto credential → domain credential.
+pub fn credential(
+    c: Option<pb::Credential>,
+    field: &'static str,
+) -> Result<Credential, BrokerError> {
+    use pb::credential::Credential as C;
+    let inner = c
+        .and_then(|c| c.credential)
+        .ok_or_else(|| BrokerError::invalid(field, "is required (set one credential type)"))?;
+    Ok(match inner {
+        C::PersonalAccessToken(p) => Credential::PersonalAccessToken {
+            token: token(p.token, "credential.personal_access_token.token")?,
+            username: optional(p.username),
+            expires_at: match p.expires_at {
+                Some(ts) if ts.seconds > 0 => Some(ts.seconds as u64),
+                Some(_) => {
+                    return Err(BrokerError::invalid(
+                        "credential.personal_access_token.expires_at",
+                        "must be after 1970",
+                    ))
+                }
+                None => None,
+            },
+        },
+        C::ApiKey(k) => Credential::ApiKey {
+            key: token(k.key, "credential.api_key.key")?,
+        },
+        C::Basic(b) => Credential::Basic {
+            username: plain(b.username, "credential.basic.username")?,
+            password: password(b.password, "credential.basic.password")?,
+        },
+        C::OauthClientCredentials(o) => Credential::OAuthClientCredentials {
+            client_id: plain(o.client_id, "credential.oauth_client_credentials.client_id")?,
+            client_secret: token(
+                o.client_secret,
+                "credential.oauth_client_credentials.client_secret",
+            )?,
+            scopes: o.scopes,
+        },
+        C::OauthRefreshToken(o) => Credential::OAuthRefreshToken {
+            client_id: plain(o.client_id, "credential.oauth_refresh_token.client_id")?,
+            client_secret: token(
+                o.client_secret,
+                "credential.oauth_refresh_token.client_secret",
+            )?,
+            refresh_token: token(
+                o.refresh_token,
+                "credential.oauth_refresh_token.refresh_token",
+            )?,
+        },
+        C::OauthPasswordGrant(o) => Credential::OAuthPasswordGrant {
+            client_id: plain(o.client_id, "credential.oauth_password_grant.client_id")?,
+            client_secret: token(
+                o.client_secret,
+                "credential.oauth_password_grant.client_secret",
+            )?,
+            username: plain(o.username, "credential.oauth_password_grant.username")?,
+            password: password(o.password, "credential.oauth_password_grant.password")?,
+        },
+        C::SalesforceLogin(s) => Credential::SalesforceLogin {
+            username: plain(s.username, "credential.salesforce_login.username")?,
+            password: password(s.password, "credential.salesforce_login.password")?,
+            security_token: token(
+                s.security_token,
+                "credential.salesforce_login.security_token",
+            )?,
+            client_id: optional(s.client_id),
+            client_secret: if s.client_secret.is_empty() {
+                None
+            } else {
+                Some(token(
+                    s.client_secret,
+                    "credential.salesforce_login.client_secret",
+                )?)
+            },
+        },
+        C::OauthAuthorizationCode(o) => Credential::OAuthAuthorizationCode {
+            client_id: plain(o.client_id, "credential.oauth_authorization_code.client_id")?,
+            client_secret: token(
+                o.client_secret,
+                "credential.oauth_authorization_code.client_secret",
+            )?,
+            scopes: o.scopes,
+        },
+    })
+}
+
+/// Seconds since the epoch → proto timestamp.
+pub fn ts(secs: u64) -> Timestamp {
+    Timestamp {
+        seconds: i64::try_from(secs).unwrap_or(i64::MAX),
+        nanos: 0,
+    }
+}
+
+/// `SystemTime` → proto timestamp.
+pub fn ts_from(t: SystemTime) -> Timestamp {
+    let d = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Domain check → proto check.
+pub fn check(c: &AuthCheck) -> pb::AuthCheck {
+    use pb::AuthFailure as P;
+    pb::AuthCheck {
+        ok: c.ok,
+        failure: match c.failure {
+            None => P::Unspecified,
+            Some(AuthFailure::InvalidCredentials) => P::InvalidCredentials,
+            Some(AuthFailure::InsufficientPermissions) => P::InsufficientPermissions,
+            Some(AuthFailure::ExpiredOrRevoked) => P::ExpiredOrRevoked,
+            Some(AuthFailure::ReauthorizationRequired) => P::ReauthorizationRequired,
+            Some(AuthFailure::Unreachable) => P::Unreachable,
+            Some(AuthFailure::RateLimited) => P::RateLimited,
+            Some(AuthFailure::Misconfigured) => P::Misconfigured,
+            Some(AuthFailure::UpstreamError) => P::UpstreamError,
+        } as i32,
+        message: c.message.clone(),
+        identity: c.identity.as_ref().map(|i| pb::Identity {
+            id: i.id.clone(),
+            display_name: i.display_name.clone(),
+            email: i.email.clone(),
+        }),
+        missing_permissions: c.missing_permissions.clone(),
+        checked_at: Some(ts(c.checked_at)),
+    }
+}
+
+/// Domain record → proto system (metadata only).
+pub fn system(r: &SystemRecord) -> pb::System {
+    pb::System {
+        system_id: r.system_id.clone(),
+        display_name: r.display_name.clone(),
+        description: r.description.clone(),
+        kind: kind_to_proto(r.kind) as i32,
+        base_url: r.base_url.clone(),
+        credential_type: cred_type_to_proto(r.credential_type) as i32,
+        credential_version: r.credential_version,
+        state: match r.state {
+            SystemState::Active => pb::SystemState::Active,
+            SystemState::AuthorizationPending => pb::SystemState::AuthorizationPending,
+            SystemState::ReauthorizationRequired => pb::SystemState::ReauthorizationRequired,
+        } as i32,
+        created_at: Some(ts(r.created_at)),
+        updated_at: Some(ts(r.updated_at)),
+        last_check: r.last_check.as_ref().map(check),
+        credential_expires_at: r.credential_expires_at.map(ts),
+    }
+}
+
+/// Proto role → domain role.
+pub fn role(value: i32) -> Result<Role, BrokerError> {
+    match pb::CallerRole::try_from(value) {
+        Ok(pb::CallerRole::Admin) => Ok(Role::Admin),
+        Ok(pb::CallerRole::Worker) => Ok(Role::Worker),
+        _ => Err(BrokerError::invalid(
+            "role",
+            "must be CALLER_ROLE_ADMIN or CALLER_ROLE_WORKER",
+        )),
+    }
+}
+
+/// Domain caller → proto caller.
+pub fn caller(c: &CallerRecord) -> pb::Caller {
+    pb::Caller {
+        name: c.name.clone(),
+        role: match c.role {
+            Role::Admin => pb::CallerRole::Admin,
+            Role::Worker => pb::CallerRole::Worker,
+        } as i32,
+        created_at: Some(ts(c.created_at)),
+        revoked: c.revoked,
+    }
+}

@@ -1,0 +1,267 @@
+//! The gRPC server: health, reflection and the `CredentialBroker` service on one listener.
+//!
+//! [`run`] is the one entry point (the binary and the tests both use it):
+//! 1. serve health (`NOT_SERVING`) and reflection at once, so load balancers and `grpcurl` get
+//!    answers while the broker starts; broker RPCs answer `UNAVAILABLE` until ready;
+//! 2. open the store, load and verify the master key, load callers (bootstrap admin on first
+//!    start), then report `SERVING`;
+//! 3. on the shutdown signal: `NOT_SERVING`, end health watches, stop accepting, let in-flight
+//!    RPCs finish within the grace period, flush the store, return.
+
+pub mod broker_svc;
+pub mod convert;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::backends::{BackendContext, EgressPolicy, HttpClient, Registry};
+use crate::broker::{Broker, BrokerSettings, OpenError as BrokerOpenError};
+use crate::config::Config;
+use crate::crypto::keys::{verify_key_check_file, write_secret_file, KeyError};
+use crate::crypto::{Keyring, MasterKey, MasterKeySource};
+use crate::pb::credential_broker_server::CredentialBrokerServer;
+use crate::store::sled::OpenError as StoreOpenError;
+use crate::store::{CredentialStore, SledStore};
+
+pub use broker_svc::BrokerService;
+
+/// The fully qualified name of the broker service (for health).
+pub const SERVICE_NAME: &str = "credbroker.v1.CredentialBroker";
+/// File (in the data directory) holding the bootstrap admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Why the server did not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {error}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// The master key could not be loaded.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreOpenError),
+    /// The key does not match, or the store is damaged.
+    #[error(transparent)]
+    Broker(#[from] BrokerOpenError),
+    /// The admin token file could not be written.
+    #[error("cannot write the admin token file {path}: {error}")]
+    AdminToken {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("outbound HTTP client: {0}")]
+    Http(String),
+    /// The gRPC transport failed.
+    #[error("gRPC server: {0}")]
+    Transport(String),
+}
+
+/// Hooks for embedding and tests.
+#[derive(Default)]
+pub struct StartupHooks {
+    /// When set, the store is opened only after this resolves (health stays `NOT_SERVING`
+    /// meanwhile). Lets a test observe the starting state, or an embedder fetch a key first.
+    pub before_open: Option<oneshot::Receiver<()>>,
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    run_with_hooks(listener, config, shutdown, StartupHooks::default()).await
+}
+
+/// [`run`] with [`StartupHooks`].
+pub async fn run_with_hooks(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    hooks: StartupHooks,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Transport(e.to_string()))?;
+
+    let core: Arc<OnceLock<Arc<Broker>>> = Arc::new(OnceLock::new());
+    let service = CredentialBrokerServer::new(BrokerService::new(core.clone()))
+        .max_decoding_message_size(config.max_request_bytes)
+        .max_encoding_message_size(4 * 1024 * 1024);
+
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .timeout(config.request_timeout)
+        .concurrency_limit_per_connection(config.concurrency_limit_per_connection)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_max_header_list_size(16 * 1024)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server_task = tokio::spawn(server);
+
+    if let Some(gate) = hooks.before_open {
+        let _ = gate.await;
+    }
+    let broker = match open_broker(&config).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = stop_tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
+            return Err(e);
+        }
+    };
+    let _ = core.set(broker.clone());
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    tracing::info!(message = "credbroker is serving.");
+
+    let early_exit = tokio::select! {
+        _ = shutdown => None,
+        res = &mut server_task => Some(res),
+    };
+    if let Some(res) = early_exit {
+        let _ = broker.flush().await;
+        return match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
+            Err(e) => Err(ServeError::Transport(e.to_string())),
+        };
+    }
+
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    // Let health watchers receive NOT_SERVING, then end their streams so they do not hold the
+    // graceful shutdown open.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut health_clear = health.clone();
+    health_clear.clear_service_status("").await;
+    health_clear.clear_service_status(SERVICE_NAME).await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(config.shutdown_grace, &mut server_task).await {
+        Ok(_) => tracing::info!(message = "In-flight calls drained."),
+        Err(_) => {
+            tracing::warn!(
+                message = "Shutdown grace period ran out; abandoning remaining calls.",
+                grace_secs = config.shutdown_grace.as_secs()
+            );
+            server_task.abort();
+        }
+    }
+    if let Err(e) = broker.flush().await {
+        tracing::error!(message = "Final flush failed.", error = %e);
+    }
+    drop(core);
+    drop(broker);
+    tracing::info!(message = "credbroker stopped.");
+    Ok(())
+}
+
+async fn open_broker(config: &Config) -> Result<Arc<Broker>, ServeError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|error| ServeError::DataDir {
+        path: data_dir.clone(),
+        error,
+    })?;
+    let store_exists = SledStore::exists_in(&data_dir);
+    let (key, source) =
+        MasterKey::load_or_generate(config.master_key_file.as_deref(), &data_dir, store_exists)?;
+    match &source {
+        MasterKeySource::Generated(path) => tracing::warn!(
+            message = "Generated a new master key inside the data directory. Production keeps the master key elsewhere (CREDBROKER_MASTER_KEY_FILE) and backs it up; without it the stored credentials cannot be decrypted.",
+            path = %path.display()
+        ),
+        MasterKeySource::File(path) => {
+            tracing::info!(message = "Master key loaded.", path = %path.display(), key_id = %format!("{:08x}", key.id()))
+        }
+    }
+    let keyring = Keyring::new(key);
+    // Before the store is opened: sled writes to its files on open, and a wrong key must leave
+    // the data directory exactly as it was.
+    if !verify_key_check_file(&data_dir, &keyring, store_exists)? {
+        return Err(ServeError::Broker(BrokerOpenError::WrongKey));
+    }
+    let dir = data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+        .await
+        .map_err(|e| ServeError::Transport(e.to_string()))??;
+    let store: Arc<dyn CredentialStore> = Arc::new(store);
+    let http = HttpClient::new(config.upstream_timeout, config.max_upstream_body_bytes)
+        .map_err(ServeError::Http)?;
+    let egress = EgressPolicy {
+        allow_http: config.egress_allow_http,
+    };
+    let registry = Registry::new(&BackendContext {
+        http,
+        egress: egress.clone(),
+    });
+    let (broker, admin_token) = Broker::open(
+        store,
+        keyring,
+        registry,
+        BrokerSettings {
+            egress,
+            static_header_ttl: config.static_header_ttl,
+        },
+    )
+    .await?;
+    if let Some(token) = admin_token {
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        write_admin_token(&path, token.expose_secret())?;
+        tracing::info!(message = "Created the admin caller; its token is in the admin token file.", path = %path.display());
+    }
+    Ok(Arc::new(broker))
+}
+
+fn write_admin_token(path: &Path, token: &str) -> Result<(), ServeError> {
+    // A leftover file from an earlier store is replaced: it held a token that no longer exists.
+    if path.exists() {
+        std::fs::remove_file(path).map_err(|error| ServeError::AdminToken {
+            path: path.to_path_buf(),
+            error,
+        })?;
+    }
+    write_secret_file(path, token.as_bytes()).map_err(|error| ServeError::AdminToken {
+        path: path.to_path_buf(),
+        error,
+    })
+}

@@ -1,0 +1,99 @@
+//! The credential store: a trait with two implementations (sled, the embedded default; memory,
+//! for tests) and one conformance suite (`tests/integration/store_conformance.rs`) that any new
+//! implementation (PostgreSQL, for replicas) must pass.
+//!
+//! # Key schema
+//! - `systems`: system id → [`SystemRecord`] (JSON; metadata in clear, credential sealed).
+//! - `callers`: caller name → [`CallerRecord`] (JSON; token kept only as SHA-256).
+//! - `meta`: `format_version` → `1`; `kcv/<kek id hex>` → key check value.
+//!
+//! # Durability
+//! Every mutating method returns only after the change is flushed to disk.
+
+pub mod memory;
+pub mod sled;
+
+use async_trait::async_trait;
+
+use crate::model::{CallerRecord, SystemRecord};
+
+pub use self::memory::MemoryStore;
+pub use self::sled::SledStore;
+
+/// Store format version written into `meta`.
+pub const STORE_FORMAT_VERSION: &str = "1";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Insert of an existing key.
+    #[error("record already exists")]
+    AlreadyExists,
+    /// Compare-and-swap lost: the record changed (or vanished) since it was read.
+    #[error("record changed concurrently")]
+    Conflict,
+    /// The backend failed (I/O, lock, disk full). The message holds no secret.
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// A record could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// Persistent storage for systems, callers and metadata.
+#[async_trait]
+pub trait CredentialStore: Send + Sync + 'static {
+    /// One system, if present.
+    async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError>;
+
+    /// Up to `limit` systems with ids strictly greater than `after`, in id order.
+    async fn list_systems(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SystemRecord>, StoreError>;
+
+    /// Inserts a new system; [`StoreError::AlreadyExists`] when the id is taken. Durable on Ok.
+    async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError>;
+
+    /// Replaces a system whose stored `revision` equals `expected_revision`; otherwise
+    /// [`StoreError::Conflict`]. Durable on Ok.
+    async fn update_system(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes a system; false when it was absent. Durable on Ok.
+    async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError>;
+
+    /// Number of systems.
+    async fn count_systems(&self) -> Result<usize, StoreError>;
+
+    /// Every caller.
+    async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError>;
+
+    /// Inserts a caller; [`StoreError::AlreadyExists`] when the name is taken. Durable on Ok.
+    async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError>;
+
+    /// Replaces a caller (it must exist, else [`StoreError::Conflict`]). Durable on Ok.
+    async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError>;
+
+    /// A metadata value.
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Sets a metadata value. Durable on Ok.
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+
+    /// Flushes everything to disk.
+    async fn flush(&self) -> Result<(), StoreError>;
+}
+
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    // serde_json errors name a position, never the content.
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("decode: {e}")))
+}

@@ -1,0 +1,449 @@
+//! Process lifecycle: health across start and SIGTERM, wrong master key, data-directory lock, and
+//! the leak scan over logs, errors and data files of the real binary.
+
+use std::time::Duration;
+
+use credbroker::pb;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::support::*;
+
+async fn health_client(addr: std::net::SocketAddr) -> HealthClient<Channel> {
+    HealthClient::new(
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_until_the_store_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, gate, stop, task) = TestBroker::start_held(test_config(dir.path())).await;
+    let mut health = health_client(addr).await;
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    let status = health
+        .check(HealthCheckRequest {
+            service: credbroker::server::SERVICE_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    // Broker RPCs answer UNAVAILABLE meanwhile (and the store was not even opened).
+    let mut c = client(addr, Some("whatever")).await;
+    let e = c
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(!dir.path().join("admin.token").exists());
+
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    gate.send(()).unwrap();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    stop.send(()).unwrap();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reports_not_serving_drains_and_exits_zero_then_restart_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user("pat-sigterm-1", "9", "U", "u@example.com");
+    let proc = spawn_process(dir.path(), &logs.path().join("1.log"), &[]).unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    admin
+        .register_system(register_asana(
+            "durable",
+            &fake.base_url,
+            "pat-sigterm-1",
+            true,
+        ))
+        .await
+        .unwrap();
+
+    let mut health = health_client(proc.addr).await;
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    proc.signal("TERM");
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    let code = tokio::task::spawn_blocking(move || proc.terminate_wait())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+
+    let proc = spawn_process(dir.path(), &logs.path().join("2.log"), &[]).unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    let tok = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "durable".into(),
+            min_valid_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tok.headers[0].value, "Bearer pat-sigterm-1");
+    assert_eq!(proc.terminate(), Some(0));
+}
+
+impl BrokerProcess {
+    /// Waits for an exit that was already signalled.
+    pub fn terminate_wait(mut self) -> Option<i32> {
+        self.child.wait().unwrap().code()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    let proc = spawn_process(dir.path(), &logs.path().join("1.log"), &[]).unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    admin
+        .register_system(register_asana(
+            "kept",
+            &fake.base_url,
+            "pat-keep-123",
+            false,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(proc.terminate(), Some(0));
+
+    let snapshot = |d: &std::path::Path| -> Vec<(std::path::PathBuf, String)> {
+        use sha2::Digest;
+        files_under(d)
+            .into_iter()
+            .map(|p| {
+                let h = sha2::Sha256::digest(std::fs::read(&p).unwrap());
+                (p, h.iter().map(|b| format!("{b:02x}")).collect())
+            })
+            .collect()
+    };
+    let before = snapshot(dir.path());
+    let wrong = logs.path().join("wrong.key");
+    std::fs::write(&wrong, "q1K3sAWaV0r0m4y0QkIYb3oQ3Eo8m8b1m7s0y1m0J2M=\n").unwrap();
+    let err = spawn_process(
+        dir.path(),
+        &logs.path().join("2.log"),
+        &[("CREDBROKER_MASTER_KEY_FILE", wrong.to_str().unwrap())],
+    );
+    let (status, log) = match err {
+        Err(e) => e,
+        Ok(p) => {
+            // It bound the port before checking the key; it must still exit on its own.
+            let mut p = p;
+            let status = p.child.wait().unwrap();
+            (status, p.log())
+        }
+    };
+    assert!(!status.success());
+    assert!(log.contains("master key does not match"), "{log}");
+    assert_eq!(
+        before,
+        snapshot(dir.path()),
+        "a refused start changed the data directory"
+    );
+
+    // A malformed key file is refused too, with its own message.
+    std::fs::write(&wrong, "not base64").unwrap();
+    let res = spawn_process(
+        dir.path(),
+        &logs.path().join("3.log"),
+        &[("CREDBROKER_MASTER_KEY_FILE", wrong.to_str().unwrap())],
+    );
+    let (status, log) = match res {
+        Err(e) => e,
+        Ok(mut p) => {
+            let s = p.child.wait().unwrap();
+            (s, p.log())
+        }
+    };
+    assert!(!status.success());
+    assert!(log.contains("32 random bytes"), "{log}");
+
+    // The right key still works.
+    let proc = spawn_process(dir.path(), &logs.path().join("4.log"), &[]).unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    let tok = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "kept".into(),
+            min_valid_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tok.headers[0].value, "Bearer pat-keep-123");
+    assert_eq!(proc.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_broker_on_the_same_data_dir_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let first = spawn_process(dir.path(), &logs.path().join("1.log"), &[]).unwrap();
+    wait_for_health(first.addr, ServingStatus::Serving).await;
+    let started = std::time::Instant::now();
+    let (status, log) = match spawn_process(dir.path(), &logs.path().join("2.log"), &[]) {
+        Err(e) => e,
+        Ok(mut p) => {
+            let s = p.child.wait().unwrap();
+            (s, p.log())
+        }
+    };
+    assert!(!status.success());
+    assert!(log.contains("in use"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The first one is unaffected.
+    let mut health = health_client(first.addr).await;
+    let s = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(s, ServingStatus::Serving as i32);
+    assert_eq!(first.terminate(), Some(0));
+}
+
+/// Runs every flow of this build with canary secrets at RUST_LOG=trace, then greps the logs, every
+/// error message and every file in the data directory for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    let canaries = [
+        "CANARY-pat-aaa111",
+        "CANARY-pat-bbb222",
+        "CANARY-bad-ccc333",
+        "CANARY-rot-ddd444",
+    ];
+    fake.add_user(canaries[0], "1", "A", "a@example.com");
+    fake.add_user(canaries[1], "1", "A", "a@example.com");
+    fake.add_user(canaries[3], "1", "A", "a@example.com");
+    let proc = spawn_process(
+        dir.path(),
+        &logs.path().join("trace.log"),
+        &[("RUST_LOG", "trace")],
+    )
+    .unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let admin_token = std::fs::read_to_string(dir.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut admin = client(proc.addr, Some(&admin_token)).await;
+    let mut errors: Vec<String> = Vec::new();
+
+    admin
+        .register_system(register_asana("leak-a", &fake.base_url, canaries[0], true))
+        .await
+        .unwrap();
+    admin
+        .register_system(register_asana("leak-b", &fake.base_url, canaries[1], false))
+        .await
+        .unwrap();
+    let created = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "leak-worker".into(),
+            role: pb::CallerRole::Worker as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut worker = client(proc.addr, Some(&created.token)).await;
+    for id in ["leak-a", "leak-b"] {
+        worker
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: id.into(),
+                min_valid_seconds: 0,
+            })
+            .await
+            .unwrap();
+    }
+    // Error paths carrying secrets.
+    for r in [
+        admin
+            .register_system(register_asana("leak-c", &fake.base_url, canaries[2], true))
+            .await
+            .map(|_| ()),
+        admin
+            .rotate_credential(pb::RotateCredentialRequest {
+                system_id: "leak-a".into(),
+                credential: Some(pat(canaries[2])),
+                skip_check: false,
+            })
+            .await
+            .map(|_| ()),
+        admin
+            .register_system(register_asana("leak-a", &fake.base_url, canaries[2], false))
+            .await
+            .map(|_| ()),
+        admin
+            .register_system(register_asana(
+                "leak-d",
+                "https://evil.example.com",
+                canaries[2],
+                false,
+            ))
+            .await
+            .map(|_| ()),
+        worker
+            .register_system(register_asana("leak-e", &fake.base_url, canaries[2], false))
+            .await
+            .map(|_| ()),
+    ] {
+        errors.push(format!("{:?}", r.unwrap_err()));
+    }
+    admin
+        .rotate_credential(pb::RotateCredentialRequest {
+            system_id: "leak-b".into(),
+            credential: Some(pat(canaries[3])),
+            skip_check: false,
+        })
+        .await
+        .unwrap();
+    admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                "leak-a".into(),
+            )),
+        })
+        .await
+        .unwrap();
+    fake.set_mode(AsanaMode::ServerError);
+    let c = admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                "leak-a".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    errors.push(format!("{c:?}"));
+    assert_eq!(proc.terminate(), Some(0));
+
+    let log = std::fs::read_to_string(logs.path().join("trace.log")).unwrap();
+    assert!(
+        log.contains("System registered."),
+        "the trace log was not captured"
+    );
+    for canary in canaries
+        .iter()
+        .copied()
+        .chain([admin_token.as_str(), created.token.as_str()])
+    {
+        assert!(!log.contains(canary), "secret found in the log");
+        for e in &errors {
+            assert!(!e.contains(canary), "secret found in an error: {e}");
+        }
+        if canary.starts_with("CANARY") {
+            assert_eq!(
+                dir_contains(dir.path(), canary),
+                None,
+                "secret found in a data file"
+            );
+        }
+    }
+    // The caller tokens are only in admin.token (the bootstrap admin), never in the store.
+    assert_eq!(dir_contains(&dir.path().join("store"), &admin_token), None);
+    assert_eq!(dir_contains(dir.path(), &created.token), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_broker_and_health_services_without_a_token() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let ch = Channel::from_shared(format!("http://{}", broker.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut refl = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"credbroker.v1.CredentialBroker".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+    broker.stop().await;
+}

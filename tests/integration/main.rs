@@ -1,0 +1,11 @@
+//! One integration-test binary: the real server over real gRPC, a temp-dir sled store, and fake
+//! upstreams on loopback.
+
+// Test helpers unwrap freely: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod admin_cli;
+mod broker_api;
+mod lifecycle;
+mod store_conformance;
+mod support;

@@ -1,0 +1,129 @@
+//! The store conformance suite: every `CredentialStore` implementation must pass it.
+
+use std::sync::Arc;
+
+use credbroker::model::{
+    CallerRecord, CredentialType, Role, SystemKind, SystemRecord, SystemState,
+};
+use credbroker::store::{CredentialStore, MemoryStore, SledStore, StoreError};
+
+fn record(id: &str, revision: u64) -> SystemRecord {
+    SystemRecord {
+        system_id: id.to_owned(),
+        display_name: format!("name {id}"),
+        description: String::new(),
+        kind: SystemKind::Asana,
+        base_url: "https://app.asana.com/api/1.0".into(),
+        credential_type: CredentialType::PersonalAccessToken,
+        credential_version: 1,
+        state: SystemState::Active,
+        created_at: 1,
+        updated_at: 1,
+        last_check: None,
+        credential_expires_at: None,
+        sealed_credential: vec![1, 2, 3, 0, 255],
+        revision,
+    }
+}
+
+async fn conformance(store: Arc<dyn CredentialStore>) {
+    assert_eq!(store.get_system("a").await.unwrap(), None);
+    store.insert_system(&record("b", 1)).await.unwrap();
+    store.insert_system(&record("a", 1)).await.unwrap();
+    store.insert_system(&record("c", 1)).await.unwrap();
+    assert!(matches!(
+        store.insert_system(&record("a", 1)).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    assert_eq!(store.get_system("a").await.unwrap(), Some(record("a", 1)));
+    assert_eq!(store.count_systems().await.unwrap(), 3);
+
+    let ids = |v: Vec<SystemRecord>| v.into_iter().map(|r| r.system_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_systems(None, 10).await.unwrap()),
+        ["a", "b", "c"]
+    );
+    assert_eq!(ids(store.list_systems(None, 2).await.unwrap()), ["a", "b"]);
+    assert_eq!(
+        ids(store.list_systems(Some("a"), 10).await.unwrap()),
+        ["b", "c"]
+    );
+    assert_eq!(
+        ids(store.list_systems(Some("c"), 10).await.unwrap()),
+        Vec::<String>::new()
+    );
+
+    // Compare-and-swap on revision.
+    let mut upd = record("a", 2);
+    upd.credential_version = 2;
+    store.update_system(&upd, 1).await.unwrap();
+    assert!(matches!(
+        store.update_system(&record("a", 3), 1).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        store.update_system(&record("zz", 2), 1).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        store
+            .get_system("a")
+            .await
+            .unwrap()
+            .unwrap()
+            .credential_version,
+        2
+    );
+
+    assert!(store.delete_system("b").await.unwrap());
+    assert!(!store.delete_system("b").await.unwrap());
+    assert_eq!(store.count_systems().await.unwrap(), 2);
+
+    let caller = CallerRecord {
+        name: "w".into(),
+        role: Role::Worker,
+        token_sha256: "00".repeat(32),
+        created_at: 1,
+        revoked: false,
+    };
+    store.insert_caller(&caller).await.unwrap();
+    assert!(matches!(
+        store.insert_caller(&caller).await,
+        Err(StoreError::AlreadyExists)
+    ));
+    let mut revoked = caller.clone();
+    revoked.revoked = true;
+    store.update_caller(&revoked).await.unwrap();
+    assert_eq!(store.list_callers().await.unwrap(), vec![revoked]);
+    let ghost = CallerRecord {
+        name: "ghost".into(),
+        ..caller
+    };
+    assert!(matches!(
+        store.update_caller(&ghost).await,
+        Err(StoreError::Conflict)
+    ));
+
+    assert_eq!(store.get_meta("k").await.unwrap(), None);
+    store.put_meta("k", b"v1").await.unwrap();
+    store.put_meta("k", b"v2").await.unwrap();
+    assert_eq!(store.get_meta("k").await.unwrap(), Some(b"v2".to_vec()));
+    store.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_store_conforms() {
+    conformance(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn sled_store_conforms_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        conformance(Arc::new(store)).await;
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.count_systems().await.unwrap(), 2);
+    assert_eq!(store.get_meta("k").await.unwrap(), Some(b"v2".to_vec()));
+}
