@@ -317,13 +317,14 @@ impl Broker {
             return Err(already_exists(&system_id));
         }
         let check = if input.check {
-            let check = backend
+            let mut check = backend
                 .check(&Target {
                     system_id: Some(&system_id),
                     base_url: &base_url,
                     credential: &input.credential,
                 })
                 .await;
+            warn_expiry(&mut check, input.credential.expires_at());
             if !check.ok {
                 return Err(failed_check(&check, "nothing was saved"));
             }
@@ -373,25 +374,28 @@ impl Broker {
                 let base_url = backend
                     .canonical_base_url(&base_url, &self.egress)
                     .map_err(|m| BrokerError::invalid("candidate.base_url", m))?;
-                Ok(backend
+                let mut check = backend
                     .check(&Target {
                         system_id: None,
                         base_url: &base_url,
                         credential: &credential,
                     })
-                    .await)
+                    .await;
+                warn_expiry(&mut check, credential.expires_at());
+                Ok(check)
             }
             CheckTarget::Stored(system_id) => {
                 let record = self.get_system(&system_id).await?;
                 let backend = self.registry.get(record.kind)?.clone();
                 let credential = self.open_credential(&record)?;
-                let check = backend
+                let mut check = backend
                     .check(&Target {
                         system_id: Some(&system_id),
                         base_url: &record.base_url,
                         credential: &credential,
                     })
                     .await;
+                warn_expiry(&mut check, record.credential_expires_at);
                 let mut updated = record.clone();
                 updated.last_check = Some(check.clone());
                 updated.revision += 1;
@@ -501,13 +505,14 @@ impl Broker {
         let check = if skip_check {
             None
         } else {
-            let check = backend
+            let mut check = backend
                 .check(&Target {
                     system_id: Some(system_id),
                     base_url: &record.base_url,
                     credential: &credential,
                 })
                 .await;
+            warn_expiry(&mut check, credential.expires_at());
             if !check.ok {
                 return Err(failed_check(&check, "the old credential stays in use"));
             }
@@ -651,6 +656,29 @@ impl Broker {
                 record.system_id
             ))
         })
+    }
+}
+
+/// How far ahead a check warns about a credential's known expiry.
+pub const EXPIRY_WARNING_DAYS: u64 = 14;
+
+/// Adds an expiry warning (or, once expired, a failure) to a check.
+fn warn_expiry(check: &mut AuthCheck, expires_at: Option<u64>) {
+    let Some(at) = expires_at else { return };
+    let now = unix_now();
+    if at <= now {
+        check.ok = false;
+        check.failure = Some(crate::model::AuthFailure::ExpiredOrRevoked);
+        check.message = format!(
+            "the credential's expiry date has passed; create a new one and rotate it in. {}",
+            check.message
+        );
+    } else if at - now <= EXPIRY_WARNING_DAYS * 86_400 {
+        let days = (at - now).div_ceil(86_400);
+        check.message.push_str(&format!(
+            " Warning: the credential expires in {days} day(s); create a new one and rotate it \
+             in before then."
+        ));
     }
 }
 

@@ -7,7 +7,8 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::http::{parse_base_url, url_string, TransportError, UpstreamResponse};
+use super::classify::{common, unreachable};
+use super::http::{parse_base_url, url_string, UpstreamResponse};
 use super::{bearer, Backend, BackendContext, BackendError, EgressPolicy, Issued, Target};
 use crate::model::{AuthCheck, AuthFailure, Credential, Identity, SystemKind};
 
@@ -69,7 +70,7 @@ impl Backend for AsanaBackend {
         let url = format!("{}/users/me", target.base_url);
         match self.ctx.http.get(&url, &[bearer(token)]).await {
             Ok(resp) => classify(&resp),
-            Err(e) => unreachable_check(&e),
+            Err(e) => unreachable("Asana", &e),
         }
     }
 
@@ -79,21 +80,8 @@ impl Backend for AsanaBackend {
                 "Asana accepts only a personal access token".to_owned(),
             ));
         };
-        Ok(Issued {
-            headers: vec![bearer(token)],
-            expires_at: None,
-            api_base_url: target.base_url.to_owned(),
-            updated_credential: None,
-        })
+        Ok(Issued::static_header(bearer(token), target.base_url))
     }
-}
-
-/// Maps a transport failure to an `UNREACHABLE` check.
-pub fn unreachable_check(e: &TransportError) -> AuthCheck {
-    AuthCheck::failed(
-        AuthFailure::Unreachable,
-        format!("could not reach the API ({e}); check the base URL and the network path"),
-    )
 }
 
 fn classify(resp: &UpstreamResponse) -> AuthCheck {
@@ -127,25 +115,7 @@ fn classify(resp: &UpstreamResponse) -> AuthCheck {
             "Asana answered 403: the token's user may not read its profile, or a super admin \
              disallowed personal access tokens in this domain",
         ),
-        404 => AuthCheck::failed(
-            AuthFailure::Misconfigured,
-            "no Asana API at this URL (404); use https://app.asana.com/api/1.0",
-        ),
-        429 => AuthCheck::failed(
-            AuthFailure::RateLimited,
-            match resp.retry_after() {
-                Some(s) => format!("Asana rate-limited the check (429); retry after {s} s"),
-                None => "Asana rate-limited the check (429); retry later".to_owned(),
-            },
-        ),
-        s if s >= 500 => AuthCheck::failed(
-            AuthFailure::UpstreamError,
-            format!("Asana failed with HTTP {s}; try again later"),
-        ),
-        s => AuthCheck::failed(
-            AuthFailure::UpstreamError,
-            format!("Asana answered with unexpected HTTP {s}"),
-        ),
+        _ => common("Asana", resp, "use https://app.asana.com/api/1.0"),
     }
 }
 

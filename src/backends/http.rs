@@ -99,8 +99,24 @@ impl HttpClient {
         url: &str,
         auth: &[Header],
     ) -> Result<UpstreamResponse, TransportError> {
+        self.get_with(url, auth, &[]).await
+    }
+
+    /// [`HttpClient::get`] with extra fixed headers.
+    pub async fn get_with(
+        &self,
+        url: &str,
+        auth: &[Header],
+        extra: &[(&'static str, &'static str)],
+    ) -> Result<UpstreamResponse, TransportError> {
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        for (name, value) in extra {
+            headers.insert(
+                reqwest::header::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
         for h in auth {
             let mut v = HeaderValue::from_str(h.value.expose_secret()).map_err(|_| {
                 TransportError::Other("credential is not a valid header value".into())

@@ -14,7 +14,13 @@
 //! are refused with `UNIMPLEMENTED`.
 
 pub mod asana;
+pub mod azure_devops;
+pub mod classify;
+pub mod freshdesk;
+pub mod freshservice;
+pub mod freshworks;
 pub mod http;
+pub mod servicenow;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -59,6 +65,19 @@ pub struct Issued {
     /// A credential to persist (flushed) before the headers are handed out, e.g. a rotated
     /// refresh token.
     pub updated_credential: Option<Credential>,
+}
+
+impl Issued {
+    /// Headers from a static secret (PAT, API key, password): no expiry of their own, nothing to
+    /// persist.
+    pub fn static_header(header: Header, api_base_url: impl Into<String>) -> Self {
+        Self {
+            headers: vec![header],
+            expires_at: None,
+            api_base_url: api_base_url.into(),
+            updated_credential: None,
+        }
+    }
 }
 
 /// Why [`Backend::issue`] failed.
@@ -155,13 +174,15 @@ impl Registry {
 fn registry(kind: SystemKind, ctx: &BackendContext) -> Option<Arc<dyn Backend>> {
     match kind {
         SystemKind::Asana => Some(Arc::new(asana::AsanaBackend::new(ctx.clone()))),
-        SystemKind::AzureDevOps
-        | SystemKind::Salesforce
-        | SystemKind::ServiceNow
-        | SystemKind::Zendesk
-        | SystemKind::JiraCloud
-        | SystemKind::Freshdesk
-        | SystemKind::Freshservice => None,
+        SystemKind::AzureDevOps => {
+            Some(Arc::new(azure_devops::AzureDevOpsBackend::new(ctx.clone())))
+        }
+        SystemKind::Freshdesk => Some(Arc::new(freshdesk::FreshdeskBackend::new(ctx.clone()))),
+        SystemKind::Freshservice => Some(Arc::new(freshservice::FreshserviceBackend::new(
+            ctx.clone(),
+        ))),
+        SystemKind::ServiceNow => Some(Arc::new(servicenow::ServiceNowBackend::new(ctx.clone()))),
+        SystemKind::Salesforce | SystemKind::Zendesk | SystemKind::JiraCloud => None,
     }
 }
 

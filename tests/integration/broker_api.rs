@@ -593,22 +593,17 @@ async fn asana_check_classifies_upstream_answers() {
     };
     use credbroker::pb::AuthFailure as F;
     let cases = [
+        (Mode::Normal, "unknown-pat", F::InvalidCredentials, "401"),
+        (Mode::RateLimited, PAT, F::RateLimited, "30 s"),
+        (Mode::ServerError, PAT, F::UpstreamError, "503"),
+        (Mode::Garbage, PAT, F::Misconfigured, "base URL"),
         (
-            AsanaMode::Normal,
-            "unknown-pat",
-            F::InvalidCredentials,
-            "401",
-        ),
-        (AsanaMode::RateLimited, PAT, F::RateLimited, "30 s"),
-        (AsanaMode::ServerError, PAT, F::UpstreamError, "503"),
-        (AsanaMode::Garbage, PAT, F::Misconfigured, "base URL"),
-        (
-            AsanaMode::PaymentRequired,
+            Mode::PaymentRequired,
             PAT,
             F::InsufficientPermissions,
             "premium",
         ),
-        (AsanaMode::Hang, PAT, F::Unreachable, "timed out"),
+        (Mode::Hang, PAT, F::Unreachable, "timed out"),
     ];
     for (mode, token, failure, needle) in cases {
         fake.set_mode(mode);
@@ -635,7 +630,7 @@ async fn asana_check_classifies_upstream_answers() {
             started.elapsed()
         );
     }
-    fake.set_mode(AsanaMode::Normal);
+    fake.set_mode(Mode::Normal);
     let ok = admin
         .check_authentication(candidate(PAT))
         .await

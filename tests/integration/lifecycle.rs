@@ -368,7 +368,7 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
         })
         .await
         .unwrap();
-    fake.set_mode(AsanaMode::ServerError);
+    fake.set_mode(Mode::ServerError);
     let c = admin
         .check_authentication(pb::CheckAuthenticationRequest {
             target: Some(pb::check_authentication_request::Target::SystemId(

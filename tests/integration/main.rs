@@ -6,6 +6,8 @@
 
 mod admin_cli;
 mod broker_api;
+mod fakes;
 mod lifecycle;
+mod static_backends;
 mod store_conformance;
 mod support;

@@ -2,24 +2,16 @@
 //! process) on 127.0.0.1:0 with a temp-dir sled store, real gRPC clients, and fake upstreams on
 //! loopback that answer as the vendors do and record every request they did not expect.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use credbroker::config::Config;
 use credbroker::pb;
 use credbroker::pb::credential_broker_client::CredentialBrokerClient;
 use credbroker::server::{run_with_hooks, StartupHooks, ADMIN_TOKEN_FILE};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -302,165 +294,7 @@ impl Drop for BrokerProcess {
     }
 }
 
-// ------------------------------------------------------------------------------------------
-// Fake Asana
-// ------------------------------------------------------------------------------------------
-
-/// How the fake answers `/users/me`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AsanaMode {
-    /// As Asana does: 200 for a known PAT, 401 otherwise.
-    Normal,
-    /// 429 with `Retry-After: 30`.
-    RateLimited,
-    /// 503.
-    ServerError,
-    /// 200 with an HTML body.
-    Garbage,
-    /// Never answers.
-    Hang,
-    /// 402 premium only.
-    PaymentRequired,
-}
-
-#[derive(Debug)]
-struct AsanaState {
-    users: HashMap<String, serde_json::Value>,
-    mode: AsanaMode,
-    requests: Vec<String>,
-    unexpected: Vec<String>,
-}
-
-/// A fake Asana API on loopback (`{base}/users/me`).
-#[derive(Clone)]
-pub struct FakeAsana {
-    /// Base URL (`http://127.0.0.1:PORT/api/1.0`).
-    pub base_url: String,
-    state: Arc<Mutex<AsanaState>>,
-}
-
-impl FakeAsana {
-    /// Starts the fake.
-    pub async fn start() -> Self {
-        let state = Arc::new(Mutex::new(AsanaState {
-            users: HashMap::new(),
-            mode: AsanaMode::Normal,
-            requests: Vec::new(),
-            unexpected: Vec::new(),
-        }));
-        let app = Router::new()
-            .route("/api/1.0/users/me", get(asana_me))
-            .fallback(asana_unexpected)
-            .with_state(state.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Self {
-            base_url: format!("http://{addr}/api/1.0"),
-            state,
-        }
-    }
-
-    /// Makes `pat` a valid token of user `gid`.
-    pub fn add_user(&self, pat: &str, gid: &str, name: &str, email: &str) {
-        self.state.lock().unwrap().users.insert(
-            pat.to_owned(),
-            json!({"gid": gid, "name": name, "email": email, "resource_type": "user", "workspaces": []}),
-        );
-    }
-
-    /// Invalidates `pat` (as when a user revokes it).
-    pub fn revoke(&self, pat: &str) {
-        self.state.lock().unwrap().users.remove(pat);
-    }
-
-    /// Switches the answer mode.
-    pub fn set_mode(&self, mode: AsanaMode) {
-        self.state.lock().unwrap().mode = mode;
-    }
-
-    /// How many `/users/me` requests arrived.
-    pub fn me_calls(&self) -> usize {
-        self.state.lock().unwrap().requests.len()
-    }
-
-    /// Requests the fake did not expect (wrong path or header format). Tests assert it is empty.
-    pub fn unexpected(&self) -> Vec<String> {
-        self.state.lock().unwrap().unexpected.clone()
-    }
-}
-
-async fn asana_me(State(state): State<Arc<Mutex<AsanaState>>>, headers: HeaderMap) -> Response {
-    let auth = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let mode = {
-        let mut s = state.lock().unwrap();
-        s.requests.push(auth.clone());
-        if !auth.is_empty() && !auth.starts_with("Bearer ") {
-            s.unexpected
-                .push(format!("authorization header is not Bearer: {auth:.10}…"));
-        }
-        if headers.get("accept").and_then(|v| v.to_str().ok()) != Some("application/json") {
-            s.unexpected
-                .push("missing Accept: application/json".to_owned());
-        }
-        s.mode
-    };
-    match mode {
-        AsanaMode::Hang => {
-            std::future::pending::<()>().await;
-            unreachable!()
-        }
-        AsanaMode::RateLimited => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("retry-after", "30")],
-            axum::Json(json!({"errors":[{"message":"You have made too many requests recently."}]})),
-        )
-            .into_response(),
-        AsanaMode::ServerError => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"errors":[{"message":"Server Error","phrase":"6 sad squid snuggle softly"}]})),
-        )
-            .into_response(),
-        AsanaMode::Garbage => (StatusCode::OK, [("content-type", "text/html")], "<html>login</html>").into_response(),
-        AsanaMode::PaymentRequired => (
-            StatusCode::PAYMENT_REQUIRED,
-            axum::Json(json!({"errors":[{"message":"This feature is only available to premium users."}]})),
-        )
-            .into_response(),
-        AsanaMode::Normal => {
-            let user = auth
-                .strip_prefix("Bearer ")
-                .and_then(|t| state.lock().unwrap().users.get(t).cloned());
-            match user {
-                Some(u) => axum::Json(json!({"data": u})).into_response(),
-                None => (
-                    StatusCode::UNAUTHORIZED,
-                    axum::Json(json!({"errors":[{"message":"Not Authorized"}]})),
-                )
-                    .into_response(),
-            }
-        }
-    }
-}
-
-async fn asana_unexpected(State(state): State<Arc<Mutex<AsanaState>>>, uri: Uri) -> Response {
-    state
-        .lock()
-        .unwrap()
-        .unexpected
-        .push(format!("unexpected request to {}", uri.path()));
-    (
-        StatusCode::NOT_FOUND,
-        axum::Json(json!({"errors":[{"message":"Not Found"}]})),
-    )
-        .into_response()
-}
+pub use crate::fakes::*;
 
 // ------------------------------------------------------------------------------------------
 // Request builders

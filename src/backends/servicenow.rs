@@ -1,0 +1,338 @@
+//! ServiceNow. Basic auth: `Authorization: Basic base64(user:password)` for a proxy user.
+//!
+//! `CheckAuthentication` (`shared/upstreams.md` §3, §11):
+//! - identity from `GET /api/now/table/sys_user?sysparm_query=user_name=…`; ACLs can filter the
+//!   row away and answer 200 with an empty `result`, which is reported as missing read access,
+//!   never as success;
+//! - a 401 can mean a wrong password, a missing `snc_platform_rest_api_access` role, a REST API
+//!   access policy, or the Basic Auth Restriction of newer releases; the message says so;
+//! - roles (`snc_platform_rest_api_access`, `itil`, the import roles) are read from
+//!   `sys_user_has_role`, and read access to `sys_journal_field` (comments) is probed.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use super::classify::{common, not_the_api, note_unverified, unreachable, with_missing};
+use super::http::{parse_base_url, url_string};
+use super::{basic, Backend, BackendContext, BackendError, EgressPolicy, Header, Issued, Target};
+use crate::model::{AuthCheck, AuthFailure, Credential, Identity, SystemKind};
+
+const VENDOR: &str = "ServiceNow";
+const URL_HINT: &str = "enter the instance URL, e.g. https://acme.service-now.com";
+/// Roles a sync's proxy user needs (the incumbent sync tool's setup guide).
+pub const REQUIRED_ROLES: &[&str] = &[
+    "snc_platform_rest_api_access",
+    "itil",
+    "import_set_loader",
+    "import_transformer",
+    "import_scheduler",
+];
+/// Named in `missing_permissions` when ACLs hide `sys_user`.
+pub const SYS_USER_READ: &str = "read access to sys_user";
+/// Named in `missing_permissions` when comments cannot be read.
+pub const JOURNAL_READ: &str = "read ACL on sys_journal_field (comments)";
+/// Named when basic auth is restricted for the account.
+pub const BASIC_AUTH_EXCEPTION: &str =
+    "snc_basic_auth_api_access role (or Web Service Access Only)";
+
+/// The ServiceNow backend.
+pub struct ServiceNowBackend {
+    ctx: BackendContext,
+}
+
+impl ServiceNowBackend {
+    /// A backend using the shared plumbing.
+    pub fn new(ctx: BackendContext) -> Self {
+        Self { ctx }
+    }
+}
+
+fn basic_header(credential: &Credential) -> Option<(Header, &str)> {
+    match credential {
+        Credential::Basic { username, password } => {
+            Some((basic(username, password.expose_secret()), username.as_str()))
+        }
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Backend for ServiceNowBackend {
+    fn kind(&self) -> SystemKind {
+        SystemKind::ServiceNow
+    }
+
+    fn canonical_base_url(&self, raw: &str, egress: &EgressPolicy) -> Result<String, String> {
+        let mut base = parse_base_url(raw, egress)?;
+        if base.is_stand_in {
+            return Ok(url_string(&base.url));
+        }
+        let host = base.url.host_str().unwrap_or_default();
+        if host == "service-now.com" || host == "www.service-now.com" {
+            return Err(format!(
+                "that is ServiceNow's own site, not an instance; {URL_HINT}"
+            ));
+        }
+        // The REST API lives at the instance root; a pasted UI link is reduced to it.
+        base.url.set_path("");
+        Ok(url_string(&base.url))
+    }
+
+    async fn check(&self, target: &Target<'_>) -> AuthCheck {
+        let Some((header, username)) = basic_header(target.credential) else {
+            return AuthCheck::failed(
+                AuthFailure::Misconfigured,
+                "this ServiceNow credential type is not supported by this build",
+            );
+        };
+        let auth = [header];
+        let base = target.base_url;
+        let url = table_url(
+            base,
+            "sys_user",
+            &[
+                ("sysparm_query", &format!("user_name={username}")),
+                ("sysparm_limit", "1"),
+                ("sysparm_fields", "sys_id,user_name,name,email,active"),
+            ],
+        );
+        let resp = match self.ctx.http.get(&url, &auth).await {
+            Ok(r) => r,
+            Err(e) => return unreachable(VENDOR, &e),
+        };
+        let user =
+            match resp.status {
+                200 => match serde_json::from_slice::<TableResult<UserRow>>(&resp.body) {
+                    Ok(t) => match t.result.into_iter().next() {
+                        Some(u) => u,
+                        None => {
+                            let mut c = AuthCheck::failed(
+                            AuthFailure::InsufficientPermissions,
+                            "authenticated, but ACLs hide the account's own sys_user record (200 \
+                             with an empty result): grant the proxy user read access to sys_user \
+                             (the itil role does), then check again",
+                        );
+                            c.missing_permissions = vec![SYS_USER_READ.to_owned()];
+                            return c;
+                        }
+                    },
+                    Err(_) => return not_the_api(
+                        VENDOR,
+                        "the instance may be hibernating, or the URL is not a ServiceNow instance",
+                    ),
+                },
+                401 => return unauthorized(&resp.body),
+                403 => {
+                    let mut c = AuthCheck::failed(
+                        AuthFailure::InsufficientPermissions,
+                        "ServiceNow refused to read sys_user (403 ACL): grant the proxy user read \
+                     access to sys_user",
+                    );
+                    c.missing_permissions = vec![SYS_USER_READ.to_owned()];
+                    return c;
+                }
+                _ => return common(VENDOR, &resp, URL_HINT),
+            };
+        if user.active.as_deref() == Some("false") {
+            return AuthCheck::failed(
+                AuthFailure::ExpiredOrRevoked,
+                "the ServiceNow account is inactive; reactivate it or use another account",
+            );
+        }
+        let identity = Identity {
+            id: user.sys_id.clone(),
+            display_name: user.name.unwrap_or_default(),
+            email: user.email.unwrap_or_default(),
+        };
+        let check = AuthCheck::ok(identity, "the user name and password authenticate");
+        let (missing, unverified) = self.probe(base, &auth, &user.sys_id).await;
+        let mut check = with_missing(
+            check,
+            missing,
+            "Grant the roles and ACLs in ServiceNow (User Administration → Users → Roles), then \
+             check again.",
+        );
+        note_unverified(&mut check, &unverified);
+        check
+    }
+
+    async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let (header, _) = basic_header(target.credential).ok_or_else(|| {
+            BackendError::Unsupported(
+                "this ServiceNow credential type is not supported by this build".to_owned(),
+            )
+        })?;
+        Ok(Issued::static_header(header, target.base_url))
+    }
+}
+
+impl ServiceNowBackend {
+    async fn probe(&self, base: &str, auth: &[Header], sys_id: &str) -> (Vec<String>, Vec<String>) {
+        let mut missing = Vec::new();
+        let mut unverified = Vec::new();
+        let roles_url = table_url(
+            base,
+            "sys_user_has_role",
+            &[
+                ("sysparm_query", &format!("user={sys_id}^state=active")),
+                ("sysparm_fields", "role.name"),
+                ("sysparm_limit", "500"),
+            ],
+        );
+        match self.ctx.http.get(&roles_url, auth).await {
+            Ok(r) if r.status == 200 => {
+                match serde_json::from_slice::<TableResult<RoleRow>>(&r.body) {
+                    Ok(t) if !t.result.is_empty() => {
+                        let have: Vec<String> =
+                            t.result.into_iter().filter_map(|r| r.role_name).collect();
+                        if !have.iter().any(|r| r == "admin") {
+                            for role in REQUIRED_ROLES {
+                                if !have.iter().any(|h| h == role) {
+                                    missing.push(format!("{role} role"));
+                                }
+                            }
+                        }
+                    }
+                    _ => unverified
+                        .push("roles (sys_user_has_role is hidden from this account)".to_owned()),
+                }
+            }
+            Ok(r) => unverified.push(format!(
+                "roles (sys_user_has_role answered HTTP {})",
+                r.status
+            )),
+            Err(e) => unverified.push(format!("roles ({e})")),
+        }
+        let journal_url = table_url(
+            base,
+            "sys_journal_field",
+            &[("sysparm_limit", "1"), ("sysparm_fields", "sys_id")],
+        );
+        match self.ctx.http.get(&journal_url, auth).await {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) if matches!(r.status, 401 | 403) => missing.push(JOURNAL_READ.to_owned()),
+            Ok(r) => unverified.push(format!("sys_journal_field read (HTTP {})", r.status)),
+            Err(e) => unverified.push(format!("sys_journal_field read ({e})")),
+        }
+        unverified
+            .push("create/write ACLs on sys_journal_field (they would need a write)".to_owned());
+        (missing, unverified)
+    }
+}
+
+fn table_url(base: &str, table: &str, query: &[(&str, &str)]) -> String {
+    let mut url = format!("{base}/api/now/table/{table}");
+    let encoded: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(query)
+        .finish();
+    if !encoded.is_empty() {
+        url.push('?');
+        url.push_str(&encoded);
+    }
+    url
+}
+
+fn unauthorized(body: &[u8]) -> AuthCheck {
+    let detail = serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .and_then(|b| b.error)
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.message.unwrap_or_default(),
+                e.detail.unwrap_or_default()
+            )
+            .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    if detail.contains("basic auth") {
+        let mut c = AuthCheck::failed(
+            AuthFailure::InsufficientPermissions,
+            "basic auth is restricted on this instance: mark the account Web Service Access \
+             Only, grant it snc_basic_auth_api_access, or register it with OAuth instead",
+        );
+        c.missing_permissions = vec![BASIC_AUTH_EXCEPTION.to_owned()];
+        return c;
+    }
+    AuthCheck::failed(
+        AuthFailure::InvalidCredentials,
+        "ServiceNow rejected the user name or password (401). If they are right, the account \
+         needs the snc_platform_rest_api_access role, or a REST API access policy or the Basic \
+         Auth Restriction blocks it",
+    )
+}
+
+#[derive(Deserialize)]
+struct TableResult<T> {
+    #[serde(default = "Vec::new")]
+    result: Vec<T>,
+}
+
+#[derive(Deserialize)]
+struct UserRow {
+    #[serde(default)]
+    sys_id: String,
+    name: Option<String>,
+    email: Option<String>,
+    active: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RoleRow {
+    #[serde(rename = "role.name")]
+    role_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: Option<ErrorDetail>,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    message: Option<String>,
+    detail: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::HttpClient;
+    use std::time::Duration;
+
+    #[test]
+    fn base_urls() {
+        let b = ServiceNowBackend::new(BackendContext {
+            http: HttpClient::new(Duration::from_secs(1), 1024).unwrap(),
+            egress: EgressPolicy::default(),
+        });
+        let p = EgressPolicy::default();
+        assert_eq!(
+            b.canonical_base_url("acme.service-now.com", &p).unwrap(),
+            "https://acme.service-now.com"
+        );
+        assert_eq!(
+            b.canonical_base_url("https://ACME.service-now.com/now/nav/ui/home", &p)
+                .unwrap(),
+            "https://acme.service-now.com"
+        );
+        assert!(b
+            .canonical_base_url("https://www.service-now.com", &p)
+            .is_err());
+        assert!(b
+            .canonical_base_url("http://acme.service-now.com", &p)
+            .is_err());
+    }
+
+    #[test]
+    fn table_urls_encode_queries() {
+        assert_eq!(
+            table_url(
+                "https://x",
+                "sys_user",
+                &[("sysparm_query", "user_name=a b&c")]
+            ),
+            "https://x/api/now/table/sys_user?sysparm_query=user_name%3Da+b%26c"
+        );
+    }
+}
