@@ -1,13 +1,8 @@
-//! The domain core: registration, checks, token issue and caching, rotation, callers.
+//! The domain core: registration, checks, rotation, callers. Token issue and caching live in
+//! [`crate::tokens`].
 //!
 //! It depends only on the [`CredentialStore`] trait, the [`Keyring`] and the backend
 //! [`Registry`]; no proto or HTTP types appear here.
-//!
-//! # Hot path
-//! `access_token` answers from an in-memory map while the cached headers stay valid for the
-//! requested time: no disk read, no decryption, no upstream call. A miss takes the system's
-//! single-flight lock, re-checks the cache, and only then reads, decrypts and issues, so
-//! concurrent misses for one system cause one issue.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,14 +14,16 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::backends::{EgressPolicy, Header, Registry, Target};
+use crate::backends::{Backend, EgressPolicy, Issued, Registry, Target};
 use crate::crypto::{Keyring, RecordBinding};
 use crate::error::BrokerError;
 use crate::model::{
-    unix_now, AuthCheck, CallerRecord, Credential, Role, SystemKind, SystemRecord, SystemState,
+    unix_now, AuthCheck, AuthFailure, CallerRecord, Credential, Role, SystemKind, SystemRecord,
+    SystemState,
 };
 use crate::secret::SecretString;
 use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
+use crate::tokens::{Flight, IssuedToken, RefreshSettings, Schedule};
 
 /// Largest `min_valid_seconds` a worker may ask for (one day).
 pub const MAX_MIN_VALID_SECONDS: u32 = 86_400;
@@ -40,21 +37,6 @@ pub const MAX_SYSTEM_ID_LEN: usize = 128;
 pub const MAX_CALLER_NAME_LEN: usize = 64;
 /// Name of the admin caller created on first start.
 pub const BOOTSTRAP_ADMIN: &str = "admin";
-
-/// Headers handed to a worker, cached until they expire.
-#[derive(Debug)]
-pub struct IssuedToken {
-    /// Ready-to-send headers.
-    pub headers: Vec<Header>,
-    /// When the headers stop being valid.
-    pub expires_at: SystemTime,
-    /// Where the worker sends its API calls.
-    pub api_base_url: String,
-    /// The credential version the headers come from.
-    pub credential_version: u64,
-    /// Opaque id; new for every mint.
-    pub token_id: String,
-}
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -119,18 +101,6 @@ pub enum OpenError {
     Store(#[from] StoreError),
 }
 
-/// The broker core.
-pub struct Broker {
-    store: Arc<dyn CredentialStore>,
-    keyring: Keyring,
-    registry: Registry,
-    egress: EgressPolicy,
-    static_header_ttl: Duration,
-    tokens: RwLock<HashMap<String, Arc<IssuedToken>>>,
-    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
-}
-
 /// Settings the core needs.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
@@ -138,6 +108,22 @@ pub struct BrokerSettings {
     pub egress: EgressPolicy,
     /// Declared validity of static headers.
     pub static_header_ttl: Duration,
+    /// OAuth refresh tuning.
+    pub refresh: RefreshSettings,
+}
+
+/// The broker core.
+pub struct Broker {
+    pub(crate) store: Arc<dyn CredentialStore>,
+    keyring: Keyring,
+    pub(crate) registry: Registry,
+    egress: EgressPolicy,
+    pub(crate) settings: BrokerSettings,
+    pub(crate) tokens: RwLock<HashMap<String, Arc<IssuedToken>>>,
+    pub(crate) flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
+    pub(crate) refresh_permits: tokio::sync::Semaphore,
+    pub(crate) schedule: Schedule,
+    callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
 }
 
 impl Broker {
@@ -179,10 +165,12 @@ impl Broker {
             store,
             keyring,
             registry,
-            egress: settings.egress,
-            static_header_ttl: settings.static_header_ttl,
+            egress: settings.egress.clone(),
+            refresh_permits: tokio::sync::Semaphore::new(settings.refresh.max_concurrent.max(1)),
+            settings,
             tokens: RwLock::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
+            schedule: Schedule::default(),
             callers: RwLock::new(HashMap::new()),
         };
         let callers = broker.store.list_callers().await?;
@@ -296,7 +284,8 @@ impl Broker {
 
     // ----- systems -------------------------------------------------------------------------
 
-    /// Registers a system.
+    /// Registers a system. Password grants are exchanged first (the password is never stored);
+    /// with `check`, the credential is verified upstream and nothing is saved when it fails.
     pub async fn register(
         &self,
         input: RegisterInput,
@@ -313,41 +302,38 @@ impl Broker {
         let base_url = backend
             .canonical_base_url(&input.base_url, &self.egress)
             .map_err(|m| BrokerError::invalid("base_url", m))?;
+        backend
+            .validate_target(&base_url, &input.credential)
+            .map_err(|m| BrokerError::invalid("base_url", m))?;
         if self.store.get_system(&system_id).await?.is_some() {
             return Err(already_exists(&system_id));
         }
-        let check = if input.check {
-            let mut check = backend
-                .check(&Target {
-                    system_id: Some(&system_id),
-                    base_url: &base_url,
-                    credential: &input.credential,
-                })
-                .await;
-            warn_expiry(&mut check, input.credential.expires_at());
-            if !check.ok {
-                return Err(failed_check(&check, "nothing was saved"));
-            }
-            Some(check)
-        } else {
-            None
-        };
+        let prepared = prepare(
+            backend.as_ref(),
+            &system_id,
+            &base_url,
+            input.credential,
+            input.check,
+            "nothing was saved",
+        )
+        .await?;
         let now = unix_now();
         let version = 1;
         let record = SystemRecord {
-            sealed_credential: self.seal(&system_id, version, &input.credential)?,
+            sealed_credential: self.seal(&system_id, version, &prepared.credential)?,
             system_id: system_id.clone(),
             display_name: input.display_name,
             description: input.description,
             kind: input.kind,
             base_url,
-            credential_type: input.credential.credential_type(),
+            credential_type: prepared.credential.credential_type(),
             credential_version: version,
             state: SystemState::Active,
+            state_message: None,
             created_at: now,
             updated_at: now,
-            last_check: check.clone(),
-            credential_expires_at: input.credential.expires_at(),
+            last_check: prepared.check.clone(),
+            credential_expires_at: prepared.credential.expires_at(),
             revision: 1,
         };
         self.store
@@ -357,8 +343,12 @@ impl Broker {
                 StoreError::AlreadyExists => already_exists(&system_id),
                 other => other.into(),
             })?;
+        if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
+            // The token minted during registration serves the first workers.
+            let _ = self.install(&system_id, &record, issued, SystemTime::now(), true);
+        }
         tracing::info!(message = "System registered.", system = %record.kind, credential_id = %record.system_id);
-        Ok((record, check))
+        Ok((record, prepared.check))
     }
 
     /// Checks a stored or candidate credential. A stored system's `last_check` is updated.
@@ -374,33 +364,56 @@ impl Broker {
                 let base_url = backend
                     .canonical_base_url(&base_url, &self.egress)
                     .map_err(|m| BrokerError::invalid("candidate.base_url", m))?;
-                let mut check = backend
-                    .check(&Target {
-                        system_id: None,
-                        base_url: &base_url,
-                        credential: &credential,
-                    })
-                    .await;
+                backend
+                    .validate_target(&base_url, &credential)
+                    .map_err(|m| BrokerError::invalid("candidate.base_url", m))?;
+                let target = Target {
+                    system_id: None,
+                    base_url: &base_url,
+                    credential: &credential,
+                };
+                let mut check = match backend.issue(&target).await {
+                    Ok(issued) => backend.verify(&target, &issued).await,
+                    Err(e) => e.to_check(),
+                };
                 warn_expiry(&mut check, credential.expires_at());
                 Ok(check)
             }
             CheckTarget::Stored(system_id) => {
                 let record = self.get_system(&system_id).await?;
                 let backend = self.registry.get(record.kind)?.clone();
-                let credential = self.open_credential(&record)?;
-                let mut check = backend
-                    .check(&Target {
-                        system_id: Some(&system_id),
-                        base_url: &record.base_url,
-                        credential: &credential,
-                    })
-                    .await;
+                // Through the single-flight token path: a check never spends a refresh token
+                // behind the cache's back.
+                let mut check = match self.access_token(&system_id, 0, None).await {
+                    Ok(token) => {
+                        let record = self.get_system(&system_id).await?;
+                        let credential = self.open_credential(&record)?;
+                        let target = Target {
+                            system_id: Some(&system_id),
+                            base_url: &record.base_url,
+                            credential: &credential,
+                        };
+                        backend.verify(&target, &token.to_issued()).await
+                    }
+                    Err(BrokerError::DataLoss(m)) => return Err(BrokerError::DataLoss(m)),
+                    Err(e) => {
+                        let failure = match (&e, self.last_failure(&system_id).await) {
+                            (_, Some(f)) => f,
+                            (BrokerError::FailedPrecondition(_), None) => {
+                                AuthFailure::ReauthorizationRequired
+                            }
+                            _ => AuthFailure::UpstreamError,
+                        };
+                        AuthCheck::failed(failure, e.to_string())
+                    }
+                };
+                let record = self.get_system(&system_id).await?;
                 warn_expiry(&mut check, record.credential_expires_at);
                 let mut updated = record.clone();
                 updated.last_check = Some(check.clone());
                 updated.revision += 1;
                 match self.store.update_system(&updated, record.revision).await {
-                    // A concurrent rotation or delete wins; the check result is still returned.
+                    // A concurrent rotation, refresh or delete wins; the result is still returned.
                     Ok(()) | Err(StoreError::Conflict) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -409,90 +422,8 @@ impl Broker {
         }
     }
 
-    /// Headers for `system_id`, valid at least `min_valid` seconds.
-    pub async fn access_token(
-        &self,
-        system_id: &str,
-        min_valid: u32,
-    ) -> Result<Arc<IssuedToken>, BrokerError> {
-        if min_valid > MAX_MIN_VALID_SECONDS {
-            return Err(BrokerError::invalid(
-                "min_valid_seconds",
-                format!("must be at most {MAX_MIN_VALID_SECONDS}"),
-            ));
-        }
-        let need_until = SystemTime::now() + Duration::from_secs(u64::from(min_valid));
-        if let Some(t) = self.cached(system_id, need_until) {
-            return Ok(t);
-        }
-        if system_id.is_empty() {
-            return Err(BrokerError::invalid("system_id", "is required"));
-        }
-        let flight = self.flight(system_id);
-        let _guard = flight.lock().await;
-        if let Some(t) = self.cached(system_id, need_until) {
-            return Ok(t);
-        }
-        let record = self.get_system(system_id).await?;
-        match record.state {
-            SystemState::Active => {}
-            SystemState::AuthorizationPending => {
-                return Err(BrokerError::FailedPrecondition(format!(
-                    "system '{system_id}' is waiting for its authorization to be completed"
-                )))
-            }
-            SystemState::ReauthorizationRequired => {
-                return Err(BrokerError::FailedPrecondition(format!(
-                    "system '{system_id}' needs to be re-authorized by an admin"
-                )))
-            }
-        }
-        let now = SystemTime::now();
-        let cred_expiry = record
-            .credential_expires_at
-            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
-        if cred_expiry.is_some_and(|e| e <= now) {
-            return Err(BrokerError::FailedPrecondition(format!(
-                "the credential of system '{system_id}' has expired; rotate in a new one"
-            )));
-        }
-        let credential = self.open_credential(&record)?;
-        let backend = self.registry.get(record.kind)?.clone();
-        let issued = backend
-            .issue(&Target {
-                system_id: Some(system_id),
-                base_url: &record.base_url,
-                credential: &credential,
-            })
-            .await?;
-        let mut expires_at = issued.expires_at.unwrap_or_else(|| {
-            now + self
-                .static_header_ttl
-                .max(Duration::from_secs(u64::from(min_valid)))
-        });
-        if let Some(e) = cred_expiry {
-            expires_at = expires_at.min(e);
-        }
-        if expires_at < need_until {
-            return Err(BrokerError::FailedPrecondition(format!(
-                "system '{system_id}' cannot provide headers valid for {min_valid} s (the \
-                 credential expires sooner)"
-            )));
-        }
-        let mut id = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut id);
-        let token = Arc::new(IssuedToken {
-            headers: issued.headers,
-            expires_at,
-            api_base_url: issued.api_base_url,
-            credential_version: record.credential_version,
-            token_id: URL_SAFE_NO_PAD.encode(id),
-        });
-        write(&self.tokens).insert(system_id.to_owned(), token.clone());
-        Ok(token)
-    }
-
-    /// Replaces a system's credential, checking the new one first unless `skip_check`.
+    /// Replaces a system's credential, checking the new one first unless `skip_check`. Password
+    /// grants are exchanged first. Clears a re-authorization state.
     pub async fn rotate(
         &self,
         system_id: &str,
@@ -502,41 +433,42 @@ impl Broker {
         let record = self.get_system(system_id).await?;
         let backend = self.registry.get(record.kind)?.clone();
         check_credential_type(record.kind, &credential)?;
-        let check = if skip_check {
-            None
-        } else {
-            let mut check = backend
-                .check(&Target {
-                    system_id: Some(system_id),
-                    base_url: &record.base_url,
-                    credential: &credential,
-                })
-                .await;
-            warn_expiry(&mut check, credential.expires_at());
-            if !check.ok {
-                return Err(failed_check(&check, "the old credential stays in use"));
-            }
-            Some(check)
-        };
+        backend
+            .validate_target(&record.base_url, &credential)
+            .map_err(|m| BrokerError::invalid("credential", m))?;
+        let prepared = prepare(
+            backend.as_ref(),
+            system_id,
+            &record.base_url,
+            credential,
+            !skip_check,
+            "the old credential stays in use",
+        )
+        .await?;
         let flight = self.flight(system_id);
-        let _guard = flight.lock().await;
+        let mut f = flight.lock().await;
         let current = self.get_system(system_id).await?;
         let version = current.credential_version + 1;
         let mut updated = current.clone();
-        updated.sealed_credential = self.seal(system_id, version, &credential)?;
-        updated.credential_type = credential.credential_type();
+        updated.sealed_credential = self.seal(system_id, version, &prepared.credential)?;
+        updated.credential_type = prepared.credential.credential_type();
         updated.credential_version = version;
-        updated.credential_expires_at = credential.expires_at();
+        updated.credential_expires_at = prepared.credential.expires_at();
         updated.state = SystemState::Active;
+        updated.state_message = None;
         updated.updated_at = unix_now();
         updated.revision = current.revision + 1;
-        if check.is_some() {
-            updated.last_check = check.clone();
+        if prepared.check.is_some() {
+            updated.last_check = prepared.check.clone();
         }
         self.store.update_system(&updated, current.revision).await?;
-        write(&self.tokens).remove(system_id);
+        Self::reset_flight(&mut f);
+        self.drop_token(system_id);
+        if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
+            let _ = self.install(system_id, &updated, issued, SystemTime::now(), true);
+        }
         tracing::info!(message = "Credential rotated.", system = %updated.kind, credential_id = %system_id);
-        Ok((updated, check))
+        Ok((updated, prepared.check))
     }
 
     /// One system's metadata.
@@ -578,13 +510,14 @@ impl Broker {
             return Err(BrokerError::invalid("system_id", "is required"));
         }
         let flight = self.flight(system_id);
-        let _guard = flight.lock().await;
+        let mut f = flight.lock().await;
         if !self.store.delete_system(system_id).await? {
             return Err(BrokerError::NotFound(format!(
                 "system '{system_id}' not found"
             )));
         }
-        write(&self.tokens).remove(system_id);
+        Self::reset_flight(&mut f);
+        self.drop_token(system_id);
         lock(&self.flights).remove(system_id);
         tracing::info!(message = "System deleted.", credential_id = %system_id);
         Ok(())
@@ -597,21 +530,7 @@ impl Broker {
 
     // ----- helpers -------------------------------------------------------------------------
 
-    fn cached(&self, system_id: &str, need_until: SystemTime) -> Option<Arc<IssuedToken>> {
-        let map = read(&self.tokens);
-        map.get(system_id)
-            .filter(|t| t.expires_at >= need_until)
-            .cloned()
-    }
-
-    fn flight(&self, system_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.flights)
-            .entry(system_id.to_owned())
-            .or_default()
-            .clone()
-    }
-
-    fn seal(
+    pub(crate) fn seal(
         &self,
         system_id: &str,
         version: u64,
@@ -631,7 +550,7 @@ impl Broker {
         ))
     }
 
-    fn open_credential(&self, record: &SystemRecord) -> Result<Credential, BrokerError> {
+    pub(crate) fn open_credential(&self, record: &SystemRecord) -> Result<Credential, BrokerError> {
         let plaintext = self
             .keyring
             .open(
@@ -657,6 +576,55 @@ impl Broker {
             ))
         })
     }
+}
+
+/// A credential made ready to store: exchanged when it must be, checked when asked.
+struct Prepared {
+    credential: Credential,
+    check: Option<AuthCheck>,
+    issued: Option<Issued>,
+}
+
+async fn prepare(
+    backend: &dyn Backend,
+    system_id: &str,
+    base_url: &str,
+    credential: Credential,
+    check: bool,
+    consequence: &str,
+) -> Result<Prepared, BrokerError> {
+    if !check && !credential.requires_exchange() {
+        return Ok(Prepared {
+            credential,
+            check: None,
+            issued: None,
+        });
+    }
+    let target = Target {
+        system_id: Some(system_id),
+        base_url,
+        credential: &credential,
+    };
+    let mut issued = backend
+        .issue(&target)
+        .await
+        .map_err(|e| failed_check(&e.to_check(), consequence))?;
+    let result = if check {
+        let mut c = backend.verify(&target, &issued).await;
+        warn_expiry(&mut c, credential.expires_at());
+        if !c.ok {
+            return Err(failed_check(&c, consequence));
+        }
+        Some(c)
+    } else {
+        None
+    };
+    let stored = issued.updated_credential.take().unwrap_or(credential);
+    Ok(Prepared {
+        credential: stored,
+        check: result,
+        issued: Some(issued),
+    })
 }
 
 /// How far ahead a check warns about a credential's known expiry.
@@ -753,13 +721,13 @@ fn decode_hash(s: &str) -> Option<[u8; 32]> {
 
 // Poisoning only happens after a panic while holding the lock; the maps stay consistent (every
 // critical section is a single insert/remove/get), so recover the guard instead of panicking.
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+pub(crate) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
-fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -44,6 +44,18 @@ pub struct Config {
     pub max_concurrent_streams: u32,
     /// How long a static header handed to a worker is declared valid before it asks again.
     pub static_header_ttl: Duration,
+    /// Refresh an OAuth token when this fraction of its lifetime remains.
+    pub refresh_ahead_fraction: f64,
+    /// …but at least this long before expiry (capped at half the lifetime).
+    pub refresh_ahead_min: Duration,
+    /// Upstream token calls in flight at once, across all systems.
+    pub max_concurrent_refreshes: usize,
+    /// Longest back-off between retries of a failing token endpoint.
+    pub refresh_retry_max: Duration,
+    /// Salesforce access-token lifetime when introspection is not allowed.
+    pub salesforce_token_lifetime: Duration,
+    /// ServiceNow refresh-token lifespan (as configured on the instance; default 100 days).
+    pub servicenow_refresh_token_lifespan: Duration,
 }
 
 impl Default for Config {
@@ -64,6 +76,12 @@ impl Default for Config {
             concurrency_limit_per_connection: 256,
             max_concurrent_streams: 256,
             static_header_ttl: Duration::from_secs(3600),
+            refresh_ahead_fraction: 0.2,
+            refresh_ahead_min: Duration::from_secs(10),
+            max_concurrent_refreshes: 16,
+            refresh_retry_max: Duration::from_secs(300),
+            salesforce_token_lifetime: Duration::from_secs(1800),
+            servicenow_refresh_token_lifespan: Duration::from_secs(8_640_000),
         }
     }
 }
@@ -98,6 +116,18 @@ pub struct FileConfig {
     pub max_concurrent_streams: Option<u32>,
     /// Seconds.
     pub static_header_ttl_secs: Option<u64>,
+    /// Fraction in (0, 0.9].
+    pub refresh_ahead_fraction: Option<f64>,
+    /// Seconds.
+    pub refresh_ahead_min_secs: Option<u64>,
+    /// Count.
+    pub max_concurrent_refreshes: Option<usize>,
+    /// Seconds.
+    pub refresh_retry_max_secs: Option<u64>,
+    /// Seconds.
+    pub salesforce_token_lifetime_secs: Option<u64>,
+    /// Seconds.
+    pub servicenow_refresh_token_lifespan_secs: Option<u64>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -186,6 +216,37 @@ impl Config {
             &mut errors,
             &mut c.static_header_ttl,
         );
+        secs(
+            f.refresh_retry_max_secs,
+            "refresh_retry_max_secs",
+            &mut errors,
+            &mut c.refresh_retry_max,
+        );
+        secs(
+            f.salesforce_token_lifetime_secs,
+            "salesforce_token_lifetime_secs",
+            &mut errors,
+            &mut c.salesforce_token_lifetime,
+        );
+        secs(
+            f.servicenow_refresh_token_lifespan_secs,
+            "servicenow_refresh_token_lifespan_secs",
+            &mut errors,
+            &mut c.servicenow_refresh_token_lifespan,
+        );
+        if let Some(v) = f.refresh_ahead_min_secs {
+            c.refresh_ahead_min = Duration::from_secs(v);
+        }
+        match f.refresh_ahead_fraction {
+            Some(v) if v > 0.0 && v <= 0.9 => c.refresh_ahead_fraction = v,
+            Some(v) => errors.push(format!("refresh_ahead_fraction: {v} must be in (0, 0.9]")),
+            None => {}
+        }
+        match f.max_concurrent_refreshes {
+            Some(0) => errors.push("max_concurrent_refreshes must be greater than 0".to_owned()),
+            Some(v) => c.max_concurrent_refreshes = v,
+            None => {}
+        }
         if let Some(v) = f.max_request_bytes {
             c.max_request_bytes = v;
         }

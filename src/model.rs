@@ -184,6 +184,12 @@ pub enum Credential {
         client_secret: SecretString,
         /// Refresh token.
         refresh_token: SecretString,
+        /// The user the grant belongs to, when known (ServiceNow identity lookups need it).
+        #[serde(default)]
+        username: Option<String>,
+        /// When the refresh token stops working, seconds since the epoch, when known.
+        #[serde(default)]
+        refresh_expires_at: Option<u64>,
     },
     /// An OAuth password grant (the password is exchanged, never stored by the OAuth backends).
     OAuthPasswordGrant {
@@ -235,12 +241,30 @@ impl Credential {
         }
     }
 
-    /// The admin-supplied expiry, when the credential has one.
+    /// When the credential stops working, when known: the admin-supplied PAT expiry, or a
+    /// refresh token's tracked expiry.
     pub fn expires_at(&self) -> Option<u64> {
         match self {
             Self::PersonalAccessToken { expires_at, .. } => *expires_at,
+            Self::OAuthRefreshToken {
+                refresh_expires_at, ..
+            } => *refresh_expires_at,
             _ => None,
         }
+    }
+
+    /// True for credentials whose headers come from a token endpoint (they expire and refresh).
+    pub fn is_oauth(&self) -> bool {
+        !matches!(
+            self,
+            Self::PersonalAccessToken { .. } | Self::ApiKey { .. } | Self::Basic { .. }
+        )
+    }
+
+    /// True when the credential must be exchanged upstream before it can be stored (a password
+    /// grant: the password is never stored).
+    pub fn requires_exchange(&self) -> bool {
+        matches!(self, Self::OAuthPasswordGrant { .. })
     }
 }
 
@@ -375,6 +399,9 @@ pub struct SystemRecord {
     pub credential_version: u64,
     /// Lifecycle state.
     pub state: SystemState,
+    /// Why the system is not active (what to do), when it is not.
+    #[serde(default)]
+    pub state_message: Option<String>,
     /// Seconds since the epoch.
     pub created_at: u64,
     /// Seconds since the epoch.

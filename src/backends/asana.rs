@@ -60,15 +60,9 @@ impl Backend for AsanaBackend {
         Ok(url_string(&base.url))
     }
 
-    async fn check(&self, target: &Target<'_>) -> AuthCheck {
-        let Credential::PersonalAccessToken { token, .. } = target.credential else {
-            return AuthCheck::failed(
-                AuthFailure::Misconfigured,
-                "Asana accepts only a personal access token",
-            );
-        };
+    async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
         let url = format!("{}/users/me", target.base_url);
-        match self.ctx.http.get(&url, &[bearer(token)]).await {
+        match self.ctx.http.get(&url, &issued.headers).await {
             Ok(resp) => classify(&resp),
             Err(e) => unreachable("Asana", &e),
         }
@@ -135,14 +129,9 @@ struct MeUser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::HttpClient;
-    use std::time::Duration;
 
     fn backend() -> AsanaBackend {
-        AsanaBackend::new(BackendContext {
-            http: HttpClient::new(Duration::from_secs(1), 1024).unwrap(),
-            egress: EgressPolicy::default(),
-        })
+        AsanaBackend::new(BackendContext::for_tests())
     }
 
     #[test]

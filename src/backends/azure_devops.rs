@@ -142,16 +142,10 @@ impl Backend for AzureDevOpsBackend {
         Ok(url_string(&base.url))
     }
 
-    async fn check(&self, target: &Target<'_>) -> AuthCheck {
-        let Some(auth) = pat_header(target.credential) else {
-            return AuthCheck::failed(
-                AuthFailure::Misconfigured,
-                "Azure DevOps accepts only a personal access token",
-            );
-        };
-        let auth = [auth];
+    async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
+        let auth = issued.headers.as_slice();
         let url = format!("{}/_apis/connectionData", target.base_url);
-        let resp = match self.ctx.http.get_with(&url, &auth, EXTRA).await {
+        let resp = match self.ctx.http.get_with(&url, auth, EXTRA).await {
             Ok(r) => r,
             Err(e) => return unreachable(VENDOR, &e),
         };
@@ -160,7 +154,7 @@ impl Backend for AzureDevOpsBackend {
             Err(check) => return check,
         };
         let mut check = AuthCheck::ok(identity, "the PAT authenticates");
-        let (missing, unverified) = self.probe_permissions(target.base_url, &auth).await;
+        let (missing, unverified) = self.probe_permissions(target.base_url, auth).await;
         if let Some(delay) = throttling(&resp) {
             check
                 .message
@@ -328,14 +322,9 @@ struct PermissionResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::HttpClient;
-    use std::time::Duration;
 
     fn backend() -> AzureDevOpsBackend {
-        AzureDevOpsBackend::new(BackendContext {
-            http: HttpClient::new(Duration::from_secs(1), 1024).unwrap(),
-            egress: EgressPolicy::default(),
-        })
+        AzureDevOpsBackend::new(BackendContext::for_tests())
     }
 
     #[test]

@@ -37,8 +37,8 @@ impl Backend for FreshdeskBackend {
         freshworks::canonical_root(raw, egress, ".freshdesk.com", true, PRODUCT.url_hint)
     }
 
-    async fn check(&self, target: &Target<'_>) -> AuthCheck {
-        freshworks::check(&self.ctx, &PRODUCT, target).await
+    async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
+        freshworks::verify(&self.ctx, &PRODUCT, target, issued).await
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {

@@ -44,8 +44,8 @@ impl Backend for FreshserviceBackend {
         freshworks::canonical_root(raw, egress, ".freshservice.com", false, PRODUCT.url_hint)
     }
 
-    async fn check(&self, target: &Target<'_>) -> AuthCheck {
-        freshworks::check(&self.ctx, &PRODUCT, target).await
+    async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
+        freshworks::verify(&self.ctx, &PRODUCT, target, issued).await
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
@@ -56,15 +56,10 @@ impl Backend for FreshserviceBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::HttpClient;
-    use std::time::Duration;
 
     #[test]
     fn base_urls() {
-        let ctx = BackendContext {
-            http: HttpClient::new(Duration::from_secs(1), 1024).unwrap(),
-            egress: EgressPolicy::default(),
-        };
+        let ctx = BackendContext::for_tests();
         let fs = FreshserviceBackend::new(ctx.clone());
         let fd = crate::backends::freshdesk::FreshdeskBackend::new(ctx);
         let p = EgressPolicy::default();

@@ -41,16 +41,15 @@ pub fn issue(product: &Product, target: &Target<'_>) -> Result<Issued, BackendEr
 }
 
 /// Checks the key: identity from `agents/me`, then a ticket read.
-pub async fn check(ctx: &BackendContext, product: &Product, target: &Target<'_>) -> AuthCheck {
-    let Some(header) = key_header(target.credential) else {
-        return AuthCheck::failed(
-            AuthFailure::Misconfigured,
-            format!("{} accepts only an API key", product.vendor),
-        );
-    };
-    let auth = [header];
+pub async fn verify(
+    ctx: &BackendContext,
+    product: &Product,
+    target: &Target<'_>,
+    issued: &Issued,
+) -> AuthCheck {
+    let auth = issued.headers.as_slice();
     let api = api_base(target.base_url);
-    let resp = match ctx.http.get(&format!("{api}/agents/me"), &auth).await {
+    let resp = match ctx.http.get(&format!("{api}/agents/me"), auth).await {
         Ok(r) => r,
         Err(e) => return unreachable(product.vendor, &e),
     };
@@ -100,7 +99,7 @@ pub async fn check(ctx: &BackendContext, product: &Product, target: &Target<'_>)
     let mut missing = Vec::new();
     match ctx
         .http
-        .get(&format!("{api}/tickets?per_page=1"), &auth)
+        .get(&format!("{api}/tickets?per_page=1"), auth)
         .await
     {
         Ok(r) if r.status == 403 => missing.push("Tickets (view)".to_owned()),

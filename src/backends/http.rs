@@ -93,6 +93,29 @@ impl HttpClient {
         })
     }
 
+    /// The underlying reqwest client (same settings), for requests the helpers do not cover.
+    pub fn raw(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// POST `body` to `url` with fixed headers.
+    pub async fn post(
+        &self,
+        url: &str,
+        headers: &[(&'static str, &'static str)],
+        body: Vec<u8>,
+    ) -> Result<UpstreamResponse, TransportError> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(
+                reqwest::header::HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        self.send(self.client.post(url).headers(map).body(body))
+            .await
+    }
+
     /// GET `url` with the credential headers and `Accept: application/json`.
     pub async fn get(
         &self,

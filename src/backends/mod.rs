@@ -1,9 +1,11 @@
 //! Upstream systems behind one [`Backend`] trait.
 //!
 //! A backend knows three things about its vendor: which base URLs are right
-//! ([`Backend::canonical_base_url`]), how to prove a credential authenticates
-//! ([`Backend::check`]), and how to turn a credential into ready-to-send headers
-//! ([`Backend::issue`]). The seam covers all three credential families:
+//! ([`Backend::canonical_base_url`]), how to turn a credential into ready-to-send headers
+//! ([`Backend::issue`]), and how to prove with those headers who they authenticate as and what is
+//! missing ([`Backend::verify`]). Checks of stored OAuth systems go through the broker's
+//! single-flight token path, so a check never spends a refresh token behind the cache's back.
+//! The seam covers all three credential families:
 //! - static secrets (PAT, API key, basic): `issue` builds the header locally, no upstream call;
 //! - refreshable OAuth grants: `issue` calls the token endpoint and may return an
 //!   `updated_credential` (a rotated refresh token) that the broker persists before handing the
@@ -20,6 +22,8 @@ pub mod freshdesk;
 pub mod freshservice;
 pub mod freshworks;
 pub mod http;
+pub mod oauth;
+pub mod salesforce;
 pub mod servicenow;
 
 use std::sync::Arc;
@@ -28,7 +32,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 
 use crate::error::BrokerError;
-use crate::model::{AuthCheck, Credential, SystemKind};
+use crate::model::{AuthCheck, AuthFailure, Credential, SystemKind};
 use crate::secret::SecretString;
 
 pub use self::http::{EgressPolicy, HttpClient};
@@ -65,6 +69,8 @@ pub struct Issued {
     /// A credential to persist (flushed) before the headers are handed out, e.g. a rotated
     /// refresh token.
     pub updated_credential: Option<Credential>,
+    /// The upstream user id the token belongs to, when the token endpoint says so.
+    pub subject: Option<String>,
 }
 
 impl Issued {
@@ -76,33 +82,65 @@ impl Issued {
             expires_at: None,
             api_base_url: api_base_url.into(),
             updated_credential: None,
+            subject: None,
         }
     }
 }
 
 /// Why [`Backend::issue`] failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
-    /// The grant is dead; a person must re-authorize.
-    #[error("{0}")]
-    ReauthorizationRequired(String),
-    /// Temporary: timeouts, 5xx, connection errors.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The upstream rate-limited us.
-    #[error("{0}")]
-    RateLimited(String),
+    /// The upstream refused the credential or grant for good (`invalid_grant`, `invalid_client`,
+    /// revoked consent, wrong password): retrying cannot help, a person must act.
+    #[error("{message}")]
+    Rejected {
+        /// The check failure class this corresponds to.
+        failure: AuthFailure,
+        /// For a human: what happened and what to do.
+        message: String,
+    },
+    /// Temporary: timeouts, connection errors, 5xx, 429, garbage answers.
+    #[error("{message}")]
+    Transient {
+        /// `Unreachable`, `RateLimited` or `UpstreamError`.
+        failure: AuthFailure,
+        /// For a human.
+        message: String,
+        /// The upstream's `Retry-After`, when it sent one.
+        retry_after: Option<std::time::Duration>,
+    },
     /// The stored credential cannot be used by this backend.
     #[error("{0}")]
     Unsupported(String),
 }
 
+impl BackendError {
+    /// The check that reports this error.
+    pub fn to_check(&self) -> AuthCheck {
+        match self {
+            Self::Rejected { failure, message }
+            | Self::Transient {
+                failure, message, ..
+            } => AuthCheck::failed(*failure, message.clone()),
+            Self::Unsupported(m) => AuthCheck::failed(AuthFailure::Misconfigured, m.clone()),
+        }
+    }
+
+    /// A transient failure from a transport error.
+    pub fn unreachable(vendor: &str, e: &http::TransportError) -> Self {
+        Self::Transient {
+            failure: AuthFailure::Unreachable,
+            message: format!("could not reach {vendor} ({e})"),
+            retry_after: None,
+        }
+    }
+}
+
 impl From<BackendError> for BrokerError {
     fn from(e: BackendError) -> Self {
         match e {
-            BackendError::ReauthorizationRequired(m) => BrokerError::FailedPrecondition(m),
-            BackendError::Unavailable(m) => BrokerError::Unavailable(m),
-            BackendError::RateLimited(m) => BrokerError::ResourceExhausted(m),
+            BackendError::Rejected { message, .. } => BrokerError::FailedPrecondition(message),
+            BackendError::Transient { message, .. } => BrokerError::Unavailable(message),
             BackendError::Unsupported(m) => BrokerError::FailedPrecondition(m),
         }
     }
@@ -122,12 +160,25 @@ pub trait Backend: Send + Sync {
     ///   vendor, e.g. a fake on loopback) without host-shape rules.
     fn canonical_base_url(&self, raw: &str, egress: &EgressPolicy) -> Result<String, String>;
 
-    /// Verifies upstream that the credential authenticates, reporting identity and missing
-    /// permissions. Never fails: every problem is an [`AuthCheck`] with a failure class.
-    async fn check(&self, target: &Target<'_>) -> AuthCheck;
+    /// Refuses a base URL that cannot work with this credential type (e.g. Salesforce's generic
+    /// login host for the client-credentials flow). Default: every URL is fine.
+    fn validate_target(&self, _base_url: &str, _credential: &Credential) -> Result<(), String> {
+        Ok(())
+    }
 
-    /// Builds the headers a worker sends (calling the token endpoint for OAuth grants).
+    /// Builds the headers a worker sends.
+    ///
+    /// # Behavior
+    /// - static secrets: builds the header locally, no upstream call, `expires_at = None`;
+    /// - OAuth grants: calls the token endpoint; when the upstream rotated the refresh token (or
+    ///   a password was exchanged for one), returns the credential to store in
+    ///   `updated_credential`, which the broker persists before handing the headers out.
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError>;
+
+    /// Verifies upstream, with headers from [`Backend::issue`], who the credential authenticates
+    /// as and which permissions a sync needs are missing. Never fails: every problem is an
+    /// [`AuthCheck`] with a failure class.
+    async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck;
 }
 
 /// Shared plumbing handed to every backend.
@@ -137,6 +188,21 @@ pub struct BackendContext {
     pub http: HttpClient,
     /// Egress rules.
     pub egress: EgressPolicy,
+    /// OAuth lifetimes the vendors do not tell.
+    pub oauth: oauth::OAuthSettings,
+}
+
+#[cfg(test)]
+impl BackendContext {
+    /// A context for unit tests: 1 s timeouts, https only.
+    pub fn for_tests() -> Self {
+        Self {
+            http: HttpClient::new(std::time::Duration::from_secs(1), 1024)
+                .unwrap_or_else(|e| panic!("test client: {e}")),
+            egress: EgressPolicy::default(),
+            oauth: oauth::OAuthSettings::default(),
+        }
+    }
 }
 
 /// The backends of this build, by kind.
@@ -182,7 +248,8 @@ fn registry(kind: SystemKind, ctx: &BackendContext) -> Option<Arc<dyn Backend>> 
             ctx.clone(),
         ))),
         SystemKind::ServiceNow => Some(Arc::new(servicenow::ServiceNowBackend::new(ctx.clone()))),
-        SystemKind::Salesforce | SystemKind::Zendesk | SystemKind::JiraCloud => None,
+        SystemKind::Salesforce => Some(Arc::new(salesforce::SalesforceBackend::new(ctx.clone()))),
+        SystemKind::Zendesk | SystemKind::JiraCloud => None,
     }
 }
 

@@ -14,8 +14,11 @@ use serde::Deserialize;
 
 use super::classify::{common, not_the_api, note_unverified, unreachable, with_missing};
 use super::http::{parse_base_url, url_string};
+use super::oauth::{self, OAuthHttp};
 use super::{basic, Backend, BackendContext, BackendError, EgressPolicy, Header, Issued, Target};
-use crate::model::{AuthCheck, AuthFailure, Credential, Identity, SystemKind};
+use crate::model::{unix_now, AuthCheck, AuthFailure, Credential, Identity, SystemKind};
+use oauth2::{RefreshToken, ResourceOwnerPassword, ResourceOwnerUsername};
+use std::time::Duration;
 
 const VENDOR: &str = "ServiceNow";
 const URL_HINT: &str = "enter the instance URL, e.g. https://acme.service-now.com";
@@ -78,25 +81,25 @@ impl Backend for ServiceNowBackend {
         Ok(url_string(&base.url))
     }
 
-    async fn check(&self, target: &Target<'_>) -> AuthCheck {
-        let Some((header, username)) = basic_header(target.credential) else {
-            return AuthCheck::failed(
-                AuthFailure::Misconfigured,
-                "this ServiceNow credential type is not supported by this build",
-            );
-        };
-        let auth = [header];
+    async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
+        let auth = issued.headers.as_slice();
         let base = target.base_url;
+        // With OAuth the user name is known only when it was given (or came with a password
+        // grant); otherwise ask for the calling user.
+        let query = match username(target.credential) {
+            Some(u) => format!("user_name={u}"),
+            None => "sys_id=javascript:gs.getUserID()".to_owned(),
+        };
         let url = table_url(
             base,
             "sys_user",
             &[
-                ("sysparm_query", &format!("user_name={username}")),
+                ("sysparm_query", &query),
                 ("sysparm_limit", "1"),
                 ("sysparm_fields", "sys_id,user_name,name,email,active"),
             ],
         );
-        let resp = match self.ctx.http.get(&url, &auth).await {
+        let resp = match self.ctx.http.get(&url, auth).await {
             Ok(r) => r,
             Err(e) => return unreachable(VENDOR, &e),
         };
@@ -145,7 +148,7 @@ impl Backend for ServiceNowBackend {
             email: user.email.unwrap_or_default(),
         };
         let check = AuthCheck::ok(identity, "the user name and password authenticate");
-        let (missing, unverified) = self.probe(base, &auth, &user.sys_id).await;
+        let (missing, unverified) = self.probe(base, auth, &user.sys_id).await;
         let mut check = with_missing(
             check,
             missing,
@@ -157,12 +160,121 @@ impl Backend for ServiceNowBackend {
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
-        let (header, _) = basic_header(target.credential).ok_or_else(|| {
-            BackendError::Unsupported(
-                "this ServiceNow credential type is not supported by this build".to_owned(),
-            )
-        })?;
-        Ok(Issued::static_header(header, target.base_url))
+        if let Some((header, _)) = basic_header(target.credential) {
+            return Ok(Issued::static_header(header, target.base_url));
+        }
+        let token_url = format!("{}/oauth_token.do", target.base_url);
+        let http = OAuthHttp::form(&self.ctx.http);
+        let lifespan = self.ctx.oauth.servicenow_refresh_token_lifespan;
+        match target.credential {
+            Credential::OAuthPasswordGrant {
+                client_id,
+                client_secret,
+                username,
+                password,
+            } => {
+                let client = oauth::client(client_id, Some(client_secret), &token_url)?;
+                let resp = client
+                    .exchange_password(
+                        &ResourceOwnerUsername::new(username.clone()),
+                        &ResourceOwnerPassword::new(password.expose_secret().to_owned()),
+                    )
+                    .request_async(&http)
+                    .await
+                    .map_err(|e| classify_token_error(&e, &http))?;
+                let refresh =
+                    oauth::refresh_token(&resp).ok_or_else(|| BackendError::Transient {
+                        failure: AuthFailure::UpstreamError,
+                        message: "ServiceNow's password grant returned no refresh token".to_owned(),
+                        retry_after: None,
+                    })?;
+                let mut issued =
+                    oauth::issued_from(&resp, DEFAULT_ACCESS_LIFETIME, target.base_url.to_owned());
+                // The password is exchanged and dropped; only the refresh token is kept.
+                issued.updated_credential = Some(Credential::OAuthRefreshToken {
+                    client_id: client_id.clone(),
+                    client_secret: client_secret.clone(),
+                    refresh_token: refresh,
+                    username: Some(username.clone()),
+                    refresh_expires_at: Some(unix_now() + lifespan.as_secs()),
+                });
+                Ok(issued)
+            }
+            Credential::OAuthRefreshToken {
+                client_id,
+                client_secret,
+                refresh_token,
+                username,
+                refresh_expires_at,
+            } => {
+                if refresh_expires_at.is_some_and(|at| at <= unix_now()) {
+                    return Err(BackendError::Rejected {
+                        failure: AuthFailure::ReauthorizationRequired,
+                        message: format!(
+                            "the ServiceNow refresh token has expired (its lifespan is {} days); {REAUTH_HINT}",
+                            lifespan.as_secs() / 86_400
+                        ),
+                    });
+                }
+                let client = oauth::client(client_id, Some(client_secret), &token_url)?;
+                let resp = client
+                    .exchange_refresh_token(&RefreshToken::new(
+                        refresh_token.expose_secret().to_owned(),
+                    ))
+                    .request_async(&http)
+                    .await
+                    .map_err(|e| classify_token_error(&e, &http))?;
+                let mut issued =
+                    oauth::issued_from(&resp, DEFAULT_ACCESS_LIFETIME, target.base_url.to_owned());
+                // ServiceNow returns the same refresh token; persist only a real change (or the
+                // first time its expiry becomes known).
+                let returned = oauth::refresh_token(&resp);
+                let rotated = returned.as_ref().is_some_and(|r| r != refresh_token);
+                if rotated || refresh_expires_at.is_none() {
+                    issued.updated_credential = Some(Credential::OAuthRefreshToken {
+                        client_id: client_id.clone(),
+                        client_secret: client_secret.clone(),
+                        refresh_token: returned
+                            .filter(|_| rotated)
+                            .unwrap_or_else(|| refresh_token.clone()),
+                        username: username.clone(),
+                        refresh_expires_at: refresh_expires_at
+                            .or(Some(unix_now() + lifespan.as_secs())),
+                    });
+                }
+                Ok(issued)
+            }
+            _ => Err(BackendError::Unsupported(
+                "ServiceNow accepts basic, oauth_refresh_token or oauth_password_grant".to_owned(),
+            )),
+        }
+    }
+}
+
+/// Access-token lifetime when ServiceNow leaves out `expires_in` (its documented default).
+const DEFAULT_ACCESS_LIFETIME: Duration = Duration::from_secs(1800);
+const REAUTH_HINT: &str = "run a new password grant with \
+    `credbrokerctl system rotate SYSTEM_ID --credential-type oauth-password-grant --client-id ID \
+    --username USER` (the password is exchanged, never stored)";
+
+fn classify_token_error(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendError {
+    oauth::classify(
+        VENDOR,
+        e,
+        http.last(),
+        REAUTH_HINT,
+        "check the client id and secret of the Application Registry entry and the user's \
+         password (the user must be active and not locked out)",
+    )
+}
+
+fn username(credential: &Credential) -> Option<&str> {
+    match credential {
+        Credential::Basic { username, .. } | Credential::OAuthPasswordGrant { username, .. } => {
+            Some(username)
+        }
+        Credential::OAuthRefreshToken { username, .. } => username.as_deref(),
+        _ => None,
     }
 }
 
@@ -297,15 +409,10 @@ struct ErrorDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::HttpClient;
-    use std::time::Duration;
 
     #[test]
     fn base_urls() {
-        let b = ServiceNowBackend::new(BackendContext {
-            http: HttpClient::new(Duration::from_secs(1), 1024).unwrap(),
-            egress: EgressPolicy::default(),
-        });
+        let b = ServiceNowBackend::new(BackendContext::for_tests());
         let p = EgressPolicy::default();
         assert_eq!(
             b.canonical_base_url("acme.service-now.com", &p).unwrap(),

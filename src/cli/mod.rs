@@ -196,6 +196,9 @@ pub enum TokenCmd {
         /// The headers must stay valid at least this long.
         #[arg(long, default_value_t = 0)]
         min_valid_seconds: u32,
+        /// Report headers the upstream rejected (their token_id): a new token is minted.
+        #[arg(long, default_value = "")]
+        rejected_token_id: String,
     },
 }
 
@@ -454,11 +457,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Token(TokenCmd::Get {
             system_id,
             min_valid_seconds,
+            rejected_token_id,
         }) => {
             let t = client
                 .get_access_token(pb::GetAccessTokenRequest {
                     system_id,
                     min_valid_seconds,
+                    rejected_token_id,
                 })
                 .await?
                 .into_inner();
@@ -721,6 +726,7 @@ fn build_credential(kind: SystemKind, a: &CredentialArgs) -> Result<pb::Credenti
             client_id,
             client_secret: take("client_secret"),
             refresh_token: take("refresh_token"),
+            username,
         }),
         CredentialType::OAuthPasswordGrant => C::OauthPasswordGrant(pb::OAuthPasswordGrant {
             client_id,
@@ -883,6 +889,7 @@ fn system_json(s: &pb::System) -> Value {
         "credential_type": cred_type_name(s.credential_type),
         "credential_version": s.credential_version,
         "state": state_name(s.state),
+        "state_message": s.state_message,
         "created_at": s.created_at.as_ref().map(ts_string),
         "updated_at": s.updated_at.as_ref().map(ts_string),
         "credential_expires_at": s.credential_expires_at.as_ref().map(ts_string),
@@ -940,6 +947,9 @@ fn print_system(out: Output, s: &pb::System, check: Option<&pb::AuthCheck>, verb
         s.credential_version
     );
     println!("state: {}", state_name(s.state));
+    if !s.state_message.is_empty() {
+        println!("state_message: {}", s.state_message);
+    }
     if let Some(e) = &s.credential_expires_at {
         println!("credential_expires_at: {}", ts_string(e));
     }

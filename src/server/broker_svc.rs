@@ -125,7 +125,11 @@ impl CredentialBroker for BrokerService {
         let (broker, _) = self.authorize(&request, Role::Worker)?;
         let r = request.into_inner();
         let token = broker
-            .access_token(&r.system_id, r.min_valid_seconds)
+            .access_token(
+                &r.system_id,
+                r.min_valid_seconds,
+                Some(&r.rejected_token_id),
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(pb::GetAccessTokenResponse {

@@ -162,6 +162,8 @@ pub fn credential(
                 o.refresh_token,
                 "credential.oauth_refresh_token.refresh_token",
             )?,
+            username: optional(o.username),
+            refresh_expires_at: None,
         },
         C::OauthPasswordGrant(o) => Credential::OAuthPasswordGrant {
             client_id: plain(o.client_id, "credential.oauth_password_grant.client_id")?,
@@ -265,6 +267,7 @@ pub fn system(r: &SystemRecord) -> pb::System {
         updated_at: Some(ts(r.updated_at)),
         last_check: r.last_check.as_ref().map(check),
         credential_expires_at: r.credential_expires_at.map(ts),
+        state_message: r.state_message.clone().unwrap_or_default(),
     }
 }
 

@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::backends::oauth::OAuthSettings;
 use crate::backends::{BackendContext, EgressPolicy, HttpClient, Registry};
 use crate::broker::{Broker, BrokerSettings, OpenError as BrokerOpenError};
 use crate::config::Config;
@@ -29,6 +30,7 @@ use crate::crypto::{Keyring, MasterKey, MasterKeySource};
 use crate::pb::credential_broker_server::CredentialBrokerServer;
 use crate::store::sled::OpenError as StoreOpenError;
 use crate::store::{CredentialStore, SledStore};
+use crate::tokens::RefreshSettings;
 
 pub use broker_svc::BrokerService;
 
@@ -145,6 +147,7 @@ pub async fn run_with_hooks(
         }
     };
     let _ = core.set(broker.clone());
+    let refresher = broker.start_refresher();
     health.set_service_status("", ServingStatus::Serving).await;
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -156,6 +159,7 @@ pub async fn run_with_hooks(
         res = &mut server_task => Some(res),
     };
     if let Some(res) = early_exit {
+        refresher.shutdown().await;
         let _ = broker.flush().await;
         return match res {
             Ok(Ok(())) => Ok(()),
@@ -187,6 +191,7 @@ pub async fn run_with_hooks(
             server_task.abort();
         }
     }
+    refresher.shutdown().await;
     if let Err(e) = broker.flush().await {
         tracing::error!(message = "Final flush failed.", error = %e);
     }
@@ -233,6 +238,10 @@ async fn open_broker(config: &Config) -> Result<Arc<Broker>, ServeError> {
     let registry = Registry::new(&BackendContext {
         http,
         egress: egress.clone(),
+        oauth: OAuthSettings {
+            salesforce_token_lifetime: config.salesforce_token_lifetime,
+            servicenow_refresh_token_lifespan: config.servicenow_refresh_token_lifespan,
+        },
     });
     let (broker, admin_token) = Broker::open(
         store,
@@ -241,6 +250,13 @@ async fn open_broker(config: &Config) -> Result<Arc<Broker>, ServeError> {
         BrokerSettings {
             egress,
             static_header_ttl: config.static_header_ttl,
+            refresh: RefreshSettings {
+                ahead_fraction: config.refresh_ahead_fraction,
+                ahead_min: config.refresh_ahead_min,
+                max_concurrent: config.max_concurrent_refreshes,
+                retry_max: config.refresh_retry_max,
+                ..RefreshSettings::default()
+            },
         },
     )
     .await?;

@@ -52,6 +52,7 @@ async fn register_asana_get_exact_header_and_again_after_restart() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "acme-asana".into(),
             min_valid_seconds: 60,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -75,6 +76,7 @@ async fn register_asana_get_exact_header_and_again_after_restart() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "acme-asana".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -89,6 +91,7 @@ async fn register_asana_get_exact_header_and_again_after_restart() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "acme-asana".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -125,6 +128,7 @@ async fn caller_auth_matrix() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "s1".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -141,6 +145,7 @@ async fn caller_auth_matrix() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "s1".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -152,6 +157,7 @@ async fn caller_auth_matrix() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "s1".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -233,6 +239,7 @@ async fn caller_auth_matrix() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "s1".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -402,6 +409,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             .get_access_token(pb::GetAccessTokenRequest {
                 system_id: "nope".into(),
                 min_valid_seconds: 0,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -429,6 +437,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "keep".into(),
             min_valid_seconds: 10_000_000,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -473,6 +482,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "keep".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -495,6 +505,7 @@ async fn rotation_checks_first_and_keeps_old_credential_on_failure() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "rot".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -520,6 +531,7 @@ async fn rotation_checks_first_and_keeps_old_credential_on_failure() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "rot".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -545,6 +557,7 @@ async fn rotation_checks_first_and_keeps_old_credential_on_failure() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "rot".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -568,6 +581,7 @@ async fn rotation_checks_first_and_keeps_old_credential_on_failure() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "rot".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -750,6 +764,7 @@ async fn list_pages_delete_and_generated_ids() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "sys-0".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -763,6 +778,7 @@ async fn list_pages_delete_and_generated_ids() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "sys-0".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -798,6 +814,7 @@ async fn pat_expiry_is_kept_reported_and_enforced() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "exp".into(),
             min_valid_seconds: 60,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -810,6 +827,7 @@ async fn pat_expiry_is_kept_reported_and_enforced() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "exp".into(),
             min_valid_seconds: 3600,
+            ..Default::default()
         })
         .await
         .unwrap_err();

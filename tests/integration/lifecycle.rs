@@ -128,6 +128,7 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero_then_restart_keeps_da
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "durable".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -223,6 +224,7 @@ async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: "kept".into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -314,6 +316,7 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
             .get_access_token(pb::GetAccessTokenRequest {
                 system_id: id.into(),
                 min_valid_seconds: 0,
+                ..Default::default()
             })
             .await
             .unwrap();

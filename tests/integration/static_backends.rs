@@ -109,6 +109,7 @@ async fn register_and_token(
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: id,
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -141,6 +142,7 @@ async fn rotation(
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: id.into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -159,6 +161,7 @@ async fn rotation(
         .get_access_token(pb::GetAccessTokenRequest {
             system_id: id.into(),
             min_valid_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -17,6 +17,7 @@ fn record(id: &str, revision: u64) -> SystemRecord {
         credential_type: CredentialType::PersonalAccessToken,
         credential_version: 1,
         state: SystemState::Active,
+        state_message: None,
         created_at: 1,
         updated_at: 1,
         last_check: None,

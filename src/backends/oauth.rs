@@ -1,0 +1,299 @@
+//! Shared OAuth plumbing on the `oauth2` crate: one client type for every vendor, an HTTP adapter
+//! that goes through the broker's own client (no redirects, no proxies, timeouts, capped bodies)
+//! and remembers the status and `Retry-After` of the last answer, and one classification of
+//! token-endpoint failures into permanent (`Rejected`) and temporary (`Transient`).
+//!
+//! # Security
+//! Token-endpoint bodies are never logged or put into messages (`RequestTokenError::Parse`
+//! carries the raw body, which may hold tokens); only the OAuth `error` code is used.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use oauth2::basic::{
+    BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse,
+    BasicTokenIntrospectionResponse, BasicTokenType,
+};
+use oauth2::{
+    AsyncHttpClient, AuthType, Client, ClientId, ClientSecret, EndpointNotSet, EndpointSet,
+    ExtraTokenFields, HttpRequest, HttpResponse, RequestTokenError, StandardRevocableToken,
+    StandardTokenResponse, TokenResponse, TokenUrl,
+};
+use serde::{Deserialize, Serialize};
+
+use super::http::{HttpClient, TransportError};
+use super::{bearer, BackendError, Issued};
+use crate::model::AuthFailure;
+use crate::secret::SecretString;
+
+/// Lifetimes the vendors do not announce.
+#[derive(Debug, Clone)]
+pub struct OAuthSettings {
+    /// Salesforce tokens carry no `expires_in`; used when introspection is not allowed.
+    pub salesforce_token_lifetime: Duration,
+    /// ServiceNow refresh-token lifespan (not in any response; default 100 days).
+    pub servicenow_refresh_token_lifespan: Duration,
+}
+
+impl Default for OAuthSettings {
+    fn default() -> Self {
+        Self {
+            salesforce_token_lifetime: Duration::from_secs(30 * 60),
+            servicenow_refresh_token_lifespan: Duration::from_secs(8_640_000),
+        }
+    }
+}
+
+/// Vendor fields beside the standard token response.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct VendorFields {
+    /// Salesforce: where API calls go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_url: Option<String>,
+    /// Salesforce: the identity URL (`…/id/{orgId}/{userId}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Zendesk: the refresh token's lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_expires_in: Option<u64>,
+}
+
+impl ExtraTokenFields for VendorFields {}
+
+/// The token response every backend reads.
+pub type VendorTokenResponse = StandardTokenResponse<VendorFields, BasicTokenType>;
+
+/// The one OAuth client type (token endpoint set, nothing else).
+pub type OAuthClient = Client<
+    BasicErrorResponse,
+    VendorTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// A token endpoint error after the request ran.
+pub type TokenRequestError = RequestTokenError<TransportError, BasicErrorResponse>;
+
+/// Builds a client for `token_url`; client authentication goes in the request body (what
+/// Salesforce, ServiceNow, Zendesk and Atlassian document) unless `basic_auth`.
+pub fn client(
+    client_id: &str,
+    client_secret: Option<&SecretString>,
+    token_url: &str,
+) -> Result<OAuthClient, BackendError> {
+    let url = TokenUrl::new(token_url.to_owned())
+        .map_err(|_| BackendError::Unsupported("the token endpoint URL is not valid".to_owned()))?;
+    let mut c = Client::new(ClientId::new(client_id.to_owned()))
+        .set_token_uri(url)
+        .set_auth_type(AuthType::RequestBody);
+    if let Some(s) = client_secret {
+        c = c.set_client_secret(ClientSecret::new(s.expose_secret().to_owned()));
+    }
+    Ok(c)
+}
+
+/// What the last token-endpoint answer looked like (status and `Retry-After`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResponseMeta {
+    /// HTTP status.
+    pub status: u16,
+    /// `Retry-After` seconds.
+    pub retry_after: Option<u64>,
+}
+
+/// The `oauth2` HTTP adapter over the broker's client.
+pub struct OAuthHttp {
+    http: HttpClient,
+    json_body: bool,
+    last: Mutex<Option<ResponseMeta>>,
+}
+
+impl OAuthHttp {
+    /// Form-encoded token requests (RFC 6749).
+    pub fn form(http: &HttpClient) -> Self {
+        Self {
+            http: http.clone(),
+            json_body: false,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Token requests with a JSON body (Zendesk, Atlassian): the form the `oauth2` crate builds
+    /// is re-encoded as a JSON object.
+    pub fn json(http: &HttpClient) -> Self {
+        Self {
+            json_body: true,
+            ..Self::form(http)
+        }
+    }
+
+    /// Status and `Retry-After` of the last answer.
+    pub fn last(&self) -> Option<ResponseMeta> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<'c> AsyncHttpClient<'c> for OAuthHttp {
+    type Error = TransportError;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, TransportError>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let mut headers = parts.headers;
+            let body = if self.json_body {
+                let map: serde_json::Map<String, serde_json::Value> =
+                    url::form_urlencoded::parse(&body)
+                        .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
+                        .collect();
+                headers.insert(
+                    reqwest::header::CONTENT_TYPE,
+                    reqwest::header::HeaderValue::from_static("application/json"),
+                );
+                serde_json::to_vec(&map).map_err(|e| TransportError::Other(e.to_string()))?
+            } else {
+                body
+            };
+            let req = self
+                .http
+                .raw()
+                .request(parts.method, parts.uri.to_string())
+                .headers(headers)
+                .body(body);
+            let resp = self.http.send(req).await?;
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(ResponseMeta {
+                status: resp.status,
+                retry_after: resp.retry_after(),
+            });
+            let mut builder = oauth2::http::Response::builder().status(resp.status);
+            for (k, v) in &resp.headers {
+                builder = builder.header(k, v);
+            }
+            builder
+                .body(resp.body)
+                .map_err(|e| TransportError::Other(e.to_string()))
+        })
+    }
+}
+
+/// Classifies a token-endpoint failure. `reauth_hint` tells the admin how to recover from a dead
+/// grant; `invalid_credentials_hint` from a wrong client id/secret or password.
+pub fn classify(
+    vendor: &str,
+    err: &TokenRequestError,
+    meta: Option<ResponseMeta>,
+    reauth_hint: &str,
+    invalid_credentials_hint: &str,
+) -> BackendError {
+    let status = meta.map(|m| m.status).unwrap_or(0);
+    let retry_after = meta.and_then(|m| m.retry_after).map(Duration::from_secs);
+    let transient = |failure, message: String| BackendError::Transient {
+        failure,
+        message,
+        retry_after,
+    };
+    let rejected = |failure, message: String| BackendError::Rejected { failure, message };
+    if let RequestTokenError::Request(e) = err {
+        return BackendError::unreachable(&format!("{vendor}'s token endpoint"), e);
+    }
+    if status == 429 {
+        return transient(
+            AuthFailure::RateLimited,
+            format!("{vendor}'s token endpoint rate-limited the broker (429)"),
+        );
+    }
+    if status >= 500 {
+        return transient(
+            AuthFailure::UpstreamError,
+            format!("{vendor}'s token endpoint failed with HTTP {status}"),
+        );
+    }
+    let code = match err {
+        RequestTokenError::ServerResponse(r) => Some(r.error().clone()),
+        _ => None,
+    };
+    match code {
+        Some(BasicErrorResponseType::InvalidGrant) => rejected(
+            AuthFailure::ReauthorizationRequired,
+            format!("{vendor} rejected the grant (invalid_grant): {reauth_hint}"),
+        ),
+        Some(BasicErrorResponseType::InvalidClient) => rejected(
+            AuthFailure::InvalidCredentials,
+            format!("{vendor} rejected the client (invalid_client): {invalid_credentials_hint}"),
+        ),
+        Some(BasicErrorResponseType::UnauthorizedClient)
+        | Some(BasicErrorResponseType::UnsupportedGrantType)
+        | Some(BasicErrorResponseType::InvalidScope)
+        | Some(BasicErrorResponseType::InvalidRequest) => rejected(
+            AuthFailure::Misconfigured,
+            format!(
+                "{vendor} refused the token request ({}): the app is not set up for this flow \
+                 or these scopes",
+                code.as_ref().map(|c| c.as_ref()).unwrap_or_default()
+            ),
+        ),
+        Some(BasicErrorResponseType::Extension(ref ext)) => match ext.as_str() {
+            "rate_limit_exceeded" => transient(
+                AuthFailure::RateLimited,
+                format!("{vendor}'s token endpoint rate-limited the broker"),
+            ),
+            "inactive_user" | "inactive_org" => rejected(
+                AuthFailure::ExpiredOrRevoked,
+                format!("{vendor} answered {ext}: the user or organization is inactive"),
+            ),
+            "invalid_client_id" | "access_denied" | "unauthorized" => rejected(
+                AuthFailure::InvalidCredentials,
+                format!("{vendor} rejected the client ({ext}): {invalid_credentials_hint}"),
+            ),
+            _ if matches!(status, 400 | 401 | 403) => rejected(
+                AuthFailure::InvalidCredentials,
+                format!("{vendor} refused the token request (HTTP {status}): {invalid_credentials_hint}"),
+            ),
+            _ => transient(
+                AuthFailure::UpstreamError,
+                format!("{vendor}'s token endpoint answered with an unexpected error"),
+            ),
+        },
+        None if matches!(status, 401 | 403) => rejected(
+            AuthFailure::InvalidCredentials,
+            format!("{vendor} refused the token request (HTTP {status}): {invalid_credentials_hint}"),
+        ),
+        None => transient(
+            AuthFailure::UpstreamError,
+            format!("{vendor}'s token endpoint answered with an unreadable response (HTTP {status})"),
+        ),
+    }
+}
+
+/// The access-token header and expiry from a token response. `default_lifetime` applies when the
+/// response has no `expires_in`.
+pub fn issued_from(
+    resp: &VendorTokenResponse,
+    default_lifetime: Duration,
+    api_base_url: String,
+) -> Issued {
+    let lifetime = resp.expires_in().unwrap_or(default_lifetime);
+    Issued {
+        headers: vec![bearer(&SecretString::from(
+            resp.access_token().secret().as_str(),
+        ))],
+        expires_at: Some(SystemTime::now() + lifetime),
+        api_base_url,
+        updated_credential: None,
+        subject: None,
+    }
+}
+
+/// The refresh token in a response, if any.
+pub fn refresh_token(resp: &VendorTokenResponse) -> Option<SecretString> {
+    resp.refresh_token()
+        .map(|t| SecretString::from(t.secret().as_str()))
+}

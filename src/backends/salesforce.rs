@@ -1,0 +1,493 @@
+//! Salesforce (`shared/upstreams.md` §2, §11).
+//!
+//! - **Client credentials** (`oauth_client_credentials`, an External Client App with a Run As
+//!   user): `POST {my-domain}/services/oauth2/token`. The response has no `expires_in`: the
+//!   expiry comes from token introspection when the app allows it, else a configured
+//!   conservative lifetime; workers report 401s with `rejected_token_id` and get a re-mint.
+//!   The generic `login.`/`test.salesforce.com` hosts do not support this flow and are refused.
+//! - **Legacy login** (`salesforce_login`): the OAuth username-password flow when a client id and
+//!   secret are given, else SOAP `login()`; the security token is appended to the password only
+//!   on the wire. Both flows are being retired by Salesforce; checks say so.
+//!
+//! Workers get `Authorization: Bearer …` and `api_base_url` = the `instance_url` (or the SOAP
+//! `serverUrl`'s origin). Identity: `/services/oauth2/userinfo`, falling back to
+//! `/services/data/vNN.N/` (never the unauthenticated `/services/data/`).
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use oauth2::{ResourceOwnerPassword, ResourceOwnerUsername, Scope, TokenResponse};
+use serde::Deserialize;
+
+use super::classify::{common, unreachable};
+use super::http::{parse_base_url, url_string};
+use super::oauth::{self, OAuthHttp};
+use super::{bearer, Backend, BackendContext, BackendError, EgressPolicy, Issued, Target};
+use crate::model::{AuthCheck, AuthFailure, Credential, Identity, SystemKind};
+use crate::secret::SecretString;
+
+const VENDOR: &str = "Salesforce";
+/// REST API version used for the fallback identity probe.
+pub const API_VERSION: &str = "v62.0";
+/// SOAP API version for `login()` (removed from 65.0 on).
+const SOAP_VERSION: &str = "64.0";
+const SETUP_DELAY_NOTE: &str = "Changes to an External Client App can take 10–20 minutes to \
+                                apply, so a check right after setup may succeed a little later.";
+const RETIREMENT_NOTE: &str = "Salesforce is retiring the username-password flow and SOAP \
+                               login() (Summer '27): move to an External Client App with the \
+                               Client Credentials Flow and register it as \
+                               oauth_client_credentials.";
+
+/// The Salesforce backend.
+pub struct SalesforceBackend {
+    ctx: BackendContext,
+}
+
+impl SalesforceBackend {
+    /// A backend using the shared plumbing.
+    pub fn new(ctx: BackendContext) -> Self {
+        Self { ctx }
+    }
+}
+
+fn is_generic_login_host(base_url: &str) -> bool {
+    url::Url::parse(base_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .is_some_and(|h| h == "login.salesforce.com" || h == "test.salesforce.com")
+}
+
+#[async_trait]
+impl Backend for SalesforceBackend {
+    fn kind(&self) -> SystemKind {
+        SystemKind::Salesforce
+    }
+
+    fn canonical_base_url(&self, raw: &str, egress: &EgressPolicy) -> Result<String, String> {
+        let mut base = parse_base_url(raw, egress)?;
+        if base.is_stand_in {
+            return Ok(url_string(&base.url));
+        }
+        let host = base.url.host_str().unwrap_or_default();
+        if !host.ends_with(".salesforce.com") {
+            return Err(
+                "enter your My Domain URL, e.g. https://acme.my.salesforce.com (sandbox: \
+                 https://acme--dev.sandbox.my.salesforce.com)"
+                    .to_owned(),
+            );
+        }
+        base.url.set_path("");
+        Ok(url_string(&base.url))
+    }
+
+    fn validate_target(&self, base_url: &str, credential: &Credential) -> Result<(), String> {
+        if matches!(credential, Credential::OAuthClientCredentials { .. })
+            && is_generic_login_host(base_url)
+        {
+            return Err(
+                "the client credentials flow is not supported on login.salesforce.com or \
+                 test.salesforce.com; enter your My Domain URL, e.g. https://acme.my.salesforce.com"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
+    async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let token_url = format!("{}/services/oauth2/token", target.base_url);
+        let http = OAuthHttp::form(&self.ctx.http);
+        match target.credential {
+            Credential::OAuthClientCredentials {
+                client_id,
+                client_secret,
+                scopes,
+            } => {
+                let client = oauth::client(client_id, Some(client_secret), &token_url)?;
+                let resp = client
+                    .exchange_client_credentials()
+                    .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
+                    .request_async(&http)
+                    .await
+                    .map_err(|e| classify(&e, &http, true))?;
+                let mut issued = self.issued_from_response(&resp)?;
+                if let Some(exp) = self
+                    .introspect(target.base_url, client_id, client_secret, &resp)
+                    .await
+                {
+                    issued.expires_at = Some(exp);
+                }
+                Ok(issued)
+            }
+            Credential::SalesforceLogin {
+                username,
+                password,
+                security_token,
+                client_id: Some(client_id),
+                client_secret,
+            } => {
+                let client = oauth::client(client_id, client_secret.as_ref(), &token_url)?;
+                let wire_password = zeroize::Zeroizing::new(format!(
+                    "{}{}",
+                    password.expose_secret(),
+                    security_token.expose_secret()
+                ));
+                let resp = client
+                    .exchange_password(
+                        &ResourceOwnerUsername::new(username.clone()),
+                        &ResourceOwnerPassword::new(wire_password.to_string()),
+                    )
+                    .request_async(&http)
+                    .await
+                    .map_err(|e| classify(&e, &http, false))?;
+                self.issued_from_response(&resp)
+            }
+            Credential::SalesforceLogin {
+                username,
+                password,
+                security_token,
+                client_id: None,
+                ..
+            } => {
+                self.soap_login(target.base_url, username, password, security_token)
+                    .await
+            }
+            _ => Err(BackendError::Unsupported(
+                "Salesforce accepts oauth_client_credentials or salesforce_login".to_owned(),
+            )),
+        }
+    }
+
+    async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
+        let api = issued.api_base_url.as_str();
+        let legacy = matches!(target.credential, Credential::SalesforceLogin { .. });
+        let mut check = match self
+            .ctx
+            .http
+            .get(&format!("{api}/services/oauth2/userinfo"), &issued.headers)
+            .await
+        {
+            Ok(r) if r.status == 200 => match serde_json::from_slice::<UserInfo>(&r.body) {
+                Ok(u) if !u.user_id.is_empty() => AuthCheck::ok(
+                    Identity {
+                        id: u.user_id,
+                        display_name: u.name.or(u.preferred_username).unwrap_or_default(),
+                        email: u.email.unwrap_or_default(),
+                    },
+                    "the credential authenticates",
+                ),
+                _ => self.rest_probe(api, issued).await,
+            },
+            // UserInfo needs identity scopes an api-only app may lack: fall back to REST.
+            Ok(r) if matches!(r.status, 401 | 403) => self.rest_probe(api, issued).await,
+            Ok(r) => common(VENDOR, &r, "use the My Domain URL"),
+            Err(e) => unreachable(VENDOR, &e),
+        };
+        if legacy {
+            check.message.push(' ');
+            check.message.push_str(RETIREMENT_NOTE);
+        }
+        check
+    }
+}
+
+impl SalesforceBackend {
+    fn api_base(&self, instance_url: &str) -> Result<String, BackendError> {
+        // The instance URL comes from Salesforce; it must still obey the egress rules.
+        parse_base_url(instance_url, &self.ctx.egress)
+            .map(|b| {
+                let mut u = b.url;
+                u.set_path("");
+                url_string(&u)
+            })
+            .map_err(|_| BackendError::Transient {
+                failure: AuthFailure::UpstreamError,
+                message: "Salesforce returned an unusable instance_url".to_owned(),
+                retry_after: None,
+            })
+    }
+
+    fn issued_from_response(
+        &self,
+        resp: &oauth::VendorTokenResponse,
+    ) -> Result<Issued, BackendError> {
+        let instance =
+            resp.extra_fields()
+                .instance_url
+                .as_deref()
+                .ok_or_else(|| BackendError::Transient {
+                    failure: AuthFailure::UpstreamError,
+                    message: "Salesforce's token response has no instance_url".to_owned(),
+                    retry_after: None,
+                })?;
+        let mut issued = oauth::issued_from(
+            resp,
+            self.ctx.oauth.salesforce_token_lifetime,
+            self.api_base(instance)?,
+        );
+        // Identity URL: https://login.salesforce.com/id/{orgId}/{userId}
+        issued.subject = resp
+            .extra_fields()
+            .id
+            .as_deref()
+            .and_then(|id| id.rsplit('/').next())
+            .map(str::to_owned);
+        Ok(issued)
+    }
+
+    /// The token's real expiry from introspection, when the app allows it.
+    async fn introspect(
+        &self,
+        base: &str,
+        client_id: &str,
+        client_secret: &SecretString,
+        resp: &oauth::VendorTokenResponse,
+    ) -> Option<SystemTime> {
+        let body: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", resp.access_token().secret())
+            .append_pair("token_type_hint", "access_token")
+            .append_pair("client_id", client_id)
+            .append_pair("client_secret", client_secret.expose_secret())
+            .finish();
+        let r = self
+            .ctx
+            .http
+            .post(
+                &format!("{base}/services/oauth2/introspect"),
+                &[
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("accept", "application/json"),
+                ],
+                body.into_bytes(),
+            )
+            .await
+            .ok()?;
+        if r.status != 200 {
+            return None;
+        }
+        let i: Introspection = serde_json::from_slice(&r.body).ok()?;
+        let exp = i.exp.filter(|_| i.active)?;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
+        (at > SystemTime::now()).then_some(at)
+    }
+
+    async fn rest_probe(&self, api: &str, issued: &Issued) -> AuthCheck {
+        match self
+            .ctx
+            .http
+            .get(
+                &format!("{api}/services/data/{API_VERSION}/"),
+                &issued.headers,
+            )
+            .await
+        {
+            Ok(r) if r.status == 200 && r.is_json() => AuthCheck::ok(
+                Identity {
+                    id: issued.subject.clone().unwrap_or_default(),
+                    ..Identity::default()
+                },
+                "the credential authenticates (the app has no identity scopes, so only the user \
+                 id is known)",
+            ),
+            Ok(r) if r.status == 401 => AuthCheck::failed(
+                AuthFailure::InvalidCredentials,
+                "Salesforce refused the session (401 INVALID_SESSION_ID): the token was revoked \
+                 or API access is blocked for this user",
+            ),
+            Ok(r) if r.status == 403 => AuthCheck::failed(
+                AuthFailure::InsufficientPermissions,
+                "Salesforce refused REST access (403): give the app the api scope and the Run As \
+                 user the API Enabled permission",
+            ),
+            Ok(r) => common(VENDOR, &r, "use the My Domain URL"),
+            Err(e) => unreachable(VENDOR, &e),
+        }
+    }
+
+    async fn soap_login(
+        &self,
+        base: &str,
+        username: &str,
+        password: &SecretString,
+        security_token: &SecretString,
+    ) -> Result<Issued, BackendError> {
+        let envelope = zeroize::Zeroizing::new(format!(
+            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\
+             <env:Envelope xmlns:xsd=\"http://www.w3.org/2001/XMLSchema\" \
+             xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" \
+             xmlns:env=\"http://schemas.xmlsoap.org/soap/envelope/\"><env:Body>\
+             <n1:login xmlns:n1=\"urn:partner.soap.sforce.com\"><n1:username>{}</n1:username>\
+             <n1:password>{}{}</n1:password></n1:login></env:Body></env:Envelope>",
+            xml_escape(username),
+            xml_escape(password.expose_secret()),
+            xml_escape(security_token.expose_secret()),
+        ));
+        let r = self
+            .ctx
+            .http
+            .post(
+                &format!("{base}/services/Soap/u/{SOAP_VERSION}"),
+                &[
+                    ("content-type", "text/xml; charset=UTF-8"),
+                    ("soapaction", "login"),
+                ],
+                envelope.as_bytes().to_vec(),
+            )
+            .await
+            .map_err(|e| BackendError::unreachable(VENDOR, &e))?;
+        let body = String::from_utf8_lossy(&r.body);
+        if let Some(fault) = xml_tag(&body, "faultcode") {
+            let code = fault.rsplit(':').next().unwrap_or_default().to_owned();
+            return Err(match code.as_str() {
+                "INVALID_LOGIN" | "LOGIN_MUST_USE_SECURITY_TOKEN" | "INVALID_PASSWORD" => {
+                    BackendError::Rejected {
+                        failure: AuthFailure::InvalidCredentials,
+                        message: format!(
+                        "Salesforce refused the login ({code}): check the user name, password and \
+                         security token (reset it under Settings → My Personal Information → Reset \
+                         My Security Token)"
+                    ),
+                    }
+                }
+                "PASSWORD_LOCKOUT" | "INACTIVE_USER" | "INACTIVE_ORG" => BackendError::Rejected {
+                    failure: AuthFailure::ExpiredOrRevoked,
+                    message: format!("Salesforce refused the login ({code})"),
+                },
+                "API_DISABLED_FOR_ORG" | "UNSUPPORTED_CLIENT" | "INVALID_OPERATION" => {
+                    BackendError::Rejected {
+                        failure: AuthFailure::Misconfigured,
+                        message: format!(
+                            "Salesforce refused SOAP login() ({code}). {RETIREMENT_NOTE}"
+                        ),
+                    }
+                }
+                _ if code == "REQUEST_LIMIT_EXCEEDED" => BackendError::Transient {
+                    failure: AuthFailure::RateLimited,
+                    message: "Salesforce's API request limit is exhausted (REQUEST_LIMIT_EXCEEDED)"
+                        .to_owned(),
+                    retry_after: None,
+                },
+                _ => BackendError::Transient {
+                    failure: AuthFailure::UpstreamError,
+                    message: "Salesforce's login() failed with an unexpected fault".to_owned(),
+                    retry_after: None,
+                },
+            });
+        }
+        if r.status != 200 {
+            return Err(BackendError::Transient {
+                failure: if r.status == 429 {
+                    AuthFailure::RateLimited
+                } else {
+                    AuthFailure::UpstreamError
+                },
+                message: format!("Salesforce's login() answered HTTP {}", r.status),
+                retry_after: r.retry_after().map(Duration::from_secs),
+            });
+        }
+        let garbage = || BackendError::Transient {
+            failure: AuthFailure::UpstreamError,
+            message: "Salesforce's login() answer was unreadable".to_owned(),
+            retry_after: None,
+        };
+        let session = xml_tag(&body, "sessionId").ok_or_else(garbage)?;
+        let server = xml_tag(&body, "serverUrl").ok_or_else(garbage)?;
+        let valid = xml_tag(&body, "sessionSecondsValid")
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(self.ctx.oauth.salesforce_token_lifetime)
+            .min(self.ctx.oauth.salesforce_token_lifetime);
+        Ok(Issued {
+            headers: vec![bearer(&SecretString::new(session))],
+            expires_at: Some(SystemTime::now() + valid),
+            api_base_url: self.api_base(&server)?,
+            updated_credential: None,
+            subject: xml_tag(&body, "userId"),
+        })
+    }
+}
+
+fn classify(
+    e: &oauth::TokenRequestError,
+    http: &OAuthHttp,
+    client_credentials: bool,
+) -> BackendError {
+    let hint = if client_credentials {
+        format!(
+            "check the Consumer Key and Secret, that the Client Credentials Flow is enabled and a \
+             Run As user is set. {SETUP_DELAY_NOTE}"
+        )
+    } else {
+        format!("check the user name, password and security token. {RETIREMENT_NOTE}")
+    };
+    let mut err = oauth::classify(VENDOR, e, http.last(), &hint, &hint);
+    // Client credentials have no refresh token to lose: invalid_grant means bad setup or a
+    // wrong host, not a dead grant.
+    if let BackendError::Rejected { failure, message } = &mut err {
+        if *failure == AuthFailure::ReauthorizationRequired {
+            *failure = AuthFailure::InvalidCredentials;
+            *message = format!("Salesforce refused the credentials (invalid_grant): {hint}");
+        }
+    }
+    err
+}
+
+/// The text of the first `<tag>` (with or without namespace prefix).
+fn xml_tag(body: &str, tag: &str) -> Option<String> {
+    let start = body
+        .find(&format!("<{tag}>"))
+        .map(|i| i + tag.len() + 2)
+        .or_else(|| {
+            let needle = format!(":{tag}>");
+            body.find(&needle).map(|i| i + needle.len())
+        })?;
+    let rest = body.get(start..)?;
+    let end = rest.find("</")?;
+    Some(rest[..end].trim().to_owned())
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+#[derive(Deserialize)]
+struct UserInfo {
+    #[serde(default)]
+    user_id: String,
+    name: Option<String>,
+    preferred_username: Option<String>,
+    email: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Introspection {
+    #[serde(default)]
+    active: bool,
+    exp: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_tags_and_escaping() {
+        let body = "<soapenv:Body><loginResponse><result><serverUrl>https://acme.my.salesforce.com/services/Soap/u/64.0/00D</serverUrl><sessionId>00D!abc</sessionId></result></loginResponse>";
+        assert_eq!(xml_tag(body, "sessionId").as_deref(), Some("00D!abc"));
+        assert_eq!(
+            xml_tag("<sf:faultcode>sf:INVALID_LOGIN</sf:faultcode>", "faultcode").as_deref(),
+            Some("sf:INVALID_LOGIN")
+        );
+        assert_eq!(xml_escape("a<b&'\""), "a&lt;b&amp;&apos;&quot;");
+    }
+
+    #[test]
+    fn generic_login_hosts_are_refused_for_client_credentials() {
+        assert!(is_generic_login_host("https://login.salesforce.com"));
+        assert!(is_generic_login_host("https://test.salesforce.com"));
+        assert!(!is_generic_login_host("https://acme.my.salesforce.com"));
+    }
+}

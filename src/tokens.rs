@@ -1,0 +1,603 @@
+//! The token cache: how `GetAccessToken` answers thousands of calls a second without waiting on
+//! upstreams, refreshes each OAuth token once, ahead of expiry, and never loses a refresh token.
+//!
+//! # Design
+//! - **Hot path**: a read-locked map from system id to the current [`IssuedToken`]. A call whose
+//!   token stays valid for `min_valid_seconds` returns it: no disk, no decryption, no upstream.
+//! - **Single flight**: every mint for a system runs under that system's [`Flight`] lock, and
+//!   re-checks the cache after taking it, so concurrent misses cause one upstream call and all
+//!   callers get its result. Different systems mint in parallel; a global semaphore caps
+//!   concurrent upstream token calls.
+//! - **Refresh ahead**: a minted OAuth token is scheduled for refresh when a fraction of its
+//!   lifetime remains; the background refresher renews tokens that workers used, so workers do
+//!   not wait. Idle tokens lapse and are minted on the next demand.
+//! - **Rotation is durable first**: a rotated refresh token (or any updated credential) is
+//!   sealed and flushed before the new access token is cached or returned. If the write fails
+//!   the new credential is kept in memory, retried on the next mint, and nothing is handed out.
+//! - **Failures**: a permanent rejection (`invalid_grant`, wrong client) marks the system
+//!   `REAUTHORIZATION_REQUIRED` (after re-reading the stored credential once, in case another
+//!   path rotated it) and stops upstream calls for it; a transient one backs off exponentially
+//!   with jitter, honouring `Retry-After` (capped), while a still-valid token keeps being served.
+//! - **Rejection reports**: a worker whose call got a 401 sends the `token_id`; if it is still
+//!   current it is discarded and re-minted once, however many workers report it.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::{Rng, RngCore};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::backends::{BackendError, Header, Issued, Target};
+use crate::broker::{lock, read, write, Broker, MAX_MIN_VALID_SECONDS};
+use crate::error::BrokerError;
+use crate::model::{unix_now, AuthFailure, Credential, SystemRecord, SystemState};
+
+/// Headers handed to a worker, cached until they expire.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// Ready-to-send headers.
+    pub headers: Vec<Header>,
+    /// When the headers stop being valid.
+    pub expires_at: SystemTime,
+    /// Where the worker sends its API calls.
+    pub api_base_url: String,
+    /// The credential version the headers come from.
+    pub credential_version: u64,
+    /// Opaque id; new for every mint.
+    pub token_id: String,
+    /// True for OAuth access tokens (refreshed ahead), false for static secrets.
+    pub refreshable: bool,
+    /// The upstream user the token belongs to, when known.
+    pub subject: Option<String>,
+    used: AtomicBool,
+}
+
+impl IssuedToken {
+    fn mark_used(&self) {
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The token as backend input (for verification).
+    pub fn to_issued(&self) -> Issued {
+        Issued {
+            headers: self.headers.clone(),
+            expires_at: Some(self.expires_at),
+            api_base_url: self.api_base_url.clone(),
+            updated_credential: None,
+            subject: self.subject.clone(),
+        }
+    }
+}
+
+/// Refresh tuning.
+#[derive(Debug, Clone)]
+pub struct RefreshSettings {
+    /// Refresh when this fraction of the token's lifetime remains.
+    pub ahead_fraction: f64,
+    /// …but at least this long before expiry (capped at half the lifetime).
+    pub ahead_min: Duration,
+    /// Upstream token calls in flight at once, across all systems.
+    pub max_concurrent: usize,
+    /// First retry delay after a transient failure (doubles each time, with jitter).
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Longest `Retry-After` honoured.
+    pub retry_after_cap: Duration,
+    /// A rejection report for a token minted less than this long ago does not re-mint again.
+    pub min_forced_remint: Duration,
+}
+
+impl Default for RefreshSettings {
+    fn default() -> Self {
+        Self {
+            ahead_fraction: 0.2,
+            ahead_min: Duration::from_secs(10),
+            max_concurrent: 16,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            retry_after_cap: Duration::from_secs(600),
+            min_forced_remint: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Per-system refresh state, guarded by the system's single-flight lock.
+#[derive(Debug, Default)]
+pub struct Flight {
+    backoff_until: Option<Instant>,
+    failures: u32,
+    last_failure: Option<AuthFailure>,
+    /// A credential the upstream issued that is not yet durable (its write failed).
+    pending: Option<Credential>,
+    /// Set when the grant is dead: the message to return, with no upstream call.
+    dead: Option<String>,
+    last_forced: Option<Instant>,
+}
+
+/// Why a mint runs.
+#[derive(Debug)]
+pub(crate) enum Reason<'a> {
+    /// A worker (or a check) needs headers; `rejected` is a reported token id.
+    Demand { rejected: Option<&'a str> },
+    /// The refresher renews this token ahead of expiry.
+    Ahead { token_id: String },
+}
+
+/// The background refresher; stop it before the store closes.
+pub struct Refresher {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Refresher {
+    /// Stops the loop and cancels refreshes in flight.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// A scheduled refresh: when, which system, which token.
+type ScheduleEntry = (Instant, String, String);
+
+/// The schedule of refreshes ahead of expiry.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    entries: std::sync::Mutex<BTreeSet<ScheduleEntry>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Broker {
+    /// Headers for `system_id`, valid at least `min_valid` seconds (as far as the upstream's
+    /// token lifetime allows). `rejected` is the `token_id` of headers the upstream refused.
+    pub async fn access_token(
+        &self,
+        system_id: &str,
+        min_valid: u32,
+        rejected: Option<&str>,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        if min_valid > MAX_MIN_VALID_SECONDS {
+            return Err(BrokerError::invalid(
+                "min_valid_seconds",
+                format!("must be at most {MAX_MIN_VALID_SECONDS}"),
+            ));
+        }
+        let need_until = SystemTime::now() + Duration::from_secs(u64::from(min_valid));
+        let rejected = rejected.filter(|r| !r.is_empty());
+        if let Some(t) = self.cached(system_id) {
+            let rejected_current = rejected.is_some_and(|r| r == t.token_id);
+            if !rejected_current && t.expires_at >= need_until {
+                t.mark_used();
+                return Ok(t);
+            }
+        }
+        if system_id.is_empty() {
+            return Err(BrokerError::invalid("system_id", "is required"));
+        }
+        let t = self
+            .mint(system_id, need_until, Reason::Demand { rejected })
+            .await?;
+        t.mark_used();
+        Ok(t)
+    }
+
+    /// The failure class of the last failed mint of `system_id`, if any.
+    pub(crate) async fn last_failure(&self, system_id: &str) -> Option<AuthFailure> {
+        let flight = self.flight(system_id);
+        let f = flight.lock().await;
+        f.last_failure
+    }
+
+    pub(crate) fn cached(&self, system_id: &str) -> Option<Arc<IssuedToken>> {
+        read(&self.tokens).get(system_id).cloned()
+    }
+
+    pub(crate) fn drop_token(&self, system_id: &str) {
+        write(&self.tokens).remove(system_id);
+    }
+
+    pub(crate) fn flight(&self, system_id: &str) -> Arc<tokio::sync::Mutex<Flight>> {
+        lock(&self.flights)
+            .entry(system_id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Resets a system's refresh state after an admin replaced its credential.
+    pub(crate) fn reset_flight(f: &mut Flight) {
+        *f = Flight::default();
+    }
+
+    /// Mints headers under the system's single-flight lock.
+    pub(crate) async fn mint(
+        &self,
+        system_id: &str,
+        need_until: SystemTime,
+        reason: Reason<'_>,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        let flight = self.flight(system_id);
+        let mut f = flight.lock().await;
+        let mut current = self.cached(system_id);
+        match &reason {
+            Reason::Demand { rejected: None } => {
+                if let Some(c) = current.as_ref().filter(|c| c.expires_at >= need_until) {
+                    return Ok(c.clone());
+                }
+            }
+            Reason::Demand { rejected: Some(id) } => {
+                if let Some(c) = current.clone() {
+                    if c.token_id != *id {
+                        if c.expires_at >= need_until {
+                            return Ok(c);
+                        }
+                    } else if f
+                        .last_forced
+                        .is_some_and(|t| t.elapsed() < self.settings.refresh.min_forced_remint)
+                        && c.expires_at > SystemTime::now()
+                    {
+                        return Ok(c);
+                    } else {
+                        f.last_forced = Some(Instant::now());
+                        self.drop_token(system_id);
+                        current = None;
+                        tracing::info!(message = "Worker reported a rejected token; minting a new one.", credential_id = %system_id);
+                    }
+                }
+            }
+            Reason::Ahead { token_id } => match &current {
+                Some(c) if c.token_id == *token_id => {}
+                Some(c) => return Ok(c.clone()),
+                None => {
+                    return Err(BrokerError::Unavailable(
+                        "token no longer cached".to_owned(),
+                    ))
+                }
+            },
+        }
+        if let Some(msg) = &f.dead {
+            return Err(BrokerError::FailedPrecondition(msg.clone()));
+        }
+        if let Some(until) = f.backoff_until {
+            if Instant::now() < until {
+                let msg = "the upstream token endpoint is failing".to_owned();
+                return stale_or_unavailable(current, msg, until - Instant::now());
+            }
+        }
+        let mut record = match self.get_system(system_id).await {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, BrokerError::NotFound(_)) {
+                    self.drop_token(system_id);
+                }
+                return Err(e);
+            }
+        };
+        match record.state {
+            SystemState::Active => {}
+            SystemState::AuthorizationPending => {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "system '{system_id}' is waiting for its authorization to be completed"
+                )))
+            }
+            SystemState::ReauthorizationRequired => {
+                let msg = record.state_message.clone().unwrap_or_else(|| {
+                    format!("system '{system_id}' needs to be re-authorized by an admin")
+                });
+                f.dead = Some(msg.clone());
+                return Err(BrokerError::FailedPrecondition(msg));
+            }
+        }
+        let backend = self.registry.get(record.kind)?.clone();
+        let mut reread = false;
+        loop {
+            let credential = match f.pending.clone() {
+                Some(c) => c,
+                None => self.open_credential(&record)?,
+            };
+            if !credential.is_oauth()
+                && record
+                    .credential_expires_at
+                    .is_some_and(|e| e <= unix_now())
+            {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "the credential of system '{system_id}' has expired; rotate in a new one"
+                )));
+            }
+            let permit = if credential.is_oauth() {
+                Some(
+                    self.refresh_permits
+                        .acquire()
+                        .await
+                        .map_err(|_| BrokerError::Unavailable("shutting down".to_owned()))?,
+                )
+            } else {
+                None
+            };
+            let result = backend
+                .issue(&Target {
+                    system_id: Some(system_id),
+                    base_url: &record.base_url,
+                    credential: &credential,
+                })
+                .await;
+            drop(permit);
+            match result {
+                Ok(mut issued) => {
+                    let updated = issued
+                        .updated_credential
+                        .take()
+                        .or_else(|| f.pending.clone());
+                    if let Some(newcred) = updated {
+                        match self.persist_credential(system_id, &record, &newcred).await {
+                            Ok(r) => {
+                                f.pending = None;
+                                record = r;
+                            }
+                            Err(e) => {
+                                tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", credential_id = %system_id, error = %e);
+                                f.pending = Some(newcred);
+                                return Err(BrokerError::Unavailable(
+                                    "the rotated refresh token could not be saved; retry shortly"
+                                        .to_owned(),
+                                ));
+                            }
+                        }
+                    }
+                    f.failures = 0;
+                    f.backoff_until = None;
+                    f.last_failure = None;
+                    return self.install(
+                        system_id,
+                        &record,
+                        issued,
+                        need_until,
+                        credential.is_oauth(),
+                    );
+                }
+                Err(BackendError::Rejected { failure, message }) => {
+                    if !reread && f.pending.is_none() {
+                        // Another path (a rotation, another replica) may have replaced the stored
+                        // credential meanwhile: read it again before declaring the grant dead.
+                        reread = true;
+                        if let Ok(fresh) = self.get_system(system_id).await {
+                            if fresh.revision != record.revision
+                                && fresh.state == SystemState::Active
+                            {
+                                record = fresh;
+                                continue;
+                            }
+                        }
+                    }
+                    f.pending = None;
+                    f.last_failure = Some(failure);
+                    self.drop_token(system_id);
+                    if credential.is_oauth() {
+                        tracing::warn!(message = "Grant rejected; system needs re-authorization.", system = %record.kind, credential_id = %system_id, error = %message);
+                        self.mark_reauthorization_required(system_id, &message)
+                            .await;
+                        f.dead = Some(message.clone());
+                    }
+                    return Err(BrokerError::FailedPrecondition(message));
+                }
+                Err(BackendError::Transient {
+                    failure,
+                    message,
+                    retry_after,
+                }) => {
+                    f.failures = f.failures.saturating_add(1);
+                    f.last_failure = Some(failure);
+                    let delay = self.backoff_delay(f.failures, retry_after);
+                    f.backoff_until = Some(Instant::now() + delay);
+                    tracing::warn!(message = "Token refresh failed; backing off.", system = %record.kind, credential_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
+                    if let Some(c) = current
+                        .as_ref()
+                        .filter(|c| c.expires_at > SystemTime::now())
+                    {
+                        self.schedule_at(system_id, &c.token_id, Instant::now() + delay);
+                    }
+                    return stale_or_unavailable(current, message, delay);
+                }
+                Err(BackendError::Unsupported(m)) => {
+                    return Err(BrokerError::FailedPrecondition(m))
+                }
+            }
+        }
+    }
+
+    /// Caches freshly issued headers (and schedules their refresh) and returns them.
+    pub(crate) fn install(
+        &self,
+        system_id: &str,
+        record: &SystemRecord,
+        issued: Issued,
+        need_until: SystemTime,
+        refreshable: bool,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        let now = SystemTime::now();
+        let expires_at = match issued.expires_at {
+            Some(e) => e,
+            None => {
+                let want = need_until.duration_since(now).unwrap_or_default();
+                let mut e = now + self.settings.static_header_ttl.max(want);
+                if let Some(cred_exp) = record.credential_expires_at {
+                    e = e.min(SystemTime::UNIX_EPOCH + Duration::from_secs(cred_exp));
+                }
+                if e < need_until {
+                    return Err(BrokerError::FailedPrecondition(format!(
+                        "system '{system_id}' cannot provide headers valid that long (the \
+                         credential expires sooner)"
+                    )));
+                }
+                e
+            }
+        };
+        let mut id = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let token = Arc::new(IssuedToken {
+            headers: issued.headers,
+            expires_at,
+            api_base_url: issued.api_base_url,
+            credential_version: record.credential_version,
+            token_id: URL_SAFE_NO_PAD.encode(id),
+            refreshable,
+            subject: issued.subject,
+            used: AtomicBool::new(false),
+        });
+        write(&self.tokens).insert(system_id.to_owned(), token.clone());
+        if refreshable {
+            let lifetime = expires_at.duration_since(now).unwrap_or_default();
+            let margin = lifetime
+                .mul_f64(self.settings.refresh.ahead_fraction)
+                .max(self.settings.refresh.ahead_min.min(lifetime / 2));
+            self.schedule_at(
+                system_id,
+                &token.token_id,
+                Instant::now() + lifetime.saturating_sub(margin),
+            );
+        }
+        Ok(token)
+    }
+
+    /// Seals and durably stores an upstream-updated credential under the same version.
+    async fn persist_credential(
+        &self,
+        system_id: &str,
+        used: &SystemRecord,
+        credential: &Credential,
+    ) -> Result<SystemRecord, BrokerError> {
+        let mut last_err = BrokerError::Internal("could not persist the credential");
+        for attempt in 0..3u32 {
+            let current = self.get_system(system_id).await?;
+            if current.credential_version != used.credential_version {
+                // An admin rotated the credential meanwhile: theirs wins.
+                return Ok(current);
+            }
+            let mut updated = current.clone();
+            updated.sealed_credential =
+                self.seal(system_id, current.credential_version, credential)?;
+            updated.credential_expires_at = credential.expires_at();
+            updated.revision = current.revision + 1;
+            match self.store.update_system(&updated, current.revision).await {
+                Ok(()) => return Ok(updated),
+                Err(e) => {
+                    last_err = e.into();
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt + 1))).await;
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn mark_reauthorization_required(&self, system_id: &str, message: &str) {
+        for _ in 0..3 {
+            let Ok(current) = self.get_system(system_id).await else {
+                return;
+            };
+            let mut updated = current.clone();
+            updated.state = SystemState::ReauthorizationRequired;
+            updated.state_message = Some(message.to_owned());
+            updated.updated_at = unix_now();
+            updated.revision = current.revision + 1;
+            match self.store.update_system(&updated, current.revision).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(message = "Could not record the re-authorization state.", credential_id = %system_id, error = %e)
+                }
+            }
+        }
+    }
+
+    fn backoff_delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
+        let s = &self.settings.refresh;
+        let exp = s
+            .retry_base
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+            .min(s.retry_max);
+        let jittered = exp.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+        match retry_after {
+            Some(r) => jittered.max(r.min(s.retry_after_cap)),
+            None => jittered,
+        }
+    }
+
+    fn schedule_at(&self, system_id: &str, token_id: &str, at: Instant) {
+        lock(&self.schedule.entries).insert((at, system_id.to_owned(), token_id.to_owned()));
+        self.schedule.notify.notify_one();
+    }
+
+    /// Starts the background refresher.
+    pub fn start_refresher(self: &Arc<Self>) -> Refresher {
+        let (stop, rx) = watch::channel(false);
+        let me = self.clone();
+        let task = tokio::spawn(async move { me.refresh_loop(rx).await });
+        Refresher { stop, task }
+    }
+
+    async fn refresh_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tasks = JoinSet::new();
+        loop {
+            let next = lock(&self.schedule.entries).first().map(|(at, _, _)| *at);
+            let sleep = async move {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.schedule.notify.notified() => {}
+                _ = stop.changed() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+            let now = Instant::now();
+            let due: Vec<ScheduleEntry> = {
+                let mut entries = lock(&self.schedule.entries);
+                let mut due = Vec::new();
+                while entries.first().is_some_and(|(at, _, _)| *at <= now) {
+                    if let Some(e) = entries.pop_first() {
+                        due.push(e);
+                    }
+                }
+                due
+            };
+            for (_, system_id, token_id) in due {
+                let Some(current) = self.cached(&system_id) else {
+                    continue;
+                };
+                // Only tokens workers use are renewed ahead; idle ones lapse.
+                if current.token_id != token_id || !current.used.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let me = self.clone();
+                tasks.spawn(async move {
+                    let _ = me
+                        .mint(&system_id, SystemTime::now(), Reason::Ahead { token_id })
+                        .await;
+                });
+            }
+        }
+        tasks.shutdown().await;
+    }
+}
+
+fn stale_or_unavailable(
+    current: Option<Arc<IssuedToken>>,
+    message: String,
+    retry_in: Duration,
+) -> Result<Arc<IssuedToken>, BrokerError> {
+    match current {
+        Some(c) if c.expires_at > SystemTime::now() => Ok(c),
+        _ => Err(BrokerError::Unavailable(format!(
+            "{message}; no valid token is cached; the broker retries in {} s",
+            retry_in.as_secs().max(1)
+        ))),
+    }
+}
