@@ -24,9 +24,23 @@ pub struct Req {
     pub query: HashMap<String, String>,
     /// Headers.
     pub headers: HeaderMap,
+    /// Body.
+    pub body: Vec<u8>,
 }
 
 impl Req {
+    /// The form-encoded body as pairs.
+    pub fn form(&self) -> HashMap<String, String> {
+        url::form_urlencoded::parse(&self.body)
+            .into_owned()
+            .collect()
+    }
+
+    /// The bearer token, if any.
+    pub fn bearer(&self) -> Option<&str> {
+        self.header("authorization").strip_prefix("Bearer ")
+    }
+
     /// A header as text ("" when absent).
     pub fn header(&self, name: &str) -> &str {
         self.headers
@@ -68,6 +82,8 @@ pub enum Reply {
     Raw(u16, &'static str, String),
     /// Never answers.
     Hang,
+    /// Answers after a delay.
+    Delay(std::time::Duration, Box<Reply>),
     /// Not a request the real system would get from a correct client: recorded, answered 404.
     Unexpected(String),
 }
@@ -90,57 +106,36 @@ impl FakeUpstream {
         let log = Arc::new(Mutex::new(Vec::new()));
         let unexpected = Arc::new(Mutex::new(Vec::new()));
         let (l2, u2) = (log.clone(), unexpected.clone());
-        let app = Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
-            let handler = handler.clone();
-            let (log, unexpected) = (l2.clone(), u2.clone());
-            async move {
-                let query = uri
-                    .query()
-                    .map(|q| {
-                        url::form_urlencoded::parse(q.as_bytes())
-                            .into_owned()
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let req = Req {
-                    method,
-                    path: uri.path().to_owned(),
-                    query,
-                    headers,
-                };
-                log.lock().unwrap().push(req.clone());
-                match handler(&req) {
-                    Reply::Json(s, v) => {
-                        (StatusCode::from_u16(s).unwrap(), axum::Json(v)).into_response()
+        let app = Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
+                let handler = handler.clone();
+                let (log, unexpected) = (l2.clone(), u2.clone());
+                async move {
+                    let query = uri
+                        .query()
+                        .map(|q| {
+                            url::form_urlencoded::parse(q.as_bytes())
+                                .into_owned()
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let req = Req {
+                        method,
+                        path: uri.path().to_owned(),
+                        query,
+                        headers,
+                        body: body.to_vec(),
+                    };
+                    log.lock().unwrap().push(req.clone());
+                    let mut reply = handler(&req);
+                    if let Reply::Delay(d, inner) = reply {
+                        tokio::time::sleep(d).await;
+                        reply = *inner;
                     }
-                    Reply::JsonWith(s, hs, v) => {
-                        let mut r =
-                            (StatusCode::from_u16(s).unwrap(), axum::Json(v)).into_response();
-                        for (k, val) in hs {
-                            r.headers_mut().insert(k, val.parse().unwrap());
-                        }
-                        r
-                    }
-                    Reply::Raw(s, ct, body) => (
-                        StatusCode::from_u16(s).unwrap(),
-                        [("content-type", ct)],
-                        body,
-                    )
-                        .into_response(),
-                    Reply::Hang => {
-                        std::future::pending::<()>().await;
-                        unreachable!()
-                    }
-                    Reply::Unexpected(why) => {
-                        unexpected
-                            .lock()
-                            .unwrap()
-                            .push(format!("{} {}: {why}", req.method, req.path));
-                        (StatusCode::NOT_FOUND, "unexpected request").into_response()
-                    }
+                    respond(reply, &req, &unexpected).await
                 }
-            }
-        });
+            },
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -166,6 +161,41 @@ impl FakeUpstream {
     /// Requests the fake did not expect.
     pub fn unexpected(&self) -> Vec<String> {
         self.unexpected.lock().unwrap().clone()
+    }
+}
+
+async fn respond(
+    reply: Reply,
+    req: &Req,
+    unexpected: &Mutex<Vec<String>>,
+) -> axum::response::Response {
+    match reply {
+        Reply::Json(s, v) => (StatusCode::from_u16(s).unwrap(), axum::Json(v)).into_response(),
+        Reply::JsonWith(s, hs, v) => {
+            let mut r = (StatusCode::from_u16(s).unwrap(), axum::Json(v)).into_response();
+            for (k, val) in hs {
+                r.headers_mut().insert(k, val.parse().unwrap());
+            }
+            r
+        }
+        Reply::Raw(s, ct, body) => (
+            StatusCode::from_u16(s).unwrap(),
+            [("content-type", ct)],
+            body,
+        )
+            .into_response(),
+        Reply::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Reply::Delay(..) => (StatusCode::INTERNAL_SERVER_ERROR, "nested delay").into_response(),
+        Reply::Unexpected(why) => {
+            unexpected
+                .lock()
+                .unwrap()
+                .push(format!("{} {}: {why}", req.method, req.path));
+            (StatusCode::NOT_FOUND, "unexpected request").into_response()
+        }
     }
 }
 
@@ -611,6 +641,138 @@ struct SnState {
     users: HashMap<String, SnUser>,
     mode: Mode,
     basic_auth_restricted: bool,
+    oauth: OAuthServer,
+}
+
+/// A token endpoint's state: clients, live access and refresh tokens, rotation and reuse
+/// detection (a rotated-out refresh token presented again revokes its whole family, as RFC 9700
+/// allows).
+pub struct OAuthServer {
+    clients: HashMap<String, String>,
+    access: HashMap<String, (String, std::time::Instant)>,
+    refresh: HashMap<String, (String, u64, bool)>,
+    /// Seconds an access token lives.
+    pub access_lifetime: u64,
+    /// Issue a new refresh token on every refresh.
+    pub rotate: bool,
+    /// Faults on the token endpoint only.
+    pub token_mode: Mode,
+    /// Delay before every token answer.
+    pub token_delay: std::time::Duration,
+    reuse_detected: usize,
+    token_calls: usize,
+    seq: u64,
+    newest_refresh: HashMap<String, String>,
+}
+
+impl OAuthServer {
+    fn new() -> Self {
+        Self {
+            clients: HashMap::new(),
+            access: HashMap::new(),
+            refresh: HashMap::new(),
+            access_lifetime: 1800,
+            rotate: false,
+            token_mode: Mode::Normal,
+            token_delay: std::time::Duration::ZERO,
+            reuse_detected: 0,
+            token_calls: 0,
+            seq: 0,
+            newest_refresh: HashMap::new(),
+        }
+    }
+
+    fn mint_access(&mut self, user: &str) -> String {
+        self.seq += 1;
+        let t = format!("at-{}-{}", self.seq, rand_suffix());
+        let until =
+            std::time::Instant::now() + std::time::Duration::from_secs(self.access_lifetime);
+        self.access.insert(t.clone(), (user.to_owned(), until));
+        t
+    }
+
+    fn mint_refresh(&mut self, user: &str, family: u64) -> String {
+        self.seq += 1;
+        let t = format!("rt-{}-{}", self.seq, rand_suffix());
+        self.refresh
+            .insert(t.clone(), (user.to_owned(), family, true));
+        self.newest_refresh.insert(user.to_owned(), t.clone());
+        t
+    }
+
+    /// The user an unexpired access token belongs to.
+    fn user_of(&self, token: &str) -> Option<String> {
+        self.access
+            .get(token)
+            .filter(|(_, until)| *until > std::time::Instant::now())
+            .map(|(u, _)| u.clone())
+    }
+
+    /// Revokes every token (as when consent is withdrawn).
+    fn revoke_all(&mut self) {
+        self.access.clear();
+        for v in self.refresh.values_mut() {
+            v.2 = false;
+        }
+    }
+
+    /// Handles a refresh grant: rotation, reuse detection.
+    fn refresh_grant(&mut self, rt: &str) -> Result<(String, Option<String>), Reply> {
+        let invalid = Reply::Json(
+            400,
+            json!({"error": "invalid_grant", "error_description": "Token has been expired or revoked."}),
+        );
+        let Some((user, family, active)) = self.refresh.get(rt).cloned() else {
+            return Err(invalid);
+        };
+        if !active {
+            // Reuse of a rotated-out token: revoke the whole family.
+            self.reuse_detected += 1;
+            for v in self.refresh.values_mut() {
+                if v.1 == family {
+                    v.2 = false;
+                }
+            }
+            return Err(invalid);
+        }
+        let access = self.mint_access(&user);
+        if self.rotate {
+            if let Some(v) = self.refresh.get_mut(rt) {
+                v.2 = false;
+            }
+            let new = self.mint_refresh(&user, family);
+            Ok((access, Some(new)))
+        } else {
+            Ok((access, Some(rt.to_owned())))
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+fn token_fault(o: &OAuthServer) -> Option<Reply> {
+    let r = match o.token_mode {
+        Mode::ServerError => {
+            Reply::Raw(503, "text/html", "<html>Service Unavailable</html>".into())
+        }
+        m => fault(m)?,
+    };
+    Some(if o.token_delay.is_zero() {
+        r
+    } else {
+        Reply::Delay(o.token_delay, Box::new(r))
+    })
+}
+
+fn delayed(o: &OAuthServer, r: Reply) -> Reply {
+    if o.token_delay.is_zero() {
+        r
+    } else {
+        Reply::Delay(o.token_delay, Box::new(r))
+    }
 }
 
 /// Every role the broker asks for.
@@ -639,9 +801,13 @@ impl FakeServiceNow {
             users: HashMap::new(),
             mode: Mode::Normal,
             basic_auth_restricted: false,
+            oauth: OAuthServer::new(),
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| {
+            if req.path == "/oauth_token.do" {
+                return sn_token(&mut st.lock().unwrap(), req);
+            }
             let Some(table) = req.path.strip_prefix("/api/now/table/") else {
                 return Reply::Unexpected("not a Table API path".into());
             };
@@ -654,12 +820,19 @@ impl FakeServiceNow {
                 return r;
             }
             let unauth = Reply::Json(401, json!({"error":{"message":"User Not Authenticated","detail":"Required to provide Auth information"},"status":"failure"}));
-            let (name, user) = match req.basic() {
-                Some(Ok((name, pw))) => match s.users.get(&name) {
-                    Some(u) if u.password == pw => (name, u),
+            let (name, user) = if let Some(token) = req.bearer() {
+                match s.oauth.user_of(token).and_then(|n| s.users.get(&n).map(|u| (n, u))) {
+                    Some(x) => x,
+                    None => return unauth,
+                }
+            } else {
+                match req.basic() {
+                    Some(Ok((name, pw))) => match s.users.get(&name) {
+                        Some(u) if u.password == pw => (name, u),
+                        _ => return unauth,
+                    },
                     _ => return unauth,
-                },
-                _ => return unauth,
+                }
             };
             if s.basic_auth_restricted {
                 return Reply::Json(401, json!({"error":{"message":"Basic authentication is restricted for this user","detail":"Basic Auth Restriction"},"status":"failure"}));
@@ -667,7 +840,7 @@ impl FakeServiceNow {
             let q = req.query.get("sysparm_query").cloned().unwrap_or_default();
             match table {
                 "sys_user" => {
-                    if q != format!("user_name={name}") {
+                    if q != format!("user_name={name}") && q != "sys_id=javascript:gs.getUserID()" {
                         return Reply::Unexpected(format!("unexpected sys_user query {q}"));
                     }
                     // ACLs filter rows: 200 with an empty result, not 403.
@@ -754,5 +927,354 @@ impl FakeServiceNow {
     /// Switches the answer mode.
     pub fn set_mode(&self, mode: Mode) {
         self.state.lock().unwrap().mode = mode;
+    }
+
+    /// Registers an OAuth client (Application Registry entry).
+    pub fn add_client(&self, id: &str, secret: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .oauth
+            .clients
+            .insert(id.into(), secret.into());
+    }
+
+    /// Changes the token endpoint's behaviour.
+    pub fn oauth(&self, f: impl FnOnce(&mut OAuthServer)) {
+        f(&mut self.state.lock().unwrap().oauth);
+    }
+
+    /// Issues a refresh token for `user` as a manual password grant would.
+    pub fn issue_refresh_token(&self, user: &str) -> String {
+        let mut s = self.state.lock().unwrap();
+        s.oauth.seq += 1;
+        let family = s.oauth.seq;
+        s.oauth.mint_refresh(user, family)
+    }
+
+    /// Token endpoint calls so far.
+    pub fn token_calls(&self) -> usize {
+        self.state.lock().unwrap().oauth.token_calls
+    }
+
+    /// How often a rotated-out refresh token was presented again.
+    pub fn reuse_detected(&self) -> usize {
+        self.state.lock().unwrap().oauth.reuse_detected
+    }
+
+    /// The newest refresh token issued for `user`.
+    pub fn newest_refresh_token(&self, user: &str) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .oauth
+            .newest_refresh
+            .get(user)
+            .cloned()
+    }
+
+    /// Revokes every token (consent withdrawn).
+    pub fn revoke_all(&self) {
+        self.state.lock().unwrap().oauth.revoke_all();
+    }
+}
+
+fn sn_token(s: &mut SnState, req: &Req) -> Reply {
+    if req.method != Method::POST
+        || !req
+            .header("content-type")
+            .starts_with("application/x-www-form-urlencoded")
+    {
+        return Reply::Unexpected(
+            "ServiceNow's token endpoint takes form-encoded POSTs only".into(),
+        );
+    }
+    s.oauth.token_calls += 1;
+    if let Some(r) = token_fault(&s.oauth) {
+        return r;
+    }
+    let form = req.form();
+    let bad_auth = Reply::Json(
+        401,
+        json!({"error": "server_error", "error_description": "access_denied"}),
+    );
+    let client_ok = matches!((form.get("client_id"), form.get("client_secret")),
+        (Some(id), Some(secret)) if s.oauth.clients.get(id) == Some(secret));
+    if !client_ok {
+        return delayed(&s.oauth, bad_auth);
+    }
+    let lifetime = s.oauth.access_lifetime;
+    let reply = match form.get("grant_type").map(String::as_str) {
+        Some("password") => {
+            let user = form.get("username").cloned().unwrap_or_default();
+            match s.users.get(&user) {
+                Some(u) if Some(&u.password) == form.get("password") && u.active => {
+                    s.oauth.seq += 1;
+                    let family = s.oauth.seq;
+                    let access = s.oauth.mint_access(&user);
+                    let refresh = s.oauth.mint_refresh(&user, family);
+                    Reply::Json(
+                        200,
+                        json!({"access_token": access, "refresh_token": refresh, "scope": "useraccount", "token_type": "Bearer", "expires_in": lifetime}),
+                    )
+                }
+                _ => bad_auth,
+            }
+        }
+        Some("refresh_token") => match s
+            .oauth
+            .refresh_grant(form.get("refresh_token").map(String::as_str).unwrap_or(""))
+        {
+            Ok((access, refresh)) => Reply::Json(
+                200,
+                json!({"access_token": access, "refresh_token": refresh, "scope": "useraccount", "token_type": "Bearer", "expires_in": lifetime}),
+            ),
+            Err(r) => r,
+        },
+        _ => return Reply::Unexpected("unknown grant_type".into()),
+    };
+    delayed(&s.oauth, reply)
+}
+
+// ------------------------------------------------------------------------------------------
+// Salesforce
+// ------------------------------------------------------------------------------------------
+
+struct SfState {
+    client: (String, String),
+    users: HashMap<String, (String, String)>,
+    sessions: HashMap<String, std::time::Instant>,
+    lifetime: u64,
+    introspection: bool,
+    userinfo: bool,
+    token_calls: usize,
+    token_mode: Mode,
+    seq: u64,
+}
+
+/// A fake Salesforce org: My Domain token endpoint (client credentials, password flow),
+/// introspection, UserInfo, REST, and SOAP `login()`. Its instance URL is its own origin.
+#[derive(Clone)]
+pub struct FakeSalesforce {
+    /// `http://127.0.0.1:PORT` (stands in for https://acme.my.salesforce.com).
+    pub base_url: String,
+    /// The server.
+    pub server: FakeUpstream,
+    state: Arc<Mutex<SfState>>,
+}
+
+const SF_USER_ID: &str = "005000000000001AAA";
+const SF_ORG_ID: &str = "00D000000000001EAA";
+
+impl FakeSalesforce {
+    /// Starts the fake with one External Client App (`client_id`, `client_secret`).
+    pub async fn start(client_id: &str, client_secret: &str) -> Self {
+        let state = Arc::new(Mutex::new(SfState {
+            client: (client_id.into(), client_secret.into()),
+            users: HashMap::new(),
+            sessions: HashMap::new(),
+            lifetime: 7200,
+            introspection: true,
+            userinfo: true,
+            token_calls: 0,
+            token_mode: Mode::Normal,
+            seq: 0,
+        }));
+        let st = state.clone();
+        let origin_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
+        let oc = origin_cell.clone();
+        let server = FakeUpstream::start(move |req| {
+            let mut s = st.lock().unwrap();
+            let origin = oc.lock().unwrap().clone();
+            sf_handle(&mut s, req, &origin)
+        })
+        .await;
+        *origin_cell.lock().unwrap() = server.origin.clone();
+        Self {
+            base_url: server.origin.clone(),
+            server,
+            state,
+        }
+    }
+
+    /// A user for the legacy flows: password and security token.
+    pub fn add_user(&self, username: &str, password: &str, security_token: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .users
+            .insert(username.into(), (password.into(), security_token.into()));
+    }
+
+    /// Session lifetime in seconds (what introspection reports as `exp`).
+    pub fn set_lifetime(&self, secs: u64) {
+        self.state.lock().unwrap().lifetime = secs;
+    }
+
+    /// Whether the app may introspect its tokens.
+    pub fn set_introspection(&self, on: bool) {
+        self.state.lock().unwrap().introspection = on;
+    }
+
+    /// Whether the app has identity scopes (UserInfo answers).
+    pub fn set_userinfo(&self, on: bool) {
+        self.state.lock().unwrap().userinfo = on;
+    }
+
+    /// Ends every session (as an admin's "revoke" or a session timeout does).
+    pub fn revoke_sessions(&self) {
+        self.state.lock().unwrap().sessions.clear();
+    }
+
+    /// Token requests (OAuth and SOAP) so far.
+    pub fn token_calls(&self) -> usize {
+        self.state.lock().unwrap().token_calls
+    }
+
+    /// Calls a Salesforce REST URL with the given headers, as a worker would.
+    pub async fn call_api(&self, api_base: &str, headers: &[(String, String)]) -> u16 {
+        let client = reqwest::Client::new();
+        let mut req = client.get(format!("{api_base}/services/data/v62.0/"));
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        req.send().await.unwrap().status().as_u16()
+    }
+}
+
+fn sf_session(s: &mut SfState) -> (String, u64) {
+    s.seq += 1;
+    let token = format!("00D!sess{}{}", s.seq, rand_suffix());
+    s.sessions.insert(
+        token.clone(),
+        std::time::Instant::now() + std::time::Duration::from_secs(s.lifetime),
+    );
+    (token, s.lifetime)
+}
+
+fn sf_handle(s: &mut SfState, req: &Req, origin: &str) -> Reply {
+    let invalid_session = Reply::Json(
+        401,
+        json!([{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]),
+    );
+    let valid = |s: &SfState| {
+        req.bearer()
+            .and_then(|t| s.sessions.get(t))
+            .is_some_and(|until| *until > std::time::Instant::now())
+    };
+    match req.path.as_str() {
+        "/services/oauth2/token" => {
+            if req.method != Method::POST {
+                return Reply::Unexpected("token endpoint takes POST".into());
+            }
+            s.token_calls += 1;
+            if let Some(r) = fault(s.token_mode) {
+                return r;
+            }
+            let f = req.form();
+            if f.get("client_id") != Some(&s.client.0)
+                || f.get("client_secret") != Some(&s.client.1)
+            {
+                return Reply::Json(
+                    400,
+                    json!({"error": "invalid_client", "error_description": "invalid client credentials"}),
+                );
+            }
+            match f.get("grant_type").map(String::as_str) {
+                Some("client_credentials") => {}
+                Some("password") => {
+                    let ok = f
+                        .get("username")
+                        .and_then(|u| s.users.get(u))
+                        .is_some_and(|(pw, tok)| f.get("password") == Some(&format!("{pw}{tok}")));
+                    if !ok {
+                        return Reply::Json(
+                            400,
+                            json!({"error": "invalid_grant", "error_description": "authentication failure"}),
+                        );
+                    }
+                }
+                _ => return Reply::Unexpected("unknown grant_type".into()),
+            }
+            let (token, _) = sf_session(s);
+            // No expires_in, no refresh_token: as Salesforce answers.
+            Reply::Json(
+                200,
+                json!({"access_token": token, "signature": "c2ln", "scope": "api id",
+                "instance_url": origin, "id": format!("https://login.salesforce.com/id/{SF_ORG_ID}/{SF_USER_ID}"),
+                "token_type": "Bearer", "issued_at": "1700000000000"}),
+            )
+        }
+        "/services/oauth2/introspect" => {
+            let f = req.form();
+            if !s.introspection || f.get("client_id") != Some(&s.client.0) {
+                return Reply::Json(
+                    401,
+                    json!({"error": "invalid_client", "error_description": "introspection not allowed"}),
+                );
+            }
+            let token = f.get("token").cloned().unwrap_or_default();
+            match s.sessions.get(&token) {
+                Some(until) => {
+                    let left = until
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_secs();
+                    let exp = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs()
+                        + left;
+                    Reply::Json(
+                        200,
+                        json!({"active": true, "exp": exp, "client_id": s.client.0, "token_type": "access_token"}),
+                    )
+                }
+                None => Reply::Json(200, json!({"active": false})),
+            }
+        }
+        "/services/oauth2/userinfo" => {
+            if !valid(s) {
+                return Reply::Raw(403, "text/plain", "Bad_OAuth_Token".into());
+            }
+            if !s.userinfo {
+                return Reply::Raw(403, "text/plain", "Insufficient_Scope".into());
+            }
+            Reply::Json(
+                200,
+                json!({"user_id": SF_USER_ID, "organization_id": SF_ORG_ID, "name": "Integration User",
+                "preferred_username": "integration@acme.example", "email": "integration@acme.example"}),
+            )
+        }
+        "/services/data/v62.0/" => {
+            if !valid(s) {
+                return invalid_session;
+            }
+            Reply::Json(
+                200,
+                json!({"sobjects": "/services/data/v62.0/sobjects", "limits": "/services/data/v62.0/limits"}),
+            )
+        }
+        "/services/Soap/u/64.0" => {
+            s.token_calls += 1;
+            let body = String::from_utf8_lossy(&req.body).to_string();
+            let tag = |t: &str| {
+                body.split(&format!("<n1:{t}>"))
+                    .nth(1)
+                    .and_then(|r| r.split("</").next())
+                    .map(str::to_owned)
+            };
+            let ok = tag("username")
+                .and_then(|u| s.users.get(&u).cloned())
+                .is_some_and(|(pw, tok)| tag("password") == Some(format!("{pw}{tok}")));
+            if !ok {
+                return Reply::Raw(500, "text/xml", "<soapenv:Envelope><soapenv:Body><soapenv:Fault><faultcode>sf:INVALID_LOGIN</faultcode><faultstring>INVALID_LOGIN: Invalid username, password, security token; or user locked out.</faultstring></soapenv:Fault></soapenv:Body></soapenv:Envelope>".into());
+            }
+            let (token, secs) = sf_session(s);
+            Reply::Raw(200, "text/xml", format!("<soapenv:Envelope><soapenv:Body><loginResponse><result><metadataServerUrl>{origin}/services/Soap/m/64.0/{SF_ORG_ID}</metadataServerUrl><passwordExpired>false</passwordExpired><sandbox>false</sandbox><serverUrl>{origin}/services/Soap/u/64.0/{SF_ORG_ID}</serverUrl><sessionId>{token}</sessionId><userId>{SF_USER_ID}</userId><userInfo><sessionSecondsValid>{secs}</sessionSecondsValid></userInfo></result></loginResponse></soapenv:Body></soapenv:Envelope>"))
+        }
+        "/services/data/" => {
+            Reply::Unexpected("the versions list needs no auth and proves nothing".into())
+        }
+        _ => Reply::Unexpected("unknown path".into()),
     }
 }

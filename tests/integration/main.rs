@@ -8,6 +8,7 @@ mod admin_cli;
 mod broker_api;
 mod fakes;
 mod lifecycle;
+mod oauth;
 mod static_backends;
 mod store_conformance;
 mod support;

@@ -23,8 +23,18 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-/// The interceptor that adds the bearer token.
-pub type AuthFn = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+/// The interceptor that adds the bearer token (or nothing).
+#[derive(Clone)]
+pub struct AuthFn(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for AuthFn {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.0 {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// A gRPC client that sends a fixed bearer token (or none).
 pub type Client = CredentialBrokerClient<InterceptedService<Channel, AuthFn>>;
@@ -36,14 +46,8 @@ pub async fn client(addr: SocketAddr, token: Option<&str>) -> Client {
         .connect()
         .await
         .unwrap();
-    let header: Option<MetadataValue<_>> = token.map(|t| format!("Bearer {t}").parse().unwrap());
-    let f: AuthFn = Box::new(move |mut req: Request<()>| {
-        if let Some(h) = &header {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(req)
-    });
-    CredentialBrokerClient::with_interceptor(channel, f)
+    let header = token.map(|t| format!("Bearer {t}").parse().unwrap());
+    CredentialBrokerClient::with_interceptor(channel, AuthFn(header))
 }
 
 /// Waits (event-driven, through the health Watch stream) until the broker reports `status`.
