@@ -14,12 +14,13 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::authorize::PendingAuthorization;
 use crate::backends::{Backend, EgressPolicy, Issued, Registry, Target};
 use crate::crypto::{Keyring, RecordBinding};
 use crate::error::BrokerError;
 use crate::model::{
-    unix_now, AuthCheck, AuthFailure, CallerRecord, Credential, Role, SystemKind, SystemRecord,
-    SystemState,
+    unix_now, AuthCheck, AuthFailure, CallerRecord, Credential, CredentialType, Role, SystemKind,
+    SystemRecord, SystemState,
 };
 use crate::secret::SecretString;
 use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
@@ -110,6 +111,14 @@ pub struct BrokerSettings {
     pub static_header_ttl: Duration,
     /// OAuth refresh tuning.
     pub refresh: RefreshSettings,
+    /// The URL of the broker's HTTP listener (OAuth redirect URIs are built from it).
+    pub public_url: Option<String>,
+    /// How long a started authorization stays usable.
+    pub authorization_ttl: Duration,
+    /// How often idle authorization-code grants are checked for keep-alive.
+    pub keepalive_interval: Duration,
+    /// Refresh an idle grant when its refresh token would die within this long.
+    pub keepalive_margin: Duration,
 }
 
 /// The broker core.
@@ -123,6 +132,7 @@ pub struct Broker {
     pub(crate) flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
     pub(crate) refresh_permits: tokio::sync::Semaphore,
     pub(crate) schedule: Schedule,
+    pub(crate) pending_authorizations: Mutex<HashMap<String, PendingAuthorization>>,
     callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
 }
 
@@ -171,6 +181,7 @@ impl Broker {
             tokens: RwLock::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
             schedule: Schedule::default(),
+            pending_authorizations: Mutex::new(HashMap::new()),
             callers: RwLock::new(HashMap::new()),
         };
         let callers = broker.store.list_callers().await?;
@@ -308,6 +319,14 @@ impl Broker {
         if self.store.get_system(&system_id).await?.is_some() {
             return Err(already_exists(&system_id));
         }
+        let needs_connect =
+            input.credential.credential_type() == CredentialType::OAuthAuthorizationCode;
+        if needs_connect && input.check {
+            return Err(BrokerError::invalid(
+                "check",
+                "an authorization-code system can be checked only once it is connected;                  register it without check, then run StartAuthorization                  (`credbrokerctl system connect SYSTEM_ID`)",
+            ));
+        }
         let prepared = prepare(
             backend.as_ref(),
             &system_id,
@@ -328,8 +347,12 @@ impl Broker {
             base_url,
             credential_type: prepared.credential.credential_type(),
             credential_version: version,
-            state: SystemState::Active,
-            state_message: None,
+            state: if needs_connect {
+                SystemState::AuthorizationPending
+            } else {
+                SystemState::Active
+            },
+            state_message: needs_connect.then(|| not_connected(&system_id)),
             created_at: now,
             updated_at: now,
             last_check: prepared.check.clone(),
@@ -454,8 +477,15 @@ impl Broker {
         updated.credential_type = prepared.credential.credential_type();
         updated.credential_version = version;
         updated.credential_expires_at = prepared.credential.expires_at();
-        updated.state = SystemState::Active;
-        updated.state_message = None;
+        // A new authorization-code client needs a new authorization.
+        let needs_connect =
+            prepared.credential.credential_type() == CredentialType::OAuthAuthorizationCode;
+        updated.state = if needs_connect {
+            SystemState::AuthorizationPending
+        } else {
+            SystemState::Active
+        };
+        updated.state_message = needs_connect.then(|| not_connected(system_id));
         updated.updated_at = unix_now();
         updated.revision = current.revision + 1;
         if prepared.check.is_some() {
@@ -673,6 +703,13 @@ fn failed_check(check: &AuthCheck, consequence: &str) -> BrokerError {
         "credential check failed ({class}): {}; {consequence}",
         check.message
     ))
+}
+
+fn not_connected(system_id: &str) -> String {
+    format!(
+        "not connected yet: run `credbrokerctl system connect {system_id}` and allow access at the \
+         vendor"
+    )
 }
 
 fn already_exists(system_id: &str) -> BrokerError {

@@ -14,6 +14,8 @@ use serde::Deserialize;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Default HTTP listen address (OAuth callback, later metrics and proxy).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
 
 /// The broker's settings.
 #[derive(Debug, Clone)]
@@ -56,6 +58,25 @@ pub struct Config {
     pub salesforce_token_lifetime: Duration,
     /// ServiceNow refresh-token lifespan (as configured on the instance; default 100 days).
     pub servicenow_refresh_token_lifespan: Duration,
+    /// HTTP listen address (`None`: no HTTP listener).
+    pub http_listen: Option<SocketAddr>,
+    /// The URL people and vendors reach the HTTP listener at (redirect URIs are built from it);
+    /// `None` means `http://{http_listen}`.
+    pub public_url: Option<String>,
+    /// Atlassian's authorization server.
+    pub jira_auth_url: String,
+    /// Atlassian's API gateway.
+    pub jira_api_url: String,
+    /// Zendesk access-token lifetime asked for.
+    pub zendesk_access_token_ttl: Duration,
+    /// Zendesk refresh-token lifetime asked for.
+    pub zendesk_refresh_token_ttl: Duration,
+    /// How long a started authorization (its `state`) stays usable.
+    pub authorization_ttl: Duration,
+    /// How often idle authorization-code grants are checked for keep-alive.
+    pub keepalive_interval: Duration,
+    /// Refresh an idle grant when its refresh token would die within this long.
+    pub keepalive_margin: Duration,
 }
 
 impl Default for Config {
@@ -82,6 +103,15 @@ impl Default for Config {
             refresh_retry_max: Duration::from_secs(300),
             salesforce_token_lifetime: Duration::from_secs(1800),
             servicenow_refresh_token_lifespan: Duration::from_secs(8_640_000),
+            http_listen: DEFAULT_HTTP_LISTEN.parse().ok(),
+            public_url: None,
+            jira_auth_url: "https://auth.atlassian.com".to_owned(),
+            jira_api_url: "https://api.atlassian.com".to_owned(),
+            zendesk_access_token_ttl: Duration::from_secs(30 * 60),
+            zendesk_refresh_token_ttl: Duration::from_secs(30 * 86_400),
+            authorization_ttl: Duration::from_secs(600),
+            keepalive_interval: Duration::from_secs(3600),
+            keepalive_margin: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -128,6 +158,22 @@ pub struct FileConfig {
     pub salesforce_token_lifetime_secs: Option<u64>,
     /// Seconds.
     pub servicenow_refresh_token_lifespan_secs: Option<u64>,
+    /// Address or `off`.
+    pub http_listen: Option<String>,
+    /// URL.
+    pub public_url: Option<String>,
+    /// URL.
+    pub jira_auth_url: Option<String>,
+    /// URL.
+    pub jira_api_url: Option<String>,
+    /// Seconds (300 – 172800).
+    pub zendesk_access_token_ttl_secs: Option<u64>,
+    /// Seconds (604800 – 7776000).
+    pub zendesk_refresh_token_ttl_secs: Option<u64>,
+    /// Seconds.
+    pub keepalive_interval_secs: Option<u64>,
+    /// Seconds.
+    pub keepalive_margin_secs: Option<u64>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -143,6 +189,14 @@ pub struct Overrides {
     pub log_format: Option<String>,
     /// `CREDBROKER_EGRESS_ALLOW_HTTP`.
     pub egress_allow_http: Option<String>,
+    /// `--http-listen` / `CREDBROKER_HTTP_LISTEN`.
+    pub http_listen: Option<String>,
+    /// `--public-url` / `CREDBROKER_PUBLIC_URL`.
+    pub public_url: Option<String>,
+    /// `CREDBROKER_JIRA_AUTH_URL`.
+    pub jira_auth_url: Option<String>,
+    /// `CREDBROKER_JIRA_API_URL`.
+    pub jira_api_url: Option<String>,
 }
 
 impl Config {
@@ -247,6 +301,78 @@ impl Config {
             Some(v) => c.max_concurrent_refreshes = v,
             None => {}
         }
+        match o.http_listen.clone().or(f.http_listen).as_deref() {
+            None => {}
+            Some("off") | Some("") => c.http_listen = None,
+            Some(a) => match a.parse() {
+                Ok(addr) => c.http_listen = Some(addr),
+                Err(_) => errors.push(format!(
+                    "http listen: '{a}' is not an address like 127.0.0.1:8080 (or 'off')"
+                )),
+            },
+        }
+        let url_setting =
+            |name: &str, v: Option<String>, errors: &mut Vec<String>| -> Option<String> {
+                let v = v?;
+                match url::Url::parse(&v) {
+                    Ok(u) if matches!(u.scheme(), "https" | "http") && u.host_str().is_some() => {
+                        Some(v.trim_end_matches('/').to_owned())
+                    }
+                    _ => {
+                        errors.push(format!("{name}: '{v}' is not an http(s) URL"));
+                        None
+                    }
+                }
+            };
+        c.public_url = url_setting(
+            "public url",
+            o.public_url.clone().or(f.public_url),
+            &mut errors,
+        );
+        if let Some(u) = url_setting(
+            "jira auth url",
+            o.jira_auth_url.clone().or(f.jira_auth_url),
+            &mut errors,
+        ) {
+            c.jira_auth_url = u;
+        }
+        if let Some(u) = url_setting(
+            "jira api url",
+            o.jira_api_url.clone().or(f.jira_api_url),
+            &mut errors,
+        ) {
+            c.jira_api_url = u;
+        }
+        match f.zendesk_access_token_ttl_secs {
+            Some(v) if (300..=172_800).contains(&v) => {
+                c.zendesk_access_token_ttl = Duration::from_secs(v)
+            }
+            Some(v) => errors.push(format!(
+                "zendesk_access_token_ttl_secs: {v} must be 300 – 172800 (Zendesk's limits)"
+            )),
+            None => {}
+        }
+        match f.zendesk_refresh_token_ttl_secs {
+            Some(v) if (604_800..=7_776_000).contains(&v) => {
+                c.zendesk_refresh_token_ttl = Duration::from_secs(v)
+            }
+            Some(v) => errors.push(format!(
+                "zendesk_refresh_token_ttl_secs: {v} must be 604800 – 7776000 (Zendesk's limits)"
+            )),
+            None => {}
+        }
+        secs(
+            f.keepalive_interval_secs,
+            "keepalive_interval_secs",
+            &mut errors,
+            &mut c.keepalive_interval,
+        );
+        secs(
+            f.keepalive_margin_secs,
+            "keepalive_margin_secs",
+            &mut errors,
+            &mut c.keepalive_margin,
+        );
         if let Some(v) = f.max_request_bytes {
             c.max_request_bytes = v;
         }

@@ -215,7 +215,7 @@ pub enum Credential {
         /// Optional client secret.
         client_secret: Option<SecretString>,
     },
-    /// An OAuth authorization-code client.
+    /// An OAuth authorization-code client, and the grant once a person authorized it.
     OAuthAuthorizationCode {
         /// Client id.
         client_id: String,
@@ -223,7 +223,25 @@ pub enum Credential {
         client_secret: SecretString,
         /// Requested scopes.
         scopes: Vec<String>,
+        /// The grant, after the authorization flow completed.
+        #[serde(default)]
+        grant: Option<Grant>,
     },
+}
+
+/// An authorized OAuth grant (authorization-code flows).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Grant {
+    /// The refresh token (rotated on every use by Zendesk and Atlassian).
+    pub refresh_token: SecretString,
+    /// When the refresh token stops working unless used, seconds since the epoch.
+    pub refresh_expires_at: Option<u64>,
+    /// Scopes the vendor granted.
+    pub granted_scopes: Vec<String>,
+    /// Jira Cloud: the site's cloud id.
+    pub cloud_id: Option<String>,
+    /// When the grant was made, seconds since the epoch.
+    pub authorized_at: u64,
 }
 
 impl Credential {
@@ -249,6 +267,7 @@ impl Credential {
             Self::OAuthRefreshToken {
                 refresh_expires_at, ..
             } => *refresh_expires_at,
+            Self::OAuthAuthorizationCode { grant: Some(g), .. } => g.refresh_expires_at,
             _ => None,
         }
     }

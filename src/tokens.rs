@@ -129,6 +129,8 @@ pub(crate) enum Reason<'a> {
     Demand { rejected: Option<&'a str> },
     /// The refresher renews this token ahead of expiry.
     Ahead { token_id: String },
+    /// The keep-alive sweep renews an idle grant before its refresh token dies.
+    KeepAlive,
 }
 
 /// The background refresher; stop it before the store closes.
@@ -261,6 +263,7 @@ impl Broker {
                     ))
                 }
             },
+            Reason::KeepAlive => {}
         }
         if let Some(msg) = &f.dead {
             return Err(BrokerError::FailedPrecondition(msg.clone()));
@@ -283,9 +286,14 @@ impl Broker {
         match record.state {
             SystemState::Active => {}
             SystemState::AuthorizationPending => {
-                return Err(BrokerError::FailedPrecondition(format!(
-                    "system '{system_id}' is waiting for its authorization to be completed"
-                )))
+                return Err(BrokerError::FailedPrecondition(
+                    record.state_message.clone().unwrap_or_else(|| {
+                        format!(
+                            "system '{system_id}' is waiting for its authorization: run \
+                         `credbrokerctl system connect {system_id}`"
+                        )
+                    }),
+                ))
             }
             SystemState::ReauthorizationRequired => {
                 let msg = record.state_message.clone().unwrap_or_else(|| {
@@ -543,6 +551,8 @@ impl Broker {
 
     async fn refresh_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tasks = JoinSet::new();
+        let mut keepalive = tokio::time::interval(self.settings.keepalive_interval);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = lock(&self.schedule.entries).first().map(|(at, _, _)| *at);
             let sleep = async move {
@@ -556,6 +566,7 @@ impl Broker {
                 _ = self.schedule.notify.notified() => {}
                 _ = stop.changed() => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = keepalive.tick() => self.keepalive_sweep(&mut tasks).await,
             }
             let now = Instant::now();
             let due: Vec<ScheduleEntry> = {
@@ -585,6 +596,42 @@ impl Broker {
             }
         }
         tasks.shutdown().await;
+    }
+}
+
+impl Broker {
+    /// Refreshes idle authorization-code grants whose refresh token would die within the
+    /// keep-alive margin (Atlassian: 90 days unused; Zendesk: the refresh-token lifetime), so an
+    /// unused system does not die quietly.
+    async fn keepalive_sweep(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
+        let horizon = unix_now() + self.settings.keepalive_margin.as_secs();
+        let mut after: Option<String> = None;
+        loop {
+            let page = match self.store.list_systems(after.as_deref(), 500).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(message = "Keep-alive sweep could not list systems.", error = %e);
+                    return;
+                }
+            };
+            for r in &page {
+                let due = r.state == SystemState::Active
+                    && r.credential_type == crate::model::CredentialType::OAuthAuthorizationCode
+                    && r.credential_expires_at.is_some_and(|e| e <= horizon);
+                if due {
+                    let me = self.clone();
+                    let id = r.system_id.clone();
+                    tracing::info!(message = "Keeping an idle grant alive.", credential_id = %id);
+                    tasks.spawn(async move {
+                        let _ = me.mint(&id, SystemTime::now(), Reason::KeepAlive).await;
+                    });
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == 500 => after = Some(last.system_id.clone()),
+                _ => return,
+            }
+        }
     }
 }
 

@@ -22,9 +22,11 @@ pub mod freshdesk;
 pub mod freshservice;
 pub mod freshworks;
 pub mod http;
+pub mod jira_cloud;
 pub mod oauth;
 pub mod salesforce;
 pub mod servicenow;
+pub mod zendesk;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -179,6 +181,50 @@ pub trait Backend: Send + Sync {
     /// as and which permissions a sync needs are missing. Never fails: every problem is an
     /// [`AuthCheck`] with a failure class.
     async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck;
+
+    /// Authorization-code flows: whether the vendor takes PKCE (S256).
+    fn uses_pkce(&self) -> bool {
+        false
+    }
+
+    /// Authorization-code flows: the vendor's consent page for this client.
+    fn authorize_url(
+        &self,
+        _target: &Target<'_>,
+        _request: &AuthorizeRequest<'_>,
+    ) -> Result<String, BackendError> {
+        Err(BackendError::Unsupported(format!(
+            "{} systems do not use an authorization-code flow",
+            self.kind().display_name()
+        )))
+    }
+
+    /// Authorization-code flows: exchanges the code; `updated_credential` carries the credential
+    /// with its new grant.
+    async fn exchange_code(
+        &self,
+        _target: &Target<'_>,
+        _code: &str,
+        _request: &AuthorizeRequest<'_>,
+    ) -> Result<Issued, BackendError> {
+        Err(BackendError::Unsupported(format!(
+            "{} systems do not use an authorization-code flow",
+            self.kind().display_name()
+        )))
+    }
+}
+
+/// The parameters of one authorization flow.
+#[derive(Debug)]
+pub struct AuthorizeRequest<'a> {
+    /// The one-time `state`.
+    pub state: &'a str,
+    /// The exact redirect URI registered with the vendor.
+    pub redirect_uri: &'a str,
+    /// PKCE S256 challenge (authorize) …
+    pub pkce_challenge: Option<&'a str>,
+    /// … and verifier (exchange).
+    pub pkce_verifier: Option<&'a SecretString>,
 }
 
 /// Shared plumbing handed to every backend.
@@ -249,7 +295,8 @@ fn registry(kind: SystemKind, ctx: &BackendContext) -> Option<Arc<dyn Backend>> 
         ))),
         SystemKind::ServiceNow => Some(Arc::new(servicenow::ServiceNowBackend::new(ctx.clone()))),
         SystemKind::Salesforce => Some(Arc::new(salesforce::SalesforceBackend::new(ctx.clone()))),
-        SystemKind::Zendesk | SystemKind::JiraCloud => None,
+        SystemKind::Zendesk => Some(Arc::new(zendesk::ZendeskBackend::new(ctx.clone()))),
+        SystemKind::JiraCloud => Some(Arc::new(jira_cloud::JiraCloudBackend::new(ctx.clone()))),
     }
 }
 

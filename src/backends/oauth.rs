@@ -28,13 +28,21 @@ use super::{bearer, BackendError, Issued};
 use crate::model::AuthFailure;
 use crate::secret::SecretString;
 
-/// Lifetimes the vendors do not announce.
+/// Vendor settings: lifetimes the vendors do not announce, and the Atlassian hosts.
 #[derive(Debug, Clone)]
 pub struct OAuthSettings {
     /// Salesforce tokens carry no `expires_in`; used when introspection is not allowed.
     pub salesforce_token_lifetime: Duration,
     /// ServiceNow refresh-token lifespan (not in any response; default 100 days).
     pub servicenow_refresh_token_lifespan: Duration,
+    /// Zendesk access-token lifetime asked for (`expires_in`; 5 min – 48 h, default 30 min).
+    pub zendesk_access_token_ttl: Duration,
+    /// Zendesk refresh-token lifetime asked for (7 – 90 days, default 30 days).
+    pub zendesk_refresh_token_ttl: Duration,
+    /// Atlassian's authorization server (`https://auth.atlassian.com`).
+    pub jira_auth_url: String,
+    /// Atlassian's API gateway (`https://api.atlassian.com`).
+    pub jira_api_url: String,
 }
 
 impl Default for OAuthSettings {
@@ -42,8 +50,29 @@ impl Default for OAuthSettings {
         Self {
             salesforce_token_lifetime: Duration::from_secs(30 * 60),
             servicenow_refresh_token_lifespan: Duration::from_secs(8_640_000),
+            zendesk_access_token_ttl: Duration::from_secs(30 * 60),
+            zendesk_refresh_token_ttl: Duration::from_secs(30 * 86_400),
+            jira_auth_url: "https://auth.atlassian.com".to_owned(),
+            jira_api_url: "https://api.atlassian.com".to_owned(),
         }
     }
+}
+
+/// Scopes granted, from a token response (space-separated `scope`), else the requested ones.
+pub fn granted_scopes(resp: &VendorTokenResponse, requested: &[String]) -> Vec<String> {
+    match resp.scopes() {
+        Some(s) => s.iter().map(|s| s.to_string()).collect(),
+        None => requested.to_vec(),
+    }
+}
+
+/// A random PKCE pair: (S256 challenge, verifier).
+pub fn pkce_pair() -> (String, SecretString) {
+    let (challenge, verifier) = oauth2::PkceCodeChallenge::new_random_sha256();
+    (
+        challenge.as_str().to_owned(),
+        SecretString::new(verifier.secret().clone()),
+    )
 }
 
 /// Vendor fields beside the standard token response.
@@ -296,4 +325,56 @@ pub fn issued_from(
 pub fn refresh_token(resp: &VendorTokenResponse) -> Option<SecretString> {
     resp.refresh_token()
         .map(|t| SecretString::from(t.secret().as_str()))
+}
+
+/// The authorization-code credential carrying the grant from a token response. A response
+/// without a refresh token keeps `previous` (the stored one).
+#[allow(clippy::too_many_arguments)] // One call site per vendor; a struct would only rename them.
+pub fn credential_with_grant(
+    client_id: &str,
+    client_secret: &SecretString,
+    scopes: &[String],
+    resp: &VendorTokenResponse,
+    previous: Option<&crate::model::Grant>,
+    refresh_expires_at: Option<u64>,
+    cloud_id: Option<String>,
+    vendor: &str,
+) -> Result<crate::model::Credential, BackendError> {
+    let refresh_token = refresh_token(resp)
+        .or_else(|| previous.map(|g| g.refresh_token.clone()))
+        .ok_or_else(|| BackendError::Rejected {
+            failure: AuthFailure::Misconfigured,
+            message: format!(
+                "{vendor} issued no refresh token; the app must allow offline access (refresh \
+                 tokens), then connect again"
+            ),
+        })?;
+    Ok(crate::model::Credential::OAuthAuthorizationCode {
+        client_id: client_id.to_owned(),
+        client_secret: client_secret.clone(),
+        scopes: scopes.to_vec(),
+        grant: Some(crate::model::Grant {
+            refresh_token,
+            refresh_expires_at,
+            granted_scopes: granted_scopes(
+                resp,
+                previous
+                    .map(|g| g.granted_scopes.as_slice())
+                    .unwrap_or(scopes),
+            ),
+            cloud_id: cloud_id.or_else(|| previous.and_then(|g| g.cloud_id.clone())),
+            authorized_at: previous
+                .map(|g| g.authorized_at)
+                .unwrap_or_else(crate::model::unix_now),
+        }),
+    })
+}
+
+/// Scopes in `needed` that `granted` lacks.
+pub fn missing_scopes(needed: &[String], granted: &[String]) -> Vec<String> {
+    needed
+        .iter()
+        .filter(|n| !granted.iter().any(|g| g == *n))
+        .cloned()
+        .collect()
 }

@@ -34,6 +34,18 @@ struct Args {
     /// Accept http:// base URLs (fakes on loopback, labs): 1 or 0.
     #[arg(long, env = "CREDBROKER_EGRESS_ALLOW_HTTP")]
     egress_allow_http: Option<String>,
+    /// HTTP listen address for the OAuth callback, or `off` [default: 127.0.0.1:8080].
+    #[arg(long, env = "CREDBROKER_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// URL people and vendors reach the HTTP listener at [default: http://{http-listen}].
+    #[arg(long, env = "CREDBROKER_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Atlassian authorization server [default: https://auth.atlassian.com].
+    #[arg(long, env = "CREDBROKER_JIRA_AUTH_URL")]
+    jira_auth_url: Option<String>,
+    /// Atlassian API gateway [default: https://api.atlassian.com].
+    #[arg(long, env = "CREDBROKER_JIRA_API_URL")]
+    jira_api_url: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -44,6 +56,10 @@ fn main() -> ExitCode {
         master_key_file: args.master_key_file,
         log_format: args.log_format,
         egress_allow_http: args.egress_allow_http,
+        http_listen: args.http_listen,
+        public_url: args.public_url,
+        jira_auth_url: args.jira_auth_url,
+        jira_api_url: args.jira_api_url,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

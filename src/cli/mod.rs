@@ -126,6 +126,15 @@ pub enum SystemCmd {
         /// System id.
         system_id: String,
     },
+    /// Connect a Zendesk or Jira Cloud system: prints the vendor URL to open (nothing is opened
+    /// automatically) and waits until the system is active or the authorization expires.
+    Connect {
+        /// System id.
+        system_id: String,
+        /// How often to look for completion, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        poll_ms: u64,
+    },
 }
 
 /// `system register` arguments.
@@ -441,6 +450,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     "rotated",
                 );
             }
+            SystemCmd::Connect { system_id, poll_ms } => {
+                connect_system(&mut client, out, system_id, poll_ms).await?;
+            }
             SystemCmd::Delete { system_id } => {
                 client
                     .delete_system(pb::DeleteSystemRequest {
@@ -555,6 +567,88 @@ async fn dispatch(cli: Cli) -> Result<()> {
         },
     }
     Ok(())
+}
+
+async fn connect_system(
+    client: &mut Client,
+    out: Output,
+    system_id: String,
+    poll_ms: u64,
+) -> Result<()> {
+    let before = client
+        .get_system(pb::GetSystemRequest {
+            system_id: system_id.clone(),
+        })
+        .await?
+        .into_inner()
+        .system
+        .unwrap_or_default();
+    let start = client
+        .start_authorization(pb::StartAuthorizationRequest {
+            system_id: system_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let expires = start.expires_at.unwrap_or_default();
+    if out == Output::Json {
+        println!(
+            "{}",
+            json!({"authorize_url": start.authorize_url, "redirect_uri": start.redirect_uri, "expires_at": ts_string(&expires)})
+        );
+    } else {
+        println!(
+            "Open this URL in a browser, sign in and allow access:\n\n  {}\n",
+            start.authorize_url
+        );
+        println!("(The vendor sends the browser back to {}; it must be registered with the OAuth client.)", start.redirect_uri);
+    }
+    use std::io::Write;
+    let mut last_message = before.state_message.clone();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(poll_ms.max(50))).await;
+        let sys = client
+            .get_system(pb::GetSystemRequest {
+                system_id: system_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .system
+            .unwrap_or_default();
+        if sys.state == pb::SystemState::Active as i32
+            && sys.credential_version > before.credential_version
+        {
+            if out == Output::Json {
+                println!("{}", system_json(&sys));
+            } else {
+                eprintln!();
+                println!(
+                    "connected: {} is active (credential version {})",
+                    sys.system_id, sys.credential_version
+                );
+            }
+            return Ok(());
+        }
+        if sys.state_message != last_message && !sys.state_message.is_empty() {
+            eprintln!("\n{}", sys.state_message);
+            last_message = sys.state_message.clone();
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let left = expires.seconds - now;
+        if left <= 0 {
+            bail!("the authorization expired before it was completed; run `credbrokerctl system connect {system_id}` again");
+        }
+        if out == Output::Text {
+            eprint!(
+                "\rwaiting for the authorization… {:02}:{:02} left ",
+                left / 60,
+                left % 60
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
 }
 
 fn parse_kind(s: &str) -> Result<SystemKind> {

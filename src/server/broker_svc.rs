@@ -270,4 +270,20 @@ impl CredentialBroker for BrokerService {
             caller: Some(convert::caller(&record)),
         }))
     }
+
+    async fn start_authorization(
+        &self,
+        request: Request<pb::StartAuthorizationRequest>,
+    ) -> Result<Response<pb::StartAuthorizationResponse>, Status> {
+        let (broker, _) = self.authorize(&request, Role::Admin)?;
+        let (url, expires, redirect) = broker
+            .start_authorization(request.get_ref().system_id.trim())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::StartAuthorizationResponse {
+            authorize_url: url,
+            expires_at: Some(convert::ts_from(expires)),
+            redirect_uri: redirect,
+        }))
+    }
 }

@@ -198,6 +198,7 @@ pub fn credential(
                 "credential.oauth_authorization_code.client_secret",
             )?,
             scopes: o.scopes,
+            grant: None,
         },
     })
 }

@@ -10,6 +10,7 @@
 
 pub mod broker_svc;
 pub mod convert;
+pub mod http;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -81,6 +82,8 @@ pub struct StartupHooks {
     /// When set, the store is opened only after this resolves (health stays `NOT_SERVING`
     /// meanwhile). Lets a test observe the starting state, or an embedder fetch a key first.
     pub before_open: Option<oneshot::Receiver<()>>,
+    /// A bound HTTP listener to use instead of binding `config.http_listen`.
+    pub http_listener: Option<TcpListener>,
 }
 
 /// Serves on `listener` until `shutdown` resolves.
@@ -135,13 +138,50 @@ pub async fn run_with_hooks(
         });
     let mut server_task = tokio::spawn(server);
 
+    let http_listener = match hooks.http_listener {
+        Some(l) => Some(l),
+        None => match config.http_listen {
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    let _ = stop_tx.send(());
+                    return Err(ServeError::Transport(format!(
+                        "cannot listen for HTTP on {addr}: {e}"
+                    )));
+                }
+            },
+            None => None,
+        },
+    };
+    let mut public_url = config.public_url.clone();
+    let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
+    let http_task = match http_listener {
+        Some(l) => {
+            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(message = "HTTP listening.", addr = %addr);
+            if public_url.is_none() {
+                public_url = Some(format!("http://{addr}"));
+            }
+            let app = http::router(core.clone());
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async {
+                        let _ = http_stop_rx.await;
+                    })
+                    .await;
+            }))
+        }
+        None => None,
+    };
+
     if let Some(gate) = hooks.before_open {
         let _ = gate.await;
     }
-    let broker = match open_broker(&config).await {
+    let broker = match open_broker(&config, public_url).await {
         Ok(b) => b,
         Err(e) => {
             let _ = stop_tx.send(());
+            let _ = http_stop_tx.send(());
             let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
             return Err(e);
         }
@@ -160,6 +200,7 @@ pub async fn run_with_hooks(
     };
     if let Some(res) = early_exit {
         refresher.shutdown().await;
+        let _ = http_stop_tx.send(());
         let _ = broker.flush().await;
         return match res {
             Ok(Ok(())) => Ok(()),
@@ -181,6 +222,10 @@ pub async fn run_with_hooks(
     health_clear.clear_service_status("").await;
     health_clear.clear_service_status(SERVICE_NAME).await;
     let _ = stop_tx.send(());
+    let _ = http_stop_tx.send(());
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(config.shutdown_grace, t).await;
+    }
     match tokio::time::timeout(config.shutdown_grace, &mut server_task).await {
         Ok(_) => tracing::info!(message = "In-flight calls drained."),
         Err(_) => {
@@ -201,7 +246,10 @@ pub async fn run_with_hooks(
     Ok(())
 }
 
-async fn open_broker(config: &Config) -> Result<Arc<Broker>, ServeError> {
+async fn open_broker(
+    config: &Config,
+    public_url: Option<String>,
+) -> Result<Arc<Broker>, ServeError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|error| ServeError::DataDir {
         path: data_dir.clone(),
@@ -241,6 +289,10 @@ async fn open_broker(config: &Config) -> Result<Arc<Broker>, ServeError> {
         oauth: OAuthSettings {
             salesforce_token_lifetime: config.salesforce_token_lifetime,
             servicenow_refresh_token_lifespan: config.servicenow_refresh_token_lifespan,
+            zendesk_access_token_ttl: config.zendesk_access_token_ttl,
+            zendesk_refresh_token_ttl: config.zendesk_refresh_token_ttl,
+            jira_auth_url: config.jira_auth_url.clone(),
+            jira_api_url: config.jira_api_url.clone(),
         },
     });
     let (broker, admin_token) = Broker::open(
@@ -257,6 +309,10 @@ async fn open_broker(config: &Config) -> Result<Arc<Broker>, ServeError> {
                 retry_max: config.refresh_retry_max,
                 ..RefreshSettings::default()
             },
+            public_url,
+            authorization_ttl: config.authorization_ttl,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_margin: config.keepalive_margin,
         },
     )
     .await?;

@@ -353,7 +353,8 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         Code::AlreadyExists,
         "keep",
     ));
-    let mut r = register_asana("k11", &fake.base_url, PAT, false);
+    // An authorization-code system cannot be checked before it is connected.
+    let mut r = register_asana("k11", &fake.base_url, PAT, true);
     r.kind = pb::SystemKind::Zendesk as i32;
     r.credential = Some(pb::Credential {
         credential: Some(pb::credential::Credential::OauthAuthorizationCode(
@@ -364,7 +365,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             },
         )),
     });
-    cases.push((r, Code::Unimplemented, "Zendesk"));
+    cases.push((r, Code::InvalidArgument, "connected"));
 
     for (req, code, needle) in cases {
         let e = admin.register_system(req).await.unwrap_err();

@@ -84,6 +84,8 @@ pub enum Reply {
     Hang,
     /// Answers after a delay.
     Delay(std::time::Duration, Box<Reply>),
+    /// 302 to this location.
+    Redirect(String),
     /// Not a request the real system would get from a correct client: recorded, answered 404.
     Unexpected(String),
 }
@@ -189,6 +191,7 @@ async fn respond(
             unreachable!()
         }
         Reply::Delay(..) => (StatusCode::INTERNAL_SERVER_ERROR, "nested delay").into_response(),
+        Reply::Redirect(to) => (StatusCode::FOUND, [("location", to)], "").into_response(),
         Reply::Unexpected(why) => {
             unexpected
                 .lock()
@@ -649,6 +652,7 @@ struct SnState {
 /// allows).
 pub struct OAuthServer {
     clients: HashMap<String, String>,
+    codes: HashMap<String, CodeGrant>,
     access: HashMap<String, (String, std::time::Instant)>,
     refresh: HashMap<String, (String, u64, bool)>,
     /// Seconds an access token lives.
@@ -669,6 +673,7 @@ impl OAuthServer {
     fn new() -> Self {
         Self {
             clients: HashMap::new(),
+            codes: HashMap::new(),
             access: HashMap::new(),
             refresh: HashMap::new(),
             access_lifetime: 1800,
@@ -706,6 +711,68 @@ impl OAuthServer {
             .get(token)
             .filter(|(_, until)| *until > std::time::Instant::now())
             .map(|(u, _)| u.clone())
+    }
+
+    /// Issues an authorization code (the user clicked Allow).
+    fn issue_code(
+        &mut self,
+        user: &str,
+        client_id: &str,
+        redirect_uri: &str,
+        challenge: Option<String>,
+        scopes: &str,
+    ) -> String {
+        self.seq += 1;
+        let code = format!("code-{}-{}", self.seq, rand_suffix());
+        self.codes.insert(
+            code.clone(),
+            CodeGrant {
+                user: user.into(),
+                client_id: client_id.into(),
+                redirect_uri: redirect_uri.into(),
+                challenge,
+                scopes: scopes.into(),
+            },
+        );
+        code
+    }
+
+    /// Exchanges a code: single use, bound to the client, the redirect URI and (PKCE) the verifier.
+    fn exchange_code(
+        &mut self,
+        f: &HashMap<String, String>,
+    ) -> Result<(String, String, String, String), Reply> {
+        let invalid = Reply::Json(
+            400,
+            json!({"error": "invalid_grant", "error_description": "The authorization code is invalid or expired."}),
+        );
+        let code = f.get("code").cloned().unwrap_or_default();
+        let Some(g) = self.codes.remove(&code) else {
+            return Err(invalid);
+        };
+        if f.get("client_id") != Some(&g.client_id)
+            || f.get("redirect_uri") != Some(&g.redirect_uri)
+        {
+            return Err(invalid);
+        }
+        if let Some(challenge) = &g.challenge {
+            use sha2::Digest;
+            let verifier = f.get("code_verifier").cloned().unwrap_or_default();
+            let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sha2::Sha256::digest(verifier.as_bytes()));
+            if &computed != challenge {
+                return Err(invalid);
+            }
+        }
+        self.seq += 1;
+        let family = self.seq;
+        let access = self.mint_access(&g.user);
+        let refresh = self.mint_refresh(&g.user, family);
+        Ok((g.user, access, refresh, g.scopes))
+    }
+
+    fn client_ok(&self, f: &HashMap<String, String>) -> bool {
+        matches!((f.get("client_id"), f.get("client_secret")), (Some(id), Some(secret)) if self.clients.get(id) == Some(secret))
     }
 
     /// Revokes every token (as when consent is withdrawn).
@@ -746,6 +813,53 @@ impl OAuthServer {
             Ok((access, Some(rt.to_owned())))
         }
     }
+}
+
+struct CodeGrant {
+    user: String,
+    client_id: String,
+    redirect_uri: String,
+    challenge: Option<String>,
+    scopes: String,
+}
+
+/// A JSON token request's fields as strings.
+fn json_form(req: &Req) -> Option<HashMap<String, String>> {
+    if !req.header("content-type").starts_with("application/json") {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&req.body).ok()?;
+    Some(
+        v.as_object()?
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string()),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// What the person at the consent page does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consent {
+    /// Signs in as this user and clicks Allow.
+    Allow(String),
+    /// Clicks Deny.
+    Deny,
+}
+
+/// A 302 back to the client's redirect URI.
+fn redirect_back(redirect_uri: &str, params: &[(&str, &str)]) -> Reply {
+    let mut url = url::Url::parse(redirect_uri).unwrap();
+    for (k, v) in params {
+        url.query_pairs_mut().append_pair(k, v);
+    }
+    Reply::Redirect(url.to_string())
 }
 
 fn rand_suffix() -> String {
@@ -1277,4 +1391,393 @@ fn sf_handle(s: &mut SfState, req: &Req, origin: &str) -> Reply {
         }
         _ => Reply::Unexpected("unknown path".into()),
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// Zendesk
+// ------------------------------------------------------------------------------------------
+
+struct ZdState {
+    oauth: OAuthServer,
+    users: HashMap<String, (u64, String, String, String)>,
+    consent: Consent,
+    /// Overrides the lifetime the client asks for (tests use seconds).
+    access_lifetime: Option<u64>,
+}
+
+/// A fake Zendesk account: consent page, JSON token endpoint with rotating refresh tokens (the
+/// previous pair dies at once; reuse revokes the family), and `users/me` that answers 200 to
+/// anonymous callers.
+#[derive(Clone)]
+pub struct FakeZendesk {
+    /// `http://127.0.0.1:PORT` (stands in for https://acme.zendesk.com).
+    pub base_url: String,
+    /// The server.
+    pub server: FakeUpstream,
+    state: Arc<Mutex<ZdState>>,
+}
+
+impl FakeZendesk {
+    /// Starts the fake with one OAuth client.
+    pub async fn start(client_id: &str, client_secret: &str) -> Self {
+        let mut oauth = OAuthServer::new();
+        oauth.rotate = true;
+        oauth.clients.insert(client_id.into(), client_secret.into());
+        let state = Arc::new(Mutex::new(ZdState {
+            oauth,
+            users: HashMap::new(),
+            consent: Consent::Deny,
+            access_lifetime: None,
+        }));
+        let st = state.clone();
+        let server = FakeUpstream::start(move |req| zd_handle(&mut st.lock().unwrap(), req)).await;
+        Self {
+            base_url: server.origin.clone(),
+            server,
+            state,
+        }
+    }
+
+    /// A user who can sign in: (id, name, email, role).
+    pub fn add_user(&self, login: &str, id: u64, name: &str, email: &str, role: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .users
+            .insert(login.into(), (id, name.into(), email.into(), role.into()));
+    }
+
+    /// What the person at the consent page does.
+    pub fn set_consent(&self, c: Consent) {
+        self.state.lock().unwrap().consent = c;
+    }
+
+    /// Forces the access-token lifetime (seconds).
+    pub fn set_access_lifetime(&self, secs: u64) {
+        self.state.lock().unwrap().access_lifetime = Some(secs);
+    }
+
+    /// Token endpoint calls.
+    pub fn token_calls(&self) -> usize {
+        self.state.lock().unwrap().oauth.token_calls
+    }
+
+    /// Reuses of rotated-out refresh tokens.
+    pub fn reuse_detected(&self) -> usize {
+        self.state.lock().unwrap().oauth.reuse_detected
+    }
+
+    /// The newest refresh token of `login`.
+    pub fn newest_refresh_token(&self, login: &str) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .oauth
+            .newest_refresh
+            .get(login)
+            .cloned()
+    }
+}
+
+fn zd_handle(s: &mut ZdState, req: &Req) -> Reply {
+    match req.path.as_str() {
+        "/oauth/authorizations/new" => {
+            let q = &req.query;
+            let client_ok = q
+                .get("client_id")
+                .is_some_and(|c| s.oauth.clients.contains_key(c));
+            if !client_ok || q.get("response_type").map(String::as_str) != Some("code") {
+                return Reply::Unexpected("bad authorize request".into());
+            }
+            if q.get("code_challenge_method").map(String::as_str) != Some("S256")
+                || !q.contains_key("code_challenge")
+            {
+                return Reply::Unexpected("PKCE S256 expected".into());
+            }
+            let redirect = q.get("redirect_uri").cloned().unwrap_or_default();
+            let state = q.get("state").cloned().unwrap_or_default();
+            match s.consent.clone() {
+                Consent::Deny => redirect_back(
+                    &redirect,
+                    &[
+                        ("error", "access_denied"),
+                        (
+                            "error_description",
+                            "The end-user or authorization server denied the request.",
+                        ),
+                        ("state", &state),
+                    ],
+                ),
+                Consent::Allow(user) => {
+                    let code = s.oauth.issue_code(
+                        &user,
+                        &q["client_id"],
+                        &redirect,
+                        q.get("code_challenge").cloned(),
+                        q.get("scope").map(String::as_str).unwrap_or("read write"),
+                    );
+                    redirect_back(&redirect, &[("code", &code), ("state", &state)])
+                }
+            }
+        }
+        "/oauth/tokens" => {
+            let Some(f) = json_form(req) else {
+                return Reply::Unexpected("Zendesk's token endpoint takes a JSON body".into());
+            };
+            s.oauth.token_calls += 1;
+            if !s.oauth.client_ok(&f) {
+                return Reply::Json(
+                    401,
+                    json!({"error": "invalid_client", "error_description": "Client authentication failed due to unknown client"}),
+                );
+            }
+            let asked: u64 = f
+                .get("expires_in")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1800);
+            let lifetime = s.access_lifetime.unwrap_or(asked);
+            let refresh_ttl: u64 = f
+                .get("refresh_token_expires_in")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2_592_000);
+            s.oauth.access_lifetime = lifetime;
+            let (access, refresh, scope) = match f.get("grant_type").map(String::as_str) {
+                Some("authorization_code") => match s.oauth.exchange_code(&f) {
+                    Ok((_, a, r, scope)) => (a, r, scope),
+                    Err(e) => return e,
+                },
+                Some("refresh_token") => match s
+                    .oauth
+                    .refresh_grant(f.get("refresh_token").map(String::as_str).unwrap_or(""))
+                {
+                    Ok((a, r)) => (a, r.unwrap_or_default(), "read write".to_owned()),
+                    Err(e) => return e,
+                },
+                _ => return Reply::Unexpected("unknown grant_type".into()),
+            };
+            Reply::Json(
+                200,
+                json!({"access_token": access, "token_type": "bearer", "scope": scope, "refresh_token": refresh,
+                "expires_in": lifetime, "refresh_token_expires_in": refresh_ttl}),
+            )
+        }
+        "/api/v2/users/me.json" => {
+            // Allowed for anonymous users: 200 with a null id, never 401.
+            let anonymous = json!({"user": {"id": null, "name": "Anonymous user", "email": "invalid@example.com", "role": "end-user"}});
+            let user = req
+                .bearer()
+                .and_then(|t| s.oauth.user_of(t))
+                .and_then(|u| s.users.get(&u).cloned());
+            match user {
+                Some((id, name, email, role)) => Reply::Json(
+                    200,
+                    json!({"user": {"id": id, "name": name, "email": email, "role": role, "active": true}}),
+                ),
+                None => Reply::Json(200, anonymous),
+            }
+        }
+        _ => Reply::Unexpected("unknown path".into()),
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Atlassian (auth.atlassian.com and api.atlassian.com on one origin)
+// ------------------------------------------------------------------------------------------
+
+struct AtlState {
+    oauth: OAuthServer,
+    users: HashMap<String, (String, String, String)>,
+    sites: Vec<(String, String, String)>,
+    consent: Consent,
+    granted_scopes: Option<String>,
+}
+
+/// A fake Atlassian: consent page, JSON token endpoint with rotating refresh tokens and reuse
+/// detection, accessible-resources and Jira's `myself` through the API gateway.
+#[derive(Clone)]
+pub struct FakeAtlassian {
+    /// Origin for both `CREDBROKER_JIRA_AUTH_URL` and `CREDBROKER_JIRA_API_URL`.
+    pub origin: String,
+    /// The server.
+    pub server: FakeUpstream,
+    state: Arc<Mutex<AtlState>>,
+}
+
+impl FakeAtlassian {
+    /// Starts the fake.
+    pub async fn start() -> Self {
+        let mut oauth = OAuthServer::new();
+        oauth.rotate = true;
+        let state = Arc::new(Mutex::new(AtlState {
+            oauth,
+            users: HashMap::new(),
+            sites: Vec::new(),
+            consent: Consent::Deny,
+            granted_scopes: None,
+        }));
+        let st = state.clone();
+        let server = FakeUpstream::start(move |req| atl_handle(&mut st.lock().unwrap(), req)).await;
+        Self {
+            origin: server.origin.clone(),
+            server,
+            state,
+        }
+    }
+
+    /// An OAuth 2.0 (3LO) app.
+    pub fn add_client(&self, id: &str, secret: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .oauth
+            .clients
+            .insert(id.into(), secret.into());
+    }
+
+    /// A user: (account id, name, email).
+    pub fn add_user(&self, login: &str, account_id: &str, name: &str, email: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .users
+            .insert(login.into(), (account_id.into(), name.into(), email.into()));
+    }
+
+    /// The sites every grant covers: (cloud id, name, url).
+    pub fn set_sites(&self, sites: &[(&str, &str, &str)]) {
+        self.state.lock().unwrap().sites = sites
+            .iter()
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+            .collect();
+    }
+
+    /// What the person at the consent page does.
+    pub fn set_consent(&self, c: Consent) {
+        self.state.lock().unwrap().consent = c;
+    }
+
+    /// Grants fewer scopes than asked (space-separated).
+    pub fn set_granted_scopes(&self, scopes: &str) {
+        self.state.lock().unwrap().granted_scopes = Some(scopes.into());
+    }
+
+    /// Token endpoint calls.
+    pub fn token_calls(&self) -> usize {
+        self.state.lock().unwrap().oauth.token_calls
+    }
+
+    /// Reuses of rotated-out refresh tokens.
+    pub fn reuse_detected(&self) -> usize {
+        self.state.lock().unwrap().oauth.reuse_detected
+    }
+}
+
+fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
+    let path = req.path.as_str();
+    if path == "/authorize" {
+        let q = &req.query;
+        let ok = q.get("audience").map(String::as_str) == Some("api.atlassian.com")
+            && q.get("prompt").map(String::as_str) == Some("consent")
+            && q.get("response_type").map(String::as_str) == Some("code")
+            && q.get("scope")
+                .is_some_and(|sc| sc.split(' ').any(|x| x == "offline_access"))
+            && q.get("client_id")
+                .is_some_and(|c| s.oauth.clients.contains_key(c));
+        if !ok {
+            return Reply::Unexpected(
+                "authorize needs audience, prompt=consent, offline_access and a known client"
+                    .into(),
+            );
+        }
+        let redirect = q.get("redirect_uri").cloned().unwrap_or_default();
+        let state = q.get("state").cloned().unwrap_or_default();
+        return match s.consent.clone() {
+            Consent::Deny => {
+                redirect_back(&redirect, &[("error", "access_denied"), ("state", &state)])
+            }
+            Consent::Allow(user) => {
+                let scopes = s
+                    .granted_scopes
+                    .clone()
+                    .unwrap_or_else(|| q["scope"].clone());
+                let code = s
+                    .oauth
+                    .issue_code(&user, &q["client_id"], &redirect, None, &scopes);
+                redirect_back(&redirect, &[("code", &code), ("state", &state)])
+            }
+        };
+    }
+    if path == "/oauth/token" {
+        let Some(f) = json_form(req) else {
+            return Reply::Unexpected("Atlassian's token endpoint takes a JSON body".into());
+        };
+        s.oauth.token_calls += 1;
+        if !s.oauth.client_ok(&f) {
+            return Reply::Json(
+                401,
+                json!({"error": "access_denied", "error_description": "Unauthorized"}),
+            );
+        }
+        let lifetime = s.oauth.access_lifetime;
+        let (access, refresh, scope) = match f.get("grant_type").map(String::as_str) {
+            Some("authorization_code") => match s.oauth.exchange_code(&f) {
+                Ok((_, a, r, scope)) => (a, r, scope),
+                Err(e) => return e,
+            },
+            Some("refresh_token") => match s
+                .oauth
+                .refresh_grant(f.get("refresh_token").map(String::as_str).unwrap_or(""))
+            {
+                Ok((a, r)) => (
+                    a,
+                    r.unwrap_or_default(),
+                    s.granted_scopes.clone().unwrap_or_else(|| {
+                        "read:jira-work write:jira-work read:jira-user offline_access".into()
+                    }),
+                ),
+                Err(_) => {
+                    return Reply::Json(
+                        403,
+                        json!({"error": "invalid_grant", "error_description": "Unknown or invalid refresh token."}),
+                    )
+                }
+            },
+            _ => return Reply::Unexpected("unknown grant_type".into()),
+        };
+        return Reply::Json(
+            200,
+            json!({"access_token": access, "refresh_token": refresh, "expires_in": lifetime, "token_type": "Bearer", "scope": scope}),
+        );
+    }
+    let Some(user) = req.bearer().and_then(|t| s.oauth.user_of(t)) else {
+        return Reply::Json(401, json!({"code": 401, "message": "Unauthorized"}));
+    };
+    if path == "/oauth/token/accessible-resources" {
+        let sites: Vec<Value> = s.sites.iter().map(|(id, name, url)| json!({"id": id, "name": name, "url": url, "scopes": ["read:jira-work"], "avatarUrl": ""})).collect();
+        return Reply::Json(200, Value::Array(sites));
+    }
+    if let Some(rest) = path.strip_prefix("/ex/jira/") {
+        let (cloud, api) = rest.split_once('/').unwrap_or((rest, ""));
+        if !s.sites.iter().any(|(id, _, _)| id == cloud) {
+            return Reply::Json(404, json!({"errorMessages": ["site not found"]}));
+        }
+        if api == "rest/api/3/myself" {
+            if s.granted_scopes
+                .as_deref()
+                .is_some_and(|g| !g.contains("read:jira-user"))
+            {
+                return Reply::Json(
+                    401,
+                    json!({"code": 401, "message": "Unauthorized; scope does not match"}),
+                );
+            }
+            let (id, name, email) = s.users.get(&user).cloned().unwrap_or_default();
+            return Reply::Json(
+                200,
+                json!({"accountId": id, "accountType": "atlassian", "active": true, "displayName": name, "emailAddress": email}),
+            );
+        }
+        return Reply::Json(200, json!({"ok": true}));
+    }
+    Reply::Unexpected("unknown path".into())
 }

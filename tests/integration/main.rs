@@ -6,6 +6,7 @@
 
 mod admin_cli;
 mod broker_api;
+mod connect;
 mod fakes;
 mod lifecycle;
 mod oauth;

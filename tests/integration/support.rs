@@ -91,6 +91,8 @@ pub fn test_config(data_dir: &Path) -> Config {
         egress_allow_http: true,
         upstream_timeout: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(5),
+        // Tests bind their own HTTP listener on port 0 (never the default 8080).
+        http_listen: None,
         ..Config::default()
     }
 }
@@ -99,6 +101,8 @@ pub fn test_config(data_dir: &Path) -> Config {
 pub struct TestBroker {
     /// gRPC address.
     pub addr: SocketAddr,
+    /// HTTP listener address (OAuth callback).
+    pub http_addr: SocketAddr,
     /// The bootstrap admin token.
     pub admin_token: String,
     /// The data directory.
@@ -110,7 +114,15 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts a broker with `config` and waits until it is SERVING.
     pub async fn start_with(config: Config) -> Self {
-        Self::start_gated(config, StartupHooks::default()).await
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_gated(
+            config,
+            StartupHooks {
+                http_listener: Some(http),
+                ..Default::default()
+            },
+        )
+        .await
     }
 
     /// Starts a broker on `data_dir` with the test defaults.
@@ -121,6 +133,7 @@ impl TestBroker {
     async fn start_gated(config: Config, hooks: StartupHooks) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let http_addr = hooks.http_listener.as_ref().unwrap().local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
         let task = tokio::spawn(run_with_hooks(
@@ -138,6 +151,7 @@ impl TestBroker {
             .to_owned();
         Self {
             addr,
+            http_addr,
             admin_token,
             data_dir,
             shutdown: Some(tx),
@@ -166,6 +180,7 @@ impl TestBroker {
             },
             StartupHooks {
                 before_open: Some(gate_rx),
+                ..Default::default()
             },
         ));
         (addr, gate_tx, stop_tx, task)
@@ -209,6 +224,8 @@ pub fn spawn_process(
         .arg("127.0.0.1:0")
         .arg("--data-dir")
         .arg(data_dir)
+        .arg("--http-listen")
+        .arg("127.0.0.1:0")
         .env("CREDBROKER_LOG_FORMAT", "json")
         .env("CREDBROKER_EGRESS_ALLOW_HTTP", "1")
         .env_remove("CREDBROKER_MASTER_KEY_FILE")

@@ -1,0 +1,306 @@
+//! Authorization-code flows hosted by the broker ("Connect with Zendesk / Jira Cloud").
+//!
+//! `StartAuthorization` creates a one-time `state` (random, bound to the system and its
+//! credential version, valid for `authorization_ttl`, single use) and a PKCE verifier where the
+//! vendor takes PKCE; both stay in memory only. The vendor sends the browser back to
+//! `/oauth/callback`, where the code is exchanged and the grant stored as a new credential version
+//! (the system becomes active). Vendor errors, and forged, replayed or expired states, get a clear
+//! page and change nothing. The code, the tokens and the client secret never appear in pages or
+//! logs.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+
+use crate::backends::{oauth, AuthorizeRequest, BackendError, Target};
+use crate::broker::{lock, Broker};
+use crate::error::BrokerError;
+use crate::model::{unix_now, AuthFailure, CredentialType, SystemState};
+use crate::secret::SecretString;
+
+/// A started authorization, waiting for its callback.
+pub struct PendingAuthorization {
+    system_id: String,
+    credential_version: u64,
+    verifier: Option<SecretString>,
+    redirect_uri: String,
+    expires: Instant,
+}
+
+/// What the callback shows the person in the browser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackPage {
+    /// HTTP status.
+    pub status: u16,
+    /// Page title.
+    pub title: String,
+    /// What happened and what to do (no secrets).
+    pub message: String,
+}
+
+impl CallbackPage {
+    fn new(status: u16, title: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            title: title.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+fn connect_hint(system_id: &str) -> String {
+    format!("start again with `credbrokerctl system connect {system_id}`")
+}
+
+impl Broker {
+    /// The redirect URI vendors send the browser back to, when the broker has an HTTP listener.
+    pub fn redirect_uri(&self) -> Option<String> {
+        self.settings
+            .public_url
+            .as_ref()
+            .map(|u| format!("{}/oauth/callback", u.trim_end_matches('/')))
+    }
+
+    /// Starts an authorization-code flow: (authorize URL, expiry, redirect URI).
+    pub async fn start_authorization(
+        &self,
+        system_id: &str,
+    ) -> Result<(String, SystemTime, String), BrokerError> {
+        let record = self.get_system(system_id).await?;
+        if record.credential_type != CredentialType::OAuthAuthorizationCode {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "system '{system_id}' does not use an authorization-code flow ({} has no \
+                 'Connect' step)",
+                record.credential_type
+            )));
+        }
+        let redirect_uri = self.redirect_uri().ok_or_else(|| {
+            BrokerError::FailedPrecondition(
+                "the broker has no HTTP listener for the OAuth callback; set \
+                 CREDBROKER_HTTP_LISTEN and CREDBROKER_PUBLIC_URL"
+                    .to_owned(),
+            )
+        })?;
+        let backend = self.registry.get(record.kind)?.clone();
+        let credential = self.open_credential(&record)?;
+        let mut raw = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let state = URL_SAFE_NO_PAD.encode(raw);
+        let (challenge, verifier) = if backend.uses_pkce() {
+            let (c, v) = oauth::pkce_pair();
+            (Some(c), Some(v))
+        } else {
+            (None, None)
+        };
+        let url = backend
+            .authorize_url(
+                &Target {
+                    system_id: Some(system_id),
+                    base_url: &record.base_url,
+                    credential: &credential,
+                },
+                &AuthorizeRequest {
+                    state: &state,
+                    redirect_uri: &redirect_uri,
+                    pkce_challenge: challenge.as_deref(),
+                    pkce_verifier: None,
+                },
+            )
+            .map_err(BrokerError::from)?;
+        let ttl = self.settings.authorization_ttl;
+        {
+            let mut pending = lock(&self.pending_authorizations);
+            let now = Instant::now();
+            pending.retain(|_, p| p.expires > now);
+            pending.insert(
+                state,
+                PendingAuthorization {
+                    system_id: system_id.to_owned(),
+                    credential_version: record.credential_version,
+                    verifier,
+                    redirect_uri: redirect_uri.clone(),
+                    expires: now + ttl,
+                },
+            );
+        }
+        tracing::info!(message = "Authorization started.", system = %record.kind, credential_id = %system_id);
+        Ok((url, SystemTime::now() + ttl, redirect_uri))
+    }
+
+    /// Completes a flow from the callback's query parameters.
+    pub async fn complete_authorization(&self, params: &HashMap<String, String>) -> CallbackPage {
+        let Some(state) = params.get("state").filter(|s| !s.is_empty()) else {
+            return CallbackPage::new(
+                400,
+                "Authorization failed",
+                "The callback carries no state; start the connection again from credbrokerctl.",
+            );
+        };
+        // Single use: the state is consumed whatever happens next.
+        let pending = lock(&self.pending_authorizations).remove(state);
+        let Some(p) = pending else {
+            return CallbackPage::new(
+                400,
+                "Authorization link not valid",
+                "This authorization link is unknown, was already used, or belongs to another \
+                 broker. Nothing was changed; start the connection again with `credbrokerctl \
+                 system connect SYSTEM_ID`.",
+            );
+        };
+        let hint = connect_hint(&p.system_id);
+        if p.expires <= Instant::now() {
+            return CallbackPage::new(
+                400,
+                "Authorization link expired",
+                format!(
+                    "The authorization for '{}' expired. Nothing was changed; {hint}.",
+                    p.system_id
+                ),
+            );
+        }
+        if let Some(err) = params.get("error") {
+            let code: String = err
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(64)
+                .collect();
+            return CallbackPage::new(
+                400,
+                "Authorization was not granted",
+                format!("The vendor answered '{code}' (access was not allowed). Nothing was changed for '{}'; {hint}.", p.system_id),
+            );
+        }
+        let Some(code) = params.get("code").filter(|c| !c.is_empty()) else {
+            return CallbackPage::new(
+                400,
+                "Authorization failed",
+                format!("The callback carries no code. Nothing was changed; {hint}."),
+            );
+        };
+        match self.finish(&p, state, code).await {
+            Ok(()) => CallbackPage::new(
+                200,
+                "Connected",
+                format!(
+                    "System '{}' is connected and active. You can close this page.",
+                    p.system_id
+                ),
+            ),
+            Err((status, message)) => CallbackPage::new(status, "Authorization failed", message),
+        }
+    }
+
+    async fn finish(
+        &self,
+        p: &PendingAuthorization,
+        state: &str,
+        code: &str,
+    ) -> Result<(), (u16, String)> {
+        let hint = connect_hint(&p.system_id);
+        let record = self.get_system(&p.system_id).await.map_err(|_| {
+            (
+                404,
+                format!(
+                    "System '{}' no longer exists; nothing was stored.",
+                    p.system_id
+                ),
+            )
+        })?;
+        if record.credential_version != p.credential_version {
+            return Err((409, format!("The credential of '{}' changed since this authorization started; nothing was stored; {hint}.", p.system_id)));
+        }
+        let backend = self
+            .registry
+            .get(record.kind)
+            .map_err(|e| (500, e.to_string()))?
+            .clone();
+        let credential = self
+            .open_credential(&record)
+            .map_err(|e| (500, e.to_string()))?;
+        let result = backend
+            .exchange_code(
+                &Target {
+                    system_id: Some(&p.system_id),
+                    base_url: &record.base_url,
+                    credential: &credential,
+                },
+                code,
+                &AuthorizeRequest {
+                    state,
+                    redirect_uri: &p.redirect_uri,
+                    pkce_challenge: None,
+                    pkce_verifier: p.verifier.as_ref(),
+                },
+            )
+            .await;
+        let mut issued = match result {
+            Ok(i) => i,
+            Err(BackendError::Rejected { failure, message }) => {
+                if failure == AuthFailure::Misconfigured && record.state != SystemState::Active {
+                    // E.g. the grant covers other Jira sites: keep the system pending, say why.
+                    self.set_state_message(&p.system_id, &message).await;
+                }
+                return Err((400, format!("{message}. Nothing else was changed.")));
+            }
+            Err(e) => return Err((502, format!("{e}. Nothing was changed; {hint}."))),
+        };
+        let Some(new_credential) = issued.updated_credential.take() else {
+            return Err((502, "the vendor's answer carried no grant".to_owned()));
+        };
+        let flight = self.flight(&p.system_id);
+        let mut f = flight.lock().await;
+        let current = self
+            .get_system(&p.system_id)
+            .await
+            .map_err(|e| (500, e.to_string()))?;
+        if current.credential_version != p.credential_version {
+            return Err((
+                409,
+                format!("The credential changed meanwhile; nothing was stored; {hint}."),
+            ));
+        }
+        let version = current.credential_version + 1;
+        let mut updated = current.clone();
+        updated.sealed_credential = self
+            .seal(&p.system_id, version, &new_credential)
+            .map_err(|e| (500, e.to_string()))?;
+        updated.credential_version = version;
+        updated.credential_expires_at = new_credential.expires_at();
+        updated.state = SystemState::Active;
+        updated.state_message = None;
+        updated.updated_at = unix_now();
+        updated.revision = current.revision + 1;
+        self.store
+            .update_system(&updated, current.revision)
+            .await
+            .map_err(|e| {
+                (
+                    503,
+                    format!(
+                        "the grant could not be stored ({}); {hint}",
+                        BrokerError::from(e)
+                    ),
+                )
+            })?;
+        Self::reset_flight(&mut f);
+        self.drop_token(&p.system_id);
+        let _ = self.install(&p.system_id, &updated, issued, SystemTime::now(), true);
+        tracing::info!(message = "Authorization completed; system active.", system = %updated.kind, credential_id = %p.system_id);
+        Ok(())
+    }
+
+    async fn set_state_message(&self, system_id: &str, message: &str) {
+        if let Ok(current) = self.get_system(system_id).await {
+            let mut updated = current.clone();
+            updated.state_message = Some(message.to_owned());
+            updated.revision = current.revision + 1;
+            let _ = self.store.update_system(&updated, current.revision).await;
+        }
+    }
+}
+
+/// Default lifetime of a started authorization.
+pub const DEFAULT_AUTHORIZATION_TTL: Duration = Duration::from_secs(600);

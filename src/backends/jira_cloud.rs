@@ -1,0 +1,358 @@
+//! Jira Cloud: OAuth 2.0 (3LO) authorization code, then rotating refresh tokens
+//! (`shared/upstreams.md` §5, §11).
+//!
+//! - Authorize at `{auth}/authorize` with `audience=api.atlassian.com`, `offline_access` and
+//!   `prompt=consent`; token: `POST {auth}/oauth/token` (JSON body, client secret mandatory).
+//! - After the exchange, `{api}/oauth/token/accessible-resources` lists the sites the grant
+//!   covers; the one whose `url` matches the registered site is kept (its `id` is the cloud id)
+//!   and workers call `{api}/ex/jira/{cloudId}`. No match: the system stays pending with the list.
+//! - Refresh tokens rotate; reusing one outside a 10-minute leeway revokes the whole grant; they
+//!   die after 90 days unused, so the broker keeps idle grants alive.
+//! - A missing scope is a 401 "scope does not match": scopes are compared, not guessed.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use oauth2::{AuthorizationCode, RedirectUrl, RefreshToken};
+use serde::Deserialize;
+
+use super::classify::{common, not_the_api, unreachable};
+use super::http::{parse_base_url, url_string};
+use super::oauth::{self, OAuthHttp};
+use super::{
+    bearer, AuthorizeRequest, Backend, BackendContext, BackendError, EgressPolicy, Issued, Target,
+};
+use crate::model::{unix_now, AuthCheck, AuthFailure, Credential, Identity, SystemKind};
+use crate::secret::SecretString;
+
+const VENDOR: &str = "Jira Cloud";
+const URL_HINT: &str = "enter your site URL, e.g. https://acme.atlassian.net";
+/// Scopes asked for when the admin names none (`offline_access` is always added).
+pub const DEFAULT_SCOPES: &[&str] = &["read:jira-work", "write:jira-work", "read:jira-user"];
+/// Atlassian refresh tokens die after this long unused.
+pub const REFRESH_INACTIVITY: Duration = Duration::from_secs(90 * 86_400);
+const RECONNECT: &str = "reconnect it with `credbrokerctl system connect SYSTEM_ID`";
+
+/// The Jira Cloud backend.
+pub struct JiraCloudBackend {
+    ctx: BackendContext,
+}
+
+impl JiraCloudBackend {
+    /// A backend using the shared plumbing.
+    pub fn new(ctx: BackendContext) -> Self {
+        Self { ctx }
+    }
+}
+
+fn scopes_with_offline(scopes: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = if scopes.is_empty() {
+        DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect()
+    } else {
+        scopes.to_vec()
+    };
+    if !v.iter().any(|s| s == "offline_access") {
+        v.push("offline_access".to_owned());
+    }
+    v
+}
+
+fn normalize_site(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+#[async_trait]
+impl Backend for JiraCloudBackend {
+    fn kind(&self) -> SystemKind {
+        SystemKind::JiraCloud
+    }
+
+    fn canonical_base_url(&self, raw: &str, egress: &EgressPolicy) -> Result<String, String> {
+        let mut base = parse_base_url(raw, egress)?;
+        if base.is_stand_in {
+            return Ok(url_string(&base.url));
+        }
+        let host = base.url.host_str().unwrap_or_default();
+        if !host.ends_with(".atlassian.net") || host.split('.').count() != 3 {
+            return Err(URL_HINT.to_owned());
+        }
+        base.url.set_path("");
+        Ok(url_string(&base.url))
+    }
+
+    fn authorize_url(
+        &self,
+        target: &Target<'_>,
+        request: &AuthorizeRequest<'_>,
+    ) -> Result<String, BackendError> {
+        let Credential::OAuthAuthorizationCode {
+            client_id, scopes, ..
+        } = target.credential
+        else {
+            return Err(BackendError::Unsupported(
+                "Jira Cloud accepts only oauth_authorization_code".to_owned(),
+            ));
+        };
+        let mut url = url::Url::parse(&format!("{}/authorize", self.ctx.oauth.jira_auth_url))
+            .map_err(|_| BackendError::Unsupported("invalid Atlassian auth URL".to_owned()))?;
+        url.query_pairs_mut()
+            .append_pair("audience", "api.atlassian.com")
+            .append_pair("client_id", client_id)
+            .append_pair("scope", &scopes_with_offline(scopes).join(" "))
+            .append_pair("redirect_uri", request.redirect_uri)
+            .append_pair("state", request.state)
+            .append_pair("response_type", "code")
+            .append_pair("prompt", "consent");
+        Ok(url.to_string())
+    }
+
+    async fn exchange_code(
+        &self,
+        target: &Target<'_>,
+        code: &str,
+        request: &AuthorizeRequest<'_>,
+    ) -> Result<Issued, BackendError> {
+        let Credential::OAuthAuthorizationCode {
+            client_id,
+            client_secret,
+            scopes,
+            ..
+        } = target.credential
+        else {
+            return Err(BackendError::Unsupported(
+                "Jira Cloud accepts only oauth_authorization_code".to_owned(),
+            ));
+        };
+        let redirect = RedirectUrl::new(request.redirect_uri.to_owned())
+            .map_err(|_| BackendError::Unsupported("invalid redirect URI".to_owned()))?;
+        let client = oauth::client(client_id, Some(client_secret), &self.token_url())?
+            .set_redirect_uri(redirect);
+        let http = OAuthHttp::json(&self.ctx.http);
+        let resp = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .request_async(&http)
+            .await
+            .map_err(|e| classify(&e, &http))?;
+        let access =
+            SecretString::from(oauth2::TokenResponse::access_token(&resp).secret().as_str());
+        let cloud_id = self.pick_site(target.base_url, &access).await?;
+        self.issued(client_id, client_secret, scopes, &resp, None, cloud_id)
+    }
+
+    async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let Credential::OAuthAuthorizationCode {
+            client_id,
+            client_secret,
+            scopes,
+            grant,
+        } = target.credential
+        else {
+            return Err(BackendError::Unsupported(
+                "Jira Cloud accepts only oauth_authorization_code".to_owned(),
+            ));
+        };
+        let Some(grant) = grant else {
+            return Err(BackendError::Rejected {
+                failure: AuthFailure::ReauthorizationRequired,
+                message: format!("the Jira Cloud system is not connected yet; {RECONNECT}"),
+            });
+        };
+        let cloud_id = grant
+            .cloud_id
+            .clone()
+            .ok_or_else(|| BackendError::Rejected {
+                failure: AuthFailure::ReauthorizationRequired,
+                message: format!("the Jira Cloud grant has no site; {RECONNECT}"),
+            })?;
+        let client = oauth::client(client_id, Some(client_secret), &self.token_url())?;
+        let http = OAuthHttp::json(&self.ctx.http);
+        let resp = client
+            .exchange_refresh_token(&RefreshToken::new(
+                grant.refresh_token.expose_secret().to_owned(),
+            ))
+            .request_async(&http)
+            .await
+            .map_err(|e| classify(&e, &http))?;
+        self.issued(
+            client_id,
+            client_secret,
+            scopes,
+            &resp,
+            Some(grant),
+            cloud_id,
+        )
+    }
+
+    async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
+        let url = format!("{}/rest/api/3/myself", issued.api_base_url);
+        let resp = match self.ctx.http.get(&url, &issued.headers).await {
+            Ok(r) => r,
+            Err(e) => return unreachable(VENDOR, &e),
+        };
+        let granted: &[String] = match target.credential {
+            Credential::OAuthAuthorizationCode { grant: Some(g), .. } => &g.granted_scopes,
+            _ => &[],
+        };
+        let needed = match target.credential {
+            Credential::OAuthAuthorizationCode { scopes, .. } => scopes_with_offline(scopes),
+            _ => Vec::new(),
+        };
+        let missing = oauth::missing_scopes(&needed, granted);
+        let check = match resp.status {
+            200 => match serde_json::from_slice::<Myself>(&resp.body) {
+                Ok(m) if !m.account_id.is_empty() => {
+                    if m.active == Some(false) {
+                        return AuthCheck::failed(
+                            AuthFailure::ExpiredOrRevoked,
+                            format!("the Atlassian account that connected is deactivated; {RECONNECT} as an active user"),
+                        );
+                    }
+                    AuthCheck::ok(
+                        Identity {
+                            id: m.account_id,
+                            display_name: m.display_name.unwrap_or_default(),
+                            email: m.email_address.unwrap_or_default(),
+                        },
+                        "the grant authenticates",
+                    )
+                }
+                _ => return not_the_api(VENDOR, URL_HINT),
+            },
+            // "Unauthorized; scope does not match" is a 401, not a 403.
+            401 if !missing.is_empty() || String::from_utf8_lossy(&resp.body).contains("scope does not match") => {
+                let mut c = AuthCheck::failed(
+                    AuthFailure::InsufficientPermissions,
+                    format!("Jira refused the token: scope does not match; grant the scopes and {RECONNECT}"),
+                );
+                c.missing_permissions = missing;
+                return c;
+            }
+            401 => {
+                return AuthCheck::failed(
+                    AuthFailure::InvalidCredentials,
+                    format!("Jira could not authenticate the token (401); {RECONNECT}"),
+                )
+            }
+            403 => {
+                return AuthCheck::failed(
+                    AuthFailure::InsufficientPermissions,
+                    "Jira refused the token (403): the user lacks product access (Browse users and groups)",
+                )
+            }
+            _ => return common(VENDOR, &resp, URL_HINT),
+        };
+        super::classify::with_missing(
+            check,
+            missing,
+            &format!("Grant the scopes to the app and {RECONNECT}."),
+        )
+    }
+}
+
+impl JiraCloudBackend {
+    fn token_url(&self) -> String {
+        format!("{}/oauth/token", self.ctx.oauth.jira_auth_url)
+    }
+
+    /// The cloud id of the registered site among the sites the grant covers.
+    async fn pick_site(&self, site: &str, access: &SecretString) -> Result<String, BackendError> {
+        let url = format!(
+            "{}/oauth/token/accessible-resources",
+            self.ctx.oauth.jira_api_url
+        );
+        let r = self
+            .ctx
+            .http
+            .get(&url, &[bearer(access)])
+            .await
+            .map_err(|e| BackendError::unreachable(VENDOR, &e))?;
+        if r.status != 200 {
+            return Err(BackendError::Transient {
+                failure: AuthFailure::UpstreamError,
+                message: format!(
+                    "Atlassian's accessible-resources answered HTTP {}",
+                    r.status
+                ),
+                retry_after: r.retry_after().map(Duration::from_secs),
+            });
+        }
+        let sites: Vec<Resource> =
+            serde_json::from_slice(&r.body).map_err(|_| BackendError::Transient {
+                failure: AuthFailure::UpstreamError,
+                message: "Atlassian's accessible-resources answer was unreadable".to_owned(),
+                retry_after: None,
+            })?;
+        let want = normalize_site(site);
+        if let Some(s) = sites.iter().find(|s| normalize_site(&s.url) == want) {
+            return Ok(s.id.clone());
+        }
+        let list: Vec<String> = sites
+            .iter()
+            .map(|s| format!("{} ({})", s.url, s.name))
+            .collect();
+        Err(BackendError::Rejected {
+            failure: AuthFailure::Misconfigured,
+            message: if list.is_empty() {
+                format!("the grant covers no Jira site; pick {site} on the consent page and connect again")
+            } else {
+                format!(
+                    "the grant covers {} but not {site}; pick {site} on the consent page (or fix \
+                     the site URL) and connect again",
+                    list.join(", ")
+                )
+            },
+        })
+    }
+
+    fn issued(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        scopes: &[String],
+        resp: &oauth::VendorTokenResponse,
+        previous: Option<&crate::model::Grant>,
+        cloud_id: String,
+    ) -> Result<Issued, BackendError> {
+        let api_base = format!("{}/ex/jira/{cloud_id}", self.ctx.oauth.jira_api_url);
+        let mut issued = oauth::issued_from(resp, Duration::from_secs(3600), api_base);
+        issued.updated_credential = Some(oauth::credential_with_grant(
+            client_id,
+            client_secret,
+            scopes,
+            resp,
+            previous,
+            Some(unix_now() + REFRESH_INACTIVITY.as_secs()),
+            Some(cloud_id),
+            VENDOR,
+        )?);
+        Ok(issued)
+    }
+}
+
+fn classify(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendError {
+    oauth::classify(
+        VENDOR,
+        e,
+        http.last(),
+        &format!("the grant is expired or revoked; {RECONNECT}"),
+        "check the app's client id and secret in the Atlassian developer console",
+    )
+}
+
+#[derive(Deserialize)]
+struct Resource {
+    id: String,
+    #[serde(default)]
+    name: String,
+    url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Myself {
+    #[serde(default)]
+    account_id: String,
+    display_name: Option<String>,
+    email_address: Option<String>,
+    active: Option<bool>,
+}

@@ -1,0 +1,55 @@
+//! The HTTP listener: the OAuth callback page (`/oauth/callback`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Html;
+use axum::routing::get;
+use axum::Router;
+
+use crate::broker::Broker;
+
+/// The HTTP routes, sharing the gRPC service's core cell.
+pub fn router(core: Arc<OnceLock<Arc<Broker>>>) -> Router {
+    Router::new()
+        .route("/oauth/callback", get(callback))
+        .with_state(core)
+}
+
+async fn callback(
+    State(core): State<Arc<OnceLock<Arc<Broker>>>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> (StatusCode, Html<String>) {
+    let Some(broker) = core.get() else {
+        return page(
+            503,
+            "Starting",
+            "credbroker is starting; reload this page in a moment.",
+        );
+    };
+    let p = broker.complete_authorization(&params).await;
+    page(p.status, &p.title, &p.message)
+}
+
+fn page(status: u16, title: &str, message: &str) -> (StatusCode, Html<String>) {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        code,
+        Html(format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} – credbroker</title>\
+             <style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}\
+             </style></head><body><h1>{t}</h1><p>{m}</p></body></html>",
+            t = escape(title),
+            m = escape(message)
+        )),
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -1,0 +1,630 @@
+//! "Connect with Zendesk" and "Connect with Jira Cloud": RPC → authorize URL → the vendor's
+//! consent page (followed as a browser would) → the broker's callback → an active system.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use credbroker::pb;
+use tonic::Code;
+
+use crate::support::*;
+
+const ZD_CLIENT: &str = "zdg-credbroker";
+const ZD_SECRET: &str = "zd-client-secret-canary-19";
+const JIRA_CLIENT: &str = "jira-client-a";
+const JIRA_SECRET: &str = "jira-client-secret-canary-23";
+
+fn authz_code(client_id: &str, secret: &str) -> pb::Credential {
+    pb::Credential {
+        credential: Some(pb::credential::Credential::OauthAuthorizationCode(
+            pb::OAuthAuthorizationCode {
+                client_id: client_id.into(),
+                client_secret: secret.into(),
+                scopes: vec![],
+            },
+        )),
+    }
+}
+
+fn register(
+    id: &str,
+    kind: pb::SystemKind,
+    base: &str,
+    cred: pb::Credential,
+) -> pb::RegisterSystemRequest {
+    pb::RegisterSystemRequest {
+        system_id: id.into(),
+        kind: kind as i32,
+        base_url: base.into(),
+        credential: Some(cred),
+        ..Default::default()
+    }
+}
+
+/// What a browser does: open the authorize URL, follow the vendor's redirect to the callback.
+/// Returns the vendor's redirect target and the callback page.
+async fn browse(authorize_url: &str) -> (String, u16, String) {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = http.get(authorize_url).send().await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        302,
+        "the consent page should redirect back"
+    );
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let (status, page) = open(&location).await;
+    (location, status, page)
+}
+
+async fn open(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn start(admin: &mut Client, id: &str) -> pb::StartAuthorizationResponse {
+    admin
+        .start_authorization(pb::StartAuthorizationRequest {
+            system_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn system(admin: &mut Client, id: &str) -> pb::System {
+    admin
+        .get_system(pb::GetSystemRequest {
+            system_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .system
+        .unwrap()
+}
+
+fn token_req(id: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        system_id: id.into(),
+        ..Default::default()
+    }
+}
+
+async fn zendesk() -> FakeZendesk {
+    let fake = FakeZendesk::start(ZD_CLIENT, ZD_SECRET).await;
+    fake.add_user("agent", 9001, "Agent Smith", "agent@acme.example", "agent");
+    fake.add_user("enduser", 9002, "End User", "eu@acme.example", "end-user");
+    fake.set_consent(Consent::Allow("agent".into()));
+    fake
+}
+
+async fn atlassian() -> FakeAtlassian {
+    let fake = FakeAtlassian::start().await;
+    fake.add_client(JIRA_CLIENT, JIRA_SECRET);
+    fake.add_client("jira-client-b", "jira-secret-b");
+    fake.add_user(
+        "proxy",
+        "5b10ac8d82e05b22cc7d4ef5",
+        "Jira Proxy",
+        "jira@acme.example",
+    );
+    fake.set_sites(&[
+        ("cloud-other", "Other", "https://other.atlassian.net"),
+        ("cloud-acme", "Acme", "https://acme.atlassian.net"),
+    ]);
+    fake.set_consent(Consent::Allow("proxy".into()));
+    fake
+}
+
+fn jira_config(dir: &std::path::Path, fake: &FakeAtlassian) -> credbroker::config::Config {
+    let mut c = test_config(dir);
+    c.jira_auth_url = fake.origin.clone();
+    c.jira_api_url = fake.origin.clone();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zendesk_connects_end_to_end_through_the_rpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let sys = admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &fake.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .system
+        .unwrap();
+    assert_eq!(sys.state, pb::SystemState::AuthorizationPending as i32);
+    assert!(
+        sys.state_message
+            .contains("credbrokerctl system connect zd"),
+        "{}",
+        sys.state_message
+    );
+    let e = admin.get_access_token(token_req("zd")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("connect"), "{}", e.message());
+
+    let s = start(&mut admin, "zd").await;
+    assert_eq!(
+        s.redirect_uri,
+        format!("http://{}/oauth/callback", broker.http_addr)
+    );
+    let url = url::Url::parse(&s.authorize_url).unwrap();
+    let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(q["scope"], "read write");
+    assert_eq!(q["redirect_uri"], s.redirect_uri);
+    assert!(q["state"].len() >= 40);
+    let (_, status, page) = browse(&s.authorize_url).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("connected and active"), "{page}");
+
+    let sys = system(&mut admin, "zd").await;
+    assert_eq!(sys.state, pb::SystemState::Active as i32);
+    assert_eq!(sys.credential_version, 2);
+    // The refresh token's lifetime is known (asked for explicitly): 30 days by default.
+    let left = sys.credential_expires_at.unwrap().seconds - credbroker::model::unix_now() as i64;
+    assert!((2_591_000..=2_592_000).contains(&left), "{left}");
+    let calls = fake.token_calls();
+    let tok = admin
+        .get_access_token(token_req("zd"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tok.headers[0].value.starts_with("Bearer at-"));
+    assert_eq!(tok.api_base_url, fake.base_url);
+    assert_eq!(
+        fake.token_calls(),
+        calls,
+        "the token from the exchange serves the first worker"
+    );
+    let c = admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                "zd".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert!(c.ok, "{}", c.message);
+    assert_eq!(c.identity.unwrap().id, "9001");
+
+    // Reconnecting as an end-user: the identity check tells, the grant is replaced only on success.
+    fake.set_consent(Consent::Allow("enduser".into()));
+    let s = start(&mut admin, "zd").await;
+    let (_, status, _) = browse(&s.authorize_url).await;
+    assert_eq!(status, 200);
+    let c = admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                "zd".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert!(!c.ok);
+    assert_eq!(c.missing_permissions, ["agent or admin role"]);
+    assert!(
+        fake.server.unexpected().is_empty(),
+        "{:?}",
+        fake.server.unexpected()
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jira_connects_through_the_cli_and_picks_the_registered_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = atlassian().await;
+    let broker = TestBroker::start_with(jira_config(dir.path(), &fake)).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(
+            "jira",
+            pb::SystemKind::JiraCloud,
+            "https://ACME.atlassian.net/",
+            authz_code(JIRA_CLIENT, JIRA_SECRET),
+        ))
+        .await
+        .unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_credbrokerctl"))
+        .args([
+            "--output",
+            "json",
+            "system",
+            "connect",
+            "jira",
+            "--poll-ms",
+            "100",
+        ])
+        .env("CREDBROKER_ADDR", broker.addr.to_string())
+        .env("CREDBROKER_DATA_DIR", &broker.data_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let url = url::Url::parse(first["authorize_url"].as_str().unwrap()).unwrap();
+    let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+    assert_eq!(q["audience"], "api.atlassian.com");
+    assert_eq!(q["prompt"], "consent");
+    assert!(q["scope"].split(' ').any(|s| s == "offline_access"));
+    let (_, status, page) = browse(url.as_str()).await;
+    assert_eq!(status, 200, "{page}");
+    let done = tokio::task::spawn_blocking(move || {
+        let last: serde_json::Value =
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        (child.wait().unwrap(), last)
+    })
+    .await
+    .unwrap();
+    assert!(done.0.success(), "credbrokerctl system connect failed");
+    assert_eq!(done.1["state"], "active");
+
+    let tok = admin
+        .get_access_token(token_req("jira"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        tok.api_base_url,
+        format!("{}/ex/jira/cloud-acme", fake.origin),
+        "the registered site's cloud id"
+    );
+    assert_eq!(fake.token_calls(), 1, "only the code exchange so far");
+    // A worker's rejection report forces a refresh with the rotating refresh token.
+    let mut r = token_req("jira");
+    r.rejected_token_id = tok.token_id.clone();
+    let fresh = admin.get_access_token(r).await.unwrap().into_inner();
+    assert_ne!(fresh.token_id, tok.token_id);
+    assert_eq!(fake.token_calls(), 2);
+    assert_eq!(fake.reuse_detected(), 0);
+    let c = admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                "jira".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert!(c.ok, "{}", c.message);
+    assert_eq!(c.identity.unwrap().email, "jira@acme.example");
+
+    // A grant that covers none of the registered site leaves the system pending with the list.
+    admin
+        .register_system(register(
+            "jira2",
+            pb::SystemKind::JiraCloud,
+            "https://missing.atlassian.net",
+            authz_code(JIRA_CLIENT, JIRA_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(&mut admin, "jira2").await;
+    let (_, status, page) = browse(&s.authorize_url).await;
+    assert_eq!(status, 400);
+    assert!(
+        page.contains("https://acme.atlassian.net (Acme)")
+            && page.contains("https://other.atlassian.net (Other)"),
+        "{page}"
+    );
+    let sys = system(&mut admin, "jira2").await;
+    assert_eq!(sys.state, pb::SystemState::AuthorizationPending as i32);
+    assert!(
+        sys.state_message.contains("https://acme.atlassian.net"),
+        "{}",
+        sys.state_message
+    );
+
+    // Missing scopes come back as a 401 "scope does not match": named, not guessed.
+    fake.set_granted_scopes("read:jira-work offline_access");
+    admin
+        .register_system(register(
+            "jira3",
+            pb::SystemKind::JiraCloud,
+            "https://acme.atlassian.net",
+            authz_code(JIRA_CLIENT, JIRA_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(&mut admin, "jira3").await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    let c = admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                "jira3".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert_eq!(
+        c.failure,
+        pb::AuthFailure::InsufficientPermissions as i32,
+        "{}",
+        c.message
+    );
+    assert_eq!(c.missing_permissions, ["write:jira-work", "read:jira-user"]);
+    assert!(
+        fake.server.unexpected().is_empty(),
+        "{:?}",
+        fake.server.unexpected()
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_expired_foreign_and_denied_callbacks_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let zd = zendesk().await;
+    let atl = atlassian().await;
+    let mut config = jira_config(dir.path(), &atl);
+    config.authorization_ttl = Duration::from_secs(1);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &zd.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    admin
+        .register_system(register(
+            "ja",
+            pb::SystemKind::JiraCloud,
+            "https://acme.atlassian.net",
+            authz_code(JIRA_CLIENT, JIRA_SECRET),
+        ))
+        .await
+        .unwrap();
+    admin
+        .register_system(register(
+            "jb",
+            pb::SystemKind::JiraCloud,
+            "https://acme.atlassian.net",
+            authz_code("jira-client-b", "jira-secret-b"),
+        ))
+        .await
+        .unwrap();
+    let cb = format!("http://{}/oauth/callback", broker.http_addr);
+    let unchanged = |s: &pb::System| {
+        s.state == pb::SystemState::AuthorizationPending as i32 && s.credential_version == 1
+    };
+
+    // Forged state.
+    let (status, page) = open(&format!("{cb}?code=whatever&state=forged-state")).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("unknown, was already used"), "{page}");
+    // Vendor error: access_denied.
+    zd.set_consent(Consent::Deny);
+    let s = start(&mut admin, "zd").await;
+    let (_, status, page) = browse(&s.authorize_url).await;
+    assert_eq!(status, 400);
+    assert!(
+        page.contains("access_denied") && page.contains("Nothing was changed"),
+        "{page}"
+    );
+    assert!(unchanged(&system(&mut admin, "zd").await));
+    // Replay: a successful callback URL opened twice.
+    zd.set_consent(Consent::Allow("agent".into()));
+    let s = start(&mut admin, "zd").await;
+    let (location, status, _) = browse(&s.authorize_url).await;
+    assert_eq!(status, 200);
+    let version = system(&mut admin, "zd").await.credential_version;
+    let (status, page) = open(&location).await;
+    assert_eq!(status, 400, "{page}");
+    assert_eq!(
+        system(&mut admin, "zd").await.credential_version,
+        version,
+        "a replay changed the system"
+    );
+    // A code for another system: ja's code delivered with jb's state (another client).
+    let sa = start(&mut admin, "ja").await;
+    let sb = start(&mut admin, "jb").await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let loc = http.get(&sa.authorize_url).send().await.unwrap().headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let code = url::Url::parse(&loc)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .to_string();
+    let state_b = url::Url::parse(&sb.authorize_url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .to_string();
+    let (status, page) = open(&format!("{cb}?code={code}&state={state_b}")).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("invalid_grant"), "{page}");
+    assert!(unchanged(&system(&mut admin, "jb").await));
+    assert!(!page.contains(&code), "the code is echoed in the page");
+    // Expired state (1 s lifetime here).
+    let s = start(&mut admin, "ja").await;
+    let loc = http.get(&s.authorize_url).send().await.unwrap().headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (status, page) = open(&loc).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("expired"), "{page}");
+    assert!(unchanged(&system(&mut admin, "ja").await));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_grants_refresh_once_across_expiry_and_are_kept_alive_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    fake.set_access_lifetime(2);
+    let mut config = test_config(dir.path());
+    config.keepalive_interval = Duration::from_millis(300);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &fake.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(&mut admin, "zd").await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    // The exchange's token nobody used lapses (2 s); then 500 concurrent calls across the expiry.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let before = fake.token_calls();
+    let mut pool = Vec::new();
+    for _ in 0..4 {
+        pool.push(broker.admin().await);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let mut c = pool[i % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            c.get_access_token(token_req("zd"))
+                .await
+                .unwrap()
+                .into_inner()
+                .token_id
+        }));
+    }
+    let mut ids = HashSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap());
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(fake.token_calls() - before, 1, "exactly one refresh");
+    // Many expiries under load: the rotating fake never sees a reused refresh token.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        admin.get_access_token(token_req("zd")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(fake.token_calls() - before >= 3);
+    assert_eq!(fake.reuse_detected(), 0);
+    broker.stop().await;
+
+    // Keep-alive: with a margin wider than the refresh token's lifetime every grant is due, so an
+    // idle system is refreshed by the sweep alone, without any worker call.
+    let mut config = test_config(dir.path());
+    config.keepalive_interval = Duration::from_millis(200);
+    config.keepalive_margin = Duration::from_secs(90 * 86_400);
+    let broker = TestBroker::start_with(config).await;
+    let before = fake.token_calls();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fake.token_calls() < before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the keep-alive sweep never refreshed the idle grant"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fake.reuse_detected(), 0);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_secrets_never_reach_logs_pages_or_data_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    let proc = spawn_process(
+        dir.path(),
+        &logs.path().join("trace.log"),
+        &[("RUST_LOG", "trace")],
+    )
+    .unwrap();
+    wait_for_health(
+        proc.addr,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+    )
+    .await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &fake.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(&mut admin, "zd").await;
+    let (location, status, page) = browse(&s.authorize_url).await;
+    assert_eq!(status, 200, "{page}");
+    let code = url::Url::parse(&location)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .to_string();
+    let tok = admin
+        .get_access_token(token_req("zd"))
+        .await
+        .unwrap()
+        .into_inner();
+    let access = tok.headers[0]
+        .value
+        .trim_start_matches("Bearer ")
+        .to_owned();
+    let refresh = fake.newest_refresh_token("agent").unwrap();
+    assert_eq!(proc.terminate(), Some(0));
+    let log = std::fs::read_to_string(logs.path().join("trace.log")).unwrap();
+    assert!(
+        log.contains("Authorization completed"),
+        "trace log not captured"
+    );
+    for secret in [ZD_SECRET, code.as_str(), access.as_str(), refresh.as_str()] {
+        assert!(!log.contains(secret), "a secret is in the log");
+        assert!(!page.contains(secret), "a secret is in the page");
+        assert_eq!(
+            dir_contains(dir.path(), secret),
+            None,
+            "a secret is in the data directory"
+        );
+    }
+}
