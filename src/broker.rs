@@ -46,7 +46,66 @@ pub struct Caller {
     pub name: String,
     /// Role.
     pub role: Role,
+    /// Workers: system id patterns; empty = any.
+    pub system_patterns: Vec<String>,
+    /// Workers: kinds; empty = any.
+    pub kinds: Vec<SystemKind>,
+    /// Token expiry, seconds since the epoch.
+    pub expires_at: Option<u64>,
     hash: [u8; 32],
+}
+
+impl Caller {
+    fn from_record(c: &CallerRecord, hash: [u8; 32]) -> Self {
+        Self {
+            name: c.name.clone(),
+            role: c.role,
+            system_patterns: c.system_patterns.clone(),
+            kinds: c.kinds.clone(),
+            expires_at: c.expires_at,
+            hash,
+        }
+    }
+
+    /// True when the caller's id patterns admit `system_id` (admins: always).
+    pub fn may_use_id(&self, system_id: &str) -> bool {
+        self.role == Role::Admin
+            || self.system_patterns.is_empty()
+            || self
+                .system_patterns
+                .iter()
+                .any(|p| crate::model::pattern_matches(p, system_id))
+    }
+
+    /// True when the caller's kinds admit `kind` (admins: always).
+    pub fn may_use_kind(&self, kind: SystemKind) -> bool {
+        self.role == Role::Admin || self.kinds.is_empty() || self.kinds.contains(&kind)
+    }
+
+    /// True when the caller is limited by kind (so even "not found" must not leak).
+    pub fn is_kind_scoped(&self) -> bool {
+        self.role != Role::Admin && !self.kinds.is_empty()
+    }
+}
+
+/// What a new caller may do beyond its role.
+#[derive(Debug, Clone, Default)]
+pub struct CallerScope {
+    /// System id patterns (`*` wildcard).
+    pub system_patterns: Vec<String>,
+    /// Kinds.
+    pub kinds: Vec<SystemKind>,
+    /// Token expiry, seconds since the epoch.
+    pub expires_at: Option<u64>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthRefusal {
+    /// No caller has this token (or it was revoked).
+    Unknown,
+    /// The caller's token expired.
+    Expired,
 }
 
 /// What `RegisterSystem` needs.
@@ -126,7 +185,7 @@ pub struct Broker {
     pub(crate) store: Arc<dyn CredentialStore>,
     keyring: Keyring,
     pub(crate) registry: Registry,
-    egress: EgressPolicy,
+    pub(crate) egress: EgressPolicy,
     pub(crate) settings: BrokerSettings,
     pub(crate) tokens: RwLock<HashMap<String, Arc<IssuedToken>>>,
     pub(crate) flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
@@ -188,7 +247,7 @@ impl Broker {
         let mut admin_token = None;
         if callers.is_empty() {
             let (_, token) = broker
-                .create_caller(BOOTSTRAP_ADMIN, Role::Admin)
+                .create_caller(BOOTSTRAP_ADMIN, Role::Admin, CallerScope::default())
                 .await
                 .map_err(|_| OpenError::Damaged("could not create the admin caller".to_owned()))?;
             admin_token = Some(token);
@@ -196,14 +255,7 @@ impl Broker {
             let mut map = write(&broker.callers);
             for c in callers.into_iter().filter(|c| !c.revoked) {
                 if let Some(hash) = decode_hash(&c.token_sha256) {
-                    map.insert(
-                        hash,
-                        Arc::new(Caller {
-                            name: c.name,
-                            role: c.role,
-                            hash,
-                        }),
-                    );
+                    map.insert(hash, Arc::new(Caller::from_record(&c, hash)));
                 }
             }
         }
@@ -213,12 +265,18 @@ impl Broker {
     // ----- callers -------------------------------------------------------------------------
 
     /// The caller holding `token`, if any. Revoked callers are not found.
-    pub fn authenticate(&self, token: &str) -> Option<Arc<Caller>> {
+    pub fn authenticate(&self, token: &str) -> Result<Arc<Caller>, AuthRefusal> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let map = read(&self.callers);
-        let c = map.get(&hash)?;
+        let c = map.get(&hash).ok_or(AuthRefusal::Unknown)?;
         // The map lookup is by hash; confirm in constant time anyway.
-        bool::from(c.hash.ct_eq(&hash)).then(|| c.clone())
+        if !bool::from(c.hash.ct_eq(&hash)) {
+            return Err(AuthRefusal::Unknown);
+        }
+        if c.expires_at.is_some_and(|e| e <= unix_now()) {
+            return Err(AuthRefusal::Expired);
+        }
+        Ok(c.clone())
     }
 
     /// Creates a caller and returns it with its token (shown once).
@@ -226,8 +284,26 @@ impl Broker {
         &self,
         name: &str,
         role: Role,
+        scope: CallerScope,
     ) -> Result<(CallerRecord, SecretString), BrokerError> {
         validate_slug(name, MAX_CALLER_NAME_LEN).map_err(|m| BrokerError::invalid("name", m))?;
+        if role == Role::Admin && (!scope.system_patterns.is_empty() || !scope.kinds.is_empty()) {
+            return Err(BrokerError::invalid(
+                "system_patterns",
+                "admins cannot be scoped; scope worker callers",
+            ));
+        }
+        for p in &scope.system_patterns {
+            validate_slug(&p.replace('*', "x"), MAX_SYSTEM_ID_LEN).map_err(|_| {
+                BrokerError::invalid(
+                    "system_patterns",
+                    format!("'{p}' must be a system id with optional * wildcards"),
+                )
+            })?;
+        }
+        if scope.expires_at.is_some_and(|e| e <= unix_now()) {
+            return Err(BrokerError::invalid("expires_at", "must be in the future"));
+        }
         let mut raw = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut raw);
         let token = SecretString::new(format!("cbt_{}", URL_SAFE_NO_PAD.encode(raw)));
@@ -238,6 +314,9 @@ impl Broker {
             token_sha256: hex(&hash),
             created_at: unix_now(),
             revoked: false,
+            system_patterns: scope.system_patterns,
+            kinds: scope.kinds,
+            expires_at: scope.expires_at,
         };
         self.store
             .insert_caller(&record)
@@ -248,14 +327,7 @@ impl Broker {
                 }
                 other => other.into(),
             })?;
-        write(&self.callers).insert(
-            hash,
-            Arc::new(Caller {
-                name: name.to_owned(),
-                role,
-                hash,
-            }),
-        );
+        write(&self.callers).insert(hash, Arc::new(Caller::from_record(&record, hash)));
         Ok((record, token))
     }
 

@@ -30,6 +30,8 @@ pub struct Config {
     pub log_json: bool,
     /// Accept `http://` base URLs (fakes, labs).
     pub egress_allow_http: bool,
+    /// Private destinations the egress guard admits (CIDRs and host names).
+    pub egress_allow: crate::backends::egress::AllowList,
     /// Server-side cap on any RPC's duration.
     pub request_timeout: Duration,
     /// Cap on any outbound upstream call.
@@ -89,6 +91,7 @@ impl Default for Config {
             master_key_file: None,
             log_json: false,
             egress_allow_http: false,
+            egress_allow: Default::default(),
             request_timeout: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
@@ -130,6 +133,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// See [`Config::egress_allow_http`].
     pub egress_allow_http: Option<bool>,
+    /// CIDRs and host names, e.g. `["10.20.0.0/16", "tfs.corp.example"]`.
+    pub egress_allow: Option<Vec<String>>,
     /// Seconds.
     pub request_timeout_secs: Option<u64>,
     /// Seconds.
@@ -189,6 +194,8 @@ pub struct Overrides {
     pub log_format: Option<String>,
     /// `CREDBROKER_EGRESS_ALLOW_HTTP`.
     pub egress_allow_http: Option<String>,
+    /// `CREDBROKER_EGRESS_ALLOW` (comma-separated).
+    pub egress_allow: Option<String>,
     /// `--http-listen` / `CREDBROKER_HTTP_LISTEN`.
     pub http_listen: Option<String>,
     /// `--public-url` / `CREDBROKER_PUBLIC_URL`.
@@ -300,6 +307,16 @@ impl Config {
             Some(0) => errors.push("max_concurrent_refreshes must be greater than 0".to_owned()),
             Some(v) => c.max_concurrent_refreshes = v,
             None => {}
+        }
+        let allow = o
+            .egress_allow
+            .clone()
+            .or(f.egress_allow.map(|v| v.join(",")));
+        if let Some(a) = allow {
+            match crate::backends::egress::AllowList::parse(&a) {
+                Ok(list) => c.egress_allow = list,
+                Err(e) => errors.push(format!("egress allow-list: {e}")),
+            }
         }
         match o.http_listen.clone().or(f.http_listen).as_deref() {
             None => {}

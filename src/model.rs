@@ -468,6 +468,38 @@ pub struct CallerRecord {
     pub created_at: u64,
     /// Revoked callers are refused.
     pub revoked: bool,
+    /// Workers: system id patterns (`*` wildcard) they may use; empty = any.
+    #[serde(default)]
+    pub system_patterns: Vec<String>,
+    /// Workers: kinds they may use; empty = any.
+    #[serde(default)]
+    pub kinds: Vec<SystemKind>,
+    /// The token is refused after this, seconds since the epoch.
+    #[serde(default)]
+    pub expires_at: Option<u64>,
+}
+
+/// Matches `id` against a pattern where `*` stands for any run of characters.
+pub fn pattern_matches(pattern: &str, id: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == id;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !id.starts_with(first)
+        || !id[first.len()..].ends_with(last)
+        || id.len() < first.len() + last.len()
+    {
+        return false;
+    }
+    let mut rest = &id[first.len()..id.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// Seconds since the Unix epoch.
@@ -504,6 +536,18 @@ mod tests {
             password: "pw-canary-123".into(),
         };
         assert!(!format!("{c:?}").contains("pw-canary-123"));
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("acme-*", "acme-jira"));
+        assert!(!pattern_matches("acme-*", "other-jira"));
+        assert!(pattern_matches("*-jira", "acme-jira"));
+        assert!(pattern_matches("a*b*c", "axxbyyc"));
+        assert!(!pattern_matches("a*b*c", "axxc"));
+        assert!(pattern_matches("exact", "exact"));
+        assert!(!pattern_matches("exact", "exactly"));
+        assert!(pattern_matches("*", "anything"));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct IssuedToken {
     pub api_base_url: String,
     /// The credential version the headers come from.
     pub credential_version: u64,
+    /// The system's kind (for callers scoped by kind).
+    pub kind: crate::model::SystemKind,
     /// Opaque id; new for every mint.
     pub token_id: String,
     /// True for OAuth access tokens (refreshed ahead), false for static secrets.
@@ -303,6 +305,14 @@ impl Broker {
                 return Err(BrokerError::FailedPrecondition(msg));
             }
         }
+        // Call time: a stored base URL must still pass the egress guard (host names are checked
+        // again when the connection is made).
+        if let Err(reason) = url::Url::parse(&record.base_url)
+            .map_err(|e| e.to_string())
+            .and_then(|u| self.egress.check_url(&u))
+        {
+            return Err(BrokerError::FailedPrecondition(reason));
+        }
         let backend = self.registry.get(record.kind)?.clone();
         let mut reread = false;
         loop {
@@ -454,6 +464,7 @@ impl Broker {
             expires_at,
             api_base_url: issued.api_base_url,
             credential_version: record.credential_version,
+            kind: record.kind,
             token_id: URL_SAFE_NO_PAD.encode(id),
             refreshable,
             subject: issued.subject,

@@ -151,7 +151,10 @@ mod tests {
             .canonical_base_url("https://evil.example.com/api/1.0", &p)
             .is_err());
         assert!(b.canonical_base_url("http://127.0.0.1:9/x", &p).is_err());
-        let allow = EgressPolicy { allow_http: true };
+        let allow = EgressPolicy {
+            allow_http: true,
+            allow: crate::backends::egress::AllowList::parse("127.0.0.1").unwrap(),
+        };
         assert_eq!(
             b.canonical_base_url("http://127.0.0.1:9/x/", &allow)
                 .unwrap(),

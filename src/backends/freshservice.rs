@@ -91,7 +91,10 @@ mod tests {
         assert!(fd
             .canonical_base_url("https://acme.freshservice.com", &p)
             .is_err());
-        let allow = EgressPolicy { allow_http: true };
+        let allow = EgressPolicy {
+            allow_http: true,
+            allow: crate::backends::egress::AllowList::parse("127.0.0.1").unwrap(),
+        };
         assert_eq!(
             fd.canonical_base_url("http://127.0.0.1:5/api/v2", &allow)
                 .unwrap(),

@@ -14,12 +14,7 @@ use super::Header;
 /// Default cap on an upstream response body.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// Which outbound URLs are allowed.
-#[derive(Debug, Clone, Default)]
-pub struct EgressPolicy {
-    /// Accept `http://` base URLs (for fakes on loopback and lab setups). Off by default.
-    pub allow_http: bool,
-}
+pub use super::egress::EgressPolicy;
 
 /// The shared outbound client.
 #[derive(Clone, Debug)]
@@ -27,6 +22,7 @@ pub struct HttpClient {
     client: reqwest::Client,
     max_body: usize,
     timeout: Duration,
+    egress: EgressPolicy,
 }
 
 /// A transport failure, without URL or body.
@@ -38,6 +34,9 @@ pub enum TransportError {
     /// DNS, connect or TLS failed.
     #[error("connection failed")]
     Connect,
+    /// The egress guard refused the destination.
+    #[error("{0}")]
+    Refused(String),
     /// The body exceeded the cap.
     #[error("response body larger than {0} bytes")]
     TooLarge(usize),
@@ -76,11 +75,12 @@ impl UpstreamResponse {
 }
 
 impl HttpClient {
-    /// Builds the client.
-    pub fn new(timeout: Duration, max_body: usize) -> Result<Self, String> {
+    /// Builds the client (the egress guard resolves every host name).
+    pub fn new(timeout: Duration, max_body: usize, egress: &EgressPolicy) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
+            .dns_resolver(egress.resolver())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .user_agent(concat!("credbroker/", env!("CARGO_PKG_VERSION")))
@@ -90,6 +90,7 @@ impl HttpClient {
             client,
             max_body,
             timeout,
+            egress: egress.clone(),
         })
     }
 
@@ -161,8 +162,17 @@ impl HttpClient {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<UpstreamResponse, TransportError> {
+        let req = req.build().map_err(|e| self.classify(e))?;
+        // Literal IPs never reach the resolver: check them here, before any connection.
+        self.egress
+            .check_url(req.url())
+            .map_err(TransportError::Refused)?;
         let fut = async {
-            let mut resp = req.send().await.map_err(|e| self.classify(e))?;
+            let mut resp = self
+                .client
+                .execute(req)
+                .await
+                .map_err(|e| self.classify(e))?;
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
             let mut body = Vec::new();
@@ -185,6 +195,13 @@ impl HttpClient {
     }
 
     fn classify(&self, e: reqwest::Error) -> TransportError {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(g) = s.downcast_ref::<super::egress::GuardError>() {
+                return TransportError::Refused(g.0.clone());
+            }
+            source = s.source();
+        }
         if e.is_timeout() {
             TransportError::Timeout(self.timeout)
         } else if e.is_connect() {
@@ -245,6 +262,7 @@ pub fn parse_base_url(raw: &str, egress: &EgressPolicy) -> Result<BaseUrl, Strin
     if url.host_str().is_none_or(|h| h.is_empty()) {
         return Err("the URL has no host".to_owned());
     }
+    egress.check_url(&url)?;
     let path = url.path().trim_end_matches('/').to_owned();
     url.set_path(&path);
     Ok(BaseUrl { url, is_stand_in })
@@ -281,7 +299,10 @@ mod tests {
         ] {
             assert!(parse_base_url(bad, &p).is_err(), "{bad} accepted");
         }
-        let allow = EgressPolicy { allow_http: true };
+        let allow = EgressPolicy {
+            allow_http: true,
+            allow: super::super::egress::AllowList::parse("127.0.0.1").unwrap(),
+        };
         assert!(
             parse_base_url("http://127.0.0.1:1/x", &allow)
                 .unwrap()

@@ -18,6 +18,7 @@
 pub mod asana;
 pub mod azure_devops;
 pub mod classify;
+pub mod egress;
 pub mod freshdesk;
 pub mod freshservice;
 pub mod freshworks;
@@ -243,8 +244,12 @@ impl BackendContext {
     /// A context for unit tests: 1 s timeouts, https only.
     pub fn for_tests() -> Self {
         Self {
-            http: HttpClient::new(std::time::Duration::from_secs(1), 1024)
-                .unwrap_or_else(|e| panic!("test client: {e}")),
+            http: HttpClient::new(
+                std::time::Duration::from_secs(1),
+                1024,
+                &EgressPolicy::default(),
+            )
+            .unwrap_or_else(|e| panic!("test client: {e}")),
             egress: EgressPolicy::default(),
             oauth: oauth::OAuthSettings::default(),
         }

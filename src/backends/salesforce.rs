@@ -109,7 +109,7 @@ impl Backend for SalesforceBackend {
                     .request_async(&http)
                     .await
                     .map_err(|e| classify(&e, &http, true))?;
-                let mut issued = self.issued_from_response(&resp)?;
+                let mut issued = self.issued_from_response(target.base_url, &resp)?;
                 if let Some(exp) = self
                     .introspect(target.base_url, client_id, client_secret, &resp)
                     .await
@@ -139,7 +139,7 @@ impl Backend for SalesforceBackend {
                     .request_async(&http)
                     .await
                     .map_err(|e| classify(&e, &http, false))?;
-                self.issued_from_response(&resp)
+                self.issued_from_response(target.base_url, &resp)
             }
             Credential::SalesforceLogin {
                 username,
@@ -191,23 +191,36 @@ impl Backend for SalesforceBackend {
 }
 
 impl SalesforceBackend {
-    fn api_base(&self, instance_url: &str) -> Result<String, BackendError> {
-        // The instance URL comes from Salesforce; it must still obey the egress rules.
-        parse_base_url(instance_url, &self.ctx.egress)
-            .map(|b| {
-                let mut u = b.url;
-                u.set_path("");
-                url_string(&u)
-            })
-            .map_err(|_| BackendError::Transient {
-                failure: AuthFailure::UpstreamError,
-                message: "Salesforce returned an unusable instance_url".to_owned(),
-                retry_after: None,
-            })
+    /// Where workers send API calls: the instance URL Salesforce returned, accepted only on the
+    /// registered host or another Salesforce host (tokens never go anywhere else).
+    fn api_base(&self, base: &str, instance_url: &str) -> Result<String, BackendError> {
+        let unusable = |why: &str| BackendError::Transient {
+            failure: AuthFailure::UpstreamError,
+            message: format!("Salesforce returned an unusable instance_url ({why})"),
+            retry_after: None,
+        };
+        let parsed = parse_base_url(instance_url, &self.ctx.egress).map_err(|e| unusable(&e))?;
+        let registered = url::Url::parse(base).map_err(|_| unusable("bad base URL"))?;
+        let same_origin = parsed.url.host_str() == registered.host_str()
+            && parsed.url.port_or_known_default() == registered.port_or_known_default();
+        let salesforce_host = !parsed.is_stand_in
+            && parsed
+                .url
+                .host_str()
+                .is_some_and(|h| h.ends_with(".salesforce.com"));
+        if !same_origin && !salesforce_host {
+            return Err(unusable(
+                "not the registered host and not a Salesforce host",
+            ));
+        }
+        let mut u = parsed.url;
+        u.set_path("");
+        Ok(url_string(&u))
     }
 
     fn issued_from_response(
         &self,
+        base: &str,
         resp: &oauth::VendorTokenResponse,
     ) -> Result<Issued, BackendError> {
         let instance =
@@ -222,7 +235,7 @@ impl SalesforceBackend {
         let mut issued = oauth::issued_from(
             resp,
             self.ctx.oauth.salesforce_token_lifetime,
-            self.api_base(instance)?,
+            self.api_base(base, instance)?,
         );
         // Identity URL: https://login.salesforce.com/id/{orgId}/{userId}
         issued.subject = resp
@@ -399,7 +412,7 @@ impl SalesforceBackend {
         Ok(Issued {
             headers: vec![bearer(&SecretString::new(session))],
             expires_at: Some(SystemTime::now() + valid),
-            api_base_url: self.api_base(&server)?,
+            api_base_url: self.api_base(base, &server)?,
             updated_credential: None,
             subject: xml_tag(&body, "userId"),
         })

@@ -34,6 +34,9 @@ struct Args {
     /// Accept http:// base URLs (fakes on loopback, labs): 1 or 0.
     #[arg(long, env = "CREDBROKER_EGRESS_ALLOW_HTTP")]
     egress_allow_http: Option<String>,
+    /// Private destinations the egress guard admits: comma-separated CIDRs and host names.
+    #[arg(long, env = "CREDBROKER_EGRESS_ALLOW")]
+    egress_allow: Option<String>,
     /// HTTP listen address for the OAuth callback, or `off` [default: 127.0.0.1:8080].
     #[arg(long, env = "CREDBROKER_HTTP_LISTEN")]
     http_listen: Option<String>,
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         master_key_file: args.master_key_file,
         log_format: args.log_format,
         egress_allow_http: args.egress_allow_http,
+        egress_allow: args.egress_allow,
         http_listen: args.http_listen,
         public_url: args.public_url,
         jira_auth_url: args.jira_auth_url,

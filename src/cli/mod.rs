@@ -221,6 +221,15 @@ pub enum CallerCmd {
         /// admin or worker.
         #[arg(long, default_value = "worker")]
         role: String,
+        /// Workers: system id patterns they may use, comma-separated (`acme-*`).
+        #[arg(long, value_delimiter = ',')]
+        systems: Vec<String>,
+        /// Workers: kinds they may use, comma-separated (`asana,jira-cloud`).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Token expiry: YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds.
+        #[arg(long)]
+        expires_at: Option<String>,
     },
     /// List callers.
     List,
@@ -504,7 +513,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Command::Caller(cmd) => match cmd {
-            CallerCmd::Add { name, role } => {
+            CallerCmd::Add {
+                name,
+                role,
+                systems,
+                kinds,
+                expires_at,
+            } => {
                 let role = match role.as_str() {
                     "admin" => pb::CallerRole::Admin,
                     "worker" => pb::CallerRole::Worker,
@@ -514,6 +529,19 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     .create_caller(pb::CreateCallerRequest {
                         name,
                         role: role as i32,
+                        system_patterns: systems,
+                        kinds: kinds
+                            .iter()
+                            .map(|k| {
+                                parse_kind(k)
+                                    .map(|k| crate::server::convert::kind_to_proto(k) as i32)
+                            })
+                            .collect::<Result<Vec<_>>>()?,
+                        expires_at: expires_at
+                            .as_deref()
+                            .map(parse_time)
+                            .transpose()?
+                            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
                     })
                     .await?
                     .into_inner();
@@ -997,6 +1025,9 @@ fn caller_json(c: &pb::Caller) -> Value {
         "role": role_name(c.role),
         "revoked": c.revoked,
         "created_at": c.created_at.as_ref().map(ts_string),
+        "system_patterns": c.system_patterns,
+        "kinds": c.kinds.iter().map(|k| kind_name(*k)).collect::<Vec<_>>(),
+        "expires_at": c.expires_at.as_ref().map(ts_string),
     })
 }
 

@@ -8,7 +8,7 @@ use base64::Engine;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use crate::broker::{Broker, Caller, CheckTarget, RegisterInput};
+use crate::broker::{AuthRefusal, Broker, Caller, CallerScope, CheckTarget, RegisterInput};
 use crate::error::BrokerError;
 use crate::model::Role;
 use crate::pb;
@@ -50,9 +50,10 @@ impl BrokerService {
                     "missing caller token: send 'authorization: Bearer <token>'",
                 )
             })?;
-        let caller = broker
-            .authenticate(token)
-            .ok_or_else(|| Status::unauthenticated("invalid or revoked caller token"))?;
+        let caller = broker.authenticate(token).map_err(|r| match r {
+            AuthRefusal::Unknown => Status::unauthenticated("invalid or revoked caller token"),
+            AuthRefusal::Expired => Status::unauthenticated("the caller token has expired"),
+        })?;
         if need == Role::Admin && caller.role != Role::Admin {
             return Err(Status::permission_denied(format!(
                 "caller '{}' has role {}, which may only call GetAccessToken",
@@ -122,16 +123,33 @@ impl CredentialBroker for BrokerService {
         &self,
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Worker)?;
+        let (broker, caller) = self.authorize(&request, Role::Worker)?;
         let r = request.into_inner();
-        let token = broker
+        // Out-of-scope requests look the same whether or not the system exists.
+        let denied = || {
+            Status::permission_denied(format!(
+                "caller '{}' may not access system '{}'",
+                caller.name, r.system_id
+            ))
+        };
+        if !caller.may_use_id(&r.system_id) {
+            return Err(denied());
+        }
+        let token = match broker
             .access_token(
                 &r.system_id,
                 r.min_valid_seconds,
                 Some(&r.rejected_token_id),
             )
             .await
-            .map_err(status)?;
+        {
+            Ok(t) => t,
+            Err(BrokerError::NotFound(_)) if caller.is_kind_scoped() => return Err(denied()),
+            Err(e) => return Err(status(e)),
+        };
+        if !caller.may_use_kind(token.kind) {
+            return Err(denied());
+        }
         Ok(Response::new(pb::GetAccessTokenResponse {
             headers: token
                 .headers
@@ -234,8 +252,23 @@ impl CredentialBroker for BrokerService {
         let (broker, caller) = self.authorize(&request, Role::Admin)?;
         let r = request.into_inner();
         let role = convert::role(r.role).map_err(status)?;
+        let kinds = r
+            .kinds
+            .iter()
+            .map(|k| convert::kind(*k, "kinds"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(status)?;
+        let scope = CallerScope {
+            system_patterns: r
+                .system_patterns
+                .iter()
+                .map(|p| p.trim().to_owned())
+                .collect(),
+            kinds,
+            expires_at: r.expires_at.map(|t| t.seconds.max(0) as u64),
+        };
         let (record, token) = broker
-            .create_caller(r.name.trim(), role)
+            .create_caller(r.name.trim(), role, scope)
             .await
             .map_err(status)?;
         tracing::info!(message = "Caller created.", caller = %record.name, role = %record.role, by = %caller.name);

@@ -294,5 +294,8 @@ pub fn caller(c: &CallerRecord) -> pb::Caller {
         } as i32,
         created_at: Some(ts(c.created_at)),
         revoked: c.revoked,
+        system_patterns: c.system_patterns.clone(),
+        kinds: c.kinds.iter().map(|k| kind_to_proto(*k) as i32).collect(),
+        expires_at: c.expires_at.map(ts),
     }
 }

@@ -278,11 +278,16 @@ async fn open_broker(
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))??;
     let store: Arc<dyn CredentialStore> = Arc::new(store);
-    let http = HttpClient::new(config.upstream_timeout, config.max_upstream_body_bytes)
-        .map_err(ServeError::Http)?;
     let egress = EgressPolicy {
         allow_http: config.egress_allow_http,
+        allow: config.egress_allow.clone(),
     };
+    let http = HttpClient::new(
+        config.upstream_timeout,
+        config.max_upstream_body_bytes,
+        &egress,
+    )
+    .map_err(ServeError::Http)?;
     let registry = Registry::new(&BackendContext {
         http,
         egress: egress.clone(),

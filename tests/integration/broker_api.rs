@@ -42,6 +42,7 @@ async fn register_asana_get_exact_header_and_again_after_restart() {
         .create_caller(pb::CreateCallerRequest {
             name: "sync-1".into(),
             role: pb::CallerRole::Worker as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -116,6 +117,7 @@ async fn caller_auth_matrix() {
         .create_caller(pb::CreateCallerRequest {
             name: "w".into(),
             role: pb::CallerRole::Worker as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -202,6 +204,7 @@ async fn caller_auth_matrix() {
             .create_caller(pb::CreateCallerRequest {
                 name: "evil".into(),
                 role: pb::CallerRole::Admin as i32,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -258,6 +261,7 @@ async fn caller_auth_matrix() {
         .create_caller(pb::CreateCallerRequest {
             name: "norole".into(),
             role: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -306,6 +306,7 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
         .create_caller(pb::CreateCallerRequest {
             name: "leak-worker".into(),
             role: pb::CallerRole::Worker as i32,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -86,6 +86,9 @@ async fn conformance(store: Arc<dyn CredentialStore>) {
         token_sha256: "00".repeat(32),
         created_at: 1,
         revoked: false,
+        system_patterns: vec!["acme-*".into()],
+        kinds: vec![SystemKind::Asana],
+        expires_at: Some(4_000_000_000),
     };
     store.insert_caller(&caller).await.unwrap();
     assert!(matches!(

@@ -89,6 +89,8 @@ pub fn test_config(data_dir: &Path) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_path_buf(),
         egress_allow_http: true,
+        // The fakes live on loopback; the guard admits it only because the tests say so.
+        egress_allow: credbroker::backends::egress::AllowList::parse("127.0.0.1/32").unwrap(),
         upstream_timeout: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(5),
         // Tests bind their own HTTP listener on port 0 (never the default 8080).
@@ -228,6 +230,7 @@ pub fn spawn_process(
         .arg("127.0.0.1:0")
         .env("CREDBROKER_LOG_FORMAT", "json")
         .env("CREDBROKER_EGRESS_ALLOW_HTTP", "1")
+        .env("CREDBROKER_EGRESS_ALLOW", "127.0.0.1/32")
         .env_remove("CREDBROKER_MASTER_KEY_FILE")
         .env_remove("CREDBROKER_CONFIG")
         .stdin(Stdio::null())

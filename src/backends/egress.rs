@@ -1,0 +1,272 @@
+//! The egress guard (SSRF): outbound connections go only to public addresses unless an explicit
+//! allow-list (`CREDBROKER_EGRESS_ALLOW`: CIDRs and host names) permits them.
+//!
+//! - Refused: loopback, unspecified, private (RFC 1918), link-local (incl. the cloud metadata
+//!   address 169.254.169.254), CGNAT, benchmarking, IETF-reserved, multicast and reserved ranges,
+//!   IPv6 loopback/unique-local (incl. fd00:ec2::254)/link-local/multicast/documentation, NAT64,
+//!   and IPv4-mapped or -compatible IPv6. `IpAddr::is_global` is unstable, hence our own predicate.
+//! - Literal IPs (including WHATWG encodings such as `2130706433` or `0x7f.1`, which the URL
+//!   parser normalizes) are checked when a base URL is registered and before every request.
+//! - Host names are checked at connect time by a resolver that returns only the addresses that
+//!   pass, so the address actually connected to is the one checked (DNS rebinding). Redirects
+//!   stay off, so nothing reaches another host.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+/// Which outbound destinations are allowed.
+#[derive(Debug, Clone, Default)]
+pub struct EgressPolicy {
+    /// Accept `http://` base URLs (for fakes on loopback and lab setups). Off by default.
+    pub allow_http: bool,
+    /// Private destinations explicitly permitted.
+    pub allow: AllowList,
+}
+
+/// CIDRs and host names admitted despite the guard.
+#[derive(Debug, Clone, Default)]
+pub struct AllowList {
+    nets: Vec<IpNet>,
+    hosts: Vec<String>,
+}
+
+impl AllowList {
+    /// Parses `10.0.0.0/8,tfs.corp.example,127.0.0.1` (CIDRs, single addresses, host names).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut list = Self::default();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            if let Ok(net) = item.parse::<IpNet>() {
+                list.nets.push(net);
+            } else if let Ok(ip) = item.parse::<IpAddr>() {
+                list.nets.push(IpNet::from(ip));
+            } else if item
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*'))
+            {
+                list.hosts.push(item.to_ascii_lowercase());
+            } else {
+                return Err(format!(
+                    "'{item}' is neither a CIDR, an IP address nor a host name"
+                ));
+            }
+        }
+        Ok(list)
+    }
+
+    /// True when nothing is allow-listed.
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty() && self.hosts.is_empty()
+    }
+
+    fn allows_ip(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|n| n.contains(&ip))
+    }
+
+    fn allows_host(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.hosts.iter().any(|h| match h.strip_prefix("*.") {
+            Some(suffix) => host.ends_with(&format!(".{suffix}")),
+            None => *h == host,
+        })
+    }
+}
+
+/// Why an address is not public, if it is not.
+pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => forbidden_v6(v6),
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    let in_net = |net: &str| net.parse::<ipnet::Ipv4Net>().is_ok_and(|n| n.contains(&ip));
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if o[0] == 0 {
+        Some("unspecified (0.0.0.0/8)")
+    } else if ip.is_private() {
+        Some("private")
+    } else if ip == Ipv4Addr::new(169, 254, 169, 254) {
+        Some("cloud metadata")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if in_net("100.64.0.0/10") {
+        Some("carrier-grade NAT")
+    } else if in_net("198.18.0.0/15") {
+        Some("benchmarking")
+    } else if in_net("192.0.0.0/24") {
+        Some("IETF protocol assignments")
+    } else if in_net("192.0.2.0/24") || in_net("198.51.100.0/24") || in_net("203.0.113.0/24") {
+        Some("documentation")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else if o[0] >= 240 {
+        Some("reserved")
+    } else {
+        None
+    }
+}
+
+fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    let s = ip.segments();
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("IPv4-mapped IPv6")
+    } else if s[0..6] == [0, 0, 0, 0, 0, 0] {
+        Some("IPv4-compatible IPv6")
+    } else if s[0] == 0x64 && s[1] == 0xff9b {
+        Some("NAT64")
+    } else if s[0] & 0xfe00 == 0xfc00 {
+        Some("unique-local (incl. fd00:ec2::254 metadata)")
+    } else if s[0] & 0xffc0 == 0xfe80 {
+        Some("link-local")
+    } else if s[0] & 0xff00 == 0xff00 {
+        Some("multicast")
+    } else if s[0] == 0x2001 && s[1] == 0x0db8 {
+        Some("documentation")
+    } else {
+        None
+    }
+}
+
+impl EgressPolicy {
+    /// Checks an address the broker is about to connect to for `host`.
+    pub fn check_ip(&self, host: &str, ip: IpAddr) -> Result<(), String> {
+        match forbidden_reason(ip) {
+            Some(reason) if !self.allow.allows_ip(ip) && !self.allow.allows_host(host) => {
+                Err(format!(
+                    "the egress guard refused {host}: it is a {reason} address ({ip}); add it to \
+                 CREDBROKER_EGRESS_ALLOW if this is intended"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a URL's host where that needs no DNS: literal IPs and `localhost` names.
+    pub fn check_url(&self, url: &url::Url) -> Result<(), String> {
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => self.check_ip(&ip.to_string(), IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.check_ip(&format!("[{ip}]"), IpAddr::V6(ip)),
+            Some(url::Host::Domain(d)) => {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                if (d == "localhost" || d.ends_with(".localhost")) && !self.allow.allows_host(&d) {
+                    return self.check_ip(&d, IpAddr::V4(Ipv4Addr::LOCALHOST));
+                }
+                Ok(())
+            }
+            None => Err("the URL has no host".to_owned()),
+        }
+    }
+
+    /// The resolver reqwest uses: only addresses that pass the guard are returned.
+    pub fn resolver(&self) -> Arc<GuardResolver> {
+        Arc::new(GuardResolver {
+            policy: self.clone(),
+        })
+    }
+}
+
+/// The error a refused resolution carries (found again in reqwest's error chain).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GuardError(pub String);
+
+/// A DNS resolver that filters out refused addresses.
+#[derive(Debug)]
+pub struct GuardResolver {
+    policy: EgressPolicy,
+}
+
+impl reqwest::dns::Resolve for GuardResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match policy.check_ip(&host, a.ip()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        refused = Some(e);
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let msg = refused.unwrap_or_else(|| format!("{host} did not resolve"));
+                return Err(Box::new(GuardError(msg)) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssrf_matrix_is_refused_by_default() {
+        let p = EgressPolicy::default();
+        for raw in [
+            "http://127.0.0.1/",
+            "http://localhost/",
+            "http://[::1]/",
+            "http://0.0.0.0/",
+            "http://10.0.0.1/",
+            "http://172.16.0.1/",
+            "http://192.168.1.1/",
+            "http://169.254.169.254/",
+            "http://[fd00:ec2::254]/",
+            "http://100.64.0.1/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://198.18.0.1/",
+            "http://224.0.0.1/",
+            "http://[64:ff9b::7f00:1]/",
+        ] {
+            let url = url::Url::parse(raw).unwrap();
+            assert!(p.check_url(&url).is_err(), "{raw} was allowed");
+        }
+        for ok in [
+            "https://8.8.8.8/",
+            "https://[2606:4700::1111]/",
+            "https://example.com/",
+        ] {
+            assert!(p.check_url(&url::Url::parse(ok).unwrap()).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn allow_list_admits_cidrs_and_hosts() {
+        let p = EgressPolicy {
+            allow: AllowList::parse("10.1.0.0/16, tfs.corp.example,*.lab.example,127.0.0.1")
+                .unwrap(),
+            ..Default::default()
+        };
+        assert!(p.check_ip("x", "10.1.2.3".parse().unwrap()).is_ok());
+        assert!(p.check_ip("x", "10.2.0.1".parse().unwrap()).is_err());
+        assert!(p
+            .check_ip("tfs.corp.example", "10.9.9.9".parse().unwrap())
+            .is_ok());
+        assert!(p
+            .check_ip("a.lab.example", "192.168.0.1".parse().unwrap())
+            .is_ok());
+        assert!(p
+            .check_url(&url::Url::parse("http://127.0.0.1:8/").unwrap())
+            .is_ok());
+        assert!(AllowList::parse("not a host!").is_err());
+    }
+}
