@@ -39,6 +39,8 @@ pub struct CallbackPage {
     pub title: String,
     /// What happened and what to do (no secrets).
     pub message: String,
+    /// The system the callback was for, when the state was known.
+    pub system_id: Option<String>,
 }
 
 impl CallbackPage {
@@ -47,6 +49,7 @@ impl CallbackPage {
             status,
             title: title.to_owned(),
             message: message.into(),
+            system_id: None,
         }
     }
 }
@@ -151,6 +154,20 @@ impl Broker {
             );
         };
         let hint = connect_hint(&p.system_id);
+        let page = self.complete_pending(&p, state, params, &hint).await;
+        CallbackPage {
+            system_id: Some(p.system_id.clone()),
+            ..page
+        }
+    }
+
+    async fn complete_pending(
+        &self,
+        p: &PendingAuthorization,
+        state: &str,
+        params: &HashMap<String, String>,
+        hint: &str,
+    ) -> CallbackPage {
         if p.expires <= Instant::now() {
             return CallbackPage::new(
                 400,
@@ -180,7 +197,7 @@ impl Broker {
                 format!("The callback carries no code. Nothing was changed; {hint}."),
             );
         };
-        match self.finish(&p, state, code).await {
+        match self.finish(p, state, code).await {
             Ok(()) => CallbackPage::new(
                 200,
                 "Connected",

@@ -14,6 +14,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::audit::{Audit, AuditConfig, AuditEvent};
 use crate::authorize::PendingAuthorization;
 use crate::backends::{Backend, EgressPolicy, Issued, Registry, Target};
 use crate::crypto::{Keyring, RecordBinding};
@@ -178,6 +179,10 @@ pub struct BrokerSettings {
     pub keepalive_interval: Duration,
     /// Refresh an idle grant when its refresh token would die within this long.
     pub keepalive_margin: Duration,
+    /// The audit trail's sinks.
+    pub audit: AuditConfig,
+    /// The data directory was initialized before (its store must not come up empty).
+    pub expect_initialized: bool,
 }
 
 /// The broker core.
@@ -192,6 +197,8 @@ pub struct Broker {
     pub(crate) refresh_permits: tokio::sync::Semaphore,
     pub(crate) schedule: Schedule,
     pub(crate) pending_authorizations: Mutex<HashMap<String, PendingAuthorization>>,
+    /// The audit trail.
+    pub audit: Audit,
     callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
 }
 
@@ -208,6 +215,14 @@ impl Broker {
         let kcv_key = format!("kcv/{:08x}", keyring.primary_id());
         match store.get_meta("format_version").await? {
             None => {
+                if settings.expect_initialized {
+                    return Err(OpenError::Damaged(
+                        "the store has no format record although this data directory was \
+                         initialized before (truncated or replaced files?); restore it from a \
+                         backup"
+                            .to_owned(),
+                    ));
+                }
                 let empty =
                     store.count_systems().await? == 0 && store.list_callers().await?.is_empty();
                 if !empty {
@@ -230,6 +245,7 @@ impl Broker {
                 ))
             }
         }
+        let audit = Audit::new(settings.audit.clone(), keyring.derive_subkey("audit-hmac"));
         let broker = Self {
             store,
             keyring,
@@ -241,6 +257,7 @@ impl Broker {
             flights: Mutex::new(HashMap::new()),
             schedule: Schedule::default(),
             pending_authorizations: Mutex::new(HashMap::new()),
+            audit,
             callers: RwLock::new(HashMap::new()),
         };
         let callers = broker.store.list_callers().await?;
@@ -625,6 +642,30 @@ impl Broker {
         Ok(())
     }
 
+    /// Writes one audit event; `token_id` is recorded as an HMAC.
+    pub fn audit_record(
+        &self,
+        rpc: &str,
+        caller: Option<&str>,
+        system_id: Option<&str>,
+        code: tonic::Code,
+        token_id: Option<&str>,
+    ) -> Result<(), crate::audit::AuditError> {
+        self.audit.record(&AuditEvent {
+            time: crate::audit::now_rfc3339(),
+            caller,
+            rpc,
+            system_id,
+            outcome: if code == tonic::Code::Ok {
+                "ok"
+            } else {
+                "error"
+            },
+            code: code_name(code),
+            token_hmac: token_id.map(|t| self.audit.hmac(t)),
+        })
+    }
+
     /// Flushes the store (at shutdown).
     pub async fn flush(&self) -> Result<(), BrokerError> {
         Ok(self.store.flush().await?)
@@ -775,6 +816,30 @@ fn failed_check(check: &AuthCheck, consequence: &str) -> BrokerError {
         "credential check failed ({class}): {}; {consequence}",
         check.message
     ))
+}
+
+/// The canonical gRPC code name (`PERMISSION_DENIED`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 fn not_connected(system_id: &str) -> String {

@@ -79,6 +79,18 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// Refresh an idle grant when its refresh token would die within this long.
     pub keepalive_margin: Duration,
+    /// Audit file; `None` means `<data-dir>/audit.log`.
+    pub audit_file: Option<PathBuf>,
+    /// No audit file at all (`CREDBROKER_AUDIT_FILE=off`).
+    pub audit_file_off: bool,
+    /// Also write audit events to stdout.
+    pub audit_stdout: bool,
+    /// Refuse secret-returning RPCs when the audit sink fails.
+    pub audit_fail_closed: bool,
+    /// Rotate the audit file at this size.
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept.
+    pub audit_keep: usize,
 }
 
 impl Default for Config {
@@ -115,6 +127,12 @@ impl Default for Config {
             authorization_ttl: Duration::from_secs(600),
             keepalive_interval: Duration::from_secs(3600),
             keepalive_margin: Duration::from_secs(7 * 86_400),
+            audit_file: None,
+            audit_file_off: false,
+            audit_stdout: false,
+            audit_fail_closed: true,
+            audit_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
+            audit_keep: crate::audit::DEFAULT_KEEP,
         }
     }
 }
@@ -179,6 +197,16 @@ pub struct FileConfig {
     pub keepalive_interval_secs: Option<u64>,
     /// Seconds.
     pub keepalive_margin_secs: Option<u64>,
+    /// Path or `off`.
+    pub audit_file: Option<String>,
+    /// Bool.
+    pub audit_stdout: Option<bool>,
+    /// Bool.
+    pub audit_fail_closed: Option<bool>,
+    /// Bytes.
+    pub audit_max_bytes: Option<u64>,
+    /// Count.
+    pub audit_keep: Option<usize>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -204,6 +232,12 @@ pub struct Overrides {
     pub jira_auth_url: Option<String>,
     /// `CREDBROKER_JIRA_API_URL`.
     pub jira_api_url: Option<String>,
+    /// `CREDBROKER_AUDIT_FILE` (path or `off`).
+    pub audit_file: Option<String>,
+    /// `CREDBROKER_AUDIT_STDOUT`.
+    pub audit_stdout: Option<String>,
+    /// `CREDBROKER_AUDIT_FAIL_CLOSED`.
+    pub audit_fail_closed: Option<String>,
 }
 
 impl Config {
@@ -390,6 +424,46 @@ impl Config {
             &mut errors,
             &mut c.keepalive_margin,
         );
+        match o.audit_file.clone().or(f.audit_file).as_deref() {
+            None => {}
+            Some("off") => c.audit_file_off = true,
+            Some(p) => c.audit_file = Some(PathBuf::from(p)),
+        }
+        let flag = |name: &str,
+                    env: Option<String>,
+                    file: Option<bool>,
+                    errors: &mut Vec<String>|
+         -> Option<bool> {
+            match env {
+                Some(v) => parse_bool(&v).or_else(|| {
+                    errors.push(format!("{name}: '{v}' must be 1/0/true/false"));
+                    None
+                }),
+                None => file,
+            }
+        };
+        if let Some(v) = flag(
+            "CREDBROKER_AUDIT_STDOUT",
+            o.audit_stdout.clone(),
+            f.audit_stdout,
+            &mut errors,
+        ) {
+            c.audit_stdout = v;
+        }
+        if let Some(v) = flag(
+            "CREDBROKER_AUDIT_FAIL_CLOSED",
+            o.audit_fail_closed.clone(),
+            f.audit_fail_closed,
+            &mut errors,
+        ) {
+            c.audit_fail_closed = v;
+        }
+        if let Some(v) = f.audit_max_bytes {
+            c.audit_max_bytes = v.max(4096);
+        }
+        if let Some(v) = f.audit_keep {
+            c.audit_keep = v;
+        }
         if let Some(v) = f.max_request_bytes {
             c.max_request_bytes = v;
         }

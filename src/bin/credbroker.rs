@@ -37,6 +37,15 @@ struct Args {
     /// Private destinations the egress guard admits: comma-separated CIDRs and host names.
     #[arg(long, env = "CREDBROKER_EGRESS_ALLOW")]
     egress_allow: Option<String>,
+    /// Audit file (JSON lines, rotated by size), or `off` [default: <data-dir>/audit.log].
+    #[arg(long, env = "CREDBROKER_AUDIT_FILE")]
+    audit_file: Option<String>,
+    /// Also write audit events to stdout: 1 or 0.
+    #[arg(long, env = "CREDBROKER_AUDIT_STDOUT")]
+    audit_stdout: Option<String>,
+    /// Refuse secret-returning RPCs while the audit sink fails: 1 (default) or 0.
+    #[arg(long, env = "CREDBROKER_AUDIT_FAIL_CLOSED")]
+    audit_fail_closed: Option<String>,
     /// HTTP listen address for the OAuth callback, or `off` [default: 127.0.0.1:8080].
     #[arg(long, env = "CREDBROKER_HTTP_LISTEN")]
     http_listen: Option<String>,
@@ -60,6 +69,9 @@ fn main() -> ExitCode {
         log_format: args.log_format,
         egress_allow_http: args.egress_allow_http,
         egress_allow: args.egress_allow,
+        audit_file: args.audit_file,
+        audit_stdout: args.audit_stdout,
+        audit_fail_closed: args.audit_fail_closed,
         http_listen: args.http_listen,
         public_url: args.public_url,
         jira_auth_url: args.jira_auth_url,

@@ -78,6 +78,29 @@ pub enum Command {
     /// Manage callers.
     #[command(subcommand)]
     Caller(CallerCmd),
+    /// Read the audit trail (the server's audit file; no server connection needed).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+/// `audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// The last events, optionally filtered.
+    Tail {
+        /// Only events for this system.
+        #[arg(long)]
+        system: Option<String>,
+        /// Only events by this caller.
+        #[arg(long)]
+        caller: Option<String>,
+        /// How many events.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// The audit file [default: <data-dir>/audit.log].
+        #[arg(long, env = "CREDBROKER_AUDIT_FILE")]
+        file: Option<PathBuf>,
+    },
 }
 
 /// `system …`
@@ -325,6 +348,18 @@ async fn connect(cli: &Cli) -> Result<Client> {
 
 async fn dispatch(cli: Cli) -> Result<()> {
     let out = cli.output;
+    if let Command::Audit(AuditCmd::Tail {
+        system,
+        caller,
+        lines,
+        file,
+    }) = &cli.command
+    {
+        let path = file
+            .clone()
+            .unwrap_or_else(|| cli.data_dir.join(crate::server::AUDIT_FILE));
+        return audit_tail(&path, system.as_deref(), caller.as_deref(), *lines, out);
+    }
     let mut client = connect(&cli).await?;
     match cli.command {
         Command::System(cmd) => match cmd {
@@ -512,6 +547,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 println!("token_id: {}", t.token_id);
             }
         }
+        Command::Audit(_) => {}
         Command::Caller(cmd) => match cmd {
             CallerCmd::Add {
                 name,
@@ -677,6 +713,40 @@ async fn connect_system(
             let _ = std::io::stderr().flush();
         }
     }
+}
+
+fn audit_tail(
+    path: &std::path::Path,
+    system: Option<&str>,
+    caller: Option<&str>,
+    n: usize,
+    out: Output,
+) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the audit file {}", path.display()))?;
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| system.is_none_or(|s| e["system_id"] == s))
+        .filter(|e| caller.is_none_or(|c| e["caller"] == c))
+        .collect();
+    for e in &events[events.len().saturating_sub(n)..] {
+        if out == Output::Json {
+            println!("{e}");
+        } else {
+            let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+            println!(
+                "{} {:<20} {:<20} {:<24} {:<18} {}",
+                s("time"),
+                s("caller"),
+                s("rpc"),
+                s("system_id"),
+                s("code"),
+                s("token_hmac")
+            );
+        }
+    }
+    Ok(())
 }
 
 fn parse_kind(s: &str) -> Result<SystemKind> {

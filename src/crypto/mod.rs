@@ -139,6 +139,19 @@ impl Keyring {
         open_raw(&dek, &data_aad(binding), body)
     }
 
+    /// A 256-bit key derived from the primary key for another purpose (`label`), e.g. the audit
+    /// HMAC key. Deterministic: the same master key gives the same subkey.
+    pub fn derive_subkey(&self, label: &str) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut mac = match <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.primary.bytes()) {
+            Ok(m) => m,
+            Err(_) => return [0; 32],
+        };
+        mac.update(b"credbroker/subkey/");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// A key check value for the primary key: a sealed constant the store keeps.
     pub fn key_check_value(&self) -> Vec<u8> {
         seal_raw(self.primary.bytes(), KCV_AAD, KCV_PLAINTEXT)

@@ -1,11 +1,12 @@
-//! The `CredentialBroker` gRPC service: authenticate the caller, decode, call the core, encode.
-//! No business logic lives here.
+//! The `CredentialBroker` gRPC service: authenticate the caller, decode, call the core, encode,
+//! and write one audit event per call. No business logic lives here.
 
+use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::convert;
 use crate::broker::{AuthRefusal, Broker, Caller, CallerScope, CheckTarget, RegisterInput};
@@ -20,21 +21,31 @@ pub struct BrokerService {
     core: Arc<OnceLock<Arc<Broker>>>,
 }
 
+/// What a call adds to its audit event.
+#[derive(Default)]
+struct Audited {
+    /// The system concerned, when the request did not name it (a generated id).
+    system_id: Option<String>,
+    /// The token handed out.
+    token_id: Option<String>,
+}
+
+fn status(e: BrokerError) -> Status {
+    e.into()
+}
+
 impl BrokerService {
     /// A service whose core is filled in later through the shared cell.
     pub fn new(core: Arc<OnceLock<Arc<Broker>>>) -> Self {
         Self { core }
     }
 
+    /// Authenticates; on refusal returns the status and, when known, the caller's name.
     fn authorize<T>(
-        &self,
+        broker: &Broker,
         req: &Request<T>,
         need: Role,
-    ) -> Result<(&Arc<Broker>, Arc<Caller>), Status> {
-        let broker = self
-            .core
-            .get()
-            .ok_or_else(|| Status::unavailable("credbroker is starting; retry shortly"))?;
+    ) -> Result<Arc<Caller>, (Status, Option<String>)> {
         let token = req
             .metadata()
             .get("authorization")
@@ -46,26 +57,80 @@ impl BrokerService {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
-                Status::unauthenticated(
+                let s = Status::unauthenticated(
                     "missing caller token: send 'authorization: Bearer <token>'",
-                )
+                );
+                (s, None)
             })?;
-        let caller = broker.authenticate(token).map_err(|r| match r {
-            AuthRefusal::Unknown => Status::unauthenticated("invalid or revoked caller token"),
-            AuthRefusal::Expired => Status::unauthenticated("the caller token has expired"),
+        let caller = broker.authenticate(token).map_err(|r| {
+            let s = match r {
+                AuthRefusal::Unknown => Status::unauthenticated("invalid or revoked caller token"),
+                AuthRefusal::Expired => Status::unauthenticated("the caller token has expired"),
+            };
+            (s, None)
         })?;
         if need == Role::Admin && caller.role != Role::Admin {
-            return Err(Status::permission_denied(format!(
+            let s = Status::permission_denied(format!(
                 "caller '{}' has role {}, which may only call GetAccessToken",
                 caller.name, caller.role
-            )));
+            ));
+            return Err((s, Some(caller.name.clone())));
         }
-        Ok((broker, caller))
+        Ok(caller)
     }
-}
 
-fn status(e: BrokerError) -> Status {
-    e.into()
+    /// Runs one RPC: authenticate, call, audit. `secret` RPCs hand out secrets and fail closed
+    /// when the audit event cannot be written.
+    async fn run<Req, Resp, F, Fut>(
+        &self,
+        rpc: &'static str,
+        need: Role,
+        secret: bool,
+        request: Request<Req>,
+        system_of: fn(&Req) -> Option<String>,
+        f: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
+        Fut: Future<Output = Result<(Resp, Audited), Status>>,
+    {
+        let broker = self
+            .core
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("credbroker is starting; retry shortly"))?;
+        let system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
+        let caller = match Self::authorize(&broker, &request, need) {
+            Ok(c) => c,
+            Err((s, name)) => {
+                let _ =
+                    broker.audit_record(rpc, name.as_deref(), system_id.as_deref(), s.code(), None);
+                return Err(s);
+            }
+        };
+        let result = f(broker.clone(), caller.clone(), request.into_inner()).await;
+        let (code, sys, token) = match &result {
+            Ok((_, a)) => (
+                Code::Ok,
+                a.system_id.clone().or(system_id),
+                a.token_id.clone(),
+            ),
+            Err(s) => (s.code(), system_id, None),
+        };
+        let written = broker.audit_record(
+            rpc,
+            Some(&caller.name),
+            sys.as_deref(),
+            code,
+            token.as_deref(),
+        );
+        if written.is_err() && secret && code == Code::Ok && broker.audit.fail_closed() {
+            return Err(Status::unavailable(
+                "the audit trail cannot be written; refusing to hand out secrets until it recovers",
+            ));
+        }
+        result.map(|(r, _)| Response::new(r))
+    }
 }
 
 #[tonic::async_trait]
@@ -74,249 +139,355 @@ impl CredentialBroker for BrokerService {
         &self,
         request: Request<pb::RegisterSystemRequest>,
     ) -> Result<Response<pb::RegisterSystemResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Admin)?;
-        let r = request.into_inner();
-        let input = RegisterInput {
-            system_id: r.system_id.trim().to_owned(),
-            display_name: r.display_name,
-            description: r.description,
-            kind: convert::kind(r.kind, "kind").map_err(status)?,
-            base_url: r.base_url,
-            credential: convert::credential(r.credential, "credential").map_err(status)?,
-            check: r.check,
-        };
-        let (record, check) = broker.register(input).await.map_err(status)?;
-        Ok(Response::new(pb::RegisterSystemResponse {
-            system: Some(convert::system(&record)),
-            check: check.as_ref().map(convert::check),
-        }))
+        self.run(
+            "RegisterSystem",
+            Role::Admin,
+            false,
+            request,
+            |r| Some(r.system_id.clone()),
+            |broker, _, r| async move {
+                let input = RegisterInput {
+                    system_id: r.system_id.trim().to_owned(),
+                    display_name: r.display_name,
+                    description: r.description,
+                    kind: convert::kind(r.kind, "kind").map_err(status)?,
+                    base_url: r.base_url,
+                    credential: convert::credential(r.credential, "credential").map_err(status)?,
+                    check: r.check,
+                };
+                let (record, check) = broker.register(input).await.map_err(status)?;
+                let audited = Audited {
+                    system_id: Some(record.system_id.clone()),
+                    token_id: None,
+                };
+                Ok((
+                    pb::RegisterSystemResponse {
+                        system: Some(convert::system(&record)),
+                        check: check.as_ref().map(convert::check),
+                    },
+                    audited,
+                ))
+            },
+        )
+        .await
     }
 
     async fn check_authentication(
         &self,
         request: Request<pb::CheckAuthenticationRequest>,
     ) -> Result<Response<pb::CheckAuthenticationResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Admin)?;
         use pb::check_authentication_request::Target;
-        let target = match request.into_inner().target {
-            Some(Target::SystemId(id)) => CheckTarget::Stored(id),
-            Some(Target::Candidate(c)) => CheckTarget::Candidate {
-                kind: convert::kind(c.kind, "candidate.kind").map_err(status)?,
-                base_url: c.base_url,
-                credential: convert::credential(c.credential, "candidate.credential")
-                    .map_err(status)?,
-            },
-            None => {
-                return Err(status(BrokerError::invalid(
-                    "target",
-                    "set system_id or candidate",
-                )))
-            }
+        let system_of = |r: &pb::CheckAuthenticationRequest| match &r.target {
+            Some(Target::SystemId(id)) => Some(id.clone()),
+            _ => None,
         };
-        let check = broker.check(target).await.map_err(status)?;
-        Ok(Response::new(pb::CheckAuthenticationResponse {
-            check: Some(convert::check(&check)),
-        }))
+        self.run(
+            "CheckAuthentication",
+            Role::Admin,
+            false,
+            request,
+            system_of,
+            |broker, _, r| async move {
+                let target = match r.target {
+                    Some(Target::SystemId(id)) => CheckTarget::Stored(id),
+                    Some(Target::Candidate(c)) => CheckTarget::Candidate {
+                        kind: convert::kind(c.kind, "candidate.kind").map_err(status)?,
+                        base_url: c.base_url,
+                        credential: convert::credential(c.credential, "candidate.credential")
+                            .map_err(status)?,
+                    },
+                    None => {
+                        return Err(status(BrokerError::invalid(
+                            "target",
+                            "set system_id or candidate",
+                        )))
+                    }
+                };
+                let check = broker.check(target).await.map_err(status)?;
+                Ok((
+                    pb::CheckAuthenticationResponse {
+                        check: Some(convert::check(&check)),
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
     }
 
     async fn get_access_token(
         &self,
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
-        let (broker, caller) = self.authorize(&request, Role::Worker)?;
-        let r = request.into_inner();
-        // Out-of-scope requests look the same whether or not the system exists.
-        let denied = || {
-            Status::permission_denied(format!(
-                "caller '{}' may not access system '{}'",
-                caller.name, r.system_id
-            ))
-        };
-        if !caller.may_use_id(&r.system_id) {
-            return Err(denied());
-        }
-        let token = match broker
-            .access_token(
-                &r.system_id,
-                r.min_valid_seconds,
-                Some(&r.rejected_token_id),
-            )
-            .await
-        {
-            Ok(t) => t,
-            Err(BrokerError::NotFound(_)) if caller.is_kind_scoped() => return Err(denied()),
-            Err(e) => return Err(status(e)),
-        };
-        if !caller.may_use_kind(token.kind) {
-            return Err(denied());
-        }
-        Ok(Response::new(pb::GetAccessTokenResponse {
-            headers: token
-                .headers
-                .iter()
-                .map(|h| pb::HttpHeader {
-                    name: h.name.to_owned(),
-                    value: h.value.expose_secret().to_owned(),
-                })
-                .collect(),
-            expires_at: Some(convert::ts_from(token.expires_at)),
-            api_base_url: token.api_base_url.clone(),
-            credential_version: token.credential_version,
-            token_id: token.token_id.clone(),
-        }))
+        self.run(
+            "GetAccessToken",
+            Role::Worker,
+            true,
+            request,
+            |r| Some(r.system_id.clone()),
+            |broker, caller, r| async move {
+                // Out-of-scope requests look the same whether or not the system exists.
+                let denied = || {
+                    Status::permission_denied(format!(
+                        "caller '{}' may not access system '{}'",
+                        caller.name, r.system_id
+                    ))
+                };
+                if !caller.may_use_id(&r.system_id) {
+                    return Err(denied());
+                }
+                let token = match broker
+                    .access_token(
+                        &r.system_id,
+                        r.min_valid_seconds,
+                        Some(&r.rejected_token_id),
+                    )
+                    .await
+                {
+                    Ok(t) => t,
+                    Err(BrokerError::NotFound(_)) if caller.is_kind_scoped() => {
+                        return Err(denied())
+                    }
+                    Err(e) => return Err(status(e)),
+                };
+                if !caller.may_use_kind(token.kind) {
+                    return Err(denied());
+                }
+                let resp = pb::GetAccessTokenResponse {
+                    headers: token
+                        .headers
+                        .iter()
+                        .map(|h| pb::HttpHeader {
+                            name: h.name.to_owned(),
+                            value: h.value.expose_secret().to_owned(),
+                        })
+                        .collect(),
+                    expires_at: Some(convert::ts_from(token.expires_at)),
+                    api_base_url: token.api_base_url.clone(),
+                    credential_version: token.credential_version,
+                    token_id: token.token_id.clone(),
+                };
+                Ok((
+                    resp,
+                    Audited {
+                        system_id: None,
+                        token_id: Some(token.token_id.clone()),
+                    },
+                ))
+            },
+        )
+        .await
     }
 
     async fn rotate_credential(
         &self,
         request: Request<pb::RotateCredentialRequest>,
     ) -> Result<Response<pb::RotateCredentialResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Admin)?;
-        let r = request.into_inner();
-        let credential = convert::credential(r.credential, "credential").map_err(status)?;
-        let (record, check) = broker
-            .rotate(r.system_id.trim(), credential, r.skip_check)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::RotateCredentialResponse {
-            system: Some(convert::system(&record)),
-            check: check.as_ref().map(convert::check),
-        }))
+        self.run(
+            "RotateCredential",
+            Role::Admin,
+            false,
+            request,
+            |r| Some(r.system_id.clone()),
+            |broker, _, r| async move {
+                let credential = convert::credential(r.credential, "credential").map_err(status)?;
+                let (record, check) = broker
+                    .rotate(r.system_id.trim(), credential, r.skip_check)
+                    .await
+                    .map_err(status)?;
+                Ok((
+                    pb::RotateCredentialResponse {
+                        system: Some(convert::system(&record)),
+                        check: check.as_ref().map(convert::check),
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
     }
 
     async fn get_system(
         &self,
         request: Request<pb::GetSystemRequest>,
     ) -> Result<Response<pb::GetSystemResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Admin)?;
-        let record = broker
-            .get_system(request.get_ref().system_id.trim())
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::GetSystemResponse {
-            system: Some(convert::system(&record)),
-        }))
+        self.run(
+            "GetSystem",
+            Role::Admin,
+            false,
+            request,
+            |r| Some(r.system_id.clone()),
+            |broker, _, r| async move {
+                let record = broker
+                    .get_system(r.system_id.trim())
+                    .await
+                    .map_err(status)?;
+                Ok((
+                    pb::GetSystemResponse {
+                        system: Some(convert::system(&record)),
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
     }
 
     async fn list_systems(
         &self,
         request: Request<pb::ListSystemsRequest>,
     ) -> Result<Response<pb::ListSystemsResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Admin)?;
-        let r = request.into_inner();
-        let after = if r.page_token.is_empty() {
-            None
-        } else {
-            Some(
-                URL_SAFE_NO_PAD
-                    .decode(&r.page_token)
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| {
-                        status(BrokerError::invalid(
-                            "page_token",
-                            "is not a token this server issued",
-                        ))
-                    })?,
-            )
-        };
-        let (page, more) = broker
-            .list_systems(after.as_deref(), r.page_size as usize)
-            .await
-            .map_err(status)?;
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => URL_SAFE_NO_PAD.encode(last.system_id.as_bytes()),
-            _ => String::new(),
-        };
-        Ok(Response::new(pb::ListSystemsResponse {
-            systems: page.iter().map(convert::system).collect(),
-            next_page_token,
-        }))
+        self.run(
+            "ListSystems",
+            Role::Admin,
+            false,
+            request,
+            |_| None,
+            |broker, _, r| async move {
+                let after = if r.page_token.is_empty() {
+                    None
+                } else {
+                    Some(
+                        URL_SAFE_NO_PAD
+                            .decode(&r.page_token)
+                            .ok()
+                            .and_then(|b| String::from_utf8(b).ok())
+                            .ok_or_else(|| {
+                                status(BrokerError::invalid(
+                                    "page_token",
+                                    "is not a token this server issued",
+                                ))
+                            })?,
+                    )
+                };
+                let (page, more) = broker
+                    .list_systems(after.as_deref(), r.page_size as usize)
+                    .await
+                    .map_err(status)?;
+                let next_page_token = match (more, page.last()) {
+                    (true, Some(last)) => URL_SAFE_NO_PAD.encode(last.system_id.as_bytes()),
+                    _ => String::new(),
+                };
+                Ok((
+                    pb::ListSystemsResponse {
+                        systems: page.iter().map(convert::system).collect(),
+                        next_page_token,
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
     }
 
     async fn delete_system(
         &self,
         request: Request<pb::DeleteSystemRequest>,
     ) -> Result<Response<pb::DeleteSystemResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Admin)?;
-        broker
-            .delete_system(request.get_ref().system_id.trim())
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::DeleteSystemResponse {}))
+        self.run(
+            "DeleteSystem",
+            Role::Admin,
+            false,
+            request,
+            |r| Some(r.system_id.clone()),
+            |broker, _, r| async move {
+                broker
+                    .delete_system(r.system_id.trim())
+                    .await
+                    .map_err(status)?;
+                Ok((pb::DeleteSystemResponse {}, Audited::default()))
+            },
+        )
+        .await
     }
 
     async fn create_caller(
         &self,
         request: Request<pb::CreateCallerRequest>,
     ) -> Result<Response<pb::CreateCallerResponse>, Status> {
-        let (broker, caller) = self.authorize(&request, Role::Admin)?;
-        let r = request.into_inner();
-        let role = convert::role(r.role).map_err(status)?;
-        let kinds = r
-            .kinds
-            .iter()
-            .map(|k| convert::kind(*k, "kinds"))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(status)?;
-        let scope = CallerScope {
-            system_patterns: r
-                .system_patterns
+        self.run("CreateCaller", Role::Admin, true, request, |_| None, |broker, caller, r| async move {
+            let role = convert::role(r.role).map_err(status)?;
+            let kinds = r
+                .kinds
                 .iter()
-                .map(|p| p.trim().to_owned())
-                .collect(),
-            kinds,
-            expires_at: r.expires_at.map(|t| t.seconds.max(0) as u64),
-        };
-        let (record, token) = broker
-            .create_caller(r.name.trim(), role, scope)
-            .await
-            .map_err(status)?;
-        tracing::info!(message = "Caller created.", caller = %record.name, role = %record.role, by = %caller.name);
-        Ok(Response::new(pb::CreateCallerResponse {
-            caller: Some(convert::caller(&record)),
-            token: token.expose_secret().to_owned(),
-        }))
+                .map(|k| convert::kind(*k, "kinds"))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(status)?;
+            let scope = CallerScope {
+                system_patterns: r.system_patterns.iter().map(|p| p.trim().to_owned()).collect(),
+                kinds,
+                expires_at: r.expires_at.map(|t| t.seconds.max(0) as u64),
+            };
+            let (record, token) = broker.create_caller(r.name.trim(), role, scope).await.map_err(status)?;
+            tracing::info!(message = "Caller created.", caller = %record.name, role = %record.role, by = %caller.name);
+            Ok((
+                pb::CreateCallerResponse { caller: Some(convert::caller(&record)), token: token.expose_secret().to_owned() },
+                Audited::default(),
+            ))
+        })
+        .await
     }
 
     async fn list_callers(
         &self,
         request: Request<pb::ListCallersRequest>,
     ) -> Result<Response<pb::ListCallersResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Admin)?;
-        let callers = broker.list_callers().await.map_err(status)?;
-        Ok(Response::new(pb::ListCallersResponse {
-            callers: callers.iter().map(convert::caller).collect(),
-        }))
+        self.run(
+            "ListCallers",
+            Role::Admin,
+            false,
+            request,
+            |_| None,
+            |broker, _, _| async move {
+                let callers = broker.list_callers().await.map_err(status)?;
+                Ok((
+                    pb::ListCallersResponse {
+                        callers: callers.iter().map(convert::caller).collect(),
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
     }
 
     async fn revoke_caller(
         &self,
         request: Request<pb::RevokeCallerRequest>,
     ) -> Result<Response<pb::RevokeCallerResponse>, Status> {
-        let (broker, caller) = self.authorize(&request, Role::Admin)?;
-        let record = broker
-            .revoke_caller(request.get_ref().name.trim())
-            .await
-            .map_err(status)?;
-        tracing::info!(message = "Caller revoked.", caller = %record.name, by = %caller.name);
-        Ok(Response::new(pb::RevokeCallerResponse {
-            caller: Some(convert::caller(&record)),
-        }))
+        self.run("RevokeCaller", Role::Admin, false, request, |_| None, |broker, caller, r| async move {
+            let record = broker.revoke_caller(r.name.trim()).await.map_err(status)?;
+            tracing::info!(message = "Caller revoked.", caller = %record.name, by = %caller.name);
+            Ok((pb::RevokeCallerResponse { caller: Some(convert::caller(&record)) }, Audited::default()))
+        })
+        .await
     }
 
     async fn start_authorization(
         &self,
         request: Request<pb::StartAuthorizationRequest>,
     ) -> Result<Response<pb::StartAuthorizationResponse>, Status> {
-        let (broker, _) = self.authorize(&request, Role::Admin)?;
-        let (url, expires, redirect) = broker
-            .start_authorization(request.get_ref().system_id.trim())
-            .await
-            .map_err(status)?;
-        Ok(Response::new(pb::StartAuthorizationResponse {
-            authorize_url: url,
-            expires_at: Some(convert::ts_from(expires)),
-            redirect_uri: redirect,
-        }))
+        self.run(
+            "StartAuthorization",
+            Role::Admin,
+            false,
+            request,
+            |r| Some(r.system_id.clone()),
+            |broker, _, r| async move {
+                let (url, expires, redirect) = broker
+                    .start_authorization(r.system_id.trim())
+                    .await
+                    .map_err(status)?;
+                Ok((
+                    pb::StartAuthorizationResponse {
+                        authorize_url: url,
+                        expires_at: Some(convert::ts_from(expires)),
+                        redirect_uri: redirect,
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
     }
 }

@@ -30,6 +30,12 @@ async fn callback(
         );
     };
     let p = broker.complete_authorization(&params).await;
+    let code = if p.status == 200 {
+        tonic::Code::Ok
+    } else {
+        tonic::Code::FailedPrecondition
+    };
+    let _ = broker.audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None);
     page(p.status, &p.title, &p.message)
 }
 

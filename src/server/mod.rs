@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::audit::AuditConfig;
 use crate::backends::oauth::OAuthSettings;
 use crate::backends::{BackendContext, EgressPolicy, HttpClient, Registry};
 use crate::broker::{Broker, BrokerSettings, OpenError as BrokerOpenError};
@@ -39,6 +40,8 @@ pub use broker_svc::BrokerService;
 pub const SERVICE_NAME: &str = "credbroker.v1.CredentialBroker";
 /// File (in the data directory) holding the bootstrap admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// Default audit file (in the data directory).
+pub const AUDIT_FILE: &str = "audit.log";
 
 /// Why the server did not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +191,21 @@ pub async fn run_with_hooks(
     };
     let _ = core.set(broker.clone());
     let refresher = broker.start_refresher();
+    // Health follows the audit sink: NOT_SERVING while it cannot be written.
+    let mut audit_health = broker.audit.health();
+    let health_audit = health.clone();
+    let audit_watch = tokio::spawn(async move {
+        while audit_health.changed().await.is_ok() {
+            let ok = *audit_health.borrow();
+            let s = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health_audit.set_service_status("", s).await;
+            health_audit.set_service_status(SERVICE_NAME, s).await;
+        }
+    });
     health.set_service_status("", ServingStatus::Serving).await;
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -209,6 +227,7 @@ pub async fn run_with_hooks(
         };
     }
 
+    audit_watch.abort();
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
@@ -256,6 +275,7 @@ async fn open_broker(
         error,
     })?;
     let store_exists = SledStore::exists_in(&data_dir);
+    let initialized = store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
     let (key, source) =
         MasterKey::load_or_generate(config.master_key_file.as_deref(), &data_dir, store_exists)?;
     match &source {
@@ -318,6 +338,23 @@ async fn open_broker(
             authorization_ttl: config.authorization_ttl,
             keepalive_interval: config.keepalive_interval,
             keepalive_margin: config.keepalive_margin,
+            expect_initialized: initialized,
+            audit: AuditConfig {
+                file: if config.audit_file_off {
+                    None
+                } else {
+                    Some(
+                        config
+                            .audit_file
+                            .clone()
+                            .unwrap_or_else(|| data_dir.join(AUDIT_FILE)),
+                    )
+                },
+                stdout: config.audit_stdout,
+                max_bytes: config.audit_max_bytes,
+                keep: config.audit_keep,
+                fail_closed: config.audit_fail_closed,
+            },
         },
     )
     .await?;
