@@ -80,6 +80,19 @@ struct FileSink {
     path: PathBuf,
     file: Option<File>,
     size: u64,
+    /// (device, inode) of the open file, to notice external rotation or removal.
+    id: Option<(u64, u64)>,
+}
+
+#[cfg(unix)]
+fn file_id(m: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    Some((m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(_: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
 }
 
 /// The audit writer.
@@ -106,6 +119,7 @@ impl Audit {
             path,
             file: None,
             size: 0,
+            id: None,
         });
         let (health_tx, _) = watch::channel(true);
         Self {
@@ -176,13 +190,25 @@ impl Audit {
         if sink.size + line.len() as u64 > self.config.max_bytes && sink.size > 0 {
             self.rotate(sink);
         }
+        // Follow the path: after an external rotation, removal or replacement, reopen it.
+        if sink.file.is_some() {
+            let current = std::fs::metadata(&sink.path).ok().and_then(|m| file_id(&m));
+            if current.is_none() || current != sink.id {
+                sink.file = None;
+            }
+        }
         if sink.file.is_none() {
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&sink.path)
                 .map_err(|e| AuditError(e.to_string()))?;
-            sink.size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let meta = f.metadata().ok();
+            sink.size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+            sink.id = std::fs::metadata(&sink.path)
+                .ok()
+                .and_then(|m| file_id(&m))
+                .or_else(|| meta.as_ref().and_then(file_id));
             sink.file = Some(f);
         }
         let res = match sink.file.as_mut() {

@@ -10,6 +10,7 @@ mod connect;
 mod fakes;
 mod lifecycle;
 mod oauth;
+mod security;
 mod static_backends;
 mod store_conformance;
 mod support;

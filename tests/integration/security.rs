@@ -1,0 +1,563 @@
+//! Who may ask for what, the egress guard, the audit trail, and tamper evidence.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use credbroker::pb;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::support::*;
+
+const PAT: &str = "asana-pat-security-1";
+
+fn worker_req(
+    name: &str,
+    patterns: &[&str],
+    kinds: &[pb::SystemKind],
+    expires_at: Option<i64>,
+) -> pb::CreateCallerRequest {
+    pb::CreateCallerRequest {
+        name: name.into(),
+        role: pb::CallerRole::Worker as i32,
+        system_patterns: patterns.iter().map(|s| s.to_string()).collect(),
+        kinds: kinds.iter().map(|k| *k as i32).collect(),
+        expires_at: expires_at.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+    }
+}
+
+fn tok(id: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        system_id: id.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    for id in ["acme-asana", "globex-asana"] {
+        admin
+            .register_system(register_asana(id, &fake.base_url, PAT, false))
+            .await
+            .unwrap();
+    }
+    let by_id = admin
+        .create_caller(worker_req("acme-worker", &["acme-*"], &[], None))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let by_kind = admin
+        .create_caller(worker_req(
+            "zd-worker",
+            &[],
+            &[pb::SystemKind::Zendesk],
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let soon = credbroker::model::unix_now() as i64 + 2;
+    let expiring = admin
+        .create_caller(worker_req("short-lived", &[], &[], Some(soon)))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let revoked = admin
+        .create_caller(worker_req("gone", &[], &[], None))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    admin
+        .revoke_caller(pb::RevokeCallerRequest {
+            name: "gone".into(),
+        })
+        .await
+        .unwrap();
+
+    let mut acme = client(broker.addr, Some(&by_id)).await;
+    let mut zd = client(broker.addr, Some(&by_kind)).await;
+    let code = |r: Result<tonic::Response<pb::GetAccessTokenResponse>, tonic::Status>| {
+        r.map(|_| Code::Ok).unwrap_or_else(|e| e.code())
+    };
+    // In scope.
+    assert_eq!(
+        code(acme.get_access_token(tok("acme-asana")).await),
+        Code::Ok
+    );
+    // Out of scope, existing or not: the same answer, no existence leak.
+    let e1 = acme
+        .get_access_token(tok("globex-asana"))
+        .await
+        .unwrap_err();
+    let e2 = acme
+        .get_access_token(tok("globex-nonexistent"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e1.code(), e2.code()),
+        (Code::PermissionDenied, Code::PermissionDenied)
+    );
+    // In-pattern but unknown: NOT_FOUND reveals nothing beyond the caller's scope.
+    assert_eq!(
+        code(acme.get_access_token(tok("acme-missing")).await),
+        Code::NotFound
+    );
+    // Kind-scoped: an Asana system and an unknown one look alike.
+    let e1 = zd.get_access_token(tok("acme-asana")).await.unwrap_err();
+    let e2 = zd
+        .get_access_token(tok("no-such-system"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e1.code(), e2.code()),
+        (Code::PermissionDenied, Code::PermissionDenied)
+    );
+    assert_eq!(
+        e1.message().replace("acme-asana", "X"),
+        e2.message().replace("no-such-system", "X")
+    );
+    // Revoked and expired tokens.
+    let mut gone = client(broker.addr, Some(&revoked)).await;
+    assert_eq!(
+        code(gone.get_access_token(tok("acme-asana")).await),
+        Code::Unauthenticated
+    );
+    let mut short = client(broker.addr, Some(&expiring)).await;
+    assert_eq!(
+        code(short.get_access_token(tok("acme-asana")).await),
+        Code::Ok
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    let e = short.get_access_token(tok("acme-asana")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"));
+    // Admins are never scoped, and admin scopes are refused.
+    assert_eq!(
+        code(admin.get_access_token(tok("globex-asana")).await),
+        Code::Ok
+    );
+    let mut bad = worker_req("scoped-admin", &["acme-*"], &[], None);
+    bad.role = pb::CallerRole::Admin as i32;
+    assert_eq!(
+        admin.create_caller(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let listed = admin
+        .list_callers(pb::ListCallersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .callers;
+    let acme_caller = listed.iter().find(|c| c.name == "acme-worker").unwrap();
+    assert_eq!(acme_caller.system_patterns, ["acme-*"]);
+    broker.stop().await;
+}
+
+/// A loopback listener that counts connections: the guard must keep it at zero.
+async fn canary() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = l.accept().await {
+            h.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssrf_matrix_is_refused_and_the_allow_list_admits_one_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (canary_addr, hits) = canary().await;
+    let mut config = test_config(dir.path());
+    config.egress_allow = Default::default();
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let port = canary_addr.port();
+    let urls = [
+        format!("http://127.0.0.1:{port}/api/1.0"),
+        format!("http://localhost:{port}/api/1.0"),
+        format!("http://[::1]:{port}/"),
+        "http://0.0.0.0/".to_owned(),
+        "http://10.0.0.1/".to_owned(),
+        "http://172.16.0.1/".to_owned(),
+        "http://192.168.1.1/".to_owned(),
+        "http://169.254.169.254/latest/meta-data".to_owned(),
+        "http://[fd00:ec2::254]/".to_owned(),
+        "http://100.64.0.1/".to_owned(),
+        format!("http://[::ffff:127.0.0.1]:{port}/"),
+        format!("http://2130706433:{port}/"),
+        format!("http://0x7f.1:{port}/"),
+        format!("http://user@127.0.0.1:{port}/"),
+        "file:///etc/passwd".to_owned(),
+        "gopher://127.0.0.1/".to_owned(),
+    ];
+    for url in &urls {
+        for check in [false, true] {
+            let e = admin
+                .register_system(register_asana("ssrf", url, PAT, check))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{url}: {}", e.message());
+        }
+        let c = admin
+            .check_authentication(pb::CheckAuthenticationRequest {
+                target: Some(pb::check_authentication_request::Target::Candidate(
+                    pb::CandidateSystem {
+                        kind: pb::SystemKind::Asana as i32,
+                        base_url: url.clone(),
+                        credential: Some(pat(PAT)),
+                    },
+                )),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(c.code(), Code::InvalidArgument, "{url}");
+    }
+    // Plain http when it is not allowed.
+    broker.stop().await;
+    let mut strict = test_config(dir.path());
+    strict.egress_allow_http = false;
+    let broker = TestBroker::start_with(strict).await;
+    let mut admin = broker.admin().await;
+    let e = admin
+        .register_system(register_asana(
+            "plain",
+            &format!("http://127.0.0.1:{port}/api/1.0"),
+            PAT,
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    broker.stop().await;
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the canary was contacted");
+
+    // The allow-list admits exactly the listed private host: the check connects to the canary.
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let resp = admin
+        .register_system(register_asana(
+            "allowed",
+            &format!("http://127.0.0.1:{port}/api/1.0"),
+            PAT,
+            false,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.into_inner().system.unwrap().base_url,
+        format!("http://127.0.0.1:{port}/api/1.0")
+    );
+    let _ = admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                "allowed".into(),
+            )),
+        })
+        .await
+        .unwrap();
+    assert!(
+        hits.load(Ordering::SeqCst) >= 1,
+        "the allow-listed host was not contacted"
+    );
+    broker.stop().await;
+
+    // Records pre-seeded with such URLs fail at call time, without a connection.
+    let before = hits.load(Ordering::SeqCst);
+    {
+        use credbroker::store::{CredentialStore, SledStore};
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut r = store.get_system("allowed").await.unwrap().unwrap();
+        for (id, url) in [
+            ("seeded-metadata", "http://169.254.169.254/api"),
+            (
+                "seeded-loopback",
+                &*format!("http://127.0.0.1:{port}/api/1.0"),
+            ),
+        ] {
+            r.system_id = id.into();
+            r.base_url = url.into();
+            // The sealed credential is bound to "allowed"; seed a fresh one through the API
+            // instead when decryption matters. Here the guard must refuse before decrypting.
+            store.insert_system(&r).await.unwrap();
+        }
+    }
+    let mut config = test_config(dir.path());
+    config.egress_allow = Default::default();
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    for id in ["seeded-metadata", "seeded-loopback", "allowed"] {
+        let e = admin.get_access_token(tok(id)).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{id}: {}", e.message());
+        assert!(e.message().contains("egress guard"), "{}", e.message());
+    }
+    let c = admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                "allowed".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert!(!c.ok);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        before,
+        "a refused destination was contacted"
+    );
+    broker.stop().await;
+}
+
+fn audit_events(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user(PAT, "1", "U", "u@example.com");
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register_asana("aud", &fake.base_url, PAT, true))
+        .await
+        .unwrap();
+    let w = admin
+        .create_caller(worker_req("aud-worker", &["aud"], &[], None))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut worker = client(broker.addr, Some(&w)).await;
+    let t = worker
+        .get_access_token(tok("aud"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        worker
+            .get_access_token(tok("other"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        worker
+            .list_systems(pb::ListSystemsRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let mut anon = client(broker.addr, None).await;
+    assert_eq!(
+        anon.get_access_token(tok("aud")).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    let events = audit_events(dir.path());
+    let rpcs: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e["rpc"].as_str().unwrap(), e["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        rpcs,
+        [
+            ("RegisterSystem", "OK"),
+            ("CreateCaller", "OK"),
+            ("GetAccessToken", "OK"),
+            ("GetAccessToken", "PERMISSION_DENIED"),
+            ("ListSystems", "PERMISSION_DENIED"),
+            ("GetAccessToken", "UNAUTHENTICATED"),
+        ]
+    );
+    let granted = &events[2];
+    assert_eq!(granted["caller"], "aud-worker");
+    assert_eq!(granted["system_id"], "aud");
+    let hmac = granted["token_hmac"].as_str().unwrap();
+    assert_eq!(hmac.len(), 32);
+    assert!(!hmac.contains(&t.token_id));
+    assert_eq!(events[3]["caller"], "aud-worker");
+    assert!(events[5]["caller"].is_null());
+    let raw = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    for secret in [
+        PAT,
+        t.token_id.as_str(),
+        w.as_str(),
+        broker.admin_token.as_str(),
+    ] {
+        assert!(!raw.contains(secret), "a secret is in the audit trail");
+    }
+
+    // The sink becomes unwritable: tokens fail closed and health says so; then it recovers.
+    let mut health = HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", broker.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    let path = dir.path().join("audit.log");
+    std::fs::rename(&path, dir.path().join("audit.before")).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    let e = worker.get_access_token(tok("aud")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("audit"), "{}", e.message());
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    std::fs::remove_file(&path).unwrap();
+    worker.get_access_token(tok("aud")).await.unwrap();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    // credbrokerctl audit tail filters the trail.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_credbrokerctl"))
+        .args([
+            "--output",
+            "json",
+            "audit",
+            "tail",
+            "--caller",
+            "aud-worker",
+            "--file",
+        ])
+        .arg(dir.path().join("audit.before"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["caller"] == "aud-worker"));
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_swapped_and_truncated_records_are_detected() {
+    use credbroker::store::{CredentialStore, SledStore};
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    for (id, p) in [
+        ("a", "pat-aaaa"),
+        ("b", "pat-bbbb"),
+        ("c", "pat-cccc"),
+        ("d", "pat-dddd"),
+    ] {
+        admin
+            .register_system(register_asana(id, &fake.base_url, p, false))
+            .await
+            .unwrap();
+    }
+    broker.stop().await;
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        // (a) one flipped byte in a's ciphertext.
+        let mut a = store.get_system("a").await.unwrap().unwrap();
+        let n = a.sealed_credential.len();
+        a.sealed_credential[n - 5] ^= 0x01;
+        let rev = a.revision;
+        store.update_system(&a, rev).await.unwrap();
+        // (b) b's and c's sealed credentials swapped.
+        let mut b = store.get_system("b").await.unwrap().unwrap();
+        let mut c = store.get_system("c").await.unwrap().unwrap();
+        std::mem::swap(&mut b.sealed_credential, &mut c.sealed_credential);
+        let (rb, rc) = (b.revision, c.revision);
+        store.update_system(&b, rb).await.unwrap();
+        store.update_system(&c, rc).await.unwrap();
+    }
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    for id in ["a", "b", "c"] {
+        let e = admin.get_access_token(tok(id)).await.unwrap_err();
+        assert_eq!(e.code(), Code::DataLoss, "{id}");
+        assert!(!e.message().contains("pat-"), "{}", e.message());
+    }
+    // The untouched system keeps serving.
+    let t = admin.get_access_token(tok("d")).await.unwrap().into_inner();
+    assert_eq!(t.headers[0].value, "Bearer pat-dddd");
+    broker.stop().await;
+
+    // (c) A truncated database file: the broker refuses to serve and re-initializes nothing.
+    let db = dir.path().join("store").join("db");
+    let key_check = std::fs::read(dir.path().join("key.check")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for f in std::fs::read_dir(dir.path().join("store")).unwrap() {
+        let p = f.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("snap.")
+        {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let logs = tempfile::tempdir().unwrap();
+    let (status, log) = match spawn_process(dir.path(), &logs.path().join("t.log"), &[]) {
+        Err(e) => e,
+        Ok(mut p) => {
+            let s = p.child.wait().unwrap();
+            (s, p.log())
+        }
+    };
+    assert!(!status.success(), "a truncated store was served");
+    assert!(
+        log.contains("damaged") || log.contains("cannot open"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("key.check")).unwrap(),
+        key_check
+    );
+    assert!(!dir.path().join("admin.token.new").exists());
+}
