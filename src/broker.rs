@@ -188,7 +188,8 @@ pub struct BrokerSettings {
 /// The broker core.
 pub struct Broker {
     pub(crate) store: Arc<dyn CredentialStore>,
-    keyring: Keyring,
+    pub(crate) keyring: RwLock<Keyring>,
+    pub(crate) rewrap: crate::keyops::RewrapState,
     pub(crate) registry: Registry,
     pub(crate) egress: EgressPolicy,
     pub(crate) settings: BrokerSettings,
@@ -212,7 +213,7 @@ impl Broker {
         registry: Registry,
         settings: BrokerSettings,
     ) -> Result<(Self, Option<SecretString>), OpenError> {
-        let kcv_key = format!("kcv/{:08x}", keyring.primary_id());
+        let kcv_key = format!("kcv/{:08x}", keyring.root_id());
         match store.get_meta("format_version").await? {
             None => {
                 if settings.expect_initialized {
@@ -246,9 +247,11 @@ impl Broker {
             }
         }
         let audit = Audit::new(settings.audit.clone(), keyring.derive_subkey("audit-hmac"));
+        let keyring = crate::keyops::load_keks(store.as_ref(), keyring).await?;
         let broker = Self {
             store,
-            keyring,
+            keyring: RwLock::new(keyring),
+            rewrap: Default::default(),
             registry,
             egress: settings.egress.clone(),
             refresh_permits: tokio::sync::Semaphore::new(settings.refresh.max_concurrent.max(1)),
@@ -683,7 +686,7 @@ impl Broker {
             serde_json::to_vec(credential)
                 .map_err(|_| BrokerError::Internal("could not encode the credential"))?,
         );
-        Ok(self.keyring.seal(
+        Ok(read(&self.keyring).seal(
             &RecordBinding {
                 system_id,
                 credential_type: credential.credential_type(),
@@ -694,8 +697,7 @@ impl Broker {
     }
 
     pub(crate) fn open_credential(&self, record: &SystemRecord) -> Result<Credential, BrokerError> {
-        let plaintext = self
-            .keyring
+        let plaintext = read(&self.keyring)
             .open(
                 &RecordBinding {
                     system_id: &record.system_id,

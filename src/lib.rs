@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod keyops;
 pub mod model;
 pub mod pb;
 pub mod secret;

@@ -81,6 +81,23 @@ pub enum Command {
     /// Read the audit trail (the server's audit file; no server connection needed).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Rotate and inspect the keys that wrap stored credentials.
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+/// `key …`
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Make a new key-encryption key primary, online; records are re-wrapped in the background.
+    Rotate,
+    /// Keys, records per key, re-wrap progress.
+    Status,
+    /// Retire a key no record uses any more.
+    Retire {
+        /// Hex key id (from `key status`).
+        key_id: String,
+    },
 }
 
 /// `audit …`
@@ -548,6 +565,73 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Command::Audit(_) => {}
+        Command::Key(cmd) => match cmd {
+            KeyCmd::Rotate => {
+                let r = client
+                    .rotate_master_key(pb::RotateMasterKeyRequest {})
+                    .await?
+                    .into_inner();
+                if out == Output::Json {
+                    println!("{}", json!({"key_id": r.key_id}));
+                } else {
+                    println!(
+                        "new primary key {}; records are being re-wrapped (see `key status`)",
+                        r.key_id
+                    );
+                }
+            }
+            KeyCmd::Status => {
+                let s = client
+                    .get_key_status(pb::GetKeyStatusRequest {})
+                    .await?
+                    .into_inner();
+                if out == Output::Json {
+                    println!(
+                        "{}",
+                        json!({
+                            "primary_key_id": s.primary_key_id,
+                            "rewrap_running": s.rewrap_running,
+                            "records_total": s.records_total,
+                            "records_on_primary": s.records_on_primary,
+                            "keys": s.keys.iter().map(|k| json!({"key_id": k.key_id, "primary": k.primary, "root": k.root, "records": k.records})).collect::<Vec<_>>(),
+                        })
+                    );
+                } else {
+                    println!(
+                        "primary: {}  re-wrapped: {}/{}{}",
+                        s.primary_key_id,
+                        s.records_on_primary,
+                        s.records_total,
+                        if s.rewrap_running { " (running)" } else { "" }
+                    );
+                    for k in &s.keys {
+                        println!(
+                            "  {}  records {:>8}{}{}",
+                            k.key_id,
+                            k.records,
+                            if k.primary { "  primary" } else { "" },
+                            if k.root {
+                                "  root (master key file)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                }
+            }
+            KeyCmd::Retire { key_id } => {
+                client
+                    .retire_key(pb::RetireKeyRequest {
+                        key_id: key_id.clone(),
+                    })
+                    .await?;
+                if out == Output::Json {
+                    println!("{}", json!({"retired": key_id}));
+                } else {
+                    println!("retired key {key_id}");
+                }
+            }
+        },
         Command::Caller(cmd) => match cmd {
             CallerCmd::Add {
                 name,

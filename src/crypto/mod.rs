@@ -71,30 +71,126 @@ pub struct SealedHeader {
     pub wrapped_len: usize,
 }
 
-/// The keys the broker holds. Today one master key; the id in every record lets a later rotation
-/// keep old keys readable.
+/// The keys the broker holds: the root (the master key file) and the key-encryption keys (KEKs)
+/// that wrap data keys. The root is itself the first KEK; `key rotate` adds KEKs (stored in the
+/// store, sealed by the root) and makes the newest primary. The id in every record names its KEK,
+/// so old records stay readable until they are re-wrapped.
 pub struct Keyring {
-    primary: MasterKey,
+    root: MasterKey,
+    keks: Vec<MasterKey>,
+    primary: u32,
 }
 
 impl Keyring {
-    /// A keyring whose primary (and only) key is `key`.
-    pub fn new(primary: MasterKey) -> Self {
-        Self { primary }
+    /// A keyring whose root (and only KEK) is `root`.
+    pub fn new(root: MasterKey) -> Self {
+        Self {
+            primary: root.id(),
+            root,
+            keks: Vec::new(),
+        }
     }
 
-    /// The primary key's id.
+    /// The primary KEK's id (new records are sealed with it).
     pub fn primary_id(&self) -> u32 {
-        self.primary.id()
+        self.primary
+    }
+
+    /// The root key's id.
+    pub fn root_id(&self) -> u32 {
+        self.root.id()
+    }
+
+    /// Every KEK id, root first.
+    pub fn kek_ids(&self) -> Vec<u32> {
+        std::iter::once(self.root.id())
+            .chain(self.keks.iter().map(|k| k.id()))
+            .collect()
     }
 
     fn key(&self, id: u32) -> Option<&MasterKey> {
-        (self.primary.id() == id).then_some(&self.primary)
+        if self.root.id() == id {
+            return Some(&self.root);
+        }
+        self.keks.iter().find(|k| k.id() == id)
+    }
+
+    /// Adds a KEK (unsealed from the store).
+    pub fn add_kek(&mut self, kek: MasterKey) {
+        if self.key(kek.id()).is_none() {
+            self.keks.push(kek);
+        }
+    }
+
+    /// Makes `id` primary; false when the keyring does not hold it.
+    pub fn set_primary(&mut self, id: u32) -> bool {
+        let known = self.key(id).is_some();
+        if known {
+            self.primary = id;
+        }
+        known
+    }
+
+    /// Drops a non-primary, non-root KEK.
+    pub fn remove_kek(&mut self, id: u32) {
+        if id != self.primary {
+            self.keks.retain(|k| k.id() != id);
+        }
+    }
+
+    /// Seals a KEK under the root for storage.
+    pub fn seal_kek(&self, kek: &MasterKey) -> Vec<u8> {
+        seal_raw(self.root.bytes(), &kek_aad(kek.id()), kek.bytes())
+    }
+
+    /// Opens a stored KEK.
+    pub fn open_kek(&self, id: u32, sealed: &[u8]) -> Result<MasterKey, CryptoError> {
+        let bytes = open_raw(self.root.bytes(), &kek_aad(id), sealed)?;
+        let arr: [u8; KEY_LEN] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| CryptoError::Malformed)?;
+        let key = MasterKey::from_bytes(Zeroizing::new(arr));
+        if key.id() != id {
+            return Err(CryptoError::Malformed);
+        }
+        Ok(key)
+    }
+
+    /// Re-wraps a record's data key under the primary KEK; the data ciphertext is unchanged.
+    pub fn rewrap(
+        &self,
+        binding: &RecordBinding<'_>,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let header = parse_header(sealed)?;
+        let old = self
+            .key(header.kek_id)
+            .ok_or(CryptoError::UnknownKey(header.kek_id))?;
+        let new = self
+            .key(self.primary)
+            .ok_or(CryptoError::UnknownKey(self.primary))?;
+        let wrapped = sealed
+            .get(9..9 + header.wrapped_len)
+            .ok_or(CryptoError::Malformed)?;
+        let body = sealed
+            .get(9 + header.wrapped_len..)
+            .ok_or(CryptoError::Malformed)?;
+        let dek = open_raw(old.bytes(), &wrap_aad(binding, header.kek_id), wrapped)?;
+        let rewrapped = seal_raw(new.bytes(), &wrap_aad(binding, new.id()), &dek);
+        let mut out = Vec::with_capacity(sealed.len());
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_VERSION);
+        out.extend_from_slice(&new.id().to_be_bytes());
+        out.extend_from_slice(&(rewrapped.len() as u16).to_be_bytes());
+        out.extend_from_slice(&rewrapped);
+        out.extend_from_slice(body);
+        Ok(out)
     }
 
     /// Seals `plaintext` for `binding` under a fresh data key.
     pub fn seal(&self, binding: &RecordBinding<'_>, plaintext: &[u8]) -> Vec<u8> {
-        let kek = &self.primary;
+        let kek = self.key(self.primary).unwrap_or(&self.root);
         let mut dek = Zeroizing::new([0u8; KEY_LEN]);
         rand::rngs::OsRng.fill_bytes(dek.as_mut());
         let wrap_aad = wrap_aad(binding, kek.id());
@@ -139,11 +235,11 @@ impl Keyring {
         open_raw(&dek, &data_aad(binding), body)
     }
 
-    /// A 256-bit key derived from the primary key for another purpose (`label`), e.g. the audit
+    /// A 256-bit key derived from the root key for another purpose (`label`), e.g. the audit
     /// HMAC key. Deterministic: the same master key gives the same subkey.
     pub fn derive_subkey(&self, label: &str) -> [u8; 32] {
         use hmac::{Hmac, Mac};
-        let mut mac = match <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.primary.bytes()) {
+        let mut mac = match <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.root.bytes()) {
             Ok(m) => m,
             Err(_) => return [0; 32],
         };
@@ -152,14 +248,14 @@ impl Keyring {
         mac.finalize().into_bytes().into()
     }
 
-    /// A key check value for the primary key: a sealed constant the store keeps.
+    /// A key check value for the root key: a sealed constant the store keeps.
     pub fn key_check_value(&self) -> Vec<u8> {
-        seal_raw(self.primary.bytes(), KCV_AAD, KCV_PLAINTEXT)
+        seal_raw(self.root.bytes(), KCV_AAD, KCV_PLAINTEXT)
     }
 
-    /// True when `kcv` was made by the primary key.
+    /// True when `kcv` was made by the root key.
     pub fn verify_key_check_value(&self, kcv: &[u8]) -> bool {
-        matches!(open_raw(self.primary.bytes(), KCV_AAD, kcv), Ok(p) if p.as_slice() == KCV_PLAINTEXT)
+        matches!(open_raw(self.root.bytes(), KCV_AAD, kcv), Ok(p) if p.as_slice() == KCV_PLAINTEXT)
     }
 }
 
@@ -187,6 +283,12 @@ pub fn parse_header(sealed: &[u8]) -> Result<SealedHeader, CryptoError> {
         kek_id,
         wrapped_len,
     })
+}
+
+fn kek_aad(id: u32) -> Vec<u8> {
+    let mut aad = b"cred-broker/v1|kek|".to_vec();
+    aad.extend_from_slice(&id.to_be_bytes());
+    aad
 }
 
 fn data_aad(b: &RecordBinding<'_>) -> Vec<u8> {
@@ -313,6 +415,39 @@ mod tests {
         for _ in 0..10_000 {
             assert!(seen.insert(kr.seal(&binding("a", 1), b"same")));
         }
+    }
+
+    #[test]
+    fn rotation_rewraps_without_touching_data() {
+        let mut kr = Keyring::new(MasterKey::generate());
+        let sealed = kr.seal(&binding("a", 1), b"secret");
+        let kek = MasterKey::generate();
+        let stored = kr.seal_kek(&kek);
+        let id = kek.id();
+        kr.add_kek(kr.open_kek(id, &stored).unwrap());
+        assert!(kr.set_primary(id));
+        // Old records stay readable; new ones use the new KEK.
+        assert_eq!(
+            kr.open(&binding("a", 1), &sealed).unwrap().as_slice(),
+            b"secret"
+        );
+        assert_eq!(
+            parse_header(&kr.seal(&binding("b", 1), b"x"))
+                .unwrap()
+                .kek_id,
+            id
+        );
+        let rewrapped = kr.rewrap(&binding("a", 1), &sealed).unwrap();
+        assert_eq!(parse_header(&rewrapped).unwrap().kek_id, id);
+        assert_eq!(
+            &rewrapped[rewrapped.len() - 30..],
+            &sealed[sealed.len() - 30..]
+        );
+        assert_eq!(
+            kr.open(&binding("a", 1), &rewrapped).unwrap().as_slice(),
+            b"secret"
+        );
+        assert!(kr.open_kek(id ^ 1, &stored).is_err());
     }
 
     #[test]

@@ -490,4 +490,87 @@ impl CredentialBroker for BrokerService {
         )
         .await
     }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        self.run(
+            "RotateMasterKey",
+            Role::Admin,
+            false,
+            request,
+            |_| None,
+            |broker, _, _| async move {
+                let id = broker.rotate_master_key().await.map_err(status)?;
+                Ok((
+                    pb::RotateMasterKeyResponse {
+                        key_id: format!("{id:08x}"),
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
+    }
+
+    async fn get_key_status(
+        &self,
+        request: Request<pb::GetKeyStatusRequest>,
+    ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
+        self.run(
+            "GetKeyStatus",
+            Role::Admin,
+            false,
+            request,
+            |_| None,
+            |broker, _, _| async move {
+                let st = broker.key_status().await.map_err(status)?;
+                let on_primary = st
+                    .keys
+                    .iter()
+                    .find(|k| k.primary)
+                    .map(|k| k.records)
+                    .unwrap_or(0);
+                Ok((
+                    pb::GetKeyStatusResponse {
+                        primary_key_id: format!("{:08x}", st.primary),
+                        keys: st
+                            .keys
+                            .iter()
+                            .map(|k| pb::KeyInfo {
+                                key_id: format!("{:08x}", k.id),
+                                primary: k.primary,
+                                root: k.root,
+                                records: k.records,
+                            })
+                            .collect(),
+                        rewrap_running: st.rewrap_running,
+                        records_total: st.total,
+                        records_on_primary: on_primary,
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
+    }
+
+    async fn retire_key(
+        &self,
+        request: Request<pb::RetireKeyRequest>,
+    ) -> Result<Response<pb::RetireKeyResponse>, Status> {
+        self.run(
+            "RetireKey",
+            Role::Admin,
+            false,
+            request,
+            |_| None,
+            |broker, _, r| async move {
+                broker.retire_key(&r.key_id).await.map_err(status)?;
+                Ok((pb::RetireKeyResponse {}, Audited::default()))
+            },
+        )
+        .await
+    }
 }

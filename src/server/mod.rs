@@ -191,6 +191,7 @@ pub async fn run_with_hooks(
     };
     let _ = core.set(broker.clone());
     let refresher = broker.start_refresher();
+    broker.resume_rewrap().await;
     // Health follows the audit sink: NOT_SERVING while it cannot be written.
     let mut audit_health = broker.audit.health();
     let health_audit = health.clone();
@@ -218,6 +219,7 @@ pub async fn run_with_hooks(
     };
     if let Some(res) = early_exit {
         refresher.shutdown().await;
+        broker.stop_rewrap().await;
         let _ = http_stop_tx.send(());
         let _ = broker.flush().await;
         return match res {
@@ -256,6 +258,7 @@ pub async fn run_with_hooks(
         }
     }
     refresher.shutdown().await;
+    broker.stop_rewrap().await;
     if let Err(e) = broker.flush().await {
         tracing::error!(message = "Final flush failed.", error = %e);
     }

@@ -1,0 +1,308 @@
+//! Online key rotation: key-encryption keys (KEKs) stored in the store's metadata sealed by the
+//! root (the master key file), a background job that re-wraps every record's data key under the
+//! primary KEK, status, and retirement of keys nothing uses.
+//!
+//! # Crash safety
+//! A new KEK is written (and flushed) before it becomes primary, and the primary pointer before
+//! any record uses it. Re-wrapping replaces one record at a time with compare-and-swap, so a crash
+//! leaves every record sealed under either its old or its new KEK, both readable; the job resumes
+//! at the next start. A key is retired only when a full scan finds no record using it.
+//!
+//! # Metadata keys
+//! `kek_index` (comma-separated hex ids), `kek/<hex id>` (the KEK sealed by the root),
+//! `primary_kek` (hex id; absent means the root).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::task::JoinHandle;
+
+use crate::broker::{lock, read, write, Broker, OpenError};
+use crate::crypto::{parse_header, Keyring, MasterKey, RecordBinding};
+use crate::error::BrokerError;
+use crate::store::{CredentialStore, StoreError};
+
+/// Re-wrap job state.
+#[derive(Debug, Default)]
+pub struct RewrapState {
+    running: AtomicBool,
+    stop: AtomicBool,
+    task: Mutex<Option<JoinHandle<()>>>,
+    rewrapped: AtomicU64,
+}
+
+/// A key's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// KEK id.
+    pub id: u32,
+    /// Primary (new records).
+    pub primary: bool,
+    /// The master key file itself.
+    pub root: bool,
+    /// Records it protects.
+    pub records: u64,
+}
+
+/// Keyring status.
+#[derive(Debug, Clone)]
+pub struct KeyringStatus {
+    /// Primary id.
+    pub primary: u32,
+    /// Every key.
+    pub keys: Vec<KeyStatus>,
+    /// Whether the re-wrap job runs.
+    pub rewrap_running: bool,
+    /// Records in total.
+    pub total: u64,
+}
+
+fn hex_id(id: u32) -> String {
+    format!("{id:08x}")
+}
+
+fn parse_id(s: &str) -> Option<u32> {
+    u32::from_str_radix(s.trim(), 16).ok()
+}
+
+/// Loads the stored KEKs into a keyring holding the root.
+pub async fn load_keks(
+    store: &dyn CredentialStore,
+    mut keyring: Keyring,
+) -> Result<Keyring, OpenError> {
+    let index = store.get_meta("kek_index").await?.unwrap_or_default();
+    for id in String::from_utf8_lossy(&index)
+        .split(',')
+        .filter_map(parse_id)
+    {
+        let sealed = store
+            .get_meta(&format!("kek/{}", hex_id(id)))
+            .await?
+            .ok_or_else(|| {
+                OpenError::Damaged(format!("key {} is listed but missing", hex_id(id)))
+            })?;
+        let kek = keyring.open_kek(id, &sealed).map_err(|_| {
+            OpenError::Damaged(format!(
+                "key {} does not open with the master key",
+                hex_id(id)
+            ))
+        })?;
+        keyring.add_kek(kek);
+    }
+    if let Some(p) = store.get_meta("primary_kek").await? {
+        let id = parse_id(&String::from_utf8_lossy(&p))
+            .ok_or_else(|| OpenError::Damaged("unreadable primary key id".to_owned()))?;
+        if !keyring.set_primary(id) {
+            return Err(OpenError::Damaged(format!(
+                "primary key {} is unknown",
+                hex_id(id)
+            )));
+        }
+    }
+    Ok(keyring)
+}
+
+impl Broker {
+    /// Creates a new KEK, makes it primary, and starts re-wrapping. Returns its id.
+    pub async fn rotate_master_key(self: &Arc<Self>) -> Result<u32, BrokerError> {
+        let kek = MasterKey::generate();
+        let id = kek.id();
+        let sealed = read(&self.keyring).seal_kek(&kek);
+        // Durable before use: the KEK, then the index, then the primary pointer.
+        self.store
+            .put_meta(&format!("kek/{}", hex_id(id)), &sealed)
+            .await?;
+        let mut ids: Vec<u32> = read(&self.keyring).kek_ids().into_iter().skip(1).collect();
+        ids.push(id);
+        let index: Vec<String> = ids.iter().map(|i| hex_id(*i)).collect();
+        self.store
+            .put_meta("kek_index", index.join(",").as_bytes())
+            .await?;
+        {
+            let mut kr = write(&self.keyring);
+            kr.add_kek(kek);
+        }
+        self.store
+            .put_meta("primary_kek", hex_id(id).as_bytes())
+            .await?;
+        write(&self.keyring).set_primary(id);
+        tracing::info!(message = "New key-encryption key is primary; re-wrapping records.", key_id = %hex_id(id));
+        self.start_rewrap();
+        Ok(id)
+    }
+
+    /// Starts the re-wrap job unless it runs already.
+    pub fn start_rewrap(self: &Arc<Self>) {
+        if self.rewrap.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.rewrap.stop.store(false, Ordering::SeqCst);
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let result = me.rewrap_all().await;
+            if let Err(e) = result {
+                tracing::warn!(message = "Re-wrap stopped; it resumes at the next start or rotation.", error = %e);
+            }
+            me.rewrap.running.store(false, Ordering::SeqCst);
+        });
+        *lock(&self.rewrap.task) = Some(task);
+    }
+
+    /// Stops the re-wrap job (at shutdown) and waits for it.
+    pub async fn stop_rewrap(&self) {
+        self.rewrap.stop.store(true, Ordering::SeqCst);
+        let task = lock(&self.rewrap.task).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// Resumes an unfinished re-wrap (at start).
+    pub async fn resume_rewrap(self: &Arc<Self>) {
+        if let Ok(status) = self.key_status().await {
+            let on_primary = status
+                .keys
+                .iter()
+                .find(|k| k.primary)
+                .map(|k| k.records)
+                .unwrap_or(0);
+            if on_primary < status.total {
+                tracing::info!(
+                    message = "Resuming the re-wrap of records.",
+                    remaining = status.total - on_primary
+                );
+                self.start_rewrap();
+            }
+        }
+    }
+
+    async fn rewrap_all(&self) -> Result<(), BrokerError> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list_systems(after.as_deref(), 256).await?;
+            for r in &page {
+                if self.rewrap.stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                self.rewrap_one(&r.system_id).await?;
+            }
+            match page.last() {
+                Some(last) if page.len() == 256 => after = Some(last.system_id.clone()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    async fn rewrap_one(&self, system_id: &str) -> Result<(), BrokerError> {
+        for _ in 0..5 {
+            let Some(r) = self.store.get_system(system_id).await? else {
+                return Ok(());
+            };
+            let primary = read(&self.keyring).primary_id();
+            match parse_header(&r.sealed_credential) {
+                Ok(h) if h.kek_id == primary => return Ok(()),
+                Ok(_) => {}
+                // A damaged record stays as it is; reads report DATA_LOSS for it alone.
+                Err(_) => return Ok(()),
+            }
+            let binding = RecordBinding {
+                system_id: &r.system_id,
+                credential_type: r.credential_type,
+                version: r.credential_version,
+            };
+            let Ok(sealed) = read(&self.keyring).rewrap(&binding, &r.sealed_credential) else {
+                tracing::error!(message = "A record failed authentication during re-wrap.", credential_id = %system_id);
+                return Ok(());
+            };
+            let mut updated = r.clone();
+            updated.sealed_credential = sealed;
+            updated.revision = r.revision + 1;
+            match self.store.update_system(&updated, r.revision).await {
+                Ok(()) => {
+                    self.rewrap.rewrapped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys and the records each protects.
+    pub async fn key_status(&self) -> Result<KeyringStatus, BrokerError> {
+        let (primary, root, ids) = {
+            let kr = read(&self.keyring);
+            (kr.primary_id(), kr.root_id(), kr.kek_ids())
+        };
+        let mut counts: BTreeMap<u32, u64> = ids.iter().map(|i| (*i, 0)).collect();
+        let mut total = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list_systems(after.as_deref(), 1024).await?;
+            for r in &page {
+                total += 1;
+                if let Ok(h) = parse_header(&r.sealed_credential) {
+                    *counts.entry(h.kek_id).or_default() += 1;
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == 1024 => after = Some(last.system_id.clone()),
+                _ => break,
+            }
+        }
+        Ok(KeyringStatus {
+            primary,
+            keys: counts
+                .into_iter()
+                .map(|(id, records)| KeyStatus {
+                    id,
+                    primary: id == primary,
+                    root: id == root,
+                    records,
+                })
+                .collect(),
+            rewrap_running: self.rewrap.running.load(Ordering::SeqCst),
+            total,
+        })
+    }
+
+    /// Retires a KEK no record uses.
+    pub async fn retire_key(&self, key_id: &str) -> Result<(), BrokerError> {
+        let id = parse_id(key_id)
+            .ok_or_else(|| BrokerError::invalid("key_id", "must be a hex key id"))?;
+        let status = self.key_status().await?;
+        let Some(k) = status.keys.iter().find(|k| k.id == id) else {
+            return Err(BrokerError::NotFound(format!("key {key_id} not found")));
+        };
+        if k.primary || k.root {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "key {key_id} is the {} key and cannot be retired",
+                if k.primary { "primary" } else { "root" }
+            )));
+        }
+        if k.records > 0 {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "key {key_id} still protects {} record(s); wait for the re-wrap to finish",
+                k.records
+            )));
+        }
+        let remaining: Vec<String> = read(&self.keyring)
+            .kek_ids()
+            .into_iter()
+            .skip(1)
+            .filter(|i| *i != id)
+            .map(hex_id)
+            .collect();
+        self.store
+            .put_meta("kek_index", remaining.join(",").as_bytes())
+            .await?;
+        self.store
+            .put_meta(&format!("kek/{}", hex_id(id)), b"")
+            .await?;
+        write(&self.keyring).remove_kek(id);
+        tracing::info!(message = "Key retired.", key_id = %key_id);
+        Ok(())
+    }
+}
