@@ -299,6 +299,19 @@ impl Broker {
         Ok(c.clone())
     }
 
+    /// The caller named by a verified client certificate (its SAN DNS names), if any.
+    pub fn authenticate_names(&self, names: &[String]) -> Result<Arc<Caller>, AuthRefusal> {
+        let map = read(&self.callers);
+        let c = map
+            .values()
+            .find(|c| names.iter().any(|n| n.eq_ignore_ascii_case(&c.name)))
+            .ok_or(AuthRefusal::Unknown)?;
+        if c.expires_at.is_some_and(|e| e <= unix_now()) {
+            return Err(AuthRefusal::Expired);
+        }
+        Ok(c.clone())
+    }
+
     /// Creates a caller and returns it with its token (shown once).
     pub async fn create_caller(
         &self,

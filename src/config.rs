@@ -91,6 +91,18 @@ pub struct Config {
     pub audit_max_bytes: u64,
     /// Rotated audit files kept.
     pub audit_keep: usize,
+    /// Server certificate (PEM); with `tls_key_file`, the gRPC listener speaks TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// CA for client certificates (PEM): mTLS; certificate names map to callers.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Accept bearer caller tokens (switch off to require client certificates).
+    pub bearer_tokens: bool,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// How often certificate files are checked for changes (SIGHUP reloads at once).
+    pub tls_reload_interval: Duration,
 }
 
 impl Default for Config {
@@ -133,6 +145,12 @@ impl Default for Config {
             audit_fail_closed: true,
             audit_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
             audit_keep: crate::audit::DEFAULT_KEEP,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            bearer_tokens: true,
+            tls_handshake_timeout: Duration::from_secs(10),
+            tls_reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -207,6 +225,18 @@ pub struct FileConfig {
     pub audit_max_bytes: Option<u64>,
     /// Count.
     pub audit_keep: Option<usize>,
+    /// Path.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Path.
+    pub tls_key_file: Option<PathBuf>,
+    /// Path.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Bool.
+    pub bearer_tokens: Option<bool>,
+    /// Seconds.
+    pub tls_handshake_timeout_secs: Option<u64>,
+    /// Seconds.
+    pub tls_reload_interval_secs: Option<u64>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -238,6 +268,14 @@ pub struct Overrides {
     pub audit_stdout: Option<String>,
     /// `CREDBROKER_AUDIT_FAIL_CLOSED`.
     pub audit_fail_closed: Option<String>,
+    /// `CREDBROKER_TLS_CERT`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// `CREDBROKER_TLS_KEY`.
+    pub tls_key_file: Option<PathBuf>,
+    /// `CREDBROKER_TLS_CLIENT_CA`.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// `CREDBROKER_BEARER_TOKENS`.
+    pub bearer_tokens: Option<String>,
 }
 
 impl Config {
@@ -458,6 +496,38 @@ impl Config {
         ) {
             c.audit_fail_closed = v;
         }
+        c.tls_cert_file = o.tls_cert_file.clone().or(f.tls_cert_file);
+        c.tls_key_file = o.tls_key_file.clone().or(f.tls_key_file);
+        c.tls_client_ca_file = o.tls_client_ca_file.clone().or(f.tls_client_ca_file);
+        if let Some(v) = flag(
+            "CREDBROKER_BEARER_TOKENS",
+            o.bearer_tokens.clone(),
+            f.bearer_tokens,
+            &mut errors,
+        ) {
+            c.bearer_tokens = v;
+        }
+        if c.tls_cert_file.is_some() != c.tls_key_file.is_some() {
+            errors.push("TLS needs both a certificate and a key (CREDBROKER_TLS_CERT and CREDBROKER_TLS_KEY)".to_owned());
+        }
+        if c.tls_client_ca_file.is_some() && c.tls_cert_file.is_none() {
+            errors.push("a client CA (mTLS) needs a server certificate and key".to_owned());
+        }
+        if !c.bearer_tokens && c.tls_client_ca_file.is_none() {
+            errors.push("bearer tokens can be switched off only with client certificates (CREDBROKER_TLS_CLIENT_CA)".to_owned());
+        }
+        secs(
+            f.tls_handshake_timeout_secs,
+            "tls_handshake_timeout_secs",
+            &mut errors,
+            &mut c.tls_handshake_timeout,
+        );
+        secs(
+            f.tls_reload_interval_secs,
+            "tls_reload_interval_secs",
+            &mut errors,
+            &mut c.tls_reload_interval,
+        );
         if let Some(v) = f.audit_max_bytes {
             c.audit_max_bytes = v.max(4096);
         }

@@ -46,6 +46,18 @@ struct Args {
     /// Refuse secret-returning RPCs while the audit sink fails: 1 (default) or 0.
     #[arg(long, env = "CREDBROKER_AUDIT_FAIL_CLOSED")]
     audit_fail_closed: Option<String>,
+    /// Server certificate (PEM) for TLS on the gRPC listener.
+    #[arg(long, env = "CREDBROKER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "CREDBROKER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA for client certificates (PEM): mTLS; a certificate's SAN DNS name is the caller name.
+    #[arg(long, env = "CREDBROKER_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// Accept bearer caller tokens: 1 (default) or 0 (client certificates only).
+    #[arg(long, env = "CREDBROKER_BEARER_TOKENS")]
+    bearer_tokens: Option<String>,
     /// HTTP listen address for the OAuth callback, or `off` [default: 127.0.0.1:8080].
     #[arg(long, env = "CREDBROKER_HTTP_LISTEN")]
     http_listen: Option<String>,
@@ -72,6 +84,10 @@ fn main() -> ExitCode {
         audit_file: args.audit_file,
         audit_stdout: args.audit_stdout,
         audit_fail_closed: args.audit_fail_closed,
+        tls_cert_file: args.tls_cert,
+        tls_key_file: args.tls_key,
+        tls_client_ca_file: args.tls_client_ca,
+        bearer_tokens: args.bearer_tokens,
         http_listen: args.http_listen,
         public_url: args.public_url,
         jira_auth_url: args.jira_auth_url,

@@ -50,6 +50,18 @@ pub struct Cli {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
+    /// CA certificate (PEM) to verify a TLS server (implies https).
+    #[arg(long, env = "CREDBROKER_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS; its SAN name is the caller.
+    #[arg(long, env = "CREDBROKER_CLIENT_CERT", global = true)]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "CREDBROKER_CLIENT_KEY", global = true)]
+    pub client_key: Option<PathBuf>,
+    /// TLS server name to verify [default: the host of --addr].
+    #[arg(long, global = true)]
+    pub tls_server_name: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -285,13 +297,14 @@ type Client = CredentialBrokerClient<InterceptedService<Channel, AuthInterceptor
 /// Adds the caller token to every request.
 #[derive(Clone)]
 pub struct AuthInterceptor {
-    header: MetadataValue<tonic::metadata::Ascii>,
+    header: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut()
-            .insert("authorization", self.header.clone());
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
         Ok(req)
     }
 }
@@ -324,6 +337,7 @@ pub async fn main(cli: Cli) -> i32 {
 
 async fn connect(cli: &Cli) -> Result<Client> {
     let token = match (&cli.token, &cli.token_file) {
+        (None, None) if cli.client_cert.is_some() => String::new(),
         (Some(t), _) => t.trim().to_owned(),
         (None, Some(f)) => std::fs::read_to_string(f)
             .with_context(|| format!("reading the token file {}", f.display()))?
@@ -343,17 +357,45 @@ async fn connect(cli: &Cli) -> Result<Client> {
                 .to_owned()
         }
     };
-    let mut header: MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| anyhow!("the caller token contains characters not allowed in a header"))?;
-    header.set_sensitive(true);
+    let header = if token.is_empty() {
+        None
+    } else {
+        let mut h: MetadataValue<tonic::metadata::Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow!("the caller token contains characters not allowed in a header"))?;
+        h.set_sensitive(true);
+        Some(h)
+    };
+    let tls =
+        cli.ca_cert.is_some() || cli.client_cert.is_some() || cli.addr.starts_with("https://");
     let addr = if cli.addr.contains("://") {
         cli.addr.clone()
     } else {
-        format!("http://{}", cli.addr)
+        format!("{}://{}", if tls { "https" } else { "http" }, cli.addr)
     };
-    let channel = Channel::from_shared(addr.clone())
-        .map_err(|_| anyhow!("invalid --addr '{addr}'"))?
+    let mut endpoint =
+        Channel::from_shared(addr.clone()).map_err(|_| anyhow!("invalid --addr '{addr}'"))?;
+    if tls {
+        let mut cfg = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &cli.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            cfg = cfg.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        match (&cli.client_cert, &cli.client_key) {
+            (Some(c), Some(k)) => {
+                let cert = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
+                let key = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
+                cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            (None, None) => {}
+            _ => bail!("--client-cert and --client-key go together"),
+        }
+        if let Some(name) = &cli.tls_server_name {
+            cfg = cfg.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(cfg).context("TLS settings")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot connect to credbroker at {addr}"))?;

@@ -19,6 +19,7 @@ use crate::pb::credential_broker_server::CredentialBroker;
 #[derive(Clone)]
 pub struct BrokerService {
     core: Arc<OnceLock<Arc<Broker>>>,
+    bearer_tokens: bool,
 }
 
 /// What a call adds to its audit event.
@@ -36,12 +37,17 @@ fn status(e: BrokerError) -> Status {
 
 impl BrokerService {
     /// A service whose core is filled in later through the shared cell.
-    pub fn new(core: Arc<OnceLock<Arc<Broker>>>) -> Self {
-        Self { core }
+    pub fn new(core: Arc<OnceLock<Arc<Broker>>>, bearer_tokens: bool) -> Self {
+        Self {
+            core,
+            bearer_tokens,
+        }
     }
 
-    /// Authenticates; on refusal returns the status and, when known, the caller's name.
+    /// Authenticates (bearer token, or a verified client certificate's name under mTLS); on
+    /// refusal returns the status and, when known, the caller's name.
     fn authorize<T>(
+        &self,
         broker: &Broker,
         req: &Request<T>,
         need: Role,
@@ -55,20 +61,45 @@ impl BrokerService {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                let s = Status::unauthenticated(
-                    "missing caller token: send 'authorization: Bearer <token>'",
-                );
-                (s, None)
-            })?;
-        let caller = broker.authenticate(token).map_err(|r| {
+            .filter(|t| !t.is_empty());
+        let cert_names = req
+            .extensions()
+            .get::<super::tls::TlsConnectInfo>()
+            .map(|i| i.client_names.clone())
+            .filter(|n| !n.is_empty());
+        let refused = |r: AuthRefusal, what: &str| {
             let s = match r {
-                AuthRefusal::Unknown => Status::unauthenticated("invalid or revoked caller token"),
-                AuthRefusal::Expired => Status::unauthenticated("the caller token has expired"),
+                AuthRefusal::Unknown => {
+                    Status::unauthenticated(format!("invalid or revoked {what}"))
+                }
+                AuthRefusal::Expired => Status::unauthenticated(format!("the {what} has expired")),
             };
             (s, None)
-        })?;
+        };
+        let caller = match (token, cert_names) {
+            (Some(_), _) if !self.bearer_tokens => {
+                return Err((
+                    Status::unauthenticated(
+                        "bearer tokens are disabled; present a client certificate",
+                    ),
+                    None,
+                ))
+            }
+            (Some(token), _) => broker
+                .authenticate(token)
+                .map_err(|r| refused(r, "caller token"))?,
+            (None, Some(names)) => broker
+                .authenticate_names(&names)
+                .map_err(|r| refused(r, "client certificate identity"))?,
+            (None, None) => {
+                return Err((
+                    Status::unauthenticated(
+                        "missing caller token: send 'authorization: Bearer <token>'",
+                    ),
+                    None,
+                ))
+            }
+        };
         if need == Role::Admin && caller.role != Role::Admin {
             let s = Status::permission_denied(format!(
                 "caller '{}' has role {}, which may only call GetAccessToken",
@@ -100,7 +131,7 @@ impl BrokerService {
             .cloned()
             .ok_or_else(|| Status::unavailable("credbroker is starting; retry shortly"))?;
         let system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
-        let caller = match Self::authorize(&broker, &request, need) {
+        let caller = match self.authorize(&broker, &request, need) {
             Ok(c) => c,
             Err((s, name)) => {
                 let _ =

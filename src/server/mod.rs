@@ -11,6 +11,7 @@
 pub mod broker_svc;
 pub mod convert;
 pub mod http;
+pub mod tls;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -71,6 +72,9 @@ pub enum ServeError {
         /// The error.
         error: std::io::Error,
     },
+    /// The TLS material could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The HTTP client could not be built.
     #[error("outbound HTTP client: {0}")]
     Http(String),
@@ -120,12 +124,26 @@ pub async fn run_with_hooks(
         .map_err(|e| ServeError::Transport(e.to_string()))?;
 
     let core: Arc<OnceLock<Arc<Broker>>> = Arc::new(OnceLock::new());
-    let service = CredentialBrokerServer::new(BrokerService::new(core.clone()))
-        .max_decoding_message_size(config.max_request_bytes)
-        .max_encoding_message_size(4 * 1024 * 1024);
+    let service =
+        CredentialBrokerServer::new(BrokerService::new(core.clone(), config.bearer_tokens))
+            .max_decoding_message_size(config.max_request_bytes)
+            .max_encoding_message_size(4 * 1024 * 1024);
+
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            tls::TlsReloader::load(tls::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca_file.clone(),
+                handshake_timeout: config.tls_handshake_timeout,
+            })
+            .map_err(ServeError::Tls)?,
+        )),
+        _ => None,
+    };
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .timeout(config.request_timeout)
         .concurrency_limit_per_connection(config.concurrency_limit_per_connection)
         .max_concurrent_streams(config.max_concurrent_streams)
@@ -135,11 +153,49 @@ pub async fn run_with_hooks(
         .http2_max_header_list_size(16 * 1024)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
-    let mut server_task = tokio::spawn(server);
+        .add_service(service);
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let mut tls_tasks = Vec::new();
+    let mut server_task = match &tls {
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
+        ),
+        Some(reloader) => {
+            let (incoming, accept_task) = reloader.incoming(listener);
+            tls_tasks.push(accept_task);
+            let r = reloader.clone();
+            let interval = config.tls_reload_interval;
+            tls_tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                loop {
+                    tick.tick().await;
+                    r.reload_if_changed();
+                }
+            }));
+            #[cfg(unix)]
+            {
+                let r = reloader.clone();
+                if let Ok(mut hup) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                {
+                    tls_tasks.push(tokio::spawn(async move {
+                        while hup.recv().await.is_some() {
+                            if let Err(e) = r.reload() {
+                                tracing::warn!(message = "TLS reload on SIGHUP failed; keeping the current certificates.", error = %e);
+                            }
+                        }
+                    }));
+                }
+            }
+            tracing::info!(
+                message = "gRPC listener speaks TLS.",
+                client_certificates = config.tls_client_ca_file.is_some()
+            );
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+    };
 
     let http_listener = match hooks.http_listener {
         Some(l) => Some(l),
@@ -261,6 +317,9 @@ pub async fn run_with_hooks(
     broker.stop_rewrap().await;
     if let Err(e) = broker.flush().await {
         tracing::error!(message = "Final flush failed.", error = %e);
+    }
+    for t in tls_tasks {
+        t.abort();
     }
     drop(core);
     drop(broker);

@@ -9,6 +9,7 @@ mod broker_api;
 mod connect;
 mod fakes;
 mod lifecycle;
+mod mtls;
 mod oauth;
 mod security;
 mod static_backends;

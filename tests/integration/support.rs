@@ -25,7 +25,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 /// The interceptor that adds the bearer token (or nothing).
 #[derive(Clone)]
-pub struct AuthFn(Option<MetadataValue<tonic::metadata::Ascii>>);
+pub struct AuthFn(pub Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for AuthFn {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {

@@ -1,0 +1,272 @@
+//! TLS and mTLS for the gRPC listener, with certificates that reload without dropping
+//! connections.
+//!
+//! A custom acceptor (tokio-rustls) takes the current `rustls::ServerConfig` for each new
+//! connection; [`TlsReloader::reload`] swaps it (on SIGHUP, or when the files change), so existing
+//! connections keep their session and new ones get the new certificate. Handshakes run off the
+//! accept loop with a timeout, so a client that never sends a ClientHello cannot stall others.
+//! With a client CA, client certificates are required and their SAN DNS names are handed to the
+//! service as connect info, where they map to callers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Where the certificate material lives.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA for client certificates (PEM); when set, client certificates are required.
+    pub client_ca: Option<PathBuf>,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+/// The current TLS configuration, swappable at run time.
+pub struct TlsReloader {
+    settings: TlsSettings,
+    current: RwLock<Arc<ServerConfig>>,
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+}
+
+impl std::fmt::Debug for TlsReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsReloader")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+fn build(s: &TlsSettings) -> Result<ServerConfig, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&s.cert)
+        .map_err(|e| format!("certificate {}: {e}", s.cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("certificate {}: {e}", s.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "certificate {}: no PEM certificate found",
+            s.cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&s.key)
+        .map_err(|e| format!("private key {}: {e}", s.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &s.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca)
+                .map_err(|e| format!("client CA {}: {e}", ca.display()))?
+            {
+                let c = c.map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate/key: {e}"))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+impl TlsReloader {
+    /// Loads the files.
+    pub fn load(settings: TlsSettings) -> Result<Self, String> {
+        let cfg = build(&settings)?;
+        let me = Self {
+            current: RwLock::new(Arc::new(cfg)),
+            stamps: Mutex::new(Vec::new()),
+            settings,
+        };
+        *me.stamps.lock().unwrap_or_else(|e| e.into_inner()) = me.file_stamps();
+        Ok(me)
+    }
+
+    /// Re-reads the files; on error the old configuration stays.
+    pub fn reload(&self) -> Result<(), String> {
+        let cfg = build(&self.settings)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = self.file_stamps();
+        tracing::info!(message = "TLS certificates reloaded.");
+        Ok(())
+    }
+
+    /// Reloads when a file's modification time changed.
+    pub fn reload_if_changed(&self) {
+        let now = self.file_stamps();
+        let changed = *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != now;
+        if changed {
+            if let Err(e) = self.reload() {
+                tracing::warn!(message = "TLS reload failed; keeping the current certificates.", error = %e);
+                *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = now;
+            }
+        }
+    }
+
+    fn file_stamps(&self) -> Vec<Option<SystemTime>> {
+        let s = &self.settings;
+        [Some(&s.cert), Some(&s.key), s.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
+    fn config(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Accepts TCP connections and yields completed TLS streams.
+    pub fn incoming(
+        self: &Arc<Self>,
+        listener: TcpListener,
+    ) -> (ReceiverStream<Result<TlsStream, io::Error>>, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(256);
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(message = "Accept failed.", error = %e);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(me.config());
+                let tx = tx.clone();
+                let timeout = me.settings.handshake_timeout;
+                tokio::spawn(async move {
+                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let names = client_names(&stream);
+                            let _ = tx
+                                .send(Ok(TlsStream {
+                                    inner: stream,
+                                    remote,
+                                    names: Arc::new(names),
+                                }))
+                                .await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(message = "TLS handshake failed.", error = %e)
+                        }
+                        Err(_) => tracing::debug!(message = "TLS handshake timed out."),
+                    }
+                });
+            }
+        });
+        (ReceiverStream::new(rx), task)
+    }
+}
+
+fn client_names(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Vec<String> {
+    let (_, conn) = stream.get_ref();
+    let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else {
+        return Vec::new();
+    };
+    match webpki::EndEntityCert::try_from(cert) {
+        Ok(ee) => ee
+            .valid_dns_names()
+            .map(|n| n.to_ascii_lowercase())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A server-side TLS connection.
+pub struct TlsStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    remote: SocketAddr,
+    names: Arc<Vec<String>>,
+}
+
+/// What handlers learn about a TLS connection.
+#[derive(Debug, Clone)]
+pub struct TlsConnectInfo {
+    /// The peer address.
+    pub remote: SocketAddr,
+    /// SAN DNS names of the verified client certificate (empty without one).
+    pub client_names: Arc<Vec<String>>,
+}
+
+impl tonic::transport::server::Connected for TlsStream {
+    type ConnectInfo = TlsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        TlsConnectInfo {
+            remote: self.remote,
+            client_names: self.names.clone(),
+        }
+    }
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

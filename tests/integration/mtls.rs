@@ -1,0 +1,345 @@
+//! mTLS: client-certificate identities map to callers, bearer tokens switched off, the scope
+//! matrix over TLS, handshake failures, the handshake timeout, and certificate reload without
+//! dropping connections.
+
+use std::path::Path;
+use std::time::Duration;
+
+use credbroker::pb;
+use credbroker::pb::credential_broker_client::CredentialBrokerClient;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::support::*;
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Self {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// (certificate PEM, key PEM) for `names` (SAN DNS names or IPs).
+    fn leaf(&self, names: &[&str], server: bool) -> (String, String) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((c, k)) = identity {
+        tls = tls.identity(Identity::from_pem(c, k));
+    }
+    Channel::from_shared(format!("https://127.0.0.1:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    identity: Option<&(String, String)>,
+    token: Option<&str>,
+) -> Result<Client, tonic::transport::Error> {
+    let ch = tls_channel(addr, ca, identity).await?;
+    let header = token.map(|t| format!("Bearer {t}").parse().unwrap());
+    Ok(CredentialBrokerClient::with_interceptor(ch, AuthFn(header)))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_identities_scopes_handshakes_and_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("credbroker test CA");
+    let other_ca = Ca::new("someone else's CA");
+    let server = ca.leaf(&["localhost", "127.0.0.1"], true);
+    let admin_id = ca.leaf(&["admin"], false);
+    let worker_id = ca.leaf(&["mtls-worker"], false);
+    let nobody_id = ca.leaf(&["nobody"], false);
+    let foreign_id = other_ca.leaf(&["admin"], false);
+    let cert_file = write(certs.path(), "server.pem", &server.0);
+    let key_file = write(certs.path(), "server.key", &server.1);
+    let ca_file = write(certs.path(), "ca.pem", &ca.pem());
+
+    let mut config = test_config(dir.path());
+    config.tls_cert_file = Some(cert_file.clone());
+    config.tls_key_file = Some(key_file.clone());
+    config.tls_client_ca_file = Some(ca_file);
+    config.bearer_tokens = false;
+    config.tls_handshake_timeout = Duration::from_secs(1);
+    config.tls_reload_interval = Duration::from_millis(100);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(credbroker::server::run(listener, config, async {
+        let _ = stop_rx.await;
+    }));
+    // Health over TLS (no bearer token needed, only the client certificate).
+    let ch = loop {
+        if let Ok(ch) = tls_channel(addr, &ca.pem(), Some(&admin_id)).await {
+            break ch;
+        }
+        tokio::task::yield_now().await;
+    };
+    let mut health = HealthClient::new(ch);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while watch.message().await.unwrap().unwrap().status != ServingStatus::Serving as i32 {}
+
+    // The bootstrap admin is whoever presents a certificate named "admin".
+    let fake = FakeAsana::start().await;
+    let mut admin = tls_client(addr, &ca.pem(), Some(&admin_id), None)
+        .await
+        .unwrap();
+    for id in ["acme-asana", "globex-asana"] {
+        admin
+            .register_system(register_asana(id, &fake.base_url, "pat-mtls", false))
+            .await
+            .unwrap();
+    }
+    admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "mtls-worker".into(),
+            role: pb::CallerRole::Worker as i32,
+            system_patterns: vec!["acme-*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // Scope matrix over mTLS.
+    let mut worker = tls_client(addr, &ca.pem(), Some(&worker_id), None)
+        .await
+        .unwrap();
+    let tok = |id: &str| pb::GetAccessTokenRequest {
+        system_id: id.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        worker
+            .get_access_token(tok("acme-asana"))
+            .await
+            .unwrap()
+            .into_inner()
+            .headers[0]
+            .value,
+        "Bearer pat-mtls"
+    );
+    assert_eq!(
+        worker
+            .get_access_token(tok("globex-asana"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        worker
+            .get_access_token(tok("globex-missing"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        worker
+            .list_systems(pb::ListSystemsRequest::default())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    // A certificate whose name is no caller, and bearer tokens while they are switched off.
+    let mut nobody = tls_client(addr, &ca.pem(), Some(&nobody_id), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        nobody
+            .get_access_token(tok("acme-asana"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let admin_token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut bearer = tls_client(addr, &ca.pem(), Some(&nobody_id), Some(admin_token.trim()))
+        .await
+        .unwrap();
+    let e = bearer
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("disabled"));
+    // A certificate from another CA, and no certificate at all: the handshake fails.
+    for id in [Some(&foreign_id), None] {
+        let failed = match tls_client(addr, &ca.pem(), id, None).await {
+            Err(_) => true,
+            Ok(mut c) => c
+                .get_access_token(tok("acme-asana"))
+                .await
+                .is_err_and(|e| e.code() != Code::PermissionDenied),
+        };
+        assert!(failed, "a client without a valid certificate got through");
+    }
+    // Revocation takes effect on the next call.
+    admin
+        .revoke_caller(pb::RevokeCallerRequest {
+            name: "mtls-worker".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        worker
+            .get_access_token(tok("acme-asana"))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    // An idle connection that never sends a ClientHello is closed within the handshake timeout.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("idle connection kept open");
+    assert_eq!(n.unwrap_or(0), 0);
+
+    // Reload: a server certificate from a new CA is picked up from the files without a restart;
+    // the existing connection keeps working.
+    let new_ca = Ca::new("rotated server CA");
+    assert!(
+        tls_client(addr, &new_ca.pem(), Some(&admin_id), None)
+            .await
+            .is_err(),
+        "trusted the new CA before the reload"
+    );
+    let new_server = new_ca.leaf(&["localhost", "127.0.0.1"], true);
+    std::fs::write(&key_file, &new_server.1).unwrap();
+    std::fs::write(&cert_file, &new_server.0).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut fresh = loop {
+        if let Ok(mut c) = tls_client(addr, &new_ca.pem(), Some(&admin_id), None).await {
+            if c.list_systems(pb::ListSystemsRequest::default())
+                .await
+                .is_ok()
+            {
+                break c;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        fresh
+            .list_systems(pb::ListSystemsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .systems
+            .len(),
+        2
+    );
+    assert_eq!(
+        admin
+            .list_systems(pb::ListSystemsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .systems
+            .len(),
+        2
+    );
+
+    // credbrokerctl over mTLS, with no token at all.
+    let admin_cert = write(certs.path(), "admin.pem", &admin_id.0);
+    let admin_key = write(certs.path(), "admin.key", &admin_id.1);
+    let new_ca_file = write(certs.path(), "new-ca.pem", &new_ca.pem());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_credbrokerctl"))
+            .args([
+                "--output",
+                "json",
+                "system",
+                "list",
+                "--tls-server-name",
+                "localhost",
+            ])
+            .arg("--addr")
+            .arg(addr.to_string())
+            .arg("--ca-cert")
+            .arg(new_ca_file)
+            .arg("--client-cert")
+            .arg(admin_cert)
+            .arg("--client-key")
+            .arg(admin_key)
+            .env_remove("CREDBROKER_TOKEN")
+            .env("CREDBROKER_DATA_DIR", "/nonexistent")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+
+    let _ = stop_tx.send(());
+    task.await.unwrap().unwrap();
+}
