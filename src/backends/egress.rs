@@ -249,6 +249,28 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_resolver_refuses_names_that_resolve_to_loopback() {
+        use reqwest::dns::Resolve;
+        let refused = EgressPolicy::default().resolver();
+        let err = match refused.resolve("localhost".parse().unwrap()).await {
+            Ok(_) => panic!("localhost resolved through the guard"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("egress guard"), "{err}");
+        let allowed = EgressPolicy {
+            allow: AllowList::parse("127.0.0.0/8,::1").unwrap(),
+            ..Default::default()
+        }
+        .resolver();
+        let addrs: Vec<_> = allowed
+            .resolve("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
+    }
+
     #[test]
     fn allow_list_admits_cidrs_and_hosts() {
         let p = EgressPolicy {

@@ -276,6 +276,11 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
         "CANARY-pat-bbb222",
         "CANARY-bad-ccc333",
         "CANARY-rot-ddd444",
+        "CANARY-snpw-eee555",
+        "CANARY-snsecret-fff666",
+        "CANARY-sfsecret-ggg777",
+        "CANARY-sfwrong-hhh888",
+        "CANARY-adopat-iii999",
     ];
     fake.add_user(canaries[0], "1", "A", "a@example.com");
     fake.add_user(canaries[1], "1", "A", "a@example.com");
@@ -364,6 +369,104 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
         })
         .await
         .unwrap();
+    // More flows: ServiceNow OAuth (password grant), Salesforce client credentials, Azure DevOps.
+    let sn = FakeServiceNow::start().await;
+    sn.add_user("leak.user", "CANARY-snpw-eee555", "1", "L", "l@example.com");
+    sn.add_client("leak-client", "CANARY-snsecret-fff666");
+    admin
+        .register_system(pb::RegisterSystemRequest {
+            system_id: "leak-sn".into(),
+            kind: pb::SystemKind::Servicenow as i32,
+            base_url: sn.base_url.clone(),
+            credential: Some(pb::Credential {
+                credential: Some(pb::credential::Credential::OauthPasswordGrant(
+                    pb::OAuthPasswordGrant {
+                        client_id: "leak-client".into(),
+                        client_secret: "CANARY-snsecret-fff666".into(),
+                        username: "leak.user".into(),
+                        password: "CANARY-snpw-eee555".into(),
+                    },
+                )),
+            }),
+            check: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let sn_tok = worker
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "leak-sn".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sf = FakeSalesforce::start("leak-sf-client", "CANARY-sfsecret-ggg777").await;
+    let sf_req = |secret: &str| pb::RegisterSystemRequest {
+        system_id: "leak-sf".into(),
+        kind: pb::SystemKind::Salesforce as i32,
+        base_url: sf.base_url.clone(),
+        credential: Some(pb::Credential {
+            credential: Some(pb::credential::Credential::OauthClientCredentials(
+                pb::OAuthClientCredentials {
+                    client_id: "leak-sf-client".into(),
+                    client_secret: secret.into(),
+                    scopes: vec![],
+                },
+            )),
+        }),
+        check: true,
+        ..Default::default()
+    };
+    errors.push(format!(
+        "{:?}",
+        admin
+            .register_system(sf_req("CANARY-sfwrong-hhh888"))
+            .await
+            .unwrap_err()
+    ));
+    admin
+        .register_system(sf_req("CANARY-sfsecret-ggg777"))
+        .await
+        .unwrap();
+    let sf_tok = worker
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "leak-sf".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ado = FakeAzureDevOps::start().await;
+    ado.add_pat(
+        "CANARY-adopat-iii999",
+        "u",
+        "U",
+        "u@example.com",
+        ADO_ALL_SCOPES,
+        true,
+    );
+    admin
+        .register_system(pb::RegisterSystemRequest {
+            system_id: "leak-ado".into(),
+            kind: pb::SystemKind::AzureDevops as i32,
+            base_url: ado.base_url.clone(),
+            credential: Some(pat("CANARY-adopat-iii999")),
+            check: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let issued_tokens = [
+        sn_tok.headers[0]
+            .value
+            .trim_start_matches("Bearer ")
+            .to_owned(),
+        sf_tok.headers[0]
+            .value
+            .trim_start_matches("Bearer ")
+            .to_owned(),
+    ];
     admin
         .check_authentication(pb::CheckAuthenticationRequest {
             target: Some(pb::check_authentication_request::Target::SystemId(
@@ -390,16 +493,23 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
         log.contains("System registered."),
         "the trace log was not captured"
     );
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    assert!(
+        audit.contains("\"rpc\":\"GetAccessToken\""),
+        "the audit trail was not written"
+    );
     for canary in canaries
         .iter()
         .copied()
         .chain([admin_token.as_str(), created.token.as_str()])
+        .chain(issued_tokens.iter().map(String::as_str))
     {
         assert!(!log.contains(canary), "secret found in the log");
+        assert!(!audit.contains(canary), "secret found in the audit trail");
         for e in &errors {
             assert!(!e.contains(canary), "secret found in an error: {e}");
         }
-        if canary.starts_with("CANARY") {
+        if canary.starts_with("CANARY") || issued_tokens.iter().any(|t| t == canary) {
             assert_eq!(
                 dir_contains(dir.path(), canary),
                 None,

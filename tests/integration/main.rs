@@ -8,6 +8,7 @@ mod admin_cli;
 mod broker_api;
 mod connect;
 mod fakes;
+mod fuzz;
 mod lifecycle;
 mod mtls;
 mod oauth;
