@@ -69,6 +69,15 @@ pub struct AuditEvent<'a> {
     pub code: &'a str,
     /// HMAC of the token id handed out, if any.
     pub token_hmac: Option<String>,
+    /// Proxied calls: the HTTP method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<&'a str>,
+    /// Proxied calls: the path below the system, ids masked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<&'a str>,
+    /// Proxied calls: how long the call took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// Why an event could not be written.
@@ -311,6 +320,9 @@ mod tests {
                     outcome: "ok",
                     code: "OK",
                     token_hmac: Some(h.clone()),
+                    method: None,
+                    path: None,
+                    duration_ms: None,
                 })
                 .unwrap();
         }
@@ -348,6 +360,9 @@ mod tests {
             outcome: "ok",
             code: "OK",
             token_hmac: None,
+            method: None,
+            path: None,
+            duration_ms: None,
         };
         assert!(audit.record(&ev).is_err());
         assert!(!audit.is_healthy());

@@ -20,8 +20,8 @@ use crate::backends::{Backend, EgressPolicy, Issued, Registry, Target};
 use crate::crypto::{Keyring, RecordBinding};
 use crate::error::BrokerError;
 use crate::model::{
-    unix_now, AuthCheck, AuthFailure, CallerRecord, Credential, CredentialType, Role, SystemKind,
-    SystemRecord, SystemState,
+    unix_now, AuthCheck, AuthFailure, CallerRecord, Credential, CredentialType, Delivery, Role,
+    SystemKind, SystemRecord, SystemState,
 };
 use crate::secret::SecretString;
 use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
@@ -126,6 +126,8 @@ pub struct RegisterInput {
     pub credential: Credential,
     /// Check upstream before saving.
     pub check: bool,
+    /// `None`: the deployment's default.
+    pub delivery: Option<Delivery>,
 }
 
 /// What a check targets.
@@ -183,6 +185,14 @@ pub struct BrokerSettings {
     pub audit: AuditConfig,
     /// The data directory was initialized before (its store must not come up empty).
     pub expect_initialized: bool,
+    /// Delivery of static-secret systems registered without one.
+    pub default_static_delivery: Delivery,
+    /// Lifetime of proxy leases.
+    pub lease_ttl: Duration,
+    /// The streaming client the proxy forwards with (no total timeout; egress-guarded).
+    pub proxy_client: Option<reqwest::Client>,
+    /// Largest request or response body the proxy passes.
+    pub proxy_max_body_bytes: u64,
 }
 
 /// The broker core.
@@ -192,7 +202,8 @@ pub struct Broker {
     pub(crate) rewrap: crate::keyops::RewrapState,
     pub(crate) registry: Registry,
     pub(crate) egress: EgressPolicy,
-    pub(crate) settings: BrokerSettings,
+    /// The settings it was opened with.
+    pub settings: BrokerSettings,
     pub(crate) tokens: RwLock<HashMap<String, Arc<IssuedToken>>>,
     pub(crate) flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
     pub(crate) refresh_permits: tokio::sync::Semaphore,
@@ -200,6 +211,8 @@ pub struct Broker {
     pub(crate) pending_authorizations: Mutex<HashMap<String, PendingAuthorization>>,
     /// The audit trail.
     pub audit: Audit,
+    /// Key for proxy leases (derived from the master key).
+    pub(crate) lease_key: [u8; 32],
     callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
 }
 
@@ -247,6 +260,7 @@ impl Broker {
             }
         }
         let audit = Audit::new(settings.audit.clone(), keyring.derive_subkey("audit-hmac"));
+        let lease_key = keyring.derive_subkey("proxy-lease");
         let keyring = crate::keyops::load_keks(store.as_ref(), keyring).await?;
         let broker = Self {
             store,
@@ -261,6 +275,7 @@ impl Broker {
             schedule: Schedule::default(),
             pending_authorizations: Mutex::new(HashMap::new()),
             audit,
+            lease_key,
             callers: RwLock::new(HashMap::new()),
         };
         let callers = broker.store.list_callers().await?;
@@ -297,6 +312,15 @@ impl Broker {
             return Err(AuthRefusal::Expired);
         }
         Ok(c.clone())
+    }
+
+    /// The active caller with this name.
+    pub fn caller_by_name(&self, name: &str) -> Option<Arc<Caller>> {
+        let map = read(&self.callers);
+        map.values()
+            .find(|c| c.name == name)
+            .filter(|c| !c.expires_at.is_some_and(|e| e <= unix_now()))
+            .cloned()
     }
 
     /// The caller named by a verified client certificate (its SAN DNS names), if any.
@@ -462,6 +486,9 @@ impl Broker {
             updated_at: now,
             last_check: prepared.check.clone(),
             credential_expires_at: prepared.credential.expires_at(),
+            delivery: self.effective_delivery(input.delivery, &prepared.credential),
+            proxy_unauthorized_count: 0,
+            last_proxy_unauthorized_at: None,
             revision: 1,
         };
         self.store
@@ -639,6 +666,55 @@ impl Broker {
         Ok((page, more))
     }
 
+    /// The delivery a system gets when `requested` is unspecified: proxy for static secrets
+    /// (unless configured otherwise), header for OAuth access tokens.
+    pub fn effective_delivery(
+        &self,
+        requested: Option<Delivery>,
+        credential: &Credential,
+    ) -> Delivery {
+        requested.unwrap_or(if credential.is_oauth() {
+            Delivery::Header
+        } else {
+            self.settings.default_static_delivery
+        })
+    }
+
+    /// Switches a system's delivery.
+    pub async fn set_delivery(
+        &self,
+        system_id: &str,
+        delivery: Option<Delivery>,
+    ) -> Result<SystemRecord, BrokerError> {
+        let flight = self.flight(system_id);
+        let _f = flight.lock().await;
+        let current = self.get_system(system_id).await?;
+        let delivery = match delivery {
+            Some(d) => d,
+            None => {
+                let is_oauth = !matches!(
+                    current.credential_type,
+                    CredentialType::PersonalAccessToken
+                        | CredentialType::ApiKey
+                        | CredentialType::Basic
+                );
+                if is_oauth {
+                    Delivery::Header
+                } else {
+                    self.settings.default_static_delivery
+                }
+            }
+        };
+        let mut updated = current.clone();
+        updated.delivery = delivery;
+        updated.updated_at = unix_now();
+        updated.revision = current.revision + 1;
+        self.store.update_system(&updated, current.revision).await?;
+        self.drop_token(system_id);
+        tracing::info!(message = "Delivery changed.", credential_id = %system_id, delivery = ?delivery);
+        Ok(updated)
+    }
+
     /// Deletes a system and drops its cached headers.
     pub async fn delete_system(&self, system_id: &str) -> Result<(), BrokerError> {
         if system_id.is_empty() {
@@ -679,6 +755,9 @@ impl Broker {
             },
             code: code_name(code),
             token_hmac: token_id.map(|t| self.audit.hmac(t)),
+            method: None,
+            path: None,
+            duration_ms: None,
         })
     }
 

@@ -103,6 +103,14 @@ pub struct Config {
     pub tls_handshake_timeout: Duration,
     /// How often certificate files are checked for changes (SIGHUP reloads at once).
     pub tls_reload_interval: Duration,
+    /// Delivery of static-secret systems registered without one.
+    pub default_static_delivery: crate::model::Delivery,
+    /// Lifetime of proxy leases.
+    pub lease_ttl: Duration,
+    /// Largest request or response body the proxy passes.
+    pub proxy_max_body_bytes: u64,
+    /// The proxy gives up when the upstream sends nothing for this long.
+    pub proxy_read_timeout: Duration,
 }
 
 impl Default for Config {
@@ -151,6 +159,10 @@ impl Default for Config {
             bearer_tokens: true,
             tls_handshake_timeout: Duration::from_secs(10),
             tls_reload_interval: Duration::from_secs(10),
+            default_static_delivery: crate::model::Delivery::Proxy,
+            lease_ttl: Duration::from_secs(300),
+            proxy_max_body_bytes: 256 * 1024 * 1024,
+            proxy_read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -237,6 +249,14 @@ pub struct FileConfig {
     pub tls_handshake_timeout_secs: Option<u64>,
     /// Seconds.
     pub tls_reload_interval_secs: Option<u64>,
+    /// `proxy` or `header`.
+    pub default_static_delivery: Option<String>,
+    /// Seconds.
+    pub lease_ttl_secs: Option<u64>,
+    /// Bytes.
+    pub proxy_max_body_bytes: Option<u64>,
+    /// Seconds.
+    pub proxy_read_timeout_secs: Option<u64>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -276,6 +296,8 @@ pub struct Overrides {
     pub tls_client_ca_file: Option<PathBuf>,
     /// `CREDBROKER_BEARER_TOKENS`.
     pub bearer_tokens: Option<String>,
+    /// `CREDBROKER_DEFAULT_STATIC_DELIVERY`.
+    pub default_static_delivery: Option<String>,
 }
 
 impl Config {
@@ -528,6 +550,34 @@ impl Config {
             &mut errors,
             &mut c.tls_reload_interval,
         );
+        match o
+            .default_static_delivery
+            .clone()
+            .or(f.default_static_delivery)
+            .as_deref()
+        {
+            None => {}
+            Some("proxy") => c.default_static_delivery = crate::model::Delivery::Proxy,
+            Some("header") => c.default_static_delivery = crate::model::Delivery::Header,
+            Some(v) => errors.push(format!(
+                "default static delivery: '{v}' must be 'proxy' or 'header'"
+            )),
+        }
+        secs(
+            f.lease_ttl_secs,
+            "lease_ttl_secs",
+            &mut errors,
+            &mut c.lease_ttl,
+        );
+        secs(
+            f.proxy_read_timeout_secs,
+            "proxy_read_timeout_secs",
+            &mut errors,
+            &mut c.proxy_read_timeout,
+        );
+        if let Some(v) = f.proxy_max_body_bytes {
+            c.proxy_max_body_bytes = v;
+        }
         if let Some(v) = f.audit_max_bytes {
             c.audit_max_bytes = v.max(4096);
         }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod keyops;
 pub mod model;
 pub mod pb;
+pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

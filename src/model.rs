@@ -295,6 +295,17 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// How workers get a system's credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// The real auth header.
+    #[default]
+    Header,
+    /// A lease for the broker's proxy.
+    Proxy,
+}
+
 /// Lifecycle state of a system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -429,6 +440,15 @@ pub struct SystemRecord {
     pub last_check: Option<AuthCheck>,
     /// Admin-supplied credential expiry, seconds since the epoch.
     pub credential_expires_at: Option<u64>,
+    /// How workers get the credential (records from before proxy delivery: header).
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Vendor 401s seen through the proxy.
+    #[serde(default)]
+    pub proxy_unauthorized_count: u64,
+    /// When the last one was seen, seconds since the epoch.
+    #[serde(default)]
+    pub last_proxy_unauthorized_at: Option<u64>,
     /// The sealed credential (see `crypto`).
     #[serde(with = "b64")]
     pub sealed_credential: Vec<u8>,

@@ -50,6 +50,8 @@ pub struct IssuedToken {
     pub credential_version: u64,
     /// The system's kind (for callers scoped by kind).
     pub kind: crate::model::SystemKind,
+    /// How workers get it.
+    pub delivery: crate::model::Delivery,
     /// Opaque id; new for every mint.
     pub token_id: String,
     /// True for OAuth access tokens (refreshed ahead), false for static secrets.
@@ -465,6 +467,7 @@ impl Broker {
             api_base_url: issued.api_base_url,
             credential_version: record.credential_version,
             kind: record.kind,
+            delivery: record.delivery,
             token_id: URL_SAFE_NO_PAD.encode(id),
             refreshable,
             subject: issued.subject,

@@ -58,6 +58,9 @@ struct Args {
     /// Accept bearer caller tokens: 1 (default) or 0 (client certificates only).
     #[arg(long, env = "CREDBROKER_BEARER_TOKENS")]
     bearer_tokens: Option<String>,
+    /// Delivery of static-secret systems registered without one: proxy (default) or header.
+    #[arg(long, env = "CREDBROKER_DEFAULT_STATIC_DELIVERY")]
+    default_static_delivery: Option<String>,
     /// HTTP listen address for the OAuth callback, or `off` [default: 127.0.0.1:8080].
     #[arg(long, env = "CREDBROKER_HTTP_LISTEN")]
     http_listen: Option<String>,
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         tls_key_file: args.tls_key,
         tls_client_ca_file: args.tls_client_ca,
         bearer_tokens: args.bearer_tokens,
+        default_static_delivery: args.default_static_delivery,
         http_listen: args.http_listen,
         public_url: args.public_url,
         jira_auth_url: args.jira_auth_url,

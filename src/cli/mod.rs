@@ -173,6 +173,13 @@ pub enum SystemCmd {
         #[command(flatten)]
         credential: CredentialArgs,
     },
+    /// Switch a system between header and proxy delivery.
+    SetDelivery {
+        /// System id.
+        system_id: String,
+        /// header, proxy or default.
+        delivery: String,
+    },
     /// Delete a system and its credential.
     Delete {
         /// System id.
@@ -211,6 +218,9 @@ pub struct RegisterArgs {
     /// Check the credential upstream before saving; nothing is saved when it fails.
     #[arg(long)]
     pub check: bool,
+    /// header or proxy (default: proxy for static secrets, header for OAuth).
+    #[arg(long)]
+    pub delivery: Option<String>,
     /// The credential.
     #[command(flatten)]
     pub credential: CredentialArgs,
@@ -434,6 +444,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                         base_url: a.base_url,
                         credential: Some(credential),
                         check: a.check,
+                        delivery: parse_delivery(a.delivery.as_deref())? as i32,
                     })
                     .await?
                     .into_inner();
@@ -552,6 +563,26 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     resp.check.as_ref(),
                     "rotated",
                 );
+            }
+            SystemCmd::SetDelivery {
+                system_id,
+                delivery,
+            } => {
+                let d = if delivery == "default" {
+                    pb::Delivery::Unspecified
+                } else {
+                    parse_delivery(Some(&delivery))?
+                };
+                let sys = client
+                    .set_delivery(pb::SetDeliveryRequest {
+                        system_id,
+                        delivery: d as i32,
+                    })
+                    .await?
+                    .into_inner()
+                    .system
+                    .unwrap_or_default();
+                print_system(out, &sys, None, "updated");
             }
             SystemCmd::Connect { system_id, poll_ms } => {
                 connect_system(&mut client, out, system_id, poll_ms).await?;
@@ -873,6 +904,23 @@ fn audit_tail(
         }
     }
     Ok(())
+}
+
+fn parse_delivery(s: Option<&str>) -> Result<pb::Delivery> {
+    match s {
+        None => Ok(pb::Delivery::Unspecified),
+        Some("header") => Ok(pb::Delivery::Header),
+        Some("proxy") => Ok(pb::Delivery::Proxy),
+        Some(other) => bail!("--delivery must be header or proxy, not '{other}'"),
+    }
+}
+
+fn delivery_name(v: i32) -> &'static str {
+    match pb::Delivery::try_from(v) {
+        Ok(pb::Delivery::Header) => "header",
+        Ok(pb::Delivery::Proxy) => "proxy",
+        _ => "default",
+    }
 }
 
 fn parse_kind(s: &str) -> Result<SystemKind> {
@@ -1208,6 +1256,8 @@ fn system_json(s: &pb::System) -> Value {
         "credential_version": s.credential_version,
         "state": state_name(s.state),
         "state_message": s.state_message,
+        "delivery": delivery_name(s.delivery),
+        "proxy_unauthorized_count": s.proxy_unauthorized_count,
         "created_at": s.created_at.as_ref().map(ts_string),
         "updated_at": s.updated_at.as_ref().map(ts_string),
         "credential_expires_at": s.credential_expires_at.as_ref().map(ts_string),
@@ -1268,6 +1318,17 @@ fn print_system(out: Output, s: &pb::System, check: Option<&pb::AuthCheck>, verb
         s.credential_version
     );
     println!("state: {}", state_name(s.state));
+    println!("delivery: {}", delivery_name(s.delivery));
+    if s.proxy_unauthorized_count > 0 {
+        println!(
+            "vendor 401s through the proxy: {} (last {})",
+            s.proxy_unauthorized_count,
+            s.last_proxy_unauthorized_at
+                .as_ref()
+                .map(ts_string)
+                .unwrap_or_default()
+        );
+    }
     if !s.state_message.is_empty() {
         println!("state_message: {}", s.state_message);
     }

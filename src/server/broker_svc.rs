@@ -185,6 +185,7 @@ impl CredentialBroker for BrokerService {
                     base_url: r.base_url,
                     credential: convert::credential(r.credential, "credential").map_err(status)?,
                     check: r.check,
+                    delivery: convert::delivery(r.delivery).map_err(status)?,
                 };
                 let (record, check) = broker.register(input).await.map_err(status)?;
                 let audited = Audited {
@@ -283,6 +284,39 @@ impl CredentialBroker for BrokerService {
                 };
                 if !caller.may_use_kind(token.kind) {
                     return Err(denied());
+                }
+                if token.delivery == crate::model::Delivery::Proxy {
+                    // Proxy delivery: the worker gets a lease for the broker's proxy, never the
+                    // secret.
+                    let base = broker.settings.public_url.clone().ok_or_else(|| {
+                        Status::failed_precondition(
+                            "proxy delivery needs the HTTP listener (CREDBROKER_HTTP_LISTEN)",
+                        )
+                    })?;
+                    let (lease, expires, lease_id) = broker
+                        .issue_lease(&caller.name, &r.system_id, token.credential_version)
+                        .ok_or_else(|| Status::internal("could not sign a lease"))?;
+                    let resp = pb::GetAccessTokenResponse {
+                        headers: vec![pb::HttpHeader {
+                            name: "authorization".to_owned(),
+                            value: format!("Bearer {}", lease.expose_secret()),
+                        }],
+                        expires_at: Some(convert::ts_from(expires)),
+                        api_base_url: format!(
+                            "{}/proxy/{}",
+                            base.trim_end_matches('/'),
+                            r.system_id
+                        ),
+                        credential_version: token.credential_version,
+                        token_id: lease_id.clone(),
+                    };
+                    return Ok((
+                        resp,
+                        Audited {
+                            system_id: None,
+                            token_id: Some(lease_id),
+                        },
+                    ));
                 }
                 let resp = pb::GetAccessTokenResponse {
                     headers: token
@@ -600,6 +634,33 @@ impl CredentialBroker for BrokerService {
             |broker, _, r| async move {
                 broker.retire_key(&r.key_id).await.map_err(status)?;
                 Ok((pb::RetireKeyResponse {}, Audited::default()))
+            },
+        )
+        .await
+    }
+
+    async fn set_delivery(
+        &self,
+        request: Request<pb::SetDeliveryRequest>,
+    ) -> Result<Response<pb::SetDeliveryResponse>, Status> {
+        self.run(
+            "SetDelivery",
+            Role::Admin,
+            false,
+            request,
+            |r| Some(r.system_id.clone()),
+            |broker, _, r| async move {
+                let delivery = convert::delivery(r.delivery).map_err(status)?;
+                let record = broker
+                    .set_delivery(r.system_id.trim(), delivery)
+                    .await
+                    .map_err(status)?;
+                Ok((
+                    pb::SetDeliveryResponse {
+                        system: Some(convert::system(&record)),
+                    },
+                    Audited::default(),
+                ))
             },
         )
         .await

@@ -269,6 +269,25 @@ pub fn system(r: &SystemRecord) -> pb::System {
         last_check: r.last_check.as_ref().map(check),
         credential_expires_at: r.credential_expires_at.map(ts),
         state_message: r.state_message.clone().unwrap_or_default(),
+        delivery: match r.delivery {
+            crate::model::Delivery::Header => pb::Delivery::Header,
+            crate::model::Delivery::Proxy => pb::Delivery::Proxy,
+        } as i32,
+        proxy_unauthorized_count: r.proxy_unauthorized_count,
+        last_proxy_unauthorized_at: r.last_proxy_unauthorized_at.map(ts),
+    }
+}
+
+/// Proto delivery → domain delivery (`None`: the deployment's default).
+pub fn delivery(value: i32) -> Result<Option<crate::model::Delivery>, BrokerError> {
+    match pb::Delivery::try_from(value) {
+        Ok(pb::Delivery::Unspecified) => Ok(None),
+        Ok(pb::Delivery::Header) => Ok(Some(crate::model::Delivery::Header)),
+        Ok(pb::Delivery::Proxy) => Ok(Some(crate::model::Delivery::Proxy)),
+        Err(_) => Err(BrokerError::invalid(
+            "delivery",
+            format!("unknown delivery {value}"),
+        )),
     }
 }
 

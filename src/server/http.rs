@@ -3,10 +3,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
+use axum::extract::Request;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Html;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
 use axum::Router;
 
 use crate::broker::Broker;
@@ -15,6 +17,7 @@ use crate::broker::Broker;
 pub fn router(core: Arc<OnceLock<Arc<Broker>>>) -> Router {
     Router::new()
         .route("/oauth/callback", get(callback))
+        .route("/proxy/{*rest}", any(proxy))
         .with_state(core)
 }
 
@@ -37,6 +40,13 @@ async fn callback(
     };
     let _ = broker.audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None);
     page(p.status, &p.title, &p.message)
+}
+
+async fn proxy(State(core): State<Arc<OnceLock<Arc<Broker>>>>, req: Request) -> Response {
+    match core.get() {
+        Some(broker) => broker.proxy(req).await,
+        None => (StatusCode::SERVICE_UNAVAILABLE, "credbroker is starting").into_response(),
+    }
 }
 
 fn page(status: u16, title: &str, message: &str) -> (StatusCode, Html<String>) {

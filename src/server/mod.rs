@@ -364,6 +364,7 @@ async fn open_broker(
         allow_http: config.egress_allow_http,
         allow: config.egress_allow.clone(),
     };
+    let proxy_resolver = egress.resolver();
     let http = HttpClient::new(
         config.upstream_timeout,
         config.max_upstream_body_bytes,
@@ -401,6 +402,19 @@ async fn open_broker(
             keepalive_interval: config.keepalive_interval,
             keepalive_margin: config.keepalive_margin,
             expect_initialized: initialized,
+            default_static_delivery: config.default_static_delivery,
+            lease_ttl: config.lease_ttl,
+            proxy_client: Some(
+                reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .no_proxy()
+                    .dns_resolver(proxy_resolver)
+                    .connect_timeout(config.upstream_timeout.min(Duration::from_secs(10)))
+                    .read_timeout(config.proxy_read_timeout)
+                    .build()
+                    .map_err(|e| ServeError::Http(e.without_url().to_string()))?,
+            ),
+            proxy_max_body_bytes: config.proxy_max_body_bytes,
             audit: AuditConfig {
                 file: if config.audit_file_off {
                     None

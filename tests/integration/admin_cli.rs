@@ -60,6 +60,8 @@ async fn cli_register_token_list_show_rotate_delete_and_callers() {
                 "--base-url",
                 &base,
                 "--check",
+                "--delivery",
+                "header",
                 "--secret-stdin",
             ],
             Some("cli-pat-1\n"),

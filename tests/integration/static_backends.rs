@@ -41,6 +41,8 @@ fn register(
         base_url: base.into(),
         credential: Some(cred),
         check,
+        // Header delivery, pinned: these tests assert the exact header workers get.
+        delivery: pb::Delivery::Header as i32,
         ..Default::default()
     }
 }

@@ -22,6 +22,9 @@ fn record(id: &str, revision: u64) -> SystemRecord {
         updated_at: 1,
         last_check: None,
         credential_expires_at: None,
+        delivery: credbroker::model::Delivery::Proxy,
+        proxy_unauthorized_count: 0,
+        last_proxy_unauthorized_at: None,
         sealed_credential: vec![1, 2, 3, 0, 255],
         revision,
     }

@@ -351,6 +351,8 @@ pub fn register_asana(
         base_url: base_url.to_owned(),
         credential: Some(pat(token)),
         check,
+        // Header delivery, pinned: these tests assert the exact header workers get.
+        delivery: pb::Delivery::Header as i32,
     }
 }
 

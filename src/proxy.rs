@@ -1,0 +1,432 @@
+//! Proxy delivery: workers never hold a static secret.
+//!
+//! For a system with [`Delivery::Proxy`], `GetAccessToken` returns `Authorization: Bearer <lease>`
+//! and `api_base_url = {public_url}/proxy/{system_id}`. A lease is signed (HMAC-SHA256 under a key
+//! derived from the master key) and bound to the system, the caller and the credential version,
+//! and expires after `lease_ttl`. The proxy on the HTTP listener checks it in constant time, drops
+//! it, adds the real credential header and forwards to the registered base URL plus the path and
+//! query, streaming both bodies within a size cap.
+//!
+//! It forwards only to the registered host: absolute-form requests, foreign `Host` headers and
+//! path escapes (`..`, `.`, encoded slashes or dots, backslashes) are refused; upstream redirects
+//! are not followed (a `Location` under the same base is rewritten to the proxy); hop-by-hop
+//! headers are dropped and the worker's `Authorization` never reaches the vendor; the egress guard
+//! applies to every connection. Leases die early when the credential rotates, the system is
+//! deleted or leaves proxy delivery, or the caller is revoked. Every proxied call is one audit
+//! event (method, path with ids masked, status, duration), never a body or a header value.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio_stream::StreamExt;
+
+use crate::broker::Broker;
+use crate::model::{unix_now, Delivery};
+use crate::secret::SecretString;
+
+/// Prefix of proxy leases.
+pub const LEASE_PREFIX: &str = "cbl_";
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    /// System id.
+    s: String,
+    /// Caller name.
+    c: String,
+    /// Credential version.
+    v: u64,
+    /// Expiry, Unix seconds.
+    e: u64,
+    /// Lease id.
+    n: String,
+}
+
+/// Headers that describe one hop, never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+fn mac(key: &[u8; 32]) -> Option<Hmac<Sha256>> {
+    <Hmac<Sha256> as Mac>::new_from_slice(key).ok()
+}
+
+impl Broker {
+    /// Signs a lease for `caller` on `system_id` at `version`: (lease, expiry, lease id).
+    pub fn issue_lease(
+        &self,
+        caller: &str,
+        system_id: &str,
+        version: u64,
+    ) -> Option<(SecretString, SystemTime, String)> {
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let id = URL_SAFE_NO_PAD.encode(nonce);
+        let ttl = self.settings.lease_ttl;
+        let claims = Claims {
+            s: system_id.to_owned(),
+            c: caller.to_owned(),
+            v: version,
+            e: unix_now() + ttl.as_secs().max(1),
+            n: id.clone(),
+        };
+        let payload = serde_json::to_vec(&claims).ok()?;
+        let mut m = mac(&self.lease_key)?;
+        m.update(&payload);
+        let sig = m.finalize().into_bytes();
+        let lease = format!(
+            "{LEASE_PREFIX}{}.{}",
+            URL_SAFE_NO_PAD.encode(&payload),
+            URL_SAFE_NO_PAD.encode(sig)
+        );
+        Some((
+            SecretString::new(lease),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(claims.e),
+            id,
+        ))
+    }
+
+    fn verify_lease(&self, lease: &str, system_id: &str) -> Option<Claims> {
+        let body = lease.strip_prefix(LEASE_PREFIX)?;
+        let (payload_b64, sig_b64) = body.split_once('.')?;
+        let payload = URL_SAFE_NO_PAD.decode(payload_b64).ok()?;
+        let sig = URL_SAFE_NO_PAD.decode(sig_b64).ok()?;
+        let mut m = mac(&self.lease_key)?;
+        m.update(&payload);
+        // Constant-time comparison.
+        m.verify_slice(&sig).ok()?;
+        let claims: Claims = serde_json::from_slice(&payload).ok()?;
+        (claims.s == system_id && claims.e > unix_now()).then_some(claims)
+    }
+
+    /// Serves one proxied request (`/proxy/{system_id}/…`).
+    pub async fn proxy(&self, req: Request) -> Response {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let raw_path = req.uri().path().to_owned();
+        let query = req.uri().query().map(str::to_owned);
+        let rest = raw_path.strip_prefix("/proxy/").unwrap_or("");
+        let (system_id, tail) = match rest.find('/') {
+            Some(i) => (rest[..i].to_owned(), rest[i..].to_owned()),
+            None => (rest.to_owned(), String::new()),
+        };
+        let masked = mask_path(&tail);
+        let (resp, caller) = self
+            .proxy_inner(req, &system_id, &tail, query.as_deref())
+            .await;
+        let status = resp.status();
+        let _ = self.audit.record(&crate::audit::AuditEvent {
+            time: crate::audit::now_rfc3339(),
+            caller: caller.as_deref(),
+            rpc: "Proxy",
+            system_id: Some(&system_id),
+            outcome: if status.is_success() || status.is_redirection() {
+                "ok"
+            } else {
+                "error"
+            },
+            code: status.as_str(),
+            token_hmac: None,
+            method: Some(method.as_str()),
+            path: Some(&masked),
+            duration_ms: Some(started.elapsed().as_millis() as u64),
+        });
+        resp
+    }
+
+    async fn proxy_inner(
+        &self,
+        req: Request,
+        system_id: &str,
+        tail: &str,
+        query: Option<&str>,
+    ) -> (Response, Option<String>) {
+        let method = req.method().clone();
+        let refuse = |status: StatusCode, msg: &str| (error(status, msg), None);
+        if req.uri().authority().is_some() || req.uri().scheme().is_some() {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "absolute-form requests are refused",
+            );
+        }
+        if let Some(public) = &self.settings.public_url {
+            let want = url::Url::parse(public).ok().and_then(|u| {
+                u.host_str().map(|h| match u.port() {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h.to_owned(),
+                })
+            });
+            let host = req.headers().get("host").and_then(|h| h.to_str().ok());
+            if let (Some(host), Some(want)) = (host, want) {
+                if !host.eq_ignore_ascii_case(&want) {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        "the Host header does not name this broker",
+                    );
+                }
+            }
+        }
+        if system_id.is_empty() || !is_clean_path(tail) {
+            return refuse(StatusCode::BAD_REQUEST, "path escapes are refused");
+        }
+        let lease = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let denied = || {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "invalid, expired or revoked lease; ask GetAccessToken for a new one",
+            )
+        };
+        let Some(claims) = self.verify_lease(lease, system_id) else {
+            return (denied(), None);
+        };
+        let caller_ok = self
+            .caller_by_name(&claims.c)
+            .is_some_and(|c| c.may_use_id(system_id));
+        let record = match self.store.get_system(system_id).await {
+            Ok(Some(r)) => r,
+            _ => return (denied(), Some(claims.c)),
+        };
+        if !caller_ok || record.delivery != Delivery::Proxy || record.credential_version != claims.v
+        {
+            return (denied(), Some(claims.c));
+        }
+        let token = match self.access_token(system_id, 0, None).await {
+            Ok(t) => t,
+            Err(e) => {
+                return (
+                    error(StatusCode::BAD_GATEWAY, &e.to_string()),
+                    Some(claims.c),
+                )
+            }
+        };
+        let target = format!(
+            "{}{tail}{}",
+            token.api_base_url,
+            query.map(|q| format!("?{q}")).unwrap_or_default()
+        );
+        let Ok(url) = url::Url::parse(&target) else {
+            return (
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "the registered base URL is not usable",
+                ),
+                Some(claims.c),
+            );
+        };
+        if let Err(reason) = self.egress.check_url(&url) {
+            return (error(StatusCode::BAD_GATEWAY, &reason), Some(claims.c));
+        }
+        let Some(client) = self.settings.proxy_client.clone() else {
+            return (
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the proxy is not configured",
+                ),
+                Some(claims.c),
+            );
+        };
+        let cap = self.settings.proxy_max_body_bytes;
+        let declared = req
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > cap) {
+            return (
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the request body is larger than the proxy allows",
+                ),
+                Some(claims.c),
+            );
+        }
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in req.headers() {
+            let name = k.as_str();
+            if HOP_BY_HOP.contains(&name) || name == "authorization" {
+                continue;
+            }
+            headers.append(k.clone(), v.clone());
+        }
+        for h in &token.headers {
+            let Ok(mut v) = HeaderValue::from_str(h.value.expose_secret()) else {
+                continue;
+            };
+            v.set_sensitive(true);
+            if let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) {
+                headers.insert(name, v);
+            }
+        }
+        let mut seen = 0u64;
+        let upload = req.into_body().into_data_stream().map(move |chunk| {
+            let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+            seen += chunk.len() as u64;
+            if seen > cap {
+                return Err(std::io::Error::other("request body over the proxy's cap"));
+            }
+            Ok::<_, std::io::Error>(chunk)
+        });
+        let upstream = client
+            .request(method, url)
+            .headers(headers)
+            .body(reqwest::Body::wrap_stream(upload))
+            .send()
+            .await;
+        let resp = match upstream {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return (
+                    error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the upstream did not answer in time",
+                    ),
+                    Some(claims.c),
+                )
+            }
+            Err(_) => {
+                return (
+                    error(StatusCode::BAD_GATEWAY, "the upstream could not be reached"),
+                    Some(claims.c),
+                )
+            }
+        };
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED {
+            self.note_proxy_unauthorized(system_id).await;
+        }
+        let proxy_base = self
+            .settings
+            .public_url
+            .as_ref()
+            .map(|u| format!("{}/proxy/{system_id}", u.trim_end_matches('/')))
+            .unwrap_or_default();
+        let mut out = HeaderMap::new();
+        for (k, v) in resp.headers() {
+            if HOP_BY_HOP.contains(&k.as_str()) {
+                continue;
+            }
+            if k == "location" {
+                // Rewrite only redirects that stay under the registered base.
+                if let Some(rest) = v
+                    .to_str()
+                    .ok()
+                    .and_then(|l| l.strip_prefix(token.api_base_url.as_str()))
+                {
+                    if let Ok(nv) = HeaderValue::from_str(&format!("{proxy_base}{rest}")) {
+                        out.append(k.clone(), nv);
+                        continue;
+                    }
+                }
+            }
+            out.append(k.clone(), v.clone());
+        }
+        let mut seen = 0u64;
+        let download = resp.bytes_stream().map(move |chunk| {
+            let chunk = chunk.map_err(|e| std::io::Error::other(e.without_url().to_string()))?;
+            seen += chunk.len() as u64;
+            if seen > cap {
+                return Err(std::io::Error::other("response body over the proxy's cap"));
+            }
+            Ok::<_, std::io::Error>(chunk)
+        });
+        let mut response = Response::new(Body::from_stream(download));
+        *response.status_mut() = status;
+        *response.headers_mut() = out;
+        (response, Some(claims.c))
+    }
+
+    /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`).
+    async fn note_proxy_unauthorized(&self, system_id: &str) {
+        for _ in 0..3 {
+            let Ok(Some(current)) = self.store.get_system(system_id).await else {
+                return;
+            };
+            let mut updated = current.clone();
+            updated.proxy_unauthorized_count += 1;
+            updated.last_proxy_unauthorized_at = Some(unix_now());
+            updated.revision = current.revision + 1;
+            if self
+                .store
+                .update_system(&updated, current.revision)
+                .await
+                .is_ok()
+            {
+                tracing::warn!(message = "The vendor rejected the credential through the proxy (401).", credential_id = %system_id);
+                return;
+            }
+        }
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        serde_json::json!({ "error": message }).to_string(),
+    )
+        .into_response()
+}
+
+/// True when no path segment escapes (`..`, `.`, encoded separators, backslashes, NUL).
+pub fn is_clean_path(tail: &str) -> bool {
+    if tail.contains('\\') {
+        return false;
+    }
+    tail.split('/').skip(1).all(|seg| {
+        let decoded = url::form_urlencoded::parse(format!("x={seg}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        let lower = seg.to_ascii_lowercase();
+        decoded != ".."
+            && decoded != "."
+            && !decoded.contains('/')
+            && !decoded.contains('\\')
+            && !decoded.contains('\0')
+            && !lower.contains("%2f")
+            && !lower.contains("%5c")
+            && !lower.contains("%00")
+    })
+}
+
+/// The path with id-like segments replaced by `{id}` (for the audit trail).
+pub fn mask_path(tail: &str) -> String {
+    tail.split('/')
+        .map(|seg| {
+            let digits = seg.chars().filter(|c| c.is_ascii_digit()).count();
+            if !seg.is_empty()
+                && (digits == seg.len()
+                    || (seg.len() >= 8
+                        && digits > 0
+                        && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
+            {
+                "{id}".to_owned()
+            } else {
+                seg.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
