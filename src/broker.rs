@@ -319,7 +319,7 @@ impl Broker {
         let map = read(&self.callers);
         map.values()
             .find(|c| c.name == name)
-            .filter(|c| !c.expires_at.is_some_and(|e| e <= unix_now()))
+            .filter(|c| c.expires_at.is_none_or(|e| e > unix_now()))
             .cloned()
     }
 
