@@ -12,6 +12,7 @@ mod fuzz;
 mod lifecycle;
 mod mtls;
 mod oauth;
+mod proxy;
 mod security;
 mod static_backends;
 mod store_conformance;

@@ -1,0 +1,546 @@
+//! Proxy delivery: workers reach the vendor through the broker with a lease and never hold the
+//! secret.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use credbroker::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
+
+use crate::support::*;
+
+fn reg(
+    id: &str,
+    kind: pb::SystemKind,
+    base: &str,
+    cred: pb::Credential,
+) -> pb::RegisterSystemRequest {
+    // Delivery unspecified: static secrets default to the proxy.
+    pb::RegisterSystemRequest {
+        system_id: id.into(),
+        kind: kind as i32,
+        base_url: base.into(),
+        credential: Some(cred),
+        check: true,
+        ..Default::default()
+    }
+}
+
+fn tok(id: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        system_id: id.into(),
+        ..Default::default()
+    }
+}
+
+async fn worker(broker: &TestBroker, admin: &mut Client, name: &str) -> Client {
+    let t = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: name.into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    client(broker.addr, Some(&t)).await
+}
+
+/// What a worker does: `api_base_url + path` with the headers it got.
+async fn call(t: &pb::GetAccessTokenResponse, path: &str, extra: &[(&str, &str)]) -> (u16, String) {
+    let mut req = reqwest::Client::new().get(format!("{}{path}", t.api_base_url));
+    for h in &t.headers {
+        req = req.header(&h.name, &h.value);
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_static_kind_reaches_its_vendor_through_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let mut w = worker(&broker, &mut admin, "proxy-worker").await;
+
+    let asana = FakeAsana::start().await;
+    asana.add_user("px-asana-pat", "11", "A", "a@example.com");
+    let ado = FakeAzureDevOps::start().await;
+    ado.add_pat(
+        "px-ado-pat",
+        "u-9",
+        "ADO User",
+        "ado@example.com",
+        ADO_ALL_SCOPES,
+        true,
+    );
+    let fd = FakeFreshworks::start(Freshworks::Desk).await;
+    fd.add_key("px-fd-key", 5, "Desk Agent", "fd@example.com");
+    let fs = FakeFreshworks::start(Freshworks::Service).await;
+    fs.add_key("px-fs-key", 6, "Service Agent", "fs@example.com");
+    let sn = FakeServiceNow::start().await;
+    sn.add_user(
+        "px.user",
+        "px-sn-password",
+        "5ab",
+        "SN User",
+        "sn@example.com",
+    );
+    let api_key = |k: &str| pb::Credential {
+        credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
+            key: k.into(),
+        })),
+    };
+    let cases = [
+        (reg("p-asana", pb::SystemKind::Asana, &asana.base_url, pat("px-asana-pat")), "/users/me", vec![], "\"gid\":\"11\"", "px-asana-pat"),
+        (reg("p-ado", pb::SystemKind::AzureDevops, &ado.base_url, pat("px-ado-pat")), "/_apis/connectionData", vec![("accept", "application/json"), ("x-tfs-fedauthredirect", "Suppress")], "\"id\":\"u-9\"", "px-ado-pat"),
+        (reg("p-fd", pb::SystemKind::Freshdesk, &fd.base_url, api_key("px-fd-key")), "/agents/me", vec![], "\"id\":5", "px-fd-key"),
+        (reg("p-fs", pb::SystemKind::Freshservice, &fs.base_url, api_key("px-fs-key")), "/agents/me", vec![], "\"id\":6", "px-fs-key"),
+        (
+            reg("p-sn", pb::SystemKind::Servicenow, &sn.base_url, pb::Credential { credential: Some(pb::credential::Credential::Basic(pb::BasicCredential { username: "px.user".into(), password: "px-sn-password".into() })) }),
+            "/api/now/table/sys_user?sysparm_query=user_name%3Dpx.user&sysparm_limit=1&sysparm_fields=sys_id",
+            vec![],
+            "\"sys_id\":\"5ab\"",
+            "px-sn-password",
+        ),
+    ];
+    for (req, path, extra, expect, secret) in cases {
+        let id = req.system_id.clone();
+        let sys = admin
+            .register_system(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .system
+            .unwrap();
+        assert_eq!(sys.delivery, pb::Delivery::Proxy as i32, "{id}");
+        let t = w.get_access_token(tok(&id)).await.unwrap().into_inner();
+        assert_eq!(
+            t.api_base_url,
+            format!("http://{}/proxy/{id}", broker.http_addr)
+        );
+        let header = &t.headers[0].value;
+        assert!(header.starts_with("Bearer cbl_"), "{header}");
+        // Nothing the worker holds or sends contains the secret, in clear or base64.
+        for form in [
+            secret.to_owned(),
+            STANDARD.encode(secret),
+            STANDARD.encode(format!("{secret}:X")),
+            STANDARD.encode(format!(":{secret}")),
+        ] {
+            assert!(
+                !header.contains(&form) && !t.api_base_url.contains(&form),
+                "{id}: the lease carries the secret"
+            );
+        }
+        let expires = t.expires_at.unwrap().seconds - credbroker::model::unix_now() as i64;
+        assert!((290..=300).contains(&expires), "lease lifetime {expires}");
+        let (status, body) = call(&t, path, &extra).await;
+        assert_eq!(status, 200, "{id}: {body}");
+        assert!(body.contains(expect), "{id}: {body}");
+        assert!(!body.contains(secret));
+    }
+    for u in [
+        asana.unexpected(),
+        ado.server.unexpected(),
+        fd.server.unexpected(),
+        fs.server.unexpected(),
+        sn.server.unexpected(),
+    ] {
+        assert!(u.is_empty(), "{u:?}");
+    }
+    // One audit event per proxied call, with the path and no header values.
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let proxied: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["rpc"] == "Proxy")
+        .collect();
+    assert_eq!(proxied.len(), 5);
+    assert!(proxied
+        .iter()
+        .all(|e| e["caller"] == "proxy-worker" && e["code"] == "200" && e["method"] == "GET"));
+    assert!(!audit.contains("cbl_"), "a lease is in the audit trail");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_leases_get_401_and_nothing_is_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.lease_ttl = Duration::from_secs(1);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let mut w = worker(&broker, &mut admin, "w1").await;
+    let fake = FakeAsana::start().await;
+    fake.add_user("pat-a", "1", "A", "a@example.com");
+    fake.add_user("pat-b", "2", "B", "b@example.com");
+    fake.add_user("pat-a2", "1", "A", "a@example.com");
+    for (id, p) in [("sys-a", "pat-a"), ("sys-b", "pat-b")] {
+        admin
+            .register_system(reg(id, pb::SystemKind::Asana, &fake.base_url, pat(p)))
+            .await
+            .unwrap();
+    }
+    let calls = || fake.me_calls();
+    let a = w.get_access_token(tok("sys-a")).await.unwrap().into_inner();
+    assert_eq!(call(&a, "/users/me", &[]).await.0, 200);
+    let base = calls();
+
+    let mut forged = a.clone();
+    forged.headers[0].value = "Bearer cbl_eyJzIjoic3lzLWEifQ.AAAA".into();
+    let mut tampered = a.clone();
+    tampered.headers[0].value = a.headers[0].value.replacen("cbl_e", "cbl_f", 1);
+    let mut none = a.clone();
+    none.headers.clear();
+    let mut other = a.clone();
+    other.api_base_url = a.api_base_url.replace("/sys-a", "/sys-b");
+    for (name, t) in [
+        ("forged", &forged),
+        ("tampered", &tampered),
+        ("missing", &none),
+        ("other system", &other),
+    ] {
+        assert_eq!(call(t, "/users/me", &[]).await.0, 401, "{name}");
+    }
+    // Expired (1 s leases here).
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(call(&a, "/users/me", &[]).await.0, 401, "expired");
+    // After a rotation, a revocation, a delivery switch and a deletion.
+    let fresh = w.get_access_token(tok("sys-a")).await.unwrap().into_inner();
+    admin
+        .rotate_credential(pb::RotateCredentialRequest {
+            system_id: "sys-a".into(),
+            credential: Some(pat("pat-a2")),
+            skip_check: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(call(&fresh, "/users/me", &[]).await.0, 401, "post-rotation");
+    let b = w.get_access_token(tok("sys-b")).await.unwrap().into_inner();
+    admin
+        .set_delivery(pb::SetDeliveryRequest {
+            system_id: "sys-b".into(),
+            delivery: pb::Delivery::Header as i32,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        call(&b, "/users/me", &[]).await.0,
+        401,
+        "after switching to header delivery"
+    );
+    admin
+        .set_delivery(pb::SetDeliveryRequest {
+            system_id: "sys-b".into(),
+            delivery: pb::Delivery::Proxy as i32,
+        })
+        .await
+        .unwrap();
+    let b = w.get_access_token(tok("sys-b")).await.unwrap().into_inner();
+    admin
+        .revoke_caller(pb::RevokeCallerRequest { name: "w1".into() })
+        .await
+        .unwrap();
+    assert_eq!(call(&b, "/users/me", &[]).await.0, 401, "revoked caller");
+    let b2 = admin
+        .get_access_token(tok("sys-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    admin
+        .delete_system(pb::DeleteSystemRequest {
+            system_id: "sys-b".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(call(&b2, "/users/me", &[]).await.0, 401, "deleted system");
+    assert_eq!(calls(), base, "a refused request reached the vendor");
+    broker.stop().await;
+}
+
+/// Sends one raw HTTP/1.1 request and returns the status code.
+async fn raw(addr: std::net::SocketAddr, request: &str) -> u16 {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_escapes_absolute_urls_and_host_overrides_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let fake = FakeAsana::start().await;
+    fake.add_user("pat-esc", "1", "A", "a@example.com");
+    admin
+        .register_system(reg(
+            "esc",
+            pb::SystemKind::Asana,
+            &fake.base_url,
+            pat("pat-esc"),
+        ))
+        .await
+        .unwrap();
+    let t = admin
+        .get_access_token(tok("esc"))
+        .await
+        .unwrap()
+        .into_inner();
+    let auth = &t.headers[0].value;
+    let host = broker.http_addr.to_string();
+    let fake_origin = fake.base_url.trim_end_matches("/api/1.0").to_owned();
+    let ok = format!("GET /proxy/esc/users/me HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        raw(broker.http_addr, &ok).await,
+        200,
+        "the control request must work"
+    );
+    let before = fake.me_calls();
+    let refused = [
+        format!("GET /proxy/esc/../esc/users/me HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        format!("GET /proxy/esc/%2e%2e/users/me HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        format!("GET /proxy/esc/%2E%2e/%2E/users/me HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        format!("GET /proxy/esc/users%2f..%2fme HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        format!("GET /proxy/esc/./users/me HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        format!("GET {fake_origin}/api/1.0/users/me HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        format!("GET /proxy/esc/users/me HTTP/1.1\r\nHost: internal.example\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+    ];
+    for r in &refused {
+        let code = raw(broker.http_addr, r).await;
+        assert!(
+            code == 400 || code == 404,
+            "{code} for {}",
+            r.lines().next().unwrap()
+        );
+    }
+    assert_eq!(
+        fake.me_calls(),
+        before,
+        "an escaped request reached the vendor"
+    );
+    broker.stop().await;
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A vendor with a 50 MB download, an upload sink, redirects and a 401, streaming throughout.
+async fn streaming_vendor(secret: &'static str) -> String {
+    let app = axum::Router::new().fallback(move |req: Request| async move {
+        if req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(&format!("Bearer {secret}"))
+        {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "{\"errors\":[{\"message\":\"Not Authorized\"}]}",
+            )
+                .into_response();
+        }
+        let host = req
+            .headers()
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        match req.uri().path() {
+            "/api/1.0/big" => {
+                let chunk = axum::body::Bytes::from(vec![b'x'; 64 * 1024]);
+                let stream = tokio_stream::iter(
+                    (0..800).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+                );
+                Response::new(Body::from_stream(stream))
+            }
+            "/api/1.0/upload" => {
+                let mut n = 0usize;
+                let mut s = req.into_body().into_data_stream();
+                while let Some(c) = s.next().await {
+                    n += c.unwrap().len();
+                }
+                (StatusCode::OK, format!("{{\"bytes\":{n}}}")).into_response()
+            }
+            "/api/1.0/moved" => (
+                StatusCode::FOUND,
+                [("location", format!("http://{host}/api/1.0/users/me"))],
+                "",
+            )
+                .into_response(),
+            "/api/1.0/away" => (
+                StatusCode::FOUND,
+                [("location", "https://elsewhere.example/x")],
+                "",
+            )
+                .into_response(),
+            _ => (StatusCode::NOT_FOUND, "").into_response(),
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}/api/1.0")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_in_bounded_memory_and_redirects_are_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.proxy_max_body_bytes = 64 * 1024 * 1024;
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let base = streaming_vendor("stream-pat").await;
+    let mut req = reg("big", pb::SystemKind::Asana, &base, pat("stream-pat"));
+    req.check = false;
+    admin.register_system(req).await.unwrap();
+    let t = admin
+        .get_access_token(tok("big"))
+        .await
+        .unwrap()
+        .into_inner();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let auth = t.headers[0].value.clone();
+
+    let before = rss_kib();
+    let mut peak = before;
+    // 50 MB down.
+    let r = http
+        .get(format!("{}/big", t.api_base_url))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let mut down = 0usize;
+    while let Some(c) = stream.next().await {
+        down += c.unwrap().len();
+        peak = peak.max(rss_kib());
+    }
+    assert_eq!(down, 800 * 64 * 1024);
+    // 10 MB up.
+    let chunk = axum::body::Bytes::from(vec![b'y'; 64 * 1024]);
+    let up = tokio_stream::iter((0..160).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let r = http
+        .post(format!("{}/upload", t.api_base_url))
+        .header("authorization", &auth)
+        .body(reqwest::Body::wrap_stream(up))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!("{{\"bytes\":{}}}", 160 * 64 * 1024)
+    );
+    peak = peak.max(rss_kib());
+    eprintln!("proxy streaming: RSS before {before} KiB, peak {peak} KiB");
+    assert!(
+        peak - before < 30 * 1024,
+        "memory grew by {} KiB while streaming 60 MB",
+        peak - before
+    );
+
+    // A declared body over the cap is refused before anything is forwarded.
+    let r = http
+        .post(format!("{}/upload", t.api_base_url))
+        .header("authorization", &auth)
+        .header("content-length", (70u64 * 1024 * 1024).to_string())
+        .body(Vec::<u8>::new())
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 413);
+    }
+    // Redirects: under the same base the Location is rewritten to the proxy; elsewhere it is
+    // passed back untouched; neither is followed.
+    let r = http
+        .get(format!("{}/moved", t.api_base_url))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(
+        r.headers()["location"],
+        format!("{}/users/me", t.api_base_url).as_str()
+    );
+    let r = http
+        .get(format!("{}/away", t.api_base_url))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], "https://elsewhere.example/x");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vendor_401_through_the_proxy_is_surfaced_on_the_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let fake = FakeAsana::start().await;
+    fake.add_user("pat-401", "1", "A", "a@example.com");
+    admin
+        .register_system(reg(
+            "s401",
+            pb::SystemKind::Asana,
+            &fake.base_url,
+            pat("pat-401"),
+        ))
+        .await
+        .unwrap();
+    let t = admin
+        .get_access_token(tok("s401"))
+        .await
+        .unwrap()
+        .into_inner();
+    fake.revoke("pat-401");
+    let (status, body) = call(&t, "/users/me", &[]).await;
+    assert_eq!(status, 401);
+    assert!(
+        body.contains("Not Authorized"),
+        "the vendor's answer passes through: {body}"
+    );
+    let sys = admin
+        .get_system(pb::GetSystemRequest {
+            system_id: "s401".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .system
+        .unwrap();
+    assert_eq!(sys.proxy_unauthorized_count, 1);
+    assert!(sys.last_proxy_unauthorized_at.is_some());
+    broker.stop().await;
+}
