@@ -204,16 +204,14 @@ impl Broker {
         let caller_ok = self
             .caller_by_name(&claims.c)
             .is_some_and(|c| c.may_use_id(system_id));
-        let record = match self.store.get_system(system_id).await {
-            Ok(Some(r)) => r,
-            _ => return (denied(), Some(claims.c)),
-        };
-        if !caller_ok || record.delivery != Delivery::Proxy || record.credential_version != claims.v
-        {
+        if !caller_ok {
             return (denied(), Some(claims.c));
         }
+        // The cached headers carry the delivery and credential version; the cache entry is
+        // dropped on rotation, deletion and delivery changes, so no store read is needed here.
         let token = match self.access_token(system_id, 0, None).await {
             Ok(t) => t,
+            Err(crate::error::BrokerError::NotFound(_)) => return (denied(), Some(claims.c)),
             Err(e) => {
                 return (
                     error(StatusCode::BAD_GATEWAY, &e.to_string()),
@@ -221,6 +219,9 @@ impl Broker {
                 )
             }
         };
+        if token.delivery != Delivery::Proxy || token.credential_version != claims.v {
+            return (denied(), Some(claims.c));
+        }
         let target = format!(
             "{}{tail}{}",
             token.api_base_url,

@@ -1,0 +1,195 @@
+//! Proxy overhead: the same loopback fake vendor called directly and through the broker's proxy,
+//! with the same client, concurrency and duration. Run with `cargo bench --bench proxy`
+//! (`-- --concurrency N --seconds S --rounds R`); writes `bench-results/proxy.json` and prints a
+//! markdown table. Medians over alternating rounds, since run-to-run noise on a 2-core VM is
+//! ±10–15 %.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use credbroker::pb;
+use credbroker::pb::credential_broker_client::CredentialBrokerClient;
+
+#[derive(Clone, Copy)]
+struct Figures {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+async fn fake_vendor() -> String {
+    let app = axum::Router::new().fallback(|req: axum::extract::Request| async move {
+        if req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            == Some("Bearer bench-pat")
+        {
+            (
+                axum::http::StatusCode::OK,
+                r#"{"data":{"gid":"1","name":"Bench"}}"#,
+            )
+        } else {
+            (
+                axum::http::StatusCode::UNAUTHORIZED,
+                r#"{"errors":[{"message":"Not Authorized"}]}"#,
+            )
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}/api/1.0")
+}
+
+async fn drive(url: String, auth: String, concurrency: usize, seconds: f64) -> Figures {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for _ in 0..concurrency {
+        let (client, url, auth, stop) = (client.clone(), url.clone(), auth.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = client
+                    .get(&url)
+                    .header("authorization", &auth)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let _ = r.bytes().await.unwrap();
+                lat.push(t.elapsed().as_micros() as u32);
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    Figures {
+        rps: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn arg(name: &str, default: f64) -> f64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let concurrency = arg("--concurrency", 16.0) as usize;
+    let seconds = arg("--seconds", 5.0);
+    let rounds = arg("--rounds", 3.0) as usize;
+    // One worker thread for the broker and fake, like a production core; the client shares it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let vendor = fake_vendor().await;
+        let mut config = credbroker::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            egress_allow_http: true,
+            egress_allow: credbroker::backends::egress::AllowList::parse("127.0.0.1/32").unwrap(),
+            http_listen: None,
+            ..Default::default()
+        };
+        config.audit_file_off = false;
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_addr = grpc.local_addr().unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hooks = credbroker::server::StartupHooks { http_listener: Some(http), ..Default::default() };
+        tokio::spawn(credbroker::server::run_with_hooks(grpc, config, std::future::pending(), hooks));
+        let token_path = dir.path().join("admin.token");
+        let channel = loop {
+            if token_path.exists() {
+                if let Ok(c) = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}")).unwrap().connect().await {
+                    break c;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let token = std::fs::read_to_string(&token_path).unwrap();
+        let header: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim()).parse().unwrap();
+        let mut admin = CredentialBrokerClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", header.clone());
+            Ok(r)
+        });
+        let pat = pb::Credential { credential: Some(pb::credential::Credential::PersonalAccessToken(pb::PersonalAccessToken { token: "bench-pat".into(), ..Default::default() })) };
+        let reg = pb::RegisterSystemRequest {
+            system_id: "bench".into(),
+            kind: pb::SystemKind::Asana as i32,
+            base_url: vendor.clone(),
+            credential: Some(pat),
+            delivery: pb::Delivery::Proxy as i32,
+            ..Default::default()
+        };
+        loop {
+            match admin.register_system(reg.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.code() == tonic::Code::Unavailable => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let t = admin.get_access_token(pb::GetAccessTokenRequest { system_id: "bench".into(), ..Default::default() }).await.unwrap().into_inner();
+        let lease = t.headers[0].value.clone();
+        let direct_url = format!("{vendor}/users/me");
+        let proxied_url = format!("{}/users/me", t.api_base_url);
+        // Warm up both paths.
+        drive(direct_url.clone(), "Bearer bench-pat".into(), concurrency, 1.0).await;
+        drive(proxied_url.clone(), lease.clone(), concurrency, 1.0).await;
+        let mut d = Vec::new();
+        let mut p = Vec::new();
+        for _ in 0..rounds {
+            d.push(drive(direct_url.clone(), "Bearer bench-pat".into(), concurrency, seconds).await);
+            p.push(drive(proxied_url.clone(), lease.clone(), concurrency, seconds).await);
+        }
+        let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+        let (drps, dp50, dp99) = (m(&d, |f| f.rps), m(&d, |f| f.p50_us), m(&d, |f| f.p99_us));
+        let (prps, pp50, pp99) = (m(&p, |f| f.rps), m(&p, |f| f.p50_us), m(&p, |f| f.p99_us));
+        let json = serde_json::json!({
+            "benchmark": "proxy_overhead",
+            "concurrency": concurrency, "seconds_per_round": seconds, "rounds": rounds,
+            "direct": {"rps": drps, "p50_us": dp50, "p99_us": dp99},
+            "proxied": {"rps": prps, "p50_us": pp50, "p99_us": pp99},
+            "throughput_ratio": prps / drps,
+            "p50_added_ms": (pp50 - dp50) / 1000.0,
+        });
+        std::fs::create_dir_all("bench-results").unwrap();
+        std::fs::write("bench-results/proxy.json", serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        println!("| path | requests/s | p50 | p99 |");
+        println!("|---|---|---|---|");
+        println!("| direct GET to the loopback fake | {drps:.0} | {:.3} ms | {:.3} ms |", dp50 / 1000.0, dp99 / 1000.0);
+        println!("| proxied GET (lease → real header) | {prps:.0} | {:.3} ms | {:.3} ms |", pp50 / 1000.0, pp99 / 1000.0);
+        println!();
+        println!("throughput ratio proxied/direct: {:.2} (target ≥ 0.70); p50 added: {:.3} ms (target ≤ 0.3 ms)", prps / drps, (pp50 - dp50) / 1000.0);
+    });
+}
