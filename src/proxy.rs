@@ -33,6 +33,9 @@ use crate::broker::Broker;
 use crate::model::{unix_now, Delivery};
 use crate::secret::SecretString;
 
+/// Answers up to this size with a known length are passed whole instead of streamed.
+const SMALL_BODY: u64 = 64 * 1024;
+
 /// Prefix of proxy leases.
 pub const LEASE_PREFIX: &str = "cbl_";
 
@@ -280,6 +283,9 @@ impl Broker {
                 headers.insert(name, v);
             }
         }
+        // A bodiless request (most API reads) is forwarded without a streamed body, so no
+        // chunked encoding or body pipe is needed.
+        let bodiless = http_body::Body::size_hint(req.body()).exact() == Some(0);
         let mut seen = 0u64;
         let upload = req.into_body().into_data_stream().map(move |chunk| {
             let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -292,7 +298,11 @@ impl Broker {
         let upstream = client
             .request(method, url)
             .headers(headers)
-            .body(reqwest::Body::wrap_stream(upload))
+            .body(if bodiless {
+                reqwest::Body::from(Vec::new())
+            } else {
+                reqwest::Body::wrap_stream(upload)
+            })
             .send()
             .await;
         let resp = match upstream {
@@ -342,6 +352,21 @@ impl Broker {
                 }
             }
             out.append(k.clone(), v.clone());
+        }
+        // Small answers with a known length (most API JSON) are passed whole; the rest streams.
+        if resp.content_length().is_some_and(|n| n <= SMALL_BODY) {
+            return match resp.bytes().await {
+                Ok(bytes) => {
+                    let mut response = Response::new(Body::from(bytes));
+                    *response.status_mut() = status;
+                    *response.headers_mut() = out;
+                    (response, Some(claims.c))
+                }
+                Err(_) => (
+                    error(StatusCode::BAD_GATEWAY, "the upstream answer broke off"),
+                    Some(claims.c),
+                ),
+            };
         }
         let mut seen = 0u64;
         let download = resp.bytes_stream().map(move |chunk| {

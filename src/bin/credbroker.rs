@@ -61,6 +61,10 @@ struct Args {
     /// Delivery of static-secret systems registered without one: proxy (default) or header.
     #[arg(long, env = "CREDBROKER_DEFAULT_STATIC_DELIVERY")]
     default_static_delivery: Option<String>,
+    /// Tokio runtime: auto (current_thread when the process has one CPU, else multi-thread),
+    /// multi, or current.
+    #[arg(long, env = "CREDBROKER_RUNTIME", default_value = "auto")]
+    runtime: String,
     /// HTTP listen address for the OAuth callback, or `off` [default: 127.0.0.1:8080].
     #[arg(long, env = "CREDBROKER_HTTP_LISTEN")]
     http_listen: Option<String>,
@@ -107,10 +111,31 @@ fn main() -> ExitCode {
         }
     };
     credbroker::telemetry::init(config.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let current = match args.runtime.as_str() {
+        "current" => true,
+        "multi" => false,
+        "auto" => cpus == 1,
+        other => {
+            eprintln!("credbroker: configuration error: --runtime '{other}' must be auto, multi or current");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    // On one core, tokio's multi-thread scheduler costs about half the throughput of a
+    // current-thread runtime (its LIFO slot makes hyper flush one response per write; see
+    // shared/toolchain.md); blocking work (store flushes) runs on the blocking pool either way.
+    let built = if current {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("credbroker: cannot start the runtime: {e}");

@@ -222,6 +222,10 @@ pub async fn run_with_hooks(
                 public_url = Some(format!("http://{addr}"));
             }
             let app = http::router(core.clone());
+            // Small responses must not wait for Nagle and delayed ACKs.
+            let l = axum::serve::ListenerExt::tap_io(l, |tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            });
             Some(tokio::spawn(async move {
                 let _ = axum::serve(l, app)
                     .with_graceful_shutdown(async {
