@@ -193,6 +193,8 @@ pub struct BrokerSettings {
     pub proxy_client: Option<reqwest::Client>,
     /// Largest request or response body the proxy passes.
     pub proxy_max_body_bytes: u64,
+    /// A whole check (token, identity and every permission probe) ends within this.
+    pub check_timeout: Duration,
 }
 
 /// The broker core.
@@ -457,6 +459,7 @@ impl Broker {
             ));
         }
         let prepared = prepare(
+            self.settings.check_timeout,
             backend.as_ref(),
             &system_id,
             &base_url,
@@ -527,9 +530,17 @@ impl Broker {
                     base_url: &base_url,
                     credential: &credential,
                 };
-                let mut check = match backend.issue(&target).await {
-                    Ok(issued) => backend.verify(&target, &issued).await,
-                    Err(e) => e.to_check(),
+                let deadline = self.settings.check_timeout;
+                let mut check = match tokio::time::timeout(deadline, async {
+                    match backend.issue(&target).await {
+                        Ok(issued) => backend.verify(&target, &issued).await,
+                        Err(e) => e.to_check(),
+                    }
+                })
+                .await
+                {
+                    Ok(c) => c,
+                    Err(_) => check_timed_out(deadline),
                 };
                 warn_expiry(&mut check, credential.expires_at());
                 Ok(check)
@@ -548,7 +559,15 @@ impl Broker {
                             base_url: &record.base_url,
                             credential: &credential,
                         };
-                        backend.verify(&target, &token.to_issued()).await
+                        match tokio::time::timeout(
+                            self.settings.check_timeout,
+                            backend.verify(&target, &token.to_issued()),
+                        )
+                        .await
+                        {
+                            Ok(c) => c,
+                            Err(_) => check_timed_out(self.settings.check_timeout),
+                        }
                     }
                     Err(BrokerError::DataLoss(m)) => return Err(BrokerError::DataLoss(m)),
                     Err(e) => {
@@ -592,6 +611,7 @@ impl Broker {
             .validate_target(&record.base_url, &credential)
             .map_err(|m| BrokerError::invalid("credential", m))?;
         let prepared = prepare(
+            self.settings.check_timeout,
             backend.as_ref(),
             system_id,
             &record.base_url,
@@ -823,6 +843,7 @@ struct Prepared {
 }
 
 async fn prepare(
+    check_timeout: Duration,
     backend: &dyn Backend,
     system_id: &str,
     base_url: &str,
@@ -847,7 +868,11 @@ async fn prepare(
         .await
         .map_err(|e| failed_check(&e.to_check(), consequence))?;
     let result = if check {
-        let mut c = backend.verify(&target, &issued).await;
+        let mut c =
+            match tokio::time::timeout(check_timeout, backend.verify(&target, &issued)).await {
+                Ok(c) => c,
+                Err(_) => check_timed_out(check_timeout),
+            };
         warn_expiry(&mut c, credential.expires_at());
         if !c.ok {
             return Err(failed_check(&c, consequence));
@@ -902,6 +927,17 @@ fn check_credential_type(kind: SystemKind, credential: &Credential) -> Result<()
             names.join(" or ")
         ),
     ))
+}
+
+fn check_timed_out(deadline: Duration) -> AuthCheck {
+    AuthCheck::failed(
+        AuthFailure::Unreachable,
+        format!(
+            "the check did not finish within the upstream timeout ({} s); the vendor is slow or \
+             unreachable",
+            deadline.as_secs_f32()
+        ),
+    )
 }
 
 fn failed_check(check: &AuthCheck, consequence: &str) -> BrokerError {

@@ -419,6 +419,7 @@ async fn open_broker(
                     .map_err(|e| ServeError::Http(e.without_url().to_string()))?,
             ),
             proxy_max_body_bytes: config.proxy_max_body_bytes,
+            check_timeout: config.upstream_timeout,
             audit: AuditConfig {
                 file: if config.audit_file_off {
                     None

@@ -351,6 +351,7 @@ struct AdoState {
     pats: HashMap<String, AdoUser>,
     mode: Mode,
     throttle_on_200: bool,
+    hang_probes: bool,
 }
 
 /// A fake Azure DevOps organization at `{origin}/acme` (a stand-in URL, so every service is
@@ -393,6 +394,7 @@ impl FakeAzureDevOps {
             pats: HashMap::new(),
             mode: Mode::Normal,
             throttle_on_200: false,
+            hang_probes: false,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| {
@@ -432,6 +434,9 @@ impl FakeAzureDevOps {
                     }
                 }
             };
+            if s.hang_probes && rest != "connectionData" {
+                return Reply::Hang;
+            }
             let denied = || ado_401(&format!("TF400813: The user '{}' is not authorized to access this resource.", user.id));
             let needs_version = |r: Reply| if req.query.contains_key("api-version") { r } else { Reply::Unexpected("api-version missing".into()) };
             let reply = match rest {
@@ -491,6 +496,11 @@ impl FakeAzureDevOps {
     /// Switches the answer mode.
     pub fn set_mode(&self, mode: Mode) {
         self.state.lock().unwrap().mode = mode;
+    }
+
+    /// connectionData answers, every permission probe hangs.
+    pub fn set_hang_probes(&self, on: bool) {
+        self.state.lock().unwrap().hang_probes = on;
     }
 
     /// Sends `Retry-After` on successful answers (Azure DevOps does before it blocks).
