@@ -174,6 +174,9 @@ impl Audit {
         line.push(b'\n');
         let result = self.write_line(&line);
         let ok = result.is_ok();
+        if !ok {
+            crate::metrics::METRICS.audit_error();
+        }
         if self.healthy.swap(ok, Ordering::Relaxed) != ok {
             if ok {
                 tracing::info!(message = "Audit sink recovered.");

@@ -686,6 +686,34 @@ impl Broker {
         Ok((page, more))
     }
 
+    /// How many systems are in each state (for `/metrics`).
+    pub async fn systems_by_state(&self) -> Result<Vec<(&'static str, u64)>, BrokerError> {
+        let (mut active, mut pending, mut reauth) = (0u64, 0u64, 0u64);
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list_systems(after.as_deref(), MAX_PAGE_SIZE)
+                .await?;
+            for r in &page {
+                match r.state {
+                    SystemState::Active => active += 1,
+                    SystemState::AuthorizationPending => pending += 1,
+                    SystemState::ReauthorizationRequired => reauth += 1,
+                }
+            }
+            match page.last() {
+                Some(last) if page.len() == MAX_PAGE_SIZE => after = Some(last.system_id.clone()),
+                _ => break,
+            }
+        }
+        Ok(vec![
+            ("active", active),
+            ("authorization_pending", pending),
+            ("reauthorization_required", reauth),
+        ])
+    }
+
     /// The delivery a system gets when `requested` is unspecified: proxy for static secrets
     /// (unless configured otherwise), header for OAuth access tokens.
     pub fn effective_delivery(

@@ -25,6 +25,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod keyops;
+pub mod metrics;
 pub mod model;
 pub mod pb;
 pub mod proxy;

@@ -135,6 +135,7 @@ impl Broker {
             .proxy_inner(req, &system_id, &tail, query.as_deref())
             .await;
         let status = resp.status();
+        crate::metrics::METRICS.proxy(status.as_u16());
         let _ = self.audit.record(&crate::audit::AuditEvent {
             time: crate::audit::now_rfc3339(),
             caller: caller.as_deref(),

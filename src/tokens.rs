@@ -182,12 +182,14 @@ impl Broker {
             let rejected_current = rejected.is_some_and(|r| r == t.token_id);
             if !rejected_current && t.expires_at >= need_until {
                 t.mark_used();
+                crate::metrics::METRICS.cache(true);
                 return Ok(t);
             }
         }
         if system_id.is_empty() {
             return Err(BrokerError::invalid("system_id", "is required"));
         }
+        crate::metrics::METRICS.cache(false);
         let t = self
             .mint(system_id, need_until, Reason::Demand { rejected })
             .await?;
@@ -349,6 +351,14 @@ impl Broker {
                 })
                 .await;
             drop(permit);
+            crate::metrics::METRICS.refresh(
+                record.kind,
+                match &result {
+                    Ok(_) => "ok",
+                    Err(BackendError::Rejected { .. }) => "rejected",
+                    Err(_) => "transient",
+                },
+            );
             match result {
                 Ok(mut issued) => {
                     let updated = issued

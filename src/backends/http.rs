@@ -189,9 +189,13 @@ impl HttpClient {
             })
         };
         // reqwest's timeout covers the whole exchange too; this guards the body loop as well.
-        tokio::time::timeout(self.timeout, fut)
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.timeout, fut)
             .await
-            .map_err(|_| TransportError::Timeout(self.timeout))?
+            .map_err(|_| TransportError::Timeout(self.timeout))
+            .and_then(|r| r);
+        crate::metrics::METRICS.upstream(started.elapsed(), result.is_ok());
+        result
     }
 
     fn classify(&self, e: reqwest::Error) -> TransportError {

@@ -125,6 +125,31 @@ impl BrokerService {
         F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
         Fut: Future<Output = Result<(Resp, Audited), Status>>,
     {
+        let started = std::time::Instant::now();
+        let result = self
+            .run_inner(rpc, need, secret, request, system_of, f)
+            .await;
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        crate::metrics::METRICS.rpc(rpc, code, started.elapsed());
+        result
+    }
+
+    async fn run_inner<Req, Resp, F, Fut>(
+        &self,
+        rpc: &'static str,
+        need: Role,
+        secret: bool,
+        request: Request<Req>,
+        system_of: fn(&Req) -> Option<String>,
+        f: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
+        Fut: Future<Output = Result<(Resp, Audited), Status>>,
+    {
         let broker = self
             .core
             .get()

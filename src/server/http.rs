@@ -1,4 +1,6 @@
-//! The HTTP listener: the OAuth callback page (`/oauth/callback`).
+//! The HTTP listener: the OAuth callback page (`/oauth/callback`), the delivery proxy
+//! (`/proxy/...`), Prometheus metrics (`/metrics`) and plain HTTP probes (`/healthz`: the
+//! process is up; `/readyz`: the store is open and the audit trail writable).
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -18,7 +20,38 @@ pub fn router(core: Arc<OnceLock<Arc<Broker>>>) -> Router {
     Router::new()
         .route("/oauth/callback", get(callback))
         .route("/proxy/{*rest}", any(proxy))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(core)
+}
+
+async fn readyz(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (StatusCode, &'static str) {
+    match core.get() {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+        Some(b) if !b.audit.is_healthy() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "audit trail unwritable\n")
+        }
+        Some(_) => (StatusCode::OK, "ready\n"),
+    }
+}
+
+async fn metrics(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> Response {
+    let mut states: Vec<(&str, u64)> = Vec::new();
+    if let Some(broker) = core.get() {
+        match broker.systems_by_state().await {
+            Ok(s) => states = s,
+            Err(e) => tracing::warn!(message = "Could not count systems for /metrics.", error = %e),
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::METRICS.render(&states),
+    )
+        .into_response()
 }
 
 async fn callback(

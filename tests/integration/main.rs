@@ -12,6 +12,7 @@ mod fuzz;
 mod lifecycle;
 mod mtls;
 mod oauth;
+mod observability;
 mod proxy;
 mod security;
 mod static_backends;

@@ -1,0 +1,244 @@
+//! Prometheus metrics, exposed at `/metrics` on the HTTP listener.
+//!
+//! Every label set is bounded (RPC names, gRPC codes, system kinds, fixed outcomes): no system
+//! ids, caller names or URLs, and never a secret. Counters are atomics indexed by those fixed
+//! sets, so recording costs a few relaxed atomic adds on the hot path.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use crate::model::SystemKind;
+
+/// The RPCs metrics are kept for.
+pub const RPCS: &[&str] = &[
+    "RegisterSystem",
+    "CheckAuthentication",
+    "GetAccessToken",
+    "RotateCredential",
+    "GetSystem",
+    "ListSystems",
+    "DeleteSystem",
+    "CreateCaller",
+    "ListCallers",
+    "RevokeCaller",
+    "StartAuthorization",
+    "RotateMasterKey",
+    "GetKeyStatus",
+    "RetireKey",
+    "SetDelivery",
+];
+const CODES: usize = 17;
+/// Latency bucket bounds, seconds.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Refresh outcomes.
+pub const OUTCOMES: &[&str] = &["ok", "rejected", "transient"];
+
+struct Histogram {
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Self {
+            buckets: (0..BUCKETS.len()).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| s <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{}le=\"{b}\"}} {cumulative}",
+                if labels.is_empty() { "" } else { "," }
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{}le=\"+Inf\"}} {count}",
+            if labels.is_empty() { "" } else { "," }
+        );
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
+    }
+}
+
+/// The process's metrics.
+pub struct Metrics {
+    rpc_counts: Vec<AtomicU64>,
+    rpc_latency: Vec<Histogram>,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    refreshes: Vec<AtomicU64>,
+    upstream: Histogram,
+    upstream_errors: AtomicU64,
+    audit_errors: AtomicU64,
+    proxy: Vec<AtomicU64>,
+}
+
+/// The global registry.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    rpc_counts: (0..RPCS.len() * CODES).map(|_| AtomicU64::new(0)).collect(),
+    rpc_latency: (0..RPCS.len()).map(|_| Histogram::new()).collect(),
+    cache_hits: AtomicU64::new(0),
+    cache_misses: AtomicU64::new(0),
+    refreshes: (0..SystemKind::ALL.len() * OUTCOMES.len())
+        .map(|_| AtomicU64::new(0))
+        .collect(),
+    upstream: Histogram::new(),
+    upstream_errors: AtomicU64::new(0),
+    audit_errors: AtomicU64::new(0),
+    proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
+});
+
+fn kind_index(k: SystemKind) -> usize {
+    SystemKind::ALL.iter().position(|x| *x == k).unwrap_or(0)
+}
+
+impl Metrics {
+    /// One finished RPC.
+    pub fn rpc(&self, rpc: &str, code: tonic::Code, took: Duration) {
+        if let Some(i) = RPCS.iter().position(|r| *r == rpc) {
+            let c = (code as usize).min(CODES - 1);
+            self.rpc_counts[i * CODES + c].fetch_add(1, Ordering::Relaxed);
+            self.rpc_latency[i].observe(took);
+        }
+    }
+
+    /// A `GetAccessToken` answered from memory (`hit`) or not.
+    pub fn cache(&self, hit: bool) {
+        if hit {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One upstream token call for `kind`: outcome is `ok`, `rejected` or `transient`.
+    pub fn refresh(&self, kind: SystemKind, outcome: &str) {
+        let o = OUTCOMES.iter().position(|x| *x == outcome).unwrap_or(2);
+        self.refreshes[kind_index(kind) * OUTCOMES.len() + o].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One outbound HTTP exchange.
+    pub fn upstream(&self, took: Duration, ok: bool) {
+        self.upstream.observe(took);
+        if !ok {
+            self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// An audit event that could not be written.
+    pub fn audit_error(&self) {
+        self.audit_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One proxied call, by the status class of its answer.
+    pub fn proxy(&self, status: u16) {
+        let class = (status / 100).min(5) as usize;
+        self.proxy[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition; `systems_by_state` comes from the store.
+    pub fn render(&self, systems_by_state: &[(&str, u64)]) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        out.push_str("# HELP credbroker_rpc_total RPCs by method and gRPC code.\n# TYPE credbroker_rpc_total counter\n");
+        for (i, rpc) in RPCS.iter().enumerate() {
+            for c in 0..CODES {
+                let n = self.rpc_counts[i * CODES + c].load(Ordering::Relaxed);
+                if n > 0 {
+                    let code = crate::broker::code_name(tonic::Code::from(c as i32));
+                    let _ = writeln!(
+                        out,
+                        "credbroker_rpc_total{{method=\"{rpc}\",code=\"{code}\"}} {n}"
+                    );
+                }
+            }
+        }
+        out.push_str("# HELP credbroker_rpc_duration_seconds RPC latency by method.\n# TYPE credbroker_rpc_duration_seconds histogram\n");
+        for (i, rpc) in RPCS.iter().enumerate() {
+            if self.rpc_latency[i].count.load(Ordering::Relaxed) > 0 {
+                self.rpc_latency[i].render(
+                    &mut out,
+                    "credbroker_rpc_duration_seconds",
+                    &format!("method=\"{rpc}\""),
+                );
+            }
+        }
+        out.push_str("# HELP credbroker_token_cache_total GetAccessToken answers from memory (hit) or not (miss).\n# TYPE credbroker_token_cache_total counter\n");
+        let _ = writeln!(
+            out,
+            "credbroker_token_cache_total{{result=\"hit\"}} {}",
+            self.cache_hits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "credbroker_token_cache_total{{result=\"miss\"}} {}",
+            self.cache_misses.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP credbroker_token_refresh_total Upstream token calls by system kind and outcome.\n# TYPE credbroker_token_refresh_total counter\n");
+        for (k, kind) in SystemKind::ALL.iter().enumerate() {
+            for (o, outcome) in OUTCOMES.iter().enumerate() {
+                let n = self.refreshes[k * OUTCOMES.len() + o].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "credbroker_token_refresh_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}"
+                );
+            }
+        }
+        out.push_str("# HELP credbroker_upstream_duration_seconds Outbound HTTP exchanges.\n# TYPE credbroker_upstream_duration_seconds histogram\n");
+        self.upstream
+            .render(&mut out, "credbroker_upstream_duration_seconds", "");
+        out.push_str("# HELP credbroker_upstream_errors_total Outbound exchanges that failed (timeout, connect, refused, too large).\n# TYPE credbroker_upstream_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "credbroker_upstream_errors_total {}",
+            self.upstream_errors.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP credbroker_audit_errors_total Audit events that could not be written.\n# TYPE credbroker_audit_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "credbroker_audit_errors_total {}",
+            self.audit_errors.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP credbroker_proxy_requests_total Proxied calls by HTTP status class of the answer.\n# TYPE credbroker_proxy_requests_total counter\n");
+        for (class, n) in self.proxy.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "credbroker_proxy_requests_total{{class=\"{class}xx\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP credbroker_systems Registered systems by state.\n# TYPE credbroker_systems gauge\n");
+        for (state, n) in systems_by_state {
+            let _ = writeln!(out, "credbroker_systems{{state=\"{state}\"}} {n}");
+        }
+        out
+    }
+}
