@@ -6,6 +6,7 @@
 
 mod admin_cli;
 mod broker_api;
+mod chaos;
 mod connect;
 mod fakes;
 mod fuzz;

@@ -1,0 +1,271 @@
+//! Upstream chaos: token endpoints that trickle, reset, flood, garble, fail or rate-limit with an
+//! absurd `Retry-After`. Every call ends within its deadline with a clear, secret-free error, the
+//! server keeps serving, and healthy systems are not slowed.
+
+use std::time::{Duration, Instant};
+
+use credbroker::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::Code;
+
+use crate::fakes::*;
+use crate::support::*;
+
+const CLIENT_ID: &str = "3MVG9-chaos-client";
+const SECRET: &str = "chaos-client-secret-canary-64";
+
+#[derive(Debug, Clone, Copy)]
+enum Chaos {
+    /// Headers promptly, then one body byte every 300 ms.
+    Trickle,
+    /// Reads the request, then resets the connection.
+    Reset,
+    /// A 5 MB JSON body.
+    Flood,
+    /// `200 application/json` that is not JSON.
+    Malformed,
+    /// 500 with an HTML page.
+    ServerError,
+    /// 429 with `Retry-After: 99999999`.
+    RetryForever,
+}
+
+/// Reads one request head (the token POST is small; its body follows the head).
+async fn read_request(s: &mut TcpStream) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen = 0;
+    while let Ok(n) = s.read(&mut buf[seen..]).await {
+        if n == 0 {
+            return;
+        }
+        seen += n;
+        if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") || seen == buf.len() {
+            return;
+        }
+    }
+}
+
+async fn answer(mut s: TcpStream, chaos: Chaos) {
+    read_request(&mut s).await;
+    let head = |status: &str, ct: &str, len: usize, extra: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {ct}\r\ncontent-length: {len}\r\n\
+             connection: close\r\n{extra}\r\n"
+        )
+    };
+    match chaos {
+        Chaos::Trickle => {
+            let _ = s
+                .write_all(head("200 OK", "application/json", 100_000, "").as_bytes())
+                .await;
+            loop {
+                if s.write_all(b" ").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        Chaos::Reset => {
+            let _ = s.set_zero_linger();
+            drop(s);
+        }
+        Chaos::Flood => {
+            let body_len = 5 * 1024 * 1024;
+            let _ = s
+                .write_all(head("200 OK", "application/json", body_len, "").as_bytes())
+                .await;
+            let mut body = br#"{"access_token":""#.to_vec();
+            body.resize(body_len - 2, b'a');
+            body.extend_from_slice(b"\"}");
+            let _ = s.write_all(&body).await;
+        }
+        Chaos::Malformed => {
+            let body = r#"{"access_token": "tok", "instance_url": "#;
+            let _ = s
+                .write_all(
+                    format!(
+                        "{}{body}",
+                        head("200 OK", "application/json", body.len(), "")
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+        Chaos::ServerError => {
+            let body = "<html><body>Internal Server Error</body></html>";
+            let _ = s
+                .write_all(
+                    format!(
+                        "{}{body}",
+                        head("500 Internal Server Error", "text/html", body.len(), "")
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+        Chaos::RetryForever => {
+            let body = r#"[{"errorCode":"REQUEST_LIMIT_EXCEEDED","message":"TotalRequests Limit exceeded."}]"#;
+            let _ = s
+                .write_all(
+                    format!(
+                        "{}{body}",
+                        head(
+                            "429 Too Many Requests",
+                            "application/json",
+                            body.len(),
+                            "retry-after: 99999999\r\n"
+                        )
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    }
+    // Let the client read what was sent before the socket closes.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+}
+
+/// A raw TCP server on loopback answering every connection with `chaos`.
+async fn chaos_server(chaos: Chaos) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(answer(s, chaos));
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn register(id: &str, base: &str) -> pb::RegisterSystemRequest {
+    pb::RegisterSystemRequest {
+        system_id: id.into(),
+        kind: pb::SystemKind::Salesforce as i32,
+        base_url: base.into(),
+        credential: Some(pb::Credential {
+            credential: Some(pb::credential::Credential::OauthClientCredentials(
+                pb::OAuthClientCredentials {
+                    client_id: CLIENT_ID.into(),
+                    client_secret: SECRET.into(),
+                    scopes: vec![],
+                },
+            )),
+        }),
+        // Registered unchecked: the chaos starts at the first token call.
+        check: false,
+        ..Default::default()
+    }
+}
+
+fn token(id: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        system_id: id.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_chaos_ends_in_time_with_clear_errors_and_spares_healthy_systems() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let healthy = FakeSalesforce::start(CLIENT_ID, SECRET).await;
+
+    let all = [
+        Chaos::Trickle,
+        Chaos::Reset,
+        Chaos::Flood,
+        Chaos::Malformed,
+        Chaos::ServerError,
+        Chaos::RetryForever,
+    ];
+    for (i, chaos) in all.iter().enumerate() {
+        let base = chaos_server(*chaos).await;
+        admin
+            .register_system(register(&format!("chaos-{i}"), &base))
+            .await
+            .unwrap();
+    }
+    for i in 0..8 {
+        admin
+            .register_system(register(&format!("healthy-{i}"), &healthy.base_url))
+            .await
+            .unwrap();
+    }
+
+    // All chaos systems at once, each on its own connection…
+    let mut tasks = Vec::new();
+    for (i, chaos) in all.iter().enumerate() {
+        let mut c = broker.admin().await;
+        let chaos = *chaos;
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let r = c.get_access_token(token(&format!("chaos-{i}"))).await;
+            (chaos, r, started.elapsed())
+        }));
+    }
+    // …while healthy systems mint their first tokens (an upstream token call each) unhindered.
+    let mut slowest = Duration::ZERO;
+    for i in 0..8 {
+        let started = Instant::now();
+        let t = admin
+            .get_access_token(token(&format!("healthy-{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        slowest = slowest.max(started.elapsed());
+        assert!(t.headers[0].value.starts_with("Bearer "));
+    }
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "a healthy mint took {slowest:?} while other upstreams misbehaved"
+    );
+    assert_eq!(healthy.token_calls(), 8);
+
+    for t in tasks {
+        let (chaos, r, took) = t.await.unwrap();
+        let e = r.expect_err(&format!("{chaos:?} handed out a token"));
+        // The test upstream timeout is 2 s: nothing waits longer, whatever the upstream does.
+        assert!(took < Duration::from_secs(4), "{chaos:?} took {took:?}");
+        assert!(
+            matches!(e.code(), Code::Unavailable | Code::FailedPrecondition),
+            "{chaos:?}: {e:?}"
+        );
+        let msg = e.message().to_owned();
+        assert!(
+            !msg.contains(SECRET) && !msg.contains("aaaaaaaa"),
+            "{chaos:?}: {msg}"
+        );
+        match chaos {
+            Chaos::Trickle => assert!(msg.contains("timed out"), "{chaos:?}: {msg}"),
+            Chaos::Flood => assert!(
+                msg.contains("too large") || msg.contains("bytes"),
+                "{chaos:?}: {msg}"
+            ),
+            Chaos::ServerError => assert!(msg.contains("500"), "{chaos:?}: {msg}"),
+            Chaos::RetryForever => {
+                // Retry-After is honoured but capped (600 s by default), never 99999999 s.
+                let secs: u64 = msg
+                    .split("retries in ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("no retry delay in: {msg}"));
+                assert!((1..=600).contains(&secs), "retry in {secs} s: {msg}");
+                assert!(msg.contains("429") || msg.contains("rate"), "{msg}");
+            }
+            Chaos::Reset | Chaos::Malformed => {}
+        }
+    }
+
+    // Asking again answers at once (from the backoff, or a fresh quick 500); the server is
+    // still healthy and serving.
+    let started = Instant::now();
+    let e = admin.get_access_token(token("chaos-4")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let t = admin.get_access_token(token("healthy-0")).await.unwrap();
+    assert!(!t.into_inner().headers.is_empty());
+    broker.stop().await;
+}
