@@ -163,6 +163,12 @@ impl HttpClient {
         req: reqwest::RequestBuilder,
     ) -> Result<UpstreamResponse, TransportError> {
         let req = req.build().map_err(|e| self.classify(e))?;
+        // Host and path only: queries may carry codes or tokens and are never logged.
+        let (method, host, path) = (
+            req.method().clone(),
+            req.url().host_str().unwrap_or("").to_owned(),
+            req.url().path().to_owned(),
+        );
         // Literal IPs never reach the resolver: check them here, before any connection.
         self.egress
             .check_url(req.url())
@@ -194,7 +200,16 @@ impl HttpClient {
             .await
             .map_err(|_| TransportError::Timeout(self.timeout))
             .and_then(|r| r);
-        crate::metrics::METRICS.upstream(started.elapsed(), result.is_ok());
+        let took = started.elapsed();
+        crate::metrics::METRICS.upstream(took, result.is_ok());
+        match &result {
+            Ok(r) => {
+                tracing::debug!(message = "Upstream call.", %method, %host, %path, status = r.status, took_ms = took.as_millis() as u64)
+            }
+            Err(e) => {
+                tracing::debug!(message = "Upstream call failed.", %method, %host, %path, error = %e, took_ms = took.as_millis() as u64)
+            }
+        }
         result
     }
 

@@ -126,14 +126,29 @@ impl BrokerService {
         Fut: Future<Output = Result<(Resp, Audited), Status>>,
     {
         let started = std::time::Instant::now();
-        let result = self
-            .run_inner(rpc, need, secret, request, system_of, f)
-            .await;
+        let request_id = request_id(&request);
+        let span = tracing::info_span!("rpc", rpc, request_id = %request_id);
+        let mut result = tracing::Instrument::instrument(
+            self.run_inner(rpc, need, secret, request, system_of, f),
+            span,
+        )
+        .await;
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
         };
         crate::metrics::METRICS.rpc(rpc, code, started.elapsed());
+        // Echo the id so a caller can quote it when asking about a failure.
+        if let Ok(v) = tonic::metadata::MetadataValue::try_from(request_id.as_str()) {
+            match &mut result {
+                Ok(r) => {
+                    r.metadata_mut().insert(REQUEST_ID, v);
+                }
+                Err(s) => {
+                    s.metadata_mut().insert(REQUEST_ID, v);
+                }
+            }
+        }
         result
     }
 
@@ -186,6 +201,28 @@ impl BrokerService {
             ));
         }
         result.map(|(r, _)| Response::new(r))
+    }
+}
+
+/// The metadata key carrying a request id, in and out.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// The caller's `x-request-id` when it is a sane token (1–64 of `[A-Za-z0-9._-]`), else a fresh
+/// random one. It tags every log line of the RPC, its upstream calls included.
+fn request_id<T>(request: &Request<T>) -> String {
+    let given = request
+        .metadata()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        });
+    match given {
+        Some(v) => v.to_owned(),
+        None => format!("{:016x}", rand::random::<u64>()),
     }
 }
 

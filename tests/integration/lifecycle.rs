@@ -1,7 +1,7 @@
 //! Process lifecycle: health across start and SIGTERM, wrong master key, data-directory lock, and
 //! the leak scan over logs, errors and data files of the real binary.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use credbroker::pb;
 use tonic::transport::Channel;
@@ -560,4 +560,76 @@ async fn reflection_lists_the_broker_and_health_services_without_a_token() {
         "{names:?}"
     );
     broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_follows_an_rpc_into_its_upstream_calls_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user("pat-reqid-canary-5", "9", "U", "u@example.com");
+    let proc = spawn_process(
+        dir.path(),
+        &logs.path().join("1.log"),
+        &[("RUST_LOG", "info,credbroker=debug")],
+    )
+    .unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+
+    let mut req = tonic::Request::new(register_asana(
+        "traced",
+        &fake.base_url,
+        "pat-reqid-canary-5",
+        true,
+    ));
+    req.metadata_mut()
+        .insert("x-request-id", "sync-run-42.7".parse().unwrap());
+    let resp = admin.register_system(req).await.unwrap();
+    assert_eq!(
+        resp.metadata().get("x-request-id").unwrap(),
+        "sync-run-42.7"
+    );
+    assert!(resp.into_inner().check.unwrap().ok);
+
+    // Without one (or with an unusable one) the broker makes one up and returns it.
+    let mut req = tonic::Request::new(pb::GetSystemRequest {
+        system_id: "nope".into(),
+    });
+    req.metadata_mut()
+        .insert("x-request-id", "has spaces and {braces}".parse().unwrap());
+    let e = admin.get_system(req).await.unwrap_err();
+    let made_up = e
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(made_up.len(), 16, "{made_up}");
+
+    // The registration's upstream call is logged inside the RPC's span with its request id. The
+    // log is written by a reader thread: poll for it with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let upstream = loop {
+        let log = proc.log();
+        let found = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| {
+                v["message"] == "Upstream call." && v["span"]["request_id"] == "sync-run-42.7"
+            });
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no traced upstream call in:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(upstream["span"]["rpc"], "RegisterSystem");
+    assert_eq!(upstream["host"], "127.0.0.1");
+    assert!(!proc.log().contains("pat-reqid-canary-5"));
 }
