@@ -272,6 +272,29 @@ pub async fn run_with_hooks(
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
         .await;
     tracing::info!(message = "credbroker is serving.");
+    // Startup integrity check, in the background so serving does not wait for it: every stored
+    // credential must still authenticate under the keyring.
+    let verifier = broker.clone();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        match verifier.verify_store().await {
+            Ok((systems, 0)) => tracing::info!(
+                message = "Store integrity check passed.",
+                systems,
+                errors = 0u64,
+                took_ms = started.elapsed().as_millis() as u64
+            ),
+            Ok((systems, errors)) => tracing::error!(
+                message = "Store integrity check found records that do not decrypt.",
+                systems,
+                errors,
+                took_ms = started.elapsed().as_millis() as u64
+            ),
+            Err(e) => {
+                tracing::error!(message = "Store integrity check could not read the store.", error = %e)
+            }
+        }
+    });
 
     let early_exit = tokio::select! {
         _ = shutdown => None,

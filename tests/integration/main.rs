@@ -8,6 +8,7 @@ mod admin_cli;
 mod broker_api;
 mod chaos;
 mod connect;
+mod crash;
 mod fakes;
 mod fuzz;
 mod lifecycle;
