@@ -1,0 +1,465 @@
+//! `GetAccessToken` against the gRPC floor (issue 7, scenario 1): the real broker binary and a
+//! minimal echo gRPC server (the same `CredentialBroker` service, answering `GetAccessToken` with a
+//! prebuilt response of the same size) each run as a child pinned to core 1, on the same runtime
+//! flavour and server settings, and are driven alternately by the same tonic client on core 0
+//! (closed loop). Run with `cargo bench --bench token` (`-- --connections N --concurrency C
+//! --seconds S --rounds R --runtime auto|multi|current`); writes `bench-results/token-*.json` and
+//! prints a markdown table. Medians over alternating rounds (noise here is ±10–15 %).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use credbroker::pb;
+use credbroker::pb::credential_broker_client::CredentialBrokerClient;
+use credbroker::pb::credential_broker_server::{CredentialBroker, CredentialBrokerServer};
+use tonic::{Request, Response, Status};
+
+struct Echo(pb::GetAccessTokenResponse);
+
+#[tonic::async_trait]
+impl CredentialBroker for Echo {
+    async fn get_access_token(
+        &self,
+        _: Request<pb::GetAccessTokenRequest>,
+    ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
+        Ok(Response::new(self.0.clone()))
+    }
+    async fn register_system(
+        &self,
+        _: Request<pb::RegisterSystemRequest>,
+    ) -> Result<Response<pb::RegisterSystemResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn check_authentication(
+        &self,
+        _: Request<pb::CheckAuthenticationRequest>,
+    ) -> Result<Response<pb::CheckAuthenticationResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn rotate_credential(
+        &self,
+        _: Request<pb::RotateCredentialRequest>,
+    ) -> Result<Response<pb::RotateCredentialResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn get_system(
+        &self,
+        _: Request<pb::GetSystemRequest>,
+    ) -> Result<Response<pb::GetSystemResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn list_systems(
+        &self,
+        _: Request<pb::ListSystemsRequest>,
+    ) -> Result<Response<pb::ListSystemsResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn delete_system(
+        &self,
+        _: Request<pb::DeleteSystemRequest>,
+    ) -> Result<Response<pb::DeleteSystemResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn create_caller(
+        &self,
+        _: Request<pb::CreateCallerRequest>,
+    ) -> Result<Response<pb::CreateCallerResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn list_callers(
+        &self,
+        _: Request<pb::ListCallersRequest>,
+    ) -> Result<Response<pb::ListCallersResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn revoke_caller(
+        &self,
+        _: Request<pb::RevokeCallerRequest>,
+    ) -> Result<Response<pb::RevokeCallerResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn start_authorization(
+        &self,
+        _: Request<pb::StartAuthorizationRequest>,
+    ) -> Result<Response<pb::StartAuthorizationResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn rotate_master_key(
+        &self,
+        _: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn get_key_status(
+        &self,
+        _: Request<pb::GetKeyStatusRequest>,
+    ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn retire_key(
+        &self,
+        _: Request<pb::RetireKeyRequest>,
+    ) -> Result<Response<pb::RetireKeyResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn set_delivery(
+        &self,
+        _: Request<pb::SetDeliveryRequest>,
+    ) -> Result<Response<pb::SetDeliveryResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+fn runtime(kind: &str, cpus: usize) -> tokio::runtime::Runtime {
+    // The same choice the broker makes for `--runtime`.
+    let current = match kind {
+        "current" => true,
+        "multi" => false,
+        _ => cpus == 1,
+    };
+    if current {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build()
+    .unwrap()
+}
+
+/// Child mode: serve the echo with the broker's server settings; print the address.
+fn serve_echo(kind: &str, response_hex: &str) {
+    let bytes: Vec<u8> = (0..response_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&response_hex[i..i + 2], 16).unwrap())
+        .collect();
+    let resp = <pb::GetAccessTokenResponse as prost::Message>::decode(bytes.as_slice()).unwrap();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    runtime(kind, cpus).block_on(async move {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", l.local_addr().unwrap());
+        tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(30))
+            .concurrency_limit_per_connection(1024)
+            .max_concurrent_streams(1024)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .http2_max_header_list_size(16 * 1024)
+            .add_service(CredentialBrokerServer::new(Echo(resp)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+            .await
+            .unwrap();
+    });
+}
+
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    cpu_us_per_req: f64,
+}
+
+/// utime + stime of `pid`, µs.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks * 1e6 / 100.0
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(Clone)]
+struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+type Client = CredentialBrokerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>,
+>;
+
+async fn connect(addr: &str, token: &str) -> Client {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .unwrap();
+    let header = format!("Bearer {token}").parse().unwrap();
+    CredentialBrokerClient::with_interceptor(channel, Auth(header))
+}
+
+async fn drive(
+    addr: &str,
+    token: &str,
+    pid: u32,
+    connections: usize,
+    concurrency: usize,
+    seconds: f64,
+) -> Figures {
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        clients.push(connect(addr, token).await);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = cpu_us(pid);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let mut c = clients[i % connections].clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(200_000);
+            let req = pb::GetAccessTokenRequest {
+                system_id: "bench".into(),
+                ..Default::default()
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let r = c.get_access_token(req.clone()).await.unwrap().into_inner();
+                assert!(!r.headers.is_empty());
+                lat.push(t.elapsed().as_micros() as u32);
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_us(pid) - cpu0;
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    Figures {
+        rps: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        cpu_us_per_req: cpu / all.len() as f64,
+    }
+}
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_owned())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::process::Child) {
+    let mut child = std::process::Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "off",
+            "--runtime",
+            runtime,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("CREDBROKER_EGRESS_ALLOW_HTTP", "1")
+        .env("CREDBROKER_EGRESS_ALLOW", "127.0.0.1/32")
+        .env("CREDBROKER_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        // Production settings: callers authenticated, audit trail on.
+        .env("CREDBROKER_AUDIT_FILE", data_dir.join("audit.log"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("taskset and the credbroker binary are needed");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("broker exited").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "gRPC listening." {
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (addr, child)
+}
+
+fn spawn_echo(
+    runtime: &str,
+    response: &pb::GetAccessTokenResponse,
+) -> (String, std::process::Child) {
+    let hex: String = prost::Message::encode_to_vec(response)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut child = std::process::Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--serve-echo", runtime, &hex])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (line.trim().to_owned(), child)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve-echo") {
+        serve_echo(&args[i + 1], &args[i + 2]);
+        return;
+    }
+    let connections: usize = arg("--connections", "4").parse().unwrap();
+    let concurrency: usize = arg("--concurrency", "64").parse().unwrap();
+    let seconds: f64 = arg("--seconds", "4").parse().unwrap();
+    let rounds: usize = arg("--rounds", "3").parse().unwrap();
+    let rt_kind = arg("--runtime", "auto");
+    // Client on core 0, servers on core 1.
+    let _ = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, mut broker) = spawn_broker(dir.path(), &rt_kind);
+        let token_path = dir.path().join("admin.token");
+        let mut admin = loop {
+            if let Ok(t) = std::fs::read_to_string(&token_path) {
+                if !t.trim().is_empty() {
+                    break connect(&addr, t.trim()).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let reg = pb::RegisterSystemRequest {
+            system_id: "bench".into(),
+            kind: pb::SystemKind::Asana as i32,
+            base_url: "https://app.asana.com/api/1.0".into(),
+            credential: Some(pb::Credential {
+                credential: Some(pb::credential::Credential::PersonalAccessToken(
+                    pb::PersonalAccessToken {
+                        token: "2/1200000000000000/1209999999999999:0123456789abcdef0123456789abcdef".into(),
+                        ..Default::default()
+                    },
+                )),
+            }),
+            delivery: pb::Delivery::Header as i32,
+            check: false,
+            ..Default::default()
+        };
+        loop {
+            match admin.register_system(reg.clone()).await {
+                Ok(_) => break,
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let worker_token = admin
+            .create_caller(pb::CreateCallerRequest {
+                name: "bench-worker".into(),
+                role: pb::CallerRole::Worker as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let sample = admin
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: "bench".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let (echo_addr, mut echo) = spawn_echo(&rt_kind, &sample);
+        let (bpid, epid) = (broker.id(), echo.id());
+        // Warm-up.
+        drive(&echo_addr, &worker_token, epid, connections, concurrency, 1.0).await;
+        drive(&addr, &worker_token, bpid, connections, concurrency, 1.0).await;
+        let (mut e, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            e.push(drive(&echo_addr, &worker_token, epid, connections, concurrency, seconds).await);
+            b.push(drive(&addr, &worker_token, bpid, connections, concurrency, seconds).await);
+        }
+        let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+        let fig = |v: &[Figures]| {
+            serde_json::json!({
+                "rps": m(v, |f| f.rps), "p50_us": m(v, |f| f.p50_us), "p99_us": m(v, |f| f.p99_us),
+                "p999_us": m(v, |f| f.p999_us), "server_cpu_us_per_req": m(v, |f| f.cpu_us_per_req),
+            })
+        };
+        let (brss, erss) = (peak_rss_kib(bpid), peak_rss_kib(epid));
+        let rps_ratio = m(&b, |f| f.rps) / m(&e, |f| f.rps);
+        let p99_ratio = m(&b, |f| f.p99_us) / m(&e, |f| f.p99_us);
+        let json = serde_json::json!({
+            "benchmark": "get_access_token_vs_echo",
+            "runtime": rt_kind, "connections": connections, "concurrency": concurrency,
+            "seconds_per_round": seconds, "rounds": rounds,
+            "echo": fig(&e), "broker": fig(&b),
+            "broker_peak_rss_kib": brss, "echo_peak_rss_kib": erss,
+            "throughput_ratio": rps_ratio, "p99_ratio": p99_ratio,
+        });
+        std::fs::create_dir_all("bench-results").unwrap();
+        std::fs::write(
+            format!("bench-results/token-{rt_kind}-n{connections}-c{concurrency}.json"),
+            serde_json::to_string_pretty(&json).unwrap(),
+        )
+        .unwrap();
+        println!("| server ({rt_kind}, {connections} conn, c={concurrency}) | requests/s | p50 | p99 | p99.9 | server CPU/req | peak RSS |");
+        println!("|---|---|---|---|---|---|---|");
+        for (name, v, rss) in [("echo", &e, erss), ("broker GetAccessToken", &b, brss)] {
+            println!(
+                "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} µs | {:.1} MiB |",
+                m(v, |f| f.rps), m(v, |f| f.p50_us), m(v, |f| f.p99_us), m(v, |f| f.p999_us),
+                m(v, |f| f.cpu_us_per_req), rss as f64 / 1024.0
+            );
+        }
+        println!();
+        println!("broker/echo throughput {rps_ratio:.2} (target ≥ 0.90), p99 {p99_ratio:.2} (target ≤ 1.25)");
+        let _ = broker.kill();
+        let _ = echo.kill();
+        let _ = broker.wait();
+        let _ = echo.wait();
+    });
+}
