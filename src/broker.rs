@@ -199,6 +199,8 @@ pub struct BrokerSettings {
 
 /// The broker core.
 pub struct Broker {
+    /// Set when shutdown begins (gRPC health turns `NOT_SERVING`; `/readyz` answers 503).
+    pub draining: std::sync::atomic::AtomicBool,
     pub(crate) store: Arc<dyn CredentialStore>,
     pub(crate) keyring: RwLock<Keyring>,
     pub(crate) rewrap: crate::keyops::RewrapState,
@@ -273,6 +275,7 @@ impl Broker {
             refresh_permits: tokio::sync::Semaphore::new(settings.refresh.max_concurrent.max(1)),
             settings,
             tokens: RwLock::new(HashMap::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
             flights: Mutex::new(HashMap::new()),
             schedule: Schedule::default(),
             pending_authorizations: Mutex::new(HashMap::new()),

@@ -29,6 +29,9 @@ pub fn router(core: Arc<OnceLock<Arc<Broker>>>) -> Router {
 async fn readyz(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (StatusCode, &'static str) {
     match core.get() {
         None => (StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+        Some(b) if b.draining.load(std::sync::atomic::Ordering::Relaxed) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        }
         Some(b) if !b.audit.is_healthy() => {
             (StatusCode::SERVICE_UNAVAILABLE, "audit trail unwritable\n")
         }

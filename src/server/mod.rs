@@ -313,6 +313,9 @@ pub async fn run_with_hooks(
     }
 
     audit_watch.abort();
+    broker
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;

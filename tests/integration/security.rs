@@ -440,12 +440,23 @@ async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
         watch.message().await.unwrap().unwrap().status,
         ServingStatus::NotServing as i32
     );
+    // HTTP-only load balancers see the same through /readyz.
+    let readyz = || async {
+        let r = reqwest::get(format!("http://{}/readyz", broker.http_addr))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let (code, body) = readyz().await;
+    assert_eq!(code, 503);
+    assert!(body.contains("audit"), "{body}");
     std::fs::remove_file(&path).unwrap();
     worker.get_access_token(tok("aud")).await.unwrap();
     assert_eq!(
         watch.message().await.unwrap().unwrap().status,
         ServingStatus::Serving as i32
     );
+    assert_eq!(readyz().await.0, 200);
 
     // credbrokerctl audit tail filters the trail.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_credbrokerctl"))
