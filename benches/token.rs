@@ -336,6 +336,76 @@ fn spawn_echo(
     (line.trim().to_owned(), child)
 }
 
+fn bpid_of(c: &std::process::Child) -> u32 {
+    c.id()
+}
+
+/// Scenario 4: `concurrency` admin clients, each on its own connection, registering systems
+/// closed-loop for `seconds`; every OK is durable (flushed) before it is sent.
+async fn register_scenario(
+    addr: &str,
+    token_path: &std::path::Path,
+    pid: u32,
+    concurrency: usize,
+    seconds: f64,
+    template: &pb::RegisterSystemRequest,
+) {
+    let token = std::fs::read_to_string(token_path).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = cpu_us(pid);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..concurrency {
+        let mut c = connect(addr, token.trim()).await;
+        let (stop, template) = (stop.clone(), template.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut r = template.clone();
+                r.system_id = format!("reg-{t}-{n}");
+                n += 1;
+                let s = Instant::now();
+                c.register_system(r).await.unwrap();
+                lat.push(s.elapsed().as_micros() as u32);
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_us(pid) - cpu0;
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    let rps = all.len() as f64 / elapsed;
+    let json = serde_json::json!({
+        "benchmark": "register_system", "concurrency": concurrency, "seconds": seconds,
+        "registrations": all.len(), "per_second": rps, "p50_us": pct(0.5), "p99_us": pct(0.99),
+        "server_cpu_us_per_req": cpu / all.len() as f64,
+    });
+    std::fs::create_dir_all("bench-results").unwrap();
+    std::fs::write(
+        format!("bench-results/register-c{concurrency}.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    println!("| admin clients | registrations/s | p50 | p99 | server CPU/req |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {concurrency} | {rps:.0} | {:.1} ms | {:.1} ms | {:.0} µs |",
+        pct(0.5) / 1000.0,
+        pct(0.99) / 1000.0,
+        cpu / all.len() as f64
+    );
+    println!();
+    println!("durable registrations/s: {rps:.0} (target ≥ 2000)");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--serve-echo") {
@@ -412,6 +482,12 @@ fn main() {
             .await
             .unwrap()
             .into_inner();
+        if arg("--scenario", "token") == "register" {
+            register_scenario(&addr, &token_path, bpid_of(&broker), concurrency, seconds, &reg).await;
+            let _ = broker.kill();
+            let _ = broker.wait();
+            return;
+        }
         let (echo_addr, mut echo) = spawn_echo(&rt_kind, &sample);
         let (bpid, epid) = (broker.id(), echo.id());
         // Warm-up.
