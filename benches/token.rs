@@ -4,12 +4,13 @@
 //! flavour and server settings, and are driven alternately by the same tonic client on core 0
 //! (closed loop). Run with `cargo bench --bench token` (`-- --connections N --concurrency C
 //! --seconds S --rounds R --runtime auto|multi|current`); writes `bench-results/token-*.json` and
-//! prints a markdown table. Medians over alternating rounds (noise here is ±10–15 %).
+//! prints a markdown table. `--scenario register` measures durable registrations with
+//! `--concurrency` admin clients; `--scenario scale --systems N` measures N systems vs 10. Medians over alternating rounds (noise here is ±10–15 %).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{BufRead, BufReader};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -336,6 +337,228 @@ fn spawn_echo(
     (line.trim().to_owned(), child)
 }
 
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let m = e.metadata().unwrap();
+            total += if m.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                m.len()
+            };
+        }
+    }
+    total
+}
+
+fn scale_register(i: usize) -> pb::RegisterSystemRequest {
+    // Mixed static kinds.
+    let (kind, base, cred) = if i.is_multiple_of(2) {
+        (
+            pb::SystemKind::Asana,
+            "https://app.asana.com/api/1.0".to_owned(),
+            pb::credential::Credential::PersonalAccessToken(pb::PersonalAccessToken {
+                token: format!("2/1200000000000000/{i}:0123456789abcdef0123456789abcdef"),
+                ..Default::default()
+            }),
+        )
+    } else {
+        (
+            pb::SystemKind::Freshdesk,
+            "https://acme.freshdesk.com".to_owned(),
+            pb::credential::Credential::ApiKey(pb::ApiKey {
+                key: format!("fdkey{i:015}"),
+            }),
+        )
+    };
+    pb::RegisterSystemRequest {
+        system_id: format!("sys-{i:06}"),
+        kind: kind as i32,
+        base_url: base,
+        credential: Some(pb::Credential {
+            credential: Some(cred),
+        }),
+        delivery: pb::Delivery::Header as i32,
+        check: false,
+        ..Default::default()
+    }
+}
+
+/// GetAccessToken over random ids among `n`: (p50, p99) µs, requests/s.
+async fn random_tokens(addr: &str, token: &str, n: usize, seconds: f64) -> (f64, f64, f64) {
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(addr, token).await);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..64usize {
+        let (mut c, stop) = (clients[t % 4].clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut x = t as u64 * 2654435761 + 1;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let id = format!("sys-{:06}", x as usize % n);
+                let s = Instant::now();
+                let r = c
+                    .get_access_token(pb::GetAccessTokenRequest {
+                        system_id: id,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                assert!(!r.into_inner().headers.is_empty());
+                lat.push(s.elapsed().as_micros() as u32);
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let rps = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    (pct(0.5), pct(0.99), rps)
+}
+
+async fn wait_serving(addr: &str) {
+    loop {
+        if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+            if let Ok(r) = h
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+            {
+                if r.into_inner().status == 1 {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Scenario 3: `n` systems vs 10: registration time, data-dir size, restart-to-SERVING, RSS,
+/// GetAccessToken p99 over random ids (first pass and warm).
+async fn scale_scenario(rt_kind: &str, n: usize, seconds: f64) {
+    let mut rows = Vec::new();
+    for count in [10usize, n] {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, mut child) = spawn_broker(dir.path(), rt_kind);
+        wait_serving(&addr).await;
+        let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+        let token = token.trim().to_owned();
+        let started = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let mut c = connect(&addr, &token).await;
+            let next = next.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= count {
+                        break;
+                    }
+                    c.register_system(scale_register(i)).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let reg_secs = started.elapsed().as_secs_f64();
+        let mut admin = connect(&addr, &token).await;
+        let worker = admin
+            .create_caller(pb::CreateCallerRequest {
+                name: "scale-worker".into(),
+                role: pb::CallerRole::Worker as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        let (p50a, p99a, _) = random_tokens(&addr, &worker, count, seconds).await;
+        let rss_loaded = rss_kib(child.id());
+        // Graceful stop, then time the restart to SERVING.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        let disk = dir_bytes(dir.path());
+        let t0 = Instant::now();
+        let (addr, mut child) = spawn_broker(dir.path(), rt_kind);
+        wait_serving(&addr).await;
+        let restart_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let (p50b, p99b, rpsb) = random_tokens(&addr, &worker, count, seconds).await;
+        let (p50c, p99c, rpsc) = random_tokens(&addr, &worker, count, seconds).await;
+        let rss = rss_kib(child.id()).max(rss_loaded);
+        let _ = child.kill();
+        let _ = child.wait();
+        rows.push(serde_json::json!({
+            "systems": count, "register_secs": reg_secs, "data_dir_bytes": disk,
+            "restart_to_serving_ms": restart_ms, "peak_rss_kib_sampled": rss,
+            "first_pass": {"p50_us": p50a, "p99_us": p99a},
+            "after_restart_cold": {"p50_us": p50b, "p99_us": p99b, "rps": rpsb},
+            "warm": {"p50_us": p50c, "p99_us": p99c, "rps": rpsc},
+        }));
+    }
+    std::fs::create_dir_all("bench-results").unwrap();
+    std::fs::write(
+        format!("bench-results/scale-{n}.json"),
+        serde_json::to_string_pretty(&rows).unwrap(),
+    )
+    .unwrap();
+    println!("| systems | register | data dir | restart→SERVING | RSS | cold p50/p99 | warm p50/p99 | warm req/s |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} s | {:.1} MiB | {:.0} ms | {:.1} MiB | {:.0}/{:.0} µs | {:.0}/{:.0} µs | {:.0} |",
+            r["systems"],
+            r["register_secs"].as_f64().unwrap(),
+            r["data_dir_bytes"].as_f64().unwrap() / 1048576.0,
+            r["restart_to_serving_ms"].as_f64().unwrap(),
+            r["peak_rss_kib_sampled"].as_f64().unwrap() / 1024.0,
+            r["after_restart_cold"]["p50_us"].as_f64().unwrap(),
+            r["after_restart_cold"]["p99_us"].as_f64().unwrap(),
+            r["warm"]["p50_us"].as_f64().unwrap(),
+            r["warm"]["p99_us"].as_f64().unwrap(),
+            r["warm"]["rps"].as_f64().unwrap(),
+        );
+    }
+    let p99 = |i: usize| rows[i]["warm"]["p99_us"].as_f64().unwrap();
+    println!();
+    println!(
+        "warm p99 at {n} / at 10: {:.2} (target ≤ 1.2)",
+        p99(1) / p99(0)
+    );
+}
+
 fn bpid_of(c: &std::process::Child) -> u32 {
     c.id()
 }
@@ -482,6 +705,12 @@ fn main() {
             .await
             .unwrap()
             .into_inner();
+        if arg("--scenario", "token") == "scale" {
+            let _ = broker.kill();
+            let _ = broker.wait();
+            scale_scenario(&rt_kind, arg("--systems", "100000").parse().unwrap(), seconds).await;
+            return;
+        }
         if arg("--scenario", "token") == "register" {
             register_scenario(&addr, &token_path, bpid_of(&broker), concurrency, seconds, &reg).await;
             let _ = broker.kill();

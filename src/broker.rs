@@ -990,8 +990,8 @@ fn check_timed_out(deadline: Duration) -> AuthCheck {
     AuthCheck::failed(
         AuthFailure::Unreachable,
         format!(
-            "the check did not finish within the upstream timeout ({} s); the vendor is slow or \
-             unreachable",
+            "the check timed out: it did not finish within the upstream timeout ({} s); the \
+             vendor is slow or unreachable",
             deadline.as_secs_f32()
         ),
     )
