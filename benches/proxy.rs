@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::*;
 use credbroker::pb;
 use credbroker::pb::credential_broker_client::CredentialBrokerClient;
 
@@ -88,20 +91,6 @@ async fn drive(url: String, auth: String, concurrency: usize, seconds: f64) -> F
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn arg(name: &str, default: f64) -> f64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Starts the real `credbroker` binary pinned to core 1; returns (gRPC addr, HTTP addr, child).
 fn spawn_broker(data_dir: &std::path::Path) -> (String, String, std::process::Child) {
     use std::io::{BufRead, BufReader};
@@ -145,9 +134,9 @@ fn spawn_broker(data_dir: &std::path::Path) -> (String, String, std::process::Ch
 }
 
 fn main() {
-    let concurrency = arg("--concurrency", 16.0) as usize;
-    let seconds = arg("--seconds", 5.0);
-    let rounds = arg("--rounds", 3.0) as usize;
+    let concurrency = arg("--concurrency", "16").parse::<usize>().unwrap();
+    let seconds = arg("--seconds", "5.0").parse::<f64>().unwrap();
+    let rounds = arg("--rounds", "3").parse::<usize>().unwrap();
     // The load generator and the fake vendor run on core 0, the broker on core 1 (as
     // shared/toolchain.md measures gRPC servers), so the proxy's work does not steal the
     // client's CPU.

@@ -10,68 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::*;
 use credbroker::pb;
-use credbroker::pb::credential_broker_client::CredentialBrokerClient;
-use tonic::{Request, Status};
-
-#[derive(Clone)]
-struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
-
-type Client = CredentialBrokerClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>,
->;
-
-async fn connect(addr: &str, token: &str) -> Client {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    CredentialBrokerClient::with_interceptor(
-        channel,
-        Auth(format!("Bearer {token}").parse().unwrap()),
-    )
-}
-
-fn arg(name: &str, default: f64) -> f64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn dir_bytes(p: &std::path::Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let m = e.metadata().unwrap();
-            total += if m.is_dir() {
-                dir_bytes(&e.path())
-            } else {
-                m.len()
-            };
-        }
-    }
-    total
-}
 
 fn pat(v: &str) -> pb::Credential {
     pb::Credential {
@@ -97,8 +39,8 @@ fn register(id: &str, v: &str) -> pb::RegisterSystemRequest {
 }
 
 fn main() {
-    let minutes = arg("--minutes", 30.0);
-    let sample = Duration::from_secs_f64(arg("--sample-secs", 60.0));
+    let minutes = arg("--minutes", "30.0").parse::<f64>().unwrap();
+    let sample = Duration::from_secs_f64(arg("--sample-secs", "60.0").parse::<f64>().unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
@@ -226,7 +168,7 @@ fn main() {
                 writes.load(Ordering::Relaxed),
             );
             let dt = last_t.elapsed().as_secs_f64();
-            let (rss, disk) = (rss_kib(pid), dir_bytes(&data));
+            let (rss, disk) = (status_kib(pid, "VmRSS"), dir_bytes(&data));
             println!(
                 "| {:.1} | {:.1} MiB | {:.1} MiB | {:.0} | {:.0} |",
                 started.elapsed().as_secs_f64() / 60.0,

@@ -14,8 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::*;
 use credbroker::pb;
-use credbroker::pb::credential_broker_client::CredentialBrokerClient;
 use credbroker::pb::credential_broker_server::{CredentialBroker, CredentialBrokerServer};
 use tonic::{Request, Response, Status};
 
@@ -178,40 +180,6 @@ fn cpu_us(pid: u32) -> f64 {
     ticks * 1e6 / 100.0
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-#[derive(Clone)]
-struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
-
-type Client = CredentialBrokerClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Auth>,
->;
-
-async fn connect(addr: &str, token: &str) -> Client {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .unwrap();
-    let header = format!("Bearer {token}").parse().unwrap();
-    CredentialBrokerClient::with_interceptor(channel, Auth(header))
-}
-
 async fn drive(
     addr: &str,
     token: &str,
@@ -263,20 +231,6 @@ async fn drive(
         p999_us: pct(0.999),
         cpu_us_per_req: cpu / all.len() as f64,
     }
-}
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_owned())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::process::Child) {
@@ -335,30 +289,6 @@ fn spawn_echo(
         .read_line(&mut line)
         .unwrap();
     (line.trim().to_owned(), child)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn dir_bytes(p: &std::path::Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let m = e.metadata().unwrap();
-            total += if m.is_dir() {
-                dir_bytes(&e.path())
-            } else {
-                m.len()
-            };
-        }
-    }
-    total
 }
 
 fn scale_register(i: usize) -> pb::RegisterSystemRequest {
@@ -504,7 +434,7 @@ async fn scale_scenario(rt_kind: &str, n: usize, seconds: f64) {
             .into_inner()
             .token;
         let (p50a, p99a, _) = random_tokens(&addr, &worker, count, seconds).await;
-        let rss_loaded = rss_kib(child.id());
+        let rss_loaded = status_kib(child.id(), "VmRSS");
         // Graceful stop, then time the restart to SERVING.
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -517,7 +447,7 @@ async fn scale_scenario(rt_kind: &str, n: usize, seconds: f64) {
         let restart_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let (p50b, p99b, rpsb) = random_tokens(&addr, &worker, count, seconds).await;
         let (p50c, p99c, rpsc) = random_tokens(&addr, &worker, count, seconds).await;
-        let rss = rss_kib(child.id()).max(rss_loaded);
+        let rss = status_kib(child.id(), "VmRSS").max(rss_loaded);
         let _ = child.kill();
         let _ = child.wait();
         rows.push(serde_json::json!({
@@ -557,10 +487,6 @@ async fn scale_scenario(rt_kind: &str, n: usize, seconds: f64) {
         "warm p99 at {n} / at 10: {:.2} (target ≤ 1.2)",
         p99(1) / p99(0)
     );
-}
-
-fn bpid_of(c: &std::process::Child) -> u32 {
-    c.id()
 }
 
 /// Scenario 4: `concurrency` admin clients, each on its own connection, registering systems
@@ -712,7 +638,7 @@ fn main() {
             return;
         }
         if arg("--scenario", "token") == "register" {
-            register_scenario(&addr, &token_path, bpid_of(&broker), concurrency, seconds, &reg).await;
+            register_scenario(&addr, &token_path, broker.id(), concurrency, seconds, &reg).await;
             let _ = broker.kill();
             let _ = broker.wait();
             return;
@@ -734,7 +660,7 @@ fn main() {
                 "p999_us": m(v, |f| f.p999_us), "server_cpu_us_per_req": m(v, |f| f.cpu_us_per_req),
             })
         };
-        let (brss, erss) = (peak_rss_kib(bpid), peak_rss_kib(epid));
+        let (brss, erss) = (status_kib(bpid, "VmHWM"), status_kib(epid, "VmHWM"));
         let rps_ratio = m(&b, |f| f.rps) / m(&e, |f| f.rps);
         let p99_ratio = m(&b, |f| f.p99_us) / m(&e, |f| f.p99_us);
         let json = serde_json::json!({

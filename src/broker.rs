@@ -689,57 +689,50 @@ impl Broker {
         Ok((page, more))
     }
 
-    /// Reads every system and authenticates (decrypts) its stored credential: `(systems, errors)`.
-    /// Each failure is logged by system id; nothing is changed.
-    pub async fn verify_store(&self) -> Result<(u64, u64), BrokerError> {
-        let (mut systems, mut errors) = (0u64, 0u64);
+    /// Calls `f` on every stored system, a page at a time, in id order.
+    async fn for_each_system(&self, mut f: impl FnMut(&SystemRecord)) -> Result<(), BrokerError> {
         let mut after: Option<String> = None;
         loop {
             let page = self
                 .store
                 .list_systems(after.as_deref(), MAX_PAGE_SIZE)
                 .await?;
-            for r in &page {
-                systems += 1;
-                // `open_credential` logs the failure with the system id.
-                if self.open_credential(r).is_err() {
-                    errors += 1;
-                }
-            }
+            page.iter().for_each(&mut f);
             match page.last() {
                 Some(last) if page.len() == MAX_PAGE_SIZE => after = Some(last.system_id.clone()),
-                _ => break,
+                _ => return Ok(()),
             }
             tokio::task::yield_now().await;
         }
+    }
+
+    /// Reads every system and authenticates (decrypts) its stored credential: `(systems, errors)`.
+    /// Each failure is logged by system id (by `open_credential`); nothing is changed.
+    pub async fn verify_store(&self) -> Result<(u64, u64), BrokerError> {
+        let (mut systems, mut errors) = (0u64, 0u64);
+        self.for_each_system(|r| {
+            systems += 1;
+            errors += u64::from(self.open_credential(r).is_err());
+        })
+        .await?;
         Ok((systems, errors))
     }
 
     /// How many systems are in each state (for `/metrics`).
     pub async fn systems_by_state(&self) -> Result<Vec<(&'static str, u64)>, BrokerError> {
-        let (mut active, mut pending, mut reauth) = (0u64, 0u64, 0u64);
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list_systems(after.as_deref(), MAX_PAGE_SIZE)
-                .await?;
-            for r in &page {
-                match r.state {
-                    SystemState::Active => active += 1,
-                    SystemState::AuthorizationPending => pending += 1,
-                    SystemState::ReauthorizationRequired => reauth += 1,
-                }
-            }
-            match page.last() {
-                Some(last) if page.len() == MAX_PAGE_SIZE => after = Some(last.system_id.clone()),
-                _ => break,
-            }
-        }
+        let mut n = [0u64; 3];
+        self.for_each_system(|r| {
+            n[match r.state {
+                SystemState::Active => 0,
+                SystemState::AuthorizationPending => 1,
+                SystemState::ReauthorizationRequired => 2,
+            }] += 1;
+        })
+        .await?;
         Ok(vec![
-            ("active", active),
-            ("authorization_pending", pending),
-            ("reauthorization_required", reauth),
+            ("active", n[0]),
+            ("authorization_pending", n[1]),
+            ("reauthorization_required", n[2]),
         ])
     }
 
