@@ -94,6 +94,13 @@ impl From<crate::store::StoreError> for BrokerError {
                 tracing::error!(message = "Storage operation failed.", error = %detail);
                 Self::Unavailable("storage is unavailable; retry later".to_owned())
             }
+            StoreError::Full(detail) => {
+                tracing::error!(message = "Storage is full.", error = %detail);
+                Self::ResourceExhausted(
+                    "storage is full; writes are refused until space is freed (tokens are still served)"
+                        .to_owned(),
+                )
+            }
             StoreError::Corrupt(detail) => {
                 tracing::error!(message = "Stored record is corrupt.", error = %detail);
                 Self::DataLoss("a stored record is corrupt".to_owned())

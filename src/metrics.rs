@@ -99,6 +99,7 @@ pub struct Metrics {
     upstream: Histogram,
     upstream_errors: AtomicU64,
     audit_errors: AtomicU64,
+    store_write_errors: AtomicU64,
     proxy: Vec<AtomicU64>,
 }
 
@@ -114,6 +115,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream: Histogram::new(),
     upstream_errors: AtomicU64::new(0),
     audit_errors: AtomicU64::new(0),
+    store_write_errors: AtomicU64::new(0),
     proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
 });
 
@@ -159,6 +161,11 @@ impl Metrics {
         self.audit_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A store write (or flush) that failed.
+    pub fn store_write_error(&self) {
+        self.store_write_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// One proxied call, by the status class of its answer.
     pub fn proxy(&self, status: u16) {
         let class = (status / 100).min(5) as usize;
@@ -166,7 +173,8 @@ impl Metrics {
     }
 
     /// Prometheus text exposition; `systems_by_state` comes from the store.
-    pub fn render(&self, systems_by_state: &[(&str, u64)]) -> String {
+    /// `store_writable` is the serving broker's [`crate::store::WriteHealth`].
+    pub fn render(&self, systems_by_state: &[(&str, u64)], store_writable: Option<bool>) -> String {
         let mut out = String::with_capacity(16 * 1024);
         out.push_str("# HELP credbroker_rpc_total RPCs by method and gRPC code.\n# TYPE credbroker_rpc_total counter\n");
         for (i, rpc) in RPCS.iter().enumerate() {
@@ -227,6 +235,16 @@ impl Metrics {
             "credbroker_audit_errors_total {}",
             self.audit_errors.load(Ordering::Relaxed)
         );
+        out.push_str("# HELP credbroker_store_write_errors_total Store writes or flushes that failed (I/O error, disk full).\n# TYPE credbroker_store_write_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "credbroker_store_write_errors_total {}",
+            self.store_write_errors.load(Ordering::Relaxed)
+        );
+        if let Some(w) = store_writable {
+            out.push_str("# HELP credbroker_store_writable 1 while writes reach the store, 0 while they fail.\n# TYPE credbroker_store_writable gauge\n");
+            let _ = writeln!(out, "credbroker_store_writable {}", u8::from(w));
+        }
         out.push_str("# HELP credbroker_proxy_requests_total Proxied calls by HTTP status class of the answer.\n# TYPE credbroker_proxy_requests_total counter\n");
         for (class, n) in self.proxy.iter().enumerate() {
             let _ = writeln!(

@@ -1,6 +1,7 @@
 //! The HTTP listener: the OAuth callback page (`/oauth/callback`), the delivery proxy
 //! (`/proxy/...`), Prometheus metrics (`/metrics`) and plain HTTP probes (`/healthz`: the
-//! process is up; `/readyz`: the store is open and the audit trail writable).
+//! process is up; `/readyz`: the store is open and the audit trail writable; `/readyz/writes`:
+//! writes reach the store).
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -23,6 +24,7 @@ pub fn router(core: Arc<OnceLock<Arc<Broker>>>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/readyz/writes", get(readyz_writes))
         .with_state(core)
 }
 
@@ -39,6 +41,24 @@ async fn readyz(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (StatusCode, 
     }
 }
 
+/// 200 while writes reach the store, 503 with the reason while they fail (`GetAccessToken` is
+/// still served then; `/readyz` stays 200).
+async fn readyz_writes(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (StatusCode, String) {
+    match core.get() {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned()),
+        Some(b) => match b.write_health.reason() {
+            None if b.write_health.is_ok() => (StatusCode::OK, "writes ok\n".to_owned()),
+            reason => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "writes failing: {}\n",
+                    reason.unwrap_or("storage write failed")
+                ),
+            ),
+        },
+    }
+}
+
 async fn metrics(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> Response {
     let mut states: Vec<(&str, u64)> = Vec::new();
     if let Some(broker) = core.get() {
@@ -52,7 +72,7 @@ async fn metrics(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::METRICS.render(&states),
+        crate::metrics::METRICS.render(&states, core.get().map(|b| b.write_health.is_ok())),
     )
         .into_response()
 }

@@ -32,7 +32,7 @@ use crate::crypto::keys::{verify_key_check_file, write_secret_file, KeyError};
 use crate::crypto::{Keyring, MasterKey, MasterKeySource};
 use crate::pb::credential_broker_server::CredentialBrokerServer;
 use crate::store::sled::OpenError as StoreOpenError;
-use crate::store::{CredentialStore, SledStore};
+use crate::store::{CredentialStore, ReopeningSledStore, SledStore, WRITES_HEALTH_SERVICE};
 use crate::tokens::RefreshSettings;
 
 pub use broker_svc::BrokerService;
@@ -91,7 +91,14 @@ pub struct StartupHooks {
     pub before_open: Option<oneshot::Receiver<()>>,
     /// A bound HTTP listener to use instead of binding `config.http_listen`.
     pub http_listener: Option<TcpListener>,
+    /// Wraps the opened store before the broker uses it (fault injection in tests, an
+    /// embedder's instrumentation).
+    pub wrap_store: Option<StoreWrapper>,
 }
+
+/// See [`StartupHooks::wrap_store`].
+pub type StoreWrapper =
+    Box<dyn FnOnce(Arc<dyn CredentialStore>) -> Arc<dyn CredentialStore> + Send>;
 
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn run(
@@ -240,7 +247,7 @@ pub async fn run_with_hooks(
     if let Some(gate) = hooks.before_open {
         let _ = gate.await;
     }
-    let broker = match open_broker(&config, public_url).await {
+    let broker = match open_broker(&config, public_url, hooks.wrap_store).await {
         Ok(b) => b,
         Err(e) => {
             let _ = stop_tx.send(());
@@ -267,6 +274,34 @@ pub async fn run_with_hooks(
             health_audit.set_service_status(SERVICE_NAME, s).await;
         }
     });
+    // A separate health service follows the store's writes (disk full, I/O errors): tokens
+    // keep flowing from memory while it is NOT_SERVING, so the main service stays SERVING.
+    let mut writes = broker.write_health.subscribe();
+    let health_writes = health.clone();
+    let write_watch = tokio::spawn(async move {
+        while writes.changed().await.is_ok() {
+            let s = if *writes.borrow() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health_writes
+                .set_service_status(WRITES_HEALTH_SERVICE, s)
+                .await;
+        }
+    });
+    let prober = broker.clone();
+    let write_probe = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            prober.probe_writes().await;
+        }
+    });
+    health
+        .set_service_status(WRITES_HEALTH_SERVICE, ServingStatus::Serving)
+        .await;
     health.set_service_status("", ServingStatus::Serving).await;
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -313,6 +348,8 @@ pub async fn run_with_hooks(
     }
 
     audit_watch.abort();
+    write_watch.abort();
+    write_probe.abort();
     broker
         .draining
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -360,6 +397,7 @@ pub async fn run_with_hooks(
 async fn open_broker(
     config: &Config,
     public_url: Option<String>,
+    wrap_store: Option<StoreWrapper>,
 ) -> Result<Arc<Broker>, ServeError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|error| ServeError::DataDir {
@@ -389,7 +427,10 @@ async fn open_broker(
     let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))??;
-    let store: Arc<dyn CredentialStore> = Arc::new(store);
+    let mut store: Arc<dyn CredentialStore> = Arc::new(ReopeningSledStore::new(store, &data_dir));
+    if let Some(wrap) = wrap_store {
+        store = wrap(store);
+    }
     let egress = EgressPolicy {
         allow_http: config.egress_allow_http,
         allow: config.egress_allow.clone(),

@@ -10,7 +10,10 @@
 //! # Durability
 //! Every mutating method returns only after the change is flushed to disk.
 
+#[cfg(feature = "fault-injection")]
+pub mod faulty;
 pub mod memory;
+pub mod monitor;
 pub mod sled;
 
 use async_trait::async_trait;
@@ -18,7 +21,8 @@ use async_trait::async_trait;
 use crate::model::{CallerRecord, SystemRecord};
 
 pub use self::memory::MemoryStore;
-pub use self::sled::SledStore;
+pub use self::monitor::{MonitoredStore, WriteHealth, WRITES_HEALTH_SERVICE};
+pub use self::sled::{ReopeningSledStore, SledStore};
 
 /// Store format version written into `meta`.
 pub const STORE_FORMAT_VERSION: &str = "1";
@@ -32,7 +36,10 @@ pub enum StoreError {
     /// Compare-and-swap lost: the record changed (or vanished) since it was read.
     #[error("record changed concurrently")]
     Conflict,
-    /// The backend failed (I/O, lock, disk full). The message holds no secret.
+    /// The disk is full. The message holds no secret.
+    #[error("storage full: {0}")]
+    Full(String),
+    /// The backend failed (I/O, lock). The message holds no secret.
     #[error("storage backend: {0}")]
     Backend(String),
     /// A record could not be decoded.

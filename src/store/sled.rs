@@ -6,6 +6,8 @@
 //! `sync_file_range`, not `fsync`, for its log) are documented in the README.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -97,7 +99,14 @@ impl SledStore {
 }
 
 fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    match &e {
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28) =>
+        {
+            StoreError::Full(e.to_string())
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
 }
 
 #[async_trait]
@@ -230,5 +239,183 @@ impl CredentialStore for SledStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         self.durable().await
+    }
+}
+
+/// Free space needed before a failed store is reopened (a few sled segments).
+const REOPEN_MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The broker's sled store as it runs: a [`SledStore`] that reopens itself after a failed write.
+///
+/// sled remembers the first I/O error of its log (a full disk, say) and fails every later
+/// operation with it, even after the cause is gone. So after a write fails, the next write (or
+/// the broker's background write probe) waits for in-flight calls to finish, closes the
+/// database and opens it again from disk: whatever was acknowledged is there, whatever failed
+/// is not, and writes resume without a process restart once space is freed.
+pub struct ReopeningSledStore {
+    data_dir: PathBuf,
+    current: tokio::sync::RwLock<Option<Arc<SledStore>>>,
+    poisoned: AtomicBool,
+}
+
+impl std::fmt::Debug for ReopeningSledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReopeningSledStore")
+            .field("poisoned", &self.poisoned.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReopeningSledStore {
+    /// Wraps a store opened on `data_dir`.
+    pub fn new(store: SledStore, data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            current: tokio::sync::RwLock::new(Some(Arc::new(store))),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    async fn reader(&self) -> Result<Arc<SledStore>, StoreError> {
+        if let Some(s) = self.current.read().await.as_ref() {
+            return Ok(s.clone());
+        }
+        self.writer().await
+    }
+
+    async fn writer(&self) -> Result<Arc<SledStore>, StoreError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            self.reopen().await?;
+        }
+        self.current
+            .read()
+            .await
+            .clone()
+            .ok_or_else(|| StoreError::Backend("the store is closed for reopening".to_owned()))
+    }
+
+    async fn reopen(&self) -> Result<(), StoreError> {
+        let mut current = self.current.write().await;
+        if !self.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Closing sled on a disk that is still full would leave nothing to read from (the
+        // reopen needs space too), so wait for room first; meanwhile reads use the old handle.
+        let free = fs2::available_space(&self.data_dir).unwrap_or(0);
+        if free < REOPEN_MIN_FREE_BYTES {
+            return Err(StoreError::Full(format!(
+                "{free} bytes free; waiting for {REOPEN_MIN_FREE_BYTES}"
+            )));
+        }
+        if let Some(mut old) = current.take() {
+            // In-flight calls hold clones; sled's directory lock goes only with the last one.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(store) => {
+                        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
+                        break;
+                    }
+                    Err(still_shared) => {
+                        if tokio::time::Instant::now() > deadline {
+                            *current = Some(still_shared);
+                            return Err(StoreError::Backend(
+                                "store busy; reopen postponed".to_owned(),
+                            ));
+                        }
+                        old = still_shared;
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+        let dir = self.data_dir.clone();
+        match tokio::task::spawn_blocking(move || SledStore::open(&dir)).await {
+            Ok(Ok(store)) => {
+                *current = Some(Arc::new(store));
+                self.poisoned.store(false, Ordering::Release);
+                tracing::warn!(message = "Store reopened after a failed write.");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(StoreError::Backend(format!("reopen: {e}"))),
+            Err(e) => Err(StoreError::Backend(format!("reopen task: {e}"))),
+        }
+    }
+
+    fn note<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if matches!(r, Err(StoreError::Full(_)) | Err(StoreError::Backend(_))) {
+            self.poisoned.store(true, Ordering::Release);
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl CredentialStore for ReopeningSledStore {
+    async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.reader().await?.get_system(system_id).await
+    }
+
+    async fn list_systems(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SystemRecord>, StoreError> {
+        self.reader().await?.list_systems(after, limit).await
+    }
+
+    async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
+        let r = self.writer().await?.insert_system(record).await;
+        self.note(r)
+    }
+
+    async fn update_system(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+    ) -> Result<(), StoreError> {
+        let r = self
+            .writer()
+            .await?
+            .update_system(record, expected_revision)
+            .await;
+        self.note(r)
+    }
+
+    async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
+        let r = self.writer().await?.delete_system(system_id).await;
+        self.note(r)
+    }
+
+    async fn count_systems(&self) -> Result<usize, StoreError> {
+        self.reader().await?.count_systems().await
+    }
+
+    async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
+        self.reader().await?.list_callers().await
+    }
+
+    async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
+        let r = self.writer().await?.insert_caller(record).await;
+        self.note(r)
+    }
+
+    async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
+        let r = self.writer().await?.update_caller(record).await;
+        self.note(r)
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.reader().await?.get_meta(key).await
+    }
+
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let r = self.writer().await?.put_meta(key, value).await;
+        self.note(r)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let r = self.writer().await?.flush().await;
+        self.note(r)
     }
 }

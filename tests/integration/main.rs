@@ -18,5 +18,6 @@ mod observability;
 mod proxy;
 mod security;
 mod static_backends;
+mod storage_faults;
 mod store_conformance;
 mod support;

@@ -52,6 +52,11 @@ pub async fn client(addr: SocketAddr, token: Option<&str>) -> Client {
 
 /// Waits (event-driven, through the health Watch stream) until the broker reports `status`.
 pub async fn wait_for_health(addr: SocketAddr, status: ServingStatus) {
+    wait_for_service_health(addr, "", status).await
+}
+
+/// [`wait_for_health`] for one named health service.
+pub async fn wait_for_service_health(addr: SocketAddr, service: &str, status: ServingStatus) {
     let fut = async {
         let mut health = loop {
             // The listener is bound before the address is known, so connecting cannot race.
@@ -66,7 +71,7 @@ pub async fn wait_for_health(addr: SocketAddr, status: ServingStatus) {
         };
         let mut stream = health
             .watch(HealthCheckRequest {
-                service: String::new(),
+                service: service.to_owned(),
             })
             .await
             .unwrap()
@@ -121,6 +126,20 @@ impl TestBroker {
             config,
             StartupHooks {
                 http_listener: Some(http),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts a broker whose store is wrapped by `wrap` (fault injection).
+    pub async fn start_wrapped(config: Config, wrap: credbroker::server::StoreWrapper) -> Self {
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_gated(
+            config,
+            StartupHooks {
+                http_listener: Some(http),
+                wrap_store: Some(wrap),
                 ..Default::default()
             },
         )

@@ -1,0 +1,177 @@
+//! [`MonitoredStore`]: wraps the configured store and keeps [`WriteHealth`] current, so gRPC
+//! health (service [`WRITES_HEALTH_SERVICE`]), `/readyz/writes` and `/metrics` can say whether
+//! writes reach the disk, and why not.
+//!
+//! Reads and the token hot path do not depend on it: a broker whose disk is full keeps serving
+//! `GetAccessToken` from memory while every mutating RPC fails with a clear code. A failing
+//! store is probed in the background ([`WriteHealth::needs_probe`]), so health recovers without a
+//! restart once the fault clears, even when no admin writes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::{CredentialStore, StoreError};
+use crate::model::{CallerRecord, SystemRecord};
+
+/// The gRPC health service name that follows [`WriteHealth`]: `SERVING` while writes reach the
+/// store, `NOT_SERVING` while they fail (the broker's own service stays `SERVING` for tokens).
+pub const WRITES_HEALTH_SERVICE: &str = "credbroker.v1.CredentialBroker.Writes";
+
+/// Whether the last write to the store succeeded, and if not, why (never a secret: the reason is
+/// a fixed phrase chosen from the error class).
+#[derive(Debug)]
+pub struct WriteHealth {
+    ok: AtomicBool,
+    reason: Mutex<Option<&'static str>>,
+    tx: watch::Sender<bool>,
+}
+
+impl Default for WriteHealth {
+    fn default() -> Self {
+        let (tx, _) = watch::channel(true);
+        Self {
+            ok: AtomicBool::new(true),
+            reason: Mutex::new(None),
+            tx,
+        }
+    }
+}
+
+impl WriteHealth {
+    /// True while writes reach the store.
+    pub fn is_ok(&self) -> bool {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Why writes fail, while they do.
+    pub fn reason(&self) -> Option<&'static str> {
+        self.reason.lock().map(|r| *r).unwrap_or(None)
+    }
+
+    /// A receiver that sees every change.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
+    /// True while a background probe should try a write.
+    pub fn needs_probe(&self) -> bool {
+        !self.is_ok()
+    }
+
+    fn observe<T>(&self, result: &Result<T, StoreError>) {
+        let failure = match result {
+            Ok(_) | Err(StoreError::AlreadyExists) | Err(StoreError::Conflict) => None,
+            Err(StoreError::Full(_)) => Some("disk full"),
+            Err(StoreError::Backend(_)) => Some("storage write failed"),
+            Err(StoreError::Corrupt(_)) => None,
+        };
+        let ok = failure.is_none();
+        if !ok {
+            crate::metrics::METRICS.store_write_error();
+        }
+        if let Ok(mut r) = self.reason.lock() {
+            *r = failure;
+        }
+        if self.ok.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!(message = "Store writes succeed again.");
+            } else {
+                tracing::error!(
+                    message =
+                        "Store writes are failing; mutating RPCs are refused until they succeed.",
+                    reason = failure.unwrap_or_default()
+                );
+            }
+            self.tx.send_replace(ok);
+        }
+    }
+}
+
+/// A store wrapper that feeds [`WriteHealth`] from every mutating call's outcome.
+pub struct MonitoredStore {
+    inner: Arc<dyn CredentialStore>,
+    health: Arc<WriteHealth>,
+}
+
+impl MonitoredStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn CredentialStore>, health: Arc<WriteHealth>) -> Self {
+        Self { inner, health }
+    }
+}
+
+#[async_trait]
+impl CredentialStore for MonitoredStore {
+    async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.inner.get_system(system_id).await
+    }
+
+    async fn list_systems(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SystemRecord>, StoreError> {
+        self.inner.list_systems(after, limit).await
+    }
+
+    async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
+        let r = self.inner.insert_system(record).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn update_system(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+    ) -> Result<(), StoreError> {
+        let r = self.inner.update_system(record, expected_revision).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
+        let r = self.inner.delete_system(system_id).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn count_systems(&self) -> Result<usize, StoreError> {
+        self.inner.count_systems().await
+    }
+
+    async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
+        self.inner.list_callers().await
+    }
+
+    async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
+        let r = self.inner.insert_caller(record).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
+        let r = self.inner.update_caller(record).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_meta(key).await
+    }
+
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let r = self.inner.put_meta(key, value).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let r = self.inner.flush().await;
+        self.health.observe(&r);
+        r
+    }
+}

@@ -1,0 +1,405 @@
+//! Storage faults (security.md acceptance 4 and 5): an injected error/latency store and a real
+//! full disk. No RPC answers OK for a write that did not reach disk, failures carry the right
+//! code and no secret, tokens keep flowing, health says why, and the broker recovers without a
+//! restart.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use credbroker::pb;
+use credbroker::store::faulty::{FaultControl, FaultyStore};
+use credbroker::store::WRITES_HEALTH_SERVICE;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::support::*;
+
+fn wrap(control: &Arc<FaultControl>) -> credbroker::server::StoreWrapper {
+    let control = control.clone();
+    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control)))
+}
+
+async fn token_header(c: &mut Client, id: &str) -> Result<String, tonic::Status> {
+    let r = c
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: id.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(r.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+        .map(|h| h.value.clone())
+        .unwrap_or_default())
+}
+
+async fn readyz_writes(http: std::net::SocketAddr) -> (u16, String) {
+    let r = reqwest::get(format!("http://{http}/readyz/writes"))
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// 20 % injected failures (half of them after the write reached disk) and 3 ms ± 20 % latency
+/// on every store operation, under concurrent registrations, deletions and token reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_store_faults_never_ack_an_unwritten_write_and_heal_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let asana = FakeAsana::start().await;
+    let control = Arc::new(FaultControl::default());
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
+    let mut admin = broker.admin().await;
+
+    // Warm systems, registered before the faults: their tokens must keep flowing throughout.
+    for i in 0..4 {
+        admin
+            .register_system(register_asana(
+                &format!("warm-{i}"),
+                &asana.base_url,
+                &format!("warm-secret-{i}"),
+                false,
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            token_header(&mut admin, &format!("warm-{i}"))
+                .await
+                .unwrap(),
+            format!("Bearer warm-secret-{i}")
+        );
+    }
+
+    control.fail_permille.store(200, Ordering::SeqCst);
+    control.latency_ms.store(3, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let mut c = broker.admin().await;
+        let base = asana.base_url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked: HashMap<String, String> = HashMap::new();
+            let mut deleted: Vec<String> = Vec::new();
+            let mut failures: Vec<tonic::Status> = Vec::new();
+            let mut n = 0;
+            while Instant::now() < deadline {
+                n += 1;
+                let id = format!("w{w}-{n}");
+                let secret = format!("canary-{w}-{n}-ZQ8fault");
+                match c
+                    .register_system(register_asana(&id, &base, &secret, false))
+                    .await
+                {
+                    Ok(_) => {
+                        acked.insert(id.clone(), secret);
+                    }
+                    Err(s) => failures.push(s),
+                }
+                // Every third acked system is deleted again.
+                if n % 3 == 0 && acked.contains_key(&id) {
+                    match c
+                        .delete_system(pb::DeleteSystemRequest {
+                            system_id: id.clone(),
+                        })
+                        .await
+                    {
+                        Ok(_) => {
+                            acked.remove(&id);
+                            deleted.push(id);
+                        }
+                        Err(s) => {
+                            // Not acknowledged: it may or may not have happened.
+                            acked.remove(&id);
+                            failures.push(s)
+                        }
+                    }
+                }
+                let warm = format!("warm-{}", n % 4);
+                let h = token_header(&mut c, &warm)
+                    .await
+                    .expect("warm token during faults");
+                assert_eq!(h, format!("Bearer warm-secret-{}", n % 4));
+            }
+            (acked, deleted, failures)
+        }));
+    }
+    let mut acked = HashMap::new();
+    let mut deleted = Vec::new();
+    let mut failures = Vec::new();
+    for t in tasks {
+        let (a, d, f) = t.await.unwrap();
+        acked.extend(a);
+        deleted.extend(d);
+        failures.extend(f);
+    }
+    let injected = control.injected.load(Ordering::SeqCst);
+    eprintln!(
+        "acked {} registrations, {} deletions, {} failed RPCs, {injected} injected faults",
+        acked.len(),
+        deleted.len(),
+        failures.len()
+    );
+    assert!(injected > 10, "the injector must have fired ({injected})");
+    assert!(!failures.is_empty() && !acked.is_empty());
+    for f in &failures {
+        assert!(
+            matches!(f.code(), Code::Unavailable | Code::Internal),
+            "{:?}: {}",
+            f.code(),
+            f.message()
+        );
+        assert!(!f.message().contains("canary-"), "{}", f.message());
+        assert!(
+            !f.message().contains("injected"),
+            "internal detail leaked: {}",
+            f.message()
+        );
+    }
+    // No OK for a write that did not reach disk.
+    let reached = control.reached_disk();
+    for id in acked.keys() {
+        assert!(
+            reached.contains(id),
+            "{id} was acknowledged but never written"
+        );
+    }
+
+    // Faults stop: the broker heals without a restart.
+    control.heal();
+    wait_for_service_health(broker.addr, WRITES_HEALTH_SERVICE, ServingStatus::Serving).await;
+    admin
+        .register_system(register_asana(
+            "after-heal",
+            &asana.base_url,
+            "after-heal-s",
+            false,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(readyz_writes(broker.http_addr).await.0, 200);
+    for (id, secret) in &acked {
+        assert_eq!(
+            token_header(&mut admin, id).await.unwrap(),
+            format!("Bearer {secret}")
+        );
+    }
+
+    // And everything acknowledged survives a restart, byte for byte; acked deletions stay gone.
+    broker.stop().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    for (id, secret) in &acked {
+        assert_eq!(
+            token_header(&mut admin, id).await.unwrap(),
+            format!("Bearer {secret}"),
+            "{id} after restart"
+        );
+    }
+    for id in &deleted {
+        let e = token_header(&mut admin, id).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{id} was deleted (acked)");
+    }
+    broker.stop().await;
+}
+
+/// Mounts a tmpfs of `size` at `path` (root with CAP_SYS_ADMIN); false where that is refused.
+fn mount_tmpfs(path: &Path, size: &str) -> bool {
+    std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem holding `dir` with one file; returns its path.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let block = vec![0x5au8; 64 * 1024];
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    // Fill the last partial block too.
+    while let Ok(n) = f.write(&block[..512]) {
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = f.sync_all();
+    path
+}
+
+/// Disk full: the data directory on a small tmpfs (or, where mounting is refused, the injector's
+/// "disk full"): writes fail with RESOURCE_EXHAUSTED/UNAVAILABLE, `GetAccessToken` keeps
+/// serving, the writes health service and `/readyz/writes` say why, and after space is freed
+/// writes resume with everything acknowledged earlier intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_refuses_writes_keeps_serving_tokens_and_recovers() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let real = mount_tmpfs(&data, "16m");
+    let _unmount = real.then(|| Unmount(data.clone()));
+    eprintln!(
+        "disk full via {}",
+        if real {
+            "a 16 MiB tmpfs"
+        } else {
+            "the fault injector (mount refused)"
+        }
+    );
+    let control = Arc::new(FaultControl::default());
+    let mut config = test_config(&data);
+    // The audit trail lives on another volume (the README's advice): with it on the full disk,
+    // fail-closed auditing would, by design, refuse every secret-returning RPC.
+    config.audit_file = Some(root.path().join("audit.log"));
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start_wrapped(config.clone(), wrap(&control)).await;
+    let mut admin = broker.admin().await;
+    for i in 0..20 {
+        admin
+            .register_system(register_asana(
+                &format!("before-{i}"),
+                &asana.base_url,
+                &format!("before-secret-{i}"),
+                false,
+            ))
+            .await
+            .unwrap();
+    }
+
+    let filler = if real {
+        Some(fill(&data))
+    } else {
+        control.disk_full.store(true, Ordering::SeqCst);
+        None
+    };
+
+    // Writes now fail cleanly. sled buffers in memory, so the first few may still fit; keep
+    // writing (with a growing payload) until the disk says no.
+    let mut refused = None;
+    for i in 0..2000 {
+        let big = format!("full-secret-{i}-{}", "x".repeat(2000));
+        match admin
+            .register_system(register_asana(
+                &format!("full-{i}"),
+                &asana.base_url,
+                &big,
+                false,
+            ))
+            .await
+        {
+            Ok(_) => continue,
+            Err(s) => {
+                refused = Some(s);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a write on a full disk must fail");
+
+    assert!(
+        matches!(refused.code(), Code::ResourceExhausted | Code::Unavailable),
+        "{:?}: {}",
+        refused.code(),
+        refused.message()
+    );
+    assert!(!refused.message().contains("full-secret"));
+    wait_for_service_health(
+        broker.addr,
+        WRITES_HEALTH_SERVICE,
+        ServingStatus::NotServing,
+    )
+    .await;
+    let (status, body) = readyz_writes(broker.http_addr).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("writes failing"), "{body}");
+    // The main service still serves, and so do tokens.
+    wait_for_health(broker.addr, ServingStatus::Serving).await;
+    let ready = reqwest::get(format!("http://{}/readyz", broker.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    for i in 0..20 {
+        assert_eq!(
+            token_header(&mut admin, &format!("before-{i}"))
+                .await
+                .unwrap(),
+            format!("Bearer before-secret-{i}")
+        );
+    }
+    // Bad input still gets its own answer, and a rotation is refused without changing anything.
+    let e = admin
+        .rotate_credential(pb::RotateCredentialRequest {
+            system_id: "before-0".into(),
+            credential: Some(pat("rotated-on-full-disk")),
+            skip_check: true,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::ResourceExhausted | Code::Unavailable),
+        "{e:?}"
+    );
+    assert_eq!(
+        token_header(&mut admin, "before-0").await.unwrap(),
+        "Bearer before-secret-0"
+    );
+
+    // Free the space: the background probe turns writes healthy again, no restart.
+    match &filler {
+        Some(f) => std::fs::remove_file(f).unwrap(),
+        None => control.heal(),
+    }
+    wait_for_service_health(broker.addr, WRITES_HEALTH_SERVICE, ServingStatus::Serving).await;
+    assert_eq!(readyz_writes(broker.http_addr).await.0, 200);
+    admin
+        .register_system(register_asana(
+            "after-free",
+            &asana.base_url,
+            "after-free-s",
+            false,
+        ))
+        .await
+        .unwrap();
+    broker.stop().await;
+
+    // Everything acknowledged is intact after a restart.
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    for i in 0..20 {
+        assert_eq!(
+            token_header(&mut admin, &format!("before-{i}"))
+                .await
+                .unwrap(),
+            format!("Bearer before-secret-{i}")
+        );
+    }
+    assert_eq!(
+        token_header(&mut admin, "after-free").await.unwrap(),
+        "Bearer after-free-s"
+    );
+    broker.stop().await;
+}
