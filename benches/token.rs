@@ -115,6 +115,19 @@ impl CredentialBroker for Echo {
     ) -> Result<Response<pb::SetDeliveryResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    type ExportBackupStream = tokio_stream::Empty<Result<pb::BackupChunk, Status>>;
+    async fn export_backup(
+        &self,
+        _: Request<pb::ExportBackupRequest>,
+    ) -> Result<Response<Self::ExportBackupStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn restore_backup(
+        &self,
+        _: Request<tonic::Streaming<pb::BackupChunk>>,
+    ) -> Result<Response<pb::RestoreBackupResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
 }
 
 fn runtime(kind: &str, cpus: usize) -> tokio::runtime::Runtime {

@@ -402,6 +402,21 @@ impl Broker {
         Ok((record, token))
     }
 
+    /// Makes a stored (restored) caller usable at once.
+    pub(crate) fn load_caller(&self, record: &CallerRecord) {
+        if record.revoked {
+            return;
+        }
+        if let Some(hash) = decode_hash(&record.token_sha256) {
+            write(&self.callers).insert(hash, Arc::new(Caller::from_record(record, hash)));
+        }
+    }
+
+    /// A key derived from the master key for `label` (backups).
+    pub(crate) fn derive_key(&self, label: &str) -> [u8; 32] {
+        read(&self.keyring).derive_subkey(label)
+    }
+
     /// Every caller.
     pub async fn list_callers(&self) -> Result<Vec<CallerRecord>, BrokerError> {
         Ok(self.store.list_callers().await?)

@@ -19,6 +19,7 @@
 pub mod audit;
 pub mod authorize;
 pub mod backends;
+pub mod backup;
 pub mod broker;
 pub mod cli;
 pub mod config;

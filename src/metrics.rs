@@ -28,6 +28,8 @@ pub const RPCS: &[&str] = &[
     "GetKeyStatus",
     "RetireKey",
     "SetDelivery",
+    "ExportBackup",
+    "RestoreBackup",
 ];
 const CODES: usize = 17;
 /// Latency bucket bounds, seconds.

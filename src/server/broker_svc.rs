@@ -727,4 +727,74 @@ impl CredentialBroker for BrokerService {
         )
         .await
     }
+
+    type ExportBackupStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::BackupChunk, Status>> + Send + 'static>,
+    >;
+
+    async fn export_backup(
+        &self,
+        request: Request<pb::ExportBackupRequest>,
+    ) -> Result<Response<Self::ExportBackupStream>, Status> {
+        self.run(
+            "ExportBackup",
+            Role::Admin,
+            true,
+            request,
+            |_| None,
+            |broker, _, _| async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tokio::spawn(async move { broker.export_backup(tx).await });
+                let stream = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    |item| item.map(|chunk| pb::BackupChunk { chunk }).map_err(status),
+                );
+                Ok((
+                    Box::pin(stream) as Self::ExportBackupStream,
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
+    }
+
+    async fn restore_backup(
+        &self,
+        request: Request<tonic::Streaming<pb::BackupChunk>>,
+    ) -> Result<Response<pb::RestoreBackupResponse>, Status> {
+        self.run(
+            "RestoreBackup",
+            Role::Admin,
+            false,
+            request,
+            |_| None,
+            |broker, _, mut stream| async move {
+                let mut chunks = Vec::new();
+                let mut total = 0usize;
+                while let Some(msg) = stream.message().await? {
+                    total += msg.chunk.len();
+                    if total > MAX_RESTORE_BYTES {
+                        return Err(Status::invalid_argument(format!(
+                            "the backup is larger than {MAX_RESTORE_BYTES} bytes"
+                        )));
+                    }
+                    chunks.push(msg.chunk);
+                }
+                let s = broker.restore_backup(&chunks).await.map_err(status)?;
+                Ok((
+                    pb::RestoreBackupResponse {
+                        systems_restored: s.systems_restored,
+                        systems_skipped: s.systems_skipped,
+                        callers_restored: s.callers_restored,
+                        callers_skipped: s.callers_skipped,
+                    },
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
+    }
 }
+
+/// The largest backup `RestoreBackup` accepts (about a million systems).
+const MAX_RESTORE_BYTES: usize = 1024 * 1024 * 1024;

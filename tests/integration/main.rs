@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod admin_cli;
+mod backup;
 mod broker_api;
 mod chaos;
 mod connect;

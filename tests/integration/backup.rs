@@ -1,0 +1,262 @@
+//! `credbrokerctl backup` / `restore` (security.md acceptance 24a): an online export under load,
+//! restored into an empty broker with the same master key; the file holds no plaintext; bad,
+//! truncated or foreign backups change nothing.
+
+use std::collections::HashMap;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use credbroker::pb;
+use serde_json::Value;
+use tonic::Code;
+
+use crate::support::*;
+
+fn ctl(broker: &TestBroker, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_credbrokerctl"))
+        .args(["--output", "json"])
+        .args(args)
+        .env("CREDBROKER_ADDR", broker.addr.to_string())
+        .env("CREDBROKER_TOKEN", &broker.admin_token)
+        .env_remove("CREDBROKER_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ok_json(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+async fn header(c: &mut Client, id: &str) -> Result<String, tonic::Status> {
+    let r = c
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: id.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(r.headers
+        .into_iter()
+        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+        .map(|h| h.value)
+        .unwrap_or_default())
+}
+
+async fn count(c: &mut Client) -> usize {
+    let mut n = 0;
+    let mut page_token = String::new();
+    loop {
+        let r = c
+            .list_systems(pb::ListSystemsRequest {
+                page_size: 500,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        n += r.systems.len();
+        if r.next_page_token.is_empty() {
+            return n;
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_under_load_restores_into_an_empty_broker_and_refuses_bad_files() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b, dir_c) = (
+        root.path().join("a"),
+        root.path().join("b"),
+        root.path().join("c"),
+    );
+    let asana = FakeAsana::start().await;
+    let a = TestBroker::start(&dir_a).await;
+    let mut admin_a = a.admin().await;
+
+    let mut secrets = HashMap::new();
+    for i in 0..120 {
+        let id = format!("sys-{i:03}");
+        let secret = format!("backup-canary-{i}-Q7wz");
+        admin_a
+            .register_system(register_asana(&id, &asana.base_url, &secret, false))
+            .await
+            .unwrap();
+        secrets.insert(id, secret);
+    }
+    let worker = admin_a
+        .create_caller(pb::CreateCallerRequest {
+            name: "worker-1".into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+
+    // Load while the export runs: token reads and new registrations.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for w in 0..2 {
+        let mut c = a.admin().await;
+        let (stop, served, base) = (stop.clone(), served.clone(), asana.base_url.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let h = header(&mut c, &format!("sys-{:03}", n % 120))
+                    .await
+                    .unwrap();
+                assert!(h.starts_with("Bearer backup-canary-"));
+                served.fetch_add(1, Ordering::Relaxed);
+                if n % 10 == 0 {
+                    c.register_system(register_asana(
+                        &format!("during-{w}-{n}"),
+                        &base,
+                        &format!("during-canary-{w}-{n}"),
+                        false,
+                    ))
+                    .await
+                    .unwrap();
+                }
+            }
+        }));
+    }
+    let file = root.path().join("broker.backup");
+    let f = file.to_str().unwrap().to_owned();
+    let out = tokio::task::block_in_place(|| ctl(&a, &["backup", "--out", &f]));
+    let summary = ok_json(&out);
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert!(
+        served.load(Ordering::Relaxed) > 0,
+        "load ran during the export"
+    );
+    assert!(summary["chunks"].as_u64().unwrap() >= 3, "{summary}");
+
+    // No plaintext: neither secrets nor system ids nor caller names appear in the file.
+    let bytes = std::fs::read(&file).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    for needle in ["canary", "sys-0", "worker-1", "Asana", &asana.base_url] {
+        assert!(!text.contains(needle), "backup holds '{needle}' in clear");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    // An existing file is never overwritten.
+    let again = tokio::task::block_in_place(|| ctl(&a, &["backup", "--out", &f]));
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+
+    // Restore into an empty broker that loads A's master key.
+    let mut config_b = test_config(&dir_b);
+    config_b.master_key_file = Some(dir_a.join("master.key"));
+    let b = TestBroker::start_with(config_b).await;
+    let mut admin_b = b.admin().await;
+    let restored = ok_json(&tokio::task::block_in_place(|| {
+        ctl(&b, &["restore", "--in", &f])
+    }));
+    assert!(
+        restored["systems_restored"].as_u64().unwrap() >= 120,
+        "{restored}"
+    );
+    assert_eq!(restored["systems_skipped"], 0);
+    assert_eq!(restored["callers_restored"], 1, "worker-1");
+    assert_eq!(
+        restored["callers_skipped"], 1,
+        "B's own bootstrap admin stays"
+    );
+    for (id, secret) in &secrets {
+        assert_eq!(
+            header(&mut admin_b, id).await.unwrap(),
+            format!("Bearer {secret}")
+        );
+    }
+    // A's worker token works on B.
+    let mut w = client(b.addr, Some(&worker)).await;
+    assert_eq!(
+        header(&mut w, "sys-007").await.unwrap(),
+        "Bearer backup-canary-7-Q7wz"
+    );
+    let n_b = count(&mut admin_b).await;
+    assert_eq!(n_b as u64, restored["systems_restored"].as_u64().unwrap());
+
+    // Restoring twice changes nothing.
+    let twice = ok_json(&tokio::task::block_in_place(|| {
+        ctl(&b, &["restore", "--in", &f])
+    }));
+    assert_eq!(twice["systems_restored"], 0);
+    assert_eq!(twice["systems_skipped"].as_u64().unwrap() as usize, n_b);
+
+    // A tampered chunk and a truncated file are refused before anything is written.
+    admin_b
+        .delete_system(pb::DeleteSystemRequest {
+            system_id: "sys-000".into(),
+        })
+        .await
+        .unwrap();
+    let lines: Vec<&str> = std::str::from_utf8(&bytes).unwrap().lines().collect();
+    let mut tampered = lines.clone();
+    let mut raw = base64_decode(tampered[1]);
+    let mid = raw.len() / 2;
+    raw[mid] ^= 1;
+    let flipped = base64_encode(&raw);
+    tampered[1] = &flipped;
+    let truncated = &lines[..lines.len() - 1];
+    for (name, content) in [
+        ("tampered", tampered.join("\n")),
+        ("truncated", truncated.join("\n")),
+    ] {
+        let path = root.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        let o =
+            tokio::task::block_in_place(|| ctl(&b, &["restore", "--in", path.to_str().unwrap()]));
+        assert!(!o.status.success(), "{name} backup was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("InvalidArgument") || err.contains("invalid"),
+            "{name}: {err}"
+        );
+        assert!(!err.contains("canary"));
+    }
+    assert_eq!(
+        header(&mut admin_b, "sys-000").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(count(&mut admin_b).await, n_b - 1);
+
+    // A broker under another master key cannot read it.
+    let c = TestBroker::start(&dir_c).await;
+    let o = tokio::task::block_in_place(|| ctl(&c, &["restore", "--in", &f]));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another master key"));
+    assert_eq!(count(&mut c.admin().await).await, 0);
+
+    c.stop().await;
+    b.stop().await;
+    a.stop().await;
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
