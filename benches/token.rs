@@ -5,7 +5,9 @@
 //! (closed loop). Run with `cargo bench --bench token` (`-- --connections N --concurrency C
 //! --seconds S --rounds R --runtime auto|multi|current`); writes `bench-results/token-*.json` and
 //! prints a markdown table. `--scenario register` measures durable registrations with
-//! `--concurrency` admin clients; `--scenario scale --systems N` measures N systems vs 10. Medians over alternating rounds (noise here is ±10–15 %).
+//! `--concurrency` admin clients; `--scenario scale --systems N` measures N systems vs 10;
+//! `--scenario oauth` drives OAuth systems whose 4 s tokens refresh in the background (vs echo);
+//! `--scenario storm --systems 10000` is the refresh storm (all tokens expiring in one minute). Medians over alternating rounds (noise here is ±10–15 %).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -182,6 +184,8 @@ struct Figures {
     p99_us: f64,
     p999_us: f64,
     cpu_us_per_req: f64,
+    max_us: f64,
+    over_50ms: u64,
 }
 
 /// utime + stime of `pid`, µs.
@@ -201,6 +205,28 @@ async fn drive(
     concurrency: usize,
     seconds: f64,
 ) -> Figures {
+    drive_ids(
+        addr,
+        token,
+        pid,
+        connections,
+        concurrency,
+        seconds,
+        Arc::new(vec!["bench".to_owned()]),
+    )
+    .await
+}
+
+/// [`drive`] over `ids` (each task walks them from its own offset).
+async fn drive_ids(
+    addr: &str,
+    token: &str,
+    pid: u32,
+    connections: usize,
+    concurrency: usize,
+    seconds: f64,
+    ids: Arc<Vec<String>>,
+) -> Figures {
     let mut clients = Vec::new();
     for _ in 0..connections {
         clients.push(connect(addr, token).await);
@@ -212,13 +238,20 @@ async fn drive(
     for i in 0..concurrency {
         let mut c = clients[i % connections].clone();
         let stop = stop.clone();
+        let ids = ids.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(200_000);
-            let req = pb::GetAccessTokenRequest {
-                system_id: "bench".into(),
-                ..Default::default()
-            };
+            let reqs: Vec<pb::GetAccessTokenRequest> = ids
+                .iter()
+                .map(|id| pb::GetAccessTokenRequest {
+                    system_id: id.clone(),
+                    ..Default::default()
+                })
+                .collect();
+            let mut k = i * 7919;
             while !stop.load(Ordering::Relaxed) {
+                k = k.wrapping_add(1);
+                let req = &reqs[k % reqs.len()];
                 let t = Instant::now();
                 let r = c.get_access_token(req.clone()).await.unwrap().into_inner();
                 assert!(!r.headers.is_empty());
@@ -243,7 +276,318 @@ async fn drive(
         p99_us: pct(0.99),
         p999_us: pct(0.999),
         cpu_us_per_req: cpu / all.len() as f64,
+        max_us: all.last().copied().unwrap_or(0) as f64,
+        over_50ms: all.iter().filter(|l| **l > 50_000).count() as u64,
     }
+}
+
+/// A ServiceNow-style OAuth token endpoint on loopback (`POST /oauth_token.do`): answers every
+/// refresh grant after `delay` with an access token living `lifetime` seconds, and counts calls
+/// and the most calls in flight at once.
+#[derive(Default)]
+struct FakeTokens {
+    calls: AtomicU64,
+    inflight: AtomicU64,
+    max_inflight: AtomicU64,
+}
+
+async fn fake_token_endpoint(lifetime: u64, delay: Duration) -> (String, Arc<FakeTokens>) {
+    let stats = Arc::new(FakeTokens::default());
+    let st = stats.clone();
+    let app = axum::Router::new().route(
+        "/oauth_token.do",
+        axum::routing::post(move || {
+            let st = st.clone();
+            async move {
+                let now = st.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                st.max_inflight.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                let n = st.calls.fetch_add(1, Ordering::SeqCst);
+                st.inflight.fetch_sub(1, Ordering::SeqCst);
+                axum::Json(serde_json::json!({
+                    "access_token": format!("at-{n:08}-0123456789abcdef0123456789abcdef"),
+                    "refresh_token": "rt-bench",
+                    "token_type": "Bearer",
+                    "scope": "useraccount",
+                    "expires_in": lifetime,
+                }))
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (base, stats)
+}
+
+fn sn_register(i: usize, base: &str) -> pb::RegisterSystemRequest {
+    pb::RegisterSystemRequest {
+        system_id: format!("sn-{i:05}"),
+        kind: pb::SystemKind::Servicenow as i32,
+        base_url: base.to_owned(),
+        credential: Some(pb::Credential {
+            credential: Some(pb::credential::Credential::OauthRefreshToken(
+                pb::OAuthRefreshToken {
+                    client_id: "bench-client".into(),
+                    client_secret: "bench-client-secret".into(),
+                    refresh_token: "rt-bench".into(),
+                    username: "bench.user".into(),
+                },
+            )),
+        }),
+        delivery: pb::Delivery::Header as i32,
+        check: false,
+        ..Default::default()
+    }
+}
+
+/// Registers `n` ServiceNow OAuth systems on `base` with 16 admin clients; returns their ids.
+async fn register_oauth(admin: &Client, n: usize, base: &str) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let mut c = admin.clone();
+        let base = base.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for i in (t..n).step_by(16) {
+                c.register_system(sn_register(i, &base)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (0..n).map(|i| format!("sn-{i:05}")).collect()
+}
+
+/// GetAccessToken once for each id (16 at a time): (token_id, expires_at seconds) per id.
+async fn warm(c: &Client, ids: &[String]) -> Vec<(String, i64)> {
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let mut c = c.clone();
+        let mine: Vec<(usize, String)> = ids
+            .iter()
+            .cloned()
+            .enumerate()
+            .skip(t)
+            .step_by(16)
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for (i, id) in mine {
+                let r = c
+                    .get_access_token(pb::GetAccessTokenRequest {
+                        system_id: id,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                out.push((i, (r.token_id, r.expires_at.unwrap().seconds)));
+            }
+            out
+        }));
+    }
+    let mut all = vec![(String::new(), 0); ids.len()];
+    for t in tasks {
+        for (i, v) in t.await.unwrap() {
+            all[i] = v;
+        }
+    }
+    all
+}
+
+/// Scenario 2: warm `GetAccessToken` on OAuth systems whose 4 s tokens are refreshed in the
+/// background all the time, against the echo floor in the same run.
+#[allow(clippy::too_many_arguments)]
+async fn oauth_scenario(
+    addr: &str,
+    admin: &Client,
+    worker_token: &str,
+    bpid: u32,
+    rt_kind: &str,
+    connections: usize,
+    concurrency: usize,
+    seconds: f64,
+    rounds: usize,
+) {
+    let (base, fake) = fake_token_endpoint(4, Duration::from_millis(20)).await;
+    let ids = register_oauth(admin, 64, &base).await;
+    warm(admin, &ids).await;
+    let mut c = admin.clone();
+    let sample = c
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: ids[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (echo_addr, mut echo) = spawn_echo(rt_kind, &sample);
+    let epid = echo.id();
+    let ids = Arc::new(ids);
+    drive(
+        &echo_addr,
+        worker_token,
+        epid,
+        connections,
+        concurrency,
+        1.0,
+    )
+    .await;
+    drive_ids(
+        addr,
+        worker_token,
+        bpid,
+        connections,
+        concurrency,
+        1.0,
+        ids.clone(),
+    )
+    .await;
+    let (mut e, mut b) = (Vec::new(), Vec::new());
+    let calls0 = fake.calls.load(Ordering::SeqCst);
+    let mut broker_secs = 0.0;
+    for _ in 0..rounds {
+        e.push(
+            drive(
+                &echo_addr,
+                worker_token,
+                epid,
+                connections,
+                concurrency,
+                seconds,
+            )
+            .await,
+        );
+        let t = Instant::now();
+        b.push(
+            drive_ids(
+                addr,
+                worker_token,
+                bpid,
+                connections,
+                concurrency,
+                seconds,
+                ids.clone(),
+            )
+            .await,
+        );
+        broker_secs += t.elapsed().as_secs_f64();
+    }
+    let refreshes = fake.calls.load(Ordering::SeqCst) - calls0;
+    let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+    let rps_ratio = m(&b, |f| f.rps) / m(&e, |f| f.rps);
+    let p99_ratio = m(&b, |f| f.p99_us) / m(&e, |f| f.p99_us);
+    let slow: u64 = b.iter().map(|f| f.over_50ms).sum();
+    let max_ms = b.iter().map(|f| f.max_us).fold(0.0, f64::max) / 1000.0;
+    let json = serde_json::json!({
+        "benchmark": "get_access_token_oauth_refreshing",
+        "systems": ids.len(), "token_lifetime_s": 4, "upstream_delay_ms": 20,
+        "runtime": rt_kind, "connections": connections, "concurrency": concurrency,
+        "rounds": rounds, "seconds_per_round": seconds,
+        "echo_rps": m(&e, |f| f.rps), "broker_rps": m(&b, |f| f.rps),
+        "echo_p99_us": m(&e, |f| f.p99_us), "broker_p99_us": m(&b, |f| f.p99_us),
+        "broker_p999_us": m(&b, |f| f.p999_us), "broker_max_ms": max_ms,
+        "throughput_ratio": rps_ratio, "p99_ratio": p99_ratio,
+        "background_refreshes": refreshes,
+        "refreshes_per_s": refreshes as f64 / broker_secs.max(1e-9),
+        "worker_calls_over_50ms": slow,
+    });
+    std::fs::create_dir_all("bench-results").unwrap();
+    std::fs::write(
+        format!("bench-results/token-oauth-n{connections}-c{concurrency}.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    println!("| OAuth, refreshing ({connections} conn, c={concurrency}) | requests/s | p50 | p99 | p99.9 | max | calls > 50 ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, v) in [("echo", &e), ("broker GetAccessToken", &b)] {
+        println!(
+            "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} ms | {} |",
+            m(v, |f| f.rps),
+            m(v, |f| f.p50_us),
+            m(v, |f| f.p99_us),
+            m(v, |f| f.p999_us),
+            v.iter().map(|f| f.max_us).fold(0.0, f64::max) / 1000.0,
+            v.iter().map(|f| f.over_50ms).sum::<u64>()
+        );
+    }
+    println!();
+    println!(
+        "broker/echo throughput {rps_ratio:.2}, p99 {p99_ratio:.2}; {refreshes} background refreshes ({:.1}/s) during the broker rounds",
+        refreshes as f64 / broker_secs.max(1e-9)
+    );
+    let _ = echo.kill();
+    let _ = echo.wait();
+}
+
+/// Scenario 5: `n` OAuth systems whose tokens (40 s) all expire within the same minute, read
+/// by workers at random throughout: upstream concurrency, slow worker calls, all refreshed in
+/// time.
+async fn storm_scenario(
+    admin: &Client,
+    worker_token: &str,
+    addr: &str,
+    bpid: u32,
+    n: usize,
+    max_concurrent: u64,
+) {
+    let lifetime = 40;
+    let (base, fake) = fake_token_endpoint(lifetime, Duration::from_millis(20)).await;
+    let t0 = Instant::now();
+    let ids = register_oauth(admin, n, &base).await;
+    let reg_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let first = warm(admin, &ids).await;
+    let warm_s = t1.elapsed().as_secs_f64();
+    let warm_calls = fake.calls.load(Ordering::SeqCst);
+    fake.max_inflight.store(0, Ordering::SeqCst);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let last_expiry = first.iter().map(|f| f.1).max().unwrap();
+    let first_expiry = first.iter().map(|f| f.1).min().unwrap();
+    // Workers read at random until 5 s past the last original expiry.
+    let secs = (last_expiry - now + 5).max(5) as f64;
+    let ids = Arc::new(ids);
+    let f = drive_ids(addr, worker_token, bpid, 4, 64, secs, ids.clone()).await;
+    let refresh_calls = fake.calls.load(Ordering::SeqCst) - warm_calls;
+    let after = warm(admin, &ids).await;
+    let refreshed_in_time = first
+        .iter()
+        .zip(&after)
+        .filter(|(a, b)| a.0 != b.0 && b.1 > a.1)
+        .count();
+    let max_inflight = fake.max_inflight.load(Ordering::SeqCst);
+    let json = serde_json::json!({
+        "benchmark": "refresh_storm",
+        "systems": n, "token_lifetime_s": lifetime, "upstream_delay_ms": 20,
+        "registration_s": reg_s, "warm_s": warm_s,
+        "original_expiries_span_s": last_expiry - first_expiry,
+        "worker_seconds": secs, "worker_rps": f.rps,
+        "worker_p50_us": f.p50_us, "worker_p99_us": f.p99_us, "worker_p999_us": f.p999_us,
+        "worker_max_ms": f.max_us / 1000.0, "worker_calls_over_50ms": f.over_50ms,
+        "upstream_refresh_calls": refresh_calls, "upstream_max_concurrent": max_inflight,
+        "upstream_cap": max_concurrent, "systems_refreshed_before_expiry": refreshed_in_time,
+    });
+    std::fs::create_dir_all("bench-results").unwrap();
+    std::fs::write(
+        "bench-results/token-storm.json",
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    println!("| refresh storm | value |");
+    println!("|---|---|");
+    println!(
+        "| OAuth systems | {n} (tokens of {lifetime} s, all expiring within {} s) |",
+        last_expiry - first_expiry
+    );
+    println!("| worker GetAccessToken during the storm | {:.0}/s over {secs:.0} s, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.1} ms |", f.rps, f.p50_us, f.p99_us, f.p999_us, f.max_us / 1000.0);
+    println!("| worker calls > 50 ms | {} (target 0) |", f.over_50ms);
+    println!("| upstream refresh calls | {refresh_calls} |");
+    println!("| upstream concurrency, max | {max_inflight} (cap {max_concurrent}) |");
+    println!("| systems refreshed before their token expired | {refreshed_in_time} / {n} |");
 }
 
 fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::process::Child) {
@@ -648,6 +992,18 @@ fn main() {
             let _ = broker.kill();
             let _ = broker.wait();
             scale_scenario(&rt_kind, arg("--systems", "100000").parse().unwrap(), seconds).await;
+            return;
+        }
+        if arg("--scenario", "token") == "oauth" {
+            oauth_scenario(&addr, &admin, &worker_token, broker.id(), &rt_kind, connections, concurrency, seconds, rounds).await;
+            let _ = broker.kill();
+            let _ = broker.wait();
+            return;
+        }
+        if arg("--scenario", "token") == "storm" {
+            storm_scenario(&admin, &worker_token, &addr, broker.id(), arg("--systems", "10000").parse().unwrap(), 16).await;
+            let _ = broker.kill();
+            let _ = broker.wait();
             return;
         }
         if arg("--scenario", "token") == "register" {

@@ -1,4 +1,5 @@
-//! Crash safety: concurrent RegisterSystem / RotateCredential load against the real binary,
+//! Crash safety: concurrent RegisterSystem / RotateCredential / OAuth refresh load against the
+//! real binary,
 //! `kill -9` at a seeded random moment, restart on the same data directory, and check that every
 //! acknowledged write is there and decrypts to exactly what was sent, that unacknowledged writes
 //! are whole or absent, and that the startup integrity check finds zero errors.
@@ -117,6 +118,15 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
     let logs = tempfile::tempdir().unwrap();
     // Registrations are unchecked: the fake only serves the base URL.
     let fake = FakeAsana::start().await;
+    // One OAuth system whose 1 s access tokens are refreshed all through the run, against a
+    // fake that rotates the refresh token on every refresh and revokes the family on reuse,
+    // except (Atlassian's leeway) the one token rotated out last, presented once.
+    let sn = crate::oauth::servicenow(1).await;
+    sn.oauth(|o| {
+        o.rotate = true;
+        o.leeway = true;
+    });
+    let first_rt = sn.issue_refresh_token(crate::oauth::USER);
     let model: Model = Arc::default();
     let mut total_acked = 0usize;
     for round in 0..rounds() {
@@ -126,6 +136,32 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
         wait_for_health(proc.addr, ServingStatus::Serving).await;
         let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
         let mut admin = client(proc.addr, Some(token.trim())).await;
+        if round == 0 {
+            admin
+                .register_system(crate::oauth::sn_register(
+                    "oauth-sn",
+                    &sn.base_url,
+                    crate::oauth::refresh_cred(&first_rt),
+                    false,
+                ))
+                .await
+                .unwrap();
+        }
+        // The refresh grant survived the previous kill (nothing is cached after a restart, so
+        // this refreshes with the stored refresh token).
+        let t = admin
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: "oauth-sn".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: OAuth grant lost: {e:?}"));
+        assert!(t.into_inner().headers[0].value.starts_with("Bearer at-"));
+        assert_eq!(
+            sn.reuse_detected(),
+            0,
+            "round {round}: a revoked refresh token was reused"
+        );
 
         // Verify what the previous rounds left behind, then settle the model on what is there.
         if round > 0 {
@@ -185,6 +221,21 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
                 round * 100 + task,
             )));
         }
+        for _ in 0..2 {
+            let mut c = client(proc.addr, Some(token.trim())).await;
+            tasks.push(tokio::spawn(async move {
+                while let Ok(t) = c
+                    .get_access_token(pb::GetAccessTokenRequest {
+                        system_id: "oauth-sn".into(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    assert!(t.into_inner().headers[0].value.starts_with("Bearer at-"));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
         // The crash moment is the point of the test, not a readiness wait.
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..600))).await;
         proc.signal("KILL");
@@ -200,6 +251,22 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
     assert_eq!(verdict["errors"], 0, "{verdict}");
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     let mut admin = client(proc.addr, Some(token.trim())).await;
+    admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "oauth-sn".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the OAuth grant survived every kill");
+    assert_eq!(sn.reuse_detected(), 0, "a revoked refresh token was reused");
+    // A kill between the vendor issuing a new refresh token and the broker saving it is the one
+    // case that presents the previous token again: at most once per kill.
+    assert!(
+        sn.leeway_reuses() as u64 <= rounds(),
+        "{} leeway reuses in {} kills",
+        sn.leeway_reuses(),
+        rounds()
+    );
     let m = model.lock().unwrap().clone();
     let mut present = 0;
     for (id, e) in &m {
@@ -229,9 +296,11 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
         present > total_acked && present > 0,
         "the load wrote nothing ({present} present)"
     );
-    assert_eq!(verdict["systems"], present as u64, "{verdict}");
+    assert_eq!(verdict["systems"], present as u64 + 1, "{verdict}");
     println!(
-        "crash test: {} rounds, {present} systems verified",
-        rounds()
+        "crash test: {} rounds, {present} systems verified, {} OAuth token calls, {} leeway reuses, 0 refresh tokens lost",
+        rounds(),
+        sn.token_calls(),
+        sn.leeway_reuses()
     );
 }

@@ -679,6 +679,11 @@ pub struct OAuthServer {
     token_calls: usize,
     seq: u64,
     newest_refresh: HashMap<String, String>,
+    /// Atlassian-style leeway: the refresh token rotated out last may be presented once more
+    /// (a client that crashed before saving the new one), counted in `leeway_reuses`.
+    pub leeway: bool,
+    leeway_reuses: usize,
+    rotated_out_last: HashMap<String, String>,
 }
 
 impl OAuthServer {
@@ -693,6 +698,9 @@ impl OAuthServer {
             token_mode: Mode::Normal,
             token_delay: std::time::Duration::ZERO,
             reuse_detected: 0,
+            leeway: false,
+            leeway_reuses: 0,
+            rotated_out_last: HashMap::new(),
             token_calls: 0,
             seq: 0,
             newest_refresh: HashMap::new(),
@@ -804,6 +812,21 @@ impl OAuthServer {
         let Some((user, family, active)) = self.refresh.get(rt).cloned() else {
             return Err(invalid);
         };
+        let in_leeway =
+            self.leeway && self.rotated_out_last.get(&user).map(String::as_str) == Some(rt);
+        if !active && in_leeway {
+            self.leeway_reuses += 1;
+            self.rotated_out_last.remove(&user);
+            let access = self.mint_access(&user);
+            // The token issued after it (never saved by the client) is superseded.
+            if let Some(newest) = self.newest_refresh.get(&user).cloned() {
+                if let Some(v) = self.refresh.get_mut(&newest) {
+                    v.2 = false;
+                }
+            }
+            let new = self.mint_refresh(&user, family);
+            return Ok((access, Some(new)));
+        }
         if !active {
             // Reuse of a rotated-out token: revoke the whole family.
             self.reuse_detected += 1;
@@ -819,6 +842,7 @@ impl OAuthServer {
             if let Some(v) = self.refresh.get_mut(rt) {
                 v.2 = false;
             }
+            self.rotated_out_last.insert(user.clone(), rt.to_owned());
             let new = self.mint_refresh(&user, family);
             Ok((access, Some(new)))
         } else {
@@ -1086,6 +1110,11 @@ impl FakeServiceNow {
     /// How often a rotated-out refresh token was presented again.
     pub fn reuse_detected(&self) -> usize {
         self.state.lock().unwrap().oauth.reuse_detected
+    }
+
+    /// How often the leeway admitted the last rotated-out refresh token.
+    pub fn leeway_reuses(&self) -> usize {
+        self.state.lock().unwrap().oauth.leeway_reuses
     }
 
     /// The newest refresh token issued for `user`.

@@ -12,7 +12,7 @@ use crate::support::*;
 
 const CLIENT_ID: &str = "sn-client-id";
 const CLIENT_SECRET: &str = "sn-client-secret-canary-77";
-const USER: &str = "sync.proxy";
+pub(crate) const USER: &str = "sync.proxy";
 const PASSWORD: &str = "sn-password-canary-42";
 
 fn password_grant() -> pb::Credential {
@@ -28,7 +28,7 @@ fn password_grant() -> pb::Credential {
     }
 }
 
-fn refresh_cred(rt: &str) -> pb::Credential {
+pub(crate) fn refresh_cred(rt: &str) -> pb::Credential {
     pb::Credential {
         credential: Some(pb::credential::Credential::OauthRefreshToken(
             pb::OAuthRefreshToken {
@@ -41,7 +41,7 @@ fn refresh_cred(rt: &str) -> pb::Credential {
     }
 }
 
-fn sn_register(
+pub(crate) fn sn_register(
     id: &str,
     base: &str,
     cred: pb::Credential,
@@ -57,7 +57,7 @@ fn sn_register(
     }
 }
 
-async fn servicenow(lifetime: u64) -> FakeServiceNow {
+pub(crate) async fn servicenow(lifetime: u64) -> FakeServiceNow {
     let fake = FakeServiceNow::start().await;
     fake.add_user(
         USER,
