@@ -314,9 +314,20 @@ async fn fake_token_endpoint(lifetime: u64, delay: Duration) -> (String, Arc<Fak
             }
         }),
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Its own thread and runtime, so the client's measurements do not share a thread with it.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                axum::serve(l, app).await.unwrap()
+            })
+    });
     (base, stats)
 }
 
@@ -410,7 +421,8 @@ async fn oauth_scenario(
     seconds: f64,
     rounds: usize,
 ) {
-    let (base, fake) = fake_token_endpoint(4, Duration::from_millis(20)).await;
+    let delay_ms: u64 = arg("--upstream-delay-ms", "20").parse().unwrap();
+    let (base, fake) = fake_token_endpoint(4, Duration::from_millis(delay_ms)).await;
     let ids = register_oauth(admin, 64, &base).await;
     warm(admin, &ids).await;
     let mut c = admin.clone();
@@ -445,7 +457,7 @@ async fn oauth_scenario(
     )
     .await;
     let (mut e, mut b) = (Vec::new(), Vec::new());
-    let calls0 = fake.calls.load(Ordering::SeqCst);
+    let mut refreshes = 0;
     let mut broker_secs = 0.0;
     for _ in 0..rounds {
         e.push(
@@ -459,6 +471,20 @@ async fn oauth_scenario(
             )
             .await,
         );
+        // Tokens left idle during the echo round lapse by design (only used tokens are renewed
+        // ahead); re-warm them so the measured round is the steady state.
+        // (longer than one token lifetime, so every token in use was minted under load).
+        drive_ids(
+            addr,
+            worker_token,
+            bpid,
+            connections,
+            concurrency,
+            5.0,
+            ids.clone(),
+        )
+        .await;
+        let calls1 = fake.calls.load(Ordering::SeqCst);
         let t = Instant::now();
         b.push(
             drive_ids(
@@ -473,8 +499,20 @@ async fn oauth_scenario(
             .await,
         );
         broker_secs += t.elapsed().as_secs_f64();
+        refreshes += fake.calls.load(Ordering::SeqCst) - calls1;
     }
-    let refreshes = fake.calls.load(Ordering::SeqCst) - calls0;
+    if let Ok(url) = std::env::var("BENCH_METRICS_URL") {
+        if let Ok(r) = reqwest::get(url).await {
+            let text = r.text().await.unwrap_or_default();
+            for l in text.lines().filter(|l| {
+                l.contains("cache_total")
+                    || l.contains("GetAccessToken") && l.contains("le=\"0.0")
+                    || l.contains("refresh_total{kind=\"servicenow\"")
+            }) {
+                println!("{l}");
+            }
+        }
+    }
     let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
     let rps_ratio = m(&b, |f| f.rps) / m(&e, |f| f.rps);
     let p99_ratio = m(&b, |f| f.p99_us) / m(&e, |f| f.p99_us);
@@ -482,7 +520,7 @@ async fn oauth_scenario(
     let max_ms = b.iter().map(|f| f.max_us).fold(0.0, f64::max) / 1000.0;
     let json = serde_json::json!({
         "benchmark": "get_access_token_oauth_refreshing",
-        "systems": ids.len(), "token_lifetime_s": 4, "upstream_delay_ms": 20,
+        "systems": ids.len(), "token_lifetime_s": 4, "upstream_delay_ms": delay_ms,
         "runtime": rt_kind, "connections": connections, "concurrency": concurrency,
         "rounds": rounds, "seconds_per_round": seconds,
         "echo_rps": m(&e, |f| f.rps), "broker_rps": m(&b, |f| f.rps),
@@ -598,7 +636,7 @@ fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::proc
             "--listen",
             "127.0.0.1:0",
             "--http-listen",
-            "off",
+            &std::env::var("BENCH_HTTP_LISTEN").unwrap_or_else(|_| "off".to_owned()),
             "--runtime",
             runtime,
         ])
@@ -607,7 +645,10 @@ fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::proc
         .env("CREDBROKER_EGRESS_ALLOW_HTTP", "1")
         .env("CREDBROKER_EGRESS_ALLOW", "127.0.0.1/32")
         .env("CREDBROKER_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+        )
         // Production settings: callers authenticated, audit trail on.
         .env("CREDBROKER_AUDIT_FILE", data_dir.join("audit.log"))
         .stdout(std::process::Stdio::null())
@@ -622,7 +663,17 @@ fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::proc
             break v["addr"].as_str().unwrap().to_owned();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
+    // BENCH_BROKER_LOG=path keeps the broker's log (else it is drained and dropped).
+    let keep = std::env::var_os("BENCH_BROKER_LOG");
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut out = keep.map(|p| std::fs::File::create(p).unwrap());
+        for line in lines.map_while(Result::ok) {
+            if let Some(f) = out.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    });
     (addr, child)
 }
 
