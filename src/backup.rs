@@ -139,6 +139,7 @@ impl Broker {
                 for mut record in page {
                     let credential = self.open_credential(&record)?;
                     record.sealed_credential = Vec::new();
+                    record.shared_token = None;
                     systems.push(BackupSystem { record, credential });
                 }
                 total += systems.len() as u64;

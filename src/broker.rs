@@ -295,20 +295,91 @@ impl Broker {
         let callers = broker.store.list_callers().await?;
         let mut admin_token = None;
         if callers.is_empty() {
-            let (_, token) = broker
+            match broker
                 .create_caller(BOOTSTRAP_ADMIN, Role::Admin, CallerScope::default())
                 .await
-                .map_err(|_| OpenError::Damaged("could not create the admin caller".to_owned()))?;
-            admin_token = Some(token);
-        } else {
-            let mut map = write(&broker.callers);
-            for c in callers.into_iter().filter(|c| !c.revoked) {
-                if let Some(hash) = decode_hash(&c.token_sha256) {
-                    map.insert(hash, Arc::new(Caller::from_record(&c, hash)));
+            {
+                Ok((_, token)) => admin_token = Some(token),
+                // Another replica sharing the store created it first.
+                Err(BrokerError::AlreadyExists(_)) => {
+                    broker.install_callers(broker.store.list_callers().await?)
+                }
+                Err(_) => {
+                    return Err(OpenError::Damaged(
+                        "could not create the admin caller".to_owned(),
+                    ))
                 }
             }
+        } else {
+            broker.install_callers(callers);
         }
         Ok((broker, admin_token))
+    }
+
+    /// Replaces the in-memory callers with `callers` (revoked ones left out).
+    fn install_callers(&self, callers: Vec<CallerRecord>) {
+        let mut map = HashMap::new();
+        for c in callers.into_iter().filter(|c| !c.revoked) {
+            if let Some(hash) = decode_hash(&c.token_sha256) {
+                map.insert(hash, Arc::new(Caller::from_record(&c, hash)));
+            }
+        }
+        *write(&self.callers) = map;
+    }
+
+    /// Follows the changes other replicas make to a shared store: cached tokens of changed
+    /// systems are dropped (the next call reads the store), callers are reloaded (a revocation
+    /// on one replica is refused on every replica within the feed's latency), and after a
+    /// reconnect of the feed everything is resynced.
+    pub fn start_change_feed(self: &Arc<Self>) {
+        let Some(mut rx) = self.store.changes() else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let change = match rx.recv().await {
+                    Ok(c) => c,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        crate::store::Change::Resync
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                let Some(broker) = me.upgrade() else { break };
+                broker.apply_change(change).await;
+            }
+        });
+    }
+
+    async fn apply_change(self: &Arc<Self>, change: crate::store::Change) {
+        use crate::store::Change;
+        match change {
+            Change::System(id) => {
+                self.drop_token(&id);
+                // A rotation or re-connection elsewhere clears this replica's dead/backoff
+                // state for the system (without waiting here for a refresh in flight).
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let flight = me.flight(&id);
+                    flight.lock().await.clear_remote_state();
+                });
+            }
+            Change::Caller(_) => self.reload_callers().await,
+            Change::Meta(_) => {}
+            Change::Resync => {
+                write(&self.tokens).clear();
+                self.reload_callers().await;
+            }
+        }
+    }
+
+    async fn reload_callers(&self) {
+        match self.store.list_callers().await {
+            Ok(c) => self.install_callers(c),
+            Err(e) => {
+                tracing::warn!(message = "Could not reload callers from the shared store.", error = %e)
+            }
+        }
     }
 
     // ----- callers -------------------------------------------------------------------------
@@ -518,6 +589,7 @@ impl Broker {
             credential_expires_at: prepared.credential.expires_at(),
             delivery: self.effective_delivery(input.delivery, &prepared.credential),
             proxy_unauthorized_count: 0,
+            shared_token: None,
             last_proxy_unauthorized_at: None,
             revision: 1,
         };
@@ -855,10 +927,12 @@ impl Broker {
         })
     }
 
-    /// While writes are failing, tries one small durable write so that health recovers without
-    /// a restart once the fault clears (called every second by the server).
+    /// While writes are failing (always, on a shared store), tries one small durable write so
+    /// that health follows the store without a restart (called every second by the server).
     pub async fn probe_writes(&self) {
-        if self.write_health.needs_probe() {
+        // A shared store (PostgreSQL) is probed all the time: a replica that writes nothing
+        // must still see the database go away and come back.
+        if self.write_health.needs_probe() || self.store.is_shared() {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

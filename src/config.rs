@@ -26,6 +26,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Master key file; `None` means `<data_dir>/master.key`.
     pub master_key_file: Option<PathBuf>,
+    /// `postgres://…` selects the PostgreSQL store (replicas); `None` means sled in the data
+    /// directory. Holds a password: redacted in `Debug`.
+    pub store_url: Option<crate::secret::SecretString>,
+    /// CA certificate (PEM) that verifies the PostgreSQL server under `sslmode=require`.
+    pub store_ca_file: Option<PathBuf>,
     /// Emit JSON logs.
     pub log_json: bool,
     /// Accept `http://` base URLs (fakes, labs).
@@ -121,6 +126,8 @@ impl Default for Config {
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50051))),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             master_key_file: None,
+            store_url: None,
+            store_ca_file: None,
             log_json: false,
             egress_allow_http: false,
             egress_allow: Default::default(),
@@ -177,6 +184,10 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// See [`Config::master_key_file`].
     pub master_key_file: Option<PathBuf>,
+    /// See [`Config::store_url`].
+    pub store_url: Option<crate::secret::SecretString>,
+    /// See [`Config::store_ca_file`].
+    pub store_ca_file: Option<PathBuf>,
     /// `text` or `json`.
     pub log_format: Option<String>,
     /// See [`Config::egress_allow_http`].
@@ -268,6 +279,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `CREDBROKER_MASTER_KEY_FILE`.
     pub master_key_file: Option<PathBuf>,
+    /// `--store-url` / `CREDBROKER_STORE_URL`.
+    pub store_url: Option<crate::secret::SecretString>,
+    /// `--store-ca-file` / `CREDBROKER_STORE_CA_FILE`.
+    pub store_ca_file: Option<PathBuf>,
     /// `CREDBROKER_LOG_FORMAT`.
     pub log_format: Option<String>,
     /// `CREDBROKER_EGRESS_ALLOW_HTTP`.
@@ -324,6 +339,20 @@ impl Config {
             c.data_dir = d;
         }
         c.master_key_file = o.master_key_file.clone().or(f.master_key_file);
+        c.store_url = o
+            .store_url
+            .clone()
+            .or(f.store_url)
+            .filter(|u| !u.expose_secret().trim().is_empty());
+        if let Some(u) = &c.store_url {
+            if !crate::store::postgres::is_postgres_url(u.expose_secret()) {
+                errors.push(
+                    "store url: must start with postgres:// (leave it unset for the embedded sled store)"
+                        .to_owned(),
+                );
+            }
+        }
+        c.store_ca_file = o.store_ca_file.clone().or(f.store_ca_file);
         match o.log_format.clone().or(f.log_format).as_deref() {
             None | Some("text") | Some("") => {}
             Some("json") => c.log_json = true,

@@ -454,6 +454,22 @@ pub struct SystemRecord {
     pub sealed_credential: Vec<u8>,
     /// Bumped on every write; used for compare-and-swap.
     pub revision: u64,
+    /// Replicas only (a shared store): the access token last issued from this credential,
+    /// sealed, so another replica uses it instead of refreshing again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_token: Option<SharedToken>,
+}
+
+/// An issued OAuth access token as replicas share it through the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedToken {
+    /// Headers and API base URL, sealed under the master key and bound to the system.
+    #[serde(with = "b64")]
+    pub sealed: Vec<u8>,
+    /// Expiry, milliseconds since the epoch.
+    pub expires_at_ms: u64,
+    /// The token id every replica hands out for it.
+    pub token_id: String,
 }
 
 /// A caller's role.

@@ -34,8 +34,12 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backends::{BackendError, Header, Issued, Target};
 use crate::broker::{lock, read, write, Broker, MAX_MIN_VALID_SECONDS};
+use crate::crypto::RecordBinding;
 use crate::error::BrokerError;
-use crate::model::{unix_now, AuthFailure, Credential, SystemRecord, SystemState};
+use crate::model::{
+    unix_now, AuthFailure, Credential, CredentialType, SharedToken, SystemRecord, SystemState,
+};
+use crate::secret::SecretString;
 
 /// Headers handed to a worker, cached until they expire.
 #[derive(Debug)]
@@ -79,6 +83,27 @@ impl IssuedToken {
         }
     }
 }
+
+/// What replicas share of an issued token (sealed; see [`SharedToken`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedPayload {
+    headers: Vec<(String, String)>,
+    api_base_url: String,
+    subject: Option<String>,
+}
+
+/// The AAD binding of a shared token: the system, its credential type and version, and a
+/// suffix that keeps it apart from the credential itself.
+fn shared_binding<'a>(system_id: &'a str, record: &SystemRecord) -> RecordBinding<'a> {
+    RecordBinding {
+        system_id,
+        credential_type: record.credential_type,
+        version: record.credential_version ^ SHARED_TOKEN_VERSION_TAG,
+    }
+}
+
+/// XORed into the version of a shared token's binding (a credential version never gets near).
+const SHARED_TOKEN_VERSION_TAG: u64 = 0x5348_4152_4544_0000;
 
 /// Refresh tuning.
 #[derive(Debug, Clone)]
@@ -124,6 +149,14 @@ pub struct Flight {
     /// Set when the grant is dead: the message to return, with no upstream call.
     dead: Option<String>,
     last_forced: Option<Instant>,
+}
+
+impl Flight {
+    /// Forgets a dead grant and any backoff (the stored system changed elsewhere).
+    pub(crate) fn clear_remote_state(&mut self) {
+        self.dead = None;
+        self.backoff_until = None;
+    }
 }
 
 /// Why a mint runs.
@@ -317,6 +350,35 @@ impl Broker {
         {
             return Err(BrokerError::FailedPrecondition(reason));
         }
+        // Replicas (a shared store): one upstream refresh per expiry across processes. Use the
+        // token another replica stored if it does; else take the store's refresh lock (held for
+        // the upstream call, released with the session if this process dies), look again, and
+        // refresh only if still needed.
+        let oauth = !matches!(
+            record.credential_type,
+            CredentialType::PersonalAccessToken | CredentialType::ApiKey | CredentialType::Basic
+        );
+        let mut _replica_lock = None;
+        if oauth && self.store.is_shared() {
+            if let Some(t) =
+                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
+            {
+                return Ok(t);
+            }
+            _replica_lock = self
+                .store
+                .lock_refresh(
+                    system_id,
+                    self.settings.check_timeout + Duration::from_secs(5),
+                )
+                .await?;
+            record = self.get_system(system_id).await?;
+            if let Some(t) =
+                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
+            {
+                return Ok(t);
+            }
+        }
         let backend = self.registry.get(record.kind)?.clone();
         let mut reread = false;
         loop {
@@ -384,13 +446,17 @@ impl Broker {
                     f.failures = 0;
                     f.backoff_until = None;
                     f.last_failure = None;
-                    return self.install(
+                    let token = self.install(
                         system_id,
                         &record,
                         issued,
                         need_until,
                         credential.is_oauth(),
-                    );
+                    )?;
+                    if _replica_lock.is_some() {
+                        self.share_token(system_id, &token).await;
+                    }
+                    return Ok(token);
                 }
                 Err(BackendError::Rejected { failure, message }) => {
                     if !reread && f.pending.is_none() {
@@ -451,6 +517,19 @@ impl Broker {
         need_until: SystemTime,
         refreshable: bool,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
+        self.install_with_id(system_id, record, issued, need_until, refreshable, None)
+    }
+
+    /// [`Broker::install`] keeping a given token id (a token another replica issued).
+    fn install_with_id(
+        &self,
+        system_id: &str,
+        record: &SystemRecord,
+        issued: Issued,
+        need_until: SystemTime,
+        refreshable: bool,
+        token_id: Option<String>,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
         let now = SystemTime::now();
         let expires_at = match issued.expires_at {
             Some(e) => e,
@@ -469,8 +548,11 @@ impl Broker {
                 e
             }
         };
-        let mut id = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut id);
+        let token_id = token_id.unwrap_or_else(|| {
+            let mut id = [0u8; 12];
+            rand::rngs::OsRng.fill_bytes(&mut id);
+            URL_SAFE_NO_PAD.encode(id)
+        });
         let token = Arc::new(IssuedToken {
             headers: issued.headers,
             expires_at,
@@ -478,7 +560,7 @@ impl Broker {
             credential_version: record.credential_version,
             kind: record.kind,
             delivery: record.delivery,
-            token_id: URL_SAFE_NO_PAD.encode(id),
+            token_id,
             refreshable,
             subject: issued.subject,
             used: AtomicBool::new(false),
@@ -496,6 +578,110 @@ impl Broker {
             );
         }
         Ok(token)
+    }
+
+    /// A token another replica stored for `system_id` that serves this request, installed in
+    /// the cache under its own token id.
+    fn adopt_shared(
+        &self,
+        system_id: &str,
+        record: &SystemRecord,
+        need_until: SystemTime,
+        reason: &Reason<'_>,
+        current: Option<&Arc<IssuedToken>>,
+    ) -> Option<Arc<IssuedToken>> {
+        let shared = record.shared_token.as_ref()?;
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(shared.expires_at_ms);
+        if expires < need_until {
+            return None;
+        }
+        match reason {
+            Reason::KeepAlive => return None,
+            Reason::Demand { rejected: Some(id) } if *id == shared.token_id => return None,
+            Reason::Ahead { .. } if current.is_some_and(|c| c.expires_at >= expires) => {
+                return None
+            }
+            _ => {}
+        }
+        if current.is_some_and(|c| c.token_id == shared.token_id) {
+            return None;
+        }
+        let plain = read(&self.keyring)
+            .open(&shared_binding(system_id, record), &shared.sealed)
+            .ok()?;
+        let payload: SharedPayload = serde_json::from_slice(&plain).ok()?;
+        let headers = payload
+            .headers
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let name: &'static str = match name.as_str() {
+                    "authorization" => "authorization",
+                    _ => return None,
+                };
+                Some(Header {
+                    name,
+                    value: SecretString::new(value),
+                })
+            })
+            .collect();
+        let issued = Issued {
+            headers,
+            expires_at: Some(expires),
+            api_base_url: payload.api_base_url,
+            updated_credential: None,
+            subject: payload.subject,
+        };
+        tracing::debug!(message = "Using the token another replica refreshed.", credential_id = %system_id);
+        self.install_with_id(
+            system_id,
+            record,
+            issued,
+            need_until,
+            true,
+            Some(shared.token_id.clone()),
+        )
+        .ok()
+    }
+
+    /// Stores `token` sealed in the system's record for the other replicas.
+    async fn share_token(&self, system_id: &str, token: &IssuedToken) {
+        let payload = SharedPayload {
+            headers: token
+                .headers
+                .iter()
+                .map(|h| (h.name.to_owned(), h.value.expose_secret().to_owned()))
+                .collect(),
+            api_base_url: token.api_base_url.clone(),
+            subject: token.subject.clone(),
+        };
+        let Ok(plain) = serde_json::to_vec(&payload).map(zeroize::Zeroizing::new) else {
+            return;
+        };
+        let expires_at_ms = token
+            .expires_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        for _ in 0..3 {
+            let Ok(current) = self.get_system(system_id).await else {
+                return;
+            };
+            let mut updated = current.clone();
+            updated.shared_token = Some(SharedToken {
+                sealed: read(&self.keyring).seal(&shared_binding(system_id, &current), &plain),
+                expires_at_ms,
+                token_id: token.token_id.clone(),
+            });
+            updated.revision = current.revision + 1;
+            match self.store.update_system(&updated, current.revision).await {
+                Ok(()) => return,
+                Err(crate::store::StoreError::Conflict) => continue,
+                Err(e) => {
+                    tracing::warn!(message = "Could not share a refreshed token with the other replicas.", credential_id = %system_id, error = %e);
+                    return;
+                }
+            }
+        }
     }
 
     /// Seals and durably stores an upstream-updated credential under the same version.

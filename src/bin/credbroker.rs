@@ -28,6 +28,13 @@ struct Args {
     /// Master key file (32 random bytes, base64) [default: <data-dir>/master.key, generated].
     #[arg(long, env = "CREDBROKER_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
+    /// PostgreSQL store for replicas (postgres://user:pass@host/db?sslmode=require); unset: the
+    /// embedded sled store in the data directory.
+    #[arg(long, env = "CREDBROKER_STORE_URL", hide_env_values = true)]
+    store_url: Option<String>,
+    /// CA certificate (PEM) verifying the PostgreSQL server [default: public web roots].
+    #[arg(long, env = "CREDBROKER_STORE_CA_FILE")]
+    store_ca_file: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "CREDBROKER_LOG_FORMAT")]
     log_format: Option<String>,
@@ -85,6 +92,8 @@ fn main() -> ExitCode {
         listen: args.listen,
         data_dir: args.data_dir,
         master_key_file: args.master_key_file,
+        store_url: args.store_url.map(credbroker::secret::SecretString::new),
+        store_ca_file: args.store_ca_file,
         log_format: args.log_format,
         egress_allow_http: args.egress_allow_http,
         egress_allow: args.egress_allow,

@@ -32,7 +32,9 @@ use crate::crypto::keys::{verify_key_check_file, write_secret_file, KeyError};
 use crate::crypto::{Keyring, MasterKey, MasterKeySource};
 use crate::pb::credential_broker_server::CredentialBrokerServer;
 use crate::store::sled::OpenError as StoreOpenError;
-use crate::store::{CredentialStore, ReopeningSledStore, SledStore, WRITES_HEALTH_SERVICE};
+use crate::store::{
+    CredentialStore, PostgresStore, ReopeningSledStore, SledStore, WRITES_HEALTH_SERVICE,
+};
 use crate::tokens::RefreshSettings;
 
 pub use broker_svc::BrokerService;
@@ -61,6 +63,9 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreOpenError),
+    /// The PostgreSQL store could not be reached or migrated.
+    #[error("PostgreSQL store: {0}")]
+    Postgres(String),
     /// The key does not match, or the store is damaged.
     #[error(transparent)]
     Broker(#[from] BrokerOpenError),
@@ -257,6 +262,7 @@ pub async fn run_with_hooks(
         }
     };
     let _ = core.set(broker.clone());
+    broker.start_change_feed();
     let refresher = broker.start_refresher();
     broker.resume_rewrap().await;
     // Health follows the audit sink: NOT_SERVING while it cannot be written.
@@ -404,30 +410,73 @@ async fn open_broker(
         path: data_dir.clone(),
         error,
     })?;
-    let store_exists = SledStore::exists_in(&data_dir);
-    let initialized = store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
-    let (key, source) =
-        MasterKey::load_or_generate(config.master_key_file.as_deref(), &data_dir, store_exists)?;
+    let (mut store, keyring, key_id, source, initialized): (Arc<dyn CredentialStore>, _, _, _, _) =
+        match &config.store_url {
+            Some(url) => {
+                // Replicas: the database is the record of truth (its key check value verifies
+                // the master key); the data directory keeps only local files.
+                let pg =
+                    PostgresStore::connect(url.expose_secret(), config.store_ca_file.as_deref())
+                        .await
+                        .map_err(|e| ServeError::Postgres(e.to_string()))?;
+                let exists = pg
+                    .get_meta("format_version")
+                    .await
+                    .map_err(|e| ServeError::Postgres(e.to_string()))?
+                    .is_some();
+                let (key, source) = MasterKey::load_or_generate(
+                    config.master_key_file.as_deref(),
+                    &data_dir,
+                    exists,
+                )?;
+                tracing::info!(message = "Store: PostgreSQL.", initialized = exists);
+                let key_id = key.id();
+                (
+                    Arc::new(pg) as Arc<dyn CredentialStore>,
+                    Keyring::new(key),
+                    key_id,
+                    source,
+                    false,
+                )
+            }
+            None => {
+                let store_exists = SledStore::exists_in(&data_dir);
+                let initialized =
+                    store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
+                let (key, source) = MasterKey::load_or_generate(
+                    config.master_key_file.as_deref(),
+                    &data_dir,
+                    store_exists,
+                )?;
+                let key_id = key.id();
+                let keyring = Keyring::new(key);
+                // Before the store is opened: sled writes to its files on open, and a wrong key
+                // must leave the data directory exactly as it was.
+                if !verify_key_check_file(&data_dir, &keyring, store_exists)? {
+                    return Err(ServeError::Broker(BrokerOpenError::WrongKey));
+                }
+                let dir = data_dir.clone();
+                let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+                    .await
+                    .map_err(|e| ServeError::Transport(e.to_string()))??;
+                (
+                    Arc::new(ReopeningSledStore::new(store, &data_dir)) as Arc<dyn CredentialStore>,
+                    keyring,
+                    key_id,
+                    source,
+                    initialized,
+                )
+            }
+        };
     match &source {
         MasterKeySource::Generated(path) => tracing::warn!(
             message = "Generated a new master key inside the data directory. Production keeps the master key elsewhere (CREDBROKER_MASTER_KEY_FILE) and backs it up; without it the stored credentials cannot be decrypted.",
             path = %path.display()
         ),
         MasterKeySource::File(path) => {
-            tracing::info!(message = "Master key loaded.", path = %path.display(), key_id = %format!("{:08x}", key.id()))
+            tracing::info!(message = "Master key loaded.", path = %path.display(), key_id = %format!("{key_id:08x}"))
         }
     }
-    let keyring = Keyring::new(key);
-    // Before the store is opened: sled writes to its files on open, and a wrong key must leave
-    // the data directory exactly as it was.
-    if !verify_key_check_file(&data_dir, &keyring, store_exists)? {
-        return Err(ServeError::Broker(BrokerOpenError::WrongKey));
-    }
-    let dir = data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
-        .await
-        .map_err(|e| ServeError::Transport(e.to_string()))??;
-    let mut store: Arc<dyn CredentialStore> = Arc::new(ReopeningSledStore::new(store, &data_dir));
     if let Some(wrap) = wrap_store {
         store = wrap(store);
     }

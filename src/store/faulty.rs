@@ -203,4 +203,20 @@ impl CredentialStore for FaultyStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.write(None, self.inner.flush()).await
     }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    async fn lock_refresh(
+        &self,
+        system_id: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<super::RefreshLock>, StoreError> {
+        self.inner.lock_refresh(system_id, wait).await
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<super::Change>> {
+        self.inner.changes()
+    }
 }

@@ -14,6 +14,7 @@
 pub mod faulty;
 pub mod memory;
 pub mod monitor;
+pub mod postgres;
 pub mod sled;
 
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ use crate::model::{CallerRecord, SystemRecord};
 
 pub use self::memory::MemoryStore;
 pub use self::monitor::{MonitoredStore, WriteHealth, WRITES_HEALTH_SERVICE};
+pub use self::postgres::PostgresStore;
 pub use self::sled::{ReopeningSledStore, SledStore};
 
 /// Store format version written into `meta`.
@@ -94,6 +96,56 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// Flushes everything to disk.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// True when several broker processes share this store (PostgreSQL): refreshes then go
+    /// through [`CredentialStore::lock_refresh`] and issued tokens are shared through the store.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Takes the cross-process refresh lock of `system_id`, waiting at most `wait`. `None` means
+    /// the store needs none (one process owns it).
+    async fn lock_refresh(
+        &self,
+        _system_id: &str,
+        _wait: std::time::Duration,
+    ) -> Result<Option<RefreshLock>, StoreError> {
+        Ok(None)
+    }
+
+    /// Changes made by *other* processes sharing the store, if it is shared.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        None
+    }
+}
+
+/// A change another replica made to the shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A system was written or deleted.
+    System(String),
+    /// A caller was added or changed.
+    Caller(String),
+    /// A metadata key changed.
+    Meta(String),
+    /// The change feed (re)connected: changes may have been missed, reload everything.
+    Resync,
+}
+
+/// A held cross-process refresh lock; dropping it releases the lock.
+pub struct RefreshLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl RefreshLock {
+    /// Wraps whatever releases the lock on drop.
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        Self(Box::new(guard))
+    }
+}
+
+impl std::fmt::Debug for RefreshLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefreshLock")
+    }
 }
 
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {

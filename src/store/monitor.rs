@@ -174,4 +174,20 @@ impl CredentialStore for MonitoredStore {
         self.health.observe(&r);
         r
     }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    async fn lock_refresh(
+        &self,
+        system_id: &str,
+        wait: std::time::Duration,
+    ) -> Result<Option<super::RefreshLock>, StoreError> {
+        self.inner.lock_refresh(system_id, wait).await
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<super::Change>> {
+        self.inner.changes()
+    }
 }

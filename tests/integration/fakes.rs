@@ -684,6 +684,7 @@ pub struct OAuthServer {
     pub leeway: bool,
     leeway_reuses: usize,
     rotated_out_last: HashMap<String, String>,
+    call_times: Vec<std::time::Instant>,
 }
 
 impl OAuthServer {
@@ -701,6 +702,7 @@ impl OAuthServer {
             leeway: false,
             leeway_reuses: 0,
             rotated_out_last: HashMap::new(),
+            call_times: Vec::new(),
             token_calls: 0,
             seq: 0,
             newest_refresh: HashMap::new(),
@@ -1112,6 +1114,11 @@ impl FakeServiceNow {
         self.state.lock().unwrap().oauth.reuse_detected
     }
 
+    /// When each token-endpoint call arrived.
+    pub fn token_call_times(&self) -> Vec<std::time::Instant> {
+        self.state.lock().unwrap().oauth.call_times.clone()
+    }
+
     /// How often the leeway admitted the last rotated-out refresh token.
     pub fn leeway_reuses(&self) -> usize {
         self.state.lock().unwrap().oauth.leeway_reuses
@@ -1145,6 +1152,7 @@ fn sn_token(s: &mut SnState, req: &Req) -> Reply {
         );
     }
     s.oauth.token_calls += 1;
+    s.oauth.call_times.push(std::time::Instant::now());
     if let Some(r) = token_fault(&s.oauth) {
         return r;
     }

@@ -11,7 +11,7 @@ use tonic::Code;
 use crate::support::*;
 
 const CLIENT_ID: &str = "sn-client-id";
-const CLIENT_SECRET: &str = "sn-client-secret-canary-77";
+pub(crate) const CLIENT_SECRET: &str = "sn-client-secret-canary-77";
 pub(crate) const USER: &str = "sync.proxy";
 const PASSWORD: &str = "sn-password-canary-42";
 

@@ -24,6 +24,7 @@ fn record(id: &str, revision: u64) -> SystemRecord {
         credential_expires_at: None,
         delivery: credbroker::model::Delivery::Proxy,
         proxy_unauthorized_count: 0,
+        shared_token: None,
         last_proxy_unauthorized_at: None,
         sealed_credential: vec![1, 2, 3, 0, 255],
         revision,
@@ -133,4 +134,53 @@ async fn sled_store_conforms_and_persists() {
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(store.count_systems().await.unwrap(), 2);
     assert_eq!(store.get_meta("k").await.unwrap(), Some(b"v2".to_vec()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_conforms_and_persists() {
+    let Some(server) = crate::pg::PgServer::shared().await else {
+        return crate::pg::skipped("postgres_store_conforms_and_persists");
+    };
+    let url = server.fresh_db().await;
+    {
+        let store = credbroker::store::PostgresStore::connect(&url, None)
+            .await
+            .unwrap();
+        conformance(Arc::new(store)).await;
+    }
+    // A second connection (another replica) sees the same data; migrating again is a no-op.
+    let store = credbroker::store::PostgresStore::connect(&url, None)
+        .await
+        .unwrap();
+    assert_eq!(store.count_systems().await.unwrap(), 2);
+    assert_eq!(store.get_meta("k").await.unwrap(), Some(b"v2".to_vec()));
+    assert!(store.is_shared());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_migrate_once_when_started_together() {
+    let Some(server) = crate::pg::PgServer::shared().await else {
+        return crate::pg::skipped("postgres_replicas_migrate_once_when_started_together");
+    };
+    let url = server.fresh_db().await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            credbroker::store::PostgresStore::connect(&url, None).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM credbroker_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "migration V1 recorded exactly once");
 }

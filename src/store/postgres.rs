@@ -1,0 +1,565 @@
+//! [`PostgresStore`]: the store for several broker replicas sharing one PostgreSQL database
+//! (`CREDBROKER_STORE_URL=postgres://…`).
+//!
+//! - **Same records**: rows hold the very JSON documents the sled store keeps (metadata in clear,
+//!   credentials sealed under the master key with the record binding), so nothing secret is ever
+//!   stored in clear in PostgreSQL either.
+//! - **Schema**: versioned migrations in `src/store/migrations/` (refinery), applied at start
+//!   under an advisory lock, so replicas starting together migrate once.
+//! - **Pool**: deadpool with connect, wait and recycle timeouts; a broken database turns into
+//!   `UNAVAILABLE` answers, never a hang.
+//! - **TLS**: `sslmode=require` (or `prefer`) in the URL connects with rustls, verifying the
+//!   server against `CREDBROKER_STORE_CA_FILE` (PEM) or, without one, the public web roots.
+//! - **Change propagation**: every write sends `NOTIFY credbroker_changes` in the same statement;
+//!   each replica `LISTEN`s on a dedicated connection and hands the changes to the broker, which
+//!   drops cached tokens and reloads callers (within milliseconds; after a reconnect it resyncs
+//!   everything, since notifications sent meanwhile are lost).
+//! - **Cross-replica single flight**: [`CredentialStore::lock_refresh`] takes a session-level
+//!   advisory lock per system (polled with `pg_try_advisory_lock`, so no query is left waiting);
+//!   a replica that dies releases it with its session.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use rustls_pki_types::pem::PemObject;
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, NoTls, Socket};
+
+use super::{decode, encode, Change, CredentialStore, RefreshLock, StoreError};
+use crate::model::{CallerRecord, SystemRecord};
+
+mod embedded {
+    refinery::embed_migrations!("src/store/migrations");
+}
+
+const CHANNEL: &str = "credbroker_changes";
+/// Advisory lock key serialising migrations across replicas ("credbrok" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6372_6564_6272_6f6b;
+
+/// The PostgreSQL-backed store.
+pub struct PostgresStore {
+    pool: Pool,
+    replica: String,
+    changes: broadcast::Sender<Change>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    // A database error's text names the failing statement's problem, never parameter values.
+    StoreError::Backend(format!("postgres: {e}"))
+}
+
+fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Backend(format!("postgres pool: {e}"))
+}
+
+/// Whether `url` selects this store.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+#[derive(Clone)]
+enum Tls {
+    None,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+fn tls_for(config: &tokio_postgres::Config, ca_file: Option<&Path>) -> Result<Tls, StoreError> {
+    use tokio_postgres::config::SslMode;
+    if matches!(config.get_ssl_mode(), SslMode::Disable) {
+        return Ok(Tls::None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                StoreError::Backend(format!(
+                    "cannot read the store CA file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| {
+                    StoreError::Backend(format!("store CA file {}: {e}", path.display()))
+                })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| StoreError::Backend(format!("store CA certificate: {e}")))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Backend(format!("tls: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Tls::Rustls(tokio_postgres_rustls::MakeRustlsConnect::new(
+        tls,
+    )))
+}
+
+impl PostgresStore {
+    /// Connects, applies pending migrations (once across replicas) and starts listening for
+    /// other replicas' changes. `url` is a libpq-style URL; the password in it never appears in
+    /// an error or log line.
+    pub async fn connect(url: &str, ca_file: Option<&Path>) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
+            StoreError::Backend("the store URL is not a valid postgres:// URL".to_owned())
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.application_name("credbroker");
+        let tls = tls_for(&config, ca_file)?;
+        let pool = match &tls {
+            Tls::None => build_pool(config.clone(), NoTls)?,
+            Tls::Rustls(t) => build_pool(config.clone(), t.clone())?,
+        };
+        migrate(&pool).await?;
+        let mut raw = [0u8; 6];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+        let replica: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let (changes, _) = broadcast::channel(4096);
+        let listener = {
+            let (config, changes, replica) = (config.clone(), changes.clone(), replica.clone());
+            tokio::spawn(async move {
+                match tls {
+                    Tls::None => listen_loop(config, NoTls, changes, replica).await,
+                    Tls::Rustls(t) => listen_loop(config, t, changes, replica).await,
+                }
+            })
+        };
+        Ok(Self {
+            pool,
+            replica,
+            changes,
+            listener,
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    fn payload(&self, kind: &str, id: &str) -> String {
+        format!("{}|{kind}|{id}", self.replica)
+    }
+}
+
+fn build_pool<T>(config: tokio_postgres::Config, tls: T) -> Result<Pool, StoreError>
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<Socket>>::Future: Send,
+{
+    let manager = Manager::from_config(
+        config,
+        tls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(16)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))
+}
+
+async fn migrate(pool: &Pool) -> Result<(), StoreError> {
+    let mut obj = pool.get().await.map_err(pool_err)?;
+    obj.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg)?;
+    let client: &mut tokio_postgres::Client = &mut obj;
+    let result = embedded::migrations::runner()
+        .set_migration_table_name("credbroker_schema_history")
+        .run_async(client)
+        .await;
+    let _ = obj
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    match result {
+        Ok(report) => {
+            for m in report.applied_migrations() {
+                tracing::info!(message = "Store migration applied.", version = m.version(), name = %m.name());
+            }
+            Ok(())
+        }
+        Err(e) => Err(StoreError::Backend(format!("migration failed: {e}"))),
+    }
+}
+
+/// Listens for other replicas' changes on a dedicated connection, reconnecting every second
+/// while the database is away; after each (re)connect it announces [`Change::Resync`].
+async fn listen_loop<T>(
+    config: tokio_postgres::Config,
+    tls: T,
+    tx: broadcast::Sender<Change>,
+    replica: String,
+) where
+    T: MakeTlsConnect<Socket> + Clone + Send + 'static,
+    T::Stream: Send,
+    T::TlsConnect: Send,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<Socket>>::Future: Send,
+{
+    let mut connected_before = false;
+    loop {
+        match config.connect(tls.clone()).await {
+            Ok((client, mut connection)) => {
+                let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let driver = tokio::spawn(async move {
+                    while let Some(msg) =
+                        std::future::poll_fn(|cx| connection.poll_message(cx)).await
+                    {
+                        match msg {
+                            Ok(AsyncMessage::Notification(n)) => {
+                                if ntx.send(n.payload().to_owned()).is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
+                    if connected_before {
+                        tracing::info!(
+                            message = "Store change feed reconnected; resyncing caches."
+                        );
+                    }
+                    connected_before = true;
+                    let _ = tx.send(Change::Resync);
+                    while let Some(p) = nrx.recv().await {
+                        let mut parts = p.splitn(3, '|');
+                        let (Some(from), Some(kind), Some(id)) =
+                            (parts.next(), parts.next(), parts.next())
+                        else {
+                            continue;
+                        };
+                        if from == replica {
+                            continue;
+                        }
+                        let change = match kind {
+                            "system" => Change::System(id.to_owned()),
+                            "caller" => Change::Caller(id.to_owned()),
+                            "meta" => Change::Meta(id.to_owned()),
+                            _ => continue,
+                        };
+                        let _ = tx.send(change);
+                    }
+                    tracing::warn!(
+                        message = "Store change feed lost its connection; reconnecting."
+                    );
+                }
+                driver.abort();
+                drop(client);
+            }
+            Err(e) => {
+                tracing::debug!(message = "Store change feed cannot connect.", error = %e);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn lock_key(system_id: &str) -> i64 {
+    let d = Sha256::digest(system_id.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
+}
+
+struct PgLock {
+    obj: Option<deadpool_postgres::Object>,
+    key: i64,
+}
+
+impl Drop for PgLock {
+    fn drop(&mut self) {
+        if let Some(obj) = self.obj.take() {
+            let key = self.key;
+            // Unlock before the connection goes back to the pool; if this fails the connection
+            // is dropped instead, which ends the session and its locks.
+            tokio::spawn(async move {
+                if obj
+                    .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                    .await
+                    .is_err()
+                {
+                    let _ = deadpool_postgres::Object::take(obj);
+                }
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl CredentialStore for PostgresStore {
+    async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT record FROM systems WHERE system_id = $1",
+                &[&system_id],
+            )
+            .await
+            .map_err(pg)?;
+        match row {
+            Some(r) => Ok(Some(decode(r.get::<_, &[u8]>(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_systems(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SystemRecord>, StoreError> {
+        let c = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match after {
+            Some(a) => c
+                .query(
+                    "SELECT record FROM systems WHERE system_id > $1 ORDER BY system_id COLLATE \"C\" LIMIT $2",
+                    &[&a, &limit],
+                )
+                .await,
+            None => c
+                .query(
+                    "SELECT record FROM systems ORDER BY system_id COLLATE \"C\" LIMIT $1",
+                    &[&limit],
+                )
+                .await,
+        }
+        .map_err(pg)?;
+        rows.iter().map(|r| decode(r.get::<_, &[u8]>(0))).collect()
+    }
+
+    async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
+        let c = self.client().await?;
+        let n = c
+            .query(
+                "WITH ins AS (INSERT INTO systems (system_id, revision, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (system_id) DO NOTHING RETURNING 1) \
+                 SELECT pg_notify($4, $5) FROM ins",
+                &[&record.system_id, &rev, &bytes, &CHANNEL, &self.payload("system", &record.system_id)],
+            )
+            .await
+            .map_err(pg)?
+            .len();
+        if n == 0 {
+            return Err(StoreError::AlreadyExists);
+        }
+        Ok(())
+    }
+
+    async fn update_system(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+    ) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
+        let expected = i64::try_from(expected_revision).unwrap_or(i64::MAX);
+        let c = self.client().await?;
+        let n = c
+            .query(
+                "WITH up AS (UPDATE systems SET revision = $2, record = $3 \
+                 WHERE system_id = $1 AND revision = $4 RETURNING 1) \
+                 SELECT pg_notify($5, $6) FROM up",
+                &[
+                    &record.system_id,
+                    &rev,
+                    &bytes,
+                    &expected,
+                    &CHANNEL,
+                    &self.payload("system", &record.system_id),
+                ],
+            )
+            .await
+            .map_err(pg)?
+            .len();
+        if n == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let n = c
+            .query(
+                "WITH d AS (DELETE FROM systems WHERE system_id = $1 RETURNING 1) \
+                 SELECT pg_notify($2, $3) FROM d",
+                &[&system_id, &CHANNEL, &self.payload("system", system_id)],
+            )
+            .await
+            .map_err(pg)?
+            .len();
+        Ok(n > 0)
+    }
+
+    async fn count_systems(&self) -> Result<usize, StoreError> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM systems", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT record FROM callers ORDER BY name", &[])
+            .await
+            .map_err(pg)?;
+        rows.iter().map(|r| decode(r.get::<_, &[u8]>(0))).collect()
+    }
+
+    async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let c = self.client().await?;
+        let n = c
+            .query(
+                "WITH ins AS (INSERT INTO callers (name, record) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO NOTHING RETURNING 1) SELECT pg_notify($3, $4) FROM ins",
+                &[
+                    &record.name,
+                    &bytes,
+                    &CHANNEL,
+                    &self.payload("caller", &record.name),
+                ],
+            )
+            .await
+            .map_err(pg)?
+            .len();
+        if n == 0 {
+            return Err(StoreError::AlreadyExists);
+        }
+        Ok(())
+    }
+
+    async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let c = self.client().await?;
+        let n = c
+            .query(
+                "WITH up AS (UPDATE callers SET record = $2 WHERE name = $1 RETURNING 1) \
+                 SELECT pg_notify($3, $4) FROM up",
+                &[
+                    &record.name,
+                    &bytes,
+                    &CHANNEL,
+                    &self.payload("caller", &record.name),
+                ],
+            )
+            .await
+            .map_err(pg)?
+            .len();
+        if n == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await
+            .map_err(pg)?;
+        Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+    }
+
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.query(
+            "WITH m AS (INSERT INTO meta (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value RETURNING 1) \
+             SELECT pg_notify($3, $4) FROM m",
+            &[&key, &value, &CHANNEL, &self.payload("meta", key)],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // Every statement above commits before it returns (synchronous_commit as configured).
+        Ok(())
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn lock_refresh(
+        &self,
+        system_id: &str,
+        wait: Duration,
+    ) -> Result<Option<RefreshLock>, StoreError> {
+        let key = lock_key(system_id);
+        let obj = self.client().await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let got: bool = obj
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                .await
+                .map_err(pg)?
+                .get(0);
+            if got {
+                return Ok(Some(RefreshLock::new(PgLock {
+                    obj: Some(obj),
+                    key,
+                })));
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(StoreError::Backend(
+                    "another replica holds this system's refresh lock for too long".to_owned(),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+        Some(self.changes.subscribe())
+    }
+}

@@ -1,0 +1,247 @@
+//! Throwaway PostgreSQL servers for the replica tests.
+//!
+//! With `initdb`/`postgres` on the machine (PATH or Debian's `/usr/lib/postgresql/*/bin`), each
+//! [`PgServer::start`] creates a cluster in a temp dir (as the `postgres` user when the tests run
+//! as root) and runs it under a watchdog that stops it when the test process ends. Else
+//! `CREDBROKER_TEST_PG_URL` names an existing server whose user may create databases. Without
+//! either, PostgreSQL tests print that they were skipped; `CREDBROKER_REQUIRE_PG=1` (set by
+//! `.ci/run`) turns that into a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+
+/// A PostgreSQL server for tests.
+pub struct PgServer {
+    /// `postgres://user@host:port` (no database).
+    pub base: String,
+    local: Option<Local>,
+}
+
+struct Local {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    as_postgres: bool,
+    child: std::sync::Mutex<Option<Child>>,
+}
+
+fn find_bin() -> Option<PathBuf> {
+    let in_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p).find(|d| d.join("initdb").exists() && d.join("postgres").exists())
+    });
+    in_path.or_else(|| {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|d| d.join("initdb").exists())
+            .collect();
+        dirs.sort();
+        dirs.pop()
+    })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn run(as_postgres: bool, bin: &Path, args: &[&str]) -> Command {
+    let mut c = if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    c.args(args);
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Fails the test when PostgreSQL is required, else prints the skip and returns.
+pub fn skipped(test: &str) {
+    let msg = format!(
+        "SKIPPED {test}: no PostgreSQL (no initdb on the machine and no CREDBROKER_TEST_PG_URL)"
+    );
+    assert!(
+        std::env::var("CREDBROKER_REQUIRE_PG").ok().as_deref() != Some("1"),
+        "{msg}, but CREDBROKER_REQUIRE_PG=1"
+    );
+    eprintln!("{msg}");
+}
+
+impl PgServer {
+    /// A new server of its own (a local cluster), or the external one; `None` when neither is
+    /// available.
+    pub async fn start() -> Option<PgServer> {
+        if let Ok(url) = std::env::var("CREDBROKER_TEST_PG_URL") {
+            return Some(PgServer {
+                base: url.trim_end_matches('/').to_owned(),
+                local: None,
+            });
+        }
+        let bin = find_bin()?;
+        let as_postgres = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("credbroker-pg")
+            .tempdir()
+            .unwrap();
+        if as_postgres {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status();
+        }
+        let data = dir.path().join("data");
+        let data_s = data.to_str().unwrap().to_owned();
+        let out = run(
+            as_postgres,
+            &bin.join("initdb"),
+            &[
+                "-D",
+                &data_s,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        )
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let local = Local {
+            bin,
+            dir,
+            port: free_port(),
+            as_postgres,
+            child: std::sync::Mutex::new(None),
+        };
+        let server = PgServer {
+            base: format!("postgres://postgres@127.0.0.1:{}", local.port),
+            local: Some(local),
+        };
+        server.resume().await;
+        Some(server)
+    }
+
+    /// The shared server of this test process.
+    pub async fn shared() -> Option<&'static PgServer> {
+        static SHARED: OnceCell<Option<PgServer>> = OnceCell::const_new();
+        SHARED.get_or_init(PgServer::start).await.as_ref()
+    }
+
+    /// Starts (again) a local server and waits until it accepts connections.
+    pub async fn resume(&self) {
+        let Some(l) = &self.local else { return };
+        let data = l.dir.path().join("data");
+        let sock = l.dir.path().to_str().unwrap().to_owned();
+        let postgres = l.bin.join("postgres");
+        // A watchdog stops the server when the test process goes away.
+        let script = format!(
+            "'{pg}' -D '{data}' -p {port} -k '{sock}' -c listen_addresses=127.0.0.1 \
+             -c max_connections=300 -c fsync=off -c full_page_writes=off & pg=$!; \
+             while [ -d /proc/{me} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; \
+             kill -INT $pg 2>/dev/null; wait $pg",
+            pg = postgres.display(),
+            data = data.display(),
+            port = l.port,
+            me = std::process::id(),
+        );
+        let mut cmd = if l.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "sh", "-c", &script]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        };
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        *l.child.lock().unwrap() = Some(child);
+        let url = format!("{}/postgres", self.base);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PostgreSQL did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops a local server (fast shutdown: sessions end, committed data stays).
+    pub fn stop(&self) {
+        let Some(l) = &self.local else { return };
+        let data = l.dir.path().join("data");
+        let _ = run(
+            l.as_postgres,
+            &l.bin.join("pg_ctl"),
+            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+        if let Some(mut c) = l.child.lock().unwrap().take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// A fresh, empty database; returns its URL.
+    pub async fn fresh_db(&self) -> String {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "cb_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        let (client, conn) =
+            tokio_postgres::connect(&format!("{}/postgres", self.base), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        format!("{}/{name}", self.base)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
