@@ -365,10 +365,18 @@ impl Broker {
                 });
             }
             Change::Caller(_) => self.reload_callers().await,
+            Change::Meta(key) if key.starts_with("kek") || key == "primary_kek" => {
+                if let Err(e) = self.reload_keks().await {
+                    tracing::warn!(message = "Could not reload the keys another replica changed.", error = %e);
+                }
+            }
             Change::Meta(_) => {}
             Change::Resync => {
                 write(&self.tokens).clear();
                 self.reload_callers().await;
+                if let Err(e) = self.reload_keks().await {
+                    tracing::warn!(message = "Could not reload keys after a resync.", error = %e);
+                }
             }
         }
     }

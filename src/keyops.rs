@@ -104,6 +104,48 @@ pub async fn load_keks(
 }
 
 impl Broker {
+    /// Replicas: brings the keyring in line with the KEKs another replica stored (a rotation
+    /// or retirement started elsewhere). New keys are added, retired ones removed, the primary
+    /// follows the store.
+    pub(crate) async fn reload_keks(&self) -> Result<(), BrokerError> {
+        let index = self.store.get_meta("kek_index").await?.unwrap_or_default();
+        let listed: Vec<u32> = String::from_utf8_lossy(&index)
+            .split(',')
+            .filter_map(parse_id)
+            .collect();
+        let known = read(&self.keyring).kek_ids();
+        let mut sealed = Vec::new();
+        for id in listed.iter().filter(|id| !known.contains(id)) {
+            if let Some(s) = self.store.get_meta(&format!("kek/{}", hex_id(*id))).await? {
+                sealed.push((*id, s));
+            }
+        }
+        let primary = self
+            .store
+            .get_meta("primary_kek")
+            .await?
+            .and_then(|p| parse_id(&String::from_utf8_lossy(&p)));
+        let mut keyring = write(&self.keyring);
+        for (id, s) in sealed {
+            match keyring.open_kek(id, &s) {
+                Ok(kek) => keyring.add_kek(kek),
+                Err(_) => {
+                    tracing::error!(message = "A key stored by another replica does not open with this master key.", key_id = %hex_id(id))
+                }
+            }
+        }
+        let root = keyring.root_id();
+        for id in keyring.kek_ids() {
+            if id != root && !listed.contains(&id) {
+                keyring.remove_kek(id);
+            }
+        }
+        if let Some(p) = primary {
+            keyring.set_primary(p);
+        }
+        Ok(())
+    }
+
     /// Creates a new KEK, makes it primary, and starts re-wrapping. Returns its id.
     pub async fn rotate_master_key(self: &Arc<Self>) -> Result<u32, BrokerError> {
         let kek = MasterKey::generate();
