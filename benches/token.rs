@@ -642,6 +642,12 @@ fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::proc
         ])
         .arg("--data-dir")
         .arg(data_dir)
+        // BENCH_STORE_URL=postgres://… runs the broker on the PostgreSQL store (a replica).
+        .args(
+            std::env::var("BENCH_STORE_URL")
+                .map(|u| vec!["--store-url".to_owned(), u])
+                .unwrap_or_default(),
+        )
         .env("CREDBROKER_EGRESS_ALLOW_HTTP", "1")
         .env("CREDBROKER_EGRESS_ALLOW", "127.0.0.1/32")
         .env("CREDBROKER_LOG_FORMAT", "json")
@@ -994,6 +1000,9 @@ fn main() {
                     break connect(&addr, t.trim()).await;
                 }
             }
+            if let Ok(Some(status)) = broker.try_wait() {
+                panic!("the broker exited ({status}) before writing its admin token; rerun with BENCH_BROKER_LOG=path to see why");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let reg = pb::RegisterSystemRequest {
@@ -1083,8 +1092,10 @@ fn main() {
         let (brss, erss) = (status_kib(bpid, "VmHWM"), status_kib(epid, "VmHWM"));
         let rps_ratio = m(&b, |f| f.rps) / m(&e, |f| f.rps);
         let p99_ratio = m(&b, |f| f.p99_us) / m(&e, |f| f.p99_us);
+        let store = if std::env::var("BENCH_STORE_URL").is_ok() { "postgres" } else { "sled" };
         let json = serde_json::json!({
             "benchmark": "get_access_token_vs_echo",
+            "store": store,
             "runtime": rt_kind, "connections": connections, "concurrency": concurrency,
             "seconds_per_round": seconds, "rounds": rounds,
             "echo": fig(&e), "broker": fig(&b),
@@ -1093,11 +1104,14 @@ fn main() {
         });
         std::fs::create_dir_all("bench-results").unwrap();
         std::fs::write(
-            format!("bench-results/token-{rt_kind}-n{connections}-c{concurrency}.json"),
+            format!(
+                "bench-results/token-{rt_kind}-n{connections}-c{concurrency}{}.json",
+                if store == "postgres" { "-pg" } else { "" }
+            ),
             serde_json::to_string_pretty(&json).unwrap(),
         )
         .unwrap();
-        println!("| server ({rt_kind}, {connections} conn, c={concurrency}) | requests/s | p50 | p99 | p99.9 | server CPU/req | peak RSS |");
+        println!("| server ({rt_kind}, {connections} conn, c={concurrency}, store {store}) | requests/s | p50 | p99 | p99.9 | server CPU/req | peak RSS |");
         println!("|---|---|---|---|---|---|---|");
         for (name, v, rss) in [("echo", &e, erss), ("broker GetAccessToken", &b, brss)] {
             println!(

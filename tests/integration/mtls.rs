@@ -20,12 +20,12 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::support::*;
 
-struct Ca {
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -34,12 +34,12 @@ impl Ca {
         }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.issuer.pem()
     }
 
     /// (certificate PEM, key PEM) for `names` (SAN DNS names or IPs).
-    fn leaf(&self, names: &[&str], server: bool) -> (String, String) {
+    pub(crate) fn leaf(&self, names: &[&str], server: bool) -> (String, String) {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();

@@ -27,6 +27,7 @@ struct Local {
     port: u16,
     as_postgres: bool,
     child: std::sync::Mutex<Option<Child>>,
+    extra: String,
 }
 
 fn find_bin() -> Option<PathBuf> {
@@ -88,7 +89,20 @@ impl PgServer {
     /// A new server of its own (a local cluster), or the external one; `None` when neither is
     /// available.
     pub async fn start() -> Option<PgServer> {
-        if let Ok(url) = std::env::var("CREDBROKER_TEST_PG_URL") {
+        Self::start_with(None).await
+    }
+
+    /// A local server that also accepts TLS with this certificate and key (PEM); `None` when
+    /// no local server can be made.
+    pub async fn start_tls(cert: &str, key: &str) -> Option<PgServer> {
+        if std::env::var("CREDBROKER_TEST_PG_URL").is_ok() {
+            return None;
+        }
+        Self::start_with(Some((cert, key))).await
+    }
+
+    async fn start_with(tls: Option<(&str, &str)>) -> Option<PgServer> {
+        if let (None, Ok(url)) = (tls, std::env::var("CREDBROKER_TEST_PG_URL")) {
             return Some(PgServer {
                 base: url.trim_end_matches('/').to_owned(),
                 local: None,
@@ -131,12 +145,33 @@ impl PgServer {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut extra = String::new();
+        if let Some((cert, key)) = tls {
+            let (c, k) = (data.join("server.crt"), data.join("server.key"));
+            std::fs::write(&c, cert).unwrap();
+            std::fs::write(&k, key).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if as_postgres {
+                let _ = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&c)
+                    .arg(&k)
+                    .status();
+            }
+            extra = format!(
+                "-c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}'",
+                c.display(),
+                k.display()
+            );
+        }
         let local = Local {
             bin,
             dir,
             port: free_port(),
             as_postgres,
             child: std::sync::Mutex::new(None),
+            extra,
         };
         let server = PgServer {
             base: format!("postgres://postgres@127.0.0.1:{}", local.port),
@@ -161,13 +196,14 @@ impl PgServer {
         // A watchdog stops the server when the test process goes away.
         let script = format!(
             "'{pg}' -D '{data}' -p {port} -k '{sock}' -c listen_addresses=127.0.0.1 \
-             -c max_connections=300 -c fsync=off -c full_page_writes=off & pg=$!; \
+             -c max_connections=300 -c fsync=off -c full_page_writes=off {extra} & pg=$!; \
              while [ -d /proc/{me} ] && kill -0 $pg 2>/dev/null; do sleep 1; done; \
              kill -INT $pg 2>/dev/null; wait $pg",
             pg = postgres.display(),
             data = data.display(),
             port = l.port,
             me = std::process::id(),
+            extra = l.extra,
         );
         let mut cmd = if l.as_postgres {
             let mut c = Command::new("runuser");

@@ -184,3 +184,49 @@ async fn postgres_replicas_migrate_once_when_started_together() {
         .get(0);
     assert_eq!(n, 1, "migration V1 recorded exactly once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_over_tls_verifies_the_server() {
+    let ca = crate::mtls::Ca::new("credbroker test PostgreSQL CA");
+    let (cert, key) = ca.leaf(&["127.0.0.1", "localhost"], true);
+    let Some(server) = crate::pg::PgServer::start_tls(&cert, &key).await else {
+        return crate::pg::skipped(
+            "postgres_store_over_tls_verifies_the_server (needs a local initdb)",
+        );
+    };
+    let url = server.fresh_db().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let tls_url = format!("{url}?sslmode=require");
+    let store = credbroker::store::PostgresStore::connect(&tls_url, Some(&ca_file))
+        .await
+        .unwrap();
+    store.insert_system(&record("tls", 1)).await.unwrap();
+    assert_eq!(
+        store.get_system("tls").await.unwrap(),
+        Some(record("tls", 1))
+    );
+    // The broker's sessions really are encrypted.
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'credbroker'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n >= 1, "no TLS session from the store");
+    // A server the CA did not sign is refused.
+    let other = crate::mtls::Ca::new("someone else");
+    std::fs::write(&ca_file, other.pem()).unwrap();
+    let err = credbroker::store::PostgresStore::connect(&tls_url, Some(&ca_file))
+        .await
+        .unwrap_err();
+    eprintln!("wrong CA: {err}");
+}
