@@ -69,6 +69,17 @@ impl Replicas {
     async fn admin(&self, i: usize) -> Client {
         client(self.procs[i].addr, Some(&self.admin_token)).await
     }
+
+    /// Replica `i`'s HTTP listener (proxy), from its log.
+    fn http_addr(&self, i: usize) -> String {
+        self.procs[i]
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "HTTP listening.")
+            .and_then(|v| v["addr"].as_str().map(str::to_owned))
+            .expect("HTTP listener address in the log")
+    }
 }
 
 async fn header(c: &mut Client, id: &str) -> Result<String, tonic::Status> {
@@ -289,6 +300,56 @@ async fn a_rotation_or_revocation_on_one_replica_reaches_the_others_within_a_sec
             format!("Bearer kpat-{i}")
         );
     }
+
+    // A proxy lease handed out by A works at B's proxy (leases are signed with a key derived
+    // from the shared master key), and stops working there once A rotates the credential.
+    asana.add_user("proxy-pat-1", "91", "Proxy User", "proxy@example.com");
+    asana.add_user("proxy-pat-2", "91", "Proxy User", "proxy@example.com");
+    a.register_system(pb::RegisterSystemRequest {
+        delivery: pb::Delivery::Proxy as i32,
+        ..register_asana("proxied", &asana.base_url, "proxy-pat-1", false)
+    })
+    .await
+    .unwrap();
+    let t = a
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "proxied".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lease = t.headers[0].value.clone();
+    let at_b = format!("http://{}/proxy/proxied/users/me", r.http_addr(1));
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(&at_b)
+        .header("authorization", &lease)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "A's lease at B's proxy");
+    a.rotate_credential(pb::RotateCredentialRequest {
+        system_id: "proxied".into(),
+        credential: Some(pat("proxy-pat-2")),
+        skip_check: true,
+    })
+    .await
+    .unwrap();
+    let took = within(Duration::from_secs(1), || {
+        let (http, at_b, lease) = (http.clone(), at_b.clone(), lease.clone());
+        async move {
+            let r = http
+                .get(&at_b)
+                .header("authorization", &lease)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16() == 401
+        }
+    })
+    .await;
+    eprintln!("A's pre-rotation lease refused by B's proxy after {took:?}");
 
     // Deleted on A: gone on B.
     a.delete_system(pb::DeleteSystemRequest {
