@@ -2,7 +2,8 @@
 //!
 //! `StartAuthorization` creates a one-time `state` (random, bound to the system and its
 //! credential version, valid for `authorization_ttl`, single use) and a PKCE verifier where the
-//! vendor takes PKCE; both stay in memory only. The vendor sends the browser back to
+//! vendor takes PKCE; both stay in memory (replicas on a shared store also keep them sealed in the
+//! store, so the browser may come back through any replica; still single use). The vendor sends the browser back to
 //! `/oauth/callback`, where the code is exchanged and the grant stored as a new credential version
 //! (the system becomes active). Vendor errors, and forged, replayed or expired states, get a clear
 //! page and change nothing. The code, the tokens and the client secret never appear in pages or
@@ -20,6 +21,34 @@ use crate::broker::{lock, Broker};
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, CredentialType, SystemState};
 use crate::secret::SecretString;
+
+/// A pending authorization as replicas share it (sealed in the store's metadata under
+/// `pending_auth/<SHA-256 of the state>`; an empty value marks it used).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedPending {
+    system_id: String,
+    credential_version: u64,
+    verifier: Option<String>,
+    redirect_uri: String,
+    expires_at_ms: u64,
+}
+
+fn pending_key(state: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(state.as_bytes());
+    format!(
+        "pending_auth/{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+fn pending_binding(key: &str) -> crate::crypto::RecordBinding<'_> {
+    crate::crypto::RecordBinding {
+        system_id: key,
+        credential_type: CredentialType::OAuthAuthorizationCode,
+        version: 0,
+    }
+}
 
 /// A started authorization, waiting for its callback.
 pub struct PendingAuthorization {
@@ -119,7 +148,7 @@ impl Broker {
             let now = Instant::now();
             pending.retain(|_, p| p.expires > now);
             pending.insert(
-                state,
+                state.clone(),
                 PendingAuthorization {
                     system_id: system_id.to_owned(),
                     credential_version: record.credential_version,
@@ -129,8 +158,64 @@ impl Broker {
                 },
             );
         }
+        if self.store.is_shared() {
+            // Replicas: the browser may come back through any of them.
+            let shared = SharedPending {
+                system_id: system_id.to_owned(),
+                credential_version: record.credential_version,
+                verifier: lock(&self.pending_authorizations)
+                    .get(&state)
+                    .and_then(|p| p.verifier.as_ref().map(|v| v.expose_secret().to_owned())),
+                redirect_uri: redirect_uri.clone(),
+                expires_at_ms: (SystemTime::now() + ttl)
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or_default(),
+            };
+            let plain = zeroize::Zeroizing::new(
+                serde_json::to_vec(&shared)
+                    .map_err(|_| BrokerError::Internal("could not encode the authorization"))?,
+            );
+            let key = pending_key(&state);
+            let sealed = crate::broker::read(&self.keyring).seal(&pending_binding(&key), &plain);
+            self.store.put_meta(&key, &sealed).await?;
+        }
         tracing::info!(message = "Authorization started.", system = %record.kind, credential_id = %system_id);
         Ok((url, SystemTime::now() + ttl, redirect_uri))
+    }
+
+    /// A pending authorization another replica started, consumed (single use) from the store.
+    async fn take_shared_pending(&self, state: &str) -> Option<PendingAuthorization> {
+        let key = pending_key(state);
+        let sealed = self.store.get_meta(&key).await.ok().flatten()?;
+        if sealed.is_empty() {
+            return None;
+        }
+        self.store.put_meta(&key, b"").await.ok()?;
+        let plain = crate::broker::read(&self.keyring)
+            .open(&pending_binding(&key), &sealed)
+            .ok()?;
+        let p: SharedPending = serde_json::from_slice(&plain).ok()?;
+        let left = Duration::from_millis(
+            p.expires_at_ms.saturating_sub(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or_default(),
+            ),
+        );
+        Some(PendingAuthorization {
+            system_id: p.system_id,
+            credential_version: p.credential_version,
+            verifier: p.verifier.map(SecretString::new),
+            redirect_uri: p.redirect_uri,
+            expires: Instant::now() + left,
+        })
+    }
+
+    /// Another replica consumed the shared authorization stored under `key`.
+    pub(crate) fn forget_pending(&self, key: &str) {
+        lock(&self.pending_authorizations).retain(|state, _| pending_key(state) != key);
     }
 
     /// Completes a flow from the callback's query parameters.
@@ -143,7 +228,18 @@ impl Broker {
             );
         };
         // Single use: the state is consumed whatever happens next.
-        let pending = lock(&self.pending_authorizations).remove(state);
+        let local = lock(&self.pending_authorizations).remove(state);
+        let pending = match local {
+            Some(p) => {
+                if self.store.is_shared() {
+                    // Consumed here: no other replica may use it.
+                    let _ = self.store.put_meta(&pending_key(state), b"").await;
+                }
+                Some(p)
+            }
+            None if self.store.is_shared() => self.take_shared_pending(state).await,
+            None => None,
+        };
         let Some(p) = pending else {
             return CallbackPage::new(
                 400,

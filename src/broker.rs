@@ -370,6 +370,7 @@ impl Broker {
                     tracing::warn!(message = "Could not reload the keys another replica changed.", error = %e);
                 }
             }
+            Change::Meta(key) if key.starts_with("pending_auth/") => self.forget_pending(&key),
             Change::Meta(_) => {}
             Change::Resync => {
                 write(&self.tokens).clear();

@@ -11,12 +11,12 @@ use tonic::Code;
 
 use crate::support::*;
 
-const ZD_CLIENT: &str = "zdg-credbroker";
-const ZD_SECRET: &str = "zd-client-secret-canary-19";
+pub(crate) const ZD_CLIENT: &str = "zdg-credbroker";
+pub(crate) const ZD_SECRET: &str = "zd-client-secret-canary-19";
 const JIRA_CLIENT: &str = "jira-client-a";
 const JIRA_SECRET: &str = "jira-client-secret-canary-23";
 
-fn authz_code(client_id: &str, secret: &str) -> pb::Credential {
+pub(crate) fn authz_code(client_id: &str, secret: &str) -> pb::Credential {
     pb::Credential {
         credential: Some(pb::credential::Credential::OauthAuthorizationCode(
             pb::OAuthAuthorizationCode {
@@ -28,7 +28,7 @@ fn authz_code(client_id: &str, secret: &str) -> pb::Credential {
     }
 }
 
-fn register(
+pub(crate) fn register(
     id: &str,
     kind: pb::SystemKind,
     base: &str,
@@ -95,7 +95,7 @@ fn token_req(id: &str) -> pb::GetAccessTokenRequest {
     }
 }
 
-async fn zendesk() -> FakeZendesk {
+pub(crate) async fn zendesk() -> FakeZendesk {
     let fake = FakeZendesk::start(ZD_CLIENT, ZD_SECRET).await;
     fake.add_user("agent", 9001, "Agent Smith", "agent@acme.example", "agent");
     fake.add_user("enduser", 9002, "End User", "eu@acme.example", "end-user");

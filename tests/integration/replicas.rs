@@ -540,3 +540,49 @@ async fn replicas_ride_out_a_database_outage() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_started_on_one_replica_completes_through_another() {
+    let Some(pg) = PgServer::shared().await else {
+        return skipped("a_connect_started_on_one_replica_completes_through_another");
+    };
+    let url = pg.fresh_db().await;
+    let fake = crate::connect::zendesk().await;
+    let r = replicas(&url, 2, &[]).await;
+    let (mut a, mut b) = (r.admin(0).await, r.admin(1).await);
+    a.register_system(crate::connect::register(
+        "zd",
+        pb::SystemKind::Zendesk,
+        &fake.base_url,
+        crate::connect::authz_code(crate::connect::ZD_CLIENT, crate::connect::ZD_SECRET),
+    ))
+    .await
+    .unwrap();
+    let s = a
+        .start_authorization(pb::StartAuthorizationRequest {
+            system_id: "zd".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The browser comes back through the load balancer, which picks B.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let consent = http.get(&s.authorize_url).send().await.unwrap();
+    assert_eq!(consent.status().as_u16(), 302);
+    let mut callback = url::Url::parse(consent.headers()["location"].to_str().unwrap()).unwrap();
+    let via_a = callback.to_string();
+    let b_http: std::net::SocketAddr = r.http_addr(1).parse().unwrap();
+    callback.set_port(Some(b_http.port())).unwrap();
+    let page = reqwest::get(callback.as_str()).await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap().contains("connected and active"));
+    assert!(header(&mut b, "zd").await.unwrap().starts_with("Bearer "));
+    assert!(header(&mut a, "zd").await.unwrap().starts_with("Bearer "));
+    // Single use across replicas: the same callback replayed at A changes nothing.
+    let replay = reqwest::get(&via_a).await.unwrap();
+    assert_eq!(replay.status().as_u16(), 400);
+    no_secret_in_logs(r.logs.path(), &[crate::connect::ZD_SECRET, PG_PASSWORD]);
+}
