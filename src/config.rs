@@ -681,6 +681,36 @@ mod tests {
     }
 
     #[test]
+    fn store_url_from_toml_or_env_is_redacted_and_checked() {
+        let c = Config::build(
+            Some("store_url = \"postgres://cb:toml-pw-77@db:5432/cb?sslmode=require\"\n"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.store_url.as_ref().map(|u| u.expose_secret()),
+            Some("postgres://cb:toml-pw-77@db:5432/cb?sslmode=require")
+        );
+        assert!(!format!("{c:?}").contains("toml-pw-77"));
+        let env = Overrides {
+            store_url: Some("postgresql://cb:env-pw@db/cb".into()),
+            ..Default::default()
+        };
+        let c = Config::build(Some("store_url = \"postgres://x@y/z\""), &env).unwrap();
+        assert_eq!(
+            c.store_url.as_ref().map(|u| u.expose_secret()),
+            Some("postgresql://cb:env-pw@db/cb")
+        );
+        let bad = Overrides {
+            store_url: Some("mysql://cb:pw@db/cb".into()),
+            ..Default::default()
+        };
+        let errs = Config::build(None, &bad).unwrap_err();
+        assert!(errs.iter().any(|e| e.contains("postgres://")), "{errs:?}");
+        assert!(!errs.iter().any(|e| e.contains("pw@")), "{errs:?}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         assert!(Config::build(Some("lisen = \"x\""), &Overrides::default()).is_err());
     }
