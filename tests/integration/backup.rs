@@ -34,21 +34,6 @@ fn ok_json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-async fn header(c: &mut Client, id: &str) -> Result<String, tonic::Status> {
-    let r = c
-        .get_access_token(pb::GetAccessTokenRequest {
-            system_id: id.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok(r.headers
-        .into_iter()
-        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-        .map(|h| h.value)
-        .unwrap_or_default())
-}
-
 async fn count(c: &mut Client) -> usize {
     let mut n = 0;
     let mut page_token = String::new();
@@ -113,7 +98,7 @@ async fn backup_under_load_restores_into_an_empty_broker_and_refuses_bad_files()
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let h = header(&mut c, &format!("sys-{:03}", n % 120))
+                let h = auth_header(&mut c, &format!("sys-{:03}", n % 120))
                     .await
                     .unwrap();
                 assert!(h.starts_with("Bearer backup-canary-"));
@@ -182,14 +167,14 @@ async fn backup_under_load_restores_into_an_empty_broker_and_refuses_bad_files()
     );
     for (id, secret) in &secrets {
         assert_eq!(
-            header(&mut admin_b, id).await.unwrap(),
+            auth_header(&mut admin_b, id).await.unwrap(),
             format!("Bearer {secret}")
         );
     }
     // A's worker token works on B.
     let mut w = client(b.addr, Some(&worker)).await;
     assert_eq!(
-        header(&mut w, "sys-007").await.unwrap(),
+        auth_header(&mut w, "sys-007").await.unwrap(),
         "Bearer backup-canary-7-Q7wz"
     );
     let n_b = count(&mut admin_b).await;
@@ -234,7 +219,10 @@ async fn backup_under_load_restores_into_an_empty_broker_and_refuses_bad_files()
         assert!(!err.contains("canary"));
     }
     assert_eq!(
-        header(&mut admin_b, "sys-000").await.unwrap_err().code(),
+        auth_header(&mut admin_b, "sys-000")
+            .await
+            .unwrap_err()
+            .code(),
         Code::NotFound
     );
     assert_eq!(count(&mut admin_b).await, n_b - 1);

@@ -82,18 +82,6 @@ impl Replicas {
     }
 }
 
-async fn header(c: &mut Client, id: &str) -> Result<String, tonic::Status> {
-    Ok(c.get_access_token(pb::GetAccessTokenRequest {
-        system_id: id.into(),
-        ..Default::default()
-    })
-    .await?
-    .into_inner()
-    .headers[0]
-        .value
-        .clone())
-}
-
 /// Polls `f` until it is true; returns how long that took (panics after `limit`).
 async fn within<F, Fut>(limit: Duration, mut f: F) -> Duration
 where
@@ -156,7 +144,9 @@ async fn three_replicas_refresh_once_per_expiry_and_never_reuse_a_refresh_token(
         let mut tasks = Vec::new();
         for k in 0..600 {
             let mut c = pool[k % pool.len()].clone();
-            tasks.push(tokio::spawn(async move { header(&mut c, "shared").await }));
+            tasks.push(tokio::spawn(
+                async move { auth_header(&mut c, "shared").await },
+            ));
         }
         for t in tasks {
             let h = t.await.unwrap().expect("every call gets a token");
@@ -206,7 +196,7 @@ async fn a_rotation_or_revocation_on_one_replica_reaches_the_others_within_a_sec
     a.register_system(register_asana("sys", &asana.base_url, "old-pat", false))
         .await
         .unwrap();
-    assert_eq!(header(&mut b, "sys").await.unwrap(), "Bearer old-pat");
+    assert_eq!(auth_header(&mut b, "sys").await.unwrap(), "Bearer old-pat");
     a.rotate_credential(pb::RotateCredentialRequest {
         system_id: "sys".into(),
         credential: Some(pat("new-pat")),
@@ -216,7 +206,7 @@ async fn a_rotation_or_revocation_on_one_replica_reaches_the_others_within_a_sec
     .unwrap();
     let took = within(Duration::from_secs(1), || {
         let mut b = b.clone();
-        async move { header(&mut b, "sys").await.unwrap() == "Bearer new-pat" }
+        async move { auth_header(&mut b, "sys").await.unwrap() == "Bearer new-pat" }
     })
     .await;
     eprintln!("rotation on A served by B after {took:?}");
@@ -237,7 +227,7 @@ async fn a_rotation_or_revocation_on_one_replica_reaches_the_others_within_a_sec
         let token = token.clone();
         async move {
             let mut w = client(addr_b, Some(&token)).await;
-            header(&mut w, "sys").await.is_ok()
+            auth_header(&mut w, "sys").await.is_ok()
         }
     })
     .await;
@@ -248,7 +238,7 @@ async fn a_rotation_or_revocation_on_one_replica_reaches_the_others_within_a_sec
         let token = token.clone();
         async move {
             let mut w = client(addr_b, Some(&token)).await;
-            matches!(header(&mut w, "sys").await, Err(s) if s.code() == Code::Unauthenticated)
+            matches!(auth_header(&mut w, "sys").await, Err(s) if s.code() == Code::Unauthenticated)
         }
     })
     .await;
@@ -290,13 +280,13 @@ async fn a_rotation_or_revocation_on_one_replica_reaches_the_others_within_a_sec
     })
     .await;
     assert_eq!(
-        header(&mut b, "after-kek").await.unwrap(),
+        auth_header(&mut b, "after-kek").await.unwrap(),
         "Bearer kpat-new"
     );
     for i in 0..20 {
         // Never read on B before: decrypted from the re-wrapped record.
         assert_eq!(
-            header(&mut b, &format!("k{i}")).await.unwrap(),
+            auth_header(&mut b, &format!("k{i}")).await.unwrap(),
             format!("Bearer kpat-{i}")
         );
     }
@@ -359,7 +349,7 @@ async fn a_rotation_or_revocation_on_one_replica_reaches_the_others_within_a_sec
     .unwrap();
     within(Duration::from_secs(1), || {
         let mut b = b.clone();
-        async move { matches!(header(&mut b, "sys").await, Err(s) if s.code() == Code::NotFound) }
+        async move { matches!(auth_header(&mut b, "sys").await, Err(s) if s.code() == Code::NotFound) }
     })
     .await;
 }
@@ -392,14 +382,14 @@ async fn killing_the_replica_that_holds_the_refresh_lock_hands_the_refresh_to_an
     .await
     .unwrap();
     // A starts the refresh and holds the lock while the vendor takes 1.5 s…
-    let pending = tokio::spawn(async move { header(&mut a, "locked").await });
+    let pending = tokio::spawn(async move { auth_header(&mut a, "locked").await });
     within(Duration::from_secs(5), || async { fake.token_calls() == 1 }).await;
     // …and dies in the middle of it.
     r.procs[0].signal("KILL");
     let _ = pending.await;
     let mut b = r.admin(1).await;
     let started = Instant::now();
-    let h = header(&mut b, "locked")
+    let h = auth_header(&mut b, "locked")
         .await
         .expect("B completes the refresh");
     let took = started.elapsed();
@@ -462,11 +452,11 @@ async fn replicas_ride_out_a_database_outage() {
     }
     for i in 0..10 {
         assert_eq!(
-            header(&mut b, &format!("s{i}")).await.unwrap(),
+            auth_header(&mut b, &format!("s{i}")).await.unwrap(),
             format!("Bearer pat-{i}")
         );
         assert_eq!(
-            header(&mut a, &format!("s{i}")).await.unwrap(),
+            auth_header(&mut a, &format!("s{i}")).await.unwrap(),
             format!("Bearer pat-{i}")
         );
     }
@@ -479,7 +469,7 @@ async fn replicas_ride_out_a_database_outage() {
         for (k, c) in [&mut a, &mut b].into_iter().enumerate() {
             let i = served % 10;
             assert_eq!(
-                header(c, &format!("s{i}")).await.unwrap(),
+                auth_header(c, &format!("s{i}")).await.unwrap(),
                 format!("Bearer pat-{i}"),
                 "replica {k} stopped serving cached tokens"
             );
@@ -527,7 +517,7 @@ async fn replicas_ride_out_a_database_outage() {
     within(Duration::from_secs(5), || {
         let mut b = b.clone();
         async move {
-            header(&mut b, "after")
+            auth_header(&mut b, "after")
                 .await
                 .is_ok_and(|h| h == "Bearer pat-after")
         }
@@ -535,7 +525,7 @@ async fn replicas_ride_out_a_database_outage() {
     .await;
     for i in 0..10 {
         assert_eq!(
-            header(&mut b, &format!("s{i}")).await.unwrap(),
+            auth_header(&mut b, &format!("s{i}")).await.unwrap(),
             format!("Bearer pat-{i}")
         );
     }
@@ -579,8 +569,14 @@ async fn a_connect_started_on_one_replica_completes_through_another() {
     let page = reqwest::get(callback.as_str()).await.unwrap();
     assert_eq!(page.status().as_u16(), 200);
     assert!(page.text().await.unwrap().contains("connected and active"));
-    assert!(header(&mut b, "zd").await.unwrap().starts_with("Bearer "));
-    assert!(header(&mut a, "zd").await.unwrap().starts_with("Bearer "));
+    assert!(auth_header(&mut b, "zd")
+        .await
+        .unwrap()
+        .starts_with("Bearer "));
+    assert!(auth_header(&mut a, "zd")
+        .await
+        .unwrap()
+        .starts_with("Bearer "));
     // Single use across replicas: the same callback replayed at A changes nothing.
     let replay = reqwest::get(&via_a).await.unwrap();
     assert_eq!(replay.status().as_u16(), 400);

@@ -22,21 +22,6 @@ fn wrap(control: &Arc<FaultControl>) -> credbroker::server::StoreWrapper {
     Box::new(move |inner| Arc::new(FaultyStore::new(inner, control)))
 }
 
-async fn token_header(c: &mut Client, id: &str) -> Result<String, tonic::Status> {
-    let r = c
-        .get_access_token(pb::GetAccessTokenRequest {
-            system_id: id.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok(r.headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
-        .map(|h| h.value.clone())
-        .unwrap_or_default())
-}
-
 async fn readyz_writes(http: std::net::SocketAddr) -> (u16, String) {
     let r = reqwest::get(format!("http://{http}/readyz/writes"))
         .await
@@ -66,9 +51,7 @@ async fn injected_store_faults_never_ack_an_unwritten_write_and_heal_without_res
             .await
             .unwrap();
         assert_eq!(
-            token_header(&mut admin, &format!("warm-{i}"))
-                .await
-                .unwrap(),
+            auth_header(&mut admin, &format!("warm-{i}")).await.unwrap(),
             format!("Bearer warm-secret-{i}")
         );
     }
@@ -118,7 +101,7 @@ async fn injected_store_faults_never_ack_an_unwritten_write_and_heal_without_res
                     }
                 }
                 let warm = format!("warm-{}", n % 4);
-                let h = token_header(&mut c, &warm)
+                let h = auth_header(&mut c, &warm)
                     .await
                     .expect("warm token during faults");
                 assert_eq!(h, format!("Bearer warm-secret-{}", n % 4));
@@ -182,7 +165,7 @@ async fn injected_store_faults_never_ack_an_unwritten_write_and_heal_without_res
     assert_eq!(readyz_writes(broker.http_addr).await.0, 200);
     for (id, secret) in &acked {
         assert_eq!(
-            token_header(&mut admin, id).await.unwrap(),
+            auth_header(&mut admin, id).await.unwrap(),
             format!("Bearer {secret}")
         );
     }
@@ -193,13 +176,13 @@ async fn injected_store_faults_never_ack_an_unwritten_write_and_heal_without_res
     let mut admin = broker.admin().await;
     for (id, secret) in &acked {
         assert_eq!(
-            token_header(&mut admin, id).await.unwrap(),
+            auth_header(&mut admin, id).await.unwrap(),
             format!("Bearer {secret}"),
             "{id} after restart"
         );
     }
     for id in &deleted {
-        let e = token_header(&mut admin, id).await.unwrap_err();
+        let e = auth_header(&mut admin, id).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{id} was deleted (acked)");
     }
     broker.stop().await;
@@ -344,7 +327,7 @@ async fn disk_full_refuses_writes_keeps_serving_tokens_and_recovers() {
     assert_eq!(ready.status().as_u16(), 200);
     for i in 0..20 {
         assert_eq!(
-            token_header(&mut admin, &format!("before-{i}"))
+            auth_header(&mut admin, &format!("before-{i}"))
                 .await
                 .unwrap(),
             format!("Bearer before-secret-{i}")
@@ -364,7 +347,7 @@ async fn disk_full_refuses_writes_keeps_serving_tokens_and_recovers() {
         "{e:?}"
     );
     assert_eq!(
-        token_header(&mut admin, "before-0").await.unwrap(),
+        auth_header(&mut admin, "before-0").await.unwrap(),
         "Bearer before-secret-0"
     );
 
@@ -391,14 +374,14 @@ async fn disk_full_refuses_writes_keeps_serving_tokens_and_recovers() {
     let mut admin = broker.admin().await;
     for i in 0..20 {
         assert_eq!(
-            token_header(&mut admin, &format!("before-{i}"))
+            auth_header(&mut admin, &format!("before-{i}"))
                 .await
                 .unwrap(),
             format!("Bearer before-secret-{i}")
         );
     }
     assert_eq!(
-        token_header(&mut admin, "after-free").await.unwrap(),
+        auth_header(&mut admin, "after-free").await.unwrap(),
         "Bearer after-free-s"
     );
     broker.stop().await;

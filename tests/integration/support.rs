@@ -343,6 +343,22 @@ pub use crate::fakes::*;
 // Request builders
 // ------------------------------------------------------------------------------------------
 
+/// The `authorization` header value `GetAccessToken` hands out for `id` (empty when none).
+pub async fn auth_header(c: &mut Client, id: &str) -> Result<String, tonic::Status> {
+    let r = c
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: id.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(r.headers
+        .into_iter()
+        .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+        .map(|h| h.value)
+        .unwrap_or_default())
+}
+
 /// A PAT credential.
 pub fn pat(token: &str) -> pb::Credential {
     pb::Credential {
