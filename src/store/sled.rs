@@ -329,8 +329,27 @@ impl ReopeningSledStore {
                 }
             }
         }
-        let dir = self.data_dir.clone();
-        match tokio::task::spawn_blocking(move || SledStore::open(&dir)).await {
+        // sled lets go of its directory lock when its flusher thread ends, a moment after the
+        // last handle is dropped: retry a locked open briefly.
+        let mut opened = None;
+        for _ in 0..100 {
+            let dir = self.data_dir.clone();
+            match tokio::task::spawn_blocking(move || SledStore::open(&dir)).await {
+                Ok(Err(OpenError::Locked(_))) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                other => {
+                    opened = Some(other);
+                    break;
+                }
+            }
+        }
+        let Some(opened) = opened else {
+            return Err(StoreError::Backend(
+                "reopen: the store directory stayed locked".to_owned(),
+            ));
+        };
+        match opened {
             Ok(Ok(store)) => {
                 *current = Some(Arc::new(store));
                 self.poisoned.store(false, Ordering::Release);

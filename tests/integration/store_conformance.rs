@@ -131,7 +131,20 @@ async fn sled_store_conforms_and_persists() {
         let store = SledStore::open(dir.path()).unwrap();
         conformance(Arc::new(store)).await;
     }
-    let store = SledStore::open(dir.path()).unwrap();
+    // sled releases its directory lock when its background flusher thread ends, which can be
+    // a moment after the last handle is dropped: wait for that (bounded), then reopen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let store = loop {
+        match SledStore::open(dir.path()) {
+            Ok(s) => break s,
+            Err(credbroker::store::sled::OpenError::Locked(_))
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     assert_eq!(store.count_systems().await.unwrap(), 2);
     assert_eq!(store.get_meta("k").await.unwrap(), Some(b"v2".to_vec()));
 }
