@@ -162,6 +162,16 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_err)
     }
 
+    /// Runs one statement and returns its rows (a write's `… SELECT pg_notify(…) FROM …` yields
+    /// one row per changed record).
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        self.client().await?.query(sql, params).await.map_err(pg)
+    }
+
     fn payload(&self, kind: &str, id: &str) -> String {
         format!("{}|{kind}|{id}", self.replica)
     }
@@ -293,6 +303,12 @@ async fn listen_loop<T>(
     }
 }
 
+/// The first column as bytes; a schema someone changed by hand is an error, not a panic.
+fn column(row: &tokio_postgres::Row) -> Result<&[u8], StoreError> {
+    row.try_get::<_, &[u8]>(0)
+        .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))
+}
+
 fn lock_key(system_id: &str) -> i64 {
     let d = Sha256::digest(system_id.as_bytes());
     let mut b = [0u8; 8];
@@ -327,18 +343,13 @@ impl Drop for PgLock {
 #[async_trait]
 impl CredentialStore for PostgresStore {
     async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
-        let c = self.client().await?;
-        let row = c
-            .query_opt(
+        let rows = self
+            .rows(
                 "SELECT record FROM systems WHERE system_id = $1",
                 &[&system_id],
             )
-            .await
-            .map_err(pg)?;
-        match row {
-            Some(r) => Ok(Some(decode(r.get::<_, &[u8]>(0))?)),
-            None => Ok(None),
-        }
+            .await?;
+        rows.first().map(|r| decode(column(r)?)).transpose()
     }
 
     async fn list_systems(
@@ -346,39 +357,37 @@ impl CredentialStore for PostgresStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<SystemRecord>, StoreError> {
-        let c = self.client().await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match after {
-            Some(a) => c
-                .query(
+            Some(a) => {
+                self.rows(
                     "SELECT record FROM systems WHERE system_id > $1 ORDER BY system_id COLLATE \"C\" LIMIT $2",
                     &[&a, &limit],
                 )
-                .await,
-            None => c
-                .query(
+                .await?
+            }
+            None => {
+                self.rows(
                     "SELECT record FROM systems ORDER BY system_id COLLATE \"C\" LIMIT $1",
                     &[&limit],
                 )
-                .await,
-        }
-        .map_err(pg)?;
-        rows.iter().map(|r| decode(r.get::<_, &[u8]>(0))).collect()
+                .await?
+            }
+        };
+        rows.iter().map(|r| decode(column(r)?)).collect()
     }
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
         let bytes = encode(record)?;
         let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
-        let c = self.client().await?;
-        let n = c
-            .query(
+        let n = self
+            .rows(
                 "WITH ins AS (INSERT INTO systems (system_id, revision, record) VALUES ($1, $2, $3) \
                  ON CONFLICT (system_id) DO NOTHING RETURNING 1) \
                  SELECT pg_notify($4, $5) FROM ins",
                 &[&record.system_id, &rev, &bytes, &CHANNEL, &self.payload("system", &record.system_id)],
             )
-            .await
-            .map_err(pg)?
+            .await?
             .len();
         if n == 0 {
             return Err(StoreError::AlreadyExists);
@@ -394,9 +403,8 @@ impl CredentialStore for PostgresStore {
         let bytes = encode(record)?;
         let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
         let expected = i64::try_from(expected_revision).unwrap_or(i64::MAX);
-        let c = self.client().await?;
-        let n = c
-            .query(
+        let n = self
+            .rows(
                 "WITH up AS (UPDATE systems SET revision = $2, record = $3 \
                  WHERE system_id = $1 AND revision = $4 RETURNING 1) \
                  SELECT pg_notify($5, $6) FROM up",
@@ -409,8 +417,7 @@ impl CredentialStore for PostgresStore {
                     &self.payload("system", &record.system_id),
                 ],
             )
-            .await
-            .map_err(pg)?
+            .await?
             .len();
         if n == 0 {
             return Err(StoreError::Conflict);
@@ -419,43 +426,39 @@ impl CredentialStore for PostgresStore {
     }
 
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
-        let c = self.client().await?;
-        let n = c
-            .query(
+        let n = self
+            .rows(
                 "WITH d AS (DELETE FROM systems WHERE system_id = $1 RETURNING 1) \
                  SELECT pg_notify($2, $3) FROM d",
                 &[&system_id, &CHANNEL, &self.payload("system", system_id)],
             )
-            .await
-            .map_err(pg)?
+            .await?
             .len();
         Ok(n > 0)
     }
 
     async fn count_systems(&self) -> Result<usize, StoreError> {
-        let c = self.client().await?;
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM systems", &[])
-            .await
-            .map_err(pg)?
-            .get(0);
+        let rows = self.rows("SELECT count(*) FROM systems", &[]).await?;
+        let n: i64 = rows
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("count: {e}")))?
+            .unwrap_or(0);
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
-        let c = self.client().await?;
-        let rows = c
-            .query("SELECT record FROM callers ORDER BY name", &[])
-            .await
-            .map_err(pg)?;
-        rows.iter().map(|r| decode(r.get::<_, &[u8]>(0))).collect()
+        let rows = self
+            .rows("SELECT record FROM callers ORDER BY name", &[])
+            .await?;
+        rows.iter().map(|r| decode(column(r)?)).collect()
     }
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
         let bytes = encode(record)?;
-        let c = self.client().await?;
-        let n = c
-            .query(
+        let n = self
+            .rows(
                 "WITH ins AS (INSERT INTO callers (name, record) VALUES ($1, $2) \
                  ON CONFLICT (name) DO NOTHING RETURNING 1) SELECT pg_notify($3, $4) FROM ins",
                 &[
@@ -465,8 +468,7 @@ impl CredentialStore for PostgresStore {
                     &self.payload("caller", &record.name),
                 ],
             )
-            .await
-            .map_err(pg)?
+            .await?
             .len();
         if n == 0 {
             return Err(StoreError::AlreadyExists);
@@ -476,9 +478,8 @@ impl CredentialStore for PostgresStore {
 
     async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
         let bytes = encode(record)?;
-        let c = self.client().await?;
-        let n = c
-            .query(
+        let n = self
+            .rows(
                 "WITH up AS (UPDATE callers SET record = $2 WHERE name = $1 RETURNING 1) \
                  SELECT pg_notify($3, $4) FROM up",
                 &[
@@ -488,8 +489,7 @@ impl CredentialStore for PostgresStore {
                     &self.payload("caller", &record.name),
                 ],
             )
-            .await
-            .map_err(pg)?
+            .await?
             .len();
         if n == 0 {
             return Err(StoreError::Conflict);
@@ -498,24 +498,22 @@ impl CredentialStore for PostgresStore {
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let c = self.client().await?;
-        let row = c
-            .query_opt("SELECT value FROM meta WHERE key = $1", &[&key])
-            .await
-            .map_err(pg)?;
-        Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        let rows = self
+            .rows("SELECT value FROM meta WHERE key = $1", &[&key])
+            .await?;
+        rows.first()
+            .map(|r| column(r).map(<[u8]>::to_vec))
+            .transpose()
     }
 
     async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let c = self.client().await?;
-        c.query(
+        self.rows(
             "WITH m AS (INSERT INTO meta (key, value) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value RETURNING 1) \
              SELECT pg_notify($3, $4) FROM m",
             &[&key, &value, &CHANNEL, &self.payload("meta", key)],
         )
-        .await
-        .map_err(pg)?;
+        .await?;
         Ok(())
     }
 
@@ -542,7 +540,8 @@ impl CredentialStore for PostgresStore {
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
                 .await
                 .map_err(pg)?
-                .get(0);
+                .try_get(0)
+                .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))?;
             if got {
                 return Ok(Some(RefreshLock::new(PgLock {
                     obj: Some(obj),
