@@ -47,13 +47,10 @@ async fn readyz_writes(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (Statu
     match core.get() {
         None => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned()),
         Some(b) => match b.write_health.reason() {
-            None if b.write_health.is_ok() => (StatusCode::OK, "writes ok\n".to_owned()),
-            reason => (
+            None => (StatusCode::OK, "writes ok\n".to_owned()),
+            Some(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "writes failing: {}\n",
-                    reason.unwrap_or("storage write failed")
-                ),
+                format!("writes failing: {reason}\n"),
             ),
         },
     }

@@ -7,7 +7,6 @@
 //! store is probed in the background ([`WriteHealth::needs_probe`]), so health recovers without a
 //! restart once the fault clears, even when no admin writes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -24,8 +23,9 @@ pub const WRITES_HEALTH_SERVICE: &str = "credbroker.v1.CredentialBroker.Writes";
 /// a fixed phrase chosen from the error class).
 #[derive(Debug)]
 pub struct WriteHealth {
-    ok: AtomicBool,
+    /// Why writes fail, while they do.
     reason: Mutex<Option<&'static str>>,
+    /// Whether they succeed (the one copy of that state; health watchers subscribe to it).
     tx: watch::Sender<bool>,
 }
 
@@ -33,7 +33,6 @@ impl Default for WriteHealth {
     fn default() -> Self {
         let (tx, _) = watch::channel(true);
         Self {
-            ok: AtomicBool::new(true),
             reason: Mutex::new(None),
             tx,
         }
@@ -43,7 +42,7 @@ impl Default for WriteHealth {
 impl WriteHealth {
     /// True while writes reach the store.
     pub fn is_ok(&self) -> bool {
-        self.ok.load(Ordering::Relaxed)
+        *self.tx.borrow()
     }
 
     /// Why writes fail, while they do.
@@ -75,7 +74,12 @@ impl WriteHealth {
         if let Ok(mut r) = self.reason.lock() {
             *r = failure;
         }
-        if self.ok.swap(ok, Ordering::Relaxed) != ok {
+        let changed = self.tx.send_if_modified(|current| {
+            let changed = *current != ok;
+            *current = ok;
+            changed
+        });
+        if changed {
             if ok {
                 tracing::info!(message = "Store writes succeed again.");
             } else {
@@ -85,7 +89,6 @@ impl WriteHealth {
                     reason = failure.unwrap_or_default()
                 );
             }
-            self.tx.send_replace(ok);
         }
     }
 }
