@@ -75,15 +75,8 @@ async fn drive(url: String, auth: String, concurrency: usize, seconds: f64) -> F
             lat
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    let (all, elapsed) = finish(seconds, &stop, tasks, started).await;
+    let pct = |p: f64| quantile(&all, p);
     Figures {
         rps: all.len() as f64 / elapsed,
         p50_us: pct(0.50),

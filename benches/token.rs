@@ -260,16 +260,9 @@ async fn drive_ids(
             lat
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let (all, elapsed) = finish(seconds, &stop, tasks, started).await;
     let cpu = cpu_us(pid) - cpu0;
-    all.sort_unstable();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    let pct = |p: f64| quantile(&all, p);
     Figures {
         rps: all.len() as f64 / elapsed,
         p50_us: pct(0.50),
@@ -771,15 +764,9 @@ async fn random_tokens(addr: &str, token: &str, n: usize, seconds: f64) -> (f64,
             lat
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let rps = all.len() as f64 / started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    let (all, elapsed) = finish(seconds, &stop, tasks, started).await;
+    let rps = all.len() as f64 / elapsed;
+    let pct = |p: f64| quantile(&all, p);
     (pct(0.5), pct(0.99), rps)
 }
 
@@ -935,16 +922,9 @@ async fn register_scenario(
             lat
         }));
     }
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+    let (all, elapsed) = finish(seconds, &stop, tasks, started).await;
     let cpu = cpu_us(pid) - cpu0;
-    all.sort_unstable();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    let pct = |p: f64| quantile(&all, p);
     let rps = all.len() as f64 / elapsed;
     let json = serde_json::json!({
         "benchmark": "register_system", "concurrency": concurrency, "seconds": seconds,

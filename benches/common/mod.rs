@@ -77,3 +77,30 @@ pub fn dir_bytes(p: &std::path::Path) -> u64 {
     }
     total
 }
+
+/// Lets closed-loop `tasks` run for `seconds`, stops them through `stop`, and returns their
+/// latencies (µs, sorted) and the seconds elapsed since `started`.
+pub async fn finish(
+    seconds: f64,
+    stop: &std::sync::atomic::AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>,
+    started: std::time::Instant,
+) -> (Vec<u32>, f64) {
+    tokio::time::sleep(std::time::Duration::from_secs_f64(seconds)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    (all, elapsed)
+}
+
+/// The `p` quantile of sorted latencies, µs.
+pub fn quantile(sorted: &[u32], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0) as f64
+}
