@@ -649,7 +649,12 @@ fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::proc
             std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
         )
         // Production settings: callers authenticated, audit trail on.
-        .env("CREDBROKER_AUDIT_FILE", data_dir.join("audit.log"))
+        // BENCH_AUDIT_FILE=off measures what the audit trail costs.
+        .env(
+            "CREDBROKER_AUDIT_FILE",
+            std::env::var("BENCH_AUDIT_FILE")
+                .unwrap_or_else(|_| data_dir.join("audit.log").display().to_string()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -8,17 +8,23 @@
 //! When the sink cannot be written, secret-returning RPCs (`GetAccessToken`, `CreateCaller`) fail
 //! closed unless `audit_fail_closed = false`, and health reports `NOT_SERVING` until a write
 //! succeeds again.
+//!
+//! Writes are group-committed: an event joins the open batch, the first event of a batch leads it
+//! (it lets the other calls of the same scheduler tick add theirs, then writes the whole batch with
+//! one `write`), and every call waits until the batch holding its event has been written, so an
+//! RPC still answers only after its audit line is in the file, and still fails closed when it is
+//! not. Under load this turns one `stat` + one `write` per call into one per batch.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Default size at which the audit file is rotated.
 pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
@@ -56,7 +62,7 @@ impl Default for AuditConfig {
 #[derive(Debug, Serialize)]
 pub struct AuditEvent<'a> {
     /// RFC 3339 UTC.
-    pub time: String,
+    pub time: Timestamp,
     /// The caller's name, when authenticated.
     pub caller: Option<&'a str>,
     /// The RPC (or `OAuthCallback`).
@@ -68,7 +74,7 @@ pub struct AuditEvent<'a> {
     /// The gRPC code name (`OK`, `PERMISSION_DENIED`, …).
     pub code: &'a str,
     /// HMAC of the token id handed out, if any.
-    pub token_hmac: Option<String>,
+    pub token_hmac: Option<&'a str>,
     /// Proxied calls: the HTTP method.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub method: Option<&'a str>,
@@ -81,9 +87,50 @@ pub struct AuditEvent<'a> {
 }
 
 /// Why an event could not be written.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("audit sink unavailable: {0}")]
 pub struct AuditError(String);
+
+/// The outcome of one batch, shared by every call whose event is in it.
+#[derive(Default)]
+struct Written {
+    result: OnceLock<Result<(), AuditError>>,
+    notify: Notify,
+}
+
+impl Written {
+    async fn wait(&self) -> Result<(), AuditError> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.result.get() {
+                return r.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The batch being filled.
+#[derive(Default)]
+struct Pending {
+    lines: Vec<u8>,
+    events: u64,
+    /// A call has taken the lead for this batch and will write it.
+    led: bool,
+    written: Arc<Written>,
+}
+
+/// Writes the open batch when dropped: the leader's future may be cancelled (a client that goes
+/// away) and the other calls of its batch must not wait forever.
+struct Leader<'a>(&'a Audit);
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
+}
 
 struct FileSink {
     path: PathBuf,
@@ -107,8 +154,12 @@ fn file_id(_: &std::fs::Metadata) -> Option<(u64, u64)> {
 /// The audit writer.
 pub struct Audit {
     config: AuditConfig,
-    key: [u8; 32],
+    /// HMAC-SHA256 keyed once; cloned per token.
+    mac: Option<Hmac<Sha256>>,
     file: Mutex<Option<FileSink>>,
+    pending: Mutex<Pending>,
+    /// Batches written (each one `write` per sink).
+    batches: std::sync::atomic::AtomicU64,
     healthy: AtomicBool,
     health_tx: watch::Sender<bool>,
 }
@@ -133,8 +184,10 @@ impl Audit {
         let (health_tx, _) = watch::channel(true);
         Self {
             config,
-            key,
+            mac: <Hmac<Sha256> as Mac>::new_from_slice(&key).ok(),
             file: Mutex::new(file),
+            pending: Mutex::new(Pending::default()),
+            batches: std::sync::atomic::AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             health_tx,
         }
@@ -150,6 +203,11 @@ impl Audit {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// How many batches have been written so far.
+    pub fn batches_written(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
     /// A receiver that sees health changes.
     pub fn health(&self) -> watch::Receiver<bool> {
         self.health_tx.subscribe()
@@ -157,25 +215,65 @@ impl Audit {
 
     /// HMAC-SHA256 of `value` under the installation's audit key, hex (first 16 bytes).
     pub fn hmac(&self, value: &str) -> String {
-        let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(&self.key) {
-            Ok(m) => m,
-            Err(_) => return String::new(),
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let Some(mut mac) = self.mac.clone() else {
+            return String::new();
         };
         mac.update(value.as_bytes());
-        mac.finalize().into_bytes()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        let mut out = String::with_capacity(32);
+        for b in &mac.finalize().into_bytes()[..16] {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+        out
     }
 
-    /// Writes one event to every sink.
-    pub fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(event).map_err(|e| AuditError(e.to_string()))?;
-        line.push(b'\n');
-        let result = self.write_line(&line);
+    /// Writes one event to every sink, returning once the batch holding it has been written.
+    pub async fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
+        let (written, lead) = {
+            let mut p = crate::broker::lock(&self.pending);
+            // Serialized straight into the batch; a failed event leaves no partial line.
+            let start = p.lines.len();
+            if let Err(e) = serde_json::to_writer(&mut p.lines, event) {
+                p.lines.truncate(start);
+                return Err(AuditError(e.to_string()));
+            }
+            p.lines.push(b'\n');
+            p.events += 1;
+            let lead = !std::mem::replace(&mut p.led, true);
+            (p.written.clone(), lead)
+        };
+        if lead {
+            let leader = Leader(self);
+            // Let the calls that are ready in this tick join the batch, then write it.
+            tokio::task::yield_now().await;
+            drop(leader);
+        }
+        written.wait().await
+    }
+
+    /// Writes the open batch (called by its leader). Batches reach the file in the order they
+    /// were closed: the file lock is taken before the batch is.
+    fn flush(&self) {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (lines, events, written) = {
+            let mut p = crate::broker::lock(&self.pending);
+            let taken = std::mem::take(&mut *p);
+            (taken.lines, taken.events, taken.written)
+        };
+        if lines.is_empty() {
+            let _ = written.result.set(Ok(()));
+            written.notify.notify_waiters();
+            return;
+        }
+        let result = self.write_batch(&mut file, &lines);
+        drop(file);
+        self.batches.fetch_add(1, Ordering::Relaxed);
         let ok = result.is_ok();
         if !ok {
-            crate::metrics::METRICS.audit_error();
+            for _ in 0..events {
+                crate::metrics::METRICS.audit_error();
+            }
         }
         if self.healthy.swap(ok, Ordering::Relaxed) != ok {
             if ok {
@@ -185,17 +283,17 @@ impl Audit {
             }
             let _ = self.health_tx.send(ok);
         }
-        result
+        let _ = written.result.set(result);
+        written.notify.notify_waiters();
     }
 
-    fn write_line(&self, line: &[u8]) -> Result<(), AuditError> {
+    fn write_batch(&self, guard: &mut Option<FileSink>, line: &[u8]) -> Result<(), AuditError> {
         if self.config.stdout {
             let mut out = std::io::stdout().lock();
             out.write_all(line)
                 .and_then(|_| out.flush())
                 .map_err(|e| AuditError(e.to_string()))?;
         }
-        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let Some(sink) = guard.as_mut() else {
             return Ok(());
         };
@@ -259,22 +357,64 @@ impl Audit {
     }
 }
 
+/// An RFC 3339 UTC time with milliseconds (`2026-11-23T21:16:57.123Z`), formatted on the stack:
+/// every audit event carries one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp([u8; 24]);
+
+impl Timestamp {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).unwrap_or("1970-01-01T00:00:00.000Z")
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// RFC 3339 UTC time of now, with milliseconds.
-pub fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> Timestamp {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = d.as_secs() as i64;
+    rfc3339(d.as_secs() as i64, d.subsec_millis())
+}
+
+fn rfc3339(secs: i64, millis: u32) -> Timestamp {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, day) = civil(days);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v.rem_euclid(10)) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y);
+    put(5, 2, m);
+    put(8, 2, day);
+    put(11, 2, rem / 3600);
+    put(14, 2, (rem / 60) % 60);
+    put(17, 2, rem % 60);
+    put(20, 3, i64::from(millis));
+    Timestamp(out)
 }
 
 fn civil(z: i64) -> (i64, i64, i64) {
@@ -295,7 +435,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn writes_rotates_and_hmacs() {
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(0, 0).as_str(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(1_795_468_617, 123).as_str(),
+            "2026-11-23T21:16:57.123Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400 + 86_399, 999).as_str(),
+            "2000-02-29T23:59:59.999Z"
+        );
+        assert_eq!(
+            serde_json::to_string(&rfc3339(0, 7)).unwrap(),
+            "\"1970-01-01T00:00:00.007Z\""
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_rotates_and_hmacs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let audit = Audit::new(
@@ -322,11 +479,12 @@ mod tests {
                     system_id: Some("s"),
                     outcome: "ok",
                     code: "OK",
-                    token_hmac: Some(h.clone()),
+                    token_hmac: Some(&h),
                     method: None,
                     path: None,
                     duration_ms: None,
                 })
+                .await
                 .unwrap();
         }
         assert!(
@@ -342,8 +500,96 @@ mod tests {
         assert!(!text.contains("token-123"));
     }
 
-    #[test]
-    fn unwritable_sink_is_reported_and_recovers() {
+    fn event(caller: &str) -> AuditEvent<'_> {
+        AuditEvent {
+            time: now_rfc3339(),
+            caller: Some(caller),
+            rpc: "GetAccessToken",
+            system_id: Some("s"),
+            outcome: "ok",
+            code: "OK",
+            token_hmac: None,
+            method: None,
+            path: None,
+            duration_ms: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_events_share_writes_and_each_call_returns_after_its_line_landed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Arc::new(Audit::new(
+            AuditConfig {
+                file: Some(path.clone()),
+                ..Default::default()
+            },
+            [3; 32],
+        ));
+        let mut tasks = Vec::new();
+        for i in 0..400 {
+            let (audit, path) = (audit.clone(), path.clone());
+            tasks.push(tokio::spawn(async move {
+                let name = format!("caller-{i}");
+                audit.record(&event(&name)).await.unwrap();
+                // Answered only once the line is in the file.
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(text.contains(&format!("\"{name}\"")), "{name} missing");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 400);
+        assert!(text
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+        let batches = audit.batches_written();
+        assert!(
+            batches < 400,
+            "{batches} writes for 400 concurrent events: nothing was batched"
+        );
+    }
+
+    async fn poll_once<F: std::future::Future>(
+        mut f: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_cancelled_leader_still_writes_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::new(
+            AuditConfig {
+                file: Some(path.clone()),
+                ..Default::default()
+            },
+            [4; 32],
+        );
+        let leader_event = event("leader");
+        // Boxed, so that dropping it really drops the future.
+        let mut leader = Box::pin(audit.record(&leader_event));
+        // Polled once: it leads the batch and yields; then its caller goes away.
+        assert!(poll_once(leader.as_mut()).await.is_pending());
+        let follower_event = event("follower");
+        let follower = audit.record(&follower_event);
+        tokio::pin!(follower);
+        assert!(poll_once(follower.as_mut()).await.is_pending());
+        drop(leader);
+        tokio::time::timeout(std::time::Duration::from_secs(5), follower)
+            .await
+            .expect("the follower was stranded by its cancelled leader")
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"leader\"") && text.contains("\"follower\""));
+        assert_eq!(audit.batches_written(), 1);
+    }
+
+    #[tokio::test]
+    async fn unwritable_sink_is_reported_and_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         #[cfg(unix)]
@@ -367,10 +613,10 @@ mod tests {
             path: None,
             duration_ms: None,
         };
-        assert!(audit.record(&ev).is_err());
+        assert!(audit.record(&ev).await.is_err());
         assert!(!audit.is_healthy());
         std::fs::remove_file(&path).unwrap();
-        assert!(audit.record(&ev).is_ok());
+        assert!(audit.record(&ev).await.is_ok());
         assert!(audit.is_healthy());
     }
 }

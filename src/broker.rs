@@ -220,6 +220,8 @@ pub struct Broker {
     pub audit: Audit,
     /// Key for proxy leases (derived from the master key).
     pub(crate) lease_key: [u8; 32],
+    /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
+    pub(crate) public_authority: Option<String>,
     callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
 }
 
@@ -273,6 +275,14 @@ impl Broker {
         }
         let audit = Audit::new(settings.audit.clone(), keyring.derive_subkey("audit-hmac"));
         let lease_key = keyring.derive_subkey("proxy-lease");
+        let settings_public_authority = settings.public_url.as_deref().and_then(|public| {
+            url::Url::parse(public).ok().and_then(|u| {
+                u.host_str().map(|h| match u.port() {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h.to_owned(),
+                })
+            })
+        });
         let keyring = crate::keyops::load_keks(store.as_ref(), keyring).await?;
         let broker = Self {
             write_health,
@@ -290,6 +300,7 @@ impl Broker {
             pending_authorizations: Mutex::new(HashMap::new()),
             audit,
             lease_key,
+            public_authority: settings_public_authority,
             callers: RwLock::new(HashMap::new()),
         };
         let callers = broker.store.list_callers().await?;
@@ -909,31 +920,33 @@ impl Broker {
         Ok(())
     }
 
-    /// Writes one audit event; `token_id` is recorded as an HMAC.
-    pub fn audit_record(
+    /// Writes one audit event; `token_hmac` is the token id's [`Audit::hmac`], never the id.
+    pub async fn audit_record(
         &self,
         rpc: &str,
         caller: Option<&str>,
         system_id: Option<&str>,
         code: tonic::Code,
-        token_id: Option<&str>,
+        token_hmac: Option<&str>,
     ) -> Result<(), crate::audit::AuditError> {
-        self.audit.record(&AuditEvent {
-            time: crate::audit::now_rfc3339(),
-            caller,
-            rpc,
-            system_id,
-            outcome: if code == tonic::Code::Ok {
-                "ok"
-            } else {
-                "error"
-            },
-            code: code_name(code),
-            token_hmac: token_id.map(|t| self.audit.hmac(t)),
-            method: None,
-            path: None,
-            duration_ms: None,
-        })
+        self.audit
+            .record(&AuditEvent {
+                time: crate::audit::now_rfc3339(),
+                caller,
+                rpc,
+                system_id,
+                outcome: if code == tonic::Code::Ok {
+                    "ok"
+                } else {
+                    "error"
+                },
+                code: code_name(code),
+                token_hmac,
+                method: None,
+                path: None,
+                duration_ms: None,
+            })
+            .await
     }
 
     /// While writes are failing (always, on a shared store), tries one small durable write so

@@ -136,22 +136,25 @@ impl Broker {
             .await;
         let status = resp.status();
         crate::metrics::METRICS.proxy(status.as_u16());
-        let _ = self.audit.record(&crate::audit::AuditEvent {
-            time: crate::audit::now_rfc3339(),
-            caller: caller.as_deref(),
-            rpc: "Proxy",
-            system_id: Some(&system_id),
-            outcome: if status.is_success() || status.is_redirection() {
-                "ok"
-            } else {
-                "error"
-            },
-            code: status.as_str(),
-            token_hmac: None,
-            method: Some(method.as_str()),
-            path: Some(&masked),
-            duration_ms: Some(started.elapsed().as_millis() as u64),
-        });
+        let _ = self
+            .audit
+            .record(&crate::audit::AuditEvent {
+                time: crate::audit::now_rfc3339(),
+                caller: caller.as_deref(),
+                rpc: "Proxy",
+                system_id: Some(&system_id),
+                outcome: if status.is_success() || status.is_redirection() {
+                    "ok"
+                } else {
+                    "error"
+                },
+                code: status.as_str(),
+                token_hmac: None,
+                method: Some(method.as_str()),
+                path: Some(&masked),
+                duration_ms: Some(started.elapsed().as_millis() as u64),
+            })
+            .await;
         resp
     }
 
@@ -170,16 +173,10 @@ impl Broker {
                 "absolute-form requests are refused",
             );
         }
-        if let Some(public) = &self.settings.public_url {
-            let want = url::Url::parse(public).ok().and_then(|u| {
-                u.host_str().map(|h| match u.port() {
-                    Some(p) => format!("{h}:{p}"),
-                    None => h.to_owned(),
-                })
-            });
+        if let Some(want) = &self.public_authority {
             let host = req.headers().get("host").and_then(|h| h.to_str().ok());
-            if let (Some(host), Some(want)) = (host, want) {
-                if !host.eq_ignore_ascii_case(&want) {
+            if let Some(host) = host {
+                if !host.eq_ignore_ascii_case(want) {
                     return refuse(
                         StatusCode::BAD_REQUEST,
                         "the Host header does not name this broker",
@@ -422,6 +419,16 @@ pub fn is_clean_path(tail: &str) -> bool {
         return false;
     }
     tail.split('/').skip(1).all(|seg| {
+        // Plain segments (the usual API path) need no decoding.
+        if !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~' | b':' | b'@'))
+        {
+            return true;
+        }
         let decoded = url::form_urlencoded::parse(format!("x={seg}").as_bytes())
             .next()
             .map(|(_, v)| v.into_owned())

@@ -63,9 +63,16 @@ pub struct IssuedToken {
     /// The upstream user the token belongs to, when known.
     pub subject: Option<String>,
     used: AtomicBool,
+    /// The token id's audit HMAC, computed on first use (every hand-out is audited).
+    audit_hmac: std::sync::OnceLock<String>,
 }
 
 impl IssuedToken {
+    /// The HMAC under which the audit trail records this token's id.
+    pub fn audit_hmac(&self, audit: &crate::audit::Audit) -> &str {
+        self.audit_hmac.get_or_init(|| audit.hmac(&self.token_id))
+    }
+
     fn mark_used(&self) {
         if !self.used.load(Ordering::Relaxed) {
             self.used.store(true, Ordering::Relaxed);
@@ -228,6 +235,16 @@ impl Broker {
             .await?;
         t.mark_used();
         Ok(t)
+    }
+
+    /// Whether `access_token` would answer these arguments from memory, without minting (and so
+    /// without any log line or upstream call). The RPC layer skips its tracing span then.
+    pub fn answers_from_cache(&self, system_id: &str, min_valid: u32, rejected: &str) -> bool {
+        min_valid <= MAX_MIN_VALID_SECONDS
+            && self.cached(system_id).is_some_and(|t| {
+                (rejected.is_empty() || rejected != t.token_id)
+                    && t.expires_at >= SystemTime::now() + Duration::from_secs(u64::from(min_valid))
+            })
     }
 
     /// The failure class of the last failed mint of `system_id`, if any.
@@ -564,6 +581,7 @@ impl Broker {
             refreshable,
             subject: issued.subject,
             used: AtomicBool::new(false),
+            audit_hmac: std::sync::OnceLock::new(),
         });
         write(&self.tokens).insert(system_id.to_owned(), token.clone());
         if refreshable {

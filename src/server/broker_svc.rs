@@ -28,7 +28,15 @@ struct Audited {
     /// The system concerned, when the request did not name it (a generated id).
     system_id: Option<String>,
     /// The token handed out.
-    token_id: Option<String>,
+    token_id: Option<AuditedToken>,
+}
+
+/// A token handed out, as the audit trail records it (by HMAC).
+enum AuditedToken {
+    /// A one-off id (a lease, a caller token).
+    Id(String),
+    /// Cached headers, whose HMAC is computed once per mint, not once per hand-out.
+    Issued(Arc<crate::tokens::IssuedToken>),
 }
 
 fn status(e: BrokerError) -> Status {
@@ -125,9 +133,40 @@ impl BrokerService {
         F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
         Fut: Future<Output = Result<(Resp, Audited), Status>>,
     {
+        self.run_quiet(rpc, need, secret, request, system_of, |_, _| false, f)
+            .await
+    }
+
+    /// [`Self::run`], without the request's tracing span when `quiet` says the call will log
+    /// nothing (a warm `GetAccessToken`): building a span costs about as much as the rest of the
+    /// broker's own work on that path, and a span nothing is logged in shows up nowhere.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_quiet<Req, Resp, F, Fut>(
+        &self,
+        rpc: &'static str,
+        need: Role,
+        secret: bool,
+        request: Request<Req>,
+        system_of: fn(&Req) -> Option<String>,
+        quiet: fn(&Broker, &Req) -> bool,
+        f: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
+        Fut: Future<Output = Result<(Resp, Audited), Status>>,
+    {
         let started = std::time::Instant::now();
         let request_id = request_id(&request);
-        let span = tracing::info_span!("rpc", rpc, request_id = %request_id);
+        let silent = self.core.get().is_some_and(|b| quiet(b, request.get_ref()));
+        let span = if silent {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "rpc",
+                rpc,
+                request_id = request_id.to_str().unwrap_or_default()
+            )
+        };
         let mut result = tracing::Instrument::instrument(
             self.run_inner(rpc, need, secret, request, system_of, f),
             span,
@@ -139,14 +178,12 @@ impl BrokerService {
         };
         crate::metrics::METRICS.rpc(rpc, code, started.elapsed());
         // Echo the id so a caller can quote it when asking about a failure.
-        if let Ok(v) = tonic::metadata::MetadataValue::try_from(request_id.as_str()) {
-            match &mut result {
-                Ok(r) => {
-                    r.metadata_mut().insert(REQUEST_ID, v);
-                }
-                Err(s) => {
-                    s.metadata_mut().insert(REQUEST_ID, v);
-                }
+        match &mut result {
+            Ok(r) => {
+                r.metadata_mut().insert(REQUEST_ID, request_id);
+            }
+            Err(s) => {
+                s.metadata_mut().insert(REQUEST_ID, request_id);
             }
         }
         result
@@ -174,27 +211,37 @@ impl BrokerService {
         let caller = match self.authorize(&broker, &request, need) {
             Ok(c) => c,
             Err((s, name)) => {
-                let _ =
-                    broker.audit_record(rpc, name.as_deref(), system_id.as_deref(), s.code(), None);
+                let _ = broker
+                    .audit_record(rpc, name.as_deref(), system_id.as_deref(), s.code(), None)
+                    .await;
                 return Err(s);
             }
         };
-        let result = f(broker.clone(), caller.clone(), request.into_inner()).await;
-        let (code, sys, token) = match &result {
+        let mut result = f(broker.clone(), caller.clone(), request.into_inner()).await;
+        let (code, sys, token) = match &mut result {
             Ok((_, a)) => (
                 Code::Ok,
-                a.system_id.clone().or(system_id),
-                a.token_id.clone(),
+                a.system_id.take().or(system_id),
+                a.token_id.take(),
             ),
             Err(s) => (s.code(), system_id, None),
         };
-        let written = broker.audit_record(
-            rpc,
-            Some(&caller.name),
-            sys.as_deref(),
-            code,
-            token.as_deref(),
-        );
+        let hmac = match &token {
+            Some(AuditedToken::Id(id)) => Some(std::borrow::Cow::Owned(broker.audit.hmac(id))),
+            Some(AuditedToken::Issued(t)) => {
+                Some(std::borrow::Cow::Borrowed(t.audit_hmac(&broker.audit)))
+            }
+            None => None,
+        };
+        let written = broker
+            .audit_record(
+                rpc,
+                Some(&caller.name),
+                sys.as_deref(),
+                code,
+                hmac.as_deref(),
+            )
+            .await;
         if written.is_err() && secret && code == Code::Ok && broker.audit.fail_closed() {
             return Err(Status::unavailable(
                 "the audit trail cannot be written; refusing to hand out secrets until it recovers",
@@ -208,22 +255,28 @@ impl BrokerService {
 pub const REQUEST_ID: &str = "x-request-id";
 
 /// The caller's `x-request-id` when it is a sane token (1–64 of `[A-Za-z0-9._-]`), else a fresh
-/// random one. It tags every log line of the RPC, its upstream calls included.
-fn request_id<T>(request: &Request<T>) -> String {
-    let given = request
-        .metadata()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        });
-    match given {
-        Some(v) => v.to_owned(),
-        None => format!("{:016x}", rand::random::<u64>()),
+/// random one (16 hex digits). It tags every log line of the RPC, its upstream calls included.
+fn request_id<T>(request: &Request<T>) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+    let given = request.metadata().get(REQUEST_ID).filter(|v| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 64
+            && b.iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    });
+    if let Some(v) = given {
+        // A cheap clone: the bytes are shared.
+        return v.clone();
     }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u64>();
+    let mut out = [0u8; 16];
+    for c in out.iter_mut().rev() {
+        *c = HEX[(n & 15) as usize];
+        n >>= 4;
+    }
+    tonic::metadata::MetadataValue::try_from(&out[..])
+        .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("0000000000000000"))
 }
 
 #[tonic::async_trait]
@@ -313,12 +366,13 @@ impl CredentialBroker for BrokerService {
         &self,
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
-        self.run(
+        self.run_quiet(
             "GetAccessToken",
             Role::Worker,
             true,
             request,
             |r| Some(r.system_id.clone()),
+            |b, r| b.answers_from_cache(&r.system_id, r.min_valid_seconds, &r.rejected_token_id),
             |broker, caller, r| async move {
                 // Out-of-scope requests look the same whether or not the system exists.
                 let denied = || {
@@ -376,7 +430,7 @@ impl CredentialBroker for BrokerService {
                         resp,
                         Audited {
                             system_id: None,
-                            token_id: Some(lease_id),
+                            token_id: Some(AuditedToken::Id(lease_id)),
                         },
                     ));
                 }
@@ -398,7 +452,7 @@ impl CredentialBroker for BrokerService {
                     resp,
                     Audited {
                         system_id: None,
-                        token_id: Some(token.token_id.clone()),
+                        token_id: Some(AuditedToken::Issued(token)),
                     },
                 ))
             },

@@ -91,7 +91,9 @@ async fn callback(
     } else {
         tonic::Code::FailedPrecondition
     };
-    let _ = broker.audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None);
+    let _ = broker
+        .audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None)
+        .await;
     page(p.status, &p.title, &p.message)
 }
 
