@@ -190,7 +190,7 @@ pub struct BrokerSettings {
     /// Lifetime of proxy leases.
     pub lease_ttl: Duration,
     /// The streaming client the proxy forwards with (no total timeout; egress-guarded).
-    pub proxy_client: Option<reqwest::Client>,
+    pub proxy_client: Option<crate::proxy::ProxyClient>,
     /// Largest request or response body the proxy passes.
     pub proxy_max_body_bytes: u64,
     /// A whole check (token, identity and every permission probe) ends within this.

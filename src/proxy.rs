@@ -67,6 +67,66 @@ const HOP_BY_HOP: &[&str] = &[
     "host",
 ];
 
+type Connector = hyper_rustls::HttpsConnector<
+    hyper_util::client::legacy::connect::HttpConnector<crate::backends::egress::GuardDns>,
+>;
+
+/// The proxy's upstream client: hyper's pooled HTTP/1.1 client over rustls (webpki roots), whose
+/// resolver is the egress guard; it never follows redirects.
+#[derive(Clone)]
+pub struct ProxyClient {
+    client: hyper_util::client::legacy::Client<Connector, Body>,
+    read_timeout: Duration,
+}
+
+impl std::fmt::Debug for ProxyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyClient")
+            .field("read_timeout", &self.read_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyClient {
+    /// A client whose every connection passes `egress`; `read_timeout` bounds the wait for the
+    /// answer's head and for each body chunk.
+    pub fn new(
+        egress: &crate::backends::egress::EgressPolicy,
+        connect_timeout: Duration,
+        read_timeout: Duration,
+    ) -> Result<Self, String> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(
+            crate::backends::egress::GuardDns::new(egress.clone()),
+        );
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(https);
+        Ok(Self {
+            client,
+            read_timeout,
+        })
+    }
+}
+
 fn mac(key: &[u8; 32]) -> Option<Hmac<Sha256>> {
     <Hmac<Sha256> as Mac>::new_from_slice(key).ok()
 }
@@ -264,7 +324,16 @@ impl Broker {
                 Some(claims.c),
             );
         }
-        let mut headers = reqwest::header::HeaderMap::new();
+        let Ok(uri) = axum::http::Uri::try_from(url.as_str()) else {
+            return (
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "the registered base URL is not usable",
+                ),
+                Some(claims.c),
+            );
+        };
+        let mut headers = HeaderMap::new();
         for (k, v) in req.headers() {
             let name = k.as_str();
             if HOP_BY_HOP.contains(&name) || name == "authorization" {
@@ -293,19 +362,18 @@ impl Broker {
             }
             Ok::<_, std::io::Error>(chunk)
         });
-        let upstream = client
-            .request(method, url)
-            .headers(headers)
-            .body(if bodiless {
-                reqwest::Body::from(Vec::new())
-            } else {
-                reqwest::Body::wrap_stream(upload)
-            })
-            .send()
-            .await;
-        let resp = match upstream {
-            Ok(r) => r,
-            Err(e) if e.is_timeout() => {
+        let mut forward = axum::http::Request::new(if bodiless {
+            Body::empty()
+        } else {
+            Body::from_stream(upload)
+        });
+        *forward.method_mut() = method;
+        *forward.uri_mut() = uri;
+        *forward.headers_mut() = headers;
+        let read_timeout = client.read_timeout;
+        let resp = match tokio::time::timeout(read_timeout, client.client.request(forward)).await {
+            Ok(Ok(r)) => r,
+            Err(_) => {
                 return (
                     error(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -314,7 +382,7 @@ impl Broker {
                     Some(claims.c),
                 )
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 return (
                     error(StatusCode::BAD_GATEWAY, "the upstream could not be reached"),
                     Some(claims.c),
@@ -351,24 +419,37 @@ impl Broker {
             }
             out.append(k.clone(), v.clone());
         }
+        let length = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let incoming = resp.into_body();
         // Small answers with a known length (most API JSON) are passed whole; the rest streams.
-        if resp.content_length().is_some_and(|n| n <= SMALL_BODY) {
-            return match resp.bytes().await {
-                Ok(bytes) => {
+        if length.is_some_and(|n| n <= SMALL_BODY) {
+            let whole =
+                tokio::time::timeout(read_timeout, http_body_util::BodyExt::collect(incoming))
+                    .await;
+            return match whole {
+                Ok(Ok(collected)) => {
+                    let bytes = collected.to_bytes();
                     let mut response = Response::new(Body::from(bytes));
                     *response.status_mut() = status;
                     *response.headers_mut() = out;
                     (response, Some(claims.c))
                 }
-                Err(_) => (
+                Ok(Err(_)) | Err(_) => (
                     error(StatusCode::BAD_GATEWAY, "the upstream answer broke off"),
                     Some(claims.c),
                 ),
             };
         }
         let mut seen = 0u64;
-        let download = resp.bytes_stream().map(move |chunk| {
-            let chunk = chunk.map_err(|e| std::io::Error::other(e.without_url().to_string()))?;
+        let chunks = http_body_util::BodyExt::into_data_stream(incoming).timeout(read_timeout);
+        let download = chunks.map(move |chunk| {
+            let chunk = chunk
+                .map_err(|_| std::io::Error::other("the upstream stalled"))?
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
             seen += chunk.len() as u64;
             if seen > cap {
                 return Err(std::io::Error::other("response body over the proxy's cap"));

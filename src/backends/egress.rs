@@ -185,36 +185,107 @@ pub struct GuardResolver {
     policy: EgressPolicy,
 }
 
+impl EgressPolicy {
+    /// Resolves `host` and keeps only the addresses the guard allows; none left is an error.
+    pub async fn resolve_allowed(&self, host: &str) -> Result<Vec<SocketAddr>, GuardError> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+            .await
+            .map_err(|e| GuardError(format!("{host} did not resolve: {e}")))?
+            .collect();
+        let mut refused = None;
+        let allowed: Vec<SocketAddr> = addrs
+            .into_iter()
+            .filter(|a| match self.check_ip(host, a.ip()) {
+                Ok(()) => true,
+                Err(e) => {
+                    refused = Some(e);
+                    false
+                }
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(GuardError(
+                refused.unwrap_or_else(|| format!("{host} did not resolve")),
+            ));
+        }
+        Ok(allowed)
+    }
+}
+
 impl reqwest::dns::Resolve for GuardResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = self.policy.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refused = None;
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| match policy.check_ip(&host, a.ip()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        refused = Some(e);
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let msg = refused.unwrap_or_else(|| format!("{host} did not resolve"));
-                return Err(Box::new(GuardError(msg)) as Box<dyn std::error::Error + Send + Sync>);
+            match policy.resolve_allowed(&host).await {
+                Ok(allowed) => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+                Err(e) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
             }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
+    }
+}
+
+/// The same guard as a resolver for hyper's connector (the proxy's upstream client).
+#[derive(Debug, Clone)]
+pub struct GuardDns {
+    policy: EgressPolicy,
+}
+
+impl GuardDns {
+    /// A resolver enforcing `policy`.
+    pub fn new(policy: EgressPolicy) -> Self {
+        Self { policy }
+    }
+}
+
+impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for GuardDns {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = GuardError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, GuardError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), GuardError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move { policy.resolve_allowed(&host).await.map(Vec::into_iter) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_proxy_resolver_refuses_names_that_resolve_to_loopback() {
+        use std::str::FromStr;
+        use tower::Service;
+        let name = |n: &str| hyper_util::client::legacy::connect::dns::Name::from_str(n).unwrap();
+        let e = GuardDns::new(EgressPolicy::default())
+            .call(name("localhost"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("egress guard"), "{e}");
+        let allowed = GuardDns::new(EgressPolicy {
+            allow: AllowList::parse("127.0.0.1/32").unwrap(),
+            ..Default::default()
+        })
+        .call(name("localhost"))
+        .await
+        .unwrap()
+        .collect::<Vec<_>>();
+        assert!(!allowed.is_empty());
+        assert!(allowed
+            .iter()
+            .all(|a| a.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
 
     #[test]
     fn ssrf_matrix_is_refused_by_default() {

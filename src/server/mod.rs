@@ -484,7 +484,12 @@ async fn open_broker(
         allow_http: config.egress_allow_http,
         allow: config.egress_allow.clone(),
     };
-    let proxy_resolver = egress.resolver();
+    let proxy_client = crate::proxy::ProxyClient::new(
+        &egress,
+        config.upstream_timeout.min(Duration::from_secs(10)),
+        config.proxy_read_timeout,
+    )
+    .map_err(ServeError::Http)?;
     let http = HttpClient::new(
         config.upstream_timeout,
         config.max_upstream_body_bytes,
@@ -524,16 +529,7 @@ async fn open_broker(
             expect_initialized: initialized,
             default_static_delivery: config.default_static_delivery,
             lease_ttl: config.lease_ttl,
-            proxy_client: Some(
-                reqwest::Client::builder()
-                    .redirect(reqwest::redirect::Policy::none())
-                    .no_proxy()
-                    .dns_resolver(proxy_resolver)
-                    .connect_timeout(config.upstream_timeout.min(Duration::from_secs(10)))
-                    .read_timeout(config.proxy_read_timeout)
-                    .build()
-                    .map_err(|e| ServeError::Http(e.without_url().to_string()))?,
-            ),
+            proxy_client: Some(proxy_client),
             proxy_max_body_bytes: config.proxy_max_body_bytes,
             check_timeout: config.upstream_timeout,
             audit: AuditConfig {

@@ -544,3 +544,83 @@ async fn a_vendor_401_through_the_proxy_is_surfaced_on_the_system() {
     assert!(sys.last_proxy_unauthorized_at.is_some());
     broker.stop().await;
 }
+
+/// A vendor that answers `/api/1.0/hang` never, `/api/1.0/stall` with a head and half a body
+/// and then nothing, and everything else at once.
+async fn slow_vendor(secret: &'static str) -> String {
+    let app = axum::Router::new().fallback(move |req: Request| async move {
+        if req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(&format!("Bearer {secret}"))
+        {
+            return (StatusCode::UNAUTHORIZED, "").into_response();
+        }
+        match req.uri().path() {
+            "/api/1.0/hang" => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            "/api/1.0/stall" => {
+                let first = tokio_stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from(
+                    vec![b'x'; 100 * 1024],
+                ))]);
+                let never = tokio_stream::pending::<Result<axum::body::Bytes, std::io::Error>>();
+                Response::builder()
+                    .header("content-length", "1000000")
+                    .body(Body::from_stream(first.chain(never)))
+                    .unwrap()
+            }
+            _ => (StatusCode::OK, "{\"data\":{\"gid\":\"1\"}}").into_response(),
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}/api/1.0")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vendor_that_stops_answering_gets_a_504_or_a_cut_body_within_the_read_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.proxy_read_timeout = Duration::from_millis(400);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let base = slow_vendor("slow-pat").await;
+    let mut req = reg("slow", pb::SystemKind::Asana, &base, pat("slow-pat"));
+    req.check = false;
+    admin.register_system(req).await.unwrap();
+    let t = admin
+        .get_access_token(tok("slow"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let started = std::time::Instant::now();
+    let (status, body) = call(&t, "/hang", &[]).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("did not answer in time"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The head arrives, then the body stalls: the worker sees the body break off.
+    let r = reqwest::Client::new()
+        .get(format!("{}/stall", t.api_base_url))
+        .header("authorization", &t.headers[0].value)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let started = std::time::Instant::now();
+    assert!(
+        r.bytes().await.is_err(),
+        "a stalled body must not look whole"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The proxy is fine afterwards.
+    let (status, body) = call(&t, "/users/me", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    broker.stop().await;
+}
