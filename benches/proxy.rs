@@ -21,6 +21,8 @@ struct Figures {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// The broker's CPU per request (0 for direct calls, which do not touch it).
+    broker_cpu_us: f64,
 }
 
 async fn fake_vendor() -> String {
@@ -48,7 +50,14 @@ async fn fake_vendor() -> String {
     format!("http://{addr}/api/1.0")
 }
 
-async fn drive(url: String, auth: String, concurrency: usize, seconds: f64) -> Figures {
+async fn drive(
+    url: String,
+    auth: String,
+    concurrency: usize,
+    seconds: f64,
+    broker: u32,
+) -> Figures {
+    let cpu_before = cpu_us(broker);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
@@ -76,11 +85,13 @@ async fn drive(url: String, auth: String, concurrency: usize, seconds: f64) -> F
         }));
     }
     let (all, elapsed) = finish(seconds, &stop, tasks, started).await;
+    let cpu = cpu_us(broker) - cpu_before;
     let pct = |p: f64| quantile(&all, p);
     Figures {
         rps: all.len() as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        broker_cpu_us: cpu / all.len().max(1) as f64,
     }
 }
 
@@ -182,31 +193,33 @@ fn main() {
         let direct_url = format!("{vendor}/users/me");
         let proxied_url = format!("{}/users/me", t.api_base_url);
         // Warm up both paths.
-        drive(direct_url.clone(), "Bearer bench-pat".into(), concurrency, 1.0).await;
-        drive(proxied_url.clone(), lease.clone(), concurrency, 1.0).await;
+        let bpid = child.id();
+        drive(direct_url.clone(), "Bearer bench-pat".into(), concurrency, 1.0, bpid).await;
+        drive(proxied_url.clone(), lease.clone(), concurrency, 1.0, bpid).await;
         let mut d = Vec::new();
         let mut p = Vec::new();
         for _ in 0..rounds {
-            d.push(drive(direct_url.clone(), "Bearer bench-pat".into(), concurrency, seconds).await);
-            p.push(drive(proxied_url.clone(), lease.clone(), concurrency, seconds).await);
+            d.push(drive(direct_url.clone(), "Bearer bench-pat".into(), concurrency, seconds, bpid).await);
+            p.push(drive(proxied_url.clone(), lease.clone(), concurrency, seconds, bpid).await);
         }
         let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
         let (drps, dp50, dp99) = (m(&d, |f| f.rps), m(&d, |f| f.p50_us), m(&d, |f| f.p99_us));
         let (prps, pp50, pp99) = (m(&p, |f| f.rps), m(&p, |f| f.p50_us), m(&p, |f| f.p99_us));
+        let pcpu = m(&p, |f| f.broker_cpu_us);
         let json = serde_json::json!({
             "benchmark": "proxy_overhead",
             "concurrency": concurrency, "seconds_per_round": seconds, "rounds": rounds,
             "direct": {"rps": drps, "p50_us": dp50, "p99_us": dp99},
-            "proxied": {"rps": prps, "p50_us": pp50, "p99_us": pp99},
+            "proxied": {"rps": prps, "p50_us": pp50, "p99_us": pp99, "broker_cpu_us_per_req": pcpu},
             "throughput_ratio": prps / drps,
             "p50_added_ms": (pp50 - dp50) / 1000.0,
         });
         std::fs::create_dir_all("bench-results").unwrap();
         std::fs::write(format!("bench-results/proxy-c{concurrency}.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
-        println!("| path | requests/s | p50 | p99 |");
-        println!("|---|---|---|---|");
-        println!("| direct GET to the loopback fake | {drps:.0} | {:.3} ms | {:.3} ms |", dp50 / 1000.0, dp99 / 1000.0);
-        println!("| proxied GET (lease → real header) | {prps:.0} | {:.3} ms | {:.3} ms |", pp50 / 1000.0, pp99 / 1000.0);
+        println!("| path | requests/s | p50 | p99 | broker CPU/req |");
+        println!("|---|---|---|---|---|");
+        println!("| direct GET to the loopback fake | {drps:.0} | {:.3} ms | {:.3} ms | – |", dp50 / 1000.0, dp99 / 1000.0);
+        println!("| proxied GET (lease → real header) | {prps:.0} | {:.3} ms | {:.3} ms | {pcpu:.1} µs |", pp50 / 1000.0, pp99 / 1000.0);
         println!();
         println!("throughput ratio proxied/direct: {:.2} (target ≥ 0.70); p50 added: {:.3} ms (target ≤ 0.3 ms)", prps / drps, (pp50 - dp50) / 1000.0);
         let _ = child.kill();

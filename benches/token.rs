@@ -188,15 +188,6 @@ struct Figures {
     over_50ms: u64,
 }
 
-/// utime + stime of `pid`, µs.
-fn cpu_us(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split(' ').collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks * 1e6 / 100.0
-}
-
 async fn drive(
     addr: &str,
     token: &str,

@@ -104,3 +104,13 @@ pub fn quantile(sorted: &[u32], p: f64) -> f64 {
         .copied()
         .unwrap_or(0) as f64
 }
+
+/// utime + stime of `pid`, µs.
+#[allow(dead_code)]
+pub fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks * 1e6 / 100.0
+}
