@@ -86,59 +86,6 @@ pub struct AuditEvent<'a> {
     pub duration_ms: Option<u64>,
 }
 
-impl AuditEvent<'_> {
-    /// Appends the event as one JSON object, exactly as its `Serialize` form (same fields, order
-    /// and escaping; a unit test holds the two together) without serde's per-field machinery:
-    /// every RPC writes one.
-    pub fn write_json(&self, out: &mut Vec<u8>) {
-        fn string(out: &mut Vec<u8>, s: &str) {
-            if s.bytes()
-                .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
-            {
-                out.push(b'"');
-                out.extend_from_slice(s.as_bytes());
-                out.push(b'"');
-            } else {
-                // Rare: let serde_json escape it (writing a str into a Vec cannot fail).
-                let _ = serde_json::to_writer(&mut *out, s);
-            }
-        }
-        fn opt(out: &mut Vec<u8>, s: Option<&str>) {
-            match s {
-                Some(s) => string(out, s),
-                None => out.extend_from_slice(b"null"),
-            }
-        }
-        out.extend_from_slice(b"{\"time\":");
-        string(out, self.time.as_str());
-        out.extend_from_slice(b",\"caller\":");
-        opt(out, self.caller);
-        out.extend_from_slice(b",\"rpc\":");
-        string(out, self.rpc);
-        out.extend_from_slice(b",\"system_id\":");
-        opt(out, self.system_id);
-        out.extend_from_slice(b",\"outcome\":");
-        string(out, self.outcome);
-        out.extend_from_slice(b",\"code\":");
-        string(out, self.code);
-        out.extend_from_slice(b",\"token_hmac\":");
-        opt(out, self.token_hmac);
-        if let Some(m) = self.method {
-            out.extend_from_slice(b",\"method\":");
-            string(out, m);
-        }
-        if let Some(p) = self.path {
-            out.extend_from_slice(b",\"path\":");
-            string(out, p);
-        }
-        if let Some(d) = self.duration_ms {
-            out.extend_from_slice(b",\"duration_ms\":");
-            out.extend_from_slice(d.to_string().as_bytes());
-        }
-        out.push(b'}');
-    }
-}
-
 /// Why an event could not be written.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("audit sink unavailable: {0}")]
@@ -268,25 +215,23 @@ impl Audit {
 
     /// HMAC-SHA256 of `value` under the installation's audit key, hex (first 16 bytes).
     pub fn hmac(&self, value: &str) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let Some(mut mac) = self.mac.clone() else {
             return String::new();
         };
         mac.update(value.as_bytes());
-        let mut out = String::with_capacity(32);
-        for b in &mac.finalize().into_bytes()[..16] {
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 15)]));
-        }
-        out
+        crate::broker::hex(&mac.finalize().into_bytes()[..16])
     }
 
     /// Writes one event to every sink, returning once the batch holding it has been written.
     pub async fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
         let (written, lead) = {
             let mut p = crate::broker::lock(&self.pending);
-            // Serialized straight into the batch.
-            event.write_json(&mut p.lines);
+            // Serialized straight into the batch; a failed event leaves no partial line.
+            let start = p.lines.len();
+            if let Err(e) = serde_json::to_writer(&mut p.lines, event) {
+                p.lines.truncate(start);
+                return Err(AuditError(e.to_string()));
+            }
             p.lines.push(b'\n');
             p.events += 1;
             let lead = !std::mem::replace(&mut p.led, true);
@@ -482,58 +427,6 @@ fn civil(z: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_hand_written_json_is_the_serde_json() {
-        let odd = "we\"ird\\name\u{1}\u{7f}é\n";
-        let t = now_rfc3339();
-        let events = [
-            AuditEvent {
-                time: t,
-                caller: Some("worker-1"),
-                rpc: "GetAccessToken",
-                system_id: Some("acme-asana"),
-                outcome: "ok",
-                code: "OK",
-                token_hmac: Some("0123456789abcdef0123456789abcdef"),
-                method: None,
-                path: None,
-                duration_ms: None,
-            },
-            AuditEvent {
-                time: t,
-                caller: None,
-                rpc: "Proxy",
-                system_id: Some(odd),
-                outcome: "error",
-                code: "401",
-                token_hmac: None,
-                method: Some("GET"),
-                path: Some(odd),
-                duration_ms: Some(12345),
-            },
-            AuditEvent {
-                time: t,
-                caller: Some(odd),
-                rpc: "x",
-                system_id: None,
-                outcome: "ok",
-                code: "OK",
-                token_hmac: None,
-                method: None,
-                path: Some("/users/{id}"),
-                duration_ms: Some(0),
-            },
-        ];
-        for e in &events {
-            let mut mine = Vec::new();
-            e.write_json(&mut mine);
-            assert_eq!(
-                String::from_utf8(mine).unwrap(),
-                serde_json::to_string(e).unwrap()
-            );
-        }
-    }
 
     #[test]
     fn timestamps_are_rfc3339() {

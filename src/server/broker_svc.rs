@@ -268,14 +268,7 @@ fn request_id<T>(request: &Request<T>) -> tonic::metadata::MetadataValue<tonic::
         // A cheap clone: the bytes are shared.
         return v.clone();
     }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = rand::random::<u64>();
-    let mut out = [0u8; 16];
-    for c in out.iter_mut().rev() {
-        *c = HEX[(n & 15) as usize];
-        n >>= 4;
-    }
-    tonic::metadata::MetadataValue::try_from(&out[..])
+    tonic::metadata::MetadataValue::try_from(crate::broker::hex(&rand::random::<[u8; 8]>()))
         .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("0000000000000000"))
 }
 

@@ -172,6 +172,26 @@ impl PostgresStore {
         self.client().await?.query(sql, params).await.map_err(pg)
     }
 
+    /// Runs a caller write (`$1` name, `$2` record, `$3`/`$4` the notification) that returns a
+    /// row when it changed something; `missing` when it did not.
+    async fn write_caller(
+        &self,
+        sql: &str,
+        record: &CallerRecord,
+        missing: StoreError,
+    ) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let payload = self.payload("caller", &record.name);
+        let n = self
+            .rows(sql, &[&record.name, &bytes, &CHANNEL, &payload])
+            .await?
+            .len();
+        if n == 0 {
+            return Err(missing);
+        }
+        Ok(())
+    }
+
     fn payload(&self, kind: &str, id: &str) -> String {
         format!("{}|{kind}|{id}", self.replica)
     }
@@ -456,45 +476,23 @@ impl CredentialStore for PostgresStore {
     }
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
-        let bytes = encode(record)?;
-        let n = self
-            .rows(
-                "WITH ins AS (INSERT INTO callers (name, record) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO NOTHING RETURNING 1) SELECT pg_notify($3, $4) FROM ins",
-                &[
-                    &record.name,
-                    &bytes,
-                    &CHANNEL,
-                    &self.payload("caller", &record.name),
-                ],
-            )
-            .await?
-            .len();
-        if n == 0 {
-            return Err(StoreError::AlreadyExists);
-        }
-        Ok(())
+        self.write_caller(
+            "WITH ins AS (INSERT INTO callers (name, record) VALUES ($1, $2) \
+             ON CONFLICT (name) DO NOTHING RETURNING 1) SELECT pg_notify($3, $4) FROM ins",
+            record,
+            StoreError::AlreadyExists,
+        )
+        .await
     }
 
     async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
-        let bytes = encode(record)?;
-        let n = self
-            .rows(
-                "WITH up AS (UPDATE callers SET record = $2 WHERE name = $1 RETURNING 1) \
-                 SELECT pg_notify($3, $4) FROM up",
-                &[
-                    &record.name,
-                    &bytes,
-                    &CHANNEL,
-                    &self.payload("caller", &record.name),
-                ],
-            )
-            .await?
-            .len();
-        if n == 0 {
-            return Err(StoreError::Conflict);
-        }
-        Ok(())
+        self.write_caller(
+            "WITH up AS (UPDATE callers SET record = $2 WHERE name = $1 RETURNING 1) \
+             SELECT pg_notify($3, $4) FROM up",
+            record,
+            StoreError::Conflict,
+        )
+        .await
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -349,19 +349,34 @@ fn rss_kib() -> u64 {
 }
 
 /// A vendor with a 50 MB download, an upload sink, redirects and a 401, streaming throughout.
+/// Asana's 401 unless the request carries `Bearer {secret}`.
+fn refuse_unless_bearer(req: &Request, secret: &str) -> Option<Response> {
+    let ok = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {secret}"));
+    (!ok).then(|| {
+        (
+            StatusCode::UNAUTHORIZED,
+            "{\"errors\":[{\"message\":\"Not Authorized\"}]}",
+        )
+            .into_response()
+    })
+}
+
+/// Serves `app` on loopback; returns its Asana-style base URL.
+async fn serve_vendor(app: axum::Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}/api/1.0")
+}
+
 async fn streaming_vendor(secret: &'static str) -> String {
     let app = axum::Router::new().fallback(move |req: Request| async move {
-        if req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            != Some(&format!("Bearer {secret}"))
-        {
-            return (
-                StatusCode::UNAUTHORIZED,
-                "{\"errors\":[{\"message\":\"Not Authorized\"}]}",
-            )
-                .into_response();
+        if let Some(refused) = refuse_unless_bearer(&req, secret) {
+            return refused;
         }
         let host = req
             .headers()
@@ -400,10 +415,7 @@ async fn streaming_vendor(secret: &'static str) -> String {
             _ => (StatusCode::NOT_FOUND, "").into_response(),
         }
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    format!("http://{addr}/api/1.0")
+    serve_vendor(app).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,13 +561,8 @@ async fn a_vendor_401_through_the_proxy_is_surfaced_on_the_system() {
 /// and then nothing, and everything else at once.
 async fn slow_vendor(secret: &'static str) -> String {
     let app = axum::Router::new().fallback(move |req: Request| async move {
-        if req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            != Some(&format!("Bearer {secret}"))
-        {
-            return (StatusCode::UNAUTHORIZED, "").into_response();
+        if let Some(refused) = refuse_unless_bearer(&req, secret) {
+            return refused;
         }
         match req.uri().path() {
             "/api/1.0/hang" => {
@@ -575,10 +582,7 @@ async fn slow_vendor(secret: &'static str) -> String {
             _ => (StatusCode::OK, "{\"data\":{\"gid\":\"1\"}}").into_response(),
         }
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    format!("http://{addr}/api/1.0")
+    serve_vendor(app).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
