@@ -16,6 +16,7 @@
 //! not. Under load this turns one `stat` + one `write` per call into one per batch.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -222,28 +223,42 @@ impl Audit {
         crate::broker::hex(&mac.finalize().into_bytes()[..16])
     }
 
-    /// Writes one event to every sink, returning once the batch holding it has been written.
-    pub async fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
-        let (written, lead) = {
+    /// Writes one event to every sink; the future resolves once the batch holding it has been
+    /// written. The event joins its batch right away (so the future holds only a few pointers,
+    /// not the event); the first call of a batch leads it, and its future writes the batch when
+    /// polled after one scheduler yield, or when dropped.
+    pub fn record<'s>(
+        &'s self,
+        event: &AuditEvent<'_>,
+    ) -> impl Future<Output = Result<(), AuditError>> + Send + 's {
+        let joined = {
             let mut p = crate::broker::lock(&self.pending);
             // Serialized straight into the batch; a failed event leaves no partial line.
             let start = p.lines.len();
-            if let Err(e) = serde_json::to_writer(&mut p.lines, event) {
-                p.lines.truncate(start);
-                return Err(AuditError(e.to_string()));
+            match serde_json::to_writer(&mut p.lines, event) {
+                Err(e) => {
+                    p.lines.truncate(start);
+                    Err(AuditError(e.to_string()))
+                }
+                Ok(()) => {
+                    p.lines.push(b'\n');
+                    p.events += 1;
+                    let lead = !std::mem::replace(&mut p.led, true);
+                    // Not `then_some`: a `Leader` built and dropped here would write the batch
+                    // under this lock.
+                    Ok((p.written.clone(), lead.then(|| Leader(self))))
+                }
             }
-            p.lines.push(b'\n');
-            p.events += 1;
-            let lead = !std::mem::replace(&mut p.led, true);
-            (p.written.clone(), lead)
         };
-        if lead {
-            let leader = Leader(self);
-            // Let the calls that are ready in this tick join the batch, then write it.
-            tokio::task::yield_now().await;
-            drop(leader);
+        async move {
+            let (written, leader) = joined?;
+            if let Some(leader) = leader {
+                // Let the calls that are ready in this tick join the batch, then write it.
+                tokio::task::yield_now().await;
+                drop(leader);
+            }
+            written.wait().await
         }
-        written.wait().await
     }
 
     /// Writes the open batch (called by its leader). Batches reach the file in the order they
@@ -252,7 +267,16 @@ impl Audit {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let (lines, events, written) = {
             let mut p = crate::broker::lock(&self.pending);
-            let taken = std::mem::take(&mut *p);
+            // The next batch starts with room for one like this (one allocation, not a dozen
+            // while it grows).
+            let room = Vec::with_capacity(p.lines.len().min(1 << 20));
+            let taken = std::mem::replace(
+                &mut *p,
+                Pending {
+                    lines: room,
+                    ..Pending::default()
+                },
+            );
             (taken.lines, taken.events, taken.written)
         };
         if lines.is_empty() {

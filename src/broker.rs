@@ -921,32 +921,30 @@ impl Broker {
     }
 
     /// Writes one audit event; `token_hmac` is the token id's [`Audit::hmac`], never the id.
-    pub async fn audit_record(
+    pub fn audit_record(
         &self,
         rpc: &str,
         caller: Option<&str>,
         system_id: Option<&str>,
         code: tonic::Code,
         token_hmac: Option<&str>,
-    ) -> Result<(), crate::audit::AuditError> {
-        self.audit
-            .record(&AuditEvent {
-                time: crate::audit::now_rfc3339(),
-                caller,
-                rpc,
-                system_id,
-                outcome: if code == tonic::Code::Ok {
-                    "ok"
-                } else {
-                    "error"
-                },
-                code: code_name(code),
-                token_hmac,
-                method: None,
-                path: None,
-                duration_ms: None,
-            })
-            .await
+    ) -> impl std::future::Future<Output = Result<(), crate::audit::AuditError>> + Send + '_ {
+        self.audit.record(&AuditEvent {
+            time: crate::audit::now_rfc3339(),
+            caller,
+            rpc,
+            system_id,
+            outcome: if code == tonic::Code::Ok {
+                "ok"
+            } else {
+                "error"
+            },
+            code: code_name(code),
+            token_hmac,
+            method: None,
+            path: None,
+            duration_ms: None,
+        })
     }
 
     /// While writes are failing (always, on a shared store), tries one small durable write so

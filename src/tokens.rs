@@ -221,9 +221,7 @@ impl Broker {
         if let Some(t) = self.cached(system_id) {
             let rejected_current = rejected.is_some_and(|r| r == t.token_id);
             if !rejected_current && t.expires_at >= need_until {
-                t.mark_used();
-                crate::metrics::METRICS.cache(true);
-                return Ok(t);
+                return Ok(self.hand_out_cached(t));
             }
         }
         if system_id.is_empty() {
@@ -237,14 +235,30 @@ impl Broker {
         Ok(t)
     }
 
-    /// Whether `access_token` would answer these arguments from memory, without minting (and so
-    /// without any log line or upstream call). The RPC layer skips its tracing span then.
-    pub fn answers_from_cache(&self, system_id: &str, min_valid: u32, rejected: &str) -> bool {
-        min_valid <= MAX_MIN_VALID_SECONDS
-            && self.cached(system_id).is_some_and(|t| {
-                (rejected.is_empty() || rejected != t.token_id)
-                    && t.expires_at >= SystemTime::now() + Duration::from_secs(u64::from(min_valid))
-            })
+    /// The cached token `access_token` would answer these arguments with, without minting (and
+    /// so without any log line or upstream call), if there is one. The RPC layer skips its
+    /// tracing span then and hands the token out with [`Self::hand_out_cached`].
+    pub fn answers_from_cache(
+        &self,
+        system_id: &str,
+        min_valid: u32,
+        rejected: &str,
+    ) -> Option<Arc<IssuedToken>> {
+        if min_valid > MAX_MIN_VALID_SECONDS {
+            return None;
+        }
+        self.cached(system_id).filter(|t| {
+            (rejected.is_empty() || rejected != t.token_id)
+                && t.expires_at >= SystemTime::now() + Duration::from_secs(u64::from(min_valid))
+        })
+    }
+
+    /// Hands out a token found by [`Self::answers_from_cache`] (counted as a cache hit, and as
+    /// in use for the refresher).
+    pub fn hand_out_cached(&self, t: Arc<IssuedToken>) -> Arc<IssuedToken> {
+        t.mark_used();
+        crate::metrics::METRICS.cache(true);
+        t
     }
 
     /// The failure class of the last failed mint of `system_id`, if any.

@@ -133,32 +133,49 @@ impl BrokerService {
         F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
         Fut: Future<Output = Result<(Resp, Audited), Status>>,
     {
-        self.run_quiet(rpc, need, secret, request, system_of, |_, _| false, f)
-            .await
+        self.run_quiet(
+            rpc,
+            need,
+            secret,
+            request,
+            system_of,
+            |_, _| None::<()>,
+            |b, c, r, _| f(b, c, r),
+        )
+        .await
     }
 
-    /// [`Self::run`], without the request's tracing span when `quiet` says the call will log
-    /// nothing (a warm `GetAccessToken`): building a span costs about as much as the rest of the
-    /// broker's own work on that path, and a span nothing is logged in shows up nowhere.
+    /// [`Self::run`], without the request's tracing span when `quiet` finds the answer ready in
+    /// memory (a warm `GetAccessToken`, which logs nothing): building a span costs about as much
+    /// as the rest of the broker's own work on that path, and a span nothing is logged in shows
+    /// up nowhere. What `quiet` found is handed to `f`, so the answer is looked up once.
+    ///
+    /// Authentication and unwrapping the request happen before the returned future is built, so
+    /// the future (allocated once per call by the gRPC layer) holds the message, not the whole
+    /// request, and stays small enough for the allocator's fast path.
     #[allow(clippy::too_many_arguments)]
-    async fn run_quiet<Req, Resp, F, Fut>(
-        &self,
+    fn run_quiet<'a, Req, Resp, Q, F, Fut>(
+        &'a self,
         rpc: &'static str,
         need: Role,
         secret: bool,
         request: Request<Req>,
         system_of: fn(&Req) -> Option<String>,
-        quiet: fn(&Broker, &Req) -> bool,
+        quiet: fn(&Broker, &Req) -> Option<Q>,
         f: F,
-    ) -> Result<Response<Resp>, Status>
+    ) -> impl Future<Output = Result<Response<Resp>, Status>> + 'a
     where
-        F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
-        Fut: Future<Output = Result<(Resp, Audited), Status>>,
+        F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut + 'a,
+        Fut: Future<Output = Result<(Resp, Audited), Status>> + 'a,
+        Req: 'a,
+        Resp: 'a,
+        Q: 'a,
     {
         let started = std::time::Instant::now();
         let request_id = request_id(&request);
-        let silent = self.core.get().is_some_and(|b| quiet(b, request.get_ref()));
-        let span = if silent {
+        let broker = self.core.get().cloned();
+        let ready = broker.as_ref().and_then(|b| quiet(b, request.get_ref()));
+        let span = if ready.is_some() {
             tracing::Span::none()
         } else {
             tracing::info_span!(
@@ -167,64 +184,74 @@ impl BrokerService {
                 request_id = request_id.to_str().unwrap_or_default()
             )
         };
-        let mut result = tracing::Instrument::instrument(
-            self.run_inner(rpc, need, secret, request, system_of, f),
+        let system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
+        let authorized = broker.map(|broker| {
+            // A refusal is rare: boxed, it keeps the call's future small.
+            let caller = span
+                .in_scope(|| self.authorize(&broker, &request, need))
+                .map_err(Box::new);
+            (broker, caller)
+        });
+        let call = Call {
+            rpc,
+            secret,
+            system_id,
+            authorized,
+        };
+        tracing::Instrument::instrument(
+            call.serve(started, request_id, request.into_inner(), ready, f),
             span,
         )
-        .await;
-        let code = match &result {
-            Ok(_) => Code::Ok,
-            Err(s) => s.code(),
-        };
-        crate::metrics::METRICS.rpc(rpc, code, started.elapsed());
-        // Echo the id so a caller can quote it when asking about a failure.
-        match &mut result {
-            Ok(r) => {
-                r.metadata_mut().insert(REQUEST_ID, request_id);
-            }
-            Err(s) => {
-                s.metadata_mut().insert(REQUEST_ID, request_id);
-            }
-        }
-        result
     }
+}
 
-    async fn run_inner<Req, Resp, F, Fut>(
+/// One RPC past its synchronous start (request id, authentication).
+struct Call {
+    rpc: &'static str,
+    secret: bool,
+    system_id: Option<String>,
+    /// `None` while the broker is starting.
+    authorized: Option<(Arc<Broker>, AuthResult)>,
+}
+
+type AuthResult = Result<Arc<Caller>, Box<(Status, Option<String>)>>;
+
+impl Call {
+    /// Calls `f` if the caller was let in, and writes the audit event either way.
+    async fn run<Req, Resp, Q, F, Fut>(
         &self,
-        rpc: &'static str,
-        need: Role,
-        secret: bool,
-        request: Request<Req>,
-        system_of: fn(&Req) -> Option<String>,
+        message: Req,
+        ready: Option<Q>,
         f: F,
     ) -> Result<Response<Resp>, Status>
     where
-        F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
+        F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut,
         Fut: Future<Output = Result<(Resp, Audited), Status>>,
     {
-        let broker = self
-            .core
-            .get()
-            .cloned()
-            .ok_or_else(|| Status::unavailable("credbroker is starting; retry shortly"))?;
-        let system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
-        let caller = match self.authorize(&broker, &request, need) {
+        let Some((broker, caller)) = &self.authorized else {
+            return Err(Status::unavailable("credbroker is starting; retry shortly"));
+        };
+        let rpc = self.rpc;
+        let caller = match caller {
             Ok(c) => c,
-            Err((s, name)) => {
+            Err(refused) => {
+                let (s, name) = &**refused;
                 let _ = broker
-                    .audit_record(rpc, name.as_deref(), system_id.as_deref(), s.code(), None)
+                    .audit_record(
+                        rpc,
+                        name.as_deref(),
+                        self.system_id.as_deref(),
+                        s.code(),
+                        None,
+                    )
                     .await;
-                return Err(s);
+                return Err(s.clone());
             }
         };
-        let mut result = f(broker.clone(), caller.clone(), request.into_inner()).await;
-        let (code, sys, token) = match &mut result {
-            Ok((_, a)) => (
-                Code::Ok,
-                a.system_id.take().or(system_id),
-                a.token_id.take(),
-            ),
-            Err(s) => (s.code(), system_id, None),
+        let mut result = f(broker.clone(), caller.clone(), message, ready).await;
+        let (code, generated, token) = match &mut result {
+            Ok((_, a)) => (Code::Ok, a.system_id.take(), a.token_id.take()),
+            Err(s) => (s.code(), None, None),
         };
         let hmac = match &token {
             Some(AuditedToken::Id(id)) => Some(std::borrow::Cow::Owned(broker.audit.hmac(id))),
@@ -237,39 +264,81 @@ impl BrokerService {
             .audit_record(
                 rpc,
                 Some(&caller.name),
-                sys.as_deref(),
+                generated.as_deref().or(self.system_id.as_deref()),
                 code,
                 hmac.as_deref(),
             )
             .await;
-        if written.is_err() && secret && code == Code::Ok && broker.audit.fail_closed() {
+        if written.is_err() && self.secret && code == Code::Ok && broker.audit.fail_closed() {
             return Err(Status::unavailable(
                 "the audit trail cannot be written; refusing to hand out secrets until it recovers",
             ));
         }
         result.map(|(r, _)| Response::new(r))
     }
+
+    /// [`Self::run`], then counts the outcome and echoes the request id on the answer.
+    async fn serve<Req, Resp, Q, F, Fut>(
+        self,
+        started: std::time::Instant,
+        request_id: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        message: Req,
+        ready: Option<Q>,
+        f: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut,
+        Fut: Future<Output = Result<(Resp, Audited), Status>>,
+    {
+        let mut result = self.run(message, ready, f).await;
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        crate::metrics::METRICS.rpc(self.rpc, code, started.elapsed());
+        // Echo the id so a caller can quote it when asking about a failure.
+        match &mut result {
+            Ok(r) => {
+                r.metadata_mut().insert(REQUEST_ID_KEY.clone(), request_id);
+            }
+            Err(s) => {
+                s.metadata_mut().insert(REQUEST_ID_KEY.clone(), request_id);
+            }
+        }
+        result
+    }
 }
 
 /// The metadata key carrying a request id, in and out.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// [`REQUEST_ID`], parsed once.
+static REQUEST_ID_KEY: std::sync::LazyLock<tonic::metadata::AsciiMetadataKey> =
+    std::sync::LazyLock::new(|| tonic::metadata::AsciiMetadataKey::from_static(REQUEST_ID));
+
 /// The caller's `x-request-id` when it is a sane token (1–64 of `[A-Za-z0-9._-]`), else a fresh
 /// random one (16 hex digits). It tags every log line of the RPC, its upstream calls included.
 fn request_id<T>(request: &Request<T>) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
-    let given = request.metadata().get(REQUEST_ID).filter(|v| {
+    let given = request.metadata().get(&*REQUEST_ID_KEY).filter(|v| {
         let b = v.as_bytes();
         !b.is_empty()
             && b.len() <= 64
             && b.iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     });
-    if let Some(v) = given {
+    let mut id = match given {
         // A cheap clone: the bytes are shared.
-        return v.clone();
-    }
-    tonic::metadata::MetadataValue::try_from(crate::broker::hex(&rand::random::<[u8; 8]>()))
-        .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("0000000000000000"))
+        Some(v) => v.clone(),
+        None => {
+            tonic::metadata::MetadataValue::try_from(crate::broker::hex(&rand::random::<[u8; 8]>()))
+                .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("0000000000000000"))
+        }
+    };
+    // Sent as an HPACK "never indexed" literal: an id is new on every answer, so indexing it
+    // only churns the connection's header table, and h2 compares each new value against every
+    // indexed one of the same name (a few per cent of a warm GetAccessToken's CPU).
+    id.set_sensitive(true);
+    id
 }
 
 #[tonic::async_trait]
@@ -355,18 +424,31 @@ impl CredentialBroker for BrokerService {
         .await
     }
 
-    async fn get_access_token(
-        &self,
+    // Written out instead of `async fn` (the signature `async_trait` would generate): the
+    // authentication and request unwrapping in `run_quiet` happen before the boxed future is
+    // built, so the one allocation per call holds only what the call still needs.
+    fn get_access_token<'life0, 'async_trait>(
+        &'life0 self,
         request: Request<pb::GetAccessTokenRequest>,
-    ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
-        self.run_quiet(
+    ) -> std::pin::Pin<
+        Box<
+            dyn Future<Output = Result<Response<pb::GetAccessTokenResponse>, Status>>
+                + Send
+                + 'async_trait,
+        >,
+    >
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(self.run_quiet(
             "GetAccessToken",
             Role::Worker,
             true,
             request,
             |r| Some(r.system_id.clone()),
             |b, r| b.answers_from_cache(&r.system_id, r.min_valid_seconds, &r.rejected_token_id),
-            |broker, caller, r| async move {
+            |broker, caller, r, warm| async move {
                 // Out-of-scope requests look the same whether or not the system exists.
                 let denied = || {
                     Status::permission_denied(format!(
@@ -377,14 +459,23 @@ impl CredentialBroker for BrokerService {
                 if !caller.may_use_id(&r.system_id) {
                     return Err(denied());
                 }
-                let token = match broker
-                    .access_token(
-                        &r.system_id,
-                        r.min_valid_seconds,
-                        Some(&r.rejected_token_id),
-                    )
-                    .await
-                {
+                let token = match warm {
+                    // Found in the cache a moment ago (no await since): the same answer
+                    // `access_token` would give, without a second lookup.
+                    Some(t) => Ok(broker.hand_out_cached(t)),
+                    // Boxed: minting (an upstream call, maybe) is a future of a few KiB, and
+                    // held inline it would make every warm call's future too big for the
+                    // allocator's fast path.
+                    None => {
+                        Box::pin(broker.access_token(
+                            &r.system_id,
+                            r.min_valid_seconds,
+                            Some(&r.rejected_token_id),
+                        ))
+                        .await
+                    }
+                };
+                let token = match token {
                     Ok(t) => t,
                     Err(BrokerError::NotFound(_)) if caller.is_kind_scoped() => {
                         return Err(denied())
@@ -449,8 +540,7 @@ impl CredentialBroker for BrokerService {
                     },
                 ))
             },
-        )
-        .await
+        ))
     }
 
     async fn rotate_credential(
