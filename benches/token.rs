@@ -2,9 +2,11 @@
 //! minimal echo gRPC server (the same `CredentialBroker` service, answering `GetAccessToken` with a
 //! prebuilt response of the same size) each run as a child pinned to core 1, on the same runtime
 //! flavour and server settings, and are driven alternately by the same tonic client on core 0
-//! (closed loop). Run with `cargo bench --bench token` (`-- --connections N --concurrency C
-//! --seconds S --rounds R --runtime auto|multi|current`); writes `bench-results/token-*.json` and
-//! prints a markdown table. `--scenario register` measures durable registrations with
+//! (closed loop). `cargo bench --bench token` runs the default suite (1, 4 and 16 connections ×
+//! concurrency 64 and 256) and writes `bench-results/token-suite-<runtime>.{md,json}`; one setting
+//! with `-- --connections N --concurrency C` (`--seconds S --rounds R --runtime
+//! auto|multi|current` either way); writes `bench-results/token-*.json` and prints a markdown
+//! table. `--scenario register` measures durable registrations with
 //! `--concurrency` admin clients; `--scenario scale --systems N` measures N systems vs 10;
 //! `--scenario oauth` drives OAuth systems whose 4 s tokens refresh in the background (vs echo);
 //! `--scenario storm --systems 10000` is the refresh storm (all tokens expiring in one minute). Medians over alternating rounds (noise here is ±10–15 %).
@@ -1050,54 +1052,88 @@ fn main() {
         }
         let (echo_addr, mut echo) = spawn_echo(&rt_kind, &sample);
         let (bpid, epid) = (broker.id(), echo.id());
-        // Warm-up.
-        drive(&echo_addr, &worker_token, epid, connections, concurrency, 1.0).await;
-        drive(&addr, &worker_token, bpid, connections, concurrency, 1.0).await;
-        let (mut e, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            e.push(drive(&echo_addr, &worker_token, epid, connections, concurrency, seconds).await);
-            b.push(drive(&addr, &worker_token, bpid, connections, concurrency, seconds).await);
-        }
-        let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
-        let fig = |v: &[Figures]| {
-            serde_json::json!({
-                "rps": m(v, |f| f.rps), "p50_us": m(v, |f| f.p50_us), "p99_us": m(v, |f| f.p99_us),
-                "p999_us": m(v, |f| f.p999_us), "server_cpu_us_per_req": m(v, |f| f.cpu_us_per_req),
-            })
+        // Without --connections/--concurrency: the default suite (scenario 1's six settings).
+        let explicit = std::env::args().any(|a| a == "--connections" || a == "--concurrency");
+        let settings: Vec<(usize, usize)> = if explicit {
+            vec![(connections, concurrency)]
+        } else {
+            vec![(1, 64), (1, 256), (4, 64), (4, 256), (16, 64), (16, 256)]
         };
-        let (brss, erss) = (status_kib(bpid, "VmHWM"), status_kib(epid, "VmHWM"));
-        let rps_ratio = m(&b, |f| f.rps) / m(&e, |f| f.rps);
-        let p99_ratio = m(&b, |f| f.p99_us) / m(&e, |f| f.p99_us);
-        let store = if std::env::var("BENCH_STORE_URL").is_ok() { "postgres" } else { "sled" };
-        let json = serde_json::json!({
-            "benchmark": "get_access_token_vs_echo",
-            "store": store,
-            "runtime": rt_kind, "connections": connections, "concurrency": concurrency,
-            "seconds_per_round": seconds, "rounds": rounds,
-            "echo": fig(&e), "broker": fig(&b),
-            "broker_peak_rss_kib": brss, "echo_peak_rss_kib": erss,
-            "throughput_ratio": rps_ratio, "p99_ratio": p99_ratio,
-        });
-        std::fs::create_dir_all("bench-results").unwrap();
-        std::fs::write(
-            format!(
-                "bench-results/token-{rt_kind}-n{connections}-c{concurrency}{}.json",
-                if store == "postgres" { "-pg" } else { "" }
-            ),
-            serde_json::to_string_pretty(&json).unwrap(),
-        )
-        .unwrap();
-        println!("| server ({rt_kind}, {connections} conn, c={concurrency}, store {store}) | requests/s | p50 | p99 | p99.9 | server CPU/req | peak RSS |");
-        println!("|---|---|---|---|---|---|---|");
-        for (name, v, rss) in [("echo", &e, erss), ("broker GetAccessToken", &b, brss)] {
-            println!(
-                "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} µs | {:.1} MiB |",
-                m(v, |f| f.rps), m(v, |f| f.p50_us), m(v, |f| f.p99_us), m(v, |f| f.p999_us),
-                m(v, |f| f.cpu_us_per_req), rss as f64 / 1024.0
-            );
+        let mut suite_rows = Vec::new();
+        let mut suite_json = Vec::new();
+        for (connections, concurrency) in settings {
+            // Warm-up.
+            drive(&echo_addr, &worker_token, epid, connections, concurrency, 1.0).await;
+            drive(&addr, &worker_token, bpid, connections, concurrency, 1.0).await;
+            let (mut e, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                e.push(drive(&echo_addr, &worker_token, epid, connections, concurrency, seconds).await);
+                b.push(drive(&addr, &worker_token, bpid, connections, concurrency, seconds).await);
+            }
+            let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+            let fig = |v: &[Figures]| {
+                serde_json::json!({
+                    "rps": m(v, |f| f.rps), "p50_us": m(v, |f| f.p50_us), "p99_us": m(v, |f| f.p99_us),
+                    "p999_us": m(v, |f| f.p999_us), "server_cpu_us_per_req": m(v, |f| f.cpu_us_per_req),
+                })
+            };
+            let (brss, erss) = (status_kib(bpid, "VmHWM"), status_kib(epid, "VmHWM"));
+            let rps_ratio = m(&b, |f| f.rps) / m(&e, |f| f.rps);
+            let p99_ratio = m(&b, |f| f.p99_us) / m(&e, |f| f.p99_us);
+            let store = if std::env::var("BENCH_STORE_URL").is_ok() { "postgres" } else { "sled" };
+            let json = serde_json::json!({
+                "benchmark": "get_access_token_vs_echo",
+                "store": store,
+                "runtime": rt_kind, "connections": connections, "concurrency": concurrency,
+                "seconds_per_round": seconds, "rounds": rounds,
+                "echo": fig(&e), "broker": fig(&b),
+                "broker_peak_rss_kib": brss, "echo_peak_rss_kib": erss,
+                "throughput_ratio": rps_ratio, "p99_ratio": p99_ratio,
+            });
+            std::fs::create_dir_all("bench-results").unwrap();
+            std::fs::write(
+                format!(
+                    "bench-results/token-{rt_kind}-n{connections}-c{concurrency}{}.json",
+                    if store == "postgres" { "-pg" } else { "" }
+                ),
+                serde_json::to_string_pretty(&json).unwrap(),
+            )
+            .unwrap();
+            println!("| server ({rt_kind}, {connections} conn, c={concurrency}, store {store}) | requests/s | p50 | p99 | p99.9 | server CPU/req | peak RSS |");
+            println!("|---|---|---|---|---|---|---|");
+            for (name, v, rss) in [("echo", &e, erss), ("broker GetAccessToken", &b, brss)] {
+                println!(
+                    "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} µs | {:.1} MiB |",
+                    m(v, |f| f.rps), m(v, |f| f.p50_us), m(v, |f| f.p99_us), m(v, |f| f.p999_us),
+                    m(v, |f| f.cpu_us_per_req), rss as f64 / 1024.0
+                );
+            }
+            println!();
+            println!("broker/echo throughput {rps_ratio:.2} (target ≥ 0.90), p99 {p99_ratio:.2} (target ≤ 1.25)");
+            suite_rows.push(format!(
+                "| {connections} / {concurrency} | {:.0} | {:.0} | **{rps_ratio:.2}** | {:.0} / {:.0} µs | {p99_ratio:.2} | {:.1} / {:.1} µs | {:.1} / {:.1} MiB |",
+                m(&e, |f| f.rps), m(&b, |f| f.rps), m(&e, |f| f.p99_us), m(&b, |f| f.p99_us),
+                m(&e, |f| f.cpu_us_per_req), m(&b, |f| f.cpu_us_per_req),
+                erss as f64 / 1024.0, brss as f64 / 1024.0
+            ));
+            suite_json.push(json);
         }
-        println!();
-        println!("broker/echo throughput {rps_ratio:.2} (target ≥ 0.90), p99 {p99_ratio:.2} (target ≤ 1.25)");
+        if !explicit {
+            let mut md = format!("GetAccessToken vs echo, runtime {rt_kind}, {rounds} alternating rounds of {seconds} s (medians)\n\n");
+            md.push_str("| conn / concurrency | echo req/s | broker req/s | ratio | p99 echo / broker | p99 ratio | server CPU/req echo / broker | peak RSS echo / broker |\n");
+            md.push_str("|---|---|---|---|---|---|---|---|\n");
+            for r in &suite_rows {
+                md.push_str(r);
+                md.push('\n');
+            }
+            std::fs::write(format!("bench-results/token-suite-{rt_kind}.md"), &md).unwrap();
+            std::fs::write(
+                format!("bench-results/token-suite-{rt_kind}.json"),
+                serde_json::to_string_pretty(&suite_json).unwrap(),
+            )
+            .unwrap();
+            println!("{md}");
+        }
         let _ = broker.kill();
         let _ = echo.kill();
         let _ = broker.wait();
