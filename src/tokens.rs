@@ -216,14 +216,12 @@ impl Broker {
                 format!("must be at most {MAX_MIN_VALID_SECONDS}"),
             ));
         }
+        if let Some(t) = self.answers_from_cache(system_id, min_valid, rejected.unwrap_or_default())
+        {
+            return Ok(self.hand_out_cached(t));
+        }
         let need_until = SystemTime::now() + Duration::from_secs(u64::from(min_valid));
         let rejected = rejected.filter(|r| !r.is_empty());
-        if let Some(t) = self.cached(system_id) {
-            let rejected_current = rejected.is_some_and(|r| r == t.token_id);
-            if !rejected_current && t.expires_at >= need_until {
-                return Ok(self.hand_out_cached(t));
-            }
-        }
         if system_id.is_empty() {
             return Err(BrokerError::invalid("system_id", "is required"));
         }
@@ -255,7 +253,7 @@ impl Broker {
 
     /// Hands out a token found by [`Self::answers_from_cache`] (counted as a cache hit, and as
     /// in use for the refresher).
-    pub fn hand_out_cached(&self, t: Arc<IssuedToken>) -> Arc<IssuedToken> {
+    pub(crate) fn hand_out_cached(&self, t: Arc<IssuedToken>) -> Arc<IssuedToken> {
         t.mark_used();
         crate::metrics::METRICS.cache(true);
         t

@@ -217,67 +217,8 @@ struct Call {
 type AuthResult = Result<Arc<Caller>, Box<(Status, Option<String>)>>;
 
 impl Call {
-    /// Calls `f` if the caller was let in, and writes the audit event either way.
-    async fn run<Req, Resp, Q, F, Fut>(
-        &self,
-        message: Req,
-        ready: Option<Q>,
-        f: F,
-    ) -> Result<Response<Resp>, Status>
-    where
-        F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut,
-        Fut: Future<Output = Result<(Resp, Audited), Status>>,
-    {
-        let Some((broker, caller)) = &self.authorized else {
-            return Err(Status::unavailable("credbroker is starting; retry shortly"));
-        };
-        let rpc = self.rpc;
-        let caller = match caller {
-            Ok(c) => c,
-            Err(refused) => {
-                let (s, name) = &**refused;
-                let _ = broker
-                    .audit_record(
-                        rpc,
-                        name.as_deref(),
-                        self.system_id.as_deref(),
-                        s.code(),
-                        None,
-                    )
-                    .await;
-                return Err(s.clone());
-            }
-        };
-        let mut result = f(broker.clone(), caller.clone(), message, ready).await;
-        let (code, generated, token) = match &mut result {
-            Ok((_, a)) => (Code::Ok, a.system_id.take(), a.token_id.take()),
-            Err(s) => (s.code(), None, None),
-        };
-        let hmac = match &token {
-            Some(AuditedToken::Id(id)) => Some(std::borrow::Cow::Owned(broker.audit.hmac(id))),
-            Some(AuditedToken::Issued(t)) => {
-                Some(std::borrow::Cow::Borrowed(t.audit_hmac(&broker.audit)))
-            }
-            None => None,
-        };
-        let written = broker
-            .audit_record(
-                rpc,
-                Some(&caller.name),
-                generated.as_deref().or(self.system_id.as_deref()),
-                code,
-                hmac.as_deref(),
-            )
-            .await;
-        if written.is_err() && self.secret && code == Code::Ok && broker.audit.fail_closed() {
-            return Err(Status::unavailable(
-                "the audit trail cannot be written; refusing to hand out secrets until it recovers",
-            ));
-        }
-        result.map(|(r, _)| Response::new(r))
-    }
-
-    /// [`Self::run`], then counts the outcome and echoes the request id on the answer.
+    /// Calls `f` if the caller was let in, writes the audit event either way, counts the outcome
+    /// and echoes the request id on the answer.
     async fn serve<Req, Resp, Q, F, Fut>(
         self,
         started: std::time::Instant,
@@ -290,21 +231,66 @@ impl Call {
         F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut,
         Fut: Future<Output = Result<(Resp, Audited), Status>>,
     {
-        let mut result = self.run(message, ready, f).await;
+        let rpc = self.rpc;
+        let mut result = 'call: {
+            let Some((broker, caller)) = self.authorized else {
+                break 'call Err(Status::unavailable("credbroker is starting; retry shortly"));
+            };
+            let caller = match caller {
+                Ok(c) => c,
+                Err(refused) => {
+                    let (s, name) = *refused;
+                    let _ = broker
+                        .audit_record(
+                            rpc,
+                            name.as_deref(),
+                            self.system_id.as_deref(),
+                            s.code(),
+                            None,
+                        )
+                        .await;
+                    break 'call Err(s);
+                }
+            };
+            let mut result = f(broker.clone(), caller.clone(), message, ready).await;
+            let (code, generated, token) = match &mut result {
+                Ok((_, a)) => (Code::Ok, a.system_id.take(), a.token_id.take()),
+                Err(s) => (s.code(), None, None),
+            };
+            let hmac = match &token {
+                Some(AuditedToken::Id(id)) => Some(std::borrow::Cow::Owned(broker.audit.hmac(id))),
+                Some(AuditedToken::Issued(t)) => {
+                    Some(std::borrow::Cow::Borrowed(t.audit_hmac(&broker.audit)))
+                }
+                None => None,
+            };
+            let written = broker
+                .audit_record(
+                    rpc,
+                    Some(&caller.name),
+                    generated.as_deref().or(self.system_id.as_deref()),
+                    code,
+                    hmac.as_deref(),
+                )
+                .await;
+            if written.is_err() && self.secret && code == Code::Ok && broker.audit.fail_closed() {
+                break 'call Err(Status::unavailable(
+                    "the audit trail cannot be written; refusing to hand out secrets until it recovers",
+                ));
+            }
+            result.map(|(r, _)| Response::new(r))
+        };
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
         };
-        crate::metrics::METRICS.rpc(self.rpc, code, started.elapsed());
+        crate::metrics::METRICS.rpc(rpc, code, started.elapsed());
         // Echo the id so a caller can quote it when asking about a failure.
-        match &mut result {
-            Ok(r) => {
-                r.metadata_mut().insert(REQUEST_ID_KEY.clone(), request_id);
-            }
-            Err(s) => {
-                s.metadata_mut().insert(REQUEST_ID_KEY.clone(), request_id);
-            }
-        }
+        let metadata = match &mut result {
+            Ok(r) => r.metadata_mut(),
+            Err(s) => s.metadata_mut(),
+        };
+        metadata.insert(REQUEST_ID_KEY.clone(), request_id);
         result
     }
 }
