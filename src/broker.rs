@@ -223,6 +223,11 @@ pub struct Broker {
     /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
     pub(crate) public_authority: Option<String>,
     callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
+    /// This broker, for vendor exchanges that must outlive the request that started them.
+    pub(crate) me: std::sync::Weak<Broker>,
+    /// Vendor exchanges in flight (refreshes, code exchanges, logins): detached from their
+    /// callers, waited for at shutdown.
+    pub(crate) exchanges: tokio_util::task::TaskTracker,
 }
 
 impl Broker {
@@ -234,7 +239,7 @@ impl Broker {
         keyring: Keyring,
         registry: Registry,
         settings: BrokerSettings,
-    ) -> Result<(Self, Option<SecretString>), OpenError> {
+    ) -> Result<(Arc<Self>, Option<SecretString>), OpenError> {
         let write_health = Arc::new(crate::store::WriteHealth::default());
         let store: Arc<dyn CredentialStore> = Arc::new(crate::store::MonitoredStore::new(
             store,
@@ -284,7 +289,9 @@ impl Broker {
             })
         });
         let keyring = crate::keyops::load_keks(store.as_ref(), keyring).await?;
-        let broker = Self {
+        let broker = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            exchanges: tokio_util::task::TaskTracker::new(),
             write_health,
             store,
             keyring: RwLock::new(keyring),
@@ -302,7 +309,7 @@ impl Broker {
             lease_key,
             public_authority: settings_public_authority,
             callers: RwLock::new(HashMap::new()),
-        };
+        });
         let callers = broker.store.list_callers().await?;
         let mut admin_token = None;
         if callers.is_empty() {
@@ -1164,6 +1171,14 @@ fn not_connected(system_id: &str) -> String {
 
 fn already_exists(system_id: &str) -> BrokerError {
     BrokerError::AlreadyExists(format!("system '{system_id}' already exists"))
+}
+
+/// Checks a system id named in a request (before it touches the audit trail, a map or the store).
+pub fn validate_system_id(system_id: &str) -> Result<(), BrokerError> {
+    if system_id.is_empty() {
+        return Err(BrokerError::invalid("system_id", "is required"));
+    }
+    validate_slug(system_id, MAX_SYSTEM_ID_LEN).map_err(|m| BrokerError::invalid("system_id", m))
 }
 
 /// Checks a slug: `[a-z0-9][a-z0-9._-]{0,max-1}`.

@@ -63,6 +63,9 @@ pub struct IssuedToken {
     /// The upstream user the token belongs to, when known.
     pub subject: Option<String>,
     used: AtomicBool,
+    /// When this process minted (or adopted) it: a fresh token is served as is, so demand for
+    /// more validity than the vendor grants cannot drive a refresh per call.
+    minted_at: Instant,
     /// The token id's audit HMAC, computed on first use (every hand-out is audited).
     audit_hmac: std::sync::OnceLock<String>,
 }
@@ -71,6 +74,14 @@ impl IssuedToken {
     /// The HMAC under which the audit trail records this token's id.
     pub fn audit_hmac(&self, audit: &crate::audit::Audit) -> &str {
         self.audit_hmac.get_or_init(|| audit.hmac(&self.token_id))
+    }
+
+    /// True while the token is valid for `min_valid` more seconds, or (when the vendor grants
+    /// less) while it is still valid and was minted less than `fresh_for` ago.
+    pub(crate) fn serves(&self, min_valid: u32, fresh_for: Duration) -> bool {
+        let now = SystemTime::now();
+        self.expires_at >= now + Duration::from_secs(u64::from(min_valid))
+            || (self.expires_at > now && self.minted_at.elapsed() < fresh_for)
     }
 
     fn mark_used(&self) {
@@ -109,6 +120,10 @@ fn shared_binding<'a>(system_id: &'a str, record: &SystemRecord) -> RecordBindin
     }
 }
 
+/// How a transport timeout reads in a backend's message (`TransportError::Timeout`): the request
+/// was sent and no answer came, so the vendor may have acted on it.
+const OUTCOME_UNKNOWN_MARK: &str = "timed out after";
+
 /// XORed into the version of a shared token's binding (a credential version never gets near).
 const SHARED_TOKEN_VERSION_TAG: u64 = 0x5348_4152_4544_0000;
 
@@ -129,6 +144,9 @@ pub struct RefreshSettings {
     pub retry_after_cap: Duration,
     /// A rejection report for a token minted less than this long ago does not re-mint again.
     pub min_forced_remint: Duration,
+    /// Demand (`min_valid_seconds` beyond what the cached token has left) refreshes a system at
+    /// most once per this interval; a rejection report of the current token is not limited.
+    pub min_demand_interval: Duration,
 }
 
 impl Default for RefreshSettings {
@@ -141,6 +159,7 @@ impl Default for RefreshSettings {
             retry_max: Duration::from_secs(300),
             retry_after_cap: Duration::from_secs(600),
             min_forced_remint: Duration::from_secs(1),
+            min_demand_interval: Duration::from_secs(10),
         }
     }
 }
@@ -168,9 +187,9 @@ impl Flight {
 
 /// Why a mint runs.
 #[derive(Debug)]
-pub(crate) enum Reason<'a> {
+pub(crate) enum Reason {
     /// A worker (or a check) needs headers; `rejected` is a reported token id.
-    Demand { rejected: Option<&'a str> },
+    Demand { rejected: Option<String> },
     /// The refresher renews this token ahead of expiry.
     Ahead { token_id: String },
     /// The keep-alive sweep renews an idle grant before its refresh token dies.
@@ -184,7 +203,8 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    /// Stops the loop and cancels refreshes in flight.
+    /// Stops the loop. Refreshes already started are not cancelled: they run on as vendor
+    /// exchanges ([`Broker::drain_exchanges`] waits for them).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -203,7 +223,11 @@ pub struct Schedule {
 
 impl Broker {
     /// Headers for `system_id`, valid at least `min_valid` seconds (as far as the upstream's
-    /// token lifetime allows). `rejected` is the `token_id` of headers the upstream refused.
+    /// token lifetime allows: a freshly minted token is served as is, with its real expiry).
+    /// `rejected` is the `token_id` of headers the upstream refused.
+    ///
+    /// A vendor exchange this starts runs detached: dropping the returned future (a client
+    /// deadline, a disconnect) never cancels a refresh half-way.
     pub async fn access_token(
         &self,
         system_id: &str,
@@ -220,17 +244,97 @@ impl Broker {
         {
             return Ok(self.hand_out_cached(t));
         }
+        crate::broker::validate_system_id(system_id)?;
         let need_until = SystemTime::now() + Duration::from_secs(u64::from(min_valid));
-        let rejected = rejected.filter(|r| !r.is_empty());
-        if system_id.is_empty() {
-            return Err(BrokerError::invalid("system_id", "is required"));
-        }
+        let rejected = rejected.filter(|r| !r.is_empty()).map(str::to_owned);
         crate::metrics::METRICS.cache(false);
         let t = self
-            .mint(system_id, need_until, Reason::Demand { rejected })
+            .mint_detached(system_id, need_until, Reason::Demand { rejected })
             .await?;
         t.mark_used();
         Ok(t)
+    }
+
+    /// `GetAccessToken`'s policy for `caller`: the id is validated and the caller's scope (ids,
+    /// then kinds) checked before any mint, and an out-of-scope caller gets the same answer
+    /// whether or not the system exists or works.
+    pub async fn access_token_for(
+        &self,
+        caller: &crate::broker::Caller,
+        system_id: &str,
+        min_valid: u32,
+        rejected: Option<&str>,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        crate::broker::validate_system_id(system_id)?;
+        let denied = || {
+            BrokerError::PermissionDenied(format!(
+                "caller '{}' may not access system '{system_id}'",
+                caller.name
+            ))
+        };
+        if !caller.may_use_id(system_id) {
+            return Err(denied());
+        }
+        if caller.is_kind_scoped() {
+            let kind = match self.cached(system_id) {
+                Some(t) => Some(t.kind),
+                None => self
+                    .store
+                    .get_system(system_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| r.kind),
+            };
+            if !kind.is_some_and(|k| caller.may_use_kind(k)) {
+                return Err(denied());
+            }
+        }
+        let token = self.access_token(system_id, min_valid, rejected).await?;
+        if !caller.may_use_kind(token.kind) {
+            return Err(denied());
+        }
+        Ok(token)
+    }
+
+    /// Runs [`Self::mint`] as a task of its own, tracked for shutdown: the exchange and the
+    /// durable write of its result finish even when the caller stops waiting.
+    pub(crate) async fn mint_detached(
+        &self,
+        system_id: &str,
+        need_until: SystemTime,
+        reason: Reason,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(BrokerError::Unavailable("shutting down".to_owned()));
+        };
+        let id = system_id.to_owned();
+        let task = self
+            .exchanges
+            .spawn(async move { me.mint(&id, need_until, reason).await });
+        task.await
+            .unwrap_or_else(|_| Err(BrokerError::Unavailable("shutting down".to_owned())))
+    }
+
+    /// Runs `work` (a vendor exchange and the durable write of its result) as a tracked task
+    /// that the caller may stop waiting for without stopping it. `None` if the task panicked.
+    pub fn run_detached<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> impl std::future::Future<Output = Option<T>> + Send + 'static {
+        let task = self.exchanges.spawn(work);
+        async move { task.await.ok() }
+    }
+
+    /// Waits (at most `grace`) for the vendor exchanges in flight; new ones are still accepted
+    /// meanwhile. True when none is left.
+    pub async fn drain_exchanges(&self, grace: Duration) -> bool {
+        self.exchanges.close();
+        let done = tokio::time::timeout(grace, self.exchanges.wait())
+            .await
+            .is_ok();
+        self.exchanges.reopen();
+        done
     }
 
     /// The cached token `access_token` would answer these arguments with, without minting (and
@@ -245,9 +349,9 @@ impl Broker {
         if min_valid > MAX_MIN_VALID_SECONDS {
             return None;
         }
+        let fresh_for = self.settings.refresh.min_demand_interval;
         self.cached(system_id).filter(|t| {
-            (rejected.is_empty() || rejected != t.token_id)
-                && t.expires_at >= SystemTime::now() + Duration::from_secs(u64::from(min_valid))
+            (rejected.is_empty() || rejected != t.token_id) && t.serves(min_valid, fresh_for)
         })
     }
 
@@ -291,21 +395,21 @@ impl Broker {
         &self,
         system_id: &str,
         need_until: SystemTime,
-        reason: Reason<'_>,
+        reason: Reason,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         let flight = self.flight(system_id);
         let mut f = flight.lock().await;
         let mut current = self.cached(system_id);
+        let fresh_for = self.settings.refresh.min_demand_interval;
+        let serves = |c: &IssuedToken| {
+            c.expires_at >= need_until
+                || (c.expires_at > SystemTime::now() && c.minted_at.elapsed() < fresh_for)
+        };
         match &reason {
-            Reason::Demand { rejected: None } => {
-                if let Some(c) = current.as_ref().filter(|c| c.expires_at >= need_until) {
-                    return Ok(c.clone());
-                }
-            }
-            Reason::Demand { rejected: Some(id) } => {
+            Reason::Demand { rejected } => {
                 if let Some(c) = current.clone() {
-                    if c.token_id != *id {
-                        if c.expires_at >= need_until {
+                    if rejected.as_deref() != Some(c.token_id.as_str()) {
+                        if serves(&c) {
                             return Ok(c);
                         }
                     } else if f
@@ -318,7 +422,7 @@ impl Broker {
                         f.last_forced = Some(Instant::now());
                         self.drop_token(system_id);
                         current = None;
-                        tracing::info!(message = "Worker reported a rejected token; minting a new one.", credential_id = %system_id);
+                        tracing::info!(message = "Worker reported a rejected token; minting a new one.", system_id = %system_id);
                     }
                 }
             }
@@ -475,6 +579,9 @@ impl Broker {
                     f.failures = 0;
                     f.backoff_until = None;
                     f.last_failure = None;
+                    if record.state_message.is_some() {
+                        self.note_state_message(system_id, None).await;
+                    }
                     let token = self.install(
                         system_id,
                         &record,
@@ -521,7 +628,20 @@ impl Broker {
                     f.last_failure = Some(failure);
                     let delay = self.backoff_delay(f.failures, retry_after);
                     f.backoff_until = Some(Instant::now() + delay);
-                    tracing::warn!(message = "Token refresh failed; backing off.", system = %record.kind, credential_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
+                    tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
+                    if credential.is_oauth() && message.contains(OUTCOME_UNKNOWN_MARK) {
+                        // The request reached the vendor, the answer did not reach us: the
+                        // vendor may have rotated the refresh token. The stored one is presented
+                        // again next time (Atlassian's reuse leeway exists for exactly this).
+                        let note = format!(
+                            "the last token refresh timed out after it was sent, so its outcome \
+                             is unknown; the broker retries with the stored refresh token in {} s \
+                             (vendors with a reuse leeway accept it); if the vendor refuses it, \
+                             reconnect the system",
+                            delay.as_secs().max(1)
+                        );
+                        self.note_state_message(system_id, Some(note)).await;
+                    }
                     if let Some(c) = current
                         .as_ref()
                         .filter(|c| c.expires_at > SystemTime::now())
@@ -593,6 +713,7 @@ impl Broker {
             refreshable,
             subject: issued.subject,
             used: AtomicBool::new(false),
+            minted_at: Instant::now(),
             audit_hmac: std::sync::OnceLock::new(),
         });
         write(&self.tokens).insert(system_id.to_owned(), token.clone());
@@ -617,7 +738,7 @@ impl Broker {
         system_id: &str,
         record: &SystemRecord,
         need_until: SystemTime,
-        reason: &Reason<'_>,
+        reason: &Reason,
         current: Option<&Arc<IssuedToken>>,
     ) -> Option<Arc<IssuedToken>> {
         let shared = record.shared_token.as_ref()?;
@@ -744,6 +865,29 @@ impl Broker {
         Err(last_err)
     }
 
+    /// Sets (or clears) an active system's `state_message`; best effort.
+    async fn note_state_message(&self, system_id: &str, message: Option<String>) {
+        for _ in 0..3 {
+            let Ok(current) = self.get_system(system_id).await else {
+                return;
+            };
+            if current.state != SystemState::Active || current.state_message == message {
+                return;
+            }
+            let mut updated = current.clone();
+            updated.state_message = message.clone();
+            updated.revision = current.revision + 1;
+            if self
+                .store
+                .update_system(&updated, current.revision)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
     async fn mark_reauthorization_required(&self, system_id: &str, message: &str) {
         for _ in 0..3 {
             let Ok(current) = self.get_system(system_id).await else {
@@ -830,7 +974,7 @@ impl Broker {
                 let me = self.clone();
                 tasks.spawn(async move {
                     let _ = me
-                        .mint(&system_id, SystemTime::now(), Reason::Ahead { token_id })
+                        .mint_detached(&system_id, SystemTime::now(), Reason::Ahead { token_id })
                         .await;
                 });
             }
@@ -863,7 +1007,9 @@ impl Broker {
                     let id = r.system_id.clone();
                     tracing::info!(message = "Keeping an idle grant alive.", credential_id = %id);
                     tasks.spawn(async move {
-                        let _ = me.mint(&id, SystemTime::now(), Reason::KeepAlive).await;
+                        let _ = me
+                            .mint_detached(&id, SystemTime::now(), Reason::KeepAlive)
+                            .await;
                     });
                 }
             }

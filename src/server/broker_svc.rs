@@ -350,7 +350,14 @@ impl CredentialBroker for BrokerService {
                     check: r.check,
                     delivery: convert::delivery(r.delivery).map_err(status)?,
                 };
-                let (record, check) = broker.register(input).await.map_err(status)?;
+                // Detached: a password grant or login exchanged here must be stored even if
+                // the admin's client gives up.
+                let b = broker.clone();
+                let (record, check) = broker
+                    .run_detached(async move { b.register(input).await })
+                    .await
+                    .unwrap_or(Err(BrokerError::Internal("registration was interrupted")))
+                    .map_err(status)?;
                 let audited = Audited {
                     system_id: Some(record.system_id.clone()),
                     token_id: None,
@@ -435,42 +442,32 @@ impl CredentialBroker for BrokerService {
             |r| Some(r.system_id.clone()),
             |b, r| b.answers_from_cache(&r.system_id, r.min_valid_seconds, &r.rejected_token_id),
             |broker, caller, r, warm| async move {
-                // Out-of-scope requests look the same whether or not the system exists.
-                let denied = || {
-                    Status::permission_denied(format!(
-                        "caller '{}' may not access system '{}'",
-                        caller.name, r.system_id
-                    ))
-                };
-                if !caller.may_use_id(&r.system_id) {
-                    return Err(denied());
-                }
                 let token = match warm {
                     // Found in the cache a moment ago (no await since): the same answer
-                    // `access_token` would give, without a second lookup.
-                    Some(t) => Ok(broker.hand_out_cached(t)),
+                    // `access_token_for` would give, without a second lookup.
+                    Some(t) if caller.may_use_id(&r.system_id) && caller.may_use_kind(t.kind) => {
+                        broker.hand_out_cached(t)
+                    }
                     // Boxed: minting (an upstream call, maybe) is a future of a few KiB, and
                     // held inline it would make every warm call's future too big for the
                     // allocator's fast path.
-                    None => {
-                        Box::pin(broker.access_token(
-                            &r.system_id,
-                            r.min_valid_seconds,
-                            Some(&r.rejected_token_id),
-                        ))
-                        .await
-                    }
+                    _ => Box::pin(broker.access_token_for(
+                        &caller,
+                        &r.system_id,
+                        r.min_valid_seconds,
+                        Some(&r.rejected_token_id),
+                    ))
+                    .await
+                    .map_err(|e| match e {
+                        BrokerError::NotFound(_) if caller.is_kind_scoped() => {
+                            status(BrokerError::PermissionDenied(format!(
+                                "caller '{}' may not access system '{}'",
+                                caller.name, r.system_id
+                            )))
+                        }
+                        e => status(e),
+                    })?,
                 };
-                let token = match token {
-                    Ok(t) => t,
-                    Err(BrokerError::NotFound(_)) if caller.is_kind_scoped() => {
-                        return Err(denied())
-                    }
-                    Err(e) => return Err(status(e)),
-                };
-                if !caller.may_use_kind(token.kind) {
-                    return Err(denied());
-                }
                 if token.delivery == crate::model::Delivery::Proxy {
                     // Proxy delivery: the worker gets a lease for the broker's proxy, never the
                     // secret.
@@ -541,9 +538,12 @@ impl CredentialBroker for BrokerService {
             |r| Some(r.system_id.clone()),
             |broker, _, r| async move {
                 let credential = convert::credential(r.credential, "credential").map_err(status)?;
+                let b = broker.clone();
+                let id = r.system_id.trim().to_owned();
                 let (record, check) = broker
-                    .rotate(r.system_id.trim(), credential, r.skip_check)
+                    .run_detached(async move { b.rotate(&id, credential, r.skip_check).await })
                     .await
+                    .unwrap_or(Err(BrokerError::Internal("the rotation was interrupted")))
                     .map_err(status)?;
                 Ok((
                     pb::RotateCredentialResponse {

@@ -85,16 +85,29 @@ async fn callback(
             "credbroker is starting; reload this page in a moment.",
         );
     };
-    let p = broker.complete_authorization(&params).await;
-    let code = if p.status == 200 {
-        tonic::Code::Ok
-    } else {
-        tonic::Code::FailedPrecondition
-    };
-    let _ = broker
-        .audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None)
-        .await;
-    page(p.status, &p.title, &p.message)
+    // The code exchange belongs to no browser: a closed tab must not drop a grant the vendor
+    // has already issued (the code is single use), so it runs to the end on its own.
+    let b = broker.clone();
+    let done = broker.run_detached(async move {
+        let p = b.complete_authorization(&params).await;
+        let code = if p.status == 200 {
+            tonic::Code::Ok
+        } else {
+            tonic::Code::FailedPrecondition
+        };
+        let _ = b
+            .audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None)
+            .await;
+        p
+    });
+    match done.await {
+        Some(p) => page(p.status, &p.title, &p.message),
+        None => page(
+            503,
+            "Stopping",
+            "credbroker is stopping; try again in a moment.",
+        ),
+    }
 }
 
 async fn proxy(State(core): State<Arc<OnceLock<Arc<Broker>>>>, req: Request) -> Response {

@@ -343,6 +343,7 @@ pub async fn run_with_hooks(
     };
     if let Some(res) = early_exit {
         refresher.shutdown().await;
+        broker.drain_exchanges(config.shutdown_grace).await;
         broker.stop_rewrap().await;
         let _ = http_stop_tx.send(());
         let _ = broker.flush().await;
@@ -387,6 +388,13 @@ pub async fn run_with_hooks(
         }
     }
     refresher.shutdown().await;
+    // A refresh or code exchange the vendor has already answered must reach the store: its
+    // old refresh token may be dead already.
+    if !broker.drain_exchanges(config.shutdown_grace).await {
+        tracing::warn!(
+            message = "Vendor exchanges still running after the grace period; stopping anyway."
+        );
+    }
     broker.stop_rewrap().await;
     if let Err(e) = broker.flush().await {
         tracing::error!(message = "Final flush failed.", error = %e);
@@ -556,7 +564,7 @@ async fn open_broker(
         write_admin_token(&path, token.expose_secret())?;
         tracing::info!(message = "Created the admin caller; its token is in the admin token file.", path = %path.display());
     }
-    Ok(Arc::new(broker))
+    Ok(broker)
 }
 
 fn write_admin_token(path: &Path, token: &str) -> Result<(), ServeError> {

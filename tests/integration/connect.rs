@@ -13,8 +13,8 @@ use crate::support::*;
 
 pub(crate) const ZD_CLIENT: &str = "zdg-credbroker";
 pub(crate) const ZD_SECRET: &str = "zd-client-secret-canary-19";
-const JIRA_CLIENT: &str = "jira-client-a";
-const JIRA_SECRET: &str = "jira-client-secret-canary-23";
+pub(crate) const JIRA_CLIENT: &str = "jira-client-a";
+pub(crate) const JIRA_SECRET: &str = "jira-client-secret-canary-23";
 
 pub(crate) fn authz_code(client_id: &str, secret: &str) -> pb::Credential {
     pb::Credential {
@@ -45,7 +45,7 @@ pub(crate) fn register(
 
 /// What a browser does: open the authorize URL, follow the vendor's redirect to the callback.
 /// Returns the vendor's redirect target and the callback page.
-async fn browse(authorize_url: &str) -> (String, u16, String) {
+pub(crate) async fn browse(authorize_url: &str) -> (String, u16, String) {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -66,7 +66,7 @@ async fn open(url: &str) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-async fn start(admin: &mut Client, id: &str) -> pb::StartAuthorizationResponse {
+pub(crate) async fn start(admin: &mut Client, id: &str) -> pb::StartAuthorizationResponse {
     admin
         .start_authorization(pb::StartAuthorizationRequest {
             system_id: id.into(),
@@ -103,7 +103,7 @@ pub(crate) async fn zendesk() -> FakeZendesk {
     fake
 }
 
-async fn atlassian() -> FakeAtlassian {
+pub(crate) async fn atlassian() -> FakeAtlassian {
     let fake = FakeAtlassian::start().await;
     fake.add_client(JIRA_CLIENT, JIRA_SECRET);
     fake.add_client("jira-client-b", "jira-secret-b");
@@ -121,7 +121,10 @@ async fn atlassian() -> FakeAtlassian {
     fake
 }
 
-fn jira_config(dir: &std::path::Path, fake: &FakeAtlassian) -> credbroker::config::Config {
+pub(crate) fn jira_config(
+    dir: &std::path::Path,
+    fake: &FakeAtlassian,
+) -> credbroker::config::Config {
     let mut c = test_config(dir);
     c.jira_auth_url = fake.origin.clone();
     c.jira_api_url = fake.origin.clone();

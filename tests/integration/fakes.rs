@@ -1501,6 +1501,11 @@ impl FakeZendesk {
         self.state.lock().unwrap().consent = c;
     }
 
+    /// Changes the token endpoint's behaviour.
+    pub fn oauth(&self, f: impl FnOnce(&mut OAuthServer)) {
+        f(&mut self.state.lock().unwrap().oauth);
+    }
+
     /// Forces the access-token lifetime (seconds).
     pub fn set_access_lifetime(&self, secs: u64) {
         self.state.lock().unwrap().access_lifetime = Some(secs);
@@ -1604,10 +1609,13 @@ fn zd_handle(s: &mut ZdState, req: &Req) -> Reply {
                 },
                 _ => return Reply::Unexpected("unknown grant_type".into()),
             };
-            Reply::Json(
-                200,
-                json!({"access_token": access, "token_type": "bearer", "scope": scope, "refresh_token": refresh,
-                "expires_in": lifetime, "refresh_token_expires_in": refresh_ttl}),
+            delayed(
+                &s.oauth,
+                Reply::Json(
+                    200,
+                    json!({"access_token": access, "token_type": "bearer", "scope": scope, "refresh_token": refresh,
+                    "expires_in": lifetime, "refresh_token_expires_in": refresh_ttl}),
+                ),
             )
         }
         "/api/v2/users/me.json" => {
@@ -1719,6 +1727,11 @@ impl FakeAtlassian {
     pub fn reuse_detected(&self) -> usize {
         self.state.lock().unwrap().oauth.reuse_detected
     }
+
+    /// Changes the token endpoint's behaviour.
+    pub fn oauth(&self, f: impl FnOnce(&mut OAuthServer)) {
+        f(&mut self.state.lock().unwrap().oauth);
+    }
 }
 
 fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
@@ -1793,9 +1806,13 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
             },
             _ => return Reply::Unexpected("unknown grant_type".into()),
         };
-        return Reply::Json(
-            200,
-            json!({"access_token": access, "refresh_token": refresh, "expires_in": lifetime, "token_type": "Bearer", "scope": scope}),
+        // The grant rotated on receipt; the answer may be slow to come back.
+        return delayed(
+            &s.oauth,
+            Reply::Json(
+                200,
+                json!({"access_token": access, "refresh_token": refresh, "expires_in": lifetime, "token_type": "Bearer", "scope": scope}),
+            ),
         );
     }
     let Some(user) = req.bearer().and_then(|t| s.oauth.user_of(t)) else {

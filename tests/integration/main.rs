@@ -10,6 +10,7 @@ mod broker_api;
 mod chaos;
 mod connect;
 mod crash;
+mod edges;
 mod fakes;
 mod fuzz;
 mod lifecycle;

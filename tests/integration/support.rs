@@ -416,3 +416,31 @@ pub fn dir_contains(dir: &Path, needle: &str) -> Option<PathBuf> {
         bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
     })
 }
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `within`.
+pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GetAccessToken` for `id` with a client-side deadline (the call is dropped when it passes).
+pub async fn token_with_deadline(
+    c: &mut Client,
+    id: &str,
+    rejected: &str,
+    deadline: Duration,
+) -> Result<pb::GetAccessTokenResponse, tonic::Status> {
+    let mut req = Request::new(pb::GetAccessTokenRequest {
+        system_id: id.into(),
+        rejected_token_id: rejected.into(),
+        ..Default::default()
+    });
+    req.set_timeout(deadline);
+    c.get_access_token(req).await.map(|r| r.into_inner())
+}

@@ -1,0 +1,428 @@
+//! The lifecycle at its edges: callers that give up mid-exchange, shutdown mid-refresh, demand
+//! that asks for more than a vendor grants, and out-of-scope callers.
+//!
+//! The cancellation harness drives each rotating and non-rotating refresh (ServiceNow, Zendesk,
+//! Jira), against fakes that rotate the grant on receipt and answer slowly, through a store that
+//! is slow too; the caller is dropped before the vendor is reached, while it works, after it
+//! rotated and while the result is being written. Afterwards the grant works and no rotated-out
+//! refresh token was ever presented.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use credbroker::config::Config;
+use credbroker::pb;
+use credbroker::store::faulty::{FaultControl, FaultyStore};
+use tonic::Code;
+
+use crate::connect::{
+    atlassian, authz_code, browse, jira_config, register, start, zendesk, JIRA_CLIENT, JIRA_SECRET,
+    ZD_CLIENT, ZD_SECRET,
+};
+use crate::oauth::{refresh_cred, servicenow, sn_register, USER};
+use crate::support::*;
+
+const ID: &str = "edge";
+/// How long the vendor takes to answer a token request (it rotates the grant on receipt).
+const VENDOR_DELAY: Duration = Duration::from_millis(700);
+/// Added to every store operation while the harness runs.
+const STORE_LATENCY_MS: u64 = 60;
+
+/// The client's own deadline ended the call (tonic reports a client-side timeout as
+/// `CANCELLED`, the server's as `DEADLINE_EXCEEDED`).
+fn gave_up(s: &tonic::Status) -> bool {
+    matches!(s.code(), Code::Cancelled | Code::DeadlineExceeded)
+}
+
+fn wrap(control: &Arc<FaultControl>) -> credbroker::server::StoreWrapper {
+    let control = control.clone();
+    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control)))
+}
+
+/// A vendor under test, connected as system [`ID`].
+struct Vendor {
+    config: Config,
+    calls: Box<dyn Fn() -> usize + Send>,
+    reuse: Box<dyn Fn() -> usize + Send>,
+    _fake: Box<dyn std::any::Any + Send>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Which {
+    ServiceNowRotating,
+    ServiceNowStatic,
+    Zendesk,
+    Jira,
+}
+
+/// Starts the vendor and a broker with a slow store, and connects system [`ID`]; the vendor
+/// answers slowly from then on.
+async fn connect(
+    which: Which,
+    dir: &std::path::Path,
+    ctl: &Arc<FaultControl>,
+) -> (TestBroker, Vendor) {
+    match which {
+        Which::ServiceNowRotating | Which::ServiceNowStatic => {
+            let fake = servicenow(1800).await;
+            let rotate = matches!(which, Which::ServiceNowRotating);
+            fake.oauth(|o| {
+                o.rotate = rotate;
+                o.token_delay = VENDOR_DELAY;
+            });
+            let rt = fake.issue_refresh_token(USER);
+            let config = test_config(dir);
+            let broker = TestBroker::start_wrapped(config.clone(), wrap(ctl)).await;
+            broker
+                .admin()
+                .await
+                .register_system(sn_register(ID, &fake.base_url, refresh_cred(&rt), false))
+                .await
+                .unwrap();
+            let (a, b) = (fake.clone(), fake.clone());
+            let vendor = Vendor {
+                config,
+                calls: Box::new(move || a.token_calls()),
+                reuse: Box::new(move || b.reuse_detected()),
+                _fake: Box::new(fake),
+            };
+            (broker, vendor)
+        }
+        Which::Zendesk => {
+            let fake = zendesk().await;
+            let config = test_config(dir);
+            let broker = TestBroker::start_wrapped(config.clone(), wrap(ctl)).await;
+            let mut admin = broker.admin().await;
+            admin
+                .register_system(register(
+                    ID,
+                    pb::SystemKind::Zendesk,
+                    &fake.base_url,
+                    authz_code(ZD_CLIENT, ZD_SECRET),
+                ))
+                .await
+                .unwrap();
+            assert_eq!(
+                browse(&start(&mut admin, ID).await.authorize_url).await.1,
+                200
+            );
+            fake.oauth(|o| o.token_delay = VENDOR_DELAY);
+            let (a, b) = (fake.clone(), fake.clone());
+            let vendor = Vendor {
+                config,
+                calls: Box::new(move || a.token_calls()),
+                reuse: Box::new(move || b.reuse_detected()),
+                _fake: Box::new(fake),
+            };
+            (broker, vendor)
+        }
+        Which::Jira => {
+            let fake = atlassian().await;
+            let config = jira_config(dir, &fake);
+            let broker = TestBroker::start_wrapped(config.clone(), wrap(ctl)).await;
+            let mut admin = broker.admin().await;
+            admin
+                .register_system(register(
+                    ID,
+                    pb::SystemKind::JiraCloud,
+                    "https://acme.atlassian.net/",
+                    authz_code(JIRA_CLIENT, JIRA_SECRET),
+                ))
+                .await
+                .unwrap();
+            assert_eq!(
+                browse(&start(&mut admin, ID).await.authorize_url).await.1,
+                200
+            );
+            fake.oauth(|o| o.token_delay = VENDOR_DELAY);
+            let (a, b) = (fake.clone(), fake.clone());
+            let vendor = Vendor {
+                config,
+                calls: Box::new(move || a.token_calls()),
+                reuse: Box::new(move || b.reuse_detected()),
+                _fake: Box::new(fake),
+            };
+            (broker, vendor)
+        }
+    }
+}
+
+/// Forces refreshes (by reporting the current token as rejected) and drops each call at a later
+/// point; then stops the broker while a refresh is at the vendor, restarts, and uses the grant.
+async fn cancellation_harness(which: Which) {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Arc::new(FaultControl::default());
+    let (broker, vendor) = connect(which, dir.path(), &ctl).await;
+    let mut admin = broker.admin().await;
+    let mut current = token_with_deadline(&mut admin, ID, "", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .token_id;
+    ctl.latency_ms
+        .store(STORE_LATENCY_MS, std::sync::atomic::Ordering::SeqCst);
+    let drops = [
+        Duration::from_millis(5),
+        Duration::from_millis(150),
+        VENDOR_DELAY + Duration::from_millis(40),
+        VENDOR_DELAY + Duration::from_millis(150),
+        VENDOR_DELAY + Duration::from_millis(300),
+    ];
+    for deadline in drops {
+        let forced_at = Instant::now();
+        let before = (vendor.calls)();
+        let dropped = token_with_deadline(&mut admin, ID, &current, deadline).await;
+        if let Err(s) = &dropped {
+            assert!(gave_up(s), "{which:?}: {s:?}");
+        }
+        // The next worker gets the refreshed token; the exchange happened once.
+        let next = token_with_deadline(&mut admin, ID, &current, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|s| panic!("{which:?}, dropped at {deadline:?}: {s:?}"));
+        assert_ne!(next.token_id, current, "{which:?}: no refresh happened");
+        assert_eq!((vendor.calls)(), before + 1, "{which:?} at {deadline:?}");
+        assert_eq!(
+            (vendor.reuse)(),
+            0,
+            "{which:?}: a rotated-out refresh token was presented"
+        );
+        current = next.token_id;
+        // A report within a second of the last forced refresh is not honoured again.
+        tokio::time::sleep_until((forced_at + Duration::from_millis(1_050)).into()).await;
+    }
+
+    // Shutdown while the vendor holds a refresh: the exchange finishes and is stored.
+    let before = (vendor.calls)();
+    let _ = token_with_deadline(&mut admin, ID, &current, Duration::from_millis(100)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the vendor received the refresh",
+        || (vendor.calls)() == before + 1,
+    )
+    .await;
+    broker.stop().await;
+    ctl.heal();
+    let broker = TestBroker::start_with(vendor.config.clone()).await;
+    let mut admin = broker.admin().await;
+    let after = token_with_deadline(&mut admin, ID, "", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|s| panic!("{which:?}: the grant died across the shutdown: {s:?}"));
+    assert!(after.headers[0].value.starts_with("Bearer "));
+    assert_eq!(
+        (vendor.reuse)(),
+        0,
+        "{which:?}: the old refresh token was presented"
+    );
+    let sys = admin
+        .get_system(pb::GetSystemRequest {
+            system_id: ID.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .system
+        .unwrap();
+    assert_eq!(sys.state, pb::SystemState::Active as i32, "{which:?}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_callers_never_lose_a_servicenow_rotating_grant() {
+    cancellation_harness(Which::ServiceNowRotating).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_callers_never_lose_a_servicenow_non_rotating_grant() {
+    cancellation_harness(Which::ServiceNowStatic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_callers_never_lose_a_zendesk_grant() {
+    cancellation_harness(Which::Zendesk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_callers_never_lose_a_jira_grant() {
+    cancellation_harness(Which::Jira).await;
+}
+
+/// The issue's reproduction: a lapsed Jira token, a slow vendor, three workers with 300 ms
+/// deadlines. The grant survives and the next worker is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_short_deadlines_on_a_lapsed_jira_token_keep_the_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = atlassian().await;
+    fake.oauth(|o| o.access_lifetime = 1);
+    let broker = TestBroker::start_with(jira_config(dir.path(), &fake)).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(
+            ID,
+            pb::SystemKind::JiraCloud,
+            "https://acme.atlassian.net/",
+            authz_code(JIRA_CLIENT, JIRA_SECRET),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        browse(&start(&mut admin, ID).await.authorize_url).await.1,
+        200
+    );
+    let exchanged = fake.token_calls();
+    fake.oauth(|o| {
+        o.token_delay = Duration::from_millis(1_500);
+        o.access_lifetime = 1800;
+    });
+    // Let the exchange's one-second token lapse while nobody uses it.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for _ in 0..3 {
+        let s = token_with_deadline(&mut admin, ID, "", Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(gave_up(&s), "{s:?}");
+    }
+    let tok = token_with_deadline(&mut admin, ID, "", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(tok.headers[0].value.starts_with("Bearer at-"));
+    assert_eq!(
+        fake.token_calls(),
+        exchanged + 1,
+        "one refresh for all four workers"
+    );
+    assert_eq!(fake.reuse_detected(), 0);
+    broker.stop().await;
+}
+
+/// A browser that closes the tab while the broker exchanges the code: the grant is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_tab_during_the_code_exchange_keeps_the_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    fake.oauth(|o| o.token_delay = Duration::from_millis(800));
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(
+            ID,
+            pb::SystemKind::Zendesk,
+            &fake.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(&mut admin, ID).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let consent = http.get(&s.authorize_url).send().await.unwrap();
+    let callback = consent.headers()["location"].to_str().unwrap().to_owned();
+    let closed = http
+        .get(&callback)
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(closed.unwrap_err().is_timeout());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sys = admin
+            .get_system(pb::GetSystemRequest {
+                system_id: ID.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .system
+            .unwrap();
+        if sys.state == pb::SystemState::Active as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the exchange never completed: {sys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let tok = token_with_deadline(&mut admin, ID, "", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(tok.headers[0].value.starts_with("Bearer at-"));
+    assert_eq!(
+        fake.token_calls(),
+        1,
+        "the code was exchanged once; no refresh needed"
+    );
+    broker.stop().await;
+}
+
+/// `min_valid_seconds` beyond the vendor's lifetime: the fresh token is served as is, with its
+/// real expiry; 60 calls make one refresh. A worker scoped to another kind causes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demand_beyond_the_token_lifetime_cannot_drive_refreshes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = servicenow(600).await;
+    fake.oauth(|o| o.rotate = true);
+    let rt = fake.issue_refresh_token(USER);
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(sn_register(ID, &fake.base_url, refresh_cred(&rt), false))
+        .await
+        .unwrap();
+    let zd_worker = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "zd-only".into(),
+            role: pb::CallerRole::Worker as i32,
+            kinds: vec![pb::SystemKind::Zendesk as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut zd = client(broker.addr, Some(&zd_worker)).await;
+    let greedy = |id: &str| pb::GetAccessTokenRequest {
+        system_id: id.into(),
+        min_valid_seconds: 86_400,
+        ..Default::default()
+    };
+    // The out-of-scope worker first: refused before anything is minted, the same way for a
+    // system that exists and one that does not.
+    let other = zd.get_access_token(greedy(ID)).await.unwrap_err();
+    let missing = zd
+        .get_access_token(greedy("no-such-system"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
+    assert_eq!(missing.code(), Code::PermissionDenied);
+    assert_eq!(
+        other.message().replace(ID, "X"),
+        missing.message().replace("no-such-system", "X")
+    );
+    assert_eq!(
+        fake.token_calls(),
+        0,
+        "an out-of-scope caller caused a refresh"
+    );
+
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..60 {
+        let t = admin
+            .get_access_token(greedy(ID))
+            .await
+            .unwrap()
+            .into_inner();
+        let expires = t.expires_at.unwrap().seconds;
+        let now = credbroker::model::unix_now() as i64;
+        assert!(expires <= now + 600, "the real expiry is reported");
+        ids.insert(t.token_id);
+    }
+    assert_eq!(fake.token_calls(), 1, "60 greedy calls made one refresh");
+    assert_eq!(ids.len(), 1);
+    for _ in 0..20 {
+        zd.get_access_token(greedy(ID)).await.unwrap_err();
+    }
+    assert_eq!(fake.token_calls(), 1);
+    assert_eq!(fake.reuse_detected(), 0);
+    broker.stop().await;
+}
