@@ -81,7 +81,7 @@ impl IssuedToken {
     pub(crate) fn serves(&self, min_valid: u32, fresh_for: Duration) -> bool {
         let now = SystemTime::now();
         self.expires_at >= now + Duration::from_secs(u64::from(min_valid))
-            || (self.expires_at > now && self.minted_at.elapsed() < fresh_for)
+            || (self.refreshable && self.expires_at > now && self.minted_at.elapsed() < fresh_for)
     }
 
     fn mark_used(&self) {
@@ -309,9 +309,10 @@ impl Broker {
             return Err(BrokerError::Unavailable("shutting down".to_owned()));
         };
         let id = system_id.to_owned();
-        let task = self
-            .exchanges
-            .spawn(async move { me.mint(&id, need_until, reason).await });
+        let task = self.exchanges.spawn(tracing::Instrument::instrument(
+            async move { me.mint(&id, need_until, reason).await },
+            tracing::Span::current(),
+        ));
         task.await
             .unwrap_or_else(|_| Err(BrokerError::Unavailable("shutting down".to_owned())))
     }
@@ -322,7 +323,9 @@ impl Broker {
         &self,
         work: impl std::future::Future<Output = T> + Send + 'static,
     ) -> impl std::future::Future<Output = Option<T>> + Send + 'static {
-        let task = self.exchanges.spawn(work);
+        let task = self
+            .exchanges
+            .spawn(tracing::Instrument::instrument(work, tracing::Span::current()));
         async move { task.await.ok() }
     }
 
@@ -403,7 +406,9 @@ impl Broker {
         let fresh_for = self.settings.refresh.min_demand_interval;
         let serves = |c: &IssuedToken| {
             c.expires_at >= need_until
-                || (c.expires_at > SystemTime::now() && c.minted_at.elapsed() < fresh_for)
+                || (c.refreshable
+                    && c.expires_at > SystemTime::now()
+                    && c.minted_at.elapsed() < fresh_for)
         };
         match &reason {
             Reason::Demand { rejected } => {
