@@ -53,6 +53,17 @@ struct Claims {
     n: String,
 }
 
+/// Methods never forwarded: TRACE/TRACK echo the request (the injected credential with it),
+/// CONNECT would open a tunnel past every check.
+const REFUSED_METHODS: &[&str] = &["TRACE", "TRACK", "CONNECT"];
+
+/// The part of `location` after `base` when `location` lies under `base` by whole path
+/// segments.
+fn under_base<'a>(location: &'a str, base: &str) -> Option<&'a str> {
+    let rest = location.strip_prefix(base.trim_end_matches('/'))?;
+    (rest.is_empty() || rest.starts_with(['/', '?', '#'])).then_some(rest)
+}
+
 /// Headers that describe one hop, never forwarded.
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -192,7 +203,7 @@ impl Broker {
         };
         let masked = mask_path(&tail);
         let (resp, caller) = self
-            .proxy_inner(req, &system_id, &tail, query.as_deref())
+            .proxy_inner(req, &system_id, &tail, query.as_deref(), &masked)
             .await;
         let status = resp.status();
         crate::metrics::METRICS.proxy(status.as_u16());
@@ -224,9 +235,16 @@ impl Broker {
         system_id: &str,
         tail: &str,
         query: Option<&str>,
+        masked: &str,
     ) -> (Response, Option<String>) {
         let method = req.method().clone();
         let refuse = |status: StatusCode, msg: &str| (error(status, msg), None);
+        if REFUSED_METHODS.contains(&method.as_str()) {
+            return refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "TRACE, TRACK and CONNECT are not proxied",
+            );
+        }
         if req.uri().authority().is_some() || req.uri().scheme().is_some() {
             return refuse(
                 StatusCode::BAD_REQUEST,
@@ -336,7 +354,7 @@ impl Broker {
         let mut headers = HeaderMap::new();
         for (k, v) in req.headers() {
             let name = k.as_str();
-            if HOP_BY_HOP.contains(&name) || name == "authorization" {
+            if HOP_BY_HOP.contains(&name) || name == "authorization" || name == "cookie" {
                 continue;
             }
             headers.append(k.clone(), v.clone());
@@ -370,6 +388,31 @@ impl Broker {
         *forward.method_mut() = method;
         *forward.uri_mut() = uri;
         *forward.headers_mut() = headers;
+        // No audit, no forward: the call may change data at the vendor.
+        let audited = self
+            .audit
+            .record(&crate::audit::AuditEvent {
+                time: crate::audit::now_rfc3339(),
+                caller: Some(&claims.c),
+                rpc: "Proxy",
+                system_id: Some(system_id),
+                outcome: "forwarding",
+                code: "FORWARDING",
+                token_hmac: None,
+                method: Some(forward.method().as_str()),
+                path: Some(masked),
+                duration_ms: None,
+            })
+            .await;
+        if audited.is_err() && self.audit.fail_closed() {
+            return (
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the audit trail cannot be written; nothing is forwarded until it recovers",
+                ),
+                Some(claims.c),
+            );
+        }
         let read_timeout = client.read_timeout;
         let resp = match tokio::time::timeout(read_timeout, client.client.request(forward)).await {
             Ok(Ok(r)) => r,
@@ -401,15 +444,18 @@ impl Broker {
             .unwrap_or_default();
         let mut out = HeaderMap::new();
         for (k, v) in resp.headers() {
-            if HOP_BY_HOP.contains(&k.as_str()) {
+            // A vendor session (JSESSIONID, sid, …) would outlive the lease, its revocation
+            // and the audit trail: it never reaches the worker.
+            if HOP_BY_HOP.contains(&k.as_str()) || k == "set-cookie" || k == "set-cookie2" {
                 continue;
             }
             if k == "location" {
-                // Rewrite only redirects that stay under the registered base.
+                // Rewrite only redirects that stay under the registered base, by whole path
+                // segments (`/acme` does not cover `/acme2`).
                 if let Some(rest) = v
                     .to_str()
                     .ok()
-                    .and_then(|l| l.strip_prefix(token.api_base_url.as_str()))
+                    .and_then(|l| under_base(l, &token.api_base_url))
                 {
                     if let Ok(nv) = HeaderValue::from_str(&format!("{proxy_base}{rest}")) {
                         out.append(k.clone(), nv);
@@ -544,4 +590,26 @@ pub fn mask_path(tail: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::under_base;
+
+    #[test]
+    fn locations_are_under_the_base_by_whole_segments() {
+        let base = "https://acme.example/acme";
+        assert_eq!(under_base("https://acme.example/acme", base), Some(""));
+        assert_eq!(under_base("https://acme.example/acme/x", base), Some("/x"));
+        assert_eq!(
+            under_base("https://acme.example/acme?a=1", base),
+            Some("?a=1")
+        );
+        assert_eq!(under_base("https://acme.example/acme2/x", base), None);
+        assert_eq!(under_base("https://acme.example.evil/acme", base), None);
+        assert_eq!(
+            under_base("https://acme.example/acme/", "https://acme.example/acme/"),
+            Some("/")
+        );
+    }
 }

@@ -323,9 +323,10 @@ impl Broker {
         &self,
         work: impl std::future::Future<Output = T> + Send + 'static,
     ) -> impl std::future::Future<Output = Option<T>> + Send + 'static {
-        let task = self
-            .exchanges
-            .spawn(tracing::Instrument::instrument(work, tracing::Span::current()));
+        let task = self.exchanges.spawn(tracing::Instrument::instrument(
+            work,
+            tracing::Span::current(),
+        ));
         async move { task.await.ok() }
     }
 

@@ -159,13 +159,15 @@ async fn every_static_kind_reaches_its_vendor_through_the_proxy() {
     ] {
         assert!(u.is_empty(), "{u:?}");
     }
-    // One audit event per proxied call, with the path and no header values.
+    // Two audit events per proxied call (before forwarding, and its outcome), with the path and
+    // no header values.
     let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
-    let proxied: Vec<serde_json::Value> = audit
+    let (forwarding, proxied): (Vec<serde_json::Value>, Vec<serde_json::Value>) = audit
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|e: &serde_json::Value| e["rpc"] == "Proxy")
-        .collect();
+        .partition(|e| e["outcome"] == "forwarding");
+    assert_eq!(forwarding.len(), 5);
     assert_eq!(proxied.len(), 5);
     assert!(proxied
         .iter()
@@ -626,5 +628,136 @@ async fn a_vendor_that_stops_answering_gets_a_504_or_a_cut_body_within_the_read_
     // The proxy is fine afterwards.
     let (status, body) = call(&t, "/users/me", &[]).await;
     assert_eq!(status, 200, "{body}");
+    broker.stop().await;
+}
+
+/// What the session vendor saw: (method, cookie header) per request.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// A vendor that opens a session on every answer (ServiceNow's `JSESSIONID`) and redirects to a
+/// sibling path that shares the base's prefix but not its segments.
+async fn session_vendor(secret: &'static str, seen: Seen) -> String {
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let seen = seen.clone();
+        async move {
+            if let Some(refused) = refuse_unless_bearer(&req, secret) {
+                return refused;
+            }
+            let cookie = req
+                .headers()
+                .get("cookie")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            seen.lock()
+                .unwrap()
+                .push((req.method().to_string(), cookie));
+            let host = req.headers()["host"].to_str().unwrap().to_owned();
+            let location = match req.uri().path() {
+                "/api/1.0/sibling" => format!("http://{host}/api/1.02/x"),
+                _ => format!("http://{host}/api/1.0/next?page=2"),
+            };
+            (
+                StatusCode::FOUND,
+                [
+                    (
+                        "set-cookie",
+                        "JSESSIONID=vendor-session-canary; Path=/; HttpOnly".to_owned(),
+                    ),
+                    (
+                        "set-cookie",
+                        "glide_user_route=glide.canary; Path=/".to_owned(),
+                    ),
+                    ("location", location),
+                ],
+                "",
+            )
+                .into_response()
+        }
+    });
+    serve_vendor(app).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vendor_sessions_and_unsafe_methods_never_cross_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let seen: Seen = Default::default();
+    let base = session_vendor("session-pat", seen.clone()).await;
+    let mut req = reg("sess", pb::SystemKind::Asana, &base, pat("session-pat"));
+    req.check = false;
+    admin.register_system(req).await.unwrap();
+    let t = admin
+        .get_access_token(tok("sess"))
+        .await
+        .unwrap()
+        .into_inner();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let auth = t.headers[0].value.clone();
+
+    let r = http
+        .get(format!("{}/users/me", t.api_base_url))
+        .header("authorization", &auth)
+        .header("cookie", "JSESSIONID=worker-cookie-canary")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    assert!(r.headers().get("set-cookie").is_none(), "{:?}", r.headers());
+    assert_eq!(
+        r.headers()["location"],
+        format!("{}/next?page=2", t.api_base_url).as_str(),
+        "a Location under the base is rewritten to the proxy"
+    );
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [("GET".to_owned(), String::new())]
+    );
+    // `/api/1.02` is not under `/api/1.0`: passed back untouched, not rewritten.
+    let r = http
+        .get(format!("{}/sibling", t.api_base_url))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    let sibling = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(sibling.ends_with("/api/1.02/x"), "{sibling}");
+    assert!(!sibling.contains("/proxy/"), "{sibling}");
+    let calls = seen.lock().unwrap().len();
+    for method in ["TRACE", "TRACK"] {
+        let r = http
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+                format!("{}/users/me", t.api_base_url),
+            )
+            .header("authorization", &auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), calls, "nothing was forwarded");
+
+    // No audit, no forward.
+    let path = dir.path().join("audit.log");
+    std::fs::rename(&path, dir.path().join("audit.before")).unwrap();
+    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    let r = http
+        .post(format!("{}/users/me", t.api_base_url))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        calls,
+        "forwarded without an audit line"
+    );
+    std::fs::remove_file(&path).unwrap();
     broker.stop().await;
 }
