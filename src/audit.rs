@@ -163,7 +163,13 @@ pub struct Audit {
     batches: std::sync::atomic::AtomicU64,
     healthy: AtomicBool,
     health_tx: watch::Sender<bool>,
+    /// Lines for refused and unauthenticated calls in the current second: (second, count).
+    refusals: std::sync::Mutex<(u64, u32)>,
 }
+
+/// Lines a second kept for refused and unauthenticated calls; the rest are counted in
+/// `credbroker_audit_dropped_total`, so anonymous traffic cannot rotate the trail away.
+pub const MAX_REFUSAL_LINES_PER_SEC: u32 = 50;
 
 impl std::fmt::Debug for Audit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,8 +196,25 @@ impl Audit {
             pending: Mutex::new(Pending::default()),
             batches: std::sync::atomic::AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            refusals: std::sync::Mutex::new((0, 0)),
             health_tx,
         }
+    }
+
+    /// Whether a line for a refused or unauthenticated call may be written now (at most
+    /// [`MAX_REFUSAL_LINES_PER_SEC`] a second); a dropped one is counted.
+    pub fn admit_refusal(&self) -> bool {
+        let now = crate::model::unix_now();
+        let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        if r.0 != now {
+            *r = (now, 0);
+        }
+        r.1 += 1;
+        let admitted = r.1 <= MAX_REFUSAL_LINES_PER_SEC;
+        if !admitted {
+            crate::metrics::METRICS.audit_dropped();
+        }
+        admitted
     }
 
     /// Whether secret-returning RPCs must fail when writing fails.
@@ -326,11 +349,12 @@ impl Audit {
             }
         }
         if sink.file.is_none() {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&sink.path)
-                .map_err(|e| AuditError(e.to_string()))?;
+            let f = std::os::unix::fs::OpenOptionsExt::mode(
+                OpenOptions::new().create(true).append(true),
+                0o600,
+            )
+            .open(&sink.path)
+            .map_err(|e| AuditError(e.to_string()))?;
             let meta = f.metadata().ok();
             sink.size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
             sink.id = std::fs::metadata(&sink.path)

@@ -107,6 +107,8 @@ pub enum AuthRefusal {
     Unknown,
     /// The caller's token expired.
     Expired,
+    /// A client certificate's names match more than one caller.
+    Ambiguous,
 }
 
 /// What `RegisterSystem` needs.
@@ -228,6 +230,8 @@ pub struct Broker {
     /// Vendor exchanges in flight (refreshes, code exchanges, logins): detached from their
     /// callers, waited for at shutdown.
     pub(crate) exchanges: tokio_util::task::TaskTracker,
+    /// Held by master-key rotations and retirements (one at a time).
+    pub(crate) key_ops: tokio::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -292,6 +296,7 @@ impl Broker {
         let broker = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             exchanges: tokio_util::task::TaskTracker::new(),
+            key_ops: tokio::sync::Mutex::new(()),
             write_health,
             store,
             keyring: RwLock::new(keyring),
@@ -354,6 +359,19 @@ impl Broker {
             return;
         };
         let me = Arc::downgrade(self);
+        let backstop = me.clone();
+        tokio::spawn(async move {
+            // A backstop for a feed that lost a message: callers are reloaded periodically.
+            let mut every = tokio::time::interval(CALLER_RELOAD_INTERVAL);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(broker) = backstop.upgrade() else {
+                    break;
+                };
+                broker.reload_callers().await;
+            }
+        });
         tokio::spawn(async move {
             loop {
                 let change = match rx.recv().await {
@@ -438,10 +456,13 @@ impl Broker {
     /// The caller named by a verified client certificate (its SAN DNS names), if any.
     pub fn authenticate_names(&self, names: &[String]) -> Result<Arc<Caller>, AuthRefusal> {
         let map = read(&self.callers);
-        let c = map
+        let mut matching = map
             .values()
-            .find(|c| names.iter().any(|n| n.eq_ignore_ascii_case(&c.name)))
-            .ok_or(AuthRefusal::Unknown)?;
+            .filter(|c| names.iter().any(|n| n.eq_ignore_ascii_case(&c.name)));
+        let c = matching.next().ok_or(AuthRefusal::Unknown)?;
+        if matching.next().is_some() {
+            return Err(AuthRefusal::Ambiguous);
+        }
         if c.expires_at.is_some_and(|e| e <= unix_now()) {
             return Err(AuthRefusal::Expired);
         }
@@ -530,6 +551,11 @@ impl Broker {
             .cloned()
             .ok_or_else(|| BrokerError::NotFound(format!("caller '{name}' not found")))?;
         if record.revoked {
+            // Already revoked in the store (by another replica, or by hand): make sure this
+            // process forgets it too.
+            if let Some(hash) = decode_hash(&record.token_sha256) {
+                write(&self.callers).remove(&hash);
+            }
             return Ok(record);
         }
         let active_admins = callers
@@ -1172,6 +1198,9 @@ fn not_connected(system_id: &str) -> String {
 fn already_exists(system_id: &str) -> BrokerError {
     BrokerError::AlreadyExists(format!("system '{system_id}' already exists"))
 }
+
+/// How often a replica reloads its callers from a shared store whatever the feed says.
+pub const CALLER_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Checks a system id named in a request (before it touches the audit trail, a map or the store).
 pub fn validate_system_id(system_id: &str) -> Result<(), BrokerError> {

@@ -146,8 +146,32 @@ impl Broker {
         Ok(())
     }
 
+    /// Serializes key operations: in this process, and across replicas through the store's lock;
+    /// on a shared store the keyring is re-read under the lock, so each operation builds on the
+    /// last one's index instead of overwriting it.
+    async fn key_operation(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::MutexGuard<'_, ()>,
+            Option<crate::store::RefreshLock>,
+        ),
+        BrokerError,
+    > {
+        let local = self.key_ops.lock().await;
+        let shared = self
+            .store
+            .lock_refresh(KEY_OPERATIONS_LOCK, std::time::Duration::from_secs(30))
+            .await?;
+        if self.store.is_shared() {
+            self.reload_keks().await?;
+        }
+        Ok((local, shared))
+    }
+
     /// Creates a new KEK, makes it primary, and starts re-wrapping. Returns its id.
     pub async fn rotate_master_key(self: &Arc<Self>) -> Result<u32, BrokerError> {
+        let _serialized = self.key_operation().await?;
         let kek = MasterKey::generate();
         let id = kek.id();
         let sealed = read(&self.keyring).seal_kek(&kek);
@@ -314,6 +338,7 @@ impl Broker {
     pub async fn retire_key(&self, key_id: &str) -> Result<(), BrokerError> {
         let id = parse_id(key_id)
             .ok_or_else(|| BrokerError::invalid("key_id", "must be a hex key id"))?;
+        let _serialized = self.key_operation().await?;
         let status = self.key_status().await?;
         let Some(k) = status.keys.iter().find(|k| k.id == id) else {
             return Err(BrokerError::NotFound(format!("key {key_id} not found")));
@@ -348,3 +373,6 @@ impl Broker {
         Ok(())
     }
 }
+
+/// The store lock key operations hold (not a valid system id, so it never meets a refresh lock).
+const KEY_OPERATIONS_LOCK: &str = "~key-operations";

@@ -101,6 +101,7 @@ pub struct Metrics {
     upstream: Histogram,
     upstream_errors: AtomicU64,
     audit_errors: AtomicU64,
+    audit_dropped: AtomicU64,
     store_write_errors: AtomicU64,
     proxy: Vec<AtomicU64>,
 }
@@ -117,6 +118,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream: Histogram::new(),
     upstream_errors: AtomicU64::new(0),
     audit_errors: AtomicU64::new(0),
+    audit_dropped: AtomicU64::new(0),
     store_write_errors: AtomicU64::new(0),
     proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
 });
@@ -161,6 +163,11 @@ impl Metrics {
     /// An audit event that could not be written.
     pub fn audit_error(&self) {
         self.audit_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An audit line for a refused call left out by the rate limit.
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A store write (or flush) that failed.
@@ -230,6 +237,12 @@ impl Metrics {
             out,
             "credbroker_upstream_errors_total {}",
             self.upstream_errors.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP credbroker_audit_dropped_total Audit lines for refused or unauthenticated calls left out by the rate limit.\n# TYPE credbroker_audit_dropped_total counter\n");
+        let _ = writeln!(
+            out,
+            "credbroker_audit_dropped_total {}",
+            self.audit_dropped.load(Ordering::Relaxed)
         );
         out.push_str("# HELP credbroker_audit_errors_total Audit events that could not be written.\n# TYPE credbroker_audit_errors_total counter\n");
         let _ = writeln!(

@@ -456,7 +456,9 @@ impl Broker {
             Ok(r) => r,
             Err(e) => {
                 if matches!(e, BrokerError::NotFound(_)) {
+                    // Maps keyed by request data only ever hold existing systems.
                     self.drop_token(system_id);
+                    lock(&self.flights).remove(system_id);
                 }
                 return Err(e);
             }

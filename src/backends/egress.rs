@@ -127,6 +127,12 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
         Some("unique-local (incl. fd00:ec2::254 metadata)")
     } else if s[0] & 0xffc0 == 0xfe80 {
         Some("link-local")
+    } else if s[0] & 0xffc0 == 0xfec0 {
+        Some("site-local")
+    } else if s[0] == 0x2002 {
+        Some("6to4 (embeds an IPv4 address)")
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        Some("Teredo (embeds an IPv4 address)")
     } else if s[0] & 0xff00 == 0xff00 {
         Some("multicast")
     } else if s[0] == 0x2001 && s[1] == 0x0db8 {
@@ -307,6 +313,9 @@ mod tests {
             "http://198.18.0.1/",
             "http://224.0.0.1/",
             "http://[64:ff9b::7f00:1]/",
+            "http://[2002:7f00:1::1]/",
+            "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+            "http://[fec0::1]/",
         ] {
             let url = url::Url::parse(raw).unwrap();
             assert!(p.check_url(&url).is_err(), "{raw} was allowed");

@@ -81,6 +81,9 @@ impl BrokerService {
                     Status::unauthenticated(format!("invalid or revoked {what}"))
                 }
                 AuthRefusal::Expired => Status::unauthenticated(format!("the {what} has expired")),
+                AuthRefusal::Ambiguous => Status::unauthenticated(format!(
+                    "the {what} names more than one caller; refused as ambiguous"
+                )),
             };
             (s, None)
         };
@@ -184,7 +187,13 @@ impl BrokerService {
                 request_id = request_id.to_str().unwrap_or_default()
             )
         };
-        let system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
+        let mut system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
+        let id_check = system_id.as_deref().map(|id| {
+            crate::broker::validate_system_id(id.trim()).map_err(|e| Box::new(Status::from(e)))
+        });
+        if matches!(id_check, Some(Err(_))) {
+            system_id = None;
+        }
         let authorized = broker.map(|broker| {
             // A refusal is rare: boxed, it keeps the call's future small.
             let caller = span
@@ -196,6 +205,7 @@ impl BrokerService {
             rpc,
             secret,
             system_id,
+            id_check,
             authorized,
         };
         tracing::Instrument::instrument(
@@ -210,6 +220,8 @@ struct Call {
     rpc: &'static str,
     secret: bool,
     system_id: Option<String>,
+    /// The request's system id against the id grammar (boxed: rare, keeps the future small).
+    id_check: Option<Result<(), Box<Status>>>,
     /// `None` while the broker is starting.
     authorized: Option<(Arc<Broker>, AuthResult)>,
 }
@@ -240,18 +252,29 @@ impl Call {
                 Ok(c) => c,
                 Err(refused) => {
                     let (s, name) = *refused;
-                    let _ = broker
-                        .audit_record(
-                            rpc,
-                            name.as_deref(),
-                            self.system_id.as_deref(),
-                            s.code(),
-                            None,
-                        )
-                        .await;
+                    if broker.audit.admit_refusal() {
+                        let _ = broker
+                            .audit_record(
+                                rpc,
+                                name.as_deref(),
+                                self.system_id.as_deref(),
+                                s.code(),
+                                None,
+                            )
+                            .await;
+                    }
                     break 'call Err(s);
                 }
             };
+            if let Some(Err(e)) = self.id_check {
+                // Checked before the id touches the trail, a map or the store.
+                if broker.audit.admit_refusal() {
+                    let _ = broker
+                        .audit_record(rpc, Some(&caller.name), None, e.code(), None)
+                        .await;
+                }
+                break 'call Err(*e);
+            }
             let mut result = f(broker.clone(), caller.clone(), message, ready).await;
             let (code, generated, token) = match &mut result {
                 Ok((_, a)) => (Code::Ok, a.system_id.take(), a.token_id.take()),
@@ -752,7 +775,15 @@ impl CredentialBroker for BrokerService {
             request,
             |_| None,
             |broker, _, _| async move {
-                let id = broker.rotate_master_key().await.map_err(status)?;
+                // Detached: a rotation that has begun writing keys finishes.
+                let b = broker.clone();
+                let id = broker
+                    .run_detached(async move { b.rotate_master_key().await })
+                    .await
+                    .unwrap_or(Err(BrokerError::Internal(
+                        "the key rotation was interrupted",
+                    )))
+                    .map_err(status)?;
                 Ok((
                     pb::RotateMasterKeyResponse {
                         key_id: format!("{id:08x}"),

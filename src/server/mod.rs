@@ -414,10 +414,12 @@ async fn open_broker(
     wrap_store: Option<StoreWrapper>,
 ) -> Result<Arc<Broker>, ServeError> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|error| ServeError::DataDir {
-        path: data_dir.clone(),
-        error,
-    })?;
+    std::fs::create_dir_all(&data_dir)
+        .and_then(|()| restrict_data_dir(&data_dir))
+        .map_err(|error| ServeError::DataDir {
+            path: data_dir.clone(),
+            error,
+        })?;
     let (mut store, keyring, key_id, source, initialized): (Arc<dyn CredentialStore>, _, _, _, _) =
         match &config.store_url {
             Some(url) => {
@@ -467,6 +469,9 @@ async fn open_broker(
                 let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
                     .await
                     .map_err(|e| ServeError::Transport(e.to_string()))??;
+                if let Err(e) = restrict_data_dir(&data_dir) {
+                    tracing::warn!(message = "Could not restrict the store's file modes.", error = %e);
+                }
                 (
                     Arc::new(ReopeningSledStore::new(store, &data_dir)) as Arc<dyn CredentialStore>,
                     keyring,
@@ -565,6 +570,26 @@ async fn open_broker(
         tracing::info!(message = "Created the admin caller; its token is in the admin token file.", path = %path.display());
     }
     Ok(broker)
+}
+
+/// Makes the data directory and the sled store's directory 0700 and the files directly in them
+/// 0600: other local users read neither sealed records nor the audit trail.
+fn restrict_data_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    for d in [dir.to_path_buf(), SledStore::path_in(dir)] {
+        if !d.is_dir() {
+            continue;
+        }
+        mode(&d, 0o700)?;
+        for entry in std::fs::read_dir(&d)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                mode(&entry.path(), 0o600)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_admin_token(path: &Path, token: &str) -> Result<(), ServeError> {

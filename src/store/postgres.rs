@@ -290,7 +290,7 @@ async fn listen_loop<T>(
                     }
                     connected_before = true;
                     let _ = tx.send(Change::Resync);
-                    while let Some(p) = nrx.recv().await {
+                    while let Some(p) = next_notification(&client, &mut nrx, &replica).await {
                         let mut parts = p.splitn(3, '|');
                         let (Some(from), Some(kind), Some(id)) =
                             (parts.next(), parts.next(), parts.next())
@@ -320,6 +320,40 @@ async fn listen_loop<T>(
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// After this long without a notification the feed proves it still delivers (a NOTIFY of its
+/// own must come back within [`FEED_ECHO`]), or it reconnects and resyncs.
+const FEED_QUIET: Duration = Duration::from_secs(5);
+/// How long the feed's own NOTIFY may take to come back.
+const FEED_ECHO: Duration = Duration::from_secs(2);
+
+/// The next notification's payload; `None` when the feed is dead (closed, or quiet and its own
+/// NOTIFY did not come back: a connection that looks alive but no longer delivers).
+async fn next_notification(
+    client: &tokio_postgres::Client,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    replica: &str,
+) -> Option<String> {
+    if let Ok(p) = tokio::time::timeout(FEED_QUIET, rx.recv()).await {
+        return p;
+    }
+    let ping = format!("{replica}|ping|-");
+    let echo = tokio::time::timeout(FEED_ECHO, async {
+        client
+            .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &ping])
+            .await
+            .ok()?;
+        rx.recv().await
+    })
+    .await;
+    match echo {
+        Ok(Some(p)) => Some(p),
+        _ => {
+            tracing::warn!(message = "Store change feed went quiet; reconnecting.");
+            None
+        }
     }
 }
 
