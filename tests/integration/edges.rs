@@ -426,3 +426,124 @@ async fn demand_beyond_the_token_lifetime_cannot_drive_refreshes() {
     assert_eq!(fake.reuse_detected(), 0);
     broker.stop().await;
 }
+
+/// Unauthenticated callers with huge ids cannot rotate the audit trail away, and an id outside
+/// the grammar never reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_traffic_cannot_rewrite_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let audit = dir.path().join("audit.log");
+    let lines = || std::fs::read_to_string(&audit).unwrap_or_default().lines().count();
+    let before = lines();
+    let huge = "x".repeat(60_000);
+    let mut anon = client(broker.addr, None).await;
+    let started = Instant::now();
+    for _ in 0..300 {
+        let e = anon
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: huge.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    let written = lines() - before;
+    let cap = credbroker::audit::MAX_REFUSAL_LINES_PER_SEC as u64 * (secs + 1);
+    assert!(written as u64 <= cap, "{written} lines in {secs} s");
+    assert!(written > 0, "refusals are still audited");
+    // An authenticated caller's out-of-grammar id is refused before it touches anything.
+    let mut admin = broker.admin().await;
+    let e = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: huge.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().len() < 1_000, "the id is not echoed whole");
+    let trail = std::fs::read_to_string(&audit).unwrap();
+    assert!(!trail.contains(&huge[..200]), "an out-of-grammar id reached the trail");
+    assert!(trail.len() < 200_000, "the trail grew by {} bytes", trail.len());
+    broker.stop().await;
+}
+
+/// Two admins (or a retry) rotating the master key at once: every key stays usable after a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_master_key_rotations_leave_every_key_usable() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user("pat-keys-canary", "1", "U", "u@example.com");
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register_asana("keys", &fake.base_url, "pat-keys-canary", false))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let mut c = broker.admin().await;
+        tasks.push(tokio::spawn(async move {
+            c.rotate_master_key(pb::RotateMasterKeyRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .key_id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    broker.stop().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let status = admin
+        .get_key_status(pb::GetKeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for id in &ids {
+        assert!(
+            status.keys.iter().any(|k| &k.key_id == id),
+            "key {id} was lost: {status:?}"
+        );
+    }
+    assert!(ids.contains(&status.primary_key_id), "{status:?}");
+    auth_header(&mut admin, "keys").await.unwrap();
+    broker.stop().await;
+}
+
+/// The data directory is the broker's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let broker = TestBroker::start(&data).await;
+    // One audited call so the trail exists.
+    broker
+        .admin()
+        .await
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap();
+    broker.stop().await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for f in ["audit.log", "admin.token", "master.key"] {
+        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+    }
+    for f in std::fs::read_dir(data.join("store")).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() {
+            assert_eq!(mode(&f.path()), 0o600, "{:?}", f.path());
+        }
+    }
+}
