@@ -948,7 +948,9 @@ impl Broker {
         }
         Self::reset_flight(&mut f);
         self.drop_token(system_id);
-        lock(&self.flights).remove(system_id);
+        drop(f);
+        drop(flight);
+        self.forget_flight_if_idle(system_id, 0);
         tracing::info!(message = "System deleted.", credential_id = %system_id);
         Ok(())
     }

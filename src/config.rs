@@ -116,6 +116,11 @@ pub struct Config {
     pub proxy_max_body_bytes: u64,
     /// The proxy gives up when the upstream sends nothing for this long.
     pub proxy_read_timeout: Duration,
+    /// The HTTP listener closes a connection whose next request head (the first, or the next on
+    /// an idle keep-alive connection) does not arrive whole within this.
+    pub http_header_timeout: Duration,
+    /// Open HTTP connections at most; more are closed at once.
+    pub http_max_connections: usize,
 }
 
 impl Default for Config {
@@ -170,6 +175,8 @@ impl Default for Config {
             lease_ttl: Duration::from_secs(300),
             proxy_max_body_bytes: 256 * 1024 * 1024,
             proxy_read_timeout: Duration::from_secs(60),
+            http_header_timeout: Duration::from_secs(10),
+            http_max_connections: 1024,
         }
     }
 }
@@ -268,6 +275,10 @@ pub struct FileConfig {
     pub proxy_max_body_bytes: Option<u64>,
     /// Seconds.
     pub proxy_read_timeout_secs: Option<u64>,
+    /// Seconds.
+    pub http_header_timeout_secs: Option<u64>,
+    /// Connections.
+    pub http_max_connections: Option<usize>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -606,6 +617,17 @@ impl Config {
         );
         if let Some(v) = f.proxy_max_body_bytes {
             c.proxy_max_body_bytes = v;
+        }
+        secs(
+            f.http_header_timeout_secs,
+            "http_header_timeout_secs",
+            &mut errors,
+            &mut c.http_header_timeout,
+        );
+        match f.http_max_connections {
+            Some(0) => errors.push("http_max_connections must be greater than 0".to_owned()),
+            Some(v) => c.http_max_connections = v,
+            None => {}
         }
         if let Some(v) = f.audit_max_bytes {
             c.audit_max_bytes = v.max(4096);

@@ -102,6 +102,7 @@ pub struct Metrics {
     upstream_errors: AtomicU64,
     audit_errors: AtomicU64,
     audit_dropped: AtomicU64,
+    http_refused: AtomicU64,
     store_write_errors: AtomicU64,
     proxy: Vec<AtomicU64>,
 }
@@ -119,6 +120,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     upstream_errors: AtomicU64::new(0),
     audit_errors: AtomicU64::new(0),
     audit_dropped: AtomicU64::new(0),
+    http_refused: AtomicU64::new(0),
     store_write_errors: AtomicU64::new(0),
     proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
 });
@@ -168,6 +170,11 @@ impl Metrics {
     /// An audit line for a refused call left out by the rate limit.
     pub fn audit_dropped(&self) {
         self.audit_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An HTTP connection closed at once because the listener was at its connection cap.
+    pub fn http_refused(&self) {
+        self.http_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A store write (or flush) that failed.
@@ -237,6 +244,12 @@ impl Metrics {
             out,
             "credbroker_upstream_errors_total {}",
             self.upstream_errors.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP credbroker_http_connections_refused_total HTTP connections closed at the connection cap.\n# TYPE credbroker_http_connections_refused_total counter\n");
+        let _ = writeln!(
+            out,
+            "credbroker_http_connections_refused_total {}",
+            self.http_refused.load(Ordering::Relaxed)
         );
         out.push_str("# HELP credbroker_audit_dropped_total Audit lines for refused or unauthenticated calls left out by the rate limit.\n# TYPE credbroker_audit_dropped_total counter\n");
         let _ = writeln!(

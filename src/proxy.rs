@@ -201,19 +201,28 @@ impl Broker {
             Some(i) => (rest[..i].to_owned(), rest[i..].to_owned()),
             None => (rest.to_owned(), String::new()),
         };
+        // An id outside the grammar never reaches the trail, a map or the store.
+        let system_id = match crate::broker::validate_system_id(&system_id) {
+            Ok(()) => system_id,
+            Err(_) => String::new(),
+        };
         let masked = mask_path(&tail);
         let (resp, caller) = self
             .proxy_inner(req, &system_id, &tail, query.as_deref(), &masked)
             .await;
         let status = resp.status();
         crate::metrics::METRICS.proxy(status.as_u16());
+        // Refusals of callers without a valid lease are rate-limited like the gRPC side's.
+        if caller.is_none() && !self.audit.admit_refusal() {
+            return resp;
+        }
         let _ = self
             .audit
             .record(&crate::audit::AuditEvent {
                 time: crate::audit::now_rfc3339(),
                 caller: caller.as_deref(),
                 rpc: "Proxy",
-                system_id: Some(&system_id),
+                system_id: Some(system_id.as_str()).filter(|s| !s.is_empty()),
                 outcome: if status.is_success() || status.is_redirection() {
                     "ok"
                 } else {
@@ -239,7 +248,10 @@ impl Broker {
     ) -> (Response, Option<String>) {
         let method = req.method().clone();
         let refuse = |status: StatusCode, msg: &str| (error(status, msg), None);
-        if REFUSED_METHODS.contains(&method.as_str()) {
+        if REFUSED_METHODS
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(method.as_str()))
+        {
             return refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "TRACE, TRACK and CONNECT are not proxied",

@@ -308,9 +308,14 @@ impl Broker {
         let Some(me) = self.me.upgrade() else {
             return Err(BrokerError::Unavailable("shutting down".to_owned()));
         };
+        // The wait for the system's lock stays in the caller's future (a caller that gives up
+        // leaves nothing behind); only the holder runs detached, so there is at most one such
+        // task per system.
+        let flight = self.flight(system_id);
+        let mut f = flight.lock_owned().await;
         let id = system_id.to_owned();
         let task = self.exchanges.spawn(tracing::Instrument::instrument(
-            async move { me.mint(&id, need_until, reason).await },
+            async move { me.mint_locked(&mut f, &id, need_until, reason).await },
             tracing::Span::current(),
         ));
         task.await
@@ -389,20 +394,32 @@ impl Broker {
             .clone()
     }
 
+    /// Drops the system's flight entry unless someone else holds or waits for it (a registration
+    /// racing with this lookup keeps its single-flight lock).
+    /// `held` is how many references the caller itself still holds.
+    pub(crate) fn forget_flight_if_idle(&self, system_id: &str, held: usize) {
+        let mut flights = lock(&self.flights);
+        if flights
+            .get(system_id)
+            .is_some_and(|f| Arc::strong_count(f) <= 1 + held)
+        {
+            flights.remove(system_id);
+        }
+    }
+
     /// Resets a system's refresh state after an admin replaced its credential.
     pub(crate) fn reset_flight(f: &mut Flight) {
         *f = Flight::default();
     }
 
-    /// Mints headers under the system's single-flight lock.
-    pub(crate) async fn mint(
+    /// Mints headers with the system's single-flight lock held (`f` is its state).
+    async fn mint_locked(
         &self,
+        f: &mut Flight,
         system_id: &str,
         need_until: SystemTime,
         reason: Reason,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
-        let flight = self.flight(system_id);
-        let mut f = flight.lock().await;
         let mut current = self.cached(system_id);
         let fresh_for = self.settings.refresh.min_demand_interval;
         let serves = |c: &IssuedToken| {
@@ -458,7 +475,7 @@ impl Broker {
                 if matches!(e, BrokerError::NotFound(_)) {
                     // Maps keyed by request data only ever hold existing systems.
                     self.drop_token(system_id);
-                    lock(&self.flights).remove(system_id);
+                    self.forget_flight_if_idle(system_id, 1);
                 }
                 return Err(e);
             }

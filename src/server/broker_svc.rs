@@ -188,9 +188,9 @@ impl BrokerService {
             )
         };
         let mut system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
-        let id_check = system_id.as_deref().map(|id| {
-            crate::broker::validate_system_id(id.trim()).map_err(|e| Box::new(Status::from(e)))
-        });
+        let id_check = system_id
+            .as_deref()
+            .map(|id| crate::broker::validate_system_id(id).map_err(|e| Box::new(Status::from(e))));
         if matches!(id_check, Some(Err(_))) {
             system_id = None;
         }

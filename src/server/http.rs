@@ -137,3 +137,70 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
         .replace('"', "&quot;")
 }
+
+/// Limits of the HTTP listener, which may face the internet (OAuth callbacks, the proxy).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A request head (the first, or the next on an idle keep-alive connection) must arrive
+    /// whole within this, else the connection is closed.
+    pub header_timeout: std::time::Duration,
+    /// Open connections at most; one more is closed at once.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `stop` fires, then lets open connections finish their
+/// requests (the caller bounds how long). Slow or idle connections are cut by the header
+/// timeout, and past the connection cap new ones are closed, so hundreds of them cannot starve
+/// OAuth callbacks, the proxy or probes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let connections = tokio_util::task::TaskTracker::new();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stop => break,
+            a = listener.accept() => a,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors or the like: back off a little instead of spinning.
+                tracing::warn!(message = "HTTP accept failed.", error = %e);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            crate::metrics::METRICS.http_refused();
+            continue;
+        };
+        // Small responses must not wait for Nagle and delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closing = closing.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    let _ = closing_tx.send(true);
+    connections.close();
+    connections.wait().await;
+}

@@ -170,6 +170,9 @@ pub async fn run_with_hooks(
         let _ = stop_rx.await;
     };
     let mut tls_tasks = Vec::new();
+    if tls.is_none() && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(message = "The gRPC listener serves plaintext on a non-loopback address; caller tokens and headers cross it in clear. Configure tls_cert_file/tls_key_file.");
+    }
     let mut server_task = match &tls {
         None => tokio::spawn(
             router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
@@ -233,18 +236,15 @@ pub async fn run_with_hooks(
             if public_url.is_none() {
                 public_url = Some(format!("http://{addr}"));
             }
+            if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+                tracing::warn!(message = "The HTTP listener serves plain HTTP on a non-loopback address; put TLS in front of it (OAuth callbacks and proxy leases cross it).", addr = %addr);
+            }
             let app = http::router(core.clone());
-            // Small responses must not wait for Nagle and delayed ACKs.
-            let l = axum::serve::ListenerExt::tap_io(l, |tcp: &mut tokio::net::TcpStream| {
-                let _ = tcp.set_nodelay(true);
-            });
-            Some(tokio::spawn(async move {
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(async {
-                        let _ = http_stop_rx.await;
-                    })
-                    .await;
-            }))
+            let limits = http::HttpLimits {
+                header_timeout: config.http_header_timeout,
+                max_connections: config.http_max_connections,
+            };
+            Some(tokio::spawn(http::serve(l, app, limits, http_stop_rx)))
         }
         None => None,
     };
@@ -414,12 +414,14 @@ async fn open_broker(
     wrap_store: Option<StoreWrapper>,
 ) -> Result<Arc<Broker>, ServeError> {
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .and_then(|()| restrict_data_dir(&data_dir))
-        .map_err(|error| ServeError::DataDir {
-            path: data_dir.clone(),
-            error,
-        })?;
+    std::fs::create_dir_all(&data_dir).map_err(|error| ServeError::DataDir {
+        path: data_dir.clone(),
+        error,
+    })?;
+    if let Err(e) = restrict_data_dir(&data_dir) {
+        // A volume the broker does not own (a mounted secret, a group-writable volume).
+        tracing::warn!(message = "Could not make the data directory private (0700, files 0600).", error = %e);
+    }
     let (mut store, keyring, key_id, source, initialized): (Arc<dyn CredentialStore>, _, _, _, _) =
         match &config.store_url {
             Some(url) => {
@@ -572,17 +574,28 @@ async fn open_broker(
     Ok(broker)
 }
 
-/// Makes the data directory and the sled store's directory 0700 and the files directly in them
-/// 0600: other local users read neither sealed records nor the audit trail.
+/// Makes the data directory and the sled store's directory 0700, and the broker's own files in
+/// them 0600: other local users read neither sealed records nor the audit trail. Files the
+/// broker did not create are left alone.
 fn restrict_data_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
-    for d in [dir.to_path_buf(), SledStore::path_in(dir)] {
-        if !d.is_dir() {
-            continue;
+    mode(dir, 0o700)?;
+    for name in [
+        AUDIT_FILE,
+        ADMIN_TOKEN_FILE,
+        "master.key",
+        crate::crypto::keys::KEY_CHECK_FILE,
+    ] {
+        let p = dir.join(name);
+        if p.is_file() {
+            mode(&p, 0o600)?;
         }
-        mode(&d, 0o700)?;
-        for entry in std::fs::read_dir(&d)? {
+    }
+    let store = SledStore::path_in(dir);
+    if store.is_dir() {
+        mode(&store, 0o700)?;
+        for entry in std::fs::read_dir(&store)? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
                 mode(&entry.path(), 0o600)?;

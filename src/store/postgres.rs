@@ -327,7 +327,7 @@ async fn listen_loop<T>(
 /// own must come back within [`FEED_ECHO`]), or it reconnects and resyncs.
 const FEED_QUIET: Duration = Duration::from_secs(5);
 /// How long the feed's own NOTIFY may take to come back.
-const FEED_ECHO: Duration = Duration::from_secs(2);
+const FEED_ECHO: Duration = Duration::from_secs(10);
 
 /// The next notification's payload; `None` when the feed is dead (closed, or quiet and its own
 /// NOTIFY did not come back: a connection that looks alive but no longer delivers).

@@ -434,7 +434,12 @@ async fn anonymous_traffic_cannot_rewrite_the_trail() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path()).await;
     let audit = dir.path().join("audit.log");
-    let lines = || std::fs::read_to_string(&audit).unwrap_or_default().lines().count();
+    let lines = || {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
     let before = lines();
     let huge = "x".repeat(60_000);
     let mut anon = client(broker.addr, None).await;
@@ -466,8 +471,15 @@ async fn anonymous_traffic_cannot_rewrite_the_trail() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().len() < 1_000, "the id is not echoed whole");
     let trail = std::fs::read_to_string(&audit).unwrap();
-    assert!(!trail.contains(&huge[..200]), "an out-of-grammar id reached the trail");
-    assert!(trail.len() < 200_000, "the trail grew by {} bytes", trail.len());
+    assert!(
+        !trail.contains(&huge[..200]),
+        "an out-of-grammar id reached the trail"
+    );
+    assert!(
+        trail.len() < 200_000,
+        "the trail grew by {} bytes",
+        trail.len()
+    );
     broker.stop().await;
 }
 
@@ -481,7 +493,12 @@ async fn concurrent_master_key_rotations_leave_every_key_usable() {
     let broker = TestBroker::start(dir.path()).await;
     let mut admin = broker.admin().await;
     admin
-        .register_system(register_asana("keys", &fake.base_url, "pat-keys-canary", false))
+        .register_system(register_asana(
+            "keys",
+            &fake.base_url,
+            "pat-keys-canary",
+            false,
+        ))
         .await
         .unwrap();
     let mut tasks = Vec::new();
@@ -546,4 +563,65 @@ async fn the_data_directory_and_its_files_are_private() {
             assert_eq!(mode(&f.path()), 0o600, "{:?}", f.path());
         }
     }
+}
+
+/// Hundreds of connections that never finish their headers neither hold sockets for long nor
+/// stop callbacks, probes or gRPC; past the connection cap new ones are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_connections_are_cut_and_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.http_header_timeout = Duration::from_secs(1);
+    config.http_max_connections = 400;
+    let broker = TestBroker::start_with(config).await;
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(broker.http_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // Meanwhile everything else is served.
+    let r = reqwest::get(format!("http://{}/readyz", broker.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    broker
+        .admin()
+        .await
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap();
+    // Each stalled connection is closed by the broker once the header timeout passes.
+    let started = Instant::now();
+    for s in &mut stalled {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("a stalled connection was kept open")
+            .unwrap_or(0);
+        let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The cap: with 400 open, the 401st is closed without an answer.
+    let mut open = Vec::new();
+    for _ in 0..400 {
+        open.push(
+            tokio::net::TcpStream::connect(broker.http_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/healthz", broker.http_addr))
+        .send()
+        .await;
+    assert!(r.is_err(), "a connection past the cap was served");
+    drop(open);
+    broker.stop().await;
 }
