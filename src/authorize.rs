@@ -406,12 +406,12 @@ impl Broker {
     }
 
     async fn set_state_message(&self, system_id: &str, message: &str) {
-        if let Ok(current) = self.get_system(system_id).await {
-            let mut updated = current.clone();
-            updated.state_message = Some(message.to_owned());
-            updated.revision = current.revision + 1;
-            let _ = self.store.update_system(&updated, current.revision).await;
-        }
+        let _ = self
+            .update_system_with(system_id, |r| {
+                r.state_message = Some(message.to_owned());
+                true
+            })
+            .await;
     }
 }
 

@@ -816,6 +816,30 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("system '{system_id}' not found")))
     }
 
+    /// Read-modify-write of one system record, compare-and-swap on its revision, three attempts.
+    /// `change` edits the record and returns false when there is nothing to write. `Ok(true)`
+    /// when written.
+    pub(crate) async fn update_system_with(
+        &self,
+        system_id: &str,
+        mut change: impl FnMut(&mut SystemRecord) -> bool,
+    ) -> Result<bool, BrokerError> {
+        let mut last = BrokerError::Internal("the system record kept changing");
+        for _ in 0..3 {
+            let current = self.get_system(system_id).await?;
+            let mut updated = current.clone();
+            if !change(&mut updated) {
+                return Ok(false);
+            }
+            updated.revision = current.revision + 1;
+            match self.store.update_system(&updated, current.revision).await {
+                Ok(()) => return Ok(true),
+                Err(e) => last = e.into(),
+            }
+        }
+        Err(last)
+    }
+
     /// A page of systems after `after`; the bool says whether more follow.
     pub async fn list_systems(
         &self,

@@ -522,23 +522,15 @@ impl Broker {
 
     /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`).
     async fn note_proxy_unauthorized(&self, system_id: &str) {
-        for _ in 0..3 {
-            let Ok(Some(current)) = self.store.get_system(system_id).await else {
-                return;
-            };
-            let mut updated = current.clone();
-            updated.proxy_unauthorized_count += 1;
-            updated.last_proxy_unauthorized_at = Some(unix_now());
-            updated.revision = current.revision + 1;
-            if self
-                .store
-                .update_system(&updated, current.revision)
-                .await
-                .is_ok()
-            {
-                tracing::warn!(message = "The vendor rejected the credential through the proxy (401).", credential_id = %system_id);
-                return;
-            }
+        let counted = self
+            .update_system_with(system_id, |r| {
+                r.proxy_unauthorized_count += 1;
+                r.last_proxy_unauthorized_at = Some(unix_now());
+                true
+            })
+            .await;
+        if counted.is_ok() {
+            tracing::warn!(message = "The vendor rejected the credential through the proxy (401).", system_id = %system_id);
         }
     }
 }

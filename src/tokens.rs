@@ -892,43 +892,26 @@ impl Broker {
 
     /// Sets (or clears) an active system's `state_message`; best effort.
     async fn note_state_message(&self, system_id: &str, message: Option<String>) {
-        for _ in 0..3 {
-            let Ok(current) = self.get_system(system_id).await else {
-                return;
-            };
-            if current.state != SystemState::Active || current.state_message == message {
-                return;
-            }
-            let mut updated = current.clone();
-            updated.state_message = message.clone();
-            updated.revision = current.revision + 1;
-            if self
-                .store
-                .update_system(&updated, current.revision)
-                .await
-                .is_ok()
-            {
-                return;
-            }
-        }
+        let _ = self
+            .update_system_with(system_id, |r| {
+                let change = r.state == SystemState::Active && r.state_message != message;
+                r.state_message.clone_from(&message);
+                change
+            })
+            .await;
     }
 
     async fn mark_reauthorization_required(&self, system_id: &str, message: &str) {
-        for _ in 0..3 {
-            let Ok(current) = self.get_system(system_id).await else {
-                return;
-            };
-            let mut updated = current.clone();
-            updated.state = SystemState::ReauthorizationRequired;
-            updated.state_message = Some(message.to_owned());
-            updated.updated_at = unix_now();
-            updated.revision = current.revision + 1;
-            match self.store.update_system(&updated, current.revision).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(message = "Could not record the re-authorization state.", credential_id = %system_id, error = %e)
-                }
-            }
+        let marked = self
+            .update_system_with(system_id, |r| {
+                r.state = SystemState::ReauthorizationRequired;
+                r.state_message = Some(message.to_owned());
+                r.updated_at = unix_now();
+                true
+            })
+            .await;
+        if let Err(e) = marked {
+            tracing::warn!(message = "Could not record the re-authorization state.", system_id = %system_id, error = %e);
         }
     }
 
