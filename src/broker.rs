@@ -1238,14 +1238,16 @@ pub fn validate_system_id(system_id: &str) -> Result<(), BrokerError> {
 
 /// Checks a slug: `[a-z0-9][a-z0-9._-]{0,max-1}`.
 pub fn validate_slug(s: &str, max: usize) -> Result<(), String> {
-    let ok_first = s
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let ok_rest = s
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
-    if s.is_empty() || s.len() > max || !ok_first || !ok_rest {
+    // Length first: a huge value is refused without being scanned (ids are checked on every
+    // call, the warm GetAccessToken included).
+    let ok = !s.is_empty()
+        && s.len() <= max
+        && s.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || (i > 0 && matches!(b, b'.' | b'_' | b'-'))
+        });
+    if !ok {
         return Err(format!(
             "'{}' must match [a-z0-9][a-z0-9._-]{{0,{}}}",
             s.chars().take(140).collect::<String>(),

@@ -239,36 +239,39 @@ impl Metrics {
         out.push_str("# HELP credbroker_upstream_duration_seconds Outbound HTTP exchanges.\n# TYPE credbroker_upstream_duration_seconds histogram\n");
         self.upstream
             .render(&mut out, "credbroker_upstream_duration_seconds", "");
-        out.push_str("# HELP credbroker_upstream_errors_total Outbound exchanges that failed (timeout, connect, refused, too large).\n# TYPE credbroker_upstream_errors_total counter\n");
-        let _ = writeln!(
-            out,
-            "credbroker_upstream_errors_total {}",
-            self.upstream_errors.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP credbroker_http_connections_refused_total HTTP connections closed at the connection cap.\n# TYPE credbroker_http_connections_refused_total counter\n");
-        let _ = writeln!(
-            out,
-            "credbroker_http_connections_refused_total {}",
-            self.http_refused.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP credbroker_audit_dropped_total Audit lines for refused or unauthenticated calls left out by the rate limit.\n# TYPE credbroker_audit_dropped_total counter\n");
-        let _ = writeln!(
-            out,
-            "credbroker_audit_dropped_total {}",
-            self.audit_dropped.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP credbroker_audit_errors_total Audit events that could not be written.\n# TYPE credbroker_audit_errors_total counter\n");
-        let _ = writeln!(
-            out,
-            "credbroker_audit_errors_total {}",
-            self.audit_errors.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP credbroker_store_write_errors_total Store writes or flushes that failed (I/O error, disk full).\n# TYPE credbroker_store_write_errors_total counter\n");
-        let _ = writeln!(
-            out,
-            "credbroker_store_write_errors_total {}",
-            self.store_write_errors.load(Ordering::Relaxed)
-        );
+        for (name, help, value) in [
+            (
+                "credbroker_upstream_errors_total",
+                "Outbound exchanges that failed (timeout, connect, refused, too large).",
+                &self.upstream_errors,
+            ),
+            (
+                "credbroker_http_connections_refused_total",
+                "HTTP connections closed at the connection cap.",
+                &self.http_refused,
+            ),
+            (
+                "credbroker_audit_dropped_total",
+                "Audit lines for refused or unauthenticated calls left out by the rate limit.",
+                &self.audit_dropped,
+            ),
+            (
+                "credbroker_audit_errors_total",
+                "Audit events that could not be written.",
+                &self.audit_errors,
+            ),
+            (
+                "credbroker_store_write_errors_total",
+                "Store writes or flushes that failed (I/O error, disk full).",
+                &self.store_write_errors,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
         if let Some(w) = store_writable {
             out.push_str("# HELP credbroker_store_writable 1 while writes reach the store, 0 while they fail.\n# TYPE credbroker_store_writable gauge\n");
             let _ = writeln!(out, "credbroker_store_writable {}", u8::from(w));

@@ -76,12 +76,13 @@ impl IssuedToken {
         self.audit_hmac.get_or_init(|| audit.hmac(&self.token_id))
     }
 
-    /// True while the token is valid for `min_valid` more seconds, or (when the vendor grants
-    /// less) while it is still valid and was minted less than `fresh_for` ago.
-    pub(crate) fn serves(&self, min_valid: u32, fresh_for: Duration) -> bool {
-        let now = SystemTime::now();
-        self.expires_at >= now + Duration::from_secs(u64::from(min_valid))
-            || (self.refreshable && self.expires_at > now && self.minted_at.elapsed() < fresh_for)
+    /// True while the token is valid until `need_until`, or (a refreshable token, when the
+    /// vendor grants less) while it is still valid and was minted less than `fresh_for` ago.
+    pub(crate) fn serves(&self, need_until: SystemTime, fresh_for: Duration) -> bool {
+        self.expires_at >= need_until
+            || (self.refreshable
+                && self.expires_at > SystemTime::now()
+                && self.minted_at.elapsed() < fresh_for)
     }
 
     fn mark_used(&self) {
@@ -119,6 +120,9 @@ fn shared_binding<'a>(system_id: &'a str, record: &SystemRecord) -> RecordBindin
         version: record.credential_version ^ SHARED_TOKEN_VERSION_TAG,
     }
 }
+
+/// Longer than any token or lease id the broker makes (16 characters today).
+const MAX_TOKEN_ID_LEN: usize = 64;
 
 /// How a transport timeout reads in a backend's message (`TransportError::Timeout`): the request
 /// was sent and no answer came, so the vendor may have acted on it.
@@ -246,7 +250,10 @@ impl Broker {
         }
         crate::broker::validate_system_id(system_id)?;
         let need_until = SystemTime::now() + Duration::from_secs(u64::from(min_valid));
-        let rejected = rejected.filter(|r| !r.is_empty()).map(str::to_owned);
+        // A report longer than any token id names no token: it is not copied along.
+        let rejected = rejected
+            .filter(|r| !r.is_empty() && r.len() <= MAX_TOKEN_ID_LEN)
+            .map(str::to_owned);
         crate::metrics::METRICS.cache(false);
         let t = self
             .mint_detached(system_id, need_until, Reason::Demand { rejected })
@@ -290,7 +297,11 @@ impl Broker {
                 return Err(denied());
             }
         }
-        let token = self.access_token(system_id, min_valid, rejected).await?;
+        let token = match self.access_token(system_id, min_valid, rejected).await {
+            // Deleted since the kind was looked up: still nothing to learn for this caller.
+            Err(BrokerError::NotFound(_)) if caller.is_kind_scoped() => return Err(denied()),
+            other => other?,
+        };
         if !caller.may_use_kind(token.kind) {
             return Err(denied());
         }
@@ -358,9 +369,10 @@ impl Broker {
         if min_valid > MAX_MIN_VALID_SECONDS {
             return None;
         }
+        let need_until = SystemTime::now() + Duration::from_secs(u64::from(min_valid));
         let fresh_for = self.settings.refresh.min_demand_interval;
         self.cached(system_id).filter(|t| {
-            (rejected.is_empty() || rejected != t.token_id) && t.serves(min_valid, fresh_for)
+            (rejected.is_empty() || rejected != t.token_id) && t.serves(need_until, fresh_for)
         })
     }
 
@@ -422,17 +434,11 @@ impl Broker {
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         let mut current = self.cached(system_id);
         let fresh_for = self.settings.refresh.min_demand_interval;
-        let serves = |c: &IssuedToken| {
-            c.expires_at >= need_until
-                || (c.refreshable
-                    && c.expires_at > SystemTime::now()
-                    && c.minted_at.elapsed() < fresh_for)
-        };
         match &reason {
             Reason::Demand { rejected } => {
                 if let Some(c) = current.clone() {
                     if rejected.as_deref() != Some(c.token_id.as_str()) {
-                        if serves(&c) {
+                        if c.serves(need_until, fresh_for) {
                             return Ok(c);
                         }
                     } else if f
@@ -604,9 +610,6 @@ impl Broker {
                     f.failures = 0;
                     f.backoff_until = None;
                     f.last_failure = None;
-                    if record.state_message.is_some() {
-                        self.note_state_message(system_id, None).await;
-                    }
                     let token = self.install(
                         system_id,
                         &record,
@@ -616,6 +619,10 @@ impl Broker {
                     )?;
                     if _replica_lock.is_some() {
                         self.share_token(system_id, &token).await;
+                    }
+                    if record.state_message.is_some() {
+                        // A note of an unknown outcome is settled by this success.
+                        self.note_state_message(system_id, None).await;
                     }
                     return Ok(token);
                 }

@@ -252,27 +252,14 @@ impl Call {
                 Ok(c) => c,
                 Err(refused) => {
                     let (s, name) = *refused;
-                    if broker.audit.admit_refusal() {
-                        let _ = broker
-                            .audit_record(
-                                rpc,
-                                name.as_deref(),
-                                self.system_id.as_deref(),
-                                s.code(),
-                                None,
-                            )
-                            .await;
-                    }
+                    audit_refusal(&broker, rpc, name.as_deref(), self.system_id.as_deref(), &s)
+                        .await;
                     break 'call Err(s);
                 }
             };
             if let Some(Err(e)) = self.id_check {
                 // Checked before the id touches the trail, a map or the store.
-                if broker.audit.admit_refusal() {
-                    let _ = broker
-                        .audit_record(rpc, Some(&caller.name), None, e.code(), None)
-                        .await;
-                }
+                audit_refusal(&broker, rpc, Some(&caller.name), None, &e).await;
                 break 'call Err(*e);
             }
             let mut result = f(broker.clone(), caller.clone(), message, ready).await;
@@ -315,6 +302,21 @@ impl Call {
         };
         metadata.insert(REQUEST_ID_KEY.clone(), request_id);
         result
+    }
+}
+
+/// Audits a call refused before its handler ran, within the refusal rate limit.
+async fn audit_refusal(
+    broker: &Broker,
+    rpc: &str,
+    caller: Option<&str>,
+    system_id: Option<&str>,
+    refused: &Status,
+) {
+    if broker.audit.admit_refusal() {
+        let _ = broker
+            .audit_record(rpc, caller, system_id, refused.code(), None)
+            .await;
     }
 }
 
@@ -481,15 +483,7 @@ impl CredentialBroker for BrokerService {
                         Some(&r.rejected_token_id),
                     ))
                     .await
-                    .map_err(|e| match e {
-                        BrokerError::NotFound(_) if caller.is_kind_scoped() => {
-                            status(BrokerError::PermissionDenied(format!(
-                                "caller '{}' may not access system '{}'",
-                                caller.name, r.system_id
-                            )))
-                        }
-                        e => status(e),
-                    })?,
+                    .map_err(status)?,
                 };
                 if token.delivery == crate::model::Delivery::Proxy {
                     // Proxy delivery: the worker gets a lease for the broker's proxy, never the
