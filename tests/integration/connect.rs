@@ -46,10 +46,7 @@ pub(crate) fn register(
 /// What a browser does: open the authorize URL, follow the vendor's redirect to the callback.
 /// Returns the vendor's redirect target and the callback page.
 pub(crate) async fn browse(authorize_url: &str) -> (String, u16, String) {
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let r = http.get(authorize_url).send().await.unwrap();
     assert_eq!(
         r.status().as_u16(),
@@ -454,10 +451,7 @@ async fn forged_replayed_expired_foreign_and_denied_callbacks_change_nothing() {
     // A code for another system: ja's code delivered with jb's state (another client).
     let sa = start(&mut admin, "ja").await;
     let sb = start(&mut admin, "jb").await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let loc = http.get(&sa.authorize_url).send().await.unwrap().headers()["location"]
         .to_str()
         .unwrap()

@@ -23,6 +23,8 @@ use crate::oauth::{refresh_cred, servicenow, sn_register, USER};
 use crate::support::*;
 
 const ID: &str = "edge";
+/// The Jira site every Jira test registers.
+const JIRA_SITE: &str = "https://acme.atlassian.net/";
 /// How long the vendor takes to answer a token request (it rotates the grant on receipt).
 const VENDOR_DELAY: Duration = Duration::from_millis(700);
 /// Added to every store operation while the harness runs.
@@ -39,12 +41,43 @@ fn wrap(control: &Arc<FaultControl>) -> credbroker::server::StoreWrapper {
     Box::new(move |inner| Arc::new(FaultyStore::new(inner, control)))
 }
 
-/// A vendor under test, connected as system [`ID`].
+/// What the harness needs of a fake vendor's token endpoint.
+trait TokenEndpoint: Send {
+    fn calls(&self) -> usize;
+    fn reuse(&self) -> usize;
+}
+
+impl TokenEndpoint for FakeServiceNow {
+    fn calls(&self) -> usize {
+        self.token_calls()
+    }
+    fn reuse(&self) -> usize {
+        self.reuse_detected()
+    }
+}
+
+impl TokenEndpoint for FakeZendesk {
+    fn calls(&self) -> usize {
+        self.token_calls()
+    }
+    fn reuse(&self) -> usize {
+        self.reuse_detected()
+    }
+}
+
+impl TokenEndpoint for FakeAtlassian {
+    fn calls(&self) -> usize {
+        self.token_calls()
+    }
+    fn reuse(&self) -> usize {
+        self.reuse_detected()
+    }
+}
+
+/// A vendor under test, connected as system [`ID`], and the broker configuration it needs.
 struct Vendor {
     config: Config,
-    calls: Box<dyn Fn() -> usize + Send>,
-    reuse: Box<dyn Fn() -> usize + Send>,
-    _fake: Box<dyn std::any::Any + Send>,
+    fake: Box<dyn TokenEndpoint>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +86,23 @@ enum Which {
     ServiceNowStatic,
     Zendesk,
     Jira,
+}
+
+/// Registers system [`ID`] with an authorization-code client and connects it through the
+/// vendor's consent page.
+async fn connect_by_consent(
+    broker: &TestBroker,
+    kind: pb::SystemKind,
+    base: &str,
+    cred: pb::Credential,
+) {
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(ID, kind, base, cred))
+        .await
+        .unwrap();
+    let s = start(&mut admin, ID).await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
 }
 
 /// Starts the vendor and a broker with a slow store, and connects system [`ID`]; the vendor
@@ -79,70 +129,28 @@ async fn connect(
                 .register_system(sn_register(ID, &fake.base_url, refresh_cred(&rt), false))
                 .await
                 .unwrap();
-            let (a, b) = (fake.clone(), fake.clone());
-            let vendor = Vendor {
-                config,
-                calls: Box::new(move || a.token_calls()),
-                reuse: Box::new(move || b.reuse_detected()),
-                _fake: Box::new(fake),
-            };
-            (broker, vendor)
+            let fake = Box::new(fake);
+            (broker, Vendor { config, fake })
         }
         Which::Zendesk => {
             let fake = zendesk().await;
             let config = test_config(dir);
             let broker = TestBroker::start_wrapped(config.clone(), wrap(ctl)).await;
-            let mut admin = broker.admin().await;
-            admin
-                .register_system(register(
-                    ID,
-                    pb::SystemKind::Zendesk,
-                    &fake.base_url,
-                    authz_code(ZD_CLIENT, ZD_SECRET),
-                ))
-                .await
-                .unwrap();
-            assert_eq!(
-                browse(&start(&mut admin, ID).await.authorize_url).await.1,
-                200
-            );
+            let cred = authz_code(ZD_CLIENT, ZD_SECRET);
+            connect_by_consent(&broker, pb::SystemKind::Zendesk, &fake.base_url, cred).await;
             fake.oauth(|o| o.token_delay = VENDOR_DELAY);
-            let (a, b) = (fake.clone(), fake.clone());
-            let vendor = Vendor {
-                config,
-                calls: Box::new(move || a.token_calls()),
-                reuse: Box::new(move || b.reuse_detected()),
-                _fake: Box::new(fake),
-            };
-            (broker, vendor)
+            let fake = Box::new(fake);
+            (broker, Vendor { config, fake })
         }
         Which::Jira => {
             let fake = atlassian().await;
             let config = jira_config(dir, &fake);
             let broker = TestBroker::start_wrapped(config.clone(), wrap(ctl)).await;
-            let mut admin = broker.admin().await;
-            admin
-                .register_system(register(
-                    ID,
-                    pb::SystemKind::JiraCloud,
-                    "https://acme.atlassian.net/",
-                    authz_code(JIRA_CLIENT, JIRA_SECRET),
-                ))
-                .await
-                .unwrap();
-            assert_eq!(
-                browse(&start(&mut admin, ID).await.authorize_url).await.1,
-                200
-            );
+            let cred = authz_code(JIRA_CLIENT, JIRA_SECRET);
+            connect_by_consent(&broker, pb::SystemKind::JiraCloud, JIRA_SITE, cred).await;
             fake.oauth(|o| o.token_delay = VENDOR_DELAY);
-            let (a, b) = (fake.clone(), fake.clone());
-            let vendor = Vendor {
-                config,
-                calls: Box::new(move || a.token_calls()),
-                reuse: Box::new(move || b.reuse_detected()),
-                _fake: Box::new(fake),
-            };
-            (broker, vendor)
+            let fake = Box::new(fake);
+            (broker, Vendor { config, fake })
         }
     }
 }
@@ -169,7 +177,7 @@ async fn cancellation_harness(which: Which) {
     ];
     for deadline in drops {
         let forced_at = Instant::now();
-        let before = (vendor.calls)();
+        let before = vendor.fake.calls();
         let dropped = token_with_deadline(&mut admin, ID, &current, deadline).await;
         if let Err(s) = &dropped {
             assert!(gave_up(s), "{which:?}: {s:?}");
@@ -179,9 +187,9 @@ async fn cancellation_harness(which: Which) {
             .await
             .unwrap_or_else(|s| panic!("{which:?}, dropped at {deadline:?}: {s:?}"));
         assert_ne!(next.token_id, current, "{which:?}: no refresh happened");
-        assert_eq!((vendor.calls)(), before + 1, "{which:?} at {deadline:?}");
+        assert_eq!(vendor.fake.calls(), before + 1, "{which:?} at {deadline:?}");
         assert_eq!(
-            (vendor.reuse)(),
+            vendor.fake.reuse(),
             0,
             "{which:?}: a rotated-out refresh token was presented"
         );
@@ -191,12 +199,12 @@ async fn cancellation_harness(which: Which) {
     }
 
     // Shutdown while the vendor holds a refresh: the exchange finishes and is stored.
-    let before = (vendor.calls)();
+    let before = vendor.fake.calls();
     let _ = token_with_deadline(&mut admin, ID, &current, Duration::from_millis(100)).await;
     eventually(
         Duration::from_secs(10),
         "the vendor received the refresh",
-        || (vendor.calls)() == before + 1,
+        || vendor.fake.calls() == before + 1,
     )
     .await;
     broker.stop().await;
@@ -208,7 +216,7 @@ async fn cancellation_harness(which: Which) {
         .unwrap_or_else(|s| panic!("{which:?}: the grant died across the shutdown: {s:?}"));
     assert!(after.headers[0].value.starts_with("Bearer "));
     assert_eq!(
-        (vendor.reuse)(),
+        vendor.fake.reuse(),
         0,
         "{which:?}: the old refresh token was presented"
     );
@@ -253,20 +261,9 @@ async fn three_short_deadlines_on_a_lapsed_jira_token_keep_the_grant() {
     let fake = atlassian().await;
     fake.oauth(|o| o.access_lifetime = 1);
     let broker = TestBroker::start_with(jira_config(dir.path(), &fake)).await;
+    let cred = authz_code(JIRA_CLIENT, JIRA_SECRET);
+    connect_by_consent(&broker, pb::SystemKind::JiraCloud, JIRA_SITE, cred).await;
     let mut admin = broker.admin().await;
-    admin
-        .register_system(register(
-            ID,
-            pb::SystemKind::JiraCloud,
-            "https://acme.atlassian.net/",
-            authz_code(JIRA_CLIENT, JIRA_SECRET),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        browse(&start(&mut admin, ID).await.authorize_url).await.1,
-        200
-    );
     let exchanged = fake.token_calls();
     fake.oauth(|o| {
         o.token_delay = Duration::from_millis(1_500);
@@ -311,10 +308,7 @@ async fn a_closed_tab_during_the_code_exchange_keeps_the_grant() {
         .await
         .unwrap();
     let s = start(&mut admin, ID).await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let consent = http.get(&s.authorize_url).send().await.unwrap();
     let callback = consent.headers()["location"].to_str().unwrap().to_owned();
     let closed = http

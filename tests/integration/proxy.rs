@@ -367,6 +367,22 @@ fn refuse_unless_bearer(req: &Request, secret: &str) -> Option<Response> {
     })
 }
 
+/// Registers an Asana-style system `id` at `base` with PAT `secret` (unchecked, proxy delivery)
+/// and returns its `GetAccessToken` answer and the lease header value.
+async fn lease(
+    admin: &mut Client,
+    id: &str,
+    base: &str,
+    secret: &str,
+) -> (pb::GetAccessTokenResponse, String) {
+    let mut req = reg(id, pb::SystemKind::Asana, base, pat(secret));
+    req.check = false;
+    admin.register_system(req).await.unwrap();
+    let t = admin.get_access_token(tok(id)).await.unwrap().into_inner();
+    let auth = t.headers[0].value.clone();
+    (t, auth)
+}
+
 /// Serves `app` on loopback; returns its Asana-style base URL.
 async fn serve_vendor(app: axum::Router) -> String {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -428,19 +444,8 @@ async fn large_bodies_stream_in_bounded_memory_and_redirects_are_not_followed() 
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let base = streaming_vendor("stream-pat").await;
-    let mut req = reg("big", pb::SystemKind::Asana, &base, pat("stream-pat"));
-    req.check = false;
-    admin.register_system(req).await.unwrap();
-    let t = admin
-        .get_access_token(tok("big"))
-        .await
-        .unwrap()
-        .into_inner();
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let auth = t.headers[0].value.clone();
+    let (t, auth) = lease(&mut admin, "big", &base, "stream-pat").await;
+    let http = no_redirects();
 
     let before = rss_kib();
     let mut peak = before;
@@ -685,19 +690,8 @@ async fn vendor_sessions_and_unsafe_methods_never_cross_the_proxy() {
     let mut admin = broker.admin().await;
     let seen: Seen = Default::default();
     let base = session_vendor("session-pat", seen.clone()).await;
-    let mut req = reg("sess", pb::SystemKind::Asana, &base, pat("session-pat"));
-    req.check = false;
-    admin.register_system(req).await.unwrap();
-    let t = admin
-        .get_access_token(tok("sess"))
-        .await
-        .unwrap()
-        .into_inner();
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let auth = t.headers[0].value.clone();
+    let (t, auth) = lease(&mut admin, "sess", &base, "session-pat").await;
+    let http = no_redirects();
 
     let r = http
         .get(format!("{}/users/me", t.api_base_url))

@@ -556,10 +556,7 @@ async fn a_connect_started_on_one_replica_completes_through_another() {
         .unwrap()
         .into_inner();
     // The browser comes back through the load balancer, which picks B.
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let consent = http.get(&s.authorize_url).send().await.unwrap();
     assert_eq!(consent.status().as_u16(), 302);
     let mut callback = url::Url::parse(consent.headers()["location"].to_str().unwrap()).unwrap();

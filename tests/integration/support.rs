@@ -444,3 +444,12 @@ pub async fn token_with_deadline(
     req.set_timeout(deadline);
     c.get_access_token(req).await.map(|r| r.into_inner())
 }
+
+/// An HTTP client that never follows redirects (a browser step by step, a worker that must see
+/// the proxy's own answer).
+pub fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
