@@ -161,6 +161,17 @@ pub enum OpenError {
     /// The store's metadata is missing or unreadable.
     #[error("the store is damaged: {0}; refusing to start. Nothing was changed")]
     Damaged(String),
+    /// The store holds records written before record authentication.
+    #[error(
+        "the store holds records without an authentication tag (written by a broker before \
+         record authentication, or inserted without the master key); refusing to start. Nothing \
+         was changed. If you are upgrading, start once with \
+         CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS=1 to tag them (check the adopted ids it logs)"
+    )]
+    Unauthenticated,
+    /// The admin token file could not be written.
+    #[error("cannot write the admin token file: {0}; no admin caller was created")]
+    AdminToken(String),
     /// Storage failed.
     #[error("storage error during start: {0}")]
     Store(#[from] StoreError),
@@ -187,6 +198,10 @@ pub struct BrokerSettings {
     pub audit: AuditConfig,
     /// The data directory was initialized before (its store must not come up empty).
     pub expect_initialized: bool,
+    /// Where the bootstrap admin's token is written (durably, before the caller is committed).
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// Tag records written before record authentication instead of refusing to start.
+    pub adopt_unauthenticated_records: bool,
     /// Delivery of static-secret systems registered without one.
     pub default_static_delivery: Delivery,
     /// Lifetime of proxy leases.
@@ -225,6 +240,8 @@ pub struct Broker {
     /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
     pub(crate) public_authority: Option<String>,
     callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
+    /// Token hashes of callers seen revoked: never installed again by this process.
+    revoked: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// This broker, for vendor exchanges that must outlive the request that started them.
     pub(crate) me: std::sync::Weak<Broker>,
     /// Vendor exchanges in flight (refreshes, code exchanges, logins): detached from their
@@ -249,39 +266,8 @@ impl Broker {
             store,
             write_health.clone(),
         ));
-        let kcv_key = format!("kcv/{:08x}", keyring.root_id());
-        match store.get_meta("format_version").await? {
-            None => {
-                if settings.expect_initialized {
-                    return Err(OpenError::Damaged(
-                        "the store has no format record although this data directory was \
-                         initialized before (truncated or replaced files?); restore it from a \
-                         backup"
-                            .to_owned(),
-                    ));
-                }
-                let empty =
-                    store.count_systems().await? == 0 && store.list_callers().await?.is_empty();
-                if !empty {
-                    return Err(OpenError::Damaged("format version missing".to_owned()));
-                }
-                store.put_meta(&kcv_key, &keyring.key_check_value()).await?;
-                store
-                    .put_meta("format_version", STORE_FORMAT_VERSION.as_bytes())
-                    .await?;
-            }
-            Some(v) if v == STORE_FORMAT_VERSION.as_bytes() => {
-                match store.get_meta(&kcv_key).await? {
-                    Some(kcv) if keyring.verify_key_check_value(&kcv) => {}
-                    _ => return Err(OpenError::WrongKey),
-                }
-            }
-            Some(_) => {
-                return Err(OpenError::Damaged(
-                    "unknown store format version".to_owned(),
-                ))
-            }
-        }
+        check_format(store.as_ref(), &keyring, &settings).await?;
+        let store = authenticate_records(store, &keyring, &settings).await?;
         let audit = Audit::new(settings.audit.clone(), keyring.derive_subkey("audit-hmac"));
         let lease_key = keyring.derive_subkey("proxy-lease");
         let settings_public_authority = settings.public_url.as_deref().and_then(|public| {
@@ -314,40 +300,87 @@ impl Broker {
             lease_key,
             public_authority: settings_public_authority,
             callers: RwLock::new(HashMap::new()),
+            revoked: Mutex::new(std::collections::HashSet::new()),
         });
-        let callers = broker.store.list_callers().await?;
-        let mut admin_token = None;
-        if callers.is_empty() {
-            match broker
-                .create_caller(BOOTSTRAP_ADMIN, Role::Admin, CallerScope::default())
-                .await
-            {
-                Ok((_, token)) => admin_token = Some(token),
-                // Another replica sharing the store created it first.
-                Err(BrokerError::AlreadyExists(_)) => {
-                    broker.install_callers(broker.store.list_callers().await?)
-                }
-                Err(_) => {
-                    return Err(OpenError::Damaged(
-                        "could not create the admin caller".to_owned(),
-                    ))
+        let admin_token = broker.bootstrap().await?;
+        Ok((broker, admin_token))
+    }
+
+    /// Loads the callers; on a store without any, creates the admin caller (its token file, when
+    /// configured, is durable before the caller is committed; see [`crate::admin_token`]).
+    async fn bootstrap(&self) -> Result<Option<SecretString>, OpenError> {
+        let file = self.settings.admin_token_file.clone();
+        let token_file_error = |e: std::io::Error| OpenError::AdminToken(e.to_string());
+        let callers = self.store.list_callers().await?;
+        if !callers.is_empty() {
+            if let Some(f) = &file {
+                if crate::admin_token::resume(f, &callers).map_err(token_file_error)? {
+                    tracing::warn!(message = "Finished writing the admin token file of an interrupted first start.", path = %f.display());
                 }
             }
-        } else {
-            broker.install_callers(callers);
+            self.install_callers(callers);
+            return Ok(None);
         }
-        Ok((broker, admin_token))
+        let token = new_caller_token();
+        if let Some(f) = &file {
+            crate::admin_token::stage(f, &token).map_err(token_file_error)?;
+        }
+        let created = self
+            .create_caller_with(BOOTSTRAP_ADMIN, Role::Admin, CallerScope::default(), token)
+            .await;
+        match (created, &file) {
+            (Ok((_, token)), Some(f)) => {
+                crate::admin_token::publish(f).map_err(token_file_error)?;
+                Ok(Some(token))
+            }
+            (Ok((_, token)), None) => Ok(Some(token)),
+            // Another replica sharing the store created it first.
+            (Err(BrokerError::AlreadyExists(_)), _) => {
+                if let Some(f) = &file {
+                    crate::admin_token::discard(f);
+                }
+                self.install_callers(self.store.list_callers().await?);
+                Ok(None)
+            }
+            (Err(_), _) => Err(OpenError::Damaged(
+                "could not create the admin caller".to_owned(),
+            )),
+        }
     }
 
     /// Replaces the in-memory callers with `callers` (revoked ones left out).
     fn install_callers(&self, callers: Vec<CallerRecord>) {
         let mut map = HashMap::new();
-        for c in callers.into_iter().filter(|c| !c.revoked) {
-            if let Some(hash) = decode_hash(&c.token_sha256) {
-                map.insert(hash, Arc::new(Caller::from_record(&c, hash)));
+        for c in &callers {
+            if let (true, Some(hash)) = (c.revoked, decode_hash(&c.token_sha256)) {
+                lock(&self.revoked).insert(hash);
+            }
+        }
+        for c in callers.iter().filter(|c| !c.revoked) {
+            if let Some(hash) = self.usable_hash(c) {
+                map.insert(hash, Arc::new(Caller::from_record(c, hash)));
             }
         }
         *write(&self.callers) = map;
+    }
+
+    /// The token hash of a caller that may be installed: never one this process has seen
+    /// revoked (a revoked caller's earlier row put back in the store stays refused).
+    fn usable_hash(&self, c: &CallerRecord) -> Option<[u8; 32]> {
+        let hash = decode_hash(&c.token_sha256)?;
+        if lock(&self.revoked).contains(&hash) {
+            tracing::error!(message = "A caller this broker saw revoked is stored as active again (an old row put back?); it stays refused.", caller = %c.name);
+            return None;
+        }
+        Some(hash)
+    }
+
+    /// Drops a revoked caller from memory, for good.
+    fn forget_caller(&self, c: &CallerRecord) {
+        if let Some(hash) = decode_hash(&c.token_sha256) {
+            lock(&self.revoked).insert(hash);
+            write(&self.callers).remove(&hash);
+        }
     }
 
     /// Follows the changes other replicas make to a shared store: cached tokens of changed
@@ -390,13 +423,17 @@ impl Broker {
     async fn apply_change(self: &Arc<Self>, change: crate::store::Change) {
         use crate::store::Change;
         match change {
+            // A notification anyone with database access can send names no map entry.
+            Change::System(id) if validate_system_id(&id).is_err() => {}
             Change::System(id) => {
                 self.drop_token(&id);
                 // A rotation or re-connection elsewhere clears this replica's dead/backoff
-                // state for the system (without waiting here for a refresh in flight).
-                let me = self.clone();
+                // state for the system (without waiting here for a refresh in flight). Only an
+                // existing entry has such state: none is made for the id.
+                let Some(flight) = lock(&self.flights).get(&id).cloned() else {
+                    return;
+                };
                 tokio::spawn(async move {
-                    let flight = me.flight(&id);
                     flight.lock().await.clear_remote_state();
                 });
             }
@@ -494,9 +531,19 @@ impl Broker {
         if scope.expires_at.is_some_and(|e| e <= unix_now()) {
             return Err(BrokerError::invalid("expires_at", "must be in the future"));
         }
-        let mut raw = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut raw);
-        let token = SecretString::new(format!("cbt_{}", URL_SAFE_NO_PAD.encode(raw)));
+        self.create_caller_with(name, role, scope, new_caller_token())
+            .await
+    }
+
+    /// [`Broker::create_caller`] with a token chosen before (the bootstrap admin's, written to
+    /// its file first).
+    async fn create_caller_with(
+        &self,
+        name: &str,
+        role: Role,
+        scope: CallerScope,
+        token: SecretString,
+    ) -> Result<(CallerRecord, SecretString), BrokerError> {
         let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
         let record = CallerRecord {
             name: name.to_owned(),
@@ -507,6 +554,7 @@ impl Broker {
             system_patterns: scope.system_patterns,
             kinds: scope.kinds,
             expires_at: scope.expires_at,
+            integrity: None,
         };
         self.store
             .insert_caller(&record)
@@ -524,9 +572,9 @@ impl Broker {
     /// Makes a stored (restored) caller usable at once.
     pub(crate) fn load_caller(&self, record: &CallerRecord) {
         if record.revoked {
-            return;
+            return self.forget_caller(record);
         }
-        if let Some(hash) = decode_hash(&record.token_sha256) {
+        if let Some(hash) = self.usable_hash(record) {
             write(&self.callers).insert(hash, Arc::new(Caller::from_record(record, hash)));
         }
     }
@@ -553,9 +601,7 @@ impl Broker {
         if record.revoked {
             // Already revoked in the store (by another replica, or by hand): make sure this
             // process forgets it too.
-            if let Some(hash) = decode_hash(&record.token_sha256) {
-                write(&self.callers).remove(&hash);
-            }
+            self.forget_caller(&record);
             return Ok(record);
         }
         let active_admins = callers
@@ -569,9 +615,7 @@ impl Broker {
         }
         record.revoked = true;
         self.store.update_caller(&record).await?;
-        if let Some(hash) = decode_hash(&record.token_sha256) {
-            write(&self.callers).remove(&hash);
-        }
+        self.forget_caller(&record);
         Ok(record)
     }
 
@@ -606,7 +650,9 @@ impl Broker {
         if needs_connect && input.check {
             return Err(BrokerError::invalid(
                 "check",
-                "an authorization-code system can be checked only once it is connected;                  register it without check, then run StartAuthorization                  (`credbrokerctl system connect SYSTEM_ID`)",
+                "an authorization-code system can be checked only once it is connected; \
+                 register it without check, then run StartAuthorization \
+                 (`credbrokerctl system connect SYSTEM_ID`)",
             ));
         }
         let prepared = prepare(
@@ -620,7 +666,7 @@ impl Broker {
         )
         .await?;
         let now = unix_now();
-        let version = 1;
+        let version = self.first_version(&system_id).await?;
         let record = SystemRecord {
             sealed_credential: self.seal(&system_id, version, &prepared.credential)?,
             system_id: system_id.clone(),
@@ -645,6 +691,7 @@ impl Broker {
             shared_token: None,
             last_proxy_unauthorized_at: None,
             revision: 1,
+            integrity: None,
         };
         self.store
             .insert_system(&record)
@@ -888,7 +935,11 @@ impl Broker {
             errors += u64::from(self.open_credential(r).is_err());
         })
         .await?;
-        Ok((systems, errors))
+        // Records the store holds but refuses to list (undecodable, or failing authentication)
+        // are errors too.
+        let stored = self.store.count_systems().await? as u64;
+        let refused = stored.saturating_sub(systems);
+        Ok((systems + refused, errors + refused))
     }
 
     /// How many systems are in each state (for `/metrics`).
@@ -965,6 +1016,16 @@ impl Broker {
         }
         let flight = self.flight(system_id);
         let mut f = flight.lock().await;
+        if let Some(current) = self.store.get_system(system_id).await? {
+            // Versions never repeat across incarnations: leases and pending authorizations of
+            // this one cannot serve a system registered later under the same id.
+            self.store
+                .put_meta(
+                    &retired_key(system_id),
+                    current.credential_version.to_string().as_bytes(),
+                )
+                .await?;
+        }
         if !self.store.delete_system(system_id).await? {
             return Err(BrokerError::NotFound(format!(
                 "system '{system_id}' not found"
@@ -977,6 +1038,17 @@ impl Broker {
         self.forget_flight_if_idle(system_id, 0);
         tracing::info!(message = "System deleted.", credential_id = %system_id);
         Ok(())
+    }
+
+    /// The first credential version of a system registered as `system_id`: 1, or one past the
+    /// last version of a deleted system that had the id.
+    async fn first_version(&self, system_id: &str) -> Result<u64, BrokerError> {
+        let retired = self.store.get_meta(&retired_key(system_id)).await?;
+        let last = retired
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(last.saturating_add(1))
     }
 
     /// Writes one audit event; `token_hmac` is the token id's [`Audit::hmac`], never the id.
@@ -1255,6 +1327,87 @@ pub fn validate_slug(s: &str, max: usize) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks the store's format and the master key against it (initializing a fresh store).
+async fn check_format(
+    store: &dyn CredentialStore,
+    keyring: &Keyring,
+    settings: &BrokerSettings,
+) -> Result<(), OpenError> {
+    let kcv_key = format!("kcv/{:08x}", keyring.root_id());
+    match store.get_meta("format_version").await? {
+        None => {
+            if settings.expect_initialized {
+                return Err(OpenError::Damaged(
+                    "the store has no format record although this data directory was \
+             initialized before (truncated or replaced files?); restore it from a \
+             backup"
+                        .to_owned(),
+                ));
+            }
+            let empty = store.count_systems().await? == 0 && store.list_callers().await?.is_empty();
+            if !empty {
+                return Err(OpenError::Damaged("format version missing".to_owned()));
+            }
+            store.put_meta(&kcv_key, &keyring.key_check_value()).await?;
+            store
+                .put_meta("format_version", STORE_FORMAT_VERSION.as_bytes())
+                .await?;
+        }
+        Some(v) if v == STORE_FORMAT_VERSION.as_bytes() => match store.get_meta(&kcv_key).await? {
+            Some(kcv) if keyring.verify_key_check_value(&kcv) => {}
+            _ => return Err(OpenError::WrongKey),
+        },
+        Some(_) => {
+            return Err(OpenError::Damaged(
+                "unknown store format version".to_owned(),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// Wraps the store so that every system and caller record is authenticated under a key derived
+/// from the master key. A store written before record authentication is refused unless the
+/// operator asks to adopt its records (once, when upgrading).
+async fn authenticate_records(
+    store: Arc<dyn CredentialStore>,
+    keyring: &Keyring,
+    settings: &BrokerSettings,
+) -> Result<Arc<dyn CredentialStore>, OpenError> {
+    use crate::store::{AuthenticatedStore, INTEGRITY_META_KEY};
+    let marked = store.get_meta(INTEGRITY_META_KEY).await?.as_deref() == Some(b"1".as_slice());
+    let empty =
+        marked || (store.count_systems().await? == 0 && store.list_callers().await?.is_empty());
+    let authenticated = AuthenticatedStore::new(store, keyring.derive_subkey("record-integrity"));
+    if !marked {
+        if !empty && !settings.adopt_unauthenticated_records {
+            return Err(OpenError::Unauthenticated);
+        }
+        if !empty {
+            let (systems, callers) = authenticated.adopt_untagged().await?;
+            tracing::warn!(
+                message = "Adopted records written before record authentication.",
+                systems,
+                callers
+            );
+        }
+        authenticated.put_meta(INTEGRITY_META_KEY, b"1").await?;
+    }
+    Ok(Arc::new(authenticated))
+}
+
+/// The `meta` key that keeps the last credential version of a deleted system.
+fn retired_key(system_id: &str) -> String {
+    format!("retired-version/{system_id}")
+}
+
+/// A new caller token.
+fn new_caller_token() -> SecretString {
+    let mut raw = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    SecretString::new(format!("cbt_{}", URL_SAFE_NO_PAD.encode(raw)))
 }
 
 fn generate_id(kind: SystemKind) -> String {

@@ -121,6 +121,8 @@ pub struct Config {
     pub http_header_timeout: Duration,
     /// Open HTTP connections at most; more are closed at once.
     pub http_max_connections: usize,
+    /// Tag records written before record authentication (an upgrade step; off by default).
+    pub adopt_unauthenticated_records: bool,
 }
 
 impl Default for Config {
@@ -177,6 +179,7 @@ impl Default for Config {
             proxy_read_timeout: Duration::from_secs(60),
             http_header_timeout: Duration::from_secs(10),
             http_max_connections: 1024,
+            adopt_unauthenticated_records: false,
         }
     }
 }
@@ -279,6 +282,8 @@ pub struct FileConfig {
     pub http_header_timeout_secs: Option<u64>,
     /// Connections.
     pub http_max_connections: Option<usize>,
+    /// Bool.
+    pub adopt_unauthenticated_records: Option<bool>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -324,6 +329,8 @@ pub struct Overrides {
     pub bearer_tokens: Option<String>,
     /// `CREDBROKER_DEFAULT_STATIC_DELIVERY`.
     pub default_static_delivery: Option<String>,
+    /// `CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS`.
+    pub adopt_unauthenticated_records: Option<String>,
 }
 
 impl Config {
@@ -557,6 +564,14 @@ impl Config {
             &mut errors,
         ) {
             c.audit_fail_closed = v;
+        }
+        if let Some(v) = flag(
+            "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS",
+            o.adopt_unauthenticated_records.clone(),
+            f.adopt_unauthenticated_records,
+            &mut errors,
+        ) {
+            c.adopt_unauthenticated_records = v;
         }
         c.tls_cert_file = o.tls_cert_file.clone().or(f.tls_cert_file);
         c.tls_key_file = o.tls_key_file.clone().or(f.tls_key_file);

@@ -101,6 +101,9 @@ impl From<crate::store::StoreError> for BrokerError {
                         .to_owned(),
                 )
             }
+            StoreError::Tampered(detail) => {
+                Self::DataLoss(format!("{detail}: the stored record was changed without the master key and is refused; restore it from a backup or register it again"))
+            }
             StoreError::Corrupt(detail) => {
                 tracing::error!(message = "Stored record is corrupt.", error = %detail);
                 Self::DataLoss("a stored record is corrupt".to_owned())

@@ -16,6 +16,7 @@
 //! - [`config`], [`telemetry`], [`shutdown`]: process plumbing; [`cli`]: `credbrokerctl`.
 //! - [`pb`]: generated protobuf types.
 
+pub mod admin_token;
 pub mod audit;
 pub mod authorize;
 pub mod backends;

@@ -104,6 +104,7 @@ pub struct Metrics {
     audit_dropped: AtomicU64,
     http_refused: AtomicU64,
     store_write_errors: AtomicU64,
+    records_refused: AtomicU64,
     proxy: Vec<AtomicU64>,
 }
 
@@ -122,6 +123,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     audit_dropped: AtomicU64::new(0),
     http_refused: AtomicU64::new(0),
     store_write_errors: AtomicU64::new(0),
+    records_refused: AtomicU64::new(0),
     proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
 });
 
@@ -165,6 +167,11 @@ impl Metrics {
     /// An audit event that could not be written.
     pub fn audit_error(&self) {
         self.audit_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A stored record refused on read (undecodable, or failing authentication).
+    pub fn record_refused(&self) {
+        self.records_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An audit line for a refused call left out by the rate limit.
@@ -259,6 +266,11 @@ impl Metrics {
                 "credbroker_audit_errors_total",
                 "Audit events that could not be written.",
                 &self.audit_errors,
+            ),
+            (
+                "credbroker_store_records_refused_total",
+                "Stored system or caller records refused on read: undecodable, or failing authentication (edited without the master key).",
+                &self.records_refused,
             ),
             (
                 "credbroker_store_write_errors_total",

@@ -458,6 +458,10 @@ pub struct SystemRecord {
     /// sealed, so another replica uses it instead of refreshing again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_token: Option<SharedToken>,
+    /// MAC over the security-relevant fields under a key derived from the master key (set and
+    /// checked by [`crate::store::AuthenticatedStore`]; a row edited without the key fails it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<String>,
 }
 
 /// An issued OAuth access token as replicas share it through the store.
@@ -513,6 +517,10 @@ pub struct CallerRecord {
     /// The token is refused after this, seconds since the epoch.
     #[serde(default)]
     pub expires_at: Option<u64>,
+    /// MAC over every field under a key derived from the master key (see
+    /// [`crate::store::AuthenticatedStore`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<String>,
 }
 
 /// Matches `id` against a pattern where `*` stands for any run of characters.
@@ -584,6 +592,13 @@ mod tests {
         assert!(pattern_matches("exact", "exact"));
         assert!(!pattern_matches("exact", "exactly"));
         assert!(pattern_matches("*", "anything"));
+        // What `acme-*` covers (README, Callers): the whole id, case-sensitive, any tail.
+        assert!(pattern_matches("acme-*", "acme-eu-jira"));
+        assert!(!pattern_matches("acme-*", "acme2-jira"));
+        assert!(!pattern_matches("acme-*", "xacme-jira"));
+        assert!(!pattern_matches("acme-*", "ACME-jira"));
+        assert!(!pattern_matches("acme-*", "acme"));
+        assert!(!pattern_matches("*-jira", "acme-jira2"));
     }
 
     #[test]

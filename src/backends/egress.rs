@@ -158,6 +158,17 @@ impl EgressPolicy {
 
     /// Checks a URL's host where that needs no DNS: literal IPs and `localhost` names.
     pub fn check_url(&self, url: &url::Url) -> Result<(), String> {
+        match url.scheme() {
+            "https" => {}
+            "http" if self.allow_http => {}
+            other => {
+                return Err(format!(
+                    "the egress guard refused {other}:// to {}: only https is allowed \
+                     (plain http needs CREDBROKER_EGRESS_ALLOW_HTTP=1)",
+                    url.host_str().unwrap_or("")
+                ))
+            }
+        }
         match url.host() {
             Some(url::Host::Ipv4(ip)) => self.check_ip(&ip.to_string(), IpAddr::V4(ip)),
             Some(url::Host::Ipv6(ip)) => self.check_ip(&format!("[{ip}]"), IpAddr::V6(ip)),
@@ -269,6 +280,23 @@ impl tower::Service<hyper_util::client::legacy::connect::dns::Name> for GuardDns
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_stored_http_url_is_refused_while_plain_http_is_off() {
+        let url = url::Url::parse("http://tfs.example.com/tfs").unwrap();
+        let off = EgressPolicy::default();
+        let e = off.check_url(&url).unwrap_err();
+        assert!(e.contains("egress guard") && e.contains("http://"), "{e}");
+        let on = EgressPolicy {
+            allow_http: true,
+            ..Default::default()
+        };
+        assert!(on.check_url(&url).is_ok());
+        let ftp = url::Url::parse("ftp://files.example.com/").unwrap();
+        assert!(on.check_url(&ftp).is_err());
+        let https = url::Url::parse("https://tfs.example.com/tfs").unwrap();
+        assert!(off.check_url(&https).is_ok());
+    }
+
     #[tokio::test]
     async fn the_proxy_resolver_refuses_names_that_resolve_to_loopback() {
         use std::str::FromStr;
@@ -367,7 +395,7 @@ mod tests {
             .check_ip("a.lab.example", "192.168.0.1".parse().unwrap())
             .is_ok());
         assert!(p
-            .check_url(&url::Url::parse("http://127.0.0.1:8/").unwrap())
+            .check_url(&url::Url::parse("https://127.0.0.1:8/").unwrap())
             .is_ok());
         assert!(AllowList::parse("not a host!").is_err());
     }

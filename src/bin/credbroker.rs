@@ -68,6 +68,10 @@ struct Args {
     /// Delivery of static-secret systems registered without one: proxy (default) or header.
     #[arg(long, env = "CREDBROKER_DEFAULT_STATIC_DELIVERY")]
     default_static_delivery: Option<String>,
+    /// Once, when upgrading a store written before record authentication: tag its untagged
+    /// records (1/0). Off by default: a forged row would be adopted too.
+    #[arg(long, env = "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS")]
+    adopt_unauthenticated_records: Option<String>,
     /// Tokio runtime: auto (current_thread when the process has one CPU, else multi-thread),
     /// multi, or current.
     #[arg(long, env = "CREDBROKER_RUNTIME", default_value = "auto")]
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         tls_client_ca_file: args.tls_client_ca,
         bearer_tokens: args.bearer_tokens,
         default_static_delivery: args.default_static_delivery,
+        adopt_unauthenticated_records: args.adopt_unauthenticated_records,
         http_listen: args.http_listen,
         public_url: args.public_url,
         jira_auth_url: args.jira_auth_url,

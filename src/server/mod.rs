@@ -28,7 +28,7 @@ use crate::backends::oauth::OAuthSettings;
 use crate::backends::{BackendContext, EgressPolicy, HttpClient, Registry};
 use crate::broker::{Broker, BrokerSettings, OpenError as BrokerOpenError};
 use crate::config::Config;
-use crate::crypto::keys::{verify_key_check_file, write_secret_file, KeyError};
+use crate::crypto::keys::{verify_key_check_file, KeyError};
 use crate::crypto::{Keyring, MasterKey, MasterKeySource};
 use crate::pb::credential_broker_server::CredentialBrokerServer;
 use crate::store::sled::OpenError as StoreOpenError;
@@ -69,14 +69,6 @@ pub enum ServeError {
     /// The key does not match, or the store is damaged.
     #[error(transparent)]
     Broker(#[from] BrokerOpenError),
-    /// The admin token file could not be written.
-    #[error("cannot write the admin token file {path}: {error}")]
-    AdminToken {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        error: std::io::Error,
-    },
     /// The TLS material could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
@@ -326,7 +318,7 @@ pub async fn run_with_hooks(
                 took_ms = started.elapsed().as_millis() as u64
             ),
             Ok((systems, errors)) => tracing::error!(
-                message = "Store integrity check found records that do not decrypt.",
+                message = "Store integrity check found records that do not decrypt or fail authentication.",
                 systems,
                 errors,
                 took_ms = started.elapsed().as_millis() as u64
@@ -542,6 +534,8 @@ async fn open_broker(
             keepalive_interval: config.keepalive_interval,
             keepalive_margin: config.keepalive_margin,
             expect_initialized: initialized,
+            adopt_unauthenticated_records: config.adopt_unauthenticated_records,
+            admin_token_file: Some(data_dir.join(ADMIN_TOKEN_FILE)),
             default_static_delivery: config.default_static_delivery,
             lease_ttl: config.lease_ttl,
             proxy_client: Some(proxy_client),
@@ -566,9 +560,8 @@ async fn open_broker(
         },
     )
     .await?;
-    if let Some(token) = admin_token {
+    if admin_token.is_some() {
         let path = data_dir.join(ADMIN_TOKEN_FILE);
-        write_admin_token(&path, token.expose_secret())?;
         tracing::info!(message = "Created the admin caller; its token is in the admin token file.", path = %path.display());
     }
     Ok(broker)
@@ -603,18 +596,4 @@ fn restrict_data_dir(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn write_admin_token(path: &Path, token: &str) -> Result<(), ServeError> {
-    // A leftover file from an earlier store is replaced: it held a token that no longer exists.
-    if path.exists() {
-        std::fs::remove_file(path).map_err(|error| ServeError::AdminToken {
-            path: path.to_path_buf(),
-            error,
-        })?;
-    }
-    write_secret_file(path, token.as_bytes()).map_err(|error| ServeError::AdminToken {
-        path: path.to_path_buf(),
-        error,
-    })
 }

@@ -10,6 +10,7 @@
 //! # Durability
 //! Every mutating method returns only after the change is flushed to disk.
 
+pub mod authenticated;
 #[cfg(feature = "fault-injection")]
 pub mod faulty;
 pub mod memory;
@@ -21,6 +22,7 @@ use async_trait::async_trait;
 
 use crate::model::{CallerRecord, SystemRecord};
 
+pub use self::authenticated::{AuthenticatedStore, INTEGRITY_META_KEY};
 pub use self::memory::MemoryStore;
 pub use self::monitor::{MonitoredStore, WriteHealth, WRITES_HEALTH_SERVICE};
 pub use self::postgres::PostgresStore;
@@ -47,6 +49,9 @@ pub enum StoreError {
     /// A record could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// A record failed authentication: it was written without the master key.
+    #[error("record failed authentication: {0}")]
+    Tampered(String),
 }
 
 /// Persistent storage for systems, callers and metadata.
@@ -150,6 +155,60 @@ impl std::fmt::Debug for RefreshLock {
 
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
+}
+
+/// A stored record's key: what the store files it under must be what it says it is (a row
+/// copied under another key is refused, not served as the other system).
+pub(crate) trait Keyed {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for SystemRecord {
+    fn key(&self) -> &str {
+        &self.system_id
+    }
+}
+
+impl Keyed for CallerRecord {
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Decodes the record filed under `key`.
+pub(crate) fn decode_keyed<T: serde::de::DeserializeOwned + Keyed>(
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let v: T = decode(bytes)?;
+    if v.key().as_bytes() != key {
+        return Err(StoreError::Corrupt(
+            "record filed under another key".to_owned(),
+        ));
+    }
+    Ok(v)
+}
+
+/// Decodes one record of a listing. An undecodable record is logged by key, counted and left
+/// out: one bad record costs only itself, never the listing (nor the broker's start).
+pub(crate) fn decode_listed<T: serde::de::DeserializeOwned + Keyed>(
+    what: &str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Option<T> {
+    match decode_keyed(key, bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            crate::metrics::METRICS.record_refused();
+            let shown: String = String::from_utf8_lossy(key)
+                .chars()
+                .take(64)
+                .flat_map(char::escape_debug)
+                .collect();
+            tracing::error!(message = "A stored record cannot be decoded; it is left out.", record = what, id = %shown, error = %e);
+            None
+        }
+    }
 }
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {

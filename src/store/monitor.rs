@@ -65,7 +65,7 @@ impl WriteHealth {
             Ok(_) | Err(StoreError::AlreadyExists) | Err(StoreError::Conflict) => None,
             Err(StoreError::Full(_)) => Some("disk full"),
             Err(StoreError::Backend(_)) => Some("storage write failed"),
-            Err(StoreError::Corrupt(_)) => None,
+            Err(StoreError::Corrupt(_)) | Err(StoreError::Tampered(_)) => None,
         };
         let ok = failure.is_none();
         if !ok {

@@ -9,7 +9,8 @@
 //! - **Pool**: deadpool with connect, wait and recycle timeouts; a broken database turns into
 //!   `UNAVAILABLE` answers, never a hang.
 //! - **TLS**: `sslmode=require` (or `prefer`) in the URL connects with rustls, verifying the
-//!   server against `CREDBROKER_STORE_CA_FILE` (PEM) or, without one, the public web roots.
+//!   server against `CREDBROKER_STORE_CA_FILE` (PEM) or, without one, the public web roots. A
+//!   URL naming a host off loopback without `sslmode` means `require`.
 //! - **Change propagation**: every write sends `NOTIFY credbroker_changes` in the same statement;
 //!   each replica `LISTEN`s on a dedicated connection and hands the changes to the broker, which
 //!   drops cached tokens and reloads callers (within milliseconds; after a reconnect it resyncs
@@ -30,7 +31,9 @@ use tokio::sync::broadcast;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, NoTls, Socket};
 
-use super::{decode, encode, Change, CredentialStore, RefreshLock, StoreError};
+use super::{
+    decode_keyed, decode_listed, encode, Change, CredentialStore, RefreshLock, StoreError,
+};
 use crate::model::{CallerRecord, SystemRecord};
 
 mod embedded {
@@ -119,6 +122,32 @@ fn tls_for(config: &tokio_postgres::Config, ca_file: Option<&Path>) -> Result<Tl
     )))
 }
 
+/// A URL that names a host off loopback and says nothing about TLS gets `sslmode=require`: the
+/// store holds every sealed credential and caller, so plaintext (`prefer`, `disable`) must be
+/// asked for explicitly.
+fn require_tls_off_loopback(url: &str, config: &mut tokio_postgres::Config) {
+    use tokio_postgres::config::{Host, SslMode};
+    if url.to_ascii_lowercase().contains("sslmode") {
+        return;
+    }
+    let off_loopback = config.get_hosts().iter().any(|h| match h {
+        Host::Tcp(name) => !is_loopback_host(name),
+        #[cfg(unix)]
+        Host::Unix(_) => false,
+    });
+    if off_loopback {
+        config.ssl_mode(SslMode::Require);
+    }
+}
+
+fn is_loopback_host(name: &str) -> bool {
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl PostgresStore {
     /// Connects, applies pending migrations (once across replicas) and starts listening for
     /// other replicas' changes. `url` is a libpq-style URL; the password in it never appears in
@@ -131,6 +160,7 @@ impl PostgresStore {
             config.connect_timeout(Duration::from_secs(5));
         }
         config.application_name("credbroker");
+        require_tls_off_loopback(url, &mut config);
         let tls = tls_for(&config, ca_file)?;
         let pool = match &tls {
             Tls::None => build_pool(config.clone(), NoTls)?,
@@ -170,6 +200,31 @@ impl PostgresStore {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         self.client().await?.query(sql, params).await.map_err(pg)
+    }
+
+    /// Up to `limit` system rows (`system_id`, `record`) after `after`, in id order.
+    async fn system_rows(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        match after {
+            Some(a) => {
+                self.rows(
+                    "SELECT system_id, record FROM systems WHERE system_id > $1 ORDER BY system_id COLLATE \"C\" LIMIT $2",
+                    &[&a, &limit],
+                )
+                .await
+            }
+            None => {
+                self.rows(
+                    "SELECT system_id, record FROM systems ORDER BY system_id COLLATE \"C\" LIMIT $1",
+                    &[&limit],
+                )
+                .await
+            }
+        }
     }
 
     /// Runs a caller write (`$1` name, `$2` record, `$3`/`$4` the notification) that returns a
@@ -359,7 +414,11 @@ async fn next_notification(
 
 /// The first column as bytes; a schema someone changed by hand is an error, not a panic.
 fn column(row: &tokio_postgres::Row) -> Result<&[u8], StoreError> {
-    row.try_get::<_, &[u8]>(0)
+    column_at(row, 0)
+}
+
+fn column_at(row: &tokio_postgres::Row, i: usize) -> Result<&[u8], StoreError> {
+    row.try_get::<_, &[u8]>(i)
         .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))
 }
 
@@ -403,7 +462,9 @@ impl CredentialStore for PostgresStore {
                 &[&system_id],
             )
             .await?;
-        rows.first().map(|r| decode(column(r)?)).transpose()
+        rows.first()
+            .map(|r| decode_keyed(system_id.as_bytes(), column(r)?))
+            .transpose()
     }
 
     async fn list_systems(
@@ -411,24 +472,24 @@ impl CredentialStore for PostgresStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<SystemRecord>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = match after {
-            Some(a) => {
-                self.rows(
-                    "SELECT record FROM systems WHERE system_id > $1 ORDER BY system_id COLLATE \"C\" LIMIT $2",
-                    &[&a, &limit],
-                )
-                .await?
+        // Undecodable rows are left out; read on until the page is full or the table ends.
+        let mut out = Vec::new();
+        let mut cursor = after.map(str::to_owned);
+        while out.len() < limit {
+            let want = limit - out.len();
+            let rows = self.system_rows(cursor.as_deref(), want).await?;
+            for r in &rows {
+                let key: &str = r
+                    .try_get(0)
+                    .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))?;
+                out.extend(decode_listed("system", key.as_bytes(), column_at(r, 1)?));
+                cursor = Some(key.to_owned());
             }
-            None => {
-                self.rows(
-                    "SELECT record FROM systems ORDER BY system_id COLLATE \"C\" LIMIT $1",
-                    &[&limit],
-                )
-                .await?
+            if rows.len() < want {
+                break;
             }
-        };
-        rows.iter().map(|r| decode(column(r)?)).collect()
+        }
+        Ok(out)
     }
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
@@ -504,9 +565,16 @@ impl CredentialStore for PostgresStore {
 
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
         let rows = self
-            .rows("SELECT record FROM callers ORDER BY name", &[])
+            .rows("SELECT name, record FROM callers ORDER BY name", &[])
             .await?;
-        rows.iter().map(|r| decode(column(r)?)).collect()
+        let mut out = Vec::new();
+        for r in &rows {
+            let key: &str = r
+                .try_get(0)
+                .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))?;
+            out.extend(decode_listed("caller", key.as_bytes(), column_at(r, 1)?));
+        }
+        Ok(out)
     }
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
@@ -592,5 +660,39 @@ impl CredentialStore for PostgresStore {
 
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         Some(self.changes.subscribe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str) -> tokio_postgres::config::SslMode {
+        let mut config: tokio_postgres::Config = url.parse().unwrap();
+        require_tls_off_loopback(url, &mut config);
+        config.get_ssl_mode()
+    }
+
+    #[test]
+    fn tls_is_required_off_loopback_unless_the_url_says_otherwise() {
+        use tokio_postgres::config::SslMode;
+        assert_eq!(
+            mode("postgres://u@db.example.com/credbroker"),
+            SslMode::Require
+        );
+        assert_eq!(mode("postgres://u@10.0.0.5:5432/c"), SslMode::Require);
+        assert_eq!(mode("host=db.internal user=u dbname=c"), SslMode::Require);
+        assert_eq!(
+            mode("postgres://u@db.example.com/c?sslmode=disable"),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgres://u@db.example.com/c?sslmode=prefer"),
+            SslMode::Prefer
+        );
+        assert_eq!(mode("postgres://u@127.0.0.1/c"), SslMode::Prefer);
+        assert_eq!(mode("postgres://u@localhost/c"), SslMode::Prefer);
+        assert_eq!(mode("postgres://u@[::1]:5432/c"), SslMode::Prefer);
+        assert_eq!(mode("host=/var/run/postgresql user=u"), SslMode::Prefer);
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{decode, encode, CredentialStore, StoreError};
+use super::{decode, decode_keyed, decode_listed, encode, CredentialStore, StoreError};
 use crate::model::{CallerRecord, SystemRecord};
 
 /// The sled-backed store.
@@ -113,7 +113,7 @@ fn backend(e: sled::Error) -> StoreError {
 impl CredentialStore for SledStore {
     async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
         match self.systems.get(system_id.as_bytes()).map_err(backend)? {
-            Some(v) => Ok(Some(decode(&v)?)),
+            Some(v) => Ok(Some(decode_keyed(system_id.as_bytes(), &v)?)),
             None => Ok(None),
         }
     }
@@ -131,9 +131,12 @@ impl CredentialStore for SledStore {
             None => self.systems.iter(),
         };
         let mut out = Vec::new();
-        for item in iter.take(limit) {
-            let (_, v) = item.map_err(backend)?;
-            out.push(decode(&v)?);
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(backend)?;
+            out.extend(decode_listed("system", &k, &v));
         }
         Ok(out)
     }
@@ -192,13 +195,12 @@ impl CredentialStore for SledStore {
     }
 
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
-        self.callers
-            .iter()
-            .map(|item| {
-                let (_, v) = item.map_err(backend)?;
-                decode(&v)
-            })
-            .collect()
+        let mut out = Vec::new();
+        for item in self.callers.iter() {
+            let (k, v) = item.map_err(backend)?;
+            out.extend(decode_listed("caller", &k, &v));
+        }
+        Ok(out)
     }
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {

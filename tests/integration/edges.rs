@@ -19,7 +19,7 @@ use crate::connect::{
     atlassian, authz_code, browse, jira_config, register, start, zendesk, JIRA_CLIENT, JIRA_SECRET,
     ZD_CLIENT, ZD_SECRET,
 };
-use crate::oauth::{refresh_cred, servicenow, sn_register, USER};
+use crate::oauth::{refresh_cred, servicenow, sf_login, sf_register, sn_register, USER};
 use crate::support::*;
 
 const ID: &str = "edge";
@@ -65,6 +65,16 @@ impl TokenEndpoint for FakeZendesk {
     }
 }
 
+impl TokenEndpoint for FakeSalesforce {
+    fn calls(&self) -> usize {
+        self.token_calls()
+    }
+    // Logins rotate nothing: a login made twice costs a login, which `calls` counts.
+    fn reuse(&self) -> usize {
+        0
+    }
+}
+
 impl TokenEndpoint for FakeAtlassian {
     fn calls(&self) -> usize {
         self.token_calls()
@@ -86,6 +96,7 @@ enum Which {
     ServiceNowStatic,
     Zendesk,
     Jira,
+    SalesforceSoap,
 }
 
 /// Registers system [`ID`] with an authorization-code client and connects it through the
@@ -139,6 +150,26 @@ async fn connect(
             let cred = authz_code(ZD_CLIENT, ZD_SECRET);
             connect_by_consent(&broker, pb::SystemKind::Zendesk, &fake.base_url, cred).await;
             fake.oauth(|o| o.token_delay = VENDOR_DELAY);
+            let fake = Box::new(fake);
+            (broker, Vendor { config, fake })
+        }
+        Which::SalesforceSoap => {
+            let fake = FakeSalesforce::start("edge-sf-client", "edge-sf-secret").await;
+            fake.add_user(
+                "integration@acme.example",
+                "sf-pass-canary-8",
+                "sf-sectoken-canary-5",
+            );
+            let config = test_config(dir);
+            let broker = TestBroker::start_wrapped(config.clone(), wrap(ctl)).await;
+            let cred = sf_login("sf-pass-canary-8", false);
+            broker
+                .admin()
+                .await
+                .register_system(sf_register(ID, &fake.base_url, cred, false))
+                .await
+                .unwrap();
+            fake.set_login_delay(VENDOR_DELAY);
             let fake = Box::new(fake);
             (broker, Vendor { config, fake })
         }
@@ -251,6 +282,13 @@ async fn dropped_callers_never_lose_a_zendesk_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_callers_never_lose_a_jira_grant() {
     cancellation_harness(Which::Jira).await;
+}
+
+/// A SOAP `login()` per session (Salesforce): a caller that gives up mid-login costs no second
+/// login (logins count against the user's daily limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_callers_never_cost_a_second_salesforce_soap_login() {
+    cancellation_harness(Which::SalesforceSoap).await;
 }
 
 /// The reproduction: a lapsed Jira token, a slow vendor, three workers with 300 ms
@@ -617,5 +655,164 @@ async fn slow_http_connections_are_cut_and_capped() {
         .await;
     assert!(r.is_err(), "a connection past the cap was served");
     drop(open);
+    broker.stop().await;
+}
+
+/// Deleting a system and registering its id again starts a new incarnation whose versions go
+/// on from the old one's: the old incarnation's leases and authorization links are refused.
+#[tokio::test]
+async fn a_re_registered_id_refuses_the_old_incarnations_leases_and_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let asana = FakeAsana::start().await;
+    asana.add_user("inc-pat-1", "1", "Sync", "sync@example.com");
+    let zd = zendesk().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let proxied = |req: pb::RegisterSystemRequest| pb::RegisterSystemRequest {
+        delivery: pb::Delivery::Proxy as i32,
+        ..req
+    };
+    admin
+        .register_system(proxied(register_asana(
+            "inc",
+            &asana.base_url,
+            "inc-pat-1",
+            false,
+        )))
+        .await
+        .unwrap();
+    let old = token_with_deadline(&mut admin, "inc", "", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let get = |t: &pb::GetAccessTokenResponse| {
+        let mut req = reqwest::Client::new().get(format!("{}/users/me", t.api_base_url));
+        for h in &t.headers {
+            req = req.header(&h.name, &h.value);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get(&old).await, 200);
+    admin
+        .register_system(register(
+            "inc-zd",
+            pb::SystemKind::Zendesk,
+            &zd.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let link = start(&mut admin, "inc-zd").await;
+
+    for id in ["inc", "inc-zd"] {
+        admin
+            .delete_system(pb::DeleteSystemRequest {
+                system_id: id.into(),
+            })
+            .await
+            .unwrap();
+    }
+    admin
+        .register_system(proxied(register_asana(
+            "inc",
+            &asana.base_url,
+            "inc-pat-1",
+            false,
+        )))
+        .await
+        .unwrap();
+    admin
+        .register_system(register(
+            "inc-zd",
+            pb::SystemKind::Zendesk,
+            &zd.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let reader = admin.clone();
+    let version = |id: &'static str| {
+        let mut admin = reader.clone();
+        async move {
+            admin
+                .get_system(pb::GetSystemRequest {
+                    system_id: id.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .system
+                .unwrap()
+                .credential_version
+        }
+    };
+    assert_eq!(
+        version("inc").await,
+        2,
+        "versions go on across incarnations"
+    );
+    assert_eq!(
+        get(&old).await,
+        401,
+        "an old incarnation's lease is refused"
+    );
+    let new = token_with_deadline(&mut admin, "inc", "", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(get(&new).await, 200);
+    let (_, status, page) = browse(&link.authorize_url).await;
+    assert_eq!(status, 409, "an old incarnation's link is refused: {page}");
+    assert_eq!(
+        zd.token_calls(),
+        0,
+        "no code was exchanged for the new incarnation"
+    );
+    let sys = version("inc-zd").await;
+    assert_eq!(sys, 2);
+    broker.stop().await;
+}
+
+/// The bootstrap admin's token file is durable before the admin caller is committed: a file
+/// that cannot be written leaves no admin behind (the next start bootstraps), and a start that
+/// stopped between the commit and the file's rename is finished by the next one.
+#[tokio::test]
+async fn the_admin_token_file_is_never_lost_to_an_interrupted_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("admin.token.pending");
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let log = match spawn_process(dir.path(), &logs.path().join("a.log"), &[]) {
+        Err((status, log)) => {
+            assert!(!status.success());
+            log
+        }
+        Ok(mut p) => {
+            let status = tokio::task::spawn_blocking(move || p.child.wait().unwrap())
+                .await
+                .unwrap();
+            assert!(!status.success(), "started without its admin token file");
+            std::fs::read_to_string(logs.path().join("a.log")).unwrap()
+        }
+    };
+    assert!(log.contains("admin token file"), "{log}");
+    std::fs::remove_dir_all(&blocker).unwrap();
+
+    // The failed start committed no admin: this one bootstraps, and its token works.
+    let broker = TestBroker::start(dir.path()).await;
+    let token = broker.admin_token.clone();
+    let mut admin = broker.admin().await;
+    admin.list_callers(pb::ListCallersRequest {}).await.unwrap();
+    broker.stop().await;
+
+    // Stopped after the commit, before the rename: the next start puts the file in place.
+    std::fs::rename(dir.path().join("admin.token"), &blocker).unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    assert_eq!(broker.admin_token, token);
+    assert!(!blocker.exists());
+    broker
+        .admin()
+        .await
+        .list_callers(pb::ListCallersRequest {})
+        .await
+        .unwrap();
     broker.stop().await;
 }

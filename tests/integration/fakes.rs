@@ -1213,6 +1213,7 @@ struct SfState {
     token_calls: usize,
     token_mode: Mode,
     seq: u64,
+    login_delay: std::time::Duration,
 }
 
 /// A fake Salesforce org: My Domain token endpoint (client credentials, password flow),
@@ -1242,6 +1243,7 @@ impl FakeSalesforce {
             token_calls: 0,
             token_mode: Mode::Normal,
             seq: 0,
+            login_delay: std::time::Duration::ZERO,
         }));
         let st = state.clone();
         let origin_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
@@ -1249,7 +1251,16 @@ impl FakeSalesforce {
         let server = FakeUpstream::start(move |req| {
             let mut s = st.lock().unwrap();
             let origin = oc.lock().unwrap().clone();
-            sf_handle(&mut s, req, &origin)
+            let reply = sf_handle(&mut s, req, &origin);
+            // A login is made (the session exists) on receipt; the answer comes late.
+            let login = matches!(
+                req.path.as_str(),
+                "/services/oauth2/token" | "/services/Soap/u/64.0"
+            );
+            if login && !s.login_delay.is_zero() {
+                return Reply::Delay(s.login_delay, Box::new(reply));
+            }
+            reply
         })
         .await;
         *origin_cell.lock().unwrap() = server.origin.clone();
@@ -1287,6 +1298,11 @@ impl FakeSalesforce {
     /// Ends every session (as an admin's "revoke" or a session timeout does).
     pub fn revoke_sessions(&self) {
         self.state.lock().unwrap().sessions.clear();
+    }
+
+    /// How long logins (OAuth token and SOAP) take to answer.
+    pub fn set_login_delay(&self, delay: std::time::Duration) {
+        self.state.lock().unwrap().login_delay = delay;
     }
 
     /// Token requests (OAuth and SOAP) so far.

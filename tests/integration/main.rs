@@ -25,3 +25,4 @@ mod static_backends;
 mod storage_faults;
 mod store_conformance;
 mod support;
+mod tamper;

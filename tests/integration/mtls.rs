@@ -209,6 +209,18 @@ async fn mtls_identities_scopes_handshakes_and_reload() {
             .code(),
         Code::Unauthenticated
     );
+    // A certificate naming several callers (here the worker and the admin) is refused as
+    // ambiguous, not served as whichever matched first.
+    let both_id = ca.leaf(&["mtls-worker", "admin"], false);
+    let mut both = tls_client(addr, &ca.pem(), Some(&both_id), None)
+        .await
+        .unwrap();
+    let e = both
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    assert!(e.message().contains("ambiguous"), "{}", e.message());
     let admin_token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     let mut bearer = tls_client(addr, &ca.pem(), Some(&nobody_id), Some(admin_token.trim()))
         .await

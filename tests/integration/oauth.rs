@@ -672,7 +672,7 @@ fn sf_cc(secret: &str) -> pb::Credential {
     }
 }
 
-fn sf_login(password: &str, with_client: bool) -> pb::Credential {
+pub(crate) fn sf_login(password: &str, with_client: bool) -> pb::Credential {
     pb::Credential {
         credential: Some(pb::credential::Credential::SalesforceLogin(
             pb::SalesforceLogin {
@@ -694,7 +694,7 @@ fn sf_login(password: &str, with_client: bool) -> pb::Credential {
     }
 }
 
-fn sf_register(
+pub(crate) fn sf_register(
     id: &str,
     base: &str,
     cred: pb::Credential,

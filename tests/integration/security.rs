@@ -278,8 +278,16 @@ async fn ssrf_matrix_is_refused_and_the_allow_list_admits_one_host() {
     // Records pre-seeded with such URLs fail at call time, without a connection.
     let before = hits.load(Ordering::SeqCst);
     {
-        use credbroker::store::{CredentialStore, SledStore};
-        let store = SledStore::open(dir.path()).unwrap();
+        use credbroker::store::{AuthenticatedStore, CredentialStore, SledStore};
+        // Written as the broker writes (tagged under the master key), as when an earlier
+        // egress policy allowed these hosts.
+        let (key, _) =
+            credbroker::crypto::keys::MasterKey::load_or_generate(None, dir.path(), true).unwrap();
+        let integrity = credbroker::crypto::Keyring::new(key).derive_subkey("record-integrity");
+        let store = AuthenticatedStore::new(
+            std::sync::Arc::new(SledStore::open(dir.path()).unwrap()),
+            integrity,
+        );
         let mut r = store.get_system("allowed").await.unwrap().unwrap();
         for (id, url) in [
             ("seeded-metadata", "http://169.254.169.254/api"),

@@ -28,6 +28,7 @@ fn record(id: &str, revision: u64) -> SystemRecord {
         last_proxy_unauthorized_at: None,
         sealed_credential: vec![1, 2, 3, 0, 255],
         revision,
+        integrity: None,
     }
 }
 
@@ -93,6 +94,7 @@ async fn conformance(store: Arc<dyn CredentialStore>) {
         system_patterns: vec!["acme-*".into()],
         kinds: vec![SystemKind::Asana],
         expires_at: Some(4_000_000_000),
+        integrity: None,
     };
     store.insert_caller(&caller).await.unwrap();
     assert!(matches!(
@@ -124,19 +126,45 @@ async fn memory_store_conforms() {
     conformance(Arc::new(MemoryStore::new())).await;
 }
 
+/// The record-authenticating wrapper the broker puts around every store conforms too, and
+/// refuses a record changed underneath it, alone.
 #[tokio::test]
-async fn sled_store_conforms_and_persists() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let store = SledStore::open(dir.path()).unwrap();
-        conformance(Arc::new(store)).await;
+async fn authenticated_store_conforms_and_refuses_records_changed_underneath() {
+    use credbroker::store::AuthenticatedStore;
+    conformance(Arc::new(AuthenticatedStore::new(
+        Arc::new(MemoryStore::new()),
+        [7; 32],
+    )))
+    .await;
+    let inner: Arc<dyn CredentialStore> = Arc::new(MemoryStore::new());
+    let store = AuthenticatedStore::new(inner.clone(), [7; 32]);
+    for id in ["a", "b", "c"] {
+        store.insert_system(&record(id, 1)).await.unwrap();
     }
-    // sled releases its directory lock when its background flusher thread ends, which can be
-    // a moment after the last handle is dropped: wait for that (bounded), then reopen.
+    let mut b = inner.get_system("b").await.unwrap().unwrap();
+    b.base_url = "https://elsewhere.example".into();
+    inner.update_system(&b, 1).await.unwrap();
+    assert!(matches!(
+        store.get_system("b").await,
+        Err(StoreError::Tampered(_))
+    ));
+    let page = store.list_systems(None, 2).await.unwrap();
+    let ids: Vec<_> = page.iter().map(|r| r.system_id.as_str()).collect();
+    assert_eq!(ids, ["a", "c"], "a refused record leaves no short page");
+    assert_eq!(store.get_system("a").await.unwrap(), Some(record("a", 1)));
+    // Another key (another master key) trusts nothing.
+    let other = AuthenticatedStore::new(inner, [8; 32]);
+    assert!(other.list_systems(None, 10).await.unwrap().is_empty());
+}
+
+/// Opens the sled store in `dir`, waiting (bounded) for a previous owner to let go: sled
+/// releases its directory lock when its background flusher thread ends, which can be a moment
+/// after the last handle is dropped.
+pub async fn open_sled(dir: &std::path::Path) -> SledStore {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let store = loop {
-        match SledStore::open(dir.path()) {
-            Ok(s) => break s,
+    loop {
+        match SledStore::open(dir) {
+            Ok(s) => return s,
             Err(credbroker::store::sled::OpenError::Locked(_))
                 if std::time::Instant::now() < deadline =>
             {
@@ -144,7 +172,17 @@ async fn sled_store_conforms_and_persists() {
             }
             Err(e) => panic!("{e}"),
         }
-    };
+    }
+}
+
+#[tokio::test]
+async fn sled_store_conforms_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        conformance(Arc::new(store)).await;
+    }
+    let store = open_sled(dir.path()).await;
     assert_eq!(store.count_systems().await.unwrap(), 2);
     assert_eq!(store.get_meta("k").await.unwrap(), Some(b"v2".to_vec()));
 }
