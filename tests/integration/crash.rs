@@ -1,5 +1,5 @@
-//! Crash safety: concurrent RegisterSystem / RotateCredential / OAuth refresh load against the
-//! real binary,
+//! Crash safety: concurrent RegisterSystem / RotateCredential / OAuth refresh load (ServiceNow
+//! and Jira Cloud, both rotating their refresh tokens) against the real binary,
 //! `kill -9` at a seeded random moment, restart on the same data directory, and check that every
 //! acknowledged write is there and decrypts to exactly what was sent, that unacknowledged writes
 //! are whole or absent, and that the startup integrity check finds zero errors.
@@ -112,6 +112,52 @@ async fn integrity_verdict(proc: &BrokerProcess) -> serde_json::Value {
     }
 }
 
+/// Registers "oauth-jira" and connects it through the fake's consent page.
+async fn connect_jira(admin: &mut Client) {
+    use crate::connect::{authz_code, browse, register, start, JIRA_CLIENT, JIRA_SECRET};
+    admin
+        .register_system(register(
+            "oauth-jira",
+            pb::SystemKind::JiraCloud,
+            "https://acme.atlassian.net/",
+            authz_code(JIRA_CLIENT, JIRA_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(admin, "oauth-jira").await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
+}
+
+/// Both rotating grants still work (after a restart nothing is cached, so this refreshes with
+/// the stored refresh token), and neither vendor saw a revoked refresh token.
+async fn grants_survived(
+    admin: &mut Client,
+    sn: &FakeServiceNow,
+    jira: &FakeAtlassian,
+    round: u64,
+) {
+    for id in ["oauth-sn", "oauth-jira"] {
+        let t = admin
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {id}: OAuth grant lost: {e:?}"));
+        assert!(t.into_inner().headers[0].value.starts_with("Bearer "));
+    }
+    assert_eq!(
+        sn.reuse_detected(),
+        0,
+        "round {round}: ServiceNow saw a revoked refresh token"
+    );
+    assert_eq!(
+        jira.reuse_detected(),
+        0,
+        "round {round}: Jira saw a revoked refresh token"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_write_load_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -127,12 +173,28 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
         o.leeway = true;
     });
     let first_rt = sn.issue_refresh_token(crate::oauth::USER);
+    // And Jira Cloud itself (rotating refresh tokens with Atlassian's reuse leeway), connected
+    // through its consent page, with 1 s access tokens.
+    let jira = crate::connect::atlassian().await;
+    jira.oauth(|o| {
+        o.rotate = true;
+        o.leeway = true;
+        o.access_lifetime = 1;
+    });
+    let jira_env = [
+        ("CREDBROKER_JIRA_AUTH_URL", jira.origin.as_str()),
+        ("CREDBROKER_JIRA_API_URL", jira.origin.as_str()),
+    ];
     let model: Model = Arc::default();
     let mut total_acked = 0usize;
     for round in 0..rounds() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(round);
-        let proc =
-            spawn_process(dir.path(), &logs.path().join(format!("{round}.log")), &[]).unwrap();
+        let proc = spawn_process(
+            dir.path(),
+            &logs.path().join(format!("{round}.log")),
+            &jira_env,
+        )
+        .unwrap();
         wait_for_health(proc.addr, ServingStatus::Serving).await;
         let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
         let mut admin = client(proc.addr, Some(token.trim())).await;
@@ -146,22 +208,9 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
                 ))
                 .await
                 .unwrap();
+            connect_jira(&mut admin).await;
         }
-        // The refresh grant survived the previous kill (nothing is cached after a restart, so
-        // this refreshes with the stored refresh token).
-        let t = admin
-            .get_access_token(pb::GetAccessTokenRequest {
-                system_id: "oauth-sn".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("round {round}: OAuth grant lost: {e:?}"));
-        assert!(t.into_inner().headers[0].value.starts_with("Bearer at-"));
-        assert_eq!(
-            sn.reuse_detected(),
-            0,
-            "round {round}: a revoked refresh token was reused"
-        );
+        grants_survived(&mut admin, &sn, &jira, round).await;
 
         // Verify what the previous rounds left behind, then settle the model on what is there.
         if round > 0 {
@@ -221,17 +270,17 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
                 round * 100 + task,
             )));
         }
-        for _ in 0..2 {
+        for id in ["oauth-sn", "oauth-sn", "oauth-jira"] {
             let mut c = client(proc.addr, Some(token.trim())).await;
             tasks.push(tokio::spawn(async move {
                 while let Ok(t) = c
                     .get_access_token(pb::GetAccessTokenRequest {
-                        system_id: "oauth-sn".into(),
+                        system_id: id.into(),
                         ..Default::default()
                     })
                     .await
                 {
-                    assert!(t.into_inner().headers[0].value.starts_with("Bearer at-"));
+                    assert!(t.into_inner().headers[0].value.starts_with("Bearer "));
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }));
@@ -245,7 +294,7 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
         drop(proc);
     }
     // The final restart is verified the same way.
-    let proc = spawn_process(dir.path(), &logs.path().join("final.log"), &[]).unwrap();
+    let proc = spawn_process(dir.path(), &logs.path().join("final.log"), &jira_env).unwrap();
     wait_for_health(proc.addr, ServingStatus::Serving).await;
     let verdict = integrity_verdict(&proc).await;
     assert_eq!(verdict["errors"], 0, "{verdict}");
@@ -258,15 +307,23 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
         })
         .await
         .expect("the OAuth grant survived every kill");
-    assert_eq!(sn.reuse_detected(), 0, "a revoked refresh token was reused");
+    grants_survived(&mut admin, &sn, &jira, rounds()).await;
     // A kill between the vendor issuing a new refresh token and the broker saving it is the one
     // case that presents the previous token again: at most once per kill.
     assert!(
-        sn.leeway_reuses() as u64 <= rounds(),
-        "{} leeway reuses in {} kills",
-        sn.leeway_reuses(),
-        rounds()
+        jira.token_calls() as u64 > rounds(),
+        "Jira was not refreshed during the run"
     );
+    for (vendor, reuses) in [
+        ("ServiceNow", sn.leeway_reuses()),
+        ("Jira", jira.leeway_reuses()),
+    ] {
+        assert!(
+            reuses as u64 <= rounds(),
+            "{vendor}: {reuses} leeway reuses in {} kills",
+            rounds()
+        );
+    }
     let m = model.lock().unwrap().clone();
     let mut present = 0;
     for (id, e) in &m {
@@ -296,11 +353,13 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
         present > total_acked && present > 0,
         "the load wrote nothing ({present} present)"
     );
-    assert_eq!(verdict["systems"], present as u64 + 1, "{verdict}");
+    assert_eq!(verdict["systems"], present as u64 + 2, "{verdict}");
     println!(
-        "crash test: {} rounds, {present} systems verified, {} OAuth token calls, {} leeway reuses, 0 refresh tokens lost",
+        "crash test: {} rounds, {present} systems verified, token calls ServiceNow {} / Jira {}, leeway reuses ServiceNow {} / Jira {}, 0 refresh tokens lost",
         rounds(),
         sn.token_calls(),
-        sn.leeway_reuses()
+        jira.token_calls(),
+        sn.leeway_reuses(),
+        jira.leeway_reuses()
     );
 }

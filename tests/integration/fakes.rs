@@ -1744,6 +1744,11 @@ impl FakeAtlassian {
         self.state.lock().unwrap().oauth.reuse_detected
     }
 
+    /// How often the leeway admitted the last rotated-out refresh token.
+    pub fn leeway_reuses(&self) -> usize {
+        self.state.lock().unwrap().oauth.leeway_reuses
+    }
+
     /// Changes the token endpoint's behaviour.
     pub fn oauth(&self, f: impl FnOnce(&mut OAuthServer)) {
         f(&mut self.state.lock().unwrap().oauth);
