@@ -375,7 +375,7 @@ impl Broker {
                 format!("The credential changed meanwhile; nothing was stored; {hint}."),
             ));
         }
-        let version = current.credential_version + 1;
+        let version = crate::broker::next_version(&current).map_err(|e| (409, e.to_string()))?;
         let mut updated = current.clone();
         updated.sealed_credential = self
             .seal(&p.system_id, version, &new_credential)

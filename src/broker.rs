@@ -172,6 +172,13 @@ pub enum OpenError {
     /// The admin token file could not be written.
     #[error("cannot write the admin token file: {0}; no admin caller was created")]
     AdminToken(String),
+    /// Adoption was asked for on a store whose records are already authenticated.
+    #[error(
+        "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS is set, but this store's records are already \
+         authenticated; refusing to start. Remove the setting: left on, it would let someone \
+         who can write the database have forged records adopted at the next start"
+    )]
+    AdoptionLeftOn,
     /// Storage failed.
     #[error("storage error during start: {0}")]
     Store(#[from] StoreError),
@@ -334,12 +341,16 @@ impl Broker {
                 Ok(Some(token))
             }
             (Ok((_, token)), None) => Ok(Some(token)),
-            // Another replica sharing the store created it first.
+            // Another replica sharing the store created it first (or its row is refused).
             (Err(BrokerError::AlreadyExists(_)), _) => {
                 if let Some(f) = &file {
                     crate::admin_token::discard(f);
                 }
-                self.install_callers(self.store.list_callers().await?);
+                let callers = self.store.list_callers().await?;
+                if callers.is_empty() {
+                    tracing::error!(message = "No stored caller passes authentication: nobody can call this broker. Restore the callers from a backup.");
+                }
+                self.install_callers(callers);
                 Ok(None)
             }
             (Err(_), _) => Err(OpenError::Damaged(
@@ -822,7 +833,7 @@ impl Broker {
         let flight = self.flight(system_id);
         let mut f = flight.lock().await;
         let current = self.get_system(system_id).await?;
-        let version = current.credential_version + 1;
+        let version = next_version(&current)?;
         let mut updated = current.clone();
         updated.sealed_credential = self.seal(system_id, version, &prepared.credential)?;
         updated.credential_type = prepared.credential.credential_type();
@@ -1016,14 +1027,19 @@ impl Broker {
         }
         let flight = self.flight(system_id);
         let mut f = flight.lock().await;
-        if let Some(current) = self.store.get_system(system_id).await? {
-            // Versions never repeat across incarnations: leases and pending authorizations of
-            // this one cannot serve a system registered later under the same id.
+        // Versions never repeat across incarnations: leases and pending authorizations of
+        // this one cannot serve a system registered later under the same id. A refused record
+        // (its version unknowable) can be deleted too; the next incarnation then starts past
+        // any version a counter could have reached.
+        let last = match self.store.get_system(system_id).await {
+            Ok(current) => current.map(|c| c.credential_version),
+            Err(StoreError::Tampered(_) | StoreError::Corrupt(_)) => Some(unix_now()),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(last) = last {
+            let last = last.max(self.retired_version(system_id).await?);
             self.store
-                .put_meta(
-                    &retired_key(system_id),
-                    current.credential_version.to_string().as_bytes(),
-                )
+                .put_meta(&retired_key(system_id), last.to_string().as_bytes())
                 .await?;
         }
         if !self.store.delete_system(system_id).await? {
@@ -1043,12 +1059,21 @@ impl Broker {
     /// The first credential version of a system registered as `system_id`: 1, or one past the
     /// last version of a deleted system that had the id.
     async fn first_version(&self, system_id: &str) -> Result<u64, BrokerError> {
+        let last = self.retired_version(system_id).await?;
+        last.checked_add(1).ok_or_else(|| {
+            BrokerError::FailedPrecondition(format!(
+                "the credential versions of '{system_id}' are exhausted; use another id"
+            ))
+        })
+    }
+
+    /// The last credential version of deleted systems that had this id (0: none).
+    async fn retired_version(&self, system_id: &str) -> Result<u64, BrokerError> {
         let retired = self.store.get_meta(&retired_key(system_id)).await?;
-        let last = retired
+        Ok(retired
             .and_then(|v| String::from_utf8(v).ok())
             .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        Ok(last.saturating_add(1))
+            .unwrap_or(0))
     }
 
     /// Writes one audit event; `token_hmac` is the token id's [`Audit::hmac`], never the id.
@@ -1378,6 +1403,9 @@ async fn authenticate_records(
 ) -> Result<Arc<dyn CredentialStore>, OpenError> {
     use crate::store::{AuthenticatedStore, INTEGRITY_META_KEY};
     let marked = store.get_meta(INTEGRITY_META_KEY).await?.as_deref() == Some(b"1".as_slice());
+    if marked && settings.adopt_unauthenticated_records {
+        return Err(OpenError::AdoptionLeftOn);
+    }
     let empty =
         marked || (store.count_systems().await? == 0 && store.list_callers().await?.is_empty());
     let authenticated = AuthenticatedStore::new(store, keyring.derive_subkey("record-integrity"));
@@ -1396,6 +1424,16 @@ async fn authenticate_records(
         authenticated.put_meta(INTEGRITY_META_KEY, b"1").await?;
     }
     Ok(Arc::new(authenticated))
+}
+
+/// The version a new credential of `current` gets.
+pub(crate) fn next_version(current: &SystemRecord) -> Result<u64, BrokerError> {
+    current.credential_version.checked_add(1).ok_or_else(|| {
+        BrokerError::FailedPrecondition(format!(
+            "the credential versions of '{}' are exhausted; register it under another id",
+            current.system_id
+        ))
+    })
 }
 
 /// The `meta` key that keeps the last credential version of a deleted system.

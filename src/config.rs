@@ -123,6 +123,10 @@ pub struct Config {
     pub http_max_connections: usize,
     /// Tag records written before record authentication (an upgrade step; off by default).
     pub adopt_unauthenticated_records: bool,
+    /// Certificate (PEM) of the HTTP listener; with `http_tls_key_file`, it speaks HTTPS.
+    pub http_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the HTTP listener.
+    pub http_tls_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -180,6 +184,8 @@ impl Default for Config {
             http_header_timeout: Duration::from_secs(10),
             http_max_connections: 1024,
             adopt_unauthenticated_records: false,
+            http_tls_cert_file: None,
+            http_tls_key_file: None,
         }
     }
 }
@@ -284,6 +290,10 @@ pub struct FileConfig {
     pub http_max_connections: Option<usize>,
     /// Bool.
     pub adopt_unauthenticated_records: Option<bool>,
+    /// Path.
+    pub http_tls_cert_file: Option<PathBuf>,
+    /// Path.
+    pub http_tls_key_file: Option<PathBuf>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -331,6 +341,10 @@ pub struct Overrides {
     pub default_static_delivery: Option<String>,
     /// `CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS`.
     pub adopt_unauthenticated_records: Option<String>,
+    /// `CREDBROKER_HTTP_TLS_CERT`.
+    pub http_tls_cert_file: Option<PathBuf>,
+    /// `CREDBROKER_HTTP_TLS_KEY`.
+    pub http_tls_key_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -583,6 +597,11 @@ impl Config {
             &mut errors,
         ) {
             c.bearer_tokens = v;
+        }
+        c.http_tls_cert_file = o.http_tls_cert_file.clone().or(f.http_tls_cert_file);
+        c.http_tls_key_file = o.http_tls_key_file.clone().or(f.http_tls_key_file);
+        if c.http_tls_cert_file.is_some() != c.http_tls_key_file.is_some() {
+            errors.push("HTTP TLS needs both a certificate and a key (CREDBROKER_HTTP_TLS_CERT and CREDBROKER_HTTP_TLS_KEY)".to_owned());
         }
         if c.tls_cert_file.is_some() != c.tls_key_file.is_some() {
             errors.push("TLS needs both a certificate and a key (CREDBROKER_TLS_CERT and CREDBROKER_TLS_KEY)".to_owned());

@@ -72,6 +72,13 @@ struct Args {
     /// records (1/0). Off by default: a forged row would be adopted too.
     #[arg(long, env = "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS")]
     adopt_unauthenticated_records: Option<String>,
+    /// Certificate (PEM) for the HTTP listener: with --http-tls-key it serves HTTPS (reloaded
+    /// when the files change and on SIGHUP).
+    #[arg(long, env = "CREDBROKER_HTTP_TLS_CERT")]
+    http_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for the HTTP listener.
+    #[arg(long, env = "CREDBROKER_HTTP_TLS_KEY")]
+    http_tls_key: Option<PathBuf>,
     /// Tokio runtime: auto (current_thread when the process has one CPU, else multi-thread),
     /// multi, or current.
     #[arg(long, env = "CREDBROKER_RUNTIME", default_value = "auto")]
@@ -110,6 +117,8 @@ fn main() -> ExitCode {
         bearer_tokens: args.bearer_tokens,
         default_static_delivery: args.default_static_delivery,
         adopt_unauthenticated_records: args.adopt_unauthenticated_records,
+        http_tls_cert_file: args.http_tls_cert,
+        http_tls_key_file: args.http_tls_key,
         http_listen: args.http_listen,
         public_url: args.public_url,
         jira_auth_url: args.jira_auth_url,

@@ -123,6 +123,11 @@ impl BrokerService {
 
     /// Runs one RPC: authenticate, call, audit. `secret` RPCs hand out secrets and fail closed
     /// when the audit event cannot be written.
+    ///
+    /// The whole call, its audit event included, runs as a tracked task of its own: a caller
+    /// that gives up (deadline, disconnect) after the change was committed cannot leave it
+    /// half-applied (stored but still served from memory) or unaudited, and shutdown waits for
+    /// it. (`GetAccessToken` does not come through here: its mint is detached on its own.)
     async fn run<Req, Resp, F, Fut>(
         &self,
         rpc: &'static str,
@@ -133,19 +138,32 @@ impl BrokerService {
         f: F,
     ) -> Result<Response<Resp>, Status>
     where
-        F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut,
-        Fut: Future<Output = Result<(Resp, Audited), Status>>,
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(Resp, Audited), Status>> + Send + 'static,
     {
-        self.run_quiet(
-            rpc,
-            need,
-            secret,
-            request,
-            system_of,
-            |_, _| None::<()>,
-            |b, c, r, _| f(b, c, r),
-        )
-        .await
+        let me = self.clone();
+        let call = async move {
+            me.run_quiet(
+                rpc,
+                need,
+                secret,
+                request,
+                system_of,
+                |_, _| None::<()>,
+                |b, c, r, _| f(b, c, r),
+            )
+            .await
+        };
+        match self.core.get() {
+            // Starting: nothing can change yet.
+            None => call.await,
+            Some(broker) => broker
+                .run_detached(call)
+                .await
+                .unwrap_or_else(|| Err(Status::internal("the call was interrupted"))),
+        }
     }
 
     /// [`Self::run`], without the request's tracing span when `quiet` finds the answer ready in

@@ -138,6 +138,31 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// A connection's byte stream: plain TCP, or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// `tcp` itself without TLS; else the TLS stream once its handshake completes in time.
+async fn secure(
+    tcp: tokio::net::TcpStream,
+    tls: Option<&super::tls::TlsReloader>,
+) -> Option<Box<dyn Io>> {
+    let Some(r) = tls else {
+        return Some(Box::new(tcp));
+    };
+    match tokio::time::timeout(r.handshake_timeout(), r.acceptor().accept(tcp)).await {
+        Ok(Ok(stream)) => Some(Box::new(stream)),
+        Ok(Err(e)) => {
+            tracing::debug!(message = "HTTP TLS handshake failed.", error = %e);
+            None
+        }
+        Err(_) => {
+            tracing::debug!(message = "HTTP TLS handshake timed out.");
+            None
+        }
+    }
+}
+
 /// Limits of the HTTP listener, which may face the internet (OAuth callbacks, the proxy).
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
@@ -156,6 +181,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<Arc<super::tls::TlsReloader>>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
@@ -184,11 +210,16 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let mut closing = closing.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
+            // The handshake runs off the accept loop, bounded like the gRPC listener's.
+            let Some(io) = secure(tcp, tls.as_deref()).await else {
+                return;
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

@@ -140,8 +140,22 @@ pub async fn run_with_hooks(
                 key: key.clone(),
                 client_ca: config.tls_client_ca_file.clone(),
                 handshake_timeout: config.tls_handshake_timeout,
+                alpn: vec![b"h2".to_vec()],
             })
             .map_err(ServeError::Tls)?,
+        )),
+        _ => None,
+    };
+    let http_tls = match (&config.http_tls_cert_file, &config.http_tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            tls::TlsReloader::load(tls::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+                handshake_timeout: config.tls_handshake_timeout,
+                alpn: vec![b"http/1.1".to_vec()],
+            })
+            .map_err(|e| ServeError::Tls(format!("HTTP listener: {e}")))?,
         )),
         _ => None,
     };
@@ -172,30 +186,7 @@ pub async fn run_with_hooks(
         Some(reloader) => {
             let (incoming, accept_task) = reloader.incoming(listener);
             tls_tasks.push(accept_task);
-            let r = reloader.clone();
-            let interval = config.tls_reload_interval;
-            tls_tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                loop {
-                    tick.tick().await;
-                    r.reload_if_changed();
-                }
-            }));
-            #[cfg(unix)]
-            {
-                let r = reloader.clone();
-                if let Ok(mut hup) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                {
-                    tls_tasks.push(tokio::spawn(async move {
-                        while hup.recv().await.is_some() {
-                            if let Err(e) = r.reload() {
-                                tracing::warn!(message = "TLS reload on SIGHUP failed; keeping the current certificates.", error = %e);
-                            }
-                        }
-                    }));
-                }
-            }
+            tls_tasks.extend(reloader.watch(config.tls_reload_interval));
             tracing::info!(
                 message = "gRPC listener speaks TLS.",
                 client_certificates = config.tls_client_ca_file.is_some()
@@ -224,19 +215,28 @@ pub async fn run_with_hooks(
     let http_task = match http_listener {
         Some(l) => {
             let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            tracing::info!(message = "HTTP listening.", addr = %addr);
+            tracing::info!(message = "HTTP listening.", addr = %addr, tls = http_tls.is_some());
+            let scheme = if http_tls.is_some() { "https" } else { "http" };
             if public_url.is_none() {
-                public_url = Some(format!("http://{addr}"));
+                public_url = Some(format!("{scheme}://{addr}"));
             }
-            if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
-                tracing::warn!(message = "The HTTP listener serves plain HTTP on a non-loopback address; put TLS in front of it (OAuth callbacks and proxy leases cross it).", addr = %addr);
+            if let Some(r) = &http_tls {
+                tls_tasks.extend(r.watch(config.tls_reload_interval));
+            } else if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+                tracing::warn!(message = "The HTTP listener serves plain HTTP on a non-loopback address; configure http_tls_cert_file/http_tls_key_file or put TLS in front of it (OAuth callbacks and proxy leases cross it).", addr = %addr);
             }
             let app = http::router(core.clone());
             let limits = http::HttpLimits {
                 header_timeout: config.http_header_timeout,
                 max_connections: config.http_max_connections,
             };
-            Some(tokio::spawn(http::serve(l, app, limits, http_stop_rx)))
+            Some(tokio::spawn(http::serve(
+                l,
+                app,
+                limits,
+                http_tls.clone(),
+                http_stop_rx,
+            )))
         }
         None => None,
     };

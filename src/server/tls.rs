@@ -37,6 +37,8 @@ pub struct TlsSettings {
     pub client_ca: Option<PathBuf>,
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
+    /// ALPN protocols offered (`h2` for gRPC, `http/1.1` for the HTTP listener).
+    pub alpn: Vec<Vec<u8>>,
 }
 
 /// The current TLS configuration, swappable at run time.
@@ -92,7 +94,7 @@ fn build(s: &TlsSettings) -> Result<ServerConfig, String> {
     let mut cfg = builder
         .with_single_cert(certs, key)
         .map_err(|e| format!("certificate/key: {e}"))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = s.alpn.clone();
     Ok(cfg)
 }
 
@@ -137,6 +139,46 @@ impl TlsReloader {
             .flatten()
             .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
             .collect()
+    }
+
+    /// An acceptor with the current certificates (for one new connection).
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config())
+    }
+
+    /// How long a handshake may take.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.settings.handshake_timeout
+    }
+
+    /// Reloads when the files change (checked every `interval`) and on SIGHUP, until the
+    /// returned tasks are aborted.
+    pub fn watch(self: &Arc<Self>, interval: Duration) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let r = self.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                r.reload_if_changed();
+            }
+        }));
+        #[cfg(unix)]
+        {
+            let r = self.clone();
+            if let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            {
+                tasks.push(tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        if let Err(e) = r.reload() {
+                            tracing::warn!(message = "TLS reload on SIGHUP failed; keeping the current certificates.", error = %e);
+                        }
+                    }
+                }));
+            }
+        }
+        tasks
     }
 
     fn config(&self) -> Arc<ServerConfig> {

@@ -3,7 +3,8 @@
 //!
 //! Every system and caller record carries `integrity`, an HMAC-SHA256 under a key derived from
 //! the master key over the fields an attacker would want to change: for a system its id, kind,
-//! base URL, credential type and version, delivery, state, sealed credential and shared token;
+//! base URL, credential type and version, delivery, state and its message, the credential's
+//! expiry, the sealed credential and the shared token;
 //! for a caller every field (role, token hash, revocation, scope, expiry). The wrapper sets the tag
 //! on every write and checks it on every read. A record that fails is refused *alone*: a read of
 //! it answers [`StoreError::Tampered`] (`DATA_LOSS`), a listing leaves it out, and both log its id
@@ -89,8 +90,12 @@ impl AuthenticatedStore {
             after = Some(last.system_id.clone());
             for r in page.iter().filter(|r| r.integrity.is_none()) {
                 tracing::warn!(message = "Adopting a system record written before record authentication.", credential_id = %r.system_id);
+                // A new revision: a writer holding the old one loses its compare-and-swap
+                // instead of overwriting the tag.
+                let mut adopted = r.clone();
+                adopted.revision = r.revision + 1;
                 self.inner
-                    .update_system(&self.tagged_system(r), r.revision)
+                    .update_system(&self.tagged_system(&adopted), r.revision)
                     .await?;
                 systems += 1;
             }
@@ -157,7 +162,11 @@ fn system_fields(r: &SystemRecord) -> Vec<Vec<u8>> {
         r.credential_version.to_be_bytes().to_vec(),
         name(&r.delivery),
         name(&r.state),
+        // Shown to workers and admins as is, and enforced (a static credential's expiry).
+        name(&r.state_message),
+        name(&r.credential_expires_at),
         r.sealed_credential.clone(),
+        vec![u8::from(shared.is_some())],
         shared.map(|s| s.sealed.clone()).unwrap_or_default(),
         shared
             .map(|s| s.expires_at_ms)
@@ -198,11 +207,12 @@ impl CredentialStore for AuthenticatedStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<SystemRecord>, StoreError> {
-        // Refused records leave gaps: read on until the page is full or the store ends.
+        // Refused records leave gaps: read on (in batches of a useful size, however few are
+        // missing) until the page is full or the store ends.
         let mut out = Vec::new();
         let mut cursor = after.map(str::to_owned);
         while out.len() < limit {
-            let want = limit - out.len();
+            let want = (limit - out.len()).max(super::MIN_BATCH);
             let page = self.inner.list_systems(cursor.as_deref(), want).await?;
             let ended = page.len() < want;
             cursor = page.last().map(|r| r.system_id.clone()).or(cursor);
@@ -211,6 +221,7 @@ impl CredentialStore for AuthenticatedStore {
                 break;
             }
         }
+        out.truncate(limit);
         Ok(out)
     }
 

@@ -28,6 +28,9 @@ pub use self::monitor::{MonitoredStore, WriteHealth, WRITES_HEALTH_SERVICE};
 pub use self::postgres::PostgresStore;
 pub use self::sled::{ReopeningSledStore, SledStore};
 
+/// The fewest records a listing that reads past refused ones fetches at a time.
+pub(crate) const MIN_BATCH: usize = 64;
+
 /// Store format version written into `meta`.
 pub const STORE_FORMAT_VERSION: &str = "1";
 

@@ -127,17 +127,29 @@ fn tls_for(config: &tokio_postgres::Config, ca_file: Option<&Path>) -> Result<Tl
 /// asked for explicitly.
 fn require_tls_off_loopback(url: &str, config: &mut tokio_postgres::Config) {
     use tokio_postgres::config::{Host, SslMode};
-    if url.to_ascii_lowercase().contains("sslmode") {
+    if names_sslmode(url) {
         return;
     }
     let off_loopback = config.get_hosts().iter().any(|h| match h {
         Host::Tcp(name) => !is_loopback_host(name),
         #[cfg(unix)]
         Host::Unix(_) => false,
-    });
+    }) || config.get_hostaddrs().iter().any(|ip| !ip.is_loopback());
     if off_loopback {
         config.ssl_mode(SslMode::Require);
     }
+}
+
+/// Whether the URL (`postgres://…?sslmode=…`) or key=value string (`… sslmode=…`) sets sslmode
+/// itself (as a parameter: a user or database called "sslmode…" does not count).
+fn names_sslmode(url: &str) -> bool {
+    let is_key = |k: &str| k.trim().eq_ignore_ascii_case("sslmode");
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return url::Url::parse(url).is_ok_and(|u| u.query_pairs().any(|(k, _)| is_key(&k)));
+    }
+    url.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .any(|(k, _)| is_key(k))
 }
 
 fn is_loopback_host(name: &str) -> bool {
@@ -212,7 +224,7 @@ impl PostgresStore {
         match after {
             Some(a) => {
                 self.rows(
-                    "SELECT system_id, record FROM systems WHERE system_id > $1 ORDER BY system_id COLLATE \"C\" LIMIT $2",
+                    "SELECT system_id, record FROM systems WHERE system_id COLLATE \"C\" > $1 ORDER BY system_id COLLATE \"C\" LIMIT $2",
                     &[&a, &limit],
                 )
                 .await
@@ -476,7 +488,7 @@ impl CredentialStore for PostgresStore {
         let mut out = Vec::new();
         let mut cursor = after.map(str::to_owned);
         while out.len() < limit {
-            let want = limit - out.len();
+            let want = (limit - out.len()).max(super::MIN_BATCH);
             let rows = self.system_rows(cursor.as_deref(), want).await?;
             for r in &rows {
                 let key: &str = r
@@ -489,6 +501,7 @@ impl CredentialStore for PostgresStore {
                 break;
             }
         }
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -694,5 +707,18 @@ mod tests {
         assert_eq!(mode("postgres://u@localhost/c"), SslMode::Prefer);
         assert_eq!(mode("postgres://u@[::1]:5432/c"), SslMode::Prefer);
         assert_eq!(mode("host=/var/run/postgresql user=u"), SslMode::Prefer);
+        // Only the parameter counts, and an address given beside a name is what is dialled.
+        assert_eq!(
+            mode("postgres://sslmode_ro@db.example.com/sslmode"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("host=localhost hostaddr=10.1.2.3 user=u"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("host=db.internal sslmode=disable user=u"),
+            SslMode::Disable
+        );
     }
 }

@@ -816,3 +816,114 @@ async fn the_admin_token_file_is_never_lost_to_an_interrupted_first_start() {
         .unwrap();
     broker.stop().await;
 }
+
+/// Admin changes belong to nobody's request either: a revocation, deletion or delivery switch
+/// whose caller gives up while the store is slow is applied in full (stored, evicted from
+/// memory) and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_whose_caller_gives_up_are_applied_in_full_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Arc::new(FaultControl::default());
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
+    let mut admin = broker.admin().await;
+    for id in ["gone", "switched"] {
+        admin
+            .register_system(register_asana(id, &asana.base_url, "admin-edge-pat", false))
+            .await
+            .unwrap();
+    }
+    let token = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "w".into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut worker = client(broker.addr, Some(&token)).await;
+    for id in ["gone", "switched"] {
+        assert_eq!(
+            auth_header(&mut worker, id).await.unwrap(),
+            "Bearer admin-edge-pat"
+        );
+    }
+
+    ctl.latency_ms
+        .store(300, std::sync::atomic::Ordering::SeqCst);
+    let gave = admin
+        .delete_system(short(pb::DeleteSystemRequest {
+            system_id: "gone".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert!(gave_up(&gave), "{gave:?}");
+    let gave = admin
+        .set_delivery(short(pb::SetDeliveryRequest {
+            system_id: "switched".into(),
+            delivery: pb::Delivery::Proxy as i32,
+        }))
+        .await
+        .unwrap_err();
+    assert!(gave_up(&gave), "{gave:?}");
+    let gave = admin
+        .revoke_caller(short(pb::RevokeCallerRequest { name: "w".into() }))
+        .await
+        .unwrap_err();
+    assert!(gave_up(&gave), "{gave:?}");
+    ctl.heal();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let refused = matches!(
+            auth_header(&mut worker, "gone").await,
+            Err(s) if s.code() == Code::Unauthenticated
+        );
+        if refused {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked worker is still served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gone = auth_header(&mut admin, "gone").await.unwrap_err();
+    assert_eq!(
+        gone.code(),
+        Code::NotFound,
+        "a deleted system's header is still served"
+    );
+    let switched = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "switched".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        switched.api_base_url.contains("/proxy/"),
+        "the raw header is still handed out after the switch to proxy delivery"
+    );
+    broker.stop().await;
+    let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    for rpc in ["DeleteSystem", "SetDelivery", "RevokeCaller"] {
+        assert!(
+            trail.lines().any(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["rpc"] == rpc && v["outcome"] == "ok"
+            }),
+            "{rpc} left no audit line"
+        );
+    }
+}
+
+/// `m` with a 50 ms client deadline.
+fn short<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.set_timeout(Duration::from_millis(50));
+    r
+}

@@ -355,3 +355,90 @@ async fn mtls_identities_scopes_handshakes_and_reload() {
     let _ = stop_tx.send(());
     task.await.unwrap().unwrap();
 }
+
+/// An HTTPS client that trusts only `ca` (a new connection per client: no pooled session).
+fn https_client(ca: &Ca) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// The HTTP listener (OAuth callbacks, the proxy, probes) speaks TLS with its own certificate,
+/// hands out `https://` proxy URLs, refuses plaintext, and picks up a replaced certificate
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_listener_speaks_tls_and_reloads_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, next_ca) = (Ca::new("http CA"), Ca::new("next http CA"));
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"], true);
+    let cert_file = write(certs.path(), "http.pem", &leaf.0);
+    let key_file = write(certs.path(), "http.key", &leaf.1);
+    let mut config = test_config(dir.path());
+    config.http_tls_cert_file = Some(cert_file.clone());
+    config.http_tls_key_file = Some(key_file.clone());
+    config.tls_reload_interval = Duration::from_millis(100);
+    let broker = TestBroker::start_with(config).await;
+    let base = format!("https://127.0.0.1:{}", broker.http_addr.port());
+
+    let r = https_client(&ca)
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let plain = reqwest::get(format!("http://{}/healthz", broker.http_addr)).await;
+    assert!(plain.is_err(), "plaintext was served: {plain:?}");
+
+    // Proxy leases point at the HTTPS listener, and work through it.
+    let asana = FakeAsana::start().await;
+    asana.add_user("https-pat", "1", "Sync", "sync@example.com");
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(pb::RegisterSystemRequest {
+            delivery: pb::Delivery::Proxy as i32,
+            ..register_asana("tls-proxy", &asana.base_url, "https-pat", false)
+        })
+        .await
+        .unwrap();
+    let t = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "tls-proxy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(t.api_base_url.starts_with(&base), "{}", t.api_base_url);
+    let mut req = https_client(&ca).get(format!("{}/users/me", t.api_base_url));
+    for h in &t.headers {
+        req = req.header(&h.name, &h.value);
+    }
+    assert_eq!(req.send().await.unwrap().status(), 200);
+
+    // A replaced certificate is served to new connections without a restart.
+    let next = next_ca.leaf(&["localhost", "127.0.0.1"], true);
+    std::fs::write(&key_file, &next.1).unwrap();
+    std::fs::write(&cert_file, &next.0).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while https_client(&next_ca)
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(https_client(&ca)
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .is_err());
+    broker.stop().await;
+}

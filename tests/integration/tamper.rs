@@ -248,6 +248,27 @@ async fn a_database_writer_without_the_master_key_cannot_forge_callers_or_redire
     assert_eq!(proxied_get(&fine).await, reqwest::StatusCode::OK);
     assert_eq!(evil.count(""), 0);
 
+    // A refused record can be deleted and its id registered again, past any old version.
+    admin
+        .delete_system(pb::DeleteSystemRequest {
+            system_id: "sys".into(),
+        })
+        .await
+        .unwrap();
+    let again = admin
+        .register_system(register("sys", &asana.base_url, PAT_SYS))
+        .await
+        .unwrap()
+        .into_inner()
+        .system
+        .unwrap();
+    assert!(
+        again.credential_version > 1_000_000,
+        "{}",
+        again.credential_version
+    );
+    assert!(token(&mut admin, "sys").await.is_ok());
+
     // Nothing secret is in the database in clear.
     for secret in [PAT_SYS, PAT_OTHER, PAT_FINE] {
         let rows = db
@@ -371,4 +392,20 @@ async fn a_store_from_before_record_authentication_is_adopted_only_when_asked() 
         .await
         .unwrap();
     assert_eq!(code, Some(0));
+    // Left on, the setting would adopt whatever a database writer puts there next: refused.
+    let adopt = [("CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS", "1")];
+    let log = match spawn_process(dir.path(), &logs.path().join("c.log"), &adopt) {
+        Err((status, log)) => {
+            assert!(!status.success());
+            log
+        }
+        Ok(mut p) => {
+            let ok = tokio::task::spawn_blocking(move || p.child.wait().unwrap().success())
+                .await
+                .unwrap();
+            assert!(!ok, "started with adoption left on");
+            std::fs::read_to_string(logs.path().join("c.log")).unwrap()
+        }
+    };
+    assert!(log.contains("Remove the setting"), "{log}");
 }
