@@ -366,10 +366,13 @@ pub async fn run_with_hooks(
     health_clear.clear_service_status(SERVICE_NAME).await;
     let _ = stop_tx.send(());
     let _ = http_stop_tx.send(());
+    // One grace period for the whole drain (listeners, calls, vendor exchanges, which all run
+    // meanwhile), not one per stage: an orchestrator's kill deadline is a single number.
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
     if let Some(t) = http_task {
-        let _ = tokio::time::timeout(config.shutdown_grace, t).await;
+        let _ = tokio::time::timeout_at(deadline, t).await;
     }
-    match tokio::time::timeout(config.shutdown_grace, &mut server_task).await {
+    match tokio::time::timeout_at(deadline, &mut server_task).await {
         Ok(_) => tracing::info!(message = "In-flight calls drained."),
         Err(_) => {
             tracing::warn!(
@@ -382,7 +385,8 @@ pub async fn run_with_hooks(
     refresher.shutdown().await;
     // A refresh or code exchange the vendor has already answered must reach the store: its
     // old refresh token may be dead already.
-    if !broker.drain_exchanges(config.shutdown_grace).await {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !broker.drain_exchanges(left).await {
         tracing::warn!(
             message = "Vendor exchanges still running after the grace period; stopping anyway."
         );
