@@ -73,10 +73,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Fails the test when PostgreSQL is required, else prints the skip and returns.
+/// The one skip rule of the PostgreSQL tests: fails the test when PostgreSQL is required
+/// (`CREDBROKER_REQUIRE_PG=1`), else prints the skip and returns. Tests that need a server of
+/// their own ([`PgServer::start_local`], [`PgServer::start_tls`]) need `initdb` even when
+/// `CREDBROKER_TEST_PG_URL` is set.
 pub fn skipped(test: &str) {
     let msg = format!(
-        "SKIPPED {test}: no PostgreSQL (no initdb on the machine and no CREDBROKER_TEST_PG_URL)"
+        "SKIPPED {test}: no PostgreSQL for it (no initdb on the machine, and for tests that need a \
+         server of their own an external CREDBROKER_TEST_PG_URL does not do)"
     );
     assert!(
         std::env::var("CREDBROKER_REQUIRE_PG").ok().as_deref() != Some("1"),
@@ -89,20 +93,23 @@ impl PgServer {
     /// A new server of its own (a local cluster), or the external one; `None` when neither is
     /// available.
     pub async fn start() -> Option<PgServer> {
-        Self::start_with(None).await
+        Self::start_with(None, false).await
     }
 
     /// A local server that also accepts TLS with this certificate and key (PEM); `None` when
-    /// no local server can be made.
+    /// no local server can be made (an external `CREDBROKER_TEST_PG_URL` cannot stand in).
     pub async fn start_tls(cert: &str, key: &str) -> Option<PgServer> {
-        if std::env::var("CREDBROKER_TEST_PG_URL").is_ok() {
-            return None;
-        }
-        Self::start_with(Some((cert, key))).await
+        Self::start_with(Some((cert, key)), true).await
     }
 
-    async fn start_with(tls: Option<(&str, &str)>) -> Option<PgServer> {
-        if let (None, Ok(url)) = (tls, std::env::var("CREDBROKER_TEST_PG_URL")) {
+    /// A local server of the test's own, which it may stop and start (an external
+    /// `CREDBROKER_TEST_PG_URL` cannot stand in); `None` when no local server can be made.
+    pub async fn start_local() -> Option<PgServer> {
+        Self::start_with(None, true).await
+    }
+
+    async fn start_with(tls: Option<(&str, &str)>, local_only: bool) -> Option<PgServer> {
+        if let (false, Ok(url)) = (local_only, std::env::var("CREDBROKER_TEST_PG_URL")) {
             return Some(PgServer {
                 base: url.trim_end_matches('/').to_owned(),
                 local: None,
