@@ -9,6 +9,11 @@ use credbroker::model::{pattern_matches, CredentialType, SystemRecord};
 use credbroker::pb;
 use proptest::prelude::*;
 
+/// Any text (regex: any character but a newline).
+const TEXT: &str = ".{0,80}";
+/// Printable text (regex: Unicode's non-control characters).
+const PRINTABLE: &str = "\\PC{0,40}";
+
 fn binding(id: &str) -> RecordBinding<'_> {
     RecordBinding {
         system_id: id,
@@ -51,7 +56,7 @@ proptest! {
     }
 
     #[test]
-    fn request_validation_never_panics(a in ".{0,80}", b in ".{0,80}", c in "\\\\PC{0,40}") {
+    fn request_validation_never_panics(a in TEXT, b in TEXT, c in PRINTABLE) {
         let policy = EgressPolicy { allow_http: true, ..Default::default() };
         let _ = parse_base_url(&a, &policy);
         let _ = parse_base_url(&format!("https://{b}"), &EgressPolicy::default());
@@ -104,6 +109,37 @@ fn dependency_floors_hold() {
         assert!(!versions.is_empty(), "{name} not in Cargo.lock");
         for v in versions {
             assert!(v >= floor, "{name} {v:?} is below the floor {floor:?}");
+        }
+    }
+}
+
+/// The string strategies generate what their names say (a doubled backslash once made
+/// `PRINTABLE` a literal backslash followed by `P` and `C`s): many distinct characters, beyond
+/// ASCII, and for `PRINTABLE` no control characters.
+#[test]
+fn the_string_strategies_generate_what_they_say() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    for (name, pattern) in [("TEXT", TEXT), ("PRINTABLE", PRINTABLE)] {
+        let strategy = proptest::string::string_regex(pattern).unwrap();
+        let mut runner = TestRunner::deterministic();
+        let samples: Vec<String> = (0..200)
+            .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+            .collect();
+        println!("{name} sample: {:?}", &samples[..3]);
+        let distinct: std::collections::HashSet<char> =
+            samples.iter().flat_map(|s| s.chars()).collect();
+        assert!(
+            distinct.len() > 100,
+            "{name}: only {} distinct characters",
+            distinct.len()
+        );
+        assert!(distinct.iter().any(|c| !c.is_ascii()), "{name}: ASCII only");
+        if name == "PRINTABLE" {
+            assert!(
+                !distinct.iter().any(|c| c.is_control()),
+                "{name}: control characters"
+            );
         }
     }
 }

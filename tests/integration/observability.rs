@@ -18,8 +18,8 @@ fn sample(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn scrape(broker: &TestBroker) -> String {
-    let resp = reqwest::get(format!("http://{}/metrics", broker.http_addr))
+async fn scrape(http: std::net::SocketAddr) -> String {
+    let resp = reqwest::get(format!("http://{http}/metrics"))
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
@@ -28,21 +28,30 @@ async fn scrape(broker: &TestBroker) -> String {
     resp.text().await.unwrap()
 }
 
-#[tokio::test]
+/// The metrics of a broker process of the test's own (the registry is process-wide, and tests
+/// run in parallel): exact deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_rpcs_cache_hits_and_upstream_calls_without_naming_secrets() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = TestBroker::start(dir.path()).await;
-    let mut admin = broker.admin().await;
+    let logs = tempfile::tempdir().unwrap();
+    let proc = spawn_process(dir.path(), &logs.path().join("broker.log"), &[])
+        .unwrap_or_else(|(s, log)| panic!("exited {s}: {log}"));
+    wait_for_health(
+        proc.addr,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+    )
+    .await;
+    let http = proc.http_addr();
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut admin = client(proc.addr, Some(token.trim())).await;
     for path in ["/healthz", "/readyz"] {
-        let r = reqwest::get(format!("http://{}{path}", broker.http_addr))
-            .await
-            .unwrap();
+        let r = reqwest::get(format!("http://{http}{path}")).await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
 
     let fake = FakeFreshworks::start(Freshworks::Desk).await;
     fake.add_key("metrics-secret-key-77", 42, "Ada Agent", "ada@acme.example");
-    let before = scrape(&broker).await;
+    let before = scrape(http).await;
     admin
         .register_system(pb::RegisterSystemRequest {
             system_id: "metrics-fd-sys".into(),
@@ -76,20 +85,32 @@ async fn metrics_count_rpcs_cache_hits_and_upstream_calls_without_naming_secrets
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    let after = scrape(&broker).await;
+    let after = scrape(http).await;
 
-    // Other tests share the process-wide registry: compare deltas, never absolute values.
     let delta = |series: &str| sample(&after, series) - sample(&before, series);
-    assert!(delta("credbroker_rpc_total{method=\"GetAccessToken\",code=\"OK\"}") >= 5.0);
-    assert!(delta("credbroker_rpc_total{method=\"GetAccessToken\",code=\"NOT_FOUND\"}") >= 1.0);
-    assert!(delta("credbroker_rpc_total{method=\"RegisterSystem\",code=\"OK\"}") >= 1.0);
-    assert!(delta("credbroker_rpc_duration_seconds_count{method=\"GetAccessToken\"}") >= 6.0);
+    assert_eq!(
+        delta("credbroker_rpc_total{method=\"GetAccessToken\",code=\"OK\"}"),
+        5.0
+    );
+    assert_eq!(
+        delta("credbroker_rpc_total{method=\"GetAccessToken\",code=\"NOT_FOUND\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("credbroker_rpc_total{method=\"RegisterSystem\",code=\"OK\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("credbroker_rpc_duration_seconds_count{method=\"GetAccessToken\"}"),
+        6.0
+    );
     // The first GetAccessToken mints; the other four are answered from memory.
-    assert!(delta("credbroker_token_cache_total{result=\"hit\"}") >= 4.0);
-    assert!(delta("credbroker_token_cache_total{result=\"miss\"}") >= 1.0);
-    // The registration's check reached the fake upstream.
-    assert!(delta("credbroker_upstream_duration_seconds_count") >= 1.0);
-    assert!(sample(&after, "credbroker_systems{state=\"active\"}") >= 1.0);
+    assert_eq!(delta("credbroker_token_cache_total{result=\"hit\"}"), 4.0);
+    assert_eq!(delta("credbroker_token_cache_total{result=\"miss\"}"), 2.0);
+    // The registration's check is every upstream call (identity, then a ticket read).
+    assert_eq!(fake.server.count(""), 2);
+    assert_eq!(delta("credbroker_upstream_duration_seconds_count"), 2.0);
+    assert_eq!(sample(&after, "credbroker_systems{state=\"active\"}"), 1.0);
     assert!(after.contains("# TYPE credbroker_rpc_duration_seconds histogram"));
 
     // Bounded labels only: no system ids, no secrets, no upstream URLs.
@@ -100,5 +121,6 @@ async fn metrics_count_rpcs_cache_hits_and_upstream_calls_without_naming_secrets
     ] {
         assert!(!after.contains(needle), "/metrics names {needle}");
     }
-    broker.stop().await;
+    drop(admin);
+    assert_eq!(proc.stop().await, Some(0));
 }

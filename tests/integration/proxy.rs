@@ -1,6 +1,8 @@
 //! Proxy delivery: workers reach the vendor through the broker with a lease and never hold the
 //! secret.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -391,8 +393,9 @@ async fn path_escapes_absolute_urls_and_host_overrides_are_refused() {
     broker.stop().await;
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Resident memory of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -442,63 +445,78 @@ async fn serve_vendor(app: axum::Router) -> String {
     format!("http://{addr}/api/1.0")
 }
 
-async fn streaming_vendor(secret: &'static str) -> String {
-    let app = axum::Router::new().fallback(move |req: Request| async move {
-        if let Some(refused) = refuse_unless_bearer(&req, secret) {
-            return refused;
-        }
-        let host = req
-            .headers()
-            .get("host")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        match req.uri().path() {
-            "/api/1.0/big" => {
-                let chunk = axum::body::Bytes::from(vec![b'x'; 64 * 1024]);
-                let stream = tokio_stream::iter(
-                    (0..800).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
-                );
-                Response::new(Body::from_stream(stream))
+/// The vendor's base URL and how many uploads reached it.
+async fn streaming_vendor(secret: &'static str) -> (String, Arc<AtomicUsize>) {
+    let uploads = Arc::new(AtomicUsize::new(0));
+    let counted = uploads.clone();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let counted = counted.clone();
+        async move {
+            if let Some(refused) = refuse_unless_bearer(&req, secret) {
+                return refused;
             }
-            "/api/1.0/upload" => {
-                let mut n = 0usize;
-                let mut s = req.into_body().into_data_stream();
-                while let Some(c) = s.next().await {
-                    n += c.unwrap().len();
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            match req.uri().path() {
+                "/api/1.0/big" => {
+                    let chunk = axum::body::Bytes::from(vec![b'x'; 64 * 1024]);
+                    let stream = tokio_stream::iter(
+                        (0..800).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+                    );
+                    Response::new(Body::from_stream(stream))
                 }
-                (StatusCode::OK, format!("{{\"bytes\":{n}}}")).into_response()
+                "/api/1.0/upload" => {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut n = 0usize;
+                    let mut s = req.into_body().into_data_stream();
+                    while let Some(c) = s.next().await {
+                        n += c.unwrap().len();
+                    }
+                    (StatusCode::OK, format!("{{\"bytes\":{n}}}")).into_response()
+                }
+                "/api/1.0/moved" => (
+                    StatusCode::FOUND,
+                    [("location", format!("http://{host}/api/1.0/users/me"))],
+                    "",
+                )
+                    .into_response(),
+                "/api/1.0/away" => (
+                    StatusCode::FOUND,
+                    [("location", "https://elsewhere.example/x")],
+                    "",
+                )
+                    .into_response(),
+                _ => (StatusCode::NOT_FOUND, "").into_response(),
             }
-            "/api/1.0/moved" => (
-                StatusCode::FOUND,
-                [("location", format!("http://{host}/api/1.0/users/me"))],
-                "",
-            )
-                .into_response(),
-            "/api/1.0/away" => (
-                StatusCode::FOUND,
-                [("location", "https://elsewhere.example/x")],
-                "",
-            )
-                .into_response(),
-            _ => (StatusCode::NOT_FOUND, "").into_response(),
         }
     });
-    serve_vendor(app).await
+    (serve_vendor(app).await, uploads)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_in_bounded_memory_and_redirects_are_not_followed() {
+    // The broker as its own process, so its memory is its own (default body cap: 256 MiB).
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.proxy_max_body_bytes = 64 * 1024 * 1024;
-    let broker = TestBroker::start_with(config).await;
-    let mut admin = broker.admin().await;
-    let base = streaming_vendor("stream-pat").await;
+    let logs = tempfile::tempdir().unwrap();
+    let proc = spawn_process(dir.path(), &logs.path().join("broker.log"), &[])
+        .unwrap_or_else(|(s, log)| panic!("exited {s}: {log}"));
+    wait_for_health(
+        proc.addr,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+    )
+    .await;
+    let pid = proc.child.id();
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    let (base, uploads) = streaming_vendor("stream-pat").await;
     let (t, auth) = lease(&mut admin, "big", &base, "stream-pat").await;
     let http = no_redirects();
 
-    let before = rss_kib();
+    let before = rss_kib(pid);
     let mut peak = before;
     // 50 MB down.
     let r = http
@@ -512,7 +530,7 @@ async fn large_bodies_stream_in_bounded_memory_and_redirects_are_not_followed() 
     let mut down = 0usize;
     while let Some(c) = stream.next().await {
         down += c.unwrap().len();
-        peak = peak.max(rss_kib());
+        peak = peak.max(rss_kib(pid));
     }
     assert_eq!(down, 800 * 64 * 1024);
     // 10 MB up.
@@ -530,25 +548,33 @@ async fn large_bodies_stream_in_bounded_memory_and_redirects_are_not_followed() 
         r.text().await.unwrap(),
         format!("{{\"bytes\":{}}}", 160 * 64 * 1024)
     );
-    peak = peak.max(rss_kib());
-    eprintln!("proxy streaming: RSS before {before} KiB, peak {peak} KiB");
+    peak = peak.max(rss_kib(pid));
+    eprintln!("proxy streaming: broker RSS before {before} KiB, peak {peak} KiB");
     assert!(
         peak - before < 30 * 1024,
-        "memory grew by {} KiB while streaming 60 MB",
+        "the broker grew by {} KiB while streaming 60 MB",
         peak - before
     );
+    assert_eq!(uploads.load(Ordering::SeqCst), 1);
 
     // A declared body over the cap is refused before anything is forwarded.
-    let r = http
-        .post(format!("{}/upload", t.api_base_url))
-        .header("authorization", &auth)
-        .header("content-length", (70u64 * 1024 * 1024).to_string())
-        .body(Vec::<u8>::new())
-        .send()
-        .await;
-    if let Ok(r) = r {
-        assert_eq!(r.status(), 413);
-    }
+    let url = url::Url::parse(&t.api_base_url).unwrap();
+    let http_addr: std::net::SocketAddr =
+        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap())
+            .parse()
+            .unwrap();
+    let over = format!(
+        "POST {}/upload HTTP/1.1\r\nHost: {http_addr}\r\nAuthorization: {auth}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        url.path(),
+        300u64 * 1024 * 1024
+    );
+    assert_eq!(raw(http_addr, &over).await, 413);
+    assert_eq!(
+        uploads.load(Ordering::SeqCst),
+        1,
+        "an upload over the cap reached the vendor"
+    );
     // Redirects: under the same base the Location is rewritten to the proxy; elsewhere it is
     // passed back untouched; neither is followed.
     let r = http
@@ -570,7 +596,13 @@ async fn large_bodies_stream_in_bounded_memory_and_redirects_are_not_followed() 
         .unwrap();
     assert_eq!(r.status(), 302);
     assert_eq!(r.headers()["location"], "https://elsewhere.example/x");
-    broker.stop().await;
+    drop(admin);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || proc.terminate())
+            .await
+            .unwrap(),
+        Some(0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

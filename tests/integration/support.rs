@@ -328,6 +328,24 @@ impl BrokerProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// The HTTP listener's address, from the log (it is logged before gRPC is serving).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "HTTP listening.")
+            .and_then(|v| v["addr"].as_str().and_then(|a| a.parse().ok()))
+            .expect("HTTP listener address in the log")
+    }
+
+    /// SIGTERM and wait for the exit code, off the async runtime (so the test's own client
+    /// connections can close while the broker drains).
+    pub async fn stop(self) -> Option<i32> {
+        tokio::task::spawn_blocking(move || self.terminate())
+            .await
+            .unwrap()
+    }
 }
 
 impl Drop for BrokerProcess {
