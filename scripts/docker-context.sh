@@ -41,10 +41,14 @@ echo "--- $run"
 # The final stage's ENV (continuation lines joined), as the entrypoint sees it.
 env_line=$(awk '/^FROM /{n++} n==2' Dockerfile | sed -e ':a' -e '/\\$/N; s/\\\n//; ta' | grep -E '^ENV ' | sed 's/^ENV //')
 declare -a image_env=()
-for kv in $env_line; do image_env+=("$kv"); done
 data="$ctx/data"
 mkdir -p "$data"
-image_env+=("CREDBROKER_DATA_DIR=$data")
+for kv in $env_line; do
+    case "$kv" in
+        CREDBROKER_DATA_DIR=*) image_env+=("CREDBROKER_DATA_DIR=$data") ;;
+        *) image_env+=("$kv") ;;
+    esac
+done
 http=$(printf '%s\n' "${image_env[@]}" | sed -n 's/^CREDBROKER_HTTP_LISTEN=//p' | sed 's/^0\.0\.0\.0/127.0.0.1/')
 grpc=$(printf '%s\n' "${image_env[@]}" | sed -n 's/^CREDBROKER_LISTEN=//p' | sed 's/^0\.0\.0\.0/127.0.0.1/')
 entry=$(awk '/^FROM /{n++} n==2' Dockerfile | sed -n 's/^ENTRYPOINT \["\([^"]*\)"\]/\1/p')

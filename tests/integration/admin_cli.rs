@@ -129,6 +129,12 @@ async fn cli_register_token_list_show_rotate_delete_and_callers() {
         "{err}"
     );
     assert!(!err.contains("wrong-pat"));
+    // Nothing changed: still version 2, and the PAT handed out is still the second one.
+    let v = json_out(&tokio::task::block_in_place(|| {
+        ctl(b, &["--output", "json", "token", "get", "cli-asana"], None)
+    }));
+    assert_eq!(v["credential_version"], 2, "{v}");
+    assert_eq!(v["headers"][0]["value"], "Bearer cli-pat-2", "{v}");
 
     // No secret on a non-interactive stdin: a clear error, not a hang.
     let out = tokio::task::block_in_place(|| {

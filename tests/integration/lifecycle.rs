@@ -79,12 +79,17 @@ async fn health_is_not_serving_until_the_store_is_open() {
     task.await.unwrap().unwrap();
 }
 
+/// SIGTERM while a refresh is at the vendor: health goes NOT_SERVING, the call in flight is
+/// answered (drained, not cut), the process exits 0, and a restart has everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_reports_not_serving_drains_and_exits_zero_then_restart_keeps_data() {
+    use crate::oauth::{refresh_cred, servicenow, sn_register, USER};
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let fake = FakeAsana::start().await;
     fake.add_user("pat-sigterm-1", "9", "U", "u@example.com");
+    let sn = servicenow(1800).await;
+    let rt = sn.issue_refresh_token(USER);
     let proc = spawn_process(dir.path(), &logs.path().join("1.log"), &[]).unwrap();
     wait_for_health(proc.addr, ServingStatus::Serving).await;
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
@@ -111,11 +116,55 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero_then_restart_keeps_da
         watch.message().await.unwrap().unwrap().status,
         ServingStatus::Serving as i32
     );
+    // A call in flight at the vendor when the signal arrives.
+    admin
+        .register_system(sn_register(
+            "inflight",
+            &sn.base_url,
+            refresh_cred(&rt),
+            false,
+        ))
+        .await
+        .unwrap();
+    let current = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "inflight".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    sn.oauth(|o| o.token_delay = Duration::from_millis(800));
+    let before = sn.token_calls();
+    let mut worker = admin.clone();
+    let in_flight = tokio::spawn(async move {
+        worker
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: "inflight".into(),
+                rejected_token_id: current.token_id,
+                ..Default::default()
+            })
+            .await
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the refresh reached the vendor",
+        || sn.token_calls() > before,
+    )
+    .await;
     proc.signal("TERM");
     assert_eq!(
         watch.message().await.unwrap().unwrap().status,
         ServingStatus::NotServing as i32
     );
+    let answered = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight was cut");
+    assert!(answered.into_inner().headers[0]
+        .value
+        .starts_with("Bearer "));
+    drop(admin);
     let code = tokio::task::spawn_blocking(move || proc.terminate_wait())
         .await
         .unwrap();

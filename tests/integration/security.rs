@@ -606,9 +606,17 @@ async fn wait_rewrapped(admin: &mut Client) -> pb::GetKeyStatusResponse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_key_rotation_under_load_and_restart_mid_rewrap() {
+    use credbroker::store::faulty::{FaultControl, FaultyStore};
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeAsana::start().await;
-    let broker = TestBroker::start(dir.path()).await;
+    // A store that can be made slow, so that a stop lands in the middle of a re-wrap.
+    let control = std::sync::Arc::new(FaultControl::default());
+    let ctl = control.clone();
+    let broker = TestBroker::start_wrapped(
+        test_config(dir.path()),
+        Box::new(move |inner| std::sync::Arc::new(FaultyStore::new(inner, ctl.clone()))),
+    )
+    .await;
     let mut admin = broker.admin().await;
     const N: usize = 150;
     for i in 0..N {
@@ -728,8 +736,10 @@ async fn online_key_rotation_under_load_and_restart_mid_rewrap() {
         (k2.as_str(), N as u64 + 1, N as u64 + 1)
     );
 
-    // Rotate, then stop at once: the re-wrap is interrupted; after a restart it resumes, and
-    // every credential still decrypts to what was stored.
+    // Rotate on a slow store, then stop at once: the re-wrap is interrupted (the store shows
+    // records still on the old key); after a restart it resumes, and every credential still
+    // decrypts to what was stored.
+    control.latency_ms.store(20, Ordering::SeqCst);
     let k3 = admin
         .rotate_master_key(pb::RotateMasterKeyRequest {})
         .await
@@ -737,6 +747,28 @@ async fn online_key_rotation_under_load_and_restart_mid_rewrap() {
         .into_inner()
         .key_id;
     broker.stop().await;
+    {
+        use credbroker::store::CredentialStore;
+        let store = crate::store_conformance::open_sled(dir.path()).await;
+        let records = store.list_systems(None, 1000).await.unwrap();
+        let on_k3 = records
+            .iter()
+            .filter(|r| {
+                let kek = credbroker::crypto::parse_header(&r.sealed_credential)
+                    .unwrap()
+                    .kek_id;
+                format!("{kek:08x}") == k3
+            })
+            .count();
+        eprintln!(
+            "re-wrap interrupted: {on_k3} of {} records on the new key",
+            records.len()
+        );
+        assert!(
+            on_k3 < records.len(),
+            "the re-wrap finished before the stop: nothing was interrupted"
+        );
+    }
     let broker = TestBroker::start(dir.path()).await;
     let mut admin = broker.admin().await;
     let s = wait_rewrapped(&mut admin).await;

@@ -1,8 +1,6 @@
 //! Azure DevOps, Freshdesk, Freshservice and ServiceNow (basic) against fakes that behave like
 //! the real systems, traps included.
 
-use std::time::{Duration, Instant};
-
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use credbroker::pb;
@@ -68,21 +66,13 @@ fn b64(s: &str) -> String {
 }
 
 async fn check(admin: &mut Client, req: pb::CheckAuthenticationRequest) -> pb::AuthCheck {
-    let started = Instant::now();
-    let c = admin
+    admin
         .check_authentication(req)
         .await
         .unwrap()
         .into_inner()
         .check
-        .unwrap();
-    // The test upstream timeout is 2 s; a whole check (every probe included) ends within it.
-    assert!(
-        started.elapsed() < Duration::from_millis(3_500),
-        "check took {:?}",
-        started.elapsed()
-    );
-    c
+        .unwrap()
 }
 
 /// Registers with check=true, then asserts the worker's header, base URL and the identity.
