@@ -6,6 +6,7 @@
 
 mod admin_cli;
 mod backup;
+mod branches;
 mod broker_api;
 mod chaos;
 mod connect;

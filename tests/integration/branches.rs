@@ -1,0 +1,214 @@
+//! Branches no other test reaches: a store that fails in the middle of a rotating refresh, the
+//! global cap on concurrent refreshes, and warm tokens served with the store gone.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use credbroker::pb;
+use credbroker::store::faulty::{FaultControl, FaultyStore};
+use tonic::Code;
+
+use crate::oauth::{refresh_cred, servicenow, sn_register, USER};
+use crate::support::*;
+
+fn wrap(control: &Arc<FaultControl>) -> credbroker::server::StoreWrapper {
+    let control = control.clone();
+    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control)))
+}
+
+fn req(id: &str, rejected: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        system_id: id.into(),
+        rejected_token_id: rejected.into(),
+        ..Default::default()
+    }
+}
+
+/// The vendor rotated the refresh token but the store refuses the write: nothing is handed out
+/// (a token whose grant is not durable would outlive a restart's memory), and once the store is
+/// back the grant works without the rotated-out refresh token ever being presented again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_mid_rotation_hands_out_nothing_and_keeps_the_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Arc::new(FaultControl::default());
+    let fake = servicenow(1800).await;
+    fake.oauth(|o| o.rotate = true);
+    let rt = fake.issue_refresh_token(USER);
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(sn_register("rot", &fake.base_url, refresh_cred(&rt), false))
+        .await
+        .unwrap();
+    let first = admin
+        .get_access_token(req("rot", ""))
+        .await
+        .unwrap()
+        .into_inner();
+
+    control.disk_full.store(true, Ordering::SeqCst);
+    let calls = fake.token_calls();
+    let refused = admin
+        .get_access_token(req("rot", &first.token_id))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        fake.token_calls(),
+        calls + 1,
+        "the vendor rotated the grant"
+    );
+    assert!(
+        matches!(refused.code(), Code::ResourceExhausted | Code::Unavailable),
+        "{refused:?}"
+    );
+    control.heal();
+
+    let next = admin
+        .get_access_token(req("rot", &first.token_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(next.token_id, first.token_id);
+    assert!(next.headers[0].value.starts_with("Bearer "));
+    assert_eq!(
+        fake.reuse_detected(),
+        0,
+        "a rotated-out refresh token was presented"
+    );
+    // And it is durable: after a restart the stored grant refreshes.
+    broker.stop().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let after = admin
+        .get_access_token(req("rot", &next.token_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.headers[0].value.starts_with("Bearer "));
+    assert_eq!(
+        fake.reuse_detected(),
+        0,
+        "the stored refresh token was a stale one"
+    );
+    broker.stop().await;
+}
+
+/// `max_concurrent_refreshes` holds across systems: with a cap of 2 and a vendor that takes
+/// 400 ms, a third token request reaches the vendor only after one of two before it was
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refresh_concurrency_cap_holds_across_systems() {
+    const DELAY: Duration = Duration::from_millis(400);
+    let dir = tempfile::tempdir().unwrap();
+    let fake = servicenow(1800).await;
+    let mut config = test_config(dir.path());
+    config.max_concurrent_refreshes = 2;
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    for i in 0..6 {
+        let rt = fake.issue_refresh_token(USER);
+        admin
+            .register_system(sn_register(
+                &format!("cap-{i}"),
+                &fake.base_url,
+                refresh_cred(&rt),
+                false,
+            ))
+            .await
+            .unwrap();
+    }
+    fake.oauth(|o| o.token_delay = DELAY);
+    let before = fake.token_calls();
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let mut c = admin.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get_access_token(req(&format!("cap-{i}"), "")).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().is_ok());
+    }
+    let mut arrived = fake.token_call_times()[before..].to_vec();
+    assert_eq!(arrived.len(), 6);
+    arrived.sort();
+    for w in arrived.windows(3) {
+        // The vendor answers DELAY after a request arrives; only then is a slot free.
+        assert!(
+            w[2].duration_since(w[0]) >= DELAY - Duration::from_millis(20),
+            "three token requests in flight at once"
+        );
+    }
+    broker.stop().await;
+}
+
+/// A warm `GetAccessToken` is served from memory: with every store operation failing, cached
+/// static headers and OAuth tokens are still handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_tokens_are_served_with_every_store_operation_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Arc::new(FaultControl::default());
+    let asana = FakeAsana::start().await;
+    let fake = servicenow(1800).await;
+    let rt = fake.issue_refresh_token(USER);
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register_asana(
+            "warm-static",
+            &asana.base_url,
+            "warm-pat",
+            false,
+        ))
+        .await
+        .unwrap();
+    admin
+        .register_system(sn_register(
+            "warm-oauth",
+            &fake.base_url,
+            refresh_cred(&rt),
+            false,
+        ))
+        .await
+        .unwrap();
+    let mut warm = Vec::new();
+    for id in ["warm-static", "warm-oauth"] {
+        warm.push(
+            admin
+                .get_access_token(req(id, ""))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+
+    control.fail_reads.store(true, Ordering::SeqCst);
+    control.fail_permille.store(1000, Ordering::SeqCst);
+    let injected = control.injected.load(Ordering::SeqCst);
+    for (id, earlier) in ["warm-static", "warm-oauth"].iter().zip(&warm) {
+        for _ in 0..20 {
+            let t = admin
+                .get_access_token(req(id, ""))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(t.token_id, earlier.token_id, "{id}");
+        }
+    }
+    assert_eq!(
+        control.injected.load(Ordering::SeqCst),
+        injected,
+        "a warm call touched the store"
+    );
+    // The store really is failing: a cold read fails.
+    let cold = admin
+        .get_system(pb::GetSystemRequest {
+            system_id: "warm-static".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(cold.code(), Code::Unavailable, "{cold:?}");
+    control.heal();
+    broker.stop().await;
+}
