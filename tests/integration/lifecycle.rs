@@ -330,14 +330,24 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
         "CANARY-sfsecret-ggg777",
         "CANARY-sfwrong-hhh888",
         "CANARY-adopat-iii999",
+        "CANARY-fdkey-jjj000",
+        "CANARY-snbasic-kkk111",
+        "CANARY-proxypat-lll222",
+        crate::connect::JIRA_SECRET,
     ];
     fake.add_user(canaries[0], "1", "A", "a@example.com");
     fake.add_user(canaries[1], "1", "A", "a@example.com");
     fake.add_user(canaries[3], "1", "A", "a@example.com");
+    fake.add_user("CANARY-proxypat-lll222", "1", "A", "a@example.com");
+    let jira = crate::connect::atlassian().await;
     let proc = spawn_process(
         dir.path(),
         &logs.path().join("trace.log"),
-        &[("RUST_LOG", "trace")],
+        &[
+            ("RUST_LOG", "trace"),
+            ("CREDBROKER_JIRA_AUTH_URL", jira.origin.as_str()),
+            ("CREDBROKER_JIRA_API_URL", jira.origin.as_str()),
+        ],
     )
     .unwrap();
     wait_for_health(proc.addr, ServingStatus::Serving).await;
@@ -506,16 +516,107 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
         })
         .await
         .unwrap();
-    let issued_tokens = [
-        sn_tok.headers[0]
-            .value
-            .trim_start_matches("Bearer ")
-            .to_owned(),
-        sf_tok.headers[0]
-            .value
-            .trim_start_matches("Bearer ")
-            .to_owned(),
-    ];
+    // Freshdesk (API key), ServiceNow basic, Jira Cloud through its consent page, a proxied
+    // call with a lease, and a backup written into the data directory.
+    let fd = FakeFreshworks::start(Freshworks::Desk).await;
+    fd.add_key("CANARY-fdkey-jjj000", 42, "Ada", "ada@example.com");
+    let basic = |id: &str, kind: pb::SystemKind, base: &str, cred| pb::RegisterSystemRequest {
+        system_id: id.into(),
+        kind: kind as i32,
+        base_url: base.into(),
+        credential: Some(pb::Credential {
+            credential: Some(cred),
+        }),
+        check: true,
+        delivery: pb::Delivery::Header as i32,
+        ..Default::default()
+    };
+    admin
+        .register_system(basic(
+            "leak-fd",
+            pb::SystemKind::Freshdesk,
+            &fd.base_url,
+            pb::credential::Credential::ApiKey(pb::ApiKey {
+                key: "CANARY-fdkey-jjj000".into(),
+            }),
+        ))
+        .await
+        .unwrap();
+    sn.add_user(
+        "leak.basic",
+        "CANARY-snbasic-kkk111",
+        "2",
+        "B",
+        "b@example.com",
+    );
+    admin
+        .register_system(basic(
+            "leak-snb",
+            pb::SystemKind::Servicenow,
+            &sn.base_url,
+            pb::credential::Credential::Basic(pb::BasicCredential {
+                username: "leak.basic".into(),
+                password: "CANARY-snbasic-kkk111".into(),
+            }),
+        ))
+        .await
+        .unwrap();
+    admin
+        .register_system(crate::connect::register(
+            "leak-jira",
+            pb::SystemKind::JiraCloud,
+            "https://acme.atlassian.net/",
+            crate::connect::authz_code(crate::connect::JIRA_CLIENT, crate::connect::JIRA_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = crate::connect::start(&mut admin, "leak-jira").await;
+    assert_eq!(crate::connect::browse(&s.authorize_url).await.1, 200);
+    admin
+        .register_system(pb::RegisterSystemRequest {
+            delivery: pb::Delivery::Proxy as i32,
+            ..register_asana(
+                "leak-proxy",
+                &fake.base_url,
+                "CANARY-proxypat-lll222",
+                false,
+            )
+        })
+        .await
+        .unwrap();
+    let mut minted = Vec::new();
+    for id in ["leak-fd", "leak-snb", "leak-jira", "leak-proxy"] {
+        let t = worker
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        minted.push(t);
+    }
+    let lease = &minted[3];
+    let mut proxied = reqwest::Client::new().get(format!("{}/users/me", lease.api_base_url));
+    for h in &lease.headers {
+        proxied = proxied.header(&h.name, &h.value);
+    }
+    assert_eq!(proxied.send().await.unwrap().status(), 200);
+    let mut backup = admin
+        .export_backup(pb::ExportBackupRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut sealed = Vec::new();
+    while let Some(c) = backup.message().await.unwrap() {
+        sealed.extend_from_slice(&c.chunk);
+    }
+    assert!(!sealed.is_empty());
+    std::fs::write(dir.path().join("leak.backup"), &sealed).unwrap();
+    let issued_tokens: Vec<String> = [&sn_tok, &sf_tok, &minted[2], &minted[3]]
+        .iter()
+        .map(|t| t.headers[0].value.trim_start_matches("Bearer ").to_owned())
+        .collect();
     admin
         .check_authentication(pb::CheckAuthenticationRequest {
             target: Some(pb::check_authentication_request::Target::SystemId(
@@ -535,7 +636,8 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
         .unwrap()
         .into_inner();
     errors.push(format!("{c:?}"));
-    assert_eq!(proc.terminate(), Some(0));
+    drop((admin, worker));
+    assert_eq!(proc.stop().await, Some(0));
 
     let log = std::fs::read_to_string(logs.path().join("trace.log")).unwrap();
     assert!(
