@@ -438,12 +438,47 @@ async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
         watch.message().await.unwrap().unwrap().status,
         ServingStatus::Serving as i32
     );
+    admin
+        .register_system(pb::RegisterSystemRequest {
+            delivery: pb::Delivery::Proxy as i32,
+            ..register_asana("aud-proxy", &fake.base_url, PAT, false)
+        })
+        .await
+        .unwrap();
+    let lease = admin
+        .get_access_token(tok("aud-proxy"))
+        .await
+        .unwrap()
+        .into_inner();
+    let proxied = || {
+        let mut r = reqwest::Client::new().get(format!("{}/users/me", lease.api_base_url));
+        for h in &lease.headers {
+            r = r.header(&h.name, &h.value);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(proxied().await, 200);
     let path = dir.path().join("audit.log");
     std::fs::rename(&path, dir.path().join("audit.before")).unwrap();
     std::os::unix::fs::symlink("/dev/full", &path).unwrap();
     let e = worker.get_access_token(tok("aud")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.message().contains("audit"), "{}", e.message());
+    // A new caller's token is a secret too: not handed out unaudited.
+    let e = admin
+        .create_caller(worker_req("unaudited", &[], &[], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("audit"), "{}", e.message());
+    // And the proxy forwards nothing it could not audit first.
+    let vendor_calls = fake.server.count("");
+    assert_eq!(proxied().await, 503);
+    assert_eq!(
+        fake.server.count(""),
+        vendor_calls,
+        "an unaudited call was forwarded"
+    );
     assert_eq!(
         watch.message().await.unwrap().unwrap().status,
         ServingStatus::NotServing as i32
