@@ -103,7 +103,43 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    run_with_hooks(listener, config, shutdown, StartupHooks::default()).await
+    run_with_hooks(
+        listener,
+        config,
+        shutdown,
+        StartupHooks {
+            wrap_store: test_store_latency(),
+            ..StartupHooks::default()
+        },
+    )
+    .await
+}
+
+/// Test builds only (feature `fault-injection`, never in a release): `CREDBROKER_TEST_STORE_LATENCY_MS`
+/// slows every store operation of the real binary, so a crash test can land a kill -9 inside a
+/// long operation (a master-key re-wrap).
+#[cfg(feature = "fault-injection")]
+fn test_store_latency() -> Option<StoreWrapper> {
+    let ms: u64 = std::env::var("CREDBROKER_TEST_STORE_LATENCY_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    let control = Arc::new(crate::store::faulty::FaultControl::default());
+    control
+        .latency_ms
+        .store(ms, std::sync::atomic::Ordering::SeqCst);
+    tracing::warn!(
+        message = "Test build: every store operation is slowed.",
+        latency_ms = ms
+    );
+    Some(Box::new(move |inner| {
+        Arc::new(crate::store::faulty::FaultyStore::new(inner, control)) as Arc<dyn CredentialStore>
+    }))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn test_store_latency() -> Option<StoreWrapper> {
+    None
 }
 
 /// [`run`] with [`StartupHooks`].

@@ -363,3 +363,121 @@ async fn kill_9_under_write_load_loses_no_acknowledged_write() {
         jira.leeway_reuses()
     );
 }
+
+/// A master-key rotation whose re-wrap is cut by kill -9 (the store slowed so that the kill
+/// lands inside it): after a restart the re-wrap resumes and finishes, every credential decrypts
+/// to what was stored, and the startup integrity check finds nothing wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_key_rotation_loses_nothing() {
+    use credbroker::store::CredentialStore;
+    const N: usize = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    let proc = spawn_process(dir.path(), &logs.path().join("1.log"), &[]).unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    for i in 0..N {
+        admin
+            .register_system(register_asana(
+                &format!("kr{i:03}"),
+                &fake.base_url,
+                &format!("kr-pat-{i:03}"),
+                false,
+            ))
+            .await
+            .unwrap();
+    }
+    drop(admin);
+    assert_eq!(proc.stop().await, Some(0));
+
+    // Slowed: the re-wrap of N records takes seconds; kill -9 right after the rotation answers.
+    let proc = spawn_process(
+        dir.path(),
+        &logs.path().join("2.log"),
+        &[("CREDBROKER_TEST_STORE_LATENCY_MS", "10")],
+    )
+    .unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    let new_key = admin
+        .rotate_master_key(pb::RotateMasterKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id;
+    // Kill once the re-wrap is under way (some records on the new key, not all).
+    loop {
+        let s = admin
+            .get_key_status(pb::GetKeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            s.records_on_primary < s.records_total,
+            "the re-wrap finished before the kill"
+        );
+        if s.records_on_primary >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proc.signal("KILL");
+    drop(proc);
+    let store = crate::store_conformance::open_sled(dir.path()).await;
+    let records = store.list_systems(None, 1000).await.unwrap();
+    let on_new = records
+        .iter()
+        .filter(|r| {
+            let kek = credbroker::crypto::parse_header(&r.sealed_credential)
+                .unwrap()
+                .kek_id;
+            format!("{kek:08x}") == new_key
+        })
+        .count();
+    assert_eq!(records.len(), N);
+    assert!(
+        0 < on_new && on_new < N,
+        "{on_new} of {N} re-wrapped at the kill"
+    );
+    drop(store);
+
+    let proc = spawn_process(dir.path(), &logs.path().join("3.log"), &[]).unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    let verdict = integrity_verdict(&proc).await;
+    assert_eq!(verdict["errors"], 0, "{verdict}");
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = admin
+            .get_key_status(pb::GetKeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.primary_key_id == new_key && s.records_on_primary == s.records_total {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the re-wrap did not resume: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..N {
+        let t = admin
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: format!("kr{i:03}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.headers[0].value, format!("Bearer kr-pat-{i:03}"));
+    }
+    println!(
+        "key rotation cut by kill -9 with {on_new} of {N} records re-wrapped; resumed, all decrypt"
+    );
+    drop(admin);
+    assert_eq!(proc.stop().await, Some(0));
+}
