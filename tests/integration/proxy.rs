@@ -838,3 +838,59 @@ async fn vendor_sessions_and_unsafe_methods_never_cross_the_proxy() {
     std::fs::remove_file(&path).unwrap();
     broker.stop().await;
 }
+
+/// The proxy's connections go through the egress guard's resolver: a host name that passes the
+/// registration checks (it is no IP literal and not `localhost`) but resolves to loopback is
+/// refused when the proxy connects, unless the allow-list admits loopback. The machine's own
+/// name (in /etc/hosts, resolving to 127.0.0.1 here) is such a name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_resolves_through_the_egress_guard() {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let resolved: Vec<_> = tokio::net::lookup_host((name.as_str(), 80))
+        .await
+        .unwrap_or_else(|e| panic!("the machine's name {name} does not resolve: {e}"))
+        .collect();
+    assert!(
+        resolved.iter().any(|a| a.ip().is_loopback()),
+        "this test needs the machine's name ({name}) to resolve to loopback: {resolved:?}"
+    );
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { (StatusCode::OK, "{\"data\":{}}") }
+    });
+    let base = serve_vendor(app).await.replace("127.0.0.1", &name);
+    for (allow_loopback, expected) in [(true, 200), (false, 502)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        if !allow_loopback {
+            config.egress_allow = Default::default();
+        }
+        let broker = TestBroker::start_with(config).await;
+        let mut admin = broker.admin().await;
+        let (t, auth) = lease(&mut admin, "named", &base, "named-pat").await;
+        let before = hits.load(Ordering::SeqCst);
+        let r = no_redirects()
+            .get(format!("{}/users/me", t.api_base_url))
+            .header("authorization", &auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            expected,
+            "allow loopback: {allow_loopback}"
+        );
+        let reached = hits.load(Ordering::SeqCst) - before;
+        assert_eq!(
+            reached,
+            usize::from(allow_loopback),
+            "allow loopback: {allow_loopback}"
+        );
+        broker.stop().await;
+    }
+}
