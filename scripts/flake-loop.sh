@@ -8,19 +8,28 @@ cd "$(dirname "$0")/.."
 runs="${RUNS:-10}"
 out=target/flake-loop
 mkdir -p "$out"
+# As CI runs them.
 export CREDBROKER_REQUIRE_PG="${CREDBROKER_REQUIRE_PG:-1}"
-cargo test --no-run "$@" >/dev/null 2>&1 || { echo "the tests do not build"; exit 2; }
+export CREDBROKER_REQUIRE_TMPFS="${CREDBROKER_REQUIRE_TMPFS:-1}"
+if ! cargo test --no-run "$@" > "$out/build.log" 2>&1; then
+    tail -30 "$out/build.log"; echo "the tests do not build"; exit 2
+fi
 failed_runs=0
 : > "$out/failures"
 for i in $(seq 1 "$runs"); do
     start=$(date +%s)
-    if cargo test "$@" > "$out/run-$i.log" 2>&1; then
+    # --no-fail-fast: a failure in one test binary must not hide the others' results.
+    if timeout 1800 cargo test --no-fail-fast "$@" > "$out/run-$i.log" 2>&1; then
         echo "run $i/$runs: ok ($(( $(date +%s) - start )) s)"
     else
         failed_runs=$((failed_runs + 1))
         names=$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$out/run-$i.log")
         echo "run $i/$runs: FAILED ($(( $(date +%s) - start )) s): ${names:-see $out/run-$i.log}"
-        printf '%s\n' $names >> "$out/failures"
+        if [ -n "$names" ]; then
+            printf '%s\n' $names >> "$out/failures"
+        else
+            echo "(no test name: see $out/run-$i.log)" >> "$out/failures"
+        fi
     fi
 done
 echo "--- $runs runs, $failed_runs with failures"

@@ -626,7 +626,6 @@ async fn asana_check_classifies_upstream_answers() {
     ];
     for (mode, token, failure, needle) in cases {
         fake.set_mode(mode);
-        let started = std::time::Instant::now();
         let check = admin
             .check_authentication(candidate(token))
             .await
@@ -642,12 +641,6 @@ async fn asana_check_classifies_upstream_answers() {
             check.message
         );
         assert!(!check.message.contains(token));
-        // Every check ends within the upstream timeout (2 s in tests) plus slack.
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(4),
-            "{mode:?} took {:?}",
-            started.elapsed()
-        );
     }
     fake.set_mode(Mode::Normal);
     let ok = admin

@@ -251,6 +251,7 @@ pub fn spawn_process(
         .env("CREDBROKER_EGRESS_ALLOW_HTTP", "1")
         .env("CREDBROKER_EGRESS_ALLOW", "127.0.0.1/32")
         .env_remove("CREDBROKER_MASTER_KEY_FILE")
+        .env_remove("CREDBROKER_TEST_STORE_LATENCY_MS")
         .env_remove("CREDBROKER_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -329,14 +330,26 @@ impl BrokerProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// The HTTP listener's address, from the log (it is logged before gRPC is serving).
+    /// The HTTP listener's address, from the log (a reader thread copies the log into the
+    /// file, so the line may land a moment after the broker logged it).
     pub fn http_addr(&self) -> SocketAddr {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["message"] == "HTTP listening.")
-            .and_then(|v| v["addr"].as_str().and_then(|a| a.parse().ok()))
-            .expect("HTTP listener address in the log")
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self
+                .log()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["message"] == "HTTP listening.")
+                .and_then(|v| v["addr"].as_str().and_then(|a| a.parse().ok()));
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no HTTP listener address in the log"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// SIGTERM and wait for the exit code, off the async runtime (so the test's own client
