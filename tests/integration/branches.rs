@@ -178,6 +178,22 @@ async fn warm_tokens_are_served_with_every_store_operation_failing() {
         ))
         .await
         .unwrap();
+    // A worker scoped by kind too: its kind check must come from memory as well.
+    let scoped = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "warm-worker".into(),
+            role: pb::CallerRole::Worker as i32,
+            kinds: vec![
+                pb::SystemKind::Asana as i32,
+                pb::SystemKind::Servicenow as i32,
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut worker = client(broker.addr, Some(&scoped)).await;
     let mut warm = Vec::new();
     for id in ["warm-static", "warm-oauth"] {
         warm.push(
@@ -200,6 +216,12 @@ async fn warm_tokens_are_served_with_every_store_operation_failing() {
                 .unwrap()
                 .into_inner();
             assert_eq!(t.token_id, earlier.token_id, "{id}");
+            let t = worker
+                .get_access_token(req(id, ""))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(t.token_id, earlier.token_id, "{id}, kind-scoped worker");
         }
     }
     assert_eq!(
