@@ -175,6 +175,22 @@ pub async fn open_sled(dir: &std::path::Path) -> SledStore {
     }
 }
 
+/// Of the systems in a stopped broker's sled store: (sealed under key `key_id`, all).
+pub async fn records_on_key(dir: &std::path::Path, key_id: &str) -> (usize, usize) {
+    let store = open_sled(dir).await;
+    let records = store.list_systems(None, usize::MAX).await.unwrap();
+    let on = records
+        .iter()
+        .filter(|r| {
+            let kek = credbroker::crypto::parse_header(&r.sealed_credential)
+                .unwrap()
+                .kek_id;
+            format!("{kek:08x}") == key_id
+        })
+        .count();
+    (on, records.len())
+}
+
 #[tokio::test]
 async fn sled_store_conforms_and_persists() {
     let dir = tempfile::tempdir().unwrap();
