@@ -306,6 +306,15 @@ impl SalesforceBackend {
                 "Salesforce refused the session (401 INVALID_SESSION_ID): the token was revoked \
                  or API access is blocked for this user",
             ),
+            // The org's rolling 24-hour allocation is used up: a 403, but no permission is missing.
+            Ok(r) if r.status == 403 && rest_error_code(&r.body).as_deref() == Some(LIMIT) => {
+                AuthCheck::failed(
+                    AuthFailure::RateLimited,
+                    "Salesforce's API request limit is exhausted (403 REQUEST_LIMIT_EXCEEDED): the \
+                     org's rolling 24-hour allocation is used up; calls work again as the window \
+                     moves (Setup → Company Information shows the usage)",
+                )
+            }
             Ok(r) if r.status == 403 => AuthCheck::failed(
                 AuthFailure::InsufficientPermissions,
                 "Salesforce refused REST access (403): give the app the api scope and the Run As \
@@ -373,7 +382,7 @@ impl SalesforceBackend {
                         ),
                     }
                 }
-                _ if code == "REQUEST_LIMIT_EXCEEDED" => BackendError::Transient {
+                _ if code == LIMIT => BackendError::Transient {
                     failure: AuthFailure::RateLimited,
                     message: "Salesforce's API request limit is exhausted (REQUEST_LIMIT_EXCEEDED)"
                         .to_owned(),
@@ -480,6 +489,15 @@ struct Introspection {
     #[serde(default)]
     active: bool,
     exp: Option<u64>,
+}
+
+/// Salesforce's error code for an exhausted API allocation.
+const LIMIT: &str = "REQUEST_LIMIT_EXCEEDED";
+
+/// The `errorCode` of a REST error body (`[{"message": …, "errorCode": …}]`), if it is one.
+fn rest_error_code(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get(0)?.get("errorCode")?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -1214,6 +1214,8 @@ struct SfState {
     token_mode: Mode,
     seq: u64,
     login_delay: std::time::Duration,
+    /// The org's 24-hour API allocation is used up (REST answers 403 REQUEST_LIMIT_EXCEEDED).
+    api_limit_exhausted: bool,
 }
 
 /// A fake Salesforce org: My Domain token endpoint (client credentials, password flow),
@@ -1244,6 +1246,7 @@ impl FakeSalesforce {
             token_mode: Mode::Normal,
             seq: 0,
             login_delay: std::time::Duration::ZERO,
+            api_limit_exhausted: false,
         }));
         let st = state.clone();
         let origin_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
@@ -1298,6 +1301,11 @@ impl FakeSalesforce {
     /// Ends every session (as an admin's "revoke" or a session timeout does).
     pub fn revoke_sessions(&self) {
         self.state.lock().unwrap().sessions.clear();
+    }
+
+    /// Uses up (or restores) the org's 24-hour API allocation.
+    pub fn set_api_limit_exhausted(&self, on: bool) {
+        self.state.lock().unwrap().api_limit_exhausted = on;
     }
 
     /// How long logins (OAuth token and SOAP) take to answer.
@@ -1427,6 +1435,13 @@ fn sf_handle(s: &mut SfState, req: &Req, origin: &str) -> Reply {
         "/services/data/v62.0/" => {
             if !valid(s) {
                 return invalid_session;
+            }
+            if s.api_limit_exhausted {
+                // As Salesforce answers past the allocation: a 403, no Retry-After.
+                return Reply::Json(
+                    403,
+                    json!([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]),
+                );
             }
             Reply::Json(
                 200,

@@ -720,6 +720,60 @@ pub(crate) fn sf_register(
     }
 }
 
+/// An exhausted daily API allocation answers REST with 403 REQUEST_LIMIT_EXCEEDED: the check
+/// says rate-limited (wait), not a missing permission (change the app), and a real permission
+/// 403 still says permission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_api_limit_is_rate_limited_not_a_missing_permission() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeSalesforce::start(SF_ID, SF_SECRET).await;
+    // No identity scopes: the check falls back to the REST API.
+    fake.set_userinfo(false);
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(sf_register(
+            "sf-limit",
+            &fake.base_url,
+            sf_cc(SF_SECRET),
+            true,
+        ))
+        .await
+        .unwrap();
+    let check = |admin: &mut Client| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .check_authentication(pb::CheckAuthenticationRequest {
+                    target: Some(pb::check_authentication_request::Target::SystemId(
+                        "sf-limit".into(),
+                    )),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .check
+                .unwrap()
+        }
+    };
+    assert!(check(&mut admin).await.ok);
+    fake.set_api_limit_exhausted(true);
+    let c = check(&mut admin).await;
+    assert!(!c.ok);
+    assert_eq!(
+        c.failure,
+        pb::AuthFailure::RateLimited as i32,
+        "{}",
+        c.message
+    );
+    assert!(
+        c.message.contains("REQUEST_LIMIT_EXCEEDED"),
+        "{}",
+        c.message
+    );
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn salesforce_client_credentials_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
