@@ -9,9 +9,6 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-use crate::model::{CallerRecord, Role};
 use crate::secret::SecretString;
 
 fn pending(file: &Path) -> PathBuf {
@@ -43,21 +40,16 @@ pub fn discard(file: &Path) {
 }
 
 /// At a start with callers: finishes a bootstrap that committed its admin but stopped before
-/// the file was in place. True when it did.
-pub fn resume(file: &Path, callers: &[CallerRecord]) -> io::Result<bool> {
+/// the file was in place (`is_admin` says whether a token belongs to an active admin). True
+/// when it did.
+pub fn resume(file: &Path, is_admin: impl Fn(&str) -> bool) -> io::Result<bool> {
     let p = pending(file);
     let text = match std::fs::read_to_string(&p) {
-        Ok(t) => t,
+        Ok(t) => zeroize::Zeroizing::new(t),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    let hash: String = Sha256::digest(text.trim().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let committed = callers
-        .iter()
-        .any(|c| c.role == Role::Admin && !c.revoked && c.token_sha256 == hash);
+    let committed = is_admin(text.trim());
     if committed {
         publish(file)?;
     } else {

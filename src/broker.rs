@@ -321,7 +321,15 @@ impl Broker {
         let callers = self.store.list_callers().await?;
         if !callers.is_empty() {
             if let Some(f) = &file {
-                if crate::admin_token::resume(f, &callers).map_err(token_file_error)? {
+                let is_admin = |token: &str| {
+                    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                    callers.iter().any(|c| {
+                        c.role == Role::Admin
+                            && !c.revoked
+                            && decode_hash(&c.token_sha256) == Some(hash)
+                    })
+                };
+                if crate::admin_token::resume(f, is_admin).map_err(token_file_error)? {
                     tracing::warn!(message = "Finished writing the admin token file of an interrupted first start.", path = %f.display());
                 }
             }
@@ -1059,12 +1067,7 @@ impl Broker {
     /// The first credential version of a system registered as `system_id`: 1, or one past the
     /// last version of a deleted system that had the id.
     async fn first_version(&self, system_id: &str) -> Result<u64, BrokerError> {
-        let last = self.retired_version(system_id).await?;
-        last.checked_add(1).ok_or_else(|| {
-            BrokerError::FailedPrecondition(format!(
-                "the credential versions of '{system_id}' are exhausted; use another id"
-            ))
-        })
+        version_after(self.retired_version(system_id).await?, system_id)
     }
 
     /// The last credential version of deleted systems that had this id (0: none).
@@ -1428,10 +1431,14 @@ async fn authenticate_records(
 
 /// The version a new credential of `current` gets.
 pub(crate) fn next_version(current: &SystemRecord) -> Result<u64, BrokerError> {
-    current.credential_version.checked_add(1).ok_or_else(|| {
+    version_after(current.credential_version, &current.system_id)
+}
+
+/// The version after `version`; an exhausted counter is an error, never a wrap to 0.
+fn version_after(version: u64, system_id: &str) -> Result<u64, BrokerError> {
+    version.checked_add(1).ok_or_else(|| {
         BrokerError::FailedPrecondition(format!(
-            "the credential versions of '{}' are exhausted; register it under another id",
-            current.system_id
+            "the credential versions of '{system_id}' are exhausted; register it under another id"
         ))
     })
 }

@@ -113,7 +113,7 @@ impl AuthenticatedStore {
 
 fn refused(what: &str, id: &str) -> StoreError {
     crate::metrics::METRICS.record_refused();
-    let shown: String = id.chars().take(64).flat_map(char::escape_debug).collect();
+    let shown = super::shown_key(id);
     tracing::error!(
         message = "A stored record failed authentication (edited without the master key?); it is refused and never used.",
         record = what,
@@ -207,22 +207,19 @@ impl CredentialStore for AuthenticatedStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<SystemRecord>, StoreError> {
-        // Refused records leave gaps: read on (in batches of a useful size, however few are
-        // missing) until the page is full or the store ends.
-        let mut out = Vec::new();
-        let mut cursor = after.map(str::to_owned);
-        while out.len() < limit {
-            let want = (limit - out.len()).max(super::MIN_BATCH);
+        // Records failing authentication are left out.
+        super::fill_page(after, limit, |cursor, want| async move {
             let page = self.inner.list_systems(cursor.as_deref(), want).await?;
-            let ended = page.len() < want;
-            cursor = page.last().map(|r| r.system_id.clone()).or(cursor);
-            out.extend(page.into_iter().filter_map(|r| self.check_system(r).ok()));
-            if ended {
-                break;
-            }
-        }
-        out.truncate(limit);
-        Ok(out)
+            Ok(super::Batch {
+                rows: page.len(),
+                last_key: page.last().map(|r| r.system_id.clone()),
+                accepted: page
+                    .into_iter()
+                    .filter_map(|r| self.check_system(r).ok())
+                    .collect(),
+            })
+        })
+        .await
     }
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {

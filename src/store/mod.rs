@@ -160,6 +160,47 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> 
     serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
 }
 
+/// A stored key as a log line may show it: someone who can write the store chooses it, so it is
+/// cut to 64 characters and escaped.
+pub(crate) fn shown_key(key: &str) -> String {
+    key.chars().take(64).flat_map(char::escape_debug).collect()
+}
+
+/// One batch a listing read: the records it accepted, the key of the last row it read (accepted
+/// or not), and how many rows that was.
+pub(crate) struct Batch<T> {
+    pub accepted: Vec<T>,
+    pub last_key: Option<String>,
+    pub rows: usize,
+}
+
+/// Fills a page of at most `limit` records after `after` from `read` (one batch after a cursor):
+/// refused rows leave gaps, so it reads on, at least [`MIN_BATCH`] rows at a time, until the page
+/// is full or the rows end. The one rule for every listing that may refuse rows.
+pub(crate) async fn fill_page<T, F, Fut>(
+    after: Option<&str>,
+    limit: usize,
+    mut read: F,
+) -> Result<Vec<T>, StoreError>
+where
+    F: FnMut(Option<String>, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Batch<T>, StoreError>>,
+{
+    let mut out = Vec::new();
+    let mut cursor = after.map(str::to_owned);
+    while out.len() < limit {
+        let want = (limit - out.len()).max(MIN_BATCH);
+        let batch = read(cursor.clone(), want).await?;
+        out.extend(batch.accepted);
+        cursor = batch.last_key.or(cursor);
+        if batch.rows < want {
+            break;
+        }
+    }
+    out.truncate(limit);
+    Ok(out)
+}
+
 /// A stored record's key: what the store files it under must be what it says it is (a row
 /// copied under another key is refused, not served as the other system).
 pub(crate) trait Keyed {
@@ -203,11 +244,7 @@ pub(crate) fn decode_listed<T: serde::de::DeserializeOwned + Keyed>(
         Ok(v) => Some(v),
         Err(e) => {
             crate::metrics::METRICS.record_refused();
-            let shown: String = String::from_utf8_lossy(key)
-                .chars()
-                .take(64)
-                .flat_map(char::escape_debug)
-                .collect();
+            let shown = shown_key(&String::from_utf8_lossy(key));
             tracing::error!(message = "A stored record cannot be decoded; it is left out.", record = what, id = %shown, error = %e);
             None
         }

@@ -484,25 +484,26 @@ impl CredentialStore for PostgresStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<SystemRecord>, StoreError> {
-        // Undecodable rows are left out; read on until the page is full or the table ends.
-        let mut out = Vec::new();
-        let mut cursor = after.map(str::to_owned);
-        while out.len() < limit {
-            let want = (limit - out.len()).max(super::MIN_BATCH);
+        // Undecodable rows are left out.
+        super::fill_page(after, limit, |cursor, want| async move {
             let rows = self.system_rows(cursor.as_deref(), want).await?;
+            let mut batch = super::Batch {
+                accepted: Vec::new(),
+                last_key: None,
+                rows: rows.len(),
+            };
             for r in &rows {
                 let key: &str = r
                     .try_get(0)
                     .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))?;
-                out.extend(decode_listed("system", key.as_bytes(), column_at(r, 1)?));
-                cursor = Some(key.to_owned());
+                batch
+                    .accepted
+                    .extend(decode_listed("system", key.as_bytes(), column_at(r, 1)?));
+                batch.last_key = Some(key.to_owned());
             }
-            if rows.len() < want {
-                break;
-            }
-        }
-        out.truncate(limit);
-        Ok(out)
+            Ok(batch)
+        })
+        .await
     }
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {

@@ -400,28 +400,7 @@ async fn kill_9_during_a_key_rotation_loses_nothing() {
     .unwrap();
     wait_for_health(proc.addr, ServingStatus::Serving).await;
     let mut admin = client(proc.addr, Some(token.trim())).await;
-    let new_key = admin
-        .rotate_master_key(pb::RotateMasterKeyRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .key_id;
-    // Kill once the re-wrap is under way (some records on the new key, not all).
-    loop {
-        let s = admin
-            .get_key_status(pb::GetKeyStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(
-            s.records_on_primary < s.records_total,
-            "the re-wrap finished before the kill"
-        );
-        if s.records_on_primary >= 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let new_key = rotate_and_wait_for_rewrap_under_way(&mut admin).await;
     proc.signal("KILL");
     drop(proc);
     let (on_new, total) = crate::store_conformance::records_on_key(dir.path(), &new_key).await;

@@ -775,24 +775,7 @@ async fn online_key_rotation_under_load_and_restart_mid_rewrap() {
     // records still on the old key); after a restart it resumes, and every credential still
     // decrypts to what was stored.
     control.latency_ms.store(20, Ordering::SeqCst);
-    let k3 = admin
-        .rotate_master_key(pb::RotateMasterKeyRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .key_id;
-    // Stop once the re-wrap is under way (some records on the new key, not all).
-    loop {
-        let s = key_status(&mut admin).await;
-        assert!(
-            s.records_on_primary < s.records_total,
-            "the re-wrap finished before the stop"
-        );
-        if s.records_on_primary >= 5 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let k3 = rotate_and_wait_for_rewrap_under_way(&mut admin).await;
     broker.stop().await;
     let (on_k3, total) = crate::store_conformance::records_on_key(dir.path(), &k3).await;
     assert!(

@@ -484,3 +484,29 @@ pub fn no_redirects() -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Rotates the master key and returns the new key's id once its re-wrap is under way: at least
+/// five records on it, and not all (a test then interrupts it).
+pub async fn rotate_and_wait_for_rewrap_under_way(admin: &mut Client) -> String {
+    let key = admin
+        .rotate_master_key(pb::RotateMasterKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .key_id;
+    loop {
+        let s = admin
+            .get_key_status(pb::GetKeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            s.records_on_primary < s.records_total,
+            "the re-wrap finished before it could be interrupted"
+        );
+        if s.records_on_primary >= 5 {
+            return key;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
