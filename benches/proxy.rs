@@ -142,7 +142,7 @@ fn main() {
     let seconds = arg("--seconds", "5.0").parse::<f64>().unwrap();
     let rounds = arg("--rounds", "3").parse::<usize>().unwrap();
     // The load generator and the fake vendor run on core 0, the broker on core 1 (as
-    // shared/toolchain.md measures gRPC servers), so the proxy's work does not steal the
+    // docs/benchmarks.md measures gRPC servers), so the proxy's work does not steal the
     // client's CPU.
     let _ = std::process::Command::new("taskset")
         .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])

@@ -1,4 +1,4 @@
-//! `GetAccessToken` against the gRPC floor (issue 7, scenario 1): the real broker binary and a
+//! `GetAccessToken` against the gRPC floor (docs/benchmarks.md): the real broker binary and a
 //! minimal echo gRPC server (the same `CredentialBroker` service, answering `GetAccessToken` with a
 //! prebuilt response of the same size) each run as a child pinned to core 1, on the same runtime
 //! flavour and server settings, and are driven alternately by the same tonic client on core 0

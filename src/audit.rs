@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use hmac::{Hmac, Mac};
@@ -161,7 +161,7 @@ pub struct Audit {
     pending: Mutex<Pending>,
     /// Batches written (each one `write` per sink).
     batches: std::sync::atomic::AtomicU64,
-    healthy: AtomicBool,
+    /// Whether the last write succeeded (and who wants to know when that changes).
     health_tx: watch::Sender<bool>,
     /// Lines for refused and unauthenticated calls in the current second: (second, count).
     refusals: std::sync::Mutex<(u64, u32)>,
@@ -195,7 +195,6 @@ impl Audit {
             file: Mutex::new(file),
             pending: Mutex::new(Pending::default()),
             batches: std::sync::atomic::AtomicU64::new(0),
-            healthy: AtomicBool::new(true),
             refusals: std::sync::Mutex::new((0, 0)),
             health_tx,
         }
@@ -205,7 +204,7 @@ impl Audit {
     /// [`MAX_REFUSAL_LINES_PER_SEC`] a second); a dropped one is counted.
     pub fn admit_refusal(&self) -> bool {
         let now = crate::model::unix_now();
-        let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = crate::util::sync::lock(&self.refusals);
         if r.0 != now {
             *r = (now, 0);
         }
@@ -224,7 +223,7 @@ impl Audit {
 
     /// True while the last write succeeded.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        *self.health_tx.borrow()
     }
 
     /// How many batches have been written so far.
@@ -243,7 +242,7 @@ impl Audit {
             return String::new();
         };
         mac.update(value.as_bytes());
-        crate::broker::hex(&mac.finalize().into_bytes()[..16])
+        crate::util::hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
     /// Writes one event to every sink; the future resolves once the batch holding it has been
@@ -255,7 +254,7 @@ impl Audit {
         event: &AuditEvent<'_>,
     ) -> impl Future<Output = Result<(), AuditError>> + Send + 's {
         let joined = {
-            let mut p = crate::broker::lock(&self.pending);
+            let mut p = crate::util::sync::lock(&self.pending);
             // Serialized straight into the batch; a failed event leaves no partial line.
             let start = p.lines.len();
             match serde_json::to_writer(&mut p.lines, event) {
@@ -287,9 +286,9 @@ impl Audit {
     /// Writes the open batch (called by its leader). Batches reach the file in the order they
     /// were closed: the file lock is taken before the batch is.
     fn flush(&self) {
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut file = crate::util::sync::lock(&self.file);
         let (lines, events, written) = {
-            let mut p = crate::broker::lock(&self.pending);
+            let mut p = crate::util::sync::lock(&self.pending);
             // The next batch starts with room for one like this (one allocation, not a dozen
             // while it grows).
             let room = Vec::with_capacity(p.lines.len().min(1 << 20));
@@ -316,13 +315,17 @@ impl Audit {
                 crate::metrics::METRICS.audit_error();
             }
         }
-        if self.healthy.swap(ok, Ordering::Relaxed) != ok {
+        let changed = self.health_tx.send_if_modified(|healthy| {
+            let changed = *healthy != ok;
+            *healthy = ok;
+            changed
+        });
+        if changed {
             if ok {
                 tracing::info!(message = "Audit sink recovered.");
             } else {
                 tracing::error!(message = "Audit sink failed.", error = %result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
             }
-            let _ = self.health_tx.send(ok);
         }
         let _ = written.result.set(result);
         written.notify.notify_waiters();
@@ -441,7 +444,7 @@ pub fn now_rfc3339() -> Timestamp {
 fn rfc3339(secs: i64, millis: u32) -> Timestamp {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
-    let (y, m, day) = civil(days);
+    let (y, m, day) = crate::util::time::civil_from_days(days);
     let mut out = *b"0000-00-00T00:00:00.000Z";
     let mut put = |at: usize, width: usize, mut v: i64| {
         for i in (at..at + width).rev() {
@@ -457,19 +460,6 @@ fn rfc3339(secs: i64, millis: u32) -> Timestamp {
     put(17, 2, rem % 60);
     put(20, 3, i64::from(millis));
     Timestamp(out)
-}
-
-fn civil(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]

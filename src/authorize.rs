@@ -12,15 +12,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-use rand::RngCore;
-
 use crate::backends::{oauth, AuthorizeRequest, BackendError, Target};
-use crate::broker::{lock, Broker};
+use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, CredentialType, SystemState};
 use crate::secret::SecretString;
+use crate::util::sync::{lock, read};
 
 /// A pending authorization as replicas share it (sealed in the store's metadata under
 /// `pending_auth/<SHA-256 of the state>`; an empty value marks it used).
@@ -118,9 +115,7 @@ impl Broker {
         })?;
         let backend = self.registry.get(record.kind)?.clone();
         let credential = self.open_credential(&record)?;
-        let mut raw = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut raw);
-        let state = URL_SAFE_NO_PAD.encode(raw);
+        let state = crate::util::random::url_token::<32>();
         let (challenge, verifier) = if backend.uses_pkce() {
             let (c, v) = oauth::pkce_pair();
             (Some(c), Some(v))
@@ -177,7 +172,7 @@ impl Broker {
                     .map_err(|_| BrokerError::Internal("could not encode the authorization"))?,
             );
             let key = pending_key(&state);
-            let sealed = crate::broker::read(&self.keyring).seal(&pending_binding(&key), &plain);
+            let sealed = read(&self.keyring).seal(&pending_binding(&key), &plain);
             self.store.put_meta(&key, &sealed).await?;
         }
         tracing::info!(message = "Authorization started.", system = %record.kind, credential_id = %system_id);
@@ -192,7 +187,7 @@ impl Broker {
             return None;
         }
         self.store.put_meta(&key, b"").await.ok()?;
-        let plain = crate::broker::read(&self.keyring)
+        let plain = read(&self.keyring)
             .open(&pending_binding(&key), &sealed)
             .ok()?;
         let p: SharedPending = serde_json::from_slice(&plain).ok()?;

@@ -20,7 +20,6 @@
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -77,8 +76,7 @@ fn seal(cipher: &Aes256Gcm, chunk: &Chunk) -> Result<Vec<u8>, BrokerError> {
         serde_json::to_vec(chunk)
             .map_err(|_| BrokerError::Internal("could not encode a backup chunk"))?,
     );
-    let mut nonce = [0u8; NONCE_LEN];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let nonce = crate::util::random::bytes::<NONCE_LEN>();
     let ct = cipher
         .encrypt(
             Nonce::from_slice(&nonce),
@@ -120,9 +118,7 @@ impl Broker {
     /// going away stops the export).
     pub async fn export_backup(&self, tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, BrokerError>>) {
         let cipher = cipher(self);
-        let mut raw = [0u8; 8];
-        rand::rngs::OsRng.fill_bytes(&mut raw);
-        let backup_id = raw.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let backup_id = crate::util::random::hex_id::<8>();
         let created_at = unix_now();
         let mut after: Option<String> = None;
         let mut seq = 0u64;

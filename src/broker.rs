@@ -8,9 +8,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -26,6 +23,8 @@ use crate::model::{
 use crate::secret::SecretString;
 use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
 use crate::tokens::{Flight, IssuedToken, RefreshSettings, Schedule};
+use crate::util::hex;
+use crate::util::sync::{lock, read, write};
 
 /// Largest `min_valid_seconds` a worker may ask for (one day).
 pub const MAX_MIN_VALID_SECONDS: u32 = 86_400;
@@ -326,7 +325,7 @@ impl Broker {
                     callers.iter().any(|c| {
                         c.role == Role::Admin
                             && !c.revoked
-                            && decode_hash(&c.token_sha256) == Some(hash)
+                            && hex::decode::<32>(&c.token_sha256) == Some(hash)
                     })
                 };
                 if crate::admin_token::resume(f, is_admin).map_err(token_file_error)? {
@@ -371,7 +370,7 @@ impl Broker {
     fn install_callers(&self, callers: Vec<CallerRecord>) {
         let mut map = HashMap::new();
         for c in &callers {
-            if let (true, Some(hash)) = (c.revoked, decode_hash(&c.token_sha256)) {
+            if let (true, Some(hash)) = (c.revoked, hex::decode::<32>(&c.token_sha256)) {
                 lock(&self.revoked).insert(hash);
             }
         }
@@ -386,7 +385,7 @@ impl Broker {
     /// The token hash of a caller that may be installed: never one this process has seen
     /// revoked (a revoked caller's earlier row put back in the store stays refused).
     fn usable_hash(&self, c: &CallerRecord) -> Option<[u8; 32]> {
-        let hash = decode_hash(&c.token_sha256)?;
+        let hash = hex::decode::<32>(&c.token_sha256)?;
         if lock(&self.revoked).contains(&hash) {
             tracing::error!(message = "A caller this broker saw revoked is stored as active again (an old row put back?); it stays refused.", caller = %c.name);
             return None;
@@ -396,7 +395,7 @@ impl Broker {
 
     /// Drops a revoked caller from memory, for good.
     fn forget_caller(&self, c: &CallerRecord) {
-        if let Some(hash) = decode_hash(&c.token_sha256) {
+        if let Some(hash) = hex::decode::<32>(&c.token_sha256) {
             lock(&self.revoked).insert(hash);
             write(&self.callers).remove(&hash);
         }
@@ -567,7 +566,7 @@ impl Broker {
         let record = CallerRecord {
             name: name.to_owned(),
             role,
-            token_sha256: hex(&hash),
+            token_sha256: hex::encode(&hash),
             created_at: unix_now(),
             revoked: false,
             system_patterns: scope.system_patterns,
@@ -1005,13 +1004,7 @@ impl Broker {
         let delivery = match delivery {
             Some(d) => d,
             None => {
-                let is_oauth = !matches!(
-                    current.credential_type,
-                    CredentialType::PersonalAccessToken
-                        | CredentialType::ApiKey
-                        | CredentialType::Basic
-                );
-                if is_oauth {
+                if current.credential_type.is_oauth() {
                     Delivery::Header
                 } else {
                     self.settings.default_static_delivery
@@ -1098,7 +1091,7 @@ impl Broker {
             } else {
                 "error"
             },
-            code: code_name(code),
+            code: crate::error::code_name(code),
             token_hmac,
             method: None,
             path: None,
@@ -1290,30 +1283,6 @@ fn failed_check(check: &AuthCheck, consequence: &str) -> BrokerError {
     ))
 }
 
-/// The canonical gRPC code name (`PERMISSION_DENIED`).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code as C;
-    match code {
-        C::Ok => "OK",
-        C::Cancelled => "CANCELLED",
-        C::Unknown => "UNKNOWN",
-        C::InvalidArgument => "INVALID_ARGUMENT",
-        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        C::NotFound => "NOT_FOUND",
-        C::AlreadyExists => "ALREADY_EXISTS",
-        C::PermissionDenied => "PERMISSION_DENIED",
-        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        C::FailedPrecondition => "FAILED_PRECONDITION",
-        C::Aborted => "ABORTED",
-        C::OutOfRange => "OUT_OF_RANGE",
-        C::Unimplemented => "UNIMPLEMENTED",
-        C::Internal => "INTERNAL",
-        C::Unavailable => "UNAVAILABLE",
-        C::DataLoss => "DATA_LOSS",
-        C::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 fn not_connected(system_id: &str) -> String {
     format!(
         "not connected yet: run `credbrokerctl system connect {system_id}` and allow access at the \
@@ -1450,49 +1419,15 @@ fn retired_key(system_id: &str) -> String {
 
 /// A new caller token.
 fn new_caller_token() -> SecretString {
-    let mut raw = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut raw);
-    SecretString::new(format!("cbt_{}", URL_SAFE_NO_PAD.encode(raw)))
+    SecretString::new(format!("cbt_{}", crate::util::random::url_token::<32>()))
 }
 
 fn generate_id(kind: SystemKind) -> String {
-    let mut raw = [0u8; 6];
-    rand::rngs::OsRng.fill_bytes(&mut raw);
-    format!("{}-{}", kind.slug().replace('_', "-"), hex(&raw))
-}
-
-/// Lower-case hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    out
-}
-
-fn decode_hash(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-// Poisoning only happens after a panic while holding the lock; the maps stay consistent (every
-// critical section is a single insert/remove/get), so recover the guard instead of panicking.
-pub(crate) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-pub(crate) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
-}
-pub(crate) fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    l.lock().unwrap_or_else(|e| e.into_inner())
+    format!(
+        "{}-{}",
+        kind.slug().replace('_', "-"),
+        crate::util::random::hex_id::<6>()
+    )
 }
 
 #[cfg(test)]
@@ -1505,11 +1440,5 @@ mod tests {
         for bad in ["", "-a", "A", "a b", "a/b", &"a".repeat(129)] {
             assert!(validate_slug(bad, 128).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn hash_hex_round_trip() {
-        let h: [u8; 32] = Sha256::digest(b"x").into();
-        assert_eq!(decode_hash(&hex(&h)), Some(h));
     }
 }

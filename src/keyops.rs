@@ -18,10 +18,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
 
-use crate::broker::{lock, read, write, Broker, OpenError};
+use crate::broker::{Broker, OpenError};
 use crate::crypto::{parse_header, Keyring, MasterKey, RecordBinding};
 use crate::error::BrokerError;
 use crate::store::{CredentialStore, StoreError};
+use crate::util::sync::{lock, read, write};
 
 /// Re-wrap job state.
 #[derive(Debug, Default)]

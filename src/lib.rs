@@ -37,3 +37,4 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;
+pub mod util;

@@ -204,7 +204,7 @@ impl Metrics {
             for c in 0..CODES {
                 let n = self.rpc_counts[i * CODES + c].load(Ordering::Relaxed);
                 if n > 0 {
-                    let code = crate::broker::code_name(tonic::Code::from(c as i32));
+                    let code = crate::error::code_name(tonic::Code::from(c as i32));
                     let _ = writeln!(
                         out,
                         "credbroker_rpc_total{{method=\"{rpc}\",code=\"{code}\"}} {n}"

@@ -1,7 +1,6 @@
 //! Domain types: systems, credentials, checks and callers. No proto or HTTP types here.
 
 use std::fmt;
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +75,7 @@ impl SystemKind {
         Self::ALL.into_iter().find(|k| k.slug() == norm)
     }
 
-    /// The credential types this kind really supports (see `shared/upstreams.md` §11).
+    /// The credential types this kind really supports (see `docs/systems/`).
     pub fn accepted_credentials(self) -> &'static [CredentialType] {
         use CredentialType as C;
         match self {
@@ -133,6 +132,12 @@ impl CredentialType {
             Self::SalesforceLogin => "salesforce_login",
             Self::OAuthAuthorizationCode => "oauth_authorization_code",
         }
+    }
+
+    /// True for credentials whose headers come from a token endpoint (they expire and
+    /// refresh); the one answer to "is this OAuth".
+    pub fn is_oauth(self) -> bool {
+        !matches!(self, Self::PersonalAccessToken | Self::ApiKey | Self::Basic)
     }
 }
 
@@ -274,10 +279,7 @@ impl Credential {
 
     /// True for credentials whose headers come from a token endpoint (they expire and refresh).
     pub fn is_oauth(&self) -> bool {
-        !matches!(
-            self,
-            Self::PersonalAccessToken { .. } | Self::ApiKey { .. } | Self::Basic { .. }
-        )
+        self.credential_type().is_oauth()
     }
 
     /// True when the credential must be exchanged upstream before it can be stored (a password
@@ -546,13 +548,7 @@ pub fn pattern_matches(pattern: &str, id: &str) -> bool {
     true
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::util::time::unix_now;
 
 mod b64 {
     use base64::engine::general_purpose::STANDARD;
@@ -592,7 +588,7 @@ mod tests {
         assert!(pattern_matches("exact", "exact"));
         assert!(!pattern_matches("exact", "exactly"));
         assert!(pattern_matches("*", "anything"));
-        // What `acme-*` covers (README, Callers): the whole id, case-sensitive, any tail.
+        // What `acme-*` covers (docs/security.md, Callers): the whole id, case-sensitive, any tail.
         assert!(pattern_matches("acme-*", "acme-eu-jira"));
         assert!(!pattern_matches("acme-*", "acme2-jira"));
         assert!(!pattern_matches("acme-*", "xacme-jira"));

@@ -24,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio_stream::StreamExt;
@@ -150,9 +149,7 @@ impl Broker {
         system_id: &str,
         version: u64,
     ) -> Option<(SecretString, SystemTime, String)> {
-        let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let id = URL_SAFE_NO_PAD.encode(nonce);
+        let id = crate::util::random::url_token::<12>();
         let ttl = self.settings.lease_ttl;
         let claims = Claims {
             s: system_id.to_owned(),

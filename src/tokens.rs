@@ -26,20 +26,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-use rand::{Rng, RngCore};
+use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backends::{BackendError, Header, Issued, Target};
-use crate::broker::{lock, read, write, Broker, MAX_MIN_VALID_SECONDS};
+use crate::broker::{Broker, MAX_MIN_VALID_SECONDS};
 use crate::crypto::RecordBinding;
 use crate::error::BrokerError;
 use crate::model::{
     unix_now, AuthFailure, Credential, CredentialType, SharedToken, SystemRecord, SystemState,
 };
 use crate::secret::SecretString;
+use crate::util::sync::{lock, read, write};
 
 /// Headers handed to a worker, cached until they expire.
 #[derive(Debug)]
@@ -729,11 +728,7 @@ impl Broker {
                 e
             }
         };
-        let token_id = token_id.unwrap_or_else(|| {
-            let mut id = [0u8; 12];
-            rand::rngs::OsRng.fill_bytes(&mut id);
-            URL_SAFE_NO_PAD.encode(id)
-        });
+        let token_id = token_id.unwrap_or_else(crate::util::random::url_token::<12>);
         let token = Arc::new(IssuedToken {
             headers: issued.headers,
             expires_at,

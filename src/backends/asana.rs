@@ -2,7 +2,7 @@
 //!
 //! Base URL `https://app.asana.com/api/1.0`; who-am-I `GET /users/me` →
 //! `data{gid, name, email}`. Errors: 401 not authorized, 402 premium only, 403 forbidden, 429
-//! with `Retry-After`, 5xx. See `shared/upstreams.md` §8.
+//! with `Retry-After`, 5xx. See `docs/systems/asana.md`.
 
 use async_trait::async_trait;
 use serde::Deserialize;

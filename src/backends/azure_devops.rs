@@ -1,6 +1,6 @@
 //! Azure DevOps Services and Server: a PAT sent as `Authorization: Basic base64(":" + PAT)`.
 //!
-//! `CheckAuthentication` never trusts a status alone (`shared/upstreams.md` §1):
+//! `CheckAuthentication` never trusts a status alone (`docs/systems/azure-devops.md`):
 //! - `_apis/connectionData` answers 200 to anonymous callers: the body's `authenticatedUser` must
 //!   not be the anonymous identity; a malformed header gets a 203 HTML sign-in page;
 //! - a missing scope is a 401 `TF400813`, like a bad PAT, so after identity succeeds each scope a

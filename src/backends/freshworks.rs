@@ -1,6 +1,7 @@
 //! Shared plumbing for Freshworks products (Freshdesk, Freshservice): an API key sent as
 //! `Authorization: Basic base64(key + ":X")`, identity from `GET /api/v2/agents/me`, errors as
-//! `{"code": "...", "message": "..."}` (`shared/upstreams.md` §6, §7).
+//! `{"code": "...", "message": "..."}` (`docs/systems/freshdesk.md`,
+//! `docs/systems/freshservice.md`).
 
 use serde::Deserialize;
 

@@ -1,5 +1,5 @@
 //! Jira Cloud: OAuth 2.0 (3LO) authorization code, then rotating refresh tokens
-//! (`shared/upstreams.md` §5, §11).
+//! (`docs/systems/jira-cloud.md`).
 //!
 //! - Authorize at `{auth}/authorize` with `audience=api.atlassian.com`, `offline_access` and
 //!   `prompt=consent`; token: `POST {auth}/oauth/token` (JSON body, client secret mandatory).

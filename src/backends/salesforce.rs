@@ -1,4 +1,4 @@
-//! Salesforce (`shared/upstreams.md` §2, §11).
+//! Salesforce (`docs/systems/salesforce.md`).
 //!
 //! - **Client credentials** (`oauth_client_credentials`, an External Client App with a Run As
 //!   user): `POST {my-domain}/services/oauth2/token`. The response has no `expires_in`: the

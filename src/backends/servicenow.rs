@@ -1,6 +1,6 @@
 //! ServiceNow. Basic auth: `Authorization: Basic base64(user:password)` for a proxy user.
 //!
-//! `CheckAuthentication` (`shared/upstreams.md` §3, §11):
+//! `CheckAuthentication` (`docs/systems/servicenow.md`):
 //! - identity from `GET /api/now/table/sys_user?sysparm_query=user_name=…`; ACLs can filter the
 //!   row away and answer 200 with an empty `result`, which is reported as missing read access,
 //!   never as success;

@@ -1,5 +1,5 @@
 //! Zendesk: "Connect with Zendesk" (OAuth authorization code with PKCE S256), then rotating
-//! refresh tokens (`shared/upstreams.md` §4, §11).
+//! refresh tokens (`docs/systems/zendesk.md`).
 //!
 //! - Authorize: `{base}/oauth/authorizations/new`; token: `POST {base}/oauth/tokens` with a JSON
 //!   body. The broker asks for explicit `expires_in` / `refresh_token_expires_in` so it always

@@ -148,7 +148,7 @@ fn main() -> ExitCode {
     };
     // On one core, tokio's multi-thread scheduler costs about half the throughput of a
     // current-thread runtime (its LIFO slot makes hyper flush one response per write; see
-    // shared/toolchain.md); blocking work (store flushes) runs on the blocking pool either way.
+    // docs/benchmarks.md); blocking work (store flushes) runs on the blocking pool either way.
     let built = if current {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

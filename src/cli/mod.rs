@@ -1195,7 +1195,7 @@ pub fn parse_time(s: &str) -> Result<i64> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
         return Err(bad());
     }
-    let mut secs = days_from_civil(y, m, day) * 86_400;
+    let mut secs = crate::util::time::days_from_civil(y, m, day) * 86_400;
     if let Some(t) = time {
         let parts: Vec<i64> = t
             .split(':')
@@ -1210,35 +1210,11 @@ pub fn parse_time(s: &str) -> Result<i64> {
     Ok(secs)
 }
 
-// Howard Hinnant's days_from_civil.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// RFC 3339 (UTC) rendering of a timestamp.
 pub fn ts_string(t: &prost_types::Timestamp) -> String {
     let days = t.seconds.div_euclid(86_400);
     let rem = t.seconds.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = crate::util::time::civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,

@@ -107,15 +107,15 @@ impl TlsReloader {
             stamps: Mutex::new(Vec::new()),
             settings,
         };
-        *me.stamps.lock().unwrap_or_else(|e| e.into_inner()) = me.file_stamps();
+        *crate::util::sync::lock(&me.stamps) = me.file_stamps();
         Ok(me)
     }
 
     /// Re-reads the files; on error the old configuration stays.
     pub fn reload(&self) -> Result<(), String> {
         let cfg = build(&self.settings)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cfg);
-        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = self.file_stamps();
+        *crate::util::sync::write(&self.current) = Arc::new(cfg);
+        *crate::util::sync::lock(&self.stamps) = self.file_stamps();
         tracing::info!(message = "TLS certificates reloaded.");
         Ok(())
     }
@@ -123,11 +123,11 @@ impl TlsReloader {
     /// Reloads when a file's modification time changed.
     pub fn reload_if_changed(&self) {
         let now = self.file_stamps();
-        let changed = *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != now;
+        let changed = *crate::util::sync::lock(&self.stamps) != now;
         if changed {
             if let Err(e) = self.reload() {
                 tracing::warn!(message = "TLS reload failed; keeping the current certificates.", error = %e);
-                *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = now;
+                *crate::util::sync::lock(&self.stamps) = now;
             }
         }
     }
@@ -182,10 +182,7 @@ impl TlsReloader {
     }
 
     fn config(&self) -> Arc<ServerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::util::sync::read(&self.current).clone()
     }
 
     /// Accepts TCP connections and yields completed TLS streams.

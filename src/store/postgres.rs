@@ -179,9 +179,7 @@ impl PostgresStore {
             Tls::Rustls(t) => build_pool(config.clone(), t.clone())?,
         };
         migrate(&pool).await?;
-        let mut raw = [0u8; 6];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
-        let replica: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let replica = crate::util::random::hex_id::<6>();
         let (changes, _) = broadcast::channel(4096);
         let listener = {
             let (config, changes, replica) = (config.clone(), changes.clone(), replica.clone());

@@ -3,7 +3,7 @@
 //! sled holds an exclusive file lock on its directory, so a second broker on the same data
 //! directory fails at open with [`OpenError::Locked`]. Writes are made durable with an explicit
 //! flush on a blocking thread before any mutating call returns; sled's own limits (it uses
-//! `sync_file_range`, not `fsync`, for its log) are documented in the README.
+//! `sync_file_range`, not `fsync`, for its log) are documented in docs/operations.md.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

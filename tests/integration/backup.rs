@@ -1,4 +1,4 @@
-//! `credbrokerctl backup` / `restore` (security.md acceptance 24a): an online export under load,
+//! `credbrokerctl backup` / `restore` (docs/operations.md, Backup): an online export under load,
 //! restored into an empty broker with the same master key; the file holds no plaintext; bad,
 //! truncated or foreign backups change nothing.
 

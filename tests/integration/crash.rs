@@ -5,7 +5,7 @@
 //! are whole or absent, and that the startup integrity check finds zero errors.
 //!
 //! CI runs `CREDBROKER_CRASH_ROUNDS` rounds (default 3); `scripts/crash-test.sh` runs the long
-//! variant (README, "Crash test").
+//! variant (docs/benchmarks.md, "Crash test").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

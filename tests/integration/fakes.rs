@@ -1,6 +1,6 @@
-//! Fake upstream vendors on loopback. Each answers as `shared/upstreams.md` says the real system
-//! does (traps included) and records every request it did not expect (wrong path, wrong header
-//! format); tests assert that list is empty.
+//! Fake upstream vendors on loopback. Each answers as the vendor's documentation (summarised in
+//! `docs/systems/`) says the real system does (traps included) and records every request it did
+//! not expect (wrong path, wrong header format); tests assert that list is empty.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

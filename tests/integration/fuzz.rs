@@ -76,7 +76,7 @@ proptest! {
     }
 }
 
-/// The security notes' dependency floors (RUSTSEC-2023-0096, -2024-0376, the h2 reset and
+/// Minimum versions of dependencies with known advisories (RUSTSEC-2023-0096, -2024-0376, the h2 reset and
 /// CONTINUATION floods, RUSTSEC-2026-0285), checked offline against Cargo.lock.
 #[test]
 fn dependency_floors_hold() {

@@ -1,4 +1,4 @@
-//! Storage faults (security.md acceptance 4 and 5): an injected error/latency store and a real
+//! Storage faults (docs/benchmarks.md, Storage faults): an injected error/latency store and a real
 //! full disk. No RPC answers OK for a write that did not reach disk, failures carry the right
 //! code and no secret, tokens keep flowing, health says why, and the broker recovers without a
 //! restart.
@@ -58,7 +58,7 @@ async fn injected_store_faults_never_ack_an_unwritten_write_and_heal_without_res
 
     control.fail_permille.store(200, Ordering::SeqCst);
     control.latency_ms.store(3, Ordering::SeqCst);
-    // 3 s in the suite; CREDBROKER_FAULT_SECS=300 is security.md's five-minute run.
+    // 3 s in the suite; CREDBROKER_FAULT_SECS=300 is the five-minute run in docs/benchmarks.md.
     let secs: u64 = std::env::var("CREDBROKER_FAULT_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -267,7 +267,7 @@ async fn disk_full_refuses_writes_keeps_serving_tokens_and_recovers() {
     );
     let control = Arc::new(FaultControl::default());
     let mut config = test_config(&data);
-    // The audit trail lives on another volume (the README's advice): with it on the full disk,
+    // The audit trail lives on another volume (docs/operations.md's advice): with it on the full disk,
     // fail-closed auditing would, by design, refuse every secret-returning RPC.
     config.audit_file = Some(root.path().join("audit.log"));
     let asana = FakeAsana::start().await;
