@@ -130,7 +130,12 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// Each component's own defaults, plus the process's (listeners, data directory, limits).
     fn default() -> Self {
+        let broker = crate::broker::BrokerSettings::default();
+        let refresh = broker.refresh.clone();
+        let oauth = crate::backends::oauth::OAuthSettings::default();
+        let audit = crate::audit::AuditConfig::default();
         Self {
             listen: DEFAULT_LISTEN
                 .parse()
@@ -143,47 +148,47 @@ impl Default for Config {
             egress_allow_http: false,
             egress_allow: Default::default(),
             request_timeout: Duration::from_secs(30),
-            upstream_timeout: Duration::from_secs(10),
+            upstream_timeout: broker.check_timeout,
             shutdown_grace: Duration::from_secs(10),
             max_request_bytes: 64 * 1024,
             max_upstream_body_bytes: 1024 * 1024,
             concurrency_limit_per_connection: 256,
             max_concurrent_streams: 256,
-            static_header_ttl: Duration::from_secs(3600),
-            refresh_ahead_fraction: 0.2,
-            refresh_ahead_min: Duration::from_secs(10),
-            max_concurrent_refreshes: 16,
-            refresh_retry_max: Duration::from_secs(300),
-            salesforce_token_lifetime: Duration::from_secs(1800),
-            servicenow_refresh_token_lifespan: Duration::from_secs(8_640_000),
+            static_header_ttl: broker.static_header_ttl,
+            refresh_ahead_fraction: refresh.ahead_fraction,
+            refresh_ahead_min: refresh.ahead_min,
+            max_concurrent_refreshes: refresh.max_concurrent,
+            refresh_retry_max: refresh.retry_max,
+            salesforce_token_lifetime: oauth.salesforce_token_lifetime,
+            servicenow_refresh_token_lifespan: oauth.servicenow_refresh_token_lifespan,
             http_listen: DEFAULT_HTTP_LISTEN.parse().ok(),
             public_url: None,
-            jira_auth_url: "https://auth.atlassian.com".to_owned(),
-            jira_api_url: "https://api.atlassian.com".to_owned(),
-            zendesk_access_token_ttl: Duration::from_secs(30 * 60),
-            zendesk_refresh_token_ttl: Duration::from_secs(30 * 86_400),
-            authorization_ttl: Duration::from_secs(600),
-            keepalive_interval: Duration::from_secs(3600),
-            keepalive_margin: Duration::from_secs(7 * 86_400),
+            jira_auth_url: oauth.jira_auth_url,
+            jira_api_url: oauth.jira_api_url,
+            zendesk_access_token_ttl: oauth.zendesk_access_token_ttl,
+            zendesk_refresh_token_ttl: oauth.zendesk_refresh_token_ttl,
+            authorization_ttl: broker.authorization_ttl,
+            keepalive_interval: broker.keepalive_interval,
+            keepalive_margin: broker.keepalive_margin,
             audit_file: None,
             audit_file_off: false,
-            audit_stdout: false,
-            audit_fail_closed: true,
-            audit_max_bytes: crate::audit::DEFAULT_MAX_BYTES,
-            audit_keep: crate::audit::DEFAULT_KEEP,
+            audit_stdout: audit.stdout,
+            audit_fail_closed: audit.fail_closed,
+            audit_max_bytes: audit.max_bytes,
+            audit_keep: audit.keep,
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
             bearer_tokens: true,
             tls_handshake_timeout: Duration::from_secs(10),
             tls_reload_interval: Duration::from_secs(10),
-            default_static_delivery: crate::model::Delivery::Proxy,
-            lease_ttl: Duration::from_secs(300),
-            proxy_max_body_bytes: 256 * 1024 * 1024,
+            default_static_delivery: broker.default_static_delivery,
+            lease_ttl: broker.lease_ttl,
+            proxy_max_body_bytes: broker.proxy_max_body_bytes,
             proxy_read_timeout: Duration::from_secs(60),
             http_header_timeout: Duration::from_secs(10),
             http_max_connections: 1024,
-            adopt_unauthenticated_records: false,
+            adopt_unauthenticated_records: broker.adopt_unauthenticated_records,
             http_tls_cert_file: None,
             http_tls_key_file: None,
         }
@@ -351,7 +356,7 @@ impl Config {
     /// Builds the config from an optional TOML text and overrides, reporting every problem.
     pub fn build(file: Option<&str>, o: &Overrides) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
-        let f: FileConfig = match file {
+        let mut f: FileConfig = match file {
             Some(text) => toml::from_str(text).unwrap_or_else(|e| {
                 errors.push(format!("config file: {}", e.message()));
                 FileConfig::default()
@@ -359,24 +364,43 @@ impl Config {
             None => FileConfig::default(),
         };
         let mut c = Config::default();
-        if let Some(listen) = o.listen.clone().or(f.listen) {
+        c.apply_server_and_store(&mut f, o, &mut errors);
+        c.apply_timeouts_and_refresh(&f, &mut errors);
+        c.apply_http_and_vendors(&mut f, o, &mut errors);
+        c.apply_audit_and_tls(&mut f, o, &mut errors);
+        c.apply_proxy_and_limits(&mut f, o, &mut errors);
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The listeners' and store's settings, the log format and the plain-HTTP egress switch.
+    fn apply_server_and_store(
+        &mut self,
+        f: &mut FileConfig,
+        o: &Overrides,
+        errors: &mut Vec<String>,
+    ) {
+        if let Some(listen) = o.listen.clone().or(f.listen.take()) {
             match listen.parse() {
-                Ok(a) => c.listen = a,
+                Ok(a) => self.listen = a,
                 Err(_) => errors.push(format!(
                     "listen: '{listen}' is not an address like 127.0.0.1:50051"
                 )),
             }
         }
-        if let Some(d) = o.data_dir.clone().or(f.data_dir) {
-            c.data_dir = d;
+        if let Some(d) = o.data_dir.clone().or(f.data_dir.take()) {
+            self.data_dir = d;
         }
-        c.master_key_file = o.master_key_file.clone().or(f.master_key_file);
-        c.store_url = o
+        self.master_key_file = o.master_key_file.clone().or(f.master_key_file.take());
+        self.store_url = o
             .store_url
             .clone()
-            .or(f.store_url)
+            .or(f.store_url.take())
             .filter(|u| !u.expose_secret().trim().is_empty());
-        if let Some(u) = &c.store_url {
+        if let Some(u) = &self.store_url {
             if !crate::store::postgres::is_postgres_url(u.expose_secret()) {
                 errors.push(
                     "store url: must start with postgres:// (leave it unset for the embedded sled store)"
@@ -384,140 +408,131 @@ impl Config {
                 );
             }
         }
-        c.store_ca_file = o.store_ca_file.clone().or(f.store_ca_file);
-        match o.log_format.clone().or(f.log_format).as_deref() {
+        self.store_ca_file = o.store_ca_file.clone().or(f.store_ca_file.take());
+        match o.log_format.clone().or(f.log_format.take()).as_deref() {
             None | Some("text") | Some("") => {}
-            Some("json") => c.log_json = true,
+            Some("json") => self.log_json = true,
             Some(other) => errors.push(format!("log format: '{other}' must be 'text' or 'json'")),
         }
         match o.egress_allow_http.as_deref() {
-            None => c.egress_allow_http = f.egress_allow_http.unwrap_or(false),
+            None => self.egress_allow_http = f.egress_allow_http.unwrap_or(false),
             Some(v) => match parse_bool(v) {
-                Some(b) => c.egress_allow_http = b,
+                Some(b) => self.egress_allow_http = b,
                 None => errors.push(format!(
                     "CREDBROKER_EGRESS_ALLOW_HTTP: '{v}' must be 1/0/true/false"
                 )),
             },
         }
-        let secs = |v: Option<u64>, name: &str, errors: &mut Vec<String>, target: &mut Duration| {
-            if let Some(s) = v {
-                if s == 0 {
-                    errors.push(format!("{name} must be greater than 0"));
-                } else {
-                    *target = Duration::from_secs(s);
-                }
-            }
-        };
+    }
+
+    /// Timeouts, static header lifetime and the OAuth refresh schedule.
+    fn apply_timeouts_and_refresh(&mut self, f: &FileConfig, errors: &mut Vec<String>) {
         secs(
             f.request_timeout_secs,
             "request_timeout_secs",
-            &mut errors,
-            &mut c.request_timeout,
+            errors,
+            &mut self.request_timeout,
         );
         secs(
             f.upstream_timeout_secs,
             "upstream_timeout_secs",
-            &mut errors,
-            &mut c.upstream_timeout,
+            errors,
+            &mut self.upstream_timeout,
         );
         secs(
             f.shutdown_grace_secs,
             "shutdown_grace_secs",
-            &mut errors,
-            &mut c.shutdown_grace,
+            errors,
+            &mut self.shutdown_grace,
         );
         secs(
             f.static_header_ttl_secs,
             "static_header_ttl_secs",
-            &mut errors,
-            &mut c.static_header_ttl,
+            errors,
+            &mut self.static_header_ttl,
         );
         secs(
             f.refresh_retry_max_secs,
             "refresh_retry_max_secs",
-            &mut errors,
-            &mut c.refresh_retry_max,
+            errors,
+            &mut self.refresh_retry_max,
         );
         secs(
             f.salesforce_token_lifetime_secs,
             "salesforce_token_lifetime_secs",
-            &mut errors,
-            &mut c.salesforce_token_lifetime,
+            errors,
+            &mut self.salesforce_token_lifetime,
         );
         secs(
             f.servicenow_refresh_token_lifespan_secs,
             "servicenow_refresh_token_lifespan_secs",
-            &mut errors,
-            &mut c.servicenow_refresh_token_lifespan,
+            errors,
+            &mut self.servicenow_refresh_token_lifespan,
         );
         if let Some(v) = f.refresh_ahead_min_secs {
-            c.refresh_ahead_min = Duration::from_secs(v);
+            self.refresh_ahead_min = Duration::from_secs(v);
         }
         match f.refresh_ahead_fraction {
-            Some(v) if v > 0.0 && v <= 0.9 => c.refresh_ahead_fraction = v,
+            Some(v) if v > 0.0 && v <= 0.9 => self.refresh_ahead_fraction = v,
             Some(v) => errors.push(format!("refresh_ahead_fraction: {v} must be in (0, 0.9]")),
             None => {}
         }
         match f.max_concurrent_refreshes {
             Some(0) => errors.push("max_concurrent_refreshes must be greater than 0".to_owned()),
-            Some(v) => c.max_concurrent_refreshes = v,
+            Some(v) => self.max_concurrent_refreshes = v,
             None => {}
         }
+    }
+
+    /// The egress allow-list, the HTTP listener, public and Jira URLs, Zendesk lifetimes, keep-alive.
+    fn apply_http_and_vendors(
+        &mut self,
+        f: &mut FileConfig,
+        o: &Overrides,
+        errors: &mut Vec<String>,
+    ) {
         let allow = o
             .egress_allow
             .clone()
-            .or(f.egress_allow.map(|v| v.join(",")));
+            .or(f.egress_allow.take().map(|v| v.join(",")));
         if let Some(a) = allow {
             match crate::backends::egress::AllowList::parse(&a) {
-                Ok(list) => c.egress_allow = list,
+                Ok(list) => self.egress_allow = list,
                 Err(e) => errors.push(format!("egress allow-list: {e}")),
             }
         }
-        match o.http_listen.clone().or(f.http_listen).as_deref() {
+        match o.http_listen.clone().or(f.http_listen.take()).as_deref() {
             None => {}
-            Some("off") | Some("") => c.http_listen = None,
+            Some("off") | Some("") => self.http_listen = None,
             Some(a) => match a.parse() {
-                Ok(addr) => c.http_listen = Some(addr),
+                Ok(addr) => self.http_listen = Some(addr),
                 Err(_) => errors.push(format!(
                     "http listen: '{a}' is not an address like 127.0.0.1:8080 (or 'off')"
                 )),
             },
         }
-        let url_setting =
-            |name: &str, v: Option<String>, errors: &mut Vec<String>| -> Option<String> {
-                let v = v?;
-                match url::Url::parse(&v) {
-                    Ok(u) if matches!(u.scheme(), "https" | "http") && u.host_str().is_some() => {
-                        Some(v.trim_end_matches('/').to_owned())
-                    }
-                    _ => {
-                        errors.push(format!("{name}: '{v}' is not an http(s) URL"));
-                        None
-                    }
-                }
-            };
-        c.public_url = url_setting(
+        self.public_url = url_setting(
             "public url",
-            o.public_url.clone().or(f.public_url),
-            &mut errors,
+            o.public_url.clone().or(f.public_url.take()),
+            errors,
         );
         if let Some(u) = url_setting(
             "jira auth url",
-            o.jira_auth_url.clone().or(f.jira_auth_url),
-            &mut errors,
+            o.jira_auth_url.clone().or(f.jira_auth_url.take()),
+            errors,
         ) {
-            c.jira_auth_url = u;
+            self.jira_auth_url = u;
         }
         if let Some(u) = url_setting(
             "jira api url",
-            o.jira_api_url.clone().or(f.jira_api_url),
-            &mut errors,
+            o.jira_api_url.clone().or(f.jira_api_url.take()),
+            errors,
         ) {
-            c.jira_api_url = u;
+            self.jira_api_url = u;
         }
         match f.zendesk_access_token_ttl_secs {
             Some(v) if (300..=172_800).contains(&v) => {
-                c.zendesk_access_token_ttl = Duration::from_secs(v)
+                self.zendesk_access_token_ttl = Duration::from_secs(v)
             }
             Some(v) => errors.push(format!(
                 "zendesk_access_token_ttl_secs: {v} must be 300 – 172800 (Zendesk's limits)"
@@ -526,7 +541,7 @@ impl Config {
         }
         match f.zendesk_refresh_token_ttl_secs {
             Some(v) if (604_800..=7_776_000).contains(&v) => {
-                c.zendesk_refresh_token_ttl = Duration::from_secs(v)
+                self.zendesk_refresh_token_ttl = Duration::from_secs(v)
             }
             Some(v) => errors.push(format!(
                 "zendesk_refresh_token_ttl_secs: {v} must be 604800 – 7776000 (Zendesk's limits)"
@@ -536,103 +551,103 @@ impl Config {
         secs(
             f.keepalive_interval_secs,
             "keepalive_interval_secs",
-            &mut errors,
-            &mut c.keepalive_interval,
+            errors,
+            &mut self.keepalive_interval,
         );
         secs(
             f.keepalive_margin_secs,
             "keepalive_margin_secs",
-            &mut errors,
-            &mut c.keepalive_margin,
+            errors,
+            &mut self.keepalive_margin,
         );
-        match o.audit_file.clone().or(f.audit_file).as_deref() {
+    }
+
+    /// The audit trail, record adoption and TLS (gRPC and HTTP), with their consistency rules.
+    fn apply_audit_and_tls(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
+        match o.audit_file.clone().or(f.audit_file.take()).as_deref() {
             None => {}
-            Some("off") => c.audit_file_off = true,
-            Some(p) => c.audit_file = Some(PathBuf::from(p)),
+            Some("off") => self.audit_file_off = true,
+            Some(p) => self.audit_file = Some(PathBuf::from(p)),
         }
-        let flag = |name: &str,
-                    env: Option<String>,
-                    file: Option<bool>,
-                    errors: &mut Vec<String>|
-         -> Option<bool> {
-            match env {
-                Some(v) => parse_bool(&v).or_else(|| {
-                    errors.push(format!("{name}: '{v}' must be 1/0/true/false"));
-                    None
-                }),
-                None => file,
-            }
-        };
         if let Some(v) = flag(
             "CREDBROKER_AUDIT_STDOUT",
             o.audit_stdout.clone(),
             f.audit_stdout,
-            &mut errors,
+            errors,
         ) {
-            c.audit_stdout = v;
+            self.audit_stdout = v;
         }
         if let Some(v) = flag(
             "CREDBROKER_AUDIT_FAIL_CLOSED",
             o.audit_fail_closed.clone(),
             f.audit_fail_closed,
-            &mut errors,
+            errors,
         ) {
-            c.audit_fail_closed = v;
+            self.audit_fail_closed = v;
         }
         if let Some(v) = flag(
             "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS",
             o.adopt_unauthenticated_records.clone(),
             f.adopt_unauthenticated_records,
-            &mut errors,
+            errors,
         ) {
-            c.adopt_unauthenticated_records = v;
+            self.adopt_unauthenticated_records = v;
         }
-        c.tls_cert_file = o.tls_cert_file.clone().or(f.tls_cert_file);
-        c.tls_key_file = o.tls_key_file.clone().or(f.tls_key_file);
-        c.tls_client_ca_file = o.tls_client_ca_file.clone().or(f.tls_client_ca_file);
+        self.tls_cert_file = o.tls_cert_file.clone().or(f.tls_cert_file.take());
+        self.tls_key_file = o.tls_key_file.clone().or(f.tls_key_file.take());
+        self.tls_client_ca_file = o.tls_client_ca_file.clone().or(f.tls_client_ca_file.take());
         if let Some(v) = flag(
             "CREDBROKER_BEARER_TOKENS",
             o.bearer_tokens.clone(),
             f.bearer_tokens,
-            &mut errors,
+            errors,
         ) {
-            c.bearer_tokens = v;
+            self.bearer_tokens = v;
         }
-        c.http_tls_cert_file = o.http_tls_cert_file.clone().or(f.http_tls_cert_file);
-        c.http_tls_key_file = o.http_tls_key_file.clone().or(f.http_tls_key_file);
-        if c.http_tls_cert_file.is_some() != c.http_tls_key_file.is_some() {
+        self.http_tls_cert_file = o.http_tls_cert_file.clone().or(f.http_tls_cert_file.take());
+        self.http_tls_key_file = o.http_tls_key_file.clone().or(f.http_tls_key_file.take());
+        if self.http_tls_cert_file.is_some() != self.http_tls_key_file.is_some() {
             errors.push("HTTP TLS needs both a certificate and a key (CREDBROKER_HTTP_TLS_CERT and CREDBROKER_HTTP_TLS_KEY)".to_owned());
         }
-        if c.tls_cert_file.is_some() != c.tls_key_file.is_some() {
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             errors.push("TLS needs both a certificate and a key (CREDBROKER_TLS_CERT and CREDBROKER_TLS_KEY)".to_owned());
         }
-        if c.tls_client_ca_file.is_some() && c.tls_cert_file.is_none() {
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
             errors.push("a client CA (mTLS) needs a server certificate and key".to_owned());
         }
-        if !c.bearer_tokens && c.tls_client_ca_file.is_none() {
+        if !self.bearer_tokens && self.tls_client_ca_file.is_none() {
             errors.push("bearer tokens can be switched off only with client certificates (CREDBROKER_TLS_CLIENT_CA)".to_owned());
         }
         secs(
             f.tls_handshake_timeout_secs,
             "tls_handshake_timeout_secs",
-            &mut errors,
-            &mut c.tls_handshake_timeout,
+            errors,
+            &mut self.tls_handshake_timeout,
         );
         secs(
             f.tls_reload_interval_secs,
             "tls_reload_interval_secs",
-            &mut errors,
-            &mut c.tls_reload_interval,
+            errors,
+            &mut self.tls_reload_interval,
         );
+    }
+
+    /// Delivery default, proxy, HTTP limits, audit file size and request limits.
+    fn apply_proxy_and_limits(
+        &mut self,
+        f: &mut FileConfig,
+        o: &Overrides,
+        errors: &mut Vec<String>,
+    ) {
         match o
             .default_static_delivery
             .clone()
-            .or(f.default_static_delivery)
+            .or(f.default_static_delivery.take())
             .as_deref()
         {
             None => {}
-            Some("proxy") => c.default_static_delivery = crate::model::Delivery::Proxy,
-            Some("header") => c.default_static_delivery = crate::model::Delivery::Header,
+            Some("proxy") => self.default_static_delivery = crate::model::Delivery::Proxy,
+            Some("header") => self.default_static_delivery = crate::model::Delivery::Header,
             Some(v) => errors.push(format!(
                 "default static delivery: '{v}' must be 'proxy' or 'header'"
             )),
@@ -640,51 +655,46 @@ impl Config {
         secs(
             f.lease_ttl_secs,
             "lease_ttl_secs",
-            &mut errors,
-            &mut c.lease_ttl,
+            errors,
+            &mut self.lease_ttl,
         );
         secs(
             f.proxy_read_timeout_secs,
             "proxy_read_timeout_secs",
-            &mut errors,
-            &mut c.proxy_read_timeout,
+            errors,
+            &mut self.proxy_read_timeout,
         );
         if let Some(v) = f.proxy_max_body_bytes {
-            c.proxy_max_body_bytes = v;
+            self.proxy_max_body_bytes = v;
         }
         secs(
             f.http_header_timeout_secs,
             "http_header_timeout_secs",
-            &mut errors,
-            &mut c.http_header_timeout,
+            errors,
+            &mut self.http_header_timeout,
         );
         match f.http_max_connections {
             Some(0) => errors.push("http_max_connections must be greater than 0".to_owned()),
-            Some(v) => c.http_max_connections = v,
+            Some(v) => self.http_max_connections = v,
             None => {}
         }
         if let Some(v) = f.audit_max_bytes {
-            c.audit_max_bytes = v.max(4096);
+            self.audit_max_bytes = v.max(4096);
         }
         if let Some(v) = f.audit_keep {
-            c.audit_keep = v;
+            self.audit_keep = v;
         }
         if let Some(v) = f.max_request_bytes {
-            c.max_request_bytes = v;
+            self.max_request_bytes = v;
         }
         if let Some(v) = f.max_upstream_body_bytes {
-            c.max_upstream_body_bytes = v;
+            self.max_upstream_body_bytes = v;
         }
         if let Some(v) = f.concurrency_limit_per_connection {
-            c.concurrency_limit_per_connection = v;
+            self.concurrency_limit_per_connection = v;
         }
         if let Some(v) = f.max_concurrent_streams {
-            c.max_concurrent_streams = v;
-        }
-        if errors.is_empty() {
-            Ok(c)
-        } else {
-            Err(errors)
+            self.max_concurrent_streams = v;
         }
     }
 
@@ -698,6 +708,47 @@ impl Config {
             None => None,
         };
         Self::build(text.as_deref(), o)
+    }
+}
+
+/// Sets `target` from whole seconds `v` (refusing 0).
+fn secs(v: Option<u64>, name: &str, errors: &mut Vec<String>, target: &mut Duration) {
+    if let Some(s) = v {
+        if s == 0 {
+            errors.push(format!("{name} must be greater than 0"));
+        } else {
+            *target = Duration::from_secs(s);
+        }
+    }
+}
+
+/// An http(s) URL setting without its trailing slash.
+fn url_setting(name: &str, v: Option<String>, errors: &mut Vec<String>) -> Option<String> {
+    let v = v?;
+    match url::Url::parse(&v) {
+        Ok(u) if matches!(u.scheme(), "https" | "http") && u.host_str().is_some() => {
+            Some(v.trim_end_matches('/').to_owned())
+        }
+        _ => {
+            errors.push(format!("{name}: '{v}' is not an http(s) URL"));
+            None
+        }
+    }
+}
+
+/// A switch: the environment's value (which must parse) wins over the file's.
+fn flag(
+    name: &str,
+    env: Option<String>,
+    file: Option<bool>,
+    errors: &mut Vec<String>,
+) -> Option<bool> {
+    match env {
+        Some(v) => parse_bool(&v).or_else(|| {
+            errors.push(format!("{name}: '{v}' must be 1/0/true/false"));
+            None
+        }),
+        None => file,
     }
 }
 

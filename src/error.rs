@@ -35,7 +35,7 @@ pub enum BrokerError {
     /// A retryable condition: starting up, storage briefly unavailable, upstream down.
     #[error("{0}")]
     Unavailable(String),
-    /// The upstream rate-limited us.
+    /// A resource of the broker's own is used up (the store's disk is full).
     #[error("{0}")]
     ResourceExhausted(String),
     /// The system kind or credential type is not implemented by this build.
@@ -79,36 +79,6 @@ impl BrokerError {
 impl From<BrokerError> for Status {
     fn from(err: BrokerError) -> Self {
         Status::new(err.code(), err.to_string())
-    }
-}
-
-impl From<crate::store::StoreError> for BrokerError {
-    fn from(err: crate::store::StoreError) -> Self {
-        use crate::store::StoreError;
-        match err {
-            StoreError::Conflict => {
-                Self::Unavailable("the record changed concurrently; retry".to_owned())
-            }
-            StoreError::AlreadyExists => Self::AlreadyExists("record already exists".to_owned()),
-            StoreError::Backend(detail) => {
-                tracing::error!(message = "Storage operation failed.", error = %detail);
-                Self::Unavailable("storage is unavailable; retry later".to_owned())
-            }
-            StoreError::Full(detail) => {
-                tracing::error!(message = "Storage is full.", error = %detail);
-                Self::ResourceExhausted(
-                    "storage is full; writes are refused until space is freed (tokens are still served)"
-                        .to_owned(),
-                )
-            }
-            StoreError::Tampered(detail) => {
-                Self::DataLoss(format!("{detail}: the stored record was changed without the master key and is refused; restore it from a backup or register it again"))
-            }
-            StoreError::Corrupt(detail) => {
-                tracing::error!(message = "Stored record is corrupt.", error = %detail);
-                Self::DataLoss("a stored record is corrupt".to_owned())
-            }
-        }
     }
 }
 

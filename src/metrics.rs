@@ -199,29 +199,7 @@ impl Metrics {
     /// `store_writable` is the serving broker's [`crate::store::WriteHealth`].
     pub fn render(&self, systems_by_state: &[(&str, u64)], store_writable: Option<bool>) -> String {
         let mut out = String::with_capacity(16 * 1024);
-        out.push_str("# HELP credbroker_rpc_total RPCs by method and gRPC code.\n# TYPE credbroker_rpc_total counter\n");
-        for (i, rpc) in RPCS.iter().enumerate() {
-            for c in 0..CODES {
-                let n = self.rpc_counts[i * CODES + c].load(Ordering::Relaxed);
-                if n > 0 {
-                    let code = crate::error::code_name(tonic::Code::from(c as i32));
-                    let _ = writeln!(
-                        out,
-                        "credbroker_rpc_total{{method=\"{rpc}\",code=\"{code}\"}} {n}"
-                    );
-                }
-            }
-        }
-        out.push_str("# HELP credbroker_rpc_duration_seconds RPC latency by method.\n# TYPE credbroker_rpc_duration_seconds histogram\n");
-        for (i, rpc) in RPCS.iter().enumerate() {
-            if self.rpc_latency[i].count.load(Ordering::Relaxed) > 0 {
-                self.rpc_latency[i].render(
-                    &mut out,
-                    "credbroker_rpc_duration_seconds",
-                    &format!("method=\"{rpc}\""),
-                );
-            }
-        }
+        self.render_rpcs(&mut out);
         out.push_str("# HELP credbroker_token_cache_total GetAccessToken answers from memory (hit) or not (miss).\n# TYPE credbroker_token_cache_total counter\n");
         let _ = writeln!(
             out,
@@ -246,6 +224,53 @@ impl Metrics {
         out.push_str("# HELP credbroker_upstream_duration_seconds Outbound HTTP exchanges.\n# TYPE credbroker_upstream_duration_seconds histogram\n");
         self.upstream
             .render(&mut out, "credbroker_upstream_duration_seconds", "");
+        self.render_counters(&mut out);
+        if let Some(w) = store_writable {
+            out.push_str("# HELP credbroker_store_writable 1 while writes reach the store, 0 while they fail.\n# TYPE credbroker_store_writable gauge\n");
+            let _ = writeln!(out, "credbroker_store_writable {}", u8::from(w));
+        }
+        out.push_str("# HELP credbroker_proxy_requests_total Proxied calls by HTTP status class of the answer.\n# TYPE credbroker_proxy_requests_total counter\n");
+        for (class, n) in self.proxy.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "credbroker_proxy_requests_total{{class=\"{class}xx\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP credbroker_systems Registered systems by state.\n# TYPE credbroker_systems gauge\n");
+        for (state, n) in systems_by_state {
+            let _ = writeln!(out, "credbroker_systems{{state=\"{state}\"}} {n}");
+        }
+        out
+    }
+
+    fn render_rpcs(&self, out: &mut String) {
+        out.push_str("# HELP credbroker_rpc_total RPCs by method and gRPC code.\n# TYPE credbroker_rpc_total counter\n");
+        for (i, rpc) in RPCS.iter().enumerate() {
+            for c in 0..CODES {
+                let n = self.rpc_counts[i * CODES + c].load(Ordering::Relaxed);
+                if n > 0 {
+                    let code = crate::error::code_name(tonic::Code::from(c as i32));
+                    let _ = writeln!(
+                        out,
+                        "credbroker_rpc_total{{method=\"{rpc}\",code=\"{code}\"}} {n}"
+                    );
+                }
+            }
+        }
+        out.push_str("# HELP credbroker_rpc_duration_seconds RPC latency by method.\n# TYPE credbroker_rpc_duration_seconds histogram\n");
+        for (i, rpc) in RPCS.iter().enumerate() {
+            if self.rpc_latency[i].count.load(Ordering::Relaxed) > 0 {
+                self.rpc_latency[i].render(
+                    out,
+                    "credbroker_rpc_duration_seconds",
+                    &format!("method=\"{rpc}\""),
+                );
+            }
+        }
+    }
+
+    fn render_counters(&self, out: &mut String) {
         for (name, help, value) in [
             (
                 "credbroker_upstream_errors_total",
@@ -284,22 +309,5 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
-        if let Some(w) = store_writable {
-            out.push_str("# HELP credbroker_store_writable 1 while writes reach the store, 0 while they fail.\n# TYPE credbroker_store_writable gauge\n");
-            let _ = writeln!(out, "credbroker_store_writable {}", u8::from(w));
-        }
-        out.push_str("# HELP credbroker_proxy_requests_total Proxied calls by HTTP status class of the answer.\n# TYPE credbroker_proxy_requests_total counter\n");
-        for (class, n) in self.proxy.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "credbroker_proxy_requests_total{{class=\"{class}xx\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        out.push_str("# HELP credbroker_systems Registered systems by state.\n# TYPE credbroker_systems gauge\n");
-        for (state, n) in systems_by_state {
-            let _ = writeln!(out, "credbroker_systems{{state=\"{state}\"}} {n}");
-        }
-        out
     }
 }

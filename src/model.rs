@@ -410,6 +410,20 @@ impl AuthCheck {
             checked_at: unix_now(),
         }
     }
+
+    /// Adds `sentence` to the message, ending the sentence before it first, so notes never run
+    /// into each other ("the PAT authenticates. Not verified: …").
+    pub fn add_sentence(&mut self, sentence: &str) {
+        let kept = self.message.trim_end().len();
+        self.message.truncate(kept);
+        if !self.message.is_empty() {
+            if !self.message.ends_with(['.', '!', '?']) {
+                self.message.push('.');
+            }
+            self.message.push(' ');
+        }
+        self.message.push_str(sentence);
+    }
 }
 
 /// A registered system's metadata (clear) plus its sealed credential.
@@ -568,6 +582,22 @@ mod b64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_notes_are_separate_sentences() {
+        let identity = Identity::default();
+        let mut c = AuthCheck::ok(identity.clone(), "the PAT authenticates ");
+        c.add_sentence("Not verified: x.");
+        assert_eq!(c.message, "the PAT authenticates. Not verified: x.");
+        c.add_sentence("Warning: soon.");
+        assert_eq!(
+            c.message,
+            "the PAT authenticates. Not verified: x. Warning: soon."
+        );
+        let mut empty = AuthCheck::ok(identity, "");
+        empty.add_sentence("Only this.");
+        assert_eq!(empty.message, "Only this.");
+    }
 
     #[test]
     fn credential_debug_has_no_secret() {

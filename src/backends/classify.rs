@@ -73,8 +73,8 @@ pub fn not_the_api(vendor: &str, url_hint: &str) -> AuthCheck {
 /// Appends the permissions that could not be verified to a check's message.
 pub fn note_unverified(check: &mut AuthCheck, unverified: &[String]) {
     if !unverified.is_empty() {
-        check.message.push_str(&format!(
-            " Not verified (would need a write or an API this credential cannot call): {}.",
+        check.add_sentence(&format!(
+            "Not verified (would need a write or an API this credential cannot call): {}.",
             unverified.join("; ")
         ));
     }

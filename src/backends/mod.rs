@@ -272,6 +272,11 @@ impl Registry {
         Self { backends }
     }
 
+    /// A registry of exactly these backends (tests put fakes here).
+    pub fn from_backends(backends: Vec<(SystemKind, Arc<dyn Backend>)>) -> Self {
+        Self { backends }
+    }
+
     /// The backend for `kind`, or `UNIMPLEMENTED`.
     pub fn get(&self, kind: SystemKind) -> Result<&Arc<dyn Backend>, BrokerError> {
         self.backends

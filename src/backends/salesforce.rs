@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use oauth2::{ResourceOwnerPassword, ResourceOwnerUsername, Scope, TokenResponse};
 use serde::Deserialize;
 
-use super::classify::{common, unreachable};
+use super::classify::{common, not_the_api, unreachable};
 use super::http::{parse_base_url, url_string};
 use super::oauth::{self, OAuthHttp};
 use super::{bearer, Backend, BackendContext, BackendError, EgressPolicy, Issued, Target};
@@ -183,8 +183,7 @@ impl Backend for SalesforceBackend {
             Err(e) => unreachable(VENDOR, &e),
         };
         if legacy {
-            check.message.push(' ');
-            check.message.push_str(RETIREMENT_NOTE);
+            check.add_sentence(RETIREMENT_NOTE);
         }
         check
     }
@@ -301,6 +300,8 @@ impl SalesforceBackend {
                 "the credential authenticates (the app has no identity scopes, so only the user \
                  id is known)",
             ),
+            // A page where the API belongs (a Site or community URL, a login page).
+            Ok(r) if r.status == 200 => not_the_api(VENDOR, "use the My Domain URL"),
             Ok(r) if r.status == 401 => AuthCheck::failed(
                 AuthFailure::InvalidCredentials,
                 "Salesforce refused the session (401 INVALID_SESSION_ID): the token was revoked \

@@ -1,6 +1,8 @@
 //! `credbroker`: the server. Parses flags and environment, sets up logging, binds the listener
 //! and hands over to `credbroker::server::run`.
 
+#![warn(clippy::too_many_lines)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -1,5 +1,7 @@
 //! `credbrokerctl`: the admin CLI (a gRPC client of the server). Thin: parse, dispatch, exit.
 
+#![warn(clippy::too_many_lines)]
+
 use clap::Parser;
 
 #[tokio::main(flavor = "current_thread")]

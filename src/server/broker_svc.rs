@@ -1,5 +1,6 @@
 //! The `CredentialBroker` gRPC service: authenticate the caller, decode, call the core, encode,
-//! and write one audit event per call. No business logic lives here.
+//! and write one audit event per call. Policy (who may see what, header or lease) is the
+//! domain's: handlers map its answers and errors.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -9,6 +10,7 @@ use base64::Engine;
 use tonic::{Code, Request, Response, Status};
 
 use super::convert;
+use crate::broker::proxy::HandOut;
 use crate::broker::{AuthRefusal, Broker, Caller, CallerScope, CheckTarget, RegisterInput};
 use crate::error::BrokerError;
 use crate::model::Role;
@@ -36,7 +38,7 @@ enum AuditedToken {
     /// A one-off id (a lease, a caller token).
     Id(String),
     /// Cached headers, whose HMAC is computed once per mint, not once per hand-out.
-    Issued(Arc<crate::tokens::IssuedToken>),
+    Issued(Arc<crate::broker::tokens::IssuedToken>),
 }
 
 fn status(e: BrokerError) -> Status {
@@ -501,39 +503,29 @@ impl CredentialBroker for BrokerService {
                     .await
                     .map_err(status)?,
                 };
-                if token.delivery == crate::model::Delivery::Proxy {
-                    // Proxy delivery: the worker gets a lease for the broker's proxy, never the
-                    // secret.
-                    let base = broker.settings.public_url.clone().ok_or_else(|| {
-                        Status::failed_precondition(
-                            "proxy delivery needs the HTTP listener (CREDBROKER_HTTP_LISTEN)",
-                        )
-                    })?;
-                    let (lease, expires, lease_id) = broker
-                        .issue_lease(&caller.name, &r.system_id, token.credential_version)
-                        .ok_or_else(|| Status::internal("could not sign a lease"))?;
-                    let resp = pb::GetAccessTokenResponse {
-                        headers: vec![pb::HttpHeader {
-                            name: "authorization".to_owned(),
-                            value: format!("Bearer {}", lease.expose_secret()),
-                        }],
-                        expires_at: Some(convert::ts_from(expires)),
-                        api_base_url: format!(
-                            "{}/proxy/{}",
-                            base.trim_end_matches('/'),
-                            r.system_id
-                        ),
-                        credential_version: token.credential_version,
-                        token_id: lease_id.clone(),
-                    };
-                    return Ok((
-                        resp,
-                        Audited {
+                let token = match broker
+                    .hand_out(&caller, &r.system_id, token)
+                    .map_err(status)?
+                {
+                    HandOut::Headers(token) => token,
+                    HandOut::Lease(lease) => {
+                        let resp = pb::GetAccessTokenResponse {
+                            headers: vec![pb::HttpHeader {
+                                name: "authorization".to_owned(),
+                                value: format!("Bearer {}", lease.authorization.expose_secret()),
+                            }],
+                            expires_at: Some(convert::ts_from(lease.expires_at)),
+                            api_base_url: lease.api_base_url,
+                            credential_version: lease.credential_version,
+                            token_id: lease.lease_id.clone(),
+                        };
+                        let audited = Audited {
                             system_id: None,
-                            token_id: Some(AuditedToken::Id(lease_id)),
-                        },
-                    ));
-                }
+                            token_id: Some(AuditedToken::Id(lease.lease_id)),
+                        };
+                        return Ok((resp, audited));
+                    }
+                };
                 let resp = pb::GetAccessTokenResponse {
                     headers: token
                         .headers

@@ -20,12 +20,15 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::audit::AuditConfig;
 use crate::backends::oauth::OAuthSettings;
 use crate::backends::{BackendContext, EgressPolicy, HttpClient, Registry};
+use crate::broker::tokens::RefreshSettings;
 use crate::broker::{Broker, BrokerSettings, OpenError as BrokerOpenError};
 use crate::config::Config;
 use crate::crypto::keys::{verify_key_check_file, KeyError};
@@ -35,7 +38,6 @@ use crate::store::sled::OpenError as StoreOpenError;
 use crate::store::{
     CredentialStore, PostgresStore, ReopeningSledStore, SledStore, WRITES_HEALTH_SERVICE,
 };
-use crate::tokens::RefreshSettings;
 
 pub use broker_svc::BrokerService;
 
@@ -149,6 +151,111 @@ pub async fn run_with_hooks(
     shutdown: impl Future<Output = ()> + Send + 'static,
     hooks: StartupHooks,
 ) -> Result<(), ServeError> {
+    let core: Arc<OnceLock<Arc<Broker>>> = Arc::new(OnceLock::new());
+    let (tls, http_tls) = load_tls(&config)?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let mut tls_tasks = Vec::new();
+    let (health, mut server_task) = start_grpc(
+        listener,
+        &config,
+        &core,
+        tls.as_ref(),
+        &mut tls_tasks,
+        stop_rx,
+    )
+    .await?;
+
+    let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
+    let (http_task, public_url) = match start_http(
+        &config,
+        hooks.http_listener,
+        &core,
+        http_tls.clone(),
+        &mut tls_tasks,
+        http_stop_rx,
+    )
+    .await
+    {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = stop_tx.send(());
+            return Err(e);
+        }
+    };
+
+    if let Some(gate) = hooks.before_open {
+        let _ = gate.await;
+    }
+    let broker = match open_broker(&config, public_url, hooks.wrap_store).await {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = stop_tx.send(());
+            let _ = http_stop_tx.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
+            return Err(e);
+        }
+    };
+    let _ = core.set(broker.clone());
+    broker.start_change_feed();
+    let refresher = broker.start_refresher();
+    broker.resume_rewrap().await;
+    let watchers = spawn_health_watchers(&broker, &health);
+    health
+        .set_service_status(WRITES_HEALTH_SERVICE, ServingStatus::Serving)
+        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    tracing::info!(message = "credbroker is serving.");
+    spawn_integrity_check(&broker);
+
+    let early_exit = tokio::select! {
+        _ = shutdown => None,
+        res = &mut server_task => Some(res),
+    };
+    if let Some(res) = early_exit {
+        refresher.shutdown().await;
+        broker.drain_exchanges(config.shutdown_grace).await;
+        broker.stop_rewrap().await;
+        let _ = http_stop_tx.send(());
+        let _ = broker.flush().await;
+        return match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
+            Err(e) => Err(ServeError::Transport(e.to_string())),
+        };
+    }
+
+    for w in watchers {
+        w.abort();
+    }
+    broker
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    announce_draining(&health).await;
+    let _ = stop_tx.send(());
+    let _ = http_stop_tx.send(());
+    drain_within_grace(&config, &broker, refresher, http_task, server_task).await;
+    for t in tls_tasks {
+        t.abort();
+    }
+    drop(core);
+    drop(broker);
+    tracing::info!(message = "credbroker stopped.");
+    Ok(())
+}
+
+/// The gRPC server (the broker's service, health and reflection) on `listener`, serving until
+/// `stop_rx` fires; health says NOT_SERVING until the broker is open.
+async fn start_grpc(
+    listener: TcpListener,
+    config: &Config,
+    core: &Arc<OnceLock<Arc<Broker>>>,
+    tls: Option<&Tls>,
+    tls_tasks: &mut Vec<JoinHandle<()>>,
+    stop_rx: oneshot::Receiver<()>,
+) -> Result<(HealthReporter, GrpcTask), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", ServingStatus::NotServing)
@@ -163,12 +270,109 @@ pub async fn run_with_hooks(
         .build_v1()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
 
-    let core: Arc<OnceLock<Arc<Broker>>> = Arc::new(OnceLock::new());
     let service =
         CredentialBrokerServer::new(BrokerService::new(core.clone(), config.bearer_tokens))
             .max_decoding_message_size(config.max_request_bytes)
             .max_encoding_message_size(4 * 1024 * 1024);
 
+    let router = tonic::transport::Server::builder()
+        .timeout(config.request_timeout)
+        .concurrency_limit_per_connection(config.concurrency_limit_per_connection)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_max_header_list_size(16 * 1024)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service);
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    if tls.is_none() && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(message = "The gRPC listener serves plaintext on a non-loopback address; caller tokens and headers cross it in clear. Configure tls_cert_file/tls_key_file.");
+    }
+    let server_task = match tls {
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
+        ),
+        Some(reloader) => {
+            let (incoming, accept_task) = reloader.incoming(listener);
+            tls_tasks.push(accept_task);
+            tls_tasks.extend(reloader.watch(config.tls_reload_interval));
+            tracing::info!(
+                message = "gRPC listener speaks TLS.",
+                client_certificates = config.tls_client_ca_file.is_some()
+            );
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+    };
+    Ok((health, server_task))
+}
+
+/// The gRPC server's task.
+type GrpcTask = JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Health says NOT_SERVING to its watchers, then ends their streams so they do not hold the
+/// graceful shutdown open.
+async fn announce_draining(health: &HealthReporter) {
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut health_clear = health.clone();
+    health_clear.clear_service_status("").await;
+    health_clear.clear_service_status(SERVICE_NAME).await;
+}
+
+/// Waits for the listeners, the calls in flight and the vendor exchanges within one grace
+/// period, then stops the refresher and the re-wrap and flushes the store.
+async fn drain_within_grace(
+    config: &Config,
+    broker: &Arc<Broker>,
+    refresher: crate::broker::tokens::Refresher,
+    http_task: Option<JoinHandle<()>>,
+    mut server_task: GrpcTask,
+) {
+    // One grace period for the whole drain (listeners, calls, vendor exchanges, which all run
+    // meanwhile), not one per stage: an orchestrator's kill deadline is a single number.
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout_at(deadline, t).await;
+    }
+    match tokio::time::timeout_at(deadline, &mut server_task).await {
+        Ok(_) => tracing::info!(message = "In-flight calls drained."),
+        Err(_) => {
+            tracing::warn!(
+                message = "Shutdown grace period ran out; abandoning remaining calls.",
+                grace_secs = config.shutdown_grace.as_secs()
+            );
+            server_task.abort();
+        }
+    }
+    refresher.shutdown().await;
+    // A refresh or code exchange the vendor has already answered must reach the store: its
+    // old refresh token may be dead already.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !broker.drain_exchanges(left).await {
+        tracing::warn!(
+            message = "Vendor exchanges still running after the grace period; stopping anyway."
+        );
+    }
+    broker.stop_rewrap().await;
+    if let Err(e) = broker.flush().await {
+        tracing::error!(message = "Final flush failed.", error = %e);
+    }
+}
+
+/// A listener's reloadable TLS settings.
+type Tls = Arc<tls::TlsReloader>;
+
+/// The gRPC and HTTP listeners' TLS, when configured.
+fn load_tls(config: &Config) -> Result<(Option<Tls>, Option<Tls>), ServeError> {
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(Arc::new(
             tls::TlsReloader::load(tls::TlsSettings {
@@ -195,59 +399,29 @@ pub async fn run_with_hooks(
         )),
         _ => None,
     };
+    Ok((tls, http_tls))
+}
 
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
-        .timeout(config.request_timeout)
-        .concurrency_limit_per_connection(config.concurrency_limit_per_connection)
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
-        .http2_max_header_list_size(16 * 1024)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(service);
-    let stop = async {
-        let _ = stop_rx.await;
-    };
-    let mut tls_tasks = Vec::new();
-    if tls.is_none() && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
-        tracing::warn!(message = "The gRPC listener serves plaintext on a non-loopback address; caller tokens and headers cross it in clear. Configure tls_cert_file/tls_key_file.");
-    }
-    let mut server_task = match &tls {
-        None => tokio::spawn(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
-        ),
-        Some(reloader) => {
-            let (incoming, accept_task) = reloader.incoming(listener);
-            tls_tasks.push(accept_task);
-            tls_tasks.extend(reloader.watch(config.tls_reload_interval));
-            tracing::info!(
-                message = "gRPC listener speaks TLS.",
-                client_certificates = config.tls_client_ca_file.is_some()
-            );
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-        }
-    };
-
-    let http_listener = match hooks.http_listener {
+/// The HTTP listener (OAuth callback, proxy, `/metrics`, `/readyz`), if there is one, and the
+/// public URL (the configured one, else the listener's own address).
+async fn start_http(
+    config: &Config,
+    listener: Option<TcpListener>,
+    core: &Arc<OnceLock<Arc<Broker>>>,
+    http_tls: Option<Arc<tls::TlsReloader>>,
+    tls_tasks: &mut Vec<JoinHandle<()>>,
+    http_stop_rx: oneshot::Receiver<()>,
+) -> Result<(Option<JoinHandle<()>>, Option<String>), ServeError> {
+    let http_listener = match listener {
         Some(l) => Some(l),
         None => match config.http_listen {
-            Some(addr) => match TcpListener::bind(addr).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    let _ = stop_tx.send(());
-                    return Err(ServeError::Transport(format!(
-                        "cannot listen for HTTP on {addr}: {e}"
-                    )));
-                }
-            },
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                ServeError::Transport(format!("cannot listen for HTTP on {addr}: {e}"))
+            })?),
             None => None,
         },
     };
     let mut public_url = config.public_url.clone();
-    let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let http_task = match http_listener {
         Some(l) => {
             let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -276,23 +450,12 @@ pub async fn run_with_hooks(
         }
         None => None,
     };
+    Ok((http_task, public_url))
+}
 
-    if let Some(gate) = hooks.before_open {
-        let _ = gate.await;
-    }
-    let broker = match open_broker(&config, public_url, hooks.wrap_store).await {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = stop_tx.send(());
-            let _ = http_stop_tx.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
-            return Err(e);
-        }
-    };
-    let _ = core.set(broker.clone());
-    broker.start_change_feed();
-    let refresher = broker.start_refresher();
-    broker.resume_rewrap().await;
+/// Tasks that keep gRPC health current: the main services follow the audit sink, a separate
+/// service follows the store's writes, and a probe tries a write every second.
+fn spawn_health_watchers(broker: &Arc<Broker>, health: &HealthReporter) -> [JoinHandle<()>; 3] {
     // Health follows the audit sink: NOT_SERVING while it cannot be written.
     let mut audit_health = broker.audit.health();
     let health_audit = health.clone();
@@ -333,16 +496,12 @@ pub async fn run_with_hooks(
             prober.probe_writes().await;
         }
     });
-    health
-        .set_service_status(WRITES_HEALTH_SERVICE, ServingStatus::Serving)
-        .await;
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
-    tracing::info!(message = "credbroker is serving.");
-    // Startup integrity check, in the background so serving does not wait for it: every stored
-    // credential must still authenticate under the keyring.
+    [audit_watch, write_watch, write_probe]
+}
+
+/// Startup integrity check, in the background so serving does not wait for it: every stored
+/// credential must still authenticate under the keyring.
+fn spawn_integrity_check(broker: &Arc<Broker>) {
     let verifier = broker.clone();
     tokio::spawn(async move {
         let started = std::time::Instant::now();
@@ -364,80 +523,94 @@ pub async fn run_with_hooks(
             }
         }
     });
+}
 
-    let early_exit = tokio::select! {
-        _ = shutdown => None,
-        res = &mut server_task => Some(res),
-    };
-    if let Some(res) = early_exit {
-        refresher.shutdown().await;
-        broker.drain_exchanges(config.shutdown_grace).await;
-        broker.stop_rewrap().await;
-        let _ = http_stop_tx.send(());
-        let _ = broker.flush().await;
-        return match res {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
-            Err(e) => Err(ServeError::Transport(e.to_string())),
-        };
-    }
+/// What opening a store yields: the store, the keyring holding the master key, its id, where the
+/// key came from, and whether the store existed before.
+type OpenedStore = (
+    Arc<dyn CredentialStore>,
+    Keyring,
+    u32,
+    MasterKeySource,
+    bool,
+);
 
-    audit_watch.abort();
-    write_watch.abort();
-    write_probe.abort();
-    broker
-        .draining
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    // Let health watchers receive NOT_SERVING, then end their streams so they do not hold the
-    // graceful shutdown open.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let mut health_clear = health.clone();
-    health_clear.clear_service_status("").await;
-    health_clear.clear_service_status(SERVICE_NAME).await;
-    let _ = stop_tx.send(());
-    let _ = http_stop_tx.send(());
-    // One grace period for the whole drain (listeners, calls, vendor exchanges, which all run
-    // meanwhile), not one per stage: an orchestrator's kill deadline is a single number.
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
-    if let Some(t) = http_task {
-        let _ = tokio::time::timeout_at(deadline, t).await;
+/// Replicas: the database is the record of truth (its key check value verifies the master
+/// key); the data directory keeps only local files.
+async fn open_postgres(
+    config: &Config,
+    url: &crate::secret::SecretString,
+    data_dir: &Path,
+) -> Result<OpenedStore, ServeError> {
+    let pg = PostgresStore::connect(url.expose_secret(), config.store_ca_file.as_deref())
+        .await
+        .map_err(|e| ServeError::Postgres(e.to_string()))?;
+    let exists = pg
+        .get_meta("format_version")
+        .await
+        .map_err(|e| ServeError::Postgres(e.to_string()))?
+        .is_some();
+    let (key, source) =
+        MasterKey::load_or_generate(config.master_key_file.as_deref(), data_dir, exists)?;
+    tracing::info!(message = "Store: PostgreSQL.", initialized = exists);
+    let key_id = key.id();
+    Ok((
+        Arc::new(pg) as Arc<dyn CredentialStore>,
+        Keyring::new(key),
+        key_id,
+        source,
+        false,
+    ))
+}
+
+/// The embedded sled store in the data directory, opened only once the master key is known to
+/// be the right one.
+async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, ServeError> {
+    let store_exists = SledStore::exists_in(data_dir);
+    let initialized = store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
+    let (key, source) =
+        MasterKey::load_or_generate(config.master_key_file.as_deref(), data_dir, store_exists)?;
+    let key_id = key.id();
+    let keyring = Keyring::new(key);
+    // Before the store is opened: sled writes to its files on open, and a wrong key
+    // must leave the data directory exactly as it was.
+    if !verify_key_check_file(data_dir, &keyring, store_exists)? {
+        return Err(ServeError::Broker(BrokerOpenError::WrongKey));
     }
-    match tokio::time::timeout_at(deadline, &mut server_task).await {
-        Ok(_) => tracing::info!(message = "In-flight calls drained."),
-        Err(_) => {
-            tracing::warn!(
-                message = "Shutdown grace period ran out; abandoning remaining calls.",
-                grace_secs = config.shutdown_grace.as_secs()
-            );
-            server_task.abort();
-        }
+    let dir = data_dir.to_path_buf();
+    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+        .await
+        .map_err(|e| ServeError::Transport(e.to_string()))??;
+    if let Err(e) = restrict_data_dir(data_dir) {
+        tracing::warn!(message = "Could not restrict the store's file modes.", error = %e);
     }
-    refresher.shutdown().await;
-    // A refresh or code exchange the vendor has already answered must reach the store: its
-    // old refresh token may be dead already.
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if !broker.drain_exchanges(left).await {
-        tracing::warn!(
-            message = "Vendor exchanges still running after the grace period; stopping anyway."
-        );
+    Ok((
+        Arc::new(ReopeningSledStore::new(store, data_dir)) as Arc<dyn CredentialStore>,
+        keyring,
+        key_id,
+        source,
+        initialized,
+    ))
+}
+
+/// Where and how the audit trail is written.
+fn audit_config(config: &Config, data_dir: &Path) -> AuditConfig {
+    AuditConfig {
+        file: if config.audit_file_off {
+            None
+        } else {
+            Some(
+                config
+                    .audit_file
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join(AUDIT_FILE)),
+            )
+        },
+        stdout: config.audit_stdout,
+        max_bytes: config.audit_max_bytes,
+        keep: config.audit_keep,
+        fail_closed: config.audit_fail_closed,
     }
-    broker.stop_rewrap().await;
-    if let Err(e) = broker.flush().await {
-        tracing::error!(message = "Final flush failed.", error = %e);
-    }
-    for t in tls_tasks {
-        t.abort();
-    }
-    drop(core);
-    drop(broker);
-    tracing::info!(message = "credbroker stopped.");
-    Ok(())
 }
 
 async fn open_broker(
@@ -454,67 +627,10 @@ async fn open_broker(
         // A volume the broker does not own (a mounted secret, a group-writable volume).
         tracing::warn!(message = "Could not make the data directory private (0700, files 0600).", error = %e);
     }
-    let (mut store, keyring, key_id, source, initialized): (Arc<dyn CredentialStore>, _, _, _, _) =
-        match &config.store_url {
-            Some(url) => {
-                // Replicas: the database is the record of truth (its key check value verifies
-                // the master key); the data directory keeps only local files.
-                let pg =
-                    PostgresStore::connect(url.expose_secret(), config.store_ca_file.as_deref())
-                        .await
-                        .map_err(|e| ServeError::Postgres(e.to_string()))?;
-                let exists = pg
-                    .get_meta("format_version")
-                    .await
-                    .map_err(|e| ServeError::Postgres(e.to_string()))?
-                    .is_some();
-                let (key, source) = MasterKey::load_or_generate(
-                    config.master_key_file.as_deref(),
-                    &data_dir,
-                    exists,
-                )?;
-                tracing::info!(message = "Store: PostgreSQL.", initialized = exists);
-                let key_id = key.id();
-                (
-                    Arc::new(pg) as Arc<dyn CredentialStore>,
-                    Keyring::new(key),
-                    key_id,
-                    source,
-                    false,
-                )
-            }
-            None => {
-                let store_exists = SledStore::exists_in(&data_dir);
-                let initialized =
-                    store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
-                let (key, source) = MasterKey::load_or_generate(
-                    config.master_key_file.as_deref(),
-                    &data_dir,
-                    store_exists,
-                )?;
-                let key_id = key.id();
-                let keyring = Keyring::new(key);
-                // Before the store is opened: sled writes to its files on open, and a wrong key
-                // must leave the data directory exactly as it was.
-                if !verify_key_check_file(&data_dir, &keyring, store_exists)? {
-                    return Err(ServeError::Broker(BrokerOpenError::WrongKey));
-                }
-                let dir = data_dir.clone();
-                let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
-                    .await
-                    .map_err(|e| ServeError::Transport(e.to_string()))??;
-                if let Err(e) = restrict_data_dir(&data_dir) {
-                    tracing::warn!(message = "Could not restrict the store's file modes.", error = %e);
-                }
-                (
-                    Arc::new(ReopeningSledStore::new(store, &data_dir)) as Arc<dyn CredentialStore>,
-                    keyring,
-                    key_id,
-                    source,
-                    initialized,
-                )
-            }
-        };
+    let (mut store, keyring, key_id, source, initialized) = match &config.store_url {
+        Some(url) => open_postgres(config, url, &data_dir).await?,
+        None => open_sled(config, &data_dir).await?,
+    };
     match &source {
         MasterKeySource::Generated(path) => tracing::warn!(
             message = "Generated a new master key inside the data directory. Production keeps the master key elsewhere (CREDBROKER_MASTER_KEY_FILE) and backs it up; without it the stored credentials cannot be decrypted.",
@@ -531,7 +647,7 @@ async fn open_broker(
         allow_http: config.egress_allow_http,
         allow: config.egress_allow.clone(),
     };
-    let proxy_client = crate::proxy::ProxyClient::new(
+    let proxy_client = crate::broker::proxy::ProxyClient::new(
         &egress,
         config.upstream_timeout.min(Duration::from_secs(10)),
         config.proxy_read_timeout,
@@ -581,22 +697,7 @@ async fn open_broker(
             proxy_client: Some(proxy_client),
             proxy_max_body_bytes: config.proxy_max_body_bytes,
             check_timeout: config.upstream_timeout,
-            audit: AuditConfig {
-                file: if config.audit_file_off {
-                    None
-                } else {
-                    Some(
-                        config
-                            .audit_file
-                            .clone()
-                            .unwrap_or_else(|| data_dir.join(AUDIT_FILE)),
-                    )
-                },
-                stdout: config.audit_stdout,
-                max_bytes: config.audit_max_bytes,
-                keep: config.audit_keep,
-                fail_closed: config.audit_fail_closed,
-            },
+            audit: audit_config(config, &data_dir),
         },
     )
     .await?;

@@ -89,7 +89,7 @@ impl AuthenticatedStore {
             let Some(last) = page.last() else { break };
             after = Some(last.system_id.clone());
             for r in page.iter().filter(|r| r.integrity.is_none()) {
-                tracing::warn!(message = "Adopting a system record written before record authentication.", credential_id = %r.system_id);
+                tracing::warn!(message = "Adopting a system record written before record authentication.", system_id = %r.system_id);
                 // A new revision: a writer holding the old one loses its compare-and-swap
                 // instead of overwriting the tag.
                 let mut adopted = r.clone();

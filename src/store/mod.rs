@@ -1,6 +1,7 @@
-//! The credential store: a trait with two implementations (sled, the embedded default; memory,
-//! for tests) and one conformance suite (`tests/integration/store_conformance.rs`) that any new
-//! implementation (PostgreSQL, for replicas) must pass.
+//! The credential store: a trait with three implementations (sled, the embedded default;
+//! PostgreSQL, for replicas; memory, for tests), wrapped by the record-authenticating layer and
+//! the write monitor, and one conformance suite (`tests/integration/store_conformance.rs`) that
+//! every implementation passes.
 //!
 //! # Key schema
 //! - `systems`: system id → [`SystemRecord`] (JSON; metadata in clear, credential sealed).
@@ -20,6 +21,7 @@ pub mod sled;
 
 use async_trait::async_trait;
 
+use crate::error::BrokerError;
 use crate::model::{CallerRecord, SystemRecord};
 
 pub use self::authenticated::{AuthenticatedStore, INTEGRITY_META_KEY};
@@ -55,6 +57,36 @@ pub enum StoreError {
     /// A record failed authentication: it was written without the master key.
     #[error("record failed authentication: {0}")]
     Tampered(String),
+}
+
+/// What a caller is told of a store failure (the detail of a backend fault goes to the log).
+impl From<StoreError> for BrokerError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Conflict => {
+                BrokerError::Unavailable("the record changed concurrently; retry".to_owned())
+            }
+            StoreError::AlreadyExists => BrokerError::AlreadyExists("record already exists".to_owned()),
+            StoreError::Backend(detail) => {
+                tracing::error!(message = "Storage operation failed.", error = %detail);
+                BrokerError::Unavailable("storage is unavailable; retry later".to_owned())
+            }
+            StoreError::Full(detail) => {
+                tracing::error!(message = "Storage is full.", error = %detail);
+                BrokerError::ResourceExhausted(
+                    "storage is full; writes are refused until space is freed (tokens are still served)"
+                        .to_owned(),
+                )
+            }
+            StoreError::Tampered(detail) => {
+                BrokerError::DataLoss(format!("{detail}: the stored record was changed without the master key and is refused; restore it from a backup or register it again"))
+            }
+            StoreError::Corrupt(detail) => {
+                tracing::error!(message = "Stored record is corrupt.", error = %detail);
+                BrokerError::DataLoss("a stored record is corrupt".to_owned())
+            }
+        }
+    }
 }
 
 /// Persistent storage for systems, callers and metadata.

@@ -1216,6 +1216,8 @@ struct SfState {
     login_delay: std::time::Duration,
     /// The org's 24-hour API allocation is used up (REST answers 403 REQUEST_LIMIT_EXCEEDED).
     api_limit_exhausted: bool,
+    /// Faults of the APIs (UserInfo, introspection, REST; not of the logins).
+    api_mode: Mode,
 }
 
 /// A fake Salesforce org: My Domain token endpoint (client credentials, password flow),
@@ -1247,6 +1249,7 @@ impl FakeSalesforce {
             seq: 0,
             login_delay: std::time::Duration::ZERO,
             api_limit_exhausted: false,
+            api_mode: Mode::Normal,
         }));
         let st = state.clone();
         let origin_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
@@ -1303,6 +1306,11 @@ impl FakeSalesforce {
         self.state.lock().unwrap().sessions.clear();
     }
 
+    /// Faults of the APIs (UserInfo, introspection, REST); logins answer normally.
+    pub fn set_api_mode(&self, mode: Mode) {
+        self.state.lock().unwrap().api_mode = mode;
+    }
+
     /// Uses up (or restores) the org's 24-hour API allocation.
     pub fn set_api_limit_exhausted(&self, on: bool) {
         self.state.lock().unwrap().api_limit_exhausted = on;
@@ -1349,6 +1357,15 @@ fn sf_handle(s: &mut SfState, req: &Req, origin: &str) -> Reply {
             .and_then(|t| s.sessions.get(t))
             .is_some_and(|until| *until > std::time::Instant::now())
     };
+    let login = matches!(
+        req.path.as_str(),
+        "/services/oauth2/token" | "/services/Soap/u/64.0"
+    );
+    if !login {
+        if let Some(r) = fault(s.api_mode) {
+            return r;
+        }
+    }
     match req.path.as_str() {
         "/services/oauth2/token" => {
             if req.method != Method::POST {
@@ -1483,6 +1500,8 @@ struct ZdState {
     consent: Consent,
     /// Overrides the lifetime the client asks for (tests use seconds).
     access_lifetime: Option<u64>,
+    /// Faults of the API (not of the consent page or the token endpoint).
+    mode: Mode,
 }
 
 /// A fake Zendesk account: consent page, JSON token endpoint with rotating refresh tokens (the
@@ -1508,6 +1527,7 @@ impl FakeZendesk {
             users: HashMap::new(),
             consent: Consent::Deny,
             access_lifetime: None,
+            mode: Mode::Normal,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| zd_handle(&mut st.lock().unwrap(), req)).await;
@@ -1525,6 +1545,21 @@ impl FakeZendesk {
             .unwrap()
             .users
             .insert(login.into(), (id, name.into(), email.into(), role.into()));
+    }
+
+    /// Faults of the API; the consent page and the token endpoint answer normally.
+    pub fn set_mode(&self, mode: Mode) {
+        self.state.lock().unwrap().mode = mode;
+    }
+
+    /// The OAuth client's secret at the vendor (rotated there: the stored one stops working).
+    pub fn set_client_secret(&self, id: &str, secret: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .oauth
+            .clients
+            .insert(id.into(), secret.into());
     }
 
     /// What the person at the consent page does.
@@ -1565,6 +1600,11 @@ impl FakeZendesk {
 }
 
 fn zd_handle(s: &mut ZdState, req: &Req) -> Reply {
+    if !req.path.starts_with("/oauth/") {
+        if let Some(r) = fault(s.mode) {
+            return r;
+        }
+    }
     match req.path.as_str() {
         "/oauth/authorizations/new" => {
             let q = &req.query;
@@ -1678,6 +1718,8 @@ struct AtlState {
     sites: Vec<(String, String, String)>,
     consent: Consent,
     granted_scopes: Option<String>,
+    /// Faults of the API gateway (not of the consent page or the token endpoint).
+    mode: Mode,
 }
 
 /// A fake Atlassian: consent page, JSON token endpoint with rotating refresh tokens and reuse
@@ -1702,6 +1744,7 @@ impl FakeAtlassian {
             sites: Vec::new(),
             consent: Consent::Deny,
             granted_scopes: None,
+            mode: Mode::Normal,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| atl_handle(&mut st.lock().unwrap(), req)).await;
@@ -1739,6 +1782,11 @@ impl FakeAtlassian {
             .collect();
     }
 
+    /// Faults of the API; the consent page and the token endpoint answer normally.
+    pub fn set_mode(&self, mode: Mode) {
+        self.state.lock().unwrap().mode = mode;
+    }
+
     /// What the person at the consent page does.
     pub fn set_consent(&self, c: Consent) {
         self.state.lock().unwrap().consent = c;
@@ -1772,6 +1820,11 @@ impl FakeAtlassian {
 
 fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
     let path = req.path.as_str();
+    if path != "/authorize" && path != "/oauth/token" {
+        if let Some(r) = fault(s.mode) {
+            return r;
+        }
+    }
     if path == "/authorize" {
         let q = &req.query;
         let ok = q.get("audience").map(String::as_str) == Some("api.atlassian.com")

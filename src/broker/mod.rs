@@ -1,8 +1,14 @@
 //! The domain core: registration, checks, rotation, callers. Token issue and caching live in
-//! [`crate::tokens`].
+//! [`crate::broker::tokens`].
 //!
 //! It depends only on the [`CredentialStore`] trait, the [`Keyring`] and the backend
 //! [`Registry`]; no proto or HTTP types appear here.
+
+pub mod backup;
+pub mod connect;
+pub mod keys;
+pub mod proxy;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -12,8 +18,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::audit::{Audit, AuditConfig, AuditEvent};
-use crate::authorize::PendingAuthorization;
 use crate::backends::{Backend, EgressPolicy, Issued, Registry, Target};
+use crate::broker::connect::PendingAuthorization;
+use crate::broker::tokens::{Flight, IssuedToken, RefreshSettings, Schedule};
 use crate::crypto::{Keyring, RecordBinding};
 use crate::error::BrokerError;
 use crate::model::{
@@ -22,9 +29,16 @@ use crate::model::{
 };
 use crate::secret::SecretString;
 use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
-use crate::tokens::{Flight, IssuedToken, RefreshSettings, Schedule};
 use crate::util::hex;
 use crate::util::sync::{lock, read, write};
+
+/// What [`Broker::modify_system`] did.
+pub(crate) enum Modified {
+    /// The change was written; the record as stored now.
+    Written(SystemRecord),
+    /// Nothing to write; the record as it is.
+    Unchanged(SystemRecord),
+}
 
 /// Largest `min_valid_seconds` a worker may ask for (one day).
 pub const MAX_MIN_VALID_SECONDS: u32 = 86_400;
@@ -213,11 +227,35 @@ pub struct BrokerSettings {
     /// Lifetime of proxy leases.
     pub lease_ttl: Duration,
     /// The streaming client the proxy forwards with (no total timeout; egress-guarded).
-    pub proxy_client: Option<crate::proxy::ProxyClient>,
+    pub proxy_client: Option<crate::broker::proxy::ProxyClient>,
     /// Largest request or response body the proxy passes.
     pub proxy_max_body_bytes: u64,
     /// A whole check (token, identity and every permission probe) ends within this.
     pub check_timeout: Duration,
+}
+
+impl Default for BrokerSettings {
+    /// The defaults of a broker on its own (the configuration's defaults come from here).
+    fn default() -> Self {
+        Self {
+            egress: EgressPolicy::default(),
+            static_header_ttl: Duration::from_secs(3600),
+            refresh: RefreshSettings::default(),
+            public_url: None,
+            authorization_ttl: Duration::from_secs(600),
+            keepalive_interval: Duration::from_secs(3600),
+            keepalive_margin: Duration::from_secs(7 * 86_400),
+            audit: AuditConfig::default(),
+            expect_initialized: false,
+            admin_token_file: None,
+            adopt_unauthenticated_records: false,
+            default_static_delivery: Delivery::Proxy,
+            lease_ttl: Duration::from_secs(300),
+            proxy_client: None,
+            proxy_max_body_bytes: 256 * 1024 * 1024,
+            check_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The broker core.
@@ -229,7 +267,7 @@ pub struct Broker {
     pub write_health: Arc<crate::store::WriteHealth>,
     pub(crate) store: Arc<dyn CredentialStore>,
     pub(crate) keyring: RwLock<Keyring>,
-    pub(crate) rewrap: crate::keyops::RewrapState,
+    pub(crate) rewrap: crate::broker::keys::RewrapState,
     pub(crate) registry: Registry,
     pub(crate) egress: EgressPolicy,
     /// The settings it was opened with.
@@ -284,7 +322,7 @@ impl Broker {
                 })
             })
         });
-        let keyring = crate::keyops::load_keks(store.as_ref(), keyring).await?;
+        let keyring = crate::broker::keys::load_keks(store.as_ref(), keyring).await?;
         let broker = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             exchanges: tokio_util::task::TaskTracker::new(),
@@ -722,7 +760,7 @@ impl Broker {
             // The token minted during registration serves the first workers.
             let _ = self.install(&system_id, &record, issued, SystemTime::now(), true);
         }
-        tracing::info!(message = "System registered.", system = %record.kind, credential_id = %record.system_id);
+        tracing::info!(message = "System registered.", kind = %record.kind, system_id = %record.system_id);
         Ok((record, prepared.check))
     }
 
@@ -802,10 +840,9 @@ impl Broker {
                 warn_expiry(&mut check, record.credential_expires_at);
                 let mut updated = record.clone();
                 updated.last_check = Some(check.clone());
-                updated.revision += 1;
-                match self.store.update_system(&updated, record.revision).await {
+                match self.swap_system(&record, updated).await {
                     // A concurrent rotation, refresh or delete wins; the result is still returned.
-                    Ok(()) | Err(StoreError::Conflict) => {}
+                    Ok(_) | Err(StoreError::Conflict) => {}
                     Err(e) => return Err(e.into()),
                 }
                 Ok(check)
@@ -856,17 +893,16 @@ impl Broker {
         };
         updated.state_message = needs_connect.then(|| not_connected(system_id));
         updated.updated_at = unix_now();
-        updated.revision = current.revision + 1;
         if prepared.check.is_some() {
             updated.last_check = prepared.check.clone();
         }
-        self.store.update_system(&updated, current.revision).await?;
+        let updated = self.swap_system(&current, updated).await?;
         Self::reset_flight(&mut f);
         self.drop_token(system_id);
         if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
             let _ = self.install(system_id, &updated, issued, SystemTime::now(), true);
         }
-        tracing::info!(message = "Credential rotated.", system = %updated.kind, credential_id = %system_id);
+        tracing::info!(message = "Credential rotated.", kind = %updated.kind, system_id = %system_id);
         Ok((updated, prepared.check))
     }
 
@@ -881,28 +917,58 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("system '{system_id}' not found")))
     }
 
-    /// Read-modify-write of one system record, compare-and-swap on its revision, three attempts.
-    /// `change` edits the record and returns false when there is nothing to write. `Ok(true)`
-    /// when written.
+    /// Writes `updated` in place of `current`: the one compare-and-swap of a system record (on
+    /// its revision, which it bumps). `Conflict` when the record changed since `current` was read.
+    pub(crate) async fn swap_system(
+        &self,
+        current: &SystemRecord,
+        mut updated: SystemRecord,
+    ) -> Result<SystemRecord, StoreError> {
+        updated.revision = current.revision + 1;
+        self.store.update_system(&updated, current.revision).await?;
+        Ok(updated)
+    }
+
+    /// Read-modify-write of one system record: [`Self::swap_system`] in a loop of three attempts
+    /// (a conflict re-reads at once; another failure waits a moment first). `change` gets the
+    /// current record and returns the new one, or `None` when there is nothing to write.
+    pub(crate) async fn modify_system(
+        &self,
+        system_id: &str,
+        mut change: impl FnMut(&SystemRecord) -> Result<Option<SystemRecord>, BrokerError>,
+    ) -> Result<Modified, BrokerError> {
+        let mut last = BrokerError::Internal("the system record kept changing");
+        for attempt in 1..=3u64 {
+            let current = self.get_system(system_id).await?;
+            let Some(updated) = change(&current)? else {
+                return Ok(Modified::Unchanged(current));
+            };
+            match self.swap_system(&current, updated).await {
+                Ok(written) => return Ok(Modified::Written(written)),
+                Err(StoreError::Conflict) => last = StoreError::Conflict.into(),
+                Err(e) => {
+                    last = e.into();
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// [`Self::modify_system`] with a change made in place; `change` returns false when there is
+    /// nothing to write. `Ok(true)` when written.
     pub(crate) async fn update_system_with(
         &self,
         system_id: &str,
         mut change: impl FnMut(&mut SystemRecord) -> bool,
     ) -> Result<bool, BrokerError> {
-        let mut last = BrokerError::Internal("the system record kept changing");
-        for _ in 0..3 {
-            let current = self.get_system(system_id).await?;
-            let mut updated = current.clone();
-            if !change(&mut updated) {
-                return Ok(false);
-            }
-            updated.revision = current.revision + 1;
-            match self.store.update_system(&updated, current.revision).await {
-                Ok(()) => return Ok(true),
-                Err(e) => last = e.into(),
-            }
-        }
-        Err(last)
+        let modified = self
+            .modify_system(system_id, |current| {
+                let mut updated = current.clone();
+                Ok(change(&mut updated).then_some(updated))
+            })
+            .await?;
+        Ok(matches!(modified, Modified::Written(_)))
     }
 
     /// A page of systems after `after`; the bool says whether more follow.
@@ -1014,10 +1080,9 @@ impl Broker {
         let mut updated = current.clone();
         updated.delivery = delivery;
         updated.updated_at = unix_now();
-        updated.revision = current.revision + 1;
-        self.store.update_system(&updated, current.revision).await?;
+        let updated = self.swap_system(&current, updated).await?;
         self.drop_token(system_id);
-        tracing::info!(message = "Delivery changed.", credential_id = %system_id, delivery = ?delivery);
+        tracing::info!(message = "Delivery changed.", system_id = %system_id, delivery = ?delivery);
         Ok(updated)
     }
 
@@ -1053,7 +1118,7 @@ impl Broker {
         drop(f);
         drop(flight);
         self.forget_flight_if_idle(system_id, 0);
-        tracing::info!(message = "System deleted.", credential_id = %system_id);
+        tracing::info!(message = "System deleted.", system_id = %system_id);
         Ok(())
     }
 
@@ -1154,7 +1219,7 @@ impl Broker {
                 &record.sealed_credential,
             )
             .map_err(|e| {
-                tracing::error!(message = "Stored credential failed to decrypt.", credential_id = %record.system_id, error = %e);
+                tracing::error!(message = "Stored credential failed to decrypt.", system_id = %record.system_id, error = %e);
                 BrokerError::DataLoss(format!(
                     "the stored credential of system '{}' failed authentication (tampered or \
                      corrupt); rotate in a new credential",
@@ -1240,8 +1305,8 @@ fn warn_expiry(check: &mut AuthCheck, expires_at: Option<u64>) {
         );
     } else if at - now <= EXPIRY_WARNING_DAYS * 86_400 {
         let days = (at - now).div_ceil(86_400);
-        check.message.push_str(&format!(
-            " Warning: the credential expires in {days} day(s); create a new one and rotate it \
+        check.add_sentence(&format!(
+            "Warning: the credential expires in {days} day(s); create a new one and rotate it \
              in before then."
         ));
     }

@@ -279,14 +279,13 @@ impl Broker {
                 version: r.credential_version,
             };
             let Ok(sealed) = read(&self.keyring).rewrap(&binding, &r.sealed_credential) else {
-                tracing::error!(message = "A record failed authentication during re-wrap.", credential_id = %system_id);
+                tracing::error!(message = "A record failed authentication during re-wrap.", system_id = %system_id);
                 return Ok(());
             };
             let mut updated = r.clone();
             updated.sealed_credential = sealed;
-            updated.revision = r.revision + 1;
-            match self.store.update_system(&updated, r.revision).await {
-                Ok(()) => {
+            match self.swap_system(&r, updated).await {
+                Ok(_) => {
                     self.rewrap.rewrapped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }

@@ -175,7 +175,7 @@ impl Broker {
             let sealed = read(&self.keyring).seal(&pending_binding(&key), &plain);
             self.store.put_meta(&key, &sealed).await?;
         }
-        tracing::info!(message = "Authorization started.", system = %record.kind, credential_id = %system_id);
+        tracing::info!(message = "Authorization started.", kind = %record.kind, system_id = %system_id);
         Ok((url, SystemTime::now() + ttl, redirect_uri))
     }
 
@@ -380,23 +380,19 @@ impl Broker {
         updated.state = SystemState::Active;
         updated.state_message = None;
         updated.updated_at = unix_now();
-        updated.revision = current.revision + 1;
-        self.store
-            .update_system(&updated, current.revision)
-            .await
-            .map_err(|e| {
-                (
-                    503,
-                    format!(
-                        "the grant could not be stored ({}); {hint}",
-                        BrokerError::from(e)
-                    ),
-                )
-            })?;
+        let updated = self.swap_system(&current, updated).await.map_err(|e| {
+            (
+                503,
+                format!(
+                    "the grant could not be stored ({}); {hint}",
+                    BrokerError::from(e)
+                ),
+            )
+        })?;
         Self::reset_flight(&mut f);
         self.drop_token(&p.system_id);
         let _ = self.install(&p.system_id, &updated, issued, SystemTime::now(), true);
-        tracing::info!(message = "Authorization completed; system active.", system = %updated.kind, credential_id = %p.system_id);
+        tracing::info!(message = "Authorization completed; system active.", kind = %updated.kind, system_id = %p.system_id);
         Ok(())
     }
 

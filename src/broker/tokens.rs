@@ -21,22 +21,22 @@
 //! - **Rejection reports**: a worker whose call got a 401 sends the `token_id`; if it is still
 //!   current it is discarded and re-minted once, however many workers report it.
 
+// tokio's clock, not std's: the same instant in production, and one tests can pause and advance.
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::backends::{BackendError, Header, Issued, Target};
-use crate::broker::{Broker, MAX_MIN_VALID_SECONDS};
+use crate::backends::{Backend, BackendError, Header, Issued, Target};
+use crate::broker::{Broker, Modified, MAX_MIN_VALID_SECONDS};
 use crate::crypto::RecordBinding;
 use crate::error::BrokerError;
-use crate::model::{
-    unix_now, AuthFailure, Credential, CredentialType, SharedToken, SystemRecord, SystemState,
-};
+use crate::model::{unix_now, AuthFailure, Credential, SharedToken, SystemRecord, SystemState};
 use crate::secret::SecretString;
 use crate::util::sync::{lock, read, write};
 
@@ -432,38 +432,10 @@ impl Broker {
         reason: Reason,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         let mut current = self.cached(system_id);
-        let fresh_for = self.settings.refresh.min_demand_interval;
-        match &reason {
-            Reason::Demand { rejected } => {
-                if let Some(c) = current.clone() {
-                    if rejected.as_deref() != Some(c.token_id.as_str()) {
-                        if c.serves(need_until, fresh_for) {
-                            return Ok(c);
-                        }
-                    } else if f
-                        .last_forced
-                        .is_some_and(|t| t.elapsed() < self.settings.refresh.min_forced_remint)
-                        && c.expires_at > SystemTime::now()
-                    {
-                        return Ok(c);
-                    } else {
-                        f.last_forced = Some(Instant::now());
-                        self.drop_token(system_id);
-                        current = None;
-                        tracing::info!(message = "Worker reported a rejected token; minting a new one.", system_id = %system_id);
-                    }
-                }
-            }
-            Reason::Ahead { token_id } => match &current {
-                Some(c) if c.token_id == *token_id => {}
-                Some(c) => return Ok(c.clone()),
-                None => {
-                    return Err(BrokerError::Unavailable(
-                        "token no longer cached".to_owned(),
-                    ))
-                }
-            },
-            Reason::KeepAlive => {}
+        if let Some(answer) =
+            self.answer_without_minting(f, system_id, need_until, &reason, &mut current)
+        {
+            return answer;
         }
         if let Some(msg) = &f.dead {
             return Err(BrokerError::FailedPrecondition(msg.clone()));
@@ -474,7 +446,141 @@ impl Broker {
                 return stale_or_unavailable(current, msg, until - Instant::now());
             }
         }
-        let mut record = match self.get_system(system_id).await {
+        let mut record = self.mintable_record(f, system_id).await?;
+        // Replicas (a shared store): one upstream refresh per expiry across processes. Use the
+        // token another replica stored if it does; else take the store's refresh lock (held for
+        // the upstream call, released with the session if this process dies), look again, and
+        // refresh only if still needed.
+        let mut replica_lock = None;
+        if record.credential_type.is_oauth() && self.store.is_shared() {
+            if let Some(t) =
+                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
+            {
+                return Ok(t);
+            }
+            replica_lock = self
+                .store
+                .lock_refresh(
+                    system_id,
+                    self.settings.check_timeout + Duration::from_secs(5),
+                )
+                .await?;
+            record = self.get_system(system_id).await?;
+            if let Some(t) =
+                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
+            {
+                return Ok(t);
+            }
+        }
+        let backend = self.registry.get(record.kind)?.clone();
+        let mut reread = false;
+        loop {
+            let credential = match f.pending.clone() {
+                Some(c) => c,
+                None => self.open_credential(&record)?,
+            };
+            let oauth = credential.is_oauth();
+            let result = self
+                .issue(backend.as_ref(), system_id, &record, &credential)
+                .await?;
+            match result {
+                Ok(issued) => {
+                    let shared = replica_lock.is_some();
+                    return self
+                        .on_issued(f, system_id, record, issued, need_until, (oauth, shared))
+                        .await;
+                }
+                Err(BackendError::Rejected { failure, message }) => {
+                    if !reread && f.pending.is_none() {
+                        // Another path (a rotation, another replica) may have replaced the stored
+                        // credential meanwhile: read it again before declaring the grant dead.
+                        reread = true;
+                        if let Ok(fresh) = self.get_system(system_id).await {
+                            if fresh.revision != record.revision
+                                && fresh.state == SystemState::Active
+                            {
+                                record = fresh;
+                                continue;
+                            }
+                        }
+                    }
+                    let rejected = (failure, message);
+                    return Err(self
+                        .on_rejected(f, system_id, &record, oauth, rejected)
+                        .await);
+                }
+                Err(BackendError::Transient {
+                    failure,
+                    message,
+                    retry_after,
+                }) => {
+                    let transient = (failure, message, retry_after);
+                    return self
+                        .on_transient(f, system_id, &record, current, oauth, transient)
+                        .await;
+                }
+                Err(BackendError::Unsupported(m)) => {
+                    return Err(BrokerError::FailedPrecondition(m))
+                }
+            }
+        }
+    }
+
+    /// What the request's reason settles before any minting: a cached token that still serves,
+    /// a recently forced re-mint, or an ahead-of-time refresh that lost its token. A worker's
+    /// rejected token is dropped (and `current` cleared) so a new one is minted.
+    fn answer_without_minting(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        need_until: SystemTime,
+        reason: &Reason,
+        current: &mut Option<Arc<IssuedToken>>,
+    ) -> Option<Result<Arc<IssuedToken>, BrokerError>> {
+        let fresh_for = self.settings.refresh.min_demand_interval;
+        match reason {
+            Reason::Demand { rejected } => {
+                if let Some(c) = current.clone() {
+                    if rejected.as_deref() != Some(c.token_id.as_str()) {
+                        if c.serves(need_until, fresh_for) {
+                            return Some(Ok(c));
+                        }
+                    } else if f
+                        .last_forced
+                        .is_some_and(|t| t.elapsed() < self.settings.refresh.min_forced_remint)
+                        && c.expires_at > SystemTime::now()
+                    {
+                        return Some(Ok(c));
+                    } else {
+                        f.last_forced = Some(Instant::now());
+                        self.drop_token(system_id);
+                        *current = None;
+                        tracing::info!(message = "Worker reported a rejected token; minting a new one.", system_id = %system_id);
+                    }
+                }
+            }
+            Reason::Ahead { token_id } => match current {
+                Some(c) if c.token_id == *token_id => {}
+                Some(c) => return Some(Ok(c.clone())),
+                None => {
+                    return Some(Err(BrokerError::Unavailable(
+                        "token no longer cached".to_owned(),
+                    )))
+                }
+            },
+            Reason::KeepAlive => {}
+        }
+        None
+    }
+
+    /// The system's record, if a mint may be tried now: the system is active (a grant found
+    /// dead is remembered in `f`) and its stored base URL still passes the egress guard.
+    async fn mintable_record(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+    ) -> Result<SystemRecord, BrokerError> {
+        let record = match self.get_system(system_id).await {
             Ok(r) => r,
             Err(e) => {
                 if matches!(e, BrokerError::NotFound(_)) {
@@ -513,179 +619,157 @@ impl Broker {
         {
             return Err(BrokerError::FailedPrecondition(reason));
         }
-        // Replicas (a shared store): one upstream refresh per expiry across processes. Use the
-        // token another replica stored if it does; else take the store's refresh lock (held for
-        // the upstream call, released with the session if this process dies), look again, and
-        // refresh only if still needed.
-        let oauth = !matches!(
-            record.credential_type,
-            CredentialType::PersonalAccessToken | CredentialType::ApiKey | CredentialType::Basic
+        Ok(record)
+    }
+
+    /// One call to the backend's token endpoint (under a refresh permit for OAuth), counted.
+    async fn issue(
+        &self,
+        backend: &dyn Backend,
+        system_id: &str,
+        record: &SystemRecord,
+        credential: &Credential,
+    ) -> Result<Result<Issued, BackendError>, BrokerError> {
+        if !credential.is_oauth()
+            && record
+                .credential_expires_at
+                .is_some_and(|e| e <= unix_now())
+        {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "the credential of system '{system_id}' has expired; rotate in a new one"
+            )));
+        }
+        let permit = if credential.is_oauth() {
+            Some(
+                self.refresh_permits
+                    .acquire()
+                    .await
+                    .map_err(|_| BrokerError::Unavailable("shutting down".to_owned()))?,
+            )
+        } else {
+            None
+        };
+        let result = backend
+            .issue(&Target {
+                system_id: Some(system_id),
+                base_url: &record.base_url,
+                credential,
+            })
+            .await;
+        drop(permit);
+        crate::metrics::METRICS.refresh(
+            record.kind,
+            match &result {
+                Ok(_) => "ok",
+                Err(BackendError::Rejected { .. }) => "rejected",
+                Err(_) => "transient",
+            },
         );
-        let mut _replica_lock = None;
-        if oauth && self.store.is_shared() {
-            if let Some(t) =
-                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
-            {
-                return Ok(t);
-            }
-            _replica_lock = self
-                .store
-                .lock_refresh(
-                    system_id,
-                    self.settings.check_timeout + Duration::from_secs(5),
-                )
-                .await?;
-            record = self.get_system(system_id).await?;
-            if let Some(t) =
-                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
-            {
-                return Ok(t);
-            }
-        }
-        let backend = self.registry.get(record.kind)?.clone();
-        let mut reread = false;
-        loop {
-            let credential = match f.pending.clone() {
-                Some(c) => c,
-                None => self.open_credential(&record)?,
-            };
-            if !credential.is_oauth()
-                && record
-                    .credential_expires_at
-                    .is_some_and(|e| e <= unix_now())
-            {
-                return Err(BrokerError::FailedPrecondition(format!(
-                    "the credential of system '{system_id}' has expired; rotate in a new one"
-                )));
-            }
-            let permit = if credential.is_oauth() {
-                Some(
-                    self.refresh_permits
-                        .acquire()
-                        .await
-                        .map_err(|_| BrokerError::Unavailable("shutting down".to_owned()))?,
-                )
-            } else {
-                None
-            };
-            let result = backend
-                .issue(&Target {
-                    system_id: Some(system_id),
-                    base_url: &record.base_url,
-                    credential: &credential,
-                })
-                .await;
-            drop(permit);
-            crate::metrics::METRICS.refresh(
-                record.kind,
-                match &result {
-                    Ok(_) => "ok",
-                    Err(BackendError::Rejected { .. }) => "rejected",
-                    Err(_) => "transient",
-                },
-            );
-            match result {
-                Ok(mut issued) => {
-                    let updated = issued
-                        .updated_credential
-                        .take()
-                        .or_else(|| f.pending.clone());
-                    if let Some(newcred) = updated {
-                        match self.persist_credential(system_id, &record, &newcred).await {
-                            Ok(r) => {
-                                f.pending = None;
-                                record = r;
-                            }
-                            Err(e) => {
-                                tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", credential_id = %system_id, error = %e);
-                                f.pending = Some(newcred);
-                                return Err(BrokerError::Unavailable(
-                                    "the rotated refresh token could not be saved; retry shortly"
-                                        .to_owned(),
-                                ));
-                            }
-                        }
-                    }
-                    f.failures = 0;
-                    f.backoff_until = None;
-                    f.last_failure = None;
-                    let token = self.install(
-                        system_id,
-                        &record,
-                        issued,
-                        need_until,
-                        credential.is_oauth(),
-                    )?;
-                    if _replica_lock.is_some() {
-                        self.share_token(system_id, &token).await;
-                    }
-                    if record.state_message.is_some() {
-                        // A note of an unknown outcome is settled by this success.
-                        self.note_state_message(system_id, None).await;
-                    }
-                    return Ok(token);
-                }
-                Err(BackendError::Rejected { failure, message }) => {
-                    if !reread && f.pending.is_none() {
-                        // Another path (a rotation, another replica) may have replaced the stored
-                        // credential meanwhile: read it again before declaring the grant dead.
-                        reread = true;
-                        if let Ok(fresh) = self.get_system(system_id).await {
-                            if fresh.revision != record.revision
-                                && fresh.state == SystemState::Active
-                            {
-                                record = fresh;
-                                continue;
-                            }
-                        }
-                    }
+        Ok(result)
+    }
+
+    /// A successful mint: a rotated credential is stored first (no token is handed out on a
+    /// grant the store does not hold), then the headers are cached (and shared with the other
+    /// replicas when `shared`). `flags` is `(oauth, shared)`.
+    async fn on_issued(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        mut record: SystemRecord,
+        mut issued: Issued,
+        need_until: SystemTime,
+        (oauth, shared): (bool, bool),
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        let updated = issued
+            .updated_credential
+            .take()
+            .or_else(|| f.pending.clone());
+        if let Some(newcred) = updated {
+            match self.persist_credential(system_id, &record, &newcred).await {
+                Ok(r) => {
                     f.pending = None;
-                    f.last_failure = Some(failure);
-                    self.drop_token(system_id);
-                    if credential.is_oauth() {
-                        tracing::warn!(message = "Grant rejected; system needs re-authorization.", system = %record.kind, credential_id = %system_id, error = %message);
-                        self.mark_reauthorization_required(system_id, &message)
-                            .await;
-                        f.dead = Some(message.clone());
-                    }
-                    return Err(BrokerError::FailedPrecondition(message));
+                    record = r;
                 }
-                Err(BackendError::Transient {
-                    failure,
-                    message,
-                    retry_after,
-                }) => {
-                    f.failures = f.failures.saturating_add(1);
-                    f.last_failure = Some(failure);
-                    let delay = self.backoff_delay(f.failures, retry_after);
-                    f.backoff_until = Some(Instant::now() + delay);
-                    tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
-                    if credential.is_oauth() && message.contains(OUTCOME_UNKNOWN_MARK) {
-                        // The request reached the vendor, the answer did not reach us: the
-                        // vendor may have rotated the refresh token. The stored one is presented
-                        // again next time (Atlassian's reuse leeway exists for exactly this).
-                        let note = format!(
-                            "the last token refresh timed out after it was sent, so its outcome \
-                             is unknown; the broker retries with the stored refresh token in {} s \
-                             (vendors with a reuse leeway accept it); if the vendor refuses it, \
-                             reconnect the system",
-                            delay.as_secs().max(1)
-                        );
-                        self.note_state_message(system_id, Some(note)).await;
-                    }
-                    if let Some(c) = current
-                        .as_ref()
-                        .filter(|c| c.expires_at > SystemTime::now())
-                    {
-                        self.schedule_at(system_id, &c.token_id, Instant::now() + delay);
-                    }
-                    return stale_or_unavailable(current, message, delay);
-                }
-                Err(BackendError::Unsupported(m)) => {
-                    return Err(BrokerError::FailedPrecondition(m))
+                Err(e) => {
+                    tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
+                    f.pending = Some(newcred);
+                    return Err(BrokerError::Unavailable(
+                        "the rotated refresh token could not be saved; retry shortly".to_owned(),
+                    ));
                 }
             }
         }
+        f.failures = 0;
+        f.backoff_until = None;
+        f.last_failure = None;
+        let token = self.install(system_id, &record, issued, need_until, oauth)?;
+        if shared {
+            self.share_token(system_id, &token).await;
+        }
+        if record.state_message.is_some() {
+            // A note of an unknown outcome is settled by this success.
+            self.note_state_message(system_id, None).await;
+        }
+        Ok(token)
+    }
+
+    /// The vendor refused the credential: an OAuth grant is dead until an admin reconnects.
+    async fn on_rejected(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        record: &SystemRecord,
+        oauth: bool,
+        (failure, message): (AuthFailure, String),
+    ) -> BrokerError {
+        f.pending = None;
+        f.last_failure = Some(failure);
+        self.drop_token(system_id);
+        if oauth {
+            tracing::warn!(message = "Grant rejected; system needs re-authorization.", kind = %record.kind, system_id = %system_id, error = %message);
+            self.mark_reauthorization_required(system_id, &message)
+                .await;
+            f.dead = Some(message.clone());
+        }
+        BrokerError::FailedPrecondition(message)
+    }
+
+    /// A transient failure: back off (honouring the vendor's `Retry-After`), note an unknown
+    /// outcome, and serve the cached token while it is still valid.
+    async fn on_transient(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        record: &SystemRecord,
+        current: Option<Arc<IssuedToken>>,
+        oauth: bool,
+        (failure, message, retry_after): (AuthFailure, String, Option<Duration>),
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        f.failures = f.failures.saturating_add(1);
+        f.last_failure = Some(failure);
+        let delay = self.backoff_delay(f.failures, retry_after);
+        f.backoff_until = Some(Instant::now() + delay);
+        tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
+        if oauth && message.contains(OUTCOME_UNKNOWN_MARK) {
+            // The request reached the vendor, the answer did not reach us: the
+            // vendor may have rotated the refresh token. The stored one is presented
+            // again next time (Atlassian's reuse leeway exists for exactly this).
+            let note = format!(
+                "the last token refresh timed out after it was sent, so its outcome \
+                 is unknown; the broker retries with the stored refresh token in {} s \
+                 (vendors with a reuse leeway accept it); if the vendor refuses it, \
+                 reconnect the system",
+                delay.as_secs().max(1)
+            );
+            self.note_state_message(system_id, Some(note)).await;
+        }
+        if let Some(c) = current
+            .as_ref()
+            .filter(|c| c.expires_at > SystemTime::now())
+        {
+            self.schedule_at(system_id, &c.token_id, Instant::now() + delay);
+        }
+        stale_or_unavailable(current, message, delay)
     }
 
     /// Caches freshly issued headers (and schedules their refresh) and returns them.
@@ -809,7 +893,7 @@ impl Broker {
             updated_credential: None,
             subject: payload.subject,
         };
-        tracing::debug!(message = "Using the token another replica refreshed.", credential_id = %system_id);
+        tracing::debug!(message = "Using the token another replica refreshed.", system_id = %system_id);
         self.install_with_id(
             system_id,
             record,
@@ -840,25 +924,19 @@ impl Broker {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default();
-        for _ in 0..3 {
-            let Ok(current) = self.get_system(system_id).await else {
-                return;
-            };
-            let mut updated = current.clone();
-            updated.shared_token = Some(SharedToken {
-                sealed: read(&self.keyring).seal(&shared_binding(system_id, &current), &plain),
-                expires_at_ms,
-                token_id: token.token_id.clone(),
-            });
-            updated.revision = current.revision + 1;
-            match self.store.update_system(&updated, current.revision).await {
-                Ok(()) => return,
-                Err(crate::store::StoreError::Conflict) => continue,
-                Err(e) => {
-                    tracing::warn!(message = "Could not share a refreshed token with the other replicas.", credential_id = %system_id, error = %e);
-                    return;
-                }
-            }
+        let shared = self
+            .modify_system(system_id, |current| {
+                let mut updated = current.clone();
+                updated.shared_token = Some(SharedToken {
+                    sealed: read(&self.keyring).seal(&shared_binding(system_id, current), &plain),
+                    expires_at_ms,
+                    token_id: token.token_id.clone(),
+                });
+                Ok(Some(updated))
+            })
+            .await;
+        if let Err(e) = shared {
+            tracing::warn!(message = "Could not share a refreshed token with the other replicas.", system_id = %system_id, error = %e);
         }
     }
 
@@ -869,27 +947,22 @@ impl Broker {
         used: &SystemRecord,
         credential: &Credential,
     ) -> Result<SystemRecord, BrokerError> {
-        let mut last_err = BrokerError::Internal("could not persist the credential");
-        for attempt in 0..3u32 {
-            let current = self.get_system(system_id).await?;
-            if current.credential_version != used.credential_version {
-                // An admin rotated the credential meanwhile: theirs wins.
-                return Ok(current);
-            }
-            let mut updated = current.clone();
-            updated.sealed_credential =
-                self.seal(system_id, current.credential_version, credential)?;
-            updated.credential_expires_at = credential.expires_at();
-            updated.revision = current.revision + 1;
-            match self.store.update_system(&updated, current.revision).await {
-                Ok(()) => return Ok(updated),
-                Err(e) => {
-                    last_err = e.into();
-                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt + 1))).await;
+        let modified = self
+            .modify_system(system_id, |current| {
+                if current.credential_version != used.credential_version {
+                    // An admin rotated the credential meanwhile: theirs wins.
+                    return Ok(None);
                 }
-            }
+                let mut updated = current.clone();
+                updated.sealed_credential =
+                    self.seal(system_id, current.credential_version, credential)?;
+                updated.credential_expires_at = credential.expires_at();
+                Ok(Some(updated))
+            })
+            .await?;
+        match modified {
+            Modified::Written(r) | Modified::Unchanged(r) => Ok(r),
         }
-        Err(last_err)
     }
 
     /// Sets (or clears) an active system's `state_message`; best effort.
@@ -951,7 +1024,7 @@ impl Broker {
             let next = lock(&self.schedule.entries).first().map(|(at, _, _)| *at);
             let sleep = async move {
                 match next {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending::<()>().await,
                 }
             };
@@ -1015,7 +1088,7 @@ impl Broker {
                 if due {
                     let me = self.clone();
                     let id = r.system_id.clone();
-                    tracing::info!(message = "Keeping an idle grant alive.", credential_id = %id);
+                    tracing::info!(message = "Keeping an idle grant alive.", system_id = %id);
                     tasks.spawn(async move {
                         let _ = me
                             .mint_detached(&id, SystemTime::now(), Reason::KeepAlive)
@@ -1044,3 +1117,7 @@ fn stale_or_unavailable(
         ))),
     }
 }
+
+#[cfg(test)]
+#[path = "tokens_tests.rs"]
+mod tests;

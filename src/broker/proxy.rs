@@ -15,6 +15,7 @@
 //! deleted or leaves proxy delivery, or the caller is revoked. Every proxied call is one audit
 //! event (method, path with ids masked, status, duration), never a body or a header value.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Body;
@@ -28,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio_stream::StreamExt;
 
-use crate::broker::Broker;
+use crate::broker::tokens::IssuedToken;
+use crate::broker::{Broker, Caller};
+use crate::error::BrokerError;
 use crate::model::{unix_now, Delivery};
 use crate::secret::SecretString;
 
@@ -187,6 +190,35 @@ impl Broker {
         (claims.s == system_id && claims.e > unix_now()).then_some(claims)
     }
 
+    /// What `caller` is handed for `token`, the system's current headers: the headers
+    /// themselves (header delivery), or a lease for the broker's proxy (proxy delivery: the
+    /// worker never holds the secret).
+    pub fn hand_out(
+        &self,
+        caller: &Caller,
+        system_id: &str,
+        token: Arc<IssuedToken>,
+    ) -> Result<HandOut, BrokerError> {
+        if token.delivery != Delivery::Proxy {
+            return Ok(HandOut::Headers(token));
+        }
+        let base = self.settings.public_url.as_deref().ok_or_else(|| {
+            BrokerError::FailedPrecondition(
+                "proxy delivery needs the HTTP listener (CREDBROKER_HTTP_LISTEN)".to_owned(),
+            )
+        })?;
+        let (authorization, expires_at, lease_id) = self
+            .issue_lease(&caller.name, system_id, token.credential_version)
+            .ok_or(BrokerError::Internal("could not sign a lease"))?;
+        Ok(HandOut::Lease(Lease {
+            authorization,
+            expires_at,
+            api_base_url: format!("{}/proxy/{system_id}", base.trim_end_matches('/')),
+            credential_version: token.credential_version,
+            lease_id,
+        }))
+    }
+
     /// Serves one proxied request (`/proxy/{system_id}/…`).
     pub async fn proxy(&self, req: Request) -> Response {
         let started = Instant::now();
@@ -243,36 +275,8 @@ impl Broker {
         query: Option<&str>,
         masked: &str,
     ) -> (Response, Option<String>) {
-        let method = req.method().clone();
-        let refuse = |status: StatusCode, msg: &str| (error(status, msg), None);
-        if REFUSED_METHODS
-            .iter()
-            .any(|m| m.eq_ignore_ascii_case(method.as_str()))
-        {
-            return refuse(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "TRACE, TRACK and CONNECT are not proxied",
-            );
-        }
-        if req.uri().authority().is_some() || req.uri().scheme().is_some() {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "absolute-form requests are refused",
-            );
-        }
-        if let Some(want) = &self.public_authority {
-            let host = req.headers().get("host").and_then(|h| h.to_str().ok());
-            if let Some(host) = host {
-                if !host.eq_ignore_ascii_case(want) {
-                    return refuse(
-                        StatusCode::BAD_REQUEST,
-                        "the Host header does not name this broker",
-                    );
-                }
-            }
-        }
-        if system_id.is_empty() || !is_clean_path(tail) {
-            return refuse(StatusCode::BAD_REQUEST, "path escapes are refused");
+        if let Err(refused) = self.screen(&req, system_id, tail) {
+            return (refused.into_response(), None);
         }
         let lease = req
             .headers()
@@ -280,169 +284,95 @@ impl Broker {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        let denied = || {
-            error(
-                StatusCode::UNAUTHORIZED,
-                "invalid, expired or revoked lease; ask GetAccessToken for a new one",
-            )
-        };
         let Some(claims) = self.verify_lease(lease, system_id) else {
-            return (denied(), None);
+            return (lease_denied().into_response(), None);
         };
-        let caller_ok = self
-            .caller_by_name(&claims.c)
-            .is_some_and(|c| c.may_use_id(system_id));
-        if !caller_ok {
-            return (denied(), Some(claims.c));
+        let answer = self
+            .forward(req, system_id, tail, query, masked, &claims)
+            .await;
+        (
+            answer.unwrap_or_else(Refusal::into_response),
+            Some(claims.c),
+        )
+    }
+
+    /// Refuses what is never proxied, whoever asks: unsafe methods, absolute-form targets,
+    /// another Host, path escapes.
+    fn screen(&self, req: &Request, system_id: &str, tail: &str) -> Result<(), Refusal> {
+        let method = req.method();
+        if REFUSED_METHODS
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(method.as_str()))
+        {
+            return Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "TRACE, TRACK and CONNECT are not proxied",
+            ));
         }
-        // The cached headers carry the delivery and credential version; the cache entry is
-        // dropped on rotation, deletion and delivery changes, so no store read is needed here.
-        let token = match self.access_token(system_id, 0, None).await {
-            Ok(t) => t,
-            Err(crate::error::BrokerError::NotFound(_)) => return (denied(), Some(claims.c)),
-            Err(e) => {
-                return (
-                    error(StatusCode::BAD_GATEWAY, &e.to_string()),
-                    Some(claims.c),
-                )
+        if req.uri().authority().is_some() || req.uri().scheme().is_some() {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "absolute-form requests are refused",
+            ));
+        }
+        if let Some(want) = &self.public_authority {
+            let host = req.headers().get("host").and_then(|h| h.to_str().ok());
+            if host.is_some_and(|host| !host.eq_ignore_ascii_case(want)) {
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    "the Host header does not name this broker",
+                ));
             }
-        };
-        if token.delivery != Delivery::Proxy || token.credential_version != claims.v {
-            return (denied(), Some(claims.c));
         }
-        let target = format!(
-            "{}{tail}{}",
-            token.api_base_url,
-            query.map(|q| format!("?{q}")).unwrap_or_default()
-        );
-        let Ok(url) = url::Url::parse(&target) else {
-            return (
-                error(
-                    StatusCode::BAD_GATEWAY,
-                    "the registered base URL is not usable",
-                ),
-                Some(claims.c),
-            );
-        };
-        if let Err(reason) = self.egress.check_url(&url) {
-            return (error(StatusCode::BAD_GATEWAY, &reason), Some(claims.c));
+        if system_id.is_empty() || !is_clean_path(tail) {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "path escapes are refused",
+            ));
         }
+        Ok(())
+    }
+
+    /// Forwards a request whose lease verified: the caller must still be allowed, the system
+    /// still proxied at the lease's credential version, and the call audited first.
+    async fn forward(
+        &self,
+        req: Request,
+        system_id: &str,
+        tail: &str,
+        query: Option<&str>,
+        masked: &str,
+        claims: &Claims,
+    ) -> Result<Response, Refusal> {
+        let token = self.proxied_token(system_id, claims).await?;
+        let uri = self.upstream_uri(&token, tail, query)?;
         let Some(client) = self.settings.proxy_client.clone() else {
-            return (
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the proxy is not configured",
-                ),
-                Some(claims.c),
-            );
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the proxy is not configured",
+            ));
         };
         let cap = self.settings.proxy_max_body_bytes;
-        let declared = req
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > cap) {
-            return (
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "the request body is larger than the proxy allows",
-                ),
-                Some(claims.c),
-            );
-        }
-        let Ok(uri) = axum::http::Uri::try_from(url.as_str()) else {
-            return (
-                error(
-                    StatusCode::BAD_GATEWAY,
-                    "the registered base URL is not usable",
-                ),
-                Some(claims.c),
-            );
-        };
-        let mut headers = HeaderMap::new();
-        for (k, v) in req.headers() {
-            let name = k.as_str();
-            if HOP_BY_HOP.contains(&name) || name == "authorization" || name == "cookie" {
-                continue;
-            }
-            headers.append(k.clone(), v.clone());
-        }
-        for h in &token.headers {
-            let Ok(mut v) = HeaderValue::from_str(h.value.expose_secret()) else {
-                continue;
-            };
-            v.set_sensitive(true);
-            if let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) {
-                headers.insert(name, v);
-            }
-        }
-        // A bodiless request (most API reads) is forwarded without a streamed body, so no
-        // chunked encoding or body pipe is needed.
-        let bodiless = http_body::Body::size_hint(req.body()).exact() == Some(0);
-        let mut seen = 0u64;
-        let upload = req.into_body().into_data_stream().map(move |chunk| {
-            let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
-            seen += chunk.len() as u64;
-            if seen > cap {
-                return Err(std::io::Error::other("request body over the proxy's cap"));
-            }
-            Ok::<_, std::io::Error>(chunk)
-        });
-        let mut forward = axum::http::Request::new(if bodiless {
-            Body::empty()
-        } else {
-            Body::from_stream(upload)
-        });
-        *forward.method_mut() = method;
-        *forward.uri_mut() = uri;
-        *forward.headers_mut() = headers;
-        // No audit, no forward: the call may change data at the vendor.
-        let audited = self
-            .audit
-            .record(&crate::audit::AuditEvent {
-                time: crate::audit::now_rfc3339(),
-                caller: Some(&claims.c),
-                rpc: "Proxy",
-                system_id: Some(system_id),
-                outcome: "forwarding",
-                code: "FORWARDING",
-                token_hmac: None,
-                method: Some(forward.method().as_str()),
-                path: Some(masked),
-                duration_ms: None,
-            })
-            .await;
-        if audited.is_err() && self.audit.fail_closed() {
-            return (
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the audit trail cannot be written; nothing is forwarded until it recovers",
-                ),
-                Some(claims.c),
-            );
-        }
+        let forward = forward_request(req, uri, &token, cap)?;
+        self.audit_forwarding(&claims.c, system_id, forward.method(), masked)
+            .await?;
         let read_timeout = client.read_timeout;
         let resp = match tokio::time::timeout(read_timeout, client.client.request(forward)).await {
             Ok(Ok(r)) => r,
             Err(_) => {
-                return (
-                    error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the upstream did not answer in time",
-                    ),
-                    Some(claims.c),
-                )
+                return Err(Refusal::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not answer in time",
+                ))
             }
             Ok(Err(_)) => {
-                return (
-                    error(StatusCode::BAD_GATEWAY, "the upstream could not be reached"),
-                    Some(claims.c),
-                )
+                return Err(Refusal::new(
+                    StatusCode::BAD_GATEWAY,
+                    "the upstream could not be reached",
+                ))
             }
         };
-        let status = resp.status();
-        if status == StatusCode::UNAUTHORIZED {
+        if resp.status() == StatusCode::UNAUTHORIZED {
             self.note_proxy_unauthorized(system_id).await;
         }
         let proxy_base = self
@@ -451,70 +381,90 @@ impl Broker {
             .as_ref()
             .map(|u| format!("{}/proxy/{system_id}", u.trim_end_matches('/')))
             .unwrap_or_default();
-        let mut out = HeaderMap::new();
-        for (k, v) in resp.headers() {
-            // A vendor session (JSESSIONID, sid, …) would outlive the lease, its revocation
-            // and the audit trail: it never reaches the worker.
-            if HOP_BY_HOP.contains(&k.as_str()) || k == "set-cookie" || k == "set-cookie2" {
-                continue;
-            }
-            if k == "location" {
-                // Rewrite only redirects that stay under the registered base, by whole path
-                // segments (`/acme` does not cover `/acme2`).
-                if let Some(rest) = v
-                    .to_str()
-                    .ok()
-                    .and_then(|l| under_base(l, &token.api_base_url))
-                {
-                    if let Ok(nv) = HeaderValue::from_str(&format!("{proxy_base}{rest}")) {
-                        out.append(k.clone(), nv);
-                        continue;
-                    }
-                }
-            }
-            out.append(k.clone(), v.clone());
+        Ok(answer(resp, &token.api_base_url, &proxy_base, read_timeout, cap).await)
+    }
+
+    /// The system's cached headers, if the lease's caller may still use the system and it is
+    /// still proxied at the lease's credential version.
+    async fn proxied_token(
+        &self,
+        system_id: &str,
+        claims: &Claims,
+    ) -> Result<Arc<IssuedToken>, Refusal> {
+        let caller_ok = self
+            .caller_by_name(&claims.c)
+            .is_some_and(|c| c.may_use_id(system_id));
+        if !caller_ok {
+            return Err(lease_denied());
         }
-        let length = resp
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let incoming = resp.into_body();
-        // Small answers with a known length (most API JSON) are passed whole; the rest streams.
-        if length.is_some_and(|n| n <= SMALL_BODY) {
-            let whole =
-                tokio::time::timeout(read_timeout, http_body_util::BodyExt::collect(incoming))
-                    .await;
-            return match whole {
-                Ok(Ok(collected)) => {
-                    let bytes = collected.to_bytes();
-                    let mut response = Response::new(Body::from(bytes));
-                    *response.status_mut() = status;
-                    *response.headers_mut() = out;
-                    (response, Some(claims.c))
-                }
-                Ok(Err(_)) | Err(_) => (
-                    error(StatusCode::BAD_GATEWAY, "the upstream answer broke off"),
-                    Some(claims.c),
-                ),
-            };
+        // The cached headers carry the delivery and credential version; the cache entry is
+        // dropped on rotation, deletion and delivery changes, so no store read is needed here.
+        let token = match self.access_token(system_id, 0, None).await {
+            Ok(t) => t,
+            Err(BrokerError::NotFound(_)) => return Err(lease_denied()),
+            Err(e) => return Err(Refusal::new(StatusCode::BAD_GATEWAY, &e.to_string())),
+        };
+        if token.delivery != Delivery::Proxy || token.credential_version != claims.v {
+            return Err(lease_denied());
         }
-        let mut seen = 0u64;
-        let chunks = http_body_util::BodyExt::into_data_stream(incoming).timeout(read_timeout);
-        let download = chunks.map(move |chunk| {
-            let chunk = chunk
-                .map_err(|_| std::io::Error::other("the upstream stalled"))?
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            seen += chunk.len() as u64;
-            if seen > cap {
-                return Err(std::io::Error::other("response body over the proxy's cap"));
-            }
-            Ok::<_, std::io::Error>(chunk)
-        });
-        let mut response = Response::new(Body::from_stream(download));
-        *response.status_mut() = status;
-        *response.headers_mut() = out;
-        (response, Some(claims.c))
+        Ok(token)
+    }
+
+    /// The vendor URL of `tail` under the system's base URL, through the egress guard.
+    fn upstream_uri(
+        &self,
+        token: &IssuedToken,
+        tail: &str,
+        query: Option<&str>,
+    ) -> Result<axum::http::Uri, Refusal> {
+        let unusable = || {
+            Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "the registered base URL is not usable",
+            )
+        };
+        let target = format!(
+            "{}{tail}{}",
+            token.api_base_url,
+            query.map(|q| format!("?{q}")).unwrap_or_default()
+        );
+        let url = url::Url::parse(&target).map_err(|_| unusable())?;
+        if let Err(reason) = self.egress.check_url(&url) {
+            return Err(Refusal::new(StatusCode::BAD_GATEWAY, &reason));
+        }
+        axum::http::Uri::try_from(url.as_str()).map_err(|_| unusable())
+    }
+
+    /// No audit, no forward: the call may change data at the vendor.
+    async fn audit_forwarding(
+        &self,
+        caller: &str,
+        system_id: &str,
+        method: &axum::http::Method,
+        masked: &str,
+    ) -> Result<(), Refusal> {
+        let audited = self
+            .audit
+            .record(&crate::audit::AuditEvent {
+                time: crate::audit::now_rfc3339(),
+                caller: Some(caller),
+                rpc: "Proxy",
+                system_id: Some(system_id),
+                outcome: "forwarding",
+                code: "FORWARDING",
+                token_hmac: None,
+                method: Some(method.as_str()),
+                path: Some(masked),
+                duration_ms: None,
+            })
+            .await;
+        if audited.is_err() && self.audit.fail_closed() {
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit trail cannot be written; nothing is forwarded until it recovers",
+            ));
+        }
+        Ok(())
     }
 
     /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`).
@@ -530,6 +480,177 @@ impl Broker {
             tracing::warn!(message = "The vendor rejected the credential through the proxy (401).", system_id = %system_id);
         }
     }
+}
+
+/// What a worker is handed by `GetAccessToken`.
+pub enum HandOut {
+    /// The system's headers, ready to send to the vendor.
+    Headers(Arc<IssuedToken>),
+    /// A lease for the broker's proxy.
+    Lease(Lease),
+}
+
+/// A signed, short-lived permission to call one system through the broker's proxy.
+pub struct Lease {
+    /// The lease itself, sent as `Authorization: Bearer …` to the proxy.
+    pub authorization: SecretString,
+    /// When the proxy stops accepting it.
+    pub expires_at: SystemTime,
+    /// The proxy's URL for the system.
+    pub api_base_url: String,
+    /// The credential version the lease is bound to.
+    pub credential_version: u64,
+    /// The lease's id (audited, never the lease).
+    pub lease_id: String,
+}
+
+/// A request the broker answers itself, with a JSON error.
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn new(status: StatusCode, message: &str) -> Self {
+        Self(status, message.to_owned())
+    }
+
+    fn into_response(self) -> Response {
+        error(self.0, &self.1)
+    }
+}
+
+fn lease_denied() -> Refusal {
+    Refusal::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid, expired or revoked lease; ask GetAccessToken for a new one",
+    )
+}
+
+/// The request to send upstream: the worker's headers without hop-by-hop ones, its
+/// authorization or cookies, plus the system's headers; the body capped at `cap` bytes.
+fn forward_request(
+    req: Request,
+    uri: axum::http::Uri,
+    token: &IssuedToken,
+    cap: u64,
+) -> Result<axum::http::Request<Body>, Refusal> {
+    let method = req.method().clone();
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap) {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than the proxy allows",
+        ));
+    }
+    let mut headers = HeaderMap::new();
+    for (k, v) in req.headers() {
+        let name = k.as_str();
+        if HOP_BY_HOP.contains(&name) || name == "authorization" || name == "cookie" {
+            continue;
+        }
+        headers.append(k.clone(), v.clone());
+    }
+    for h in &token.headers {
+        let Ok(mut v) = HeaderValue::from_str(h.value.expose_secret()) else {
+            continue;
+        };
+        v.set_sensitive(true);
+        if let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) {
+            headers.insert(name, v);
+        }
+    }
+    // A bodiless request (most API reads) is forwarded without a streamed body, so no
+    // chunked encoding or body pipe is needed.
+    let bodiless = http_body::Body::size_hint(req.body()).exact() == Some(0);
+    let mut seen = 0u64;
+    let upload = req.into_body().into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+        seen += chunk.len() as u64;
+        if seen > cap {
+            return Err(std::io::Error::other("request body over the proxy's cap"));
+        }
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let mut forward = axum::http::Request::new(if bodiless {
+        Body::empty()
+    } else {
+        Body::from_stream(upload)
+    });
+    *forward.method_mut() = method;
+    *forward.uri_mut() = uri;
+    *forward.headers_mut() = headers;
+    Ok(forward)
+}
+
+/// The worker's answer: the vendor's status and headers (no session cookies; redirects under
+/// the base URL rewritten to the proxy) and its body, whole when small, else streamed, capped at
+/// `cap` bytes and cut when the vendor stalls for `read_timeout`.
+async fn answer(
+    resp: axum::http::Response<hyper::body::Incoming>,
+    api_base_url: &str,
+    proxy_base: &str,
+    read_timeout: Duration,
+    cap: u64,
+) -> Response {
+    let status = resp.status();
+    let mut out = HeaderMap::new();
+    for (k, v) in resp.headers() {
+        // A vendor session (JSESSIONID, sid, …) would outlive the lease, its revocation
+        // and the audit trail: it never reaches the worker.
+        if HOP_BY_HOP.contains(&k.as_str()) || k == "set-cookie" || k == "set-cookie2" {
+            continue;
+        }
+        if k == "location" {
+            // Rewrite only redirects that stay under the registered base, by whole path
+            // segments (`/acme` does not cover `/acme2`).
+            if let Some(rest) = v.to_str().ok().and_then(|l| under_base(l, api_base_url)) {
+                if let Ok(nv) = HeaderValue::from_str(&format!("{proxy_base}{rest}")) {
+                    out.append(k.clone(), nv);
+                    continue;
+                }
+            }
+        }
+        out.append(k.clone(), v.clone());
+    }
+    let length = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let incoming = resp.into_body();
+    // Small answers with a known length (most API JSON) are passed whole; the rest streams.
+    if length.is_some_and(|n| n <= SMALL_BODY) {
+        let whole =
+            tokio::time::timeout(read_timeout, http_body_util::BodyExt::collect(incoming)).await;
+        return match whole {
+            Ok(Ok(collected)) => {
+                let bytes = collected.to_bytes();
+                let mut response = Response::new(Body::from(bytes));
+                *response.status_mut() = status;
+                *response.headers_mut() = out;
+                response
+            }
+            Ok(Err(_)) | Err(_) => error(StatusCode::BAD_GATEWAY, "the upstream answer broke off"),
+        };
+    }
+    let mut seen = 0u64;
+    let chunks = http_body_util::BodyExt::into_data_stream(incoming).timeout(read_timeout);
+    let download = chunks.map(move |chunk| {
+        let chunk = chunk
+            .map_err(|_| std::io::Error::other("the upstream stalled"))?
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        seen += chunk.len() as u64;
+        if seen > cap {
+            return Err(std::io::Error::other("response body over the proxy's cap"));
+        }
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let mut response = Response::new(Body::from_stream(download));
+    *response.status_mut() = status;
+    *response.headers_mut() = out;
+    response
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -1,0 +1,312 @@
+//! The token cache and refresher without a server: a broker on the in-memory store with a fake
+//! backend whose every answer the test scripts, and tokio's paused clock to move time.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use zeroize::Zeroizing;
+
+use crate::backends::{Backend, BackendError, EgressPolicy, Header, Issued, Registry, Target};
+use crate::broker::{Broker, BrokerSettings, RegisterInput};
+use crate::crypto::keys::MasterKey;
+use crate::crypto::Keyring;
+use crate::error::BrokerError;
+use crate::model::{AuthCheck, AuthFailure, Credential, Identity, SystemKind};
+use crate::secret::SecretString;
+use crate::store::memory::MemoryStore;
+
+const SYSTEM: &str = "acme-snow";
+const LIFETIME: Duration = Duration::from_secs(100);
+
+/// One scripted answer of the fake token endpoint.
+enum Answer {
+    /// A token valid for [`LIFETIME`]; `Some(rt)` also rotates the refresh token to `rt`.
+    Token(Option<&'static str>),
+    Transient(Option<Duration>),
+    Rejected,
+}
+
+/// A token endpoint that answers from a script (then with plain tokens), counts its calls, and
+/// can hold every call until the test opens its gate.
+struct FakeBackend {
+    script: Mutex<VecDeque<Answer>>,
+    calls: AtomicUsize,
+    gate: tokio::sync::Semaphore,
+    entered: tokio::sync::Notify,
+}
+
+impl FakeBackend {
+    fn new(gated: bool, script: Vec<Answer>) -> Arc<Self> {
+        Arc::new(Self {
+            script: Mutex::new(script.into()),
+            calls: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(if gated { 0 } else { 1 << 20 }),
+            entered: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn open_gate(&self) {
+        self.gate.add_permits(1 << 20);
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBackend {
+    fn kind(&self) -> SystemKind {
+        SystemKind::ServiceNow
+    }
+
+    fn canonical_base_url(&self, raw: &str, _egress: &EgressPolicy) -> Result<String, String> {
+        Ok(raw.to_owned())
+    }
+
+    async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        self.entered.notify_one();
+        let _permit = self.gate.acquire().await;
+        let answer = self.script.lock().unwrap().pop_front();
+        let rotated = match answer.unwrap_or(Answer::Token(None)) {
+            Answer::Token(rotated) => rotated,
+            Answer::Transient(retry_after) => {
+                return Err(BackendError::Transient {
+                    failure: AuthFailure::UpstreamError,
+                    message: "token endpoint answered 503".to_owned(),
+                    retry_after,
+                })
+            }
+            Answer::Rejected => {
+                return Err(BackendError::Rejected {
+                    failure: AuthFailure::InvalidCredentials,
+                    message: "invalid_grant".to_owned(),
+                })
+            }
+        };
+        let updated_credential = rotated.map(|rt| match target.credential.clone() {
+            Credential::OAuthRefreshToken {
+                client_id,
+                client_secret,
+                username,
+                refresh_expires_at,
+                ..
+            } => Credential::OAuthRefreshToken {
+                client_id,
+                client_secret,
+                refresh_token: SecretString::new(rt.to_owned()),
+                username,
+                refresh_expires_at,
+            },
+            other => other,
+        });
+        Ok(Issued {
+            headers: vec![Header {
+                name: "authorization",
+                value: SecretString::new(format!("Bearer access-{n}")),
+            }],
+            expires_at: Some(SystemTime::now() + LIFETIME),
+            api_base_url: target.base_url.to_owned(),
+            updated_credential,
+            subject: None,
+        })
+    }
+
+    async fn verify(&self, _target: &Target<'_>, _issued: &Issued) -> AuthCheck {
+        AuthCheck::ok(Identity::default(), "the grant authenticates")
+    }
+}
+
+/// A broker on the memory store with `backend` for ServiceNow and one OAuth system registered.
+async fn broker_with(backend: Arc<FakeBackend>) -> Arc<Broker> {
+    let backend: Arc<dyn Backend> = backend;
+    let registry = Registry::from_backends(vec![(SystemKind::ServiceNow, backend)]);
+    let settings = BrokerSettings {
+        keepalive_interval: Duration::from_secs(365 * 86_400),
+        ..BrokerSettings::default()
+    };
+    let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
+    let (broker, _) = Broker::open(
+        Arc::new(MemoryStore::new()),
+        Keyring::new(key),
+        registry,
+        settings,
+    )
+    .await
+    .unwrap();
+    broker
+        .register(RegisterInput {
+            system_id: SYSTEM.to_owned(),
+            display_name: String::new(),
+            description: String::new(),
+            kind: SystemKind::ServiceNow,
+            base_url: "https://acme.service-now.example".to_owned(),
+            credential: Credential::OAuthRefreshToken {
+                client_id: "client".to_owned(),
+                client_secret: SecretString::new("client-secret".to_owned()),
+                refresh_token: SecretString::new("rt-1".to_owned()),
+                username: None,
+                refresh_expires_at: None,
+            },
+            check: false,
+            delivery: None,
+        })
+        .await
+        .unwrap();
+    broker
+}
+
+/// The refresh token the store holds for the system now.
+async fn stored_refresh_token(broker: &Broker) -> String {
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    match broker.open_credential(&record).unwrap() {
+        Credential::OAuthRefreshToken { refresh_token, .. } => {
+            refresh_token.expose_secret().to_owned()
+        }
+        other => panic!("unexpected credential {:?}", other.credential_type()),
+    }
+}
+
+#[tokio::test]
+async fn many_waiters_share_one_upstream_call() {
+    let backend = FakeBackend::new(true, vec![]);
+    let broker = broker_with(backend.clone()).await;
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let b = broker.clone();
+            tokio::spawn(async move { b.access_token(SYSTEM, 0, None).await })
+        })
+        .collect();
+    backend.entered.notified().await;
+    backend.open_gate();
+    let mut ids = Vec::new();
+    for w in waiters {
+        ids.push(w.await.unwrap().unwrap().token_id.clone());
+    }
+    assert_eq!(backend.calls(), 1, "one upstream call for 20 waiters");
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_used_token_is_refreshed_once_ahead_of_expiry() {
+    let backend = FakeBackend::new(false, vec![]);
+    let broker = broker_with(backend.clone()).await;
+    let refresher = broker.start_refresher();
+    let first = broker.access_token(SYSTEM, 0, None).await.unwrap();
+    // Handed out from the cache: a token workers use is the one renewed ahead.
+    let warm = broker.answers_from_cache(SYSTEM, 0, "").unwrap();
+    broker.hand_out_cached(warm);
+    // Ahead fraction 0.2 of a 100 s lifetime: the refresh is due at 80 s, not before.
+    tokio::time::sleep(Duration::from_secs(79)).await;
+    assert_eq!(backend.calls(), 1, "refreshed too early");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while backend.calls() < 2 {
+        backend.entered.notified().await;
+    }
+    assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
+    let second = broker.cached(SYSTEM).unwrap();
+    assert_ne!(second.token_id, first.token_id);
+    // The new token is not used yet: it is not renewed again ahead of its own expiry.
+    tokio::time::sleep(Duration::from_secs(90)).await;
+    assert_eq!(backend.calls(), 2, "an unused token was renewed");
+    refresher.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_endpoint_is_backed_off_not_hammered() {
+    let backend = FakeBackend::new(false, vec![Answer::Transient(None)]);
+    let broker = broker_with(backend.clone()).await;
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    // Within the backoff (retry_base 1 s, jittered to 0.5–1 s) nothing reaches the vendor.
+    for _ in 0..10 {
+        let again = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+        assert!(again.to_string().contains("retries in"), "{again}");
+    }
+    assert_eq!(backend.calls(), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(backend.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vendor_retry_after_is_honoured() {
+    let backend = FakeBackend::new(
+        false,
+        vec![Answer::Transient(Some(Duration::from_secs(30)))],
+    );
+    let broker = broker_with(backend.clone()).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert_eq!(
+        backend.calls(),
+        1,
+        "called again inside the vendor's Retry-After"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(backend.calls(), 2);
+}
+
+#[tokio::test]
+async fn backoff_doubles_and_is_capped() {
+    let broker = broker_with(FakeBackend::new(false, vec![])).await;
+    for failures in 1..=12u32 {
+        let d = broker.backoff_delay(failures, None);
+        let full = Duration::from_secs(1 << (failures - 1).min(16)).min(Duration::from_secs(300));
+        assert!(
+            d >= full / 2 && d <= full,
+            "{failures}: {d:?} outside {full:?}/2..={full:?}"
+        );
+    }
+    let absurd = broker.backoff_delay(1, Some(Duration::from_secs(99_999_999)));
+    assert_eq!(absurd, Duration::from_secs(600), "Retry-After is capped");
+}
+
+#[tokio::test]
+async fn a_dropped_caller_never_loses_a_rotated_refresh_token() {
+    let backend = FakeBackend::new(true, vec![Answer::Token(Some("rt-2"))]);
+    let broker = broker_with(backend.clone()).await;
+    let caller = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 0, None).await }
+    });
+    backend.entered.notified().await;
+    // The worker's deadline: its request goes away while the vendor is answering.
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    backend.open_gate();
+    assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
+    assert_eq!(stored_refresh_token(&broker).await, "rt-2");
+    // The token minted for the dropped caller serves the next one without a second call.
+    broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(backend.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_dropped_caller_still_records_a_dead_grant() {
+    let backend = FakeBackend::new(true, vec![Answer::Rejected]);
+    let broker = broker_with(backend.clone()).await;
+    let caller = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 0, None).await }
+    });
+    backend.entered.notified().await;
+    caller.abort();
+    backend.open_gate();
+    assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(
+        record.state,
+        crate::model::SystemState::ReauthorizationRequired
+    );
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    // A dead grant is not retried upstream.
+    assert_eq!(backend.calls(), 1);
+}

@@ -1,0 +1,194 @@
+//! Credential input: non-secret fields from flags, secrets from a file, standard input, an
+//! environment variable or a prompt, never from the command line.
+
+use std::io::{IsTerminal, Read};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::format::parse_time;
+use super::CredentialArgs;
+use crate::model::{CredentialType, SystemKind};
+use crate::pb;
+
+fn parse_credential_type(s: &str) -> Result<CredentialType> {
+    let norm = s.trim().to_ascii_lowercase().replace('-', "_");
+    [
+        CredentialType::PersonalAccessToken,
+        CredentialType::ApiKey,
+        CredentialType::Basic,
+        CredentialType::OAuthClientCredentials,
+        CredentialType::OAuthRefreshToken,
+        CredentialType::OAuthPasswordGrant,
+        CredentialType::SalesforceLogin,
+        CredentialType::OAuthAuthorizationCode,
+    ]
+    .into_iter()
+    .find(|t| t.field_name() == norm)
+    .ok_or_else(|| anyhow!("unknown credential type '{s}'"))
+}
+
+/// The secret fields of a credential type, main secret first, with whether each is required.
+fn secret_fields(t: CredentialType) -> &'static [(&'static str, bool)] {
+    match t {
+        CredentialType::PersonalAccessToken => &[("token", true)],
+        CredentialType::ApiKey => &[("key", true)],
+        CredentialType::Basic => &[("password", true)],
+        CredentialType::OAuthClientCredentials => &[("client_secret", true)],
+        CredentialType::OAuthRefreshToken => &[("client_secret", true), ("refresh_token", true)],
+        CredentialType::OAuthPasswordGrant => &[("password", true), ("client_secret", true)],
+        CredentialType::SalesforceLogin => &[
+            ("password", true),
+            ("security_token", true),
+            ("client_secret", false),
+        ],
+        CredentialType::OAuthAuthorizationCode => &[("client_secret", true)],
+    }
+}
+
+struct SecretReader {
+    stdin_used: bool,
+}
+
+impl SecretReader {
+    fn read(&mut self, field: &str, source: &str) -> Result<String> {
+        let value = if source == "stdin" {
+            if self.stdin_used {
+                bail!("only one secret can come from standard input");
+            }
+            self.stdin_used = true;
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the secret from standard input")?;
+            s
+        } else if let Some(path) = source.strip_prefix("file:") {
+            std::fs::read_to_string(path).with_context(|| format!("reading {field} from {path}"))?
+        } else if let Some(var) = source.strip_prefix("env:") {
+            std::env::var(var).with_context(|| format!("reading {field} from ${var}"))?
+        } else {
+            bail!("secret source for {field} must be file:PATH, stdin or env:VAR");
+        };
+        Ok(value.trim_end_matches(['\r', '\n']).to_owned())
+    }
+}
+
+fn gather_secrets(
+    t: CredentialType,
+    a: &CredentialArgs,
+) -> Result<std::collections::HashMap<&'static str, String>> {
+    let fields = secret_fields(t);
+    let mut reader = SecretReader { stdin_used: false };
+    let mut out = std::collections::HashMap::new();
+    let main = fields[0].0;
+    if let Some(path) = &a.secret_file {
+        out.insert(
+            main,
+            reader.read(main, &format!("file:{}", path.display()))?,
+        );
+    }
+    if a.secret_stdin {
+        if out.contains_key(main) {
+            bail!("--secret-file and --secret-stdin both give {main}");
+        }
+        out.insert(main, reader.read(main, "stdin")?);
+    }
+    for spec in &a.secrets {
+        let (field, source) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--secret takes FIELD=SOURCE, e.g. token=file:/run/pat"))?;
+        let known = fields
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|(f, _)| *f)
+            .ok_or_else(|| {
+                let names: Vec<&str> = fields.iter().map(|(f, _)| *f).collect();
+                anyhow!(
+                    "{} has no secret field '{field}' (fields: {})",
+                    t,
+                    names.join(", ")
+                )
+            })?;
+        out.insert(known, reader.read(known, source)?);
+    }
+    for (field, required) in fields {
+        if out.contains_key(field) || !required {
+            continue;
+        }
+        if std::io::stdin().is_terminal() {
+            let v = rpassword::prompt_password(format!("{field}: "))
+                .with_context(|| format!("reading {field} from the terminal"))?;
+            out.insert(field, v);
+        } else {
+            bail!(
+                "{field} is required: use --secret-file PATH, --secret-stdin or --secret {field}=file:PATH \
+                 (secrets are never taken from the command line)"
+            );
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn build_credential(kind: SystemKind, a: &CredentialArgs) -> Result<pb::Credential> {
+    use pb::credential::Credential as C;
+    let t = match &a.credential_type {
+        Some(s) => parse_credential_type(s)?,
+        None => kind.accepted_credentials()[0],
+    };
+    let mut s = gather_secrets(t, a)?;
+    let mut take = |f: &str| s.remove(f).unwrap_or_default();
+    let username = a.username.clone().unwrap_or_default();
+    let client_id = a.client_id.clone().unwrap_or_default();
+    let inner = match t {
+        CredentialType::PersonalAccessToken => C::PersonalAccessToken(pb::PersonalAccessToken {
+            token: take("token"),
+            username,
+            expires_at: a
+                .expires_at
+                .as_deref()
+                .map(parse_time)
+                .transpose()?
+                .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+        }),
+        CredentialType::ApiKey => C::ApiKey(pb::ApiKey { key: take("key") }),
+        CredentialType::Basic => C::Basic(pb::BasicCredential {
+            username,
+            password: take("password"),
+        }),
+        CredentialType::OAuthClientCredentials => {
+            C::OauthClientCredentials(pb::OAuthClientCredentials {
+                client_id,
+                client_secret: take("client_secret"),
+                scopes: a.scopes.clone(),
+            })
+        }
+        CredentialType::OAuthRefreshToken => C::OauthRefreshToken(pb::OAuthRefreshToken {
+            client_id,
+            client_secret: take("client_secret"),
+            refresh_token: take("refresh_token"),
+            username,
+        }),
+        CredentialType::OAuthPasswordGrant => C::OauthPasswordGrant(pb::OAuthPasswordGrant {
+            client_id,
+            client_secret: take("client_secret"),
+            username,
+            password: take("password"),
+        }),
+        CredentialType::SalesforceLogin => C::SalesforceLogin(pb::SalesforceLogin {
+            username,
+            password: take("password"),
+            security_token: take("security_token"),
+            client_id,
+            client_secret: take("client_secret"),
+        }),
+        CredentialType::OAuthAuthorizationCode => {
+            C::OauthAuthorizationCode(pb::OAuthAuthorizationCode {
+                client_id,
+                client_secret: take("client_secret"),
+                scopes: a.scopes.clone(),
+            })
+        }
+    };
+    Ok(pb::Credential {
+        credential: Some(inner),
+    })
+}
