@@ -85,14 +85,9 @@ impl Backend for JiraCloudBackend {
         target: &Target<'_>,
         request: &AuthorizeRequest<'_>,
     ) -> Result<String, BackendError> {
-        let Credential::OAuthAuthorizationCode {
-            client_id, scopes, ..
-        } = target.credential
-        else {
-            return Err(BackendError::Unsupported(
-                "Jira Cloud accepts only oauth_authorization_code".to_owned(),
-            ));
-        };
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let client_id = flow.client_id;
+        let scopes = flow.scopes;
         let mut url = url::Url::parse(&format!("{}/authorize", self.ctx.oauth.jira_auth_url))
             .map_err(|_| BackendError::Unsupported("invalid Atlassian auth URL".to_owned()))?;
         url.query_pairs_mut()
@@ -112,17 +107,10 @@ impl Backend for JiraCloudBackend {
         code: &str,
         request: &AuthorizeRequest<'_>,
     ) -> Result<Issued, BackendError> {
-        let Credential::OAuthAuthorizationCode {
-            client_id,
-            client_secret,
-            scopes,
-            ..
-        } = target.credential
-        else {
-            return Err(BackendError::Unsupported(
-                "Jira Cloud accepts only oauth_authorization_code".to_owned(),
-            ));
-        };
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let client_id = flow.client_id;
+        let client_secret = flow.client_secret;
+        let scopes = flow.scopes;
         let redirect = RedirectUrl::new(request.redirect_uri.to_owned())
             .map_err(|_| BackendError::Unsupported("invalid redirect URI".to_owned()))?;
         let client = oauth::client(client_id, Some(client_secret), &self.token_url())?
@@ -140,23 +128,11 @@ impl Backend for JiraCloudBackend {
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
-        let Credential::OAuthAuthorizationCode {
-            client_id,
-            client_secret,
-            scopes,
-            grant,
-        } = target.credential
-        else {
-            return Err(BackendError::Unsupported(
-                "Jira Cloud accepts only oauth_authorization_code".to_owned(),
-            ));
-        };
-        let Some(grant) = grant else {
-            return Err(BackendError::Rejected {
-                failure: AuthFailure::ReauthorizationRequired,
-                message: format!("the Jira Cloud system is not connected yet; {RECONNECT}"),
-            });
-        };
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let client_id = flow.client_id;
+        let client_secret = flow.client_secret;
+        let scopes = flow.scopes;
+        let grant = flow.connected(VENDOR, RECONNECT)?;
         let cloud_id = grant
             .cloud_id
             .clone()

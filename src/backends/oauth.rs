@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{HttpClient, TransportError};
 use super::{bearer, BackendError, Issued};
-use crate::model::AuthFailure;
+use crate::model::{AuthFailure, Credential, Grant};
 use crate::secret::SecretString;
 
 /// Vendor settings: lifetimes the vendors do not announce, and the Atlassian hosts.
@@ -110,6 +110,51 @@ pub type OAuthClient = Client<
 
 /// A token endpoint error after the request ran.
 pub type TokenRequestError = RequestTokenError<TransportError, BasicErrorResponse>;
+
+/// The parts of an authorization-code credential ("Connect with …").
+pub struct CodeFlow<'a> {
+    /// The OAuth client's id.
+    pub client_id: &'a str,
+    /// The OAuth client's secret.
+    pub client_secret: &'a SecretString,
+    /// The scopes asked for.
+    pub scopes: &'a [String],
+    /// The grant, once connected.
+    pub grant: Option<&'a Grant>,
+}
+
+/// `credential`'s authorization-code parts; `vendor` accepts nothing else.
+pub fn code_flow<'a>(
+    credential: &'a Credential,
+    vendor: &str,
+) -> Result<CodeFlow<'a>, BackendError> {
+    match credential {
+        Credential::OAuthAuthorizationCode {
+            client_id,
+            client_secret,
+            scopes,
+            grant,
+        } => Ok(CodeFlow {
+            client_id,
+            client_secret,
+            scopes,
+            grant: grant.as_ref(),
+        }),
+        _ => Err(BackendError::Unsupported(format!(
+            "{vendor} accepts only oauth_authorization_code"
+        ))),
+    }
+}
+
+impl<'a> CodeFlow<'a> {
+    /// The grant, or "not connected yet" (`reconnect` says how to connect).
+    pub fn connected(&self, vendor: &str, reconnect: &str) -> Result<&'a Grant, BackendError> {
+        self.grant.ok_or_else(|| BackendError::Rejected {
+            failure: AuthFailure::ReauthorizationRequired,
+            message: format!("the {vendor} system is not connected yet; {reconnect}"),
+        })
+    }
+}
 
 /// Builds a client for `token_url`; client authentication goes in the request body (what
 /// Salesforce, ServiceNow, Zendesk and Atlassian document) unless `basic_auth`.

@@ -78,14 +78,9 @@ impl Backend for ZendeskBackend {
         target: &Target<'_>,
         request: &AuthorizeRequest<'_>,
     ) -> Result<String, BackendError> {
-        let Credential::OAuthAuthorizationCode {
-            client_id, scopes, ..
-        } = target.credential
-        else {
-            return Err(BackendError::Unsupported(
-                "Zendesk accepts only oauth_authorization_code".to_owned(),
-            ));
-        };
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let client_id = flow.client_id;
+        let scopes = flow.scopes;
         let mut url = url::Url::parse(&format!("{}/oauth/authorizations/new", target.base_url))
             .map_err(|_| BackendError::Unsupported("invalid base URL".to_owned()))?;
         url.query_pairs_mut()
@@ -108,17 +103,10 @@ impl Backend for ZendeskBackend {
         code: &str,
         request: &AuthorizeRequest<'_>,
     ) -> Result<Issued, BackendError> {
-        let Credential::OAuthAuthorizationCode {
-            client_id,
-            client_secret,
-            scopes,
-            ..
-        } = target.credential
-        else {
-            return Err(BackendError::Unsupported(
-                "Zendesk accepts only oauth_authorization_code".to_owned(),
-            ));
-        };
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let client_id = flow.client_id;
+        let client_secret = flow.client_secret;
+        let scopes = flow.scopes;
         let redirect = RedirectUrl::new(request.redirect_uri.to_owned())
             .map_err(|_| BackendError::Unsupported("invalid redirect URI".to_owned()))?;
         let client = oauth::client(client_id, Some(client_secret), &self.token_url(target))?
@@ -154,23 +142,10 @@ impl Backend for ZendeskBackend {
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
-        let Credential::OAuthAuthorizationCode {
-            client_id,
-            client_secret,
-            grant,
-            ..
-        } = target.credential
-        else {
-            return Err(BackendError::Unsupported(
-                "Zendesk accepts only oauth_authorization_code".to_owned(),
-            ));
-        };
-        let Some(grant) = grant else {
-            return Err(BackendError::Rejected {
-                failure: AuthFailure::ReauthorizationRequired,
-                message: format!("the Zendesk system is not connected yet; {RECONNECT}"),
-            });
-        };
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let client_id = flow.client_id;
+        let client_secret = flow.client_secret;
+        let grant = flow.connected(VENDOR, RECONNECT)?;
         let client = oauth::client(client_id, Some(client_secret), &self.token_url(target))?;
         let http = OAuthHttp::json(&self.ctx.http);
         let resp = client
@@ -287,17 +262,10 @@ impl ZendeskBackend {
         resp: &oauth::VendorTokenResponse,
         previous: Option<&crate::model::Grant>,
     ) -> Result<Issued, BackendError> {
-        let Credential::OAuthAuthorizationCode {
-            client_id,
-            client_secret,
-            scopes,
-            ..
-        } = target.credential
-        else {
-            return Err(BackendError::Unsupported(
-                "Zendesk accepts only oauth_authorization_code".to_owned(),
-            ));
-        };
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let client_id = flow.client_id;
+        let client_secret = flow.client_secret;
+        let scopes = flow.scopes;
         // Documented defaults when the response does not say: 30 min / the asked-for TTL.
         let mut issued = oauth::issued_from(
             resp,

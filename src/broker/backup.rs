@@ -120,17 +120,12 @@ impl Broker {
         let cipher = cipher(self);
         let backup_id = crate::util::random::hex_id::<8>();
         let created_at = unix_now();
-        let mut after: Option<String> = None;
         let mut seq = 0u64;
         let mut total = 0u64;
         let result: Result<(), BrokerError> = async {
-            loop {
-                let page = self
-                    .store
-                    .list_systems(after.as_deref(), CHUNK_SYSTEMS)
-                    .await?;
-                let done = page.len() < CHUNK_SYSTEMS;
-                after = page.last().map(|r| r.system_id.clone());
+            let mut pages = self.system_pages(CHUNK_SYSTEMS);
+            while let Some(page) = pages.next().await? {
+                let done = pages.is_done();
                 let mut systems = Vec::with_capacity(page.len());
                 for mut record in page {
                     let credential = self.open_credential(&record)?;
@@ -168,6 +163,7 @@ impl Broker {
                     return Ok(());
                 }
             }
+            Ok(())
         }
         .await;
         if let Err(e) = result {
@@ -238,7 +234,7 @@ impl Broker {
             for c in chunk.callers {
                 match self.store.insert_caller(&c).await {
                     Ok(()) => {
-                        self.load_caller(&c);
+                        self.callers.load(&c);
                         summary.callers_restored += 1
                     }
                     Err(StoreError::AlreadyExists) => summary.callers_skipped += 1,

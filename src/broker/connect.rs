@@ -59,8 +59,8 @@ pub struct PendingAuthorization {
 /// What the callback shows the person in the browser.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallbackPage {
-    /// HTTP status.
-    pub status: u16,
+    /// How it ended.
+    pub outcome: Outcome,
     /// Page title.
     pub title: String,
     /// What happened and what to do (no secrets).
@@ -69,10 +69,29 @@ pub struct CallbackPage {
     pub system_id: Option<String>,
 }
 
+/// How a callback ended (the server shows each its own way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The grant is stored; the system is active.
+    Connected,
+    /// The callback itself is unusable (no or unknown state, a vendor-reported error).
+    Invalid,
+    /// The system is gone.
+    NotFound,
+    /// The system changed meanwhile; nothing was stored.
+    Conflict,
+    /// The vendor's code exchange failed.
+    VendorFailed,
+    /// The broker could not do its part (sealing, reading).
+    Internal,
+    /// The grant could not be stored now.
+    Unavailable,
+}
+
 impl CallbackPage {
-    fn new(status: u16, title: &str, message: impl Into<String>) -> Self {
+    fn new(outcome: Outcome, title: &str, message: impl Into<String>) -> Self {
         Self {
-            status,
+            outcome,
             title: title.to_owned(),
             message: message.into(),
             system_id: None,
@@ -217,7 +236,7 @@ impl Broker {
     pub async fn complete_authorization(&self, params: &HashMap<String, String>) -> CallbackPage {
         let Some(state) = params.get("state").filter(|s| !s.is_empty()) else {
             return CallbackPage::new(
-                400,
+                Outcome::Invalid,
                 "Authorization failed",
                 "The callback carries no state; start the connection again from credbrokerctl.",
             );
@@ -237,7 +256,7 @@ impl Broker {
         };
         let Some(p) = pending else {
             return CallbackPage::new(
-                400,
+                Outcome::Invalid,
                 "Authorization link not valid",
                 "This authorization link is unknown, was already used, or belongs to another \
                  broker. Nothing was changed; start the connection again with `credbrokerctl \
@@ -261,7 +280,7 @@ impl Broker {
     ) -> CallbackPage {
         if p.expires <= Instant::now() {
             return CallbackPage::new(
-                400,
+                Outcome::Invalid,
                 "Authorization link expired",
                 format!(
                     "The authorization for '{}' expired. Nothing was changed; {hint}.",
@@ -276,21 +295,21 @@ impl Broker {
                 .take(64)
                 .collect();
             return CallbackPage::new(
-                400,
+                Outcome::Invalid,
                 "Authorization was not granted",
                 format!("The vendor answered '{code}' (access was not allowed). Nothing was changed for '{}'; {hint}.", p.system_id),
             );
         }
         let Some(code) = params.get("code").filter(|c| !c.is_empty()) else {
             return CallbackPage::new(
-                400,
+                Outcome::Invalid,
                 "Authorization failed",
                 format!("The callback carries no code. Nothing was changed; {hint}."),
             );
         };
         match self.finish(p, state, code).await {
             Ok(()) => CallbackPage::new(
-                200,
+                Outcome::Connected,
                 "Connected",
                 format!(
                     "System '{}' is connected and active. You can close this page.",
@@ -306,11 +325,11 @@ impl Broker {
         p: &PendingAuthorization,
         state: &str,
         code: &str,
-    ) -> Result<(), (u16, String)> {
+    ) -> Result<(), (Outcome, String)> {
         let hint = connect_hint(&p.system_id);
         let record = self.get_system(&p.system_id).await.map_err(|_| {
             (
-                404,
+                Outcome::NotFound,
                 format!(
                     "System '{}' no longer exists; nothing was stored.",
                     p.system_id
@@ -318,16 +337,16 @@ impl Broker {
             )
         })?;
         if record.credential_version != p.credential_version {
-            return Err((409, format!("The credential of '{}' changed since this authorization started; nothing was stored; {hint}.", p.system_id)));
+            return Err((Outcome::Conflict, format!("The credential of '{}' changed since this authorization started; nothing was stored; {hint}.", p.system_id)));
         }
         let backend = self
             .registry
             .get(record.kind)
-            .map_err(|e| (500, e.to_string()))?
+            .map_err(|e| (Outcome::Internal, e.to_string()))?
             .clone();
         let credential = self
             .open_credential(&record)
-            .map_err(|e| (500, e.to_string()))?;
+            .map_err(|e| (Outcome::Internal, e.to_string()))?;
         let result = backend
             .exchange_code(
                 &Target {
@@ -351,30 +370,42 @@ impl Broker {
                     // E.g. the grant covers other Jira sites: keep the system pending, say why.
                     self.set_state_message(&p.system_id, &message).await;
                 }
-                return Err((400, format!("{message}. Nothing else was changed.")));
+                return Err((
+                    Outcome::Invalid,
+                    format!("{message}. Nothing else was changed."),
+                ));
             }
-            Err(e) => return Err((502, format!("{e}. Nothing was changed; {hint}."))),
+            Err(e) => {
+                return Err((
+                    Outcome::VendorFailed,
+                    format!("{e}. Nothing was changed; {hint}."),
+                ))
+            }
         };
         let Some(new_credential) = issued.updated_credential.take() else {
-            return Err((502, "the vendor's answer carried no grant".to_owned()));
+            return Err((
+                Outcome::VendorFailed,
+                "the vendor's answer carried no grant".to_owned(),
+            ));
         };
         let flight = self.flight(&p.system_id);
         let mut f = flight.lock().await;
         let current = self
             .get_system(&p.system_id)
             .await
-            .map_err(|e| (500, e.to_string()))?;
+            .map_err(|e| (Outcome::Internal, e.to_string()))?;
         if current.credential_version != p.credential_version {
             return Err((
-                409,
+                Outcome::Conflict,
                 format!("The credential changed meanwhile; nothing was stored; {hint}."),
             ));
         }
-        let version = crate::broker::next_version(&current).map_err(|e| (409, e.to_string()))?;
+        let version = crate::broker::next_version(&current)
+            .map_err(|e| (Outcome::Conflict, e.to_string()))?;
         let mut updated = current.clone();
         updated.sealed_credential = self
             .seal(&p.system_id, version, &new_credential)
-            .map_err(|e| (500, e.to_string()))?;
+            .map_err(|e| (Outcome::Internal, e.to_string()))?;
         updated.credential_version = version;
         updated.credential_expires_at = new_credential.expires_at();
         updated.state = SystemState::Active;
@@ -382,7 +413,7 @@ impl Broker {
         updated.updated_at = unix_now();
         let updated = self.swap_system(&current, updated).await.map_err(|e| {
             (
-                503,
+                Outcome::Unavailable,
                 format!(
                     "the grant could not be stored ({}); {hint}",
                     BrokerError::from(e)

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
 
-use crate::broker::{Broker, OpenError};
+use crate::broker::{Broker, OpenError, SCAN_PAGE};
 use crate::crypto::{parse_header, Keyring, MasterKey, RecordBinding};
 use crate::error::BrokerError;
 use crate::store::{CredentialStore, StoreError};
@@ -245,20 +245,16 @@ impl Broker {
     }
 
     async fn rewrap_all(&self) -> Result<(), BrokerError> {
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.list_systems(after.as_deref(), 256).await?;
+        let mut pages = self.system_pages(SCAN_PAGE);
+        while let Some(page) = pages.next().await? {
             for r in &page {
                 if self.rewrap.stop.load(Ordering::SeqCst) {
                     return Ok(());
                 }
                 self.rewrap_one(&r.system_id).await?;
             }
-            match page.last() {
-                Some(last) if page.len() == 256 => after = Some(last.system_id.clone()),
-                _ => return Ok(()),
-            }
         }
+        Ok(())
     }
 
     async fn rewrap_one(&self, system_id: &str) -> Result<(), BrokerError> {
@@ -304,18 +300,13 @@ impl Broker {
         };
         let mut counts: BTreeMap<u32, u64> = ids.iter().map(|i| (*i, 0)).collect();
         let mut total = 0;
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.list_systems(after.as_deref(), 1024).await?;
+        let mut pages = self.system_pages(SCAN_PAGE);
+        while let Some(page) = pages.next().await? {
             for r in &page {
                 total += 1;
                 if let Ok(h) = parse_header(&r.sealed_credential) {
                     *counts.entry(h.kek_id).or_default() += 1;
                 }
-            }
-            match page.last() {
-                Some(last) if page.len() == 1024 => after = Some(last.system_id.clone()),
-                _ => break,
             }
         }
         Ok(KeyringStatus {

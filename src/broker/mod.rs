@@ -5,6 +5,7 @@
 //! [`Registry`]; no proto or HTTP types appear here.
 
 pub mod backup;
+pub mod callers;
 pub mod connect;
 pub mod keys;
 pub mod proxy;
@@ -15,17 +16,17 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::audit::{Audit, AuditConfig, AuditEvent};
 use crate::backends::{Backend, EgressPolicy, Issued, Registry, Target};
+pub use crate::broker::callers::{AuthRefusal, Caller, CallerScope, Callers, Presented};
 use crate::broker::connect::PendingAuthorization;
 use crate::broker::tokens::{Flight, IssuedToken, RefreshSettings, Schedule};
 use crate::crypto::{Keyring, RecordBinding};
 use crate::error::BrokerError;
 use crate::model::{
-    unix_now, AuthCheck, AuthFailure, CallerRecord, Credential, CredentialType, Delivery, Role,
-    SystemKind, SystemRecord, SystemState,
+    unix_now, AuthCheck, AuthFailure, Credential, CredentialType, Delivery, Role, SystemKind,
+    SystemRecord, SystemState,
 };
 use crate::secret::SecretString;
 use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
@@ -40,6 +41,39 @@ pub(crate) enum Modified {
     Unchanged(SystemRecord),
 }
 
+/// Systems read per page by the broker's own scans (checks, keys, keep-alive).
+pub const SCAN_PAGE: usize = 500;
+
+/// Every stored system in id order, one page at a time: the one paged scan of the store. The
+/// last page may be short or empty (an empty store yields one empty page).
+pub(crate) struct SystemPages<'a> {
+    store: &'a dyn CredentialStore,
+    page_size: usize,
+    after: Option<String>,
+    done: bool,
+}
+
+impl SystemPages<'_> {
+    /// The next page, or `None` after the last one.
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<SystemRecord>>, StoreError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .store
+            .list_systems(self.after.as_deref(), self.page_size)
+            .await?;
+        self.done = page.len() < self.page_size;
+        self.after = page.last().map(|r| r.system_id.clone());
+        Ok(Some(page))
+    }
+
+    /// True once the last page has been returned.
+    pub(crate) fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
 /// Largest `min_valid_seconds` a worker may ask for (one day).
 pub const MAX_MIN_VALID_SECONDS: u32 = 86_400;
 /// Default page size of `ListSystems`.
@@ -52,77 +86,6 @@ pub const MAX_SYSTEM_ID_LEN: usize = 128;
 pub const MAX_CALLER_NAME_LEN: usize = 64;
 /// Name of the admin caller created on first start.
 pub const BOOTSTRAP_ADMIN: &str = "admin";
-
-/// An authenticated caller.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// Caller name.
-    pub name: String,
-    /// Role.
-    pub role: Role,
-    /// Workers: system id patterns; empty = any.
-    pub system_patterns: Vec<String>,
-    /// Workers: kinds; empty = any.
-    pub kinds: Vec<SystemKind>,
-    /// Token expiry, seconds since the epoch.
-    pub expires_at: Option<u64>,
-    hash: [u8; 32],
-}
-
-impl Caller {
-    fn from_record(c: &CallerRecord, hash: [u8; 32]) -> Self {
-        Self {
-            name: c.name.clone(),
-            role: c.role,
-            system_patterns: c.system_patterns.clone(),
-            kinds: c.kinds.clone(),
-            expires_at: c.expires_at,
-            hash,
-        }
-    }
-
-    /// True when the caller's id patterns admit `system_id` (admins: always).
-    pub fn may_use_id(&self, system_id: &str) -> bool {
-        self.role == Role::Admin
-            || self.system_patterns.is_empty()
-            || self
-                .system_patterns
-                .iter()
-                .any(|p| crate::model::pattern_matches(p, system_id))
-    }
-
-    /// True when the caller's kinds admit `kind` (admins: always).
-    pub fn may_use_kind(&self, kind: SystemKind) -> bool {
-        self.role == Role::Admin || self.kinds.is_empty() || self.kinds.contains(&kind)
-    }
-
-    /// True when the caller is limited by kind (so even "not found" must not leak).
-    pub fn is_kind_scoped(&self) -> bool {
-        self.role != Role::Admin && !self.kinds.is_empty()
-    }
-}
-
-/// What a new caller may do beyond its role.
-#[derive(Debug, Clone, Default)]
-pub struct CallerScope {
-    /// System id patterns (`*` wildcard).
-    pub system_patterns: Vec<String>,
-    /// Kinds.
-    pub kinds: Vec<SystemKind>,
-    /// Token expiry, seconds since the epoch.
-    pub expires_at: Option<u64>,
-}
-
-/// Why a token was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthRefusal {
-    /// No caller has this token (or it was revoked).
-    Unknown,
-    /// The caller's token expired.
-    Expired,
-    /// A client certificate's names match more than one caller.
-    Ambiguous,
-}
 
 /// What `RegisterSystem` needs.
 #[derive(Debug)]
@@ -226,8 +189,6 @@ pub struct BrokerSettings {
     pub default_static_delivery: Delivery,
     /// Lifetime of proxy leases.
     pub lease_ttl: Duration,
-    /// The streaming client the proxy forwards with (no total timeout; egress-guarded).
-    pub proxy_client: Option<crate::broker::proxy::ProxyClient>,
     /// Largest request or response body the proxy passes.
     pub proxy_max_body_bytes: u64,
     /// A whole check (token, identity and every permission probe) ends within this.
@@ -251,7 +212,6 @@ impl Default for BrokerSettings {
             adopt_unauthenticated_records: false,
             default_static_delivery: Delivery::Proxy,
             lease_ttl: Duration::from_secs(300),
-            proxy_client: None,
             proxy_max_body_bytes: 256 * 1024 * 1024,
             check_timeout: Duration::from_secs(10),
         }
@@ -283,9 +243,8 @@ pub struct Broker {
     pub(crate) lease_key: [u8; 32],
     /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
     pub(crate) public_authority: Option<String>,
-    callers: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
-    /// Token hashes of callers seen revoked: never installed again by this process.
-    revoked: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Who may call, and the authentication of each call.
+    pub callers: Callers,
     /// This broker, for vendor exchanges that must outlive the request that started them.
     pub(crate) me: std::sync::Weak<Broker>,
     /// Vendor exchanges in flight (refreshes, code exchanges, logins): detached from their
@@ -343,8 +302,7 @@ impl Broker {
             audit,
             lease_key,
             public_authority: settings_public_authority,
-            callers: RwLock::new(HashMap::new()),
-            revoked: Mutex::new(std::collections::HashSet::new()),
+            callers: Callers::default(),
         });
         let admin_token = broker.bootstrap().await?;
         Ok((broker, admin_token))
@@ -370,7 +328,7 @@ impl Broker {
                     tracing::warn!(message = "Finished writing the admin token file of an interrupted first start.", path = %f.display());
                 }
             }
-            self.install_callers(callers);
+            self.callers.install(callers);
             return Ok(None);
         }
         let token = new_caller_token();
@@ -395,47 +353,12 @@ impl Broker {
                 if callers.is_empty() {
                     tracing::error!(message = "No stored caller passes authentication: nobody can call this broker. Restore the callers from a backup.");
                 }
-                self.install_callers(callers);
+                self.callers.install(callers);
                 Ok(None)
             }
             (Err(_), _) => Err(OpenError::Damaged(
                 "could not create the admin caller".to_owned(),
             )),
-        }
-    }
-
-    /// Replaces the in-memory callers with `callers` (revoked ones left out).
-    fn install_callers(&self, callers: Vec<CallerRecord>) {
-        let mut map = HashMap::new();
-        for c in &callers {
-            if let (true, Some(hash)) = (c.revoked, hex::decode::<32>(&c.token_sha256)) {
-                lock(&self.revoked).insert(hash);
-            }
-        }
-        for c in callers.iter().filter(|c| !c.revoked) {
-            if let Some(hash) = self.usable_hash(c) {
-                map.insert(hash, Arc::new(Caller::from_record(c, hash)));
-            }
-        }
-        *write(&self.callers) = map;
-    }
-
-    /// The token hash of a caller that may be installed: never one this process has seen
-    /// revoked (a revoked caller's earlier row put back in the store stays refused).
-    fn usable_hash(&self, c: &CallerRecord) -> Option<[u8; 32]> {
-        let hash = hex::decode::<32>(&c.token_sha256)?;
-        if lock(&self.revoked).contains(&hash) {
-            tracing::error!(message = "A caller this broker saw revoked is stored as active again (an old row put back?); it stays refused.", caller = %c.name);
-            return None;
-        }
-        Some(hash)
-    }
-
-    /// Drops a revoked caller from memory, for good.
-    fn forget_caller(&self, c: &CallerRecord) {
-        if let Some(hash) = hex::decode::<32>(&c.token_sha256) {
-            lock(&self.revoked).insert(hash);
-            write(&self.callers).remove(&hash);
         }
     }
 
@@ -511,168 +434,9 @@ impl Broker {
         }
     }
 
-    async fn reload_callers(&self) {
-        match self.store.list_callers().await {
-            Ok(c) => self.install_callers(c),
-            Err(e) => {
-                tracing::warn!(message = "Could not reload callers from the shared store.", error = %e)
-            }
-        }
-    }
-
-    // ----- callers -------------------------------------------------------------------------
-
-    /// The caller holding `token`, if any. Revoked callers are not found.
-    pub fn authenticate(&self, token: &str) -> Result<Arc<Caller>, AuthRefusal> {
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let map = read(&self.callers);
-        let c = map.get(&hash).ok_or(AuthRefusal::Unknown)?;
-        // The map lookup is by hash; confirm in constant time anyway.
-        if !bool::from(c.hash.ct_eq(&hash)) {
-            return Err(AuthRefusal::Unknown);
-        }
-        if c.expires_at.is_some_and(|e| e <= unix_now()) {
-            return Err(AuthRefusal::Expired);
-        }
-        Ok(c.clone())
-    }
-
-    /// The active caller with this name.
-    pub fn caller_by_name(&self, name: &str) -> Option<Arc<Caller>> {
-        let map = read(&self.callers);
-        map.values()
-            .find(|c| c.name == name)
-            .filter(|c| c.expires_at.is_none_or(|e| e > unix_now()))
-            .cloned()
-    }
-
-    /// The caller named by a verified client certificate (its SAN DNS names), if any.
-    pub fn authenticate_names(&self, names: &[String]) -> Result<Arc<Caller>, AuthRefusal> {
-        let map = read(&self.callers);
-        let mut matching = map
-            .values()
-            .filter(|c| names.iter().any(|n| n.eq_ignore_ascii_case(&c.name)));
-        let c = matching.next().ok_or(AuthRefusal::Unknown)?;
-        if matching.next().is_some() {
-            return Err(AuthRefusal::Ambiguous);
-        }
-        if c.expires_at.is_some_and(|e| e <= unix_now()) {
-            return Err(AuthRefusal::Expired);
-        }
-        Ok(c.clone())
-    }
-
-    /// Creates a caller and returns it with its token (shown once).
-    pub async fn create_caller(
-        &self,
-        name: &str,
-        role: Role,
-        scope: CallerScope,
-    ) -> Result<(CallerRecord, SecretString), BrokerError> {
-        validate_slug(name, MAX_CALLER_NAME_LEN).map_err(|m| BrokerError::invalid("name", m))?;
-        if role == Role::Admin && (!scope.system_patterns.is_empty() || !scope.kinds.is_empty()) {
-            return Err(BrokerError::invalid(
-                "system_patterns",
-                "admins cannot be scoped; scope worker callers",
-            ));
-        }
-        for p in &scope.system_patterns {
-            validate_slug(&p.replace('*', "x"), MAX_SYSTEM_ID_LEN).map_err(|_| {
-                BrokerError::invalid(
-                    "system_patterns",
-                    format!("'{p}' must be a system id with optional * wildcards"),
-                )
-            })?;
-        }
-        if scope.expires_at.is_some_and(|e| e <= unix_now()) {
-            return Err(BrokerError::invalid("expires_at", "must be in the future"));
-        }
-        self.create_caller_with(name, role, scope, new_caller_token())
-            .await
-    }
-
-    /// [`Broker::create_caller`] with a token chosen before (the bootstrap admin's, written to
-    /// its file first).
-    async fn create_caller_with(
-        &self,
-        name: &str,
-        role: Role,
-        scope: CallerScope,
-        token: SecretString,
-    ) -> Result<(CallerRecord, SecretString), BrokerError> {
-        let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
-        let record = CallerRecord {
-            name: name.to_owned(),
-            role,
-            token_sha256: hex::encode(&hash),
-            created_at: unix_now(),
-            revoked: false,
-            system_patterns: scope.system_patterns,
-            kinds: scope.kinds,
-            expires_at: scope.expires_at,
-            integrity: None,
-        };
-        self.store
-            .insert_caller(&record)
-            .await
-            .map_err(|e| match e {
-                StoreError::AlreadyExists => {
-                    BrokerError::AlreadyExists(format!("caller '{name}' already exists"))
-                }
-                other => other.into(),
-            })?;
-        write(&self.callers).insert(hash, Arc::new(Caller::from_record(&record, hash)));
-        Ok((record, token))
-    }
-
-    /// Makes a stored (restored) caller usable at once.
-    pub(crate) fn load_caller(&self, record: &CallerRecord) {
-        if record.revoked {
-            return self.forget_caller(record);
-        }
-        if let Some(hash) = self.usable_hash(record) {
-            write(&self.callers).insert(hash, Arc::new(Caller::from_record(record, hash)));
-        }
-    }
-
     /// A key derived from the master key for `label` (backups).
     pub(crate) fn derive_key(&self, label: &str) -> [u8; 32] {
         read(&self.keyring).derive_subkey(label)
-    }
-
-    /// Every caller.
-    pub async fn list_callers(&self) -> Result<Vec<CallerRecord>, BrokerError> {
-        Ok(self.store.list_callers().await?)
-    }
-
-    /// Revokes a caller; its token stops working at once. The last active admin cannot be
-    /// revoked (nobody could administer the broker afterwards).
-    pub async fn revoke_caller(&self, name: &str) -> Result<CallerRecord, BrokerError> {
-        let callers = self.store.list_callers().await?;
-        let mut record = callers
-            .iter()
-            .find(|c| c.name == name)
-            .cloned()
-            .ok_or_else(|| BrokerError::NotFound(format!("caller '{name}' not found")))?;
-        if record.revoked {
-            // Already revoked in the store (by another replica, or by hand): make sure this
-            // process forgets it too.
-            self.forget_caller(&record);
-            return Ok(record);
-        }
-        let active_admins = callers
-            .iter()
-            .filter(|c| c.role == Role::Admin && !c.revoked)
-            .count();
-        if record.role == Role::Admin && active_admins <= 1 {
-            return Err(BrokerError::FailedPrecondition(format!(
-                "'{name}' is the last active admin; create another admin before revoking it"
-            )));
-        }
-        record.revoked = true;
-        self.store.update_caller(&record).await?;
-        self.forget_caller(&record);
-        Ok(record)
     }
 
     // ----- systems -------------------------------------------------------------------------
@@ -993,21 +757,24 @@ impl Broker {
         Ok((page, more))
     }
 
+    /// Every stored system, `page_size` at a time, in id order.
+    pub(crate) fn system_pages(&self, page_size: usize) -> SystemPages<'_> {
+        SystemPages {
+            store: self.store.as_ref(),
+            page_size: page_size.max(1),
+            after: None,
+            done: false,
+        }
+    }
+
     /// Calls `f` on every stored system, a page at a time, in id order.
     async fn for_each_system(&self, mut f: impl FnMut(&SystemRecord)) -> Result<(), BrokerError> {
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list_systems(after.as_deref(), MAX_PAGE_SIZE)
-                .await?;
+        let mut pages = self.system_pages(SCAN_PAGE);
+        while let Some(page) = pages.next().await? {
             page.iter().for_each(&mut f);
-            match page.last() {
-                Some(last) if page.len() == MAX_PAGE_SIZE => after = Some(last.system_id.clone()),
-                _ => return Ok(()),
-            }
             tokio::task::yield_now().await;
         }
+        Ok(())
     }
 
     /// Reads every system and authenticates (decrypts) its stored credential: `(systems, errors)`.
@@ -1137,13 +904,14 @@ impl Broker {
             .unwrap_or(0))
     }
 
-    /// Writes one audit event; `token_hmac` is the token id's [`Audit::hmac`], never the id.
+    /// Writes one audit event; `code` is the outcome's canonical code name (`OK`,
+    /// `PERMISSION_DENIED`); `token_hmac` is the token id's [`Audit::hmac`], never the id.
     pub fn audit_record(
         &self,
         rpc: &str,
         caller: Option<&str>,
         system_id: Option<&str>,
-        code: tonic::Code,
+        code: &'static str,
         token_hmac: Option<&str>,
     ) -> impl std::future::Future<Output = Result<(), crate::audit::AuditError>> + Send + '_ {
         self.audit.record(&AuditEvent {
@@ -1151,12 +919,8 @@ impl Broker {
             caller,
             rpc,
             system_id,
-            outcome: if code == tonic::Code::Ok {
-                "ok"
-            } else {
-                "error"
-            },
-            code: crate::error::code_name(code),
+            outcome: if code == "OK" { "ok" } else { "error" },
+            code,
             token_hmac,
             method: None,
             path: None,

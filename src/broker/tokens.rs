@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backends::{Backend, BackendError, Header, Issued, Target};
-use crate::broker::{Broker, Modified, MAX_MIN_VALID_SECONDS};
+use crate::broker::{Broker, Modified, MAX_MIN_VALID_SECONDS, SCAN_PAGE};
 use crate::crypto::RecordBinding;
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, Credential, SharedToken, SystemRecord, SystemState};
@@ -1072,10 +1072,11 @@ impl Broker {
     /// unused system does not die quietly.
     async fn keepalive_sweep(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
         let horizon = unix_now() + self.settings.keepalive_margin.as_secs();
-        let mut after: Option<String> = None;
+        let mut pages = self.system_pages(SCAN_PAGE);
         loop {
-            let page = match self.store.list_systems(after.as_deref(), 500).await {
-                Ok(p) => p,
+            let page = match pages.next().await {
+                Ok(Some(p)) => p,
+                Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(message = "Keep-alive sweep could not list systems.", error = %e);
                     return;
@@ -1095,10 +1096,6 @@ impl Broker {
                             .await;
                     });
                 }
-            }
-            match page.last() {
-                Some(last) if page.len() == 500 => after = Some(last.system_id.clone()),
-                _ => return,
             }
         }
     }

@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::convert;
 use crate::broker::proxy::HandOut;
-use crate::broker::{AuthRefusal, Broker, Caller, CallerScope, CheckTarget, RegisterInput};
+use crate::broker::{Broker, Caller, CallerScope, CheckTarget, Presented, RegisterInput};
 use crate::error::BrokerError;
 use crate::model::Role;
 use crate::pb;
@@ -41,10 +41,6 @@ enum AuditedToken {
     Issued(Arc<crate::broker::tokens::IssuedToken>),
 }
 
-fn status(e: BrokerError) -> Status {
-    e.into()
-}
-
 impl BrokerService {
     /// A service whose core is filled in later through the shared cell.
     pub fn new(core: Arc<OnceLock<Arc<Broker>>>, bearer_tokens: bool) -> Self {
@@ -54,14 +50,15 @@ impl BrokerService {
         }
     }
 
-    /// Authenticates (bearer token, or a verified client certificate's name under mTLS); on
-    /// refusal returns the status and, when known, the caller's name.
-    fn authorize<T>(
+    /// Authenticates the call (bearer token, or a verified client certificate's name under
+    /// mTLS) and checks its role; on refusal returns the status and, when known, the caller's
+    /// name.
+    fn authn<T>(
         &self,
         broker: &Broker,
         req: &Request<T>,
         need: Role,
-    ) -> Result<Arc<Caller>, (Status, Option<String>)> {
+    ) -> Result<Arc<Caller>, (BrokerError, Option<String>)> {
         let token = req
             .metadata()
             .get("authorization")
@@ -75,52 +72,14 @@ impl BrokerService {
         let cert_names = req
             .extensions()
             .get::<super::tls::TlsConnectInfo>()
-            .map(|i| i.client_names.clone())
+            .map(|i| i.client_names.as_slice())
             .filter(|n| !n.is_empty());
-        let refused = |r: AuthRefusal, what: &str| {
-            let s = match r {
-                AuthRefusal::Unknown => {
-                    Status::unauthenticated(format!("invalid or revoked {what}"))
-                }
-                AuthRefusal::Expired => Status::unauthenticated(format!("the {what} has expired")),
-                AuthRefusal::Ambiguous => Status::unauthenticated(format!(
-                    "the {what} names more than one caller; refused as ambiguous"
-                )),
-            };
-            (s, None)
+        let presented = match (token, cert_names) {
+            (Some(token), _) => Presented::Token(token),
+            (None, Some(names)) => Presented::Certificate(names),
+            (None, None) => Presented::Nothing,
         };
-        let caller = match (token, cert_names) {
-            (Some(_), _) if !self.bearer_tokens => {
-                return Err((
-                    Status::unauthenticated(
-                        "bearer tokens are disabled; present a client certificate",
-                    ),
-                    None,
-                ))
-            }
-            (Some(token), _) => broker
-                .authenticate(token)
-                .map_err(|r| refused(r, "caller token"))?,
-            (None, Some(names)) => broker
-                .authenticate_names(&names)
-                .map_err(|r| refused(r, "client certificate identity"))?,
-            (None, None) => {
-                return Err((
-                    Status::unauthenticated(
-                        "missing caller token: send 'authorization: Bearer <token>'",
-                    ),
-                    None,
-                ))
-            }
-        };
-        if need == Role::Admin && caller.role != Role::Admin {
-            let s = Status::permission_denied(format!(
-                "caller '{}' has role {}, which may only call GetAccessToken",
-                caller.name, caller.role
-            ));
-            return Err((s, Some(caller.name.clone())));
-        }
-        Ok(caller)
+        broker.callers.authn(presented, self.bearer_tokens, need)
     }
 
     /// Runs one RPC: authenticate, call, audit. `secret` RPCs hand out secrets and fail closed
@@ -143,7 +102,7 @@ impl BrokerService {
         Req: Send + 'static,
         Resp: Send + 'static,
         F: FnOnce(Arc<Broker>, Arc<Caller>, Req) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(Resp, Audited), Status>> + Send + 'static,
+        Fut: Future<Output = Result<(Resp, Audited), BrokerError>> + Send + 'static,
     {
         let me = self.clone();
         let call = async move {
@@ -164,7 +123,7 @@ impl BrokerService {
             Some(broker) => broker
                 .run_detached(call)
                 .await
-                .unwrap_or_else(|| Err(Status::internal("the call was interrupted"))),
+                .unwrap_or_else(|| Err(BrokerError::Internal("the call was interrupted").into())),
         }
     }
 
@@ -189,7 +148,7 @@ impl BrokerService {
     ) -> impl Future<Output = Result<Response<Resp>, Status>> + 'a
     where
         F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut + 'a,
-        Fut: Future<Output = Result<(Resp, Audited), Status>> + 'a,
+        Fut: Future<Output = Result<(Resp, Audited), BrokerError>> + 'a,
         Req: 'a,
         Resp: 'a,
         Q: 'a,
@@ -210,14 +169,14 @@ impl BrokerService {
         let mut system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
         let id_check = system_id
             .as_deref()
-            .map(|id| crate::broker::validate_system_id(id).map_err(|e| Box::new(Status::from(e))));
+            .map(|id| crate::broker::validate_system_id(id).map_err(Box::new));
         if matches!(id_check, Some(Err(_))) {
             system_id = None;
         }
         let authorized = broker.map(|broker| {
             // A refusal is rare: boxed, it keeps the call's future small.
             let caller = span
-                .in_scope(|| self.authorize(&broker, &request, need))
+                .in_scope(|| self.authn(&broker, &request, need))
                 .map_err(Box::new);
             (broker, caller)
         });
@@ -241,16 +200,17 @@ struct Call {
     secret: bool,
     system_id: Option<String>,
     /// The request's system id against the id grammar (boxed: rare, keeps the future small).
-    id_check: Option<Result<(), Box<Status>>>,
+    id_check: Option<Result<(), Box<BrokerError>>>,
     /// `None` while the broker is starting.
     authorized: Option<(Arc<Broker>, AuthResult)>,
 }
 
-type AuthResult = Result<Arc<Caller>, Box<(Status, Option<String>)>>;
+type AuthResult = Result<Arc<Caller>, Box<(BrokerError, Option<String>)>>;
 
 impl Call {
     /// Calls `f` if the caller was let in, writes the audit event either way, counts the outcome
-    /// and echoes the request id on the answer.
+    /// and echoes the request id on the answer. The one place a call's [`BrokerError`] becomes
+    /// a gRPC status.
     async fn serve<Req, Resp, Q, F, Fut>(
         self,
         started: std::time::Instant,
@@ -261,12 +221,14 @@ impl Call {
     ) -> Result<Response<Resp>, Status>
     where
         F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut,
-        Fut: Future<Output = Result<(Resp, Audited), Status>>,
+        Fut: Future<Output = Result<(Resp, Audited), BrokerError>>,
     {
         let rpc = self.rpc;
-        let mut result = 'call: {
+        let result = 'call: {
             let Some((broker, caller)) = self.authorized else {
-                break 'call Err(Status::unavailable("credbroker is starting; retry shortly"));
+                break 'call Err(BrokerError::Unavailable(
+                    "credbroker is starting; retry shortly".to_owned(),
+                ));
             };
             let caller = match caller {
                 Ok(c) => c,
@@ -285,7 +247,7 @@ impl Call {
             let mut result = f(broker.clone(), caller.clone(), message, ready).await;
             let (code, generated, token) = match &mut result {
                 Ok((_, a)) => (Code::Ok, a.system_id.take(), a.token_id.take()),
-                Err(s) => (s.code(), None, None),
+                Err(e) => (e.code(), None, None),
             };
             let hmac = match &token {
                 Some(AuditedToken::Id(id)) => Some(std::borrow::Cow::Owned(broker.audit.hmac(id))),
@@ -299,22 +261,24 @@ impl Call {
                     rpc,
                     Some(&caller.name),
                     generated.as_deref().or(self.system_id.as_deref()),
-                    code,
+                    crate::error::code_name(code),
                     hmac.as_deref(),
                 )
                 .await;
             if written.is_err() && self.secret && code == Code::Ok && broker.audit.fail_closed() {
-                break 'call Err(Status::unavailable(
-                    "the audit trail cannot be written; refusing to hand out secrets until it recovers",
+                break 'call Err(BrokerError::Unavailable(
+                    "the audit trail cannot be written; refusing to hand out secrets until it recovers"
+                        .to_owned(),
                 ));
             }
             result.map(|(r, _)| Response::new(r))
         };
         let code = match &result {
             Ok(_) => Code::Ok,
-            Err(s) => s.code(),
+            Err(e) => e.code(),
         };
         crate::metrics::METRICS.rpc(rpc, code, started.elapsed());
+        let mut result = result.map_err(Status::from);
         // Echo the id so a caller can quote it when asking about a failure.
         let metadata = match &mut result {
             Ok(r) => r.metadata_mut(),
@@ -331,11 +295,12 @@ async fn audit_refusal(
     rpc: &str,
     caller: Option<&str>,
     system_id: Option<&str>,
-    refused: &Status,
+    refused: &BrokerError,
 ) {
     if broker.audit.admit_refusal() {
+        let code = crate::error::code_name(refused.code());
         let _ = broker
-            .audit_record(rpc, caller, system_id, refused.code(), None)
+            .audit_record(rpc, caller, system_id, code, None)
             .await;
     }
 }
@@ -387,11 +352,11 @@ impl CredentialBroker for BrokerService {
                     system_id: r.system_id.trim().to_owned(),
                     display_name: r.display_name,
                     description: r.description,
-                    kind: convert::kind(r.kind, "kind").map_err(status)?,
+                    kind: convert::kind(r.kind, "kind")?,
                     base_url: r.base_url,
-                    credential: convert::credential(r.credential, "credential").map_err(status)?,
+                    credential: convert::credential(r.credential, "credential")?,
                     check: r.check,
-                    delivery: convert::delivery(r.delivery).map_err(status)?,
+                    delivery: convert::delivery(r.delivery)?,
                 };
                 // Detached: a password grant or login exchanged here must be stored even if
                 // the admin's client gives up.
@@ -399,8 +364,7 @@ impl CredentialBroker for BrokerService {
                 let (record, check) = broker
                     .run_detached(async move { b.register(input).await })
                     .await
-                    .unwrap_or(Err(BrokerError::Internal("registration was interrupted")))
-                    .map_err(status)?;
+                    .unwrap_or(Err(BrokerError::Internal("registration was interrupted")))?;
                 let audited = Audited {
                     system_id: Some(record.system_id.clone()),
                     token_id: None,
@@ -436,19 +400,15 @@ impl CredentialBroker for BrokerService {
                 let target = match r.target {
                     Some(Target::SystemId(id)) => CheckTarget::Stored(id),
                     Some(Target::Candidate(c)) => CheckTarget::Candidate {
-                        kind: convert::kind(c.kind, "candidate.kind").map_err(status)?,
+                        kind: convert::kind(c.kind, "candidate.kind")?,
                         base_url: c.base_url,
-                        credential: convert::credential(c.credential, "candidate.credential")
-                            .map_err(status)?,
+                        credential: convert::credential(c.credential, "candidate.credential")?,
                     },
                     None => {
-                        return Err(status(BrokerError::invalid(
-                            "target",
-                            "set system_id or candidate",
-                        )))
+                        return Err(BrokerError::invalid("target", "set system_id or candidate"))
                     }
                 };
-                let check = broker.check(target).await.map_err(status)?;
+                let check = broker.check(target).await?;
                 Ok((
                     pb::CheckAuthenticationResponse {
                         check: Some(convert::check(&check)),
@@ -494,19 +454,17 @@ impl CredentialBroker for BrokerService {
                     // Boxed: minting (an upstream call, maybe) is a future of a few KiB, and
                     // held inline it would make every warm call's future too big for the
                     // allocator's fast path.
-                    _ => Box::pin(broker.access_token_for(
-                        &caller,
-                        &r.system_id,
-                        r.min_valid_seconds,
-                        Some(&r.rejected_token_id),
-                    ))
-                    .await
-                    .map_err(status)?,
+                    _ => {
+                        Box::pin(broker.access_token_for(
+                            &caller,
+                            &r.system_id,
+                            r.min_valid_seconds,
+                            Some(&r.rejected_token_id),
+                        ))
+                        .await?
+                    }
                 };
-                let token = match broker
-                    .hand_out(&caller, &r.system_id, token)
-                    .map_err(status)?
-                {
+                let token = match broker.hand_out(&caller, &r.system_id, token)? {
                     HandOut::Headers(token) => token,
                     HandOut::Lease(lease) => {
                         let resp = pb::GetAccessTokenResponse {
@@ -562,14 +520,13 @@ impl CredentialBroker for BrokerService {
             request,
             |r| Some(r.system_id.clone()),
             |broker, _, r| async move {
-                let credential = convert::credential(r.credential, "credential").map_err(status)?;
+                let credential = convert::credential(r.credential, "credential")?;
                 let b = broker.clone();
                 let id = r.system_id.trim().to_owned();
                 let (record, check) = broker
                     .run_detached(async move { b.rotate(&id, credential, r.skip_check).await })
                     .await
-                    .unwrap_or(Err(BrokerError::Internal("the rotation was interrupted")))
-                    .map_err(status)?;
+                    .unwrap_or(Err(BrokerError::Internal("the rotation was interrupted")))?;
                 Ok((
                     pb::RotateCredentialResponse {
                         system: Some(convert::system(&record)),
@@ -593,10 +550,7 @@ impl CredentialBroker for BrokerService {
             request,
             |r| Some(r.system_id.clone()),
             |broker, _, r| async move {
-                let record = broker
-                    .get_system(r.system_id.trim())
-                    .await
-                    .map_err(status)?;
+                let record = broker.get_system(r.system_id.trim()).await?;
                 Ok((
                     pb::GetSystemResponse {
                         system: Some(convert::system(&record)),
@@ -628,17 +582,16 @@ impl CredentialBroker for BrokerService {
                             .ok()
                             .and_then(|b| String::from_utf8(b).ok())
                             .ok_or_else(|| {
-                                status(BrokerError::invalid(
+                                BrokerError::invalid(
                                     "page_token",
                                     "is not a token this server issued",
-                                ))
+                                )
                             })?,
                     )
                 };
                 let (page, more) = broker
                     .list_systems(after.as_deref(), r.page_size as usize)
-                    .await
-                    .map_err(status)?;
+                    .await?;
                 let next_page_token = match (more, page.last()) {
                     (true, Some(last)) => URL_SAFE_NO_PAD.encode(last.system_id.as_bytes()),
                     _ => String::new(),
@@ -666,10 +619,7 @@ impl CredentialBroker for BrokerService {
             request,
             |r| Some(r.system_id.clone()),
             |broker, _, r| async move {
-                broker
-                    .delete_system(r.system_id.trim())
-                    .await
-                    .map_err(status)?;
+                broker.delete_system(r.system_id.trim()).await?;
                 Ok((pb::DeleteSystemResponse {}, Audited::default()))
             },
         )
@@ -681,19 +631,19 @@ impl CredentialBroker for BrokerService {
         request: Request<pb::CreateCallerRequest>,
     ) -> Result<Response<pb::CreateCallerResponse>, Status> {
         self.run("CreateCaller", Role::Admin, true, request, |_| None, |broker, caller, r| async move {
-            let role = convert::role(r.role).map_err(status)?;
+            let role = convert::role(r.role)?;
             let kinds = r
                 .kinds
                 .iter()
                 .map(|k| convert::kind(*k, "kinds"))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(status)?;
+                ?;
             let scope = CallerScope {
                 system_patterns: r.system_patterns.iter().map(|p| p.trim().to_owned()).collect(),
                 kinds,
                 expires_at: r.expires_at.map(|t| t.seconds.max(0) as u64),
             };
-            let (record, token) = broker.create_caller(r.name.trim(), role, scope).await.map_err(status)?;
+            let (record, token) = broker.create_caller(r.name.trim(), role, scope).await?;
             tracing::info!(message = "Caller created.", caller = %record.name, role = %record.role, by = %caller.name);
             Ok((
                 pb::CreateCallerResponse { caller: Some(convert::caller(&record)), token: token.expose_secret().to_owned() },
@@ -714,7 +664,7 @@ impl CredentialBroker for BrokerService {
             request,
             |_| None,
             |broker, _, _| async move {
-                let callers = broker.list_callers().await.map_err(status)?;
+                let callers = broker.list_callers().await?;
                 Ok((
                     pb::ListCallersResponse {
                         callers: callers.iter().map(convert::caller).collect(),
@@ -731,7 +681,7 @@ impl CredentialBroker for BrokerService {
         request: Request<pb::RevokeCallerRequest>,
     ) -> Result<Response<pb::RevokeCallerResponse>, Status> {
         self.run("RevokeCaller", Role::Admin, false, request, |_| None, |broker, caller, r| async move {
-            let record = broker.revoke_caller(r.name.trim()).await.map_err(status)?;
+            let record = broker.revoke_caller(r.name.trim()).await?;
             tracing::info!(message = "Caller revoked.", caller = %record.name, by = %caller.name);
             Ok((pb::RevokeCallerResponse { caller: Some(convert::caller(&record)) }, Audited::default()))
         })
@@ -749,10 +699,8 @@ impl CredentialBroker for BrokerService {
             request,
             |r| Some(r.system_id.clone()),
             |broker, _, r| async move {
-                let (url, expires, redirect) = broker
-                    .start_authorization(r.system_id.trim())
-                    .await
-                    .map_err(status)?;
+                let (url, expires, redirect) =
+                    broker.start_authorization(r.system_id.trim()).await?;
                 Ok((
                     pb::StartAuthorizationResponse {
                         authorize_url: url,
@@ -784,8 +732,7 @@ impl CredentialBroker for BrokerService {
                     .await
                     .unwrap_or(Err(BrokerError::Internal(
                         "the key rotation was interrupted",
-                    )))
-                    .map_err(status)?;
+                    )))?;
                 Ok((
                     pb::RotateMasterKeyResponse {
                         key_id: format!("{id:08x}"),
@@ -808,7 +755,7 @@ impl CredentialBroker for BrokerService {
             request,
             |_| None,
             |broker, _, _| async move {
-                let st = broker.key_status().await.map_err(status)?;
+                let st = broker.key_status().await?;
                 let on_primary = st
                     .keys
                     .iter()
@@ -850,7 +797,7 @@ impl CredentialBroker for BrokerService {
             request,
             |_| None,
             |broker, _, r| async move {
-                broker.retire_key(&r.key_id).await.map_err(status)?;
+                broker.retire_key(&r.key_id).await?;
                 Ok((pb::RetireKeyResponse {}, Audited::default()))
             },
         )
@@ -868,11 +815,8 @@ impl CredentialBroker for BrokerService {
             request,
             |r| Some(r.system_id.clone()),
             |broker, _, r| async move {
-                let delivery = convert::delivery(r.delivery).map_err(status)?;
-                let record = broker
-                    .set_delivery(r.system_id.trim(), delivery)
-                    .await
-                    .map_err(status)?;
+                let delivery = convert::delivery(r.delivery)?;
+                let record = broker.set_delivery(r.system_id.trim(), delivery).await?;
                 Ok((
                     pb::SetDeliveryResponse {
                         system: Some(convert::system(&record)),
@@ -903,7 +847,10 @@ impl CredentialBroker for BrokerService {
                 tokio::spawn(async move { broker.export_backup(tx).await });
                 let stream = tokio_stream::StreamExt::map(
                     tokio_stream::wrappers::ReceiverStream::new(rx),
-                    |item| item.map(|chunk| pb::BackupChunk { chunk }).map_err(status),
+                    |item| {
+                        item.map(|chunk| pb::BackupChunk { chunk })
+                            .map_err(Status::from)
+                    },
                 );
                 Ok((
                     Box::pin(stream) as Self::ExportBackupStream,
@@ -927,16 +874,23 @@ impl CredentialBroker for BrokerService {
             |broker, _, mut stream| async move {
                 let mut chunks = Vec::new();
                 let mut total = 0usize;
-                while let Some(msg) = stream.message().await? {
+                let broke_off = |s: Status| {
+                    BrokerError::invalid(
+                        "chunk",
+                        format!("the backup stream broke off: {}", s.message()),
+                    )
+                };
+                while let Some(msg) = stream.message().await.map_err(broke_off)? {
                     total += msg.chunk.len();
                     if total > MAX_RESTORE_BYTES {
-                        return Err(Status::invalid_argument(format!(
-                            "the backup is larger than {MAX_RESTORE_BYTES} bytes"
-                        )));
+                        return Err(BrokerError::invalid(
+                            "chunk",
+                            format!("the backup is larger than {MAX_RESTORE_BYTES} bytes"),
+                        ));
                     }
                     chunks.push(msg.chunk);
                 }
-                let s = broker.restore_backup(&chunks).await.map_err(status)?;
+                let s = broker.restore_backup(&chunks).await?;
                 Ok((
                     pb::RestoreBackupResponse {
                         systems_restored: s.systems_restored,

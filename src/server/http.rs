@@ -6,18 +6,32 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::Request;
-use axum::extract::{Query, State};
+use axum::extract::{FromRef, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::Html;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 
+use super::proxy::ProxyClient;
+use crate::broker::connect::Outcome;
 use crate::broker::Broker;
 
-/// The HTTP routes, sharing the gRPC service's core cell.
-pub fn router(core: Arc<OnceLock<Arc<Broker>>>) -> Router {
+/// What the HTTP handlers share: the gRPC service's core cell and the proxy's upstream client.
+#[derive(Clone)]
+struct HttpState {
+    core: Arc<OnceLock<Arc<Broker>>>,
+    proxy: Option<ProxyClient>,
+}
+
+impl FromRef<HttpState> for Arc<OnceLock<Arc<Broker>>> {
+    fn from_ref(s: &HttpState) -> Self {
+        s.core.clone()
+    }
+}
+
+/// The HTTP routes, sharing the gRPC service's core cell; `proxy` forwards proxied calls.
+pub fn router(core: Arc<OnceLock<Arc<Broker>>>, proxy_client: Option<ProxyClient>) -> Router {
     Router::new()
         .route("/oauth/callback", get(callback))
         .route("/proxy/{*rest}", any(proxy))
@@ -25,7 +39,10 @@ pub fn router(core: Arc<OnceLock<Arc<Broker>>>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/readyz/writes", get(readyz_writes))
-        .with_state(core)
+        .with_state(HttpState {
+            core,
+            proxy: proxy_client,
+        })
 }
 
 async fn readyz(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (StatusCode, &'static str) {
@@ -90,10 +107,10 @@ async fn callback(
     let b = broker.clone();
     let done = broker.run_detached(async move {
         let p = b.complete_authorization(&params).await;
-        let code = if p.status == 200 {
-            tonic::Code::Ok
+        let code = if p.outcome == Outcome::Connected {
+            "OK"
         } else {
-            tonic::Code::FailedPrecondition
+            "FAILED_PRECONDITION"
         };
         let _ = b
             .audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None)
@@ -101,7 +118,7 @@ async fn callback(
         p
     });
     match done.await {
-        Some(p) => page(p.status, &p.title, &p.message),
+        Some(p) => page(http_status(p.outcome), &p.title, &p.message),
         None => page(
             503,
             "Stopping",
@@ -110,10 +127,23 @@ async fn callback(
     }
 }
 
-async fn proxy(State(core): State<Arc<OnceLock<Arc<Broker>>>>, req: Request) -> Response {
-    match core.get() {
-        Some(broker) => broker.proxy(req).await,
+async fn proxy(State(s): State<HttpState>, req: Request) -> Response {
+    match s.core.get() {
+        Some(broker) => super::proxy::serve(broker, s.proxy.as_ref(), req).await,
         None => (StatusCode::SERVICE_UNAVAILABLE, "credbroker is starting").into_response(),
+    }
+}
+
+/// The HTTP status the admin's browser gets for a callback's outcome.
+fn http_status(outcome: Outcome) -> u16 {
+    match outcome {
+        Outcome::Connected => 200,
+        Outcome::Invalid => 400,
+        Outcome::NotFound => 404,
+        Outcome::Conflict => 409,
+        Outcome::Internal => 500,
+        Outcome::VendorFailed => 502,
+        Outcome::Unavailable => 503,
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod broker_svc;
 pub mod convert;
 pub mod http;
+pub mod proxy;
 pub mod tls;
 
 use std::future::Future;
@@ -435,7 +436,17 @@ async fn start_http(
             } else if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
                 tracing::warn!(message = "The HTTP listener serves plain HTTP on a non-loopback address; configure http_tls_cert_file/http_tls_key_file or put TLS in front of it (OAuth callbacks and proxy leases cross it).", addr = %addr);
             }
-            let app = http::router(core.clone());
+            let egress = EgressPolicy {
+                allow_http: config.egress_allow_http,
+                allow: config.egress_allow.clone(),
+            };
+            let proxy_client = proxy::ProxyClient::new(
+                &egress,
+                config.upstream_timeout.min(Duration::from_secs(10)),
+                config.proxy_read_timeout,
+            )
+            .map_err(ServeError::Http)?;
+            let app = http::router(core.clone(), Some(proxy_client));
             let limits = http::HttpLimits {
                 header_timeout: config.http_header_timeout,
                 max_connections: config.http_max_connections,
@@ -647,12 +658,6 @@ async fn open_broker(
         allow_http: config.egress_allow_http,
         allow: config.egress_allow.clone(),
     };
-    let proxy_client = crate::broker::proxy::ProxyClient::new(
-        &egress,
-        config.upstream_timeout.min(Duration::from_secs(10)),
-        config.proxy_read_timeout,
-    )
-    .map_err(ServeError::Http)?;
     let http = HttpClient::new(
         config.upstream_timeout,
         config.max_upstream_body_bytes,
@@ -694,7 +699,6 @@ async fn open_broker(
             admin_token_file: Some(data_dir.join(ADMIN_TOKEN_FILE)),
             default_static_delivery: config.default_static_delivery,
             lease_ttl: config.lease_ttl,
-            proxy_client: Some(proxy_client),
             proxy_max_body_bytes: config.proxy_max_body_bytes,
             check_timeout: config.upstream_timeout,
             audit: audit_config(config, &data_dir),

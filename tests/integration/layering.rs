@@ -44,6 +44,45 @@ fn no_import_cycle_between_modules() {
     );
 }
 
+/// The domain (the broker, its store, model, crypto, audit and leaf helpers) speaks domain
+/// types only: gRPC, HTTP-server and HTTP-client types are mapped at the edge (`server/`,
+/// `backends/`, `error`'s one mapping to status codes).
+#[test]
+fn the_domain_names_no_transport_types() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let domain = [
+        "broker", "store", "model", "crypto", "audit", "util", "secret",
+    ];
+    let transport = [
+        "tonic::",
+        "axum::",
+        "hyper::",
+        "hyper_util::",
+        "http::",
+        "tower::",
+    ];
+    let mut found = Vec::new();
+    for (module, path) in module_files(&src) {
+        if !domain.contains(&module[0].as_str()) {
+            continue;
+        }
+        let code = code_only(&std::fs::read_to_string(&path).unwrap());
+        for t in transport {
+            let named = code.match_indices(t).any(|(i, _)| {
+                let before = code[..i].chars().next_back();
+                !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+            });
+            if named {
+                found.push(format!("{}: {t}", module.join("::")));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "transport types in the domain: {found:#?}"
+    );
+}
+
 /// The checker itself finds a cycle, both at the top level and among siblings.
 #[test]
 fn the_layering_check_sees_a_cycle() {

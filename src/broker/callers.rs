@@ -1,0 +1,447 @@
+//! Callers: who may call the broker, and authentication ("authn") of each call by caller token
+//! or client certificate. [`Callers`] owns the in-memory view (by token hash, never the token)
+//! and the set of tokens seen revoked; the `impl Broker` below adds what needs the store.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{new_caller_token, validate_slug, Broker, MAX_CALLER_NAME_LEN, MAX_SYSTEM_ID_LEN};
+use crate::error::BrokerError;
+use crate::model::{unix_now, CallerRecord, Role, SystemKind};
+use crate::secret::SecretString;
+use crate::store::StoreError;
+use crate::util::hex;
+use crate::util::sync::{lock, read, write};
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Caller name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Workers: system id patterns; empty = any.
+    pub system_patterns: Vec<String>,
+    /// Workers: kinds; empty = any.
+    pub kinds: Vec<SystemKind>,
+    /// Token expiry, seconds since the epoch.
+    pub expires_at: Option<u64>,
+    hash: [u8; 32],
+}
+
+impl Caller {
+    fn from_record(c: &CallerRecord, hash: [u8; 32]) -> Self {
+        Self {
+            name: c.name.clone(),
+            role: c.role,
+            system_patterns: c.system_patterns.clone(),
+            kinds: c.kinds.clone(),
+            expires_at: c.expires_at,
+            hash,
+        }
+    }
+
+    /// True when the caller's id patterns admit `system_id` (admins: always).
+    pub fn may_use_id(&self, system_id: &str) -> bool {
+        self.role == Role::Admin
+            || self.system_patterns.is_empty()
+            || self
+                .system_patterns
+                .iter()
+                .any(|p| crate::model::pattern_matches(p, system_id))
+    }
+
+    /// True when the caller's kinds admit `kind` (admins: always).
+    pub fn may_use_kind(&self, kind: SystemKind) -> bool {
+        self.role == Role::Admin || self.kinds.is_empty() || self.kinds.contains(&kind)
+    }
+
+    /// True when the caller is limited by kind (so even "not found" must not leak).
+    pub fn is_kind_scoped(&self) -> bool {
+        self.role != Role::Admin && !self.kinds.is_empty()
+    }
+}
+
+/// What a new caller may do beyond its role.
+#[derive(Debug, Clone, Default)]
+pub struct CallerScope {
+    /// System id patterns (`*` wildcard).
+    pub system_patterns: Vec<String>,
+    /// Kinds.
+    pub kinds: Vec<SystemKind>,
+    /// Token expiry, seconds since the epoch.
+    pub expires_at: Option<u64>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthRefusal {
+    /// No caller has this token (or it was revoked).
+    Unknown,
+    /// The caller's token expired.
+    Expired,
+    /// A client certificate's names match more than one caller.
+    Ambiguous,
+}
+
+/// What a call presents to prove who it is.
+#[derive(Debug, Clone, Copy)]
+pub enum Presented<'a> {
+    /// A bearer caller token.
+    Token(&'a str),
+    /// The SAN DNS names of a verified client certificate.
+    Certificate(&'a [String]),
+    /// Nothing.
+    Nothing,
+}
+
+/// The callers this process accepts, by token hash, and the token hashes it saw revoked.
+#[derive(Debug, Default)]
+pub struct Callers {
+    by_hash: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
+    /// Token hashes of callers seen revoked: never installed again by this process.
+    revoked: Mutex<HashSet<[u8; 32]>>,
+}
+
+impl Callers {
+    /// Replaces the accepted callers with `callers` (revoked ones left out, and remembered).
+    pub fn install(&self, callers: Vec<CallerRecord>) {
+        let mut map = HashMap::new();
+        for c in &callers {
+            if let (true, Some(hash)) = (c.revoked, hex::decode::<32>(&c.token_sha256)) {
+                lock(&self.revoked).insert(hash);
+            }
+        }
+        for c in callers.iter().filter(|c| !c.revoked) {
+            if let Some(hash) = self.usable_hash(c) {
+                map.insert(hash, Arc::new(Caller::from_record(c, hash)));
+            }
+        }
+        *write(&self.by_hash) = map;
+    }
+
+    /// The token hash of a caller that may be installed: never one this process has seen
+    /// revoked (a revoked caller's earlier row put back in the store stays refused).
+    fn usable_hash(&self, c: &CallerRecord) -> Option<[u8; 32]> {
+        let hash = hex::decode::<32>(&c.token_sha256)?;
+        if lock(&self.revoked).contains(&hash) {
+            tracing::error!(message = "A caller this broker saw revoked is stored as active again (an old row put back?); it stays refused.", caller = %c.name);
+            return None;
+        }
+        Some(hash)
+    }
+
+    /// Accepts a caller just created, whose token hashes to `hash`.
+    fn insert(&self, record: &CallerRecord, hash: [u8; 32]) {
+        write(&self.by_hash).insert(hash, Arc::new(Caller::from_record(record, hash)));
+    }
+
+    /// Drops a revoked caller, for good.
+    pub fn forget(&self, c: &CallerRecord) {
+        if let Some(hash) = hex::decode::<32>(&c.token_sha256) {
+            lock(&self.revoked).insert(hash);
+            write(&self.by_hash).remove(&hash);
+        }
+    }
+
+    /// Makes a stored (restored) caller usable at once, or forgets it if it is revoked.
+    pub fn load(&self, record: &CallerRecord) {
+        if record.revoked {
+            return self.forget(record);
+        }
+        if let Some(hash) = self.usable_hash(record) {
+            self.insert(record, hash);
+        }
+    }
+
+    /// The caller holding `token`, if any. Revoked callers are not found.
+    pub fn authenticate(&self, token: &str) -> Result<Arc<Caller>, AuthRefusal> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let map = read(&self.by_hash);
+        let c = map.get(&hash).ok_or(AuthRefusal::Unknown)?;
+        // The map lookup is by hash; confirm in constant time anyway.
+        if !bool::from(c.hash.ct_eq(&hash)) {
+            return Err(AuthRefusal::Unknown);
+        }
+        if c.expires_at.is_some_and(|e| e <= unix_now()) {
+            return Err(AuthRefusal::Expired);
+        }
+        Ok(c.clone())
+    }
+
+    /// The active caller with this name.
+    pub fn by_name(&self, name: &str) -> Option<Arc<Caller>> {
+        let map = read(&self.by_hash);
+        map.values()
+            .find(|c| c.name == name)
+            .filter(|c| c.expires_at.is_none_or(|e| e > unix_now()))
+            .cloned()
+    }
+
+    /// The caller named by a verified client certificate (its SAN DNS names), if any.
+    pub fn authenticate_names(&self, names: &[String]) -> Result<Arc<Caller>, AuthRefusal> {
+        let map = read(&self.by_hash);
+        let mut matching = map
+            .values()
+            .filter(|c| names.iter().any(|n| n.eq_ignore_ascii_case(&c.name)));
+        let c = matching.next().ok_or(AuthRefusal::Unknown)?;
+        if matching.next().is_some() {
+            return Err(AuthRefusal::Ambiguous);
+        }
+        if c.expires_at.is_some_and(|e| e <= unix_now()) {
+            return Err(AuthRefusal::Expired);
+        }
+        Ok(c.clone())
+    }
+
+    /// Authenticates one call (a token wins over a certificate; tokens only when
+    /// `bearer_tokens`) and checks it may make a call that needs `need`. A refusal is
+    /// `UNAUTHENTICATED` or `PERMISSION_DENIED`, with the caller's name when it was known.
+    pub fn authn(
+        &self,
+        presented: Presented<'_>,
+        bearer_tokens: bool,
+        need: Role,
+    ) -> Result<Arc<Caller>, (BrokerError, Option<String>)> {
+        let refused = |r: AuthRefusal, what: &str| {
+            let message = match r {
+                AuthRefusal::Unknown => format!("invalid or revoked {what}"),
+                AuthRefusal::Expired => format!("the {what} has expired"),
+                AuthRefusal::Ambiguous => {
+                    format!("the {what} names more than one caller; refused as ambiguous")
+                }
+            };
+            (BrokerError::Unauthenticated(message), None)
+        };
+        let unauthenticated = |m: &str| (BrokerError::Unauthenticated(m.to_owned()), None);
+        let caller = match presented {
+            Presented::Token(_) if !bearer_tokens => {
+                return Err(unauthenticated(
+                    "bearer tokens are disabled; present a client certificate",
+                ))
+            }
+            Presented::Token(token) => self
+                .authenticate(token)
+                .map_err(|r| refused(r, "caller token"))?,
+            Presented::Certificate(names) => self
+                .authenticate_names(names)
+                .map_err(|r| refused(r, "client certificate identity"))?,
+            Presented::Nothing => {
+                return Err(unauthenticated(
+                    "missing caller token: send 'authorization: Bearer <token>'",
+                ))
+            }
+        };
+        if need == Role::Admin && caller.role != Role::Admin {
+            let e = BrokerError::PermissionDenied(format!(
+                "caller '{}' has role {}, which may only call GetAccessToken",
+                caller.name, caller.role
+            ));
+            return Err((e, Some(caller.name.clone())));
+        }
+        Ok(caller)
+    }
+}
+
+impl Broker {
+    /// Creates a caller and returns it with its token (shown once).
+    pub async fn create_caller(
+        &self,
+        name: &str,
+        role: Role,
+        scope: CallerScope,
+    ) -> Result<(CallerRecord, SecretString), BrokerError> {
+        validate_slug(name, MAX_CALLER_NAME_LEN).map_err(|m| BrokerError::invalid("name", m))?;
+        if role == Role::Admin && (!scope.system_patterns.is_empty() || !scope.kinds.is_empty()) {
+            return Err(BrokerError::invalid(
+                "system_patterns",
+                "admins cannot be scoped; scope worker callers",
+            ));
+        }
+        for p in &scope.system_patterns {
+            validate_slug(&p.replace('*', "x"), MAX_SYSTEM_ID_LEN).map_err(|_| {
+                BrokerError::invalid(
+                    "system_patterns",
+                    format!("'{p}' must be a system id with optional * wildcards"),
+                )
+            })?;
+        }
+        if scope.expires_at.is_some_and(|e| e <= unix_now()) {
+            return Err(BrokerError::invalid("expires_at", "must be in the future"));
+        }
+        self.create_caller_with(name, role, scope, new_caller_token())
+            .await
+    }
+
+    /// [`Broker::create_caller`] with a token chosen before (the bootstrap admin's, written to
+    /// its file first).
+    pub(super) async fn create_caller_with(
+        &self,
+        name: &str,
+        role: Role,
+        scope: CallerScope,
+        token: SecretString,
+    ) -> Result<(CallerRecord, SecretString), BrokerError> {
+        let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
+        let record = CallerRecord {
+            name: name.to_owned(),
+            role,
+            token_sha256: hex::encode(&hash),
+            created_at: unix_now(),
+            revoked: false,
+            system_patterns: scope.system_patterns,
+            kinds: scope.kinds,
+            expires_at: scope.expires_at,
+            integrity: None,
+        };
+        self.store
+            .insert_caller(&record)
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists => {
+                    BrokerError::AlreadyExists(format!("caller '{name}' already exists"))
+                }
+                other => other.into(),
+            })?;
+        self.callers.insert(&record, hash);
+        Ok((record, token))
+    }
+
+    /// Every caller.
+    pub async fn list_callers(&self) -> Result<Vec<CallerRecord>, BrokerError> {
+        Ok(self.store.list_callers().await?)
+    }
+
+    /// Revokes a caller; its token stops working at once. The last active admin cannot be
+    /// revoked (nobody could administer the broker afterwards).
+    pub async fn revoke_caller(&self, name: &str) -> Result<CallerRecord, BrokerError> {
+        let callers = self.store.list_callers().await?;
+        let mut record = callers
+            .iter()
+            .find(|c| c.name == name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("caller '{name}' not found")))?;
+        if record.revoked {
+            // Already revoked in the store (by another replica, or by hand): make sure this
+            // process forgets it too.
+            self.callers.forget(&record);
+            return Ok(record);
+        }
+        let active_admins = callers
+            .iter()
+            .filter(|c| c.role == Role::Admin && !c.revoked)
+            .count();
+        if record.role == Role::Admin && active_admins <= 1 {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "'{name}' is the last active admin; create another admin before revoking it"
+            )));
+        }
+        record.revoked = true;
+        self.store.update_caller(&record).await?;
+        self.callers.forget(&record);
+        Ok(record)
+    }
+
+    pub(super) async fn reload_callers(&self) {
+        match self.store.list_callers().await {
+            Ok(c) => self.callers.install(c),
+            Err(e) => {
+                tracing::warn!(message = "Could not reload callers from the shared store.", error = %e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, token: &str, role: Role) -> CallerRecord {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        CallerRecord {
+            name: name.to_owned(),
+            role,
+            token_sha256: hex::encode(&hash),
+            created_at: 0,
+            revoked: false,
+            system_patterns: Vec::new(),
+            kinds: Vec::new(),
+            expires_at: None,
+            integrity: None,
+        }
+    }
+
+    #[test]
+    fn tokens_authenticate_until_revoked_and_never_come_back() {
+        let callers = Callers::default();
+        let admin = record("root", "cbt_root", Role::Admin);
+        let worker = record("w1", "cbt_w1", Role::Worker);
+        callers.install(vec![admin.clone(), worker.clone()]);
+        assert_eq!(callers.authenticate("cbt_w1").unwrap().name, "w1");
+        assert_eq!(
+            callers.authenticate("cbt_nope").unwrap_err(),
+            AuthRefusal::Unknown
+        );
+        callers.forget(&worker);
+        assert_eq!(
+            callers.authenticate("cbt_w1").unwrap_err(),
+            AuthRefusal::Unknown
+        );
+        // Its old active row put back (a replayed store row) stays refused.
+        callers.install(vec![admin, worker.clone()]);
+        callers.load(&worker);
+        assert_eq!(
+            callers.authenticate("cbt_w1").unwrap_err(),
+            AuthRefusal::Unknown
+        );
+        assert!(callers.by_name("w1").is_none());
+    }
+
+    #[test]
+    fn expired_and_ambiguous_are_refused() {
+        let callers = Callers::default();
+        let mut old = record("old", "cbt_old", Role::Worker);
+        old.expires_at = Some(1);
+        callers.install(vec![
+            old,
+            record("svc-a", "cbt_a", Role::Worker),
+            record("SVC-A", "cbt_b", Role::Worker),
+        ]);
+        assert_eq!(
+            callers.authenticate("cbt_old").unwrap_err(),
+            AuthRefusal::Expired
+        );
+        let names = vec!["svc-a".to_owned()];
+        assert_eq!(
+            callers.authenticate_names(&names).unwrap_err(),
+            AuthRefusal::Ambiguous
+        );
+    }
+
+    #[test]
+    fn authn_says_why_with_the_right_code() {
+        let callers = Callers::default();
+        callers.install(vec![record("w1", "cbt_w1", Role::Worker)]);
+        let code = |r: Result<Arc<Caller>, (BrokerError, Option<String>)>| {
+            let (e, name) = r.unwrap_err();
+            (e.code(), e.to_string(), name)
+        };
+        let (c, m, _) = code(callers.authn(Presented::Nothing, true, Role::Worker));
+        assert_eq!(c, tonic::Code::Unauthenticated);
+        assert!(m.contains("missing caller token"), "{m}");
+        let (c, m, _) = code(callers.authn(Presented::Token("cbt_w1"), false, Role::Worker));
+        assert_eq!(c, tonic::Code::Unauthenticated);
+        assert!(m.contains("bearer tokens are disabled"), "{m}");
+        let (c, m, name) = code(callers.authn(Presented::Token("cbt_w1"), true, Role::Admin));
+        assert_eq!(
+            (c, name.as_deref()),
+            (tonic::Code::PermissionDenied, Some("w1"))
+        );
+        assert!(m.contains("may only call GetAccessToken"), "{m}");
+        let ok = callers.authn(Presented::Token("cbt_w1"), true, Role::Worker);
+        assert_eq!(ok.unwrap().name, "w1");
+    }
+}

@@ -1,0 +1,443 @@
+//! The proxy's HTTP side: the `/proxy/{system_id}/…` handler and the upstream client. The
+//! broker decides who may call what (`crate::broker::proxy`); this module moves the bytes.
+//!
+//! It forwards only to the registered host: absolute-form requests, foreign `Host` headers and
+//! path escapes (`..`, `.`, encoded slashes or dots, backslashes) are refused; upstream redirects
+//! are not followed (a `Location` under the same base is rewritten to the proxy); hop-by-hop
+//! headers are dropped and the worker's `Authorization` and cookies never reach the vendor, nor
+//! the vendor's session cookies the worker; the egress guard applies to every connection; both
+//! bodies stream within a size cap.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio_stream::StreamExt;
+
+use crate::broker::proxy::{is_clean_path, mask_path, under_base, ProxyGrant, ProxyRefusal};
+use crate::broker::tokens::IssuedToken;
+use crate::broker::Broker;
+
+/// Answers up to this size with a known length are passed whole instead of streamed.
+const SMALL_BODY: u64 = 64 * 1024;
+
+/// Methods never forwarded: TRACE/TRACK echo the request (the injected credential with it),
+/// CONNECT would open a tunnel past every check.
+const REFUSED_METHODS: &[&str] = &["TRACE", "TRACK", "CONNECT"];
+
+/// Headers that describe one hop, never forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+type Connector = hyper_rustls::HttpsConnector<
+    hyper_util::client::legacy::connect::HttpConnector<crate::backends::egress::GuardDns>,
+>;
+
+/// The proxy's upstream client: hyper's pooled HTTP/1.1 client over rustls (webpki roots), whose
+/// resolver is the egress guard; it never follows redirects.
+#[derive(Clone)]
+pub struct ProxyClient {
+    client: hyper_util::client::legacy::Client<Connector, Body>,
+    read_timeout: Duration,
+}
+
+impl std::fmt::Debug for ProxyClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyClient")
+            .field("read_timeout", &self.read_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyClient {
+    /// A client whose every connection passes `egress`; `read_timeout` bounds the wait for the
+    /// answer's head and for each body chunk.
+    pub fn new(
+        egress: &crate::backends::egress::EgressPolicy,
+        connect_timeout: Duration,
+        read_timeout: Duration,
+    ) -> Result<Self, String> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(
+            crate::backends::egress::GuardDns::new(egress.clone()),
+        );
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(https);
+        Ok(Self {
+            client,
+            read_timeout,
+        })
+    }
+}
+
+/// Serves one proxied request (`/proxy/{system_id}/…`).
+pub async fn serve(broker: &Broker, client: Option<&ProxyClient>, req: Request) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let raw_path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let rest = raw_path.strip_prefix("/proxy/").unwrap_or("");
+    let (system_id, tail) = match rest.find('/') {
+        Some(i) => (rest[..i].to_owned(), rest[i..].to_owned()),
+        None => (rest.to_owned(), String::new()),
+    };
+    // An id outside the grammar never reaches the trail, a map or the store.
+    let system_id = match crate::broker::validate_system_id(&system_id) {
+        Ok(()) => system_id,
+        Err(_) => String::new(),
+    };
+    let masked = mask_path(&tail);
+    let call = Call {
+        system_id: &system_id,
+        tail: &tail,
+        query: query.as_deref(),
+        masked: &masked,
+    };
+    let (resp, caller) = match screen(broker, &req, &system_id, &tail) {
+        Err(refused) => (refused.into_response(), None),
+        Ok(()) => forward(broker, client, req, &call).await,
+    };
+    let status = resp.status().as_u16();
+    crate::metrics::METRICS.proxy(status);
+    broker
+        .audit_proxied(
+            caller.as_deref(),
+            &system_id,
+            method.as_str(),
+            &masked,
+            status,
+            started.elapsed(),
+        )
+        .await;
+    resp
+}
+
+/// The parts of a proxied request's target.
+struct Call<'a> {
+    system_id: &'a str,
+    tail: &'a str,
+    query: Option<&'a str>,
+    masked: &'a str,
+}
+
+/// Forwards a screened request the broker admits: the caller's lease checked, the call audited
+/// first. Returns the answer and the lease's caller, when it named one.
+async fn forward(
+    broker: &Broker,
+    client: Option<&ProxyClient>,
+    req: Request,
+    call: &Call<'_>,
+) -> (Response, Option<String>) {
+    let lease = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let grant = match broker
+        .admit_proxy_call(lease, call.system_id, call.tail, call.query)
+        .await
+    {
+        Ok(grant) => grant,
+        Err((refused, caller)) => return (Refusal::from(refused).into_response(), caller),
+    };
+    let answer = send(broker, client, req, call, &grant).await;
+    (
+        answer.unwrap_or_else(Refusal::into_response),
+        Some(grant.caller),
+    )
+}
+
+/// Sends an admitted call upstream and relays the answer.
+async fn send(
+    broker: &Broker,
+    client: Option<&ProxyClient>,
+    req: Request,
+    call: &Call<'_>,
+    grant: &ProxyGrant,
+) -> Result<Response, Refusal> {
+    let Some(client) = client else {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy is not configured",
+        ));
+    };
+    let uri = axum::http::Uri::try_from(grant.url.as_str()).map_err(|_| {
+        Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "the registered base URL is not usable",
+        )
+    })?;
+    let cap = broker.settings.proxy_max_body_bytes;
+    let forward = forward_request(req, uri, &grant.token, cap)?;
+    broker
+        .audit_forwarding(
+            &grant.caller,
+            call.system_id,
+            forward.method().as_str(),
+            call.masked,
+        )
+        .await?;
+    let read_timeout = client.read_timeout;
+    let resp = match tokio::time::timeout(read_timeout, client.client.request(forward)).await {
+        Ok(Ok(r)) => r,
+        Err(_) => {
+            return Err(Refusal::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream did not answer in time",
+            ))
+        }
+        Ok(Err(_)) => {
+            return Err(Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "the upstream could not be reached",
+            ))
+        }
+    };
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        broker.note_proxy_unauthorized(call.system_id).await;
+    }
+    let proxy_base = broker
+        .settings
+        .public_url
+        .as_ref()
+        .map(|u| format!("{}/proxy/{}", u.trim_end_matches('/'), call.system_id))
+        .unwrap_or_default();
+    let base = &grant.token.api_base_url;
+    Ok(answer(resp, base, &proxy_base, read_timeout, cap).await)
+}
+
+/// Refuses what is never proxied, whoever asks: unsafe methods, absolute-form targets,
+/// another Host, path escapes.
+fn screen(broker: &Broker, req: &Request, system_id: &str, tail: &str) -> Result<(), Refusal> {
+    let method = req.method();
+    if REFUSED_METHODS
+        .iter()
+        .any(|m| m.eq_ignore_ascii_case(method.as_str()))
+    {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "TRACE, TRACK and CONNECT are not proxied",
+        ));
+    }
+    if req.uri().authority().is_some() || req.uri().scheme().is_some() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "absolute-form requests are refused",
+        ));
+    }
+    if let Some(want) = &broker.public_authority {
+        let host = req.headers().get("host").and_then(|h| h.to_str().ok());
+        if host.is_some_and(|host| !host.eq_ignore_ascii_case(want)) {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "the Host header does not name this broker",
+            ));
+        }
+    }
+    if system_id.is_empty() || !is_clean_path(tail) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "path escapes are refused",
+        ));
+    }
+    Ok(())
+}
+
+/// A request the broker answers itself, with a JSON error.
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn new(status: StatusCode, message: &str) -> Self {
+        Self(status, message.to_owned())
+    }
+
+    fn into_response(self) -> Response {
+        error(self.0, &self.1)
+    }
+}
+
+impl From<ProxyRefusal> for Refusal {
+    fn from(r: ProxyRefusal) -> Self {
+        match r {
+            ProxyRefusal::Lease => Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid, expired or revoked lease; ask GetAccessToken for a new one",
+            ),
+            ProxyRefusal::Upstream(why) => Refusal::new(StatusCode::BAD_GATEWAY, &why),
+            ProxyRefusal::Unaudited => Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit trail cannot be written; nothing is forwarded until it recovers",
+            ),
+        }
+    }
+}
+
+/// The request to send upstream: the worker's headers without hop-by-hop ones, its
+/// authorization or cookies, plus the system's headers; the body capped at `cap` bytes.
+fn forward_request(
+    req: Request,
+    uri: axum::http::Uri,
+    token: &IssuedToken,
+    cap: u64,
+) -> Result<axum::http::Request<Body>, Refusal> {
+    let method = req.method().clone();
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap) {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than the proxy allows",
+        ));
+    }
+    let mut headers = HeaderMap::new();
+    for (k, v) in req.headers() {
+        let name = k.as_str();
+        if HOP_BY_HOP.contains(&name) || name == "authorization" || name == "cookie" {
+            continue;
+        }
+        headers.append(k.clone(), v.clone());
+    }
+    for h in &token.headers {
+        let Ok(mut v) = HeaderValue::from_str(h.value.expose_secret()) else {
+            continue;
+        };
+        v.set_sensitive(true);
+        if let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) {
+            headers.insert(name, v);
+        }
+    }
+    // A bodiless request (most API reads) is forwarded without a streamed body, so no
+    // chunked encoding or body pipe is needed.
+    let bodiless = http_body::Body::size_hint(req.body()).exact() == Some(0);
+    let mut seen = 0u64;
+    let upload = req.into_body().into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+        seen += chunk.len() as u64;
+        if seen > cap {
+            return Err(std::io::Error::other("request body over the proxy's cap"));
+        }
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let mut forward = axum::http::Request::new(if bodiless {
+        Body::empty()
+    } else {
+        Body::from_stream(upload)
+    });
+    *forward.method_mut() = method;
+    *forward.uri_mut() = uri;
+    *forward.headers_mut() = headers;
+    Ok(forward)
+}
+
+/// The worker's answer: the vendor's status and headers (no session cookies; redirects under
+/// the base URL rewritten to the proxy) and its body, whole when small, else streamed, capped at
+/// `cap` bytes and cut when the vendor stalls for `read_timeout`.
+async fn answer(
+    resp: axum::http::Response<hyper::body::Incoming>,
+    api_base_url: &str,
+    proxy_base: &str,
+    read_timeout: Duration,
+    cap: u64,
+) -> Response {
+    let status = resp.status();
+    let mut out = HeaderMap::new();
+    for (k, v) in resp.headers() {
+        // A vendor session (JSESSIONID, sid, …) would outlive the lease, its revocation
+        // and the audit trail: it never reaches the worker.
+        if HOP_BY_HOP.contains(&k.as_str()) || k == "set-cookie" || k == "set-cookie2" {
+            continue;
+        }
+        if k == "location" {
+            // Rewrite only redirects that stay under the registered base, by whole path
+            // segments (`/acme` does not cover `/acme2`).
+            if let Some(rest) = v.to_str().ok().and_then(|l| under_base(l, api_base_url)) {
+                if let Ok(nv) = HeaderValue::from_str(&format!("{proxy_base}{rest}")) {
+                    out.append(k.clone(), nv);
+                    continue;
+                }
+            }
+        }
+        out.append(k.clone(), v.clone());
+    }
+    let length = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let incoming = resp.into_body();
+    // Small answers with a known length (most API JSON) are passed whole; the rest streams.
+    if length.is_some_and(|n| n <= SMALL_BODY) {
+        let whole =
+            tokio::time::timeout(read_timeout, http_body_util::BodyExt::collect(incoming)).await;
+        return match whole {
+            Ok(Ok(collected)) => {
+                let bytes = collected.to_bytes();
+                let mut response = Response::new(Body::from(bytes));
+                *response.status_mut() = status;
+                *response.headers_mut() = out;
+                response
+            }
+            Ok(Err(_)) | Err(_) => error(StatusCode::BAD_GATEWAY, "the upstream answer broke off"),
+        };
+    }
+    let mut seen = 0u64;
+    let chunks = http_body_util::BodyExt::into_data_stream(incoming).timeout(read_timeout);
+    let download = chunks.map(move |chunk| {
+        let chunk = chunk
+            .map_err(|_| std::io::Error::other("the upstream stalled"))?
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        seen += chunk.len() as u64;
+        if seen > cap {
+            return Err(std::io::Error::other("response body over the proxy's cap"));
+        }
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let mut response = Response::new(Body::from_stream(download));
+    *response.status_mut() = status;
+    *response.headers_mut() = out;
+    response
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        serde_json::json!({ "error": message }).to_string(),
+    )
+        .into_response()
+}
