@@ -17,180 +17,256 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 /// Default HTTP listen address (OAuth callback, later metrics and proxy).
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
 
-/// The broker's settings.
-#[derive(Debug, Clone)]
+/// The broker's settings, one section per concern. The TOML file and the environment stay flat
+/// (their keys are the public names); [`Config::build`] fills each section with its own
+/// `apply`.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
+    /// Listeners, request limits, shutdown, logs.
+    pub server: ServerConfig,
+    /// The data directory, the master key and the store.
+    pub store: StoreConfig,
+    /// TLS of both listeners, and how callers authenticate.
+    pub tls: TlsConfig,
+    /// The audit trail.
+    pub audit: AuditTrailConfig,
+    /// Outbound calls: the egress guard and upstream limits.
+    pub egress: EgressConfig,
+    /// Token lifetimes, refreshes, authorizations and keep-alive.
+    pub refresh: RefreshConfig,
+    /// Proxy delivery.
+    pub proxy: ProxyConfig,
+    /// Per-vendor OAuth settings.
+    pub vendors: crate::backends::oauth::OAuthSettings,
+}
+
+/// Listeners, request limits, shutdown, logs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// HTTP listen address (`None`: no HTTP listener).
+    pub http_listen: Option<SocketAddr>,
+    /// The URL people and vendors reach the HTTP listener at (redirect URIs are built from it);
+    /// `None` means `http://{http_listen}`.
+    pub public_url: Option<String>,
+    /// Server-side cap on any RPC's duration.
+    pub request_timeout: Duration,
+    /// How long in-flight RPCs may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Largest accepted request message.
+    pub max_request_bytes: usize,
+    /// Concurrent RPCs per connection.
+    pub concurrency_limit_per_connection: usize,
+    /// HTTP/2 max concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// The HTTP listener closes a connection whose next request head (the first, or the next on
+    /// an idle keep-alive connection) does not arrive whole within this.
+    pub http_header_timeout: Duration,
+    /// Open HTTP connections at most; more are closed at once.
+    pub http_max_connections: usize,
+    /// Emit JSON logs.
+    pub log_json: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            http_listen: DEFAULT_HTTP_LISTEN.parse().ok(),
+            public_url: None,
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            max_request_bytes: 64 * 1024,
+            concurrency_limit_per_connection: 256,
+            max_concurrent_streams: 256,
+            http_header_timeout: Duration::from_secs(10),
+            http_max_connections: 1024,
+            log_json: false,
+        }
+    }
+}
+
+/// The data directory, the master key and the store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
     /// Data directory (store, generated master key, admin token).
     pub data_dir: PathBuf,
     /// Master key file; `None` means `<data_dir>/master.key`.
     pub master_key_file: Option<PathBuf>,
     /// `postgres://…` selects the PostgreSQL store (replicas); `None` means sled in the data
     /// directory. Holds a password: redacted in `Debug`.
-    pub store_url: Option<crate::secret::SecretString>,
+    pub url: Option<crate::secret::SecretString>,
     /// CA certificate (PEM) that verifies the PostgreSQL server under `sslmode=require`.
-    pub store_ca_file: Option<PathBuf>,
-    /// Emit JSON logs.
-    pub log_json: bool,
+    pub ca_file: Option<PathBuf>,
+    /// Tag records written before record authentication (an upgrade step; off by default).
+    pub adopt_unauthenticated_records: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            master_key_file: None,
+            url: None,
+            ca_file: None,
+            adopt_unauthenticated_records: crate::broker::BrokerSettings::default()
+                .adopt_unauthenticated_records,
+        }
+    }
+}
+
+/// TLS of both listeners, and how callers authenticate.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Server certificate (PEM); with `key_file`, the gRPC listener speaks TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// CA for client certificates (PEM): mTLS; certificate names map to callers.
+    pub client_ca_file: Option<PathBuf>,
+    /// Accept bearer caller tokens (switch off to require client certificates).
+    pub bearer_tokens: bool,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// How often certificate files are checked for changes (SIGHUP reloads at once).
+    pub reload_interval: Duration,
+    /// Certificate (PEM) of the HTTP listener; with `http_key_file`, it speaks HTTPS.
+    pub http_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the HTTP listener.
+    pub http_key_file: Option<PathBuf>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            bearer_tokens: true,
+            handshake_timeout: Duration::from_secs(10),
+            reload_interval: Duration::from_secs(10),
+            http_cert_file: None,
+            http_key_file: None,
+        }
+    }
+}
+
+/// The audit trail.
+#[derive(Debug, Clone)]
+pub struct AuditTrailConfig {
+    /// Audit file; `None` means `<data-dir>/audit.log`.
+    pub file: Option<PathBuf>,
+    /// No audit file at all (`CREDBROKER_AUDIT_FILE=off`).
+    pub file_off: bool,
+    /// Also write audit events to stdout.
+    pub stdout: bool,
+    /// Refuse secret-returning RPCs when the audit sink fails.
+    pub fail_closed: bool,
+    /// Rotate the audit file at this size.
+    pub max_bytes: u64,
+    /// Rotated audit files kept.
+    pub keep: usize,
+}
+
+impl Default for AuditTrailConfig {
+    fn default() -> Self {
+        let audit = crate::audit::AuditConfig::default();
+        Self {
+            file: None,
+            file_off: false,
+            stdout: audit.stdout,
+            fail_closed: audit.fail_closed,
+            max_bytes: audit.max_bytes,
+            keep: audit.keep,
+        }
+    }
+}
+
+/// Outbound calls: the egress guard and upstream limits.
+#[derive(Debug, Clone)]
+pub struct EgressConfig {
     /// Accept `http://` base URLs (fakes, labs).
-    pub egress_allow_http: bool,
+    pub allow_http: bool,
     /// Private destinations the egress guard admits (CIDRs and host names).
-    pub egress_allow: crate::backends::egress::AllowList,
-    /// Server-side cap on any RPC's duration.
-    pub request_timeout: Duration,
-    /// Cap on any outbound upstream call.
+    pub allow: crate::backends::egress::AllowList,
+    /// Cap on any outbound upstream call (and on a whole check).
     pub upstream_timeout: Duration,
-    /// How long in-flight RPCs may run after a shutdown signal.
-    pub shutdown_grace: Duration,
-    /// Largest accepted request message.
-    pub max_request_bytes: usize,
     /// Largest upstream response body read.
     pub max_upstream_body_bytes: usize,
-    /// Concurrent RPCs per connection.
-    pub concurrency_limit_per_connection: usize,
-    /// HTTP/2 max concurrent streams per connection.
-    pub max_concurrent_streams: u32,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            allow_http: false,
+            allow: Default::default(),
+            upstream_timeout: crate::broker::BrokerSettings::default().check_timeout,
+            max_upstream_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Token lifetimes, refreshes, authorizations and keep-alive.
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
     /// How long a static header handed to a worker is declared valid before it asks again.
     pub static_header_ttl: Duration,
     /// Refresh an OAuth token when this fraction of its lifetime remains.
-    pub refresh_ahead_fraction: f64,
+    pub ahead_fraction: f64,
     /// …but at least this long before expiry (capped at half the lifetime).
-    pub refresh_ahead_min: Duration,
+    pub ahead_min: Duration,
     /// Upstream token calls in flight at once, across all systems.
-    pub max_concurrent_refreshes: usize,
+    pub max_concurrent: usize,
     /// Longest back-off between retries of a failing token endpoint.
-    pub refresh_retry_max: Duration,
-    /// Salesforce access-token lifetime when introspection is not allowed.
-    pub salesforce_token_lifetime: Duration,
-    /// ServiceNow refresh-token lifespan (as configured on the instance; default 100 days).
-    pub servicenow_refresh_token_lifespan: Duration,
-    /// HTTP listen address (`None`: no HTTP listener).
-    pub http_listen: Option<SocketAddr>,
-    /// The URL people and vendors reach the HTTP listener at (redirect URIs are built from it);
-    /// `None` means `http://{http_listen}`.
-    pub public_url: Option<String>,
-    /// Atlassian's authorization server.
-    pub jira_auth_url: String,
-    /// Atlassian's API gateway.
-    pub jira_api_url: String,
-    /// Zendesk access-token lifetime asked for.
-    pub zendesk_access_token_ttl: Duration,
-    /// Zendesk refresh-token lifetime asked for.
-    pub zendesk_refresh_token_ttl: Duration,
+    pub retry_max: Duration,
     /// How long a started authorization (its `state`) stays usable.
     pub authorization_ttl: Duration,
     /// How often idle authorization-code grants are checked for keep-alive.
     pub keepalive_interval: Duration,
     /// Refresh an idle grant when its refresh token would die within this long.
     pub keepalive_margin: Duration,
-    /// Audit file; `None` means `<data-dir>/audit.log`.
-    pub audit_file: Option<PathBuf>,
-    /// No audit file at all (`CREDBROKER_AUDIT_FILE=off`).
-    pub audit_file_off: bool,
-    /// Also write audit events to stdout.
-    pub audit_stdout: bool,
-    /// Refuse secret-returning RPCs when the audit sink fails.
-    pub audit_fail_closed: bool,
-    /// Rotate the audit file at this size.
-    pub audit_max_bytes: u64,
-    /// Rotated audit files kept.
-    pub audit_keep: usize,
-    /// Server certificate (PEM); with `tls_key_file`, the gRPC listener speaks TLS.
-    pub tls_cert_file: Option<PathBuf>,
-    /// Server private key (PEM).
-    pub tls_key_file: Option<PathBuf>,
-    /// CA for client certificates (PEM): mTLS; certificate names map to callers.
-    pub tls_client_ca_file: Option<PathBuf>,
-    /// Accept bearer caller tokens (switch off to require client certificates).
-    pub bearer_tokens: bool,
-    /// How long a TLS handshake may take.
-    pub tls_handshake_timeout: Duration,
-    /// How often certificate files are checked for changes (SIGHUP reloads at once).
-    pub tls_reload_interval: Duration,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        let broker = crate::broker::BrokerSettings::default();
+        Self {
+            static_header_ttl: broker.static_header_ttl,
+            ahead_fraction: broker.refresh.ahead_fraction,
+            ahead_min: broker.refresh.ahead_min,
+            max_concurrent: broker.refresh.max_concurrent,
+            retry_max: broker.refresh.retry_max,
+            authorization_ttl: broker.authorization_ttl,
+            keepalive_interval: broker.keepalive_interval,
+            keepalive_margin: broker.keepalive_margin,
+        }
+    }
+}
+
+/// Proxy delivery.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
     /// Delivery of static-secret systems registered without one.
     pub default_static_delivery: crate::model::Delivery,
     /// Lifetime of proxy leases.
     pub lease_ttl: Duration,
     /// Largest request or response body the proxy passes.
-    pub proxy_max_body_bytes: u64,
+    pub max_body_bytes: u64,
     /// The proxy gives up when the upstream sends nothing for this long.
-    pub proxy_read_timeout: Duration,
-    /// The HTTP listener closes a connection whose next request head (the first, or the next on
-    /// an idle keep-alive connection) does not arrive whole within this.
-    pub http_header_timeout: Duration,
-    /// Open HTTP connections at most; more are closed at once.
-    pub http_max_connections: usize,
-    /// Tag records written before record authentication (an upgrade step; off by default).
-    pub adopt_unauthenticated_records: bool,
-    /// Certificate (PEM) of the HTTP listener; with `http_tls_key_file`, it speaks HTTPS.
-    pub http_tls_cert_file: Option<PathBuf>,
-    /// Private key (PEM) of the HTTP listener.
-    pub http_tls_key_file: Option<PathBuf>,
+    pub read_timeout: Duration,
 }
 
-impl Default for Config {
-    /// Each component's own defaults, plus the process's (listeners, data directory, limits).
+impl Default for ProxyConfig {
     fn default() -> Self {
         let broker = crate::broker::BrokerSettings::default();
-        let refresh = broker.refresh.clone();
-        let oauth = crate::backends::oauth::OAuthSettings::default();
-        let audit = crate::audit::AuditConfig::default();
         Self {
-            listen: DEFAULT_LISTEN
-                .parse()
-                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50051))),
-            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
-            master_key_file: None,
-            store_url: None,
-            store_ca_file: None,
-            log_json: false,
-            egress_allow_http: false,
-            egress_allow: Default::default(),
-            request_timeout: Duration::from_secs(30),
-            upstream_timeout: broker.check_timeout,
-            shutdown_grace: Duration::from_secs(10),
-            max_request_bytes: 64 * 1024,
-            max_upstream_body_bytes: 1024 * 1024,
-            concurrency_limit_per_connection: 256,
-            max_concurrent_streams: 256,
-            static_header_ttl: broker.static_header_ttl,
-            refresh_ahead_fraction: refresh.ahead_fraction,
-            refresh_ahead_min: refresh.ahead_min,
-            max_concurrent_refreshes: refresh.max_concurrent,
-            refresh_retry_max: refresh.retry_max,
-            salesforce_token_lifetime: oauth.salesforce_token_lifetime,
-            servicenow_refresh_token_lifespan: oauth.servicenow_refresh_token_lifespan,
-            http_listen: DEFAULT_HTTP_LISTEN.parse().ok(),
-            public_url: None,
-            jira_auth_url: oauth.jira_auth_url,
-            jira_api_url: oauth.jira_api_url,
-            zendesk_access_token_ttl: oauth.zendesk_access_token_ttl,
-            zendesk_refresh_token_ttl: oauth.zendesk_refresh_token_ttl,
-            authorization_ttl: broker.authorization_ttl,
-            keepalive_interval: broker.keepalive_interval,
-            keepalive_margin: broker.keepalive_margin,
-            audit_file: None,
-            audit_file_off: false,
-            audit_stdout: audit.stdout,
-            audit_fail_closed: audit.fail_closed,
-            audit_max_bytes: audit.max_bytes,
-            audit_keep: audit.keep,
-            tls_cert_file: None,
-            tls_key_file: None,
-            tls_client_ca_file: None,
-            bearer_tokens: true,
-            tls_handshake_timeout: Duration::from_secs(10),
-            tls_reload_interval: Duration::from_secs(10),
             default_static_delivery: broker.default_static_delivery,
             lease_ttl: broker.lease_ttl,
-            proxy_max_body_bytes: broker.proxy_max_body_bytes,
-            proxy_read_timeout: Duration::from_secs(60),
-            http_header_timeout: Duration::from_secs(10),
-            http_max_connections: 1024,
-            adopt_unauthenticated_records: broker.adopt_unauthenticated_records,
-            http_tls_cert_file: None,
-            http_tls_key_file: None,
+            max_body_bytes: broker.proxy_max_body_bytes,
+            read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -364,11 +440,14 @@ impl Config {
             None => FileConfig::default(),
         };
         let mut c = Config::default();
-        c.apply_server_and_store(&mut f, o, &mut errors);
-        c.apply_timeouts_and_refresh(&f, &mut errors);
-        c.apply_http_and_vendors(&mut f, o, &mut errors);
-        c.apply_audit_and_tls(&mut f, o, &mut errors);
-        c.apply_proxy_and_limits(&mut f, o, &mut errors);
+        c.server.apply(&mut f, o, &mut errors);
+        c.store.apply(&mut f, o, &mut errors);
+        c.tls.apply(&mut f, o, &mut errors);
+        c.audit.apply(&mut f, o, &mut errors);
+        c.egress.apply(&mut f, o, &mut errors);
+        c.refresh.apply(&mut f, o, &mut errors);
+        c.proxy.apply(&mut f, o, &mut errors);
+        apply_vendors(&mut c.vendors, &mut f, o, &mut errors);
         if errors.is_empty() {
             Ok(c)
         } else {
@@ -376,13 +455,22 @@ impl Config {
         }
     }
 
-    /// The listeners' and store's settings, the log format and the plain-HTTP egress switch.
-    fn apply_server_and_store(
-        &mut self,
-        f: &mut FileConfig,
-        o: &Overrides,
-        errors: &mut Vec<String>,
-    ) {
+    /// Reads the TOML file at `path`, if any, and builds the config.
+    pub fn load(path: Option<&Path>, o: &Overrides) -> Result<Self, Vec<String>> {
+        let text = match path {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| vec![format!("config file {}: {e}", p.display())])?,
+            ),
+            None => None,
+        };
+        Self::build(text.as_deref(), o)
+    }
+}
+
+impl ServerConfig {
+    /// The listeners, request limits, shutdown and log format.
+    fn apply(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
         if let Some(listen) = o.listen.clone().or(f.listen.take()) {
             match listen.parse() {
                 Ok(a) => self.listen = a,
@@ -391,42 +479,11 @@ impl Config {
                 )),
             }
         }
-        if let Some(d) = o.data_dir.clone().or(f.data_dir.take()) {
-            self.data_dir = d;
-        }
-        self.master_key_file = o.master_key_file.clone().or(f.master_key_file.take());
-        self.store_url = o
-            .store_url
-            .clone()
-            .or(f.store_url.take())
-            .filter(|u| !u.expose_secret().trim().is_empty());
-        if let Some(u) = &self.store_url {
-            if !crate::store::postgres::is_postgres_url(u.expose_secret()) {
-                errors.push(
-                    "store url: must start with postgres:// (leave it unset for the embedded sled store)"
-                        .to_owned(),
-                );
-            }
-        }
-        self.store_ca_file = o.store_ca_file.clone().or(f.store_ca_file.take());
         match o.log_format.clone().or(f.log_format.take()).as_deref() {
             None | Some("text") | Some("") => {}
             Some("json") => self.log_json = true,
             Some(other) => errors.push(format!("log format: '{other}' must be 'text' or 'json'")),
         }
-        match o.egress_allow_http.as_deref() {
-            None => self.egress_allow_http = f.egress_allow_http.unwrap_or(false),
-            Some(v) => match parse_bool(v) {
-                Some(b) => self.egress_allow_http = b,
-                None => errors.push(format!(
-                    "CREDBROKER_EGRESS_ALLOW_HTTP: '{v}' must be 1/0/true/false"
-                )),
-            },
-        }
-    }
-
-    /// Timeouts, static header lifetime and the OAuth refresh schedule.
-    fn apply_timeouts_and_refresh(&mut self, f: &FileConfig, errors: &mut Vec<String>) {
         secs(
             f.request_timeout_secs,
             "request_timeout_secs",
@@ -434,73 +491,11 @@ impl Config {
             &mut self.request_timeout,
         );
         secs(
-            f.upstream_timeout_secs,
-            "upstream_timeout_secs",
-            errors,
-            &mut self.upstream_timeout,
-        );
-        secs(
             f.shutdown_grace_secs,
             "shutdown_grace_secs",
             errors,
             &mut self.shutdown_grace,
         );
-        secs(
-            f.static_header_ttl_secs,
-            "static_header_ttl_secs",
-            errors,
-            &mut self.static_header_ttl,
-        );
-        secs(
-            f.refresh_retry_max_secs,
-            "refresh_retry_max_secs",
-            errors,
-            &mut self.refresh_retry_max,
-        );
-        secs(
-            f.salesforce_token_lifetime_secs,
-            "salesforce_token_lifetime_secs",
-            errors,
-            &mut self.salesforce_token_lifetime,
-        );
-        secs(
-            f.servicenow_refresh_token_lifespan_secs,
-            "servicenow_refresh_token_lifespan_secs",
-            errors,
-            &mut self.servicenow_refresh_token_lifespan,
-        );
-        if let Some(v) = f.refresh_ahead_min_secs {
-            self.refresh_ahead_min = Duration::from_secs(v);
-        }
-        match f.refresh_ahead_fraction {
-            Some(v) if v > 0.0 && v <= 0.9 => self.refresh_ahead_fraction = v,
-            Some(v) => errors.push(format!("refresh_ahead_fraction: {v} must be in (0, 0.9]")),
-            None => {}
-        }
-        match f.max_concurrent_refreshes {
-            Some(0) => errors.push("max_concurrent_refreshes must be greater than 0".to_owned()),
-            Some(v) => self.max_concurrent_refreshes = v,
-            None => {}
-        }
-    }
-
-    /// The egress allow-list, the HTTP listener, public and Jira URLs, Zendesk lifetimes, keep-alive.
-    fn apply_http_and_vendors(
-        &mut self,
-        f: &mut FileConfig,
-        o: &Overrides,
-        errors: &mut Vec<String>,
-    ) {
-        let allow = o
-            .egress_allow
-            .clone()
-            .or(f.egress_allow.take().map(|v| v.join(",")));
-        if let Some(a) = allow {
-            match crate::backends::egress::AllowList::parse(&a) {
-                Ok(list) => self.egress_allow = list,
-                Err(e) => errors.push(format!("egress allow-list: {e}")),
-            }
-        }
         match o.http_listen.clone().or(f.http_listen.take()).as_deref() {
             None => {}
             Some("off") | Some("") => self.http_listen = None,
@@ -516,36 +511,197 @@ impl Config {
             o.public_url.clone().or(f.public_url.take()),
             errors,
         );
-        if let Some(u) = url_setting(
-            "jira auth url",
-            o.jira_auth_url.clone().or(f.jira_auth_url.take()),
+        secs(
+            f.http_header_timeout_secs,
+            "http_header_timeout_secs",
             errors,
-        ) {
-            self.jira_auth_url = u;
-        }
-        if let Some(u) = url_setting(
-            "jira api url",
-            o.jira_api_url.clone().or(f.jira_api_url.take()),
-            errors,
-        ) {
-            self.jira_api_url = u;
-        }
-        match f.zendesk_access_token_ttl_secs {
-            Some(v) if (300..=172_800).contains(&v) => {
-                self.zendesk_access_token_ttl = Duration::from_secs(v)
-            }
-            Some(v) => errors.push(format!(
-                "zendesk_access_token_ttl_secs: {v} must be 300 – 172800 (Zendesk's limits)"
-            )),
+            &mut self.http_header_timeout,
+        );
+        match f.http_max_connections {
+            Some(0) => errors.push("http_max_connections must be greater than 0".to_owned()),
+            Some(v) => self.http_max_connections = v,
             None => {}
         }
-        match f.zendesk_refresh_token_ttl_secs {
-            Some(v) if (604_800..=7_776_000).contains(&v) => {
-                self.zendesk_refresh_token_ttl = Duration::from_secs(v)
+        if let Some(v) = f.max_request_bytes {
+            self.max_request_bytes = v;
+        }
+        if let Some(v) = f.concurrency_limit_per_connection {
+            self.concurrency_limit_per_connection = v;
+        }
+        if let Some(v) = f.max_concurrent_streams {
+            self.max_concurrent_streams = v;
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The data directory, the master key, the store and record adoption.
+    fn apply(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
+        if let Some(d) = o.data_dir.clone().or(f.data_dir.take()) {
+            self.data_dir = d;
+        }
+        self.master_key_file = o.master_key_file.clone().or(f.master_key_file.take());
+        self.url = o
+            .store_url
+            .clone()
+            .or(f.store_url.take())
+            .filter(|u| !u.expose_secret().trim().is_empty());
+        if let Some(u) = &self.url {
+            if !crate::store::postgres::is_postgres_url(u.expose_secret()) {
+                errors.push(
+                    "store url: must start with postgres:// (leave it unset for the embedded sled store)"
+                        .to_owned(),
+                );
             }
-            Some(v) => errors.push(format!(
-                "zendesk_refresh_token_ttl_secs: {v} must be 604800 – 7776000 (Zendesk's limits)"
-            )),
+        }
+        self.ca_file = o.store_ca_file.clone().or(f.store_ca_file.take());
+        if let Some(v) = flag(
+            "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS",
+            o.adopt_unauthenticated_records.clone(),
+            f.adopt_unauthenticated_records,
+            errors,
+        ) {
+            self.adopt_unauthenticated_records = v;
+        }
+    }
+}
+
+impl TlsConfig {
+    /// TLS of both listeners and bearer tokens, with their consistency rules.
+    fn apply(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
+        self.cert_file = o.tls_cert_file.clone().or(f.tls_cert_file.take());
+        self.key_file = o.tls_key_file.clone().or(f.tls_key_file.take());
+        self.client_ca_file = o.tls_client_ca_file.clone().or(f.tls_client_ca_file.take());
+        if let Some(v) = flag(
+            "CREDBROKER_BEARER_TOKENS",
+            o.bearer_tokens.clone(),
+            f.bearer_tokens,
+            errors,
+        ) {
+            self.bearer_tokens = v;
+        }
+        self.http_cert_file = o.http_tls_cert_file.clone().or(f.http_tls_cert_file.take());
+        self.http_key_file = o.http_tls_key_file.clone().or(f.http_tls_key_file.take());
+        if self.http_cert_file.is_some() != self.http_key_file.is_some() {
+            errors.push("HTTP TLS needs both a certificate and a key (CREDBROKER_HTTP_TLS_CERT and CREDBROKER_HTTP_TLS_KEY)".to_owned());
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            errors.push("TLS needs both a certificate and a key (CREDBROKER_TLS_CERT and CREDBROKER_TLS_KEY)".to_owned());
+        }
+        if self.client_ca_file.is_some() && self.cert_file.is_none() {
+            errors.push("a client CA (mTLS) needs a server certificate and key".to_owned());
+        }
+        if !self.bearer_tokens && self.client_ca_file.is_none() {
+            errors.push("bearer tokens can be switched off only with client certificates (CREDBROKER_TLS_CLIENT_CA)".to_owned());
+        }
+        secs(
+            f.tls_handshake_timeout_secs,
+            "tls_handshake_timeout_secs",
+            errors,
+            &mut self.handshake_timeout,
+        );
+        secs(
+            f.tls_reload_interval_secs,
+            "tls_reload_interval_secs",
+            errors,
+            &mut self.reload_interval,
+        );
+    }
+}
+
+impl AuditTrailConfig {
+    /// The audit trail.
+    fn apply(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
+        match o.audit_file.clone().or(f.audit_file.take()).as_deref() {
+            None => {}
+            Some("off") => self.file_off = true,
+            Some(p) => self.file = Some(PathBuf::from(p)),
+        }
+        if let Some(v) = flag(
+            "CREDBROKER_AUDIT_STDOUT",
+            o.audit_stdout.clone(),
+            f.audit_stdout,
+            errors,
+        ) {
+            self.stdout = v;
+        }
+        if let Some(v) = flag(
+            "CREDBROKER_AUDIT_FAIL_CLOSED",
+            o.audit_fail_closed.clone(),
+            f.audit_fail_closed,
+            errors,
+        ) {
+            self.fail_closed = v;
+        }
+        if let Some(v) = f.audit_max_bytes {
+            self.max_bytes = v.max(4096);
+        }
+        if let Some(v) = f.audit_keep {
+            self.keep = v;
+        }
+    }
+}
+
+impl EgressConfig {
+    /// The egress guard and upstream limits.
+    fn apply(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
+        match o.egress_allow_http.as_deref() {
+            None => self.allow_http = f.egress_allow_http.unwrap_or(false),
+            Some(v) => match parse_bool(v) {
+                Some(b) => self.allow_http = b,
+                None => errors.push(format!(
+                    "CREDBROKER_EGRESS_ALLOW_HTTP: '{v}' must be 1/0/true/false"
+                )),
+            },
+        }
+        secs(
+            f.upstream_timeout_secs,
+            "upstream_timeout_secs",
+            errors,
+            &mut self.upstream_timeout,
+        );
+        let allow = o
+            .egress_allow
+            .clone()
+            .or(f.egress_allow.take().map(|v| v.join(",")));
+        if let Some(a) = allow {
+            match crate::backends::egress::AllowList::parse(&a) {
+                Ok(list) => self.allow = list,
+                Err(e) => errors.push(format!("egress allow-list: {e}")),
+            }
+        }
+        if let Some(v) = f.max_upstream_body_bytes {
+            self.max_upstream_body_bytes = v;
+        }
+    }
+}
+
+impl RefreshConfig {
+    /// Token lifetimes, the refresh schedule, authorizations and keep-alive.
+    fn apply(&mut self, f: &mut FileConfig, _: &Overrides, errors: &mut Vec<String>) {
+        secs(
+            f.static_header_ttl_secs,
+            "static_header_ttl_secs",
+            errors,
+            &mut self.static_header_ttl,
+        );
+        secs(
+            f.refresh_retry_max_secs,
+            "refresh_retry_max_secs",
+            errors,
+            &mut self.retry_max,
+        );
+        if let Some(v) = f.refresh_ahead_min_secs {
+            self.ahead_min = Duration::from_secs(v);
+        }
+        match f.refresh_ahead_fraction {
+            Some(v) if v > 0.0 && v <= 0.9 => self.ahead_fraction = v,
+            Some(v) => errors.push(format!("refresh_ahead_fraction: {v} must be in (0, 0.9]")),
+            None => {}
+        }
+        match f.max_concurrent_refreshes {
+            Some(0) => errors.push("max_concurrent_refreshes must be greater than 0".to_owned()),
+            Some(v) => self.max_concurrent = v,
             None => {}
         }
         secs(
@@ -561,84 +717,11 @@ impl Config {
             &mut self.keepalive_margin,
         );
     }
+}
 
-    /// The audit trail, record adoption and TLS (gRPC and HTTP), with their consistency rules.
-    fn apply_audit_and_tls(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
-        match o.audit_file.clone().or(f.audit_file.take()).as_deref() {
-            None => {}
-            Some("off") => self.audit_file_off = true,
-            Some(p) => self.audit_file = Some(PathBuf::from(p)),
-        }
-        if let Some(v) = flag(
-            "CREDBROKER_AUDIT_STDOUT",
-            o.audit_stdout.clone(),
-            f.audit_stdout,
-            errors,
-        ) {
-            self.audit_stdout = v;
-        }
-        if let Some(v) = flag(
-            "CREDBROKER_AUDIT_FAIL_CLOSED",
-            o.audit_fail_closed.clone(),
-            f.audit_fail_closed,
-            errors,
-        ) {
-            self.audit_fail_closed = v;
-        }
-        if let Some(v) = flag(
-            "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS",
-            o.adopt_unauthenticated_records.clone(),
-            f.adopt_unauthenticated_records,
-            errors,
-        ) {
-            self.adopt_unauthenticated_records = v;
-        }
-        self.tls_cert_file = o.tls_cert_file.clone().or(f.tls_cert_file.take());
-        self.tls_key_file = o.tls_key_file.clone().or(f.tls_key_file.take());
-        self.tls_client_ca_file = o.tls_client_ca_file.clone().or(f.tls_client_ca_file.take());
-        if let Some(v) = flag(
-            "CREDBROKER_BEARER_TOKENS",
-            o.bearer_tokens.clone(),
-            f.bearer_tokens,
-            errors,
-        ) {
-            self.bearer_tokens = v;
-        }
-        self.http_tls_cert_file = o.http_tls_cert_file.clone().or(f.http_tls_cert_file.take());
-        self.http_tls_key_file = o.http_tls_key_file.clone().or(f.http_tls_key_file.take());
-        if self.http_tls_cert_file.is_some() != self.http_tls_key_file.is_some() {
-            errors.push("HTTP TLS needs both a certificate and a key (CREDBROKER_HTTP_TLS_CERT and CREDBROKER_HTTP_TLS_KEY)".to_owned());
-        }
-        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
-            errors.push("TLS needs both a certificate and a key (CREDBROKER_TLS_CERT and CREDBROKER_TLS_KEY)".to_owned());
-        }
-        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
-            errors.push("a client CA (mTLS) needs a server certificate and key".to_owned());
-        }
-        if !self.bearer_tokens && self.tls_client_ca_file.is_none() {
-            errors.push("bearer tokens can be switched off only with client certificates (CREDBROKER_TLS_CLIENT_CA)".to_owned());
-        }
-        secs(
-            f.tls_handshake_timeout_secs,
-            "tls_handshake_timeout_secs",
-            errors,
-            &mut self.tls_handshake_timeout,
-        );
-        secs(
-            f.tls_reload_interval_secs,
-            "tls_reload_interval_secs",
-            errors,
-            &mut self.tls_reload_interval,
-        );
-    }
-
-    /// Delivery default, proxy, HTTP limits, audit file size and request limits.
-    fn apply_proxy_and_limits(
-        &mut self,
-        f: &mut FileConfig,
-        o: &Overrides,
-        errors: &mut Vec<String>,
-    ) {
+impl ProxyConfig {
+    /// Proxy delivery.
+    fn apply(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
         match o
             .default_static_delivery
             .clone()
@@ -662,52 +745,64 @@ impl Config {
             f.proxy_read_timeout_secs,
             "proxy_read_timeout_secs",
             errors,
-            &mut self.proxy_read_timeout,
+            &mut self.read_timeout,
         );
         if let Some(v) = f.proxy_max_body_bytes {
-            self.proxy_max_body_bytes = v;
-        }
-        secs(
-            f.http_header_timeout_secs,
-            "http_header_timeout_secs",
-            errors,
-            &mut self.http_header_timeout,
-        );
-        match f.http_max_connections {
-            Some(0) => errors.push("http_max_connections must be greater than 0".to_owned()),
-            Some(v) => self.http_max_connections = v,
-            None => {}
-        }
-        if let Some(v) = f.audit_max_bytes {
-            self.audit_max_bytes = v.max(4096);
-        }
-        if let Some(v) = f.audit_keep {
-            self.audit_keep = v;
-        }
-        if let Some(v) = f.max_request_bytes {
-            self.max_request_bytes = v;
-        }
-        if let Some(v) = f.max_upstream_body_bytes {
-            self.max_upstream_body_bytes = v;
-        }
-        if let Some(v) = f.concurrency_limit_per_connection {
-            self.concurrency_limit_per_connection = v;
-        }
-        if let Some(v) = f.max_concurrent_streams {
-            self.max_concurrent_streams = v;
+            self.max_body_bytes = v;
         }
     }
+}
 
-    /// Reads the TOML file at `path`, if any, and builds the config.
-    pub fn load(path: Option<&Path>, o: &Overrides) -> Result<Self, Vec<String>> {
-        let text = match path {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| vec![format!("config file {}: {e}", p.display())])?,
-            ),
-            None => None,
-        };
-        Self::build(text.as_deref(), o)
+/// Per-vendor OAuth settings.
+fn apply_vendors(
+    vendors: &mut crate::backends::oauth::OAuthSettings,
+    f: &mut FileConfig,
+    o: &Overrides,
+    errors: &mut Vec<String>,
+) {
+    secs(
+        f.salesforce_token_lifetime_secs,
+        "salesforce_token_lifetime_secs",
+        errors,
+        &mut vendors.salesforce_token_lifetime,
+    );
+    secs(
+        f.servicenow_refresh_token_lifespan_secs,
+        "servicenow_refresh_token_lifespan_secs",
+        errors,
+        &mut vendors.servicenow_refresh_token_lifespan,
+    );
+    if let Some(u) = url_setting(
+        "jira auth url",
+        o.jira_auth_url.clone().or(f.jira_auth_url.take()),
+        errors,
+    ) {
+        vendors.jira_auth_url = u;
+    }
+    if let Some(u) = url_setting(
+        "jira api url",
+        o.jira_api_url.clone().or(f.jira_api_url.take()),
+        errors,
+    ) {
+        vendors.jira_api_url = u;
+    }
+    match f.zendesk_access_token_ttl_secs {
+        Some(v) if (300..=172_800).contains(&v) => {
+            vendors.zendesk_access_token_ttl = Duration::from_secs(v)
+        }
+        Some(v) => errors.push(format!(
+            "zendesk_access_token_ttl_secs: {v} must be 300 – 172800 (Zendesk's limits)"
+        )),
+        None => {}
+    }
+    match f.zendesk_refresh_token_ttl_secs {
+        Some(v) if (604_800..=7_776_000).contains(&v) => {
+            vendors.zendesk_refresh_token_ttl = Duration::from_secs(v)
+        }
+        Some(v) => errors.push(format!(
+            "zendesk_refresh_token_ttl_secs: {v} must be 604800 – 7776000 (Zendesk's limits)"
+        )),
+        None => {}
     }
 }
 
@@ -775,8 +870,8 @@ mod tests {
             &o,
         )
         .unwrap();
-        assert_eq!(c.listen.port(), 7000);
-        assert_eq!(c.upstream_timeout, Duration::from_secs(3));
+        assert_eq!(c.server.listen.port(), 7000);
+        assert_eq!(c.egress.upstream_timeout, Duration::from_secs(3));
 
         let bad = Overrides {
             listen: Some("nope".into()),
@@ -795,7 +890,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.store_url.as_ref().map(|u| u.expose_secret()),
+            c.store.url.as_ref().map(|u| u.expose_secret()),
             Some("postgres://cb:toml-pw-77@db:5432/cb?sslmode=require")
         );
         assert!(!format!("{c:?}").contains("toml-pw-77"));
@@ -805,7 +900,7 @@ mod tests {
         };
         let c = Config::build(Some("store_url = \"postgres://x@y/z\""), &env).unwrap();
         assert_eq!(
-            c.store_url.as_ref().map(|u| u.expose_secret()),
+            c.store.url.as_ref().map(|u| u.expose_secret()),
             Some("postgresql://cb:env-pw@db/cb")
         );
         let bad = Overrides {

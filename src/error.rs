@@ -44,6 +44,9 @@ pub enum BrokerError {
     /// A stored record failed authentication (tampered, swapped or corrupt).
     #[error("{0}")]
     DataLoss(String),
+    /// The caller went away, or its request stream broke off.
+    #[error("{0}")]
+    Cancelled(String),
     /// Storage, crypto or another internal fault; the message is fixed and safe.
     #[error("{0}")]
     Internal(&'static str),
@@ -71,6 +74,7 @@ impl BrokerError {
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unimplemented(_) => Code::Unimplemented,
             Self::DataLoss(_) => Code::DataLoss,
+            Self::Cancelled(_) => Code::Cancelled,
             Self::Internal(_) => Code::Internal,
         }
     }

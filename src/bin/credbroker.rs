@@ -135,7 +135,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    credbroker::telemetry::init(config.log_json);
+    credbroker::telemetry::init(config.server.log_json);
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -168,16 +168,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(message = "Cannot bind the listen address.", addr = %config.listen, error = %e);
-                eprintln!("credbroker: cannot listen on {}: {e}", config.listen);
+                tracing::error!(message = "Cannot bind the listen address.", addr = %config.server.listen, error = %e);
+                eprintln!("credbroker: cannot listen on {}: {e}", config.server.listen);
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(message = "gRPC listening.", addr = %addr, data_dir = %config.data_dir.display());
+        tracing::info!(message = "gRPC listening.", addr = %addr, data_dir = %config.store.data_dir.display());
         match credbroker::server::run(listener, config, credbroker::shutdown::signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -87,8 +87,8 @@ pub enum AuthRefusal {
     Ambiguous,
 }
 
-/// What a call presents to prove who it is.
-#[derive(Debug, Clone, Copy)]
+/// What a call presents to prove who it is (its `Debug` never shows a token).
+#[derive(Clone, Copy)]
 pub enum Presented<'a> {
     /// A bearer caller token.
     Token(&'a str),
@@ -98,17 +98,35 @@ pub enum Presented<'a> {
     Nothing,
 }
 
+impl std::fmt::Debug for Presented<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Token(_) => f.write_str("Token(<redacted>)"),
+            Self::Certificate(names) => f.debug_tuple("Certificate").field(names).finish(),
+            Self::Nothing => f.write_str("Nothing"),
+        }
+    }
+}
+
 /// The callers this process accepts, by token hash, and the token hashes it saw revoked.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Callers {
     by_hash: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
     /// Token hashes of callers seen revoked: never installed again by this process.
     revoked: Mutex<HashSet<[u8; 32]>>,
 }
 
+impl std::fmt::Debug for Callers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callers")
+            .field("accepted", &read(&self.by_hash).len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Callers {
     /// Replaces the accepted callers with `callers` (revoked ones left out, and remembered).
-    pub fn install(&self, callers: Vec<CallerRecord>) {
+    pub(crate) fn install(&self, callers: Vec<CallerRecord>) {
         let mut map = HashMap::new();
         for c in &callers {
             if let (true, Some(hash)) = (c.revoked, hex::decode::<32>(&c.token_sha256)) {
@@ -140,7 +158,7 @@ impl Callers {
     }
 
     /// Drops a revoked caller, for good.
-    pub fn forget(&self, c: &CallerRecord) {
+    pub(crate) fn forget(&self, c: &CallerRecord) {
         if let Some(hash) = hex::decode::<32>(&c.token_sha256) {
             lock(&self.revoked).insert(hash);
             write(&self.by_hash).remove(&hash);
@@ -148,7 +166,7 @@ impl Callers {
     }
 
     /// Makes a stored (restored) caller usable at once, or forgets it if it is revoked.
-    pub fn load(&self, record: &CallerRecord) {
+    pub(crate) fn load(&self, record: &CallerRecord) {
         if record.revoked {
             return self.forget(record);
         }
@@ -419,6 +437,12 @@ mod tests {
             callers.authenticate_names(&names).unwrap_err(),
             AuthRefusal::Ambiguous
         );
+    }
+
+    #[test]
+    fn presented_tokens_never_print() {
+        let shown = format!("{:?}", Presented::Token("cbt_secret-canary"));
+        assert!(!shown.contains("canary"), "{shown}");
     }
 
     #[test]

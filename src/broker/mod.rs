@@ -33,6 +33,38 @@ use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
 use crate::util::hex;
 use crate::util::sync::{lock, read, write};
 
+/// How [`Broker::modify_system`] retries a write that lost a race or failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Three attempts back to back: best-effort notes and counters.
+    Quick,
+    /// Up to ten attempts, paced with jitter (about a second in all): a write the vendor's
+    /// state already depends on (a rotated refresh token), where every conflict means another
+    /// writer made progress.
+    Persist,
+}
+
+impl Retry {
+    fn attempts(self) -> u32 {
+        match self {
+            Self::Quick => 3,
+            Self::Persist => 10,
+        }
+    }
+
+    /// The wait before attempt `n` (from 2).
+    fn pause(self, n: u32) -> Option<Duration> {
+        match self {
+            Self::Quick => None,
+            Self::Persist => {
+                let base = 20 * u64::from(n.min(8));
+                let jitter = crate::util::random::bytes::<1>()[0] % 20;
+                Some(Duration::from_millis(base + u64::from(jitter)))
+            }
+        }
+    }
+}
+
 /// What [`Broker::modify_system`] did.
 pub(crate) enum Modified {
     /// The change was written; the record as stored now.
@@ -244,7 +276,7 @@ pub struct Broker {
     /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
     pub(crate) public_authority: Option<String>,
     /// Who may call, and the authentication of each call.
-    pub callers: Callers,
+    pub(crate) callers: Callers,
     /// This broker, for vendor exchanges that must outlive the request that started them.
     pub(crate) me: std::sync::Weak<Broker>,
     /// Vendor exchanges in flight (refreshes, code exchanges, logins): detached from their
@@ -693,27 +725,29 @@ impl Broker {
         Ok(updated)
     }
 
-    /// Read-modify-write of one system record: [`Self::swap_system`] in a loop of three attempts
-    /// (a conflict re-reads at once; another failure waits a moment first). `change` gets the
-    /// current record and returns the new one, or `None` when there is nothing to write.
+    /// Read-modify-write of one system record: [`Self::swap_system`] re-read and retried as
+    /// `retry` says. `change` gets the current record and returns the new one, or `None` when
+    /// there is nothing to write.
     pub(crate) async fn modify_system(
         &self,
         system_id: &str,
+        retry: Retry,
         mut change: impl FnMut(&SystemRecord) -> Result<Option<SystemRecord>, BrokerError>,
     ) -> Result<Modified, BrokerError> {
         let mut last = BrokerError::Internal("the system record kept changing");
-        for attempt in 1..=3u64 {
+        for attempt in 1..=retry.attempts() {
+            if attempt > 1 {
+                if let Some(pause) = retry.pause(attempt) {
+                    tokio::time::sleep(pause).await;
+                }
+            }
             let current = self.get_system(system_id).await?;
             let Some(updated) = change(&current)? else {
                 return Ok(Modified::Unchanged(current));
             };
             match self.swap_system(&current, updated).await {
                 Ok(written) => return Ok(Modified::Written(written)),
-                Err(StoreError::Conflict) => last = StoreError::Conflict.into(),
-                Err(e) => {
-                    last = e.into();
-                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-                }
+                Err(e) => last = e.into(),
             }
         }
         Err(last)
@@ -727,7 +761,7 @@ impl Broker {
         mut change: impl FnMut(&mut SystemRecord) -> bool,
     ) -> Result<bool, BrokerError> {
         let modified = self
-            .modify_system(system_id, |current| {
+            .modify_system(system_id, Retry::Quick, |current| {
                 let mut updated = current.clone();
                 Ok(change(&mut updated).then_some(updated))
             })

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backends::{Backend, BackendError, Header, Issued, Target};
-use crate::broker::{Broker, Modified, MAX_MIN_VALID_SECONDS, SCAN_PAGE};
+use crate::broker::{Broker, Modified, Retry, MAX_MIN_VALID_SECONDS, SCAN_PAGE};
 use crate::crypto::RecordBinding;
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, Credential, SharedToken, SystemRecord, SystemState};
@@ -925,7 +925,7 @@ impl Broker {
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default();
         let shared = self
-            .modify_system(system_id, |current| {
+            .modify_system(system_id, Retry::Quick, |current| {
                 let mut updated = current.clone();
                 updated.shared_token = Some(SharedToken {
                     sealed: read(&self.keyring).seal(&shared_binding(system_id, current), &plain),
@@ -948,7 +948,7 @@ impl Broker {
         credential: &Credential,
     ) -> Result<SystemRecord, BrokerError> {
         let modified = self
-            .modify_system(system_id, |current| {
+            .modify_system(system_id, Retry::Persist, |current| {
                 if current.credential_version != used.credential_version {
                     // An admin rotated the credential meanwhile: theirs wins.
                     return Ok(None);

@@ -874,11 +874,17 @@ impl CredentialBroker for BrokerService {
             |broker, _, mut stream| async move {
                 let mut chunks = Vec::new();
                 let mut total = 0usize;
+                // The stream's own failure keeps its meaning: a chunk too large is bad input,
+                // a client that went away is a cancellation, anything else a broken transport.
                 let broke_off = |s: Status| {
-                    BrokerError::invalid(
-                        "chunk",
-                        format!("the backup stream broke off: {}", s.message()),
-                    )
+                    let why = format!("the backup stream broke off: {}", s.message());
+                    match s.code() {
+                        Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument => {
+                            BrokerError::invalid("chunk", why)
+                        }
+                        Code::Cancelled | Code::DeadlineExceeded => BrokerError::Cancelled(why),
+                        _ => BrokerError::Unavailable(why),
+                    }
                 };
                 while let Some(msg) = stream.message().await.map_err(broke_off)? {
                     total += msg.chunk.len();

@@ -89,7 +89,7 @@ pub struct StartupHooks {
     /// When set, the store is opened only after this resolves (health stays `NOT_SERVING`
     /// meanwhile). Lets a test observe the starting state, or an embedder fetch a key first.
     pub before_open: Option<oneshot::Receiver<()>>,
-    /// A bound HTTP listener to use instead of binding `config.http_listen`.
+    /// A bound HTTP listener to use instead of binding `config.server.http_listen`.
     pub http_listener: Option<TcpListener>,
     /// Wraps the opened store before the broker uses it (fault injection in tests, an
     /// embedder's instrumentation).
@@ -217,7 +217,7 @@ pub async fn run_with_hooks(
     };
     if let Some(res) = early_exit {
         refresher.shutdown().await;
-        broker.drain_exchanges(config.shutdown_grace).await;
+        broker.drain_exchanges(config.server.shutdown_grace).await;
         broker.stop_rewrap().await;
         let _ = http_stop_tx.send(());
         let _ = broker.flush().await;
@@ -272,14 +272,14 @@ async fn start_grpc(
         .map_err(|e| ServeError::Transport(e.to_string()))?;
 
     let service =
-        CredentialBrokerServer::new(BrokerService::new(core.clone(), config.bearer_tokens))
-            .max_decoding_message_size(config.max_request_bytes)
+        CredentialBrokerServer::new(BrokerService::new(core.clone(), config.tls.bearer_tokens))
+            .max_decoding_message_size(config.server.max_request_bytes)
             .max_encoding_message_size(4 * 1024 * 1024);
 
     let router = tonic::transport::Server::builder()
-        .timeout(config.request_timeout)
-        .concurrency_limit_per_connection(config.concurrency_limit_per_connection)
-        .max_concurrent_streams(config.max_concurrent_streams)
+        .timeout(config.server.request_timeout)
+        .concurrency_limit_per_connection(config.server.concurrency_limit_per_connection)
+        .max_concurrent_streams(config.server.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_keepalive(Some(Duration::from_secs(60)))
@@ -300,10 +300,10 @@ async fn start_grpc(
         Some(reloader) => {
             let (incoming, accept_task) = reloader.incoming(listener);
             tls_tasks.push(accept_task);
-            tls_tasks.extend(reloader.watch(config.tls_reload_interval));
+            tls_tasks.extend(reloader.watch(config.tls.reload_interval));
             tracing::info!(
                 message = "gRPC listener speaks TLS.",
-                client_certificates = config.tls_client_ca_file.is_some()
+                client_certificates = config.tls.client_ca_file.is_some()
             );
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
         }
@@ -340,7 +340,7 @@ async fn drain_within_grace(
 ) {
     // One grace period for the whole drain (listeners, calls, vendor exchanges, which all run
     // meanwhile), not one per stage: an orchestrator's kill deadline is a single number.
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + config.server.shutdown_grace;
     if let Some(t) = http_task {
         let _ = tokio::time::timeout_at(deadline, t).await;
     }
@@ -349,7 +349,7 @@ async fn drain_within_grace(
         Err(_) => {
             tracing::warn!(
                 message = "Shutdown grace period ran out; abandoning remaining calls.",
-                grace_secs = config.shutdown_grace.as_secs()
+                grace_secs = config.server.shutdown_grace.as_secs()
             );
             server_task.abort();
         }
@@ -374,26 +374,26 @@ type Tls = Arc<tls::TlsReloader>;
 
 /// The gRPC and HTTP listeners' TLS, when configured.
 fn load_tls(config: &Config) -> Result<(Option<Tls>, Option<Tls>), ServeError> {
-    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+    let tls = match (&config.tls.cert_file, &config.tls.key_file) {
         (Some(cert), Some(key)) => Some(Arc::new(
             tls::TlsReloader::load(tls::TlsSettings {
                 cert: cert.clone(),
                 key: key.clone(),
-                client_ca: config.tls_client_ca_file.clone(),
-                handshake_timeout: config.tls_handshake_timeout,
+                client_ca: config.tls.client_ca_file.clone(),
+                handshake_timeout: config.tls.handshake_timeout,
                 alpn: vec![b"h2".to_vec()],
             })
             .map_err(ServeError::Tls)?,
         )),
         _ => None,
     };
-    let http_tls = match (&config.http_tls_cert_file, &config.http_tls_key_file) {
+    let http_tls = match (&config.tls.http_cert_file, &config.tls.http_key_file) {
         (Some(cert), Some(key)) => Some(Arc::new(
             tls::TlsReloader::load(tls::TlsSettings {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: None,
-                handshake_timeout: config.tls_handshake_timeout,
+                handshake_timeout: config.tls.handshake_timeout,
                 alpn: vec![b"http/1.1".to_vec()],
             })
             .map_err(|e| ServeError::Tls(format!("HTTP listener: {e}")))?,
@@ -415,14 +415,14 @@ async fn start_http(
 ) -> Result<(Option<JoinHandle<()>>, Option<String>), ServeError> {
     let http_listener = match listener {
         Some(l) => Some(l),
-        None => match config.http_listen {
+        None => match config.server.http_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
                 ServeError::Transport(format!("cannot listen for HTTP on {addr}: {e}"))
             })?),
             None => None,
         },
     };
-    let mut public_url = config.public_url.clone();
+    let mut public_url = config.server.public_url.clone();
     let http_task = match http_listener {
         Some(l) => {
             let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -432,24 +432,24 @@ async fn start_http(
                 public_url = Some(format!("{scheme}://{addr}"));
             }
             if let Some(r) = &http_tls {
-                tls_tasks.extend(r.watch(config.tls_reload_interval));
+                tls_tasks.extend(r.watch(config.tls.reload_interval));
             } else if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
                 tracing::warn!(message = "The HTTP listener serves plain HTTP on a non-loopback address; configure http_tls_cert_file/http_tls_key_file or put TLS in front of it (OAuth callbacks and proxy leases cross it).", addr = %addr);
             }
             let egress = EgressPolicy {
-                allow_http: config.egress_allow_http,
-                allow: config.egress_allow.clone(),
+                allow_http: config.egress.allow_http,
+                allow: config.egress.allow.clone(),
             };
             let proxy_client = proxy::ProxyClient::new(
                 &egress,
-                config.upstream_timeout.min(Duration::from_secs(10)),
-                config.proxy_read_timeout,
+                config.egress.upstream_timeout.min(Duration::from_secs(10)),
+                config.proxy.read_timeout,
             )
             .map_err(ServeError::Http)?;
             let app = http::router(core.clone(), Some(proxy_client));
             let limits = http::HttpLimits {
-                header_timeout: config.http_header_timeout,
-                max_connections: config.http_max_connections,
+                header_timeout: config.server.http_header_timeout,
+                max_connections: config.server.http_max_connections,
             };
             Some(tokio::spawn(http::serve(
                 l,
@@ -553,7 +553,7 @@ async fn open_postgres(
     url: &crate::secret::SecretString,
     data_dir: &Path,
 ) -> Result<OpenedStore, ServeError> {
-    let pg = PostgresStore::connect(url.expose_secret(), config.store_ca_file.as_deref())
+    let pg = PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref())
         .await
         .map_err(|e| ServeError::Postgres(e.to_string()))?;
     let exists = pg
@@ -562,7 +562,7 @@ async fn open_postgres(
         .map_err(|e| ServeError::Postgres(e.to_string()))?
         .is_some();
     let (key, source) =
-        MasterKey::load_or_generate(config.master_key_file.as_deref(), data_dir, exists)?;
+        MasterKey::load_or_generate(config.store.master_key_file.as_deref(), data_dir, exists)?;
     tracing::info!(message = "Store: PostgreSQL.", initialized = exists);
     let key_id = key.id();
     Ok((
@@ -579,8 +579,11 @@ async fn open_postgres(
 async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, ServeError> {
     let store_exists = SledStore::exists_in(data_dir);
     let initialized = store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
-    let (key, source) =
-        MasterKey::load_or_generate(config.master_key_file.as_deref(), data_dir, store_exists)?;
+    let (key, source) = MasterKey::load_or_generate(
+        config.store.master_key_file.as_deref(),
+        data_dir,
+        store_exists,
+    )?;
     let key_id = key.id();
     let keyring = Keyring::new(key);
     // Before the store is opened: sled writes to its files on open, and a wrong key
@@ -607,20 +610,21 @@ async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, Serv
 /// Where and how the audit trail is written.
 fn audit_config(config: &Config, data_dir: &Path) -> AuditConfig {
     AuditConfig {
-        file: if config.audit_file_off {
+        file: if config.audit.file_off {
             None
         } else {
             Some(
                 config
-                    .audit_file
+                    .audit
+                    .file
                     .clone()
                     .unwrap_or_else(|| data_dir.join(AUDIT_FILE)),
             )
         },
-        stdout: config.audit_stdout,
-        max_bytes: config.audit_max_bytes,
-        keep: config.audit_keep,
-        fail_closed: config.audit_fail_closed,
+        stdout: config.audit.stdout,
+        max_bytes: config.audit.max_bytes,
+        keep: config.audit.keep,
+        fail_closed: config.audit.fail_closed,
     }
 }
 
@@ -629,7 +633,7 @@ async fn open_broker(
     public_url: Option<String>,
     wrap_store: Option<StoreWrapper>,
 ) -> Result<Arc<Broker>, ServeError> {
-    let data_dir = config.data_dir.clone();
+    let data_dir = config.store.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|error| ServeError::DataDir {
         path: data_dir.clone(),
         error,
@@ -638,7 +642,7 @@ async fn open_broker(
         // A volume the broker does not own (a mounted secret, a group-writable volume).
         tracing::warn!(message = "Could not make the data directory private (0700, files 0600).", error = %e);
     }
-    let (mut store, keyring, key_id, source, initialized) = match &config.store_url {
+    let (mut store, keyring, key_id, source, initialized) = match &config.store.url {
         Some(url) => open_postgres(config, url, &data_dir).await?,
         None => open_sled(config, &data_dir).await?,
     };
@@ -655,12 +659,12 @@ async fn open_broker(
         store = wrap(store);
     }
     let egress = EgressPolicy {
-        allow_http: config.egress_allow_http,
-        allow: config.egress_allow.clone(),
+        allow_http: config.egress.allow_http,
+        allow: config.egress.allow.clone(),
     };
     let http = HttpClient::new(
-        config.upstream_timeout,
-        config.max_upstream_body_bytes,
+        config.egress.upstream_timeout,
+        config.egress.max_upstream_body_bytes,
         &egress,
     )
     .map_err(ServeError::Http)?;
@@ -668,12 +672,12 @@ async fn open_broker(
         http,
         egress: egress.clone(),
         oauth: OAuthSettings {
-            salesforce_token_lifetime: config.salesforce_token_lifetime,
-            servicenow_refresh_token_lifespan: config.servicenow_refresh_token_lifespan,
-            zendesk_access_token_ttl: config.zendesk_access_token_ttl,
-            zendesk_refresh_token_ttl: config.zendesk_refresh_token_ttl,
-            jira_auth_url: config.jira_auth_url.clone(),
-            jira_api_url: config.jira_api_url.clone(),
+            salesforce_token_lifetime: config.vendors.salesforce_token_lifetime,
+            servicenow_refresh_token_lifespan: config.vendors.servicenow_refresh_token_lifespan,
+            zendesk_access_token_ttl: config.vendors.zendesk_access_token_ttl,
+            zendesk_refresh_token_ttl: config.vendors.zendesk_refresh_token_ttl,
+            jira_auth_url: config.vendors.jira_auth_url.clone(),
+            jira_api_url: config.vendors.jira_api_url.clone(),
         },
     });
     let (broker, admin_token) = Broker::open(
@@ -682,25 +686,25 @@ async fn open_broker(
         registry,
         BrokerSettings {
             egress,
-            static_header_ttl: config.static_header_ttl,
+            static_header_ttl: config.refresh.static_header_ttl,
             refresh: RefreshSettings {
-                ahead_fraction: config.refresh_ahead_fraction,
-                ahead_min: config.refresh_ahead_min,
-                max_concurrent: config.max_concurrent_refreshes,
-                retry_max: config.refresh_retry_max,
+                ahead_fraction: config.refresh.ahead_fraction,
+                ahead_min: config.refresh.ahead_min,
+                max_concurrent: config.refresh.max_concurrent,
+                retry_max: config.refresh.retry_max,
                 ..RefreshSettings::default()
             },
             public_url,
-            authorization_ttl: config.authorization_ttl,
-            keepalive_interval: config.keepalive_interval,
-            keepalive_margin: config.keepalive_margin,
+            authorization_ttl: config.refresh.authorization_ttl,
+            keepalive_interval: config.refresh.keepalive_interval,
+            keepalive_margin: config.refresh.keepalive_margin,
             expect_initialized: initialized,
-            adopt_unauthenticated_records: config.adopt_unauthenticated_records,
+            adopt_unauthenticated_records: config.store.adopt_unauthenticated_records,
             admin_token_file: Some(data_dir.join(ADMIN_TOKEN_FILE)),
-            default_static_delivery: config.default_static_delivery,
-            lease_ttl: config.lease_ttl,
-            proxy_max_body_bytes: config.proxy_max_body_bytes,
-            check_timeout: config.upstream_timeout,
+            default_static_delivery: config.proxy.default_static_delivery,
+            lease_ttl: config.proxy.lease_ttl,
+            proxy_max_body_bytes: config.proxy.max_body_bytes,
+            check_timeout: config.egress.upstream_timeout,
             audit: audit_config(config, &data_dir),
         },
     )

@@ -149,7 +149,7 @@ async fn backup_under_load_restores_into_an_empty_broker_and_refuses_bad_files()
 
     // Restore into an empty broker that loads A's master key.
     let mut config_b = test_config(&dir_b);
-    config_b.master_key_file = Some(dir_a.join("master.key"));
+    config_b.store.master_key_file = Some(dir_a.join("master.key"));
     let b = TestBroker::start_with(config_b).await;
     let mut admin_b = b.admin().await;
     let restored = ok_json(&tokio::task::block_in_place(|| {

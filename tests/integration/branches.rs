@@ -103,7 +103,7 @@ async fn the_refresh_concurrency_cap_holds_across_systems() {
     let dir = tempfile::tempdir().unwrap();
     let fake = servicenow(1800).await;
     let mut config = test_config(dir.path());
-    config.max_concurrent_refreshes = 2;
+    config.refresh.max_concurrent = 2;
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     for i in 0..6 {

@@ -176,7 +176,7 @@ async fn token_endpoint_chaos_ends_in_time_with_clear_errors_and_spares_healthy_
     let mut config = test_config(dir.path());
     // Long enough that eight healthy mints finish while the trickling upstream is still being
     // waited for, even on a loaded machine.
-    config.upstream_timeout = Duration::from_secs(4);
+    config.egress.upstream_timeout = Duration::from_secs(4);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let healthy = FakeSalesforce::start(CLIENT_ID, SECRET).await;

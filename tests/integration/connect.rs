@@ -123,8 +123,8 @@ pub(crate) fn jira_config(
     fake: &FakeAtlassian,
 ) -> credbroker::config::Config {
     let mut c = test_config(dir);
-    c.jira_auth_url = fake.origin.clone();
-    c.jira_api_url = fake.origin.clone();
+    c.vendors.jira_auth_url = fake.origin.clone();
+    c.vendors.jira_api_url = fake.origin.clone();
     c
 }
 
@@ -386,7 +386,7 @@ async fn forged_replayed_expired_foreign_and_denied_callbacks_change_nothing() {
     let zd = zendesk().await;
     let atl = atlassian().await;
     let mut config = jira_config(dir.path(), &atl);
-    config.authorization_ttl = Duration::from_secs(1);
+    config.refresh.authorization_ttl = Duration::from_secs(1);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     admin
@@ -495,7 +495,7 @@ async fn rotating_grants_refresh_once_across_expiry_and_are_kept_alive_when_idle
     let fake = zendesk().await;
     fake.set_access_lifetime(2);
     let mut config = test_config(dir.path());
-    config.keepalive_interval = Duration::from_millis(300);
+    config.refresh.keepalive_interval = Duration::from_millis(300);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     admin
@@ -546,8 +546,8 @@ async fn rotating_grants_refresh_once_across_expiry_and_are_kept_alive_when_idle
     // Keep-alive: with a margin wider than the refresh token's lifetime every grant is due, so an
     // idle system is refreshed by the sweep alone, without any worker call.
     let mut config = test_config(dir.path());
-    config.keepalive_interval = Duration::from_millis(200);
-    config.keepalive_margin = Duration::from_secs(90 * 86_400);
+    config.refresh.keepalive_interval = Duration::from_millis(200);
+    config.refresh.keepalive_margin = Duration::from_secs(90 * 86_400);
     let broker = TestBroker::start_with(config).await;
     let before = fake.token_calls();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

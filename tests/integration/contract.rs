@@ -635,7 +635,7 @@ async fn broker_with(
 ) -> (tempfile::TempDir, TestBroker, Client, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path());
-    let deadline = config.upstream_timeout;
+    let deadline = config.egress.upstream_timeout;
     let broker = TestBroker::start_with(config).await;
     let admin = broker.admin().await;
     (dir, broker, admin, deadline)

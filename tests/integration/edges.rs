@@ -604,8 +604,8 @@ async fn slow_http_connections_are_cut_and_capped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.http_header_timeout = Duration::from_secs(1);
-    config.http_max_connections = 400;
+    config.server.http_header_timeout = Duration::from_secs(1);
+    config.server.http_max_connections = 400;
     let broker = TestBroker::start_with(config).await;
     let mut stalled = Vec::new();
     for _ in 0..300 {

@@ -149,12 +149,12 @@ async fn mtls_identities_scopes_handshakes_and_reload() {
     let ca_file = write(certs.path(), "ca.pem", &ca.pem());
 
     let mut config = test_config(dir.path());
-    config.tls_cert_file = Some(cert_file.clone());
-    config.tls_key_file = Some(key_file.clone());
-    config.tls_client_ca_file = Some(ca_file);
-    config.bearer_tokens = false;
-    config.tls_handshake_timeout = Duration::from_secs(1);
-    config.tls_reload_interval = Duration::from_millis(100);
+    config.tls.cert_file = Some(cert_file.clone());
+    config.tls.key_file = Some(key_file.clone());
+    config.tls.client_ca_file = Some(ca_file);
+    config.tls.bearer_tokens = false;
+    config.tls.handshake_timeout = Duration::from_secs(1);
+    config.tls.reload_interval = Duration::from_millis(100);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -424,9 +424,9 @@ async fn the_http_listener_speaks_tls_and_reloads_its_certificate() {
     let cert_file = write(certs.path(), "http.pem", &leaf.0);
     let key_file = write(certs.path(), "http.key", &leaf.1);
     let mut config = test_config(dir.path());
-    config.http_tls_cert_file = Some(cert_file.clone());
-    config.http_tls_key_file = Some(key_file.clone());
-    config.tls_reload_interval = Duration::from_millis(100);
+    config.tls.http_cert_file = Some(cert_file.clone());
+    config.tls.http_key_file = Some(key_file.clone());
+    config.tls.reload_interval = Duration::from_millis(100);
     let broker = TestBroker::start_with(config).await;
     let base = format!("https://127.0.0.1:{}", broker.http_addr.port());
 

@@ -617,7 +617,7 @@ async fn servicenow_refresh_token_lapse_requires_a_new_password_grant() {
     let dir = tempfile::tempdir().unwrap();
     let fake = servicenow(1800).await;
     let mut config = test_config(dir.path());
-    config.servicenow_refresh_token_lifespan = Duration::from_secs(1);
+    config.vendors.servicenow_refresh_token_lifespan = Duration::from_secs(1);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     admin
@@ -780,7 +780,7 @@ async fn salesforce_client_credentials_end_to_end() {
     let fake = FakeSalesforce::start(SF_ID, SF_SECRET).await;
     fake.set_lifetime(3000);
     let mut config = test_config(dir.path());
-    config.salesforce_token_lifetime = Duration::from_secs(600);
+    config.vendors.salesforce_token_lifetime = Duration::from_secs(600);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
 

@@ -294,7 +294,7 @@ async fn a_lease_expires_at_its_expiry() {
     let mut config = test_config(dir.path());
     // Expiry has whole-second resolution: a 4 s lease lives between 3 and 4 s, ample for the
     // control call even on a loaded machine.
-    config.lease_ttl = Duration::from_secs(4);
+    config.proxy.lease_ttl = Duration::from_secs(4);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let fake = FakeAsana::start().await;
@@ -680,7 +680,7 @@ async fn slow_vendor(secret: &'static str) -> String {
 async fn a_vendor_that_stops_answering_gets_a_504_or_a_cut_body_within_the_read_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.proxy_read_timeout = Duration::from_millis(400);
+    config.proxy.read_timeout = Duration::from_millis(400);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let base = slow_vendor("slow-pat").await;
@@ -877,7 +877,7 @@ async fn the_proxy_resolves_through_the_egress_guard() {
     for (allow_loopback, expected) in [(true, 200), (false, 502)] {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(dir.path());
-        config.egress_allow = if allow_loopback {
+        config.egress.allow = if allow_loopback {
             credbroker::backends::egress::AllowList::parse("127.0.0.0/8,::1/128").unwrap()
         } else {
             Default::default()

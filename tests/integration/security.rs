@@ -182,7 +182,7 @@ async fn ssrf_matrix_is_refused_and_the_allow_list_admits_one_host() {
     let dir = tempfile::tempdir().unwrap();
     let (canary_addr, hits) = canary().await;
     let mut config = test_config(dir.path());
-    config.egress_allow = Default::default();
+    config.egress.allow = Default::default();
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let port = canary_addr.port();
@@ -229,7 +229,7 @@ async fn ssrf_matrix_is_refused_and_the_allow_list_admits_one_host() {
     // Plain http when it is not allowed.
     broker.stop().await;
     let mut strict = test_config(dir.path());
-    strict.egress_allow_http = false;
+    strict.egress.allow_http = false;
     let broker = TestBroker::start_with(strict).await;
     let mut admin = broker.admin().await;
     let e = admin
@@ -304,7 +304,7 @@ async fn ssrf_matrix_is_refused_and_the_allow_list_admits_one_host() {
         }
     }
     let mut config = test_config(dir.path());
-    config.egress_allow = Default::default();
+    config.egress.allow = Default::default();
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     for id in ["seeded-metadata", "seeded-loopback", "allowed"] {

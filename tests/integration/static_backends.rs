@@ -677,7 +677,7 @@ async fn servicenow_basic_tells_the_truth() {
 async fn base_urls_admins_paste_are_canonicalized_or_refused_with_advice() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.egress_allow_http = false;
+    config.egress.allow_http = false;
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let cases = [

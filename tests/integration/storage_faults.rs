@@ -269,7 +269,7 @@ async fn disk_full_refuses_writes_keeps_serving_tokens_and_recovers() {
     let mut config = test_config(&data);
     // The audit trail lives on another volume (docs/operations.md's advice): with it on the full disk,
     // fail-closed auditing would, by design, refuse every secret-returning RPC.
-    config.audit_file = Some(root.path().join("audit.log"));
+    config.audit.file = Some(root.path().join("audit.log"));
     let asana = FakeAsana::start().await;
     let broker = TestBroker::start_wrapped(config.clone(), wrap(&control)).await;
     let mut admin = broker.admin().await;

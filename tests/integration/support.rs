@@ -90,18 +90,17 @@ pub async fn wait_for_service_health(addr: SocketAddr, service: &str, status: Se
 
 /// A test configuration on a given data directory.
 pub fn test_config(data_dir: &Path) -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data_dir.to_path_buf(),
-        egress_allow_http: true,
-        // The fakes live on loopback; the guard admits it only because the tests say so.
-        egress_allow: credbroker::backends::egress::AllowList::parse("127.0.0.1/32").unwrap(),
-        upstream_timeout: Duration::from_secs(2),
-        shutdown_grace: Duration::from_secs(5),
-        // Tests bind their own HTTP listener on port 0 (never the default 8080).
-        http_listen: None,
-        ..Config::default()
-    }
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    // Tests bind their own HTTP listener on port 0 (never the default 8080).
+    c.server.http_listen = None;
+    c.server.shutdown_grace = Duration::from_secs(5);
+    c.store.data_dir = data_dir.to_path_buf();
+    c.egress.allow_http = true;
+    // The fakes live on loopback; the guard admits it only because the tests say so.
+    c.egress.allow = credbroker::backends::egress::AllowList::parse("127.0.0.1/32").unwrap();
+    c.egress.upstream_timeout = Duration::from_secs(2);
+    c
 }
 
 /// A broker running in this process.
@@ -156,7 +155,7 @@ impl TestBroker {
         let addr = listener.local_addr().unwrap();
         let http_addr = hooks.http_listener.as_ref().unwrap().local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let data_dir = config.data_dir.clone();
+        let data_dir = config.store.data_dir.clone();
         let task = tokio::spawn(run_with_hooks(
             listener,
             config,

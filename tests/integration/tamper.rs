@@ -108,7 +108,7 @@ async fn a_database_writer_without_the_master_key_cannot_forge_callers_or_redire
     let evil = FakeUpstream::start(|_| Reply::Json(200, json!({"data": {}}))).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.store_url = Some(credbroker::secret::SecretString::new(url.clone()));
+    config.store.url = Some(credbroker::secret::SecretString::new(url.clone()));
     let broker = TestBroker::start_with(config.clone()).await;
     let mut admin = broker.admin().await;
     for (id, secret) in [
