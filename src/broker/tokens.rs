@@ -375,6 +375,18 @@ impl Broker {
         })
     }
 
+    /// A token found by [`Self::answers_from_cache`] handed out to `caller`, if its scope
+    /// allows the system (else `None`: the full path decides, and hides what it must).
+    pub fn warm_for(
+        &self,
+        caller: &crate::broker::Caller,
+        system_id: &str,
+        t: Arc<IssuedToken>,
+    ) -> Option<Arc<IssuedToken>> {
+        (caller.may_use_id(system_id) && caller.may_use_kind(t.kind))
+            .then(|| self.hand_out_cached(t))
+    }
+
     /// Hands out a token found by [`Self::answers_from_cache`] (counted as a cache hit, and as
     /// in use for the refresher).
     pub(crate) fn hand_out_cached(&self, t: Arc<IssuedToken>) -> Arc<IssuedToken> {

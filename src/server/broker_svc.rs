@@ -445,12 +445,11 @@ impl CredentialBroker for BrokerService {
             |r| Some(r.system_id.clone()),
             |b, r| b.answers_from_cache(&r.system_id, r.min_valid_seconds, &r.rejected_token_id),
             |broker, caller, r, warm| async move {
+                let warm = warm.and_then(|t| broker.warm_for(&caller, &r.system_id, t));
                 let token = match warm {
                     // Found in the cache a moment ago (no await since): the same answer
                     // `access_token_for` would give, without a second lookup.
-                    Some(t) if caller.may_use_id(&r.system_id) && caller.may_use_kind(t.kind) => {
-                        broker.hand_out_cached(t)
-                    }
+                    Some(t) => t,
                     // Boxed: minting (an upstream call, maybe) is a future of a few KiB, and
                     // held inline it would make every warm call's future too big for the
                     // allocator's fast path.

@@ -695,39 +695,6 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-fn candidate(
-    kind: pb::SystemKind,
-    base: &str,
-    cred: pb::Credential,
-) -> pb::CheckAuthenticationRequest {
-    pb::CheckAuthenticationRequest {
-        target: Some(pb::check_authentication_request::Target::Candidate(
-            pb::CandidateSystem {
-                kind: kind as i32,
-                base_url: base.into(),
-                credential: Some(cred),
-            },
-        )),
-    }
-}
-
-fn api_key(key: &str) -> pb::Credential {
-    pb::Credential {
-        credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
-            key: key.into(),
-        })),
-    }
-}
-
-fn basic_cred(user: &str, pw: &str) -> pb::Credential {
-    pb::Credential {
-        credential: Some(pb::credential::Credential::Basic(pb::BasicCredential {
-            username: user.into(),
-            password: pw.into(),
-        })),
-    }
-}
-
 fn client_credentials(id: &str, secret: &str) -> pb::Credential {
     pb::Credential {
         credential: Some(pb::credential::Credential::OauthClientCredentials(

@@ -9,23 +9,6 @@ use tonic::Code;
 
 use crate::support::*;
 
-fn api_key(key: &str) -> pb::Credential {
-    pb::Credential {
-        credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
-            key: key.into(),
-        })),
-    }
-}
-
-fn basic_cred(user: &str, pw: &str) -> pb::Credential {
-    pb::Credential {
-        credential: Some(pb::credential::Credential::Basic(pb::BasicCredential {
-            username: user.into(),
-            password: pw.into(),
-        })),
-    }
-}
-
 fn register(
     id: &str,
     kind: pb::SystemKind,
@@ -42,22 +25,6 @@ fn register(
         // Header delivery, pinned: these tests assert the exact header workers get.
         delivery: pb::Delivery::Header as i32,
         ..Default::default()
-    }
-}
-
-fn candidate(
-    kind: pb::SystemKind,
-    base: &str,
-    cred: pb::Credential,
-) -> pb::CheckAuthenticationRequest {
-    pb::CheckAuthenticationRequest {
-        target: Some(pb::check_authentication_request::Target::Candidate(
-            pb::CandidateSystem {
-                kind: kind as i32,
-                base_url: base.into(),
-                credential: Some(cred),
-            },
-        )),
     }
 }
 

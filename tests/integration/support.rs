@@ -509,3 +509,39 @@ pub async fn rotate_and_wait_for_rewrap_under_way(admin: &mut Client) -> String 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// An API key credential.
+pub fn api_key(key: &str) -> pb::Credential {
+    pb::Credential {
+        credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
+            key: key.into(),
+        })),
+    }
+}
+
+/// A basic-auth credential.
+pub fn basic_cred(user: &str, pw: &str) -> pb::Credential {
+    pb::Credential {
+        credential: Some(pb::credential::Credential::Basic(pb::BasicCredential {
+            username: user.into(),
+            password: pw.into(),
+        })),
+    }
+}
+
+/// `CheckAuthentication` of a credential not stored yet.
+pub fn candidate(
+    kind: pb::SystemKind,
+    base: &str,
+    cred: pb::Credential,
+) -> pb::CheckAuthenticationRequest {
+    pb::CheckAuthenticationRequest {
+        target: Some(pb::check_authentication_request::Target::Candidate(
+            pb::CandidateSystem {
+                kind: kind as i32,
+                base_url: base.into(),
+                credential: Some(cred),
+            },
+        )),
+    }
+}
