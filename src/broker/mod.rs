@@ -21,7 +21,7 @@ use crate::audit::{Audit, AuditConfig, AuditEvent};
 use crate::backends::{Backend, EgressPolicy, Issued, Registry, Target};
 pub use crate::broker::callers::{AuthRefusal, Caller, CallerScope, Callers, Presented};
 use crate::broker::connect::PendingAuthorization;
-use crate::broker::tokens::{Flight, IssuedToken, RefreshSettings, Schedule};
+use crate::broker::tokens::{RefreshSettings, TokenCache};
 use crate::crypto::{Keyring, RecordBinding};
 use crate::error::BrokerError;
 use crate::model::{
@@ -31,7 +31,7 @@ use crate::model::{
 use crate::secret::SecretString;
 use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
 use crate::util::hex;
-use crate::util::sync::{lock, read, write};
+use crate::util::sync::read;
 
 /// How [`Broker::modify_system`] retries a write that lost a race or failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,10 +264,8 @@ pub struct Broker {
     pub(crate) egress: EgressPolicy,
     /// The settings it was opened with.
     pub settings: BrokerSettings,
-    pub(crate) tokens: RwLock<HashMap<String, Arc<IssuedToken>>>,
-    pub(crate) flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
-    pub(crate) refresh_permits: tokio::sync::Semaphore,
-    pub(crate) schedule: Schedule,
+    /// Issued headers, single flights, refresh permits and the refresh schedule.
+    pub(crate) cache: TokenCache,
     pub(crate) pending_authorizations: Mutex<HashMap<String, PendingAuthorization>>,
     /// The audit trail.
     pub audit: Audit,
@@ -324,12 +322,9 @@ impl Broker {
             rewrap: Default::default(),
             registry,
             egress: settings.egress.clone(),
-            refresh_permits: tokio::sync::Semaphore::new(settings.refresh.max_concurrent.max(1)),
+            cache: TokenCache::new(settings.refresh.max_concurrent),
             settings,
-            tokens: RwLock::new(HashMap::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
-            flights: Mutex::new(HashMap::new()),
-            schedule: Schedule::default(),
             pending_authorizations: Mutex::new(HashMap::new()),
             audit,
             lease_key,
@@ -441,7 +436,7 @@ impl Broker {
                 // A rotation or re-connection elsewhere clears this replica's dead/backoff
                 // state for the system (without waiting here for a refresh in flight). Only an
                 // existing entry has such state: none is made for the id.
-                let Some(flight) = lock(&self.flights).get(&id).cloned() else {
+                let Some(flight) = self.cache.existing_flight(&id) else {
                     return;
                 };
                 tokio::spawn(async move {
@@ -457,7 +452,7 @@ impl Broker {
             Change::Meta(key) if key.starts_with("pending_auth/") => self.forget_pending(&key),
             Change::Meta(_) => {}
             Change::Resync => {
-                write(&self.tokens).clear();
+                self.cache.clear();
                 self.reload_callers().await;
                 if let Err(e) = self.reload_keks().await {
                     tracing::warn!(message = "Could not reload keys after a resync.", error = %e);

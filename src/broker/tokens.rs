@@ -22,7 +22,7 @@
 //!   current it is discarded and re-minted once, however many workers report it.
 
 // tokio's clock, not std's: the same instant in production, and one tests can pause and advance.
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -217,11 +217,108 @@ impl Refresher {
 /// A scheduled refresh: when, which system, which token.
 type ScheduleEntry = (Instant, String, String);
 
-/// The schedule of refreshes ahead of expiry.
-#[derive(Debug, Default)]
-pub struct Schedule {
-    entries: std::sync::Mutex<BTreeSet<ScheduleEntry>>,
-    notify: tokio::sync::Notify,
+/// The token cache's own state: the headers issued per system, each system's single-flight
+/// lock with its refresh state, the permits for upstream token calls, and the schedule of
+/// refreshes ahead of expiry.
+#[derive(Debug)]
+pub struct TokenCache {
+    tokens: std::sync::RwLock<HashMap<String, Arc<IssuedToken>>>,
+    flights: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Flight>>>>,
+    permits: tokio::sync::Semaphore,
+    schedule: std::sync::Mutex<BTreeSet<ScheduleEntry>>,
+    scheduled: tokio::sync::Notify,
+}
+
+impl TokenCache {
+    /// An empty cache allowing `max_concurrent` upstream token calls at once.
+    pub fn new(max_concurrent: usize) -> Self {
+        Self {
+            tokens: Default::default(),
+            flights: Default::default(),
+            permits: tokio::sync::Semaphore::new(max_concurrent.max(1)),
+            schedule: Default::default(),
+            scheduled: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The system's cached headers.
+    pub(crate) fn get(&self, system_id: &str) -> Option<Arc<IssuedToken>> {
+        read(&self.tokens).get(system_id).cloned()
+    }
+
+    fn insert(&self, system_id: &str, token: Arc<IssuedToken>) {
+        write(&self.tokens).insert(system_id.to_owned(), token);
+    }
+
+    /// Forgets the system's cached headers.
+    pub(crate) fn remove(&self, system_id: &str) {
+        write(&self.tokens).remove(system_id);
+    }
+
+    /// Forgets every cached header (a resync).
+    pub(crate) fn clear(&self) {
+        write(&self.tokens).clear();
+    }
+
+    /// The system's single-flight lock (made on first use).
+    pub(crate) fn flight(&self, system_id: &str) -> Arc<tokio::sync::Mutex<Flight>> {
+        lock(&self.flights)
+            .entry(system_id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// The system's single-flight lock, if it has one (none is made).
+    pub(crate) fn existing_flight(
+        &self,
+        system_id: &str,
+    ) -> Option<Arc<tokio::sync::Mutex<Flight>>> {
+        lock(&self.flights).get(system_id).cloned()
+    }
+
+    /// Drops the system's flight entry unless someone else holds or waits for it (a
+    /// registration racing with this lookup keeps its single-flight lock). `held` is how many
+    /// references the caller itself still holds.
+    pub(crate) fn forget_flight_if_idle(&self, system_id: &str, held: usize) {
+        let mut flights = lock(&self.flights);
+        if flights
+            .get(system_id)
+            .is_some_and(|f| Arc::strong_count(f) <= 1 + held)
+        {
+            flights.remove(system_id);
+        }
+    }
+
+    /// A permit for one upstream token call.
+    async fn permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BrokerError> {
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| BrokerError::Unavailable("shutting down".to_owned()))
+    }
+
+    /// Schedules a refresh of `token_id` of `system_id` at `at`.
+    fn schedule_at(&self, system_id: &str, token_id: &str, at: Instant) {
+        lock(&self.schedule).insert((at, system_id.to_owned(), token_id.to_owned()));
+        self.scheduled.notify_one();
+    }
+
+    /// When the next scheduled refresh is due.
+    fn next_due(&self) -> Option<Instant> {
+        lock(&self.schedule).first().map(|(at, _, _)| *at)
+    }
+
+    /// Takes the scheduled refreshes due at `now`.
+    fn take_due(&self, now: Instant) -> Vec<ScheduleEntry> {
+        let mut entries = lock(&self.schedule);
+        let mut due = Vec::new();
+        while entries.first().is_some_and(|(at, _, _)| *at <= now) {
+            if let Some(e) = entries.pop_first() {
+                due.push(e);
+            }
+        }
+        due
+    }
 }
 
 impl Broker {
@@ -403,31 +500,20 @@ impl Broker {
     }
 
     pub(crate) fn cached(&self, system_id: &str) -> Option<Arc<IssuedToken>> {
-        read(&self.tokens).get(system_id).cloned()
+        self.cache.get(system_id)
     }
 
     pub(crate) fn drop_token(&self, system_id: &str) {
-        write(&self.tokens).remove(system_id);
+        self.cache.remove(system_id);
     }
 
     pub(crate) fn flight(&self, system_id: &str) -> Arc<tokio::sync::Mutex<Flight>> {
-        lock(&self.flights)
-            .entry(system_id.to_owned())
-            .or_default()
-            .clone()
+        self.cache.flight(system_id)
     }
 
-    /// Drops the system's flight entry unless someone else holds or waits for it (a registration
-    /// racing with this lookup keeps its single-flight lock).
-    /// `held` is how many references the caller itself still holds.
+    /// See [`TokenCache::forget_flight_if_idle`].
     pub(crate) fn forget_flight_if_idle(&self, system_id: &str, held: usize) {
-        let mut flights = lock(&self.flights);
-        if flights
-            .get(system_id)
-            .is_some_and(|f| Arc::strong_count(f) <= 1 + held)
-        {
-            flights.remove(system_id);
-        }
+        self.cache.forget_flight_if_idle(system_id, held);
     }
 
     /// Resets a system's refresh state after an admin replaced its credential.
@@ -652,12 +738,7 @@ impl Broker {
             )));
         }
         let permit = if credential.is_oauth() {
-            Some(
-                self.refresh_permits
-                    .acquire()
-                    .await
-                    .map_err(|_| BrokerError::Unavailable("shutting down".to_owned()))?,
-            )
+            Some(self.cache.permit().await?)
         } else {
             None
         };
@@ -839,7 +920,7 @@ impl Broker {
             minted_at: Instant::now(),
             audit_hmac: std::sync::OnceLock::new(),
         });
-        write(&self.tokens).insert(system_id.to_owned(), token.clone());
+        self.cache.insert(system_id, token.clone());
         if refreshable {
             let lifetime = expires_at.duration_since(now).unwrap_or_default();
             let margin = lifetime
@@ -1016,8 +1097,7 @@ impl Broker {
     }
 
     fn schedule_at(&self, system_id: &str, token_id: &str, at: Instant) {
-        lock(&self.schedule.entries).insert((at, system_id.to_owned(), token_id.to_owned()));
-        self.schedule.notify.notify_one();
+        self.cache.schedule_at(system_id, token_id, at);
     }
 
     /// Starts the background refresher.
@@ -1033,7 +1113,7 @@ impl Broker {
         let mut keepalive = tokio::time::interval(self.settings.keepalive_interval);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next = lock(&self.schedule.entries).first().map(|(at, _, _)| *at);
+            let next = self.cache.next_due();
             let sleep = async move {
                 match next {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -1042,23 +1122,12 @@ impl Broker {
             };
             tokio::select! {
                 _ = sleep => {}
-                _ = self.schedule.notify.notified() => {}
+                _ = self.cache.scheduled.notified() => {}
                 _ = stop.changed() => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = keepalive.tick() => self.keepalive_sweep(&mut tasks).await,
             }
-            let now = Instant::now();
-            let due: Vec<ScheduleEntry> = {
-                let mut entries = lock(&self.schedule.entries);
-                let mut due = Vec::new();
-                while entries.first().is_some_and(|(at, _, _)| *at <= now) {
-                    if let Some(e) = entries.pop_first() {
-                        due.push(e);
-                    }
-                }
-                due
-            };
-            for (_, system_id, token_id) in due {
+            for (_, system_id, token_id) in self.cache.take_due(Instant::now()) {
                 let Some(current) = self.cached(&system_id) else {
                     continue;
                 };
