@@ -378,54 +378,85 @@ pub struct FileConfig {
 }
 
 /// Values from flags or the environment (highest precedence).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
-    /// `--listen` / `CREDBROKER_LISTEN`.
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "CREDBROKER_LISTEN")]
     pub listen: Option<String>,
-    /// `--data-dir` / `CREDBROKER_DATA_DIR`.
+    /// Data directory (store, generated master key, admin token) [default: ./data].
+    #[arg(long, env = "CREDBROKER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// `CREDBROKER_MASTER_KEY_FILE`.
+    /// Master key file (32 random bytes, base64) [default: <data-dir>/master.key, generated].
+    #[arg(long, env = "CREDBROKER_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
-    /// `--store-url` / `CREDBROKER_STORE_URL`.
+    /// PostgreSQL store for replicas (postgres://user:pass@host/db?sslmode=require); unset: the
+    /// embedded sled store in the data directory.
+    #[arg(long, env = "CREDBROKER_STORE_URL", hide_env_values = true, value_parser = secret_arg)]
     pub store_url: Option<crate::secret::SecretString>,
-    /// `--store-ca-file` / `CREDBROKER_STORE_CA_FILE`.
+    /// CA certificate (PEM) verifying the PostgreSQL server [default: public web roots].
+    #[arg(long, env = "CREDBROKER_STORE_CA_FILE")]
     pub store_ca_file: Option<PathBuf>,
-    /// `CREDBROKER_LOG_FORMAT`.
+    /// Log format: text or json.
+    #[arg(long, env = "CREDBROKER_LOG_FORMAT")]
     pub log_format: Option<String>,
-    /// `CREDBROKER_EGRESS_ALLOW_HTTP`.
+    /// Accept http:// base URLs (fakes on loopback, labs): 1 or 0.
+    #[arg(long, env = "CREDBROKER_EGRESS_ALLOW_HTTP")]
     pub egress_allow_http: Option<String>,
-    /// `CREDBROKER_EGRESS_ALLOW` (comma-separated).
+    /// Private destinations the egress guard admits: comma-separated CIDRs and host names.
+    #[arg(long, env = "CREDBROKER_EGRESS_ALLOW")]
     pub egress_allow: Option<String>,
-    /// `--http-listen` / `CREDBROKER_HTTP_LISTEN`.
+    /// HTTP listen address for the OAuth callback, or `off` [default: 127.0.0.1:8080].
+    #[arg(long, env = "CREDBROKER_HTTP_LISTEN")]
     pub http_listen: Option<String>,
-    /// `--public-url` / `CREDBROKER_PUBLIC_URL`.
+    /// URL people and vendors reach the HTTP listener at [default: http://{http-listen}].
+    #[arg(long, env = "CREDBROKER_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// `CREDBROKER_JIRA_AUTH_URL`.
+    /// Atlassian authorization server [default: https://auth.atlassian.com].
+    #[arg(long, env = "CREDBROKER_JIRA_AUTH_URL")]
     pub jira_auth_url: Option<String>,
-    /// `CREDBROKER_JIRA_API_URL`.
+    /// Atlassian API gateway [default: https://api.atlassian.com].
+    #[arg(long, env = "CREDBROKER_JIRA_API_URL")]
     pub jira_api_url: Option<String>,
-    /// `CREDBROKER_AUDIT_FILE` (path or `off`).
+    /// Audit file (JSON lines, rotated by size), or `off` [default: <data-dir>/audit.log].
+    #[arg(long, env = "CREDBROKER_AUDIT_FILE")]
     pub audit_file: Option<String>,
-    /// `CREDBROKER_AUDIT_STDOUT`.
+    /// Also write audit events to stdout: 1 or 0.
+    #[arg(long, env = "CREDBROKER_AUDIT_STDOUT")]
     pub audit_stdout: Option<String>,
-    /// `CREDBROKER_AUDIT_FAIL_CLOSED`.
+    /// Refuse secret-returning RPCs while the audit sink fails: 1 (default) or 0.
+    #[arg(long, env = "CREDBROKER_AUDIT_FAIL_CLOSED")]
     pub audit_fail_closed: Option<String>,
-    /// `CREDBROKER_TLS_CERT`.
+    /// Server certificate (PEM) for TLS on the gRPC listener.
+    #[arg(long = "tls-cert", env = "CREDBROKER_TLS_CERT")]
     pub tls_cert_file: Option<PathBuf>,
-    /// `CREDBROKER_TLS_KEY`.
+    /// Server private key (PEM).
+    #[arg(long = "tls-key", env = "CREDBROKER_TLS_KEY")]
     pub tls_key_file: Option<PathBuf>,
-    /// `CREDBROKER_TLS_CLIENT_CA`.
+    /// CA for client certificates (PEM): mTLS; a certificate's SAN DNS name is the caller name.
+    #[arg(long = "tls-client-ca", env = "CREDBROKER_TLS_CLIENT_CA")]
     pub tls_client_ca_file: Option<PathBuf>,
-    /// `CREDBROKER_BEARER_TOKENS`.
+    /// Accept bearer caller tokens: 1 (default) or 0 (client certificates only).
+    #[arg(long, env = "CREDBROKER_BEARER_TOKENS")]
     pub bearer_tokens: Option<String>,
-    /// `CREDBROKER_DEFAULT_STATIC_DELIVERY`.
+    /// Delivery of static-secret systems registered without one: proxy (default) or header.
+    #[arg(long, env = "CREDBROKER_DEFAULT_STATIC_DELIVERY")]
     pub default_static_delivery: Option<String>,
-    /// `CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS`.
+    /// Once, when upgrading a store written before record authentication: tag its untagged
+    /// records (1/0). Off by default: a forged row would be adopted too.
+    #[arg(long, env = "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS")]
     pub adopt_unauthenticated_records: Option<String>,
-    /// `CREDBROKER_HTTP_TLS_CERT`.
+    /// Certificate (PEM) for the HTTP listener: with --http-tls-key it serves HTTPS (reloaded
+    /// when the files change and on SIGHUP).
+    #[arg(long = "http-tls-cert", env = "CREDBROKER_HTTP_TLS_CERT")]
     pub http_tls_cert_file: Option<PathBuf>,
-    /// `CREDBROKER_HTTP_TLS_KEY`.
+    /// Private key (PEM) for the HTTP listener.
+    #[arg(long = "http-tls-key", env = "CREDBROKER_HTTP_TLS_KEY")]
     pub http_tls_key_file: Option<PathBuf>,
+}
+
+/// A secret flag or environment value, held redacted from the moment it is parsed.
+fn secret_arg(s: &str) -> Result<crate::secret::SecretString, std::convert::Infallible> {
+    Ok(crate::secret::SecretString::from(s))
 }
 
 impl Config {
