@@ -427,13 +427,21 @@ pub struct Overrides {
     #[arg(long, env = "CREDBROKER_AUDIT_FAIL_CLOSED")]
     pub audit_fail_closed: Option<String>,
     /// Server certificate (PEM) for TLS on the gRPC listener.
-    #[arg(long = "tls-cert", env = "CREDBROKER_TLS_CERT")]
+    #[arg(
+        long = "tls-cert",
+        value_name = "TLS_CERT",
+        env = "CREDBROKER_TLS_CERT"
+    )]
     pub tls_cert_file: Option<PathBuf>,
     /// Server private key (PEM).
-    #[arg(long = "tls-key", env = "CREDBROKER_TLS_KEY")]
+    #[arg(long = "tls-key", value_name = "TLS_KEY", env = "CREDBROKER_TLS_KEY")]
     pub tls_key_file: Option<PathBuf>,
     /// CA for client certificates (PEM): mTLS; a certificate's SAN DNS name is the caller name.
-    #[arg(long = "tls-client-ca", env = "CREDBROKER_TLS_CLIENT_CA")]
+    #[arg(
+        long = "tls-client-ca",
+        value_name = "TLS_CLIENT_CA",
+        env = "CREDBROKER_TLS_CLIENT_CA"
+    )]
     pub tls_client_ca_file: Option<PathBuf>,
     /// Accept bearer caller tokens: 1 (default) or 0 (client certificates only).
     #[arg(long, env = "CREDBROKER_BEARER_TOKENS")]
@@ -447,10 +455,18 @@ pub struct Overrides {
     pub adopt_unauthenticated_records: Option<String>,
     /// Certificate (PEM) for the HTTP listener: with --http-tls-key it serves HTTPS (reloaded
     /// when the files change and on SIGHUP).
-    #[arg(long = "http-tls-cert", env = "CREDBROKER_HTTP_TLS_CERT")]
+    #[arg(
+        long = "http-tls-cert",
+        value_name = "HTTP_TLS_CERT",
+        env = "CREDBROKER_HTTP_TLS_CERT"
+    )]
     pub http_tls_cert_file: Option<PathBuf>,
     /// Private key (PEM) for the HTTP listener.
-    #[arg(long = "http-tls-key", env = "CREDBROKER_HTTP_TLS_KEY")]
+    #[arg(
+        long = "http-tls-key",
+        value_name = "HTTP_TLS_KEY",
+        env = "CREDBROKER_HTTP_TLS_KEY"
+    )]
     pub http_tls_key_file: Option<PathBuf>,
 }
 

@@ -58,8 +58,8 @@ impl Retry {
             Self::Quick => None,
             Self::Persist => {
                 let base = 20 * u64::from(n.min(8));
-                let jitter = crate::util::random::bytes::<1>()[0] % 20;
-                Some(Duration::from_millis(base + u64::from(jitter)))
+                let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..20u64);
+                Some(Duration::from_millis(base + jitter))
             }
         }
     }
@@ -736,13 +736,25 @@ impl Broker {
                     tokio::time::sleep(pause).await;
                 }
             }
-            let current = self.get_system(system_id).await?;
+            let current = match self.get_system(system_id).await {
+                Ok(r) => r,
+                // A write the vendor's state depends on outlasts a storage blip on the read too.
+                Err(e @ BrokerError::Unavailable(_)) if retry == Retry::Persist => {
+                    last = e;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let Some(updated) = change(&current)? else {
                 return Ok(Modified::Unchanged(current));
             };
             match self.swap_system(&current, updated).await {
                 Ok(written) => return Ok(Modified::Written(written)),
-                Err(e) => last = e.into(),
+                // A conflict or a storage blip may pass; a full disk or a refused record will not.
+                Err(e) => match BrokerError::from(e) {
+                    e @ BrokerError::Unavailable(_) => last = e,
+                    e => return Err(e),
+                },
             }
         }
         Err(last)

@@ -455,7 +455,7 @@ impl Broker {
 
     /// The cached token `access_token` would answer these arguments with, without minting (and
     /// so without any log line or upstream call), if there is one. The RPC layer skips its
-    /// tracing span then and hands the token out with [`Self::hand_out_cached`].
+    /// tracing span then and hands the token out with [`Self::warm_for`] (scope checked).
     pub fn answers_from_cache(
         &self,
         system_id: &str,

@@ -873,16 +873,15 @@ impl CredentialBroker for BrokerService {
             |broker, _, mut stream| async move {
                 let mut chunks = Vec::new();
                 let mut total = 0usize;
-                // The stream's own failure keeps its meaning: a chunk too large is bad input,
-                // a client that went away is a cancellation, anything else a broken transport.
+                // A stream the server cannot read (too large, undecodable, cut short) is bad
+                // input; a transport that failed is retryable. (A client that cancels usually
+                // just ends the stream: the restore then refuses the truncated backup.)
                 let broke_off = |s: Status| {
                     let why = format!("the backup stream broke off: {}", s.message());
                     match s.code() {
-                        Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument => {
-                            BrokerError::invalid("chunk", why)
-                        }
                         Code::Cancelled | Code::DeadlineExceeded => BrokerError::Cancelled(why),
-                        _ => BrokerError::Unavailable(why),
+                        Code::Unavailable => BrokerError::Unavailable(why),
+                        _ => BrokerError::invalid("chunk", why),
                     }
                 };
                 while let Some(msg) = stream.message().await.map_err(broke_off)? {

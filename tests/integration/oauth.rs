@@ -403,6 +403,9 @@ async fn rotating_refresh_tokens_are_never_reused_and_the_newest_is_stored() {
         "the run spanned several expiries ({} token calls)",
         fake.token_calls()
     );
+    // Connections still open would keep serving (and holding the store) past the shutdown
+    // grace; the store is opened again right below.
+    drop((pool, admin));
     broker.stop().await;
     assert_eq!(
         Some(stored_refresh_token(dir.path(), "rot")),
