@@ -171,6 +171,20 @@ async fn stored_refresh_token(broker: &Broker) -> String {
     }
 }
 
+/// A worker asks for a token and goes away (its deadline) while the vendor is answering; the
+/// vendor answers, and every exchange in flight has finished when this returns.
+async fn drop_caller_mid_exchange(broker: &Arc<Broker>, backend: &FakeBackend) {
+    let caller = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 0, None).await }
+    });
+    backend.entered.notified().await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    backend.open_gate();
+    assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
+}
+
 #[tokio::test]
 async fn many_waiters_share_one_upstream_call() {
     let backend = FakeBackend::new(true, vec![]);
@@ -272,16 +286,7 @@ async fn backoff_doubles_and_is_capped() {
 async fn a_dropped_caller_never_loses_a_rotated_refresh_token() {
     let backend = FakeBackend::new(true, vec![Answer::Token(Some("rt-2"))]);
     let broker = broker_with(backend.clone()).await;
-    let caller = tokio::spawn({
-        let b = broker.clone();
-        async move { b.access_token(SYSTEM, 0, None).await }
-    });
-    backend.entered.notified().await;
-    // The worker's deadline: its request goes away while the vendor is answering.
-    caller.abort();
-    assert!(caller.await.unwrap_err().is_cancelled());
-    backend.open_gate();
-    assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
+    drop_caller_mid_exchange(&broker, &backend).await;
     assert_eq!(stored_refresh_token(&broker).await, "rt-2");
     // The token minted for the dropped caller serves the next one without a second call.
     broker.access_token(SYSTEM, 0, None).await.unwrap();
@@ -292,14 +297,7 @@ async fn a_dropped_caller_never_loses_a_rotated_refresh_token() {
 async fn a_dropped_caller_still_records_a_dead_grant() {
     let backend = FakeBackend::new(true, vec![Answer::Rejected]);
     let broker = broker_with(backend.clone()).await;
-    let caller = tokio::spawn({
-        let b = broker.clone();
-        async move { b.access_token(SYSTEM, 0, None).await }
-    });
-    backend.entered.notified().await;
-    caller.abort();
-    backend.open_gate();
-    assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
+    drop_caller_mid_exchange(&broker, &backend).await;
     let record = broker.get_system(SYSTEM).await.unwrap();
     assert_eq!(
         record.state,

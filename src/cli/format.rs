@@ -109,22 +109,22 @@ pub(super) fn role_name(v: i32) -> &'static str {
 }
 
 pub(super) fn failure_name(v: i32) -> String {
-    pb::AuthFailure::try_from(v)
-        .map(|f| {
-            f.as_str_name()
-                .trim_start_matches("AUTH_FAILURE_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".to_owned())
+    short_name(
+        pb::AuthFailure::try_from(v).map(|f| f.as_str_name()),
+        "AUTH_FAILURE_",
+    )
 }
 
 pub(super) fn cred_type_name(v: i32) -> String {
-    pb::CredentialType::try_from(v)
-        .map(|f| {
-            f.as_str_name()
-                .trim_start_matches("CREDENTIAL_TYPE_")
-                .to_ascii_lowercase()
-        })
+    short_name(
+        pb::CredentialType::try_from(v).map(|f| f.as_str_name()),
+        "CREDENTIAL_TYPE_",
+    )
+}
+
+/// A proto enum value's name without its type prefix, in lower case (`unknown` if out of range).
+fn short_name<E>(name: Result<&str, E>, prefix: &str) -> String {
+    name.map(|n| n.trim_start_matches(prefix).to_ascii_lowercase())
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 

@@ -15,12 +15,7 @@ pub(super) async fn run(client: &mut Client, out: Output, cmd: SystemCmd) -> Res
         SystemCmd::Register(a) => register(client, out, a).await?,
         SystemCmd::List { page_size } => list(client, out, page_size).await?,
         SystemCmd::Show { system_id } => {
-            let sys = client
-                .get_system(pb::GetSystemRequest { system_id })
-                .await?
-                .into_inner()
-                .system
-                .unwrap_or_default();
+            let sys = fetch_system(client, &system_id).await?;
             print_system(out, &sys, sys.last_check.as_ref(), "");
         }
         SystemCmd::Check {
@@ -181,14 +176,7 @@ async fn rotate(
     skip_check: bool,
     credential: CredentialArgs,
 ) -> Result<()> {
-    let current = client
-        .get_system(pb::GetSystemRequest {
-            system_id: system_id.clone(),
-        })
-        .await?
-        .into_inner()
-        .system
-        .unwrap_or_default();
+    let current = fetch_system(client, &system_id).await?;
     let kind = kind_from_proto(current.kind)?;
     let credential = build_credential(kind, &credential)?;
     let resp = client
@@ -214,14 +202,7 @@ async fn connect_system(
     system_id: String,
     poll_ms: u64,
 ) -> Result<()> {
-    let before = client
-        .get_system(pb::GetSystemRequest {
-            system_id: system_id.clone(),
-        })
-        .await?
-        .into_inner()
-        .system
-        .unwrap_or_default();
+    let before = fetch_system(client, &system_id).await?;
     let start = client
         .start_authorization(pb::StartAuthorizationRequest {
             system_id: system_id.clone(),
@@ -245,14 +226,7 @@ async fn connect_system(
     let mut last_message = before.state_message.clone();
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(poll_ms.max(50))).await;
-        let sys = client
-            .get_system(pb::GetSystemRequest {
-                system_id: system_id.clone(),
-            })
-            .await?
-            .into_inner()
-            .system
-            .unwrap_or_default();
+        let sys = fetch_system(client, &system_id).await?;
         if sys.state == pb::SystemState::Active as i32
             && sys.credential_version > before.credential_version
         {
@@ -288,4 +262,16 @@ async fn connect_system(
             let _ = std::io::stderr().flush();
         }
     }
+}
+
+/// The system `system_id` as the server shows it (metadata only).
+async fn fetch_system(client: &mut Client, system_id: &str) -> Result<pb::System> {
+    Ok(client
+        .get_system(pb::GetSystemRequest {
+            system_id: system_id.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .system
+        .unwrap_or_default())
 }
