@@ -14,6 +14,7 @@ const SECRET_MESSAGES: &[&str] = &[
     ".credbroker.v1.OAuthPasswordGrant",
     ".credbroker.v1.SalesforceLogin",
     ".credbroker.v1.OAuthAuthorizationCode",
+    ".credbroker.v1.EmailApiToken",
     ".credbroker.v1.HttpHeader",
     ".credbroker.v1.CreateCallerResponse",
 ];

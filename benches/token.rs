@@ -713,6 +713,7 @@ fn scale_register(i: usize) -> pb::RegisterSystemRequest {
             "https://acme.freshdesk.com".to_owned(),
             pb::credential::Credential::ApiKey(pb::ApiKey {
                 key: format!("fdkey{i:015}"),
+                expires_at: None,
             }),
         )
     };

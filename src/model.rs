@@ -81,9 +81,19 @@ impl SystemKind {
         match self {
             Self::AzureDevOps => &[C::PersonalAccessToken],
             Self::Salesforce => &[C::OAuthClientCredentials, C::SalesforceLogin],
-            Self::ServiceNow => &[C::Basic, C::OAuthRefreshToken, C::OAuthPasswordGrant],
-            Self::Zendesk => &[C::OAuthAuthorizationCode],
-            Self::JiraCloud => &[C::OAuthAuthorizationCode],
+            Self::ServiceNow => &[
+                C::Basic,
+                C::OAuthRefreshToken,
+                C::OAuthPasswordGrant,
+                C::OAuthClientCredentials,
+                C::ApiKey,
+            ],
+            Self::Zendesk => &[C::OAuthAuthorizationCode, C::OAuthClientCredentials],
+            Self::JiraCloud => &[
+                C::OAuthAuthorizationCode,
+                C::OAuthClientCredentials,
+                C::EmailApiToken,
+            ],
             Self::Freshdesk => &[C::ApiKey],
             Self::Freshservice => &[C::ApiKey],
             Self::Asana => &[C::PersonalAccessToken],
@@ -117,9 +127,24 @@ pub enum CredentialType {
     SalesforceLogin,
     /// `oauth_authorization_code`.
     OAuthAuthorizationCode,
+    /// `email_api_token`.
+    EmailApiToken,
 }
 
 impl CredentialType {
+    /// Every type, in proto order.
+    pub const ALL: [CredentialType; 9] = [
+        Self::PersonalAccessToken,
+        Self::ApiKey,
+        Self::Basic,
+        Self::OAuthClientCredentials,
+        Self::OAuthRefreshToken,
+        Self::OAuthPasswordGrant,
+        Self::SalesforceLogin,
+        Self::OAuthAuthorizationCode,
+        Self::EmailApiToken,
+    ];
+
     /// The proto oneof field name.
     pub fn field_name(self) -> &'static str {
         match self {
@@ -131,13 +156,17 @@ impl CredentialType {
             Self::OAuthPasswordGrant => "oauth_password_grant",
             Self::SalesforceLogin => "salesforce_login",
             Self::OAuthAuthorizationCode => "oauth_authorization_code",
+            Self::EmailApiToken => "email_api_token",
         }
     }
 
     /// True for credentials whose headers come from a token endpoint (they expire and
     /// refresh); the one answer to "is this OAuth".
     pub fn is_oauth(self) -> bool {
-        !matches!(self, Self::PersonalAccessToken | Self::ApiKey | Self::Basic)
+        !matches!(
+            self,
+            Self::PersonalAccessToken | Self::ApiKey | Self::Basic | Self::EmailApiToken
+        )
     }
 }
 
@@ -164,6 +193,9 @@ pub enum Credential {
     ApiKey {
         /// The key.
         key: SecretString,
+        /// Optional admin-supplied expiry, seconds since the epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     /// User name and password.
     Basic {
@@ -180,6 +212,9 @@ pub enum Credential {
         client_secret: SecretString,
         /// Requested scopes.
         scopes: Vec<String>,
+        /// Jira Cloud: the site's cloud id, found from the site URL when the system is registered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cloud_id: Option<String>,
     },
     /// An OAuth refresh token.
     OAuthRefreshToken {
@@ -232,6 +267,22 @@ pub enum Credential {
         #[serde(default)]
         grant: Option<Grant>,
     },
+    /// An e-mail address and API token sent as Basic auth (Jira Cloud).
+    EmailApiToken {
+        /// The account's e-mail address.
+        email: String,
+        /// The API token.
+        token: SecretString,
+        /// Optional admin-supplied expiry, seconds since the epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+        /// A scoped token: only works through the API gateway with the site's cloud id.
+        #[serde(default)]
+        scoped: bool,
+        /// The site's cloud id, found from the site URL when a scoped token is registered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cloud_id: Option<String>,
+    },
 }
 
 /// An authorized OAuth grant (authorization-code flows).
@@ -261,14 +312,17 @@ impl Credential {
             Self::OAuthPasswordGrant { .. } => CredentialType::OAuthPasswordGrant,
             Self::SalesforceLogin { .. } => CredentialType::SalesforceLogin,
             Self::OAuthAuthorizationCode { .. } => CredentialType::OAuthAuthorizationCode,
+            Self::EmailApiToken { .. } => CredentialType::EmailApiToken,
         }
     }
 
-    /// When the credential stops working, when known: the admin-supplied PAT expiry, or a
-    /// refresh token's tracked expiry.
+    /// When the credential stops working, when known: the admin-supplied expiry of a PAT, API
+    /// key or API token, or a refresh token's tracked expiry.
     pub fn expires_at(&self) -> Option<u64> {
         match self {
-            Self::PersonalAccessToken { expires_at, .. } => *expires_at,
+            Self::PersonalAccessToken { expires_at, .. }
+            | Self::ApiKey { expires_at, .. }
+            | Self::EmailApiToken { expires_at, .. } => *expires_at,
             Self::OAuthRefreshToken {
                 refresh_expires_at, ..
             } => *refresh_expires_at,

@@ -36,6 +36,7 @@ redacted_debug!(
     OAuthPasswordGrant,
     SalesforceLogin,
     OAuthAuthorizationCode,
+    EmailApiToken,
 );
 
 impl fmt::Debug for HttpHeader {

@@ -28,7 +28,7 @@ pub fn api_base(base_url: &str) -> String {
 
 fn key_header(credential: &Credential) -> Option<Header> {
     match credential {
-        Credential::ApiKey { key } => Some(basic(key.expose_secret(), "X")),
+        Credential::ApiKey { key, .. } => Some(basic(key.expose_secret(), "X")),
         _ => None,
     }
 }

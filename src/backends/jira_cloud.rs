@@ -20,7 +20,8 @@ use super::classify::{common, not_the_api, unreachable};
 use super::http::{parse_base_url, url_string};
 use super::oauth::{self, OAuthHttp};
 use super::{
-    bearer, AuthorizeRequest, Backend, BackendContext, BackendError, EgressPolicy, Issued, Target,
+    basic, bearer, AuthorizeRequest, Backend, BackendContext, BackendError, EgressPolicy, Issued,
+    Target,
 };
 use crate::model::{unix_now, AuthCheck, AuthFailure, Credential, Identity, SystemKind};
 use crate::secret::SecretString;
@@ -128,6 +129,13 @@ impl Backend for JiraCloudBackend {
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        match target.credential {
+            Credential::OAuthClientCredentials { .. } => {
+                return self.client_credentials(target).await
+            }
+            Credential::EmailApiToken { .. } => return self.api_token(target).await,
+            _ => {}
+        }
         let flow = oauth::code_flow(target.credential, VENDOR)?;
         let client_id = flow.client_id;
         let client_secret = flow.client_secret;
@@ -165,58 +173,27 @@ impl Backend for JiraCloudBackend {
             Ok(r) => r,
             Err(e) => return unreachable(VENDOR, &e),
         };
-        let granted: &[String] = match target.credential {
-            Credential::OAuthAuthorizationCode { grant: Some(g), .. } => &g.granted_scopes,
-            _ => &[],
-        };
-        let needed = match target.credential {
-            Credential::OAuthAuthorizationCode { scopes, .. } => scopes_with_offline(scopes),
-            _ => Vec::new(),
-        };
-        let missing = oauth::missing_scopes(&needed, granted);
+        let credential = target.credential;
+        let missing = missing_grant_scopes(credential);
         let check = match resp.status {
             200 => match serde_json::from_slice::<Myself>(&resp.body) {
-                Ok(m) if !m.account_id.is_empty() => {
-                    if m.active == Some(false) {
-                        return AuthCheck::failed(
-                            AuthFailure::ExpiredOrRevoked,
-                            format!("the Atlassian account that connected is deactivated; {RECONNECT} as an active user"),
-                        );
-                    }
-                    AuthCheck::ok(
-                        Identity {
-                            id: m.account_id,
-                            display_name: m.display_name.unwrap_or_default(),
-                            email: m.email_address.unwrap_or_default(),
-                        },
-                        "the grant authenticates",
-                    )
-                }
+                Ok(m) if !m.account_id.is_empty() => myself_check(m, credential),
                 _ => return not_the_api(VENDOR, URL_HINT),
             },
-            // "Unauthorized; scope does not match" is a 401, not a 403.
-            401 if !missing.is_empty() || String::from_utf8_lossy(&resp.body).contains("scope does not match") => {
-                let mut c = AuthCheck::failed(
-                    AuthFailure::InsufficientPermissions,
-                    format!("Jira refused the token: scope does not match; grant the scopes and {RECONNECT}"),
-                );
-                c.missing_permissions = missing;
-                return c;
-            }
-            401 => {
+            401 => return unauthorized(credential, &resp.body, missing),
+            403 => return forbidden(credential),
+            404 if !matches!(credential, Credential::EmailApiToken { scoped: false, .. }) => {
                 return AuthCheck::failed(
-                    AuthFailure::InvalidCredentials,
-                    format!("Jira could not authenticate the token (401); {RECONNECT}"),
-                )
-            }
-            403 => {
-                return AuthCheck::failed(
-                    AuthFailure::InsufficientPermissions,
-                    "Jira refused the token (403): the user lacks product access (Browse users and groups)",
+                    AuthFailure::Misconfigured,
+                    "Atlassian's API gateway does not know the site's cloud id (404); check the \
+                     site URL and register the system again",
                 )
             }
             _ => return common(VENDOR, &resp, URL_HINT),
         };
+        if !check.ok {
+            return check;
+        }
         super::classify::with_missing(
             check,
             missing,
@@ -225,9 +202,246 @@ impl Backend for JiraCloudBackend {
     }
 }
 
+/// Authorization-code grants: the scopes asked for that the grant lacks.
+fn missing_grant_scopes(credential: &Credential) -> Vec<String> {
+    match credential {
+        Credential::OAuthAuthorizationCode {
+            scopes,
+            grant: Some(g),
+            ..
+        } => oauth::missing_scopes(&scopes_with_offline(scopes), &g.granted_scopes),
+        _ => Vec::new(),
+    }
+}
+
+/// What the admin does when a check of this credential fails.
+fn fix_hint(credential: &Credential) -> &'static str {
+    match credential {
+        Credential::OAuthClientCredentials { .. } => {
+            "check the service account's OAuth 2.0 credential at admin.atlassian.com → Directory \
+             → Service accounts"
+        }
+        Credential::EmailApiToken { .. } => {
+            "create a new API token (id.atlassian.com → Security → API tokens, or the service \
+             account's Credentials tab) and rotate it in"
+        }
+        _ => RECONNECT,
+    }
+}
+
+fn myself_check(m: Myself, credential: &Credential) -> AuthCheck {
+    if m.active == Some(false) {
+        return AuthCheck::failed(
+            AuthFailure::ExpiredOrRevoked,
+            format!(
+                "the Atlassian account is deactivated; {}",
+                fix_hint(credential)
+            ),
+        );
+    }
+    let what = match credential {
+        Credential::OAuthClientCredentials { .. } => "the service account's credential",
+        Credential::EmailApiToken { .. } => "the API token",
+        _ => "the grant",
+    };
+    AuthCheck::ok(
+        Identity {
+            id: m.account_id,
+            display_name: m.display_name.unwrap_or_default(),
+            email: m.email_address.unwrap_or_default(),
+        },
+        format!("{what} authenticates"),
+    )
+}
+
+/// Atlassian's answer to an expired or revoked API token (and to no valid authentication).
+const NOT_AUTHENTICATED: &str = "Client must be authenticated";
+
+fn unauthorized(credential: &Credential, body: &[u8], missing: Vec<String>) -> AuthCheck {
+    let text = String::from_utf8_lossy(body);
+    // "Unauthorized; scope does not match" is a 401, not a 403.
+    if !missing.is_empty() || text.contains("scope does not match") {
+        let message = match credential {
+            Credential::OAuthAuthorizationCode { .. } => format!(
+                "Jira refused the token: scope does not match; grant the scopes and {RECONNECT}"
+            ),
+            _ => "Jira refused the token: scope does not match. The credential needs \
+                  read:jira-user, read:jira-work and write:jira-work; scopes cannot be changed \
+                  after creation, so create a new credential with them and rotate it in"
+                .to_owned(),
+        };
+        let mut c = AuthCheck::failed(AuthFailure::InsufficientPermissions, message);
+        c.missing_permissions = if missing.is_empty() {
+            vec!["read:jira-user scope".to_owned()]
+        } else {
+            missing
+        };
+        return c;
+    }
+    let Credential::EmailApiToken { scoped, .. } = credential else {
+        return AuthCheck::failed(
+            AuthFailure::InvalidCredentials,
+            format!(
+                "Jira could not authenticate the token (401); {}",
+                fix_hint(credential)
+            ),
+        );
+    };
+    let mut c = if text.contains(NOT_AUTHENTICATED) {
+        AuthCheck::failed(
+            AuthFailure::ExpiredOrRevoked,
+            "Atlassian did not accept the API token (401 \"Client must be authenticated\"): it \
+             has expired or was revoked (Atlassian tokens last at most a year), or the e-mail \
+             and token do not belong together; create a new token and rotate it in",
+        )
+    } else {
+        AuthCheck::failed(
+            AuthFailure::InvalidCredentials,
+            "Atlassian did not accept the e-mail and API token (401); check both and rotate a \
+             new token in",
+        )
+    };
+    if !scoped {
+        c.add_sentence(
+            "A scoped token (service accounts can only create scoped ones) works only through \
+             api.atlassian.com: register it with scoped = true (--scoped).",
+        );
+    }
+    c
+}
+
+fn forbidden(credential: &Credential) -> AuthCheck {
+    let mut c = AuthCheck::failed(
+        AuthFailure::InsufficientPermissions,
+        match credential {
+            Credential::OAuthClientCredentials { .. } => {
+                "Jira refused the service account (403): it has no Jira product access; give \
+                 it app access at admin.atlassian.com → Directory → Service accounts → the \
+                 account → App access, then grant it the projects' permissions"
+            }
+            _ => "Jira refused the token (403): the user lacks product access (Browse users and groups)",
+        },
+    );
+    c.missing_permissions = vec!["Jira product access".to_owned()];
+    c
+}
+
 impl JiraCloudBackend {
     fn token_url(&self) -> String {
         format!("{}/oauth/token", self.ctx.oauth.jira_auth_url)
+    }
+
+    fn gateway(&self, cloud_id: &str) -> String {
+        format!("{}/ex/jira/{cloud_id}", self.ctx.oauth.jira_api_url)
+    }
+
+    /// The stored cloud id, or the one the site's tenant-info endpoint names (`true`: found
+    /// now, to be stored).
+    async fn cloud_id(
+        &self,
+        site: &str,
+        stored: Option<&str>,
+    ) -> Result<(String, bool), BackendError> {
+        match stored {
+            Some(id) => Ok((id.to_owned(), false)),
+            None => Ok((self.cloud_id_of(site).await?, true)),
+        }
+    }
+
+    /// The site's cloud id from `{site}/_edge/tenant_info`, which answers without any user.
+    async fn cloud_id_of(&self, site: &str) -> Result<String, BackendError> {
+        let url = format!("{site}/_edge/tenant_info");
+        let r = self
+            .ctx
+            .http
+            .get(&url, &[])
+            .await
+            .map_err(|e| BackendError::unreachable(VENDOR, &e))?;
+        let no_site = |why: String| BackendError::Rejected {
+            failure: AuthFailure::Misconfigured,
+            message: format!("there is no Atlassian site at {site} ({why}); {URL_HINT}"),
+        };
+        match r.status {
+            200 => serde_json::from_slice::<TenantInfo>(&r.body)
+                .ok()
+                .map(|t| t.cloud_id)
+                .filter(|id| valid_cloud_id(id))
+                .ok_or_else(|| no_site("its tenant info is not an Atlassian answer".to_owned())),
+            429 | 500.. => Err(BackendError::Transient {
+                failure: if r.status == 429 {
+                    AuthFailure::RateLimited
+                } else {
+                    AuthFailure::UpstreamError
+                },
+                message: format!("the site's tenant info answered HTTP {}", r.status),
+                retry_after: r.retry_after().map(Duration::from_secs),
+            }),
+            s => Err(no_site(format!("its tenant info answered HTTP {s}"))),
+        }
+    }
+
+    /// A service account's OAuth 2.0 client credentials: a 60-minute token, no refresh token,
+    /// minted again ahead of expiry; calls go through the API gateway.
+    async fn client_credentials(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let cc = oauth::ClientCredentials::of(target.credential)
+            .ok_or_else(|| BackendError::Unsupported("not client credentials".to_owned()))?;
+        let (cloud_id, found) = self.cloud_id(target.base_url, cc.cloud_id).await?;
+        let http = OAuthHttp::json(&self.ctx.http);
+        let resp = cc
+            .mint(
+                &http,
+                &self.token_url(),
+                &[("audience", "api.atlassian.com".to_owned())],
+                |e, http| {
+                    oauth::classify(
+                        VENDOR,
+                        e,
+                        http.last(),
+                        fix_hint(target.credential),
+                        "check the service account's client id and secret (admin.atlassian.com → \
+                         Directory → Service accounts → Credentials); a deleted credential cannot \
+                         be recovered, create a new one",
+                    )
+                },
+            )
+            .await?;
+        let mut issued =
+            oauth::issued_from(&resp, Duration::from_secs(3600), self.gateway(&cloud_id));
+        if found {
+            issued.updated_credential = Some(cc.with_cloud_id(&cloud_id));
+        }
+        Ok(issued)
+    }
+
+    /// `Authorization: Basic base64(email:token)`: at the site, or through the API gateway for
+    /// a scoped token.
+    async fn api_token(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let Credential::EmailApiToken {
+            email,
+            token,
+            expires_at,
+            scoped,
+            cloud_id,
+        } = target.credential
+        else {
+            return Err(BackendError::Unsupported("not an API token".to_owned()));
+        };
+        let header = basic(email, token.expose_secret());
+        if !scoped {
+            return Ok(Issued::static_header(header, target.base_url));
+        }
+        let (id, found) = self.cloud_id(target.base_url, cloud_id.as_deref()).await?;
+        let mut issued = Issued::static_header(header, self.gateway(&id));
+        if found {
+            issued.updated_credential = Some(Credential::EmailApiToken {
+                email: email.clone(),
+                token: token.clone(),
+                expires_at: *expires_at,
+                scoped: true,
+                cloud_id: Some(id),
+            });
+        }
+        Ok(issued)
     }
 
     /// The cloud id of the registered site among the sites the grant covers.
@@ -313,6 +527,17 @@ fn classify(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendError {
         &format!("the grant is expired or revoked; {RECONNECT}"),
         "check the app's client id and secret in the Atlassian developer console",
     )
+}
+
+/// Cloud ids are UUIDs; anything else from the network is not put into a URL.
+fn valid_cloud_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TenantInfo {
+    cloud_id: String,
 }
 
 #[derive(Deserialize)]

@@ -310,6 +310,17 @@ fn registry(kind: SystemKind, ctx: &BackendContext) -> Option<Arc<dyn Backend>> 
     }
 }
 
+/// ServiceNow's inbound REST API key header.
+pub const SN_API_KEY_HEADER: &str = "x-sn-apikey";
+
+/// Every header name a backend hands out: `authorization` and vendors' own.
+pub const HEADER_NAMES: &[&str] = &["authorization", SN_API_KEY_HEADER];
+
+/// `name` as one of [`HEADER_NAMES`] (replicas and backups carry header names as text).
+pub fn known_header_name(name: &str) -> Option<&'static str> {
+    HEADER_NAMES.iter().copied().find(|n| *n == name)
+}
+
 /// A header value marked sensitive-by-construction.
 pub fn bearer(token: &SecretString) -> Header {
     Header {

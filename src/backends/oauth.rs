@@ -141,8 +141,71 @@ pub fn code_flow<'a>(
             grant: grant.as_ref(),
         }),
         _ => Err(BackendError::Unsupported(format!(
-            "{vendor} accepts only oauth_authorization_code"
+            "this {vendor} flow needs an oauth_authorization_code credential"
         ))),
+    }
+}
+
+/// The parts of an `oauth_client_credentials` credential (a service identity).
+pub struct ClientCredentials<'a> {
+    /// The OAuth client's id.
+    pub client_id: &'a str,
+    /// The OAuth client's secret.
+    pub client_secret: &'a SecretString,
+    /// The scopes asked for (empty: the client's own).
+    pub scopes: &'a [String],
+    /// Jira Cloud: the site's cloud id, once found.
+    pub cloud_id: Option<&'a str>,
+}
+
+impl<'a> ClientCredentials<'a> {
+    /// `credential`'s client-credentials parts, if it is one.
+    pub fn of(credential: &'a Credential) -> Option<Self> {
+        match credential {
+            Credential::OAuthClientCredentials {
+                client_id,
+                client_secret,
+                scopes,
+                cloud_id,
+            } => Some(Self {
+                client_id,
+                client_secret,
+                scopes,
+                cloud_id: cloud_id.as_deref(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Runs the client-credentials grant at `token_url`, with the vendor's own `extra`
+    /// parameters; failures go through `classify`.
+    pub async fn mint(
+        &self,
+        http: &OAuthHttp,
+        token_url: &str,
+        extra: &[(&'static str, String)],
+        classify: impl Fn(&TokenRequestError, &OAuthHttp) -> BackendError,
+    ) -> Result<VendorTokenResponse, BackendError> {
+        let client = client(self.client_id, Some(self.client_secret), token_url)?;
+        let mut req = client
+            .exchange_client_credentials()
+            .add_scopes(self.scopes.iter().map(|s| oauth2::Scope::new(s.clone())));
+        for (k, v) in extra {
+            req = req.add_extra_param(*k, v.clone());
+        }
+        req.request_async(http)
+            .await
+            .map_err(|e| classify(&e, http))
+    }
+
+    /// The credential again, with the site's cloud id stored.
+    pub fn with_cloud_id(&self, cloud_id: &str) -> Credential {
+        Credential::OAuthClientCredentials {
+            client_id: self.client_id.to_owned(),
+            client_secret: self.client_secret.clone(),
+            scopes: self.scopes.to_vec(),
+            cloud_id: Some(cloud_id.to_owned()),
+        }
     }
 }
 

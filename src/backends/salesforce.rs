@@ -101,6 +101,7 @@ impl Backend for SalesforceBackend {
                 client_id,
                 client_secret,
                 scopes,
+                ..
             } => {
                 let client = oauth::client(client_id, Some(client_secret), &token_url)?;
                 let resp = client

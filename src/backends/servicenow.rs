@@ -17,6 +17,7 @@ use super::http::{parse_base_url, url_string};
 use super::oauth::{self, OAuthHttp};
 use super::{basic, Backend, BackendContext, BackendError, EgressPolicy, Header, Issued, Target};
 use crate::model::{unix_now, AuthCheck, AuthFailure, Credential, Identity, SystemKind};
+use crate::secret::SecretString;
 use oauth2::{RefreshToken, ResourceOwnerPassword, ResourceOwnerUsername};
 use std::time::Duration;
 
@@ -47,15 +48,6 @@ impl ServiceNowBackend {
     /// A backend using the shared plumbing.
     pub fn new(ctx: BackendContext) -> Self {
         Self { ctx }
-    }
-}
-
-fn basic_header(credential: &Credential) -> Option<(Header, &str)> {
-    match credential {
-        Credential::Basic { username, password } => {
-            Some((basic(username, password.expose_secret()), username.as_str()))
-        }
-        _ => None,
     }
 }
 
@@ -124,7 +116,7 @@ impl Backend for ServiceNowBackend {
                         "the instance may be hibernating, or the URL is not a ServiceNow instance",
                     ),
                 },
-                401 => return unauthorized(&resp.body),
+                401 => return unauthorized(&resp.body, target.credential),
                 403 => {
                     let mut c = AuthCheck::failed(
                         AuthFailure::InsufficientPermissions,
@@ -147,7 +139,7 @@ impl Backend for ServiceNowBackend {
             display_name: user.name.unwrap_or_default(),
             email: user.email.unwrap_or_default(),
         };
-        let check = AuthCheck::ok(identity, "the user name and password authenticate");
+        let check = AuthCheck::ok(identity, authenticates(target.credential));
         let (missing, unverified) = self.probe(base, auth, &user.sys_id).await;
         let mut check = with_missing(
             check,
@@ -160,20 +152,21 @@ impl Backend for ServiceNowBackend {
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
-        if let Some((header, _)) = basic_header(target.credential) {
-            return Ok(Issued::static_header(header, target.base_url));
-        }
-        let token_url = format!("{}/oauth_token.do", target.base_url);
-        let http = OAuthHttp::form(&self.ctx.http);
-        let lifespan = self.ctx.oauth.servicenow_refresh_token_lifespan;
+        let base = target.base_url;
         match target.credential {
+            Credential::Basic { username, password } => Ok(Issued::static_header(
+                basic(username, password.expose_secret()),
+                base,
+            )),
+            Credential::ApiKey { key, .. } => Ok(Issued::static_header(api_key_header(key), base)),
             Credential::OAuthPasswordGrant {
                 client_id,
                 client_secret,
                 username,
                 password,
             } => {
-                let client = oauth::client(client_id, Some(client_secret), &token_url)?;
+                let client = oauth::client(client_id, Some(client_secret), &token_url(base))?;
+                let http = OAuthHttp::form(&self.ctx.http);
                 let resp = client
                     .exchange_password(
                         &ResourceOwnerUsername::new(username.clone()),
@@ -182,72 +175,120 @@ impl Backend for ServiceNowBackend {
                     .request_async(&http)
                     .await
                     .map_err(|e| classify_token_error(&e, &http))?;
-                let refresh =
-                    oauth::refresh_token(&resp).ok_or_else(|| BackendError::Transient {
-                        failure: AuthFailure::UpstreamError,
-                        message: "ServiceNow's password grant returned no refresh token".to_owned(),
-                        retry_after: None,
-                    })?;
-                let mut issued =
-                    oauth::issued_from(&resp, DEFAULT_ACCESS_LIFETIME, target.base_url.to_owned());
-                // The password is exchanged and dropped; only the refresh token is kept.
-                issued.updated_credential = Some(Credential::OAuthRefreshToken {
-                    client_id: client_id.clone(),
-                    client_secret: client_secret.clone(),
-                    refresh_token: refresh,
-                    username: Some(username.clone()),
-                    refresh_expires_at: Some(unix_now() + lifespan.as_secs()),
-                });
-                Ok(issued)
+                self.password_exchanged(base, client_id, client_secret, username, &resp)
             }
-            Credential::OAuthRefreshToken {
-                client_id,
-                client_secret,
-                refresh_token,
-                username,
-                refresh_expires_at,
-            } => {
-                if refresh_expires_at.is_some_and(|at| at <= unix_now()) {
-                    return Err(BackendError::Rejected {
-                        failure: AuthFailure::ReauthorizationRequired,
-                        message: format!(
-                            "the ServiceNow refresh token has expired (its lifespan is {} days); {REAUTH_HINT}",
-                            lifespan.as_secs() / 86_400
-                        ),
-                    });
-                }
-                let client = oauth::client(client_id, Some(client_secret), &token_url)?;
-                let resp = client
-                    .exchange_refresh_token(&RefreshToken::new(
-                        refresh_token.expose_secret().to_owned(),
-                    ))
-                    .request_async(&http)
-                    .await
-                    .map_err(|e| classify_token_error(&e, &http))?;
-                let mut issued =
-                    oauth::issued_from(&resp, DEFAULT_ACCESS_LIFETIME, target.base_url.to_owned());
-                // ServiceNow returns the same refresh token; persist only a real change (or the
-                // first time its expiry becomes known).
-                let returned = oauth::refresh_token(&resp);
-                let rotated = returned.as_ref().is_some_and(|r| r != refresh_token);
-                if rotated || refresh_expires_at.is_none() {
-                    issued.updated_credential = Some(Credential::OAuthRefreshToken {
-                        client_id: client_id.clone(),
-                        client_secret: client_secret.clone(),
-                        refresh_token: returned
-                            .filter(|_| rotated)
-                            .unwrap_or_else(|| refresh_token.clone()),
-                        username: username.clone(),
-                        refresh_expires_at: refresh_expires_at
-                            .or(Some(unix_now() + lifespan.as_secs())),
-                    });
-                }
-                Ok(issued)
-            }
+            Credential::OAuthRefreshToken { .. } => self.refresh(target).await,
+            Credential::OAuthClientCredentials { .. } => self.client_credentials(target).await,
             _ => Err(BackendError::Unsupported(
-                "ServiceNow accepts basic, oauth_refresh_token or oauth_password_grant".to_owned(),
+                "ServiceNow accepts basic, oauth_refresh_token, oauth_password_grant, \
+                 oauth_client_credentials or api_key"
+                    .to_owned(),
             )),
         }
+    }
+}
+
+/// `x-sn-apikey: {key}` (an inbound REST API key).
+fn api_key_header(key: &SecretString) -> Header {
+    Header {
+        name: super::SN_API_KEY_HEADER,
+        value: key.clone(),
+    }
+}
+
+fn token_url(base: &str) -> String {
+    format!("{base}/oauth_token.do")
+}
+
+impl ServiceNowBackend {
+    /// After a password grant: the password is dropped, only the refresh token is kept.
+    fn password_exchanged(
+        &self,
+        base: &str,
+        client_id: &str,
+        client_secret: &SecretString,
+        username: &str,
+        resp: &oauth::VendorTokenResponse,
+    ) -> Result<Issued, BackendError> {
+        let lifespan = self.ctx.oauth.servicenow_refresh_token_lifespan;
+        let refresh = oauth::refresh_token(resp).ok_or_else(|| BackendError::Transient {
+            failure: AuthFailure::UpstreamError,
+            message: "ServiceNow's password grant returned no refresh token".to_owned(),
+            retry_after: None,
+        })?;
+        let mut issued = oauth::issued_from(resp, DEFAULT_ACCESS_LIFETIME, base.to_owned());
+        issued.updated_credential = Some(Credential::OAuthRefreshToken {
+            client_id: client_id.to_owned(),
+            client_secret: client_secret.clone(),
+            refresh_token: refresh,
+            username: Some(username.to_owned()),
+            refresh_expires_at: Some(unix_now() + lifespan.as_secs()),
+        });
+        Ok(issued)
+    }
+
+    async fn refresh(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let Credential::OAuthRefreshToken {
+            client_id,
+            client_secret,
+            refresh_token,
+            username,
+            refresh_expires_at,
+        } = target.credential
+        else {
+            return Err(BackendError::Unsupported("not a refresh token".to_owned()));
+        };
+        let lifespan = self.ctx.oauth.servicenow_refresh_token_lifespan;
+        if refresh_expires_at.is_some_and(|at| at <= unix_now()) {
+            return Err(BackendError::Rejected {
+                failure: AuthFailure::ReauthorizationRequired,
+                message: format!(
+                    "the ServiceNow refresh token has expired (its lifespan is {} days); {REAUTH_HINT}",
+                    lifespan.as_secs() / 86_400
+                ),
+            });
+        }
+        let client = oauth::client(client_id, Some(client_secret), &token_url(target.base_url))?;
+        let http = OAuthHttp::form(&self.ctx.http);
+        let resp = client
+            .exchange_refresh_token(&RefreshToken::new(refresh_token.expose_secret().to_owned()))
+            .request_async(&http)
+            .await
+            .map_err(|e| classify_token_error(&e, &http))?;
+        let mut issued =
+            oauth::issued_from(&resp, DEFAULT_ACCESS_LIFETIME, target.base_url.to_owned());
+        // ServiceNow returns the same refresh token; persist only a real change (or the first
+        // time its expiry becomes known).
+        let returned = oauth::refresh_token(&resp);
+        let rotated = returned.as_ref().is_some_and(|r| r != refresh_token);
+        if rotated || refresh_expires_at.is_none() {
+            issued.updated_credential = Some(Credential::OAuthRefreshToken {
+                client_id: client_id.clone(),
+                client_secret: client_secret.clone(),
+                refresh_token: returned
+                    .filter(|_| rotated)
+                    .unwrap_or_else(|| refresh_token.clone()),
+                username: username.clone(),
+                refresh_expires_at: refresh_expires_at.or(Some(unix_now() + lifespan.as_secs())),
+            });
+        }
+        Ok(issued)
+    }
+
+    /// The inbound client-credentials grant (Washington DC and later): no refresh token, a new
+    /// access token is minted ahead of expiry.
+    async fn client_credentials(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let cc = oauth::ClientCredentials::of(target.credential)
+            .ok_or_else(|| BackendError::Unsupported("not client credentials".to_owned()))?;
+        let http = OAuthHttp::form(&self.ctx.http);
+        let resp = cc
+            .mint(&http, &token_url(target.base_url), &[], classify_cc_error)
+            .await?;
+        Ok(oauth::issued_from(
+            &resp,
+            DEFAULT_ACCESS_LIFETIME,
+            target.base_url.to_owned(),
+        ))
     }
 }
 
@@ -265,6 +306,54 @@ fn classify_token_error(e: &oauth::TokenRequestError, http: &OAuthHttp) -> Backe
         REAUTH_HINT,
         "check the client id and secret of the Application Registry entry and the user's \
          password (the user must be active and not locked out)",
+    )
+}
+
+/// The system property that switches the inbound client-credentials grant on.
+pub const CC_PROPERTY: &str = "glide.oauth.inbound.client.credential.grant_type.enabled";
+/// The OAuth entity field naming the user client-credentials tokens act as.
+pub const CC_APP_USER_FIELD: &str = "OAuth Application User";
+
+/// The client-credentials grant's own refusals, before the shared classification: ServiceNow
+/// answers 401 `server_error`/`access_denied` while the grant is switched off (and, it seems,
+/// for a wrong secret), and `unauthorized_client` when no application user is set.
+fn classify_cc_error(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendError {
+    if let oauth2::RequestTokenError::ServerResponse(r) = e {
+        let code = r.error().as_ref().to_owned();
+        let desc = r
+            .error_description()
+            .map(|d| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        let status = http.last().map(|m| m.status).unwrap_or(0);
+        if code == "server_error" && desc.contains("access_denied") && status < 500 {
+            return BackendError::Rejected {
+                failure: AuthFailure::Misconfigured,
+                message: format!(
+                    "ServiceNow refused the client-credentials grant (access_denied). The \
+                     instance must allow it: create the system property {CC_PROPERTY} = true \
+                     (Washington DC or later), set the {CC_APP_USER_FIELD} on the OAuth \
+                     entity (System OAuth → Application Registry), and check that the client id \
+                     and secret are that entity's"
+                ),
+            };
+        }
+        if code == "unauthorized_client" || desc.contains("integration user") {
+            return BackendError::Rejected {
+                failure: AuthFailure::Misconfigured,
+                message: format!(
+                    "ServiceNow has no user for the client-credentials tokens ({code}): add the \
+                     {CC_APP_USER_FIELD} field to the OAuth entity form (System OAuth → \
+                     Application Registry) and pick the user the sync runs as"
+                ),
+            };
+        }
+    }
+    oauth::classify(
+        VENDOR,
+        e,
+        http.last(),
+        &format!("check the OAuth entity's client id and secret and the {CC_APP_USER_FIELD}"),
+        "check the client id and secret of the Application Registry entry",
     )
 }
 
@@ -344,7 +433,40 @@ fn table_url(base: &str, table: &str, query: &[(&str, &str)]) -> String {
     url
 }
 
-fn unauthorized(body: &[u8]) -> AuthCheck {
+/// What a passing identity lookup proves, in the credential's words.
+fn authenticates(credential: &Credential) -> &'static str {
+    match credential {
+        Credential::Basic { .. } => "the user name and password authenticate",
+        Credential::ApiKey { .. } => "the API key authenticates (x-sn-apikey)",
+        Credential::OAuthClientCredentials { .. } => {
+            "the client-credentials grant authenticates as the OAuth Application User"
+        }
+        _ => "the OAuth grant authenticates",
+    }
+}
+
+fn unauthorized(body: &[u8], credential: &Credential) -> AuthCheck {
+    match credential {
+        Credential::ApiKey { .. } => {
+            return AuthCheck::failed(
+                AuthFailure::InvalidCredentials,
+                "ServiceNow did not accept the API key (401). The key is wrong, inactive or \
+                 expired (expired keys are deleted after 7 days), or no REST API Access Policy \
+                 applies its API Key authentication profile (x-sn-apikey) to the Table API: \
+                 System Web Services → API Access Policies → REST API Access Policies (token \
+                 authentication is not allowed on the Global policy)",
+            )
+        }
+        Credential::Basic { .. } => {}
+        _ => {
+            return AuthCheck::failed(
+                AuthFailure::InvalidCredentials,
+                "ServiceNow did not accept the access token (401): the user it acts as may be \
+                 inactive or lack the snc_platform_rest_api_access role, or a REST API access \
+                 policy blocks OAuth for the Table API",
+            )
+        }
+    }
     let detail = serde_json::from_slice::<ErrorBody>(body)
         .ok()
         .and_then(|b| b.error)

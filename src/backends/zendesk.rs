@@ -142,6 +142,9 @@ impl Backend for ZendeskBackend {
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        if let Some(cc) = oauth::ClientCredentials::of(target.credential) {
+            return self.client_credentials(target, &cc).await;
+        }
         let flow = oauth::code_flow(target.credential, VENDOR)?;
         let client_id = flow.client_id;
         let client_secret = flow.client_secret;
@@ -175,6 +178,7 @@ impl Backend for ZendeskBackend {
     }
 
     async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
+        let fix = fix_hint(target.credential);
         let resp = match self
             .ctx
             .http
@@ -190,12 +194,12 @@ impl Backend for ZendeskBackend {
         let mut check = match resp.status {
             200 => match serde_json::from_slice::<Me>(&resp.body) {
                 Ok(Me { user: Some(u) }) => match (u.id, u.role.as_deref()) {
-                    (None, _) => {
-                        return AuthCheck::failed(
-                            AuthFailure::InvalidCredentials,
-                            format!("Zendesk treated the token as anonymous (users/me has no id); {RECONNECT}"),
-                        )
-                    }
+                    (None, _) => return AuthCheck::failed(
+                        AuthFailure::InvalidCredentials,
+                        format!(
+                            "Zendesk treated the token as anonymous (users/me has no id); {fix}"
+                        ),
+                    ),
                     (Some(_), Some("agent" | "admin")) => AuthCheck::ok(
                         Identity {
                             id: u.id.map(|i| i.to_string()).unwrap_or_default(),
@@ -208,10 +212,23 @@ impl Backend for ZendeskBackend {
                         let mut c = AuthCheck::failed(
                             AuthFailure::InsufficientPermissions,
                             format!(
-                                "the Zendesk user who connected is a{} {}, not an agent or admin; \
-                                 reconnect as an agent or admin",
-                                if role.unwrap_or("").starts_with(['a', 'e']) { "n" } else { "" },
-                                role.unwrap_or("unknown role")
+                                "the Zendesk user the token acts as is a{} {}, not an agent or \
+                                 admin; {}",
+                                if role.unwrap_or("").starts_with(['a', 'e']) {
+                                    "n"
+                                } else {
+                                    ""
+                                },
+                                role.unwrap_or("unknown role"),
+                                if matches!(
+                                    target.credential,
+                                    Credential::OAuthClientCredentials { .. }
+                                ) {
+                                    "the token acts as the admin who created the OAuth client: \
+                                     have an agent or admin create it"
+                                } else {
+                                    "reconnect as an agent or admin"
+                                }
                             ),
                         );
                         c.missing_permissions = vec!["agent or admin role".to_owned()];
@@ -223,13 +240,13 @@ impl Backend for ZendeskBackend {
             401 => {
                 return AuthCheck::failed(
                     AuthFailure::InvalidCredentials,
-                    format!("Zendesk could not authenticate the token (401); {RECONNECT}"),
+                    format!("Zendesk could not authenticate the token (401); {fix}"),
                 )
             }
             403 => {
                 return AuthCheck::failed(
                     AuthFailure::InsufficientPermissions,
-                    format!("Zendesk refused the token (403): a scope or role is missing; {RECONNECT}"),
+                    format!("Zendesk refused the token (403): a scope or role is missing; {fix}"),
                 )
             }
             _ => return common(VENDOR, &resp, URL_HINT),
@@ -251,7 +268,54 @@ impl Backend for ZendeskBackend {
     }
 }
 
+/// What the admin does when a check fails.
+fn fix_hint(credential: &Credential) -> &'static str {
+    match credential {
+        Credential::OAuthClientCredentials { .. } => CC_HINT,
+        _ => RECONNECT,
+    }
+}
+
+const CC_HINT: &str = "check the OAuth client in Zendesk Admin Center → Apps and integrations → \
+                       APIs → OAuth clients (kind Confidential, its allowed scopes) and that OAuth \
+                       access is enabled in the API settings";
+
 impl ZendeskBackend {
+    /// The client-credentials grant (confidential clients): always with an explicit
+    /// `expires_in`; no refresh token is kept, a new token is minted ahead of expiry.
+    async fn client_credentials(
+        &self,
+        target: &Target<'_>,
+        cc: &oauth::ClientCredentials<'_>,
+    ) -> Result<Issued, BackendError> {
+        let ttl = self.ctx.oauth.zendesk_access_token_ttl;
+        let scopes = scopes_or_default(cc.scopes);
+        let cc = oauth::ClientCredentials {
+            scopes: &scopes,
+            ..*cc
+        };
+        let http = OAuthHttp::json(&self.ctx.http);
+        let resp = cc
+            .mint(
+                &http,
+                &self.token_url(target),
+                &[("expires_in", ttl.as_secs().to_string())],
+                |e, http| {
+                    oauth::classify(
+                        VENDOR,
+                        e,
+                        http.last(),
+                        CC_HINT,
+                        "check the OAuth client's unique identifier (not its numeric id) and \
+                         secret in Zendesk Admin Center → Apps and integrations → APIs → OAuth \
+                         clients; the client must be Confidential",
+                    )
+                },
+            )
+            .await?;
+        Ok(oauth::issued_from(&resp, ttl, target.base_url.to_owned()))
+    }
+
     fn token_url(&self, target: &Target<'_>) -> String {
         format!("{}/oauth/tokens", target.base_url)
     }

@@ -969,10 +969,7 @@ impl Broker {
             .headers
             .into_iter()
             .filter_map(|(name, value)| {
-                let name: &'static str = match name.as_str() {
-                    "authorization" => "authorization",
-                    _ => return None,
-                };
+                let name = crate::backends::known_header_name(&name)?;
                 Some(Header {
                     name,
                     value: SecretString::new(value),

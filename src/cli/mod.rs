@@ -255,8 +255,8 @@ pub struct RegisterArgs {
 #[derive(Debug, Args, Default)]
 pub struct CredentialArgs {
     /// personal-access-token, api-key, basic, oauth-client-credentials, oauth-refresh-token,
-    /// oauth-password-grant, salesforce-login, oauth-authorization-code (default: the kind's
-    /// first supported type).
+    /// oauth-password-grant, salesforce-login, oauth-authorization-code, email-api-token
+    /// (default: the kind's first supported type).
     #[arg(long)]
     pub credential_type: Option<String>,
     /// User name (basic, password grant, Salesforce login; optional for PATs).
@@ -268,9 +268,16 @@ pub struct CredentialArgs {
     /// OAuth scope (repeatable).
     #[arg(long = "scope")]
     pub scopes: Vec<String>,
-    /// PAT expiry: YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds.
+    /// Expiry of a PAT, API key or API token, as the vendor's UI shows it: YYYY-MM-DD,
+    /// YYYY-MM-DDTHH:MM:SSZ or Unix seconds.
     #[arg(long)]
     pub expires_at: Option<String>,
+    /// E-mail address of the account an API token belongs to (email-api-token).
+    #[arg(long)]
+    pub email: Option<String>,
+    /// The API token is scoped: it only works through api.atlassian.com (email-api-token).
+    #[arg(long)]
+    pub scoped: bool,
     /// Read the main secret (token, key, password, client secret) from this file.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,

@@ -12,19 +12,10 @@ use crate::pb;
 
 fn parse_credential_type(s: &str) -> Result<CredentialType> {
     let norm = s.trim().to_ascii_lowercase().replace('-', "_");
-    [
-        CredentialType::PersonalAccessToken,
-        CredentialType::ApiKey,
-        CredentialType::Basic,
-        CredentialType::OAuthClientCredentials,
-        CredentialType::OAuthRefreshToken,
-        CredentialType::OAuthPasswordGrant,
-        CredentialType::SalesforceLogin,
-        CredentialType::OAuthAuthorizationCode,
-    ]
-    .into_iter()
-    .find(|t| t.field_name() == norm)
-    .ok_or_else(|| anyhow!("unknown credential type '{s}'"))
+    CredentialType::ALL
+        .into_iter()
+        .find(|t| t.field_name() == norm)
+        .ok_or_else(|| anyhow!("unknown credential type '{s}'"))
 }
 
 /// The secret fields of a credential type, main secret first, with whether each is required.
@@ -42,6 +33,7 @@ fn secret_fields(t: CredentialType) -> &'static [(&'static str, bool)] {
             ("client_secret", false),
         ],
         CredentialType::OAuthAuthorizationCode => &[("client_secret", true)],
+        CredentialType::EmailApiToken => &[("token", true)],
     }
 }
 
@@ -137,19 +129,29 @@ pub(super) fn build_credential(kind: SystemKind, a: &CredentialArgs) -> Result<p
     let mut s = gather_secrets(t, a)?;
     let mut take = |f: &str| s.remove(f).unwrap_or_default();
     let username = a.username.clone().unwrap_or_default();
+    let expires_at = a
+        .expires_at
+        .as_deref()
+        .map(parse_time)
+        .transpose()?
+        .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 });
     let client_id = a.client_id.clone().unwrap_or_default();
     let inner = match t {
         CredentialType::PersonalAccessToken => C::PersonalAccessToken(pb::PersonalAccessToken {
             token: take("token"),
             username,
-            expires_at: a
-                .expires_at
-                .as_deref()
-                .map(parse_time)
-                .transpose()?
-                .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+            expires_at,
         }),
-        CredentialType::ApiKey => C::ApiKey(pb::ApiKey { key: take("key") }),
+        CredentialType::ApiKey => C::ApiKey(pb::ApiKey {
+            key: take("key"),
+            expires_at,
+        }),
+        CredentialType::EmailApiToken => C::EmailApiToken(pb::EmailApiToken {
+            email: a.email.clone().unwrap_or_default(),
+            token: take("token"),
+            expires_at,
+            scoped: a.scoped,
+        }),
         CredentialType::Basic => C::Basic(pb::BasicCredential {
             username,
             password: take("password"),

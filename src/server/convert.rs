@@ -61,6 +61,7 @@ fn cred_type_to_proto(t: CredentialType) -> pb::CredentialType {
         CredentialType::OAuthPasswordGrant => P::OauthPasswordGrant,
         CredentialType::SalesforceLogin => P::SalesforceLogin,
         CredentialType::OAuthAuthorizationCode => P::OauthAuthorizationCode,
+        CredentialType::EmailApiToken => P::EmailApiToken,
     }
 }
 
@@ -108,6 +109,31 @@ fn plain(v: String, field: &'static str) -> Result<String, BrokerError> {
     Ok(t.to_owned())
 }
 
+/// An optional expiry the admin copied from the vendor's UI.
+fn expiry(ts: Option<Timestamp>, field: &'static str) -> Result<Option<u64>, BrokerError> {
+    match ts {
+        Some(ts) if ts.seconds > 0 => Ok(Some(ts.seconds as u64)),
+        Some(_) => Err(BrokerError::invalid(field, "must be after 1970")),
+        None => Ok(None),
+    }
+}
+
+/// An account's e-mail address as it goes into `Basic base64(email:token)`.
+fn email(v: String, field: &'static str) -> Result<String, BrokerError> {
+    let e = plain(v, field)?;
+    let valid = e.len() <= 254
+        && !e.contains([':', ' '])
+        && e.split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'));
+    if !valid {
+        return Err(BrokerError::invalid(
+            field,
+            "must be the account's e-mail address (name@example.com)",
+        ));
+    }
+    Ok(e)
+}
+
 fn optional(v: String) -> Option<String> {
     let t = v.trim();
     (!t.is_empty()).then(|| t.to_owned())
@@ -126,19 +152,18 @@ pub fn credential(
         C::PersonalAccessToken(p) => Credential::PersonalAccessToken {
             token: token(p.token, "credential.personal_access_token.token")?,
             username: optional(p.username),
-            expires_at: match p.expires_at {
-                Some(ts) if ts.seconds > 0 => Some(ts.seconds as u64),
-                Some(_) => {
-                    return Err(BrokerError::invalid(
-                        "credential.personal_access_token.expires_at",
-                        "must be after 1970",
-                    ))
-                }
-                None => None,
-            },
+            expires_at: expiry(p.expires_at, "credential.personal_access_token.expires_at")?,
         },
         C::ApiKey(k) => Credential::ApiKey {
             key: token(k.key, "credential.api_key.key")?,
+            expires_at: expiry(k.expires_at, "credential.api_key.expires_at")?,
+        },
+        C::EmailApiToken(t) => Credential::EmailApiToken {
+            email: email(t.email, "credential.email_api_token.email")?,
+            token: token(t.token, "credential.email_api_token.token")?,
+            expires_at: expiry(t.expires_at, "credential.email_api_token.expires_at")?,
+            scoped: t.scoped,
+            cloud_id: None,
         },
         C::Basic(b) => Credential::Basic {
             username: plain(b.username, "credential.basic.username")?,
@@ -151,6 +176,7 @@ pub fn credential(
                 "credential.oauth_client_credentials.client_secret",
             )?,
             scopes: o.scopes,
+            cloud_id: None,
         },
         C::OauthRefreshToken(o) => Credential::OAuthRefreshToken {
             client_id: plain(o.client_id, "credential.oauth_refresh_token.client_id")?,

@@ -306,6 +306,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     r.credential = Some(pb::Credential {
         credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
             key: "k".into(),
+            expires_at: None,
         })),
     });
     cases.push((r, Code::InvalidArgument, "credential"));
@@ -431,6 +432,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             credential: Some(pb::Credential {
                 credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
                     key: "k".into(),
+                    expires_at: None,
                 })),
             }),
             skip_check: true,

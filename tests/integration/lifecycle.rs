@@ -538,6 +538,7 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
             &fd.base_url,
             pb::credential::Credential::ApiKey(pb::ApiKey {
                 key: "CANARY-fdkey-jjj000".into(),
+                expires_at: None,
             }),
         ))
         .await

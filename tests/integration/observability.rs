@@ -60,6 +60,7 @@ async fn metrics_count_rpcs_cache_hits_and_upstream_calls_without_naming_secrets
             credential: Some(pb::Credential {
                 credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
                     key: "metrics-secret-key-77".into(),
+                    expires_at: None,
                 })),
             }),
             check: true,

@@ -101,6 +101,7 @@ async fn every_static_kind_reaches_its_vendor_through_the_proxy() {
     let api_key = |k: &str| pb::Credential {
         credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
             key: k.into(),
+            expires_at: None,
         })),
     };
     let cases = [

@@ -515,6 +515,7 @@ pub fn api_key(key: &str) -> pb::Credential {
     pb::Credential {
         credential: Some(pb::credential::Credential::ApiKey(pb::ApiKey {
             key: key.into(),
+            expires_at: None,
         })),
     }
 }
