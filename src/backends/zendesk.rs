@@ -194,12 +194,14 @@ impl Backend for ZendeskBackend {
         let mut check = match resp.status {
             200 => match serde_json::from_slice::<Me>(&resp.body) {
                 Ok(Me { user: Some(u) }) => match (u.id, u.role.as_deref()) {
-                    (None, _) => return AuthCheck::failed(
-                        AuthFailure::InvalidCredentials,
-                        format!(
+                    (None, _) => {
+                        return AuthCheck::failed(
+                            AuthFailure::InvalidCredentials,
+                            format!(
                             "Zendesk treated the token as anonymous (users/me has no id); {fix}"
                         ),
-                    ),
+                        )
+                    }
                     (Some(_), Some("agent" | "admin")) => AuthCheck::ok(
                         Identity {
                             id: u.id.map(|i| i.to_string()).unwrap_or_default(),

@@ -8,10 +8,21 @@ use serde_json::Value;
 use crate::support::*;
 
 fn ctl(broker: &TestBroker, args: &[&str], stdin: Option<&str>) -> Output {
+    ctl_at(broker.addr, &broker.data_dir, args, stdin)
+}
+
+/// `credbrokerctl ARGS` against the broker at `addr` whose data directory (admin token) is
+/// `data_dir`.
+pub(crate) fn ctl_at(
+    addr: std::net::SocketAddr,
+    data_dir: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_credbrokerctl"));
     cmd.args(args)
-        .env("CREDBROKER_ADDR", broker.addr.to_string())
-        .env("CREDBROKER_DATA_DIR", &broker.data_dir)
+        .env("CREDBROKER_ADDR", addr.to_string())
+        .env("CREDBROKER_DATA_DIR", data_dir)
         .env_remove("CREDBROKER_TOKEN")
         .env_remove("CREDBROKER_TOKEN_FILE")
         .stdin(Stdio::piped())
@@ -26,7 +37,7 @@ fn ctl(broker: &TestBroker, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn json_out(o: &Output) -> Value {
+pub(crate) fn json_out(o: &Output) -> Value {
     assert!(
         o.status.success(),
         "stderr: {}",

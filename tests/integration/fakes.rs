@@ -657,6 +657,12 @@ struct SnState {
     mode: Mode,
     basic_auth_restricted: bool,
     oauth: OAuthServer,
+    /// `glide.oauth.inbound.client.credential.grant_type.enabled` (off by default).
+    cc_enabled: bool,
+    /// Client id → the OAuth Application User set on its OAuth entity.
+    app_users: HashMap<String, Option<String>>,
+    /// Inbound REST API keys: key → (user, expired, an access policy applies its profile).
+    api_keys: HashMap<String, (String, bool, bool)>,
 }
 
 /// A token endpoint's state: clients, live access and refresh tokens, rotation and reuse
@@ -954,6 +960,9 @@ impl FakeServiceNow {
             mode: Mode::Normal,
             basic_auth_restricted: false,
             oauth: OAuthServer::new(),
+            cc_enabled: false,
+            app_users: HashMap::new(),
+            api_keys: HashMap::new(),
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| {
@@ -972,7 +981,20 @@ impl FakeServiceNow {
                 return r;
             }
             let unauth = Reply::Json(401, json!({"error":{"message":"User Not Authenticated","detail":"Required to provide Auth information"},"status":"failure"}));
-            let (name, user) = if let Some(token) = req.bearer() {
+            let api_key = req.header("x-sn-apikey");
+            let auth = req.header("authorization");
+            if !auth.is_empty() && !auth.starts_with("Basic ") && !auth.starts_with("Bearer ") {
+                return Reply::Unexpected("an Authorization header that is neither Basic nor Bearer".into());
+            }
+            let (name, user) = if !api_key.is_empty() {
+                match s.api_keys.get(api_key) {
+                    Some((n, false, true)) => match s.users.get(n) {
+                        Some(u) => (n.clone(), u),
+                        None => return unauth,
+                    },
+                    _ => return unauth,
+                }
+            } else if let Some(token) = req.bearer() {
                 match s.oauth.user_of(token).and_then(|n| s.users.get(&n).map(|u| (n, u))) {
                     Some(x) => x,
                     None => return unauth,
@@ -1079,6 +1101,31 @@ impl FakeServiceNow {
     /// Switches the answer mode.
     pub fn set_mode(&self, mode: Mode) {
         self.state.lock().unwrap().mode = mode;
+    }
+
+    /// Switches the inbound client-credentials grant (the system property) on or off.
+    pub fn enable_client_credentials(&self, on: bool) {
+        self.state.lock().unwrap().cc_enabled = on;
+    }
+
+    /// An OAuth entity for the client-credentials grant, with its OAuth Application User.
+    pub fn add_service_client(&self, id: &str, secret: &str, app_user: Option<&str>) {
+        self.add_client(id, secret);
+        self.state
+            .lock()
+            .unwrap()
+            .app_users
+            .insert(id.into(), app_user.map(str::to_owned));
+    }
+
+    /// An inbound REST API key for `user`: expired or not, and whether an API Access Policy
+    /// applies its authentication profile to the Table API.
+    pub fn add_api_key(&self, key: &str, user: &str, expired: bool, policy: bool) {
+        self.state
+            .lock()
+            .unwrap()
+            .api_keys
+            .insert(key.into(), (user.into(), expired, policy));
     }
 
     /// Registers an OAuth client (Application Registry entry).
@@ -1194,6 +1241,24 @@ fn sn_token(s: &mut SnState, req: &Req) -> Reply {
             ),
             Err(r) => r,
         },
+        Some("client_credentials") => {
+            let id = form.get("client_id").cloned().unwrap_or_default();
+            match (s.cc_enabled, s.app_users.get(&id).cloned().flatten()) {
+                // The grant switched off answers as a wrong secret does.
+                (false, _) => bad_auth,
+                (true, None) => Reply::Json(
+                    401,
+                    json!({"error": "unauthorized_client", "error_description": "integration user is not configured"}),
+                ),
+                (true, Some(user)) => {
+                    let access = s.oauth.mint_access(&user);
+                    Reply::Json(
+                        200,
+                        json!({"access_token": access, "scope": "useraccount", "token_type": "Bearer", "expires_in": lifetime}),
+                    )
+                }
+            }
+        }
         _ => return Reply::Unexpected("unknown grant_type".into()),
     };
     delayed(&s.oauth, reply)
@@ -1502,6 +1567,8 @@ struct ZdState {
     access_lifetime: Option<u64>,
     /// Faults of the API (not of the consent page or the token endpoint).
     mode: Mode,
+    /// Confidential clients allowed the client-credentials grant → the admin who created them.
+    service_clients: HashMap<String, String>,
 }
 
 /// A fake Zendesk account: consent page, JSON token endpoint with rotating refresh tokens (the
@@ -1528,6 +1595,7 @@ impl FakeZendesk {
             consent: Consent::Deny,
             access_lifetime: None,
             mode: Mode::Normal,
+            service_clients: HashMap::new(),
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| zd_handle(&mut st.lock().unwrap(), req)).await;
@@ -1550,6 +1618,14 @@ impl FakeZendesk {
     /// Faults of the API; the consent page and the token endpoint answer normally.
     pub fn set_mode(&self, mode: Mode) {
         self.state.lock().unwrap().mode = mode;
+    }
+
+    /// A confidential OAuth client created by `admin_login`; its client-credentials tokens act
+    /// as that user.
+    pub fn add_service_client(&self, id: &str, secret: &str, admin_login: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.oauth.clients.insert(id.into(), secret.into());
+        s.service_clients.insert(id.into(), admin_login.into());
     }
 
     /// The OAuth client's secret at the vendor (rotated there: the stored one stops working).
@@ -1597,6 +1673,35 @@ impl FakeZendesk {
             .get(login)
             .cloned()
     }
+}
+
+/// The client-credentials grant: confidential clients only; the answer is the documented
+/// `{access_token, token_type, scope}` (no `expires_in`, no refresh token), so the client must
+/// know the lifetime it asked for.
+fn zd_client_credentials(s: &mut ZdState, f: &HashMap<String, String>) -> Reply {
+    let id = f.get("client_id").cloned().unwrap_or_default();
+    let Some(login) = s.service_clients.get(&id).cloned() else {
+        return Reply::Json(
+            400,
+            json!({"error": "unauthorized_client", "error_description": "The client is not authorized to use this grant type."}),
+        );
+    };
+    let Some(asked) = f.get("expires_in").and_then(|v| v.parse::<u64>().ok()) else {
+        return Reply::Unexpected("the broker always asks for an explicit expires_in".into());
+    };
+    if !(300..172_800).contains(&asked) {
+        return Reply::Unexpected(format!("expires_in {asked} is outside Zendesk's limits"));
+    }
+    s.oauth.access_lifetime = s.access_lifetime.unwrap_or(asked);
+    let access = s.oauth.mint_access(&login);
+    let scope = f.get("scope").cloned().unwrap_or_default();
+    delayed(
+        &s.oauth,
+        Reply::Json(
+            200,
+            json!({"access_token": access, "token_type": "bearer", "scope": scope}),
+        ),
+    )
 }
 
 fn zd_handle(s: &mut ZdState, req: &Req) -> Reply {
@@ -1650,11 +1755,18 @@ fn zd_handle(s: &mut ZdState, req: &Req) -> Reply {
                 return Reply::Unexpected("Zendesk's token endpoint takes a JSON body".into());
             };
             s.oauth.token_calls += 1;
+            s.oauth.call_times.push(std::time::Instant::now());
+            if let Some(r) = token_fault(&s.oauth) {
+                return r;
+            }
             if !s.oauth.client_ok(&f) {
                 return Reply::Json(
                     401,
                     json!({"error": "invalid_client", "error_description": "Client authentication failed due to unknown client"}),
                 );
+            }
+            if f.get("grant_type").map(String::as_str) == Some("client_credentials") {
+                return zd_client_credentials(s, &f);
             }
             let asked: u64 = f
                 .get("expires_in")
@@ -1720,6 +1832,16 @@ struct AtlState {
     granted_scopes: Option<String>,
     /// Faults of the API gateway (not of the consent page or the token endpoint).
     mode: Mode,
+    /// Service accounts' OAuth 2.0 credentials: client id → the account's login.
+    service_clients: HashMap<String, String>,
+    /// The cloud id the site's `/_edge/tenant_info` names (`None`: no site at this address).
+    site_cloud_id: Option<String>,
+    /// API tokens: token → (e-mail, login, scoped, expired).
+    api_tokens: HashMap<String, (String, String, bool, bool)>,
+    /// Logins (service accounts) without Jira product access.
+    no_product_access: HashSet<String>,
+    /// Logins whose credential lacks `read:jira-user`.
+    missing_user_scope: HashSet<String>,
 }
 
 /// A fake Atlassian: consent page, JSON token endpoint with rotating refresh tokens and reuse
@@ -1745,6 +1867,11 @@ impl FakeAtlassian {
             consent: Consent::Deny,
             granted_scopes: None,
             mode: Mode::Normal,
+            service_clients: HashMap::new(),
+            site_cloud_id: None,
+            api_tokens: HashMap::new(),
+            no_product_access: HashSet::new(),
+            missing_user_scope: HashSet::new(),
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| atl_handle(&mut st.lock().unwrap(), req)).await;
@@ -1792,6 +1919,54 @@ impl FakeAtlassian {
         self.state.lock().unwrap().consent = c;
     }
 
+    /// A service account's OAuth 2.0 credential (client credentials) acting as `login`.
+    pub fn add_service_client(&self, id: &str, secret: &str, login: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.oauth.clients.insert(id.into(), secret.into());
+        s.service_clients.insert(id.into(), login.into());
+    }
+
+    /// This origin plays a Jira site whose tenant info names `cloud_id` (`None`: no site).
+    pub fn set_site_cloud_id(&self, cloud_id: Option<&str>) {
+        self.state.lock().unwrap().site_cloud_id = cloud_id.map(str::to_owned);
+    }
+
+    /// An API token of `login` (e-mail `email`); a scoped one only works through the gateway.
+    pub fn add_api_token(&self, token: &str, email: &str, login: &str, scoped: bool) {
+        self.state
+            .lock()
+            .unwrap()
+            .api_tokens
+            .insert(token.into(), (email.into(), login.into(), scoped, false));
+    }
+
+    /// Lets an API token expire (Atlassian then answers 401 "Client must be authenticated").
+    pub fn expire_api_token(&self, token: &str) {
+        if let Some(t) = self.state.lock().unwrap().api_tokens.get_mut(token) {
+            t.3 = true;
+        }
+    }
+
+    /// Takes Jira product access from (or gives it back to) `login`.
+    pub fn set_product_access(&self, login: &str, on: bool) {
+        let mut s = self.state.lock().unwrap();
+        if on {
+            s.no_product_access.remove(login);
+        } else {
+            s.no_product_access.insert(login.into());
+        }
+    }
+
+    /// `login`'s credential lacks (or has) `read:jira-user`.
+    pub fn set_missing_user_scope(&self, login: &str, missing: bool) {
+        let mut s = self.state.lock().unwrap();
+        if missing {
+            s.missing_user_scope.insert(login.into());
+        } else {
+            s.missing_user_scope.remove(login);
+        }
+    }
+
     /// Grants fewer scopes than asked (space-separated).
     pub fn set_granted_scopes(&self, scopes: &str) {
         self.state.lock().unwrap().granted_scopes = Some(scopes.into());
@@ -1816,6 +1991,69 @@ impl FakeAtlassian {
     pub fn oauth(&self, f: impl FnOnce(&mut OAuthServer)) {
         f(&mut self.state.lock().unwrap().oauth);
     }
+}
+
+const ATL_NOT_AUTHENTICATED: &str = "Client must be authenticated to access this resource.";
+
+/// The login behind `Basic email:token`; a scoped token works only through the gateway, a
+/// classic one only at the site; expired and unknown tokens get the same 401.
+fn atl_api_token_user(s: &AtlState, req: &Req, via_gateway: bool) -> Result<String, Reply> {
+    let refused = Reply::Json(
+        401,
+        json!({"message": ATL_NOT_AUTHENTICATED, "status-code": 401}),
+    );
+    let Some(Ok((email, token))) = req.basic() else {
+        return Err(refused);
+    };
+    match s.api_tokens.get(&token) {
+        Some((e, login, scoped, false)) if *e == email && *scoped == via_gateway => {
+            Ok(login.clone())
+        }
+        _ => Err(refused),
+    }
+}
+
+/// `myself` for `login`: 403 without product access.
+fn atl_myself(s: &AtlState, login: &str) -> Reply {
+    if s.no_product_access.contains(login) {
+        return Reply::Json(
+            403,
+            json!({"errorMessages": ["You do not have access to this product."]}),
+        );
+    }
+    let (id, name, email) = s.users.get(login).cloned().unwrap_or_default();
+    let account_type = if s.service_clients.values().any(|l| l == login) {
+        "app"
+    } else {
+        "atlassian"
+    };
+    Reply::Json(
+        200,
+        json!({"accountId": id, "accountType": account_type, "active": true, "displayName": name, "emailAddress": email}),
+    )
+}
+
+/// A service account's client-credentials grant: a 60-minute token, no refresh token.
+fn atl_client_credentials(s: &mut AtlState, f: &HashMap<String, String>) -> Reply {
+    let id = f.get("client_id").cloned().unwrap_or_default();
+    let Some(login) = s.service_clients.get(&id).cloned() else {
+        return Reply::Json(
+            403,
+            json!({"error": "unauthorized_client", "error_description": "Grant type 'client_credentials' is not allowed for this client"}),
+        );
+    };
+    if f.get("audience").is_some_and(|a| a != "api.atlassian.com") {
+        return Reply::Unexpected("client credentials for another audience".into());
+    }
+    let lifetime = s.oauth.access_lifetime;
+    let access = s.oauth.mint_access(&login);
+    delayed(
+        &s.oauth,
+        Reply::Json(
+            200,
+            json!({"access_token": access, "expires_in": lifetime, "token_type": "Bearer", "scope": "read:jira-work write:jira-work read:jira-user"}),
+        ),
+    )
 }
 
 fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
@@ -1863,6 +2101,10 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
             return Reply::Unexpected("Atlassian's token endpoint takes a JSON body".into());
         };
         s.oauth.token_calls += 1;
+        s.oauth.call_times.push(std::time::Instant::now());
+        if let Some(r) = token_fault(&s.oauth) {
+            return r;
+        }
         if !s.oauth.client_ok(&f) {
             return Reply::Json(
                 401,
@@ -1870,6 +2112,9 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
             );
         }
         let lifetime = s.oauth.access_lifetime;
+        if f.get("grant_type").map(String::as_str) == Some("client_credentials") {
+            return atl_client_credentials(s, &f);
+        }
         let (access, refresh, scope) = match f.get("grant_type").map(String::as_str) {
             Some("authorization_code") => match s.oauth.exchange_code(&f) {
                 Ok((_, a, r, scope)) => (a, r, scope),
@@ -1904,8 +2149,30 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
             ),
         );
     }
-    let Some(user) = req.bearer().and_then(|t| s.oauth.user_of(t)) else {
-        return Reply::Json(401, json!({"code": 401, "message": "Unauthorized"}));
+    if path == "/_edge/tenant_info" {
+        // Unauthenticated: any caller learns a site's cloud id.
+        return match &s.site_cloud_id {
+            Some(id) => Reply::Json(200, json!({"cloudId": id})),
+            None => Reply::Raw(404, "text/html", "<html>Site not found</html>".into()),
+        };
+    }
+    if path == "/rest/api/3/myself" {
+        // The site itself: classic (unscoped) API tokens only.
+        return match atl_api_token_user(s, req, false) {
+            Ok(login) => atl_myself(s, &login),
+            Err(r) => r,
+        };
+    }
+    let user = if req.header("authorization").starts_with("Basic ") {
+        match atl_api_token_user(s, req, true) {
+            Ok(login) => login,
+            Err(r) => return r,
+        }
+    } else {
+        match req.bearer().and_then(|t| s.oauth.user_of(t)) {
+            Some(u) => u,
+            None => return Reply::Json(401, json!({"code": 401, "message": "Unauthorized"})),
+        }
     };
     if path == "/oauth/token/accessible-resources" {
         let sites: Vec<Value> = s.sites.iter().map(|(id, name, url)| json!({"id": id, "name": name, "url": url, "scopes": ["read:jira-work"], "avatarUrl": ""})).collect();
@@ -1917,20 +2184,17 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
             return Reply::Json(404, json!({"errorMessages": ["site not found"]}));
         }
         if api == "rest/api/3/myself" {
-            if s.granted_scopes
-                .as_deref()
-                .is_some_and(|g| !g.contains("read:jira-user"))
+            if s.missing_user_scope.contains(&user)
+                || s.granted_scopes
+                    .as_deref()
+                    .is_some_and(|g| !g.contains("read:jira-user"))
             {
                 return Reply::Json(
                     401,
                     json!({"code": 401, "message": "Unauthorized; scope does not match"}),
                 );
             }
-            let (id, name, email) = s.users.get(&user).cloned().unwrap_or_default();
-            return Reply::Json(
-                200,
-                json!({"accountId": id, "accountType": "atlassian", "active": true, "displayName": name, "emailAddress": email}),
-            );
+            return atl_myself(s, &user);
         }
         return Reply::Json(200, json!({"ok": true}));
     }

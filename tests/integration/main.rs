@@ -24,6 +24,7 @@ mod pg;
 mod proxy;
 mod replicas;
 mod security;
+mod service_identities;
 mod static_backends;
 mod storage_faults;
 mod store_conformance;
