@@ -1095,7 +1095,7 @@ async fn prepare(
 }
 
 /// How far ahead a check warns about a credential's known expiry.
-pub const EXPIRY_WARNING_DAYS: u64 = 14;
+pub const EXPIRY_WARNING_DAYS: u64 = 30;
 
 /// Adds an expiry warning (or, once expired, a failure) to a check.
 fn warn_expiry(check: &mut AuthCheck, expires_at: Option<u64>) {

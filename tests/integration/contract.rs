@@ -5,7 +5,9 @@
 //! A kind's `setup` starts its loopback fake (`fakes.rs`) and a real broker (`support.rs`,
 //! `test_config`) and hands back what `CheckAuthentication` is asked about: a candidate
 //! credential for the kinds an admin pastes a secret for (Azure DevOps, Salesforce client
-//! credentials, ServiceNow basic and OAuth password grant, Freshdesk, Freshservice, Asana), or a
+//! credentials, ServiceNow basic, OAuth password grant, client credentials and API key, Zendesk
+//! client credentials, Jira Cloud service account and scoped API token, Freshdesk, Freshservice,
+//! Asana), or a
 //! system connected through the vendor's consent page for the authorization-code kinds (Zendesk,
 //! Jira Cloud; the same register → StartAuthorization → browse path `connect.rs` uses). The
 //! rows:
@@ -77,7 +79,7 @@ const STANDARD_FAULTS: [(Mode, Expect); 4] = [
     (Mode::Hang, F::Unreachable),
 ];
 
-static KINDS: [Kind; 9] = [
+static KINDS: [Kind; 14] = [
     Kind {
         name: "Azure DevOps (PAT)",
         setup: azure_devops,
@@ -149,6 +151,48 @@ static KINDS: [Kind; 9] = [
             (Mode::Garbage, GARBAGE_IS_MISCONFIGURED),
             (Mode::Hang, F::Unreachable),
         ],
+    },
+    Kind {
+        name: "Zendesk (client credentials)",
+        setup: zendesk_service,
+        identity: ["9003", "Ada Admin", "ada@acme.example"],
+        bad_secret: F::InvalidCredentials,
+        // The API's faults (users/me); the token endpoint answers normally.
+        faults: STANDARD_FAULTS,
+    },
+    Kind {
+        name: "Jira Cloud (service account)",
+        setup: jira_service,
+        identity: [SA_ACCOUNT, "Sync Service", SA_EMAIL],
+        bad_secret: F::InvalidCredentials,
+        // The site's tenant info and the gateway fail alike; an HTML page where the tenant
+        // info belongs means no Atlassian site is there (misconfigured).
+        faults: STANDARD_FAULTS,
+    },
+    Kind {
+        name: "Jira Cloud (scoped API token)",
+        setup: jira_scoped_token,
+        identity: [SA_ACCOUNT, "Sync Service", SA_EMAIL],
+        // Atlassian answers an unknown token exactly as an expired one (401 "Client must be
+        // authenticated"), and the message says both.
+        bad_secret: F::ExpiredOrRevoked,
+        faults: STANDARD_FAULTS,
+    },
+    Kind {
+        name: "ServiceNow (client credentials)",
+        setup: servicenow_service,
+        identity: [SN_SYS_ID, "Sync Proxy", "sync@acme.example"],
+        // ServiceNow answers a wrong secret as it answers the grant switched off (401
+        // server_error / access_denied): the message names the property and the secret.
+        bad_secret: F::Misconfigured,
+        faults: STANDARD_FAULTS,
+    },
+    Kind {
+        name: "ServiceNow (API key)",
+        setup: servicenow_api_key,
+        identity: [SN_SYS_ID, "Sync Proxy", "sync@acme.example"],
+        bad_secret: F::InvalidCredentials,
+        faults: STANDARD_FAULTS,
     },
     Kind {
         name: "Freshdesk (API key)",
@@ -963,6 +1007,184 @@ fn jira_connected(prep: Prep) -> ArmFuture {
             lapse: lapse_for(prep, JIRA_LIFETIME),
             unexpected: Box::new(move || u.server.unexpected()),
         }
+    })
+}
+
+const ZD_SC_ID: &str = "ctr-zd-service";
+const ZD_SC_SECRET: &str = "ctr-zd-cc-secret-2b7d1";
+const ZD_SC_BAD: &str = "ctr-zd-cc-wrong-6a3e9";
+const SA_ID: &str = "ctr-atl-sa";
+const SA_SECRET: &str = "ctr-atl-sa-secret-1f4c2";
+const SA_BAD: &str = "ctr-atl-sa-wrong-8d5b3";
+const SA_ACCOUNT: &str = "712020:ctr-svc";
+const SA_EMAIL: &str = "ctr-svc@serviceaccount.atlassian.com";
+const SCOPED: &str = "ctr-scoped-token-3e8a1";
+const SCOPED_BAD: &str = "ctr-scoped-wrong-0c7f4";
+const SN_SC_ID: &str = "ctr-sn-cc";
+const SN_SC_SECRET: &str = "ctr-sn-cc-secret-5a1d6";
+const SN_SC_BAD: &str = "ctr-sn-cc-wrong-2e9b7";
+const SN_KEY: &str = "ctr-sn-key-7c3f0";
+const SN_KEY_BAD: &str = "ctr-sn-key-wrong-4b6a2";
+
+fn zendesk_service(_: Prep) -> ArmFuture {
+    Box::pin(async {
+        let fake = zendesk().await;
+        fake.add_user("ada", 9003, "Ada Admin", "ada@acme.example", "admin");
+        fake.add_service_client(ZD_SC_ID, ZD_SC_SECRET, "ada");
+        let target = Target::Candidate {
+            kind: pb::SystemKind::Zendesk,
+            base_url: fake.base_url.clone(),
+            good: client_credentials(ZD_SC_ID, ZD_SC_SECRET),
+            bad: client_credentials(ZD_SC_ID, ZD_SC_BAD),
+        };
+        let (f, u) = (fake.clone(), fake);
+        candidate_arm(
+            target,
+            fixed(vec![ZD_SC_SECRET.into(), ZD_SC_BAD.into()]),
+            Box::new(move |m| f.set_mode(m)),
+            Box::new(move || u.server.unexpected()),
+        )
+        .await
+    })
+}
+
+/// A fake Atlassian whose origin is also the site (tenant info names `cloud-acme`), with a
+/// service account that has an OAuth 2.0 credential and a scoped API token.
+async fn atlassian_service() -> FakeAtlassian {
+    let fake = atlassian().await;
+    fake.add_user("svc", SA_ACCOUNT, "Sync Service", SA_EMAIL);
+    fake.add_service_client(SA_ID, SA_SECRET, "svc");
+    fake.add_api_token(SCOPED, SA_EMAIL, "svc", true);
+    fake.set_site_cloud_id(Some("cloud-acme"));
+    fake
+}
+
+/// A candidate on a broker that knows the fake Atlassian's hosts.
+async fn jira_candidate_arm(
+    fake: FakeAtlassian,
+    good: pb::Credential,
+    bad: pb::Credential,
+    secrets: Vec<String>,
+) -> Arm {
+    let (dir, broker, admin, deadline) =
+        broker_with(|p: &std::path::Path| jira_config(p, &fake)).await;
+    let target = Target::Candidate {
+        kind: pb::SystemKind::JiraCloud,
+        base_url: fake.origin.clone(),
+        good,
+        bad,
+    };
+    let (f, u) = (fake.clone(), fake);
+    Arm {
+        _dir: dir,
+        broker,
+        admin,
+        deadline,
+        target,
+        secrets: fixed(secrets),
+        fault: Box::new(move |m| f.set_mode(m)),
+        spoil: Box::new(|| {}),
+        lapse: Duration::ZERO,
+        unexpected: Box::new(move || u.server.unexpected()),
+    }
+}
+
+fn jira_service(_: Prep) -> ArmFuture {
+    Box::pin(async {
+        let fake = atlassian_service().await;
+        jira_candidate_arm(
+            fake,
+            client_credentials(SA_ID, SA_SECRET),
+            client_credentials(SA_ID, SA_BAD),
+            vec![SA_SECRET.into(), SA_BAD.into()],
+        )
+        .await
+    })
+}
+
+fn email_api_token(email: &str, token: &str) -> pb::Credential {
+    pb::Credential {
+        credential: Some(pb::credential::Credential::EmailApiToken(
+            pb::EmailApiToken {
+                email: email.into(),
+                token: token.into(),
+                expires_at: None,
+                scoped: true,
+            },
+        )),
+    }
+}
+
+fn jira_scoped_token(_: Prep) -> ArmFuture {
+    Box::pin(async {
+        let fake = atlassian_service().await;
+        jira_candidate_arm(
+            fake,
+            email_api_token(SA_EMAIL, SCOPED),
+            email_api_token(SA_EMAIL, SCOPED_BAD),
+            vec![
+                SCOPED.into(),
+                SCOPED_BAD.into(),
+                b64(&format!("{SA_EMAIL}:{SCOPED}")),
+                b64(&format!("{SA_EMAIL}:{SCOPED_BAD}")),
+            ],
+        )
+        .await
+    })
+}
+
+async fn servicenow_user() -> FakeServiceNow {
+    let fake = FakeServiceNow::start().await;
+    fake.add_user(
+        SN_USER,
+        SN_PASSWORD,
+        SN_SYS_ID,
+        "Sync Proxy",
+        "sync@acme.example",
+    );
+    fake
+}
+
+fn servicenow_service(_: Prep) -> ArmFuture {
+    Box::pin(async {
+        let fake = servicenow_user().await;
+        fake.add_service_client(SN_SC_ID, SN_SC_SECRET, Some(SN_USER));
+        fake.enable_client_credentials(true);
+        let target = Target::Candidate {
+            kind: pb::SystemKind::Servicenow,
+            base_url: fake.base_url.clone(),
+            good: client_credentials(SN_SC_ID, SN_SC_SECRET),
+            bad: client_credentials(SN_SC_ID, SN_SC_BAD),
+        };
+        let (f, u) = (fake.clone(), fake);
+        candidate_arm(
+            target,
+            fixed(vec![SN_SC_SECRET.into(), SN_SC_BAD.into()]),
+            Box::new(move |m| f.set_mode(m)),
+            Box::new(move || u.server.unexpected()),
+        )
+        .await
+    })
+}
+
+fn servicenow_api_key(_: Prep) -> ArmFuture {
+    Box::pin(async {
+        let fake = servicenow_user().await;
+        fake.add_api_key(SN_KEY, SN_USER, false, true);
+        let target = Target::Candidate {
+            kind: pb::SystemKind::Servicenow,
+            base_url: fake.base_url.clone(),
+            good: api_key(SN_KEY),
+            bad: api_key(SN_KEY_BAD),
+        };
+        let (f, u) = (fake.clone(), fake);
+        candidate_arm(
+            target,
+            fixed(vec![SN_KEY.into(), SN_KEY_BAD.into()]),
+            Box::new(move |m| f.set_mode(m)),
+            Box::new(move || u.server.unexpected()),
+        )
+        .await
     })
 }
 
