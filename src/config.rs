@@ -834,11 +834,12 @@ fn apply_vendors(
         vendors.jira_api_url = u;
     }
     match f.zendesk_access_token_ttl_secs {
-        Some(v) if (300..=172_800).contains(&v) => {
+        // Zendesk takes more than 300 and less than 172800 seconds.
+        Some(v) if (301..172_800).contains(&v) => {
             vendors.zendesk_access_token_ttl = Duration::from_secs(v)
         }
         Some(v) => errors.push(format!(
-            "zendesk_access_token_ttl_secs: {v} must be 300 – 172800 (Zendesk's limits)"
+            "zendesk_access_token_ttl_secs: {v} must be 301 – 172799 (Zendesk's limits)"
         )),
         None => {}
     }

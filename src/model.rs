@@ -160,6 +160,13 @@ impl CredentialType {
         }
     }
 
+    /// True for a service identity's grant: every token is minted from the stored credential
+    /// alone (no refresh token or user consent to lose), so a refusal means the vendor's setup
+    /// or the secret changed.
+    pub fn is_service_identity(self) -> bool {
+        matches!(self, Self::OAuthClientCredentials)
+    }
+
     /// True for credentials whose headers come from a token endpoint (they expire and
     /// refresh); the one answer to "is this OAuth".
     pub fn is_oauth(self) -> bool {

@@ -68,6 +68,27 @@ impl Backend for JiraCloudBackend {
         SystemKind::JiraCloud
     }
 
+    async fn resolve(
+        &self,
+        base_url: &str,
+        credential: &Credential,
+    ) -> Result<Option<Credential>, BackendError> {
+        let unresolved = matches!(
+            credential,
+            Credential::OAuthClientCredentials { cloud_id: None, .. }
+                | Credential::EmailApiToken {
+                    scoped: true,
+                    cloud_id: None,
+                    ..
+                }
+        );
+        if !unresolved {
+            return Ok(None);
+        }
+        let id = self.cloud_id_of(base_url).await?;
+        Ok(with_cloud_id(credential, &id))
+    }
+
     fn canonical_base_url(&self, raw: &str, egress: &EgressPolicy) -> Result<String, String> {
         let mut base = parse_base_url(raw, egress)?;
         if base.is_stand_in {
@@ -186,7 +207,8 @@ impl Backend for JiraCloudBackend {
                 return AuthCheck::failed(
                     AuthFailure::Misconfigured,
                     "Atlassian's API gateway does not know the site's cloud id (404); check the \
-                     site URL and register the system again",
+                     site URL, then rotate the credential in again (the cloud id is looked up \
+                     anew)",
                 )
             }
             _ => return common(VENDOR, &resp, URL_HINT),
@@ -386,29 +408,25 @@ impl JiraCloudBackend {
         let cc = oauth::ClientCredentials::of(target.credential)
             .ok_or_else(|| BackendError::Unsupported("not client credentials".to_owned()))?;
         let (cloud_id, found) = self.cloud_id(target.base_url, cc.cloud_id).await?;
-        let http = OAuthHttp::json(&self.ctx.http);
+        // A form body with only the documented parameters, as the grant is used in the wild.
+        let http = OAuthHttp::form(&self.ctx.http);
         let resp = cc
-            .mint(
-                &http,
-                &self.token_url(),
-                &[("audience", "api.atlassian.com".to_owned())],
-                |e, http| {
-                    oauth::classify(
-                        VENDOR,
-                        e,
-                        http.last(),
-                        fix_hint(target.credential),
-                        "check the service account's client id and secret (admin.atlassian.com → \
+            .mint(&http, &self.token_url(), &[], |e, http| {
+                oauth::classify(
+                    VENDOR,
+                    e,
+                    http.last(),
+                    fix_hint(target.credential),
+                    "check the service account's client id and secret (admin.atlassian.com → \
                          Directory → Service accounts → Credentials); a deleted credential cannot \
                          be recovered, create a new one",
-                    )
-                },
-            )
+                )
+            })
             .await?;
         let mut issued =
             oauth::issued_from(&resp, Duration::from_secs(3600), self.gateway(&cloud_id));
         if found {
-            issued.updated_credential = Some(cc.with_cloud_id(&cloud_id));
+            issued.updated_credential = with_cloud_id(target.credential, &cloud_id);
         }
         Ok(issued)
     }
@@ -419,9 +437,9 @@ impl JiraCloudBackend {
         let Credential::EmailApiToken {
             email,
             token,
-            expires_at,
             scoped,
             cloud_id,
+            ..
         } = target.credential
         else {
             return Err(BackendError::Unsupported("not an API token".to_owned()));
@@ -433,13 +451,7 @@ impl JiraCloudBackend {
         let (id, found) = self.cloud_id(target.base_url, cloud_id.as_deref()).await?;
         let mut issued = Issued::static_header(header, self.gateway(&id));
         if found {
-            issued.updated_credential = Some(Credential::EmailApiToken {
-                email: email.clone(),
-                token: token.clone(),
-                expires_at: *expires_at,
-                scoped: true,
-                cloud_id: Some(id),
-            });
+            issued.updated_credential = with_cloud_id(target.credential, &id);
         }
         Ok(issued)
     }
@@ -527,6 +539,17 @@ fn classify(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendError {
         &format!("the grant is expired or revoked; {RECONNECT}"),
         "check the app's client id and secret in the Atlassian developer console",
     )
+}
+
+/// `credential` with the site's cloud id stored (service accounts and scoped tokens).
+fn with_cloud_id(credential: &Credential, id: &str) -> Option<Credential> {
+    let mut settled = credential.clone();
+    match &mut settled {
+        Credential::OAuthClientCredentials { cloud_id, .. }
+        | Credential::EmailApiToken { cloud_id, .. } => *cloud_id = Some(id.to_owned()),
+        _ => return None,
+    }
+    Some(settled)
 }
 
 /// Cloud ids are UUIDs; anything else from the network is not put into a URL.

@@ -169,6 +169,17 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Settles what a credential needs from the vendor before it is stored, without minting
+    /// a token (Jira Cloud: the site's cloud id, which its tenant info gives without any
+    /// user). `Some` is the credential to store instead. Default: nothing to settle.
+    async fn resolve(
+        &self,
+        _base_url: &str,
+        _credential: &Credential,
+    ) -> Result<Option<Credential>, BackendError> {
+        Ok(None)
+    }
+
     /// Builds the headers a worker sends.
     ///
     /// # Behavior

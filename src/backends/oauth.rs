@@ -197,16 +197,6 @@ impl<'a> ClientCredentials<'a> {
             .await
             .map_err(|e| classify(&e, http))
     }
-
-    /// The credential again, with the site's cloud id stored.
-    pub fn with_cloud_id(&self, cloud_id: &str) -> Credential {
-        Credential::OAuthClientCredentials {
-            client_id: self.client_id.to_owned(),
-            client_secret: self.client_secret.clone(),
-            scopes: self.scopes.to_vec(),
-            cloud_id: Some(cloud_id.to_owned()),
-        }
-    }
 }
 
 impl<'a> CodeFlow<'a> {
@@ -410,6 +400,17 @@ pub fn classify(
     }
 }
 
+/// The longest token lifetime a vendor's answer is believed for (48 h, Zendesk's maximum).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 3600);
+/// The shortest: an `expires_in` of 0 must not make every call a mint.
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(1);
+
+/// When a token that lives `lifetime` (as a vendor said, so held between
+/// [`MIN_TOKEN_LIFETIME`] and [`MAX_TOKEN_LIFETIME`]) stops working.
+pub fn expiry_in(lifetime: Duration) -> SystemTime {
+    SystemTime::now() + lifetime.clamp(MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME)
+}
+
 /// The access-token header and expiry from a token response. `default_lifetime` applies when the
 /// response has no `expires_in`.
 pub fn issued_from(
@@ -422,7 +423,7 @@ pub fn issued_from(
         headers: vec![bearer(&SecretString::from(
             resp.access_token().secret().as_str(),
         ))],
-        expires_at: Some(SystemTime::now() + lifetime),
+        expires_at: Some(expiry_in(lifetime)),
         api_base_url,
         updated_credential: None,
         subject: None,
@@ -485,4 +486,47 @@ pub fn missing_scopes(needed: &[String], granted: &[String]) -> Vec<String> {
         .filter(|n| !granted.iter().any(|g| g == *n))
         .cloned()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(expires_in: Option<Duration>) -> VendorTokenResponse {
+        let mut r = VendorTokenResponse::new(
+            oauth2::AccessToken::new("at".to_owned()),
+            BasicTokenType::Bearer,
+            VendorFields::default(),
+        );
+        r.set_expires_in(expires_in.as_ref());
+        r
+    }
+
+    #[test]
+    fn a_vendors_lifetime_is_held_between_the_bounds() {
+        let now = SystemTime::now();
+        for (said, lo, hi) in [
+            (Some(Duration::MAX), MAX_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME),
+            (
+                Some(Duration::from_secs(u64::MAX)),
+                MAX_TOKEN_LIFETIME,
+                MAX_TOKEN_LIFETIME,
+            ),
+            (Some(Duration::ZERO), MIN_TOKEN_LIFETIME, MIN_TOKEN_LIFETIME),
+            (
+                Some(Duration::from_secs(3599)),
+                Duration::from_secs(3599),
+                Duration::from_secs(3599),
+            ),
+            (None, Duration::from_secs(1800), Duration::from_secs(1800)),
+        ] {
+            let issued = issued_from(&answer(said), Duration::from_secs(1800), String::new());
+            let at = issued.expires_at.unwrap_or(now);
+            let left = at.duration_since(now).unwrap_or_default();
+            assert!(
+                left >= lo && left <= hi + Duration::from_secs(5),
+                "{said:?}: {left:?}"
+            );
+        }
+    }
 }

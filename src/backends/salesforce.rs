@@ -279,8 +279,10 @@ impl SalesforceBackend {
         }
         let i: Introspection = serde_json::from_slice(&r.body).ok()?;
         let exp = i.exp.filter(|_| i.active)?;
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
-        (at > SystemTime::now()).then_some(at)
+        // A hostile or broken answer (`exp` near u64::MAX) must not overflow the clock.
+        let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp))?;
+        let left = at.duration_since(SystemTime::now()).ok()?;
+        Some(oauth::expiry_in(left))
     }
 
     async fn rest_probe(&self, api: &str, issued: &Issued) -> AuthCheck {

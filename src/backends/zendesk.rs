@@ -342,7 +342,9 @@ impl ZendeskBackend {
             .extra_fields()
             .refresh_token_expires_in
             .map(Duration::from_secs)
-            .unwrap_or(self.ctx.oauth.zendesk_refresh_token_ttl);
+            .unwrap_or(self.ctx.oauth.zendesk_refresh_token_ttl)
+            // Zendesk's maximum is 90 days; a larger answer is not believed.
+            .min(Duration::from_secs(90 * 86_400));
         issued.updated_credential = Some(oauth::credential_with_grant(
             client_id,
             client_secret,

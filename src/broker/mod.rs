@@ -1056,6 +1056,11 @@ async fn prepare(
     check: bool,
     consequence: &str,
 ) -> Result<Prepared, BrokerError> {
+    let credential = match backend.resolve(base_url, &credential).await {
+        Ok(Some(settled)) => settled,
+        Ok(None) => credential,
+        Err(e) => return Err(failed_check(&e.to_check(), consequence)),
+    };
     if !check && !credential.requires_exchange() {
         return Ok(Prepared {
             credential,

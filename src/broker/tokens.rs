@@ -787,7 +787,9 @@ impl Broker {
                     tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
                     f.pending = Some(newcred);
                     return Err(BrokerError::Unavailable(
-                        "the rotated refresh token could not be saved; retry shortly".to_owned(),
+                        "the updated credential (a rotated refresh token or a looked-up site id) \
+                         could not be saved; retry shortly"
+                            .to_owned(),
                     ));
                 }
             }
@@ -818,6 +820,17 @@ impl Broker {
         f.pending = None;
         f.last_failure = Some(failure);
         self.drop_token(system_id);
+        let message = if record.credential_type.is_service_identity() {
+            // Nothing is spent by trying again, but only an admin can fix what the vendor
+            // refused; a rotation checks first and puts the system back in service.
+            format!(
+                "{message}; once that is fixed, rotate the credential in again (`credbrokerctl \
+                 system rotate {system_id}` with the same flags): it is checked first and the \
+                 system serves again"
+            )
+        } else {
+            message
+        };
         if oauth {
             tracing::warn!(message = "Grant rejected; system needs re-authorization.", kind = %record.kind, system_id = %system_id, error = %message);
             self.mark_reauthorization_required(system_id, &message)

@@ -120,12 +120,30 @@ fn gather_secrets(
     Ok(out)
 }
 
+/// Flags that only some credential types read are refused for the others, never ignored.
+fn refuse_foreign_flags(t: CredentialType, a: &CredentialArgs) -> Result<()> {
+    use CredentialType as C;
+    let email_token = t == C::EmailApiToken;
+    if a.email.is_some() && !email_token {
+        bail!("--email is for --credential-type email-api-token, not {t}");
+    }
+    if a.scoped && !email_token {
+        bail!("--scoped is for --credential-type email-api-token, not {t}");
+    }
+    if a.expires_at.is_some() && !matches!(t, C::PersonalAccessToken | C::ApiKey | C::EmailApiToken)
+    {
+        bail!("--expires-at is for personal-access-token, api-key and email-api-token, not {t}");
+    }
+    Ok(())
+}
+
 pub(super) fn build_credential(kind: SystemKind, a: &CredentialArgs) -> Result<pb::Credential> {
     use pb::credential::Credential as C;
     let t = match &a.credential_type {
         Some(s) => parse_credential_type(s)?,
         None => kind.accepted_credentials()[0],
     };
+    refuse_foreign_flags(t, a)?;
     let mut s = gather_secrets(t, a)?;
     let mut take = |f: &str| s.remove(f).unwrap_or_default();
     let username = a.username.clone().unwrap_or_default();

@@ -134,6 +134,34 @@ fn email(v: String, field: &'static str) -> Result<String, BrokerError> {
     Ok(e)
 }
 
+/// The most scopes one credential asks for (Atlassian allows 50 per token).
+const MAX_SCOPES: usize = 50;
+
+/// OAuth scopes: each one word of printable ASCII, at most [`MAX_SCOPES`] of them (they are
+/// sent on every token request; a space would split one scope into two).
+fn scopes(v: Vec<String>, field: &'static str) -> Result<Vec<String>, BrokerError> {
+    if v.len() > MAX_SCOPES {
+        return Err(BrokerError::invalid(
+            field,
+            format!("has {} scopes; at most {MAX_SCOPES}", v.len()),
+        ));
+    }
+    v.into_iter()
+        .map(|s| {
+            let t = s.trim();
+            let ok = !t.is_empty() && t.len() <= 256 && t.chars().all(|c| c.is_ascii_graphic());
+            if ok {
+                Ok(t.to_owned())
+            } else {
+                Err(BrokerError::invalid(
+                    field,
+                    "each scope is one word of printable ASCII (at most 256 characters)",
+                ))
+            }
+        })
+        .collect()
+}
+
 fn optional(v: String) -> Option<String> {
     let t = v.trim();
     (!t.is_empty()).then(|| t.to_owned())
@@ -175,7 +203,7 @@ pub fn credential(
                 o.client_secret,
                 "credential.oauth_client_credentials.client_secret",
             )?,
-            scopes: o.scopes,
+            scopes: scopes(o.scopes, "credential.oauth_client_credentials.scopes")?,
             cloud_id: None,
         },
         C::OauthRefreshToken(o) => Credential::OAuthRefreshToken {
@@ -223,7 +251,7 @@ pub fn credential(
                 o.client_secret,
                 "credential.oauth_authorization_code.client_secret",
             )?,
-            scopes: o.scopes,
+            scopes: scopes(o.scopes, "credential.oauth_authorization_code.scopes")?,
             grant: None,
         },
     })

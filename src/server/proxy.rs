@@ -305,7 +305,8 @@ impl From<ProxyRefusal> for Refusal {
 }
 
 /// The request to send upstream: the worker's headers without hop-by-hop ones, its
-/// authorization or cookies, plus the system's headers; the body capped at `cap` bytes.
+/// authorization or other credential headers or cookies, plus the system's headers; the body
+/// capped at `cap` bytes.
 fn forward_request(
     req: Request,
     uri: axum::http::Uri,
@@ -327,7 +328,12 @@ fn forward_request(
     let mut headers = HeaderMap::new();
     for (k, v) in req.headers() {
         let name = k.as_str();
-        if HOP_BY_HOP.contains(&name) || name == "authorization" || name == "cookie" {
+        // The worker's lease, cookies and any credential header a backend hands out
+        // (`x-sn-apikey`) never reach the vendor: only the system's own credential does.
+        if HOP_BY_HOP.contains(&name)
+            || name == "cookie"
+            || crate::backends::known_header_name(name).is_some()
+        {
             continue;
         }
         headers.append(k.clone(), v.clone());

@@ -986,6 +986,11 @@ impl FakeServiceNow {
             if !auth.is_empty() && !auth.starts_with("Basic ") && !auth.starts_with("Bearer ") {
                 return Reply::Unexpected("an Authorization header that is neither Basic nor Bearer".into());
             }
+            if !api_key.is_empty() && !auth.is_empty() {
+                // Which of the two ServiceNow would honour is not documented: a correct client
+                // never sends both.
+                return Reply::Unexpected("both x-sn-apikey and Authorization".into());
+            }
             let (name, user) = if !api_key.is_empty() {
                 match s.api_keys.get(api_key) {
                     Some((n, false, true)) => match s.users.get(n) {
@@ -1689,7 +1694,7 @@ fn zd_client_credentials(s: &mut ZdState, f: &HashMap<String, String>) -> Reply 
     let Some(asked) = f.get("expires_in").and_then(|v| v.parse::<u64>().ok()) else {
         return Reply::Unexpected("the broker always asks for an explicit expires_in".into());
     };
-    if !(300..172_800).contains(&asked) {
+    if !(301..172_800).contains(&asked) {
         return Reply::Unexpected(format!("expires_in {asked} is outside Zendesk's limits"));
     }
     s.oauth.access_lifetime = s.access_lifetime.unwrap_or(asked);
@@ -2042,8 +2047,13 @@ fn atl_client_credentials(s: &mut AtlState, f: &HashMap<String, String>) -> Repl
             json!({"error": "unauthorized_client", "error_description": "Grant type 'client_credentials' is not allowed for this client"}),
         );
     };
-    if f.get("audience").is_some_and(|a| a != "api.atlassian.com") {
-        return Reply::Unexpected("client credentials for another audience".into());
+    if let Some(k) = f
+        .keys()
+        .find(|k| !["grant_type", "client_id", "client_secret", "scope"].contains(&k.as_str()))
+    {
+        return Reply::Unexpected(format!(
+            "'{k}' is not a documented client-credentials parameter"
+        ));
     }
     let lifetime = s.oauth.access_lifetime;
     let access = s.oauth.mint_access(&login);
@@ -2097,8 +2107,21 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
         };
     }
     if path == "/oauth/token" {
-        let Some(f) = json_form(req) else {
-            return Reply::Unexpected("Atlassian's token endpoint takes a JSON body".into());
+        let form_post = req
+            .header("content-type")
+            .starts_with("application/x-www-form-urlencoded");
+        let f = match json_form(req) {
+            Some(f) => f,
+            // Client credentials are posted as a form in the wild; the 3LO grants take JSON.
+            None if form_post
+                && req.form().get("grant_type").map(String::as_str)
+                    == Some("client_credentials") =>
+            {
+                req.form()
+            }
+            None => {
+                return Reply::Unexpected("Atlassian's token endpoint takes a JSON body".into())
+            }
         };
         s.oauth.token_calls += 1;
         s.oauth.call_times.push(std::time::Instant::now());

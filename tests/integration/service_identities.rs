@@ -300,6 +300,28 @@ async fn zendesk_client_credentials_mint_once_and_report_the_acting_user() {
         "the dropped exchange was not repeated"
     );
 
+    // Scopes are one word each, and a bounded list.
+    let mut spaced = cc(ZD_SC_ID, ZD_SC_SECRET);
+    if let Some(pb::credential::Credential::OauthClientCredentials(o)) = &mut spaced.credential {
+        o.scopes = vec!["read write".into()];
+    }
+    let e = admin
+        .register_system(reg(
+            "zd-scope",
+            z,
+            &base,
+            spaced,
+            false,
+            pb::Delivery::Unspecified,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().contains("oauth_client_credentials.scopes"),
+        "{}",
+        e.message()
+    );
     refused(
         &mut admin,
         reg(
@@ -469,19 +491,22 @@ async fn jira_service_account_finds_the_cloud_id_without_a_user_and_names_each_f
     .await;
     fake.set_site_cloud_id(None);
     let calls = fake.token_calls();
-    refused(
-        &mut admin,
-        reg(
-            "jira-sa-nosite",
-            j,
-            &site,
-            cc(SA_ID, SA_SECRET),
-            true,
-            pb::Delivery::Unspecified,
-        ),
-        &["no Atlassian site at", "HTTP 404", "site URL"],
-    )
-    .await;
+    // Refused at registration, with or without a check: the cloud id is looked up first.
+    for check in [true, false] {
+        refused(
+            &mut admin,
+            reg(
+                "jira-sa-nosite",
+                j,
+                &site,
+                cc(SA_ID, SA_SECRET),
+                check,
+                pb::Delivery::Unspecified,
+            ),
+            &["no Atlassian site at", "HTTP 404", "site URL"],
+        )
+        .await;
+    }
     assert_eq!(
         fake.token_calls(),
         calls,
@@ -627,7 +652,7 @@ async fn jira_api_tokens_work_at_the_site_or_scoped_through_the_gateway_and_expi
             j,
             &site,
             email_token(SA_EMAIL, SCOPED_TOKEN, true, None),
-            true,
+            false,
             pb::Delivery::Unspecified,
         ),
         &["no Atlassian site at"],
@@ -755,6 +780,27 @@ async fn servicenow_client_credentials_name_the_property_and_the_application_use
         sys.state_message
     );
     assert!(
+        sys.state_message.contains("rotate the credential in again"),
+        "{}",
+        sys.state_message
+    );
+    // Fixed at the vendor, the same credential rotated in serves again.
+    fake.enable_client_credentials(true);
+    admin
+        .rotate_credential(pb::RotateCredentialRequest {
+            system_id: "sn-cc".into(),
+            credential: Some(cc(SN_SC_ID, SN_SC_SECRET)),
+            skip_check: false,
+        })
+        .await
+        .unwrap();
+    let t = admin
+        .get_access_token(tok("sn-cc"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.credential_version, 2);
+    assert!(
         fake.server.unexpected().is_empty(),
         "{:?}",
         fake.server.unexpected()
@@ -838,6 +884,47 @@ async fn servicenow_api_keys_travel_as_x_sn_apikey_in_both_deliveries() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("sync@acme.example"));
+
+    // A worker's own x-sn-apikey never crosses the proxy, whatever the system's credential.
+    fake.add_user(
+        "sn.basic",
+        "sn-basic-pw-canary",
+        "b-2",
+        "Basic User",
+        "basic@acme.example",
+    );
+    admin
+        .register_system(reg(
+            "sn-basic-proxy",
+            k,
+            &base,
+            basic_cred("sn.basic", "sn-basic-pw-canary"),
+            true,
+            pb::Delivery::Proxy,
+        ))
+        .await
+        .unwrap();
+    for (id, who) in [
+        ("sn-key-proxy", "sync@acme.example"),
+        ("sn-basic-proxy", "basic@acme.example"),
+    ] {
+        let t = admin.get_access_token(tok(id)).await.unwrap().into_inner();
+        let r = reqwest::Client::new()
+            .get(format!(
+                "{}/api/now/table/sys_user?sysparm_query=sys_id%3Djavascript%3Ags.getUserID()",
+                t.api_base_url
+            ))
+            .header(&t.headers[0].name, &t.headers[0].value)
+            .header("x-sn-apikey", "sn-key-nopolicy")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{id}");
+        assert!(
+            r.text().await.unwrap().contains(who),
+            "{id} acted as someone else"
+        );
+    }
 
     for (key, id) in [
         ("sn-key-expired", "sn-x1"),
@@ -932,6 +1019,36 @@ async fn the_cli_registers_an_email_api_token_and_secrets_stay_out_of_logs_and_f
     });
     let v = json_out(&out);
     assert_eq!(v["check"]["ok"], true, "{v}");
+    // A flag the credential type does not read is refused, not ignored.
+    let foreign = tokio::task::block_in_place(|| {
+        ctl_at(
+            addr,
+            &data,
+            &[
+                "system",
+                "register",
+                "--kind",
+                "servicenow",
+                "--id",
+                "cli-sn",
+                "--base-url",
+                &site,
+                "--credential-type",
+                "api-key",
+                "--scoped",
+                "--secret",
+                &secret_arg,
+            ],
+            None,
+        )
+    });
+    assert!(!foreign.status.success());
+    assert!(
+        String::from_utf8_lossy(&foreign.stderr)
+            .contains("--scoped is for --credential-type email-api-token"),
+        "{}",
+        String::from_utf8_lossy(&foreign.stderr)
+    );
     let printed = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
