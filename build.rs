@@ -15,6 +15,8 @@ const SECRET_MESSAGES: &[&str] = &[
     ".credbroker.v1.SalesforceLogin",
     ".credbroker.v1.OAuthAuthorizationCode",
     ".credbroker.v1.EmailApiToken",
+    ".credbroker.v1.EntraClientCredentials",
+    ".credbroker.v1.SalesforceJwtBearer",
     ".credbroker.v1.HttpHeader",
     ".credbroker.v1.CreateCallerResponse",
 ];

@@ -319,6 +319,8 @@ pub struct FileConfig {
     pub salesforce_token_lifetime_secs: Option<u64>,
     /// Seconds.
     pub servicenow_refresh_token_lifespan_secs: Option<u64>,
+    /// Seconds.
+    pub salesforce_refresh_idle_secs: Option<u64>,
     /// Address or `off`.
     pub http_listen: Option<String>,
     /// URL.
@@ -812,6 +814,12 @@ fn apply_vendors(
         "salesforce_token_lifetime_secs",
         errors,
         &mut vendors.salesforce_token_lifetime,
+    );
+    secs(
+        f.salesforce_refresh_idle_secs,
+        "salesforce_refresh_idle_secs",
+        errors,
+        &mut vendors.salesforce_refresh_idle_limit,
     );
     secs(
         f.servicenow_refresh_token_lifespan_secs,

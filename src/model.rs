@@ -79,8 +79,13 @@ impl SystemKind {
     pub fn accepted_credentials(self) -> &'static [CredentialType] {
         use CredentialType as C;
         match self {
-            Self::AzureDevOps => &[C::PersonalAccessToken],
-            Self::Salesforce => &[C::OAuthClientCredentials, C::SalesforceLogin],
+            Self::AzureDevOps => &[C::PersonalAccessToken, C::EntraClientCredentials],
+            Self::Salesforce => &[
+                C::OAuthClientCredentials,
+                C::SalesforceLogin,
+                C::SalesforceJwtBearer,
+                C::OAuthAuthorizationCode,
+            ],
             Self::ServiceNow => &[
                 C::Basic,
                 C::OAuthRefreshToken,
@@ -127,13 +132,17 @@ pub enum CredentialType {
     SalesforceLogin,
     /// `oauth_authorization_code`.
     OAuthAuthorizationCode,
+    /// `entra_client_credentials`.
+    EntraClientCredentials,
+    /// `salesforce_jwt_bearer`.
+    SalesforceJwtBearer,
     /// `email_api_token`.
     EmailApiToken,
 }
 
 impl CredentialType {
     /// Every type, in proto order.
-    pub const ALL: [CredentialType; 9] = [
+    pub const ALL: [CredentialType; 11] = [
         Self::PersonalAccessToken,
         Self::ApiKey,
         Self::Basic,
@@ -142,6 +151,8 @@ impl CredentialType {
         Self::OAuthPasswordGrant,
         Self::SalesforceLogin,
         Self::OAuthAuthorizationCode,
+        Self::EntraClientCredentials,
+        Self::SalesforceJwtBearer,
         Self::EmailApiToken,
     ];
 
@@ -156,6 +167,8 @@ impl CredentialType {
             Self::OAuthPasswordGrant => "oauth_password_grant",
             Self::SalesforceLogin => "salesforce_login",
             Self::OAuthAuthorizationCode => "oauth_authorization_code",
+            Self::EntraClientCredentials => "entra_client_credentials",
+            Self::SalesforceJwtBearer => "salesforce_jwt_bearer",
             Self::EmailApiToken => "email_api_token",
         }
     }
@@ -164,7 +177,10 @@ impl CredentialType {
     /// alone (no refresh token or user consent to lose), so a refusal means the vendor's setup
     /// or the secret changed.
     pub fn is_service_identity(self) -> bool {
-        matches!(self, Self::OAuthClientCredentials)
+        matches!(
+            self,
+            Self::OAuthClientCredentials | Self::EntraClientCredentials | Self::SalesforceJwtBearer
+        )
     }
 
     /// True for credentials whose headers come from a token endpoint (they expire and
@@ -222,6 +238,34 @@ pub enum Credential {
         /// Jira Cloud: the site's cloud id, found from the site URL when the system is registered.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cloud_id: Option<String>,
+        /// When the client secret expires, seconds since the epoch, when the admin said.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret_expires_at: Option<u64>,
+    },
+    /// A Microsoft Entra service principal (Azure DevOps).
+    EntraClientCredentials {
+        /// Directory (tenant) id or verified domain.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// How the app proves itself.
+        auth: EntraAuth,
+        /// `https://login.microsoftonline.com` or a sovereign cloud's authority.
+        authority_url: String,
+        /// When the client secret (or certificate) expires, seconds since the epoch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret_expires_at: Option<u64>,
+    },
+    /// Salesforce OAuth 2.0 JWT bearer flow.
+    SalesforceJwtBearer {
+        /// The External Client App's consumer key.
+        client_id: String,
+        /// The pre-authorized user the tokens act as.
+        username: String,
+        /// The private key (PEM) whose certificate is uploaded to the app.
+        private_key_pem: SecretString,
+        /// The JWT's audience and token host: login, test or the org's My Domain.
+        login_url: String,
     },
     /// An OAuth refresh token.
     OAuthRefreshToken {
@@ -292,6 +336,29 @@ pub enum Credential {
     },
 }
 
+/// How an Entra app proves itself at the token endpoint: exactly one way.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum EntraAuth {
+    /// A client secret (its Value, not its ID).
+    Secret {
+        /// The secret.
+        client_secret: SecretString,
+    },
+    /// A certificate uploaded to the app and its private key: a signed client assertion.
+    Certificate {
+        /// The certificate (PEM); its SHA-256 thumbprint names the key to Entra.
+        certificate_pem: String,
+        /// The private key (PEM).
+        private_key_pem: SecretString,
+    },
+    /// A federated token file (workload identity), read again for every token.
+    FederatedTokenFile {
+        /// The file's path on the broker's host.
+        path: String,
+    },
+}
+
 /// An authorized OAuth grant (authorization-code flows).
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Grant {
@@ -303,6 +370,9 @@ pub struct Grant {
     pub granted_scopes: Vec<String>,
     /// Jira Cloud: the site's cloud id.
     pub cloud_id: Option<String>,
+    /// Salesforce: the `instance_url` of the last token answer (where API calls go).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_url: Option<String>,
     /// When the grant was made, seconds since the epoch.
     pub authorized_at: u64,
 }
@@ -319,6 +389,8 @@ impl Credential {
             Self::OAuthPasswordGrant { .. } => CredentialType::OAuthPasswordGrant,
             Self::SalesforceLogin { .. } => CredentialType::SalesforceLogin,
             Self::OAuthAuthorizationCode { .. } => CredentialType::OAuthAuthorizationCode,
+            Self::EntraClientCredentials { .. } => CredentialType::EntraClientCredentials,
+            Self::SalesforceJwtBearer { .. } => CredentialType::SalesforceJwtBearer,
             Self::EmailApiToken { .. } => CredentialType::EmailApiToken,
         }
     }
@@ -330,6 +402,12 @@ impl Credential {
             Self::PersonalAccessToken { expires_at, .. }
             | Self::ApiKey { expires_at, .. }
             | Self::EmailApiToken { expires_at, .. } => *expires_at,
+            Self::OAuthClientCredentials {
+                secret_expires_at, ..
+            }
+            | Self::EntraClientCredentials {
+                secret_expires_at, ..
+            } => *secret_expires_at,
             Self::OAuthRefreshToken {
                 refresh_expires_at, ..
             } => *refresh_expires_at,

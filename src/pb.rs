@@ -37,6 +37,8 @@ redacted_debug!(
     SalesforceLogin,
     OAuthAuthorizationCode,
     EmailApiToken,
+    EntraClientCredentials,
+    SalesforceJwtBearer,
 );
 
 impl fmt::Debug for HttpHeader {

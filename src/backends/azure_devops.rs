@@ -1,4 +1,5 @@
-//! Azure DevOps Services and Server: a PAT sent as `Authorization: Basic base64(":" + PAT)`.
+//! Azure DevOps Services and Server: a PAT sent as `Authorization: Basic base64(":" + PAT)`, or
+//! (Services) a Microsoft Entra service principal's bearer token (`entra.rs`).
 //!
 //! `CheckAuthentication` never trusts a status alone (`docs/systems/azure-devops.md`):
 //! - `_apis/connectionData` answers 200 to anonymous callers: the body's `authenticatedUser` must
@@ -149,11 +150,19 @@ impl Backend for AzureDevOpsBackend {
             Ok(r) => r,
             Err(e) => return unreachable(VENDOR, &e),
         };
-        let identity = match identify(&resp) {
+        let identity = match identify(&resp, target.credential) {
             Ok(id) => id,
             Err(check) => return check,
         };
-        let mut check = AuthCheck::ok(identity, "the PAT authenticates");
+        let principal = is_principal(target.credential);
+        let mut check = AuthCheck::ok(
+            identity,
+            if principal {
+                "the service principal authenticates"
+            } else {
+                "the PAT authenticates"
+            },
+        );
         let (missing, unverified) = self.probe_permissions(target.base_url, auth).await;
         if let Some(delay) = throttling(&resp) {
             check
@@ -163,17 +172,33 @@ impl Backend for AzureDevOpsBackend {
         let mut check = with_missing(
             check,
             missing,
-            "Edit the PAT's scopes (User settings → Personal access tokens) or add the proxy user \
-             to Project Collection Administrators, then check again.",
+            if principal {
+                "Give the service principal an access level and add it to Project Collection \
+                 Administrators (Organization settings → Users / Permissions), then check again."
+            } else {
+                "Edit the PAT's scopes (User settings → Personal access tokens) or add the proxy \
+                 user to Project Collection Administrators, then check again."
+            },
         );
         note_unverified(&mut check, &unverified);
         check
     }
 
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        if let Some(app) = super::entra::EntraApp::of(target.credential) {
+            let resp = app
+                .mint(&self.ctx.http, super::entra::AZURE_DEVOPS_SCOPE)
+                .await?;
+            return Ok(super::oauth::issued_from(
+                &resp,
+                std::time::Duration::from_secs(3600),
+                target.base_url.to_owned(),
+            ));
+        }
         let header = pat_header(target.credential).ok_or_else(|| {
             BackendError::Unsupported(
-                "Azure DevOps accepts only a personal access token".to_owned(),
+                "Azure DevOps accepts a personal access token or an Entra service principal"
+                    .to_owned(),
             )
         })?;
         Ok(Issued::static_header(header, target.base_url))
@@ -224,10 +249,42 @@ impl AzureDevOpsBackend {
     }
 }
 
+fn is_principal(credential: &Credential) -> bool {
+    matches!(credential, Credential::EntraClientCredentials { .. })
+}
+
+/// A 401/403 for a service principal: TF401444 (never added to the organization) and TF400813
+/// (not authorized) each name their fix.
+fn principal_refused(resp: &UpstreamResponse) -> AuthCheck {
+    let body = String::from_utf8_lossy(&resp.body);
+    let (what, fix) = if body.contains("TF401444") {
+        (
+            "the service principal has not been added to this organization (TF401444)",
+            "Organization settings → Users → Add users, search the app's name, give it an \
+             access level (Basic for repositories)",
+        )
+    } else {
+        (
+            "Azure DevOps does not let the service principal in (TF400813)",
+            "add it to the organization (Organization settings → Users → Add users, with the \
+             app from the tenant connected to the organization) and to the projects it syncs",
+        )
+    };
+    let mut c = AuthCheck::failed(
+        AuthFailure::InsufficientPermissions,
+        format!("the token is valid, but {what}: {fix}"),
+    );
+    c.missing_permissions = vec!["membership in the organization".to_owned()];
+    c
+}
+
 /// The identity from a connectionData answer, or the failing check.
 // Called once per check, off the hot path; boxing the check would only add noise.
 #[allow(clippy::result_large_err)]
-fn identify(resp: &UpstreamResponse) -> Result<Identity, AuthCheck> {
+fn identify(resp: &UpstreamResponse, credential: &Credential) -> Result<Identity, AuthCheck> {
+    if is_principal(credential) && matches!(resp.status, 401 | 403) {
+        return Err(principal_refused(resp));
+    }
     match resp.status {
         200 if resp.is_json() => {}
         200 | 203 => {
@@ -240,9 +297,11 @@ fn identify(resp: &UpstreamResponse) -> Result<Identity, AuthCheck> {
         401 => {
             return Err(AuthCheck::failed(
                 AuthFailure::InvalidCredentials,
-                "Azure DevOps rejected the PAT (401 TF400813): it is wrong, expired, revoked, or \
-                 was created for another organization; create a new PAT for this organization \
-                 and rotate it in",
+                "Azure DevOps rejected the PAT (401 TF400813). The likeliest cause: it was \
+                 created for \"All accessible organizations\"; such global PATs stopped working \
+                 on 2026-12-01. Create a PAT for this organization only, or move to an Entra \
+                 service principal (entra_client_credentials). Otherwise it is wrong, expired or \
+                 revoked",
             ))
         }
         403 => {

@@ -35,6 +35,9 @@ pub struct OAuthSettings {
     pub salesforce_token_lifetime: Duration,
     /// ServiceNow refresh-token lifespan (not in any response; default 100 days).
     pub servicenow_refresh_token_lifespan: Duration,
+    /// Salesforce "Connect with …" grants die after this long unused (the External Client
+    /// App's idle refresh-token limit; default 30 days): the keep-alive sweep refreshes before.
+    pub salesforce_refresh_idle_limit: Duration,
     /// Zendesk access-token lifetime asked for (`expires_in`; 5 min – 48 h, default 30 min).
     pub zendesk_access_token_ttl: Duration,
     /// Zendesk refresh-token lifetime asked for (7 – 90 days, default 30 days).
@@ -50,6 +53,7 @@ impl Default for OAuthSettings {
         Self {
             salesforce_token_lifetime: Duration::from_secs(30 * 60),
             servicenow_refresh_token_lifespan: Duration::from_secs(8_640_000),
+            salesforce_refresh_idle_limit: Duration::from_secs(30 * 86_400),
             zendesk_access_token_ttl: Duration::from_secs(30 * 60),
             zendesk_refresh_token_ttl: Duration::from_secs(30 * 86_400),
             jira_auth_url: "https://auth.atlassian.com".to_owned(),
@@ -167,6 +171,7 @@ impl<'a> ClientCredentials<'a> {
                 client_secret,
                 scopes,
                 cloud_id,
+                ..
             } => Some(Self {
                 client_id,
                 client_secret,
@@ -472,6 +477,11 @@ pub fn credential_with_grant(
                     .unwrap_or(scopes),
             ),
             cloud_id: cloud_id.or_else(|| previous.and_then(|g| g.cloud_id.clone())),
+            instance_url: resp
+                .extra_fields()
+                .instance_url
+                .clone()
+                .or_else(|| previous.and_then(|g| g.instance_url.clone())),
             authorized_at: previous
                 .map(|g| g.authorized_at)
                 .unwrap_or_else(crate::model::unix_now),

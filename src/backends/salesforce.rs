@@ -22,7 +22,10 @@ use serde::Deserialize;
 use super::classify::{common, not_the_api, unreachable};
 use super::http::{parse_base_url, url_string};
 use super::oauth::{self, OAuthHttp};
-use super::{bearer, Backend, BackendContext, BackendError, EgressPolicy, Issued, Target};
+use super::{
+    bearer, jwt, AuthorizeRequest, Backend, BackendContext, BackendError, EgressPolicy, Issued,
+    Target,
+};
 use crate::model::{AuthCheck, AuthFailure, Credential, Identity, SystemKind};
 use crate::secret::SecretString;
 
@@ -152,10 +155,68 @@ impl Backend for SalesforceBackend {
                 self.soap_login(target.base_url, username, password, security_token)
                     .await
             }
+            Credential::SalesforceJwtBearer { .. } => self.jwt_bearer(target).await,
+            Credential::OAuthAuthorizationCode { .. } => self.refresh_grant(target).await,
             _ => Err(BackendError::Unsupported(
-                "Salesforce accepts oauth_client_credentials or salesforce_login".to_owned(),
+                "Salesforce accepts oauth_client_credentials, salesforce_jwt_bearer, \
+                 oauth_authorization_code or salesforce_login"
+                    .to_owned(),
             )),
         }
+    }
+
+    fn uses_pkce(&self) -> bool {
+        true
+    }
+
+    fn authorize_url(
+        &self,
+        target: &Target<'_>,
+        request: &AuthorizeRequest<'_>,
+    ) -> Result<String, BackendError> {
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let mut url = url::Url::parse(&format!("{}/services/oauth2/authorize", target.base_url))
+            .map_err(|_| BackendError::Unsupported("invalid base URL".to_owned()))?;
+        url.query_pairs_mut()
+            .append_pair("response_type", "code")
+            .append_pair("client_id", flow.client_id)
+            .append_pair("redirect_uri", request.redirect_uri)
+            .append_pair("scope", &scopes_or_default(flow.scopes).join(" "))
+            .append_pair("state", request.state);
+        if let Some(challenge) = request.pkce_challenge {
+            url.query_pairs_mut()
+                .append_pair("code_challenge", challenge)
+                .append_pair("code_challenge_method", "S256");
+        }
+        Ok(url.to_string())
+    }
+
+    async fn exchange_code(
+        &self,
+        target: &Target<'_>,
+        code: &str,
+        request: &AuthorizeRequest<'_>,
+    ) -> Result<Issued, BackendError> {
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let redirect = oauth2::RedirectUrl::new(request.redirect_uri.to_owned())
+            .map_err(|_| BackendError::Unsupported("invalid redirect URI".to_owned()))?;
+        let client = oauth::client(
+            flow.client_id,
+            Some(flow.client_secret),
+            &format!("{}/services/oauth2/token", target.base_url),
+        )?
+        .set_redirect_uri(redirect);
+        let http = OAuthHttp::form(&self.ctx.http);
+        let mut req = client.exchange_code(oauth2::AuthorizationCode::new(code.to_owned()));
+        if let Some(v) = request.pkce_verifier {
+            req =
+                req.set_pkce_verifier(oauth2::PkceCodeVerifier::new(v.expose_secret().to_owned()));
+        }
+        let resp = req
+            .request_async(&http)
+            .await
+            .map_err(|e| classify_grant(&e, &http))?;
+        self.issued_with_grant(target, &resp, None)
     }
 
     async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
@@ -455,6 +516,226 @@ fn classify(
         }
     }
     err
+}
+
+/// Scopes "Connect with Salesforce" asks for when the admin names none.
+pub const DEFAULT_SCOPES: &[&str] = &["api", "refresh_token"];
+const RECONNECT: &str = "reconnect it with `credbrokerctl system connect SYSTEM_ID`";
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// How long a JWT bearer assertion is valid for (Salesforce: at most 3 minutes).
+const JWT_LIFETIME_SECS: u64 = 180;
+
+fn scopes_or_default(scopes: &[String]) -> Vec<String> {
+    if scopes.is_empty() {
+        DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect()
+    } else {
+        scopes.to_vec()
+    }
+}
+
+impl SalesforceBackend {
+    /// The JWT bearer flow: a JWT signed with the app's key (`iss` = consumer key, `sub` = the
+    /// user, `aud` = the login host, `exp` ≤ 3 minutes) for an access token. No refresh token and
+    /// no `expires_in` come back: the token is kept for `salesforce_token_lifetime`.
+    async fn jwt_bearer(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let Credential::SalesforceJwtBearer {
+            client_id,
+            username,
+            private_key_pem,
+            login_url,
+        } = target.credential
+        else {
+            return Err(BackendError::Unsupported(
+                "not a JWT bearer credential".to_owned(),
+            ));
+        };
+        let unusable = |why: String| BackendError::Rejected {
+            failure: AuthFailure::Misconfigured,
+            message: format!("the stored private key {why}; rotate in a new one"),
+        };
+        let signer = jwt::Signer::from_pem(private_key_pem).map_err(unusable)?;
+        let claims = serde_json::json!({
+            "iss": client_id,
+            "sub": username,
+            "aud": login_url,
+            "exp": crate::model::unix_now() + JWT_LIFETIME_SECS,
+        });
+        let assertion = signer
+            .sign(jwt::Alg::Rs256, serde_json::json!({}), &claims)
+            .map_err(unusable)?;
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", JWT_BEARER_GRANT)
+            .append_pair("assertion", assertion.expose_secret())
+            .finish();
+        let r = self
+            .ctx
+            .http
+            .post(
+                &format!("{login_url}/services/oauth2/token"),
+                &[
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("accept", "application/json"),
+                ],
+                body.into_bytes(),
+            )
+            .await
+            .map_err(|e| BackendError::unreachable("Salesforce's token endpoint", &e))?;
+        if r.status == 200 {
+            let resp: oauth::VendorTokenResponse =
+                serde_json::from_slice(&r.body).map_err(|_| BackendError::Transient {
+                    failure: AuthFailure::UpstreamError,
+                    message: "Salesforce's token answer was unreadable".to_owned(),
+                    retry_after: None,
+                })?;
+            return self.issued_from_response(target.base_url, &resp);
+        }
+        Err(jwt_bearer_refusal(&r))
+    }
+
+    /// "Connect with Salesforce": refreshes the grant; a rotated refresh token is stored before
+    /// the access token is handed out, and the idle limit restarts.
+    async fn refresh_grant(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        let grant = flow.connected(VENDOR, RECONNECT)?;
+        let client = oauth::client(
+            flow.client_id,
+            Some(flow.client_secret),
+            &format!("{}/services/oauth2/token", target.base_url),
+        )?;
+        let http = OAuthHttp::form(&self.ctx.http);
+        let resp = client
+            .exchange_refresh_token(&oauth2::RefreshToken::new(
+                grant.refresh_token.expose_secret().to_owned(),
+            ))
+            .request_async(&http)
+            .await
+            .map_err(|e| classify_grant(&e, &http))?;
+        self.issued_with_grant(target, &resp, Some(grant))
+    }
+
+    /// The access token and the credential carrying the (maybe rotated) grant.
+    fn issued_with_grant(
+        &self,
+        target: &Target<'_>,
+        resp: &oauth::VendorTokenResponse,
+        previous: Option<&crate::model::Grant>,
+    ) -> Result<Issued, BackendError> {
+        let flow = oauth::code_flow(target.credential, VENDOR)?;
+        // A refresh answer may leave out instance_url: the one from the grant still holds.
+        let instance = resp
+            .extra_fields()
+            .instance_url
+            .clone()
+            .or_else(|| previous.and_then(|g| g.instance_url.clone()))
+            .unwrap_or_else(|| target.base_url.to_owned());
+        let mut issued = oauth::issued_from(
+            resp,
+            self.ctx.oauth.salesforce_token_lifetime,
+            self.api_base(target.base_url, &instance)?,
+        );
+        let idle = self.ctx.oauth.salesforce_refresh_idle_limit;
+        issued.updated_credential = Some(oauth::credential_with_grant(
+            flow.client_id,
+            flow.client_secret,
+            flow.scopes,
+            resp,
+            previous,
+            Some(crate::model::unix_now() + idle.as_secs()),
+            None,
+            VENDOR,
+        )?);
+        Ok(issued)
+    }
+}
+
+/// What Salesforce's refusal of a JWT bearer assertion means for the admin.
+fn jwt_bearer_refusal(r: &super::http::UpstreamResponse) -> BackendError {
+    let retry_after = r.retry_after().map(Duration::from_secs);
+    if r.status == 429 || r.status >= 500 {
+        return BackendError::Transient {
+            failure: if r.status == 429 {
+                AuthFailure::RateLimited
+            } else {
+                AuthFailure::UpstreamError
+            },
+            message: format!("Salesforce's token endpoint answered HTTP {}", r.status),
+            retry_after,
+        };
+    }
+    #[derive(serde::Deserialize)]
+    struct Refusal {
+        #[serde(default)]
+        error: String,
+        #[serde(default)]
+        error_description: String,
+    }
+    let e: Refusal = serde_json::from_slice(&r.body).unwrap_or(Refusal {
+        error: String::new(),
+        error_description: String::new(),
+    });
+    let desc = e.error_description.to_ascii_lowercase();
+    let (failure, fix) = match (e.error.as_str(), desc.as_str()) {
+        (_, d) if d.contains("hasn't approved") || d.contains("not approved") => (
+            AuthFailure::Misconfigured,
+            "the user is not pre-authorized for the app: in the External Client App's \
+             policies set Permitted Users to \"Admin approved users are pre-authorized\" and add \
+             the user's profile or permission set",
+        ),
+        ("invalid_app_access", _) => (
+            AuthFailure::InsufficientPermissions,
+            "the user is not admin-approved for the app: add the user's profile or permission \
+             set to the External Client App's policies",
+        ),
+        (_, d) if d.contains("audience") => (
+            AuthFailure::Misconfigured,
+            "the audience (login URL) is wrong: use https://login.salesforce.com for production, \
+             https://test.salesforce.com for a sandbox, or the org's My Domain",
+        ),
+        (_, d) if d.contains("invalid assertion") || d.contains("signature") => (
+            AuthFailure::InvalidCredentials,
+            "the signature does not match a certificate on the app: upload this key's \
+             certificate under the External Client App's settings (Enable JWT Bearer Flow)",
+        ),
+        (_, d) if d.contains("expired") => (
+            AuthFailure::Misconfigured,
+            "the assertion had expired when Salesforce read it: check the broker host's clock",
+        ),
+        ("invalid_client_id", _) | ("invalid_client", _) => (
+            AuthFailure::InvalidCredentials,
+            "the consumer key is unknown: copy the External Client App's Consumer Key",
+        ),
+        ("unsupported_grant_type", _) => (
+            AuthFailure::Misconfigured,
+            "this host does not take the JWT bearer flow: check the login URL",
+        ),
+        _ => (
+            AuthFailure::InvalidCredentials,
+            "check the consumer key, the user name and the certificate uploaded to the app",
+        ),
+    };
+    let code = if e.error.is_empty() {
+        format!("HTTP {}", r.status)
+    } else {
+        e.error.clone()
+    };
+    BackendError::Rejected {
+        failure,
+        message: format!("Salesforce refused the JWT bearer assertion ({code}): {fix}"),
+    }
+}
+
+/// A refused refresh of a connected grant (invalid_grant: revoked, rotated out, or idle too
+/// long) means reconnecting.
+fn classify_grant(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendError {
+    oauth::classify(
+        VENDOR,
+        e,
+        http.last(),
+        &format!(
+            "the grant was revoked, rotated out or unused past the app's idle limit; {RECONNECT}"
+        ),
+        "check the External Client App's consumer key and secret",
+    )
 }
 
 /// The text of the first `<tag>` (with or without namespace prefix).

@@ -255,8 +255,9 @@ pub struct RegisterArgs {
 #[derive(Debug, Args, Default)]
 pub struct CredentialArgs {
     /// personal-access-token, api-key, basic, oauth-client-credentials, oauth-refresh-token,
-    /// oauth-password-grant, salesforce-login, oauth-authorization-code, email-api-token
-    /// (default: the kind's first supported type).
+    /// oauth-password-grant, salesforce-login, oauth-authorization-code,
+    /// entra-client-credentials, salesforce-jwt-bearer, email-api-token (default: the kind's
+    /// first supported type).
     #[arg(long)]
     pub credential_type: Option<String>,
     /// User name (basic, password grant, Salesforce login; optional for PATs).
@@ -268,8 +269,8 @@ pub struct CredentialArgs {
     /// OAuth scope (repeatable).
     #[arg(long = "scope")]
     pub scopes: Vec<String>,
-    /// Expiry of a PAT, API key or API token, as the vendor's UI shows it: YYYY-MM-DD,
-    /// YYYY-MM-DDTHH:MM:SSZ or Unix seconds.
+    /// Expiry of a PAT, API key, API token or client secret, as the vendor's UI shows it:
+    /// YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or Unix seconds.
     #[arg(long)]
     pub expires_at: Option<String>,
     /// E-mail address of the account an API token belongs to (email-api-token).
@@ -278,6 +279,20 @@ pub struct CredentialArgs {
     /// The API token is scoped: it only works through api.atlassian.com (email-api-token).
     #[arg(long)]
     pub scoped: bool,
+    /// Entra directory (tenant) id or verified domain (entra-client-credentials).
+    #[arg(long)]
+    pub tenant_id: Option<String>,
+    /// Entra authority for sovereign clouds (default https://login.microsoftonline.com).
+    #[arg(long)]
+    pub authority_url: Option<String>,
+    /// A federated token file on the broker's host, read for every token (workload identity;
+    /// entra-client-credentials).
+    #[arg(long)]
+    pub federated_token_file: Option<String>,
+    /// Salesforce login host: https://login.salesforce.com, https://test.salesforce.com or the
+    /// org's My Domain (salesforce-jwt-bearer).
+    #[arg(long)]
+    pub login_url: Option<String>,
     /// Read the main secret (token, key, password, client secret) from this file.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,

@@ -34,6 +34,13 @@ fn secret_fields(t: CredentialType) -> &'static [(&'static str, bool)] {
         ],
         CredentialType::OAuthAuthorizationCode => &[("client_secret", true)],
         CredentialType::EmailApiToken => &[("token", true)],
+        // Exactly one way in: a secret, a certificate + key, or --federated-token-file.
+        CredentialType::EntraClientCredentials => &[
+            ("client_secret", false),
+            ("private_key", false),
+            ("certificate", false),
+        ],
+        CredentialType::SalesforceJwtBearer => &[("private_key", true)],
     }
 }
 
@@ -130,9 +137,29 @@ fn refuse_foreign_flags(t: CredentialType, a: &CredentialArgs) -> Result<()> {
     if a.scoped && !email_token {
         bail!("--scoped is for --credential-type email-api-token, not {t}");
     }
-    if a.expires_at.is_some() && !matches!(t, C::PersonalAccessToken | C::ApiKey | C::EmailApiToken)
-    {
-        bail!("--expires-at is for personal-access-token, api-key and email-api-token, not {t}");
+    let expiring = matches!(
+        t,
+        C::PersonalAccessToken
+            | C::ApiKey
+            | C::EmailApiToken
+            | C::OAuthClientCredentials
+            | C::EntraClientCredentials
+    );
+    if a.expires_at.is_some() && !expiring {
+        bail!("--expires-at does not apply to {t}");
+    }
+    let entra = t == C::EntraClientCredentials;
+    for (given, flag) in [
+        (a.tenant_id.is_some(), "--tenant-id"),
+        (a.authority_url.is_some(), "--authority-url"),
+        (a.federated_token_file.is_some(), "--federated-token-file"),
+    ] {
+        if given && !entra {
+            bail!("{flag} is for --credential-type entra-client-credentials, not {t}");
+        }
+    }
+    if a.login_url.is_some() && t != C::SalesforceJwtBearer {
+        bail!("--login-url is for --credential-type salesforce-jwt-bearer, not {t}");
     }
     Ok(())
 }
@@ -164,6 +191,24 @@ pub(super) fn build_credential(kind: SystemKind, a: &CredentialArgs) -> Result<p
             key: take("key"),
             expires_at,
         }),
+        CredentialType::EntraClientCredentials => {
+            C::EntraClientCredentials(pb::EntraClientCredentials {
+                tenant_id: a.tenant_id.clone().unwrap_or_default(),
+                client_id,
+                client_secret: take("client_secret"),
+                client_certificate_pem: take("certificate"),
+                client_private_key_pem: take("private_key"),
+                federated_token_file: a.federated_token_file.clone().unwrap_or_default(),
+                authority_url: a.authority_url.clone().unwrap_or_default(),
+                secret_expires_at: expires_at,
+            })
+        }
+        CredentialType::SalesforceJwtBearer => C::SalesforceJwtBearer(pb::SalesforceJwtBearer {
+            client_id,
+            username,
+            private_key_pem: take("private_key"),
+            login_url: a.login_url.clone().unwrap_or_default(),
+        }),
         CredentialType::EmailApiToken => C::EmailApiToken(pb::EmailApiToken {
             email: a.email.clone().unwrap_or_default(),
             token: take("token"),
@@ -179,6 +224,7 @@ pub(super) fn build_credential(kind: SystemKind, a: &CredentialArgs) -> Result<p
                 client_id,
                 client_secret: take("client_secret"),
                 scopes: a.scopes.clone(),
+                secret_expires_at: expires_at,
             })
         }
         CredentialType::OAuthRefreshToken => C::OauthRefreshToken(pb::OAuthRefreshToken {

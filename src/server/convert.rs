@@ -61,6 +61,8 @@ fn cred_type_to_proto(t: CredentialType) -> pb::CredentialType {
         CredentialType::OAuthPasswordGrant => P::OauthPasswordGrant,
         CredentialType::SalesforceLogin => P::SalesforceLogin,
         CredentialType::OAuthAuthorizationCode => P::OauthAuthorizationCode,
+        CredentialType::EntraClientCredentials => P::EntraClientCredentials,
+        CredentialType::SalesforceJwtBearer => P::SalesforceJwtBearer,
         CredentialType::EmailApiToken => P::EmailApiToken,
     }
 }
@@ -167,6 +169,138 @@ fn optional(v: String) -> Option<String> {
     (!t.is_empty()).then(|| t.to_owned())
 }
 
+/// Entra's tenant: a GUID or a verified domain, never `common`/`organizations`/`consumers`
+/// (they reject the client-credentials grant).
+fn tenant(v: String, field: &'static str) -> Result<String, BrokerError> {
+    let t = plain(v, field)?;
+    let shaped = t.len() <= 100
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !shaped {
+        return Err(BrokerError::invalid(
+            field,
+            "must be the directory (tenant) id or a verified domain of the tenant",
+        ));
+    }
+    if ["common", "organizations", "consumers"].contains(&t.to_ascii_lowercase().as_str()) {
+        return Err(BrokerError::invalid(
+            field,
+            "must name the tenant (its id or verified domain); common, organizations and \
+             consumers do not issue client-credentials tokens",
+        ));
+    }
+    Ok(t)
+}
+
+/// An origin (`scheme://host[:port]`, no path) for an authority or login URL.
+fn origin(v: &str, default: &str, field: &'static str) -> Result<String, BrokerError> {
+    let raw = if v.trim().is_empty() {
+        default
+    } else {
+        v.trim()
+    };
+    let url = url::Url::parse(raw)
+        .map_err(|_| BrokerError::invalid(field, "must be a URL like https://host"))?;
+    let plain_origin = matches!(url.scheme(), "https" | "http")
+        && url.host_str().is_some()
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.path().trim_matches('/').is_empty();
+    if !plain_origin {
+        return Err(BrokerError::invalid(
+            field,
+            "must be an origin like https://host (no path, query or credentials)",
+        ));
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
+fn private_key(v: String, field: &'static str) -> Result<SecretString, BrokerError> {
+    let key = SecretString::new(v);
+    crate::backends::jwt::Signer::from_pem(&key).map_err(|why| BrokerError::invalid(field, why))?;
+    Ok(key)
+}
+
+fn entra(e: pb::EntraClientCredentials) -> Result<Credential, BrokerError> {
+    use crate::model::EntraAuth;
+    const F: &str = "credential.entra_client_credentials";
+    let given = [
+        !e.client_secret.is_empty(),
+        !e.client_certificate_pem.is_empty() || !e.client_private_key_pem.is_empty(),
+        !e.federated_token_file.trim().is_empty(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(BrokerError::invalid(
+            F,
+            "needs exactly one of client_secret, the client_certificate_pem + \
+             client_private_key_pem pair, or federated_token_file",
+        ));
+    }
+    let auth = if given[0] {
+        EntraAuth::Secret {
+            client_secret: token(
+                e.client_secret,
+                "credential.entra_client_credentials.client_secret",
+            )?,
+        }
+    } else if given[1] {
+        crate::backends::jwt::thumbprint_s256(&e.client_certificate_pem).map_err(|why| {
+            BrokerError::invalid(
+                "credential.entra_client_credentials.client_certificate_pem",
+                why,
+            )
+        })?;
+        EntraAuth::Certificate {
+            certificate_pem: e.client_certificate_pem,
+            private_key_pem: private_key(
+                e.client_private_key_pem,
+                "credential.entra_client_credentials.client_private_key_pem",
+            )?,
+        }
+    } else {
+        let path = e.federated_token_file.trim().to_owned();
+        if !std::path::Path::new(&path).is_absolute() || path.chars().any(|c| c.is_control()) {
+            return Err(BrokerError::invalid(
+                "credential.entra_client_credentials.federated_token_file",
+                "must be an absolute path on the broker's host",
+            ));
+        }
+        EntraAuth::FederatedTokenFile { path }
+    };
+    Ok(Credential::EntraClientCredentials {
+        tenant_id: tenant(e.tenant_id, "credential.entra_client_credentials.tenant_id")?,
+        client_id: plain(e.client_id, "credential.entra_client_credentials.client_id")?,
+        auth,
+        authority_url: origin(
+            &e.authority_url,
+            crate::backends::entra::DEFAULT_AUTHORITY,
+            "credential.entra_client_credentials.authority_url",
+        )?,
+        secret_expires_at: expiry(
+            e.secret_expires_at,
+            "credential.entra_client_credentials.secret_expires_at",
+        )?,
+    })
+}
+
+fn salesforce_jwt(j: pb::SalesforceJwtBearer) -> Result<Credential, BrokerError> {
+    Ok(Credential::SalesforceJwtBearer {
+        client_id: plain(j.client_id, "credential.salesforce_jwt_bearer.client_id")?,
+        username: plain(j.username, "credential.salesforce_jwt_bearer.username")?,
+        private_key_pem: private_key(
+            j.private_key_pem,
+            "credential.salesforce_jwt_bearer.private_key_pem",
+        )?,
+        login_url: origin(
+            &j.login_url,
+            "https://login.salesforce.com",
+            "credential.salesforce_jwt_bearer.login_url",
+        )?,
+    })
+}
+
 /// Proto credential → domain credential.
 pub fn credential(
     c: Option<pb::Credential>,
@@ -205,7 +339,13 @@ pub fn credential(
             )?,
             scopes: scopes(o.scopes, "credential.oauth_client_credentials.scopes")?,
             cloud_id: None,
+            secret_expires_at: expiry(
+                o.secret_expires_at,
+                "credential.oauth_client_credentials.secret_expires_at",
+            )?,
         },
+        C::EntraClientCredentials(e) => entra(e)?,
+        C::SalesforceJwtBearer(j) => salesforce_jwt(j)?,
         C::OauthRefreshToken(o) => Credential::OAuthRefreshToken {
             client_id: plain(o.client_id, "credential.oauth_refresh_token.client_id")?,
             client_secret: token(

@@ -27,7 +27,6 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::audit::AuditConfig;
-use crate::backends::oauth::OAuthSettings;
 use crate::backends::{BackendContext, EgressPolicy, HttpClient, Registry};
 use crate::broker::tokens::RefreshSettings;
 use crate::broker::{Broker, BrokerSettings, OpenError as BrokerOpenError};
@@ -671,14 +670,7 @@ async fn open_broker(
     let registry = Registry::new(&BackendContext {
         http,
         egress: egress.clone(),
-        oauth: OAuthSettings {
-            salesforce_token_lifetime: config.vendors.salesforce_token_lifetime,
-            servicenow_refresh_token_lifespan: config.vendors.servicenow_refresh_token_lifespan,
-            zendesk_access_token_ttl: config.vendors.zendesk_access_token_ttl,
-            zendesk_refresh_token_ttl: config.vendors.zendesk_refresh_token_ttl,
-            jira_auth_url: config.vendors.jira_auth_url.clone(),
-            jira_api_url: config.vendors.jira_api_url.clone(),
-        },
+        oauth: config.vendors.clone(),
     });
     let (broker, admin_token) = Broker::open(
         store,

@@ -154,6 +154,7 @@ fn register(id: &str, base: &str) -> pb::RegisterSystemRequest {
                     client_id: CLIENT_ID.into(),
                     client_secret: SECRET.into(),
                     scopes: vec![],
+                    secret_expires_at: None,
                 },
             )),
         }),

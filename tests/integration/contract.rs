@@ -746,6 +746,7 @@ fn client_credentials(id: &str, secret: &str) -> pb::Credential {
                 client_id: id.into(),
                 client_secret: secret.into(),
                 scopes: vec![],
+                secret_expires_at: None,
             },
         )),
     }

@@ -471,6 +471,7 @@ async fn canary_secrets_never_leak_to_logs_errors_or_data_files() {
                     client_id: "leak-sf-client".into(),
                     client_secret: secret.into(),
                     scopes: vec![],
+                    secret_expires_at: None,
                 },
             )),
         }),

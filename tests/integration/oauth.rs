@@ -680,6 +680,7 @@ fn sf_cc(secret: &str) -> pb::Credential {
                 client_id: SF_ID.into(),
                 client_secret: secret.into(),
                 scopes: vec![],
+                secret_expires_at: None,
             },
         )),
     }

@@ -44,6 +44,7 @@ fn cc(id: &str, secret: &str) -> pb::Credential {
                 client_id: id.into(),
                 client_secret: secret.into(),
                 scopes: vec![],
+                secret_expires_at: None,
             },
         )),
     }
