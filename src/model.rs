@@ -106,6 +106,25 @@ impl SystemKind {
     }
 }
 
+/// What a system on a credential the vendor is retiring should move to, and when: shown as the
+/// system's `state_message` (when it has none of its own) and in its checks. Nothing stops
+/// working before the vendor stops it.
+pub fn legacy_note(kind: SystemKind, credential_type: CredentialType) -> Option<&'static str> {
+    match (kind, credential_type) {
+        (SystemKind::AzureDevOps, CredentialType::PersonalAccessToken) => Some(
+            "Legacy: Microsoft steers automation from PATs to Microsoft Entra service principals \
+             (entra_client_credentials); global PATs stopped working on 2026-12-01 and \
+             organizations may restrict PAT creation.",
+        ),
+        (SystemKind::Salesforce, CredentialType::SalesforceLogin) => Some(
+            "Legacy: Salesforce retires SOAP login() in Summer '27 (gone from API 65.0) and blocks \
+             the username-password flow by default in new orgs; move to salesforce_jwt_bearer, \
+             oauth_client_credentials or Connect with Salesforce (oauth_authorization_code).",
+        ),
+        _ => None,
+    }
+}
+
 impl fmt::Display for SystemKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.slug())

@@ -181,6 +181,11 @@ impl Backend for AzureDevOpsBackend {
             },
         );
         note_unverified(&mut check, &unverified);
+        if let Some(note) =
+            crate::model::legacy_note(SystemKind::AzureDevOps, target.credential.credential_type())
+        {
+            check.add_sentence(note);
+        }
         check
     }
 
@@ -301,7 +306,7 @@ fn identify(resp: &UpstreamResponse, credential: &Credential) -> Result<Identity
                  created for \"All accessible organizations\"; such global PATs stopped working \
                  on 2026-12-01. Create a PAT for this organization only, or move to an Entra \
                  service principal (entra_client_credentials). Otherwise it is wrong, expired or \
-                 revoked",
+                 revoked: create a new PAT for this organization and rotate it in",
             ))
         }
         403 => {

@@ -789,6 +789,69 @@ fn rest_error_code(body: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// Each of Salesforce's JWT bearer refusals (`upstreams.md` §13.1) maps to its own fix.
+    #[test]
+    fn jwt_bearer_refusals_name_the_fix() {
+        let answer =
+            |status: u16, error: &str, description: &str| super::super::http::UpstreamResponse {
+                status,
+                headers: Default::default(),
+                body: serde_json::to_vec(
+                    &serde_json::json!({"error": error, "error_description": description}),
+                )
+                .unwrap_or_default(),
+            };
+        let cases = [
+            (
+                answer(400, "invalid_grant", "user hasn't approved this consumer"),
+                AuthFailure::Misconfigured,
+                "pre-authorized",
+            ),
+            (
+                answer(
+                    400,
+                    "invalid_app_access",
+                    "user is not admin approved to access this app",
+                ),
+                AuthFailure::InsufficientPermissions,
+                "admin-approved",
+            ),
+            (
+                answer(400, "invalid_grant", "invalid assertion"),
+                AuthFailure::InvalidCredentials,
+                "certificate",
+            ),
+            (
+                answer(400, "invalid_grant", "audience is invalid"),
+                AuthFailure::Misconfigured,
+                "test.salesforce.com",
+            ),
+            (
+                answer(400, "invalid_grant", "expired authorization code"),
+                AuthFailure::Misconfigured,
+                "clock",
+            ),
+            (
+                answer(400, "invalid_client_id", "client identifier invalid"),
+                AuthFailure::InvalidCredentials,
+                "Consumer Key",
+            ),
+            (
+                answer(400, "unsupported_grant_type", "grant type not supported"),
+                AuthFailure::Misconfigured,
+                "login URL",
+            ),
+            (answer(503, "", ""), AuthFailure::UpstreamError, "HTTP 503"),
+            (answer(429, "", ""), AuthFailure::RateLimited, "HTTP 429"),
+        ];
+        for (r, want, needle) in cases {
+            let e = jwt_bearer_refusal(&r);
+            let c = e.to_check();
+            assert_eq!(c.failure, Some(want), "{}", c.message);
+            assert!(c.message.contains(needle), "{}", c.message);
+        }
+    }
+
     #[test]
     fn xml_tags_and_escaping() {
         let body = "<soapenv:Body><loginResponse><result><serverUrl>https://acme.my.salesforce.com/services/Soap/u/64.0/00D</serverUrl><sessionId>00D!abc</sessionId></result></loginResponse>";

@@ -462,7 +462,11 @@ pub fn system(r: &SystemRecord) -> pb::System {
         updated_at: Some(ts(r.updated_at)),
         last_check: r.last_check.as_ref().map(check),
         credential_expires_at: r.credential_expires_at.map(ts),
-        state_message: r.state_message.clone().unwrap_or_default(),
+        state_message: r
+            .state_message
+            .clone()
+            .or_else(|| crate::model::legacy_note(r.kind, r.credential_type).map(str::to_owned))
+            .unwrap_or_default(),
         delivery: match r.delivery {
             crate::model::Delivery::Header => pb::Delivery::Header,
             crate::model::Delivery::Proxy => pb::Delivery::Proxy,

@@ -349,6 +349,10 @@ struct AdoUser {
 
 struct AdoState {
     pats: HashMap<String, AdoUser>,
+    /// Service principals by Entra client id, and whether they were added to the organization.
+    principals: HashMap<String, (AdoUser, bool)>,
+    /// Bearer tokens Entra issued: token → client id (shared with a `FakeEntra`).
+    entra_tokens: Arc<Mutex<HashMap<String, String>>>,
     mode: Mode,
     throttle_on_200: bool,
     hang_probes: bool,
@@ -392,6 +396,8 @@ impl FakeAzureDevOps {
     pub async fn start() -> Self {
         let state = Arc::new(Mutex::new(AdoState {
             pats: HashMap::new(),
+            principals: HashMap::new(),
+            entra_tokens: Arc::new(Mutex::new(HashMap::new())),
             mode: Mode::Normal,
             throttle_on_200: false,
             hang_probes: false,
@@ -417,7 +423,18 @@ impl FakeAzureDevOps {
             if s.mode == Mode::Anonymous && rest == "connectionData" {
                 return Reply::Json(200, anonymous_connection);
             }
-            let user = match req.basic() {
+            let principal = req.bearer().map(|t| s.entra_tokens.lock().unwrap().get(t).cloned());
+            let user = match (principal, req.basic()) {
+                (Some(Some(client)), _) => match s.principals.get(&client) {
+                    Some((u, true)) => u,
+                    Some((u, false)) => {
+                        return ado_401(&format!("TF401444: Sign-in at least once as tenant\\tenant\\{} in a web browser to enable access to the service.", u.id))
+                    }
+                    None => return ado_401(&format!("TF400813: The user '{client}' is not authorized to access this resource.")),
+                },
+                // An expired or unknown bearer token.
+                (Some(None), _) => return ado_401(TF400813_ANON),
+                (None, basic) => match basic {
                 // No credentials: connectionData answers as to an anonymous caller.
                 None if rest == "connectionData" => return Reply::Json(200, anonymous_connection),
                 None => return ado_401(TF400813_ANON),
@@ -433,6 +450,7 @@ impl FakeAzureDevOps {
                         None => return ado_401(TF400813_ANON),
                     }
                 }
+                },
             };
             if s.hang_probes && rest != "connectionData" {
                 return Reply::Hang;
@@ -496,6 +514,29 @@ impl FakeAzureDevOps {
     /// Switches the answer mode.
     pub fn set_mode(&self, mode: Mode) {
         self.state.lock().unwrap().mode = mode;
+    }
+
+    /// Accepts the bearer tokens `entra` issues (the organization's connected tenant).
+    pub fn trust(&self, entra: &crate::fake_entra::FakeEntra) {
+        self.state.lock().unwrap().entra_tokens = entra.tokens();
+    }
+
+    /// A service principal (by its Entra client id) with every permission a sync needs;
+    /// `added` = it was added to the organization.
+    pub fn add_principal(&self, client_id: &str, id: &str, name: &str, added: bool) {
+        self.state.lock().unwrap().principals.insert(
+            client_id.to_owned(),
+            (
+                AdoUser {
+                    id: id.into(),
+                    name: name.into(),
+                    email: String::new(),
+                    scopes: ADO_ALL_SCOPES.iter().copied().collect(),
+                    pca: true,
+                },
+                added,
+            ),
+        );
     }
 
     /// connectionData answers, every permission probe hangs.
@@ -1288,6 +1329,14 @@ struct SfState {
     api_limit_exhausted: bool,
     /// Faults of the APIs (UserInfo, introspection, REST; not of the logins).
     api_mode: Mode,
+    /// JWT bearer: consumer key → the uploaded certificate's RSA public key (PKCS#1 DER).
+    jwt_apps: HashMap<String, Vec<u8>>,
+    /// JWT bearer: users pre-authorized for the app.
+    preauthorized: HashSet<String>,
+    /// "Connect with Salesforce": codes, rotating refresh tokens, reuse detection.
+    oauth: OAuthServer,
+    /// Who signs in at the consent page.
+    consent: Consent,
 }
 
 /// A fake Salesforce org: My Domain token endpoint (client credentials, password flow),
@@ -1320,6 +1369,14 @@ impl FakeSalesforce {
             login_delay: std::time::Duration::ZERO,
             api_limit_exhausted: false,
             api_mode: Mode::Normal,
+            jwt_apps: HashMap::new(),
+            preauthorized: HashSet::new(),
+            oauth: {
+                let mut o = OAuthServer::new();
+                o.clients.insert(client_id.into(), client_secret.into());
+                o
+            },
+            consent: Consent::Allow("integration".into()),
         }));
         let st = state.clone();
         let origin_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
@@ -1391,6 +1448,51 @@ impl FakeSalesforce {
         self.state.lock().unwrap().login_delay = delay;
     }
 
+    /// JWT bearer: the External Client App `consumer_key` with this certificate key uploaded.
+    pub fn add_jwt_app(&self, consumer_key: &str, public_key: Vec<u8>) {
+        self.state
+            .lock()
+            .unwrap()
+            .jwt_apps
+            .insert(consumer_key.into(), public_key);
+    }
+
+    /// JWT bearer: pre-authorizes `username` for the apps (Permitted Users = admin approved).
+    pub fn preauthorize(&self, username: &str, on: bool) {
+        let mut s = self.state.lock().unwrap();
+        if on {
+            s.preauthorized.insert(username.into());
+        } else {
+            s.preauthorized.remove(username);
+        }
+    }
+
+    /// "Connect with Salesforce": the refresh-token endpoint's behaviour (rotation, leeway).
+    pub fn oauth(&self, f: impl FnOnce(&mut OAuthServer)) {
+        f(&mut self.state.lock().unwrap().oauth);
+    }
+
+    /// Reuses of rotated-out refresh tokens (each revokes the grant).
+    pub fn reuse_detected(&self) -> usize {
+        self.state.lock().unwrap().oauth.reuse_detected
+    }
+
+    /// The newest refresh token of the consenting user.
+    pub fn newest_refresh_token(&self) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .oauth
+            .newest_refresh
+            .get("integration")
+            .cloned()
+    }
+
+    /// What the person at the consent page does.
+    pub fn set_consent(&self, c: Consent) {
+        self.state.lock().unwrap().consent = c;
+    }
+
     /// Token requests (OAuth and SOAP) so far.
     pub fn token_calls(&self) -> usize {
         self.state.lock().unwrap().token_calls
@@ -1405,6 +1507,138 @@ impl FakeSalesforce {
         }
         req.send().await.unwrap().status().as_u16()
     }
+}
+
+fn sf_token_answer(s: &mut SfState, origin: &str, refresh: Option<String>) -> Reply {
+    let (token, _) = sf_session(s);
+    let mut v = json!({"access_token": token, "signature": "c2ln", "scope": "api refresh_token",
+        "instance_url": origin, "id": format!("https://login.salesforce.com/id/{SF_ORG_ID}/{SF_USER_ID}"),
+        "token_type": "Bearer", "issued_at": "1700000000000"});
+    if let Some(r) = refresh {
+        v["refresh_token"] = json!(r);
+    }
+    Reply::Json(200, v)
+}
+
+/// The JWT bearer flow: RS256 signed by a key whose certificate is on the app, `aud` this host,
+/// `exp` at most 3 minutes ahead, the user pre-authorized. No refresh token, no `expires_in`.
+fn sf_jwt_bearer(s: &mut SfState, f: &HashMap<String, String>, origin: &str) -> Reply {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let refuse = |error: &str, description: &str| {
+        Reply::Json(
+            400,
+            json!({"error": error, "error_description": description}),
+        )
+    };
+    let jwt = f.get("assertion").cloned().unwrap_or_default();
+    let parts: Vec<&str> = jwt.split('.').collect();
+    if parts.len() != 3 {
+        return refuse("invalid_grant", "invalid assertion");
+    }
+    let decode = |p: &str| -> Option<Value> {
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).ok()?).ok()
+    };
+    let (Some(header), Some(claims), Ok(sig)) = (
+        decode(parts[0]),
+        decode(parts[1]),
+        URL_SAFE_NO_PAD.decode(parts[2]),
+    ) else {
+        return refuse("invalid_grant", "invalid assertion");
+    };
+    let iss = claims["iss"].as_str().unwrap_or_default().to_owned();
+    let Some(key) = s.jwt_apps.get(&iss).cloned() else {
+        return refuse("invalid_client_id", "client identifier invalid");
+    };
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    let ok = header["alg"] == "RS256"
+        && ring::signature::UnparsedPublicKey::new(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            &key,
+        )
+        .verify(signed.as_bytes(), &sig)
+        .is_ok();
+    if !ok {
+        return refuse("invalid_grant", "invalid assertion");
+    }
+    if claims["aud"] != origin {
+        return refuse("invalid_grant", "audience is invalid");
+    }
+    let now = credbroker::model::unix_now() as i64;
+    let exp = claims["exp"].as_i64().unwrap_or(0);
+    if exp < now {
+        return refuse("invalid_grant", "expired authorization code");
+    }
+    if exp - now > 185 {
+        return Reply::Unexpected(format!("exp {} s ahead; at most 3 minutes", exp - now));
+    }
+    if !s
+        .preauthorized
+        .contains(claims["sub"].as_str().unwrap_or_default())
+    {
+        return refuse("invalid_grant", "user hasn't approved this consumer");
+    }
+    sf_token_answer(s, origin, None)
+}
+
+/// "Connect with Salesforce": the consent page (PKCE S256 required).
+fn sf_authorize(s: &mut SfState, req: &Req) -> Reply {
+    let q = &req.query;
+    if q.get("client_id") != Some(&s.client.0)
+        || q.get("response_type").map(String::as_str) != Some("code")
+        || q.get("code_challenge_method").map(String::as_str) != Some("S256")
+    {
+        return Reply::Unexpected("authorize needs the app's client_id, code and PKCE S256".into());
+    }
+    let redirect = q.get("redirect_uri").cloned().unwrap_or_default();
+    let state = q.get("state").cloned().unwrap_or_default();
+    match s.consent.clone() {
+        Consent::Deny => redirect_back(&redirect, &[("error", "access_denied"), ("state", &state)]),
+        Consent::Allow(user) => {
+            let code = s.oauth.issue_code(
+                &user,
+                &q["client_id"],
+                &redirect,
+                q.get("code_challenge").cloned(),
+                q.get("scope")
+                    .map(String::as_str)
+                    .unwrap_or("api refresh_token"),
+            );
+            redirect_back(&redirect, &[("code", &code), ("state", &state)])
+        }
+    }
+}
+
+/// Code exchange and refresh: rotation (when on) returns a new refresh token each time, and a
+/// rotated-out one presented again revokes the grant.
+fn sf_code_flow(s: &mut SfState, f: &HashMap<String, String>, origin: &str) -> Reply {
+    if !s.oauth.client_ok(f) {
+        return Reply::Json(
+            400,
+            json!({"error": "invalid_client", "error_description": "invalid client credentials"}),
+        );
+    }
+    let refresh = if f.get("grant_type").map(String::as_str) == Some("authorization_code") {
+        match s.oauth.exchange_code(f) {
+            Ok((_, _, r, _)) => r,
+            Err(e) => return e,
+        }
+    } else {
+        let rt = f.get("refresh_token").cloned().unwrap_or_default();
+        match s.oauth.refresh_grant(&rt) {
+            // Without rotation Salesforce sends no refresh token back.
+            Ok((_, r)) => match r.filter(|r| *r != rt) {
+                Some(new) => new,
+                None => return sf_token_answer(s, origin, None),
+            },
+            Err(_) => {
+                return Reply::Json(
+                    400,
+                    json!({"error": "invalid_grant", "error_description": "expired access/refresh token"}),
+                )
+            }
+        }
+    };
+    sf_token_answer(s, origin, Some(refresh))
 }
 
 fn sf_session(s: &mut SfState) -> (String, u64) {
@@ -1446,6 +1680,13 @@ fn sf_handle(s: &mut SfState, req: &Req, origin: &str) -> Reply {
                 return r;
             }
             let f = req.form();
+            match f.get("grant_type").map(String::as_str) {
+                Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
+                    return sf_jwt_bearer(s, &f, origin)
+                }
+                Some("authorization_code" | "refresh_token") => return sf_code_flow(s, &f, origin),
+                _ => {}
+            }
             if f.get("client_id") != Some(&s.client.0)
                 || f.get("client_secret") != Some(&s.client.1)
             {
@@ -1479,6 +1720,7 @@ fn sf_handle(s: &mut SfState, req: &Req, origin: &str) -> Reply {
                 "token_type": "Bearer", "issued_at": "1700000000000"}),
             )
         }
+        "/services/oauth2/authorize" => sf_authorize(s, req),
         "/services/oauth2/introspect" => {
             let f = req.form();
             if !s.introspection || f.get("client_id") != Some(&s.client.0) {

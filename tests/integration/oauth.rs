@@ -334,7 +334,7 @@ async fn tokens_are_refreshed_ahead_once_per_expiry_and_workers_never_wait() {
 }
 
 /// Opens a stopped broker's store and decrypts a system's credential.
-fn stored_refresh_token(data_dir: &std::path::Path, system_id: &str) -> String {
+pub(crate) fn stored_refresh_token(data_dir: &std::path::Path, system_id: &str) -> String {
     use credbroker::crypto::{Keyring, MasterKey, RecordBinding};
     use credbroker::store::{CredentialStore, SledStore};
     let (key, _) = MasterKey::load_or_generate(None, data_dir, true).unwrap();
@@ -352,7 +352,11 @@ fn stored_refresh_token(data_dir: &std::path::Path, system_id: &str) -> String {
         )
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
-    v["refresh_token"].as_str().unwrap().to_owned()
+    v["refresh_token"]
+        .as_str()
+        .or(v["grant"]["refresh_token"].as_str())
+        .unwrap()
+        .to_owned()
 }
 
 fn futures_lite<T>(f: impl std::future::Future<Output = T>) -> T {

@@ -72,7 +72,7 @@ fn sn_key(key: &str, expires_at: Option<i64>) -> pb::Credential {
     }
 }
 
-fn reg(
+pub(crate) fn reg(
     id: &str,
     kind: pb::SystemKind,
     base: &str,
@@ -91,7 +91,7 @@ fn reg(
     }
 }
 
-fn tok(id: &str) -> pb::GetAccessTokenRequest {
+pub(crate) fn tok(id: &str) -> pb::GetAccessTokenRequest {
     pb::GetAccessTokenRequest {
         system_id: id.into(),
         ..Default::default()
@@ -99,7 +99,11 @@ fn tok(id: &str) -> pb::GetAccessTokenRequest {
 }
 
 /// Registration that must fail its check: the message has every needle and no secret.
-async fn refused(admin: &mut Client, req: pb::RegisterSystemRequest, needles: &[&str]) -> String {
+pub(crate) async fn refused(
+    admin: &mut Client,
+    req: pb::RegisterSystemRequest,
+    needles: &[&str],
+) -> String {
     let id = req.system_id.clone();
     let e = admin.register_system(req).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
@@ -115,7 +119,7 @@ async fn refused(admin: &mut Client, req: pb::RegisterSystemRequest, needles: &[
     e.message().to_owned()
 }
 
-async fn checked(admin: &mut Client, id: &str) -> pb::AuthCheck {
+pub(crate) async fn checked(admin: &mut Client, id: &str) -> pb::AuthCheck {
     admin
         .check_authentication(pb::CheckAuthenticationRequest {
             target: Some(pb::check_authentication_request::Target::SystemId(
@@ -174,7 +178,7 @@ async fn pool(broker: &TestBroker) -> Vec<Client> {
 
 /// Single flight for a minting credential: a cold system and a reported rejection each cost
 /// one token request, whatever 500 callers do at once.
-async fn one_mint_per_need(broker: &TestBroker, id: &str, calls: impl Fn() -> usize) {
+pub(crate) async fn one_mint_per_need(broker: &TestBroker, id: &str, calls: impl Fn() -> usize) {
     let pool = pool(broker).await;
     let before = calls();
     let first = storm(&pool, id, "").await;
