@@ -79,7 +79,7 @@ const STANDARD_FAULTS: [(Mode, Expect); 4] = [
     (Mode::Hang, F::Unreachable),
 ];
 
-static KINDS: [Kind; 14] = [
+static KINDS: [Kind; 16] = [
     Kind {
         name: "Azure DevOps (PAT)",
         setup: azure_devops,
@@ -144,6 +144,33 @@ static KINDS: [Kind; 14] = [
         setup: jira_connected,
         identity: [JIRA_ACCOUNT, "Jira Proxy", "jira@acme.example"],
         // The app's client secret was rotated at Atlassian; the next refresh is refused.
+        bad_secret: F::InvalidCredentials,
+        faults: [
+            (Mode::RateLimited, F::RateLimited),
+            (Mode::ServerError, F::UpstreamError),
+            (Mode::Garbage, GARBAGE_IS_MISCONFIGURED),
+            (Mode::Hang, F::Unreachable),
+        ],
+    },
+    Kind {
+        name: "Azure DevOps (Entra service principal)",
+        setup: azure_devops_entra,
+        identity: ["sp-1", "Sync SP", ""],
+        // AADSTS7000215: a wrong client secret.
+        bad_secret: F::InvalidCredentials,
+        faults: [
+            (Mode::RateLimited, F::RateLimited),
+            (Mode::ServerError, F::UpstreamError),
+            // Azure DevOps' sign-in page: the token was not accepted.
+            (Mode::Garbage, F::InvalidCredentials),
+            (Mode::Hang, F::Unreachable),
+        ],
+    },
+    Kind {
+        name: "Salesforce (JWT bearer)",
+        setup: salesforce_jwt,
+        identity: [SF_USER_ID, "Integration User", "integration@acme.example"],
+        // A key whose certificate is not on the app: "invalid assertion".
         bad_secret: F::InvalidCredentials,
         faults: [
             (Mode::RateLimited, F::RateLimited),
@@ -1008,6 +1035,122 @@ fn jira_connected(prep: Prep) -> ArmFuture {
             lapse: lapse_for(prep, JIRA_LIFETIME),
             unexpected: Box::new(move || u.server.unexpected()),
         }
+    })
+}
+
+const ENTRA_TENANT: &str = "ctr-tenant.onmicrosoft.com";
+const ENTRA_SECRET: &str = "ctr-entra-secret-4c1a9";
+const ENTRA_BAD: &str = "ctr-entra-wrong-7b2e5";
+
+fn entra_secret(authority: &str, secret: &str) -> pb::Credential {
+    pb::Credential {
+        credential: Some(pb::credential::Credential::EntraClientCredentials(
+            pb::EntraClientCredentials {
+                tenant_id: ENTRA_TENANT.into(),
+                client_id: "ctr-app".into(),
+                client_secret: secret.into(),
+                authority_url: authority.into(),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn azure_devops_entra(_: Prep) -> ArmFuture {
+    Box::pin(async {
+        let entra = crate::fake_entra::FakeEntra::start(ENTRA_TENANT).await;
+        entra.add_app(
+            "ctr-app",
+            crate::fake_entra::AppAuth::Secret {
+                value: ENTRA_SECRET.into(),
+                expired: false,
+            },
+        );
+        let fake = FakeAzureDevOps::start().await;
+        fake.trust(&entra);
+        fake.add_principal("ctr-app", "sp-1", "Sync SP", true);
+        let target = Target::Candidate {
+            kind: pb::SystemKind::AzureDevops,
+            base_url: fake.base_url.clone(),
+            good: entra_secret(&entra.authority, ENTRA_SECRET),
+            bad: entra_secret(&entra.authority, ENTRA_BAD),
+        };
+        let (f, u, e) = (fake.clone(), fake, entra);
+        candidate_arm(
+            target,
+            fixed(vec![ENTRA_SECRET.into(), ENTRA_BAD.into()]),
+            Box::new(move |m| f.set_mode(m)),
+            Box::new(move || {
+                let mut v = u.server.unexpected();
+                v.extend(e.server.unexpected());
+                v
+            }),
+        )
+        .await
+    })
+}
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn jwt_bearer(login_url: &str, key: &str) -> pb::Credential {
+    pb::Credential {
+        credential: Some(pb::credential::Credential::SalesforceJwtBearer(
+            pb::SalesforceJwtBearer {
+                client_id: "ctr-jwt-app".into(),
+                username: "integration@acme.example".into(),
+                private_key_pem: fixture(key),
+                login_url: login_url.into(),
+            },
+        )),
+    }
+}
+
+fn salesforce_jwt(_: Prep) -> ArmFuture {
+    Box::pin(async {
+        let fake = FakeSalesforce::start(SF_CLIENT, SF_SECRET).await;
+        fake.add_jwt_app(
+            "ctr-jwt-app",
+            crate::fake_entra::public_key(&fixture("salesforce-jwt.key")),
+        );
+        fake.preauthorize("integration@acme.example", true);
+        let target = Target::Candidate {
+            kind: pb::SystemKind::Salesforce,
+            base_url: fake.base_url.clone(),
+            good: jwt_bearer(&fake.base_url, "salesforce-jwt.key"),
+            bad: jwt_bearer(&fake.base_url, "other.key"),
+        };
+        let (f, u) = (fake.clone(), fake);
+        let fault: FaultFn = Box::new(move |m| match m {
+            Mode::RateLimited => {
+                f.set_userinfo(false);
+                f.set_api_limit_exhausted(true);
+            }
+            Mode::Hang => f.set_login_delay(VENDOR_HANG),
+            other => f.set_api_mode(other),
+        });
+        // The keys' PEM bodies: no part of a private key may appear anywhere.
+        let key_lines = |name: &str| -> Vec<String> {
+            fixture(name)
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(str::to_owned)
+                .collect()
+        };
+        let mut secrets = key_lines("salesforce-jwt.key");
+        secrets.extend(key_lines("other.key"));
+        candidate_arm(
+            target,
+            fixed(secrets),
+            fault,
+            Box::new(move || u.server.unexpected()),
+        )
+        .await
     })
 }
 
