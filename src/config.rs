@@ -329,6 +329,8 @@ pub struct FileConfig {
     pub jira_auth_url: Option<String>,
     /// URL.
     pub jira_api_url: Option<String>,
+    /// Directory.
+    pub entra_federated_token_dir: Option<PathBuf>,
     /// Seconds (300 – 172800).
     pub zendesk_access_token_ttl_secs: Option<u64>,
     /// Seconds (604800 – 7776000).
@@ -419,6 +421,10 @@ pub struct Overrides {
     /// Atlassian API gateway [default: https://api.atlassian.com].
     #[arg(long, env = "CREDBROKER_JIRA_API_URL")]
     pub jira_api_url: Option<String>,
+    /// The only directory Entra federated token files are read from
+    /// [default: /var/run/secrets/azure/tokens].
+    #[arg(long, env = "CREDBROKER_ENTRA_FEDERATED_TOKEN_DIR")]
+    pub entra_federated_token_dir: Option<PathBuf>,
     /// Audit file (JSON lines, rotated by size), or `off` [default: <data-dir>/audit.log].
     #[arg(long, env = "CREDBROKER_AUDIT_FILE")]
     pub audit_file: Option<String>,
@@ -840,6 +846,20 @@ fn apply_vendors(
         errors,
     ) {
         vendors.jira_api_url = u;
+    }
+    if let Some(d) = o
+        .entra_federated_token_dir
+        .clone()
+        .or(f.entra_federated_token_dir.take())
+    {
+        if d.is_absolute() {
+            vendors.entra_federated_token_dir = d;
+        } else {
+            errors.push(format!(
+                "entra_federated_token_dir: {} must be an absolute path",
+                d.display()
+            ));
+        }
     }
     match f.zendesk_access_token_ttl_secs {
         // Zendesk takes more than 300 and less than 172800 seconds.

@@ -143,6 +143,27 @@ impl Backend for AzureDevOpsBackend {
         Ok(url_string(&base.url))
     }
 
+    fn validate_target(&self, base_url: &str, credential: &Credential) -> Result<(), String> {
+        if !is_principal(credential) {
+            return Ok(());
+        }
+        // Entra tokens for Azure DevOps work in every organization the principal belongs to:
+        // they go to Azure DevOps Services only (or a stand-in under allow_http).
+        let stand_in = base_url.starts_with("http://") && self.ctx.egress.allow_http;
+        if deployment(base_url) == Deployment::Server && !stand_in {
+            return Err(
+                "Entra service principals work with Azure DevOps Services (dev.azure.com, \
+                 *.visualstudio.com); Azure DevOps Server needs a PAT"
+                    .to_owned(),
+            );
+        }
+        super::entra::check_app(
+            credential,
+            self.ctx.egress.allow_http,
+            &self.ctx.oauth.entra_federated_token_dir,
+        )
+    }
+
     async fn verify(&self, target: &Target<'_>, issued: &Issued) -> AuthCheck {
         let auth = issued.headers.as_slice();
         let url = format!("{}/_apis/connectionData", target.base_url);
@@ -192,7 +213,11 @@ impl Backend for AzureDevOpsBackend {
     async fn issue(&self, target: &Target<'_>) -> Result<Issued, BackendError> {
         if let Some(app) = super::entra::EntraApp::of(target.credential) {
             let resp = app
-                .mint(&self.ctx.http, super::entra::AZURE_DEVOPS_SCOPE)
+                .mint(
+                    &self.ctx.http,
+                    super::entra::AZURE_DEVOPS_SCOPE,
+                    &self.ctx.oauth.entra_federated_token_dir,
+                )
                 .await?;
             return Ok(super::oauth::issued_from(
                 &resp,

@@ -10,6 +10,7 @@
 //! - Failures carry an `AADSTSnnnn` code in `error_description`; the common ones get their own
 //!   class and a message naming the fix.
 
+use std::path::Path;
 use std::time::Duration;
 
 use oauth2::{RequestTokenError, Scope};
@@ -69,11 +70,13 @@ impl<'a> EntraApp<'a> {
         )
     }
 
-    /// A token for `scope` (`{resource}/.default`).
+    /// A token for `scope` (`{resource}/.default`); a federated token file is read only
+    /// inside `federated_dir`.
     pub async fn mint(
         &self,
         http: &HttpClient,
         scope: &str,
+        federated_dir: &Path,
     ) -> Result<VendorTokenResponse, BackendError> {
         let token_url = self.token_url();
         let secret = match self.auth {
@@ -90,7 +93,9 @@ impl<'a> EntraApp<'a> {
                 certificate_pem,
                 private_key_pem,
             } => Some(self.client_assertion(&token_url, certificate_pem, private_key_pem)?),
-            EntraAuth::FederatedTokenFile { path } => Some(read_federated_token(path).await?),
+            EntraAuth::FederatedTokenFile { path } => {
+                Some(read_federated_token(path, federated_dir).await?)
+            }
         };
         if let Some(a) = &assertion {
             req = req
@@ -136,34 +141,97 @@ impl<'a> EntraApp<'a> {
     }
 }
 
-/// The federated token, read now (the file is rotated under the broker), if it looks like a
-/// JWT: nothing else from the broker's disk is ever sent.
-async fn read_federated_token(path: &str) -> Result<SecretString, BackendError> {
+/// The known Entra authorities (public and sovereign clouds); anything else only as a stand-in
+/// under `allow_http`.
+pub const KNOWN_AUTHORITIES: &[&str] = &[
+    "login.microsoftonline.com",
+    "login.microsoftonline.us",
+    "login.partner.microsoftonline.cn",
+    "login.chinacloudapi.cn",
+];
+
+/// Refuses an authority that is not Entra's (a client secret or assertion goes there) and a
+/// federated token file outside `federated_dir` (its contents go there).
+pub fn check_app(
+    credential: &Credential,
+    allow_http: bool,
+    federated_dir: &Path,
+) -> Result<(), String> {
+    let Some(app) = EntraApp::of(credential) else {
+        return Ok(());
+    };
+    let url = url::Url::parse(app.authority_url).map_err(|_| "authority_url is not a URL")?;
+    let known = url.scheme() == "https"
+        && url
+            .host_str()
+            .is_some_and(|h| KNOWN_AUTHORITIES.contains(&h));
+    let stand_in = allow_http && url.scheme() == "http";
+    if !(known || stand_in) {
+        return Err(format!(
+            "authority_url must be an Entra authority ({})",
+            KNOWN_AUTHORITIES.join(", ")
+        ));
+    }
+    if let EntraAuth::FederatedTokenFile { path } = app.auth {
+        let p = Path::new(path);
+        let inside = p.starts_with(federated_dir)
+            && !p
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir));
+        if !inside {
+            return Err(format!(
+                "federated_token_file must be inside {} (entra_federated_token_dir)",
+                federated_dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The federated token, read now (the file is rotated under the broker), only inside
+/// `federated_dir` (symlinks resolved), at most [`MAX_FEDERATED_TOKEN`] bytes, within two
+/// seconds, and only if it looks like a JWT: nothing else from the broker's disk is sent.
+async fn read_federated_token(
+    path: &str,
+    federated_dir: &Path,
+) -> Result<SecretString, BackendError> {
     let unreadable = |why: String| BackendError::Transient {
         failure: AuthFailure::Misconfigured,
         message: format!("the federated token file {path} {why}"),
         retry_after: None,
     };
-    let meta = tokio::fs::metadata(path)
-        .await
-        .map_err(|e| unreadable(format!("cannot be read ({})", e.kind())))?;
-    if !meta.is_file() || meta.len() > MAX_FEDERATED_TOKEN {
-        return Err(unreadable(format!(
-            "is not a file of at most {MAX_FEDERATED_TOKEN} bytes"
-        )));
-    }
-    let raw = tokio::fs::read_to_string(path)
-        .await
-        .map_err(|e| unreadable(format!("cannot be read ({})", e.kind())))?;
+    let read = async {
+        let real = tokio::fs::canonicalize(path).await?;
+        let dir = tokio::fs::canonicalize(federated_dir).await?;
+        if !real.starts_with(&dir) {
+            return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        }
+        // A FIFO or device would block or never end: regular files only.
+        if !tokio::fs::metadata(&real).await?.is_file() {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        let file = tokio::fs::File::open(&real).await?;
+        let mut raw = String::new();
+        tokio::io::AsyncReadExt::read_to_string(
+            &mut tokio::io::AsyncReadExt::take(file, MAX_FEDERATED_TOKEN + 1),
+            &mut raw,
+        )
+        .await?;
+        Ok(raw)
+    };
+    let raw = match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(raw)) => raw,
+        Ok(Err(e)) => return Err(unreadable(format!("cannot be read ({})", e.kind()))),
+        Err(_) => return Err(unreadable("took too long to read".to_owned())),
+    };
     let token = SecretString::from(raw.trim());
-    if !jwt::looks_like_jwt(token.expose_secret()) {
-        return Err(BackendError::Rejected {
-            failure: AuthFailure::Misconfigured,
-            message: format!(
-                "the federated token file {path} does not hold a JWT; point it at the projected \
-                 service account token (e.g. /var/run/secrets/azure/tokens/azure-identity-token)"
-            ),
-        });
+    if raw.len() as u64 > MAX_FEDERATED_TOKEN || !jwt::looks_like_jwt(token.expose_secret()) {
+        // Transient: a writer may be half-way through replacing it.
+        return Err(unreadable(
+            "does not hold a JWT; point it at the projected service account token (e.g. \
+             /var/run/secrets/azure/tokens/azure-identity-token)"
+                .to_owned(),
+        ));
     }
     Ok(token)
 }
@@ -208,10 +276,12 @@ fn classify(e: &TokenRequestError, http: &OAuthHttp, tenant: &str) -> BackendErr
             AuthFailure::InvalidCredentials,
             format!("Entra could not verify the client assertion (AADSTS700027): the certificate is not uploaded to the app, or the key does not belong to it; upload the certificate in {portal} → Certificates & secrets"),
         ),
-        Some(700024) => rejected(
-            AuthFailure::Misconfigured,
-            "Entra found the client assertion outside its time window (AADSTS700024): check the broker host's clock, or that the federated token file is being refreshed".to_owned(),
-        ),
+        // A clock that drifts or a projected token not yet renewed usually heals: retried.
+        Some(700024) => BackendError::Transient {
+            failure: AuthFailure::Misconfigured,
+            message: "Entra found the client assertion outside its time window (AADSTS700024): check the broker host's clock, or that the federated token file is being refreshed".to_owned(),
+            retry_after: None,
+        },
         Some(70021 | 700211 | 700212 | 700213) => rejected(
             AuthFailure::Misconfigured,
             format!("Entra found no federated credential matching the token (AADSTS{}): add a federated credential for this workload's issuer and subject in {portal} → Certificates & secrets → Federated credentials", aadsts(e).unwrap_or_default()),

@@ -42,6 +42,8 @@ pub struct OAuthSettings {
     pub zendesk_access_token_ttl: Duration,
     /// Zendesk refresh-token lifetime asked for (7 – 90 days, default 30 days).
     pub zendesk_refresh_token_ttl: Duration,
+    /// The only directory federated token files (Entra workload identity) are read from.
+    pub entra_federated_token_dir: std::path::PathBuf,
     /// Atlassian's authorization server (`https://auth.atlassian.com`).
     pub jira_auth_url: String,
     /// Atlassian's API gateway (`https://api.atlassian.com`).
@@ -54,6 +56,7 @@ impl Default for OAuthSettings {
             salesforce_token_lifetime: Duration::from_secs(30 * 60),
             servicenow_refresh_token_lifespan: Duration::from_secs(8_640_000),
             salesforce_refresh_idle_limit: Duration::from_secs(30 * 86_400),
+            entra_federated_token_dir: std::path::PathBuf::from("/var/run/secrets/azure/tokens"),
             zendesk_access_token_ttl: Duration::from_secs(30 * 60),
             zendesk_refresh_token_ttl: Duration::from_secs(30 * 86_400),
             jira_auth_url: "https://auth.atlassian.com".to_owned(),

@@ -557,7 +557,7 @@ impl SalesforceBackend {
         let claims = serde_json::json!({
             "iss": client_id,
             "sub": username,
-            "aud": login_url,
+            "aud": audience(login_url),
             "exp": crate::model::unix_now() + JWT_LIFETIME_SECS,
         });
         let assertion = signer
@@ -628,11 +628,13 @@ impl SalesforceBackend {
             .clone()
             .or_else(|| previous.and_then(|g| g.instance_url.clone()))
             .unwrap_or_else(|| target.base_url.to_owned());
-        let mut issued = oauth::issued_from(
-            resp,
-            self.ctx.oauth.salesforce_token_lifetime,
-            self.api_base(target.base_url, &instance)?,
-        );
+        // The grant must be kept whatever else is wrong with the answer: a rotated refresh token
+        // is the only one that still works. An unusable instance_url falls back to the
+        // registered host.
+        let api = self
+            .api_base(target.base_url, &instance)
+            .or_else(|_| self.api_base(target.base_url, target.base_url))?;
+        let mut issued = oauth::issued_from(resp, self.ctx.oauth.salesforce_token_lifetime, api);
         let idle = self.ctx.oauth.salesforce_refresh_idle_limit;
         issued.updated_credential = Some(oauth::credential_with_grant(
             flow.client_id,
@@ -640,11 +642,29 @@ impl SalesforceBackend {
             flow.scopes,
             resp,
             previous,
-            Some(crate::model::unix_now() + idle.as_secs()),
+            Some(crate::model::unix_now().saturating_add(idle.as_secs())),
             None,
             VENDOR,
         )?);
         Ok(issued)
+    }
+}
+
+/// The JWT's `aud`: sandboxes (`test.` and `*.sandbox.my.salesforce.com`) expect
+/// `https://test.salesforce.com` and production My Domains `https://login.salesforce.com`, even
+/// when the token is requested from the My Domain; anything else (an Experience Cloud site, a
+/// stand-in) is its own audience.
+fn audience(login_url: &str) -> String {
+    let host = url::Url::parse(login_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+        .unwrap_or_default();
+    if host == "test.salesforce.com" || host.ends_with(".sandbox.my.salesforce.com") {
+        "https://test.salesforce.com".to_owned()
+    } else if host == "login.salesforce.com" || host.ends_with(".my.salesforce.com") {
+        "https://login.salesforce.com".to_owned()
+    } else {
+        login_url.to_owned()
     }
 }
 
@@ -673,6 +693,19 @@ fn jwt_bearer_refusal(r: &super::http::UpstreamResponse) -> BackendError {
         error: String::new(),
         error_description: String::new(),
     });
+    if e.error.is_empty() {
+        // Not Salesforce's OAuth error shape (a proxy's page, a wrong host, the 403 of an
+        // exhausted API allocation): try again later rather than give the system up.
+        return BackendError::Transient {
+            failure: AuthFailure::UpstreamError,
+            message: format!(
+                "Salesforce's token endpoint answered HTTP {} without an OAuth error; check the \
+                 login URL if this persists",
+                r.status
+            ),
+            retry_after,
+        };
+    }
     let desc = e.error_description.to_ascii_lowercase();
     let (failure, fix) = match (e.error.as_str(), desc.as_str()) {
         (_, d) if d.contains("hasn't approved") || d.contains("not approved") => (
@@ -713,11 +746,13 @@ fn jwt_bearer_refusal(r: &super::http::UpstreamResponse) -> BackendError {
             "check the consumer key, the user name and the certificate uploaded to the app",
         ),
     };
-    let code = if e.error.is_empty() {
-        format!("HTTP {}", r.status)
-    } else {
-        e.error.clone()
-    };
+    // The vendor's code goes into a message: only a short snake_case word is repeated.
+    let code =
+        if e.error.len() <= 40 && e.error.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            e.error.clone()
+        } else {
+            format!("HTTP {}", r.status)
+        };
     BackendError::Rejected {
         failure,
         message: format!("Salesforce refused the JWT bearer assertion ({code}): {fix}"),
@@ -789,6 +824,31 @@ fn rest_error_code(body: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn jwt_audiences() {
+        for (login, aud) in [
+            (
+                "https://login.salesforce.com",
+                "https://login.salesforce.com",
+            ),
+            (
+                "https://acme.my.salesforce.com",
+                "https://login.salesforce.com",
+            ),
+            ("https://test.salesforce.com", "https://test.salesforce.com"),
+            (
+                "https://acme--dev.sandbox.my.salesforce.com",
+                "https://test.salesforce.com",
+            ),
+            (
+                "https://community.acme.example",
+                "https://community.acme.example",
+            ),
+        ] {
+            assert_eq!(audience(login), aud, "{login}");
+        }
+    }
+
     /// Each of Salesforce's JWT bearer refusals (`upstreams.md` §13.1) maps to its own fix.
     #[test]
     fn jwt_bearer_refusals_name_the_fix() {
@@ -842,6 +902,11 @@ mod tests {
                 "login URL",
             ),
             (answer(503, "", ""), AuthFailure::UpstreamError, "HTTP 503"),
+            (
+                answer(403, "", ""),
+                AuthFailure::UpstreamError,
+                "without an OAuth error",
+            ),
             (answer(429, "", ""), AuthFailure::RateLimited, "HTTP 429"),
         ];
         for (r, want, needle) in cases {

@@ -588,7 +588,11 @@ impl Broker {
                     Ok(c) => c,
                     Err(_) => check_timed_out(deadline),
                 };
-                warn_expiry(&mut check, credential.expires_at());
+                warn_expiry(
+                    &mut check,
+                    credential.expires_at(),
+                    credential.credential_type(),
+                );
                 Ok(check)
             }
             CheckTarget::Stored(system_id) => {
@@ -628,7 +632,11 @@ impl Broker {
                     }
                 };
                 let record = self.get_system(&system_id).await?;
-                warn_expiry(&mut check, record.credential_expires_at);
+                warn_expiry(
+                    &mut check,
+                    record.credential_expires_at,
+                    record.credential_type,
+                );
                 let mut updated = record.clone();
                 updated.last_check = Some(check.clone());
                 match self.swap_system(&record, updated).await {
@@ -1083,7 +1091,11 @@ async fn prepare(
                 Ok(c) => c,
                 Err(_) => check_timed_out(check_timeout),
             };
-        warn_expiry(&mut c, credential.expires_at());
+        warn_expiry(
+            &mut c,
+            credential.expires_at(),
+            credential.credential_type(),
+        );
         if !c.ok {
             return Err(failed_check(&c, consequence));
         }
@@ -1103,7 +1115,12 @@ async fn prepare(
 pub const EXPIRY_WARNING_DAYS: u64 = 30;
 
 /// Adds an expiry warning (or, once expired, a failure) to a check.
-fn warn_expiry(check: &mut AuthCheck, expires_at: Option<u64>) {
+/// Connected grants are not warned about: their horizon is an idle limit the keep-alive sweep
+/// pushes back, nothing an admin must act on.
+fn warn_expiry(check: &mut AuthCheck, expires_at: Option<u64>, kind: CredentialType) {
+    if kind == CredentialType::OAuthAuthorizationCode {
+        return;
+    }
     let Some(at) = expires_at else { return };
     let now = unix_now();
     if at <= now {

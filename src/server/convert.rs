@@ -175,7 +175,8 @@ fn tenant(v: String, field: &'static str) -> Result<String, BrokerError> {
     let t = plain(v, field)?;
     let shaped = t.len() <= 100
         && t.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && t.split('.').all(|label| !label.is_empty());
     if !shaped {
         return Err(BrokerError::invalid(
             field,

@@ -79,6 +79,15 @@ fn no_key_material(text: &str) {
     }
 }
 
+/// A broker config whose federated token directory is `{dir}/tokens`.
+fn with_token_dir(dir: &std::path::Path) -> (credbroker::config::Config, std::path::PathBuf) {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let mut config = test_config(dir);
+    config.vendors.entra_federated_token_dir = tokens.clone();
+    (config, tokens)
+}
+
 async fn ado_with_entra() -> (FakeEntra, FakeAzureDevOps) {
     let entra = FakeEntra::start(TENANT).await;
     let ado = FakeAzureDevOps::start().await;
@@ -110,9 +119,10 @@ async fn ado_with_entra() -> (FakeEntra, FakeAzureDevOps) {
 async fn azure_devops_service_principals_by_secret_certificate_or_federated_token() {
     let dir = tempfile::tempdir().unwrap();
     let (entra, ado) = ado_with_entra().await;
-    let fed_file = dir.path().join("azure-identity-token");
+    let (config, tokens) = with_token_dir(dir.path());
+    let fed_file = tokens.join("azure-identity-token");
     std::fs::write(&fed_file, FED_1).unwrap();
-    let broker = TestBroker::start(dir.path()).await;
+    let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let k = pb::SystemKind::AzureDevops;
     let (base, auth) = (ado.base_url.clone(), entra.authority.clone());
@@ -251,9 +261,12 @@ async fn entra_and_azure_devops_refusals_each_name_their_fix() {
             expired: false,
         },
     );
-    let pem = dir.path().join("not-a-token.pem");
+    let (config, tokens) = with_token_dir(dir.path());
+    let pem = tokens.join("not-a-token.pem");
     std::fs::write(&pem, fixture("other.key")).unwrap();
-    let broker = TestBroker::start(dir.path()).await;
+    let outside = dir.path().join("outside-token");
+    std::fs::write(&outside, FED_1).unwrap();
+    let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let k = pb::SystemKind::AzureDevops;
     let (base, auth) = (ado.base_url.clone(), entra.authority.clone());
@@ -334,6 +347,55 @@ async fn entra_and_azure_devops_refusals_each_name_their_fix() {
         &["AADSTS90002"],
     )
     .await;
+
+    // Where secrets and files would go is guarded: only Entra's authorities, only the
+    // configured token directory, only Azure DevOps Services.
+    let mut attacker = sp_cred(
+        "app-secret",
+        "https://attacker.example",
+        Entra::Secret(SP_SECRET),
+    );
+    let elsewhere = sp_cred(
+        "app-fed",
+        &auth,
+        Entra::Federated(outside.display().to_string()),
+    );
+    let escape = sp_cred(
+        "app-fed",
+        &auth,
+        Entra::Federated(format!(
+            "{}/../outside-token",
+            dir.path().join("tokens").display()
+        )),
+    );
+    if let Some(pb::credential::Credential::EntraClientCredentials(e)) = &mut attacker.credential {
+        e.authority_url = "https://attacker.example".into();
+    }
+    for (cred, base_url, needle) in [
+        (attacker, base.as_str(), "Entra authority"),
+        (elsewhere, base.as_str(), "must be inside"),
+        (escape, base.as_str(), "must be inside"),
+        (
+            sp_cred("app-secret", &auth, Entra::Secret(SP_SECRET)),
+            "https://tfs.corp.example/tfs/DefaultCollection",
+            "Azure DevOps Server needs a PAT",
+        ),
+    ] {
+        let e = admin
+            .register_system(reg(
+                "guarded",
+                k,
+                base_url,
+                cred,
+                false,
+                pb::Delivery::Unspecified,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains(needle), "{}", e.message());
+    }
+    assert_eq!(entra.token_calls() - calls, 7, "nothing was sent anywhere");
 
     // Bad input never reaches Entra: two methods at once, a multi-tenant alias, a broken key.
     let mut two = sp_cred("app-secret", &auth, Entra::Secret(SP_SECRET));
