@@ -660,16 +660,34 @@ async fn connect_with_salesforce_rotates_and_keeps_idle_grants_alive() {
         .into_inner();
     assert_eq!(first.api_base_url, fake.base_url, "instance_url is tracked");
 
-    // A re-mint rotates the refresh token; the newest is stored before the token is used.
+    // A re-mint rotates the refresh token; the newest is stored before the token is used, even
+    // when the worker that asked gives up while Salesforce is still answering.
     let issued = fake.newest_refresh_token().unwrap();
-    let next = token_with_deadline(
+    let calls = fake.token_calls();
+    fake.set_login_delay(Duration::from_millis(400));
+    let dropped = token_with_deadline(
         &mut admin,
         "sf-connect",
         &first.token_id,
-        Duration::from_secs(10),
+        Duration::from_millis(50),
     )
     .await
-    .unwrap();
+    .unwrap_err();
+    assert!(
+        matches!(dropped.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{dropped:?}"
+    );
+    let next = admin
+        .get_access_token(tok("sf-connect"))
+        .await
+        .unwrap()
+        .into_inner();
+    fake.set_login_delay(Duration::ZERO);
+    assert_eq!(
+        fake.token_calls() - calls,
+        1,
+        "the dropped refresh was not repeated"
+    );
     assert_ne!(next.token_id, first.token_id);
     assert_ne!(
         fake.newest_refresh_token().unwrap(),
