@@ -119,6 +119,13 @@ impl CredentialBroker for Echo {
     ) -> Result<Response<pb::SetDeliveryResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+    type WatchSystemsStream = tokio_stream::Empty<Result<pb::SystemEvent, Status>>;
+    async fn watch_systems(
+        &self,
+        _: Request<pb::WatchSystemsRequest>,
+    ) -> Result<Response<Self::WatchSystemsStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
     type ExportBackupStream = tokio_stream::Empty<Result<pb::BackupChunk, Status>>;
     async fn export_backup(
         &self,

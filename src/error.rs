@@ -47,6 +47,9 @@ pub enum BrokerError {
     /// The caller went away, or its request stream broke off.
     #[error("{0}")]
     Cancelled(String),
+    /// A position (a watch cursor) outside what is kept.
+    #[error("{0}")]
+    OutOfRange(String),
     /// Storage, crypto or another internal fault; the message is fixed and safe.
     #[error("{0}")]
     Internal(&'static str),
@@ -75,6 +78,7 @@ impl BrokerError {
             Self::Unimplemented(_) => Code::Unimplemented,
             Self::DataLoss(_) => Code::DataLoss,
             Self::Cancelled(_) => Code::Cancelled,
+            Self::OutOfRange(_) => Code::OutOfRange,
             Self::Internal(_) => Code::Internal,
         }
     }

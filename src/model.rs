@@ -478,6 +478,46 @@ pub enum SystemState {
     ReauthorizationRequired,
 }
 
+/// A system's credential health (see `broker::health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemHealth {
+    /// Nothing known to be wrong or coming.
+    Healthy,
+    /// A known horizon is inside the warning window.
+    Expiring,
+    /// Transient trouble.
+    Degraded,
+    /// Needs an admin.
+    Failing,
+}
+
+impl SystemHealth {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Expiring => "expiring",
+            Self::Degraded => "degraded",
+            Self::Failing => "failing",
+        }
+    }
+}
+
+/// The health a system was last found in, with its reason and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthMark {
+    /// The health.
+    pub health: SystemHealth,
+    /// What is wrong or coming, and what to do.
+    pub reason: String,
+    /// Seconds since the epoch.
+    pub since: u64,
+    /// The last expiry warning threshold announced (30, 7 or 1 days), so each is sent once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warned_days: Option<u64>,
+}
+
 /// Why a check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -623,6 +663,9 @@ pub struct SystemRecord {
     /// When the last one was seen, seconds since the epoch.
     #[serde(default)]
     pub last_proxy_unauthorized_at: Option<u64>,
+    /// The health last derived (absent on records from before health tracking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthMark>,
     /// The sealed credential (see `crypto`).
     #[serde(with = "b64")]
     pub sealed_credential: Vec<u8>,

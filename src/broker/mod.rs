@@ -7,9 +7,12 @@
 pub mod backup;
 pub mod callers;
 pub mod connect;
+pub mod events;
+pub mod health;
 pub mod keys;
 pub mod proxy;
 pub mod tokens;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -282,6 +285,8 @@ pub struct Broker {
     pub(crate) exchanges: tokio_util::task::TaskTracker,
     /// Held by master-key rotations and retirements (one at a time).
     pub(crate) key_ops: tokio::sync::Mutex<()>,
+    /// System events (`WatchSystems`).
+    pub events: events::Events,
 }
 
 impl Broker {
@@ -330,6 +335,7 @@ impl Broker {
             lease_key,
             public_authority: settings_public_authority,
             callers: Callers::default(),
+            events: events::Events::default(),
         });
         let admin_token = broker.bootstrap().await?;
         Ok((broker, admin_token))
@@ -539,7 +545,10 @@ impl Broker {
             last_proxy_unauthorized_at: None,
             revision: 1,
             integrity: None,
+            health: None,
         };
+        let mut record = record;
+        let notes = health::refresh(&mut record, now);
         self.store
             .insert_system(&record)
             .await
@@ -551,6 +560,14 @@ impl Broker {
             // The token minted during registration serves the first workers.
             let _ = self.install(&system_id, &record, issued, SystemTime::now(), true);
         }
+        self.events
+            .emit(events::EventType::Registered, &record, "registered");
+        // The opening health is part of the registration; only a horizon already near is news.
+        let expiring: Vec<_> = notes
+            .into_iter()
+            .filter(|n| matches!(n, health::Note::Expiring(_)))
+            .collect();
+        self.announce(&record, &expiring);
         tracing::info!(message = "System registered.", kind = %record.kind, system_id = %record.system_id);
         Ok((record, prepared.check))
     }
@@ -637,13 +654,7 @@ impl Broker {
                     record.credential_expires_at,
                     record.credential_type,
                 );
-                let mut updated = record.clone();
-                updated.last_check = Some(check.clone());
-                match self.swap_system(&record, updated).await {
-                    // A concurrent rotation, refresh or delete wins; the result is still returned.
-                    Ok(_) | Err(StoreError::Conflict) => {}
-                    Err(e) => return Err(e.into()),
-                }
+                self.record_check(&record, &check).await?;
                 Ok(check)
             }
         }
@@ -701,6 +712,11 @@ impl Broker {
         if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
             let _ = self.install(system_id, &updated, issued, SystemTime::now(), true);
         }
+        self.events.emit(
+            events::EventType::Rotated,
+            &updated,
+            format!("credential version {}", updated.credential_version),
+        );
         tracing::info!(message = "Credential rotated.", kind = %updated.kind, system_id = %system_id);
         Ok((updated, prepared.check))
     }
@@ -724,8 +740,60 @@ impl Broker {
         mut updated: SystemRecord,
     ) -> Result<SystemRecord, StoreError> {
         updated.revision = current.revision + 1;
+        let notes = health::refresh(&mut updated, unix_now());
         self.store.update_system(&updated, current.revision).await?;
+        self.announce(&updated, &notes);
         Ok(updated)
+    }
+
+    /// Stores a stored system's check result and announces it. A concurrent rotation, refresh or
+    /// delete wins over it (the result is still returned to the caller).
+    async fn record_check(
+        &self,
+        record: &SystemRecord,
+        check: &AuthCheck,
+    ) -> Result<(), BrokerError> {
+        let mut updated = record.clone();
+        updated.last_check = Some(check.clone());
+        match self.swap_system(record, updated).await {
+            Ok(written) => {
+                let outcome = match check.failure {
+                    None => "ok".to_owned(),
+                    Some(f) => format!("failed ({})", f.as_str()),
+                };
+                self.events
+                    .emit(events::EventType::CheckCompleted, &written, outcome);
+                Ok(())
+            }
+            Err(StoreError::Conflict) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Turns what a write changed about a system's health into events.
+    fn announce(&self, record: &SystemRecord, notes: &[health::Note]) {
+        let reason = record
+            .health
+            .as_ref()
+            .map(|h| h.reason.as_str())
+            .unwrap_or_default();
+        for note in notes {
+            match note {
+                health::Note::Changed(from, to) => self.events.emit(
+                    events::EventType::HealthChanged,
+                    record,
+                    match from {
+                        Some(f) => format!("{} → {}: {reason}", f.as_str(), to.as_str()),
+                        None => format!("{}: {reason}", to.as_str()),
+                    },
+                ),
+                health::Note::Expiring(days) => self.events.emit(
+                    events::EventType::Expiring,
+                    record,
+                    format!("within {days} day(s): {reason}"),
+                ),
+            }
+        }
     }
 
     /// Read-modify-write of one system record: [`Self::swap_system`] re-read and retried as
@@ -913,9 +981,9 @@ impl Broker {
         // this one cannot serve a system registered later under the same id. A refused record
         // (its version unknowable) can be deleted too; the next incarnation then starts past
         // any version a counter could have reached.
-        let last = match self.store.get_system(system_id).await {
-            Ok(current) => current.map(|c| c.credential_version),
-            Err(StoreError::Tampered(_) | StoreError::Corrupt(_)) => Some(unix_now()),
+        let (last, gone) = match self.store.get_system(system_id).await {
+            Ok(current) => (current.as_ref().map(|c| c.credential_version), current),
+            Err(StoreError::Tampered(_) | StoreError::Corrupt(_)) => (Some(unix_now()), None),
             Err(e) => return Err(e.into()),
         };
         if let Some(last) = last {
@@ -934,6 +1002,10 @@ impl Broker {
         drop(f);
         drop(flight);
         self.forget_flight_if_idle(system_id, 0);
+        if let Some(record) = gone {
+            self.events
+                .emit(events::EventType::Deleted, &record, "deleted");
+        }
         tracing::info!(message = "System deleted.", system_id = %system_id);
         Ok(())
     }

@@ -1081,15 +1081,24 @@ impl Broker {
 
     async fn mark_reauthorization_required(&self, system_id: &str, message: &str) {
         let marked = self
-            .update_system_with(system_id, |r| {
+            .modify_system(system_id, Retry::Quick, |current| {
+                let mut r = current.clone();
                 r.state = SystemState::ReauthorizationRequired;
                 r.state_message = Some(message.to_owned());
                 r.updated_at = unix_now();
-                true
+                Ok(Some(r))
             })
             .await;
-        if let Err(e) = marked {
-            tracing::warn!(message = "Could not record the re-authorization state.", system_id = %system_id, error = %e);
+        match marked {
+            Ok(Modified::Written(r)) => self.events.emit(
+                crate::broker::events::EventType::ReauthorizationRequired,
+                &r,
+                message,
+            ),
+            Ok(Modified::Unchanged(_)) => {}
+            Err(e) => {
+                tracing::warn!(message = "Could not record the re-authorization state.", system_id = %system_id, error = %e);
+            }
         }
     }
 
@@ -1173,6 +1182,21 @@ impl Broker {
                     return;
                 }
             };
+            let now = unix_now();
+            for r in page
+                .iter()
+                .filter(|r| crate::broker::health::is_stale(r, now))
+            {
+                // Time alone moved a horizon or ended a degraded spell: write the new health
+                // (the write announces it).
+                let me = self.clone();
+                let id = r.system_id.clone();
+                tasks.spawn(async move {
+                    let _ = me
+                        .update_system_with(&id, |r| crate::broker::health::is_stale(r, unix_now()))
+                        .await;
+                });
+            }
             for r in &page {
                 let due = r.state == SystemState::Active
                     && r.credential_type == crate::model::CredentialType::OAuthAuthorizationCode

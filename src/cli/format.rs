@@ -100,6 +100,13 @@ pub(super) fn state_name(v: i32) -> &'static str {
     }
 }
 
+pub(super) fn health_name(v: i32) -> String {
+    short_name(
+        pb::SystemHealth::try_from(v).map(|h| h.as_str_name()),
+        "SYSTEM_HEALTH_",
+    )
+}
+
 pub(super) fn role_name(v: i32) -> &'static str {
     match pb::CallerRole::try_from(v) {
         Ok(pb::CallerRole::Admin) => "admin",
@@ -156,6 +163,9 @@ pub(super) fn system_json(s: &pb::System) -> Value {
         "updated_at": s.updated_at.as_ref().map(ts_string),
         "credential_expires_at": s.credential_expires_at.as_ref().map(ts_string),
         "last_check": s.last_check.as_ref().map(check_json),
+        "health": health_name(s.health),
+        "health_reason": s.health_reason,
+        "health_since": s.health_since.as_ref().map(ts_string),
     })
 }
 
@@ -225,6 +235,11 @@ pub(super) fn print_system(out: Output, s: &pb::System, check: Option<&pb::AuthC
     }
     if !s.state_message.is_empty() {
         println!("state_message: {}", s.state_message);
+    }
+    if s.health_reason.is_empty() {
+        println!("health: {}", health_name(s.health));
+    } else {
+        println!("health: {} ({})", health_name(s.health), s.health_reason);
     }
     if let Some(e) = &s.credential_expires_at {
         println!("credential_expires_at: {}", ts_string(e));

@@ -13,6 +13,7 @@ mod key;
 mod secrets;
 mod system;
 mod token;
+mod watch;
 
 pub use format::{parse_time, ts_string};
 
@@ -205,6 +206,21 @@ pub enum SystemCmd {
         /// header, proxy or default.
         delivery: String,
     },
+    /// Print system events as they happen (a snapshot first): registrations, rotations,
+    /// health changes, expiry warnings, checks. Runs until interrupted.
+    Watch {
+        /// Only this system (repeatable).
+        #[arg(long = "system")]
+        system_ids: Vec<String>,
+        /// Only this kind (repeatable).
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Resume after this cursor (printed with every event in --output json).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// One line per system with its health and why, worst first.
+    Health,
     /// Delete a system and its credential.
     Delete {
         /// System id.

@@ -49,6 +49,12 @@ pub(super) async fn run(client: &mut Client, out: Output, cmd: SystemCmd) -> Res
                 .unwrap_or_default();
             print_system(out, &sys, None, "updated");
         }
+        SystemCmd::Watch {
+            system_ids,
+            kinds,
+            after,
+        } => super::watch::watch(client, out, system_ids, kinds, after).await?,
+        SystemCmd::Health => super::watch::health(client, out).await?,
         SystemCmd::Connect { system_id, poll_ms } => {
             connect_system(client, out, system_id, poll_ms).await?;
         }

@@ -11,6 +11,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::convert;
 use crate::broker::proxy::HandOut;
+use crate::broker::watch::WatchFilter;
 use crate::broker::{Broker, Caller, CallerScope, CheckTarget, Presented, RegisterInput};
 use crate::error::BrokerError;
 use crate::model::Role;
@@ -803,6 +804,38 @@ impl CredentialBroker for BrokerService {
         .await
     }
 
+    type WatchSystemsStream = EventStream;
+
+    async fn watch_systems(
+        &self,
+        request: Request<pb::WatchSystemsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        self.run(
+            "WatchSystems",
+            Role::Worker,
+            false,
+            request,
+            |_| None,
+            |broker, caller, r| async move {
+                let after = Some(r.after.trim()).filter(|a| !a.is_empty());
+                let filter = WatchFilter {
+                    system_ids: r.system_ids.iter().map(|s| s.trim().to_owned()).collect(),
+                    kinds: r
+                        .kinds
+                        .iter()
+                        .map(|k| convert::kind(*k, "kinds"))
+                        .collect::<Result<_, _>>()?,
+                };
+                let (opening, rx) = broker.watch(&caller, &filter, after).await?;
+                Ok((
+                    event_stream(broker, caller, filter, opening, rx),
+                    Audited::default(),
+                ))
+            },
+        )
+        .await
+    }
+
     async fn set_delivery(
         &self,
         request: Request<pb::SetDeliveryRequest>,
@@ -912,3 +945,57 @@ impl CredentialBroker for BrokerService {
 
 /// The largest backup `RestoreBackup` accepts (about a million systems).
 const MAX_RESTORE_BYTES: usize = 1024 * 1024 * 1024;
+
+/// The events of one watch, as gRPC messages.
+pub type EventStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SystemEvent, Status>> + Send>>;
+
+/// The opening events, then every matching live event until shutdown. A watcher that falls
+/// behind the live feed is ended with UNAVAILABLE and resumes from its last cursor.
+fn event_stream(
+    broker: Arc<Broker>,
+    caller: Arc<Caller>,
+    filter: WatchFilter,
+    opening: Vec<Arc<crate::broker::events::Event>>,
+    rx: tokio::sync::broadcast::Receiver<Arc<crate::broker::events::Event>>,
+) -> EventStream {
+    use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+    use tokio_stream::StreamExt;
+    let closed = broker.events.closed();
+    let b = broker.clone();
+    let head =
+        tokio_stream::iter(opening).map(move |e| Ok(convert::event(&e, b.events.cursor(e.seq))));
+    let live =
+        tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| match item {
+            Ok(e) if filter.admits(&caller, &e.system) => {
+                Some(Ok(convert::event(&e, broker.events.cursor(e.seq))))
+            }
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(_)) => Some(Err(Status::unavailable(
+                "this watch fell behind the event feed; watch again with `after` set to the last \
+             cursor received",
+            ))),
+        });
+    // Forwarded by a task that also watches for shutdown and for the client going away.
+    let (tx, out) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(head.chain(live));
+        let mut closed = std::pin::pin!(closed);
+        loop {
+            tokio::select! {
+                _ = &mut closed => break,
+                _ = tx.closed() => break,
+                item = events.next() => match item {
+                    Some(item) => {
+                        let last = item.is_err();
+                        if tx.send(item).await.is_err() || last {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+}

@@ -6,8 +6,8 @@ use prost_types::Timestamp;
 
 use crate::error::BrokerError;
 use crate::model::{
-    AuthCheck, AuthFailure, CallerRecord, Credential, CredentialType, Role, SystemKind,
-    SystemRecord, SystemState,
+    AuthCheck, AuthFailure, CallerRecord, Credential, CredentialType, Role, SystemHealth,
+    SystemKind, SystemRecord, SystemState,
 };
 use crate::pb;
 use crate::secret::SecretString;
@@ -444,8 +444,17 @@ pub fn check(c: &AuthCheck) -> pb::AuthCheck {
     }
 }
 
-/// Domain record → proto system (metadata only).
+/// Domain record → proto system (metadata only). Health is derived now (a horizon's days left
+/// change without a write); since when comes from the last recorded health.
 pub fn system(r: &SystemRecord) -> pb::System {
+    let now = crate::model::unix_now();
+    let (health, reason) = crate::broker::health::derive(r, now);
+    let since = r
+        .health
+        .as_ref()
+        .filter(|m| m.health == health)
+        .map(|m| m.since)
+        .unwrap_or(now);
     pb::System {
         system_id: r.system_id.clone(),
         display_name: r.display_name.clone(),
@@ -474,6 +483,30 @@ pub fn system(r: &SystemRecord) -> pb::System {
         } as i32,
         proxy_unauthorized_count: r.proxy_unauthorized_count,
         last_proxy_unauthorized_at: r.last_proxy_unauthorized_at.map(ts),
+        health: health_to_proto(health) as i32,
+        health_reason: reason,
+        health_since: Some(ts(since)),
+    }
+}
+
+/// Domain health → proto health.
+pub fn health_to_proto(h: SystemHealth) -> pb::SystemHealth {
+    match h {
+        SystemHealth::Healthy => pb::SystemHealth::Healthy,
+        SystemHealth::Expiring => pb::SystemHealth::Expiring,
+        SystemHealth::Degraded => pb::SystemHealth::Degraded,
+        SystemHealth::Failing => pb::SystemHealth::Failing,
+    }
+}
+
+/// Domain event → proto event.
+pub fn event(e: &crate::broker::events::Event, cursor: String) -> pb::SystemEvent {
+    pb::SystemEvent {
+        cursor,
+        r#type: e.kind.as_str().to_owned(),
+        system: Some(system(&e.system)),
+        at: Some(ts(e.at)),
+        detail: e.detail.clone(),
     }
 }
 

@@ -233,6 +233,7 @@ pub async fn run_with_hooks(
     broker
         .draining
         .store(true, std::sync::atomic::Ordering::Relaxed);
+    broker.events.close();
     announce_draining(&health).await;
     let _ = stop_tx.send(());
     let _ = http_stop_tx.send(());

@@ -16,6 +16,7 @@ mod edges;
 mod fake_entra;
 mod fakes;
 mod fuzz;
+mod health;
 mod layering;
 mod lifecycle;
 mod mtls;

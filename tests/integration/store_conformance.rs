@@ -26,6 +26,7 @@ fn record(id: &str, revision: u64) -> SystemRecord {
         proxy_unauthorized_count: 0,
         shared_token: None,
         last_proxy_unauthorized_at: None,
+        health: None,
         sealed_credential: vec![1, 2, 3, 0, 255],
         revision,
         integrity: None,

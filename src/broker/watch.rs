@@ -1,0 +1,78 @@
+//! `WatchSystems`, the domain half: who may see which system, and where a watch starts (a
+//! snapshot of the matching systems, or the events after a cursor).
+
+use std::sync::Arc;
+
+use super::callers::Caller;
+use super::events::{CursorError, Opening};
+use super::{Broker, SCAN_PAGE};
+use crate::error::BrokerError;
+use crate::model::{SystemKind, SystemRecord};
+
+/// The most system ids one watch may name.
+pub const MAX_WATCHED_IDS: usize = 1000;
+
+/// Which systems a watch is about.
+#[derive(Debug, Clone, Default)]
+pub struct WatchFilter {
+    /// Only these ids (empty: all).
+    pub system_ids: Vec<String>,
+    /// Only these kinds (empty: all).
+    pub kinds: Vec<SystemKind>,
+}
+
+impl WatchFilter {
+    /// True when `caller` may see `r` and the filter names it.
+    pub fn admits(&self, caller: &Caller, r: &SystemRecord) -> bool {
+        caller.may_use_id(&r.system_id)
+            && caller.may_use_kind(r.kind)
+            && (self.system_ids.is_empty() || self.system_ids.contains(&r.system_id))
+            && (self.kinds.is_empty() || self.kinds.contains(&r.kind))
+    }
+}
+
+impl Broker {
+    /// Where a watch starts, and its live feed: without `after`, a snapshot of every matching
+    /// system (taken after subscribing, so nothing that happens meanwhile is lost); with it,
+    /// the matching events after that cursor.
+    pub async fn watch(
+        &self,
+        caller: &Caller,
+        filter: &WatchFilter,
+        after: Option<&str>,
+    ) -> Result<Opening, BrokerError> {
+        if filter.system_ids.len() > MAX_WATCHED_IDS {
+            return Err(BrokerError::invalid(
+                "system_ids",
+                format!("names more than {MAX_WATCHED_IDS} systems"),
+            ));
+        }
+        let (missed, rx) = self.events.resume(after).map_err(|e| match e {
+            CursorError::Malformed => {
+                BrokerError::invalid("after", "is not a cursor this broker handed out")
+            }
+            CursorError::TooOld => BrokerError::OutOfRange(
+                "the cursor is older than the kept event log (an hour), or from before a restart \
+                 or another replica; watch again without `after` for a fresh snapshot"
+                    .to_owned(),
+            ),
+        })?;
+        if after.is_some() {
+            let missed = missed
+                .into_iter()
+                .filter(|e| filter.admits(caller, &e.system))
+                .collect();
+            return Ok((missed, rx));
+        }
+        let mut opening = Vec::new();
+        let mut pages = self.system_pages(SCAN_PAGE);
+        while let Some(page) = pages.next().await? {
+            opening.extend(
+                page.iter()
+                    .filter(|r| filter.admits(caller, r))
+                    .map(|r| Arc::new(self.events.snapshot(r))),
+            );
+        }
+        Ok((opening, rx))
+    }
+}

@@ -1,0 +1,407 @@
+//! Credential health and `WatchSystems` (issue 20): health derived with reasons, each change
+//! announced once (recoveries too), expiry warnings at 30/7/1 days, resuming with a cursor,
+//! too-old cursors, workers' scopes, and `credbrokerctl system health`.
+
+use std::time::Duration;
+
+use credbroker::pb;
+use tonic::Code;
+
+use crate::admin_cli::ctl_at;
+use crate::support::*;
+
+type Events = tonic::Streaming<pb::SystemEvent>;
+
+async fn watch(c: &mut Client, after: &str) -> Result<Events, tonic::Status> {
+    c.watch_systems(pb::WatchSystemsRequest {
+        after: after.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// The next event, within a generous bound (a missing event fails instead of hanging).
+async fn next(events: &mut Events) -> pb::SystemEvent {
+    tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("no event within 10 s")
+        .unwrap()
+        .expect("the watch ended")
+}
+
+/// Events up to and including the registration of `marker`.
+async fn until_registered(events: &mut Events, marker: &str) -> Vec<pb::SystemEvent> {
+    let mut seen = Vec::new();
+    loop {
+        let e = next(events).await;
+        let done = e.r#type == "system.registered"
+            && e.system.as_ref().is_some_and(|s| s.system_id == marker);
+        seen.push(e);
+        if done {
+            return seen;
+        }
+    }
+}
+
+fn summary(events: &[pb::SystemEvent]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e.r#type.clone(),
+                e.system
+                    .as_ref()
+                    .map(|s| s.system_id.clone())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn health_of(e: &pb::SystemEvent) -> pb::SystemHealth {
+    pb::SystemHealth::try_from(e.system.as_ref().map(|s| s.health).unwrap_or_default())
+        .unwrap_or(pb::SystemHealth::Unspecified)
+}
+
+fn expiring_pat(token: &str, days: i64) -> pb::Credential {
+    pb::Credential {
+        credential: Some(pb::credential::Credential::PersonalAccessToken(
+            pb::PersonalAccessToken {
+                token: token.into(),
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: credbroker::model::unix_now() as i64 + days * 86_400,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+async fn check(admin: &mut Client, id: &str) -> pb::AuthCheck {
+    admin
+        .check_authentication(pb::CheckAuthenticationRequest {
+            target: Some(pb::check_authentication_request::Target::SystemId(
+                id.into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap()
+}
+
+async fn register(admin: &mut Client, req: pb::RegisterSystemRequest) {
+    admin.register_system(req).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_changes_are_announced_once_and_recoveries_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    for pat in ["hpat-canary-a", "hpat-canary-b", "hpat-canary-c"] {
+        fake.add_user(pat, "1201", "Proxy User", "proxy@example.com");
+    }
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    register(
+        &mut admin,
+        register_asana("pre", &fake.base_url, "hpat-canary-a", false),
+    )
+    .await;
+    let mut events = watch(&mut admin, "").await.unwrap();
+    let snap = next(&mut events).await;
+    assert_eq!(
+        summary(std::slice::from_ref(&snap)),
+        [("system.snapshot".into(), "pre".into())]
+    );
+    assert_eq!(health_of(&snap), pb::SystemHealth::Healthy);
+
+    // A PAT 10 days from its expiry: registered expiring, warned once at the 30-day mark.
+    let mut req = register_asana("exp", &fake.base_url, "x", true);
+    req.credential = Some(expiring_pat("hpat-canary-b", 10));
+    req.delivery = pb::Delivery::Proxy as i32;
+    register(&mut admin, req).await;
+    let seen = until_registered(&mut events, "exp").await;
+    assert_eq!(summary(&seen), [("system.registered".into(), "exp".into())]);
+    assert_eq!(health_of(&seen[0]), pb::SystemHealth::Expiring);
+    let reason = seen[0].system.as_ref().unwrap().health_reason.clone();
+    assert!(reason.contains("expires in 10 day(s)"), "{reason}");
+    let warn = next(&mut events).await;
+    assert_eq!(
+        (
+            warn.r#type.as_str(),
+            warn.detail.contains("within 30 day(s)")
+        ),
+        ("credential.expiring", true)
+    );
+
+    // Rotated to a PAT 5 days out: the 7-day warning, once, then the rotation.
+    admin
+        .rotate_credential(pb::RotateCredentialRequest {
+            system_id: "exp".into(),
+            credential: Some(expiring_pat("hpat-canary-c", 5)),
+            skip_check: false,
+        })
+        .await
+        .unwrap();
+    register(
+        &mut admin,
+        register_asana("m1", &fake.base_url, "hpat-canary-a", false),
+    )
+    .await;
+    let seen = until_registered(&mut events, "m1").await;
+    let types: Vec<_> = summary(&seen).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(
+        types,
+        [
+            "credential.expiring",
+            "credential.rotated",
+            "system.registered"
+        ]
+    );
+    assert!(
+        seen[0].detail.contains("within 7 day(s)"),
+        "{}",
+        seen[0].detail
+    );
+
+    // A 401 storm through the proxy: degraded, announced once.
+    fake.revoke("hpat-canary-c");
+    let lease = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "exp".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let http = reqwest::Client::new();
+    for _ in 0..20 {
+        let r = http
+            .get(format!("{}/users/me", lease.api_base_url))
+            .header("authorization", &lease.headers[0].value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    register(
+        &mut admin,
+        register_asana("m2", &fake.base_url, "hpat-canary-a", false),
+    )
+    .await;
+    let seen = until_registered(&mut events, "m2").await;
+    let changes: Vec<_> = seen
+        .iter()
+        .filter(|e| e.r#type == "system.health_changed")
+        .collect();
+    assert_eq!(changes.len(), 1, "{:?}", summary(&seen));
+    assert_eq!(health_of(changes[0]), pb::SystemHealth::Degraded);
+    assert!(
+        changes[0].detail.contains("401 through the proxy"),
+        "{}",
+        changes[0].detail
+    );
+
+    // A check that fails makes "pre" failing; fixed at the vendor, the next check recovers it.
+    fake.revoke("hpat-canary-a");
+    assert!(!check(&mut admin, "pre").await.ok);
+    fake.add_user("hpat-canary-a", "1201", "Proxy User", "proxy@example.com");
+    assert!(check(&mut admin, "pre").await.ok);
+    admin
+        .delete_system(pb::DeleteSystemRequest {
+            system_id: "m1".into(),
+        })
+        .await
+        .unwrap();
+    register(
+        &mut admin,
+        register_asana("m3", &fake.base_url, "hpat-canary-a", false),
+    )
+    .await;
+    let seen = until_registered(&mut events, "m3").await;
+    let pre: Vec<_> = seen
+        .iter()
+        .filter(|e| e.system.as_ref().is_some_and(|s| s.system_id == "pre"))
+        .map(|e| (e.r#type.as_str(), health_of(e)))
+        .collect();
+    assert_eq!(
+        pre,
+        [
+            ("system.health_changed", pb::SystemHealth::Failing),
+            ("check.completed", pb::SystemHealth::Failing),
+            ("system.health_changed", pb::SystemHealth::Healthy),
+            ("check.completed", pb::SystemHealth::Healthy),
+        ]
+    );
+    assert!(seen
+        .iter()
+        .any(|e| e.r#type == "system.deleted"
+            && e.system.as_ref().is_some_and(|s| s.system_id == "m1")));
+    let text = format!("{seen:?}");
+    for pat in ["hpat-canary-a", "hpat-canary-b", "hpat-canary-c", "cbl_"] {
+        assert!(!text.contains(pat), "a secret or lease is in an event");
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_resume_from_a_cursor_refuse_old_ones_and_respect_scopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user("wpat-1", "1201", "Proxy User", "proxy@example.com");
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    for id in ["a-1", "b-1"] {
+        register(
+            &mut admin,
+            register_asana(id, &fake.base_url, "wpat-1", false),
+        )
+        .await;
+    }
+    let token = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "w".into(),
+            role: pb::CallerRole::Worker as i32,
+            system_patterns: vec!["a-*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut worker = client(broker.addr, Some(&token)).await;
+    let mut seen_by_worker = watch(&mut worker, "").await.unwrap();
+    assert_eq!(
+        summary(&[next(&mut seen_by_worker).await]),
+        [("system.snapshot".into(), "a-1".into())]
+    );
+
+    let mut events = watch(&mut admin, "").await.unwrap();
+    let mut cursor = String::new();
+    for _ in 0..2 {
+        cursor = next(&mut events).await.cursor;
+    }
+    drop(events);
+    // While nobody watches: a registration and a deletion.
+    register(
+        &mut admin,
+        register_asana("b-2", &fake.base_url, "wpat-1", false),
+    )
+    .await;
+    register(
+        &mut admin,
+        register_asana("a-2", &fake.base_url, "wpat-1", false),
+    )
+    .await;
+    admin
+        .delete_system(pb::DeleteSystemRequest {
+            system_id: "b-1".into(),
+        })
+        .await
+        .unwrap();
+    let mut resumed = watch(&mut admin, &cursor).await.unwrap();
+    let got = vec![
+        next(&mut resumed).await,
+        next(&mut resumed).await,
+        next(&mut resumed).await,
+    ];
+    assert_eq!(
+        summary(&got),
+        [
+            ("system.registered".into(), "b-2".into()),
+            ("system.registered".into(), "a-2".into()),
+            ("system.deleted".into(), "b-1".into()),
+        ]
+    );
+    // The scoped worker saw only its own system's registration.
+    let mine = next(&mut seen_by_worker).await;
+    assert_eq!(
+        summary(&[mine]),
+        [("system.registered".into(), "a-2".into())]
+    );
+
+    for (after, code) in [
+        ("000000000000.1", Code::OutOfRange),
+        ("not-a-cursor", Code::InvalidArgument),
+    ] {
+        let e = watch(&mut admin, after)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{after} accepted"));
+        assert_eq!(e.code(), code, "{after}: {}", e.message());
+    }
+
+    // The CLI lists health worst first.
+    fake.revoke("wpat-1");
+    assert!(!check(&mut admin, "b-2").await.ok);
+    let (addr, data) = (broker.addr, broker.data_dir.clone());
+    let out = tokio::task::block_in_place(|| {
+        ctl_at(addr, &data, &["--output", "json", "system", "health"], None)
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        (lines[0]["system_id"].as_str(), lines[0]["health"].as_str()),
+        (Some("b-2"), Some("failing"))
+    );
+    assert!(lines[0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("last check failed"));
+    assert!(lines[1..].iter().all(|l| l["health"] == "healthy"));
+    broker.stop().await;
+}
+
+/// Time alone moves a horizon: with no write at all, the sweep announces the 30-day crossing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_announces_a_horizon_crossed_by_time_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user("spat-1", "1201", "Proxy User", "proxy@example.com");
+    let mut config = test_config(dir.path());
+    config.refresh.keepalive_interval = Duration::from_millis(200);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let mut events = watch(&mut admin, "").await.unwrap();
+    // Two seconds outside the 30-day window.
+    let mut cred = expiring_pat("spat-1", 30);
+    if let Some(pb::credential::Credential::PersonalAccessToken(p)) = &mut cred.credential {
+        if let Some(t) = &mut p.expires_at {
+            t.seconds += 2;
+        }
+    }
+    let mut req = register_asana("soon", &fake.base_url, "x", false);
+    req.credential = Some(cred);
+    register(&mut admin, req).await;
+    let registered = next(&mut events).await;
+    assert_eq!(health_of(&registered), pb::SystemHealth::Healthy);
+    let changed = next(&mut events).await;
+    assert_eq!(changed.r#type, "system.health_changed");
+    assert_eq!(health_of(&changed), pb::SystemHealth::Expiring);
+    let warned = next(&mut events).await;
+    assert_eq!(warned.r#type, "credential.expiring");
+    // Once: the next sweeps find nothing new (a marker registration comes next).
+    register(
+        &mut admin,
+        register_asana("marker", &fake.base_url, "spat-1", false),
+    )
+    .await;
+    let after = until_registered(&mut events, "marker").await;
+    assert_eq!(
+        summary(&after),
+        [("system.registered".into(), "marker".into())]
+    );
+    broker.stop().await;
+}
