@@ -38,6 +38,32 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Per-vendor OAuth settings.
     pub vendors: crate::backends::oauth::OAuthSettings,
+    /// Webhook endpoints for system events.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One webhook endpoint (`[[webhooks]]`).
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Where events are POSTed.
+    pub url: String,
+    /// The signing secret (Standard Webhooks: `whsec_` + base64, or raw bytes).
+    pub secret: crate::secret::SecretString,
+    /// Event types delivered (empty: all).
+    pub events: Vec<String>,
+}
+
+/// `[[webhooks]]` in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWebhook {
+    /// URL.
+    pub url: String,
+    /// Path of the file holding the signing secret.
+    pub secret_file: PathBuf,
+    /// Event types (empty: all).
+    #[serde(default)]
+    pub events: Vec<String>,
 }
 
 /// Listeners, request limits, shutdown, logs.
@@ -331,6 +357,8 @@ pub struct FileConfig {
     pub jira_api_url: Option<String>,
     /// Directory.
     pub entra_federated_token_dir: Option<PathBuf>,
+    /// Webhook endpoints.
+    pub webhooks: Option<Vec<FileWebhook>>,
     /// Seconds (300 – 172800).
     pub zendesk_access_token_ttl_secs: Option<u64>,
     /// Seconds (604800 – 7776000).
@@ -425,6 +453,12 @@ pub struct Overrides {
     /// [default: /var/run/secrets/azure/tokens].
     #[arg(long, env = "CREDBROKER_ENTRA_FEDERATED_TOKEN_DIR")]
     pub entra_federated_token_dir: Option<PathBuf>,
+    /// One webhook endpoint for every system event (more, with filters: `[[webhooks]]`).
+    #[arg(long, env = "CREDBROKER_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// The file holding that endpoint's signing secret.
+    #[arg(long, env = "CREDBROKER_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Audit file (JSON lines, rotated by size), or `off` [default: <data-dir>/audit.log].
     #[arg(long, env = "CREDBROKER_AUDIT_FILE")]
     pub audit_file: Option<String>,
@@ -503,6 +537,7 @@ impl Config {
         c.refresh.apply(&mut f, o, &mut errors);
         c.proxy.apply(&mut f, o, &mut errors);
         apply_vendors(&mut c.vendors, &mut f, o, &mut errors);
+        c.webhooks = webhooks(&mut f, o, &mut errors);
         if errors.is_empty() {
             Ok(c)
         } else {
@@ -806,6 +841,56 @@ impl ProxyConfig {
             self.max_body_bytes = v;
         }
     }
+}
+
+/// The webhook endpoints: `[[webhooks]]`, plus the one the environment names.
+fn webhooks(f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) -> Vec<WebhookConfig> {
+    let mut listed = f.webhooks.take().unwrap_or_default();
+    match (&o.webhook_url, &o.webhook_secret_file) {
+        (Some(url), Some(secret_file)) => listed.push(FileWebhook {
+            url: url.clone(),
+            secret_file: secret_file.clone(),
+            events: Vec::new(),
+        }),
+        (None, None) => {}
+        _ => errors.push(
+            "CREDBROKER_WEBHOOK_URL and CREDBROKER_WEBHOOK_SECRET_FILE go together".to_owned(),
+        ),
+    }
+    let mut out = Vec::new();
+    for w in listed {
+        let url_ok = url::Url::parse(&w.url)
+            .is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.host_str().is_some());
+        if !url_ok {
+            errors.push(format!("webhooks: {} is not an http(s) URL", w.url));
+            continue;
+        }
+        if let Some(bad) = w
+            .events
+            .iter()
+            .find(|e| !crate::broker::events::EventType::NAMES.contains(&e.as_str()))
+        {
+            errors.push(format!(
+                "webhooks: unknown event type {bad} (known: {})",
+                crate::broker::events::EventType::NAMES.join(", ")
+            ));
+            continue;
+        }
+        match std::fs::read_to_string(&w.secret_file) {
+            Ok(s) if !s.trim().is_empty() => out.push(WebhookConfig {
+                url: w.url,
+                secret: crate::secret::SecretString::from(s.trim()),
+                events: w.events,
+            }),
+            Ok(_) => errors.push(format!("webhooks: {} is empty", w.secret_file.display())),
+            Err(e) => errors.push(format!(
+                "webhooks: cannot read {} ({})",
+                w.secret_file.display(),
+                e.kind()
+            )),
+        }
+    }
+    out
 }
 
 /// Per-vendor OAuth settings.

@@ -30,7 +30,11 @@ pub const RPCS: &[&str] = &[
     "SetDelivery",
     "ExportBackup",
     "RestoreBackup",
+    "WatchSystems",
 ];
+/// Webhook delivery outcomes.
+pub const WEBHOOK_OUTCOMES: &[&str] =
+    &["delivered", "refused", "blocked", "unreachable", "expired"];
 const CODES: usize = 17;
 /// Latency bucket bounds, seconds.
 const BUCKETS: &[f64] = &[
@@ -106,6 +110,7 @@ pub struct Metrics {
     store_write_errors: AtomicU64,
     records_refused: AtomicU64,
     proxy: Vec<AtomicU64>,
+    webhooks: Vec<AtomicU64>,
 }
 
 /// The global registry.
@@ -125,6 +130,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     store_write_errors: AtomicU64::new(0),
     records_refused: AtomicU64::new(0),
     proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
+    webhooks: WEBHOOK_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
 });
 
 fn kind_index(k: SystemKind) -> usize {
@@ -154,6 +160,13 @@ impl Metrics {
     pub fn refresh(&self, kind: SystemKind, outcome: &str) {
         let o = OUTCOMES.iter().position(|x| *x == outcome).unwrap_or(2);
         self.refreshes[kind_index(kind) * OUTCOMES.len() + o].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One webhook delivery attempt (or an event given up on: `expired`).
+    pub fn webhook(&self, outcome: &str) {
+        if let Some(i) = WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.webhooks[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// One outbound HTTP exchange.
@@ -235,6 +248,14 @@ impl Metrics {
                 out,
                 "credbroker_proxy_requests_total{{class=\"{class}xx\"}} {}",
                 n.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP credbroker_webhook_deliveries_total Webhook delivery attempts by outcome.\n# TYPE credbroker_webhook_deliveries_total counter\n");
+        for (o, outcome) in WEBHOOK_OUTCOMES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "credbroker_webhook_deliveries_total{{outcome=\"{outcome}\"}} {}",
+                self.webhooks[o].load(Ordering::Relaxed)
             );
         }
         out.push_str("# HELP credbroker_systems Registered systems by state.\n# TYPE credbroker_systems gauge\n");

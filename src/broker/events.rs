@@ -43,6 +43,17 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Every type a webhook may subscribe to (the snapshot is a watch's own).
+    pub const NAMES: [&'static str; 7] = [
+        "system.registered",
+        "system.deleted",
+        "credential.rotated",
+        "system.health_changed",
+        "credential.expiring",
+        "system.reauthorization_required",
+        "check.completed",
+    ];
+
     /// The type string (the same on the stream and in webhooks).
     pub fn as_str(self) -> &'static str {
         match self {

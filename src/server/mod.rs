@@ -13,6 +13,7 @@ pub mod convert;
 pub mod http;
 pub mod proxy;
 pub mod tls;
+pub mod webhooks;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -669,7 +670,7 @@ async fn open_broker(
     )
     .map_err(ServeError::Http)?;
     let registry = Registry::new(&BackendContext {
-        http,
+        http: http.clone(),
         egress: egress.clone(),
         oauth: config.vendors.clone(),
     });
@@ -706,6 +707,7 @@ async fn open_broker(
         let path = data_dir.join(ADMIN_TOKEN_FILE);
         tracing::info!(message = "Created the admin caller; its token is in the admin token file.", path = %path.display());
     }
+    webhooks::start(&broker, &http, &config.webhooks);
     Ok(broker)
 }
 

@@ -405,3 +405,174 @@ async fn the_sweep_announces_a_horizon_crossed_by_time_alone() {
     );
     broker.stop().await;
 }
+
+/// One request a receiver saw: headers, body, the status it answered.
+type Seen = (axum::http::HeaderMap, Vec<u8>, u16);
+
+/// A webhook receiver: records every request; answers 503 while `down`.
+#[derive(Clone, Default)]
+struct Receiver {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Receiver {
+    async fn start(self, bind: &str) -> String {
+        let me = self.clone();
+        let app = axum::Router::new().fallback(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let me = me.clone();
+                async move {
+                    let status = if me.down.load(std::sync::atomic::Ordering::SeqCst) {
+                        503
+                    } else {
+                        200
+                    };
+                    me.seen
+                        .lock()
+                        .unwrap()
+                        .push((headers, body.to_vec(), status));
+                    axum::http::StatusCode::from_u16(status).unwrap()
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/hooks/credbroker")
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// (id, type, system id) of the deliveries answered 2xx, in order.
+    fn delivered(&self, key: &[u8]) -> Vec<(String, String, String)> {
+        let now = credbroker::model::unix_now();
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, status)| *status == 200)
+            .map(|(h, body, _)| {
+                let get = |n: &str| {
+                    h.get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                let (id, ts) = (get("webhook-id"), get("webhook-timestamp"));
+                let ts_n: u64 = ts.parse().unwrap();
+                assert!(now.abs_diff(ts_n) < 300, "timestamp {ts} is not current");
+                let want = credbroker::server::webhooks::signature(key, &id, ts_n, body);
+                assert!(
+                    get("webhook-signature").split(' ').any(|s| s == want),
+                    "bad signature"
+                );
+                let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                (
+                    id,
+                    v["type"].as_str().unwrap().to_owned(),
+                    v["data"]["system_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_signed_retried_until_delivered_once_and_kept_off_refused_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user("whpat-canary", "1201", "Proxy User", "proxy@example.com");
+    let (all, deleted_only, blocked) = (
+        Receiver::default(),
+        Receiver::default(),
+        Receiver::default(),
+    );
+    all.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let key = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    )
+    .unwrap();
+    let hook = |url: String, events: &[&str]| credbroker::config::WebhookConfig {
+        url,
+        secret: credbroker::secret::SecretString::from(secret),
+        events: events.iter().map(|e| e.to_string()).collect(),
+    };
+    let mut config = test_config(dir.path());
+    config.webhooks = vec![
+        hook(all.clone().start("127.0.0.1:0").await, &[]),
+        hook(
+            deleted_only.clone().start("127.0.0.1:0").await,
+            &["system.deleted"],
+        ),
+        // Outside the egress allow-list (127.0.0.1/32): never contacted.
+        hook(blocked.clone().start("127.0.0.2:0").await, &[]),
+    ];
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    for id in ["h-1", "h-2"] {
+        register(
+            &mut admin,
+            register_asana(id, &fake.base_url, "whpat-canary", false),
+        )
+        .await;
+    }
+    admin
+        .delete_system(pb::DeleteSystemRequest {
+            system_id: "h-1".into(),
+        })
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "a first attempt at the endpoint that is down",
+        || all.count() >= 1,
+    )
+    .await;
+    all.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let want = [
+        ("system.registered", "h-1"),
+        ("system.registered", "h-2"),
+        ("system.deleted", "h-1"),
+    ];
+    eventually(
+        Duration::from_secs(20),
+        "every event delivered after the outage",
+        || all.delivered(&key).len() >= 3,
+    )
+    .await;
+    let got = all.delivered(&key);
+    let kinds: Vec<(&str, &str)> = got
+        .iter()
+        .map(|(_, t, s)| (t.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(kinds, want, "in order, each once");
+    let ids: std::collections::HashSet<_> = got.iter().map(|(id, _, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 3, "no event delivered twice");
+    eventually(
+        Duration::from_secs(10),
+        "the filtered endpoint's one event",
+        || deleted_only.delivered(&key).len() == 1,
+    )
+    .await;
+    assert_eq!(deleted_only.delivered(&key)[0].1, "system.deleted");
+    assert_eq!(blocked.count(), 0, "a refused address was contacted");
+    let bodies = format!(
+        "{:?}",
+        all.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b, _)| String::from_utf8_lossy(b).to_string())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        !bodies.contains("whpat-canary"),
+        "a secret is in a webhook body"
+    );
+    broker.stop().await;
+}
