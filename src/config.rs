@@ -254,6 +254,10 @@ pub struct RefreshConfig {
     pub keepalive_interval: Duration,
     /// Refresh an idle grant when its refresh token would die within this long.
     pub keepalive_margin: Duration,
+    /// Every stored system is checked again this often (zero: never).
+    pub check_interval: Duration,
+    /// Scheduled checks running at once, per kind.
+    pub checks_per_vendor: usize,
 }
 
 impl Default for RefreshConfig {
@@ -268,6 +272,8 @@ impl Default for RefreshConfig {
             authorization_ttl: broker.authorization_ttl,
             keepalive_interval: broker.keepalive_interval,
             keepalive_margin: broker.keepalive_margin,
+            check_interval: broker.check_interval,
+            checks_per_vendor: broker.checks_per_vendor,
         }
     }
 }
@@ -365,6 +371,10 @@ pub struct FileConfig {
     pub zendesk_refresh_token_ttl_secs: Option<u64>,
     /// Seconds.
     pub keepalive_interval_secs: Option<u64>,
+    /// Seconds (0: off).
+    pub check_interval_secs: Option<u64>,
+    /// Count.
+    pub checks_per_vendor: Option<usize>,
     /// Seconds.
     pub keepalive_margin_secs: Option<u64>,
     /// Path or `off`.
@@ -806,6 +816,14 @@ impl RefreshConfig {
             errors,
             &mut self.keepalive_margin,
         );
+        if let Some(v) = f.check_interval_secs {
+            self.check_interval = Duration::from_secs(v);
+        }
+        match f.checks_per_vendor {
+            Some(0) => errors.push("checks_per_vendor must be greater than 0".to_owned()),
+            Some(v) => self.checks_per_vendor = v,
+            None => {}
+        }
     }
 }
 

@@ -111,6 +111,7 @@ pub struct Metrics {
     records_refused: AtomicU64,
     proxy: Vec<AtomicU64>,
     webhooks: Vec<AtomicU64>,
+    scheduled_checks: Vec<AtomicU64>,
 }
 
 /// The global registry.
@@ -131,7 +132,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     records_refused: AtomicU64::new(0),
     proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
     webhooks: WEBHOOK_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
+    scheduled_checks: CHECK_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
 });
+
+/// Scheduled check outcomes.
+pub const CHECK_OUTCOMES: &[&str] = &["ok", "failed", "error"];
 
 fn kind_index(k: SystemKind) -> usize {
     SystemKind::ALL.iter().position(|x| *x == k).unwrap_or(0)
@@ -166,6 +171,13 @@ impl Metrics {
     pub fn webhook(&self, outcome: &str) {
         if let Some(i) = WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome) {
             self.webhooks[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One scheduled check.
+    pub fn scheduled_check(&self, outcome: &str) {
+        if let Some(i) = CHECK_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.scheduled_checks[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -256,6 +268,14 @@ impl Metrics {
                 out,
                 "credbroker_webhook_deliveries_total{{outcome=\"{outcome}\"}} {}",
                 self.webhooks[o].load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP credbroker_scheduled_checks_total Scheduled checks by outcome.\n# TYPE credbroker_scheduled_checks_total counter\n");
+        for (o, outcome) in CHECK_OUTCOMES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "credbroker_scheduled_checks_total{{outcome=\"{outcome}\"}} {}",
+                self.scheduled_checks[o].load(Ordering::Relaxed)
             );
         }
         out.push_str("# HELP credbroker_systems Registered systems by state.\n# TYPE credbroker_systems gauge\n");

@@ -11,6 +11,7 @@ pub mod events;
 pub mod health;
 pub mod keys;
 pub mod proxy;
+pub mod schedule;
 pub mod tokens;
 pub mod watch;
 
@@ -228,6 +229,10 @@ pub struct BrokerSettings {
     pub proxy_max_body_bytes: u64,
     /// A whole check (token, identity and every permission probe) ends within this.
     pub check_timeout: Duration,
+    /// Every stored system is checked again this often (zero: never).
+    pub check_interval: Duration,
+    /// Scheduled checks running at once, per kind.
+    pub checks_per_vendor: usize,
 }
 
 impl Default for BrokerSettings {
@@ -248,6 +253,8 @@ impl Default for BrokerSettings {
             default_static_delivery: Delivery::Proxy,
             lease_ttl: Duration::from_secs(300),
             proxy_max_body_bytes: 256 * 1024 * 1024,
+            check_interval: Duration::from_secs(6 * 3600),
+            checks_per_vendor: 4,
             check_timeout: Duration::from_secs(10),
         }
     }
@@ -287,6 +294,8 @@ pub struct Broker {
     pub(crate) key_ops: tokio::sync::Mutex<()>,
     /// System events (`WatchSystems`).
     pub events: events::Events,
+    /// Scheduled checks.
+    pub(crate) schedule: schedule::CheckSchedule,
 }
 
 impl Broker {
@@ -317,6 +326,7 @@ impl Broker {
             })
         });
         let keyring = crate::broker::keys::load_keks(store.as_ref(), keyring).await?;
+        let checks_per_vendor = settings.checks_per_vendor;
         let broker = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             exchanges: tokio_util::task::TaskTracker::new(),
@@ -336,6 +346,7 @@ impl Broker {
             public_authority: settings_public_authority,
             callers: Callers::default(),
             events: events::Events::default(),
+            schedule: schedule::CheckSchedule::new(checks_per_vendor),
         });
         let admin_token = broker.bootstrap().await?;
         Ok((broker, admin_token))

@@ -1169,7 +1169,8 @@ impl Broker {
 impl Broker {
     /// Refreshes idle authorization-code grants whose refresh token would die within the
     /// keep-alive margin (Atlassian: 90 days unused; Zendesk: the refresh-token lifetime), so an
-    /// unused system does not die quietly.
+    /// unused system does not die quietly; starts the scheduled checks that are due, and writes
+    /// the health that time alone changed (a horizon closer, a degraded spell over).
     async fn keepalive_sweep(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
         let horizon = unix_now() + self.settings.keepalive_margin.as_secs();
         let mut pages = self.system_pages(SCAN_PAGE);
@@ -1183,6 +1184,7 @@ impl Broker {
                 }
             };
             let now = unix_now();
+            self.schedule_checks(&page, now, tasks);
             for r in page
                 .iter()
                 .filter(|r| crate::broker::health::is_stale(r, now))

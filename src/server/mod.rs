@@ -699,6 +699,8 @@ async fn open_broker(
             lease_ttl: config.proxy.lease_ttl,
             proxy_max_body_bytes: config.proxy.max_body_bytes,
             check_timeout: config.egress.upstream_timeout,
+            check_interval: config.refresh.check_interval,
+            checks_per_vendor: config.refresh.checks_per_vendor,
             audit: audit_config(config, &data_dir),
         },
     )

@@ -576,3 +576,104 @@ async fn webhooks_are_signed_retried_until_delivered_once_and_kept_off_refused_a
     );
     broker.stop().await;
 }
+
+/// An Asana stand-in that answers `users/me` after 100 ms and records how many calls it had
+/// in flight at once; PATs in `revoked` get 401.
+#[derive(Clone, Default)]
+struct SlowAsana {
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    revoked: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl SlowAsana {
+    async fn start(self) -> String {
+        use std::sync::atomic::Ordering::SeqCst;
+        let me = self.clone();
+        let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+            let me = me.clone();
+            async move {
+                let now = me.in_flight.fetch_add(1, SeqCst) + 1;
+                me.peak.fetch_max(now, SeqCst);
+                me.calls.fetch_add(1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                me.in_flight.fetch_sub(1, SeqCst);
+                let pat = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .trim_start_matches("Bearer ")
+                    .to_owned();
+                if me.revoked.lock().unwrap().contains(&pat) {
+                    return (
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        axum::Json(serde_json::json!({"errors":[{"message":"Not Authorized"}]})),
+                    );
+                }
+                (
+                    axum::http::StatusCode::OK,
+                    axum::Json(serde_json::json!({"data": {"gid": "1201", "name": "Proxy User", "email": "proxy@example.com"}})),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/api/1.0")
+    }
+}
+
+/// Scheduled checks come due on their own, never exceed the per-vendor limit, and a proxy user
+/// that lost its access turns up as a failing system with its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_checks_respect_the_vendor_limit_and_find_lost_access() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = SlowAsana::default();
+    let base = vendor.clone().start().await;
+    let mut config = test_config(dir.path());
+    config.refresh.keepalive_interval = Duration::from_millis(100);
+    config.refresh.check_interval = Duration::from_secs(1);
+    config.refresh.checks_per_vendor = 2;
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    for i in 0..12 {
+        let mut req = register_asana(&format!("sched-{i}"), &base, "x", false);
+        req.credential = Some(pat(&format!("schedpat-{i}")));
+        register(&mut admin, req).await;
+    }
+    let mut events = watch(&mut admin, "").await.unwrap();
+    for _ in 0..12 {
+        assert_eq!(next(&mut events).await.r#type, "system.snapshot");
+    }
+    vendor.revoked.lock().unwrap().insert("schedpat-7".into());
+    // Every system gets its scheduled check; sched-7 fails and says so.
+    let mut checked = std::collections::HashSet::new();
+    let mut failing = None;
+    while checked.len() < 12 || failing.is_none() {
+        let e = next(&mut events).await;
+        let id = e
+            .system
+            .as_ref()
+            .map(|s| s.system_id.clone())
+            .unwrap_or_default();
+        match e.r#type.as_str() {
+            "check.completed" => {
+                checked.insert(id);
+            }
+            "system.health_changed" if health_of(&e) == pb::SystemHealth::Failing => {
+                failing = Some(id)
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(failing.as_deref(), Some("sched-7"));
+    assert!(vendor.calls.load(SeqCst) >= 12);
+    assert!(
+        vendor.peak.load(SeqCst) <= 2,
+        "the vendor saw {} checks at once; the limit is 2",
+        vendor.peak.load(SeqCst)
+    );
+    broker.stop().await;
+}
