@@ -37,7 +37,7 @@ pub fn derive(r: &SystemRecord, now: u64) -> (SystemHealth, String) {
     if let Some(degraded) = degraded(r, now) {
         return (SystemHealth::Degraded, degraded);
     }
-    match horizon(r) {
+    match horizon_at(r, now) {
         Some(at) if at.saturating_sub(now) <= WARNING_DAYS[0] * 86_400 => (
             SystemHealth::Expiring,
             format!(
@@ -74,7 +74,7 @@ fn failing(r: &SystemRecord, now: u64) -> Option<String> {
             return Some(format!("the last check failed: {}", c.message));
         }
     }
-    match horizon(r) {
+    match horizon_at(r, now) {
         Some(at) if at <= now => Some(format!(
             "the {} expired on {}; {}",
             what_expires(r.credential_type),
@@ -107,17 +107,28 @@ fn is_transient(f: AuthFailure) -> bool {
     )
 }
 
-/// The horizon an admin must act on: not a connected grant's idle limit (kept alive).
-fn horizon(r: &SystemRecord) -> Option<u64> {
-    if r.credential_type == CredentialType::OAuthAuthorizationCode {
+/// A connected grant this close to its idle limit was not kept alive (the sweep refreshes it a
+/// week ahead): from here on it is a horizon an admin must watch.
+pub const IDLE_GRANT_ALERT_SECS: u64 = 3 * 86_400;
+
+/// The horizon an admin must act on. A connected grant's idle limit counts only once the
+/// keep-alive sweep has failed to push it back (within [`IDLE_GRANT_ALERT_SECS`]).
+fn horizon_at(r: &SystemRecord, now: u64) -> Option<u64> {
+    let at = r.credential_expires_at?;
+    if r.credential_type == CredentialType::OAuthAuthorizationCode
+        && at.saturating_sub(now) > IDLE_GRANT_ALERT_SECS
+    {
         return None;
     }
-    r.credential_expires_at
+    Some(at)
 }
 
 fn what_expires(t: CredentialType) -> &'static str {
     match t {
         CredentialType::OAuthRefreshToken => "refresh token",
+        CredentialType::OAuthAuthorizationCode => {
+            "idle grant (the keep-alive refresh is not getting through)"
+        }
         CredentialType::OAuthClientCredentials | CredentialType::EntraClientCredentials => {
             "client secret"
         }
@@ -134,13 +145,16 @@ fn renew_hint(t: CredentialType) -> &'static str {
             "run a new password grant (`credbrokerctl system rotate … --credential-type \
              oauth-password-grant`)"
         }
+        CredentialType::OAuthAuthorizationCode => {
+            "check the vendor, or reconnect it (`credbrokerctl system connect`)"
+        }
         _ => "create a new one at the vendor and rotate it in (`credbrokerctl system rotate`)",
     }
 }
 
 /// The warning threshold `r` is inside at `now` (30, 7 or 1 days), if any.
 fn threshold(r: &SystemRecord, now: u64) -> Option<u64> {
-    let at = horizon(r)?;
+    let at = horizon_at(r, now)?;
     let left = at.checked_sub(now)?;
     WARNING_DAYS
         .iter()
@@ -268,8 +282,11 @@ mod tests {
         assert_eq!(derive(&r, now + 2 * 3600).0, SystemHealth::Healthy);
         r.state = SystemState::ReauthorizationRequired;
         assert_eq!(derive(&r, now).0, SystemHealth::Failing);
-        // A connected grant's idle horizon is the sweep's business, not an expiry.
-        let g = record(CredentialType::OAuthAuthorizationCode, Some(now + DAY));
+        // A connected grant's idle horizon is the sweep's business, until the sweep fails.
+        let g = record(CredentialType::OAuthAuthorizationCode, Some(now + 20 * DAY));
         assert_eq!(derive(&g, now).0, SystemHealth::Healthy);
+        let (h, why) = derive(&g, now + 18 * DAY);
+        assert_eq!(h, SystemHealth::Expiring);
+        assert!(why.contains("keep-alive"), "{why}");
     }
 }
