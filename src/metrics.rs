@@ -33,8 +33,15 @@ pub const RPCS: &[&str] = &[
     "WatchSystems",
 ];
 /// Webhook delivery outcomes.
-pub const WEBHOOK_OUTCOMES: &[&str] =
-    &["delivered", "refused", "blocked", "unreachable", "expired"];
+pub const WEBHOOK_OUTCOMES: &[&str] = &[
+    "delivered",
+    "rejected",
+    "refused",
+    "blocked",
+    "unreachable",
+    "expired",
+    "dropped",
+];
 const CODES: usize = 17;
 /// Latency bucket bounds, seconds.
 const BUCKETS: &[f64] = &[

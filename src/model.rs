@@ -516,6 +516,9 @@ pub struct HealthMark {
     /// The last expiry warning threshold announced (30, 7 or 1 days), so each is sent once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warned_days: Option<u64>,
+    /// The horizon those warnings were about: a new one (a rotation) starts them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warned_for: Option<u64>,
 }
 
 /// Why a check failed.

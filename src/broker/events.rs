@@ -84,8 +84,9 @@ pub struct Event {
     pub detail: String,
 }
 
-/// Where a watch starts (the events to send first) and its live feed.
-pub type Opening = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>);
+/// Where a watch starts (the events to send first), its live feed, and the position the feed
+/// starts after (the cursor of a snapshot's events).
+pub type Opening = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>, u64);
 
 /// Why a watch cannot resume where it asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,13 +139,14 @@ impl Events {
         }
     }
 
-    /// A snapshot event for `system` (not logged: it is the opening state of one watch).
-    pub fn snapshot(&self, system: &SystemRecord) -> Event {
+    /// A snapshot event for `system` at position `at` (not logged: it is the opening state of
+    /// one watch; resuming from its cursor replays everything after the subscription).
+    pub fn snapshot(&self, system: &SystemRecord, at: u64) -> Event {
         let mut meta = system.clone();
         meta.sealed_credential = Vec::new();
         meta.shared_token = None;
         Event {
-            seq: lock(&self.log).next - 1,
+            seq: at,
             kind: EventType::Snapshot,
             system: meta,
             at: unix_now(),
@@ -199,8 +201,9 @@ impl Events {
     pub fn resume(&self, cursor: Option<&str>) -> Result<Opening, CursorError> {
         let log = lock(&self.log);
         let rx = self.live.subscribe();
+        let at = log.next - 1;
         let Some(cursor) = cursor else {
-            return Ok((Vec::new(), rx));
+            return Ok((Vec::new(), rx, at));
         };
         let (epoch, seq) = cursor.split_once('.').ok_or(CursorError::Malformed)?;
         let seq: u64 = seq.parse().map_err(|_| CursorError::Malformed)?;
@@ -215,7 +218,7 @@ impl Events {
             return Err(CursorError::TooOld);
         }
         let missed = log.ring.iter().filter(|e| e.seq > seq).cloned().collect();
-        Ok((missed, rx))
+        Ok((missed, rx, at))
     }
 }
 
@@ -257,7 +260,7 @@ mod tests {
         let mid = ev.now_cursor();
         ev.emit(EventType::Registered, &record("b"), "");
         ev.emit(EventType::Deleted, &record("a"), "");
-        let (missed, mut rx) = ev.resume(Some(&mid)).unwrap_or_else(|e| panic!("{e:?}"));
+        let (missed, mut rx, _) = ev.resume(Some(&mid)).unwrap_or_else(|e| panic!("{e:?}"));
         let ids: Vec<_> = missed
             .iter()
             .map(|e| (e.kind, e.system.system_id.clone()))

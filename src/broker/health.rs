@@ -169,21 +169,32 @@ pub fn is_stale(r: &SystemRecord, now: u64) -> bool {
     !refresh(&mut probe, now).is_empty()
 }
 
-/// Brings `r.health` up to date at `now`; returns what changed.
+/// Brings `r.health` up to date at `now`; returns what changed. A record without a mark (new,
+/// or from before health tracking) counts as healthy since it was created: only a real change
+/// is news.
 pub fn refresh(r: &mut SystemRecord, now: u64) -> Vec<Note> {
     let (health, reason) = derive(r, now);
-    let previous = r.health.take();
+    let previous = r.health.take().unwrap_or(HealthMark {
+        health: SystemHealth::Healthy,
+        reason: String::new(),
+        since: r.created_at,
+        warned_days: None,
+        warned_for: None,
+    });
     let crossed = threshold(r, now);
-    let warned = previous.as_ref().and_then(|m| m.warned_days);
+    let horizon = horizon_at(r, now);
+    // Warnings already sent count only for the horizon they were about.
+    let warned = previous
+        .warned_days
+        .filter(|_| previous.warned_for == horizon);
     let mut notes = Vec::new();
-    let since = match &previous {
-        Some(p) if p.health == health => p.since,
-        _ => {
-            notes.push(Note::Changed(previous.as_ref().map(|p| p.health), health));
-            now
-        }
+    let since = if previous.health == health {
+        previous.since
+    } else {
+        notes.push(Note::Changed(Some(previous.health), health));
+        now
     };
-    // Each threshold once, and again only after a new horizon (a rotation).
+    // Each threshold once per horizon.
     let warned_days = match (crossed, warned) {
         (Some(t), Some(w)) if t >= w => Some(w),
         (Some(t), _) => {
@@ -197,6 +208,7 @@ pub fn refresh(r: &mut SystemRecord, now: u64) -> Vec<Note> {
         reason,
         since,
         warned_days,
+        warned_for: warned_days.and(horizon),
     });
     notes
 }
@@ -238,9 +250,9 @@ mod tests {
     fn a_pat_crosses_30_7_and_1_days_once_each_then_fails() {
         let now = 1_800_000_000;
         let mut r = record(CredentialType::PersonalAccessToken, Some(now + 40 * DAY));
-        assert_eq!(
-            refresh(&mut r, now),
-            vec![Note::Changed(None, SystemHealth::Healthy)]
+        assert!(
+            refresh(&mut r, now).is_empty(),
+            "healthy from the start is no news"
         );
         assert!(refresh(&mut r, now + DAY).is_empty());
         let mut seen = Vec::new();
@@ -260,6 +272,16 @@ mod tests {
         let mark = r.health.clone().unwrap_or_else(|| panic!("no mark"));
         assert!(mark.reason.contains("expired on"), "{}", mark.reason);
         assert_eq!(mark.since, now + 40 * DAY);
+        // A new credential 20 days out is warned about again.
+        let later = now + 41 * DAY;
+        r.credential_expires_at = Some(later + 20 * DAY);
+        assert_eq!(
+            refresh(&mut r, later),
+            vec![
+                Note::Changed(Some(SystemHealth::Failing), SystemHealth::Expiring),
+                Note::Expiring(30),
+            ]
+        );
     }
 
     #[test]

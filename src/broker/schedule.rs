@@ -2,33 +2,33 @@
 //! hours), at an offset of up to a tenth of the interval derived from its id (so a thousand
 //! systems registered together do not come due together), at most `checks_per_vendor` at a time
 //! per kind (so they never stampede one vendor). Results feed health like any check.
+//!
+//! Each sweep collects the systems that are due; one batch per kind then works through them,
+//! most overdue first, with at most `checks_per_vendor` checks in flight. A kind whose previous
+//! batch is still running is left for the next sweep (its systems stay due).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{Broker, CheckTarget};
 use crate::model::{SystemKind, SystemRecord, SystemState};
 use crate::util::sync::lock;
 
-/// Which scheduled checks are running, and the per-kind limits.
+/// The kinds with a batch of scheduled checks running, and the per-kind limit.
 pub(crate) struct CheckSchedule {
-    running: Mutex<HashSet<String>>,
-    permits: HashMap<SystemKind, Arc<Semaphore>>,
+    busy: Mutex<HashSet<SystemKind>>,
+    per_vendor: usize,
 }
 
 impl CheckSchedule {
     /// A schedule allowing `per_vendor` checks at a time per kind.
     pub(crate) fn new(per_vendor: usize) -> Self {
         Self {
-            running: Mutex::new(HashSet::new()),
-            permits: SystemKind::ALL
-                .into_iter()
-                .map(|k| (k, Arc::new(Semaphore::new(per_vendor.max(1)))))
-                .collect(),
+            busy: Mutex::new(HashSet::new()),
+            per_vendor: per_vendor.max(1),
         }
     }
 }
@@ -41,47 +41,66 @@ fn offset(system_id: &str, interval_secs: u64) -> u64 {
     u64::from_le_bytes(b) % (interval_secs / 10 + 1)
 }
 
-/// True when `r` is due for its scheduled check at `now`.
-fn due(r: &SystemRecord, now: u64, interval_secs: u64) -> bool {
+/// When `r` is due for its scheduled check, if it is active.
+fn due_at(r: &SystemRecord, interval_secs: u64) -> Option<u64> {
     let last = r.last_check.as_ref().map_or(r.created_at, |c| c.checked_at);
-    r.state == SystemState::Active
-        && last
-            .saturating_add(interval_secs)
+    (r.state == SystemState::Active).then(|| {
+        last.saturating_add(interval_secs)
             .saturating_sub(offset(&r.system_id, interval_secs))
-            <= now
+    })
+}
+
+/// The systems of one sweep that are due, by kind.
+#[derive(Default)]
+pub(crate) struct Due {
+    by_kind: HashMap<SystemKind, Vec<(u64, String)>>,
+}
+
+impl Due {
+    /// Adds the systems of `page` due at `now`.
+    pub(crate) fn collect(&mut self, page: &[SystemRecord], now: u64, interval_secs: u64) {
+        if interval_secs == 0 {
+            return;
+        }
+        for r in page {
+            if let Some(at) = due_at(r, interval_secs).filter(|at| *at <= now) {
+                self.by_kind
+                    .entry(r.kind)
+                    .or_default()
+                    .push((at, r.system_id.clone()));
+            }
+        }
+    }
 }
 
 impl Broker {
-    /// Starts the scheduled checks of `page` that are due and not already running.
-    pub(crate) fn schedule_checks(
-        self: &Arc<Self>,
-        page: &[SystemRecord],
-        now: u64,
-        tasks: &mut JoinSet<()>,
-    ) {
-        let interval = self.settings.check_interval.as_secs();
-        if interval == 0 {
-            return;
-        }
-        for r in page.iter().filter(|r| due(r, now, interval)) {
-            if !lock(&self.schedule.running).insert(r.system_id.clone()) {
+    /// Starts one batch per kind for the systems in `due` (unless that kind's last batch is
+    /// still running).
+    pub(crate) fn schedule_checks(self: &Arc<Self>, due: Due, tasks: &mut JoinSet<()>) {
+        for (kind, mut systems) in due.by_kind {
+            if !lock(&self.schedule.busy).insert(kind) {
                 continue;
             }
-            let Some(permits) = self.schedule.permits.get(&r.kind).cloned() else {
-                continue;
-            };
+            systems.sort();
             let me = self.clone();
-            let id = r.system_id.clone();
             tasks.spawn(async move {
-                if let Ok(_permit) = permits.acquire_owned().await {
-                    let outcome = me.check(CheckTarget::Stored(id.clone())).await;
-                    crate::metrics::METRICS.scheduled_check(match &outcome {
-                        Ok(c) if c.ok => "ok",
-                        Ok(_) => "failed",
-                        Err(_) => "error",
+                let mut running = JoinSet::new();
+                for (_, id) in systems {
+                    while running.len() >= me.schedule.per_vendor {
+                        running.join_next().await;
+                    }
+                    let b = me.clone();
+                    running.spawn(async move {
+                        let outcome = b.check(CheckTarget::Stored(id)).await;
+                        crate::metrics::METRICS.scheduled_check(match &outcome {
+                            Ok(c) if c.ok => "ok",
+                            Ok(_) => "failed",
+                            Err(_) => "error",
+                        });
                     });
                 }
-                lock(&me.schedule.running).remove(&id);
+                while running.join_next().await.is_some() {}
+                lock(&me.schedule.busy).remove(&kind);
             });
         }
     }

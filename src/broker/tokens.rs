@@ -1082,6 +1082,12 @@ impl Broker {
     async fn mark_reauthorization_required(&self, system_id: &str, message: &str) {
         let marked = self
             .modify_system(system_id, Retry::Quick, |current| {
+                if current.state == SystemState::ReauthorizationRequired
+                    && current.state_message.as_deref() == Some(message)
+                {
+                    // Already marked (by another replica, or a racing refusal): no second event.
+                    return Ok(None);
+                }
                 let mut r = current.clone();
                 r.state = SystemState::ReauthorizationRequired;
                 r.state_message = Some(message.to_owned());
@@ -1174,29 +1180,38 @@ impl Broker {
     async fn keepalive_sweep(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
         let horizon = unix_now() + self.settings.keepalive_margin.as_secs();
         let mut pages = self.system_pages(SCAN_PAGE);
+        let mut due = crate::broker::schedule::Due::default();
         loop {
             let page = match pages.next().await {
                 Ok(Some(p)) => p,
-                Ok(None) => return,
+                Ok(None) => {
+                    self.schedule_checks(due, tasks);
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(message = "Keep-alive sweep could not list systems.", error = %e);
                     return;
                 }
             };
             let now = unix_now();
-            self.schedule_checks(&page, now, tasks);
-            for r in page
+            due.collect(&page, now, self.settings.check_interval.as_secs());
+            // Time alone moved a horizon or ended a degraded spell: write the new health (the
+            // write announces it), one record after another.
+            let stale: Vec<String> = page
                 .iter()
                 .filter(|r| crate::broker::health::is_stale(r, now))
-            {
-                // Time alone moved a horizon or ended a degraded spell: write the new health
-                // (the write announces it).
+                .map(|r| r.system_id.clone())
+                .collect();
+            if !stale.is_empty() {
                 let me = self.clone();
-                let id = r.system_id.clone();
                 tasks.spawn(async move {
-                    let _ = me
-                        .update_system_with(&id, |r| crate::broker::health::is_stale(r, unix_now()))
-                        .await;
+                    for id in stale {
+                        let _ = me
+                            .update_system_with(&id, |r| {
+                                crate::broker::health::is_stale(r, unix_now())
+                            })
+                            .await;
+                    }
                 });
             }
             for r in &page {

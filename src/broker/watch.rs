@@ -47,7 +47,20 @@ impl Broker {
                 format!("names more than {MAX_WATCHED_IDS} systems"),
             ));
         }
-        let (missed, rx) = self.events.resume(after).map_err(|e| match e {
+        if let Some(bad) = filter
+            .system_ids
+            .iter()
+            .find(|id| super::validate_system_id(id).is_err())
+        {
+            return Err(BrokerError::invalid(
+                "system_ids",
+                format!(
+                    "'{}' is not a system id",
+                    bad.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        let (missed, rx, at) = self.events.resume(after).map_err(|e| match e {
             CursorError::Malformed => {
                 BrokerError::invalid("after", "is not a cursor this broker handed out")
             }
@@ -62,7 +75,7 @@ impl Broker {
                 .into_iter()
                 .filter(|e| filter.admits(caller, &e.system))
                 .collect();
-            return Ok((missed, rx));
+            return Ok((missed, rx, at));
         }
         let mut opening = Vec::new();
         let mut pages = self.system_pages(SCAN_PAGE);
@@ -70,9 +83,9 @@ impl Broker {
             opening.extend(
                 page.iter()
                     .filter(|r| filter.admits(caller, r))
-                    .map(|r| Arc::new(self.events.snapshot(r))),
+                    .map(|r| Arc::new(self.events.snapshot(r, at))),
             );
         }
-        Ok((opening, rx))
+        Ok((opening, rx, at))
     }
 }

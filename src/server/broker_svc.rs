@@ -826,7 +826,7 @@ impl CredentialBroker for BrokerService {
                         .map(|k| convert::kind(*k, "kinds"))
                         .collect::<Result<_, _>>()?,
                 };
-                let (opening, rx) = broker.watch(&caller, &filter, after).await?;
+                let (opening, rx, _) = broker.watch(&caller, &filter, after).await?;
                 Ok((
                     event_stream(broker, caller, filter, opening, rx),
                     Audited::default(),
@@ -946,6 +946,18 @@ impl CredentialBroker for BrokerService {
 /// The largest backup `RestoreBackup` accepts (about a million systems).
 const MAX_RESTORE_BYTES: usize = 1024 * 1024 * 1024;
 
+/// True when `caller` is no longer the active caller of that name with that scope.
+fn caller_changed(broker: &Broker, caller: &Caller) -> bool {
+    match broker.callers.by_name(&caller.name) {
+        Some(now) => {
+            now.role != caller.role
+                || now.system_patterns != caller.system_patterns
+                || now.kinds != caller.kinds
+        }
+        None => true,
+    }
+}
+
 /// The events of one watch, as gRPC messages.
 pub type EventStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SystemEvent, Status>> + Send>>;
@@ -962,13 +974,15 @@ fn event_stream(
     use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
     use tokio_stream::StreamExt;
     let closed = broker.events.closed();
+    let admin = caller.role == Role::Admin;
     let b = broker.clone();
-    let head =
-        tokio_stream::iter(opening).map(move |e| Ok(convert::event(&e, b.events.cursor(e.seq))));
+    let head = tokio_stream::iter(opening)
+        .map(move |e| Ok(convert::event(&e, b.events.cursor(e.seq), admin)));
+    let (b, c) = (broker.clone(), caller.clone());
     let live =
         tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| match item {
-            Ok(e) if filter.admits(&caller, &e.system) => {
-                Some(Ok(convert::event(&e, broker.events.cursor(e.seq))))
+            Ok(e) if filter.admits(&c, &e.system) => {
+                Some(Ok(convert::event(&e, b.events.cursor(e.seq), admin)))
             }
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(_)) => Some(Err(Status::unavailable(
@@ -976,24 +990,35 @@ fn event_stream(
              cursor received",
             ))),
         });
-    // Forwarded by a task that also watches for shutdown and for the client going away.
+    // Forwarded by a task that also watches for shutdown, for the client going away, and for
+    // the caller being revoked, expiring or re-scoped (checked every few seconds).
     let (tx, out) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let mut events = std::pin::pin!(head.chain(live));
         let mut closed = std::pin::pin!(closed);
+        let mut recheck = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
-            tokio::select! {
+            let item = tokio::select! {
                 _ = &mut closed => break,
                 _ = tx.closed() => break,
-                item = events.next() => match item {
-                    Some(item) => {
-                        let last = item.is_err();
-                        if tx.send(item).await.is_err() || last {
-                            break;
-                        }
+                _ = recheck.tick() => {
+                    if caller_changed(&broker, &caller) {
+                        let _ = tx.try_send(Err(Status::permission_denied(
+                            "the caller was revoked, expired or re-scoped; watch again",
+                        )));
+                        break;
                     }
+                    continue;
+                }
+                item = events.next() => match item {
+                    Some(item) => item,
                     None => break,
                 },
+            };
+            let last = item.is_err();
+            tokio::select! {
+                _ = &mut closed => break,
+                sent = tx.send(item) => if sent.is_err() || last { break },
             }
         }
     });

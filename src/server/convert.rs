@@ -500,13 +500,33 @@ pub fn health_to_proto(h: SystemHealth) -> pb::SystemHealth {
 }
 
 /// Domain event → proto event.
-pub fn event(e: &crate::broker::events::Event, cursor: String) -> pb::SystemEvent {
+/// Domain event → proto event. The system's health is the one recorded with the event (not
+/// re-derived when sent). Workers get the system without what only admins read (its check,
+/// messages, description and base URL), as `GetSystem` is admin-only.
+pub fn event(e: &crate::broker::events::Event, cursor: String, admin: bool) -> pb::SystemEvent {
+    let mut s = system(&e.system);
+    if let Some(mark) = &e.system.health {
+        s.health = health_to_proto(mark.health) as i32;
+        s.health_reason = mark.reason.clone();
+        s.health_since = Some(ts(mark.since));
+    }
+    if !admin {
+        s.last_check = None;
+        s.state_message.clear();
+        s.description.clear();
+        s.base_url.clear();
+        s.health_reason.clear();
+    }
     pb::SystemEvent {
         cursor,
         r#type: e.kind.as_str().to_owned(),
-        system: Some(system(&e.system)),
+        system: Some(s),
         at: Some(ts(e.at)),
-        detail: e.detail.clone(),
+        detail: if admin {
+            e.detail.clone()
+        } else {
+            String::new()
+        },
     }
 }
 

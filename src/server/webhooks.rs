@@ -81,10 +81,10 @@ impl Endpoint {
     async fn run(self, broker: Arc<Broker>) {
         let closed = broker.events.closed();
         tokio::pin!(closed);
-        let mut cursor = broker.events.now_cursor();
-        let Ok((_, mut live)) = broker.events.resume(Some(&cursor)) else {
+        let Ok((_, mut live, at)) = broker.events.resume(None) else {
             return;
         };
+        let mut cursor = broker.events.cursor(at);
         let mut queue: VecDeque<Arc<Event>> = VecDeque::new();
         let mut backoff = Duration::from_secs(1);
         loop {
@@ -98,28 +98,14 @@ impl Endpoint {
                         }
                     }
                     Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
-                        // Fell behind the live feed: catch up from the log.
-                        match broker.events.resume(Some(&cursor)) {
-                            Ok((missed, rx)) => {
-                                live = rx;
-                                for e in missed {
-                                    cursor = broker.events.cursor(e.seq);
-                                    if self.wants(&e) {
-                                        queue.push_back(e);
-                                    }
-                                }
-                            }
-                            Err(_) => {
-                                tracing::warn!(message = "Webhook endpoint fell behind the event log; events were lost.", url = %host_of(&self.hook.url));
-                                cursor = broker.events.now_cursor();
-                            }
-                        }
+                        self.catch_up(&broker, &mut live, &mut cursor, &mut queue);
                     }
                     Err(_) => break,
                 }
             }
             while queue.len() > MAX_QUEUE {
                 queue.pop_front();
+                crate::metrics::METRICS.webhook("dropped");
             }
             let now = crate::model::unix_now();
             while queue
@@ -139,16 +125,21 @@ impl Endpoint {
                                 queue.push_back(e);
                             }
                         }
-                        Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Lagged(_)) => {
+                            self.catch_up(&broker, &mut live, &mut cursor, &mut queue);
+                        }
                         Err(RecvError::Closed) => return,
                     },
                 }
                 continue;
             };
-            if self.deliver(&broker, &next).await {
-                queue.pop_front();
-                backoff = Duration::from_secs(1);
-                continue;
+            match self.deliver(&broker, &next).await {
+                Attempt::Delivered | Attempt::Rejected => {
+                    queue.pop_front();
+                    backoff = Duration::from_secs(1);
+                    continue;
+                }
+                Attempt::Retry => {}
             }
             tokio::select! {
                 _ = &mut closed => return,
@@ -158,8 +149,34 @@ impl Endpoint {
         }
     }
 
-    /// One attempt; true on a 2xx.
-    async fn deliver(&self, broker: &Broker, e: &Event) -> bool {
+    /// Fell behind the live feed: catch up from the log (or, past it, say what was lost).
+    fn catch_up(
+        &self,
+        broker: &Broker,
+        live: &mut tokio::sync::broadcast::Receiver<Arc<Event>>,
+        cursor: &mut String,
+        queue: &mut VecDeque<Arc<Event>>,
+    ) {
+        match broker.events.resume(Some(cursor)) {
+            Ok((missed, rx, at)) => {
+                *live = rx;
+                *cursor = broker.events.cursor(at);
+                queue.extend(missed.into_iter().filter(|e| self.wants(e)));
+            }
+            Err(_) => {
+                tracing::warn!(message = "Webhook endpoint fell behind the event log; events were lost.", host = %host_of(&self.hook.url));
+                crate::metrics::METRICS.webhook("dropped");
+                *cursor = broker.events.now_cursor();
+                if let Ok((_, rx, _)) = broker.events.resume(None) {
+                    *live = rx;
+                }
+            }
+        }
+    }
+
+    /// One attempt. A 4xx other than 408 and 429 is the receiver's final word on this event: it
+    /// is dropped, so one event it will never take cannot hold back the others for a day.
+    async fn deliver(&self, broker: &Broker, e: &Event) -> Attempt {
         let id = format!("msg_{}", broker.events.cursor(e.seq));
         let timestamp = crate::model::unix_now();
         let body = payload(e).to_string().into_bytes();
@@ -175,18 +192,28 @@ impl Endpoint {
                 signature(&self.key, &id, timestamp, &body),
             )
             .body(body);
-        let outcome = match self.http.send(req).await {
-            Ok(r) if (200..300).contains(&r.status) => "delivered",
-            Ok(_) => "refused",
-            Err(crate::backends::http::TransportError::Refused(_)) => "blocked",
-            Err(_) => "unreachable",
+        let (outcome, attempt) = match self.http.send(req).await {
+            Ok(r) if (200..300).contains(&r.status) => ("delivered", Attempt::Delivered),
+            Ok(r) if (400..500).contains(&r.status) && !matches!(r.status, 408 | 429) => {
+                ("rejected", Attempt::Rejected)
+            }
+            Ok(_) => ("refused", Attempt::Retry),
+            Err(crate::backends::http::TransportError::Refused(_)) => ("blocked", Attempt::Retry),
+            Err(_) => ("unreachable", Attempt::Retry),
         };
         crate::metrics::METRICS.webhook(outcome);
         if outcome != "delivered" {
-            tracing::warn!(message = "Webhook delivery failed; retrying.", url = %host_of(&self.hook.url), outcome, r#type = e.kind.as_str());
+            tracing::warn!(message = "Webhook delivery failed.", host = %host_of(&self.hook.url), outcome, r#type = e.kind.as_str());
         }
-        outcome == "delivered"
+        attempt
     }
+}
+
+/// What one delivery attempt means for the event.
+enum Attempt {
+    Delivered,
+    Rejected,
+    Retry,
 }
 
 /// The endpoint's host, for logs (a URL may carry a token in its query).
@@ -200,15 +227,22 @@ fn host_of(url: &str) -> String {
 /// The Standard Webhooks body: `{type, timestamp, data}`; metadata only.
 fn payload(e: &Event) -> serde_json::Value {
     let s = &e.system;
-    let now = crate::model::unix_now();
-    let (health, reason) = crate::broker::health::derive(s, now);
+    // The health recorded with the event, not the health when a retry finally gets through.
+    let (health, reason) = match &s.health {
+        Some(m) => (m.health, m.reason.clone()),
+        None => crate::broker::health::derive(s, e.at),
+    };
     json!({
         "type": e.kind.as_str(),
         "timestamp": crate::util::time::date_time(e.at),
         "data": {
             "system_id": s.system_id,
             "kind": s.kind.slug(),
-            "state": format!("{:?}", s.state).to_ascii_lowercase(),
+            "state": match s.state {
+                crate::model::SystemState::Active => "active",
+                crate::model::SystemState::AuthorizationPending => "authorization_pending",
+                crate::model::SystemState::ReauthorizationRequired => "reauthorization_required",
+            },
             "credential_type": s.credential_type.field_name(),
             "credential_version": s.credential_version,
             "credential_expires_at": s.credential_expires_at,

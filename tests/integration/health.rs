@@ -319,10 +319,22 @@ async fn watches_resume_from_a_cursor_refuse_old_ones_and_respect_scopes() {
     );
     // The scoped worker saw only its own system's registration.
     let mine = next(&mut seen_by_worker).await;
+    // Workers get what GetAccessToken tells them anyway, not an admin's view of the system.
+    let sys = mine.system.clone().unwrap();
+    assert!(sys.base_url.is_empty() && sys.last_check.is_none() && sys.health_reason.is_empty());
     assert_eq!(
         summary(&[mine]),
         [("system.registered".into(), "a-2".into())]
     );
+    // A revoked worker's watch ends.
+    admin
+        .revoke_caller(pb::RevokeCallerRequest { name: "w".into() })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), seen_by_worker.message())
+        .await
+        .expect("the revoked worker's watch went on");
+    assert_eq!(ended.unwrap_err().code(), Code::PermissionDenied);
 
     for (after, code) in [
         ("000000000000.1", Code::OutOfRange),
