@@ -217,6 +217,30 @@ impl<'a> CodeFlow<'a> {
     }
 }
 
+/// A vendor's consent page for a PKCE code flow: `endpoint` with the standard parameters
+/// (`response_type=code`, client, redirect URI, scopes, state, and the S256 challenge).
+pub fn authorize_url(
+    endpoint: &str,
+    client_id: &str,
+    scopes: &[String],
+    request: &super::AuthorizeRequest<'_>,
+) -> Result<String, BackendError> {
+    let mut url = url::Url::parse(endpoint)
+        .map_err(|_| BackendError::Unsupported("invalid base URL".to_owned()))?;
+    url.query_pairs_mut()
+        .append_pair("response_type", "code")
+        .append_pair("client_id", client_id)
+        .append_pair("redirect_uri", request.redirect_uri)
+        .append_pair("scope", &scopes.join(" "))
+        .append_pair("state", request.state);
+    if let Some(challenge) = request.pkce_challenge {
+        url.query_pairs_mut()
+            .append_pair("code_challenge", challenge)
+            .append_pair("code_challenge_method", "S256");
+    }
+    Ok(url.to_string())
+}
+
 /// Builds a client for `token_url`; client authentication goes in the request body (what
 /// Salesforce, ServiceNow, Zendesk and Atlassian document) unless `basic_auth`.
 pub fn client(

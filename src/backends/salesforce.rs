@@ -175,20 +175,12 @@ impl Backend for SalesforceBackend {
         request: &AuthorizeRequest<'_>,
     ) -> Result<String, BackendError> {
         let flow = oauth::code_flow(target.credential, VENDOR)?;
-        let mut url = url::Url::parse(&format!("{}/services/oauth2/authorize", target.base_url))
-            .map_err(|_| BackendError::Unsupported("invalid base URL".to_owned()))?;
-        url.query_pairs_mut()
-            .append_pair("response_type", "code")
-            .append_pair("client_id", flow.client_id)
-            .append_pair("redirect_uri", request.redirect_uri)
-            .append_pair("scope", &scopes_or_default(flow.scopes).join(" "))
-            .append_pair("state", request.state);
-        if let Some(challenge) = request.pkce_challenge {
-            url.query_pairs_mut()
-                .append_pair("code_challenge", challenge)
-                .append_pair("code_challenge_method", "S256");
-        }
-        Ok(url.to_string())
+        oauth::authorize_url(
+            &format!("{}/services/oauth2/authorize", target.base_url),
+            flow.client_id,
+            &scopes_or_default(flow.scopes),
+            request,
+        )
     }
 
     async fn exchange_code(

@@ -9,7 +9,7 @@ use credbroker::pb;
 use credbroker::pb::AuthFailure as F;
 use tonic::Code;
 
-use crate::connect::{authz_code, browse, register, start};
+use crate::connect::{authz_code, browse, register, start, start as start_authorization};
 use crate::fake_entra::{certificate_auth, public_key, AppAuth, FakeEntra};
 use crate::oauth::stored_refresh_token;
 use crate::service_identities::{checked, one_mint_per_need, refused, reg, tok};
@@ -787,4 +787,110 @@ async fn dropped_callers_do_not_repeat_assertion_exchanges() {
         );
     }
     broker.stop().await;
+}
+
+/// kill -9 while the broker waits for Entra or for Salesforce's JWT bearer answer: both mints
+/// persist nothing, so the restarted broker simply mints again. During a rotating "Connect with
+/// Salesforce" refresh the vendor has already rotated (it has no reuse leeway): the restarted
+/// broker presents the old token once, is refused, and says plainly that the grant must be
+/// connected again, instead of failing silently or retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_exchange_loses_nothing_the_vendor_did_not_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let (entra, ado) = ado_with_entra().await;
+    let sf = salesforce().await;
+    sf.oauth(|o| o.rotate = true);
+    let start =
+        |n: &str| spawn_process(dir.path(), &logs.path().join(format!("{n}.log")), &[]).unwrap();
+    let proc = start("first");
+    wait_for_health(
+        proc.addr,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+    )
+    .await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    let cert = sp_cred(
+        "app-cert",
+        &entra.authority,
+        Entra::Certificate("entra-client.key"),
+    );
+    let jwt = sf_jwt(SF_KEY_ID, SF_USER, "salesforce-jwt.key", &sf.base_url);
+    for (id, kind, base, cred) in [
+        (
+            "ado",
+            pb::SystemKind::AzureDevops,
+            ado.base_url.clone(),
+            cert,
+        ),
+        ("sf", pb::SystemKind::Salesforce, sf.base_url.clone(), jwt),
+    ] {
+        admin
+            .register_system(reg(id, kind, &base, cred, false, pb::Delivery::Unspecified))
+            .await
+            .unwrap();
+    }
+    admin
+        .register_system(register(
+            "sfc",
+            pb::SystemKind::Salesforce,
+            &sf.base_url,
+            authz_code("3MVG9-eca-client", SF_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start_authorization(&mut admin, "sfc").await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    let connected = admin
+        .get_access_token(tok("sfc"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    entra.set_delay(Duration::from_secs(30));
+    sf.set_login_delay(Duration::from_secs(30));
+    let (e0, s0) = (entra.token_calls(), sf.token_calls());
+    for (id, rejected) in [
+        ("ado", String::new()),
+        ("sf", String::new()),
+        ("sfc", connected.token_id.clone()),
+    ] {
+        let mut c = admin.clone();
+        tokio::spawn(async move {
+            let _ = token_with_deadline(&mut c, id, &rejected, Duration::from_secs(60)).await;
+        });
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the three exchanges reached the vendors",
+        || entra.token_calls() > e0 && sf.token_calls() >= s0 + 2,
+    )
+    .await;
+    proc.signal("KILL");
+    drop(proc);
+    entra.set_delay(Duration::ZERO);
+    sf.set_login_delay(Duration::ZERO);
+
+    let proc = start("second");
+    wait_for_health(
+        proc.addr,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+    )
+    .await;
+    let mut admin = client(proc.addr, Some(token.trim())).await;
+    for id in ["ado", "sf"] {
+        let t = admin
+            .get_access_token(tok(id))
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        assert!(
+            t.into_inner().headers[0].value.starts_with("Bearer "),
+            "{id}"
+        );
+    }
+    let e = admin.get_access_token(tok("sfc")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("connect"), "{}", e.message());
+    assert!(proc.stop().await.is_some());
 }
