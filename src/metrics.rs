@@ -142,6 +142,26 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     scheduled_checks: CHECK_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
 });
 
+/// Systems counted for `/metrics` (see `Broker::system_counts`).
+#[derive(Debug, Default)]
+pub struct SystemCounts {
+    /// Active, authorization pending, re-authorization required.
+    pub by_state: [u64; 3],
+    /// By kind and health.
+    pub by_health: std::collections::BTreeMap<(&'static str, crate::model::SystemHealth), u64>,
+    /// Systems with a known horizon, by how far it is ([`HORIZON_BUCKETS`]).
+    pub by_horizon: [u64; 5],
+}
+
+/// Horizon buckets: (label, at most this many seconds away); the last takes the rest.
+pub const HORIZON_BUCKETS: [(&str, u64); 5] = [
+    ("expired", 0),
+    ("1d", 86_400),
+    ("7d", 7 * 86_400),
+    ("30d", 30 * 86_400),
+    ("later", u64::MAX),
+];
+
 /// Scheduled check outcomes.
 pub const CHECK_OUTCOMES: &[&str] = &["ok", "failed", "error"];
 
@@ -229,7 +249,7 @@ impl Metrics {
 
     /// Prometheus text exposition; `systems_by_state` comes from the store.
     /// `store_writable` is the serving broker's [`crate::store::WriteHealth`].
-    pub fn render(&self, systems_by_state: &[(&str, u64)], store_writable: Option<bool>) -> String {
+    pub fn render(&self, systems: Option<&SystemCounts>, store_writable: Option<bool>) -> String {
         let mut out = String::with_capacity(16 * 1024);
         self.render_rpcs(&mut out);
         out.push_str("# HELP credbroker_token_cache_total GetAccessToken answers from memory (hit) or not (miss).\n# TYPE credbroker_token_cache_total counter\n");
@@ -285,9 +305,8 @@ impl Metrics {
                 self.scheduled_checks[o].load(Ordering::Relaxed)
             );
         }
-        out.push_str("# HELP credbroker_systems Registered systems by state.\n# TYPE credbroker_systems gauge\n");
-        for (state, n) in systems_by_state {
-            let _ = writeln!(out, "credbroker_systems{{state=\"{state}\"}} {n}");
+        if let Some(c) = systems {
+            render_systems(&mut out, c);
         }
         out
     }
@@ -357,5 +376,36 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
+    }
+}
+
+fn render_systems(out: &mut String, c: &SystemCounts) {
+    out.push_str(
+        "# HELP credbroker_systems Registered systems by state.\n# TYPE credbroker_systems gauge\n",
+    );
+    for (state, n) in [
+        "active",
+        "authorization_pending",
+        "reauthorization_required",
+    ]
+    .iter()
+    .zip(c.by_state)
+    {
+        let _ = writeln!(out, "credbroker_systems{{state=\"{state}\"}} {n}");
+    }
+    out.push_str("# HELP credbroker_systems_health Registered systems by kind and credential health.\n# TYPE credbroker_systems_health gauge\n");
+    for ((kind, health), n) in &c.by_health {
+        let _ = writeln!(
+            out,
+            "credbroker_systems_health{{kind=\"{kind}\",health=\"{}\"}} {n}",
+            health.as_str()
+        );
+    }
+    out.push_str("# HELP credbroker_credential_horizon_systems Systems with a known credential horizon, by how far it is.\n# TYPE credbroker_credential_horizon_systems gauge\n");
+    for ((label, _), n) in HORIZON_BUCKETS.iter().zip(c.by_horizon) {
+        let _ = writeln!(
+            out,
+            "credbroker_credential_horizon_systems{{within=\"{label}\"}} {n}"
+        );
     }
 }

@@ -921,22 +921,33 @@ impl Broker {
         Ok((systems + refused, errors + refused))
     }
 
-    /// How many systems are in each state (for `/metrics`).
-    pub async fn systems_by_state(&self) -> Result<Vec<(&'static str, u64)>, BrokerError> {
-        let mut n = [0u64; 3];
+    /// How many systems are in each state, in each health by kind, and how far their known
+    /// horizons are (for `/metrics`; bounded labels only).
+    pub async fn system_counts(&self) -> Result<crate::metrics::SystemCounts, BrokerError> {
+        let mut c = crate::metrics::SystemCounts::default();
+        let now = unix_now();
         self.for_each_system(|r| {
-            n[match r.state {
+            c.by_state[match r.state {
                 SystemState::Active => 0,
                 SystemState::AuthorizationPending => 1,
                 SystemState::ReauthorizationRequired => 2,
             }] += 1;
+            let (h, _) = health::derive(r, now);
+            *c.by_health.entry((r.kind.slug(), h)).or_default() += 1;
+            if let Some(at) = r
+                .credential_expires_at
+                .filter(|_| r.credential_type != CredentialType::OAuthAuthorizationCode)
+            {
+                let left = at.saturating_sub(now);
+                let bucket = crate::metrics::HORIZON_BUCKETS
+                    .iter()
+                    .position(|(_, secs)| left <= *secs)
+                    .unwrap_or(crate::metrics::HORIZON_BUCKETS.len() - 1);
+                c.by_horizon[bucket] += 1;
+            }
         })
         .await?;
-        Ok(vec![
-            ("active", n[0]),
-            ("authorization_pending", n[1]),
-            ("reauthorization_required", n[2]),
-        ])
+        Ok(c)
     }
 
     /// The delivery a system gets when `requested` is unspecified: proxy for static secrets

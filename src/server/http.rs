@@ -74,10 +74,10 @@ async fn readyz_writes(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (Statu
 }
 
 async fn metrics(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> Response {
-    let mut states: Vec<(&str, u64)> = Vec::new();
+    let mut counts = None;
     if let Some(broker) = core.get() {
-        match broker.systems_by_state().await {
-            Ok(s) => states = s,
+        match broker.system_counts().await {
+            Ok(c) => counts = Some(c),
             Err(e) => tracing::warn!(message = "Could not count systems for /metrics.", error = %e),
         }
     }
@@ -86,7 +86,7 @@ async fn metrics(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::METRICS.render(&states, core.get().map(|b| b.write_health.is_ok())),
+        crate::metrics::METRICS.render(counts.as_ref(), core.get().map(|b| b.write_health.is_ok())),
     )
         .into_response()
 }

@@ -112,6 +112,14 @@ async fn metrics_count_rpcs_cache_hits_and_upstream_calls_without_naming_secrets
     assert_eq!(fake.server.count(""), 2);
     assert_eq!(delta("credbroker_upstream_duration_seconds_count"), 2.0);
     assert_eq!(sample(&after, "credbroker_systems{state=\"active\"}"), 1.0);
+    assert_eq!(
+        sample(
+            &after,
+            "credbroker_systems_health{kind=\"freshdesk\",health=\"healthy\"}"
+        ),
+        1.0
+    );
+    assert!(after.contains("credbroker_credential_horizon_systems{within=\"30d\"} 0"));
     assert!(after.contains("# TYPE credbroker_rpc_duration_seconds histogram"));
 
     // Bounded labels only: no system ids, no secrets, no upstream URLs.
