@@ -366,6 +366,8 @@ pub struct FileConfig {
     pub servicenow_refresh_token_lifespan_secs: Option<u64>,
     /// Seconds.
     pub salesforce_refresh_idle_secs: Option<u64>,
+    /// Seconds.
+    pub jira_refresh_idle_secs: Option<u64>,
     /// Address or `off`.
     pub http_listen: Option<String>,
     /// URL.
@@ -956,6 +958,12 @@ fn apply_vendors(
         "salesforce_refresh_idle_secs",
         errors,
         &mut vendors.salesforce_refresh_idle_limit,
+    );
+    secs(
+        f.jira_refresh_idle_secs,
+        "jira_refresh_idle_secs",
+        errors,
+        &mut vendors.jira_refresh_idle_limit,
     );
     secs(
         f.servicenow_refresh_token_lifespan_secs,

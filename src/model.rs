@@ -521,6 +521,17 @@ pub struct HealthMark {
     pub warned_for: Option<u64>,
 }
 
+/// A spell of failing token refreshes (unreachable, rate limited, upstream errors).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshFailure {
+    /// How the first refresh of the spell failed.
+    pub failure: AuthFailure,
+    /// What the vendor (or the network) said; no secret.
+    pub message: String,
+    /// Seconds since the epoch.
+    pub since: u64,
+}
+
 /// Why a check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -669,6 +680,10 @@ pub struct SystemRecord {
     /// The health last derived (absent on records from before health tracking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthMark>,
+    /// The token refreshes of this system have been failing transiently since (cleared by the
+    /// next success): the system is degraded meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_failure: Option<RefreshFailure>,
     /// The sealed credential (see `crypto`).
     #[serde(with = "b64")]
     pub sealed_credential: Vec<u8>,

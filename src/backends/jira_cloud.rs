@@ -30,8 +30,6 @@ const VENDOR: &str = "Jira Cloud";
 const URL_HINT: &str = "enter your site URL, e.g. https://acme.atlassian.net";
 /// Scopes asked for when the admin names none (`offline_access` is always added).
 pub const DEFAULT_SCOPES: &[&str] = &["read:jira-work", "write:jira-work", "read:jira-user"];
-/// Atlassian refresh tokens die after this long unused.
-pub const REFRESH_INACTIVITY: Duration = Duration::from_secs(90 * 86_400);
 const RECONNECT: &str = "reconnect it with `credbrokerctl system connect SYSTEM_ID`";
 
 /// The Jira Cloud backend.
@@ -523,7 +521,7 @@ impl JiraCloudBackend {
             scopes,
             resp,
             previous,
-            Some(unix_now() + REFRESH_INACTIVITY.as_secs()),
+            Some(unix_now() + self.ctx.oauth.jira_refresh_idle_limit.as_secs()),
             Some(cloud_id),
             VENDOR,
         )?);

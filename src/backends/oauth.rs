@@ -38,6 +38,9 @@ pub struct OAuthSettings {
     /// Salesforce "Connect with …" grants die after this long unused (the External Client
     /// App's idle refresh-token limit; default 30 days): the keep-alive sweep refreshes before.
     pub salesforce_refresh_idle_limit: Duration,
+    /// Atlassian refresh tokens die after this long unused (90 days): the keep-alive sweep
+    /// refreshes before.
+    pub jira_refresh_idle_limit: Duration,
     /// Zendesk access-token lifetime asked for (`expires_in`; 5 min – 48 h, default 30 min).
     pub zendesk_access_token_ttl: Duration,
     /// Zendesk refresh-token lifetime asked for (7 – 90 days, default 30 days).
@@ -56,6 +59,7 @@ impl Default for OAuthSettings {
             salesforce_token_lifetime: Duration::from_secs(30 * 60),
             servicenow_refresh_token_lifespan: Duration::from_secs(8_640_000),
             salesforce_refresh_idle_limit: Duration::from_secs(30 * 86_400),
+            jira_refresh_idle_limit: Duration::from_secs(90 * 86_400),
             entra_federated_token_dir: std::path::PathBuf::from("/var/run/secrets/azure/tokens"),
             zendesk_access_token_ttl: Duration::from_secs(30 * 60),
             zendesk_refresh_token_ttl: Duration::from_secs(30 * 86_400),

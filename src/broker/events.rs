@@ -246,6 +246,7 @@ mod tests {
             proxy_unauthorized_count: 0,
             last_proxy_unauthorized_at: None,
             health: None,
+            refresh_failure: None,
             sealed_credential: vec![1, 2, 3],
             revision: 1,
             shared_token: None,

@@ -3,7 +3,8 @@
 //! - **Failing** needs an admin: re-authorization required, not connected yet, a check that found
 //!   the credential invalid, expired or short of permissions, or a known expiry that has passed.
 //! - **Degraded** is transient: the last check failed as unreachable, rate limited or an upstream
-//!   error, or the vendor answered 401 through the proxy within the last hour.
+//!   error, token refreshes are failing so (until one succeeds), or the vendor answered 401
+//!   through the proxy within the last hour.
 //! - **Expiring**: a known horizon (an admin-supplied expiry, a ServiceNow refresh token's
 //!   lifespan) within [`WARNING_DAYS`]`[0]` days. Connected grants' idle limits are kept alive by
 //!   the sweep and are not horizons an admin acts on.
@@ -88,6 +89,14 @@ fn failing(r: &SystemRecord, now: u64) -> Option<String> {
 fn degraded(r: &SystemRecord, now: u64) -> Option<String> {
     if let Some(c) = r.last_check.as_ref().filter(|c| !c.ok) {
         return Some(format!("the last check failed: {}", c.message));
+    }
+    if let Some(f) = &r.refresh_failure {
+        return Some(format!(
+            "token refreshes have been failing since {}: {}; the broker keeps retrying and \
+             serves the cached token while it is valid",
+            crate::util::time::date_time(f.since),
+            f.message
+        ));
     }
     match r.last_proxy_unauthorized_at {
         Some(at) if now.saturating_sub(at) <= PROXY_401_WINDOW_SECS => Some(format!(
@@ -237,6 +246,7 @@ mod tests {
             proxy_unauthorized_count: 0,
             last_proxy_unauthorized_at: None,
             health: None,
+            refresh_failure: None,
             sealed_credential: Vec::new(),
             revision: 1,
             shared_token: None,

@@ -557,6 +557,7 @@ impl Broker {
             revision: 1,
             integrity: None,
             health: None,
+            refresh_failure: None,
         };
         let mut record = record;
         let notes = health::refresh(&mut record, now);

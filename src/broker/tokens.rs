@@ -801,9 +801,9 @@ impl Broker {
         if shared {
             self.share_token(system_id, &token).await;
         }
-        if record.state_message.is_some() {
-            // A note of an unknown outcome is settled by this success.
-            self.note_state_message(system_id, None).await;
+        if record.state_message.is_some() || record.refresh_failure.is_some() {
+            // A note of an unknown outcome, a spell of failures: settled by this success.
+            self.note_refreshed(system_id).await;
         }
         Ok(token)
     }
@@ -856,6 +856,11 @@ impl Broker {
         let delay = self.backoff_delay(f.failures, retry_after);
         f.backoff_until = Some(Instant::now() + delay);
         tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
+        if record.refresh_failure.is_none() {
+            // The start of a spell (written once, not per attempt): the system is degraded.
+            self.note_refresh_failure(system_id, failure, &message)
+                .await;
+        }
         if oauth && message.contains(OUTCOME_UNKNOWN_MARK) {
             // The request reached the vendor, the answer did not reach us: the
             // vendor may have rotated the refresh token. The stored one is presented
@@ -1069,6 +1074,35 @@ impl Broker {
     }
 
     /// Sets (or clears) an active system's `state_message`; best effort.
+    /// A refresh succeeded: clears an unknown-outcome note and a spell of failures.
+    async fn note_refreshed(&self, system_id: &str) {
+        let _ = self
+            .update_system_with(system_id, |r| {
+                let note = r.state == SystemState::Active && r.state_message.is_some();
+                if note {
+                    r.state_message = None;
+                }
+                note | r.refresh_failure.take().is_some()
+            })
+            .await;
+    }
+
+    async fn note_refresh_failure(&self, system_id: &str, failure: AuthFailure, message: &str) {
+        let _ = self
+            .update_system_with(system_id, |r| {
+                if r.refresh_failure.is_some() || r.state != SystemState::Active {
+                    return false;
+                }
+                r.refresh_failure = Some(crate::model::RefreshFailure {
+                    failure,
+                    message: message.to_owned(),
+                    since: unix_now(),
+                });
+                true
+            })
+            .await;
+    }
+
     async fn note_state_message(&self, system_id: &str, message: Option<String>) {
         let _ = self
             .update_system_with(system_id, |r| {

@@ -689,3 +689,150 @@ async fn scheduled_checks_respect_the_vendor_limit_and_find_lost_access() {
     );
     broker.stop().await;
 }
+
+/// Longer than the 2 s a short horizon needs to cross its next threshold, plus sweeps.
+const WAIT: Duration = Duration::from_millis(3_000);
+
+/// Type, system, health and the warning's day count of each event: what a horizon test asserts.
+fn traced(events: &[pb::SystemEvent]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| {
+            let days = ["30", "7", "1"]
+                .into_iter()
+                .find(|d| e.detail.contains(&format!("within {d} day(s)")))
+                .unwrap_or("-");
+            format!(
+                "{} {} {:?} {days}",
+                e.r#type,
+                e.system
+                    .as_ref()
+                    .map(|s| s.system_id.as_str())
+                    .unwrap_or(""),
+                health_of(e)
+            )
+        })
+        .collect()
+}
+
+/// After `wait` (time for the sweeps, every 200 ms, to act), a marker registration: whatever
+/// came before it is all there was.
+async fn settle(
+    admin: &mut Client,
+    events: &mut Events,
+    (base_url, marker): (&str, &str),
+    wait: Duration,
+) -> Vec<String> {
+    tokio::time::sleep(wait).await;
+    register(admin, register_asana(marker, base_url, "spat-1", false)).await;
+    let seen = until_registered(events, marker).await;
+    traced(&seen[..seen.len() - 1])
+}
+
+/// A ServiceNow refresh token's lifespan is not in any response: the broker counts it from the
+/// password grant, warns at 30 days (at once here: the configured lifespan is 7 days and 2 s) and
+/// at 7 days when time alone crosses it, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servicenow_refresh_token_nearing_its_lifespan_is_announced_once_per_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let sn = crate::oauth::servicenow(3600).await;
+    let asana = FakeAsana::start().await;
+    asana.add_user("spat-1", "1201", "Proxy User", "proxy@example.com");
+    let mut config = test_config(dir.path());
+    config.refresh.keepalive_interval = Duration::from_millis(200);
+    config.vendors.servicenow_refresh_token_lifespan = Duration::from_secs(7 * 86_400 + 2);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let mut events = watch(&mut admin, "").await.unwrap();
+    register(
+        &mut admin,
+        crate::oauth::sn_register("sn", &sn.base_url, crate::oauth::password_grant(), false),
+    )
+    .await;
+    let first = settle(&mut admin, &mut events, (&asana.base_url, "m1"), WAIT).await;
+    assert_eq!(
+        first,
+        [
+            "system.registered sn Expiring -",
+            "credential.expiring sn Expiring 30",
+            "credential.expiring sn Expiring 7",
+        ]
+    );
+    let reason = broker_system(&mut admin, "sn").await.health_reason;
+    assert!(
+        reason.contains("refresh token expires in 7 day(s)"),
+        "{reason}"
+    );
+    assert!(reason.contains("password grant"), "{reason}");
+    // Nothing more while the horizon stays where it is.
+    assert_eq!(
+        settle(&mut admin, &mut events, (&asana.base_url, "m2"), WAIT).await,
+        Vec::<String>::new()
+    );
+    broker.stop().await;
+}
+
+/// An idle Atlassian grant is kept alive by the sweep; when the keep-alive refresh stops getting
+/// through, the system is degraded (refreshes failing) and the grant's 90-day idle limit (3 days
+/// and 2 s here) becomes a horizon: warned once at 7 days; when refreshes get through again the
+/// limit moves back and the recovery is announced, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_atlassian_grant_near_its_limit_is_announced_and_recovers() {
+    use crate::connect::{
+        atlassian, authz_code, browse, jira_config, start, JIRA_CLIENT, JIRA_SECRET,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let fake = atlassian().await;
+    let asana = FakeAsana::start().await;
+    asana.add_user("spat-1", "1201", "Proxy User", "proxy@example.com");
+    let mut config = jira_config(dir.path(), &fake);
+    config.refresh.keepalive_interval = Duration::from_millis(200);
+    config.vendors.jira_refresh_idle_limit = Duration::from_secs(3 * 86_400 + 2);
+    config.refresh.retry_max = Duration::from_millis(500);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(crate::connect::register(
+            "jira",
+            pb::SystemKind::JiraCloud,
+            "https://acme.atlassian.net/",
+            authz_code(JIRA_CLIENT, JIRA_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(&mut admin, "jira").await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    fake.oauth(|o| o.token_mode = Mode::ServerError);
+    let mut events = watch(&mut admin, "").await.unwrap();
+    let failing = settle(&mut admin, &mut events, (&asana.base_url, "m1"), WAIT).await;
+    assert_eq!(
+        failing,
+        [
+            "system.snapshot jira Healthy -",
+            "system.health_changed jira Degraded -",
+            "credential.expiring jira Degraded 7",
+        ]
+    );
+    let reason = broker_system(&mut admin, "jira").await.health_reason;
+    assert!(
+        reason.contains("token refreshes have been failing"),
+        "{reason}"
+    );
+    // Refreshes get through again: the sweep pushes the idle limit back; recovered, once.
+    fake.oauth(|o| o.token_mode = Mode::Normal);
+    let recovered = settle(&mut admin, &mut events, (&asana.base_url, "m2"), WAIT).await;
+    assert_eq!(recovered, ["system.health_changed jira Healthy -"]);
+    broker.stop().await;
+}
+
+async fn broker_system(admin: &mut Client, id: &str) -> pb::System {
+    admin
+        .get_system(pb::GetSystemRequest {
+            system_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .system
+        .unwrap()
+}

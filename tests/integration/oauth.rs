@@ -15,7 +15,7 @@ pub(crate) const CLIENT_SECRET: &str = "sn-client-secret-canary-77";
 pub(crate) const USER: &str = "sync.proxy";
 const PASSWORD: &str = "sn-password-canary-42";
 
-fn password_grant() -> pb::Credential {
+pub(crate) fn password_grant() -> pb::Credential {
     pb::Credential {
         credential: Some(pb::credential::Credential::OauthPasswordGrant(
             pb::OAuthPasswordGrant {

@@ -27,6 +27,7 @@ fn record(id: &str, revision: u64) -> SystemRecord {
         shared_token: None,
         last_proxy_unauthorized_at: None,
         health: None,
+        refresh_failure: None,
         sealed_credential: vec![1, 2, 3, 0, 255],
         revision,
         integrity: None,
