@@ -85,6 +85,9 @@ pub struct AuditEvent<'a> {
     /// Proxied calls: how long the call took.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// System events (`rpc` = `SystemEvent`): the event type, as `WatchSystems` names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<&'a str>,
 }
 
 /// Why an event could not be written.
@@ -515,6 +518,7 @@ mod tests {
                     method: None,
                     path: None,
                     duration_ms: None,
+                    event: None,
                 })
                 .await
                 .unwrap();
@@ -544,6 +548,7 @@ mod tests {
             method: None,
             path: None,
             duration_ms: None,
+            event: None,
         }
     }
 
@@ -644,6 +649,7 @@ mod tests {
             method: None,
             path: None,
             duration_ms: None,
+            event: None,
         };
         assert!(audit.record(&ev).await.is_err());
         assert!(!audit.is_healthy());

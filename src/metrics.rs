@@ -119,6 +119,7 @@ pub struct Metrics {
     proxy: Vec<AtomicU64>,
     webhooks: Vec<AtomicU64>,
     scheduled_checks: Vec<AtomicU64>,
+    events_dropped: AtomicU64,
 }
 
 /// The global registry.
@@ -140,6 +141,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
     webhooks: WEBHOOK_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
     scheduled_checks: CHECK_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
+    events_dropped: AtomicU64::new(0),
 });
 
 /// Systems counted for `/metrics` (see `Broker::system_counts`).
@@ -199,6 +201,11 @@ impl Metrics {
         if let Some(i) = WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome) {
             self.webhooks[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// An event dropped because the store's event log could not be written for too long.
+    pub fn event_dropped(&self) {
+        self.events_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One scheduled check.
@@ -297,6 +304,11 @@ impl Metrics {
                 self.webhooks[o].load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP credbroker_events_dropped_total System events dropped unlogged (the store refused them too long).\n# TYPE credbroker_events_dropped_total counter\ncredbroker_events_dropped_total {}",
+            self.events_dropped.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP credbroker_scheduled_checks_total Scheduled checks by outcome.\n# TYPE credbroker_scheduled_checks_total counter\n");
         for (o, outcome) in CHECK_OUTCOMES.iter().enumerate() {
             let _ = writeln!(

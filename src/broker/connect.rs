@@ -439,3 +439,92 @@ impl Broker {
 
 /// Default lifetime of a started authorization.
 pub const DEFAULT_AUTHORIZATION_TTL: Duration = Duration::from_secs(600);
+
+/// How long a signed "Connect" link (in a `system.reauthorization_required` webhook) stays
+/// valid: as long as the webhook is retried.
+pub const CONNECT_LINK_TTL_SECS: u64 = 24 * 3600;
+
+/// A followed "Connect" link: where to send the browser, or why not.
+#[derive(Debug)]
+pub enum LinkOutcome {
+    /// The consent page of a freshly started authorization.
+    Consent(String),
+    /// Not a link this broker signed (or altered).
+    Invalid,
+    /// Expired, or the system changed since (reconnected, rotated, deleted).
+    Stale(String),
+}
+
+impl Broker {
+    /// A signed link that starts the Connect flow of `r` when opened (for webhooks): the
+    /// system, its credential version and an expiry, under an HMAC with a key derived from the
+    /// master key. `None` where the kind has no Connect step or the broker no public URL.
+    pub fn connect_link(&self, r: &crate::model::SystemRecord) -> Option<String> {
+        if r.credential_type != CredentialType::OAuthAuthorizationCode {
+            return None;
+        }
+        let base = self.settings.public_url.as_deref()?.trim_end_matches('/');
+        let exp = unix_now() + CONNECT_LINK_TTL_SECS;
+        let sig = link_signature(&self.link_key, &r.system_id, r.credential_version, exp);
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("system", &r.system_id)
+            .append_pair("v", &r.credential_version.to_string())
+            .append_pair("exp", &exp.to_string())
+            .append_pair("sig", &sig)
+            .finish();
+        Some(format!("{base}/oauth/start?{query}"))
+    }
+
+    /// Follows a "Connect" link: checks its signature, expiry and credential version, then
+    /// starts the authorization (as `StartAuthorization` does).
+    pub async fn follow_connect_link(&self, params: &HashMap<String, String>) -> LinkOutcome {
+        let get = |k: &str| params.get(k).map(String::as_str).unwrap_or_default();
+        let (system_id, sig) = (get("system"), get("sig"));
+        let (Ok(version), Ok(exp)) = (get("v").parse::<u64>(), get("exp").parse::<u64>()) else {
+            return LinkOutcome::Invalid;
+        };
+        let want = link_signature(&self.link_key, system_id, version, exp);
+        if want.is_empty()
+            || !bool::from(subtle::ConstantTimeEq::ct_eq(
+                want.as_bytes(),
+                sig.as_bytes(),
+            ))
+        {
+            return LinkOutcome::Invalid;
+        }
+        if exp < unix_now() {
+            return LinkOutcome::Stale(format!(
+                "this link has expired; {}",
+                connect_hint(system_id)
+            ));
+        }
+        match self.get_system(system_id).await {
+            Ok(r) if r.credential_version == version => {}
+            _ => {
+                return LinkOutcome::Stale(format!(
+                    "the system was reconnected, rotated or deleted since this link was made; \
+                     {}",
+                    connect_hint(system_id)
+                ))
+            }
+        }
+        match self.start_authorization(system_id).await {
+            Ok((url, _, _)) => LinkOutcome::Consent(url),
+            Err(e) => LinkOutcome::Stale(e.to_string()),
+        }
+    }
+}
+
+fn link_signature(key: &[u8; 32], system_id: &str, version: u64, exp: u64) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key) else {
+        return String::new();
+    };
+    mac.update(b"credbroker/connect-link/v1\0");
+    mac.update(&(system_id.len() as u64).to_be_bytes());
+    mac.update(system_id.as_bytes());
+    mac.update(&version.to_be_bytes());
+    mac.update(&exp.to_be_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+}

@@ -281,6 +281,8 @@ pub struct Broker {
     pub audit: Audit,
     /// Key for proxy leases (derived from the master key).
     pub(crate) lease_key: [u8; 32],
+    /// Key for the signed "Connect" links in webhooks (derived from the master key).
+    pub(crate) link_key: [u8; 32],
     /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
     pub(crate) public_authority: Option<String>,
     /// Who may call, and the authentication of each call.
@@ -296,6 +298,8 @@ pub struct Broker {
     pub events: events::Events,
     /// Scheduled checks.
     pub(crate) schedule: schedule::CheckSchedule,
+    /// The lead of the keep-alive sweep and scheduled checks, while this process holds it.
+    pub(crate) sweep_lead: tokio::sync::Mutex<Option<crate::store::Lead>>,
 }
 
 impl Broker {
@@ -317,6 +321,7 @@ impl Broker {
         let store = authenticate_records(store, &keyring, &settings).await?;
         let audit = Audit::new(settings.audit.clone(), keyring.derive_subkey("audit-hmac"));
         let lease_key = keyring.derive_subkey("proxy-lease");
+        let link_key = keyring.derive_subkey("connect-link");
         let settings_public_authority = settings.public_url.as_deref().and_then(|public| {
             url::Url::parse(public).ok().and_then(|u| {
                 u.host_str().map(|h| match u.port() {
@@ -327,6 +332,7 @@ impl Broker {
         });
         let keyring = crate::broker::keys::load_keks(store.as_ref(), keyring).await?;
         let checks_per_vendor = settings.checks_per_vendor;
+        let events = events::Events::open(&store).await?;
         let broker = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             exchanges: tokio_util::task::TaskTracker::new(),
@@ -343,10 +349,12 @@ impl Broker {
             pending_authorizations: Mutex::new(HashMap::new()),
             audit,
             lease_key,
+            link_key,
             public_authority: settings_public_authority,
             callers: Callers::default(),
-            events: events::Events::default(),
+            events,
             schedule: schedule::CheckSchedule::new(checks_per_vendor),
+            sweep_lead: tokio::sync::Mutex::new(None),
         });
         let admin_token = broker.bootstrap().await?;
         Ok((broker, admin_token))
@@ -468,7 +476,9 @@ impl Broker {
             }
             Change::Meta(key) if key.starts_with("pending_auth/") => self.forget_pending(&key),
             Change::Meta(_) => {}
+            Change::Events => self.events.kick(),
             Change::Resync => {
+                self.events.kick();
                 self.cache.clear();
                 self.reload_callers().await;
                 if let Err(e) = self.reload_keks().await {
@@ -572,8 +582,7 @@ impl Broker {
             // The token minted during registration serves the first workers.
             let _ = self.install(&system_id, &record, issued, SystemTime::now(), true);
         }
-        self.events
-            .emit(events::EventType::Registered, &record, "registered");
+        self.emit(events::EventType::Registered, &record, "registered");
         // The opening health is part of the registration; only a horizon already near is news.
         let expiring: Vec<_> = notes
             .into_iter()
@@ -724,7 +733,7 @@ impl Broker {
         if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
             let _ = self.install(system_id, &updated, issued, SystemTime::now(), true);
         }
-        self.events.emit(
+        self.emit(
             events::EventType::Rotated,
             &updated,
             format!("credential version {}", updated.credential_version),
@@ -773,13 +782,38 @@ impl Broker {
                     None => "ok".to_owned(),
                     Some(f) => format!("failed ({})", f.as_str()),
                 };
-                self.events
-                    .emit(events::EventType::CheckCompleted, &written, outcome);
+                self.emit(events::EventType::CheckCompleted, &written, outcome);
                 Ok(())
             }
             Err(StoreError::Conflict) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Announces an event (see [`events`]) and audits it: the process that caused it writes the
+    /// audit line, with the event's type.
+    pub(crate) fn emit(
+        &self,
+        kind: events::EventType,
+        record: &SystemRecord,
+        detail: impl Into<String>,
+    ) {
+        // Not awaited: the batch is written when the future is dropped, if this line leads it,
+        // or with the batch it joined.
+        drop(self.audit.record(&AuditEvent {
+            time: crate::audit::now_rfc3339(),
+            caller: None,
+            rpc: "SystemEvent",
+            system_id: Some(&record.system_id),
+            outcome: "ok",
+            code: "OK",
+            token_hmac: None,
+            method: None,
+            path: None,
+            duration_ms: None,
+            event: Some(kind.as_str()),
+        }));
+        self.events.emit(kind, record, detail);
     }
 
     /// Turns what a write changed about a system's health into events.
@@ -791,7 +825,7 @@ impl Broker {
             .unwrap_or_default();
         for note in notes {
             match note {
-                health::Note::Changed(from, to) => self.events.emit(
+                health::Note::Changed(from, to) => self.emit(
                     events::EventType::HealthChanged,
                     record,
                     match from {
@@ -799,7 +833,7 @@ impl Broker {
                         None => format!("{}: {reason}", to.as_str()),
                     },
                 ),
-                health::Note::Expiring(days) => self.events.emit(
+                health::Note::Expiring(days) => self.emit(
                     events::EventType::Expiring,
                     record,
                     format!("within {days} day(s): {reason}"),
@@ -1026,8 +1060,7 @@ impl Broker {
         drop(flight);
         self.forget_flight_if_idle(system_id, 0);
         if let Some(record) = gone {
-            self.events
-                .emit(events::EventType::Deleted, &record, "deleted");
+            self.emit(events::EventType::Deleted, &record, "deleted");
         }
         tracing::info!(message = "System deleted.", system_id = %system_id);
         Ok(())
@@ -1069,6 +1102,7 @@ impl Broker {
             method: None,
             path: None,
             duration_ms: None,
+            event: None,
         })
     }
 

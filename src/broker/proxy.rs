@@ -224,6 +224,7 @@ impl Broker {
                 method: Some(method),
                 path: Some(masked),
                 duration_ms: None,
+                event: None,
             })
             .await;
         if audited.is_err() && self.audit.fail_closed() {
@@ -264,6 +265,7 @@ impl Broker {
                 method: Some(method),
                 path: Some(masked),
                 duration_ms: Some(duration.as_millis() as u64),
+                event: None,
             })
             .await;
     }

@@ -1130,7 +1130,7 @@ impl Broker {
             })
             .await;
         match marked {
-            Ok(Modified::Written(r)) => self.events.emit(
+            Ok(Modified::Written(r)) => self.emit(
                 crate::broker::events::EventType::ReauthorizationRequired,
                 &r,
                 message,
@@ -1207,11 +1207,25 @@ impl Broker {
 }
 
 impl Broker {
+    /// True while this process leads the sweep: always on a store of its own; with replicas,
+    /// one at a time (another takes over within a sweep interval when it dies).
+    async fn leads_sweep(&self) -> bool {
+        let mut lead = self.sweep_lead.lock().await;
+        if lead.as_ref().is_some_and(|l| !l.is_lost()) {
+            return true;
+        }
+        *lead = self.store.try_lead("sweep").await.ok().flatten();
+        lead.is_some()
+    }
+
     /// Refreshes idle authorization-code grants whose refresh token would die within the
     /// keep-alive margin (Atlassian: 90 days unused; Zendesk: the refresh-token lifetime), so an
     /// unused system does not die quietly; starts the scheduled checks that are due, and writes
     /// the health that time alone changed (a horizon closer, a degraded spell over).
     async fn keepalive_sweep(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
+        if !self.leads_sweep().await {
+            return;
+        }
         let horizon = unix_now() + self.settings.keepalive_margin.as_secs();
         let mut pages = self.system_pages(SCAN_PAGE);
         let mut due = crate::broker::schedule::Due::default();

@@ -60,6 +60,8 @@ impl Broker {
                 ),
             ));
         }
+        // Events of changes made before this call are in the log before the watch opens.
+        self.events.settle(std::time::Duration::from_secs(2)).await;
         let (missed, rx, at) = self.events.resume(after).map_err(|e| match e {
             CursorError::Malformed => {
                 BrokerError::invalid("after", "is not a cursor this broker handed out")

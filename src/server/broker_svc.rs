@@ -826,9 +826,9 @@ impl CredentialBroker for BrokerService {
                         .map(|k| convert::kind(*k, "kinds"))
                         .collect::<Result<_, _>>()?,
                 };
-                let (opening, rx, _) = broker.watch(&caller, &filter, after).await?;
+                let (opening, rx, at) = broker.watch(&caller, &filter, after).await?;
                 Ok((
-                    event_stream(broker, caller, filter, opening, rx),
+                    event_stream(broker, caller, filter, (opening, rx, at)),
                     Audited::default(),
                 ))
             },
@@ -968,8 +968,7 @@ fn event_stream(
     broker: Arc<Broker>,
     caller: Arc<Caller>,
     filter: WatchFilter,
-    opening: Vec<Arc<crate::broker::events::Event>>,
-    rx: tokio::sync::broadcast::Receiver<Arc<crate::broker::events::Event>>,
+    (opening, rx, at): crate::broker::events::Opening,
 ) -> EventStream {
     use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
     use tokio_stream::StreamExt;
@@ -981,7 +980,8 @@ fn event_stream(
     let (b, c) = (broker.clone(), caller.clone());
     let live =
         tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| match item {
-            Ok(e) if filter.admits(&c, &e.system) => {
+            // A cursor ahead of this replica's log starts the feed after it.
+            Ok(e) if e.seq > at && filter.admits(&c, &e.system) => {
                 Some(Ok(convert::event(&e, b.events.cursor(e.seq), admin)))
             }
             Ok(_) => None,

@@ -34,6 +34,7 @@ impl FromRef<HttpState> for Arc<OnceLock<Arc<Broker>>> {
 pub fn router(core: Arc<OnceLock<Arc<Broker>>>, proxy_client: Option<ProxyClient>) -> Router {
     Router::new()
         .route("/oauth/callback", get(callback))
+        .route("/oauth/start", get(start_link))
         .route("/proxy/{*rest}", any(proxy))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -124,6 +125,49 @@ async fn callback(
             "Stopping",
             "credbroker is stopping; try again in a moment.",
         ),
+    }
+}
+
+/// A signed "Connect" link from a webhook: starts the authorization and sends the browser to
+/// the vendor's consent page.
+async fn start_link(
+    State(core): State<Arc<OnceLock<Arc<Broker>>>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    use crate::broker::connect::LinkOutcome;
+    let Some(broker) = core.get() else {
+        return page(
+            503,
+            "Starting",
+            "credbroker is starting; reload this page in a moment.",
+        )
+        .into_response();
+    };
+    let outcome = broker.follow_connect_link(&params).await;
+    let system_id = params.get("system").map(String::as_str);
+    let code = match outcome {
+        LinkOutcome::Consent(_) => "OK",
+        LinkOutcome::Invalid => "PERMISSION_DENIED",
+        LinkOutcome::Stale(_) => "FAILED_PRECONDITION",
+    };
+    let _ = broker
+        .audit_record(
+            "ConnectLink",
+            None,
+            system_id.filter(|_| code != "PERMISSION_DENIED"),
+            code,
+            None,
+        )
+        .await;
+    match outcome {
+        LinkOutcome::Consent(url) => axum::response::Redirect::to(&url).into_response(),
+        LinkOutcome::Invalid => page(
+            403,
+            "Not a valid link",
+            "This link was not made by this credbroker, or it was altered.",
+        )
+        .into_response(),
+        LinkOutcome::Stale(why) => page(410, "Link no longer valid", &why).into_response(),
     }
 }
 

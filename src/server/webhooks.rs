@@ -2,13 +2,17 @@
 //! (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of
 //! "{id}.{timestamp}.{body}">`).
 //!
-//! One task per endpoint keeps its own queue, in event order: an event is retried with backoff
-//! (1 s doubling to 10 min) until it is delivered (a 2xx) or 24 hours old, and is never sent again
-//! once an answer said 2xx. Deliveries go through the broker's outbound client, so the egress
-//! guard applies (a refused address is never contacted). Bodies carry metadata only: no secret,
-//! token id, lease or URL query. The queue lives in memory: a restart forgets undelivered events.
+//! Deliveries follow the store's event log (see [`crate::broker::events`]), one task per
+//! endpoint, in log order, from a cursor kept in the store (`webhook/<endpoint>` in `meta`): an
+//! event is retried with backoff (1 s doubling to 10 min) until it is delivered (a 2xx), refused
+//! for good (a final 4xx) or 24 hours old, and the cursor moves past it only then. So a restart,
+//! or another replica taking over, resumes where delivery stopped; an event whose 2xx was not yet
+//! recorded when the process died is sent again with the same `webhook-id` (receivers dedupe on
+//! it, as Standard Webhooks asks). With replicas on PostgreSQL one replica delivers (it holds the
+//! `webhooks` lead; another takes over within seconds when it dies). Deliveries go through the
+//! broker's outbound client, so the egress guard applies (a refused address is never contacted).
+//! Bodies carry metadata only: no secret, token id, lease or URL query.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +20,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::json;
-use sha2::Sha256;
-use tokio::sync::broadcast::error::RecvError;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
 
 use crate::backends::HttpClient;
 use crate::broker::events::{Event, EventType};
@@ -28,18 +32,65 @@ use crate::config::WebhookConfig;
 const GIVE_UP_AFTER_SECS: u64 = 24 * 3600;
 /// The longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
-/// The most events queued for one endpoint (the oldest are dropped beyond it).
-const MAX_QUEUE: usize = 10_000;
+/// Events read from the log at a time.
+const READ_BATCH: usize = 100;
+/// How often a replica without the lead tries to take it.
+const LEAD_RETRY: Duration = Duration::from_secs(2);
 
-/// Starts one delivery task per endpoint; they end when the broker's events close.
+/// Starts delivering to the configured endpoints (on one replica at a time); ends when the
+/// broker's events close.
 pub fn start(broker: &Arc<Broker>, http: &HttpClient, hooks: &[WebhookConfig]) {
-    for hook in hooks {
-        let endpoint = Endpoint {
-            hook: hook.clone(),
-            key: signing_key(hook.secret.expose_secret()),
-            http: http.clone(),
+    if hooks.is_empty() {
+        return;
+    }
+    let endpoints: Vec<Arc<Endpoint>> = hooks
+        .iter()
+        .map(|hook| {
+            Arc::new(Endpoint {
+                hook: hook.clone(),
+                key: signing_key(hook.secret.expose_secret()),
+                http: http.clone(),
+            })
+        })
+        .collect();
+    tokio::spawn(lead(broker.clone(), endpoints));
+}
+
+/// Takes the `webhooks` lead, delivers while holding it, and tries again when it is lost.
+async fn lead(broker: Arc<Broker>, endpoints: Vec<Arc<Endpoint>>) {
+    let closed = broker.events.closed();
+    tokio::pin!(closed);
+    loop {
+        let lead = match broker.store.try_lead("webhooks").await {
+            Ok(Some(lead)) => lead,
+            _ => {
+                tokio::select! {
+                    _ = &mut closed => return,
+                    _ = tokio::time::sleep(LEAD_RETRY) => continue,
+                }
+            }
         };
-        tokio::spawn(endpoint.run(broker.clone()));
+        let mut tasks = JoinSet::new();
+        for e in &endpoints {
+            tasks.spawn(e.clone().run(broker.clone()));
+        }
+        loop {
+            tokio::select! {
+                _ = &mut closed => {
+                    tasks.shutdown().await;
+                    return;
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if lead.is_lost() {
+                tracing::warn!(
+                    message =
+                        "Lost the webhooks lead (store connection); another replica takes over."
+                );
+                tasks.shutdown().await;
+                break;
+            }
+        }
     }
 }
 
@@ -78,99 +129,88 @@ impl Endpoint {
                 || self.hook.events.iter().any(|t| t == e.kind.as_str()))
     }
 
-    async fn run(self, broker: Arc<Broker>) {
-        let closed = broker.events.closed();
-        tokio::pin!(closed);
-        let Ok((_, mut live, at)) = broker.events.resume(None) else {
-            return;
-        };
-        let mut cursor = broker.events.cursor(at);
-        let mut queue: VecDeque<Arc<Event>> = VecDeque::new();
-        let mut backoff = Duration::from_secs(1);
-        loop {
-            // Take in what arrived, without waiting.
-            loop {
-                match live.try_recv() {
-                    Ok(e) => {
-                        cursor = broker.events.cursor(e.seq);
-                        if self.wants(&e) {
-                            queue.push_back(e);
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
-                        self.catch_up(&broker, &mut live, &mut cursor, &mut queue);
-                    }
-                    Err(_) => break,
-                }
+    /// Where this endpoint's cursor is kept: a digest of its URL (which may hold a token).
+    fn cursor_key(&self) -> String {
+        let d = Sha256::digest(self.hook.url.as_bytes());
+        format!("webhook/{}", crate::util::hex::encode(&d[..8]))
+    }
+
+    /// The stored cursor; a new endpoint starts at the log's end (its subscription).
+    async fn load_cursor(&self, broker: &Broker) -> Option<u64> {
+        let key = self.cursor_key();
+        match broker.store.get_meta(&key).await {
+            Ok(Some(v)) => String::from_utf8_lossy(&v).parse().ok(),
+            Ok(None) => {
+                let now = broker.events.newest();
+                self.save_cursor(broker, now).await;
+                Some(now)
             }
-            while queue.len() > MAX_QUEUE {
-                queue.pop_front();
-                crate::metrics::METRICS.webhook("dropped");
-            }
-            let now = crate::model::unix_now();
-            while queue
-                .front()
-                .is_some_and(|e| now.saturating_sub(e.at) > GIVE_UP_AFTER_SECS)
-            {
-                queue.pop_front();
-                crate::metrics::METRICS.webhook("expired");
-            }
-            let Some(next) = queue.front().cloned() else {
-                tokio::select! {
-                    _ = &mut closed => return,
-                    got = live.recv() => match got {
-                        Ok(e) => {
-                            cursor = broker.events.cursor(e.seq);
-                            if self.wants(&e) {
-                                queue.push_back(e);
-                            }
-                        }
-                        Err(RecvError::Lagged(_)) => {
-                            self.catch_up(&broker, &mut live, &mut cursor, &mut queue);
-                        }
-                        Err(RecvError::Closed) => return,
-                    },
-                }
-                continue;
-            };
-            match self.deliver(&broker, &next).await {
-                Attempt::Delivered | Attempt::Rejected => {
-                    queue.pop_front();
-                    backoff = Duration::from_secs(1);
-                    continue;
-                }
-                Attempt::Retry => {}
-            }
-            tokio::select! {
-                _ = &mut closed => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            Err(_) => None,
         }
     }
 
-    /// Fell behind the live feed: catch up from the log (or, past it, say what was lost).
-    fn catch_up(
-        &self,
-        broker: &Broker,
-        live: &mut tokio::sync::broadcast::Receiver<Arc<Event>>,
-        cursor: &mut String,
-        queue: &mut VecDeque<Arc<Event>>,
-    ) {
-        match broker.events.resume(Some(cursor)) {
-            Ok((missed, rx, at)) => {
-                *live = rx;
-                *cursor = broker.events.cursor(at);
-                queue.extend(missed.into_iter().filter(|e| self.wants(e)));
+    async fn save_cursor(&self, broker: &Broker, seq: u64) {
+        if let Err(e) = broker
+            .store
+            .put_meta(&self.cursor_key(), seq.to_string().as_bytes())
+            .await
+        {
+            tracing::warn!(message = "Could not record a webhook delivery cursor; a restart sends its events again.", host = %host_of(&self.hook.url), error = %e);
+        }
+    }
+
+    async fn run(self: Arc<Self>, broker: Arc<Broker>) {
+        let mut cursor = loop {
+            match self.load_cursor(&broker).await {
+                Some(c) => break c,
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
             }
-            Err(_) => {
+        };
+        let Ok((_, mut wake, _)) = broker.events.resume(None) else {
+            return;
+        };
+        loop {
+            let batch = match broker.store.events_after(cursor, READ_BATCH).await {
+                Ok(b) => b,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let Some(first) = batch.first() else {
+                // Woken by the next event pulled into memory (or a minute, as a backstop).
+                let _ = tokio::time::timeout(Duration::from_secs(60), wake.recv()).await;
+                continue;
+            };
+            if first.seq > cursor + 1 && cursor > 0 {
                 tracing::warn!(message = "Webhook endpoint fell behind the event log; events were lost.", host = %host_of(&self.hook.url));
                 crate::metrics::METRICS.webhook("dropped");
-                *cursor = broker.events.now_cursor();
-                if let Ok((_, rx, _)) = broker.events.resume(None) {
-                    *live = rx;
-                }
             }
+            for stored in &batch {
+                if let Some(e) = Event::decode(stored).filter(|e| self.wants(e)) {
+                    self.deliver_until_done(&broker, &e).await;
+                    self.save_cursor(&broker, stored.seq).await;
+                }
+                cursor = stored.seq;
+            }
+            self.save_cursor(&broker, cursor).await;
+        }
+    }
+
+    /// Retries `e` with backoff until it is delivered, refused for good, or a day old.
+    async fn deliver_until_done(&self, broker: &Broker, e: &Event) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            if crate::model::unix_now().saturating_sub(e.at) > GIVE_UP_AFTER_SECS {
+                crate::metrics::METRICS.webhook("expired");
+                return;
+            }
+            match self.deliver(broker, e).await {
+                Attempt::Delivered | Attempt::Rejected => return,
+                Attempt::Retry => {}
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -179,7 +219,7 @@ impl Endpoint {
     async fn deliver(&self, broker: &Broker, e: &Event) -> Attempt {
         let id = format!("msg_{}", broker.events.cursor(e.seq));
         let timestamp = crate::model::unix_now();
-        let body = payload(e).to_string().into_bytes();
+        let body = payload(broker, e).to_string().into_bytes();
         let req = self
             .http
             .raw()
@@ -225,8 +265,10 @@ fn host_of(url: &str) -> String {
 }
 
 /// The Standard Webhooks body: `{type, timestamp, data}`; metadata only.
-fn payload(e: &Event) -> serde_json::Value {
+fn payload(broker: &Broker, e: &Event) -> serde_json::Value {
     let s = &e.system;
+    let reauth = e.kind == EventType::ReauthorizationRequired
+        && s.credential_type == crate::model::CredentialType::OAuthAuthorizationCode;
     // The health recorded with the event, not the health when a retry finally gets through.
     let (health, reason) = match &s.health {
         Some(m) => (m.health, m.reason.clone()),
@@ -250,9 +292,10 @@ fn payload(e: &Event) -> serde_json::Value {
             "health_reason": reason,
             "detail": e.detail,
             "at": e.at,
-            "connect": (e.kind == EventType::ReauthorizationRequired
-                && s.credential_type == crate::model::CredentialType::OAuthAuthorizationCode)
+            "connect": reauth
                 .then(|| format!("credbrokerctl system connect {}", s.system_id)),
+            // A ready link: opening it starts the Connect flow (signed, 24 h, this version).
+            "connect_url": reauth.then(|| broker.connect_link(s)).flatten(),
         },
     })
 }

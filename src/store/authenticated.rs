@@ -23,7 +23,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::{Change, CredentialStore, RefreshLock, StoreError};
+use super::{Change, CredentialStore, RefreshLock, StoreError, StoredEvent};
 use crate::model::{CallerRecord, SystemRecord};
 
 /// The `meta` key that marks a store whose records all carry tags.
@@ -287,4 +287,49 @@ impl CredentialStore for AuthenticatedStore {
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         self.inner.changes()
     }
+
+    async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let tagged: Vec<(u64, Vec<u8>)> = events
+            .iter()
+            .map(|(at, body)| {
+                let mut b = tag(&self.key, &event_fields(*at, body)).into_bytes();
+                b.push(b'.');
+                b.extend_from_slice(body);
+                (*at, b)
+            })
+            .collect();
+        self.inner.append_events(&tagged).await
+    }
+
+    /// Events whose tag fails (written without the master key) are left out, logged and counted.
+    async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self.inner.events_after(seq, limit).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|mut e| {
+                let dot = e.body.iter().position(|b| *b == b'.')?;
+                let ok = std::str::from_utf8(&e.body[..dot])
+                    .is_ok_and(|t| verify(&self.key, &event_fields(e.at, &e.body[dot + 1..]), t));
+                if !ok {
+                    let _ = refused("event", &e.seq.to_string());
+                    return None;
+                }
+                e.body.drain(..=dot);
+                Some(e)
+            })
+            .collect())
+    }
+
+    async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
+        self.inner.try_lead(duty).await
+    }
+}
+
+/// An event's tag covers its time and its body (what watchers and webhook receivers are told).
+fn event_fields(at: u64, body: &[u8]) -> Vec<Vec<u8>> {
+    vec![
+        b"credbroker/record/v1/event".to_vec(),
+        at.to_be_bytes().to_vec(),
+        body.to_vec(),
+    ]
 }

@@ -219,4 +219,20 @@ impl CredentialStore for FaultyStore {
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<super::Change>> {
         self.inner.changes()
     }
+
+    async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        self.write(None, self.inner.append_events(events)).await
+    }
+
+    async fn events_after(
+        &self,
+        seq: u64,
+        limit: usize,
+    ) -> Result<Vec<super::StoredEvent>, StoreError> {
+        self.read(self.inner.events_after(seq, limit)).await
+    }
+
+    async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
+        self.inner.try_lead(duty).await
+    }
 }

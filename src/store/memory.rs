@@ -20,6 +20,7 @@ struct Inner {
     systems: BTreeMap<String, SystemRecord>,
     callers: BTreeMap<String, CallerRecord>,
     meta: BTreeMap<String, Vec<u8>>,
+    events: BTreeMap<u64, (u64, Vec<u8>)>,
 }
 
 impl MemoryStore {
@@ -128,5 +129,38 @@ impl CredentialStore for MemoryStore {
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut inner = self.lock()?;
+        let mut next = inner.events.keys().next_back().copied().unwrap_or(0) + 1;
+        for (at, body) in events {
+            inner.events.insert(next, (*at, body.clone()));
+            next += 1;
+        }
+        let cutoff = crate::model::unix_now().saturating_sub(super::EVENT_RETENTION_SECS);
+        let oldest_kept = next.saturating_sub(super::MAX_STORED_EVENTS);
+        inner
+            .events
+            .retain(|seq, (at, _)| *seq + 1 == next || (*seq >= oldest_kept && *at >= cutoff));
+        Ok(())
+    }
+
+    async fn events_after(
+        &self,
+        seq: u64,
+        limit: usize,
+    ) -> Result<Vec<super::StoredEvent>, StoreError> {
+        Ok(self
+            .lock()?
+            .events
+            .range(seq.saturating_add(1)..)
+            .take(limit)
+            .map(|(seq, (at, body))| super::StoredEvent {
+                seq: *seq,
+                at: *at,
+                body: body.clone(),
+            })
+            .collect())
     }
 }

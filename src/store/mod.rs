@@ -6,7 +6,10 @@
 //! # Key schema
 //! - `systems`: system id → [`SystemRecord`] (JSON; metadata in clear, credential sealed).
 //! - `callers`: caller name → [`CallerRecord`] (JSON; token kept only as SHA-256).
-//! - `meta`: `format_version` → `1`; `kcv/<kek id hex>` → key check value.
+//! - `meta`: `format_version` → `1`; `kcv/<kek id hex>` → key check value;
+//!   `events_epoch` → the event log's epoch; `webhook/<endpoint>` → its delivery cursor.
+//! - `events`: sequence number → one system event (JSON, metadata only; see
+//!   [`crate::broker::events`]), kept [`EVENT_RETENTION_SECS`] and at most [`MAX_STORED_EVENTS`].
 //!
 //! # Durability
 //! Every mutating method returns only after the change is flushed to disk.
@@ -32,6 +35,23 @@ pub use self::sled::{ReopeningSledStore, SledStore};
 
 /// The fewest records a listing that reads past refused ones fetches at a time.
 pub(crate) const MIN_BATCH: usize = 64;
+
+/// How long the store keeps events: a day and an hour, so a webhook endpoint retried for a day
+/// still finds what it missed.
+pub const EVENT_RETENTION_SECS: u64 = 25 * 3600;
+/// The most events the store keeps, whatever their age.
+pub const MAX_STORED_EVENTS: u64 = 100_000;
+
+/// One event as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Its position in the log (assigned by the store, increasing in commit order).
+    pub seq: u64,
+    /// Seconds since the epoch.
+    pub at: u64,
+    /// The encoded event.
+    pub body: Vec<u8>,
+}
 
 /// Store format version written into `meta`.
 pub const STORE_FORMAT_VERSION: &str = "1";
@@ -157,6 +177,62 @@ pub trait CredentialStore: Send + Sync + 'static {
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
         None
     }
+
+    /// Appends `(at, body)` events to the log under the next sequence numbers, in order (across
+    /// processes sharing the store too: sequence order is commit order), and drops events older
+    /// than [`EVENT_RETENTION_SECS`] or beyond [`MAX_STORED_EVENTS`]. Durable on Ok.
+    async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError>;
+
+    /// Up to `limit` events after `seq`, in order.
+    async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Takes the lead of the background duties named `duty` (the keep-alive sweep, scheduled
+    /// checks, webhook deliveries) if no other process sharing the store holds it. `Some` while
+    /// this process leads; the lead ends when the [`Lead`] is dropped or its connection is lost.
+    async fn try_lead(&self, _duty: &str) -> Result<Option<Lead>, StoreError> {
+        Ok(Some(Lead::sole()))
+    }
+}
+
+/// The lead of a background duty: held while this process does it for every process sharing
+/// the store. A sole process always leads.
+pub struct Lead {
+    lost: tokio::sync::watch::Receiver<bool>,
+    _guard: Box<dyn Send + Sync>,
+}
+
+impl Lead {
+    /// The lead of a process that does not share its store.
+    pub fn sole() -> Self {
+        Self {
+            lost: tokio::sync::watch::channel(false).1,
+            _guard: Box::new(()),
+        }
+    }
+
+    /// A lead that ends when `lost` turns true; `guard` releases it on drop.
+    pub fn new(
+        lost: tokio::sync::watch::Receiver<bool>,
+        guard: impl Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            lost,
+            _guard: Box::new(guard),
+        }
+    }
+
+    /// True once the lead was lost (its connection died): the duty must stop.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+}
+
+impl std::fmt::Debug for Lead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lead")
+            .field("lost", &self.is_lost())
+            .finish()
+    }
 }
 
 /// A change another replica made to the shared store.
@@ -168,6 +244,8 @@ pub enum Change {
     Caller(String),
     /// A metadata key changed.
     Meta(String),
+    /// Events were appended to the log.
+    Events,
     /// The change feed (re)connected: changes may have been missed, reload everything.
     Resync,
 }

@@ -33,6 +33,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Socket};
 
 use super::{
     decode_keyed, decode_listed, encode, Change, CredentialStore, RefreshLock, StoreError,
+    StoredEvent,
 };
 use crate::model::{CallerRecord, SystemRecord};
 
@@ -369,6 +370,7 @@ async fn listen_loop<T>(
                             "system" => Change::System(id.to_owned()),
                             "caller" => Change::Caller(id.to_owned()),
                             "meta" => Change::Meta(id.to_owned()),
+                            "events" => Change::Events,
                             _ => continue,
                         };
                         let _ = tx.send(change);
@@ -673,6 +675,121 @@ impl CredentialStore for PostgresStore {
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
         Some(self.changes.subscribe())
     }
+
+    /// One transaction under a transaction-level advisory lock: sequence numbers follow commit
+    /// order, so a reader that has seen `seq` never later finds a smaller one appear.
+    async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut obj = self.client().await?;
+        let tx = obj.transaction().await.map_err(pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
+            .await
+            .map_err(pg)?;
+        let last: i64 = tx
+            .query_one("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM events", &[])
+            .await
+            .map_err(pg)?
+            .try_get(0)
+            .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))?;
+        let ats: Vec<i64> = events.iter().map(|(at, _)| to_i64(*at)).collect();
+        let bodies: Vec<&[u8]> = events.iter().map(|(_, b)| b.as_slice()).collect();
+        tx.execute(
+            "INSERT INTO events (seq, at, body) SELECT $1 + t.i, t.a, t.b \
+             FROM UNNEST($2::BIGINT[], $3::BYTEA[]) WITH ORDINALITY AS t(a, b, i)",
+            &[&last, &ats, &bodies],
+        )
+        .await
+        .map_err(pg)?;
+        let newest = last + to_i64(events.len() as u64);
+        let cutoff = to_i64(crate::model::unix_now().saturating_sub(super::EVENT_RETENTION_SECS));
+        tx.execute(
+            // The newest stays whatever its age: sequence numbers never go back.
+            "DELETE FROM events WHERE (seq <= $1 OR at < $2) AND seq < $3",
+            &[
+                &(newest - to_i64(super::MAX_STORED_EVENTS)),
+                &cutoff,
+                &newest,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &self.payload("events", &newest.to_string())],
+        )
+        .await
+        .map_err(pg)?;
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT seq, at, body FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&to_i64(seq), &to_i64(limit as u64)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let num = |i| {
+                    r.try_get::<_, i64>(i)
+                        .map(|v| u64::try_from(v).unwrap_or(0))
+                        .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))
+                };
+                Ok(StoredEvent {
+                    seq: num(0)?,
+                    at: num(1)?,
+                    body: column_at(r, 2)?.to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    /// A session-level advisory lock on a connection of its own, pinged every two seconds: when
+    /// the connection dies (and with it the lock), the lead is lost and another replica takes it.
+    async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
+        let key = lock_key(&format!("lead/{duty}"));
+        let obj = self.client().await?;
+        let got: bool = obj
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .map_err(pg)?
+            .try_get(0)
+            .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))?;
+        if !got {
+            return Ok(None);
+        }
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => {
+                        if obj.execute("SELECT pg_advisory_unlock($1)", &[&key]).await.is_err() {
+                            let _ = deadpool_postgres::Object::take(obj);
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(LEAD_PING) => {}
+                }
+                let alive = tokio::time::timeout(LEAD_PING * 2, obj.simple_query("SELECT 1")).await;
+                if !matches!(alive, Ok(Ok(_))) {
+                    let _ = lost_tx.send(true);
+                    let _ = deadpool_postgres::Object::take(obj);
+                    return;
+                }
+            }
+        });
+        Ok(Some(super::Lead::new(lost, stop)))
+    }
+}
+
+/// How often a held lead proves its connection alive.
+const LEAD_PING: Duration = Duration::from_secs(2);
+/// Transaction-level advisory lock serialising event appends ("credevnt").
+const EVENTS_LOCK: i64 = 0x6372_6564_6576_6e74;
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{decode, decode_keyed, decode_listed, encode, CredentialStore, StoreError};
+use super::{
+    decode, decode_keyed, decode_listed, encode, CredentialStore, StoreError, StoredEvent,
+};
 use crate::model::{CallerRecord, SystemRecord};
 
 /// The sled-backed store.
@@ -21,6 +23,7 @@ pub struct SledStore {
     systems: sled::Tree,
     callers: sled::Tree,
     meta: sled::Tree,
+    events: sled::Tree,
 }
 
 /// Why the store could not be opened.
@@ -84,6 +87,7 @@ impl SledStore {
             systems: tree("systems")?,
             callers: tree("callers")?,
             meta: tree("meta")?,
+            events: tree("events")?,
             db,
         })
     }
@@ -242,6 +246,65 @@ impl CredentialStore for SledStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.durable().await
     }
+
+    /// One appender at a time (the broker's event publisher): the next key is the last plus one.
+    async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let last = match self.events.last().map_err(backend)? {
+            Some((k, _)) => seq_of(&k)?,
+            None => 0,
+        };
+        let mut batch = sled::Batch::default();
+        for (i, (at, body)) in events.iter().enumerate() {
+            let mut v = at.to_be_bytes().to_vec();
+            v.extend_from_slice(body);
+            batch.insert(&(last + 1 + i as u64).to_be_bytes(), v);
+        }
+        let newest = last + events.len() as u64;
+        let oldest_kept = newest.saturating_sub(super::MAX_STORED_EVENTS);
+        let cutoff = crate::model::unix_now().saturating_sub(super::EVENT_RETENTION_SECS);
+        for item in self.events.range(..(oldest_kept + 1).to_be_bytes()) {
+            batch.remove(item.map_err(backend)?.0);
+        }
+        for item in self.events.iter() {
+            let (k, v) = item.map_err(backend)?;
+            // The newest stays whatever its age: sequence numbers never go back.
+            if event_at(&v) >= cutoff || seq_of(&k)? >= newest {
+                break;
+            }
+            batch.remove(k);
+        }
+        self.events.apply_batch(batch).map_err(backend)?;
+        self.durable().await
+    }
+
+    async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.events.range((seq.saturating_add(1)).to_be_bytes()..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(backend)?;
+            out.push(StoredEvent {
+                seq: seq_of(&k)?,
+                at: event_at(&v),
+                body: v.get(8..).unwrap_or_default().to_vec(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt("event key is not a sequence number".to_owned()))
+}
+
+fn event_at(v: &[u8]) -> u64 {
+    v.get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
 }
 
 /// Free space needed before a failed store is reopened (a few sled segments).
@@ -438,5 +501,14 @@ impl CredentialStore for ReopeningSledStore {
     async fn flush(&self) -> Result<(), StoreError> {
         let r = self.writer().await?.flush().await;
         self.note(r)
+    }
+
+    async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let r = self.writer().await?.append_events(events).await;
+        self.note(r)
+    }
+
+    async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.reader().await?.events_after(seq, limit).await
     }
 }

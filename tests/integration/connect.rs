@@ -625,3 +625,84 @@ async fn connect_secrets_never_reach_logs_pages_or_data_files() {
         );
     }
 }
+
+/// A `system.reauthorization_required` webhook carries a ready Connect link: opening it starts
+/// the authorization and leads through the vendor's consent back to an active system. The link
+/// is signed (an altered one is refused and starts nothing) and dies with the credential
+/// version it was made for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reauthorization_webhook_carries_a_connect_link_that_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    let receiver = crate::health::Receiver::default();
+    let mut config = test_config(dir.path());
+    config.webhooks = vec![credbroker::config::WebhookConfig {
+        url: receiver.clone().start("127.0.0.1:0").await,
+        secret: credbroker::secret::SecretString::from("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        events: vec!["system.reauthorization_required".into()],
+    }];
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &fake.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(&mut admin, "zd").await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    let tok = admin
+        .get_access_token(token_req("zd"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Consent withdrawn at Zendesk: the next refresh is refused for good.
+    fake.oauth(|o| o.revoke_all());
+    let mut r = token_req("zd");
+    r.rejected_token_id = tok.token_id;
+    let err = admin.get_access_token(r).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    eventually(
+        Duration::from_secs(10),
+        "the reauthorization webhook",
+        || !receiver.bodies().is_empty(),
+    )
+    .await;
+    let body = receiver.bodies().remove(0);
+    assert_eq!(body["type"], "system.reauthorization_required");
+    let link = body["data"]["connect_url"].as_str().unwrap().to_owned();
+    assert!(
+        link.starts_with(&format!("http://{}/oauth/start?", broker.http_addr)),
+        "{link}"
+    );
+    assert!(!link.contains(ZD_SECRET));
+
+    // Altered (another system, a later expiry, a forged signature): refused, nothing started.
+    let http = no_redirects();
+    for forged in [
+        link.replace("system=zd", "system=zd2"),
+        link.replace("exp=", "exp=9"),
+        format!("{}A", link),
+    ] {
+        let r = http.get(&forged).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{forged}");
+    }
+    // The real one: to the consent page, then back to an active system.
+    let r = http.get(&link).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    let consent = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(consent.starts_with(&fake.base_url), "{consent}");
+    let (_, status, page) = browse(&consent).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        system(&mut admin, "zd").await.state,
+        pb::SystemState::Active as i32
+    );
+    // Reconnected: the link was for the credential version before; it is spent.
+    let again = http.get(&link).send().await.unwrap();
+    assert_eq!(again.status().as_u16(), 410);
+    broker.stop().await;
+}

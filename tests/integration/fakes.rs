@@ -845,7 +845,7 @@ impl OAuthServer {
     }
 
     /// Revokes every token (as when consent is withdrawn).
-    fn revoke_all(&mut self) {
+    pub fn revoke_all(&mut self) {
         self.access.clear();
         for v in self.refresh.values_mut() {
             v.2 = false;

@@ -423,13 +423,13 @@ type Seen = (axum::http::HeaderMap, Vec<u8>, u16);
 
 /// A webhook receiver: records every request; answers 503 while `down`.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
-    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) down: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Receiver {
-    async fn start(self, bind: &str) -> String {
+    pub(crate) async fn start(self, bind: &str) -> String {
         let me = self.clone();
         let app = axum::Router::new().fallback(
             move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
@@ -454,12 +454,23 @@ impl Receiver {
         format!("http://{addr}/hooks/credbroker")
     }
 
-    fn count(&self) -> usize {
+    /// The bodies of the deliveries answered 2xx, in order.
+    pub(crate) fn bodies(&self) -> Vec<serde_json::Value> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, _, status)| *status == 200)
+            .map(|(_, body, _)| serde_json::from_slice(body).unwrap())
+            .collect()
+    }
+
+    pub(crate) fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
     }
 
     /// (id, type, system id) of the deliveries answered 2xx, in order.
-    fn delivered(&self, key: &[u8]) -> Vec<(String, String, String)> {
+    pub(crate) fn delivered(&self, key: &[u8]) -> Vec<(String, String, String)> {
         let now = credbroker::model::unix_now();
         self.seen
             .lock()
@@ -524,7 +535,7 @@ async fn webhooks_are_signed_retried_until_delivered_once_and_kept_off_refused_a
         // Outside the egress allow-list (127.0.0.1/32): never contacted.
         hook(blocked.clone().start("127.0.0.2:0").await, &[]),
     ];
-    let broker = TestBroker::start_with(config).await;
+    let broker = TestBroker::start_with(config.clone()).await;
     let mut admin = broker.admin().await;
     for id in ["h-1", "h-2"] {
         register(
@@ -545,6 +556,10 @@ async fn webhooks_are_signed_retried_until_delivered_once_and_kept_off_refused_a
         || all.count() >= 1,
     )
     .await;
+    // A restart while the receiver is down loses nothing: delivery resumes from the stored
+    // cursor, and what was delivered before is not sent again.
+    broker.stop().await;
+    let broker = TestBroker::start_with(config).await;
     all.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let want = [
         ("system.registered", "h-1"),

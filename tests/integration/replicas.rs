@@ -575,3 +575,126 @@ async fn a_connect_started_on_one_replica_completes_through_another() {
     assert_eq!(replay.status().as_u16(), 400);
     no_secret_in_logs(r.logs.path(), &[crate::connect::ZD_SECRET, PG_PASSWORD]);
 }
+
+/// Registers an Asana system through `c`.
+async fn register_on(c: &mut Client, id: &str, base_url: &str) {
+    c.register_system(register_asana(id, base_url, "evt-pat", false))
+        .await
+        .unwrap();
+}
+
+/// The next event of `w` that is not a snapshot, within 10 s.
+async fn next_change(w: &mut tonic::Streaming<pb::SystemEvent>) -> pb::SystemEvent {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), w.message())
+            .await
+            .expect("no event within 10 s")
+            .unwrap()
+            .expect("the watch ended");
+        if e.r#type != "system.snapshot" {
+            return e;
+        }
+    }
+}
+
+/// One event log for all replicas: a watcher on B sees what A did, a cursor from B resumes on
+/// A, and a webhook endpoint configured on both gets each event once, from one replica, also
+/// after the delivering replica is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_event_log_and_deliver_each_webhook_once() {
+    let Some(pg) = PgServer::shared().await else {
+        return skipped("replicas_share_one_event_log_and_deliver_each_webhook_once");
+    };
+    let url = pg.fresh_db().await;
+    let asana = FakeAsana::start().await;
+    asana.add_user("evt-pat", "1201", "Proxy User", "proxy@example.com");
+    let receiver = crate::health::Receiver::default();
+    let hook_url = receiver.clone().start("127.0.0.1:0").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("webhook.secret");
+    std::fs::write(&secret_file, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    let key = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    )
+    .unwrap();
+    let r = replicas(
+        &url,
+        2,
+        &[
+            ("CREDBROKER_WEBHOOK_URL", &hook_url),
+            (
+                "CREDBROKER_WEBHOOK_SECRET_FILE",
+                secret_file.to_str().unwrap(),
+            ),
+        ],
+    )
+    .await;
+    let (mut a, mut b) = (r.admin(0).await, r.admin(1).await);
+    let mut on_b = b
+        .watch_systems(pb::WatchSystemsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let started = Instant::now();
+    register_on(&mut a, "e-1", &asana.base_url).await;
+    let seen = next_change(&mut on_b).await;
+    assert_eq!(
+        (
+            seen.r#type.as_str(),
+            seen.system.as_ref().unwrap().system_id.as_str()
+        ),
+        ("system.registered", "e-1")
+    );
+    eprintln!(
+        "A's registration seen by a watcher on B after {:?}",
+        started.elapsed()
+    );
+
+    // B's cursor resumes on A: what happened after it, nothing before.
+    register_on(&mut b, "e-2", &asana.base_url).await;
+    let mut on_a = a
+        .watch_systems(pb::WatchSystemsRequest {
+            after: seen.cursor.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let resumed = next_change(&mut on_a).await;
+    assert_eq!(resumed.system.unwrap().system_id, "e-2");
+    assert_eq!(
+        next_change(&mut on_b).await.system.unwrap().system_id,
+        "e-2"
+    );
+
+    // Each event reached the endpoint once, though both replicas have it configured.
+    let delivered = || receiver.delivered(&key).len();
+    eventually(Duration::from_secs(15), "two deliveries", || {
+        delivered() >= 2
+    })
+    .await;
+    // Killing either replica leaves the other to deliver (the lead passes within seconds).
+    r.procs[0].signal("KILL");
+    register_on(&mut b, "e-3", &asana.base_url).await;
+    eventually(Duration::from_secs(20), "the third delivery", || {
+        delivered() >= 3
+    })
+    .await;
+    let got = receiver.delivered(&key);
+    let ids: Vec<(&str, &str)> = got
+        .iter()
+        .map(|(_, t, s)| (t.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("system.registered", "e-1"),
+            ("system.registered", "e-2"),
+            ("system.registered", "e-3"),
+        ],
+        "each event once, in order"
+    );
+    let distinct: std::collections::HashSet<_> = got.iter().map(|(id, _, _)| id).collect();
+    assert_eq!(distinct.len(), 3);
+}

@@ -385,7 +385,23 @@ async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
         Code::Unauthenticated
     );
 
-    let events = audit_events(dir.path());
+    let all = audit_events(dir.path());
+    // System events are audited too, each under `SystemEvent` with its type.
+    let announced: Vec<(&str, &str)> = all
+        .iter()
+        .filter(|e| e["rpc"] == "SystemEvent")
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap(),
+                e["system_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(announced, [("system.registered", "aud")]);
+    let events: Vec<_> = all
+        .into_iter()
+        .filter(|e| e["rpc"] != "SystemEvent")
+        .collect();
     let rpcs: Vec<(&str, &str)> = events
         .iter()
         .map(|e| (e["rpc"].as_str().unwrap(), e["code"].as_str().unwrap()))

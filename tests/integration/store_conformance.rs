@@ -246,12 +246,19 @@ async fn postgres_replicas_migrate_once_when_started_together() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    let n: i64 = client
-        .query_one("SELECT count(*) FROM credbroker_schema_history", &[])
+    let row = client
+        .query_one(
+            "SELECT count(*), count(DISTINCT version) FROM credbroker_schema_history",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 1, "migration V1 recorded exactly once");
+        .unwrap();
+    let (n, distinct): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(
+        (n, distinct),
+        (2, 2),
+        "migrations V1 and V2 recorded exactly once each"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
