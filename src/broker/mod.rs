@@ -638,7 +638,7 @@ impl Broker {
                 let backend = self.registry.get(record.kind)?.clone();
                 // Through the single-flight token path: a check never spends a refresh token
                 // behind the cache's back.
-                let mut check = match self.access_token(&system_id, 0, None).await {
+                let mut check = match self.token_for_check(&system_id).await {
                     Ok(token) => {
                         let record = self.get_system(&system_id).await?;
                         let credential = self.open_credential(&record)?;

@@ -358,6 +358,25 @@ impl Broker {
         Ok(t)
     }
 
+    /// A token for checking `system_id` (a scheduled or an admin's check): the same
+    /// single-flight path, but the token is not marked as used, so checking an idle system does
+    /// not make the refresher renew its tokens ahead from then on.
+    pub(crate) async fn token_for_check(
+        &self,
+        system_id: &str,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        if let Some(t) = self.answers_from_cache(system_id, 0, "") {
+            return Ok(t);
+        }
+        crate::broker::validate_system_id(system_id)?;
+        self.mint_detached(
+            system_id,
+            SystemTime::now(),
+            Reason::Demand { rejected: None },
+        )
+        .await
+    }
+
     /// `GetAccessToken`'s policy for `caller`: the id is validated and the caller's scope (ids,
     /// then kinds) checked before any mint, and an out-of-scope caller gets the same answer
     /// whether or not the system exists or works.

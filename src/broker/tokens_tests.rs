@@ -231,6 +231,23 @@ async fn a_used_token_is_refreshed_once_ahead_of_expiry() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn checking_an_idle_system_does_not_keep_its_tokens_renewed() {
+    let backend = FakeBackend::new(false, vec![]);
+    let broker = broker_with(backend.clone()).await;
+    let refresher = broker.start_refresher();
+    let checked = broker
+        .check(crate::broker::CheckTarget::Stored(SYSTEM.to_owned()))
+        .await
+        .unwrap();
+    assert!(checked.ok);
+    assert_eq!(backend.calls(), 1, "the check minted one token");
+    // Nobody uses it: no renewal ahead of its expiry (at 80 s), none after.
+    tokio::time::sleep(Duration::from_secs(150)).await;
+    assert_eq!(backend.calls(), 1, "a token only a check used was renewed");
+    refresher.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failing_endpoint_is_backed_off_not_hammered() {
     let backend = FakeBackend::new(false, vec![Answer::Transient(None)]);
     let broker = broker_with(backend.clone()).await;
