@@ -300,6 +300,8 @@ pub struct Broker {
     pub(crate) schedule: schedule::CheckSchedule,
     /// The lead of the keep-alive sweep and scheduled checks, while this process holds it.
     pub(crate) sweep_lead: tokio::sync::Mutex<Option<crate::store::Lead>>,
+    /// Open watches per caller.
+    pub(crate) watch_counts: watch::WatchCounts,
 }
 
 impl Broker {
@@ -355,6 +357,7 @@ impl Broker {
             events,
             schedule: schedule::CheckSchedule::new(checks_per_vendor),
             sweep_lead: tokio::sync::Mutex::new(None),
+            watch_counts: Default::default(),
         });
         let admin_token = broker.bootstrap().await?;
         Ok((broker, admin_token))

@@ -1,13 +1,18 @@
-//! `WatchSystems`, the domain half: who may see which system, and where a watch starts (a
-//! snapshot of the matching systems, or the events after a cursor).
+//! `WatchSystems`, the domain half: who may see which system, where a watch starts (a snapshot
+//! of the matching systems, or the events after a cursor), and how many watches a caller may
+//! hold open.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
 
 use super::callers::Caller;
-use super::events::{CursorError, Opening};
-use super::{Broker, SCAN_PAGE};
+use super::events::{CursorError, Event};
+use super::Broker;
 use crate::error::BrokerError;
 use crate::model::{SystemKind, SystemRecord};
+use crate::util::sync::lock;
 
 /// The most system ids one watch may name.
 pub const MAX_WATCHED_IDS: usize = 1000;
@@ -31,7 +36,62 @@ impl WatchFilter {
     }
 }
 
+/// The most watches one caller may have open at once (each holds a live feed and a task).
+pub const MAX_WATCHES_PER_CALLER: usize = 16;
+
+/// Open watches per caller name.
+pub(crate) type WatchCounts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// One open watch of a caller: released when dropped (the watch ended).
+pub struct WatchSlot {
+    counts: WatchCounts,
+    caller: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.counts);
+        if let Some(n) = counts.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.caller);
+            }
+        }
+    }
+}
+
+/// Where a watch starts.
+pub struct WatchStart {
+    /// Events after the cursor asked for (none for a snapshot).
+    pub missed: Vec<Arc<Event>>,
+    /// The live feed.
+    pub live: broadcast::Receiver<Arc<Event>>,
+    /// The position the live feed starts after (the cursor of the snapshot's events).
+    pub at: u64,
+    /// True when the watch opens with a snapshot of the matching systems, read page by page
+    /// as the client takes it (never buffered whole).
+    pub snapshot: bool,
+    /// The caller's slot, held while the watch runs.
+    pub slot: WatchSlot,
+}
+
 impl Broker {
+    fn take_watch_slot(&self, caller: &Caller) -> Result<WatchSlot, BrokerError> {
+        let mut counts = lock(&self.watch_counts);
+        let n = counts.entry(caller.name.clone()).or_insert(0);
+        if *n >= MAX_WATCHES_PER_CALLER {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "caller '{}' already has {MAX_WATCHES_PER_CALLER} watches open; end one first",
+                caller.name
+            )));
+        }
+        *n += 1;
+        Ok(WatchSlot {
+            counts: self.watch_counts.clone(),
+            caller: caller.name.clone(),
+        })
+    }
+
     /// Where a watch starts, and its live feed: without `after`, a snapshot of every matching
     /// system (taken after subscribing, so nothing that happens meanwhile is lost); with it,
     /// the matching events after that cursor.
@@ -40,7 +100,7 @@ impl Broker {
         caller: &Caller,
         filter: &WatchFilter,
         after: Option<&str>,
-    ) -> Result<Opening, BrokerError> {
+    ) -> Result<WatchStart, BrokerError> {
         if filter.system_ids.len() > MAX_WATCHED_IDS {
             return Err(BrokerError::invalid(
                 "system_ids",
@@ -72,22 +132,17 @@ impl Broker {
                     .to_owned(),
             ),
         })?;
-        if after.is_some() {
-            let missed = missed
-                .into_iter()
-                .filter(|e| filter.admits(caller, &e.system))
-                .collect();
-            return Ok((missed, rx, at));
-        }
-        let mut opening = Vec::new();
-        let mut pages = self.system_pages(SCAN_PAGE);
-        while let Some(page) = pages.next().await? {
-            opening.extend(
-                page.iter()
-                    .filter(|r| filter.admits(caller, r))
-                    .map(|r| Arc::new(self.events.snapshot(r, at))),
-            );
-        }
-        Ok((opening, rx, at))
+        let slot = self.take_watch_slot(caller)?;
+        let missed = missed
+            .into_iter()
+            .filter(|e| filter.admits(caller, &e.system))
+            .collect();
+        Ok(WatchStart {
+            missed,
+            live: rx,
+            at,
+            snapshot: after.is_none(),
+            slot,
+        })
     }
 }

@@ -826,9 +826,9 @@ impl CredentialBroker for BrokerService {
                         .map(|k| convert::kind(*k, "kinds"))
                         .collect::<Result<_, _>>()?,
                 };
-                let (opening, rx, at) = broker.watch(&caller, &filter, after).await?;
+                let start = broker.watch(&caller, &filter, after).await?;
                 Ok((
-                    event_stream(broker, caller, filter, (opening, rx, at)),
+                    event_stream(broker, caller, filter, start),
                     Audited::default(),
                 ))
             },
@@ -962,40 +962,53 @@ fn caller_changed(broker: &Broker, caller: &Caller) -> bool {
 pub type EventStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SystemEvent, Status>> + Send>>;
 
-/// The opening events, then every matching live event until shutdown. A watcher that falls
+/// The opening events (a snapshot read page by page as the client takes it, or the events
+/// after its cursor), then every matching live event until shutdown. A watcher that falls
 /// behind the live feed is ended with UNAVAILABLE and resumes from its last cursor.
 fn event_stream(
     broker: Arc<Broker>,
     caller: Arc<Caller>,
     filter: WatchFilter,
-    (opening, rx, at): crate::broker::events::Opening,
+    start: crate::broker::watch::WatchStart,
 ) -> EventStream {
     use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
     use tokio_stream::StreamExt;
-    let closed = broker.events.closed();
     let admin = caller.role == Role::Admin;
+    let at = start.at;
     let b = broker.clone();
-    let head = tokio_stream::iter(opening)
+    let head = tokio_stream::iter(start.missed)
         .map(move |e| Ok(convert::event(&e, b.events.cursor(e.seq), admin)));
-    let (b, c) = (broker.clone(), caller.clone());
-    let live =
-        tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |item| match item {
+    let (b, c, f) = (broker.clone(), caller.clone(), filter.clone());
+    let live = tokio_stream::wrappers::BroadcastStream::new(start.live).filter_map(move |item| {
+        match item {
             // A cursor ahead of this replica's log starts the feed after it.
-            Ok(e) if e.seq > at && filter.admits(&c, &e.system) => {
+            Ok(e) if e.seq > at && f.admits(&c, &e.system) => {
                 Some(Ok(convert::event(&e, b.events.cursor(e.seq), admin)))
             }
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(_)) => Some(Err(Status::unavailable(
                 "this watch fell behind the event feed; watch again with `after` set to the last \
-             cursor received",
+                 cursor received",
             ))),
-        });
+        }
+    });
     // Forwarded by a task that also watches for shutdown, for the client going away, and for
     // the caller being revoked, expiring or re-scoped (checked every few seconds).
     let (tx, out) = tokio::sync::mpsc::channel(64);
+    let snapshot = start.snapshot;
+    let slot = start.slot;
     tokio::spawn(async move {
-        let mut events = std::pin::pin!(head.chain(live));
+        let _slot = slot;
+        let closed = broker.events.closed();
         let mut closed = std::pin::pin!(closed);
+        if snapshot {
+            let sent = send_snapshot(&broker, &caller, &filter, at, &tx, admin);
+            tokio::select! {
+                _ = &mut closed => return,
+                ok = sent => if !ok { return },
+            }
+        }
+        let mut events = std::pin::pin!(head.chain(live));
         let mut recheck = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
             let item = tokio::select! {
@@ -1023,4 +1036,34 @@ fn event_stream(
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+}
+
+/// Sends one snapshot event per matching system, a page at a time (at most one page and the
+/// channel's 64 events in memory, however many systems there are). False when the watch ended.
+async fn send_snapshot(
+    broker: &Broker,
+    caller: &Caller,
+    filter: &WatchFilter,
+    at: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::SystemEvent, Status>>,
+    admin: bool,
+) -> bool {
+    let mut pages = broker.system_pages(crate::broker::SCAN_PAGE);
+    loop {
+        let page = match pages.next().await {
+            Ok(Some(page)) => page,
+            Ok(None) => return true,
+            Err(e) => {
+                let _ = tx.send(Err(BrokerError::from(e).into())).await;
+                return false;
+            }
+        };
+        for r in page.iter().filter(|r| filter.admits(caller, r)) {
+            let e = broker.events.snapshot(r, at);
+            let item = Ok(convert::event(&e, broker.events.cursor(at), admin));
+            if tx.send(item).await.is_err() {
+                return false;
+            }
+        }
+    }
 }

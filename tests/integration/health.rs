@@ -851,3 +851,58 @@ async fn broker_system(admin: &mut Client, id: &str) -> pb::System {
         .system
         .unwrap()
 }
+
+/// One caller holds at most 16 watches at once (each is a live feed and a task on the broker);
+/// the 17th is refused with RESOURCE_EXHAUSTED, and a watch that ends frees its slot. Another
+/// caller is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_holds_a_bounded_number_of_watches() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let mut open = Vec::new();
+    for _ in 0..credbroker::broker::watch::MAX_WATCHES_PER_CALLER {
+        open.push(watch(&mut admin, "").await.unwrap());
+    }
+    let refused = watch(&mut admin, "").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("watches open"),
+        "{}",
+        refused.message()
+    );
+    let token = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "w-watch".into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut worker = client(broker.addr, Some(&token)).await;
+    assert!(
+        watch(&mut worker, "").await.is_ok(),
+        "another caller is not limited"
+    );
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match watch(&mut admin, "").await {
+            Ok(w) => {
+                open.push(w);
+                break;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the slot was never freed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    broker.stop().await;
+}
