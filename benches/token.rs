@@ -622,6 +622,14 @@ async fn storm_scenario(
 }
 
 fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::process::Child) {
+    spawn_broker_env(data_dir, runtime, &[])
+}
+
+fn spawn_broker_env(
+    data_dir: &std::path::Path,
+    runtime: &str,
+    envs: &[(&str, &str)],
+) -> (String, std::process::Child) {
     let mut child = std::process::Command::new("taskset")
         .args(["-c", "1"])
         .arg(env!("CARGO_BIN_EXE_credbroker"))
@@ -655,6 +663,7 @@ fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::proc
             std::env::var("BENCH_AUDIT_FILE")
                 .unwrap_or_else(|_| data_dir.join("audit.log").display().to_string()),
         )
+        .envs(envs.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -701,6 +710,139 @@ fn spawn_echo(
         .read_line(&mut line)
         .unwrap();
     (line.trim().to_owned(), child)
+}
+
+/// A who-am-I endpoint (Asana's `users/me`) answering after `delay`, counting calls and the
+/// most in flight at once; on its own thread and runtime.
+async fn fake_asana(delay: Duration) -> (String, Arc<FakeTokens>) {
+    let stats = Arc::new(FakeTokens::default());
+    let st = stats.clone();
+    let app = axum::Router::new().route(
+        "/api/1.0/users/me",
+        axum::routing::get(move || {
+            let st = st.clone();
+            async move {
+                let now = st.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                st.max_inflight.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                st.calls.fetch_add(1, Ordering::SeqCst);
+                st.inflight.fetch_sub(1, Ordering::SeqCst);
+                axum::Json(serde_json::json!({"data": {"gid": "1201", "name": "Bench", "email": "bench@example.com"}}))
+            }
+        }),
+    );
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let base = format!("http://{}/api/1.0", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                axum::serve(l, app).await.unwrap()
+            })
+    });
+    (base, stats)
+}
+
+/// `n` Asana systems on a fake vendor (20 ms per answer): warm `GetAccessToken` latency with
+/// scheduled checks off, then on the same store with every system due (interval 10 s: the
+/// sweep, every minute as at start, finds all 10,000 due; 4 per vendor at a time), measured
+/// while they run.
+async fn checks_scenario(rt_kind: &str, n: usize, seconds: f64) {
+    let (base, fake) = fake_asana(Duration::from_millis(20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = |interval: u64| {
+        let path = dir.path().join(format!("checks-{interval}.toml"));
+        std::fs::write(
+            &path,
+            format!("check_interval_secs = {interval}\nchecks_per_vendor = 4\nkeepalive_interval_secs = 60\n"),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let off = conf(0);
+    let (addr, mut child) = spawn_broker_env(&data, rt_kind, &[("CREDBROKER_CONFIG", &off)]);
+    wait_serving(&addr).await;
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let mut admin = connect(&addr, token.trim()).await;
+    let t0 = Instant::now();
+    register_asana_systems(&addr, token.trim(), n, &base).await;
+    let reg_s = t0.elapsed().as_secs_f64();
+    let worker = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "checks-worker".into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let (p50_off, p99_off, rps_off) = random_tokens(&addr, &worker, n, seconds).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let on = conf(10);
+    let (addr, mut child) = spawn_broker_env(&data, rt_kind, &[("CREDBROKER_CONFIG", &on)]);
+    wait_serving(&addr).await;
+    // The first sweep starts the checks; measure once they are under way.
+    while fake.calls.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = fake.calls.load(Ordering::SeqCst);
+    let (p50_on, p99_on, rps_on) = random_tokens(&addr, &worker, n, seconds).await;
+    let during = fake.calls.load(Ordering::SeqCst) - before;
+    let max_inflight = fake.max_inflight.load(Ordering::SeqCst);
+    let _ = child.kill();
+    let _ = child.wait();
+    let json = serde_json::json!({
+        "benchmark": "scheduled_checks", "systems": n, "upstream_delay_ms": 20,
+        "checks_per_vendor": 4, "registration_s": reg_s,
+        "off": {"p50_us": p50_off, "p99_us": p99_off, "rps": rps_off},
+        "on": {"p50_us": p50_on, "p99_us": p99_on, "rps": rps_on,
+               "checks_during_measurement": during, "upstream_max_concurrent": max_inflight},
+    });
+    std::fs::create_dir_all("bench-results").unwrap();
+    std::fs::write(
+        "bench-results/token-checks.json",
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    println!("| {n} systems, scheduled checks | p50 | p99 | GetAccessToken/s | checks run | vendor concurrency, max |");
+    println!("|---|---|---|---|---|---|");
+    println!("| checks off | {p50_off:.0} µs | {p99_off:.0} µs | {rps_off:.0} | — | — |");
+    println!("| checks running | {p50_on:.0} µs | {p99_on:.0} µs | {rps_on:.0} | {during} in {seconds:.0} s | {max_inflight} (cap 4) |");
+}
+
+/// Registers `n` Asana systems (`sys-000000`…) on `base`, 64 at a time.
+async fn register_asana_systems(addr: &str, token: &str, n: usize, base: &str) {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let mut c = connect(addr, token).await;
+        let (next, base) = (next.clone(), base.to_owned());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                let mut r = scale_register(0);
+                r.system_id = format!("sys-{i:06}");
+                r.base_url = base.clone();
+                c.register_system(r).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
 }
 
 fn scale_register(i: usize) -> pb::RegisterSystemRequest {
@@ -1044,6 +1186,12 @@ fn main() {
             oauth_scenario(&addr, &admin, &worker_token, broker.id(), &rt_kind, connections, concurrency, seconds, rounds).await;
             let _ = broker.kill();
             let _ = broker.wait();
+            return;
+        }
+        if arg("--scenario", "token") == "checks" {
+            let _ = broker.kill();
+            let _ = broker.wait();
+            checks_scenario(&rt_kind, arg("--systems", "10000").parse().unwrap(), seconds).await;
             return;
         }
         if arg("--scenario", "token") == "storm" {

@@ -899,6 +899,14 @@ fn webhooks(f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) -> Vec<
             errors.push("webhooks: a url is not an http(s) URL".to_owned());
             continue;
         }
+        if out
+            .iter()
+            .any(|o: &WebhookConfig| o.url == w.url && o.events == w.events)
+        {
+            // Not echoed either. Two such endpoints would share one delivery cursor.
+            errors.push("webhooks: the same url and events are listed twice".to_owned());
+            continue;
+        }
         if let Some(bad) = w
             .events
             .iter()

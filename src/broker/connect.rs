@@ -99,6 +99,14 @@ impl CallbackPage {
     }
 }
 
+/// A system with a new grant: active, and a spell of failing refreshes of the old one is over.
+fn connected(r: &mut crate::model::SystemRecord) {
+    r.state = SystemState::Active;
+    r.state_message = None;
+    r.refresh_failure = None;
+    r.updated_at = unix_now();
+}
+
 fn connect_hint(system_id: &str) -> String {
     format!("start again with `credbrokerctl system connect {system_id}`")
 }
@@ -408,9 +416,7 @@ impl Broker {
             .map_err(|e| (Outcome::Internal, e.to_string()))?;
         updated.credential_version = version;
         updated.credential_expires_at = new_credential.expires_at();
-        updated.state = SystemState::Active;
-        updated.state_message = None;
-        updated.updated_at = unix_now();
+        connected(&mut updated);
         let updated = self.swap_system(&current, updated).await.map_err(|e| {
             (
                 Outcome::Unavailable,
@@ -475,13 +481,16 @@ impl Broker {
         Some(format!("{base}/oauth/start?{query}"))
     }
 
-    /// Follows a "Connect" link: checks its signature, expiry and credential version, then
-    /// starts the authorization (as `StartAuthorization` does).
-    pub async fn follow_connect_link(&self, params: &HashMap<String, String>) -> LinkOutcome {
+    /// Checks a "Connect" link (signature, expiry, credential version) without acting on it:
+    /// `Ok(system id)` when it may be followed.
+    pub async fn check_connect_link(
+        &self,
+        params: &HashMap<String, String>,
+    ) -> Result<String, LinkOutcome> {
         let get = |k: &str| params.get(k).map(String::as_str).unwrap_or_default();
         let (system_id, sig) = (get("system"), get("sig"));
         let (Ok(version), Ok(exp)) = (get("v").parse::<u64>(), get("exp").parse::<u64>()) else {
-            return LinkOutcome::Invalid;
+            return Err(LinkOutcome::Invalid);
         };
         let want = link_signature(&self.link_key, system_id, version, exp);
         if want.is_empty()
@@ -490,30 +499,64 @@ impl Broker {
                 sig.as_bytes(),
             ))
         {
-            return LinkOutcome::Invalid;
+            return Err(LinkOutcome::Invalid);
         }
-        if exp < unix_now() {
-            return LinkOutcome::Stale(format!(
-                "this link has expired; {}",
+        let stale = |why: &str| {
+            Err(LinkOutcome::Stale(format!(
+                "{why}; {}",
                 connect_hint(system_id)
-            ));
+            )))
+        };
+        if exp < unix_now() {
+            return stale("this link has expired");
         }
         match self.get_system(system_id).await {
-            Ok(r) if r.credential_version == version => {}
-            _ => {
-                return LinkOutcome::Stale(format!(
-                    "the system was reconnected, rotated or deleted since this link was made; \
-                     {}",
-                    connect_hint(system_id)
-                ))
+            Ok(r) if r.credential_version == version => Ok(system_id.to_owned()),
+            Ok(_) | Err(BrokerError::NotFound(_)) => {
+                stale("the system was reconnected, rotated or deleted since this link was made")
             }
+            Err(_) => Err(LinkOutcome::Stale(
+                "the broker cannot read the system right now; try again in a moment".to_owned(),
+            )),
         }
-        match self.start_authorization(system_id).await {
+    }
+
+    /// Follows a checked "Connect" link: starts the authorization (as `StartAuthorization`
+    /// does), at most [`MAX_LINK_FLOWS`] live at a time per system (a leaked link cannot pile
+    /// up pending authorizations).
+    pub async fn follow_connect_link(&self, params: &HashMap<String, String>) -> LinkOutcome {
+        let system_id = match self.check_connect_link(params).await {
+            Ok(id) => id,
+            Err(outcome) => return outcome,
+        };
+        let live = {
+            let now = Instant::now();
+            lock(&self.pending_authorizations)
+                .values()
+                .filter(|p| p.system_id == system_id && p.expires > now)
+                .count()
+        };
+        if live >= MAX_LINK_FLOWS {
+            return LinkOutcome::Stale(format!(
+                "{MAX_LINK_FLOWS} Connect flows for this system are already open; finish one in \
+                 the tab where it started, or wait ten minutes"
+            ));
+        }
+        match self.start_authorization(&system_id).await {
             Ok((url, _, _)) => LinkOutcome::Consent(url),
-            Err(e) => LinkOutcome::Stale(e.to_string()),
+            Err(e) => {
+                tracing::warn!(message = "A Connect link could not start the authorization.", system_id = %system_id, error = %e);
+                LinkOutcome::Stale(
+                    "the authorization could not be started right now; try again in a moment"
+                        .to_owned(),
+                )
+            }
         }
     }
 }
+
+/// Authorizations a Connect link may have open at once per system.
+pub const MAX_LINK_FLOWS: usize = 3;
 
 fn link_signature(key: &[u8; 32], system_id: &str, version: u64, exp: u64) -> String {
     use base64::Engine;

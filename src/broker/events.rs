@@ -126,6 +126,10 @@ struct Body {
 impl Event {
     /// An event read from the store; `None` (logged) when it does not decode.
     pub fn decode(stored: &StoredEvent) -> Option<Self> {
+        if stored.body.is_empty() {
+            // Refused by the record authentication (and logged there).
+            return None;
+        }
         let body: Body = match serde_json::from_slice(&stored.body) {
             Ok(b) => b,
             Err(e) => {
@@ -194,22 +198,28 @@ impl Events {
     /// and the publisher task (which holds the store only while it writes or reads, and ends with
     /// this value).
     pub async fn open(store: &Arc<dyn CredentialStore>) -> Result<Self, StoreError> {
-        let epoch = match store.get_meta(EPOCH_KEY).await? {
-            Some(e) if is_epoch(&e) => String::from_utf8_lossy(&e).into_owned(),
-            _ => {
-                let b: [u8; 6] = rand::random();
-                store
-                    .put_meta(EPOCH_KEY, crate::util::hex::encode(&b).as_bytes())
-                    .await?;
-                // Replicas starting together on a fresh store agree on the one written last.
-                let e = store.get_meta(EPOCH_KEY).await?.unwrap_or_default();
-                String::from_utf8_lossy(&e).into_owned()
-            }
+        // Created once: replicas starting together on a fresh store all adopt the first.
+        let fresh: [u8; 6] = rand::random();
+        let stored = store
+            .init_meta(EPOCH_KEY, crate::util::hex::encode(&fresh).as_bytes())
+            .await?;
+        let epoch = if is_epoch(&stored) {
+            String::from_utf8_lossy(&stored).into_owned()
+        } else {
+            // Edited by hand: a new epoch (cursors handed out so far are refused as too old).
+            let e = crate::util::hex::encode(&fresh);
+            tracing::warn!(
+                message = "The event log's epoch in the store is malformed; starting a new one."
+            );
+            store.put_meta(EPOCH_KEY, e.as_bytes()).await?;
+            e
         };
+        // Only what the ring can hold is read at start, not the whole stored log.
+        let newest = store.last_event_seq().await?;
         let shared = Arc::new(Shared {
             epoch,
             log: Mutex::new(Log {
-                next: 1,
+                next: newest.saturating_sub(MAX_EVENTS as u64) + 1,
                 ring: VecDeque::new(),
             }),
             live: broadcast::channel(LIVE_BUFFER).0,
@@ -245,12 +255,22 @@ impl Events {
         self.closed.send_replace(true);
     }
 
+    /// True once [`Self::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
     /// Resolves once [`Self::close`] was called.
     pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.closed.subscribe();
         async move {
             let _ = rx.wait_for(|c| *c).await;
         }
+    }
+
+    /// Events queued but not yet in the store.
+    pub fn unpublished(&self) -> usize {
+        self.unpublished.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Another process appended to the shared log: pull it now.

@@ -636,52 +636,66 @@ impl Broker {
                 );
                 Ok(check)
             }
-            CheckTarget::Stored(system_id) => {
-                let record = self.get_system(&system_id).await?;
-                let backend = self.registry.get(record.kind)?.clone();
-                // Through the single-flight token path: a check never spends a refresh token
-                // behind the cache's back.
-                let mut check = match self.token_for_check(&system_id).await {
-                    Ok(token) => {
-                        let record = self.get_system(&system_id).await?;
-                        let credential = self.open_credential(&record)?;
-                        let target = Target {
-                            system_id: Some(&system_id),
-                            base_url: &record.base_url,
-                            credential: &credential,
-                        };
-                        match tokio::time::timeout(
-                            self.settings.check_timeout,
-                            backend.verify(&target, &token.to_issued()),
-                        )
-                        .await
-                        {
-                            Ok(c) => c,
-                            Err(_) => check_timed_out(self.settings.check_timeout),
-                        }
-                    }
-                    Err(BrokerError::DataLoss(m)) => return Err(BrokerError::DataLoss(m)),
-                    Err(e) => {
-                        let failure = match (&e, self.last_failure(&system_id).await) {
-                            (_, Some(f)) => f,
-                            (BrokerError::FailedPrecondition(_), None) => {
-                                AuthFailure::ReauthorizationRequired
-                            }
-                            _ => AuthFailure::UpstreamError,
-                        };
-                        AuthCheck::failed(failure, e.to_string())
-                    }
-                };
-                let record = self.get_system(&system_id).await?;
-                warn_expiry(
-                    &mut check,
-                    record.credential_expires_at,
-                    record.credential_type,
-                );
-                self.record_check(&record, &check).await?;
-                Ok(check)
-            }
+            CheckTarget::Stored(system_id) => self.check_stored(&system_id, false).await,
         }
+    }
+
+    /// Checks a stored system and records the result. `scheduled`: a check the broker ran on
+    /// its own, announced (`check.completed`) only when its outcome differs from the last one,
+    /// so thousands of unchanged scheduled checks do not crowd the event log.
+    pub(crate) async fn check_stored(
+        &self,
+        system_id: &str,
+        scheduled: bool,
+    ) -> Result<AuthCheck, BrokerError> {
+        let system_id = system_id.to_owned();
+        let kind = self.get_system(&system_id).await?.kind;
+        let backend = self.registry.get(kind)?.clone();
+        // Through the single-flight token path: a check never spends a refresh token
+        // behind the cache's back.
+        let token = self.token_for_check(&system_id).await;
+        // Read after the token: a refresh may have rotated the stored credential.
+        let record = self.get_system(&system_id).await?;
+        let mut check = match token {
+            Ok(token) => {
+                let credential = self.open_credential(&record)?;
+                let target = Target {
+                    system_id: Some(&system_id),
+                    base_url: &record.base_url,
+                    credential: &credential,
+                };
+                match tokio::time::timeout(
+                    self.settings.check_timeout,
+                    backend.verify(&target, &token.to_issued()),
+                )
+                .await
+                {
+                    Ok(c) => c,
+                    Err(_) => check_timed_out(self.settings.check_timeout),
+                }
+            }
+            Err(BrokerError::DataLoss(m)) => return Err(BrokerError::DataLoss(m)),
+            Err(e) => {
+                let failure = match (&e, self.last_failure(&system_id).await) {
+                    (_, Some(f)) => f,
+                    (BrokerError::FailedPrecondition(_), None) => {
+                        AuthFailure::ReauthorizationRequired
+                    }
+                    _ => AuthFailure::UpstreamError,
+                };
+                AuthCheck::failed(failure, e.to_string())
+            }
+        };
+        // Read again: a refresh during the check moved the revision on; the result is
+        // recorded on the newest record, not lost to a conflict.
+        let record = self.get_system(&system_id).await?;
+        warn_expiry(
+            &mut check,
+            record.credential_expires_at,
+            record.credential_type,
+        );
+        self.record_check(&record, &check, scheduled).await?;
+        Ok(check)
     }
 
     /// Replaces a system's credential, checking the new one first unless `skip_check`. Password
@@ -726,6 +740,8 @@ impl Broker {
             SystemState::Active
         };
         updated.state_message = needs_connect.then(|| not_connected(system_id));
+        // A new credential: a spell of failing refreshes of the old one is over.
+        updated.refresh_failure = None;
         updated.updated_at = unix_now();
         if prepared.check.is_some() {
             updated.last_check = prepared.check.clone();
@@ -776,10 +792,25 @@ impl Broker {
         &self,
         record: &SystemRecord,
         check: &AuthCheck,
+        only_if_changed: bool,
     ) -> Result<(), BrokerError> {
         let mut updated = record.clone();
         updated.last_check = Some(check.clone());
+        let unchanged = record.last_check.as_ref().is_some_and(|last| {
+            (
+                last.ok,
+                last.failure,
+                &last.identity,
+                &last.missing_permissions,
+            ) == (
+                check.ok,
+                check.failure,
+                &check.identity,
+                &check.missing_permissions,
+            )
+        });
         match self.swap_system(record, updated).await {
+            Ok(_) if only_if_changed && unchanged => Ok(()),
             Ok(written) => {
                 let outcome = match check.failure {
                     None => "ok".to_owned(),

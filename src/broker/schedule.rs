@@ -4,8 +4,11 @@
 //! per kind (so they never stampede one vendor). Results feed health like any check.
 //!
 //! Each sweep collects the systems that are due; one batch per kind then works through them,
-//! most overdue first, with at most `checks_per_vendor` checks in flight. A kind whose previous
-//! batch is still running is left for the next sweep (its systems stay due).
+//! most overdue first, with at most `checks_per_vendor` checks in flight, and paced: a batch's
+//! starts are spread over a tenth of the interval (the jitter window), so the first sweep after
+//! an upgrade, which finds every system due, does not turn into a stampede on the broker itself
+//! (10,000 systems at the default 6 hours: one start every 0.2 s). A kind whose previous batch
+//! is still running is left for the next sweep (its systems stay due).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -13,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
-use super::{Broker, CheckTarget};
+use super::Broker;
 use crate::model::{SystemKind, SystemRecord, SystemState};
 use crate::util::sync::lock;
 
@@ -31,6 +34,14 @@ impl CheckSchedule {
             per_vendor: per_vendor.max(1),
         }
     }
+}
+
+/// The pause between two starts of a batch of `n` checks: the batch spread over a tenth of
+/// the interval.
+fn pace(interval: std::time::Duration, n: usize) -> std::time::Duration {
+    (interval / 10)
+        .checked_div(u32::try_from(n).unwrap_or(u32::MAX).max(1))
+        .unwrap_or_default()
 }
 
 /// A system's offset within the interval: up to a tenth of it, stable per id.
@@ -83,15 +94,22 @@ impl Broker {
             }
             systems.sort();
             let me = self.clone();
+            let spacing = pace(self.settings.check_interval, systems.len());
             tasks.spawn(async move {
                 let mut running = JoinSet::new();
-                for (_, id) in systems {
+                let started = tokio::time::Instant::now();
+                for (i, (_, id)) in systems.into_iter().enumerate() {
+                    tokio::time::sleep_until(started + spacing * i as u32).await;
+                    if !me.still_leads().await {
+                        // Another replica leads now and runs its own batch.
+                        break;
+                    }
                     while running.len() >= me.schedule.per_vendor {
                         running.join_next().await;
                     }
                     let b = me.clone();
                     running.spawn(async move {
-                        let outcome = b.check(CheckTarget::Stored(id)).await;
+                        let outcome = b.check_stored(&id, true).await;
                         crate::metrics::METRICS.scheduled_check(match &outcome {
                             Ok(c) if c.ok => "ok",
                             Ok(_) => "failed",
@@ -109,6 +127,18 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_spread_over_a_tenth_of_the_interval() {
+        let six_hours = std::time::Duration::from_secs(21_600);
+        assert_eq!(pace(six_hours, 10_000).as_millis(), 216);
+        assert_eq!(pace(six_hours, 1), std::time::Duration::from_secs(2160));
+        assert_eq!(
+            pace(std::time::Duration::ZERO, 5),
+            std::time::Duration::ZERO
+        );
+        assert_eq!(pace(six_hours, 0), std::time::Duration::from_secs(2160));
+    }
 
     #[test]
     fn offsets_spread_within_a_tenth() {

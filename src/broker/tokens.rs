@@ -875,10 +875,22 @@ impl Broker {
         let delay = self.backoff_delay(f.failures, retry_after);
         f.backoff_until = Some(Instant::now() + delay);
         tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
-        if record.refresh_failure.is_none() {
+        if let Some(me) = self
+            .me
+            .upgrade()
+            .filter(|_| record.refresh_failure.is_none())
+        {
             // The start of a spell (written once, not per attempt): the system is degraded.
-            self.note_refresh_failure(system_id, failure, &message)
+            // Written aside, so callers waiting for the cached token never wait on the store.
+            // Tracked with the exchanges: a stop waits for it.
+            let (id, message) = (system_id.to_owned(), message.clone());
+            self.exchanges.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    me.note_refresh_failure(&id, failure, &message),
+                )
                 .await;
+            });
         }
         if oauth && message.contains(OUTCOME_UNKNOWN_MARK) {
             // The request reached the vendor, the answer did not reach us: the
@@ -1235,6 +1247,15 @@ impl Broker {
         }
         *lead = self.store.try_lead("sweep").await.ok().flatten();
         lead.is_some()
+    }
+
+    /// True while this process still holds the sweep's lead (a paced batch stops when not).
+    pub(crate) async fn still_leads(&self) -> bool {
+        self.sweep_lead
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|l| !l.is_lost())
     }
 
     /// Refreshes idle authorization-code grants whose refresh token would die within the

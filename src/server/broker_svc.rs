@@ -1050,6 +1050,14 @@ async fn send_snapshot(
 ) -> bool {
     let mut pages = broker.system_pages(crate::broker::SCAN_PAGE);
     loop {
+        if caller_changed(broker, caller) {
+            let _ = tx
+                .send(Err(Status::permission_denied(
+                    "the caller was revoked, expired or re-scoped; watch again",
+                )))
+                .await;
+            return false;
+        }
         let page = match pages.next().await {
             Ok(Some(page)) => page,
             Ok(None) => return true,

@@ -14,7 +14,7 @@ use axum::routing::{any, get};
 use axum::Router;
 
 use super::proxy::ProxyClient;
-use crate::broker::connect::Outcome;
+use crate::broker::connect::{LinkOutcome, Outcome};
 use crate::broker::Broker;
 
 /// What the HTTP handlers share: the gRPC service's core cell and the proxy's upstream client.
@@ -34,7 +34,7 @@ impl FromRef<HttpState> for Arc<OnceLock<Arc<Broker>>> {
 pub fn router(core: Arc<OnceLock<Arc<Broker>>>, proxy_client: Option<ProxyClient>) -> Router {
     Router::new()
         .route("/oauth/callback", get(callback))
-        .route("/oauth/start", get(start_link))
+        .route("/oauth/start", get(start_link_page).post(start_link))
         .route("/proxy/{*rest}", any(proxy))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -128,47 +128,111 @@ async fn callback(
     }
 }
 
-/// A signed "Connect" link from a webhook: starts the authorization and sends the browser to
-/// the vendor's consent page.
-async fn start_link(
+/// A signed "Connect" link from a webhook, opened: a page with one button (a POST), so that
+/// link previews and scanners, which only GET, start nothing.
+async fn start_link_page(
     State(core): State<Arc<OnceLock<Arc<Broker>>>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    use crate::broker::connect::LinkOutcome;
     let Some(broker) = core.get() else {
-        return page(
-            503,
-            "Starting",
-            "credbroker is starting; reload this page in a moment.",
-        )
-        .into_response();
+        return starting();
     };
+    match broker.check_connect_link(&params).await {
+        Ok(system_id) => {
+            let hidden: String = ["system", "v", "exp", "sig"]
+                .iter()
+                .map(|k| {
+                    format!(
+                        "<input type=\"hidden\" name=\"{k}\" value=\"{}\">",
+                        escape(params.get(*k).map(String::as_str).unwrap_or_default())
+                    )
+                })
+                .collect();
+            let body = format!(
+                "<!doctype html><html><head><meta charset=\"utf-8\"><title>Connect – credbroker</title>\
+                 </head><body><h1>Connect {id}</h1><p>The vendor refused this system's grant; \
+                 connect it again with the account the sync should act as.</p>\
+                 <form method=\"post\" action=\"/oauth/start\">{hidden}\
+                 <button type=\"submit\">Connect {id}</button></form></body></html>",
+                id = escape(&system_id)
+            );
+            no_store((StatusCode::OK, Html(body)).into_response())
+        }
+        Err(outcome) => {
+            audit_link(broker, &params, &outcome).await;
+            link_refusal(outcome)
+        }
+    }
+}
+
+/// The Connect button: checks the link again, starts the authorization and sends the browser to
+/// the vendor's consent page.
+async fn start_link(
+    State(core): State<Arc<OnceLock<Arc<Broker>>>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(broker) = core.get() else {
+        return starting();
+    };
+    let params: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
     let outcome = broker.follow_connect_link(&params).await;
-    let system_id = params.get("system").map(String::as_str);
-    let code = match outcome {
-        LinkOutcome::Consent(_) => "OK",
-        LinkOutcome::Invalid => "PERMISSION_DENIED",
-        LinkOutcome::Stale(_) => "FAILED_PRECONDITION",
+    audit_link(broker, &params, &outcome).await;
+    match outcome {
+        LinkOutcome::Consent(url) => no_store(axum::response::Redirect::to(&url).into_response()),
+        other => link_refusal(other),
+    }
+}
+
+/// Audits a link's use; refusals of forged links count against the anonymous-refusal budget
+/// (they cannot rotate the trail away).
+async fn audit_link(broker: &Broker, params: &HashMap<String, String>, outcome: &LinkOutcome) {
+    let (code, system_id) = match outcome {
+        LinkOutcome::Consent(_) => ("OK", params.get("system").map(String::as_str)),
+        LinkOutcome::Stale(_) => (
+            "FAILED_PRECONDITION",
+            params.get("system").map(String::as_str),
+        ),
+        LinkOutcome::Invalid if broker.audit.admit_refusal() => ("PERMISSION_DENIED", None),
+        LinkOutcome::Invalid => return,
     };
     let _ = broker
-        .audit_record(
-            "ConnectLink",
-            None,
-            system_id.filter(|_| code != "PERMISSION_DENIED"),
-            code,
-            None,
-        )
+        .audit_record("ConnectLink", None, system_id, code, None)
         .await;
-    match outcome {
-        LinkOutcome::Consent(url) => axum::response::Redirect::to(&url).into_response(),
-        LinkOutcome::Invalid => page(
+}
+
+fn link_refusal(outcome: LinkOutcome) -> Response {
+    let page = match outcome {
+        LinkOutcome::Stale(why) => page(410, "Link no longer valid", &why),
+        _ => page(
             403,
             "Not a valid link",
             "This link was not made by this credbroker, or it was altered.",
-        )
-        .into_response(),
-        LinkOutcome::Stale(why) => page(410, "Link no longer valid", &why).into_response(),
-    }
+        ),
+    };
+    no_store(page.into_response())
+}
+
+/// Pages about a link are not cached, and never pass the link on as a referrer.
+fn no_store(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        axum::http::header::REFERRER_POLICY,
+        axum::http::HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+fn starting() -> Response {
+    page(
+        503,
+        "Starting",
+        "credbroker is starting; reload this page in a moment.",
+    )
+    .into_response()
 }
 
 async fn proxy(State(s): State<HttpState>, req: Request) -> Response {

@@ -145,6 +145,22 @@ fn test_store_latency() -> Option<StoreWrapper> {
     None
 }
 
+/// The events of the last changes reach the store before it closes (at most 2 s), and every
+/// watch ends.
+async fn settle_events(broker: &Broker) {
+    broker
+        .events
+        .settle(std::time::Duration::from_secs(2))
+        .await;
+    if broker.events.unpublished() > 0 {
+        tracing::warn!(
+            message = "Events not yet in the store are lost with this stop.",
+            events = broker.events.unpublished()
+        );
+    }
+    broker.events.close();
+}
+
 /// [`run`] with [`StartupHooks`].
 pub async fn run_with_hooks(
     listener: TcpListener,
@@ -216,6 +232,8 @@ pub async fn run_with_hooks(
         res = &mut server_task => Some(res),
     };
     if let Some(res) = early_exit {
+        // Ends watches and webhook deliveries (tracked with the exchanges drained next).
+        settle_events(&broker).await;
         refresher.shutdown().await;
         broker.drain_exchanges(config.server.shutdown_grace).await;
         broker.stop_rewrap().await;
@@ -239,6 +257,7 @@ pub async fn run_with_hooks(
     let _ = stop_tx.send(());
     let _ = http_stop_tx.send(());
     drain_within_grace(&config, &broker, refresher, http_task, server_task).await;
+    settle_events(&broker).await;
     for t in tls_tasks {
         t.abort();
     }

@@ -53,8 +53,13 @@ pub fn start(broker: &Arc<Broker>, http: &HttpClient, hooks: &[WebhookConfig]) {
             })
         })
         .collect();
-    tokio::spawn(lead(broker.clone(), endpoints));
+    // Tracked with the vendor exchanges: a stop lets a delivery in flight finish and record
+    // its cursor (so a graceful restart sends nothing twice).
+    broker.exchanges.spawn(lead(broker.clone(), endpoints));
 }
+
+/// How long a stop waits for deliveries in flight.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Takes the `webhooks` lead, delivers while holding it, and tries again when it is lost.
 async fn lead(broker: Arc<Broker>, endpoints: Vec<Arc<Endpoint>>) {
@@ -77,7 +82,12 @@ async fn lead(broker: Arc<Broker>, endpoints: Vec<Arc<Endpoint>>) {
         loop {
             tokio::select! {
                 _ = &mut closed => {
-                    tasks.shutdown().await;
+                    // The endpoints stop at their next safe point (between events, in a
+                    // backoff); one still waiting for an answer after STOP_WAIT is cut off.
+                    let all = async { while tasks.join_next().await.is_some() {} };
+                    if tokio::time::timeout(STOP_WAIT, all).await.is_err() {
+                        tasks.shutdown().await;
+                    }
                     return;
                 }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -129,9 +139,25 @@ impl Endpoint {
                 || self.hook.events.iter().any(|t| t == e.kind.as_str()))
     }
 
-    /// Where this endpoint's cursor is kept: a digest of its URL (which may hold a token).
+    /// Connect links travel only over HTTPS (or to a receiver on this machine).
+    fn carries_links(&self) -> bool {
+        url::Url::parse(&self.hook.url).is_ok_and(|u| {
+            u.scheme() == "https"
+                || match u.host() {
+                    Some(url::Host::Ipv4(a)) => a.is_loopback(),
+                    Some(url::Host::Ipv6(a)) => a.is_loopback(),
+                    Some(url::Host::Domain(d)) => d == "localhost",
+                    None => false,
+                }
+        })
+    }
+
+    /// Where this endpoint's cursor is kept: a digest of its URL (which may hold a token) and
+    /// its event filter (two entries for one URL with different filters keep their own).
     fn cursor_key(&self) -> String {
-        let d = Sha256::digest(self.hook.url.as_bytes());
+        let mut events = self.hook.events.clone();
+        events.sort();
+        let d = Sha256::digest(format!("{}\n{}", self.hook.url, events.join(",")).as_bytes());
         format!("webhook/{}", crate::util::hex::encode(&d[..8]))
     }
 
@@ -139,7 +165,15 @@ impl Endpoint {
     async fn load_cursor(&self, broker: &Broker) -> Option<u64> {
         let key = self.cursor_key();
         match broker.store.get_meta(&key).await {
-            Ok(Some(v)) => String::from_utf8_lossy(&v).parse().ok(),
+            Ok(Some(v)) => match String::from_utf8_lossy(&v).parse() {
+                Ok(c) => Some(c),
+                Err(_) => {
+                    tracing::warn!(message = "A webhook delivery cursor in the store is unreadable; delivery starts at the newest event.", host = %host_of(&self.hook.url));
+                    let now = broker.events.newest();
+                    self.save_cursor(broker, now).await;
+                    Some(now)
+                }
+            },
             Ok(None) => {
                 let now = broker.events.newest();
                 self.save_cursor(broker, now).await;
@@ -170,6 +204,9 @@ impl Endpoint {
             return;
         };
         loop {
+            if broker.events.is_closed() {
+                return;
+            }
             let batch = match broker.store.events_after(cursor, READ_BATCH).await {
                 Ok(b) => b,
                 Err(_) => {
@@ -178,8 +215,17 @@ impl Endpoint {
                 }
             };
             let Some(first) = batch.first() else {
-                // Woken by the next event pulled into memory (or a minute, as a backstop).
-                let _ = tokio::time::timeout(Duration::from_secs(60), wake.recv()).await;
+                // Woken by the next event pulled into memory (or a minute, as a backstop); the
+                // wake-ups that piled up meanwhile are one.
+                tokio::select! {
+                    _ = broker.events.closed() => return,
+                    _ = tokio::time::timeout(Duration::from_secs(60), wake.recv()) => {}
+                }
+                while !matches!(
+                    wake.try_recv(),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Empty
+                        | tokio::sync::broadcast::error::TryRecvError::Closed)
+                ) {}
                 continue;
             };
             if first.seq > cursor + 1 && cursor > 0 {
@@ -188,7 +234,11 @@ impl Endpoint {
             }
             for stored in &batch {
                 if let Some(e) = Event::decode(stored).filter(|e| self.wants(e)) {
-                    self.deliver_until_done(&broker, &e).await;
+                    if !self.deliver_until_done(&broker, &e).await {
+                        // Stopping: the cursor stays before this event.
+                        self.save_cursor(&broker, cursor).await;
+                        return;
+                    }
                     self.save_cursor(&broker, stored.seq).await;
                 }
                 cursor = stored.seq;
@@ -197,19 +247,26 @@ impl Endpoint {
         }
     }
 
-    /// Retries `e` with backoff until it is delivered, refused for good, or a day old.
-    async fn deliver_until_done(&self, broker: &Broker, e: &Event) {
+    /// Retries `e` with backoff until it is delivered, refused for good, or a day old (true),
+    /// or the broker stops (false: not done).
+    async fn deliver_until_done(&self, broker: &Broker, e: &Event) -> bool {
         let mut backoff = Duration::from_secs(1);
         loop {
             if crate::model::unix_now().saturating_sub(e.at) > GIVE_UP_AFTER_SECS {
                 crate::metrics::METRICS.webhook("expired");
-                return;
+                return true;
+            }
+            if broker.events.is_closed() {
+                return false;
             }
             match self.deliver(broker, e).await {
-                Attempt::Delivered | Attempt::Rejected => return,
+                Attempt::Delivered | Attempt::Rejected => return true,
                 Attempt::Retry => {}
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = broker.events.closed() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
@@ -219,7 +276,9 @@ impl Endpoint {
     async fn deliver(&self, broker: &Broker, e: &Event) -> Attempt {
         let id = format!("msg_{}", broker.events.cursor(e.seq));
         let timestamp = crate::model::unix_now();
-        let body = payload(broker, e).to_string().into_bytes();
+        let body = payload(broker, e, self.carries_links())
+            .to_string()
+            .into_bytes();
         let req = self
             .http
             .raw()
@@ -265,10 +324,11 @@ fn host_of(url: &str) -> String {
 }
 
 /// The Standard Webhooks body: `{type, timestamp, data}`; metadata only.
-fn payload(broker: &Broker, e: &Event) -> serde_json::Value {
+fn payload(broker: &Broker, e: &Event, links: bool) -> serde_json::Value {
     let s = &e.system;
     let reauth = e.kind == EventType::ReauthorizationRequired
         && s.credential_type == crate::model::CredentialType::OAuthAuthorizationCode;
+    let link = (reauth && links).then(|| broker.connect_link(s)).flatten();
     // The health recorded with the event, not the health when a retry finally gets through.
     let (health, reason) = match &s.health {
         Some(m) => (m.health, m.reason.clone()),
@@ -287,6 +347,9 @@ fn payload(broker: &Broker, e: &Event) -> serde_json::Value {
             },
             "credential_type": s.credential_type.field_name(),
             "credential_version": s.credential_version,
+            // Events of one system may arrive out of order (several writers): the higher
+            // revision is the newer state.
+            "revision": s.revision,
             "credential_expires_at": s.credential_expires_at,
             "health": health.as_str(),
             "health_reason": reason,
@@ -295,7 +358,7 @@ fn payload(broker: &Broker, e: &Event) -> serde_json::Value {
             "connect": reauth
                 .then(|| format!("credbrokerctl system connect {}", s.system_id)),
             // A ready link: opening it starts the Connect flow (signed, 24 h, this version).
-            "connect_url": reauth.then(|| broker.connect_link(s)).flatten(),
+            "connect_url": link,
         },
     })
 }

@@ -301,27 +301,39 @@ impl CredentialStore for AuthenticatedStore {
         self.inner.append_events(&tagged).await
     }
 
-    /// Events whose tag fails (written without the master key) are left out, logged and counted.
+    /// Events whose tag fails (written without the master key) come back with an empty body
+    /// (logged and counted): readers skip them and still move past their sequence numbers.
     async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = self.inner.events_after(seq, limit).await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|mut e| {
-                let dot = e.body.iter().position(|b| *b == b'.')?;
-                let ok = std::str::from_utf8(&e.body[..dot])
-                    .is_ok_and(|t| verify(&self.key, &event_fields(e.at, &e.body[dot + 1..]), t));
-                if !ok {
-                    let _ = refused("event", &e.seq.to_string());
-                    return None;
+        let mut rows = self.inner.events_after(seq, limit).await?;
+        for e in &mut rows {
+            let dot = e.body.iter().position(|b| *b == b'.');
+            let ok = dot.is_some_and(|dot| {
+                std::str::from_utf8(&e.body[..dot])
+                    .is_ok_and(|t| verify(&self.key, &event_fields(e.at, &e.body[dot + 1..]), t))
+            });
+            match dot.filter(|_| ok) {
+                Some(dot) => {
+                    e.body.drain(..=dot);
                 }
-                e.body.drain(..=dot);
-                Some(e)
-            })
-            .collect())
+                None => {
+                    let _ = refused("event", &e.seq.to_string());
+                    e.body.clear();
+                }
+            }
+        }
+        Ok(rows)
     }
 
     async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
         self.inner.try_lead(duty).await
+    }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        self.inner.last_event_seq().await
+    }
+
+    async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.inner.init_meta(key, value).await
     }
 }
 

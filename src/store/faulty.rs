@@ -235,4 +235,12 @@ impl CredentialStore for FaultyStore {
     async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
         self.inner.try_lead(duty).await
     }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        self.read(self.inner.last_event_seq()).await
+    }
+
+    async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.write(None, self.inner.init_meta(key, value)).await
+    }
 }

@@ -146,6 +146,19 @@ impl CredentialStore for MemoryStore {
         Ok(())
     }
 
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.lock()?.events.keys().next_back().copied().unwrap_or(0))
+    }
+
+    async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .lock()?
+            .meta
+            .entry(key.to_owned())
+            .or_insert_with(|| value.to_vec())
+            .clone())
+    }
+
     async fn events_after(
         &self,
         seq: u64,

@@ -186,6 +186,13 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// Up to `limit` events after `seq`, in order.
     async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// The newest event's sequence number (0: none yet).
+    async fn last_event_seq(&self) -> Result<u64, StoreError>;
+
+    /// Stores `value` under `key` unless the key holds one already; returns what the key holds
+    /// afterwards. Processes sharing the store that race here all get the same value.
+    async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError>;
+
     /// Takes the lead of the background duties named `duty` (the keep-alive sweep, scheduled
     /// checks, webhook deliveries) if no other process sharing the store holds it. `Some` while
     /// this process leads; the lead ends when the [`Lead`] is dropped or its connection is lost.

@@ -173,6 +173,11 @@ impl PostgresStore {
             config.connect_timeout(Duration::from_secs(5));
         }
         config.application_name("credbroker");
+        // A database behind a dead network path is noticed in under a minute, not hours.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
         require_tls_off_loopback(url, &mut config);
         let tls = tls_for(&config, ca_file)?;
         let pool = match &tls {
@@ -679,8 +684,113 @@ impl CredentialStore for PostgresStore {
     /// One transaction under a transaction-level advisory lock: sequence numbers follow commit
     /// order, so a reader that has seen `seq` never later finds a smaller one appear.
     async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        tokio::time::timeout(APPEND_TIMEOUT, self.append_events_now(events))
+            .await
+            .map_err(|_| StoreError::Backend("appending events timed out".to_owned()))?
+    }
+
+    async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT seq, at, body FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&to_i64(seq), &to_i64(limit as u64)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let num = |i| {
+                    r.try_get::<_, i64>(i)
+                        .map(|v| u64::try_from(v).unwrap_or(0))
+                        .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))
+                };
+                Ok(StoredEvent {
+                    seq: num(0)?,
+                    at: num(1)?,
+                    body: column_at(r, 2)?.to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        let rows = self
+            .rows("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM events", &[])
+            .await?;
+        let v: i64 = rows
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("no row".to_owned()))?
+            .try_get(0)
+            .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    }
+
+    async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.rows(
+            "WITH m AS (INSERT INTO meta (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO NOTHING RETURNING 1) \
+             SELECT pg_notify($3, $4) FROM m",
+            &[&key, &value, &CHANNEL, &self.payload("meta", key)],
+        )
+        .await?;
+        Ok(self.get_meta(key).await?.unwrap_or_default())
+    }
+
+    /// A session-level advisory lock on a connection of its own, pinged every two seconds: when
+    /// the connection dies (and with it the lock), the lead is lost and another replica takes it.
+    async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
+        let key = lock_key(&format!("lead/{duty}"));
+        let obj = self.client().await?;
+        // The server drops this session (and the lock) within ~15 s of this process vanishing
+        // (a dead host, a cut network), so another replica takes the lead: not after the
+        // kernel's two-hour keepalive.
+        let _ = obj
+            .batch_execute(
+                "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 3; \
+                 SET tcp_keepalives_count = 3",
+            )
+            .await;
+        let got: bool = obj
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await
+            .map_err(pg)?
+            .try_get(0)
+            .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))?;
+        if !got {
+            return Ok(None);
+        }
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => {
+                        if obj.execute("SELECT pg_advisory_unlock($1)", &[&key]).await.is_err() {
+                            let _ = deadpool_postgres::Object::take(obj);
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(LEAD_PING) => {}
+                }
+                let alive = tokio::time::timeout(LEAD_PING * 2, obj.simple_query("SELECT 1")).await;
+                if !matches!(alive, Ok(Ok(_))) {
+                    let _ = lost_tx.send(true);
+                    let _ = deadpool_postgres::Object::take(obj);
+                    return;
+                }
+            }
+        });
+        Ok(Some(super::Lead::new(lost, stop)))
+    }
+}
+
+impl PostgresStore {
+    async fn append_events_now(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         let mut obj = self.client().await?;
         let tx = obj.transaction().await.map_err(pg)?;
+        // A holder that died mid-append (its session not yet reaped) costs seconds, not a stall.
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+            .await
+            .map_err(pg)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
             .await
             .map_err(pg)?;
@@ -720,71 +830,12 @@ impl CredentialStore for PostgresStore {
         .map_err(pg)?;
         tx.commit().await.map_err(pg)
     }
-
-    async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = self
-            .rows(
-                "SELECT seq, at, body FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&to_i64(seq), &to_i64(limit as u64)],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let num = |i| {
-                    r.try_get::<_, i64>(i)
-                        .map(|v| u64::try_from(v).unwrap_or(0))
-                        .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))
-                };
-                Ok(StoredEvent {
-                    seq: num(0)?,
-                    at: num(1)?,
-                    body: column_at(r, 2)?.to_vec(),
-                })
-            })
-            .collect()
-    }
-
-    /// A session-level advisory lock on a connection of its own, pinged every two seconds: when
-    /// the connection dies (and with it the lock), the lead is lost and another replica takes it.
-    async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
-        let key = lock_key(&format!("lead/{duty}"));
-        let obj = self.client().await?;
-        let got: bool = obj
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await
-            .map_err(pg)?
-            .try_get(0)
-            .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))?;
-        if !got {
-            return Ok(None);
-        }
-        let (lost_tx, lost) = tokio::sync::watch::channel(false);
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => {
-                        if obj.execute("SELECT pg_advisory_unlock($1)", &[&key]).await.is_err() {
-                            let _ = deadpool_postgres::Object::take(obj);
-                        }
-                        return;
-                    }
-                    _ = tokio::time::sleep(LEAD_PING) => {}
-                }
-                let alive = tokio::time::timeout(LEAD_PING * 2, obj.simple_query("SELECT 1")).await;
-                if !matches!(alive, Ok(Ok(_))) {
-                    let _ = lost_tx.send(true);
-                    let _ = deadpool_postgres::Object::take(obj);
-                    return;
-                }
-            }
-        });
-        Ok(Some(super::Lead::new(lost, stop)))
-    }
 }
 
 /// How often a held lead proves its connection alive.
 const LEAD_PING: Duration = Duration::from_secs(2);
+/// The longest an event append may take.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(15);
 /// Transaction-level advisory lock serialising event appends ("credevnt").
 const EVENTS_LOCK: i64 = 0x6372_6564_6576_6e74;
 

@@ -24,6 +24,19 @@ pub struct SledStore {
     callers: sled::Tree,
     meta: sled::Tree,
     events: sled::Tree,
+    flushes: Arc<GroupCommit>,
+}
+
+/// Group commit: writers that finish while a flush is running share the next one, instead of
+/// each paying for its own (one flush makes every write before it durable).
+#[derive(Default)]
+struct GroupCommit {
+    /// Held by the writer that flushes.
+    flushing: tokio::sync::Mutex<()>,
+    /// Writes that asked to be made durable so far.
+    requested: std::sync::atomic::AtomicU64,
+    /// Every request up to this one is durable.
+    durable: std::sync::atomic::AtomicU64,
 }
 
 /// Why the store could not be opened.
@@ -88,17 +101,29 @@ impl SledStore {
             callers: tree("callers")?,
             meta: tree("meta")?,
             events: tree("events")?,
+            flushes: Arc::default(),
             db,
         })
     }
 
+    /// Returns once the writes made before the call are on disk. A flush started after this
+    /// call's request covers it, so a writer that finds one already done returns at once.
     async fn durable(&self) -> Result<(), StoreError> {
+        let g = &self.flushes;
+        let mine = g.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _turn = g.flushing.lock().await;
+        if g.durable.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        // Every request counted so far was made after its write: this flush covers them all.
+        let upto = g.requested.load(Ordering::SeqCst);
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| StoreError::Backend(format!("flush task: {e}")))?
-            .map(|_| ())
-            .map_err(backend)
+            .map_err(backend)?;
+        g.durable.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -274,7 +299,12 @@ impl CredentialStore for SledStore {
             batch.remove(k);
         }
         self.events.apply_batch(batch).map_err(backend)?;
-        self.durable().await
+        // Applied: a failed flush is not retried as an append (that would store the events
+        // twice, under new sequence numbers); the next flush that succeeds covers them.
+        if let Err(e) = self.durable().await {
+            tracing::warn!(message = "Events were written but not yet flushed.", error = %e);
+        }
+        Ok(())
     }
 
     async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
@@ -291,6 +321,27 @@ impl CredentialStore for SledStore {
             });
         }
         Ok(out)
+    }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        match self.events.last().map_err(backend)? {
+            Some((k, _)) => seq_of(&k),
+            None => Ok(0),
+        }
+    }
+
+    async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let _ = self
+            .meta
+            .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(value))
+            .map_err(backend)?;
+        self.durable().await?;
+        Ok(self
+            .meta
+            .get(key.as_bytes())
+            .map_err(backend)?
+            .map(|v| v.to_vec())
+            .unwrap_or_default())
     }
 }
 
@@ -510,5 +561,14 @@ impl CredentialStore for ReopeningSledStore {
 
     async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         self.reader().await?.events_after(seq, limit).await
+    }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        self.reader().await?.last_event_seq().await
+    }
+
+    async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let r = self.writer().await?.init_meta(key, value).await;
+        self.note(r)
     }
 }

@@ -690,19 +690,44 @@ async fn a_reauthorization_webhook_carries_a_connect_link_that_reconnects() {
         let r = http.get(&forged).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 403, "{forged}");
     }
-    // The real one: to the consent page, then back to an active system.
-    let r = http.get(&link).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 303);
-    let consent = r.headers()["location"].to_str().unwrap().to_owned();
-    assert!(consent.starts_with(&fake.base_url), "{consent}");
-    let (_, status, page) = browse(&consent).await;
+    // The real one: a page with one button (link previews, which only GET, start nothing)…
+    let page = http.get(&link).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    assert_eq!(page.headers()["referrer-policy"], "no-referrer");
+    assert!(page.text().await.unwrap().contains("method=\"post\""));
+    let form = link.split_once('?').unwrap().1.to_owned();
+    let post = |form: String| {
+        let http = http.clone();
+        let url = format!("http://{}/oauth/start", broker.http_addr);
+        async move {
+            http.post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // …the button starts the flow; a leaked link opens at most 3 at a time.
+    let mut consents = Vec::new();
+    for _ in 0..3 {
+        let r = post(form.clone()).await;
+        assert_eq!(r.status().as_u16(), 303);
+        consents.push(r.headers()["location"].to_str().unwrap().to_owned());
+    }
+    let fourth = post(form.clone()).await;
+    assert_eq!(fourth.status().as_u16(), 410);
+    assert!(fourth.text().await.unwrap().contains("already open"));
+    assert!(consents[0].starts_with(&fake.base_url), "{}", consents[0]);
+    let (_, status, page) = browse(&consents[0]).await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(
         system(&mut admin, "zd").await.state,
         pb::SystemState::Active as i32
     );
     // Reconnected: the link was for the credential version before; it is spent.
-    let again = http.get(&link).send().await.unwrap();
-    assert_eq!(again.status().as_u16(), 410);
+    assert_eq!(http.get(&link).send().await.unwrap().status().as_u16(), 410);
+    assert_eq!(post(form).await.status().as_u16(), 410);
     broker.stop().await;
 }

@@ -697,10 +697,35 @@ async fn scheduled_checks_respect_the_vendor_limit_and_find_lost_access() {
     }
     assert_eq!(failing.as_deref(), Some("sched-7"));
     assert!(vendor.calls.load(SeqCst) >= 12);
+    // The next rounds find nothing new: a scheduled check that changes nothing is recorded but
+    // not announced (an admin's check always is).
+    let calls = vendor.calls.load(SeqCst);
+    eventually(Duration::from_secs(20), "a second round of checks", || {
+        vendor.calls.load(SeqCst) >= calls + 12
+    })
+    .await;
+    register(
+        &mut admin,
+        register_asana("sched-marker", &base, "x", false),
+    )
+    .await;
+    let quiet = until_registered(&mut events, "sched-marker").await;
+    assert!(
+        !quiet.iter().any(|e| e.r#type == "check.completed"),
+        "{:?}",
+        summary(&quiet)
+    );
     assert!(
         vendor.peak.load(SeqCst) <= 2,
         "the vendor saw {} checks at once; the limit is 2",
         vendor.peak.load(SeqCst)
+    );
+    // An admin's check (not limited by the schedule) is always announced.
+    check(&mut admin, "sched-3").await;
+    let e = next(&mut events).await;
+    assert_eq!(
+        summary(&[e]),
+        [("check.completed".into(), "sched-3".into())]
     );
     broker.stop().await;
 }
