@@ -21,10 +21,10 @@ use crate::model::{unix_now, SystemRecord};
 use crate::store::{CredentialStore, StoreError, StoredEvent};
 use crate::util::sync::lock;
 
-/// How long events are kept in memory for resuming watchers.
+/// How far back a watch may resume: an hour (older events stay in the store for webhooks).
 pub const RETENTION_SECS: u64 = 3600;
-/// The most events kept in memory, whatever their age.
-pub const MAX_EVENTS: usize = 50_000;
+/// The most recent events kept in memory; a watch resuming further back reads the store.
+pub const MAX_EVENTS: usize = 4096;
 /// How far a live watcher may fall behind before it is told to resume with its cursor.
 const LIVE_BUFFER: usize = 4096;
 /// The most events waiting for the store (while it fails); beyond it the oldest are dropped.
@@ -147,9 +147,18 @@ impl Event {
     }
 }
 
-/// Where a watch starts (the events to send first), its live feed, and the position the feed
-/// starts after (the cursor of a snapshot's events; live events at or before it are skipped).
-pub type Opening = (Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>, u64);
+/// Where a watch starts.
+pub struct Opening {
+    /// Events to read from the store first, `(after, up to)` (a cursor older than memory).
+    pub backlog: Option<(u64, u64)>,
+    /// Then these, from memory.
+    pub missed: Vec<Arc<Event>>,
+    /// Then the live feed.
+    pub live: broadcast::Receiver<Arc<Event>>,
+    /// The position the live feed starts after (the cursor of a snapshot's events; live events
+    /// at or before it are skipped).
+    pub at: u64,
+}
 
 /// Why a watch cannot resume where it asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,29 +347,35 @@ impl Events {
         let _ = tokio::time::timeout(limit, published.wait_for(|p| *p >= target)).await;
     }
 
-    /// The events after `cursor` still in memory, and a live feed that continues right after
-    /// them (subscribed under the same lock, so nothing falls between the two). A cursor a little
-    /// ahead of this process (another replica's, not pulled here yet) starts the live feed there.
+    /// Where a watch resuming after `cursor` starts: the events after it (from the store when
+    /// memory no longer holds them, then from memory) and a live feed that continues right
+    /// after them (subscribed under the same lock, so nothing falls between). A cursor a little
+    /// ahead of this process (another replica's, not pulled here yet) starts the live feed
+    /// there. Whether the store still holds a backlog is the caller's to check.
     pub fn resume(&self, cursor: Option<&str>) -> Result<Opening, CursorError> {
         let log = lock(&self.shared.log);
-        let rx = self.shared.live.subscribe();
+        let live = self.shared.live.subscribe();
         let at = log.next - 1;
+        let opening = |backlog, missed, at| Opening {
+            backlog,
+            missed,
+            live,
+            at,
+        };
         let Some(cursor) = cursor else {
-            return Ok((Vec::new(), rx, at));
+            return Ok(opening(None, Vec::new(), at));
         };
         let seq = self.parse(cursor)?;
         if seq >= log.next {
             return match seq - at <= LIVE_BUFFER as u64 {
-                true => Ok((Vec::new(), rx, seq)),
+                true => Ok(opening(None, Vec::new(), seq)),
                 false => Err(CursorError::TooOld),
             };
         }
         let oldest_kept = log.ring.front().map(|e| e.seq).unwrap_or(log.next);
-        if seq + 1 < oldest_kept {
-            return Err(CursorError::TooOld);
-        }
+        let backlog = (seq + 1 < oldest_kept).then_some((seq, oldest_kept - 1));
         let missed = log.ring.iter().filter(|e| e.seq > seq).cloned().collect();
-        Ok((missed, rx, at))
+        Ok(opening(backlog, missed, at))
     }
 
     /// The sequence number of one of this log's cursors.
@@ -542,7 +557,8 @@ mod tests {
         ev.emit(EventType::Registered, &record("b"), "");
         ev.emit(EventType::Deleted, &record("a"), "");
         published(&ev, 3).await;
-        let (missed, mut rx, _) = ev.resume(Some(&mid)).unwrap_or_else(|e| panic!("{e:?}"));
+        let o = ev.resume(Some(&mid)).unwrap_or_else(|e| panic!("{e:?}"));
+        let (missed, mut rx) = (o.missed, o.live);
         let ids: Vec<_> = missed
             .iter()
             .map(|e| (e.kind, e.system.system_id.clone()))
@@ -562,8 +578,8 @@ mod tests {
         // The log is the store's: reopened (a restart, another replica), cursors still hold.
         let again = Events::open(&store).await.unwrap();
         assert_eq!(again.now_cursor(), ev.now_cursor());
-        let (missed, _, _) = again.resume(Some(&mid)).unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!(missed.len(), 3);
+        let o = again.resume(Some(&mid)).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(o.missed.len(), 3);
     }
 
     #[tokio::test]
@@ -589,11 +605,16 @@ mod tests {
             }
         }
         published(&ev, n).await;
-        assert_eq!(
-            ev.resume(Some(&ev.cursor(1))).err(),
-            Some(CursorError::TooOld)
-        );
-        assert!(ev.resume(Some(&ev.cursor(20))).is_ok());
+        // Older than memory: read from the store first, up to where memory starts.
+        let o = ev
+            .resume(Some(&ev.cursor(1)))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(o.backlog, Some((1, n - MAX_EVENTS as u64)));
+        assert_eq!(o.missed.len(), MAX_EVENTS);
+        let o = ev
+            .resume(Some(&ev.cursor(n - 3)))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!((o.backlog, o.missed.len()), (None, 3));
         // A little ahead (another replica's, not pulled here yet): live from there; far: refused.
         assert!(ev.resume(Some(&ev.cursor(n + 5))).is_ok());
         assert_eq!(

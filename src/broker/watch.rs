@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 
 use super::callers::Caller;
-use super::events::{CursorError, Event};
+use super::events::{CursorError, Event, RETENTION_SECS};
 use super::Broker;
 use crate::error::BrokerError;
+use crate::model::unix_now;
 use crate::model::{SystemKind, SystemRecord};
 use crate::util::sync::lock;
 
@@ -62,6 +63,9 @@ impl Drop for WatchSlot {
 
 /// Where a watch starts.
 pub struct WatchStart {
+    /// Events to read from the store first, `(after, up to)`, page by page as the client takes
+    /// them (a cursor older than what memory holds).
+    pub backlog: Option<(u64, u64)>,
     /// Events after the cursor asked for (none for a snapshot).
     pub missed: Vec<Arc<Event>>,
     /// The live feed.
@@ -122,25 +126,41 @@ impl Broker {
         }
         // Events of changes made before this call are in the log before the watch opens.
         self.events.settle(std::time::Duration::from_secs(2)).await;
-        let (missed, rx, at) = self.events.resume(after).map_err(|e| match e {
+        let too_old = || {
+            BrokerError::OutOfRange(
+                "the cursor is older than the kept event log (an hour), or of another store; \
+                 watch again without `after` for a fresh snapshot"
+                    .to_owned(),
+            )
+        };
+        let opening = self.events.resume(after).map_err(|e| match e {
             CursorError::Malformed => {
                 BrokerError::invalid("after", "is not a cursor this broker handed out")
             }
-            CursorError::TooOld => BrokerError::OutOfRange(
-                "the cursor is older than the kept event log (an hour), or from before a restart \
-                 or another replica; watch again without `after` for a fresh snapshot"
-                    .to_owned(),
-            ),
+            CursorError::TooOld => too_old(),
         })?;
+        if let Some((seq, _)) = opening.backlog {
+            // Older than memory: the store must still hold what follows the cursor, within
+            // the hour a watch may resume from.
+            let next = self.store.events_after(seq, 1).await?;
+            let kept = next.first().is_some_and(|e| {
+                e.seq == seq + 1 && unix_now().saturating_sub(e.at) <= RETENTION_SECS
+            });
+            if !kept {
+                return Err(too_old());
+            }
+        }
         let slot = self.take_watch_slot(caller)?;
-        let missed = missed
+        let missed = opening
+            .missed
             .into_iter()
             .filter(|e| filter.admits(caller, &e.system))
             .collect();
         Ok(WatchStart {
+            backlog: opening.backlog,
             missed,
-            live: rx,
-            at,
+            live: opening.live,
+            at: opening.at,
             snapshot: after.is_none(),
             slot,
         })

@@ -996,6 +996,7 @@ fn event_stream(
     // the caller being revoked, expiring or re-scoped (checked every few seconds).
     let (tx, out) = tokio::sync::mpsc::channel(64);
     let snapshot = start.snapshot;
+    let backlog = start.backlog;
     let slot = start.slot;
     tokio::spawn(async move {
         let _slot = slot;
@@ -1003,6 +1004,13 @@ fn event_stream(
         let mut closed = std::pin::pin!(closed);
         if snapshot {
             let sent = send_snapshot(&broker, &caller, &filter, at, &tx, admin);
+            tokio::select! {
+                _ = &mut closed => return,
+                ok = sent => if !ok { return },
+            }
+        }
+        if let Some(range) = backlog {
+            let sent = send_backlog(&broker, &caller, &filter, range, &tx, admin);
             tokio::select! {
                 _ = &mut closed => return,
                 ok = sent => if !ok { return },
@@ -1036,6 +1044,52 @@ fn event_stream(
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+}
+
+/// Sends the matching events of the store's log in `(after, upto]`, a page at a time (a resume
+/// from further back than memory holds). False when the watch ended.
+async fn send_backlog(
+    broker: &Broker,
+    caller: &Caller,
+    filter: &WatchFilter,
+    (mut after, upto): (u64, u64),
+    tx: &tokio::sync::mpsc::Sender<Result<pb::SystemEvent, Status>>,
+    admin: bool,
+) -> bool {
+    while after < upto {
+        if caller_changed(broker, caller) {
+            let _ = tx
+                .send(Err(Status::permission_denied(
+                    "the caller was revoked, expired or re-scoped; watch again",
+                )))
+                .await;
+            return false;
+        }
+        let page = match broker.store.events_after(after, 256).await {
+            Ok(page) if !page.is_empty() => page,
+            Ok(_) => return true,
+            Err(e) => {
+                let _ = tx.send(Err(BrokerError::from(e).into())).await;
+                return false;
+            }
+        };
+        for stored in page.iter().take_while(|e| e.seq <= upto) {
+            after = stored.seq;
+            let Some(e) = crate::broker::events::Event::decode(stored) else {
+                continue;
+            };
+            if filter.admits(caller, &e.system) {
+                let item = Ok(convert::event(&e, broker.events.cursor(e.seq), admin));
+                if tx.send(item).await.is_err() {
+                    return false;
+                }
+            }
+        }
+        if page.last().is_some_and(|e| e.seq >= upto) {
+            return true;
+        }
+    }
+    true
 }
 
 /// Sends one snapshot event per matching system, a page at a time (at most one page and the

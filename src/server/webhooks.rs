@@ -200,9 +200,10 @@ impl Endpoint {
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
             }
         };
-        let Ok((_, mut wake, _)) = broker.events.resume(None) else {
+        let Ok(opening) = broker.events.resume(None) else {
             return;
         };
+        let mut wake = opening.live;
         loop {
             if broker.events.is_closed() {
                 return;

@@ -39,8 +39,9 @@ pub(crate) const MIN_BATCH: usize = 64;
 /// How long the store keeps events: a day and an hour, so a webhook endpoint retried for a day
 /// still finds what it missed.
 pub const EVENT_RETENTION_SECS: u64 = 25 * 3600;
-/// The most events the store keeps, whatever their age.
-pub const MAX_STORED_EVENTS: u64 = 100_000;
+/// The most events the store keeps, whatever their age (the bound that keeps a burst, such as
+/// 100,000 registrations, from growing the store's cache past the memory budget).
+pub const MAX_STORED_EVENTS: u64 = 20_000;
 
 /// One event as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -931,3 +931,71 @@ async fn a_caller_holds_a_bounded_number_of_watches() {
     }
     broker.stop().await;
 }
+
+/// A watch resuming from further back than the broker keeps in memory (4,096 events) reads the
+/// rest from the store's log: every event after its cursor arrives once, in order, and then
+/// the live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_older_than_memory_is_served_from_the_store_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user("deep-pat", "1201", "Proxy User", "proxy@example.com");
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    // One system per checking client: checks of one system at once would race for its record.
+    for t in 0..16 {
+        let id = format!("deep-{t}");
+        register(
+            &mut admin,
+            register_asana(&id, &fake.base_url, "deep-pat", false),
+        )
+        .await;
+    }
+    let mut events = watch(&mut admin, "").await.unwrap();
+    register(
+        &mut admin,
+        register_asana("deep", &fake.base_url, "deep-pat", false),
+    )
+    .await;
+    let start = loop {
+        let e = next(&mut events).await;
+        if e.r#type == "system.registered" {
+            break e;
+        }
+    };
+    drop(events);
+    let n = credbroker::broker::events::MAX_EVENTS + 300;
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let mut c = broker.admin().await;
+        tasks.push(tokio::spawn(async move {
+            for _ in (t..n).step_by(16) {
+                check(&mut c, &format!("deep-{t}")).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut resumed = watch(&mut admin, &start.cursor).await.unwrap();
+    let seq =
+        |e: &pb::SystemEvent| -> u64 { e.cursor.rsplit('.').next().unwrap().parse().unwrap() };
+    let mut last = seq(&start);
+    for i in 0..n {
+        let e = next(&mut resumed).await;
+        assert_eq!(e.r#type, "check.completed", "event {i}");
+        assert_eq!(seq(&e), last + 1, "event {i} out of order or missing");
+        last = seq(&e);
+    }
+    register(
+        &mut admin,
+        register_asana("deep-live", &fake.base_url, "deep-pat", false),
+    )
+    .await;
+    let live = next(&mut resumed).await;
+    assert_eq!(
+        summary(&[live]),
+        [("system.registered".into(), "deep-live".into())]
+    );
+    broker.stop().await;
+}
