@@ -9,7 +9,8 @@
 //! table. `--scenario register` measures durable registrations with
 //! `--concurrency` admin clients; `--scenario scale --systems N` measures N systems vs 10;
 //! `--scenario oauth` drives OAuth systems whose 4 s tokens refresh in the background (vs echo);
-//! `--scenario storm --systems 10000` is the refresh storm (all tokens expiring in one minute). Medians over alternating rounds (noise here is ±10–15 %).
+//! `--scenario storm --systems 10000` is the refresh storm (all tokens expiring in one minute);
+//! `--scenario checks --systems 10000` measures GetAccessToken while scheduled checks run. Medians over alternating rounds (noise here is ±10–15 %).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -307,7 +308,12 @@ async fn fake_token_endpoint(lifetime: u64, delay: Duration) -> (String, Arc<Fak
             }
         }),
     );
-    // Its own thread and runtime, so the client's measurements do not share a thread with it.
+    (serve_on_own_thread(app), stats)
+}
+
+/// Serves `app` on its own thread and runtime (so the client's measurements do not share a
+/// thread with it); returns `http://127.0.0.1:PORT`.
+fn serve_on_own_thread(app: axum::Router) -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.set_nonblocking(true).unwrap();
     let base = format!("http://{}", l.local_addr().unwrap());
@@ -321,7 +327,7 @@ async fn fake_token_endpoint(lifetime: u64, delay: Duration) -> (String, Arc<Fak
                 axum::serve(l, app).await.unwrap()
             })
     });
-    (base, stats)
+    base
 }
 
 fn sn_register(i: usize, base: &str) -> pb::RegisterSystemRequest {
@@ -731,20 +737,7 @@ async fn fake_asana(delay: Duration) -> (String, Arc<FakeTokens>) {
             }
         }),
     );
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let base = format!("http://{}/api/1.0", l.local_addr().unwrap());
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let l = tokio::net::TcpListener::from_std(l).unwrap();
-                axum::serve(l, app).await.unwrap()
-            })
-    });
-    (base, stats)
+    (format!("{}/api/1.0", serve_on_own_thread(app)), stats)
 }
 
 /// `n` Asana systems on a fake vendor (20 ms per answer): warm `GetAccessToken` latency with

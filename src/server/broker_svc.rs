@@ -1046,6 +1046,24 @@ fn event_stream(
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
 }
 
+/// False (after telling the client) when the caller was revoked, expired or re-scoped since
+/// the watch opened.
+async fn still_allowed(
+    broker: &Broker,
+    caller: &Caller,
+    tx: &tokio::sync::mpsc::Sender<Result<pb::SystemEvent, Status>>,
+) -> bool {
+    if !caller_changed(broker, caller) {
+        return true;
+    }
+    let _ = tx
+        .send(Err(Status::permission_denied(
+            "the caller was revoked, expired or re-scoped; watch again",
+        )))
+        .await;
+    false
+}
+
 /// Sends the matching events of the store's log in `(after, upto]`, a page at a time (a resume
 /// from further back than memory holds). False when the watch ended.
 async fn send_backlog(
@@ -1057,12 +1075,7 @@ async fn send_backlog(
     admin: bool,
 ) -> bool {
     while after < upto {
-        if caller_changed(broker, caller) {
-            let _ = tx
-                .send(Err(Status::permission_denied(
-                    "the caller was revoked, expired or re-scoped; watch again",
-                )))
-                .await;
+        if !still_allowed(broker, caller, tx).await {
             return false;
         }
         let page = match broker.store.events_after(after, 256).await {
@@ -1104,12 +1117,7 @@ async fn send_snapshot(
 ) -> bool {
     let mut pages = broker.system_pages(crate::broker::SCAN_PAGE);
     loop {
-        if caller_changed(broker, caller) {
-            let _ = tx
-                .send(Err(Status::permission_denied(
-                    "the caller was revoked, expired or re-scoped; watch again",
-                )))
-                .await;
+        if !still_allowed(broker, caller, tx).await {
             return false;
         }
         let page = match pages.next().await {

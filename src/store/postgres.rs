@@ -439,6 +439,15 @@ fn column_at(row: &tokio_postgres::Row, i: usize) -> Result<&[u8], StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))
 }
 
+/// `pg_try_advisory_lock(key)` on `obj`'s session: true when taken.
+async fn try_advisory_lock(obj: &deadpool_postgres::Object, key: i64) -> Result<bool, StoreError> {
+    obj.query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await
+        .map_err(pg)?
+        .try_get(0)
+        .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))
+}
+
 fn lock_key(system_id: &str) -> i64 {
     let d = Sha256::digest(system_id.as_bytes());
     let mut b = [0u8; 8];
@@ -655,13 +664,7 @@ impl CredentialStore for PostgresStore {
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_millis(5);
         loop {
-            let got: bool = obj
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-                .await
-                .map_err(pg)?
-                .try_get(0)
-                .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))?;
-            if got {
+            if try_advisory_lock(&obj, key).await? {
                 return Ok(Some(RefreshLock::new(PgLock {
                     obj: Some(obj),
                     key,
@@ -749,13 +752,7 @@ impl CredentialStore for PostgresStore {
                  SET tcp_keepalives_count = 3",
             )
             .await;
-        let got: bool = obj
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await
-            .map_err(pg)?
-            .try_get(0)
-            .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))?;
-        if !got {
+        if !try_advisory_lock(&obj, key).await? {
             return Ok(None);
         }
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
