@@ -302,6 +302,8 @@ pub struct Broker {
     pub(crate) sweep_lead: tokio::sync::Mutex<Option<crate::store::Lead>>,
     /// Open watches per caller.
     pub(crate) watch_counts: watch::WatchCounts,
+    /// Background tasks (webhook deliveries) the server ends, and waits for, at stop.
+    pub background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Broker {
@@ -358,6 +360,7 @@ impl Broker {
             schedule: schedule::CheckSchedule::new(checks_per_vendor),
             sweep_lead: tokio::sync::Mutex::new(None),
             watch_counts: Default::default(),
+            background: Mutex::new(Vec::new()),
         });
         let admin_token = broker.bootstrap().await?;
         Ok((broker, admin_token))

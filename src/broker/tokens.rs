@@ -885,10 +885,12 @@ impl Broker {
             // Tracked with the exchanges: a stop waits for it.
             let (id, message) = (system_id.to_owned(), message.clone());
             self.exchanges.spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    me.note_refresh_failure(&id, failure, &message),
-                )
+                let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                    // A refresh that succeeded meanwhile ended the spell: nothing to mark.
+                    if me.last_failure(&id).await.is_some() {
+                        me.note_refresh_failure(&id, failure, &message).await;
+                    }
+                })
                 .await;
             });
         }

@@ -152,7 +152,7 @@ async fn start_link_page(
                 "<!doctype html><html><head><meta charset=\"utf-8\"><title>Connect – credbroker</title>\
                  </head><body><h1>Connect {id}</h1><p>The vendor refused this system's grant; \
                  connect it again with the account the sync should act as.</p>\
-                 <form method=\"post\" action=\"/oauth/start\">{hidden}\
+                 <form method=\"post\" action=\"\">{hidden}\
                  <button type=\"submit\">Connect {id}</button></form></body></html>",
                 id = escape(&system_id)
             );
@@ -188,12 +188,12 @@ async fn start_link(
 async fn audit_link(broker: &Broker, params: &HashMap<String, String>, outcome: &LinkOutcome) {
     let (code, system_id) = match outcome {
         LinkOutcome::Consent(_) => ("OK", params.get("system").map(String::as_str)),
-        LinkOutcome::Stale(_) => (
+        LinkOutcome::Stale(_) if broker.audit.admit_refusal() => (
             "FAILED_PRECONDITION",
             params.get("system").map(String::as_str),
         ),
         LinkOutcome::Invalid if broker.audit.admit_refusal() => ("PERMISSION_DENIED", None),
-        LinkOutcome::Invalid => return,
+        LinkOutcome::Stale(_) | LinkOutcome::Invalid => return,
     };
     let _ = broker
         .audit_record("ConnectLink", None, system_id, code, None)
@@ -222,6 +222,16 @@ fn no_store(mut r: Response) -> Response {
     h.insert(
         axum::http::header::REFERRER_POLICY,
         axum::http::HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        axum::http::header::X_FRAME_OPTIONS,
+        axum::http::HeaderValue::from_static("DENY"),
+    );
+    h.insert(
+        axum::http::header::CONTENT_SECURITY_POLICY,
+        axum::http::HeaderValue::from_static(
+            "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+        ),
     );
     r
 }

@@ -159,6 +159,17 @@ async fn settle_events(broker: &Broker) {
         );
     }
     broker.events.close();
+    // Webhook deliveries end at their next safe point; none outlives the stop (each holds the
+    // broker, and with it the store).
+    let tasks = std::mem::take(&mut *crate::util::sync::lock(&broker.background));
+    for mut t in tasks {
+        let wait = webhooks::STOP_WAIT + std::time::Duration::from_secs(1);
+        if tokio::time::timeout(wait, &mut t).await.is_err() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+    let _ = broker.flush().await;
 }
 
 /// [`run`] with [`StartupHooks`].

@@ -53,13 +53,14 @@ pub fn start(broker: &Arc<Broker>, http: &HttpClient, hooks: &[WebhookConfig]) {
             })
         })
         .collect();
-    // Tracked with the vendor exchanges: a stop lets a delivery in flight finish and record
-    // its cursor (so a graceful restart sends nothing twice).
-    broker.exchanges.spawn(lead(broker.clone(), endpoints));
+    // Waited for at stop: a delivery in flight finishes and records its cursor (so a
+    // graceful restart sends nothing twice).
+    let task = tokio::spawn(lead(broker.clone(), endpoints));
+    crate::util::sync::lock(&broker.background).push(task);
 }
 
 /// How long a stop waits for deliveries in flight.
-const STOP_WAIT: Duration = Duration::from_secs(5);
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Takes the `webhooks` lead, delivers while holding it, and tries again when it is lost.
 async fn lead(broker: Arc<Broker>, endpoints: Vec<Arc<Endpoint>>) {

@@ -687,9 +687,7 @@ impl CredentialStore for PostgresStore {
     /// One transaction under a transaction-level advisory lock: sequence numbers follow commit
     /// order, so a reader that has seen `seq` never later finds a smaller one appear.
     async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
-        tokio::time::timeout(APPEND_TIMEOUT, self.append_events_now(events))
-            .await
-            .map_err(|_| StoreError::Backend("appending events timed out".to_owned()))?
+        self.append_events_now(events).await
     }
 
     async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
@@ -784,8 +782,10 @@ impl PostgresStore {
     async fn append_events_now(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         let mut obj = self.client().await?;
         let tx = obj.transaction().await.map_err(pg)?;
-        // A holder that died mid-append (its session not yet reaped) costs seconds, not a stall.
-        tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+        // A holder that died mid-append (its session not yet reaped) costs seconds, not a
+        // stall; the statements are bounded by the server, the commit is never cut off here (a
+        // commit cut off may have landed, and a retry would store the events twice).
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '10s'")
             .await
             .map_err(pg)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENTS_LOCK])
@@ -831,8 +831,6 @@ impl PostgresStore {
 
 /// How often a held lead proves its connection alive.
 const LEAD_PING: Duration = Duration::from_secs(2);
-/// The longest an event append may take.
-const APPEND_TIMEOUT: Duration = Duration::from_secs(15);
 /// Transaction-level advisory lock serialising event appends ("credevnt").
 const EVENTS_LOCK: i64 = 0x6372_6564_6576_6e74;
 

@@ -299,12 +299,9 @@ impl CredentialStore for SledStore {
             batch.remove(k);
         }
         self.events.apply_batch(batch).map_err(backend)?;
-        // Applied: a failed flush is not retried as an append (that would store the events
-        // twice, under new sequence numbers); the next flush that succeeds covers them.
-        if let Err(e) = self.durable().await {
-            tracing::warn!(message = "Events were written but not yet flushed.", error = %e);
-        }
-        Ok(())
+        // A failed flush is an error: sled then refuses every write until the store is
+        // reopened from disk, where these events are not, so the retry appends them once.
+        self.durable().await
     }
 
     async fn events_after(&self, seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
