@@ -285,6 +285,19 @@ struct FakeTokens {
     max_inflight: AtomicU64,
 }
 
+impl FakeTokens {
+    /// One request: counted in flight (and the most at once), answered after `delay`; returns
+    /// how many were answered before it.
+    async fn answer_after(&self, delay: Duration) -> u64 {
+        let now = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_inflight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(delay).await;
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        n
+    }
+}
+
 async fn fake_token_endpoint(lifetime: u64, delay: Duration) -> (String, Arc<FakeTokens>) {
     let stats = Arc::new(FakeTokens::default());
     let st = stats.clone();
@@ -293,11 +306,7 @@ async fn fake_token_endpoint(lifetime: u64, delay: Duration) -> (String, Arc<Fak
         axum::routing::post(move || {
             let st = st.clone();
             async move {
-                let now = st.inflight.fetch_add(1, Ordering::SeqCst) + 1;
-                st.max_inflight.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(delay).await;
-                let n = st.calls.fetch_add(1, Ordering::SeqCst);
-                st.inflight.fetch_sub(1, Ordering::SeqCst);
+                let n = st.answer_after(delay).await;
                 axum::Json(serde_json::json!({
                     "access_token": format!("at-{n:08}-0123456789abcdef0123456789abcdef"),
                     "refresh_token": "rt-bench",
@@ -728,11 +737,7 @@ async fn fake_asana(delay: Duration) -> (String, Arc<FakeTokens>) {
         axum::routing::get(move || {
             let st = st.clone();
             async move {
-                let now = st.inflight.fetch_add(1, Ordering::SeqCst) + 1;
-                st.max_inflight.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(delay).await;
-                st.calls.fetch_add(1, Ordering::SeqCst);
-                st.inflight.fetch_sub(1, Ordering::SeqCst);
+                st.answer_after(delay).await;
                 axum::Json(serde_json::json!({"data": {"gid": "1201", "name": "Bench", "email": "bench@example.com"}}))
             }
         }),

@@ -185,7 +185,6 @@ struct Shared {
 pub struct Events {
     shared: Arc<Shared>,
     publish: mpsc::UnboundedSender<(u64, Vec<u8>)>,
-    unpublished: Arc<std::sync::atomic::AtomicUsize>,
     /// Events queued so far, and (the publisher's) events stored and pulled into memory so far.
     emitted: std::sync::atomic::AtomicU64,
     published: tokio::sync::watch::Receiver<u64>,
@@ -236,7 +235,6 @@ impl Events {
         pull(&shared, store.as_ref()).await?;
         let (publish, rx) = mpsc::unbounded_channel();
         let kick = Arc::new(Notify::new());
-        let unpublished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (published_tx, published) = tokio::sync::watch::channel(0);
         let publisher = Publisher {
             published: published_tx,
@@ -244,14 +242,12 @@ impl Events {
             store: Arc::downgrade(store),
             rx,
             kick: kick.clone(),
-            unpublished: unpublished.clone(),
             poll: store.is_shared(),
         };
         tokio::spawn(publisher.run());
         Ok(Self {
             shared,
             publish,
-            unpublished,
             emitted: std::sync::atomic::AtomicU64::new(0),
             published,
             kick,
@@ -279,7 +275,8 @@ impl Events {
 
     /// Events queued but not yet in the store.
     pub fn unpublished(&self) -> usize {
-        self.unpublished.load(std::sync::atomic::Ordering::Relaxed)
+        let emitted = self.emitted.load(std::sync::atomic::Ordering::Relaxed);
+        usize::try_from(emitted.saturating_sub(*self.published.borrow())).unwrap_or(usize::MAX)
     }
 
     /// Another process appended to the shared log: pull it now.
@@ -328,12 +325,11 @@ impl Events {
         let Ok(bytes) = serde_json::to_vec(&body) else {
             return;
         };
-        if self.unpublished.load(Ordering::Relaxed) >= MAX_UNPUBLISHED {
+        if self.unpublished() >= MAX_UNPUBLISHED {
             crate::metrics::METRICS.event_dropped();
             tracing::error!(message = "The event log is not being written; an event is dropped.", r#type = kind.as_str(), system_id = %system.system_id);
             return;
         }
-        self.unpublished.fetch_add(1, Ordering::Relaxed);
         self.emitted.fetch_add(1, Ordering::Relaxed);
         let _ = self.publish.send((at, bytes));
         tracing::debug!(message = "System event.", r#type = kind.as_str(), system_id = %system.system_id);
@@ -440,7 +436,6 @@ struct Publisher {
     store: Weak<dyn CredentialStore>,
     rx: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
     kick: Arc<Notify>,
-    unpublished: Arc<std::sync::atomic::AtomicUsize>,
     published: tokio::sync::watch::Sender<u64>,
     /// A shared store: poll every second too (a missed notification costs a second at most).
     poll: bool,
@@ -478,8 +473,6 @@ impl Publisher {
             if !pending.is_empty() {
                 match store.append_events(&pending).await {
                     Ok(()) => {
-                        self.unpublished
-                            .fetch_sub(pending.len(), std::sync::atomic::Ordering::Relaxed);
                         stored += pending.len() as u64;
                         pending.clear();
                         backoff = Duration::from_millis(100);

@@ -111,6 +111,15 @@ impl Broker {
                 format!("names more than {MAX_WATCHED_IDS} systems"),
             ));
         }
+        if filter.kinds.len() > SystemKind::ALL.len() {
+            return Err(BrokerError::invalid(
+                "kinds",
+                format!(
+                    "names more than the {} kinds there are",
+                    SystemKind::ALL.len()
+                ),
+            ));
+        }
         if let Some(bad) = filter
             .system_ids
             .iter()

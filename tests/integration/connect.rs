@@ -73,7 +73,7 @@ pub(crate) async fn start(admin: &mut Client, id: &str) -> pb::StartAuthorizatio
         .into_inner()
 }
 
-async fn system(admin: &mut Client, id: &str) -> pb::System {
+pub(crate) async fn system(admin: &mut Client, id: &str) -> pb::System {
     admin
         .get_system(pb::GetSystemRequest {
             system_id: id.into(),

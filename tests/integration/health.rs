@@ -346,6 +346,15 @@ async fn watches_resume_from_a_cursor_refuse_old_ones_and_respect_scopes() {
             .unwrap_or_else(|| panic!("{after} accepted"));
         assert_eq!(e.code(), code, "{after}: {}", e.message());
     }
+    // A filter naming more kinds than there are (each costs every event a scan) is refused.
+    let many = admin
+        .watch_systems(pb::WatchSystemsRequest {
+            kinds: vec![pb::SystemKind::Asana as i32; 9],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(many.code(), Code::InvalidArgument, "{}", many.message());
 
     // The CLI lists health worst first.
     fake.revoke("wpat-1");
@@ -798,7 +807,7 @@ async fn a_servicenow_refresh_token_nearing_its_lifespan_is_announced_once_per_t
             "credential.expiring sn Expiring 7",
         ]
     );
-    let reason = broker_system(&mut admin, "sn").await.health_reason;
+    let reason = crate::connect::system(&mut admin, "sn").await.health_reason;
     assert!(
         reason.contains("refresh token expires in 7 day(s)"),
         "{reason}"
@@ -853,7 +862,9 @@ async fn an_idle_atlassian_grant_near_its_limit_is_announced_and_recovers() {
             "credential.expiring jira Degraded 7",
         ]
     );
-    let reason = broker_system(&mut admin, "jira").await.health_reason;
+    let reason = crate::connect::system(&mut admin, "jira")
+        .await
+        .health_reason;
     assert!(
         reason.contains("token refreshes have been failing"),
         "{reason}"
@@ -863,18 +874,6 @@ async fn an_idle_atlassian_grant_near_its_limit_is_announced_and_recovers() {
     let recovered = settle(&mut admin, &mut events, (&asana.base_url, "m2"), WAIT).await;
     assert_eq!(recovered, ["system.health_changed jira Healthy -"]);
     broker.stop().await;
-}
-
-async fn broker_system(admin: &mut Client, id: &str) -> pb::System {
-    admin
-        .get_system(pb::GetSystemRequest {
-            system_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .system
-        .unwrap()
 }
 
 /// One caller holds at most 16 watches at once (each is a live feed and a task on the broker);
