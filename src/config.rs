@@ -40,6 +40,49 @@ pub struct Config {
     pub vendors: crate::backends::oauth::OAuthSettings,
     /// Webhook endpoints for system events.
     pub webhooks: Vec<WebhookConfig>,
+    /// The proxy's quota rules (`[quota.<kind>]`, `[quota.systems.<id>]`).
+    pub quota: crate::broker::quota::QuotaSettings,
+}
+
+/// `[quota]`: a table per kind (`[quota.salesforce]`) and per system (`[quota.systems.<id>]`).
+#[derive(Debug, Default, Deserialize)]
+pub struct QuotaFile {
+    /// Per system id.
+    #[serde(default)]
+    pub systems: std::collections::HashMap<String, crate::broker::quota::LimitsOverride>,
+    /// Per kind slug.
+    #[serde(flatten)]
+    pub kinds: std::collections::HashMap<String, crate::broker::quota::LimitsOverride>,
+}
+
+fn quota_settings(
+    f: &mut FileConfig,
+    errors: &mut Vec<String>,
+) -> crate::broker::quota::QuotaSettings {
+    let mut q = crate::broker::quota::QuotaSettings::default();
+    let Some(file) = f.quota.take() else {
+        return q;
+    };
+    for (slug, o) in file.kinds {
+        errors.extend(o.problems(&format!("quota.{slug}")));
+        match crate::model::SystemKind::from_slug(&slug) {
+            Some(kind) => {
+                q.kinds.insert(kind, o);
+            }
+            None => errors.push(format!(
+                "quota.{slug}: not a system kind (one of {})",
+                crate::model::SystemKind::ALL.map(|k| k.slug()).join(", ")
+            )),
+        }
+    }
+    for (id, o) in file.systems {
+        errors.extend(o.problems(&format!("quota.systems.{id}")));
+        if crate::broker::validate_system_id(&id).is_err() {
+            errors.push(format!("quota.systems.{id}: not a valid system id"));
+        }
+        q.systems.insert(id, o);
+    }
+    q
 }
 
 /// One webhook endpoint (`[[webhooks]]`). `Debug` shows the host only (a URL may carry a token).
@@ -432,6 +475,8 @@ pub struct FileConfig {
     pub http_tls_cert_file: Option<PathBuf>,
     /// Path.
     pub http_tls_key_file: Option<PathBuf>,
+    /// `[quota.<kind>]` and `[quota.systems.<id>]` tables.
+    pub quota: Option<QuotaFile>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -563,6 +608,7 @@ impl Config {
         c.proxy.apply(&mut f, o, &mut errors);
         apply_vendors(&mut c.vendors, &mut f, o, &mut errors);
         c.webhooks = webhooks(&mut f, o, &mut errors);
+        c.quota = quota_settings(&mut f, &mut errors);
         if errors.is_empty() {
             Ok(c)
         } else {

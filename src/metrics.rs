@@ -120,6 +120,8 @@ pub struct Metrics {
     webhooks: Vec<AtomicU64>,
     scheduled_checks: Vec<AtomicU64>,
     events_dropped: AtomicU64,
+    quota_refusals: Vec<AtomicU64>,
+    vendor_throttled: Vec<AtomicU64>,
 }
 
 /// The global registry.
@@ -142,7 +144,32 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     webhooks: WEBHOOK_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
     scheduled_checks: CHECK_OUTCOMES.iter().map(|_| AtomicU64::new(0)).collect(),
     events_dropped: AtomicU64::new(0),
+    quota_refusals: (0..SystemKind::ALL.len() * QUOTA_REASONS.len())
+        .map(|_| AtomicU64::new(0))
+        .collect(),
+    vendor_throttled: SystemKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
 });
+
+/// Why the proxy refused a call itself (`crate::broker::quota::LimitReason`).
+pub const QUOTA_REASONS: &[&str] = &["blocked", "reserve", "concurrency"];
+
+/// A gauge of [`QuotaGauges`]: name, help, reading.
+type QuotaGauge = (&'static str, &'static str, fn(&QuotaGauges) -> Option<i64>);
+
+/// The proxy's quota book, summed up per kind (no system ids as labels).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QuotaGauges {
+    /// The lowest remaining count among the kind's systems, when any is known.
+    pub remaining_min: Option<i64>,
+    /// The limit of that system.
+    pub limit: Option<i64>,
+    /// Calls in flight.
+    pub in_flight: u64,
+    /// Systems the proxy holds back.
+    pub blocked_systems: u64,
+    /// The longest block left, seconds.
+    pub blocked_seconds_max: u64,
+}
 
 /// Systems counted for `/metrics` (see `Broker::system_counts`).
 #[derive(Debug, Default)]
@@ -153,6 +180,8 @@ pub struct SystemCounts {
     pub by_health: std::collections::BTreeMap<(&'static str, crate::model::SystemHealth), u64>,
     /// Systems with a known horizon, by how far it is ([`HORIZON_BUCKETS`]).
     pub by_horizon: [u64; 5],
+    /// The proxy's quota book by kind ([`SystemKind::ALL`] order).
+    pub quota: [QuotaGauges; 8],
 }
 
 /// Horizon buckets: (label, at most this many seconds away); the last takes the rest.
@@ -167,7 +196,8 @@ pub const HORIZON_BUCKETS: [(&str, u64); 5] = [
 /// Scheduled check outcomes.
 pub const CHECK_OUTCOMES: &[&str] = &["ok", "failed", "error"];
 
-fn kind_index(k: SystemKind) -> usize {
+/// The position of `k` in [`SystemKind::ALL`].
+pub fn kind_index(k: SystemKind) -> usize {
     SystemKind::ALL.iter().position(|x| *x == k).unwrap_or(0)
 }
 
@@ -248,6 +278,72 @@ impl Metrics {
         self.store_write_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A proxied call the broker refused itself, by kind and reason ([`QUOTA_REASONS`]).
+    pub fn quota_refusal(&self, kind: SystemKind, reason: &str) {
+        let r = QUOTA_REASONS.iter().position(|x| *x == reason).unwrap_or(0);
+        self.quota_refusals[kind_index(kind) * QUOTA_REASONS.len() + r]
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A vendor refused a proxied call for quota (429, Salesforce's over-quota 403).
+    pub fn vendor_throttled(&self, kind: SystemKind) {
+        self.vendor_throttled[kind_index(kind)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render_quota(&self, out: &mut String, systems: Option<&SystemCounts>) {
+        out.push_str("# HELP credbroker_proxy_local_refusals_total Proxied calls the broker answered itself (x-credbroker-limited: local), by kind and reason.\n# TYPE credbroker_proxy_local_refusals_total counter\n");
+        for (k, kind) in SystemKind::ALL.iter().enumerate() {
+            for (r, reason) in QUOTA_REASONS.iter().enumerate() {
+                let n = self.quota_refusals[k * QUOTA_REASONS.len() + r].load(Ordering::Relaxed);
+                let _ = writeln!(out, "credbroker_proxy_local_refusals_total{{kind=\"{kind}\",reason=\"{reason}\"}} {n}");
+            }
+        }
+        out.push_str("# HELP credbroker_proxy_vendor_throttled_total Proxied calls the vendor refused for quota (429, Salesforce's REQUEST_LIMIT_EXCEEDED), by kind.\n# TYPE credbroker_proxy_vendor_throttled_total counter\n");
+        for (k, kind) in SystemKind::ALL.iter().enumerate() {
+            let n = self.vendor_throttled[k].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "credbroker_proxy_vendor_throttled_total{{kind=\"{kind}\"}} {n}"
+            );
+        }
+        let Some(c) = systems else { return };
+        let gauges: [QuotaGauge; 5] = [
+            (
+                "credbroker_upstream_quota_remaining",
+                "The lowest remaining vendor quota among the kind's systems.",
+                |g| g.remaining_min,
+            ),
+            (
+                "credbroker_upstream_quota_limit",
+                "The quota limit of that system.",
+                |g| g.limit,
+            ),
+            (
+                "credbroker_upstream_in_flight",
+                "Proxied calls in flight.",
+                |g| Some(g.in_flight as i64),
+            ),
+            (
+                "credbroker_upstream_blocked_systems",
+                "Systems the proxy holds back at the vendor's request.",
+                |g| Some(g.blocked_systems as i64),
+            ),
+            (
+                "credbroker_upstream_blocked_seconds",
+                "The longest hold-back left, seconds.",
+                |g| Some(g.blocked_seconds_max as i64),
+            ),
+        ];
+        for (name, help, get) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (k, kind) in SystemKind::ALL.iter().enumerate() {
+                if let Some(v) = get(&c.quota[k]) {
+                    let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {v}");
+                }
+            }
+        }
+    }
+
     /// One proxied call, by the status class of its answer.
     pub fn proxy(&self, status: u16) {
         let class = (status / 100).min(5) as usize;
@@ -317,6 +413,7 @@ impl Metrics {
                 self.scheduled_checks[o].load(Ordering::Relaxed)
             );
         }
+        self.render_quota(&mut out, systems);
         if let Some(c) = systems {
             render_systems(&mut out, c);
         }

@@ -27,6 +27,7 @@ pub mod http;
 pub mod jira_cloud;
 pub mod jwt;
 pub mod oauth;
+pub mod ratelimit;
 pub mod salesforce;
 pub mod servicenow;
 pub mod zendesk;

@@ -11,6 +11,7 @@ pub mod events;
 pub mod health;
 pub mod keys;
 pub mod proxy;
+pub mod quota;
 pub mod schedule;
 pub mod tokens;
 pub mod watch;
@@ -233,6 +234,8 @@ pub struct BrokerSettings {
     pub check_interval: Duration,
     /// Scheduled checks running at once, per kind.
     pub checks_per_vendor: usize,
+    /// The proxy's quota rules, per kind and per system.
+    pub quota: quota::QuotaSettings,
 }
 
 impl Default for BrokerSettings {
@@ -256,6 +259,7 @@ impl Default for BrokerSettings {
             check_interval: Duration::from_secs(6 * 3600),
             checks_per_vendor: 4,
             check_timeout: Duration::from_secs(10),
+            quota: quota::QuotaSettings::default(),
         }
     }
 }
@@ -283,6 +287,10 @@ pub struct Broker {
     pub(crate) lease_key: [u8; 32],
     /// Key for the signed "Connect" links in webhooks (derived from the master key).
     pub(crate) link_key: [u8; 32],
+    /// Key signing the quota readings replicas share (derived from the master key).
+    pub(crate) quota_key: [u8; 32],
+    /// What each system's vendor said about its quota (the proxy keeps workers inside it).
+    pub(crate) quotas: quota::Quotas,
     /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
     pub(crate) public_authority: Option<String>,
     /// Who may call, and the authentication of each call.
@@ -326,6 +334,8 @@ impl Broker {
         let audit = Audit::new(settings.audit.clone(), keyring.derive_subkey("audit-hmac"));
         let lease_key = keyring.derive_subkey("proxy-lease");
         let link_key = keyring.derive_subkey("connect-link");
+        let quota_key = keyring.derive_subkey("quota-share");
+        let quotas = quota::Quotas::new(settings.quota.clone());
         let settings_public_authority = settings.public_url.as_deref().and_then(|public| {
             url::Url::parse(public).ok().and_then(|u| {
                 u.host_str().map(|h| match u.port() {
@@ -354,6 +364,8 @@ impl Broker {
             audit,
             lease_key,
             link_key,
+            quota_key,
+            quotas,
             public_authority: settings_public_authority,
             callers: Callers::default(),
             events,
@@ -428,6 +440,7 @@ impl Broker {
         let Some(mut rx) = self.store.changes() else {
             return;
         };
+        self.start_quota_sharing();
         let me = Arc::downgrade(self);
         let backstop = me.clone();
         tokio::spawn(async move {
@@ -483,6 +496,7 @@ impl Broker {
             Change::Meta(key) if key.starts_with("pending_auth/") => self.forget_pending(&key),
             Change::Meta(_) => {}
             Change::Events => self.events.kick(),
+            Change::Quota(payload) => self.merge_quota(&payload),
             Change::Resync => {
                 self.events.kick();
                 self.cache.clear();
@@ -1019,6 +1033,24 @@ impl Broker {
             }
         })
         .await?;
+        let now_ms = quota::now_ms();
+        for (kind, v) in self.quotas.views() {
+            let g = &mut c.quota[crate::metrics::kind_index(kind)];
+            g.in_flight += u64::from(v.in_flight);
+            if let Some(until) = v.blocked_until_ms {
+                g.blocked_systems += 1;
+                g.blocked_seconds_max = g
+                    .blocked_seconds_max
+                    .max(until.saturating_sub(now_ms).div_ceil(1000));
+            }
+            if let Some(rem) = v
+                .remaining
+                .filter(|r| g.remaining_min.is_none_or(|m| r < &m))
+            {
+                g.remaining_min = Some(rem);
+                g.limit = v.limit;
+            }
+        }
         Ok(c)
     }
 
@@ -1093,6 +1125,7 @@ impl Broker {
         }
         Self::reset_flight(&mut f);
         self.drop_token(system_id);
+        self.quotas.forget(system_id);
         drop(f);
         drop(flight);
         self.forget_flight_if_idle(system_id, 0);

@@ -19,10 +19,13 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::backends::ratelimit::RateSignals;
+use crate::broker::events::EventType;
+use crate::broker::quota::{Limited, QuotaPermit};
 use crate::broker::tokens::IssuedToken;
 use crate::broker::{Broker, Caller};
 use crate::error::BrokerError;
-use crate::model::{unix_now, Delivery};
+use crate::model::{unix_now, Delivery, HealthMark, SystemHealth};
 use crate::secret::SecretString;
 
 /// Prefix of proxy leases.
@@ -268,6 +271,149 @@ impl Broker {
                 event: None,
             })
             .await;
+    }
+
+    /// Admits a proxied call under the system's quota (see [`crate::broker::quota`]); a
+    /// refusal is counted by reason.
+    pub async fn admit_quota(
+        &self,
+        grant: &ProxyGrant,
+        system_id: &str,
+    ) -> Result<QuotaPermit, Limited> {
+        let kind = grant.token.kind;
+        let admitted = self.quotas.admit(system_id, kind).await;
+        if let Err(limited) = &admitted {
+            crate::metrics::METRICS.quota_refusal(kind, limited.reason.as_str());
+        }
+        admitted
+    }
+
+    /// Learns from the vendor's answer to an admitted call; a block that begins here is
+    /// announced as a health change (and its end likewise).
+    pub fn learn_quota(
+        &self,
+        system_id: &str,
+        permit: &QuotaPermit,
+        status: u16,
+        headers: &axum::http::HeaderMap,
+        body: Option<&[u8]>,
+    ) -> RateSignals {
+        let kind = permit.quota().kind();
+        let signals = crate::backends::ratelimit::read(kind, status, headers, body, unix_now());
+        if signals.throttled {
+            crate::metrics::METRICS.vendor_throttled(kind);
+        }
+        if self.quotas.learn(system_id, permit, &signals).block_started {
+            self.announce_block(system_id);
+        }
+        signals
+    }
+
+    /// `system.health_changed` to degraded while the vendor blocks the system, and back when
+    /// the block has passed (announced by the replica that met the block).
+    fn announce_block(&self, system_id: &str) {
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        let id = system_id.to_owned();
+        tokio::spawn(async move {
+            let Some(until) = me.quotas.view(&id).and_then(|v| v.blocked_until_ms) else {
+                return;
+            };
+            let Ok(record) = me.get_system(&id).await else {
+                return;
+            };
+            let now = unix_now();
+            let (before, _) = crate::broker::health::derive(&record, now);
+            let reason = crate::broker::quota::blocked_reason(until);
+            let mut blocked = record.clone();
+            blocked.health = Some(HealthMark {
+                health: SystemHealth::Degraded,
+                reason: reason.clone(),
+                since: now,
+                warned_days: None,
+                warned_for: None,
+            });
+            me.emit(
+                EventType::HealthChanged,
+                &blocked,
+                format!("{} → degraded: {reason}", before.as_str()),
+            );
+            // The block may be extended meanwhile: wait until none is left.
+            while let Some(until) = me.quotas.view(&id).and_then(|v| v.blocked_until_ms) {
+                let left = until.saturating_sub(crate::broker::quota::now_ms());
+                tokio::time::sleep(Duration::from_millis(left.max(1))).await;
+            }
+            let Ok(record) = me.get_system(&id).await else {
+                return;
+            };
+            let (after, why) = crate::broker::health::derive(&record, unix_now());
+            me.emit(
+                EventType::HealthChanged,
+                &record,
+                format!(
+                    "degraded → {}: {}",
+                    after.as_str(),
+                    if why.is_empty() {
+                        "the rate limit has passed"
+                    } else {
+                        &why
+                    }
+                ),
+            );
+        });
+    }
+
+    fn quota_tag(&self, body: &str) -> Option<String> {
+        let mut m = mac(&self.quota_key)?;
+        m.update(body.as_bytes());
+        Some(crate::util::hex::encode(&m.finalize().into_bytes()))
+    }
+
+    /// Sends this replica's changed quota readings to the others sharing the store, signed,
+    /// until the broker is gone.
+    pub(crate) fn start_quota_sharing(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(broker) = me.upgrade() else { break };
+                let changed = broker.quotas.changed_batches();
+                let batches = tokio::select! {
+                    b = changed => b,
+                    () = broker.events.closed() => break,
+                };
+                for batch in batches {
+                    let Some(tag) = broker.quota_tag(&batch) else {
+                        continue;
+                    };
+                    if let Err(e) = broker
+                        .store
+                        .broadcast_quota(&format!("{tag}.{batch}"))
+                        .await
+                    {
+                        tracing::debug!(message = "Could not share quota readings.", error = %e);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Merges another replica's quota readings, when they carry this deployment's signature.
+    pub(crate) fn merge_quota(&self, payload: &str) {
+        let Some((tag, batch)) = payload.split_once('.') else {
+            return;
+        };
+        let Some(want) = self.quota_tag(batch) else {
+            return;
+        };
+        let same: bool = subtle::ConstantTimeEq::ct_eq(want.as_bytes(), tag.as_bytes()).into();
+        if !same {
+            tracing::warn!(
+                message = "Refused quota readings that do not carry this deployment's signature."
+            );
+            return;
+        }
+        self.quotas.merge(batch);
     }
 
     /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`).

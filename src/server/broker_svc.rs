@@ -551,9 +551,10 @@ impl CredentialBroker for BrokerService {
             |r| Some(r.system_id.clone()),
             |broker, _, r| async move {
                 let record = broker.get_system(r.system_id.trim()).await?;
+                let quota = broker.quotas.view(&record.system_id);
                 Ok((
                     pb::GetSystemResponse {
-                        system: Some(convert::system(&record)),
+                        system: Some(convert::system_with_quota(&record, quota)),
                     },
                     Audited::default(),
                 ))
@@ -598,7 +599,12 @@ impl CredentialBroker for BrokerService {
                 };
                 Ok((
                     pb::ListSystemsResponse {
-                        systems: page.iter().map(convert::system).collect(),
+                        systems: page
+                            .iter()
+                            .map(|r| {
+                                convert::system_with_quota(r, broker.quotas.view(&r.system_id))
+                            })
+                            .collect(),
                         next_page_token,
                     },
                     Audited::default(),

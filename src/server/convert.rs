@@ -486,7 +486,37 @@ pub fn system(r: &SystemRecord) -> pb::System {
         health: health_to_proto(health) as i32,
         health_reason: reason,
         health_since: Some(ts(since)),
+        quota: None,
     }
+}
+
+/// [`system`] with what the proxy's quota book knows: `System.quota`, and while the vendor
+/// blocks the system, a degraded health saying so (unless it is failing anyway).
+pub fn system_with_quota(
+    r: &SystemRecord,
+    view: Option<crate::broker::quota::QuotaView>,
+) -> pb::System {
+    let mut s = system(r);
+    let Some(v) = view else {
+        return s;
+    };
+    s.quota = Some(pb::UpstreamQuota {
+        remaining: v.remaining.unwrap_or(-1),
+        limit: v.limit.unwrap_or(-1),
+        reset_at: v.reset_at.map(ts),
+        blocked_until: v.blocked_until_ms.map(|ms| Timestamp {
+            seconds: (ms / 1000) as i64,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
+        }),
+        in_flight: v.in_flight,
+    });
+    if let Some(until) = v.blocked_until_ms {
+        if s.health != pb::SystemHealth::Failing as i32 {
+            s.health = pb::SystemHealth::Degraded as i32;
+            s.health_reason = crate::broker::quota::blocked_reason(until);
+        }
+    }
+    s
 }
 
 /// Domain health → proto health.

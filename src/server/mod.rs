@@ -732,6 +732,7 @@ async fn open_broker(
             check_interval: config.refresh.check_interval,
             checks_per_vendor: config.refresh.checks_per_vendor,
             audit: audit_config(config, &data_dir),
+            quota: config.quota.clone(),
         },
     )
     .await?;

@@ -201,6 +201,18 @@ async fn send(
     })?;
     let cap = broker.settings.proxy_max_body_bytes;
     let forward = forward_request(req, uri, &grant.token, cap)?;
+    // Only a bodiless read may be sent twice (after a short `Retry-After`); never a write.
+    let again = matches!(forward.method().as_str(), "GET" | "HEAD").then(|| {
+        (
+            forward.method().clone(),
+            forward.uri().clone(),
+            forward.headers().clone(),
+        )
+    });
+    let mut permit = broker
+        .admit_quota(grant, call.system_id)
+        .await
+        .map_err(Refusal::limited)?;
     broker
         .audit_forwarding(
             &grant.caller,
@@ -209,22 +221,27 @@ async fn send(
             call.masked,
         )
         .await?;
-    let read_timeout = client.read_timeout;
-    let resp = match tokio::time::timeout(read_timeout, client.client.request(forward)).await {
-        Ok(Ok(r)) => r,
-        Err(_) => {
-            return Err(Refusal::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the upstream did not answer in time",
-            ))
+    let mut resp = exchange(client, forward).await?;
+    let mut learned = false;
+    if let Some((method, uri, headers)) = again {
+        let wait = retry_wait(broker, call, &permit, &resp);
+        learned = wait.is_some();
+        if let Some(wait) = wait.flatten() {
+            learned = false;
+            drop(resp);
+            drop(permit);
+            tokio::time::sleep(wait).await;
+            permit = broker
+                .admit_quota(grant, call.system_id)
+                .await
+                .map_err(Refusal::limited)?;
+            let mut retry = axum::http::Request::new(Body::empty());
+            *retry.method_mut() = method;
+            *retry.uri_mut() = uri;
+            *retry.headers_mut() = headers;
+            resp = exchange(client, retry).await?;
         }
-        Ok(Err(_)) => {
-            return Err(Refusal::new(
-                StatusCode::BAD_GATEWAY,
-                "the upstream could not be reached",
-            ))
-        }
-    };
+    }
     if resp.status() == StatusCode::UNAUTHORIZED {
         broker.note_proxy_unauthorized(call.system_id).await;
     }
@@ -235,7 +252,52 @@ async fn send(
         .map(|u| format!("{}/proxy/{}", u.trim_end_matches('/'), call.system_id))
         .unwrap_or_default();
     let base = &grant.token.api_base_url;
-    Ok(answer(resp, base, &proxy_base, read_timeout, cap).await)
+    let (response, small) = answer(resp, base, &proxy_base, client.read_timeout, cap).await;
+    if !learned {
+        broker.learn_quota(
+            call.system_id,
+            &permit,
+            response.status().as_u16(),
+            response.headers(),
+            small.as_deref(),
+        );
+    }
+    Ok(response)
+}
+
+/// For a read the vendor answered 429 while local retries are on: the answer is learned from
+/// (`Some`), and the wait before retrying it when its `Retry-After` fits the system's
+/// `local_retry_after_max` (`Some(Some(wait))`).
+fn retry_wait(
+    broker: &Broker,
+    call: &Call<'_>,
+    permit: &crate::broker::quota::QuotaPermit,
+    resp: &axum::http::Response<hyper::body::Incoming>,
+) -> Option<Option<Duration>> {
+    let max = permit.quota().limits().local_retry_after_max;
+    if resp.status() != StatusCode::TOO_MANY_REQUESTS || max.is_zero() {
+        return None;
+    }
+    let signals = broker.learn_quota(call.system_id, permit, 429, resp.headers(), None);
+    Some(signals.wait.filter(|w| *w <= max))
+}
+
+/// One upstream exchange, bounded by the client's read timeout for the answer's head.
+async fn exchange(
+    client: &ProxyClient,
+    forward: axum::http::Request<Body>,
+) -> Result<axum::http::Response<hyper::body::Incoming>, Refusal> {
+    match tokio::time::timeout(client.read_timeout, client.client.request(forward)).await {
+        Ok(Ok(r)) => Ok(r),
+        Err(_) => Err(Refusal::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the upstream did not answer in time",
+        )),
+        Ok(Err(_)) => Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "the upstream could not be reached",
+        )),
+    }
 }
 
 /// Refuses what is never proxied, whoever asks: unsafe methods, absolute-form targets,
@@ -275,16 +337,35 @@ fn screen(broker: &Broker, req: &Request, system_id: &str, tail: &str) -> Result
     Ok(())
 }
 
-/// A request the broker answers itself, with a JSON error.
-struct Refusal(StatusCode, String);
+/// A request the broker answers itself, with a JSON error; a quota refusal also carries
+/// `Retry-After` and `x-credbroker-limited: local`.
+struct Refusal(StatusCode, String, Option<Duration>);
 
 impl Refusal {
     fn new(status: StatusCode, message: &str) -> Self {
-        Self(status, message.to_owned())
+        Self(status, message.to_owned(), None)
+    }
+
+    fn limited(l: crate::broker::quota::Limited) -> Self {
+        use crate::broker::quota::LimitReason;
+        let secs = l.retry_after.as_secs();
+        let why = match l.reason {
+            LimitReason::Blocked => "the vendor asked for a pause",
+            LimitReason::Reserve => "the vendor's quota is down to the reserve kept for admins",
+            LimitReason::Concurrency => "the system's concurrent calls are all in use",
+        };
+        let message = format!("refused by credbroker, not the vendor: {why}; retry after {secs} s");
+        Self(StatusCode::TOO_MANY_REQUESTS, message, Some(l.retry_after))
     }
 
     fn into_response(self) -> Response {
-        error(self.0, &self.1)
+        let mut r = error(self.0, &self.1);
+        if let Some(wait) = self.2 {
+            let h = r.headers_mut();
+            h.insert("retry-after", HeaderValue::from(wait.as_secs().max(1)));
+            h.insert("x-credbroker-limited", HeaderValue::from_static("local"));
+        }
+        r
     }
 }
 
@@ -372,14 +453,15 @@ fn forward_request(
 
 /// The worker's answer: the vendor's status and headers (no session cookies; redirects under
 /// the base URL rewritten to the proxy) and its body, whole when small, else streamed, capped at
-/// `cap` bytes and cut when the vendor stalls for `read_timeout`.
+/// `cap` bytes and cut when the vendor stalls for `read_timeout`. A body passed whole is also
+/// returned (its quota signals are read from it).
 async fn answer(
     resp: axum::http::Response<hyper::body::Incoming>,
     api_base_url: &str,
     proxy_base: &str,
     read_timeout: Duration,
     cap: u64,
-) -> Response {
+) -> (Response, Option<axum::body::Bytes>) {
     let status = resp.status();
     let mut out = HeaderMap::new();
     for (k, v) in resp.headers() {
@@ -413,12 +495,15 @@ async fn answer(
         return match whole {
             Ok(Ok(collected)) => {
                 let bytes = collected.to_bytes();
-                let mut response = Response::new(Body::from(bytes));
+                let mut response = Response::new(Body::from(bytes.clone()));
                 *response.status_mut() = status;
                 *response.headers_mut() = out;
-                response
+                (response, Some(bytes))
             }
-            Ok(Err(_)) | Err(_) => error(StatusCode::BAD_GATEWAY, "the upstream answer broke off"),
+            Ok(Err(_)) | Err(_) => (
+                error(StatusCode::BAD_GATEWAY, "the upstream answer broke off"),
+                None,
+            ),
         };
     }
     let mut seen = 0u64;
@@ -436,7 +521,7 @@ async fn answer(
     let mut response = Response::new(Body::from_stream(download));
     *response.status_mut() = status;
     *response.headers_mut() = out;
-    response
+    (response, None)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

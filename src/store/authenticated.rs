@@ -328,6 +328,10 @@ impl CredentialStore for AuthenticatedStore {
         self.inner.try_lead(duty).await
     }
 
+    async fn broadcast_quota(&self, payload: &str) -> Result<(), StoreError> {
+        self.inner.broadcast_quota(payload).await
+    }
+
     async fn last_event_seq(&self) -> Result<u64, StoreError> {
         self.inner.last_event_seq().await
     }

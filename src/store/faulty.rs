@@ -236,6 +236,10 @@ impl CredentialStore for FaultyStore {
         self.inner.try_lead(duty).await
     }
 
+    async fn broadcast_quota(&self, payload: &str) -> Result<(), StoreError> {
+        self.inner.broadcast_quota(payload).await
+    }
+
     async fn last_event_seq(&self) -> Result<u64, StoreError> {
         self.read(self.inner.last_event_seq()).await
     }

@@ -200,6 +200,13 @@ pub trait CredentialStore: Send + Sync + 'static {
     async fn try_lead(&self, _duty: &str) -> Result<Option<Lead>, StoreError> {
         Ok(Some(Lead::sole()))
     }
+
+    /// Tells the other processes sharing the store about passing state that is not stored
+    /// (quota readings): they receive it as [`Change::Quota`]. Nothing to do for a store no
+    /// other process shares.
+    async fn broadcast_quota(&self, _payload: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The lead of a background duty: held while this process does it for every process sharing
@@ -254,6 +261,8 @@ pub enum Change {
     Meta(String),
     /// Events were appended to the log.
     Events,
+    /// Another process's quota readings (see `crate::broker::quota`), as it sent them.
+    Quota(String),
     /// The change feed (re)connected: changes may have been missed, reload everything.
     Resync,
 }

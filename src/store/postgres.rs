@@ -376,6 +376,7 @@ async fn listen_loop<T>(
                             "caller" => Change::Caller(id.to_owned()),
                             "meta" => Change::Meta(id.to_owned()),
                             "events" => Change::Events,
+                            "quota" => Change::Quota(id.to_owned()),
                             _ => continue,
                         };
                         let _ = tx.send(change);
@@ -738,6 +739,17 @@ impl CredentialStore for PostgresStore {
 
     /// A session-level advisory lock on a connection of its own, pinged every two seconds: when
     /// the connection dies (and with it the lock), the lead is lost and another replica takes it.
+    async fn broadcast_quota(&self, payload: &str) -> Result<(), StoreError> {
+        let obj = self.client().await?;
+        obj.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&CHANNEL, &self.payload("quota", payload)],
+        )
+        .await
+        .map_err(pg)?;
+        Ok(())
+    }
+
     async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
         let key = lock_key(&format!("lead/{duty}"));
         let obj = self.client().await?;

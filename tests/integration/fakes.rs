@@ -99,6 +99,11 @@ pub struct FakeUpstream {
     pub origin: String,
     log: Arc<Mutex<Vec<Req>>>,
     unexpected: Arc<Mutex<Vec<String>>>,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>,
 }
 
 impl FakeUpstream {
@@ -108,11 +113,32 @@ impl FakeUpstream {
         let log = Arc::new(Mutex::new(Vec::new()));
         let unexpected = Arc::new(Mutex::new(Vec::new()));
         let (l2, u2) = (log.clone(), unexpected.clone());
+        let in_flight: Arc<(
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        )> = Arc::default();
+        let f2 = in_flight.clone();
         let app = Router::new().fallback(
             move |method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
                 let handler = handler.clone();
                 let (log, unexpected) = (l2.clone(), u2.clone());
+                let flight = f2.clone();
                 async move {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    let now = flight.0.fetch_add(1, SeqCst) + 1;
+                    flight.1.fetch_max(now, SeqCst);
+                    struct Done(
+                        Arc<(
+                            std::sync::atomic::AtomicUsize,
+                            std::sync::atomic::AtomicUsize,
+                        )>,
+                    );
+                    impl Drop for Done {
+                        fn drop(&mut self) {
+                            self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    let _done = Done(flight);
                     let query = uri
                         .query()
                         .map(|q| {
@@ -147,7 +173,23 @@ impl FakeUpstream {
             origin: format!("http://{addr}"),
             log,
             unexpected,
+            in_flight,
         }
+    }
+
+    /// The most requests this fake was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests with `method` whose path starts with `prefix`.
+    pub fn count_method(&self, method: &str, prefix: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.method == method && r.path.starts_with(prefix))
+            .count()
     }
 
     /// Requests whose path starts with `prefix`.
@@ -1327,6 +1369,11 @@ struct SfState {
     login_delay: std::time::Duration,
     /// The org's 24-hour API allocation is used up (REST answers 403 REQUEST_LIMIT_EXCEEDED).
     api_limit_exhausted: bool,
+    /// The org's API allocation as (used, limit): sObject calls count against it and report it
+    /// in `Sforce-Limit-Info`; past it they get 403 REQUEST_LIMIT_EXCEEDED.
+    api_usage: Option<(i64, i64)>,
+    /// How long an sObject call takes.
+    api_delay: std::time::Duration,
     /// Faults of the APIs (UserInfo, introspection, REST; not of the logins).
     api_mode: Mode,
     /// JWT bearer: consumer key → the uploaded certificate's RSA public key (PKCS#1 DER).
@@ -1351,6 +1398,8 @@ pub struct FakeSalesforce {
 }
 
 const SF_USER_ID: &str = "005000000000001AAA";
+/// The REST resource the quota tests call (GET reads, POST creates).
+pub const SF_SOBJECTS: &str = "/services/data/v62.0/sobjects";
 const SF_ORG_ID: &str = "00D000000000001EAA";
 
 impl FakeSalesforce {
@@ -1368,6 +1417,8 @@ impl FakeSalesforce {
             seq: 0,
             login_delay: std::time::Duration::ZERO,
             api_limit_exhausted: false,
+            api_usage: None,
+            api_delay: std::time::Duration::ZERO,
             api_mode: Mode::Normal,
             jwt_apps: HashMap::new(),
             preauthorized: HashSet::new(),
@@ -1385,6 +1436,9 @@ impl FakeSalesforce {
             let mut s = st.lock().unwrap();
             let origin = oc.lock().unwrap().clone();
             let reply = sf_handle(&mut s, req, &origin);
+            if req.path.starts_with(SF_SOBJECTS) && !s.api_delay.is_zero() {
+                return Reply::Delay(s.api_delay, Box::new(reply));
+            }
             // A login is made (the session exists) on receipt; the answer comes late.
             let login = matches!(
                 req.path.as_str(),
@@ -1411,6 +1465,21 @@ impl FakeSalesforce {
             .unwrap()
             .users
             .insert(username.into(), (password.into(), security_token.into()));
+    }
+
+    /// The org's API allocation: `used` of `limit` calls.
+    pub fn set_api_usage(&self, used: i64, limit: i64) {
+        self.state.lock().unwrap().api_usage = Some((used, limit));
+    }
+
+    /// The org's API calls used so far.
+    pub fn api_used(&self) -> Option<i64> {
+        self.state.lock().unwrap().api_usage.map(|(u, _)| u)
+    }
+
+    /// How long each sObject call takes.
+    pub fn set_api_delay(&self, d: std::time::Duration) {
+        self.state.lock().unwrap().api_delay = d;
     }
 
     /// Session lifetime in seconds (what introspection reports as `exp`).
@@ -1798,6 +1867,30 @@ fn sf_handle(s: &mut SfState, req: &Req, origin: &str) -> Reply {
         "/services/data/" => {
             Reply::Unexpected("the versions list needs no auth and proves nothing".into())
         }
+        p if p.starts_with(SF_SOBJECTS) => {
+            if !valid(s) {
+                return invalid_session;
+            }
+            let Some((used, limit)) = s.api_usage else {
+                return Reply::Json(200, json!({"sobjects": []}));
+            };
+            if used >= limit {
+                return Reply::JsonWith(
+                    403,
+                    vec![("sforce-limit-info", format!("api-usage={used}/{limit}"))],
+                    json!([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]),
+                );
+            }
+            s.api_usage = Some((used + 1, limit));
+            Reply::JsonWith(
+                if req.method == "POST" { 201 } else { 200 },
+                vec![(
+                    "sforce-limit-info",
+                    format!("api-usage={}/{limit}", used + 1),
+                )],
+                json!({"id": "001000000000001AAA", "success": true}),
+            )
+        }
         _ => Reply::Unexpected("unknown path".into()),
     }
 }
@@ -2089,6 +2182,8 @@ struct AtlState {
     no_product_access: HashSet<String>,
     /// Logins whose credential lacks `read:jira-user`.
     missing_user_scope: HashSet<String>,
+    /// Jira's API (other than `myself`) answers 429 until then.
+    throttled_until: Option<std::time::Instant>,
 }
 
 /// A fake Atlassian: consent page, JSON token endpoint with rotating refresh tokens and reuse
@@ -2119,6 +2214,7 @@ impl FakeAtlassian {
             api_tokens: HashMap::new(),
             no_product_access: HashSet::new(),
             missing_user_scope: HashSet::new(),
+            throttled_until: None,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| atl_handle(&mut st.lock().unwrap(), req)).await;
@@ -2127,6 +2223,12 @@ impl FakeAtlassian {
             server,
             state,
         }
+    }
+
+    /// Jira's API (other than `myself`) answers 429 with `Retry-After` for the next `secs`.
+    pub fn throttle_for(&self, secs: u64) {
+        self.state.lock().unwrap().throttled_until =
+            Some(std::time::Instant::now() + std::time::Duration::from_secs(secs));
     }
 
     /// An OAuth 2.0 (3LO) app.
@@ -2460,6 +2562,23 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
                 );
             }
             return atl_myself(s, &user);
+        }
+        let left = s
+            .throttled_until
+            .map(|u| u.saturating_duration_since(std::time::Instant::now()))
+            .filter(|d| !d.is_zero());
+        if let Some(left) = left {
+            // As Jira answers over its points budget: 429, Retry-After and the RateLimit set.
+            return Reply::JsonWith(
+                429,
+                vec![
+                    ("retry-after", left.as_secs_f64().ceil().to_string()),
+                    ("x-ratelimit-limit", "65000".into()),
+                    ("x-ratelimit-remaining", "0".into()),
+                    ("ratelimit-reason", "jira-quota-tenant-based".into()),
+                ],
+                json!({"errorMessages": ["Rate limit exceeded."]}),
+            );
         }
         return Reply::Json(200, json!({"ok": true}));
     }

@@ -24,6 +24,7 @@ mod oauth;
 mod observability;
 mod pg;
 mod proxy;
+mod quota;
 mod replicas;
 mod security;
 mod service_identities;

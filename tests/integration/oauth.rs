@@ -674,10 +674,10 @@ async fn servicenow_refresh_token_lapse_requires_a_new_password_grant() {
 // Salesforce
 // ----------------------------------------------------------------------------------------------
 
-const SF_ID: &str = "3MVG9-consumer-key";
-const SF_SECRET: &str = "sf-consumer-secret-canary-31";
+pub(crate) const SF_ID: &str = "3MVG9-consumer-key";
+pub(crate) const SF_SECRET: &str = "sf-consumer-secret-canary-31";
 
-fn sf_cc(secret: &str) -> pb::Credential {
+pub(crate) fn sf_cc(secret: &str) -> pb::Credential {
     pb::Credential {
         credential: Some(pb::credential::Credential::OauthClientCredentials(
             pb::OAuthClientCredentials {

@@ -18,8 +18,8 @@ use crate::support::*;
 
 const ZD_SC_ID: &str = "zd-sync-service";
 const ZD_SC_SECRET: &str = "zd-cc-secret-canary-61";
-const SA_ID: &str = "atl-sa-client";
-const SA_SECRET: &str = "atl-sa-secret-canary-62";
+pub(crate) const SA_ID: &str = "atl-sa-client";
+pub(crate) const SA_SECRET: &str = "atl-sa-secret-canary-62";
 const SA_LOGIN: &str = "svc";
 const SA_EMAIL: &str = "sync-svc@serviceaccount.atlassian.com";
 const CLASSIC_TOKEN: &str = "ATATT-classic-canary-63";
@@ -37,7 +37,7 @@ const SECRETS: &[&str] = &[
     SN_KEY,
 ];
 
-fn cc(id: &str, secret: &str) -> pb::Credential {
+pub(crate) fn cc(id: &str, secret: &str) -> pb::Credential {
     pb::Credential {
         credential: Some(pb::credential::Credential::OauthClientCredentials(
             pb::OAuthClientCredentials {
@@ -378,7 +378,7 @@ async fn zendesk_client_credentials_mint_once_and_report_the_acting_user() {
     broker.stop().await;
 }
 
-async fn jira_fake() -> FakeAtlassian {
+pub(crate) async fn jira_fake() -> FakeAtlassian {
     let fake = atlassian().await;
     fake.add_user(SA_LOGIN, "712020:svc-account", "Sync Service", SA_EMAIL);
     fake.add_service_client(SA_ID, SA_SECRET, SA_LOGIN);

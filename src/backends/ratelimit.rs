@@ -1,0 +1,307 @@
+//! What a vendor's answer says about its quota: each vendor's own headers (`upstreams.md` §17),
+//! read into one [`RateSignals`] shape the proxy's quota book learns from.
+//!
+//! - Salesforce: `Sforce-Limit-Info: api-usage=used/limit` (the org's 24-hour allocation); past
+//!   it, **403** `REQUEST_LIMIT_EXCEEDED` with no `Retry-After`.
+//! - Zendesk: `X-Rate-Limit` / `X-Rate-Limit-Remaining`, or `ratelimit-limit/-remaining/-reset`
+//!   (seconds from now); 429 with `Retry-After`.
+//! - Jira Cloud: `X-RateLimit-Limit/-Remaining`, `X-RateLimit-Reset` (ISO-8601); 429 or 503 with
+//!   `Retry-After`.
+//! - Azure DevOps: `X-RateLimit-Limit/-Remaining`, `X-RateLimit-Reset` (Unix time), and
+//!   `Retry-After` even on a 200.
+//! - ServiceNow: `X-RateLimit-Limit` (per hour) and `X-RateLimit-Reset` (Unix time) but no
+//!   remaining count: the book counts calls itself.
+//! - Freshdesk, Freshservice: `X-Ratelimit-Total` / `X-Ratelimit-Remaining`; 429 `Retry-After`.
+//! - Asana: `Retry-After` on 429 only.
+//!
+//! Values are clamped: a hostile or broken vendor can make the broker wait at most
+//! [`MAX_WAIT`], never overflow it.
+
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+
+use crate::model::SystemKind;
+
+/// The longest wait any vendor signal can impose.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// How long an over-quota answer without a wait (Salesforce's 403) holds a system back.
+pub const NO_WAIT_GIVEN: Duration = Duration::from_secs(60);
+
+/// What one answer said about the system's quota.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateSignals {
+    /// Calls left in the current window.
+    pub remaining: Option<i64>,
+    /// The window's size.
+    pub limit: Option<i64>,
+    /// When the window resets (Unix seconds).
+    pub reset_at: Option<u64>,
+    /// The vendor asked for no call before this long has passed.
+    pub wait: Option<Duration>,
+    /// The vendor refused the call for quota (429, or Salesforce's over-quota 403).
+    pub throttled: bool,
+    /// The vendor reports a limit but no remaining count: count calls locally.
+    pub count_locally: bool,
+}
+
+/// Reads `kind`'s signals from an answer (`body` when the answer was small enough to hold).
+pub fn read(
+    kind: SystemKind,
+    status: u16,
+    headers: &HeaderMap,
+    body: Option<&[u8]>,
+    now: u64,
+) -> RateSignals {
+    let mut s = RateSignals::default();
+    match kind {
+        SystemKind::Salesforce => salesforce(&mut s, status, headers, body),
+        SystemKind::Zendesk => zendesk(&mut s, headers, now),
+        SystemKind::JiraCloud => {
+            s.limit = int(headers, "x-ratelimit-limit");
+            s.remaining = int(headers, "x-ratelimit-remaining");
+            s.reset_at = text(headers, "x-ratelimit-reset").and_then(iso8601);
+        }
+        SystemKind::AzureDevOps => {
+            s.limit = int(headers, "x-ratelimit-limit");
+            s.remaining = int(headers, "x-ratelimit-remaining");
+            s.reset_at = epoch(headers, "x-ratelimit-reset");
+            // Azure DevOps may ask for a pause on a successful answer.
+            s.wait = retry_after(headers, now);
+        }
+        SystemKind::ServiceNow => {
+            s.limit = int(headers, "x-ratelimit-limit");
+            s.reset_at = epoch(headers, "x-ratelimit-reset");
+            s.count_locally = s.limit.is_some();
+        }
+        SystemKind::Freshdesk | SystemKind::Freshservice => {
+            s.limit = int(headers, "x-ratelimit-total");
+            s.remaining = int(headers, "x-ratelimit-remaining");
+        }
+        SystemKind::Asana => {}
+    }
+    if status == 429 || (status == 503 && kind == SystemKind::JiraCloud) {
+        s.throttled = status == 429 || s.wait.is_some();
+        s.wait = retry_after(headers, now)
+            .or_else(|| s.reset_at.map(|at| secs(at.saturating_sub(now))))
+            .or(Some(Duration::from_secs(1)).filter(|_| status == 429));
+    }
+    if status == 503 && kind != SystemKind::JiraCloud {
+        s.wait = s.wait.or_else(|| retry_after(headers, now));
+    }
+    s.wait = s.wait.map(|w| w.min(MAX_WAIT));
+    if s.throttled && s.wait.is_some() {
+        // "0 left" on a refusal lasts as long as the pause it comes with; the block covers it,
+        // and the first answer after it brings the new count.
+        s.remaining = None;
+    }
+    s
+}
+
+fn salesforce(s: &mut RateSignals, status: u16, headers: &HeaderMap, body: Option<&[u8]>) {
+    if let Some(usage) = text(headers, "sforce-limit-info").and_then(|v| {
+        v.split(';')
+            .find_map(|part| part.trim().strip_prefix("api-usage="))
+            .and_then(|u| u.split_once('/'))
+            .and_then(|(used, limit)| Some((used.trim().parse().ok()?, limit.trim().parse().ok()?)))
+    }) {
+        let (used, limit): (i64, i64) = usage;
+        s.limit = Some(limit);
+        s.remaining = Some((limit - used).max(0));
+    }
+    let over = status == 403
+        && body.is_some_and(|b| {
+            std::str::from_utf8(b).is_ok_and(|t| t.contains("REQUEST_LIMIT_EXCEEDED"))
+        });
+    if over {
+        s.throttled = true;
+        // A concurrency refusal carries the same code: only a short pause for it.
+        let concurrent = body
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .is_some_and(|t| t.contains("Concurrent"));
+        s.wait = Some(if concurrent {
+            Duration::from_secs(1)
+        } else {
+            NO_WAIT_GIVEN
+        });
+    }
+}
+
+fn zendesk(s: &mut RateSignals, headers: &HeaderMap, now: u64) {
+    s.limit = int(headers, "x-rate-limit").or_else(|| int(headers, "ratelimit-limit"));
+    s.remaining =
+        int(headers, "x-rate-limit-remaining").or_else(|| int(headers, "ratelimit-remaining"));
+    s.reset_at = int(headers, "ratelimit-reset")
+        .filter(|r| *r >= 0)
+        .map(|r| now + (r as u64).min(MAX_WAIT.as_secs()));
+}
+
+fn text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+fn int(headers: &HeaderMap, name: &str) -> Option<i64> {
+    text(headers, name)
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|v| *v >= 0)
+}
+
+fn epoch(headers: &HeaderMap, name: &str) -> Option<u64> {
+    int(headers, name).map(|v| v as u64)
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s.min(MAX_WAIT.as_secs()))
+}
+
+/// `Retry-After` as seconds (fractions rounded up) or an HTTP date.
+pub fn retry_after(headers: &HeaderMap, now: u64) -> Option<Duration> {
+    let v = text(headers, "retry-after")?;
+    if let Ok(f) = v.parse::<f64>() {
+        return (f.is_finite() && f >= 0.0).then(|| secs(f.ceil() as u64));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    let at = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    Some(secs(at.saturating_sub(now)))
+}
+
+/// `2026-03-01T12:00Z`, `2026-03-01T12:00:30.5+01:00` → Unix seconds.
+fn iso8601(v: &str) -> Option<u64> {
+    let (date, time) = v.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (clock, offset) = match time.find(['Z', 'z', '+', '-']) {
+        Some(i) => (&time[..i], &time[i..]),
+        None => (time, "Z"),
+    };
+    let mut c = clock.splitn(3, ':');
+    let h: i64 = c.next()?.parse().ok()?;
+    let min: i64 = c.next()?.parse().ok()?;
+    let s: f64 = c.next().map_or(Some(0.0), |s| s.parse().ok())?;
+    let off = match offset.as_bytes().first() {
+        Some(b'+') | Some(b'-') => {
+            let (oh, om) = offset[1..].split_once(':').unwrap_or((&offset[1..], "0"));
+            let mins = oh.parse::<i64>().ok()? * 60 + om.parse::<i64>().ok()?;
+            if offset.starts_with('-') {
+                -mins
+            } else {
+                mins
+            }
+        }
+        _ => 0,
+    };
+    let days = crate::util::time::days_from_civil(y, m, day);
+    let t = days * 86_400 + h * 3600 + min * 60 + s as i64 - off * 60;
+    u64::try_from(t).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, v.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn each_vendor_is_read_from_its_own_headers() {
+        let now = 1_800_000_000;
+        let sf = read(
+            SystemKind::Salesforce,
+            200,
+            &h(&[("sforce-limit-info", "api-usage=480/1000; api-bursts=1/20")]),
+            None,
+            now,
+        );
+        assert_eq!((sf.remaining, sf.limit), (Some(520), Some(1000)));
+        let over = read(
+            SystemKind::Salesforce,
+            403,
+            &HeaderMap::new(),
+            Some(br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#),
+            now,
+        );
+        assert!(over.throttled && over.remaining.is_none() && over.wait == Some(NO_WAIT_GIVEN));
+        let jira = read(
+            SystemKind::JiraCloud,
+            429,
+            &h(&[
+                ("retry-after", "5"),
+                ("x-ratelimit-limit", "100"),
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "2027-01-15T08:00:00Z"),
+            ]),
+            None,
+            now,
+        );
+        assert!(jira.throttled);
+        assert_eq!(jira.wait, Some(Duration::from_secs(5)));
+        assert!(jira.reset_at.is_some());
+        assert_eq!(jira.reset_at, iso8601("2027-01-15T08:00:00Z"));
+        assert_eq!(iso8601("1970-01-02T00:00Z"), Some(86_400));
+        assert_eq!(iso8601("1970-01-02T01:00:00+01:00"), Some(86_400));
+        let ado = read(
+            SystemKind::AzureDevOps,
+            200,
+            &h(&[("retry-after", "2"), ("x-ratelimit-remaining", "10")]),
+            None,
+            now,
+        );
+        assert_eq!(ado.wait, Some(Duration::from_secs(2)));
+        assert!(!ado.throttled);
+        let sn = read(
+            SystemKind::ServiceNow,
+            200,
+            &h(&[
+                ("x-ratelimit-limit", "300"),
+                ("x-ratelimit-reset", "1800000600"),
+            ]),
+            None,
+            now,
+        );
+        assert!(sn.count_locally && sn.remaining.is_none() && sn.reset_at == Some(1_800_000_600));
+        let zd = read(
+            SystemKind::Zendesk,
+            200,
+            &h(&[("x-rate-limit", "700"), ("x-rate-limit-remaining", "699")]),
+            None,
+            now,
+        );
+        assert_eq!((zd.remaining, zd.limit), (Some(699), Some(700)));
+        let fd = read(
+            SystemKind::Freshdesk,
+            429,
+            &h(&[("retry-after", "Fri, 15 Jan 2027 08:00:00 GMT")]),
+            None,
+            now,
+        );
+        assert!(fd.throttled && fd.wait == Some(MAX_WAIT));
+    }
+
+    #[test]
+    fn hostile_values_are_clamped_or_ignored() {
+        let now = 1_800_000_000;
+        for v in ["-1", "NaN", "inf", "99999999999999999999", "", "soon"] {
+            let s = read(SystemKind::Asana, 429, &h(&[("retry-after", v)]), None, now);
+            assert!(s.wait.is_some_and(|w| w <= MAX_WAIT), "{v}: {s:?}");
+        }
+        let s = read(
+            SystemKind::JiraCloud,
+            200,
+            &h(&[
+                ("x-ratelimit-remaining", "-5"),
+                ("x-ratelimit-reset", "garbage"),
+            ]),
+            None,
+            now,
+        );
+        assert_eq!(s, RateSignals::default());
+    }
+}

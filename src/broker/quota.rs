@@ -1,0 +1,560 @@
+//! The quota book: what each system's vendor said about its quota, learned from every proxied
+//! answer, and the rules that keep the workers inside it.
+//!
+//! - **Blocked**: the vendor asked for a pause (`Retry-After`, Salesforce's over-quota 403):
+//!   until it passes, calls are refused locally without reaching the vendor.
+//! - **Reserve**: a metered quota (remaining of limit) is not spent below `reserve_percent` of
+//!   its limit, counting the calls in flight, so the reserve stays for admins and the next
+//!   window's first sync.
+//! - **Concurrency**: at most `max_concurrent` calls per system are in flight; more queue in
+//!   arrival order (a fair semaphore) until a slot frees or `max_queue_wait_seconds` passes.
+//!
+//! A reading is taken from an answer only when it is not older than the one held: a lower count
+//! always wins; a higher one only from a call that started after the held reading was taken (an
+//! answer overtaken by a newer one cannot raise the count again) or from a new window.
+//!
+//! With replicas on PostgreSQL, changed readings are sent to the others (coalesced, changes
+//! only, every [`SHARE_EVERY`] at most) signed under a key derived from the master key, and
+//! merged there the same way: a block anywhere is a block everywhere within a second.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backends::ratelimit::{RateSignals, MAX_WAIT};
+use crate::model::SystemKind;
+use crate::util::sync::{lock, read, write};
+
+/// How often changed readings are sent to the other replicas, at most.
+pub const SHARE_EVERY: Duration = Duration::from_millis(200);
+/// A reserve refusal's `Retry-After` when the vendor names no reset.
+const RESERVE_RETRY: Duration = Duration::from_secs(60);
+/// Entries per broadcast (a PostgreSQL notification carries at most 8,000 bytes).
+const SHARE_BATCH: usize = 40;
+
+/// One system's quota rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaLimits {
+    /// Calls in flight at most (0: no cap).
+    pub max_concurrent: u32,
+    /// Share of a metered quota kept back, percent.
+    pub reserve_percent: u8,
+    /// A proxied GET answered 429 with a `Retry-After` up to this long is retried once after
+    /// the wait (zero: never). Writes are never retried.
+    pub local_retry_after_max: Duration,
+    /// How long a call waits for a concurrency slot before its local 429.
+    pub max_queue_wait: Duration,
+}
+
+/// Overrides of [`QuotaLimits`] from the configuration (per kind, per system).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsOverride {
+    /// Calls in flight at most (0: no cap).
+    pub max_concurrent: Option<u32>,
+    /// Percent of a metered quota kept back (0–50).
+    pub reserve_percent: Option<u8>,
+    /// Longest `Retry-After` a proxied GET is retried after (0: never).
+    pub local_retry_after_max_seconds: Option<u64>,
+    /// Longest wait for a concurrency slot.
+    pub max_queue_wait_seconds: Option<u64>,
+}
+
+impl LimitsOverride {
+    fn apply(&self, l: &mut QuotaLimits) {
+        if let Some(v) = self.max_concurrent {
+            l.max_concurrent = v;
+        }
+        if let Some(v) = self.reserve_percent {
+            l.reserve_percent = v;
+        }
+        if let Some(v) = self.local_retry_after_max_seconds {
+            l.local_retry_after_max = Duration::from_secs(v);
+        }
+        if let Some(v) = self.max_queue_wait_seconds {
+            l.max_queue_wait = Duration::from_secs(v);
+        }
+    }
+
+    /// Problems with the values, for the configuration's error list.
+    pub fn problems(&self, what: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.reserve_percent.is_some_and(|v| v > 50) {
+            p.push(format!("{what}: reserve_percent must be between 0 and 50"));
+        }
+        if self.local_retry_after_max_seconds.is_some_and(|v| v > 60) {
+            p.push(format!(
+                "{what}: local_retry_after_max_seconds must be at most 60"
+            ));
+        }
+        if self.max_queue_wait_seconds.is_some_and(|v| v > 300) {
+            p.push(format!(
+                "{what}: max_queue_wait_seconds must be at most 300"
+            ));
+        }
+        if self.max_concurrent.is_some_and(|v| v > 10_000) {
+            p.push(format!("{what}: max_concurrent must be at most 10000"));
+        }
+        p
+    }
+}
+
+/// The configured quota rules: per kind, then per system.
+#[derive(Debug, Clone, Default)]
+pub struct QuotaSettings {
+    /// Per kind.
+    pub kinds: HashMap<SystemKind, LimitsOverride>,
+    /// Per system id (wins over its kind's).
+    pub systems: HashMap<String, LimitsOverride>,
+}
+
+impl QuotaSettings {
+    /// The rules for `system_id` of `kind`.
+    pub fn limits(&self, kind: SystemKind, system_id: &str) -> QuotaLimits {
+        let mut l = QuotaLimits {
+            // Salesforce allows 25 concurrent long-running calls per org; Asana 50 GETs in
+            // flight per token; the others document no concurrency limit.
+            max_concurrent: match kind {
+                SystemKind::Salesforce => 25,
+                SystemKind::Asana => 50,
+                _ => 0,
+            },
+            reserve_percent: 5,
+            local_retry_after_max: Duration::ZERO,
+            max_queue_wait: Duration::from_secs(30),
+        };
+        if let Some(o) = self.kinds.get(&kind) {
+            o.apply(&mut l);
+        }
+        if let Some(o) = self.systems.get(system_id) {
+            o.apply(&mut l);
+        }
+        l
+    }
+}
+
+/// Why the broker answered a call itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitReason {
+    /// The vendor asked for a pause that has not passed.
+    Blocked,
+    /// The metered quota is down to its reserve.
+    Reserve,
+    /// No concurrency slot freed in time.
+    Concurrency,
+}
+
+impl LimitReason {
+    /// Every reason, for metrics.
+    pub const ALL: [LimitReason; 3] = [Self::Blocked, Self::Reserve, Self::Concurrency];
+
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blocked => "blocked",
+            Self::Reserve => "reserve",
+            Self::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// A local refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    /// Why.
+    pub reason: LimitReason,
+    /// When to try again (whole seconds, at least one).
+    pub retry_after: Duration,
+}
+
+/// A system's quota as the book knows it (`System.quota`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaView {
+    /// Calls left, when known.
+    pub remaining: Option<i64>,
+    /// The window's size, when known.
+    pub limit: Option<i64>,
+    /// When the window resets (Unix seconds), when known.
+    pub reset_at: Option<u64>,
+    /// Calls are refused locally until then (Unix milliseconds), when blocked.
+    pub blocked_until_ms: Option<u64>,
+    /// Calls in flight on this replica.
+    pub in_flight: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    remaining: Option<i64>,
+    limit: Option<i64>,
+    reset_at: Option<u64>,
+    /// Unix milliseconds.
+    blocked_until: Option<u64>,
+    /// When the held remaining count was taken.
+    read_at: Option<Instant>,
+    in_flight: u32,
+    /// Calls counted locally in this window (vendors that send no remaining count).
+    counting: bool,
+    counted: i64,
+}
+
+impl State {
+    /// The remaining count, when it is for a window that has not reset.
+    fn remaining(&self, now_s: u64) -> Option<i64> {
+        if self.reset_at.is_some_and(|r| r <= now_s) {
+            return None;
+        }
+        match (self.counting, self.limit) {
+            (true, Some(limit)) => Some(limit - self.counted),
+            _ => self.remaining,
+        }
+    }
+
+    fn screen(&self, limits: &QuotaLimits, now_ms: u64) -> Result<(), Limited> {
+        if let Some(until) = self.blocked_until.filter(|u| *u > now_ms) {
+            return Err(Limited {
+                reason: LimitReason::Blocked,
+                retry_after: ceil_secs(until - now_ms),
+            });
+        }
+        let now_s = now_ms / 1000;
+        if let (Some(rem), Some(limit)) = (self.remaining(now_s), self.limit) {
+            let reserve = (limit.saturating_mul(i64::from(limits.reserve_percent)) + 99) / 100;
+            if rem - i64::from(self.in_flight) <= reserve {
+                let retry = self
+                    .reset_at
+                    .filter(|r| *r > now_s)
+                    .map_or(RESERVE_RETRY, |r| Duration::from_secs(r - now_s));
+                return Err(Limited {
+                    reason: LimitReason::Reserve,
+                    retry_after: retry.clamp(Duration::from_secs(1), MAX_WAIT),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a reading; true when what the book knows changed.
+    fn learn(&mut self, s: &Reading, started: Option<Instant>) -> Learned {
+        let mut l = Learned::default();
+        if let Some(until) = s.blocked_until {
+            if self.blocked_until.is_none_or(|b| until > b) {
+                l.block_started = self.blocked_until.is_none_or(|b| b <= s.now_ms);
+                self.blocked_until = Some(until);
+                l.changed = true;
+            }
+        }
+        if s.limit.is_some() && s.limit != self.limit {
+            self.limit = s.limit;
+            l.changed = true;
+        }
+        let new_window = s.reset_at.is_some() && s.reset_at != self.reset_at;
+        if new_window {
+            self.reset_at = s.reset_at;
+            self.counted = 0;
+            l.changed = true;
+        }
+        self.counting |= s.count_locally;
+        if let Some(r) = s.remaining {
+            let newer = match (self.read_at, started) {
+                (Some(at), Some(started)) => started > at,
+                (None, _) => true,
+                // A reading from another replica: newer when ours is over a second old.
+                (Some(at), None) => at.elapsed() > Duration::from_secs(1),
+            };
+            if new_window || newer || self.remaining.is_none_or(|cur| r < cur) {
+                l.changed |= self.remaining != Some(r);
+                self.remaining = Some(r);
+                self.read_at = Some(Instant::now());
+            }
+        }
+        l
+    }
+}
+
+/// What a reading changed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Learned {
+    /// Something the other replicas should hear about.
+    pub changed: bool,
+    /// A block began (the system was not blocked before).
+    pub block_started: bool,
+}
+
+/// A reading in the book's terms.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Reading {
+    #[serde(rename = "r", skip_serializing_if = "Option::is_none")]
+    remaining: Option<i64>,
+    #[serde(rename = "l", skip_serializing_if = "Option::is_none")]
+    limit: Option<i64>,
+    #[serde(rename = "x", skip_serializing_if = "Option::is_none")]
+    reset_at: Option<u64>,
+    #[serde(rename = "b", skip_serializing_if = "Option::is_none")]
+    blocked_until: Option<u64>,
+    #[serde(skip)]
+    count_locally: bool,
+    #[serde(skip)]
+    now_ms: u64,
+}
+
+impl Reading {
+    fn from_signals(s: &RateSignals, now_ms: u64) -> Self {
+        Self {
+            remaining: s.remaining,
+            limit: s.limit,
+            reset_at: s.reset_at,
+            blocked_until: s.wait.map(|w| now_ms + w.as_millis() as u64),
+            count_locally: s.count_locally,
+            now_ms,
+        }
+    }
+}
+
+/// One system's entry in the book.
+pub struct SystemQuota {
+    kind: SystemKind,
+    limits: QuotaLimits,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    state: Mutex<State>,
+}
+
+impl SystemQuota {
+    fn new(kind: SystemKind, limits: QuotaLimits) -> Self {
+        Self {
+            kind,
+            limits,
+            slots: (limits.max_concurrent > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent as usize))),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The system's kind.
+    pub fn kind(&self) -> SystemKind {
+        self.kind
+    }
+
+    /// Its rules.
+    pub fn limits(&self) -> QuotaLimits {
+        self.limits
+    }
+
+    fn view(&self, now_ms: u64) -> QuotaView {
+        let s = lock(&self.state);
+        QuotaView {
+            remaining: s.remaining(now_ms / 1000),
+            limit: s.limit,
+            reset_at: s.reset_at,
+            blocked_until_ms: s.blocked_until.filter(|b| *b > now_ms),
+            in_flight: s.in_flight,
+        }
+    }
+}
+
+/// A call admitted by the book: holds its concurrency slot and counts as in flight until
+/// dropped.
+pub struct QuotaPermit {
+    quota: Arc<SystemQuota>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    started: Instant,
+}
+
+impl QuotaPermit {
+    /// The system's entry.
+    pub fn quota(&self) -> &Arc<SystemQuota> {
+        &self.quota
+    }
+}
+
+impl Drop for QuotaPermit {
+    fn drop(&mut self) {
+        let mut s = lock(&self.quota.state);
+        s.in_flight = s.in_flight.saturating_sub(1);
+    }
+}
+
+/// Every system's quota on this replica.
+#[derive(Default)]
+pub struct Quotas {
+    settings: QuotaSettings,
+    systems: RwLock<HashMap<String, Arc<SystemQuota>>>,
+    /// Systems whose readings changed since the last broadcast.
+    dirty: Mutex<HashSet<String>>,
+    /// Wakes the broadcaster.
+    kick: tokio::sync::Notify,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The health reason of a system the vendor blocks until `until_ms`.
+pub fn blocked_reason(until_ms: u64) -> String {
+    format!(
+        "the vendor is rate limiting this system: the proxy holds calls back until {}",
+        crate::util::time::date_time(until_ms / 1000)
+    )
+}
+
+fn ceil_secs(ms: u64) -> Duration {
+    Duration::from_secs(ms.div_ceil(1000).max(1))
+}
+
+impl Quotas {
+    /// A book with `settings`.
+    pub fn new(settings: QuotaSettings) -> Self {
+        Self {
+            settings,
+            ..Default::default()
+        }
+    }
+
+    fn entry(&self, system_id: &str, kind: SystemKind) -> Arc<SystemQuota> {
+        if let Some(q) = read(&self.systems)
+            .get(system_id)
+            .filter(|q| q.kind == kind)
+        {
+            return q.clone();
+        }
+        let mut map = write(&self.systems);
+        match map.get(system_id) {
+            Some(q) if q.kind == kind => q.clone(),
+            _ => {
+                let q = Arc::new(SystemQuota::new(
+                    kind,
+                    self.settings.limits(kind, system_id),
+                ));
+                map.insert(system_id.to_owned(), q.clone());
+                q
+            }
+        }
+    }
+
+    /// Forgets a deleted system.
+    pub fn forget(&self, system_id: &str) {
+        write(&self.systems).remove(system_id);
+    }
+
+    /// Admits one call to `system_id`, queueing for a concurrency slot when all are taken; a
+    /// refusal says why and when to come back.
+    pub async fn admit(&self, system_id: &str, kind: SystemKind) -> Result<QuotaPermit, Limited> {
+        let quota = self.entry(system_id, kind);
+        // Refused at once when blocked or down to the reserve: no point queueing.
+        lock(&quota.state).screen(&quota.limits, now_ms())?;
+        let slot = match &quota.slots {
+            None => None,
+            Some(slots) => {
+                let wait = quota.limits.max_queue_wait;
+                match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => Some(p),
+                    _ => {
+                        return Err(Limited {
+                            reason: LimitReason::Concurrency,
+                            retry_after: Duration::from_secs(1),
+                        })
+                    }
+                }
+            }
+        };
+        {
+            let mut s = lock(&quota.state);
+            s.screen(&quota.limits, now_ms())?;
+            s.in_flight += 1;
+            s.counted += 1;
+        }
+        Ok(QuotaPermit {
+            quota,
+            _slot: slot,
+            started: Instant::now(),
+        })
+    }
+
+    /// Learns from the answer to `permit`'s call.
+    pub fn learn(&self, system_id: &str, permit: &QuotaPermit, signals: &RateSignals) -> Learned {
+        let reading = Reading::from_signals(signals, now_ms());
+        let learned = lock(&permit.quota.state).learn(&reading, Some(permit.started));
+        if learned.changed {
+            lock(&self.dirty).insert(system_id.to_owned());
+            self.kick.notify_one();
+        }
+        learned
+    }
+
+    /// What the book knows about `system_id` (nothing before its first proxied call).
+    pub fn view(&self, system_id: &str) -> Option<QuotaView> {
+        let q = read(&self.systems).get(system_id).cloned()?;
+        Some(q.view(now_ms()))
+    }
+
+    /// Every known system's view with its kind (for `/metrics`).
+    pub fn views(&self) -> Vec<(SystemKind, QuotaView)> {
+        let now = now_ms();
+        let all: Vec<Arc<SystemQuota>> = read(&self.systems).values().cloned().collect();
+        all.iter().map(|q| (q.kind, q.view(now))).collect()
+    }
+
+    /// Waits until readings changed, then (after [`SHARE_EVERY`], to coalesce) returns the
+    /// broadcasts to send: JSON arrays of `{s, k, r, l, x, b}`, at most [`SHARE_BATCH`] each.
+    pub async fn changed_batches(&self) -> Vec<String> {
+        self.kick.notified().await;
+        tokio::time::sleep(SHARE_EVERY).await;
+        let ids: Vec<String> = lock(&self.dirty).drain().collect();
+        let now = now_ms();
+        let entries: Vec<serde_json::Value> = ids
+            .iter()
+            .filter_map(|id| {
+                let q = read(&self.systems).get(id).cloned()?;
+                let s = lock(&q.state);
+                let r = Reading {
+                    remaining: s.remaining,
+                    limit: s.limit,
+                    reset_at: s.reset_at,
+                    blocked_until: s.blocked_until.filter(|b| *b > now),
+                    ..Default::default()
+                };
+                let mut v = serde_json::to_value(r).ok()?;
+                v["s"] = id.as_str().into();
+                v["k"] = q.kind.slug().into();
+                Some(v)
+            })
+            .collect();
+        entries
+            .chunks(SHARE_BATCH)
+            .filter_map(|c| serde_json::to_string(c).ok())
+            .collect()
+    }
+
+    /// Merges another replica's broadcast (the replica that met a block announces it).
+    pub fn merge(&self, batch: &str) {
+        let Ok(entries) = serde_json::from_str::<Vec<serde_json::Value>>(batch) else {
+            return;
+        };
+        let now = now_ms();
+        for e in entries.iter().take(SHARE_BATCH) {
+            let (Some(id), Some(kind)) = (
+                e["s"].as_str(),
+                e["k"].as_str().and_then(SystemKind::from_slug),
+            ) else {
+                continue;
+            };
+            if crate::broker::validate_system_id(id).is_err() {
+                continue;
+            }
+            let Ok(mut r) = serde_json::from_value::<Reading>(e.clone()) else {
+                continue;
+            };
+            r.now_ms = now;
+            // A replica's clock may run ahead: no block longer than a vendor could ask for.
+            r.blocked_until = r
+                .blocked_until
+                .map(|b| b.min(now + MAX_WAIT.as_millis() as u64));
+            let q = self.entry(id, kind);
+            lock(&q.state).learn(&r, None);
+        }
+    }
+}

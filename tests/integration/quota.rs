@@ -1,0 +1,448 @@
+//! One quota, many workers: the proxy learns each vendor's quota from its answers, holds calls
+//! back while the vendor blocks, keeps a reserve of a metered quota, caps concurrency, and
+//! never retries a write.
+
+use std::time::{Duration, Instant};
+
+use credbroker::pb;
+
+use crate::fakes::{FakeSalesforce, SF_SOBJECTS};
+use crate::oauth::{sf_cc, SF_ID, SF_SECRET};
+use crate::service_identities::{cc, jira_fake, SA_ID, SA_SECRET};
+use crate::support::*;
+
+/// What a worker saw for one proxied call.
+#[derive(Debug)]
+struct Seen {
+    status: u16,
+    local: bool,
+    retry_after: Option<u64>,
+}
+
+/// A worker's proxied call: `method` on `path` under the lease's base URL.
+async fn proxied(
+    http: &reqwest::Client,
+    t: &pb::GetAccessTokenResponse,
+    method: &str,
+    path: &str,
+) -> Seen {
+    let mut req = http.request(method.parse().unwrap(), format!("{}{path}", t.api_base_url));
+    for h in &t.headers {
+        req = req.header(&h.name, &h.value);
+    }
+    if method == "POST" {
+        req = req
+            .header("content-type", "application/json")
+            .body("{\"Name\":\"x\"}");
+    }
+    let r = req.send().await.unwrap();
+    let header = |n: &str| {
+        r.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let seen = Seen {
+        status: r.status().as_u16(),
+        local: header("x-credbroker-limited").as_deref() == Some("local"),
+        retry_after: header("retry-after").and_then(|v| v.parse().ok()),
+    };
+    let _ = r.bytes().await;
+    seen
+}
+
+fn proxied_system(
+    id: &str,
+    kind: pb::SystemKind,
+    base: &str,
+    cred: pb::Credential,
+) -> pb::RegisterSystemRequest {
+    pb::RegisterSystemRequest {
+        system_id: id.into(),
+        kind: kind as i32,
+        base_url: base.into(),
+        credential: Some(cred),
+        check: true,
+        delivery: pb::Delivery::Proxy as i32,
+        ..Default::default()
+    }
+}
+
+async fn lease(admin: &mut Client, id: &str) -> pb::GetAccessTokenResponse {
+    admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn system(admin: &mut Client, id: &str) -> pb::System {
+    admin
+        .get_system(pb::GetSystemRequest {
+            system_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .system
+        .unwrap()
+}
+
+async fn metrics(broker: &TestBroker) -> String {
+    reqwest::get(format!("http://{}/metrics", broker.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_workers_stop_at_the_salesforce_reserve_and_the_vendor_sees_no_call_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeSalesforce::start(SF_ID, SF_SECRET).await;
+    // 500 calls left of 1,000: with the default 5 % reserve, 450 may be spent.
+    fake.set_api_usage(500, 1000);
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let reg = proxied_system(
+        "sf-quota",
+        pb::SystemKind::Salesforce,
+        &fake.base_url,
+        sf_cc(SF_SECRET),
+    );
+    let c = admin
+        .register_system(reg)
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert!(c.ok, "{}", c.message);
+    let t = lease(&mut admin, "sf-quota").await;
+
+    let http = reqwest::Client::new();
+    let mut workers = Vec::new();
+    for _ in 0..16 {
+        let (http, t) = (http.clone(), t.clone());
+        workers.push(tokio::spawn(async move {
+            let mut served = 0;
+            loop {
+                let seen = proxied(&http, &t, "GET", "/services/data/v62.0/sobjects/Account").await;
+                match seen.status {
+                    200 => served += 1,
+                    429 => {
+                        assert!(seen.local, "the vendor never answers 429 here: {seen:?}");
+                        assert!(seen.retry_after.is_some_and(|s| s >= 1), "{seen:?}");
+                        return served;
+                    }
+                    other => panic!("unexpected {other}: {seen:?}"),
+                }
+            }
+        }));
+    }
+    let mut served = 0;
+    for w in workers {
+        served += w.await.unwrap();
+    }
+    assert_eq!(served, 450, "every call down to the reserve was served");
+    assert_eq!(
+        fake.api_used(),
+        Some(950),
+        "the vendor saw no call past the reserve"
+    );
+    assert_eq!(fake.server.count(SF_SOBJECTS), 450);
+    // More calls are refused locally and never reach the vendor.
+    let again = proxied(&http, &t, "GET", "/services/data/v62.0/sobjects/Account").await;
+    assert!(again.status == 429 && again.local, "{again:?}");
+    assert_eq!(fake.server.count(SF_SOBJECTS), 450);
+
+    let q = system(&mut admin, "sf-quota").await.quota.unwrap();
+    assert_eq!((q.remaining, q.limit, q.in_flight), (50, 1000, 0));
+    assert!(q.blocked_until.is_none());
+    let m = metrics(&broker).await;
+    assert!(
+        m.lines().any(|l| l.starts_with(
+            "credbroker_proxy_local_refusals_total{kind=\"salesforce\",reason=\"reserve\"}"
+        ) && !l.ends_with(" 0")),
+        "{m}"
+    );
+    assert!(
+        m.contains("credbroker_upstream_quota_remaining{kind=\"salesforce\"} 50"),
+        "{m}"
+    );
+    assert!(
+        m.contains("credbroker_upstream_quota_limit{kind=\"salesforce\"} 1000"),
+        "{m}"
+    );
+    assert!(
+        fake.server.unexpected().is_empty(),
+        "{:?}",
+        fake.server.unexpected()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jira_retry_after_holds_every_worker_back_locally_for_its_whole_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = jira_fake().await;
+    let broker = TestBroker::start_with(crate::connect::jira_config(dir.path(), &fake)).await;
+    let mut admin = broker.admin().await;
+    let reg = proxied_system(
+        "jira-q",
+        pb::SystemKind::JiraCloud,
+        &fake.origin,
+        cc(SA_ID, SA_SECRET),
+    );
+    let c = admin
+        .register_system(reg)
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert!(c.ok, "{}", c.message);
+    let t = lease(&mut admin, "jira-q").await;
+    let http = reqwest::Client::new();
+    let search = "/rest/api/3/search";
+    let at_vendor = || fake.server.count("/ex/jira/cloud-acme/rest/api/3/search");
+    assert_eq!(proxied(&http, &t, "GET", search).await.status, 200);
+
+    fake.throttle_for(5);
+    let first = proxied(&http, &t, "GET", search).await;
+    let blocked_at = Instant::now();
+    assert!(
+        first.status == 429 && !first.local,
+        "the vendor's own 429: {first:?}"
+    );
+    assert_eq!(first.retry_after, Some(5));
+    assert_eq!(at_vendor(), 2);
+
+    // Eight workers keep calling: every call is answered by the broker, with the wait left.
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (http, t) = (http.clone(), t.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..20 {
+                seen.push(proxied(&http, &t, "GET", search).await);
+            }
+            seen
+        }));
+    }
+    for w in workers {
+        for s in w.await.unwrap() {
+            assert!(s.status == 429 && s.local, "{s:?}");
+            assert!(s.retry_after.is_some_and(|r| (1..=5).contains(&r)), "{s:?}");
+        }
+    }
+    let s = system(&mut admin, "jira-q").await;
+    assert_eq!(s.health, pb::SystemHealth::Degraded as i32);
+    assert!(
+        s.health_reason.contains("rate limiting"),
+        "{}",
+        s.health_reason
+    );
+    assert!(s.quota.unwrap().blocked_until.is_some());
+    assert_eq!(
+        at_vendor(),
+        2,
+        "no call reached the vendor while it asked for a pause"
+    );
+
+    // The first call to pass again does so once the vendor's wait is over, not before.
+    loop {
+        let seen = proxied(&http, &t, "GET", search).await;
+        if seen.status == 200 {
+            break;
+        }
+        assert!(seen.local, "{seen:?}");
+        assert!(
+            blocked_at.elapsed() < Duration::from_secs(8),
+            "still held back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        blocked_at.elapsed() >= Duration::from_millis(4500),
+        "{:?}",
+        blocked_at.elapsed()
+    );
+    assert_eq!(at_vendor(), 3);
+    let s = system(&mut admin, "jira-q").await;
+    assert_ne!(
+        s.health,
+        pb::SystemHealth::Degraded as i32,
+        "{}",
+        s.health_reason
+    );
+    let m = metrics(&broker).await;
+    // Counters are per process (other tests add to them): at least this test's one.
+    let throttled = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("credbroker_proxy_vendor_throttled_total{kind=\"jira_cloud\"} ")
+        })
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(throttled.is_some_and(|n| n >= 1), "{m}");
+    assert!(
+        fake.server.unexpected().is_empty(),
+        "{:?}",
+        fake.server.unexpected()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_concurrency_is_capped_under_a_hundred_workers_and_queued_calls_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeSalesforce::start(SF_ID, SF_SECRET).await;
+    fake.set_api_delay(Duration::from_millis(50));
+    let mut config = test_config(dir.path());
+    let cap = credbroker::broker::quota::LimitsOverride {
+        max_concurrent: Some(5),
+        ..Default::default()
+    };
+    config
+        .quota
+        .kinds
+        .insert(credbroker::model::SystemKind::Salesforce, cap);
+    // One system may not queue at all.
+    let no_queue = credbroker::broker::quota::LimitsOverride {
+        max_concurrent: Some(1),
+        max_queue_wait_seconds: Some(0),
+        ..Default::default()
+    };
+    config.quota.systems.insert("sf-tight".into(), no_queue);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    for id in ["sf-cap", "sf-tight"] {
+        let reg = proxied_system(
+            id,
+            pb::SystemKind::Salesforce,
+            &fake.base_url,
+            sf_cc(SF_SECRET),
+        );
+        assert!(
+            admin
+                .register_system(reg)
+                .await
+                .unwrap()
+                .into_inner()
+                .check
+                .unwrap()
+                .ok
+        );
+    }
+    let t = lease(&mut admin, "sf-cap").await;
+    let http = reqwest::Client::new();
+    let mut workers = Vec::new();
+    for _ in 0..100 {
+        let (http, t) = (http.clone(), t.clone());
+        workers.push(tokio::spawn(async move {
+            proxied(&http, &t, "GET", "/services/data/v62.0/sobjects/Case").await
+        }));
+    }
+    for w in workers {
+        let seen = w.await.unwrap();
+        assert_eq!(seen.status, 200, "queued calls are served: {seen:?}");
+    }
+    assert_eq!(fake.server.count(SF_SOBJECTS), 100);
+    assert_eq!(
+        fake.server.max_in_flight(),
+        5,
+        "at most the configured 5 at once, and 5 used"
+    );
+
+    // Without a queue, a call finding the only slot taken is refused locally at once.
+    let t = lease(&mut admin, "sf-tight").await;
+    let mut workers = Vec::new();
+    for _ in 0..10 {
+        let (http, t) = (http.clone(), t.clone());
+        workers.push(tokio::spawn(async move {
+            proxied(&http, &t, "GET", "/services/data/v62.0/sobjects/Case").await
+        }));
+    }
+    let mut refused = 0;
+    for w in workers {
+        let seen = w.await.unwrap();
+        match seen.status {
+            200 => {}
+            429 => {
+                assert!(seen.local && seen.retry_after == Some(1), "{seen:?}");
+                refused += 1;
+            }
+            other => panic!("{other}: {seen:?}"),
+        }
+    }
+    assert!(refused > 0, "ten at once through one slot without a queue");
+    let m = metrics(&broker).await;
+    assert!(
+        m.lines().any(|l| l.starts_with(
+            "credbroker_proxy_local_refusals_total{kind=\"salesforce\",reason=\"concurrency\"}"
+        ) && !l.ends_with(" 0")),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = jira_fake().await;
+    let mut config = crate::connect::jira_config(dir.path(), &fake);
+    let retry = credbroker::broker::quota::LimitsOverride {
+        local_retry_after_max_seconds: Some(2),
+        ..Default::default()
+    };
+    config
+        .quota
+        .kinds
+        .insert(credbroker::model::SystemKind::JiraCloud, retry);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let reg = proxied_system(
+        "jira-r",
+        pb::SystemKind::JiraCloud,
+        &fake.origin,
+        cc(SA_ID, SA_SECRET),
+    );
+    assert!(
+        admin
+            .register_system(reg)
+            .await
+            .unwrap()
+            .into_inner()
+            .check
+            .unwrap()
+            .ok
+    );
+    let t = lease(&mut admin, "jira-r").await;
+    let http = reqwest::Client::new();
+    let issue = "/rest/api/3/issue";
+    let path = "/ex/jira/cloud-acme/rest/api/3/issue";
+
+    // A read whose Retry-After (1 s) fits the bound (2 s): waited out and sent again once.
+    fake.throttle_for(1);
+    let got = proxied(&http, &t, "GET", issue).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(fake.server.count_method("GET", path), 2);
+
+    // A write gets the vendor's 429 as it came: sent once, never again.
+    fake.throttle_for(1);
+    let posted = proxied(&http, &t, "POST", issue).await;
+    assert!(posted.status == 429 && !posted.local, "{posted:?}");
+    assert_eq!(fake.server.count_method("POST", path), 1);
+    // While the vendor's pause runs, the next write is refused locally: still one at the vendor.
+    let held = proxied(&http, &t, "POST", issue).await;
+    assert!(held.status == 429 && held.local, "{held:?}");
+    assert_eq!(fake.server.count_method("POST", path), 1);
+
+    // A read whose Retry-After is past the bound is not retried.
+    fake.throttle_for(5);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let long = proxied(&http, &t, "GET", issue).await;
+    assert!(long.status == 429 && !long.local, "{long:?}");
+    assert_eq!(fake.server.count_method("GET", path), 3);
+}
