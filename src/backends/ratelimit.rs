@@ -278,7 +278,7 @@ mod tests {
         let fd = read(
             SystemKind::Freshdesk,
             429,
-            &h(&[("retry-after", "Fri, 15 Jan 2027 08:00:00 GMT")]),
+            &h(&[("retry-after", "Sat, 16 Jan 2027 08:00:00 GMT")]),
             None,
             now,
         );
