@@ -698,3 +698,110 @@ async fn replicas_share_one_event_log_and_deliver_each_webhook_once() {
     let distinct: std::collections::HashSet<_> = got.iter().map(|(id, _, _)| id).collect();
     assert_eq!(distinct.len(), 3);
 }
+
+/// A proxied GET through replica `i`: (status, refused locally).
+async fn proxied_at(r: &Replicas, i: usize, lease: &str, path: &str) -> (u16, bool) {
+    let url = format!("http://{}/proxy/jira-shared{path}", r.http_addr(i));
+    let resp = reqwest::Client::new()
+        .get(url)
+        .header("authorization", lease)
+        .send()
+        .await
+        .unwrap();
+    let local = resp
+        .headers()
+        .get("x-credbroker-limited")
+        .is_some_and(|v| v == "local");
+    (resp.status().as_u16(), local)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vendor_block_met_at_one_replica_holds_back_all_three_within_a_second() {
+    use crate::service_identities::{cc, jira_fake, SA_ID, SA_SECRET};
+    let Some(pg) = PgServer::shared().await else {
+        return skipped("a_vendor_block_met_at_one_replica_holds_back_all_three_within_a_second");
+    };
+    let url = pg.fresh_db().await;
+    let fake = jira_fake().await;
+    let origin = fake.origin.clone();
+    let env = [
+        ("CREDBROKER_JIRA_AUTH_URL", origin.as_str()),
+        ("CREDBROKER_JIRA_API_URL", origin.as_str()),
+    ];
+    let r = replicas(&url, 3, &env).await;
+    let mut a = r.admin(0).await;
+    let reg = pb::RegisterSystemRequest {
+        system_id: "jira-shared".into(),
+        kind: pb::SystemKind::JiraCloud as i32,
+        base_url: origin.clone(),
+        credential: Some(cc(SA_ID, SA_SECRET)),
+        check: true,
+        delivery: pb::Delivery::Proxy as i32,
+        ..Default::default()
+    };
+    assert!(
+        a.register_system(reg)
+            .await
+            .unwrap()
+            .into_inner()
+            .check
+            .unwrap()
+            .ok
+    );
+    let t = a
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "jira-shared".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lease = t.headers[0].value.clone();
+    let search = "/rest/api/3/search";
+    let at_vendor = || fake.server.count("/ex/jira/cloud-acme/rest/api/3/search");
+    for i in 0..3 {
+        assert_eq!(proxied_at(&r, i, &lease, search).await, (200, false));
+    }
+    // A meets the vendor's 429; the vendor then answers normally, so B and C can only hold
+    // back because A told them.
+    fake.throttle_for(30);
+    assert_eq!(proxied_at(&r, 0, &lease, search).await, (429, false));
+    fake.throttle_for(0);
+    let before = at_vendor();
+    let took = within(Duration::from_secs(1), || async {
+        proxied_at(&r, 1, &lease, search).await == (429, true)
+            && proxied_at(&r, 2, &lease, search).await == (429, true)
+    })
+    .await;
+    eprintln!("A's block reached B and C after {took:?}");
+    let leaked = at_vendor() - before;
+    for i in 0..3 {
+        assert_eq!(
+            proxied_at(&r, i, &lease, search).await,
+            (429, true),
+            "replica {i}"
+        );
+    }
+    assert_eq!(
+        at_vendor() - before,
+        leaked,
+        "nothing reaches the vendor once shared"
+    );
+    let q = r
+        .admin(2)
+        .await
+        .get_system(pb::GetSystemRequest {
+            system_id: "jira-shared".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .system
+        .unwrap();
+    assert!(
+        q.quota.unwrap().blocked_until.is_some(),
+        "C's System.quota shows the block"
+    );
+    assert_eq!(q.health, pb::SystemHealth::Degraded as i32);
+    no_secret_in_logs(r.logs.path(), &[SA_SECRET, &lease]);
+}
