@@ -278,6 +278,76 @@ pub struct EgressConfig {
     pub upstream_timeout: Duration,
     /// Largest upstream response body read.
     pub max_upstream_body_bytes: usize,
+    /// The corporate egress proxy, if any.
+    pub proxy: Option<crate::backends::egress::EgressProxy>,
+    /// Per-system routes of proxied calls (`direct` or `proxy`), overriding `no_proxy`.
+    pub proxy_systems: std::collections::HashMap<String, crate::backends::egress::ProxyRoute>,
+}
+
+impl EgressConfig {
+    /// The egress guard every outbound client enforces.
+    pub fn policy(&self) -> crate::backends::egress::EgressPolicy {
+        crate::backends::egress::EgressPolicy {
+            allow_http: self.allow_http,
+            allow: self.allow.clone(),
+            proxy: self.proxy.clone(),
+        }
+    }
+
+    fn apply_proxy(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
+        let url = o.egress_proxy.clone().or(f.egress_proxy_url.take());
+        let no_proxy = o
+            .egress_no_proxy
+            .clone()
+            .or(f.egress_no_proxy.take().map(|v| v.join(",")))
+            .unwrap_or_default();
+        let creds_file = o
+            .egress_proxy_credentials_file
+            .clone()
+            .or(f.egress_proxy_credentials_file.take());
+        let credentials = match &creds_file {
+            None => None,
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errors.push(format!(
+                        "egress proxy credentials file {}: {e}",
+                        p.display()
+                    ));
+                    None
+                }
+            },
+        };
+        if let Some(url) = url.filter(|u| !u.trim().is_empty()) {
+            match crate::backends::egress::EgressProxy::parse(
+                &url,
+                credentials.as_deref(),
+                &no_proxy,
+            ) {
+                Ok(p) => self.proxy = Some(p),
+                Err(e) => errors.push(format!("egress proxy: {e}")),
+            }
+        } else if creds_file.is_some() {
+            errors.push("egress proxy credentials file given without an egress proxy URL".into());
+        }
+        for (id, route) in f.egress_proxy_systems.take().unwrap_or_default() {
+            use crate::backends::egress::ProxyRoute;
+            let route = match route.as_str() {
+                "direct" => ProxyRoute::Direct,
+                "proxy" => ProxyRoute::Proxy,
+                other => {
+                    errors.push(format!(
+                        "egress_proxy_systems.{id}: '{other}' must be 'direct' or 'proxy'"
+                    ));
+                    continue;
+                }
+            };
+            if crate::broker::validate_system_id(&id).is_err() {
+                errors.push(format!("egress_proxy_systems.{id}: not a valid system id"));
+            }
+            self.proxy_systems.insert(id, route);
+        }
+    }
 }
 
 impl Default for EgressConfig {
@@ -287,6 +357,8 @@ impl Default for EgressConfig {
             allow: Default::default(),
             upstream_timeout: crate::broker::BrokerSettings::default().check_timeout,
             max_upstream_body_bytes: 1024 * 1024,
+            proxy: None,
+            proxy_systems: Default::default(),
         }
     }
 }
@@ -477,6 +549,14 @@ pub struct FileConfig {
     pub http_tls_key_file: Option<PathBuf>,
     /// `[quota.<kind>]` and `[quota.systems.<id>]` tables.
     pub quota: Option<QuotaFile>,
+    /// URL.
+    pub egress_proxy_url: Option<String>,
+    /// Path (`user:password`).
+    pub egress_proxy_credentials_file: Option<PathBuf>,
+    /// Host names, domains, IPs, CIDRs.
+    pub egress_no_proxy: Option<Vec<String>>,
+    /// System id → `direct` or `proxy`.
+    pub egress_proxy_systems: Option<std::collections::HashMap<String, String>>,
 }
 
 /// Values from flags or the environment (highest precedence).
@@ -507,6 +587,16 @@ pub struct Overrides {
     /// Private destinations the egress guard admits: comma-separated CIDRs and host names.
     #[arg(long, env = "CREDBROKER_EGRESS_ALLOW")]
     pub egress_allow: Option<String>,
+    /// Corporate egress proxy for every upstream connection (http:// or https://, no
+    /// credentials in the URL).
+    #[arg(long, env = "CREDBROKER_EGRESS_PROXY")]
+    pub egress_proxy: Option<String>,
+    /// Hosts reached without the egress proxy: comma-separated names, .domains, IPs, CIDRs.
+    #[arg(long, env = "CREDBROKER_EGRESS_NO_PROXY")]
+    pub egress_no_proxy: Option<String>,
+    /// File holding the egress proxy's `user:password`.
+    #[arg(long, env = "CREDBROKER_EGRESS_PROXY_CREDENTIALS_FILE")]
+    pub egress_proxy_credentials_file: Option<PathBuf>,
     /// HTTP listen address for the OAuth callback, or `off` [default: 127.0.0.1:8080].
     #[arg(long, env = "CREDBROKER_HTTP_LISTEN")]
     pub http_listen: Option<String>,
@@ -834,6 +924,7 @@ impl EgressConfig {
         if let Some(v) = f.max_upstream_body_bytes {
             self.max_upstream_body_bytes = v;
         }
+        self.apply_proxy(f, o, errors);
     }
 }
 

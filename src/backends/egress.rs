@@ -23,6 +23,122 @@ pub struct EgressPolicy {
     pub allow_http: bool,
     /// Private destinations explicitly permitted.
     pub allow: AllowList,
+    /// A corporate HTTP(S) proxy every upstream connection goes through (except `no_proxy`
+    /// hosts). The guard still judges each final target, and the proxy's own address.
+    pub proxy: Option<EgressProxy>,
+}
+
+/// How one system's proxied calls leave (`[egress_proxy_systems]`), overriding `no_proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyRoute {
+    /// Through the egress proxy when its host is not in `no_proxy` (the default).
+    Auto,
+    /// Straight to the vendor.
+    Direct,
+    /// Through the egress proxy, whatever `no_proxy` says.
+    Proxy,
+}
+
+/// A corporate egress proxy: CONNECT tunnels (and absolute-form requests for plain-http targets
+/// of the checks' client). `Debug` names its host only.
+#[derive(Clone)]
+pub struct EgressProxy {
+    /// `http://host:port` or `https://host:port`.
+    pub url: url::Url,
+    /// `Proxy-Authorization` (Basic), from the credentials file.
+    pub authorization: Option<crate::secret::SecretString>,
+    /// Hosts reached directly: exact names, `.suffix` or `*.suffix` domains, IPs, CIDRs, `*`.
+    no_proxy: Vec<String>,
+}
+
+impl std::fmt::Debug for EgressProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EgressProxy")
+            .field("host", &self.url.host_str())
+            .field("port", &self.url.port_or_known_default())
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "[redacted]"),
+            )
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
+}
+
+impl EgressProxy {
+    /// The proxy at `url` (credentials never in it: `credentials` is `user:password` from a
+    /// file), bypassed for the comma-separated `no_proxy` hosts.
+    pub fn parse(url: &str, credentials: Option<&str>, no_proxy: &str) -> Result<Self, String> {
+        let parsed = url::Url::parse(url.trim())
+            .map_err(|_| "the egress proxy is not a URL like http://proxy.corp:3128".to_owned())?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err("the egress proxy must be an http:// or https:// URL with a host".into());
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(
+                "the egress proxy URL must not carry credentials: put user:password in \
+                 egress_proxy_credentials_file (CREDBROKER_EGRESS_PROXY_CREDENTIALS_FILE)"
+                    .into(),
+            );
+        }
+        if parsed.path() != "/" || parsed.query().is_some() {
+            return Err("the egress proxy URL takes no path or query".into());
+        }
+        let authorization = match credentials.map(str::trim).filter(|c| !c.is_empty()) {
+            None => None,
+            Some(c) if c.contains(':') => Some(crate::secret::SecretString::new(format!(
+                "Basic {}",
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, c)
+            ))),
+            Some(_) => {
+                return Err("the egress proxy credentials file must hold user:password".into())
+            }
+        };
+        let no_proxy = no_proxy
+            .split(',')
+            .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        Ok(Self {
+            url: parsed,
+            authorization,
+            no_proxy,
+        })
+    }
+
+    /// True when `host` is reached directly (`egress_no_proxy`).
+    pub fn bypasses(&self, host: &str) -> bool {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let ip = host.parse::<IpAddr>().ok();
+        self.no_proxy.iter().any(|rule| {
+            if rule == "*" {
+                return true;
+            }
+            if let (Some(ip), Ok(net)) = (ip, rule.parse::<IpNet>()) {
+                return net.contains(&ip);
+            }
+            if let (Some(ip), Ok(one)) = (ip, rule.parse::<IpAddr>()) {
+                return ip == one;
+            }
+            // `*.x`: subdomains of x; `.x` and `x`: x and its subdomains.
+            match rule.strip_prefix("*.") {
+                Some(suffix) => host.ends_with(&format!(".{suffix}")),
+                None => {
+                    let domain = rule.trim_start_matches('.');
+                    host == domain || host.ends_with(&format!(".{domain}"))
+                }
+            }
+        })
+    }
+
+    /// True when a connection to `url` goes through the proxy.
+    pub fn applies_to(&self, url: &url::Url) -> bool {
+        url.host_str().is_some_and(|h| !self.bypasses(h))
+    }
 }
 
 /// CIDRs and host names admitted despite the guard.
@@ -195,6 +311,24 @@ impl EgressPolicy {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct GuardError(pub String);
+
+impl EgressPolicy {
+    /// The address to reach `host:port` at, judged by the guard: a literal IP is checked, a
+    /// name is resolved and only allowed addresses are kept. Used when a proxy would otherwise
+    /// resolve the name itself.
+    pub async fn checked_target(&self, host: &str, port: u16) -> Result<SocketAddr, GuardError> {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            self.check_ip(host, ip).map_err(GuardError)?;
+            return Ok(SocketAddr::new(ip, port));
+        }
+        let addrs = self.resolve_allowed(bare).await?;
+        addrs
+            .first()
+            .map(|a| SocketAddr::new(a.ip(), port))
+            .ok_or_else(|| GuardError(format!("{bare} did not resolve")))
+    }
+}
 
 /// A DNS resolver that filters out refused addresses.
 #[derive(Debug)]

@@ -94,6 +94,7 @@ mod tests {
         let allow = EgressPolicy {
             allow_http: true,
             allow: crate::backends::egress::AllowList::parse("127.0.0.1").unwrap(),
+            ..Default::default()
         };
         assert_eq!(
             fd.canonical_base_url("http://127.0.0.1:5/api/v2", &allow)

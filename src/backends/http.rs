@@ -77,9 +77,23 @@ impl UpstreamResponse {
 impl HttpClient {
     /// Builds the client (the egress guard resolves every host name).
     pub fn new(timeout: Duration, max_body: usize, egress: &EgressPolicy) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
+            // Never the environment's HTTP(S)_PROXY: only the configured egress proxy.
+            .no_proxy();
+        if let Some(p) = &egress.proxy {
+            let (proxy, url) = (p.clone(), p.url.clone());
+            let mut route =
+                reqwest::Proxy::custom(move |target| proxy.applies_to(target).then(|| url.clone()));
+            if let Some(auth) = &p.authorization {
+                let mut v = HeaderValue::from_str(auth.expose_secret())
+                    .map_err(|_| "the egress proxy credentials are not a header".to_owned())?;
+                v.set_sensitive(true);
+                route = route.custom_http_auth(v);
+            }
+            builder = builder.proxy(route);
+        }
+        let client = builder
             .dns_resolver(egress.resolver())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -173,6 +187,20 @@ impl HttpClient {
         self.egress
             .check_url(req.url())
             .map_err(TransportError::Refused)?;
+        // Through the egress proxy the proxy resolves the name: the guard judges it first.
+        if let Some(p) = self
+            .egress
+            .proxy
+            .as_ref()
+            .filter(|p| p.applies_to(req.url()))
+        {
+            let port = req.url().port_or_known_default().unwrap_or(443);
+            self.egress
+                .checked_target(&host, port)
+                .await
+                .map_err(|e| TransportError::Refused(e.0))?;
+            tracing::trace!(message = "Upstream call through the egress proxy.", proxy = ?p.url.host_str());
+        }
         let fut = async {
             let mut resp = self
                 .client
@@ -321,6 +349,7 @@ mod tests {
         let allow = EgressPolicy {
             allow_http: true,
             allow: super::super::egress::AllowList::parse("127.0.0.1").unwrap(),
+            ..Default::default()
         };
         assert!(
             parse_base_url("http://127.0.0.1:1/x", &allow)

@@ -18,6 +18,7 @@
 pub mod asana;
 pub mod azure_devops;
 pub mod classify;
+pub mod connector;
 pub mod egress;
 pub mod entra;
 pub mod freshdesk;

@@ -28,7 +28,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::audit::AuditConfig;
-use crate::backends::{BackendContext, EgressPolicy, HttpClient, Registry};
+use crate::backends::{BackendContext, HttpClient, Registry};
 use crate::broker::tokens::RefreshSettings;
 use crate::broker::{Broker, BrokerSettings, OpenError as BrokerOpenError};
 use crate::config::Config;
@@ -467,12 +467,9 @@ async fn start_http(
             } else if l.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
                 tracing::warn!(message = "The HTTP listener serves plain HTTP on a non-loopback address; configure http_tls_cert_file/http_tls_key_file or put TLS in front of it (OAuth callbacks and proxy leases cross it).", addr = %addr);
             }
-            let egress = EgressPolicy {
-                allow_http: config.egress.allow_http,
-                allow: config.egress.allow.clone(),
-            };
             let proxy_client = proxy::ProxyClient::new(
-                &egress,
+                &config.egress.policy(),
+                &config.egress.proxy_systems,
                 config.egress.upstream_timeout.min(Duration::from_secs(10)),
                 config.proxy.read_timeout,
             )
@@ -689,10 +686,7 @@ async fn open_broker(
     if let Some(wrap) = wrap_store {
         store = wrap(store);
     }
-    let egress = EgressPolicy {
-        allow_http: config.egress.allow_http,
-        allow: config.egress.allow.clone(),
-    };
+    let egress = config.egress.policy();
     let http = HttpClient::new(
         config.egress.upstream_timeout,
         config.egress.max_upstream_body_bytes,

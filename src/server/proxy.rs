@@ -41,15 +41,17 @@ const HOP_BY_HOP: &[&str] = &[
     "host",
 ];
 
-type Connector = hyper_rustls::HttpsConnector<
-    hyper_util::client::legacy::connect::HttpConnector<crate::backends::egress::GuardDns>,
->;
+type Connector = hyper_rustls::HttpsConnector<crate::backends::connector::EgressConnector>;
+type Upstream = hyper_util::client::legacy::Client<Connector, Body>;
 
 /// The proxy's upstream client: hyper's pooled HTTP/1.1 client over rustls (webpki roots), whose
-/// resolver is the egress guard; it never follows redirects.
+/// connections pass the egress guard, directly or through the egress proxy
+/// ([`crate::backends::connector`]); it never follows redirects.
 #[derive(Clone)]
 pub struct ProxyClient {
-    client: hyper_util::client::legacy::Client<Connector, Body>,
+    client: Upstream,
+    /// Systems routed otherwise than `no_proxy` says, and their clients.
+    routed: std::collections::HashMap<String, Upstream>,
     read_timeout: Duration,
 }
 
@@ -66,39 +68,70 @@ impl ProxyClient {
     /// answer's head and for each body chunk.
     pub fn new(
         egress: &crate::backends::egress::EgressPolicy,
+        routes: &std::collections::HashMap<String, crate::backends::egress::ProxyRoute>,
         connect_timeout: Duration,
         read_timeout: Duration,
     ) -> Result<Self, String> {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(
-            crate::backends::egress::GuardDns::new(egress.clone()),
-        );
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(connect_timeout));
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        use crate::backends::egress::ProxyRoute;
+        let tls = tls_config()?;
+        let build = |route| -> Result<Upstream, String> {
+            let connector = crate::backends::connector::EgressConnector::new(
+                egress,
+                route,
+                connect_timeout,
+                tls.clone(),
+            )?;
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(connector);
+            Ok(
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build(https),
+            )
         };
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        let client = build(ProxyRoute::Auto)?;
+        let (direct, proxied) = (build(ProxyRoute::Direct)?, build(ProxyRoute::Proxy)?);
+        let routed = routes
+            .iter()
+            .map(|(id, route)| {
+                let c = match route {
+                    ProxyRoute::Auto => client.clone(),
+                    ProxyRoute::Direct => direct.clone(),
+                    ProxyRoute::Proxy => proxied.clone(),
+                };
+                (id.clone(), c)
+            })
+            .collect();
+        Ok(Self {
+            client,
+            routed,
+            read_timeout,
+        })
+    }
+
+    /// The client for `system_id`'s calls.
+    fn for_system(&self, system_id: &str) -> &Upstream {
+        self.routed.get(system_id).unwrap_or(&self.client)
+    }
+}
+
+/// rustls with the web's roots (vendors, and an `https://` egress proxy).
+fn tls_config() -> Result<rustls::ClientConfig, String> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .build(https);
-        Ok(Self {
-            client,
-            read_timeout,
-        })
-    }
+        .with_no_client_auth(),
+    )
 }
 
 /// Serves one proxied request (`/proxy/{system_id}/…`).
@@ -221,7 +254,8 @@ async fn send(
             call.masked,
         )
         .await?;
-    let mut resp = exchange(client, forward).await?;
+    let upstream = client.for_system(call.system_id);
+    let mut resp = exchange(upstream, client.read_timeout, forward).await?;
     let mut learned = false;
     if let Some((method, uri, headers)) = again {
         let wait = retry_wait(broker, call, &permit, &resp);
@@ -239,7 +273,7 @@ async fn send(
             *retry.method_mut() = method;
             *retry.uri_mut() = uri;
             *retry.headers_mut() = headers;
-            resp = exchange(client, retry).await?;
+            resp = exchange(upstream, client.read_timeout, retry).await?;
         }
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
@@ -284,10 +318,11 @@ fn retry_wait(
 
 /// One upstream exchange, bounded by the client's read timeout for the answer's head.
 async fn exchange(
-    client: &ProxyClient,
+    upstream: &Upstream,
+    read_timeout: Duration,
     forward: axum::http::Request<Body>,
 ) -> Result<axum::http::Response<hyper::body::Incoming>, Refusal> {
-    match tokio::time::timeout(client.read_timeout, client.client.request(forward)).await {
+    match tokio::time::timeout(read_timeout, upstream.request(forward)).await {
         Ok(Ok(r)) => Ok(r),
         Err(_) => Err(Refusal::new(
             StatusCode::GATEWAY_TIMEOUT,

@@ -92,6 +92,21 @@ pub enum Reply {
 
 type Handler = dyn Fn(&Req) -> Reply + Send + Sync;
 
+/// Requests being answered now, and the most there ever were at once.
+type Flight = Arc<(
+    std::sync::atomic::AtomicUsize,
+    std::sync::atomic::AtomicUsize,
+)>;
+
+/// Leaves the in-flight count when a request is answered (or dropped).
+struct Done(Flight);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A scripted HTTP server on 127.0.0.1:0.
 #[derive(Clone)]
 pub struct FakeUpstream {
@@ -99,11 +114,9 @@ pub struct FakeUpstream {
     pub origin: String,
     log: Arc<Mutex<Vec<Req>>>,
     unexpected: Arc<Mutex<Vec<String>>>,
-    /// Requests being answered now, and the most there ever were at once.
-    in_flight: Arc<(
-        std::sync::atomic::AtomicUsize,
-        std::sync::atomic::AtomicUsize,
-    )>,
+    in_flight: Flight,
+    /// The addresses requests came from.
+    peers: Arc<Mutex<HashSet<std::net::IpAddr>>>,
 }
 
 impl FakeUpstream {
@@ -113,31 +126,25 @@ impl FakeUpstream {
         let log = Arc::new(Mutex::new(Vec::new()));
         let unexpected = Arc::new(Mutex::new(Vec::new()));
         let (l2, u2) = (log.clone(), unexpected.clone());
-        let in_flight: Arc<(
-            std::sync::atomic::AtomicUsize,
-            std::sync::atomic::AtomicUsize,
-        )> = Arc::default();
-        let f2 = in_flight.clone();
+        let in_flight: Flight = Arc::default();
+        let peers: Arc<Mutex<HashSet<std::net::IpAddr>>> = Arc::default();
+        let (f2, p2) = (in_flight.clone(), peers.clone());
         let app = Router::new().fallback(
-            move |method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
+            move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
+                std::net::SocketAddr,
+            >,
+                  method: Method,
+                  uri: Uri,
+                  headers: HeaderMap,
+                  body: axum::body::Bytes| {
                 let handler = handler.clone();
                 let (log, unexpected) = (l2.clone(), u2.clone());
                 let flight = f2.clone();
+                p2.lock().unwrap().insert(peer.ip());
                 async move {
                     use std::sync::atomic::Ordering::SeqCst;
                     let now = flight.0.fetch_add(1, SeqCst) + 1;
                     flight.1.fetch_max(now, SeqCst);
-                    struct Done(
-                        Arc<(
-                            std::sync::atomic::AtomicUsize,
-                            std::sync::atomic::AtomicUsize,
-                        )>,
-                    );
-                    impl Drop for Done {
-                        fn drop(&mut self) {
-                            self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                        }
-                    }
                     let _done = Done(flight);
                     let query = uri
                         .query()
@@ -167,6 +174,7 @@ impl FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             axum::serve(listener, app).await.unwrap();
         });
         Self {
@@ -174,7 +182,13 @@ impl FakeUpstream {
             log,
             unexpected,
             in_flight,
+            peers,
         }
+    }
+
+    /// The addresses requests came from.
+    pub fn peers(&self) -> HashSet<std::net::IpAddr> {
+        self.peers.lock().unwrap().clone()
     }
 
     /// The most requests this fake was answering at once.

@@ -13,6 +13,7 @@ mod connect;
 mod contract;
 mod crash;
 mod edges;
+mod egress_proxy;
 mod fake_entra;
 mod fakes;
 mod fuzz;
