@@ -1272,6 +1272,42 @@ mod tests {
     }
 
     #[test]
+    fn quota_tables_and_the_egress_proxy_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("proxy");
+        std::fs::write(&creds, "corp:egress-pw-canary-4\n").unwrap();
+        let toml = format!(
+            "egress_proxy_url = \"http://proxy.corp:3128\"\n\
+             egress_proxy_credentials_file = \"{}\"\n\
+             egress_no_proxy = [\"tfs.corp\"]\n\
+             [egress_proxy_systems]\nsn-lab = \"direct\"\n\
+             [quota.salesforce]\nmax_concurrent = 10\n\
+             [quota.systems.sf-prod]\nreserve_percent = 20\n",
+            creds.display()
+        );
+        let c = Config::build(Some(&toml), &Overrides::default()).unwrap();
+        let sf = crate::model::SystemKind::Salesforce;
+        assert_eq!(c.quota.limits(sf, "sf-other").max_concurrent, 10);
+        assert_eq!(c.quota.limits(sf, "sf-prod").reserve_percent, 20);
+        assert_eq!(c.quota.limits(sf, "sf-prod").max_concurrent, 10);
+        let p = c.egress.proxy.as_ref().unwrap();
+        assert!(p.bypasses("tfs.corp") && !p.bypasses("acme.my.salesforce.com"));
+        assert!(p.authorization.is_some());
+        assert!(!format!("{c:?}").contains("egress-pw-canary-4"));
+        assert_eq!(
+            c.egress.proxy_systems.get("sn-lab"),
+            Some(&crate::backends::egress::ProxyRoute::Direct)
+        );
+        let bad = "egress_proxy_url = \"http://u:egress-pw-canary-4@proxy:3128\"\n\
+                   [quota.salesfarce]\nmax_concurrent = 1\n\
+                   [quota.zendesk]\nreserve_percent = 90\n\
+                   [egress_proxy_systems]\nx = \"sideways\"\n";
+        let errs = Config::build(Some(bad), &Overrides::default()).unwrap_err();
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(!errs.join("\n").contains("egress-pw-canary-4"), "{errs:?}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         assert!(Config::build(Some("lisen = \"x\""), &Overrides::default()).is_err());
     }

@@ -25,6 +25,8 @@ use crate::model::SystemKind;
 
 /// The longest wait any vendor signal can impose.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// The furthest a quota window's reset is believed to be.
+const MAX_RESET_AHEAD: u64 = 86_400;
 /// How long an over-quota answer without a wait (Salesforce's 403) holds a system back.
 pub const NO_WAIT_GIVEN: Duration = Duration::from_secs(60);
 
@@ -90,6 +92,8 @@ pub fn read(
         s.wait = s.wait.or_else(|| retry_after(headers, now));
     }
     s.wait = s.wait.map(|w| w.min(MAX_WAIT));
+    // A reset further away than any vendor's window (a day) is garbage.
+    s.reset_at = s.reset_at.filter(|r| *r <= now + MAX_RESET_AHEAD);
     if s.throttled && s.wait.is_some() {
         // "0 left" on a refusal lasts as long as the pause it comes with; the block covers it,
         // and the first answer after it brings the new count.
@@ -173,6 +177,10 @@ fn iso8601(v: &str) -> Option<u64> {
     let (date, time) = v.split_once('T')?;
     let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    // Out-of-range parts are garbage (and would overflow the arithmetic below).
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
     let (clock, offset) = match time.find(['Z', 'z', '+', '-']) {
         Some(i) => (&time[..i], &time[i..]),
         None => (time, "Z"),
@@ -181,10 +189,17 @@ fn iso8601(v: &str) -> Option<u64> {
     let h: i64 = c.next()?.parse().ok()?;
     let min: i64 = c.next()?.parse().ok()?;
     let s: f64 = c.next().map_or(Some(0.0), |s| s.parse().ok())?;
+    if !(0..24).contains(&h) || !(0..60).contains(&min) || !(0.0..61.0).contains(&s) {
+        return None;
+    }
     let off = match offset.as_bytes().first() {
         Some(b'+') | Some(b'-') => {
             let (oh, om) = offset[1..].split_once(':').unwrap_or((&offset[1..], "0"));
-            let mins = oh.parse::<i64>().ok()? * 60 + om.parse::<i64>().ok()?;
+            let (oh, om) = (oh.parse::<i64>().ok()?, om.parse::<i64>().ok()?);
+            if !(0..24).contains(&oh) || !(0..60).contains(&om) {
+                return None;
+            }
+            let mins = oh * 60 + om;
             if offset.starts_with('-') {
                 -mins
             } else {
@@ -292,16 +307,33 @@ mod tests {
             let s = read(SystemKind::Asana, 429, &h(&[("retry-after", v)]), None, now);
             assert!(s.wait.is_some_and(|w| w <= MAX_WAIT), "{v}: {s:?}");
         }
-        let s = read(
-            SystemKind::JiraCloud,
+        for reset in [
+            "garbage",
+            "99999999999-01-01T00:00Z",
+            "2027-13-01T00:00Z",
+            "2027-01-01T99:00Z",
+            "2027-01-01T00:00+99999999999999:00",
+            "2099-01-01T00:00Z",
+        ] {
+            let s = read(
+                SystemKind::JiraCloud,
+                200,
+                &h(&[
+                    ("x-ratelimit-remaining", "-5"),
+                    ("x-ratelimit-reset", reset),
+                ]),
+                None,
+                now,
+            );
+            assert_eq!(s, RateSignals::default(), "{reset}");
+        }
+        let far = read(
+            SystemKind::AzureDevOps,
             200,
-            &h(&[
-                ("x-ratelimit-remaining", "-5"),
-                ("x-ratelimit-reset", "garbage"),
-            ]),
+            &h(&[("x-ratelimit-reset", "18446744073709551615")]),
             None,
             now,
         );
-        assert_eq!(s, RateSignals::default());
+        assert_eq!(far.reset_at, None);
     }
 }

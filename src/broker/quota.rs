@@ -31,6 +31,9 @@ use crate::util::sync::{lock, read, write};
 pub const SHARE_EVERY: Duration = Duration::from_millis(200);
 /// A reserve refusal's `Retry-After` when the vendor names no reset.
 const RESERVE_RETRY: Duration = Duration::from_secs(60);
+/// A remaining count without a known reset is trusted this long; after it one call at a time
+/// may go and bring a fresh count (windows the vendor does not date still move on).
+const READING_TTL: Duration = Duration::from_secs(60);
 /// Entries per broadcast (a PostgreSQL notification carries at most 8,000 bytes).
 const SHARE_BATCH: usize = 40;
 
@@ -202,13 +205,20 @@ struct State {
 impl State {
     /// The remaining count, when it is for a window that has not reset.
     fn remaining(&self, now_s: u64) -> Option<i64> {
-        if self.reset_at.is_some_and(|r| r <= now_s) {
+        if self.reset_at.is_some_and(|r| r <= now_s) || self.stale() {
             return None;
         }
         match (self.counting, self.limit) {
             (true, Some(limit)) => Some(limit - self.counted),
             _ => self.remaining,
         }
+    }
+
+    /// A count past [`READING_TTL`] whose window has no known reset.
+    fn stale(&self) -> bool {
+        self.reset_at.is_none()
+            && !self.counting
+            && self.read_at.is_some_and(|at| at.elapsed() > READING_TTL)
     }
 
     fn screen(&self, limits: &QuotaLimits, now_ms: u64) -> Result<(), Limited> {
@@ -218,10 +228,20 @@ impl State {
                 retry_after: ceil_secs(until - now_ms),
             });
         }
+        let reserve =
+            |limit: i64| (limit.saturating_mul(i64::from(limits.reserve_percent)) + 99) / 100;
+        if let (true, Some(rem), Some(limit)) = (self.stale(), self.remaining, self.limit) {
+            // An old count at the reserve: one probe at a time brings a fresh one.
+            if rem <= reserve(limit) && self.in_flight > 0 {
+                return Err(Limited {
+                    reason: LimitReason::Reserve,
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        }
         let now_s = now_ms / 1000;
         if let (Some(rem), Some(limit)) = (self.remaining(now_s), self.limit) {
-            let reserve = (limit.saturating_mul(i64::from(limits.reserve_percent)) + 99) / 100;
-            if rem - i64::from(self.in_flight) <= reserve {
+            if rem - i64::from(self.in_flight) <= reserve(limit) {
                 let retry = self
                     .reset_at
                     .filter(|r| *r > now_s)
@@ -479,7 +499,11 @@ impl Quotas {
         let reading = Reading::from_signals(signals, now_ms());
         let learned = lock(&permit.quota.state).learn(&reading, Some(permit.started));
         if learned.changed {
-            lock(&self.dirty).insert(system_id.to_owned());
+            let mut dirty = lock(&self.dirty);
+            if !dirty.contains(system_id) {
+                dirty.insert(system_id.to_owned());
+            }
+            drop(dirty);
             self.kick.notify_one();
         }
         learned
@@ -556,5 +580,82 @@ impl Quotas {
             let q = self.entry(id, kind);
             lock(&q.state).learn(&r, None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signals(remaining: i64, limit: i64) -> RateSignals {
+        RateSignals {
+            remaining: Some(remaining),
+            limit: Some(limit),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reserve_counts_calls_in_flight() {
+        let book = Quotas::default();
+        let first = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        // 10 of 100 left, reserve 5: five more may go out at once, not six.
+        book.learn("s", &first, &signals(10, 100));
+        drop(first);
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(book.admit("s", SystemKind::Zendesk).await.unwrap());
+        }
+        let refused = book.admit("s", SystemKind::Zendesk).await.err().unwrap();
+        assert_eq!(refused.reason, LimitReason::Reserve);
+        assert_eq!(book.view("s").unwrap().in_flight, 5);
+    }
+
+    #[tokio::test]
+    async fn an_overtaken_answer_cannot_raise_the_count_but_a_newer_one_can() {
+        let book = Quotas::default();
+        let a = book.admit("s", SystemKind::JiraCloud).await.unwrap();
+        let b = book.admit("s", SystemKind::JiraCloud).await.unwrap();
+        book.learn("s", &b, &signals(500, 1000));
+        book.learn("s", &a, &signals(501, 1000));
+        assert_eq!(book.view("s").unwrap().remaining, Some(500));
+        let c = book.admit("s", SystemKind::JiraCloud).await.unwrap();
+        book.learn("s", &c, &signals(800, 1000));
+        assert_eq!(book.view("s").unwrap().remaining, Some(800));
+    }
+
+    #[tokio::test]
+    async fn an_old_count_at_the_reserve_lets_one_probe_through_at_a_time() {
+        let book = Quotas::default();
+        let p = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        book.learn("s", &p, &signals(3, 100));
+        drop(p);
+        assert!(book.admit("s", SystemKind::Zendesk).await.is_err());
+        let q = book.entry("s", SystemKind::Zendesk);
+        lock(&q.state).read_at = Instant::now().checked_sub(READING_TTL * 2);
+        let probe = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        assert!(book.admit("s", SystemKind::Zendesk).await.is_err());
+        book.learn("s", &probe, &signals(700, 700));
+        drop(probe);
+        assert!(book.admit("s", SystemKind::Zendesk).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_block_refuses_with_the_wait_left_and_a_longer_one_wins() {
+        let book = Quotas::default();
+        let p = book.admit("s", SystemKind::Asana).await.unwrap();
+        let wait = |s| RateSignals {
+            wait: Some(Duration::from_secs(s)),
+            throttled: true,
+            ..Default::default()
+        };
+        assert!(book.learn("s", &p, &wait(30)).block_started);
+        assert!(!book.learn("s", &p, &wait(5)).block_started);
+        let refused = book.admit("s", SystemKind::Asana).await.err().unwrap();
+        assert_eq!(refused.reason, LimitReason::Blocked);
+        assert!(
+            (29..=30).contains(&refused.retry_after.as_secs()),
+            "{refused:?}"
+        );
     }
 }

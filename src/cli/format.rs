@@ -166,7 +166,33 @@ pub(super) fn system_json(s: &pb::System) -> Value {
         "health": health_name(s.health),
         "health_reason": s.health_reason,
         "health_since": s.health_since.as_ref().map(ts_string),
+        "quota": s.quota.as_ref().map(|q| json!({
+            "remaining": (q.remaining >= 0).then_some(q.remaining),
+            "limit": (q.limit >= 0).then_some(q.limit),
+            "reset_at": q.reset_at.as_ref().map(ts_string),
+            "blocked_until": q.blocked_until.as_ref().map(ts_string),
+            "in_flight": q.in_flight,
+        })),
     })
+}
+
+/// `quota: 450 of 1000 left, 3 in flight, blocked until …` (what the vendor reports).
+fn quota_line(q: &pb::UpstreamQuota) -> String {
+    let mut parts = Vec::new();
+    match (q.remaining, q.limit) {
+        (r, l) if r >= 0 && l >= 0 => parts.push(format!("{r} of {l} left")),
+        (r, _) if r >= 0 => parts.push(format!("{r} left")),
+        (_, l) if l >= 0 => parts.push(format!("limit {l}")),
+        _ => {}
+    }
+    if let Some(at) = &q.reset_at {
+        parts.push(format!("resets {}", ts_string(at)));
+    }
+    parts.push(format!("{} in flight", q.in_flight));
+    if let Some(until) = &q.blocked_until {
+        parts.push(format!("held back until {}", ts_string(until)));
+    }
+    parts.join(", ")
 }
 
 pub(super) fn caller_json(c: &pb::Caller) -> Value {
@@ -243,6 +269,9 @@ pub(super) fn print_system(out: Output, s: &pb::System, check: Option<&pb::AuthC
     }
     if let Some(e) = &s.credential_expires_at {
         println!("credential_expires_at: {}", ts_string(e));
+    }
+    if let Some(q) = &s.quota {
+        println!("vendor quota: {}", quota_line(q));
     }
     if let Some(c) = check {
         print_check(c);
