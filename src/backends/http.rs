@@ -176,7 +176,7 @@ impl HttpClient {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<UpstreamResponse, TransportError> {
-        let req = req.build().map_err(|e| self.classify(e))?;
+        let mut req = req.build().map_err(|e| self.classify(e))?;
         // Host and path only: queries may carry codes or tokens and are never logged.
         let (method, host, path) = (
             req.method().clone(),
@@ -195,10 +195,24 @@ impl HttpClient {
             .filter(|p| p.applies_to(req.url()))
         {
             let port = req.url().port_or_known_default().unwrap_or(443);
-            self.egress
-                .checked_target(&host, port)
-                .await
-                .map_err(|e| TransportError::Refused(e.0))?;
+            let checked =
+                tokio::time::timeout(self.timeout, self.egress.checked_target(&host, port))
+                    .await
+                    .map_err(|_| TransportError::Timeout(self.timeout))?
+                    .map_err(|e| TransportError::Refused(e.0))?;
+            if req.url().scheme() == "http" {
+                // Plain http goes to the proxy as an absolute-form request: name the checked
+                // address, so the proxy cannot resolve the name elsewhere.
+                let authority = req
+                    .url()
+                    .port()
+                    .map_or(host.clone(), |p| format!("{host}:{p}"));
+                if req.url_mut().set_ip_host(checked.ip()).is_ok() {
+                    if let Ok(v) = HeaderValue::from_str(&authority) {
+                        req.headers_mut().insert(reqwest::header::HOST, v);
+                    }
+                }
+            }
             tracing::trace!(message = "Upstream call through the egress proxy.", proxy = ?p.url.host_str());
         }
         let fut = async {

@@ -74,7 +74,6 @@ pub fn read(
         SystemKind::ServiceNow => {
             s.limit = int(headers, "x-ratelimit-limit");
             s.reset_at = epoch(headers, "x-ratelimit-reset");
-            s.count_locally = s.limit.is_some();
         }
         SystemKind::Freshdesk | SystemKind::Freshservice => {
             s.limit = int(headers, "x-ratelimit-total");
@@ -83,7 +82,7 @@ pub fn read(
         SystemKind::Asana => {}
     }
     if status == 429 || (status == 503 && kind == SystemKind::JiraCloud) {
-        s.throttled = status == 429 || s.wait.is_some();
+        s.throttled = status == 429 || retry_after(headers, now).is_some();
         s.wait = retry_after(headers, now)
             .or_else(|| s.reset_at.map(|at| secs(at.saturating_sub(now))))
             .or(Some(Duration::from_secs(1)).filter(|_| status == 429));
@@ -94,6 +93,8 @@ pub fn read(
     s.wait = s.wait.map(|w| w.min(MAX_WAIT));
     // A reset further away than any vendor's window (a day) is garbage.
     s.reset_at = s.reset_at.filter(|r| *r <= now + MAX_RESET_AHEAD);
+    // Counted locally only within a dated window (a count that never resets would lock out).
+    s.count_locally = kind == SystemKind::ServiceNow && s.limit.is_some() && s.reset_at.is_some();
     if s.throttled && s.wait.is_some() {
         // "0 left" on a refusal lasts as long as the pause it comes with; the block covers it,
         // and the first answer after it brings the new count.
@@ -102,27 +103,35 @@ pub fn read(
     s
 }
 
+/// True when `kind`'s answer with `status` may carry a quota signal in its body (Salesforce's
+/// over-quota 403).
+pub fn needs_body(kind: SystemKind, status: u16) -> bool {
+    kind == SystemKind::Salesforce && status == 403
+}
+
 fn salesforce(s: &mut RateSignals, status: u16, headers: &HeaderMap, body: Option<&[u8]>) {
-    if let Some(usage) = text(headers, "sforce-limit-info").and_then(|v| {
+    let count = |v: &str| v.trim().parse::<i64>().ok().filter(|n| *n >= 0);
+    if let Some((used, limit)) = text(headers, "sforce-limit-info").and_then(|v| {
         v.split(';')
             .find_map(|part| part.trim().strip_prefix("api-usage="))
             .and_then(|u| u.split_once('/'))
-            .and_then(|(used, limit)| Some((used.trim().parse().ok()?, limit.trim().parse().ok()?)))
+            .and_then(|(used, limit)| Some((count(used)?, count(limit)?)))
     }) {
-        let (used, limit): (i64, i64) = usage;
         s.limit = Some(limit);
-        s.remaining = Some((limit - used).max(0));
+        s.remaining = Some(limit.saturating_sub(used).max(0));
     }
-    let over = status == 403
-        && body.is_some_and(|b| {
-            std::str::from_utf8(b).is_ok_and(|t| t.contains("REQUEST_LIMIT_EXCEEDED"))
-        });
-    if over {
+    // The error's own code, not any text in the body (which may echo the org's data).
+    let error = body
+        .filter(|_| status == 403)
+        .and_then(|b| serde_json::from_slice::<Vec<serde_json::Value>>(b).ok())
+        .and_then(|errors| errors.into_iter().next())
+        .filter(|e| e["errorCode"] == "REQUEST_LIMIT_EXCEEDED");
+    if let Some(error) = error {
         s.throttled = true;
         // A concurrency refusal carries the same code: only a short pause for it.
-        let concurrent = body
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .is_some_and(|t| t.contains("Concurrent"));
+        let concurrent = error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Concurrent"));
         s.wait = Some(if concurrent {
             Duration::from_secs(1)
         } else {

@@ -303,20 +303,25 @@ impl Broker {
         if signals.throttled {
             crate::metrics::METRICS.vendor_throttled(kind);
         }
-        if self.quotas.learn(system_id, permit, &signals).block_started {
-            self.announce_block(system_id);
+        let learned = self.quotas.learn(system_id, permit, &signals);
+        // Short pauses (Asana's second, Azure DevOps' delays) are not health changes.
+        let long = signals.wait.is_some_and(|w| w >= ANNOUNCED_BLOCK);
+        if learned.block_started && long && permit.quota().start_announcing() {
+            self.announce_block(system_id, permit.quota().clone());
         }
         signals
     }
 
     /// `system.health_changed` to degraded while the vendor blocks the system, and back when
     /// the block has passed (announced by the replica that met the block).
-    fn announce_block(&self, system_id: &str) {
+    fn announce_block(&self, system_id: &str, quota: Arc<crate::broker::quota::SystemQuota>) {
+        let announcing = Announcing(quota);
         let Some(me) = self.me.upgrade() else {
             return;
         };
         let id = system_id.to_owned();
         tokio::spawn(async move {
+            let _announcing = announcing;
             let Some(until) = me.quotas.view(&id).and_then(|v| v.blocked_until_ms) else {
                 return;
             };
@@ -374,28 +379,33 @@ impl Broker {
     /// until the broker is gone.
     pub(crate) fn start_quota_sharing(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
+        let (changes, closed) = (self.quotas.changes(), self.events.closed());
         tokio::spawn(async move {
+            tokio::pin!(closed);
             loop {
-                let Some(broker) = me.upgrade() else { break };
-                let changed = broker.quotas.changed_batches();
-                let batches = tokio::select! {
-                    b = changed => b,
-                    () = broker.events.closed() => break,
-                };
-                for batch in batches {
-                    let Some(tag) = broker.quota_tag(&batch) else {
-                        continue;
-                    };
-                    if let Err(e) = broker
-                        .store
-                        .broadcast_quota(&format!("{tag}.{batch}"))
-                        .await
-                    {
-                        tracing::debug!(message = "Could not share quota readings.", error = %e);
-                    }
+                // Waits holding no broker: it can be dropped meanwhile.
+                tokio::select! {
+                    () = changes.notified() => {}
+                    () = &mut closed => break,
                 }
+                // Coalesces what changes meanwhile into one round of broadcasts.
+                tokio::time::sleep(crate::broker::quota::SHARE_EVERY).await;
+                let Some(broker) = me.upgrade() else { break };
+                broker.share_quota().await;
             }
         });
+    }
+
+    async fn share_quota(&self) {
+        for batch in self.quotas.changed_batches() {
+            let Some(tag) = self.quota_tag(&batch) else {
+                continue;
+            };
+            let sent = self.store.broadcast_quota(&format!("{tag}.{batch}")).await;
+            if let Err(e) = sent {
+                tracing::warn!(message = "Could not share quota readings with the other replicas.", error = %e);
+            }
+        }
     }
 
     /// Merges another replica's quota readings, when they carry this deployment's signature.
@@ -408,9 +418,17 @@ impl Broker {
         };
         let same: bool = subtle::ConstantTimeEq::ct_eq(want.as_bytes(), tag.as_bytes()).into();
         if !same {
-            tracing::warn!(
-                message = "Refused quota readings that do not carry this deployment's signature."
-            );
+            // Whoever can NOTIFY could fill the log: once a minute at most.
+            static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let now = unix_now();
+            let last = LAST_WARNED.load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last + 60 {
+                LAST_WARNED.store(now, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    message =
+                        "Refused quota readings that do not carry this deployment's signature."
+                );
+            }
             return;
         }
         self.quotas.merge(batch);
@@ -430,6 +448,18 @@ impl Broker {
         }
     }
 }
+/// Blocks at least this long are announced as health changes.
+const ANNOUNCED_BLOCK: Duration = Duration::from_secs(5);
+
+/// Lets the next block be announced once this announcement ends (or is dropped).
+struct Announcing(Arc<crate::broker::quota::SystemQuota>);
+
+impl Drop for Announcing {
+    fn drop(&mut self) {
+        self.0.stop_announcing();
+    }
+}
+
 /// What a worker is handed by `GetAccessToken`.
 pub enum HandOut {
     /// The system's headers, ready to send to the vendor.

@@ -34,8 +34,10 @@ const RESERVE_RETRY: Duration = Duration::from_secs(60);
 /// A remaining count without a known reset is trusted this long; after it one call at a time
 /// may go and bring a fresh count (windows the vendor does not date still move on).
 const READING_TTL: Duration = Duration::from_secs(60);
-/// Entries per broadcast (a PostgreSQL notification carries at most 8,000 bytes).
-const SHARE_BATCH: usize = 40;
+/// Bytes of entries per broadcast (a PostgreSQL notification carries at most 8,000).
+const SHARE_BYTES: usize = 6_000;
+/// A broadcast older than this is not merged (nor is one replayed later).
+const SHARE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// One system's quota rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,16 +211,14 @@ impl State {
             return None;
         }
         match (self.counting, self.limit) {
-            (true, Some(limit)) => Some(limit - self.counted),
+            (true, Some(limit)) => Some(limit.saturating_sub(self.counted)),
             _ => self.remaining,
         }
     }
 
     /// A count past [`READING_TTL`] whose window has no known reset.
     fn stale(&self) -> bool {
-        self.reset_at.is_none()
-            && !self.counting
-            && self.read_at.is_some_and(|at| at.elapsed() > READING_TTL)
+        self.reset_at.is_none() && self.read_at.is_some_and(|at| at.elapsed() > READING_TTL)
     }
 
     fn screen(&self, limits: &QuotaLimits, now_ms: u64) -> Result<(), Limited> {
@@ -228,8 +228,12 @@ impl State {
                 retry_after: ceil_secs(until - now_ms),
             });
         }
-        let reserve =
-            |limit: i64| (limit.saturating_mul(i64::from(limits.reserve_percent)) + 99) / 100;
+        let reserve = |limit: i64| {
+            limit
+                .saturating_mul(i64::from(limits.reserve_percent))
+                .saturating_add(99)
+                / 100
+        };
         if let (true, Some(rem), Some(limit)) = (self.stale(), self.remaining, self.limit) {
             // An old count at the reserve: one probe at a time brings a fresh one.
             if rem <= reserve(limit) && self.in_flight > 0 {
@@ -241,7 +245,9 @@ impl State {
         }
         let now_s = now_ms / 1000;
         if let (Some(rem), Some(limit)) = (self.remaining(now_s), self.limit) {
-            if rem - i64::from(self.in_flight) <= reserve(limit) {
+            // A local count already includes the calls in flight.
+            let pending = if self.counting { 0 } else { self.in_flight };
+            if rem.saturating_sub(i64::from(pending)) <= reserve(limit) {
                 let retry = self
                     .reset_at
                     .filter(|r| *r > now_s)
@@ -255,8 +261,8 @@ impl State {
         Ok(())
     }
 
-    /// Takes a reading; true when what the book knows changed.
-    fn learn(&mut self, s: &Reading, started: Option<Instant>) -> Learned {
+    /// Takes a reading made by a call that started at `started`.
+    fn learn(&mut self, s: &Reading, started: Instant) -> Learned {
         let mut l = Learned::default();
         if let Some(until) = s.blocked_until {
             if self.blocked_until.is_none_or(|b| until > b) {
@@ -269,20 +275,21 @@ impl State {
             self.limit = s.limit;
             l.changed = true;
         }
-        let new_window = s.reset_at.is_some() && s.reset_at != self.reset_at;
+        // A reset a second or two off is the same window (Zendesk counts it from now).
+        let new_window = s
+            .reset_at
+            .is_some_and(|r| self.reset_at.is_none_or(|c| r.abs_diff(c) > 2));
         if new_window {
             self.reset_at = s.reset_at;
-            self.counted = 0;
+            self.counted = 1;
             l.changed = true;
         }
-        self.counting |= s.count_locally;
+        if s.limit.is_some() {
+            self.counting = s.count_locally;
+        }
         if let Some(r) = s.remaining {
-            let newer = match (self.read_at, started) {
-                (Some(at), Some(started)) => started > at,
-                (None, _) => true,
-                // A reading from another replica: newer when ours is over a second old.
-                (Some(at), None) => at.elapsed() > Duration::from_secs(1),
-            };
+            // Newer: taken by a call that started after the held reading was taken.
+            let newer = self.read_at.is_none_or(|at| started > at);
             if new_window || newer || self.remaining.is_none_or(|cur| r < cur) {
                 l.changed |= self.remaining != Some(r);
                 self.remaining = Some(r);
@@ -313,6 +320,9 @@ struct Reading {
     reset_at: Option<u64>,
     #[serde(rename = "b", skip_serializing_if = "Option::is_none")]
     blocked_until: Option<u64>,
+    /// How old the count is (milliseconds), when shared.
+    #[serde(rename = "a", skip_serializing_if = "Option::is_none")]
+    age_ms: Option<u64>,
     #[serde(skip)]
     count_locally: bool,
     #[serde(skip)]
@@ -328,6 +338,7 @@ impl Reading {
             blocked_until: s.wait.map(|w| now_ms + w.as_millis() as u64),
             count_locally: s.count_locally,
             now_ms,
+            age_ms: None,
         }
     }
 }
@@ -338,6 +349,8 @@ pub struct SystemQuota {
     limits: QuotaLimits,
     slots: Option<Arc<tokio::sync::Semaphore>>,
     state: Mutex<State>,
+    /// A block's health change is being announced (one announcement at a time).
+    announcing: std::sync::atomic::AtomicBool,
 }
 
 impl SystemQuota {
@@ -348,7 +361,21 @@ impl SystemQuota {
             slots: (limits.max_concurrent > 0)
                 .then(|| Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent as usize))),
             state: Mutex::new(State::default()),
+            announcing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// True for the caller that may announce a block now (none is being announced).
+    pub fn start_announcing(&self) -> bool {
+        !self
+            .announcing
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// The announcement ended.
+    pub fn stop_announcing(&self) {
+        self.announcing
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The system's kind.
@@ -403,7 +430,7 @@ pub struct Quotas {
     /// Systems whose readings changed since the last broadcast.
     dirty: Mutex<HashSet<String>>,
     /// Wakes the broadcaster.
-    kick: tokio::sync::Notify,
+    kick: Arc<tokio::sync::Notify>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -411,6 +438,20 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Waits in line (arrival order) for a concurrency slot, at most `wait`.
+async fn queue(
+    slots: &Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Limited> {
+    match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(Limited {
+            reason: LimitReason::Concurrency,
+            retry_after: Duration::from_secs(1),
+        }),
+    }
 }
 
 /// The health reason of a system the vendor blocks until `until_ms`.
@@ -468,18 +509,11 @@ impl Quotas {
         lock(&quota.state).screen(&quota.limits, now_ms())?;
         let slot = match &quota.slots {
             None => None,
-            Some(slots) => {
-                let wait = quota.limits.max_queue_wait;
-                match tokio::time::timeout(wait, slots.clone().acquire_owned()).await {
-                    Ok(Ok(p)) => Some(p),
-                    _ => {
-                        return Err(Limited {
-                            reason: LimitReason::Concurrency,
-                            retry_after: Duration::from_secs(1),
-                        })
-                    }
-                }
-            }
+            // A free slot is taken without arming a timer; else the call queues.
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => Some(queue(slots, quota.limits.max_queue_wait).await?),
+            },
         };
         {
             let mut s = lock(&quota.state);
@@ -497,7 +531,7 @@ impl Quotas {
     /// Learns from the answer to `permit`'s call.
     pub fn learn(&self, system_id: &str, permit: &QuotaPermit, signals: &RateSignals) -> Learned {
         let reading = Reading::from_signals(signals, now_ms());
-        let learned = lock(&permit.quota.state).learn(&reading, Some(permit.started));
+        let learned = lock(&permit.quota.state).learn(&reading, permit.started);
         if learned.changed {
             let mut dirty = lock(&self.dirty);
             if !dirty.contains(system_id) {
@@ -522,44 +556,74 @@ impl Quotas {
         all.iter().map(|q| (q.kind, q.view(now))).collect()
     }
 
-    /// Waits until readings changed, then (after [`SHARE_EVERY`], to coalesce) returns the
-    /// broadcasts to send: JSON arrays of `{s, k, r, l, x, b}`, at most [`SHARE_BATCH`] each.
-    pub async fn changed_batches(&self) -> Vec<String> {
-        self.kick.notified().await;
-        tokio::time::sleep(SHARE_EVERY).await;
-        let ids: Vec<String> = lock(&self.dirty).drain().collect();
-        let now = now_ms();
-        let entries: Vec<serde_json::Value> = ids
-            .iter()
-            .filter_map(|id| {
-                let q = read(&self.systems).get(id).cloned()?;
-                let s = lock(&q.state);
-                let r = Reading {
-                    remaining: s.remaining,
-                    limit: s.limit,
-                    reset_at: s.reset_at,
-                    blocked_until: s.blocked_until.filter(|b| *b > now),
-                    ..Default::default()
-                };
-                let mut v = serde_json::to_value(r).ok()?;
-                v["s"] = id.as_str().into();
-                v["k"] = q.kind.slug().into();
-                Some(v)
-            })
-            .collect();
-        entries
-            .chunks(SHARE_BATCH)
-            .filter_map(|c| serde_json::to_string(c).ok())
-            .collect()
+    /// What wakes the broadcaster when readings change.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.kick.clone()
     }
 
-    /// Merges another replica's broadcast (the replica that met a block announces it).
+    /// The changed readings to send to the other replicas, as JSON batches of at most
+    /// [`SHARE_BYTES`]: `{"t": sent at (Unix ms), "e": [{s, k, r, l, x, b, a}]}`. A count that is
+    /// stale or past its reset is not sent; `a` is the count's age.
+    pub fn changed_batches(&self) -> Vec<String> {
+        let ids: Vec<String> = lock(&self.dirty).drain().collect();
+        let now = now_ms();
+        let mut batches = Vec::new();
+        let mut entries: Vec<String> = Vec::new();
+        let mut size = 0;
+        for id in ids {
+            let Some(entry) = self.shared_entry(&id, now) else {
+                continue;
+            };
+            if size + entry.len() > SHARE_BYTES && !entries.is_empty() {
+                batches.push(batch(now, &entries));
+                (entries, size) = (Vec::new(), 0);
+            }
+            size += entry.len() + 1;
+            entries.push(entry);
+        }
+        if !entries.is_empty() {
+            batches.push(batch(now, &entries));
+        }
+        batches
+    }
+
+    fn shared_entry(&self, id: &str, now: u64) -> Option<String> {
+        let q = read(&self.systems).get(id).cloned()?;
+        let s = lock(&q.state);
+        let fresh = s.remaining(now / 1000).is_some() && !s.counting;
+        let r = Reading {
+            remaining: s.remaining.filter(|_| fresh),
+            limit: s.limit,
+            reset_at: s.reset_at,
+            blocked_until: s.blocked_until.filter(|b| *b > now),
+            age_ms: s
+                .read_at
+                .filter(|_| fresh)
+                .map(|at| at.elapsed().as_millis() as u64),
+            ..Default::default()
+        };
+        let mut v = serde_json::to_value(r).ok()?;
+        v["s"] = id.into();
+        v["k"] = q.kind.slug().into();
+        serde_json::to_string(&v).ok()
+    }
+
+    /// Merges another replica's broadcast (the replica that met a block announces it). A
+    /// broadcast sent more than [`SHARE_MAX_AGE`] ago is dropped (a replayed one too).
     pub fn merge(&self, batch: &str) {
-        let Ok(entries) = serde_json::from_str::<Vec<serde_json::Value>>(batch) else {
+        #[derive(Deserialize)]
+        struct Batch {
+            t: u64,
+            e: Vec<serde_json::Value>,
+        }
+        let Ok(b) = serde_json::from_str::<Batch>(batch) else {
             return;
         };
         let now = now_ms();
-        for e in entries.iter().take(SHARE_BATCH) {
+        if b.t.abs_diff(now) > SHARE_MAX_AGE.as_millis() as u64 {
+            return;
+        }
+        for e in &b.e {
             let (Some(id), Some(kind)) = (
                 e["s"].as_str(),
                 e["k"].as_str().and_then(SystemKind::from_slug),
@@ -573,14 +637,23 @@ impl Quotas {
                 continue;
             };
             r.now_ms = now;
+            r.remaining = r.remaining.filter(|v| *v >= 0);
+            r.limit = r.limit.filter(|v| *v >= 0);
+            r.reset_at = r.reset_at.filter(|x| *x <= now / 1000 + 86_400);
             // A replica's clock may run ahead: no block longer than a vendor could ask for.
             r.blocked_until = r
                 .blocked_until
                 .map(|b| b.min(now + MAX_WAIT.as_millis() as u64));
+            let age = Duration::from_millis(r.age_ms.unwrap_or(u64::MAX).min(3_600_000));
+            let taken = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
             let q = self.entry(id, kind);
-            lock(&q.state).learn(&r, None);
+            lock(&q.state).learn(&r, taken);
         }
     }
+}
+
+fn batch(now: u64, entries: &[String]) -> String {
+    format!("{{\"t\":{now},\"e\":[{}]}}", entries.join(","))
 }
 
 #[cfg(test)]

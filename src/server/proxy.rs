@@ -234,47 +234,32 @@ async fn send(
     })?;
     let cap = broker.settings.proxy_max_body_bytes;
     let forward = forward_request(req, uri, &grant.token, cap)?;
-    // Only a bodiless read may be sent twice (after a short `Retry-After`); never a write.
-    let again = matches!(forward.method().as_str(), "GET" | "HEAD").then(|| {
-        (
-            forward.method().clone(),
-            forward.uri().clone(),
-            forward.headers().clone(),
-        )
-    });
     let mut permit = broker
         .admit_quota(grant, call.system_id)
         .await
         .map_err(Refusal::limited)?;
+    let again = retryable(&forward, &permit);
+    let method = forward.method().clone();
     broker
-        .audit_forwarding(
-            &grant.caller,
-            call.system_id,
-            forward.method().as_str(),
-            call.masked,
-        )
+        .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
         .await?;
     let upstream = client.for_system(call.system_id);
     let mut resp = exchange(upstream, client.read_timeout, forward).await?;
-    let mut learned = false;
-    if let Some((method, uri, headers)) = again {
-        let wait = retry_wait(broker, call, &permit, &resp);
-        learned = wait.is_some();
-        if let Some(wait) = wait.flatten() {
-            learned = false;
-            drop(resp);
-            drop(permit);
-            tokio::time::sleep(wait).await;
-            permit = broker
-                .admit_quota(grant, call.system_id)
-                .await
-                .map_err(Refusal::limited)?;
-            let mut retry = axum::http::Request::new(Body::empty());
-            *retry.method_mut() = method;
-            *retry.uri_mut() = uri;
-            *retry.headers_mut() = headers;
-            resp = exchange(upstream, client.read_timeout, retry).await?;
-        }
+    // Learned from the head at once: a worker going away meanwhile loses no signal.
+    let wait = learn(broker, call, &permit, &resp);
+    if let (Some(retry), Some(wait)) = (again, wait) {
+        drop(resp);
+        drop(permit);
+        tokio::time::sleep(wait).await;
+        permit = broker
+            .admit_quota(grant, call.system_id)
+            .await
+            .map_err(Refusal::limited)?;
+        broker
+            .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
+            .await?;
+        resp = exchange(upstream, client.read_timeout, retry).await?;
+        learn(broker, call, &permit, &resp);
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
         broker.note_proxy_unauthorized(call.system_id).await;
@@ -286,34 +271,58 @@ async fn send(
         .map(|u| format!("{}/proxy/{}", u.trim_end_matches('/'), call.system_id))
         .unwrap_or_default();
     let base = &grant.token.api_base_url;
-    let (response, small) = answer(resp, base, &proxy_base, client.read_timeout, cap).await;
-    if !learned {
+    let status = resp.status().as_u16();
+    let kind = grant.token.kind;
+    let (response, held) = answer(resp, base, &proxy_base, client.read_timeout, cap, permit).await;
+    if let Some((body, permit)) =
+        held.filter(|_| crate::backends::ratelimit::needs_body(kind, status))
+    {
         broker.learn_quota(
             call.system_id,
             &permit,
-            response.status().as_u16(),
+            status,
             response.headers(),
-            small.as_deref(),
+            Some(&body),
         );
     }
     Ok(response)
 }
 
-/// For a read the vendor answered 429 while local retries are on: the answer is learned from
-/// (`Some`), and the wait before retrying it when its `Retry-After` fits the system's
-/// `local_retry_after_max` (`Some(Some(wait))`).
-fn retry_wait(
+/// A copy of `forward` to send once more after a vendor's short `Retry-After`: only a bodiless
+/// GET or HEAD, and only when the system allows local retries. Never a write.
+fn retryable(
+    forward: &axum::http::Request<Body>,
+    permit: &crate::broker::quota::QuotaPermit,
+) -> Option<axum::http::Request<Body>> {
+    let read = matches!(forward.method().as_str(), "GET" | "HEAD");
+    let bodiless = http_body::Body::size_hint(forward.body()).exact() == Some(0);
+    if !read || !bodiless || permit.quota().limits().local_retry_after_max.is_zero() {
+        return None;
+    }
+    let mut copy = axum::http::Request::new(Body::empty());
+    *copy.method_mut() = forward.method().clone();
+    *copy.uri_mut() = forward.uri().clone();
+    *copy.headers_mut() = forward.headers().clone();
+    copy.headers_mut().remove("content-length");
+    Some(copy)
+}
+
+/// Learns from an answer's head; for a 429 whose own `Retry-After` fits the system's
+/// `local_retry_after_max`, the wait before a read may be sent again.
+fn learn(
     broker: &Broker,
     call: &Call<'_>,
     permit: &crate::broker::quota::QuotaPermit,
     resp: &axum::http::Response<hyper::body::Incoming>,
-) -> Option<Option<Duration>> {
+) -> Option<Duration> {
+    let status = resp.status().as_u16();
+    broker.learn_quota(call.system_id, permit, status, resp.headers(), None);
     let max = permit.quota().limits().local_retry_after_max;
-    if resp.status() != StatusCode::TOO_MANY_REQUESTS || max.is_zero() {
+    if status != 429 || max.is_zero() {
         return None;
     }
-    let signals = broker.learn_quota(call.system_id, permit, 429, resp.headers(), None);
-    Some(signals.wait.filter(|w| *w <= max))
+    crate::backends::ratelimit::retry_after(resp.headers(), crate::model::unix_now())
+        .filter(|w| *w <= max)
 }
 
 /// One upstream exchange, bounded by the client's read timeout for the answer's head.
@@ -488,21 +497,31 @@ fn forward_request(
 
 /// The worker's answer: the vendor's status and headers (no session cookies; redirects under
 /// the base URL rewritten to the proxy) and its body, whole when small, else streamed, capped at
-/// `cap` bytes and cut when the vendor stalls for `read_timeout`. A body passed whole is also
-/// returned (its quota signals are read from it).
+/// `cap` bytes and cut when the vendor stalls for `read_timeout`. The call's quota permit is
+/// held until the body has streamed; a body passed whole is returned with it (its quota signals
+/// may be in it).
 async fn answer(
     resp: axum::http::Response<hyper::body::Incoming>,
     api_base_url: &str,
     proxy_base: &str,
     read_timeout: Duration,
     cap: u64,
-) -> (Response, Option<axum::body::Bytes>) {
+    permit: crate::broker::quota::QuotaPermit,
+) -> (
+    Response,
+    Option<(axum::body::Bytes, crate::broker::quota::QuotaPermit)>,
+) {
     let status = resp.status();
     let mut out = HeaderMap::new();
     for (k, v) in resp.headers() {
         // A vendor session (JSESSIONID, sid, …) would outlive the lease, its revocation
         // and the audit trail: it never reaches the worker.
-        if HOP_BY_HOP.contains(&k.as_str()) || k == "set-cookie" || k == "set-cookie2" {
+        // Nor does a vendor's own `x-credbroker-limited`: only the broker marks its refusals.
+        if HOP_BY_HOP.contains(&k.as_str())
+            || k == "set-cookie"
+            || k == "set-cookie2"
+            || k == "x-credbroker-limited"
+        {
             continue;
         }
         if k == "location" {
@@ -533,7 +552,7 @@ async fn answer(
                 let mut response = Response::new(Body::from(bytes.clone()));
                 *response.status_mut() = status;
                 *response.headers_mut() = out;
-                (response, Some(bytes))
+                (response, Some((bytes, permit)))
             }
             Ok(Err(_)) | Err(_) => (
                 error(StatusCode::BAD_GATEWAY, "the upstream answer broke off"),
@@ -544,6 +563,8 @@ async fn answer(
     let mut seen = 0u64;
     let chunks = http_body_util::BodyExt::into_data_stream(incoming).timeout(read_timeout);
     let download = chunks.map(move |chunk| {
+        // In flight (a concurrency slot) until the body is done or dropped.
+        let _held = &permit;
         let chunk = chunk
             .map_err(|_| std::io::Error::other("the upstream stalled"))?
             .map_err(|e| std::io::Error::other(e.to_string()))?;

@@ -737,8 +737,6 @@ impl CredentialStore for PostgresStore {
         Ok(self.get_meta(key).await?.unwrap_or_default())
     }
 
-    /// A session-level advisory lock on a connection of its own, pinged every two seconds: when
-    /// the connection dies (and with it the lock), the lead is lost and another replica takes it.
     async fn broadcast_quota(&self, payload: &str) -> Result<(), StoreError> {
         let obj = self.client().await?;
         obj.execute(
@@ -750,6 +748,8 @@ impl CredentialStore for PostgresStore {
         Ok(())
     }
 
+    /// A session-level advisory lock on a connection of its own, pinged every two seconds: when
+    /// the connection dies (and with it the lock), the lead is lost and another replica takes it.
     async fn try_lead(&self, duty: &str) -> Result<Option<super::Lead>, StoreError> {
         let key = lock_key(&format!("lead/{duty}"));
         let obj = self.client().await?;
