@@ -91,6 +91,20 @@ async fn system(admin: &mut Client, id: &str) -> pb::System {
         .unwrap()
 }
 
+/// The next `system.health_changed` on the watch.
+async fn health_change(w: &mut tonic::Streaming<pb::SystemEvent>) -> pb::SystemEvent {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), w.message())
+            .await
+            .expect("no event within 10 s")
+            .unwrap()
+            .expect("the watch ended");
+        if e.r#type == "system.health_changed" {
+            return e;
+        }
+    }
+}
+
 async fn metrics(broker: &TestBroker) -> String {
     reqwest::get(format!("http://{}/metrics", broker.http_addr))
         .await
@@ -206,6 +220,14 @@ async fn a_jira_retry_after_holds_every_worker_back_locally_for_its_whole_wait()
         .unwrap();
     assert!(c.ok, "{}", c.message);
     let t = lease(&mut admin, "jira-q").await;
+    let mut watch = admin
+        .watch_systems(pb::WatchSystemsRequest {
+            system_ids: vec!["jira-q".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let http = reqwest::Client::new();
     let search = "/rest/api/3/search";
     let at_vendor = || fake.server.count("/ex/jira/cloud-acme/rest/api/3/search");
@@ -252,6 +274,9 @@ async fn a_jira_retry_after_holds_every_worker_back_locally_for_its_whole_wait()
         2,
         "no call reached the vendor while it asked for a pause"
     );
+    let e = health_change(&mut watch).await;
+    assert_eq!(e.system.unwrap().health, pb::SystemHealth::Degraded as i32);
+    assert!(e.detail.contains("rate limiting"), "{}", e.detail);
 
     // The first call to pass again does so once the vendor's wait is over, not before.
     loop {
@@ -278,6 +303,13 @@ async fn a_jira_retry_after_holds_every_worker_back_locally_for_its_whole_wait()
         pb::SystemHealth::Degraded as i32,
         "{}",
         s.health_reason
+    );
+    let e = health_change(&mut watch).await;
+    assert_eq!(
+        e.system.unwrap().health,
+        pb::SystemHealth::Healthy as i32,
+        "{}",
+        e.detail
     );
     let m = metrics(&broker).await;
     // Counters are per process (other tests add to them): at least this test's one.
