@@ -290,26 +290,17 @@ impl Broker {
 
     /// Learns from the vendor's answer to an admitted call; a block that begins here is
     /// announced as a health change (and its end likewise).
-    pub fn learn_quota(
-        &self,
-        system_id: &str,
-        permit: &QuotaPermit,
-        status: u16,
-        headers: &axum::http::HeaderMap,
-        body: Option<&[u8]>,
-    ) -> RateSignals {
+    pub fn learn_quota(&self, system_id: &str, permit: &QuotaPermit, signals: &RateSignals) {
         let kind = permit.quota().kind();
-        let signals = crate::backends::ratelimit::read(kind, status, headers, body, unix_now());
         if signals.throttled {
             crate::metrics::METRICS.vendor_throttled(kind);
         }
-        let learned = self.quotas.learn(system_id, permit, &signals);
+        let learned = self.quotas.learn(system_id, permit, signals);
         // Short pauses (Asana's second, Azure DevOps' delays) are not health changes.
         let long = signals.wait.is_some_and(|w| w >= ANNOUNCED_BLOCK);
         if learned.block_started && long && permit.quota().start_announcing() {
             self.announce_block(system_id, permit.quota().clone());
         }
-        signals
     }
 
     /// `system.health_changed` to degraded while the vendor blocks the system, and back when

@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio_stream::StreamExt;
 
+use crate::backends::ratelimit::read as read_signals;
 use crate::broker::proxy::{is_clean_path, mask_path, under_base, ProxyGrant, ProxyRefusal};
 use crate::broker::tokens::IssuedToken;
 use crate::broker::Broker;
@@ -277,13 +278,9 @@ async fn send(
     if let Some((body, permit)) =
         held.filter(|_| crate::backends::ratelimit::needs_body(kind, status))
     {
-        broker.learn_quota(
-            call.system_id,
-            &permit,
-            status,
-            response.headers(),
-            Some(&body),
-        );
+        let now = crate::model::unix_now();
+        let signals = read_signals(kind, status, response.headers(), Some(&body), now);
+        broker.learn_quota(call.system_id, &permit, &signals);
     }
     Ok(response)
 }
@@ -316,7 +313,10 @@ fn learn(
     resp: &axum::http::Response<hyper::body::Incoming>,
 ) -> Option<Duration> {
     let status = resp.status().as_u16();
-    broker.learn_quota(call.system_id, permit, status, resp.headers(), None);
+    let kind = permit.quota().kind();
+    let now = crate::model::unix_now();
+    let signals = read_signals(kind, status, resp.headers(), None, now);
+    broker.learn_quota(call.system_id, permit, &signals);
     let max = permit.quota().limits().local_retry_after_max;
     if status != 429 || max.is_zero() {
         return None;
