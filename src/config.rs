@@ -185,6 +185,11 @@ pub struct StoreConfig {
     pub ca_file: Option<PathBuf>,
     /// Tag records written before record authentication (an upgrade step; off by default).
     pub adopt_unauthenticated_records: bool,
+    /// Replicas: keep a sealed snapshot of the mirrored rows under the data directory and start
+    /// from it while PostgreSQL is away (off: stay not-ready until it answers).
+    pub replica_snapshot: bool,
+    /// How often a changed mirror is written to the snapshot.
+    pub replica_snapshot_interval: Duration,
 }
 
 impl Default for StoreConfig {
@@ -196,6 +201,8 @@ impl Default for StoreConfig {
             ca_file: None,
             adopt_unauthenticated_records: crate::broker::BrokerSettings::default()
                 .adopt_unauthenticated_records,
+            replica_snapshot: true,
+            replica_snapshot_interval: Duration::from_secs(30),
         }
     }
 }
@@ -549,6 +556,10 @@ pub struct FileConfig {
     pub http_tls_key_file: Option<PathBuf>,
     /// `[quota.<kind>]` and `[quota.systems.<id>]` tables.
     pub quota: Option<QuotaFile>,
+    /// Bool.
+    pub replica_snapshot: Option<bool>,
+    /// Seconds.
+    pub replica_snapshot_interval_secs: Option<u64>,
     /// URL.
     pub egress_proxy_url: Option<String>,
     /// Path (`user:password`).
@@ -578,6 +589,13 @@ pub struct Overrides {
     /// CA certificate (PEM) verifying the PostgreSQL server [default: public web roots].
     #[arg(long, env = "CREDBROKER_STORE_CA_FILE")]
     pub store_ca_file: Option<PathBuf>,
+    /// Replicas: start from the sealed snapshot while PostgreSQL is away (1, the default), or
+    /// stay not-ready until it answers (0).
+    #[arg(long, env = "CREDBROKER_REPLICA_SNAPSHOT")]
+    pub replica_snapshot: Option<String>,
+    /// Replicas: how often a changed mirror is written to the snapshot, seconds [default: 30].
+    #[arg(long, env = "CREDBROKER_REPLICA_SNAPSHOT_INTERVAL_SECS")]
+    pub replica_snapshot_interval_secs: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "CREDBROKER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -814,6 +832,21 @@ impl StoreConfig {
         ) {
             self.adopt_unauthenticated_records = v;
         }
+        if let Some(v) = flag(
+            "CREDBROKER_REPLICA_SNAPSHOT",
+            o.replica_snapshot.clone(),
+            f.replica_snapshot,
+            errors,
+        ) {
+            self.replica_snapshot = v;
+        }
+        secs(
+            o.replica_snapshot_interval_secs
+                .or(f.replica_snapshot_interval_secs),
+            "replica_snapshot_interval_secs",
+            errors,
+            &mut self.replica_snapshot_interval,
+        );
     }
 }
 

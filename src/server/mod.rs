@@ -37,7 +37,8 @@ use crate::crypto::{Keyring, MasterKey, MasterKeySource};
 use crate::pb::credential_broker_server::CredentialBrokerServer;
 use crate::store::sled::OpenError as StoreOpenError;
 use crate::store::{
-    CredentialStore, PostgresStore, ReopeningSledStore, SledStore, WRITES_HEALTH_SERVICE,
+    CredentialStore, PostgresStore, ReopeningSledStore, SledStore, StoreError,
+    WRITES_HEALTH_SERVICE,
 };
 
 pub use broker_svc::BrokerService;
@@ -214,14 +215,17 @@ pub async fn run_with_hooks(
     if let Some(gate) = hooks.before_open {
         let _ = gate.await;
     }
-    let broker = match open_broker(&config, public_url, hooks.wrap_store).await {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = stop_tx.send(());
-            let _ = http_stop_tx.send(());
-            let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
-            return Err(e);
-        }
+    // A replica waiting for its database (not ready) still stops when told to.
+    tokio::pin!(shutdown);
+    let opened = tokio::select! {
+        opened = open_broker(&config, public_url, hooks.wrap_store) => opened.map(Some),
+        () = &mut shutdown => Ok(None),
+    };
+    let Ok(Some(broker)) = opened else {
+        let _ = stop_tx.send(());
+        let _ = http_stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
+        return opened.map(|_| ());
     };
     let _ = core.set(broker.clone());
     broker.start_change_feed();
@@ -239,7 +243,7 @@ pub async fn run_with_hooks(
     spawn_integrity_check(&broker);
 
     let early_exit = tokio::select! {
-        _ = shutdown => None,
+        _ = &mut shutdown => None,
         res = &mut server_task => Some(res),
     };
     if let Some(res) = early_exit {
@@ -574,28 +578,77 @@ type OpenedStore = (
     bool,
 );
 
+/// The replica snapshot's file under the data directory.
+pub const REPLICA_SNAPSHOT_FILE: &str = "replica-snapshot";
+
 /// Replicas: the database is the record of truth (its key check value verifies the master
-/// key); the data directory keeps only local files.
+/// key); the data directory keeps only local files and the sealed snapshot of the mirror. While
+/// the database does not answer, a replica starts from its snapshot (when allowed and present)
+/// or waits, not ready, until it does.
 async fn open_postgres(
     config: &Config,
     url: &crate::secret::SecretString,
     data_dir: &Path,
 ) -> Result<OpenedStore, ServeError> {
-    let pg = PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref())
-        .await
-        .map_err(|e| ServeError::Postgres(e.to_string()))?;
-    let exists = pg
-        .get_meta("format_version")
-        .await
-        .map_err(|e| ServeError::Postgres(e.to_string()))?
-        .is_some();
+    let snapshot_path = data_dir.join(REPLICA_SNAPSHOT_FILE);
+    let from_snapshot = config.store.replica_snapshot && snapshot_path.is_file();
+    let mut attempts = 0u32;
+    let pg = loop {
+        match PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref()).await {
+            Ok(pg) => break Some(pg),
+            Err(StoreError::Backend(e)) if from_snapshot => {
+                tracing::warn!(message = "The store does not answer; starting from the replica snapshot.", error = %e);
+                break None;
+            }
+            Err(StoreError::Backend(e)) => {
+                if attempts.is_multiple_of(15) {
+                    tracing::warn!(message = "The store does not answer; not ready until it does.", error = %e);
+                }
+                attempts += 1;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(ServeError::Postgres(e.to_string())),
+        }
+    };
+    let exists = match &pg {
+        Some(pg) => pg
+            .get_meta("format_version")
+            .await
+            .map_err(|e| ServeError::Postgres(e.to_string()))?
+            .is_some(),
+        None => true,
+    };
     let (key, source) =
         MasterKey::load_or_generate(config.store.master_key_file.as_deref(), data_dir, exists)?;
     tracing::info!(message = "Store: PostgreSQL.", initialized = exists);
     let key_id = key.id();
+    let keyring = Keyring::new(key);
+    let file = crate::store::mirror::SnapshotFile {
+        path: snapshot_path,
+        key: keyring.derive_subkey("replica-snapshot"),
+    };
+    let every = config.store.replica_snapshot_interval;
+    let snapshot = config.store.replica_snapshot.then(|| (file.clone(), every));
+    // Every row mirrored in memory: every system stays servable while the database is away.
+    let mirrored = match pg {
+        Some(pg) => crate::store::MirroredStore::open(Arc::new(pg), snapshot).await,
+        None => crate::store::MirroredStore::from_snapshot(
+            crate::store::pending::PendingPostgres::connect_in_background(
+                url.clone(),
+                config.store.ca_file.clone(),
+            ),
+            file,
+            every,
+        ),
+    }
+    .map_err(|e| ServeError::Postgres(e.to_string()))?;
+    tracing::info!(
+        message = "Store mirrored in memory.",
+        systems = mirrored.mirrored_systems()
+    );
     Ok((
-        Arc::new(pg) as Arc<dyn CredentialStore>,
-        Keyring::new(key),
+        mirrored as Arc<dyn CredentialStore>,
+        keyring,
         key_id,
         source,
         false,

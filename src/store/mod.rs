@@ -18,7 +18,9 @@ pub mod authenticated;
 #[cfg(feature = "fault-injection")]
 pub mod faulty;
 pub mod memory;
+pub mod mirror;
 pub mod monitor;
+pub mod pending;
 pub mod postgres;
 pub mod sled;
 
@@ -29,6 +31,7 @@ use crate::model::{CallerRecord, SystemRecord};
 
 pub use self::authenticated::{AuthenticatedStore, INTEGRITY_META_KEY};
 pub use self::memory::MemoryStore;
+pub use self::mirror::MirroredStore;
 pub use self::monitor::{MonitoredStore, WriteHealth, WRITES_HEALTH_SERVICE};
 pub use self::postgres::PostgresStore;
 pub use self::sled::{ReopeningSledStore, SledStore};

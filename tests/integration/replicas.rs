@@ -805,3 +805,196 @@ async fn a_vendor_block_met_at_one_replica_holds_back_all_three_within_a_second(
     assert_eq!(q.health, pb::SystemHealth::Degraded as i32);
     no_secret_in_logs(r.logs.path(), &[SA_SECRET, &lease]);
 }
+
+/// Three replicas, 100 systems registered through A. With PostgreSQL stopped, C, which never
+/// served any of them, serves them all (static headers and still-valid OAuth tokens) from its
+/// mirror; writes fail cleanly; once PostgreSQL is back everything catches up, no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_serves_every_system_while_the_database_is_down() {
+    let Some(pg) = PgServer::start_local().await else {
+        return skipped("every_replica_serves_every_system_while_the_database_is_down");
+    };
+    let url = pg.fresh_db().await;
+    let asana = FakeAsana::start().await;
+    let sn = servicenow(3600).await;
+    let r = replicas(&url, 3, &[]).await;
+    let (mut a, mut c) = (r.admin(0).await, r.admin(2).await);
+    for i in 0..90 {
+        a.register_system(register_asana(
+            &format!("s{i}"),
+            &asana.base_url,
+            &format!("pat-{i}"),
+            false,
+        ))
+        .await
+        .unwrap();
+    }
+    let mut oauth = Vec::new();
+    for i in 0..10 {
+        let id = format!("o{i}");
+        let rt = sn.issue_refresh_token(USER);
+        a.register_system(sn_register(&id, &sn.base_url, refresh_cred(&rt), false))
+            .await
+            .unwrap();
+        oauth.push((id.clone(), auth_header(&mut a, &id).await.unwrap()));
+    }
+    let minted = sn.token_calls();
+
+    pg.stop();
+    for i in 0..90 {
+        assert_eq!(
+            auth_header(&mut c, &format!("s{i}")).await.unwrap(),
+            format!("Bearer pat-{i}"),
+            "C serves s{i} without the database"
+        );
+    }
+    for (id, header) in &oauth {
+        assert_eq!(&auth_header(&mut c, id).await.unwrap(), header, "{id}");
+    }
+    assert_eq!(
+        sn.token_calls(),
+        minted,
+        "A's valid tokens are served, not re-minted"
+    );
+    let e = c
+        .register_system(register_asana("during", &asana.base_url, "x", false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(!e.message().contains("postgres://"), "{}", e.message());
+
+    pg.resume().await;
+    for p in &r.procs {
+        wait_for_service_health(
+            p.addr,
+            credbroker::store::WRITES_HEALTH_SERVICE,
+            ServingStatus::Serving,
+        )
+        .await;
+    }
+    a.register_system(register_asana("after", &asana.base_url, "pat-after", false))
+        .await
+        .unwrap();
+    within(Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            auth_header(&mut c, "after")
+                .await
+                .is_ok_and(|h| h == "Bearer pat-after")
+        }
+    })
+    .await;
+    no_secret_in_logs(r.logs.path(), &["pat-7", PG_PASSWORD]);
+}
+
+/// The gRPC health of the broker at `addr` ("" service), once.
+async fn health_now(addr: std::net::SocketAddr) -> Option<i32> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .ok()?;
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+    h.check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}
+
+/// C restarted while PostgreSQL is down serves every system from its sealed snapshot; with
+/// snapshots off it stays not-ready (gRPC health NOT_SERVING, /readyz 503) until the database
+/// answers, then serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_during_an_outage_serves_from_its_snapshot_or_waits_not_ready() {
+    let Some(pg) = PgServer::start_local().await else {
+        return skipped(
+            "a_replica_restarted_during_an_outage_serves_from_its_snapshot_or_waits_not_ready",
+        );
+    };
+    let url = pg.fresh_db().await;
+    let asana = FakeAsana::start().await;
+    let fast = [("CREDBROKER_REPLICA_SNAPSHOT_INTERVAL_SECS", "1")];
+    let mut r = replicas(&url, 3, &fast).await;
+    let mut a = r.admin(0).await;
+    for i in 0..20 {
+        a.register_system(register_asana(
+            &format!("s{i}"),
+            &asana.base_url,
+            &format!("snap-pat-{i}"),
+            false,
+        ))
+        .await
+        .unwrap();
+    }
+    let c_dir = r._dirs[2].path().to_path_buf();
+    let snapshot = c_dir.join(credbroker::server::REPLICA_SNAPSHOT_FILE);
+    let registered = std::time::SystemTime::now();
+    within(Duration::from_secs(10), || {
+        let s = snapshot.clone();
+        async move {
+            std::fs::metadata(&s)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > registered)
+        }
+    })
+    .await;
+    let sealed = std::fs::read(&snapshot).unwrap();
+    for i in 0..20 {
+        let pat = format!("snap-pat-{i}");
+        assert!(!sealed.windows(pat.len()).any(|w| w == pat.as_bytes()));
+    }
+    let base = asana.base_url.as_bytes();
+    assert!(
+        !sealed.windows(base.len()).any(|w| w == base),
+        "metadata is sealed too"
+    );
+
+    r.procs.pop().unwrap().stop().await;
+    pg.stop();
+    let key = r._dirs[0].path().join("master.key");
+    let key = key.to_str().unwrap();
+    let url_env = std::env::var("CREDBROKER_TEST_PG_URL").unwrap_or(url.clone());
+    let env = [
+        ("CREDBROKER_STORE_URL", url_env.as_str()),
+        ("CREDBROKER_MASTER_KEY_FILE", key),
+    ];
+    let log = r.logs.path().join("c-restarted.log");
+    let c = spawn_process(&c_dir, &log, &env).unwrap_or_else(|(s, l)| panic!("{s}: {l}"));
+    wait_for_health(c.addr, ServingStatus::Serving).await;
+    let mut cc = client(c.addr, Some(&r.admin_token)).await;
+    for i in 0..20 {
+        assert_eq!(
+            auth_header(&mut cc, &format!("s{i}")).await.unwrap(),
+            format!("Bearer snap-pat-{i}"),
+            "served from the snapshot"
+        );
+    }
+    c.stop().await;
+
+    // Snapshots off: not ready while the database is away, serving once it is back.
+    let off = [
+        ("CREDBROKER_STORE_URL", url_env.as_str()),
+        ("CREDBROKER_MASTER_KEY_FILE", key),
+        ("CREDBROKER_REPLICA_SNAPSHOT", "0"),
+    ];
+    let log = r.logs.path().join("c-no-snapshot.log");
+    let c = spawn_process(&c_dir, &log, &off).unwrap_or_else(|(s, l)| panic!("{s}: {l}"));
+    let not_serving = ServingStatus::NotServing as i32;
+    within(Duration::from_secs(10), || async {
+        health_now(c.addr).await == Some(not_serving)
+    })
+    .await;
+    let ready = reqwest::get(format!("http://{}/readyz", c.http_addr()))
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    pg.resume().await;
+    wait_for_health(c.addr, ServingStatus::Serving).await;
+    let mut cc = client(c.addr, Some(&r.admin_token)).await;
+    assert_eq!(
+        auth_header(&mut cc, "s3").await.unwrap(),
+        "Bearer snap-pat-3"
+    );
+    c.stop().await;
+    no_secret_in_logs(r.logs.path(), &["snap-pat-3", PG_PASSWORD]);
+}
