@@ -110,6 +110,68 @@ struct SharedPayload {
     subject: Option<String>,
 }
 
+/// A token about to be shared with the other replicas, in clear until sealed into a record.
+pub(crate) struct Share {
+    plain: zeroize::Zeroizing<Vec<u8>>,
+    expires_at_ms: u64,
+    token_id: String,
+}
+
+impl Share {
+    fn new(
+        headers: &[crate::backends::Header],
+        api_base_url: &str,
+        subject: &Option<String>,
+        expires_at: Option<SystemTime>,
+        token_id: String,
+    ) -> Self {
+        let payload = SharedPayload {
+            headers: headers
+                .iter()
+                .map(|h| (h.name.to_owned(), h.value.expose_secret().to_owned()))
+                .collect(),
+            api_base_url: api_base_url.to_owned(),
+            subject: subject.clone(),
+        };
+        Self {
+            plain: zeroize::Zeroizing::new(serde_json::to_vec(&payload).unwrap_or_default()),
+            expires_at_ms: expires_at
+                .and_then(|e| e.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+            token_id,
+        }
+    }
+
+    /// What a freshly issued token will be shared as (under a new token id).
+    fn of(issued: &Issued) -> Self {
+        Self::new(
+            &issued.headers,
+            &issued.api_base_url,
+            &issued.subject,
+            issued.expires_at,
+            crate::util::random::url_token::<12>(),
+        )
+    }
+
+    /// Sealed for `current` (bound to its credential version); `None` when it did not encode.
+    fn sealed(
+        &self,
+        broker: &Broker,
+        system_id: &str,
+        current: &SystemRecord,
+    ) -> Option<SharedToken> {
+        if self.plain.is_empty() {
+            return None;
+        }
+        Some(SharedToken {
+            sealed: read(&broker.keyring).seal(&shared_binding(system_id, current), &self.plain),
+            expires_at_ms: self.expires_at_ms,
+            token_id: self.token_id.clone(),
+        })
+    }
+}
+
 /// The AAD binding of a shared token: the system, its credential type and version, and a
 /// suffix that keeps it apart from the credential itself.
 fn shared_binding<'a>(system_id: &'a str, record: &SystemRecord) -> RecordBinding<'a> {
@@ -796,11 +858,19 @@ impl Broker {
             .updated_credential
             .take()
             .or_else(|| f.pending.clone());
+        // With replicas, a rotated credential and the token it brought are written together:
+        // one write, one notification.
+        let mut shared_with = None;
         if let Some(newcred) = updated {
-            match self.persist_credential(system_id, &record, &newcred).await {
+            let share = (shared && issued.expires_at.is_some()).then(|| Share::of(&issued));
+            match self
+                .persist_credential(system_id, &record, &newcred, share.as_ref())
+                .await
+            {
                 Ok(r) => {
                     f.pending = None;
                     record = r;
+                    shared_with = share.map(|s| s.token_id);
                 }
                 Err(e) => {
                     tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
@@ -816,8 +886,10 @@ impl Broker {
         f.failures = 0;
         f.backoff_until = None;
         f.last_failure = None;
-        let token = self.install(system_id, &record, issued, need_until, oauth)?;
-        if shared {
+        let written = shared_with.is_some();
+        let token =
+            self.install_with_id(system_id, &record, issued, need_until, oauth, shared_with)?;
+        if shared && !written {
             self.share_token(system_id, &token).await;
         }
         if record.state_message.is_some() || record.refresh_failure.is_some() {
@@ -1048,31 +1120,17 @@ impl Broker {
 
     /// Stores `token` sealed in the system's record for the other replicas.
     async fn share_token(&self, system_id: &str, token: &IssuedToken) {
-        let payload = SharedPayload {
-            headers: token
-                .headers
-                .iter()
-                .map(|h| (h.name.to_owned(), h.value.expose_secret().to_owned()))
-                .collect(),
-            api_base_url: token.api_base_url.clone(),
-            subject: token.subject.clone(),
-        };
-        let Ok(plain) = serde_json::to_vec(&payload).map(zeroize::Zeroizing::new) else {
-            return;
-        };
-        let expires_at_ms = token
-            .expires_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
+        let share = Share::new(
+            &token.headers,
+            &token.api_base_url,
+            &token.subject,
+            Some(token.expires_at),
+            token.token_id.clone(),
+        );
         let shared = self
             .modify_system(system_id, Retry::Quick, |current| {
                 let mut updated = current.clone();
-                updated.shared_token = Some(SharedToken {
-                    sealed: read(&self.keyring).seal(&shared_binding(system_id, current), &plain),
-                    expires_at_ms,
-                    token_id: token.token_id.clone(),
-                });
+                updated.shared_token = share.sealed(self, system_id, current);
                 Ok(Some(updated))
             })
             .await;
@@ -1087,6 +1145,7 @@ impl Broker {
         system_id: &str,
         used: &SystemRecord,
         credential: &Credential,
+        share: Option<&Share>,
     ) -> Result<SystemRecord, BrokerError> {
         let modified = self
             .modify_system(system_id, Retry::Persist, |current| {
@@ -1098,6 +1157,9 @@ impl Broker {
                 updated.sealed_credential =
                     self.seal(system_id, current.credential_version, credential)?;
                 updated.credential_expires_at = credential.expires_at();
+                if let Some(share) = share {
+                    updated.shared_token = share.sealed(self, system_id, current);
+                }
                 Ok(Some(updated))
             })
             .await?;

@@ -82,6 +82,22 @@ impl Replicas {
     }
 }
 
+/// The stored revision of `system_id`, read from the database itself.
+async fn stored_revision(url: &str, system_id: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .query_one(
+            "SELECT revision FROM systems WHERE system_id = $1",
+            &[&system_id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Polls `f` until it is true; returns how long that took (panics after `limit`).
 async fn within<F, Fut>(limit: Duration, mut f: F) -> Duration
 where
@@ -128,6 +144,7 @@ async fn three_replicas_refresh_once_per_expiry_and_never_reuse_a_refresh_token(
         ))
         .await
         .unwrap();
+    let revision_before = stored_revision(&url, "shared").await;
     let mut pool = Vec::new();
     for i in 0..3 {
         for _ in 0..2 {
@@ -170,6 +187,10 @@ async fn three_replicas_refresh_once_per_expiry_and_never_reuse_a_refresh_token(
         0,
         "a rotated-out refresh token was reused"
     );
+    // Each rotating refresh wrote the record once: the rotated credential and the token it
+    // brought together (one write, one notification), not one after the other.
+    let writes = stored_revision(&url, "shared").await - revision_before;
+    assert_eq!(writes, times.len() as i64, "record writes per refresh");
     // Two replicas refreshing for the same expiry would be milliseconds apart; refreshes of
     // successive 1 s tokens are at least a few hundred apart.
     assert!(
