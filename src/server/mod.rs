@@ -583,76 +583,123 @@ pub const REPLICA_SNAPSHOT_FILE: &str = "replica-snapshot";
 
 /// Replicas: the database is the record of truth (its key check value verifies the master
 /// key); the data directory keeps only local files and the sealed snapshot of the mirror. While
-/// the database does not answer, a replica starts from its snapshot (when allowed and present)
-/// or waits, not ready, until it does.
+/// the database does not answer, a replica starts from its snapshot (when allowed, present and
+/// usable) or waits, not ready, until it does.
 async fn open_postgres(
     config: &Config,
     url: &crate::secret::SecretString,
     data_dir: &Path,
 ) -> Result<OpenedStore, ServeError> {
     let snapshot_path = data_dir.join(REPLICA_SNAPSHOT_FILE);
+    if !config.store.replica_snapshot {
+        // Off means none kept: an old one must not serve after it is turned on again.
+        let _ = std::fs::remove_file(&snapshot_path);
+    }
     let from_snapshot = config.store.replica_snapshot && snapshot_path.is_file();
-    let mut attempts = 0u32;
-    let pg = loop {
-        match PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref()).await {
-            Ok(pg) => break Some(pg),
-            Err(StoreError::Backend(e)) if from_snapshot => {
-                tracing::warn!(message = "The store does not answer; starting from the replica snapshot.", error = %e);
-                break None;
+    let pg = match PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref())
+        .await
+    {
+        Ok(pg) => Some(pg),
+        Err(StoreError::Unreachable(e)) if from_snapshot => {
+            tracing::warn!(message = "The store does not answer; starting from the replica snapshot.", error = %e);
+            None
+        }
+        Err(StoreError::Unreachable(_)) => Some(connect_waiting(config, url).await?),
+        Err(e) => return Err(ServeError::Postgres(e.to_string())),
+    };
+    let pg = match pg {
+        Some(pg) => pg,
+        None => match start_from_snapshot(config, url, data_dir) {
+            Ok(opened) => return Ok(opened),
+            Err(e) => {
+                tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
+                connect_waiting(config, url).await?
             }
-            Err(StoreError::Backend(e)) => {
-                if attempts.is_multiple_of(15) {
+        },
+    };
+    let exists = pg
+        .get_meta("format_version")
+        .await
+        .map_err(|e| ServeError::Postgres(e.to_string()))?
+        .is_some();
+    let (keyring, key_id, source, file) = replica_key(config, data_dir, exists)?;
+    let every = config.store.replica_snapshot_interval;
+    let snapshot = config.store.replica_snapshot.then_some((file, every));
+    // Every row mirrored in memory: every system stays servable while the database is away.
+    let mirrored = crate::store::MirroredStore::open(Arc::new(pg), snapshot)
+        .await
+        .map_err(|e| ServeError::Postgres(e.to_string()))?;
+    tracing::info!(
+        message = "Store: PostgreSQL, mirrored in memory.",
+        initialized = exists,
+        systems = mirrored.mirrored_systems()
+    );
+    Ok((mirrored, keyring, key_id, source, false))
+}
+
+/// Connects to the database, waiting (not ready) while it does not answer; a database that
+/// answers but refuses (a login, a missing database, a bad URL) ends the start.
+async fn connect_waiting(
+    config: &Config,
+    url: &crate::secret::SecretString,
+) -> Result<PostgresStore, ServeError> {
+    for attempt in 0u32.. {
+        match PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref()).await {
+            Ok(pg) => return Ok(pg),
+            Err(StoreError::Unreachable(e)) => {
+                if attempt.is_multiple_of(15) {
                     tracing::warn!(message = "The store does not answer; not ready until it does.", error = %e);
                 }
-                attempts += 1;
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             Err(e) => return Err(ServeError::Postgres(e.to_string())),
         }
-    };
-    let exists = match &pg {
-        Some(pg) => pg
-            .get_meta("format_version")
-            .await
-            .map_err(|e| ServeError::Postgres(e.to_string()))?
-            .is_some(),
-        None => true,
-    };
+    }
+    Err(ServeError::Postgres("the store never answered".to_owned()))
+}
+
+/// The master key (checked by the broker against the store's key check value) and the
+/// snapshot file sealed under a key derived from it.
+fn replica_key(
+    config: &Config,
+    data_dir: &Path,
+    exists: bool,
+) -> Result<
+    (
+        Keyring,
+        u32,
+        MasterKeySource,
+        crate::store::mirror::SnapshotFile,
+    ),
+    ServeError,
+> {
     let (key, source) =
         MasterKey::load_or_generate(config.store.master_key_file.as_deref(), data_dir, exists)?;
-    tracing::info!(message = "Store: PostgreSQL.", initialized = exists);
     let key_id = key.id();
     let keyring = Keyring::new(key);
     let file = crate::store::mirror::SnapshotFile {
-        path: snapshot_path,
+        path: data_dir.join(REPLICA_SNAPSHOT_FILE),
         key: keyring.derive_subkey("replica-snapshot"),
     };
-    let every = config.store.replica_snapshot_interval;
-    let snapshot = config.store.replica_snapshot.then(|| (file.clone(), every));
-    // Every row mirrored in memory: every system stays servable while the database is away.
-    let mirrored = match pg {
-        Some(pg) => crate::store::MirroredStore::open(Arc::new(pg), snapshot).await,
-        None => crate::store::MirroredStore::from_snapshot(
-            crate::store::pending::PendingPostgres::connect_in_background(
-                url.clone(),
-                config.store.ca_file.clone(),
-            ),
-            file,
-            every,
-        ),
-    }
-    .map_err(|e| ServeError::Postgres(e.to_string()))?;
-    tracing::info!(
-        message = "Store mirrored in memory.",
-        systems = mirrored.mirrored_systems()
+    Ok((keyring, key_id, source, file))
+}
+
+/// A replica started while the database is away, serving from its snapshot; the database is
+/// connected to in the background.
+fn start_from_snapshot(
+    config: &Config,
+    url: &crate::secret::SecretString,
+    data_dir: &Path,
+) -> Result<OpenedStore, ServeError> {
+    let (keyring, key_id, source, file) = replica_key(config, data_dir, true)?;
+    let pending = crate::store::pending::PendingPostgres::connect_in_background(
+        url.clone(),
+        config.store.ca_file.clone(),
     );
-    Ok((
-        mirrored as Arc<dyn CredentialStore>,
-        keyring,
-        key_id,
-        source,
-        false,
-    ))
+    let every = config.store.replica_snapshot_interval;
+    let mirrored = crate::store::MirroredStore::from_snapshot(pending, file, every)
+        .map_err(|e| ServeError::Postgres(e.to_string()))?;
+    Ok((mirrored, keyring, key_id, source, false))
 }
 
 /// The embedded sled store in the data directory, opened only once the master key is known to

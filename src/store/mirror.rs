@@ -26,6 +26,10 @@ use crate::util::sync::{lock, read, write};
 const DOWN_FOR: Duration = Duration::from_secs(2);
 /// Rows read per page while loading.
 const PAGE: usize = 1000;
+/// The write-health probe's key: written every second, never worth mirroring.
+const WRITE_PROBE: &str = "write_probe";
+/// A snapshot older than this is refused (revocations and deletions since would come back).
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Rows {
@@ -35,6 +39,9 @@ struct Rows {
     /// The event log's newest sequence number seen (where a start from the snapshot begins).
     #[serde(default)]
     last_event_seq: u64,
+    /// When the snapshot was written (Unix seconds).
+    #[serde(default)]
+    written_at: u64,
 }
 
 /// A shared store with every row mirrored in memory (see the module docs).
@@ -85,12 +92,25 @@ impl SnapshotFile {
         let io = |e: std::io::Error| StoreError::Backend(format!("snapshot: {e}"));
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
             f.write_all(&nonce).map_err(io)?;
             f.write_all(&sealed).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Whether a snapshot file is there.
@@ -123,7 +143,17 @@ impl SnapshotFile {
                     "the replica snapshot does not open with this master key".to_owned(),
                 )
             })?;
-        serde_json::from_slice(&plain).map_err(|e| StoreError::Corrupt(format!("snapshot: {e}")))
+        let rows: Rows = serde_json::from_slice(&plain)
+            .map_err(|e| StoreError::Corrupt(format!("snapshot: {e}")))?;
+        let age = crate::model::unix_now().saturating_sub(rows.written_at);
+        if age > SNAPSHOT_MAX_AGE.as_secs() {
+            return Err(StoreError::Corrupt(format!(
+                "the replica snapshot is {} h old (at most {} h is served)",
+                age / 3600,
+                SNAPSHOT_MAX_AGE.as_secs() / 3600
+            )));
+        }
+        Ok(rows)
     }
 }
 
@@ -180,9 +210,13 @@ impl MirroredStore {
 
     /// Writes the mirror to `file` when it changed since the last write.
     fn snapshot_to(&self, file: &SnapshotFile) -> Result<(), StoreError> {
-        if !self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        // A mirror without the store's format (nothing read yet) would not start a broker.
+        if !read(&self.rows).meta.contains_key("format_version")
+            || !self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
             return Ok(());
         }
+        write(&self.rows).written_at = crate::model::unix_now();
         let written = file.write(&read(&self.rows));
         if written.is_err() {
             self.dirty.store(true, std::sync::atomic::Ordering::Release);
@@ -213,13 +247,19 @@ impl MirroredStore {
                 meta.insert(k, v);
             }
         }
-        let last_event_seq = read(&self.rows).last_event_seq;
-        *self.rows_mut() = Rows {
-            systems,
-            callers,
-            meta,
-            last_event_seq,
-        };
+        let mut rows = self.rows_mut();
+        // Rows this replica wrote while the scan ran are newer than what the scan saw.
+        for (id, r) in std::mem::take(&mut rows.systems) {
+            let newer = systems.get(&id).is_none_or(|s| {
+                (s.credential_version, s.revision) < (r.credential_version, r.revision)
+            });
+            if newer && systems.contains_key(&id) {
+                systems.insert(id, r);
+            }
+        }
+        rows.systems = systems;
+        rows.callers = callers;
+        rows.meta = meta;
         Ok(())
     }
 
@@ -241,7 +281,7 @@ impl MirroredStore {
     /// `Some(error)` unless the failure is the database's (then reads use the mirror a while).
     fn fall_back(&self, e: StoreError) -> Result<(), StoreError> {
         match e {
-            StoreError::Backend(detail) => {
+            StoreError::Unreachable(detail) => {
                 let mut down = lock(&self.down_until);
                 if down.is_none_or(|until| Instant::now() >= until) {
                     tracing::warn!(message = "The store is not answering; serving from this replica's mirror.", error = %detail);
@@ -253,10 +293,14 @@ impl MirroredStore {
         }
     }
 
-    /// Mirrors one system's row (a read that found it unchanged changes nothing).
+    /// Mirrors one system's row (a read that found it unchanged changes nothing). A row older
+    /// than the mirrored one (a slow read overtaken by a write) never replaces it.
     fn put_system(&self, r: Option<SystemRecord>, id: &str) {
-        if read(&self.rows).systems.get(id) == r.as_ref() {
-            return;
+        let age = |r: &SystemRecord| (r.credential_version, r.revision);
+        match (read(&self.rows).systems.get(id), &r) {
+            (Some(held), Some(new)) if held == new || age(held) > age(new) => return,
+            (None, None) => return,
+            _ => {}
         }
         let mut rows = self.rows_mut();
         match r {
@@ -271,8 +315,8 @@ impl MirroredStore {
         }
     }
 
-    fn put_meta(&self, key: &str, v: Option<&[u8]>) {
-        if read(&self.rows).meta.get(key).map(Vec::as_slice) == v {
+    fn mirror_meta(&self, key: &str, v: Option<&[u8]>) {
+        if key == WRITE_PROBE || read(&self.rows).meta.get(key).map(Vec::as_slice) == v {
             return;
         }
         let mut rows = self.rows_mut();
@@ -307,7 +351,7 @@ impl MirroredStore {
                 .inner
                 .get_meta(key)
                 .await
-                .map(|v| self.put_meta(key, v.as_deref())),
+                .map(|v| self.mirror_meta(key, v.as_deref())),
             Change::Resync => self.reload().await,
             Change::Events | Change::Quota(_) => Ok(()),
         };
@@ -321,13 +365,14 @@ impl MirroredStore {
 /// Writes the snapshot at once, then every `every` while the mirror changes.
 async fn keep_snapshot(me: std::sync::Weak<MirroredStore>, file: SnapshotFile, every: Duration) {
     loop {
+        // First after an interval: what a starting broker reads is in the mirror by then.
+        tokio::time::sleep(every).await;
         let Some(store) = me.upgrade() else { break };
         let f = file.clone();
         let written = tokio::task::spawn_blocking(move || store.snapshot_to(&f)).await;
         if let Ok(Err(e)) = written {
             tracing::warn!(message = "Could not write the replica snapshot.", error = %e);
         }
-        tokio::time::sleep(every).await;
     }
 }
 
@@ -340,10 +385,12 @@ async fn follow(me: std::sync::Weak<MirroredStore>, mut rx: broadcast::Receiver<
             Err(broadcast::error::RecvError::Closed) => break,
         };
         let Some(me) = me.upgrade() else { break };
-        me.apply(&change).await;
+        // The broker reads what changed from the database itself: it hears at once, and the
+        // mirror catches up behind it.
         if let Some(tx) = &me.changes {
-            let _ = tx.send(change);
+            let _ = tx.send(change.clone());
         }
+        me.apply(&change).await;
     }
 }
 
@@ -447,7 +494,7 @@ impl CredentialStore for MirroredStore {
         if !self.is_down() {
             match self.inner.get_meta(key).await {
                 Ok(v) => {
-                    self.put_meta(key, v.as_deref());
+                    self.mirror_meta(key, v.as_deref());
                     return Ok(v);
                 }
                 Err(e) => self.fall_back(e)?,
@@ -458,7 +505,7 @@ impl CredentialStore for MirroredStore {
 
     async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.inner.put_meta(key, value).await?;
-        self.rows_mut().meta.insert(key.to_owned(), value.to_vec());
+        self.mirror_meta(key, Some(value));
         Ok(())
     }
 
@@ -475,7 +522,10 @@ impl CredentialStore for MirroredStore {
         system_id: &str,
         wait: Duration,
     ) -> Result<Option<RefreshLock>, StoreError> {
-        self.inner.lock_refresh(system_id, wait).await
+        let held = self.inner.lock_refresh(system_id, wait).await?;
+        // The database answers: the re-read under this lock must come from it, not the mirror.
+        *lock(&self.down_until) = None;
+        Ok(held)
     }
 
     fn changes(&self) -> Option<broadcast::Receiver<Change>> {
@@ -517,7 +567,7 @@ impl CredentialStore for MirroredStore {
                 // database is away.
                 let mirrored = read(&self.rows).meta.get(key).cloned();
                 return match (e, mirrored) {
-                    (StoreError::Backend(_), Some(v)) => Ok(v),
+                    (StoreError::Unreachable(_), Some(v)) => Ok(v),
                     (e, _) => Err(e),
                 };
             }

@@ -75,6 +75,10 @@ pub enum StoreError {
     /// The backend failed (I/O, lock). The message holds no secret.
     #[error("storage backend: {0}")]
     Backend(String),
+    /// The store cannot be reached (connection refused, lost or timed out): nothing answered.
+    /// The message holds no secret.
+    #[error("storage unreachable: {0}")]
+    Unreachable(String),
     /// A record could not be decoded.
     #[error("corrupt record: {0}")]
     Corrupt(String),
@@ -91,7 +95,7 @@ impl From<StoreError> for BrokerError {
                 BrokerError::Unavailable("the record changed concurrently; retry".to_owned())
             }
             StoreError::AlreadyExists => BrokerError::AlreadyExists("record already exists".to_owned()),
-            StoreError::Backend(detail) => {
+            StoreError::Backend(detail) | StoreError::Unreachable(detail) => {
                 tracing::error!(message = "Storage operation failed.", error = %detail);
                 BrokerError::Unavailable("storage is unavailable; retry later".to_owned())
             }

@@ -64,7 +64,9 @@ impl WriteHealth {
         let failure = match result {
             Ok(_) | Err(StoreError::AlreadyExists) | Err(StoreError::Conflict) => None,
             Err(StoreError::Full(_)) => Some("disk full"),
-            Err(StoreError::Backend(_)) => Some("storage write failed"),
+            Err(StoreError::Backend(_) | StoreError::Unreachable(_)) => {
+                Some("storage write failed")
+            }
             Err(StoreError::Corrupt(_)) | Err(StoreError::Tampered(_)) => None,
         };
         let ok = failure.is_none();

@@ -35,9 +35,15 @@ impl PendingPostgres {
             let pg = loop {
                 match PostgresStore::connect(url.expose_secret(), ca_file.as_deref()).await {
                     Ok(pg) => break Arc::new(pg),
-                    Err(e) => {
+                    Err(StoreError::Unreachable(e)) => {
                         tracing::debug!(message = "The store is still not answering.", error = %e);
                         tokio::time::sleep(RETRY).await;
+                    }
+                    Err(e) => {
+                        // It answers but refuses (a login, a schema): serving the snapshot on
+                        // while someone fixes it, and saying so.
+                        tracing::error!(message = "The store answers but cannot be used; still serving the snapshot.", error = %e);
+                        tokio::time::sleep(RETRY * 15).await;
                     }
                 }
             };
@@ -62,7 +68,7 @@ impl PendingPostgres {
     fn pg(&self) -> Result<&Arc<PostgresStore>, StoreError> {
         self.ready
             .get()
-            .ok_or_else(|| StoreError::Backend("the store is not reachable yet".to_owned()))
+            .ok_or_else(|| StoreError::Unreachable("the store is not reachable yet".to_owned()))
     }
 }
 

@@ -69,11 +69,24 @@ impl Drop for PostgresStore {
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
     // A database error's text names the failing statement's problem, never parameter values.
-    StoreError::Backend(format!("postgres: {e}"))
+    match e.as_db_error() {
+        // The server answered (a constraint, a timeout, a refused login): it is there.
+        Some(_) => StoreError::Backend(format!("postgres: {e}")),
+        // No answer: connection refused, lost or timed out.
+        None => StoreError::Unreachable(format!("postgres: {e}")),
+    }
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Backend(format!("postgres pool: {e}"))
+    use deadpool_postgres::{PoolError, TimeoutType};
+    match e {
+        PoolError::Backend(e) => pg(e),
+        PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
+            StoreError::Unreachable("postgres pool: connecting timed out".to_owned())
+        }
+        // Every connection busy: the database answers, this process is loaded.
+        e => StoreError::Backend(format!("postgres pool: {e}")),
+    }
 }
 
 /// Whether `url` selects this store.
