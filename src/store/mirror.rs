@@ -52,6 +52,8 @@ pub struct MirroredStore {
     changes: Option<broadcast::Sender<Change>>,
     /// The mirror changed since the last snapshot.
     dirty: std::sync::atomic::AtomicBool,
+    /// A change the snapshot should carry at once (a caller changed, a system deleted).
+    urgent: Arc<tokio::sync::Notify>,
 }
 
 /// Where the mirror's snapshot is kept, and the key that seals it (derived from the master key).
@@ -196,6 +198,7 @@ impl MirroredStore {
             rows: RwLock::new(rows),
             down_until: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(true),
+            urgent: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -304,14 +307,20 @@ impl MirroredStore {
         }
         let mut rows = self.rows_mut();
         match r {
-            Some(r) => rows.systems.insert(id.to_owned(), r),
-            None => rows.systems.remove(id),
-        };
+            Some(r) => {
+                rows.systems.insert(id.to_owned(), r);
+            }
+            None => {
+                rows.systems.remove(id);
+                self.urgent.notify_one();
+            }
+        }
     }
 
     fn put_callers(&self, callers: &[CallerRecord]) {
         if read(&self.rows).callers != callers {
             self.rows_mut().callers = callers.to_vec();
+            self.urgent.notify_one();
         }
     }
 
@@ -332,6 +341,7 @@ impl MirroredStore {
             Some(c) => *c = r.clone(),
             None => rows.callers.push(r.clone()),
         }
+        self.urgent.notify_one();
     }
 
     /// Applies a change another replica made, before the broker hears of it.
@@ -364,9 +374,16 @@ impl MirroredStore {
 
 /// Writes the snapshot at once, then every `every` while the mirror changes.
 async fn keep_snapshot(me: std::sync::Weak<MirroredStore>, file: SnapshotFile, every: Duration) {
+    let Some(urgent) = me.upgrade().map(|s| s.urgent.clone()) else {
+        return;
+    };
     loop {
-        // First after an interval: what a starting broker reads is in the mirror by then.
-        tokio::time::sleep(every).await;
+        // First after an interval (what a starting broker reads is in the mirror by then), or
+        // at once after a revocation or a deletion, which must not come back after a restart.
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = urgent.notified() => {}
+        }
         let Some(store) = me.upgrade() else { break };
         let f = file.clone();
         let written = tokio::task::spawn_blocking(move || store.snapshot_to(&f)).await;

@@ -943,8 +943,10 @@ async fn a_replica_restarted_during_an_outage_serves_from_its_snapshot_or_waits_
     };
     let url = pg.fresh_db().await;
     let asana = FakeAsana::start().await;
-    let fast = [("CREDBROKER_REPLICA_SNAPSHOT_INTERVAL_SECS", "1")];
-    let mut r = replicas(&url, 3, &fast).await;
+    // An hour between routine snapshots: the one this test sees is the one a revocation
+    // forces at once.
+    let slow = [("CREDBROKER_REPLICA_SNAPSHOT_INTERVAL_SECS", "3600")];
+    let mut r = replicas(&url, 3, &slow).await;
     let mut a = r.admin(0).await;
     for i in 0..20 {
         a.register_system(register_asana(
@@ -956,9 +958,24 @@ async fn a_replica_restarted_during_an_outage_serves_from_its_snapshot_or_waits_
         .await
         .unwrap();
     }
+    let worker = a
+        .create_caller(pb::CreateCallerRequest {
+            name: "gone-worker".into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
     let c_dir = r._dirs[2].path().to_path_buf();
     let snapshot = c_dir.join(credbroker::server::REPLICA_SNAPSHOT_FILE);
     let registered = std::time::SystemTime::now();
+    a.revoke_caller(pb::RevokeCallerRequest {
+        name: "gone-worker".into(),
+    })
+    .await
+    .unwrap();
     within(Duration::from_secs(10), || {
         let s = snapshot.clone();
         async move {
@@ -999,6 +1016,13 @@ async fn a_replica_restarted_during_an_outage_serves_from_its_snapshot_or_waits_
             "served from the snapshot"
         );
     }
+    let mut revoked = client(c.addr, Some(&worker)).await;
+    let e = auth_header(&mut revoked, "s1").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unauthenticated,
+        "a revocation survives the restart: {e:?}"
+    );
     c.stop().await;
 
     // Snapshots off: not ready while the database is away, serving once it is back.
