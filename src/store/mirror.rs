@@ -33,7 +33,8 @@ const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Rows {
-    systems: BTreeMap<String, SystemRecord>,
+    /// Shared rows: a snapshot copies the map, not the records, and writes outside the lock.
+    systems: BTreeMap<String, Arc<SystemRecord>>,
     callers: Vec<CallerRecord>,
     meta: HashMap<String, Vec<u8>>,
     /// The event log's newest sequence number seen (where a start from the snapshot begins).
@@ -219,8 +220,19 @@ impl MirroredStore {
         {
             return Ok(());
         }
-        write(&self.rows).written_at = crate::model::unix_now();
-        let written = file.write(&read(&self.rows));
+        // A copy of the map (the records are shared) under the lock; sealed and written
+        // outside it, so writers are not held up.
+        let copy = {
+            let rows = read(&self.rows);
+            Rows {
+                systems: rows.systems.clone(),
+                callers: rows.callers.clone(),
+                meta: rows.meta.clone(),
+                last_event_seq: rows.last_event_seq,
+                written_at: crate::model::unix_now(),
+            }
+        };
+        let written = file.write(&copy);
         if written.is_err() {
             self.dirty.store(true, std::sync::atomic::Ordering::Release);
         }
@@ -235,7 +247,7 @@ impl MirroredStore {
             let page = self.inner.list_systems(after.as_deref(), PAGE).await?;
             let last = page.last().map(|r| r.system_id.clone());
             for r in page {
-                systems.insert(r.system_id.clone(), r);
+                systems.insert(r.system_id.clone(), Arc::new(r));
             }
             match last {
                 Some(id) => after = Some(id),
@@ -301,14 +313,14 @@ impl MirroredStore {
     fn put_system(&self, r: Option<SystemRecord>, id: &str) {
         let age = |r: &SystemRecord| (r.credential_version, r.revision);
         match (read(&self.rows).systems.get(id), &r) {
-            (Some(held), Some(new)) if held == new || age(held) > age(new) => return,
+            (Some(held), Some(new)) if **held == *new || age(held) > age(new) => return,
             (None, None) => return,
             _ => {}
         }
         let mut rows = self.rows_mut();
         match r {
             Some(r) => {
-                rows.systems.insert(id.to_owned(), r);
+                rows.systems.insert(id.to_owned(), Arc::new(r));
             }
             None => {
                 rows.systems.remove(id);
@@ -423,7 +435,10 @@ impl CredentialStore for MirroredStore {
                 Err(e) => self.fall_back(e)?,
             }
         }
-        Ok(read(&self.rows).systems.get(system_id).cloned())
+        Ok(read(&self.rows)
+            .systems
+            .get(system_id)
+            .map(|r| SystemRecord::clone(r)))
     }
 
     async fn list_systems(
@@ -446,7 +461,7 @@ impl CredentialStore for MirroredStore {
             .systems
             .range((start, std::ops::Bound::Unbounded))
             .take(limit)
-            .map(|(_, r)| r.clone())
+            .map(|(_, r)| SystemRecord::clone(r))
             .collect())
     }
 
