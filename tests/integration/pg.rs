@@ -261,6 +261,125 @@ impl PgServer {
         }
     }
 
+    /// A streaming standby of this local server (a base backup, `standby.signal` and
+    /// `primary_conninfo` written by `pg_basebackup -R`), started; `None` without a local server.
+    pub async fn standby(&self) -> Option<PgServer> {
+        let l = self.local.as_ref()?;
+        let dir = tempfile::Builder::new()
+            .prefix("credbroker-pg-standby")
+            .tempdir()
+            .unwrap();
+        if l.as_postgres {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status();
+        }
+        let data = dir.path().join("data");
+        let port = l.port.to_string();
+        // pg_basebackup sits next to the real `postgres` (PATH may hold only links to some).
+        let tools = std::fs::canonicalize(l.bin.join("postgres"))
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| l.bin.clone());
+        let out = run(
+            l.as_postgres,
+            &tools.join("pg_basebackup"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+        )
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let local = Local {
+            bin: l.bin.clone(),
+            dir,
+            port: free_port(),
+            as_postgres: l.as_postgres,
+            child: std::sync::Mutex::new(None),
+            extra: String::new(),
+        };
+        let server = PgServer {
+            base: format!("postgres://postgres@127.0.0.1:{}", local.port),
+            local: Some(local),
+        };
+        server.resume().await;
+        Some(server)
+    }
+
+    /// `postgres://postgres@host:port`.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// This server's `host:port`.
+    pub fn authority(&self) -> String {
+        self.base
+            .trim_start_matches("postgres://postgres@")
+            .to_owned()
+    }
+
+    /// Kills the server as a crash would (immediate shutdown: no checkpoint).
+    pub fn kill(&self) {
+        let Some(l) = &self.local else { return };
+        let data = l.dir.path().join("data");
+        let _ = run(
+            l.as_postgres,
+            &l.bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+        if let Some(mut c) = l.child.lock().unwrap().take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        let Some(l) = &self.local else { return };
+        let data = l.dir.path().join("data");
+        let out = run(
+            l.as_postgres,
+            &l.bin.join("pg_ctl"),
+            &["-D", data.to_str().unwrap(), "-w", "promote"],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "promote: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A fresh, empty database; returns its URL.
     pub async fn fresh_db(&self) -> String {
         static N: AtomicU64 = AtomicU64::new(0);

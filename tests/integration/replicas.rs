@@ -1052,3 +1052,114 @@ async fn a_replica_restarted_during_an_outage_serves_from_its_snapshot_or_waits_
     c.stop().await;
     no_secret_in_logs(r.logs.path(), &["snap-pat-3", PG_PASSWORD]);
 }
+
+/// A primary and a streaming standby with synchronous commit; two brokers on the multi-host URL
+/// (`target_session_attrs=read-write`). Registrations run through A while the primary is killed
+/// and the standby promoted: both brokers reconnect within seconds, and every registration a
+/// broker acknowledged is in the promoted database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_failover_loses_no_acknowledged_registration() {
+    let Some(primary) = PgServer::start_local().await else {
+        return skipped("a_primary_failover_loses_no_acknowledged_registration");
+    };
+    let db_url = primary.fresh_db().await;
+    let db = db_url.rsplit('/').next().unwrap().to_owned();
+    let standby = primary.standby().await.unwrap();
+    let (client, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        .await
+        .unwrap();
+    client
+        .execute("SELECT pg_reload_conf()", &[])
+        .await
+        .unwrap();
+    within(Duration::from_secs(20), || {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|rows| !rows.is_empty())
+        }
+    })
+    .await;
+    let url = format!(
+        "postgres://postgres@{},{}/{db}?target_session_attrs=read-write",
+        primary.authority(),
+        standby.authority()
+    );
+    let asana = FakeAsana::start().await;
+    let r = replicas(&url, 2, &[]).await;
+    let (a, mut b) = (r.admin(0).await, r.admin(1).await);
+
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (acks, base) = (acked.clone(), asana.base_url.clone());
+    let load = tokio::spawn(async move {
+        let mut a = a;
+        for i in 0..400 {
+            let id = format!("f{i}");
+            let reg = register_asana(&id, &base, &format!("fo-pat-{i}"), false);
+            if a.register_system(reg).await.is_ok() {
+                acks.lock().unwrap().push(id);
+            }
+            if acks.lock().unwrap().len() >= 120 {
+                break;
+            }
+        }
+    });
+    within(Duration::from_secs(20), || async {
+        acked.lock().unwrap().len() >= 40
+    })
+    .await;
+    primary.kill();
+    standby.promote();
+    // Each broker writes again through the promoted standby (a first write may meet a
+    // connection the kill broke: UNAVAILABLE, which a client retries).
+    for (i, name) in ["after-a", "after-b"].into_iter().enumerate() {
+        let took = within(Duration::from_secs(30), || {
+            let (addr, token) = (r.procs[i].addr, r.admin_token.clone());
+            let base = asana.base_url.clone();
+            async move {
+                let mut c = crate::support::client(addr, Some(&token)).await;
+                c.register_system(register_asana(name, &base, "fo-after", false))
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        eprintln!("broker {i} writes again {took:?} after the promotion");
+    }
+    load.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 40,
+        "{} registrations acknowledged",
+        acked.len()
+    );
+    // Every acknowledged registration is in the promoted database and served by B.
+    let promoted = format!("{}/{db}", standby.base_url());
+    let (client, conn) = tokio_postgres::connect(&promoted, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for id in &acked {
+        let row = client
+            .query_opt("SELECT 1 FROM systems WHERE system_id = $1", &[id])
+            .await
+            .unwrap();
+        assert!(row.is_some(), "acknowledged {id} was lost in the failover");
+    }
+    let i: usize = acked[acked.len() - 1][1..].parse().unwrap();
+    assert_eq!(
+        auth_header(&mut b, &format!("f{i}")).await.unwrap(),
+        format!("Bearer fo-pat-{i}")
+    );
+    no_secret_in_logs(r.logs.path(), &["fo-pat-7", PG_PASSWORD]);
+}
