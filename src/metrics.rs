@@ -150,7 +150,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     vendor_throttled: SystemKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
 });
 
-/// Why the proxy refused a call itself (`crate::broker::quota::LimitReason`).
+/// Why the proxy refused a call itself, in `crate::broker::quota::LimitReason`'s order.
 pub const QUOTA_REASONS: &[&str] = &["blocked", "reserve", "concurrency"];
 
 /// A gauge of [`QuotaGauges`]: name, help, reading.

@@ -307,12 +307,11 @@ impl Broker {
     /// the block has passed (announced by the replica that met the block).
     fn announce_block(&self, system_id: &str, quota: Arc<crate::broker::quota::SystemQuota>) {
         let announcing = Announcing(quota);
-        let Some(me) = self.me.upgrade() else {
-            return;
-        };
-        let id = system_id.to_owned();
+        let (weak, id) = (self.me.clone(), system_id.to_owned());
         tokio::spawn(async move {
             let _announcing = announcing;
+            // The broker is held only while announcing, not through the wait (up to an hour).
+            let Some(me) = weak.upgrade() else { return };
             let Some(until) = me.quotas.view(&id).and_then(|v| v.blocked_until_ms) else {
                 return;
             };
@@ -335,11 +334,18 @@ impl Broker {
                 &blocked,
                 format!("{} → degraded: {reason}", before.as_str()),
             );
+            drop(me);
             // The block may be extended meanwhile: wait until none is left.
-            while let Some(until) = me.quotas.view(&id).and_then(|v| v.blocked_until_ms) {
+            loop {
+                let Some(me) = weak.upgrade() else { return };
+                let Some(until) = me.quotas.view(&id).and_then(|v| v.blocked_until_ms) else {
+                    break;
+                };
+                drop(me);
                 let left = until.saturating_sub(crate::broker::quota::now_ms());
                 tokio::time::sleep(Duration::from_millis(left.max(1))).await;
             }
+            let Some(me) = weak.upgrade() else { return };
             let Ok(record) = me.get_system(&id).await else {
                 return;
             };

@@ -152,16 +152,12 @@ pub enum LimitReason {
 }
 
 impl LimitReason {
-    /// Every reason, for metrics.
-    pub const ALL: [LimitReason; 3] = [Self::Blocked, Self::Reserve, Self::Concurrency];
-
-    /// The metrics label.
+    /// The metrics label (the metrics' one list of reasons, in this enum's order).
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Blocked => "blocked",
-            Self::Reserve => "reserve",
-            Self::Concurrency => "concurrency",
-        }
+        crate::metrics::QUOTA_REASONS
+            .get(self as usize)
+            .copied()
+            .unwrap_or("other")
     }
 }
 
@@ -284,8 +280,8 @@ impl State {
             self.counted = 1;
             l.changed = true;
         }
-        if s.limit.is_some() {
-            self.counting = s.count_locally;
+        if let Some(counting) = s.count_locally {
+            self.counting = counting;
         }
         if let Some(r) = s.remaining {
             // Newer: taken by a call that started after the held reading was taken.
@@ -323,8 +319,10 @@ struct Reading {
     /// How old the count is (milliseconds), when shared.
     #[serde(rename = "a", skip_serializing_if = "Option::is_none")]
     age_ms: Option<u64>,
+    /// Whether the vendor's count is kept locally: said by this replica's own answers only
+    /// (another replica's broadcast leaves it as it is).
     #[serde(skip)]
-    count_locally: bool,
+    count_locally: Option<bool>,
     #[serde(skip)]
     now_ms: u64,
 }
@@ -336,7 +334,7 @@ impl Reading {
             limit: s.limit,
             reset_at: s.reset_at,
             blocked_until: s.wait.map(|w| now_ms + w.as_millis() as u64),
-            count_locally: s.count_locally,
+            count_locally: s.limit.is_some().then_some(s.count_locally),
             now_ms,
             age_ms: None,
         }

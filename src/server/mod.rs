@@ -643,19 +643,20 @@ async fn connect_waiting(
     config: &Config,
     url: &crate::secret::SecretString,
 ) -> Result<PostgresStore, ServeError> {
-    for attempt in 0u32.. {
+    let mut attempt = 0u64;
+    loop {
         match PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref()).await {
             Ok(pg) => return Ok(pg),
             Err(StoreError::Unreachable(e)) => {
                 if attempt.is_multiple_of(15) {
                     tracing::warn!(message = "The store does not answer; not ready until it does.", error = %e);
                 }
+                attempt += 1;
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             Err(e) => return Err(ServeError::Postgres(e.to_string())),
         }
     }
-    Err(ServeError::Postgres("the store never answered".to_owned()))
 }
 
 /// The master key (checked by the broker against the store's key check value) and the

@@ -321,8 +321,7 @@ fn learn(
     if status != 429 || max.is_zero() {
         return None;
     }
-    crate::backends::ratelimit::retry_after(resp.headers(), crate::model::unix_now())
-        .filter(|w| *w <= max)
+    crate::backends::ratelimit::retry_after(resp.headers(), now).filter(|w| *w <= max)
 }
 
 /// One upstream exchange, bounded by the client's read timeout for the answer's head.

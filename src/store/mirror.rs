@@ -66,6 +66,12 @@ pub struct SnapshotFile {
     pub key: [u8; 32],
 }
 
+/// How new a row is: its credential version (which never repeats, across re-registrations
+/// too), then its revision.
+fn age(r: &SystemRecord) -> (u64, u64) {
+    (r.credential_version, r.revision)
+}
+
 /// Additional data of the snapshot's seal.
 const SNAPSHOT_AAD: &[u8] = b"credbroker replica snapshot v1";
 
@@ -265,10 +271,7 @@ impl MirroredStore {
         let mut rows = self.rows_mut();
         // Rows this replica wrote while the scan ran are newer than what the scan saw.
         for (id, r) in std::mem::take(&mut rows.systems) {
-            let newer = systems.get(&id).is_none_or(|s| {
-                (s.credential_version, s.revision) < (r.credential_version, r.revision)
-            });
-            if newer && systems.contains_key(&id) {
+            if systems.get(&id).is_some_and(|s| age(s) < age(&r)) {
                 systems.insert(id, r);
             }
         }
@@ -293,7 +296,8 @@ impl MirroredStore {
         lock(&self.down_until).is_some_and(|until| Instant::now() < until)
     }
 
-    /// `Some(error)` unless the failure is the database's (then reads use the mirror a while).
+    /// The error back unless the database did not answer (then `Ok`: reads use the mirror for
+    /// [`DOWN_FOR`]).
     fn fall_back(&self, e: StoreError) -> Result<(), StoreError> {
         match e {
             StoreError::Unreachable(detail) => {
@@ -311,7 +315,6 @@ impl MirroredStore {
     /// Mirrors one system's row (a read that found it unchanged changes nothing). A row older
     /// than the mirrored one (a slow read overtaken by a write) never replaces it.
     fn put_system(&self, r: Option<SystemRecord>, id: &str) {
-        let age = |r: &SystemRecord| (r.credential_version, r.revision);
         match (read(&self.rows).systems.get(id), &r) {
             (Some(held), Some(new)) if **held == *new || age(held) > age(new) => return,
             (None, None) => return,

@@ -30,9 +30,13 @@ impl PendingPostgres {
             ready: Arc::new(OnceLock::new()),
             changes: broadcast::channel(4096).0,
         });
-        let (ready, changes) = (me.ready.clone(), me.changes.clone());
+        let weak = Arc::downgrade(&me);
         tokio::spawn(async move {
             let pg = loop {
+                // Tries only while the store is in use.
+                if weak.strong_count() == 0 {
+                    return;
+                }
                 match PostgresStore::connect(url.expose_secret(), ca_file.as_deref()).await {
                     Ok(pg) => break Arc::new(pg),
                     Err(StoreError::Unreachable(e)) => {
@@ -48,18 +52,20 @@ impl PendingPostgres {
                 }
             };
             let feed = pg.changes();
-            let _ = ready.set(pg);
+            let Some(me) = weak.upgrade() else { return };
+            let _ = me.ready.set(pg);
             tracing::info!(message = "The store answers again; resyncing from it.");
-            let _ = changes.send(Change::Resync);
-            if let Some(mut rx) = feed {
-                loop {
-                    let change = match rx.recv().await {
-                        Ok(c) => c,
-                        Err(broadcast::error::RecvError::Lagged(_)) => Change::Resync,
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    };
-                    let _ = changes.send(change);
-                }
+            let _ = me.changes.send(Change::Resync);
+            drop(me);
+            let Some(mut rx) = feed else { return };
+            loop {
+                let change = match rx.recv().await {
+                    Ok(c) => c,
+                    Err(broadcast::error::RecvError::Lagged(_)) => Change::Resync,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                let Some(me) = weak.upgrade() else { break };
+                let _ = me.changes.send(change);
             }
         });
         me
