@@ -114,6 +114,35 @@ async fn serve(mut conn: TcpStream, asked: Arc<Mutex<Vec<String>>>) {
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
 }
 
+/// A worker's GET of `/users/me` through the broker's proxy for `id`: the status.
+async fn proxied_get(admin: &mut Client, id: &str) -> u16 {
+    let t = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    reqwest::Client::new()
+        .get(format!("{}/users/me", t.api_base_url))
+        .header("authorization", &t.headers[0].value)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The port of a fake's base URL (`http://127.0.0.1:PORT/...`).
+fn port_of(base_url: &str) -> String {
+    url::Url::parse(base_url)
+        .unwrap()
+        .port()
+        .unwrap()
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_upstream_call_goes_through_the_egress_proxy_and_the_guard_still_judges_targets() {
     let proxy = CorpProxy::start().await;
@@ -157,35 +186,13 @@ async fn every_upstream_call_goes_through_the_egress_proxy_and_the_guard_still_j
         .check
         .unwrap();
     assert!(c.ok, "{}", c.message);
-    let port = proxied
-        .base_url
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let port = port_of(&proxied.base_url);
     assert!(
         proxy.asked().contains(&format!("GET 127.0.0.1:{port}")),
         "{:?}",
         proxy.asked()
     );
-    let t = admin
-        .get_access_token(pb::GetAccessTokenRequest {
-            system_id: "via-proxy".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = reqwest::Client::new()
-        .get(format!("{}/users/me", t.api_base_url))
-        .header("authorization", &t.headers[0].value)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(proxied_get(&mut admin, "via-proxy").await, 200);
     assert!(
         proxy.asked().contains(&format!("CONNECT 127.0.0.1:{port}")),
         "{:?}",
@@ -213,30 +220,8 @@ async fn every_upstream_call_goes_through_the_egress_proxy_and_the_guard_still_j
             .unwrap()
             .ok
     );
-    let t = admin
-        .get_access_token(pb::GetAccessTokenRequest {
-            system_id: "direct".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = reqwest::Client::new()
-        .get(format!("{}/users/me", t.api_base_url))
-        .header("authorization", &t.headers[0].value)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let dport = direct
-        .base_url
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    assert_eq!(proxied_get(&mut admin, "direct").await, 200);
+    let dport = port_of(&direct.base_url);
     assert!(
         !proxy
             .asked()

@@ -68,6 +68,18 @@ fn proxied_system(
     }
 }
 
+/// Registers `reg` (checked first) and asserts the check passed.
+async fn register_checked(admin: &mut Client, reg: pb::RegisterSystemRequest) {
+    let c = admin
+        .register_system(reg)
+        .await
+        .unwrap()
+        .into_inner()
+        .check
+        .unwrap();
+    assert!(c.ok, "{}", c.message);
+}
+
 async fn lease(admin: &mut Client, id: &str) -> pb::GetAccessTokenResponse {
     admin
         .get_access_token(pb::GetAccessTokenRequest {
@@ -128,14 +140,7 @@ async fn sixteen_workers_stop_at_the_salesforce_reserve_and_the_vendor_sees_no_c
         &fake.base_url,
         sf_cc(SF_SECRET),
     );
-    let c = admin
-        .register_system(reg)
-        .await
-        .unwrap()
-        .into_inner()
-        .check
-        .unwrap();
-    assert!(c.ok, "{}", c.message);
+    register_checked(&mut admin, reg).await;
     let t = lease(&mut admin, "sf-quota").await;
 
     let http = reqwest::Client::new();
@@ -211,14 +216,7 @@ async fn a_jira_retry_after_holds_every_worker_back_locally_for_its_whole_wait()
         &fake.origin,
         cc(SA_ID, SA_SECRET),
     );
-    let c = admin
-        .register_system(reg)
-        .await
-        .unwrap()
-        .into_inner()
-        .check
-        .unwrap();
-    assert!(c.ok, "{}", c.message);
+    register_checked(&mut admin, reg).await;
     let t = lease(&mut admin, "jira-q").await;
     let mut watch = admin
         .watch_systems(pb::WatchSystemsRequest {
@@ -357,16 +355,7 @@ async fn salesforce_concurrency_is_capped_under_a_hundred_workers_and_queued_cal
             &fake.base_url,
             sf_cc(SF_SECRET),
         );
-        assert!(
-            admin
-                .register_system(reg)
-                .await
-                .unwrap()
-                .into_inner()
-                .check
-                .unwrap()
-                .ok
-        );
+        register_checked(&mut admin, reg).await;
     }
     let t = lease(&mut admin, "sf-cap").await;
     let http = reqwest::Client::new();
@@ -440,16 +429,7 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
         &fake.origin,
         cc(SA_ID, SA_SECRET),
     );
-    assert!(
-        admin
-            .register_system(reg)
-            .await
-            .unwrap()
-            .into_inner()
-            .check
-            .unwrap()
-            .ok
-    );
+    register_checked(&mut admin, reg).await;
     let t = lease(&mut admin, "jira-r").await;
     let http = reqwest::Client::new();
     let issue = "/rest/api/3/issue";
