@@ -789,6 +789,21 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("system '{system_id}' not found")))
     }
 
+    /// Adds to `r` what this process knows and could not record: a refresh waiting for an
+    /// unreachable shared store shows as a spell of refresh failures (its health says why).
+    pub fn add_live_state(&self, r: &mut SystemRecord) {
+        if r.refresh_failure.is_some() {
+            return;
+        }
+        if let Some(since) = self.cache.store_wait(&r.system_id) {
+            r.refresh_failure = Some(crate::model::RefreshFailure {
+                failure: AuthFailure::Unreachable,
+                message: tokens::STORE_DOWN_NOTE.to_owned(),
+                since,
+            });
+        }
+    }
+
     /// Writes `updated` in place of `current`: the one compare-and-swap of a system record (on
     /// its revision, which it bumps). `Conflict` when the record changed since `current` was read.
     pub(crate) async fn swap_system(

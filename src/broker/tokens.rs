@@ -38,6 +38,7 @@ use crate::crypto::RecordBinding;
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, Credential, SharedToken, SystemRecord, SystemState};
 use crate::secret::SecretString;
+use crate::store::StoreError;
 use crate::util::sync::{lock, read, write};
 
 /// Headers handed to a worker, cached until they expire.
@@ -240,6 +241,8 @@ pub struct Flight {
     /// Set when the grant is dead: the message to return, with no upstream call.
     dead: Option<String>,
     last_forced: Option<Instant>,
+    /// The backoff is the shared store's outage, not the vendor's.
+    store_down: bool,
 }
 
 impl Flight {
@@ -289,6 +292,9 @@ pub struct TokenCache {
     permits: tokio::sync::Semaphore,
     schedule: std::sync::Mutex<BTreeSet<ScheduleEntry>>,
     scheduled: tokio::sync::Notify,
+    /// Systems whose refresh waits for an unreachable shared store, and since when (seconds
+    /// since the epoch): their health says so, though nothing can be written while it lasts.
+    store_waits: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl TokenCache {
@@ -300,7 +306,23 @@ impl TokenCache {
             permits: tokio::sync::Semaphore::new(max_concurrent.max(1)),
             schedule: Default::default(),
             scheduled: tokio::sync::Notify::new(),
+            store_waits: Default::default(),
         }
+    }
+
+    /// Since when the system's refresh has waited for the store, if it does.
+    pub(crate) fn store_wait(&self, system_id: &str) -> Option<u64> {
+        lock(&self.store_waits).get(system_id).copied()
+    }
+
+    fn begin_store_wait(&self, system_id: &str) {
+        lock(&self.store_waits)
+            .entry(system_id.to_owned())
+            .or_insert_with(crate::model::unix_now);
+    }
+
+    fn end_store_wait(&self, system_id: &str) {
+        lock(&self.store_waits).remove(system_id);
     }
 
     /// The system's cached headers.
@@ -621,7 +643,11 @@ impl Broker {
         }
         if let Some(until) = f.backoff_until {
             if Instant::now() < until {
-                let msg = "the upstream token endpoint is failing".to_owned();
+                let msg = if f.store_down {
+                    STORE_DOWN_NOTE.to_owned()
+                } else {
+                    "the upstream token endpoint is failing".to_owned()
+                };
                 return stale_or_unavailable(current, msg, until - Instant::now());
             }
         }
@@ -637,13 +663,13 @@ impl Broker {
             {
                 return Ok(t);
             }
-            replica_lock = self
-                .store
-                .lock_refresh(
-                    system_id,
-                    self.settings.check_timeout + Duration::from_secs(5),
-                )
-                .await?;
+            let wait = self.settings.check_timeout + Duration::from_secs(5);
+            replica_lock = match self.store.lock_refresh(system_id, wait).await {
+                Err(StoreError::Unreachable(e)) => {
+                    return self.on_store_down(f, system_id, current, &e);
+                }
+                other => other?,
+            };
             record = self.get_system(system_id).await?;
             if let Some(t) =
                 self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
@@ -886,6 +912,8 @@ impl Broker {
         f.failures = 0;
         f.backoff_until = None;
         f.last_failure = None;
+        f.store_down = false;
+        self.cache.end_store_wait(system_id);
         let written = shared_with.is_some();
         let token =
             self.install_with_id(system_id, &record, issued, need_until, oauth, shared_with)?;
@@ -933,6 +961,29 @@ impl Broker {
 
     /// A transient failure: back off (honouring the vendor's `Retry-After`), note an unknown
     /// outcome, and serve the cached token while it is still valid.
+    /// A refresh met an unreachable shared store before reaching the vendor (nothing was
+    /// spent): the cached token serves while valid, the refresh is tried again shortly, and the
+    /// system's health says why it waits.
+    fn on_store_down(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        current: Option<Arc<IssuedToken>>,
+        error: &str,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        f.store_down = true;
+        f.backoff_until = Some(Instant::now() + STORE_RETRY);
+        self.cache.begin_store_wait(system_id);
+        tracing::warn!(message = "Token refresh waits for the database.", system_id = %system_id, error = %error);
+        if let Some(c) = current
+            .as_ref()
+            .filter(|c| c.expires_at > SystemTime::now())
+        {
+            self.schedule_at(system_id, &c.token_id, Instant::now() + STORE_RETRY);
+        }
+        stale_or_unavailable(current, STORE_DOWN_NOTE.to_owned(), STORE_RETRY)
+    }
+
     async fn on_transient(
         &self,
         f: &mut Flight,
@@ -944,6 +995,7 @@ impl Broker {
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         f.failures = f.failures.saturating_add(1);
         f.last_failure = Some(failure);
+        f.store_down = false;
         let delay = self.backoff_delay(f.failures, retry_after);
         f.backoff_until = Some(Instant::now() + delay);
         tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
@@ -1384,6 +1436,13 @@ impl Broker {
         }
     }
 }
+
+/// Why a refresh waits while the shared store is unreachable.
+pub(crate) const STORE_DOWN_NOTE: &str =
+    "the database is unreachable, and a refreshed token is stored \
+     before it is handed out, so the refresh waits for the database";
+/// How long a refresh that met an unreachable store waits before it tries the store again.
+const STORE_RETRY: Duration = Duration::from_secs(2);
 
 fn stale_or_unavailable(
     current: Option<Arc<IssuedToken>>,

@@ -550,7 +550,8 @@ impl CredentialBroker for BrokerService {
             request,
             |r| Some(r.system_id.clone()),
             |broker, _, r| async move {
-                let record = broker.get_system(r.system_id.trim()).await?;
+                let mut record = broker.get_system(r.system_id.trim()).await?;
+                broker.add_live_state(&mut record);
                 let quota = broker.quotas.view(&record.system_id);
                 Ok((
                     pb::GetSystemResponse {
@@ -590,9 +591,10 @@ impl CredentialBroker for BrokerService {
                             })?,
                     )
                 };
-                let (page, more) = broker
+                let (mut page, more) = broker
                     .list_systems(after.as_deref(), r.page_size as usize)
                     .await?;
+                page.iter_mut().for_each(|s| broker.add_live_state(s));
                 let next_page_token = match (more, page.last()) {
                     (true, Some(last)) => URL_SAFE_NO_PAD.encode(last.system_id.as_bytes()),
                     _ => String::new(),

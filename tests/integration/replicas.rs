@@ -860,6 +860,18 @@ async fn every_replica_serves_every_system_while_the_database_is_down() {
         oauth.push((id.clone(), auth_header(&mut a, &id).await.unwrap()));
     }
     let minted = sn.token_calls();
+    // Refreshed 10 s before expiry: 4 s after it is minted.
+    let short = servicenow(14).await;
+    let rt = short.issue_refresh_token(USER);
+    a.register_system(sn_register(
+        "short",
+        &short.base_url,
+        refresh_cred(&rt),
+        false,
+    ))
+    .await
+    .unwrap();
+    let short_header = auth_header(&mut a, "short").await.unwrap();
 
     pg.stop();
     for i in 0..90 {
@@ -876,6 +888,33 @@ async fn every_replica_serves_every_system_while_the_database_is_down() {
         sn.token_calls(),
         minted,
         "A's valid tokens are served, not re-minted"
+    );
+    // A refresh is stored before its token is handed out: the short-lived token's refresh
+    // waits (the token serves while valid, the system's health says why, the vendor is not
+    // asked), then the expired token is refused as UNAVAILABLE.
+    assert_eq!(auth_header(&mut c, "short").await.unwrap(), short_header);
+    within(Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let s = system_of(&mut c, "short").await;
+            s.health == pb::SystemHealth::Degraded as i32
+                && s.health_reason.contains("waits for the database")
+        }
+    })
+    .await;
+    within(Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            auth_header(&mut c, "short").await.is_err_and(|e| {
+                e.code() == Code::Unavailable && e.message().contains("waits for the database")
+            })
+        }
+    })
+    .await;
+    assert_eq!(
+        short.token_calls(),
+        1,
+        "no vendor refresh without the database"
     );
     let e = c
         .register_system(register_asana("during", &asana.base_url, "x", false))
@@ -914,7 +953,27 @@ async fn every_replica_serves_every_system_while_the_database_is_down() {
         }
     })
     .await;
+    // The waiting refresh runs once the database answers, and the health clears.
+    within(Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            auth_header(&mut c, "short").await.is_ok()
+                && system_of(&mut c, "short").await.health == pb::SystemHealth::Healthy as i32
+        }
+    })
+    .await;
     no_secret_in_logs(r.logs.path(), &["pat-7", PG_PASSWORD]);
+}
+
+async fn system_of(c: &mut Client, id: &str) -> pb::System {
+    c.get_system(pb::GetSystemRequest {
+        system_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .system
+    .unwrap()
 }
 
 /// The gRPC health of the broker at `addr` ("" service), once.
