@@ -636,8 +636,28 @@ async fn storm_scenario(
     println!("| systems refreshed before their token expired | {refreshed_in_time} / {n} |");
 }
 
-fn spawn_broker(data_dir: &std::path::Path, runtime: &str) -> (String, std::process::Child) {
-    spawn_broker_env(data_dir, runtime, &[])
+/// With `BENCH_STORE_URL`, a fresh database on that server for one broker's data dir (each
+/// data dir has its own master key, so it needs a store of its own), as `CREDBROKER_STORE_URL`.
+async fn fresh_store(tag: &str) -> Vec<(&'static str, String)> {
+    let Ok(base) = std::env::var("BENCH_STORE_URL") else {
+        return Vec::new();
+    };
+    let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .expect("BENCH_STORE_URL answers (plain TCP)");
+    tokio::spawn(conn);
+    let name = format!("credbroker_bench_{tag}_{}", std::process::id());
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let mut url = reqwest::Url::parse(&base).unwrap();
+    url.set_path(&format!("/{name}"));
+    vec![("CREDBROKER_STORE_URL", url.to_string())]
 }
 
 fn spawn_broker_env(
@@ -658,9 +678,12 @@ fn spawn_broker_env(
         ])
         .arg("--data-dir")
         .arg(data_dir)
-        // BENCH_STORE_URL=postgres://… runs the broker on the PostgreSQL store (a replica).
+        // BENCH_STORE_URL=postgres://… runs the broker on the PostgreSQL store (a replica),
+        // unless the scenario chose a database of its own (CREDBROKER_STORE_URL in `envs`).
         .args(
             std::env::var("BENCH_STORE_URL")
+                .ok()
+                .filter(|_| !envs.iter().any(|(k, _)| *k == "CREDBROKER_STORE_URL"))
                 .map(|u| vec!["--store-url".to_owned(), u])
                 .unwrap_or_default(),
         )
@@ -945,7 +968,9 @@ async fn scale_scenario(rt_kind: &str, n: usize, seconds: f64) {
     let mut rows = Vec::new();
     for count in [10usize, n] {
         let dir = tempfile::tempdir().unwrap();
-        let (addr, mut child) = spawn_broker(dir.path(), rt_kind);
+        let store = fresh_store(&format!("scale{count}")).await;
+        let store: Vec<(&str, &str)> = store.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (addr, mut child) = spawn_broker_env(dir.path(), rt_kind, &store);
         wait_serving(&addr).await;
         let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
         let token = token.trim().to_owned();
@@ -989,7 +1014,7 @@ async fn scale_scenario(rt_kind: &str, n: usize, seconds: f64) {
         let _ = child.wait();
         let disk = dir_bytes(dir.path());
         let t0 = Instant::now();
-        let (addr, mut child) = spawn_broker(dir.path(), rt_kind);
+        let (addr, mut child) = spawn_broker_env(dir.path(), rt_kind, &store);
         wait_serving(&addr).await;
         let restart_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let (p50b, p99b, rpsb) = random_tokens(&addr, &worker, count, seconds).await;
@@ -1118,7 +1143,9 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let (addr, mut broker) = spawn_broker(dir.path(), &rt_kind);
+        let store = fresh_store("main").await;
+        let store: Vec<(&str, &str)> = store.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (addr, mut broker) = spawn_broker_env(dir.path(), &rt_kind, &store);
         let token_path = dir.path().join("admin.token");
         let mut admin = loop {
             if let Ok(t) = std::fs::read_to_string(&token_path) {
