@@ -792,7 +792,9 @@ impl Broker {
     /// Adds to `r` what this process knows and could not record: a refresh waiting for an
     /// unreachable shared store shows as a spell of refresh failures (its health says why).
     pub fn add_live_state(&self, r: &mut SystemRecord) {
-        if r.refresh_failure.is_some() {
+        // Only while writes fail (the store probe says so each second): a wait noted before the
+        // store came back is not news.
+        if r.refresh_failure.is_some() || self.write_health.is_ok() {
             return;
         }
         if let Some(since) = self.cache.store_wait(&r.system_id) {

@@ -243,6 +243,8 @@ pub struct Flight {
     last_forced: Option<Instant>,
     /// The backoff is the shared store's outage, not the vendor's.
     store_down: bool,
+    /// Refreshes in a row that met an unreachable store.
+    store_failures: u32,
 }
 
 impl Flight {
@@ -315,14 +317,21 @@ impl TokenCache {
         lock(&self.store_waits).get(system_id).copied()
     }
 
-    fn begin_store_wait(&self, system_id: &str) {
-        lock(&self.store_waits)
-            .entry(system_id.to_owned())
-            .or_insert_with(crate::model::unix_now);
+    /// Notes the wait; true when it begins (it was not noted yet).
+    fn begin_store_wait(&self, system_id: &str) -> bool {
+        let mut waits = lock(&self.store_waits);
+        if waits.contains_key(system_id) {
+            return false;
+        }
+        waits.insert(system_id.to_owned(), crate::model::unix_now());
+        true
     }
 
     fn end_store_wait(&self, system_id: &str) {
-        lock(&self.store_waits).remove(system_id);
+        let mut waits = lock(&self.store_waits);
+        if !waits.is_empty() {
+            waits.remove(system_id);
+        }
     }
 
     /// The system's cached headers.
@@ -334,14 +343,16 @@ impl TokenCache {
         write(&self.tokens).insert(system_id.to_owned(), token);
     }
 
-    /// Forgets the system's cached headers.
+    /// Forgets the system's cached headers (it changed or is gone; a wait for the store ends).
     pub(crate) fn remove(&self, system_id: &str) {
         write(&self.tokens).remove(system_id);
+        self.end_store_wait(system_id);
     }
 
     /// Forgets every cached header (a resync).
     pub(crate) fn clear(&self) {
         write(&self.tokens).clear();
+        lock(&self.store_waits).clear();
     }
 
     /// The system's single-flight lock (made on first use).
@@ -670,6 +681,8 @@ impl Broker {
                 }
                 other => other?,
             };
+            f.store_failures = 0;
+            self.cache.end_store_wait(system_id);
             record = self.get_system(system_id).await?;
             if let Some(t) =
                 self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
@@ -959,11 +972,9 @@ impl Broker {
         BrokerError::FailedPrecondition(message)
     }
 
-    /// A transient failure: back off (honouring the vendor's `Retry-After`), note an unknown
-    /// outcome, and serve the cached token while it is still valid.
     /// A refresh met an unreachable shared store before reaching the vendor (nothing was
-    /// spent): the cached token serves while valid, the refresh is tried again shortly, and the
-    /// system's health says why it waits.
+    /// spent): the cached token serves while valid, the refresh is tried again (backing off,
+    /// jittered, up to [`STORE_RETRY_MAX`]), and the system's health says why it waits.
     fn on_store_down(
         &self,
         f: &mut Flight,
@@ -972,18 +983,27 @@ impl Broker {
         error: &str,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         f.store_down = true;
-        f.backoff_until = Some(Instant::now() + STORE_RETRY);
-        self.cache.begin_store_wait(system_id);
-        tracing::warn!(message = "Token refresh waits for the database.", system_id = %system_id, error = %error);
+        f.store_failures = f.store_failures.saturating_add(1);
+        let delay = self
+            .backoff_delay(f.store_failures, None)
+            .min(STORE_RETRY_MAX);
+        f.backoff_until = Some(Instant::now() + delay);
+        if self.cache.begin_store_wait(system_id) {
+            tracing::warn!(message = "Token refresh waits for the database.", system_id = %system_id, error = %error);
+        } else {
+            tracing::debug!(message = "Token refresh still waits for the database.", system_id = %system_id, error = %error);
+        }
         if let Some(c) = current
             .as_ref()
             .filter(|c| c.expires_at > SystemTime::now())
         {
-            self.schedule_at(system_id, &c.token_id, Instant::now() + STORE_RETRY);
+            self.schedule_at(system_id, &c.token_id, Instant::now() + delay);
         }
-        stale_or_unavailable(current, STORE_DOWN_NOTE.to_owned(), STORE_RETRY)
+        stale_or_unavailable(current, STORE_DOWN_NOTE.to_owned(), delay)
     }
 
+    /// A transient failure: back off (honouring the vendor's `Retry-After`), note an unknown
+    /// outcome, and serve the cached token while it is still valid.
     async fn on_transient(
         &self,
         f: &mut Flight,
@@ -1062,6 +1082,8 @@ impl Broker {
         refreshable: bool,
         token_id: Option<String>,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
+        // New headers (minted, adopted from another replica, after a rotation): no wait is left.
+        self.cache.end_store_wait(system_id);
         let now = SystemTime::now();
         let expires_at = match issued.expires_at {
             Some(e) => e,
@@ -1441,8 +1463,8 @@ impl Broker {
 pub(crate) const STORE_DOWN_NOTE: &str =
     "the database is unreachable, and a refreshed token is stored \
      before it is handed out, so the refresh waits for the database";
-/// How long a refresh that met an unreachable store waits before it tries the store again.
-const STORE_RETRY: Duration = Duration::from_secs(2);
+/// The longest a refresh that met an unreachable store waits before it tries the store again.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 fn stale_or_unavailable(
     current: Option<Arc<IssuedToken>>,

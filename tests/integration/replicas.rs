@@ -860,7 +860,7 @@ async fn every_replica_serves_every_system_while_the_database_is_down() {
         oauth.push((id.clone(), auth_header(&mut a, &id).await.unwrap()));
     }
     let minted = sn.token_calls();
-    // Refreshed 10 s before expiry: 4 s after it is minted.
+    // Refreshed ahead of expiry (half its 14 s lifetime at most): 7 s after it is minted.
     let short = servicenow(14).await;
     let rt = short.issue_refresh_token(USER);
     a.register_system(sn_register(
