@@ -147,6 +147,12 @@ pub struct ServerConfig {
     pub http_header_timeout: Duration,
     /// Open HTTP connections at most; more are closed at once.
     pub http_max_connections: usize,
+    /// Serve the admin console under `/console` on the HTTP listener.
+    pub console: bool,
+    /// A console session unused this long is over.
+    pub console_session_idle: Duration,
+    /// A console session is over this long after sign-in.
+    pub console_session_max: Duration,
     /// Emit JSON logs.
     pub log_json: bool,
 }
@@ -166,6 +172,9 @@ impl Default for ServerConfig {
             max_concurrent_streams: 256,
             http_header_timeout: Duration::from_secs(10),
             http_max_connections: 1024,
+            console: true,
+            console_session_idle: Duration::from_secs(30 * 60),
+            console_session_max: Duration::from_secs(12 * 3600),
             log_json: false,
         }
     }
@@ -549,6 +558,12 @@ pub struct FileConfig {
     /// Connections.
     pub http_max_connections: Option<usize>,
     /// Bool.
+    pub console: Option<bool>,
+    /// Seconds.
+    pub console_session_idle_secs: Option<u64>,
+    /// Seconds.
+    pub console_session_max_secs: Option<u64>,
+    /// Bool.
     pub adopt_unauthenticated_records: Option<bool>,
     /// Path.
     pub http_tls_cert_file: Option<PathBuf>,
@@ -589,6 +604,15 @@ pub struct Overrides {
     /// CA certificate (PEM) verifying the PostgreSQL server [default: public web roots].
     #[arg(long, env = "CREDBROKER_STORE_CA_FILE")]
     pub store_ca_file: Option<PathBuf>,
+    /// Serve the admin console under /console on the HTTP listener (1, the default, or 0).
+    #[arg(long, env = "CREDBROKER_CONSOLE")]
+    pub console: Option<String>,
+    /// Console sessions end after this many seconds unused [default: 1800].
+    #[arg(long, env = "CREDBROKER_CONSOLE_SESSION_IDLE_SECS")]
+    pub console_session_idle_secs: Option<u64>,
+    /// Console sessions end this many seconds after sign-in [default: 43200].
+    #[arg(long, env = "CREDBROKER_CONSOLE_SESSION_MAX_SECS")]
+    pub console_session_max_secs: Option<u64>,
     /// Replicas: start from the sealed snapshot while PostgreSQL is away (1, the default), or
     /// stay not-ready until it answers (0).
     #[arg(long, env = "CREDBROKER_REPLICA_SNAPSHOT")]
@@ -738,6 +762,25 @@ impl Config {
 }
 
 impl ServerConfig {
+    /// The console's switch and session lifetimes.
+    fn apply_console(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
+        if let Some(v) = flag("CREDBROKER_CONSOLE", o.console.clone(), f.console, errors) {
+            self.console = v;
+        }
+        secs(
+            o.console_session_idle_secs.or(f.console_session_idle_secs),
+            "console_session_idle_secs",
+            errors,
+            &mut self.console_session_idle,
+        );
+        secs(
+            o.console_session_max_secs.or(f.console_session_max_secs),
+            "console_session_max_secs",
+            errors,
+            &mut self.console_session_max,
+        );
+    }
+
     /// The listeners, request limits, shutdown and log format.
     fn apply(&mut self, f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) {
         if let Some(listen) = o.listen.clone().or(f.listen.take()) {
@@ -791,6 +834,7 @@ impl ServerConfig {
             Some(v) => self.http_max_connections = v,
             None => {}
         }
+        self.apply_console(f, o, errors);
         if let Some(v) = f.max_request_bytes {
             self.max_request_bytes = v;
         }

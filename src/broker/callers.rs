@@ -33,6 +33,11 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The SHA-256 of the caller's token (what a console session remembers it by).
+    pub fn token_hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
     fn from_record(c: &CallerRecord, hash: [u8; 32]) -> Self {
         Self {
             name: c.name.clone(),
@@ -94,6 +99,8 @@ pub enum Presented<'a> {
     Token(&'a str),
     /// The SAN DNS names of a verified client certificate.
     Certificate(&'a [String]),
+    /// A console session's caller, by token hash (set in process only).
+    Session(&'a [u8; 32]),
     /// Nothing.
     Nothing,
 }
@@ -103,6 +110,7 @@ impl std::fmt::Debug for Presented<'_> {
         match self {
             Self::Token(_) => f.write_str("Token(<redacted>)"),
             Self::Certificate(names) => f.debug_tuple("Certificate").field(names).finish(),
+            Self::Session(_) => f.write_str("Session(<redacted>)"),
             Self::Nothing => f.write_str("Nothing"),
         }
     }
@@ -178,6 +186,12 @@ impl Callers {
     /// The caller holding `token`, if any. Revoked callers are not found.
     pub fn authenticate(&self, token: &str) -> Result<Arc<Caller>, AuthRefusal> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.authenticate_hash(&hash)
+    }
+
+    /// The caller whose token hashes to `hash`, if any. Revoked callers are not found.
+    fn authenticate_hash(&self, hash: &[u8; 32]) -> Result<Arc<Caller>, AuthRefusal> {
+        let hash = *hash;
         let map = read(&self.by_hash);
         let c = map.get(&hash).ok_or(AuthRefusal::Unknown)?;
         // The map lookup is by hash; confirm in constant time anyway.
@@ -247,6 +261,9 @@ impl Callers {
             Presented::Certificate(names) => self
                 .authenticate_names(names)
                 .map_err(|r| refused(r, "client certificate identity"))?,
+            Presented::Session(hash) => self
+                .authenticate_hash(hash)
+                .map_err(|r| refused(r, "console session"))?,
             Presented::Nothing => {
                 return Err(unauthenticated(
                     "missing caller token: send 'authorization: Bearer <token>'",

@@ -50,6 +50,13 @@ pub fn kind_to_proto(k: SystemKind) -> pb::SystemKind {
     }
 }
 
+/// The credential type a proto value names, if any.
+pub fn credential_type(v: i32) -> Option<CredentialType> {
+    CredentialType::ALL
+        .into_iter()
+        .find(|t| cred_type_to_proto(*t) as i32 == v)
+}
+
 fn cred_type_to_proto(t: CredentialType) -> pb::CredentialType {
     use pb::CredentialType as P;
     match t {

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 
+use super::console::Console;
 use super::proxy::ProxyClient;
 use crate::broker::connect::{LinkOutcome, Outcome};
 use crate::broker::Broker;
@@ -22,6 +23,7 @@ use crate::broker::Broker;
 struct HttpState {
     core: Arc<OnceLock<Arc<Broker>>>,
     proxy: Option<ProxyClient>,
+    console: Option<Arc<Console>>,
 }
 
 impl FromRef<HttpState> for Arc<OnceLock<Arc<Broker>>> {
@@ -30,9 +32,15 @@ impl FromRef<HttpState> for Arc<OnceLock<Arc<Broker>>> {
     }
 }
 
-/// The HTTP routes, sharing the gRPC service's core cell; `proxy` forwards proxied calls.
-pub fn router(core: Arc<OnceLock<Arc<Broker>>>, proxy_client: Option<ProxyClient>) -> Router {
-    Router::new()
+/// The HTTP routes, sharing the gRPC service's core cell; `proxy` forwards proxied calls;
+/// `console` adds the admin console under `/console`.
+pub fn router(
+    core: Arc<OnceLock<Arc<Broker>>>,
+    proxy_client: Option<ProxyClient>,
+    console: Option<Arc<Console>>,
+) -> Router {
+    let pages = console.clone().map(super::console::router);
+    let app = Router::new()
         .route("/oauth/callback", get(callback))
         .route("/oauth/start", get(start_link_page).post(start_link))
         .route("/proxy/{*rest}", any(proxy))
@@ -43,7 +51,12 @@ pub fn router(core: Arc<OnceLock<Arc<Broker>>>, proxy_client: Option<ProxyClient
         .with_state(HttpState {
             core,
             proxy: proxy_client,
-        })
+            console,
+        });
+    match pages {
+        Some(p) => app.merge(p),
+        None => app,
+    }
 }
 
 async fn readyz(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (StatusCode, &'static str) {
@@ -93,15 +106,32 @@ async fn metrics(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> Response {
 }
 
 async fn callback(
-    State(core): State<Arc<OnceLock<Arc<Broker>>>>,
+    State(http): State<HttpState>,
     Query(params): Query<HashMap<String, String>>,
-) -> (StatusCode, Html<String>) {
+) -> Response {
+    let state = params.get("state").cloned().unwrap_or_default();
+    let (status, html, done) = callback_page(&http.core, params).await;
+    // Started from the console: back to the system's page, which shows the outcome.
+    if let (Some(c), Some((ok, message))) = (&http.console, done) {
+        if let Some(r) = c.connect_finished(&state, ok, &message) {
+            return r;
+        }
+    }
+    (status, html).into_response()
+}
+
+/// The callback's page, and (connected?, what happened) when the callback was processed.
+async fn callback_page(
+    core: &OnceLock<Arc<Broker>>,
+    params: HashMap<String, String>,
+) -> (StatusCode, Html<String>, Option<(bool, String)>) {
     let Some(broker) = core.get() else {
-        return page(
+        let (s, h) = page(
             503,
             "Starting",
             "credbroker is starting; reload this page in a moment.",
         );
+        return (s, h, None);
     };
     // The code exchange belongs to no browser: a closed tab must not drop a grant the vendor
     // has already issued (the code is single use), so it runs to the end on its own.
@@ -119,12 +149,18 @@ async fn callback(
         p
     });
     match done.await {
-        Some(p) => page(http_status(p.outcome), &p.title, &p.message),
-        None => page(
-            503,
-            "Stopping",
-            "credbroker is stopping; try again in a moment.",
-        ),
+        Some(p) => {
+            let (s, h) = page(http_status(p.outcome), &p.title, &p.message);
+            (s, h, Some((p.outcome == Outcome::Connected, p.message)))
+        }
+        None => {
+            let (s, h) = page(
+                503,
+                "Stopping",
+                "credbroker is stopping; try again in a moment.",
+            );
+            (s, h, None)
+        }
     }
 }
 

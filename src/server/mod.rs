@@ -9,6 +9,7 @@
 //!    RPCs finish within the grace period, flush the store, return.
 
 pub mod broker_svc;
+pub mod console;
 pub mod convert;
 pub mod http;
 pub mod proxy;
@@ -478,7 +479,18 @@ async fn start_http(
                 config.proxy.read_timeout,
             )
             .map_err(ServeError::Http)?;
-            let app = http::router(core.clone(), Some(proxy_client));
+            let console = config.server.console.then(|| {
+                console::Console::new(
+                    core.clone(),
+                    console::ConsoleSettings {
+                        idle: config.server.console_session_idle,
+                        absolute: config.server.console_session_max,
+                        secure_cookie: http_tls.is_some(),
+                        bearer_tokens: config.tls.bearer_tokens,
+                    },
+                )
+            });
+            let app = http::router(core.clone(), Some(proxy_client), console);
             let limits = http::HttpLimits {
                 header_timeout: config.server.http_header_timeout,
                 max_connections: config.server.http_max_connections,

@@ -1,0 +1,300 @@
+//! The admin console: pages under `/console` on the HTTP listener, for the admins who set up a
+//! sync. Every action is the same call as its RPC: the console calls the gRPC service in
+//! process, as the signed-in caller (a `ConsoleCaller` in the request's extensions, which only
+//! this process can set), so validation, authorization, auditing and error mapping are the
+//! RPC's own.
+//!
+//! - **Sign-in** with an admin caller token; the session ([`session`]) is a random id in an
+//!   HttpOnly, SameSite=Strict cookie (Secure under TLS), idle and absolute expiry, and ends
+//!   when the caller is revoked (each request looks the caller up again). Worker tokens are
+//!   refused.
+//! - **Forms**: every state-changing form carries the session's CSRF token; a cross-site POST
+//!   (by `Sec-Fetch-Site` or `Origin`) is refused before the session is even read.
+//! - **Headers**: a Content-Security-Policy with no script at all, `frame-ancestors 'none'`,
+//!   `no-store` caching, `nosniff`, no referrer. Every asset is in the binary.
+//! - **Secrets** are write-only: credential inputs are password fields that start empty, and
+//!   no page, error or redirect renders one.
+
+// A handler's `Err` is the response to send instead (the sign-in redirect, a refusal): built
+// at most once per request, so its size costs nothing worth a box.
+#![allow(clippy::result_large_err)]
+
+mod forms;
+mod handlers;
+mod pages;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use tonic::Request;
+
+use crate::broker::Broker;
+use crate::server::broker_svc::{BrokerService, ConsoleCaller};
+use crate::util::sync::lock;
+use session::{Session, Sessions};
+
+/// How the console runs.
+#[derive(Debug, Clone)]
+pub struct ConsoleSettings {
+    /// A session unused this long is over.
+    pub idle: Duration,
+    /// A session is over this long after sign-in.
+    pub absolute: Duration,
+    /// The listener has TLS: the cookie is `Secure`.
+    pub secure_cookie: bool,
+    /// Caller tokens are accepted (off: client certificates only, and no token sign-in).
+    pub bearer_tokens: bool,
+}
+
+/// Authorizations started from the console are remembered this long (the callback sends the
+/// admin back to the system's page).
+const CONNECT_TTL: Duration = Duration::from_secs(15 * 60);
+/// Connects remembered at most.
+const MAX_CONNECTS: usize = 256;
+
+/// The console's state.
+pub struct Console {
+    svc: BrokerService,
+    core: Arc<OnceLock<Arc<Broker>>>,
+    sessions: Sessions,
+    settings: ConsoleSettings,
+    /// The OAuth `state` of each authorization the console started: its system, and when.
+    connects: Mutex<HashMap<String, (String, Instant)>>,
+    /// A finished connect's outcome, per system, shown once on its page.
+    outcomes: Mutex<HashMap<String, (bool, String)>>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").finish_non_exhaustive()
+    }
+}
+
+/// A request's signed-in session.
+pub(crate) struct Signed {
+    id: String,
+    session: Session,
+}
+
+impl Signed {
+    fn ctx(&self) -> pages::Ctx<'_> {
+        pages::Ctx {
+            name: &self.session.caller_name,
+            csrf: &self.session.csrf,
+        }
+    }
+}
+
+impl Console {
+    /// The console over the broker in `core`.
+    pub fn new(core: Arc<OnceLock<Arc<Broker>>>, settings: ConsoleSettings) -> Arc<Self> {
+        Arc::new(Self {
+            svc: BrokerService::new(core.clone(), settings.bearer_tokens),
+            core,
+            sessions: Sessions::new(settings.idle, settings.absolute),
+            settings,
+            connects: Mutex::default(),
+            outcomes: Mutex::default(),
+        })
+    }
+
+    fn broker(&self) -> Result<&Arc<Broker>, Response> {
+        self.core.get().ok_or_else(|| {
+            page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::message(
+                    "Starting",
+                    None,
+                    "credbroker is starting; reload in a moment.",
+                ),
+            )
+        })
+    }
+
+    /// The request's session, if it is live and its caller still an active admin; else the
+    /// way to the sign-in page.
+    fn signed(&self, headers: &HeaderMap) -> Result<Signed, Response> {
+        let to_sign_in = || Redirect::to("/console/sign-in").into_response();
+        let id = session_cookie(headers).ok_or_else(to_sign_in)?;
+        let session = self.sessions.get(id).ok_or_else(to_sign_in)?;
+        let broker = self.broker()?;
+        let presented = crate::broker::callers::Presented::Session(&session.caller_hash);
+        if broker
+            .callers
+            .authn(presented, true, crate::model::Role::Admin)
+            .is_err()
+        {
+            self.sessions.end(id);
+            return Err(to_sign_in());
+        }
+        Ok(Signed {
+            id: id.to_owned(),
+            session,
+        })
+    }
+
+    /// [`Self::signed`] for a state-changing form: same-site, with the session's CSRF token.
+    fn signed_post(
+        &self,
+        headers: &HeaderMap,
+        form: &HashMap<String, String>,
+    ) -> Result<Signed, Response> {
+        same_site(headers)?;
+        let s = self.signed(headers)?;
+        let presented = form.get("csrf").map_or("", String::as_str);
+        if !s.session.csrf_ok(presented) {
+            return Err(refused_form());
+        }
+        Ok(s)
+    }
+
+    /// Calls the RPC `f` in process as the session's caller.
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        s: &Signed,
+        message: Req,
+        f: F,
+    ) -> Result<Resp, tonic::Status>
+    where
+        F: FnOnce(BrokerService, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let mut r = Request::new(message);
+        r.extensions_mut()
+            .insert(ConsoleCaller(s.session.caller_hash));
+        f(self.svc.clone(), r)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    fn remember_connect(&self, state: String, system_id: &str) {
+        let now = Instant::now();
+        let mut c = lock(&self.connects);
+        c.retain(|_, (_, at)| now.duration_since(*at) < CONNECT_TTL);
+        if c.len() < MAX_CONNECTS {
+            c.insert(state, (system_id.to_owned(), now));
+        }
+    }
+
+    /// When the console started the authorization `state` belongs to: the outcome is kept for
+    /// the system's page and the browser is sent there.
+    pub fn connect_finished(&self, state: &str, ok: bool, message: &str) -> Option<Response> {
+        let (system_id, _) = lock(&self.connects).remove(state)?;
+        let mut outcomes = lock(&self.outcomes);
+        if outcomes.len() < MAX_CONNECTS {
+            outcomes.insert(system_id.clone(), (ok, message.to_owned()));
+        }
+        Some(Redirect::to(&format!("/console/systems/{system_id}")).into_response())
+    }
+
+    fn take_outcome(&self, system_id: &str) -> Option<pages::Notice> {
+        let (ok, m) = lock(&self.outcomes).remove(system_id)?;
+        Some(if ok {
+            pages::Notice::Done(format!("connected. {m}"))
+        } else {
+            pages::Notice::Failed(format!("the connection failed. {m}"))
+        })
+    }
+
+    fn session_cookie_value(&self, id: &str) -> String {
+        let secure = if self.settings.secure_cookie {
+            "; Secure"
+        } else {
+            ""
+        };
+        format!(
+            "{}={id}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+            session::COOKIE,
+            self.settings.absolute.as_secs()
+        )
+    }
+}
+
+/// The session cookie's value in the request, if any.
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == session::COOKIE)
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+}
+
+/// Refuses a POST another site made the browser send.
+fn same_site(headers: &HeaderMap) -> Result<(), Response> {
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if matches!(fetch_site, Some("cross-site" | "same-site")) {
+        return Err(refused_form());
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    match (origin, host) {
+        (Some(o), Some(h)) if o != "null" => {
+            let authority = o.split_once("://").map_or("", |(_, a)| a);
+            if authority.eq_ignore_ascii_case(h) {
+                Ok(())
+            } else {
+                Err(refused_form())
+            }
+        }
+        (Some(_), _) => Err(refused_form()),
+        (None, _) => Ok(()),
+    }
+}
+
+fn refused_form() -> Response {
+    page(
+        StatusCode::FORBIDDEN,
+        pages::message(
+            "Form refused",
+            None,
+            "This form was stale or came from another site, so nothing was changed. Reload \
+             the page and try again.",
+        ),
+    )
+}
+
+/// A rendered page with a status.
+fn page(status: StatusCode, markup: maud::Markup) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        markup.into_string(),
+    )
+        .into_response()
+}
+
+/// The headers every console response carries.
+async fn security_headers(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    let set = [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; \
+             frame-ancestors 'none'",
+        ),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ];
+    for (k, v) in set {
+        h.insert(k, HeaderValue::from_static(v));
+    }
+    r
+}
+
+/// The console's routes.
+pub fn router(console: Arc<Console>) -> axum::Router {
+    handlers::routes()
+        .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(console)
+}
