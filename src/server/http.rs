@@ -111,13 +111,28 @@ async fn callback(
 ) -> Response {
     let state = params.get("state").cloned().unwrap_or_default();
     let (status, html, done) = callback_page(&http.core, params).await;
-    // Started from the console: back to the system's page, which shows the outcome.
+    // Started from the console: on to the system's page, which shows the outcome.
     if let (Some(c), Some((ok, message))) = (&http.console, done) {
-        if let Some(r) = c.connect_finished(&state, ok, &message) {
-            return r;
+        if let Some(path) = c.connect_finished(&state, ok, &message) {
+            let title = if ok { "Connected" } else { "Not connected" };
+            return (status, Html(back_to_console(title, &message, &path))).into_response();
         }
     }
     (status, html).into_response()
+}
+
+/// The callback page of an authorization started from the console: the outcome, and on (at
+/// once, and by a link) to the system's page.
+fn back_to_console(title: &str, message: &str, path: &str) -> String {
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"0; url={p}\"><title>{t} – credbroker</title>\
+         </head><body><h1>{t}</h1><p>{m}</p><p><a id=\"back\" href=\"{p}\">Back to the \
+         console</a></p></body></html>",
+        t = escape(title),
+        m = escape(message),
+        p = escape(path)
+    )
 }
 
 /// The callback's page, and (connected?, what happened) when the callback was processed.

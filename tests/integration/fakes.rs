@@ -994,6 +994,22 @@ pub enum Consent {
     Deny,
 }
 
+/// Zendesk's consent page: the same request again with `approved=1` behind an "Allow" button.
+fn consent_page(q: &HashMap<String, String>) -> Reply {
+    let mut again = url::Url::parse("http://x/oauth/authorizations/new").unwrap();
+    for (k, v) in q {
+        again.query_pairs_mut().append_pair(k, v);
+    }
+    again.query_pairs_mut().append_pair("approved", "1");
+    let href =
+        format!("{}?{}", again.path(), again.query().unwrap_or_default()).replace('&', "&amp;");
+    Reply::Raw(
+        200,
+        "text/html; charset=utf-8",
+        format!("<!doctype html><title>Allow access</title><h1>credbroker wants to access your account</h1><a id=\"allow\" href=\"{href}\">Allow</a>"),
+    )
+}
+
 /// A 302 back to the client's redirect URI.
 fn redirect_back(redirect_uri: &str, params: &[(&str, &str)]) -> Reply {
     let mut url = url::Url::parse(redirect_uri).unwrap();
@@ -1923,6 +1939,8 @@ struct ZdState {
     mode: Mode,
     /// Confidential clients allowed the client-credentials grant → the admin who created them.
     service_clients: HashMap<String, String>,
+    /// Show the consent page (an "Allow" button) before acting on `consent`, as a browser sees it.
+    consent_page: bool,
 }
 
 /// A fake Zendesk account: consent page, JSON token endpoint with rotating refresh tokens (the
@@ -1950,6 +1968,7 @@ impl FakeZendesk {
             access_lifetime: None,
             mode: Mode::Normal,
             service_clients: HashMap::new(),
+            consent_page: false,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| zd_handle(&mut st.lock().unwrap(), req)).await;
@@ -1995,6 +2014,11 @@ impl FakeZendesk {
     /// What the person at the consent page does.
     pub fn set_consent(&self, c: Consent) {
         self.state.lock().unwrap().consent = c;
+    }
+
+    /// Shows the consent page (a browser must click "Allow") before acting on the consent.
+    pub fn show_consent_page(&self) {
+        self.state.lock().unwrap().consent_page = true;
     }
 
     /// Changes the token endpoint's behaviour.
@@ -2080,6 +2104,9 @@ fn zd_handle(s: &mut ZdState, req: &Req) -> Reply {
             }
             let redirect = q.get("redirect_uri").cloned().unwrap_or_default();
             let state = q.get("state").cloned().unwrap_or_default();
+            if s.consent_page && !q.contains_key("approved") {
+                return consent_page(q);
+            }
             match s.consent.clone() {
                 Consent::Deny => redirect_back(
                     &redirect,

@@ -10,6 +10,7 @@ mod branches;
 mod broker_api;
 mod chaos;
 mod connect;
+mod console;
 mod contract;
 mod crash;
 mod edges;

@@ -11,7 +11,7 @@
 //! - **Forms**: every state-changing form carries the session's CSRF token; a cross-site POST
 //!   (by `Sec-Fetch-Site` or `Origin`) is refused before the session is even read.
 //! - **Headers**: a Content-Security-Policy with no script at all, `frame-ancestors 'none'`,
-//!   `no-store` caching, `nosniff`, no referrer. Every asset is in the binary.
+//!   `no-store` caching, `nosniff`, no referrer beyond the origin. Every asset is in the binary.
 //! - **Secrets** are write-only: credential inputs are password fields that start empty, and
 //!   no page, error or redirect renders one.
 
@@ -181,14 +181,16 @@ impl Console {
     }
 
     /// When the console started the authorization `state` belongs to: the outcome is kept for
-    /// the system's page and the browser is sent there.
-    pub fn connect_finished(&self, state: &str, ok: bool, message: &str) -> Option<Response> {
+    /// the system's page, whose path is returned (the callback page leads the browser there:
+    /// a navigation from the broker's own page, so the SameSite=Strict cookie goes along,
+    /// which a redirect at the end of the vendor's chain would not take).
+    pub fn connect_finished(&self, state: &str, ok: bool, message: &str) -> Option<String> {
         let (system_id, _) = lock(&self.connects).remove(state)?;
         let mut outcomes = lock(&self.outcomes);
         if outcomes.len() < MAX_CONNECTS {
             outcomes.insert(system_id.clone(), (ok, message.to_owned()));
         }
-        Some(Redirect::to(&format!("/console/systems/{system_id}")).into_response())
+        Some(format!("/console/systems/{system_id}"))
     }
 
     fn take_outcome(&self, system_id: &str) -> Option<pages::Notice> {
@@ -244,6 +246,7 @@ fn same_site(headers: &HeaderMap) -> Result<(), Response> {
                 Err(refused_form())
             }
         }
+        (Some("null"), _) if fetch_site == Some("same-origin") => Ok(()),
         (Some(_), _) => Err(refused_form()),
         (None, _) => Ok(()),
     }
@@ -282,7 +285,8 @@ async fn security_headers(mut r: Response) -> Response {
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not `no-referrer`: under it a browser sends `Origin: null` with same-origin forms.
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
     ];
     for (k, v) in set {

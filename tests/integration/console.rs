@@ -1,0 +1,405 @@
+//! The admin console, driven by a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, through WebDriver) against the real broker and the vendor fakes; and the
+//! attacks on it, with plain HTTP. Without chromium the browser test prints SKIPPED, unless
+//! `CREDBROKER_REQUIRE_BROWSER=1` (as `.ci/run` sets), which makes that a failure.
+//! `CREDBROKER_SCREENSHOTS=<dir>` saves the main pages as PNGs (docs/console.md's pictures).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use credbroker::pb;
+use fantoccini::{Client as Web, ClientBuilder, Locator};
+use tonic::Code;
+
+use crate::connect::{authz_code, register, zendesk, ZD_CLIENT, ZD_SECRET};
+use crate::fakes::FakeAsana;
+use crate::support::*;
+
+const BAD_PAT: &str = "bad-pat-Q7x9-canary";
+const GOOD_PAT: &str = "good-pat-K2m4-canary";
+const ROTATED_PAT: &str = "rotated-pat-Z8w1-canary";
+
+fn find(candidates: &[&str]) -> Option<PathBuf> {
+    candidates.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// Chromium and its driver, or `None` (SKIPPED unless a browser is required).
+fn browser_binaries(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let chrome = find(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]);
+    let driver = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]);
+    match (chrome, driver) {
+        (Some(c), Some(d)) => Some((c, d)),
+        _ => {
+            assert!(
+                std::env::var("CREDBROKER_REQUIRE_BROWSER").as_deref() != Ok("1"),
+                "{test}: chromium and chromedriver are required (apt-get install chromium chromium-driver)"
+            );
+            eprintln!("SKIPPED {test}: no chromium/chromedriver on this machine");
+            None
+        }
+    }
+}
+
+/// A headless Chromium session through its own chromedriver; every page it shows is kept.
+struct Ui {
+    web: Web,
+    driver: std::process::Child,
+    base: String,
+    seen: Vec<String>,
+    shots: Option<PathBuf>,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Ui {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+impl Ui {
+    async fn start(chrome: PathBuf, driver: PathBuf, base: String) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = std::process::Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let profile = tempfile::tempdir().unwrap();
+        let caps = serde_json::json!({"goog:chromeOptions": {
+            "binary": chrome,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,900", format!("--user-data-dir={}", profile.path().display())],
+        }});
+        let serde_json::Value::Object(caps) = caps else {
+            unreachable!()
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        let web = loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(w) => break w,
+                Err(e) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "chromedriver: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let shots = std::env::var_os("CREDBROKER_SCREENSHOTS").map(PathBuf::from);
+        Self {
+            web,
+            driver,
+            base,
+            seen: Vec::new(),
+            shots,
+            _profile: profile,
+        }
+    }
+
+    async fn record(&mut self) {
+        self.seen.push(self.web.source().await.unwrap());
+    }
+
+    async fn go(&mut self, path: &str) {
+        self.web
+            .goto(&format!("{}{path}", self.base))
+            .await
+            .unwrap();
+        self.record().await;
+    }
+
+    async fn fill(&self, css: &str, text: &str) {
+        let e = self.web.find(Locator::Css(css)).await.unwrap();
+        e.clear().await.unwrap();
+        e.send_keys(text).await.unwrap();
+    }
+
+    async fn click(&mut self, css: &str) {
+        self.web
+            .find(Locator::Css(css))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        self.record().await;
+    }
+
+    async fn text(&self, css: &str) -> String {
+        match self.web.find(Locator::Css(css)).await {
+            Ok(e) => e.text().await.unwrap(),
+            Err(e) => {
+                let page = self.web.source().await.unwrap_or_default();
+                panic!("no {css} on {}: {e}\n{page}", self.path().await)
+            }
+        }
+    }
+
+    async fn path(&self) -> String {
+        self.web.current_url().await.unwrap().path().to_owned()
+    }
+
+    async fn shot(&self, name: &str) {
+        if let Some(dir) = &self.shots {
+            std::fs::create_dir_all(dir).unwrap();
+            let png = self.web.screenshot().await.unwrap();
+            std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+        }
+    }
+
+    /// Every visible input, select and textarea on the page has a label.
+    async fn every_input_is_labelled(&self) {
+        let fields = self
+            .web
+            .find_all(Locator::Css("input:not([type=hidden]), select, textarea"))
+            .await
+            .unwrap();
+        for f in fields {
+            let id = f.attr("id").await.unwrap().unwrap_or_default();
+            let by_for = !id.is_empty()
+                && !self
+                    .web
+                    .find_all(Locator::Css(&format!("label[for='{id}']")))
+                    .await
+                    .unwrap()
+                    .is_empty();
+            let wrapped = !f
+                .find_all(Locator::XPath("ancestor::label"))
+                .await
+                .unwrap()
+                .is_empty();
+            let name = f.attr("name").await.unwrap();
+            assert!(
+                by_for || wrapped,
+                "unlabelled field {name:?} on {}",
+                self.path().await
+            );
+        }
+    }
+}
+
+async fn worker_token(admin: &mut Client, name: &str) -> String {
+    admin
+        .create_caller(pb::CreateCallerRequest {
+            name: name.into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+/// Sign-in (a worker refused), register Asana (a failing check, then a passing one), rotate,
+/// switch delivery, connect Zendesk through its consent page, create and revoke a caller, sign
+/// out: all in Chromium, with the outcome of each checked through gRPC as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_sets_up_systems_in_the_browser() {
+    let test = "an_admin_sets_up_systems_in_the_browser";
+    let Some((chrome, driver)) = browser_binaries(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let asana = FakeAsana::start().await;
+    asana.add_user(GOOD_PAT, "1201", "Sync Bot", "sync@acme.example");
+    asana.add_user(ROTATED_PAT, "1201", "Sync Bot", "sync@acme.example");
+    let zd = zendesk().await;
+    zd.show_consent_page();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let worker = worker_token(&mut admin, "sync-worker").await;
+    let mut ui = Ui::start(chrome, driver, format!("http://{}", broker.http_addr)).await;
+
+    sign_in_refuses_a_worker_then_admits_the_admin(&mut ui, &worker, &broker.admin_token).await;
+    register_asana_failing_then_passing(&mut ui, &asana.base_url).await;
+    assert_eq!(
+        crate::connect::system(&mut admin, "asana-1")
+            .await
+            .credential_version,
+        1
+    );
+    rotate_and_switch_delivery(&mut ui).await;
+    let s = crate::connect::system(&mut admin, "asana-1").await;
+    assert_eq!(
+        (s.credential_version, s.delivery),
+        (2, pb::Delivery::Proxy as i32)
+    );
+
+    admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &zd.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    connect_zendesk(&mut ui).await;
+    let s = crate::connect::system(&mut admin, "zd").await;
+    assert_eq!(s.state, pb::SystemState::Active as i32);
+
+    let token = create_and_revoke_a_caller(&mut ui, broker.addr).await;
+    ui.click("form.signout button").await;
+    assert_eq!(ui.path().await, "/console/sign-in");
+    ui.go("/console/systems").await;
+    assert_eq!(ui.path().await, "/console/sign-in", "signed out");
+
+    let secrets = [
+        BAD_PAT,
+        GOOD_PAT,
+        ROTATED_PAT,
+        ZD_SECRET,
+        broker.admin_token.as_str(),
+    ];
+    for (i, html) in ui.seen.iter().enumerate() {
+        for s in secrets {
+            assert!(!html.contains(s), "page {i} shows a secret");
+        }
+    }
+    let shown = ui.seen.iter().filter(|h| h.contains(&token)).count();
+    assert_eq!(shown, 1, "a new caller's token is on one page only");
+}
+
+async fn sign_in_refuses_a_worker_then_admits_the_admin(ui: &mut Ui, worker: &str, admin: &str) {
+    ui.go("/console").await;
+    assert_eq!(ui.path().await, "/console/sign-in");
+    ui.shot("sign-in").await;
+    ui.every_input_is_labelled().await;
+    ui.fill("#token", worker).await;
+    ui.click("form[action='/console/sign-in'] button").await;
+    assert!(ui
+        .text(".notice")
+        .await
+        .contains("worker callers cannot sign in"));
+    assert_eq!(ui.path().await, "/console/sign-in");
+    ui.fill("#token", admin).await;
+    ui.click("form[action='/console/sign-in'] button").await;
+    assert_eq!(ui.path().await, "/console/systems");
+}
+
+async fn register_asana_failing_then_passing(ui: &mut Ui, base_url: &str) {
+    ui.click("nav a[href='/console/register']").await;
+    ui.click("a[href='/console/register?kind=asana']").await;
+    ui.click("a[href*='type=personal_access_token']").await;
+    ui.every_input_is_labelled().await;
+    ui.shot("register").await;
+    ui.fill("#system_id", "asana-1").await;
+    ui.fill("#display_name", "Asana (Acme)").await;
+    ui.fill("#base_url", base_url).await;
+    ui.fill("#cred_token", BAD_PAT).await;
+    ui.click("form[action='/console/register'] button[type=submit]")
+        .await;
+    let failed = ui.text(".notice").await;
+    assert!(failed.starts_with("Error: not registered"), "{failed}");
+    let token_value = ui
+        .web
+        .find(Locator::Css("#cred_token"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap();
+    assert_eq!(
+        token_value.as_deref(),
+        Some(""),
+        "a secret is never sent back"
+    );
+    assert_eq!(
+        ui.web
+            .find(Locator::Css("#system_id"))
+            .await
+            .unwrap()
+            .prop("value")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("asana-1")
+    );
+    ui.fill("#cred_token", GOOD_PAT).await;
+    ui.click("form[action='/console/register'] button[type=submit]")
+        .await;
+    let done = ui.text(".notice").await;
+    assert!(
+        done.contains("registered asana-1; the check passed"),
+        "{done}"
+    );
+    assert!(ui.text(".check").await.contains("Sync Bot"));
+    ui.shot("system").await;
+}
+
+async fn rotate_and_switch_delivery(ui: &mut Ui) {
+    ui.fill("form[action$='/rotate'] #cred_token", ROTATED_PAT)
+        .await;
+    ui.click("form[action$='/rotate'] button").await;
+    let n = ui.text(".notice").await;
+    assert!(n.contains("rotated (now version 2)"), "{n}");
+    let select = ui.web.find(Locator::Css("#delivery")).await.unwrap();
+    select.select_by_value("proxy").await.unwrap();
+    ui.click("form[action$='/delivery'] button").await;
+    assert!(ui.text(".notice").await.contains("delivery is now proxy"));
+}
+
+async fn connect_zendesk(ui: &mut Ui) {
+    ui.go("/console/systems?kind=zendesk").await;
+    ui.shot("systems").await;
+    ui.click("a[href='/console/systems/zd']").await;
+    ui.click("form[action$='/connect'] button").await;
+    // The vendor's consent page.
+    assert!(ui.text("h1").await.contains("wants to access your account"));
+    ui.click("#allow").await;
+    let back = url::Url::parse(&format!("{}/console/systems/zd", ui.base)).unwrap();
+    ui.web
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_url(&back)
+        .await
+        .unwrap();
+    ui.record().await;
+    let n = ui.text(".notice").await;
+    assert!(n.starts_with("Done: connected"), "{n}");
+    assert!(ui.text("dl").await.contains("active"));
+}
+
+async fn create_and_revoke_a_caller(ui: &mut Ui, addr: std::net::SocketAddr) -> String {
+    ui.click("nav a[href='/console/callers']").await;
+    ui.every_input_is_labelled().await;
+    ui.fill("#name", "ci-worker").await;
+    ui.click("form[action='/console/callers'] button").await;
+    let token = ui.text("#new-token").await;
+    let mut w = client(addr, Some(&token)).await;
+    w.get_access_token(pb::GetAccessTokenRequest {
+        system_id: "zd".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    ui.click("form[action='/console/callers/ci-worker/revoke'] button")
+        .await;
+    assert!(ui
+        .text(".notice")
+        .await
+        .contains("revoked caller ci-worker"));
+    let e = w
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "zd".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    token
+}
