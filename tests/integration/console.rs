@@ -127,15 +127,37 @@ impl Ui {
         e.send_keys(text).await.unwrap();
     }
 
+    /// Clicks what navigates, and waits until the next page replaced this one and has loaded.
     async fn click(&mut self, css: &str) {
-        self.web
-            .find(Locator::Css(css))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        let old = self.web.find(Locator::Css("html")).await.unwrap();
+        let target = self.web.find(Locator::Css(css)).await.unwrap();
+        target.click().await.unwrap();
+        let started = Instant::now();
+        while old.tag_name().await.is_ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{css} did not navigate"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.loaded().await;
         self.record().await;
+    }
+
+    /// Waits until the current document has loaded.
+    async fn loaded(&self) {
+        let started = Instant::now();
+        loop {
+            let state = self.web.execute("return document.readyState", vec![]).await;
+            if state.is_ok_and(|s| s == "complete") {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the page did not load"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn text(&self, css: &str) -> String {
@@ -368,6 +390,7 @@ async fn connect_zendesk(ui: &mut Ui) {
         .for_url(&back)
         .await
         .unwrap();
+    ui.loaded().await;
     ui.record().await;
     let n = ui.text(".notice").await;
     assert!(n.starts_with("Done: connected"), "{n}");
@@ -402,4 +425,259 @@ async fn create_and_revoke_a_caller(ui: &mut Ui, addr: std::net::SocketAddr) -> 
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     token
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Plain HTTP against the console, keeping every body it was sent.
+struct Http {
+    http: reqwest::Client,
+    base: String,
+    seen: Vec<String>,
+}
+
+impl Http {
+    fn new(addr: std::net::SocketAddr) -> Self {
+        Self {
+            http: no_redirects(),
+            base: format!("http://{addr}"),
+            seen: Vec::new(),
+        }
+    }
+
+    async fn keep(&mut self, r: reqwest::Response) -> (u16, reqwest::header::HeaderMap, String) {
+        let (status, headers) = (r.status().as_u16(), r.headers().clone());
+        let body = r.text().await.unwrap();
+        self.seen.push(body.clone());
+        (status, headers, body)
+    }
+
+    /// Signs in with `token`: the status and the Set-Cookie header (empty if none).
+    async fn sign_in(&mut self, token: &str) -> (u16, String) {
+        let r = self
+            .http
+            .post(format!("{}/console/sign-in", self.base))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        let (status, headers, _) = self.keep(r).await;
+        let cookie = headers
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (status, cookie)
+    }
+
+    async fn get(&mut self, cookie: &str, path: &str) -> (u16, reqwest::header::HeaderMap, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        self.keep(r).await
+    }
+
+    async fn post(
+        &mut self,
+        cookie: &str,
+        path: &str,
+        form: &[(&str, &str)],
+        extra: &[(&str, &str)],
+    ) -> u16 {
+        let mut r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("cookie", cookie)
+            .form(form);
+        for (k, v) in extra {
+            r = r.header(*k, *v);
+        }
+        let r = r.send().await.unwrap();
+        self.keep(r).await.0
+    }
+}
+
+/// The `name=value` part of a Set-Cookie header.
+fn cookie_pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap_or_default().to_owned()
+}
+
+fn csrf_in(html: &str) -> String {
+    let at = html
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + 19;
+    html[at..].split('"').next().unwrap().to_owned()
+}
+
+async fn exists(admin: &mut Client, id: &str) -> bool {
+    admin
+        .get_system(pb::GetSystemRequest {
+            system_id: id.into(),
+        })
+        .await
+        .is_ok()
+}
+
+/// A cross-site form, a missing or wrong CSRF token, another site's Origin: nothing changes.
+/// The session cookie's flags; the page headers; a value is escaped, a secret never shown; a
+/// worker cannot sign in; a revoked caller's session and an expired one go back to sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_refuses_forged_forms_and_ends_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let mut h = Http::new(broker.http_addr);
+
+    let worker = worker_token(&mut admin, "w1").await;
+    assert_eq!(
+        h.sign_in(&worker).await,
+        (401, String::new()),
+        "a worker gets no session"
+    );
+    let (status, set) = h.sign_in(&broker.admin_token).await;
+    assert_eq!(status, 303);
+    for flag in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/console",
+        "Max-Age=43200",
+    ] {
+        assert!(set.contains(flag), "{flag} in {set}");
+    }
+    assert!(!set.contains("Secure"), "plain HTTP: {set}");
+    let cookie = cookie_pair(&set);
+
+    let mut reg = register_asana("victim", &asana.base_url, GOOD_PAT, false);
+    reg.display_name = "<script>alert(1)</script>".into();
+    admin.register_system(reg).await.unwrap();
+    let (status, headers, page) = h.get(&cookie, "/console/systems/victim").await;
+    assert_eq!(status, 200);
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(
+        !csp.contains("unsafe") && !csp.contains("script-src"),
+        "{csp}"
+    );
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;") && !page.contains("<script>"));
+    let csrf = csrf_in(&page);
+
+    let delete = "/console/systems/victim/delete";
+    let confirm = ("confirm", "victim");
+    let forged: [(&[(&str, &str)], &[(&str, &str)]); 4] = [
+        (&[confirm], &[]),
+        (&[confirm, ("csrf", "not-the-token")], &[]),
+        (
+            &[confirm, ("csrf", &csrf)],
+            &[("origin", "http://evil.example")],
+        ),
+        (
+            &[confirm, ("csrf", &csrf)],
+            &[("sec-fetch-site", "cross-site")],
+        ),
+    ];
+    for (i, (form, extra)) in forged.iter().enumerate() {
+        assert_eq!(
+            h.post(&cookie, delete, form, extra).await,
+            403,
+            "forgery {i}"
+        );
+        assert!(
+            exists(&mut admin, "victim").await,
+            "forgery {i} changed nothing"
+        );
+    }
+    let same_origin = [("origin", h.base.clone())];
+    let same_origin: Vec<(&str, &str)> =
+        same_origin.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let wrong = [("confirm", "not-victim"), ("csrf", csrf.as_str())];
+    assert_eq!(h.post(&cookie, delete, &wrong, &same_origin).await, 400);
+    assert!(
+        exists(&mut admin, "victim").await,
+        "a wrong confirmation deletes nothing"
+    );
+    assert_eq!(
+        h.post(&cookie, delete, &[confirm, ("csrf", &csrf)], &same_origin)
+            .await,
+        200
+    );
+    assert!(!exists(&mut admin, "victim").await, "the real form works");
+
+    a_revoked_callers_session_ends(&mut h, &mut admin).await;
+    for (i, body) in h.seen.iter().enumerate() {
+        for s in [GOOD_PAT, broker.admin_token.as_str(), worker.as_str()] {
+            assert!(!body.contains(s), "response {i} shows a secret");
+        }
+    }
+}
+
+async fn a_revoked_callers_session_ends(h: &mut Http, admin: &mut Client) {
+    let second = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "second-admin".into(),
+            role: pb::CallerRole::Admin as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let cookie = cookie_pair(&h.sign_in(&second).await.1);
+    assert_eq!(h.get(&cookie, "/console/systems").await.0, 200);
+    admin
+        .revoke_caller(pb::RevokeCallerRequest {
+            name: "second-admin".into(),
+        })
+        .await
+        .unwrap();
+    let (status, headers, _) = h.get(&cookie, "/console/systems").await;
+    assert_eq!(
+        (status, headers["location"].to_str().unwrap()),
+        (303, "/console/sign-in")
+    );
+}
+
+/// A session ends at its absolute expiry however busy it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_console_session_goes_back_to_sign_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.server.console_session_max = Duration::from_secs(1);
+    let broker = TestBroker::start_with(config).await;
+    let mut h = Http::new(broker.http_addr);
+    let (_, set) = h.sign_in(&broker.admin_token).await;
+    assert!(set.contains("Max-Age=1"), "{set}");
+    let cookie = cookie_pair(&set);
+    assert_eq!(h.get(&cookie, "/console/systems").await.0, 200);
+    let started = Instant::now();
+    loop {
+        let (status, headers, _) = h.get(&cookie, "/console/systems").await;
+        if status == 303 {
+            assert_eq!(headers["location"], "/console/sign-in");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the session did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "not before its time"
+    );
 }
