@@ -505,6 +505,9 @@ impl Http {
     }
 }
 
+/// Form fields or headers.
+type Pairs<'a> = &'a [(&'a str, &'a str)];
+
 /// The `name=value` part of a Set-Cookie header.
 fn cookie_pair(set_cookie: &str) -> String {
     set_cookie.split(';').next().unwrap_or_default().to_owned()
@@ -578,7 +581,7 @@ async fn the_console_refuses_forged_forms_and_ends_sessions() {
 
     let delete = "/console/systems/victim/delete";
     let confirm = ("confirm", "victim");
-    let forged: [(&[(&str, &str)], &[(&str, &str)]); 4] = [
+    let forged: [(Pairs, Pairs); 4] = [
         (&[confirm], &[]),
         (&[confirm, ("csrf", "not-the-token")], &[]),
         (
