@@ -1,4 +1,5 @@
-//! The HTTP listener: the OAuth callback page (`/oauth/callback`), the delivery proxy
+//! The HTTP listener: the admin console (`/console`, see `console`), the OAuth callback page
+//! (`/oauth/callback`), the delivery proxy
 //! (`/proxy/...`), Prometheus metrics (`/metrics`) and plain HTTP probes (`/healthz`: the
 //! process is up; `/readyz`: the store is open and the audit trail writable; `/readyz/writes`:
 //! writes reach the store).

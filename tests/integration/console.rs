@@ -258,7 +258,7 @@ async fn an_admin_sets_up_systems_in_the_browser() {
     let s = crate::connect::system(&mut admin, "asana-1").await;
     assert_eq!(
         (s.credential_version, s.delivery),
-        (2, pb::Delivery::Proxy as i32)
+        (2, pb::Delivery::Header as i32)
     );
 
     admin
@@ -275,6 +275,20 @@ async fn an_admin_sets_up_systems_in_the_browser() {
     assert_eq!(s.state, pb::SystemState::Active as i32);
 
     let token = create_and_revoke_a_caller(&mut ui, broker.addr).await;
+    ui.click("nav a[href='/console/keys']").await;
+    let k = admin
+        .get_key_status(pb::GetKeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let main = ui.text("main").await;
+    assert!(main.contains(&k.primary_key_id), "{main}");
+    let progress = format!(
+        "Records on the primary key: {} of {}",
+        k.records_on_primary, k.records_total
+    );
+    assert!(main.contains(&progress), "{main}");
+    ui.shot("keys").await;
     ui.click("form.signout button").await;
     assert_eq!(ui.path().await, "/console/sign-in");
     ui.go("/console/systems").await;
@@ -370,9 +384,9 @@ async fn rotate_and_switch_delivery(ui: &mut Ui) {
     let n = ui.text(".notice").await;
     assert!(n.contains("rotated (now version 2)"), "{n}");
     let select = ui.web.find(Locator::Css("#delivery")).await.unwrap();
-    select.select_by_value("proxy").await.unwrap();
+    select.select_by_value("header").await.unwrap();
     ui.click("form[action$='/delivery'] button").await;
-    assert!(ui.text(".notice").await.contains("delivery is now proxy"));
+    assert!(ui.text(".notice").await.contains("delivery is now header"));
 }
 
 async fn connect_zendesk(ui: &mut Ui) {
@@ -400,6 +414,7 @@ async fn connect_zendesk(ui: &mut Ui) {
 async fn create_and_revoke_a_caller(ui: &mut Ui, addr: std::net::SocketAddr) -> String {
     ui.click("nav a[href='/console/callers']").await;
     ui.every_input_is_labelled().await;
+    ui.shot("callers").await;
     ui.fill("#name", "ci-worker").await;
     ui.click("form[action='/console/callers'] button").await;
     let token = ui.text("#new-token").await;
