@@ -203,6 +203,11 @@ impl Audit {
         }
     }
 
+    /// The audit file, when the trail is written to one.
+    pub fn file_path(&self) -> Option<&std::path::Path> {
+        self.config.file.as_deref()
+    }
+
     /// Whether a line for a refused or unauthenticated call may be written now (at most
     /// [`MAX_REFUSAL_LINES_PER_SEC`] a second); a dropped one is counted.
     pub fn admit_refusal(&self) -> bool {

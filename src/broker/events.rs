@@ -343,6 +343,18 @@ impl Events {
         let _ = tokio::time::timeout(limit, published.wait_for(|p| *p >= target)).await;
     }
 
+    /// The newest `limit` events of `system_id` this process holds in memory, newest first.
+    pub fn recent_for(&self, system_id: &str, limit: usize) -> Vec<Arc<Event>> {
+        let log = lock(&self.shared.log);
+        log.ring
+            .iter()
+            .rev()
+            .filter(|e| e.system.system_id == system_id)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
     /// Where a watch resuming after `cursor` starts: the events after it (from the store when
     /// memory no longer holds them, then from memory) and a live feed that continues right
     /// after them (subscribed under the same lock, so nothing falls between). A cursor a little

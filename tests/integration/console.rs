@@ -247,6 +247,7 @@ async fn an_admin_sets_up_systems_in_the_browser() {
     let mut ui = Ui::start(chrome, driver, format!("http://{}", broker.http_addr)).await;
 
     sign_in_refuses_a_worker_then_admits_the_admin(&mut ui, &worker, &broker.admin_token).await;
+    events_arrive_live(&mut ui, &mut admin, &asana.base_url).await;
     register_asana_failing_then_passing(&mut ui, &asana.base_url).await;
     assert_eq!(
         crate::connect::system(&mut admin, "asana-1")
@@ -327,6 +328,41 @@ async fn sign_in_refuses_a_worker_then_admits_the_admin(ui: &mut Ui, worker: &st
     assert_eq!(ui.path().await, "/console/systems");
 }
 
+/// Polls `f` (every 20 ms) until it is true, for at most 10 s.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !f().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn events_arrive_live(ui: &mut Ui, admin: &mut Client, base_url: &str) {
+    ui.click("nav a[href='/console/events']").await;
+    let web = ui.web.clone();
+    let status = || async {
+        let s = web.find(Locator::Css("#events-status")).await.unwrap();
+        s.text().await.unwrap().starts_with("Live")
+    };
+    eventually("the live feed opens", status).await;
+    admin
+        .register_system(register_asana("live-1", base_url, GOOD_PAT, false))
+        .await
+        .unwrap();
+    let row = || async {
+        let body = web.find(Locator::Css("#events-body")).await.unwrap();
+        let text = body.text().await.unwrap();
+        text.contains("system.registered live-1")
+    };
+    eventually("the registration appears live", row).await;
+    ui.shot("events").await;
+    ui.record().await;
+}
+
 async fn register_asana_failing_then_passing(ui: &mut Ui, base_url: &str) {
     ui.click("nav a[href='/console/register']").await;
     ui.click("a[href='/console/register?kind=asana']").await;
@@ -387,6 +423,10 @@ async fn rotate_and_switch_delivery(ui: &mut Ui) {
     select.select_by_value("header").await.unwrap();
     ui.click("form[action$='/delivery'] button").await;
     assert!(ui.text(".notice").await.contains("delivery is now header"));
+    // The system's recent past: the rotation as an event, and in the audit trail with its caller.
+    let main = ui.text("main").await;
+    assert!(main.contains("credential.rotated"), "{main}");
+    assert!(main.contains("RotateCredential admin OK"), "{main}");
 }
 
 async fn connect_zendesk(ui: &mut Ui) {
@@ -586,7 +626,7 @@ async fn the_console_refuses_forged_forms_and_ends_sessions() {
         "{csp}"
     );
     assert!(
-        !csp.contains("unsafe") && !csp.contains("script-src"),
+        !csp.contains("unsafe") && csp.contains("script-src 'self';"),
         "{csp}"
     );
     assert_eq!(headers["x-frame-options"], "DENY");

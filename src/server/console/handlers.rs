@@ -37,6 +37,9 @@ pub(super) fn routes() -> Router<Arc<Console>> {
         .route("/console/callers", get(callers).post(create_caller))
         .route("/console/callers/{name}/revoke", post(revoke_caller))
         .route("/console/keys", get(keys))
+        .route("/console/events", get(events))
+        .route("/console/events/stream", get(events_stream))
+        .route("/console/assets/console.js", get(js))
         .route("/console/keys/rotate", post(rotate_key))
 }
 
@@ -73,6 +76,55 @@ async fn css() -> Response {
         include_str!("console.css"),
     )
         .into_response()
+}
+
+async fn js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("console.js"),
+    )
+        .into_response()
+}
+
+async fn events(State(c): St, headers: HeaderMap) -> Page {
+    let s = c.signed(&headers)?;
+    Ok(ok(pages::events(&s.ctx())))
+}
+
+/// `WatchSystems` as server-sent events, for the events page: metadata only, and only while
+/// the session lasts (checked at each event).
+async fn events_stream(State(c): St, headers: HeaderMap) -> Page {
+    use tokio_stream::StreamExt;
+    let s = c.signed(&headers)?;
+    let broker = c.broker()?;
+    let live = match broker.events.resume(None) {
+        Ok(o) => o.live,
+        Err(_) => {
+            return Err(page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::message("Events", None, "no event feed"),
+            ))
+        }
+    };
+    let (id, hash) = (s.id.clone(), s.session.caller_hash);
+    let stream = tokio_stream::wrappers::BroadcastStream::new(live)
+        .take_while(move |_| c.still_signed(&id, &hash))
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let data = serde_json::json!({
+                "at": crate::util::time::date_time(e.at),
+                "type": e.kind.as_str(),
+                "system_id": e.system.system_id,
+                "health": e.system.health.as_ref().map_or("", |h| h.health.as_str()),
+                "detail": e.detail,
+            });
+            Ok::<_, std::convert::Infallible>(
+                axum::response::sse::Event::default().data(data.to_string()),
+            )
+        });
+    let sse =
+        axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default());
+    Ok(sse.into_response())
 }
 
 async fn sign_in_page(State(c): St, headers: HeaderMap) -> Response {
@@ -199,16 +251,29 @@ async fn system_page(
     let req = pb::GetSystemRequest {
         system_id: id.to_owned(),
     };
-    match c
+    let sys = match c
         .call(s, req, |svc, r| async move { svc.get_system(r).await })
         .await
     {
-        Ok(r) => match r.system {
-            Some(sys) => page(status, pages::system(&s.ctx(), &sys, note.as_ref())),
-            None => failed(s, &tonic::Status::not_found("no such system")),
-        },
-        Err(e) => failed(s, &e),
-    }
+        Ok(r) => r.system,
+        Err(e) => return failed(s, &e),
+    };
+    let Some(sys) = sys else {
+        return failed(s, &tonic::Status::not_found("no such system"));
+    };
+    let (events, audit) = match c.broker() {
+        Ok(b) => {
+            let file = b.audit.file_path().map(std::path::Path::to_path_buf);
+            let tail = super::history::audit_tail(file, id.to_owned(), 20).await;
+            (b.events.recent_for(id, 20), tail)
+        }
+        Err(_) => (Vec::new(), None),
+    };
+    let past = pages::Past {
+        events: &events,
+        audit: audit.as_deref(),
+    };
+    page(status, pages::system(&s.ctx(), &sys, note.as_ref(), &past))
 }
 
 async fn system(State(c): St, headers: HeaderMap, Path(id): Path<String>) -> Page {

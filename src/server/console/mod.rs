@@ -10,7 +10,8 @@
 //!   refused.
 //! - **Forms**: every state-changing form carries the session's CSRF token; a cross-site POST
 //!   (by `Sec-Fetch-Site` or `Origin`) is refused before the session is even read.
-//! - **Headers**: a Content-Security-Policy with no script at all, `frame-ancestors 'none'`,
+//! - **Headers**: a Content-Security-Policy allowing only the console's own script file (the
+//!   live events view; no inline script, no eval), `frame-ancestors 'none'`,
 //!   `no-store` caching, `nosniff`, no referrer beyond the origin. Every asset is in the binary.
 //! - **Secrets** are write-only: credential inputs are password fields that start empty, and
 //!   no page, error or redirect renders one.
@@ -21,6 +22,7 @@
 
 mod forms;
 mod handlers;
+mod history;
 mod pages;
 pub mod session;
 
@@ -171,6 +173,17 @@ impl Console {
             .map(tonic::Response::into_inner)
     }
 
+    /// True while the session `id` is live and its caller still an active admin.
+    fn still_signed(&self, id: &str, caller_hash: &[u8; 32]) -> bool {
+        let presented = crate::broker::callers::Presented::Session(caller_hash);
+        self.sessions.is_live(id)
+            && self.core.get().is_some_and(|b| {
+                b.callers
+                    .authn(presented, true, crate::model::Role::Admin)
+                    .is_ok()
+            })
+    }
+
     fn remember_connect(&self, state: String, system_id: &str) {
         let now = Instant::now();
         let mut c = lock(&self.connects);
@@ -280,8 +293,8 @@ async fn security_headers(mut r: Response) -> Response {
     let set = [
         (
             header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; \
-             frame-ancestors 'none'",
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; \
+             img-src 'self'; base-uri 'none'; frame-ancestors 'none'",
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),

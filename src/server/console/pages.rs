@@ -1,5 +1,6 @@
 //! The console's pages (maud: every value is HTML-escaped unless marked otherwise, and nothing
-//! here marks one). No script, no inline style: the Content-Security-Policy allows neither.
+//! here marks one). No inline script or style: the Content-Security-Policy allows neither (the
+//! events page loads the console's one script file).
 //! Secrets are never rendered: credential inputs are password fields that start empty.
 
 use maud::{html, Markup, DOCTYPE};
@@ -54,6 +55,7 @@ pub fn layout(title: &str, ctx: Option<&Ctx<'_>>, note: Option<&Notice>, body: M
                             a href="/console/register" { "Register" }
                             a href="/console/callers" { "Callers" }
                             a href="/console/keys" { "Keys" }
+                            a href="/console/events" { "Events" }
                         }
                         form.signout method="post" action="/console/sign-out" {
                             (csrf(c))
@@ -206,8 +208,46 @@ fn system_row(s: &pb::System) -> Markup {
     }
 }
 
-/// One system: its state, its last check, and what an admin can do to it.
-pub fn system(ctx: &Ctx<'_>, s: &pb::System, note: Option<&Notice>) -> Markup {
+/// A system's recent past: its events held in memory, and its audit lines (`None`: no file).
+pub struct Past<'a> {
+    /// Newest first.
+    pub events: &'a [std::sync::Arc<crate::broker::events::Event>],
+    /// Newest first.
+    pub audit: Option<&'a [super::history::AuditLine]>,
+}
+
+fn past(p: &Past<'_>) -> Markup {
+    html! {
+        h2 { "Recent events" }
+        @if p.events.is_empty() {
+            p { "None since this broker started (or within its last 4,096 events)." }
+        } @else {
+            table {
+                thead { tr { th scope="col" { "When" } th scope="col" { "Event" } th scope="col" { "Health" } th scope="col" { "Detail" } } }
+                tbody { @for e in p.events {
+                    tr {
+                        td { (crate::util::time::date_time(e.at)) }
+                        td { (e.kind.as_str()) }
+                        td { (e.system.health.as_ref().map_or("", |h| h.health.as_str())) }
+                        td { (e.detail) }
+                    }
+                } }
+            }
+        }
+        h2 { "Audit trail" }
+        @match p.audit {
+            None => p { "The audit trail is not written to a file here (see CREDBROKER_AUDIT_FILE)." },
+            Some([]) => p { "No audit lines about this system in the trail's newest part." },
+            Some(lines) => table {
+                thead { tr { th scope="col" { "When" } th scope="col" { "Call" } th scope="col" { "Caller" } th scope="col" { "Outcome" } } }
+                tbody { @for l in lines { tr { td { (l.time) } td { (l.rpc) } td { (l.caller) } td { (l.code) } } } }
+            },
+        }
+    }
+}
+
+/// One system: its state, its last check, what an admin can do to it, and its recent past.
+pub fn system(ctx: &Ctx<'_>, s: &pb::System, note: Option<&Notice>, history: &Past<'_>) -> Markup {
     let ct = crate::server::convert::credential_type(s.credential_type);
     let body = html! {
         dl {
@@ -225,6 +265,7 @@ pub fn system(ctx: &Ctx<'_>, s: &pb::System, note: Option<&Notice>) -> Markup {
         (check(s.last_check.as_ref()))
         h2 { "Actions" }
         (actions(ctx, s, ct))
+        (past(history))
     };
     layout(&format!("System {}", s.system_id), Some(ctx), note, body)
 }
@@ -418,6 +459,19 @@ pub fn callers(
         }
     };
     layout("Callers", Some(ctx), note, body)
+}
+
+/// The live events view (its one script fills the table from `/console/events/stream`).
+pub fn events(ctx: &Ctx<'_>) -> Markup {
+    let body = html! {
+        p #events-status role="status" { "Connecting to the live feed… (it needs JavaScript; `credbrokerctl system watch` shows the same)" }
+        table {
+            thead { tr { th scope="col" { "When" } th scope="col" { "Event" } th scope="col" { "System" } th scope="col" { "Health" } th scope="col" { "Detail" } } }
+            tbody #events-body aria-live="polite" {}
+        }
+        script src="/console/assets/console.js" {}
+    };
+    layout("Events", Some(ctx), None, body)
 }
 
 /// The master keys and the re-wrap's progress.

@@ -110,6 +110,15 @@ impl Sessions {
         Some(s.clone())
     }
 
+    /// True while the session `id` names is live (without marking it used: a live view that
+    /// only listens does not keep a session from going idle).
+    pub fn is_live(&self, id: &str) -> bool {
+        let now = Instant::now();
+        lock(&self.by_id_hash)
+            .get(&key(id))
+            .is_some_and(|s| self.live(s, now))
+    }
+
     /// Ends the session `id` names.
     pub fn end(&self, id: &str) {
         lock(&self.by_id_hash).remove(&key(id));
