@@ -485,7 +485,10 @@ async fn start_http(
                     console::ConsoleSettings {
                         idle: config.server.console_session_idle,
                         absolute: config.server.console_session_max,
-                        secure_cookie: http_tls.is_some(),
+                        secure_cookie: http_tls.is_some()
+                            || public_url
+                                .as_deref()
+                                .is_some_and(|u| u.starts_with("https://")),
                         bearer_tokens: config.tls.bearer_tokens,
                     },
                 )

@@ -696,12 +696,29 @@ async fn a_revoked_callers_session_ends(h: &mut Http, admin: &mut Client) {
         .token;
     let cookie = cookie_pair(&h.sign_in(&second).await.1);
     assert_eq!(h.get(&cookie, "/console/systems").await.0, 200);
+    let mut feed = h
+        .http
+        .get(format!("{}/console/events/stream", h.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(feed.status(), 200);
     admin
         .revoke_caller(pb::RevokeCallerRequest {
             name: "second-admin".into(),
         })
         .await
         .unwrap();
+    // The quiet live feed ends with the session too.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while feed.chunk().await.unwrap().is_some() {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the revoked session's event feed is still open"
+    );
     let (status, headers, _) = h.get(&cookie, "/console/systems").await;
     assert_eq!(
         (status, headers["location"].to_str().unwrap()),

@@ -91,6 +91,9 @@ async fn events(State(c): St, headers: HeaderMap) -> Page {
     Ok(ok(pages::events(&s.ctx())))
 }
 
+/// How often an open events feed checks its session while no event comes.
+const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `WatchSystems` as server-sent events, for the events page: metadata only, and only while
 /// the session lasts (checked at each event).
 async fn events_stream(State(c): St, headers: HeaderMap) -> Page {
@@ -107,9 +110,15 @@ async fn events_stream(State(c): St, headers: HeaderMap) -> Page {
         }
     };
     let (id, hash) = (s.id.clone(), s.session.caller_hash);
+    // A tick each second asks again while nothing happens, so a quiet feed still ends with its
+    // session, or when the broker starts to stop.
+    let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(STREAM_RECHECK))
+        .map(|_| None);
     let stream = tokio_stream::wrappers::BroadcastStream::new(live)
+        .map(|e| e.ok())
+        .merge(ticks)
         .take_while(move |_| c.still_signed(&id, &hash))
-        .filter_map(|e| e.ok())
+        .filter_map(|e| e)
         .map(|e| {
             let data = serde_json::json!({
                 "at": crate::util::time::date_time(e.at),
@@ -155,10 +164,13 @@ async fn sign_in(State(c): St, headers: HeaderMap, Form(f): Fields) -> Page {
             Ok(r)
         }
         Err((e, name)) => {
-            let code = crate::error::code_name(e.code());
-            let _ = broker
-                .audit_record("ConsoleSignIn", name.as_deref(), None, code, None)
-                .await;
+            // Refusals are rate-limited in the trail, as every other refusal is.
+            if broker.audit.admit_refusal() {
+                let code = crate::error::code_name(e.code());
+                let _ = broker
+                    .audit_record("ConsoleSignIn", name.as_deref(), None, code, None)
+                    .await;
+            }
             let why = if name.is_some() {
                 "worker callers cannot sign in to the console; use an admin caller token".to_owned()
             } else {

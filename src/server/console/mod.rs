@@ -46,7 +46,8 @@ pub struct ConsoleSettings {
     pub idle: Duration,
     /// A session is over this long after sign-in.
     pub absolute: Duration,
-    /// The listener has TLS: the cookie is `Secure`.
+    /// The listener has TLS, or the public URL is `https` (TLS in front): the cookie is
+    /// `Secure`.
     pub secure_cookie: bool,
     /// Caller tokens are accepted (off: client certificates only, and no token sign-in).
     pub bearer_tokens: bool,
@@ -178,9 +179,10 @@ impl Console {
         let presented = crate::broker::callers::Presented::Session(caller_hash);
         self.sessions.is_live(id)
             && self.core.get().is_some_and(|b| {
-                b.callers
-                    .authn(presented, true, crate::model::Role::Admin)
-                    .is_ok()
+                !b.draining.load(std::sync::atomic::Ordering::Relaxed)
+                    && b.callers
+                        .authn(presented, true, crate::model::Role::Admin)
+                        .is_ok()
             })
     }
 
