@@ -1156,7 +1156,7 @@ async fn a_primary_failover_loses_no_acknowledged_registration() {
     );
     let asana = FakeAsana::start().await;
     let r = replicas(&url, 2, &[]).await;
-    let (a, mut b) = (r.admin(0).await, r.admin(1).await);
+    let (a, b) = (r.admin(0).await, r.admin(1).await);
 
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (acks, base) = (acked.clone(), asana.base_url.clone());
