@@ -343,15 +343,20 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// `tcp` itself without TLS; else the TLS stream once its handshake completes in time.
+/// The connection, after the TLS handshake when the listener has TLS, with the names of the
+/// client certificate it verified (if any).
 async fn secure(
     tcp: tokio::net::TcpStream,
     tls: Option<&super::tls::TlsReloader>,
-) -> Option<Box<dyn Io>> {
+) -> Option<(Box<dyn Io>, super::tls::ClientNames)> {
     let Some(r) = tls else {
-        return Some(Box::new(tcp));
+        return Some((Box::new(tcp), super::tls::ClientNames::default()));
     };
     match tokio::time::timeout(r.handshake_timeout(), r.acceptor().accept(tcp)).await {
-        Ok(Ok(stream)) => Some(Box::new(stream)),
+        Ok(Ok(stream)) => {
+            let names = super::tls::ClientNames(Arc::new(super::tls::client_names(&stream)));
+            Some((Box::new(stream), names))
+        }
         Ok(Err(e)) => {
             tracing::debug!(message = "HTTP TLS handshake failed.", error = %e);
             None
@@ -408,14 +413,23 @@ pub async fn serve(
         };
         // Small responses must not wait for Nagle and delayed ACKs.
         let _ = tcp.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let app = app.clone();
         let mut closing = closing.clone();
         let tls = tls.clone();
         connections.spawn(async move {
             // The handshake runs off the accept loop, bounded like the gRPC listener's.
-            let Some(io) = secure(tcp, tls.as_deref()).await else {
+            let Some((io, names)) = secure(tcp, tls.as_deref()).await else {
                 return;
             };
+            // Every request carries the connection's client certificate names (the network
+            // cannot set an extension; a request's own headers never reach this).
+            let app = tower::ServiceBuilder::new()
+                .map_request(move |mut r: hyper::Request<hyper::body::Incoming>| {
+                    r.extensions_mut().insert(names.clone());
+                    r
+                })
+                .service(app);
+            let service = hyper_util::service::TowerToHyperService::new(app);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)

@@ -416,6 +416,7 @@ fn load_tls(config: &Config) -> Result<(Option<Tls>, Option<Tls>), ServeError> {
                 cert: cert.clone(),
                 key: key.clone(),
                 client_ca: config.tls.client_ca_file.clone(),
+                client_optional: false,
                 handshake_timeout: config.tls.handshake_timeout,
                 alpn: vec![b"h2".to_vec()],
             })
@@ -428,7 +429,13 @@ fn load_tls(config: &Config) -> Result<(Option<Tls>, Option<Tls>), ServeError> {
             tls::TlsReloader::load(tls::TlsSettings {
                 cert: cert.clone(),
                 key: key.clone(),
-                client_ca: None,
+                // The console's certificate sign-in: verified when presented, never required.
+                client_ca: config
+                    .server
+                    .console
+                    .then(|| config.tls.client_ca_file.clone())
+                    .flatten(),
+                client_optional: true,
                 handshake_timeout: config.tls.handshake_timeout,
                 alpn: vec![b"http/1.1".to_vec()],
             })

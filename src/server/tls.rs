@@ -33,8 +33,12 @@ pub struct TlsSettings {
     pub cert: PathBuf,
     /// Server private key (PEM).
     pub key: PathBuf,
-    /// CA for client certificates (PEM); when set, client certificates are required.
+    /// CA for client certificates (PEM); when set, client certificates are verified (and
+    /// required unless `client_optional`).
     pub client_ca: Option<PathBuf>,
+    /// A connection without a client certificate is accepted too (the HTTP listener: vendors'
+    /// callbacks and browsers without one).
+    pub client_optional: bool,
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
     /// ALPN protocols offered (`h2` for gRPC, `http/1.1` for the HTTP listener).
@@ -84,7 +88,13 @@ fn build(s: &TlsSettings) -> Result<ServerConfig, String> {
                     .add(c)
                     .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if s.client_optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier
                 .build()
                 .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
@@ -229,7 +239,9 @@ impl TlsReloader {
     }
 }
 
-fn client_names(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Vec<String> {
+/// The SAN DNS names of the connection's verified client certificate (lowercase; empty without
+/// one).
+pub(crate) fn client_names(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Vec<String> {
     let (_, conn) = stream.get_ref();
     let Some(cert) = conn.peer_certificates().and_then(|c| c.first()) else {
         return Vec::new();
@@ -249,6 +261,11 @@ pub struct TlsStream {
     remote: SocketAddr,
     names: Arc<Vec<String>>,
 }
+
+/// The HTTP listener's requests: the SAN DNS names of the connection's verified client
+/// certificate (empty without one). Set by the listener only.
+#[derive(Debug, Clone, Default)]
+pub struct ClientNames(pub Arc<Vec<String>>);
 
 /// What handlers learn about a TLS connection.
 #[derive(Debug, Clone)]

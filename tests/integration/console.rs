@@ -756,3 +756,92 @@ async fn an_expired_console_session_goes_back_to_sign_in() {
         "not before its time"
     );
 }
+
+/// With TLS on the HTTP listener and the mTLS client CA, an admin's client certificate signs in
+/// (one button, no token); a worker's certificate and a browser without one do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_signs_in_with_a_client_certificate() {
+    use crate::mtls::{write, Ca};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("console CA");
+    let server = ca.leaf(&["localhost", "127.0.0.1"], true);
+    let mut config = test_config(dir.path());
+    config.tls.http_cert_file = Some(write(certs.path(), "http.pem", &server.0));
+    config.tls.http_key_file = Some(write(certs.path(), "http.key", &server.1));
+    config.tls.client_ca_file = Some(write(certs.path(), "ca.pem", &ca.pem()));
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let _ = worker_token(&mut admin, "cert-worker").await;
+    admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "ops-admin".into(),
+            role: pb::CallerRole::Admin as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let base = format!("https://127.0.0.1:{}", broker.http_addr.port());
+    let browser = |identity: Option<(String, String)>| {
+        let mut b = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap());
+        if let Some((cert, key)) = identity {
+            b = b.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let sign_in = |b: reqwest::Client| {
+        let url = format!("{base}/console/sign-in");
+        async move {
+            let page = b.get(&url).send().await.unwrap().text().await.unwrap();
+            let r = b
+                .post(&url)
+                .form(&[("certificate", "1")])
+                .send()
+                .await
+                .unwrap();
+            (
+                page,
+                r.status().as_u16(),
+                r.headers().get("set-cookie").is_some(),
+            )
+        }
+    };
+
+    let (page, status, cookie) = sign_in(browser(Some(ca.leaf(&["ops-admin"], false)))).await;
+    assert!(
+        page.contains("Sign in as ops-admin with your client certificate"),
+        "{page}"
+    );
+    assert_eq!(
+        (status, cookie),
+        (303, true),
+        "the admin's certificate signs in"
+    );
+
+    let (page, status, cookie) = sign_in(browser(Some(ca.leaf(&["cert-worker"], false)))).await;
+    assert!(!page.contains("with your client certificate"), "{page}");
+    assert_eq!(
+        (status, cookie),
+        (401, false),
+        "a worker's certificate does not"
+    );
+
+    let (page, status, cookie) = sign_in(browser(None)).await;
+    assert!(!page.contains("with your client certificate"), "{page}");
+    assert_eq!((status, cookie), (401, false), "no certificate, no session");
+    // The token still works on the same listener.
+    let r = browser(None)
+        .post(format!("{base}/console/sign-in"))
+        .form(&[("token", broker.admin_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set.contains("; Secure"),
+        "under TLS the cookie is Secure: {set}"
+    );
+}

@@ -14,6 +14,7 @@ use super::{forms, page, same_site, Console, Signed};
 use crate::model::{Role, SystemKind};
 use crate::pb;
 use crate::pb::credential_broker_server::CredentialBroker;
+use crate::server::tls::ClientNames;
 
 type St = State<Arc<Console>>;
 type Fields = Form<HashMap<String, String>>;
@@ -136,18 +137,40 @@ async fn events_stream(State(c): St, headers: HeaderMap) -> Page {
     Ok(sse.into_response())
 }
 
-async fn sign_in_page(State(c): St, headers: HeaderMap) -> Response {
+type Names = Option<axum::Extension<ClientNames>>;
+
+fn names_of(n: &Names) -> &[String] {
+    n.as_ref()
+        .map_or(&[], |axum::Extension(ClientNames(v))| v.as_slice())
+}
+
+/// The admin the connection's verified client certificate names, if any.
+fn certificate_admin(c: &Console, names: &[String]) -> Option<String> {
+    let broker = c.core.get()?;
+    let presented = crate::broker::callers::Presented::Certificate(names);
+    (!names.is_empty())
+        .then(|| broker.callers.authn(presented, false, Role::Admin).ok())
+        .flatten()
+        .map(|caller| caller.name.clone())
+}
+
+async fn sign_in_page(State(c): St, headers: HeaderMap, names: Names) -> Response {
     if c.signed(&headers).is_ok() {
         return Redirect::to("/console/systems").into_response();
     }
-    ok(pages::sign_in(None))
+    let admin = certificate_admin(&c, names_of(&names));
+    ok(pages::sign_in(None, admin.as_deref()))
 }
 
-async fn sign_in(State(c): St, headers: HeaderMap, Form(f): Fields) -> Page {
+async fn sign_in(State(c): St, headers: HeaderMap, names: Names, Form(f): Fields) -> Page {
     same_site(&headers)?;
     let broker = c.broker()?;
     let token = f.get("token").map_or("", |t| t.trim());
-    let presented = crate::broker::callers::Presented::Token(token);
+    let presented = if f.contains_key("certificate") {
+        crate::broker::callers::Presented::Certificate(names_of(&names))
+    } else {
+        crate::broker::callers::Presented::Token(token)
+    };
     match broker
         .callers
         .authn(presented, c.settings.bearer_tokens, Role::Admin)
@@ -176,9 +199,10 @@ async fn sign_in(State(c): St, headers: HeaderMap, Form(f): Fields) -> Page {
             } else {
                 e.to_string()
             };
+            let admin = certificate_admin(&c, names_of(&names));
             Ok(page(
                 StatusCode::UNAUTHORIZED,
-                pages::sign_in(Some(&Notice::Failed(why))),
+                pages::sign_in(Some(&Notice::Failed(why)), admin.as_deref()),
             ))
         }
     }

@@ -75,8 +75,15 @@ fn csrf(c: &Ctx<'_>) -> Markup {
 }
 
 /// The sign-in page.
-pub fn sign_in(note: Option<&Notice>) -> Markup {
+pub fn sign_in(note: Option<&Notice>, certificate_admin: Option<&str>) -> Markup {
     let body = html! {
+        @if let Some(name) = certificate_admin {
+            form method="post" action="/console/sign-in" {
+                input type="hidden" name="certificate" value="1";
+                button #certificate type="submit" { "Sign in as " (name) " with your client certificate" }
+            }
+            p { "Or:" }
+        }
         p { "Sign in with an admin caller token (" code { "credbrokerctl caller create --role admin" } "). Worker tokens cannot sign in." }
         form method="post" action="/console/sign-in" {
             label for="token" { "Admin caller token" }
