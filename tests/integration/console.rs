@@ -129,9 +129,22 @@ impl Ui {
 
     /// Clicks what navigates, and waits until the next page replaced this one and has loaded.
     async fn click(&mut self, css: &str) {
+        self.act(css, None).await;
+    }
+
+    /// Types `text` into `css` and presses Enter (the keyboard submits the form), then waits
+    /// as [`Self::click`] does.
+    async fn type_and_enter(&mut self, css: &str, text: &str) {
+        self.act(css, Some(text)).await;
+    }
+
+    async fn act(&mut self, css: &str, keys: Option<&str>) {
         let old = self.web.find(Locator::Css("html")).await.unwrap();
         let target = self.web.find(Locator::Css(css)).await.unwrap();
-        target.click().await.unwrap();
+        match keys {
+            Some(text) => target.send_keys(&format!("{text}\u{E007}")).await.unwrap(),
+            None => target.click().await.unwrap(),
+        }
         let started = Instant::now();
         while old.tag_name().await.is_ok() {
             assert!(
@@ -323,8 +336,17 @@ async fn sign_in_refuses_a_worker_then_admits_the_admin(ui: &mut Ui, worker: &st
         .await
         .contains("worker callers cannot sign in"));
     assert_eq!(ui.path().await, "/console/sign-in");
-    ui.fill("#token", admin).await;
-    ui.click("form[action='/console/sign-in'] button").await;
+    // The keyboard alone: the token field has the focus, Enter submits.
+    let focused = ui
+        .web
+        .active_element()
+        .await
+        .unwrap()
+        .attr("id")
+        .await
+        .unwrap();
+    assert_eq!(focused.as_deref(), Some("token"));
+    ui.type_and_enter("#token", admin).await;
     assert_eq!(ui.path().await, "/console/systems");
 }
 
