@@ -10,7 +10,10 @@
 //! `--concurrency` admin clients; `--scenario scale --systems N` measures N systems vs 10;
 //! `--scenario oauth` drives OAuth systems whose 4 s tokens refresh in the background (vs echo);
 //! `--scenario storm --systems 10000` is the refresh storm (all tokens expiring in one minute);
-//! `--scenario checks --systems 10000` measures GetAccessToken while scheduled checks run. Medians over alternating rounds (noise here is ±10–15 %).
+//! `--scenario checks --systems 10000` measures GetAccessToken while scheduled checks run;
+//! `--scenario h2load` drives the broker and two echoes (multi-thread with one worker,
+//! current_thread) with h2load instead of the tonic client (`apt-get install nghttp2-client`).
+//! Medians over alternating rounds (noise here is ±10–15 %).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -750,6 +753,109 @@ fn spawn_echo(
     (line.trim().to_owned(), child)
 }
 
+/// One h2load run against `addr`: requests/s and the p50/p99 latency (µs) from its per-request
+/// log. h2load (Debian: `apt-get install nghttp2-client`) runs on core 0, the server on core 1.
+fn h2load_once(addr: &str, token: &str, body: &std::path::Path, seconds: f64) -> (f64, f64, f64) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let out = std::process::Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            "h2load",
+            "-c",
+            "4",
+            "-m",
+            "64",
+            "--warm-up-time",
+            "1",
+        ])
+        .arg(format!("--duration={}", seconds.max(1.0) as u64))
+        .arg(format!("--log-file={}", log.path().display()))
+        .arg(format!("--data={}", body.display()))
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["-H", &format!("authorization: Bearer {token}")])
+        .arg(format!(
+            "http://{addr}/credbroker.v1.CredentialBroker/GetAccessToken"
+        ))
+        .output()
+        .expect("h2load is needed: apt-get install nghttp2-client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.trim_end_matches(" req/s").parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("h2load said: {text}"));
+    assert!(text.contains(" 0 failed"), "h2load: {text}");
+    let mut lat: Vec<f64> = std::fs::read_to_string(log.path())
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2).and_then(|v| v.parse().ok()))
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    (rps, pct(0.50), pct(0.99))
+}
+
+/// `--scenario h2load`: the broker's warm `GetAccessToken` against the echo floor (multi-thread
+/// with one worker, and current_thread), each on core 1, driven by h2load on core 0 (4
+/// connections × 64 streams), alternating, median of `rounds`.
+async fn h2load_scenario(
+    broker_addr: &str,
+    token: &str,
+    sample: &pb::GetAccessTokenResponse,
+    seconds: f64,
+    rounds: usize,
+) {
+    let msg = prost::Message::encode_to_vec(&pb::GetAccessTokenRequest {
+        system_id: "bench".into(),
+        ..Default::default()
+    });
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let body = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(body.path(), &frame).unwrap();
+    let (mt_addr, mut mt) = spawn_echo("multi", sample);
+    let (ct_addr, mut ct) = spawn_echo("current", sample);
+    let targets = [
+        ("broker", broker_addr),
+        ("echo, multi-thread, one worker", mt_addr.as_str()),
+        ("echo, current_thread", ct_addr.as_str()),
+    ];
+    let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    for _ in 0..rounds.max(1) {
+        for (i, (_, addr)) in targets.iter().enumerate() {
+            runs[i].push(h2load_once(addr, token, body.path(), seconds));
+        }
+    }
+    let _ = (mt.kill(), ct.kill());
+    let _ = (mt.wait(), ct.wait());
+    let median = |v: &[(f64, f64, f64)]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.0.total_cmp(&b.0));
+        s[s.len() / 2]
+    };
+    let broker = median(&runs[0]);
+    println!("| | requests/s | p50 | p99 | broker ÷ this (req/s) | broker p99 ÷ this |");
+    println!("|---|---|---|---|---|---|");
+    for (i, (name, _)) in targets.iter().enumerate() {
+        let m = median(&runs[i]);
+        println!(
+            "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.2} | {:.2} |",
+            m.0,
+            m.1,
+            m.2,
+            broker.0 / m.0,
+            broker.2 / m.2.max(1.0)
+        );
+    }
+}
+
 /// A who-am-I endpoint (Asana's `users/me`) answering after `delay`, counting calls and the
 /// most in flight at once; on its own thread and runtime.
 async fn fake_asana(delay: Duration) -> (String, Arc<FakeTokens>) {
@@ -1205,6 +1311,12 @@ fn main() {
             let _ = broker.kill();
             let _ = broker.wait();
             scale_scenario(&rt_kind, arg("--systems", "100000").parse().unwrap(), seconds).await;
+            return;
+        }
+        if arg("--scenario", "token") == "h2load" {
+            h2load_scenario(&addr, &worker_token, &sample, seconds, rounds).await;
+            let _ = broker.kill();
+            let _ = broker.wait();
             return;
         }
         if arg("--scenario", "token") == "oauth" {

@@ -226,19 +226,6 @@ impl Ui {
     }
 }
 
-async fn worker_token(admin: &mut Client, name: &str) -> String {
-    admin
-        .create_caller(pb::CreateCallerRequest {
-            name: name.into(),
-            role: pb::CallerRole::Worker as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-}
-
 /// Sign-in (a worker refused), register Asana (a failing check, then a passing one), rotate,
 /// switch delivery, connect Zendesk through its consent page, create and revoke a caller, sign
 /// out: all in Chromium, with the outcome of each checked through gRPC as well.

@@ -42,16 +42,7 @@ fn tok(id: &str) -> pb::GetAccessTokenRequest {
 }
 
 async fn worker(broker: &TestBroker, admin: &mut Client, name: &str) -> Client {
-    let t = admin
-        .create_caller(pb::CreateCallerRequest {
-            name: name.into(),
-            role: pb::CallerRole::Worker as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let t = worker_token(admin, name).await;
     client(broker.addr, Some(&t)).await
 }
 

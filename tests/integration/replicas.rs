@@ -896,7 +896,7 @@ async fn every_replica_serves_every_system_while_the_database_is_down() {
     within(Duration::from_secs(10), || {
         let mut c = c.clone();
         async move {
-            let s = system_of(&mut c, "short").await;
+            let s = crate::connect::system(&mut c, "short").await;
             s.health == pb::SystemHealth::Degraded as i32
                 && s.health_reason.contains("waits for the database")
         }
@@ -958,22 +958,12 @@ async fn every_replica_serves_every_system_while_the_database_is_down() {
         let mut c = c.clone();
         async move {
             auth_header(&mut c, "short").await.is_ok()
-                && system_of(&mut c, "short").await.health == pb::SystemHealth::Healthy as i32
+                && crate::connect::system(&mut c, "short").await.health
+                    == pb::SystemHealth::Healthy as i32
         }
     })
     .await;
     no_secret_in_logs(r.logs.path(), &["pat-7", PG_PASSWORD]);
-}
-
-async fn system_of(c: &mut Client, id: &str) -> pb::System {
-    c.get_system(pb::GetSystemRequest {
-        system_id: id.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .system
-    .unwrap()
 }
 
 /// The gRPC health of the broker at `addr` ("" service), once.

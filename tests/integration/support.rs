@@ -421,6 +421,20 @@ pub fn register_asana(
     }
 }
 
+/// A new worker caller's token.
+pub async fn worker_token(admin: &mut Client, name: &str) -> String {
+    admin
+        .create_caller(pb::CreateCallerRequest {
+            name: name.into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
 /// Every file under `dir`, recursively.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
