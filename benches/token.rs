@@ -755,7 +755,13 @@ fn spawn_echo(
 
 /// One h2load run against `addr`: requests/s and the p50/p99 latency (µs) from its per-request
 /// log. h2load (Debian: `apt-get install nghttp2-client`) runs on core 0, the server on core 1.
-fn h2load_once(addr: &str, token: &str, body: &std::path::Path, seconds: f64) -> (f64, f64, f64) {
+fn h2load_once(
+    addr: &str,
+    token: &str,
+    body: &std::path::Path,
+    seconds: f64,
+    min_body: usize,
+) -> (f64, f64, f64) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let out = std::process::Command::new("taskset")
         .args([
@@ -787,6 +793,32 @@ fn h2load_once(addr: &str, token: &str, body: &std::path::Path, seconds: f64) ->
         .and_then(|r| r.trim_end_matches(" req/s").parse::<f64>().ok())
         .unwrap_or_else(|| panic!("h2load said: {text}"));
     assert!(text.contains(" 0 failed"), "h2load: {text}");
+    // gRPC errors are HTTP 200 too: every answer must carry a response message of full size.
+    let number = |line: &str, before: &str| -> f64 {
+        let head = line.split(before).next().unwrap_or_default();
+        let open = head.rfind('(').unwrap_or(0);
+        head[open + 1..]
+            .trim_end_matches(')')
+            .trim_end_matches(") ")
+            .parse()
+            .unwrap_or(0.0)
+    };
+    let data = text
+        .lines()
+        .find(|l| l.starts_with("traffic:"))
+        .map_or(0.0, |l| number(l, " data"));
+    let done = text
+        .lines()
+        .find_map(|l| l.strip_prefix("requests: "))
+        .and_then(|l| l.split(" done").next())
+        .and_then(|l| l.rsplit(", ").next())
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or(1.0);
+    assert!(
+        data / done >= min_body as f64,
+        "answers of {} bytes: errors? {text}",
+        data / done
+    );
     let mut lat: Vec<f64> = std::fs::read_to_string(log.path())
         .unwrap()
         .lines()
@@ -820,6 +852,9 @@ async fn h2load_scenario(
     frame.extend_from_slice(&msg);
     let body = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(body.path(), &frame).unwrap();
+    // About a whole answer (the 5-byte gRPC frame header and the message; a lease's length
+    // varies a little): an error has no message at all.
+    let answer = (5 + prost::Message::encoded_len(sample)) * 4 / 5;
     let (mt_addr, mut mt) = spawn_echo("multi", sample);
     let (ct_addr, mut ct) = spawn_echo("current", sample);
     let targets = [
@@ -830,7 +865,7 @@ async fn h2load_scenario(
     let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
     for _ in 0..rounds.max(1) {
         for (i, (_, addr)) in targets.iter().enumerate() {
-            runs[i].push(h2load_once(addr, token, body.path(), seconds));
+            runs[i].push(h2load_once(addr, token, body.path(), seconds, answer));
         }
     }
     let _ = (mt.kill(), ct.kill());

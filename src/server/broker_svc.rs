@@ -340,7 +340,8 @@ fn request_id<T>(request: &Request<T>) -> tonic::metadata::MetadataValue<tonic::
     let mut id = match given {
         // A cheap clone: the bytes are shared.
         Some(v) => v.clone(),
-        None => tonic::metadata::MetadataValue::try_from(crate::util::random::hex_id::<8>())
+        // Unique, not secret: the thread's generator, without a system call per call.
+        None => tonic::metadata::MetadataValue::try_from(crate::util::random::cheap_hex_id::<8>())
             .unwrap_or_else(|_| tonic::metadata::MetadataValue::from_static("0000000000000000")),
     };
     // Sent as an HPACK "never indexed" literal: an id is new on every answer, so indexing it

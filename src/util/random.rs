@@ -16,6 +16,14 @@ pub fn hex_id<const N: usize>() -> String {
     super::hex::encode(&bytes::<N>())
 }
 
+/// `N` random bytes as lower-case hex from the thread's CSPRNG (seeded from the OS, no system
+/// call per id): for ids that must be unique, never for secrets (request ids).
+pub fn cheap_hex_id<const N: usize>() -> String {
+    let mut raw = [0u8; N];
+    rand::thread_rng().fill_bytes(&mut raw);
+    super::hex::encode(&raw)
+}
+
 /// `N` random bytes as unpadded URL-safe base64 (tokens, OAuth `state`, lease ids).
 pub fn url_token<const N: usize>() -> String {
     URL_SAFE_NO_PAD.encode(bytes::<N>())
