@@ -127,16 +127,7 @@ async fn a_database_writer_without_the_master_key_cannot_forge_callers_or_redire
     let db = sql(&url).await;
     let mut workers = Vec::new();
     for name in ["w", "w2"] {
-        let token = admin
-            .create_caller(pb::CreateCallerRequest {
-                name: name.into(),
-                role: pb::CallerRole::Worker as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
+        let token = worker_token(&mut admin, name).await;
         workers.push((token, row(&db, "callers", name).await));
         admin
             .revoke_caller(pb::RevokeCallerRequest { name: name.into() })
