@@ -95,37 +95,42 @@ async fn events(State(c): St, headers: HeaderMap) -> Page {
 /// How often an open events feed checks its session while no event comes.
 const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// `WatchSystems` as server-sent events, for the events page: metadata only, and only while
-/// the session lasts (checked at each event).
+/// `WatchSystems` itself (called in process as the signed-in caller, so its limits, filters,
+/// audit and its end at revocation or shutdown apply), from now on, as server-sent events:
+/// metadata only, and only while the session lasts (checked at each event and every second).
 async fn events_stream(State(c): St, headers: HeaderMap) -> Page {
     use tokio_stream::StreamExt;
     let s = c.signed(&headers)?;
-    let broker = c.broker()?;
-    let live = match broker.events.resume(None) {
-        Ok(o) => o.live,
-        Err(_) => {
-            return Err(page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                pages::message("Events", None, "no event feed"),
-            ))
-        }
+    let after = c.broker()?.events.now_cursor();
+    let req = pb::WatchSystemsRequest {
+        after,
+        ..Default::default()
+    };
+    let watch = match c
+        .call(&s, req, |svc, r| async move { svc.watch_systems(r).await })
+        .await
+    {
+        Ok(w) => w,
+        Err(e) => return Err(failed(&s, &e)),
     };
     let (id, hash) = (s.id.clone(), s.session.caller_hash);
     // A tick each second asks again while nothing happens, so a quiet feed still ends with its
-    // session, or when the broker starts to stop.
+    // session.
     let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(STREAM_RECHECK))
         .map(|_| None);
-    let stream = tokio_stream::wrappers::BroadcastStream::new(live)
-        .map(|e| e.ok())
+    let stream = watch
+        .map_while(|e| e.ok().map(Some))
         .merge(ticks)
         .take_while(move |_| c.still_signed(&id, &hash))
         .filter_map(|e| e)
         .map(|e| {
+            let system = e.system.unwrap_or_default();
+            let at = e.at.map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0));
             let data = serde_json::json!({
-                "at": crate::util::time::date_time(e.at),
-                "type": e.kind.as_str(),
-                "system_id": e.system.system_id,
-                "health": e.system.health.as_ref().map_or("", |h| h.health.as_str()),
+                "at": crate::util::time::date_time(at),
+                "type": e.r#type,
+                "system_id": system.system_id,
+                "health": pages::health_name(system.health),
                 "detail": e.detail,
             });
             Ok::<_, std::convert::Infallible>(

@@ -122,7 +122,8 @@ fn state_name(v: i32) -> &'static str {
     }
 }
 
-fn health_name(v: i32) -> &'static str {
+/// A proto health for people.
+pub fn health_name(v: i32) -> &'static str {
     match pb::SystemHealth::try_from(v) {
         Ok(pb::SystemHealth::Healthy) => "healthy",
         Ok(pb::SystemHealth::Expiring) => "expiring",
