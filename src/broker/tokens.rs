@@ -241,9 +241,8 @@ pub struct Flight {
     /// Set when the grant is dead: the message to return, with no upstream call.
     dead: Option<String>,
     last_forced: Option<Instant>,
-    /// The backoff is the shared store's outage, not the vendor's.
-    store_down: bool,
-    /// Refreshes in a row that met an unreachable store.
+    /// Refreshes in a row that met an unreachable store (non-zero: the backoff is the shared
+    /// store's outage, not the vendor's).
     store_failures: u32,
 }
 
@@ -654,7 +653,7 @@ impl Broker {
         }
         if let Some(until) = f.backoff_until {
             if Instant::now() < until {
-                let msg = if f.store_down {
+                let msg = if f.store_failures > 0 {
                     STORE_DOWN_NOTE.to_owned()
                 } else {
                     "the upstream token endpoint is failing".to_owned()
@@ -681,6 +680,7 @@ impl Broker {
                 }
                 other => other?,
             };
+            // The store answered: whatever happens next is not its outage.
             f.store_failures = 0;
             self.cache.end_store_wait(system_id);
             record = self.get_system(system_id).await?;
@@ -925,8 +925,6 @@ impl Broker {
         f.failures = 0;
         f.backoff_until = None;
         f.last_failure = None;
-        f.store_down = false;
-        self.cache.end_store_wait(system_id);
         let written = shared_with.is_some();
         let token =
             self.install_with_id(system_id, &record, issued, need_until, oauth, shared_with)?;
@@ -982,7 +980,6 @@ impl Broker {
         current: Option<Arc<IssuedToken>>,
         error: &str,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
-        f.store_down = true;
         f.store_failures = f.store_failures.saturating_add(1);
         let delay = self
             .backoff_delay(f.store_failures, None)
@@ -1015,7 +1012,6 @@ impl Broker {
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         f.failures = f.failures.saturating_add(1);
         f.last_failure = Some(failure);
-        f.store_down = false;
         let delay = self.backoff_delay(f.failures, retry_after);
         f.backoff_until = Some(Instant::now() + delay);
         tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
