@@ -160,7 +160,7 @@ fn countdown(t: Option<&prost_types::Timestamp>) -> String {
 }
 
 /// The systems table, with its filter.
-pub fn systems(ctx: &Ctx<'_>, list: &[pb::System], kind: &str, state: &str) -> Markup {
+pub fn systems(ctx: &Ctx<'_>, list: &[pb::System], kind: &str, state: &str, more: bool) -> Markup {
     let body = html! {
         form.filter method="get" action="/console/systems" {
             label for="kind" { "Kind" }
@@ -190,6 +190,9 @@ pub fn systems(ctx: &Ctx<'_>, list: &[pb::System], kind: &str, state: &str) -> M
                 } }
                 tbody { @for s in list { (system_row(s)) } }
             }
+        }
+        @if more {
+            p { "Not every system is shown: at most 500 rows, among the first 10,000 systems. Narrow the filter, or use " code { "credbrokerctl system list" } "." }
         }
     };
     layout("Systems", Some(ctx), None, body)
