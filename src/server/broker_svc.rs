@@ -71,9 +71,6 @@ impl BrokerService {
         req: &Request<T>,
         need: Role,
     ) -> Result<Arc<Caller>, (BrokerError, Option<String>)> {
-        if let Some(s) = req.extensions().get::<ConsoleCaller>() {
-            return broker.callers.authn(Presented::Session(&s.0), true, need);
-        }
         let token = req
             .metadata()
             .get("authorization")
@@ -92,7 +89,11 @@ impl BrokerService {
         let presented = match (token, cert_names) {
             (Some(token), _) => Presented::Token(token),
             (None, Some(names)) => Presented::Certificate(names),
-            (None, None) => Presented::Nothing,
+            // Looked for last: the console's in-process calls carry neither.
+            (None, None) => match req.extensions().get::<ConsoleCaller>() {
+                Some(s) => Presented::Session(&s.0),
+                None => Presented::Nothing,
+            },
         };
         broker.callers.authn(presented, self.bearer_tokens, need)
     }
