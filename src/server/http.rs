@@ -109,45 +109,26 @@ async fn metrics(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> Response {
 async fn callback(
     State(http): State<HttpState>,
     Query(params): Query<HashMap<String, String>>,
-) -> Response {
+) -> (StatusCode, Html<String>) {
     let state = params.get("state").cloned().unwrap_or_default();
-    let (status, html, done) = callback_page(&http.core, params).await;
+    let (status, title, message, connected) = callback_outcome(&http.core, params).await;
     // Started from the console: on to the system's page, which shows the outcome.
-    if let (Some(c), Some((ok, message))) = (&http.console, done) {
-        if let Some(path) = c.connect_finished(&state, ok, &message) {
-            let title = if ok { "Connected" } else { "Not connected" };
-            return (status, Html(back_to_console(title, &message, &path))).into_response();
-        }
-    }
-    (status, html).into_response()
+    let next = match (&http.console, connected) {
+        (Some(c), Some(ok)) => c.connect_finished(&state, ok, &message),
+        _ => None,
+    };
+    page_then(status, &title, &message, next.as_deref())
 }
 
-/// The callback page of an authorization started from the console: the outcome, and on (at
-/// once, and by a link) to the system's page.
-fn back_to_console(title: &str, message: &str, path: &str) -> String {
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\">\
-         <meta http-equiv=\"refresh\" content=\"0; url={p}\"><title>{t} – credbroker</title>\
-         </head><body><h1>{t}</h1><p>{m}</p><p><a id=\"back\" href=\"{p}\">Back to the \
-         console</a></p></body></html>",
-        t = escape(title),
-        m = escape(message),
-        p = escape(path)
-    )
-}
-
-/// The callback's page, and (connected?, what happened) when the callback was processed.
-async fn callback_page(
+/// What the callback did: its HTTP status, the page's title and message, and (when it was
+/// processed) whether the system is connected now.
+async fn callback_outcome(
     core: &OnceLock<Arc<Broker>>,
     params: HashMap<String, String>,
-) -> (StatusCode, Html<String>, Option<(bool, String)>) {
+) -> (u16, String, String, Option<bool>) {
     let Some(broker) = core.get() else {
-        let (s, h) = page(
-            503,
-            "Starting",
-            "credbroker is starting; reload this page in a moment.",
-        );
-        return (s, h, None);
+        let m = "credbroker is starting; reload this page in a moment.";
+        return (503, "Starting".to_owned(), m.to_owned(), None);
     };
     // The code exchange belongs to no browser: a closed tab must not drop a grant the vendor
     // has already issued (the code is single use), so it runs to the end on its own.
@@ -166,16 +147,12 @@ async fn callback_page(
     });
     match done.await {
         Some(p) => {
-            let (s, h) = page(http_status(p.outcome), &p.title, &p.message);
-            (s, h, Some((p.outcome == Outcome::Connected, p.message)))
+            let connected = p.outcome == Outcome::Connected;
+            (http_status(p.outcome), p.title, p.message, Some(connected))
         }
         None => {
-            let (s, h) = page(
-                503,
-                "Stopping",
-                "credbroker is stopping; try again in a moment.",
-            );
-            (s, h, None)
+            let m = "credbroker is stopping; try again in a moment.";
+            (503, "Stopping".to_owned(), m.to_owned(), None)
         }
     }
 }
@@ -318,13 +295,36 @@ fn http_status(outcome: Outcome) -> u16 {
 }
 
 fn page(status: u16, title: &str, message: &str) -> (StatusCode, Html<String>) {
+    page_then(status, title, message, None)
+}
+
+/// [`page`], leading on to `next` (a path on this listener) at once and by a link.
+fn page_then(
+    status: u16,
+    title: &str,
+    message: &str,
+    next: Option<&str>,
+) -> (StatusCode, Html<String>) {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let (refresh, link) = match next {
+        Some(p) => (
+            format!(
+                "<meta http-equiv=\"refresh\" content=\"0; url={}\">",
+                escape(p)
+            ),
+            format!(
+                "<p><a id=\"back\" href=\"{}\">Back to the console</a></p>",
+                escape(p)
+            ),
+        ),
+        None => Default::default(),
+    };
     (
         code,
         Html(format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} – credbroker</title>\
+            "<!doctype html><html><head><meta charset=\"utf-8\">{refresh}<title>{t} – credbroker</title>\
              <style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;line-height:1.5}}\
-             </style></head><body><h1>{t}</h1><p>{m}</p></body></html>",
+             </style></head><body><h1>{t}</h1><p>{m}</p>{link}</body></html>",
             t = escape(title),
             m = escape(message)
         )),
