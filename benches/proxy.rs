@@ -100,7 +100,7 @@ fn spawn_broker(data_dir: &std::path::Path) -> (String, String, std::process::Ch
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new("taskset")
         .args(["-c", "1"])
-        .arg(env!("CARGO_BIN_EXE_credbroker"))
+        .arg(broker_bin())
         .args([
             "--listen",
             "127.0.0.1:0",

@@ -668,9 +668,19 @@ fn spawn_broker_env(
     runtime: &str,
     envs: &[(&str, &str)],
 ) -> (String, std::process::Child) {
+    spawn_broker_on("1", data_dir, runtime, envs)
+}
+
+/// [`spawn_broker_env`] on the CPUs `cpus` (a `taskset` list).
+fn spawn_broker_on(
+    cpus: &str,
+    data_dir: &std::path::Path,
+    runtime: &str,
+    envs: &[(&str, &str)],
+) -> (String, std::process::Child) {
     let mut child = std::process::Command::new("taskset")
-        .args(["-c", "1"])
-        .arg(env!("CARGO_BIN_EXE_credbroker"))
+        .args(["-c", cpus])
+        .arg(broker_bin())
         .args([
             "--listen",
             "127.0.0.1:0",
@@ -762,19 +772,25 @@ fn h2load_once(
     seconds: f64,
     min_body: usize,
 ) -> (f64, f64, f64) {
+    let (rps, p50, p99, _) = h2load_on(("0", 4, 1), addr, token, body, seconds, min_body);
+    (rps, p50, p99)
+}
+
+/// [`h2load_once`] with h2load on `cpus`, `connections` connections (64 streams each) and
+/// `warm_up` seconds before it counts; also returns the requests it counted.
+fn h2load_on(
+    (cpus, connections, warm_up): (&str, u32, u32),
+    addr: &str,
+    token: &str,
+    body: &std::path::Path,
+    seconds: f64,
+    min_body: usize,
+) -> (f64, f64, f64, f64) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let out = std::process::Command::new("taskset")
-        .args([
-            "-c",
-            "0",
-            "h2load",
-            "-c",
-            "4",
-            "-m",
-            "64",
-            "--warm-up-time",
-            "1",
-        ])
+        .args(["-c", cpus, "h2load", "-m", "64"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("--warm-up-time={warm_up}"))
         .arg(format!("--duration={}", seconds.max(1.0) as u64))
         .arg(format!("--log-file={}", log.path().display()))
         .arg(format!("--data={}", body.display()))
@@ -830,7 +846,157 @@ fn h2load_once(
             .copied()
             .unwrap_or(0.0)
     };
-    (rps, pct(0.50), pct(0.99))
+    (rps, pct(0.50), pct(0.99), done)
+}
+
+/// h2load's request (one framed `GetAccessToken` for `bench`) in a file, and the least size of
+/// a whole answer (the 5-byte gRPC frame header and about the message; a lease's length varies
+/// a little): an error has no message at all.
+fn h2load_request(sample: &pb::GetAccessTokenResponse) -> (tempfile::NamedTempFile, usize) {
+    let msg = prost::Message::encode_to_vec(&pb::GetAccessTokenRequest {
+        system_id: "bench".into(),
+        ..Default::default()
+    });
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let body = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(body.path(), &frame).unwrap();
+    (body, (5 + prost::Message::encoded_len(sample)) * 4 / 5)
+}
+
+/// CPU time of this process's finished children (h2load), µs.
+fn children_cpu_us() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    (f[13].parse::<f64>().unwrap() + f[14].parse::<f64>().unwrap()) * 1e6 / 100.0
+}
+
+/// CPU time of `pid`'s threads whose name is `name` (the kernel keeps 15 bytes of it), µs.
+fn threads_cpu_us(pid: u32, name: &str) -> f64 {
+    let name = &name[..name.len().min(15)];
+    let mut total = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue;
+        };
+        let comm = &stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()];
+        if comm == name {
+            let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            total += (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) * 1e6 / 100.0;
+        }
+    }
+    total
+}
+
+/// One server layout of `--scenario cores`.
+struct Layout {
+    name: &'static str,
+    broker_cpus: &'static str,
+    runtime: &'static str,
+    load_cpus: &'static str,
+}
+
+/// What one `--scenario cores` run of a layout measured.
+#[derive(Clone, Copy, Default)]
+struct CoresRun {
+    rps: f64,
+    p99_us: f64,
+    /// Broker CPU per request, µs.
+    broker_us: f64,
+    /// h2load CPU per request, µs.
+    load_us: f64,
+    /// The extra serving thread's share of the serving threads' CPU.
+    extra_share: f64,
+}
+
+/// `--scenario cores`: the warm `GetAccessToken` on one server core (`current_thread` on core
+/// 1, h2load on core 0) against two (`--runtime per-core`, and `--runtime multi`, on both
+/// cores, which h2load shares), 16 connections × 64 streams, without a warm-up so that the CPU
+/// of the broker and of h2load covers exactly the requests counted. Alternating, median of
+/// `rounds`. The broker is restarted on the same data directory for every run.
+async fn cores_scenario(
+    data_dir: &std::path::Path,
+    token: &str,
+    sample: &pb::GetAccessTokenResponse,
+    seconds: f64,
+    rounds: usize,
+) {
+    let (body, answer) = h2load_request(sample);
+    let layouts = [
+        Layout {
+            name: "current_thread, 1 server core (h2load on the other)",
+            broker_cpus: "1",
+            runtime: "current",
+            load_cpus: "0",
+        },
+        Layout {
+            name: "per-core (SO_REUSEPORT), 2 cores shared with h2load",
+            broker_cpus: "0,1",
+            runtime: "per-core",
+            load_cpus: "0,1",
+        },
+        Layout {
+            name: "multi-thread, 2 cores shared with h2load",
+            broker_cpus: "0,1",
+            runtime: "multi",
+            load_cpus: "0,1",
+        },
+    ];
+    let mut runs: Vec<Vec<CoresRun>> = vec![Vec::new(); layouts.len()];
+    for _ in 0..rounds.max(1) {
+        for (i, l) in layouts.iter().enumerate() {
+            let (addr, mut child) = spawn_broker_on(l.broker_cpus, data_dir, l.runtime, &[]);
+            wait_serving(&addr).await;
+            let pid = child.id();
+            let (b0, h0) = (cpu_us(pid), children_cpu_us());
+            let (rps, _, p99, done) = h2load_on(
+                (l.load_cpus, 16, 0),
+                &addr,
+                token,
+                body.path(),
+                seconds,
+                answer,
+            );
+            let (b1, h1) = (cpu_us(pid), children_cpu_us());
+            let (main, extra) = (
+                threads_cpu_us(pid, "credbroker"),
+                threads_cpu_us(pid, "credbroker-core-1"),
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            runs[i].push(CoresRun {
+                rps,
+                p99_us: p99,
+                broker_us: (b1 - b0) / done,
+                load_us: (h1 - h0) / done,
+                extra_share: extra / (main + extra).max(1.0),
+            });
+        }
+    }
+    let one = median(runs[0].iter().map(|r| r.broker_us).collect());
+    println!("| layout | requests/s | p99 | broker CPU/req | h2load CPU/req | server capacity (cores ÷ broker CPU/req) | ÷ one core | extra thread's share |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, l) in layouts.iter().enumerate() {
+        let m = |f: fn(&CoresRun) -> f64| median(runs[i].iter().map(f).collect());
+        let cores = l.broker_cpus.split(',').count() as f64;
+        let capacity = cores * 1e6 / m(|r| r.broker_us);
+        println!(
+            "| {} | {:.0} | {:.0} µs | {:.2} µs | {:.2} µs | {:.0} req/s | {:.2} | {} |",
+            l.name,
+            m(|r| r.rps),
+            m(|r| r.p99_us),
+            m(|r| r.broker_us),
+            m(|r| r.load_us),
+            capacity,
+            capacity / (1e6 / one),
+            if l.runtime == "per-core" {
+                format!("{:.0} %", 100.0 * m(|r| r.extra_share))
+            } else {
+                "–".to_owned()
+            },
+        );
+    }
 }
 
 /// `--scenario h2load`: the broker's warm `GetAccessToken` against the echo floor (multi-thread
@@ -843,18 +1009,7 @@ async fn h2load_scenario(
     seconds: f64,
     rounds: usize,
 ) {
-    let msg = prost::Message::encode_to_vec(&pb::GetAccessTokenRequest {
-        system_id: "bench".into(),
-        ..Default::default()
-    });
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&msg);
-    let body = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(body.path(), &frame).unwrap();
-    // About a whole answer (the 5-byte gRPC frame header and the message; a lease's length
-    // varies a little): an error has no message at all.
-    let answer = (5 + prost::Message::encoded_len(sample)) * 4 / 5;
+    let (body, answer) = h2load_request(sample);
     let (mt_addr, mut mt) = spawn_echo("multi", sample);
     let (ct_addr, mut ct) = spawn_echo("current", sample);
     let targets = [
@@ -1346,6 +1501,12 @@ fn main() {
             let _ = broker.kill();
             let _ = broker.wait();
             scale_scenario(&rt_kind, arg("--systems", "100000").parse().unwrap(), seconds).await;
+            return;
+        }
+        if arg("--scenario", "token") == "cores" {
+            let _ = broker.kill();
+            let _ = broker.wait();
+            cores_scenario(dir.path(), &worker_token, &sample, seconds, rounds).await;
             return;
         }
         if arg("--scenario", "token") == "h2load" {

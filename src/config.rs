@@ -155,6 +155,9 @@ pub struct ServerConfig {
     pub console_session_max: Duration,
     /// Emit JSON logs.
     pub log_json: bool,
+    /// Threads serving gRPC, each a `current_thread` runtime with its own `SO_REUSEPORT`
+    /// socket on `listen` (`credbroker --runtime per-core`); 1: the main runtime alone.
+    pub serving_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -176,6 +179,7 @@ impl Default for ServerConfig {
             console_session_idle: Duration::from_secs(30 * 60),
             console_session_max: Duration::from_secs(12 * 3600),
             log_json: false,
+            serving_threads: 1,
         }
     }
 }

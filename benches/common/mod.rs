@@ -37,6 +37,12 @@ pub async fn connect(addr: &str, token: &str) -> Client {
 }
 
 /// The value after `name` on the command line, or `default`.
+/// The broker binary to measure: this build's, or `BENCH_BROKER_BIN` (another build, for a
+/// before/after comparison on the same VM in the same hour).
+pub fn broker_bin() -> std::ffi::OsString {
+    std::env::var_os("BENCH_BROKER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_credbroker").into())
+}
+
 pub fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
     args.iter()

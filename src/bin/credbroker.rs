@@ -22,7 +22,8 @@ struct Args {
     #[arg(long, env = "CREDBROKER_CONFIG")]
     config: Option<PathBuf>,
     /// Tokio runtime: auto (current_thread when the process has one CPU, else multi-thread),
-    /// multi, or current.
+    /// multi, current, or per-core (a current_thread runtime per CPU, each accepting gRPC
+    /// connections on its own SO_REUSEPORT socket).
     #[arg(long, env = "CREDBROKER_RUNTIME", default_value = "auto")]
     runtime: String,
     /// Every other setting (flags and environment override the file).
@@ -46,12 +47,17 @@ fn main() -> ExitCode {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let mut config = config;
     let current = match args.runtime.as_str() {
         "current" => true,
         "multi" => false,
         "auto" => cpus == 1,
+        "per-core" => {
+            config.server.serving_threads = cpus;
+            true
+        }
         other => {
-            eprintln!("credbroker: configuration error: --runtime '{other}' must be auto, multi or current");
+            eprintln!("credbroker: configuration error: --runtime '{other}' must be auto, multi, current or per-core");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -75,7 +81,12 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+        let bound = if config.server.serving_threads > 1 {
+            credbroker::server::cores::bind_shared(config.server.listen)
+        } else {
+            tokio::net::TcpListener::bind(config.server.listen).await
+        };
+        let listener = match bound {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(message = "Cannot bind the listen address.", addr = %config.server.listen, error = %e);

@@ -186,24 +186,42 @@ impl Broker {
         Ok(token)
     }
 
-    /// The vendor URL of `tail` (and `query`) under the system's base URL, through the egress
-    /// guard.
+    /// The vendor URL of `tail` (and `query`) under the system's base URL, which the egress
+    /// guard judges once per token: `tail` is empty or starts with `/` and the query follows a
+    /// `?`, so the base alone decides the host.
     fn upstream_url(
         &self,
         token: &IssuedToken,
         tail: &str,
         query: Option<&str>,
-    ) -> Result<url::Url, ProxyRefusal> {
-        let target = format!(
-            "{}{tail}{}",
-            token.api_base_url,
-            query.map(|q| format!("?{q}")).unwrap_or_default()
-        );
-        let url = url::Url::parse(&target).map_err(|_| unusable_base())?;
-        self.egress
-            .check_url(&url)
-            .map_err(ProxyRefusal::Upstream)?;
-        Ok(url)
+    ) -> Result<axum::http::Uri, ProxyRefusal> {
+        debug_assert!(tail.is_empty() || tail.starts_with('/'));
+        let base = token
+            .upstream_base(|base| self.judge_base(base))
+            .as_ref()
+            .map_err(|why| ProxyRefusal::Upstream(why.clone()))?;
+        let mut target =
+            String::with_capacity(base.len() + tail.len() + 1 + query.map_or(0, str::len));
+        target.push_str(base);
+        target.push_str(tail);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        axum::http::Uri::try_from(target).map_err(|_| unusable_base())
+    }
+
+    /// `base` as the URL parser normalizes it (IDNA, default port, dot segments), when the
+    /// egress guard lets calls go there.
+    fn judge_base(&self, base: &str) -> Result<String, String> {
+        let url = url::Url::parse(base).map_err(|_| UNUSABLE_BASE.to_owned())?;
+        self.egress.check_url(&url)?;
+        let mut normalized = String::from(url);
+        // The parser writes an empty path as `/`; the call's own path follows the base.
+        if normalized.ends_with('/') && !base.ends_with('/') {
+            normalized.pop();
+        }
+        Ok(normalized)
     }
 
     /// No audit, no forward: the call may change data at the vendor.
@@ -486,7 +504,7 @@ pub struct ProxyGrant {
     /// The system's current headers (sent upstream, never to the worker).
     pub token: Arc<IssuedToken>,
     /// Where the call goes.
-    pub url: url::Url,
+    pub url: axum::http::Uri,
 }
 
 /// Why a proxied call is not forwarded.
@@ -501,8 +519,10 @@ pub enum ProxyRefusal {
     Unaudited,
 }
 
+const UNUSABLE_BASE: &str = "the registered base URL is not usable";
+
 fn unusable_base() -> ProxyRefusal {
-    ProxyRefusal::Upstream("the registered base URL is not usable".to_owned())
+    ProxyRefusal::Upstream(UNUSABLE_BASE.to_owned())
 }
 
 /// True when no path segment escapes (`..`, `.`, encoded separators, backslashes, NUL).
@@ -539,27 +559,40 @@ pub fn is_clean_path(tail: &str) -> bool {
 
 /// The path with id-like segments replaced by `{id}` (for the audit trail).
 pub fn mask_path(tail: &str) -> String {
-    tail.split('/')
-        .map(|seg| {
-            let digits = seg.chars().filter(|c| c.is_ascii_digit()).count();
-            if !seg.is_empty()
-                && (digits == seg.len()
-                    || (seg.len() >= 8
-                        && digits > 0
-                        && seg.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
-            {
-                "{id}".to_owned()
-            } else {
-                seg.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("/")
+    let mut masked = String::with_capacity(tail.len() + 8);
+    for (i, seg) in tail.split('/').enumerate() {
+        if i > 0 {
+            masked.push('/');
+        }
+        let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+        let id_like = !seg.is_empty()
+            && (digits == seg.len()
+                || (seg.len() >= 8
+                    && digits > 0
+                    && seg.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')));
+        masked.push_str(if id_like { "{id}" } else { seg });
+    }
+    masked
 }
 
 #[cfg(test)]
 mod tests {
-    use super::under_base;
+    use super::{mask_path, under_base};
+
+    #[test]
+    fn ids_are_masked_by_whole_segments() {
+        assert_eq!(mask_path(""), "");
+        assert_eq!(mask_path("/users/me"), "/users/me");
+        assert_eq!(mask_path("/tasks/1204/stories"), "/tasks/{id}/stories");
+        assert_eq!(
+            mask_path("/rest/api/3/issue/PROJ-1234/x/"),
+            "/rest/api/{id}/issue/{id}/x/"
+        );
+        assert_eq!(
+            mask_path("/objects/0a1b2c3d-77/ünï/abcdefgh"),
+            "/objects/{id}/ünï/abcdefgh"
+        );
+    }
 
     #[test]
     fn locations_are_under_the_base_by_whole_segments() {

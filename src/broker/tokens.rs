@@ -68,12 +68,25 @@ pub struct IssuedToken {
     minted_at: Instant,
     /// The token id's audit HMAC, computed on first use (every hand-out is audited).
     audit_hmac: std::sync::OnceLock<String>,
+    /// The base proxied calls are built on (`api_base_url` normalized), or why the egress
+    /// guard refuses it: judged on the first proxied call, since the base decides the host of
+    /// every call under it.
+    upstream_base: std::sync::OnceLock<Result<String, String>>,
 }
 
 impl IssuedToken {
     /// The HMAC under which the audit trail records this token's id.
     pub fn audit_hmac(&self, audit: &crate::audit::Audit) -> &str {
         self.audit_hmac.get_or_init(|| audit.hmac(&self.token_id))
+    }
+
+    /// The base proxied calls are built on, as `judge` finds `api_base_url` (judged once per
+    /// token).
+    pub fn upstream_base(
+        &self,
+        judge: impl FnOnce(&str) -> Result<String, String>,
+    ) -> &Result<String, String> {
+        self.upstream_base.get_or_init(|| judge(&self.api_base_url))
     }
 
     /// True while the token is valid until `need_until`, or (a refreshable token, when the
@@ -1112,6 +1125,7 @@ impl Broker {
             used: AtomicBool::new(false),
             minted_at: Instant::now(),
             audit_hmac: std::sync::OnceLock::new(),
+            upstream_base: std::sync::OnceLock::new(),
         });
         self.cache.insert(system_id, token.clone());
         if refreshable {

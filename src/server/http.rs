@@ -19,11 +19,12 @@ use super::proxy::ProxyClient;
 use crate::broker::connect::{LinkOutcome, Outcome};
 use crate::broker::Broker;
 
-/// What the HTTP handlers share: the gRPC service's core cell and the proxy's upstream client.
+/// What the HTTP handlers share: the gRPC service's core cell and the proxy's upstream client
+/// (cloned per request, so only pointers).
 #[derive(Clone)]
 struct HttpState {
     core: Arc<OnceLock<Arc<Broker>>>,
-    proxy: Option<ProxyClient>,
+    proxy: Option<Arc<ProxyClient>>,
     console: Option<Arc<Console>>,
 }
 
@@ -51,7 +52,7 @@ pub fn router(
         .route("/readyz/writes", get(readyz_writes))
         .with_state(HttpState {
             core,
-            proxy: proxy_client,
+            proxy: proxy_client.map(Arc::new),
             console,
         });
     match pages {
@@ -276,7 +277,7 @@ fn starting() -> Response {
 
 async fn proxy(State(s): State<HttpState>, req: Request) -> Response {
     match s.core.get() {
-        Some(broker) => super::proxy::serve(broker, s.proxy.as_ref(), req).await,
+        Some(broker) => super::proxy::serve(broker, s.proxy.as_deref(), req).await,
         None => (StatusCode::SERVICE_UNAVAILABLE, "credbroker is starting").into_response(),
     }
 }

@@ -11,6 +11,7 @@
 pub mod broker_svc;
 pub mod console;
 pub mod convert;
+pub mod cores;
 pub mod http;
 pub mod proxy;
 pub mod tls;
@@ -185,7 +186,8 @@ pub async fn run_with_hooks(
     let (tls, http_tls) = load_tls(&config)?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut tls_tasks = Vec::new();
-    let (health, mut server_task) = start_grpc(
+    // Extra cores' runtimes end when this is dropped, on every way out.
+    let (health, mut server_task, extra_cores) = start_grpc(
         listener,
         &config,
         &core,
@@ -257,7 +259,7 @@ pub async fn run_with_hooks(
         let _ = broker.flush().await;
         return match res {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Transport(e.to_string())),
+            Ok(Err(e)) => Err(ServeError::Transport(e)),
             Err(e) => Err(ServeError::Transport(e.to_string())),
         };
     }
@@ -277,6 +279,9 @@ pub async fn run_with_hooks(
     for t in tls_tasks {
         t.abort();
     }
+    if let Some(cores) = extra_cores {
+        cores.finish().await;
+    }
     drop(core);
     drop(broker);
     tracing::info!(message = "credbroker stopped.");
@@ -292,7 +297,7 @@ async fn start_grpc(
     tls: Option<&Tls>,
     tls_tasks: &mut Vec<JoinHandle<()>>,
     stop_rx: oneshot::Receiver<()>,
-) -> Result<(HealthReporter, GrpcTask), ServeError> {
+) -> Result<(HealthReporter, GrpcTask, Option<cores::ExtraCores>), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", ServingStatus::NotServing)
@@ -323,32 +328,95 @@ async fn start_grpc(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service);
-    let stop = async {
-        let _ = stop_rx.await;
-    };
     if tls.is_none() && listener.local_addr().is_ok_and(|a| !a.ip().is_loopback()) {
         tracing::warn!(message = "The gRPC listener serves plaintext on a non-loopback address; caller tokens and headers cross it in clear. Configure tls_cert_file/tls_key_file.");
     }
-    let server_task = match tls {
-        None => tokio::spawn(
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
-        ),
-        Some(reloader) => {
-            let (incoming, accept_task) = reloader.incoming(listener);
-            tls_tasks.push(accept_task);
-            tls_tasks.extend(reloader.watch(config.tls.reload_interval));
+    if let Some(reloader) = tls {
+        tls_tasks.extend(reloader.watch(config.tls.reload_interval));
+        tracing::info!(
+            message = "gRPC listener speaks TLS.",
+            client_certificates = config.tls.client_ca_file.is_some()
+        );
+    }
+    let serve = grpc_server(router, tls.cloned());
+    let threads = config.server.serving_threads.max(1);
+    let (stop_all, stopping) = tokio::sync::watch::channel(false);
+    let mut extra = match threads {
+        1 => None,
+        n => {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| ServeError::Transport(e.to_string()))?;
+            let cores = cores::ExtraCores::start(n - 1, addr, &stopping, serve.clone())
+                .await
+                .map_err(ServeError::Transport)?;
             tracing::info!(
-                message = "gRPC listener speaks TLS.",
-                client_certificates = config.tls.client_ca_file.is_some()
+                message = "gRPC served by one runtime per core.",
+                threads = n
             );
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+            Some(cores)
         }
     };
-    Ok((health, server_task))
+    let main = serve(listener, stopping);
+    let others = extra
+        .as_mut()
+        .map(|e| std::mem::take(&mut e.done))
+        .unwrap_or_default();
+    let server_task = tokio::spawn(async move {
+        let mut main = main;
+        let mut outcome = tokio::select! {
+            outcome = &mut main => outcome,
+            _ = stop_rx => {
+                let _ = stop_all.send(true);
+                main.await
+            }
+        };
+        // A server that ended by itself takes the others with it.
+        let _ = stop_all.send(true);
+        for other in others {
+            if let Ok(Err(e)) = other.await {
+                outcome = outcome.and(Err(e));
+            }
+        }
+        outcome
+    });
+    Ok((health, server_task, extra))
 }
 
-/// The gRPC server's task.
-type GrpcTask = JoinHandle<Result<(), tonic::transport::Error>>;
+/// Serves the gRPC `router` on a listener until told to stop (the main runtime's listener and
+/// each extra core's).
+fn grpc_server(
+    router: tonic::transport::server::Router,
+    tls: Option<Tls>,
+) -> impl Fn(TcpListener, tokio::sync::watch::Receiver<bool>) -> GrpcServing + Clone + Send + 'static
+{
+    move |listener, stop| {
+        let (router, tls) = (router.clone(), tls.clone());
+        Box::pin(async move {
+            let stop = cores::stopped(stop);
+            let served = match tls {
+                None => {
+                    router
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+                        .await
+                }
+                Some(reloader) => {
+                    let (incoming, accept_task) = reloader.incoming(listener);
+                    let served = router.serve_with_incoming_shutdown(incoming, stop).await;
+                    accept_task.abort();
+                    served
+                }
+            };
+            served.map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// One listener's gRPC serving.
+type GrpcServing = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// The gRPC server's task: the main listener's serving, then the extra cores'.
+type GrpcTask = JoinHandle<Result<(), String>>;
 
 /// Health says NOT_SERVING to its watchers, then ends their streams so they do not hold the
 /// graceful shutdown open.

@@ -227,14 +227,8 @@ async fn send(
             "the proxy is not configured",
         ));
     };
-    let uri = axum::http::Uri::try_from(grant.url.as_str()).map_err(|_| {
-        Refusal::new(
-            StatusCode::BAD_GATEWAY,
-            "the registered base URL is not usable",
-        )
-    })?;
     let cap = broker.settings.proxy_max_body_bytes;
-    let forward = forward_request(req, uri, &grant.token, cap)?;
+    let forward = forward_request(req, grant.url.clone(), &grant.token, cap)?;
     let mut permit = broker
         .admit_quota(grant, call.system_id)
         .await

@@ -12,6 +12,7 @@ mod chaos;
 mod connect;
 mod console;
 mod contract;
+mod cores;
 mod crash;
 mod edges;
 mod egress_proxy;

@@ -151,7 +151,12 @@ impl TestBroker {
     }
 
     async fn start_gated(config: Config, hooks: StartupHooks) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = if config.server.serving_threads > 1 {
+            // Extra serving threads share the port (`--runtime per-core`).
+            credbroker::server::cores::bind_shared("127.0.0.1:0".parse().unwrap()).unwrap()
+        } else {
+            TcpListener::bind("127.0.0.1:0").await.unwrap()
+        };
         let addr = listener.local_addr().unwrap();
         let http_addr = hooks.http_listener.as_ref().unwrap().local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
