@@ -194,7 +194,7 @@ impl Broker {
         token: &IssuedToken,
         tail: &str,
         query: Option<&str>,
-    ) -> Result<axum::http::Uri, ProxyRefusal> {
+    ) -> Result<String, ProxyRefusal> {
         debug_assert!(tail.is_empty() || tail.starts_with('/'));
         let base = token
             .upstream_base(|base| self.judge_base(base))
@@ -208,7 +208,7 @@ impl Broker {
             target.push('?');
             target.push_str(q);
         }
-        axum::http::Uri::try_from(target).map_err(|_| unusable_base())
+        Ok(target)
     }
 
     /// `base` as the URL parser normalizes it (IDNA, default port, dot segments), when the
@@ -504,7 +504,7 @@ pub struct ProxyGrant {
     /// The system's current headers (sent upstream, never to the worker).
     pub token: Arc<IssuedToken>,
     /// Where the call goes.
-    pub url: axum::http::Uri,
+    pub url: String,
 }
 
 /// Why a proxied call is not forwarded.
@@ -519,11 +519,8 @@ pub enum ProxyRefusal {
     Unaudited,
 }
 
-const UNUSABLE_BASE: &str = "the registered base URL is not usable";
-
-fn unusable_base() -> ProxyRefusal {
-    ProxyRefusal::Upstream(UNUSABLE_BASE.to_owned())
-}
+/// Why a call to a system cannot be sent as registered.
+pub const UNUSABLE_BASE: &str = "the registered base URL is not usable";
 
 /// True when no path segment escapes (`..`, `.`, encoded separators, backslashes, NUL).
 pub fn is_clean_path(tail: &str) -> bool {

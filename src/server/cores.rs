@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 /// Listen backlog of every serving socket (what `TcpListener::bind` uses).
 const BACKLOG: u32 = 1024;
@@ -30,6 +31,54 @@ pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
+
+/// Serves with `serve` on `listener` in this runtime and, when `threads` > 1, on `threads` - 1
+/// extra threads with sockets of their own on its address. The returned task ends when every
+/// server has stopped: all stop when `stop` resolves, or when one of them ends by itself.
+pub(crate) async fn serve_on_cores<F, Fut>(
+    threads: usize,
+    listener: TcpListener,
+    stop: oneshot::Receiver<()>,
+    serve: F,
+) -> Result<Serving, String>
+where
+    F: Fn(TcpListener, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let (stop_all, stopping) = watch::channel(false);
+    let mut extra = None;
+    if threads > 1 {
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        extra = Some(ExtraCores::start(threads - 1, addr, &stopping, serve.clone()).await?);
+    }
+    let others = extra
+        .as_mut()
+        .map(|e: &mut ExtraCores| std::mem::take(&mut e.done))
+        .unwrap_or_default();
+    let main = serve(listener, stopping);
+    let task = tokio::spawn(async move {
+        let mut main = std::pin::pin!(main);
+        let mut outcome = tokio::select! {
+            outcome = &mut main => outcome,
+            _ = stop => {
+                let _ = stop_all.send(true);
+                main.await
+            }
+        };
+        // A server that ended by itself takes the others with it.
+        let _ = stop_all.send(true);
+        for other in others {
+            if let Ok(Err(e)) = other.await {
+                outcome = outcome.and(Err(e));
+            }
+        }
+        outcome
+    });
+    Ok((task, extra))
+}
+
+/// A server's task (see [`serve_on_cores`]) and its extra threads, if any.
+pub(crate) type Serving = (JoinHandle<Result<(), String>>, Option<ExtraCores>);
 
 /// Resolves once `stop` says so (or its sender is gone).
 pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {

@@ -370,13 +370,14 @@ async fn secure(
 }
 
 /// Limits of the HTTP listener, which may face the internet (OAuth callbacks, the proxy).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HttpLimits {
     /// A request head (the first, or the next on an idle keep-alive connection) must arrive
     /// whole within this, else the connection is closed.
     pub header_timeout: std::time::Duration,
-    /// Open connections at most; one more is closed at once.
-    pub max_connections: usize,
+    /// One permit per open connection, shared by every serving thread; past the last one a new
+    /// connection is closed at once.
+    pub connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves `app` on `listener` until `stop` fires, then lets open connections finish their
@@ -388,9 +389,9 @@ pub async fn serve(
     app: Router,
     limits: HttpLimits,
     tls: Option<Arc<super::tls::TlsReloader>>,
-    stop: tokio::sync::oneshot::Receiver<()>,
+    stop: impl std::future::Future<Output = ()>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let (permits, header_timeout) = (limits.connections, limits.header_timeout);
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(stop);
@@ -433,7 +434,7 @@ pub async fn serve(
             let service = hyper_util::service::TowerToHyperService::new(app);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
+                .header_read_timeout(header_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(io), service);
             tokio::pin!(conn);
             tokio::select! {

@@ -186,7 +186,7 @@ pub async fn run_with_hooks(
     let (tls, http_tls) = load_tls(&config)?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let mut tls_tasks = Vec::new();
-    // Extra cores' runtimes end when this is dropped, on every way out.
+    // Extra cores' runtimes end when dropped, on every way out.
     let (health, mut server_task, extra_cores) = start_grpc(
         listener,
         &config,
@@ -198,7 +198,7 @@ pub async fn run_with_hooks(
     .await?;
 
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
-    let (http_task, public_url) = match start_http(
+    let (http_serving, public_url) = match start_http(
         &config,
         hooks.http_listener,
         &core,
@@ -215,6 +215,7 @@ pub async fn run_with_hooks(
         }
     };
 
+    let (http_task, http_cores) = http_serving.map_or((None, None), |(t, c)| (Some(t), c));
     if let Some(gate) = hooks.before_open {
         let _ = gate.await;
     }
@@ -279,7 +280,7 @@ pub async fn run_with_hooks(
     for t in tls_tasks {
         t.abort();
     }
-    if let Some(cores) = extra_cores {
+    for cores in [extra_cores, http_cores].into_iter().flatten() {
         cores.finish().await;
     }
     drop(core);
@@ -338,48 +339,14 @@ async fn start_grpc(
             client_certificates = config.tls.client_ca_file.is_some()
         );
     }
+    let threads = config.server.serving_threads;
     let serve = grpc_server(router, tls.cloned());
-    let threads = config.server.serving_threads.max(1);
-    let (stop_all, stopping) = tokio::sync::watch::channel(false);
-    let mut extra = match threads {
-        1 => None,
-        n => {
-            let addr = listener
-                .local_addr()
-                .map_err(|e| ServeError::Transport(e.to_string()))?;
-            let cores = cores::ExtraCores::start(n - 1, addr, &stopping, serve.clone())
-                .await
-                .map_err(ServeError::Transport)?;
-            tracing::info!(
-                message = "gRPC served by one runtime per core.",
-                threads = n
-            );
-            Some(cores)
-        }
-    };
-    let main = serve(listener, stopping);
-    let others = extra
-        .as_mut()
-        .map(|e| std::mem::take(&mut e.done))
-        .unwrap_or_default();
-    let server_task = tokio::spawn(async move {
-        let mut main = main;
-        let mut outcome = tokio::select! {
-            outcome = &mut main => outcome,
-            _ = stop_rx => {
-                let _ = stop_all.send(true);
-                main.await
-            }
-        };
-        // A server that ended by itself takes the others with it.
-        let _ = stop_all.send(true);
-        for other in others {
-            if let Ok(Err(e)) = other.await {
-                outcome = outcome.and(Err(e));
-            }
-        }
-        outcome
-    });
+    let (server_task, extra) = cores::serve_on_cores(threads, listener, stop_rx, serve)
+        .await
+        .map_err(ServeError::Transport)?;
+    if extra.is_some() {
+        tracing::info!(message = "gRPC served by one runtime per core.", threads);
+    }
     Ok((health, server_task, extra))
 }
 
@@ -415,7 +382,7 @@ fn grpc_server(
 /// One listener's gRPC serving.
 type GrpcServing = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
-/// The gRPC server's task: the main listener's serving, then the extra cores'.
+/// A server's task: the main listener's serving, then the extra cores'.
 type GrpcTask = JoinHandle<Result<(), String>>;
 
 /// Health says NOT_SERVING to its watchers, then ends their streams so they do not hold the
@@ -439,7 +406,7 @@ async fn drain_within_grace(
     config: &Config,
     broker: &Arc<Broker>,
     refresher: crate::broker::tokens::Refresher,
-    http_task: Option<JoinHandle<()>>,
+    http_task: Option<GrpcTask>,
     mut server_task: GrpcTask,
 ) {
     // One grace period for the whole drain (listeners, calls, vendor exchanges, which all run
@@ -523,13 +490,20 @@ async fn start_http(
     http_tls: Option<Arc<tls::TlsReloader>>,
     tls_tasks: &mut Vec<JoinHandle<()>>,
     http_stop_rx: oneshot::Receiver<()>,
-) -> Result<(Option<JoinHandle<()>>, Option<String>), ServeError> {
+) -> Result<(Option<cores::Serving>, Option<String>), ServeError> {
     let http_listener = match listener {
         Some(l) => Some(l),
         None => match config.server.http_listen {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-                ServeError::Transport(format!("cannot listen for HTTP on {addr}: {e}"))
-            })?),
+            Some(addr) => {
+                let bound = if config.server.serving_threads > 1 {
+                    cores::bind_shared(addr)
+                } else {
+                    TcpListener::bind(addr).await
+                };
+                Some(bound.map_err(|e| {
+                    ServeError::Transport(format!("cannot listen for HTTP on {addr}: {e}"))
+                })?)
+            }
             None => None,
         },
     };
@@ -571,15 +545,24 @@ async fn start_http(
             let app = http::router(core.clone(), Some(proxy_client), console);
             let limits = http::HttpLimits {
                 header_timeout: config.server.http_header_timeout,
-                max_connections: config.server.http_max_connections,
+                connections: Arc::new(tokio::sync::Semaphore::new(
+                    config.server.http_max_connections.max(1),
+                )),
             };
-            Some(tokio::spawn(http::serve(
-                l,
-                app,
-                limits,
-                http_tls.clone(),
-                http_stop_rx,
-            )))
+            let tls = http_tls.clone();
+            let serve = move |l, stop| {
+                let (app, limits, tls) = (app.clone(), limits.clone(), tls.clone());
+                async move {
+                    http::serve(l, app, limits, tls, cores::stopped(stop)).await;
+                    Ok(())
+                }
+            };
+            let threads = config.server.serving_threads;
+            Some(
+                cores::serve_on_cores(threads, l, http_stop_rx, serve)
+                    .await
+                    .map_err(ServeError::Transport)?,
+            )
         }
         None => None,
     };

@@ -17,7 +17,9 @@ use axum::response::{IntoResponse, Response};
 use tokio_stream::StreamExt;
 
 use crate::backends::ratelimit::read as read_signals;
-use crate::broker::proxy::{is_clean_path, mask_path, under_base, ProxyGrant, ProxyRefusal};
+use crate::broker::proxy::{
+    is_clean_path, mask_path, under_base, ProxyGrant, ProxyRefusal, UNUSABLE_BASE,
+};
 use crate::broker::tokens::IssuedToken;
 use crate::broker::Broker;
 
@@ -227,8 +229,10 @@ async fn send(
             "the proxy is not configured",
         ));
     };
+    let uri = axum::http::Uri::try_from(grant.url.as_str())
+        .map_err(|_| Refusal::new(StatusCode::BAD_GATEWAY, UNUSABLE_BASE))?;
     let cap = broker.settings.proxy_max_body_bytes;
-    let forward = forward_request(req, grant.url.clone(), &grant.token, cap)?;
+    let forward = forward_request(req, uri, &grant.token, cap)?;
     let mut permit = broker
         .admit_quota(grant, call.system_id)
         .await

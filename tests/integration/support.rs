@@ -120,7 +120,11 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts a broker with `config` and waits until it is SERVING.
     pub async fn start_with(config: Config) -> Self {
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = if config.server.serving_threads > 1 {
+            credbroker::server::cores::bind_shared("127.0.0.1:0".parse().unwrap()).unwrap()
+        } else {
+            TcpListener::bind("127.0.0.1:0").await.unwrap()
+        };
         Self::start_gated(
             config,
             StartupHooks {
