@@ -81,12 +81,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let bound = if config.server.serving_threads > 1 {
-            credbroker::server::cores::bind_shared(config.server.listen)
-        } else {
-            tokio::net::TcpListener::bind(config.server.listen).await
-        };
-        let listener = match bound {
+        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(message = "Cannot bind the listen address.", addr = %config.server.listen, error = %e);

@@ -195,7 +195,10 @@ impl Broker {
         tail: &str,
         query: Option<&str>,
     ) -> Result<String, ProxyRefusal> {
-        debug_assert!(tail.is_empty() || tail.starts_with('/'));
+        // Anything else after the base could make it name another host or port.
+        if !(tail.is_empty() || tail.starts_with('/')) || query.is_some_and(|q| q.contains('#')) {
+            return Err(unusable_base());
+        }
         let base = token
             .upstream_base(|base| self.judge_base(base))
             .as_ref()
@@ -521,6 +524,10 @@ pub enum ProxyRefusal {
 
 /// Why a call to a system cannot be sent as registered.
 pub const UNUSABLE_BASE: &str = "the registered base URL is not usable";
+
+fn unusable_base() -> ProxyRefusal {
+    ProxyRefusal::Upstream(UNUSABLE_BASE.to_owned())
+}
 
 /// True when no path segment escapes (`..`, `.`, encoded separators, backslashes, NUL).
 pub fn is_clean_path(tail: &str) -> bool {

@@ -82,7 +82,7 @@ impl IssuedToken {
 
     /// The base proxied calls are built on, as `judge` finds `api_base_url` (judged once per
     /// token).
-    pub fn upstream_base(
+    pub(crate) fn upstream_base(
         &self,
         judge: impl FnOnce(&str) -> Result<String, String>,
     ) -> &Result<String, String> {

@@ -1,40 +1,21 @@
 //! `--runtime per-core`: more serving threads next to the main one, each a `current_thread`
-//! runtime with its own listening socket on the same address (`SO_REUSEPORT`, so the kernel
-//! spreads new connections across them). A connection stays on the thread that accepted it, so
-//! its calls never cross threads; the broker, its caches and its background work (run by the
-//! main runtime) are shared.
-//!
-//! Only sockets of the same user can join a `SO_REUSEPORT` group on Linux, and that user can
-//! read the data directory anyway.
+//! runtime accepting on its own handle of the same listening socket (a duplicated descriptor,
+//! not a second socket on the port: no other process can join the port, and a second broker
+//! started on it still fails to bind). Whichever thread is free takes a new connection, and a
+//! connection stays on the thread that accepted it, so its calls never cross threads. The
+//! broker and its caches are shared; start-up's background work runs on the main runtime, work
+//! a call starts on that call's thread.
 
-use std::future::Future;
-use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// Listen backlog of every serving socket (what `TcpListener::bind` uses).
-const BACKLOG: u32 = 1024;
-
-/// A listening socket on `addr` that other sockets of this process may share
-/// (`SO_REUSEPORT`). Needs a runtime.
-pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    #[cfg(unix)]
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
-}
-
 /// Serves with `serve` on `listener` in this runtime and, when `threads` > 1, on `threads` - 1
-/// extra threads with sockets of their own on its address. The returned task ends when every
-/// server has stopped: all stop when `stop` resolves, or when one of them ends by itself.
+/// extra threads sharing the socket. The returned task ends when every server has stopped: all
+/// stop when `stop` resolves, or when one of them ends by itself.
 pub(crate) async fn serve_on_cores<F, Fut>(
     threads: usize,
     listener: TcpListener,
@@ -43,33 +24,34 @@ pub(crate) async fn serve_on_cores<F, Fut>(
 ) -> Result<Serving, String>
 where
     F: Fn(TcpListener, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
-    let (stop_all, stopping) = watch::channel(false);
+    let stop_all = Arc::new(watch::channel(false).0);
     let mut extra = None;
     if threads > 1 {
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        extra = Some(ExtraCores::start(threads - 1, addr, &stopping, serve.clone()).await?);
+        extra = Some(ExtraCores::start(threads - 1, &listener, &stop_all, serve.clone()).await?);
     }
     let others = extra
         .as_mut()
         .map(|e: &mut ExtraCores| std::mem::take(&mut e.done))
         .unwrap_or_default();
-    let main = serve(listener, stopping);
+    let main = serve(listener, stop_all.subscribe());
     let task = tokio::spawn(async move {
         let mut main = std::pin::pin!(main);
+        let mut ended = stop_all.subscribe();
         let mut outcome = tokio::select! {
             outcome = &mut main => outcome,
-            _ = stop => {
-                let _ = stop_all.send(true);
-                main.await
-            }
+            // Told to stop, or an extra thread's server ended by itself.
+            _ = stop => { let _ = stop_all.send(true); main.await }
+            () = stopped_ref(&mut ended) => main.await,
         };
         // A server that ended by itself takes the others with it.
         let _ = stop_all.send(true);
         for other in others {
-            if let Ok(Err(e)) = other.await {
-                outcome = outcome.and(Err(e));
+            match other.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => outcome = outcome.and(Err(e)),
+                Err(_) => outcome = outcome.and(Err("a serving thread ended unexpectedly".into())),
             }
         }
         outcome
@@ -82,128 +64,177 @@ pub(crate) type Serving = (JoinHandle<Result<(), String>>, Option<ExtraCores>);
 
 /// Resolves once `stop` says so (or its sender is gone).
 pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
+    stopped_ref(&mut stop).await;
+}
+
+async fn stopped_ref(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// The extra serving threads. Dropping this lets their runtimes end.
+/// The extra serving threads. Dropping this (or [`ExtraCores::cut`]) ends them.
 pub(crate) struct ExtraCores {
     /// Each thread's serving outcome, once its server has stopped.
     pub(crate) done: Vec<oneshot::Receiver<Result<(), String>>>,
-    /// Lets the threads' runtimes end: until then they drive what their calls left running
-    /// (a refresh a vendor has answered must still reach the store), which the main runtime
-    /// drains before it releases them.
+    /// Ends the threads: until then a thread whose server has stopped keeps driving what its
+    /// calls left running (a refresh a vendor has answered must still reach the store), which
+    /// the main runtime drains first. A server still running when this fires (the grace
+    /// period ran out) is dropped, cutting its connections.
     release: watch::Sender<bool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    /// One per thread, dropped when its runtime has shut down.
+    ended: Vec<oneshot::Receiver<()>>,
 }
 
 impl ExtraCores {
-    /// Starts `count` threads, each serving with `serve` on its own socket bound to `addr`
-    /// until `stop`; returns once every socket is bound (or the first error).
-    pub(crate) async fn start<F, Fut>(
+    /// Starts `count` threads, each serving with `serve` on a handle of `listener` until
+    /// `stop_all` says so; returns once every thread is accepting (or the first error).
+    async fn start<F, Fut>(
         count: usize,
-        addr: SocketAddr,
-        stop: &watch::Receiver<bool>,
+        listener: &TcpListener,
+        stop_all: &Arc<watch::Sender<bool>>,
         serve: F,
     ) -> Result<Self, String>
     where
         F: Fn(TcpListener, watch::Receiver<bool>) -> Fut + Clone + Send + 'static,
-        Fut: Future<Output = Result<(), String>> + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + 'static,
     {
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (release, released) = watch::channel(false);
         let mut cores = Self {
             done: Vec::with_capacity(count),
             release,
-            threads: Vec::with_capacity(count),
+            ended: Vec::with_capacity(count),
         };
         for i in 1..=count {
-            let (bound_tx, bound_rx) = oneshot::channel();
+            let (accepting_tx, accepting) = oneshot::channel();
             let (done_tx, done_rx) = oneshot::channel();
+            let (ended_tx, ended_rx) = oneshot::channel();
             let job = Job {
-                addr,
-                stop: stop.clone(),
+                listener: duplicate(listener).map_err(|e| format!("{addr}: {e}"))?,
+                stop_all: stop_all.clone(),
                 released: released.clone(),
-                bound: bound_tx,
+                accepting: accepting_tx,
                 done: done_tx,
+                ended: ended_tx,
             };
             let serve = serve.clone();
-            let thread = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name(format!("credbroker-core-{i}"))
                 .spawn(move || job.run(serve))
                 .map_err(|e| format!("cannot start serving thread {i}: {e}"))?;
-            cores.threads.push(thread);
             cores.done.push(done_rx);
-            match bound_rx.await {
+            cores.ended.push(ended_rx);
+            match accepting.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    return Err(format!("serving thread {i} cannot listen on {addr}: {e}"))
+                    return Err(format!("serving thread {i} cannot accept on {addr}: {e}"))
                 }
-                Err(_) => return Err(format!("serving thread {i} ended before it listened")),
+                Err(_) => return Err(format!("serving thread {i} ended before it accepted")),
             }
         }
         Ok(cores)
     }
 
-    /// Lets the threads' runtimes end and waits (a few seconds at most) until they have.
-    pub(crate) async fn finish(mut self) {
+    /// Ends the threads now, cutting what they still serve.
+    pub(crate) fn cut(&self) {
         let _ = self.release.send(true);
-        let threads = std::mem::take(&mut self.threads);
-        let joined = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
+    }
+
+    /// Ends the threads and waits until their runtimes have shut down, for `within` at most.
+    pub(crate) async fn finish(mut self, within: Duration) {
+        self.cut();
+        let ended = std::mem::take(&mut self.ended);
+        let all = async {
+            for e in ended {
+                let _ = e.await;
             }
-        });
-        if tokio::time::timeout(std::time::Duration::from_secs(5), joined)
-            .await
-            .is_err()
-        {
-            tracing::warn!(message = "A serving thread did not end within 5 s; stopping anyway.");
+        };
+        if tokio::time::timeout(within, all).await.is_err() {
+            tracing::warn!(message = "A serving thread had not ended in time; stopping anyway.");
         }
     }
 }
 
 impl Drop for ExtraCores {
     fn drop(&mut self) {
-        let _ = self.release.send(true);
+        self.cut();
     }
+}
+
+/// Another handle of `listener`'s socket, for another runtime.
+#[cfg(unix)]
+fn duplicate(listener: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let handle = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+    handle.set_nonblocking(true)?;
+    Ok(handle)
+}
+
+#[cfg(not(unix))]
+fn duplicate(_: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    Err(std::io::Error::other(
+        "--runtime per-core needs a Unix system",
+    ))
 }
 
 /// One extra thread's work.
 struct Job {
-    addr: SocketAddr,
-    stop: watch::Receiver<bool>,
+    listener: std::net::TcpListener,
+    stop_all: Arc<watch::Sender<bool>>,
     released: watch::Receiver<bool>,
-    bound: oneshot::Sender<Result<(), String>>,
+    accepting: oneshot::Sender<Result<(), String>>,
     done: oneshot::Sender<Result<(), String>>,
+    /// Dropped when the thread's runtime has shut down.
+    ended: oneshot::Sender<()>,
 }
+
+/// How long a released thread's runtime waits for its blocking tasks (store calls).
+const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
 impl Job {
     fn run<F, Fut>(self, serve: F)
     where
         F: Fn(TcpListener, watch::Receiver<bool>) -> Fut,
-        Fut: Future<Output = Result<(), String>>,
+        Fut: std::future::Future<Output = Result<(), String>>,
     {
+        let Job {
+            listener,
+            stop_all,
+            mut released,
+            accepting,
+            done,
+            ended,
+        } = self;
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         {
             Ok(rt) => rt,
             Err(e) => {
-                let _ = self.bound.send(Err(e.to_string()));
+                let _ = accepting.send(Err(e.to_string()));
                 return;
             }
         };
         runtime.block_on(async move {
-            let listener = match bind_shared(self.addr) {
+            let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = self.bound.send(Err(e.to_string()));
+                    let _ = accepting.send(Err(e.to_string()));
                     return;
                 }
             };
-            let _ = self.bound.send(Ok(()));
-            let outcome = serve(listener, self.stop).await;
-            let _ = self.done.send(outcome);
-            stopped(self.released).await;
+            let _ = accepting.send(Ok(()));
+            let mut cut = released.clone();
+            tokio::select! {
+                outcome = serve(listener, stop_all.subscribe()) => {
+                    // Ended by itself, or stopped: either way every server stops.
+                    let _ = stop_all.send(true);
+                    let _ = done.send(outcome);
+                    stopped_ref(&mut released).await;
+                }
+                () = stopped_ref(&mut cut) => {}
+            }
         });
+        runtime.shutdown_timeout(BLOCKING_GRACE);
+        drop(ended);
     }
 }

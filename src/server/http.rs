@@ -447,6 +447,8 @@ pub async fn serve(
             drop(permit);
         });
     }
+    // New connections are refused from here on, not left waiting in the backlog.
+    drop(listener);
     let _ = closing_tx.send(true);
     connections.close();
     connections.wait().await;

@@ -251,18 +251,8 @@ pub async fn run_with_hooks(
         res = &mut server_task => Some(res),
     };
     if let Some(res) = early_exit {
-        // Ends watches and webhook deliveries (tracked with the exchanges drained next).
-        settle_events(&broker).await;
-        refresher.shutdown().await;
-        broker.drain_exchanges(config.server.shutdown_grace).await;
-        broker.stop_rewrap().await;
         let _ = http_stop_tx.send(());
-        let _ = broker.flush().await;
-        return match res {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Transport(e)),
-            Err(e) => Err(ServeError::Transport(e.to_string())),
-        };
+        return after_server_ended(&config, &broker, refresher, res).await;
     }
 
     for w in watchers {
@@ -275,18 +265,46 @@ pub async fn run_with_hooks(
     announce_draining(&health).await;
     let _ = stop_tx.send(());
     let _ = http_stop_tx.send(());
-    drain_within_grace(&config, &broker, refresher, http_task, server_task).await;
+    let extras = [extra_cores, http_cores];
+    drain_within_grace(
+        &config,
+        &broker,
+        refresher,
+        (http_task, server_task),
+        &extras,
+    )
+    .await;
     settle_events(&broker).await;
     for t in tls_tasks {
         t.abort();
     }
-    for cores in [extra_cores, http_cores].into_iter().flatten() {
-        cores.finish().await;
+    for cores in extras.into_iter().flatten() {
+        cores.finish(Duration::from_secs(2)).await;
     }
     drop(core);
     drop(broker);
     tracing::info!(message = "credbroker stopped.");
     Ok(())
+}
+
+/// The gRPC server ended by itself: what it started is drained, and its outcome returned.
+async fn after_server_ended(
+    config: &Config,
+    broker: &Broker,
+    refresher: crate::broker::tokens::Refresher,
+    res: Result<Result<(), String>, tokio::task::JoinError>,
+) -> Result<(), ServeError> {
+    // Ends watches and webhook deliveries (tracked with the exchanges drained next).
+    settle_events(broker).await;
+    refresher.shutdown().await;
+    broker.drain_exchanges(config.server.shutdown_grace).await;
+    broker.stop_rewrap().await;
+    let _ = broker.flush().await;
+    match res {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServeError::Transport(e)),
+        Err(e) => Err(ServeError::Transport(e.to_string())),
+    }
 }
 
 /// The gRPC server (the broker's service, health and reflection) on `listener`, serving until
@@ -406,8 +424,8 @@ async fn drain_within_grace(
     config: &Config,
     broker: &Arc<Broker>,
     refresher: crate::broker::tokens::Refresher,
-    http_task: Option<GrpcTask>,
-    mut server_task: GrpcTask,
+    (http_task, mut server_task): (Option<GrpcTask>, GrpcTask),
+    extras: &[Option<cores::ExtraCores>],
 ) {
     // One grace period for the whole drain (listeners, calls, vendor exchanges, which all run
     // meanwhile), not one per stage: an orchestrator's kill deadline is a single number.
@@ -423,6 +441,10 @@ async fn drain_within_grace(
                 grace_secs = config.server.shutdown_grace.as_secs()
             );
             server_task.abort();
+            // The extra threads' calls are abandoned too, before exchanges are drained.
+            for c in extras.iter().flatten() {
+                c.cut();
+            }
         }
     }
     refresher.shutdown().await;
@@ -494,16 +516,9 @@ async fn start_http(
     let http_listener = match listener {
         Some(l) => Some(l),
         None => match config.server.http_listen {
-            Some(addr) => {
-                let bound = if config.server.serving_threads > 1 {
-                    cores::bind_shared(addr)
-                } else {
-                    TcpListener::bind(addr).await
-                };
-                Some(bound.map_err(|e| {
-                    ServeError::Transport(format!("cannot listen for HTTP on {addr}: {e}"))
-                })?)
-            }
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                ServeError::Transport(format!("cannot listen for HTTP on {addr}: {e}"))
+            })?),
             None => None,
         },
     };

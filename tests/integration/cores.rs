@@ -21,6 +21,9 @@ fn listening_on(port: u16) -> usize {
         .count()
 }
 
+/// The in-process tests here count this process's serving threads: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Threads of this process named like the extra serving threads.
 fn serving_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -30,24 +33,63 @@ fn serving_threads() -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_serving_thread_answers_and_ends_with_the_broker() {
+/// `n` `GetAccessToken` calls for `system` and `n` HTTP `/healthz` requests, each on a new
+/// connection, from a thread and runtime of their own; how many were answered within 5 s each.
+fn calls_from_another_thread(
+    grpc: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    worker: String,
+    n: usize,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut answered = 0;
+            for _ in 0..n {
+                let call = async {
+                    let mut c = client(grpc, Some(&worker)).await;
+                    c.get_access_token(pb::GetAccessTokenRequest {
+                        system_id: "spread".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                };
+                if let Ok(t) = tokio::time::timeout(Duration::from_secs(5), call).await {
+                    assert_eq!(t.headers[0].value, "Bearer spread-pat");
+                    answered += 1;
+                }
+                let http_client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .unwrap();
+                let get = http_client.get(format!("http://{http}/healthz")).send();
+                if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), get).await {
+                    assert_eq!(r.status(), 200);
+                    answered += 1;
+                }
+            }
+            answered
+        })
+    })
+}
+
+// A current_thread test: the broker's main runtime is this test's thread, so blocking it
+// leaves only the extra threads to accept.
+#[tokio::test]
+async fn extra_threads_answer_while_the_main_runtime_is_busy_and_end_with_the_broker() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.server.serving_threads = 3;
     let broker = TestBroker::start_with(config).await;
-    assert_eq!(
-        listening_on(broker.addr.port()),
-        3,
-        "one gRPC socket per serving thread"
-    );
-    assert_eq!(
-        listening_on(broker.http_addr.port()),
-        3,
-        "one HTTP socket per serving thread"
-    );
-    // Two beside the main runtime for each listener.
+    // Two beside the main runtime for each listener, all accepting on the one socket each.
     assert_eq!(serving_threads(), 4);
+    assert_eq!(listening_on(broker.addr.port()), 1);
     let mut admin = broker.admin().await;
     admin
         .register_system(register_asana(
@@ -59,50 +101,28 @@ async fn every_serving_thread_answers_and_ends_with_the_broker() {
         .await
         .unwrap();
     let worker = worker_token(&mut admin, "spread-worker").await;
-    // The kernel spreads connections over the three sockets by their addresses: of 48, each
-    // socket gets some (all but certainly), and a socket nobody accepts on would leave its
-    // share unanswered.
-    for i in 0..48 {
-        let answered = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut c = client(broker.addr, Some(&worker)).await;
-            c.get_access_token(pb::GetAccessTokenRequest {
-                system_id: "spread".into(),
-                ..Default::default()
-            })
-            .await
-        })
-        .await;
-        let t = answered
-            .unwrap_or_else(|_| panic!("connection {i} was not answered"))
-            .unwrap()
-            .into_inner();
-        assert_eq!(t.headers[0].value, "Bearer spread-pat");
-    }
-    // The HTTP listener likewise (a new connection per request).
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
+    // Served by any thread while this one runs.
+    let (grpc, http) = (broker.addr, broker.http_addr);
+    let idle = calls_from_another_thread(grpc, http, worker.clone(), 4);
+    let idle = tokio::task::spawn_blocking(move || idle.join().unwrap())
+        .await
         .unwrap();
-    for i in 0..48 {
-        let answered = tokio::time::timeout(
-            Duration::from_secs(5),
-            http.get(format!("http://{}/healthz", broker.http_addr))
-                .send(),
-        )
-        .await;
-        let r = answered
-            .unwrap_or_else(|_| panic!("HTTP connection {i} was not answered"))
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    let (port, http_port) = (broker.addr.port(), broker.http_addr.port());
+    assert_eq!(idle, 8);
+    // This thread blocked: every connection is accepted and answered by an extra thread.
+    let busy = calls_from_another_thread(grpc, http, worker, 8)
+        .join()
+        .unwrap();
+    assert_eq!(
+        busy, 16,
+        "calls went unanswered while the main runtime was busy"
+    );
     broker.stop().await;
     eventually(Duration::from_secs(5), "the serving threads end", || {
         serving_threads() == 0
     })
     .await;
     assert_eq!(
-        listening_on(port) + listening_on(http_port),
+        listening_on(grpc.port()) + listening_on(http.port()),
         0,
         "every socket closed"
     );
@@ -120,11 +140,7 @@ async fn the_binary_serves_a_runtime_per_core_and_stops_cleanly() {
     )
     .await;
     let cpus = std::thread::available_parallelism().unwrap().get();
-    assert_eq!(
-        listening_on(process.addr.port()),
-        cpus,
-        "a gRPC socket per CPU"
-    );
+    assert_eq!(listening_on(process.addr.port()), 1, "one socket, shared");
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     for _ in 0..16 {
         let mut admin = client(process.addr, Some(token.trim())).await;
@@ -151,4 +167,87 @@ async fn the_binary_serves_a_runtime_per_core_and_stops_cleanly() {
     } else {
         assert!(said.is_empty(), "one CPU: the main runtime alone");
     }
+}
+
+/// A vendor that takes connections, says so on `got`, and never answers.
+fn silent_vendor(got: std::sync::mpsc::Sender<()>) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            let mut buf = [0u8; 1024];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            let _ = got.send(());
+            held.push(conn);
+        }
+    });
+    addr
+}
+
+// current_thread: the broker's main runtime is this test's thread.
+#[tokio::test]
+async fn a_call_stuck_on_an_extra_thread_is_cut_when_the_grace_period_ends() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (got_tx, got) = std::sync::mpsc::channel();
+    let vendor = silent_vendor(got_tx);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.server.serving_threads = 2;
+    config.server.shutdown_grace = Duration::from_secs(1);
+    config.proxy.read_timeout = Duration::from_secs(120);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let mut reg = register_asana(
+        "stuck",
+        &format!("http://{vendor}/api/1.0"),
+        "stuck-pat",
+        false,
+    );
+    reg.delivery = pb::Delivery::Proxy as i32;
+    admin.register_system(reg).await.unwrap();
+    let lease = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "stuck".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let url = format!("{}/users/me", lease.api_base_url);
+    let auth = lease.headers[0].value.clone();
+    let worker = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .header("authorization", auth)
+                .send()
+                .await;
+            r.map(|r| r.status().as_u16()).ok()
+        })
+    });
+    // This thread blocked until the vendor has the call: an extra thread forwarded it.
+    got.recv_timeout(Duration::from_secs(10))
+        .expect("the proxied call reached the vendor");
+    let started = std::time::Instant::now();
+    broker.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown took {took:?} with a call stuck on an extra thread (grace 1 s)"
+    );
+    // Its connection was cut with the thread's runtime, not left to the proxy's read timeout.
+    let answered = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::task::spawn_blocking(move || worker.join().unwrap()),
+    )
+    .await
+    .expect("the stuck call is cut at shutdown")
+    .unwrap();
+    assert_ne!(answered, Some(200), "the stuck call cannot have succeeded");
 }

@@ -120,11 +120,7 @@ pub struct TestBroker {
 impl TestBroker {
     /// Starts a broker with `config` and waits until it is SERVING.
     pub async fn start_with(config: Config) -> Self {
-        let http = if config.server.serving_threads > 1 {
-            credbroker::server::cores::bind_shared("127.0.0.1:0".parse().unwrap()).unwrap()
-        } else {
-            TcpListener::bind("127.0.0.1:0").await.unwrap()
-        };
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         Self::start_gated(
             config,
             StartupHooks {
@@ -155,12 +151,7 @@ impl TestBroker {
     }
 
     async fn start_gated(config: Config, hooks: StartupHooks) -> Self {
-        let listener = if config.server.serving_threads > 1 {
-            // Extra serving threads share the port (`--runtime per-core`).
-            credbroker::server::cores::bind_shared("127.0.0.1:0".parse().unwrap()).unwrap()
-        } else {
-            TcpListener::bind("127.0.0.1:0").await.unwrap()
-        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let http_addr = hooks.http_listener.as_ref().unwrap().local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
