@@ -256,6 +256,7 @@ fn main() {
         let pcpu = m(&p, |f| f.broker_cpu_us);
         let json = serde_json::json!({
             "benchmark": "proxy_overhead",
+            "broker": std::env::var("BENCH_BROKER_BIN").unwrap_or_else(|_| "this build".to_owned()),
             "concurrency": concurrency, "seconds_per_round": seconds, "rounds": rounds,
             "direct": {"rps": drps, "p50_us": dp50, "p99_us": dp99},
             "proxied": {"rps": prps, "p50_us": pp50, "p99_us": pp99, "broker_cpu_us_per_req": pcpu},

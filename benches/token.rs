@@ -931,7 +931,7 @@ async fn cores_scenario(
             load_cpus: "0",
         },
         Layout {
-            name: "per-core (SO_REUSEPORT), 2 cores shared with h2load",
+            name: "per-core, 2 cores shared with h2load",
             broker_cpus: "0,1",
             runtime: "per-core",
             load_cpus: "0,1",

@@ -155,8 +155,8 @@ pub struct ServerConfig {
     pub console_session_max: Duration,
     /// Emit JSON logs.
     pub log_json: bool,
-    /// Threads serving gRPC and HTTP, each a `current_thread` runtime with its own
-    /// `SO_REUSEPORT` socket on `listen` and `http_listen` (`credbroker --runtime per-core`);
+    /// Threads serving gRPC and HTTP, each a `current_thread` runtime accepting on its own
+    /// handle of the `listen` and `http_listen` sockets (`credbroker --runtime per-core`);
     /// 1: the main runtime alone.
     pub serving_threads: usize,
 }

@@ -22,8 +22,8 @@ struct Args {
     #[arg(long, env = "CREDBROKER_CONFIG")]
     config: Option<PathBuf>,
     /// Tokio runtime: auto (current_thread when the process has one CPU, else multi-thread),
-    /// multi, current, or per-core (a current_thread runtime per CPU, each accepting gRPC and
-    /// HTTP connections on SO_REUSEPORT sockets of its own).
+    /// multi, current, or per-core (a current_thread runtime per CPU for each listener, all
+    /// accepting on the one socket).
     #[arg(long, env = "CREDBROKER_RUNTIME", default_value = "auto")]
     runtime: String,
     /// Every other setting (flags and environment override the file).
