@@ -251,3 +251,67 @@ async fn a_call_stuck_on_an_extra_thread_is_cut_when_the_grace_period_ends() {
     .unwrap();
     assert_ne!(answered, Some(200), "the stuck call cannot have succeeded");
 }
+
+// current_thread: the broker's main runtime is this test's thread.
+#[tokio::test]
+async fn extra_threads_speak_tls() {
+    use crate::mtls::{tls_client, write, Ca};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (dir, certs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ca = Ca::new("per-core test CA");
+    let server = ca.leaf(&["localhost", "127.0.0.1"], true);
+    let mut config = test_config(dir.path());
+    config.tls.cert_file = Some(write(certs.path(), "server.pem", &server.0));
+    config.tls.key_file = Some(write(certs.path(), "server.key", &server.1));
+    config.server.serving_threads = 2;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(credbroker::server::run(listener, config, async {
+        let _ = stop_rx.await;
+    }));
+    let token_file = dir.path().join("admin.token");
+    let token = loop {
+        let token = std::fs::read_to_string(&token_file).unwrap_or_default();
+        if !token.trim().is_empty() {
+            if let Ok(mut c) = tls_client(addr, &ca.pem(), None, Some(token.trim())).await {
+                if c.list_systems(pb::ListSystemsRequest::default())
+                    .await
+                    .is_ok()
+                {
+                    break token.trim().to_owned();
+                }
+            }
+        }
+        tokio::task::yield_now().await;
+    };
+    // This thread blocked: the extra thread handshakes and answers every connection.
+    let ca_pem = ca.pem();
+    let answered = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut answered = 0;
+            for _ in 0..8 {
+                let call = async {
+                    let mut c = tls_client(addr, &ca_pem, None, Some(&token)).await.ok()?;
+                    c.list_systems(pb::ListSystemsRequest::default()).await.ok()
+                };
+                if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), call).await {
+                    answered += 1;
+                }
+            }
+            answered
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        answered, 8,
+        "TLS calls went unanswered while the main runtime was busy"
+    );
+    let _ = stop_tx.send(());
+    task.await.unwrap().unwrap();
+}

@@ -72,7 +72,7 @@ async fn tls_channel(
         .await
 }
 
-async fn tls_client(
+pub(crate) async fn tls_client(
     addr: std::net::SocketAddr,
     ca: &str,
     identity: Option<&(String, String)>,
