@@ -34,7 +34,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let overrides = args.overrides;
-    let config = match Config::load(args.config.as_deref(), &overrides) {
+    let mut config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(errors) => {
             for e in errors {
@@ -47,7 +47,6 @@ fn main() -> ExitCode {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mut config = config;
     let current = match args.runtime.as_str() {
         "current" => true,
         "multi" => false,

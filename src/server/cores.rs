@@ -59,8 +59,12 @@ where
     Ok((task, extra))
 }
 
-/// A server's task (see [`serve_on_cores`]) and its extra threads, if any.
-pub(crate) type Serving = (JoinHandle<Result<(), String>>, Option<ExtraCores>);
+/// A server's task: the main listener's serving, then the extra threads' (see
+/// [`serve_on_cores`]).
+pub(crate) type ServerTask = JoinHandle<Result<(), String>>;
+
+/// A server's task and its extra threads, if any.
+pub(crate) type Serving = (ServerTask, Option<ExtraCores>);
 
 /// Resolves once `stop` says so (or its sender is gone).
 pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {

@@ -343,9 +343,8 @@ fn escape(s: &str) -> String {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-/// `tcp` itself without TLS; else the TLS stream once its handshake completes in time.
-/// The connection, after the TLS handshake when the listener has TLS, with the names of the
-/// client certificate it verified (if any).
+/// `tcp` itself without TLS; else the TLS stream once its handshake completes in time, with
+/// the names of the client certificate it verified (if any).
 async fn secure(
     tcp: tokio::net::TcpStream,
     tls: Option<&super::tls::TlsReloader>,
@@ -423,11 +422,14 @@ pub async fn serve(
             let Some((io, names)) = secure(tcp, tls.as_deref()).await else {
                 return;
             };
-            // Every request carries the connection's client certificate names (the network
-            // cannot set an extension; a request's own headers never reach this).
+            // Every request carries the connection's verified client certificate names (the
+            // network cannot set an extension; a request's own headers never reach this). Most
+            // connections have none: their requests (the proxy's) get no extension map at all.
             let app = tower::ServiceBuilder::new()
                 .map_request(move |mut r: hyper::Request<hyper::body::Incoming>| {
-                    r.extensions_mut().insert(names.clone());
+                    if !names.0.is_empty() {
+                        r.extensions_mut().insert(names.clone());
+                    }
                     r
                 })
                 .service(app);

@@ -316,7 +316,7 @@ async fn start_grpc(
     tls: Option<&Tls>,
     tls_tasks: &mut Vec<JoinHandle<()>>,
     stop_rx: oneshot::Receiver<()>,
-) -> Result<(HealthReporter, GrpcTask, Option<cores::ExtraCores>), ServeError> {
+) -> Result<(HealthReporter, cores::ServerTask, Option<cores::ExtraCores>), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", ServingStatus::NotServing)
@@ -400,9 +400,6 @@ fn grpc_server(
 /// One listener's gRPC serving.
 type GrpcServing = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
-/// A server's task: the main listener's serving, then the extra cores'.
-type GrpcTask = JoinHandle<Result<(), String>>;
-
 /// Health says NOT_SERVING to its watchers, then ends their streams so they do not hold the
 /// graceful shutdown open.
 async fn announce_draining(health: &HealthReporter) {
@@ -424,7 +421,7 @@ async fn drain_within_grace(
     config: &Config,
     broker: &Arc<Broker>,
     refresher: crate::broker::tokens::Refresher,
-    (http_task, mut server_task): (Option<GrpcTask>, GrpcTask),
+    (http_task, mut server_task): (Option<cores::ServerTask>, cores::ServerTask),
     extras: &[Option<cores::ExtraCores>],
 ) {
     // One grace period for the whole drain (listeners, calls, vendor exchanges, which all run

@@ -33,6 +33,20 @@ fn serving_threads() -> usize {
         .count()
 }
 
+/// Runs `work` to its end on a thread and runtime of its own (so this test's thread, the
+/// broker's main runtime, can be blocked meanwhile).
+fn on_own_thread<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work)
+    })
+}
+
 /// `n` `GetAccessToken` calls for `system` and `n` HTTP `/healthz` requests, each on a new
 /// connection, from a thread and runtime of their own; how many were answered within 5 s each.
 fn calls_from_another_thread(
@@ -41,40 +55,34 @@ fn calls_from_another_thread(
     worker: String,
     n: usize,
 ) -> std::thread::JoinHandle<usize> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let mut answered = 0;
-            for _ in 0..n {
-                let call = async {
-                    let mut c = client(grpc, Some(&worker)).await;
-                    c.get_access_token(pb::GetAccessTokenRequest {
-                        system_id: "spread".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                };
-                if let Ok(t) = tokio::time::timeout(Duration::from_secs(5), call).await {
-                    assert_eq!(t.headers[0].value, "Bearer spread-pat");
-                    answered += 1;
-                }
-                let http_client = reqwest::Client::builder()
-                    .pool_max_idle_per_host(0)
-                    .build()
-                    .unwrap();
-                let get = http_client.get(format!("http://{http}/healthz")).send();
-                if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), get).await {
-                    assert_eq!(r.status(), 200);
-                    answered += 1;
-                }
+    on_own_thread(async move {
+        let mut answered = 0;
+        for _ in 0..n {
+            let call = async {
+                let mut c = client(grpc, Some(&worker)).await;
+                c.get_access_token(pb::GetAccessTokenRequest {
+                    system_id: "spread".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+            };
+            if let Ok(t) = tokio::time::timeout(Duration::from_secs(5), call).await {
+                assert_eq!(t.headers[0].value, "Bearer spread-pat");
+                answered += 1;
             }
-            answered
-        })
+            let http_client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap();
+            let get = http_client.get(format!("http://{http}/healthz")).send();
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), get).await {
+                assert_eq!(r.status(), 200);
+                answered += 1;
+            }
+        }
+        answered
     })
 }
 
@@ -217,19 +225,13 @@ async fn a_call_stuck_on_an_extra_thread_is_cut_when_the_grace_period_ends() {
         .into_inner();
     let url = format!("{}/users/me", lease.api_base_url);
     let auth = lease.headers[0].value.clone();
-    let worker = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let r = reqwest::Client::new()
-                .get(url)
-                .header("authorization", auth)
-                .send()
-                .await;
-            r.map(|r| r.status().as_u16()).ok()
-        })
+    let worker = on_own_thread(async move {
+        let r = reqwest::Client::new()
+            .get(url)
+            .header("authorization", auth)
+            .send()
+            .await;
+        r.map(|r| r.status().as_u16()).ok()
     });
     // This thread blocked until the vendor has the call: an extra thread forwarded it.
     got.recv_timeout(Duration::from_secs(10))
@@ -287,24 +289,18 @@ async fn extra_threads_speak_tls() {
     };
     // This thread blocked: the extra thread handshakes and answers every connection.
     let ca_pem = ca.pem();
-    let answered = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let mut answered = 0;
-            for _ in 0..8 {
-                let call = async {
-                    let mut c = tls_client(addr, &ca_pem, None, Some(&token)).await.ok()?;
-                    c.list_systems(pb::ListSystemsRequest::default()).await.ok()
-                };
-                if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), call).await {
-                    answered += 1;
-                }
+    let answered = on_own_thread(async move {
+        let mut answered = 0;
+        for _ in 0..8 {
+            let call = async {
+                let mut c = tls_client(addr, &ca_pem, None, Some(&token)).await.ok()?;
+                c.list_systems(pb::ListSystemsRequest::default()).await.ok()
+            };
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), call).await {
+                answered += 1;
             }
-            answered
-        })
+        }
+        answered
     })
     .join()
     .unwrap();

@@ -231,9 +231,11 @@ async fn sign_out(State(c): St, headers: HeaderMap, Form(f): Fields) -> Page {
 
 /// Systems shown at most on one page of the table.
 const MAX_LISTED: usize = 500;
-/// Pages of 500 one view reads at most (each is a `ListSystems` call, audited): a filter that
-/// matches little among many systems looks at the first 10,000.
+/// `ListSystems` pages one view reads at most (each call audited): a filter that
+/// matches little among many systems looks at the first `PAGE_SIZE` × this.
 const MAX_PAGES: usize = 20;
+/// Systems per `ListSystems` page the view asks for.
+const PAGE_SIZE: usize = 500;
 
 async fn systems(
     State(c): St,
@@ -256,7 +258,7 @@ async fn systems(
     let mut more = false;
     for _ in 0..MAX_PAGES {
         let req = pb::ListSystemsRequest {
-            page_size: 500,
+            page_size: PAGE_SIZE as u32,
             page_token,
         };
         let r = match c
@@ -277,7 +279,8 @@ async fn systems(
     }
     more |= shown.len() > MAX_LISTED;
     shown.truncate(MAX_LISTED);
-    Ok(ok(pages::systems(&s.ctx(), &shown, kind, state, more)))
+    let cut = more.then_some((MAX_LISTED, PAGE_SIZE * MAX_PAGES));
+    Ok(ok(pages::systems(&s.ctx(), &shown, kind, state, cut)))
 }
 
 fn failed(s: &Signed, e: &tonic::Status) -> Response {

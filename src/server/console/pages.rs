@@ -159,8 +159,15 @@ fn countdown(t: Option<&prost_types::Timestamp>) -> String {
     }
 }
 
-/// The systems table, with its filter.
-pub fn systems(ctx: &Ctx<'_>, list: &[pb::System], kind: &str, state: &str, more: bool) -> Markup {
+/// The systems table, with its filter; `cut` (rows shown at most, systems read at most) when
+/// not every match is shown.
+pub fn systems(
+    ctx: &Ctx<'_>,
+    list: &[pb::System],
+    kind: &str,
+    state: &str,
+    cut: Option<(usize, usize)>,
+) -> Markup {
     let body = html! {
         form.filter method="get" action="/console/systems" {
             label for="kind" { "Kind" }
@@ -191,8 +198,8 @@ pub fn systems(ctx: &Ctx<'_>, list: &[pb::System], kind: &str, state: &str, more
                 tbody { @for s in list { (system_row(s)) } }
             }
         }
-        @if more {
-            p { "Not every system is shown: at most 500 rows, among the first 10,000 systems. Narrow the filter, or use " code { "credbrokerctl system list" } "." }
+        @if let Some((rows, read)) = cut {
+            p { "Not every system is shown: at most " (rows) " rows, among the first " (read) " systems. Narrow the filter, or use " code { "credbrokerctl system list" } "." }
         }
     };
     layout("Systems", Some(ctx), None, body)
