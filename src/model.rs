@@ -798,6 +798,35 @@ mod b64 {
     }
 }
 
+/// A proxied Asana system with a made-up sealed credential (tests only).
+#[cfg(test)]
+pub(crate) fn sample_system(id: &str) -> SystemRecord {
+    SystemRecord {
+        system_id: id.into(),
+        display_name: String::new(),
+        description: String::new(),
+        kind: SystemKind::Asana,
+        base_url: "https://app.asana.com".into(),
+        credential_type: CredentialType::PersonalAccessToken,
+        credential_version: 1,
+        state: SystemState::Active,
+        state_message: None,
+        created_at: 0,
+        updated_at: 0,
+        last_check: None,
+        credential_expires_at: None,
+        delivery: Delivery::Proxy,
+        proxy_unauthorized_count: 0,
+        last_proxy_unauthorized_at: None,
+        health: None,
+        refresh_failure: None,
+        sealed_credential: vec![1, 2, 3],
+        revision: 1,
+        shared_token: None,
+        integrity: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

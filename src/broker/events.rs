@@ -508,33 +508,9 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CredentialType, Delivery, SystemKind, SystemState};
 
     fn record(id: &str) -> SystemRecord {
-        SystemRecord {
-            system_id: id.into(),
-            display_name: String::new(),
-            description: String::new(),
-            kind: SystemKind::Asana,
-            base_url: "https://app.asana.com".into(),
-            credential_type: CredentialType::PersonalAccessToken,
-            credential_version: 1,
-            state: SystemState::Active,
-            state_message: None,
-            created_at: 0,
-            updated_at: 0,
-            last_check: None,
-            credential_expires_at: None,
-            delivery: Delivery::Proxy,
-            proxy_unauthorized_count: 0,
-            last_proxy_unauthorized_at: None,
-            health: None,
-            refresh_failure: None,
-            sealed_credential: vec![1, 2, 3],
-            revision: 1,
-            shared_token: None,
-            integrity: None,
-        }
+        crate::model::sample_system(id)
     }
 
     async fn open() -> (Events, Arc<dyn CredentialStore>) {

@@ -43,6 +43,28 @@ struct Rows {
     /// When the snapshot was written (Unix seconds).
     #[serde(default)]
     written_at: u64,
+    /// What this replica mirrored while a reload was reading the database (`None`: no reload
+    /// is under way).
+    #[serde(skip)]
+    touched: Option<Touched>,
+}
+
+impl Rows {
+    /// Notes a row this replica mirrored, while a reload is under way.
+    fn touch<R>(&mut self, f: impl FnOnce(&mut Touched) -> R) {
+        if let Some(t) = self.touched.as_mut() {
+            f(t);
+        }
+    }
+}
+
+/// Rows mirrored (read or written by this replica) since a reload began: newer than, or as new
+/// as, what the reload's own reads saw, so the reload keeps them instead of its own.
+#[derive(Default)]
+struct Touched {
+    systems: std::collections::HashSet<String>,
+    meta: std::collections::HashSet<String>,
+    callers: bool,
 }
 
 /// A shared store with every row mirrored in memory (see the module docs).
@@ -236,6 +258,7 @@ impl MirroredStore {
                 meta: rows.meta.clone(),
                 last_event_seq: rows.last_event_seq,
                 written_at: crate::model::unix_now(),
+                touched: None,
             }
         };
         let written = file.write(&copy);
@@ -247,6 +270,23 @@ impl MirroredStore {
 
     /// Loads every system and caller again (and the metadata mirrored so far).
     async fn reload(&self) -> Result<(), StoreError> {
+        write(&self.rows).touched = Some(Touched::default());
+        let scanned = self.scan().await;
+        let mut rows = self.rows_mut();
+        match scanned {
+            Ok(scanned) => {
+                settle(&mut rows, scanned);
+                Ok(())
+            }
+            Err(e) => {
+                rows.touched = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Every system and caller, and the metadata mirrored so far, as the store holds them.
+    async fn scan(&self) -> Result<Rows, StoreError> {
         let mut systems = BTreeMap::new();
         let mut after: Option<String> = None;
         loop {
@@ -268,17 +308,12 @@ impl MirroredStore {
                 meta.insert(k, v);
             }
         }
-        let mut rows = self.rows_mut();
-        // Rows this replica wrote while the scan ran are newer than what the scan saw.
-        for (id, r) in std::mem::take(&mut rows.systems) {
-            if systems.get(&id).is_some_and(|s| age(s) < age(&r)) {
-                systems.insert(id, r);
-            }
-        }
-        rows.systems = systems;
-        rows.callers = callers;
-        rows.meta = meta;
-        Ok(())
+        Ok(Rows {
+            systems,
+            callers,
+            meta,
+            ..Rows::default()
+        })
     }
 
     /// The rows, to change them (the next snapshot writes them).
@@ -321,6 +356,7 @@ impl MirroredStore {
             _ => {}
         }
         let mut rows = self.rows_mut();
+        rows.touch(|t| t.systems.insert(id.to_owned()));
         match r {
             Some(r) => {
                 rows.systems.insert(id.to_owned(), Arc::new(r));
@@ -334,7 +370,9 @@ impl MirroredStore {
 
     fn put_callers(&self, callers: &[CallerRecord]) {
         if read(&self.rows).callers != callers {
-            self.rows_mut().callers = callers.to_vec();
+            let mut rows = self.rows_mut();
+            rows.callers = callers.to_vec();
+            rows.touch(|t| t.callers = true);
             self.urgent.notify_one();
         }
     }
@@ -344,6 +382,7 @@ impl MirroredStore {
             return;
         }
         let mut rows = self.rows_mut();
+        rows.touch(|t| t.meta.insert(key.to_owned()));
         match v {
             Some(v) => rows.meta.insert(key.to_owned(), v.to_vec()),
             None => rows.meta.remove(key),
@@ -352,6 +391,7 @@ impl MirroredStore {
 
     fn put_caller(&self, r: &CallerRecord) {
         let mut rows = self.rows_mut();
+        rows.touch(|t| t.callers = true);
         match rows.callers.iter_mut().find(|c| c.name == r.name) {
             Some(c) => *c = r.clone(),
             None => rows.callers.push(r.clone()),
@@ -385,6 +425,38 @@ impl MirroredStore {
             tracing::warn!(message = "Could not mirror a change from the store.", error = %e);
         }
     }
+}
+
+/// Replaces the mirror's rows with what a reload read, except what this replica mirrored while
+/// the reload read (a registration, a deletion, the admin caller created at first start, the
+/// keys the broker reads at start): as new as the reload or newer, it must not be lost, or a
+/// snapshot taken next would start a replica without it. Changes other replicas made meanwhile
+/// are applied after the reload (the feed is followed in order).
+fn settle(rows: &mut Rows, mut scanned: Rows) {
+    let touched = rows.touched.take().unwrap_or_default();
+    for (id, r) in &rows.systems {
+        let newer = scanned.systems.get(id).is_some_and(|s| age(s) < age(r));
+        if newer || touched.systems.contains(id) {
+            scanned.systems.insert(id.clone(), r.clone());
+        }
+    }
+    for id in &touched.systems {
+        if !rows.systems.contains_key(id) {
+            scanned.systems.remove(id);
+        }
+    }
+    for k in touched.meta {
+        match rows.meta.remove(&k) {
+            Some(v) => scanned.meta.insert(k, v),
+            None => scanned.meta.remove(&k),
+        };
+    }
+    if touched.callers {
+        scanned.callers = std::mem::take(&mut rows.callers);
+    }
+    rows.systems = scanned.systems;
+    rows.callers = scanned.callers;
+    rows.meta = scanned.meta;
 }
 
 /// Writes the snapshot at once, then every `every` while the mirror changes.
@@ -607,7 +679,9 @@ impl CredentialStore for MirroredStore {
                 };
             }
         };
-        self.rows_mut().meta.insert(key.to_owned(), stored.clone());
+        let mut rows = self.rows_mut();
+        rows.touch(|t| t.meta.insert(key.to_owned()));
+        rows.meta.insert(key.to_owned(), stored.clone());
         Ok(stored)
     }
 
@@ -617,5 +691,149 @@ impl CredentialStore for MirroredStore {
 
     async fn broadcast_quota(&self, payload: &str) -> Result<(), StoreError> {
         self.inner.broadcast_quota(payload).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// A memory store with a change feed whose reading of the key `held`, once armed, waits for
+    /// a go-ahead: a reload held in the middle of its scan.
+    #[derive(Default)]
+    struct Held {
+        inner: MemoryStore,
+        armed: AtomicBool,
+        entered: tokio::sync::Notify,
+        go: tokio::sync::Notify,
+        feed: std::sync::OnceLock<broadcast::Sender<Change>>,
+    }
+
+    impl Held {
+        fn feed(&self) -> &broadcast::Sender<Change> {
+            self.feed.get_or_init(|| broadcast::channel(16).0)
+        }
+    }
+
+    #[async_trait]
+    impl CredentialStore for Held {
+        async fn get_system(&self, id: &str) -> Result<Option<SystemRecord>, StoreError> {
+            self.inner.get_system(id).await
+        }
+        async fn list_systems(
+            &self,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<SystemRecord>, StoreError> {
+            self.inner.list_systems(after, limit).await
+        }
+        async fn insert_system(&self, r: &SystemRecord) -> Result<(), StoreError> {
+            self.inner.insert_system(r).await
+        }
+        async fn update_system(&self, r: &SystemRecord, rev: u64) -> Result<(), StoreError> {
+            self.inner.update_system(r, rev).await
+        }
+        async fn delete_system(&self, id: &str) -> Result<bool, StoreError> {
+            self.inner.delete_system(id).await
+        }
+        async fn count_systems(&self) -> Result<usize, StoreError> {
+            self.inner.count_systems().await
+        }
+        async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
+            self.inner.list_callers().await
+        }
+        async fn insert_caller(&self, r: &CallerRecord) -> Result<(), StoreError> {
+            self.inner.insert_caller(r).await
+        }
+        async fn update_caller(&self, r: &CallerRecord) -> Result<(), StoreError> {
+            self.inner.update_caller(r).await
+        }
+        async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            if key == "held" && self.armed.swap(false, Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.go.notified().await;
+            }
+            self.inner.get_meta(key).await
+        }
+        async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_meta(key, value).await
+        }
+        async fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn changes(&self) -> Option<broadcast::Receiver<Change>> {
+            Some(self.feed().subscribe())
+        }
+        async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+            self.inner.append_events(events).await
+        }
+        async fn events_after(&self, seq: u64, n: usize) -> Result<Vec<StoredEvent>, StoreError> {
+            self.inner.events_after(seq, n).await
+        }
+        async fn last_event_seq(&self) -> Result<u64, StoreError> {
+            self.inner.last_event_seq().await
+        }
+        async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+            self.inner.init_meta(key, value).await
+        }
+    }
+
+    /// A resync's reload that is still reading when this replica mirrors rows keeps them: the
+    /// keys the broker reads at start (the snapshot written next must start a replica while
+    /// the database is away), the admin caller created at first start (else the periodic
+    /// caller reload during an outage locks the admin out), a registration and a deletion.
+    /// CI failed on the first two before.
+    #[tokio::test]
+    async fn a_reload_keeps_what_was_mirrored_while_it_read() {
+        use crate::model::sample_system;
+        let held = Arc::new(Held::default());
+        held.inner.put_meta("format_version", b"7").await.unwrap();
+        held.inner.put_meta("held", b"h").await.unwrap();
+        held.inner
+            .insert_system(&sample_system("gone"))
+            .await
+            .unwrap();
+        let m = MirroredStore::open(held.clone(), None).await.unwrap();
+        assert_eq!(m.get_meta("held").await.unwrap().unwrap(), b"h");
+        let mut heard = m.changes().unwrap();
+        held.armed.store(true, Ordering::SeqCst);
+        held.feed().send(Change::Resync).unwrap();
+        held.entered.notified().await;
+        // Read and created while the reload waits in its scan.
+        assert_eq!(m.get_meta("format_version").await.unwrap().unwrap(), b"7");
+        assert_eq!(m.init_meta("epoch", b"e1").await.unwrap(), b"e1");
+        let admin = CallerRecord {
+            name: "admin".into(),
+            role: crate::model::Role::Admin,
+            token_sha256: "00".repeat(32),
+            created_at: 0,
+            revoked: false,
+            system_patterns: Vec::new(),
+            kinds: Vec::new(),
+            expires_at: None,
+            integrity: None,
+        };
+        m.insert_caller(&admin).await.unwrap();
+        m.insert_system(&sample_system("new")).await.unwrap();
+        assert!(m.delete_system("gone").await.unwrap());
+        held.go.notify_one();
+        // The feed is followed in order: the change after the resync is handed on only once
+        // the resync's reload has finished.
+        held.feed().send(Change::Events).unwrap();
+        assert!(matches!(heard.recv().await.unwrap(), Change::Resync));
+        assert!(matches!(heard.recv().await.unwrap(), Change::Events));
+        let rows = read(&m.rows);
+        assert_eq!(rows.meta.get("held").unwrap(), b"h");
+        assert_eq!(rows.meta.get("format_version").unwrap(), b"7");
+        assert_eq!(rows.meta.get("epoch").unwrap(), b"e1");
+        assert_eq!(rows.callers, vec![admin]);
+        assert!(rows.systems.contains_key("new"));
+        assert!(
+            !rows.systems.contains_key("gone"),
+            "a deleted system came back"
+        );
     }
 }

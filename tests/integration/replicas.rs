@@ -65,6 +65,25 @@ async fn replicas(url: &str, n: usize, extra: &[(&str, &str)]) -> Replicas {
     }
 }
 
+impl Drop for Replicas {
+    /// A failing test shows what each replica logged last (the logs go with their directory).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for f in std::fs::read_dir(self.logs.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            eprintln!("--- {} (last 60 lines) ---\n{tail}", f.path().display());
+        }
+    }
+}
+
 impl Replicas {
     async fn admin(&self, i: usize) -> Client {
         client(self.procs[i].addr, Some(&self.admin_token)).await
@@ -934,16 +953,17 @@ async fn every_replica_serves_every_system_while_the_database_is_down() {
     }
     // The first write after the restart may meet a pooled connection the restart killed
     // (UNAVAILABLE, as a client retries it).
-    within(Duration::from_secs(5), || {
-        let mut a = a.clone();
-        let asana = asana.base_url.clone();
-        async move {
-            a.register_system(register_asana("after", &asana, "pat-after", false))
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let started = Instant::now();
+    while let Err(e) = a
+        .register_system(register_asana("after", &asana.base_url, "pat-after", false))
+        .await
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not within 5 s: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     within(Duration::from_secs(5), || {
         let mut c = c.clone();
         async move {
