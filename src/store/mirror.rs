@@ -11,7 +11,7 @@
 //!   answered from the mirror for [`DOWN_FOR`] before the database is tried again; writes always
 //!   go to the database, and fail while it is away.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,14 +43,14 @@ struct Rows {
     /// When the snapshot was written (Unix seconds).
     #[serde(default)]
     written_at: u64,
-    /// What this replica mirrored while a reload was reading the database (`None`: no reload
-    /// is under way).
+    /// What this replica wrote while a reload was reading the database (`None`: no reload is
+    /// under way).
     #[serde(skip)]
     touched: Option<Touched>,
 }
 
 impl Rows {
-    /// Notes a row this replica mirrored, while a reload is under way.
+    /// Notes a row this replica wrote, while a reload is under way.
     fn touch<R>(&mut self, f: impl FnOnce(&mut Touched) -> R) {
         if let Some(t) = self.touched.as_mut() {
             f(t);
@@ -58,13 +58,13 @@ impl Rows {
     }
 }
 
-/// Rows mirrored (read or written by this replica) since a reload began: newer than, or as new
-/// as, what the reload's own reads saw, so the reload keeps them instead of its own.
+/// Rows this replica wrote (system ids, caller names, metadata keys) since a reload began: the
+/// reload may have read them before the write.
 #[derive(Default)]
 struct Touched {
-    systems: std::collections::HashSet<String>,
-    meta: std::collections::HashSet<String>,
-    callers: bool,
+    systems: HashSet<String>,
+    callers: HashSet<String>,
+    meta: HashSet<String>,
 }
 
 /// A shared store with every row mirrored in memory (see the module docs).
@@ -196,8 +196,10 @@ impl MirroredStore {
         snapshot: Option<(SnapshotFile, Duration)>,
     ) -> Result<Arc<Self>, StoreError> {
         let me = Self::with_rows(inner, Rows::default());
+        // Subscribed first: a change made after the reload read its row is heard.
+        let feed = me.inner.changes();
         me.reload().await?;
-        me.start(snapshot);
+        me.start(feed, snapshot);
         Ok(me)
     }
 
@@ -216,7 +218,7 @@ impl MirroredStore {
         );
         let me = Self::with_rows(inner, rows);
         *lock(&me.down_until) = Some(Instant::now() + DOWN_FOR);
-        me.start(Some((snapshot, every)));
+        me.start(me.inner.changes(), Some((snapshot, every)));
         Ok(me)
     }
 
@@ -231,8 +233,12 @@ impl MirroredStore {
         })
     }
 
-    fn start(self: &Arc<Self>, snapshot: Option<(SnapshotFile, Duration)>) {
-        if let Some(rx) = self.inner.changes() {
+    fn start(
+        self: &Arc<Self>,
+        feed: Option<broadcast::Receiver<Change>>,
+        snapshot: Option<(SnapshotFile, Duration)>,
+    ) {
+        if let Some(rx) = feed {
             tokio::spawn(follow(Arc::downgrade(self), rx));
         }
         if let Some((file, every)) = snapshot {
@@ -274,8 +280,10 @@ impl MirroredStore {
         let scanned = self.scan().await;
         let mut rows = self.rows_mut();
         match scanned {
-            Ok(scanned) => {
-                settle(&mut rows, scanned);
+            Ok((scanned, asked)) => {
+                if settle(&mut rows, scanned, &asked) {
+                    self.urgent.notify_one();
+                }
                 Ok(())
             }
             Err(e) => {
@@ -285,8 +293,9 @@ impl MirroredStore {
         }
     }
 
-    /// Every system and caller, and the metadata mirrored so far, as the store holds them.
-    async fn scan(&self) -> Result<Rows, StoreError> {
+    /// Every system and caller, and the metadata mirrored so far, as the store holds them; with
+    /// the metadata keys it asked for.
+    async fn scan(&self) -> Result<(Rows, HashSet<String>), StoreError> {
         let mut systems = BTreeMap::new();
         let mut after: Option<String> = None;
         loop {
@@ -301,19 +310,26 @@ impl MirroredStore {
             }
         }
         let callers = self.inner.list_callers().await?;
-        let keys: Vec<String> = read(&self.rows).meta.keys().cloned().collect();
+        let asked: HashSet<String> = read(&self.rows).meta.keys().cloned().collect();
         let mut meta = HashMap::new();
-        for k in keys {
-            if let Some(v) = self.inner.get_meta(&k).await? {
-                meta.insert(k, v);
+        for k in &asked {
+            if let Some(v) = self.inner.get_meta(k).await? {
+                meta.insert(k.clone(), v);
             }
         }
-        Ok(Rows {
+        let rows = Rows {
             systems,
             callers,
             meta,
             ..Rows::default()
-        })
+        };
+        Ok((rows, asked))
+    }
+
+    /// Notes a row this replica wrote, for a reload under way (before the row is mirrored, so
+    /// that a reload settling in between cannot miss both).
+    fn wrote<R>(&self, f: impl FnOnce(&mut Touched) -> R) {
+        write(&self.rows).touch(f);
     }
 
     /// The rows, to change them (the next snapshot writes them).
@@ -356,7 +372,6 @@ impl MirroredStore {
             _ => {}
         }
         let mut rows = self.rows_mut();
-        rows.touch(|t| t.systems.insert(id.to_owned()));
         match r {
             Some(r) => {
                 rows.systems.insert(id.to_owned(), Arc::new(r));
@@ -372,7 +387,6 @@ impl MirroredStore {
         if read(&self.rows).callers != callers {
             let mut rows = self.rows_mut();
             rows.callers = callers.to_vec();
-            rows.touch(|t| t.callers = true);
             self.urgent.notify_one();
         }
     }
@@ -382,7 +396,6 @@ impl MirroredStore {
             return;
         }
         let mut rows = self.rows_mut();
-        rows.touch(|t| t.meta.insert(key.to_owned()));
         match v {
             Some(v) => rows.meta.insert(key.to_owned(), v.to_vec()),
             None => rows.meta.remove(key),
@@ -391,7 +404,6 @@ impl MirroredStore {
 
     fn put_caller(&self, r: &CallerRecord) {
         let mut rows = self.rows_mut();
-        rows.touch(|t| t.callers = true);
         match rows.callers.iter_mut().find(|c| c.name == r.name) {
             Some(c) => *c = r.clone(),
             None => rows.callers.push(r.clone()),
@@ -427,16 +439,20 @@ impl MirroredStore {
     }
 }
 
-/// Replaces the mirror's rows with what a reload read, except what this replica mirrored while
-/// the reload read (a registration, a deletion, the admin caller created at first start, the
-/// keys the broker reads at start): as new as the reload or newer, it must not be lost, or a
-/// snapshot taken next would start a replica without it. Changes other replicas made meanwhile
-/// are applied after the reload (the feed is followed in order).
-fn settle(rows: &mut Rows, mut scanned: Rows) {
+/// Replaces the mirror's rows with what a reload read, except where this replica knows better:
+/// rows it wrote while the reload read (a registration, a deletion, the admin caller created at
+/// first start), a system version newer than the one read, metadata keys mirrored after the
+/// reload chose which to read (the keys the broker reads at start). Lost, they would be missing
+/// from the next snapshot. A revocation read is never undone. Changes other replicas made
+/// meanwhile arrive on the feed after the reload (it is followed in order). Returns whether a
+/// system went away or the callers changed (the snapshot should carry that at once).
+fn settle(rows: &mut Rows, mut scanned: Rows, asked: &HashSet<String>) -> bool {
     let touched = rows.touched.take().unwrap_or_default();
     for (id, r) in &rows.systems {
-        let newer = scanned.systems.get(id).is_some_and(|s| age(s) < age(r));
-        if newer || touched.systems.contains(id) {
+        let read = scanned.systems.get(id);
+        let newer = read.is_some_and(|s| age(s) < age(r));
+        let mine = touched.systems.contains(id) && read.is_none_or(|s| age(s) <= age(r));
+        if newer || mine {
             scanned.systems.insert(id.clone(), r.clone());
         }
     }
@@ -445,18 +461,30 @@ fn settle(rows: &mut Rows, mut scanned: Rows) {
             scanned.systems.remove(id);
         }
     }
-    for k in touched.meta {
-        match rows.meta.remove(&k) {
-            Some(v) => scanned.meta.insert(k, v),
-            None => scanned.meta.remove(&k),
+    for (k, v) in &rows.meta {
+        if !asked.contains(k) || touched.meta.contains(k) {
+            scanned.meta.insert(k.clone(), v.clone());
+        }
+    }
+    for name in &touched.callers {
+        let Some(mine) = rows.callers.iter().find(|c| &c.name == name) else {
+            continue;
         };
+        match scanned.callers.iter_mut().find(|c| &c.name == name) {
+            Some(read) if read.revoked && !mine.revoked => {}
+            Some(read) => *read = mine.clone(),
+            None => scanned.callers.push(mine.clone()),
+        }
     }
-    if touched.callers {
-        scanned.callers = std::mem::take(&mut rows.callers);
-    }
+    let urgent = rows.callers != scanned.callers
+        || rows
+            .systems
+            .keys()
+            .any(|id| !scanned.systems.contains_key(id));
     rows.systems = scanned.systems;
     rows.callers = scanned.callers;
     rows.meta = scanned.meta;
+    urgent
 }
 
 /// Writes the snapshot at once, then every `every` while the mirror changes.
@@ -542,6 +570,7 @@ impl CredentialStore for MirroredStore {
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
         self.inner.insert_system(record).await?;
+        self.wrote(|t| t.systems.insert(record.system_id.clone()));
         self.put_system(Some(record.clone()), &record.system_id);
         Ok(())
     }
@@ -552,12 +581,14 @@ impl CredentialStore for MirroredStore {
         expected_revision: u64,
     ) -> Result<(), StoreError> {
         self.inner.update_system(record, expected_revision).await?;
+        self.wrote(|t| t.systems.insert(record.system_id.clone()));
         self.put_system(Some(record.clone()), &record.system_id);
         Ok(())
     }
 
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
         let deleted = self.inner.delete_system(system_id).await?;
+        self.wrote(|t| t.systems.insert(system_id.to_owned()));
         self.put_system(None, system_id);
         Ok(deleted)
     }
@@ -587,12 +618,14 @@ impl CredentialStore for MirroredStore {
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
         self.inner.insert_caller(record).await?;
+        self.wrote(|t| t.callers.insert(record.name.clone()));
         self.put_caller(record);
         Ok(())
     }
 
     async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
         self.inner.update_caller(record).await?;
+        self.wrote(|t| t.callers.insert(record.name.clone()));
         self.put_caller(record);
         Ok(())
     }
@@ -612,6 +645,7 @@ impl CredentialStore for MirroredStore {
 
     async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.inner.put_meta(key, value).await?;
+        self.wrote(|t| t.meta.insert(key.to_owned()));
         self.mirror_meta(key, Some(value));
         Ok(())
     }
@@ -781,59 +815,84 @@ mod tests {
         }
     }
 
-    /// A resync's reload that is still reading when this replica mirrors rows keeps them: the
-    /// keys the broker reads at start (the snapshot written next must start a replica while
-    /// the database is away), the admin caller created at first start (else the periodic
-    /// caller reload during an outage locks the admin out), a registration and a deletion.
-    /// CI failed on the first two before.
-    #[tokio::test]
-    async fn a_reload_keeps_what_was_mirrored_while_it_read() {
-        use crate::model::sample_system;
-        let held = Arc::new(Held::default());
-        held.inner.put_meta("format_version", b"7").await.unwrap();
-        held.inner.put_meta("held", b"h").await.unwrap();
-        held.inner
-            .insert_system(&sample_system("gone"))
-            .await
-            .unwrap();
-        let m = MirroredStore::open(held.clone(), None).await.unwrap();
-        assert_eq!(m.get_meta("held").await.unwrap().unwrap(), b"h");
-        let mut heard = m.changes().unwrap();
-        held.armed.store(true, Ordering::SeqCst);
-        held.feed().send(Change::Resync).unwrap();
-        held.entered.notified().await;
-        // Read and created while the reload waits in its scan.
-        assert_eq!(m.get_meta("format_version").await.unwrap().unwrap(), b"7");
-        assert_eq!(m.init_meta("epoch", b"e1").await.unwrap(), b"e1");
-        let admin = CallerRecord {
-            name: "admin".into(),
+    fn caller(name: &str, revoked: bool) -> CallerRecord {
+        CallerRecord {
+            name: name.into(),
             role: crate::model::Role::Admin,
             token_sha256: "00".repeat(32),
             created_at: 0,
-            revoked: false,
+            revoked,
             system_patterns: Vec::new(),
             kinds: Vec::new(),
             expires_at: None,
             integrity: None,
-        };
-        m.insert_caller(&admin).await.unwrap();
+        }
+    }
+
+    /// Waits at most 10 s (a reload that never ends fails the test instead of hanging it).
+    async fn soon<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("in time")
+    }
+
+    /// A resync's reload that is still reading when this replica writes rows or reads new keys
+    /// keeps them: the keys the broker reads at start (the snapshot written next must start a
+    /// replica while the database is away), the admin caller created at first start (else the
+    /// periodic caller reload during an outage locks the admin out), a registration and a
+    /// deletion (CI failed on the first two before). What the reload read wins elsewhere: a
+    /// change another replica made whose notification was lost, and a revocation is never
+    /// undone by this replica's older copy.
+    #[tokio::test]
+    async fn a_reload_keeps_what_this_replica_wrote_while_it_read() {
+        use crate::model::sample_system;
+        let held = Arc::new(Held::default());
+        held.inner.put_meta("format_version", b"7").await.unwrap();
+        held.inner.put_meta("held", b"h").await.unwrap();
+        for id in ["gone", "changed"] {
+            held.inner.insert_system(&sample_system(id)).await.unwrap();
+        }
+        held.inner.insert_caller(&caller("x", false)).await.unwrap();
+        let m = MirroredStore::open(held.clone(), None).await.unwrap();
+        assert_eq!(m.get_meta("held").await.unwrap().unwrap(), b"h");
+        // Another replica's changes whose notifications were lost: only the reload sees them.
+        let mut changed = sample_system("changed");
+        changed.credential_version = 2;
+        held.inner.update_system(&changed, 1).await.unwrap();
+        held.inner.put_meta("held", b"h2").await.unwrap();
+        held.inner.update_caller(&caller("x", true)).await.unwrap();
+        let mut heard = m.changes().unwrap();
+        held.armed.store(true, Ordering::SeqCst);
+        held.feed().send(Change::Resync).unwrap();
+        soon(held.entered.notified()).await;
+        // Read, created and written while the reload waits in its scan.
+        assert_eq!(m.get_meta("format_version").await.unwrap().unwrap(), b"7");
+        assert_eq!(m.init_meta("epoch", b"e1").await.unwrap(), b"e1");
+        m.insert_caller(&caller("admin", false)).await.unwrap();
+        let mut stale_x = caller("x", false);
+        stale_x.expires_at = Some(1);
+        m.update_caller(&stale_x).await.unwrap();
         m.insert_system(&sample_system("new")).await.unwrap();
         assert!(m.delete_system("gone").await.unwrap());
         held.go.notify_one();
         // The feed is followed in order: the change after the resync is handed on only once
         // the resync's reload has finished.
         held.feed().send(Change::Events).unwrap();
-        assert!(matches!(heard.recv().await.unwrap(), Change::Resync));
-        assert!(matches!(heard.recv().await.unwrap(), Change::Events));
+        assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Resync));
+        assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Events));
         let rows = read(&m.rows);
-        assert_eq!(rows.meta.get("held").unwrap(), b"h");
         assert_eq!(rows.meta.get("format_version").unwrap(), b"7");
         assert_eq!(rows.meta.get("epoch").unwrap(), b"e1");
-        assert_eq!(rows.callers, vec![admin]);
+        assert!(rows.callers.contains(&caller("admin", false)));
         assert!(rows.systems.contains_key("new"));
         assert!(
             !rows.systems.contains_key("gone"),
             "a deleted system came back"
         );
+        // The reload's reads win where this replica knows nothing newer.
+        assert_eq!(rows.meta.get("held").unwrap(), b"h2");
+        assert_eq!(rows.systems["changed"].credential_version, 2);
+        let x = rows.callers.iter().find(|c| c.name == "x").unwrap();
+        assert!(x.revoked, "a revocation was undone");
     }
 }
