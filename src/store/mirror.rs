@@ -77,6 +77,9 @@ pub struct MirroredStore {
     dirty: std::sync::atomic::AtomicBool,
     /// A change the snapshot should carry at once (a caller changed, a system deleted).
     urgent: Arc<tokio::sync::Notify>,
+    /// Writes this replica made: a read that overlapped one may have read the row before it,
+    /// and is not mirrored (it would undo a deletion or a revocation).
+    own_writes: std::sync::atomic::AtomicU64,
 }
 
 /// Where the mirror's snapshot is kept, and the key that seals it (derived from the master key).
@@ -230,6 +233,7 @@ impl MirroredStore {
             down_until: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(true),
             urgent: Arc::new(tokio::sync::Notify::new()),
+            own_writes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -326,10 +330,40 @@ impl MirroredStore {
         Ok((rows, asked))
     }
 
-    /// Notes a row this replica wrote, for a reload under way (before the row is mirrored, so
-    /// that a reload settling in between cannot miss both).
+    /// Notes a row this replica wrote, for a reload under way and for reads under way (before
+    /// the row is mirrored, so that neither can settle in between and miss the write).
     fn wrote<R>(&self, f: impl FnOnce(&mut Touched) -> R) {
+        self.own_writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         write(&self.rows).touch(f);
+    }
+
+    /// Reads `inner` and mirrors what it read with `mirror`, unless this replica wrote anything
+    /// while the read was under way (the read may predate the write): then it reads again, at
+    /// most `tries` times in all, and the last read is returned without being mirrored.
+    async fn read_through<T, Fut>(
+        &self,
+        tries: u32,
+        read: impl Fn() -> Fut,
+        mirror: impl Fn(&Self, &T),
+    ) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut attempt = 1;
+        loop {
+            let before = self.own_writes.load(SeqCst);
+            let value = read().await?;
+            if self.own_writes.load(SeqCst) == before {
+                mirror(self, &value);
+                return Ok(value);
+            }
+            if attempt >= tries {
+                return Ok(value);
+            }
+            attempt += 1;
+        }
     }
 
     /// The rows, to change them (the next snapshot writes them).
@@ -385,8 +419,7 @@ impl MirroredStore {
 
     fn put_callers(&self, callers: &[CallerRecord]) {
         if read(&self.rows).callers != callers {
-            let mut rows = self.rows_mut();
-            rows.callers = callers.to_vec();
+            self.rows_mut().callers = callers.to_vec();
             self.urgent.notify_one();
         }
     }
@@ -411,24 +444,35 @@ impl MirroredStore {
         self.urgent.notify_one();
     }
 
-    /// Applies a change another replica made, before the broker hears of it.
+    /// Applies a change another replica made, before the broker hears of it. A read that
+    /// overlapped a write of this replica's is read again (the change must not be missed).
     async fn apply(&self, change: &Change) {
+        const TRIES: u32 = 3;
         let done = match change {
             Change::System(id) => self
-                .inner
-                .get_system(id)
+                .read_through(
+                    TRIES,
+                    || self.inner.get_system(id),
+                    |me, r| me.put_system(r.clone(), id),
+                )
                 .await
-                .map(|r| self.put_system(r, id)),
+                .map(drop),
             Change::Caller(_) => self
-                .inner
-                .list_callers()
+                .read_through(
+                    TRIES,
+                    || self.inner.list_callers(),
+                    |me, c: &Vec<_>| me.put_callers(c),
+                )
                 .await
-                .map(|c| self.put_callers(&c)),
+                .map(drop),
             Change::Meta(key) => self
-                .inner
-                .get_meta(key)
+                .read_through(
+                    TRIES,
+                    || self.inner.get_meta(key),
+                    |me, v: &Option<Vec<u8>>| me.mirror_meta(key, v.as_deref()),
+                )
                 .await
-                .map(|v| self.mirror_meta(key, v.as_deref())),
+                .map(drop),
             Change::Resync => self.reload().await,
             Change::Events | Change::Quota(_) => Ok(()),
         };
@@ -530,11 +574,10 @@ async fn follow(me: std::sync::Weak<MirroredStore>, mut rx: broadcast::Receiver<
 impl CredentialStore for MirroredStore {
     async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
         if !self.is_down() {
-            match self.inner.get_system(system_id).await {
-                Ok(r) => {
-                    self.put_system(r.clone(), system_id);
-                    return Ok(r);
-                }
+            let read = || self.inner.get_system(system_id);
+            let mirror = |me: &Self, r: &Option<SystemRecord>| me.put_system(r.clone(), system_id);
+            match self.read_through(1, read, mirror).await {
+                Ok(r) => return Ok(r),
                 Err(e) => self.fall_back(e)?,
             }
         }
@@ -605,11 +648,12 @@ impl CredentialStore for MirroredStore {
 
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
         if !self.is_down() {
-            match self.inner.list_callers().await {
-                Ok(c) => {
-                    self.put_callers(&c);
-                    return Ok(c);
-                }
+            let read = || self.inner.list_callers();
+            match self
+                .read_through(1, read, |me, c: &Vec<_>| me.put_callers(c))
+                .await
+            {
+                Ok(c) => return Ok(c),
                 Err(e) => self.fall_back(e)?,
             }
         }
@@ -632,11 +676,10 @@ impl CredentialStore for MirroredStore {
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         if !self.is_down() {
-            match self.inner.get_meta(key).await {
-                Ok(v) => {
-                    self.mirror_meta(key, v.as_deref());
-                    return Ok(v);
-                }
+            let read = || self.inner.get_meta(key);
+            let mirror = |me: &Self, v: &Option<Vec<u8>>| me.mirror_meta(key, v.as_deref());
+            match self.read_through(1, read, mirror).await {
+                Ok(v) => return Ok(v),
                 Err(e) => self.fall_back(e)?,
             }
         }
@@ -713,9 +756,8 @@ impl CredentialStore for MirroredStore {
                 };
             }
         };
-        let mut rows = self.rows_mut();
-        rows.touch(|t| t.meta.insert(key.to_owned()));
-        rows.meta.insert(key.to_owned(), stored.clone());
+        self.wrote(|t| t.meta.insert(key.to_owned()));
+        self.rows_mut().meta.insert(key.to_owned(), stored.clone());
         Ok(stored)
     }
 
@@ -730,17 +772,16 @@ impl CredentialStore for MirroredStore {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     use super::*;
     use crate::store::MemoryStore;
 
-    /// A memory store with a change feed whose reading of the key `held`, once armed, waits for
-    /// a go-ahead: a reload held in the middle of its scan.
+    /// A memory store with a change feed. Once armed for a read (`meta` of the key `held`,
+    /// `system` `held`, `callers`), that read, having read, waits for a go-ahead before it
+    /// answers: a reload held in the middle of its scan, or a read answering after a write.
     #[derive(Default)]
     struct Held {
         inner: MemoryStore,
-        armed: AtomicBool,
+        armed: Mutex<Option<&'static str>>,
         entered: tokio::sync::Notify,
         go: tokio::sync::Notify,
         feed: std::sync::OnceLock<broadcast::Sender<Change>>,
@@ -750,12 +791,36 @@ mod tests {
         fn feed(&self) -> &broadcast::Sender<Change> {
             self.feed.get_or_init(|| broadcast::channel(16).0)
         }
+
+        fn arm(&self, read: &'static str) {
+            *lock(&self.armed) = Some(read);
+        }
+
+        async fn hold<T>(&self, read: &str, value: T) -> T {
+            let armed = {
+                let mut a = lock(&self.armed);
+                let hit = *a == Some(read);
+                if hit {
+                    *a = None;
+                }
+                hit
+            };
+            if armed {
+                self.entered.notify_one();
+                self.go.notified().await;
+            }
+            value
+        }
     }
 
     #[async_trait]
     impl CredentialStore for Held {
         async fn get_system(&self, id: &str) -> Result<Option<SystemRecord>, StoreError> {
-            self.inner.get_system(id).await
+            let r = self.inner.get_system(id).await;
+            match id {
+                "held" => self.hold("system", r).await,
+                _ => r,
+            }
         }
         async fn list_systems(
             &self,
@@ -777,7 +842,8 @@ mod tests {
             self.inner.count_systems().await
         }
         async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
-            self.inner.list_callers().await
+            let r = self.inner.list_callers().await;
+            self.hold("callers", r).await
         }
         async fn insert_caller(&self, r: &CallerRecord) -> Result<(), StoreError> {
             self.inner.insert_caller(r).await
@@ -786,11 +852,11 @@ mod tests {
             self.inner.update_caller(r).await
         }
         async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-            if key == "held" && self.armed.swap(false, Ordering::SeqCst) {
-                self.entered.notify_one();
-                self.go.notified().await;
+            let r = self.inner.get_meta(key).await;
+            match key {
+                "held" => self.hold("meta", r).await,
+                _ => r,
             }
-            self.inner.get_meta(key).await
         }
         async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
             self.inner.put_meta(key, value).await
@@ -862,7 +928,7 @@ mod tests {
         held.inner.put_meta("held", b"h2").await.unwrap();
         held.inner.update_caller(&caller("x", true)).await.unwrap();
         let mut heard = m.changes().unwrap();
-        held.armed.store(true, Ordering::SeqCst);
+        held.arm("meta");
         held.feed().send(Change::Resync).unwrap();
         soon(held.entered.notified()).await;
         // Read, created and written while the reload waits in its scan.
@@ -894,5 +960,51 @@ mod tests {
         assert_eq!(rows.systems["changed"].credential_version, 2);
         let x = rows.callers.iter().find(|c| c.name == "x").unwrap();
         assert!(x.revoked, "a revocation was undone");
+    }
+
+    /// A read that answers after this replica's own write (it read the row before the write)
+    /// is not mirrored: a deletion or a revocation made here is not undone by it.
+    #[tokio::test]
+    async fn a_read_overlapping_this_replicas_write_is_not_mirrored() {
+        use crate::model::sample_system;
+        let held = Arc::new(Held::default());
+        held.inner
+            .insert_system(&sample_system("held"))
+            .await
+            .unwrap();
+        held.inner.insert_caller(&caller("x", false)).await.unwrap();
+        let m = MirroredStore::open(held.clone(), None).await.unwrap();
+        held.arm("system");
+        let reading = tokio::spawn({
+            let m = m.clone();
+            async move { m.get_system("held").await }
+        });
+        soon(held.entered.notified()).await;
+        assert!(m.delete_system("held").await.unwrap());
+        held.go.notify_one();
+        let stale = soon(reading).await.unwrap().unwrap();
+        assert!(
+            stale.is_some(),
+            "the read answered what it read before the deletion"
+        );
+        assert!(
+            !read(&m.rows).systems.contains_key("held"),
+            "a deleted system came back"
+        );
+
+        held.arm("callers");
+        let reading = tokio::spawn({
+            let m = m.clone();
+            async move { m.list_callers().await }
+        });
+        soon(held.entered.notified()).await;
+        m.update_caller(&caller("x", true)).await.unwrap();
+        held.go.notify_one();
+        let stale = soon(reading).await.unwrap().unwrap();
+        assert!(
+            !stale[0].revoked,
+            "the read answered what it read before the revocation"
+        );
+        assert!(read(&m.rows).callers[0].revoked, "a revocation was undone");
     }
 }
