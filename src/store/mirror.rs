@@ -77,9 +77,39 @@ pub struct MirroredStore {
     dirty: std::sync::atomic::AtomicBool,
     /// A change the snapshot should carry at once (a caller changed, a system deleted).
     urgent: Arc<tokio::sync::Notify>,
-    /// Writes this replica made: a read that overlapped one may have read the row before it,
-    /// and is not mirrored (it would undo a deletion or a revocation).
-    own_writes: std::sync::atomic::AtomicU64,
+    /// Writes this replica made, counted per [`Row::bucket`]: a read that overlapped a write of
+    /// its row may have read the row before it, and is not mirrored (it would undo a deletion
+    /// or a revocation).
+    own_writes: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+/// Counters of [`MirroredStore::own_writes`] (rows share them: a write makes an overlapping
+/// read of another row of its counter read again, rarely).
+const WRITE_BUCKETS: usize = 256;
+
+/// A row, as far as this replica's writes are concerned.
+#[derive(Clone, Copy)]
+enum Row<'a> {
+    System(&'a str),
+    /// A caller (the callers are read as one list: one counter).
+    Caller(&'a str),
+    Meta(&'a str),
+}
+
+impl Row<'_> {
+    fn bucket(self) -> usize {
+        let (tag, key) = match self {
+            Row::System(id) => (0u8, id),
+            Row::Caller(_) => (1, ""),
+            Row::Meta(k) => (2, k),
+        };
+        // FNV-1a: cheap, and the keys are not chosen to collide by anyone who gains by it.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in std::iter::once(tag).chain(key.bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % WRITE_BUCKETS as u64) as usize
+    }
 }
 
 /// Where the mirror's snapshot is kept, and the key that seals it (derived from the master key).
@@ -233,7 +263,9 @@ impl MirroredStore {
             down_until: Mutex::new(None),
             dirty: std::sync::atomic::AtomicBool::new(true),
             urgent: Arc::new(tokio::sync::Notify::new()),
-            own_writes: std::sync::atomic::AtomicU64::new(0),
+            own_writes: (0..WRITE_BUCKETS)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
         })
     }
 
@@ -332,18 +364,22 @@ impl MirroredStore {
 
     /// Notes a row this replica wrote, for a reload under way and for reads under way (before
     /// the row is mirrored, so that neither can settle in between and miss the write).
-    fn wrote<R>(&self, f: impl FnOnce(&mut Touched) -> R) {
-        self.own_writes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        write(&self.rows).touch(f);
+    fn wrote(&self, row: Row<'_>) {
+        self.own_writes[row.bucket()].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        write(&self.rows).touch(|t| match row {
+            Row::System(id) => t.systems.insert(id.to_owned()),
+            Row::Caller(name) => t.callers.insert(name.to_owned()),
+            Row::Meta(key) => t.meta.insert(key.to_owned()),
+        });
     }
 
-    /// Reads `inner` and mirrors what it read with `mirror`, unless this replica wrote anything
-    /// while the read was under way (the read may predate the write): then it reads again, at
-    /// most `tries` times in all, and the last read is returned without being mirrored.
+    /// Reads `row` from `inner` and mirrors what it read with `mirror`, unless this replica
+    /// wrote the row while the read was under way (the read may predate the write): then it
+    /// reads again, at most `tries` times in all, and the last read is returned unmirrored.
     async fn read_through<T, Fut>(
         &self,
         tries: u32,
+        row: Row<'_>,
         read: impl Fn() -> Fut,
         mirror: impl Fn(&Self, &T),
     ) -> Result<T, StoreError>
@@ -351,11 +387,12 @@ impl MirroredStore {
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         use std::sync::atomic::Ordering::SeqCst;
+        let writes = &self.own_writes[row.bucket()];
         let mut attempt = 1;
         loop {
-            let before = self.own_writes.load(SeqCst);
+            let before = writes.load(SeqCst);
             let value = read().await?;
-            if self.own_writes.load(SeqCst) == before {
+            if writes.load(SeqCst) == before {
                 mirror(self, &value);
                 return Ok(value);
             }
@@ -452,6 +489,7 @@ impl MirroredStore {
             Change::System(id) => self
                 .read_through(
                     TRIES,
+                    Row::System(id),
                     || self.inner.get_system(id),
                     |me, r| me.put_system(r.clone(), id),
                 )
@@ -460,6 +498,7 @@ impl MirroredStore {
             Change::Caller(_) => self
                 .read_through(
                     TRIES,
+                    Row::Caller(""),
                     || self.inner.list_callers(),
                     |me, c: &Vec<_>| me.put_callers(c),
                 )
@@ -468,6 +507,7 @@ impl MirroredStore {
             Change::Meta(key) => self
                 .read_through(
                     TRIES,
+                    Row::Meta(key),
                     || self.inner.get_meta(key),
                     |me, v: &Option<Vec<u8>>| me.mirror_meta(key, v.as_deref()),
                 )
@@ -576,7 +616,10 @@ impl CredentialStore for MirroredStore {
         if !self.is_down() {
             let read = || self.inner.get_system(system_id);
             let mirror = |me: &Self, r: &Option<SystemRecord>| me.put_system(r.clone(), system_id);
-            match self.read_through(1, read, mirror).await {
+            match self
+                .read_through(1, Row::System(system_id), read, mirror)
+                .await
+            {
                 Ok(r) => return Ok(r),
                 Err(e) => self.fall_back(e)?,
             }
@@ -613,7 +656,7 @@ impl CredentialStore for MirroredStore {
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
         self.inner.insert_system(record).await?;
-        self.wrote(|t| t.systems.insert(record.system_id.clone()));
+        self.wrote(Row::System(&record.system_id));
         self.put_system(Some(record.clone()), &record.system_id);
         Ok(())
     }
@@ -624,14 +667,14 @@ impl CredentialStore for MirroredStore {
         expected_revision: u64,
     ) -> Result<(), StoreError> {
         self.inner.update_system(record, expected_revision).await?;
-        self.wrote(|t| t.systems.insert(record.system_id.clone()));
+        self.wrote(Row::System(&record.system_id));
         self.put_system(Some(record.clone()), &record.system_id);
         Ok(())
     }
 
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
         let deleted = self.inner.delete_system(system_id).await?;
-        self.wrote(|t| t.systems.insert(system_id.to_owned()));
+        self.wrote(Row::System(system_id));
         self.put_system(None, system_id);
         Ok(deleted)
     }
@@ -650,7 +693,7 @@ impl CredentialStore for MirroredStore {
         if !self.is_down() {
             let read = || self.inner.list_callers();
             match self
-                .read_through(1, read, |me, c: &Vec<_>| me.put_callers(c))
+                .read_through(1, Row::Caller(""), read, |me, c: &Vec<_>| me.put_callers(c))
                 .await
             {
                 Ok(c) => return Ok(c),
@@ -662,14 +705,14 @@ impl CredentialStore for MirroredStore {
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
         self.inner.insert_caller(record).await?;
-        self.wrote(|t| t.callers.insert(record.name.clone()));
+        self.wrote(Row::Caller(&record.name));
         self.put_caller(record);
         Ok(())
     }
 
     async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
         self.inner.update_caller(record).await?;
-        self.wrote(|t| t.callers.insert(record.name.clone()));
+        self.wrote(Row::Caller(&record.name));
         self.put_caller(record);
         Ok(())
     }
@@ -678,7 +721,7 @@ impl CredentialStore for MirroredStore {
         if !self.is_down() {
             let read = || self.inner.get_meta(key);
             let mirror = |me: &Self, v: &Option<Vec<u8>>| me.mirror_meta(key, v.as_deref());
-            match self.read_through(1, read, mirror).await {
+            match self.read_through(1, Row::Meta(key), read, mirror).await {
                 Ok(v) => return Ok(v),
                 Err(e) => self.fall_back(e)?,
             }
@@ -688,7 +731,7 @@ impl CredentialStore for MirroredStore {
 
     async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.inner.put_meta(key, value).await?;
-        self.wrote(|t| t.meta.insert(key.to_owned()));
+        self.wrote(Row::Meta(key));
         self.mirror_meta(key, Some(value));
         Ok(())
     }
@@ -756,7 +799,7 @@ impl CredentialStore for MirroredStore {
                 };
             }
         };
-        self.wrote(|t| t.meta.insert(key.to_owned()));
+        self.wrote(Row::Meta(key));
         self.rows_mut().meta.insert(key.to_owned(), stored.clone());
         Ok(stored)
     }
