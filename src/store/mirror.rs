@@ -373,16 +373,18 @@ impl MirroredStore {
         });
     }
 
-    /// Reads `row` from `inner` and mirrors what it read with `mirror`, unless this replica
-    /// wrote the row while the read was under way (the read may predate the write): then it
-    /// reads again, at most `tries` times in all, and the last read is returned unmirrored.
+    /// Reads `row` from `inner` and mirrors what it read with `mirror`, unless the row was
+    /// written here or heard of as changed while the read was under way (the read may predate
+    /// that): then it reads again, at most `tries` times in all, and the last read is returned
+    /// unmirrored (`false`). The check and the mirroring are one step under the rows' lock, and
+    /// a write bumps the counter before it mirrors, so no write can fall between them.
     async fn read_through<T, Fut>(
         &self,
         tries: u32,
         row: Row<'_>,
         read: impl Fn() -> Fut,
-        mirror: impl Fn(&Self, &T),
-    ) -> Result<T, StoreError>
+        mirror: impl Fn(&Self, &mut Rows, &T),
+    ) -> Result<(T, bool), StoreError>
     where
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
@@ -392,20 +394,28 @@ impl MirroredStore {
         loop {
             let before = writes.load(SeqCst);
             let value = read().await?;
-            if writes.load(SeqCst) == before {
-                mirror(self, &value);
-                return Ok(value);
+            {
+                let mut rows = write(&self.rows);
+                if writes.load(SeqCst) == before {
+                    mirror(self, &mut rows, &value);
+                    return Ok((value, true));
+                }
             }
             if attempt >= tries {
-                return Ok(value);
+                return Ok((value, false));
             }
             attempt += 1;
         }
     }
 
+    /// Notes that another replica changed `row`: a read of it under way here may predate that.
+    fn heard(&self, row: Row<'_>) {
+        self.own_writes[row.bucket()].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// The rows, to change them (the next snapshot writes them).
     fn rows_mut(&self) -> std::sync::RwLockWriteGuard<'_, Rows> {
-        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+        self.changed();
         write(&self.rows)
     }
 
@@ -436,13 +446,13 @@ impl MirroredStore {
 
     /// Mirrors one system's row (a read that found it unchanged changes nothing). A row older
     /// than the mirrored one (a slow read overtaken by a write) never replaces it.
-    fn put_system(&self, r: Option<SystemRecord>, id: &str) {
-        match (read(&self.rows).systems.get(id), &r) {
+    fn put_system(&self, rows: &mut Rows, r: Option<SystemRecord>, id: &str) {
+        match (rows.systems.get(id), &r) {
             (Some(held), Some(new)) if **held == *new || age(held) > age(new) => return,
             (None, None) => return,
             _ => {}
         }
-        let mut rows = self.rows_mut();
+        self.changed();
         match r {
             Some(r) => {
                 rows.systems.insert(id.to_owned(), Arc::new(r));
@@ -454,18 +464,19 @@ impl MirroredStore {
         }
     }
 
-    fn put_callers(&self, callers: &[CallerRecord]) {
-        if read(&self.rows).callers != callers {
-            self.rows_mut().callers = callers.to_vec();
+    fn put_callers(&self, rows: &mut Rows, callers: &[CallerRecord]) {
+        if rows.callers != callers {
+            self.changed();
+            rows.callers = callers.to_vec();
             self.urgent.notify_one();
         }
     }
 
-    fn mirror_meta(&self, key: &str, v: Option<&[u8]>) {
-        if key == WRITE_PROBE || read(&self.rows).meta.get(key).map(Vec::as_slice) == v {
+    fn mirror_meta(&self, rows: &mut Rows, key: &str, v: Option<&[u8]>) {
+        if key == WRITE_PROBE || rows.meta.get(key).map(Vec::as_slice) == v {
             return;
         }
-        let mut rows = self.rows_mut();
+        self.changed();
         match v {
             Some(v) => rows.meta.insert(key.to_owned(), v.to_vec()),
             None => rows.meta.remove(key),
@@ -476,49 +487,56 @@ impl MirroredStore {
         let mut rows = self.rows_mut();
         match rows.callers.iter_mut().find(|c| c.name == r.name) {
             Some(c) => *c = r.clone(),
-            None => rows.callers.push(r.clone()),
+            None => insert_caller(&mut rows.callers, r.clone()),
         }
         self.urgent.notify_one();
     }
 
+    /// The mirror changed since the last snapshot.
+    fn changed(&self) {
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Applies a change another replica made, before the broker hears of it. A read that
-    /// overlapped a write of this replica's is read again (the change must not be missed).
-    async fn apply(&self, change: &Change) {
+    /// overlapped a write of the row here is read again; one that still cannot be mirrored
+    /// turns into a reload. An error means the mirror may be behind (the caller resyncs later).
+    async fn apply(&self, change: &Change) -> Result<(), StoreError> {
         const TRIES: u32 = 3;
-        let done = match change {
-            Change::System(id) => self
-                .read_through(
-                    TRIES,
-                    Row::System(id),
-                    || self.inner.get_system(id),
-                    |me, r| me.put_system(r.clone(), id),
-                )
-                .await
-                .map(drop),
-            Change::Caller(_) => self
-                .read_through(
-                    TRIES,
-                    Row::Caller(""),
-                    || self.inner.list_callers(),
-                    |me, c: &Vec<_>| me.put_callers(c),
-                )
-                .await
-                .map(drop),
-            Change::Meta(key) => self
-                .read_through(
-                    TRIES,
-                    Row::Meta(key),
-                    || self.inner.get_meta(key),
-                    |me, v: &Option<Vec<u8>>| me.mirror_meta(key, v.as_deref()),
-                )
-                .await
-                .map(drop),
-            Change::Resync => self.reload().await,
-            Change::Events | Change::Quota(_) => Ok(()),
+        let mirrored = match change {
+            Change::System(id) => {
+                self.heard(Row::System(id));
+                let read = || self.inner.get_system(id);
+                let mirror = |me: &Self, rows: &mut Rows, r: &Option<SystemRecord>| {
+                    me.put_system(rows, r.clone(), id);
+                };
+                self.read_through(TRIES, Row::System(id), read, mirror)
+                    .await
+                    .map(|(_, m)| ((), m))
+            }
+            Change::Caller(_) => {
+                self.heard(Row::Caller(""));
+                let read = || self.inner.list_callers();
+                let mirror = |me: &Self, rows: &mut Rows, c: &Vec<_>| me.put_callers(rows, c);
+                self.read_through(TRIES, Row::Caller(""), read, mirror)
+                    .await
+                    .map(|(_, m)| ((), m))
+            }
+            Change::Meta(key) => {
+                self.heard(Row::Meta(key));
+                let read = || self.inner.get_meta(key);
+                let mirror = |me: &Self, rows: &mut Rows, v: &Option<Vec<u8>>| {
+                    me.mirror_meta(rows, key, v.as_deref());
+                };
+                self.read_through(TRIES, Row::Meta(key), read, mirror)
+                    .await
+                    .map(|(_, m)| ((), m))
+            }
+            Change::Resync => self.reload().await.map(|()| ((), true)),
+            Change::Events | Change::Quota(_) => Ok(((), true)),
         };
-        if let Err(e) = done {
-            // The feed resyncs when it reconnects; until then the row may be behind.
-            tracing::warn!(message = "Could not mirror a change from the store.", error = %e);
+        match mirrored? {
+            ((), true) => Ok(()),
+            ((), false) => self.reload().await,
         }
     }
 }
@@ -557,7 +575,7 @@ fn settle(rows: &mut Rows, mut scanned: Rows, asked: &HashSet<String>) -> bool {
         match scanned.callers.iter_mut().find(|c| &c.name == name) {
             Some(read) if read.revoked && !mine.revoked => {}
             Some(read) => *read = mine.clone(),
-            None => scanned.callers.push(mine.clone()),
+            None => insert_caller(&mut scanned.callers, mine.clone()),
         }
     }
     let urgent = rows.callers != scanned.callers
@@ -569,6 +587,13 @@ fn settle(rows: &mut Rows, mut scanned: Rows, asked: &HashSet<String>) -> bool {
     rows.callers = scanned.callers;
     rows.meta = scanned.meta;
     urgent
+}
+
+/// Adds a caller to the list, kept in name order as the store lists them (so that a list read
+/// from the store compares equal when nothing changed).
+fn insert_caller(callers: &mut Vec<CallerRecord>, c: CallerRecord) {
+    let at = callers.partition_point(|x| x.name < c.name);
+    callers.insert(at, c);
 }
 
 /// Writes the snapshot at once, then every `every` while the mirror changes.
@@ -592,21 +617,49 @@ async fn keep_snapshot(me: std::sync::Weak<MirroredStore>, file: SnapshotFile, e
     }
 }
 
+/// A change that could not be mirrored, or a failed resync, is made good by a resync this
+/// long after, then after twice as long each time (up to [`RESYNC_RETRY_MAX`]) until one
+/// succeeds.
+const RESYNC_RETRY: Duration = Duration::from_secs(2);
+const RESYNC_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// Mirrors each change, then hands it on.
 async fn follow(me: std::sync::Weak<MirroredStore>, mut rx: broadcast::Receiver<Change>) {
+    let mut resync_at: Option<tokio::time::Instant> = None;
+    let mut backoff = RESYNC_RETRY;
     loop {
-        let change = match rx.recv().await {
-            Ok(c) => c,
-            Err(broadcast::error::RecvError::Lagged(_)) => Change::Resync,
-            Err(broadcast::error::RecvError::Closed) => break,
+        let retry = tokio::time::sleep_until(resync_at.unwrap_or_else(tokio::time::Instant::now));
+        // A retry is the mirror's own business: the broker is not told (a resync there drops
+        // every cached token, which must keep serving while the database is away).
+        let (change, retried) = tokio::select! {
+            received = rx.recv() => match received {
+                Ok(c) => (c, false),
+                Err(broadcast::error::RecvError::Lagged(_)) => (Change::Resync, false),
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            () = retry, if resync_at.is_some() => (Change::Resync, true),
         };
         let Some(me) = me.upgrade() else { break };
         // The broker reads what changed from the database itself: it hears at once, and the
         // mirror catches up behind it.
-        if let Some(tx) = &me.changes {
+        if let (Some(tx), false) = (&me.changes, retried) {
             let _ = tx.send(change.clone());
         }
-        me.apply(&change).await;
+        match me.apply(&change).await {
+            Err(e) => {
+                if resync_at.is_none() {
+                    tracing::warn!(message = "Could not mirror a change from the store; resyncing until it can.", error = %e);
+                } else {
+                    backoff = (backoff * 2).min(RESYNC_RETRY_MAX);
+                }
+                resync_at = Some(tokio::time::Instant::now() + backoff);
+            }
+            Ok(()) if matches!(change, Change::Resync) => {
+                resync_at = None;
+                backoff = RESYNC_RETRY;
+            }
+            Ok(()) => {}
+        }
     }
 }
 
@@ -615,12 +668,14 @@ impl CredentialStore for MirroredStore {
     async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
         if !self.is_down() {
             let read = || self.inner.get_system(system_id);
-            let mirror = |me: &Self, r: &Option<SystemRecord>| me.put_system(r.clone(), system_id);
+            let mirror = |me: &Self, rows: &mut Rows, r: &Option<SystemRecord>| {
+                me.put_system(rows, r.clone(), system_id);
+            };
             match self
                 .read_through(1, Row::System(system_id), read, mirror)
                 .await
             {
-                Ok(r) => return Ok(r),
+                Ok((r, _)) => return Ok(r),
                 Err(e) => self.fall_back(e)?,
             }
         }
@@ -657,7 +712,11 @@ impl CredentialStore for MirroredStore {
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
         self.inner.insert_system(record).await?;
         self.wrote(Row::System(&record.system_id));
-        self.put_system(Some(record.clone()), &record.system_id);
+        self.put_system(
+            &mut write(&self.rows),
+            Some(record.clone()),
+            &record.system_id,
+        );
         Ok(())
     }
 
@@ -668,14 +727,18 @@ impl CredentialStore for MirroredStore {
     ) -> Result<(), StoreError> {
         self.inner.update_system(record, expected_revision).await?;
         self.wrote(Row::System(&record.system_id));
-        self.put_system(Some(record.clone()), &record.system_id);
+        self.put_system(
+            &mut write(&self.rows),
+            Some(record.clone()),
+            &record.system_id,
+        );
         Ok(())
     }
 
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
         let deleted = self.inner.delete_system(system_id).await?;
         self.wrote(Row::System(system_id));
-        self.put_system(None, system_id);
+        self.put_system(&mut write(&self.rows), None, system_id);
         Ok(deleted)
     }
 
@@ -693,10 +756,12 @@ impl CredentialStore for MirroredStore {
         if !self.is_down() {
             let read = || self.inner.list_callers();
             match self
-                .read_through(1, Row::Caller(""), read, |me, c: &Vec<_>| me.put_callers(c))
+                .read_through(1, Row::Caller(""), read, |me, rows, c: &Vec<_>| {
+                    me.put_callers(rows, c);
+                })
                 .await
             {
-                Ok(c) => return Ok(c),
+                Ok((c, _)) => return Ok(c),
                 Err(e) => self.fall_back(e)?,
             }
         }
@@ -720,9 +785,11 @@ impl CredentialStore for MirroredStore {
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         if !self.is_down() {
             let read = || self.inner.get_meta(key);
-            let mirror = |me: &Self, v: &Option<Vec<u8>>| me.mirror_meta(key, v.as_deref());
+            let mirror = |me: &Self, rows: &mut Rows, v: &Option<Vec<u8>>| {
+                me.mirror_meta(rows, key, v.as_deref());
+            };
             match self.read_through(1, Row::Meta(key), read, mirror).await {
-                Ok(v) => return Ok(v),
+                Ok((v, _)) => return Ok(v),
                 Err(e) => self.fall_back(e)?,
             }
         }
@@ -732,7 +799,7 @@ impl CredentialStore for MirroredStore {
     async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.inner.put_meta(key, value).await?;
         self.wrote(Row::Meta(key));
-        self.mirror_meta(key, Some(value));
+        self.mirror_meta(&mut write(&self.rows), key, Some(value));
         Ok(())
     }
 
@@ -824,6 +891,8 @@ mod tests {
     #[derive(Default)]
     struct Held {
         inner: MemoryStore,
+        /// The store does not answer a listing (a reload fails).
+        unlisted: std::sync::atomic::AtomicBool,
         armed: Mutex<Option<&'static str>>,
         entered: tokio::sync::Notify,
         go: tokio::sync::Notify,
@@ -870,6 +939,9 @@ mod tests {
             after: Option<&str>,
             limit: usize,
         ) -> Result<Vec<SystemRecord>, StoreError> {
+            if self.unlisted.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unreachable("unlisted".into()));
+            }
             self.inner.list_systems(after, limit).await
         }
         async fn insert_system(&self, r: &SystemRecord) -> Result<(), StoreError> {
@@ -1049,5 +1121,86 @@ mod tests {
             "the read answered what it read before the revocation"
         );
         assert!(read(&m.rows).callers[0].revoked, "a revocation was undone");
+
+        // Another replica deletes a system while a read of it here is under way: the read,
+        // answering after the deletion was mirrored, does not bring it back.
+        held.inner
+            .insert_system(&sample_system("held"))
+            .await
+            .unwrap();
+        assert!(m.get_system("held").await.unwrap().is_some());
+        let mut heard = m.changes().unwrap();
+        held.arm("system");
+        let reading = tokio::spawn({
+            let m = m.clone();
+            async move { m.get_system("held").await }
+        });
+        soon(held.entered.notified()).await;
+        held.inner.delete_system("held").await.unwrap();
+        held.feed().send(Change::System("held".into())).unwrap();
+        held.feed().send(Change::Events).unwrap();
+        assert!(matches!(
+            soon(heard.recv()).await.unwrap(),
+            Change::System(_)
+        ));
+        assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Events));
+        assert!(!read(&m.rows).systems.contains_key("held"));
+        held.go.notify_one();
+        assert!(soon(reading).await.unwrap().unwrap().is_some());
+        assert!(
+            !read(&m.rows).systems.contains_key("held"),
+            "a deleted system came back"
+        );
+
+        // A write of another row does not keep a read from being mirrored.
+        let mut newer = sample_system("held");
+        held.inner.insert_system(&newer).await.unwrap();
+        assert!(m.get_system("held").await.unwrap().is_some());
+        newer.credential_version = 2;
+        held.inner.update_system(&newer, 1).await.unwrap();
+        held.arm("system");
+        let reading = tokio::spawn({
+            let m = m.clone();
+            async move { m.get_system("held").await }
+        });
+        soon(held.entered.notified()).await;
+        m.insert_system(&sample_system("other")).await.unwrap();
+        held.go.notify_one();
+        soon(reading).await.unwrap().unwrap();
+        assert_eq!(read(&m.rows).systems["held"].credential_version, 2);
+    }
+
+    /// A resync that fails (the database does not answer the listing) is tried again until it
+    /// succeeds, and then the mirror holds what it missed.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_resync_is_retried() {
+        use crate::model::sample_system;
+        let held = Arc::new(Held::default());
+        let m = MirroredStore::open(held.clone(), None).await.unwrap();
+        held.unlisted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // Missed: its notification was lost while the feed was away.
+        held.inner
+            .insert_system(&sample_system("missed"))
+            .await
+            .unwrap();
+        let mut heard = m.changes().unwrap();
+        held.feed().send(Change::Resync).unwrap();
+        held.feed().send(Change::Events).unwrap();
+        assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Resync));
+        assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Events));
+        assert!(!read(&m.rows).systems.contains_key("missed"));
+        held.unlisted
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        // The clock is paused: time moves on only while every task waits (no real sleeping).
+        let mut waited = Duration::ZERO;
+        while !read(&m.rows).systems.contains_key("missed") {
+            assert!(
+                waited < Duration::from_secs(300),
+                "the resync was never retried"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            waited += Duration::from_millis(500);
+        }
     }
 }
