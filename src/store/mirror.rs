@@ -6,6 +6,10 @@
 //! - It is kept current from the change feed: a system another replica changed is read again, a
 //!   resync (the feed reconnected) reloads everything; this replica's own writes update it when
 //!   they commit. Metadata is mirrored as it is read or written.
+//! - A reload keeps what this replica wrote while it read (see [`settle`]); a read that overlapped
+//!   a write of its row (made here, or heard of from another replica) is not mirrored, since it
+//!   may predate the write; a change that cannot be mirrored, or a failed reload, leads to a
+//!   reload retried with backoff.
 //! - Reads go to the database while it answers: a refresh that must see the newest record (the
 //!   cross-replica refresh lock) sees it. When a read fails for the database's sake, reads are
 //!   answered from the mirror for [`DOWN_FOR`] before the database is tried again; writes always
