@@ -225,32 +225,16 @@ pub fn refresh(r: &mut SystemRecord, now: u64) -> Vec<Note> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AuthCheck, Delivery, SystemKind};
+    use crate::model::{AuthCheck, SystemKind};
 
     fn record(t: CredentialType, expires_at: Option<u64>) -> SystemRecord {
         SystemRecord {
-            system_id: "s".into(),
-            display_name: String::new(),
-            description: String::new(),
             kind: SystemKind::AzureDevOps,
             base_url: "https://dev.azure.com/acme".into(),
             credential_type: t,
-            credential_version: 1,
-            state: SystemState::Active,
-            state_message: None,
-            created_at: 0,
-            updated_at: 0,
-            last_check: None,
             credential_expires_at: expires_at,
-            delivery: Delivery::Proxy,
-            proxy_unauthorized_count: 0,
-            last_proxy_unauthorized_at: None,
-            health: None,
-            refresh_failure: None,
             sealed_credential: Vec::new(),
-            revision: 1,
-            shared_token: None,
-            integrity: None,
+            ..crate::model::sample_system("s")
         }
     }
 

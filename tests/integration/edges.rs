@@ -597,16 +597,22 @@ async fn the_data_directory_and_its_files_are_private() {
     }
 }
 
+/// A broker whose HTTP listener cuts a connection without a whole request head after
+/// `header_timeout` and holds at most `cap` connections.
+async fn http_limited(dir: &std::path::Path, header_timeout: Duration, cap: usize) -> TestBroker {
+    let mut config = test_config(dir);
+    config.server.http_header_timeout = header_timeout;
+    config.server.http_max_connections = cap;
+    TestBroker::start_with(config).await
+}
+
 /// Hundreds of connections that never finish their headers neither hold sockets for long nor
 /// stop callbacks, probes or gRPC.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_http_connections_are_cut_and_starve_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.server.http_header_timeout = Duration::from_secs(1);
-    config.server.http_max_connections = 400;
-    let broker = TestBroker::start_with(config).await;
+    let broker = http_limited(dir.path(), Duration::from_secs(1), 400).await;
     let mut stalled = Vec::new();
     for _ in 0..300 {
         let mut s = tokio::net::TcpStream::connect(broker.http_addr)
@@ -649,10 +655,7 @@ async fn slow_http_connections_are_cut_and_starve_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_connections_past_the_cap_are_closed_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.server.http_header_timeout = Duration::from_secs(60);
-    config.server.http_max_connections = 40;
-    let broker = TestBroker::start_with(config).await;
+    let broker = http_limited(dir.path(), Duration::from_secs(60), 40).await;
     let url = format!("http://{}/healthz", broker.http_addr);
     // Accepted in the order they connect, each takes a slot it keeps while it stays silent.
     let mut open = Vec::new();
