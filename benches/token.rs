@@ -1315,12 +1315,14 @@ async fn scale_scenario(rt_kind: &str, n: usize, seconds: f64) {
         let restart_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let (p50b, p99b, rpsb) = random_tokens(&addr, &worker, count, seconds).await;
         let (p50c, p99c, rpsc) = random_tokens(&addr, &worker, count, seconds).await;
-        let rss = status_kib(child.id(), "VmRSS").max(rss_loaded);
+        let rss_restarted = status_kib(child.id(), "VmRSS");
+        let rss = rss_restarted.max(rss_loaded);
         let _ = child.kill();
         let _ = child.wait();
         rows.push(serde_json::json!({
             "systems": count, "register_secs": reg_secs, "data_dir_bytes": disk,
             "restart_to_serving_ms": restart_ms, "peak_rss_kib_sampled": rss,
+            "rss_kib_after_registration": rss_loaded, "rss_kib_after_restart": rss_restarted,
             "first_pass": {"p50_us": p50a, "p99_us": p99a},
             "after_restart_cold": {"p50_us": p50b, "p99_us": p99b, "rps": rpsb},
             "warm": {"p50_us": p50c, "p99_us": p99c, "rps": rpsc},

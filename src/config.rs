@@ -204,7 +204,14 @@ pub struct StoreConfig {
     pub replica_snapshot: bool,
     /// How often a changed mirror is written to the snapshot.
     pub replica_snapshot_interval: Duration,
+    /// The embedded sled store's page cache, bytes.
+    pub cache_bytes: u64,
 }
+
+/// The smallest cache allowed, MiB (below it every write re-reads its pages).
+pub const MIN_STORE_CACHE_MIB: u64 = 4;
+/// The largest, MiB (1 TiB).
+pub const MAX_STORE_CACHE_MIB: u64 = 1 << 20;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -217,6 +224,7 @@ impl Default for StoreConfig {
                 .adopt_unauthenticated_records,
             replica_snapshot: true,
             replica_snapshot_interval: Duration::from_secs(30),
+            cache_bytes: crate::store::sled::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -580,6 +588,8 @@ pub struct FileConfig {
     pub replica_snapshot: Option<bool>,
     /// Seconds.
     pub replica_snapshot_interval_secs: Option<u64>,
+    /// MiB.
+    pub store_cache_mib: Option<u64>,
     /// URL.
     pub egress_proxy_url: Option<String>,
     /// Path (`user:password`).
@@ -625,6 +635,9 @@ pub struct Overrides {
     /// Replicas: how often a changed mirror is written to the snapshot, seconds [default: 30].
     #[arg(long, env = "CREDBROKER_REPLICA_SNAPSHOT_INTERVAL_SECS")]
     pub replica_snapshot_interval_secs: Option<u64>,
+    /// The embedded sled store's page cache, MiB (4 to 1048576) [default: 32].
+    #[arg(long, env = "CREDBROKER_STORE_CACHE_MIB")]
+    pub store_cache_mib: Option<u64>,
     /// Log format: text or json.
     #[arg(long, env = "CREDBROKER_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -896,6 +909,15 @@ impl StoreConfig {
             errors,
             &mut self.replica_snapshot_interval,
         );
+        match o.store_cache_mib.or(f.store_cache_mib) {
+            Some(m) if (MIN_STORE_CACHE_MIB..=MAX_STORE_CACHE_MIB).contains(&m) => {
+                self.cache_bytes = m << 20;
+            }
+            Some(m) => errors.push(format!(
+                "store_cache_mib: {m} is outside {MIN_STORE_CACHE_MIB}..={MAX_STORE_CACHE_MIB}"
+            )),
+            None => {}
+        }
     }
 }
 
@@ -1321,6 +1343,31 @@ mod tests {
         };
         let errs = Config::build(Some("request_timeout_secs = 0"), &bad).unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn store_cache_size_from_toml_or_env_is_bounded() {
+        let c = Config::build(None, &Overrides::default()).unwrap();
+        assert_eq!(c.store.cache_bytes, 32 << 20);
+        let c = Config::build(Some("store_cache_mib = 256\n"), &Overrides::default()).unwrap();
+        assert_eq!(c.store.cache_bytes, 256 << 20);
+        let env = Overrides {
+            store_cache_mib: Some(8),
+            ..Default::default()
+        };
+        let c = Config::build(Some("store_cache_mib = 256\n"), &env).unwrap();
+        assert_eq!(c.store.cache_bytes, 8 << 20);
+        for bad in [0, 3, (1 << 20) + 1, u64::MAX] {
+            let o = Overrides {
+                store_cache_mib: Some(bad),
+                ..Default::default()
+            };
+            let errs = Config::build(None, &o).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.contains("store_cache_mib")),
+                "{errs:?}"
+            );
+        }
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct SledStore {
     meta: sled::Tree,
     events: sled::Tree,
     flushes: Arc<GroupCommit>,
+    /// The page cache it was opened with (a reopen keeps it).
+    cache_bytes: u64,
 }
 
 /// Group commit: writers that finish while a flush is running share the next one, instead of
@@ -72,11 +74,18 @@ impl SledStore {
         Self::path_in(data_dir).join("conf").exists() || Self::path_in(data_dir).join("db").exists()
     }
 
-    /// Opens (or creates) the store in `data_dir/store`.
+    /// Opens (or creates) the store in `data_dir/store` with the default page cache.
     pub fn open(data_dir: &Path) -> Result<Self, OpenError> {
+        Self::open_with_cache(data_dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `data_dir/store`; sled's page cache holds at most
+    /// `cache_bytes` (its own default, 1 GiB, would keep every row ever read or written).
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: u64) -> Result<Self, OpenError> {
         let path = Self::path_in(data_dir);
         let db = sled::Config::new()
             .path(&path)
+            .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(ref io)
@@ -102,6 +111,7 @@ impl SledStore {
             meta: tree("meta")?,
             events: tree("events")?,
             flushes: Arc::default(),
+            cache_bytes,
             db,
         })
     }
@@ -356,6 +366,11 @@ fn event_at(v: &[u8]) -> u64 {
 }
 
 /// Free space needed before a failed store is reopened (a few sled segments).
+/// sled's page cache by default, bytes: the working set of writes and of the start-up passes.
+/// sled's own default (1 GiB) keeps every row ever read or written in memory, while the broker
+/// serves from caches of its own (`--store-cache-mib`; docs/benchmarks.md has the trade-off).
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
+
 const REOPEN_MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The broker's sled store as it runs: a [`SledStore`] that reopens itself after a failed write.
@@ -367,6 +382,7 @@ const REOPEN_MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 /// is not, and writes resume without a process restart once space is freed.
 pub struct ReopeningSledStore {
     data_dir: PathBuf,
+    cache_bytes: u64,
     current: tokio::sync::RwLock<Option<Arc<SledStore>>>,
     poisoned: AtomicBool,
 }
@@ -384,6 +400,7 @@ impl ReopeningSledStore {
     pub fn new(store: SledStore, data_dir: &Path) -> Self {
         Self {
             data_dir: data_dir.to_path_buf(),
+            cache_bytes: store.cache_bytes,
             current: tokio::sync::RwLock::new(Some(Arc::new(store))),
             poisoned: AtomicBool::new(false),
         }
@@ -447,7 +464,9 @@ impl ReopeningSledStore {
         let mut opened = None;
         for _ in 0..100 {
             let dir = self.data_dir.clone();
-            match tokio::task::spawn_blocking(move || SledStore::open(&dir)).await {
+            let cache = self.cache_bytes;
+            match tokio::task::spawn_blocking(move || SledStore::open_with_cache(&dir, cache)).await
+            {
                 Ok(Err(OpenError::Locked(_))) => {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await
                 }

@@ -265,8 +265,34 @@ async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
     assert!(!status.success());
     assert!(log.contains("32 random bytes"), "{log}");
 
-    // The right key still works.
-    let proc = spawn_process(dir.path(), &logs.path().join("4.log"), &[]).unwrap();
+    // A store cache too small to work is refused before the store is opened.
+    let res = spawn_process(
+        dir.path(),
+        &logs.path().join("3b.log"),
+        &[("CREDBROKER_STORE_CACHE_MIB", "0")],
+    );
+    let (status, log) = match res {
+        Err(e) => e,
+        Ok(mut p) => {
+            let s = p.child.wait().unwrap();
+            (s, p.log())
+        }
+    };
+    assert!(!status.success());
+    assert!(log.contains("store_cache_mib"), "{log}");
+    assert_eq!(
+        before,
+        snapshot(dir.path()),
+        "a refused start changed the data directory"
+    );
+
+    // The right key still works (on the smallest store cache allowed).
+    let proc = spawn_process(
+        dir.path(),
+        &logs.path().join("4.log"),
+        &[("CREDBROKER_STORE_CACHE_MIB", "4")],
+    )
+    .unwrap();
     wait_for_health(proc.addr, ServingStatus::Serving).await;
     let mut admin = client(proc.addr, Some(token.trim())).await;
     let tok = admin
