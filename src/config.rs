@@ -204,14 +204,9 @@ pub struct StoreConfig {
     pub replica_snapshot: bool,
     /// How often a changed mirror is written to the snapshot.
     pub replica_snapshot_interval: Duration,
-    /// The embedded sled store's page cache, bytes.
-    pub cache_bytes: u64,
+    /// The embedded sled store's page cache, MiB.
+    pub cache_mib: u64,
 }
-
-/// The smallest cache allowed, MiB (below it every write re-reads its pages).
-pub const MIN_STORE_CACHE_MIB: u64 = 4;
-/// The largest, MiB (1 TiB).
-pub const MAX_STORE_CACHE_MIB: u64 = 1 << 20;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -224,7 +219,7 @@ impl Default for StoreConfig {
                 .adopt_unauthenticated_records,
             replica_snapshot: true,
             replica_snapshot_interval: Duration::from_secs(30),
-            cache_bytes: crate::store::sled::DEFAULT_CACHE_BYTES,
+            cache_mib: crate::store::sled::DEFAULT_CACHE_MIB,
         }
     }
 }
@@ -909,14 +904,21 @@ impl StoreConfig {
             errors,
             &mut self.replica_snapshot_interval,
         );
+        use crate::store::sled::{MAX_CACHE_MIB, MIN_CACHE_MIB};
         match o.store_cache_mib.or(f.store_cache_mib) {
-            Some(m) if (MIN_STORE_CACHE_MIB..=MAX_STORE_CACHE_MIB).contains(&m) => {
-                self.cache_bytes = m << 20;
-            }
+            Some(m) if (MIN_CACHE_MIB..=MAX_CACHE_MIB).contains(&m) => self.cache_mib = m,
             Some(m) => errors.push(format!(
-                "store_cache_mib: {m} is outside {MIN_STORE_CACHE_MIB}..={MAX_STORE_CACHE_MIB}"
+                "store_cache_mib (CREDBROKER_STORE_CACHE_MIB): {m} MiB is outside \
+                 {MIN_CACHE_MIB}–{MAX_CACHE_MIB}"
             )),
             None => {}
+        }
+        if self.url.is_some() && o.store_cache_mib.or(f.store_cache_mib).is_some() {
+            errors.push(
+                "store_cache_mib sizes the embedded sled store; a PostgreSQL store (store_url) \
+                 has no such cache: remove one of them"
+                    .to_owned(),
+            );
         }
     }
 }
@@ -1348,15 +1350,24 @@ mod tests {
     #[test]
     fn store_cache_size_from_toml_or_env_is_bounded() {
         let c = Config::build(None, &Overrides::default()).unwrap();
-        assert_eq!(c.store.cache_bytes, 32 << 20);
+        assert_eq!(c.store.cache_mib, 32);
         let c = Config::build(Some("store_cache_mib = 256\n"), &Overrides::default()).unwrap();
-        assert_eq!(c.store.cache_bytes, 256 << 20);
-        let env = Overrides {
-            store_cache_mib: Some(8),
+        assert_eq!(c.store.cache_mib, 256);
+        let env = |m| Overrides {
+            store_cache_mib: Some(m),
             ..Default::default()
         };
-        let c = Config::build(Some("store_cache_mib = 256\n"), &env).unwrap();
-        assert_eq!(c.store.cache_bytes, 8 << 20);
+        let c = Config::build(Some("store_cache_mib = 256\n"), &env(8)).unwrap();
+        assert_eq!(c.store.cache_mib, 8);
+        for edge in [4, 1 << 20] {
+            assert_eq!(
+                Config::build(None, &env(edge)).unwrap().store.cache_mib,
+                edge
+            );
+        }
+        let pg = "store_url = \"postgres://x@y/z\"\n";
+        let errs = Config::build(Some(pg), &env(64)).unwrap_err();
+        assert!(errs.iter().any(|e| e.contains("sled")), "{errs:?}");
         for bad in [0, 3, (1 << 20) + 1, u64::MAX] {
             let o = Overrides {
                 store_cache_mib: Some(bad),

@@ -806,7 +806,7 @@ async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, Serv
         return Err(ServeError::Broker(BrokerOpenError::WrongKey));
     }
     let dir = data_dir.to_path_buf();
-    let cache = config.store.cache_bytes;
+    let cache = config.store.cache_mib;
     let store = tokio::task::spawn_blocking(move || SledStore::open_with_cache(&dir, cache))
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))??;

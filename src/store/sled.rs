@@ -25,8 +25,8 @@ pub struct SledStore {
     meta: sled::Tree,
     events: sled::Tree,
     flushes: Arc<GroupCommit>,
-    /// The page cache it was opened with (a reopen keeps it).
-    cache_bytes: u64,
+    /// The page cache it was opened with, MiB (a reopen keeps it).
+    cache_mib: u64,
 }
 
 /// Group commit: writers that finish while a flush is running share the next one, instead of
@@ -76,16 +76,25 @@ impl SledStore {
 
     /// Opens (or creates) the store in `data_dir/store` with the default page cache.
     pub fn open(data_dir: &Path) -> Result<Self, OpenError> {
-        Self::open_with_cache(data_dir, DEFAULT_CACHE_BYTES)
+        Self::open_with_cache(data_dir, DEFAULT_CACHE_MIB)
     }
 
-    /// Opens (or creates) the store in `data_dir/store`; sled's page cache holds at most
-    /// `cache_bytes` (its own default, 1 GiB, would keep every row ever read or written).
-    pub fn open_with_cache(data_dir: &Path, cache_bytes: u64) -> Result<Self, OpenError> {
+    /// Opens (or creates) the store in `data_dir/store`; sled's page cache holds pages of at
+    /// most `cache_mib` MiB (their size on disk: the memory they take can be more). Its own
+    /// default, 1 GiB, would keep every row ever read or written.
+    pub fn open_with_cache(data_dir: &Path, cache_mib: u64) -> Result<Self, OpenError> {
         let path = Self::path_in(data_dir);
+        if !(MIN_CACHE_MIB..=MAX_CACHE_MIB).contains(&cache_mib) {
+            return Err(OpenError::Other {
+                path,
+                detail: format!(
+                    "a store cache of {cache_mib} MiB is outside {MIN_CACHE_MIB}–{MAX_CACHE_MIB} MiB"
+                ),
+            });
+        }
         let db = sled::Config::new()
             .path(&path)
-            .cache_capacity(cache_bytes)
+            .cache_capacity(cache_mib << 20)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(ref io)
@@ -105,13 +114,14 @@ impl SledStore {
                 detail: e.to_string(),
             })
         };
+        tracing::info!(message = "Store opened.", store = "sled", cache_mib);
         Ok(Self {
             systems: tree("systems")?,
             callers: tree("callers")?,
             meta: tree("meta")?,
             events: tree("events")?,
             flushes: Arc::default(),
-            cache_bytes,
+            cache_mib,
             db,
         })
     }
@@ -365,12 +375,16 @@ fn event_at(v: &[u8]) -> u64 {
         .unwrap_or(0)
 }
 
-/// Free space needed before a failed store is reopened (a few sled segments).
-/// sled's page cache by default, bytes: the working set of writes and of the start-up passes.
+/// sled's page cache by default, MiB: the working set of writes and of the start-up passes.
 /// sled's own default (1 GiB) keeps every row ever read or written in memory, while the broker
 /// serves from caches of its own (`--store-cache-mib`; docs/benchmarks.md has the trade-off).
-pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
+pub const DEFAULT_CACHE_MIB: u64 = 32;
+/// The smallest page cache, MiB (sled refuses one under 256 bytes, by panicking).
+pub const MIN_CACHE_MIB: u64 = 4;
+/// The largest page cache, MiB (1 TiB).
+pub const MAX_CACHE_MIB: u64 = 1 << 20;
 
+/// Free space needed before a failed store is reopened (a few sled segments).
 const REOPEN_MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// The broker's sled store as it runs: a [`SledStore`] that reopens itself after a failed write.
@@ -382,7 +396,7 @@ const REOPEN_MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 /// is not, and writes resume without a process restart once space is freed.
 pub struct ReopeningSledStore {
     data_dir: PathBuf,
-    cache_bytes: u64,
+    cache_mib: u64,
     current: tokio::sync::RwLock<Option<Arc<SledStore>>>,
     poisoned: AtomicBool,
 }
@@ -400,7 +414,7 @@ impl ReopeningSledStore {
     pub fn new(store: SledStore, data_dir: &Path) -> Self {
         Self {
             data_dir: data_dir.to_path_buf(),
-            cache_bytes: store.cache_bytes,
+            cache_mib: store.cache_mib,
             current: tokio::sync::RwLock::new(Some(Arc::new(store))),
             poisoned: AtomicBool::new(false),
         }
@@ -464,7 +478,7 @@ impl ReopeningSledStore {
         let mut opened = None;
         for _ in 0..100 {
             let dir = self.data_dir.clone();
-            let cache = self.cache_bytes;
+            let cache = self.cache_mib;
             match tokio::task::spawn_blocking(move || SledStore::open_with_cache(&dir, cache)).await
             {
                 Ok(Err(OpenError::Locked(_))) => {
@@ -586,5 +600,39 @@ impl CredentialStore for ReopeningSledStore {
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         let r = self.writer().await?.init_meta(key, value).await;
         self.note(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_out_of_range_is_refused_before_sled_sees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for mib in [0, MIN_CACHE_MIB - 1, MAX_CACHE_MIB + 1, u64::MAX] {
+            match SledStore::open_with_cache(dir.path(), mib) {
+                Err(OpenError::Other { detail, .. }) => assert!(detail.contains("MiB"), "{detail}"),
+                other => panic!("{mib} MiB: {other:?}"),
+            }
+        }
+        assert!(
+            !SledStore::exists_in(dir.path()),
+            "a refused open created the store"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reopened_store_keeps_its_cache_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReopeningSledStore::new(
+            SledStore::open_with_cache(dir.path(), 5).unwrap(),
+            dir.path(),
+        );
+        store.poisoned.store(true, Ordering::Release);
+        store.reopen().await.unwrap();
+        assert!(!store.poisoned.load(Ordering::Acquire));
+        let reopened = store.current.read().await.clone().unwrap();
+        assert_eq!(reopened.cache_mib, 5);
     }
 }

@@ -294,6 +294,23 @@ async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
     )
     .unwrap();
     wait_for_health(proc.addr, ServingStatus::Serving).await;
+    // The log reaches its file through a reader thread: look until the line is there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let opened = loop {
+        let found = proc
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "Store opened.");
+        match found {
+            Some(v) => break v,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            None => panic!("the store's opening was not logged: {}", proc.log()),
+        }
+    };
+    assert_eq!(opened["cache_mib"], 4, "{opened}");
     let mut admin = client(proc.addr, Some(token.trim())).await;
     let tok = admin
         .get_access_token(pb::GetAccessTokenRequest {
