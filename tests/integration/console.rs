@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use credbroker::pb;
 use fantoccini::{Client as Web, ClientBuilder, Locator};
+use std::os::unix::process::CommandExt;
 use tonic::Code;
 
 use crate::connect::{authz_code, register, zendesk, ZD_CLIENT, ZD_SECRET};
@@ -51,8 +52,13 @@ struct Ui {
 }
 
 impl Drop for Ui {
+    /// Kills chromedriver's whole process group: Chromium too, which would otherwise outlive
+    /// the run (reparented to init) whenever the session was not closed, after a failure say.
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let group = format!("-{}", self.driver.id());
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .status();
         let _ = self.driver.wait();
     }
 }
@@ -65,6 +71,8 @@ impl Ui {
             .unwrap()
             .port();
         let driver = std::process::Command::new(driver)
+            // A group of its own, with the browser it starts: see `Drop`.
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -107,6 +115,11 @@ impl Ui {
             shots,
             _profile: profile,
         }
+    }
+
+    /// Ends the browser session (Chromium exits); `Drop` then stops chromedriver.
+    async fn quit(self) {
+        self.web.clone().close().await.unwrap();
     }
 
     async fn record(&mut self) {
@@ -309,6 +322,7 @@ async fn an_admin_sets_up_systems_in_the_browser() {
     }
     let shown = ui.seen.iter().filter(|h| h.contains(&token)).count();
     assert_eq!(shown, 1, "a new caller's token is on one page only");
+    ui.quit().await;
 }
 
 async fn sign_in_refuses_a_worker_then_admits_the_admin(ui: &mut Ui, worker: &str, admin: &str) {
