@@ -193,6 +193,22 @@ impl BrokerProcess {
     }
 }
 
+/// A start that must fail: its exit status and log, whether it exits before or after binding
+/// its port (some checks run once the listener is up; it must still exit on its own).
+fn refused_start(
+    dir: &std::path::Path,
+    log: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
+    match spawn_process(dir, log, envs) {
+        Err(e) => e,
+        Ok(mut p) => {
+            let status = p.child.wait().unwrap();
+            (status, p.log())
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
     let dir = tempfile::tempdir().unwrap();
@@ -226,20 +242,11 @@ async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
     let before = snapshot(dir.path());
     let wrong = logs.path().join("wrong.key");
     std::fs::write(&wrong, "q1K3sAWaV0r0m4y0QkIYb3oQ3Eo8m8b1m7s0y1m0J2M=\n").unwrap();
-    let err = spawn_process(
+    let (status, log) = refused_start(
         dir.path(),
         &logs.path().join("2.log"),
         &[("CREDBROKER_MASTER_KEY_FILE", wrong.to_str().unwrap())],
     );
-    let (status, log) = match err {
-        Err(e) => e,
-        Ok(p) => {
-            // It bound the port before checking the key; it must still exit on its own.
-            let mut p = p;
-            let status = p.child.wait().unwrap();
-            (status, p.log())
-        }
-    };
     assert!(!status.success());
     assert!(log.contains("master key does not match"), "{log}");
     assert_eq!(
@@ -250,34 +257,20 @@ async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
 
     // A malformed key file is refused too, with its own message.
     std::fs::write(&wrong, "not base64").unwrap();
-    let res = spawn_process(
+    let (status, log) = refused_start(
         dir.path(),
         &logs.path().join("3.log"),
         &[("CREDBROKER_MASTER_KEY_FILE", wrong.to_str().unwrap())],
     );
-    let (status, log) = match res {
-        Err(e) => e,
-        Ok(mut p) => {
-            let s = p.child.wait().unwrap();
-            (s, p.log())
-        }
-    };
     assert!(!status.success());
     assert!(log.contains("32 random bytes"), "{log}");
 
     // A store cache too small to work is refused before the store is opened.
-    let res = spawn_process(
+    let (status, log) = refused_start(
         dir.path(),
         &logs.path().join("3b.log"),
         &[("CREDBROKER_STORE_CACHE_MIB", "0")],
     );
-    let (status, log) = match res {
-        Err(e) => e,
-        Ok(mut p) => {
-            let s = p.child.wait().unwrap();
-            (s, p.log())
-        }
-    };
     assert!(!status.success());
     assert!(log.contains("store_cache_mib"), "{log}");
     assert_eq!(
