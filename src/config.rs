@@ -904,21 +904,13 @@ impl StoreConfig {
             errors,
             &mut self.replica_snapshot_interval,
         );
-        use crate::store::sled::{MAX_CACHE_MIB, MIN_CACHE_MIB};
-        match o.store_cache_mib.or(f.store_cache_mib) {
-            Some(m) if (MIN_CACHE_MIB..=MAX_CACHE_MIB).contains(&m) => self.cache_mib = m,
-            Some(m) => errors.push(format!(
-                "store_cache_mib (CREDBROKER_STORE_CACHE_MIB): {m} MiB is outside \
-                 {MIN_CACHE_MIB}–{MAX_CACHE_MIB}"
-            )),
-            None => {}
-        }
-        if self.url.is_some() && o.store_cache_mib.or(f.store_cache_mib).is_some() {
-            errors.push(
-                "store_cache_mib sizes the embedded sled store; a PostgreSQL store (store_url) \
-                 has no such cache: remove one of them"
-                    .to_owned(),
-            );
+        if let Some(m) = o.store_cache_mib.or(f.store_cache_mib) {
+            // Ignored by a PostgreSQL store, as the replica settings are by sled: one
+            // environment can serve both kinds of instance.
+            match crate::store::sled::check_cache_mib(m) {
+                Ok(m) => self.cache_mib = m,
+                Err(e) => errors.push(format!("store_cache_mib (CREDBROKER_STORE_CACHE_MIB): {e}")),
+            }
         }
     }
 }
@@ -1365,9 +1357,12 @@ mod tests {
                 edge
             );
         }
+        // Accepted (and unused) beside a PostgreSQL store: one environment for every instance.
         let pg = "store_url = \"postgres://x@y/z\"\n";
-        let errs = Config::build(Some(pg), &env(64)).unwrap_err();
-        assert!(errs.iter().any(|e| e.contains("sled")), "{errs:?}");
+        assert_eq!(
+            Config::build(Some(pg), &env(64)).unwrap().store.cache_mib,
+            64
+        );
         for bad in [0, 3, (1 << 20) + 1, u64::MAX] {
             let o = Overrides {
                 store_cache_mib: Some(bad),

@@ -84,14 +84,10 @@ impl SledStore {
     /// default, 1 GiB, would keep every row ever read or written.
     pub fn open_with_cache(data_dir: &Path, cache_mib: u64) -> Result<Self, OpenError> {
         let path = Self::path_in(data_dir);
-        if !(MIN_CACHE_MIB..=MAX_CACHE_MIB).contains(&cache_mib) {
-            return Err(OpenError::Other {
-                path,
-                detail: format!(
-                    "a store cache of {cache_mib} MiB is outside {MIN_CACHE_MIB}–{MAX_CACHE_MIB} MiB"
-                ),
-            });
-        }
+        check_cache_mib(cache_mib).map_err(|detail| OpenError::Other {
+            path: path.clone(),
+            detail,
+        })?;
         let db = sled::Config::new()
             .path(&path)
             .cache_capacity(cache_mib << 20)
@@ -114,8 +110,7 @@ impl SledStore {
                 detail: e.to_string(),
             })
         };
-        tracing::info!(message = "Store opened.", store = "sled", cache_mib);
-        Ok(Self {
+        let store = Self {
             systems: tree("systems")?,
             callers: tree("callers")?,
             meta: tree("meta")?,
@@ -123,7 +118,9 @@ impl SledStore {
             flushes: Arc::default(),
             cache_mib,
             db,
-        })
+        };
+        tracing::info!(message = "Store opened.", store = "sled", cache_mib);
+        Ok(store)
     }
 
     /// Returns once the writes made before the call are on disk. A flush started after this
@@ -379,10 +376,22 @@ fn event_at(v: &[u8]) -> u64 {
 /// sled's own default (1 GiB) keeps every row ever read or written in memory, while the broker
 /// serves from caches of its own (`--store-cache-mib`; docs/benchmarks.md has the trade-off).
 pub const DEFAULT_CACHE_MIB: u64 = 32;
-/// The smallest page cache, MiB (sled refuses one under 256 bytes, by panicking).
+/// The smallest page cache, MiB. sled refuses one under 256 bytes (by panicking) and splits
+/// the cache over 256 shards: at 4 MiB each shard holds 16 KiB, about one large page.
 pub const MIN_CACHE_MIB: u64 = 4;
-/// The largest page cache, MiB (1 TiB).
+/// The largest page cache, MiB (1 TiB; sled lowers it to a cgroup's memory limit by itself).
 pub const MAX_CACHE_MIB: u64 = 1 << 20;
+
+/// The one check of a page cache size, MiB: for the configuration and for every open.
+pub fn check_cache_mib(cache_mib: u64) -> Result<u64, String> {
+    if (MIN_CACHE_MIB..=MAX_CACHE_MIB).contains(&cache_mib) {
+        Ok(cache_mib)
+    } else {
+        Err(format!(
+            "a store cache of {cache_mib} MiB is outside {MIN_CACHE_MIB}–{MAX_CACHE_MIB} MiB"
+        ))
+    }
+}
 
 /// Free space needed before a failed store is reopened (a few sled segments).
 const REOPEN_MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;

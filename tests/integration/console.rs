@@ -44,22 +44,28 @@ fn browser_binaries(test: &str) -> Option<(PathBuf, PathBuf)> {
 /// A headless Chromium session through its own chromedriver; every page it shows is kept.
 struct Ui {
     web: Web,
-    driver: std::process::Child,
+    _driver: Driver,
     base: String,
     seen: Vec<String>,
     shots: Option<PathBuf>,
     _profile: tempfile::TempDir,
 }
 
-impl Drop for Ui {
-    /// Kills chromedriver's whole process group: Chromium too, which would otherwise outlive
-    /// the run (reparented to init) whenever the session was not closed, after a failure say.
+/// chromedriver, in a process group of its own with the Chromium it starts.
+struct Driver(std::process::Child);
+
+impl Drop for Driver {
+    /// Kills the whole group: Chromium too, which would otherwise outlive the run (reparented
+    /// to init) whenever its session was not closed, after a failure say. Then chromedriver
+    /// itself, in case `kill` is missing. (Being a group of its own, it misses a Ctrl-C sent to
+    /// the terminal's group; a run interrupted before this drop leaves it behind.)
     fn drop(&mut self) {
-        let group = format!("-{}", self.driver.id());
+        let group = format!("-{}", self.0.id());
         let _ = std::process::Command::new("kill")
             .args(["-KILL", "--", &group])
             .status();
-        let _ = self.driver.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -70,14 +76,15 @@ impl Ui {
             .local_addr()
             .unwrap()
             .port();
-        let driver = std::process::Command::new(driver)
-            // A group of its own, with the browser it starts: see `Drop`.
-            .process_group(0)
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let driver = Driver(
+            std::process::Command::new(driver)
+                .process_group(0)
+                .arg(format!("--port={port}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         let profile = tempfile::tempdir().unwrap();
         let caps = serde_json::json!({"goog:chromeOptions": {
             "binary": chrome,
@@ -109,7 +116,7 @@ impl Ui {
         let shots = std::env::var_os("CREDBROKER_SCREENSHOTS").map(PathBuf::from);
         Self {
             web,
-            driver,
+            _driver: driver,
             base,
             seen: Vec::new(),
             shots,
