@@ -366,15 +366,18 @@ impl MirroredStore {
         Ok((rows, asked))
     }
 
-    /// Notes a row this replica wrote, for a reload under way and for reads under way (before
-    /// the row is mirrored, so that neither can settle in between and miss the write).
-    fn wrote(&self, row: Row<'_>) {
+    /// Notes a row this replica wrote, for a reload under way and for reads under way, and
+    /// returns the rows to mirror the write in: the note comes first, so that neither a reload
+    /// nor a read can settle in between and miss the write.
+    fn wrote(&self, row: Row<'_>) -> std::sync::RwLockWriteGuard<'_, Rows> {
         self.own_writes[row.bucket()].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        write(&self.rows).touch(|t| match row {
+        let mut rows = write(&self.rows);
+        rows.touch(|t| match row {
             Row::System(id) => t.systems.insert(id.to_owned()),
             Row::Caller(name) => t.callers.insert(name.to_owned()),
             Row::Meta(key) => t.meta.insert(key.to_owned()),
         });
+        rows
     }
 
     /// Reads `row` from `inner` and mirrors what it read with `mirror`, unless the row was
@@ -487,8 +490,8 @@ impl MirroredStore {
         };
     }
 
-    fn put_caller(&self, r: &CallerRecord) {
-        let mut rows = self.rows_mut();
+    fn put_caller(&self, rows: &mut Rows, r: &CallerRecord) {
+        self.changed();
         match rows.callers.iter_mut().find(|c| c.name == r.name) {
             Some(c) => *c = r.clone(),
             None => insert_caller(&mut rows.callers, r.clone()),
@@ -515,7 +518,7 @@ impl MirroredStore {
                 };
                 self.read_through(TRIES, Row::System(id), read, mirror)
                     .await
-                    .map(|(_, m)| ((), m))
+                    .map(|(_, m)| m)
             }
             Change::Caller(_) => {
                 self.heard(Row::Caller(""));
@@ -523,7 +526,7 @@ impl MirroredStore {
                 let mirror = |me: &Self, rows: &mut Rows, c: &Vec<_>| me.put_callers(rows, c);
                 self.read_through(TRIES, Row::Caller(""), read, mirror)
                     .await
-                    .map(|(_, m)| ((), m))
+                    .map(|(_, m)| m)
             }
             Change::Meta(key) => {
                 self.heard(Row::Meta(key));
@@ -533,14 +536,15 @@ impl MirroredStore {
                 };
                 self.read_through(TRIES, Row::Meta(key), read, mirror)
                     .await
-                    .map(|(_, m)| ((), m))
+                    .map(|(_, m)| m)
             }
-            Change::Resync => self.reload().await.map(|()| ((), true)),
-            Change::Events | Change::Quota(_) => Ok(((), true)),
+            Change::Resync => self.reload().await.map(|()| true),
+            Change::Events | Change::Quota(_) => Ok(true),
         };
-        match mirrored? {
-            ((), true) => Ok(()),
-            ((), false) => self.reload().await,
+        if mirrored? {
+            Ok(())
+        } else {
+            self.reload().await
         }
     }
 }
@@ -715,12 +719,8 @@ impl CredentialStore for MirroredStore {
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
         self.inner.insert_system(record).await?;
-        self.wrote(Row::System(&record.system_id));
-        self.put_system(
-            &mut write(&self.rows),
-            Some(record.clone()),
-            &record.system_id,
-        );
+        let mut rows = self.wrote(Row::System(&record.system_id));
+        self.put_system(&mut rows, Some(record.clone()), &record.system_id);
         Ok(())
     }
 
@@ -730,19 +730,14 @@ impl CredentialStore for MirroredStore {
         expected_revision: u64,
     ) -> Result<(), StoreError> {
         self.inner.update_system(record, expected_revision).await?;
-        self.wrote(Row::System(&record.system_id));
-        self.put_system(
-            &mut write(&self.rows),
-            Some(record.clone()),
-            &record.system_id,
-        );
+        let mut rows = self.wrote(Row::System(&record.system_id));
+        self.put_system(&mut rows, Some(record.clone()), &record.system_id);
         Ok(())
     }
 
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
         let deleted = self.inner.delete_system(system_id).await?;
-        self.wrote(Row::System(system_id));
-        self.put_system(&mut write(&self.rows), None, system_id);
+        self.put_system(&mut self.wrote(Row::System(system_id)), None, system_id);
         Ok(deleted)
     }
 
@@ -774,15 +769,13 @@ impl CredentialStore for MirroredStore {
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
         self.inner.insert_caller(record).await?;
-        self.wrote(Row::Caller(&record.name));
-        self.put_caller(record);
+        self.put_caller(&mut self.wrote(Row::Caller(&record.name)), record);
         Ok(())
     }
 
     async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
         self.inner.update_caller(record).await?;
-        self.wrote(Row::Caller(&record.name));
-        self.put_caller(record);
+        self.put_caller(&mut self.wrote(Row::Caller(&record.name)), record);
         Ok(())
     }
 
@@ -802,8 +795,7 @@ impl CredentialStore for MirroredStore {
 
     async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.inner.put_meta(key, value).await?;
-        self.wrote(Row::Meta(key));
-        self.mirror_meta(&mut write(&self.rows), key, Some(value));
+        self.mirror_meta(&mut self.wrote(Row::Meta(key)), key, Some(value));
         Ok(())
     }
 
@@ -870,8 +862,9 @@ impl CredentialStore for MirroredStore {
                 };
             }
         };
-        self.wrote(Row::Meta(key));
-        self.rows_mut().meta.insert(key.to_owned(), stored.clone());
+        let mut rows = self.wrote(Row::Meta(key));
+        self.changed();
+        rows.meta.insert(key.to_owned(), stored.clone());
         Ok(stored)
     }
 
