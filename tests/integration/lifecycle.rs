@@ -193,20 +193,18 @@ impl BrokerProcess {
     }
 }
 
-/// A start that must fail: its exit status and log, whether it exits before or after binding
+/// A start that must fail, saying `says` in its log, whether it exits before or after binding
 /// its port (some checks run once the listener is up; it must still exit on its own).
-fn refused_start(
-    dir: &std::path::Path,
-    log: &std::path::Path,
-    envs: &[(&str, &str)],
-) -> (std::process::ExitStatus, String) {
-    match spawn_process(dir, log, envs) {
+fn refused_start(dir: &std::path::Path, log: &std::path::Path, envs: &[(&str, &str)], says: &str) {
+    let (status, log) = match spawn_process(dir, log, envs) {
         Err(e) => e,
         Ok(mut p) => {
             let status = p.child.wait().unwrap();
             (status, p.log())
         }
-    }
+    };
+    assert!(!status.success());
+    assert!(log.contains(says), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,13 +240,12 @@ async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
     let before = snapshot(dir.path());
     let wrong = logs.path().join("wrong.key");
     std::fs::write(&wrong, "q1K3sAWaV0r0m4y0QkIYb3oQ3Eo8m8b1m7s0y1m0J2M=\n").unwrap();
-    let (status, log) = refused_start(
+    refused_start(
         dir.path(),
         &logs.path().join("2.log"),
         &[("CREDBROKER_MASTER_KEY_FILE", wrong.to_str().unwrap())],
+        "master key does not match",
     );
-    assert!(!status.success());
-    assert!(log.contains("master key does not match"), "{log}");
     assert_eq!(
         before,
         snapshot(dir.path()),
@@ -257,22 +254,20 @@ async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
 
     // A malformed key file is refused too, with its own message.
     std::fs::write(&wrong, "not base64").unwrap();
-    let (status, log) = refused_start(
+    refused_start(
         dir.path(),
         &logs.path().join("3.log"),
         &[("CREDBROKER_MASTER_KEY_FILE", wrong.to_str().unwrap())],
+        "32 random bytes",
     );
-    assert!(!status.success());
-    assert!(log.contains("32 random bytes"), "{log}");
 
     // A store cache too small to work is refused before the store is opened.
-    let (status, log) = refused_start(
+    refused_start(
         dir.path(),
         &logs.path().join("3b.log"),
         &[("CREDBROKER_STORE_CACHE_MIB", "0")],
+        "store_cache_mib",
     );
-    assert!(!status.success());
-    assert!(log.contains("store_cache_mib"), "{log}");
     assert_eq!(
         before,
         snapshot(dir.path()),
