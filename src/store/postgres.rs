@@ -70,11 +70,28 @@ impl Drop for PostgresStore {
 fn pg(e: tokio_postgres::Error) -> StoreError {
     // A database error's text names the failing statement's problem, never parameter values.
     match e.as_db_error() {
+        // A server starting up, shutting down or dropping the connection is not there yet (or
+        // any more): the same as no answer, waited out rather than taken for a refusal.
+        Some(db) if unavailable(db.code()) => StoreError::Unreachable(format!("postgres: {e}")),
         // The server answered (a constraint, a timeout, a refused login): it is there.
         Some(_) => StoreError::Backend(format!("postgres: {e}")),
         // No answer: connection refused, lost or timed out.
         None => StoreError::Unreachable(format!("postgres: {e}")),
     }
+}
+
+/// SQLSTATEs that mean the server cannot serve now but will: class 08 (connection exception)
+/// and 57P01–57P03 (an administrator's or a crash's shutdown, "the database system is starting
+/// up"). A restart of the database sends these to everyone connecting during it.
+fn unavailable(code: &tokio_postgres::error::SqlState) -> bool {
+    use tokio_postgres::error::SqlState;
+    code.code().starts_with("08")
+        || [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ]
+        .contains(code)
 }
 
 fn pool_err(e: deadpool_postgres::PoolError) -> StoreError {
@@ -871,6 +888,28 @@ mod tests {
         let mut config: tokio_postgres::Config = url.parse().unwrap();
         require_tls_off_loopback(url, &mut config);
         config.get_ssl_mode()
+    }
+
+    #[test]
+    fn a_database_starting_or_stopping_is_unavailable_and_a_refusal_is_not() {
+        use tokio_postgres::error::SqlState;
+        for waits in [
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CONNECTION_FAILURE,
+        ] {
+            assert!(unavailable(&waits), "{waits:?}");
+        }
+        for refuses in [
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_CATALOG_NAME,
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::QUERY_CANCELED,
+            SqlState::DATABASE_DROPPED,
+        ] {
+            assert!(!unavailable(&refuses), "{refuses:?}");
+        }
     }
 
     #[test]

@@ -1122,6 +1122,119 @@ async fn a_replica_restarted_during_an_outage_serves_from_its_snapshot_or_waits_
     no_secret_in_logs(r.logs.path(), &["snap-pat-3", PG_PASSWORD]);
 }
 
+/// A front for a PostgreSQL server: while `starting` is set it answers every connection the way
+/// a server still starting up does (FATAL 57P03, "the database system is starting up"), and
+/// counts them; afterwards it passes connections through.
+struct StartingUp {
+    addr: std::net::SocketAddr,
+    starting: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StartingUp {
+    async fn start(upstream: String) -> StartingUp {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let starting = std::sync::Arc::new(AtomicBool::new(true));
+        let refused = std::sync::Arc::new(AtomicUsize::new(0));
+        let (st, rf) = (starting.clone(), refused.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (st, rf, up) = (st.clone(), rf.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    if st.load(Ordering::SeqCst) {
+                        answer_starting_up(&mut s).await;
+                        rf.fetch_add(1, Ordering::SeqCst);
+                    } else if let Ok(mut u) = tokio::net::TcpStream::connect(up).await {
+                        let _ = tokio::io::copy_bidirectional(&mut s, &mut u).await;
+                    }
+                });
+            }
+        });
+        StartingUp {
+            addr,
+            starting,
+            refused,
+        }
+    }
+}
+
+/// Reads the startup packet (declining TLS or GSS encryption first when asked) and answers as
+/// PostgreSQL does while it starts up.
+async fn answer_starting_up(s: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok(len) = s.read_u32().await else { return };
+        let mut body = vec![0; (len as usize).saturating_sub(4)];
+        if s.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        // SSLRequest (80877103) and GSSENCRequest (80877104): "N", then the real startup.
+        if len == 8
+            && matches!(
+                u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                80877103 | 80877104
+            )
+        {
+            let _ = s.write_all(b"N").await;
+            continue;
+        }
+        break;
+    }
+    let fields: &[u8] = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0";
+    let mut msg = vec![b'E'];
+    msg.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+    msg.extend_from_slice(fields);
+    let _ = s.write_all(&msg).await;
+    let _ = s.shutdown().await;
+}
+
+/// A replica started while PostgreSQL is still starting up (every connection answered FATAL
+/// 57P03, as during any restart of the database) waits, not ready, and serves once the database
+/// accepts; the answer is not taken for a refusal that ends the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_while_the_database_starts_up_waits_for_it() {
+    use std::sync::atomic::Ordering;
+    let Some(pg) = PgServer::shared().await else {
+        return skipped("a_replica_started_while_the_database_starts_up_waits_for_it");
+    };
+    let url = pg.fresh_db().await;
+    // postgres://user@host:port/db: the front stands where host:port was.
+    let host_port = url.split('@').nth(1).unwrap().split('/').next().unwrap();
+    let front = StartingUp::start(host_port.to_owned()).await;
+    let front_url = url.replacen(host_port, &front.addr.to_string(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("starting.log");
+    let env = [("CREDBROKER_STORE_URL", front_url.as_str())];
+    let mut c = spawn_process(dir.path(), &log, &env).unwrap_or_else(|(s, l)| panic!("{s}: {l}"));
+    // Two answers seen: the broker asked again after the first instead of exiting.
+    within(Duration::from_secs(15), || async {
+        front.refused.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(c.child.try_wait().unwrap().is_none(), "exited: {}", c.log());
+    assert_eq!(
+        health_now(c.addr).await,
+        Some(ServingStatus::NotServing as i32),
+        "not ready while the database starts"
+    );
+    front.starting.store(false, Ordering::SeqCst);
+    wait_for_health(c.addr, ServingStatus::Serving).await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let asana = FakeAsana::start().await;
+    let mut a = client(c.addr, Some(token.trim())).await;
+    a.register_system(register_asana("s1", &asana.base_url, "starting-pat", false))
+        .await
+        .unwrap();
+    assert_eq!(
+        auth_header(&mut a, "s1").await.unwrap(),
+        "Bearer starting-pat"
+    );
+    assert_eq!(c.stop().await, Some(0));
+}
+
 /// A primary and a streaming standby with synchronous commit; two brokers on the multi-host URL
 /// (`target_session_attrs=read-write`). Registrations run through A while the primary is killed
 /// and the standby promoted: both brokers reconnect within seconds, and every registration a
