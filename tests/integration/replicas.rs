@@ -24,15 +24,20 @@ struct Replicas {
 /// a replica's log, even while the database is unreachable.
 const PG_PASSWORD: &str = "pg-canary-pw-3141";
 
+/// `url` with [`PG_PASSWORD`] in it for the local test servers (an external
+/// `CREDBROKER_TEST_PG_URL` keeps its own).
+fn with_canary_password(url: &str) -> String {
+    if std::env::var("CREDBROKER_TEST_PG_URL").is_err() {
+        url.replacen("postgres@", &format!("postgres:{PG_PASSWORD}@"), 1)
+    } else {
+        url.to_owned()
+    }
+}
+
 /// `n` broker processes on `url`, sharing the first one's master key.
 async fn replicas(url: &str, n: usize, extra: &[(&str, &str)]) -> Replicas {
-    let with_password;
-    let url = if std::env::var("CREDBROKER_TEST_PG_URL").is_err() {
-        with_password = url.replacen("postgres@", &format!("postgres:{PG_PASSWORD}@"), 1);
-        with_password.as_str()
-    } else {
-        url
-    };
+    let url = with_canary_password(url);
+    let url = url.as_str();
     let logs = tempfile::tempdir().unwrap();
     let mut dirs = Vec::new();
     let mut procs = Vec::new();
@@ -1203,7 +1208,7 @@ async fn a_replica_started_while_the_database_starts_up_waits_for_it() {
     // postgres://user@host:port/db: the front stands where host:port was.
     let host_port = url.split('@').nth(1).unwrap().split('/').next().unwrap();
     let front = StartingUp::start(host_port.to_owned()).await;
-    let front_url = url.replacen(host_port, &front.addr.to_string(), 1);
+    let front_url = with_canary_password(&url.replacen(host_port, &front.addr.to_string(), 1));
     let dir = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("starting.log");
@@ -1233,6 +1238,7 @@ async fn a_replica_started_while_the_database_starts_up_waits_for_it() {
         "Bearer starting-pat"
     );
     assert_eq!(c.stop().await, Some(0));
+    no_secret_in_logs(logs.path(), &["starting-pat", PG_PASSWORD]);
 }
 
 /// A primary and a streaming standby with synchronous commit; two brokers on the multi-host URL
