@@ -65,6 +65,42 @@ impl fmt::Display for SecretString {
     }
 }
 
+/// Secret bytes (an encoded answer carrying a header): redacted in `Debug`, zeroized on drop.
+pub struct SecretBytes(Box<[u8]>);
+
+impl SecretBytes {
+    /// Wraps `value`. One with spare capacity is copied into an exact buffer and zeroized
+    /// (shrinking in place could move the bytes and free the old buffer uncleared).
+    pub fn new(mut value: Vec<u8>) -> Self {
+        if value.len() == value.capacity() {
+            return Self(value.into_boxed_slice());
+        }
+        let exact = Box::<[u8]>::from(value.as_slice());
+        value.zeroize();
+        Self(exact)
+    }
+
+    /// Reveals the bytes.
+    ///
+    /// # Security
+    /// Only for the edge where they leave in clear (the gRPC answer handing headers out).
+    pub fn expose_secret(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretBytes([REDACTED])")
+    }
+}
+
 /// Serializes the secret in clear.
 ///
 /// # Security
@@ -92,5 +128,16 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!format!("{s}").contains("hunter2"));
         assert_eq!(s.expose_secret(), "hunter2-canary");
+    }
+
+    #[test]
+    fn secret_bytes_redact_and_keep_their_bytes_whatever_the_capacity() {
+        let mut spare = Vec::with_capacity(64);
+        spare.extend_from_slice(b"hunter2-canary");
+        for v in [b"hunter2-canary".to_vec(), spare] {
+            let b = SecretBytes::new(v);
+            assert!(!format!("{b:?}").contains("hunter2"));
+            assert_eq!(b.expose_secret(), b"hunter2-canary");
+        }
     }
 }

@@ -72,6 +72,9 @@ pub struct IssuedToken {
     /// guard refuses it: judged on the first proxied call, since the base decides the host of
     /// every call under it.
     upstream_base: std::sync::OnceLock<Result<String, String>>,
+    /// The gRPC answer handing this token out, encoded on its first hand-out (the answer is the
+    /// same for every hand-out of one token).
+    answer: std::sync::OnceLock<crate::secret::SecretBytes>,
 }
 
 impl IssuedToken {
@@ -87,6 +90,12 @@ impl IssuedToken {
         judge: impl FnOnce(&str) -> Result<String, String>,
     ) -> &Result<String, String> {
         self.upstream_base.get_or_init(|| judge(&self.api_base_url))
+    }
+
+    /// The answer handing this token out, as `encode` makes it on the first call (one caller:
+    /// `server::convert::TokenAnswer::encode`, so every hand-out sends the same bytes).
+    pub(crate) fn answer(&self, encode: impl FnOnce(&Self) -> crate::secret::SecretBytes) -> &[u8] {
+        self.answer.get_or_init(|| encode(self)).expose_secret()
     }
 
     /// True while the token is valid until `need_until`, or (a refreshable token, when the
@@ -1126,6 +1135,7 @@ impl Broker {
             minted_at: Instant::now(),
             audit_hmac: std::sync::OnceLock::new(),
             upstream_base: std::sync::OnceLock::new(),
+            answer: std::sync::OnceLock::new(),
         });
         self.cache.insert(system_id, token.clone());
         if refreshable {

@@ -143,6 +143,71 @@ impl BrokerService {
         }
     }
 
+    /// `GetAccessToken`, answered as a [`convert::TokenAnswer`]: the route in
+    /// [`super::token_route`] sends cached headers as the bytes encoded once per token. The
+    /// authentication and request unwrapping in `run_quiet` happen before the future is built,
+    /// so the future holds only what the call still needs.
+    pub(super) fn token_answer(
+        &self,
+        request: Request<pb::GetAccessTokenRequest>,
+    ) -> impl Future<Output = Result<Response<convert::TokenAnswer>, Status>> + Send + 'static {
+        self.run_quiet(
+            "GetAccessToken",
+            Role::Worker,
+            true,
+            request,
+            |r| Some(r.system_id.clone()),
+            |b, r| b.answers_from_cache(&r.system_id, r.min_valid_seconds, &r.rejected_token_id),
+            |broker, caller, r, warm| async move {
+                let warm = warm.and_then(|t| broker.warm_for(&caller, &r.system_id, t));
+                let token = match warm {
+                    // Found in the cache a moment ago (no await since): the same answer
+                    // `access_token_for` would give, without a second lookup.
+                    Some(t) => t,
+                    // Boxed: minting (an upstream call, maybe) is a future of a few KiB, and
+                    // held inline it would make every warm call's future too big for the
+                    // allocator's fast path.
+                    _ => {
+                        Box::pin(broker.access_token_for(
+                            &caller,
+                            &r.system_id,
+                            r.min_valid_seconds,
+                            Some(&r.rejected_token_id),
+                        ))
+                        .await?
+                    }
+                };
+                let token = match broker.hand_out(&caller, &r.system_id, token)? {
+                    HandOut::Headers(token) => token,
+                    HandOut::Lease(lease) => {
+                        let resp = pb::GetAccessTokenResponse {
+                            headers: vec![pb::HttpHeader {
+                                name: "authorization".to_owned(),
+                                value: format!("Bearer {}", lease.authorization.expose_secret()),
+                            }],
+                            expires_at: Some(convert::ts_from(lease.expires_at)),
+                            api_base_url: lease.api_base_url,
+                            credential_version: lease.credential_version,
+                            token_id: lease.lease_id.clone(),
+                        };
+                        let audited = Audited {
+                            system_id: None,
+                            token_id: Some(AuditedToken::Id(lease.lease_id)),
+                        };
+                        return Ok((convert::TokenAnswer::Message(resp), audited));
+                    }
+                };
+                Ok((
+                    convert::TokenAnswer::Issued(token.clone()),
+                    Audited {
+                        system_id: None,
+                        token_id: Some(AuditedToken::Issued(token)),
+                    },
+                ))
+            },
+        )
+    }
+
     /// [`Self::run`], without the request's tracing span when `quiet` finds the answer ready in
     /// memory (a warm `GetAccessToken`, which logs nothing): building a span costs about as much
     /// as the rest of the broker's own work on that path, and a span nothing is logged in shows
@@ -152,8 +217,8 @@ impl BrokerService {
     /// the future (allocated once per call by the gRPC layer) holds the message, not the whole
     /// request, and stays small enough for the allocator's fast path.
     #[allow(clippy::too_many_arguments)]
-    fn run_quiet<'a, Req, Resp, Q, F, Fut>(
-        &'a self,
+    fn run_quiet<Req, Resp, Q, F, Fut>(
+        &self,
         rpc: &'static str,
         need: Role,
         secret: bool,
@@ -161,13 +226,10 @@ impl BrokerService {
         system_of: fn(&Req) -> Option<String>,
         quiet: fn(&Broker, &Req) -> Option<Q>,
         f: F,
-    ) -> impl Future<Output = Result<Response<Resp>, Status>> + 'a
+    ) -> impl Future<Output = Result<Response<Resp>, Status>>
     where
-        F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut + 'a,
-        Fut: Future<Output = Result<(Resp, Audited), BrokerError>> + 'a,
-        Req: 'a,
-        Resp: 'a,
-        Q: 'a,
+        F: FnOnce(Arc<Broker>, Arc<Caller>, Req, Option<Q>) -> Fut,
+        Fut: Future<Output = Result<(Resp, Audited), BrokerError>>,
     {
         let started = std::time::Instant::now();
         let request_id = request_id(&request);
@@ -437,9 +499,9 @@ impl CredentialBroker for BrokerService {
         .await
     }
 
-    // Written out instead of `async fn` (the signature `async_trait` would generate): the
-    // authentication and request unwrapping in `run_quiet` happen before the boxed future is
-    // built, so the one allocation per call holds only what the call still needs.
+    // Over the network `GetAccessToken` is served by `token_route`, which shadows the generated
+    // route; this is the same call, answered as a message, for callers of the trait. Written
+    // out instead of `async fn` so that `token_answer` authenticates before the box is built.
     fn get_access_token<'life0, 'async_trait>(
         &'life0 self,
         request: Request<pb::GetAccessTokenRequest>,
@@ -454,75 +516,12 @@ impl CredentialBroker for BrokerService {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(self.run_quiet(
-            "GetAccessToken",
-            Role::Worker,
-            true,
-            request,
-            |r| Some(r.system_id.clone()),
-            |b, r| b.answers_from_cache(&r.system_id, r.min_valid_seconds, &r.rejected_token_id),
-            |broker, caller, r, warm| async move {
-                let warm = warm.and_then(|t| broker.warm_for(&caller, &r.system_id, t));
-                let token = match warm {
-                    // Found in the cache a moment ago (no await since): the same answer
-                    // `access_token_for` would give, without a second lookup.
-                    Some(t) => t,
-                    // Boxed: minting (an upstream call, maybe) is a future of a few KiB, and
-                    // held inline it would make every warm call's future too big for the
-                    // allocator's fast path.
-                    _ => {
-                        Box::pin(broker.access_token_for(
-                            &caller,
-                            &r.system_id,
-                            r.min_valid_seconds,
-                            Some(&r.rejected_token_id),
-                        ))
-                        .await?
-                    }
-                };
-                let token = match broker.hand_out(&caller, &r.system_id, token)? {
-                    HandOut::Headers(token) => token,
-                    HandOut::Lease(lease) => {
-                        let resp = pb::GetAccessTokenResponse {
-                            headers: vec![pb::HttpHeader {
-                                name: "authorization".to_owned(),
-                                value: format!("Bearer {}", lease.authorization.expose_secret()),
-                            }],
-                            expires_at: Some(convert::ts_from(lease.expires_at)),
-                            api_base_url: lease.api_base_url,
-                            credential_version: lease.credential_version,
-                            token_id: lease.lease_id.clone(),
-                        };
-                        let audited = Audited {
-                            system_id: None,
-                            token_id: Some(AuditedToken::Id(lease.lease_id)),
-                        };
-                        return Ok((resp, audited));
-                    }
-                };
-                let resp = pb::GetAccessTokenResponse {
-                    headers: token
-                        .headers
-                        .iter()
-                        .map(|h| pb::HttpHeader {
-                            name: h.name.to_owned(),
-                            value: h.value.expose_secret().to_owned(),
-                        })
-                        .collect(),
-                    expires_at: Some(convert::ts_from(token.expires_at)),
-                    api_base_url: token.api_base_url.clone(),
-                    credential_version: token.credential_version,
-                    token_id: token.token_id.clone(),
-                };
-                Ok((
-                    resp,
-                    Audited {
-                        system_id: None,
-                        token_id: Some(AuditedToken::Issued(token)),
-                    },
-                ))
-            },
-        ))
+        let answer = self.token_answer(request);
+        Box::pin(async move {
+            answer
+                .await
+                .map(|r| r.map(convert::TokenAnswer::into_message))
+        })
     }
 
     async fn rotate_credential(

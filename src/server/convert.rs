@@ -1,8 +1,13 @@
 //! Proto ⇄ domain conversions. Field problems become `INVALID_ARGUMENT` naming the field.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use prost::Message;
 use prost_types::Timestamp;
+use zeroize::Zeroize;
+
+use crate::broker::tokens::IssuedToken;
 
 use crate::error::BrokerError;
 use crate::model::{
@@ -10,7 +15,7 @@ use crate::model::{
     SystemKind, SystemRecord, SystemState,
 };
 use crate::pb;
-use crate::secret::SecretString;
+use crate::secret::{SecretBytes, SecretString};
 
 /// Proto kind → domain kind.
 pub fn kind(value: i32, field: &'static str) -> Result<SystemKind, BrokerError> {
@@ -606,4 +611,59 @@ pub fn caller(c: &CallerRecord) -> pb::Caller {
         kinds: c.kinds.iter().map(|k| kind_to_proto(*k) as i32).collect(),
         expires_at: c.expires_at.map(ts),
     }
+}
+
+/// A `GetAccessTokenResponse` to send: a cached token's (encoded once per token, then handed
+/// out as those bytes) or one built for this call (a lease).
+pub enum TokenAnswer {
+    /// Cached headers.
+    Issued(Arc<IssuedToken>),
+    /// An answer of its own.
+    Message(pb::GetAccessTokenResponse),
+}
+
+impl TokenAnswer {
+    /// As a message (for callers in process).
+    pub fn into_message(self) -> pb::GetAccessTokenResponse {
+        match self {
+            Self::Issued(t) => token_response(&t),
+            Self::Message(m) => m,
+        }
+    }
+
+    /// Appends the encoded message to `buf`.
+    pub fn encode(&self, buf: &mut impl prost::bytes::BufMut) {
+        match self {
+            Self::Issued(t) => buf.put_slice(t.answer(encoded_answer)),
+            Self::Message(m) => m.encode_raw(buf),
+        }
+    }
+}
+
+/// The answer handing `t` out.
+fn token_response(t: &IssuedToken) -> pb::GetAccessTokenResponse {
+    pb::GetAccessTokenResponse {
+        headers: t
+            .headers
+            .iter()
+            .map(|h| pb::HttpHeader {
+                name: h.name.to_owned(),
+                value: h.value.expose_secret().to_owned(),
+            })
+            .collect(),
+        expires_at: Some(ts_from(t.expires_at)),
+        api_base_url: t.api_base_url.clone(),
+        credential_version: t.credential_version,
+        token_id: t.token_id.clone(),
+    }
+}
+
+/// [`token_response`], encoded; the message's copies of the header values are zeroized.
+fn encoded_answer(t: &IssuedToken) -> SecretBytes {
+    let mut message = token_response(t);
+    let bytes = SecretBytes::new(message.encode_to_vec());
+    for h in &mut message.headers {
+        h.value.zeroize();
+    }
+    bytes
 }

@@ -15,6 +15,7 @@ pub mod cores;
 pub mod http;
 pub mod proxy;
 pub mod tls;
+pub mod token_route;
 pub mod webhooks;
 
 use std::future::Future;
@@ -36,7 +37,6 @@ use crate::broker::{Broker, BrokerSettings, OpenError as BrokerOpenError};
 use crate::config::Config;
 use crate::crypto::keys::{verify_key_check_file, KeyError};
 use crate::crypto::{Keyring, MasterKey, MasterKeySource};
-use crate::pb::credential_broker_server::CredentialBrokerServer;
 use crate::store::sled::OpenError as StoreOpenError;
 use crate::store::{
     CredentialStore, PostgresStore, ReopeningSledStore, SledStore, StoreError,
@@ -331,10 +331,10 @@ async fn start_grpc(
         .build_v1()
         .map_err(|e| ServeError::Transport(e.to_string()))?;
 
-    let service =
-        CredentialBrokerServer::new(BrokerService::new(core.clone(), config.tls.bearer_tokens))
-            .max_decoding_message_size(config.server.max_request_bytes)
-            .max_encoding_message_size(4 * 1024 * 1024);
+    let service = token_route::BrokerRoutes::new(
+        BrokerService::new(core.clone(), config.tls.bearer_tokens),
+        config.server.max_request_bytes,
+    );
 
     let router = tonic::transport::Server::builder()
         .timeout(config.server.request_timeout)
@@ -686,7 +686,7 @@ async fn open_postgres(
     {
         Ok(pg) => Some(pg),
         Err(StoreError::Unreachable(e)) if from_snapshot => {
-            tracing::warn!(message = "The store does not answer; starting from the replica snapshot.", error = %e);
+            tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); starting from the replica snapshot.", error = %e);
             None
         }
         Err(StoreError::Unreachable(_)) => Some(connect_waiting(config, url).await?),
@@ -734,7 +734,7 @@ async fn connect_waiting(
             Ok(pg) => return Ok(pg),
             Err(StoreError::Unreachable(e)) => {
                 if attempt.is_multiple_of(15) {
-                    tracing::warn!(message = "The store does not answer; not ready until it does.", error = %e);
+                    tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); not ready until it is.", error = %e);
                 }
                 attempt += 1;
                 tokio::time::sleep(Duration::from_secs(2)).await;

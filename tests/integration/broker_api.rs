@@ -469,6 +469,16 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         ),
         "{e:?}"
     );
+    // The same on GetAccessToken's own route (its request carries caller-chosen strings).
+    let e = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "keep".into(),
+            rejected_token_id: "x".repeat(200 * 1024),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
 
     // Nothing stored changed.
     let after = admin

@@ -1,0 +1,133 @@
+//! `GetAccessToken`'s own gRPC route. A warm call hands out cached headers, and the answer for
+//! one token is the same every time: this route sends it as the bytes encoded on its first
+//! hand-out instead of building and encoding a message per call. Every other method goes to
+//! the generated service, which this route shadows for the one path.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::server::{Grpc, NamedService, UnaryService};
+use tonic::{Request, Response, Status};
+
+use super::broker_svc::BrokerService;
+use super::convert::TokenAnswer;
+use crate::pb;
+use crate::pb::credential_broker_server::CredentialBrokerServer;
+
+/// The path this route answers.
+const PATH: &str = "/credbroker.v1.CredentialBroker/GetAccessToken";
+
+/// The largest answer any of the broker's methods sends.
+pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+
+/// The broker's gRPC service: `GetAccessToken` on its own route, the rest generated.
+#[derive(Clone)]
+pub struct BrokerRoutes {
+    generated: CredentialBrokerServer<BrokerService>,
+    service: BrokerService,
+    max_request_bytes: usize,
+}
+
+impl BrokerRoutes {
+    /// `service` behind both routes; requests above `max_request_bytes` are refused.
+    pub fn new(service: BrokerService, max_request_bytes: usize) -> Self {
+        let generated = CredentialBrokerServer::new(service.clone())
+            .max_decoding_message_size(max_request_bytes)
+            .max_encoding_message_size(MAX_ANSWER_BYTES);
+        Self {
+            generated,
+            service,
+            max_request_bytes,
+        }
+    }
+}
+
+impl NamedService for BrokerRoutes {
+    const NAME: &'static str = <CredentialBrokerServer<BrokerService> as NamedService>::NAME;
+}
+
+impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for BrokerRoutes {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() != PATH {
+            return self.generated.call(req);
+        }
+        let call = TokenCall(self.service.clone());
+        let max_request_bytes = self.max_request_bytes;
+        Box::pin(async move {
+            // The generated route's limits; neither route compresses (tonic is built without
+            // a compression feature).
+            let mut grpc = Grpc::new(TokenCodec)
+                .apply_max_message_size_config(Some(max_request_bytes), Some(MAX_ANSWER_BYTES));
+            Ok(grpc.unary(call, req).await)
+        })
+    }
+}
+
+/// One `GetAccessToken` call.
+struct TokenCall(BrokerService);
+
+impl UnaryService<pb::GetAccessTokenRequest> for TokenCall {
+    type Response = TokenAnswer;
+    type Future = BoxFuture<Response<TokenAnswer>, Status>;
+
+    fn call(&mut self, request: Request<pb::GetAccessTokenRequest>) -> Self::Future {
+        // Authenticates here, before the one box per call is built (see `token_answer`).
+        Box::pin(self.0.token_answer(request))
+    }
+}
+
+/// Decodes the request as prost does; encodes the answer as [`TokenAnswer::encode`] does.
+struct TokenCodec;
+
+impl Codec for TokenCodec {
+    type Encode = TokenAnswer;
+    type Decode = pb::GetAccessTokenRequest;
+    type Encoder = AnswerEncoder;
+    type Decoder = RequestDecoder;
+
+    fn encoder(&mut self) -> AnswerEncoder {
+        AnswerEncoder
+    }
+
+    fn decoder(&mut self) -> RequestDecoder {
+        RequestDecoder(tonic_prost::ProstDecoder::default())
+    }
+}
+
+/// Writes a [`TokenAnswer`].
+struct AnswerEncoder;
+
+impl Encoder for AnswerEncoder {
+    type Item = TokenAnswer;
+    type Error = Status;
+
+    fn encode(&mut self, item: TokenAnswer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst);
+        Ok(())
+    }
+}
+
+/// Reads a `GetAccessTokenRequest` (prost's decoder).
+struct RequestDecoder(tonic_prost::ProstDecoder<pb::GetAccessTokenRequest>);
+
+impl Decoder for RequestDecoder {
+    type Item = pb::GetAccessTokenRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        self.0.decode(src)
+    }
+}
