@@ -32,7 +32,9 @@ impl PendingPostgres {
         });
         let weak = Arc::downgrade(&me);
         tokio::spawn(async move {
+            let mut attempt = 0u32;
             let pg = loop {
+                attempt = attempt.wrapping_add(1);
                 // Tries only while the store is in use.
                 if weak.strong_count() == 0 {
                     return;
@@ -40,7 +42,11 @@ impl PendingPostgres {
                 match PostgresStore::connect(url.expose_secret(), ca_file.as_deref()).await {
                     Ok(pg) => break Arc::new(pg),
                     Err(StoreError::Unreachable(e)) => {
-                        tracing::debug!(message = "The store is still not answering.", error = %e);
+                        // Said at the first try and then about every 30 s: a database stuck
+                        // starting up is as visible as one that is down.
+                        if attempt % 15 == 1 {
+                            tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); still serving the snapshot.", error = %e);
+                        }
                         tokio::time::sleep(RETRY).await;
                     }
                     Err(e) => {

@@ -68,21 +68,50 @@ impl Drop for PostgresStore {
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
-    // A database error's text names the failing statement's problem, never parameter values.
     match e.as_db_error() {
         // A server starting up, shutting down or dropping the connection is not there yet (or
         // any more): the same as no answer, waited out rather than taken for a refusal.
-        Some(db) if unavailable(db.code()) => StoreError::Unreachable(format!("postgres: {e}")),
+        Some(db) if unavailable(db.code()) => StoreError::Unreachable(db_text(db)),
         // The server answered (a constraint, a timeout, a refused login): it is there.
-        Some(_) => StoreError::Backend(format!("postgres: {e}")),
+        Some(db) => StoreError::Backend(db_text(db)),
         // No answer: connection refused, lost or timed out.
         None => StoreError::Unreachable(format!("postgres: {e}")),
     }
 }
 
-/// SQLSTATEs that mean the server cannot serve now but will: class 08 (connection exception)
-/// and 57P01–57P03 (an administrator's or a crash's shutdown, "the database system is starting
-/// up"). A restart of the database sends these to everyone connecting during it.
+/// A database error as logs and callers see it: its severity, SQLSTATE and message
+/// (tokio-postgres's own text is only "db error"). Not its DETAIL, which can quote a row. All
+/// three come from the server: the severity is one it knows, the SQLSTATE five letters or
+/// digits, the message capped and its control characters escaped.
+fn db_text(db: &tokio_postgres::error::DbError) -> String {
+    let severity = db
+        .parsed_severity()
+        .map_or_else(|| "?".to_owned(), |s| s.to_string());
+    let code = db.code().code();
+    let code = if code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        code
+    } else {
+        "?????"
+    };
+    let mut message = String::new();
+    for c in db.message().chars().take(200) {
+        if c.is_control() {
+            message.extend(c.escape_default());
+        } else {
+            message.push(c);
+        }
+    }
+    format!("postgres: {severity} {code}: {message}")
+}
+
+/// SQLSTATEs that mean the server cannot serve now but will: class 08 (connection exception),
+/// 57P01–57P03 (an administrator's or a crash's shutdown, "the database system is starting
+/// up") and 53300 (too many connections, as when many replicas restart at once). A restart of
+/// the database sends these to everyone connecting during it.
+///
+/// PgBouncer sends 08P01 for all of its own errors: its server being down or restarting, and
+/// also a refused login. The first must be waited out, so the second is too; the wait is
+/// logged every 30 s with the server's message, which says which it is.
 fn unavailable(code: &tokio_postgres::error::SqlState) -> bool {
     use tokio_postgres::error::SqlState;
     code.code().starts_with("08")
@@ -90,6 +119,7 @@ fn unavailable(code: &tokio_postgres::error::SqlState) -> bool {
             SqlState::ADMIN_SHUTDOWN,
             SqlState::CRASH_SHUTDOWN,
             SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
         ]
         .contains(code)
 }
@@ -898,6 +928,12 @@ mod tests {
             SqlState::ADMIN_SHUTDOWN,
             SqlState::CRASH_SHUTDOWN,
             SqlState::CONNECTION_FAILURE,
+            SqlState::CONNECTION_EXCEPTION,
+            SqlState::CONNECTION_DOES_NOT_EXIST,
+            SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            // PgBouncer's, whatever its cause.
+            SqlState::PROTOCOL_VIOLATION,
+            SqlState::TOO_MANY_CONNECTIONS,
         ] {
             assert!(unavailable(&waits), "{waits:?}");
         }
