@@ -1225,6 +1225,14 @@ async fn a_replica_started_while_the_database_starts_up_waits_for_it() {
         Some(ServingStatus::NotServing as i32),
         "not ready while the database starts"
     );
+    // The wait is logged with what the server said (tokio-postgres's own text: "db error").
+    let waiting = &c;
+    within(Duration::from_secs(5), || async move {
+        waiting
+            .log()
+            .contains("FATAL 57P03: the database system is starting up")
+    })
+    .await;
     front.starting.store(false, Ordering::SeqCst);
     wait_for_health(c.addr, ServingStatus::Serving).await;
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
