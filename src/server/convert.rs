@@ -8,7 +8,6 @@ use prost_types::Timestamp;
 use zeroize::Zeroize;
 
 use crate::broker::tokens::IssuedToken;
-
 use crate::error::BrokerError;
 use crate::model::{
     AuthCheck, AuthFailure, CallerRecord, Credential, CredentialType, Role, SystemHealth,

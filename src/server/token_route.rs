@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
@@ -21,7 +21,7 @@ use crate::pb::credential_broker_server::CredentialBrokerServer;
 const PATH: &str = "/credbroker.v1.CredentialBroker/GetAccessToken";
 
 /// The largest answer any of the broker's methods sends.
-pub const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
 
@@ -96,14 +96,14 @@ impl Codec for TokenCodec {
     type Encode = TokenAnswer;
     type Decode = pb::GetAccessTokenRequest;
     type Encoder = AnswerEncoder;
-    type Decoder = RequestDecoder;
+    type Decoder = tonic_prost::ProstDecoder<pb::GetAccessTokenRequest>;
 
     fn encoder(&mut self) -> AnswerEncoder {
         AnswerEncoder
     }
 
-    fn decoder(&mut self) -> RequestDecoder {
-        RequestDecoder(tonic_prost::ProstDecoder::default())
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
     }
 }
 
@@ -117,17 +117,5 @@ impl Encoder for AnswerEncoder {
     fn encode(&mut self, item: TokenAnswer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         item.encode(dst);
         Ok(())
-    }
-}
-
-/// Reads a `GetAccessTokenRequest` (prost's decoder).
-struct RequestDecoder(tonic_prost::ProstDecoder<pb::GetAccessTokenRequest>);
-
-impl Decoder for RequestDecoder {
-    type Item = pb::GetAccessTokenRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        self.0.decode(src)
     }
 }

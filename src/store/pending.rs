@@ -34,7 +34,6 @@ impl PendingPostgres {
         tokio::spawn(async move {
             let mut attempt = 0u32;
             let pg = loop {
-                attempt = attempt.wrapping_add(1);
                 // Tries only while the store is in use.
                 if weak.strong_count() == 0 {
                     return;
@@ -44,9 +43,10 @@ impl PendingPostgres {
                     Err(StoreError::Unreachable(e)) => {
                         // Said at the first try and then about every 30 s: a database stuck
                         // starting up is as visible as one that is down.
-                        if attempt % 15 == 1 {
+                        if attempt.is_multiple_of(15) {
                             tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); still serving the snapshot.", error = %e);
                         }
+                        attempt = attempt.wrapping_add(1);
                         tokio::time::sleep(RETRY).await;
                     }
                     Err(e) => {

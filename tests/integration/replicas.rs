@@ -1149,8 +1149,9 @@ impl StartingUp {
                 let (st, rf, up) = (st.clone(), rf.clone(), upstream.clone());
                 tokio::spawn(async move {
                     if st.load(Ordering::SeqCst) {
-                        answer_starting_up(&mut s).await;
-                        rf.fetch_add(1, Ordering::SeqCst);
+                        if answer_starting_up(&mut s).await {
+                            rf.fetch_add(1, Ordering::SeqCst);
+                        }
                     } else if let Ok(mut u) = tokio::net::TcpStream::connect(up).await {
                         let _ = tokio::io::copy_bidirectional(&mut s, &mut u).await;
                     }
@@ -1166,14 +1167,16 @@ impl StartingUp {
 }
 
 /// Reads the startup packet (declining TLS or GSS encryption first when asked) and answers as
-/// PostgreSQL does while it starts up.
-async fn answer_starting_up(s: &mut tokio::net::TcpStream) {
+/// PostgreSQL does while it starts up; true once the answer is sent.
+async fn answer_starting_up(s: &mut tokio::net::TcpStream) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
-        let Ok(len) = s.read_u32().await else { return };
+        let Ok(len) = s.read_u32().await else {
+            return false;
+        };
         let mut body = vec![0; (len as usize).saturating_sub(4)];
         if s.read_exact(&mut body).await.is_err() {
-            return;
+            return false;
         }
         // SSLRequest (80877103) and GSSENCRequest (80877104): "N", then the real startup.
         if len == 8
@@ -1191,8 +1194,9 @@ async fn answer_starting_up(s: &mut tokio::net::TcpStream) {
     let mut msg = vec![b'E'];
     msg.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
     msg.extend_from_slice(fields);
-    let _ = s.write_all(&msg).await;
+    let sent = s.write_all(&msg).await.is_ok();
     let _ = s.shutdown().await;
+    sent
 }
 
 /// A replica started while PostgreSQL is still starting up (every connection answered FATAL
