@@ -125,6 +125,14 @@ impl IssuedToken {
     }
 }
 
+/// Why the record read under the replica refresh lock cannot be minted with.
+enum FreshRead {
+    /// The store did not answer: an outage to wait out, not a verdict on the grant.
+    Down(String),
+    /// The system is gone, inactive or unusable, or its record failed to load.
+    Refused(BrokerError),
+}
+
 /// What replicas share of an issued token (sealed; see [`SharedToken`]).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SharedPayload {
@@ -695,17 +703,11 @@ impl Broker {
             {
                 return Ok(t);
             }
-            let wait = self.settings.check_timeout + Duration::from_secs(5);
-            replica_lock = match self.store.lock_refresh(system_id, wait).await {
-                Err(StoreError::Unreachable(e)) => {
-                    return self.on_store_down(f, system_id, current, &e);
-                }
-                other => other?,
+            (replica_lock, record) = match self.lock_and_reread(f, system_id).await {
+                Ok(held) => held,
+                Err(FreshRead::Down(e)) => return self.on_store_down(f, system_id, current, &e),
+                Err(FreshRead::Refused(e)) => return Err(e),
             };
-            // The store answered: whatever happens next is not its outage.
-            f.store_failures = 0;
-            self.cache.end_store_wait(system_id);
-            record = self.get_system(system_id).await?;
             if let Some(t) =
                 self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
             {
@@ -733,15 +735,23 @@ impl Broker {
                 Err(BackendError::Rejected { failure, message }) => {
                     if !reread && f.pending.is_none() {
                         // Another path (a rotation, another replica) may have replaced the stored
-                        // credential meanwhile: read it again before declaring the grant dead.
+                        // credential meanwhile: read it again, from the store itself, before
+                        // declaring the grant dead; a store that cannot say is an outage, not a
+                        // verdict.
                         reread = true;
-                        if let Ok(fresh) = self.get_system(system_id).await {
-                            if fresh.revision != record.revision
-                                && fresh.state == SystemState::Active
+                        match self.store.get_system_fresh(system_id).await {
+                            Ok(Some(fresh))
+                                if fresh.revision != record.revision
+                                    && fresh.state == SystemState::Active =>
                             {
                                 record = fresh;
                                 continue;
                             }
+                            Ok(_) => {}
+                            Err(StoreError::Unreachable(e)) => {
+                                return self.on_store_down(f, system_id, current, &e);
+                            }
+                            Err(e) => return Err(e.into()),
                         }
                     }
                     let rejected = (failure, message);
@@ -831,6 +841,16 @@ impl Broker {
                 return Err(e);
             }
         };
+        Self::mintable(f, system_id, record, &self.egress)
+    }
+
+    /// `record` if a mint may be tried with it: see [`Broker::mintable_record`].
+    fn mintable(
+        f: &mut Flight,
+        system_id: &str,
+        record: SystemRecord,
+        egress: &crate::backends::egress::EgressPolicy,
+    ) -> Result<SystemRecord, BrokerError> {
         match record.state {
             SystemState::Active => {}
             SystemState::AuthorizationPending => {
@@ -855,11 +875,50 @@ impl Broker {
         // again when the connection is made).
         if let Err(reason) = url::Url::parse(&record.base_url)
             .map_err(|e| e.to_string())
-            .and_then(|u| self.egress.check_url(&u))
+            .and_then(|u| egress.check_url(&u))
         {
             return Err(BrokerError::FailedPrecondition(reason));
         }
         Ok(record)
+    }
+
+    /// Takes the replica refresh lock (held for the upstream call, released with the session
+    /// if this process dies) and reads the record again under it.
+    async fn lock_and_reread(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+    ) -> Result<(Option<crate::store::RefreshLock>, SystemRecord), FreshRead> {
+        let wait = self.settings.check_timeout + Duration::from_secs(5);
+        let lock = match self.store.lock_refresh(system_id, wait).await {
+            Ok(lock) => lock,
+            Err(StoreError::Unreachable(e)) => return Err(FreshRead::Down(e)),
+            Err(e) => return Err(FreshRead::Refused(e.into())),
+        };
+        // The store answered: whatever happens next is not its outage.
+        f.store_failures = 0;
+        self.cache.end_store_wait(system_id);
+        Ok((lock, self.mintable_fresh(f, system_id).await?))
+    }
+
+    /// The record read again from the store itself under the replica refresh lock (never a
+    /// replica's mirror copy, whose refresh token another replica may have spent), if a mint
+    /// may still be tried with it.
+    async fn mintable_fresh(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+    ) -> Result<SystemRecord, FreshRead> {
+        match self.store.get_system_fresh(system_id).await {
+            Ok(Some(record)) => {
+                Self::mintable(f, system_id, record, &self.egress).map_err(FreshRead::Refused)
+            }
+            Ok(None) => Err(FreshRead::Refused(BrokerError::NotFound(format!(
+                "system '{system_id}' not found"
+            )))),
+            Err(StoreError::Unreachable(e)) => Err(FreshRead::Down(e)),
+            Err(e) => Err(FreshRead::Refused(e.into())),
+        }
     }
 
     /// One call to the backend's token endpoint (under a refresh permit for OAuth), counted.
@@ -992,8 +1051,8 @@ impl Broker {
         BrokerError::FailedPrecondition(message)
     }
 
-    /// A refresh met an unreachable shared store before reaching the vendor (nothing was
-    /// spent): the cached token serves while valid, the refresh is tried again (backing off,
+    /// A refresh met an unreachable shared store before reaching the vendor, or before a
+    /// vendor's refusal could be weighed against the stored credential (nothing was spent): the cached token serves while valid, the refresh is tried again (backing off,
     /// jittered, up to [`STORE_RETRY_MAX`]), and the system's health says why it waits.
     fn on_store_down(
         &self,

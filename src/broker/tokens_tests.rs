@@ -15,8 +15,10 @@ use crate::crypto::keys::MasterKey;
 use crate::crypto::Keyring;
 use crate::error::BrokerError;
 use crate::model::{AuthCheck, AuthFailure, Credential, Identity, SystemKind};
+use crate::model::{CallerRecord, SystemRecord, SystemState};
 use crate::secret::SecretString;
 use crate::store::memory::MemoryStore;
+use crate::store::{CredentialStore, RefreshLock, StoreError, StoredEvent};
 
 const SYSTEM: &str = "acme-snow";
 const LIFETIME: Duration = Duration::from_secs(100);
@@ -123,6 +125,11 @@ impl Backend for FakeBackend {
 
 /// A broker on the memory store with `backend` for ServiceNow and one OAuth system registered.
 async fn broker_with(backend: Arc<FakeBackend>) -> Arc<Broker> {
+    broker_on(backend, Arc::new(MemoryStore::new())).await
+}
+
+/// A broker on `store` with `backend` for ServiceNow and one OAuth system registered.
+async fn broker_on(backend: Arc<FakeBackend>, store: Arc<dyn CredentialStore>) -> Arc<Broker> {
     let backend: Arc<dyn Backend> = backend;
     let registry = Registry::from_backends(vec![(SystemKind::ServiceNow, backend)]);
     let settings = BrokerSettings {
@@ -130,14 +137,9 @@ async fn broker_with(backend: Arc<FakeBackend>) -> Arc<Broker> {
         ..BrokerSettings::default()
     };
     let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
-    let (broker, _) = Broker::open(
-        Arc::new(MemoryStore::new()),
-        Keyring::new(key),
-        registry,
-        settings,
-    )
-    .await
-    .unwrap();
+    let (broker, _) = Broker::open(store, Keyring::new(key), registry, settings)
+        .await
+        .unwrap();
     broker
         .register(RegisterInput {
             system_id: SYSTEM.to_owned(),
@@ -324,4 +326,129 @@ async fn a_dropped_caller_still_records_a_dead_grant() {
     assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
     // A dead grant is not retried upstream.
     assert_eq!(backend.calls(), 1);
+}
+
+/// A store shared with other (imagined) replicas: refreshes take its lock and read the record
+/// again with a fresh read, which answers only `fresh_answers` more times, then finds the
+/// database away. Its ordinary reads keep answering, as a replica's mirror does.
+#[derive(Default)]
+struct Shared {
+    inner: MemoryStore,
+    fresh_answers: AtomicUsize,
+}
+
+impl Shared {
+    fn new(fresh_answers: usize) -> Arc<Self> {
+        let s = Self::default();
+        s.fresh_answers.store(fresh_answers, Ordering::SeqCst);
+        Arc::new(s)
+    }
+}
+
+#[async_trait]
+impl CredentialStore for Shared {
+    async fn get_system(&self, id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.inner.get_system(id).await
+    }
+    async fn get_system_fresh(&self, id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        let left = self.fresh_answers.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(StoreError::Unreachable("the database is away".into()));
+        }
+        self.fresh_answers.store(left - 1, Ordering::SeqCst);
+        self.inner.get_system_fresh(id).await
+    }
+    async fn list_systems(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SystemRecord>, StoreError> {
+        self.inner.list_systems(after, limit).await
+    }
+    async fn insert_system(&self, r: &SystemRecord) -> Result<(), StoreError> {
+        self.inner.insert_system(r).await
+    }
+    async fn update_system(&self, r: &SystemRecord, rev: u64) -> Result<(), StoreError> {
+        self.inner.update_system(r, rev).await
+    }
+    async fn delete_system(&self, id: &str) -> Result<bool, StoreError> {
+        self.inner.delete_system(id).await
+    }
+    async fn count_systems(&self) -> Result<usize, StoreError> {
+        self.inner.count_systems().await
+    }
+    async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
+        self.inner.list_callers().await
+    }
+    async fn insert_caller(&self, r: &CallerRecord) -> Result<(), StoreError> {
+        self.inner.insert_caller(r).await
+    }
+    async fn update_caller(&self, r: &CallerRecord) -> Result<(), StoreError> {
+        self.inner.update_caller(r).await
+    }
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_meta(key).await
+    }
+    async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_meta(key, value).await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+    async fn lock_refresh(
+        &self,
+        _id: &str,
+        _wait: Duration,
+    ) -> Result<Option<RefreshLock>, StoreError> {
+        Ok(Some(RefreshLock::new(())))
+    }
+    async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        self.inner.append_events(events).await
+    }
+    async fn events_after(&self, seq: u64, n: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.events_after(seq, n).await
+    }
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        self.inner.last_event_seq().await
+    }
+    async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.inner.init_meta(key, value).await
+    }
+}
+
+/// Under the replica refresh lock the record is read from the database itself: when that
+/// read fails, the refresh waits like any store outage instead of spending whatever refresh
+/// token a mirror copy holds (another replica may have rotated it).
+#[tokio::test]
+async fn a_refresh_under_the_replica_lock_never_uses_a_mirror_copy() {
+    let backend = FakeBackend::new(false, vec![]);
+    let store = Shared::new(0);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert_eq!(
+        backend.calls(),
+        0,
+        "refreshed with a credential not read fresh"
+    );
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::Active);
+}
+
+/// A vendor's refusal is weighed against the stored credential before the grant is declared
+/// dead: when the database cannot be read then, the system is not marked for re-authorization
+/// (another replica may have rotated the credential the refusal was for).
+#[tokio::test]
+async fn a_refusal_is_no_verdict_while_the_shared_store_is_away() {
+    let backend = FakeBackend::new(false, vec![Answer::Rejected]);
+    let store = Shared::new(1);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert_eq!(backend.calls(), 1);
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::Active);
 }

@@ -202,6 +202,13 @@ impl CredentialStore for AuthenticatedStore {
         }
     }
 
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        match self.inner.get_system_fresh(system_id).await? {
+            Some(r) => self.check_system(r).map(Some),
+            None => Ok(None),
+        }
+    }
+
     async fn list_systems(
         &self,
         after: Option<&str>,

@@ -147,6 +147,10 @@ impl CredentialStore for FaultyStore {
         self.read(self.inner.get_system(system_id)).await
     }
 
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.read(self.inner.get_system_fresh(system_id)).await
+    }
+
     async fn list_systems(
         &self,
         after: Option<&str>,

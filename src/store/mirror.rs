@@ -693,6 +693,25 @@ impl CredentialStore for MirroredStore {
             .map(|r| SystemRecord::clone(r)))
     }
 
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        let read = || self.inner.get_system_fresh(system_id);
+        let mirror = |me: &Self, rows: &mut Rows, r: &Option<SystemRecord>| {
+            me.put_system(rows, r.clone(), system_id);
+        };
+        match self
+            .read_through(1, Row::System(system_id), read, mirror)
+            .await
+        {
+            Ok((r, _)) => Ok(r),
+            // The outage is noted for the other reads; this one has no copy to fall back on.
+            Err(StoreError::Unreachable(detail)) => {
+                self.fall_back(StoreError::Unreachable(detail.clone()))?;
+                Err(StoreError::Unreachable(detail))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn list_systems(
         &self,
         after: Option<&str>,
@@ -890,6 +909,8 @@ mod tests {
         inner: MemoryStore,
         /// The store does not answer a listing (a reload fails).
         unlisted: std::sync::atomic::AtomicBool,
+        /// The store does not answer a system's read.
+        silent: std::sync::atomic::AtomicBool,
         armed: Mutex<Option<&'static str>>,
         entered: tokio::sync::Notify,
         go: tokio::sync::Notify,
@@ -925,11 +946,17 @@ mod tests {
     #[async_trait]
     impl CredentialStore for Held {
         async fn get_system(&self, id: &str) -> Result<Option<SystemRecord>, StoreError> {
+            if self.silent.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unreachable("silent".into()));
+            }
             let r = self.inner.get_system(id).await;
             match id {
                 "held" => self.hold("system", r).await,
                 _ => r,
             }
+        }
+        async fn get_system_fresh(&self, id: &str) -> Result<Option<SystemRecord>, StoreError> {
+            self.get_system(id).await
         }
         async fn list_systems(
             &self,
@@ -1199,5 +1226,37 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(500)).await;
             waited += Duration::from_millis(500);
         }
+    }
+
+    /// A fresh read (the refresh lock's re-read) never answers with the mirror's copy: while the
+    /// database does not answer it fails, though an ordinary read serves the mirrored row; once
+    /// the database answers, it returns (and mirrors) the stored row.
+    #[tokio::test]
+    async fn a_fresh_read_never_falls_back_to_the_mirror() {
+        use crate::model::sample_system;
+        use std::sync::atomic::Ordering::SeqCst;
+        let held = Arc::new(Held::default());
+        held.inner.insert_system(&sample_system("s")).await.unwrap();
+        let m = MirroredStore::open(held.clone(), None).await.unwrap();
+        // Another replica rotates the row; its notification has not arrived yet.
+        let mut rotated = sample_system("s");
+        rotated.credential_version = 2;
+        rotated.revision = 2;
+        held.inner.update_system(&rotated, 1).await.unwrap();
+        held.silent.store(true, SeqCst);
+        let stale = m.get_system("s").await.unwrap().unwrap();
+        assert_eq!(
+            stale.credential_version, 1,
+            "an ordinary read serves the mirror"
+        );
+        let fresh = m.get_system_fresh("s").await;
+        assert!(
+            matches!(fresh, Err(StoreError::Unreachable(_))),
+            "a fresh read answered from the mirror: {fresh:?}"
+        );
+        held.silent.store(false, SeqCst);
+        let fresh = m.get_system_fresh("s").await.unwrap().unwrap();
+        assert_eq!(fresh.credential_version, 2);
+        assert_eq!(read(&m.rows).systems["s"].credential_version, 2);
     }
 }

@@ -123,6 +123,12 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// One system, if present.
     async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError>;
 
+    /// One system read from the store itself, never from a copy kept for its outages (a
+    /// replica's mirror): what a refresh under the cross-process lock decides on, since a stale
+    /// copy's refresh token may be one another replica already spent. [`StoreError::Unreachable`]
+    /// when the store does not answer. Wrappers forward it (no default, so none can forget).
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError>;
+
     /// Up to `limit` systems with ids strictly greater than `after`, in id order.
     async fn list_systems(
         &self,

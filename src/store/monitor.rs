@@ -114,6 +114,10 @@ impl CredentialStore for MonitoredStore {
         self.inner.get_system(system_id).await
     }
 
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.inner.get_system_fresh(system_id).await
+    }
+
     async fn list_systems(
         &self,
         after: Option<&str>,

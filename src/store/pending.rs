@@ -90,6 +90,10 @@ impl CredentialStore for PendingPostgres {
         self.pg()?.get_system(system_id).await
     }
 
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.get_system(system_id).await
+    }
+
     async fn list_systems(
         &self,
         after: Option<&str>,

@@ -554,6 +554,10 @@ impl CredentialStore for PostgresStore {
             .transpose()
     }
 
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.get_system(system_id).await
+    }
+
     async fn list_systems(
         &self,
         after: Option<&str>,

@@ -164,6 +164,10 @@ impl CredentialStore for SledStore {
         }
     }
 
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.get_system(system_id).await
+    }
+
     async fn list_systems(
         &self,
         after: Option<&str>,
@@ -528,6 +532,10 @@ impl ReopeningSledStore {
 impl CredentialStore for ReopeningSledStore {
     async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
         self.reader().await?.get_system(system_id).await
+    }
+
+    async fn get_system_fresh(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.get_system(system_id).await
     }
 
     async fn list_systems(
