@@ -125,6 +125,18 @@ impl IssuedToken {
     }
 }
 
+/// What a vendor's refusal means once weighed against the stored credential.
+enum Refusal {
+    /// The stored credential changed meanwhile: try the new one.
+    Retry(Box<SystemRecord>),
+    /// The refused credential is the stored one: the grant is dead.
+    Stands,
+    /// The system is gone or no longer usable.
+    Fail(BrokerError),
+    /// The shared store cannot say: wait for it as for any outage.
+    Wait(String),
+}
+
 /// Why the record read under the replica refresh lock cannot be minted with.
 enum FreshRead {
     /// The store did not answer: an outage to wait out, not a verdict on the grant.
@@ -274,6 +286,10 @@ pub struct Flight {
     /// Refreshes in a row that met an unreachable store (non-zero: the backoff is the shared
     /// store's outage, not the vendor's).
     store_failures: u32,
+    /// A vendor's refusal not yet weighed against the stored credential (the shared store was
+    /// away): the refused sealed credential, the failure and message. The refusal stands, with
+    /// no second upstream call, once the store shows that credential still stored.
+    refused: Option<(Vec<u8>, AuthFailure, String)>,
 }
 
 impl Flight {
@@ -281,6 +297,7 @@ impl Flight {
     pub(crate) fn clear_remote_state(&mut self) {
         self.dead = None;
         self.backoff_until = None;
+        self.refused = None;
     }
 }
 
@@ -714,6 +731,11 @@ impl Broker {
                 return Ok(t);
             }
         }
+        if let Some(rejected) = Self::refused_before(f, &record) {
+            return Err(self
+                .on_rejected(f, system_id, &record, true, rejected)
+                .await);
+        }
         let backend = self.registry.get(record.kind)?.clone();
         let mut reread = false;
         loop {
@@ -734,24 +756,18 @@ impl Broker {
                 }
                 Err(BackendError::Rejected { failure, message }) => {
                     if !reread && f.pending.is_none() {
-                        // Another path (a rotation, another replica) may have replaced the stored
-                        // credential meanwhile: read it again, from the store itself, before
-                        // declaring the grant dead; a store that cannot say is an outage, not a
-                        // verdict.
                         reread = true;
-                        match self.store.get_system_fresh(system_id).await {
-                            Ok(Some(fresh))
-                                if fresh.revision != record.revision
-                                    && fresh.state == SystemState::Active =>
-                            {
-                                record = fresh;
+                        match self.weigh_refusal(f, system_id, &record, oauth).await {
+                            Refusal::Retry(fresh) => {
+                                record = *fresh;
                                 continue;
                             }
-                            Ok(_) => {}
-                            Err(StoreError::Unreachable(e)) => {
+                            Refusal::Stands => {}
+                            Refusal::Fail(e) => return Err(e),
+                            Refusal::Wait(e) => {
+                                f.refused = Some((record.sealed_credential, failure, message));
                                 return self.on_store_down(f, system_id, current, &e);
                             }
-                            Err(e) => return Err(e.into()),
                         }
                     }
                     let rejected = (failure, message);
@@ -895,10 +911,51 @@ impl Broker {
             Err(StoreError::Unreachable(e)) => return Err(FreshRead::Down(e)),
             Err(e) => return Err(FreshRead::Refused(e.into())),
         };
-        // The store answered: whatever happens next is not its outage.
-        f.store_failures = 0;
-        self.cache.end_store_wait(system_id);
-        Ok((lock, self.mintable_fresh(f, system_id).await?))
+        let fresh = self.mintable_fresh(f, system_id).await;
+        if !matches!(fresh, Err(FreshRead::Down(_))) {
+            // The store answered: whatever happens next is not its outage.
+            f.store_failures = 0;
+            self.cache.end_store_wait(system_id);
+        }
+        Ok((lock, fresh?))
+    }
+
+    /// A refusal kept while the store was away, if `record` (read from the store itself) still
+    /// holds the refused credential; any other credential forgets it.
+    fn refused_before(f: &mut Flight, record: &SystemRecord) -> Option<(AuthFailure, String)> {
+        let (sealed, failure, message) = f.refused.take()?;
+        (sealed == record.sealed_credential).then_some((failure, message))
+    }
+
+    /// After the vendor refused `record`'s credential: another path (a rotation, another
+    /// replica) may have replaced it meanwhile, so the store itself is read again before the
+    /// grant is declared dead. With replicas, a store that cannot say is an outage, not a
+    /// verdict (a store this process owns cannot change under its flight lock: its errors leave
+    /// the refusal standing, as before).
+    async fn weigh_refusal(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        record: &SystemRecord,
+        oauth: bool,
+    ) -> Refusal {
+        match self.store.get_system_fresh(system_id).await {
+            Ok(Some(fresh)) if fresh.sealed_credential != record.sealed_credential => {
+                match Self::mintable(f, system_id, fresh, &self.egress) {
+                    Ok(fresh) => Refusal::Retry(Box::new(fresh)),
+                    Err(e) => Refusal::Fail(e),
+                }
+            }
+            Ok(Some(_)) => Refusal::Stands,
+            Ok(None) => {
+                self.drop_token(system_id);
+                Refusal::Fail(BrokerError::NotFound(format!(
+                    "system '{system_id}' not found"
+                )))
+            }
+            Err(e) if oauth && self.store.is_shared() => Refusal::Wait(e.to_string()),
+            Err(_) => Refusal::Stands,
+        }
     }
 
     /// The record read again from the store itself under the replica refresh lock (never a
@@ -913,9 +970,12 @@ impl Broker {
             Ok(Some(record)) => {
                 Self::mintable(f, system_id, record, &self.egress).map_err(FreshRead::Refused)
             }
-            Ok(None) => Err(FreshRead::Refused(BrokerError::NotFound(format!(
-                "system '{system_id}' not found"
-            )))),
+            Ok(None) => {
+                self.drop_token(system_id);
+                Err(FreshRead::Refused(BrokerError::NotFound(format!(
+                    "system '{system_id}' not found"
+                ))))
+            }
             Err(StoreError::Unreachable(e)) => Err(FreshRead::Down(e)),
             Err(e) => Err(FreshRead::Refused(e.into())),
         }
@@ -1044,16 +1104,20 @@ impl Broker {
         };
         if oauth {
             tracing::warn!(message = "Grant rejected; system needs re-authorization.", kind = %record.kind, system_id = %system_id, error = %message);
-            self.mark_reauthorization_required(system_id, &message)
-                .await;
-            f.dead = Some(message.clone());
+            if self
+                .mark_reauthorization_required(system_id, &message, record)
+                .await
+            {
+                f.dead = Some(message.clone());
+            }
         }
         BrokerError::FailedPrecondition(message)
     }
 
     /// A refresh met an unreachable shared store before reaching the vendor, or before a
-    /// vendor's refusal could be weighed against the stored credential (nothing was spent): the cached token serves while valid, the refresh is tried again (backing off,
-    /// jittered, up to [`STORE_RETRY_MAX`]), and the system's health says why it waits.
+    /// vendor's refusal could be weighed against the stored credential (nothing was spent): the
+    /// cached token serves while valid, the refresh is tried again (backing off, jittered, up to
+    /// [`STORE_RETRY_MAX`]), and the system's health says why it waits.
     fn on_store_down(
         &self,
         f: &mut Flight,
@@ -1361,9 +1425,19 @@ impl Broker {
             .await;
     }
 
-    async fn mark_reauthorization_required(&self, system_id: &str, message: &str) {
+    async fn mark_reauthorization_required(
+        &self,
+        system_id: &str,
+        message: &str,
+        refused: &SystemRecord,
+    ) -> bool {
         let marked = self
             .modify_system(system_id, Retry::Quick, |current| {
+                if current.sealed_credential != refused.sealed_credential {
+                    // A new credential arrived meanwhile (a rotation, a re-connection): the
+                    // refusal was for the old one.
+                    return Ok(None);
+                }
                 if current.state == SystemState::ReauthorizationRequired
                     && current.state_message.as_deref() == Some(message)
                 {
@@ -1378,14 +1452,18 @@ impl Broker {
             })
             .await;
         match marked {
-            Ok(Modified::Written(r)) => self.emit(
-                crate::broker::events::EventType::ReauthorizationRequired,
-                &r,
-                message,
-            ),
-            Ok(Modified::Unchanged(_)) => {}
+            Ok(Modified::Written(r)) => {
+                self.emit(
+                    crate::broker::events::EventType::ReauthorizationRequired,
+                    &r,
+                    message,
+                );
+                true
+            }
+            Ok(Modified::Unchanged(r)) => r.sealed_credential == refused.sealed_credential,
             Err(e) => {
                 tracing::warn!(message = "Could not record the re-authorization state.", system_id = %system_id, error = %e);
+                true
             }
         }
     }

@@ -335,6 +335,7 @@ async fn a_dropped_caller_still_records_a_dead_grant() {
 struct Shared {
     inner: MemoryStore,
     fresh_answers: AtomicUsize,
+    fresh_reads: AtomicUsize,
 }
 
 impl Shared {
@@ -351,6 +352,7 @@ impl CredentialStore for Shared {
         self.inner.get_system(id).await
     }
     async fn get_system_fresh(&self, id: &str) -> Result<Option<SystemRecord>, StoreError> {
+        self.fresh_reads.fetch_add(1, Ordering::SeqCst);
         let left = self.fresh_answers.load(Ordering::SeqCst);
         if left == 0 {
             return Err(StoreError::Unreachable("the database is away".into()));
@@ -451,4 +453,109 @@ async fn a_refusal_is_no_verdict_while_the_shared_store_is_away() {
     assert_eq!(backend.calls(), 1);
     let record = broker.get_system(SYSTEM).await.unwrap();
     assert_eq!(record.state, SystemState::Active);
+}
+
+/// Once the store answers again, a refusal kept while it was away stands if the refused
+/// credential is still the stored one: the grant is marked dead with no second upstream call
+/// (the vendor is not handed a refused refresh token again and again).
+#[tokio::test(start_paused = true)]
+async fn a_refusal_weighed_later_stands_without_a_second_vendor_call() {
+    let backend = FakeBackend::new(false, vec![Answer::Rejected]);
+    let store = Shared::new(1);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    store.fresh_answers.store(usize::MAX, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(120)).await;
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    assert_eq!(
+        backend.calls(),
+        1,
+        "the refused credential was presented again"
+    );
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::ReauthorizationRequired);
+}
+
+/// Another replica's write to the system while the vendor is answering this one's refresh.
+async fn change_meanwhile(store: &Arc<Shared>, change: impl FnOnce(&mut SystemRecord)) {
+    let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
+    let other = crate::store::AuthenticatedStore::new(
+        store.clone(),
+        Keyring::new(key).derive_subkey("record-integrity"),
+    );
+    let mut record = other.get_system(SYSTEM).await.unwrap().unwrap();
+    let revision = record.revision;
+    change(&mut record);
+    record.revision = revision + 1;
+    other.update_system(&record, revision).await.unwrap();
+}
+
+/// A refusal is for the credential presented: when another replica re-connected the system
+/// meanwhile (a new credential, waiting for its authorization), the refusal neither overwrites
+/// that state nor marks the new grant dead.
+#[tokio::test]
+async fn a_refusal_never_marks_a_credential_replaced_meanwhile() {
+    let backend = FakeBackend::new(true, vec![Answer::Rejected]);
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let caller = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 0, None).await }
+    });
+    backend.entered.notified().await;
+    change_meanwhile(&store, |r| {
+        r.sealed_credential = b"another credential".to_vec();
+        r.credential_version += 1;
+        r.state = SystemState::AuthorizationPending;
+    })
+    .await;
+    backend.open_gate();
+    let err = caller.await.unwrap().unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::AuthorizationPending);
+    assert_eq!(backend.calls(), 1);
+}
+
+/// A write that changed the record but not its credential (a health note) is no reason to
+/// present the refused credential a second time.
+#[tokio::test]
+async fn a_refusal_stands_when_only_the_record_changed_meanwhile() {
+    let backend = FakeBackend::new(true, vec![Answer::Rejected]);
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let caller = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 0, None).await }
+    });
+    backend.entered.notified().await;
+    change_meanwhile(&store, |r| r.description = "noted elsewhere".to_owned()).await;
+    backend.open_gate();
+    let err = caller.await.unwrap().unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    assert_eq!(backend.calls(), 1);
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::ReauthorizationRequired);
+}
+
+/// A database that grants the refresh lock but cannot answer the read under it (its connection
+/// pool exhausted, say) is waited for with a growing backoff, not asked again every second.
+#[tokio::test(start_paused = true)]
+async fn a_lock_without_a_read_backs_off_more_each_time() {
+    let backend = FakeBackend::new(false, vec![]);
+    let store = Shared::new(0);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    for _ in 0..120 {
+        let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    let reads = store.fresh_reads.load(Ordering::SeqCst);
+    assert!(
+        reads <= 12,
+        "{reads} reads in two minutes: the backoff does not grow"
+    );
+    assert_eq!(backend.calls(), 0);
 }
