@@ -137,6 +137,16 @@ enum Refusal {
     Wait(String),
 }
 
+/// What marking a refused grant for re-authorization came to.
+enum Marked {
+    /// Marked (or already marked): the grant is dead.
+    Dead,
+    /// The stored credential is another one now, or the system is gone: nothing to mark.
+    Replaced,
+    /// The shared store could not take the mark: the refusal is kept for the next try.
+    Unrecorded,
+}
+
 /// Why the record read under the replica refresh lock cannot be minted with.
 enum FreshRead {
     /// The store did not answer: an outage to wait out, not a verdict on the grant.
@@ -297,7 +307,6 @@ impl Flight {
     pub(crate) fn clear_remote_state(&mut self) {
         self.dead = None;
         self.backoff_until = None;
-        self.refused = None;
     }
 }
 
@@ -716,7 +725,7 @@ impl Broker {
         let mut replica_lock = None;
         if record.credential_type.is_oauth() && self.store.is_shared() {
             if let Some(t) =
-                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
+                self.adopt_shared(f, system_id, &record, need_until, &reason, current.as_ref())
             {
                 return Ok(t);
             }
@@ -726,7 +735,7 @@ impl Broker {
                 Err(FreshRead::Refused(e)) => return Err(e),
             };
             if let Some(t) =
-                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
+                self.adopt_shared(f, system_id, &record, need_until, &reason, current.as_ref())
             {
                 return Ok(t);
             }
@@ -953,7 +962,7 @@ impl Broker {
                     "system '{system_id}' not found"
                 )))
             }
-            Err(e) if oauth && self.store.is_shared() => Refusal::Wait(e.to_string()),
+            Err(StoreError::Unreachable(e)) if oauth && self.store.is_shared() => Refusal::Wait(e),
             Err(_) => Refusal::Stands,
         }
     }
@@ -1104,11 +1113,16 @@ impl Broker {
         };
         if oauth {
             tracing::warn!(message = "Grant rejected; system needs re-authorization.", kind = %record.kind, system_id = %system_id, error = %message);
-            if self
+            match self
                 .mark_reauthorization_required(system_id, &message, record)
                 .await
             {
-                f.dead = Some(message.clone());
+                Marked::Dead => f.dead = Some(message.clone()),
+                Marked::Replaced => {}
+                // Kept for the next try, which marks it with no second vendor call.
+                Marked::Unrecorded => {
+                    f.refused = Some((record.sealed_credential.clone(), failure, message.clone()));
+                }
             }
         }
         BrokerError::FailedPrecondition(message)
@@ -1279,6 +1293,7 @@ impl Broker {
     /// the cache under its own token id.
     fn adopt_shared(
         &self,
+        f: &mut Flight,
         system_id: &str,
         record: &SystemRecord,
         need_until: SystemTime,
@@ -1324,6 +1339,8 @@ impl Broker {
             subject: payload.subject,
         };
         tracing::debug!(message = "Using the token another replica refreshed.", system_id = %system_id);
+        // The grant works for another replica: a refusal this one kept is moot.
+        f.refused = None;
         self.install_with_id(
             system_id,
             record,
@@ -1430,7 +1447,7 @@ impl Broker {
         system_id: &str,
         message: &str,
         refused: &SystemRecord,
-    ) -> bool {
+    ) -> Marked {
         let marked = self
             .modify_system(system_id, Retry::Quick, |current| {
                 if current.sealed_credential != refused.sealed_credential {
@@ -1438,9 +1455,7 @@ impl Broker {
                     // refusal was for the old one.
                     return Ok(None);
                 }
-                if current.state == SystemState::ReauthorizationRequired
-                    && current.state_message.as_deref() == Some(message)
-                {
+                if current.state == SystemState::ReauthorizationRequired {
                     // Already marked (by another replica, or a racing refusal): no second event.
                     return Ok(None);
                 }
@@ -1458,12 +1473,23 @@ impl Broker {
                     &r,
                     message,
                 );
-                true
+                Marked::Dead
             }
-            Ok(Modified::Unchanged(r)) => r.sealed_credential == refused.sealed_credential,
+            Ok(Modified::Unchanged(r)) if r.sealed_credential != refused.sealed_credential => {
+                Marked::Replaced
+            }
+            Ok(Modified::Unchanged(_)) => Marked::Dead,
+            Err(BrokerError::NotFound(_)) => {
+                self.drop_token(system_id);
+                Marked::Replaced
+            }
             Err(e) => {
                 tracing::warn!(message = "Could not record the re-authorization state.", system_id = %system_id, error = %e);
-                true
+                if matches!(e, BrokerError::Unavailable(_)) && self.store.is_shared() {
+                    Marked::Unrecorded
+                } else {
+                    Marked::Dead
+                }
             }
         }
     }

@@ -130,16 +130,7 @@ async fn broker_with(backend: Arc<FakeBackend>) -> Arc<Broker> {
 
 /// A broker on `store` with `backend` for ServiceNow and one OAuth system registered.
 async fn broker_on(backend: Arc<FakeBackend>, store: Arc<dyn CredentialStore>) -> Arc<Broker> {
-    let backend: Arc<dyn Backend> = backend;
-    let registry = Registry::from_backends(vec![(SystemKind::ServiceNow, backend)]);
-    let settings = BrokerSettings {
-        keepalive_interval: Duration::from_secs(365 * 86_400),
-        ..BrokerSettings::default()
-    };
-    let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
-    let (broker, _) = Broker::open(store, Keyring::new(key), registry, settings)
-        .await
-        .unwrap();
+    let broker = open_on(backend, store).await;
     broker
         .register(RegisterInput {
             system_id: SYSTEM.to_owned(),
@@ -157,6 +148,21 @@ async fn broker_on(backend: Arc<FakeBackend>, store: Arc<dyn CredentialStore>) -
             check: false,
             delivery: None,
         })
+        .await
+        .unwrap();
+    broker
+}
+
+/// A broker on `store` with `backend` for ServiceNow (another replica, when `store` is shared).
+async fn open_on(backend: Arc<FakeBackend>, store: Arc<dyn CredentialStore>) -> Arc<Broker> {
+    let backend: Arc<dyn Backend> = backend;
+    let registry = Registry::from_backends(vec![(SystemKind::ServiceNow, backend)]);
+    let settings = BrokerSettings {
+        keepalive_interval: Duration::from_secs(365 * 86_400),
+        ..BrokerSettings::default()
+    };
+    let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
+    let (broker, _) = Broker::open(store, Keyring::new(key), registry, settings)
         .await
         .unwrap();
     broker
@@ -558,4 +564,29 @@ async fn a_lock_without_a_read_backs_off_more_each_time() {
         "{reads} reads in two minutes: the backoff does not grow"
     );
     assert_eq!(backend.calls(), 0);
+}
+
+/// A refusal kept while the store was away is for the credential refused: when another
+/// replica rotated the grant meanwhile, this one forgets the refusal and refreshes with the new
+/// refresh token once the store answers.
+#[tokio::test(start_paused = true)]
+async fn a_kept_refusal_is_forgotten_once_another_replica_rotated_the_grant() {
+    let backend = FakeBackend::new(false, vec![Answer::Rejected]);
+    let store = Shared::new(1);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    store.fresh_answers.store(usize::MAX, Ordering::SeqCst);
+    let other_vendor = FakeBackend::new(false, vec![Answer::Token(Some("rt-2"))]);
+    let other = open_on(other_vendor.clone(), store.clone()).await;
+    other.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(stored_refresh_token(&other).await, "rt-2");
+    // Past the backoff, this replica needs a token valid longer than the other's: it must
+    // refresh itself.
+    tokio::time::advance(Duration::from_secs(120)).await;
+    let longer = LIFETIME.as_secs() as u32 + 20;
+    broker.access_token(SYSTEM, longer, None).await.unwrap();
+    assert_eq!(backend.calls(), 2);
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::Active);
 }
