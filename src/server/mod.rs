@@ -702,18 +702,18 @@ async fn open_postgres(
             }
         },
     };
-    let exists = pg
-        .get_meta("format_version")
-        .await
-        .map_err(|e| ServeError::Postgres(e.to_string()))?
+    // A restart of the database between the steps of the start is waited for like one before.
+    let pg: Arc<dyn CredentialStore> = Arc::new(pg);
+    let exists = while_unreachable(|| pg.get_meta("format_version"))
+        .await?
         .is_some();
     let (keyring, key_id, source, file) = replica_key(config, data_dir, exists)?;
     let every = config.store.replica_snapshot_interval;
     let snapshot = config.store.replica_snapshot.then_some((file, every));
     // Every row mirrored in memory: every system stays servable while the database is away.
-    let mirrored = crate::store::MirroredStore::open(Arc::new(pg), snapshot)
-        .await
-        .map_err(|e| ServeError::Postgres(e.to_string()))?;
+    let mirrored =
+        while_unreachable(|| crate::store::MirroredStore::open(pg.clone(), snapshot.clone()))
+            .await?;
     tracing::info!(
         message = "Store: PostgreSQL, mirrored in memory.",
         initialized = exists,
@@ -728,10 +728,22 @@ async fn connect_waiting(
     config: &Config,
     url: &crate::secret::SecretString,
 ) -> Result<PostgresStore, ServeError> {
+    let ca_file = config.store.ca_file.as_deref();
+    while_unreachable(|| PostgresStore::connect(url.expose_secret(), ca_file)).await
+}
+
+/// Runs a start-up step against the database until it answers: while it does not (no answer,
+/// starting up or shutting down), waits 2 s between tries, not ready, warning on the first
+/// try and every 15th; any other error ends the start.
+async fn while_unreachable<T, F, Fut>(mut step: F) -> Result<T, ServeError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
     let mut attempt = 0u64;
     loop {
-        match PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref()).await {
-            Ok(pg) => return Ok(pg),
+        match step().await {
+            Ok(v) => return Ok(v),
             Err(StoreError::Unreachable(e)) => {
                 if attempt.is_multiple_of(15) {
                     tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); not ready until it is.", error = %e);
@@ -954,4 +966,33 @@ fn restrict_data_dir(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+
+    /// A start-up step is tried again while the database does not answer (a restart between
+    /// connecting and loading the mirror); any other error ends the start at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_up_step_waits_out_only_an_unreachable_store() {
+        let tries = AtomicU32::new(0);
+        let got = while_unreachable(|| async {
+            match tries.fetch_add(1, SeqCst) {
+                0..=2 => Err(StoreError::Unreachable("starting up".into())),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(got.ok(), Some(3));
+        let tries = AtomicU32::new(0);
+        let got: Result<(), _> = while_unreachable(|| async {
+            tries.fetch_add(1, SeqCst);
+            Err(StoreError::Backend("password authentication failed".into()))
+        })
+        .await;
+        assert!(matches!(got, Err(ServeError::Postgres(_))));
+        assert_eq!(tries.load(SeqCst), 1);
+    }
 }
