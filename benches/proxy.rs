@@ -1,5 +1,6 @@
-//! Proxy overhead: the same loopback fake vendor called directly and through the broker's proxy,
-//! with the same client, concurrency and duration. Run with `cargo bench --bench proxy`
+//! Proxy overhead: the same loopback fake vendor called directly, through a bare forwarder (the
+//! floor: hyper's server and the proxy's pooled hyper client, nothing else) and through the
+//! broker's proxy, with the same client, concurrency and duration. Run with `cargo bench --bench proxy`
 //! (`-- --concurrency N --seconds S --rounds R`); writes `bench-results/proxy.json` and prints a
 //! markdown table. Medians over alternating rounds, since run-to-run noise on a 2-core VM is
 //! ±10–15 %.
@@ -95,6 +96,74 @@ async fn drive(
     }
 }
 
+/// The floor for any HTTP/1.1 proxy here, run as this bench binary again (`--forwarder
+/// http://vendor`) on the broker's core: hyper's HTTP/1.1 server (no-delay sockets) and the
+/// pooled hyper-util client the broker's proxy uses, on one current_thread runtime; it swaps
+/// the caller's header for the vendor's and relays the answer whole. No lease check, audit,
+/// quota, screening or header filtering: what those cost is the broker's own share.
+fn forwarder_main(vendor_root: String) {
+    use axum::body::Body;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_nodelay(true);
+        let client: hyper_util::client::legacy::Client<_, Body> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(http);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", l.local_addr().unwrap());
+        let root: Arc<str> = vendor_root.into();
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let (client, root) = (client.clone(), root.clone());
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (client, root) = (client.clone(), root.clone());
+                    async move {
+                        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                        let mut forward = hyper::Request::new(Body::empty());
+                        *forward.uri_mut() = format!("{root}{target}").parse().unwrap();
+                        forward.headers_mut().insert(
+                            "authorization",
+                            axum::http::HeaderValue::from_static("Bearer bench-pat"),
+                        );
+                        let (parts, body) = client.request(forward).await.unwrap().into_parts();
+                        let whole = http_body_util::BodyExt::collect(body).await.unwrap();
+                        let answer =
+                            hyper::Response::from_parts(parts, Body::from(whole.to_bytes()));
+                        Ok::<_, std::convert::Infallible>(answer)
+                    }
+                });
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// Starts [`forwarder_main`] pinned to core 1; returns its address and the child.
+fn spawn_forwarder(vendor_root: &str) -> (String, std::process::Child) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--forwarder", vendor_root])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("taskset is needed");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines.next().expect("forwarder exited").unwrap();
+    (addr, child)
+}
+
 /// Starts the real `credbroker` binary pinned to core 1; returns (gRPC addr, HTTP addr, child).
 fn spawn_broker(data_dir: &std::path::Path) -> (String, String, std::process::Child) {
     use std::io::{BufRead, BufReader};
@@ -185,6 +254,10 @@ fn quota_bookkeeping_ns(iterations: u32) -> f64 {
 }
 
 fn main() {
+    let forwarder = arg("--forwarder", "");
+    if !forwarder.is_empty() {
+        return forwarder_main(forwarder);
+    }
     let concurrency = arg("--concurrency", "16").parse::<usize>().unwrap();
     let seconds = arg("--seconds", "5.0").parse::<f64>().unwrap();
     let rounds = arg("--rounds", "3").parse::<usize>().unwrap();
@@ -240,18 +313,24 @@ fn main() {
         let lease = t.headers[0].value.clone();
         let direct_url = format!("{vendor}/users/me");
         let proxied_url = format!("{}/users/me", t.api_base_url);
-        // Warm up both paths.
-        let bpid = child.id();
+        let root = vendor.split("/api/").next().unwrap().to_owned();
+        let (fwd_addr, mut fwd_child) = spawn_forwarder(&root);
+        let forwarded_url = format!("http://{fwd_addr}/api/1.0/users/me");
+        // Warm up every path.
+        let (bpid, fpid) = (child.id(), fwd_child.id());
         drive(direct_url.clone(), "Bearer bench-pat".into(), concurrency, 1.0, bpid).await;
+        drive(forwarded_url.clone(), "Bearer other".into(), concurrency, 1.0, fpid).await;
         drive(proxied_url.clone(), lease.clone(), concurrency, 1.0, bpid).await;
-        let mut d = Vec::new();
-        let mut p = Vec::new();
+        let (mut d, mut w, mut p) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
             d.push(drive(direct_url.clone(), "Bearer bench-pat".into(), concurrency, seconds, bpid).await);
+            w.push(drive(forwarded_url.clone(), "Bearer other".into(), concurrency, seconds, fpid).await);
             p.push(drive(proxied_url.clone(), lease.clone(), concurrency, seconds, bpid).await);
         }
         let m = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
         let (drps, dp50, dp99) = (m(&d, |f| f.rps), m(&d, |f| f.p50_us), m(&d, |f| f.p99_us));
+        let (wrps, wp50, wp99) = (m(&w, |f| f.rps), m(&w, |f| f.p50_us), m(&w, |f| f.p99_us));
+        let wcpu = m(&w, |f| f.broker_cpu_us);
         let (prps, pp50, pp99) = (m(&p, |f| f.rps), m(&p, |f| f.p50_us), m(&p, |f| f.p99_us));
         let pcpu = m(&p, |f| f.broker_cpu_us);
         let json = serde_json::json!({
@@ -259,8 +338,11 @@ fn main() {
             "broker": std::env::var("BENCH_BROKER_BIN").unwrap_or_else(|_| "this build".to_owned()),
             "concurrency": concurrency, "seconds_per_round": seconds, "rounds": rounds,
             "direct": {"rps": drps, "p50_us": dp50, "p99_us": dp99},
+            "bare_forwarder": {"rps": wrps, "p50_us": wp50, "p99_us": wp99, "cpu_us_per_req": wcpu},
             "proxied": {"rps": prps, "p50_us": pp50, "p99_us": pp99, "broker_cpu_us_per_req": pcpu},
             "throughput_ratio": prps / drps,
+            "bare_forwarder_ratio": wrps / drps,
+            "throughput_ratio_to_bare_forwarder": prps / wrps,
             "p50_added_ms": (pp50 - dp50) / 1000.0,
             "quota_bookkeeping_ns_per_call": quota_ns,
         });
@@ -269,11 +351,15 @@ fn main() {
         println!("| path | requests/s | p50 | p99 | broker CPU/req |");
         println!("|---|---|---|---|---|");
         println!("| direct GET to the loopback fake | {drps:.0} | {:.3} ms | {:.3} ms | – |", dp50 / 1000.0, dp99 / 1000.0);
+        println!("| bare forwarder (hyper server + the proxy's client, no checks) | {wrps:.0} | {:.3} ms | {:.3} ms | {wcpu:.1} µs |", wp50 / 1000.0, wp99 / 1000.0);
         println!("| proxied GET (lease → real header) | {prps:.0} | {:.3} ms | {:.3} ms | {pcpu:.1} µs |", pp50 / 1000.0, pp99 / 1000.0);
         println!();
         println!("throughput ratio proxied/direct: {:.2} (target ≥ 0.90); p50 added: {:.3} ms (target ≤ 0.1 ms)", prps / drps, (pp50 - dp50) / 1000.0);
+        println!("bare forwarder/direct: {:.2} (the floor of any proxy here); broker/bare forwarder: {:.2}; broker CPU per call − forwarder's: {:.1} µs", wrps / drps, prps / wrps, pcpu - wcpu);
         println!("quota bookkeeping (admit + read the vendor's headers + learn): {quota_ns:.0} ns per call (target ≤ 2 µs)");
         let _ = child.kill();
         let _ = child.wait();
+        let _ = fwd_child.kill();
+        let _ = fwd_child.wait();
     });
 }
