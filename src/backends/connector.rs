@@ -25,8 +25,12 @@ type Stream = MaybeHttpsStream<TokioIo<TcpStream>>;
 type ToProxy = hyper_rustls::HttpsConnector<HttpConnector<GuardDns>>;
 
 /// Connects to a vendor directly or through the egress proxy, as the policy and the route say.
+/// Cheap to clone (hyper's pooled client clones its connector for every request, a pooled
+/// connection reused or not).
 #[derive(Clone)]
-pub struct EgressConnector {
+pub struct EgressConnector(std::sync::Arc<Parts>);
+
+struct Parts {
     direct: HttpConnector<GuardDns>,
     tunnel: Option<Tunnel<ToProxy>>,
     policy: EgressPolicy,
@@ -78,14 +82,16 @@ impl EgressConnector {
             }
             _ => None,
         };
-        Ok(Self {
+        Ok(Self(std::sync::Arc::new(Parts {
             direct,
             tunnel,
             policy: policy.clone(),
             route,
-        })
+        })))
     }
+}
 
+impl Parts {
     fn tunnels(&self, host: &str) -> bool {
         match (&self.policy.proxy, self.route) {
             (None, _) | (_, ProxyRoute::Direct) => false,
@@ -113,9 +119,10 @@ impl tower::Service<Uri> for EgressConnector {
             } else {
                 80
             });
-        match self.tunnel.clone().filter(|_| self.tunnels(&host)) {
+        let parts = &self.0;
+        match parts.tunnel.clone().filter(|_| parts.tunnels(&host)) {
             Some(mut tunnel) => {
-                let policy = self.policy.clone();
+                let policy = parts.policy.clone();
                 Box::pin(async move {
                     let addr = policy.checked_target(&host, port).await?;
                     let target: Uri = format!("http://{addr}").parse()?;
@@ -124,7 +131,7 @@ impl tower::Service<Uri> for EgressConnector {
                 })
             }
             None => {
-                let mut direct = self.direct.clone();
+                let mut direct = parts.direct.clone();
                 Box::pin(async move {
                     let io = tower::Service::call(&mut direct, dst).await?;
                     Ok(MaybeHttpsStream::Http(io))

@@ -139,11 +139,14 @@ enum Refusal {
 
 /// What marking a refused grant for re-authorization came to.
 enum Marked {
-    /// Marked (or already marked): the grant is dead.
-    Dead,
-    /// The stored credential is another one now, or the system is gone: nothing to mark.
+    /// Marked (or already marked): the grant is dead; the stored state message.
+    Dead(String),
+    /// The stored credential is another one now: nothing to mark.
     Replaced,
-    /// The shared store could not take the mark: the refusal is kept for the next try.
+    /// The system was deleted meanwhile.
+    Gone,
+    /// The shared store could not take the mark (unavailable, or the record kept changing):
+    /// the refusal is kept for the next try, after a pause.
     Unrecorded,
 }
 
@@ -725,7 +728,7 @@ impl Broker {
         let mut replica_lock = None;
         if record.credential_type.is_oauth() && self.store.is_shared() {
             if let Some(t) =
-                self.adopt_shared(f, system_id, &record, need_until, &reason, current.as_ref())
+                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
             {
                 return Ok(t);
             }
@@ -735,7 +738,7 @@ impl Broker {
                 Err(FreshRead::Refused(e)) => return Err(e),
             };
             if let Some(t) =
-                self.adopt_shared(f, system_id, &record, need_until, &reason, current.as_ref())
+                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
             {
                 return Ok(t);
             }
@@ -1117,15 +1120,34 @@ impl Broker {
                 .mark_reauthorization_required(system_id, &message, record)
                 .await
             {
-                Marked::Dead => f.dead = Some(message.clone()),
+                Marked::Dead(stored) => {
+                    f.dead = Some(stored.clone());
+                    return BrokerError::FailedPrecondition(stored);
+                }
                 Marked::Replaced => {}
-                // Kept for the next try, which marks it with no second vendor call.
+                Marked::Gone => {
+                    self.forget_flight_if_idle(system_id, 1);
+                    return BrokerError::NotFound(format!("system '{system_id}' not found"));
+                }
+                // Kept for the next try, after a pause, which marks it with no vendor call.
                 Marked::Unrecorded => {
                     f.refused = Some((record.sealed_credential.clone(), failure, message.clone()));
+                    self.back_off_for_store(f);
                 }
             }
         }
         BrokerError::FailedPrecondition(message)
+    }
+
+    /// One more try that met the shared store away: the next waits longer (jittered, up to
+    /// [`STORE_RETRY_MAX`]).
+    fn back_off_for_store(&self, f: &mut Flight) -> Duration {
+        f.store_failures = f.store_failures.saturating_add(1);
+        let delay = self
+            .backoff_delay(f.store_failures, None)
+            .min(STORE_RETRY_MAX);
+        f.backoff_until = Some(Instant::now() + delay);
+        delay
     }
 
     /// A refresh met an unreachable shared store before reaching the vendor, or before a
@@ -1139,11 +1161,7 @@ impl Broker {
         current: Option<Arc<IssuedToken>>,
         error: &str,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
-        f.store_failures = f.store_failures.saturating_add(1);
-        let delay = self
-            .backoff_delay(f.store_failures, None)
-            .min(STORE_RETRY_MAX);
-        f.backoff_until = Some(Instant::now() + delay);
+        let delay = self.back_off_for_store(f);
         if self.cache.begin_store_wait(system_id) {
             tracing::warn!(message = "Token refresh waits for the database.", system_id = %system_id, error = %error);
         } else {
@@ -1293,7 +1311,6 @@ impl Broker {
     /// the cache under its own token id.
     fn adopt_shared(
         &self,
-        f: &mut Flight,
         system_id: &str,
         record: &SystemRecord,
         need_until: SystemTime,
@@ -1339,8 +1356,6 @@ impl Broker {
             subject: payload.subject,
         };
         tracing::debug!(message = "Using the token another replica refreshed.", system_id = %system_id);
-        // The grant works for another replica: a refusal this one kept is moot.
-        f.refused = None;
         self.install_with_id(
             system_id,
             record,
@@ -1473,22 +1488,25 @@ impl Broker {
                     &r,
                     message,
                 );
-                Marked::Dead
+                Marked::Dead(message.to_owned())
             }
             Ok(Modified::Unchanged(r)) if r.sealed_credential != refused.sealed_credential => {
                 Marked::Replaced
             }
-            Ok(Modified::Unchanged(_)) => Marked::Dead,
+            // Marked already (another replica's words, which every replica then repeats).
+            Ok(Modified::Unchanged(r)) => {
+                Marked::Dead(r.state_message.unwrap_or_else(|| message.to_owned()))
+            }
             Err(BrokerError::NotFound(_)) => {
                 self.drop_token(system_id);
-                Marked::Replaced
+                Marked::Gone
             }
             Err(e) => {
                 tracing::warn!(message = "Could not record the re-authorization state.", system_id = %system_id, error = %e);
                 if matches!(e, BrokerError::Unavailable(_)) && self.store.is_shared() {
                     Marked::Unrecorded
                 } else {
-                    Marked::Dead
+                    Marked::Dead(message.to_owned())
                 }
             }
         }

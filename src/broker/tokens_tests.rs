@@ -342,6 +342,9 @@ struct Shared {
     inner: MemoryStore,
     fresh_answers: AtomicUsize,
     fresh_reads: AtomicUsize,
+    /// Updates fail as unreachable while set; `updates` counts the tries.
+    updates_down: std::sync::atomic::AtomicBool,
+    updates: AtomicUsize,
 }
 
 impl Shared {
@@ -377,6 +380,10 @@ impl CredentialStore for Shared {
         self.inner.insert_system(r).await
     }
     async fn update_system(&self, r: &SystemRecord, rev: u64) -> Result<(), StoreError> {
+        self.updates.fetch_add(1, Ordering::SeqCst);
+        if self.updates_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unreachable("the database is away".into()));
+        }
         self.inner.update_system(r, rev).await
     }
     async fn delete_system(&self, id: &str) -> Result<bool, StoreError> {
@@ -589,4 +596,38 @@ async fn a_kept_refusal_is_forgotten_once_another_replica_rotated_the_grant() {
     assert_eq!(backend.calls(), 2);
     let record = broker.get_system(SYSTEM).await.unwrap();
     assert_eq!(record.state, SystemState::Active);
+}
+
+/// A refusal the shared store could not record (its writes fail) is kept: meanwhile the store
+/// is not asked again at the request rate, the vendor not at all, and once writes succeed the
+/// grant is marked dead with no second vendor call.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_the_store_could_not_record_is_marked_later_without_the_vendor() {
+    let backend = FakeBackend::new(false, vec![Answer::Rejected]);
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    store.updates_down.store(true, Ordering::SeqCst);
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    let tried = store.updates.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    }
+    assert_eq!(
+        store.updates.load(Ordering::SeqCst),
+        tried,
+        "no pause before the next try"
+    );
+    store.updates_down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(120)).await;
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    assert_eq!(
+        backend.calls(),
+        1,
+        "the refused credential was presented again"
+    );
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::ReauthorizationRequired);
 }
