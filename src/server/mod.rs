@@ -654,13 +654,15 @@ fn spawn_integrity_check(broker: &Arc<Broker>) {
 }
 
 /// What opening a store yields: the store, the keyring holding the master key, its id, where the
-/// key came from, and whether the store existed before.
+/// key came from, whether the store existed before, and a replica's mirror (to serve outages
+/// once the broker has started on it).
 type OpenedStore = (
     Arc<dyn CredentialStore>,
     Keyring,
     u32,
     MasterKeySource,
     bool,
+    Option<Arc<crate::store::MirroredStore>>,
 );
 
 /// The replica snapshot's file under the data directory.
@@ -668,8 +670,9 @@ pub const REPLICA_SNAPSHOT_FILE: &str = "replica-snapshot";
 
 /// Replicas: the database is the record of truth (its key check value verifies the master
 /// key); the data directory keeps only local files and the sealed snapshot of the mirror. While
-/// the database does not answer, a replica starts from its snapshot (when allowed, present and
-/// usable) or waits, not ready, until it does.
+/// the database does not answer (at the first connection or while the mirror loads), a replica
+/// starts from its snapshot (when allowed, present and usable) or waits, not ready, until it
+/// does.
 async fn open_postgres(
     config: &Config,
     url: &crate::secret::SecretString,
@@ -681,45 +684,95 @@ async fn open_postgres(
         let _ = std::fs::remove_file(&snapshot_path);
     }
     let from_snapshot = config.store.replica_snapshot && snapshot_path.is_file();
-    let pg = match PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref())
+    let loaded = match PostgresStore::connect(url.expose_secret(), config.store.ca_file.as_deref())
         .await
     {
-        Ok(pg) => Some(pg),
+        Ok(pg) => load_mirror(config, pg, data_dir, from_snapshot).await?,
         Err(StoreError::Unreachable(e)) if from_snapshot => {
             tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); starting from the replica snapshot.", error = %e);
             None
         }
-        Err(StoreError::Unreachable(_)) => Some(connect_waiting(config, url).await?),
+        Err(StoreError::Unreachable(_)) => {
+            let pg = connect_waiting(config, url).await?;
+            load_mirror(config, pg, data_dir, false).await?
+        }
         Err(e) => return Err(ServeError::Postgres(e.to_string())),
     };
-    let pg = match pg {
-        Some(pg) => pg,
-        None => match start_from_snapshot(config, url, data_dir) {
-            Ok(opened) => return Ok(opened),
-            Err(e) => {
-                tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
-                connect_waiting(config, url).await?
-            }
-        },
-    };
-    // A restart of the database between the steps of the start is waited for like one before.
+    if let Some(opened) = loaded {
+        return Ok(opened);
+    }
+    match start_from_snapshot(config, url, data_dir) {
+        Ok(opened) => Ok(opened),
+        Err(e) => {
+            tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
+            let pg = connect_waiting(config, url).await?;
+            load_mirror(config, pg, data_dir, false)
+                .await?
+                .ok_or_else(|| ServeError::Postgres("the store did not answer".to_owned()))
+        }
+    }
+}
+
+/// Reads whether the store was initialized and loads every row into the mirror. A database
+/// that stops answering meanwhile (a restart) is waited for, or, with `snapshot_allowed`,
+/// means starting from the snapshot instead (`None`).
+async fn load_mirror(
+    config: &Config,
+    pg: PostgresStore,
+    data_dir: &Path,
+    snapshot_allowed: bool,
+) -> Result<Option<OpenedStore>, ServeError> {
     let pg: Arc<dyn CredentialStore> = Arc::new(pg);
-    let exists = while_unreachable(|| pg.get_meta("format_version"))
-        .await?
-        .is_some();
+    let Some(format) = startup_step(snapshot_allowed, || pg.get_meta("format_version")).await?
+    else {
+        return Ok(None);
+    };
+    let exists = format.is_some();
     let (keyring, key_id, source, file) = replica_key(config, data_dir, exists)?;
     let every = config.store.replica_snapshot_interval;
     let snapshot = config.store.replica_snapshot.then_some((file, every));
     // Every row mirrored in memory: every system stays servable while the database is away.
-    let mirrored =
-        while_unreachable(|| crate::store::MirroredStore::open(pg.clone(), snapshot.clone()))
-            .await?;
+    let open = || crate::store::MirroredStore::open(pg.clone(), snapshot.clone());
+    let Some(mirrored) = startup_step(snapshot_allowed, open).await? else {
+        return Ok(None);
+    };
     tracing::info!(
         message = "Store: PostgreSQL, mirrored in memory.",
         initialized = exists,
         systems = mirrored.mirrored_systems()
     );
-    Ok((mirrored, keyring, key_id, source, false))
+    let store: Arc<dyn CredentialStore> = mirrored.clone();
+    Ok(Some((
+        store,
+        keyring,
+        key_id,
+        source,
+        false,
+        Some(mirrored),
+    )))
+}
+
+/// One start-up step against the database: tried once when a snapshot may serve instead
+/// (`None` when the database does not answer), else waited for while it does not.
+async fn startup_step<T, F, Fut>(
+    snapshot_allowed: bool,
+    mut step: F,
+) -> Result<Option<T>, ServeError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    if !snapshot_allowed {
+        return while_unreachable(step).await.map(Some);
+    }
+    match step().await {
+        Ok(v) => Ok(Some(v)),
+        Err(StoreError::Unreachable(e)) => {
+            tracing::warn!(message = "The store stopped answering while the replica started; starting from the replica snapshot.", error = %e);
+            Ok(None)
+        }
+        Err(e) => Err(ServeError::Postgres(e.to_string())),
+    }
 }
 
 /// Connects to the database, waiting (not ready) while it does not answer; a database that
@@ -797,7 +850,7 @@ fn start_from_snapshot(
     let every = config.store.replica_snapshot_interval;
     let mirrored = crate::store::MirroredStore::from_snapshot(pending, file, every)
         .map_err(|e| ServeError::Postgres(e.to_string()))?;
-    Ok((mirrored, keyring, key_id, source, false))
+    Ok((mirrored, keyring, key_id, source, false, None))
 }
 
 /// The embedded sled store in the data directory, opened only once the master key is known to
@@ -831,6 +884,7 @@ async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, Serv
         key_id,
         source,
         initialized,
+        None,
     ))
 }
 
@@ -869,7 +923,7 @@ async fn open_broker(
         // A volume the broker does not own (a mounted secret, a group-writable volume).
         tracing::warn!(message = "Could not make the data directory private (0700, files 0600).", error = %e);
     }
-    let (mut store, keyring, key_id, source, initialized) = match &config.store.url {
+    let (mut store, keyring, key_id, source, initialized, mirror) = match &config.store.url {
         Some(url) => open_postgres(config, url, &data_dir).await?,
         None => open_sled(config, &data_dir).await?,
     };
@@ -929,6 +983,10 @@ async fn open_broker(
         },
     )
     .await?;
+    // Started: from now on the mirror answers for a database that does not.
+    if let Some(mirror) = mirror {
+        mirror.serve_outages();
+    }
     if admin_token.is_some() {
         let path = data_dir.join(ADMIN_TOKEN_FILE);
         tracing::info!(message = "Created the admin caller; its token is in the admin token file.", path = %path.display());

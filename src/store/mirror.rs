@@ -85,6 +85,11 @@ pub struct MirroredStore {
     /// its row may have read the row before it, and is not mirrored (it would undo a deletion
     /// or a revocation).
     own_writes: Box<[std::sync::atomic::AtomicU64]>,
+    /// Whether reads fall back to the mirror while the database is away. Off from
+    /// [`MirroredStore::open`] until [`MirroredStore::serve_outages`]: while the broker starts,
+    /// the mirror holds none of the keys it reads then (format, key check, key ring), and an
+    /// absent key read from it would look like a damaged store or a wrong master key.
+    serving: std::sync::atomic::AtomicBool,
 }
 
 /// Counters of [`MirroredStore::own_writes`] (rows share them: a write makes an overlapping
@@ -254,6 +259,8 @@ impl MirroredStore {
             systems = rows.systems.len()
         );
         let me = Self::with_rows(inner, rows);
+        // The snapshot holds what the broker reads at start: it serves from the first read.
+        me.serve_outages();
         *lock(&me.down_until) = Some(Instant::now() + DOWN_FOR);
         me.start(me.inner.changes(), Some((snapshot, every)));
         Ok(me)
@@ -270,7 +277,19 @@ impl MirroredStore {
             own_writes: (0..WRITE_BUCKETS)
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
+            serving: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn is_serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// From now on, reads the database does not answer are answered from the mirror (called
+    /// once the broker has started on this store).
+    pub fn serve_outages(&self) {
+        self.serving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn start(
@@ -438,6 +457,9 @@ impl MirroredStore {
     /// The error back unless the database did not answer (then `Ok`: reads use the mirror for
     /// [`DOWN_FOR`]).
     fn fall_back(&self, e: StoreError) -> Result<(), StoreError> {
+        if !self.is_serving() {
+            return Err(e);
+        }
         match e {
             StoreError::Unreachable(detail) => {
                 let mut down = lock(&self.down_until);
@@ -876,7 +898,7 @@ impl CredentialStore for MirroredStore {
                 // database is away.
                 let mirrored = read(&self.rows).meta.get(key).cloned();
                 return match (e, mirrored) {
-                    (StoreError::Unreachable(_), Some(v)) => Ok(v),
+                    (StoreError::Unreachable(_), Some(v)) if self.is_serving() => Ok(v),
                     (e, _) => Err(e),
                 };
             }
@@ -1238,6 +1260,7 @@ mod tests {
         let held = Arc::new(Held::default());
         held.inner.insert_system(&sample_system("s")).await.unwrap();
         let m = MirroredStore::open(held.clone(), None).await.unwrap();
+        m.serve_outages();
         // Another replica rotates the row; its notification has not arrived yet.
         let mut rotated = sample_system("s");
         rotated.credential_version = 2;
@@ -1258,5 +1281,27 @@ mod tests {
         let fresh = m.get_system_fresh("s").await.unwrap().unwrap();
         assert_eq!(fresh.credential_version, 2);
         assert_eq!(read(&m.rows).systems["s"].credential_version, 2);
+    }
+
+    /// Until the broker has started on it, the mirror answers nothing for a database that does
+    /// not: a key it never loaded (the format record, the key check value) would read as
+    /// absent, a damaged store or a wrong master key. Afterwards it serves the outage.
+    #[tokio::test]
+    async fn the_mirror_serves_outages_only_once_the_broker_started() {
+        use crate::model::sample_system;
+        use std::sync::atomic::Ordering::SeqCst;
+        let held = Arc::new(Held::default());
+        held.inner.put_meta("format_version", b"7").await.unwrap();
+        held.inner.insert_system(&sample_system("s")).await.unwrap();
+        let m = MirroredStore::open(held.clone(), None).await.unwrap();
+        held.silent.store(true, SeqCst);
+        let starting = m.get_system("s").await;
+        assert!(
+            matches!(starting, Err(StoreError::Unreachable(_))),
+            "answered from the mirror while starting: {starting:?}"
+        );
+        m.serve_outages();
+        let serving = m.get_system("s").await.unwrap();
+        assert_eq!(serving.map(|r| r.system_id), Some("s".to_owned()));
     }
 }
