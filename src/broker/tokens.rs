@@ -961,6 +961,7 @@ impl Broker {
             Ok(Some(_)) => Refusal::Stands,
             Ok(None) => {
                 self.drop_token(system_id);
+                self.forget_flight_if_idle(system_id, 1);
                 Refusal::Fail(BrokerError::NotFound(format!(
                     "system '{system_id}' not found"
                 )))
@@ -984,6 +985,7 @@ impl Broker {
             }
             Ok(None) => {
                 self.drop_token(system_id);
+                self.forget_flight_if_idle(system_id, 1);
                 Err(FreshRead::Refused(BrokerError::NotFound(format!(
                     "system '{system_id}' not found"
                 ))))
@@ -1133,6 +1135,7 @@ impl Broker {
                 Marked::Unrecorded => {
                     f.refused = Some((record.sealed_credential.clone(), failure, message.clone()));
                     self.back_off_for_store(f);
+                    self.cache.begin_store_wait(system_id);
                 }
             }
         }

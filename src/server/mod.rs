@@ -733,7 +733,8 @@ async fn load_mirror(
     let snapshot = config.store.replica_snapshot.then_some((file, every));
     // Every row mirrored in memory: every system stays servable while the database is away.
     let open = || crate::store::MirroredStore::open(pg.clone(), snapshot.clone());
-    let Some(mirrored) = startup_step(snapshot_allowed, open).await? else {
+    // A database found uninitialized (recreated?) is never bypassed by an older snapshot.
+    let Some(mirrored) = startup_step(snapshot_allowed && exists, open).await? else {
         return Ok(None);
     };
     tracing::info!(

@@ -232,7 +232,9 @@ impl SnapshotFile {
 
 impl MirroredStore {
     /// Mirrors `inner`: loads every system and caller now, then follows its change feed and
-    /// (with `snapshot`) writes the mirror to its file every `every` while it changes.
+    /// (with `snapshot`) writes the mirror to its file every `every` while it changes. It answers
+    /// for an unreachable database, and writes snapshots, only after
+    /// [`MirroredStore::serve_outages`]: call it once the broker has started on it.
     pub async fn open(
         inner: Arc<dyn CredentialStore>,
         snapshot: Option<(SnapshotFile, Duration)>,
@@ -307,8 +309,11 @@ impl MirroredStore {
 
     /// Writes the mirror to `file` when it changed since the last write.
     fn snapshot_to(&self, file: &SnapshotFile) -> Result<(), StoreError> {
-        // A mirror without the store's format (nothing read yet) would not start a broker.
-        if !read(&self.rows).meta.contains_key("format_version")
+        // A mirror without the store's format (nothing read yet), or one the broker has not
+        // finished starting on (its key ring and event epoch not read yet), would not start a
+        // broker: the last good snapshot stays.
+        if !self.is_serving()
+            || !read(&self.rows).meta.contains_key("format_version")
             || !self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel)
         {
             return Ok(());
