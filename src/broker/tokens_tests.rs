@@ -454,30 +454,20 @@ async fn a_refresh_under_the_replica_lock_never_uses_a_mirror_copy() {
 }
 
 /// A vendor's refusal is weighed against the stored credential before the grant is declared
-/// dead: when the database cannot be read then, the system is not marked for re-authorization
-/// (another replica may have rotated the credential the refusal was for).
-#[tokio::test]
-async fn a_refusal_is_no_verdict_while_the_shared_store_is_away() {
+/// dead: while the database cannot be read, the system is not marked for re-authorization
+/// (another replica may have rotated the credential the refusal was for). Once it answers
+/// again, the kept refusal stands if the refused credential is still the stored one: the grant
+/// is marked dead with no second upstream call (the vendor is not handed a refused refresh
+/// token again and again).
+#[tokio::test(start_paused = true)]
+async fn a_refusal_is_weighed_once_the_shared_store_answers_without_a_second_vendor_call() {
     let backend = FakeBackend::new(false, vec![Answer::Rejected]);
     let store = Shared::new(1);
     let broker = broker_on(backend.clone(), store.clone()).await;
     let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
-    assert_eq!(backend.calls(), 1);
     let record = broker.get_system(SYSTEM).await.unwrap();
     assert_eq!(record.state, SystemState::Active);
-}
-
-/// Once the store answers again, a refusal kept while it was away stands if the refused
-/// credential is still the stored one: the grant is marked dead with no second upstream call
-/// (the vendor is not handed a refused refresh token again and again).
-#[tokio::test(start_paused = true)]
-async fn a_refusal_weighed_later_stands_without_a_second_vendor_call() {
-    let backend = FakeBackend::new(false, vec![Answer::Rejected]);
-    let store = Shared::new(1);
-    let broker = broker_on(backend.clone(), store.clone()).await;
-    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
-    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
     store.fresh_answers.store(usize::MAX, Ordering::SeqCst);
     tokio::time::advance(Duration::from_secs(120)).await;
     let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
@@ -505,11 +495,15 @@ async fn change_meanwhile(store: &Arc<Shared>, change: impl FnOnce(&mut SystemRe
     other.update_system(&record, revision).await.unwrap();
 }
 
-/// A refusal is for the credential presented: when another replica re-connected the system
-/// meanwhile (a new credential, waiting for its authorization), the refusal neither overwrites
-/// that state nor marks the new grant dead.
-#[tokio::test]
-async fn a_refusal_never_marks_a_credential_replaced_meanwhile() {
+/// A refresh the vendor refuses while another replica writes `change` to the system; what the
+/// worker got.
+async fn refused_while(
+    change: impl FnOnce(&mut SystemRecord),
+) -> (
+    Result<Arc<crate::broker::tokens::IssuedToken>, BrokerError>,
+    Arc<Broker>,
+    Arc<FakeBackend>,
+) {
     let backend = FakeBackend::new(true, vec![Answer::Rejected]);
     let store = Shared::new(usize::MAX);
     let broker = broker_on(backend.clone(), store.clone()).await;
@@ -518,14 +512,23 @@ async fn a_refusal_never_marks_a_credential_replaced_meanwhile() {
         async move { b.access_token(SYSTEM, 0, None).await }
     });
     backend.entered.notified().await;
-    change_meanwhile(&store, |r| {
+    change_meanwhile(&store, change).await;
+    backend.open_gate();
+    (caller.await.unwrap(), broker, backend)
+}
+
+/// A refusal is for the credential presented: when another replica re-connected the system
+/// meanwhile (a new credential, waiting for its authorization), the refusal neither overwrites
+/// that state nor marks the new grant dead.
+#[tokio::test]
+async fn a_refusal_never_marks_a_credential_replaced_meanwhile() {
+    let (got, broker, backend) = refused_while(|r| {
         r.sealed_credential = b"another credential".to_vec();
         r.credential_version += 1;
         r.state = SystemState::AuthorizationPending;
     })
     .await;
-    backend.open_gate();
-    let err = caller.await.unwrap().unwrap_err();
+    let err = got.unwrap_err();
     assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
     let record = broker.get_system(SYSTEM).await.unwrap();
     assert_eq!(record.state, SystemState::AuthorizationPending);
@@ -536,17 +539,9 @@ async fn a_refusal_never_marks_a_credential_replaced_meanwhile() {
 /// present the refused credential a second time.
 #[tokio::test]
 async fn a_refusal_stands_when_only_the_record_changed_meanwhile() {
-    let backend = FakeBackend::new(true, vec![Answer::Rejected]);
-    let store = Shared::new(usize::MAX);
-    let broker = broker_on(backend.clone(), store.clone()).await;
-    let caller = tokio::spawn({
-        let b = broker.clone();
-        async move { b.access_token(SYSTEM, 0, None).await }
-    });
-    backend.entered.notified().await;
-    change_meanwhile(&store, |r| r.description = "noted elsewhere".to_owned()).await;
-    backend.open_gate();
-    let err = caller.await.unwrap().unwrap_err();
+    let (got, broker, backend) =
+        refused_while(|r| r.description = "noted elsewhere".to_owned()).await;
+    let err = got.unwrap_err();
     assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
     assert_eq!(backend.calls(), 1);
     let record = broker.get_system(SYSTEM).await.unwrap();
