@@ -299,9 +299,10 @@ pub struct Flight {
     /// Refreshes in a row that met an unreachable store (non-zero: the backoff is the shared
     /// store's outage, not the vendor's).
     store_failures: u32,
-    /// A vendor's refusal not yet weighed against the stored credential (the shared store was
-    /// away): the refused sealed credential, the failure and message. The refusal stands, with
-    /// no second upstream call, once the store shows that credential still stored.
+    /// A vendor's refusal not yet settled: not weighed against the stored credential, or not
+    /// recorded, because the shared store was away. The refused sealed credential, the failure
+    /// and the vendor's message. The refusal stands, with no second upstream call, once the
+    /// store shows that credential still stored; any other credential forgets it.
     refused: Option<(Vec<u8>, AuthFailure, String)>,
 }
 
@@ -860,14 +861,8 @@ impl Broker {
     ) -> Result<SystemRecord, BrokerError> {
         let record = match self.get_system(system_id).await {
             Ok(r) => r,
-            Err(e) => {
-                if matches!(e, BrokerError::NotFound(_)) {
-                    // Maps keyed by request data only ever hold existing systems.
-                    self.drop_token(system_id);
-                    self.forget_flight_if_idle(system_id, 1);
-                }
-                return Err(e);
-            }
+            Err(BrokerError::NotFound(_)) => return Err(self.system_gone(system_id)),
+            Err(e) => return Err(e),
         };
         Self::mintable(f, system_id, record, &self.egress)
     }
@@ -941,9 +936,9 @@ impl Broker {
 
     /// After the vendor refused `record`'s credential: another path (a rotation, another
     /// replica) may have replaced it meanwhile, so the store itself is read again before the
-    /// grant is declared dead. With replicas, a store that cannot say is an outage, not a
-    /// verdict (a store this process owns cannot change under its flight lock: its errors leave
-    /// the refusal standing, as before).
+    /// grant is declared dead. With replicas, an unreachable store is an outage, not a verdict;
+    /// any other read error leaves the refusal standing (a store this process owns cannot
+    /// change under its flight lock).
     async fn weigh_refusal(
         &self,
         f: &mut Flight,
@@ -959,16 +954,18 @@ impl Broker {
                 }
             }
             Ok(Some(_)) => Refusal::Stands,
-            Ok(None) => {
-                self.drop_token(system_id);
-                self.forget_flight_if_idle(system_id, 1);
-                Refusal::Fail(BrokerError::NotFound(format!(
-                    "system '{system_id}' not found"
-                )))
-            }
+            Ok(None) => Refusal::Fail(self.system_gone(system_id)),
             Err(StoreError::Unreachable(e)) if oauth && self.store.is_shared() => Refusal::Wait(e),
             Err(_) => Refusal::Stands,
         }
+    }
+
+    /// A system found deleted: its token and (unless another mint waits) its flight are
+    /// dropped, since maps keyed by request data only ever hold existing systems.
+    fn system_gone(&self, system_id: &str) -> BrokerError {
+        self.drop_token(system_id);
+        self.forget_flight_if_idle(system_id, 1);
+        BrokerError::NotFound(format!("system '{system_id}' not found"))
     }
 
     /// The record read again from the store itself under the replica refresh lock (never a
@@ -983,13 +980,7 @@ impl Broker {
             Ok(Some(record)) => {
                 Self::mintable(f, system_id, record, &self.egress).map_err(FreshRead::Refused)
             }
-            Ok(None) => {
-                self.drop_token(system_id);
-                self.forget_flight_if_idle(system_id, 1);
-                Err(FreshRead::Refused(BrokerError::NotFound(format!(
-                    "system '{system_id}' not found"
-                ))))
-            }
+            Ok(None) => Err(FreshRead::Refused(self.system_gone(system_id))),
             Err(StoreError::Unreachable(e)) => Err(FreshRead::Down(e)),
             Err(e) => Err(FreshRead::Refused(e.into())),
         }
@@ -1105,6 +1096,8 @@ impl Broker {
         f.pending = None;
         f.last_failure = Some(failure);
         self.drop_token(system_id);
+        // Kept as the vendor said it (a kept refusal comes back through here).
+        let refused = (record.sealed_credential.clone(), failure, message.clone());
         let message = if record.credential_type.is_service_identity() {
             // Nothing is spent by trying again, but only an admin can fix what the vendor
             // refused; a rotation checks first and puts the system back in service.
@@ -1127,13 +1120,10 @@ impl Broker {
                     return BrokerError::FailedPrecondition(stored);
                 }
                 Marked::Replaced => {}
-                Marked::Gone => {
-                    self.forget_flight_if_idle(system_id, 1);
-                    return BrokerError::NotFound(format!("system '{system_id}' not found"));
-                }
+                Marked::Gone => return self.system_gone(system_id),
                 // Kept for the next try, after a pause, which marks it with no vendor call.
                 Marked::Unrecorded => {
-                    f.refused = Some((record.sealed_credential.clone(), failure, message.clone()));
+                    f.refused = Some(refused);
                     self.back_off_for_store(f);
                     self.cache.begin_store_wait(system_id);
                 }
@@ -1460,6 +1450,8 @@ impl Broker {
             .await;
     }
 
+    /// Marks the system for re-authorization after `refused`'s credential was refused, unless
+    /// another credential is stored now; emits the event once.
     async fn mark_reauthorization_required(
         &self,
         system_id: &str,
@@ -1500,10 +1492,7 @@ impl Broker {
             Ok(Modified::Unchanged(r)) => {
                 Marked::Dead(r.state_message.unwrap_or_else(|| message.to_owned()))
             }
-            Err(BrokerError::NotFound(_)) => {
-                self.drop_token(system_id);
-                Marked::Gone
-            }
+            Err(BrokerError::NotFound(_)) => Marked::Gone,
             Err(e) => {
                 tracing::warn!(message = "Could not record the re-authorization state.", system_id = %system_id, error = %e);
                 if matches!(e, BrokerError::Unavailable(_)) && self.store.is_shared() {

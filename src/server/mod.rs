@@ -706,6 +706,7 @@ async fn open_postgres(
         Err(e) => {
             tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
             let pg = connect_waiting(config, url).await?;
+            // Without a snapshot allowed it waits, so `None` cannot come back; an error if it did.
             load_mirror(config, pg, data_dir, false)
                 .await?
                 .ok_or_else(|| ServeError::Postgres("the store did not answer".to_owned()))
@@ -1053,5 +1054,32 @@ mod tests {
         .await;
         assert!(matches!(got, Err(ServeError::Postgres(_))));
         assert_eq!(tries.load(SeqCst), 1);
+    }
+
+    /// With a snapshot allowed, a start-up step the database does not answer is tried once and
+    /// yields `None` (start from the snapshot); other errors still end the start.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_up_step_gives_way_to_the_snapshot_when_one_may_serve() {
+        let tries = AtomicU32::new(0);
+        let got = startup_step(true, || async {
+            tries.fetch_add(1, SeqCst);
+            Err::<(), _>(StoreError::Unreachable("restarting".into()))
+        })
+        .await;
+        assert!(matches!(got, Ok(None)));
+        assert_eq!(tries.load(SeqCst), 1);
+        let got = startup_step(true, || async {
+            Err::<(), _>(StoreError::Corrupt("x".into()))
+        });
+        assert!(matches!(got.await, Err(ServeError::Postgres(_))));
+        let tries = AtomicU32::new(0);
+        let got = startup_step(false, || async {
+            match tries.fetch_add(1, SeqCst) {
+                0 => Err(StoreError::Unreachable("restarting".into())),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(got.ok().flatten(), Some(1));
     }
 }

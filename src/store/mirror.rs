@@ -10,10 +10,12 @@
 //!   a write of its row (made here, or heard of from another replica) is not mirrored, since it
 //!   may predate the write; a change that cannot be mirrored, or a failed reload, leads to a
 //!   reload retried with backoff.
-//! - Reads go to the database while it answers: a refresh that must see the newest record (the
-//!   cross-replica refresh lock) sees it. When a read fails for the database's sake, reads are
-//!   answered from the mirror for [`DOWN_FOR`] before the database is tried again; writes always
-//!   go to the database, and fail while it is away.
+//! - Reads go to the database while it answers. When a read fails for the database's sake, reads
+//!   are answered from the mirror for [`DOWN_FOR`] before the database is tried again, once the
+//!   broker has started on the mirror ([`MirroredStore::serve_outages`]; before, the mirror holds
+//!   none of the keys the broker reads at start). Writes always go to the database, and fail
+//!   while it is away. A read that must see the newest record (the re-read under the
+//!   cross-replica refresh lock) is [`CredentialStore::get_system_fresh`]: never the mirror.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -459,8 +461,8 @@ impl MirroredStore {
         lock(&self.down_until).is_some_and(|until| Instant::now() < until)
     }
 
-    /// The error back unless the database did not answer (then `Ok`: reads use the mirror for
-    /// [`DOWN_FOR`]).
+    /// The error back unless the database did not answer and the mirror serves outages (then
+    /// `Ok`: reads use the mirror for [`DOWN_FOR`]). While the broker starts, every error.
     fn fall_back(&self, e: StoreError) -> Result<(), StoreError> {
         if !self.is_serving() {
             return Err(e);
@@ -859,7 +861,8 @@ impl CredentialStore for MirroredStore {
         wait: Duration,
     ) -> Result<Option<RefreshLock>, StoreError> {
         let held = self.inner.lock_refresh(system_id, wait).await?;
-        // The database answers: the re-read under this lock must come from it, not the mirror.
+        // The database answers: ordinary reads go to it again at once (the re-read under this
+        // lock is a fresh read, which never uses the mirror anyway).
         *lock(&self.down_until) = None;
         Ok(held)
     }
@@ -1289,14 +1292,14 @@ mod tests {
     }
 
     /// Until the broker has started on it, the mirror answers nothing for a database that does
-    /// not: a key it never loaded (the format record, the key check value) would read as
-    /// absent, a damaged store or a wrong master key. Afterwards it serves the outage.
+    /// not (were it to, a key it never loaded, such as the format record or the key check value,
+    /// would read as absent: a damaged store or a wrong master key). Shown on a system read, the
+    /// same path; afterwards it serves the outage.
     #[tokio::test]
     async fn the_mirror_serves_outages_only_once_the_broker_started() {
         use crate::model::sample_system;
         use std::sync::atomic::Ordering::SeqCst;
         let held = Arc::new(Held::default());
-        held.inner.put_meta("format_version", b"7").await.unwrap();
         held.inner.insert_system(&sample_system("s")).await.unwrap();
         let m = MirroredStore::open(held.clone(), None).await.unwrap();
         held.silent.store(true, SeqCst);
