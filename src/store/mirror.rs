@@ -704,16 +704,10 @@ async fn follow(me: std::sync::Weak<MirroredStore>, mut rx: broadcast::Receiver<
 impl CredentialStore for MirroredStore {
     async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
         if !self.is_down() {
-            let read = || self.inner.get_system(system_id);
-            let mirror = |me: &Self, rows: &mut Rows, r: &Option<SystemRecord>| {
-                me.put_system(rows, r.clone(), system_id);
-            };
-            match self
-                .read_through(1, Row::System(system_id), read, mirror)
-                .await
-            {
-                Ok((r, _)) => return Ok(r),
-                Err(e) => self.fall_back(e)?,
+            // Read through as a fresh read does; an outage it noted sends this one to the mirror.
+            match self.get_system_fresh(system_id).await {
+                Err(StoreError::Unreachable(_)) if self.is_serving() => {}
+                other => return other,
             }
         }
         Ok(read(&self.rows)
@@ -905,9 +899,9 @@ impl CredentialStore for MirroredStore {
                 // Already there (the event log's epoch): the mirror's value serves while the
                 // database is away.
                 let mirrored = read(&self.rows).meta.get(key).cloned();
-                return match (e, mirrored) {
-                    (StoreError::Unreachable(_), Some(v)) if self.is_serving() => Ok(v),
-                    (e, _) => Err(e),
+                return match mirrored {
+                    Some(v) => self.fall_back(e).map(|()| v),
+                    None => Err(e),
                 };
             }
         };
