@@ -385,20 +385,7 @@ impl Broker {
         let token_file_error = |e: std::io::Error| OpenError::AdminToken(e.to_string());
         let callers = self.store.list_callers().await?;
         if !callers.is_empty() {
-            if let Some(f) = &file {
-                let is_admin = |token: &str| {
-                    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-                    callers.iter().any(|c| {
-                        c.role == Role::Admin
-                            && !c.revoked
-                            && hex::decode::<32>(&c.token_sha256) == Some(hash)
-                    })
-                };
-                if crate::admin_token::resume(f, is_admin).map_err(token_file_error)? {
-                    tracing::warn!(message = "Finished writing the admin token file of an interrupted first start.", path = %f.display());
-                }
-            }
-            self.callers.install(callers);
+            self.install_stored_callers(callers)?;
             return Ok(None);
         }
         let token = new_caller_token();
@@ -426,10 +413,45 @@ impl Broker {
                 self.callers.install(callers);
                 Ok(None)
             }
-            (Err(_), _) => Err(OpenError::Damaged(
-                "could not create the admin caller".to_owned(),
-            )),
+            // The store may have taken the admin before its answer was lost. Read again: a
+            // store that still does not answer ends this try (the start waits and tries again,
+            // and the staged token file is then finished or replaced).
+            (Err(_), _) => {
+                let callers = self.store.list_callers().await?;
+                if callers.is_empty() {
+                    return Err(OpenError::Damaged(
+                        "could not create the admin caller".to_owned(),
+                    ));
+                }
+                self.install_stored_callers(callers)?;
+                Ok(None)
+            }
         }
+    }
+
+    /// Installs the stored callers, first finishing the admin token file of a first start
+    /// that committed its admin but stopped before the file was in place.
+    fn install_stored_callers(
+        &self,
+        callers: Vec<crate::model::CallerRecord>,
+    ) -> Result<(), OpenError> {
+        if let Some(f) = &self.settings.admin_token_file {
+            let is_admin = |token: &str| {
+                let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                callers.iter().any(|c| {
+                    c.role == Role::Admin
+                        && !c.revoked
+                        && hex::decode::<32>(&c.token_sha256) == Some(hash)
+                })
+            };
+            let resumed = crate::admin_token::resume(f, is_admin)
+                .map_err(|e| OpenError::AdminToken(e.to_string()))?;
+            if resumed {
+                tracing::warn!(message = "Finished writing the admin token file of an interrupted first start.", path = %f.display());
+            }
+        }
+        self.callers.install(callers);
+        Ok(())
     }
 
     /// Follows the changes other replicas make to a shared store: cached tokens of changed

@@ -790,23 +790,48 @@ async fn connect_waiting(
 /// Runs a start-up step against the database until it answers: while it does not (no answer,
 /// starting up or shutting down), waits 2 s between tries, not ready, warning on the first
 /// try and every 15th; any other error ends the start.
-async fn while_unreachable<T, F, Fut>(mut step: F) -> Result<T, ServeError>
+async fn while_unreachable<T, E, F, Fut>(mut step: F) -> Result<T, ServeError>
 where
+    E: StartUpError,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, StoreError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut attempt = 0u64;
     loop {
-        match step().await {
+        match step().await.map_err(StartUpError::unreachable) {
             Ok(v) => return Ok(v),
-            Err(StoreError::Unreachable(e)) => {
+            Err(Ok(e)) => {
                 if attempt.is_multiple_of(15) {
                     tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); not ready until it is.", error = %e);
                 }
                 attempt += 1;
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
-            Err(e) => return Err(ServeError::Postgres(e.to_string())),
+            Err(Err(e)) => return Err(e),
+        }
+    }
+}
+
+/// The error of a start-up step: the store did not answer (`Ok`, what it said: waited out), or
+/// the error that ends the start.
+trait StartUpError {
+    fn unreachable(self) -> Result<String, ServeError>;
+}
+
+impl StartUpError for StoreError {
+    fn unreachable(self) -> Result<String, ServeError> {
+        match self {
+            StoreError::Unreachable(e) => Ok(e),
+            e => Err(ServeError::Postgres(e.to_string())),
+        }
+    }
+}
+
+impl StartUpError for ServeError {
+    fn unreachable(self) -> Result<String, ServeError> {
+        match self {
+            ServeError::Broker(BrokerOpenError::Store(StoreError::Unreachable(e))) => Ok(e),
+            e => Err(e),
         }
     }
 }
@@ -953,37 +978,18 @@ async fn open_broker(
         egress: egress.clone(),
         oauth: config.vendors.clone(),
     });
-    let (broker, admin_token) = Broker::open(
-        store,
-        keyring,
-        registry,
-        BrokerSettings {
-            egress,
-            static_header_ttl: config.refresh.static_header_ttl,
-            refresh: RefreshSettings {
-                ahead_fraction: config.refresh.ahead_fraction,
-                ahead_min: config.refresh.ahead_min,
-                max_concurrent: config.refresh.max_concurrent,
-                retry_max: config.refresh.retry_max,
-                ..RefreshSettings::default()
-            },
-            public_url,
-            authorization_ttl: config.refresh.authorization_ttl,
-            keepalive_interval: config.refresh.keepalive_interval,
-            keepalive_margin: config.refresh.keepalive_margin,
-            expect_initialized: initialized,
-            adopt_unauthenticated_records: config.store.adopt_unauthenticated_records,
-            admin_token_file: Some(data_dir.join(ADMIN_TOKEN_FILE)),
-            default_static_delivery: config.proxy.default_static_delivery,
-            lease_ttl: config.proxy.lease_ttl,
-            proxy_max_body_bytes: config.proxy.max_body_bytes,
-            check_timeout: config.egress.upstream_timeout,
-            check_interval: config.refresh.check_interval,
-            checks_per_vendor: config.refresh.checks_per_vendor,
-            audit: audit_config(config, &data_dir),
-            quota: config.quota.clone(),
-        },
-    )
+    let settings = broker_settings(config, egress, public_url, initialized, &data_dir);
+    let mut keyring = Some(keyring);
+    // A database that stops answering while the broker reads its format record, keys and
+    // callers is waited for like every start-up step. Each try loads the master key again: a
+    // keyring is never copied.
+    let (broker, admin_token) = while_unreachable(|| {
+        let ring = keyring
+            .take()
+            .map_or_else(|| reload_keyring(config, &data_dir), Ok);
+        let (store, registry, settings) = (store.clone(), registry.clone(), settings.clone());
+        async move { Ok::<_, ServeError>(Broker::open(store, ring?, registry, settings).await?) }
+    })
     .await?;
     // Started: from now on the mirror answers for a database that does not.
     if let Some(mirror) = mirror {
@@ -995,6 +1001,50 @@ async fn open_broker(
     }
     webhooks::start(&broker, &http, &config.webhooks);
     Ok(broker)
+}
+
+/// The master key again, for another try at opening the broker (the store was initialized by
+/// now, or is checked against this key again).
+fn reload_keyring(config: &Config, data_dir: &Path) -> Result<Keyring, ServeError> {
+    let (key, _) =
+        MasterKey::load_or_generate(config.store.master_key_file.as_deref(), data_dir, true)?;
+    Ok(Keyring::new(key))
+}
+
+/// The broker's settings from the configuration.
+fn broker_settings(
+    config: &Config,
+    egress: crate::backends::EgressPolicy,
+    public_url: Option<String>,
+    initialized: bool,
+    data_dir: &Path,
+) -> BrokerSettings {
+    BrokerSettings {
+        egress,
+        static_header_ttl: config.refresh.static_header_ttl,
+        refresh: RefreshSettings {
+            ahead_fraction: config.refresh.ahead_fraction,
+            ahead_min: config.refresh.ahead_min,
+            max_concurrent: config.refresh.max_concurrent,
+            retry_max: config.refresh.retry_max,
+            ..RefreshSettings::default()
+        },
+        public_url,
+        authorization_ttl: config.refresh.authorization_ttl,
+        keepalive_interval: config.refresh.keepalive_interval,
+        keepalive_margin: config.refresh.keepalive_margin,
+        expect_initialized: initialized,
+        adopt_unauthenticated_records: config.store.adopt_unauthenticated_records,
+        admin_token_file: Some(data_dir.join(ADMIN_TOKEN_FILE)),
+        default_static_delivery: config.proxy.default_static_delivery,
+        lease_ttl: config.proxy.lease_ttl,
+        proxy_max_body_bytes: config.proxy.max_body_bytes,
+        check_timeout: config.egress.upstream_timeout,
+        check_interval: config.refresh.check_interval,
+        checks_per_vendor: config.refresh.checks_per_vendor,
+        audit: audit_config(config, data_dir),
+        quota: config.quota.clone(),
+    }
 }
 
 /// Makes the data directory and the sled store's directory 0700, and the broker's own files in

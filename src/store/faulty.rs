@@ -30,6 +30,13 @@ pub struct FaultControl {
     pub disk_full: AtomicBool,
     /// Mean added latency per operation, in milliseconds (±20 %).
     pub latency_ms: AtomicU64,
+    /// The next this many operations (reads and writes) answer [`StoreError::Unreachable`]
+    /// without reaching the inner store: a database restarting.
+    pub unreachable: AtomicU32,
+    /// The next this many caller inserts reach the inner store, then answer
+    /// [`StoreError::Unreachable`], and the operation after each does not answer either: the
+    /// database went away after the commit, before its answer came back.
+    pub lost_caller_answers: AtomicU32,
     /// Injected failures so far.
     pub injected: AtomicU64,
     reached: Mutex<HashSet<String>>,
@@ -42,6 +49,19 @@ impl FaultControl {
         self.fail_reads.store(false, Ordering::SeqCst);
         self.disk_full.store(false, Ordering::SeqCst);
         self.latency_ms.store(0, Ordering::SeqCst);
+        self.unreachable.store(0, Ordering::SeqCst);
+        self.lost_caller_answers.store(0, Ordering::SeqCst);
+    }
+
+    /// Counts one down from `n` if it is above zero; true if it did (and counts the injection).
+    fn take(&self, n: &AtomicU32) -> bool {
+        let took = n
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+            .is_ok();
+        if took {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+        }
+        took
     }
 
     /// System ids whose insert or update the inner store acknowledged.
@@ -85,6 +105,9 @@ impl FaultyStore {
 
     fn roll(&self, write: bool) -> Fault {
         let c = &self.control;
+        if c.take(&c.unreachable) {
+            return Fault::Before(StoreError::Unreachable("no answer [injected]".to_owned()));
+        }
         if write && c.disk_full.load(Ordering::Relaxed) {
             c.injected.fetch_add(1, Ordering::Relaxed);
             return Fault::Before(StoreError::Full(
@@ -189,7 +212,14 @@ impl CredentialStore for FaultyStore {
     }
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
-        self.write(None, self.inner.insert_caller(record)).await
+        self.write(None, self.inner.insert_caller(record)).await?;
+        if self.control.take(&self.control.lost_caller_answers) {
+            self.control.unreachable.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::Unreachable(
+                "connection lost before the answer [injected]".to_owned(),
+            ));
+        }
+        Ok(())
     }
 
     async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
