@@ -309,17 +309,23 @@ impl Broker {
         }
         self.create_caller_with(name, role, scope, new_caller_token())
             .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists => {
+                    BrokerError::AlreadyExists(format!("caller '{name}' already exists"))
+                }
+                other => other.into(),
+            })
     }
 
     /// [`Broker::create_caller`] with a token chosen before (the bootstrap admin's, written to
-    /// its file first).
+    /// its file first), answering with the store's own error.
     pub(super) async fn create_caller_with(
         &self,
         name: &str,
         role: Role,
         scope: CallerScope,
         token: SecretString,
-    ) -> Result<(CallerRecord, SecretString), BrokerError> {
+    ) -> Result<(CallerRecord, SecretString), StoreError> {
         let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
         let record = CallerRecord {
             name: name.to_owned(),
@@ -332,15 +338,7 @@ impl Broker {
             expires_at: scope.expires_at,
             integrity: None,
         };
-        self.store
-            .insert_caller(&record)
-            .await
-            .map_err(|e| match e {
-                StoreError::AlreadyExists => {
-                    BrokerError::AlreadyExists(format!("caller '{name}' already exists"))
-                }
-                other => other.into(),
-            })?;
+        self.store.insert_caller(&record).await?;
         self.callers.insert(&record, hash);
         Ok((record, token))
     }

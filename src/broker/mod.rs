@@ -185,6 +185,12 @@ pub enum OpenError {
     /// The admin token file could not be written.
     #[error("cannot write the admin token file: {0}; no admin caller was created")]
     AdminToken(String),
+    /// The admin token file of an interrupted first start could not be finished.
+    #[error(
+        "cannot finish the admin token file of an interrupted first start: {0}; the admin caller \
+         exists and its token is in the admin token file's .pending copy"
+    )]
+    AdminTokenResume(String),
     /// Adoption was asked for on a store whose records are already authenticated.
     #[error(
         "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS is set, but this store's records are already \
@@ -388,45 +394,44 @@ impl Broker {
             self.install_stored_callers(callers)?;
             return Ok(None);
         }
-        let token = new_caller_token();
-        if let Some(f) = &file {
-            crate::admin_token::stage(f, &token).map_err(token_file_error)?;
-        }
+        let token = match &file {
+            Some(f) => {
+                let token = crate::admin_token::token_to_stage(f, new_caller_token);
+                crate::admin_token::stage(f, &token).map_err(token_file_error)?;
+                token
+            }
+            None => new_caller_token(),
+        };
         let created = self
             .create_caller_with(BOOTSTRAP_ADMIN, Role::Admin, CallerScope::default(), token)
             .await;
-        match (created, &file) {
+        let failed = match (created, &file) {
             (Ok((_, token)), Some(f)) => {
                 crate::admin_token::publish(f).map_err(token_file_error)?;
-                Ok(Some(token))
+                return Ok(Some(token));
             }
-            (Ok((_, token)), None) => Ok(Some(token)),
-            // Another replica sharing the store created it first (or its row is refused).
-            (Err(BrokerError::AlreadyExists(_)), _) => {
-                if let Some(f) = &file {
-                    crate::admin_token::discard(f);
-                }
-                let callers = self.store.list_callers().await?;
-                if callers.is_empty() {
-                    tracing::error!(message = "No stored caller passes authentication: nobody can call this broker. Restore the callers from a backup.");
-                }
-                self.callers.install(callers);
-                Ok(None)
+            (Ok((_, token)), None) => return Ok(Some(token)),
+            (Err(e), _) => e,
+        };
+        // Another replica sharing the store created it first, its row is refused, or the store
+        // took it before its answer was lost: read again. A store that still does not answer
+        // ends this try; the start waits and tries again, staging the same token.
+        let callers = self.store.list_callers().await?;
+        match failed {
+            StoreError::AlreadyExists if callers.is_empty() => {
+                tracing::error!(message = "No stored caller passes authentication: nobody can call this broker. Restore the callers from a backup.");
             }
-            // The store may have taken the admin before its answer was lost. Read again: a
-            // store that still does not answer ends this try (the start waits and tries again,
-            // and the staged token file is then finished or replaced).
-            (Err(_), _) => {
-                let callers = self.store.list_callers().await?;
-                if callers.is_empty() {
-                    return Err(OpenError::Damaged(
-                        "could not create the admin caller".to_owned(),
-                    ));
-                }
-                self.install_stored_callers(callers)?;
-                Ok(None)
+            StoreError::Unreachable(_) if callers.is_empty() => return Err(failed.into()),
+            e if callers.is_empty() => {
+                tracing::error!(message = "Could not create the admin caller.", error = %e);
+                return Err(OpenError::Damaged(
+                    "could not create the admin caller".to_owned(),
+                ));
             }
+            _ => {}
         }
+        self.install_stored_callers(callers)?;
+        Ok(None)
     }
 
     /// Installs the stored callers, first finishing the admin token file of a first start
@@ -445,7 +450,7 @@ impl Broker {
                 })
             };
             let resumed = crate::admin_token::resume(f, is_admin)
-                .map_err(|e| OpenError::AdminToken(e.to_string()))?;
+                .map_err(|e| OpenError::AdminTokenResume(e.to_string()))?;
             if resumed {
                 tracing::warn!(message = "Finished writing the admin token file of an interrupted first start.", path = %f.display());
             }

@@ -798,40 +798,49 @@ where
 {
     let mut attempt = 0u64;
     loop {
-        match step().await.map_err(StartUpError::unreachable) {
+        let e = match step().await.map_err(StartUpError::verdict) {
             Ok(v) => return Ok(v),
-            Err(Ok(e)) => {
-                if attempt.is_multiple_of(15) {
-                    tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); not ready until it is.", error = %e);
-                }
-                attempt += 1;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Err(Err(e)) => return Err(e),
+            Err(Verdict::End(e)) => return Err(e),
+            Err(Verdict::Wait(e)) => e,
+        };
+        if attempt.is_multiple_of(15) {
+            tracing::warn!(message = "The store is not available (no answer, or starting up or shutting down); not ready until it is.", error = %e);
         }
+        attempt += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 
-/// The error of a start-up step: the store did not answer (`Ok`, what it said: waited out), or
-/// the error that ends the start.
-trait StartUpError {
-    fn unreachable(self) -> Result<String, ServeError>;
+/// What a failed start-up step means for the start.
+enum Verdict {
+    /// The store did not answer (what it said): wait, then try the step again.
+    Wait(String),
+    /// The start ends with this error.
+    End(ServeError),
 }
 
+/// The error of a start-up step.
+trait StartUpError {
+    fn verdict(self) -> Verdict;
+}
+
+/// The database's own errors (the start-up steps before the broker opens run on PostgreSQL).
 impl StartUpError for StoreError {
-    fn unreachable(self) -> Result<String, ServeError> {
+    fn verdict(self) -> Verdict {
         match self {
-            StoreError::Unreachable(e) => Ok(e),
-            e => Err(ServeError::Postgres(e.to_string())),
+            StoreError::Unreachable(e) => Verdict::Wait(e),
+            e => Verdict::End(ServeError::Postgres(e.to_string())),
         }
     }
 }
 
 impl StartUpError for ServeError {
-    fn unreachable(self) -> Result<String, ServeError> {
+    fn verdict(self) -> Verdict {
         match self {
-            ServeError::Broker(BrokerOpenError::Store(StoreError::Unreachable(e))) => Ok(e),
-            e => Err(e),
+            ServeError::Broker(BrokerOpenError::Store(StoreError::Unreachable(e))) => {
+                Verdict::Wait(e)
+            }
+            e => Verdict::End(e),
         }
     }
 }
@@ -986,7 +995,7 @@ async fn open_broker(
     let (broker, admin_token) = while_unreachable(|| {
         let ring = keyring
             .take()
-            .map_or_else(|| reload_keyring(config, &data_dir), Ok);
+            .map_or_else(|| reload_keyring(config, &data_dir, key_id), Ok);
         let (store, registry, settings) = (store.clone(), registry.clone(), settings.clone());
         async move { Ok::<_, ServeError>(Broker::open(store, ring?, registry, settings).await?) }
     })
@@ -1003,11 +1012,14 @@ async fn open_broker(
     Ok(broker)
 }
 
-/// The master key again, for another try at opening the broker (the store was initialized by
-/// now, or is checked against this key again).
-fn reload_keyring(config: &Config, data_dir: &Path) -> Result<Keyring, ServeError> {
+/// The master key again, for another try at opening the broker: the one the first try loaded
+/// (`key_id`), or the start ends (the key file was replaced meanwhile).
+fn reload_keyring(config: &Config, data_dir: &Path, key_id: u32) -> Result<Keyring, ServeError> {
     let (key, _) =
         MasterKey::load_or_generate(config.store.master_key_file.as_deref(), data_dir, true)?;
+    if key.id() != key_id {
+        return Err(ServeError::Broker(BrokerOpenError::WrongKey));
+    }
     Ok(Keyring::new(key))
 }
 

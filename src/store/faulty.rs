@@ -37,6 +37,9 @@ pub struct FaultControl {
     /// [`StoreError::Unreachable`], and the operation after each does not answer either: the
     /// database went away after the commit, before its answer came back.
     pub lost_caller_answers: AtomicU32,
+    /// The next this many caller inserts answer [`StoreError::Unreachable`] without reaching
+    /// the inner store (the operations after them answer).
+    pub unanswered_caller_inserts: AtomicU32,
     /// Injected failures so far.
     pub injected: AtomicU64,
     reached: Mutex<HashSet<String>>,
@@ -51,6 +54,7 @@ impl FaultControl {
         self.latency_ms.store(0, Ordering::SeqCst);
         self.unreachable.store(0, Ordering::SeqCst);
         self.lost_caller_answers.store(0, Ordering::SeqCst);
+        self.unanswered_caller_inserts.store(0, Ordering::SeqCst);
     }
 
     /// Counts one down from `n` if it is above zero; true if it did (and counts the injection).
@@ -212,6 +216,9 @@ impl CredentialStore for FaultyStore {
     }
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
+        if self.control.take(&self.control.unanswered_caller_inserts) {
+            return Err(StoreError::Unreachable("no answer [injected]".to_owned()));
+        }
         self.write(None, self.inner.insert_caller(record)).await?;
         if self.control.take(&self.control.lost_caller_answers) {
             self.control.unreachable.fetch_add(1, Ordering::SeqCst);

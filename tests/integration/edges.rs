@@ -853,7 +853,8 @@ async fn the_admin_token_file_is_never_lost_to_an_interrupted_first_start() {
 /// A store that stops answering while the broker starts (a database restarting while the broker
 /// reads its format record, keys and callers) is waited for: the start goes on once it answers.
 /// An admin caller the store took before its answer was lost is found when the start tries
-/// again, and its token file is put in place: one admin, and its token works.
+/// again, and its token file is put in place: one admin, and its token works. An admin insert
+/// that found no answer, with no admin stored, is tried again too (not "damaged").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_stops_answering_while_the_broker_starts_is_waited_for() {
     use std::sync::atomic::Ordering::SeqCst;
@@ -879,6 +880,17 @@ async fn a_store_that_stops_answering_while_the_broker_starts_is_waited_for() {
     let callers = admin.list_callers(pb::ListCallersRequest {}).await.unwrap();
     let callers = callers.into_inner().callers;
     assert_eq!(callers.len(), 1, "{callers:?}");
+    broker.stop().await;
+
+    // The admin insert finds no answer, and the read after it finds no admin: tried again.
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Arc::new(FaultControl::default());
+    ctl.unanswered_caller_inserts.store(1, SeqCst);
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
+    assert_eq!(ctl.injected.load(SeqCst), 1);
+    let mut admin = broker.admin().await;
+    let callers = admin.list_callers(pb::ListCallersRequest {}).await.unwrap();
+    assert_eq!(callers.into_inner().callers.len(), 1);
     broker.stop().await;
 }
 
