@@ -6,58 +6,71 @@
 //! file whose token belongs to an active admin finishes the rename; any other pending file is
 //! stale and removed.
 
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 use crate::secret::SecretString;
 
-/// Tokens this process staged and has not published or discarded, by file. A start tried again
-/// after the store stopped answering stages the same token: an admin that an earlier try's
-/// insert committed late (seen only after the try gave up) still finds its token in the file.
-static STAGED: LazyLock<Mutex<HashMap<PathBuf, SecretString>>> = LazyLock::new(Default::default);
+/// The bootstrap admin's token for one start, kept across its tries: a start tried again after
+/// the store stopped answering stages the same token, so an admin that an earlier try's insert
+/// committed late (seen only after that try gave up) still finds its token in the file. Clones
+/// share it (each try gets a clone of the start's settings); it is emptied once the bootstrap
+/// is settled, and a pending file is never read back for a token.
+#[derive(Clone, Default)]
+pub struct StartToken(Arc<Mutex<Option<SecretString>>>);
 
-/// The token to stage for `file`: the one this process staged there before and has not
-/// published or discarded, else `fresh()`. A pending file this process did not write is never
-/// trusted for a token.
-pub fn token_to_stage(file: &Path, fresh: impl FnOnce() -> SecretString) -> SecretString {
-    let staged = crate::util::sync::lock(&STAGED);
-    staged.get(file).cloned().unwrap_or_else(fresh)
+impl StartToken {
+    /// This start's token, `fresh()` on its first try.
+    pub fn get_or(&self, fresh: impl FnOnce() -> SecretString) -> SecretString {
+        crate::util::sync::lock(&self.0)
+            .get_or_insert_with(fresh)
+            .clone()
+    }
+
+    /// The bootstrap is settled: the token, if a try took one, leaves here.
+    pub fn settle(&self) -> Option<SecretString> {
+        crate::util::sync::lock(&self.0).take()
+    }
 }
 
-fn forget(file: &Path) {
-    crate::util::sync::lock(&STAGED).remove(file);
+impl std::fmt::Debug for StartToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StartToken(..)")
+    }
 }
 
-fn pending(file: &Path) -> PathBuf {
+fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
     let mut name = file.as_os_str().to_owned();
-    name.push(".pending");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
-/// Writes `token` durably to the pending file (replacing a stale one).
+fn pending(file: &Path) -> PathBuf {
+    with_suffix(file, ".pending")
+}
+
+/// Writes `token` durably to the pending file, replacing a stale one in one rename: a pending
+/// file that is there stays whole until the new one is.
 pub fn stage(file: &Path, token: &SecretString) -> io::Result<()> {
-    let p = pending(file);
-    match std::fs::remove_file(&p) {
+    let tmp = with_suffix(file, ".pending.tmp");
+    match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    crate::crypto::keys::write_secret_file(&p, token.expose_secret().as_bytes())?;
-    crate::util::sync::lock(&STAGED).insert(file.to_path_buf(), token.clone());
+    crate::crypto::keys::write_secret_file(&tmp, token.expose_secret().as_bytes())?;
+    std::fs::rename(&tmp, pending(file))?;
     sync_dir(file)
 }
 
 /// Moves the pending file into place (replacing a file left from an earlier store).
 pub fn publish(file: &Path) -> io::Result<()> {
     std::fs::rename(pending(file), file)?;
-    forget(file);
     sync_dir(file)
 }
 
 /// Drops the pending file, if any.
 pub fn discard(file: &Path) {
-    forget(file);
     let _ = std::fs::remove_file(pending(file));
 }
 
@@ -95,29 +108,35 @@ mod tests {
         SecretString::new(t.to_owned())
     }
 
-    fn to_stage(file: &Path, fresh: &str) -> String {
-        token_to_stage(file, || token(fresh))
-            .expose_secret()
-            .to_owned()
+    #[test]
+    fn every_try_of_a_start_stages_the_same_token_until_it_is_settled() {
+        let start = StartToken::default();
+        let again = start.clone();
+        assert_eq!(start.get_or(|| token("first")).expose_secret(), "first");
+        // A try after the store stopped answering (a clone of the settings) offers the same.
+        assert_eq!(again.get_or(|| token("fresh")).expose_secret(), "first");
+        // Another start does not.
+        let other = StartToken::default();
+        assert_eq!(other.get_or(|| token("other")).expose_secret(), "other");
+        assert_eq!(again.settle().unwrap().expose_secret(), "first");
+        assert_eq!(start.get_or(|| token("fresh")).expose_secret(), "fresh");
+        assert_eq!(format!("{start:?}"), "StartToken(..)");
     }
 
     #[test]
-    fn a_staged_token_is_staged_again_until_published_or_discarded() {
+    fn staging_replaces_a_pending_file_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let (file, other) = (dir.path().join("admin.token"), dir.path().join("b.token"));
-        assert_eq!(to_stage(&file, "fresh"), "fresh");
+        let file = dir.path().join("admin.token");
         stage(&file, &token("first")).unwrap();
-        // A try after the store stopped answering offers the same token; another file does not.
-        assert_eq!(to_stage(&file, "fresh"), "first");
-        assert_eq!(to_stage(&other, "fresh"), "fresh");
-        publish(&file).unwrap();
-        assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "first");
-        assert_eq!(to_stage(&file, "fresh"), "fresh");
+        // A temporary file left by a crash is replaced, not refused.
+        std::fs::write(with_suffix(&file, ".pending.tmp"), "torn").unwrap();
         stage(&file, &token("second")).unwrap();
-        discard(&file);
-        assert_eq!(to_stage(&file, "fresh"), "fresh");
-        // A pending file this process did not write is never taken for a token.
-        std::fs::write(pending(&file), "planted").unwrap();
-        assert_eq!(to_stage(&file, "fresh"), "fresh");
+        assert_eq!(
+            std::fs::read_to_string(pending(&file)).unwrap().trim(),
+            "second"
+        );
+        assert!(!with_suffix(&file, ".pending.tmp").exists());
+        publish(&file).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "second");
     }
 }

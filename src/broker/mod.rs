@@ -182,15 +182,13 @@ pub enum OpenError {
          CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS=1 to tag them (check the adopted ids it logs)"
     )]
     Unauthenticated,
-    /// The admin token file could not be written.
-    #[error("cannot write the admin token file: {0}; no admin caller was created")]
-    AdminToken(String),
-    /// The admin token file of an interrupted first start could not be finished.
+    /// The admin token file could not be written (the admin caller, if one was committed, gets
+    /// it at the next start: its token stays in the pending file).
     #[error(
-        "cannot finish the admin token file of an interrupted first start: {0}; the admin caller \
-         exists and its token is in the admin token file's .pending copy"
+        "cannot write the admin token file: {0}; refusing to start. The next start finishes \
+         the file, or creates the admin caller if none was"
     )]
-    AdminTokenResume(String),
+    AdminToken(String),
     /// Adoption was asked for on a store whose records are already authenticated.
     #[error(
         "CREDBROKER_ADOPT_UNAUTHENTICATED_RECORDS is set, but this store's records are already \
@@ -226,6 +224,8 @@ pub struct BrokerSettings {
     pub expect_initialized: bool,
     /// Where the bootstrap admin's token is written (durably, before the caller is committed).
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// The bootstrap admin's token across the tries of one start.
+    pub start_token: crate::admin_token::StartToken,
     /// Tag records written before record authentication instead of refusing to start.
     pub adopt_unauthenticated_records: bool,
     /// Delivery of static-secret systems registered without one.
@@ -258,6 +258,7 @@ impl Default for BrokerSettings {
             audit: AuditConfig::default(),
             expect_initialized: false,
             admin_token_file: None,
+            start_token: Default::default(),
             adopt_unauthenticated_records: false,
             default_static_delivery: Delivery::Proxy,
             lease_ttl: Duration::from_secs(300),
@@ -387,51 +388,58 @@ impl Broker {
     /// Loads the callers; on a store without any, creates the admin caller (its token file, when
     /// configured, is durable before the caller is committed; see [`crate::admin_token`]).
     async fn bootstrap(&self) -> Result<Option<SecretString>, OpenError> {
-        let file = self.settings.admin_token_file.clone();
-        let token_file_error = |e: std::io::Error| OpenError::AdminToken(e.to_string());
         let callers = self.store.list_callers().await?;
         if !callers.is_empty() {
+            // An earlier try of this start may have committed its admin before the answer was
+            // lost: its token is handed back.
+            let earlier = self.settings.start_token.settle();
+            let ours = earlier.filter(|t| is_admin_token(&callers, t.expose_secret()));
             self.install_stored_callers(callers)?;
-            return Ok(None);
+            return Ok(ours);
         }
-        let token = match &file {
-            Some(f) => {
-                let token = crate::admin_token::token_to_stage(f, new_caller_token);
-                crate::admin_token::stage(f, &token).map_err(token_file_error)?;
-                token
-            }
-            None => new_caller_token(),
-        };
+        // Every try of this start offers the same token (see `StartToken`).
+        let token = self.settings.start_token.get_or(new_caller_token);
+        let file = self.settings.admin_token_file.as_deref();
+        if let Some(f) = file {
+            crate::admin_token::stage(f, &token).map_err(token_file_error)?;
+        }
+        let admin = CallerScope::default();
         let created = self
-            .create_caller_with(BOOTSTRAP_ADMIN, Role::Admin, CallerScope::default(), token)
+            .create_caller_with(BOOTSTRAP_ADMIN, Role::Admin, admin, token.clone())
             .await;
-        let failed = match (created, &file) {
-            (Ok((_, token)), Some(f)) => {
-                crate::admin_token::publish(f).map_err(token_file_error)?;
+        let callers = match created {
+            Ok(_) => {
+                if let Some(f) = file {
+                    crate::admin_token::publish(f).map_err(token_file_error)?;
+                }
+                self.settings.start_token.settle();
                 return Ok(Some(token));
             }
-            (Ok((_, token)), None) => return Ok(Some(token)),
-            (Err(e), _) => e,
+            Err(failed) => self.callers_after_failed_bootstrap(failed).await?,
         };
-        // Another replica sharing the store created it first, its row is refused, or the store
-        // took it before its answer was lost: read again. A store that still does not answer
-        // ends this try; the start waits and tries again, staging the same token.
-        let callers = self.store.list_callers().await?;
-        match failed {
-            StoreError::AlreadyExists if callers.is_empty() => {
-                tracing::error!(message = "No stored caller passes authentication: nobody can call this broker. Restore the callers from a backup.");
-            }
-            StoreError::Unreachable(_) if callers.is_empty() => return Err(failed.into()),
-            e if callers.is_empty() => {
-                tracing::error!(message = "Could not create the admin caller.", error = %e);
-                return Err(OpenError::Damaged(
-                    "could not create the admin caller".to_owned(),
-                ));
-            }
-            _ => {}
-        }
+        // The store may have taken this very admin before its answer was lost.
+        let ours = is_admin_token(&callers, token.expose_secret());
         self.install_stored_callers(callers)?;
-        Ok(None)
+        self.settings.start_token.settle();
+        Ok(ours.then_some(token))
+    }
+
+    /// The callers after the admin insert failed: another replica sharing the store created it
+    /// first, its row is refused, or the store took it before its answer was lost. A store that
+    /// still does not answer, or that failed the insert and holds no caller, ends this try with
+    /// its error (one that did not answer: the start waits and tries again).
+    async fn callers_after_failed_bootstrap(
+        &self,
+        failed: StoreError,
+    ) -> Result<Vec<crate::model::CallerRecord>, OpenError> {
+        let callers = self.store.list_callers().await?;
+        if callers.is_empty() {
+            if !matches!(failed, StoreError::AlreadyExists) {
+                return Err(failed.into());
+            }
+            tracing::error!(message = "No stored caller passes authentication: nobody can call this broker. Restore the callers from a backup.");
+        }
+        Ok(callers)
     }
 
     /// Installs the stored callers, first finishing the admin token file of a first start
@@ -441,16 +449,8 @@ impl Broker {
         callers: Vec<crate::model::CallerRecord>,
     ) -> Result<(), OpenError> {
         if let Some(f) = &self.settings.admin_token_file {
-            let is_admin = |token: &str| {
-                let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-                callers.iter().any(|c| {
-                    c.role == Role::Admin
-                        && !c.revoked
-                        && hex::decode::<32>(&c.token_sha256) == Some(hash)
-                })
-            };
-            let resumed = crate::admin_token::resume(f, is_admin)
-                .map_err(|e| OpenError::AdminTokenResume(e.to_string()))?;
+            let is_admin = |token: &str| is_admin_token(&callers, token);
+            let resumed = crate::admin_token::resume(f, is_admin).map_err(token_file_error)?;
             if resumed {
                 tracing::warn!(message = "Finished writing the admin token file of an interrupted first start.", path = %f.display());
             }
@@ -1462,6 +1462,18 @@ pub fn validate_slug(s: &str, max: usize) -> Result<(), String> {
 }
 
 /// Checks the store's format and the master key against it (initializing a fresh store).
+/// Whether `token` is an active admin's among `callers`.
+fn is_admin_token(callers: &[crate::model::CallerRecord], token: &str) -> bool {
+    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    callers.iter().any(|c| {
+        c.role == Role::Admin && !c.revoked && hex::decode::<32>(&c.token_sha256) == Some(hash)
+    })
+}
+
+fn token_file_error(e: std::io::Error) -> OpenError {
+    OpenError::AdminToken(e.to_string())
+}
+
 async fn check_format(
     store: &dyn CredentialStore,
     keyring: &Keyring,
@@ -1568,6 +1580,45 @@ fn generate_id(kind: SystemKind) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without a token file (an embedder), an admin the store committed before its answer was
+    /// lost is still handed back: the next try of the start finds its token among the stored
+    /// callers.
+    #[cfg(feature = "fault-injection")]
+    #[tokio::test]
+    async fn an_admin_whose_answer_was_lost_is_handed_back_without_a_token_file() {
+        use crate::store::faulty::{FaultControl, FaultyStore};
+        use std::sync::atomic::Ordering::SeqCst;
+        let control = Arc::new(FaultControl::default());
+        control.lost_caller_answers.store(1, SeqCst);
+        let inner = Arc::new(crate::store::memory::MemoryStore::new());
+        let store = Arc::new(FaultyStore::new(inner.clone(), control.clone()));
+        let settings = BrokerSettings::default();
+        let start = settings.start_token.clone();
+        let open = |settings| {
+            let key = crate::crypto::MasterKey::from_bytes(zeroize::Zeroizing::new([7u8; 32]));
+            let registry = Registry::from_backends(Vec::new());
+            Broker::open(store.clone(), Keyring::new(key), registry, settings)
+        };
+        // The first try meets a store that stopped answering after the commit.
+        let first = open(settings.clone()).await.map(|_| ());
+        assert!(matches!(
+            first,
+            Err(OpenError::Store(StoreError::Unreachable(_)))
+        ));
+        let (broker, token) = open(settings).await.unwrap();
+        let token = token.expect("the committed admin's token");
+        assert_eq!(control.injected.load(SeqCst), 2);
+        assert!(broker.callers.authenticate(token.expose_secret()).is_ok());
+        assert_eq!(inner.list_callers().await.unwrap().len(), 1);
+        // Settled: nothing of it stays in the settings.
+        assert_eq!(
+            start
+                .get_or(|| SecretString::new("none".to_owned()))
+                .expose_secret(),
+            "none"
+        );
+    }
 
     #[test]
     fn slugs() {

@@ -48,6 +48,12 @@ pub enum KeyError {
          found (set CREDBROKER_MASTER_KEY_FILE to the key it was created with); refusing to start"
     )]
     Missing(PathBuf),
+    /// The key file changed while the broker was starting (between two tries).
+    #[error(
+        "the master key file changed while the broker was starting; refusing to start. Start \
+         again with the key the store was created with"
+    )]
+    Changed,
 }
 
 impl MasterKey {

@@ -988,6 +988,7 @@ async fn open_broker(
         oauth: config.vendors.clone(),
     });
     let settings = broker_settings(config, egress, public_url, initialized, &data_dir);
+    let first_key = keyring.key_check_value();
     let mut keyring = Some(keyring);
     // A database that stops answering while the broker reads its format record, keys and
     // callers is waited for like every start-up step. Each try loads the master key again: a
@@ -995,7 +996,7 @@ async fn open_broker(
     let (broker, admin_token) = while_unreachable(|| {
         let ring = keyring
             .take()
-            .map_or_else(|| reload_keyring(config, &data_dir, key_id), Ok);
+            .map_or_else(|| reload_keyring(config, &data_dir, &first_key), Ok);
         let (store, registry, settings) = (store.clone(), registry.clone(), settings.clone());
         async move { Ok::<_, ServeError>(Broker::open(store, ring?, registry, settings).await?) }
     })
@@ -1013,14 +1014,15 @@ async fn open_broker(
 }
 
 /// The master key again, for another try at opening the broker: the one the first try loaded
-/// (`key_id`), or the start ends (the key file was replaced meanwhile).
-fn reload_keyring(config: &Config, data_dir: &Path, key_id: u32) -> Result<Keyring, ServeError> {
-    let (key, _) =
-        MasterKey::load_or_generate(config.store.master_key_file.as_deref(), data_dir, true)?;
-    if key.id() != key_id {
-        return Err(ServeError::Broker(BrokerOpenError::WrongKey));
+/// (`first`, its key check value), or the start ends (the key file was replaced meanwhile).
+fn reload_keyring(config: &Config, data_dir: &Path, first: &[u8]) -> Result<Keyring, ServeError> {
+    let file = config.store.master_key_file.as_deref();
+    let (key, _) = MasterKey::load_or_generate(file, data_dir, true)?;
+    let keyring = Keyring::new(key);
+    if !keyring.verify_key_check_value(first) {
+        return Err(ServeError::Key(crate::crypto::keys::KeyError::Changed));
     }
-    Ok(Keyring::new(key))
+    Ok(keyring)
 }
 
 /// The broker's settings from the configuration.
@@ -1048,6 +1050,7 @@ fn broker_settings(
         expect_initialized: initialized,
         adopt_unauthenticated_records: config.store.adopt_unauthenticated_records,
         admin_token_file: Some(data_dir.join(ADMIN_TOKEN_FILE)),
+        start_token: Default::default(),
         default_static_delivery: config.proxy.default_static_delivery,
         lease_ttl: config.proxy.lease_ttl,
         proxy_max_body_bytes: config.proxy.max_body_bytes,
