@@ -50,10 +50,23 @@ fn pending(file: &Path) -> PathBuf {
     with_suffix(file, ".pending")
 }
 
+/// Where [`stage`] writes before its rename; a crash may leave it, and every start removes it.
+fn staging(file: &Path) -> PathBuf {
+    with_suffix(file, ".pending.tmp")
+}
+
+/// The names of the files kept beside `file_name` (the data directory's modes cover them).
+pub fn companions(file_name: &str) -> [String; 2] {
+    [
+        format!("{file_name}.pending"),
+        format!("{file_name}.pending.tmp"),
+    ]
+}
+
 /// Writes `token` durably to the pending file, replacing a stale one in one rename: a pending
 /// file that is there stays whole until the new one is.
 pub fn stage(file: &Path, token: &SecretString) -> io::Result<()> {
-    let tmp = with_suffix(file, ".pending.tmp");
+    let tmp = staging(file);
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -74,10 +87,16 @@ pub fn discard(file: &Path) {
     let _ = std::fs::remove_file(pending(file));
 }
 
+/// Removes what a stage cut short left (a copy of a token that may be the admin's).
+fn clear_staging(file: &Path) {
+    let _ = std::fs::remove_file(staging(file));
+}
+
 /// At a start with callers: finishes a bootstrap that committed its admin but stopped before
 /// the file was in place (`is_admin` says whether a token belongs to an active admin). True
 /// when it did.
 pub fn resume(file: &Path, is_admin: impl Fn(&str) -> bool) -> io::Result<bool> {
+    clear_staging(file);
     let p = pending(file);
     let text = match std::fs::read_to_string(&p) {
         Ok(t) => zeroize::Zeroizing::new(t),
@@ -129,14 +148,18 @@ mod tests {
         let file = dir.path().join("admin.token");
         stage(&file, &token("first")).unwrap();
         // A temporary file left by a crash is replaced, not refused.
-        std::fs::write(with_suffix(&file, ".pending.tmp"), "torn").unwrap();
+        std::fs::write(staging(&file), "torn").unwrap();
         stage(&file, &token("second")).unwrap();
         assert_eq!(
             std::fs::read_to_string(pending(&file)).unwrap().trim(),
             "second"
         );
-        assert!(!with_suffix(&file, ".pending.tmp").exists());
+        assert!(!staging(&file).exists());
         publish(&file).unwrap();
         assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "second");
+        // A start with callers removes a leftover of a stage cut short, copy of a token or not.
+        std::fs::write(staging(&file), "second").unwrap();
+        assert!(!resume(&file, |_| true).unwrap());
+        assert!(!staging(&file).exists());
     }
 }

@@ -225,7 +225,7 @@ pub struct BrokerSettings {
     /// Where the bootstrap admin's token is written (durably, before the caller is committed).
     pub admin_token_file: Option<std::path::PathBuf>,
     /// The bootstrap admin's token across the tries of one start.
-    pub start_token: crate::admin_token::StartToken,
+    pub(crate) start_token: crate::admin_token::StartToken,
     /// Tag records written before record authentication instead of refusing to start.
     pub adopt_unauthenticated_records: bool,
     /// Delivery of static-secret systems registered without one.

@@ -1069,12 +1069,16 @@ fn restrict_data_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
     mode(dir, 0o700)?;
+    let staged = crate::admin_token::companions(ADMIN_TOKEN_FILE);
     for name in [
         AUDIT_FILE,
         ADMIN_TOKEN_FILE,
         "master.key",
         crate::crypto::keys::KEY_CHECK_FILE,
-    ] {
+    ]
+    .into_iter()
+    .chain(staged.iter().map(String::as_str))
+    {
         let p = dir.join(name);
         if p.is_file() {
             mode(&p, 0o600)?;
