@@ -40,9 +40,14 @@ pub struct FaultControl {
     /// The next this many caller inserts answer [`StoreError::Unreachable`] without reaching
     /// the inner store (the operations after them answer).
     pub unanswered_caller_inserts: AtomicU32,
+    /// The next this many caller inserts answer [`StoreError::Unreachable`] without reaching
+    /// the inner store, and land in it just before the next caller insert: a commit that shows
+    /// only after the caller gave up on it.
+    pub late_caller_commits: AtomicU32,
     /// Injected failures so far.
     pub injected: AtomicU64,
     reached: Mutex<HashSet<String>>,
+    late: Mutex<Vec<CallerRecord>>,
 }
 
 impl FaultControl {
@@ -55,6 +60,7 @@ impl FaultControl {
         self.unreachable.store(0, Ordering::SeqCst);
         self.lost_caller_answers.store(0, Ordering::SeqCst);
         self.unanswered_caller_inserts.store(0, Ordering::SeqCst);
+        self.late_caller_commits.store(0, Ordering::SeqCst);
     }
 
     /// Counts one down from `n` if it is above zero; true if it did (and counts the injection).
@@ -216,6 +222,14 @@ impl CredentialStore for FaultyStore {
     }
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
+        let late = std::mem::take(&mut *crate::util::sync::lock(&self.control.late));
+        for held in late {
+            self.inner.insert_caller(&held).await?;
+        }
+        if self.control.take(&self.control.late_caller_commits) {
+            crate::util::sync::lock(&self.control.late).push(record.clone());
+            return Err(StoreError::Unreachable("no answer [injected]".to_owned()));
+        }
         if self.control.take(&self.control.unanswered_caller_inserts) {
             return Err(StoreError::Unreachable("no answer [injected]".to_owned()));
         }

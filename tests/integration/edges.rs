@@ -857,40 +857,34 @@ async fn the_admin_token_file_is_never_lost_to_an_interrupted_first_start() {
 /// that found no answer, with no admin stored, is tried again too (not "damaged").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_stops_answering_while_the_broker_starts_is_waited_for() {
-    use std::sync::atomic::Ordering::SeqCst;
     // The start's first read finds no answer.
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = Arc::new(FaultControl::default());
-    ctl.unreachable.store(1, SeqCst);
-    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
-    assert_eq!(ctl.injected.load(SeqCst), 1);
-    let mut admin = broker.admin().await;
-    let callers = admin.list_callers(pb::ListCallersRequest {}).await.unwrap();
-    assert_eq!(callers.into_inner().callers.len(), 1);
-    broker.stop().await;
-
+    start_through_a_fault(|c| &c.unreachable, 1).await;
     // The admin insert is committed, its answer lost, and the read after it does not answer.
+    start_through_a_fault(|c| &c.lost_caller_answers, 2).await;
+    // The admin insert finds no answer, and the read after it finds no admin: tried again.
+    start_through_a_fault(|c| &c.unanswered_caller_inserts, 1).await;
+    // The admin insert finds no answer and commits only after the next try read the callers:
+    // that try stages the same token, so the token file holds the stored admin's.
+    start_through_a_fault(|c| &c.late_caller_commits, 1).await;
+}
+
+/// A first start with `knob` set to 1: it serves after `injected` injected faults, with one
+/// admin whose token (from its file) works, and no pending token file left.
+async fn start_through_a_fault(
+    knob: fn(&FaultControl) -> &std::sync::atomic::AtomicU32,
+    injected: u64,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
     let dir = tempfile::tempdir().unwrap();
     let ctl = Arc::new(FaultControl::default());
-    ctl.lost_caller_answers.store(1, SeqCst);
+    knob(&ctl).store(1, SeqCst);
     let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
-    assert_eq!(ctl.injected.load(SeqCst), 2);
+    assert_eq!(ctl.injected.load(SeqCst), injected);
     assert!(!dir.path().join("admin.token.pending").exists());
     let mut admin = broker.admin().await;
     let callers = admin.list_callers(pb::ListCallersRequest {}).await.unwrap();
     let callers = callers.into_inner().callers;
     assert_eq!(callers.len(), 1, "{callers:?}");
-    broker.stop().await;
-
-    // The admin insert finds no answer, and the read after it finds no admin: tried again.
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = Arc::new(FaultControl::default());
-    ctl.unanswered_caller_inserts.store(1, SeqCst);
-    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
-    assert_eq!(ctl.injected.load(SeqCst), 1);
-    let mut admin = broker.admin().await;
-    let callers = admin.list_callers(pb::ListCallersRequest {}).await.unwrap();
-    assert_eq!(callers.into_inner().callers.len(), 1);
     broker.stop().await;
 }
 
