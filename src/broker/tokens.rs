@@ -738,10 +738,10 @@ impl Broker {
                 Err(FreshRead::Down(e)) => return self.on_store_down(f, system_id, current, &e),
                 Err(FreshRead::Refused(e)) => return Err(e),
             };
-            if let Some(t) =
-                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
+            if let Some(answer) =
+                self.answer_from_fresh(system_id, &record, need_until, &reason, current.as_ref())
             {
-                return Ok(t);
+                return answer;
             }
         }
         if let Some(rejected) = Self::refused_before(f, &record) {
@@ -1300,6 +1300,27 @@ impl Broker {
         Ok(token)
     }
 
+    /// What the record read fresh under the replica lock answers without a refresh: the token
+    /// another replica stored, if it serves; for the keep-alive sweep, that another replica
+    /// refreshed the grant since the sweep read its mirrored copy.
+    fn answer_from_fresh(
+        &self,
+        system_id: &str,
+        record: &SystemRecord,
+        need_until: SystemTime,
+        reason: &Reason,
+        current: Option<&Arc<IssuedToken>>,
+    ) -> Option<Result<Arc<IssuedToken>, BrokerError>> {
+        if let Some(t) = self.adopt_shared(system_id, record, need_until, reason, current) {
+            return Some(Ok(t));
+        }
+        if matches!(reason, Reason::KeepAlive) && !self.keepalive_due(record) {
+            let kept = "the grant was kept alive meanwhile".to_owned();
+            return Some(current.cloned().ok_or(BrokerError::Unavailable(kept)));
+        }
+        None
+    }
+
     /// A token another replica stored for `system_id` that serves this request, installed in
     /// the cache under its own token id.
     fn adopt_shared(
@@ -1593,11 +1614,19 @@ impl Broker {
     /// keep-alive margin (Atlassian: 90 days unused; Zendesk: the refresh-token lifetime), so an
     /// unused system does not die quietly; starts the scheduled checks that are due, and writes
     /// the health that time alone changed (a horizon closer, a degraded spell over).
+    /// Whether `r` is an idle authorization-code grant whose refresh token dies within the
+    /// keep-alive margin: the sweep refreshes it.
+    fn keepalive_due(&self, r: &SystemRecord) -> bool {
+        let horizon = unix_now() + self.settings.keepalive_margin.as_secs();
+        r.state == SystemState::Active
+            && r.credential_type == crate::model::CredentialType::OAuthAuthorizationCode
+            && r.credential_expires_at.is_some_and(|e| e <= horizon)
+    }
+
     async fn keepalive_sweep(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
         if !self.leads_sweep().await {
             return;
         }
-        let horizon = unix_now() + self.settings.keepalive_margin.as_secs();
         let mut pages = self.system_pages(SCAN_PAGE);
         let mut due = crate::broker::schedule::Due::default();
         loop {
@@ -1634,10 +1663,7 @@ impl Broker {
                 });
             }
             for r in &page {
-                let due = r.state == SystemState::Active
-                    && r.credential_type == crate::model::CredentialType::OAuthAuthorizationCode
-                    && r.credential_expires_at.is_some_and(|e| e <= horizon);
-                if due {
+                if self.keepalive_due(r) {
                     let me = self.clone();
                     let id = r.system_id.clone();
                     tracing::info!(message = "Keeping an idle grant alive.", system_id = %id);

@@ -491,12 +491,17 @@ async fn kept_refusal_stands_after_the_pause(broker: &Broker, backend: &FakeBack
 
 /// Another replica's write to the system while the vendor is answering this one's refresh.
 async fn change_meanwhile(store: &Arc<Shared>, change: impl FnOnce(&mut SystemRecord)) {
+    change_system(store, SYSTEM, change).await;
+}
+
+/// Writes `change` to system `id` as another replica would.
+async fn change_system(store: &Arc<Shared>, id: &str, change: impl FnOnce(&mut SystemRecord)) {
     let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
     let other = crate::store::AuthenticatedStore::new(
         store.clone(),
         Keyring::new(key).derive_subkey("record-integrity"),
     );
-    let mut record = other.get_system(SYSTEM).await.unwrap().unwrap();
+    let mut record = other.get_system(id).await.unwrap().unwrap();
     let revision = record.revision;
     change(&mut record);
     record.revision = revision + 1;
@@ -624,4 +629,71 @@ async fn a_refusal_the_store_could_not_record_is_marked_later_without_the_vendor
     );
     store.updates_down.store(false, Ordering::SeqCst);
     kept_refusal_stands_after_the_pause(&broker, &backend).await;
+}
+
+/// The keep-alive sweep reads a replica's mirrored copy; under the refresh lock the grant is
+/// judged again on the database's record, and one another replica kept alive meanwhile (its
+/// refresh token's end now beyond the margin) is not refreshed a second time.
+#[tokio::test]
+async fn a_grant_kept_alive_meanwhile_is_not_refreshed_again() {
+    use crate::broker::tokens::Reason;
+    let backend = FakeBackend::new(false, vec![]);
+    // Zendesk: a kind whose grants come from the authorization-code flow.
+    let as_zendesk: Arc<dyn Backend> = backend.clone();
+    let registry = Registry::from_backends(vec![(SystemKind::Zendesk, as_zendesk)]);
+    let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
+    let store = Shared::new(usize::MAX);
+    let open = Broker::open(
+        store.clone(),
+        Keyring::new(key),
+        registry,
+        Default::default(),
+    );
+    let (broker, _) = open.await.unwrap();
+    let now = crate::util::time::unix_now();
+    // Refresh tokens that die in a year (beyond the 7-day margin) and in a day.
+    for (id, dies_in) in [("kept", 365 * 86_400), ("due", 86_400)] {
+        register_grant(&broker, id, now + dies_in).await;
+        // Connected (the flow itself is the integration tests' business).
+        change_system(&store, id, |r| r.state = SystemState::Active).await;
+    }
+    let keep_alive = |id| broker.mint_detached(id, SystemTime::now(), Reason::KeepAlive);
+    let not_due = keep_alive("kept").await.unwrap_err();
+    assert!(
+        format!("{not_due}").contains("kept alive meanwhile"),
+        "{not_due}"
+    );
+    assert_eq!(backend.calls(), 0, "refreshed a grant that was not due");
+    keep_alive("due").await.unwrap();
+    assert_eq!(backend.calls(), 1);
+}
+
+/// Registers `id` as a completed authorization-code grant whose refresh token dies at `dies_at`.
+async fn register_grant(broker: &Broker, id: &str, dies_at: u64) {
+    let grant = crate::model::Grant {
+        refresh_token: SecretString::new(format!("rt-{id}")),
+        refresh_expires_at: Some(dies_at),
+        granted_scopes: Vec::new(),
+        cloud_id: None,
+        instance_url: None,
+        authorized_at: dies_at - 400 * 86_400,
+    };
+    broker
+        .register(RegisterInput {
+            system_id: id.to_owned(),
+            display_name: String::new(),
+            description: String::new(),
+            kind: SystemKind::Zendesk,
+            base_url: "https://acme.zendesk.example".to_owned(),
+            credential: Credential::OAuthAuthorizationCode {
+                client_id: "client".to_owned(),
+                client_secret: SecretString::new("client-secret".to_owned()),
+                scopes: Vec::new(),
+                grant: Some(grant),
+            },
+            check: false,
+            delivery: None,
+        })
+        .await
+        .unwrap();
 }
