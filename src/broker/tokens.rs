@@ -1315,8 +1315,12 @@ impl Broker {
             return Some(Ok(t));
         }
         if matches!(reason, Reason::KeepAlive) && !self.keepalive_due(record) {
-            let kept = "the grant was kept alive meanwhile".to_owned();
-            return Some(current.cloned().ok_or(BrokerError::Unavailable(kept)));
+            tracing::info!(message = "The idle grant is not due any more (refreshed or replaced meanwhile); not refreshed.", system_id = %system_id);
+            let valid = current
+                .filter(|c| c.expires_at > SystemTime::now())
+                .cloned();
+            let not_due = "not due any more: the grant was refreshed or replaced meanwhile";
+            return Some(valid.ok_or(BrokerError::Unavailable(not_due.to_owned())));
         }
         None
     }
@@ -1610,10 +1614,6 @@ impl Broker {
             .is_some_and(|l| !l.is_lost())
     }
 
-    /// Refreshes idle authorization-code grants whose refresh token would die within the
-    /// keep-alive margin (Atlassian: 90 days unused; Zendesk: the refresh-token lifetime), so an
-    /// unused system does not die quietly; starts the scheduled checks that are due, and writes
-    /// the health that time alone changed (a horizon closer, a degraded spell over).
     /// Whether `r` is an idle authorization-code grant whose refresh token dies within the
     /// keep-alive margin: the sweep refreshes it.
     fn keepalive_due(&self, r: &SystemRecord) -> bool {
@@ -1623,6 +1623,10 @@ impl Broker {
             && r.credential_expires_at.is_some_and(|e| e <= horizon)
     }
 
+    /// Refreshes idle authorization-code grants whose refresh token would die within the
+    /// keep-alive margin (Atlassian: 90 days unused; Zendesk: the refresh-token lifetime), so an
+    /// unused system does not die quietly; starts the scheduled checks that are due, and writes
+    /// the health that time alone changed (a horizon closer, a degraded spell over).
     async fn keepalive_sweep(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
         if !self.leads_sweep().await {
             return;
