@@ -722,25 +722,23 @@ impl Broker {
             }
         }
         let mut record = self.mintable_record(f, system_id).await?;
-        // Replicas (a shared store): one upstream refresh per expiry across processes. Use the
-        // token another replica stored if it does; else take the store's refresh lock (held for
-        // the upstream call, released with the session if this process dies), look again, and
-        // refresh only if still needed.
+        // Replicas (a shared store): one upstream refresh per expiry across processes. Use
+        // what another replica did if it serves; else take the store's refresh lock (held for
+        // the upstream call, released with the session if this process dies), look again at
+        // the database's record, and refresh only if still needed.
         let mut replica_lock = None;
         if record.credential_type.is_oauth() && self.store.is_shared() {
-            if let Some(t) =
-                self.adopt_shared(system_id, &record, need_until, &reason, current.as_ref())
-            {
-                return Ok(t);
+            let ask = (need_until, &reason, current.as_ref());
+            if let Some(answer) = self.answer_from_record(system_id, &record, ask) {
+                return answer;
             }
             (replica_lock, record) = match self.lock_and_reread(f, system_id).await {
                 Ok(held) => held,
                 Err(FreshRead::Down(e)) => return self.on_store_down(f, system_id, current, &e),
                 Err(FreshRead::Refused(e)) => return Err(e),
             };
-            if let Some(answer) =
-                self.answer_from_fresh(system_id, &record, need_until, &reason, current.as_ref())
-            {
+            let ask = (need_until, &reason, current.as_ref());
+            if let Some(answer) = self.answer_from_record(system_id, &record, ask) {
                 return answer;
             }
         }
@@ -1300,21 +1298,22 @@ impl Broker {
         Ok(token)
     }
 
-    /// What the record read fresh under the replica lock answers without a refresh: the token
-    /// another replica stored, if it serves; for the keep-alive sweep, that another replica
-    /// refreshed the grant since the sweep read its mirrored copy.
-    fn answer_from_fresh(
+    /// What another replica's work, as `record` shows it, answers without a refresh (`ask`:
+    /// until when the token must serve, why the mint runs, the cached token). The keep-alive
+    /// sweep skips a grant that is not due any more (refreshed or replaced since the sweep read
+    /// it) and never adopts an access token, which would not renew the grant. Any other mint
+    /// takes the token another replica stored if it serves, installed in the cache under its own
+    /// token id.
+    fn answer_from_record(
         &self,
         system_id: &str,
         record: &SystemRecord,
-        need_until: SystemTime,
-        reason: &Reason,
-        current: Option<&Arc<IssuedToken>>,
+        (need_until, reason, current): (SystemTime, &Reason, Option<&Arc<IssuedToken>>),
     ) -> Option<Result<Arc<IssuedToken>, BrokerError>> {
-        if let Some(t) = self.adopt_shared(system_id, record, need_until, reason, current) {
-            return Some(Ok(t));
-        }
-        if matches!(reason, Reason::KeepAlive) && !self.keepalive_due(record) {
+        if matches!(reason, Reason::KeepAlive) {
+            if self.keepalive_due(record) {
+                return None;
+            }
             tracing::info!(message = "The idle grant is not due any more (refreshed or replaced meanwhile); not refreshed.", system_id = %system_id);
             let valid = current
                 .filter(|c| c.expires_at > SystemTime::now())
@@ -1322,26 +1321,12 @@ impl Broker {
             let not_due = "not due any more: the grant was refreshed or replaced meanwhile";
             return Some(valid.ok_or(BrokerError::Unavailable(not_due.to_owned())));
         }
-        None
-    }
-
-    /// A token another replica stored for `system_id` that serves this request, installed in
-    /// the cache under its own token id.
-    fn adopt_shared(
-        &self,
-        system_id: &str,
-        record: &SystemRecord,
-        need_until: SystemTime,
-        reason: &Reason,
-        current: Option<&Arc<IssuedToken>>,
-    ) -> Option<Arc<IssuedToken>> {
         let shared = record.shared_token.as_ref()?;
         let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(shared.expires_at_ms);
         if expires < need_until {
             return None;
         }
         match reason {
-            Reason::KeepAlive => return None,
             Reason::Demand { rejected: Some(id) } if *id == shared.token_id => return None,
             Reason::Ahead { .. } if current.is_some_and(|c| c.expires_at >= expires) => {
                 return None
@@ -1383,6 +1368,7 @@ impl Broker {
             Some(shared.token_id.clone()),
         )
         .ok()
+        .map(Ok)
     }
 
     /// Stores `token` sealed in the system's record for the other replicas.

@@ -767,13 +767,13 @@ where
     if !snapshot_allowed {
         return while_unreachable(step).await.map(Some);
     }
-    match step().await {
+    match step().await.map_err(StartUpError::verdict) {
         Ok(v) => Ok(Some(v)),
-        Err(StoreError::Unreachable(e)) => {
+        Err(Verdict::Wait(e)) => {
             tracing::warn!(message = "The store stopped answering while the replica started; starting from the replica snapshot.", error = %e);
             Ok(None)
         }
-        Err(e) => Err(ServeError::Postgres(e.to_string())),
+        Err(Verdict::End(e)) => Err(e),
     }
 }
 
