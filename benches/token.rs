@@ -146,7 +146,11 @@ impl CredentialBroker for Echo {
 }
 
 fn runtime(kind: &str, cpus: usize) -> tokio::runtime::Runtime {
-    // The same choice the broker makes for `--runtime`.
+    if kind == "multi-nolifo" {
+        // The broker's own multi-thread runtime (no LIFO slot).
+        return credbroker::server::cores::main_runtime(false).unwrap();
+    }
+    // The same choice the broker makes for `--runtime`; "multi" is tokio's default scheduler.
     let current = match kind {
         "current" => true,
         "multi" => false,
@@ -999,8 +1003,9 @@ async fn cores_scenario(
     }
 }
 
-/// `--scenario h2load`: the broker's warm `GetAccessToken` against the echo floor (multi-thread
-/// with one worker, and current_thread), each on core 1, driven by h2load on core 0 (4
+/// `--scenario h2load`: the broker's warm `GetAccessToken` against the echo floor (tokio's
+/// default multi-thread runtime with one worker, current_thread, and the multi-thread runtime
+/// as the broker builds it, without the LIFO slot), each on core 1, driven by h2load on core 0 (4
 /// connections × 64 streams), alternating, median of `rounds`.
 async fn h2load_scenario(
     broker_addr: &str,
@@ -1012,10 +1017,12 @@ async fn h2load_scenario(
     let (body, answer) = h2load_request(sample);
     let (mt_addr, mut mt) = spawn_echo("multi", sample);
     let (ct_addr, mut ct) = spawn_echo("current", sample);
+    let (nl_addr, mut nl) = spawn_echo("multi-nolifo", sample);
     let targets = [
         ("broker", broker_addr),
         ("echo, multi-thread, one worker", mt_addr.as_str()),
         ("echo, current_thread", ct_addr.as_str()),
+        ("echo, multi-thread without the LIFO slot", nl_addr.as_str()),
     ];
     let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
     for _ in 0..rounds.max(1) {
@@ -1023,8 +1030,8 @@ async fn h2load_scenario(
             runs[i].push(h2load_once(addr, token, body.path(), seconds, answer));
         }
     }
-    let _ = (mt.kill(), ct.kill());
-    let _ = (mt.wait(), ct.wait());
+    let _ = (mt.kill(), ct.kill(), nl.kill());
+    let _ = (mt.wait(), ct.wait(), nl.wait());
     let median = |v: &[(f64, f64, f64)]| {
         let mut s = v.to_vec();
         s.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -8,8 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
-# A fixed place, so that a second run reuses the build (the context is recreated each time).
-work="$repo/target/docker-context"
+# A fixed place, so that a second run reuses the build (the context is recreated each time);
+# outside the repository, as in the image (WORKDIR /src): cargo reads `.cargo/config.toml` in
+# every parent folder, so a context inside the repository would build with the repository's
+# build flags even if the Dockerfile forgot to COPY them.
+work="${TMPDIR:-/tmp}/credbroker-docker-context"
 root="$work/context"
 rm -rf "$root"
 mkdir -p "$root"
@@ -104,4 +107,6 @@ status=0
 wait "$pid" || status=$?
 pid=""
 [ "$status" = 0 ] || fail "exit status $status after SIGTERM"
+# Built with the repository's flags (.cargo/config.toml): a multi-thread start says otherwise.
+grep -q "Built without --cfg tokio_unstable" "$log" && fail "the image is built without .cargo/config.toml's flags"
 echo "--- the image's context builds; its entrypoint serves (/readyz ready, ctl works) and stops cleanly"

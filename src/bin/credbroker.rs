@@ -60,19 +60,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // On one core, tokio's multi-thread scheduler costs about half the throughput of a
-    // current-thread runtime (its LIFO slot makes hyper flush one response per write; see
-    // docs/benchmarks.md); blocking work (store flushes) runs on the blocking pool either way.
-    let built = if current {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-    };
-    let runtime = match built {
+    // On one core a current-thread runtime is the cheaper one; the multi-thread one runs
+    // without its LIFO slot (see `main_runtime`). Blocking work (store flushes) runs on the
+    // blocking pool either way.
+    let runtime = match credbroker::server::cores::main_runtime(current) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("credbroker: cannot start the runtime: {e}");

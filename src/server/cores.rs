@@ -13,6 +13,42 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// The main runtime: `current_thread` when `current`, else tokio's multi-thread scheduler with
+/// its LIFO slot off.
+///
+/// The LIFO slot runs the task woken last before every other queued one. Under HTTP/2 that is
+/// the connection's task, woken by each stream's answer, so it writes one answer per flush;
+/// without the slot the ready streams answer first and one flush carries them all, as on
+/// `current_thread`. Measured with h2load (docs/benchmarks.md): 0.77–0.92 of a default
+/// multi-thread echo with the slot, 0.93–1.18 without. The setting is in tokio's unstable API,
+/// switched on by `--cfg tokio_unstable` in `.cargo/config.toml`; a build without that flag
+/// keeps the slot, and the broker says so when it starts multi-thread.
+pub fn main_runtime(current: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if current {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        multi_thread()
+    };
+    builder.enable_all().build()
+}
+
+/// tokio's multi-thread runtime builder, with the LIFO slot off where the build allows it.
+#[cfg(tokio_unstable)]
+fn multi_thread() -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.disable_lifo_slot();
+    builder
+}
+
+/// tokio's multi-thread runtime builder, with the LIFO slot on: this build lacks the flag.
+#[cfg(not(tokio_unstable))]
+fn multi_thread() -> tokio::runtime::Builder {
+    tracing::warn!(
+        message = "Built without --cfg tokio_unstable: the multi-thread runtime keeps its LIFO slot and answers HTTP/2 streams one write each (see .cargo/config.toml)."
+    );
+    tokio::runtime::Builder::new_multi_thread()
+}
+
 /// Serves with `serve` on `listener` in this runtime and, when `threads` > 1, on `threads` - 1
 /// extra threads sharing the socket. The returned task ends when every server has stopped: all
 /// stop when `stop` resolves, or when one of them ends by itself.
@@ -240,5 +276,53 @@ impl Job {
         });
         runtime.shutdown_timeout(BLOCKING_GRACE);
         drop(ended);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// The order in which a woken task and a task queued before the wake-up run, on the main
+    /// multi-thread runtime with one worker.
+    fn order_after_a_wake_up() -> Vec<&'static str> {
+        let mut builder = super::multi_thread();
+        let runtime = builder.worker_threads(1).enable_all().build().unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let seen = order.clone();
+        runtime.block_on(async move {
+            tokio::spawn(async move {
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let woken_seen = seen.clone();
+                let woken = tokio::spawn(async move {
+                    let _ = rx.await;
+                    woken_seen.lock().unwrap().push("woken");
+                });
+                // The woken task runs up to its await.
+                tokio::task::yield_now().await;
+                let queued_seen = seen.clone();
+                let queued = tokio::spawn(async move {
+                    queued_seen.lock().unwrap().push("queued");
+                });
+                tx.send(()).unwrap();
+                (woken, queued)
+            })
+            .await
+            .map(|(a, b)| async move { (a.await.unwrap(), b.await.unwrap()) })
+            .unwrap()
+            .await
+        });
+        let order = order.lock().unwrap().clone();
+        order
+    }
+
+    #[test]
+    fn the_multi_thread_runtime_runs_queued_tasks_before_a_task_woken_later() {
+        // With the LIFO slot, the task woken last would run first.
+        assert_eq!(
+            order_after_a_wake_up(),
+            ["queued", "woken"],
+            "the LIFO slot is on: was this built without --cfg tokio_unstable (.cargo/config.toml)?"
+        );
     }
 }
