@@ -7,7 +7,7 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 # Build flags: tokio's unstable API for the multi-thread runtime's setting (src/server/cores.rs).
-COPY .cargo .cargo
+COPY .cargo/config.toml .cargo/config.toml
 COPY proto proto
 COPY src src
 # Not built, but the manifest names them: cargo refuses a manifest whose targets are missing.

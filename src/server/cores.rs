@@ -19,16 +19,25 @@ use tokio::task::JoinHandle;
 /// The LIFO slot runs the task woken last before every other queued one. Under HTTP/2 that is
 /// the connection's task, woken by each stream's answer, so it writes one answer per flush;
 /// without the slot the ready streams answer first and one flush carries them all, as on
-/// `current_thread`. Measured with h2load (docs/benchmarks.md): 0.77–0.92 of a default
-/// multi-thread echo with the slot, 0.93–1.18 without. The setting is in tokio's unstable API,
-/// switched on by `--cfg tokio_unstable` in `.cargo/config.toml`; a build without that flag
-/// keeps the slot, and the broker says so when it starts multi-thread.
+/// `current_thread` (measured: README, "Warm `GetAccessToken` under h2load"). The setting is in
+/// tokio's unstable API, switched on by `--cfg tokio_unstable` in `.cargo/config.toml`; a build
+/// without that flag keeps the slot and says so when it starts multi-thread. Either way the
+/// start logs whether the flag was set.
 pub fn main_runtime(current: bool) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if current {
         tokio::runtime::Builder::new_current_thread()
     } else {
         multi_thread()
     };
+    tracing::info!(
+        message = "Runtime built.",
+        runtime = if current {
+            "current_thread"
+        } else {
+            "multi_thread"
+        },
+        tokio_unstable = cfg!(tokio_unstable)
+    );
     builder.enable_all().build()
 }
 
@@ -314,6 +323,16 @@ mod tests {
         });
         let order = order.lock().unwrap().clone();
         order
+    }
+
+    #[test]
+    #[allow(clippy::assertions_on_constants)]
+    fn the_build_switches_tokios_unstable_api_on() {
+        // Whatever tokio does with its slot in a later version, the flag must be set.
+        assert!(
+            cfg!(tokio_unstable),
+            "built without --cfg tokio_unstable (.cargo/config.toml)"
+        );
     }
 
     #[test]
