@@ -185,8 +185,7 @@ impl Callers {
 
     /// The caller holding `token`, if any. Revoked callers are not found.
     pub fn authenticate(&self, token: &str) -> Result<Arc<Caller>, AuthRefusal> {
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.authenticate_hash(&hash)
+        self.authenticate_hash(&token_sha256(token))
     }
 
     /// The caller whose token hashes to `hash`, if any. Revoked callers are not found.
@@ -281,6 +280,19 @@ impl Callers {
     }
 }
 
+/// What the store keeps of a caller token: its SHA-256.
+fn token_sha256(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Whether `token` is an active admin's among `callers`.
+pub(super) fn is_admin_token(callers: &[CallerRecord], token: &str) -> bool {
+    let hash = token_sha256(token);
+    callers.iter().any(|c| {
+        c.role == Role::Admin && !c.revoked && hex::decode::<32>(&c.token_sha256) == Some(hash)
+    })
+}
+
 impl Broker {
     /// Creates a caller and returns it with its token (shown once).
     pub async fn create_caller(
@@ -326,7 +338,7 @@ impl Broker {
         scope: CallerScope,
         token: SecretString,
     ) -> Result<(CallerRecord, SecretString), StoreError> {
-        let hash: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
+        let hash = token_sha256(token.expose_secret());
         let record = CallerRecord {
             name: name.to_owned(),
             role,
@@ -393,7 +405,7 @@ mod tests {
     use super::*;
 
     fn record(name: &str, token: &str, role: Role) -> CallerRecord {
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let hash = token_sha256(token);
         CallerRecord {
             name: name.to_owned(),
             role,

@@ -20,10 +20,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
-
 use crate::audit::{Audit, AuditConfig, AuditEvent};
 use crate::backends::{Backend, EgressPolicy, Issued, Registry, Target};
+use crate::broker::callers::is_admin_token;
 pub use crate::broker::callers::{AuthRefusal, Caller, CallerScope, Callers, Presented};
 use crate::broker::connect::PendingAuthorization;
 use crate::broker::tokens::{RefreshSettings, TokenCache};
@@ -35,7 +34,6 @@ use crate::model::{
 };
 use crate::secret::SecretString;
 use crate::store::{CredentialStore, StoreError, STORE_FORMAT_VERSION};
-use crate::util::hex;
 use crate::util::sync::read;
 
 /// How [`Broker::modify_system`] retries a write that lost a race or failed.
@@ -1461,19 +1459,11 @@ pub fn validate_slug(s: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks the store's format and the master key against it (initializing a fresh store).
-/// Whether `token` is an active admin's among `callers`.
-fn is_admin_token(callers: &[crate::model::CallerRecord], token: &str) -> bool {
-    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    callers.iter().any(|c| {
-        c.role == Role::Admin && !c.revoked && hex::decode::<32>(&c.token_sha256) == Some(hash)
-    })
-}
-
 fn token_file_error(e: std::io::Error) -> OpenError {
     OpenError::AdminToken(e.to_string())
 }
 
+/// Checks the store's format and the master key against it (initializing a fresh store).
 async fn check_format(
     store: &dyn CredentialStore,
     keyring: &Keyring,

@@ -61,6 +61,7 @@ impl FaultControl {
         self.lost_caller_answers.store(0, Ordering::SeqCst);
         self.unanswered_caller_inserts.store(0, Ordering::SeqCst);
         self.late_caller_commits.store(0, Ordering::SeqCst);
+        crate::util::sync::lock(&self.late).clear();
     }
 
     /// Counts one down from `n` if it is above zero; true if it did (and counts the injection).
