@@ -184,7 +184,7 @@ impl std::fmt::Debug for Audit {
 
 impl Audit {
     /// An audit writer with `key` for token HMACs.
-    pub fn new(config: AuditConfig, key: [u8; 32]) -> Self {
+    pub fn new(config: AuditConfig, key: crate::crypto::SubKey) -> Self {
         let file = config.file.clone().map(|path| FileSink {
             path,
             file: None,
@@ -194,7 +194,7 @@ impl Audit {
         let (health_tx, _) = watch::channel(true);
         Self {
             config,
-            mac: <Hmac<Sha256> as Mac>::new_from_slice(&key).ok(),
+            mac: <Hmac<Sha256> as Mac>::new_from_slice(key.as_slice()).ok(),
             file: Mutex::new(file),
             pending: Mutex::new(Pending::default()),
             batches: std::sync::atomic::AtomicU64::new(0),
@@ -502,13 +502,13 @@ mod tests {
                 keep: 2,
                 ..Default::default()
             },
-            [7; 32],
+            [7; 32].into(),
         );
         let h = audit.hmac("token-123");
         assert_eq!(h.len(), 32);
         assert_ne!(
             h,
-            Audit::new(AuditConfig::default(), [8; 32]).hmac("token-123")
+            Audit::new(AuditConfig::default(), [8; 32].into()).hmac("token-123")
         );
         for _ in 0..10 {
             audit
@@ -566,7 +566,7 @@ mod tests {
                 file: Some(path.clone()),
                 ..Default::default()
             },
-            [3; 32],
+            [3; 32].into(),
         ));
         let mut tasks = Vec::new();
         for i in 0..400 {
@@ -609,7 +609,7 @@ mod tests {
                 file: Some(path.clone()),
                 ..Default::default()
             },
-            [4; 32],
+            [4; 32].into(),
         );
         let leader_event = event("leader");
         // Boxed, so that dropping it really drops the future.
@@ -641,7 +641,7 @@ mod tests {
                 file: Some(path.clone()),
                 ..Default::default()
             },
-            [1; 32],
+            [1; 32].into(),
         );
         let ev = AuditEvent {
             time: now_rfc3339(),

@@ -466,10 +466,27 @@ pub fn issued_from(
     }
 }
 
-/// The refresh token in a response, if any.
+/// The refresh token in a response, if any. An empty one counts as none: stored, it would
+/// replace a working grant with nothing.
 pub fn refresh_token(resp: &VendorTokenResponse) -> Option<SecretString> {
     resp.refresh_token()
+        .filter(|t| !t.secret().is_empty())
         .map(|t| SecretString::from(t.secret().as_str()))
+}
+
+/// When the refresh token a response leaves in force expires, for vendors whose refresh tokens
+/// live a fixed time from their issue (Zendesk): `now + ttl` for a new one; a response without
+/// one keeps the stored token, and with it the stored token's expiry.
+pub fn fixed_refresh_expiry(
+    resp: &VendorTokenResponse,
+    previous: Option<&crate::model::Grant>,
+    now: u64,
+    ttl: Duration,
+) -> Option<u64> {
+    match previous {
+        Some(kept) if refresh_token(resp).is_none() => kept.refresh_expires_at,
+        _ => Some(now.saturating_add(ttl.as_secs())),
+    }
 }
 
 /// The authorization-code credential carrying the grant from a token response. A response
@@ -541,6 +558,40 @@ mod tests {
         );
         r.set_expires_in(expires_in.as_ref());
         r
+    }
+
+    #[test]
+    fn a_fixed_lifetime_refresh_token_keeps_its_expiry_until_it_is_replaced() {
+        let kept = crate::model::Grant {
+            refresh_token: SecretString::from("rt-1"),
+            refresh_expires_at: Some(1_000),
+            granted_scopes: Vec::new(),
+            cloud_id: None,
+            instance_url: None,
+            authorized_at: 0,
+        };
+        let ttl = Duration::from_secs(30 * 86_400);
+        let without = answer(None);
+        assert_eq!(
+            fixed_refresh_expiry(&without, Some(&kept), 500, ttl),
+            Some(1_000)
+        );
+        let mut empty = answer(None);
+        empty.set_refresh_token(Some(oauth2::RefreshToken::new(String::new())));
+        assert_eq!(
+            fixed_refresh_expiry(&empty, Some(&kept), 500, ttl),
+            Some(1_000)
+        );
+        assert!(refresh_token(&empty).is_none());
+        let mut with = answer(None);
+        with.set_refresh_token(Some(oauth2::RefreshToken::new("rt-2".to_owned())));
+        let renewed = Some(500 + ttl.as_secs());
+        assert_eq!(fixed_refresh_expiry(&with, Some(&kept), 500, ttl), renewed);
+        assert_eq!(fixed_refresh_expiry(&with, None, 500, ttl), renewed);
+        assert_eq!(
+            fixed_refresh_expiry(&with, None, u64::MAX, ttl),
+            Some(u64::MAX)
+        );
     }
 
     #[test]

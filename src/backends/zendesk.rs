@@ -341,7 +341,7 @@ impl ZendeskBackend {
             scopes,
             resp,
             previous,
-            Some(unix_now() + refresh_ttl.as_secs()),
+            oauth::fixed_refresh_expiry(resp, previous, unix_now(), refresh_ttl),
             None,
             VENDOR,
         )?);

@@ -67,8 +67,8 @@ pub struct RestoreSummary {
 }
 
 fn cipher(broker: &Broker) -> Aes256Gcm {
-    let key = Zeroizing::new(broker.derive_key("backup-v1"));
-    Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_ref()))
+    let key = broker.derive_key("backup-v1");
+    Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_slice()))
 }
 
 fn seal(cipher: &Aes256Gcm, chunk: &Chunk) -> Result<Vec<u8>, BrokerError> {

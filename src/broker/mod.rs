@@ -289,11 +289,11 @@ pub struct Broker {
     /// The audit trail.
     pub audit: Audit,
     /// Key for proxy leases (derived from the master key).
-    pub(crate) lease_key: [u8; 32],
+    pub(crate) lease_key: crate::crypto::SubKey,
     /// Key for the signed "Connect" links in webhooks (derived from the master key).
-    pub(crate) link_key: [u8; 32],
+    pub(crate) link_key: crate::crypto::SubKey,
     /// Key signing the quota readings replicas share (derived from the master key).
-    pub(crate) quota_key: [u8; 32],
+    pub(crate) quota_key: crate::crypto::SubKey,
     /// What each system's vendor said about its quota (the proxy keeps workers inside it).
     pub(crate) quotas: quota::Quotas,
     /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
@@ -534,7 +534,7 @@ impl Broker {
     }
 
     /// A key derived from the master key for `label` (backups).
-    pub(crate) fn derive_key(&self, label: &str) -> [u8; 32] {
+    pub(crate) fn derive_key(&self, label: &str) -> crate::crypto::SubKey {
         read(&self.keyring).derive_subkey(label)
     }
 

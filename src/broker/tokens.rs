@@ -285,8 +285,9 @@ impl Default for RefreshSettings {
     }
 }
 
-/// Per-system refresh state, guarded by the system's single-flight lock.
-#[derive(Debug, Default)]
+/// Per-system refresh state, guarded by the system's single-flight lock. `Debug` is
+/// hand-written: it shows the refused sealed credential's length, not its bytes.
+#[derive(Default)]
 pub struct Flight {
     backoff_until: Option<Instant>,
     failures: u32,
@@ -304,6 +305,25 @@ pub struct Flight {
     /// and the vendor's message. The refusal stands, with no second upstream call, once the
     /// store shows that credential still stored; any other credential forgets it.
     refused: Option<(Vec<u8>, AuthFailure, String)>,
+}
+
+impl std::fmt::Debug for Flight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let refused = self
+            .refused
+            .as_ref()
+            .map(|(sealed, failure, message)| (sealed.len(), failure, message));
+        f.debug_struct("Flight")
+            .field("backoff_until", &self.backoff_until)
+            .field("failures", &self.failures)
+            .field("last_failure", &self.last_failure)
+            .field("pending", &self.pending)
+            .field("dead", &self.dead)
+            .field("last_forced", &self.last_forced)
+            .field("store_failures", &self.store_failures)
+            .field("refused (sealed length, failure, message)", &refused)
+            .finish()
+    }
 }
 
 impl Flight {

@@ -715,3 +715,18 @@ async fn register_grant(broker: &Broker, id: &str, dies_at: u64) {
         .await
         .unwrap();
 }
+
+#[test]
+fn a_flights_debug_shows_the_refused_credentials_length_not_its_bytes() {
+    let flight = super::Flight {
+        refused: Some((
+            vec![0xAB; 40],
+            AuthFailure::InvalidCredentials,
+            "invalid_grant".to_owned(),
+        )),
+        ..Default::default()
+    };
+    let shown = format!("{flight:?}");
+    assert!(shown.contains("Some((40, InvalidCredentials"), "{shown}");
+    assert!(!shown.contains("171"), "{shown}");
+}

@@ -28,6 +28,30 @@ pub use keys::{MasterKey, MasterKeySource};
 
 use crate::model::CredentialType;
 
+/// A key derived from the master key for one purpose ([`Keyring::derive_subkey`]). Like the
+/// master key, it is zeroized on drop and its `Debug` shows no bytes.
+#[derive(Clone)]
+pub struct SubKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl std::ops::Deref for SubKey {
+    type Target = [u8; KEY_LEN];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl From<[u8; KEY_LEN]> for SubKey {
+    fn from(bytes: [u8; KEY_LEN]) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+}
+
+impl std::fmt::Debug for SubKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubKey(..)")
+    }
+}
+
 /// Format version of sealed records.
 pub const FORMAT_VERSION: u8 = 1;
 const MAGIC: &[u8; 2] = b"CB";
@@ -237,15 +261,17 @@ impl Keyring {
 
     /// A 256-bit key derived from the root key for another purpose (`label`), e.g. the audit
     /// HMAC key. Deterministic: the same master key gives the same subkey.
-    pub fn derive_subkey(&self, label: &str) -> [u8; 32] {
+    pub fn derive_subkey(&self, label: &str) -> SubKey {
         use hmac::{Hmac, Mac};
-        let mut mac = match <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.root.bytes()) {
-            Ok(m) => m,
-            Err(_) => return [0; 32],
-        };
-        mac.update(b"credbroker/subkey/");
-        mac.update(label.as_bytes());
-        mac.finalize().into_bytes().into()
+        let mut key = SubKey(Zeroizing::new([0; KEY_LEN]));
+        if let Ok(mut mac) = <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.root.bytes()) {
+            mac.update(b"credbroker/subkey/");
+            mac.update(label.as_bytes());
+            let mut out = mac.finalize().into_bytes();
+            key.0.copy_from_slice(&out);
+            zeroize::Zeroize::zeroize(out.as_mut_slice());
+        }
+        key
     }
 
     /// A key check value for the root key: a sealed constant the store keeps.
@@ -354,6 +380,22 @@ fn open_raw(
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn subkeys_are_per_label_show_no_bytes_and_are_wiped_on_drop() {
+        let ring = Keyring::new(MasterKey::generate());
+        let (a, b) = (
+            ring.derive_subkey("audit-hmac"),
+            ring.derive_subkey("proxy-lease"),
+        );
+        assert_eq!(*a, *ring.derive_subkey("audit-hmac"));
+        assert_ne!(*a, *b);
+        assert_ne!(*a, [0; KEY_LEN]);
+        let shown = format!("{a:?} {b:?}");
+        assert_eq!(shown, "SubKey(..) SubKey(..)");
+        // The wipe is `Zeroizing`'s drop; a plain array would need none.
+        assert!(std::mem::needs_drop::<SubKey>());
+    }
 
     fn binding(id: &str, v: u64) -> RecordBinding<'_> {
         RecordBinding {

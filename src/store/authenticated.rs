@@ -32,12 +32,12 @@ pub const INTEGRITY_META_KEY: &str = "record_integrity";
 /// Wraps a store: tags records on write, checks them on read.
 pub struct AuthenticatedStore {
     inner: Arc<dyn CredentialStore>,
-    key: [u8; 32],
+    key: crate::crypto::SubKey,
 }
 
 impl AuthenticatedStore {
     /// Wraps `inner`; `key` is derived from the master key (label `record-integrity`).
-    pub fn new(inner: Arc<dyn CredentialStore>, key: [u8; 32]) -> Self {
+    pub fn new(inner: Arc<dyn CredentialStore>, key: crate::crypto::SubKey) -> Self {
         Self { inner, key }
     }
 

@@ -129,7 +129,7 @@ pub struct SnapshotFile {
     /// The file (under the data directory).
     pub path: std::path::PathBuf,
     /// AES-256-GCM key.
-    pub key: [u8; 32],
+    pub key: crate::crypto::SubKey,
 }
 
 /// How new a row is: its credential version (which never repeats, across re-registrations
@@ -144,7 +144,9 @@ const SNAPSHOT_AAD: &[u8] = b"credbroker replica snapshot v1";
 impl SnapshotFile {
     fn cipher(&self) -> aes_gcm::Aes256Gcm {
         use aes_gcm::KeyInit;
-        aes_gcm::Aes256Gcm::new(aes_gcm::Key::<aes_gcm::Aes256Gcm>::from_slice(&self.key))
+        aes_gcm::Aes256Gcm::new(aes_gcm::Key::<aes_gcm::Aes256Gcm>::from_slice(
+            self.key.as_slice(),
+        ))
     }
 
     /// Seals `rows` (nonce, then ciphertext) and replaces the file atomically.

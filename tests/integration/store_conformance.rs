@@ -135,11 +135,11 @@ async fn authenticated_store_conforms_and_refuses_records_changed_underneath() {
     use credbroker::store::AuthenticatedStore;
     conformance(Arc::new(AuthenticatedStore::new(
         Arc::new(MemoryStore::new()),
-        [7; 32],
+        [7; 32].into(),
     )))
     .await;
     let inner: Arc<dyn CredentialStore> = Arc::new(MemoryStore::new());
-    let store = AuthenticatedStore::new(inner.clone(), [7; 32]);
+    let store = AuthenticatedStore::new(inner.clone(), [7; 32].into());
     for id in ["a", "b", "c"] {
         store.insert_system(&record(id, 1)).await.unwrap();
     }
@@ -155,7 +155,7 @@ async fn authenticated_store_conforms_and_refuses_records_changed_underneath() {
     assert_eq!(ids, ["a", "c"], "a refused record leaves no short page");
     assert_eq!(store.get_system("a").await.unwrap(), Some(record("a", 1)));
     // Another key (another master key) trusts nothing.
-    let other = AuthenticatedStore::new(inner, [8; 32]);
+    let other = AuthenticatedStore::new(inner, [8; 32].into());
     assert!(other.list_systems(None, 10).await.unwrap().is_empty());
 }
 
