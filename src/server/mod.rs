@@ -662,15 +662,26 @@ type OpenedStore = (
     u32,
     MasterKeySource,
     bool,
-    Option<Arc<crate::store::MirroredStore>>,
+    Option<LoadedMirror>,
 );
+
+/// A replica's mirror, loaded from the database, that starts serving outages once the broker
+/// has opened on it.
+struct LoadedMirror {
+    mirror: Arc<crate::store::MirroredStore>,
+    /// The database was initialized and the snapshot may serve: should the database stop
+    /// answering before the broker has opened, the replica starts from its snapshot, as it
+    /// would had the database stopped a moment earlier.
+    snapshot_fallback: bool,
+}
 
 /// The replica snapshot's file under the data directory.
 pub const REPLICA_SNAPSHOT_FILE: &str = "replica-snapshot";
 
 /// Replicas: the database is the record of truth (its key check value verifies the master
 /// key); the data directory keeps only local files and the sealed snapshot of the mirror. While
-/// the database does not answer (at the first connection or while the mirror loads), a replica
+/// the database does not answer (at the first connection, while the mirror loads, or while the
+/// broker opens on it: [`Opening::open`]), a replica
 /// starts from its snapshot (when allowed, present and usable) or waits, not ready, until it
 /// does.
 async fn open_postgres(
@@ -744,14 +755,11 @@ async fn load_mirror(
         systems = mirrored.mirrored_systems()
     );
     let store: Arc<dyn CredentialStore> = mirrored.clone();
-    Ok(Some((
-        store,
-        keyring,
-        key_id,
-        source,
-        false,
-        Some(mirrored),
-    )))
+    let loaded = LoadedMirror {
+        mirror: mirrored,
+        snapshot_fallback: snapshot_allowed && exists,
+    };
+    Ok(Some((store, keyring, key_id, source, false, Some(loaded))))
 }
 
 /// One start-up step against the database: tried once when a snapshot may serve instead
@@ -831,6 +839,13 @@ impl StartUpError for StoreError {
             StoreError::Unreachable(e) => Verdict::Wait(e),
             e => Verdict::End(ServeError::Postgres(e.to_string())),
         }
+    }
+}
+
+/// A step that judged its own error.
+impl StartUpError for Verdict {
+    fn verdict(self) -> Verdict {
+        self
     }
 }
 
@@ -988,29 +1003,108 @@ async fn open_broker(
         oauth: config.vendors.clone(),
     });
     let settings = broker_settings(config, egress, public_url, initialized, &data_dir);
-    let first_key = keyring.key_check_value();
-    let mut keyring = Some(keyring);
-    // A database that stops answering while the broker reads its format record, keys and
-    // callers is waited for like every start-up step. Each try loads the master key again: a
-    // keyring is never copied.
-    let (broker, admin_token) = while_unreachable(|| {
-        let ring = keyring
-            .take()
-            .map_or_else(|| reload_keyring(config, &data_dir, &first_key), Ok);
-        let (store, registry, settings) = (store.clone(), registry.clone(), settings.clone());
-        async move { Ok::<_, ServeError>(Broker::open(store, ring?, registry, settings).await?) }
-    })
-    .await?;
-    // Started: from now on the mirror answers for a database that does not.
-    if let Some(mirror) = mirror {
-        mirror.serve_outages();
-    }
+    let opening = Opening {
+        config,
+        data_dir: &data_dir,
+        first_key: keyring.key_check_value(),
+        registry,
+        settings,
+    };
+    let (broker, admin_token) = opening.open(store, keyring, mirror).await?;
     if admin_token.is_some() {
         let path = data_dir.join(ADMIN_TOKEN_FILE);
         tracing::info!(message = "Created the admin caller; its token is in the admin token file.", path = %path.display());
     }
     webhooks::start(&broker, &http, &config.webhooks);
     Ok(broker)
+}
+
+/// What every try at opening the broker on a store shares.
+struct Opening<'a> {
+    config: &'a Config,
+    data_dir: &'a Path,
+    /// The key check value of the master key the first try loaded.
+    first_key: Vec<u8>,
+    registry: Registry,
+    settings: BrokerSettings,
+}
+
+impl Opening<'_> {
+    /// Opens the broker on `store`. A database that stops answering while the broker reads its
+    /// format record, keys and callers is waited for like every start-up step, or, for a
+    /// replica whose snapshot may serve, means starting from the snapshot. A replica's mirror
+    /// answers for the database once the broker has opened on it.
+    async fn open(
+        &self,
+        store: Arc<dyn CredentialStore>,
+        keyring: Keyring,
+        mirror: Option<LoadedMirror>,
+    ) -> Result<(Arc<Broker>, Option<crate::secret::SecretString>), ServeError> {
+        let url = self.config.store.url.as_ref();
+        let mut keyring = Some(keyring);
+        if let (Some(m), Some(url)) = (&mirror, url) {
+            if m.snapshot_fallback {
+                match self.try_open(store.clone(), keyring.take()).await {
+                    Ok(opened) => {
+                        m.mirror.serve_outages();
+                        return Ok(opened);
+                    }
+                    Err(Verdict::End(e)) => return Err(e),
+                    Err(Verdict::Wait(e)) => {
+                        tracing::warn!(message = "The store stopped answering while the broker opened; starting from the replica snapshot.", error = %e);
+                    }
+                }
+                match start_from_snapshot(self.config, url, self.data_dir) {
+                    Ok(snapshot) => {
+                        // The loaded mirror goes: its tasks hold it weakly and end with it.
+                        drop((store, mirror));
+                        return self.waiting(snapshot.0, None).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
+                    }
+                }
+            }
+        }
+        let opened = self.waiting(store, keyring).await?;
+        if let Some(m) = mirror {
+            m.mirror.serve_outages();
+        }
+        Ok(opened)
+    }
+
+    /// Tries until the store answers.
+    async fn waiting(
+        &self,
+        store: Arc<dyn CredentialStore>,
+        keyring: Option<Keyring>,
+    ) -> Result<(Arc<Broker>, Option<crate::secret::SecretString>), ServeError> {
+        let mut keyring = keyring;
+        while_unreachable(|| {
+            let ring = keyring.take();
+            let store = store.clone();
+            async move { self.try_open(store, ring).await }
+        })
+        .await
+    }
+
+    /// One try. Each try after the first loads the master key again: a keyring is never copied.
+    async fn try_open(
+        &self,
+        store: Arc<dyn CredentialStore>,
+        keyring: Option<Keyring>,
+    ) -> Result<(Arc<Broker>, Option<crate::secret::SecretString>), Verdict> {
+        let ring = match keyring {
+            Some(ring) => ring,
+            None => {
+                reload_keyring(self.config, self.data_dir, &self.first_key).map_err(Verdict::End)?
+            }
+        };
+        let (registry, settings) = (self.registry.clone(), self.settings.clone());
+        Broker::open(store, ring, registry, settings)
+            .await
+            .map_err(|e| ServeError::from(e).verdict())
+    }
 }
 
 /// The master key again, for another try at opening the broker: the one the first try loaded

@@ -3,6 +3,7 @@
 //! within a second, a dead lock holder taken over, and a database outage survived.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use credbroker::pb;
@@ -1369,4 +1370,59 @@ async fn a_primary_failover_loses_no_acknowledged_registration() {
     })
     .await;
     no_secret_in_logs(r.logs.path(), &["fo-pat-7", PG_PASSWORD]);
+}
+
+/// A database that stops answering after the replica loaded its mirror, while the broker opens
+/// on it (format record, keys, callers), means starting from the replica's snapshot, as it
+/// would had the database stopped a moment earlier: the replica serves, it does not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stops_answering_while_the_broker_opens_on_its_mirror_means_the_snapshot() {
+    use credbroker::store::faulty::{FaultControl, FaultyStore};
+    let Some(pg) = PgServer::shared().await else {
+        return skipped(
+            "a_store_that_stops_answering_while_the_broker_opens_on_its_mirror_means_the_snapshot",
+        );
+    };
+    let url = pg.fresh_db().await;
+    let asana = FakeAsana::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.store.url = Some(credbroker::secret::SecretString::new(url.clone()));
+    config.store.replica_snapshot_interval = Duration::from_millis(200);
+    let snapshot = dir.path().join(credbroker::server::REPLICA_SNAPSHOT_FILE);
+    let first = TestBroker::start_with(config.clone()).await;
+    let mut admin = first.admin().await;
+    let registered = std::time::SystemTime::now();
+    admin
+        .register_system(register_asana("s", &asana.base_url, "open-pat", false))
+        .await
+        .unwrap();
+    within(Duration::from_secs(10), || {
+        let s = snapshot.clone();
+        async move {
+            std::fs::metadata(&s)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > registered)
+        }
+    })
+    .await;
+    first.stop().await;
+
+    // Every operation after the mirror loaded finds no answer.
+    let control = Arc::new(FaultControl::default());
+    control
+        .unreachable
+        .store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+    let c = control.clone();
+    let wrap: credbroker::server::StoreWrapper =
+        Box::new(move |inner| Arc::new(FaultyStore::new(inner, c)));
+    let second = TestBroker::start_wrapped(config, wrap).await;
+    assert!(control.injected.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    let mut cc = second.admin().await;
+    assert_eq!(
+        auth_header(&mut cc, "s").await.unwrap(),
+        "Bearer open-pat",
+        "served from the snapshot"
+    );
+    second.stop().await;
 }
