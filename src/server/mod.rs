@@ -95,13 +95,14 @@ pub struct StartupHooks {
     /// A bound HTTP listener to use instead of binding `config.server.http_listen`.
     pub http_listener: Option<TcpListener>,
     /// Wraps the opened store before the broker uses it (fault injection in tests, an
-    /// embedder's instrumentation).
+    /// embedder's instrumentation). Called again for the store a replica falls back to (its
+    /// snapshot) when the database stops answering while the broker opens.
     pub wrap_store: Option<StoreWrapper>,
 }
 
 /// See [`StartupHooks::wrap_store`].
 pub type StoreWrapper =
-    Box<dyn FnOnce(Arc<dyn CredentialStore>) -> Arc<dyn CredentialStore> + Send>;
+    Box<dyn Fn(Arc<dyn CredentialStore>) -> Arc<dyn CredentialStore> + Send + Sync>;
 
 /// Serves on `listener` until `shutdown` resolves.
 pub async fn run(
@@ -139,7 +140,10 @@ fn test_store_latency() -> Option<StoreWrapper> {
         latency_ms = ms
     );
     Some(Box::new(move |inner| {
-        Arc::new(crate::store::faulty::FaultyStore::new(inner, control)) as Arc<dyn CredentialStore>
+        Arc::new(crate::store::faulty::FaultyStore::new(
+            inner,
+            control.clone(),
+        )) as Arc<dyn CredentialStore>
     }))
 }
 
@@ -669,10 +673,10 @@ type OpenedStore = (
 /// has opened on it.
 struct LoadedMirror {
     mirror: Arc<crate::store::MirroredStore>,
-    /// The database was initialized and the snapshot may serve: should the database stop
-    /// answering before the broker has opened, the replica starts from its snapshot, as it
-    /// would had the database stopped a moment earlier.
-    snapshot_fallback: bool,
+    /// The snapshot, when the database was initialized and a snapshot may serve: should the
+    /// database stop answering before the broker has opened, the replica starts from it, as it
+    /// would had the database stopped a moment earlier, if it holds what the mirror loaded.
+    fallback: Option<crate::store::mirror::SnapshotFile>,
 }
 
 /// The replica snapshot's file under the data directory.
@@ -742,6 +746,7 @@ async fn load_mirror(
     let exists = format.is_some();
     let (keyring, key_id, source, file) = replica_key(config, data_dir, exists)?;
     let every = config.store.replica_snapshot_interval;
+    let fallback = (snapshot_allowed && exists).then(|| file.clone());
     let snapshot = config.store.replica_snapshot.then_some((file, every));
     // Every row mirrored in memory: every system stays servable while the database is away.
     let open = || crate::store::MirroredStore::open(pg.clone(), snapshot.clone());
@@ -757,7 +762,7 @@ async fn load_mirror(
     let store: Arc<dyn CredentialStore> = mirrored.clone();
     let loaded = LoadedMirror {
         mirror: mirrored,
-        snapshot_fallback: snapshot_allowed && exists,
+        fallback,
     };
     Ok(Some((store, keyring, key_id, source, false, Some(loaded))))
 }
@@ -987,7 +992,7 @@ async fn open_broker(
             tracing::info!(message = "Master key loaded.", path = %path.display(), key_id = %format!("{key_id:08x}"))
         }
     }
-    if let Some(wrap) = wrap_store {
+    if let Some(wrap) = &wrap_store {
         store = wrap(store);
     }
     let egress = config.egress.policy();
@@ -1006,6 +1011,7 @@ async fn open_broker(
     let opening = Opening {
         config,
         data_dir: &data_dir,
+        wrap_store: wrap_store.as_ref(),
         first_key: keyring.key_check_value(),
         registry,
         settings,
@@ -1023,6 +1029,7 @@ async fn open_broker(
 struct Opening<'a> {
     config: &'a Config,
     data_dir: &'a Path,
+    wrap_store: Option<&'a StoreWrapper>,
     /// The key check value of the master key the first try loaded.
     first_key: Vec<u8>,
     registry: Registry,
@@ -1042,27 +1049,35 @@ impl Opening<'_> {
     ) -> Result<(Arc<Broker>, Option<crate::secret::SecretString>), ServeError> {
         let url = self.config.store.url.as_ref();
         let mut keyring = Some(keyring);
-        if let (Some(m), Some(url)) = (&mirror, url) {
-            if m.snapshot_fallback {
-                match self.try_open(store.clone(), keyring.take()).await {
-                    Ok(opened) => {
-                        m.mirror.serve_outages();
-                        return Ok(opened);
-                    }
-                    Err(Verdict::End(e)) => return Err(e),
-                    Err(Verdict::Wait(e)) => {
-                        tracing::warn!(message = "The store stopped answering while the broker opened; starting from the replica snapshot.", error = %e);
+        let fallback = mirror
+            .as_ref()
+            .and_then(|m| Some((m, m.fallback.as_ref()?)));
+        if let (Some((m, file)), Some(url)) = (fallback, url) {
+            match self.try_open(store.clone(), keyring.take()).await {
+                Ok(opened) => {
+                    m.mirror.serve_outages();
+                    return Ok(opened);
+                }
+                Err(Verdict::End(e)) => return Err(e),
+                Err(Verdict::Wait(e)) if m.mirror.agrees_with(file) => {
+                    tracing::warn!(message = "The store stopped answering while the broker opened; starting from the replica snapshot.", error = %e);
+                    match start_from_snapshot(self.config, url, self.data_dir) {
+                        Ok((snapshot, ..)) => {
+                            // The loaded mirror goes: its tasks hold it weakly and end with it.
+                            drop((store, mirror));
+                            let snapshot = match self.wrap_store {
+                                Some(wrap) => wrap(snapshot),
+                                None => snapshot,
+                            };
+                            return self.waiting(snapshot, None).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
+                        }
                     }
                 }
-                match start_from_snapshot(self.config, url, self.data_dir) {
-                    Ok(snapshot) => {
-                        // The loaded mirror goes: its tasks hold it weakly and end with it.
-                        drop((store, mirror));
-                        return self.waiting(snapshot.0, None).await;
-                    }
-                    Err(e) => {
-                        tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
-                    }
+                Err(Verdict::Wait(e)) => {
+                    tracing::warn!(message = "The store stopped answering while the broker opened, and the replica snapshot is behind the database; waiting for the store.", error = %e);
                 }
             }
         }

@@ -291,6 +291,22 @@ impl MirroredStore {
         self.serving.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Whether `snapshot` holds exactly the systems and callers this mirror holds: a start from
+    /// it would serve what the database held, and bring back no revocation or deletion made
+    /// since it was written. An unreadable snapshot does not.
+    pub fn agrees_with(&self, snapshot: &SnapshotFile) -> bool {
+        let Ok(theirs) = snapshot.read() else {
+            return false;
+        };
+        let ours = read(&self.rows);
+        let by_name = |callers: &[CallerRecord]| {
+            let mut v: Vec<CallerRecord> = callers.to_vec();
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            v
+        };
+        ours.systems == theirs.systems && by_name(&ours.callers) == by_name(&theirs.callers)
+    }
+
     /// From now on, reads the database does not answer are answered from the mirror (called
     /// once the broker has started on this store).
     pub fn serve_outages(&self) {

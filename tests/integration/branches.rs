@@ -14,7 +14,7 @@ use crate::support::*;
 
 fn wrap(control: &Arc<FaultControl>) -> credbroker::server::StoreWrapper {
     let control = control.clone();
-    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control)))
+    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control.clone())))
 }
 
 fn req(id: &str, rejected: &str) -> pb::GetAccessTokenRequest {

@@ -38,7 +38,7 @@ fn gave_up(s: &tonic::Status) -> bool {
 
 fn wrap(control: &Arc<FaultControl>) -> credbroker::server::StoreWrapper {
     let control = control.clone();
-    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control)))
+    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control.clone())))
 }
 
 /// What the harness needs of a fake vendor's token endpoint.

@@ -1372,12 +1372,31 @@ async fn a_primary_failover_loses_no_acknowledged_registration() {
     no_secret_in_logs(r.logs.path(), &["fo-pat-7", PG_PASSWORD]);
 }
 
+/// Wraps the store: its first opening with `first` (faults), any later one (the snapshot a
+/// replica falls back to) with none; counts the openings.
+fn wrap_first(
+    first: &Arc<credbroker::store::faulty::FaultControl>,
+    calls: &Arc<std::sync::atomic::AtomicUsize>,
+) -> credbroker::server::StoreWrapper {
+    use credbroker::store::faulty::{FaultControl, FaultyStore};
+    let (first, calls) = (first.clone(), calls.clone());
+    let clean = Arc::new(FaultControl::default());
+    Box::new(move |inner| {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let control = if n == 0 { first.clone() } else { clean.clone() };
+        Arc::new(FaultyStore::new(inner, control))
+    })
+}
+
 /// A database that stops answering after the replica loaded its mirror, while the broker opens
 /// on it (format record, keys, callers), means starting from the replica's snapshot, as it
-/// would had the database stopped a moment earlier: the replica serves, it does not wait.
+/// would had the database stopped a moment earlier, when the snapshot holds what the mirror
+/// loaded. A snapshot behind the database (a system registered while this replica was away)
+/// would bring back an older state: then the replica waits for the database, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_stops_answering_while_the_broker_opens_on_its_mirror_means_the_snapshot() {
-    use credbroker::store::faulty::{FaultControl, FaultyStore};
+    use credbroker::store::faulty::FaultControl;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let Some(pg) = PgServer::shared().await else {
         return skipped(
             "a_store_that_stops_answering_while_the_broker_opens_on_its_mirror_means_the_snapshot",
@@ -1385,7 +1404,7 @@ async fn a_store_that_stops_answering_while_the_broker_opens_on_its_mirror_means
     };
     let url = pg.fresh_db().await;
     let asana = FakeAsana::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut config = test_config(dir.path());
     config.store.url = Some(credbroker::secret::SecretString::new(url.clone()));
     config.store.replica_snapshot_interval = Duration::from_millis(200);
@@ -1408,21 +1427,60 @@ async fn a_store_that_stops_answering_while_the_broker_opens_on_its_mirror_means
     .await;
     first.stop().await;
 
-    // Every operation after the mirror loaded finds no answer.
-    let control = Arc::new(FaultControl::default());
-    control
-        .unreachable
-        .store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
-    let c = control.clone();
-    let wrap: credbroker::server::StoreWrapper =
-        Box::new(move |inner| Arc::new(FaultyStore::new(inner, c)));
-    let second = TestBroker::start_wrapped(config, wrap).await;
-    assert!(control.injected.load(std::sync::atomic::Ordering::SeqCst) > 0);
-    let mut cc = second.admin().await;
-    assert_eq!(
-        auth_header(&mut cc, "s").await.unwrap(),
-        "Bearer open-pat",
-        "served from the snapshot"
+    // Every operation on the loaded mirror finds no answer: the snapshot serves.
+    let (down, calls) = (
+        Arc::new(FaultControl::default()),
+        Arc::new(AtomicUsize::new(0)),
     );
+    down.unreachable.store(u32::MAX, SeqCst);
+    let second = TestBroker::start_wrapped(config.clone(), wrap_first(&down, &calls)).await;
+    assert_eq!(calls.load(SeqCst), 2, "the snapshot's store is wrapped too");
+    assert_eq!(down.injected.load(SeqCst), 1, "one try on the mirror");
+    let mut cc = second.admin().await;
+    assert_eq!(auth_header(&mut cc, "s").await.unwrap(), "Bearer open-pat");
     second.stop().await;
+
+    // Another replica registers a system meanwhile: this replica's snapshot is behind.
+    let mut other = test_config(other_dir.path());
+    other.store.url = config.store.url.clone();
+    other.store.master_key_file = Some(dir.path().join("master.key"));
+    let token_file = credbroker::server::ADMIN_TOKEN_FILE;
+    std::fs::copy(
+        dir.path().join(token_file),
+        other_dir.path().join(token_file),
+    )
+    .unwrap();
+    let b = TestBroker::start_with(other).await;
+    let mut admin_b = b.admin().await;
+    admin_b
+        .register_system(register_asana("t", &asana.base_url, "later-pat", false))
+        .await
+        .unwrap();
+    b.stop().await;
+    let (down, calls) = (
+        Arc::new(FaultControl::default()),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    down.unreachable.store(u32::MAX, SeqCst);
+    let (d, n) = (down.clone(), calls.clone());
+    let waited = tokio::spawn(async move {
+        // A second try on the mirror (2 s later) shows the replica waited, not fell back.
+        within(Duration::from_secs(15), || async {
+            d.injected.load(SeqCst) >= 2
+        })
+        .await;
+        let openings = n.load(SeqCst);
+        d.unreachable.store(0, SeqCst);
+        openings
+    });
+    let third = TestBroker::start_wrapped(config, wrap_first(&down, &calls)).await;
+    assert_eq!(
+        waited.await.unwrap(),
+        1,
+        "no fallback to a snapshot behind the database"
+    );
+    assert_eq!(calls.load(SeqCst), 1);
+    let mut cc = third.admin().await;
+    assert_eq!(auth_header(&mut cc, "t").await.unwrap(), "Bearer later-pat");
+    third.stop().await;
 }

@@ -19,7 +19,7 @@ use crate::support::*;
 
 fn wrap(control: &Arc<FaultControl>) -> credbroker::server::StoreWrapper {
     let control = control.clone();
-    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control)))
+    Box::new(move |inner| Arc::new(FaultyStore::new(inner, control.clone())))
 }
 
 async fn readyz_writes(http: std::net::SocketAddr) -> (u16, String) {
