@@ -194,7 +194,7 @@ impl Audit {
         let (health_tx, _) = watch::channel(true);
         Self {
             config,
-            mac: <Hmac<Sha256> as Mac>::new_from_slice(key.as_slice()).ok(),
+            mac: <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes()).ok(),
             file: Mutex::new(file),
             pending: Mutex::new(Pending::default()),
             batches: std::sync::atomic::AtomicU64::new(0),

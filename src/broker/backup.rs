@@ -68,7 +68,7 @@ pub struct RestoreSummary {
 
 fn cipher(broker: &Broker) -> Aes256Gcm {
     let key = broker.derive_key("backup-v1");
-    Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_slice()))
+    Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.as_bytes()))
 }
 
 fn seal(cipher: &Aes256Gcm, chunk: &Chunk) -> Result<Vec<u8>, BrokerError> {

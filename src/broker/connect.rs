@@ -471,7 +471,12 @@ impl Broker {
         }
         let base = self.settings.public_url.as_deref()?.trim_end_matches('/');
         let exp = unix_now() + CONNECT_LINK_TTL_SECS;
-        let sig = link_signature(&self.link_key, &r.system_id, r.credential_version, exp);
+        let sig = link_signature(
+            self.link_key.as_bytes(),
+            &r.system_id,
+            r.credential_version,
+            exp,
+        );
         let query = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("system", &r.system_id)
             .append_pair("v", &r.credential_version.to_string())
@@ -492,7 +497,7 @@ impl Broker {
         let (Ok(version), Ok(exp)) = (get("v").parse::<u64>(), get("exp").parse::<u64>()) else {
             return Err(LinkOutcome::Invalid);
         };
-        let want = link_signature(&self.link_key, system_id, version, exp);
+        let want = link_signature(self.link_key.as_bytes(), system_id, version, exp);
         if want.is_empty()
             || !bool::from(subtle::ConstantTimeEq::ct_eq(
                 want.as_bytes(),

@@ -74,7 +74,7 @@ impl Broker {
             n: id.clone(),
         };
         let payload = serde_json::to_vec(&claims).ok()?;
-        let mut m = mac(&self.lease_key)?;
+        let mut m = mac(self.lease_key.as_bytes())?;
         m.update(&payload);
         let sig = m.finalize().into_bytes();
         let lease = format!(
@@ -94,7 +94,7 @@ impl Broker {
         let (payload_b64, sig_b64) = body.split_once('.')?;
         let payload = URL_SAFE_NO_PAD.decode(payload_b64).ok()?;
         let sig = URL_SAFE_NO_PAD.decode(sig_b64).ok()?;
-        let mut m = mac(&self.lease_key)?;
+        let mut m = mac(self.lease_key.as_bytes())?;
         m.update(&payload);
         // Constant-time comparison.
         m.verify_slice(&sig).ok()?;
@@ -388,7 +388,7 @@ impl Broker {
     }
 
     fn quota_tag(&self, body: &str) -> Option<String> {
-        let mut m = mac(&self.quota_key)?;
+        let mut m = mac(self.quota_key.as_bytes())?;
         m.update(body.as_bytes());
         Some(crate::util::hex::encode(&m.finalize().into_bytes()))
     }

@@ -33,9 +33,9 @@ use crate::model::CredentialType;
 #[derive(Clone)]
 pub struct SubKey(Zeroizing<[u8; KEY_LEN]>);
 
-impl std::ops::Deref for SubKey {
-    type Target = [u8; KEY_LEN];
-    fn deref(&self) -> &Self::Target {
+impl SubKey {
+    /// The key's bytes, borrowed (no `Deref`: a `*key` would be an unwiped copy).
+    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
 }
@@ -388,9 +388,9 @@ mod tests {
             ring.derive_subkey("audit-hmac"),
             ring.derive_subkey("proxy-lease"),
         );
-        assert_eq!(*a, *ring.derive_subkey("audit-hmac"));
-        assert_ne!(*a, *b);
-        assert_ne!(*a, [0; KEY_LEN]);
+        assert_eq!(a.as_bytes(), ring.derive_subkey("audit-hmac").as_bytes());
+        assert_ne!(a.as_bytes(), b.as_bytes());
+        assert_ne!(a.as_bytes(), &[0; KEY_LEN]);
         let shown = format!("{a:?} {b:?}");
         assert_eq!(shown, "SubKey(..) SubKey(..)");
         // The wipe is `Zeroizing`'s drop; a plain array would need none.

@@ -43,25 +43,25 @@ impl AuthenticatedStore {
 
     /// The tag `record` should carry.
     pub fn system_tag(&self, record: &SystemRecord) -> String {
-        tag(&self.key, &system_fields(record))
+        tag(self.key.as_bytes(), &system_fields(record))
     }
 
     /// The tag `record` should carry.
     pub fn caller_tag(&self, record: &CallerRecord) -> String {
-        tag(&self.key, &caller_fields(record))
+        tag(self.key.as_bytes(), &caller_fields(record))
     }
 
     /// The record if its tag holds (handed on without it: the tag is the store's business).
     fn check_system(&self, mut r: SystemRecord) -> Result<SystemRecord, StoreError> {
         match r.integrity.take() {
-            Some(t) if verify(&self.key, &system_fields(&r), &t) => Ok(r),
+            Some(t) if verify(self.key.as_bytes(), &system_fields(&r), &t) => Ok(r),
             _ => Err(refused("system", &r.system_id)),
         }
     }
 
     fn check_caller(&self, mut r: CallerRecord) -> Result<CallerRecord, StoreError> {
         match r.integrity.take() {
-            Some(t) if verify(&self.key, &caller_fields(&r), &t) => Ok(r),
+            Some(t) if verify(self.key.as_bytes(), &caller_fields(&r), &t) => Ok(r),
             _ => Err(refused("caller", &r.name)),
         }
     }
@@ -299,7 +299,7 @@ impl CredentialStore for AuthenticatedStore {
         let tagged: Vec<(u64, Vec<u8>)> = events
             .iter()
             .map(|(at, body)| {
-                let mut b = tag(&self.key, &event_fields(*at, body)).into_bytes();
+                let mut b = tag(self.key.as_bytes(), &event_fields(*at, body)).into_bytes();
                 b.push(b'.');
                 b.extend_from_slice(body);
                 (*at, b)
@@ -315,8 +315,13 @@ impl CredentialStore for AuthenticatedStore {
         for e in &mut rows {
             let dot = e.body.iter().position(|b| *b == b'.');
             let ok = dot.is_some_and(|dot| {
-                std::str::from_utf8(&e.body[..dot])
-                    .is_ok_and(|t| verify(&self.key, &event_fields(e.at, &e.body[dot + 1..]), t))
+                std::str::from_utf8(&e.body[..dot]).is_ok_and(|t| {
+                    verify(
+                        self.key.as_bytes(),
+                        &event_fields(e.at, &e.body[dot + 1..]),
+                        t,
+                    )
+                })
             });
             match dot.filter(|_| ok) {
                 Some(dot) => {

@@ -145,7 +145,7 @@ impl SnapshotFile {
     fn cipher(&self) -> aes_gcm::Aes256Gcm {
         use aes_gcm::KeyInit;
         aes_gcm::Aes256Gcm::new(aes_gcm::Key::<aes_gcm::Aes256Gcm>::from_slice(
-            self.key.as_slice(),
+            self.key.as_bytes(),
         ))
     }
 
