@@ -128,6 +128,56 @@ pub(crate) fn jira_config(
     c
 }
 
+/// A Zendesk refresh answered without a refresh token (real Zendesk always sends a new one: a
+/// wrong answer) keeps the stored refresh token and its tracked expiry; the answer's
+/// `refresh_token_expires_in` speaks of no token the broker holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zendesk_refresh_without_a_refresh_token_keeps_the_stored_ones_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &fake.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(&mut admin, "zd").await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    let expires = system(&mut admin, "zd")
+        .await
+        .credential_expires_at
+        .unwrap();
+    let first = admin
+        .get_access_token(token_req("zd"))
+        .await
+        .unwrap()
+        .into_inner();
+    fake.omit_refresh_tokens(7 * 86_400);
+    let calls = fake.token_calls();
+    let again = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            rejected_token_id: first.token_id.clone(),
+            ..token_req("zd")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fake.token_calls(), calls + 1, "refreshed");
+    assert_ne!(again.token_id, first.token_id);
+    let after = system(&mut admin, "zd").await;
+    assert_eq!(after.state, pb::SystemState::Active as i32);
+    assert_eq!(
+        after.credential_expires_at.unwrap(),
+        expires,
+        "the expiry stays"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zendesk_connects_end_to_end_through_the_rpc() {
     let dir = tempfile::tempdir().unwrap();

@@ -1941,6 +1941,9 @@ struct ZdState {
     service_clients: HashMap<String, String>,
     /// Show the consent page (an "Allow" button) before acting on `consent`, as a browser sees it.
     consent_page: bool,
+    /// Refreshes answered without a refresh token (the old one stays valid) and with this
+    /// `refresh_token_expires_in`: an answer real Zendesk does not give.
+    omit_refresh_token: Option<u64>,
 }
 
 /// A fake Zendesk account: consent page, JSON token endpoint with rotating refresh tokens (the
@@ -1969,6 +1972,7 @@ impl FakeZendesk {
             mode: Mode::Normal,
             service_clients: HashMap::new(),
             consent_page: false,
+            omit_refresh_token: None,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| zd_handle(&mut st.lock().unwrap(), req)).await;
@@ -2029,6 +2033,11 @@ impl FakeZendesk {
     /// Forces the access-token lifetime (seconds).
     pub fn set_access_lifetime(&self, secs: u64) {
         self.state.lock().unwrap().access_lifetime = Some(secs);
+    }
+
+    /// Answers refreshes without a refresh token, saying `refresh_token_expires_in`.
+    pub fn omit_refresh_tokens(&self, refresh_token_expires_in: u64) {
+        self.state.lock().unwrap().omit_refresh_token = Some(refresh_token_expires_in);
     }
 
     /// Token endpoint calls.
@@ -2164,6 +2173,21 @@ fn zd_handle(s: &mut ZdState, req: &Req) -> Reply {
                     Ok((_, a, r, scope)) => (a, r, scope),
                     Err(e) => return e,
                 },
+                Some("refresh_token") if s.omit_refresh_token.is_some() => {
+                    let rotate = std::mem::replace(&mut s.oauth.rotate, false);
+                    let rt = f.get("refresh_token").map(String::as_str).unwrap_or("");
+                    let answer = s.oauth.refresh_grant(rt);
+                    s.oauth.rotate = rotate;
+                    let said = s.omit_refresh_token.unwrap_or_default();
+                    return match answer {
+                        Ok((a, _)) => Reply::Json(
+                            200,
+                            json!({"access_token": a, "token_type": "bearer", "scope": "read write",
+                            "expires_in": lifetime, "refresh_token_expires_in": said}),
+                        ),
+                        Err(e) => e,
+                    };
+                }
                 Some("refresh_token") => match s
                     .oauth
                     .refresh_grant(f.get("refresh_token").map(String::as_str).unwrap_or(""))
