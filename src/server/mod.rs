@@ -152,6 +152,15 @@ fn test_store_latency() -> Option<StoreWrapper> {
     None
 }
 
+/// After the drain: the last events are settled, then a replica's mirror writes its last
+/// snapshot (which then holds every change this replica made).
+async fn settle(broker: &Broker, mirror: Option<Arc<crate::store::MirroredStore>>) {
+    settle_events(broker).await;
+    if let Some(mirror) = mirror {
+        mirror.write_last_snapshot().await;
+    }
+}
+
 /// The events of the last changes reach the store before it closes (at most 2 s), and every
 /// watch ends.
 async fn settle_events(broker: &Broker) {
@@ -229,7 +238,7 @@ pub async fn run_with_hooks(
         opened = open_broker(&config, public_url, hooks.wrap_store) => opened.map(Some),
         () = &mut shutdown => Ok(None),
     };
-    let Ok(Some(broker)) = opened else {
+    let Ok(Some((broker, mirror))) = opened else {
         let _ = stop_tx.send(());
         let _ = http_stop_tx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
@@ -278,7 +287,7 @@ pub async fn run_with_hooks(
         &extras,
     )
     .await;
-    settle_events(&broker).await;
+    settle(&broker, mirror).await;
     for t in tls_tasks {
         t.abort();
     }
@@ -906,7 +915,12 @@ fn start_from_snapshot(
     let every = config.store.replica_snapshot_interval;
     let mirrored = crate::store::MirroredStore::from_snapshot(pending, file, every)
         .map_err(|e| ServeError::Postgres(e.to_string()))?;
-    Ok((mirrored, keyring, key_id, source, false, None))
+    // Serving already; handed back so that its last snapshot is written at a graceful stop.
+    let served = LoadedMirror {
+        mirror: mirrored.clone(),
+        fallback: None,
+    };
+    Ok((mirrored, keyring, key_id, source, false, Some(served)))
 }
 
 /// The embedded sled store in the data directory, opened only once the master key is known to
@@ -969,7 +983,7 @@ async fn open_broker(
     config: &Config,
     public_url: Option<String>,
     wrap_store: Option<StoreWrapper>,
-) -> Result<Arc<Broker>, ServeError> {
+) -> Result<(Arc<Broker>, Option<Arc<crate::store::MirroredStore>>), ServeError> {
     let data_dir = config.store.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|error| ServeError::DataDir {
         path: data_dir.clone(),
@@ -1016,14 +1030,21 @@ async fn open_broker(
         registry,
         settings,
     };
-    let (broker, admin_token) = opening.open(store, keyring, mirror).await?;
+    let (broker, admin_token, mirror) = opening.open(store, keyring, mirror).await?;
     if admin_token.is_some() {
         let path = data_dir.join(ADMIN_TOKEN_FILE);
         tracing::info!(message = "Created the admin caller; its token is in the admin token file.", path = %path.display());
     }
     webhooks::start(&broker, &http, &config.webhooks);
-    Ok(broker)
+    Ok((broker, mirror))
 }
+
+/// The opened broker, the bootstrap admin's token when it was created, and a replica's mirror.
+type OpenedBroker = (
+    Arc<Broker>,
+    Option<crate::secret::SecretString>,
+    Option<Arc<crate::store::MirroredStore>>,
+);
 
 /// What every try at opening the broker on a store shares.
 struct Opening<'a> {
@@ -1040,13 +1061,14 @@ impl Opening<'_> {
     /// Opens the broker on `store`. A database that stops answering while the broker reads its
     /// format record, keys and callers is waited for like every start-up step, or, for a
     /// replica whose snapshot may serve, means starting from the snapshot. A replica's mirror
-    /// answers for the database once the broker has opened on it.
+    /// answers for the database once the broker has opened on it; it comes back with the broker
+    /// (its last snapshot is written at a graceful stop).
     async fn open(
         &self,
         store: Arc<dyn CredentialStore>,
         keyring: Keyring,
         mirror: Option<LoadedMirror>,
-    ) -> Result<(Arc<Broker>, Option<crate::secret::SecretString>), ServeError> {
+    ) -> Result<OpenedBroker, ServeError> {
         let url = self.config.store.url.as_ref();
         let mut keyring = Some(keyring);
         let fallback = mirror
@@ -1054,22 +1076,23 @@ impl Opening<'_> {
             .and_then(|m| Some((m, m.fallback.as_ref()?)));
         if let (Some((m, file)), Some(url)) = (fallback, url) {
             match self.try_open(store.clone(), keyring.take()).await {
-                Ok(opened) => {
+                Ok((broker, token)) => {
                     m.mirror.serve_outages();
-                    return Ok(opened);
+                    return Ok((broker, token, Some(m.mirror.clone())));
                 }
                 Err(Verdict::End(e)) => return Err(e),
                 Err(Verdict::Wait(e)) if m.mirror.agrees_with(file) => {
                     tracing::warn!(message = "The store stopped answering while the broker opened; starting from the replica snapshot.", error = %e);
                     match start_from_snapshot(self.config, url, self.data_dir) {
-                        Ok((snapshot, ..)) => {
+                        Ok((snapshot, .., served)) => {
                             // The loaded mirror goes: its tasks hold it weakly and end with it.
                             drop((store, mirror));
                             let snapshot = match self.wrap_store {
                                 Some(wrap) => wrap(snapshot),
                                 None => snapshot,
                             };
-                            return self.waiting(snapshot, None).await;
+                            let (broker, token) = self.waiting(snapshot, None).await?;
+                            return Ok((broker, token, served.map(|s| s.mirror)));
                         }
                         Err(e) => {
                             tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
@@ -1081,11 +1104,11 @@ impl Opening<'_> {
                 }
             }
         }
-        let opened = self.waiting(store, keyring).await?;
-        if let Some(m) = mirror {
+        let (broker, token) = self.waiting(store, keyring).await?;
+        if let Some(m) = &mirror {
             m.mirror.serve_outages();
         }
-        Ok(opened)
+        Ok((broker, token, mirror.map(|m| m.mirror)))
     }
 
     /// Tries until the store answers.

@@ -92,6 +92,8 @@ pub struct MirroredStore {
     /// the mirror holds none of the keys it reads then (format, key check, key ring), and an
     /// absent key read from it would look like a damaged store or a wrong master key.
     serving: std::sync::atomic::AtomicBool,
+    /// Where the snapshot is kept, when it is.
+    snapshot_file: std::sync::OnceLock<SnapshotFile>,
 }
 
 /// Counters of [`MirroredStore::own_writes`] (rows share them: a write makes an overlapping
@@ -284,6 +286,7 @@ impl MirroredStore {
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
             serving: std::sync::atomic::AtomicBool::new(false),
+            snapshot_file: std::sync::OnceLock::new(),
         })
     }
 
@@ -323,7 +326,22 @@ impl MirroredStore {
             tokio::spawn(follow(Arc::downgrade(self), rx));
         }
         if let Some((file, every)) = snapshot {
+            let _ = self.snapshot_file.set(file.clone());
             tokio::spawn(keep_snapshot(Arc::downgrade(self), file, every));
+        }
+    }
+
+    /// Writes the snapshot, when one is kept and the mirror changed since the last write: at a
+    /// graceful stop, so that a restart during an outage starts from the newest state (and
+    /// that [`MirroredStore::agrees_with`] finds it).
+    pub async fn write_last_snapshot(self: &Arc<Self>) {
+        let Some(file) = self.snapshot_file.get().cloned() else {
+            return;
+        };
+        let me = self.clone();
+        let written = tokio::task::spawn_blocking(move || me.snapshot_to(&file)).await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(message = "Could not write the replica snapshot.", error = %e);
         }
     }
 
@@ -1306,6 +1324,43 @@ mod tests {
     /// Until the broker has started on it, the mirror answers nothing for a database that does
     /// not (were it to, a key it never loaded, such as the format record or the key check value,
     /// would read as absent: a damaged store or a wrong master key). Shown on a system read, the
+    /// The snapshot fallback's rule: a snapshot agrees while it holds the mirror's systems and
+    /// callers (in any order), and no longer after a revocation or a deletion it lacks.
+    #[tokio::test]
+    async fn a_snapshot_agrees_only_while_it_holds_the_mirrors_systems_and_callers() {
+        use crate::model::sample_system;
+        let inner = Arc::new(crate::store::memory::MemoryStore::new());
+        for id in ["s", "t"] {
+            inner.insert_system(&sample_system(id)).await.unwrap();
+        }
+        for name in ["b-worker", "a-worker"] {
+            inner.insert_caller(&caller(name, false)).await.unwrap();
+        }
+        inner.put_meta("format_version", b"1").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile {
+            path: dir.path().join("snapshot"),
+            key: [1; 32].into(),
+        };
+        let m = MirroredStore::open(inner.clone(), None).await.unwrap();
+        m.serve_outages();
+        m.get_meta("format_version").await.unwrap();
+        m.snapshot_to(&file).unwrap();
+        assert!(m.agrees_with(&file));
+        write(&m.rows).callers.reverse();
+        assert!(m.agrees_with(&file), "the callers' order does not matter");
+        m.update_caller(&caller("a-worker", true)).await.unwrap();
+        assert!(!m.agrees_with(&file), "a revocation the snapshot lacks");
+        m.snapshot_to(&file).unwrap();
+        assert!(m.agrees_with(&file));
+        m.delete_system("t").await.unwrap();
+        assert!(!m.agrees_with(&file), "a deletion the snapshot lacks");
+        m.snapshot_to(&file).unwrap();
+        assert!(m.agrees_with(&file));
+        std::fs::write(&file.path, b"not a snapshot").unwrap();
+        assert!(!m.agrees_with(&file), "an unreadable snapshot");
+    }
+
     /// same path; afterwards it serves the outage.
     #[tokio::test]
     async fn the_mirror_serves_outages_only_once_the_broker_started() {
