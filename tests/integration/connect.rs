@@ -100,6 +100,21 @@ pub(crate) async fn zendesk() -> FakeZendesk {
     fake
 }
 
+/// Registers Zendesk system "zd" at `fake` and connects it (the consent page allows).
+async fn connect_zendesk(admin: &mut Client, fake: &FakeZendesk) {
+    admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &fake.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let s = start(admin, "zd").await;
+    assert_eq!(browse(&s.authorize_url).await.1, 200);
+}
+
 pub(crate) async fn atlassian() -> FakeAtlassian {
     let fake = FakeAtlassian::start().await;
     fake.add_client(JIRA_CLIENT, JIRA_SECRET);
@@ -137,17 +152,7 @@ async fn a_zendesk_refresh_without_a_refresh_token_keeps_the_stored_ones_expiry(
     let fake = zendesk().await;
     let broker = TestBroker::start(dir.path()).await;
     let mut admin = broker.admin().await;
-    admin
-        .register_system(register(
-            "zd",
-            pb::SystemKind::Zendesk,
-            &fake.base_url,
-            authz_code(ZD_CLIENT, ZD_SECRET),
-        ))
-        .await
-        .unwrap();
-    let s = start(&mut admin, "zd").await;
-    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    connect_zendesk(&mut admin, &fake).await;
     let expires = system(&mut admin, "zd")
         .await
         .credential_expires_at
@@ -548,17 +553,7 @@ async fn rotating_grants_refresh_once_across_expiry_and_are_kept_alive_when_idle
     config.refresh.keepalive_interval = Duration::from_millis(300);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
-    admin
-        .register_system(register(
-            "zd",
-            pb::SystemKind::Zendesk,
-            &fake.base_url,
-            authz_code(ZD_CLIENT, ZD_SECRET),
-        ))
-        .await
-        .unwrap();
-    let s = start(&mut admin, "zd").await;
-    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    connect_zendesk(&mut admin, &fake).await;
     // The exchange's token nobody used lapses (2 s); then 500 concurrent calls across the expiry.
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     let before = fake.token_calls();
@@ -693,17 +688,7 @@ async fn a_reauthorization_webhook_carries_a_connect_link_that_reconnects() {
     }];
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
-    admin
-        .register_system(register(
-            "zd",
-            pb::SystemKind::Zendesk,
-            &fake.base_url,
-            authz_code(ZD_CLIENT, ZD_SECRET),
-        ))
-        .await
-        .unwrap();
-    let s = start(&mut admin, "zd").await;
-    assert_eq!(browse(&s.authorize_url).await.1, 200);
+    connect_zendesk(&mut admin, &fake).await;
     let tok = admin
         .get_access_token(token_req("zd"))
         .await
