@@ -682,10 +682,10 @@ type OpenedStore = (
 /// has opened on it.
 struct LoadedMirror {
     mirror: Arc<crate::store::MirroredStore>,
-    /// The snapshot, when the database was initialized and a snapshot may serve: should the
-    /// database stop answering before the broker has opened, the replica starts from it, as it
+    /// The database was initialized and a snapshot may serve: should the database stop
+    /// answering before the broker has opened, the replica starts from its snapshot, as it
     /// would had the database stopped a moment earlier, if it holds what the mirror loaded.
-    fallback: Option<crate::store::mirror::SnapshotFile>,
+    snapshot_fallback: bool,
 }
 
 /// The replica snapshot's file under the data directory.
@@ -755,7 +755,6 @@ async fn load_mirror(
     let exists = format.is_some();
     let (keyring, key_id, source, file) = replica_key(config, data_dir, exists)?;
     let every = config.store.replica_snapshot_interval;
-    let fallback = (snapshot_allowed && exists).then(|| file.clone());
     let snapshot = config.store.replica_snapshot.then_some((file, every));
     // Every row mirrored in memory: every system stays servable while the database is away.
     let open = || crate::store::MirroredStore::open(pg.clone(), snapshot.clone());
@@ -771,7 +770,7 @@ async fn load_mirror(
     let store: Arc<dyn CredentialStore> = mirrored.clone();
     let loaded = LoadedMirror {
         mirror: mirrored,
-        fallback,
+        snapshot_fallback: snapshot_allowed && exists,
     };
     Ok(Some((store, keyring, key_id, source, false, Some(loaded))))
 }
@@ -907,20 +906,45 @@ fn start_from_snapshot(
     url: &crate::secret::SecretString,
     data_dir: &Path,
 ) -> Result<OpenedStore, ServeError> {
+    start_from_snapshot_if(config, url, data_dir, None)?
+        .ok_or_else(|| ServeError::Postgres("the replica snapshot did not start".to_owned()))
+}
+
+/// [`start_from_snapshot`]; with `agreeing`, only when the snapshot holds the systems and
+/// callers that loaded mirror holds (`None` when it does not).
+fn start_from_snapshot_if(
+    config: &Config,
+    url: &crate::secret::SecretString,
+    data_dir: &Path,
+    agreeing: Option<&crate::store::MirroredStore>,
+) -> Result<Option<OpenedStore>, ServeError> {
+    use crate::store::MirroredStore;
     let (keyring, key_id, source, file) = replica_key(config, data_dir, true)?;
     let pending = crate::store::pending::PendingPostgres::connect_in_background(
         url.clone(),
         config.store.ca_file.clone(),
     );
     let every = config.store.replica_snapshot_interval;
-    let mirrored = crate::store::MirroredStore::from_snapshot(pending, file, every)
-        .map_err(|e| ServeError::Postgres(e.to_string()))?;
+    let started = match agreeing {
+        None => MirroredStore::from_snapshot(pending, file, every).map(Some),
+        Some(loaded) => MirroredStore::from_snapshot_agreeing(pending, file, every, loaded),
+    };
+    let Some(mirrored) = started.map_err(|e| ServeError::Postgres(e.to_string()))? else {
+        return Ok(None);
+    };
     // Serving already; handed back so that its last snapshot is written at a graceful stop.
     let served = LoadedMirror {
         mirror: mirrored.clone(),
-        fallback: None,
+        snapshot_fallback: false,
     };
-    Ok((mirrored, keyring, key_id, source, false, Some(served)))
+    Ok(Some((
+        mirrored,
+        keyring,
+        key_id,
+        source,
+        false,
+        Some(served),
+    )))
 }
 
 /// The embedded sled store in the data directory, opened only once the master key is known to
@@ -1071,20 +1095,18 @@ impl Opening<'_> {
     ) -> Result<OpenedBroker, ServeError> {
         let url = self.config.store.url.as_ref();
         let mut keyring = Some(keyring);
-        let fallback = mirror
-            .as_ref()
-            .and_then(|m| Some((m, m.fallback.as_ref()?)));
-        if let (Some((m, file)), Some(url)) = (fallback, url) {
+        let fallback = mirror.as_ref().filter(|m| m.snapshot_fallback);
+        if let (Some(m), Some(url)) = (fallback, url) {
             match self.try_open(store.clone(), keyring.take()).await {
                 Ok((broker, token)) => {
                     m.mirror.serve_outages();
                     return Ok((broker, token, Some(m.mirror.clone())));
                 }
                 Err(Verdict::End(e)) => return Err(e),
-                Err(Verdict::Wait(e)) if m.mirror.agrees_with(file) => {
-                    tracing::warn!(message = "The store stopped answering while the broker opened; starting from the replica snapshot.", error = %e);
-                    match start_from_snapshot(self.config, url, self.data_dir) {
-                        Ok((snapshot, .., served)) => {
+                Err(Verdict::Wait(e)) => {
+                    tracing::warn!(message = "The store stopped answering while the broker opened; starting from the replica snapshot if it holds what the mirror loaded.", error = %e);
+                    match start_from_snapshot_if(self.config, url, self.data_dir, Some(&m.mirror)) {
+                        Ok(Some((snapshot, .., served))) => {
                             // The loaded mirror goes: its tasks hold it weakly and end with it.
                             drop((store, mirror));
                             let snapshot = match self.wrap_store {
@@ -1094,13 +1116,13 @@ impl Opening<'_> {
                             let (broker, token) = self.waiting(snapshot, None).await?;
                             return Ok((broker, token, served.map(|s| s.mirror)));
                         }
+                        Ok(None) => {
+                            tracing::warn!(message = "The replica snapshot is behind the database; waiting for the store.");
+                        }
                         Err(e) => {
                             tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
                         }
                     }
-                }
-                Err(Verdict::Wait(e)) => {
-                    tracing::warn!(message = "The store stopped answering while the broker opened, and the replica snapshot is behind the database; waiting for the store.", error = %e);
                 }
             }
         }

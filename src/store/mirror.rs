@@ -261,6 +261,32 @@ impl MirroredStore {
         every: Duration,
     ) -> Result<Arc<Self>, StoreError> {
         let rows = snapshot.read()?;
+        Ok(Self::serving_rows(inner, snapshot, every, rows))
+    }
+
+    /// [`MirroredStore::from_snapshot`], when the snapshot holds exactly the systems and
+    /// callers `loaded` holds (`None` when it does not): a start from it then serves what the
+    /// database held, and brings back no revocation or deletion made since it was written. The
+    /// file is read once: the rows compared are the rows served.
+    pub fn from_snapshot_agreeing(
+        inner: Arc<dyn CredentialStore>,
+        snapshot: SnapshotFile,
+        every: Duration,
+        loaded: &MirroredStore,
+    ) -> Result<Option<Arc<Self>>, StoreError> {
+        let rows = snapshot.read()?;
+        if !loaded.holds(&rows) {
+            return Ok(None);
+        }
+        Ok(Some(Self::serving_rows(inner, snapshot, every, rows)))
+    }
+
+    fn serving_rows(
+        inner: Arc<dyn CredentialStore>,
+        snapshot: SnapshotFile,
+        every: Duration,
+        rows: Rows,
+    ) -> Arc<Self> {
         tracing::warn!(
             message =
                 "The store is not answering: serving from this replica's snapshot until it does.",
@@ -271,7 +297,7 @@ impl MirroredStore {
         me.serve_outages();
         *lock(&me.down_until) = Some(Instant::now() + DOWN_FOR);
         me.start(me.inner.changes(), Some((snapshot, every)));
-        Ok(me)
+        me
     }
 
     fn with_rows(inner: Arc<dyn CredentialStore>, rows: Rows) -> Arc<Self> {
@@ -294,13 +320,9 @@ impl MirroredStore {
         self.serving.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Whether `snapshot` holds exactly the systems and callers this mirror holds: a start from
-    /// it would serve what the database held, and bring back no revocation or deletion made
-    /// since it was written. An unreadable snapshot does not.
-    pub fn agrees_with(&self, snapshot: &SnapshotFile) -> bool {
-        let Ok(theirs) = snapshot.read() else {
-            return false;
-        };
+    /// Whether `theirs` holds exactly the systems and callers this mirror holds (callers in any
+    /// order).
+    fn holds(&self, theirs: &Rows) -> bool {
         let ours = read(&self.rows);
         let by_name = |callers: &[CallerRecord]| {
             let mut v: Vec<CallerRecord> = callers.to_vec();
@@ -333,7 +355,7 @@ impl MirroredStore {
 
     /// Writes the snapshot, when one is kept and the mirror changed since the last write: at a
     /// graceful stop, so that a restart during an outage starts from the newest state (and
-    /// that [`MirroredStore::agrees_with`] finds it).
+    /// that [`MirroredStore::from_snapshot_agreeing`] finds it).
     pub async fn write_last_snapshot(self: &Arc<Self>) {
         let Some(file) = self.snapshot_file.get().cloned() else {
             return;
@@ -1346,19 +1368,24 @@ mod tests {
         m.serve_outages();
         m.get_meta("format_version").await.unwrap();
         m.snapshot_to(&file).unwrap();
-        assert!(m.agrees_with(&file));
+        let agrees = |m: &MirroredStore| m.holds(&file.read().unwrap());
+        assert!(agrees(&m));
         write(&m.rows).callers.reverse();
-        assert!(m.agrees_with(&file), "the callers' order does not matter");
+        assert!(agrees(&m), "the callers' order does not matter");
         m.update_caller(&caller("a-worker", true)).await.unwrap();
-        assert!(!m.agrees_with(&file), "a revocation the snapshot lacks");
+        assert!(!agrees(&m), "a revocation the snapshot lacks");
+        let start =
+            || MirroredStore::from_snapshot_agreeing(inner.clone(), file.clone(), DOWN_FOR, &m);
+        assert!(start().unwrap().is_none());
         m.snapshot_to(&file).unwrap();
-        assert!(m.agrees_with(&file));
+        assert!(agrees(&m));
         m.delete_system("t").await.unwrap();
-        assert!(!m.agrees_with(&file), "a deletion the snapshot lacks");
+        assert!(!agrees(&m), "a deletion the snapshot lacks");
         m.snapshot_to(&file).unwrap();
-        assert!(m.agrees_with(&file));
+        let started = start().unwrap().expect("an agreeing snapshot starts");
+        assert_eq!(started.mirrored_systems(), 1);
         std::fs::write(&file.path, b"not a snapshot").unwrap();
-        assert!(!m.agrees_with(&file), "an unreadable snapshot");
+        assert!(start().is_err(), "an unreadable snapshot");
     }
 
     /// same path; afterwards it serves the outage.
