@@ -94,6 +94,9 @@ pub struct MirroredStore {
     serving: std::sync::atomic::AtomicBool,
     /// Where the snapshot is kept, when it is.
     snapshot_file: std::sync::OnceLock<SnapshotFile>,
+    /// A change could not be mirrored and the resync that makes it good has not succeeded yet:
+    /// the mirror may lack a revocation or a deletion.
+    behind: std::sync::atomic::AtomicBool,
 }
 
 /// Counters of [`MirroredStore::own_writes`] (rows share them: a write makes an overlapping
@@ -265,8 +268,9 @@ impl MirroredStore {
     }
 
     /// [`MirroredStore::from_snapshot`], when the snapshot holds exactly the systems and
-    /// callers `loaded` holds (`None` when it does not): a start from it then serves what the
-    /// database held, and brings back no revocation or deletion made since it was written. The
+    /// callers `loaded` holds, and `loaded` missed no change (`None` otherwise): a start from it
+    /// then serves what the database held, and brings back no revocation or deletion made
+    /// since it was written. The
     /// file is read once: the rows compared are the rows served.
     pub fn from_snapshot_agreeing(
         inner: Arc<dyn CredentialStore>,
@@ -275,7 +279,7 @@ impl MirroredStore {
         loaded: &MirroredStore,
     ) -> Result<Option<Arc<Self>>, StoreError> {
         let rows = snapshot.read()?;
-        if !loaded.holds(&rows) {
+        if loaded.behind.load(std::sync::atomic::Ordering::SeqCst) || !loaded.holds(&rows) {
             return Ok(None);
         }
         Ok(Some(Self::serving_rows(inner, snapshot, every, rows)))
@@ -313,6 +317,7 @@ impl MirroredStore {
                 .collect(),
             serving: std::sync::atomic::AtomicBool::new(false),
             snapshot_file: std::sync::OnceLock::new(),
+            behind: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -740,7 +745,13 @@ async fn follow(me: std::sync::Weak<MirroredStore>, mut rx: broadcast::Receiver<
         if let (Some(tx), false) = (&me.changes, retried) {
             let _ = tx.send(change.clone());
         }
-        match me.apply(&change).await {
+        let applied = me.apply(&change).await;
+        let caught_up = matches!((&applied, &change), (Ok(()), Change::Resync));
+        if applied.is_err() || caught_up {
+            me.behind
+                .store(applied.is_err(), std::sync::atomic::Ordering::SeqCst);
+        }
+        match applied {
             Err(e) => {
                 if resync_at.is_none() {
                     tracing::warn!(message = "Could not mirror a change from the store; resyncing until it can.", error = %e);
@@ -1296,6 +1307,7 @@ mod tests {
         assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Resync));
         assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Events));
         assert!(!read(&m.rows).systems.contains_key("missed"));
+        assert!(m.behind.load(std::sync::atomic::Ordering::SeqCst));
         held.unlisted
             .store(false, std::sync::atomic::Ordering::SeqCst);
         // The clock is paused: time moves on only while every task waits (no real sleeping).
@@ -1308,6 +1320,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(500)).await;
             waited += Duration::from_millis(500);
         }
+        assert!(!m.behind.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     /// A fresh read (the refresh lock's re-read) never answers with the mirror's copy: while the
@@ -1382,6 +1395,9 @@ mod tests {
         m.delete_system("t").await.unwrap();
         assert!(!agrees(&m), "a deletion the snapshot lacks");
         m.snapshot_to(&file).unwrap();
+        m.behind.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(start().unwrap().is_none(), "a mirror that missed a change");
+        m.behind.store(false, std::sync::atomic::Ordering::SeqCst);
         let started = start().unwrap().expect("an agreeing snapshot starts");
         assert_eq!(started.mirrored_systems(), 1);
         std::fs::write(&file.path, b"not a snapshot").unwrap();
