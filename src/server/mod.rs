@@ -920,13 +920,16 @@ fn start_from_snapshot_if(
 ) -> Result<Option<OpenedStore>, ServeError> {
     use crate::store::MirroredStore;
     let (keyring, key_id, source, file) = replica_key(config, data_dir, true)?;
-    let pending = crate::store::pending::PendingPostgres::connect_in_background(
-        url.clone(),
-        config.store.ca_file.clone(),
-    );
+    // The background connection starts only with a start from the snapshot.
+    let pending = || -> Arc<dyn CredentialStore> {
+        crate::store::pending::PendingPostgres::connect_in_background(
+            url.clone(),
+            config.store.ca_file.clone(),
+        )
+    };
     let every = config.store.replica_snapshot_interval;
     let started = match agreeing {
-        None => MirroredStore::from_snapshot(pending, file, every).map(Some),
+        None => MirroredStore::from_snapshot(pending(), file, every).map(Some),
         Some(loaded) => MirroredStore::from_snapshot_agreeing(pending, file, every, loaded),
     };
     let Some(mirrored) = started.map_err(|e| ServeError::Postgres(e.to_string()))? else {

@@ -94,9 +94,6 @@ pub struct MirroredStore {
     serving: std::sync::atomic::AtomicBool,
     /// Where the snapshot is kept, when it is.
     snapshot_file: std::sync::OnceLock<SnapshotFile>,
-    /// A change could not be mirrored and the resync that makes it good has not succeeded yet:
-    /// the mirror may lack a revocation or a deletion.
-    behind: std::sync::atomic::AtomicBool,
 }
 
 /// Counters of [`MirroredStore::own_writes`] (rows share them: a write makes an overlapping
@@ -268,21 +265,24 @@ impl MirroredStore {
     }
 
     /// [`MirroredStore::from_snapshot`], when the snapshot holds exactly the systems and
-    /// callers `loaded` holds, and `loaded` missed no change (`None` otherwise): a start from it
-    /// then serves what the database held, and brings back no revocation or deletion made
-    /// since it was written. The
-    /// file is read once: the rows compared are the rows served.
+    /// callers `loaded` holds (`None` when it does not): a start from it then serves what the
+    /// loaded mirror would, and brings back no revocation or deletion the mirror has read since
+    /// the snapshot was written. The file is read once: the rows compared are the rows served.
+    /// `inner` is made only for a start. A change the feed announced but the mirror could not
+    /// read yet is not waited for: the snapshot serves what the loaded mirror would serve
+    /// through the outage (and the feed's first resync, right after the load, is nearly always
+    /// in flight then; refusing for it would refuse nearly every start).
     pub fn from_snapshot_agreeing(
-        inner: Arc<dyn CredentialStore>,
+        inner: impl FnOnce() -> Arc<dyn CredentialStore>,
         snapshot: SnapshotFile,
         every: Duration,
         loaded: &MirroredStore,
     ) -> Result<Option<Arc<Self>>, StoreError> {
         let rows = snapshot.read()?;
-        if loaded.behind.load(std::sync::atomic::Ordering::SeqCst) || !loaded.holds(&rows) {
+        if !loaded.holds(&rows) {
             return Ok(None);
         }
-        Ok(Some(Self::serving_rows(inner, snapshot, every, rows)))
+        Ok(Some(Self::serving_rows(inner(), snapshot, every, rows)))
     }
 
     fn serving_rows(
@@ -317,7 +317,6 @@ impl MirroredStore {
                 .collect(),
             serving: std::sync::atomic::AtomicBool::new(false),
             snapshot_file: std::sync::OnceLock::new(),
-            behind: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -745,13 +744,7 @@ async fn follow(me: std::sync::Weak<MirroredStore>, mut rx: broadcast::Receiver<
         if let (Some(tx), false) = (&me.changes, retried) {
             let _ = tx.send(change.clone());
         }
-        let applied = me.apply(&change).await;
-        let caught_up = matches!((&applied, &change), (Ok(()), Change::Resync));
-        if applied.is_err() || caught_up {
-            me.behind
-                .store(applied.is_err(), std::sync::atomic::Ordering::SeqCst);
-        }
-        match applied {
+        match me.apply(&change).await {
             Err(e) => {
                 if resync_at.is_none() {
                     tracing::warn!(message = "Could not mirror a change from the store; resyncing until it can.", error = %e);
@@ -1307,7 +1300,6 @@ mod tests {
         assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Resync));
         assert!(matches!(soon(heard.recv()).await.unwrap(), Change::Events));
         assert!(!read(&m.rows).systems.contains_key("missed"));
-        assert!(m.behind.load(std::sync::atomic::Ordering::SeqCst));
         held.unlisted
             .store(false, std::sync::atomic::Ordering::SeqCst);
         // The clock is paused: time moves on only while every task waits (no real sleeping).
@@ -1320,7 +1312,6 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(500)).await;
             waited += Duration::from_millis(500);
         }
-        assert!(!m.behind.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     /// A fresh read (the refresh lock's re-read) never answers with the mirror's copy: while the
@@ -1387,17 +1378,16 @@ mod tests {
         assert!(agrees(&m), "the callers' order does not matter");
         m.update_caller(&caller("a-worker", true)).await.unwrap();
         assert!(!agrees(&m), "a revocation the snapshot lacks");
-        let start =
-            || MirroredStore::from_snapshot_agreeing(inner.clone(), file.clone(), DOWN_FOR, &m);
+        let start = || {
+            let inner: Arc<dyn CredentialStore> = inner.clone();
+            MirroredStore::from_snapshot_agreeing(|| inner, file.clone(), DOWN_FOR, &m)
+        };
         assert!(start().unwrap().is_none());
         m.snapshot_to(&file).unwrap();
         assert!(agrees(&m));
         m.delete_system("t").await.unwrap();
         assert!(!agrees(&m), "a deletion the snapshot lacks");
         m.snapshot_to(&file).unwrap();
-        m.behind.store(true, std::sync::atomic::Ordering::SeqCst);
-        assert!(start().unwrap().is_none(), "a mirror that missed a change");
-        m.behind.store(false, std::sync::atomic::Ordering::SeqCst);
         let started = start().unwrap().expect("an agreeing snapshot starts");
         assert_eq!(started.mirrored_systems(), 1);
         std::fs::write(&file.path, b"not a snapshot").unwrap();
