@@ -469,9 +469,12 @@ pub fn issued_from(
 /// The refresh token in a response, if any. An empty one counts as none: stored, it would
 /// replace a working grant with nothing.
 pub fn refresh_token(resp: &VendorTokenResponse) -> Option<SecretString> {
-    resp.refresh_token()
-        .filter(|t| !t.secret().is_empty())
-        .map(|t| SecretString::from(t.secret().as_str()))
+    new_refresh_token(resp).map(|t| SecretString::from(t.secret().as_str()))
+}
+
+/// The one rule for "the response carries a refresh token" (no copy of it is made).
+fn new_refresh_token(resp: &VendorTokenResponse) -> Option<&oauth2::RefreshToken> {
+    resp.refresh_token().filter(|t| !t.secret().is_empty())
 }
 
 /// When the refresh token a response leaves in force expires, for vendors whose refresh tokens
@@ -484,7 +487,7 @@ pub fn fixed_refresh_expiry(
     ttl: Duration,
 ) -> Option<u64> {
     match previous {
-        Some(kept) if refresh_token(resp).is_none() => kept.refresh_expires_at,
+        Some(kept) if new_refresh_token(resp).is_none() => kept.refresh_expires_at,
         _ => Some(now.saturating_add(ttl.as_secs())),
     }
 }

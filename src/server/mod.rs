@@ -1096,10 +1096,8 @@ impl Opening<'_> {
         keyring: Keyring,
         mirror: Option<LoadedMirror>,
     ) -> Result<OpenedBroker, ServeError> {
-        let url = self.config.store.url.as_ref();
         let mut keyring = Some(keyring);
-        let fallback = mirror.as_ref().filter(|m| m.snapshot_fallback);
-        if let (Some(m), Some(url)) = (fallback, url) {
+        if let Some(m) = mirror.as_ref().filter(|m| m.snapshot_fallback) {
             match self.try_open(store.clone(), keyring.take()).await {
                 Ok((broker, token)) => {
                     m.mirror.serve_outages();
@@ -1107,24 +1105,11 @@ impl Opening<'_> {
                 }
                 Err(Verdict::End(e)) => return Err(e),
                 Err(Verdict::Wait(e)) => {
-                    tracing::warn!(message = "The store stopped answering while the broker opened; starting from the replica snapshot if it holds what the mirror loaded.", error = %e);
-                    match start_from_snapshot_if(self.config, url, self.data_dir, Some(&m.mirror)) {
-                        Ok(Some((snapshot, .., served))) => {
-                            // The loaded mirror goes: its tasks hold it weakly and end with it.
-                            drop((store, mirror));
-                            let snapshot = match self.wrap_store {
-                                Some(wrap) => wrap(snapshot),
-                                None => snapshot,
-                            };
-                            let (broker, token) = self.waiting(snapshot, None).await?;
-                            return Ok((broker, token, served.map(|s| s.mirror)));
-                        }
-                        Ok(None) => {
-                            tracing::warn!(message = "The replica snapshot is behind the database; waiting for the store.");
-                        }
-                        Err(e) => {
-                            tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
-                        }
+                    if let Some((snapshot, served)) = self.snapshot_agreeing(&m.mirror, &e) {
+                        // The loaded mirror goes: its tasks hold it weakly and end with it.
+                        drop((store, mirror));
+                        let (broker, token) = self.waiting(snapshot, None).await?;
+                        return Ok((broker, token, Some(served)));
                     }
                 }
             }
@@ -1136,13 +1121,42 @@ impl Opening<'_> {
         Ok((broker, token, mirror.map(|m| m.mirror)))
     }
 
+    /// The replica's snapshot as the store (wrapped like the first) and its mirror, when it
+    /// holds what `loaded` holds; else `None` (logged), and the start waits for the database.
+    fn snapshot_agreeing(
+        &self,
+        loaded: &crate::store::MirroredStore,
+        unanswered: &str,
+    ) -> Option<(Arc<dyn CredentialStore>, Arc<crate::store::MirroredStore>)> {
+        tracing::warn!(message = "The store stopped answering while the broker opened; starting from the replica snapshot if it holds what the mirror loaded.", error = %unanswered);
+        let url = self.config.store.url.as_ref()?;
+        match start_from_snapshot_if(self.config, url, self.data_dir, Some(loaded)) {
+            Ok(Some((snapshot, .., served))) => {
+                let snapshot = match self.wrap_store {
+                    Some(wrap) => wrap(snapshot),
+                    None => snapshot,
+                };
+                Some((snapshot, served?.mirror))
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    message = "The replica snapshot is behind the database; waiting for the store."
+                );
+                None
+            }
+            Err(e) => {
+                tracing::error!(message = "Cannot start from the replica snapshot; waiting for the store.", error = %e);
+                None
+            }
+        }
+    }
+
     /// Tries until the store answers.
     async fn waiting(
         &self,
         store: Arc<dyn CredentialStore>,
-        keyring: Option<Keyring>,
+        mut keyring: Option<Keyring>,
     ) -> Result<(Arc<Broker>, Option<crate::secret::SecretString>), ServeError> {
-        let mut keyring = keyring;
         while_unreachable(|| {
             let ring = keyring.take();
             let store = store.clone();

@@ -327,12 +327,12 @@ impl MirroredStore {
     /// Whether `theirs` holds exactly the systems and callers this mirror holds (callers in any
     /// order).
     fn holds(&self, theirs: &Rows) -> bool {
-        let ours = read(&self.rows);
-        let by_name = |callers: &[CallerRecord]| {
-            let mut v: Vec<CallerRecord> = callers.to_vec();
+        fn by_name(callers: &[CallerRecord]) -> Vec<&CallerRecord> {
+            let mut v: Vec<&CallerRecord> = callers.iter().collect();
             v.sort_by(|a, b| a.name.cmp(&b.name));
             v
-        };
+        }
+        let ours = read(&self.rows);
         ours.systems == theirs.systems && by_name(&ours.callers) == by_name(&theirs.callers)
     }
 

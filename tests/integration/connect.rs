@@ -100,8 +100,8 @@ pub(crate) async fn zendesk() -> FakeZendesk {
     fake
 }
 
-/// Registers Zendesk system "zd" at `fake` and connects it (the consent page allows).
-async fn connect_zendesk(admin: &mut Client, fake: &FakeZendesk) {
+/// Registers Zendesk system "zd" at `fake` (an authorization-code client, not connected yet).
+async fn register_zendesk(admin: &mut Client, fake: &FakeZendesk) {
     admin
         .register_system(register(
             "zd",
@@ -111,6 +111,11 @@ async fn connect_zendesk(admin: &mut Client, fake: &FakeZendesk) {
         ))
         .await
         .unwrap();
+}
+
+/// Registers Zendesk system "zd" at `fake` and connects it (the consent page allows).
+async fn connect_zendesk(admin: &mut Client, fake: &FakeZendesk) {
+    register_zendesk(admin, fake).await;
     let s = start(admin, "zd").await;
     assert_eq!(browse(&s.authorize_url).await.1, 200);
 }
@@ -444,15 +449,7 @@ async fn forged_replayed_expired_foreign_and_denied_callbacks_change_nothing() {
     config.refresh.authorization_ttl = Duration::from_secs(1);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
-    admin
-        .register_system(register(
-            "zd",
-            pb::SystemKind::Zendesk,
-            &zd.base_url,
-            authz_code(ZD_CLIENT, ZD_SECRET),
-        ))
-        .await
-        .unwrap();
+    register_zendesk(&mut admin, &zd).await;
     admin
         .register_system(register(
             "ja",
@@ -625,15 +622,7 @@ async fn connect_secrets_never_reach_logs_pages_or_data_files() {
     .await;
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     let mut admin = client(proc.addr, Some(token.trim())).await;
-    admin
-        .register_system(register(
-            "zd",
-            pb::SystemKind::Zendesk,
-            &fake.base_url,
-            authz_code(ZD_CLIENT, ZD_SECRET),
-        ))
-        .await
-        .unwrap();
+    register_zendesk(&mut admin, &fake).await;
     let s = start(&mut admin, "zd").await;
     let (location, status, page) = browse(&s.authorize_url).await;
     assert_eq!(status, 200, "{page}");
