@@ -11,7 +11,7 @@ use axum::extract::{FromRef, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::Html;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::get;
 use axum::Router;
 
 use super::console::Console;
@@ -45,11 +45,13 @@ pub fn router(
     let app = Router::new()
         .route("/oauth/callback", get(callback))
         .route("/oauth/start", get(start_link_page).post(start_link))
-        .route("/proxy/{*rest}", any(proxy))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/readyz/writes", get(readyz_writes))
+        // The proxy's paths are matched by prefix, not by a route: a route's wildcard would be
+        // percent-decoded into a parameter on every proxied call, which the proxy never reads.
+        .fallback(proxy)
         .with_state(HttpState {
             core,
             proxy: proxy_client.map(Arc::new),
@@ -276,6 +278,14 @@ fn starting() -> Response {
 }
 
 async fn proxy(State(s): State<HttpState>, req: Request) -> Response {
+    let proxied = req
+        .uri()
+        .path()
+        .strip_prefix("/proxy/")
+        .is_some_and(|rest| !rest.is_empty());
+    if !proxied {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     match s.core.get() {
         Some(broker) => super::proxy::serve(broker, s.proxy.as_deref(), req).await,
         None => (StatusCode::SERVICE_UNAVAILABLE, "credbroker is starting").into_response(),

@@ -263,16 +263,14 @@ async fn send(
     if resp.status() == StatusCode::UNAUTHORIZED {
         broker.note_proxy_unauthorized(call.system_id).await;
     }
-    let proxy_base = broker
-        .settings
-        .public_url
-        .as_ref()
-        .map(|u| format!("{}/proxy/{}", u.trim_end_matches('/'), call.system_id))
-        .unwrap_or_default();
-    let base = &grant.token.api_base_url;
+    let redirects = Redirects {
+        api_base_url: &grant.token.api_base_url,
+        public_url: broker.settings.public_url.as_deref(),
+        system_id: call.system_id,
+    };
     let status = resp.status().as_u16();
     let kind = grant.token.kind;
-    let (response, held) = answer(resp, base, &proxy_base, client.read_timeout, cap, permit).await;
+    let (response, held) = answer(resp, &redirects, client.read_timeout, cap, permit).await;
     if let Some((body, permit)) =
         held.filter(|_| crate::backends::ratelimit::needs_body(kind, status))
     {
@@ -492,6 +490,30 @@ fn forward_request(
     Ok(forward)
 }
 
+/// Where a vendor's redirect under the system's base URL points at the proxy instead.
+struct Redirects<'a> {
+    api_base_url: &'a str,
+    public_url: Option<&'a str>,
+    system_id: &'a str,
+}
+
+impl Redirects<'_> {
+    /// `location` through the proxy, when it stays under the registered base by whole path
+    /// segments (`/acme` does not cover `/acme2`).
+    fn through_proxy(&self, location: &HeaderValue) -> Option<HeaderValue> {
+        let rest = under_base(location.to_str().ok()?, self.api_base_url)?;
+        let value = match self.public_url {
+            Some(public) => format!(
+                "{}/proxy/{}{rest}",
+                public.trim_end_matches('/'),
+                self.system_id
+            ),
+            None => rest.to_owned(),
+        };
+        HeaderValue::from_str(&value).ok()
+    }
+}
+
 /// The worker's answer: the vendor's status and headers (no session cookies; redirects under
 /// the base URL rewritten to the proxy) and its body, whole when small, else streamed, capped at
 /// `cap` bytes and cut when the vendor stalls for `read_timeout`. The call's quota permit is
@@ -499,8 +521,7 @@ fn forward_request(
 /// may be in it).
 async fn answer(
     resp: axum::http::Response<hyper::body::Incoming>,
-    api_base_url: &str,
-    proxy_base: &str,
+    redirects: &Redirects<'_>,
     read_timeout: Duration,
     cap: u64,
     permit: crate::broker::quota::QuotaPermit,
@@ -522,13 +543,9 @@ async fn answer(
             continue;
         }
         if k == "location" {
-            // Rewrite only redirects that stay under the registered base, by whole path
-            // segments (`/acme` does not cover `/acme2`).
-            if let Some(rest) = v.to_str().ok().and_then(|l| under_base(l, api_base_url)) {
-                if let Ok(nv) = HeaderValue::from_str(&format!("{proxy_base}{rest}")) {
-                    out.append(k.clone(), nv);
-                    continue;
-                }
+            if let Some(nv) = redirects.through_proxy(v) {
+                out.append(k.clone(), nv);
+                continue;
             }
         }
         out.append(k.clone(), v.clone());
