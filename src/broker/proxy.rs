@@ -28,6 +28,23 @@ use crate::error::BrokerError;
 use crate::model::{unix_now, Delivery, HealthMark, SystemHealth};
 use crate::secret::SecretString;
 
+/// The longest proxied path the audit trail records (masked; a longer one is cut at a segment
+/// boundary and its remaining length noted): a line must not carry a request's whole target,
+/// or anyone could fill the trail with a few requests.
+pub const MAX_AUDITED_PATH: usize = 256;
+
+/// The longest HTTP method the audit trail records as it is; a longer one is `OTHER`.
+const MAX_AUDITED_METHOD: usize = 16;
+
+/// `method` as the audit trail records it.
+fn audited_method(method: &str) -> &str {
+    if method.len() <= MAX_AUDITED_METHOD {
+        method
+    } else {
+        "OTHER"
+    }
+}
+
 /// Prefix of proxy leases.
 pub const LEASE_PREFIX: &str = "cbl_";
 
@@ -245,7 +262,7 @@ impl Broker {
                 outcome: "forwarding",
                 code: "FORWARDING",
                 token_hmac: None,
-                method: Some(method),
+                method: Some(audited_method(method)),
                 path: Some(masked),
                 duration_ms: None,
                 event: None,
@@ -286,7 +303,7 @@ impl Broker {
                 },
                 code: &code,
                 token_hmac: None,
-                method: Some(method),
+                method: Some(audited_method(method)),
                 path: Some(masked),
                 duration_ms: Some(duration.as_millis() as u64),
                 event: None,
@@ -561,22 +578,37 @@ pub fn is_clean_path(tail: &str) -> bool {
     })
 }
 
-/// The path with id-like segments replaced by `{id}` (for the audit trail).
+/// The path with id-like segments replaced by `{id}` (for the audit trail), cut after
+/// [`MAX_AUDITED_PATH`] bytes at a segment boundary with the length left out noted.
 pub fn mask_path(tail: &str) -> String {
-    let mut masked = String::with_capacity(tail.len() + 8);
+    let mut masked = String::with_capacity(tail.len().min(MAX_AUDITED_PATH) + 16);
+    // Bytes of `tail` shown (masked or not) so far.
+    let mut shown = 0;
     for (i, seg) in tail.split('/').enumerate() {
+        let part = if id_like(seg) { "{id}" } else { seg };
+        if masked.len() + 1 + part.len() > MAX_AUDITED_PATH {
+            masked.push_str(&format!("/…(+{} bytes)", tail.len() - shown));
+            break;
+        }
         if i > 0 {
             masked.push('/');
+            shown += 1;
         }
-        let digits = seg.bytes().filter(u8::is_ascii_digit).count();
-        let id_like = !seg.is_empty()
-            && (digits == seg.len()
-                || (seg.len() >= 8
-                    && digits > 0
-                    && seg.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')));
-        masked.push_str(if id_like { "{id}" } else { seg });
+        masked.push_str(part);
+        shown += seg.len();
     }
     masked
+}
+
+/// A path segment that looks like a record id: all digits, or 8+ letters, digits and dashes
+/// with at least one digit.
+fn id_like(seg: &str) -> bool {
+    let digits = seg.bytes().filter(u8::is_ascii_digit).count();
+    !seg.is_empty()
+        && (digits == seg.len()
+            || (seg.len() >= 8
+                && digits > 0
+                && seg.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')))
 }
 
 #[cfg(test)]
@@ -596,6 +628,24 @@ mod tests {
             mask_path("/objects/0a1b2c3d-77/ünï/abcdefgh"),
             "/objects/{id}/ünï/abcdefgh"
         );
+    }
+
+    #[test]
+    fn long_paths_and_methods_are_cut_for_the_trail() {
+        let long = format!("/a/{}/b/{}", "x".repeat(200), "y".repeat(60_000));
+        let masked = mask_path(&long);
+        let kept = 3 + 200 + 2;
+        assert_eq!(
+            masked,
+            format!("/a/{}/b/…(+{} bytes)", "x".repeat(200), long.len() - kept)
+        );
+        // One segment longer than the cap: nothing of it is shown.
+        let one = format!("/{}", "z".repeat(1_000));
+        assert_eq!(mask_path(&one), "/…(+1001 bytes)");
+        let at_cap = format!("/{}", "w".repeat(super::MAX_AUDITED_PATH - 1));
+        assert_eq!(mask_path(&at_cap), at_cap);
+        assert_eq!(super::audited_method("PATCH"), "PATCH");
+        assert_eq!(super::audited_method(&"M".repeat(17)), "OTHER");
     }
 
     #[test]

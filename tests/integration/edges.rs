@@ -515,6 +515,62 @@ async fn anonymous_traffic_cannot_rewrite_the_trail() {
     broker.stop().await;
 }
 
+/// The proxy's refusals too: a huge method or path never reaches the trail whole, so a few
+/// anonymous requests cannot push the trail out of rotation.
+#[tokio::test]
+async fn anonymous_proxy_requests_cannot_fill_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let audit = dir.path().join("audit.log");
+    let size = || std::fs::metadata(&audit).map(|m| m.len()).unwrap_or(0);
+    let before = size();
+    let method = reqwest::Method::from_bytes("M".repeat(20_000).as_bytes()).unwrap();
+    let path = format!("/proxy/acme/{}", "p".repeat(60_000));
+    let http = reqwest::Client::new();
+    for _ in 0..40 {
+        let r = http
+            .request(method.clone(), format!("http://{}{path}", broker.http_addr))
+            .bearer_auth("cbl_forged.lease")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let r = http
+        .get(format!("http://{}{path}", broker.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    broker.stop().await;
+    let trail = std::fs::read_to_string(&audit).unwrap();
+    let grown = size() - before;
+    let lines = trail.lines().filter(|l| l.contains(r#""rpc":"Proxy""#));
+    let seen: Vec<(String, String)> = lines
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let field = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            (field("method"), field("path"))
+        })
+        .collect();
+    assert!(!seen.is_empty(), "refusals are still audited");
+    assert!(seen.iter().any(|(m, _)| m == "OTHER") && seen.iter().any(|(m, _)| m == "GET"));
+    assert!(
+        seen.iter().all(|(_, p)| p == "/…(+60001 bytes)"),
+        "the cut is noted: {:?}",
+        seen.first()
+    );
+    assert!(
+        !trail.contains(&"M".repeat(200)),
+        "a method reached the trail whole"
+    );
+    assert!(
+        !trail.contains(&"p".repeat(300)),
+        "a path reached the trail whole"
+    );
+    assert!(grown < 41 * 1_024, "the trail grew by {grown} bytes");
+}
+
 /// Two admins (or a retry) rotating the master key at once: every key stays usable after a
 /// restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
