@@ -292,8 +292,10 @@ pub struct Flight {
     backoff_until: Option<Instant>,
     failures: u32,
     last_failure: Option<AuthFailure>,
-    /// A credential the upstream issued that is not yet durable (its write failed).
-    pending: Option<Credential>,
+    /// A credential the upstream issued that is not yet durable (its write failed), with the
+    /// credential version it belongs to: a reconnect or rotation stored meanwhile (on another
+    /// replica) makes it moot.
+    pending: Option<(u64, Credential)>,
     /// Set when the grant is dead: the message to return, with no upstream call.
     dead: Option<String>,
     last_forced: Option<Instant>,
@@ -714,6 +716,20 @@ impl Broker {
         *f = Flight::default();
     }
 
+    /// The credential the vendor issued that is not yet stored, while `record` is still at the
+    /// version it belongs to; a pending credential of an older version is dropped (the record
+    /// was reconnected or rotated elsewhere: the new credential wins).
+    fn pending_for(f: &mut Flight, record: &SystemRecord) -> Option<Credential> {
+        match &f.pending {
+            Some((version, c)) if *version == record.credential_version => Some(c.clone()),
+            Some(_) => {
+                f.pending = None;
+                None
+            }
+            None => None,
+        }
+    }
+
     /// Mints headers with the system's single-flight lock held (`f` is its state).
     async fn mint_locked(
         &self,
@@ -770,7 +786,7 @@ impl Broker {
         let backend = self.registry.get(record.kind)?.clone();
         let mut reread = false;
         loop {
-            let credential = match f.pending.clone() {
+            let credential = match Self::pending_for(f, &record) {
                 Some(c) => c,
                 None => self.open_credential(&record)?,
             };
@@ -1060,7 +1076,7 @@ impl Broker {
         let updated = issued
             .updated_credential
             .take()
-            .or_else(|| f.pending.clone());
+            .or_else(|| Self::pending_for(f, &record));
         // With replicas, a rotated credential and the token it brought are written together:
         // one write, one notification.
         let mut shared_with = None;
@@ -1077,7 +1093,7 @@ impl Broker {
                 }
                 Err(e) => {
                     tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
-                    f.pending = Some(newcred);
+                    f.pending = Some((record.credential_version, newcred));
                     return Err(BrokerError::Unavailable(
                         "the updated credential (a rotated refresh token or a looked-up site id) \
                          could not be saved; retry shortly"

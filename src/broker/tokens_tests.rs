@@ -614,6 +614,39 @@ async fn a_kept_refusal_is_forgotten_once_another_replica_rotated_the_grant() {
     assert_eq!(record.state, SystemState::Active);
 }
 
+/// A rotated refresh token this replica could not store is kept for the next try only while
+/// the record is at its credential version: when an admin rotated the credential on another
+/// replica meanwhile, the admin's credential is used and stays stored, not overwritten by the
+/// old grant's token.
+#[tokio::test(start_paused = true)]
+async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
+    let backend = FakeBackend::new(false, vec![Answer::Token(Some("rt-2"))]);
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    store.updates_down.store(true, Ordering::SeqCst);
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    store.updates_down.store(false, Ordering::SeqCst);
+    let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let admins = Credential::OAuthRefreshToken {
+        client_id: "client".to_owned(),
+        client_secret: SecretString::new("client-secret".to_owned()),
+        refresh_token: SecretString::new("rt-admin".to_owned()),
+        username: None,
+        refresh_expires_at: None,
+    };
+    other.rotate(SYSTEM, admins, true).await.unwrap();
+    tokio::time::advance(Duration::from_secs(120)).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(backend.calls(), 2);
+    assert_eq!(stored_refresh_token(&broker).await, "rt-admin");
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(
+        (record.state, record.credential_version),
+        (SystemState::Active, 2)
+    );
+}
+
 /// A refusal the shared store could not record (its writes fail) is kept: meanwhile the store
 /// is not asked again at the request rate, the vendor not at all, and once writes succeed the
 /// grant is marked dead with no second vendor call.
