@@ -1418,6 +1418,11 @@ impl Broker {
         );
         let shared = self
             .modify_system(system_id, Retry::Quick, |current| {
+                if current.credential_version != token.credential_version {
+                    // Rotated or reconnected meanwhile (on another replica): a token of the
+                    // old credential must not be handed out as the new one's.
+                    return Ok(None);
+                }
                 let mut updated = current.clone();
                 updated.shared_token = share.sealed(self, system_id, current);
                 Ok(Some(updated))

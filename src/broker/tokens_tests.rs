@@ -628,14 +628,10 @@ async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
     assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
     store.updates_down.store(false, Ordering::SeqCst);
     let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
-    let admins = Credential::OAuthRefreshToken {
-        client_id: "client".to_owned(),
-        client_secret: SecretString::new("client-secret".to_owned()),
-        refresh_token: SecretString::new("rt-admin".to_owned()),
-        username: None,
-        refresh_expires_at: None,
-    };
-    other.rotate(SYSTEM, admins, true).await.unwrap();
+    other
+        .rotate(SYSTEM, admins_credential(), true)
+        .await
+        .unwrap();
     tokio::time::advance(Duration::from_secs(120)).await;
     broker.access_token(SYSTEM, 0, None).await.unwrap();
     assert_eq!(backend.calls(), 2);
@@ -645,6 +641,46 @@ async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
         (record.state, record.credential_version),
         (SystemState::Active, 2)
     );
+}
+
+/// A token minted from the old credential while another replica rotated the credential is not
+/// shared as the new credential's: the other replicas would hand out the old identity's token.
+#[tokio::test]
+async fn a_token_of_a_credential_rotated_meanwhile_is_not_shared() {
+    let backend = FakeBackend::new(true, vec![]);
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let caller = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 0, None).await }
+    });
+    backend.entered.notified().await;
+    let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    other
+        .rotate(SYSTEM, admins_credential(), true)
+        .await
+        .unwrap();
+    backend.open_gate();
+    let old = caller.await.unwrap().unwrap();
+    let record = store.inner.get_system(SYSTEM).await.unwrap().unwrap();
+    assert_eq!(record.credential_version, 2);
+    let shared = record.shared_token.map(|t| t.token_id);
+    assert_ne!(
+        shared,
+        Some(old.token_id.clone()),
+        "the old credential's token was shared"
+    );
+}
+
+/// The credential an admin rotates to in these tests.
+fn admins_credential() -> Credential {
+    Credential::OAuthRefreshToken {
+        client_id: "client".to_owned(),
+        client_secret: SecretString::new("client-secret".to_owned()),
+        refresh_token: SecretString::new("rt-admin".to_owned()),
+        username: None,
+        refresh_expires_at: None,
+    }
 }
 
 /// A refusal the shared store could not record (its writes fail) is kept: meanwhile the store
