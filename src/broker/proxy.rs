@@ -469,8 +469,20 @@ impl Broker {
         self.quotas.merge(batch);
     }
 
-    /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`).
-    pub async fn note_proxy_unauthorized(&self, system_id: &str) {
+    /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`). An
+    /// OAuth access token the vendor refused is reported as a worker with the headers would
+    /// (`rejected_token_id`): one re-mint, in the background, for however many calls saw it
+    /// refused (a later 401 with the new token is a new report).
+    pub async fn note_proxy_unauthorized(&self, system_id: &str, token: &IssuedToken) {
+        if token.refreshable {
+            if let Some(broker) = self.me.upgrade() {
+                let (id, refused) = (system_id.to_owned(), token.token_id.clone());
+                tokio::spawn(async move {
+                    // A failure is the grant's own (recorded on the system); nothing to add.
+                    let _ = broker.access_token(&id, 0, Some(&refused)).await;
+                });
+            }
+        }
         let counted = self
             .update_system_with(system_id, |r| {
                 r.proxy_unauthorized_count += 1;

@@ -261,7 +261,9 @@ async fn send(
         learn(broker, call, &permit, &resp);
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
-        broker.note_proxy_unauthorized(call.system_id).await;
+        broker
+            .note_proxy_unauthorized(call.system_id, &grant.token)
+            .await;
     }
     let redirects = Redirects {
         api_base_url: &grant.token.api_base_url,

@@ -898,3 +898,46 @@ async fn the_proxy_resolves_through_the_egress_guard() {
         broker.stop().await;
     }
 }
+
+/// An OAuth system on proxy delivery whose access token the vendor stops accepting before it
+/// expires (a Salesforce session revoked or timed out): the proxy reports the refused token as a
+/// worker with the headers would, so the next proxied call goes out with a new one, after one
+/// re-mint for however many calls saw the 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_vendor_refuses_through_the_proxy_is_minted_again_once() {
+    use crate::fakes::FakeSalesforce;
+    use crate::oauth::{sf_cc, sf_register, SF_ID, SF_SECRET};
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeSalesforce::start(SF_ID, SF_SECRET).await;
+    fake.set_lifetime(3000);
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let mut register = sf_register("sf-px", &fake.base_url, sf_cc(SF_SECRET), false);
+    register.delivery = pb::Delivery::Proxy as i32;
+    admin.register_system(register).await.unwrap();
+    let mut w = worker(&broker, &mut admin, "sf-px-worker").await;
+    let lease = w.get_access_token(tok("sf-px")).await.unwrap().into_inner();
+    let path = "/services/data/v62.0/";
+    assert_eq!(call(&lease, path, &[]).await.0, 200);
+    let minted = fake.token_calls();
+    fake.revoke_sessions();
+    let mut refused = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let lease = lease.clone();
+        refused.spawn(async move { call(&lease, path, &[]).await.0 });
+    }
+    while let Some(status) = refused.join_next().await {
+        assert_eq!(status.unwrap(), 401);
+    }
+    eventually(Duration::from_secs(10), "a re-mint after the 401", || {
+        fake.token_calls() > minted
+    })
+    .await;
+    assert_eq!(
+        call(&lease, path, &[]).await.0,
+        200,
+        "the lease works again"
+    );
+    assert_eq!(fake.token_calls(), minted + 1, "one re-mint for eight 401s");
+    broker.stop().await;
+}
