@@ -311,6 +311,32 @@ impl Broker {
             .await;
     }
 
+    /// The audit event of an admitted proxied call its worker went away from before it ended
+    /// (`outcome: cancelled`). Written without waiting: the event joins its batch at once, and
+    /// a batch's leader dropped here writes it.
+    pub fn audit_proxy_abandoned(
+        &self,
+        caller: &str,
+        system_id: &str,
+        method: &str,
+        masked: &str,
+        duration: Duration,
+    ) {
+        drop(self.audit.record(&crate::audit::AuditEvent {
+            time: crate::audit::now_rfc3339(),
+            caller: Some(caller),
+            rpc: "Proxy",
+            system_id: Some(system_id),
+            outcome: "cancelled",
+            code: "CANCELLED",
+            token_hmac: None,
+            method: Some(audited_method(method)),
+            path: Some(masked),
+            duration_ms: Some(duration.as_millis() as u64),
+            event: None,
+        }));
+    }
+
     /// Admits a proxied call under the system's quota (see [`crate::broker::quota`]); a
     /// refusal is counted by reason.
     pub async fn admit_quota(

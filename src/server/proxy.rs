@@ -159,6 +159,7 @@ pub async fn serve(broker: &Broker, client: Option<&ProxyClient>, req: Request) 
         tail: &tail,
         query: query.as_deref(),
         masked: &masked,
+        started,
     };
     let (resp, caller) = match screen(broker, &req, &system_id, &tail) {
         Err(refused) => (refused.into_response(), None),
@@ -185,6 +186,28 @@ struct Call<'a> {
     tail: &'a str,
     query: Option<&'a str>,
     masked: &'a str,
+    started: std::time::Instant,
+}
+
+/// Writes the outcome line of an admitted call whose worker went away (its request dropped:
+/// a deadline, a disconnect, the stop's grace) before the call ended; disarmed when it ends.
+struct Abandoned<'a> {
+    broker: &'a Broker,
+    caller: &'a str,
+    call: &'a Call<'a>,
+    method: axum::http::Method,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let c = self.call;
+            let method = self.method.as_str();
+            let took = c.started.elapsed();
+            (self.broker).audit_proxy_abandoned(self.caller, c.system_id, method, c.masked, took);
+        }
+    }
 }
 
 /// Forwards a screened request the broker admits: the caller's lease checked, the call audited
@@ -208,7 +231,16 @@ async fn forward(
         Ok(grant) => grant,
         Err((refused, caller)) => return (Refusal::from(refused).into_response(), caller),
     };
+    let mut abandoned = Abandoned {
+        broker,
+        caller: &grant.caller,
+        call,
+        method: req.method().clone(),
+        armed: true,
+    };
     let answer = send(broker, client, req, call, &grant).await;
+    abandoned.armed = false;
+    drop(abandoned);
     (
         answer.unwrap_or_else(Refusal::into_response),
         Some(grant.caller),

@@ -712,6 +712,45 @@ async fn a_vendor_that_stops_answering_gets_a_504_or_a_cut_body_within_the_read_
     broker.stop().await;
 }
 
+/// A worker that goes away while the vendor is still answering (its client deadline): the call
+/// still gets its outcome line in the trail, `cancelled`, after the `forwarding` one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_its_worker_abandons_still_gets_an_outcome_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let base = slow_vendor("gone-pat").await;
+    let mut req = reg("gone", pb::SystemKind::Asana, &base, pat("gone-pat"));
+    req.check = false;
+    admin.register_system(req).await.unwrap();
+    let mut w = worker(&broker, &mut admin, "impatient").await;
+    let t = w.get_access_token(tok("gone")).await.unwrap().into_inner();
+    let gave_up = reqwest::Client::new()
+        .get(format!("{}/hang", t.api_base_url))
+        .header("authorization", &t.headers[0].value)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    let audit = dir.path().join("audit.log");
+    let lines = || {
+        let trail = std::fs::read_to_string(&audit).unwrap_or_default();
+        let of_the_call = |l: &&str| l.contains(r#""caller":"impatient""#) && l.contains("/hang");
+        trail
+            .lines()
+            .filter(of_the_call)
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| v["outcome"].as_str().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(10), "the outcome line", || {
+        lines().len() == 2
+    })
+    .await;
+    assert_eq!(lines(), ["forwarding", "cancelled"]);
+    broker.stop().await;
+}
+
 /// What the session vendor saw: (method, cookie header) per request.
 type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
