@@ -1093,7 +1093,11 @@ impl Broker {
                 }
                 Err(e) => {
                     tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
+                    let first = f.pending.is_none();
                     f.pending = Some((record.credential_version, newcred));
+                    if first {
+                        self.store_pending_later(system_id);
+                    }
                     return Err(BrokerError::Unavailable(
                         "the updated credential (a rotated refresh token or a looked-up site id) \
                          could not be saved; retry shortly"
@@ -1431,6 +1435,55 @@ impl Broker {
         if let Err(e) = shared {
             tracing::warn!(message = "Could not share a refreshed token with the other replicas.", system_id = %system_id, error = %e);
         }
+    }
+
+    /// Keeps trying, in the background, to store the credential the vendor issued and the store
+    /// refused (a rotated refresh token lives only in this process meanwhile), without asking
+    /// the vendor again: until it is stored, or made moot by another version or a deletion.
+    fn store_pending_later(&self, system_id: &str) {
+        let (me, id) = (self.me.clone(), system_id.to_owned());
+        tokio::spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+                let Some(broker) = me.upgrade() else { return };
+                if broker.try_store_pending(&id).await {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// One try of [`Self::store_pending_later`]: true once nothing is left to store.
+    async fn try_store_pending(&self, system_id: &str) -> bool {
+        let flight = self.flight(system_id);
+        let mut f = flight.lock().await;
+        let Some((version, credential)) = f.pending.clone() else {
+            return true;
+        };
+        let record = match self.get_system(system_id).await {
+            Ok(r) => r,
+            Err(BrokerError::NotFound(_)) => {
+                f.pending = None;
+                return true;
+            }
+            Err(_) => return false,
+        };
+        if record.credential_version != version {
+            f.pending = None;
+            return true;
+        }
+        if self
+            .persist_credential(system_id, &record, &credential, None)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        f.pending = None;
+        tracing::info!(message = "Stored the updated credential the store refused before.", system_id = %system_id);
+        true
     }
 
     /// Seals and durably stores an upstream-updated credential under the same version.

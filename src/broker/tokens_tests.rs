@@ -643,6 +643,30 @@ async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
     );
 }
 
+/// A rotated refresh token the store refused is stored in the background once the store takes
+/// writes again, with no further demand and no second vendor call: meanwhile it lived only in
+/// this process.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_token_the_store_refused_is_stored_once_it_takes_writes() {
+    let backend = FakeBackend::new(false, vec![Answer::Token(Some("rt-2"))]);
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    store.updates_down.store(true, Ordering::SeqCst);
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(stored_refresh_token(&broker).await, "rt-1");
+    store.updates_down.store(false, Ordering::SeqCst);
+    for _ in 0..60 {
+        if stored_refresh_token(&broker).await == "rt-2" {
+            break;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(stored_refresh_token(&broker).await, "rt-2");
+    assert_eq!(backend.calls(), 1, "the vendor was asked again");
+}
+
 /// A token minted from the old credential while another replica rotated the credential is not
 /// shared as the new credential's: the other replicas would hand out the old identity's token.
 #[tokio::test]
