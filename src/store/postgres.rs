@@ -48,6 +48,9 @@ const MIGRATION_LOCK: i64 = 0x6372_6564_6272_6f6b;
 /// The PostgreSQL-backed store.
 pub struct PostgresStore {
     pool: Pool,
+    /// Refresh locks held at once (each holds a pooled connection for a vendor call): at most
+    /// half the pool, so the reads and writes the refreshes themselves need always find one.
+    lock_slots: Arc<tokio::sync::Semaphore>,
     replica: String,
     changes: broadcast::Sender<Change>,
     listener: tokio::task::JoinHandle<()>,
@@ -258,6 +261,7 @@ impl PostgresStore {
         };
         Ok(Self {
             pool,
+            lock_slots: Arc::new(tokio::sync::Semaphore::new(LOCK_HOLDERS)),
             replica,
             changes,
             listener,
@@ -328,6 +332,12 @@ impl PostgresStore {
     }
 }
 
+/// Connections in the pool.
+const POOL_SIZE: usize = 16;
+
+/// Refresh locks one replica holds at once (see [`PostgresStore::lock_slots`]).
+pub const LOCK_HOLDERS: usize = POOL_SIZE / 2;
+
 fn build_pool<T>(config: tokio_postgres::Config, tls: T) -> Result<Pool, StoreError>
 where
     T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
@@ -343,7 +353,7 @@ where
         },
     );
     Pool::builder(manager)
-        .max_size(16)
+        .max_size(POOL_SIZE)
         .wait_timeout(Some(Duration::from_secs(5)))
         .create_timeout(Some(Duration::from_secs(5)))
         .recycle_timeout(Some(Duration::from_secs(5)))
@@ -519,15 +529,18 @@ fn lock_key(system_id: &str) -> i64 {
 struct PgLock {
     obj: Option<deadpool_postgres::Object>,
     key: i64,
+    /// Given back once the connection is back in the pool.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for PgLock {
     fn drop(&mut self) {
         if let Some(obj) = self.obj.take() {
-            let key = self.key;
+            let (key, slot) = (self.key, self.slot.take());
             // Unlock before the connection goes back to the pool; if this fails the connection
             // is dropped instead, which ends the session and its locks.
             tokio::spawn(async move {
+                let _slot = slot;
                 if obj
                     .execute("SELECT pg_advisory_unlock($1)", &[&key])
                     .await
@@ -725,14 +738,25 @@ impl CredentialStore for PostgresStore {
         wait: Duration,
     ) -> Result<Option<RefreshLock>, StoreError> {
         let key = lock_key(system_id);
-        let obj = self.client().await?;
         let deadline = tokio::time::Instant::now() + wait;
+        let slots = self.lock_slots.clone().acquire_owned();
+        let slot = match tokio::time::timeout_at(deadline, slots).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) | Err(_) => {
+                return Err(StoreError::Backend(
+                    "too many refreshes hold this replica's refresh locks; retry shortly"
+                        .to_owned(),
+                ))
+            }
+        };
+        let obj = self.client().await?;
         let mut pause = Duration::from_millis(5);
         loop {
             if try_advisory_lock(&obj, key).await? {
                 return Ok(Some(RefreshLock::new(PgLock {
                     obj: Some(obj),
                     key,
+                    slot: Some(slot),
                 })));
             }
             if tokio::time::Instant::now() + pause > deadline {

@@ -226,6 +226,51 @@ async fn postgres_store_conforms_and_persists() {
     assert!(store.is_shared());
 }
 
+/// A replica's refresh locks (each holding a pooled connection through a vendor call) never
+/// take the whole pool: past half of it a lock waits for a slot, up to its deadline, and the
+/// reads and writes the refreshes themselves need still find connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refresh_locks_leave_connections_for_reads_and_writes() {
+    use credbroker::store::postgres::LOCK_HOLDERS;
+    let Some(server) = crate::pg::PgServer::shared().await else {
+        return crate::pg::skipped("postgres_refresh_locks_leave_connections_for_reads_and_writes");
+    };
+    let url = server.fresh_db().await;
+    let store = Arc::new(
+        credbroker::store::PostgresStore::connect(&url, None)
+            .await
+            .unwrap(),
+    );
+    let wait = std::time::Duration::from_secs(2);
+    let mut held = Vec::new();
+    for i in 0..LOCK_HOLDERS {
+        held.push(store.lock_refresh(&format!("sys-{i}"), wait).await.unwrap());
+    }
+    let short = std::time::Duration::from_millis(300);
+    let err = store.lock_refresh("one-more", short).await.err().unwrap();
+    assert!(err.to_string().contains("too many refreshes"), "{err}");
+    let mut io = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let store = store.clone();
+        io.spawn(async move {
+            store.put_meta(&format!("k{i}"), b"v").await?;
+            store.get_meta(&format!("k{i}")).await
+        });
+    }
+    let all = tokio::time::timeout(wait, async {
+        while let Some(r) = io.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), Some(b"v".to_vec()));
+        }
+    });
+    all.await.expect("reads and writes waited for a connection");
+    drop(held);
+    assert!(store
+        .lock_refresh("one-more", wait)
+        .await
+        .unwrap()
+        .is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_migrate_once_when_started_together() {
     let Some(server) = crate::pg::PgServer::shared().await else {
