@@ -307,6 +307,10 @@ pub struct Flight {
     /// and the vendor's message. The refusal stands, with no second upstream call, once the
     /// store shows that credential still stored; any other credential forgets it.
     refused: Option<(Vec<u8>, AuthFailure, String)>,
+    /// The token a worker reported rejected, dropped from the cache for the forced re-mint:
+    /// put back while the re-mint cannot happen (the vendor's endpoint failing), so one report
+    /// never takes every worker's token away.
+    reported: Option<Arc<IssuedToken>>,
 }
 
 impl std::fmt::Debug for Flight {
@@ -324,15 +328,18 @@ impl std::fmt::Debug for Flight {
             .field("last_forced", &self.last_forced)
             .field("store_failures", &self.store_failures)
             .field("refused (sealed length, failure, message)", &refused)
+            .field("reported", &self.reported.as_ref().map(|t| &t.token_id))
             .finish()
     }
 }
 
 impl Flight {
-    /// Forgets a dead grant and any backoff (the stored system changed elsewhere).
+    /// Forgets a dead grant, any backoff and a reported token (the stored system changed
+    /// elsewhere).
     pub(crate) fn clear_remote_state(&mut self) {
         self.dead = None;
         self.backoff_until = None;
+        self.reported = None;
     }
 }
 
@@ -730,6 +737,26 @@ impl Broker {
         }
     }
 
+    /// What callers get while no token can be minted: the cached token, or else the one a
+    /// worker reported rejected, put back in the cache while it is valid (see
+    /// [`Flight::reported`]).
+    fn fallback(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        current: Option<Arc<IssuedToken>>,
+    ) -> Option<Arc<IssuedToken>> {
+        if current.is_some() {
+            return current;
+        }
+        let reported = f.reported.take()?;
+        if reported.expires_at <= SystemTime::now() {
+            return None;
+        }
+        self.cache.insert(system_id, reported.clone());
+        Some(reported)
+    }
+
     /// Mints headers with the system's single-flight lock held (`f` is its state).
     async fn mint_locked(
         &self,
@@ -754,6 +781,7 @@ impl Broker {
                 } else {
                     "the upstream token endpoint is failing".to_owned()
                 };
+                let current = self.fallback(f, system_id, current);
                 return stale_or_unavailable(current, msg, until - Instant::now());
             }
         }
@@ -867,7 +895,7 @@ impl Broker {
                     } else {
                         f.last_forced = Some(Instant::now());
                         self.drop_token(system_id);
-                        *current = None;
+                        f.reported = current.take();
                         tracing::info!(message = "Worker reported a rejected token; minting a new one.", system_id = %system_id);
                     }
                 }
@@ -1109,6 +1137,7 @@ impl Broker {
         f.failures = 0;
         f.backoff_until = None;
         f.last_failure = None;
+        f.reported = None;
         let written = shared_with.is_some();
         let token =
             self.install_with_id(system_id, &record, issued, need_until, oauth, shared_with)?;
@@ -1132,6 +1161,7 @@ impl Broker {
         (failure, message): (AuthFailure, String),
     ) -> BrokerError {
         f.pending = None;
+        f.reported = None;
         f.last_failure = Some(failure);
         self.drop_token(system_id);
         // Kept as the vendor said it (a kept refusal comes back through here).
@@ -1193,6 +1223,7 @@ impl Broker {
         error: &str,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         let delay = self.back_off_for_store(f);
+        let current = self.fallback(f, system_id, current);
         if self.cache.begin_store_wait(system_id) {
             tracing::warn!(message = "Token refresh waits for the database.", system_id = %system_id, error = %error);
         } else {
@@ -1222,6 +1253,7 @@ impl Broker {
         f.last_failure = Some(failure);
         let delay = self.backoff_delay(f.failures, retry_after);
         f.backoff_until = Some(Instant::now() + delay);
+        let current = self.fallback(f, system_id, current);
         tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
         if let Some(me) = self
             .me

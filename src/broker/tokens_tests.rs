@@ -643,6 +643,37 @@ async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
     );
 }
 
+/// A worker's report of a rejected token forces a re-mint; when the vendor's token endpoint
+/// fails then (a 429), the reported token, still valid, keeps serving the other workers through
+/// the backoff instead of every worker getting UNAVAILABLE.
+#[tokio::test]
+async fn a_report_the_vendor_cannot_act_on_takes_no_worker_s_token_away() {
+    let backend = FakeBackend::new(
+        false,
+        vec![
+            Answer::Token(None),
+            Answer::Transient(Some(Duration::from_secs(60))),
+        ],
+    );
+    let broker = broker_with(backend.clone()).await;
+    let first = broker.access_token(SYSTEM, 0, None).await.unwrap();
+    let reporter = broker
+        .access_token(SYSTEM, 0, Some(&first.token_id))
+        .await
+        .unwrap();
+    assert_eq!(reporter.token_id, first.token_id);
+    assert_eq!(backend.calls(), 2, "the report forced a re-mint");
+    for _ in 0..3 {
+        let other = broker.access_token(SYSTEM, 0, None).await.unwrap();
+        assert_eq!(other.token_id, first.token_id);
+    }
+    assert_eq!(
+        backend.calls(),
+        2,
+        "the vendor was asked again inside its Retry-After"
+    );
+}
+
 /// A rotated refresh token the store refused is stored in the background once the store takes
 /// writes again, with no further demand and no second vendor call: meanwhile it lived only in
 /// this process.
