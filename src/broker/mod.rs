@@ -298,6 +298,9 @@ pub struct Broker {
     pub(crate) quotas: quota::Quotas,
     /// `host[:port]` of the public URL, which the proxy's `Host` header must name.
     pub(crate) public_authority: Option<String>,
+    /// Vendor 401s seen through the proxy and not yet counted in the store, per system; an
+    /// entry means a writer for that system is running (one at a time).
+    pub(crate) unauthorized: Mutex<HashMap<String, u64>>,
     /// Who may call, and the authentication of each call.
     pub(crate) callers: Callers,
     /// This broker, for vendor exchanges that must outlive the request that started them.
@@ -366,6 +369,7 @@ impl Broker {
             settings,
             draining: std::sync::atomic::AtomicBool::new(false),
             pending_authorizations: Mutex::new(HashMap::new()),
+            unauthorized: Mutex::new(HashMap::new()),
             audit,
             lease_key,
             link_key,

@@ -495,29 +495,60 @@ impl Broker {
         self.quotas.merge(batch);
     }
 
-    /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`). An
-    /// OAuth access token the vendor refused is reported as a worker with the headers would
+    /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`), in the
+    /// background: one writer per system at a time adds every 401 seen meanwhile, so a storm of
+    /// them is a few store writes, and the worker's answer never waits for the store. An OAuth
+    /// access token the vendor refused is reported as a worker with the headers would
     /// (`rejected_token_id`): one re-mint, in the background, for however many calls saw it
     /// refused (a later 401 with the new token is a new report).
-    pub async fn note_proxy_unauthorized(&self, system_id: &str, token: &IssuedToken) {
+    pub fn note_proxy_unauthorized(&self, system_id: &str, token: &IssuedToken) {
+        let Some(broker) = self.me.upgrade() else {
+            return;
+        };
         if token.refreshable {
-            if let Some(broker) = self.me.upgrade() {
-                let (id, refused) = (system_id.to_owned(), token.token_id.clone());
-                tokio::spawn(async move {
-                    // A failure is the grant's own (recorded on the system); nothing to add.
-                    let _ = broker.access_token(&id, 0, Some(&refused)).await;
-                });
-            }
+            let (broker, id, refused) =
+                (broker.clone(), system_id.to_owned(), token.token_id.clone());
+            tokio::spawn(async move {
+                // A failure is the grant's own (recorded on the system); nothing to add.
+                let _ = broker.access_token(&id, 0, Some(&refused)).await;
+            });
         }
-        let counted = self
-            .update_system_with(system_id, |r| {
-                r.proxy_unauthorized_count += 1;
-                r.last_proxy_unauthorized_at = Some(unix_now());
-                true
-            })
-            .await;
-        if counted.is_ok() {
-            tracing::warn!(message = "The vendor rejected the credential through the proxy (401).", system_id = %system_id);
+        let lead = {
+            let mut seen = crate::util::sync::lock(&self.unauthorized);
+            let n = seen.entry(system_id.to_owned()).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if lead {
+            let id = system_id.to_owned();
+            tokio::spawn(async move { broker.count_unauthorized(&id).await });
+        }
+    }
+
+    /// The writer of [`Self::note_proxy_unauthorized`]: adds what was seen until nothing is left.
+    async fn count_unauthorized(&self, system_id: &str) {
+        let mut written = 0;
+        loop {
+            let n = {
+                let mut seen = crate::util::sync::lock(&self.unauthorized);
+                let total = seen.get(system_id).copied().unwrap_or(0);
+                if total == written {
+                    seen.remove(system_id);
+                    return;
+                }
+                total - written
+            };
+            let counted = self
+                .update_system_with(system_id, |r| {
+                    r.proxy_unauthorized_count += n;
+                    r.last_proxy_unauthorized_at = Some(unix_now());
+                    true
+                })
+                .await;
+            written += n;
+            if counted.is_ok() {
+                tracing::warn!(message = "The vendor rejected the credential through the proxy (401).", system_id = %system_id, count = n);
+            }
         }
     }
 }

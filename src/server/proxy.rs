@@ -293,9 +293,7 @@ async fn send(
         learn(broker, call, &permit, &resp);
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
-        broker
-            .note_proxy_unauthorized(call.system_id, &grant.token)
-            .await;
+        broker.note_proxy_unauthorized(call.system_id, &grant.token);
     }
     let redirects = Redirects {
         api_base_url: &grant.token.api_base_url,
