@@ -615,7 +615,8 @@ fn unusable_base() -> ProxyRefusal {
     ProxyRefusal::Upstream(UNUSABLE_BASE.to_owned())
 }
 
-/// True when no path segment escapes (`..`, `.`, encoded separators, backslashes, NUL).
+/// True when no path segment escapes (`..`, `.`, also with `;parameters` or encoded, encoded
+/// separators, backslashes, NUL).
 pub fn is_clean_path(tail: &str) -> bool {
     if tail.contains('\\') {
         return false;
@@ -636,8 +637,10 @@ pub fn is_clean_path(tail: &str) -> bool {
             .map(|(_, v)| v.into_owned())
             .unwrap_or_default();
         let lower = seg.to_ascii_lowercase();
-        decoded != ".."
-            && decoded != "."
+        // Servlet containers drop a segment's `;parameters` before resolving it: `..;x` is `..`.
+        let name = decoded.split(';').next().unwrap_or_default();
+        name != ".."
+            && name != "."
             && !decoded.contains('/')
             && !decoded.contains('\\')
             && !decoded.contains('\0')
@@ -697,6 +700,22 @@ mod tests {
             mask_path("/objects/0a1b2c3d-77/ünï/abcdefgh"),
             "/objects/{id}/ünï/abcdefgh"
         );
+    }
+
+    #[test]
+    fn dot_segments_with_parameters_are_escapes_too() {
+        use super::is_clean_path;
+        for escape in [
+            "/a/..;x/b",
+            "/a/.;/b",
+            "/..;jsessionid=1/admin",
+            "/a/%2e%2e;x/b",
+        ] {
+            assert!(!is_clean_path(escape), "{escape}");
+        }
+        for clean in ["/a/b;v=1", "/a/..x;y/b", "/a/b", "/a/;x"] {
+            assert!(is_clean_path(clean), "{clean}");
+        }
     }
 
     #[test]

@@ -391,8 +391,9 @@ fn screen(broker: &Broker, req: &Request, system_id: &str, tail: &str) -> Result
         ));
     }
     if let Some(want) = &broker.public_authority {
-        let host = req.headers().get("host").and_then(|h| h.to_str().ok());
-        if host.is_some_and(|host| !host.eq_ignore_ascii_case(want)) {
+        // A Host that is not visible ASCII names no broker either.
+        let host = req.headers().get("host").map(|h| h.to_str().ok());
+        if host.is_some_and(|host| !host.is_some_and(|h| h.eq_ignore_ascii_case(want))) {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "the Host header does not name this broker",

@@ -373,6 +373,9 @@ async fn path_escapes_absolute_urls_and_host_overrides_are_refused() {
         // Absolute form naming another authority, with a path the proxy would serve.
         format!("GET {fake_origin}/proxy/esc/users/me HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
         format!("GET /proxy/esc/users/me HTTP/1.1\r\nHost: internal.example\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        // A Host that is not ASCII names no broker; a dot segment with parameters is a dot segment.
+        format!("GET /proxy/esc/users/me HTTP/1.1\r\nHost: {host}\u{e9}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        format!("GET /proxy/esc/..;x/esc/users/me HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
     ];
     for r in &refused {
         let code = raw(broker.http_addr, r).await;
