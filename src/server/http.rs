@@ -384,6 +384,9 @@ pub struct HttpLimits {
     /// A request head (the first, or the next on an idle keep-alive connection) must arrive
     /// whole within this, else the connection is closed.
     pub header_timeout: std::time::Duration,
+    /// Every write of an answer must make progress within this (the peer reads it), else the
+    /// connection is closed and its request ends (see `stall`).
+    pub write_stall: std::time::Duration,
     /// One permit per open connection, shared by every serving thread; past the last one a new
     /// connection is closed at once.
     pub connections: Arc<tokio::sync::Semaphore>,
@@ -401,6 +404,7 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let (permits, header_timeout) = (limits.connections, limits.header_timeout);
+    let write_stall = limits.write_stall;
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let connections = tokio_util::task::TaskTracker::new();
     tokio::pin!(stop);
@@ -447,7 +451,10 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(super::stall::StallCut::new(io, write_stall)),
+                    service,
+                );
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}

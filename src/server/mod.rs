@@ -14,6 +14,7 @@ pub mod convert;
 pub mod cores;
 pub mod http;
 pub mod proxy;
+mod stall;
 pub mod tls;
 pub mod token_route;
 pub mod webhooks;
@@ -570,6 +571,8 @@ async fn start_http(
             let app = http::router(core.clone(), Some(proxy_client), console);
             let limits = http::HttpLimits {
                 header_timeout: config.server.http_header_timeout,
+                // A worker may stall an answer as long as a vendor may stall one.
+                write_stall: config.proxy.read_timeout,
                 connections: Arc::new(tokio::sync::Semaphore::new(
                     config.server.http_max_connections.max(1),
                 )),

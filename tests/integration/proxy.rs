@@ -1014,3 +1014,54 @@ async fn a_token_the_vendor_refuses_through_the_proxy_is_minted_again_once() {
     assert_eq!(fake.token_calls(), minted + 1, "one re-mint for every 401");
     broker.stop().await;
 }
+
+/// A worker that stops reading a large answer (frozen, or holding the connection on purpose)
+/// does not keep the system's concurrency slot: once a write has waited as long as the proxy
+/// waits for a vendor, its connection is closed and the slot freed for the other workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_stops_reading_frees_the_system_s_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.proxy.read_timeout = Duration::from_millis(500);
+    let one = credbroker::broker::quota::LimitsOverride {
+        max_concurrent: Some(1),
+        max_queue_wait_seconds: Some(0),
+        ..Default::default()
+    };
+    config.quota.systems.insert("stuck".into(), one);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let (base, _) = streaming_vendor("stuck-pat").await;
+    let (t, auth) = lease(&mut admin, "stuck", &base, "stuck-pat").await;
+    // Worker A asks for 50 MB, reads the head, and stops reading.
+    let mut a = tokio::net::TcpStream::connect(broker.http_addr)
+        .await
+        .unwrap();
+    let host = broker.http_addr;
+    let get =
+        format!("GET /proxy/stuck/big HTTP/1.1\r\nHost: {host}\r\nAuthorization: {auth}\r\n\r\n");
+    a.write_all(get.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    a.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // Meanwhile the slot is A's: worker B is refused locally.
+    let (status, body) = call(&t, "/users/me", &[]).await;
+    assert_eq!(status, 429, "{body}");
+    // A's stalled answer is cut within the limit, and B is served.
+    let started = std::time::Instant::now();
+    loop {
+        let (status, body) = call(&t, "/users/me", &[]).await;
+        if status != 429 {
+            // The vendor's own answer: it serves no such path.
+            assert_eq!(status, 404, "{body}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the slot stayed taken"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(a);
+    broker.stop().await;
+}
