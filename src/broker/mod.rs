@@ -301,6 +301,8 @@ pub struct Broker {
     /// Vendor 401s seen through the proxy and not yet counted in the store, per system; an
     /// entry means a writer for that system is running (one at a time).
     pub(crate) unauthorized: Mutex<HashMap<String, u64>>,
+    /// When a vendor 401 through the proxy last made a system's token be minted again.
+    pub(crate) proxy_remints: Mutex<HashMap<String, std::time::Instant>>,
     /// Who may call, and the authentication of each call.
     pub(crate) callers: Callers,
     /// This broker, for vendor exchanges that must outlive the request that started them.
@@ -370,6 +372,7 @@ impl Broker {
             draining: std::sync::atomic::AtomicBool::new(false),
             pending_authorizations: Mutex::new(HashMap::new()),
             unauthorized: Mutex::new(HashMap::new()),
+            proxy_remints: Mutex::new(HashMap::new()),
             audit,
             lease_key,
             link_key,
@@ -1121,7 +1124,7 @@ impl Broker {
         delivery: Option<Delivery>,
     ) -> Result<SystemRecord, BrokerError> {
         let flight = self.flight(system_id);
-        let _f = flight.lock().await;
+        let mut f = flight.lock().await;
         let current = self.get_system(system_id).await?;
         let delivery = match delivery {
             Some(d) => d,
@@ -1138,6 +1141,8 @@ impl Broker {
         updated.updated_at = unix_now();
         let updated = self.swap_system(&current, updated).await?;
         self.drop_token(system_id);
+        // A reported token carries the old delivery: it must never come back.
+        f.reported = None;
         tracing::info!(message = "Delivery changed.", system_id = %system_id, delivery = ?delivery);
         Ok(updated)
     }

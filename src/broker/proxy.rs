@@ -11,7 +11,7 @@
 //! duration), never a body or a header value.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -44,6 +44,9 @@ fn audited_method(method: &str) -> &str {
         "OTHER"
     }
 }
+
+/// The least time between two re-mints a vendor 401 through the proxy starts for one system.
+pub const PROXY_REMINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Prefix of proxy leases.
 pub const LEASE_PREFIX: &str = "cbl_";
@@ -496,16 +499,17 @@ impl Broker {
     }
 
     /// Counts a vendor 401 seen through the proxy on the system (surfaced in `System`), in the
-    /// background: one writer per system at a time adds every 401 seen meanwhile, so a storm of
-    /// them is a few store writes, and the worker's answer never waits for the store. An OAuth
-    /// access token the vendor refused is reported as a worker with the headers would
-    /// (`rejected_token_id`): one re-mint, in the background, for however many calls saw it
-    /// refused (a later 401 with the new token is a new report).
+    /// background: one writer per system at a time adds every 401 seen in the second before
+    /// each write, so a storm of them is a write a second, and the worker's answer never waits
+    /// for the store. An OAuth access token the vendor refused is reported as a worker with the
+    /// headers would (`rejected_token_id`): one re-mint, in the background, for however many
+    /// calls saw it refused, and at most one per [`PROXY_REMINT_INTERVAL`] (a 401 that is not
+    /// about the token, such as a scope the grant lacks, must not drive a refresh a second).
     pub fn note_proxy_unauthorized(&self, system_id: &str, token: &IssuedToken) {
         let Some(broker) = self.me.upgrade() else {
             return;
         };
-        if token.refreshable {
+        if token.refreshable && self.may_remint_for_proxy(system_id, Instant::now()) {
             let (broker, id, refused) =
                 (broker.clone(), system_id.to_owned(), token.token_id.clone());
             tokio::spawn(async move {
@@ -525,10 +529,25 @@ impl Broker {
         }
     }
 
+    /// Whether a vendor 401 through the proxy may make `system_id`'s token be minted again at
+    /// `now` (see [`Self::note_proxy_unauthorized`]); if so, the time is noted.
+    pub(crate) fn may_remint_for_proxy(&self, system_id: &str, now: Instant) -> bool {
+        let mut last = crate::util::sync::lock(&self.proxy_remints);
+        match last.get(system_id) {
+            Some(at) if now.saturating_duration_since(*at) < PROXY_REMINT_INTERVAL => false,
+            _ => {
+                last.insert(system_id.to_owned(), now);
+                true
+            }
+        }
+    }
+
     /// The writer of [`Self::note_proxy_unauthorized`]: adds what was seen until nothing is left.
     async fn count_unauthorized(&self, system_id: &str) {
         let mut written = 0;
         loop {
+            // The 401s of the next second join this write.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let n = {
                 let mut seen = crate::util::sync::lock(&self.unauthorized);
                 let total = seen.get(system_id).copied().unwrap_or(0);

@@ -293,9 +293,9 @@ pub struct Flight {
     failures: u32,
     last_failure: Option<AuthFailure>,
     /// A credential the upstream issued that is not yet durable (its write failed), with the
-    /// credential version it belongs to: a reconnect or rotation stored meanwhile (on another
-    /// replica) makes it moot.
-    pending: Option<(u64, Credential)>,
+    /// sealed credential it replaces: any other stored credential (a reconnect or rotation, or
+    /// a refresh on another replica, or this very write having landed after all) makes it moot.
+    pending: Option<(Vec<u8>, Credential)>,
     /// Set when the grant is dead: the message to return, with no upstream call.
     dead: Option<String>,
     last_forced: Option<Instant>,
@@ -310,7 +310,7 @@ pub struct Flight {
     /// The token a worker reported rejected, dropped from the cache for the forced re-mint:
     /// put back while the re-mint cannot happen (the vendor's endpoint failing), so one report
     /// never takes every worker's token away.
-    reported: Option<Arc<IssuedToken>>,
+    pub(crate) reported: Option<Arc<IssuedToken>>,
 }
 
 impl std::fmt::Debug for Flight {
@@ -723,12 +723,12 @@ impl Broker {
         *f = Flight::default();
     }
 
-    /// The credential the vendor issued that is not yet stored, while `record` is still at the
-    /// version it belongs to; a pending credential of an older version is dropped (the record
-    /// was reconnected or rotated elsewhere: the new credential wins).
+    /// The credential the vendor issued that is not yet stored, while `record` still holds the
+    /// credential it replaces; else it is dropped (another credential was stored meanwhile:
+    /// it wins).
     fn pending_for(f: &mut Flight, record: &SystemRecord) -> Option<Credential> {
         match &f.pending {
-            Some((version, c)) if *version == record.credential_version => Some(c.clone()),
+            Some((replaces, c)) if *replaces == record.sealed_credential => Some(c.clone()),
             Some(_) => {
                 f.pending = None;
                 None
@@ -1114,6 +1114,12 @@ impl Broker {
                 .persist_credential(system_id, &record, &newcred, share.as_ref())
                 .await
             {
+                Ok(r) if r.credential_version != record.credential_version => {
+                    // Rotated or reconnected meanwhile (on another replica): nothing was
+                    // written, and a token of the old credential is not the new one's.
+                    f.pending = None;
+                    return Err(changed_meanwhile());
+                }
                 Ok(r) => {
                     f.pending = None;
                     record = r;
@@ -1122,7 +1128,7 @@ impl Broker {
                 Err(e) => {
                     tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
                     let first = f.pending.is_none();
-                    f.pending = Some((record.credential_version, newcred));
+                    f.pending = Some((record.sealed_credential.clone(), newcred));
                     if first {
                         self.store_pending_later(system_id);
                     }
@@ -1141,8 +1147,9 @@ impl Broker {
         let written = shared_with.is_some();
         let token =
             self.install_with_id(system_id, &record, issued, need_until, oauth, shared_with)?;
-        if shared && !written {
-            self.share_token(system_id, &token).await;
+        if shared && !written && !self.share_token(system_id, &token).await {
+            self.drop_token(system_id);
+            return Err(changed_meanwhile());
         }
         if record.state_message.is_some() || record.refresh_failure.is_some() {
             // A note of an unknown outcome, a spell of failures: settled by this success.
@@ -1444,7 +1451,9 @@ impl Broker {
     }
 
     /// Stores `token` sealed in the system's record for the other replicas.
-    async fn share_token(&self, system_id: &str, token: &IssuedToken) {
+    /// False when the credential was rotated or reconnected meanwhile (nothing shared: the
+    /// token is the old credential's).
+    async fn share_token(&self, system_id: &str, token: &IssuedToken) -> bool {
         let share = Share::new(
             &token.headers,
             &token.api_base_url,
@@ -1464,8 +1473,13 @@ impl Broker {
                 Ok(Some(updated))
             })
             .await;
-        if let Err(e) = shared {
-            tracing::warn!(message = "Could not share a refreshed token with the other replicas.", system_id = %system_id, error = %e);
+        match shared {
+            Ok(Modified::Unchanged(_)) => false,
+            Ok(Modified::Written(_)) => true,
+            Err(e) => {
+                tracing::warn!(message = "Could not share a refreshed token with the other replicas.", system_id = %system_id, error = %e);
+                true
+            }
         }
     }
 
@@ -1489,9 +1503,12 @@ impl Broker {
 
     /// One try of [`Self::store_pending_later`]: true once nothing is left to store.
     async fn try_store_pending(&self, system_id: &str) -> bool {
-        let flight = self.flight(system_id);
+        // A system deleted meanwhile has no flight any more: nothing to store.
+        let Some(flight) = self.cache.existing_flight(system_id) else {
+            return true;
+        };
         let mut f = flight.lock().await;
-        let Some((version, credential)) = f.pending.clone() else {
+        let Some((replaces, credential)) = f.pending.clone() else {
             return true;
         };
         let record = match self.get_system(system_id).await {
@@ -1502,7 +1519,7 @@ impl Broker {
             }
             Err(_) => return false,
         };
-        if record.credential_version != version {
+        if record.sealed_credential != replaces {
             f.pending = None;
             return true;
         }
@@ -1800,6 +1817,14 @@ pub(crate) const STORE_DOWN_NOTE: &str =
      before it is handed out, so the refresh waits for the database";
 /// The longest a refresh that met an unreachable store waits before it tries the store again.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A mint whose credential was rotated or reconnected while the vendor answered.
+fn changed_meanwhile() -> BrokerError {
+    BrokerError::Unavailable(
+        "the credential was rotated or reconnected meanwhile; retry for a token of the new one"
+            .to_owned(),
+    )
+}
 
 fn stale_or_unavailable(
     current: Option<Arc<IssuedToken>>,

@@ -632,7 +632,8 @@ async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
         .rotate(SYSTEM, admins_credential(), true)
         .await
         .unwrap();
-    tokio::time::advance(Duration::from_secs(120)).await;
+    // At once (the clock stands still): the background writer has not run, so only the mint's
+    // own check keeps the old grant's token out.
     broker.access_token(SYSTEM, 0, None).await.unwrap();
     assert_eq!(backend.calls(), 2);
     assert_eq!(stored_refresh_token(&broker).await, "rt-admin");
@@ -674,6 +675,56 @@ async fn a_report_the_vendor_cannot_act_on_takes_no_worker_s_token_away() {
     );
 }
 
+/// A vendor 401 through the proxy re-mints a system's token at most once a minute (a 401 that
+/// is not about the token, such as a scope the grant lacks, must not drive a refresh a second).
+#[tokio::test]
+async fn a_proxy_401_re_mints_at_most_once_a_minute_per_system() {
+    use crate::broker::proxy::PROXY_REMINT_INTERVAL;
+    let broker = broker_with(FakeBackend::new(false, vec![])).await;
+    let t0 = std::time::Instant::now();
+    assert!(broker.may_remint_for_proxy(SYSTEM, t0));
+    let soon = t0 + PROXY_REMINT_INTERVAL - Duration::from_secs(1);
+    assert!(!broker.may_remint_for_proxy(SYSTEM, soon));
+    assert!(broker.may_remint_for_proxy("another", soon));
+    assert!(broker.may_remint_for_proxy(SYSTEM, t0 + PROXY_REMINT_INTERVAL));
+}
+
+/// A reported token carries the delivery it was minted for: after a switch to proxy delivery
+/// it never comes back as a fallback (it would hand a worker the vendor's headers).
+#[tokio::test]
+async fn a_reported_token_is_no_fallback_after_a_delivery_switch() {
+    let backend = FakeBackend::new(
+        false,
+        vec![
+            Answer::Token(None),
+            Answer::Token(Some("rt-2")),
+            Answer::Transient(Some(Duration::from_secs(60))),
+        ],
+    );
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let first = broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(first.delivery, crate::model::Delivery::Header);
+    // The forced re-mint's rotated refresh token cannot be stored: the report stays open.
+    store.updates_down.store(true, Ordering::SeqCst);
+    let reported = broker.access_token(SYSTEM, 0, Some(&first.token_id)).await;
+    assert!(
+        matches!(reported, Err(BrokerError::Unavailable(_))),
+        "{reported:?}"
+    );
+    store.updates_down.store(false, Ordering::SeqCst);
+    let proxy = Some(crate::model::Delivery::Proxy);
+    broker.set_delivery(SYSTEM, proxy).await.unwrap();
+    // No token shared in the record to adopt: the next demand asks the vendor.
+    change_meanwhile(&store, |r| r.shared_token = None).await;
+    let got = broker.access_token(SYSTEM, 0, None).await;
+    assert!(
+        !matches!(&got, Ok(t) if t.delivery == crate::model::Delivery::Header),
+        "a header-delivery token came back after the switch"
+    );
+    assert_eq!(backend.calls(), 3);
+}
+
 /// A rotated refresh token the store refused is stored in the background once the store takes
 /// writes again, with no further demand and no second vendor call: meanwhile it lived only in
 /// this process.
@@ -698,11 +749,17 @@ async fn a_refresh_token_the_store_refused_is_stored_once_it_takes_writes() {
     assert_eq!(backend.calls(), 1, "the vendor was asked again");
 }
 
-/// A token minted from the old credential while another replica rotated the credential is not
-/// shared as the new credential's: the other replicas would hand out the old identity's token.
+/// A token minted from the old credential while another replica rotated the credential is
+/// neither shared nor cached as the new credential's (the replicas would hand out the old
+/// identity's token), with or without a rotated refresh token.
 #[tokio::test]
 async fn a_token_of_a_credential_rotated_meanwhile_is_not_shared() {
-    let backend = FakeBackend::new(true, vec![]);
+    token_of_a_credential_rotated_meanwhile(None).await;
+    token_of_a_credential_rotated_meanwhile(Some("rt-2")).await;
+}
+
+async fn token_of_a_credential_rotated_meanwhile(rotated: Option<&'static str>) {
+    let backend = FakeBackend::new(true, vec![Answer::Token(rotated)]);
     let store = Shared::new(usize::MAX);
     let broker = broker_on(backend.clone(), store.clone()).await;
     let caller = tokio::spawn({
@@ -716,15 +773,19 @@ async fn a_token_of_a_credential_rotated_meanwhile_is_not_shared() {
         .await
         .unwrap();
     backend.open_gate();
-    let old = caller.await.unwrap().unwrap();
+    let err = caller.await.unwrap().unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
     let record = store.inner.get_system(SYSTEM).await.unwrap().unwrap();
     assert_eq!(record.credential_version, 2);
-    let shared = record.shared_token.map(|t| t.token_id);
-    assert_ne!(
-        shared,
-        Some(old.token_id.clone()),
+    assert!(
+        record.shared_token.is_none(),
         "the old credential's token was shared"
     );
+    assert!(
+        broker.cached(SYSTEM).is_none(),
+        "the old credential's token is cached"
+    );
+    assert_eq!(stored_refresh_token(&broker).await, "rt-admin");
 }
 
 /// The credential an admin rotates to in these tests.
