@@ -509,7 +509,11 @@ impl Broker {
         let Some(broker) = self.me.upgrade() else {
             return;
         };
-        if token.refreshable && self.may_remint_for_proxy(system_id, Instant::now()) {
+        // A 401 for a token already replaced is no news (and must not use up the minute).
+        let current = self
+            .cached(system_id)
+            .is_some_and(|c| c.token_id == token.token_id);
+        if token.refreshable && current && self.may_remint_for_proxy(system_id, Instant::now()) {
             let (broker, id, refused) =
                 (broker.clone(), system_id.to_owned(), token.token_id.clone());
             tokio::spawn(async move {

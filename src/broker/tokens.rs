@@ -285,6 +285,19 @@ impl Default for RefreshSettings {
     }
 }
 
+/// A credential the vendor issued that the store refused, and what it replaces: any other
+/// stored credential (a reconnect or rotation, a refresh on another replica, or this very write
+/// having landed after all) makes it moot; a rewrap under another key does not.
+#[derive(Clone)]
+struct Pending {
+    /// The credential version it belongs to.
+    version: u64,
+    /// SHA-256 of the replaced credential's plaintext (`None`: it could not be read; the
+    /// version alone decides).
+    replaces: Option<[u8; 32]>,
+    credential: Credential,
+}
+
 /// Per-system refresh state, guarded by the system's single-flight lock. `Debug` is
 /// hand-written: it shows the refused sealed credential's length, not its bytes.
 #[derive(Default)]
@@ -292,10 +305,8 @@ pub struct Flight {
     backoff_until: Option<Instant>,
     failures: u32,
     last_failure: Option<AuthFailure>,
-    /// A credential the upstream issued that is not yet durable (its write failed), with the
-    /// sealed credential it replaces: any other stored credential (a reconnect or rotation, or
-    /// a refresh on another replica, or this very write having landed after all) makes it moot.
-    pending: Option<(Vec<u8>, Credential)>,
+    /// A credential the upstream issued that is not yet durable (its write failed).
+    pending: Option<Pending>,
     /// Set when the grant is dead: the message to return, with no upstream call.
     dead: Option<String>,
     last_forced: Option<Instant>,
@@ -323,7 +334,10 @@ impl std::fmt::Debug for Flight {
             .field("backoff_until", &self.backoff_until)
             .field("failures", &self.failures)
             .field("last_failure", &self.last_failure)
-            .field("pending", &self.pending)
+            .field(
+                "pending (version)",
+                &self.pending.as_ref().map(|p| p.version),
+            )
             .field("dead", &self.dead)
             .field("last_forced", &self.last_forced)
             .field("store_failures", &self.store_failures)
@@ -726,15 +740,29 @@ impl Broker {
     /// The credential the vendor issued that is not yet stored, while `record` still holds the
     /// credential it replaces; else it is dropped (another credential was stored meanwhile:
     /// it wins).
-    fn pending_for(f: &mut Flight, record: &SystemRecord) -> Option<Credential> {
-        match &f.pending {
-            Some((replaces, c)) if *replaces == record.sealed_credential => Some(c.clone()),
-            Some(_) => {
-                f.pending = None;
-                None
-            }
-            None => None,
+    fn pending_for(&self, f: &mut Flight, record: &SystemRecord) -> Option<Credential> {
+        let p = f.pending.as_ref()?;
+        if self.still_replaces(p, record) {
+            return Some(p.credential.clone());
         }
+        tracing::warn!(message = "Dropped an updated credential the store had refused: another one is stored now.", system_id = %record.system_id);
+        f.pending = None;
+        None
+    }
+
+    /// Whether `record` still holds the credential `p` replaces.
+    fn still_replaces(&self, p: &Pending, record: &SystemRecord) -> bool {
+        p.version == record.credential_version
+            && p.replaces
+                .is_none_or(|d| self.credential_digest(record) == Some(d))
+    }
+
+    /// SHA-256 of `record`'s credential, opened (the same after a rewrap under another key).
+    fn credential_digest(&self, record: &SystemRecord) -> Option<[u8; 32]> {
+        use sha2::Digest;
+        let plain = self.open_credential(record).ok()?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&plain).ok()?);
+        Some(sha2::Sha256::digest(json.as_slice()).into())
     }
 
     /// What callers get while no token can be minted: the cached token, or else the one a
@@ -814,7 +842,7 @@ impl Broker {
         let backend = self.registry.get(record.kind)?.clone();
         let mut reread = false;
         loop {
-            let credential = match Self::pending_for(f, &record) {
+            let credential = match self.pending_for(f, &record) {
                 Some(c) => c,
                 None => self.open_credential(&record)?,
             };
@@ -1104,7 +1132,7 @@ impl Broker {
         let updated = issued
             .updated_credential
             .take()
-            .or_else(|| Self::pending_for(f, &record));
+            .or_else(|| self.pending_for(f, &record));
         // With replicas, a rotated credential and the token it brought are written together:
         // one write, one notification.
         let mut shared_with = None;
@@ -1128,7 +1156,11 @@ impl Broker {
                 Err(e) => {
                     tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
                     let first = f.pending.is_none();
-                    f.pending = Some((record.sealed_credential.clone(), newcred));
+                    f.pending = Some(Pending {
+                        version: record.credential_version,
+                        replaces: self.credential_digest(&record),
+                        credential: newcred,
+                    });
                     if first {
                         self.store_pending_later(system_id);
                     }
@@ -1508,7 +1540,7 @@ impl Broker {
             return true;
         };
         let mut f = flight.lock().await;
-        let Some((replaces, credential)) = f.pending.clone() else {
+        let Some(pending) = f.pending.clone() else {
             return true;
         };
         let record = match self.get_system(system_id).await {
@@ -1519,12 +1551,13 @@ impl Broker {
             }
             Err(_) => return false,
         };
-        if record.sealed_credential != replaces {
+        if !self.still_replaces(&pending, &record) {
+            tracing::warn!(message = "Dropped an updated credential the store had refused: another one is stored now.", system_id = %system_id);
             f.pending = None;
             return true;
         }
         if self
-            .persist_credential(system_id, &record, &credential, None)
+            .persist_credential(system_id, &record, &pending.credential, None)
             .await
             .is_err()
         {

@@ -675,6 +675,29 @@ async fn a_report_the_vendor_cannot_act_on_takes_no_worker_s_token_away() {
     );
 }
 
+/// A rewrap under another key (a master-key rotation) re-seals the stored credential without
+/// changing it: a refresh token the store refused is still the one to use and store.
+#[tokio::test]
+async fn a_pending_refresh_token_survives_a_rewrap_of_the_credential_it_replaces() {
+    let backend = FakeBackend::new(false, vec![Answer::Token(Some("rt-2"))]);
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    store.updates_down.store(true, Ordering::SeqCst);
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    store.updates_down.store(false, Ordering::SeqCst);
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    let same = broker.open_credential(&record).unwrap();
+    let resealed = broker
+        .seal(SYSTEM, record.credential_version, &same)
+        .unwrap();
+    assert_ne!(resealed, record.sealed_credential);
+    change_meanwhile(&store, |r| r.sealed_credential = resealed).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(stored_refresh_token(&broker).await, "rt-2");
+    assert_eq!(backend.calls(), 2);
+}
+
 /// A vendor 401 through the proxy re-mints a system's token at most once a minute (a 401 that
 /// is not about the token, such as a scope the grant lacks, must not drive a refresh a second).
 #[tokio::test]
