@@ -45,6 +45,30 @@ fn audited_method(method: &str) -> &str {
     }
 }
 
+/// The audit event of a proxied call: who on which system (an empty id, one outside the
+/// grammar, is left out), the method and masked path, the outcome and code, and how long it
+/// took when it ended.
+fn proxy_event<'a>(
+    (caller, system_id): (Option<&'a str>, &'a str),
+    (method, masked): (&'a str, &'a str),
+    (outcome, code): (&'a str, &'a str),
+    took: Option<Duration>,
+) -> crate::audit::AuditEvent<'a> {
+    crate::audit::AuditEvent {
+        time: crate::audit::now_rfc3339(),
+        caller,
+        rpc: "Proxy",
+        system_id: Some(system_id).filter(|s| !s.is_empty()),
+        outcome,
+        code,
+        token_hmac: None,
+        method: Some(audited_method(method)),
+        path: Some(masked),
+        duration_ms: took.map(|d| d.as_millis() as u64),
+        event: None,
+    }
+}
+
 /// The least time between two re-mints a vendor 401 through the proxy starts for one system.
 pub const PROXY_REMINT_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -257,19 +281,12 @@ impl Broker {
     ) -> Result<(), ProxyRefusal> {
         let audited = self
             .audit
-            .record(&crate::audit::AuditEvent {
-                time: crate::audit::now_rfc3339(),
-                caller: Some(caller),
-                rpc: "Proxy",
-                system_id: Some(system_id),
-                outcome: "forwarding",
-                code: "FORWARDING",
-                token_hmac: None,
-                method: Some(audited_method(method)),
-                path: Some(masked),
-                duration_ms: None,
-                event: None,
-            })
+            .record(&proxy_event(
+                (Some(caller), system_id),
+                (method, masked),
+                ("forwarding", "FORWARDING"),
+                None,
+            ))
             .await;
         if audited.is_err() && self.audit.fail_closed() {
             return Err(ProxyRefusal::Unaudited);
@@ -292,25 +309,19 @@ impl Broker {
             return;
         }
         let code = status.to_string();
+        let outcome = if (200..400).contains(&status) {
+            "ok"
+        } else {
+            "error"
+        };
         let _ = self
             .audit
-            .record(&crate::audit::AuditEvent {
-                time: crate::audit::now_rfc3339(),
-                caller,
-                rpc: "Proxy",
-                system_id: Some(system_id).filter(|s| !s.is_empty()),
-                outcome: if (200..400).contains(&status) {
-                    "ok"
-                } else {
-                    "error"
-                },
-                code: &code,
-                token_hmac: None,
-                method: Some(audited_method(method)),
-                path: Some(masked),
-                duration_ms: Some(duration.as_millis() as u64),
-                event: None,
-            })
+            .record(&proxy_event(
+                (caller, system_id),
+                (method, masked),
+                (outcome, &code),
+                Some(duration),
+            ))
             .await;
     }
 
@@ -325,19 +336,12 @@ impl Broker {
         masked: &str,
         duration: Duration,
     ) {
-        drop(self.audit.record(&crate::audit::AuditEvent {
-            time: crate::audit::now_rfc3339(),
-            caller: Some(caller),
-            rpc: "Proxy",
-            system_id: Some(system_id),
-            outcome: "cancelled",
-            code: "CANCELLED",
-            token_hmac: None,
-            method: Some(audited_method(method)),
-            path: Some(masked),
-            duration_ms: Some(duration.as_millis() as u64),
-            event: None,
-        }));
+        drop(self.audit.record(&proxy_event(
+            (Some(caller), system_id),
+            (method, masked),
+            ("cancelled", "CANCELLED"),
+            Some(duration),
+        )));
     }
 
     /// Admits a proxied call under the system's quota (see [`crate::broker::quota`]); a

@@ -1540,9 +1540,9 @@ impl Broker {
             return true;
         };
         let mut f = flight.lock().await;
-        let Some(pending) = f.pending.clone() else {
+        if f.pending.is_none() {
             return true;
-        };
+        }
         let record = match self.get_system(system_id).await {
             Ok(r) => r,
             Err(BrokerError::NotFound(_)) => {
@@ -1551,13 +1551,11 @@ impl Broker {
             }
             Err(_) => return false,
         };
-        if !self.still_replaces(&pending, &record) {
-            tracing::warn!(message = "Dropped an updated credential the store had refused: another one is stored now.", system_id = %system_id);
-            f.pending = None;
+        let Some(credential) = self.pending_for(&mut f, &record) else {
             return true;
-        }
+        };
         if self
-            .persist_credential(system_id, &record, &pending.credential, None)
+            .persist_credential(system_id, &record, &credential, None)
             .await
             .is_err()
         {

@@ -614,18 +614,25 @@ async fn a_kept_refusal_is_forgotten_once_another_replica_rotated_the_grant() {
     assert_eq!(record.state, SystemState::Active);
 }
 
-/// A rotated refresh token this replica could not store is kept for the next try only while
-/// the record is at its credential version: when an admin rotated the credential on another
-/// replica meanwhile, the admin's credential is used and stays stored, not overwritten by the
-/// old grant's token.
-#[tokio::test(start_paused = true)]
-async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
+/// A broker on a shared store whose first mint rotates the refresh token to `rt-2` while the
+/// store refuses writes: the worker got UNAVAILABLE and `rt-2` is pending. Writes stay refused.
+async fn with_a_refused_rotation() -> (Arc<Broker>, Arc<FakeBackend>, Arc<Shared>) {
     let backend = FakeBackend::new(false, vec![Answer::Token(Some("rt-2"))]);
     let store = Shared::new(usize::MAX);
     let broker = broker_on(backend.clone(), store.clone()).await;
     store.updates_down.store(true, Ordering::SeqCst);
     let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    (broker, backend, store)
+}
+
+/// A rotated refresh token this replica could not store is kept for the next try only while
+/// the record is at its credential version: when an admin rotated the credential on another
+/// replica meanwhile, the admin's credential is used and stays stored, not overwritten by the
+/// old grant's token.
+#[tokio::test(start_paused = true)]
+async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
+    let (broker, backend, store) = with_a_refused_rotation().await;
     store.updates_down.store(false, Ordering::SeqCst);
     let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
     other
@@ -679,12 +686,7 @@ async fn a_report_the_vendor_cannot_act_on_takes_no_worker_s_token_away() {
 /// changing it: a refresh token the store refused is still the one to use and store.
 #[tokio::test]
 async fn a_pending_refresh_token_survives_a_rewrap_of_the_credential_it_replaces() {
-    let backend = FakeBackend::new(false, vec![Answer::Token(Some("rt-2"))]);
-    let store = Shared::new(usize::MAX);
-    let broker = broker_on(backend.clone(), store.clone()).await;
-    store.updates_down.store(true, Ordering::SeqCst);
-    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
-    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    let (broker, backend, store) = with_a_refused_rotation().await;
     store.updates_down.store(false, Ordering::SeqCst);
     let record = broker.get_system(SYSTEM).await.unwrap();
     let same = broker.open_credential(&record).unwrap();
@@ -753,12 +755,7 @@ async fn a_reported_token_is_no_fallback_after_a_delivery_switch() {
 /// this process.
 #[tokio::test(start_paused = true)]
 async fn a_refresh_token_the_store_refused_is_stored_once_it_takes_writes() {
-    let backend = FakeBackend::new(false, vec![Answer::Token(Some("rt-2"))]);
-    let store = Shared::new(usize::MAX);
-    let broker = broker_on(backend.clone(), store.clone()).await;
-    store.updates_down.store(true, Ordering::SeqCst);
-    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
-    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    let (broker, backend, store) = with_a_refused_rotation().await;
     tokio::time::advance(Duration::from_secs(5)).await;
     assert_eq!(stored_refresh_token(&broker).await, "rt-1");
     store.updates_down.store(false, Ordering::SeqCst);
