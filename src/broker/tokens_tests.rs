@@ -497,6 +497,27 @@ async fn kept_refusal_stands_after_the_pause(broker: &Broker, backend: &FakeBack
     assert_eq!(record.state, SystemState::ReauthorizationRequired);
 }
 
+/// A worker's mint on a shared store, held at the vendor (which will give `answer` once the
+/// test opens its gate): the broker, the vendor, the store and the worker's call.
+async fn mint_held_at_the_vendor(
+    answer: Answer,
+) -> (
+    Arc<Broker>,
+    Arc<FakeBackend>,
+    Arc<Shared>,
+    tokio::task::JoinHandle<Result<Arc<crate::broker::tokens::IssuedToken>, BrokerError>>,
+) {
+    let backend = FakeBackend::new(true, vec![answer]);
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let caller = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 0, None).await }
+    });
+    backend.entered.notified().await;
+    (broker, backend, store, caller)
+}
+
 /// Another replica's write to the system while the vendor is answering this one's refresh.
 async fn change_meanwhile(store: &Arc<Shared>, change: impl FnOnce(&mut SystemRecord)) {
     change_system(store, SYSTEM, change).await;
@@ -525,14 +546,7 @@ async fn refused_while(
     Arc<Broker>,
     Arc<FakeBackend>,
 ) {
-    let backend = FakeBackend::new(true, vec![Answer::Rejected]);
-    let store = Shared::new(usize::MAX);
-    let broker = broker_on(backend.clone(), store.clone()).await;
-    let caller = tokio::spawn({
-        let b = broker.clone();
-        async move { b.access_token(SYSTEM, 0, None).await }
-    });
-    backend.entered.notified().await;
+    let (broker, backend, store, caller) = mint_held_at_the_vendor(Answer::Rejected).await;
     change_meanwhile(&store, change).await;
     backend.open_gate();
     (caller.await.unwrap(), broker, backend)
@@ -779,14 +793,7 @@ async fn a_token_of_a_credential_rotated_meanwhile_is_not_shared() {
 }
 
 async fn token_of_a_credential_rotated_meanwhile(rotated: Option<&'static str>) {
-    let backend = FakeBackend::new(true, vec![Answer::Token(rotated)]);
-    let store = Shared::new(usize::MAX);
-    let broker = broker_on(backend.clone(), store.clone()).await;
-    let caller = tokio::spawn({
-        let b = broker.clone();
-        async move { b.access_token(SYSTEM, 0, None).await }
-    });
-    backend.entered.notified().await;
+    let (broker, backend, store, caller) = mint_held_at_the_vendor(Answer::Token(rotated)).await;
     let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
     other
         .rotate(SYSTEM, admins_credential(), true)
