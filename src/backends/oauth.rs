@@ -336,14 +336,79 @@ impl<'c> AsyncHttpClient<'c> for OAuthHttp {
                 status: resp.status,
                 retry_after: resp.retry_after(),
             });
+            let read = (200..300)
+                .contains(&resp.status)
+                .then(|| lenient_token_answer(&resp.body))
+                .flatten();
             let mut builder = oauth2::http::Response::builder().status(resp.status);
             for (k, v) in &resp.headers {
-                builder = builder.header(k, v);
+                if read.is_none() || k != reqwest::header::CONTENT_TYPE {
+                    builder = builder.header(k, v);
+                }
+            }
+            if read.is_some() {
+                builder = builder.header(reqwest::header::CONTENT_TYPE, "application/json");
             }
             builder
-                .body(resp.body)
+                .body(read.unwrap_or(resp.body))
                 .map_err(|e| TransportError::Other(e.to_string()))
         })
+    }
+}
+
+/// A 2xx token answer rewritten into RFC 6749 §5.1's shape, from the shapes vendors really send:
+/// lifetimes as strings (Entra's v1 endpoint answers `"expires_in": "3599"`,
+/// MicrosoftDocs/azure-docs#54997) or as fractions, no `token_type`, `scope` as an array, a JSON
+/// body labelled as something else. The strict parse after it would otherwise throw the whole
+/// answer away, and with it a refresh token the vendor has already rotated (the old one is dead
+/// at Zendesk). A lifetime that is no number at all is dropped: the vendor's default lifetime
+/// applies, held between the bounds like any other. Anything but a JSON object is left alone.
+fn lenient_token_answer(body: &[u8]) -> Option<Vec<u8>> {
+    use serde_json::Value;
+    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    for key in ["expires_in", "refresh_token_expires_in"] {
+        match map.get(key).map(seconds) {
+            Some(Some(n)) => {
+                map.insert(key.to_owned(), n.into());
+            }
+            Some(None) => {
+                map.remove(key);
+            }
+            None => {}
+        }
+    }
+    if !map.get("token_type").is_some_and(Value::is_string) {
+        map.insert("token_type".to_owned(), "Bearer".into());
+    }
+    match map.get("scope") {
+        Some(Value::Array(items)) => {
+            let joined: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
+            let joined = joined.join(" ");
+            map.insert("scope".to_owned(), joined.into());
+        }
+        Some(Value::String(_)) | None => {}
+        Some(_) => {
+            map.remove("scope");
+        }
+    }
+    if !map.get("refresh_token").is_some_and(Value::is_string) {
+        map.remove("refresh_token");
+    }
+    serde_json::to_vec(&map).ok()
+}
+
+/// Whole seconds from a JSON number or a string of digits.
+fn seconds(v: &serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+                .map(|f| f as u64)
+        }),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
     }
 }
 
@@ -623,5 +688,35 @@ mod tests {
                 "{said:?}: {left:?}"
             );
         }
+    }
+
+    #[test]
+    fn token_answers_in_vendors_shapes_are_read_as_rfc_6749_has_them() {
+        let read = |body: &str| -> VendorTokenResponse {
+            let fixed = lenient_token_answer(body.as_bytes()).unwrap();
+            serde_json::from_slice(&fixed).unwrap()
+        };
+        let r = read(
+            r#"{"access_token":"at","expires_in":"3599","refresh_token":"rt-2",
+                "refresh_token_expires_in":"2592000","scope":["a","b"]}"#,
+        );
+        assert_eq!(r.expires_in(), Some(Duration::from_secs(3599)));
+        assert_eq!(r.extra_fields().refresh_token_expires_in, Some(2_592_000));
+        assert_eq!(
+            refresh_token(&r).map(|t| t.expose_secret().to_owned()),
+            Some("rt-2".to_owned())
+        );
+        assert_eq!(r.scopes().map(Vec::len), Some(2));
+        let r = read(r#"{"access_token":"at","token_type":"bearer","expires_in":1799.6}"#);
+        assert_eq!(r.expires_in(), Some(Duration::from_secs(1799)));
+        for garbage in [r#""soon""#, "-5", "null", "[]", "1e300"] {
+            let body =
+                format!(r#"{{"access_token":"at","expires_in":{garbage},"refresh_token":null}}"#);
+            let r = read(&body);
+            assert_eq!(r.expires_in(), None, "{garbage}");
+            assert!(refresh_token(&r).is_none());
+        }
+        assert!(lenient_token_answer(b"<html>").is_none());
+        assert!(lenient_token_answer(b"[1]").is_none());
     }
 }

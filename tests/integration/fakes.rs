@@ -788,6 +788,9 @@ pub struct OAuthServer {
     leeway_reuses: usize,
     rotated_out_last: HashMap<String, String>,
     call_times: Vec<std::time::Instant>,
+    /// Lifetimes written as strings, as Entra's v1 token endpoint answers (`"expires_in":
+    /// "3599"`, MicrosoftDocs/azure-docs#54997).
+    pub numbers_as_strings: bool,
 }
 
 impl OAuthServer {
@@ -806,6 +809,7 @@ impl OAuthServer {
             leeway_reuses: 0,
             rotated_out_last: HashMap::new(),
             call_times: Vec::new(),
+            numbers_as_strings: false,
             token_calls: 0,
             seq: 0,
             newest_refresh: HashMap::new(),
@@ -1039,6 +1043,17 @@ fn token_fault(o: &OAuthServer) -> Option<Reply> {
 }
 
 fn delayed(o: &OAuthServer, r: Reply) -> Reply {
+    let r = match r {
+        Reply::Json(200, mut body) if o.numbers_as_strings => {
+            for key in ["expires_in", "refresh_token_expires_in"] {
+                if let Some(v) = body.get_mut(key).filter(|v| v.is_number()) {
+                    *v = Value::String(v.to_string());
+                }
+            }
+            Reply::Json(200, body)
+        }
+        r => r,
+    };
     if o.token_delay.is_zero() {
         r
     } else {

@@ -417,6 +417,63 @@ async fn rotating_refresh_tokens_are_never_reused_and_the_newest_is_stored() {
     );
 }
 
+/// A vendor that writes its lifetimes as strings (Entra's v1 endpoint answers `"expires_in":
+/// "3599"`) still has its answers read: the token lives as long as the vendor said, and the
+/// refresh token it rotated in that answer is the one stored and presented next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_lifetimes_as_strings_is_read_and_its_rotated_refresh_token_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = servicenow(1234).await;
+    fake.oauth(|o| {
+        o.rotate = true;
+        o.numbers_as_strings = true;
+    });
+    let rt = fake.issue_refresh_token(USER);
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(sn_register(
+            "strs",
+            &fake.base_url,
+            refresh_cred(&rt),
+            false,
+        ))
+        .await
+        .unwrap();
+    let first = admin
+        .get_access_token(req("strs"))
+        .await
+        .unwrap()
+        .into_inner();
+    let expires = first.expires_at.as_ref().map(|t| t.seconds).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (1200..=1240).contains(&(expires - now)),
+        "the vendor said 1234 s, the broker holds it {} s",
+        expires - now
+    );
+    let calls = fake.token_calls();
+    let mut reported = req("strs");
+    reported.rejected_token_id = first.token_id.clone();
+    let second = admin.get_access_token(reported).await.unwrap().into_inner();
+    assert_ne!(second.token_id, first.token_id);
+    assert_eq!(fake.token_calls(), calls + 1);
+    assert_eq!(
+        fake.reuse_detected(),
+        0,
+        "a rotated-out refresh token was presented"
+    );
+    drop(admin);
+    broker.stop().await;
+    assert_eq!(
+        Some(stored_refresh_token(dir.path(), "strs")),
+        fake.newest_refresh_token(USER)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_right_after_a_refresh_keeps_the_newest_refresh_token() {
     let dir = tempfile::tempdir().unwrap();
