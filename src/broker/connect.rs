@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backends::{oauth, AuthorizeRequest, BackendError, Target};
-use crate::broker::Broker;
+use crate::broker::{Broker, Modified, Retry};
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, CredentialType, SystemState};
 use crate::secret::SecretString;
@@ -398,39 +398,60 @@ impl Broker {
         };
         let flight = self.flight(&p.system_id);
         let mut f = flight.lock().await;
-        let current = self
-            .get_system(&p.system_id)
-            .await
-            .map_err(|e| (Outcome::Internal, e.to_string()))?;
-        if current.credential_version != p.credential_version {
-            return Err((
-                Outcome::Conflict,
-                format!("The credential changed meanwhile; nothing was stored; {hint}."),
-            ));
-        }
-        let version = crate::broker::next_version(&current)
-            .map_err(|e| (Outcome::Conflict, e.to_string()))?;
-        let mut updated = current.clone();
-        updated.sealed_credential = self
-            .seal(&p.system_id, version, &new_credential)
-            .map_err(|e| (Outcome::Internal, e.to_string()))?;
-        updated.credential_version = version;
-        updated.credential_expires_at = new_credential.expires_at();
-        connected(&mut updated);
-        let updated = self.swap_system(&current, updated).await.map_err(|e| {
-            (
-                Outcome::Unavailable,
-                format!(
-                    "the grant could not be stored ({}); {hint}",
-                    BrokerError::from(e)
-                ),
-            )
-        })?;
+        let updated = self.store_grant(p, &new_credential, &hint).await?;
         Self::reset_flight(&mut f);
         self.drop_token(&p.system_id);
         let _ = self.install(&p.system_id, &updated, issued, SystemTime::now(), true);
         tracing::info!(message = "Authorization completed; system active.", kind = %updated.kind, system_id = %p.system_id);
         Ok(())
+    }
+
+    /// Stores the grant the vendor just issued, as the next credential version of the record
+    /// the authorization started from. After a concurrent write that leaves the credential
+    /// alone (a health check, a 401 count, a label) the record is read again and the grant
+    /// stored on top of it: the code is spent, so losing this write would cost the user a new
+    /// consent.
+    async fn store_grant(
+        &self,
+        p: &PendingAuthorization,
+        credential: &crate::model::Credential,
+        hint: &str,
+    ) -> Result<crate::model::SystemRecord, (Outcome, String)> {
+        let modified = self
+            .modify_system(&p.system_id, Retry::Persist, |current| {
+                if current.credential_version != p.credential_version {
+                    return Ok(None);
+                }
+                let version = crate::broker::next_version(current)?;
+                let mut updated = current.clone();
+                updated.sealed_credential = self.seal(&p.system_id, version, credential)?;
+                updated.credential_version = version;
+                updated.credential_expires_at = credential.expires_at();
+                connected(&mut updated);
+                Ok(Some(updated))
+            })
+            .await
+            .map_err(|e| match e {
+                BrokerError::NotFound(_) => (
+                    Outcome::NotFound,
+                    format!(
+                        "System '{}' was deleted meanwhile; nothing was stored.",
+                        p.system_id
+                    ),
+                ),
+                e @ (BrokerError::Unavailable(_) | BrokerError::ResourceExhausted(_)) => (
+                    Outcome::Unavailable,
+                    format!("the grant could not be stored ({e}); {hint}"),
+                ),
+                e => (Outcome::Internal, e.to_string()),
+            })?;
+        match modified {
+            Modified::Written(updated) => Ok(updated),
+            Modified::Unchanged(_) => Err((
+                Outcome::Conflict,
+                format!("The credential changed meanwhile; nothing was stored; {hint}."),
+            )),
+        }
     }
 
     async fn set_state_message(&self, system_id: &str, message: &str) {

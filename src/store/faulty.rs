@@ -44,6 +44,10 @@ pub struct FaultControl {
     /// the inner store, and land in it just before the next caller insert: a commit that shows
     /// only after the caller gave up on it.
     pub late_caller_commits: AtomicU32,
+    /// The next this many system updates find that another writer came first: just before
+    /// each is tried, the stored record's revision moves on (its content unchanged, as after a
+    /// concurrent health or label write), so the update answers a conflict.
+    pub concurrent_writes: AtomicU32,
     /// Injected failures so far.
     pub injected: AtomicU64,
     reached: Mutex<HashSet<String>>,
@@ -61,6 +65,7 @@ impl FaultControl {
         self.lost_caller_answers.store(0, Ordering::SeqCst);
         self.unanswered_caller_inserts.store(0, Ordering::SeqCst);
         self.late_caller_commits.store(0, Ordering::SeqCst);
+        self.concurrent_writes.store(0, Ordering::SeqCst);
         crate::util::sync::lock(&self.late).clear();
     }
 
@@ -203,6 +208,13 @@ impl CredentialStore for FaultyStore {
         record: &SystemRecord,
         expected_revision: u64,
     ) -> Result<(), StoreError> {
+        if self.control.take(&self.control.concurrent_writes) {
+            if let Ok(Some(mut theirs)) = self.inner.get_system(&record.system_id).await {
+                let read = theirs.revision;
+                theirs.revision += 1;
+                let _ = self.inner.update_system(&theirs, read).await;
+            }
+        }
         self.write(
             Some(&record.system_id),
             self.inner.update_system(record, expected_revision),

@@ -148,6 +148,53 @@ pub(crate) fn jira_config(
     c
 }
 
+/// A write that lands on the system between the broker reading it and storing the grant (a
+/// health check, a 401 count) does not cost the user a new consent: the code is spent, so the
+/// grant is stored on top of the record as it is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_write_during_the_callback_does_not_lose_the_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    let control = std::sync::Arc::new(credbroker::store::faulty::FaultControl::default());
+    let wrap_control = control.clone();
+    let broker = TestBroker::start_wrapped(
+        test_config(dir.path()),
+        Box::new(move |inner| {
+            std::sync::Arc::new(credbroker::store::faulty::FaultyStore::new(
+                inner,
+                wrap_control.clone(),
+            ))
+        }),
+    )
+    .await;
+    let mut admin = broker.admin().await;
+    register_zendesk(&mut admin, &fake).await;
+    let s = start(&mut admin, "zd").await;
+    control
+        .concurrent_writes
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let (_, status, page) = browse(&s.authorize_url).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("connected and active"), "{page}");
+    assert_eq!(
+        control
+            .concurrent_writes
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "both writes came first"
+    );
+    let sys = system(&mut admin, "zd").await;
+    assert_eq!(sys.state, pb::SystemState::Active as i32);
+    assert_eq!(sys.credential_version, 2);
+    let tok = admin
+        .get_access_token(token_req("zd"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tok.headers[0].value.starts_with("Bearer at-"));
+    broker.stop().await;
+}
+
 /// A Zendesk refresh answered without a refresh token (real Zendesk always sends a new one: a
 /// wrong answer) keeps the stored refresh token and its tracked expiry; the answer's
 /// `refresh_token_expires_in` speaks of no token the broker holds.
