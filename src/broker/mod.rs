@@ -502,6 +502,25 @@ impl Broker {
         });
     }
 
+    /// Settles this replica's state for `system_id` after another replica changed its record.
+    /// A dead grant, a backoff and a reported token were the vendor's answers about one
+    /// credential: they go once another credential is stored (a rotation, a re-connection) or
+    /// the record cannot be read, not for a note, a health check or a 401 count, which would
+    /// otherwise lift a vendor's `Retry-After` on every replica but the one that wrote.
+    pub(crate) async fn settle_remote_change(
+        &self,
+        f: &mut crate::broker::tokens::Flight,
+        system_id: &str,
+    ) {
+        if let Some(version) = f.vendor_state_version() {
+            let fresh = self.store.get_system_fresh(system_id).await;
+            if matches!(fresh, Ok(Some(r)) if r.credential_version == version) {
+                return;
+            }
+        }
+        f.clear_remote_state();
+    }
+
     async fn apply_change(self: &Arc<Self>, change: crate::store::Change) {
         use crate::store::Change;
         match change {
@@ -509,14 +528,17 @@ impl Broker {
             Change::System(id) if validate_system_id(&id).is_err() => {}
             Change::System(id) => {
                 self.drop_token(&id);
-                // A rotation or re-connection elsewhere clears this replica's dead/backoff
-                // state for the system (without waiting here for a refresh in flight). Only an
-                // existing entry has such state: none is made for the id.
+                // Settled without waiting here for a refresh in flight. Only an existing entry
+                // has such state: none is made for the id.
                 let Some(flight) = self.cache.existing_flight(&id) else {
                     return;
                 };
+                let me = Arc::downgrade(self);
                 tokio::spawn(async move {
-                    flight.lock().await.clear_remote_state();
+                    let mut f = flight.lock().await;
+                    if let Some(broker) = me.upgrade() {
+                        broker.settle_remote_change(&mut f, &id).await;
+                    }
                 });
             }
             Change::Caller(_) => self.reload_callers().await,

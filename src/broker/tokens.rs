@@ -322,6 +322,9 @@ pub struct Flight {
     /// put back while the re-mint cannot happen (the vendor's endpoint failing), so one report
     /// never takes every worker's token away.
     pub(crate) reported: Option<Arc<IssuedToken>>,
+    /// The credential version of the record the last mint attempt read: what the vendor's
+    /// answers above (a dead grant, a backoff, a reported token) were about.
+    seen_version: Option<u64>,
 }
 
 impl std::fmt::Debug for Flight {
@@ -343,6 +346,7 @@ impl std::fmt::Debug for Flight {
             .field("store_failures", &self.store_failures)
             .field("refused (sealed length, failure, message)", &refused)
             .field("reported", &self.reported.as_ref().map(|t| &t.token_id))
+            .field("seen_version", &self.seen_version)
             .finish()
     }
 }
@@ -354,6 +358,16 @@ impl Flight {
         self.dead = None;
         self.backoff_until = None;
         self.reported = None;
+    }
+
+    /// The credential version the vendor's standing answers (a dead grant, its backoff, a
+    /// reported token) were given for, if there are any. `None` also when the backoff is the
+    /// shared store's: a change from the store is news that it is back.
+    pub(crate) fn vendor_state_version(&self) -> Option<u64> {
+        let standing =
+            self.dead.is_some() || self.backoff_until.is_some() || self.reported.is_some();
+        self.seen_version
+            .filter(|_| standing && self.store_failures == 0)
     }
 }
 
@@ -964,6 +978,7 @@ impl Broker {
         record: SystemRecord,
         egress: &crate::backends::egress::EgressPolicy,
     ) -> Result<SystemRecord, BrokerError> {
+        f.seen_version = Some(record.credential_version);
         match record.state {
             SystemState::Active => {}
             SystemState::AuthorizationPending => {

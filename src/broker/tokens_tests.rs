@@ -294,6 +294,47 @@ async fn a_vendor_retry_after_is_honoured() {
     assert_eq!(backend.calls(), 2);
 }
 
+/// Another replica's write that leaves the credential alone (a note, a health check, a 401
+/// count) does not lift the vendor's `Retry-After` here; a credential rotated there does, as
+/// the backoff was about the old one.
+#[tokio::test(start_paused = true)]
+async fn only_another_credential_lifts_a_vendors_retry_after() {
+    let store = Arc::new(MemoryStore::new());
+    let backend = FakeBackend::new(
+        false,
+        vec![Answer::Transient(Some(Duration::from_secs(30)))],
+    );
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let other = open_on(FakeBackend::new(false, vec![]), store).await;
+    let settled = |broker: Arc<Broker>| async move {
+        let flight = broker.flight(SYSTEM);
+        let mut f = flight.lock().await;
+        broker.settle_remote_change(&mut f, SYSTEM).await;
+    };
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    other
+        .update_system_with(SYSTEM, |r| {
+            r.description = "noted on another replica".to_owned();
+            true
+        })
+        .await
+        .unwrap();
+    settled(broker.clone()).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert_eq!(
+        backend.calls(),
+        1,
+        "called again inside the vendor's Retry-After"
+    );
+    other
+        .rotate(SYSTEM, admins_credential(), false)
+        .await
+        .unwrap();
+    settled(broker.clone()).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(backend.calls(), 2, "the new credential was not tried");
+}
+
 #[tokio::test]
 async fn backoff_doubles_and_is_capped() {
     let broker = broker_with(FakeBackend::new(false, vec![])).await;
