@@ -156,6 +156,9 @@ enum FreshRead {
     Down(String),
     /// The system is gone, inactive or unusable, or its record failed to load.
     Refused(BrokerError),
+    /// The refresh lock cannot be had now: this replica's lock slots are all held, or another
+    /// replica holds the system's lock for too long. Contention, not a verdict on anything.
+    Busy(String),
 }
 
 /// What replicas share of an issued token (sealed; see [`SharedToken`]).
@@ -842,6 +845,7 @@ impl Broker {
                 Ok(held) => held,
                 Err(FreshRead::Down(e)) => return self.on_store_down(f, system_id, current, &e),
                 Err(FreshRead::Refused(e)) => return Err(e),
+                Err(FreshRead::Busy(e)) => return self.on_lock_busy(f, system_id, current, e),
             };
             let ask = (need_until, &reason, current.as_ref());
             if let Some(answer) = self.answer_from_record(system_id, &record, ask) {
@@ -1021,6 +1025,7 @@ impl Broker {
         let lock = match self.store.lock_refresh(system_id, wait).await {
             Ok(lock) => lock,
             Err(StoreError::Unreachable(e)) => return Err(FreshRead::Down(e)),
+            Err(StoreError::Backend(e)) => return Err(FreshRead::Busy(e)),
             Err(e) => return Err(FreshRead::Refused(e.into())),
         };
         let fresh = self.mintable_fresh(f, system_id).await;
@@ -1263,6 +1268,19 @@ impl Broker {
             .min(STORE_RETRY_MAX);
         f.backoff_until = Some(Instant::now() + delay);
         delay
+    }
+
+    /// The refresh lock cannot be had now: the cached token serves while valid (no backoff:
+    /// the next demand tries again).
+    fn on_lock_busy(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        current: Option<Arc<IssuedToken>>,
+        error: String,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        let current = self.fallback(f, system_id, current);
+        stale_or_unavailable(current, error, Duration::from_secs(1))
     }
 
     /// A refresh met an unreachable shared store before reaching the vendor, or before a

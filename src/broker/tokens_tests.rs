@@ -390,6 +390,8 @@ struct Shared {
     updates: AtomicUsize,
     /// What the ordinary reads answer for these ids instead: a mirror's stale copy.
     mirrored: Mutex<Vec<SystemRecord>>,
+    /// Refresh locks cannot be had while set (as when this replica's lock slots are all held).
+    locks_busy: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -469,6 +471,11 @@ impl CredentialStore for Shared {
         _id: &str,
         _wait: Duration,
     ) -> Result<Option<RefreshLock>, StoreError> {
+        if self.locks_busy.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend(
+                "too many refreshes hold this replica's refresh locks; retry shortly".into(),
+            ));
+        }
         Ok(Some(RefreshLock::new(())))
     }
     async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
@@ -704,6 +711,32 @@ async fn a_pending_refresh_token_yields_to_a_credential_rotated_elsewhere() {
         (record.state, record.credential_version),
         (SystemState::Active, 2)
     );
+}
+
+/// A refresh lock this replica cannot have now (its lock slots all held by other refreshes, or
+/// another replica holding the system's lock too long) leaves workers the token that is still
+/// valid, as a store outage does (past its expiry they hear UNAVAILABLE and retry).
+#[tokio::test(start_paused = true)]
+async fn a_busy_refresh_lock_leaves_workers_their_valid_token() {
+    let store = Shared::new(usize::MAX);
+    let backend = FakeBackend::new(false, vec![]);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let first = broker.access_token(SYSTEM, 0, None).await.unwrap();
+    store.locks_busy.store(true, Ordering::SeqCst);
+    let kept = broker
+        .access_token(SYSTEM, 0, Some(&first.token_id))
+        .await
+        .unwrap();
+    assert_eq!(kept.token_id, first.token_id);
+    assert_eq!(backend.calls(), 1);
+    store.locks_busy.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let next = broker
+        .access_token(SYSTEM, 0, Some(&first.token_id))
+        .await
+        .unwrap();
+    assert_ne!(next.token_id, first.token_id);
+    assert_eq!(backend.calls(), 2);
 }
 
 /// A worker's report of a rejected token forces a re-mint; when the vendor's token endpoint
