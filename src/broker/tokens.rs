@@ -325,9 +325,10 @@ pub struct Flight {
     /// put back while the re-mint cannot happen (the vendor's endpoint failing), so one report
     /// never takes every worker's token away.
     pub(crate) reported: Option<Arc<IssuedToken>>,
-    /// The credential version of the record the last mint attempt read: what the vendor's
-    /// answers above (a dead grant, a backoff, a reported token) were about.
-    seen_version: Option<u64>,
+    /// What the vendor's answers above (a dead grant, a backoff, a reported token) were
+    /// about: a digest of the sealed credential and shared token of the record the last mint
+    /// attempt read (see [`vendor_view`]).
+    seen: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Flight {
@@ -349,7 +350,7 @@ impl std::fmt::Debug for Flight {
             .field("store_failures", &self.store_failures)
             .field("refused (sealed length, failure, message)", &refused)
             .field("reported", &self.reported.as_ref().map(|t| &t.token_id))
-            .field("seen_version", &self.seen_version)
+            .field("seen", &self.seen.is_some())
             .finish()
     }
 }
@@ -363,14 +364,13 @@ impl Flight {
         self.reported = None;
     }
 
-    /// The credential version the vendor's standing answers (a dead grant, its backoff, a
-    /// reported token) were given for, if there are any. `None` also when the backoff is the
-    /// shared store's: a change from the store is news that it is back.
-    pub(crate) fn vendor_state_version(&self) -> Option<u64> {
+    /// The [`vendor_view`] of the record the vendor's standing answers (a dead grant, its
+    /// backoff, a reported token) were given for, if there are any. `None` also when the
+    /// backoff is the shared store's: a change from the store is news that it is back.
+    pub(crate) fn vendor_state_seen(&self) -> Option<[u8; 32]> {
         let standing =
             self.dead.is_some() || self.backoff_until.is_some() || self.reported.is_some();
-        self.seen_version
-            .filter(|_| standing && self.store_failures == 0)
+        self.seen.filter(|_| standing && self.store_failures == 0)
     }
 }
 
@@ -762,7 +762,7 @@ impl Broker {
         if self.still_replaces(p, record) {
             return Some(p.credential.clone());
         }
-        tracing::warn!(message = "Dropped an updated credential the store had refused: another one is stored now.", system_id = %record.system_id);
+        dropped_pending(&record.system_id);
         f.pending = None;
         None
     }
@@ -982,7 +982,7 @@ impl Broker {
         record: SystemRecord,
         egress: &crate::backends::egress::EgressPolicy,
     ) -> Result<SystemRecord, BrokerError> {
-        f.seen_version = Some(record.credential_version);
+        f.seen = Some(vendor_view(&record));
         match record.state {
             SystemState::Active => {}
             SystemState::AuthorizationPending => {
@@ -1584,19 +1584,60 @@ impl Broker {
             }
             Err(_) => return false,
         };
-        let Some(credential) = self.pending_for(&mut f, &record) else {
+        if self.pending_for(&mut f, &record).is_none() {
+            return true;
+        }
+        let Some(p) = f.pending.take() else {
             return true;
         };
-        if self
-            .persist_credential(system_id, &record, &credential, None)
-            .await
-            .is_err()
-        {
-            return false;
+        match self.persist_pending(system_id, &p).await {
+            Ok(Some(revived)) => {
+                tracing::info!(message = "Stored the updated credential the store refused before.", system_id = %system_id, revived = revived);
+                true
+            }
+            Ok(None) => {
+                dropped_pending(system_id);
+                true
+            }
+            Err(_) => {
+                f.pending = Some(p);
+                false
+            }
         }
-        f.pending = None;
-        tracing::info!(message = "Stored the updated credential the store refused before.", system_id = %system_id);
-        true
+    }
+
+    /// Stores `p` while the stored record still holds the credential it replaces (checked on
+    /// every attempt: this path holds no refresh lock, so another replica may store its own
+    /// meanwhile); `Some(true)` when that also put the system back in service. A record marked
+    /// for re-authorization with that very credential is revived: the mark came from a replica
+    /// that presented the refresh token this one had already spent, and `p` holds the grant's
+    /// live one (if the user revoked the grant, its next refresh finds out and marks it again).
+    async fn persist_pending(
+        &self,
+        system_id: &str,
+        p: &Pending,
+    ) -> Result<Option<bool>, BrokerError> {
+        let modified = self
+            .modify_system(system_id, Retry::Persist, |current| {
+                if !self.still_replaces(p, current) {
+                    return Ok(None);
+                }
+                let mut updated = current.clone();
+                updated.sealed_credential =
+                    self.seal(system_id, current.credential_version, &p.credential)?;
+                updated.credential_expires_at = p.credential.expires_at();
+                if updated.state == SystemState::ReauthorizationRequired {
+                    updated.state = SystemState::Active;
+                    updated.state_message = None;
+                    updated.updated_at = unix_now();
+                }
+                Ok(Some(updated))
+            })
+            .await?;
+        Ok(match modified {
+            Modified::Written(r) => Some(r.state == SystemState::Active),
+            Modified::Unchanged(_) => None,
+        })
     }
 
     /// Seals and durably stores an upstream-updated credential under the same version.
@@ -1888,6 +1929,24 @@ fn changed_meanwhile() -> BrokerError {
         "the credential was rotated or reconnected meanwhile; retry for a token of the new one"
             .to_owned(),
     )
+}
+
+fn dropped_pending(system_id: &str) {
+    tracing::warn!(message = "Dropped an updated credential the store had refused: another one is stored now.", system_id = %system_id);
+}
+
+/// What of a record the vendor's answers are about: its sealed credential and the token another
+/// replica shared (SHA-256 over both). A new credential or a token minted elsewhere changes it;
+/// a note, a health check or a 401 count does not.
+pub(crate) fn vendor_view(record: &SystemRecord) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update((record.sealed_credential.len() as u64).to_be_bytes());
+    h.update(&record.sealed_credential);
+    if let Some(t) = &record.shared_token {
+        h.update(&t.sealed);
+    }
+    h.finalize().into()
 }
 
 fn stale_or_unavailable(

@@ -857,6 +857,39 @@ async fn a_refresh_token_the_store_refused_is_stored_once_it_takes_writes() {
     assert_eq!(backend.calls(), 1, "the vendor was asked again");
 }
 
+/// Another replica that refreshes with the stored refresh token this replica already spent
+/// (its rotated one could not be stored) is refused and marks the grant for re-authorization;
+/// this replica's background writer then stores the live refresh token and puts the system back
+/// in service, and the other replica, told of the change, refreshes with it.
+#[tokio::test(start_paused = true)]
+async fn a_grant_marked_dead_for_a_spent_refresh_token_is_revived_by_the_live_one() {
+    let (broker, backend, store) = with_a_refused_rotation().await;
+    store.updates_down.store(false, Ordering::SeqCst);
+    let other_backend = FakeBackend::new(false, vec![Answer::Rejected]);
+    let other = open_on(other_backend.clone(), store.clone()).await;
+    let err = other.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    let marked = other.get_system(SYSTEM).await.unwrap();
+    assert_eq!(marked.state, SystemState::ReauthorizationRequired);
+    for _ in 0..60 {
+        if stored_refresh_token(&broker).await == "rt-2" {
+            break;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(stored_refresh_token(&broker).await, "rt-2");
+    let revived = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(revived.state, SystemState::Active);
+    assert_eq!(revived.state_message, None);
+    let flight = other.flight(SYSTEM);
+    other
+        .settle_remote_change(&mut *flight.lock().await, SYSTEM)
+        .await;
+    other.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(other_backend.calls(), 2);
+    assert_eq!(backend.calls(), 1, "the vendor was asked again here");
+}
+
 /// A token minted from the old credential while another replica rotated the credential is
 /// neither shared nor cached as the new credential's (the replicas would hand out the old
 /// identity's token), with or without a rotated refresh token.
