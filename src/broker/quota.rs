@@ -399,11 +399,13 @@ impl SystemQuota {
 }
 
 /// A call admitted by the book: holds its concurrency slot and counts as in flight until
-/// dropped.
+/// dropped, or, when dropped while the vendor may still be working on it (see
+/// [`QuotaPermit::sent`]), until the vendor's answer would have been waited for.
 pub struct QuotaPermit {
     quota: Arc<SystemQuota>,
-    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     started: Instant,
+    at_vendor_until: Option<tokio::time::Instant>,
 }
 
 impl QuotaPermit {
@@ -411,10 +413,39 @@ impl QuotaPermit {
     pub fn quota(&self) -> &Arc<SystemQuota> {
         &self.quota
     }
+
+    /// The call is at the vendor, whose answer is waited for until `until`. A worker that goes
+    /// away meanwhile stops the wait, not the vendor's work: the slot stays taken until then,
+    /// so workers that give up early cannot pile more calls on a vendor than the cap allows.
+    pub fn sent(&mut self, until: tokio::time::Instant) {
+        self.at_vendor_until = Some(until);
+    }
+
+    /// The vendor answered (or could not be reached): dropping the permit frees the slot.
+    pub fn answered(&mut self) {
+        self.at_vendor_until = None;
+    }
 }
 
 impl Drop for QuotaPermit {
     fn drop(&mut self) {
+        let lingering = self
+            .at_vendor_until
+            .take()
+            .filter(|until| *until > tokio::time::Instant::now());
+        if let (Some(until), Ok(rt)) = (lingering, tokio::runtime::Handle::try_current()) {
+            let held = QuotaPermit {
+                quota: self.quota.clone(),
+                slot: self.slot.take(),
+                started: self.started,
+                at_vendor_until: None,
+            };
+            rt.spawn(async move {
+                tokio::time::sleep_until(until).await;
+                drop(held);
+            });
+            return;
+        }
         let mut s = lock(&self.quota.state);
         s.in_flight = s.in_flight.saturating_sub(1);
     }
@@ -521,7 +552,8 @@ impl Quotas {
         }
         Ok(QuotaPermit {
             quota,
-            _slot: slot,
+            slot,
+            at_vendor_until: None,
             started: Instant::now(),
         })
     }

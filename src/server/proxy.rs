@@ -275,7 +275,7 @@ async fn send(
         .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
         .await?;
     let upstream = client.for_system(call.system_id);
-    let mut resp = exchange(upstream, client.read_timeout, forward).await?;
+    let mut resp = exchange(upstream, client.read_timeout, forward, &mut permit).await?;
     // Learned from the head at once: a worker going away meanwhile loses no signal.
     let wait = learn(broker, call, &permit, &resp);
     if let (Some(retry), Some(wait)) = (again, wait) {
@@ -289,7 +289,7 @@ async fn send(
         broker
             .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
             .await?;
-        resp = exchange(upstream, client.read_timeout, retry).await?;
+        resp = exchange(upstream, client.read_timeout, retry, &mut permit).await?;
         learn(broker, call, &permit, &resp);
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
@@ -352,13 +352,18 @@ fn learn(
     crate::backends::ratelimit::retry_after(resp.headers(), now).filter(|w| *w <= max)
 }
 
-/// One upstream exchange, bounded by the client's read timeout for the answer's head.
+/// One upstream exchange, bounded by the client's read timeout for the answer's head. If the
+/// worker goes away meanwhile, `permit` keeps the system's slot until that timeout.
 async fn exchange(
     upstream: &Upstream,
     read_timeout: Duration,
     forward: axum::http::Request<Body>,
+    permit: &mut crate::broker::quota::QuotaPermit,
 ) -> Result<axum::http::Response<hyper::body::Incoming>, Refusal> {
-    match tokio::time::timeout(read_timeout, upstream.request(forward)).await {
+    permit.sent(tokio::time::Instant::now() + read_timeout);
+    let answer = tokio::time::timeout(read_timeout, upstream.request(forward)).await;
+    permit.answered();
+    match answer {
         Ok(Ok(r)) => Ok(r),
         Err(_) => Err(Refusal::new(
             StatusCode::GATEWAY_TIMEOUT,

@@ -474,6 +474,10 @@ async fn streaming_vendor(secret: &'static str) -> (String, Arc<AtomicUsize>) {
                     }
                     (StatusCode::OK, format!("{{\"bytes\":{n}}}")).into_response()
                 }
+                "/api/1.0/slow" => {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    (StatusCode::OK, "{\"data\":[]}").into_response()
+                }
                 "/api/1.0/moved" => (
                     StatusCode::FOUND,
                     [("location", format!("http://{host}/api/1.0/users/me"))],
@@ -1012,6 +1016,57 @@ async fn a_token_the_vendor_refuses_through_the_proxy_is_minted_again_once() {
         "the lease works again"
     );
     assert_eq!(fake.token_calls(), minted + 1, "one re-mint for every 401");
+    broker.stop().await;
+}
+
+/// A worker that gives up on a call the vendor is still working on does not free the system's
+/// concurrency slot for another call on top: the slot stays taken as long as the proxy would
+/// have waited for the vendor's answer, then frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_gives_up_early_does_not_pile_calls_on_the_vendor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.proxy.read_timeout = Duration::from_millis(1500);
+    let one = credbroker::broker::quota::LimitsOverride {
+        max_concurrent: Some(1),
+        max_queue_wait_seconds: Some(0),
+        ..Default::default()
+    };
+    config.quota.systems.insert("slow".into(), one);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let (base, _) = streaming_vendor("slow-pat").await;
+    let (t, auth) = lease(&mut admin, "slow", &base, "slow-pat").await;
+    let sent = std::time::Instant::now();
+    let gave_up = reqwest::Client::new()
+        .get(format!("{}/slow", t.api_base_url))
+        .header("authorization", &auth)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    let (status, body) = call(&t, "/users/me", &[]).await;
+    assert_eq!(
+        status, 429,
+        "the vendor still works on the abandoned call: {body}"
+    );
+    loop {
+        let (status, body) = call(&t, "/users/me", &[]).await;
+        if status != 429 {
+            assert_eq!(status, 404, "{body}");
+            break;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the slot stayed taken"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1400),
+        "freed after {:?}, before the proxy's wait for the vendor",
+        sent.elapsed()
+    );
     broker.stop().await;
 }
 
