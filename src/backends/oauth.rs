@@ -399,15 +399,15 @@ fn lenient_token_answer(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&map).ok()
 }
 
-/// Whole seconds from a JSON number or a string of digits.
+/// Whole seconds from a JSON number or a string holding one.
 fn seconds(v: &serde_json::Value) -> Option<u64> {
+    let whole = |f: f64| (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then_some(f as u64);
     match v {
-        serde_json::Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
-                .map(|f| f as u64)
-        }),
-        serde_json::Value::String(s) => s.trim().parse().ok(),
+        serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().and_then(whole)),
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            s.parse().ok().or_else(|| s.parse().ok().and_then(whole))
+        }
         _ => None,
     }
 }
@@ -707,9 +707,11 @@ mod tests {
             Some("rt-2".to_owned())
         );
         assert_eq!(r.scopes().map(Vec::len), Some(2));
-        let r = read(r#"{"access_token":"at","token_type":"bearer","expires_in":1799.6}"#);
-        assert_eq!(r.expires_in(), Some(Duration::from_secs(1799)));
-        for garbage in [r#""soon""#, "-5", "null", "[]", "1e300"] {
+        for fraction in ["1799.6", r#""1799.6""#] {
+            let body = format!(r#"{{"access_token":"at","expires_in":{fraction}}}"#);
+            assert_eq!(read(&body).expires_in(), Some(Duration::from_secs(1799)));
+        }
+        for garbage in [r#""soon""#, "-5", r#""NaN""#, "null", "[]", "1e300"] {
             let body =
                 format!(r#"{{"access_token":"at","expires_in":{garbage},"refresh_token":null}}"#);
             let r = read(&body);

@@ -522,6 +522,21 @@ impl Broker {
         f.clear_remote_state();
     }
 
+    /// Runs [`Broker::settle_remote_change`] for `id` in the background (not waiting here for
+    /// a refresh in flight). Only an existing entry has such state: none is made for the id.
+    fn settle_later(self: &Arc<Self>, id: String) {
+        let Some(flight) = self.cache.existing_flight(&id) else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut f = flight.lock().await;
+            if let Some(broker) = me.upgrade() {
+                broker.settle_remote_change(&mut f, &id).await;
+            }
+        });
+    }
+
     async fn apply_change(self: &Arc<Self>, change: crate::store::Change) {
         use crate::store::Change;
         match change {
@@ -529,18 +544,7 @@ impl Broker {
             Change::System(id) if validate_system_id(&id).is_err() => {}
             Change::System(id) => {
                 self.drop_token(&id);
-                // Settled without waiting here for a refresh in flight. Only an existing entry
-                // has such state: none is made for the id.
-                let Some(flight) = self.cache.existing_flight(&id) else {
-                    return;
-                };
-                let me = Arc::downgrade(self);
-                tokio::spawn(async move {
-                    let mut f = flight.lock().await;
-                    if let Some(broker) = me.upgrade() {
-                        broker.settle_remote_change(&mut f, &id).await;
-                    }
-                });
+                self.settle_later(id);
             }
             Change::Caller(_) => self.reload_callers().await,
             Change::Meta(key) if key.starts_with("kek") || key == "primary_kek" => {
@@ -555,6 +559,10 @@ impl Broker {
             Change::Resync => {
                 self.events.kick();
                 self.cache.clear();
+                // Notices may have been missed: every system's standing state is weighed again.
+                for id in self.cache.flight_ids() {
+                    self.settle_later(id);
+                }
                 self.reload_callers().await;
                 if let Err(e) = self.reload_keks().await {
                     tracing::warn!(message = "Could not reload keys after a resync.", error = %e);

@@ -474,6 +474,11 @@ impl TokenCache {
         lock(&self.store_waits).clear();
     }
 
+    /// The ids of the systems that have a flight (refresh state) now.
+    pub(crate) fn flight_ids(&self) -> Vec<String> {
+        lock(&self.flights).keys().cloned().collect()
+    }
+
     /// The system's single-flight lock (made on first use).
     pub(crate) fn flight(&self, system_id: &str) -> Arc<tokio::sync::Mutex<Flight>> {
         lock(&self.flights)
@@ -819,16 +824,9 @@ impl Broker {
         if let Some(msg) = &f.dead {
             return Err(BrokerError::FailedPrecondition(msg.clone()));
         }
-        if let Some(until) = f.backoff_until {
-            if Instant::now() < until {
-                let msg = if f.store_failures > 0 {
-                    STORE_DOWN_NOTE.to_owned()
-                } else {
-                    "the upstream token endpoint is failing".to_owned()
-                };
-                let current = self.fallback(f, system_id, current);
-                return stale_or_unavailable(current, msg, until - Instant::now());
-            }
+        if let Some(until) = f.backoff_until.filter(|until| Instant::now() < *until) {
+            let ask = (need_until, &reason, current);
+            return self.answer_in_backoff(f, system_id, ask, until).await;
         }
         let mut record = self.mintable_record(f, system_id).await?;
         // Replicas (a shared store): one upstream refresh per expiry across processes. Use
@@ -1239,7 +1237,7 @@ impl Broker {
         if oauth {
             tracing::warn!(message = "Grant rejected; system needs re-authorization.", kind = %record.kind, system_id = %system_id, error = %message);
             match self
-                .mark_reauthorization_required(system_id, &message, record)
+                .mark_reauthorization_required(system_id, (failure, &message), record)
                 .await
             {
                 Marked::Dead(stored) => {
@@ -1270,8 +1268,37 @@ impl Broker {
         delay
     }
 
-    /// The refresh lock cannot be had now: the cached token serves while valid (no backoff:
-    /// the next demand tries again).
+    /// What a caller gets while this replica backs off: with no token cached (a change
+    /// notice from another replica drops it), a token another replica shared in the record
+    /// if it serves; else the cached or reported token while valid, else UNAVAILABLE.
+    async fn answer_in_backoff(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        (need_until, reason, current): (SystemTime, &Reason, Option<Arc<IssuedToken>>),
+        until: Instant,
+    ) -> Result<Arc<IssuedToken>, BrokerError> {
+        if current.is_none() && self.store.is_shared() {
+            let record = self.get_system(system_id).await;
+            if let Some(answer) = record
+                .ok()
+                .filter(|r| r.state == SystemState::Active)
+                .and_then(|r| self.answer_from_record(system_id, &r, (need_until, reason, None)))
+            {
+                return answer;
+            }
+        }
+        let msg = if f.store_failures > 0 {
+            STORE_DOWN_NOTE.to_owned()
+        } else {
+            "the upstream token endpoint is failing".to_owned()
+        };
+        let current = self.fallback(f, system_id, current);
+        stale_or_unavailable(current, msg, until - Instant::now())
+    }
+
+    /// The refresh lock cannot be had now (see [`FreshRead::Busy`]): the cached token serves
+    /// while valid and its refresh is tried again shortly (no backoff: nothing failed).
     fn on_lock_busy(
         &self,
         f: &mut Flight,
@@ -1279,7 +1306,16 @@ impl Broker {
         current: Option<Arc<IssuedToken>>,
         error: String,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
+        tracing::warn!(message = "Token refresh could not take the refresh lock; retrying shortly.", system_id = %system_id, error = %error);
         let current = self.fallback(f, system_id, current);
+        if let Some(c) = current
+            .as_ref()
+            .filter(|c| c.expires_at > SystemTime::now())
+        {
+            let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..1000u64);
+            let again = Instant::now() + Duration::from_millis(1000 + jitter);
+            self.schedule_at(system_id, &c.token_id, again);
+        }
         stale_or_unavailable(current, error, Duration::from_secs(1))
     }
 
@@ -1592,6 +1628,11 @@ impl Broker {
         };
         match self.persist_pending(system_id, &p).await {
             Ok(Some(revived)) => {
+                if revived {
+                    // This replica may have read the mark meanwhile; no change notice of its
+                    // own write comes to tell it.
+                    f.clear_remote_state();
+                }
                 tracing::info!(message = "Stored the updated credential the store refused before.", system_id = %system_id, revived = revived);
                 true
             }
@@ -1609,9 +1650,11 @@ impl Broker {
     /// Stores `p` while the stored record still holds the credential it replaces (checked on
     /// every attempt: this path holds no refresh lock, so another replica may store its own
     /// meanwhile); `Some(true)` when that also put the system back in service. A record marked
-    /// for re-authorization with that very credential is revived: the mark came from a replica
-    /// that presented the refresh token this one had already spent, and `p` holds the grant's
-    /// live one (if the user revoked the grant, its next refresh finds out and marks it again).
+    /// for re-authorization with that very credential, because the vendor refused the grant
+    /// (`invalid_grant`), is revived: the mark came from a replica that presented the refresh
+    /// token this one had already spent, and `p` holds the grant's live one (if the user revoked
+    /// the grant, its next refresh finds out and marks it again). A refused client, an inactive
+    /// user or a misconfigured app is no such mark and stays.
     async fn persist_pending(
         &self,
         system_id: &str,
@@ -1626,9 +1669,10 @@ impl Broker {
                 updated.sealed_credential =
                     self.seal(system_id, current.credential_version, &p.credential)?;
                 updated.credential_expires_at = p.credential.expires_at();
-                if updated.state == SystemState::ReauthorizationRequired {
+                if revivable(&updated) {
                     updated.state = SystemState::Active;
                     updated.state_message = None;
+                    updated.refresh_failure = None;
                     updated.updated_at = unix_now();
                 }
                 Ok(Some(updated))
@@ -1714,7 +1758,7 @@ impl Broker {
     async fn mark_reauthorization_required(
         &self,
         system_id: &str,
-        message: &str,
+        (failure, message): (AuthFailure, &str),
         refused: &SystemRecord,
     ) -> Marked {
         let marked = self
@@ -1732,6 +1776,12 @@ impl Broker {
                 r.state = SystemState::ReauthorizationRequired;
                 r.state_message = Some(message.to_owned());
                 r.updated_at = unix_now();
+                // Why, for a revival (see `persist_pending`): only a refused grant is revived.
+                r.refresh_failure = Some(crate::model::RefreshFailure {
+                    failure,
+                    message: message.to_owned(),
+                    since: r.updated_at,
+                });
                 Ok(Some(r))
             })
             .await;
@@ -1931,16 +1981,27 @@ fn changed_meanwhile() -> BrokerError {
     )
 }
 
+/// Whether `r` was marked for re-authorization because the vendor refused its grant (what
+/// presenting a refresh token another replica already spent earns).
+fn revivable(r: &SystemRecord) -> bool {
+    r.state == SystemState::ReauthorizationRequired
+        && r.refresh_failure
+            .as_ref()
+            .is_some_and(|f| f.failure == AuthFailure::ReauthorizationRequired)
+}
+
 fn dropped_pending(system_id: &str) {
     tracing::warn!(message = "Dropped an updated credential the store had refused: another one is stored now.", system_id = %system_id);
 }
 
-/// What of a record the vendor's answers are about: its sealed credential and the token another
-/// replica shared (SHA-256 over both). A new credential or a token minted elsewhere changes it;
-/// a note, a health check or a 401 count does not.
+/// What of a record the vendor's answers are about: its state, delivery, sealed credential and
+/// the token another replica shared (SHA-256 over them). A new credential, a re-connection, a
+/// delivery switch or a token minted elsewhere changes it; a note, a health check or a 401 count
+/// does not.
 pub(crate) fn vendor_view(record: &SystemRecord) -> [u8; 32] {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
+    h.update([record.state as u8, record.delivery as u8]);
     h.update((record.sealed_credential.len() as u64).to_be_bytes());
     h.update(&record.sealed_credential);
     if let Some(t) = &record.shared_token {

@@ -30,7 +30,10 @@ enum Answer {
     /// A token valid for [`LIFETIME`]; `Some(rt)` also rotates the refresh token to `rt`.
     Token(Option<&'static str>),
     Transient(Option<Duration>),
+    /// The client is refused (`invalid_client`).
     Rejected,
+    /// The grant is refused (`invalid_grant`): a spent or revoked refresh token.
+    GrantRefused,
 }
 
 /// A token endpoint that answers from a script (then with plain tokens), counts its calls, and
@@ -88,6 +91,12 @@ impl Backend for FakeBackend {
             Answer::Rejected => {
                 return Err(BackendError::Rejected {
                     failure: AuthFailure::InvalidCredentials,
+                    message: "invalid_client".to_owned(),
+                })
+            }
+            Answer::GrantRefused => {
+                return Err(BackendError::Rejected {
+                    failure: AuthFailure::ReauthorizationRequired,
                     message: "invalid_grant".to_owned(),
                 })
             }
@@ -860,17 +869,14 @@ async fn a_refresh_token_the_store_refused_is_stored_once_it_takes_writes() {
 /// Another replica that refreshes with the stored refresh token this replica already spent
 /// (its rotated one could not be stored) is refused and marks the grant for re-authorization;
 /// this replica's background writer then stores the live refresh token and puts the system back
-/// in service, and the other replica, told of the change, refreshes with it.
+/// in service, here and, once told of the change, on the other replica.
 #[tokio::test(start_paused = true)]
 async fn a_grant_marked_dead_for_a_spent_refresh_token_is_revived_by_the_live_one() {
-    let (broker, backend, store) = with_a_refused_rotation().await;
-    store.updates_down.store(false, Ordering::SeqCst);
-    let other_backend = FakeBackend::new(false, vec![Answer::Rejected]);
-    let other = open_on(other_backend.clone(), store.clone()).await;
-    let err = other.access_token(SYSTEM, 0, None).await.unwrap_err();
+    let (broker, backend, other, other_backend) =
+        marked_by_another_replica(Answer::GrantRefused).await;
+    // This replica reads the mark too, before its background writer runs.
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
-    let marked = other.get_system(SYSTEM).await.unwrap();
-    assert_eq!(marked.state, SystemState::ReauthorizationRequired);
     for _ in 0..60 {
         if stored_refresh_token(&broker).await == "rt-2" {
             break;
@@ -881,13 +887,98 @@ async fn a_grant_marked_dead_for_a_spent_refresh_token_is_revived_by_the_live_on
     let revived = broker.get_system(SYSTEM).await.unwrap();
     assert_eq!(revived.state, SystemState::Active);
     assert_eq!(revived.state_message, None);
+    assert!(revived.refresh_failure.is_none());
+    // The writer's own replica serves again at once (no change notice of its own write).
+    let here = broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(backend.calls(), 2);
     let flight = other.flight(SYSTEM);
     other
         .settle_remote_change(&mut *flight.lock().await, SYSTEM)
         .await;
-    other.access_token(SYSTEM, 0, None).await.unwrap();
-    assert_eq!(other_backend.calls(), 2);
-    assert_eq!(backend.calls(), 1, "the vendor was asked again here");
+    // The other replica, told of the change, serves the token this one minted with rt-2.
+    let there = other.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(there.token_id, here.token_id);
+    assert_eq!(other_backend.calls(), 1);
+}
+
+/// A mark for another reason than a refused grant (here the client refused: a revoked app
+/// secret) is not undone by the pending refresh token: only an admin fixes that.
+#[tokio::test(start_paused = true)]
+async fn a_grant_marked_dead_for_a_refused_client_stays_dead() {
+    let (broker, _, _, _) = marked_by_another_replica(Answer::Rejected).await;
+    for _ in 0..60 {
+        if stored_refresh_token(&broker).await == "rt-2" {
+            break;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(stored_refresh_token(&broker).await, "rt-2");
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::ReauthorizationRequired);
+}
+
+/// [`with_a_refused_rotation`], then another replica refreshes with the stored (spent) refresh
+/// token, is refused with `refusal` and marks the grant for re-authorization; writes work again.
+async fn marked_by_another_replica(
+    refusal: Answer,
+) -> (Arc<Broker>, Arc<FakeBackend>, Arc<Broker>, Arc<FakeBackend>) {
+    let (broker, backend, store) = with_a_refused_rotation().await;
+    store.updates_down.store(false, Ordering::SeqCst);
+    let other_backend = FakeBackend::new(false, vec![refusal]);
+    let other = open_on(other_backend.clone(), store.clone()).await;
+    let err = other.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    let marked = other.get_system(SYSTEM).await.unwrap();
+    assert_eq!(marked.state, SystemState::ReauthorizationRequired);
+    (broker, backend, other, other_backend)
+}
+
+/// While this replica backs off after the vendor's 429, another replica's note (its change
+/// notice drops this replica's cached token) does not leave workers without a token: the one
+/// shared in the record serves.
+#[tokio::test(start_paused = true)]
+async fn a_note_from_another_replica_leaves_a_backed_off_replica_its_token() {
+    let store = Shared::new(usize::MAX);
+    let backend = FakeBackend::new(
+        false,
+        vec![
+            Answer::Token(None),
+            Answer::Transient(Some(Duration::from_secs(30))),
+        ],
+    );
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let first = broker.access_token(SYSTEM, 0, None).await.unwrap();
+    let kept = broker
+        .access_token(SYSTEM, 0, Some(&first.token_id))
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.token_id, first.token_id,
+        "the reported token serves on"
+    );
+    assert_eq!(backend.calls(), 2);
+    let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    other
+        .update_system_with(SYSTEM, |r| {
+            r.description = "noted on another replica".to_owned();
+            true
+        })
+        .await
+        .unwrap();
+    broker
+        .apply_change(crate::store::Change::System(SYSTEM.to_owned()))
+        .await;
+    let flight = broker.flight(SYSTEM);
+    broker
+        .settle_remote_change(&mut *flight.lock().await, SYSTEM)
+        .await;
+    let after = broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(after.token_id, first.token_id);
+    assert_eq!(
+        backend.calls(),
+        2,
+        "called again inside the vendor's Retry-After"
+    );
 }
 
 /// A token minted from the old credential while another replica rotated the credential is
