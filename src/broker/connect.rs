@@ -417,14 +417,21 @@ impl Broker {
         credential: &crate::model::Credential,
         hint: &str,
     ) -> Result<crate::model::SystemRecord, (Outcome, String)> {
+        // The sealed grant of the last attempt: found stored, that attempt landed though its
+        // answer was lost.
+        let mut ours: Option<Vec<u8>> = None;
         let modified = self
             .modify_system(&p.system_id, Retry::Persist, |current| {
+                if ours.as_ref() == Some(&current.sealed_credential) {
+                    return Ok(None);
+                }
                 if current.credential_version != p.credential_version {
                     return Ok(None);
                 }
                 let version = crate::broker::next_version(current)?;
                 let mut updated = current.clone();
                 updated.sealed_credential = self.seal(&p.system_id, version, credential)?;
+                ours = Some(updated.sealed_credential.clone());
                 updated.credential_version = version;
                 updated.credential_expires_at = credential.expires_at();
                 connected(&mut updated);
@@ -447,6 +454,7 @@ impl Broker {
             })?;
         match modified {
             Modified::Written(updated) => Ok(updated),
+            Modified::Unchanged(r) if ours.as_ref() == Some(&r.sealed_credential) => Ok(r),
             Modified::Unchanged(_) => Err((
                 Outcome::Conflict,
                 format!("The credential changed meanwhile; nothing was stored; {hint}."),

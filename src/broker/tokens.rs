@@ -1660,14 +1660,20 @@ impl Broker {
         system_id: &str,
         p: &Pending,
     ) -> Result<Option<bool>, BrokerError> {
+        // The sealed credential of the last attempt: found stored, that attempt landed though
+        // its answer was lost.
+        let mut ours: Option<Vec<u8>> = None;
         let modified = self
             .modify_system(system_id, Retry::Persist, |current| {
-                if !self.still_replaces(p, current) {
+                if ours.as_ref() == Some(&current.sealed_credential)
+                    || !self.still_replaces(p, current)
+                {
                     return Ok(None);
                 }
                 let mut updated = current.clone();
                 updated.sealed_credential =
                     self.seal(system_id, current.credential_version, &p.credential)?;
+                ours = Some(updated.sealed_credential.clone());
                 updated.credential_expires_at = p.credential.expires_at();
                 if revivable(&updated) {
                     updated.state = SystemState::Active;
@@ -1680,6 +1686,9 @@ impl Broker {
             .await?;
         Ok(match modified {
             Modified::Written(r) => Some(r.state == SystemState::Active),
+            Modified::Unchanged(r) if ours.as_ref() == Some(&r.sealed_credential) => {
+                Some(r.state == SystemState::Active)
+            }
             Modified::Unchanged(_) => None,
         })
     }

@@ -401,6 +401,8 @@ struct Shared {
     mirrored: Mutex<Vec<SystemRecord>>,
     /// Refresh locks cannot be had while set (as when this replica's lock slots are all held).
     locks_busy: std::sync::atomic::AtomicBool,
+    /// The next update lands, then answers unreachable (its answer lost).
+    lose_next_answer: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -446,7 +448,11 @@ impl CredentialStore for Shared {
         if self.updates_down.load(Ordering::SeqCst) {
             return Err(StoreError::Unreachable("the database is away".into()));
         }
-        self.inner.update_system(r, rev).await
+        self.inner.update_system(r, rev).await?;
+        if self.lose_next_answer.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unreachable("the answer was lost".into()));
+        }
+        Ok(())
     }
     async fn delete_system(&self, id: &str) -> Result<bool, StoreError> {
         self.inner.delete_system(id).await
@@ -872,8 +878,22 @@ async fn a_refresh_token_the_store_refused_is_stored_once_it_takes_writes() {
 /// in service, here and, once told of the change, on the other replica.
 #[tokio::test(start_paused = true)]
 async fn a_grant_marked_dead_for_a_spent_refresh_token_is_revived_by_the_live_one() {
-    let (broker, backend, other, other_backend) =
+    revival(false).await;
+}
+
+/// The same when the reviving write lands but its answer is lost: the writer finds its own
+/// write on the retry and knows it revived the grant.
+#[tokio::test(start_paused = true)]
+async fn a_revival_whose_answer_was_lost_still_revives_here() {
+    revival(true).await;
+}
+
+async fn revival(lose_the_answer: bool) {
+    let (broker, backend, other, other_backend, store) =
         marked_by_another_replica(Answer::GrantRefused).await;
+    store
+        .lose_next_answer
+        .store(lose_the_answer, Ordering::SeqCst);
     // This replica reads the mark too, before its background writer runs.
     let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
@@ -905,7 +925,7 @@ async fn a_grant_marked_dead_for_a_spent_refresh_token_is_revived_by_the_live_on
 /// secret) is not undone by the pending refresh token: only an admin fixes that.
 #[tokio::test(start_paused = true)]
 async fn a_grant_marked_dead_for_a_refused_client_stays_dead() {
-    let (broker, _, _, _) = marked_by_another_replica(Answer::Rejected).await;
+    let (broker, _, _, _, _) = marked_by_another_replica(Answer::Rejected).await;
     for _ in 0..60 {
         if stored_refresh_token(&broker).await == "rt-2" {
             break;
@@ -921,7 +941,13 @@ async fn a_grant_marked_dead_for_a_refused_client_stays_dead() {
 /// token, is refused with `refusal` and marks the grant for re-authorization; writes work again.
 async fn marked_by_another_replica(
     refusal: Answer,
-) -> (Arc<Broker>, Arc<FakeBackend>, Arc<Broker>, Arc<FakeBackend>) {
+) -> (
+    Arc<Broker>,
+    Arc<FakeBackend>,
+    Arc<Broker>,
+    Arc<FakeBackend>,
+    Arc<Shared>,
+) {
     let (broker, backend, store) = with_a_refused_rotation().await;
     store.updates_down.store(false, Ordering::SeqCst);
     let other_backend = FakeBackend::new(false, vec![refusal]);
@@ -930,7 +956,7 @@ async fn marked_by_another_replica(
     assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
     let marked = other.get_system(SYSTEM).await.unwrap();
     assert_eq!(marked.state, SystemState::ReauthorizationRequired);
-    (broker, backend, other, other_backend)
+    (broker, backend, other, other_backend, store)
 }
 
 /// While this replica backs off after the vendor's 429, another replica's note (its change

@@ -48,6 +48,9 @@ pub struct FaultControl {
     /// each is tried, the stored record's revision moves on (its content unchanged, as after a
     /// concurrent health or label write), so the update answers a conflict.
     pub concurrent_writes: AtomicU32,
+    /// The next this many system updates reach the inner store, then answer
+    /// [`StoreError::Unreachable`]: the commit landed, its answer was lost.
+    pub lost_update_answers: AtomicU32,
     /// Injected failures so far.
     pub injected: AtomicU64,
     reached: Mutex<HashSet<String>>,
@@ -66,6 +69,7 @@ impl FaultControl {
         self.unanswered_caller_inserts.store(0, Ordering::SeqCst);
         self.late_caller_commits.store(0, Ordering::SeqCst);
         self.concurrent_writes.store(0, Ordering::SeqCst);
+        self.lost_update_answers.store(0, Ordering::SeqCst);
         crate::util::sync::lock(&self.late).clear();
     }
 
@@ -214,6 +218,13 @@ impl CredentialStore for FaultyStore {
                 theirs.revision += 1;
                 let _ = self.inner.update_system(&theirs, read).await;
             }
+        }
+        if self.control.take(&self.control.lost_update_answers) {
+            self.inner.update_system(record, expected_revision).await?;
+            self.control.note(&record.system_id);
+            return Err(StoreError::Unreachable(
+                "answer lost after the commit [injected]".into(),
+            ));
         }
         self.write(
             Some(&record.system_id),
