@@ -521,7 +521,9 @@ pub struct HealthMark {
     pub warned_for: Option<u64>,
 }
 
-/// A spell of failing token refreshes (unreachable, rate limited, upstream errors).
+/// A spell of failing token refreshes (unreachable, rate limited, upstream errors), or, on a
+/// system marked for re-authorization, why the vendor refused it (a refused grant may be revived
+/// by a replica holding its live refresh token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefreshFailure {
     /// How the first refresh of the spell failed.

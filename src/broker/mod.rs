@@ -505,18 +505,25 @@ impl Broker {
     /// Settles this replica's state for `system_id` after another replica changed its record.
     /// A dead grant, a backoff and a reported token were the vendor's answers about one
     /// credential: they go once another credential is stored (a rotation, a re-connection, a
-    /// rotated refresh token), another replica shares a token it minted, or the record cannot
-    /// be read; not for a note, a health check or a 401 count, which would otherwise lift a
-    /// vendor's `Retry-After` on every replica but the one that wrote.
+    /// rotated refresh token), another replica shares a token it minted, or the system is gone;
+    /// not for a note, a health check or a 401 count, which would otherwise lift a vendor's
+    /// `Retry-After` on every replica but the one that wrote. Kept, the token shared in the
+    /// record is cached again (the change notice dropped it).
     pub(crate) async fn settle_remote_change(
         &self,
         f: &mut crate::broker::tokens::Flight,
         system_id: &str,
     ) {
         if let Some(seen) = f.vendor_state_seen() {
-            let fresh = self.store.get_system_fresh(system_id).await;
-            if matches!(fresh, Ok(Some(r)) if crate::broker::tokens::vendor_view(&r) == seen) {
-                return;
+            match self.store.get_system_fresh(system_id).await {
+                Ok(Some(r)) if crate::broker::tokens::vendor_view(&r) == seen => {
+                    // The notice dropped the cached token: the one in the record serves on.
+                    self.adopt_shared_token(system_id, &r);
+                    return;
+                }
+                // Nothing learnt: a database that does not answer now says nothing of the vendor.
+                Err(_) => return,
+                Ok(_) => {}
             }
         }
         f.clear_remote_state();

@@ -399,13 +399,11 @@ impl SystemQuota {
 }
 
 /// A call admitted by the book: holds its concurrency slot and counts as in flight until
-/// dropped, or, when dropped while the vendor may still be working on it (see
-/// [`QuotaPermit::sent`]), until the vendor's answer would have been waited for.
+/// dropped.
 pub struct QuotaPermit {
     quota: Arc<SystemQuota>,
-    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
     started: Instant,
-    at_vendor_until: Option<tokio::time::Instant>,
 }
 
 impl QuotaPermit {
@@ -413,39 +411,10 @@ impl QuotaPermit {
     pub fn quota(&self) -> &Arc<SystemQuota> {
         &self.quota
     }
-
-    /// The call is at the vendor, whose answer is waited for until `until`. A worker that goes
-    /// away meanwhile stops the wait, not the vendor's work: the slot stays taken until then,
-    /// so workers that give up early cannot pile more calls on a vendor than the cap allows.
-    pub fn sent(&mut self, until: tokio::time::Instant) {
-        self.at_vendor_until = Some(until);
-    }
-
-    /// The vendor answered (or could not be reached): dropping the permit frees the slot.
-    pub fn answered(&mut self) {
-        self.at_vendor_until = None;
-    }
 }
 
 impl Drop for QuotaPermit {
     fn drop(&mut self) {
-        let lingering = self
-            .at_vendor_until
-            .take()
-            .filter(|until| *until > tokio::time::Instant::now());
-        if let (Some(until), Ok(rt)) = (lingering, tokio::runtime::Handle::try_current()) {
-            let held = QuotaPermit {
-                quota: self.quota.clone(),
-                slot: self.slot.take(),
-                started: self.started,
-                at_vendor_until: None,
-            };
-            rt.spawn(async move {
-                tokio::time::sleep_until(until).await;
-                drop(held);
-            });
-            return;
-        }
         let mut s = lock(&self.quota.state);
         s.in_flight = s.in_flight.saturating_sub(1);
     }
@@ -552,8 +521,7 @@ impl Quotas {
         }
         Ok(QuotaPermit {
             quota,
-            slot,
-            at_vendor_until: None,
+            _slot: slot,
             started: Instant::now(),
         })
     }

@@ -825,8 +825,7 @@ impl Broker {
             return Err(BrokerError::FailedPrecondition(msg.clone()));
         }
         if let Some(until) = f.backoff_until.filter(|until| Instant::now() < *until) {
-            let ask = (need_until, &reason, current);
-            return self.answer_in_backoff(f, system_id, ask, until).await;
+            return self.answer_in_backoff(f, system_id, current, until);
         }
         let mut record = self.mintable_record(f, system_id).await?;
         // Replicas (a shared store): one upstream refresh per expiry across processes. Use
@@ -1268,26 +1267,15 @@ impl Broker {
         delay
     }
 
-    /// What a caller gets while this replica backs off: with no token cached (a change
-    /// notice from another replica drops it), a token another replica shared in the record
-    /// if it serves; else the cached or reported token while valid, else UNAVAILABLE.
-    async fn answer_in_backoff(
+    /// What a caller gets while this replica backs off: the cached or reported token while
+    /// valid, else UNAVAILABLE.
+    fn answer_in_backoff(
         &self,
         f: &mut Flight,
         system_id: &str,
-        (need_until, reason, current): (SystemTime, &Reason, Option<Arc<IssuedToken>>),
+        current: Option<Arc<IssuedToken>>,
         until: Instant,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
-        if current.is_none() && self.store.is_shared() {
-            let record = self.get_system(system_id).await;
-            if let Some(answer) = record
-                .ok()
-                .filter(|r| r.state == SystemState::Active)
-                .and_then(|r| self.answer_from_record(system_id, &r, (need_until, reason, None)))
-            {
-                return answer;
-            }
-        }
         let msg = if f.store_failures > 0 {
             STORE_DOWN_NOTE.to_owned()
         } else {
@@ -1484,6 +1472,15 @@ impl Broker {
     /// it) and never adopts an access token, which would not renew the grant. Any other mint
     /// takes the token another replica stored if it serves, installed in the cache under its own
     /// token id.
+    /// Caches the token another replica shared in `record`, while it is valid and the system
+    /// active.
+    pub(crate) fn adopt_shared_token(&self, system_id: &str, record: &SystemRecord) {
+        if record.state == SystemState::Active {
+            let ask = (SystemTime::now(), &Reason::Demand { rejected: None }, None);
+            let _ = self.answer_from_record(system_id, record, ask);
+        }
+    }
+
     fn answer_from_record(
         &self,
         system_id: &str,
@@ -1660,9 +1657,10 @@ impl Broker {
         system_id: &str,
         p: &Pending,
     ) -> Result<Option<bool>, BrokerError> {
-        // The sealed credential of the last attempt: found stored, that attempt landed though
-        // its answer was lost.
+        // The sealed credential of the last attempt, and whether it revived the grant: found
+        // stored, that attempt landed though its answer was lost.
         let mut ours: Option<Vec<u8>> = None;
+        let mut revived = false;
         let modified = self
             .modify_system(system_id, Retry::Persist, |current| {
                 if ours.as_ref() == Some(&current.sealed_credential)
@@ -1670,12 +1668,13 @@ impl Broker {
                 {
                     return Ok(None);
                 }
+                revived = revivable(current);
                 let mut updated = current.clone();
                 updated.sealed_credential =
                     self.seal(system_id, current.credential_version, &p.credential)?;
                 ours = Some(updated.sealed_credential.clone());
                 updated.credential_expires_at = p.credential.expires_at();
-                if revivable(&updated) {
+                if revived {
                     updated.state = SystemState::Active;
                     updated.state_message = None;
                     updated.refresh_failure = None;
@@ -1685,10 +1684,8 @@ impl Broker {
             })
             .await?;
         Ok(match modified {
-            Modified::Written(r) => Some(r.state == SystemState::Active),
-            Modified::Unchanged(r) if ours.as_ref() == Some(&r.sealed_credential) => {
-                Some(r.state == SystemState::Active)
-            }
+            Modified::Written(_) => Some(revived),
+            Modified::Unchanged(r) if ours.as_ref() == Some(&r.sealed_credential) => Some(revived),
             Modified::Unchanged(_) => None,
         })
     }
@@ -1727,10 +1724,11 @@ impl Broker {
     async fn note_refreshed(&self, system_id: &str) {
         let _ = self
             .update_system_with(system_id, |r| {
-                let note = r.state == SystemState::Active && r.state_message.is_some();
-                if note {
-                    r.state_message = None;
+                if r.state != SystemState::Active {
+                    // Marked meanwhile: the mark's message and failure class stay.
+                    return false;
                 }
+                let note = r.state_message.take().is_some();
                 note | r.refresh_failure.take().is_some()
             })
             .await;

@@ -959,6 +959,31 @@ async fn marked_by_another_replica(
     (broker, backend, other, other_backend, store)
 }
 
+/// A change notice met while the database does not answer says nothing of the vendor: the
+/// backoff stands.
+#[tokio::test(start_paused = true)]
+async fn a_backoff_stands_when_the_database_cannot_say_what_changed() {
+    let store = Shared::new(usize::MAX);
+    let backend = FakeBackend::new(
+        false,
+        vec![Answer::Transient(Some(Duration::from_secs(30)))],
+    );
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    store.fresh_answers.store(0, Ordering::SeqCst);
+    let flight = broker.flight(SYSTEM);
+    broker
+        .settle_remote_change(&mut *flight.lock().await, SYSTEM)
+        .await;
+    store.fresh_answers.store(usize::MAX, Ordering::SeqCst);
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert_eq!(
+        backend.calls(),
+        1,
+        "called again inside the vendor's Retry-After"
+    );
+}
+
 /// While this replica backs off after the vendor's 429, another replica's note (its change
 /// notice drops this replica's cached token) does not leave workers without a token: the one
 /// shared in the record serves.

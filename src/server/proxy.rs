@@ -20,6 +20,7 @@ use crate::backends::ratelimit::read as read_signals;
 use crate::broker::proxy::{
     is_clean_path, mask_path, under_base, ProxyGrant, ProxyRefusal, UNUSABLE_BASE,
 };
+use crate::broker::quota::QuotaPermit;
 use crate::broker::tokens::IssuedToken;
 use crate::broker::Broker;
 
@@ -265,7 +266,7 @@ async fn send(
         .map_err(|_| Refusal::new(StatusCode::BAD_GATEWAY, UNUSABLE_BASE))?;
     let cap = broker.settings.proxy_max_body_bytes;
     let forward = forward_request(req, uri, &grant.token, cap)?;
-    let mut permit = broker
+    let permit = broker
         .admit_quota(grant, call.system_id)
         .await
         .map_err(Refusal::limited)?;
@@ -275,21 +276,21 @@ async fn send(
         .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
         .await?;
     let upstream = client.for_system(call.system_id);
-    let mut resp = exchange(upstream, client.read_timeout, forward, &mut permit).await?;
+    let (mut resp, mut permit) = exchange(upstream, client.read_timeout, forward, permit).await?;
     // Learned from the head at once: a worker going away meanwhile loses no signal.
     let wait = learn(broker, call, &permit, &resp);
     if let (Some(retry), Some(wait)) = (again, wait) {
         drop(resp);
         drop(permit);
         tokio::time::sleep(wait).await;
-        permit = broker
+        let again = broker
             .admit_quota(grant, call.system_id)
             .await
             .map_err(Refusal::limited)?;
         broker
             .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
             .await?;
-        resp = exchange(upstream, client.read_timeout, retry, &mut permit).await?;
+        (resp, permit) = exchange(upstream, client.read_timeout, retry, again).await?;
         learn(broker, call, &permit, &resp);
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
@@ -352,27 +353,63 @@ fn learn(
     crate::backends::ratelimit::retry_after(resp.headers(), now).filter(|w| *w <= max)
 }
 
-/// One upstream exchange, bounded by the client's read timeout for the answer's head. If the
-/// worker goes away meanwhile, `permit` keeps the system's slot until that timeout.
+/// One upstream exchange, bounded by the client's read timeout for the answer's head, holding
+/// the call's quota permit (handed back with the answer).
 async fn exchange(
     upstream: &Upstream,
     read_timeout: Duration,
     forward: axum::http::Request<Body>,
-    permit: &mut crate::broker::quota::QuotaPermit,
-) -> Result<axum::http::Response<hyper::body::Incoming>, Refusal> {
-    permit.sent(tokio::time::Instant::now() + read_timeout);
-    let answer = tokio::time::timeout(read_timeout, upstream.request(forward)).await;
-    permit.answered();
-    match answer {
-        Ok(Ok(r)) => Ok(r),
-        Err(_) => Err(Refusal::new(
+    permit: QuotaPermit,
+) -> Result<(axum::http::Response<hyper::body::Incoming>, QuotaPermit), Refusal> {
+    let until = tokio::time::Instant::now() + read_timeout;
+    let mut at = AtVendor {
+        request: Some(upstream.request(forward)),
+        permit: Some(permit),
+        until,
+    };
+    let head = std::future::poll_fn(|cx| match at.request.as_mut() {
+        Some(r) => std::future::Future::poll(std::pin::Pin::new(r), cx),
+        None => std::task::Poll::Pending,
+    });
+    let answer = tokio::time::timeout_at(until, head).await;
+    at.request = None;
+    let permit = at.permit.take();
+    match (answer, permit) {
+        (Ok(Ok(r)), Some(permit)) => Ok((r, permit)),
+        (Err(_), _) => Err(Refusal::new(
             StatusCode::GATEWAY_TIMEOUT,
             "the upstream did not answer in time",
         )),
-        Ok(Err(_)) => Err(Refusal::new(
+        _ => Err(Refusal::new(
             StatusCode::BAD_GATEWAY,
             "the upstream could not be reached",
         )),
+    }
+}
+
+/// A request at the vendor with its call's quota permit. Dropped before the answer's head came
+/// (the worker went away: a deadline, a disconnect), the request runs on in the background
+/// until that head or the read timeout, holding the permit: the system's concurrency slot frees
+/// when the vendor is done with the call, so workers that give up early cannot pile more calls
+/// on a vendor than its cap allows.
+struct AtVendor {
+    request: Option<hyper_util::client::legacy::ResponseFuture>,
+    permit: Option<QuotaPermit>,
+    until: tokio::time::Instant,
+}
+
+impl Drop for AtVendor {
+    fn drop(&mut self) {
+        let (Some(request), Some(permit)) = (self.request.take(), self.permit.take()) else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let until = self.until;
+            rt.spawn(async move {
+                let _ = tokio::time::timeout_at(until, request).await;
+                drop(permit);
+            });
+        }
     }
 }
 

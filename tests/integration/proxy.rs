@@ -475,7 +475,7 @@ async fn streaming_vendor(secret: &'static str) -> (String, Arc<AtomicUsize>) {
                     (StatusCode::OK, format!("{{\"bytes\":{n}}}")).into_response()
                 }
                 "/api/1.0/slow" => {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     (StatusCode::OK, "{\"data\":[]}").into_response()
                 }
                 "/api/1.0/moved" => (
@@ -1020,13 +1020,13 @@ async fn a_token_the_vendor_refuses_through_the_proxy_is_minted_again_once() {
 }
 
 /// A worker that gives up on a call the vendor is still working on does not free the system's
-/// concurrency slot for another call on top: the slot stays taken as long as the proxy would
-/// have waited for the vendor's answer, then frees.
+/// concurrency slot for another call on top: the call runs on, and the slot frees when the
+/// vendor has answered (here after 1 s), not sooner and not at the proxy's 5 s limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_gives_up_early_does_not_pile_calls_on_the_vendor() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
-    config.proxy.read_timeout = Duration::from_millis(1500);
+    config.proxy.read_timeout = Duration::from_secs(5);
     let one = credbroker::broker::quota::LimitsOverride {
         max_concurrent: Some(1),
         max_queue_wait_seconds: Some(0),
@@ -1062,10 +1062,10 @@ async fn a_worker_that_gives_up_early_does_not_pile_calls_on_the_vendor() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let freed = sent.elapsed();
     assert!(
-        sent.elapsed() >= Duration::from_millis(1400),
-        "freed after {:?}, before the proxy's wait for the vendor",
-        sent.elapsed()
+        freed >= Duration::from_millis(900) && freed < Duration::from_secs(4),
+        "freed after {freed:?}: the vendor answered after 1 s"
     );
     broker.stop().await;
 }
