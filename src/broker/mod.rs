@@ -522,7 +522,11 @@ impl Broker {
                     return;
                 }
                 // Nothing learnt: a database that does not answer now says nothing of the vendor.
-                Err(_) => return,
+                // A dead mark, which never ends by itself, is read again by the next mint.
+                Err(_) => {
+                    f.forget_dead();
+                    return;
+                }
                 Ok(_) => {}
             }
         }
@@ -539,6 +543,9 @@ impl Broker {
         tokio::spawn(async move {
             let mut f = flight.lock().await;
             if let Some(broker) = me.upgrade() {
+                // A token cached since the notice (a mint, an earlier settle's adoption) may be
+                // of the record as it was before: settled afresh.
+                broker.drop_token(&id);
                 broker.settle_remote_change(&mut f, &id).await;
             }
         });

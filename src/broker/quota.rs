@@ -411,6 +411,11 @@ impl QuotaPermit {
     pub fn quota(&self) -> &Arc<SystemQuota> {
         &self.quota
     }
+
+    /// Whether it holds one of the system's concurrency slots (the system has a cap).
+    pub fn holds_slot(&self) -> bool {
+        self._slot.is_some()
+    }
 }
 
 impl Drop for QuotaPermit {

@@ -364,6 +364,11 @@ impl Flight {
         self.reported = None;
     }
 
+    /// Forgets a dead grant (the next mint reads the record again and finds out).
+    pub(crate) fn forget_dead(&mut self) {
+        self.dead = None;
+    }
+
     /// The [`vendor_view`] of the record the vendor's standing answers (a dead grant, its
     /// backoff, a reported token) were given for, if there are any. `None` also when the
     /// backoff is the shared store's: a change from the store is news that it is back.

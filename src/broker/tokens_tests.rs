@@ -984,6 +984,31 @@ async fn a_backoff_stands_when_the_database_cannot_say_what_changed() {
     );
 }
 
+/// A dead mark is not kept on a change notice the database cannot explain now: unlike a
+/// backoff it never ends by itself, so the next mint reads the record again (here: an admin
+/// rotated a new credential in on another replica).
+#[tokio::test(start_paused = true)]
+async fn a_dead_mark_is_read_again_after_a_notice_the_database_could_not_explain() {
+    let store = Shared::new(usize::MAX);
+    let backend = FakeBackend::new(false, vec![Answer::GrantRefused]);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    other
+        .rotate(SYSTEM, admins_credential(), false)
+        .await
+        .unwrap();
+    store.fresh_answers.store(0, Ordering::SeqCst);
+    let flight = broker.flight(SYSTEM);
+    broker
+        .settle_remote_change(&mut *flight.lock().await, SYSTEM)
+        .await;
+    store.fresh_answers.store(usize::MAX, Ordering::SeqCst);
+    broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(backend.calls(), 2);
+}
+
 /// While this replica backs off after the vendor's 429, another replica's note (its change
 /// notice drops this replica's cached token) does not leave workers without a token: the one
 /// shared in the record serves.

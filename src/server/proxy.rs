@@ -276,7 +276,14 @@ async fn send(
         .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
         .await?;
     let upstream = client.for_system(call.system_id);
-    let (mut resp, mut permit) = exchange(upstream, client.read_timeout, forward, permit).await?;
+    let at = (upstream, client.read_timeout);
+    let about = Leftover {
+        broker,
+        call,
+        grant,
+        method: &method,
+    };
+    let (mut resp, mut permit) = exchange(at, forward, permit, about).await?;
     // Learned from the head at once: a worker going away meanwhile loses no signal.
     let wait = learn(broker, call, &permit, &resp);
     if let (Some(retry), Some(wait)) = (again, wait) {
@@ -290,7 +297,7 @@ async fn send(
         broker
             .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
             .await?;
-        (resp, permit) = exchange(upstream, client.read_timeout, retry, again).await?;
+        (resp, permit) = exchange(at, retry, again, about).await?;
         learn(broker, call, &permit, &resp);
     }
     if resp.status() == StatusCode::UNAUTHORIZED {
@@ -356,16 +363,17 @@ fn learn(
 /// One upstream exchange, bounded by the client's read timeout for the answer's head, holding
 /// the call's quota permit (handed back with the answer).
 async fn exchange(
-    upstream: &Upstream,
-    read_timeout: Duration,
+    (upstream, read_timeout): (&Upstream, Duration),
     forward: axum::http::Request<Body>,
     permit: QuotaPermit,
+    about: Leftover<'_>,
 ) -> Result<(axum::http::Response<hyper::body::Incoming>, QuotaPermit), Refusal> {
     let until = tokio::time::Instant::now() + read_timeout;
     let mut at = AtVendor {
         request: Some(upstream.request(forward)),
         permit: Some(permit),
         until,
+        about,
     };
     let head = std::future::poll_fn(|cx| match at.request.as_mut() {
         Some(r) => std::future::Future::poll(std::pin::Pin::new(r), cx),
@@ -388,28 +396,63 @@ async fn exchange(
 }
 
 /// A request at the vendor with its call's quota permit. Dropped before the answer's head came
-/// (the worker went away: a deadline, a disconnect), the request runs on in the background
-/// until that head or the read timeout, holding the permit: the system's concurrency slot frees
-/// when the vendor is done with the call, so workers that give up early cannot pile more calls
-/// on a vendor than its cap allows.
-struct AtVendor {
+/// (the worker went away: a deadline, a disconnect) on a system with a concurrency cap, the
+/// request runs on in the background until that head or the read timeout, holding the permit:
+/// the slot frees when the vendor is done with the call, so workers that give up early cannot
+/// pile more calls on a vendor than its cap allows (and the cap bounds these requests). The
+/// answer is learnt from as any other (quota signals, a 401) and gets its own outcome line after
+/// the call's `cancelled` one. On a system without a cap the request is cancelled.
+struct AtVendor<'a> {
     request: Option<hyper_util::client::legacy::ResponseFuture>,
     permit: Option<QuotaPermit>,
     until: tokio::time::Instant,
+    about: Leftover<'a>,
 }
 
-impl Drop for AtVendor {
+/// The call a request at the vendor belongs to.
+#[derive(Clone, Copy)]
+struct Leftover<'a> {
+    broker: &'a Broker,
+    call: &'a Call<'a>,
+    grant: &'a ProxyGrant,
+    method: &'a axum::http::Method,
+}
+
+impl Drop for AtVendor<'_> {
     fn drop(&mut self) {
         let (Some(request), Some(permit)) = (self.request.take(), self.permit.take()) else {
             return;
         };
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let until = self.until;
-            rt.spawn(async move {
-                let _ = tokio::time::timeout_at(until, request).await;
-                drop(permit);
-            });
+        let (Ok(rt), Some(broker)) = (
+            tokio::runtime::Handle::try_current(),
+            self.about.broker.me.upgrade(),
+        ) else {
+            return;
+        };
+        if !permit.holds_slot() {
+            return;
         }
+        let a = self.about;
+        let system_id = a.call.system_id.to_owned();
+        let (caller, token) = (a.grant.caller.clone(), a.grant.token.clone());
+        let (method, masked) = (a.method.clone(), a.call.masked.to_owned());
+        let (until, started) = (self.until, a.call.started);
+        rt.spawn(async move {
+            let Ok(Ok(head)) = tokio::time::timeout_at(until, request).await else {
+                return;
+            };
+            let status = head.status().as_u16();
+            let now = crate::model::unix_now();
+            let signals = read_signals(token.kind, status, head.headers(), None, now);
+            broker.learn_quota(&system_id, &permit, &signals);
+            drop((head, permit));
+            if status == 401 {
+                broker.note_proxy_unauthorized(&system_id, &token);
+            }
+            let (path, took) = (masked.as_str(), started.elapsed());
+            let caller = Some(caller.as_str());
+            (broker.audit_proxied(caller, &system_id, method.as_str(), path, status, took)).await;
+        });
     }
 }
 

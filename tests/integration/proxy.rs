@@ -1067,6 +1067,29 @@ async fn a_worker_that_gives_up_early_does_not_pile_calls_on_the_vendor() {
         freed >= Duration::from_millis(900) && freed < Duration::from_secs(4),
         "freed after {freed:?}: the vendor answered after 1 s"
     );
+    // The trail says the worker left, then what the vendor answered.
+    let audit = dir.path().join("audit.log");
+    let lines = || {
+        let trail = std::fs::read_to_string(&audit).unwrap_or_default();
+        trail
+            .lines()
+            .filter(|l| l.contains("/slow"))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| format!("{} {}", v["outcome"].as_str().unwrap_or(""), v["code"]))
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(10), "the vendor's outcome line", || {
+        lines().len() == 3
+    })
+    .await;
+    assert_eq!(
+        lines(),
+        [
+            "forwarding \"FORWARDING\"",
+            "cancelled \"CANCELLED\"",
+            "ok \"200\""
+        ]
+    );
     broker.stop().await;
 }
 
