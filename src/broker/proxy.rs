@@ -517,7 +517,14 @@ impl Broker {
         let current = self
             .cached(system_id)
             .is_some_and(|c| c.token_id == token.token_id);
-        if token.refreshable && current && self.may_remint_for_proxy(system_id, Instant::now()) {
+        // Not once the stop has begun: its wait for exchanges in flight may be over, and a
+        // refresh cut off mid-rotation would lose the grant.
+        let stopping = self.draining.load(std::sync::atomic::Ordering::Relaxed);
+        if token.refreshable
+            && current
+            && !stopping
+            && self.may_remint_for_proxy(system_id, Instant::now())
+        {
             let (broker, id, refused) =
                 (broker.clone(), system_id.to_owned(), token.token_id.clone());
             tokio::spawn(async move {

@@ -423,22 +423,24 @@ impl Drop for AtVendor<'_> {
         let (Some(request), Some(permit)) = (self.request.take(), self.permit.take()) else {
             return;
         };
-        let (Ok(rt), Some(broker)) = (
-            tokio::runtime::Handle::try_current(),
-            self.about.broker.me.upgrade(),
-        ) else {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         if !permit.holds_slot() {
             return;
         }
         let a = self.about;
+        // Held weakly while the vendor works: a stopping broker is not kept open by it.
+        let broker = a.broker.me.clone();
         let system_id = a.call.system_id.to_owned();
         let (caller, token) = (a.grant.caller.clone(), a.grant.token.clone());
         let (method, masked) = (a.method.clone(), a.call.masked.to_owned());
         let (until, started) = (self.until, a.call.started);
         rt.spawn(async move {
             let Ok(Ok(head)) = tokio::time::timeout_at(until, request).await else {
+                return;
+            };
+            let Some(broker) = broker.upgrade() else {
                 return;
             };
             let status = head.status().as_u16();
