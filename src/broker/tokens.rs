@@ -1471,12 +1471,6 @@ impl Broker {
         Ok(token)
     }
 
-    /// What another replica's work, as `record` shows it, answers without a refresh (`ask`:
-    /// until when the token must serve, why the mint runs, the cached token). The keep-alive
-    /// sweep skips a grant that is not due any more (refreshed or replaced since the sweep read
-    /// it) and never adopts an access token, which would not renew the grant. Any other mint
-    /// takes the token another replica stored if it serves, installed in the cache under its own
-    /// token id.
     /// Caches the token another replica shared in `record`, while it is valid and the system
     /// active.
     pub(crate) fn adopt_shared_token(&self, system_id: &str, record: &SystemRecord) {
@@ -1486,6 +1480,12 @@ impl Broker {
         }
     }
 
+    /// What another replica's work, as `record` shows it, answers without a refresh (`ask`:
+    /// until when the token must serve, why the mint runs, the cached token). The keep-alive
+    /// sweep skips a grant that is not due any more (refreshed or replaced since the sweep read
+    /// it) and never adopts an access token, which would not renew the grant. Any other mint
+    /// takes the token another replica stored if it serves, installed in the cache under its own
+    /// token id.
     fn answer_from_record(
         &self,
         system_id: &str,
@@ -1611,20 +1611,6 @@ impl Broker {
             return true;
         };
         let mut f = flight.lock().await;
-        if f.pending.is_none() {
-            return true;
-        }
-        let record = match self.get_system(system_id).await {
-            Ok(r) => r,
-            Err(BrokerError::NotFound(_)) => {
-                f.pending = None;
-                return true;
-            }
-            Err(_) => return false,
-        };
-        if self.pending_for(&mut f, &record).is_none() {
-            return true;
-        }
         let Some(p) = f.pending.take() else {
             return true;
         };
@@ -1642,6 +1628,7 @@ impl Broker {
                 dropped_pending(system_id);
                 true
             }
+            Err(BrokerError::NotFound(_)) => true,
             Err(_) => {
                 f.pending = Some(p);
                 false

@@ -285,7 +285,8 @@ async fn send(
     };
     let (mut resp, mut permit) = exchange(at, forward, permit, about).await?;
     // Learned from the head at once: a worker going away meanwhile loses no signal.
-    let wait = learn(broker, call, &permit, &resp);
+    let about_the_call = (call.system_id, &*grant.token);
+    let wait = learn(broker, about_the_call, &permit, &resp);
     if let (Some(retry), Some(wait)) = (again, wait) {
         drop(resp);
         drop(permit);
@@ -298,10 +299,7 @@ async fn send(
             .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
             .await?;
         (resp, permit) = exchange(at, retry, again, about).await?;
-        learn(broker, call, &permit, &resp);
-    }
-    if resp.status() == StatusCode::UNAUTHORIZED {
-        broker.note_proxy_unauthorized(call.system_id, &grant.token);
+        learn(broker, about_the_call, &permit, &resp);
     }
     let redirects = Redirects {
         api_base_url: &grant.token.api_base_url,
@@ -340,19 +338,23 @@ fn retryable(
     Some(copy)
 }
 
-/// Learns from an answer's head; for a 429 whose own `Retry-After` fits the system's
+/// Learns from an answer's head: its quota signals, and a 401 (see
+/// [`Broker::note_proxy_unauthorized`]); for a 429 whose own `Retry-After` fits the system's
 /// `local_retry_after_max`, the wait before a read may be sent again.
 fn learn(
     broker: &Broker,
-    call: &Call<'_>,
-    permit: &crate::broker::quota::QuotaPermit,
+    (system_id, token): (&str, &IssuedToken),
+    permit: &QuotaPermit,
     resp: &axum::http::Response<hyper::body::Incoming>,
 ) -> Option<Duration> {
     let status = resp.status().as_u16();
     let kind = permit.quota().kind();
     let now = crate::model::unix_now();
     let signals = read_signals(kind, status, resp.headers(), None, now);
-    broker.learn_quota(call.system_id, permit, &signals);
+    broker.learn_quota(system_id, permit, &signals);
+    if status == 401 {
+        broker.note_proxy_unauthorized(system_id, token);
+    }
     let max = permit.quota().limits().local_retry_after_max;
     if status != 429 || max.is_zero() {
         return None;
@@ -444,13 +446,8 @@ impl Drop for AtVendor<'_> {
                 return;
             };
             let status = head.status().as_u16();
-            let now = crate::model::unix_now();
-            let signals = read_signals(token.kind, status, head.headers(), None, now);
-            broker.learn_quota(&system_id, &permit, &signals);
+            learn(&broker, (&system_id, &token), &permit, &head);
             drop((head, permit));
-            if status == 401 {
-                broker.note_proxy_unauthorized(&system_id, &token);
-            }
             let (path, took) = (masked.as_str(), started.elapsed());
             let caller = Some(caller.as_str());
             (broker.audit_proxied(caller, &system_id, method.as_str(), path, status, took)).await;
