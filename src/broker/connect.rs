@@ -417,12 +417,12 @@ impl Broker {
         credential: &crate::model::Credential,
         hint: &str,
     ) -> Result<crate::model::SystemRecord, (Outcome, String)> {
-        // The sealed grant of the last attempt: found stored, that attempt landed though its
-        // answer was lost.
+        // The sealed grant of the last attempt: found stored (re-wrapped or not), that attempt
+        // landed though its answer was lost.
         let mut ours: Option<Vec<u8>> = None;
         let modified = self
             .modify_system(&p.system_id, Retry::Persist, |current| {
-                if ours.as_ref() == Some(&current.sealed_credential) {
+                if crate::broker::is_ours(&ours, &current.sealed_credential) {
                     return Ok(None);
                 }
                 if current.credential_version != p.credential_version {
@@ -454,7 +454,7 @@ impl Broker {
             })?;
         match modified {
             Modified::Written(updated) => Ok(updated),
-            Modified::Unchanged(r) if ours.as_ref() == Some(&r.sealed_credential) => Ok(r),
+            Modified::Unchanged(r) if crate::broker::is_ours(&ours, &r.sealed_credential) => Ok(r),
             Modified::Unchanged(_) => Err((
                 Outcome::Conflict,
                 format!("The credential changed meanwhile; nothing was stored; {hint}."),

@@ -1043,7 +1043,8 @@ impl Broker {
     /// holds the refused credential; any other credential forgets it.
     fn refused_before(f: &mut Flight, record: &SystemRecord) -> Option<(AuthFailure, String)> {
         let (sealed, failure, message) = f.refused.take()?;
-        (sealed == record.sealed_credential).then_some((failure, message))
+        crate::crypto::same_sealing(&sealed, &record.sealed_credential)
+            .then_some((failure, message))
     }
 
     /// After the vendor refused `record`'s credential: another path (a rotation, another
@@ -1059,7 +1060,12 @@ impl Broker {
         oauth: bool,
     ) -> Refusal {
         match self.store.get_system_fresh(system_id).await {
-            Ok(Some(fresh)) if fresh.sealed_credential != record.sealed_credential => {
+            Ok(Some(fresh))
+                if !crate::crypto::same_sealing(
+                    &fresh.sealed_credential,
+                    &record.sealed_credential,
+                ) =>
+            {
                 match Self::mintable(f, system_id, fresh, &self.egress) {
                     Ok(fresh) => Refusal::Retry(Box::new(fresh)),
                     Err(e) => Refusal::Fail(e),
@@ -1650,12 +1656,12 @@ impl Broker {
         p: &Pending,
     ) -> Result<Option<bool>, BrokerError> {
         // The sealed credential of the last attempt, and whether it revived the grant: found
-        // stored, that attempt landed though its answer was lost.
+        // stored (re-wrapped or not), that attempt landed though its answer was lost.
         let mut ours: Option<Vec<u8>> = None;
         let mut revived = false;
         let modified = self
             .modify_system(system_id, Retry::Persist, |current| {
-                if ours.as_ref() == Some(&current.sealed_credential)
+                if crate::broker::is_ours(&ours, &current.sealed_credential)
                     || !self.still_replaces(p, current)
                 {
                     return Ok(None);
@@ -1677,7 +1683,9 @@ impl Broker {
             .await?;
         Ok(match modified {
             Modified::Written(_) => Some(revived),
-            Modified::Unchanged(r) if ours.as_ref() == Some(&r.sealed_credential) => Some(revived),
+            Modified::Unchanged(r) if crate::broker::is_ours(&ours, &r.sealed_credential) => {
+                Some(revived)
+            }
             Modified::Unchanged(_) => None,
         })
     }
@@ -1762,7 +1770,10 @@ impl Broker {
     ) -> Marked {
         let marked = self
             .modify_system(system_id, Retry::Quick, |current| {
-                if current.sealed_credential != refused.sealed_credential {
+                if !crate::crypto::same_sealing(
+                    &current.sealed_credential,
+                    &refused.sealed_credential,
+                ) {
                     // A new credential arrived meanwhile (a rotation, a re-connection): the
                     // refusal was for the old one.
                     return Ok(None);
@@ -1793,7 +1804,12 @@ impl Broker {
                 );
                 Marked::Dead(message.to_owned())
             }
-            Ok(Modified::Unchanged(r)) if r.sealed_credential != refused.sealed_credential => {
+            Ok(Modified::Unchanged(r))
+                if !crate::crypto::same_sealing(
+                    &r.sealed_credential,
+                    &refused.sealed_credential,
+                ) =>
+            {
                 Marked::Replaced
             }
             // Marked already (another replica's words, which every replica then repeats).
@@ -1995,14 +2011,15 @@ fn dropped_pending(system_id: &str) {
 
 /// What of a record the vendor's answers are about: its state, delivery, sealed credential and
 /// the token another replica shared (SHA-256 over them). A new credential, a re-connection, a
-/// delivery switch or a token minted elsewhere changes it; a note, a health check or a 401 count
-/// does not.
+/// delivery switch or a token minted elsewhere changes it; a note, a health check, a 401 count
+/// or a re-wrap under another key (only the credential's data ciphertext counts) does not.
 pub(crate) fn vendor_view(record: &SystemRecord) -> [u8; 32] {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update([record.state as u8, record.delivery as u8]);
-    h.update((record.sealed_credential.len() as u64).to_be_bytes());
-    h.update(&record.sealed_credential);
+    let data = crate::crypto::sealed_data(&record.sealed_credential);
+    h.update((data.len() as u64).to_be_bytes());
+    h.update(data);
     if let Some(t) = &record.shared_token {
         h.update(&t.sealed);
     }

@@ -403,6 +403,9 @@ struct Shared {
     locks_busy: std::sync::atomic::AtomicBool,
     /// The next update lands, then answers unreachable (its answer lost).
     lose_next_answer: std::sync::atomic::AtomicBool,
+    /// A lost answer's record is re-wrapped before the answer is lost (as another replica's key
+    /// rotation would, between the write and its retry).
+    rewrap_lost: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -411,6 +414,36 @@ impl Shared {
         s.fresh_answers.store(fresh_answers, Ordering::SeqCst);
         Arc::new(s)
     }
+
+    /// [`rewrap`]s `id`'s stored record.
+    async fn rewrap(&self, id: &str) {
+        let mut r = self.inner.get_system(id).await.unwrap().unwrap();
+        rewrap(&mut r);
+        let ring = Keyring::new(MasterKey::from_bytes(Zeroizing::new([7u8; 32])));
+        let read = r.revision;
+        r.revision += 1;
+        // Tagged as the replica's authenticated store would (this store is below that layer).
+        let tagger = crate::store::AuthenticatedStore::new(
+            Arc::new(MemoryStore::new()),
+            ring.derive_subkey("record-integrity"),
+        );
+        r.integrity = Some(tagger.system_tag(&r));
+        self.inner.update_system(&r, read).await.unwrap();
+    }
+}
+
+/// Re-wraps `r`'s sealed credential as a replica's key rotation does (the data key wrapped anew;
+/// here under the same KEK, which changes the sealed bytes all the same).
+fn rewrap(r: &mut SystemRecord) {
+    let binding = crate::crypto::RecordBinding {
+        system_id: &r.system_id,
+        credential_type: r.credential_type,
+        version: r.credential_version,
+    };
+    let ring = Keyring::new(MasterKey::from_bytes(Zeroizing::new([7u8; 32])));
+    let rewrapped = ring.rewrap(&binding, &r.sealed_credential).unwrap();
+    assert_ne!(rewrapped, r.sealed_credential);
+    r.sealed_credential = rewrapped;
 }
 
 #[async_trait]
@@ -450,6 +483,9 @@ impl CredentialStore for Shared {
         }
         self.inner.update_system(r, rev).await?;
         if self.lose_next_answer.swap(false, Ordering::SeqCst) {
+            if self.rewrap_lost.load(Ordering::SeqCst) {
+                self.rewrap(&r.system_id).await;
+            }
             return Err(StoreError::Unreachable("the answer was lost".into()));
         }
         Ok(())
@@ -646,6 +682,18 @@ async fn a_refusal_stands_when_only_the_record_changed_meanwhile() {
     assert_eq!(record.state, SystemState::ReauthorizationRequired);
 }
 
+/// Nor is a key rotation's re-wrap, which keeps the credential: the refusal stands and the grant
+/// is marked.
+#[tokio::test]
+async fn a_refusal_stands_when_the_credential_was_only_rewrapped_meanwhile() {
+    let (got, broker, backend) = refused_while(rewrap).await;
+    let err = got.unwrap_err();
+    assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+    assert_eq!(backend.calls(), 1);
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state, SystemState::ReauthorizationRequired);
+}
+
 /// A database that grants the refresh lock but cannot answer the read under it (its connection
 /// pool exhausted, say) is waited for with a growing backoff, not asked again every second.
 #[tokio::test(start_paused = true)]
@@ -817,6 +865,30 @@ async fn a_proxy_401_re_mints_at_most_once_a_minute_per_system() {
     assert!(broker.may_remint_for_proxy(SYSTEM, t0 + PROXY_REMINT_INTERVAL));
 }
 
+/// Once the stop has begun, a vendor 401 through the proxy starts no re-mint: the stop may no
+/// longer wait for it, and a refresh cut off mid-rotation would lose the grant. Before the
+/// stop, the same 401 does start one.
+#[tokio::test(start_paused = true)]
+async fn a_proxy_401_during_the_stop_starts_no_re_mint() {
+    let backend = FakeBackend::new(false, vec![]);
+    let broker = broker_with(backend.clone()).await;
+    let token = broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert!(token.refreshable);
+    assert_eq!(backend.calls(), 1);
+    broker.draining.store(true, Ordering::Relaxed);
+    broker.note_proxy_unauthorized(SYSTEM, &token);
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    assert_eq!(backend.calls(), 1, "a re-mint started during the stop");
+    broker.draining.store(false, Ordering::Relaxed);
+    broker.note_proxy_unauthorized(SYSTEM, &token);
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    assert_eq!(backend.calls(), 2, "the same 401 before the stop re-mints");
+}
+
 /// A reported token carries the delivery it was minted for: after a switch to proxy delivery
 /// it never comes back as a fallback (it would hand a worker the vendor's headers).
 #[tokio::test]
@@ -878,22 +950,30 @@ async fn a_refresh_token_the_store_refused_is_stored_once_it_takes_writes() {
 /// in service, here and, once told of the change, on the other replica.
 #[tokio::test(start_paused = true)]
 async fn a_grant_marked_dead_for_a_spent_refresh_token_is_revived_by_the_live_one() {
-    revival(false).await;
+    revival(false, false).await;
 }
 
 /// The same when the reviving write lands but its answer is lost: the writer finds its own
 /// write on the retry and knows it revived the grant.
 #[tokio::test(start_paused = true)]
 async fn a_revival_whose_answer_was_lost_still_revives_here() {
-    revival(true).await;
+    revival(true, false).await;
 }
 
-async fn revival(lose_the_answer: bool) {
+/// The same when another replica's key rotation re-wrapped the revived record before the retry
+/// read it: a re-wrap keeps the credential, so the write is still found to be this one's.
+#[tokio::test(start_paused = true)]
+async fn a_revival_whose_answer_was_lost_then_rewrapped_still_revives_here() {
+    revival(true, true).await;
+}
+
+async fn revival(lose_the_answer: bool, rewrap_meanwhile: bool) {
     let (broker, backend, other, other_backend, store) =
         marked_by_another_replica(Answer::GrantRefused).await;
     store
         .lose_next_answer
         .store(lose_the_answer, Ordering::SeqCst);
+    store.rewrap_lost.store(rewrap_meanwhile, Ordering::SeqCst);
     // This replica reads the mark too, before its background writer runs.
     let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
@@ -976,6 +1056,30 @@ async fn a_backoff_stands_when_the_database_cannot_say_what_changed() {
         .settle_remote_change(&mut *flight.lock().await, SYSTEM)
         .await;
     store.fresh_answers.store(usize::MAX, Ordering::SeqCst);
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert_eq!(
+        backend.calls(),
+        1,
+        "called again inside the vendor's Retry-After"
+    );
+}
+
+/// A key rotation's re-wrap on another replica keeps the credential: its change notice lifts
+/// no vendor's `Retry-After` here.
+#[tokio::test(start_paused = true)]
+async fn a_rewrap_elsewhere_leaves_a_vendors_retry_after_standing() {
+    let store = Shared::new(usize::MAX);
+    let backend = FakeBackend::new(
+        false,
+        vec![Answer::Transient(Some(Duration::from_secs(30)))],
+    );
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    store.rewrap(SYSTEM).await;
+    let flight = broker.flight(SYSTEM);
+    broker
+        .settle_remote_change(&mut *flight.lock().await, SYSTEM)
+        .await;
     broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     assert_eq!(
         backend.calls(),

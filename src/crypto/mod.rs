@@ -288,6 +288,21 @@ impl Keyring {
 const KCV_AAD: &[u8] = b"cred-broker/v1|kcv";
 const KCV_PLAINTEXT: &[u8] = b"credbroker key check value";
 
+/// Whether `a` and `b` are one sealing of a credential: the same data ciphertext, which a
+/// re-wrap under another KEK keeps (only the wrapped data key changes) and every new sealing
+/// changes (a fresh data key and nonce). Bytes that do not parse are compared whole.
+pub fn same_sealing(a: &[u8], b: &[u8]) -> bool {
+    sealed_data(a) == sealed_data(b)
+}
+
+/// The data ciphertext of a sealed record (see [`same_sealing`]); all of it if it does not parse.
+pub fn sealed_data(sealed: &[u8]) -> &[u8] {
+    parse_header(sealed)
+        .ok()
+        .and_then(|h| sealed.get(9 + h.wrapped_len..))
+        .unwrap_or(sealed)
+}
+
 /// Parses a sealed record's header.
 pub fn parse_header(sealed: &[u8]) -> Result<SealedHeader, CryptoError> {
     if sealed.len() < 9 || &sealed[0..2] != MAGIC {
@@ -490,6 +505,17 @@ mod tests {
             b"secret"
         );
         assert!(kr.open_kek(id ^ 1, &stored).is_err());
+        // Still the same sealing, as far as the broker's "is this the credential I saw" goes.
+        assert_ne!(rewrapped, sealed);
+        assert!(same_sealing(&rewrapped, &sealed));
+        let again = kr.seal(&binding("a", 1), b"secret");
+        assert!(
+            !same_sealing(&again, &sealed),
+            "a new sealing is another one"
+        );
+        assert!(!same_sealing(&again[..again.len() - 1], &again));
+        assert!(same_sealing(b"not sealed", b"not sealed"));
+        assert!(!same_sealing(b"not sealed", b"not sealeD"));
     }
 
     #[test]
