@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::backends::{oauth, AuthorizeRequest, BackendError, Target};
 use crate::broker::{Broker, Modified, Retry};
+use crate::crypto::same_sealing;
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, CredentialType, SystemState};
 use crate::secret::SecretString;
@@ -417,44 +418,46 @@ impl Broker {
         credential: &crate::model::Credential,
         hint: &str,
     ) -> Result<crate::model::SystemRecord, (Outcome, String)> {
-        // The sealed grant of the last attempt: found stored (re-wrapped or not), that attempt
-        // landed though its answer was lost.
-        let mut ours: Option<Vec<u8>> = None;
+        let not_stored = |e: BrokerError| match e {
+            BrokerError::NotFound(_) => (
+                Outcome::NotFound,
+                format!(
+                    "System '{}' was deleted meanwhile; nothing was stored.",
+                    p.system_id
+                ),
+            ),
+            e @ (BrokerError::Unavailable(_) | BrokerError::ResourceExhausted(_)) => (
+                Outcome::Unavailable,
+                format!("the grant could not be stored ({e}); {hint}"),
+            ),
+            e => (Outcome::Internal, e.to_string()),
+        };
+        // Sealed once: every attempt writes this sealing, so one found stored (re-wrapped or
+        // not) is an attempt that landed though its answer was lost.
+        let version =
+            crate::broker::version_after(p.credential_version, &p.system_id).map_err(not_stored)?;
+        let ours = self
+            .seal(&p.system_id, version, credential)
+            .map_err(not_stored)?;
         let modified = self
             .modify_system(&p.system_id, Retry::Persist, |current| {
-                if crate::broker::is_ours(&ours, &current.sealed_credential) {
+                if same_sealing(&ours, &current.sealed_credential)
+                    || current.credential_version != p.credential_version
+                {
                     return Ok(None);
                 }
-                if current.credential_version != p.credential_version {
-                    return Ok(None);
-                }
-                let version = crate::broker::next_version(current)?;
                 let mut updated = current.clone();
-                updated.sealed_credential = self.seal(&p.system_id, version, credential)?;
-                ours = Some(updated.sealed_credential.clone());
+                updated.sealed_credential = ours.clone();
                 updated.credential_version = version;
                 updated.credential_expires_at = credential.expires_at();
                 connected(&mut updated);
                 Ok(Some(updated))
             })
             .await
-            .map_err(|e| match e {
-                BrokerError::NotFound(_) => (
-                    Outcome::NotFound,
-                    format!(
-                        "System '{}' was deleted meanwhile; nothing was stored.",
-                        p.system_id
-                    ),
-                ),
-                e @ (BrokerError::Unavailable(_) | BrokerError::ResourceExhausted(_)) => (
-                    Outcome::Unavailable,
-                    format!("the grant could not be stored ({e}); {hint}"),
-                ),
-                e => (Outcome::Internal, e.to_string()),
-            })?;
+            .map_err(not_stored)?;
         match modified {
             Modified::Written(updated) => Ok(updated),
-            Modified::Unchanged(r) if crate::broker::is_ours(&ours, &r.sealed_credential) => Ok(r),
+            Modified::Unchanged(r) if same_sealing(&ours, &r.sealed_credential) => Ok(r),
             Modified::Unchanged(_) => Err((
                 Outcome::Conflict,
                 format!("The credential changed meanwhile; nothing was stored; {hint}."),

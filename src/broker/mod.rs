@@ -1589,13 +1589,6 @@ async fn authenticate_records(
     Ok(Arc::new(authenticated))
 }
 
-/// Whether `sealed`, read back from the store, is the sealing a write of ours made (`ours`, its
-/// last attempt): that write landed though its answer was lost, re-wrapped since or not.
-pub(crate) fn is_ours(ours: &Option<Vec<u8>>, sealed: &[u8]) -> bool {
-    ours.as_deref()
-        .is_some_and(|o| crate::crypto::same_sealing(o, sealed))
-}
-
 /// The version a new credential of `current` gets.
 pub(crate) fn next_version(current: &SystemRecord) -> Result<u64, BrokerError> {
     version_after(current.credential_version, &current.system_id)

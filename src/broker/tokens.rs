@@ -34,7 +34,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backends::{Backend, BackendError, Header, Issued, Target};
 use crate::broker::{Broker, Modified, Retry, MAX_MIN_VALID_SECONDS, SCAN_PAGE};
-use crate::crypto::RecordBinding;
+use crate::crypto::{same_sealing, RecordBinding};
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, Credential, SharedToken, SystemRecord, SystemState};
 use crate::secret::SecretString;
@@ -1043,8 +1043,7 @@ impl Broker {
     /// holds the refused credential; any other credential forgets it.
     fn refused_before(f: &mut Flight, record: &SystemRecord) -> Option<(AuthFailure, String)> {
         let (sealed, failure, message) = f.refused.take()?;
-        crate::crypto::same_sealing(&sealed, &record.sealed_credential)
-            .then_some((failure, message))
+        same_sealing(&sealed, &record.sealed_credential).then_some((failure, message))
     }
 
     /// After the vendor refused `record`'s credential: another path (a rotation, another
@@ -1061,10 +1060,7 @@ impl Broker {
     ) -> Refusal {
         match self.store.get_system_fresh(system_id).await {
             Ok(Some(fresh))
-                if !crate::crypto::same_sealing(
-                    &fresh.sealed_credential,
-                    &record.sealed_credential,
-                ) =>
+                if !same_sealing(&fresh.sealed_credential, &record.sealed_credential) =>
             {
                 match Self::mintable(f, system_id, fresh, &self.egress) {
                     Ok(fresh) => Refusal::Retry(Box::new(fresh)),
@@ -1655,22 +1651,21 @@ impl Broker {
         system_id: &str,
         p: &Pending,
     ) -> Result<Option<bool>, BrokerError> {
-        // The sealed credential of the last attempt, and whether it revived the grant: found
-        // stored (re-wrapped or not), that attempt landed though its answer was lost.
-        let mut ours: Option<Vec<u8>> = None;
+        // Sealed once: every attempt writes this sealing, so one found stored (re-wrapped or
+        // not) is an attempt that landed though its answer was lost; `revived` is whether the
+        // last attempt that wrote revived the grant.
+        let ours = self.seal(system_id, p.version, &p.credential)?;
         let mut revived = false;
         let modified = self
             .modify_system(system_id, Retry::Persist, |current| {
-                if crate::broker::is_ours(&ours, &current.sealed_credential)
+                if same_sealing(&ours, &current.sealed_credential)
                     || !self.still_replaces(p, current)
                 {
                     return Ok(None);
                 }
                 revived = revivable(current);
                 let mut updated = current.clone();
-                updated.sealed_credential =
-                    self.seal(system_id, current.credential_version, &p.credential)?;
-                ours = Some(updated.sealed_credential.clone());
+                updated.sealed_credential = ours.clone();
                 updated.credential_expires_at = p.credential.expires_at();
                 if revived {
                     updated.state = SystemState::Active;
@@ -1683,9 +1678,7 @@ impl Broker {
             .await?;
         Ok(match modified {
             Modified::Written(_) => Some(revived),
-            Modified::Unchanged(r) if crate::broker::is_ours(&ours, &r.sealed_credential) => {
-                Some(revived)
-            }
+            Modified::Unchanged(r) if same_sealing(&ours, &r.sealed_credential) => Some(revived),
             Modified::Unchanged(_) => None,
         })
     }
@@ -1770,10 +1763,7 @@ impl Broker {
     ) -> Marked {
         let marked = self
             .modify_system(system_id, Retry::Quick, |current| {
-                if !crate::crypto::same_sealing(
-                    &current.sealed_credential,
-                    &refused.sealed_credential,
-                ) {
+                if !same_sealing(&current.sealed_credential, &refused.sealed_credential) {
                     // A new credential arrived meanwhile (a rotation, a re-connection): the
                     // refusal was for the old one.
                     return Ok(None);
@@ -1805,10 +1795,7 @@ impl Broker {
                 Marked::Dead(message.to_owned())
             }
             Ok(Modified::Unchanged(r))
-                if !crate::crypto::same_sealing(
-                    &r.sealed_credential,
-                    &refused.sealed_credential,
-                ) =>
+                if !same_sealing(&r.sealed_credential, &refused.sealed_credential) =>
             {
                 Marked::Replaced
             }
@@ -2018,8 +2005,10 @@ pub(crate) fn vendor_view(record: &SystemRecord) -> [u8; 32] {
     let mut h = sha2::Sha256::new();
     h.update([record.state as u8, record.delivery as u8]);
     let data = crate::crypto::sealed_data(&record.sealed_credential);
-    h.update((data.len() as u64).to_be_bytes());
-    h.update(data);
+    let sealing = data.unwrap_or(&record.sealed_credential);
+    h.update([u8::from(data.is_some())]);
+    h.update((sealing.len() as u64).to_be_bytes());
+    h.update(sealing);
     if let Some(t) = &record.shared_token {
         h.update(&t.sealed);
     }

@@ -406,6 +406,12 @@ struct Shared {
     /// A lost answer's record is re-wrapped before the answer is lost (as another replica's key
     /// rotation would, between the write and its retry).
     rewrap_lost: std::sync::atomic::AtomicBool,
+    /// After a lost answer, the next ordinary read answers the record as it was before the write
+    /// (a replica's mirror, serving while the database is away, has not seen it yet).
+    stale_after_lost: std::sync::atomic::AtomicBool,
+    /// The stale copy put in `mirrored` by `stale_after_lost` goes with the next update (the
+    /// mirror catches up).
+    stale_once: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -481,8 +487,16 @@ impl CredentialStore for Shared {
         if self.updates_down.load(Ordering::SeqCst) {
             return Err(StoreError::Unreachable("the database is away".into()));
         }
+        if self.stale_once.swap(false, Ordering::SeqCst) {
+            self.mirrored.lock().unwrap().clear();
+        }
+        let before = self.inner.get_system(&r.system_id).await?;
         self.inner.update_system(r, rev).await?;
         if self.lose_next_answer.swap(false, Ordering::SeqCst) {
+            if self.stale_after_lost.swap(false, Ordering::SeqCst) {
+                self.mirrored.lock().unwrap().extend(before);
+                self.stale_once.store(true, Ordering::SeqCst);
+            }
             if self.rewrap_lost.load(Ordering::SeqCst) {
                 self.rewrap(&r.system_id).await;
             }
@@ -950,30 +964,40 @@ async fn a_refresh_token_the_store_refused_is_stored_once_it_takes_writes() {
 /// in service, here and, once told of the change, on the other replica.
 #[tokio::test(start_paused = true)]
 async fn a_grant_marked_dead_for_a_spent_refresh_token_is_revived_by_the_live_one() {
-    revival(false, false).await;
+    revival(false, |_| {}).await;
 }
 
 /// The same when the reviving write lands but its answer is lost: the writer finds its own
 /// write on the retry and knows it revived the grant.
 #[tokio::test(start_paused = true)]
 async fn a_revival_whose_answer_was_lost_still_revives_here() {
-    revival(true, false).await;
+    revival(true, |_| {}).await;
 }
 
 /// The same when another replica's key rotation re-wrapped the revived record before the retry
 /// read it: a re-wrap keeps the credential, so the write is still found to be this one's.
 #[tokio::test(start_paused = true)]
 async fn a_revival_whose_answer_was_lost_then_rewrapped_still_revives_here() {
-    revival(true, true).await;
+    revival(true, |s| s.rewrap_lost.store(true, Ordering::SeqCst)).await;
 }
 
-async fn revival(lose_the_answer: bool, rewrap_meanwhile: bool) {
+/// The same when the retry first read the record as it was before the write (from a mirror
+/// that had not seen it), wrote again and met the first write: every attempt writes the one
+/// sealing, so the first is still found to be this one's.
+#[tokio::test(start_paused = true)]
+async fn a_revival_whose_answer_was_lost_then_read_stale_still_revives_here() {
+    revival(true, |s| s.stale_after_lost.store(true, Ordering::SeqCst)).await;
+}
+
+/// A revival by this replica after another marked the grant dead; `lose_the_answer` loses the
+/// answer of the write that revives it, and `meanwhile` sets what else the store does then.
+async fn revival(lose_the_answer: bool, meanwhile: impl FnOnce(&Shared)) {
     let (broker, backend, other, other_backend, store) =
         marked_by_another_replica(Answer::GrantRefused).await;
     store
         .lose_next_answer
         .store(lose_the_answer, Ordering::SeqCst);
-    store.rewrap_lost.store(rewrap_meanwhile, Ordering::SeqCst);
+    meanwhile(&store);
     // This replica reads the mark too, before its background writer runs.
     let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");

@@ -290,17 +290,20 @@ const KCV_PLAINTEXT: &[u8] = b"credbroker key check value";
 
 /// Whether `a` and `b` are one sealing of a credential: the same data ciphertext, which a
 /// re-wrap under another KEK keeps (only the wrapped data key changes) and every new sealing
-/// changes (a fresh data key and nonce). Bytes that do not parse are compared whole.
+/// changes (a fresh data key and nonce). Bytes that do not parse are compared whole, and are
+/// never the same as bytes that do.
 pub fn same_sealing(a: &[u8], b: &[u8]) -> bool {
-    sealed_data(a) == sealed_data(b)
+    match (sealed_data(a), sealed_data(b)) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => a == b,
+        _ => false,
+    }
 }
 
-/// The data ciphertext of a sealed record (see [`same_sealing`]); all of it if it does not parse.
-pub fn sealed_data(sealed: &[u8]) -> &[u8] {
-    parse_header(sealed)
-        .ok()
-        .and_then(|h| sealed.get(9 + h.wrapped_len..))
-        .unwrap_or(sealed)
+/// The data ciphertext of a sealed record (see [`same_sealing`]); `None` if it does not parse.
+pub fn sealed_data(sealed: &[u8]) -> Option<&[u8]> {
+    let header = parse_header(sealed).ok()?;
+    sealed.get(9 + header.wrapped_len..)
 }
 
 /// Parses a sealed record's header.
@@ -514,6 +517,10 @@ mod tests {
             "a new sealing is another one"
         );
         assert!(!same_sealing(&again[..again.len() - 1], &again));
+        // Its data part alone, without a header, is not the sealing either.
+        let data = sealed_data(&sealed).unwrap();
+        assert!(!same_sealing(data, &sealed));
+        assert!(!same_sealing(&sealed, data));
         assert!(same_sealing(b"not sealed", b"not sealed"));
         assert!(!same_sealing(b"not sealed", b"not sealeD"));
     }
