@@ -4,8 +4,9 @@
 //! A backup is a sequence of chunks. Each chunk is `"CBK1" | nonce(12) | AES-256-GCM(ct+tag)`
 //! under a key derived from the master key (label `backup-v1`), with AAD `credbroker-backup/v1`.
 //! The plaintext is JSON: the backup id, the chunk's sequence number, whether it is the last,
-//! up to [`CHUNK_SYSTEMS`] systems (metadata plus the credential, which exists in clear only
-//! inside the encrypted chunk) and, in the last chunk, every caller (token hashes only) and the
+//! up to [`CHUNK_SYSTEMS`] systems and, unless one system alone is larger, up to [`CHUNK_BYTES`]
+//! (metadata plus the credential, which exists in clear only inside the encrypted chunk) and,
+//! in the last chunk, every caller (token hashes only) and the
 //! totals. Chunks out of order, from another backup, missing at the end, altered or made under
 //! another master key are refused before anything is written.
 //!
@@ -28,8 +29,16 @@ use crate::error::BrokerError;
 use crate::model::{unix_now, CallerRecord, Credential, SystemRecord};
 use crate::store::StoreError;
 
-/// Systems per chunk (keeps each chunk well under the gRPC message cap).
+/// Systems per chunk, at most.
 pub const CHUNK_SYSTEMS: usize = 50;
+/// A chunk larger than this sealed is cut in two (while it holds more than one system), so
+/// that large credentials (private keys, certificates) keep every chunk well under the
+/// `RestoreBackup` message limit ([`RESTORE_MESSAGE_BYTES`]).
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+/// The largest `RestoreBackup` message the server takes: room for any chunk the export makes
+/// (a chunk over [`CHUNK_BYTES`] holds one system, itself no larger than a registration, which
+/// `max_request_bytes` bounds; see `server::token_route`).
+pub const RESTORE_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 const MAGIC: &[u8; 4] = b"CBK1";
 const AAD: &[u8] = b"credbroker-backup/v1";
 const NONCE_LEN: usize = 12;
@@ -113,19 +122,80 @@ fn open(cipher: &Aes256Gcm, bytes: &[u8], index: usize) -> Result<Chunk, BrokerE
     serde_json::from_slice(&plain).map_err(|_| bad("unreadable content"))
 }
 
+/// An export under way: what its chunks share and how far it got.
+struct Export {
+    cipher: Aes256Gcm,
+    backup_id: String,
+    created_at: u64,
+    /// The next chunk's sequence number.
+    seq: u64,
+    /// Systems in the chunks made so far.
+    total: u64,
+    /// See [`CHUNK_BYTES`].
+    chunk_bytes: usize,
+}
+
+impl Export {
+    /// Seals one page of systems as the next chunk, or as several when it would be larger than
+    /// [`CHUNK_BYTES`] (halved until each fits, or holds one system). Only the last chunk of the
+    /// backup (`last`) carries the callers.
+    fn seal_page(
+        &mut self,
+        systems: Vec<BackupSystem>,
+        last: bool,
+        mut callers: Vec<CallerRecord>,
+    ) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let mut sealed = Vec::new();
+        let mut parts = std::collections::VecDeque::from([systems]);
+        while let Some(part) = parts.pop_front() {
+            let is_last = last && parts.is_empty();
+            let chunk = Chunk {
+                backup_id: self.backup_id.clone(),
+                seq: self.seq,
+                last: is_last,
+                created_at: self.created_at,
+                total_systems: self.total + part.len() as u64,
+                systems: part,
+                callers: if is_last {
+                    std::mem::take(&mut callers)
+                } else {
+                    Vec::new()
+                },
+            };
+            let bytes = seal(&self.cipher, &chunk)?;
+            if bytes.len() > self.chunk_bytes && chunk.systems.len() > 1 {
+                // Back for the last part (empty unless this was the last chunk).
+                callers.extend(chunk.callers);
+                let mut first = chunk.systems;
+                let second = first.split_off(first.len() / 2);
+                parts.push_front(second);
+                parts.push_front(first);
+                continue;
+            }
+            self.seq += 1;
+            self.total = chunk.total_systems;
+            sealed.push(bytes);
+        }
+        Ok(sealed)
+    }
+}
+
 impl Broker {
     /// Exports the store as sealed chunks, sending each to `tx` as it is made (the receiver
     /// going away stops the export).
     pub async fn export_backup(&self, tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, BrokerError>>) {
-        let cipher = cipher(self);
-        let backup_id = crate::util::random::hex_id::<8>();
-        let created_at = unix_now();
-        let mut seq = 0u64;
-        let mut total = 0u64;
+        let mut export = Export {
+            cipher: cipher(self),
+            backup_id: crate::util::random::hex_id::<8>(),
+            created_at: unix_now(),
+            seq: 0,
+            total: 0,
+            chunk_bytes: CHUNK_BYTES,
+        };
         let result: Result<(), BrokerError> = async {
             let mut pages = self.system_pages(CHUNK_SYSTEMS);
             while let Some(page) = pages.next().await? {
-                let done = pages.is_done();
+                let last = pages.is_done();
                 let mut systems = Vec::with_capacity(page.len());
                 for mut record in page {
                     let credential = self.open_credential(&record)?;
@@ -133,27 +203,17 @@ impl Broker {
                     record.shared_token = None;
                     systems.push(BackupSystem { record, credential });
                 }
-                total += systems.len() as u64;
-                let last = done;
                 let callers = if last {
                     self.store.list_callers().await?
                 } else {
                     Vec::new()
                 };
-                let chunk = Chunk {
-                    backup_id: backup_id.clone(),
-                    seq,
-                    last,
-                    created_at,
-                    systems,
-                    callers,
-                    total_systems: total,
-                };
-                let bytes = seal(&cipher, &chunk)?;
-                if tx.send(Ok(bytes)).await.is_err() {
-                    return Ok(());
+                for bytes in export.seal_page(systems, last, callers)? {
+                    if tx.send(Ok(bytes)).await.is_err() {
+                        return Ok(());
+                    }
                 }
-                seq += 1;
+                let (backup_id, total, seq) = (&export.backup_id, export.total, export.seq);
                 if last {
                     tracing::info!(message = "Backup exported.", backup_id = %backup_id, systems = total, chunks = seq);
                     let stored = self.store.count_systems().await? as u64;
@@ -250,5 +310,74 @@ impl Broker {
             callers_skipped = summary.callers_skipped
         );
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretString;
+
+    fn system(i: usize) -> BackupSystem {
+        BackupSystem {
+            record: crate::model::sample_system(&format!("s{i}")),
+            credential: Credential::PersonalAccessToken {
+                token: SecretString::new("k".repeat(1000)),
+                username: None,
+                expires_at: None,
+            },
+        }
+    }
+
+    /// Pages too large for one chunk are cut until each chunk fits; the chunks read back in
+    /// order, numbered on across pages, with the running total, and only the very last one is
+    /// marked last and carries the callers.
+    #[test]
+    fn pages_too_large_for_one_chunk_are_cut_and_read_back_in_order() {
+        let mut export = Export {
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&[3u8; 32])),
+            backup_id: "b1".to_owned(),
+            created_at: 1,
+            seq: 0,
+            total: 0,
+            chunk_bytes: 4000,
+        };
+        let caller = crate::model::CallerRecord {
+            name: "worker-1".to_owned(),
+            role: crate::model::Role::Worker,
+            token_sha256: "00".repeat(32),
+            created_at: 1,
+            revoked: false,
+            system_patterns: Vec::new(),
+            kinds: Vec::new(),
+            expires_at: None,
+            integrity: None,
+        };
+        let mut sealed = export
+            .seal_page((0..3).map(system).collect(), false, Vec::new())
+            .unwrap();
+        let first_page = sealed.len();
+        sealed.extend(
+            export
+                .seal_page((3..10).map(system).collect(), true, vec![caller])
+                .unwrap(),
+        );
+        assert!(
+            first_page >= 2 && sealed.len() >= first_page + 3,
+            "{}",
+            sealed.len()
+        );
+        let mut ids = Vec::new();
+        for (i, bytes) in sealed.iter().enumerate() {
+            assert!(bytes.len() <= 4000, "chunk {i}: {} bytes", bytes.len());
+            let chunk = open(&export.cipher, bytes, i).unwrap();
+            let end = i + 1 == sealed.len();
+            assert_eq!((chunk.seq, chunk.last), (i as u64, end));
+            assert_eq!(chunk.callers.len(), usize::from(end));
+            ids.extend(chunk.systems.iter().map(|s| s.record.system_id.clone()));
+            assert_eq!(chunk.total_systems, ids.len() as u64);
+        }
+        let want: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+        assert_eq!(ids, want);
     }
 }

@@ -20,6 +20,11 @@ use crate::pb::credential_broker_server::CredentialBrokerServer;
 /// The path this route answers.
 const PATH: &str = "/credbroker.v1.CredentialBroker/GetAccessToken";
 
+/// `RestoreBackup`'s path: its chunks are larger than any other request (see
+/// [`crate::broker::backup::RESTORE_MESSAGE_BYTES`]). The caller is authenticated as an admin
+/// before the first chunk is read.
+const RESTORE_PATH: &str = "/credbroker.v1.CredentialBroker/RestoreBackup";
+
 /// The largest answer any of the broker's methods sends.
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -29,6 +34,8 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'stati
 #[derive(Clone)]
 pub struct BrokerRoutes {
     generated: CredentialBrokerServer<BrokerService>,
+    /// The generated service again, with room for backup chunks.
+    restore: CredentialBrokerServer<BrokerService>,
     service: BrokerService,
     max_request_bytes: usize,
 }
@@ -39,8 +46,13 @@ impl BrokerRoutes {
         let generated = CredentialBrokerServer::new(service.clone())
             .max_decoding_message_size(max_request_bytes)
             .max_encoding_message_size(MAX_ANSWER_BYTES);
+        let chunk = crate::broker::backup::RESTORE_MESSAGE_BYTES.max(2 * max_request_bytes);
+        let restore = CredentialBrokerServer::new(service.clone())
+            .max_decoding_message_size(chunk)
+            .max_encoding_message_size(MAX_ANSWER_BYTES);
         Self {
             generated,
+            restore,
             service,
             max_request_bytes,
         }
@@ -61,8 +73,10 @@ impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Broker
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
-        if req.uri().path() != PATH {
-            return self.generated.call(req);
+        match req.uri().path() {
+            PATH => {}
+            RESTORE_PATH => return self.restore.call(req),
+            _ => return self.generated.call(req),
         }
         let call = TokenCall(self.service.clone());
         let max_request_bytes = self.max_request_bytes;

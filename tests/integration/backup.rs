@@ -239,6 +239,49 @@ async fn backup_under_load_restores_into_an_empty_broker_and_refuses_bad_files()
     a.stop().await;
 }
 
+/// Credentials of a few kilobytes each (a JWT bearer's private key, a certificate) fill a
+/// chunk well past the 64 KiB a request may have: the backup still restores, with the default
+/// settings, into an empty broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_large_credentials_restores() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
+    let asana = FakeAsana::start().await;
+    let a = TestBroker::start(&dir_a).await;
+    let mut admin_a = a.admin().await;
+    let secret = |i: usize| format!("large-canary-{i}-{}", "k".repeat(3000));
+    for i in 0..60 {
+        let id = format!("big-{i:02}");
+        admin_a
+            .register_system(register_asana(&id, &asana.base_url, &secret(i), false))
+            .await
+            .unwrap();
+    }
+    let file = root.path().join("large.backup");
+    let f = file.to_str().unwrap().to_owned();
+    ok_json(&tokio::task::block_in_place(|| {
+        ctl(&a, &["backup", "--out", &f])
+    }));
+    let mut config_b = test_config(&dir_b);
+    config_b.store.master_key_file = Some(dir_a.join("master.key"));
+    let b = TestBroker::start_with(config_b).await;
+    let restored = ok_json(&tokio::task::block_in_place(|| {
+        ctl(&b, &["restore", "--in", &f])
+    }));
+    assert_eq!(restored["systems_restored"], 60, "{restored}");
+    let mut admin_b = b.admin().await;
+    for i in [0, 49, 50, 59] {
+        assert_eq!(
+            auth_header(&mut admin_b, &format!("big-{i:02}"))
+                .await
+                .unwrap(),
+            format!("Bearer {}", secret(i))
+        );
+    }
+    b.stop().await;
+    a.stop().await;
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
