@@ -85,7 +85,7 @@ pub(crate) async fn system(admin: &mut Client, id: &str) -> pb::System {
         .unwrap()
 }
 
-fn token_req(id: &str) -> pb::GetAccessTokenRequest {
+pub(crate) fn token_req(id: &str) -> pb::GetAccessTokenRequest {
     pb::GetAccessTokenRequest {
         system_id: id.into(),
         ..Default::default()
@@ -114,7 +114,7 @@ async fn register_zendesk(admin: &mut Client, fake: &FakeZendesk) {
 }
 
 /// Registers Zendesk system "zd" at `fake` and connects it (the consent page allows).
-async fn connect_zendesk(admin: &mut Client, fake: &FakeZendesk) {
+pub(crate) async fn connect_zendesk(admin: &mut Client, fake: &FakeZendesk) {
     register_zendesk(admin, fake).await;
     let s = start(admin, "zd").await;
     assert_eq!(browse(&s.authorize_url).await.1, 200);

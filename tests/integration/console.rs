@@ -332,6 +332,61 @@ async fn an_admin_sets_up_systems_in_the_browser() {
     ui.quit().await;
 }
 
+/// The Connect link of a `system.reauthorization_required` webhook, opened in a real browser:
+/// its page's button leads through the vendor's consent back to an active system (the page's
+/// own policy must not stop the browser following the broker's redirect to the vendor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhooks_connect_link_reconnects_in_the_browser() {
+    let test = "a_webhooks_connect_link_reconnects_in_the_browser";
+    let Some((chrome, driver)) = browser_binaries(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let zd = zendesk().await;
+    let receiver = crate::health::Receiver::default();
+    let mut config = test_config(dir.path());
+    config.webhooks = vec![credbroker::config::WebhookConfig {
+        url: receiver.clone().start("127.0.0.1:0").await,
+        secret: credbroker::secret::SecretString::from("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        events: vec!["system.reauthorization_required".into()],
+    }];
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    crate::connect::connect_zendesk(&mut admin, &zd).await;
+    let tok = admin
+        .get_access_token(crate::connect::token_req("zd"))
+        .await
+        .unwrap()
+        .into_inner();
+    zd.oauth(|o| o.revoke_all());
+    zd.show_consent_page();
+    let mut refused = crate::connect::token_req("zd");
+    refused.rejected_token_id = tok.token_id;
+    let err = admin.get_access_token(refused).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    eventually("the reauthorization webhook", || {
+        let sent = !receiver.bodies().is_empty();
+        async move { sent }
+    })
+    .await;
+    let body = receiver.bodies().remove(0);
+    let link = body["data"]["connect_url"].as_str().unwrap().to_owned();
+    let base = format!("http://{}", broker.http_addr);
+    let mut ui = Ui::start(chrome, driver, base.clone()).await;
+    ui.go(link.strip_prefix(&base).unwrap()).await;
+    ui.click("form button").await;
+    // The vendor's consent page, reached through the broker's redirect.
+    assert!(ui.text("h1").await.contains("wants to access your account"));
+    ui.click("#allow").await;
+    assert_eq!(ui.path().await, "/oauth/callback");
+    assert!(ui.text("body").await.contains("connected"));
+    let s = crate::connect::system(&mut admin, "zd").await;
+    assert_eq!(s.state, pb::SystemState::Active as i32);
+    assert!(ui.seen.iter().all(|page| !page.contains(ZD_SECRET)));
+    ui.quit().await;
+    broker.stop().await;
+}
+
 async fn sign_in_refuses_a_worker_then_admits_the_admin(ui: &mut Ui, worker: &str, admin: &str) {
     ui.go("/console").await;
     assert_eq!(ui.path().await, "/console/sign-in");
