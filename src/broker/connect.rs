@@ -31,6 +31,15 @@ struct SharedPending {
     expires_at_ms: u64,
 }
 
+/// Whether `state` could be one this broker made (`url_token::<32>`: 43 URL-safe characters):
+/// anything else is refused before any store read or background work.
+pub fn plausible_state(state: &str) -> bool {
+    state.len() == 43
+        && state
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 fn pending_key(state: &str) -> String {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(state.as_bytes());
@@ -253,6 +262,8 @@ impl Broker {
         // Single use: the state is consumed whatever happens next.
         let local = lock(&self.pending_authorizations).remove(state);
         let pending = match local {
+            // Not one this broker made: no store read for it.
+            _ if !plausible_state(state) => None,
             Some(p) => {
                 if self.store.is_shared() {
                     // Consumed here: no other replica may use it.

@@ -133,19 +133,21 @@ async fn callback_outcome(
         let m = "credbroker is starting; reload this page in a moment.";
         return (503, "Starting".to_owned(), m.to_owned(), None);
     };
+    // A state this broker cannot have made starts nothing (no store read, no background work).
+    let plausible = params
+        .get("state")
+        .is_some_and(|s| crate::broker::connect::plausible_state(s));
+    if !plausible {
+        let p = broker.complete_authorization(&params).await;
+        audit_callback(broker, &p).await;
+        return (http_status(p.outcome), p.title, p.message, Some(false));
+    }
     // The code exchange belongs to no browser: a closed tab must not drop a grant the vendor
     // has already issued (the code is single use), so it runs to the end on its own.
     let b = broker.clone();
     let done = broker.run_detached(async move {
         let p = b.complete_authorization(&params).await;
-        let code = if p.outcome == Outcome::Connected {
-            "OK"
-        } else {
-            "FAILED_PRECONDITION"
-        };
-        let _ = b
-            .audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None)
-            .await;
+        audit_callback(&b, &p).await;
         p
     });
     match done.await {
@@ -158,6 +160,22 @@ async fn callback_outcome(
             (503, "Stopping".to_owned(), m.to_owned(), None)
         }
     }
+}
+
+/// Audits a callback; one whose state matched no authorization is anonymous traffic and counts
+/// against the refusal budget (it cannot rotate the trail away).
+async fn audit_callback(broker: &Broker, p: &crate::broker::connect::CallbackPage) {
+    if p.system_id.is_none() && !broker.audit.admit_refusal() {
+        return;
+    }
+    let code = if p.outcome == Outcome::Connected {
+        "OK"
+    } else {
+        "FAILED_PRECONDITION"
+    };
+    let _ = broker
+        .audit_record("OAuthCallback", None, p.system_id.as_deref(), code, None)
+        .await;
 }
 
 /// A signed "Connect" link from a webhook, opened: a page with one button (a POST), so that

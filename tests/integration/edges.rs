@@ -515,6 +515,44 @@ async fn anonymous_traffic_cannot_rewrite_the_trail() {
     broker.stop().await;
 }
 
+/// Nor can anonymous OAuth callbacks: a state that matches no authorization (made up, or not
+/// even shaped like one) is refused and counts against the same budget of lines a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_oauth_callbacks_cannot_fill_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let audit = dir.path().join("audit.log");
+    let callbacks = || {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(r#""rpc":"OAuthCallback""#))
+            .count()
+    };
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    for i in 0..300 {
+        let state = match i % 3 {
+            0 => format!("{:0>43}", i),
+            1 => "s".repeat(5_000),
+            _ => String::new(),
+        };
+        let r = http
+            .get(format!("http://{}/oauth/callback", broker.http_addr))
+            .query(&[("state", state.as_str()), ("code", "made-up")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{i}");
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    let written = callbacks();
+    let cap = credbroker::audit::MAX_REFUSAL_LINES_PER_SEC as usize * (secs as usize + 1);
+    assert!(written <= cap, "{written} lines in {secs} s");
+    assert!(written > 0, "refusals are still audited");
+    broker.stop().await;
+}
+
 /// The proxy's refusals too: a huge method or path never reaches the trail whole, so a few
 /// anonymous requests cannot push the trail out of rotation.
 #[tokio::test]
