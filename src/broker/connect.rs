@@ -443,8 +443,9 @@ impl Broker {
             ),
             e => (Outcome::Internal, e.to_string()),
         };
-        // Sealed once: every attempt writes this sealing, so one found stored (re-wrapped or
-        // not) is an attempt that landed though its answer was lost.
+        // Sealed once: every attempt writes this sealing (on the primary key of the moment), so
+        // one found stored (re-wrapped or not) is an attempt that landed though its answer was
+        // lost.
         let version =
             crate::broker::version_after(p.credential_version, &p.system_id).map_err(not_stored)?;
         let ours = self
@@ -458,7 +459,8 @@ impl Broker {
                     return Ok(None);
                 }
                 let mut updated = current.clone();
-                updated.sealed_credential = ours.clone();
+                updated.sealed_credential =
+                    self.on_primary(&p.system_id, version, credential.credential_type(), &ours);
                 updated.credential_version = version;
                 updated.credential_expires_at = credential.expires_at();
                 connected(&mut updated);

@@ -1316,6 +1316,33 @@ impl Broker {
         ))
     }
 
+    /// `sealed` (made by [`Self::seal`] for this system, version and credential type) under the
+    /// key that is primary now: a write sealed once before its retries is re-wrapped when a
+    /// rotation made another key primary meanwhile, so that it never lands under a key a retire
+    /// may have removed. The data ciphertext stays (see [`crate::crypto::same_sealing`]).
+    pub(crate) fn on_primary(
+        &self,
+        system_id: &str,
+        version: u64,
+        credential_type: crate::model::CredentialType,
+        sealed: &[u8],
+    ) -> Vec<u8> {
+        let keyring = read(&self.keyring);
+        match crate::crypto::parse_header(sealed) {
+            Ok(h) if h.kek_id != keyring.primary_id() => {
+                let binding = RecordBinding {
+                    system_id,
+                    credential_type,
+                    version,
+                };
+                keyring
+                    .rewrap(&binding, sealed)
+                    .unwrap_or_else(|_| sealed.to_vec())
+            }
+            _ => sealed.to_vec(),
+        }
+    }
+
     pub(crate) fn open_credential(&self, record: &SystemRecord) -> Result<Credential, BrokerError> {
         let plaintext = read(&self.keyring)
             .open(

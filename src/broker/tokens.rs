@@ -1651,9 +1651,9 @@ impl Broker {
         system_id: &str,
         p: &Pending,
     ) -> Result<Option<bool>, BrokerError> {
-        // Sealed once: every attempt writes this sealing, so one found stored (re-wrapped or
-        // not) is an attempt that landed though its answer was lost; `revived` is whether the
-        // last attempt that wrote revived the grant.
+        // Sealed once: every attempt writes this sealing (on the primary key of the moment), so
+        // one found stored (re-wrapped or not) is an attempt that landed though its answer was
+        // lost; `revived` is whether the last attempt that wrote revived the grant.
         let ours = self.seal(system_id, p.version, &p.credential)?;
         let mut revived = false;
         let modified = self
@@ -1665,7 +1665,8 @@ impl Broker {
                 }
                 revived = revivable(current);
                 let mut updated = current.clone();
-                updated.sealed_credential = ours.clone();
+                let kind = p.credential.credential_type();
+                updated.sealed_credential = self.on_primary(system_id, p.version, kind, &ours);
                 updated.credential_expires_at = p.credential.expires_at();
                 if revived {
                     updated.state = SystemState::Active;

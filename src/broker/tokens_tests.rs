@@ -847,6 +847,32 @@ async fn a_report_the_vendor_cannot_act_on_takes_no_worker_s_token_away() {
     );
 }
 
+/// A write sealed once before its retries (a grant, a pending refresh token) lands under the
+/// key that is primary when it is written, not the one primary when it was sealed: a retire of
+/// the old key must never leave it unreadable.
+#[tokio::test]
+async fn a_sealing_made_before_a_rotation_is_written_on_the_new_primary() {
+    let broker = broker_with(FakeBackend::new(false, vec![])).await;
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    let credential = broker.open_credential(&record).unwrap();
+    let kind = credential.credential_type();
+    let sealed = broker.seal(SYSTEM, 7, &credential).unwrap();
+    let old = crate::crypto::parse_header(&sealed).unwrap().kek_id;
+    assert_eq!(broker.on_primary(SYSTEM, 7, kind, &sealed), sealed);
+    let new = broker.rotate_master_key().await.unwrap();
+    assert_ne!(new, old);
+    let moved = broker.on_primary(SYSTEM, 7, kind, &sealed);
+    assert_eq!(crate::crypto::parse_header(&moved).unwrap().kek_id, new);
+    assert!(crate::crypto::same_sealing(&moved, &sealed));
+    let mut reread = record.clone();
+    (reread.sealed_credential, reread.credential_version) = (moved, 7);
+    let opened = serde_json::to_vec(&broker.open_credential(&reread).unwrap()).unwrap();
+    assert!(
+        opened == serde_json::to_vec(&credential).unwrap(),
+        "opens as it was"
+    );
+}
+
 /// A rewrap under another key (a master-key rotation) re-seals the stored credential without
 /// changing it: a refresh token the store refused is still the one to use and store.
 #[tokio::test]
