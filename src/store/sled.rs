@@ -27,7 +27,15 @@ pub struct SledStore {
     flushes: Arc<GroupCommit>,
     /// The page cache it was opened with, MiB (a reopen keeps it).
     cache_mib: u64,
+    /// Systems whose last write was not made durable (its flush failed), with what the tree
+    /// held before it (`None`: nothing). sled applies a write in memory before the flush, so
+    /// reads would find a write the disk does not have (a full disk) and that a reopen drops:
+    /// they answer what was there before instead, until a flush succeeds (which makes the
+    /// write durable after all) or the store is reopened from disk.
+    unsure: Arc<std::sync::Mutex<Unsure>>,
 }
+
+type Unsure = std::collections::HashMap<Vec<u8>, Option<sled::IVec>>;
 
 /// Group commit: writers that finish while a flush is running share the next one, instead of
 /// each paying for its own (one flush makes every write before it durable).
@@ -117,6 +125,7 @@ impl SledStore {
             events: tree("events")?,
             flushes: Arc::default(),
             cache_mib,
+            unsure: Arc::default(),
             db,
         };
         tracing::info!(message = "Store opened.", store = "sled", cache_mib);
@@ -126,6 +135,25 @@ impl SledStore {
     /// Returns once the writes made before the call are on disk. A flush started after this
     /// call's request covers it, so a writer that finds one already done returns at once.
     async fn durable(&self) -> Result<(), StoreError> {
+        self.durable_or(|_| {}).await
+    }
+
+    /// [`Self::durable`] for a write to system `key`, which held `before`: if its flush fails, the
+    /// write is unsure (see `unsure`).
+    async fn system_durable(
+        &self,
+        key: &[u8],
+        before: Option<sled::IVec>,
+    ) -> Result<(), StoreError> {
+        self.durable_or(|unsure| {
+            unsure.entry(key.to_vec()).or_insert(before);
+        })
+        .await
+    }
+
+    /// [`Self::durable`]; `failed` runs on the unsure systems when the flush fails, under the
+    /// flush turn (so a later flush that succeeds, and clears them, comes after it).
+    async fn durable_or(&self, failed: impl FnOnce(&mut Unsure)) -> Result<(), StoreError> {
         let g = &self.flushes;
         let mine = g.requested.fetch_add(1, Ordering::SeqCst) + 1;
         let _turn = g.flushing.lock().await;
@@ -135,12 +163,28 @@ impl SledStore {
         // Every request counted so far was made after its write: this flush covers them all.
         let upto = g.requested.load(Ordering::SeqCst);
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let flushed = tokio::task::spawn_blocking(move || db.flush())
             .await
-            .map_err(|e| StoreError::Backend(format!("flush task: {e}")))?
-            .map_err(backend)?;
-        g.durable.fetch_max(upto, Ordering::SeqCst);
-        Ok(())
+            .map_err(|e| StoreError::Backend(format!("flush task: {e}")))
+            .and_then(|r| r.map_err(backend));
+        let mut unsure = crate::util::sync::lock(&self.unsure);
+        match flushed {
+            Ok(_) => {
+                // Everything in memory is on disk now, the unsure writes too.
+                unsure.clear();
+                g.durable.fetch_max(upto, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                failed(&mut unsure);
+                Err(e)
+            }
+        }
+    }
+
+    /// What a read of system `key` answers while its last write is unsure, if it is.
+    fn unsure_system(&self, key: &[u8]) -> Option<Option<sled::IVec>> {
+        crate::util::sync::lock(&self.unsure).get(key).cloned()
     }
 }
 
@@ -158,7 +202,12 @@ fn backend(e: sled::Error) -> StoreError {
 #[async_trait]
 impl CredentialStore for SledStore {
     async fn get_system(&self, system_id: &str) -> Result<Option<SystemRecord>, StoreError> {
-        match self.systems.get(system_id.as_bytes()).map_err(backend)? {
+        let key = system_id.as_bytes();
+        let stored = match self.unsure_system(key) {
+            Some(before) => before,
+            None => self.systems.get(key).map_err(backend)?,
+        };
+        match stored {
             Some(v) => Ok(Some(decode_keyed(system_id.as_bytes(), &v)?)),
             None => Ok(None),
         }
@@ -186,7 +235,13 @@ impl CredentialStore for SledStore {
                 break;
             }
             let (k, v) = item.map_err(backend)?;
-            out.extend(decode_listed("system", &k, &v));
+            // A write not made durable is listed as it was before (a failed delete's system
+            // is not listed again: it is read whole by `get_system`).
+            match self.unsure_system(&k) {
+                Some(Some(before)) => out.extend(decode_listed("system", &k, &before)),
+                Some(None) => {}
+                None => out.extend(decode_listed("system", &k, &v)),
+            }
         }
         Ok(out)
     }
@@ -204,7 +259,7 @@ impl CredentialStore for SledStore {
         if res.is_err() {
             return Err(StoreError::AlreadyExists);
         }
-        self.durable().await
+        self.system_durable(record.system_id.as_bytes(), None).await
     }
 
     async fn update_system(
@@ -224,19 +279,16 @@ impl CredentialStore for SledStore {
         }
         let bytes = encode(record)?;
         self.systems
-            .compare_and_swap(key, Some(current), Some(bytes))
+            .compare_and_swap(key, Some(&current), Some(bytes))
             .map_err(backend)?
             .map_err(|_| StoreError::Conflict)?;
-        self.durable().await
+        self.system_durable(key, Some(current)).await
     }
 
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
-        let existed = self
-            .systems
-            .remove(system_id.as_bytes())
-            .map_err(backend)?
-            .is_some();
-        self.durable().await?;
+        let before = self.systems.remove(system_id.as_bytes()).map_err(backend)?;
+        let existed = before.is_some();
+        self.system_durable(system_id.as_bytes(), before).await?;
         Ok(existed)
     }
 

@@ -193,6 +193,84 @@ async fn injected_store_faults_never_ack_an_unwritten_write_and_heal_without_res
     broker.stop().await;
 }
 
+/// A credential write whose flush hits a full disk is not read back as stored: sled applies a
+/// write in memory before its flush, and the disk (and the store reopened from it once space is
+/// freed) does not have it. Here every write on the full disk is a rotation of one system; the
+/// system reads as it was after the last rotation that was acknowledged, before and after the
+/// space is freed. (A refresh's rotated refresh token written this way was once read back as
+/// stored, its retry dropped, and lost at the reopen.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_write_the_full_disk_refused_is_not_read_back() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    if !mount_tmpfs(&data, "16m") {
+        assert!(
+            std::env::var("CREDBROKER_REQUIRE_TMPFS").ok().as_deref() != Some("1"),
+            "mounting a tmpfs was refused, but CREDBROKER_REQUIRE_TMPFS=1"
+        );
+        eprintln!("SKIPPED: mounting a tmpfs was refused");
+        return;
+    }
+    let _unmount = Unmount(data.clone());
+    let mut config = test_config(&data);
+    config.audit.file = Some(root.path().join("audit.log"));
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register_asana(
+            "rot",
+            &asana.base_url,
+            "rot-secret-0",
+            false,
+        ))
+        .await
+        .unwrap();
+    let filler = fill(&data);
+    let mut acknowledged = 1;
+    let mut refused = None;
+    for i in 1..2000 {
+        let big = format!("rot-secret-{i}-{}", "x".repeat(2000));
+        match admin
+            .rotate_credential(pb::RotateCredentialRequest {
+                system_id: "rot".into(),
+                credential: Some(pat(&big)),
+                skip_check: true,
+            })
+            .await
+        {
+            Ok(_) => acknowledged += 1,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a write on a full disk must fail");
+    assert!(
+        matches!(refused.code(), Code::ResourceExhausted | Code::Unavailable),
+        "{refused:?}"
+    );
+    let version = |admin: &mut Client| {
+        let mut admin = admin.clone();
+        async move {
+            let r = admin
+                .get_system(pb::GetSystemRequest {
+                    system_id: "rot".into(),
+                })
+                .await
+                .unwrap();
+            r.into_inner().system.unwrap().credential_version
+        }
+    };
+    assert_eq!(version(&mut admin).await, acknowledged, "on the full disk");
+    std::fs::remove_file(&filler).unwrap();
+    wait_for_service_health(broker.addr, WRITES_HEALTH_SERVICE, ServingStatus::Serving).await;
+    assert_eq!(version(&mut admin).await, acknowledged, "after the reopen");
+    broker.stop().await;
+}
+
 /// Mounts a tmpfs of `size` at `path` (root with CAP_SYS_ADMIN); false where that is refused.
 fn mount_tmpfs(path: &Path, size: &str) -> bool {
     std::process::Command::new("mount")
@@ -308,12 +386,12 @@ async fn disk_full_refuses_writes_keeps_serving_tokens_and_recovers() {
         {
             Ok(_) => continue,
             Err(s) => {
-                refused = Some(s);
+                refused = Some((format!("full-{i}"), s));
                 break;
             }
         }
     }
-    let refused = refused.expect("a write on a full disk must fail");
+    let (refused_id, refused) = refused.expect("a write on a full disk must fail");
 
     assert!(
         matches!(refused.code(), Code::ResourceExhausted | Code::Unavailable),
@@ -362,6 +440,21 @@ async fn disk_full_refuses_writes_keeps_serving_tokens_and_recovers() {
         auth_header(&mut admin, "before-0").await.unwrap(),
         "Bearer before-secret-0"
     );
+    // What was refused is not there to read either (sled holds such a write in memory, which
+    // the disk and a reopen do not have): the refused system is not found, and the record of
+    // the refused rotation is as it was.
+    let get = |id: &str| pb::GetSystemRequest {
+        system_id: id.to_owned(),
+    };
+    let e = admin.get_system(get(&refused_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{refused_id} was refused: {e:?}");
+    let before_0 = admin
+        .get_system(get("before-0"))
+        .await
+        .unwrap()
+        .into_inner();
+    let before_0 = before_0.system.unwrap();
+    assert_eq!(before_0.credential_version, 1, "the rotation was refused");
 
     // Free the space: the background probe turns writes healthy again, no restart.
     match &filler {
