@@ -818,8 +818,54 @@ impl Broker {
         .await?;
         let flight = self.flight(system_id);
         let mut f = flight.lock().await;
-        let current = self.get_system(system_id).await?;
-        let version = next_version(&current)?;
+        // The check may have had the vendor rotate the credential (a refresh token that turns
+        // over when used), so the new one must land: a concurrent write (a health check, a 401
+        // count, a re-wrap) is written on top of, and an attempt that landed though its answer
+        // was lost is found by its sealing.
+        let mut ours: Vec<Vec<u8>> = Vec::new();
+        let modified = self
+            .modify_system(system_id, Retry::Persist, |current| {
+                if ours
+                    .iter()
+                    .any(|o| crate::crypto::same_sealing(o, &current.sealed_credential))
+                {
+                    return Ok(None);
+                }
+                if current.kind != record.kind {
+                    return Err(BrokerError::FailedPrecondition(format!(
+                        "system '{system_id}' was deleted and registered again meanwhile"
+                    )));
+                }
+                let updated = self.rotated(current, &prepared)?;
+                ours.push(updated.sealed_credential.clone());
+                Ok(Some(updated))
+            })
+            .await?;
+        let updated = match modified {
+            Modified::Written(r) | Modified::Unchanged(r) => r,
+        };
+        Self::reset_flight(&mut f);
+        self.drop_token(system_id);
+        if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
+            let _ = self.install(system_id, &updated, issued, SystemTime::now(), true);
+        }
+        self.emit(
+            events::EventType::Rotated,
+            &updated,
+            format!("credential version {}", updated.credential_version),
+        );
+        tracing::info!(message = "Credential rotated.", kind = %updated.kind, system_id = %system_id);
+        Ok((updated, prepared.check))
+    }
+
+    /// `current` with the prepared credential rotated in, as its next version.
+    fn rotated(
+        &self,
+        current: &SystemRecord,
+        prepared: &Prepared,
+    ) -> Result<SystemRecord, BrokerError> {
+        let system_id = current.system_id.as_str();
+        let version = next_version(current)?;
         let mut updated = current.clone();
         updated.sealed_credential = self.seal(system_id, version, &prepared.credential)?;
         updated.credential_type = prepared.credential.credential_type();
@@ -840,19 +886,7 @@ impl Broker {
         if prepared.check.is_some() {
             updated.last_check = prepared.check.clone();
         }
-        let updated = self.swap_system(&current, updated).await?;
-        Self::reset_flight(&mut f);
-        self.drop_token(system_id);
-        if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
-            let _ = self.install(system_id, &updated, issued, SystemTime::now(), true);
-        }
-        self.emit(
-            events::EventType::Rotated,
-            &updated,
-            format!("credential version {}", updated.credential_version),
-        );
-        tracing::info!(message = "Credential rotated.", kind = %updated.kind, system_id = %system_id);
-        Ok((updated, prepared.check))
+        Ok(updated)
     }
 
     /// One system's metadata.

@@ -271,6 +271,63 @@ async fn a_credential_write_the_full_disk_refused_is_not_read_back() {
     broker.stop().await;
 }
 
+/// A rotation lands once whatever the store does meanwhile: a concurrent write to the record
+/// (a health check, a 401 count) is written on top of, and a write whose answer was lost is
+/// found by its sealing, not written again as another version. (The check may have had the
+/// vendor turn the credential over, so the new one must not be dropped on a conflict.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_lands_once_through_a_concurrent_write_or_a_lost_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Arc::new(FaultControl::default());
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
+    let mut admin = broker.admin().await;
+    let asana = FakeAsana::start().await;
+    admin
+        .register_system(register_asana(
+            "rot",
+            &asana.base_url,
+            "rot-secret-1",
+            false,
+        ))
+        .await
+        .unwrap();
+    for (version, fault) in [
+        (2, &control.concurrent_writes),
+        (3, &control.lost_update_answers),
+    ] {
+        fault.store(1, Ordering::SeqCst);
+        let secret = format!("rot-secret-{version}");
+        admin
+            .rotate_credential(pb::RotateCredentialRequest {
+                system_id: "rot".into(),
+                credential: Some(pat(&secret)),
+                skip_check: true,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            fault.load(Ordering::SeqCst),
+            0,
+            "the fault met the rotation"
+        );
+        let system = admin
+            .get_system(pb::GetSystemRequest {
+                system_id: "rot".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .system
+            .unwrap();
+        assert_eq!(system.credential_version, version);
+        assert_eq!(
+            auth_header(&mut admin, "rot").await.unwrap(),
+            format!("Bearer {secret}")
+        );
+    }
+    broker.stop().await;
+}
+
 /// Mounts a tmpfs of `size` at `path` (root with CAP_SYS_ADMIN); false where that is refused.
 fn mount_tmpfs(path: &Path, size: &str) -> bool {
     std::process::Command::new("mount")
