@@ -31,6 +31,8 @@ pub struct RewrapState {
     stop: AtomicBool,
     task: Mutex<Option<JoinHandle<()>>>,
     rewrapped: AtomicU64,
+    /// When a read last made the keys be reloaded (seconds since the epoch).
+    reloaded_for_read: AtomicU64,
 }
 
 /// A key's status.
@@ -105,6 +107,31 @@ pub async fn load_keks(
 }
 
 impl Broker {
+    /// A record names a key this keyring does not hold: another replica rotated the master key
+    /// and this one missed the news (a reload that failed, a notice lost). The keys are
+    /// reloaded in the background, at most once a second, so that the next read finds it.
+    pub(crate) fn reload_keys_for_read(&self) {
+        let now = crate::model::unix_now();
+        let last = self.rewrap.reloaded_for_read.load(Ordering::SeqCst);
+        if now <= last
+            || self
+                .rewrap
+                .reloaded_for_read
+                .compare_exchange(last, now, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = me.reload_keks().await {
+                tracing::warn!(message = "Could not reload keys for a record under a key not held here.", error = %e);
+            }
+        });
+    }
+
     /// Replicas: brings the keyring in line with the KEKs another replica stored (a rotation
     /// or retirement started elsewhere). New keys are added, retired ones removed, the primary
     /// follows the store.

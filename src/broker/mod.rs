@@ -1388,6 +1388,15 @@ impl Broker {
                 &record.sealed_credential,
             )
             .map_err(|e| {
+                if let crate::crypto::CryptoError::UnknownKey(id) = e {
+                    self.reload_keys_for_read();
+                    return BrokerError::Unavailable(format!(
+                        "the stored credential of system '{}' is sealed under key {id:08x}, \
+                         which this broker does not hold (another replica's new key, not \
+                         loaded here yet: the keys are being reloaded; or a retired key); retry",
+                        record.system_id
+                    ));
+                }
                 tracing::error!(message = "Stored credential failed to decrypt.", system_id = %record.system_id, error = %e);
                 BrokerError::DataLoss(format!(
                     "the stored credential of system '{}' failed authentication (tampered or \

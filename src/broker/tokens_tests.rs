@@ -873,6 +873,41 @@ async fn a_sealing_made_before_a_rotation_is_written_on_the_new_primary() {
     );
 }
 
+/// A replica that missed another's master-key rotation (a notice lost, a reload that failed)
+/// and meets a record re-wrapped under the new key answers UNAVAILABLE, not DATA_LOSS, and
+/// reloads the keys: the next call serves.
+#[tokio::test(start_paused = true)]
+async fn a_record_under_a_key_not_loaded_here_makes_the_keys_reload() {
+    let store = Shared::new(usize::MAX);
+    let backend = FakeBackend::new(false, vec![]);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let new = other.rotate_master_key().await.unwrap();
+    let kek = |store: &Arc<Shared>| {
+        let store = store.clone();
+        async move {
+            let r = store.inner.get_system(SYSTEM).await.unwrap().unwrap();
+            crate::crypto::parse_header(&r.sealed_credential)
+                .unwrap()
+                .kek_id
+        }
+    };
+    for _ in 0..100 {
+        if kek(&store).await == new {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    assert_eq!(kek(&store).await, new, "the record was re-wrapped");
+    let err = broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    for _ in 0..10 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+    }
+    broker.access_token(SYSTEM, 0, None).await.unwrap();
+    assert_eq!(backend.calls(), 1);
+}
+
 /// A rewrap under another key (a master-key rotation) re-seals the stored credential without
 /// changing it: a refresh token the store refused is still the one to use and store.
 #[tokio::test]
