@@ -35,9 +35,9 @@ pub const CHUNK_SYSTEMS: usize = 50;
 /// that large credentials (private keys, certificates) keep every chunk well under the
 /// `RestoreBackup` message limit ([`RESTORE_MESSAGE_BYTES`]).
 pub const CHUNK_BYTES: usize = 1024 * 1024;
-/// The largest `RestoreBackup` message the server takes: room for any chunk the export makes
-/// (a chunk over [`CHUNK_BYTES`] holds one system, itself no larger than a registration, which
-/// `max_request_bytes` bounds; see `server::token_route`).
+/// The largest `RestoreBackup` message the server takes: room for any chunk the export can send
+/// (a chunk over [`CHUNK_BYTES`] holds one system, and the export's answers are cut at 4 MiB;
+/// see `server::token_route`).
 pub const RESTORE_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 const MAGIC: &[u8; 4] = b"CBK1";
 const AAD: &[u8] = b"credbroker-backup/v1";

@@ -31,15 +31,6 @@ struct SharedPending {
     expires_at_ms: u64,
 }
 
-/// Whether `state` could be one this broker made (`url_token::<32>`: 43 URL-safe characters):
-/// anything else is refused before any store read or background work.
-pub fn plausible_state(state: &str) -> bool {
-    state.len() == 43
-        && state
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 fn pending_key(state: &str) -> String {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(state.as_bytes());
@@ -152,7 +143,7 @@ impl Broker {
         })?;
         let backend = self.registry.get(record.kind)?.clone();
         let credential = self.open_credential(&record)?;
-        let state = crate::util::random::url_token::<32>();
+        let state = self.new_state();
         let (challenge, verifier) = if backend.uses_pkce() {
             let (c, v) = oauth::pkce_pair();
             (Some(c), Some(v))
@@ -263,7 +254,7 @@ impl Broker {
         let local = lock(&self.pending_authorizations).remove(state);
         let pending = match local {
             // Not one this broker made: no store read for it.
-            _ if !plausible_state(state) => None,
+            _ if !self.state_is_ours(state) => None,
             Some(p) => {
                 if self.store.is_shared() {
                     // Consumed here: no other replica may use it.
@@ -607,6 +598,50 @@ impl Broker {
 
 /// Authorizations a Connect link may have open at once per system.
 pub const MAX_LINK_FLOWS: usize = 3;
+
+/// The tag of an OAuth `state`'s random part: the first 16 bytes of its HMAC-SHA256 under the
+/// link key, kept apart from the links' signatures.
+fn state_tag(key: &[u8; 32], nonce: &[u8]) -> [u8; 16] {
+    use hmac::Mac;
+    let mut tag = [0u8; 16];
+    if let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key) {
+        mac.update(b"credbroker/oauth-state/v1\0");
+        mac.update(nonce);
+        tag.copy_from_slice(&mac.finalize().into_bytes()[..16]);
+    }
+    tag
+}
+
+impl Broker {
+    /// A new OAuth `state`: 16 random bytes and their [`state_tag`], URL-safe base64 (43
+    /// characters). Only a broker with this master key (this one, its replicas) makes states
+    /// that [`Self::state_is_ours`] accepts.
+    pub(crate) fn new_state(&self) -> String {
+        use base64::Engine;
+        let nonce = crate::util::random::bytes::<16>();
+        let mut raw = [0u8; 32];
+        raw[..16].copy_from_slice(&nonce);
+        raw[16..].copy_from_slice(&state_tag(self.link_key.as_bytes(), &nonce));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Whether `state` is one this broker (or a replica) made: a made-up one is refused before
+    /// any store read or background work.
+    pub fn state_is_ours(&self, state: &str) -> bool {
+        use base64::Engine;
+        if state.len() != 43 {
+            return false;
+        }
+        let Ok(raw) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(state) else {
+            return false;
+        };
+        let Some((nonce, tag)) = raw.split_at_checked(16) else {
+            return false;
+        };
+        let want = state_tag(self.link_key.as_bytes(), nonce);
+        subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag).into()
+    }
+}
 
 fn link_signature(key: &[u8; 32], system_id: &str, version: u64, exp: u64) -> String {
     use base64::Engine;

@@ -908,6 +908,46 @@ async fn a_record_under_a_key_not_loaded_here_makes_the_keys_reload() {
     assert_eq!(backend.calls(), 1);
 }
 
+/// OAuth states carry a tag under a key derived from the master key: a replica (same master
+/// key) accepts one another made; a made-up, altered or foreign one is refused.
+#[tokio::test]
+async fn only_states_made_with_this_master_key_are_accepted() {
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let replica = open_on(FakeBackend::new(false, vec![]), store).await;
+    let state = broker.new_state();
+    assert_eq!(state.len(), 43);
+    assert!(broker.state_is_ours(&state) && replica.state_is_ours(&state));
+    assert_ne!(broker.new_state(), state);
+    let mut altered = state.clone().into_bytes();
+    altered[0] = if altered[0] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).unwrap();
+    let foreign = {
+        let backend: Arc<dyn Backend> = FakeBackend::new(false, vec![]);
+        let registry = Registry::from_backends(vec![(SystemKind::ServiceNow, backend)]);
+        let key = MasterKey::from_bytes(Zeroizing::new([8u8; 32]));
+        let store = Arc::new(MemoryStore::new());
+        let (other, _) = Broker::open(
+            store,
+            Keyring::new(key),
+            registry,
+            BrokerSettings::default(),
+        )
+        .await
+        .unwrap();
+        other.new_state()
+    };
+    for refused in [
+        altered.as_str(),
+        &foreign,
+        &"0".repeat(43),
+        "",
+        &state[..42],
+    ] {
+        assert!(!broker.state_is_ours(refused), "{refused}");
+    }
+}
+
 /// A rewrap under another key (a master-key rotation) re-seals the stored credential without
 /// changing it: a refresh token the store refused is still the one to use and store.
 #[tokio::test]

@@ -133,11 +133,9 @@ async fn callback_outcome(
         let m = "credbroker is starting; reload this page in a moment.";
         return (503, "Starting".to_owned(), m.to_owned(), None);
     };
-    // A state this broker cannot have made starts nothing (no store read, no background work).
-    let plausible = params
-        .get("state")
-        .is_some_and(|s| crate::broker::connect::plausible_state(s));
-    if !plausible {
+    // A state this broker did not make starts nothing (no store read, no background work).
+    let ours = params.get("state").is_some_and(|s| broker.state_is_ours(s));
+    if !ours {
         let p = broker.complete_authorization(&params).await;
         audit_callback(broker, &p).await;
         return (http_status(p.outcome), p.title, p.message, Some(false));
