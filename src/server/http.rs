@@ -35,11 +35,15 @@ impl FromRef<HttpState> for Arc<OnceLock<Arc<Broker>>> {
 }
 
 /// The HTTP routes, sharing the gRPC service's core cell; `proxy` forwards proxied calls;
-/// `console` adds the admin console under `/console`.
+/// `console` adds the admin console under `/console`. A request to any route but the proxy's
+/// (whose calls stream and have their own limits) must be whole and answered within
+/// `deadline`, body included, else it gets 408 and its connection is closed: a slowly trickled
+/// body cannot hold one of the listener's connections for long.
 pub fn router(
     core: Arc<OnceLock<Arc<Broker>>>,
     proxy_client: Option<ProxyClient>,
     console: Option<Arc<Console>>,
+    deadline: std::time::Duration,
 ) -> Router {
     let pages = console.clone().map(super::console::router);
     let app = Router::new()
@@ -57,9 +61,38 @@ pub fn router(
             proxy: proxy_client.map(Arc::new),
             console,
         });
-    match pages {
+    let app = match pages {
         Some(p) => app.merge(p),
         None => app,
+    };
+    // Matched routes only: the proxy is the fallback.
+    app.route_layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            within(deadline, next.run(req)).await
+        },
+    ))
+}
+
+/// `answer`, or 408 (and the connection closed) once `deadline` has passed.
+async fn within(
+    deadline: std::time::Duration,
+    answer: impl std::future::Future<Output = Response>,
+) -> Response {
+    match tokio::time::timeout(deadline, answer).await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut r = page(
+                408,
+                "Request timeout",
+                "The request was not received and answered in time.",
+            )
+            .into_response();
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            r
+        }
     }
 }
 

@@ -568,7 +568,8 @@ async fn start_http(
                     },
                 )
             });
-            let app = http::router(core.clone(), Some(proxy_client), console);
+            let deadline = config.server.request_timeout;
+            let app = http::router(core.clone(), Some(proxy_client), console, deadline);
             let limits = http::HttpLimits {
                 header_timeout: config.server.http_header_timeout,
                 // A worker may stall an answer as long as a vendor may stall one.

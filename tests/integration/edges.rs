@@ -561,6 +561,37 @@ async fn anonymous_oauth_callbacks_cannot_fill_the_trail() {
     broker.stop().await;
 }
 
+/// A request body sent a byte at a time (or not at all) cannot hold one of the HTTP listener's
+/// connections for longer than the request deadline: the request gets 408 and its connection
+/// is closed, and the listener's other routes answer meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_never_arrives_is_cut_at_the_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.server.request_timeout = Duration::from_secs(1);
+    let broker = TestBroker::start_with(config).await;
+    let mut slow = tokio::net::TcpStream::connect(broker.http_addr)
+        .await
+        .unwrap();
+    let head = "POST /oauth/start HTTP/1.1\r\nHost: broker\r\n\
+                Content-Type: application/x-www-form-urlencoded\r\n\
+                Content-Length: 100000\r\n\r\nsystem=";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let ready = reqwest::get(format!("http://{}/readyz", broker.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection was still open after 10 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    broker.stop().await;
+}
+
 /// The proxy's refusals too: a huge method or path never reaches the trail whole, so a few
 /// anonymous requests cannot push the trail out of rotation.
 #[tokio::test]
