@@ -13,8 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backends::{oauth, AuthorizeRequest, BackendError, Target};
-use crate::broker::{Broker, Modified, Retry};
-use crate::crypto::same_sealing;
+use crate::broker::{is_ours, Broker, Modified, Retry};
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, CredentialType, SystemState};
 use crate::secret::SecretString;
@@ -439,19 +438,19 @@ impl Broker {
         // lost.
         let version =
             crate::broker::version_after(p.credential_version, &p.system_id).map_err(not_stored)?;
-        let ours = self
+        let mut ours = vec![self
             .seal(&p.system_id, version, credential)
-            .map_err(not_stored)?;
+            .map_err(not_stored)?];
         let modified = self
             .modify_system(&p.system_id, Retry::Persist, |current| {
-                if same_sealing(&ours, &current.sealed_credential)
+                if is_ours(&ours, &current.sealed_credential)
                     || current.credential_version != p.credential_version
                 {
                     return Ok(None);
                 }
                 let mut updated = current.clone();
                 updated.sealed_credential =
-                    self.on_primary(&p.system_id, version, credential.credential_type(), &ours);
+                    self.sealing_for_attempt(&mut ours, &p.system_id, version, credential)?;
                 updated.credential_version = version;
                 updated.credential_expires_at = credential.expires_at();
                 connected(&mut updated);
@@ -461,7 +460,7 @@ impl Broker {
             .map_err(not_stored)?;
         match modified {
             Modified::Written(updated) => Ok(updated),
-            Modified::Unchanged(r) if same_sealing(&ours, &r.sealed_credential) => Ok(r),
+            Modified::Unchanged(r) if is_ours(&ours, &r.sealed_credential) => Ok(r),
             Modified::Unchanged(_) => Err((
                 Outcome::Conflict,
                 format!("The credential changed meanwhile; nothing was stored; {hint}."),

@@ -113,7 +113,8 @@ impl Broker {
     pub(crate) fn reload_keys_for_read(&self) {
         let now = crate::model::unix_now();
         let last = self.rewrap.reloaded_for_read.load(Ordering::SeqCst);
-        if now <= last
+        // A changed second, not a later one: a clock stepped back must not stop the reloads.
+        if now == last
             || self
                 .rewrap
                 .reloaded_for_read

@@ -825,17 +825,10 @@ impl Broker {
         let mut ours: Vec<Vec<u8>> = Vec::new();
         let modified = self
             .modify_system(system_id, Retry::Persist, |current| {
-                if ours
-                    .iter()
-                    .any(|o| crate::crypto::same_sealing(o, &current.sealed_credential))
-                {
+                if is_ours(&ours, &current.sealed_credential) {
                     return Ok(None);
                 }
-                if current.kind != record.kind {
-                    return Err(BrokerError::FailedPrecondition(format!(
-                        "system '{system_id}' was deleted and registered again meanwhile"
-                    )));
-                }
+                rotating_the_same(&record, current)?;
                 let updated = self.rotated(current, &prepared)?;
                 ours.push(updated.sealed_credential.clone());
                 Ok(Some(updated))
@@ -1354,13 +1347,14 @@ impl Broker {
     /// key that is primary now: a write sealed once before its retries is re-wrapped when a
     /// rotation made another key primary meanwhile, so that it never lands under a key a retire
     /// may have removed. The data ciphertext stays (see [`crate::crypto::same_sealing`]).
+    /// `None` when it cannot be re-wrapped (its key is retired already): seal it again.
     pub(crate) fn on_primary(
         &self,
         system_id: &str,
         version: u64,
         credential_type: crate::model::CredentialType,
         sealed: &[u8],
-    ) -> Vec<u8> {
+    ) -> Option<Vec<u8>> {
         let keyring = read(&self.keyring);
         match crate::crypto::parse_header(sealed) {
             Ok(h) if h.kek_id != keyring.primary_id() => {
@@ -1369,12 +1363,32 @@ impl Broker {
                     credential_type,
                     version,
                 };
-                keyring
-                    .rewrap(&binding, sealed)
-                    .unwrap_or_else(|_| sealed.to_vec())
+                keyring.rewrap(&binding, sealed).ok()
             }
-            _ => sealed.to_vec(),
+            _ => Some(sealed.to_vec()),
         }
+    }
+
+    /// The sealing an attempt of a write sealed once before its retries writes: the first of
+    /// `ours` on the primary key of the moment, or (its key retired meanwhile) a new sealing,
+    /// added to `ours`. Every sealing in `ours` found stored is an attempt that landed.
+    pub(crate) fn sealing_for_attempt(
+        &self,
+        ours: &mut Vec<Vec<u8>>,
+        system_id: &str,
+        version: u64,
+        credential: &Credential,
+    ) -> Result<Vec<u8>, BrokerError> {
+        let kind = credential.credential_type();
+        if let Some(moved) = ours
+            .first()
+            .and_then(|first| self.on_primary(system_id, version, kind, first))
+        {
+            return Ok(moved);
+        }
+        let fresh = self.seal(system_id, version, credential)?;
+        ours.push(fresh.clone());
+        Ok(fresh)
     }
 
     pub(crate) fn open_credential(&self, record: &SystemRecord) -> Result<Credential, BrokerError> {
@@ -1389,6 +1403,7 @@ impl Broker {
             )
             .map_err(|e| {
                 if let crate::crypto::CryptoError::UnknownKey(id) = e {
+                    tracing::warn!(message = "A stored credential is sealed under a key this broker does not hold; reloading the keys.", system_id = %record.system_id, key_id = %format!("{id:08x}"));
                     self.reload_keys_for_read();
                     return BrokerError::Unavailable(format!(
                         "the stored credential of system '{}' is sealed under key {id:08x}, \
@@ -1657,6 +1672,35 @@ async fn authenticate_records(
         authenticated.put_meta(INTEGRITY_META_KEY, b"1").await?;
     }
     Ok(Arc::new(authenticated))
+}
+
+/// A rotation checked its credential against `checked`: it is written on top of `current` only
+/// while that is the same system (not deleted and registered again, perhaps for another
+/// host) with the same credential version (not rotated by someone else meanwhile; health
+/// notes, 401 counts and re-wraps leave the version as it is).
+fn rotating_the_same(checked: &SystemRecord, current: &SystemRecord) -> Result<(), BrokerError> {
+    let id = &current.system_id;
+    if (current.kind, current.created_at, &current.base_url)
+        != (checked.kind, checked.created_at, &checked.base_url)
+    {
+        return Err(BrokerError::FailedPrecondition(format!(
+            "system '{id}' was deleted and registered again meanwhile; nothing was stored"
+        )));
+    }
+    if current.credential_version != checked.credential_version {
+        return Err(BrokerError::FailedPrecondition(format!(
+            "the credential of system '{id}' was replaced meanwhile (now version {}); nothing \
+             was stored: check it and rotate again",
+            current.credential_version
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `sealed`, read back from the store, is one of the sealings a write made (see
+/// [`Broker::sealing_for_attempt`]).
+pub(crate) fn is_ours(ours: &[Vec<u8>], sealed: &[u8]) -> bool {
+    ours.iter().any(|o| crate::crypto::same_sealing(o, sealed))
 }
 
 /// The version a new credential of `current` gets.

@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backends::{Backend, BackendError, Header, Issued, Target};
+use crate::broker::is_ours;
 use crate::broker::{Broker, Modified, Retry, MAX_MIN_VALID_SECONDS, SCAN_PAGE};
 use crate::crypto::{same_sealing, RecordBinding};
 use crate::error::BrokerError;
@@ -769,7 +770,8 @@ impl Broker {
     /// it wins).
     fn pending_for(&self, f: &mut Flight, record: &SystemRecord) -> Option<Credential> {
         let p = f.pending.as_ref()?;
-        if self.still_replaces(p, record) {
+        // One this broker cannot open yet is no other credential: the pending one stays.
+        if self.still_replaces(p, record).unwrap_or(true) {
             return Some(p.credential.clone());
         }
         dropped_pending(&record.system_id);
@@ -777,19 +779,25 @@ impl Broker {
         None
     }
 
-    /// Whether `record` still holds the credential `p` replaces.
-    fn still_replaces(&self, p: &Pending, record: &SystemRecord) -> bool {
-        p.version == record.credential_version
-            && p.replaces
-                .is_none_or(|d| self.credential_digest(record) == Some(d))
+    /// Whether `record` still holds the credential `p` replaces; an error while this broker
+    /// cannot open it yet (a key it has not loaded: UNAVAILABLE), which says nothing either way.
+    fn still_replaces(&self, p: &Pending, record: &SystemRecord) -> Result<bool, BrokerError> {
+        if p.version != record.credential_version {
+            return Ok(false);
+        }
+        let Some(replaces) = p.replaces else {
+            return Ok(true);
+        };
+        match self.open_credential(record) {
+            Ok(c) => Ok(credential_digest(&c) == Some(replaces)),
+            Err(e @ BrokerError::Unavailable(_)) => Err(e),
+            Err(_) => Ok(false),
+        }
     }
 
     /// SHA-256 of `record`'s credential, opened (the same after a rewrap under another key).
     fn credential_digest(&self, record: &SystemRecord) -> Option<[u8; 32]> {
-        use sha2::Digest;
-        let plain = self.open_credential(record).ok()?;
-        let json = zeroize::Zeroizing::new(serde_json::to_vec(&plain).ok()?);
-        Some(sha2::Sha256::digest(json.as_slice()).into())
+        credential_digest(&self.open_credential(record).ok()?)
     }
 
     /// What callers get while no token can be minted: the cached token, or else the one a
@@ -1654,19 +1662,19 @@ impl Broker {
         // Sealed once: every attempt writes this sealing (on the primary key of the moment), so
         // one found stored (re-wrapped or not) is an attempt that landed though its answer was
         // lost; `revived` is whether the last attempt that wrote revived the grant.
-        let ours = self.seal(system_id, p.version, &p.credential)?;
+        let mut ours = vec![self.seal(system_id, p.version, &p.credential)?];
         let mut revived = false;
         let modified = self
             .modify_system(system_id, Retry::Persist, |current| {
-                if same_sealing(&ours, &current.sealed_credential)
-                    || !self.still_replaces(p, current)
-                {
+                // A credential this replica cannot open yet (its keys behind another's
+                // rotation) is an error, not another credential: `p` is kept.
+                if is_ours(&ours, &current.sealed_credential) || !self.still_replaces(p, current)? {
                     return Ok(None);
                 }
                 revived = revivable(current);
                 let mut updated = current.clone();
-                let kind = p.credential.credential_type();
-                updated.sealed_credential = self.on_primary(system_id, p.version, kind, &ours);
+                updated.sealed_credential =
+                    self.sealing_for_attempt(&mut ours, system_id, p.version, &p.credential)?;
                 updated.credential_expires_at = p.credential.expires_at();
                 if revived {
                     updated.state = SystemState::Active;
@@ -1679,7 +1687,7 @@ impl Broker {
             .await?;
         Ok(match modified {
             Modified::Written(_) => Some(revived),
-            Modified::Unchanged(r) if same_sealing(&ours, &r.sealed_credential) => Some(revived),
+            Modified::Unchanged(r) if is_ours(&ours, &r.sealed_credential) => Some(revived),
             Modified::Unchanged(_) => None,
         })
     }
@@ -1986,6 +1994,13 @@ fn changed_meanwhile() -> BrokerError {
 
 /// Whether `r` was marked for re-authorization because the vendor refused its grant (what
 /// presenting a refresh token another replica already spent earns).
+/// SHA-256 of a credential's JSON.
+fn credential_digest(c: &Credential) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let json = zeroize::Zeroizing::new(serde_json::to_vec(c).ok()?);
+    Some(sha2::Sha256::digest(json.as_slice()).into())
+}
+
 fn revivable(r: &SystemRecord) -> bool {
     r.state == SystemState::ReauthorizationRequired
         && r.refresh_failure

@@ -858,10 +858,13 @@ async fn a_sealing_made_before_a_rotation_is_written_on_the_new_primary() {
     let kind = credential.credential_type();
     let sealed = broker.seal(SYSTEM, 7, &credential).unwrap();
     let old = crate::crypto::parse_header(&sealed).unwrap().kek_id;
-    assert_eq!(broker.on_primary(SYSTEM, 7, kind, &sealed), sealed);
+    assert_eq!(
+        broker.on_primary(SYSTEM, 7, kind, &sealed),
+        Some(sealed.clone())
+    );
     let new = broker.rotate_master_key().await.unwrap();
     assert_ne!(new, old);
-    let moved = broker.on_primary(SYSTEM, 7, kind, &sealed);
+    let moved = broker.on_primary(SYSTEM, 7, kind, &sealed).unwrap();
     assert_eq!(crate::crypto::parse_header(&moved).unwrap().kek_id, new);
     assert!(crate::crypto::same_sealing(&moved, &sealed));
     let mut reread = record.clone();
@@ -871,6 +874,100 @@ async fn a_sealing_made_before_a_rotation_is_written_on_the_new_primary() {
         opened == serde_json::to_vec(&credential).unwrap(),
         "opens as it was"
     );
+}
+
+/// When the key a write was sealed under is retired during its retries, the write is sealed
+/// again under the primary (and that sealing is its own too), never written under the
+/// removed key.
+#[tokio::test(start_paused = true)]
+async fn a_sealing_whose_key_was_retired_meanwhile_is_sealed_again() {
+    let broker = broker_with(FakeBackend::new(false, vec![])).await;
+    let credential = broker
+        .open_credential(&broker.get_system(SYSTEM).await.unwrap())
+        .unwrap();
+    let first = broker.rotate_master_key().await.unwrap();
+    let sealed = broker.seal(SYSTEM, 7, &credential).unwrap();
+    let second = broker.rotate_master_key().await.unwrap();
+    for _ in 0..100 {
+        if broker.retire_key(&format!("{first:08x}")).await.is_ok() {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let kind = credential.credential_type();
+    assert_eq!(broker.on_primary(SYSTEM, 7, kind, &sealed), None, "retired");
+    let mut ours = vec![sealed];
+    let written = broker
+        .sealing_for_attempt(&mut ours, SYSTEM, 7, &credential)
+        .unwrap();
+    assert_eq!(
+        crate::crypto::parse_header(&written).unwrap().kek_id,
+        second
+    );
+    assert_eq!(ours.len(), 2);
+    assert!(crate::broker::is_ours(&ours, &written));
+}
+
+/// A replica behind another's key rotation holds a rotated refresh token the store refused
+/// before; the record it finds is sealed under a key it has not loaded. That is no other
+/// credential: the token is kept, the keys reloaded, and it is stored.
+#[tokio::test(start_paused = true)]
+async fn a_pending_refresh_token_outlives_a_key_this_replica_has_not_loaded() {
+    let (broker, _backend, store) = with_a_refused_rotation().await;
+    store.updates_down.store(false, Ordering::SeqCst);
+    let other = open_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let new = other.rotate_master_key().await.unwrap();
+    for _ in 0..100 {
+        let r = store.inner.get_system(SYSTEM).await.unwrap().unwrap();
+        if crate::crypto::parse_header(&r.sealed_credential)
+            .unwrap()
+            .kek_id
+            == new
+        {
+            break;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    for _ in 0..60 {
+        if stored_refresh_token(&other).await == "rt-2" {
+            break;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(stored_refresh_token(&other).await, "rt-2");
+    drop(broker);
+}
+
+/// A rotation checked its credential against the record it read: while it waits on the
+/// vendor, the system deleted and registered again (for another host), or its credential
+/// rotated by someone else, means nothing is stored.
+#[tokio::test]
+async fn a_rotation_stores_nothing_on_a_system_replaced_while_it_was_checked() {
+    let replaced: [fn(&mut SystemRecord); 2] = [
+        |r| {
+            r.created_at += 1;
+            r.base_url = "https://other.service-now.example".to_owned();
+        },
+        |r| r.credential_version += 1,
+    ];
+    for change in replaced {
+        let backend = FakeBackend::new(true, vec![]);
+        let store = Shared::new(usize::MAX);
+        let broker = broker_on(backend.clone(), store.clone()).await;
+        let rotation = tokio::spawn({
+            let b = broker.clone();
+            async move { b.rotate(SYSTEM, admins_credential(), false).await }
+        });
+        backend.entered.notified().await;
+        change_meanwhile(&store, change).await;
+        let before = broker.get_system(SYSTEM).await.unwrap();
+        backend.open_gate();
+        let err = rotation.await.unwrap().unwrap_err();
+        assert!(matches!(err, BrokerError::FailedPrecondition(_)), "{err:?}");
+        let after = broker.get_system(SYSTEM).await.unwrap();
+        assert_eq!(after.sealed_credential, before.sealed_credential);
+        assert_eq!(after.credential_version, before.credential_version);
+    }
 }
 
 /// A replica that missed another's master-key rotation (a notice lost, a reload that failed)
