@@ -372,7 +372,8 @@ async fn start_grpc(
         );
     }
     let threads = config.server.serving_threads;
-    let serve = grpc_server(router, tls.cloned());
+    // A new connection must speak within the HTTP listener's header timeout (see SilentCut).
+    let serve = grpc_server(router, tls.cloned(), config.server.http_header_timeout);
     let (server_task, extra) = cores::serve_on_cores(threads, listener, stop_rx, serve)
         .await
         .map_err(ServeError::Transport)?;
@@ -387,20 +388,24 @@ async fn start_grpc(
 fn grpc_server(
     router: tonic::transport::server::Router,
     tls: Option<Tls>,
+    silent: Duration,
 ) -> impl Fn(TcpListener, tokio::sync::watch::Receiver<bool>) -> GrpcServing + Clone + Send + 'static
 {
+    use tokio_stream::StreamExt as _;
     move |listener, stop| {
         let (router, tls) = (router.clone(), tls.clone());
         Box::pin(async move {
             let stop = cores::stopped(stop);
             let served = match tls {
                 None => {
-                    router
-                        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
-                        .await
+                    let incoming = TcpListenerStream::new(listener)
+                        .map(move |r| r.map(|io| stall::SilentCut::new(io, silent)));
+                    router.serve_with_incoming_shutdown(incoming, stop).await
                 }
                 Some(reloader) => {
                     let (incoming, accept_task) = reloader.incoming(listener);
+                    let incoming =
+                        incoming.map(move |r| r.map(|io| stall::SilentCut::new(io, silent)));
                     let served = router.serve_with_incoming_shutdown(incoming, stop).await;
                     accept_task.abort();
                     served

@@ -592,6 +592,38 @@ async fn a_request_body_that_never_arrives_is_cut_at_the_deadline() {
     broker.stop().await;
 }
 
+/// A gRPC connection that never speaks (no HTTP/2 preface) is closed once the header timeout
+/// has passed, so silent connections cannot pile up until the broker runs out of descriptors;
+/// a client that has spoken keeps its idle connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_grpc_connection_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.server.http_header_timeout = Duration::from_secs(1);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut got)).await;
+    assert!(
+        read.is_ok(),
+        "the silent connection was still open after 10 s"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Past the timeout, the client that spoke still has its connection.
+    admin
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap();
+    broker.stop().await;
+}
+
 /// The proxy's refusals too: a huge method or path never reaches the trail whole, so a few
 /// anonymous requests cannot push the trail out of rotation.
 #[tokio::test]
