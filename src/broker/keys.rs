@@ -110,7 +110,7 @@ impl Broker {
     /// A record names a key this keyring does not hold: another replica rotated the master key
     /// and this one missed the news (a reload that failed, a notice lost). The keys are
     /// reloaded in the background, at most once a second, so that the next read finds it.
-    pub(crate) fn reload_keys_for_read(&self) {
+    pub(crate) fn reload_keys_for_read(&self, system_id: &str, key_id: u32) {
         let now = crate::model::unix_now();
         let last = self.rewrap.reloaded_for_read.load(Ordering::SeqCst);
         // A changed second, not a later one: a clock stepped back must not stop the reloads.
@@ -123,6 +123,8 @@ impl Broker {
         {
             return;
         }
+        // Logged with each reload (at most once a second), not with each read.
+        tracing::warn!(message = "A stored credential is sealed under a key this broker does not hold; reloading the keys.", system_id = %system_id, key_id = %hex_id(key_id));
         let Some(me) = self.me.upgrade() else {
             return;
         };

@@ -828,7 +828,16 @@ impl Broker {
                 if is_ours(&ours, &current.sealed_credential) {
                     return Ok(None);
                 }
-                rotating_the_same(&record, current)?;
+                rotating_the_same(&record, current).map_err(|e| match e {
+                    // An earlier attempt may have landed (its answer lost) and been replaced.
+                    BrokerError::FailedPrecondition(m) if !ours.is_empty() => {
+                        BrokerError::FailedPrecondition(format!(
+                            "{m} (an earlier attempt of this rotation may have been stored and \
+                             replaced since: check the system)"
+                        ))
+                    }
+                    e => e,
+                })?;
                 let updated = self.rotated(current, &prepared)?;
                 ours.push(updated.sealed_credential.clone());
                 Ok(Some(updated))
@@ -1369,7 +1378,7 @@ impl Broker {
         }
     }
 
-    /// The sealing an attempt of a write sealed once before its retries writes: the first of
+    /// The sealing an attempt of a write sealed once before its retries writes: the last of
     /// `ours` on the primary key of the moment, or (its key retired meanwhile) a new sealing,
     /// added to `ours`. Every sealing in `ours` found stored is an attempt that landed.
     pub(crate) fn sealing_for_attempt(
@@ -1381,7 +1390,7 @@ impl Broker {
     ) -> Result<Vec<u8>, BrokerError> {
         let kind = credential.credential_type();
         if let Some(moved) = ours
-            .first()
+            .last()
             .and_then(|first| self.on_primary(system_id, version, kind, first))
         {
             return Ok(moved);
@@ -1403,8 +1412,7 @@ impl Broker {
             )
             .map_err(|e| {
                 if let crate::crypto::CryptoError::UnknownKey(id) = e {
-                    tracing::warn!(message = "A stored credential is sealed under a key this broker does not hold; reloading the keys.", system_id = %record.system_id, key_id = %format!("{id:08x}"));
-                    self.reload_keys_for_read();
+                    self.reload_keys_for_read(&record.system_id, id);
                     return BrokerError::Unavailable(format!(
                         "the stored credential of system '{}' is sealed under key {id:08x}, \
                          which this broker does not hold (another replica's new key, not \

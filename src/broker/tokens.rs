@@ -791,7 +791,9 @@ impl Broker {
         match self.open_credential(record) {
             Ok(c) => Ok(credential_digest(&c) == Some(replaces)),
             Err(e @ BrokerError::Unavailable(_)) => Err(e),
-            Err(_) => Ok(false),
+            // A stored credential that cannot be read (damaged) is no other credential: the
+            // live one in `p` replaces it.
+            Err(_) => Ok(true),
         }
     }
 
@@ -1187,10 +1189,16 @@ impl Broker {
                 }
                 Err(e) => {
                     tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
+                    // A pending credential already kept knows what it replaces (the record may
+                    // be one this replica cannot open now): that stays the check.
                     let first = f.pending.is_none();
+                    let replaces = match &f.pending {
+                        Some(p) => p.replaces,
+                        None => self.credential_digest(&record),
+                    };
                     f.pending = Some(Pending {
                         version: record.credential_version,
-                        replaces: self.credential_digest(&record),
+                        replaces,
                         credential: newcred,
                     });
                     if first {
@@ -1992,8 +2000,6 @@ fn changed_meanwhile() -> BrokerError {
     )
 }
 
-/// Whether `r` was marked for re-authorization because the vendor refused its grant (what
-/// presenting a refresh token another replica already spent earns).
 /// SHA-256 of a credential's JSON.
 fn credential_digest(c: &Credential) -> Option<[u8; 32]> {
     use sha2::Digest;
@@ -2001,6 +2007,8 @@ fn credential_digest(c: &Credential) -> Option<[u8; 32]> {
     Some(sha2::Sha256::digest(json.as_slice()).into())
 }
 
+/// Whether `r` was marked for re-authorization because the vendor refused its grant (what
+/// presenting a refresh token another replica already spent earns).
 fn revivable(r: &SystemRecord) -> bool {
     r.state == SystemState::ReauthorizationRequired
         && r.refresh_failure

@@ -938,6 +938,33 @@ async fn a_pending_refresh_token_outlives_a_key_this_replica_has_not_loaded() {
     drop(broker);
 }
 
+/// A stored credential damaged while a rotated refresh token waits to be stored (it cannot
+/// be opened: DATA_LOSS) is no other credential: the live token is written over it.
+#[tokio::test(start_paused = true)]
+async fn a_pending_refresh_token_heals_a_damaged_stored_credential() {
+    let (broker, _backend, store) = with_a_refused_rotation().await;
+    store.updates_down.store(false, Ordering::SeqCst);
+    // Before the background writer's first try (the clock is paused).
+    change_meanwhile(&store, |r| {
+        let last = r.sealed_credential.len() - 1;
+        r.sealed_credential[last] ^= 1;
+    })
+    .await;
+    let damaged = broker.get_system(SYSTEM).await.unwrap();
+    assert!(matches!(
+        broker.open_credential(&damaged),
+        Err(BrokerError::DataLoss(_))
+    ));
+    for _ in 0..60 {
+        let r = broker.get_system(SYSTEM).await.unwrap();
+        if broker.open_credential(&r).is_ok() {
+            break;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(stored_refresh_token(&broker).await, "rt-2");
+}
+
 /// A rotation checked its credential against the record it read: while it waits on the
 /// vendor, the system deleted and registered again (for another host), or its credential
 /// rotated by someone else, means nothing is stored.

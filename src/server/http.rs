@@ -37,7 +37,7 @@ impl FromRef<HttpState> for Arc<OnceLock<Arc<Broker>>> {
 /// The HTTP routes, sharing the gRPC service's core cell; `proxy` forwards proxied calls;
 /// `console` adds the admin console under `/console`. A request to any route but the proxy's
 /// (whose calls stream and have their own limits) must be whole and answered within
-/// `deadline`, body included, else it gets 408 and its connection is closed: a slowly trickled
+/// `deadline`, body included, else it gets 503 and its connection is closed: a slowly trickled
 /// body cannot hold one of the listener's connections for long.
 pub fn router(
     core: Arc<OnceLock<Arc<Broker>>>,
@@ -73,7 +73,9 @@ pub fn router(
     ))
 }
 
-/// `answer`, or 408 (and the connection closed) once `deadline` has passed.
+/// `answer`, or 503 (and the connection closed) once `deadline` has passed. Not 408: browsers
+/// send a request again by themselves after a 408, and a request that did arrive whole may
+/// still complete (the broker's changes run to the end on their own).
 async fn within(
     deadline: std::time::Duration,
     answer: impl std::future::Future<Output = Response>,
@@ -82,9 +84,10 @@ async fn within(
         Ok(r) => r,
         Err(_) => {
             let mut r = page(
-                408,
-                "Request timeout",
-                "The request was not received and answered in time.",
+                503,
+                "Took too long",
+                "The request was not received and answered in time. If it was sent whole, \
+                 what it asked for may still complete: check before sending it again.",
             )
             .into_response();
             r.headers_mut().insert(
