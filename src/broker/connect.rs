@@ -598,44 +598,34 @@ impl Broker {
 /// Authorizations a Connect link may have open at once per system.
 pub const MAX_LINK_FLOWS: usize = 3;
 
-/// The tag of an OAuth `state`'s body (its random part and expiry): the first 16 bytes of its
-/// HMAC-SHA256 under the link key, kept apart from the links' signatures.
-pub(crate) fn state_tag(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
+/// The tag of an OAuth `state`'s random part: the first 16 bytes of its HMAC-SHA256 under the
+/// link key, kept apart from the links' signatures.
+fn state_tag(key: &[u8; 32], nonce: &[u8]) -> [u8; 16] {
     use hmac::Mac;
     let mut tag = [0u8; 16];
     if let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key) {
         mac.update(b"credbroker/oauth-state/v1\0");
-        mac.update(body);
+        mac.update(nonce);
         tag.copy_from_slice(&mac.finalize().into_bytes()[..16]);
     }
     tag
 }
 
-/// A state from its body (12 random bytes, then its expiry in seconds since the epoch, big
-/// endian) and the body's [`state_tag`], URL-safe base64: 43 characters.
-pub(crate) fn encode_state(key: &[u8; 32], body: [u8; 16]) -> String {
-    use base64::Engine;
-    let mut raw = [0u8; 32];
-    raw[..16].copy_from_slice(&body);
-    raw[16..].copy_from_slice(&state_tag(key, &body));
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-}
-
 impl Broker {
-    /// A new OAuth `state`, valid as long as the authorization it starts (see
-    /// [`encode_state`]). Only a broker with this master key (this one, its replicas) makes
-    /// states that [`Self::state_is_ours`] accepts.
+    /// A new OAuth `state`: 16 random bytes and their [`state_tag`], URL-safe base64 (43
+    /// characters). Only a broker with this master key (this one, its replicas) makes states
+    /// that [`Self::state_is_ours`] accepts.
     pub(crate) fn new_state(&self) -> String {
-        let expires = unix_now().saturating_add(self.settings.authorization_ttl.as_secs());
-        let mut body = [0u8; 16];
-        body[..12].copy_from_slice(&crate::util::random::bytes::<12>());
-        body[12..].copy_from_slice(&u32::try_from(expires).unwrap_or(u32::MAX).to_be_bytes());
-        encode_state(self.link_key.as_bytes(), body)
+        use base64::Engine;
+        let nonce = crate::util::random::bytes::<16>();
+        let mut raw = [0u8; 32];
+        raw[..16].copy_from_slice(&nonce);
+        raw[16..].copy_from_slice(&state_tag(self.link_key.as_bytes(), &nonce));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     }
 
-    /// Whether `state` is one this broker (or a replica) made and it has not expired: a
-    /// made-up, altered or stale one (a leaked link replayed) is refused before any store read
-    /// or background work.
+    /// Whether `state` is one this broker (or a replica) made: a made-up one is refused before
+    /// any store read or background work.
     pub fn state_is_ours(&self, state: &str) -> bool {
         use base64::Engine;
         if state.len() != 43 {
@@ -644,16 +634,11 @@ impl Broker {
         let Ok(raw) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(state) else {
             return false;
         };
-        let Some((body, tag)) = raw.split_at_checked(16) else {
+        let Some((nonce, tag)) = raw.split_at_checked(16) else {
             return false;
         };
-        let want = state_tag(self.link_key.as_bytes(), body);
-        let tagged: bool = subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag).into();
-        let expires = body
-            .get(12..16)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .map_or(0, u32::from_be_bytes);
-        tagged && u64::from(expires) >= unix_now()
+        let want = state_tag(self.link_key.as_bytes(), nonce);
+        subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag).into()
     }
 }
 
