@@ -30,7 +30,7 @@ struct SharedPending {
     expires_at_ms: u64,
 }
 
-fn pending_key(state: &str) -> String {
+pub(crate) fn pending_key(state: &str) -> String {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(state.as_bytes());
     format!(
@@ -251,9 +251,14 @@ impl Broker {
         };
         // Single use: the state is consumed whatever happens next.
         let local = lock(&self.pending_authorizations).remove(state);
+        let check = self.state_check(state);
+        if check == StateCheck::Expired {
+            // Made here, replayed late: no store read for it.
+            return expired_page(local.as_ref().map(|p| p.system_id.as_str()));
+        }
         let pending = match local {
             // Not one this broker made: no store read for it.
-            _ if !self.state_is_ours(state) => None,
+            _ if check == StateCheck::Foreign => None,
             Some(p) => {
                 if self.store.is_shared() {
                     // Consumed here: no other replica may use it.
@@ -289,14 +294,7 @@ impl Broker {
         hint: &str,
     ) -> CallbackPage {
         if p.expires <= Instant::now() {
-            return CallbackPage::new(
-                Outcome::Invalid,
-                "Authorization link expired",
-                format!(
-                    "The authorization for '{}' expired. Nothing was changed; {hint}.",
-                    p.system_id
-                ),
-            );
+            return expired_page(Some(&p.system_id));
         }
         if let Some(err) = params.get("error") {
             let code: String = err
@@ -595,50 +593,106 @@ impl Broker {
     }
 }
 
+/// The page for an authorization past its lifetime; `system_id` when it is known here.
+fn expired_page(system_id: Option<&str>) -> CallbackPage {
+    let message = match system_id {
+        Some(id) => format!(
+            "The authorization for '{id}' expired. Nothing was changed; {}.",
+            connect_hint(id)
+        ),
+        None => "This authorization link expired. Nothing was changed; start the connection \
+                 again with `credbrokerctl system connect SYSTEM_ID`."
+            .to_owned(),
+    };
+    CallbackPage {
+        system_id: system_id.map(str::to_owned),
+        ..CallbackPage::new(Outcome::Invalid, "Authorization link expired", message)
+    }
+}
+
 /// Authorizations a Connect link may have open at once per system.
 pub const MAX_LINK_FLOWS: usize = 3;
 
-/// The tag of an OAuth `state`'s random part: the first 16 bytes of its HMAC-SHA256 under the
-/// link key, kept apart from the links' signatures.
-fn state_tag(key: &[u8; 32], nonce: &[u8]) -> [u8; 16] {
+/// The tag of an OAuth `state`'s body (its random part and expiry): the first 16 bytes of its
+/// HMAC-SHA256 under the link key, kept apart from the links' signatures. The domain says v2:
+/// v1 states (no expiry) read as foreign.
+fn state_tag(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
     use hmac::Mac;
     let mut tag = [0u8; 16];
     if let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key) {
-        mac.update(b"credbroker/oauth-state/v1\0");
-        mac.update(nonce);
+        mac.update(b"credbroker/oauth-state/v2\0");
+        mac.update(body);
         tag.copy_from_slice(&mac.finalize().into_bytes()[..16]);
     }
     tag
 }
 
+/// A state from its body (12 random bytes, then its expiry in seconds since the epoch, big
+/// endian) and the body's [`state_tag`], URL-safe base64: 43 characters.
+pub(crate) fn encode_state(key: &[u8; 32], body: [u8; 16]) -> String {
+    use base64::Engine;
+    let mut raw = [0u8; 32];
+    raw[..16].copy_from_slice(&body);
+    raw[16..].copy_from_slice(&state_tag(key, &body));
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// What a callback's `state` is, judged from the state alone (no store read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateCheck {
+    /// Not made with this master key, or altered: nothing is looked up for it.
+    Foreign,
+    /// Made here, past its expiry (a leaked callback replayed later): the expired page, nothing
+    /// looked up in a shared store and no background work.
+    Expired,
+    /// Made here and still within its lifetime.
+    Live,
+}
+
 impl Broker {
-    /// A new OAuth `state`: 16 random bytes and their [`state_tag`], URL-safe base64 (43
-    /// characters). Only a broker with this master key (this one, its replicas) makes states
-    /// that [`Self::state_is_ours`] accepts.
+    /// A new OAuth `state`, valid at least as long as the authorization it starts (its expiry is
+    /// in whole seconds, rounded up; see [`encode_state`]). Only a broker with this master key
+    /// (this one, its replicas) makes states that [`Self::state_check`] accepts.
     pub(crate) fn new_state(&self) -> String {
-        use base64::Engine;
-        let nonce = crate::util::random::bytes::<16>();
-        let mut raw = [0u8; 32];
-        raw[..16].copy_from_slice(&nonce);
-        raw[16..].copy_from_slice(&state_tag(self.link_key.as_bytes(), &nonce));
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        let ttl = self.settings.authorization_ttl.as_secs_f64().ceil();
+        let expires = unix_now().saturating_add(ttl as u64).saturating_add(1);
+        let mut body = [0u8; 16];
+        body[..12].copy_from_slice(&crate::util::random::bytes::<12>());
+        body[12..].copy_from_slice(&u32::try_from(expires).unwrap_or(u32::MAX).to_be_bytes());
+        encode_state(self.link_key.as_bytes(), body)
     }
 
-    /// Whether `state` is one this broker (or a replica) made: a made-up one is refused before
-    /// any store read or background work.
+    /// Whether `state` is one this broker (or a replica) made and has not expired.
     pub fn state_is_ours(&self, state: &str) -> bool {
+        self.state_check(state) == StateCheck::Live
+    }
+
+    /// Judges `state` before any store read or background work: a made-up or altered one is
+    /// foreign; a tagged one past its expiry is expired.
+    pub fn state_check(&self, state: &str) -> StateCheck {
         use base64::Engine;
         if state.len() != 43 {
-            return false;
+            return StateCheck::Foreign;
         }
         let Ok(raw) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(state) else {
-            return false;
+            return StateCheck::Foreign;
         };
-        let Some((nonce, tag)) = raw.split_at_checked(16) else {
-            return false;
+        let Some((body, tag)) = raw.split_at_checked(16) else {
+            return StateCheck::Foreign;
         };
-        let want = state_tag(self.link_key.as_bytes(), nonce);
-        subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag).into()
+        let want = state_tag(self.link_key.as_bytes(), body);
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag)) {
+            return StateCheck::Foreign;
+        }
+        let expires = body
+            .get(12..16)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or(0, u32::from_be_bytes);
+        if u64::from(expires) > unix_now() {
+            StateCheck::Live
+        } else {
+            StateCheck::Expired
+        }
     }
 }
 

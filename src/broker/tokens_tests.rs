@@ -3,7 +3,7 @@
 
 #![cfg(test)]
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use zeroize::Zeroizing;
 
 use crate::backends::{Backend, BackendError, EgressPolicy, Header, Issued, Registry, Target};
+use crate::broker::connect::StateCheck;
 use crate::broker::{Broker, BrokerSettings, RegisterInput};
 use crate::crypto::keys::MasterKey;
 use crate::crypto::Keyring;
@@ -1061,15 +1062,55 @@ async fn only_states_made_with_this_master_key_are_accepted() {
         .unwrap();
         other.new_state()
     };
+    // Tagged right, but past its expiry (a leaked callback replayed later).
+    let stale = {
+        let mut body = [7u8; 16];
+        let past = u32::try_from(crate::model::unix_now() - 10).unwrap();
+        body[12..].copy_from_slice(&past.to_be_bytes());
+        crate::broker::connect::encode_state(broker.link_key.as_bytes(), body)
+    };
     for refused in [
         altered.as_str(),
         &foreign,
+        &stale,
         &"0".repeat(43),
         "",
         &state[..42],
     ] {
         assert!(!broker.state_is_ours(refused), "{refused}");
     }
+    assert_eq!(broker.state_check(&stale), StateCheck::Expired);
+    assert_eq!(broker.state_check(&foreign), StateCheck::Foreign);
+}
+
+/// A stale state (tagged right, past its expiry) replayed at the callback gets the expired
+/// page, and the shared store's authorization under it is neither read nor consumed.
+#[tokio::test]
+async fn a_stale_state_is_answered_expired_without_touching_the_shared_store() {
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let mut body = [9u8; 16];
+    let past = u32::try_from(crate::model::unix_now() - 1).unwrap();
+    body[12..].copy_from_slice(&past.to_be_bytes());
+    let stale = crate::broker::connect::encode_state(broker.link_key.as_bytes(), body);
+    let key = crate::broker::connect::pending_key(&stale);
+    store.put_meta(&key, b"sealed authorization").await.unwrap();
+    let params = HashMap::from([
+        ("state".to_owned(), stale.clone()),
+        ("code".to_owned(), "a-code".to_owned()),
+    ]);
+    let page = broker.complete_authorization(&params).await;
+    assert_eq!(page.title, "Authorization link expired", "{}", page.message);
+    assert!(
+        page.message.contains("Nothing was changed"),
+        "{}",
+        page.message
+    );
+    assert_eq!(
+        store.get_meta(&key).await.unwrap().as_deref(),
+        Some(&b"sealed authorization"[..]),
+        "the stale state's authorization was consumed"
+    );
 }
 
 /// A rewrap under another key (a master-key rotation) re-seals the stored credential without
