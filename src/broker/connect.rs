@@ -209,11 +209,9 @@ impl Broker {
     /// A pending authorization another replica started, consumed (single use) from the store.
     async fn take_shared_pending(&self, state: &str) -> Option<PendingAuthorization> {
         let key = pending_key(state);
-        let sealed = self.store.get_meta(&key).await.ok().flatten()?;
-        if sealed.is_empty() {
-            return None;
-        }
-        self.store.put_meta(&key, b"").await.ok()?;
+        // Atomic: of two replicas handed the same callback, one exchanges the code (a second
+        // exchange of a used code may make the vendor revoke the grant the first one got).
+        let sealed = self.store.take_meta(&key).await.ok().flatten()?;
         let plain = read(&self.keyring)
             .open(&pending_binding(&key), &sealed)
             .ok()?;
@@ -259,13 +257,15 @@ impl Broker {
         let pending = match local {
             // Not one this broker made: no store read for it.
             _ if check == StateCheck::Foreign => None,
-            Some(p) => {
-                if self.store.is_shared() {
-                    // Consumed here: no other replica may use it.
-                    let _ = self.store.put_meta(&pending_key(state), b"").await;
+            // Consumed here: no other replica may use it. One that took it first wins; with
+            // the database away nobody else can take it, and this process goes on.
+            Some(p) if self.store.is_shared() => {
+                match self.store.take_meta(&pending_key(state)).await {
+                    Ok(None) => None,
+                    Ok(Some(_)) | Err(_) => Some(p),
                 }
-                Some(p)
             }
+            Some(p) => Some(p),
             None if self.store.is_shared() => self.take_shared_pending(state).await,
             None => None,
         };

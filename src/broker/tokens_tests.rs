@@ -556,6 +556,9 @@ impl CredentialStore for Shared {
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.inner.init_meta(key, value).await
     }
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.take_meta(key).await
+    }
 }
 
 /// Under the replica refresh lock the record is read from the database itself: when that

@@ -351,6 +351,10 @@ impl CredentialStore for AuthenticatedStore {
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.inner.init_meta(key, value).await
     }
+
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.take_meta(key).await
+    }
 }
 
 /// An event's tag covers its time and its body (what watchers and webhook receivers are told).

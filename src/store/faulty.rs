@@ -326,4 +326,8 @@ impl CredentialStore for FaultyStore {
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.write(None, self.inner.init_meta(key, value)).await
     }
+
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.write(None, self.inner.take_meta(key)).await
+    }
 }

@@ -154,6 +154,15 @@ impl CredentialStore for MemoryStore {
         Ok(self.lock()?.events.keys().next_back().copied().unwrap_or(0))
     }
 
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut inner = self.lock()?;
+        Ok(inner
+            .meta
+            .get_mut(key)
+            .map(std::mem::take)
+            .filter(|v| !v.is_empty()))
+    }
+
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         Ok(self
             .lock()?

@@ -973,6 +973,16 @@ impl CredentialStore for MirroredStore {
         Ok(stored)
     }
 
+    /// Only with the database: the mirror cannot tell whether another replica took it.
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let taken = self.inner.take_meta(key).await?;
+        let mut rows = self.wrote(Row::Meta(key));
+        if rows.meta.contains_key(key) || taken.is_some() {
+            self.mirror_meta(&mut rows, key, Some(b""));
+        }
+        Ok(taken)
+    }
+
     async fn try_lead(&self, duty: &str) -> Result<Option<Lead>, StoreError> {
         self.inner.try_lead(duty).await
     }
@@ -1103,6 +1113,9 @@ mod tests {
         }
         async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
             self.inner.init_meta(key, value).await
+        }
+        async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.take_meta(key).await
         }
     }
 

@@ -231,4 +231,10 @@ impl CredentialStore for MonitoredStore {
         self.health.observe(&r);
         r
     }
+
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.inner.take_meta(key).await;
+        self.health.observe(&r);
+        r
+    }
 }

@@ -178,6 +178,10 @@ impl CredentialStore for PendingPostgres {
         self.pg()?.init_meta(key, value).await
     }
 
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.pg()?.take_meta(key).await
+    }
+
     async fn try_lead(&self, duty: &str) -> Result<Option<Lead>, StoreError> {
         self.pg()?.try_lead(duty).await
     }

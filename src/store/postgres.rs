@@ -814,6 +814,23 @@ impl CredentialStore for PostgresStore {
         Ok(u64::try_from(v).unwrap_or(0))
     }
 
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        // The row is locked and read again after a racing taker commits: that one sees it empty.
+        let rows = self
+            .rows(
+                "WITH old AS (SELECT key, value FROM meta WHERE key = $1 FOR UPDATE), \
+                 m AS (UPDATE meta SET value = '' FROM old \
+                       WHERE meta.key = old.key AND octet_length(old.value) > 0 \
+                       RETURNING old.value) \
+                 SELECT m.value, pg_notify($2, $3) FROM m",
+                &[&key, &CHANNEL, &self.payload("meta", key)],
+            )
+            .await?;
+        rows.first()
+            .map(|r| column(r).map(<[u8]>::to_vec))
+            .transpose()
+    }
+
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.rows(
             "WITH m AS (INSERT INTO meta (key, value) VALUES ($1, $2) \

@@ -400,6 +400,17 @@ impl CredentialStore for SledStore {
         }
     }
 
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let taken = self
+            .meta
+            .fetch_and_update(key.as_bytes(), |old| old.map(|_| Vec::new()))
+            .map_err(backend)?
+            .filter(|v| !v.is_empty())
+            .map(|v| v.to_vec());
+        self.durable().await?;
+        Ok(taken)
+    }
+
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         let _ = self
             .meta
@@ -668,6 +679,11 @@ impl CredentialStore for ReopeningSledStore {
 
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         let r = self.writer().await?.init_meta(key, value).await;
+        self.note(r)
+    }
+
+    async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.writer().await?.take_meta(key).await;
         self.note(r)
     }
 }

@@ -622,6 +622,56 @@ async fn a_connect_started_on_one_replica_completes_through_another() {
     no_secret_in_logs(r.logs.path(), &[crate::connect::ZD_SECRET, PG_PASSWORD]);
 }
 
+/// The same callback at two replicas at once (a double click through the load balancer, a
+/// replayed URL): the code is exchanged once, one page says connected and the other refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_raced_at_two_replicas_exchanges_the_code_once() {
+    let Some(pg) = PgServer::shared().await else {
+        return skipped("a_callback_raced_at_two_replicas_exchanges_the_code_once");
+    };
+    let url = pg.fresh_db().await;
+    let fake = crate::connect::zendesk().await;
+    let r = replicas(&url, 2, &[]).await;
+    let mut a = r.admin(0).await;
+    a.register_system(crate::connect::register(
+        "zd",
+        pb::SystemKind::Zendesk,
+        &fake.base_url,
+        crate::connect::authz_code(crate::connect::ZD_CLIENT, crate::connect::ZD_SECRET),
+    ))
+    .await
+    .unwrap();
+    let http = no_redirects();
+    for round in 0..5 {
+        let s = a
+            .start_authorization(pb::StartAuthorizationRequest {
+                system_id: "zd".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let consent = http.get(&s.authorize_url).send().await.unwrap();
+        let via_a = url::Url::parse(consent.headers()["location"].to_str().unwrap()).unwrap();
+        let mut via_b = via_a.clone();
+        let b_http: std::net::SocketAddr = r.http_addr(1).parse().unwrap();
+        via_b.set_port(Some(b_http.port())).unwrap();
+        let before = fake.token_calls();
+        let (pa, pb_) = tokio::join!(reqwest::get(via_a.as_str()), reqwest::get(via_b.as_str()));
+        let mut codes = [
+            pa.unwrap().status().as_u16(),
+            pb_.unwrap().status().as_u16(),
+        ];
+        codes.sort_unstable();
+        assert_eq!(codes, [200, 400], "round {round}");
+        assert_eq!(
+            fake.token_calls() - before,
+            1,
+            "round {round}: the code was exchanged twice"
+        );
+    }
+    no_secret_in_logs(r.logs.path(), &[crate::connect::ZD_SECRET, PG_PASSWORD]);
+}
+
 /// Registers an Asana system through `c`.
 async fn register_on(c: &mut Client, id: &str, base_url: &str) {
     c.register_system(register_asana(id, base_url, "evt-pat", false))

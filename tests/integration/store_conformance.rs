@@ -120,7 +120,32 @@ async fn conformance(store: Arc<dyn CredentialStore>) {
     store.put_meta("k", b"v1").await.unwrap();
     store.put_meta("k", b"v2").await.unwrap();
     assert_eq!(store.get_meta("k").await.unwrap(), Some(b"v2".to_vec()));
+    takes_once(&store).await;
     store.flush().await.unwrap();
+}
+
+/// `take_meta` hands a value to one taker of many racing (on PostgreSQL: pooled connections,
+/// each its own transaction) and leaves the key empty.
+async fn takes_once(store: &Arc<dyn CredentialStore>) {
+    assert_eq!(store.take_meta("absent").await.unwrap(), None);
+    store.put_meta("once", b"single use").await.unwrap();
+    let racers: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.take_meta("once").await.unwrap() })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for r in racers {
+        taken.extend(r.await.unwrap());
+    }
+    assert_eq!(
+        taken,
+        vec![b"single use".to_vec()],
+        "taken by more than one"
+    );
+    assert_eq!(store.get_meta("once").await.unwrap(), Some(Vec::new()));
+    assert_eq!(store.take_meta("once").await.unwrap(), None);
 }
 
 #[tokio::test]
