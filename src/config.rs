@@ -147,6 +147,9 @@ pub struct ServerConfig {
     pub http_header_timeout: Duration,
     /// Open HTTP connections at most; more are closed at once.
     pub http_max_connections: usize,
+    /// Open gRPC connections at most (TLS handshakes in flight included); more are closed at
+    /// once.
+    pub grpc_max_connections: usize,
     /// Serve the admin console under `/console` on the HTTP listener.
     pub console: bool,
     /// A console session unused this long is over.
@@ -176,6 +179,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 256,
             http_header_timeout: Duration::from_secs(10),
             http_max_connections: 1024,
+            grpc_max_connections: 4096,
             console: true,
             console_session_idle: Duration::from_secs(30 * 60),
             console_session_max: Duration::from_secs(12 * 3600),
@@ -565,6 +569,8 @@ pub struct FileConfig {
     pub http_header_timeout_secs: Option<u64>,
     /// Connections.
     pub http_max_connections: Option<usize>,
+    /// Connections.
+    pub grpc_max_connections: Option<usize>,
     /// Bool.
     pub console: Option<bool>,
     /// Seconds.
@@ -842,10 +848,23 @@ impl ServerConfig {
             errors,
             &mut self.http_header_timeout,
         );
-        match f.http_max_connections {
-            Some(0) => errors.push("http_max_connections must be greater than 0".to_owned()),
-            Some(v) => self.http_max_connections = v,
-            None => {}
+        for (value, name, field) in [
+            (
+                f.http_max_connections,
+                "http_max_connections",
+                &mut self.http_max_connections,
+            ),
+            (
+                f.grpc_max_connections,
+                "grpc_max_connections",
+                &mut self.grpc_max_connections,
+            ),
+        ] {
+            match value {
+                Some(0) => errors.push(format!("{name} must be greater than 0")),
+                Some(v) => *field = v,
+                None => {}
+            }
         }
         self.apply_console(f, o, errors);
         if let Some(v) = f.max_request_bytes {

@@ -114,6 +114,7 @@ pub struct Metrics {
     audit_errors: AtomicU64,
     audit_dropped: AtomicU64,
     http_refused: AtomicU64,
+    grpc_refused: AtomicU64,
     store_write_errors: AtomicU64,
     records_refused: AtomicU64,
     proxy: Vec<AtomicU64>,
@@ -138,6 +139,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     audit_errors: AtomicU64::new(0),
     audit_dropped: AtomicU64::new(0),
     http_refused: AtomicU64::new(0),
+    grpc_refused: AtomicU64::new(0),
     store_write_errors: AtomicU64::new(0),
     records_refused: AtomicU64::new(0),
     proxy: (0..6).map(|_| AtomicU64::new(0)).collect(),
@@ -271,6 +273,11 @@ impl Metrics {
     /// An HTTP connection closed at once because the listener was at its connection cap.
     pub fn http_refused(&self) {
         self.http_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A gRPC connection closed at once because the listener was at its connection cap.
+    pub fn grpc_refused(&self) {
+        self.grpc_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A store write (or flush) that failed.
@@ -457,6 +464,11 @@ impl Metrics {
                 "credbroker_http_connections_refused_total",
                 "HTTP connections closed at the connection cap.",
                 &self.http_refused,
+            ),
+            (
+                "credbroker_grpc_connections_refused_total",
+                "gRPC connections closed at the connection cap.",
+                &self.grpc_refused,
             ),
             (
                 "credbroker_audit_dropped_total",

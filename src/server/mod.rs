@@ -373,7 +373,15 @@ async fn start_grpc(
     }
     let threads = config.server.serving_threads;
     // A new connection must speak within the HTTP listener's header timeout (see SilentCut).
-    let serve = grpc_server(router, tls.cloned(), config.server.http_header_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        config.server.grpc_max_connections.max(1),
+    ));
+    let serve = grpc_server(
+        router,
+        tls.cloned(),
+        config.server.http_header_timeout,
+        slots,
+    );
     let (server_task, extra) = cores::serve_on_cores(threads, listener, stop_rx, serve)
         .await
         .map_err(ServeError::Transport)?;
@@ -385,25 +393,37 @@ async fn start_grpc(
 
 /// Serves the gRPC `router` on a listener until told to stop (the main runtime's listener and
 /// each extra core's).
+/// Past `slots` open connections (shared by every core's runtime), a new one is closed at once,
+/// before any TLS handshake.
 fn grpc_server(
     router: tonic::transport::server::Router,
     tls: Option<Tls>,
     silent: Duration,
+    slots: Arc<tokio::sync::Semaphore>,
 ) -> impl Fn(TcpListener, tokio::sync::watch::Receiver<bool>) -> GrpcServing + Clone + Send + 'static
 {
     use tokio_stream::StreamExt as _;
     move |listener, stop| {
-        let (router, tls) = (router.clone(), tls.clone());
+        let (router, tls, slots) = (router.clone(), tls.clone(), slots.clone());
         Box::pin(async move {
             let stop = cores::stopped(stop);
             let served = match tls {
                 None => {
-                    let incoming = TcpListenerStream::new(listener)
-                        .map(move |r| r.map(|io| stall::SilentCut::new(io, silent)));
+                    let incoming = TcpListenerStream::new(listener).filter_map(move |r| {
+                        let io = match r {
+                            Ok(io) => io,
+                            Err(e) => return Some(Err(e)),
+                        };
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            crate::metrics::METRICS.grpc_refused();
+                            return None;
+                        };
+                        Some(Ok(stall::SilentCut::new(io, silent).holding(Some(slot))))
+                    });
                     router.serve_with_incoming_shutdown(incoming, stop).await
                 }
                 Some(reloader) => {
-                    let (incoming, accept_task) = reloader.incoming(listener);
+                    let (incoming, accept_task) = reloader.incoming(listener, slots);
                     let incoming =
                         incoming.map(move |r| r.map(|io| stall::SilentCut::new(io, silent)));
                     let served = router.serve_with_incoming_shutdown(incoming, stop).await;

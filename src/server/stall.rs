@@ -105,6 +105,8 @@ pub struct SilentCut<T> {
     inner: T,
     /// Armed at the start; gone with the first byte.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The connection's place under the listener's connection cap, given back when it closes.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<T> SilentCut<T> {
@@ -112,7 +114,14 @@ impl<T> SilentCut<T> {
         Self {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(limit))),
+            _slot: None,
         }
+    }
+
+    /// Holds `slot` (a place under the connection cap) for as long as the connection is open.
+    pub fn holding(mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        self._slot = slot;
+        self
     }
 }
 

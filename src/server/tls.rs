@@ -196,9 +196,11 @@ impl TlsReloader {
     }
 
     /// Accepts TCP connections and yields completed TLS streams.
+    /// Past `slots` open connections, a new one is closed before its handshake.
     pub fn incoming(
         self: &Arc<Self>,
         listener: TcpListener,
+        slots: Arc<tokio::sync::Semaphore>,
     ) -> (ReceiverStream<Result<TlsStream, io::Error>>, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(256);
         let me = self.clone();
@@ -212,6 +214,10 @@ impl TlsReloader {
                         continue;
                     }
                 };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    crate::metrics::METRICS.grpc_refused();
+                    continue;
+                };
                 let acceptor = tokio_rustls::TlsAcceptor::from(me.config());
                 let tx = tx.clone();
                 let timeout = me.settings.handshake_timeout;
@@ -224,6 +230,7 @@ impl TlsReloader {
                                     inner: stream,
                                     remote,
                                     names: Arc::new(names),
+                                    _slot: slot,
                                 }))
                                 .await;
                         }
@@ -260,6 +267,8 @@ pub struct TlsStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     remote: SocketAddr,
     names: Arc<Vec<String>>,
+    /// The connection's place under the listener's connection cap.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The HTTP listener's requests: the SAN DNS names of the connection's verified client

@@ -856,6 +856,67 @@ async fn http_connections_past_the_cap_are_closed_at_once() {
     broker.stop().await;
 }
 
+/// Past `grpc_max_connections` a new gRPC connection is closed at once (and counted), so idle
+/// or hostile sockets cannot take every descriptor; a freed slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_connections_past_the_cap_are_closed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.server.grpc_max_connections = 3;
+    config.server.http_header_timeout = Duration::from_secs(60);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        open.push(tokio::net::TcpStream::connect(broker.addr).await.unwrap());
+    }
+    // The admin's connection and two silent ones hold the three slots.
+    admin
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap();
+    let list = || async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", broker.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        let header = format!("Bearer {}", broker.admin_token);
+        let mut c = pb::credential_broker_client::CredentialBrokerClient::new(channel);
+        let mut req = tonic::Request::new(pb::ListSystemsRequest::default());
+        req.metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        tokio::time::timeout(Duration::from_secs(5), c.list_systems(req)).await
+    };
+    let r = list().await.expect("a connection past the cap hung");
+    assert!(r.is_err(), "a connection past the cap was served");
+    let metrics = reqwest::get(format!("http://{}/metrics", broker.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("credbroker_grpc_connections_refused_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(refused >= 1, "{metrics}");
+    // A closed connection gives its slot back once the broker has seen it close.
+    drop(open.pop());
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        every.tick().await;
+        match list().await {
+            Ok(Ok(_)) => break,
+            _ if Instant::now() > deadline => panic!("a freed slot never served"),
+            _ => {}
+        }
+    }
+    drop(open);
+    broker.stop().await;
+}
+
 /// Deleting a system and registering its id again starts a new incarnation whose versions go
 /// on from the old one's: the old incarnation's leases and authorization links are refused.
 #[tokio::test]

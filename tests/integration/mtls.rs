@@ -489,3 +489,63 @@ async fn the_http_listener_speaks_tls_and_reloads_its_certificate() {
         .is_err());
     broker.stop().await;
 }
+
+/// Over TLS the gRPC connection cap counts connections still in their handshake: past it a new
+/// one is closed before its handshake, and a freed slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_grpc_connections_past_the_cap_are_closed_before_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("credbroker test CA");
+    let server = ca.leaf(&["localhost", "127.0.0.1"], true);
+    let mut config = test_config(dir.path());
+    config.tls.cert_file = Some(write(certs.path(), "server.pem", &server.0));
+    config.tls.key_file = Some(write(certs.path(), "server.key", &server.1));
+    config.tls.handshake_timeout = Duration::from_secs(30);
+    config.server.grpc_max_connections = 2;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(credbroker::server::run(listener, config, async {
+        let _ = stop_rx.await;
+    }));
+    let serving = |ch: Channel| async move {
+        let mut health = HealthClient::new(ch);
+        let r = health.check(HealthCheckRequest::default()).await;
+        r.is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+    };
+    // One connection served, one silent (no handshake) holds the other slot.
+    let first = loop {
+        if let Ok(ch) = tls_channel(addr, &ca.pem(), None).await {
+            if serving(ch.clone()).await {
+                break ch;
+            }
+        }
+        tokio::task::yield_now().await;
+    };
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let past = tokio::time::timeout(Duration::from_secs(5), tls_channel(addr, &ca.pem(), None))
+        .await
+        .expect("a connection past the cap hung");
+    assert!(past.is_err(), "a connection past the cap was served");
+    assert!(serving(first.clone()).await);
+    // The silent connection closed, its slot serves again once the broker has seen it close.
+    drop(silent);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut every = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        every.tick().await;
+        if let Ok(ch) = tls_channel(addr, &ca.pem(), None).await {
+            if serving(ch).await {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a freed slot never served"
+        );
+    }
+    drop(first);
+    let _ = stop_tx.send(());
+    task.await.unwrap().unwrap();
+}
