@@ -149,46 +149,43 @@ async fn callback(
     State(http): State<HttpState>,
     Query(params): Query<HashMap<String, String>>,
 ) -> (StatusCode, Html<String>) {
-    let state = params.get("state").cloned().unwrap_or_default();
-    let (status, title, message, connected) = callback_outcome(&http.core, params).await;
-    // Started from the console: on to the system's page, which shows the outcome.
-    let next = match (&http.console, connected) {
-        (Some(c), Some(ok)) => c.connect_finished(&state, ok, &message),
-        _ => None,
-    };
+    let (status, title, message, next) = callback_outcome(&http.core, http.console, params).await;
     page_then(status, &title, &message, next.as_deref())
 }
 
-/// What the callback did: its HTTP status, the page's title and message, and (when it was
-/// processed) whether the system is connected now.
+/// What the callback did: its HTTP status, the page's title and message, and where the browser
+/// goes next (a flow started from the console: on to the system's page, which shows the
+/// outcome).
 async fn callback_outcome(
     core: &OnceLock<Arc<Broker>>,
+    console: Option<Arc<Console>>,
     params: HashMap<String, String>,
-) -> (u16, String, String, Option<bool>) {
+) -> (u16, String, String, Option<String>) {
     let Some(broker) = core.get() else {
         let m = "credbroker is starting; reload this page in a moment.";
         return (503, "Starting".to_owned(), m.to_owned(), None);
     };
+    let state = params.get("state").cloned().unwrap_or_default();
     // A state this broker did not make starts nothing (no store read, no background work).
-    let ours = params.get("state").is_some_and(|s| broker.state_is_ours(s));
-    if !ours {
+    if !broker.state_is_ours(&state) {
         let p = broker.complete_authorization(&params).await;
         audit_callback(broker, &p).await;
-        return (http_status(p.outcome), p.title, p.message, Some(false));
+        let next = console.and_then(|c| c.connect_finished(&state, false, &p.message));
+        return (http_status(p.outcome), p.title, p.message, next);
     }
-    // The code exchange belongs to no browser: a closed tab must not drop a grant the vendor
-    // has already issued (the code is single use), so it runs to the end on its own.
+    // The code exchange belongs to no browser: a closed tab (or the route's deadline) must not
+    // drop a grant the vendor has already issued (the code is single use), so it runs to the
+    // end on its own and tells the console how it ended.
     let b = broker.clone();
     let done = broker.run_detached(async move {
         let p = b.complete_authorization(&params).await;
         audit_callback(&b, &p).await;
-        p
+        let connected = p.outcome == Outcome::Connected;
+        let next = console.and_then(|c| c.connect_finished(&state, connected, &p.message));
+        (p, next)
     });
     match done.await {
-        Some(p) => {
-            let connected = p.outcome == Outcome::Connected;
-            (http_status(p.outcome), p.title, p.message, Some(connected))
-        }
+        Some((p, next)) => (http_status(p.outcome), p.title, p.message, next),
         None => {
             let m = "credbroker is stopping; try again in a moment.";
             (503, "Stopping".to_owned(), m.to_owned(), None)

@@ -645,6 +645,75 @@ impl Http {
     }
 }
 
+/// A connection started from the console whose code exchange outlives the callback's request
+/// deadline: the browser gets 503, the exchange goes on, and the system's console page shows
+/// how it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_past_the_request_deadline_still_reaches_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let zd = zendesk().await;
+    let mut config = test_config(dir.path());
+    config.server.request_timeout = Duration::from_secs(1);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register(
+            "zd",
+            pb::SystemKind::Zendesk,
+            &zd.base_url,
+            authz_code(ZD_CLIENT, ZD_SECRET),
+        ))
+        .await
+        .unwrap();
+    let mut h = Http::new(broker.http_addr);
+    let (_, set) = h.sign_in(&broker.admin_token).await;
+    let cookie = cookie_pair(&set);
+    let (_, _, page) = h.get(&cookie, "/console/systems/zd").await;
+    let csrf = csrf_in(&page);
+    let started = h
+        .http
+        .post(format!("{}/console/systems/zd/connect", h.base))
+        .header("cookie", &cookie)
+        .header("origin", &h.base)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let authorize = started.headers()["location"].to_str().unwrap().to_owned();
+    let consent = h.http.get(&authorize).send().await.unwrap();
+    let callback = consent.headers()["location"].to_str().unwrap().to_owned();
+    zd.oauth(|o| o.token_delay = Duration::from_millis(1_500));
+    let r = h.http.get(&callback).send().await.unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        503,
+        "the deadline did not cut the callback"
+    );
+    // The page shows the outcome once (asked every 50 ms until the exchange has ended).
+    let mut every = tokio::time::interval(Duration::from_millis(50));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        every.tick().await;
+        let (_, _, page) = h.get(&cookie, "/console/systems/zd").await;
+        if page.contains("Done: </strong>connected.") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no outcome on the console: {page}"
+        );
+    }
+    let s = admin
+        .get_system(pb::GetSystemRequest {
+            system_id: "zd".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.system.unwrap().state, pb::SystemState::Active as i32);
+    broker.stop().await;
+}
+
 /// Form fields or headers.
 type Pairs<'a> = &'a [(&'a str, &'a str)];
 
