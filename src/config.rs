@@ -164,6 +164,10 @@ pub struct ServerConfig {
     pub serving_threads: usize,
 }
 
+/// The most a connection cap may be (far above any descriptor limit; a semaphore takes no more
+/// than `usize::MAX >> 3` permits).
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -862,6 +866,9 @@ impl ServerConfig {
         ] {
             match value {
                 Some(0) => errors.push(format!("{name} must be greater than 0")),
+                Some(v) if v > MAX_CONNECTIONS => {
+                    errors.push(format!("{name} must be at most {MAX_CONNECTIONS}"))
+                }
                 Some(v) => *field = v,
                 None => {}
             }
@@ -1356,6 +1363,29 @@ mod tests {
         };
         let errs = Config::build(Some("request_timeout_secs = 0"), &bad).unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn connection_caps_are_read_and_bounded() {
+        let c = Config::build(
+            Some("grpc_max_connections = 10\nhttp_max_connections = 20\n"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.server.grpc_max_connections, c.server.http_max_connections),
+            (10, 20)
+        );
+        for bad in ["0", "1000001", "9223372036854775807"] {
+            for name in ["grpc_max_connections", "http_max_connections"] {
+                let errs = Config::build(Some(&format!("{name} = {bad}\n")), &Overrides::default())
+                    .unwrap_err();
+                assert!(
+                    errs.iter().any(|e| e.contains(name)),
+                    "{name} = {bad}: {errs:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::broker::{is_ours, Broker, Modified, Retry};
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, CredentialType, SystemState};
 use crate::secret::SecretString;
+use crate::store::StoreError;
 use crate::util::sync::{lock, read};
 
 /// A pending authorization as replicas share it (sealed in the store's metadata under
@@ -54,6 +55,20 @@ pub struct PendingAuthorization {
     verifier: Option<SecretString>,
     redirect_uri: String,
     expires: Instant,
+}
+
+#[cfg(test)]
+impl PendingAuthorization {
+    /// One for `system_id`, valid a minute.
+    pub(crate) fn for_test(system_id: &str) -> Self {
+        Self {
+            system_id: system_id.to_owned(),
+            credential_version: 1,
+            verifier: None,
+            redirect_uri: "http://127.0.0.1/oauth/callback".to_owned(),
+            expires: Instant::now() + Duration::from_secs(60),
+        }
+    }
 }
 
 /// What the callback shows the person in the browser.
@@ -206,14 +221,38 @@ impl Broker {
         Ok((url, SystemTime::now() + ttl, redirect_uri))
     }
 
-    /// A pending authorization another replica started, consumed (single use) from the store.
-    async fn take_shared_pending(&self, state: &str) -> Option<PendingAuthorization> {
+    /// The pending authorization of a live `state`, consumed (single use): `local` when this
+    /// process started it, else (replicas) the one another replica stored. With a shared store
+    /// the stored copy is taken atomically either way: of two replicas handed the same callback
+    /// one exchanges the code (a second exchange of a used code may make the vendor revoke the
+    /// grant the first one got). A store error leaves it unknown whether another replica took
+    /// it: the local copy is kept for a retry and nothing is exchanged.
+    async fn take_pending(
+        &self,
+        state: &str,
+        local: Option<PendingAuthorization>,
+    ) -> Result<Option<PendingAuthorization>, StoreError> {
+        if !self.store.is_shared() {
+            return Ok(local);
+        }
+        let taken = self.store.take_meta(&pending_key(state)).await;
+        match (local, taken) {
+            (Some(p), Ok(t)) => Ok(t.map(|_| p)),
+            (Some(p), Err(e)) => {
+                lock(&self.pending_authorizations).insert(state.to_owned(), p);
+                Err(e)
+            }
+            (None, Ok(Some(sealed))) => Ok(self.open_shared_pending(state, &sealed)),
+            (None, Ok(None)) => Ok(None),
+            (None, Err(e)) => Err(e),
+        }
+    }
+
+    /// A pending authorization another replica started and stored sealed.
+    fn open_shared_pending(&self, state: &str, sealed: &[u8]) -> Option<PendingAuthorization> {
         let key = pending_key(state);
-        // Atomic: of two replicas handed the same callback, one exchanges the code (a second
-        // exchange of a used code may make the vendor revoke the grant the first one got).
-        let sealed = self.store.take_meta(&key).await.ok().flatten()?;
         let plain = read(&self.keyring)
-            .open(&pending_binding(&key), &sealed)
+            .open(&pending_binding(&key), sealed)
             .ok()?;
         let p: SharedPending = serde_json::from_slice(&plain).ok()?;
         let left = Duration::from_millis(
@@ -257,17 +296,18 @@ impl Broker {
         let pending = match local {
             // Not one this broker made: no store read for it.
             _ if check == StateCheck::Foreign => None,
-            // Consumed here: no other replica may use it. One that took it first wins; with
-            // the database away nobody else can take it, and this process goes on.
-            Some(p) if self.store.is_shared() => {
-                match self.store.take_meta(&pending_key(state)).await {
-                    Ok(None) => None,
-                    Ok(Some(_)) | Err(_) => Some(p),
+            local => match self.take_pending(state, local).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(message = "Could not take a pending authorization from the store.", error = %e);
+                    return CallbackPage::new(
+                        Outcome::Unavailable,
+                        "Try again in a moment",
+                        "The broker's store did not answer. Nothing was changed; reload this \
+                         page in a moment.",
+                    );
                 }
-            }
-            Some(p) => Some(p),
-            None if self.store.is_shared() => self.take_shared_pending(state).await,
-            None => None,
+            },
         };
         let Some(p) = pending else {
             return CallbackPage::new(
@@ -614,13 +654,23 @@ fn expired_page(system_id: Option<&str>) -> CallbackPage {
 pub const MAX_LINK_FLOWS: usize = 3;
 
 /// The tag of an OAuth `state`'s body (its random part and expiry): the first 16 bytes of its
-/// HMAC-SHA256 under the link key, kept apart from the links' signatures. The domain says v2:
-/// v1 states (no expiry) read as foreign.
+/// HMAC-SHA256 under the link key, kept apart from the links' signatures.
 fn state_tag(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
+    tag_in(key, STATE_V2, body)
+}
+
+/// Domains of the state tags: v2 states carry their expiry; v1 states (made by the version
+/// before, all random) are still accepted for one release so that authorizations started on
+/// an older replica during a rolling upgrade complete on a newer one (the stored
+/// authorization's own expiry still bounds them).
+const STATE_V2: &[u8] = b"credbroker/oauth-state/v2\0";
+pub(crate) const STATE_V1: &[u8] = b"credbroker/oauth-state/v1\0";
+
+pub(crate) fn tag_in(key: &[u8; 32], domain: &[u8], body: &[u8]) -> [u8; 16] {
     use hmac::Mac;
     let mut tag = [0u8; 16];
     if let Ok(mut mac) = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key) {
-        mac.update(b"credbroker/oauth-state/v2\0");
+        mac.update(domain);
         mac.update(body);
         tag.copy_from_slice(&mac.finalize().into_bytes()[..16]);
     }
@@ -680,9 +730,16 @@ impl Broker {
         let Some((body, tag)) = raw.split_at_checked(16) else {
             return StateCheck::Foreign;
         };
-        let want = state_tag(self.link_key.as_bytes(), body);
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(want.as_slice(), tag)) {
-            return StateCheck::Foreign;
+        let key = self.link_key.as_bytes();
+        let tagged = |domain| -> bool {
+            subtle::ConstantTimeEq::ct_eq(tag_in(key, domain, body).as_slice(), tag).into()
+        };
+        if !tagged(STATE_V2) {
+            return if tagged(STATE_V1) {
+                StateCheck::Live
+            } else {
+                StateCheck::Foreign
+            };
         }
         let expires = body
             .get(12..16)

@@ -400,6 +400,8 @@ struct Shared {
     updates: AtomicUsize,
     /// What the ordinary reads answer for these ids instead: a mirror's stale copy.
     mirrored: Mutex<Vec<SystemRecord>>,
+    /// `take_meta` fails as unreachable while set.
+    meta_down: std::sync::atomic::AtomicBool,
     /// Refresh locks cannot be had while set (as when this replica's lock slots are all held).
     locks_busy: std::sync::atomic::AtomicBool,
     /// The next update lands, then answers unreachable (its answer lost).
@@ -557,6 +559,9 @@ impl CredentialStore for Shared {
         self.inner.init_meta(key, value).await
     }
     async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.meta_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unreachable("the database is away".into()));
+        }
         self.inner.take_meta(key).await
     }
 }
@@ -1084,6 +1089,55 @@ async fn only_states_made_with_this_master_key_are_accepted() {
     }
     assert_eq!(broker.state_check(&stale), StateCheck::Expired);
     assert_eq!(broker.state_check(&foreign), StateCheck::Foreign);
+    // A state lives at least as long as its authorization (whole seconds, rounded up).
+    let raw =
+        base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &state).unwrap();
+    let expires = u64::from(u32::from_be_bytes(raw[12..16].try_into().unwrap()));
+    let ttl = broker.settings.authorization_ttl.as_secs();
+    let now = crate::model::unix_now();
+    assert!(
+        (now + ttl..=now + ttl + 2).contains(&expires),
+        "expires {expires}, now {now}, ttl {ttl}"
+    );
+    // A v1 state (made by the version before, all random) is still accepted.
+    let v1 = {
+        use crate::broker::connect::{tag_in, STATE_V1};
+        let body = [3u8; 16];
+        let mut raw = [0u8; 32];
+        raw[..16].copy_from_slice(&body);
+        raw[16..].copy_from_slice(&tag_in(broker.link_key.as_bytes(), STATE_V1, &body));
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw)
+    };
+    assert_eq!(broker.state_check(&v1), StateCheck::Live);
+}
+
+/// A callback whose authorization this replica holds, while the shared store does not answer:
+/// whether another replica took it is unknown, so nothing is exchanged, the browser is asked
+/// to retry, and the authorization is kept for that retry.
+#[tokio::test]
+async fn a_store_error_at_the_callback_keeps_the_authorization_for_a_retry() {
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let state = broker.new_state();
+    let held = crate::broker::connect::PendingAuthorization::for_test("gone");
+    (broker.pending_authorizations.lock().unwrap()).insert(state.clone(), held);
+    store.meta_down.store(true, Ordering::SeqCst);
+    let params = HashMap::from([
+        ("state".to_owned(), state.clone()),
+        ("code".to_owned(), "a-code".to_owned()),
+    ]);
+    let page = broker.complete_authorization(&params).await;
+    assert_eq!(
+        page.outcome,
+        crate::broker::connect::Outcome::Unavailable,
+        "{}",
+        page.message
+    );
+    assert!(broker
+        .pending_authorizations
+        .lock()
+        .unwrap()
+        .contains_key(&state));
 }
 
 /// A stale state (tagged right, past its expiry) replayed at the callback gets the expired

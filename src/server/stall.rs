@@ -97,23 +97,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallCut<T> {
     }
 }
 
-/// A connection whose peer must send its first bytes within a limit. One opened and left silent
-/// (never sending the HTTP/2 preface, or a TLS peer quiet after its handshake) is closed: hyper's
-/// HTTP/2 server waits for a preface with no timer of its own, so such connections could pile up
-/// until the process runs out of file descriptors.
+/// A connection whose peer must send the whole HTTP/2 client preface within a limit. One opened
+/// and left silent, or stopped part way (a byte, then nothing; a TLS peer quiet after its
+/// handshake), is closed: hyper's HTTP/2 server waits for a preface with no timer of its own,
+/// and its keep-alive pings start only after it, so such connections would hold their slot
+/// under the connection cap (and a descriptor) for good.
 pub struct SilentCut<T> {
     inner: T,
-    /// Armed at the start; gone with the first byte.
+    /// Armed at the start; gone once the preface's bytes have arrived.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes read so far, while armed.
+    seen: usize,
     /// The connection's place under the listener's connection cap, given back when it closes.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n` (RFC 9113 §3.4).
+const HTTP2_PREFACE_LEN: usize = 24;
 
 impl<T> SilentCut<T> {
     pub fn new(inner: T, limit: Duration) -> Self {
         Self {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(limit))),
+            seen: 0,
             _slot: None,
         }
     }
@@ -138,7 +145,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for SilentCut<T> {
             return poll;
         };
         if poll.is_ready() {
-            if buf.filled().len() > before {
+            this.seen = this
+                .seen
+                .saturating_add(buf.filled().len().saturating_sub(before));
+            if this.seen >= HTTP2_PREFACE_LEN {
                 this.deadline = None;
             }
             return poll;
