@@ -101,6 +101,9 @@ pub enum Outcome {
     Internal,
     /// The grant could not be stored now.
     Unavailable,
+    /// Nothing was used (the store did not answer when the authorization was to be taken):
+    /// the same callback may be sent again.
+    TryAgain,
 }
 
 impl CallbackPage {
@@ -293,6 +296,7 @@ impl Broker {
             // Made here, replayed late: no store read for it.
             return expired_page(local.as_ref().map(|p| p.system_id.as_str()));
         }
+        let system_id = local.as_ref().map(|p| p.system_id.clone());
         let pending = match local {
             // Not one this broker made: no store read for it.
             _ if check == StateCheck::Foreign => None,
@@ -300,12 +304,15 @@ impl Broker {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(message = "Could not take a pending authorization from the store.", error = %e);
-                    return CallbackPage::new(
-                        Outcome::Unavailable,
-                        "Try again in a moment",
-                        "The broker's store did not answer. Nothing was changed; reload this \
-                         page in a moment.",
-                    );
+                    return CallbackPage {
+                        system_id,
+                        ..CallbackPage::new(
+                            Outcome::TryAgain,
+                            "Try again in a moment",
+                            "The broker's store did not answer. Nothing was changed; reload \
+                             this page in a moment.",
+                        )
+                    };
                 }
             },
         };
@@ -735,7 +742,9 @@ impl Broker {
             subtle::ConstantTimeEq::ct_eq(tag_in(key, domain, body).as_slice(), tag).into()
         };
         if !tagged(STATE_V2) {
-            return if tagged(STATE_V1) {
+            // v1: only a replica's stored authorization can still match one (a single process
+            // lost its own at the upgrade's restart).
+            return if self.store.is_shared() && tagged(STATE_V1) {
                 StateCheck::Live
             } else {
                 StateCheck::Foreign

@@ -1129,9 +1129,14 @@ async fn a_store_error_at_the_callback_keeps_the_authorization_for_a_retry() {
     let page = broker.complete_authorization(&params).await;
     assert_eq!(
         page.outcome,
-        crate::broker::connect::Outcome::Unavailable,
+        crate::broker::connect::Outcome::TryAgain,
         "{}",
         page.message
+    );
+    assert_eq!(
+        page.system_id.as_deref(),
+        Some("gone"),
+        "audited for its system"
     );
     assert!(broker
         .pending_authorizations

@@ -170,7 +170,7 @@ async fn callback_outcome(
     if !broker.state_is_ours(&state) {
         let p = broker.complete_authorization(&params).await;
         audit_callback(broker, &p).await;
-        let next = console.and_then(|c| c.connect_finished(&state, false, &p.message));
+        let next = console.and_then(|c| hand_off(&c, &state, &p));
         return (http_status(p.outcome), p.title, p.message, next);
     }
     // The code exchange belongs to no browser: a closed tab (or the route's deadline) must not
@@ -180,8 +180,7 @@ async fn callback_outcome(
     let done = broker.run_detached(async move {
         let p = b.complete_authorization(&params).await;
         audit_callback(&b, &p).await;
-        let connected = p.outcome == Outcome::Connected;
-        let next = console.and_then(|c| c.connect_finished(&state, connected, &p.message));
+        let next = console.and_then(|c| hand_off(&c, &state, &p));
         (p, next)
     });
     match done.await {
@@ -191,6 +190,20 @@ async fn callback_outcome(
             (503, "Stopping".to_owned(), m.to_owned(), None)
         }
     }
+}
+
+/// Tells the console how a flow it started ended, and where the browser goes next: only when
+/// the callback settled an authorization (not one that matched none, such as a duplicate of a
+/// callback still under way, nor one to be sent again).
+fn hand_off(
+    console: &Console,
+    state: &str,
+    p: &crate::broker::connect::CallbackPage,
+) -> Option<String> {
+    if p.system_id.is_none() || p.outcome == Outcome::TryAgain {
+        return None;
+    }
+    console.connect_finished(state, p.outcome == Outcome::Connected, &p.message)
 }
 
 /// Audits a callback; one whose state matched no authorization is anonymous traffic and counts
@@ -350,7 +363,7 @@ fn http_status(outcome: Outcome) -> u16 {
         Outcome::Conflict => 409,
         Outcome::Internal => 500,
         Outcome::VendorFailed => 502,
-        Outcome::Unavailable => 503,
+        Outcome::Unavailable | Outcome::TryAgain => 503,
     }
 }
 

@@ -156,7 +156,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for SilentCut<T> {
         match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the peer sent nothing",
+                "the peer did not send the HTTP/2 preface in time",
             ))),
             Poll::Pending => Poll::Pending,
         }

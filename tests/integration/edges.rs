@@ -867,6 +867,7 @@ async fn http_connections_past_the_cap_are_closed_at_once() {
 /// or hostile sockets cannot take every descriptor; a freed slot serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_connections_past_the_cap_are_closed_at_once() {
+    let _serial = GRPC_CAP_TESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());
     config.server.grpc_max_connections = 3;

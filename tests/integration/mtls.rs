@@ -494,6 +494,7 @@ async fn the_http_listener_speaks_tls_and_reloads_its_certificate() {
 /// one is closed before its handshake, and a freed slot serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_grpc_connections_past_the_cap_are_closed_before_the_handshake() {
+    let _serial = GRPC_CAP_TESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let certs = tempfile::tempdir().unwrap();
     let ca = Ca::new("credbroker test CA");

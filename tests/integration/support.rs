@@ -560,3 +560,7 @@ pub fn candidate(
         )),
     }
 }
+
+/// Held by the tests that count refused gRPC connections (a process-wide counter), so that one
+/// test's refusals cannot satisfy another's check.
+pub static GRPC_CAP_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
