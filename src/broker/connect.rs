@@ -21,7 +21,7 @@ use crate::store::StoreError;
 use crate::util::sync::{lock, read};
 
 /// A pending authorization as replicas share it (sealed in the store's metadata under
-/// `pending_auth/<SHA-256 of the state>`; an empty value marks it used).
+/// `pending_auth/<SHA-256 of the state>`; taken (removed) when a callback uses it).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SharedPending {
     system_id: String,

@@ -156,11 +156,7 @@ impl CredentialStore for MemoryStore {
 
     async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut inner = self.lock()?;
-        Ok(inner
-            .meta
-            .get_mut(key)
-            .map(std::mem::take)
-            .filter(|v| !v.is_empty()))
+        Ok(inner.meta.remove(key).filter(|v| !v.is_empty()))
     }
 
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {

@@ -974,20 +974,11 @@ impl CredentialStore for MirroredStore {
     }
 
     /// Only with the database: the mirror cannot tell whether another replica took it. Its own
-    /// copy is emptied first, whatever the database answers (a take whose answer was lost may
-    /// have landed), so it never serves a value that may have been used.
+    /// copy goes first, whatever the database answers (a take whose answer was lost may have
+    /// landed), so it never serves a value that may have been used.
     async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        {
-            let mut rows = self.wrote(Row::Meta(key));
-            if rows.meta.contains_key(key) {
-                self.mirror_meta(&mut rows, key, Some(b""));
-            }
-        }
-        let taken = self.inner.take_meta(key).await?;
-        if taken.is_some() {
-            self.mirror_meta(&mut self.wrote(Row::Meta(key)), key, Some(b""));
-        }
-        Ok(taken)
+        self.mirror_meta(&mut self.wrote(Row::Meta(key)), key, None);
+        self.inner.take_meta(key).await
     }
 
     async fn try_lead(&self, duty: &str) -> Result<Option<Lead>, StoreError> {

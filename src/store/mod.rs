@@ -207,9 +207,9 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// afterwards. Processes sharing the store that race here all get the same value.
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError>;
 
-    /// Takes `key`'s value and leaves the key holding an empty one, atomically: of processes
-    /// sharing the store that race here (two replicas handed the same single-use value), one
-    /// gets it and the others `None`. A missing or empty value is `None`. Durable on Ok.
+    /// Takes `key`'s value and removes the key, atomically: of processes sharing the store that
+    /// race here (two replicas handed the same single-use value), one gets it and the others
+    /// `None`. A missing or empty value is `None`. Durable on Ok.
     async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Takes the lead of the background duties named `duty` (the keep-alive sweep, scheduled

@@ -815,20 +815,19 @@ impl CredentialStore for PostgresStore {
     }
 
     async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        // The row is locked and read again after a racing taker commits: that one sees it empty.
+        // A racing taker waits for the row's lock, then finds it gone.
         let rows = self
             .rows(
-                "WITH old AS (SELECT key, value FROM meta WHERE key = $1 FOR UPDATE), \
-                 m AS (UPDATE meta SET value = '' FROM old \
-                       WHERE meta.key = old.key AND octet_length(old.value) > 0 \
-                       RETURNING old.value) \
+                "WITH m AS (DELETE FROM meta WHERE key = $1 RETURNING value) \
                  SELECT m.value, pg_notify($2, $3) FROM m",
                 &[&key, &CHANNEL, &self.payload("meta", key)],
             )
             .await?;
-        rows.first()
+        let taken = rows
+            .first()
             .map(|r| column(r).map(<[u8]>::to_vec))
-            .transpose()
+            .transpose()?;
+        Ok(taken.filter(|v| !v.is_empty()))
     }
 
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {

@@ -403,7 +403,7 @@ impl CredentialStore for SledStore {
     async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let taken = self
             .meta
-            .fetch_and_update(key.as_bytes(), |old| old.map(|_| Vec::new()))
+            .remove(key.as_bytes())
             .map_err(backend)?
             .filter(|v| !v.is_empty())
             .map(|v| v.to_vec());
