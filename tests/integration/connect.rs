@@ -101,7 +101,7 @@ pub(crate) async fn zendesk() -> FakeZendesk {
 }
 
 /// Registers Zendesk system "zd" at `fake` (an authorization-code client, not connected yet).
-async fn register_zendesk(admin: &mut Client, fake: &FakeZendesk) {
+pub(crate) async fn register_zendesk(admin: &mut Client, fake: &FakeZendesk) {
     admin
         .register_system(register(
             "zd",

@@ -657,15 +657,7 @@ async fn a_connect_past_the_request_deadline_still_reaches_the_console() {
     config.egress.upstream_timeout = Duration::from_secs(6);
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
-    admin
-        .register_system(register(
-            "zd",
-            pb::SystemKind::Zendesk,
-            &zd.base_url,
-            authz_code(ZD_CLIENT, ZD_SECRET),
-        ))
-        .await
-        .unwrap();
+    crate::connect::register_zendesk(&mut admin, &zd).await;
     let mut h = Http::new(broker.http_addr);
     let (_, set) = h.sign_in(&broker.admin_token).await;
     let cookie = cookie_pair(&set);

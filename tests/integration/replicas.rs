@@ -582,26 +582,9 @@ async fn a_connect_started_on_one_replica_completes_through_another() {
     let fake = crate::connect::zendesk().await;
     let r = replicas(&url, 2, &[]).await;
     let (mut a, mut b) = (r.admin(0).await, r.admin(1).await);
-    a.register_system(crate::connect::register(
-        "zd",
-        pb::SystemKind::Zendesk,
-        &fake.base_url,
-        crate::connect::authz_code(crate::connect::ZD_CLIENT, crate::connect::ZD_SECRET),
-    ))
-    .await
-    .unwrap();
-    let s = a
-        .start_authorization(pb::StartAuthorizationRequest {
-            system_id: "zd".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    crate::connect::register_zendesk(&mut a, &fake).await;
     // The browser comes back through the load balancer, which picks B.
-    let http = no_redirects();
-    let consent = http.get(&s.authorize_url).send().await.unwrap();
-    assert_eq!(consent.status().as_u16(), 302);
-    let mut callback = url::Url::parse(consent.headers()["location"].to_str().unwrap()).unwrap();
+    let mut callback = consent_callback(&mut a).await;
     let via_a = callback.to_string();
     let b_http: std::net::SocketAddr = r.http_addr(1).parse().unwrap();
     callback.set_port(Some(b_http.port())).unwrap();
@@ -622,6 +605,21 @@ async fn a_connect_started_on_one_replica_completes_through_another() {
     no_secret_in_logs(r.logs.path(), &[crate::connect::ZD_SECRET, PG_PASSWORD]);
 }
 
+/// Starts a connect of "zd" through `a` and allows it at the vendor: the callback URL the
+/// browser is sent back to.
+async fn consent_callback(a: &mut Client) -> url::Url {
+    let s = a
+        .start_authorization(pb::StartAuthorizationRequest {
+            system_id: "zd".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let consent = no_redirects().get(&s.authorize_url).send().await.unwrap();
+    assert_eq!(consent.status().as_u16(), 302);
+    url::Url::parse(consent.headers()["location"].to_str().unwrap()).unwrap()
+}
+
 /// The same callback at two replicas at once (a double click through the load balancer, a
 /// replayed URL): the code is exchanged once, one page says connected and the other refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -633,25 +631,9 @@ async fn a_callback_raced_at_two_replicas_exchanges_the_code_once() {
     let fake = crate::connect::zendesk().await;
     let r = replicas(&url, 2, &[]).await;
     let mut a = r.admin(0).await;
-    a.register_system(crate::connect::register(
-        "zd",
-        pb::SystemKind::Zendesk,
-        &fake.base_url,
-        crate::connect::authz_code(crate::connect::ZD_CLIENT, crate::connect::ZD_SECRET),
-    ))
-    .await
-    .unwrap();
-    let http = no_redirects();
+    crate::connect::register_zendesk(&mut a, &fake).await;
     for round in 0..5 {
-        let s = a
-            .start_authorization(pb::StartAuthorizationRequest {
-                system_id: "zd".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let consent = http.get(&s.authorize_url).send().await.unwrap();
-        let via_a = url::Url::parse(consent.headers()["location"].to_str().unwrap()).unwrap();
+        let via_a = consent_callback(&mut a).await;
         let mut via_b = via_a.clone();
         let b_http: std::net::SocketAddr = r.http_addr(1).parse().unwrap();
         via_b.set_port(Some(b_http.port())).unwrap();
