@@ -473,6 +473,11 @@ pub fn classify(
                 AuthFailure::RateLimited,
                 format!("{vendor}'s token endpoint rate-limited the broker"),
             ),
+            // RFC 6749's code for a passing outage: nothing is wrong with the grant.
+            "temporarily_unavailable" => transient(
+                AuthFailure::UpstreamError,
+                format!("{vendor}'s token endpoint is temporarily unavailable"),
+            ),
             "inactive_user" | "inactive_org" => rejected(
                 AuthFailure::ExpiredOrRevoked,
                 format!("{vendor} answered {ext}: the user or organization is inactive"),
@@ -490,9 +495,15 @@ pub fn classify(
                 format!("{vendor}'s token endpoint answered with an unexpected error"),
             ),
         },
-        None if matches!(status, 401 | 403) => rejected(
-            AuthFailure::InvalidCredentials,
-            format!("{vendor} refused the token request (HTTP {status}): {invalid_credentials_hint}"),
+        // A 401/403 without an OAuth error body is not the vendor's word on the grant (every
+        // vendor here answers token errors in RFC 6749's JSON): a CDN or firewall challenge, a
+        // proxy's login page. Marking the grant dead would make an admin reconnect for it.
+        None if matches!(status, 401 | 403) => transient(
+            AuthFailure::UpstreamError,
+            format!(
+                "{vendor}'s token endpoint answered HTTP {status} without an OAuth error (a \
+                 proxy or firewall in the way?); retrying later"
+            ),
         ),
         None => transient(
             AuthFailure::UpstreamError,
@@ -617,6 +628,45 @@ pub fn missing_scopes(needed: &[String], granted: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A passing outage the vendor names (`temporarily_unavailable`) and a 401/403 without an
+    /// OAuth error body (a firewall's page) are retried later; `invalid_grant` kills the grant.
+    #[test]
+    fn only_the_vendors_own_word_on_the_grant_rejects_it() {
+        let meta = |status| {
+            Some(ResponseMeta {
+                status,
+                retry_after: None,
+            })
+        };
+        let coded = |code: BasicErrorResponseType| {
+            RequestTokenError::ServerResponse(BasicErrorResponse::new(code, None, None))
+        };
+        let ext = |c: &str| coded(BasicErrorResponseType::Extension(c.to_owned()));
+        let judge = |e: &TokenRequestError, status| classify("V", e, meta(status), "r", "i");
+        for (err, status) in [
+            (ext("temporarily_unavailable"), 400),
+            (ext("temporarily_unavailable"), 401),
+            (RequestTokenError::Other("not json".to_owned()), 401),
+            (RequestTokenError::Other("not json".to_owned()), 403),
+        ] {
+            let got = judge(&err, status);
+            assert!(
+                matches!(got, BackendError::Transient { .. }),
+                "{status}: {got:?}"
+            );
+        }
+        for (err, status) in [
+            (coded(BasicErrorResponseType::InvalidGrant), 400),
+            (ext("server_error"), 401),
+        ] {
+            let got = judge(&err, status);
+            assert!(
+                matches!(got, BackendError::Rejected { .. }),
+                "{status}: {got:?}"
+            );
+        }
+    }
 
     fn answer(expires_in: Option<Duration>) -> VendorTokenResponse {
         let mut r = VendorTokenResponse::new(

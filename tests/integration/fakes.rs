@@ -277,6 +277,8 @@ pub enum Mode {
     Anonymous,
     /// Azure DevOps: 203 with an HTML sign-in page.
     SignInPage,
+    /// A CDN or firewall in front of the vendor: 403 with an HTML challenge page.
+    Challenge,
 }
 
 fn fault(mode: Mode) -> Option<Reply> {
@@ -293,6 +295,11 @@ fn fault(mode: Mode) -> Option<Reply> {
             "<html><body>Sign in</body></html>".into(),
         )),
         Mode::Hang => Some(Reply::Hang),
+        Mode::Challenge => Some(Reply::Raw(
+            403,
+            "text/html",
+            "<html><title>Just a moment...</title>Checking your browser</html>".into(),
+        )),
         _ => None,
     }
 }
