@@ -64,6 +64,20 @@ pub struct Header {
     pub value: SecretString,
 }
 
+/// The longest header value handed out (an Entra token with many claims runs to a few KiB;
+/// common servers refuse a header line past 8–16 KiB).
+pub const MAX_HEADER_VALUE: usize = 16 * 1024;
+
+impl Header {
+    /// Whether the value can go into an HTTP request as it is: printable ASCII and spaces, at
+    /// most [`MAX_HEADER_VALUE`] bytes. A vendor's token with a CR/LF, another control byte or
+    /// non-ASCII text would inject headers at a worker's HTTP stack or be dropped by the proxy.
+    pub fn sendable(&self) -> bool {
+        let v = self.value.expose_secret().as_bytes();
+        !v.is_empty() && v.len() <= MAX_HEADER_VALUE && v.iter().all(|b| (0x20..0x7f).contains(b))
+    }
+}
+
 /// What [`Backend::issue`] returns.
 #[derive(Debug)]
 pub struct Issued {

@@ -1167,11 +1167,15 @@ impl Broker {
             .updated_credential
             .take()
             .or_else(|| self.pending_for(f, &record));
+        // A token that cannot be sent as a header is handed to no one (nor shared), but what
+        // the same answer rotated is kept like any other.
+        let sendable = issued.headers.iter().all(Header::sendable);
         // With replicas, a rotated credential and the token it brought are written together:
         // one write, one notification.
         let mut shared_with = None;
         if let Some(newcred) = updated {
-            let share = (shared && issued.expires_at.is_some()).then(|| Share::of(&issued));
+            let share =
+                (shared && sendable && issued.expires_at.is_some()).then(|| Share::of(&issued));
             match self
                 .persist_credential(system_id, &record, &newcred, share.as_ref())
                 .await
@@ -1212,6 +1216,9 @@ impl Broker {
                 }
             }
         }
+        if !sendable {
+            return Err(self.on_unsendable(f, system_id, &record));
+        }
         f.failures = 0;
         f.backoff_until = None;
         f.last_failure = None;
@@ -1228,6 +1235,23 @@ impl Broker {
             self.note_refreshed(system_id).await;
         }
         Ok(token)
+    }
+
+    /// The vendor answered with a token that cannot be sent as a header: a fault of the
+    /// vendor's, retried after the usual back-off (its content is not logged).
+    fn on_unsendable(&self, f: &mut Flight, system_id: &str, record: &SystemRecord) -> BrokerError {
+        f.failures = f.failures.saturating_add(1);
+        f.last_failure = Some(AuthFailure::UpstreamError);
+        let delay = self.backoff_delay(f.failures, None);
+        f.backoff_until = Some(Instant::now() + delay);
+        tracing::warn!(message = "The vendor issued a token that cannot be sent as an HTTP header; backing off.", kind = %record.kind, system_id = %system_id, retry_in_ms = delay.as_millis() as u64);
+        BrokerError::Unavailable(format!(
+            "{} issued a token that cannot be sent as an HTTP header (control or non-ASCII \
+             characters, or over {} KiB); retry in {} s",
+            record.kind.display_name(),
+            crate::backends::MAX_HEADER_VALUE / 1024,
+            delay.as_secs().max(1)
+        ))
     }
 
     /// The vendor refused the credential: an OAuth grant is dead until an admin reconnects.

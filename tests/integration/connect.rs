@@ -885,3 +885,68 @@ async fn a_firewall_page_at_the_token_endpoint_does_not_kill_the_grant() {
     }
     broker.stop().await;
 }
+
+/// A vendor whose token answer carries a CR/LF in the access token (header injection at the
+/// worker's HTTP stack) while rotating the refresh token: the token is handed to no one, the
+/// rotated refresh token is kept, and once the vendor answers sanely the grant still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_token_that_is_no_header_value_is_never_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    connect_zendesk(&mut admin, &fake).await;
+    let ask = |rejected: &str| pb::GetAccessTokenRequest {
+        system_id: "zd".into(),
+        rejected_token_id: rejected.to_owned(),
+        ..Default::default()
+    };
+    let first = admin.get_access_token(ask("")).await.unwrap().into_inner();
+    fake.oauth(|o| o.access_token_tail = "\r\nX-Injected: 1");
+    let calls = fake.token_calls();
+    for _ in 0..20 {
+        match admin.get_access_token(ask(&first.token_id)).await {
+            Ok(t) => {
+                let t = t.into_inner();
+                assert_eq!(t.token_id, first.token_id, "a new token was handed out");
+                for h in &t.headers {
+                    assert!(!h.value.contains('\n'), "an injected header was handed out");
+                }
+            }
+            Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+        }
+    }
+    let during = fake.token_calls() - calls;
+    assert!(
+        (1..=3).contains(&during),
+        "{during} token calls: no back-off"
+    );
+    // The vendor mends its ways: the rotated refresh token it issued with the bad answer works.
+    fake.oauth(|o| o.access_token_tail = "");
+    let mut every = tokio::time::interval(Duration::from_millis(100));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        every.tick().await;
+        if let Ok(t) = admin.get_access_token(ask(&first.token_id)).await {
+            let t = t.into_inner();
+            if t.token_id != first.token_id {
+                assert!(t.headers.iter().all(|h| !h.value.contains('\n')));
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new token after the vendor mended"
+        );
+    }
+    assert_eq!(
+        fake.reuse_detected(),
+        0,
+        "a rotated-out refresh token was presented"
+    );
+    assert_eq!(
+        system(&mut admin, "zd").await.state,
+        pb::SystemState::Active as i32
+    );
+    broker.stop().await;
+}

@@ -798,6 +798,8 @@ pub struct OAuthServer {
     /// Lifetimes written as strings, as Entra's v1 token endpoint answers (`"expires_in":
     /// "3599"`, MicrosoftDocs/azure-docs#54997).
     pub numbers_as_strings: bool,
+    /// Appended to every access token minted (a hostile or broken vendor's CR/LF).
+    pub access_token_tail: &'static str,
 }
 
 impl OAuthServer {
@@ -817,6 +819,7 @@ impl OAuthServer {
             rotated_out_last: HashMap::new(),
             call_times: Vec::new(),
             numbers_as_strings: false,
+            access_token_tail: "",
             token_calls: 0,
             seq: 0,
             newest_refresh: HashMap::new(),
@@ -825,7 +828,12 @@ impl OAuthServer {
 
     fn mint_access(&mut self, user: &str) -> String {
         self.seq += 1;
-        let t = format!("at-{}-{}", self.seq, rand_suffix());
+        let t = format!(
+            "at-{}-{}{}",
+            self.seq,
+            rand_suffix(),
+            self.access_token_tail
+        );
         let until =
             std::time::Instant::now() + std::time::Duration::from_secs(self.access_lifetime);
         self.access.insert(t.clone(), (user.to_owned(), until));
