@@ -484,11 +484,22 @@ impl JiraCloudBackend {
             })?;
         let want = normalize_site(site);
         if let Some(s) = sites.iter().find(|s| normalize_site(&s.url) == want) {
+            // It goes into every API URL (`/ex/jira/{id}`): the shape tenant_info checks too.
+            if !valid_cloud_id(&s.id) {
+                return Err(BackendError::Transient {
+                    failure: AuthFailure::UpstreamError,
+                    message: "Atlassian's accessible-resources named a malformed cloud id"
+                        .to_owned(),
+                    retry_after: None,
+                });
+            }
             return Ok(s.id.clone());
         }
+        // Vendor text, shown to an admin: a few sites, each cut short, no control characters.
         let list: Vec<String> = sites
             .iter()
-            .map(|s| format!("{} ({})", s.url, s.name))
+            .take(10)
+            .map(|s| shown(&format!("{} ({})", s.url, s.name)))
             .collect();
         Err(BackendError::Rejected {
             failure: AuthFailure::Misconfigured,
@@ -551,6 +562,11 @@ fn with_cloud_id(credential: &Credential, id: &str) -> Option<Credential> {
 }
 
 /// Cloud ids are UUIDs; anything else from the network is not put into a URL.
+/// Vendor text for a message: control characters dropped, at most 120 characters.
+fn shown(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(120).collect()
+}
+
 fn valid_cloud_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
@@ -577,4 +593,25 @@ struct Myself {
     display_name: Option<String>,
     email_address: Option<String>,
     active: Option<bool>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Site names and URLs from the vendor reach an admin's message cut short and without
+    /// control characters; a cloud id that would change an API URL's path is refused.
+    #[test]
+    fn vendor_text_is_cut_and_cloud_ids_are_checked() {
+        let hostile = format!("evil\r\nX-Injected: 1{}", "a".repeat(10_000));
+        let s = shown(&hostile);
+        assert!(
+            s.chars().count() <= 120 && !s.contains('\r') && !s.contains('\n'),
+            "{s}"
+        );
+        assert!(valid_cloud_id("1324a887-45db-1bf4-1e99-ef0ff456d421"));
+        for bad in ["", "../admin", "a/b", "id?x=1", &"a".repeat(65)] {
+            assert!(!valid_cloud_id(bad), "{bad}");
+        }
+    }
 }

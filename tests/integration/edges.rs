@@ -291,6 +291,40 @@ async fn dropped_callers_never_cost_a_second_salesforce_soap_login() {
     cancellation_harness(Which::SalesforceSoap).await;
 }
 
+/// A SOAP `login()` answer that says the session lives 0 s does not make every call a new
+/// login (Salesforce caps logins per user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_session_lifetime_does_not_make_every_call_a_salesforce_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeSalesforce::start("edge-sf-client", "edge-sf-secret").await;
+    fake.add_user(
+        "integration@acme.example",
+        "sf-pass-canary-8",
+        "sf-sectoken-canary-5",
+    );
+    fake.set_lifetime(0);
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(sf_register(
+            ID,
+            &fake.base_url,
+            sf_login("sf-pass-canary-8", false),
+            false,
+        ))
+        .await
+        .unwrap();
+    let before = fake.token_calls();
+    for _ in 0..10 {
+        token_with_deadline(&mut admin, ID, "", Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let logins = fake.token_calls() - before;
+    assert!(logins <= 1, "{logins} logins for 10 calls");
+    broker.stop().await;
+}
+
 /// The reproduction: a lapsed Jira token, a slow vendor, three workers with 300 ms
 /// deadlines. The grant survives and the next worker is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
