@@ -561,12 +561,12 @@ fn with_cloud_id(credential: &Credential, id: &str) -> Option<Credential> {
     Some(settled)
 }
 
-/// Cloud ids are UUIDs; anything else from the network is not put into a URL.
 /// Vendor text for a message: control characters dropped, at most 120 characters.
 fn shown(text: &str) -> String {
     text.chars().filter(|c| !c.is_control()).take(120).collect()
 }
 
+/// Cloud ids are UUIDs; anything else from the network is not put into a URL.
 fn valid_cloud_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }

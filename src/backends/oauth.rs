@@ -495,20 +495,36 @@ pub fn classify(
                 format!("{vendor}'s token endpoint answered with an unexpected error"),
             ),
         },
-        // A 401/403 without an OAuth error body is not the vendor's word on the grant (every
-        // vendor here answers token errors in RFC 6749's JSON): a CDN or firewall challenge, a
-        // proxy's login page. Marking the grant dead would make an admin reconnect for it.
-        None if matches!(status, 401 | 403) => transient(
+        // A 401/403 that is not JSON at all is not the vendor's word on the grant (every vendor
+        // here answers token errors in JSON): a CDN or firewall challenge, a proxy's login
+        // page. Marking the grant dead would make an admin reconnect for it. JSON in another
+        // shape (ServiceNow's REST errors) is still the vendor refusing.
+        None if matches!(status, 401 | 403) && !json_body(err) => transient(
             AuthFailure::UpstreamError,
             format!(
-                "{vendor}'s token endpoint answered HTTP {status} without an OAuth error (a \
-                 proxy or firewall in the way?); retrying later"
+                "{vendor}'s token endpoint answered HTTP {status} with a page that is no OAuth \
+                 answer (a proxy or firewall in the way?)"
             ),
+        ),
+        None if matches!(status, 401 | 403) => rejected(
+            AuthFailure::InvalidCredentials,
+            format!("{vendor} refused the token request (HTTP {status}): {invalid_credentials_hint}"),
         ),
         None => transient(
             AuthFailure::UpstreamError,
             format!("{vendor}'s token endpoint answered with an unreadable response (HTTP {status})"),
         ),
+    }
+}
+
+/// Whether a token-endpoint failure came with a JSON body (of a shape the OAuth client did not
+/// read); an HTML page or an unexpected content type is not.
+fn json_body(err: &TokenRequestError) -> bool {
+    match err {
+        RequestTokenError::Parse(_, body) => {
+            serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+        }
+        _ => false,
     }
 }
 
@@ -647,8 +663,14 @@ mod tests {
         for (err, status) in [
             (ext("temporarily_unavailable"), 400),
             (ext("temporarily_unavailable"), 401),
-            (RequestTokenError::Other("not json".to_owned()), 401),
-            (RequestTokenError::Other("not json".to_owned()), 403),
+            (
+                RequestTokenError::Other("unexpected content type".to_owned()),
+                401,
+            ),
+            (
+                RequestTokenError::Other("unexpected content type".to_owned()),
+                403,
+            ),
         ] {
             let got = judge(&err, status);
             assert!(

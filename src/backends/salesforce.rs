@@ -479,7 +479,9 @@ impl SalesforceBackend {
             headers: vec![bearer(&SecretString::new(session))],
             // Held between the least and most any token is believed for: a lifetime of 0
             // would make every call a new login (and Salesforce caps logins per user).
-            expires_at: Some(super::oauth::expiry_in(valid.max(MIN_SOAP_SESSION))),
+            expires_at: Some(super::oauth::expiry_in(
+                valid.max(MIN_SOAP_SESSION.min(self.ctx.oauth.salesforce_token_lifetime)),
+            )),
             api_base_url: self.api_base(base, &server)?,
             updated_credential: None,
             subject: xml_tag(&body, "userId"),
@@ -767,12 +769,12 @@ fn classify_grant(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendErro
     )
 }
 
-/// The text of the first `<tag>` (with or without namespace prefix).
 /// The least a SOAP session is believed to live: Salesforce's shortest session timeout is 15
 /// minutes, so a smaller `sessionSecondsValid` is a broken answer, and believing it would make
 /// every call a new login.
 const MIN_SOAP_SESSION: Duration = Duration::from_secs(60);
 
+/// The text of the first `<tag>` (with or without namespace prefix).
 fn xml_tag(body: &str, tag: &str) -> Option<String> {
     let start = body
         .find(&format!("<{tag}>"))

@@ -1217,7 +1217,13 @@ impl Broker {
             }
         }
         if !sendable {
-            return Err(self.on_unsendable(f, system_id, &record));
+            // A vendor fault like any other: back-off, the token still held while it lives,
+            // the spell noted on the system.
+            let fault = (AuthFailure::UpstreamError, unsendable(record.kind), None);
+            let current = self.cached(system_id);
+            return self
+                .on_transient(f, system_id, &record, current, oauth, fault)
+                .await;
         }
         f.failures = 0;
         f.backoff_until = None;
@@ -1235,23 +1241,6 @@ impl Broker {
             self.note_refreshed(system_id).await;
         }
         Ok(token)
-    }
-
-    /// The vendor answered with a token that cannot be sent as a header: a fault of the
-    /// vendor's, retried after the usual back-off (its content is not logged).
-    fn on_unsendable(&self, f: &mut Flight, system_id: &str, record: &SystemRecord) -> BrokerError {
-        f.failures = f.failures.saturating_add(1);
-        f.last_failure = Some(AuthFailure::UpstreamError);
-        let delay = self.backoff_delay(f.failures, None);
-        f.backoff_until = Some(Instant::now() + delay);
-        tracing::warn!(message = "The vendor issued a token that cannot be sent as an HTTP header; backing off.", kind = %record.kind, system_id = %system_id, retry_in_ms = delay.as_millis() as u64);
-        BrokerError::Unavailable(format!(
-            "{} issued a token that cannot be sent as an HTTP header (control or non-ASCII \
-             characters, or over {} KiB); retry in {} s",
-            record.kind.display_name(),
-            crate::backends::MAX_HEADER_VALUE / 1024,
-            delay.as_secs().max(1)
-        ))
     }
 
     /// The vendor refused the credential: an OAuth grant is dead until an admin reconnects.
@@ -1461,6 +1450,11 @@ impl Broker {
         refreshable: bool,
         token_id: Option<String>,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
+        // Every way in (a mint, a connect's exchange, a registration's check, another replica's
+        // share) passes here: a value that cannot be sent as a header is handed to no one.
+        if !issued.headers.iter().all(Header::sendable) {
+            return Err(BrokerError::Unavailable(unsendable(record.kind)));
+        }
         // New headers (minted, adopted from another replica, after a rotation): no wait is left.
         self.cache.end_store_wait(system_id);
         let now = SystemTime::now();
@@ -2075,6 +2069,16 @@ fn stale_or_unavailable(
             retry_in.as_secs().max(1)
         ))),
     }
+}
+
+/// Why a vendor's token is not handed out (its content never appears).
+fn unsendable(kind: crate::model::SystemKind) -> String {
+    format!(
+        "{} issued a token that cannot be sent as an HTTP header (control or non-ASCII \
+         characters, or over {} KiB); retrying later",
+        kind.display_name(),
+        crate::backends::MAX_HEADER_VALUE / 1024
+    )
 }
 
 #[cfg(test)]

@@ -883,6 +883,37 @@ async fn a_firewall_page_at_the_token_endpoint_does_not_kill_the_grant() {
             "no new token after the outage"
         );
     }
+    // JSON that is no OAuth error, though, is the vendor refusing: the grant is marked.
+    let current = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "zd".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    fake.oauth(|o| o.token_mode = Mode::JsonRefusal);
+    // Forced re-mints are at most one a second: asked every 200 ms until one is tried.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        every.tick().await;
+        let got = admin
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: "zd".into(),
+                rejected_token_id: current.token_id.clone(),
+                ..Default::default()
+            })
+            .await;
+        match got {
+            Err(e) => break e,
+            Ok(_) => assert!(std::time::Instant::now() < deadline, "never re-minted"),
+        }
+    };
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(
+        system(&mut admin, "zd").await.state,
+        pb::SystemState::ReauthorizationRequired as i32
+    );
     broker.stop().await;
 }
 
@@ -948,5 +979,37 @@ async fn an_access_token_that_is_no_header_value_is_never_handed_out() {
         system(&mut admin, "zd").await.state,
         pb::SystemState::Active as i32
     );
+    broker.stop().await;
+}
+
+/// The same at a connect: the code exchange's answer carries an access token that is no header
+/// value. The grant is stored, but that token is cached for no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connects_unsendable_token_is_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    fake.oauth(|o| o.access_token_tail = "\r\nX-Injected: 1");
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    register_zendesk(&mut admin, &fake).await;
+    let s = start(&mut admin, "zd").await;
+    browse(&s.authorize_url).await;
+    let got = admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "zd".into(),
+            ..Default::default()
+        })
+        .await;
+    match got {
+        Ok(t) => panic!(
+            "a token was handed out: {:?}",
+            t.into_inner()
+                .headers
+                .iter()
+                .map(|h| h.value.contains('\n'))
+                .collect::<Vec<_>>()
+        ),
+        Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+    }
     broker.stop().await;
 }

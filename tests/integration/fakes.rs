@@ -279,6 +279,8 @@ pub enum Mode {
     SignInPage,
     /// A CDN or firewall in front of the vendor: 403 with an HTML challenge page.
     Challenge,
+    /// 401 with JSON that is no OAuth error (ServiceNow's REST error shape).
+    JsonRefusal,
 }
 
 fn fault(mode: Mode) -> Option<Reply> {
@@ -295,6 +297,10 @@ fn fault(mode: Mode) -> Option<Reply> {
             "<html><body>Sign in</body></html>".into(),
         )),
         Mode::Hang => Some(Reply::Hang),
+        Mode::JsonRefusal => Some(Reply::Json(
+            401,
+            json!({"error": {"message": "User is not authenticated", "detail": "Required to provide Auth information"}, "status": "failure"}),
+        )),
         Mode::Challenge => Some(Reply::Raw(
             403,
             "text/html",
