@@ -92,6 +92,9 @@ fn token(v: String, field: &'static str) -> Result<SecretString, BrokerError> {
              the value exactly as the vendor shows it",
         ));
     }
+    if trimmed.len() > MAX_SECRET_BYTES {
+        return Err(BrokerError::invalid(field, TOO_LONG));
+    }
     Ok(if trimmed.len() == s.expose_secret().len() {
         s
     } else {
@@ -108,8 +111,17 @@ fn password(v: String, field: &'static str) -> Result<SecretString, BrokerError>
     if s.expose_secret().chars().any(|c| c.is_control()) {
         return Err(BrokerError::invalid(field, "contains control characters"));
     }
+    if s.expose_secret().len() > MAX_SECRET_BYTES {
+        return Err(BrokerError::invalid(field, TOO_LONG));
+    }
     Ok(s)
 }
+
+/// The longest token or password taken (as a header, with its `Bearer ` or base64 `Basic `
+/// form, it must stay under [`crate::backends::MAX_HEADER_VALUE`], else it would be refused at
+/// every use).
+const MAX_SECRET_BYTES: usize = 8 * 1024;
+const TOO_LONG: &str = "is longer than 8 KiB, which no vendor issues";
 
 fn plain(v: String, field: &'static str) -> Result<String, BrokerError> {
     let t = v.trim();

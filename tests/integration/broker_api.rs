@@ -354,6 +354,11 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         "token",
     ));
     cases.push((
+        register_asana("k10b", &fake.base_url, &"t".repeat(8 * 1024 + 1), false),
+        Code::InvalidArgument,
+        "token",
+    ));
+    cases.push((
         register_asana("keep", &fake.base_url, "other-pat", false),
         Code::AlreadyExists,
         "keep",
