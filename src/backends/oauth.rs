@@ -495,11 +495,12 @@ pub fn classify(
                 format!("{vendor}'s token endpoint answered with an unexpected error"),
             ),
         },
-        // A 401/403 that is not JSON at all is not the vendor's word on the grant (every vendor
-        // here answers token errors in JSON): a CDN or firewall challenge, a proxy's login
-        // page. Marking the grant dead would make an admin reconnect for it. JSON in another
-        // shape (ServiceNow's REST errors) is still the vendor refusing.
-        None if matches!(status, 401 | 403) && !json_body(err) => transient(
+        // A 401/403 without an `error` member is not the vendor's word on the grant (every
+        // vendor here answers token errors with one): a CDN or firewall challenge (HTML, or
+        // RFC 9457 problem JSON), a gateway's `{"message":"Forbidden"}`, a proxy's login page.
+        // Marking the grant dead would make an admin reconnect for it. An `error` of another
+        // shape (ServiceNow's `{"error":{…},"status":"failure"}`) is still the vendor refusing.
+        None if matches!(status, 401 | 403) && !vendor_error_body(err) => transient(
             AuthFailure::UpstreamError,
             format!(
                 "{vendor}'s token endpoint answered HTTP {status} with a page that is no OAuth \
@@ -517,13 +518,17 @@ pub fn classify(
     }
 }
 
-/// Whether a token-endpoint failure came with a JSON body (of a shape the OAuth client did not
-/// read); an HTML page or an unexpected content type is not.
-fn json_body(err: &TokenRequestError) -> bool {
+/// Whether a token-endpoint failure came with a JSON object that has an `error` member (of a
+/// shape the OAuth client did not read); an HTML page, problem JSON or an unexpected content
+/// type is not.
+fn vendor_error_body(err: &TokenRequestError) -> bool {
+    #[derive(serde::Deserialize)]
+    struct WithError {
+        #[serde(rename = "error")]
+        _error: serde::de::IgnoredAny,
+    }
     match err {
-        RequestTokenError::Parse(_, body) => {
-            serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
-        }
+        RequestTokenError::Parse(_, body) => serde_json::from_slice::<WithError>(body).is_ok(),
         _ => false,
     }
 }

@@ -1452,7 +1452,7 @@ impl Broker {
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         // Every way in (a mint, a connect's exchange, a registration's check, another replica's
         // share) passes here: a value that cannot be sent as a header is handed to no one.
-        if !issued.headers.iter().all(Header::sendable) {
+        if issued.headers.is_empty() || !issued.headers.iter().all(Header::sendable) {
             return Err(BrokerError::Unavailable(unsendable(record.kind)));
         }
         // New headers (minted, adopted from another replica, after a rotation): no wait is left.

@@ -281,6 +281,8 @@ pub enum Mode {
     Challenge,
     /// 401 with JSON that is no OAuth error (ServiceNow's REST error shape).
     JsonRefusal,
+    /// A gateway's JSON refusal with no `error` member (AWS API Gateway, a WAF).
+    GatewayJson,
 }
 
 fn fault(mode: Mode) -> Option<Reply> {
@@ -297,6 +299,7 @@ fn fault(mode: Mode) -> Option<Reply> {
             "<html><body>Sign in</body></html>".into(),
         )),
         Mode::Hang => Some(Reply::Hang),
+        Mode::GatewayJson => Some(Reply::Json(403, json!({"message": "Forbidden"}))),
         Mode::JsonRefusal => Some(Reply::Json(
             401,
             json!({"error": {"message": "User is not authenticated", "detail": "Required to provide Auth information"}, "status": "failure"}),
