@@ -124,15 +124,23 @@ const MAX_SECRET_BYTES: usize = 8 * 1024;
 const TOO_LONG: &str = "is longer than 8 KiB, which no vendor issues";
 
 fn plain(v: String, field: &'static str) -> Result<String, BrokerError> {
+    optional(v, field)?.ok_or_else(|| BrokerError::invalid(field, "is required"))
+}
+
+/// A user name or client id, when given: trimmed, free of control characters, at most 1 KiB
+/// (it goes into a Basic header, a token request or a JWT next to the secret).
+fn optional(v: String, field: &'static str) -> Result<Option<String>, BrokerError> {
     let t = v.trim();
-    if t.is_empty() {
-        return Err(BrokerError::invalid(field, "is required"));
-    }
     if t.chars().any(|c| c.is_control()) {
         return Err(BrokerError::invalid(field, "contains control characters"));
     }
-    Ok(t.to_owned())
+    if t.len() > MAX_NAME_BYTES {
+        return Err(BrokerError::invalid(field, "is longer than 1 KiB"));
+    }
+    Ok((!t.is_empty()).then(|| t.to_owned()))
 }
+
+const MAX_NAME_BYTES: usize = 1024;
 
 /// An optional expiry the admin copied from the vendor's UI.
 fn expiry(ts: Option<Timestamp>, field: &'static str) -> Result<Option<u64>, BrokerError> {
@@ -185,11 +193,6 @@ fn scopes(v: Vec<String>, field: &'static str) -> Result<Vec<String>, BrokerErro
             }
         })
         .collect()
-}
-
-fn optional(v: String) -> Option<String> {
-    let t = v.trim();
-    (!t.is_empty()).then(|| t.to_owned())
 }
 
 /// Entra's tenant: a GUID or a verified domain, never `common`/`organizations`/`consumers`
@@ -337,7 +340,7 @@ pub fn credential(
     Ok(match inner {
         C::PersonalAccessToken(p) => Credential::PersonalAccessToken {
             token: token(p.token, "credential.personal_access_token.token")?,
-            username: optional(p.username),
+            username: optional(p.username, "credential.personal_access_token.username")?,
             expires_at: expiry(p.expires_at, "credential.personal_access_token.expires_at")?,
         },
         C::ApiKey(k) => Credential::ApiKey {
@@ -380,7 +383,7 @@ pub fn credential(
                 o.refresh_token,
                 "credential.oauth_refresh_token.refresh_token",
             )?,
-            username: optional(o.username),
+            username: optional(o.username, "credential.oauth_refresh_token.username")?,
             refresh_expires_at: None,
         },
         C::OauthPasswordGrant(o) => Credential::OAuthPasswordGrant {
@@ -399,7 +402,7 @@ pub fn credential(
                 s.security_token,
                 "credential.salesforce_login.security_token",
             )?,
-            client_id: optional(s.client_id),
+            client_id: optional(s.client_id, "credential.salesforce_login.client_id")?,
             client_secret: if s.client_secret.is_empty() {
                 None
             } else {

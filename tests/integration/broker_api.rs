@@ -358,6 +358,22 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
         Code::InvalidArgument,
         "token",
     ));
+    for (i, username) in ["u".repeat(1025), "user\nname".to_owned()]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = register_asana(&format!("k10c{i}"), &fake.base_url, PAT, false);
+        r.credential = Some(pb::Credential {
+            credential: Some(pb::credential::Credential::PersonalAccessToken(
+                pb::PersonalAccessToken {
+                    token: PAT.into(),
+                    username: username.clone(),
+                    expires_at: None,
+                },
+            )),
+        });
+        cases.push((r, Code::InvalidArgument, "username"));
+    }
     cases.push((
         register_asana("keep", &fake.base_url, "other-pat", false),
         Code::AlreadyExists,
