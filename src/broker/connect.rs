@@ -660,12 +660,6 @@ fn expired_page(system_id: Option<&str>) -> CallbackPage {
 /// Authorizations a Connect link may have open at once per system.
 pub const MAX_LINK_FLOWS: usize = 3;
 
-/// The tag of an OAuth `state`'s body (its random part and expiry): the first 16 bytes of its
-/// HMAC-SHA256 under the link key, kept apart from the links' signatures.
-fn state_tag(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
-    tag_in(key, STATE_V2, body)
-}
-
 /// Domains of the state tags: v2 states carry their expiry; v1 states (made by the version
 /// before, all random) are still accepted for one release so that authorizations started on
 /// an older replica during a rolling upgrade complete on a newer one (the stored
@@ -673,6 +667,9 @@ fn state_tag(key: &[u8; 32], body: &[u8]) -> [u8; 16] {
 const STATE_V2: &[u8] = b"credbroker/oauth-state/v2\0";
 pub(crate) const STATE_V1: &[u8] = b"credbroker/oauth-state/v1\0";
 
+/// The tag of an OAuth `state`'s body (its random part and, from v2, its expiry): the first 16
+/// bytes of its HMAC-SHA256 under the link key, in `domain`, kept apart from the links'
+/// signatures.
 pub(crate) fn tag_in(key: &[u8; 32], domain: &[u8], body: &[u8]) -> [u8; 16] {
     use hmac::Mac;
     let mut tag = [0u8; 16];
@@ -685,12 +682,12 @@ pub(crate) fn tag_in(key: &[u8; 32], domain: &[u8], body: &[u8]) -> [u8; 16] {
 }
 
 /// A state from its body (12 random bytes, then its expiry in seconds since the epoch, big
-/// endian) and the body's [`state_tag`], URL-safe base64: 43 characters.
+/// endian) and the body's v2 [`tag_in`], URL-safe base64: 43 characters.
 pub(crate) fn encode_state(key: &[u8; 32], body: [u8; 16]) -> String {
     use base64::Engine;
     let mut raw = [0u8; 32];
     raw[..16].copy_from_slice(&body);
-    raw[16..].copy_from_slice(&state_tag(key, &body));
+    raw[16..].copy_from_slice(&tag_in(key, STATE_V2, &body));
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 

@@ -372,10 +372,11 @@ async fn start_grpc(
         );
     }
     let threads = config.server.serving_threads;
-    // A new connection must speak within the HTTP listener's header timeout (see SilentCut).
     let slots = Arc::new(tokio::sync::Semaphore::new(
         config.server.grpc_max_connections.max(1),
     ));
+    // A new connection must send its preface within the HTTP listener's header timeout (see
+    // SilentCut).
     let serve = grpc_server(
         router,
         tls.cloned(),
@@ -393,6 +394,7 @@ async fn start_grpc(
 
 /// Serves the gRPC `router` on a listener until told to stop (the main runtime's listener and
 /// each extra core's).
+///
 /// Past `slots` open connections (shared by every core's runtime), a new one is closed at once,
 /// before any TLS handshake.
 fn grpc_server(
@@ -418,7 +420,7 @@ fn grpc_server(
                             crate::metrics::METRICS.grpc_refused();
                             return None;
                         };
-                        Some(Ok(stall::SilentCut::new(io, silent).holding(Some(slot))))
+                        Some(Ok(stall::SilentCut::new(io, silent).holding(slot)))
                     });
                     router.serve_with_incoming_shutdown(incoming, stop).await
                 }

@@ -126,8 +126,8 @@ impl<T> SilentCut<T> {
     }
 
     /// Holds `slot` (a place under the connection cap) for as long as the connection is open.
-    pub fn holding(mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
-        self._slot = slot;
+    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._slot = Some(slot);
         self
     }
 }
