@@ -834,14 +834,7 @@ async fn a_firewall_page_at_the_token_endpoint_does_not_kill_the_grant() {
     let mut every = tokio::time::interval(Duration::from_millis(100));
     // A firewall's HTML challenge, then a gateway's JSON without an `error` member.
     for mode in [Mode::Challenge, Mode::GatewayJson] {
-        let first = admin
-            .get_access_token(pb::GetAccessTokenRequest {
-                system_id: "zd".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let first = zd_token(&mut admin, "").await.unwrap().into_inner();
         fake.oauth(|o| o.token_mode = mode);
         let calls = fake.token_calls();
         // The worker says the token was refused: a new one is minted (at most one forced
@@ -850,13 +843,7 @@ async fn a_firewall_page_at_the_token_endpoint_does_not_kill_the_grant() {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while fake.token_calls() == calls {
             every.tick().await;
-            let got = admin
-                .get_access_token(pb::GetAccessTokenRequest {
-                    system_id: "zd".into(),
-                    rejected_token_id: first.token_id.clone(),
-                    ..Default::default()
-                })
-                .await;
+            let got = zd_token(&mut admin, &first.token_id).await;
             match got {
                 Ok(t) => assert_eq!(t.into_inner().token_id, first.token_id),
                 Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
@@ -873,12 +860,7 @@ async fn a_firewall_page_at_the_token_endpoint_does_not_kill_the_grant() {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             every.tick().await;
-            let got = admin
-                .get_access_token(pb::GetAccessTokenRequest {
-                    system_id: "zd".into(),
-                    ..Default::default()
-                })
-                .await;
+            let got = zd_token(&mut admin, "").await;
             if got.is_ok_and(|t| t.into_inner().token_id != first.token_id) {
                 break;
             }
@@ -889,26 +871,13 @@ async fn a_firewall_page_at_the_token_endpoint_does_not_kill_the_grant() {
         }
     }
     // JSON that is no OAuth error, though, is the vendor refusing: the grant is marked.
-    let current = admin
-        .get_access_token(pb::GetAccessTokenRequest {
-            system_id: "zd".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let current = zd_token(&mut admin, "").await.unwrap().into_inner();
     fake.oauth(|o| o.token_mode = Mode::JsonRefusal);
     // Forced re-mints are at most one a second: asked every 200 ms until one is tried.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let e = loop {
         every.tick().await;
-        let got = admin
-            .get_access_token(pb::GetAccessTokenRequest {
-                system_id: "zd".into(),
-                rejected_token_id: current.token_id.clone(),
-                ..Default::default()
-            })
-            .await;
+        let got = zd_token(&mut admin, &current.token_id).await;
         match got {
             Err(e) => break e,
             Ok(_) => assert!(std::time::Instant::now() < deadline, "never re-minted"),
@@ -932,16 +901,11 @@ async fn an_access_token_that_is_no_header_value_is_never_handed_out() {
     let broker = TestBroker::start(dir.path()).await;
     let mut admin = broker.admin().await;
     connect_zendesk(&mut admin, &fake).await;
-    let ask = |rejected: &str| pb::GetAccessTokenRequest {
-        system_id: "zd".into(),
-        rejected_token_id: rejected.to_owned(),
-        ..Default::default()
-    };
-    let first = admin.get_access_token(ask("")).await.unwrap().into_inner();
+    let first = zd_token(&mut admin, "").await.unwrap().into_inner();
     fake.oauth(|o| o.access_token_tail = "\r\nX-Injected: 1");
     let calls = fake.token_calls();
     for _ in 0..20 {
-        match admin.get_access_token(ask(&first.token_id)).await {
+        match zd_token(&mut admin, &first.token_id).await {
             Ok(t) => {
                 let t = t.into_inner();
                 assert_eq!(t.token_id, first.token_id, "a new token was handed out");
@@ -963,7 +927,7 @@ async fn an_access_token_that_is_no_header_value_is_never_handed_out() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         every.tick().await;
-        if let Ok(t) = admin.get_access_token(ask(&first.token_id)).await {
+        if let Ok(t) = zd_token(&mut admin, &first.token_id).await {
             let t = t.into_inner();
             if t.token_id != first.token_id {
                 assert!(t.headers.iter().all(|h| !h.value.contains('\n')));
@@ -999,12 +963,7 @@ async fn a_connects_unsendable_token_is_not_cached() {
     register_zendesk(&mut admin, &fake).await;
     let s = start(&mut admin, "zd").await;
     browse(&s.authorize_url).await;
-    let got = admin
-        .get_access_token(pb::GetAccessTokenRequest {
-            system_id: "zd".into(),
-            ..Default::default()
-        })
-        .await;
+    let got = zd_token(&mut admin, "").await;
     match got {
         Ok(t) => panic!(
             "a token was handed out: {:?}",
@@ -1017,4 +976,18 @@ async fn a_connects_unsendable_token_is_not_cached() {
         Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
     }
     broker.stop().await;
+}
+
+/// `GetAccessToken` for "zd", saying `rejected` (a token id, or "") was refused.
+async fn zd_token(
+    admin: &mut Client,
+    rejected: &str,
+) -> Result<tonic::Response<pb::GetAccessTokenResponse>, tonic::Status> {
+    admin
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "zd".into(),
+            rejected_token_id: rejected.to_owned(),
+            ..Default::default()
+        })
+        .await
 }
