@@ -30,6 +30,10 @@ const VENDOR: &str = "Jira Cloud";
 const URL_HINT: &str = "enter your site URL, e.g. https://acme.atlassian.net";
 /// Scopes asked for when the admin names none (`offline_access` is always added).
 pub const DEFAULT_SCOPES: &[&str] = &["read:jira-work", "write:jira-work", "read:jira-user"];
+/// Tries of the site list right after a code exchange, and the longest `Retry-After` waited
+/// for between them.
+const SITE_LIST_TRIES: u32 = 3;
+const MAX_SITE_LIST_PAUSE: Duration = Duration::from_secs(5);
 const RECONNECT: &str = "reconnect it with `credbrokerctl system connect SYSTEM_ID`";
 
 /// The Jira Cloud backend.
@@ -455,33 +459,26 @@ impl JiraCloudBackend {
     }
 
     /// The cloud id of the registered site among the sites the grant covers.
+    ///
+    /// The code is spent and the fresh grant lives only in this call until a site is picked,
+    /// so a transient failure of the list is tried again (three tries in about four seconds,
+    /// a short `Retry-After` honoured) before the grant is given up.
     async fn pick_site(&self, site: &str, access: &SecretString) -> Result<String, BackendError> {
-        let url = format!(
-            "{}/oauth/token/accessible-resources",
-            self.ctx.oauth.jira_api_url
-        );
-        let r = self
-            .ctx
-            .http
-            .get(&url, &[bearer(access)])
-            .await
-            .map_err(|e| BackendError::unreachable(VENDOR, &e))?;
-        if r.status != 200 {
-            return Err(BackendError::Transient {
-                failure: AuthFailure::UpstreamError,
-                message: format!(
-                    "Atlassian's accessible-resources answered HTTP {}",
-                    r.status
-                ),
-                retry_after: r.retry_after().map(Duration::from_secs),
-            });
-        }
-        let sites: Vec<Resource> =
-            serde_json::from_slice(&r.body).map_err(|_| BackendError::Transient {
-                failure: AuthFailure::UpstreamError,
-                message: "Atlassian's accessible-resources answer was unreadable".to_owned(),
-                retry_after: None,
-            })?;
+        let mut pause = Duration::from_secs(1);
+        let mut tries = 1;
+        let sites = loop {
+            match self.accessible_resources(access).await {
+                Err(BackendError::Transient { retry_after, .. })
+                    if tries < SITE_LIST_TRIES
+                        && retry_after.is_none_or(|d| d <= MAX_SITE_LIST_PAUSE) =>
+                {
+                    tokio::time::sleep(retry_after.map_or(pause, |d| d.max(pause))).await;
+                    pause *= 2;
+                    tries += 1;
+                }
+                other => break other?,
+            }
+        };
         let want = normalize_site(site);
         if let Some(s) = sites.iter().find(|s| normalize_site(&s.url) == want) {
             // It goes into every API URL (`/ex/jira/{id}`): the shape tenant_info checks too.
@@ -512,6 +509,38 @@ impl JiraCloudBackend {
                     list.join(", ")
                 )
             },
+        })
+    }
+
+    /// The sites the grant covers (`GET {api}/oauth/token/accessible-resources`).
+    async fn accessible_resources(
+        &self,
+        access: &SecretString,
+    ) -> Result<Vec<Resource>, BackendError> {
+        let url = format!(
+            "{}/oauth/token/accessible-resources",
+            self.ctx.oauth.jira_api_url
+        );
+        let r = self
+            .ctx
+            .http
+            .get(&url, &[bearer(access)])
+            .await
+            .map_err(|e| BackendError::unreachable(VENDOR, &e))?;
+        if r.status != 200 {
+            return Err(BackendError::Transient {
+                failure: AuthFailure::UpstreamError,
+                message: format!(
+                    "Atlassian's accessible-resources answered HTTP {}",
+                    r.status
+                ),
+                retry_after: r.retry_after().map(Duration::from_secs),
+            });
+        }
+        serde_json::from_slice(&r.body).map_err(|_| BackendError::Transient {
+            failure: AuthFailure::UpstreamError,
+            message: "Atlassian's accessible-resources answer was unreadable".to_owned(),
+            retry_after: None,
         })
     }
 

@@ -505,6 +505,61 @@ async fn jira_connects_through_the_cli_and_picks_the_registered_site() {
     broker.stop().await;
 }
 
+/// The code is spent when Atlassian's site list fails right after the exchange: the broker
+/// asks for the list again instead of dropping the fresh grant (a new consent for the admin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_list_that_fails_once_after_the_exchange_does_not_lose_the_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = atlassian().await;
+    let broker = TestBroker::start_with(jira_config(dir.path(), &fake)).await;
+    let mut admin = broker.admin().await;
+    for id in ["jira", "jira2"] {
+        admin
+            .register_system(register(
+                id,
+                pb::SystemKind::JiraCloud,
+                "https://acme.atlassian.net",
+                authz_code(JIRA_CLIENT, JIRA_SECRET),
+            ))
+            .await
+            .unwrap();
+    }
+    const LIST: &str = "/oauth/token/accessible-resources";
+
+    fake.fail_site_list(2);
+    let s = start(&mut admin, "jira").await;
+    let (_, status, page) = browse(&s.authorize_url).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(fake.server.count(LIST), 3, "two 503s, then the list");
+    let sys = system(&mut admin, "jira").await;
+    assert_eq!(sys.state, pb::SystemState::Active as i32);
+    let tok = admin
+        .get_access_token(token_req("jira"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        tok.api_base_url,
+        format!("{}/ex/jira/cloud-acme", fake.origin)
+    );
+    assert_eq!(fake.token_calls(), 1, "the exchange only");
+
+    // A list that keeps failing is given up after three tries: nothing stored, say why.
+    fake.fail_site_list(10);
+    let s = start(&mut admin, "jira2").await;
+    let (_, status, page) = browse(&s.authorize_url).await;
+    assert_ne!(status, 200, "{page}");
+    assert!(
+        page.contains("accessible-resources answered HTTP 503"),
+        "{page}"
+    );
+    assert_eq!(fake.server.count(LIST), 6);
+    let sys = system(&mut admin, "jira2").await;
+    assert_eq!(sys.state, pb::SystemState::AuthorizationPending as i32);
+    assert_eq!(sys.credential_version, 1);
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_replayed_expired_foreign_and_denied_callbacks_change_nothing() {
     let dir = tempfile::tempdir().unwrap();

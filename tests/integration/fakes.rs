@@ -2288,6 +2288,8 @@ struct AtlState {
     missing_user_scope: HashSet<String>,
     /// Jira's API (other than `myself`) answers 429 until then.
     throttled_until: Option<std::time::Instant>,
+    /// accessible-resources answers 503 this many more times.
+    resources_failures: u32,
 }
 
 /// A fake Atlassian: consent page, JSON token endpoint with rotating refresh tokens and reuse
@@ -2319,6 +2321,7 @@ impl FakeAtlassian {
             no_product_access: HashSet::new(),
             missing_user_scope: HashSet::new(),
             throttled_until: None,
+            resources_failures: 0,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| atl_handle(&mut st.lock().unwrap(), req)).await;
@@ -2327,6 +2330,11 @@ impl FakeAtlassian {
             server,
             state,
         }
+    }
+
+    /// accessible-resources answers 503 (Atlassian's JSON error) the next `n` times.
+    pub fn fail_site_list(&self, n: u32) {
+        self.state.lock().unwrap().resources_failures = n;
     }
 
     /// Jira's API (other than `myself`) answers 429 with `Retry-After` for the next `secs`.
@@ -2646,6 +2654,10 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
         }
     };
     if path == "/oauth/token/accessible-resources" {
+        if s.resources_failures > 0 {
+            s.resources_failures -= 1;
+            return Reply::Json(503, json!({"code": 503, "message": "Service Unavailable"}));
+        }
         let sites: Vec<Value> = s.sites.iter().map(|(id, name, url)| json!({"id": id, "name": name, "url": url, "scopes": ["read:jira-work"], "avatarUrl": ""})).collect();
         return Reply::Json(200, Value::Array(sites));
     }
