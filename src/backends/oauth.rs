@@ -340,7 +340,11 @@ impl<'c> AsyncHttpClient<'c> for OAuthHttp {
                 .contains(&resp.status)
                 .then(|| lenient_token_answer(&resp.body))
                 .flatten();
-            let mut builder = oauth2::http::Response::builder().status(resp.status);
+            // The oauth2 crate reads a token answer only under 200; a token answer under
+            // another 2xx (a gateway's 201 or 203) is still the vendor's answer, and may carry
+            // the rotated refresh token: it is read, not dropped as unreadable.
+            let status = if read.is_some() { 200 } else { resp.status };
+            let mut builder = oauth2::http::Response::builder().status(status);
             for (k, v) in &resp.headers {
                 if read.is_none() || k != reqwest::header::CONTENT_TYPE {
                     builder = builder.header(k, v);

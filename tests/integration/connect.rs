@@ -1006,6 +1006,49 @@ async fn an_access_token_that_is_no_header_value_is_never_handed_out() {
     broker.stop().await;
 }
 
+/// A token answer that is a token answer under another 2xx status (a gateway's 201 or 203)
+/// is read as the answer it is: the vendor rotated the refresh token in it, so dropping it as
+/// "unreadable" and retrying with the old one would present a rotated-out refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_answer_under_another_2xx_status_is_kept() {
+    for status in [201, 203] {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = zendesk().await;
+        let broker = TestBroker::start(dir.path()).await;
+        let mut admin = broker.admin().await;
+        connect_zendesk(&mut admin, &fake).await;
+        let first = zd_token(&mut admin, "").await.unwrap().into_inner();
+        fake.oauth(|o| o.success_status = status);
+        let calls = fake.token_calls();
+        let t = zd_token(&mut admin, &first.token_id)
+            .await
+            .unwrap_or_else(|e| panic!("HTTP {status}: {e:?}"))
+            .into_inner();
+        assert_ne!(t.token_id, first.token_id, "HTTP {status}");
+        assert_eq!(fake.token_calls() - calls, 1, "HTTP {status}");
+        // The rotated refresh token from that answer is the one presented next.
+        broker.stop().await;
+        let broker = TestBroker::start(dir.path()).await;
+        let mut admin = broker.admin().await;
+        fake.oauth(|o| o.success_status = 200);
+        let again = zd_token(&mut admin, "").await.unwrap().into_inner();
+        assert_ne!(
+            again.token_id, t.token_id,
+            "HTTP {status}: a restart mints anew"
+        );
+        assert_eq!(
+            fake.reuse_detected(),
+            0,
+            "HTTP {status}: a rotated-out refresh token was presented"
+        );
+        assert_eq!(
+            system(&mut admin, "zd").await.state,
+            pb::SystemState::Active as i32
+        );
+        broker.stop().await;
+    }
+}
+
 /// The same at a connect: the code exchange's answer carries an access token that is no header
 /// value. The grant is stored, but that token is cached for no one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

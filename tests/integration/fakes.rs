@@ -809,6 +809,8 @@ pub struct OAuthServer {
     pub numbers_as_strings: bool,
     /// Appended to every access token minted (a hostile or broken vendor's CR/LF).
     pub access_token_tail: &'static str,
+    /// The status of a successful token answer (200; a gateway may turn it into 201 or 203).
+    pub success_status: u16,
 }
 
 impl OAuthServer {
@@ -829,6 +831,7 @@ impl OAuthServer {
             call_times: Vec::new(),
             numbers_as_strings: false,
             access_token_tail: "",
+            success_status: 200,
             token_calls: 0,
             seq: 0,
             newest_refresh: HashMap::new(),
@@ -1076,6 +1079,10 @@ fn delayed(o: &OAuthServer, r: Reply) -> Reply {
             }
             Reply::Json(200, body)
         }
+        r => r,
+    };
+    let r = match r {
+        Reply::Json(200, body) => Reply::Json(o.success_status, body),
         r => r,
     };
     if o.token_delay.is_zero() {
