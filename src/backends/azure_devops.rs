@@ -376,12 +376,20 @@ fn identify(resp: &UpstreamResponse, credential: &Credential) -> Result<Identity
 
 /// A throttling note when Azure DevOps delays this user (it may send these on a 200).
 fn throttling(resp: &UpstreamResponse) -> Option<String> {
+    // A decimal number of seconds; anything else from the network is not repeated.
     let delay = resp
         .headers
         .get("x-ratelimit-delay")
-        .and_then(|v| v.to_str().ok());
+        .and_then(|v| v.to_str().ok())
+        .map(|d| {
+            d.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+        });
     match (delay, retry_after_secs(resp)) {
-        (Some(d), _) => Some(format!("requests delayed by {d} s")),
+        (Some(Some(d)), _) => Some(format!("requests delayed by {d:.1} s")),
+        (Some(None), _) => Some("requests delayed".to_owned()),
         (None, Some(s)) => Some(format!("retry after {s} s")),
         _ => None,
     }
@@ -414,6 +422,27 @@ mod tests {
 
     fn backend() -> AzureDevOpsBackend {
         AzureDevOpsBackend::new(BackendContext::for_tests())
+    }
+
+    /// The delay header is a number of seconds; anything else is not repeated to the admin.
+    #[test]
+    fn a_throttling_note_repeats_only_a_number() {
+        let with = |delay: &str| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            if let Ok(v) = reqwest::header::HeaderValue::from_str(delay) {
+                headers.insert("x-ratelimit-delay", v);
+            }
+            throttling(&UpstreamResponse {
+                status: 200,
+                headers,
+                body: Vec::new(),
+            })
+        };
+        assert_eq!(with("2.5").as_deref(), Some("requests delayed by 2.5 s"));
+        let hostile = format!("1 s; visit https://evil.example/{}", "a".repeat(5000));
+        assert_eq!(with(&hostile).as_deref(), Some("requests delayed"));
+        assert_eq!(with("NaN").as_deref(), Some("requests delayed"));
+        assert_eq!(with("").as_deref(), Some("requests delayed"));
     }
 
     #[test]

@@ -15,6 +15,12 @@ pub fn unreachable(vendor: &str, e: &TransportError) -> AuthCheck {
     )
 }
 
+/// Vendor text for a message (a site name, a role, a header): control characters dropped, at
+/// most 120 characters. Messages reach admins' terminals, pages and logs.
+pub fn shown(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(120).collect()
+}
+
 /// Seconds to wait, from `Retry-After` or (Azure DevOps, Jira) `X-RateLimit-Reset` as epoch.
 pub fn retry_after_secs(resp: &UpstreamResponse) -> Option<u64> {
     resp.retry_after().or_else(|| {

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use oauth2::{AuthorizationCode, RedirectUrl, RefreshToken};
 use serde::Deserialize;
 
-use super::classify::{common, not_the_api, unreachable};
+use super::classify::{common, not_the_api, shown, unreachable};
 use super::http::{parse_base_url, url_string};
 use super::oauth::{self, OAuthHttp};
 use super::{
@@ -588,11 +588,6 @@ fn with_cloud_id(credential: &Credential, id: &str) -> Option<Credential> {
         _ => return None,
     }
     Some(settled)
-}
-
-/// Vendor text for a message: control characters dropped, at most 120 characters.
-fn shown(text: &str) -> String {
-    text.chars().filter(|c| !c.is_control()).take(120).collect()
 }
 
 /// Cloud ids are UUIDs; anything else from the network is not put into a URL.

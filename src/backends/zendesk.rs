@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use oauth2::{AuthorizationCode, PkceCodeVerifier, RedirectUrl, RefreshToken};
 use serde::Deserialize;
 
-use super::classify::{common, not_the_api, unreachable};
+use super::classify::{common, not_the_api, shown, unreachable};
 use super::http::{parse_base_url, url_string};
 use super::oauth::{self, OAuthHttp};
 use super::{
@@ -211,7 +211,7 @@ impl Backend for ZendeskBackend {
                                 } else {
                                     ""
                                 },
-                                role.unwrap_or("unknown role"),
+                                role.map_or_else(|| "unknown role".to_owned(), shown),
                                 if matches!(
                                     target.credential,
                                     Credential::OAuthClientCredentials { .. }

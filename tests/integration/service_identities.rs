@@ -211,6 +211,10 @@ async fn zendesk_client_credentials_mint_once_and_report_the_acting_user() {
     fake.add_user("ada", 9003, "Ada Admin", "ada@acme.example", "admin");
     fake.add_service_client(ZD_SC_ID, ZD_SC_SECRET, "ada");
     fake.add_service_client("zd-enduser-client", "zd-eu-secret", "enduser");
+    // A role is vendor text: it reaches the admin cut short and without control characters.
+    let odd_role = format!("light-agent\r\nX-Injected: 1 {}", "r".repeat(10_000));
+    fake.add_user("odd", 9004, "Odd Role", "odd@acme.example", &odd_role);
+    fake.add_service_client("zd-odd-client", "zd-odd-secret", "odd");
     fake.oauth(|o| o.token_delay = Duration::from_millis(200));
     let broker = TestBroker::start(dir.path()).await;
     let mut admin = broker.admin().await;
@@ -370,6 +374,23 @@ async fn zendesk_client_credentials_mint_once_and_report_the_acting_user() {
         ],
     )
     .await;
+    let message = refused(
+        &mut admin,
+        reg(
+            "zd-odd",
+            z,
+            &base,
+            cc("zd-odd-client", "zd-odd-secret"),
+            true,
+            pb::Delivery::Unspecified,
+        ),
+        &["light-agentX-Injected: 1 rrr", "not an agent or admin"],
+    )
+    .await;
+    assert!(
+        message.len() < 1000 && !message.contains(['\r', '\n']),
+        "{message}"
+    );
     assert!(
         fake.server.unexpected().is_empty(),
         "{:?}",
