@@ -69,6 +69,12 @@ impl PendingAuthorization {
             expires: Instant::now() + Duration::from_secs(60),
         }
     }
+
+    pub(crate) fn expired_for_test(system_id: &str) -> Self {
+        let mut p = Self::for_test(system_id);
+        p.expires = Instant::now();
+        p
+    }
 }
 
 /// What the callback shows the person in the browser.
@@ -183,10 +189,10 @@ impl Broker {
             )
             .map_err(BrokerError::from)?;
         let ttl = self.settings.authorization_ttl;
+        self.sweep_expired_pending().await;
         {
             let mut pending = lock(&self.pending_authorizations);
             let now = Instant::now();
-            pending.retain(|_, p| p.expires > now);
             pending.insert(
                 state.clone(),
                 PendingAuthorization {
@@ -273,6 +279,31 @@ impl Broker {
             redirect_uri: p.redirect_uri,
             expires: Instant::now() + left,
         })
+    }
+
+    /// Authorizations this process started that expired unused are forgotten, and (replicas)
+    /// their shared rows removed: a connect the admin never finished leaves nothing behind.
+    /// Run at every start and with the replicas' periodic caller reload. A row whose removal
+    /// fails, or whose replica stopped before it expired, stays (it is useless: the state in
+    /// its URL has expired too).
+    pub(crate) async fn sweep_expired_pending(&self) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        lock(&self.pending_authorizations).retain(|state, p| {
+            let live = p.expires > now;
+            if !live {
+                expired.push(pending_key(state));
+            }
+            live
+        });
+        if !self.store.is_shared() {
+            return;
+        }
+        for key in expired {
+            if let Err(e) = self.store.take_meta(&key).await {
+                tracing::warn!(message = "An expired authorization's shared row could not be removed.", error = %e);
+            }
+        }
     }
 
     /// Another replica consumed the shared authorization stored under `key`.

@@ -485,6 +485,7 @@ impl Broker {
                     break;
                 };
                 broker.reload_callers().await;
+                broker.sweep_expired_pending().await;
             }
         });
         tokio::spawn(async move {

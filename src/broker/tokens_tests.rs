@@ -1145,6 +1145,34 @@ async fn a_store_error_at_the_callback_keeps_the_authorization_for_a_retry() {
         .contains_key(&state));
 }
 
+/// A connect started and never finished leaves no shared row behind once it expired; a live
+/// one (this replica's or another's) is left alone.
+#[tokio::test]
+async fn an_expired_unused_authorization_leaves_no_shared_row() {
+    use crate::broker::connect::{pending_key, PendingAuthorization};
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let (old, live, elsewhere) = (broker.new_state(), broker.new_state(), broker.new_state());
+    for state in [&old, &live, &elsewhere] {
+        store
+            .put_meta(&pending_key(state), b"sealed")
+            .await
+            .unwrap();
+    }
+    {
+        let mut held = broker.pending_authorizations.lock().unwrap();
+        held.insert(old.clone(), PendingAuthorization::expired_for_test("a"));
+        held.insert(live.clone(), PendingAuthorization::for_test("b"));
+    }
+    broker.sweep_expired_pending().await;
+    assert_eq!(store.get_meta(&pending_key(&old)).await.unwrap(), None);
+    for state in [&live, &elsewhere] {
+        assert!(store.get_meta(&pending_key(state)).await.unwrap().is_some());
+    }
+    let held = broker.pending_authorizations.lock().unwrap();
+    assert!(!held.contains_key(&old) && held.contains_key(&live));
+}
+
 /// A stale state (tagged right, past its expiry) replayed at the callback gets the expired
 /// page, and the shared store's authorization under it is neither read nor consumed.
 #[tokio::test]
