@@ -34,7 +34,16 @@ pub(super) async fn run_restore(client: &mut Client, out: Output, input: &Path) 
         .restore_backup(tokio_stream::iter(
             chunks.into_iter().map(|chunk| pb::BackupChunk { chunk }),
         ))
-        .await?
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => anyhow!(
+                "{}: no answer in time. Once the backup was verified, the broker writes it to \
+                 the end even without an answer; run the same restore again to see the result \
+                 (what was restored then shows as already present)",
+                s.message()
+            ),
+            _ => anyhow!(s),
+        })?
         .into_inner();
     if out == Output::Json {
         println!(

@@ -291,3 +291,82 @@ fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+/// A restore that outlasts the request deadline (a large backup, a slow disk): the verified
+/// backup is still written to the end, the callers of its last chunk included (the RPC runs
+/// detached from its caller), so no half-restored broker is left behind; `credbrokerctl` says
+/// so and how to see the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_cut_off_by_its_deadline_is_still_written_to_the_end() {
+    use credbroker::store::faulty::FaultControl;
+    let root = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
+    let asana = FakeAsana::start().await;
+    let a = TestBroker::start(&dir_a).await;
+    let mut admin_a = a.admin().await;
+    const SYSTEMS: usize = 30;
+    for i in 0..SYSTEMS {
+        let id = format!("cut-{i:02}");
+        admin_a
+            .register_system(register_asana(
+                &id,
+                &asana.base_url,
+                "cut-canary-pat",
+                false,
+            ))
+            .await
+            .unwrap();
+    }
+    let worker = worker_token(&mut admin_a, "cut-worker").await;
+    let file = root.path().join("cut.backup");
+    let f = file.to_str().unwrap().to_owned();
+    ok_json(&tokio::task::block_in_place(|| {
+        ctl(&a, &["backup", "--out", &f])
+    }));
+    a.stop().await;
+    let mut config_b = test_config(&dir_b);
+    config_b.store.master_key_file = Some(dir_a.join("master.key"));
+    config_b.server.request_timeout = std::time::Duration::from_millis(500);
+    let control = Arc::new(FaultControl::default());
+    let c = control.clone();
+    let b = TestBroker::start_wrapped(
+        config_b,
+        Box::new(move |inner| {
+            Arc::new(credbroker::store::faulty::FaultyStore::new(
+                inner,
+                c.clone(),
+            ))
+        }),
+    )
+    .await;
+    let mut admin_b = b.admin().await;
+    // Each write takes ~40 ms: the whole restore ~1.3 s, past the 500 ms request deadline.
+    control.latency_ms.store(40, Ordering::SeqCst);
+    let cut = tokio::task::block_in_place(|| ctl(&b, &["restore", "--in", &f]));
+    let said = String::from_utf8_lossy(&cut.stderr);
+    assert!(
+        !cut.status.success() && said.contains("run the same restore again"),
+        "{said}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(100));
+    let mut w = client(b.addr, Some(&worker)).await;
+    loop {
+        every.tick().await;
+        // The worker's caller is in the last chunk: it works once everything is written.
+        if count(&mut admin_b).await == SYSTEMS && auth_header(&mut w, "cut-29").await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restore stopped with its caller: {} systems",
+            count(&mut admin_b).await
+        );
+    }
+    control.latency_ms.store(0, Ordering::SeqCst);
+    let again = ok_json(&tokio::task::block_in_place(|| {
+        ctl(&b, &["restore", "--in", &f])
+    }));
+    assert_eq!(again["systems_skipped"], SYSTEMS, "{again}");
+    b.stop().await;
+}
