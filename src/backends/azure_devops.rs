@@ -382,13 +382,12 @@ fn throttling(resp: &UpstreamResponse) -> Option<String> {
         .get("x-ratelimit-delay")
         .and_then(|v| v.to_str().ok())
         .map(|d| {
-            d.trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|s| s.is_finite() && *s >= 0.0)
+            let secs = d.trim().parse::<f64>().ok()?;
+            // Whole seconds, rounded up, at most a day.
+            (secs.is_finite() && secs >= 0.0).then(|| secs.ceil().min(86_400.0) as u64)
         });
     match (delay, retry_after_secs(resp)) {
-        (Some(Some(d)), _) => Some(format!("requests delayed by {d:.1} s")),
+        (Some(Some(d)), _) => Some(format!("requests delayed by {d} s")),
         (Some(None), _) => Some("requests delayed".to_owned()),
         (None, Some(s)) => Some(format!("retry after {s} s")),
         _ => None,
@@ -438,7 +437,13 @@ mod tests {
                 body: Vec::new(),
             })
         };
-        assert_eq!(with("2.5").as_deref(), Some("requests delayed by 2.5 s"));
+        assert_eq!(with("2.5").as_deref(), Some("requests delayed by 3 s"));
+        assert_eq!(with("0.04").as_deref(), Some("requests delayed by 1 s"));
+        assert_eq!(
+            with("1e308").as_deref(),
+            Some("requests delayed by 86400 s")
+        );
+        assert_eq!(with("-1").as_deref(), Some("requests delayed"));
         let hostile = format!("1 s; visit https://evil.example/{}", "a".repeat(5000));
         assert_eq!(with(&hostile).as_deref(), Some("requests delayed"));
         assert_eq!(with("NaN").as_deref(), Some("requests delayed"));

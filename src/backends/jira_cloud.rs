@@ -30,10 +30,12 @@ const VENDOR: &str = "Jira Cloud";
 const URL_HINT: &str = "enter your site URL, e.g. https://acme.atlassian.net";
 /// Scopes asked for when the admin names none (`offline_access` is always added).
 pub const DEFAULT_SCOPES: &[&str] = &["read:jira-work", "write:jira-work", "read:jira-user"];
-/// Tries of the site list right after a code exchange, and the longest `Retry-After` waited
-/// for between them.
+/// Tries of the site list right after a code exchange, the longest `Retry-After` waited for
+/// between them.
 const SITE_LIST_TRIES: u32 = 3;
 const MAX_SITE_LIST_PAUSE: Duration = Duration::from_secs(5);
+/// The retries end this long after the first try began.
+const SITE_LIST_BUDGET: Duration = Duration::from_secs(15);
 const RECONNECT: &str = "reconnect it with `credbrokerctl system connect SYSTEM_ID`";
 
 /// The Jira Cloud backend.
@@ -461,22 +463,37 @@ impl JiraCloudBackend {
     /// The cloud id of the registered site among the sites the grant covers.
     ///
     /// The code is spent and the fresh grant lives only in this call until a site is picked,
-    /// so a transient failure of the list is tried again (three tries in about four seconds,
-    /// a short `Retry-After` honoured) before the grant is given up.
+    /// so a list that failed on the way (a 5xx, a 429 with a `Retry-After` of at most 5 s, the
+    /// network) is asked for again, at most three times within 15 s, before the grant is given
+    /// up.
     async fn pick_site(&self, site: &str, access: &SecretString) -> Result<String, BackendError> {
+        let give_up = tokio::time::Instant::now() + SITE_LIST_BUDGET;
         let mut pause = Duration::from_secs(1);
         let mut tries = 1;
         let sites = loop {
-            match self.accessible_resources(access).await {
-                Err(BackendError::Transient { retry_after, .. })
-                    if tries < SITE_LIST_TRIES
-                        && retry_after.is_none_or(|d| d <= MAX_SITE_LIST_PAUSE) =>
-                {
-                    tokio::time::sleep(retry_after.map_or(pause, |d| d.max(pause))).await;
+            let answer = if tries == 1 {
+                self.accessible_resources(access).await
+            } else {
+                tokio::time::timeout_at(give_up, self.accessible_resources(access))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err((site_list_failed("took too long".to_owned(), None), false))
+                    })
+            };
+            let wait = match &answer {
+                Err((BackendError::Transient { retry_after, .. }, true)) => retry_after
+                    .map_or(Some(pause), |d| {
+                        (d <= MAX_SITE_LIST_PAUSE).then_some(d.max(pause))
+                    }),
+                _ => None,
+            };
+            match wait {
+                Some(w) if tries < SITE_LIST_TRIES && tokio::time::Instant::now() + w < give_up => {
+                    tokio::time::sleep(w).await;
                     pause *= 2;
                     tries += 1;
                 }
-                other => break other?,
+                _ => break answer.map_err(|(e, _)| e)?,
             }
         };
         let want = normalize_site(site);
@@ -512,11 +529,12 @@ impl JiraCloudBackend {
         })
     }
 
-    /// The sites the grant covers (`GET {api}/oauth/token/accessible-resources`).
+    /// The sites the grant covers (`GET {api}/oauth/token/accessible-resources`); a failure
+    /// says whether asking again may help (the network, a 5xx, a 429).
     async fn accessible_resources(
         &self,
         access: &SecretString,
-    ) -> Result<Vec<Resource>, BackendError> {
+    ) -> Result<Vec<Resource>, (BackendError, bool)> {
         let url = format!(
             "{}/oauth/token/accessible-resources",
             self.ctx.oauth.jira_api_url
@@ -526,21 +544,18 @@ impl JiraCloudBackend {
             .http
             .get(&url, &[bearer(access)])
             .await
-            .map_err(|e| BackendError::unreachable(VENDOR, &e))?;
+            .map_err(|e| (BackendError::unreachable(VENDOR, &e), true))?;
         if r.status != 200 {
-            return Err(BackendError::Transient {
-                failure: AuthFailure::UpstreamError,
-                message: format!(
-                    "Atlassian's accessible-resources answered HTTP {}",
-                    r.status
-                ),
-                retry_after: r.retry_after().map(Duration::from_secs),
-            });
+            let again = r.status == 429 || r.status >= 500;
+            let why = format!("answered HTTP {}", r.status);
+            let retry_after = r.retry_after().map(Duration::from_secs);
+            return Err((site_list_failed(why, retry_after), again));
         }
-        serde_json::from_slice(&r.body).map_err(|_| BackendError::Transient {
-            failure: AuthFailure::UpstreamError,
-            message: "Atlassian's accessible-resources answer was unreadable".to_owned(),
-            retry_after: None,
+        serde_json::from_slice(&r.body).map_err(|_| {
+            (
+                site_list_failed("answer was unreadable".to_owned(), None),
+                false,
+            )
         })
     }
 
@@ -577,6 +592,15 @@ fn classify(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendError {
         &format!("the grant is expired or revoked; {RECONNECT}"),
         "check the app's client id and secret in the Atlassian developer console",
     )
+}
+
+/// Atlassian's site list failed: `why` ends "Atlassian's accessible-resources …".
+fn site_list_failed(why: String, retry_after: Option<Duration>) -> BackendError {
+    BackendError::Transient {
+        failure: AuthFailure::UpstreamError,
+        message: format!("Atlassian's accessible-resources {why}"),
+        retry_after,
+    }
 }
 
 /// `credential` with the site's cloud id stored (service accounts and scoped tokens).
@@ -627,12 +651,13 @@ mod tests {
     /// control characters; a cloud id that would change an API URL's path is refused.
     #[test]
     fn vendor_text_is_cut_and_cloud_ids_are_checked() {
-        let hostile = format!("evil\r\nX-Injected: 1{}", "a".repeat(10_000));
-        let s = shown(&hostile);
-        assert!(
-            s.chars().count() <= 120 && !s.contains('\r') && !s.contains('\n'),
-            "{s}"
+        let hostile = format!(
+            "evil\r\nX-Injected: 1\u{202E}gnp.exe\u{200B}\u{2028}{}",
+            "a".repeat(10_000)
         );
+        let s = shown(&hostile);
+        assert!(s.starts_with("evilX-Injected: 1gnp.exeaaa"), "{s}");
+        assert_eq!(s.chars().count(), 120, "{s}");
         assert!(valid_cloud_id("1324a887-45db-1bf4-1e99-ef0ff456d421"));
         for bad in ["", "../admin", "a/b", "id?x=1", &"a".repeat(65)] {
             assert!(!valid_cloud_id(bad), "{bad}");

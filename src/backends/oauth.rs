@@ -336,14 +336,7 @@ impl<'c> AsyncHttpClient<'c> for OAuthHttp {
                 status: resp.status,
                 retry_after: resp.retry_after(),
             });
-            let read = (200..300)
-                .contains(&resp.status)
-                .then(|| lenient_token_answer(&resp.body))
-                .flatten();
-            // The oauth2 crate reads a token answer only under 200; a token answer under
-            // another 2xx (a gateway's 201 or 203) is still the vendor's answer, and may carry
-            // the rotated refresh token: it is read, not dropped as unreadable.
-            let status = if read.is_some() { 200 } else { resp.status };
+            let (status, read) = relabelled(resp.status, &resp.body);
             let mut builder = oauth2::http::Response::builder().status(status);
             for (k, v) in &resp.headers {
                 if read.is_none() || k != reqwest::header::CONTENT_TYPE {
@@ -358,6 +351,33 @@ impl<'c> AsyncHttpClient<'c> for OAuthHttp {
                 .map_err(|e| TransportError::Other(e.to_string()))
         })
     }
+}
+
+/// The status and (rewritten) body the oauth2 crate is handed for a token endpoint's answer.
+/// The crate reads a token answer only under exactly 200, and an error answer under anything
+/// else. A 2xx that carries an access token (a gateway's 201 or 203) is the vendor's token
+/// answer, maybe with a rotated refresh token in it: handed on as 200, not dropped as
+/// unreadable. A 2xx that carries only an OAuth `error` is handed on as 400, so the vendor's
+/// word on the grant (`invalid_grant`) is still read as such.
+fn relabelled(status: u16, body: &[u8]) -> (u16, Option<Vec<u8>>) {
+    if !(200..300).contains(&status) {
+        return (status, None);
+    }
+    let Some(read) = lenient_token_answer(body) else {
+        return (status, None);
+    };
+    let has = |key: &str| {
+        serde_json::from_slice::<serde_json::Value>(&read)
+            .ok()
+            .is_some_and(|v| v.get(key).is_some_and(serde_json::Value::is_string))
+    };
+    let status = match status {
+        200 => 200,
+        _ if has("access_token") => 200,
+        _ if has("error") => 400,
+        s => s,
+    };
+    (status, Some(read))
 }
 
 /// A 2xx token answer rewritten into RFC 6749 §5.1's shape, from the shapes vendors really send:
@@ -656,6 +676,22 @@ mod tests {
 
     /// A passing outage the vendor names (`temporarily_unavailable`) and a 401/403 without an
     /// OAuth error body (a firewall's page) are retried later; `invalid_grant` kills the grant.
+    /// A token answer under any 2xx reaches the oauth2 crate as 200; an OAuth error under a
+    /// 2xx as an error answer; anything else keeps its status.
+    #[test]
+    fn token_and_error_answers_under_another_2xx_keep_their_meaning() {
+        let token = br#"{"access_token":"a","token_type":"Bearer","refresh_token":"r"}"#;
+        let error = br#"{"error":"invalid_grant"}"#;
+        for status in [200, 201, 203] {
+            assert_eq!(relabelled(status, token).0, 200, "{status}");
+        }
+        assert_eq!(relabelled(201, error).0, 400);
+        assert_eq!(relabelled(200, error).0, 200, "the crate's own 200 path");
+        assert_eq!(relabelled(202, br#"{"queued":true}"#).0, 202);
+        assert_eq!(relabelled(203, b"<html>sign in</html>"), (203, None));
+        assert_eq!(relabelled(400, error), (400, None));
+    }
+
     #[test]
     fn only_the_vendors_own_word_on_the_grant_rejects_it() {
         let meta = |status| {

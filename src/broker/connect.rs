@@ -189,10 +189,13 @@ impl Broker {
             )
             .map_err(BrokerError::from)?;
         let ttl = self.settings.authorization_ttl;
-        self.sweep_expired_pending().await;
         {
             let mut pending = lock(&self.pending_authorizations);
             let now = Instant::now();
+            if !self.store.is_shared() {
+                // Replicas keep them until the sweep has removed their shared rows.
+                pending.retain(|_, p| p.expires > now);
+            }
             pending.insert(
                 state.clone(),
                 PendingAuthorization {
@@ -281,27 +284,32 @@ impl Broker {
         })
     }
 
-    /// Authorizations this process started that expired unused are forgotten, and (replicas)
-    /// their shared rows removed: a connect the admin never finished leaves nothing behind.
-    /// Run at every start and with the replicas' periodic caller reload. A row whose removal
-    /// fails, or whose replica stopped before it expired, stays (it is useless: the state in
-    /// its URL has expired too).
+    /// Replicas: the authorizations this process started that expired unused are forgotten
+    /// and their shared rows removed, so a connect the admin never finished leaves nothing
+    /// behind. Run with the periodic caller reload. One whose row could not be removed is kept
+    /// for the next sweep; a row whose replica stopped before the sweep stays (useless: the
+    /// state in its URL has expired too).
     pub(crate) async fn sweep_expired_pending(&self) {
-        let now = Instant::now();
-        let mut expired = Vec::new();
-        lock(&self.pending_authorizations).retain(|state, p| {
-            let live = p.expires > now;
-            if !live {
-                expired.push(pending_key(state));
-            }
-            live
-        });
         if !self.store.is_shared() {
             return;
         }
-        for key in expired {
-            if let Err(e) = self.store.take_meta(&key).await {
-                tracing::warn!(message = "An expired authorization's shared row could not be removed.", error = %e);
+        let now = Instant::now();
+        let expired: Vec<(String, PendingAuthorization)> = {
+            let mut held = lock(&self.pending_authorizations);
+            let states: Vec<String> = held
+                .iter()
+                .filter(|(_, p)| p.expires <= now)
+                .map(|(s, _)| s.clone())
+                .collect();
+            states
+                .into_iter()
+                .filter_map(|s| held.remove(&s).map(|p| (s, p)))
+                .collect()
+        };
+        for (state, p) in expired {
+            if let Err(e) = self.store.take_meta(&pending_key(&state)).await {
+                tracing::warn!(message = "An expired authorization's shared row could not be removed; tried again later.", error = %e);
+                lock(&self.pending_authorizations).insert(state, p);
             }
         }
     }
@@ -324,8 +332,13 @@ impl Broker {
         let local = lock(&self.pending_authorizations).remove(state);
         let check = self.state_check(state);
         if check == StateCheck::Expired {
-            // Made here, replayed late: no store read for it.
-            return expired_page(local.as_ref().map(|p| p.system_id.as_str()));
+            // Made here, replayed late: no store read for it. One this process holds goes
+            // back for the sweep to remove its shared row.
+            let page = expired_page(local.as_ref().map(|p| p.system_id.as_str()));
+            if let Some(p) = local {
+                lock(&self.pending_authorizations).insert(state.clone(), p);
+            }
+            return page;
         }
         let system_id = local.as_ref().map(|p| p.system_id.clone());
         let pending = match local {

@@ -1164,13 +1164,45 @@ async fn an_expired_unused_authorization_leaves_no_shared_row() {
         held.insert(old.clone(), PendingAuthorization::expired_for_test("a"));
         held.insert(live.clone(), PendingAuthorization::for_test("b"));
     }
+    // The store away: nothing removed, nothing forgotten.
+    store.meta_down.store(true, Ordering::SeqCst);
+    broker.sweep_expired_pending().await;
+    assert!(broker
+        .pending_authorizations
+        .lock()
+        .unwrap()
+        .contains_key(&old));
+    store.meta_down.store(false, Ordering::SeqCst);
     broker.sweep_expired_pending().await;
     assert_eq!(store.get_meta(&pending_key(&old)).await.unwrap(), None);
     for state in [&live, &elsewhere] {
         assert!(store.get_meta(&pending_key(state)).await.unwrap().is_some());
     }
-    let held = broker.pending_authorizations.lock().unwrap();
-    assert!(!held.contains_key(&old) && held.contains_key(&live));
+    {
+        let held = broker.pending_authorizations.lock().unwrap();
+        assert!(!held.contains_key(&old) && held.contains_key(&live));
+    }
+
+    // Its callback, come late to the replica that started it: answered expired without a
+    // store read, and its row still goes with the next sweep.
+    let mut body = [9u8; 16];
+    let past = u32::try_from(crate::model::unix_now() - 1).unwrap();
+    body[12..].copy_from_slice(&past.to_be_bytes());
+    let late = crate::broker::connect::encode_state(broker.link_key.as_bytes(), body);
+    store
+        .put_meta(&pending_key(&late), b"sealed")
+        .await
+        .unwrap();
+    (broker.pending_authorizations.lock().unwrap())
+        .insert(late.clone(), PendingAuthorization::expired_for_test("a"));
+    let params = HashMap::from([
+        ("state".to_owned(), late.clone()),
+        ("code".to_owned(), "a-code".to_owned()),
+    ]);
+    let page = broker.complete_authorization(&params).await;
+    assert!(page.message.contains("expired"), "{}", page.message);
+    broker.sweep_expired_pending().await;
+    assert_eq!(store.get_meta(&pending_key(&late)).await.unwrap(), None);
 }
 
 /// A stale state (tagged right, past its expiry) replayed at the callback gets the expired

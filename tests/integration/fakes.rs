@@ -2295,8 +2295,8 @@ struct AtlState {
     missing_user_scope: HashSet<String>,
     /// Jira's API (other than `myself`) answers 429 until then.
     throttled_until: Option<std::time::Instant>,
-    /// accessible-resources answers 503 this many more times.
-    resources_failures: u32,
+    /// accessible-resources answers this status this many more times.
+    resources_failures: (u32, u16),
 }
 
 /// A fake Atlassian: consent page, JSON token endpoint with rotating refresh tokens and reuse
@@ -2328,7 +2328,7 @@ impl FakeAtlassian {
             no_product_access: HashSet::new(),
             missing_user_scope: HashSet::new(),
             throttled_until: None,
-            resources_failures: 0,
+            resources_failures: (0, 503),
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| atl_handle(&mut st.lock().unwrap(), req)).await;
@@ -2339,9 +2339,9 @@ impl FakeAtlassian {
         }
     }
 
-    /// accessible-resources answers 503 (Atlassian's JSON error) the next `n` times.
-    pub fn fail_site_list(&self, n: u32) {
-        self.state.lock().unwrap().resources_failures = n;
+    /// accessible-resources answers `status` (Atlassian's JSON error) the next `n` times.
+    pub fn fail_site_list(&self, n: u32, status: u16) {
+        self.state.lock().unwrap().resources_failures = (n, status);
     }
 
     /// Jira's API (other than `myself`) answers 429 with `Retry-After` for the next `secs`.
@@ -2661,9 +2661,9 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
         }
     };
     if path == "/oauth/token/accessible-resources" {
-        if s.resources_failures > 0 {
-            s.resources_failures -= 1;
-            return Reply::Json(503, json!({"code": 503, "message": "Service Unavailable"}));
+        if let (n @ 1.., status) = s.resources_failures {
+            s.resources_failures.0 = n - 1;
+            return Reply::Json(status, json!({"code": status, "message": "refused"}));
         }
         let sites: Vec<Value> = s.sites.iter().map(|(id, name, url)| json!({"id": id, "name": name, "url": url, "scopes": ["read:jira-work"], "avatarUrl": ""})).collect();
         return Reply::Json(200, Value::Array(sites));
