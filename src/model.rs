@@ -583,6 +583,19 @@ pub struct Identity {
     pub email: String,
 }
 
+impl Identity {
+    /// The vendor's text cut to what is fit to show: no control or invisible characters, an
+    /// id and an e-mail of at most 320 characters, a name of at most 200.
+    pub fn shown(self) -> Self {
+        use crate::util::text::visible;
+        Self {
+            id: visible(&self.id, 320),
+            display_name: visible(&self.display_name, 200),
+            email: visible(&self.email, 320),
+        }
+    }
+}
+
 /// The outcome of an authentication check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthCheck {
@@ -601,13 +614,14 @@ pub struct AuthCheck {
 }
 
 impl AuthCheck {
-    /// A passing check.
+    /// A passing check. The identity is the vendor's text: it is kept only as far as it is
+    /// fit to show (see [`Identity::shown`]), since it is stored, sent in events and shown.
     pub fn ok(identity: Identity, message: impl Into<String>) -> Self {
         Self {
             ok: true,
             failure: None,
             message: message.into(),
-            identity: Some(identity),
+            identity: Some(identity.shown()),
             missing_permissions: Vec::new(),
             checked_at: unix_now(),
         }

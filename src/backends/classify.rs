@@ -15,15 +15,10 @@ pub fn unreachable(vendor: &str, e: &TransportError) -> AuthCheck {
     )
 }
 
-/// Vendor text for a message (a site name, a role): control characters, line separators and
-/// invisible or direction-changing characters dropped, at most 120 characters. Messages reach
-/// admins' terminals, pages and logs.
+/// Vendor text for a message (a site name, a role): see [`crate::util::text::visible`], at
+/// most 120 characters. Messages reach admins' terminals, pages and logs.
 pub fn shown(text: &str) -> String {
-    let hidden = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
-    };
-    text.chars().filter(|c| !hidden(*c)).take(120).collect()
+    crate::util::text::visible(text, 120)
 }
 
 /// Seconds to wait, from `Retry-After` or (Azure DevOps, Jira) `X-RateLimit-Reset` as epoch.

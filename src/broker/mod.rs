@@ -608,6 +608,8 @@ impl Broker {
             input.system_id
         };
         check_credential_type(input.kind, &input.credential)?;
+        validate_label("display_name", &input.display_name, MAX_DISPLAY_NAME, false)?;
+        validate_label("description", &input.description, MAX_DESCRIPTION, true)?;
         let base_url = backend
             .canonical_base_url(&input.base_url, &self.egress)
             .map_err(|m| BrokerError::invalid("base_url", m))?;
@@ -1584,6 +1586,39 @@ pub fn validate_system_id(system_id: &str) -> Result<(), BrokerError> {
         return Err(BrokerError::invalid("system_id", "is required"));
     }
     validate_slug(system_id, MAX_SYSTEM_ID_LEN).map_err(|m| BrokerError::invalid("system_id", m))
+}
+
+/// The longest display name a system may have, in characters.
+pub const MAX_DISPLAY_NAME: usize = 200;
+/// The longest description a system may have, in characters.
+pub const MAX_DESCRIPTION: usize = 4000;
+
+/// Checks an admin's label (shown on pages and terminals, sent with every event of its
+/// system): at most `max` characters, none hidden (see [`crate::util::text::hidden`]); a
+/// multi-line one may hold line breaks (a browser's CR LF too) and tabs.
+pub fn validate_label(
+    field: &'static str,
+    text: &str,
+    max: usize,
+    multi_line: bool,
+) -> Result<(), BrokerError> {
+    if text.len() > 4 * max || text.chars().count() > max {
+        return Err(BrokerError::invalid(
+            field,
+            format!("is longer than {max} characters"),
+        ));
+    }
+    let allowed = |c: char| multi_line && matches!(c, '\n' | '\r' | '\t');
+    if text
+        .chars()
+        .any(|c| crate::util::text::hidden(c) && !allowed(c))
+    {
+        return Err(BrokerError::invalid(
+            field,
+            "holds control or invisible characters",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a slug: `[a-z0-9][a-z0-9._-]{0,max-1}`.

@@ -313,6 +313,19 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     let mut r = register_asana("k4", &fake.base_url, PAT, false);
     r.credential = None;
     cases.push((r, Code::InvalidArgument, "credential"));
+    // Labels go into every event of the system and onto pages: bounded, nothing hidden.
+    let mut r = register_asana("k4a", &fake.base_url, PAT, false);
+    r.display_name = "n".repeat(201);
+    cases.push((r, Code::InvalidArgument, "display_name"));
+    let mut r = register_asana("k4b", &fake.base_url, PAT, false);
+    r.display_name = "Sales\u{202E}txt.exe".into();
+    cases.push((r, Code::InvalidArgument, "display_name"));
+    let mut r = register_asana("k4c", &fake.base_url, PAT, false);
+    r.description = "d".repeat(4001);
+    cases.push((r, Code::InvalidArgument, "description"));
+    let mut r = register_asana("k4d", &fake.base_url, PAT, false);
+    r.description = "line\u{1b}[2J".into();
+    cases.push((r, Code::InvalidArgument, "description"));
     cases.push((
         register_asana("k5", "https://evil.example.com/api/1.0", PAT, false),
         Code::InvalidArgument,
@@ -402,6 +415,23 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             e.message()
         );
     }
+    // At the limits, and a browser's multi-line description: accepted as given.
+    let mut r = register_asana("labels-ok", &fake.base_url, PAT, false);
+    r.display_name = "é".repeat(200);
+    r.description = format!("line one\r\nline two\tend{}", "d".repeat(3978));
+    let (name, description) = (r.display_name.clone(), r.description.clone());
+    let stored = admin.register_system(r).await.unwrap().into_inner();
+    let stored = stored.system.unwrap();
+    assert_eq!(
+        (stored.display_name, stored.description),
+        (name, description)
+    );
+    admin
+        .delete_system(pb::DeleteSystemRequest {
+            system_id: "labels-ok".into(),
+        })
+        .await
+        .unwrap();
     // Missing systems.
     let missing = [
         admin
@@ -863,5 +893,31 @@ async fn pat_expiry_is_kept_reported_and_enforced() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    broker.stop().await;
+}
+
+/// The identity a check reports is the vendor's text: it is stored and sent with events, so a
+/// vendor's huge or hostile name comes back cut short, with nothing hidden in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vendors_hostile_identity_is_cut_to_what_can_be_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAsana::start().await;
+    let name = format!("Mallory\u{202E}\r\nX: 1{}", "m".repeat(100_000));
+    fake.add_user(PAT, "1201", &name, "mallory@example.com");
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let r = admin
+        .register_system(register_asana("odd", &fake.base_url, PAT, true))
+        .await
+        .unwrap()
+        .into_inner();
+    let identity = r.check.unwrap().identity.unwrap();
+    assert!(
+        identity.display_name.starts_with("MalloryX: 1mmm")
+            && identity.display_name.chars().count() == 200,
+        "{}",
+        identity.display_name
+    );
+    assert_eq!(identity.email, "mallory@example.com");
     broker.stop().await;
 }

@@ -114,13 +114,7 @@ async fn events_stream(State(c): St, headers: HeaderMap) -> Page {
         Err(e) => return Err(failed(&s, &e)),
     };
     let (id, hash) = (s.id.clone(), s.session.caller_hash);
-    // A tick each second asks again while nothing happens, so a quiet feed still ends with its
-    // session.
-    let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(STREAM_RECHECK))
-        .map(|_| None);
-    let stream = watch
-        .map_while(|e| e.ok().map(Some))
-        .merge(ticks)
+    let stream = until_watch_ends(watch, STREAM_RECHECK)
         .take_while(move |_| c.still_signed(&id, &hash))
         .filter_map(|e| e)
         .map(|e| {
@@ -140,6 +134,28 @@ async fn events_stream(State(c): St, headers: HeaderMap) -> Page {
     let sse =
         axum::response::sse::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default());
     Ok(sse.into_response())
+}
+
+/// The watch's events (`Some`), with a `None` every `recheck` while nothing happens, so that a
+/// quiet feed still ends with its session; ended as soon as the watch ends or fails (it fell
+/// behind, the caller changed, shutdown), so the browser sees the feed close and reconnects
+/// instead of showing a feed that receives nothing as live.
+fn until_watch_ends<T, E>(
+    watch: impl tokio_stream::Stream<Item = Result<T, E>> + Send + 'static,
+    recheck: std::time::Duration,
+) -> impl tokio_stream::Stream<Item = Option<T>> + Send
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    use tokio_stream::StreamExt;
+    let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(recheck))
+        .map(|_| Some(None));
+    watch
+        .map_while(|e| e.ok().map(|e| Some(Some(e))))
+        .chain(tokio_stream::once(None))
+        .merge(ticks)
+        .map_while(|item| item)
 }
 
 type Names = Option<axum::Extension<ClientNames>>;
@@ -703,4 +719,27 @@ async fn rotate_key(State(c): St, headers: HeaderMap, Form(f): Fields) -> Page {
         Err(e) => (Notice::Failed(e.message().to_owned()), status_code(&e)),
     };
     Ok(keys_page(&c, &s, Some(note), status).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watch that fails (it fell behind the feed) or ends closes the console's feed at once,
+    /// though the recheck ticks would go on for ever.
+    #[tokio::test]
+    async fn the_feed_ends_with_its_watch() {
+        use tokio_stream::StreamExt;
+        for watch in [vec![Ok(1), Err("fell behind"), Ok(2)], vec![Ok(1)]] {
+            let feed = until_watch_ends(
+                tokio_stream::iter(watch),
+                std::time::Duration::from_millis(1),
+            );
+            let got: Vec<Option<i32>> =
+                tokio::time::timeout(std::time::Duration::from_secs(5), feed.collect())
+                    .await
+                    .expect("the feed outlived its watch");
+            assert!(got.contains(&Some(1)) && !got.contains(&Some(2)), "{got:?}");
+        }
+    }
 }
