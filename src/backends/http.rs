@@ -23,6 +23,8 @@ pub struct HttpClient {
     max_body: usize,
     timeout: Duration,
     egress: EgressPolicy,
+    /// Paths go into the debug log (off for URLs whose path may be a secret: webhooks).
+    log_paths: bool,
 }
 
 /// A transport failure, without URL or body.
@@ -105,7 +107,17 @@ impl HttpClient {
             max_body,
             timeout,
             egress: egress.clone(),
+            log_paths: true,
         })
+    }
+
+    /// The same client, logging hosts only: for URLs that carry their secret in the path (a
+    /// Slack, Teams or Discord webhook).
+    pub fn without_path_logs(&self) -> Self {
+        Self {
+            log_paths: false,
+            ..self.clone()
+        }
     }
 
     /// The underlying reqwest client (same settings), for requests the helpers do not cover.
@@ -181,7 +193,11 @@ impl HttpClient {
         let (method, host, path) = (
             req.method().clone(),
             req.url().host_str().unwrap_or("").to_owned(),
-            req.url().path().to_owned(),
+            if self.log_paths {
+                req.url().path().to_owned()
+            } else {
+                "(not logged)".to_owned()
+            },
         );
         // Literal IPs never reach the resolver: check them here, before any connection.
         self.egress

@@ -49,7 +49,8 @@ pub fn start(broker: &Arc<Broker>, http: &HttpClient, hooks: &[WebhookConfig]) {
             Arc::new(Endpoint {
                 hook: hook.clone(),
                 key: signing_key(hook.secret.expose_secret()),
-                http: http.clone(),
+                // A webhook URL's path may be its secret (Slack, Teams): hosts only in logs.
+                http: http.without_path_logs(),
             })
         })
         .collect();
@@ -273,8 +274,11 @@ impl Endpoint {
         }
     }
 
-    /// One attempt. A 4xx other than 408 and 429 is the receiver's final word on this event: it
-    /// is dropped, so one event it will never take cannot hold back the others for a day.
+    /// One attempt. A 4xx about this event (400, 413, 422, …) is the receiver's final word on
+    /// it: it is dropped, so one event it will never take cannot hold back the others for a
+    /// day. 401, 403 and 404 say the receiver is not ready for any event (a secret being
+    /// rotated, a deploy half done): retried like an outage, so that window loses nothing.
+    /// 408 and 429 are retried too.
     async fn deliver(&self, broker: &Broker, e: &Event) -> Attempt {
         let id = format!("msg_{}", broker.events.cursor(e.seq));
         let timestamp = crate::model::unix_now();
@@ -295,7 +299,10 @@ impl Endpoint {
             .body(body);
         let (outcome, attempt) = match self.http.send(req).await {
             Ok(r) if (200..300).contains(&r.status) => ("delivered", Attempt::Delivered),
-            Ok(r) if (400..500).contains(&r.status) && !matches!(r.status, 408 | 429) => {
+            Ok(r)
+                if (400..500).contains(&r.status)
+                    && !matches!(r.status, 401 | 403 | 404 | 408 | 429) =>
+            {
                 ("rejected", Attempt::Rejected)
             }
             Ok(_) => ("refused", Attempt::Retry),

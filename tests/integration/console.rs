@@ -847,6 +847,10 @@ async fn a_revoked_callers_session_ends(h: &mut Http, admin: &mut Client) {
         .token;
     let cookie = cookie_pair(&h.sign_in(&second).await.1);
     assert_eq!(h.get(&cookie, "/console/systems").await.0, 200);
+    // A cookie of the same name planted by another host of the site, sent first, does not
+    // lock the admin out.
+    let shadowed = format!("credbroker_console=planted-by-a-sibling; {cookie}");
+    assert_eq!(h.get(&shadowed, "/console/systems").await.0, 200);
     let mut feed = h
         .http
         .get(format!("{}/console/events/stream", h.base))

@@ -442,11 +442,12 @@ async fn the_sweep_announces_a_horizon_crossed_by_time_alone() {
 /// One request a receiver saw: headers, body, the status it answered.
 type Seen = (axum::http::HeaderMap, Vec<u8>, u16);
 
-/// A webhook receiver: records every request; answers 503 while `down`.
+/// A webhook receiver: records every request; answers 503 (or `down_status`) while `down`.
 #[derive(Clone, Default)]
 pub(crate) struct Receiver {
     seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
     pub(crate) down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) down_status: std::sync::Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Receiver {
@@ -457,7 +458,10 @@ impl Receiver {
                 let me = me.clone();
                 async move {
                     let status = if me.down.load(std::sync::atomic::Ordering::SeqCst) {
-                        503
+                        match me.down_status.load(std::sync::atomic::Ordering::SeqCst) {
+                            0 => 503,
+                            s => s,
+                        }
                     } else {
                         200
                     };
@@ -580,7 +584,15 @@ async fn webhooks_are_signed_retried_until_delivered_once_and_kept_off_refused_a
     // A restart while the receiver is down loses nothing: delivery resumes from the stored
     // cursor, and what was delivered before is not sent again.
     broker.stop().await;
+    // Back with its signing secret half rotated: 401 to everything, and nothing is lost.
+    all.down_status
+        .store(401, std::sync::atomic::Ordering::SeqCst);
+    let refused = all.count();
     let broker = TestBroker::start_with(config).await;
+    eventually(Duration::from_secs(10), "an attempt answered 401", || {
+        all.count() > refused
+    })
+    .await;
     all.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let want = [
         ("system.registered", "h-1"),

@@ -762,10 +762,26 @@ async fn a_request_id_follows_an_rpc_into_its_upstream_calls_and_comes_back() {
     let logs = tempfile::tempdir().unwrap();
     let fake = FakeAsana::start().await;
     fake.add_user("pat-reqid-canary-5", "9", "U", "u@example.com");
+    // A webhook whose path is its secret (as Slack's are): its deliveries log the host only.
+    let receiver = crate::health::Receiver::default();
+    let hook_url = receiver
+        .clone()
+        .start("127.0.0.1:0")
+        .await
+        .replace("/hooks/credbroker", "/services/T0/B0/slack-path-canary-7");
+    let secret_file = logs.path().join("webhook.secret");
+    std::fs::write(&secret_file, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
     let proc = spawn_process(
         dir.path(),
         &logs.path().join("1.log"),
-        &[("RUST_LOG", "info,credbroker=debug")],
+        &[
+            ("RUST_LOG", "info,credbroker=debug"),
+            ("CREDBROKER_WEBHOOK_URL", &hook_url),
+            (
+                "CREDBROKER_WEBHOOK_SECRET_FILE",
+                secret_file.to_str().unwrap(),
+            ),
+        ],
     )
     .unwrap();
     wait_for_health(proc.addr, ServingStatus::Serving).await;
@@ -826,4 +842,27 @@ async fn a_request_id_follows_an_rpc_into_its_upstream_calls_and_comes_back() {
     assert_eq!(upstream["span"]["rpc"], "RegisterSystem");
     assert_eq!(upstream["host"], "127.0.0.1");
     assert!(!proc.log().contains("pat-reqid-canary-5"));
+
+    // The registration's event went to the webhook; its upstream call is logged, its path not.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = proc.log();
+        let delivered = receiver.count() >= 1
+            && log
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|v| v["message"] == "Upstream call." && v["method"] == "POST");
+        if delivered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no webhook delivery logged:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !proc.log().contains("slack-path-canary-7"),
+        "a webhook's secret path was logged"
+    );
 }

@@ -122,8 +122,12 @@ impl Console {
     /// way to the sign-in page.
     fn signed(&self, headers: &HeaderMap) -> Result<Signed, Response> {
         let to_sign_in = || Redirect::to("/console/sign-in").into_response();
-        let id = session_cookie(headers).ok_or_else(to_sign_in)?;
-        let session = self.sessions.get(id).ok_or_else(to_sign_in)?;
+        // Another host of the same site can plant a cookie of the same name that the browser
+        // sends first: the first few are tried, not only the first.
+        let (id, session) = session_cookies(headers)
+            .take(MAX_SESSION_COOKIES)
+            .find_map(|id| self.sessions.get(id).map(|s| (id, s)))
+            .ok_or_else(to_sign_in)?;
         let broker = self.broker()?;
         let presented = crate::broker::callers::Presented::Session(&session.caller_hash);
         if broker
@@ -231,18 +235,20 @@ impl Console {
     }
 }
 
-/// The session cookie's value in the request, if any.
-fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+/// The values of the request's session cookies, in the order sent.
+fn session_cookies(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == session::COOKIE)
+        .filter(|(k, v)| *k == session::COOKIE && !v.is_empty())
         .map(|(_, v)| v)
-        .filter(|v| !v.is_empty())
 }
+
+/// Session cookies of the console's name tried per request.
+const MAX_SESSION_COOKIES: usize = 4;
 
 /// Refuses a POST another site made the browser send.
 fn same_site(headers: &HeaderMap) -> Result<(), Response> {
