@@ -90,7 +90,8 @@ fn quota_settings(
 pub struct WebhookConfig {
     /// Where events are POSTed.
     pub url: String,
-    /// The signing secret (Standard Webhooks: `whsec_` + base64, or raw bytes).
+    /// The signing secret (Standard Webhooks: `whsec_` + base64, several separated by white
+    /// space while one is rotated; or raw bytes).
     pub secret: crate::secret::SecretString,
     /// Event types delivered (empty: all).
     pub events: Vec<String>,
@@ -1180,13 +1181,15 @@ fn webhooks(f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) -> Vec<
             continue;
         }
         match std::fs::read_to_string(&w.secret_file) {
+            // One `whsec_` secret, or several separated by white space (a rotation).
             Ok(s)
                 if s.trim().starts_with("whsec_")
-                    && base64::Engine::decode(
-                        &base64::engine::general_purpose::STANDARD,
-                        &s.trim()["whsec_".len()..],
-                    )
-                    .is_err() =>
+                    && s.split_whitespace().any(|w| {
+                        w.strip_prefix("whsec_").is_none_or(|b| {
+                            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b)
+                                .is_err()
+                        })
+                    }) =>
             {
                 errors.push(format!(
                     "webhooks: {} starts with whsec_ but the rest is not base64",
@@ -1363,6 +1366,43 @@ mod tests {
         };
         let errs = Config::build(Some("request_timeout_secs = 0"), &bad).unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    /// A secret file may hold one secret, or several `whsec_` ones (a rotation); a `whsec_`
+    /// file with anything else in it is refused, naming the file, never its content.
+    #[test]
+    fn webhook_secret_files_hold_one_secret_or_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |content: &str| {
+            let file = dir.path().join("secret");
+            std::fs::write(&file, content).unwrap();
+            let o = Overrides {
+                webhook_url: Some("https://hooks.example.com/x".into()),
+                webhook_secret_file: Some(file),
+                ..Default::default()
+            };
+            Config::build(None, &o)
+        };
+        let rotation = "whsec_bmV3LXNlY3JldA==\nwhsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n";
+        for ok in [
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            rotation,
+            "any raw text",
+        ] {
+            assert!(with(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "whsec_!!!",
+            "whsec_bmV3LXNlY3JldA== plain-canary",
+            "whsec_AA== whsec_%%",
+        ] {
+            let errs = with(bad).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.contains("not base64"))
+                    && !errs.iter().any(|e| e.contains("canary")),
+                "{bad}: {errs:?}"
+            );
+        }
     }
 
     #[test]

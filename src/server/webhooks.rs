@@ -48,7 +48,7 @@ pub fn start(broker: &Arc<Broker>, http: &HttpClient, hooks: &[WebhookConfig]) {
         .map(|hook| {
             Arc::new(Endpoint {
                 hook: hook.clone(),
-                key: signing_key(hook.secret.expose_secret()),
+                keys: signing_keys(hook.secret.expose_secret()),
                 // A webhook URL's path may be its secret (Slack, Teams): hosts only in logs.
                 http: http.without_path_logs(),
             })
@@ -116,6 +116,24 @@ fn signing_key(secret: &str) -> zeroize::Zeroizing<Vec<u8>> {
     )
 }
 
+/// The keys every delivery is signed with: several `whsec_` secrets separated by white space
+/// while a receiver's secret is rotated (new and old: the receiver accepts either), else the
+/// one secret as written.
+fn signing_keys(secret: &str) -> Vec<zeroize::Zeroizing<Vec<u8>>> {
+    let words: Vec<&str> = secret.split_whitespace().collect();
+    if words.len() > 1 && words.iter().all(|w| w.starts_with("whsec_")) {
+        words.into_iter().map(signing_key).collect()
+    } else {
+        vec![signing_key(secret)]
+    }
+}
+
+/// The `webhook-signature` header: one signature per key, separated by spaces.
+fn signatures(keys: &[zeroize::Zeroizing<Vec<u8>>], id: &str, at: u64, body: &[u8]) -> String {
+    let all: Vec<String> = keys.iter().map(|k| signature(k, id, at, body)).collect();
+    all.join(" ")
+}
+
 /// `v1,<base64 HMAC-SHA256("{id}.{timestamp}.{body}")>`.
 pub fn signature(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
     let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
@@ -130,7 +148,7 @@ pub fn signature(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
 
 struct Endpoint {
     hook: WebhookConfig,
-    key: zeroize::Zeroizing<Vec<u8>>,
+    keys: Vec<zeroize::Zeroizing<Vec<u8>>>,
     http: HttpClient,
 }
 
@@ -294,7 +312,7 @@ impl Endpoint {
             .header("webhook-timestamp", timestamp.to_string())
             .header(
                 "webhook-signature",
-                signature(&self.key, &id, timestamp, &body),
+                signatures(&self.keys, &id, timestamp, &body),
             )
             .body(body);
         let (outcome, attempt) = match self.http.send(req).await {
@@ -387,5 +405,27 @@ mod tests {
             br#"{"test": 2432232314}"#,
         );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    /// While a secret is rotated, every delivery carries a signature per secret; one raw
+    /// secret with spaces in it stays one secret.
+    #[test]
+    fn a_rotation_signs_with_each_secret() {
+        let old = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let both = signing_keys(&format!("whsec_bmV3LXNlY3JldA==\n{old}"));
+        let header = signatures(
+            &both,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1_614_265_330,
+            br#"{"test": 2432232314}"#,
+        );
+        let sigs: Vec<&str> = header.split(' ').collect();
+        assert_eq!(sigs.len(), 2, "{header}");
+        assert_eq!(sigs[1], "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert_eq!(signing_keys("a raw secret phrase").len(), 1);
+        assert_eq!(
+            *signing_keys("a raw secret phrase")[0],
+            b"a raw secret phrase".to_vec()
+        );
     }
 }

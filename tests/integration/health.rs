@@ -539,7 +539,8 @@ async fn webhooks_are_signed_retried_until_delivered_once_and_kept_off_refused_a
         Receiver::default(),
     );
     all.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    // Mid-rotation: a new secret and the old one the receiver still checks with.
+    let secret = "whsec_bmV3LXNlY3JldA==\nwhsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let key = base64::Engine::decode(
         &base64::engine::general_purpose::STANDARD,
         "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
