@@ -59,6 +59,27 @@ const CONNECT_TTL: Duration = Duration::from_secs(15 * 60);
 /// Connects remembered at most.
 const MAX_CONNECTS: usize = 256;
 
+/// Finished connects' outcomes not yet shown, per system: the newest per system, each for
+/// [`CONNECT_TTL`], at most [`MAX_CONNECTS`] at once.
+#[derive(Default)]
+struct Outcomes(HashMap<String, (bool, String, Instant)>);
+
+impl Outcomes {
+    fn keep(&mut self, system_id: &str, ok: bool, message: &str, now: Instant) {
+        self.0
+            .retain(|_, (_, _, at)| now.duration_since(*at) < CONNECT_TTL);
+        if self.0.len() < MAX_CONNECTS || self.0.contains_key(system_id) {
+            self.0
+                .insert(system_id.to_owned(), (ok, message.to_owned(), now));
+        }
+    }
+
+    fn take(&mut self, system_id: &str, now: Instant) -> Option<(bool, String)> {
+        let (ok, m, at) = self.0.remove(system_id)?;
+        (now.duration_since(at) < CONNECT_TTL).then_some((ok, m))
+    }
+}
+
 /// The console's state.
 pub struct Console {
     svc: BrokerService,
@@ -67,8 +88,8 @@ pub struct Console {
     settings: ConsoleSettings,
     /// The OAuth `state` of each authorization the console started: its system, and when.
     connects: Mutex<HashMap<String, (String, Instant)>>,
-    /// A finished connect's outcome, per system, shown once on its page.
-    outcomes: Mutex<HashMap<String, (bool, String)>>,
+    /// A finished connect's outcome, per system, shown once on its page (for a while).
+    outcomes: Mutex<Outcomes>,
 }
 
 impl std::fmt::Debug for Console {
@@ -205,15 +226,12 @@ impl Console {
     /// which a redirect at the end of the vendor's chain would not take).
     pub fn connect_finished(&self, state: &str, ok: bool, message: &str) -> Option<String> {
         let (system_id, _) = lock(&self.connects).remove(state)?;
-        let mut outcomes = lock(&self.outcomes);
-        if outcomes.len() < MAX_CONNECTS {
-            outcomes.insert(system_id.clone(), (ok, message.to_owned()));
-        }
+        lock(&self.outcomes).keep(&system_id, ok, message, Instant::now());
         Some(format!("/console/systems/{system_id}"))
     }
 
     fn take_outcome(&self, system_id: &str) -> Option<pages::Notice> {
-        let (ok, m) = lock(&self.outcomes).remove(system_id)?;
+        let (ok, m) = lock(&self.outcomes).take(system_id, Instant::now())?;
         Some(if ok {
             pages::Notice::Done(format!("connected. {m}"))
         } else {
@@ -322,4 +340,34 @@ pub fn router(console: Arc<Console>) -> axum::Router {
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(console)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outcome nobody looked at goes after a while, so a full book of them does not keep
+    /// new ones out for ever; a system's newest outcome replaces its older one.
+    #[test]
+    fn unseen_outcomes_expire_and_the_newest_wins() {
+        let mut book = Outcomes::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_CONNECTS {
+            book.keep(&format!("s{i}"), true, "old", t0);
+        }
+        book.keep("late", true, "kept?", t0);
+        book.keep("s1", false, "newer", t0);
+        assert_eq!(book.0.len(), MAX_CONNECTS);
+        assert!(!book.0.contains_key("late"), "the book is full");
+        assert_eq!(book.0["s1"].1, "newer", "a full book still takes a system's newest");
+        let later = t0 + CONNECT_TTL;
+        book.keep("fresh", true, "fresh", later);
+        assert_eq!(book.take("fresh", later), Some((true, "fresh".to_owned())));
+        assert_eq!(book.take("s2", later), None, "expired");
+
+        let mut book = Outcomes::default();
+        book.keep("s1", true, "old", t0);
+        book.keep("s1", false, "newer", t0);
+        assert_eq!(book.take("s1", t0), Some((false, "newer".to_owned())));
+    }
 }
