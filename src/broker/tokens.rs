@@ -1188,6 +1188,8 @@ impl Broker {
                 }
                 Ok(r) => {
                     f.pending = None;
+                    // The record as this write left it: its own change notice is no news.
+                    f.seen = Some(vendor_view(&r));
                     record = r;
                     shared_with = share.map(|s| s.token_id);
                 }

@@ -35,6 +35,8 @@ enum Answer {
     Rejected,
     /// The grant is refused (`invalid_grant`): a spent or revoked refresh token.
     GrantRefused,
+    /// A token that is no header value (CR LF in it), with the refresh token rotated to `rt`.
+    Unsendable(&'static str),
 }
 
 /// A token endpoint that answers from a script (then with plain tokens), counts its calls, and
@@ -80,8 +82,13 @@ impl Backend for FakeBackend {
         self.entered.notify_one();
         let _permit = self.gate.acquire().await;
         let answer = self.script.lock().unwrap().pop_front();
+        let mut tail = "";
         let rotated = match answer.unwrap_or(Answer::Token(None)) {
             Answer::Token(rotated) => rotated,
+            Answer::Unsendable(rt) => {
+                tail = "\r\nX-Injected: 1";
+                Some(rt)
+            }
             Answer::Transient(retry_after) => {
                 return Err(BackendError::Transient {
                     failure: AuthFailure::UpstreamError,
@@ -121,7 +128,7 @@ impl Backend for FakeBackend {
         Ok(Issued {
             headers: vec![Header {
                 name: "authorization",
-                value: SecretString::new(format!("Bearer access-{n}")),
+                value: SecretString::new(format!("Bearer access-{n}{tail}")),
             }],
             expires_at: Some(SystemTime::now() + LIFETIME),
             api_base_url: target.base_url.to_owned(),
@@ -1474,6 +1481,24 @@ async fn a_backoff_stands_when_the_database_cannot_say_what_changed() {
         1,
         "called again inside the vendor's Retry-After"
     );
+}
+
+/// An unsendable token's answer rotated the refresh token: the rotation is stored and the
+/// vendor fault backs off. The change notice of that write, this replica's own, lifts no
+/// back-off (the flight's view of the record follows its own write).
+#[tokio::test(start_paused = true)]
+async fn its_own_rotation_write_lifts_no_back_off() {
+    let store = Shared::new(usize::MAX);
+    let backend = FakeBackend::new(false, vec![Answer::Unsendable("rt-2")]);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert_eq!(backend.calls(), 1);
+    let flight = broker.flight(SYSTEM);
+    broker
+        .settle_remote_change(&mut *flight.lock().await, SYSTEM)
+        .await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    assert_eq!(backend.calls(), 1, "called again inside the back-off");
 }
 
 /// A key rotation's re-wrap on another replica keeps the credential: its change notice lifts

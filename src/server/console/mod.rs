@@ -359,7 +359,10 @@ mod tests {
         book.keep("s1", false, "newer", t0);
         assert_eq!(book.0.len(), MAX_CONNECTS);
         assert!(!book.0.contains_key("late"), "the book is full");
-        assert_eq!(book.0["s1"].1, "newer", "a full book still takes a system's newest");
+        assert_eq!(
+            book.0["s1"].1, "newer",
+            "a full book still takes a system's newest"
+        );
         let later = t0 + CONNECT_TTL;
         book.keep("fresh", true, "fresh", later);
         assert_eq!(book.take("fresh", later), Some((true, "fresh".to_owned())));
