@@ -1180,19 +1180,23 @@ fn webhooks(f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) -> Vec<
             ));
             continue;
         }
-        match std::fs::read_to_string(&w.secret_file) {
-            // One `whsec_` secret, or several separated by white space (a rotation).
+        // A byte-order mark (a file saved by Notepad) is no part of the secret.
+        let read = std::fs::read_to_string(&w.secret_file)
+            .map(|s| s.trim_start_matches('\u{feff}').trim().to_owned());
+        match read {
+            // One `whsec_` secret, or several separated by white space (a rotation); each
+            // a non-empty key in base64.
             Ok(s)
-                if s.trim().starts_with("whsec_")
+                if s.starts_with("whsec_")
                     && s.split_whitespace().any(|w| {
                         w.strip_prefix("whsec_").is_none_or(|b| {
                             base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b)
-                                .is_err()
+                                .map_or(true, |k| k.is_empty())
                         })
                     }) =>
             {
                 errors.push(format!(
-                    "webhooks: {} starts with whsec_ but the rest is not base64",
+                    "webhooks: {} starts with whsec_ but a key in it is empty or not base64",
                     w.secret_file.display()
                 ))
             }
@@ -1391,10 +1395,13 @@ mod tests {
         ] {
             assert!(with(ok).is_ok(), "{ok}");
         }
+        assert!(with("\u{feff}whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\r\n").is_ok());
         for bad in [
             "whsec_!!!",
             "whsec_bmV3LXNlY3JldA== plain-canary",
             "whsec_AA== whsec_%%",
+            "whsec_",
+            "whsec_bmV3LXNlY3JldA== whsec_",
         ] {
             let errs = with(bad).unwrap_err();
             assert!(

@@ -1608,10 +1608,13 @@ pub fn validate_label(
             format!("is longer than {max} characters"),
         ));
     }
+    // A CR only as part of a CR LF: alone it rewrites a terminal's line.
+    let lone_cr = text.replace("\r\n", "\n").contains('\r');
     let allowed = |c: char| multi_line && matches!(c, '\n' | '\r' | '\t');
-    if text
-        .chars()
-        .any(|c| crate::util::text::hidden(c) && !allowed(c))
+    if lone_cr
+        || text
+            .chars()
+            .any(|c| crate::util::text::hidden(c) && !allowed(c))
     {
         return Err(BrokerError::invalid(
             field,

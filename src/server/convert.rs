@@ -460,10 +460,14 @@ pub fn check(c: &AuthCheck) -> pb::AuthCheck {
             Some(AuthFailure::UpstreamError) => P::UpstreamError,
         } as i32,
         message: c.message.clone(),
-        identity: c.identity.as_ref().map(|i| pb::Identity {
-            id: i.id.clone(),
-            display_name: i.display_name.clone(),
-            email: i.email.clone(),
+        // Cleaned on the way out too: a record stored or restored before the rule existed.
+        identity: c.identity.clone().map(|i| {
+            let i = i.shown();
+            pb::Identity {
+                id: i.id,
+                display_name: i.display_name,
+                email: i.email,
+            }
         }),
         missing_permissions: c.missing_permissions.clone(),
         checked_at: Some(ts(c.checked_at)),
@@ -680,4 +684,29 @@ fn encoded_answer(t: &IssuedToken) -> SecretBytes {
         h.value.zeroize();
     }
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An identity stored before the rule (or restored from an old backup) is cleaned on its
+    /// way out, so no reader (the CLI's terminal, the console, a watch) gets it raw.
+    #[test]
+    fn a_stored_raw_identity_is_cleaned_on_the_way_out() {
+        let mut c = AuthCheck::failed(crate::model::AuthFailure::UpstreamError, "x");
+        c.identity = Some(crate::model::Identity {
+            id: "id".into(),
+            display_name: format!("Eve\u{1b}]0;owned\u{7}{}", "e".repeat(500)),
+            email: "eve@example.com\u{202E}".into(),
+        });
+        let out = check(&c).identity.unwrap_or_default();
+        assert!(
+            out.display_name.starts_with("Eve]0;owned"),
+            "{}",
+            out.display_name
+        );
+        assert_eq!(out.display_name.chars().count(), 200);
+        assert_eq!(out.email, "eve@example.com");
+    }
 }

@@ -326,6 +326,9 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     let mut r = register_asana("k4d", &fake.base_url, PAT, false);
     r.description = "line\u{1b}[2J".into();
     cases.push((r, Code::InvalidArgument, "description"));
+    let mut r = register_asana("k4e", &fake.base_url, PAT, false);
+    r.description = "all is well\rALL IS LOST".into();
+    cases.push((r, Code::InvalidArgument, "description"));
     cases.push((
         register_asana("k5", "https://evil.example.com/api/1.0", PAT, false),
         Code::InvalidArgument,

@@ -843,9 +843,19 @@ async fn a_request_id_follows_an_rpc_into_its_upstream_calls_and_comes_back() {
     assert_eq!(upstream["host"], "127.0.0.1");
     assert!(!proc.log().contains("pat-reqid-canary-5"));
 
-    // The registration's event went to the webhook; its upstream call is logged, its path not.
+    // Events go to the webhook (a new endpoint starts at the newest event once its task
+    // runs, so one more system is registered now and then until one arrives); its upstream
+    // call is logged, its path not.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let mut more = tokio::time::interval(Duration::from_millis(250));
+    for n in 0.. {
+        more.tick().await;
+        let id = format!("hooked-{n}");
+        let pat = "pat-reqid-canary-5";
+        admin
+            .register_system(register_asana(&id, &fake.base_url, pat, false))
+            .await
+            .unwrap();
         let log = proc.log();
         let delivered = receiver.count() >= 1
             && log
@@ -859,7 +869,6 @@ async fn a_request_id_follows_an_rpc_into_its_upstream_calls_and_comes_back() {
             Instant::now() < deadline,
             "no webhook delivery logged:\n{log}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
         !proc.log().contains("slack-path-canary-7"),
