@@ -37,6 +37,7 @@ pub const WEBHOOK_OUTCOMES: &[&str] = &[
     "delivered",
     "rejected",
     "refused",
+    "unauthorized",
     "blocked",
     "unreachable",
     "expired",

@@ -317,10 +317,9 @@ impl Endpoint {
             .body(body);
         let (outcome, attempt) = match self.http.send(req).await {
             Ok(r) if (200..300).contains(&r.status) => ("delivered", Attempt::Delivered),
-            Ok(r)
-                if (400..500).contains(&r.status)
-                    && !matches!(r.status, 401 | 403 | 404 | 408 | 429) =>
-            {
+            // Told apart from an outage: an endpoint that stays here needs its receiver fixed.
+            Ok(r) if matches!(r.status, 401 | 403 | 404) => ("unauthorized", Attempt::Retry),
+            Ok(r) if (400..500).contains(&r.status) && !matches!(r.status, 408 | 429) => {
                 ("rejected", Attempt::Rejected)
             }
             Ok(_) => ("refused", Attempt::Retry),

@@ -594,6 +594,27 @@ async fn webhooks_are_signed_retried_until_delivered_once_and_kept_off_refused_a
         all.count() > refused
     })
     .await;
+    // Counted apart from an outage (after the answer came back: polled).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = reqwest::get(format!("http://{}/metrics", broker.http_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let unauthorized = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("credbroker_webhook_deliveries_total{outcome=\"unauthorized\"} ")
+            })
+            .and_then(|n| n.parse::<u64>().ok());
+        if unauthorized >= Some(1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     all.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let want = [
         ("system.registered", "h-1"),
