@@ -27,6 +27,8 @@ use crate::model::SystemKind;
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// The furthest a quota window's reset is believed to be.
 const MAX_RESET_AHEAD: u64 = 86_400;
+/// The shortest pause a 429 imposes.
+const MIN_REFUSAL_WAIT: Duration = Duration::from_secs(1);
 /// How long an over-quota answer without a wait (Salesforce's 403) holds a system back.
 pub const NO_WAIT_GIVEN: Duration = Duration::from_secs(60);
 
@@ -81,18 +83,27 @@ pub fn read(
         }
         SystemKind::Asana => {}
     }
-    if status == 429 || (status == 503 && kind == SystemKind::JiraCloud) {
-        s.throttled = status == 429 || retry_after(headers, now).is_some();
-        s.wait = retry_after(headers, now)
-            .or_else(|| s.reset_at.map(|at| secs(at.saturating_sub(now))))
-            .or(Some(Duration::from_secs(1)).filter(|_| status == 429));
-    }
-    if status == 503 && kind != SystemKind::JiraCloud {
-        s.wait = s.wait.or_else(|| retry_after(headers, now));
+    // A reset further away than any vendor's window (a day) is garbage: judged before any
+    // wait is taken from it.
+    s.reset_at = s.reset_at.filter(|r| *r <= now + MAX_RESET_AHEAD);
+    if status == 429 {
+        // A refusal pauses at least a second, however it is dated (a reset already past, a
+        // `Retry-After: 0`): else workers would call straight back into it.
+        s.throttled = true;
+        s.wait = Some(
+            retry_after(headers, now)
+                .or_else(|| s.reset_at.map(|at| secs(at.saturating_sub(now))))
+                .unwrap_or_default()
+                .max(MIN_REFUSAL_WAIT),
+        );
+    } else if status == 503 {
+        // A pause only when asked for (`Retry-After`): Jira's throttling 503 carries one; a
+        // 503 without it is an outage, not a quota's reset.
+        let asked = retry_after(headers, now);
+        s.throttled = kind == SystemKind::JiraCloud && asked.is_some();
+        s.wait = s.wait.or(asked);
     }
     s.wait = s.wait.map(|w| w.min(MAX_WAIT));
-    // A reset further away than any vendor's window (a day) is garbage.
-    s.reset_at = s.reset_at.filter(|r| *r <= now + MAX_RESET_AHEAD);
     // Counted locally only within a dated window (a count that never resets would lock out).
     s.count_locally = kind == SystemKind::ServiceNow && s.limit.is_some() && s.reset_at.is_some();
     if s.throttled && s.wait.is_some() {
@@ -344,5 +355,31 @@ mod tests {
             now,
         );
         assert_eq!(far.reset_at, None);
+        // A 429 dated in 2099 pauses a second, not the hour the clamp would allow.
+        let jira = |status, pairs: &[(&'static str, &str)]| {
+            read(SystemKind::JiraCloud, status, &h(pairs), None, now)
+        };
+        let s = jira(429, &[("x-ratelimit-reset", "2099-01-01T00:00Z")]);
+        assert_eq!(s.wait, Some(MIN_REFUSAL_WAIT), "{s:?}");
+        // A 429 whose reset is past, or `Retry-After: 0`: still a pause.
+        for pairs in [
+            &[("x-ratelimit-reset", "2020-01-01T00:00Z")][..],
+            &[("retry-after", "0")],
+            &[("retry-after", "-0")],
+        ] {
+            let s = jira(429, pairs);
+            assert!(
+                s.throttled && s.wait == Some(MIN_REFUSAL_WAIT),
+                "{pairs:?}: {s:?}"
+            );
+        }
+        // A 503 without `Retry-After` is an outage: no block until the quota's reset.
+        let s = jira(503, &[("x-ratelimit-reset", "2027-01-15T08:10:00Z")]);
+        assert!(!s.throttled && s.wait.is_none(), "{s:?}");
+        let s = jira(503, &[("retry-after", "7")]);
+        assert!(
+            s.throttled && s.wait == Some(Duration::from_secs(7)),
+            "{s:?}"
+        );
     }
 }
