@@ -375,65 +375,33 @@ impl Broker {
     }
 
     /// `system.health_changed` to degraded while the vendor blocks the system, and back when
-    /// the block has passed (announced by the replica that met the block).
+    /// the block has passed (announced by the replica that met the block). A system already
+    /// failing is left so (a block is no improvement). After each end the announcer waits
+    /// [`ANNOUNCE_COOL_DOWN`]: a block that came and went meanwhile is not announced, one still
+    /// on then is; so a vendor that blocks again and again costs two events per cool-down.
     fn announce_block(&self, system_id: &str, quota: Arc<crate::broker::quota::SystemQuota>) {
         let announcing = Announcing(quota);
         let (weak, id) = (self.me.clone(), system_id.to_owned());
         tokio::spawn(async move {
             let _announcing = announcing;
-            // The broker is held only while announcing, not through the wait (up to an hour).
-            let Some(me) = weak.upgrade() else { return };
-            let Some(until) = me.quotas.view(&id).and_then(|v| v.blocked_until_ms) else {
-                return;
-            };
-            let Ok(record) = me.get_system(&id).await else {
-                return;
-            };
-            let now = unix_now();
-            let (before, _) = crate::broker::health::derive(&record, now);
-            let reason = crate::broker::quota::blocked_reason(until);
-            let mut blocked = record.clone();
-            blocked.health = Some(HealthMark {
-                health: SystemHealth::Degraded,
-                reason: reason.clone(),
-                since: now,
-                warned_days: None,
-                warned_for: None,
-            });
-            me.emit(
-                EventType::HealthChanged,
-                &blocked,
-                format!("{} → degraded: {reason}", before.as_str()),
-            );
-            drop(me);
-            // The block may be extended meanwhile: wait until none is left.
             loop {
+                if !announce_degraded(&weak, &id).await {
+                    return;
+                }
+                wait_out_block(&weak, &id).await;
+                announce_recovered(&weak, &id).await;
+                tokio::time::sleep(ANNOUNCE_COOL_DOWN).await;
+                // The broker is held only while announcing, not through a wait.
                 let Some(me) = weak.upgrade() else { return };
-                let Some(until) = me.quotas.view(&id).and_then(|v| v.blocked_until_ms) else {
-                    break;
-                };
-                drop(me);
-                let left = until.saturating_sub(crate::broker::quota::now_ms());
-                tokio::time::sleep(Duration::from_millis(left.max(1))).await;
+                if me
+                    .quotas
+                    .view(&id)
+                    .and_then(|v| v.blocked_until_ms)
+                    .is_none()
+                {
+                    return;
+                }
             }
-            let Some(me) = weak.upgrade() else { return };
-            let Ok(record) = me.get_system(&id).await else {
-                return;
-            };
-            let (after, why) = crate::broker::health::derive(&record, unix_now());
-            me.emit(
-                EventType::HealthChanged,
-                &record,
-                format!(
-                    "degraded → {}: {}",
-                    after.as_str(),
-                    if why.is_empty() {
-                        "the rate limit has passed"
-                    } else {
-                        &why
-                    }
-                ),
-            );
         });
     }
 
@@ -588,6 +556,83 @@ impl Broker {
 }
 /// Blocks at least this long are announced as health changes.
 const ANNOUNCED_BLOCK: Duration = Duration::from_secs(5);
+/// After a block's end is announced, the next is announced no sooner than this.
+const ANNOUNCE_COOL_DOWN: Duration = Duration::from_secs(60);
+
+/// Announces the block on `id` as a health change to degraded; false when there is nothing to
+/// announce (no block now, no record, or the system already failing).
+async fn announce_degraded(weak: &std::sync::Weak<Broker>, id: &str) -> bool {
+    let Some(me) = weak.upgrade() else {
+        return false;
+    };
+    let Some(until) = me.quotas.view(id).and_then(|v| v.blocked_until_ms) else {
+        return false;
+    };
+    let Ok(record) = me.get_system(id).await else {
+        return false;
+    };
+    let now = unix_now();
+    let (before, _) = crate::broker::health::derive(&record, now);
+    if before == SystemHealth::Failing {
+        return false;
+    }
+    let reason = crate::broker::quota::blocked_reason(until);
+    let mut blocked = record.clone();
+    blocked.health = Some(HealthMark {
+        health: SystemHealth::Degraded,
+        reason: reason.clone(),
+        since: now,
+        warned_days: None,
+        warned_for: None,
+    });
+    me.emit(
+        EventType::HealthChanged,
+        &blocked,
+        format!("{} → degraded: {reason}", before.as_str()),
+    );
+    true
+}
+
+/// Returns once no block is left on `id` (it may be extended meanwhile).
+async fn wait_out_block(weak: &std::sync::Weak<Broker>, id: &str) {
+    loop {
+        let Some(me) = weak.upgrade() else { return };
+        let Some(until) = me.quotas.view(id).and_then(|v| v.blocked_until_ms) else {
+            return;
+        };
+        drop(me);
+        let left = until.saturating_sub(crate::broker::quota::now_ms());
+        tokio::time::sleep(Duration::from_millis(left.max(1))).await;
+    }
+}
+
+/// Announces the end of the block on `id`, with the health the record has now; a store that
+/// does not answer is asked again a few times (else subscribers would see degraded for good).
+async fn announce_recovered(weak: &std::sync::Weak<Broker>, id: &str) {
+    for attempt in 0..5u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(u64::from(attempt) * 2)).await;
+        }
+        let Some(me) = weak.upgrade() else { return };
+        let record = match me.get_system(id).await {
+            Ok(r) => r,
+            Err(BrokerError::NotFound(_)) => return,
+            Err(_) => continue,
+        };
+        let (after, why) = crate::broker::health::derive(&record, unix_now());
+        let why = if why.is_empty() {
+            "the rate limit has passed".to_owned()
+        } else {
+            why
+        };
+        me.emit(
+            EventType::HealthChanged,
+            &record,
+            format!("degraded → {}: {why}", after.as_str()),
+        );
+        return;
+    }
+}
 
 /// Lets the next block be announced once this announcement ends (or is dropped).
 struct Announcing(Arc<crate::broker::quota::SystemQuota>);

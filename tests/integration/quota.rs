@@ -309,6 +309,35 @@ async fn a_jira_retry_after_holds_every_worker_back_locally_for_its_whole_wait()
         "{}",
         e.detail
     );
+
+    // Blocked again right after: held back the same, but within the announcer's cool-down a
+    // block that comes and goes is no new pair of events (a vendor blocking again and again
+    // would flood the event log).
+    fake.throttle_for(5);
+    let again = proxied(&http, &t, "GET", search).await;
+    assert!(again.status == 429 && !again.local, "{again:?}");
+    let reblocked = Instant::now();
+    loop {
+        let seen = proxied(&http, &t, "GET", search).await;
+        if seen.status == 200 {
+            break;
+        }
+        assert!(
+            reblocked.elapsed() < Duration::from_secs(8),
+            "still held back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let quiet = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(Some(e)) = watch.message().await {
+            if e.r#type == "system.health_changed" {
+                return e.detail;
+            }
+        }
+        String::new()
+    })
+    .await;
+    assert!(quiet.is_err(), "announced inside the cool-down: {quiet:?}");
     let m = metrics(&broker).await;
     // Counters are per process (other tests add to them): at least this test's one.
     let throttled = m
