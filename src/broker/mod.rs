@@ -534,6 +534,27 @@ impl Broker {
         f.clear_remote_state();
     }
 
+    /// A system deleted on another replica takes its quota standing here with it (a system
+    /// registered again under the id would inherit a block or a spent count). Asked of the
+    /// store only while the system is held back (blocked, or no calls left): a notice about
+    /// any other system costs nothing.
+    fn forget_quota_if_gone(self: &Arc<Self>, id: &str) {
+        let held_back = self
+            .quotas
+            .view(id)
+            .is_some_and(|v| v.blocked_until_ms.is_some() || v.remaining.is_some_and(|r| r <= 0));
+        if !held_back {
+            return;
+        }
+        let (me, id) = (Arc::downgrade(self), id.to_owned());
+        tokio::spawn(async move {
+            let Some(broker) = me.upgrade() else { return };
+            if let Ok(None) = broker.store.get_system_fresh(&id).await {
+                broker.quotas.forget(&id);
+            }
+        });
+    }
+
     /// Runs [`Broker::settle_remote_change`] for `id` in the background (not waiting here for
     /// a refresh in flight). Only an existing entry has such state: none is made for the id.
     fn settle_later(self: &Arc<Self>, id: String) {
@@ -559,6 +580,7 @@ impl Broker {
             Change::System(id) if validate_system_id(&id).is_err() => {}
             Change::System(id) => {
                 self.drop_token(&id);
+                self.forget_quota_if_gone(&id);
                 self.settle_later(id);
             }
             Change::Caller(_) => self.reload_callers().await,

@@ -1501,6 +1501,41 @@ async fn its_own_rotation_write_lifts_no_back_off() {
     assert_eq!(backend.calls(), 1, "called again inside the back-off");
 }
 
+/// A system deleted on another replica while the vendor blocks it: its block goes here too,
+/// so a system registered again under the id does not inherit it.
+#[tokio::test]
+async fn a_block_goes_with_a_system_deleted_elsewhere() {
+    let store = Shared::new(usize::MAX);
+    let broker = broker_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let permit = broker
+        .quotas
+        .admit(SYSTEM, SystemKind::ServiceNow)
+        .await
+        .unwrap();
+    let blocked = crate::backends::ratelimit::RateSignals {
+        throttled: true,
+        wait: Some(Duration::from_secs(600)),
+        ..Default::default()
+    };
+    broker.quotas.learn(SYSTEM, &permit, &blocked);
+    drop(permit);
+    assert!(broker.quotas.view(SYSTEM).unwrap().blocked_until_ms.is_some());
+    // A notice while the system still exists changes nothing.
+    broker
+        .apply_change(crate::store::Change::System(SYSTEM.into()))
+        .await;
+    store.inner.delete_system(SYSTEM).await.unwrap();
+    broker
+        .apply_change(crate::store::Change::System(SYSTEM.into()))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while broker.quotas.view(SYSTEM).is_some() {
+        assert!(std::time::Instant::now() < deadline, "the block stayed");
+        tokio::task::yield_now().await;
+    }
+    assert!(store.fresh_reads.load(Ordering::SeqCst) >= 2);
+}
+
 /// A key rotation's re-wrap on another replica keeps the credential: its change notice lifts
 /// no vendor's `Retry-After` here.
 #[tokio::test(start_paused = true)]
