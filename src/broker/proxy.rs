@@ -383,22 +383,22 @@ impl Broker {
         let announcing = Announcing(quota);
         let (weak, id) = (self.me.clone(), system_id.to_owned());
         tokio::spawn(async move {
+            // The book of the system met (a system deleted and registered again has another).
+            let quota = announcing.0.clone();
             let _announcing = announcing;
             loop {
-                if !announce_degraded(&weak, &id).await {
+                if !announce_degraded(&weak, &id, &quota).await {
                     return;
                 }
-                wait_out_block(&weak, &id).await;
-                announce_recovered(&weak, &id).await;
+                wait_out_block(&quota).await;
+                if !announce_recovered(&weak, &id).await {
+                    return;
+                }
                 tokio::time::sleep(ANNOUNCE_COOL_DOWN).await;
-                // The broker is held only while announcing, not through a wait.
-                let Some(me) = weak.upgrade() else { return };
-                if me
-                    .quotas
-                    .view(&id)
-                    .and_then(|v| v.blocked_until_ms)
-                    .is_none()
-                {
+                // Only a block long enough to announce, still on after the cool-down.
+                let left = blocked_until(&quota)
+                    .map(|until| until.saturating_sub(crate::broker::quota::now_ms()));
+                if left.is_none_or(|ms| ms < ANNOUNCED_BLOCK.as_millis() as u64) {
                     return;
                 }
             }
@@ -559,13 +559,22 @@ const ANNOUNCED_BLOCK: Duration = Duration::from_secs(5);
 /// After a block's end is announced, the next is announced no sooner than this.
 const ANNOUNCE_COOL_DOWN: Duration = Duration::from_secs(60);
 
+/// When the block on `quota`'s system ends, if it is blocked.
+fn blocked_until(quota: &crate::broker::quota::SystemQuota) -> Option<u64> {
+    quota.view(crate::broker::quota::now_ms()).blocked_until_ms
+}
+
 /// Announces the block on `id` as a health change to degraded; false when there is nothing to
 /// announce (no block now, no record, or the system already failing).
-async fn announce_degraded(weak: &std::sync::Weak<Broker>, id: &str) -> bool {
+async fn announce_degraded(
+    weak: &std::sync::Weak<Broker>,
+    id: &str,
+    quota: &crate::broker::quota::SystemQuota,
+) -> bool {
     let Some(me) = weak.upgrade() else {
         return false;
     };
-    let Some(until) = me.quotas.view(id).and_then(|v| v.blocked_until_ms) else {
+    let Some(until) = blocked_until(quota) else {
         return false;
     };
     let Ok(record) = me.get_system(id).await else {
@@ -593,14 +602,9 @@ async fn announce_degraded(weak: &std::sync::Weak<Broker>, id: &str) -> bool {
     true
 }
 
-/// Returns once no block is left on `id` (it may be extended meanwhile).
-async fn wait_out_block(weak: &std::sync::Weak<Broker>, id: &str) {
-    loop {
-        let Some(me) = weak.upgrade() else { return };
-        let Some(until) = me.quotas.view(id).and_then(|v| v.blocked_until_ms) else {
-            return;
-        };
-        drop(me);
+/// Returns once no block is left on `quota`'s system (it may be extended meanwhile).
+async fn wait_out_block(quota: &crate::broker::quota::SystemQuota) {
+    while let Some(until) = blocked_until(quota) {
         let left = until.saturating_sub(crate::broker::quota::now_ms());
         tokio::time::sleep(Duration::from_millis(left.max(1))).await;
     }
@@ -608,15 +612,18 @@ async fn wait_out_block(weak: &std::sync::Weak<Broker>, id: &str) {
 
 /// Announces the end of the block on `id`, with the health the record has now; a store that
 /// does not answer is asked again a few times (else subscribers would see degraded for good).
-async fn announce_recovered(weak: &std::sync::Weak<Broker>, id: &str) {
+/// False when no end could be announced (the system gone, the store away, the broker stopped).
+async fn announce_recovered(weak: &std::sync::Weak<Broker>, id: &str) -> bool {
     for attempt in 0..5u32 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_secs(u64::from(attempt) * 2)).await;
         }
-        let Some(me) = weak.upgrade() else { return };
+        let Some(me) = weak.upgrade() else {
+            return false;
+        };
         let record = match me.get_system(id).await {
             Ok(r) => r,
-            Err(BrokerError::NotFound(_)) => return,
+            Err(BrokerError::NotFound(_)) => return false,
             Err(_) => continue,
         };
         let (after, why) = crate::broker::health::derive(&record, unix_now());
@@ -630,8 +637,9 @@ async fn announce_recovered(weak: &std::sync::Weak<Broker>, id: &str) {
             &record,
             format!("degraded → {}: {why}", after.as_str()),
         );
-        return;
+        return true;
     }
+    false
 }
 
 /// Lets the next block be announced once this announcement ends (or is dropped).

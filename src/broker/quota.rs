@@ -212,9 +212,18 @@ impl State {
         }
     }
 
-    /// A count past [`READING_TTL`] whose window has no known reset.
+    /// A count past [`READING_TTL`] whose window has no known reset, or past [`MAX_WAIT`]
+    /// whatever its window: one answer saying "none left until tomorrow" holds calls back at
+    /// most as long as any vendor signal may, then a probe asks again.
     fn stale(&self) -> bool {
-        self.reset_at.is_none() && self.read_at.is_some_and(|at| at.elapsed() > READING_TTL)
+        self.stale_at(Instant::now())
+    }
+
+    fn stale_at(&self, now: Instant) -> bool {
+        self.read_at.is_some_and(|at| {
+            let age = now.saturating_duration_since(at);
+            age > MAX_WAIT || (self.reset_at.is_none() && age > READING_TTL)
+        })
     }
 
     fn screen(&self, limits: &QuotaLimits, now_ms: u64) -> Result<(), Limited> {
@@ -386,7 +395,8 @@ impl SystemQuota {
         self.limits
     }
 
-    fn view(&self, now_ms: u64) -> QuotaView {
+    /// What this system's book knows now.
+    pub fn view(&self, now_ms: u64) -> QuotaView {
         let s = lock(&self.state);
         QuotaView {
             remaining: s.remaining(now_ms / 1000),
@@ -698,6 +708,25 @@ mod tests {
         let c = book.admit("s", SystemKind::JiraCloud).await.unwrap();
         book.learn("s", &c, &signals(800, 1000));
         assert_eq!(book.view("s").unwrap().remaining, Some(800));
+    }
+
+    /// A count with a reset a day away is believed for an hour at most (then it is probed
+    /// like a count without a reset); one without a reset for a minute.
+    #[test]
+    fn a_count_is_believed_an_hour_at_most() {
+        let at = Instant::now();
+        let mut st = State {
+            remaining: Some(0),
+            limit: Some(100),
+            reset_at: Some(crate::model::unix_now() + 20 * 3600),
+            read_at: Some(at),
+            ..State::default()
+        };
+        assert!(!st.stale_at(at + READING_TTL * 2));
+        assert!(!st.stale_at(at + MAX_WAIT));
+        assert!(st.stale_at(at + MAX_WAIT + Duration::from_secs(1)));
+        st.reset_at = None;
+        assert!(st.stale_at(at + READING_TTL * 2));
     }
 
     #[tokio::test]

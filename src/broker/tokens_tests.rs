@@ -1519,7 +1519,12 @@ async fn a_block_goes_with_a_system_deleted_elsewhere() {
     };
     broker.quotas.learn(SYSTEM, &permit, &blocked);
     drop(permit);
-    assert!(broker.quotas.view(SYSTEM).unwrap().blocked_until_ms.is_some());
+    assert!(broker
+        .quotas
+        .view(SYSTEM)
+        .unwrap()
+        .blocked_until_ms
+        .is_some());
     // A notice while the system still exists changes nothing.
     broker
         .apply_change(crate::store::Change::System(SYSTEM.into()))

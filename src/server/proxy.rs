@@ -359,7 +359,11 @@ fn learn(
     if status != 429 || max.is_zero() {
         return None;
     }
-    crate::backends::ratelimit::retry_after(resp.headers(), now).filter(|w| *w <= max)
+    // The pause the book now holds (a 429 holds at least a second, `Retry-After: 0` too):
+    // retried any sooner, the call would meet the broker's own block.
+    let asked = crate::backends::ratelimit::retry_after(resp.headers(), now)?;
+    let wait = signals.wait.map_or(asked, |held| held.max(asked));
+    (wait <= max).then_some(wait)
 }
 
 /// One upstream exchange, bounded by the client's read timeout for the answer's head, holding

@@ -2295,6 +2295,8 @@ struct AtlState {
     missing_user_scope: HashSet<String>,
     /// Jira's API (other than `myself`) answers 429 until then.
     throttled_until: Option<std::time::Instant>,
+    /// Those 429s say `Retry-After: 0` (a vendor that means "soon").
+    zero_retry_after: bool,
     /// accessible-resources answers this status this many more times.
     resources_failures: (u32, u16),
 }
@@ -2328,6 +2330,7 @@ impl FakeAtlassian {
             no_product_access: HashSet::new(),
             missing_user_scope: HashSet::new(),
             throttled_until: None,
+            zero_retry_after: false,
             resources_failures: (0, 503),
         }));
         let st = state.clone();
@@ -2346,8 +2349,17 @@ impl FakeAtlassian {
 
     /// Jira's API (other than `myself`) answers 429 with `Retry-After` for the next `secs`.
     pub fn throttle_for(&self, secs: u64) {
-        self.state.lock().unwrap().throttled_until =
-            Some(std::time::Instant::now() + std::time::Duration::from_secs(secs));
+        let mut s = self.state.lock().unwrap();
+        s.throttled_until = Some(std::time::Instant::now() + std::time::Duration::from_secs(secs));
+        s.zero_retry_after = false;
+    }
+
+    /// Jira's API answers 429 with `Retry-After: 0` for the next `millis`.
+    pub fn throttle_saying_zero(&self, millis: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.throttled_until =
+            Some(std::time::Instant::now() + std::time::Duration::from_millis(millis));
+        s.zero_retry_after = true;
     }
 
     /// An OAuth 2.0 (3LO) app.
@@ -2695,7 +2707,14 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
             return Reply::JsonWith(
                 429,
                 vec![
-                    ("retry-after", left.as_secs_f64().ceil().to_string()),
+                    (
+                        "retry-after",
+                        if s.zero_retry_after {
+                            "0".to_owned()
+                        } else {
+                            left.as_secs_f64().ceil().to_string()
+                        },
+                    ),
                     ("x-ratelimit-limit", "65000".into()),
                     ("x-ratelimit-remaining", "0".into()),
                     ("ratelimit-reason", "jira-quota-tenant-based".into()),

@@ -470,6 +470,13 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     assert_eq!(got.status, 200, "{got:?}");
     assert_eq!(fake.server.count_method("GET", path), 2);
 
+    // `Retry-After: 0`: the second the broker then holds the system back is waited out too,
+    // not met by the retry as a local 429.
+    fake.throttle_saying_zero(300);
+    let got = proxied(&http, &t, "GET", issue).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(fake.server.count_method("GET", path), 4);
+
     // A write gets the vendor's 429 as it came: sent once, never again.
     fake.throttle_for(1);
     let posted = proxied(&http, &t, "POST", issue).await;
@@ -485,5 +492,5 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let long = proxied(&http, &t, "GET", issue).await;
     assert!(long.status == 429 && !long.local, "{long:?}");
-    assert_eq!(fake.server.count_method("GET", path), 3);
+    assert_eq!(fake.server.count_method("GET", path), 5);
 }
