@@ -205,6 +205,14 @@ impl Broker {
 
     /// The system's cached headers, if the lease's caller may still use the system and it is
     /// still proxied at the lease's credential version.
+    /// True while `grant`'s caller may still use `system_id` (not revoked, expired or
+    /// re-scoped): asked again before a call waited out for a local retry is sent.
+    pub fn still_granted(&self, system_id: &str, grant: &ProxyGrant) -> bool {
+        self.callers
+            .by_name(&grant.caller)
+            .is_some_and(|c| c.may_use_id(system_id))
+    }
+
     async fn proxied_token(
         &self,
         system_id: &str,

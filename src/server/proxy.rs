@@ -291,6 +291,10 @@ async fn send(
         drop(resp);
         drop(permit);
         tokio::time::sleep(wait).await;
+        // A caller revoked during the wait gets no call sent for it.
+        if !broker.still_granted(call.system_id, grant) {
+            return Err(ProxyRefusal::Lease.into());
+        }
         let again = broker
             .admit_quota(grant, call.system_id)
             .await

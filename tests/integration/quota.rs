@@ -493,4 +493,41 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     let long = proxied(&http, &t, "GET", issue).await;
     assert!(long.status == 429 && !long.local, "{long:?}");
     assert_eq!(fake.server.count_method("GET", path), 5);
+
+    // A worker revoked while its read waits out the vendor's pause: nothing more is sent.
+    let token = worker_token(&mut admin, "retry-worker").await;
+    let mut worker = client(broker.addr, Some(&token)).await;
+    // The pause above ends first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while system(&mut admin, "jira-r")
+        .await
+        .quota
+        .is_some_and(|q| q.blocked_until.is_some())
+    {
+        assert!(Instant::now() < deadline, "still blocked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wt = lease(&mut worker, "jira-r").await;
+    fake.throttle_for(2);
+    let (http2, wt2) = (http.clone(), wt.clone());
+    let pending = tokio::spawn(async move { proxied(&http2, &wt2, "GET", issue).await });
+    eventually(
+        Duration::from_secs(5),
+        "the first try at the vendor",
+        || fake.server.count_method("GET", path) == 6,
+    )
+    .await;
+    admin
+        .revoke_caller(pb::RevokeCallerRequest {
+            name: "retry-worker".into(),
+        })
+        .await
+        .unwrap();
+    let refused = pending.await.unwrap();
+    assert_eq!(refused.status, 401, "{refused:?}");
+    assert_eq!(
+        fake.server.count_method("GET", path),
+        6,
+        "sent for a revoked caller"
+    );
 }
