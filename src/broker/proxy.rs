@@ -189,13 +189,14 @@ impl Broker {
             return Err((ProxyRefusal::Lease, None));
         };
         let granted = async {
-            let token = self.proxied_token(system_id, &claims).await?;
+            let token = self.proxied_token(system_id, &claims.c, claims.v).await?;
             let url = self.upstream_url(&token, tail, query)?;
             Ok((token, url))
         };
         match granted.await {
             Ok((token, url)) => Ok(ProxyGrant {
                 caller: claims.c,
+                lease_expires: claims.e,
                 token,
                 url,
             }),
@@ -203,28 +204,33 @@ impl Broker {
         }
     }
 
-    /// The system's cached headers, if the lease's caller may still use the system and it is
-    /// still proxied at the lease's credential version.
-    /// True while `grant`'s caller may still use `system_id` (not revoked, expired or
-    /// re-scoped): asked again before a call waited out for a local retry is sent.
-    pub fn still_granted(&self, system_id: &str, grant: &ProxyGrant) -> bool {
-        self.callers
-            .by_name(&grant.caller)
-            .is_some_and(|c| c.may_use_id(system_id))
+    /// True while `grant` would still be admitted: its lease has not expired, its caller may
+    /// still use `system_id` (not revoked, expired or re-scoped) and the system is still
+    /// proxied at the lease's credential version (not rotated, deleted or switched to header
+    /// delivery). Asked again before a call waited out for a local retry is sent.
+    pub async fn still_granted(&self, system_id: &str, grant: &ProxyGrant) -> bool {
+        grant.lease_expires > unix_now()
+            && self
+                .proxied_token(system_id, &grant.caller, grant.token.credential_version)
+                .await
+                .is_ok()
     }
 
+    /// The system's cached headers, if `caller` may still use the system and it is still
+    /// proxied at the lease's credential `version`.
     async fn proxied_token(
         &self,
         system_id: &str,
-        claims: &Claims,
+        caller: &str,
+        version: u64,
     ) -> Result<Arc<IssuedToken>, ProxyRefusal> {
-        let caller_ok = self
+        let Some(caller) = self
             .callers
-            .by_name(&claims.c)
-            .is_some_and(|c| c.may_use_id(system_id));
-        if !caller_ok {
+            .by_name(caller)
+            .filter(|c| c.may_use_id(system_id))
+        else {
             return Err(ProxyRefusal::Lease);
-        }
+        };
         // The cached headers carry the delivery and credential version; the cache entry is
         // dropped on rotation, deletion and delivery changes, so no store read is needed here.
         let token = match self.access_token(system_id, 0, None).await {
@@ -232,7 +238,8 @@ impl Broker {
             Err(BrokerError::NotFound(_)) => return Err(ProxyRefusal::Lease),
             Err(e) => return Err(ProxyRefusal::Upstream(e.to_string())),
         };
-        if token.delivery != Delivery::Proxy || token.credential_version != claims.v {
+        let current = token.delivery == Delivery::Proxy && token.credential_version == version;
+        if !current || !caller.may_use_kind(token.kind) {
             return Err(ProxyRefusal::Lease);
         }
         Ok(token)
@@ -685,6 +692,8 @@ pub struct Lease {
 pub struct ProxyGrant {
     /// The lease's caller.
     pub caller: String,
+    /// The lease's expiry, Unix seconds.
+    pub lease_expires: u64,
     /// The system's current headers (sent upstream, never to the worker).
     pub token: Arc<IssuedToken>,
     /// Where the call goes.

@@ -291,8 +291,9 @@ async fn send(
         drop(resp);
         drop(permit);
         tokio::time::sleep(wait).await;
-        // A caller revoked during the wait gets no call sent for it.
-        if !broker.still_granted(call.system_id, grant) {
+        // A lease that lapsed during the wait (caller revoked, credential rotated, …) gets no
+        // call sent for it.
+        if !broker.still_granted(call.system_id, grant).await {
             return Err(ProxyRefusal::Lease.into());
         }
         let again = broker

@@ -498,15 +498,7 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     let token = worker_token(&mut admin, "retry-worker").await;
     let mut worker = client(broker.addr, Some(&token)).await;
     // The pause above ends first.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while system(&mut admin, "jira-r")
-        .await
-        .quota
-        .is_some_and(|q| q.blocked_until.is_some())
-    {
-        assert!(Instant::now() < deadline, "still blocked");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_unblocked(&mut admin, "jira-r").await;
     let wt = lease(&mut worker, "jira-r").await;
     fake.throttle_for(2);
     let (http2, wt2) = (http.clone(), wt.clone());
@@ -530,4 +522,46 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
         6,
         "sent for a revoked caller"
     );
+
+    // A credential rotated while a read waits out the pause: the lease names the old version,
+    // so nothing more is sent for it.
+    wait_unblocked(&mut admin, "jira-r").await;
+    let t = lease(&mut admin, "jira-r").await;
+    fake.throttle_for(2);
+    let (http2, t2) = (http.clone(), t.clone());
+    let pending = tokio::spawn(async move { proxied(&http2, &t2, "GET", issue).await });
+    eventually(
+        Duration::from_secs(5),
+        "the first try at the vendor",
+        || fake.server.count_method("GET", path) == 7,
+    )
+    .await;
+    admin
+        .rotate_credential(pb::RotateCredentialRequest {
+            system_id: "jira-r".into(),
+            credential: Some(cc(SA_ID, SA_SECRET)),
+            skip_check: true,
+        })
+        .await
+        .unwrap();
+    let refused = pending.await.unwrap();
+    assert_eq!(refused.status, 401, "{refused:?}");
+    assert_eq!(
+        fake.server.count_method("GET", path),
+        7,
+        "sent under a rotated credential's lease"
+    );
+}
+
+/// Waits until the system's quota view shows no block.
+async fn wait_unblocked(admin: &mut Client, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while system(admin, id)
+        .await
+        .quota
+        .is_some_and(|q| q.blocked_until.is_some())
+    {
+        assert!(Instant::now() < deadline, "still blocked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
