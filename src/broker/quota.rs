@@ -300,6 +300,12 @@ impl State {
                 self.remaining = Some(r);
                 self.read_at = Some(Instant::now());
             }
+        } else if self.stale() && self.read_at.is_some_and(|at| started > at) {
+            // A probe answered without a count: the old count is forgotten, not probed for
+            // again one call at a time until some answer carries one.
+            self.remaining = None;
+            self.read_at = None;
+            l.changed = true;
         }
         l
     }
@@ -743,6 +749,23 @@ mod tests {
         book.learn("s", &probe, &signals(700, 700));
         drop(probe);
         assert!(book.admit("s", SystemKind::Zendesk).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_probe_answered_without_a_count_forgets_the_old_count() {
+        let book = Quotas::default();
+        let p = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        book.learn("s", &p, &signals(3, 100));
+        drop(p);
+        let q = book.entry("s", SystemKind::Zendesk);
+        lock(&q.state).read_at = Instant::now().checked_sub(READING_TTL * 2);
+        let probe = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        book.learn("s", &probe, &RateSignals::default());
+        // Calls flow again side by side, not one probe at a time.
+        let a = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        let b = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        drop((probe, a, b));
+        assert_eq!(book.view("s").unwrap().remaining, None);
     }
 
     #[tokio::test]
