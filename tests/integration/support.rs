@@ -564,3 +564,17 @@ pub fn candidate(
 /// Held by the tests that count refused gRPC connections (a process-wide counter), so that one
 /// test's refusals cannot satisfy another's check.
 pub static GRPC_CAP_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// False once the peer has closed `s` (or reset it): a connection refused past a cap. Bytes the
+/// peer sent are read and dropped.
+pub fn still_open(s: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.try_read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+}
