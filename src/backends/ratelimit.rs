@@ -47,6 +47,9 @@ pub struct RateSignals {
     pub throttled: bool,
     /// The vendor reports a limit but no remaining count: count calls locally.
     pub count_locally: bool,
+    /// The vendor served the call (2xx or 3xx): an answer that would carry its count, if the
+    /// vendor sends one.
+    pub served: bool,
 }
 
 /// Reads `kind`'s signals from an answer (`body` when the answer was small enough to hold).
@@ -111,6 +114,7 @@ pub fn read(
         // and the first answer after it brings the new count.
         s.remaining = None;
     }
+    s.served = (200..400).contains(&status);
     s
 }
 

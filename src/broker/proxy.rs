@@ -204,16 +204,21 @@ impl Broker {
         }
     }
 
-    /// True while `grant` would still be admitted: its lease has not expired, its caller may
-    /// still use `system_id` (not revoked, expired or re-scoped) and the system is still
-    /// proxied at the lease's credential version (not rotated, deleted or switched to header
-    /// delivery). Asked again before a call waited out for a local retry is sent.
-    pub async fn still_granted(&self, system_id: &str, grant: &ProxyGrant) -> bool {
-        grant.lease_expires > unix_now()
-            && self
-                .proxied_token(system_id, &grant.caller, grant.token.credential_version)
-                .await
-                .is_ok()
+    /// The system's current headers while `grant` would still be admitted: its lease has not
+    /// expired, its caller may still use `system_id` (not revoked, expired or re-scoped) and
+    /// the system is still proxied at the lease's credential version (not rotated, deleted or
+    /// switched to header delivery). Asked again before a call waited out for a local retry
+    /// is sent, which then carries these headers (refreshed meanwhile, perhaps).
+    pub async fn still_granted(
+        &self,
+        system_id: &str,
+        grant: &ProxyGrant,
+    ) -> Result<Arc<IssuedToken>, ProxyRefusal> {
+        if grant.lease_expires <= unix_now() {
+            return Err(ProxyRefusal::Lease);
+        }
+        let version = grant.token.credential_version;
+        self.proxied_token(system_id, &grant.caller, version).await
     }
 
     /// The system's cached headers, if `caller` may still use the system and it is still

@@ -300,9 +300,11 @@ impl State {
                 self.remaining = Some(r);
                 self.read_at = Some(Instant::now());
             }
-        } else if self.stale() && self.read_at.is_some_and(|at| started > at) {
-            // A probe answered without a count: the old count is forgotten, not probed for
-            // again one call at a time until some answer carries one.
+        } else if s.served && self.stale() && self.read_at.is_some_and(|at| started > at) {
+            // A probe the vendor served without a count: the old count is forgotten, not
+            // probed for again one call at a time until some answer carries one. An error
+            // page's silence (a gateway's 503, a 401) or another replica's broadcast proves
+            // nothing and keeps it.
             self.remaining = None;
             self.read_at = None;
             l.changed = true;
@@ -338,6 +340,9 @@ struct Reading {
     /// (another replica's broadcast leaves it as it is).
     #[serde(skip)]
     count_locally: Option<bool>,
+    /// This replica's own answer, served by the vendor (never a broadcast).
+    #[serde(skip)]
+    served: bool,
     #[serde(skip)]
     now_ms: u64,
 }
@@ -350,6 +355,7 @@ impl Reading {
             reset_at: s.reset_at,
             blocked_until: s.wait.map(|w| now_ms + w.as_millis() as u64),
             count_locally: s.limit.is_some().then_some(s.count_locally),
+            served: s.served,
             now_ms,
             age_ms: None,
         }
@@ -760,12 +766,37 @@ mod tests {
         let q = book.entry("s", SystemKind::Zendesk);
         lock(&q.state).read_at = Instant::now().checked_sub(READING_TTL * 2);
         let probe = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        // An error page without a count proves nothing: still one probe at a time.
         book.learn("s", &probe, &RateSignals::default());
+        assert!(book.admit("s", SystemKind::Zendesk).await.is_err());
+        // A served answer without one forgets the old count.
+        let served = RateSignals {
+            served: true,
+            ..Default::default()
+        };
+        book.learn("s", &probe, &served);
         // Calls flow again side by side, not one probe at a time.
         let a = book.admit("s", SystemKind::Zendesk).await.unwrap();
         let b = book.admit("s", SystemKind::Zendesk).await.unwrap();
         drop((probe, a, b));
         assert_eq!(book.view("s").unwrap().remaining, None);
+    }
+
+    #[tokio::test]
+    async fn another_replicas_broadcast_without_a_count_keeps_an_old_one() {
+        let book = Quotas::default();
+        let p = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        book.learn("s", &p, &signals(3, 100));
+        drop(p);
+        let q = book.entry("s", SystemKind::Zendesk);
+        lock(&q.state).read_at = Instant::now().checked_sub(READING_TTL * 2);
+        let probe = book.admit("s", SystemKind::Zendesk).await.unwrap();
+        book.merge(&batch(
+            now_ms(),
+            &[r#"{"s":"s","k":"zendesk","l":100,"a":0}"#.to_owned()],
+        ));
+        assert!(book.admit("s", SystemKind::Zendesk).await.is_err());
+        drop(probe);
     }
 
     #[tokio::test]

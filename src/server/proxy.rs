@@ -285,26 +285,25 @@ async fn send(
     };
     let (mut resp, mut permit) = exchange(at, forward, permit, about).await?;
     // Learned from the head at once: a worker going away meanwhile loses no signal.
-    let about_the_call = (call.system_id, &*grant.token);
-    let wait = learn(broker, about_the_call, &permit, &resp);
-    if let (Some(retry), Some(wait)) = (again, wait) {
+    let wait = learn(broker, (call.system_id, &grant.token), &permit, &resp);
+    if let (Some(mut retry), Some(wait)) = (again, wait) {
         drop(resp);
         drop(permit);
         tokio::time::sleep(wait).await;
-        // A lease that lapsed during the wait (caller revoked, credential rotated, …) gets no
-        // call sent for it.
-        if !broker.still_granted(call.system_id, grant).await {
-            return Err(ProxyRefusal::Lease.into());
-        }
         let again = broker
             .admit_quota(grant, call.system_id)
             .await
             .map_err(Refusal::limited)?;
+        // Asked once the call holds its slot again: a lease that lapsed during either wait
+        // (caller revoked, credential rotated, …) gets no call sent for it, and the call goes
+        // with the system's current headers.
+        let token = broker.still_granted(call.system_id, grant).await?;
+        put_credential(retry.headers_mut(), &token);
         broker
             .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
             .await?;
         (resp, permit) = exchange(at, retry, again, about).await?;
-        learn(broker, about_the_call, &permit, &resp);
+        learn(broker, (call.system_id, &token), &permit, &resp);
     }
     let redirects = Redirects {
         api_base_url: &grant.token.api_base_url,
@@ -553,6 +552,19 @@ impl From<ProxyRefusal> for Refusal {
 /// The request to send upstream: the worker's headers without hop-by-hop ones, its
 /// authorization or other credential headers or cookies, plus the system's headers; the body
 /// capped at `cap` bytes.
+/// Sets the system's credential headers from `token` (replacing any of the same name).
+fn put_credential(headers: &mut HeaderMap, token: &IssuedToken) {
+    for h in &token.headers {
+        let Ok(mut v) = HeaderValue::from_str(h.value.expose_secret()) else {
+            continue;
+        };
+        v.set_sensitive(true);
+        if let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) {
+            headers.insert(name, v);
+        }
+    }
+}
+
 fn forward_request(
     req: Request,
     uri: axum::http::Uri,
@@ -584,15 +596,7 @@ fn forward_request(
         }
         headers.append(k.clone(), v.clone());
     }
-    for h in &token.headers {
-        let Ok(mut v) = HeaderValue::from_str(h.value.expose_secret()) else {
-            continue;
-        };
-        v.set_sensitive(true);
-        if let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) {
-            headers.insert(name, v);
-        }
-    }
+    put_credential(&mut headers, token);
     // A bodiless request (most API reads) is forwarded without a streamed body, so no
     // chunked encoding or body pipe is needed.
     let bodiless = http_body::Body::size_hint(req.body()).exact() == Some(0);

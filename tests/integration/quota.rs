@@ -553,6 +553,41 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     );
 }
 
+/// A read sent again after its wait goes with the system's headers as they are then: a token
+/// that expired during the wait is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_read_carries_the_token_current_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = jira_fake().await;
+    // Tokens live two seconds, as long as the vendor's pause below.
+    fake.oauth(|o| o.access_lifetime = 2);
+    let mut config = crate::connect::jira_config(dir.path(), &fake);
+    let retry = credbroker::broker::quota::LimitsOverride {
+        local_retry_after_max_seconds: Some(2),
+        ..Default::default()
+    };
+    config
+        .quota
+        .kinds
+        .insert(credbroker::model::SystemKind::JiraCloud, retry);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let reg = proxied_system(
+        "jira-t",
+        pb::SystemKind::JiraCloud,
+        &fake.origin,
+        cc(SA_ID, SA_SECRET),
+    );
+    register_checked(&mut admin, reg).await;
+    let t = lease(&mut admin, "jira-t").await;
+    let http = reqwest::Client::new();
+    fake.throttle_for(2);
+    let got = proxied(&http, &t, "GET", "/rest/api/3/issue").await;
+    assert_eq!(got.status, 200, "{got:?}");
+    let path = "/ex/jira/cloud-acme/rest/api/3/issue";
+    assert_eq!(fake.server.count_method("GET", path), 2);
+}
+
 /// Waits until the system's quota view shows no block.
 async fn wait_unblocked(admin: &mut Client, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
