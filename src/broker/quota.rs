@@ -757,14 +757,20 @@ mod tests {
         assert!(book.admit("s", SystemKind::Zendesk).await.is_ok());
     }
 
-    #[tokio::test]
-    async fn a_probe_answered_without_a_count_forgets_the_old_count() {
+    /// A book holding 3 of 100 left for Zendesk system "s" (reserve 5), read two minutes ago.
+    async fn old_count_at_the_reserve() -> Quotas {
         let book = Quotas::default();
         let p = book.admit("s", SystemKind::Zendesk).await.unwrap();
         book.learn("s", &p, &signals(3, 100));
         drop(p);
         let q = book.entry("s", SystemKind::Zendesk);
         lock(&q.state).read_at = Instant::now().checked_sub(READING_TTL * 2);
+        book
+    }
+
+    #[tokio::test]
+    async fn a_probe_answered_without_a_count_forgets_the_old_count() {
+        let book = old_count_at_the_reserve().await;
         let probe = book.admit("s", SystemKind::Zendesk).await.unwrap();
         // An error page without a count proves nothing: still one probe at a time.
         book.learn("s", &probe, &RateSignals::default());
@@ -784,12 +790,7 @@ mod tests {
 
     #[tokio::test]
     async fn another_replicas_broadcast_without_a_count_keeps_an_old_one() {
-        let book = Quotas::default();
-        let p = book.admit("s", SystemKind::Zendesk).await.unwrap();
-        book.learn("s", &p, &signals(3, 100));
-        drop(p);
-        let q = book.entry("s", SystemKind::Zendesk);
-        lock(&q.state).read_at = Instant::now().checked_sub(READING_TTL * 2);
+        let book = old_count_at_the_reserve().await;
         let probe = book.admit("s", SystemKind::Zendesk).await.unwrap();
         book.merge(&batch(
             now_ms(),

@@ -441,24 +441,7 @@ async fn salesforce_concurrency_is_capped_under_a_hundred_workers_and_queued_cal
 async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     let dir = tempfile::tempdir().unwrap();
     let fake = jira_fake().await;
-    let mut config = crate::connect::jira_config(dir.path(), &fake);
-    let retry = credbroker::broker::quota::LimitsOverride {
-        local_retry_after_max_seconds: Some(2),
-        ..Default::default()
-    };
-    config
-        .quota
-        .kinds
-        .insert(credbroker::model::SystemKind::JiraCloud, retry);
-    let broker = TestBroker::start_with(config).await;
-    let mut admin = broker.admin().await;
-    let reg = proxied_system(
-        "jira-r",
-        pb::SystemKind::JiraCloud,
-        &fake.origin,
-        cc(SA_ID, SA_SECRET),
-    );
-    register_checked(&mut admin, reg).await;
+    let (broker, mut admin) = retrying_jira(dir.path(), &fake, "jira-r").await;
     let t = lease(&mut admin, "jira-r").await;
     let http = reqwest::Client::new();
     let issue = "/rest/api/3/issue";
@@ -500,22 +483,12 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     // The pause above ends first.
     wait_unblocked(&mut admin, "jira-r").await;
     let wt = lease(&mut worker, "jira-r").await;
-    fake.throttle_for(2);
-    let (http2, wt2) = (http.clone(), wt.clone());
-    let pending = tokio::spawn(async move { proxied(&http2, &wt2, "GET", issue).await });
-    eventually(
-        Duration::from_secs(5),
-        "the first try at the vendor",
-        || fake.server.count_method("GET", path) == 6,
-    )
-    .await;
-    admin
-        .revoke_caller(pb::RevokeCallerRequest {
-            name: "retry-worker".into(),
-        })
-        .await
-        .unwrap();
-    let refused = pending.await.unwrap();
+    let revoke = async {
+        let name = "retry-worker".into();
+        let req = pb::RevokeCallerRequest { name };
+        admin.revoke_caller(req).await.unwrap();
+    };
+    let refused = read_held_while(&fake, &wt, 6, revoke).await;
     assert_eq!(refused.status, 401, "{refused:?}");
     assert_eq!(
         fake.server.count_method("GET", path),
@@ -527,24 +500,15 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     // so nothing more is sent for it.
     wait_unblocked(&mut admin, "jira-r").await;
     let t = lease(&mut admin, "jira-r").await;
-    fake.throttle_for(2);
-    let (http2, t2) = (http.clone(), t.clone());
-    let pending = tokio::spawn(async move { proxied(&http2, &t2, "GET", issue).await });
-    eventually(
-        Duration::from_secs(5),
-        "the first try at the vendor",
-        || fake.server.count_method("GET", path) == 7,
-    )
-    .await;
-    admin
-        .rotate_credential(pb::RotateCredentialRequest {
+    let rotate = async {
+        let req = pb::RotateCredentialRequest {
             system_id: "jira-r".into(),
             credential: Some(cc(SA_ID, SA_SECRET)),
             skip_check: true,
-        })
-        .await
-        .unwrap();
-    let refused = pending.await.unwrap();
+        };
+        admin.rotate_credential(req).await.unwrap();
+    };
+    let refused = read_held_while(&fake, &t, 7, rotate).await;
     assert_eq!(refused.status, 401, "{refused:?}");
     assert_eq!(
         fake.server.count_method("GET", path),
@@ -561,7 +525,24 @@ async fn a_retried_read_carries_the_token_current_after_the_wait() {
     let fake = jira_fake().await;
     // Tokens live two seconds, as long as the vendor's pause below.
     fake.oauth(|o| o.access_lifetime = 2);
-    let mut config = crate::connect::jira_config(dir.path(), &fake);
+    let (_broker, mut admin) = retrying_jira(dir.path(), &fake, "jira-t").await;
+    let t = lease(&mut admin, "jira-t").await;
+    let http = reqwest::Client::new();
+    fake.throttle_for(2);
+    let got = proxied(&http, &t, "GET", "/rest/api/3/issue").await;
+    assert_eq!(got.status, 200, "{got:?}");
+    let path = "/ex/jira/cloud-acme/rest/api/3/issue";
+    assert_eq!(fake.server.count_method("GET", path), 2);
+}
+
+/// A broker whose Jira Cloud systems send a read again after a `Retry-After` of up to two
+/// seconds, with `id` registered there (proxy delivery, the service account), and its admin.
+async fn retrying_jira(
+    dir: &std::path::Path,
+    fake: &crate::fakes::FakeAtlassian,
+    id: &str,
+) -> (TestBroker, Client) {
+    let mut config = crate::connect::jira_config(dir, fake);
     let retry = credbroker::broker::quota::LimitsOverride {
         local_retry_after_max_seconds: Some(2),
         ..Default::default()
@@ -573,19 +554,37 @@ async fn a_retried_read_carries_the_token_current_after_the_wait() {
     let broker = TestBroker::start_with(config).await;
     let mut admin = broker.admin().await;
     let reg = proxied_system(
-        "jira-t",
+        id,
         pb::SystemKind::JiraCloud,
         &fake.origin,
         cc(SA_ID, SA_SECRET),
     );
     register_checked(&mut admin, reg).await;
-    let t = lease(&mut admin, "jira-t").await;
-    let http = reqwest::Client::new();
+    (broker, admin)
+}
+
+/// A read the vendor answers with a two-second pause: `meanwhile` runs once its first try is
+/// the vendor's `tries`-th read of the issue path; then what the worker saw in the end.
+async fn read_held_while(
+    fake: &crate::fakes::FakeAtlassian,
+    t: &pb::GetAccessTokenResponse,
+    tries: usize,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> Seen {
     fake.throttle_for(2);
-    let got = proxied(&http, &t, "GET", "/rest/api/3/issue").await;
-    assert_eq!(got.status, 200, "{got:?}");
+    let t = t.clone();
+    let pending = tokio::spawn(async move {
+        proxied(&reqwest::Client::new(), &t, "GET", "/rest/api/3/issue").await
+    });
     let path = "/ex/jira/cloud-acme/rest/api/3/issue";
-    assert_eq!(fake.server.count_method("GET", path), 2);
+    eventually(
+        Duration::from_secs(5),
+        "the first try at the vendor",
+        || fake.server.count_method("GET", path) == tries,
+    )
+    .await;
+    meanwhile.await;
+    pending.await.unwrap()
 }
 
 /// Waits until the system's quota view shows no block.
