@@ -349,7 +349,11 @@ mod tests {
                 None,
                 now,
             );
-            assert_eq!(s, RateSignals::default(), "{reset}");
+            let nothing = RateSignals {
+                served: true,
+                ..Default::default()
+            };
+            assert_eq!(s, nothing, "{reset}");
         }
         let far = read(
             SystemKind::AzureDevOps,
