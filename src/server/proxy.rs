@@ -281,6 +281,7 @@ async fn send(
         broker,
         call,
         grant,
+        token: &grant.token,
         method: &method,
     };
     let (mut resp, mut permit) = exchange(at, forward, permit, about).await?;
@@ -298,10 +299,17 @@ async fn send(
         // (caller revoked, credential rotated, …) gets no call sent for it, and the call goes
         // with the system's current headers.
         let token = broker.still_granted(call.system_id, grant).await?;
+        for name in crate::backends::HEADER_NAMES {
+            retry.headers_mut().remove(*name);
+        }
         put_credential(retry.headers_mut(), &token);
         broker
             .audit_forwarding(&grant.caller, call.system_id, method.as_str(), call.masked)
             .await?;
+        let about = Leftover {
+            token: &token,
+            ..about
+        };
         (resp, permit) = exchange(at, retry, again, about).await?;
         learn(broker, (call.system_id, &token), &permit, &resp);
     }
@@ -425,6 +433,8 @@ struct Leftover<'a> {
     broker: &'a Broker,
     call: &'a Call<'a>,
     grant: &'a ProxyGrant,
+    /// The system's headers this try carries (the grant's, or a retry's fresher ones).
+    token: &'a std::sync::Arc<IssuedToken>,
     method: &'a axum::http::Method,
 }
 
@@ -443,7 +453,7 @@ impl Drop for AtVendor<'_> {
         // Held weakly while the vendor works: a stopping broker is not kept open by it.
         let broker = a.broker.me.clone();
         let system_id = a.call.system_id.to_owned();
-        let (caller, token) = (a.grant.caller.clone(), a.grant.token.clone());
+        let (caller, token) = (a.grant.caller.clone(), a.token.clone());
         let (method, masked) = (a.method.clone(), a.call.masked.to_owned());
         let (until, started) = (self.until, a.call.started);
         rt.spawn(async move {
@@ -549,9 +559,6 @@ impl From<ProxyRefusal> for Refusal {
     }
 }
 
-/// The request to send upstream: the worker's headers without hop-by-hop ones, its
-/// authorization or other credential headers or cookies, plus the system's headers; the body
-/// capped at `cap` bytes.
 /// Sets the system's credential headers from `token` (replacing any of the same name).
 fn put_credential(headers: &mut HeaderMap, token: &IssuedToken) {
     for h in &token.headers {
@@ -565,6 +572,9 @@ fn put_credential(headers: &mut HeaderMap, token: &IssuedToken) {
     }
 }
 
+/// The request to send upstream: the worker's headers without hop-by-hop ones, its
+/// authorization or other credential headers or cookies, plus the system's headers; the body
+/// capped at `cap` bytes.
 fn forward_request(
     req: Request,
     uri: axum::http::Uri,
