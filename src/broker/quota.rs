@@ -300,7 +300,7 @@ impl State {
                 self.remaining = Some(r);
                 self.read_at = Some(Instant::now());
             }
-        } else if s.served && self.stale() && self.read_at.is_some_and(|at| started > at) {
+        } else if s.served && self.read_at.is_some_and(|at| started > at) && self.stale() {
             // A probe the vendor served without a count: the old count is forgotten, not
             // probed for again one call at a time until some answer carries one. An error
             // page's silence (a gateway's 503, a 401) or another replica's broadcast proves
