@@ -261,6 +261,9 @@ fn main() {
     let concurrency = arg("--concurrency", "16").parse::<usize>().unwrap();
     let seconds = arg("--seconds", "5.0").parse::<f64>().unwrap();
     let rounds = arg("--rounds", "3").parse::<usize>().unwrap();
+    // Other callers the broker holds besides the lease's (a lease names its caller, looked up
+    // on every proxied call).
+    let callers = arg("--callers", "0").parse::<usize>().unwrap();
     let quota_ns = quota_bookkeeping_ns(1_000_000);
     // The load generator and the fake vendor run on core 0, the broker on core 1 (as
     // docs/benchmarks.md measures gRPC servers), so the proxy's work does not steal the
@@ -309,6 +312,23 @@ fn main() {
                 Err(e) => panic!("{e}"),
             }
         }
+        // 32 at a time.
+        let adding: Vec<_> = (0..32)
+            .map(|k| {
+                let mut admin = admin.clone();
+                tokio::spawn(async move {
+                    for i in (k..callers).step_by(32) {
+                        let name = format!("bench-worker-{i}");
+                        let role = pb::CallerRole::Worker as i32;
+                        let req = pb::CreateCallerRequest { name, role, ..Default::default() };
+                        admin.create_caller(req).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for a in adding {
+            a.await.unwrap();
+        }
         let t = admin.get_access_token(pb::GetAccessTokenRequest { system_id: "bench".into(), ..Default::default() }).await.unwrap().into_inner();
         let lease = t.headers[0].value.clone();
         let direct_url = format!("{vendor}/users/me");
@@ -336,7 +356,7 @@ fn main() {
         let json = serde_json::json!({
             "benchmark": "proxy_overhead",
             "broker": std::env::var("BENCH_BROKER_BIN").unwrap_or_else(|_| "this build".to_owned()),
-            "concurrency": concurrency, "seconds_per_round": seconds, "rounds": rounds,
+            "concurrency": concurrency, "seconds_per_round": seconds, "rounds": rounds, "other_callers": callers,
             "direct": {"rps": drps, "p50_us": dp50, "p99_us": dp99},
             "bare_forwarder": {"rps": wrps, "p50_us": wp50, "p99_us": wp99, "cpu_us_per_req": wcpu},
             "proxied": {"rps": prps, "p50_us": pp50, "p99_us": pp99, "broker_cpu_us_per_req": pcpu},

@@ -116,10 +116,46 @@ impl std::fmt::Debug for Presented<'_> {
     }
 }
 
+/// The accepted callers, by token hash and by name (ASCII lower case: a certificate's names
+/// match case-insensitively), so neither a proxied call nor a certificate's call scans them all.
+#[derive(Default)]
+struct Accepted {
+    by_hash: HashMap<[u8; 32], Arc<Caller>>,
+    by_name: HashMap<String, Vec<Arc<Caller>>>,
+}
+
+impl Accepted {
+    fn insert(&mut self, caller: Arc<Caller>) {
+        self.remove(&caller.hash);
+        let named = self.by_name.entry(caller.name.to_ascii_lowercase());
+        named.or_default().push(caller.clone());
+        self.by_hash.insert(caller.hash, caller);
+    }
+
+    fn remove(&mut self, hash: &[u8; 32]) {
+        let Some(gone) = self.by_hash.remove(hash) else {
+            return;
+        };
+        let key = gone.name.to_ascii_lowercase();
+        if let Some(named) = self.by_name.get_mut(&key) {
+            named.retain(|c| c.hash != *hash);
+            if named.is_empty() {
+                self.by_name.remove(&key);
+            }
+        }
+    }
+
+    /// The callers whose name is `name` ignoring ASCII case.
+    fn named(&self, name: &str) -> &[Arc<Caller>] {
+        let key = name.to_ascii_lowercase();
+        self.by_name.get(&key).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
 /// The callers this process accepts, by token hash, and the token hashes it saw revoked.
 #[derive(Default)]
 pub struct Callers {
-    by_hash: RwLock<HashMap<[u8; 32], Arc<Caller>>>,
+    accepted: RwLock<Accepted>,
     /// Token hashes of callers seen revoked: never installed again by this process.
     revoked: Mutex<HashSet<[u8; 32]>>,
 }
@@ -127,7 +163,7 @@ pub struct Callers {
 impl std::fmt::Debug for Callers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Callers")
-            .field("accepted", &read(&self.by_hash).len())
+            .field("accepted", &read(&self.accepted).by_hash.len())
             .finish_non_exhaustive()
     }
 }
@@ -135,7 +171,7 @@ impl std::fmt::Debug for Callers {
 impl Callers {
     /// Replaces the accepted callers with `callers` (revoked ones left out, and remembered).
     pub(crate) fn install(&self, callers: Vec<CallerRecord>) {
-        let mut map = HashMap::new();
+        let mut accepted = Accepted::default();
         for c in &callers {
             if let (true, Some(hash)) = (c.revoked, hex::decode::<32>(&c.token_sha256)) {
                 lock(&self.revoked).insert(hash);
@@ -143,10 +179,10 @@ impl Callers {
         }
         for c in callers.iter().filter(|c| !c.revoked) {
             if let Some(hash) = self.usable_hash(c) {
-                map.insert(hash, Arc::new(Caller::from_record(c, hash)));
+                accepted.insert(Arc::new(Caller::from_record(c, hash)));
             }
         }
-        *write(&self.by_hash) = map;
+        *write(&self.accepted) = accepted;
     }
 
     /// The token hash of a caller that may be installed: never one this process has seen
@@ -162,14 +198,14 @@ impl Callers {
 
     /// Accepts a caller just created, whose token hashes to `hash`.
     fn insert(&self, record: &CallerRecord, hash: [u8; 32]) {
-        write(&self.by_hash).insert(hash, Arc::new(Caller::from_record(record, hash)));
+        write(&self.accepted).insert(Arc::new(Caller::from_record(record, hash)));
     }
 
     /// Drops a revoked caller, for good.
     pub(crate) fn forget(&self, c: &CallerRecord) {
         if let Some(hash) = hex::decode::<32>(&c.token_sha256) {
             lock(&self.revoked).insert(hash);
-            write(&self.by_hash).remove(&hash);
+            write(&self.accepted).remove(&hash);
         }
     }
 
@@ -191,8 +227,8 @@ impl Callers {
     /// The caller whose token hashes to `hash`, if any. Revoked callers are not found.
     fn authenticate_hash(&self, hash: &[u8; 32]) -> Result<Arc<Caller>, AuthRefusal> {
         let hash = *hash;
-        let map = read(&self.by_hash);
-        let c = map.get(&hash).ok_or(AuthRefusal::Unknown)?;
+        let accepted = read(&self.accepted);
+        let c = accepted.by_hash.get(&hash).ok_or(AuthRefusal::Unknown)?;
         // The map lookup is by hash; confirm in constant time anyway.
         if !bool::from(c.hash.ct_eq(&hash)) {
             return Err(AuthRefusal::Unknown);
@@ -205,8 +241,8 @@ impl Callers {
 
     /// The active caller with this name.
     pub fn by_name(&self, name: &str) -> Option<Arc<Caller>> {
-        let map = read(&self.by_hash);
-        map.values()
+        let accepted = read(&self.accepted);
+        (accepted.named(name).iter())
             .find(|c| c.name == name)
             .filter(|c| c.expires_at.is_none_or(|e| e > unix_now()))
             .cloned()
@@ -214,12 +250,11 @@ impl Callers {
 
     /// The caller named by a verified client certificate (its SAN DNS names), if any.
     pub fn authenticate_names(&self, names: &[String]) -> Result<Arc<Caller>, AuthRefusal> {
-        let map = read(&self.by_hash);
-        let mut matching = map
-            .values()
-            .filter(|c| names.iter().any(|n| n.eq_ignore_ascii_case(&c.name)));
+        let accepted = read(&self.accepted);
+        // Each caller once, however many of the names match it.
+        let mut matching = names.iter().flat_map(|n| accepted.named(n));
         let c = matching.next().ok_or(AuthRefusal::Unknown)?;
-        if matching.next().is_some() {
+        if matching.any(|other| other.hash != c.hash) {
             return Err(AuthRefusal::Ambiguous);
         }
         if c.expires_at.is_some_and(|e| e <= unix_now()) {
@@ -464,6 +499,37 @@ mod tests {
             callers.authenticate_names(&names).unwrap_err(),
             AuthRefusal::Ambiguous
         );
+    }
+
+    #[test]
+    fn names_find_their_caller_until_it_goes() {
+        let callers = Callers::default();
+        let w1 = record("w1", "cbt_w1", Role::Worker);
+        let many: Vec<CallerRecord> = (0..1000)
+            .map(|i| record(&format!("svc-{i}"), &format!("cbt_{i}"), Role::Worker))
+            .chain([w1.clone()])
+            .collect();
+        callers.install(many);
+        assert_eq!(callers.by_name("svc-999").unwrap().name, "svc-999");
+        assert!(callers.by_name("SVC-999").is_none(), "by_name is exact");
+        // A certificate's names match ignoring case, each caller once however often named.
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let found = callers.authenticate_names(&names(&["nobody", "W1", "w1"]));
+        assert_eq!(found.unwrap().name, "w1");
+        let both = callers.authenticate_names(&names(&["w1", "svc-7"]));
+        assert_eq!(both.unwrap_err(), AuthRefusal::Ambiguous);
+        // Loading the same caller again keeps one entry; revoking it drops it from every index.
+        callers.load(&w1);
+        assert_eq!(read(&callers.accepted).named("w1").len(), 1);
+        assert_eq!(
+            callers.authenticate_names(&names(&["w1"])).unwrap().name,
+            "w1"
+        );
+        callers.forget(&w1);
+        assert!(callers.by_name("w1").is_none());
+        let gone = callers.authenticate_names(&names(&["w1"]));
+        assert_eq!(gone.unwrap_err(), AuthRefusal::Unknown);
+        assert_eq!(callers.by_name("svc-0").unwrap().name, "svc-0");
     }
 
     #[test]
