@@ -16,8 +16,11 @@ use crate::store::StoreError;
 use crate::util::hex;
 use crate::util::sync::{lock, read, write};
 
-/// An authenticated caller.
-#[derive(Debug, Clone)]
+/// The most system id patterns one caller may be scoped to.
+pub const MAX_CALLER_PATTERNS: usize = 64;
+
+/// An authenticated caller (its `Debug` leaves out the token hash, a console session's key).
+#[derive(Clone)]
 pub struct Caller {
     /// Caller name.
     pub name: String,
@@ -30,6 +33,18 @@ pub struct Caller {
     /// Token expiry, seconds since the epoch.
     pub expires_at: Option<u64>,
     hash: [u8; 32],
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("system_patterns", &self.system_patterns)
+            .field("kinds", &self.kinds)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Caller {
@@ -145,10 +160,27 @@ impl Accepted {
         }
     }
 
-    /// The callers whose name is `name` ignoring ASCII case.
+    /// The callers whose name is `name` ignoring ASCII case (names made through the API are
+    /// lower case already, and so are a certificate's names as TLS hands them on: no copy).
     fn named(&self, name: &str) -> &[Arc<Caller>] {
-        let key = name.to_ascii_lowercase();
-        self.by_name.get(&key).map(Vec::as_slice).unwrap_or(&[])
+        let found = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_name.get(&name.to_ascii_lowercase())
+        } else {
+            self.by_name.get(name)
+        };
+        found.map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Leaves out every caller whose token hash is in `revoked`.
+    fn without(mut self, revoked: &HashSet<[u8; 32]>) -> Self {
+        let gone: Vec<[u8; 32]> = (self.by_hash.keys())
+            .filter(|h| revoked.contains(*h))
+            .copied()
+            .collect();
+        for h in &gone {
+            self.remove(h);
+        }
+        self
     }
 }
 
@@ -182,7 +214,10 @@ impl Callers {
                 accepted.insert(Arc::new(Caller::from_record(c, hash)));
             }
         }
-        *write(&self.accepted) = accepted;
+        // Asked again under the lock: a caller revoked since it was read is not put back
+        // (`forget` marks it revoked before it takes this lock to drop it).
+        let mut current = write(&self.accepted);
+        *current = accepted.without(&lock(&self.revoked));
     }
 
     /// The token hash of a caller that may be installed: never one this process has seen
@@ -198,7 +233,11 @@ impl Callers {
 
     /// Accepts a caller just created, whose token hashes to `hash`.
     fn insert(&self, record: &CallerRecord, hash: [u8; 32]) {
-        write(&self.accepted).insert(Arc::new(Caller::from_record(record, hash)));
+        let mut accepted = write(&self.accepted);
+        // As in `install`: never one revoked meanwhile.
+        if !lock(&self.revoked).contains(&hash) {
+            accepted.insert(Arc::new(Caller::from_record(record, hash)));
+        }
     }
 
     /// Drops a revoked caller, for good.
@@ -242,10 +281,12 @@ impl Callers {
     /// The active caller with this name.
     pub fn by_name(&self, name: &str) -> Option<Arc<Caller>> {
         let accepted = read(&self.accepted);
-        (accepted.named(name).iter())
-            .find(|c| c.name == name)
-            .filter(|c| c.expires_at.is_none_or(|e| e > unix_now()))
-            .cloned()
+        let mut exact = accepted.named(name).iter().filter(|c| c.name == name);
+        // The store keeps names unique; two here (memory and store apart) name no one.
+        let one = exact.next().filter(|_| exact.next().is_none())?;
+        one.expires_at
+            .is_none_or(|e| e > unix_now())
+            .then(|| one.clone())
     }
 
     /// The caller named by a verified client certificate (its SAN DNS names), if any.
@@ -334,7 +375,7 @@ impl Broker {
         &self,
         name: &str,
         role: Role,
-        scope: CallerScope,
+        mut scope: CallerScope,
     ) -> Result<(CallerRecord, SecretString), BrokerError> {
         validate_slug(name, MAX_CALLER_NAME_LEN).map_err(|m| BrokerError::invalid("name", m))?;
         if role == Role::Admin && (!scope.system_patterns.is_empty() || !scope.kinds.is_empty()) {
@@ -343,6 +384,21 @@ impl Broker {
                 "admins cannot be scoped; scope worker callers",
             ));
         }
+        // Every call of the caller is checked against its scope: it stays small.
+        if scope.system_patterns.len() > MAX_CALLER_PATTERNS {
+            return Err(BrokerError::invalid(
+                "system_patterns",
+                format!("more than {MAX_CALLER_PATTERNS} patterns; use * wildcards"),
+            ));
+        }
+        // Each kind once (a repeated kind is no wider a scope, only a longer one to check).
+        let mut kinds = Vec::with_capacity(scope.kinds.len().min(SystemKind::ALL.len()));
+        for k in scope.kinds.drain(..) {
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+        scope.kinds = kinds;
         for p in &scope.system_patterns {
             validate_slug(&p.replace('*', "x"), MAX_SYSTEM_ID_LEN).map_err(|_| {
                 BrokerError::invalid(
@@ -530,6 +586,24 @@ mod tests {
         let gone = callers.authenticate_names(&names(&["w1"]));
         assert_eq!(gone.unwrap_err(), AuthRefusal::Unknown);
         assert_eq!(callers.by_name("svc-0").unwrap().name, "svc-0");
+        // Two callers of one name (store and memory apart) name no one; Debug hides the hash.
+        let twin = record("svc-0", "cbt_twin", Role::Worker);
+        callers.load(&twin);
+        assert!(callers.by_name("svc-0").is_none());
+        let shown = format!("{:?}", callers.authenticate("cbt_twin").unwrap());
+        assert!(
+            shown.contains("svc-0") && !shown.contains("hash"),
+            "{shown}"
+        );
+        // A hash revoked before a batch lands is left out of it (what `install` asks under the lock).
+        let revoked: HashSet<[u8; 32]> = [token_sha256("cbt_twin")].into();
+        let mut fresh = Accepted::default();
+        fresh.insert(Arc::new(Caller::from_record(
+            &twin,
+            token_sha256("cbt_twin"),
+        )));
+        let fresh = fresh.without(&revoked);
+        assert!(fresh.by_hash.is_empty() && fresh.by_name.is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The one lock-poisoning policy: poisoning only happens after a panic while holding the lock,
-//! and every critical section in this crate is a single insert, remove, get or swap, so the data
-//! stays consistent; recover the guard instead of spreading the panic.
+//! and every critical section in this crate is a single insert, remove, get or swap, or a few
+//! of them that cannot panic between them (short of running out of memory, which aborts), so
+//! the data stays consistent; recover the guard instead of spreading the panic.
 
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

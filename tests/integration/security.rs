@@ -152,12 +152,34 @@ async fn scope_matrix() {
         admin.create_caller(bad).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // Every call is checked against its caller's scope, so a scope stays small: 64 patterns
+    // at most, each kind kept once.
+    let many: Vec<String> = (0..65).map(|i| format!("p{i}-*")).collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let e = admin
+        .create_caller(worker_req("wide", &refs, &[], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("64"), "{}", e.message());
+    let jira = pb::SystemKind::JiraCloud;
+    let repeated = worker_req("repeated", &refs[..64], &[jira, jira, jira], None);
+    admin.create_caller(repeated).await.unwrap();
     let listed = admin
         .list_callers(pb::ListCallersRequest {})
         .await
         .unwrap()
         .into_inner()
         .callers;
+    assert!(
+        !listed.iter().any(|c| c.name == "wide"),
+        "a refused caller was stored"
+    );
+    let repeated = listed.iter().find(|c| c.name == "repeated").unwrap();
+    assert_eq!(
+        (repeated.system_patterns.len(), repeated.kinds.len()),
+        (64, 1)
+    );
     let acme_caller = listed.iter().find(|c| c.name == "acme-worker").unwrap();
     assert_eq!(acme_caller.system_patterns, ["acme-*"]);
     broker.stop().await;
