@@ -441,7 +441,7 @@ async fn salesforce_concurrency_is_capped_under_a_hundred_workers_and_queued_cal
 async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
     let dir = tempfile::tempdir().unwrap();
     let fake = jira_fake().await;
-    let (broker, mut admin) = retrying_jira(dir.path(), &fake, "jira-r").await;
+    let (broker, mut admin) = retrying_jira(dir.path(), &fake, "jira-r", |_| ()).await;
     let t = lease(&mut admin, "jira-r").await;
     let http = reqwest::Client::new();
     let issue = "/rest/api/3/issue";
@@ -515,6 +515,49 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
         7,
         "sent under a rotated credential's lease"
     );
+
+    // The system switched to header delivery while a read waits: its leases are dead, so
+    // nothing more is sent.
+    wait_unblocked(&mut admin, "jira-r").await;
+    let t = lease(&mut admin, "jira-r").await;
+    let switch = async {
+        let delivery = pb::Delivery::Header as i32;
+        let req = pb::SetDeliveryRequest {
+            system_id: "jira-r".into(),
+            delivery,
+        };
+        admin.set_delivery(req).await.unwrap();
+    };
+    let refused = read_held_while(&fake, &t, 8, switch).await;
+    assert_eq!(refused.status, 401, "{refused:?}");
+    assert_eq!(
+        fake.server.count_method("GET", path),
+        8,
+        "sent under a lease after the switch to header delivery"
+    );
+}
+
+/// A lease that expires while its read waits out the vendor's pause sends nothing more: the
+/// worker gets the lapsed lease's 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_lapses_during_the_wait_sends_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = jira_fake().await;
+    let two_seconds = |c: &mut credbroker::config::Config| {
+        c.proxy.lease_ttl = Duration::from_secs(2);
+    };
+    let (_broker, mut admin) = retrying_jira(dir.path(), &fake, "jira-l", two_seconds).await;
+    let path = "/ex/jira/cloud-acme/rest/api/3/issue";
+    // Leases are dated in whole seconds: this one lives two at most, and the read below waits
+    // two after its first try.
+    let t = lease(&mut admin, "jira-l").await;
+    let refused = read_held_while(&fake, &t, 1, async {}).await;
+    assert_eq!(refused.status, 401, "{refused:?}");
+    assert_eq!(
+        fake.server.count_method("GET", path),
+        1,
+        "sent for a lapsed lease"
+    );
 }
 
 /// A read sent again after its wait goes with the system's headers as they are then: a token
@@ -525,7 +568,7 @@ async fn a_retried_read_carries_the_token_current_after_the_wait() {
     let fake = jira_fake().await;
     // Tokens live two seconds, as long as the vendor's pause below.
     fake.oauth(|o| o.access_lifetime = 2);
-    let (_broker, mut admin) = retrying_jira(dir.path(), &fake, "jira-t").await;
+    let (_broker, mut admin) = retrying_jira(dir.path(), &fake, "jira-t", |_| ()).await;
     let t = lease(&mut admin, "jira-t").await;
     let http = reqwest::Client::new();
     fake.throttle_for(2);
@@ -536,13 +579,16 @@ async fn a_retried_read_carries_the_token_current_after_the_wait() {
 }
 
 /// A broker whose Jira Cloud systems send a read again after a `Retry-After` of up to two
-/// seconds, with `id` registered there (proxy delivery, the service account), and its admin.
+/// seconds, with `id` registered there (proxy delivery, the service account), and its admin;
+/// `tweak` changes the rest of the configuration.
 async fn retrying_jira(
     dir: &std::path::Path,
     fake: &crate::fakes::FakeAtlassian,
     id: &str,
+    tweak: fn(&mut credbroker::config::Config),
 ) -> (TestBroker, Client) {
     let mut config = crate::connect::jira_config(dir, fake);
+    tweak(&mut config);
     let retry = credbroker::broker::quota::LimitsOverride {
         local_retry_after_max_seconds: Some(2),
         ..Default::default()
