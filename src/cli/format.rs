@@ -54,7 +54,15 @@ pub fn parse_time(s: &str) -> Result<i64> {
         (Some(Ok(y)), Some(Ok(m)), Some(Ok(dd)), None) => (y, m, dd),
         _ => return Err(bad()),
     };
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    // Years past 9999 would overflow the arithmetic below; February 31st is no date.
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=month_days).contains(&day) {
         return Err(bad());
     }
     let mut secs = crate::util::time::days_from_civil(y, m, day) * 86_400;
@@ -65,7 +73,9 @@ pub fn parse_time(s: &str) -> Result<i64> {
             .collect::<Result<_, _>>()
             .map_err(|_| bad())?;
         match parts.as_slice() {
-            [h, mi, se] if *h < 24 && *mi < 60 && *se < 61 => secs += h * 3600 + mi * 60 + se,
+            [h, mi, se] if (0..24).contains(h) && (0..60).contains(mi) && (0..61).contains(se) => {
+                secs += h * 3600 + mi * 60 + se
+            }
             _ => return Err(bad()),
         }
     }
@@ -302,6 +312,21 @@ mod tests {
         );
         assert_eq!(parse_time("0").unwrap(), 0);
         assert!(parse_time("2027-13-01").is_err());
+        // No impossible day, no year the arithmetic cannot hold, no negative time.
+        for bad in [
+            "2027-02-29",
+            "2026-04-31",
+            "99999999999999-01-01",
+            "0001-01-01",
+            "2027-01-01T-1:00:00Z",
+            "2027-01-01T00:-5:00Z",
+        ] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_time("2028-02-29").unwrap(),
+            parse_time("2028-03-01").unwrap() - 86_400
+        );
         assert!(parse_time("soon").is_err());
     }
 }

@@ -59,7 +59,7 @@ pub struct Cli {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
-    /// CA certificate (PEM) to verify a TLS server (implies https).
+    /// CA certificate (PEM) to verify a TLS server (implies https, an `http://` address too).
     #[arg(long, env = "CREDBROKER_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
     /// Client certificate (PEM) for mTLS; its SAN name is the caller.
@@ -408,7 +408,19 @@ pub async fn main(cli: Cli) -> i32 {
     }
 }
 
+/// Whether `args` give `--token` itself (not `--token-file`).
+fn token_on_command_line(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    args.take_while(|a| a != "--")
+        .any(|a| a == "--token" || a.to_string_lossy().starts_with("--token="))
+}
+
 async fn connect(cli: &Cli) -> Result<Client> {
+    if token_on_command_line(std::env::args_os()) {
+        eprintln!(
+            "warning: --token puts the caller token in the process list, where local users can \
+             read it; use CREDBROKER_TOKEN, --token-file or the default admin.token instead"
+        );
+    }
     let token = match (&cli.token, &cli.token_file) {
         (None, None) if cli.client_cert.is_some() => String::new(),
         (Some(t), _) => t.trim().to_owned(),
@@ -441,7 +453,11 @@ async fn connect(cli: &Cli) -> Result<Client> {
     };
     let tls =
         cli.ca_cert.is_some() || cli.client_cert.is_some() || cli.addr.starts_with("https://");
-    let addr = if cli.addr.contains("://") {
+    let addr = if let Some(rest) = cli.addr.strip_prefix("http://").filter(|_| tls) {
+        // A CA or client certificate asks for TLS: an `http://` address (the default one, or
+        // one written so) would send the caller token in clear and check no server.
+        format!("https://{rest}")
+    } else if cli.addr.contains("://") {
         cli.addr.clone()
     } else {
         format!("{}://{}", if tls { "https" } else { "http" }, cli.addr)
@@ -501,5 +517,26 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Backup { out: path } => backup::run_backup(&mut client, out, &path).await,
         Command::Restore { input } => backup::run_restore(&mut client, out, &input).await,
         Command::Audit(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_on_command_line;
+
+    #[test]
+    fn a_token_on_the_command_line_is_noticed() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let on = |a: &[&str]| token_on_command_line(args(a).into_iter());
+        assert!(on(&["credbrokerctl", "--token", "cbt_x", "system", "list"]));
+        assert!(on(&["credbrokerctl", "--token=cbt_x", "system", "list"]));
+        assert!(!on(&[
+            "credbrokerctl",
+            "--token-file",
+            "t",
+            "system",
+            "list"
+        ]));
+        assert!(!on(&["credbrokerctl", "secret", "set", "--", "--token"]));
     }
 }
