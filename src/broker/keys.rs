@@ -28,6 +28,9 @@ use crate::util::sync::{lock, read, write};
 #[derive(Debug, Default)]
 pub struct RewrapState {
     running: AtomicBool,
+    /// Asked for since the running pass began (a second rotation): one more pass follows, so
+    /// records that pass had gone by are re-wrapped under the newest key too.
+    again: AtomicBool,
     stop: AtomicBool,
     task: Mutex<Option<JoinHandle<()>>>,
     rewrapped: AtomicU64,
@@ -229,21 +232,34 @@ impl Broker {
         Ok(id)
     }
 
-    /// Starts the re-wrap job unless it runs already.
+    /// Starts the re-wrap job, or has the running one make one more pass once it is done.
     pub fn start_rewrap(self: &Arc<Self>) {
+        // Set before `running` is asked: a job that has just finished sees it (below).
+        self.rewrap.again.store(true, Ordering::SeqCst);
         if self.rewrap.running.swap(true, Ordering::SeqCst) {
             return;
         }
         self.rewrap.stop.store(false, Ordering::SeqCst);
         let me = self.clone();
-        let task = tokio::spawn(async move {
-            let result = me.rewrap_all().await;
-            if let Err(e) = result {
+        let task = tokio::spawn(async move { me.rewrap_passes().await });
+        *lock(&self.rewrap.task) = Some(task);
+    }
+
+    /// Re-wrap passes while more are asked for (and no stop is), then marks the job ended.
+    async fn rewrap_passes(&self) {
+        let r = &self.rewrap;
+        loop {
+            r.again.store(false, Ordering::SeqCst);
+            if let Err(e) = self.rewrap_all().await {
                 tracing::warn!(message = "Re-wrap stopped; it resumes at the next start or rotation.", error = %e);
             }
-            me.rewrap.running.store(false, Ordering::SeqCst);
-        });
-        *lock(&self.rewrap.task) = Some(task);
+            r.running.store(false, Ordering::SeqCst);
+            // A pass asked for while this one ran, unless a new job took it over meanwhile.
+            let more = r.again.load(Ordering::SeqCst) && !r.stop.load(Ordering::SeqCst);
+            if !more || r.running.swap(true, Ordering::SeqCst) {
+                return;
+            }
+        }
     }
 
     /// Stops the re-wrap job (at shutdown) and waits for it.
