@@ -245,6 +245,9 @@ fn shared_binding<'a>(system_id: &'a str, record: &SystemRecord) -> RecordBindin
 /// Longer than any token or lease id the broker makes (16 characters today).
 const MAX_TOKEN_ID_LEN: usize = 64;
 
+/// How long a stop tries to store the credentials the store refused before.
+const PENDING_AT_STOP: Duration = Duration::from_secs(5);
+
 /// How a transport timeout reads in a backend's message (`TransportError::Timeout`): the request
 /// was sent and no answer came, so the vendor may have acted on it.
 const OUTCOME_UNKNOWN_MARK: &str = "timed out after";
@@ -493,6 +496,18 @@ impl TokenCache {
             .clone()
     }
 
+    /// The systems holding a credential the vendor issued and the store refused (flights
+    /// locked right now are left out: their holder deals with theirs).
+    fn with_pending(&self) -> Vec<String> {
+        let flights: Vec<(String, Arc<tokio::sync::Mutex<Flight>>)> = (lock(&self.flights).iter())
+            .map(|(id, f)| (id.clone(), f.clone()))
+            .collect();
+        (flights.into_iter())
+            .filter(|(_, f)| f.try_lock().is_ok_and(|f| f.pending.is_some()))
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// The system's single-flight lock, if it has one (none is made).
     pub(crate) fn existing_flight(
         &self,
@@ -694,7 +709,21 @@ impl Broker {
             .await
             .is_ok();
         self.exchanges.reopen();
+        self.store_pending_at_stop().await;
         done
+    }
+
+    /// At a stop: one last try to store each credential the vendor issued that the store
+    /// refused (a rotated refresh token, perhaps the only live one), since the retries in the
+    /// background end with the process. Each one left unstored is logged by system.
+    async fn store_pending_at_stop(&self) {
+        let deadline = tokio::time::Instant::now() + PENDING_AT_STOP;
+        for id in self.cache.with_pending() {
+            let tried = tokio::time::timeout_at(deadline, self.try_store_pending(&id)).await;
+            if !tried.unwrap_or(false) {
+                tracing::error!(message = "A credential the vendor issued could not be stored before the stop; the system may need to be connected again.", system_id = %id);
+            }
+        }
     }
 
     /// The cached token `access_token` would answer these arguments with, without minting (and

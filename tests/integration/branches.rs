@@ -94,6 +94,50 @@ async fn a_store_failure_mid_rotation_hands_out_nothing_and_keeps_the_grant() {
     broker.stop().await;
 }
 
+/// A rotated refresh token the store refused is stored at a stop that comes before the
+/// background retry: the restarted broker refreshes with it, never the rotated-out one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_stores_the_rotated_refresh_token_the_store_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Arc::new(FaultControl::default());
+    let fake = servicenow(1800).await;
+    fake.oauth(|o| o.rotate = true);
+    let rt = fake.issue_refresh_token(USER);
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
+    let mut admin = broker.admin().await;
+    let reg = sn_register("rot-stop", &fake.base_url, refresh_cred(&rt), false);
+    admin.register_system(reg).await.unwrap();
+    let first = admin.get_access_token(req("rot-stop", "")).await.unwrap();
+    let first = first.into_inner();
+    control.disk_full.store(true, Ordering::SeqCst);
+    let calls = fake.token_calls();
+    let refused = admin
+        .get_access_token(req("rot-stop", &first.token_id))
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        fake.token_calls(),
+        calls + 1,
+        "the vendor rotated the grant"
+    );
+    // The disk is back, and the broker stops at once (its retry waits a second first).
+    control.heal();
+    broker.stop().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let after = admin
+        .get_access_token(req("rot-stop", &first.token_id))
+        .await;
+    let after = after.unwrap().into_inner();
+    assert!(after.headers[0].value.starts_with("Bearer "));
+    assert_eq!(
+        fake.reuse_detected(),
+        0,
+        "a rotated-out refresh token was presented"
+    );
+    broker.stop().await;
+}
+
 /// `max_concurrent_refreshes` holds across systems: with a cap of 2 and a vendor that takes
 /// 400 ms, a third token request reaches the vendor only after one of two before it was
 /// answered.
