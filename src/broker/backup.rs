@@ -5,9 +5,9 @@
 //! under a key derived from the master key (label `backup-v1`), with AAD `credbroker-backup/v1`.
 //! The plaintext is JSON: the backup id, the chunk's sequence number, whether it is the last,
 //! up to [`CHUNK_SYSTEMS`] systems and, unless one system alone is larger, up to [`CHUNK_BYTES`]
-//! (metadata plus the credential, which exists in clear only inside the encrypted chunk) and,
-//! in the last chunk, every caller (token hashes only) and the
-//! totals. Chunks out of order, from another backup, missing at the end, altered or made under
+//! (metadata plus the credential, which exists in clear only inside the encrypted chunk), the
+//! callers (token hashes only: in the last chunk, or in chunks of their own just before it when
+//! they do not fit) and, in the last chunk, the totals. Chunks out of order, from another backup, missing at the end, altered or made under
 //! another master key are refused before anything is written.
 //!
 //! # Semantics
@@ -137,46 +137,60 @@ struct Export {
 
 impl Export {
     /// Seals one page of systems as the next chunk, or as several when it would be larger than
-    /// [`CHUNK_BYTES`] (halved until each fits, or holds one system). Only the last chunk of the
-    /// backup (`last`) carries the callers.
+    /// [`CHUNK_BYTES`] (halved until each fits, or holds one system). The callers come with the
+    /// backup's last page (`last`): in its last chunk, or, when they do not fit there, in
+    /// chunks of their own before it, cut the same way (a restore reads callers from every
+    /// chunk).
     fn seal_page(
         &mut self,
         systems: Vec<BackupSystem>,
         last: bool,
-        mut callers: Vec<CallerRecord>,
+        callers: Vec<CallerRecord>,
     ) -> Result<Vec<Vec<u8>>, BrokerError> {
         let mut sealed = Vec::new();
-        let mut parts = std::collections::VecDeque::from([systems]);
-        while let Some(part) = parts.pop_front() {
-            let is_last = last && parts.is_empty();
+        let mut parts: std::collections::VecDeque<Part> = [(systems, callers)].into();
+        while let Some((systems, callers)) = parts.pop_front() {
             let chunk = Chunk {
                 backup_id: self.backup_id.clone(),
                 seq: self.seq,
-                last: is_last,
+                last: last && parts.is_empty(),
                 created_at: self.created_at,
-                total_systems: self.total + part.len() as u64,
-                systems: part,
-                callers: if is_last {
-                    std::mem::take(&mut callers)
-                } else {
-                    Vec::new()
-                },
+                total_systems: self.total + systems.len() as u64,
+                systems,
+                callers,
             };
             let bytes = seal(&self.cipher, &chunk)?;
-            if bytes.len() > self.chunk_bytes && chunk.systems.len() > 1 {
-                // Back for the last part (empty unless this was the last chunk).
-                callers.extend(chunk.callers);
-                let mut first = chunk.systems;
-                let second = first.split_off(first.len() / 2);
-                parts.push_front(second);
-                parts.push_front(first);
-                continue;
+            if bytes.len() > self.chunk_bytes {
+                if let Some((first, second)) = halves(chunk.systems, chunk.callers) {
+                    parts.push_front(second);
+                    parts.push_front(first);
+                    continue;
+                }
             }
             self.seq += 1;
             self.total = chunk.total_systems;
             sealed.push(bytes);
         }
         Ok(sealed)
+    }
+}
+
+/// What one chunk holds: systems, and callers.
+type Part = (Vec<BackupSystem>, Vec<CallerRecord>);
+
+/// A chunk's content cut in two, in order (systems first, callers after), or `None` when it
+/// holds a single system or caller.
+fn halves(mut systems: Vec<BackupSystem>, mut callers: Vec<CallerRecord>) -> Option<(Part, Part)> {
+    if systems.len() > 1 {
+        let second = systems.split_off(systems.len() / 2);
+        Some(((systems, Vec::new()), (second, callers)))
+    } else if !systems.is_empty() && !callers.is_empty() {
+        Some(((systems, Vec::new()), (Vec::new(), callers)))
+    } else if callers.len() > 1 {
+        let second = callers.split_off(callers.len() / 2);
+        Some(((Vec::new(), callers), (Vec::new(), second)))
+    } else {
+        None
     }
 }
 
@@ -379,5 +393,46 @@ mod tests {
         }
         let want: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
         assert_eq!(ids, want);
+    }
+
+    /// Callers too many for the last chunk go in chunks of their own before it, each within
+    /// the size, and every one reads back.
+    #[test]
+    fn callers_too_many_for_one_chunk_are_cut_too() {
+        let mut export = Export {
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&[3u8; 32])),
+            backup_id: "b2".to_owned(),
+            created_at: 1,
+            seq: 0,
+            total: 0,
+            chunk_bytes: 4000,
+        };
+        let callers: Vec<CallerRecord> = (0..40)
+            .map(|i| crate::model::CallerRecord {
+                name: format!("worker-{i}"),
+                role: crate::model::Role::Worker,
+                token_sha256: "00".repeat(32),
+                created_at: 1,
+                revoked: false,
+                system_patterns: (0..4).map(|p| format!("{p}-{}", "x".repeat(100))).collect(),
+                kinds: Vec::new(),
+                expires_at: None,
+                integrity: None,
+            })
+            .collect();
+        let sealed = export
+            .seal_page((0..2).map(system).collect(), true, callers)
+            .unwrap();
+        assert!(sealed.len() > 3, "{}", sealed.len());
+        let (mut names, mut systems) = (Vec::new(), 0);
+        for (i, bytes) in sealed.iter().enumerate() {
+            assert!(bytes.len() <= 4000, "chunk {i}: {} bytes", bytes.len());
+            let chunk = open(&export.cipher, bytes, i).unwrap();
+            assert_eq!((chunk.seq, chunk.last), (i as u64, i + 1 == sealed.len()));
+            systems += chunk.systems.len();
+            names.extend(chunk.callers.into_iter().map(|c| c.name));
+        }
+        let want: Vec<String> = (0..40).map(|i| format!("worker-{i}")).collect();
+        assert_eq!((names, systems), (want, 2));
     }
 }
