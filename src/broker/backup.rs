@@ -16,7 +16,9 @@
 //!   may not be in it).
 //! - Restore re-seals every credential under the restoring broker's current key and inserts
 //!   what is missing; a system or caller that already exists is left exactly as it is and
-//!   counted as skipped. Restoring into an empty broker therefore reproduces the backup.
+//!   counted as skipped. Restoring into an empty broker therefore reproduces the backup. A
+//!   system deleted here since takes a credential version past its last one (versions never
+//!   repeat: its old leases stay dead).
 //! - The same master key must be loaded on both sides; without it a backup cannot be read.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -296,6 +298,9 @@ impl Broker {
         for chunk in opened {
             for s in chunk.systems {
                 let mut record = s.record;
+                record.credential_version = self
+                    .version_for_restore(&record.system_id, record.credential_version)
+                    .await?;
                 record.sealed_credential =
                     self.seal(&record.system_id, record.credential_version, &s.credential)?;
                 record.revision = 1;

@@ -1299,6 +1299,18 @@ impl Broker {
         version_after(self.retired_version(system_id).await?, system_id)
     }
 
+    /// `version` for a system put back as `system_id` (a restore), or one past the last
+    /// version of a deleted system that had the id when `version` is not past it: versions
+    /// never repeat across incarnations.
+    pub(crate) async fn version_for_restore(
+        &self,
+        system_id: &str,
+        version: u64,
+    ) -> Result<u64, BrokerError> {
+        let first = self.first_version(system_id).await?;
+        Ok(version.max(first))
+    }
+
     /// The last credential version of deleted systems that had this id (0: none).
     async fn retired_version(&self, system_id: &str) -> Result<u64, BrokerError> {
         let retired = self.store.get_meta(&retired_key(system_id)).await?;

@@ -282,6 +282,66 @@ async fn a_backup_of_large_credentials_restores() {
     a.stop().await;
 }
 
+/// A system deleted after the backup comes back past its last credential version, so leases
+/// of the deleted one (bound to their version) stay dead; the credential is the backup's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_system_never_repeats_a_deleted_ones_version() {
+    let root = tempfile::tempdir().unwrap();
+    let asana = FakeAsana::start().await;
+    let a = TestBroker::start(root.path()).await;
+    let mut admin = a.admin().await;
+    admin
+        .register_system(register_asana(
+            "again",
+            &asana.base_url,
+            "pat-backed-up",
+            false,
+        ))
+        .await
+        .unwrap();
+    let file = root.path().join("again.backup");
+    let f = file.to_str().unwrap().to_owned();
+    ok_json(&tokio::task::block_in_place(|| {
+        ctl(&a, &["backup", "--out", &f])
+    }));
+    for secret in ["pat-2", "pat-3"] {
+        let credential = Some(pb::Credential {
+            credential: Some(pb::credential::Credential::PersonalAccessToken(
+                pb::PersonalAccessToken {
+                    token: secret.into(),
+                    ..Default::default()
+                },
+            )),
+        });
+        let system_id = "again".into();
+        let req = pb::RotateCredentialRequest {
+            system_id,
+            credential,
+            skip_check: true,
+        };
+        admin.rotate_credential(req).await.unwrap();
+    }
+    let system_id = "again".to_owned();
+    let get = pb::GetSystemRequest {
+        system_id: system_id.clone(),
+    };
+    let last = admin.get_system(get.clone()).await.unwrap().into_inner();
+    assert_eq!(last.system.unwrap().credential_version, 3);
+    let delete = pb::DeleteSystemRequest { system_id };
+    admin.delete_system(delete).await.unwrap();
+    let restored = ok_json(&tokio::task::block_in_place(|| {
+        ctl(&a, &["restore", "--in", &f])
+    }));
+    assert_eq!(restored["systems_restored"], 1, "{restored}");
+    let back = admin.get_system(get).await.unwrap().into_inner();
+    assert_eq!(back.system.unwrap().credential_version, 4);
+    assert_eq!(
+        auth_header(&mut admin, "again").await.unwrap(),
+        "Bearer pat-backed-up"
+    );
+    a.stop().await;
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
