@@ -206,7 +206,11 @@ impl Broker {
     /// Creates a new KEK, makes it primary, and starts re-wrapping. Returns its id.
     pub async fn rotate_master_key(self: &Arc<Self>) -> Result<u32, BrokerError> {
         let _serialized = self.key_operation().await?;
-        let kek = MasterKey::generate();
+        // A new id (32 bits): one that collided would overwrite a kept key's stored copy.
+        let known = read(&self.keyring).kek_ids();
+        let kek = std::iter::repeat_with(MasterKey::generate)
+            .find(|k| !known.contains(&k.id()))
+            .ok_or(BrokerError::Internal("no new key id"))?;
         let id = kek.id();
         let sealed = read(&self.keyring).seal_kek(&kek);
         // Durable before use: the KEK, then the index, then the primary pointer.

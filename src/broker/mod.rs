@@ -951,7 +951,14 @@ impl Broker {
         current: &SystemRecord,
         mut updated: SystemRecord,
     ) -> Result<SystemRecord, StoreError> {
-        updated.revision = current.revision + 1;
+        // The revision is not under the record's tag: one written past any count is refused,
+        // not wrapped (a wrapped one would lose every later compare-and-swap on a replica).
+        updated.revision = (current.revision.checked_add(1)).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "system '{}': revision exhausted",
+                current.system_id
+            ))
+        })?;
         let notes = health::refresh(&mut updated, unix_now());
         self.store.update_system(&updated, current.revision).await?;
         self.announce(&updated, &notes);

@@ -1797,3 +1797,22 @@ fn a_flights_debug_shows_the_refused_credentials_length_not_its_bytes() {
     assert!(shown.contains("Some((40, InvalidCredentials"), "{shown}");
     assert!(!shown.contains("171"), "{shown}");
 }
+
+/// A stored revision at its limit (the revision is not under the record's tag, so whoever
+/// can write the database can set it) is refused as corrupt, not wrapped to 0.
+#[tokio::test]
+async fn a_revision_at_its_limit_is_refused_not_wrapped() {
+    let store = Arc::new(MemoryStore::new());
+    let broker = broker_on(FakeBackend::new(false, vec![]), store.clone()).await;
+    let mut record = store.get_system(SYSTEM).await.unwrap().unwrap();
+    let was = record.revision;
+    record.revision = u64::MAX;
+    store.update_system(&record, was).await.unwrap();
+    let e = broker
+        .set_delivery(SYSTEM, Some(crate::model::Delivery::Proxy))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("corrupt"), "{e}");
+    let stored = store.get_system(SYSTEM).await.unwrap().unwrap();
+    assert_eq!(stored.revision, u64::MAX);
+}

@@ -93,7 +93,7 @@ impl AuthenticatedStore {
                 // A new revision: a writer holding the old one loses its compare-and-swap
                 // instead of overwriting the tag.
                 let mut adopted = r.clone();
-                adopted.revision = r.revision + 1;
+                adopted.revision = r.revision.saturating_add(1);
                 self.inner
                     .update_system(&self.tagged_system(&adopted), r.revision)
                     .await?;
