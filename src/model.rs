@@ -440,6 +440,15 @@ impl Credential {
         self.credential_type().is_oauth()
     }
 
+    /// The refresh token a token endpoint is handed (and may turn over when used), if any.
+    pub fn refresh_token(&self) -> Option<&SecretString> {
+        match self {
+            Self::OAuthRefreshToken { refresh_token, .. } => Some(refresh_token),
+            Self::OAuthAuthorizationCode { grant: Some(g), .. } => Some(&g.refresh_token),
+            _ => None,
+        }
+    }
+
     /// True when the credential must be exchanged upstream before it can be stored (a password
     /// grant: the password is never stored).
     pub fn requires_exchange(&self) -> bool {

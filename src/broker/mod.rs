@@ -651,6 +651,8 @@ impl Broker {
                  (`credbrokerctl system connect SYSTEM_ID`)",
             ));
         }
+        self.refuse_spending_while_writes_fail(&input.credential, input.check)?;
+        let given = input.credential.refresh_token().cloned();
         let prepared = prepare(
             self.settings.check_timeout,
             backend.as_ref(),
@@ -699,7 +701,8 @@ impl Broker {
             .map_err(|e| match e {
                 StoreError::AlreadyExists => already_exists(&system_id),
                 other => other.into(),
-            })?;
+            })
+            .map_err(|e| unkept(e, given.as_ref(), &prepared.credential))?;
         if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
             // The token minted during registration serves the first workers.
             let _ = self.install(&system_id, &record, issued, SystemTime::now(), true);
@@ -831,6 +834,8 @@ impl Broker {
         backend
             .validate_target(&record.base_url, &credential)
             .map_err(|m| BrokerError::invalid("credential", m))?;
+        self.refuse_spending_while_writes_fail(&credential, !skip_check)?;
+        let given = credential.refresh_token().cloned();
         let prepared = prepare(
             self.settings.check_timeout,
             backend.as_ref(),
@@ -867,7 +872,8 @@ impl Broker {
                 ours.push(updated.sealed_credential.clone());
                 Ok(Some(updated))
             })
-            .await?;
+            .await
+            .map_err(|e| unkept(e, given.as_ref(), &prepared.credential))?;
         let updated = match modified {
             Modified::Written(r) | Modified::Unchanged(r) => r,
         };
@@ -883,6 +889,24 @@ impl Broker {
         );
         tracing::info!(message = "Credential rotated.", kind = %updated.kind, system_id = %system_id);
         Ok((updated, prepared.check))
+    }
+
+    /// Refuses a check that would hand the vendor a refresh token while writes to the store
+    /// fail: a vendor that turns refresh tokens over would issue one with nowhere to keep it,
+    /// and the one given would be spent.
+    fn refuse_spending_while_writes_fail(
+        &self,
+        credential: &Credential,
+        check: bool,
+    ) -> Result<(), BrokerError> {
+        if check && credential.refresh_token().is_some() && !self.write_health.is_ok() {
+            let why = self.write_health.reason().unwrap_or("writes fail");
+            return Err(BrokerError::Unavailable(format!(
+                "the store refuses writes ({why}): a check now would hand the vendor the refresh \
+                 token, and a new one it issued could not be kept; retry once writes recover"
+            )));
+        }
+        Ok(())
     }
 
     /// `current` with the prepared credential rotated in, as its next version.
@@ -1803,6 +1827,30 @@ fn version_after(version: u64, system_id: &str) -> Result<u64, BrokerError> {
             "the credential versions of '{system_id}' are exhausted; register it under another id"
         ))
     })
+}
+
+/// `e`, the failed write of a credential prepared from one holding the refresh token `given`,
+/// saying so when the vendor turned that refresh token over meanwhile (it may be spent).
+fn unkept(e: BrokerError, given: Option<&SecretString>, prepared: &Credential) -> BrokerError {
+    let turned = match (given, prepared.refresh_token()) {
+        (Some(a), Some(b)) => a.expose_secret() != b.expose_secret(),
+        _ => false,
+    };
+    if !turned {
+        return e;
+    }
+    let note = |m: String| {
+        format!(
+            "{m}; the vendor issued a new refresh token during the check, which could not be \
+             kept, so the one given may be spent: run the grant or the connection again"
+        )
+    };
+    match e {
+        BrokerError::Unavailable(m) => BrokerError::Unavailable(note(m)),
+        BrokerError::ResourceExhausted(m) => BrokerError::ResourceExhausted(note(m)),
+        BrokerError::AlreadyExists(m) => BrokerError::AlreadyExists(note(m)),
+        other => other,
+    }
 }
 
 /// The `meta` key that keeps the last credential version of a deleted system.

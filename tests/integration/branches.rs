@@ -138,6 +138,43 @@ async fn a_stop_stores_the_rotated_refresh_token_the_store_refused() {
     broker.stop().await;
 }
 
+/// A registration checked while the store refuses writes: the first one (writes not yet known
+/// to fail) has the vendor turn the refresh token over and says the given one may be spent;
+/// once writes are known to fail, a checked registration or rotation is refused before the
+/// vendor is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_is_not_run_while_its_new_refresh_token_could_not_be_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = Arc::new(FaultControl::default());
+    let fake = servicenow(1800).await;
+    fake.oauth(|o| o.rotate = true);
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
+    let mut admin = broker.admin().await;
+    let kept = fake.issue_refresh_token(USER);
+    let reg = sn_register("kept", &fake.base_url, refresh_cred(&kept), true);
+    admin.register_system(reg).await.unwrap();
+    control.disk_full.store(true, Ordering::SeqCst);
+    let calls = fake.token_calls();
+    let rt = fake.issue_refresh_token(USER);
+    let reg = sn_register("spent", &fake.base_url, refresh_cred(&rt), true);
+    let e = admin.register_system(reg.clone()).await.unwrap_err();
+    assert_eq!(fake.token_calls(), calls + 1);
+    assert!(e.message().contains("may be spent"), "{e:?}");
+    let e = admin.register_system(reg).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("retry once writes recover"), "{e:?}");
+    let rotate = pb::RotateCredentialRequest {
+        system_id: "kept".into(),
+        credential: Some(refresh_cred(&fake.issue_refresh_token(USER))),
+        skip_check: false,
+    };
+    let e = admin.rotate_credential(rotate).await.unwrap_err();
+    assert!(e.message().contains("retry once writes recover"), "{e:?}");
+    assert_eq!(fake.token_calls(), calls + 1, "the vendor was asked again");
+    assert!(!e.message().contains(&rt) && !e.message().contains(&kept));
+    broker.stop().await;
+}
+
 /// `max_concurrent_refreshes` holds across systems: with a cap of 2 and a vendor that takes
 /// 400 ms, a third token request reaches the vendor only after one of two before it was
 /// answered.
