@@ -64,6 +64,29 @@ impl BrokerError {
         }
     }
 
+    /// The same error with `note` added to its message (an internal fault keeps its fixed one).
+    pub fn noted(self, note: &str) -> Self {
+        let add = |m: String| format!("{m}; {note}");
+        match self {
+            Self::InvalidArgument { field, message } => Self::InvalidArgument {
+                field,
+                message: add(message),
+            },
+            Self::NotFound(m) => Self::NotFound(add(m)),
+            Self::AlreadyExists(m) => Self::AlreadyExists(add(m)),
+            Self::FailedPrecondition(m) => Self::FailedPrecondition(add(m)),
+            Self::Unauthenticated(m) => Self::Unauthenticated(add(m)),
+            Self::PermissionDenied(m) => Self::PermissionDenied(add(m)),
+            Self::Unavailable(m) => Self::Unavailable(add(m)),
+            Self::ResourceExhausted(m) => Self::ResourceExhausted(add(m)),
+            Self::Unimplemented(m) => Self::Unimplemented(add(m)),
+            Self::DataLoss(m) => Self::DataLoss(add(m)),
+            Self::Cancelled(m) => Self::Cancelled(add(m)),
+            Self::OutOfRange(m) => Self::OutOfRange(add(m)),
+            Self::Internal(m) => Self::Internal(m),
+        }
+    }
+
     /// The gRPC code this error maps to.
     pub fn code(&self) -> Code {
         match self {

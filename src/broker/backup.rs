@@ -297,17 +297,18 @@ impl Broker {
         let mut summary = RestoreSummary::default();
         for chunk in opened {
             for s in chunk.systems {
-                let mut record = s.record;
-                record.credential_version = self
-                    .version_for_restore(&record.system_id, record.credential_version)
-                    .await?;
-                record.sealed_credential =
-                    self.seal(&record.system_id, record.credential_version, &s.credential)?;
-                record.revision = 1;
-                match self.store.insert_system(&record).await {
-                    Ok(()) => summary.systems_restored += 1,
-                    Err(StoreError::AlreadyExists) => summary.systems_skipped += 1,
-                    Err(e) => return Err(e.into()),
+                let id = s.record.system_id.clone();
+                // Under the system's single-flight lock, as a delete is: one landing between
+                // the version read and the insert would see its version repeated.
+                let flight = self.flight(&id);
+                let guard = flight.lock().await;
+                let restored = self.restore_system(s).await;
+                drop(guard);
+                drop(flight);
+                self.forget_flight_if_idle(&id, 0);
+                match restored? {
+                    true => summary.systems_restored += 1,
+                    false => summary.systems_skipped += 1,
                 }
             }
             for c in chunk.callers {
@@ -329,6 +330,24 @@ impl Broker {
             callers_skipped = summary.callers_skipped
         );
         Ok(summary)
+    }
+}
+
+impl Broker {
+    /// Inserts one backed-up system, re-sealed, past any version a deleted one had; false
+    /// when the system exists already (left as it is).
+    async fn restore_system(&self, s: BackupSystem) -> Result<bool, BrokerError> {
+        let mut record = s.record;
+        let id = record.system_id.clone();
+        let version = self.version_for_restore(&id, record.credential_version);
+        record.credential_version = version.await?;
+        record.sealed_credential = self.seal(&id, record.credential_version, &s.credential)?;
+        record.revision = 1;
+        match self.store.insert_system(&record).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::AlreadyExists) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -208,9 +208,10 @@ impl Broker {
         let _serialized = self.key_operation().await?;
         // A new id (32 bits): one that collided would overwrite a kept key's stored copy.
         let known = read(&self.keyring).kek_ids();
-        let kek = std::iter::repeat_with(MasterKey::generate)
-            .find(|k| !known.contains(&k.id()))
-            .ok_or(BrokerError::Internal("no new key id"))?;
+        let mut kek = MasterKey::generate();
+        while known.contains(&kek.id()) {
+            kek = MasterKey::generate();
+        }
         let id = kek.id();
         let sealed = read(&self.keyring).seal_kek(&kek);
         // Durable before use: the KEK, then the index, then the primary pointer.
@@ -336,6 +337,12 @@ impl Broker {
                     return Ok(());
                 }
                 Err(StoreError::Conflict) => continue,
+                // A record whose stored fields cannot be written on (a revision at its
+                // limit) stays as it is, like a damaged one: the others are re-wrapped.
+                Err(StoreError::Corrupt(e) | StoreError::Tampered(e)) => {
+                    tracing::error!(message = "A record could not be re-wrapped.", system_id = %system_id, error = %e);
+                    return Ok(());
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -663,10 +663,13 @@ impl Broker {
             "nothing was saved",
         )
         .await?;
+        // From here on, a failure may have spent the given refresh token (see `unkept`).
+        let spent = |e| unkept(e, given.as_ref(), &prepared.credential, &system_id);
         let now = unix_now();
-        let version = self.first_version(&system_id).await?;
+        let version = self.first_version(&system_id).await.map_err(spent)?;
         let record = SystemRecord {
-            sealed_credential: self.seal(&system_id, version, &prepared.credential)?,
+            sealed_credential: (self.seal(&system_id, version, &prepared.credential))
+                .map_err(spent)?,
             system_id: system_id.clone(),
             display_name: input.display_name,
             description: input.description,
@@ -702,7 +705,7 @@ impl Broker {
                 StoreError::AlreadyExists => already_exists(&system_id),
                 other => other.into(),
             })
-            .map_err(|e| unkept(e, given.as_ref(), &prepared.credential))?;
+            .map_err(spent)?;
         if let Some(issued) = prepared.issued.filter(|_| prepared.credential.is_oauth()) {
             // The token minted during registration serves the first workers.
             let _ = self.install(&system_id, &record, issued, SystemTime::now(), true);
@@ -873,7 +876,7 @@ impl Broker {
                 Ok(Some(updated))
             })
             .await
-            .map_err(|e| unkept(e, given.as_ref(), &prepared.credential))?;
+            .map_err(|e| unkept(e, given.as_ref(), &prepared.credential, system_id))?;
         let updated = match modified {
             Modified::Written(r) | Modified::Unchanged(r) => r,
         };
@@ -1829,9 +1832,15 @@ fn version_after(version: u64, system_id: &str) -> Result<u64, BrokerError> {
     })
 }
 
-/// `e`, the failed write of a credential prepared from one holding the refresh token `given`,
-/// saying so when the vendor turned that refresh token over meanwhile (it may be spent).
-fn unkept(e: BrokerError, given: Option<&SecretString>, prepared: &Credential) -> BrokerError {
+/// `e`, which stopped `system_id`'s credential prepared from one holding the refresh token
+/// `given` from being stored, saying so (and logging it: the caller may be gone) when the vendor
+/// turned that refresh token over meanwhile (the given one may be spent).
+fn unkept(
+    e: BrokerError,
+    given: Option<&SecretString>,
+    prepared: &Credential,
+    system_id: &str,
+) -> BrokerError {
     let turned = match (given, prepared.refresh_token()) {
         (Some(a), Some(b)) => a.expose_secret() != b.expose_secret(),
         _ => false,
@@ -1839,18 +1848,11 @@ fn unkept(e: BrokerError, given: Option<&SecretString>, prepared: &Credential) -
     if !turned {
         return e;
     }
-    let note = |m: String| {
-        format!(
-            "{m}; the vendor issued a new refresh token during the check, which could not be \
-             kept, so the one given may be spent: run the grant or the connection again"
-        )
-    };
-    match e {
-        BrokerError::Unavailable(m) => BrokerError::Unavailable(note(m)),
-        BrokerError::ResourceExhausted(m) => BrokerError::ResourceExhausted(note(m)),
-        BrokerError::AlreadyExists(m) => BrokerError::AlreadyExists(note(m)),
-        other => other,
-    }
+    tracing::warn!(message = "The vendor issued a new refresh token during a check, and it could not be stored; the one given may be spent.", system_id = %system_id, error = %e);
+    e.noted(
+        "the vendor issued a new refresh token during the check, which could not be kept, so \
+         the one given may be spent: run the grant or the connection again",
+    )
 }
 
 /// The `meta` key that keeps the last credential version of a deleted system.

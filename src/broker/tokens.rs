@@ -245,9 +245,6 @@ fn shared_binding<'a>(system_id: &'a str, record: &SystemRecord) -> RecordBindin
 /// Longer than any token or lease id the broker makes (16 characters today).
 const MAX_TOKEN_ID_LEN: usize = 64;
 
-/// How long a stop tries to store the credentials the store refused before.
-const PENDING_AT_STOP: Duration = Duration::from_secs(5);
-
 /// How a transport timeout reads in a backend's message (`TransportError::Timeout`): the request
 /// was sent and no answer came, so the vendor may have acted on it.
 const OUTCOME_UNKNOWN_MARK: &str = "timed out after";
@@ -496,15 +493,10 @@ impl TokenCache {
             .clone()
     }
 
-    /// The systems holding a credential the vendor issued and the store refused (flights
-    /// locked right now are left out: their holder deals with theirs).
-    fn with_pending(&self) -> Vec<String> {
-        let flights: Vec<(String, Arc<tokio::sync::Mutex<Flight>>)> = (lock(&self.flights).iter())
+    /// Every system's single-flight lock there is now.
+    fn flights(&self) -> Vec<(String, Arc<tokio::sync::Mutex<Flight>>)> {
+        (lock(&self.flights).iter())
             .map(|(id, f)| (id.clone(), f.clone()))
-            .collect();
-        (flights.into_iter())
-            .filter(|(_, f)| f.try_lock().is_ok_and(|f| f.pending.is_some()))
-            .map(|(id, _)| id)
             .collect()
     }
 
@@ -704,24 +696,32 @@ impl Broker {
     /// Waits (at most `grace`) for the vendor exchanges in flight; new ones are still accepted
     /// meanwhile. True when none is left.
     pub async fn drain_exchanges(&self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
         self.exchanges.close();
-        let done = tokio::time::timeout(grace, self.exchanges.wait())
+        let done = tokio::time::timeout_at(deadline, self.exchanges.wait())
             .await
             .is_ok();
         self.exchanges.reopen();
-        self.store_pending_at_stop().await;
+        self.store_pending_at_stop(deadline).await;
         done
     }
 
-    /// At a stop: one last try to store each credential the vendor issued that the store
-    /// refused (a rotated refresh token, perhaps the only live one), since the retries in the
-    /// background end with the process. Each one left unstored is logged by system.
-    async fn store_pending_at_stop(&self) {
-        let deadline = tokio::time::Instant::now() + PENDING_AT_STOP;
-        for id in self.cache.with_pending() {
-            let tried = tokio::time::timeout_at(deadline, self.try_store_pending(&id)).await;
-            if !tried.unwrap_or(false) {
-                tracing::error!(message = "A credential the vendor issued could not be stored before the stop; the system may need to be connected again.", system_id = %id);
+    /// At a stop, within what is left of its grace (`deadline`): one last try to store each
+    /// credential the vendor issued that the store refused (a rotated refresh token, perhaps
+    /// the only live one), since the retries in the background end with the process. Each one
+    /// that may be left unstored is logged by system.
+    async fn store_pending_at_stop(&self, deadline: tokio::time::Instant) {
+        for (id, flight) in self.cache.flights() {
+            let Ok(mut f) = tokio::time::timeout_at(deadline, flight.lock()).await else {
+                tracing::error!(message = "A refresh was still under way at the stop; what it got may not be stored, and the system may need to be connected again.", system_id = %id);
+                continue;
+            };
+            if f.pending.is_none() {
+                continue;
+            }
+            let stored = tokio::time::timeout_at(deadline, self.store_pending(&id, &mut f)).await;
+            if !stored.unwrap_or(false) {
+                tracing::error!(message = "A credential the vendor issued may not be stored at the stop; the system may need to be connected again.", system_id = %id);
             }
         }
     }
@@ -1678,6 +1678,11 @@ impl Broker {
             return true;
         };
         let mut f = flight.lock().await;
+        self.store_pending(system_id, &mut f).await
+    }
+
+    /// [`Self::try_store_pending`] under the system's single-flight lock (`f`).
+    async fn store_pending(&self, system_id: &str, f: &mut Flight) -> bool {
         let Some(p) = f.pending.take() else {
             return true;
         };

@@ -150,25 +150,7 @@ async fn broker_with(backend: Arc<FakeBackend>) -> Arc<Broker> {
 /// A broker on `store` with `backend` for ServiceNow and one OAuth system registered.
 async fn broker_on(backend: Arc<FakeBackend>, store: Arc<dyn CredentialStore>) -> Arc<Broker> {
     let broker = open_on(backend, store).await;
-    broker
-        .register(RegisterInput {
-            system_id: SYSTEM.to_owned(),
-            display_name: String::new(),
-            description: String::new(),
-            kind: SystemKind::ServiceNow,
-            base_url: "https://acme.service-now.example".to_owned(),
-            credential: Credential::OAuthRefreshToken {
-                client_id: "client".to_owned(),
-                client_secret: SecretString::new("client-secret".to_owned()),
-                refresh_token: SecretString::new("rt-1".to_owned()),
-                username: None,
-                refresh_expires_at: None,
-            },
-            check: false,
-            delivery: None,
-        })
-        .await
-        .unwrap();
+    broker.register(snow(SYSTEM)).await.unwrap();
     broker
 }
 
@@ -1815,4 +1797,38 @@ async fn a_revision_at_its_limit_is_refused_not_wrapped() {
     assert!(e.to_string().contains("corrupt"), "{e}");
     let stored = store.get_system(SYSTEM).await.unwrap().unwrap();
     assert_eq!(stored.revision, u64::MAX);
+    // A re-wrap goes past it: the other records end on the new key.
+    for id in ["b-other", "c-other"] {
+        broker.register(snow(id)).await.unwrap();
+    }
+    let key = broker.rotate_master_key().await.unwrap();
+    let status = loop {
+        let s = broker.key_status().await.unwrap();
+        if !s.rewrap_running {
+            break s;
+        }
+        tokio::task::yield_now().await;
+    };
+    let on_new = status.keys.iter().find(|k| k.id == key).map(|k| k.records);
+    assert_eq!((on_new, status.total), (Some(2), 3), "{status:?}");
+}
+
+/// A ServiceNow registration of `id` (unchecked).
+fn snow(id: &str) -> RegisterInput {
+    RegisterInput {
+        system_id: id.to_owned(),
+        display_name: String::new(),
+        description: String::new(),
+        kind: SystemKind::ServiceNow,
+        base_url: "https://acme.service-now.example".to_owned(),
+        credential: Credential::OAuthRefreshToken {
+            client_id: "client".to_owned(),
+            client_secret: SecretString::new("client-secret".to_owned()),
+            refresh_token: SecretString::new("rt-1".to_owned()),
+            username: None,
+            refresh_expires_at: None,
+        },
+        check: false,
+        delivery: None,
+    }
 }

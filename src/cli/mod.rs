@@ -451,16 +451,21 @@ async fn connect(cli: &Cli) -> Result<Client> {
         h.set_sensitive(true);
         Some(h)
     };
+    let scheme = cli
+        .addr
+        .split_once("://")
+        .map(|(s, _)| s.to_ascii_lowercase());
     let tls =
-        cli.ca_cert.is_some() || cli.client_cert.is_some() || cli.addr.starts_with("https://");
-    let addr = if let Some(rest) = cli.addr.strip_prefix("http://").filter(|_| tls) {
+        cli.ca_cert.is_some() || cli.client_cert.is_some() || scheme.as_deref() == Some("https");
+    let addr = match (scheme.as_deref(), cli.addr.split_once("://")) {
+        (None, _) | (_, None) => format!("{}://{}", if tls { "https" } else { "http" }, cli.addr),
         // A CA or client certificate asks for TLS: an `http://` address (the default one, or
         // one written so) would send the caller token in clear and check no server.
-        format!("https://{rest}")
-    } else if cli.addr.contains("://") {
-        cli.addr.clone()
-    } else {
-        format!("{}://{}", if tls { "https" } else { "http" }, cli.addr)
+        (Some("http"), Some((_, rest))) if tls => format!("https://{rest}"),
+        (Some(other), _) if tls && other != "https" => {
+            bail!("--ca-cert and --client-cert need an https:// address, not {other}://")
+        }
+        _ => cli.addr.clone(),
     };
     let mut endpoint =
         Channel::from_shared(addr.clone()).map_err(|_| anyhow!("invalid --addr '{addr}'"))?;

@@ -376,10 +376,10 @@ async fn mtls_identities_scopes_handshakes_and_reload() {
                 "--tls-server-name",
                 "localhost",
             ])
-            // Written `http://`: a CA certificate asks for TLS all the same (else a token
+            // Written `HTTP://`: a CA certificate asks for TLS all the same (else a token
             // would go out in clear).
             .arg("--addr")
-            .arg(format!("http://{addr}"))
+            .arg(format!("HTTP://{addr}"))
             .arg("--ca-cert")
             .arg(new_ca_file)
             .arg("--client-cert")
