@@ -64,7 +64,8 @@ impl BrokerError {
         }
     }
 
-    /// The same error with `note` added to its message (an internal fault keeps its fixed one).
+    /// The same error with `note` added to its message (an internal fault, whose message is
+    /// fixed, becomes `Unavailable` to carry it).
     pub fn noted(self, note: &str) -> Self {
         let add = |m: String| format!("{m}; {note}");
         match self {
@@ -83,7 +84,7 @@ impl BrokerError {
             Self::DataLoss(m) => Self::DataLoss(add(m)),
             Self::Cancelled(m) => Self::Cancelled(add(m)),
             Self::OutOfRange(m) => Self::OutOfRange(add(m)),
-            Self::Internal(m) => Self::Internal(m),
+            Self::Internal(m) => Self::Unavailable(add(m.to_owned())),
         }
     }
 

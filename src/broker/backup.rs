@@ -299,13 +299,18 @@ impl Broker {
             for s in chunk.systems {
                 let id = s.record.system_id.clone();
                 // Under the system's single-flight lock, as a delete is: one landing between
-                // the version read and the insert would see its version repeated.
+                // the version read and the insert would see its version repeated. A flight
+                // made only for this is dropped again if nothing was restored (one that was
+                // there holds the system's refresh state: it stays).
+                let made = self.cache.existing_flight(&id).is_none();
                 let flight = self.flight(&id);
                 let guard = flight.lock().await;
                 let restored = self.restore_system(s).await;
                 drop(guard);
                 drop(flight);
-                self.forget_flight_if_idle(&id, 0);
+                if made && !matches!(restored, Ok(true)) {
+                    self.forget_flight_if_idle(&id, 0);
+                }
                 match restored? {
                     true => summary.systems_restored += 1,
                     false => summary.systems_skipped += 1,

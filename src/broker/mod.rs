@@ -1556,7 +1556,12 @@ async fn prepare(
             credential.credential_type(),
         );
         if !c.ok {
-            return Err(failed_check(&c, consequence));
+            let e = failed_check(&c, consequence);
+            // The check may have had the vendor turn the refresh token over before it failed.
+            return Err(match &issued.updated_credential {
+                Some(turned) => unkept(e, credential.refresh_token(), turned, system_id),
+                None => e,
+            });
         }
         Some(c)
     } else {

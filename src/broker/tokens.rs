@@ -245,6 +245,9 @@ fn shared_binding<'a>(system_id: &'a str, record: &SystemRecord) -> RecordBindin
 /// Longer than any token or lease id the broker makes (16 characters today).
 const MAX_TOKEN_ID_LEN: usize = 64;
 
+/// The least time a stop gives its last try to store the credentials the store refused.
+const PENDING_AT_STOP: Duration = Duration::from_secs(2);
+
 /// How a transport timeout reads in a backend's message (`TransportError::Timeout`): the request
 /// was sent and no answer came, so the vendor may have acted on it.
 const OUTCOME_UNKNOWN_MARK: &str = "timed out after";
@@ -706,23 +709,39 @@ impl Broker {
         done
     }
 
-    /// At a stop, within what is left of its grace (`deadline`): one last try to store each
-    /// credential the vendor issued that the store refused (a rotated refresh token, perhaps
-    /// the only live one), since the retries in the background end with the process. Each one
-    /// that may be left unstored is logged by system.
+    /// At a stop, within what is left of its grace (`deadline`, but at least
+    /// [`PENDING_AT_STOP`]: a grace used up by calls leaves these their own time): one last try
+    /// to store each credential the vendor issued that the store refused (a rotated refresh
+    /// token, perhaps the only live one), since the retries in the background end with the
+    /// process. The systems nothing else holds first, then those a refresh or a retry holds.
+    /// Each one that may be left unstored is logged by system.
     async fn store_pending_at_stop(&self, deadline: tokio::time::Instant) {
+        let deadline = deadline.max(tokio::time::Instant::now() + PENDING_AT_STOP);
+        let mut busy = Vec::new();
         for (id, flight) in self.cache.flights() {
+            let Ok(mut f) = flight.try_lock() else {
+                busy.push((id, flight));
+                continue;
+            };
+            self.store_pending_by(deadline, &id, &mut f).await;
+        }
+        for (id, flight) in busy {
             let Ok(mut f) = tokio::time::timeout_at(deadline, flight.lock()).await else {
                 tracing::error!(message = "A refresh was still under way at the stop; what it got may not be stored, and the system may need to be connected again.", system_id = %id);
                 continue;
             };
-            if f.pending.is_none() {
-                continue;
-            }
-            let stored = tokio::time::timeout_at(deadline, self.store_pending(&id, &mut f)).await;
-            if !stored.unwrap_or(false) {
-                tracing::error!(message = "A credential the vendor issued may not be stored at the stop; the system may need to be connected again.", system_id = %id);
-            }
+            self.store_pending_by(deadline, &id, &mut f).await;
+        }
+    }
+
+    /// Stores `f`'s pending credential, if any, by `deadline`; logs it when it may not be.
+    async fn store_pending_by(&self, deadline: tokio::time::Instant, id: &str, f: &mut Flight) {
+        if f.pending.is_none() {
+            return;
+        }
+        let stored = tokio::time::timeout_at(deadline, self.store_pending(id, f)).await;
+        if !stored.unwrap_or(false) {
+            tracing::error!(message = "A credential the vendor issued may not be stored at the stop; the system may need to be connected again.", system_id = %id);
         }
     }
 

@@ -13,7 +13,7 @@ use tonic::Code;
 
 use crate::support::*;
 
-fn ctl(broker: &TestBroker, args: &[&str]) -> Output {
+pub(crate) fn ctl(broker: &TestBroker, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_credbrokerctl"))
         .args(["--output", "json"])
         .args(args)
@@ -25,7 +25,7 @@ fn ctl(broker: &TestBroker, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok_json(o: &Output) -> Value {
+pub(crate) fn ok_json(o: &Output) -> Value {
     assert!(
         o.status.success(),
         "stderr: {}",

@@ -31,45 +31,13 @@ fn req(id: &str, rejected: &str) -> pb::GetAccessTokenRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_failure_mid_rotation_hands_out_nothing_and_keeps_the_grant() {
     let dir = tempfile::tempdir().unwrap();
-    let control = Arc::new(FaultControl::default());
-    let fake = servicenow(1800).await;
-    fake.oauth(|o| o.rotate = true);
-    let rt = fake.issue_refresh_token(USER);
-    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
-    let mut admin = broker.admin().await;
-    admin
-        .register_system(sn_register("rot", &fake.base_url, refresh_cred(&rt), false))
-        .await
-        .unwrap();
-    let first = admin
-        .get_access_token(req("rot", ""))
-        .await
-        .unwrap()
-        .into_inner();
-
-    control.disk_full.store(true, Ordering::SeqCst);
-    let calls = fake.token_calls();
-    let refused = admin
-        .get_access_token(req("rot", &first.token_id))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        fake.token_calls(),
-        calls + 1,
-        "the vendor rotated the grant"
-    );
-    assert!(
-        matches!(refused.code(), Code::ResourceExhausted | Code::Unavailable),
-        "{refused:?}"
-    );
-    control.heal();
-
+    let (broker, mut admin, fake, first) = rotated_on_a_full_disk(dir.path(), "rot").await;
     let next = admin
-        .get_access_token(req("rot", &first.token_id))
+        .get_access_token(req("rot", &first))
         .await
         .unwrap()
         .into_inner();
-    assert_ne!(next.token_id, first.token_id);
+    assert_ne!(next.token_id, first);
     assert!(next.headers[0].value.starts_with("Bearer "));
     assert_eq!(
         fake.reuse_detected(),
@@ -94,42 +62,82 @@ async fn a_store_failure_mid_rotation_hands_out_nothing_and_keeps_the_grant() {
     broker.stop().await;
 }
 
-/// A rotated refresh token the store refused is stored at a stop that comes before the
-/// background retry: the restarted broker refreshes with it, never the rotated-out one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_stores_the_rotated_refresh_token_the_store_refused() {
-    let dir = tempfile::tempdir().unwrap();
+/// A broker on a store that can fail, with ServiceNow system `id` (its vendor turns refresh
+/// tokens over) and a token handed out; then a refresh the vendor answered while the disk was
+/// full, so the rotated refresh token lives only in memory: nothing was handed out for it. The
+/// disk is back when this returns. Also returns the first token's id.
+async fn rotated_on_a_full_disk(
+    dir: &std::path::Path,
+    id: &str,
+) -> (TestBroker, Client, crate::fakes::FakeServiceNow, String) {
     let control = Arc::new(FaultControl::default());
     let fake = servicenow(1800).await;
     fake.oauth(|o| o.rotate = true);
     let rt = fake.issue_refresh_token(USER);
-    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
+    let broker = TestBroker::start_wrapped(test_config(dir), wrap(&control)).await;
     let mut admin = broker.admin().await;
-    let reg = sn_register("rot-stop", &fake.base_url, refresh_cred(&rt), false);
+    let reg = sn_register(id, &fake.base_url, refresh_cred(&rt), false);
     admin.register_system(reg).await.unwrap();
-    let first = admin.get_access_token(req("rot-stop", "")).await.unwrap();
-    let first = first.into_inner();
+    let first = admin.get_access_token(req(id, "")).await.unwrap();
+    let first = first.into_inner().token_id;
     control.disk_full.store(true, Ordering::SeqCst);
     let calls = fake.token_calls();
-    let refused = admin
-        .get_access_token(req("rot-stop", &first.token_id))
-        .await;
-    assert!(refused.is_err(), "{refused:?}");
+    let refused = admin.get_access_token(req(id, &first)).await.unwrap_err();
     assert_eq!(
         fake.token_calls(),
         calls + 1,
         "the vendor rotated the grant"
     );
-    // The disk is back, and the broker stops at once (its retry waits a second first).
+    assert!(
+        matches!(refused.code(), Code::ResourceExhausted | Code::Unavailable),
+        "{refused:?}"
+    );
     control.heal();
+    (broker, admin, fake, first)
+}
+
+/// A rotated refresh token the store refused is stored at a stop that comes before the
+/// background retry: the restarted broker refreshes with it, never the rotated-out one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_stores_the_rotated_refresh_token_the_store_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _, fake, first) = rotated_on_a_full_disk(dir.path(), "rot-stop").await;
+    // The disk is back, and the broker stops at once (its retry waits a second first).
     broker.stop().await;
     let broker = TestBroker::start(dir.path()).await;
     let mut admin = broker.admin().await;
-    let after = admin
-        .get_access_token(req("rot-stop", &first.token_id))
-        .await;
+    let after = admin.get_access_token(req("rot-stop", &first)).await;
     let after = after.unwrap().into_inner();
     assert!(after.headers[0].value.starts_with("Bearer "));
+    assert_eq!(
+        fake.reuse_detected(),
+        0,
+        "a rotated-out refresh token was presented"
+    );
+    broker.stop().await;
+}
+
+/// A restore that finds the system present leaves its refresh state alone: the rotated
+/// refresh token the store refused is still stored (at the stop) and used after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_skips_a_system_keeps_its_unstored_refresh_token() {
+    use crate::backup::{ctl, ok_json};
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _, fake, first) = rotated_on_a_full_disk(dir.path(), "rot-kept").await;
+    let file = dir.path().join("kept.backup");
+    let f = file.to_str().unwrap().to_owned();
+    ok_json(&tokio::task::block_in_place(|| {
+        ctl(&broker, &["backup", "--out", &f])
+    }));
+    let restored = ok_json(&tokio::task::block_in_place(|| {
+        ctl(&broker, &["restore", "--in", &f])
+    }));
+    assert_eq!(restored["systems_skipped"], 1, "{restored}");
+    broker.stop().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let after = admin.get_access_token(req("rot-kept", &first)).await;
+    assert!(after.is_ok(), "{after:?}");
     assert_eq!(
         fake.reuse_detected(),
         0,
@@ -150,6 +158,13 @@ async fn a_check_is_not_run_while_its_new_refresh_token_could_not_be_kept() {
     fake.oauth(|o| o.rotate = true);
     let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&control)).await;
     let mut admin = broker.admin().await;
+    // A check that fails after the vendor turned the refresh token over says so too.
+    fake.set_access(USER, &[], false, false);
+    let lost = fake.issue_refresh_token(USER);
+    let reg = sn_register("no-roles", &fake.base_url, refresh_cred(&lost), true);
+    let e = admin.register_system(reg).await.unwrap_err();
+    assert!(e.message().contains("may be spent"), "{e:?}");
+    fake.set_access(USER, crate::fakes::SN_ALL_ROLES, true, true);
     let kept = fake.issue_refresh_token(USER);
     let reg = sn_register("kept", &fake.base_url, refresh_cred(&kept), true);
     admin.register_system(reg).await.unwrap();
