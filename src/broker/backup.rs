@@ -7,8 +7,9 @@
 //! up to [`CHUNK_SYSTEMS`] systems and, unless one system alone is larger, up to [`CHUNK_BYTES`]
 //! (metadata plus the credential, which exists in clear only inside the encrypted chunk), the
 //! callers (token hashes only: in the last chunk, or in chunks of their own just before it when
-//! they do not fit) and, in the last chunk, the totals. Chunks out of order, from another backup, missing at the end, altered or made under
-//! another master key are refused before anything is written.
+//! they do not fit) and, in the last chunk, the totals. Chunks out of order, from another
+//! backup, missing at the end, altered or made under another master key are refused before
+//! anything is written.
 //!
 //! # Semantics
 //! - Export runs while the broker serves: it pages through the store, so each record is
@@ -372,30 +373,40 @@ mod tests {
         }
     }
 
+    /// An export under way, cutting chunks past 4,000 bytes.
+    fn export(backup_id: &str) -> Export {
+        Export {
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&[3u8; 32])),
+            backup_id: backup_id.to_owned(),
+            created_at: 1,
+            seq: 0,
+            total: 0,
+            chunk_bytes: 4000,
+        }
+    }
+
+    /// A worker caller named `name`, scoped to `patterns`.
+    fn caller(name: String, system_patterns: Vec<String>) -> CallerRecord {
+        CallerRecord {
+            name,
+            role: crate::model::Role::Worker,
+            token_sha256: "00".repeat(32),
+            created_at: 1,
+            revoked: false,
+            system_patterns,
+            kinds: Vec::new(),
+            expires_at: None,
+            integrity: None,
+        }
+    }
+
     /// Pages too large for one chunk are cut until each chunk fits; the chunks read back in
     /// order, numbered on across pages, with the running total, and only the very last one is
     /// marked last and carries the callers.
     #[test]
     fn pages_too_large_for_one_chunk_are_cut_and_read_back_in_order() {
-        let mut export = Export {
-            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&[3u8; 32])),
-            backup_id: "b1".to_owned(),
-            created_at: 1,
-            seq: 0,
-            total: 0,
-            chunk_bytes: 4000,
-        };
-        let caller = crate::model::CallerRecord {
-            name: "worker-1".to_owned(),
-            role: crate::model::Role::Worker,
-            token_sha256: "00".repeat(32),
-            created_at: 1,
-            revoked: false,
-            system_patterns: Vec::new(),
-            kinds: Vec::new(),
-            expires_at: None,
-            integrity: None,
-        };
+        let mut export = export("b1");
+        let caller = caller("worker-1".to_owned(), Vec::new());
         let mut sealed = export
             .seal_page((0..3).map(system).collect(), false, Vec::new())
             .unwrap();
@@ -428,26 +439,10 @@ mod tests {
     /// the size, and every one reads back.
     #[test]
     fn callers_too_many_for_one_chunk_are_cut_too() {
-        let mut export = Export {
-            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&[3u8; 32])),
-            backup_id: "b2".to_owned(),
-            created_at: 1,
-            seq: 0,
-            total: 0,
-            chunk_bytes: 4000,
-        };
+        let mut export = export("b2");
+        let patterns = || (0..4).map(|p| format!("{p}-{}", "x".repeat(100))).collect();
         let callers: Vec<CallerRecord> = (0..40)
-            .map(|i| crate::model::CallerRecord {
-                name: format!("worker-{i}"),
-                role: crate::model::Role::Worker,
-                token_sha256: "00".repeat(32),
-                created_at: 1,
-                revoked: false,
-                system_patterns: (0..4).map(|p| format!("{p}-{}", "x".repeat(100))).collect(),
-                kinds: Vec::new(),
-                expires_at: None,
-                integrity: None,
-            })
+            .map(|i| caller(format!("worker-{i}"), patterns()))
             .collect();
         let sealed = export
             .seal_page((0..2).map(system).collect(), true, callers)

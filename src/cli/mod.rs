@@ -408,6 +408,24 @@ pub async fn main(cli: Cli) -> i32 {
     }
 }
 
+/// Whether to speak TLS, and the address to dial: `https` with a CA or client certificate
+/// (`certificate`), where an `http://` address (the default one, or one written so) becomes
+/// `https://` rather than send the caller token in clear to a server nobody checked.
+fn server_address(addr: &str, certificate: bool) -> Result<(bool, String)> {
+    let Some((scheme, rest)) = addr.split_once("://") else {
+        let scheme = if certificate { "https" } else { "http" };
+        return Ok((certificate, format!("{scheme}://{addr}")));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => Ok((true, addr.to_owned())),
+        "http" if certificate => Ok((true, format!("https://{rest}"))),
+        other if certificate => {
+            bail!("--ca-cert and --client-cert need an https:// address, not {other}://")
+        }
+        _ => Ok((false, addr.to_owned())),
+    }
+}
+
 /// Whether `args` give `--token` itself (not `--token-file`).
 fn token_on_command_line(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
     args.take_while(|a| a != "--")
@@ -451,22 +469,8 @@ async fn connect(cli: &Cli) -> Result<Client> {
         h.set_sensitive(true);
         Some(h)
     };
-    let scheme = cli
-        .addr
-        .split_once("://")
-        .map(|(s, _)| s.to_ascii_lowercase());
-    let tls =
-        cli.ca_cert.is_some() || cli.client_cert.is_some() || scheme.as_deref() == Some("https");
-    let addr = match (scheme.as_deref(), cli.addr.split_once("://")) {
-        (None, _) | (_, None) => format!("{}://{}", if tls { "https" } else { "http" }, cli.addr),
-        // A CA or client certificate asks for TLS: an `http://` address (the default one, or
-        // one written so) would send the caller token in clear and check no server.
-        (Some("http"), Some((_, rest))) if tls => format!("https://{rest}"),
-        (Some(other), _) if tls && other != "https" => {
-            bail!("--ca-cert and --client-cert need an https:// address, not {other}://")
-        }
-        _ => cli.addr.clone(),
-    };
+    let certificate = cli.ca_cert.is_some() || cli.client_cert.is_some();
+    let (tls, addr) = server_address(&cli.addr, certificate)?;
     let mut endpoint =
         Channel::from_shared(addr.clone()).map_err(|_| anyhow!("invalid --addr '{addr}'"))?;
     if tls {
@@ -527,7 +531,23 @@ async fn dispatch(cli: Cli) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::token_on_command_line;
+    use super::{server_address, token_on_command_line};
+
+    #[test]
+    fn a_certificate_makes_the_address_https() {
+        let at = |a: &str, c: bool| server_address(a, c).ok();
+        let https = |a: &str| Some((true, a.to_owned()));
+        assert_eq!(at("http://h:1", true), https("https://h:1"));
+        assert_eq!(at("HTTP://h:1", true), https("https://h:1"));
+        assert_eq!(at("h:1", true), https("https://h:1"));
+        assert_eq!(at("HTTPS://h:1", false), https("HTTPS://h:1"));
+        assert_eq!(
+            at("http://h:1", false),
+            Some((false, "http://h:1".to_owned()))
+        );
+        assert_eq!(at("h:1", false), Some((false, "http://h:1".to_owned())));
+        assert!(at("grpc://h:1", true).is_none());
+    }
 
     #[test]
     fn a_token_on_the_command_line_is_noticed() {

@@ -488,13 +488,7 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
         let req = pb::RevokeCallerRequest { name };
         admin.revoke_caller(req).await.unwrap();
     };
-    let refused = read_held_while(&fake, &wt, 6, revoke).await;
-    assert_eq!(refused.status, 401, "{refused:?}");
-    assert_eq!(
-        fake.server.count_method("GET", path),
-        6,
-        "sent for a revoked caller"
-    );
+    refused_after_held_while(&fake, &wt, 6, revoke, "sent for a revoked caller").await;
 
     // A credential rotated while a read waits out the pause: the lease names the old version,
     // so nothing more is sent for it.
@@ -508,13 +502,14 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
         };
         admin.rotate_credential(req).await.unwrap();
     };
-    let refused = read_held_while(&fake, &t, 7, rotate).await;
-    assert_eq!(refused.status, 401, "{refused:?}");
-    assert_eq!(
-        fake.server.count_method("GET", path),
+    refused_after_held_while(
+        &fake,
+        &t,
         7,
-        "sent under a rotated credential's lease"
-    );
+        rotate,
+        "sent under a rotated credential's lease",
+    )
+    .await;
 
     // The system switched to header delivery while a read waits: its leases are dead, so
     // nothing more is sent.
@@ -528,13 +523,14 @@ async fn a_post_is_never_retried_and_a_get_is_retried_only_within_the_bound() {
         };
         admin.set_delivery(req).await.unwrap();
     };
-    let refused = read_held_while(&fake, &t, 8, switch).await;
-    assert_eq!(refused.status, 401, "{refused:?}");
-    assert_eq!(
-        fake.server.count_method("GET", path),
+    refused_after_held_while(
+        &fake,
+        &t,
         8,
-        "sent under a lease after the switch to header delivery"
-    );
+        switch,
+        "sent under a lease after the switch to header delivery",
+    )
+    .await;
 }
 
 /// A lease that expires while its read waits out the vendor's pause sends nothing more: the
@@ -547,17 +543,10 @@ async fn a_lease_that_lapses_during_the_wait_sends_nothing_more() {
         c.proxy.lease_ttl = Duration::from_secs(2);
     };
     let (_broker, mut admin) = retrying_jira(dir.path(), &fake, "jira-l", two_seconds).await;
-    let path = "/ex/jira/cloud-acme/rest/api/3/issue";
     // Leases are dated in whole seconds: this one lives two at most, and the read below waits
     // two after its first try.
     let t = lease(&mut admin, "jira-l").await;
-    let refused = read_held_while(&fake, &t, 1, async {}).await;
-    assert_eq!(refused.status, 401, "{refused:?}");
-    assert_eq!(
-        fake.server.count_method("GET", path),
-        1,
-        "sent for a lapsed lease"
-    );
+    refused_after_held_while(&fake, &t, 1, async {}, "sent for a lapsed lease").await;
 }
 
 /// A read sent again after its wait goes with the system's headers as they are then: a token
@@ -610,13 +599,15 @@ async fn retrying_jira(
 }
 
 /// A read the vendor answers with a two-second pause: `meanwhile` runs once its first try is
-/// the vendor's `tries`-th read of the issue path; then what the worker saw in the end.
-async fn read_held_while(
+/// the vendor's `tries`-th read of the issue path; then the worker must get the lapsed lease's
+/// 401 with nothing more sent (`what` says what was sent for, if something was).
+async fn refused_after_held_while(
     fake: &crate::fakes::FakeAtlassian,
     t: &pb::GetAccessTokenResponse,
     tries: usize,
     meanwhile: impl std::future::Future<Output = ()>,
-) -> Seen {
+    what: &str,
+) {
     fake.throttle_for(2);
     let t = t.clone();
     let pending = tokio::spawn(async move {
@@ -630,7 +621,9 @@ async fn read_held_while(
     )
     .await;
     meanwhile.await;
-    pending.await.unwrap()
+    let refused = pending.await.unwrap();
+    assert_eq!(refused.status, 401, "{refused:?}");
+    assert_eq!(fake.server.count_method("GET", path), tries, "{what}");
 }
 
 /// Waits until the system's quota view shows no block.
