@@ -930,9 +930,9 @@ impl Broker {
                 .await?;
             match result {
                 Ok(issued) => {
-                    let shared = replica_lock.is_some();
+                    let lock = replica_lock.as_ref();
                     return self
-                        .on_issued(f, system_id, record, issued, need_until, (oauth, shared))
+                        .on_issued(f, system_id, record, issued, need_until, (oauth, lock))
                         .await;
                 }
                 Err(BackendError::Rejected { failure, message }) => {
@@ -1201,7 +1201,7 @@ impl Broker {
 
     /// A successful mint: a rotated credential is stored first (no token is handed out on a
     /// grant the store does not hold), then the headers are cached (and shared with the other
-    /// replicas when `shared`). `flags` is `(oauth, shared)`.
+    /// replicas when a replica refresh lock was taken). `flags` is `(oauth, that lock)`.
     async fn on_issued(
         &self,
         f: &mut Flight,
@@ -1209,8 +1209,9 @@ impl Broker {
         mut record: SystemRecord,
         mut issued: Issued,
         need_until: SystemTime,
-        (oauth, shared): (bool, bool),
+        (oauth, lock): (bool, Option<&crate::store::RefreshLock>),
     ) -> Result<Arc<IssuedToken>, BrokerError> {
+        let shared = lock.is_some();
         let updated = issued
             .updated_credential
             .take()
@@ -1222,47 +1223,30 @@ impl Broker {
         // one write, one notification.
         let mut shared_with = None;
         if let Some(newcred) = updated {
-            let share =
-                (shared && sendable && issued.expires_at.is_some()).then(|| Share::of(&issued));
-            match self
-                .persist_credential(system_id, &record, &newcred, share.as_ref())
-                .await
-            {
-                Ok(r) if r.credential_version != record.credential_version => {
-                    // Rotated or reconnected meanwhile (on another replica): nothing was
-                    // written, and a token of the old credential is not the new one's.
-                    f.pending = None;
-                    return Err(changed_meanwhile());
-                }
-                Ok(r) => {
-                    f.pending = None;
-                    // The record as this write left it: its own change notice is no news.
-                    f.seen = Some(vendor_view(&r));
-                    record = r;
-                    shared_with = share.map(|s| s.token_id);
-                }
-                Err(e) => {
-                    tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
-                    // A pending credential already kept knows what it replaces (the record may
-                    // be one this replica cannot open now): that stays the check.
-                    let first = f.pending.is_none();
-                    let replaces = match &f.pending {
-                        Some(p) => p.replaces,
-                        None => self.credential_digest(&record),
-                    };
-                    f.pending = Some(Pending {
-                        version: record.credential_version,
-                        replaces,
-                        credential: newcred,
-                    });
-                    if first {
-                        self.store_pending_later(system_id);
+            if lost(lock).await {
+                self.keep_without_lock(f, system_id, &record, newcred)
+                    .await?;
+            } else {
+                let share =
+                    (shared && sendable && issued.expires_at.is_some()).then(|| Share::of(&issued));
+                match self
+                    .persist_credential(system_id, &record, &newcred, share.as_ref())
+                    .await
+                {
+                    Ok(r) if r.credential_version != record.credential_version => {
+                        // Rotated or reconnected meanwhile (on another replica): nothing was
+                        // written, and a token of the old credential is not the new one's.
+                        f.pending = None;
+                        return Err(changed_meanwhile());
                     }
-                    return Err(BrokerError::Unavailable(
-                        "the updated credential (a rotated refresh token or a looked-up site id) \
-                         could not be saved; retry shortly"
-                            .to_owned(),
-                    ));
+                    Ok(r) => {
+                        f.pending = None;
+                        // The record as this write left it: its own change notice is no news.
+                        f.seen = Some(vendor_view(&r));
+                        record = r;
+                        shared_with = share.map(|s| s.token_id);
+                    }
+                    Err(e) => return Err(self.keep_refused(f, system_id, &record, newcred, &e)),
                 }
             }
         }
@@ -1291,6 +1275,81 @@ impl Broker {
             self.note_refreshed(system_id).await;
         }
         Ok(token)
+    }
+
+    /// The store refused `newcred`, which the vendor issued for `record`'s credential: it is
+    /// kept in `f` and stored in the background (no token is handed out meanwhile).
+    fn keep_refused(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        record: &SystemRecord,
+        newcred: Credential,
+        e: &BrokerError,
+    ) -> BrokerError {
+        tracing::error!(message = "Could not persist a rotated credential; not handing out the new token.", system_id = %system_id, error = %e);
+        // A pending credential already kept knows what it replaces (the record may be one this
+        // replica cannot open now): that stays the check.
+        let first = f.pending.is_none();
+        f.pending = Some(Pending {
+            version: record.credential_version,
+            replaces: self.replaced_by_pending(f, record),
+            credential: newcred,
+        });
+        if first {
+            self.store_pending_later(system_id);
+        }
+        BrokerError::Unavailable(
+            "the updated credential (a rotated refresh token or a looked-up site id) could not \
+             be saved; retry shortly"
+                .to_owned(),
+        )
+    }
+
+    /// What a credential issued now replaces: the pending one's, if one is kept, else `record`'s.
+    fn replaced_by_pending(&self, f: &Flight, record: &SystemRecord) -> Option<[u8; 32]> {
+        match &f.pending {
+            Some(p) => p.replaces,
+            None => self.credential_digest(record),
+        }
+    }
+
+    /// A credential the vendor issued while this replica's refresh lock was lost (its database
+    /// session ended during the call): another replica may have taken the lock since, sent the
+    /// same credential to the vendor after this one did, and stored what it got, which is then
+    /// the live one (a vendor's leeway supersedes this one's). So `newcred` is stored only
+    /// while the record still holds the credential it replaces, the rule of a credential the
+    /// store refused ([`Broker::persist_pending`], which also revives a grant marked dead for
+    /// presenting that spent credential). A lock holder's write, which compares only the
+    /// version, still overwrites it: its call was sent later.
+    async fn keep_without_lock(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        record: &SystemRecord,
+        newcred: Credential,
+    ) -> Result<(), BrokerError> {
+        tracing::warn!(message = "The replica refresh lock was lost during the vendor's call; storing the updated credential only if no other replica stored one since.", system_id = %system_id);
+        let p = Pending {
+            version: record.credential_version,
+            replaces: self.replaced_by_pending(f, record),
+            credential: newcred,
+        };
+        match self.persist_pending(system_id, &p).await {
+            Ok(Some(revived)) => {
+                f.pending = None;
+                if revived {
+                    f.clear_remote_state();
+                }
+                Ok(())
+            }
+            Ok(None) => {
+                f.pending = None;
+                dropped_pending(system_id);
+                Err(changed_meanwhile())
+            }
+            Err(e) => Err(self.keep_refused(f, system_id, record, p.credential, &e)),
+        }
     }
 
     /// The vendor refused the credential: an OAuth grant is dead until an admin reconnects.
@@ -2066,6 +2125,14 @@ pub(crate) const STORE_DOWN_NOTE: &str =
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// A mint whose credential was rotated or reconnected while the vendor answered.
+/// Whether `lock` (a replica refresh lock taken for a vendor call) was lost meanwhile.
+async fn lost(lock: Option<&crate::store::RefreshLock>) -> bool {
+    match lock {
+        Some(l) => !l.still_held().await,
+        None => false,
+    }
+}
+
 fn changed_meanwhile() -> BrokerError {
     BrokerError::Unavailable(
         "the credential was rotated or reconnected meanwhile; retry for a token of the new one"

@@ -286,12 +286,40 @@ pub enum Change {
 }
 
 /// A held cross-process refresh lock; dropping it releases the lock.
-pub struct RefreshLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+pub struct RefreshLock(Box<dyn LockGuard>);
+
+/// What a refresh lock holds: released on drop, and asked whether it is still held.
+#[async_trait]
+pub trait LockGuard: Send + Sync {
+    /// Whether the lock is still this process's: a lock that lives in a database session ends
+    /// with that session (a cut connection, a restarted server, an administrator's kill).
+    async fn still_held(&self) -> bool;
+}
+
+/// A guard whose lock cannot be lost while it is held (an in-process lock).
+struct Kept<G>(#[allow(dead_code)] G);
+
+#[async_trait]
+impl<G: Send + Sync> LockGuard for Kept<G> {
+    async fn still_held(&self) -> bool {
+        true
+    }
+}
 
 impl RefreshLock {
-    /// Wraps whatever releases the lock on drop.
+    /// Wraps whatever releases the lock on drop, for a lock that is held until then.
     pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        Self(Box::new(Kept(guard)))
+    }
+
+    /// Wraps a guard whose lock can be lost while held.
+    pub fn losable(guard: impl LockGuard + 'static) -> Self {
         Self(Box::new(guard))
+    }
+
+    /// See [`LockGuard::still_held`].
+    pub async fn still_held(&self) -> bool {
+        self.0.still_held().await
     }
 }
 

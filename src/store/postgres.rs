@@ -533,6 +533,27 @@ struct PgLock {
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// How long [`PgLock`]'s liveness check waits for its session's answer.
+const LOCK_CHECK: Duration = Duration::from_secs(2);
+
+#[async_trait]
+impl super::LockGuard for PgLock {
+    /// The session that took the lock still answers: it holds the lock (nothing else unlocks
+    /// it). A session that does not answer within [`LOCK_CHECK`] counts as lost.
+    async fn still_held(&self) -> bool {
+        let Some(obj) = &self.obj else {
+            return false;
+        };
+        if obj.is_closed() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(LOCK_CHECK, obj.simple_query("SELECT 1")).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
 impl Drop for PgLock {
     fn drop(&mut self) {
         if let Some(obj) = self.obj.take() {
@@ -753,7 +774,7 @@ impl CredentialStore for PostgresStore {
         let mut pause = Duration::from_millis(5);
         loop {
             if try_advisory_lock(&obj, key).await? {
-                return Ok(Some(RefreshLock::new(PgLock {
+                return Ok(Some(RefreshLock::losable(PgLock {
                     obj: Some(obj),
                     key,
                     slot: Some(slot),

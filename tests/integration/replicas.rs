@@ -468,6 +468,94 @@ async fn killing_the_replica_that_holds_the_refresh_lock_hands_the_refresh_to_an
     assert_eq!(fake.reuse_detected(), 0);
 }
 
+/// Ends the database session that holds `system_id`'s refresh lock (as a cut connection or an
+/// administrator's `pg_terminate_backend` would); true when there was one.
+async fn end_lock_session(url: &str, system_id: &str) -> bool {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(system_id.as_bytes());
+    let key = i64::from_be_bytes(d[..8].try_into().unwrap());
+    // A one-bigint advisory lock shows its key's high and low halves as classid and objid.
+    let (hi, lo) = ((key as u64 >> 32) as i64, (key as u64 & 0xffff_ffff) as i64);
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let ended = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' \
+             AND granted AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
+            &[&hi, &lo],
+        )
+        .await
+        .unwrap();
+    !ended.is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_lock_was_lost_never_overwrites_the_newer_refresh_token() {
+    let Some(pg) = PgServer::shared().await else {
+        return skipped("a_refresh_whose_lock_was_lost_never_overwrites_the_newer_refresh_token");
+    };
+    let url = pg.fresh_db().await;
+    // Atlassian's leeway: the refresh token rotated out last may be presented once more, and
+    // what that brings supersedes what its first presentation brought.
+    let fake = servicenow(60).await;
+    fake.oauth(|o| {
+        o.rotate = true;
+        o.leeway = true;
+        o.token_delay = Duration::from_secs(3);
+    });
+    let rt = fake.issue_refresh_token(USER);
+    let r = replicas(&url, 2, &[]).await;
+    let mut a = r.admin(0).await;
+    a.register_system(sn_register(
+        "lost",
+        &fake.base_url,
+        refresh_cred(&rt),
+        false,
+    ))
+    .await
+    .unwrap();
+    // A presents the refresh token and, while the vendor takes 3 s to answer, loses its lock's
+    // database session…
+    let at_a = tokio::spawn(async move { auth_header(&mut a, "lost").await });
+    within(Duration::from_secs(5), || async { fake.token_calls() == 1 }).await;
+    fake.oauth(|o| o.token_delay = Duration::ZERO);
+    assert!(end_lock_session(&url, "lost").await, "A held the lock");
+    // …so B takes the lock, presents the same refresh token (within the leeway) and stores the
+    // newer one before A's answer comes.
+    let mut b = r.admin(1).await;
+    auth_header(&mut b, "lost").await.expect("B refreshes");
+    assert_eq!((fake.token_calls(), fake.leeway_reuses()), (2, 1));
+    let _ = at_a.await.unwrap();
+    assert!(
+        r.procs[0]
+            .log()
+            .contains("refresh lock was lost during the vendor's call"),
+        "A noticed"
+    );
+    // The stored refresh token is B's: a forced refresh of the token served now works and
+    // reuses nothing.
+    let served = b
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "lost".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    b.get_access_token(pb::GetAccessTokenRequest {
+        system_id: "lost".into(),
+        rejected_token_id: served.token_id,
+        ..Default::default()
+    })
+    .await
+    .expect("a forced refresh works");
+    assert_eq!(fake.token_calls(), 3);
+    assert_eq!(fake.reuse_detected(), 0, "no refresh token was reused");
+    no_secret_in_logs(r.logs.path(), &[&rt]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_ride_out_a_database_outage() {
     // Its own server: this test stops it.
