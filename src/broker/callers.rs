@@ -451,9 +451,16 @@ impl Broker {
         Ok(self.store.list_callers().await?)
     }
 
-    /// Revokes a caller; its token stops working at once. The last active admin cannot be
-    /// revoked (nobody could administer the broker afterwards).
+    /// Revokes a caller; its token stops working at once. The last active admin (revoked
+    /// nowhere, not expired) cannot be revoked: nobody could administer the broker afterwards.
+    /// Revocations run one at a time, across replicas too (the store's lock), so two admins
+    /// revoking each other at once cannot both pass that rule.
     pub async fn revoke_caller(&self, name: &str) -> Result<CallerRecord, BrokerError> {
+        let _local = self.caller_ops.lock().await;
+        let _shared = self
+            .store
+            .lock_refresh(CALLER_OPERATIONS_LOCK, std::time::Duration::from_secs(30))
+            .await?;
         let callers = self.store.list_callers().await?;
         let mut record = callers
             .iter()
@@ -466,9 +473,11 @@ impl Broker {
             self.callers.forget(&record);
             return Ok(record);
         }
+        let now = unix_now();
         let active_admins = callers
             .iter()
             .filter(|c| c.role == Role::Admin && !c.revoked)
+            .filter(|c| c.expires_at.is_none_or(|at| at > now))
             .count();
         if record.role == Role::Admin && active_admins <= 1 {
             return Err(BrokerError::FailedPrecondition(format!(
@@ -490,6 +499,10 @@ impl Broker {
         }
     }
 }
+
+/// The store lock caller revocations hold (not a valid system id, so it never meets a refresh
+/// lock).
+const CALLER_OPERATIONS_LOCK: &str = "~caller-operations";
 
 #[cfg(test)]
 mod tests {

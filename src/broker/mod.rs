@@ -312,6 +312,8 @@ pub struct Broker {
     pub(crate) exchanges: tokio_util::task::TaskTracker,
     /// Held by master-key rotations and retirements (one at a time).
     pub(crate) key_ops: tokio::sync::Mutex<()>,
+    /// Held by caller revocations (one at a time: the last-admin rule counts the others).
+    pub(crate) caller_ops: tokio::sync::Mutex<()>,
     /// System events (`WatchSystems`).
     pub events: events::Events,
     /// Scheduled checks.
@@ -361,6 +363,7 @@ impl Broker {
             me: me.clone(),
             exchanges: tokio_util::task::TaskTracker::new(),
             key_ops: tokio::sync::Mutex::new(()),
+            caller_ops: tokio::sync::Mutex::new(()),
             write_health,
             store,
             keyring: RwLock::new(keyring),

@@ -1169,6 +1169,71 @@ async fn start_through_a_fault(
     broker.stop().await;
 }
 
+/// Two admins revoking each other at once, while the store is slow: revocations run one at a
+/// time, so one of them stays; and an admin whose token has expired does not count as the one
+/// that may stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_admin_stays_when_admins_revoke_each_other_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Arc::new(FaultControl::default());
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
+    let mut admin = broker.admin().await;
+    let create = |name: &str, expires_at| pb::CreateCallerRequest {
+        name: name.into(),
+        role: pb::CallerRole::Admin as i32,
+        expires_at,
+        ..Default::default()
+    };
+    let token = admin.create_caller(create("second", None)).await.unwrap();
+    let mut second = client(broker.addr, Some(&token.into_inner().token)).await;
+    ctl.latency_ms
+        .store(40, std::sync::atomic::Ordering::SeqCst);
+    let revoke = |name: &str| pb::RevokeCallerRequest { name: name.into() };
+    let (first_out, second_out) = tokio::join!(
+        admin.revoke_caller(revoke("second")),
+        second.revoke_caller(revoke("admin")),
+    );
+    ctl.heal();
+    let refused = [&first_out, &second_out]
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.code() == Code::FailedPrecondition))
+        .count();
+    assert_eq!(
+        (
+            first_out.is_ok() as usize + second_out.is_ok() as usize,
+            refused
+        ),
+        (1, 1),
+        "{first_out:?} {second_out:?}"
+    );
+    let (mut left, left_name) = if first_out.is_ok() {
+        (admin, "admin")
+    } else {
+        (second, "second")
+    };
+    // An admin that expires soon, then has expired: it is no other admin.
+    let soon = std::time::SystemTime::now() + Duration::from_secs(2);
+    let soon = prost_types::Timestamp::from(soon);
+    let token = left
+        .create_caller(create("brief", Some(soon)))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut brief = client(broker.addr, Some(&token)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while brief.list_callers(pb::ListCallersRequest {}).await.is_ok() {
+        assert!(Instant::now() < deadline, "the brief admin never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = left.revoke_caller(revoke(left_name)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    left.list_callers(pb::ListCallersRequest {})
+        .await
+        .expect("the last admin still administers");
+    broker.stop().await;
+}
+
 /// Admin changes belong to nobody's request either: a revocation, deletion or delivery switch
 /// whose caller gives up while the store is slow is applied in full (stored, evicted from
 /// memory) and audited.
