@@ -940,6 +940,11 @@ impl Broker {
                         reread = true;
                         match self.weigh_refusal(f, system_id, &record, oauth).await {
                             Refusal::Retry(fresh) => {
+                                if lost(replica_lock.as_ref()).await {
+                                    // Not presented without the lock: another replica's
+                                    // locked refresh may be presenting it now.
+                                    return Err(lock_lost());
+                                }
                                 record = *fresh;
                                 continue;
                             }
@@ -1211,7 +1216,7 @@ impl Broker {
         need_until: SystemTime,
         (oauth, lock): (bool, Option<&crate::store::RefreshLock>),
     ) -> Result<Arc<IssuedToken>, BrokerError> {
-        let shared = lock.is_some();
+        let mut shared = lock.is_some();
         let updated = issued
             .updated_credential
             .take()
@@ -1226,6 +1231,8 @@ impl Broker {
             if lost(lock).await {
                 self.keep_without_lock(f, system_id, &record, newcred)
                     .await?;
+                // Not shared either: a holder's newer token may be in the record by now.
+                shared = false;
             } else {
                 let share =
                     (shared && sendable && issued.expires_at.is_some()).then(|| Share::of(&issued));
@@ -1347,6 +1354,10 @@ impl Broker {
                 f.pending = None;
                 dropped_pending(system_id);
                 Err(changed_meanwhile())
+            }
+            Err(BrokerError::NotFound(_)) => {
+                f.pending = None;
+                Err(self.system_gone(system_id))
             }
             Err(e) => Err(self.keep_refused(f, system_id, record, p.credential, &e)),
         }
@@ -2124,7 +2135,6 @@ pub(crate) const STORE_DOWN_NOTE: &str =
 /// The longest a refresh that met an unreachable store waits before it tries the store again.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// A mint whose credential was rotated or reconnected while the vendor answered.
 /// Whether `lock` (a replica refresh lock taken for a vendor call) was lost meanwhile.
 async fn lost(lock: Option<&crate::store::RefreshLock>) -> bool {
     match lock {
@@ -2133,6 +2143,15 @@ async fn lost(lock: Option<&crate::store::RefreshLock>) -> bool {
     }
 }
 
+/// A refresh that lost its replica refresh lock and must not go on without it.
+fn lock_lost() -> BrokerError {
+    BrokerError::Unavailable(
+        "this replica lost the system's refresh lock (its database session ended); retry"
+            .to_owned(),
+    )
+}
+
+/// A mint whose credential was rotated or reconnected while the vendor answered.
 fn changed_meanwhile() -> BrokerError {
     BrokerError::Unavailable(
         "the credential was rotated or reconnected meanwhile; retry for a token of the new one"

@@ -503,7 +503,7 @@ async fn a_refresh_whose_lock_was_lost_never_overwrites_the_newer_refresh_token(
     fake.oauth(|o| {
         o.rotate = true;
         o.leeway = true;
-        o.token_delay = Duration::from_secs(3);
+        o.token_delay = Duration::from_secs(5);
     });
     let rt = fake.issue_refresh_token(USER);
     let r = replicas(&url, 2, &[]).await;
@@ -516,7 +516,7 @@ async fn a_refresh_whose_lock_was_lost_never_overwrites_the_newer_refresh_token(
     ))
     .await
     .unwrap();
-    // A presents the refresh token and, while the vendor takes 3 s to answer, loses its lock's
+    // A presents the refresh token and, while the vendor takes 5 s to answer, loses its lock's
     // database session…
     let at_a = tokio::spawn(async move { auth_header(&mut a, "lost").await });
     within(Duration::from_secs(5), || async { fake.token_calls() == 1 }).await;
@@ -527,7 +527,8 @@ async fn a_refresh_whose_lock_was_lost_never_overwrites_the_newer_refresh_token(
     let mut b = r.admin(1).await;
     auth_header(&mut b, "lost").await.expect("B refreshes");
     assert_eq!((fake.token_calls(), fake.leeway_reuses()), (2, 1));
-    let _ = at_a.await.unwrap();
+    let e = at_a.await.unwrap().expect_err("A hands out nothing");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(
         r.procs[0]
             .log()
