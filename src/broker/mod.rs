@@ -76,6 +76,23 @@ pub(crate) enum Modified {
     Unchanged(SystemRecord),
 }
 
+/// Why [`Broker::modify_system_under`] wrote nothing.
+pub(crate) enum Unwritten {
+    /// The refresh lock fencing the write was lost (its database session ended).
+    LockLost,
+    /// Any other failure.
+    Failed(BrokerError),
+}
+
+impl Unwritten {
+    fn into_error(self) -> BrokerError {
+        match self {
+            Unwritten::LockLost => StoreError::LockLost.into(),
+            Unwritten::Failed(e) => e,
+        }
+    }
+}
+
 /// Systems read per page by the broker's own scans (checks, keys, keep-alive).
 pub const SCAN_PAGE: usize = 500;
 
@@ -979,7 +996,17 @@ impl Broker {
     pub(crate) async fn swap_system(
         &self,
         current: &SystemRecord,
+        updated: SystemRecord,
+    ) -> Result<SystemRecord, StoreError> {
+        self.swap_system_under(current, updated, None).await
+    }
+
+    /// [`Self::swap_system`], written only while `fence`'s refresh lock is held when given.
+    async fn swap_system_under(
+        &self,
+        current: &SystemRecord,
         mut updated: SystemRecord,
+        fence: Option<crate::store::Fence>,
     ) -> Result<SystemRecord, StoreError> {
         // The revision is not under the record's tag: one written past any count is refused,
         // not wrapped (a wrapped one would lose every later compare-and-swap on a replica).
@@ -990,7 +1017,14 @@ impl Broker {
             ))
         })?;
         let notes = health::refresh(&mut updated, unix_now());
-        self.store.update_system(&updated, current.revision).await?;
+        match fence {
+            Some(fence) => {
+                self.store
+                    .update_system_fenced(&updated, current.revision, fence)
+                    .await?
+            }
+            None => self.store.update_system(&updated, current.revision).await?,
+        }
         self.announce(&updated, &notes);
         Ok(updated)
     }
@@ -1092,8 +1126,22 @@ impl Broker {
         &self,
         system_id: &str,
         retry: Retry,
-        mut change: impl FnMut(&SystemRecord) -> Result<Option<SystemRecord>, BrokerError>,
+        change: impl FnMut(&SystemRecord) -> Result<Option<SystemRecord>, BrokerError>,
     ) -> Result<Modified, BrokerError> {
+        self.modify_system_under(system_id, retry, None, change)
+            .await
+            .map_err(Unwritten::into_error)
+    }
+
+    /// [`Self::modify_system`] whose writes land only while `fence`'s refresh lock is held
+    /// (when given): a lock found lost ends it at once, with nothing written.
+    pub(crate) async fn modify_system_under(
+        &self,
+        system_id: &str,
+        retry: Retry,
+        fence: Option<crate::store::Fence>,
+        mut change: impl FnMut(&SystemRecord) -> Result<Option<SystemRecord>, BrokerError>,
+    ) -> Result<Modified, Unwritten> {
         let mut last = BrokerError::Internal("the system record kept changing");
         for attempt in 1..=retry.attempts() {
             if attempt > 1 {
@@ -1108,21 +1156,22 @@ impl Broker {
                     last = e;
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(Unwritten::Failed(e)),
             };
-            let Some(updated) = change(&current)? else {
+            let Some(updated) = change(&current).map_err(Unwritten::Failed)? else {
                 return Ok(Modified::Unchanged(current));
             };
-            match self.swap_system(&current, updated).await {
+            match self.swap_system_under(&current, updated, fence).await {
                 Ok(written) => return Ok(Modified::Written(written)),
+                Err(StoreError::LockLost) => return Err(Unwritten::LockLost),
                 // A conflict or a storage blip may pass; a full disk or a refused record will not.
                 Err(e) => match BrokerError::from(e) {
                     e @ BrokerError::Unavailable(_) => last = e,
-                    e => return Err(e),
+                    e => return Err(Unwritten::Failed(e)),
                 },
             }
         }
-        Err(last)
+        Err(Unwritten::Failed(last))
     }
 
     /// [`Self::modify_system`] with a change made in place; `change` returns false when there is

@@ -34,7 +34,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backends::{Backend, BackendError, Header, Issued, Target};
 use crate::broker::is_ours;
-use crate::broker::{Broker, Modified, Retry, MAX_MIN_VALID_SECONDS, SCAN_PAGE};
+use crate::broker::{Broker, Modified, Retry, Unwritten, MAX_MIN_VALID_SECONDS, SCAN_PAGE};
 use crate::crypto::{same_sealing, RecordBinding};
 use crate::error::BrokerError;
 use crate::model::{unix_now, AuthFailure, Credential, SharedToken, SystemRecord, SystemState};
@@ -1228,33 +1228,15 @@ impl Broker {
         // one write, one notification.
         let mut shared_with = None;
         if let Some(newcred) = updated {
-            if lost(lock).await {
-                self.keep_without_lock(f, system_id, &record, newcred)
-                    .await?;
+            let share =
+                (shared && sendable && issued.expires_at.is_some()).then(|| Share::of(&issued));
+            match self
+                .keep_updated(f, system_id, &mut record, newcred, (share, lock))
+                .await?
+            {
+                Kept::Held(with) => shared_with = with,
                 // Not shared either: a holder's newer token may be in the record by now.
-                shared = false;
-            } else {
-                let share =
-                    (shared && sendable && issued.expires_at.is_some()).then(|| Share::of(&issued));
-                match self
-                    .persist_credential(system_id, &record, &newcred, share.as_ref())
-                    .await
-                {
-                    Ok(r) if r.credential_version != record.credential_version => {
-                        // Rotated or reconnected meanwhile (on another replica): nothing was
-                        // written, and a token of the old credential is not the new one's.
-                        f.pending = None;
-                        return Err(changed_meanwhile());
-                    }
-                    Ok(r) => {
-                        f.pending = None;
-                        // The record as this write left it: its own change notice is no news.
-                        f.seen = Some(vendor_view(&r));
-                        record = r;
-                        shared_with = share.map(|s| s.token_id);
-                    }
-                    Err(e) => return Err(self.keep_refused(f, system_id, &record, newcred, &e)),
-                }
+                Kept::Unlocked => shared = false,
             }
         }
         if !sendable {
@@ -1282,6 +1264,45 @@ impl Broker {
             self.note_refreshed(system_id).await;
         }
         Ok(token)
+    }
+
+    /// Stores `newcred`, which the vendor issued for `record`'s credential, with the token
+    /// `share` in the same write, before any token of it is handed out; `record` becomes the
+    /// record as written. Under a replica refresh lock the write is fenced by it; a lock found
+    /// lost sends it down [`Broker::keep_without_lock`].
+    async fn keep_updated(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        record: &mut SystemRecord,
+        newcred: Credential,
+        (share, lock): (Option<Share>, Option<&crate::store::RefreshLock>),
+    ) -> Result<Kept, BrokerError> {
+        let fence = lock.and_then(crate::store::RefreshLock::fence);
+        let written = self
+            .persist_credential(system_id, record, &newcred, (share.as_ref(), fence))
+            .await;
+        match written {
+            Ok(r) if r.credential_version != record.credential_version => {
+                // Rotated or reconnected meanwhile (on another replica): nothing was written,
+                // and a token of the old credential is not the new one's.
+                f.pending = None;
+                Err(changed_meanwhile())
+            }
+            Ok(r) => {
+                f.pending = None;
+                // The record as this write left it: its own change notice is no news.
+                f.seen = Some(vendor_view(&r));
+                *record = r;
+                Ok(Kept::Held(share.map(|s| s.token_id)))
+            }
+            Err(Unwritten::LockLost) => {
+                self.keep_without_lock(f, system_id, record, newcred)
+                    .await?;
+                Ok(Kept::Unlocked)
+            }
+            Err(Unwritten::Failed(e)) => Err(self.keep_refused(f, system_id, record, newcred, &e)),
+        }
     }
 
     /// The store refused `newcred`, which the vendor issued for `record`'s credential: it is
@@ -1322,12 +1343,12 @@ impl Broker {
     }
 
     /// A credential the vendor issued while this replica's refresh lock was lost (its database
-    /// session ended during the call): another replica may have taken the lock since, sent the
-    /// same credential to the vendor after this one did, and stored what it got, which is then
-    /// the live one (a vendor's leeway supersedes this one's). So `newcred` is stored only
-    /// while the record still holds the credential it replaces, the rule of a credential the
-    /// store refused ([`Broker::persist_pending`], which also revives a grant marked dead for
-    /// presenting that spent credential). A lock holder's write, which compares only the
+    /// session ended during the call; the fenced write found out): another replica may have
+    /// taken the lock since, sent the same credential to the vendor after this one did, and
+    /// stored what it got, which the broker then keeps. So `newcred` is stored only while the
+    /// record still holds the credential it replaces, the rule of a credential the store
+    /// refused ([`Broker::persist_pending`], which also revives a grant marked dead for
+    /// presenting that spent credential). A lock holder's fenced write, which compares only the
     /// version, still overwrites it: its call was sent later.
     async fn keep_without_lock(
         &self,
@@ -1843,16 +1864,18 @@ impl Broker {
         })
     }
 
-    /// Seals and durably stores an upstream-updated credential under the same version.
+    /// Seals and durably stores an upstream-updated credential under the same version; under
+    /// a replica refresh lock, fenced by it (written only while the lock is held, else
+    /// [`Unwritten::LockLost`]).
     async fn persist_credential(
         &self,
         system_id: &str,
         used: &SystemRecord,
         credential: &Credential,
-        share: Option<&Share>,
-    ) -> Result<SystemRecord, BrokerError> {
+        (share, fence): (Option<&Share>, Option<crate::store::Fence>),
+    ) -> Result<SystemRecord, Unwritten> {
         let modified = self
-            .modify_system(system_id, Retry::Persist, |current| {
+            .modify_system_under(system_id, Retry::Persist, fence, |current| {
                 if current.credential_version != used.credential_version {
                     // An admin rotated the credential meanwhile: theirs wins.
                     return Ok(None);
@@ -2134,6 +2157,15 @@ pub(crate) const STORE_DOWN_NOTE: &str =
      before it is handed out, so the refresh waits for the database";
 /// The longest a refresh that met an unreachable store waits before it tries the store again.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How [`Broker::keep_updated`] stored a credential.
+enum Kept {
+    /// Under the refresh lock (or with none to take), with the id of the token shared in the
+    /// same write, if one was.
+    Held(Option<String>),
+    /// After the refresh lock was lost: under the pending credential's rule, nothing shared.
+    Unlocked,
+}
 
 /// Whether `lock` (a replica refresh lock taken for a vendor call) was lost meanwhile.
 async fn lost(lock: Option<&crate::store::RefreshLock>) -> bool {

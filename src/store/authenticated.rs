@@ -233,6 +233,17 @@ impl CredentialStore for AuthenticatedStore {
         self.inner.insert_system(&self.tagged_system(record)).await
     }
 
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .update_system_fenced(&self.tagged_system(record), expected_revision, fence)
+            .await
+    }
+
     async fn update_system(
         &self,
         record: &SystemRecord,

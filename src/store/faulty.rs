@@ -207,6 +207,21 @@ impl CredentialStore for FaultyStore {
             .await
     }
 
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        // The faults of an update, then the inner store's fenced write.
+        self.write(
+            Some(&record.system_id),
+            self.inner
+                .update_system_fenced(record, expected_revision, fence),
+        )
+        .await
+    }
+
     async fn update_system(
         &self,
         record: &SystemRecord,

@@ -75,6 +75,17 @@ impl CredentialStore for MemoryStore {
         Ok(())
     }
 
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        // This store's locks live in the process: they cannot be lost.
+        let _ = fence;
+        self.update_system(record, expected_revision).await
+    }
+
     async fn update_system(
         &self,
         record: &SystemRecord,

@@ -828,6 +828,20 @@ impl CredentialStore for MirroredStore {
         Ok(())
     }
 
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .update_system_fenced(record, expected_revision, fence)
+            .await?;
+        let mut rows = self.wrote(Row::System(&record.system_id));
+        self.put_system(&mut rows, Some(record.clone()), &record.system_id);
+        Ok(())
+    }
+
     async fn update_system(
         &self,
         record: &SystemRecord,
@@ -1067,6 +1081,14 @@ mod tests {
         }
         async fn update_system(&self, r: &SystemRecord, rev: u64) -> Result<(), StoreError> {
             self.inner.update_system(r, rev).await
+        }
+        async fn update_system_fenced(
+            &self,
+            r: &SystemRecord,
+            rev: u64,
+            fence: crate::store::Fence,
+        ) -> Result<(), StoreError> {
+            self.inner.update_system_fenced(r, rev, fence).await
         }
         async fn delete_system(&self, id: &str) -> Result<bool, StoreError> {
             self.inner.delete_system(id).await

@@ -85,6 +85,10 @@ pub enum StoreError {
     /// A record failed authentication: it was written without the master key.
     #[error("record failed authentication: {0}")]
     Tampered(String),
+    /// A write fenced by a refresh lock found the lock lost (see
+    /// [`CredentialStore::update_system_fenced`]); nothing was written.
+    #[error("the refresh lock was lost")]
+    LockLost,
 }
 
 /// What a caller is told of a store failure (the detail of a backend fault goes to the log).
@@ -113,6 +117,10 @@ impl From<StoreError> for BrokerError {
                 tracing::error!(message = "Stored record is corrupt.", error = %detail);
                 BrokerError::DataLoss("a stored record is corrupt".to_owned())
             }
+            StoreError::LockLost => BrokerError::Unavailable(
+                "this replica lost the system's refresh lock (its database session ended); retry"
+                    .to_owned(),
+            ),
         }
     }
 }
@@ -145,6 +153,17 @@ pub trait CredentialStore: Send + Sync + 'static {
         &self,
         record: &SystemRecord,
         expected_revision: u64,
+    ) -> Result<(), StoreError>;
+
+    /// [`Self::update_system`] made only while `fence`'s refresh lock is still held: a lock
+    /// lost meanwhile (its database session ended) answers [`StoreError::LockLost`] and writes
+    /// nothing. A store whose locks cannot be lost writes as `update_system` does. Wrappers
+    /// forward it (no default, so none can drop the fence).
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: Fence,
     ) -> Result<(), StoreError>;
 
     /// Deletes a system; false when it was absent. Durable on Ok.
@@ -294,6 +313,21 @@ pub trait LockGuard: Send + Sync {
     /// Whether the lock is still this process's: a lock that lives in a database session ends
     /// with that session (a cut connection, a restarted server, an administrator's kill).
     async fn still_held(&self) -> bool;
+
+    /// What a write made under the lock carries to land only while the lock is held (`None`:
+    /// the lock cannot be lost).
+    fn fence(&self) -> Option<Fence> {
+        None
+    }
+}
+
+/// A refresh lock as a write can check it: the database session that holds it and its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The holding session's backend process id.
+    pub session: i32,
+    /// The lock's key.
+    pub key: i64,
 }
 
 /// A guard whose lock cannot be lost while it is held (an in-process lock).
@@ -320,6 +354,11 @@ impl RefreshLock {
     /// See [`LockGuard::still_held`].
     pub async fn still_held(&self) -> bool {
         self.0.still_held().await
+    }
+
+    /// See [`LockGuard::fence`].
+    pub fn fence(&self) -> Option<Fence> {
+        self.0.fence()
     }
 }
 

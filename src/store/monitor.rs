@@ -62,7 +62,10 @@ impl WriteHealth {
 
     fn observe<T>(&self, result: &Result<T, StoreError>) {
         let failure = match result {
-            Ok(_) | Err(StoreError::AlreadyExists) | Err(StoreError::Conflict) => None,
+            Ok(_)
+            | Err(StoreError::AlreadyExists)
+            | Err(StoreError::Conflict)
+            | Err(StoreError::LockLost) => None,
             Err(StoreError::Full(_)) => Some("disk full"),
             Err(StoreError::Backend(_) | StoreError::Unreachable(_)) => {
                 Some("storage write failed")
@@ -128,6 +131,20 @@ impl CredentialStore for MonitoredStore {
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
         let r = self.inner.insert_system(record).await;
+        self.health.observe(&r);
+        r
+    }
+
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        let r = self
+            .inner
+            .update_system_fenced(record, expected_revision, fence)
+            .await;
         self.health.observe(&r);
         r
     }

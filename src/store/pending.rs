@@ -106,6 +106,17 @@ impl CredentialStore for PendingPostgres {
         self.pg()?.insert_system(record).await
     }
 
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        self.pg()?
+            .update_system_fenced(record, expected_revision, fence)
+            .await
+    }
+
     async fn update_system(
         &self,
         record: &SystemRecord,

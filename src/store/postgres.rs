@@ -510,13 +510,44 @@ fn column_at(row: &tokio_postgres::Row, i: usize) -> Result<&[u8], StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("unexpected column: {e}")))
 }
 
-/// `pg_try_advisory_lock(key)` on `obj`'s session: true when taken.
-async fn try_advisory_lock(obj: &deadpool_postgres::Object, key: i64) -> Result<bool, StoreError> {
-    obj.query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+/// `pg_try_advisory_lock(key)` on `obj`'s session: that session's backend process id when
+/// taken.
+async fn try_advisory_lock(
+    obj: &deadpool_postgres::Object,
+    key: i64,
+) -> Result<Option<i32>, StoreError> {
+    let row = obj
+        .query_one("SELECT pg_try_advisory_lock($1), pg_backend_pid()", &[&key])
         .await
-        .map_err(pg)?
+        .map_err(pg)?;
+    let taken: bool = row
         .try_get(0)
-        .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))
+        .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))?;
+    let session: i32 = row
+        .try_get(1)
+        .map_err(|e| StoreError::Backend(format!("advisory lock: {e}")))?;
+    Ok(taken.then_some(session))
+}
+
+/// Whether a session holds a key's advisory lock, with [`fence_params`] as the parameters
+/// numbered from `first` (a one-bigint advisory lock shows its key's high and low halves as
+/// `classid` and `objid`): the condition a fenced write is made under.
+fn fence_held(first: usize) -> String {
+    let (pid, hi, lo) = (first, first + 1, first + 2);
+    format!(
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objsubid = 1 AND pid = ${pid} AND classid::bigint = ${hi} AND objid::bigint = ${lo})"
+    )
+}
+
+/// `fence`'s session, and its key's high and low halves, as [`FENCE_HELD`]'s parameters.
+fn fence_params(fence: super::Fence) -> (i32, i64, i64) {
+    let key = fence.key as u64;
+    (
+        fence.session,
+        (key >> 32) as i64,
+        (key & 0xffff_ffff) as i64,
+    )
 }
 
 fn lock_key(system_id: &str) -> i64 {
@@ -529,6 +560,8 @@ fn lock_key(system_id: &str) -> i64 {
 struct PgLock {
     obj: Option<deadpool_postgres::Object>,
     key: i64,
+    /// The backend process id of the session that holds it.
+    session: i32,
     /// Given back once the connection is back in the pool.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -538,6 +571,13 @@ const LOCK_CHECK: Duration = Duration::from_secs(2);
 
 #[async_trait]
 impl super::LockGuard for PgLock {
+    fn fence(&self) -> Option<super::Fence> {
+        Some(super::Fence {
+            session: self.session,
+            key: self.key,
+        })
+    }
+
     /// The session that took the lock still answers: it holds the lock (nothing else unlocks
     /// it). A session that does not answer within [`LOCK_CHECK`] counts as lost.
     async fn still_held(&self) -> bool {
@@ -667,6 +707,56 @@ impl CredentialStore for PostgresStore {
         Ok(())
     }
 
+    /// The update and the lock's check are one statement: a session that ends after it
+    /// committed ended after the write, so a replica that takes the lock then reads it.
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        let bytes = encode(record)?;
+        let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
+        let expected = i64::try_from(expected_revision).unwrap_or(i64::MAX);
+        let (session, hi, lo) = fence_params(fence);
+        let n = self
+            .rows(
+                &format!(
+                    "WITH up AS (UPDATE systems SET revision = $2, record = $3 \
+                     WHERE system_id = $1 AND revision = $4 AND {} RETURNING 1) \
+                     SELECT pg_notify($5, $6) FROM up",
+                    fence_held(7)
+                ),
+                &[
+                    &record.system_id,
+                    &rev,
+                    &bytes,
+                    &expected,
+                    &CHANNEL,
+                    &self.payload("system", &record.system_id),
+                    &session,
+                    &hi,
+                    &lo,
+                ],
+            )
+            .await?
+            .len();
+        if n > 0 {
+            return Ok(());
+        }
+        let held = self
+            .rows(
+                &format!("SELECT 1 WHERE {}", fence_held(1)),
+                &[&session, &hi, &lo],
+            )
+            .await?;
+        Err(if held.is_empty() {
+            StoreError::LockLost
+        } else {
+            StoreError::Conflict
+        })
+    }
+
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
         let n = self
             .rows(
@@ -773,10 +863,11 @@ impl CredentialStore for PostgresStore {
         let obj = self.client().await?;
         let mut pause = Duration::from_millis(5);
         loop {
-            if try_advisory_lock(&obj, key).await? {
+            if let Some(session) = try_advisory_lock(&obj, key).await? {
                 return Ok(Some(RefreshLock::losable(PgLock {
                     obj: Some(obj),
                     key,
+                    session,
                     slot: Some(slot),
                 })));
             }
@@ -887,7 +978,7 @@ impl CredentialStore for PostgresStore {
                  SET tcp_keepalives_count = 3",
             )
             .await;
-        if !try_advisory_lock(&obj, key).await? {
+        if try_advisory_lock(&obj, key).await?.is_none() {
             return Ok(None);
         }
         let (lost_tx, lost) = tokio::sync::watch::channel(false);

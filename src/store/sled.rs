@@ -262,6 +262,17 @@ impl CredentialStore for SledStore {
         self.system_durable(record.system_id.as_bytes(), None).await
     }
 
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        // This store's locks live in the process: they cannot be lost.
+        let _ = fence;
+        self.update_system(record, expected_revision).await
+    }
+
     async fn update_system(
         &self,
         record: &SystemRecord,
@@ -612,6 +623,17 @@ impl CredentialStore for ReopeningSledStore {
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
         let r = self.writer().await?.insert_system(record).await;
         self.note(r)
+    }
+
+    async fn update_system_fenced(
+        &self,
+        record: &SystemRecord,
+        expected_revision: u64,
+        fence: super::Fence,
+    ) -> Result<(), StoreError> {
+        // This store's locks live in the process: they cannot be lost.
+        let _ = fence;
+        self.update_system(record, expected_revision).await
     }
 
     async fn update_system(

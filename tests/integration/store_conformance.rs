@@ -299,6 +299,67 @@ async fn postgres_refresh_locks_leave_connections_for_reads_and_writes() {
         .is_some());
 }
 
+/// A write fenced by a refresh lock lands only while the lock's session holds it: once that
+/// session has ended (a cut connection, `pg_terminate_backend`), the write answers `LockLost`
+/// and changes nothing, while a stale write under a held lock is an ordinary conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_writes_fenced_by_a_refresh_lock_land_only_while_it_is_held() {
+    let Some(server) = crate::pg::PgServer::shared().await else {
+        return crate::pg::skipped(
+            "postgres_writes_fenced_by_a_refresh_lock_land_only_while_it_is_held",
+        );
+    };
+    let url = server.fresh_db().await;
+    let store = credbroker::store::PostgresStore::connect(&url, None)
+        .await
+        .unwrap();
+    store.insert_system(&record("fenced", 1)).await.unwrap();
+    let wait = std::time::Duration::from_secs(2);
+    let lock = store.lock_refresh("fenced", wait).await.unwrap().unwrap();
+    let fence = lock
+        .fence()
+        .expect("a database lock can be lost, so it fences");
+    store
+        .update_system_fenced(&record("fenced", 2), 1, fence)
+        .await
+        .expect("written while the lock is held");
+    let stale = store
+        .update_system_fenced(&record("fenced", 3), 1, fence)
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
+    // The lock's session ends.
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&fence.session])
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lock.still_held().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let late = store
+        .update_system_fenced(&record("fenced", 3), 2, fence)
+        .await;
+    assert!(matches!(late, Err(StoreError::LockLost)), "{late:?}");
+    let stored = store.get_system("fenced").await.unwrap().unwrap();
+    assert_eq!(stored.revision, 2, "nothing written without the lock");
+    // The lock is free again; its new holder's fence writes.
+    let again = store.lock_refresh("fenced", wait).await.unwrap().unwrap();
+    let fence = again.fence().unwrap();
+    store
+        .update_system_fenced(&record("fenced", 3), 2, fence)
+        .await
+        .expect("written under the new lock");
+    drop(lock);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_migrate_once_when_started_together() {
     let Some(server) = crate::pg::PgServer::shared().await else {
