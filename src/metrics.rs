@@ -175,7 +175,7 @@ pub struct QuotaGauges {
 }
 
 /// Systems counted for `/metrics` (see `Broker::system_counts`).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct SystemCounts {
     /// Active, authorization pending, re-authorization required.
     pub by_state: [u64; 3],

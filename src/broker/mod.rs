@@ -93,6 +93,15 @@ impl Unwritten {
     }
 }
 
+/// The least time between two counts of the systems for `/metrics`.
+const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A count of the systems for `/metrics`, and when it started.
+struct Counted {
+    started: tokio::time::Instant,
+    counts: Option<crate::metrics::SystemCounts>,
+}
+
 /// Systems read per page by the broker's own scans (checks, keys, keep-alive).
 pub const SCAN_PAGE: usize = 500;
 
@@ -331,6 +340,8 @@ pub struct Broker {
     pub(crate) key_ops: tokio::sync::Mutex<()>,
     /// Held by caller revocations (one at a time: the last-admin rule counts the others).
     pub(crate) caller_ops: tokio::sync::Mutex<()>,
+    /// The last count of the systems for `/metrics`, held while one is made (one at a time).
+    counted: tokio::sync::Mutex<Option<Counted>>,
     /// System events (`WatchSystems`).
     pub events: events::Events,
     /// Scheduled checks.
@@ -381,6 +392,7 @@ impl Broker {
             exchanges: tokio_util::task::TaskTracker::new(),
             key_ops: tokio::sync::Mutex::new(()),
             caller_ops: tokio::sync::Mutex::new(()),
+            counted: tokio::sync::Mutex::new(None),
             write_health,
             store,
             keyring: RwLock::new(keyring),
@@ -1248,9 +1260,44 @@ impl Broker {
         Ok((systems + refused, errors + refused))
     }
 
+    /// [`Self::count_systems_now`] for `/metrics`, which anyone who reaches the HTTP listener
+    /// may ask for: one count at a time, at most one a [`COUNT_EVERY`], shared by every request
+    /// that came before it started (so each answer still counts what was there when it was
+    /// asked). `None` when the count failed (logged once per count). The quota book is read
+    /// live.
+    pub async fn system_counts(&self) -> Option<crate::metrics::SystemCounts> {
+        let asked = tokio::time::Instant::now();
+        let mut last = self.counted.lock().await;
+        let fresh = last.as_ref().filter(|l| l.started >= asked);
+        let mut counts = match fresh {
+            Some(l) => l.counts.clone(),
+            None => {
+                if let Some(l) = last.as_ref() {
+                    tokio::time::sleep_until(l.started + COUNT_EVERY).await;
+                }
+                let started = tokio::time::Instant::now();
+                let counts = match self.count_systems_now().await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(message = "Could not count systems for /metrics.", error = %e);
+                        None
+                    }
+                };
+                *last = Some(Counted {
+                    started,
+                    counts: counts.clone(),
+                });
+                counts
+            }
+        }?;
+        drop(last);
+        self.count_quotas(&mut counts);
+        Some(counts)
+    }
+
     /// How many systems are in each state, in each health by kind, and how far their known
-    /// horizons are (for `/metrics`; bounded labels only).
-    pub async fn system_counts(&self) -> Result<crate::metrics::SystemCounts, BrokerError> {
+    /// horizons are (for `/metrics`; bounded labels only): one pass over every system.
+    async fn count_systems_now(&self) -> Result<crate::metrics::SystemCounts, BrokerError> {
         let mut c = crate::metrics::SystemCounts::default();
         let now = unix_now();
         self.for_each_system(|r| {
@@ -1274,6 +1321,11 @@ impl Broker {
             }
         })
         .await?;
+        Ok(c)
+    }
+
+    /// Adds the proxy's quota book, summed by kind, to `c`.
+    fn count_quotas(&self, c: &mut crate::metrics::SystemCounts) {
         let now_ms = quota::now_ms();
         for (kind, v) in self.quotas.views() {
             let g = &mut c.quota[crate::metrics::kind_index(kind)];
@@ -1292,7 +1344,6 @@ impl Broker {
                 g.limit = v.limit;
             }
         }
-        Ok(c)
     }
 
     /// The delivery a system gets when `requested` is unspecified: proxy for static secrets

@@ -128,13 +128,10 @@ async fn readyz_writes(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> (Statu
 }
 
 async fn metrics(State(core): State<Arc<OnceLock<Arc<Broker>>>>) -> Response {
-    let mut counts = None;
-    if let Some(broker) = core.get() {
-        match broker.system_counts().await {
-            Ok(c) => counts = Some(c),
-            Err(e) => tracing::warn!(message = "Could not count systems for /metrics.", error = %e),
-        }
-    }
+    let counts = match core.get() {
+        Some(broker) => broker.system_counts().await,
+        None => None,
+    };
     (
         [(
             axum::http::header::CONTENT_TYPE,

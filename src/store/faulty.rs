@@ -53,6 +53,8 @@ pub struct FaultControl {
     pub lost_update_answers: AtomicU32,
     /// Injected failures so far.
     pub injected: AtomicU64,
+    /// Pages of systems listed so far (every scan reads at least one).
+    pub system_pages: AtomicU64,
     reached: Mutex<HashSet<String>>,
     late: Mutex<Vec<CallerRecord>>,
 }
@@ -199,6 +201,7 @@ impl CredentialStore for FaultyStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<SystemRecord>, StoreError> {
+        self.control.system_pages.fetch_add(1, Ordering::SeqCst);
         self.read(self.inner.list_systems(after, limit)).await
     }
 

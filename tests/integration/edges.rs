@@ -1169,6 +1169,56 @@ async fn start_through_a_fault(
     broker.stop().await;
 }
 
+/// `/metrics` answers anyone who reaches the HTTP listener, and counting the systems reads
+/// every one of them: a flood of scrapes shares one count at a time (at most one a second),
+/// and every answer still counts what was there when it was asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_metrics_scrapes_shares_its_counts_of_the_systems() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Arc::new(FaultControl::default());
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
+    let mut admin = broker.admin().await;
+    let url = format!("http://{}/metrics", broker.http_addr);
+    let scrape = move |url: String| async move {
+        let body = reqwest::get(url).await.unwrap().text().await.unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix("credbroker_systems{state=\"active\"} "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    assert_eq!(scrape(url.clone()).await, Some(0));
+    admin
+        .register_system(register_asana(
+            "counted",
+            &asana.base_url,
+            "metrics-pat",
+            false,
+        ))
+        .await
+        .unwrap();
+    // Asked after the registration: counted, though the last count is not a second old.
+    let before = ctl.system_pages.load(SeqCst);
+    assert_eq!(scrape(url.clone()).await, Some(1));
+    let pages_per_count = ctl.system_pages.load(SeqCst) - before;
+    assert!(pages_per_count >= 1);
+    ctl.latency_ms.store(30, SeqCst);
+    let before = ctl.system_pages.load(SeqCst);
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        flood.spawn(scrape(url.clone()));
+    }
+    let answers = flood.join_all().await;
+    ctl.heal();
+    assert!(answers.iter().all(|a| *a == Some(1)), "{answers:?}");
+    let pages = ctl.system_pages.load(SeqCst) - before;
+    assert!(
+        pages <= 2 * pages_per_count,
+        "40 scrapes read {pages} pages ({pages_per_count} per count)"
+    );
+    broker.stop().await;
+}
+
 /// Two admins revoking each other at once, while the store is slow: revocations run one at a
 /// time, so one of them stays; and an admin whose token has expired does not count as the one
 /// that may stay.
