@@ -142,6 +142,18 @@ struct FileSink {
     size: u64,
     /// (device, inode) of the open file, to notice external rotation or removal.
     id: Option<(u64, u64)>,
+    /// The file's last line is unended (cut short by a crash or a failed write).
+    torn: bool,
+}
+
+/// Whether `f`'s last byte (of `size`) ends a line; true when it cannot be read.
+fn ends_a_line(f: &File, size: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut last = [0u8; 1];
+    match f.read_at(&mut last, size.saturating_sub(1)) {
+        Ok(1) => last[0] == b'\n',
+        _ => true,
+    }
 }
 
 #[cfg(unix)]
@@ -190,6 +202,7 @@ impl Audit {
             file: None,
             size: 0,
             id: None,
+            torn: false,
         });
         let (health_tx, _) = watch::channel(true);
         Self {
@@ -361,31 +374,45 @@ impl Audit {
         }
         if sink.file.is_none() {
             let f = std::os::unix::fs::OpenOptionsExt::mode(
-                OpenOptions::new().create(true).append(true),
+                OpenOptions::new().create(true).append(true).read(true),
                 0o600,
             )
             .open(&sink.path)
             .map_err(|e| AuditError(e.to_string()))?;
             let meta = f.metadata().ok();
             sink.size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+            sink.torn = sink.size > 0 && !ends_a_line(&f, sink.size);
             sink.id = std::fs::metadata(&sink.path)
                 .ok()
                 .and_then(|m| file_id(&m))
                 .or_else(|| meta.as_ref().and_then(file_id));
             sink.file = Some(f);
         }
+        // A line cut short before (a crash mid-write) is ended first, so the next one stands
+        // on its own line.
+        let start: &[u8] = if sink.torn { b"\n" } else { b"" };
         let res = match sink.file.as_mut() {
-            Some(f) => f.write_all(line).and_then(|_| f.flush()),
+            Some(f) => f
+                .write_all(start)
+                .and_then(|_| f.write_all(line))
+                .and_then(|_| f.flush()),
             None => Ok(()),
         };
         match res {
             Ok(()) => {
-                sink.size += line.len() as u64;
+                sink.size += (start.len() + line.len()) as u64;
+                sink.torn = false;
                 Ok(())
             }
             Err(e) => {
-                // Reopen next time: the file may have been replaced or the disk freed.
-                sink.file = None;
+                // What part of the batch reached the file is cut off again (a full disk takes
+                // a line's head and refuses its tail), else the next batch's first line would
+                // be glued to it; reopen next time: the file may have been replaced or the
+                // disk freed.
+                if let Some(f) = sink.file.take() {
+                    // If this fails too, the reopen finds the line unended.
+                    let _ = f.set_len(sink.size);
+                }
                 Err(AuditError(e.to_string()))
             }
         }
@@ -554,6 +581,30 @@ mod tests {
             path: None,
             duration_ms: None,
             event: None,
+        }
+    }
+
+    /// A trail whose last line a crash cut short: the next line starts on a line of its own.
+    #[tokio::test]
+    async fn a_line_cut_short_before_is_ended_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, "{\"whole\":1}\n{\"time\":\"2026-").unwrap();
+        let audit = Audit::new(
+            AuditConfig {
+                file: Some(path.clone()),
+                ..Default::default()
+            },
+            [5; 32].into(),
+        );
+        audit.record(&event("w")).await.unwrap();
+        audit.record(&event("v")).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[1], "{\"time\":\"2026-");
+        for l in [lines[0], lines[2], lines[3]] {
+            assert!(serde_json::from_str::<serde_json::Value>(l).is_ok(), "{l}");
         }
     }
 

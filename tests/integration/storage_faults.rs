@@ -271,6 +271,70 @@ async fn a_credential_write_the_full_disk_refused_is_not_read_back() {
     broker.stop().await;
 }
 
+/// The audit trail on a disk that fills in the middle of a line: the call fails closed, the
+/// line's head that reached the file is cut off again, and once space is freed every line of
+/// the trail is whole JSON (a head left behind glued the next line to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_line_the_full_disk_cut_short_leaves_no_fragment() {
+    let root = tempfile::tempdir().unwrap();
+    let trail = root.path().join("trail");
+    std::fs::create_dir_all(&trail).unwrap();
+    if !mount_tmpfs(&trail, "1m") {
+        assert!(
+            std::env::var("CREDBROKER_REQUIRE_TMPFS").ok().as_deref() != Some("1"),
+            "mounting a tmpfs was refused, but CREDBROKER_REQUIRE_TMPFS=1"
+        );
+        eprintln!("SKIPPED: mounting a tmpfs was refused");
+        return;
+    }
+    let _unmount = Unmount(trail.clone());
+    let log = trail.join("audit.log");
+    let mut config = test_config(&root.path().join("data"));
+    config.audit.file = Some(log.clone());
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register_asana("aud", &asana.base_url, "audit-pat", false))
+        .await
+        .unwrap();
+    let size = || std::fs::metadata(&log).unwrap().len();
+    // Calls until the next one's lines would cross into a page the full disk cannot give: the
+    // file's last page then takes only their head.
+    const PAGE: u64 = 4096;
+    let mut grew = 0;
+    for _ in 0..200 {
+        let before = size();
+        auth_header(&mut admin, "aud").await.unwrap();
+        grew = size() - before;
+        let room = PAGE - size() % PAGE;
+        if room < grew && room > 0 && size() % PAGE != 0 {
+            break;
+        }
+    }
+    let room = PAGE - size() % PAGE;
+    assert!(
+        room < grew,
+        "found a page end ({room} bytes left, {grew} per call)"
+    );
+    let filler = fill(&trail);
+    let e = auth_header(&mut admin, "aud").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "fails closed: {e:?}");
+    std::fs::remove_file(&filler).unwrap();
+    auth_header(&mut admin, "aud")
+        .await
+        .expect("served again once the trail can be written");
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "a line of the trail is not whole: {line:?}"
+        );
+    }
+    assert!(text.ends_with('\n'));
+    broker.stop().await;
+}
+
 /// A rotation lands once whatever the store does meanwhile: a concurrent write to the record
 /// (a health check, a 401 count) is written on top of, and a write whose answer was lost is
 /// found by its sealing, not written again as another version. (The check may have had the
