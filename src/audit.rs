@@ -476,7 +476,7 @@ pub fn now_rfc3339() -> Timestamp {
     rfc3339(d.as_secs() as i64, d.subsec_millis())
 }
 
-fn rfc3339(secs: i64, millis: u32) -> Timestamp {
+pub(crate) fn rfc3339(secs: i64, millis: u32) -> Timestamp {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, day) = crate::util::time::civil_from_days(days);

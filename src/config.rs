@@ -1153,7 +1153,11 @@ fn webhooks(f: &mut FileConfig, o: &Overrides, errors: &mut Vec<String>) -> Vec<
         ),
     }
     let mut out = Vec::new();
-    for w in listed {
+    for mut w in listed {
+        // One filter, however it is written: the order and repeats of `events` change nothing
+        // (two entries differing only there would share one delivery cursor).
+        w.events.sort();
+        w.events.dedup();
         let url_ok = url::Url::parse(&w.url)
             .is_ok_and(|u| matches!(u.scheme(), "https" | "http") && u.host_str().is_some());
         if !url_ok {
@@ -1410,6 +1414,33 @@ mod tests {
                 "{bad}: {errs:?}"
             );
         }
+    }
+
+    /// One URL with one filter written in two orders (or with a repeat) is listed twice: the
+    /// two would share one delivery cursor.
+    #[test]
+    fn a_webhook_filter_written_twice_in_another_order_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let entry = |events: &str| {
+            format!(
+                "[[webhooks]]\nurl = \"https://hooks.example.com/x\"\nsecret_file = {:?}\nevents = [{events}]\n",
+                secret.display().to_string()
+            )
+        };
+        let a = "\"system.deleted\", \"credential.expiring\"";
+        let b = "\"credential.expiring\", \"system.deleted\", \"system.deleted\"";
+        let errs = Config::build(Some(&(entry(a) + &entry(b))), &Overrides::default()).unwrap_err();
+        assert!(errs.iter().any(|e| e.contains("listed twice")), "{errs:?}");
+        let one = Config::build(Some(&entry(b)), &Overrides::default()).unwrap();
+        assert_eq!(
+            one.webhooks[0].events,
+            vec![
+                "credential.expiring".to_owned(),
+                "system.deleted".to_owned()
+            ]
+        );
     }
 
     #[test]

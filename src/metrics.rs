@@ -231,8 +231,13 @@ impl Metrics {
 
     /// One webhook delivery attempt (or an event given up on: `expired`).
     pub fn webhook(&self, outcome: &str) {
+        self.webhooks(outcome, 1);
+    }
+
+    /// `n` webhook deliveries (or events) of one outcome.
+    pub fn webhooks(&self, outcome: &str, n: u64) {
         if let Some(i) = WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome) {
-            self.webhooks[i].fetch_add(1, Ordering::Relaxed);
+            self.webhooks[i].fetch_add(n, Ordering::Relaxed);
         }
     }
 

@@ -196,6 +196,9 @@ impl Endpoint {
             },
             Ok(None) => {
                 let now = broker.events.newest();
+                // A new endpoint, or one whose URL or filter changed (its cursor is named after
+                // them): what happened before is not sent.
+                tracing::info!(message = "A webhook endpoint without a delivery cursor starts at the newest event.", host = %host_of(&self.hook.url), cursor = now);
                 self.save_cursor(broker, now).await;
                 Some(now)
             }
@@ -250,8 +253,9 @@ impl Endpoint {
                 continue;
             };
             if first.seq > cursor + 1 && cursor > 0 {
-                tracing::warn!(message = "Webhook endpoint fell behind the event log; events were lost.", host = %host_of(&self.hook.url));
-                crate::metrics::METRICS.webhook("dropped");
+                let lost = first.seq - cursor - 1;
+                tracing::warn!(message = "Webhook endpoint fell behind the event log; events were lost.", host = %host_of(&self.hook.url), events = lost);
+                crate::metrics::METRICS.webhooks("dropped", lost);
             }
             for stored in &batch {
                 if let Some(e) = Event::decode(stored).filter(|e| self.wants(e)) {
@@ -362,7 +366,7 @@ fn payload(broker: &Broker, e: &Event, links: bool) -> serde_json::Value {
     };
     json!({
         "type": e.kind.as_str(),
-        "timestamp": crate::util::time::date_time(e.at),
+        "timestamp": crate::audit::rfc3339(i64::try_from(e.at).unwrap_or(i64::MAX), 0).as_str(),
         "data": {
             "system_id": s.system_id,
             "kind": s.kind.slug(),

@@ -518,6 +518,12 @@ impl Receiver {
                     "bad signature"
                 );
                 let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                // RFC 3339 in UTC, as Standard Webhooks' payloads carry it.
+                let at = v["timestamp"].as_str().unwrap();
+                assert!(
+                    at.len() == 24 && at.as_bytes()[10] == b'T' && at.ends_with('Z'),
+                    "timestamp {at}"
+                );
                 (
                     id,
                     v["type"].as_str().unwrap().to_owned(),
