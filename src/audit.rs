@@ -146,14 +146,35 @@ struct FileSink {
     torn: bool,
 }
 
-/// Whether `f`'s last byte (of `size`) ends a line; true when it cannot be read.
-fn ends_a_line(f: &File, size: u64) -> bool {
+/// Whether the last byte (of `size`) of the file at `path` ends a line; true when it cannot
+/// be read (the trail may be writable only, and is written on regardless).
+fn ends_a_line(path: &std::path::Path, size: u64) -> bool {
     use std::os::unix::fs::FileExt;
     let mut last = [0u8; 1];
-    match f.read_at(&mut last, size.saturating_sub(1)) {
+    match File::open(path).and_then(|f| f.read_at(&mut last, size.saturating_sub(1))) {
         Ok(1) => last[0] == b'\n',
         _ => true,
     }
+}
+
+/// Appends `parts` to `f` (opened to append); how many bytes reached it, and whether all did.
+fn append(f: &mut File, parts: &[&[u8]]) -> (u64, std::io::Result<()>) {
+    let mut written = 0u64;
+    for part in parts {
+        let mut rest = *part;
+        while !rest.is_empty() {
+            match f.write(rest) {
+                Ok(0) => return (written, Err(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    written += n as u64;
+                    rest = &rest[n..];
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return (written, Err(e)),
+            }
+        }
+    }
+    (written, f.flush())
 }
 
 #[cfg(unix)]
@@ -374,14 +395,14 @@ impl Audit {
         }
         if sink.file.is_none() {
             let f = std::os::unix::fs::OpenOptionsExt::mode(
-                OpenOptions::new().create(true).append(true).read(true),
+                OpenOptions::new().create(true).append(true),
                 0o600,
             )
             .open(&sink.path)
             .map_err(|e| AuditError(e.to_string()))?;
             let meta = f.metadata().ok();
             sink.size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
-            sink.torn = sink.size > 0 && !ends_a_line(&f, sink.size);
+            sink.torn = sink.size > 0 && !ends_a_line(&sink.path, sink.size);
             sink.id = std::fs::metadata(&sink.path)
                 .ok()
                 .and_then(|m| file_id(&m))
@@ -391,27 +412,31 @@ impl Audit {
         // A line cut short before (a crash mid-write) is ended first, so the next one stands
         // on its own line.
         let start: &[u8] = if sink.torn { b"\n" } else { b"" };
-        let res = match sink.file.as_mut() {
-            Some(f) => f
-                .write_all(start)
-                .and_then(|_| f.write_all(line))
-                .and_then(|_| f.flush()),
-            None => Ok(()),
+        let Some(f) = sink.file.as_mut() else {
+            return Ok(());
         };
+        let (written, res) = append(f, &[start, line]);
         match res {
             Ok(()) => {
-                sink.size += (start.len() + line.len()) as u64;
+                sink.size += written;
                 sink.torn = false;
                 Ok(())
             }
             Err(e) => {
-                // What part of the batch reached the file is cut off again (a full disk takes
-                // a line's head and refuses its tail), else the next batch's first line would
-                // be glued to it; reopen next time: the file may have been replaced or the
-                // disk freed.
+                // The part of the batch that reached the file is cut off again (a full disk
+                // takes a line's head and refuses its tail), else the next batch's first line
+                // would be glued to it: the file shrinks by exactly those bytes, from its end
+                // as it is now (a copy-truncate rotation may have emptied it meanwhile), never
+                // grows. If that fails too, the reopen finds the line unended. Reopened next
+                // time: the file may have been replaced or the disk freed.
                 if let Some(f) = sink.file.take() {
-                    // If this fails too, the reopen finds the line unended.
-                    let _ = f.set_len(sink.size);
+                    if written > 0 {
+                        if let Ok(len) = f.metadata().map(|m| m.len()) {
+                            if len >= written {
+                                let _ = f.set_len(len - written);
+                            }
+                        }
+                    }
                 }
                 Err(AuditError(e.to_string()))
             }
@@ -477,6 +502,8 @@ pub fn now_rfc3339() -> Timestamp {
 }
 
 pub(crate) fn rfc3339(secs: i64, millis: u32) -> Timestamp {
+    // Four digits of year: 1970 to 9999 (a time someone wrote far off is shown at the bound).
+    let secs = secs.clamp(0, 253_402_300_799);
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, day) = crate::util::time::civil_from_days(days);

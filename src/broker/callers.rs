@@ -474,12 +474,14 @@ impl Broker {
             return Ok(record);
         }
         let now = unix_now();
-        let active_admins = callers
+        let active = |c: &CallerRecord| {
+            c.role == Role::Admin && !c.revoked && c.expires_at.is_none_or(|at| at > now)
+        };
+        let other_admins = callers
             .iter()
-            .filter(|c| c.role == Role::Admin && !c.revoked)
-            .filter(|c| c.expires_at.is_none_or(|at| at > now))
+            .filter(|c| c.name != record.name && active(c))
             .count();
-        if record.role == Role::Admin && active_admins <= 1 {
+        if active(&record) && other_admins == 0 {
             return Err(BrokerError::FailedPrecondition(format!(
                 "'{name}' is the last active admin; create another admin before revoking it"
             )));

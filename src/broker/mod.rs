@@ -341,7 +341,7 @@ pub struct Broker {
     /// Held by caller revocations (one at a time: the last-admin rule counts the others).
     pub(crate) caller_ops: tokio::sync::Mutex<()>,
     /// The last count of the systems for `/metrics`, held while one is made (one at a time).
-    counted: tokio::sync::Mutex<Option<Counted>>,
+    counted: Arc<tokio::sync::Mutex<Option<Counted>>>,
     /// System events (`WatchSystems`).
     pub events: events::Events,
     /// Scheduled checks.
@@ -392,7 +392,7 @@ impl Broker {
             exchanges: tokio_util::task::TaskTracker::new(),
             key_ops: tokio::sync::Mutex::new(()),
             caller_ops: tokio::sync::Mutex::new(()),
-            counted: tokio::sync::Mutex::new(None),
+            counted: Arc::new(tokio::sync::Mutex::new(None)),
             write_health,
             store,
             keyring: RwLock::new(keyring),
@@ -1263,34 +1263,37 @@ impl Broker {
     /// [`Self::count_systems_now`] for `/metrics`, which anyone who reaches the HTTP listener
     /// may ask for: one count at a time, at most one a [`COUNT_EVERY`], shared by every request
     /// that came before it started (so each answer still counts what was there when it was
-    /// asked). `None` when the count failed (logged once per count). The quota book is read
-    /// live.
+    /// asked). A count runs on its own task: a request that goes away (its deadline, a
+    /// disconnect) neither stops it nor frees the turn before it is kept. `None` when the count
+    /// failed (logged once per count). The quota book is read live.
     pub async fn system_counts(&self) -> Option<crate::metrics::SystemCounts> {
         let asked = tokio::time::Instant::now();
-        let mut last = self.counted.lock().await;
-        let fresh = last.as_ref().filter(|l| l.started >= asked);
-        let mut counts = match fresh {
+        let mut last = self.counted.clone().lock_owned().await;
+        let mut counts = match last.as_ref().filter(|l| l.started >= asked) {
             Some(l) => l.counts.clone(),
             None => {
                 if let Some(l) = last.as_ref() {
                     tokio::time::sleep_until(l.started + COUNT_EVERY).await;
                 }
-                let started = tokio::time::Instant::now();
-                let counts = match self.count_systems_now().await {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::warn!(message = "Could not count systems for /metrics.", error = %e);
-                        None
-                    }
-                };
-                *last = Some(Counted {
-                    started,
-                    counts: counts.clone(),
+                let me = self.me.upgrade()?;
+                let count = tokio::spawn(async move {
+                    let started = tokio::time::Instant::now();
+                    let counts = match me.count_systems_now().await {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            tracing::warn!(message = "Could not count systems for /metrics.", error = %e);
+                            None
+                        }
+                    };
+                    *last = Some(Counted {
+                        started,
+                        counts: counts.clone(),
+                    });
+                    counts
                 });
-                counts
+                count.await.ok().flatten()
             }
         }?;
-        drop(last);
         self.count_quotas(&mut counts);
         Some(counts)
     }

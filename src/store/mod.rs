@@ -322,7 +322,7 @@ pub trait LockGuard: Send + Sync {
 }
 
 /// A refresh lock as a write can check it: the database session that holds it and its key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fence {
     /// The holding session's backend process id.
     pub session: i32,

@@ -19,8 +19,9 @@
 //!   advisory lock per system (polled with `pg_try_advisory_lock`, so no query is left waiting);
 //!   a replica that dies releases it with its session.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -51,6 +52,8 @@ pub struct PostgresStore {
     /// Refresh locks held at once (each holds a pooled connection for a vendor call): at most
     /// half the pool, so the reads and writes the refreshes themselves need always find one.
     lock_slots: Arc<tokio::sync::Semaphore>,
+    /// The sessions of the refresh locks held now, for fenced writes.
+    fenced: Fenced,
     replica: String,
     changes: broadcast::Sender<Change>,
     listener: tokio::task::JoinHandle<()>,
@@ -262,6 +265,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             lock_slots: Arc::new(tokio::sync::Semaphore::new(LOCK_HOLDERS)),
+            fenced: Fenced::default(),
             replica,
             changes,
             listener,
@@ -529,26 +533,18 @@ async fn try_advisory_lock(
     Ok(taken.then_some(session))
 }
 
-/// Whether a session holds a key's advisory lock, with [`fence_params`] as the parameters
-/// numbered from `first` (a one-bigint advisory lock shows its key's high and low halves as
-/// `classid` and `objid`): the condition a fenced write is made under.
-fn fence_held(first: usize) -> String {
-    let (pid, hi, lo) = (first, first + 1, first + 2);
-    format!(
-        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND objsubid = 1 AND pid = ${pid} AND classid::bigint = ${hi} AND objid::bigint = ${lo})"
-    )
+/// A system's update, compare-and-swap on its revision, with its change notice.
+const UPDATE_SYSTEM: &str = "WITH up AS (UPDATE systems SET revision = $2, record = $3 \
+     WHERE system_id = $1 AND revision = $4 RETURNING 1) SELECT pg_notify($5, $6) FROM up";
+
+/// Whether `e` says the session is gone (closed, or ended by the server).
+fn session_ended(e: &tokio_postgres::Error) -> bool {
+    e.is_closed() || e.as_db_error().is_some_and(|d| d.severity() == "FATAL")
 }
 
-/// `fence`'s session, and its key's high and low halves, as [`FENCE_HELD`]'s parameters.
-fn fence_params(fence: super::Fence) -> (i32, i64, i64) {
-    let key = fence.key as u64;
-    (
-        fence.session,
-        (key >> 32) as i64,
-        (key & 0xffff_ffff) as i64,
-    )
-}
+/// The sessions holding this store's refresh locks, by their fences (see
+/// [`CredentialStore::update_system_fenced`]).
+type Fenced = Arc<std::sync::Mutex<HashMap<super::Fence, Weak<deadpool_postgres::Object>>>>;
 
 fn lock_key(system_id: &str) -> i64 {
     let d = Sha256::digest(system_id.as_bytes());
@@ -558,12 +554,15 @@ fn lock_key(system_id: &str) -> i64 {
 }
 
 struct PgLock {
-    obj: Option<deadpool_postgres::Object>,
+    /// The session that holds the lock (shared only with a fenced write under way).
+    obj: Option<Arc<deadpool_postgres::Object>>,
     key: i64,
     /// The backend process id of the session that holds it.
     session: i32,
     /// Given back once the connection is back in the pool.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Where fenced writes find the session; this lock's entry goes with it.
+    fenced: Fenced,
 }
 
 /// How long [`PgLock`]'s liveness check waits for its session's answer.
@@ -596,6 +595,10 @@ impl super::LockGuard for PgLock {
 
 impl Drop for PgLock {
     fn drop(&mut self) {
+        crate::util::sync::lock(&self.fenced).remove(&super::Fence {
+            session: self.session,
+            key: self.key,
+        });
         if let Some(obj) = self.obj.take() {
             let (key, slot) = (self.key, self.slot.take());
             // Unlock before the connection goes back to the pool; if this fails the connection
@@ -607,7 +610,9 @@ impl Drop for PgLock {
                     .await
                     .is_err()
                 {
-                    let _ = deadpool_postgres::Object::take(obj);
+                    if let Ok(obj) = Arc::try_unwrap(obj) {
+                        let _ = deadpool_postgres::Object::take(obj);
+                    }
                 }
             });
         }
@@ -687,9 +692,7 @@ impl CredentialStore for PostgresStore {
         let expected = i64::try_from(expected_revision).unwrap_or(i64::MAX);
         let n = self
             .rows(
-                "WITH up AS (UPDATE systems SET revision = $2, record = $3 \
-                 WHERE system_id = $1 AND revision = $4 RETURNING 1) \
-                 SELECT pg_notify($5, $6) FROM up",
+                UPDATE_SYSTEM,
                 &[
                     &record.system_id,
                     &rev,
@@ -707,54 +710,38 @@ impl CredentialStore for PostgresStore {
         Ok(())
     }
 
-    /// The update and the lock's check are one statement: a session that ends after it
-    /// committed ended after the write, so a replica that takes the lock then reads it.
+    /// Made on the lock's own session: while that session lives it holds the lock (nothing
+    /// else unlocks it), and a session that ended takes the write with it. A lock this store
+    /// no longer holds, or whose session is gone, is [`StoreError::LockLost`].
     async fn update_system_fenced(
         &self,
         record: &SystemRecord,
         expected_revision: u64,
         fence: super::Fence,
     ) -> Result<(), StoreError> {
+        let held = crate::util::sync::lock(&self.fenced)
+            .get(&fence)
+            .and_then(std::sync::Weak::upgrade);
+        let Some(session) = held else {
+            return Err(StoreError::LockLost);
+        };
         let bytes = encode(record)?;
         let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
         let expected = i64::try_from(expected_revision).unwrap_or(i64::MAX);
-        let (session, hi, lo) = fence_params(fence);
-        let n = self
-            .rows(
-                &format!(
-                    "WITH up AS (UPDATE systems SET revision = $2, record = $3 \
-                     WHERE system_id = $1 AND revision = $4 AND {} RETURNING 1) \
-                     SELECT pg_notify($5, $6) FROM up",
-                    fence_held(7)
-                ),
-                &[
-                    &record.system_id,
-                    &rev,
-                    &bytes,
-                    &expected,
-                    &CHANNEL,
-                    &self.payload("system", &record.system_id),
-                    &session,
-                    &hi,
-                    &lo,
-                ],
-            )
-            .await?
-            .len();
-        if n > 0 {
-            return Ok(());
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &record.system_id,
+            &rev,
+            &bytes,
+            &expected,
+            &CHANNEL,
+            &self.payload("system", &record.system_id),
+        ];
+        match session.query(UPDATE_SYSTEM, &params).await {
+            Ok(rows) if rows.is_empty() => Err(StoreError::Conflict),
+            Ok(_) => Ok(()),
+            Err(e) if session_ended(&e) || session.is_closed() => Err(StoreError::LockLost),
+            Err(e) => Err(pg(e)),
         }
-        let held = self
-            .rows(
-                &format!("SELECT 1 WHERE {}", fence_held(1)),
-                &[&session, &hi, &lo],
-            )
-            .await?;
-        Err(if held.is_empty() {
-            StoreError::LockLost
-        } else {
-            StoreError::Conflict
-        })
     }
 
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
@@ -850,31 +837,44 @@ impl CredentialStore for PostgresStore {
     ) -> Result<Option<RefreshLock>, StoreError> {
         let key = lock_key(system_id);
         let deadline = tokio::time::Instant::now() + wait;
-        let slots = self.lock_slots.clone().acquire_owned();
-        let slot = match tokio::time::timeout_at(deadline, slots).await {
-            Ok(Ok(slot)) => slot,
-            Ok(Err(_)) | Err(_) => {
-                return Err(StoreError::Backend(
-                    "too many refreshes hold this replica's refresh locks; retry shortly"
-                        .to_owned(),
-                ))
+        // An administrative operation's lock (a key rotation, a caller's revocation: ids that
+        // start with `~`, which no system has; one at a time per replica) takes no refresh
+        // slot, so refreshes that hold every slot cannot keep an admin from revoking a caller.
+        let slot = if system_id.starts_with('~') {
+            None
+        } else {
+            let slots = self.lock_slots.clone().acquire_owned();
+            match tokio::time::timeout_at(deadline, slots).await {
+                Ok(Ok(slot)) => Some(slot),
+                Ok(Err(_)) | Err(_) => {
+                    return Err(StoreError::Backend(
+                        "too many refreshes hold this replica's refresh locks; retry shortly"
+                            .to_owned(),
+                    ))
+                }
             }
         };
         let obj = self.client().await?;
         let mut pause = Duration::from_millis(5);
         loop {
             if let Some(session) = try_advisory_lock(&obj, key).await? {
+                let obj = Arc::new(obj);
+                crate::util::sync::lock(&self.fenced)
+                    .insert(super::Fence { session, key }, Arc::downgrade(&obj));
                 return Ok(Some(RefreshLock::losable(PgLock {
                     obj: Some(obj),
                     key,
                     session,
-                    slot: Some(slot),
+                    slot,
+                    fenced: self.fenced.clone(),
                 })));
             }
             if tokio::time::Instant::now() + pause > deadline {
-                return Err(StoreError::Backend(
-                    "another replica holds this system's refresh lock for too long".to_owned(),
-                ));
+                return Err(StoreError::Backend(if slot.is_none() {
+                    "another replica holds this operation's lock for too long; retry".to_owned()
+                } else {
+                    "another replica holds this system's refresh lock for too long".to_owned()
+                }));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));

@@ -324,14 +324,32 @@ async fn an_audit_line_the_full_disk_cut_short_leaves_no_fragment() {
     auth_header(&mut admin, "aud")
         .await
         .expect("served again once the trail can be written");
-    let text = std::fs::read_to_string(&log).unwrap();
-    for line in text.lines() {
-        assert!(
-            serde_json::from_str::<serde_json::Value>(line).is_ok(),
-            "a line of the trail is not whole: {line:?}"
-        );
-    }
-    assert!(text.ends_with('\n'));
+    let whole = || {
+        let text = std::fs::read_to_string(&log).unwrap();
+        for line in text.lines() {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                "a line of the trail is not whole: {line:?}"
+            );
+        }
+        assert!(text.ends_with('\n'));
+        text.len()
+    };
+    whole();
+    // A copy-truncate rotation empties the trail on the full disk: the failed write takes
+    // nothing back that it did not write (it once padded the file to its old size with NULs).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let filler = fill(&trail);
+    let e = auth_header(&mut admin, "aud").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "fails closed: {e:?}");
+    std::fs::remove_file(&filler).unwrap();
+    auth_header(&mut admin, "aud").await.unwrap();
+    assert!(whole() < 4096, "only the lines written since the rotation");
     broker.stop().await;
 }
 

@@ -277,6 +277,10 @@ async fn postgres_refresh_locks_leave_connections_for_reads_and_writes() {
     let short = std::time::Duration::from_millis(300);
     let err = store.lock_refresh("one-more", short).await.err().unwrap();
     assert!(err.to_string().contains("too many refreshes"), "{err}");
+    // An administrative operation's lock (a caller's revocation) takes no refresh slot.
+    let admin_lock = store.lock_refresh("~caller-operations", short).await;
+    assert!(matches!(admin_lock, Ok(Some(_))), "{admin_lock:?}");
+    drop(admin_lock);
     let mut io = tokio::task::JoinSet::new();
     for i in 0..16 {
         let store = store.clone();
