@@ -95,6 +95,8 @@ impl Unwritten {
 
 /// The least time between two counts of the systems for `/metrics`.
 const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest one count of the systems for `/metrics` may take.
+const COUNT_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A count of the systems for `/metrics`, and when it started.
 struct Counted {
@@ -1276,12 +1278,19 @@ impl Broker {
                     tokio::time::sleep_until(l.started + COUNT_EVERY).await;
                 }
                 let me = self.me.upgrade()?;
-                let count = tokio::spawn(async move {
+                // Among the exchanges, which the stop waits for: it keeps the broker (and the
+                // store) no longer than the stop does.
+                let count = self.exchanges.spawn(async move {
                     let started = tokio::time::Instant::now();
-                    let counts = match me.count_systems_now().await {
-                        Ok(c) => Some(c),
-                        Err(e) => {
+                    let counted = tokio::time::timeout(COUNT_LIMIT, me.count_systems_now()).await;
+                    let counts = match counted {
+                        Ok(Ok(c)) => Some(c),
+                        Ok(Err(e)) => {
                             tracing::warn!(message = "Could not count systems for /metrics.", error = %e);
+                            None
+                        }
+                        Err(_) => {
+                            tracing::warn!(message = "Counting the systems for /metrics took too long.");
                             None
                         }
                     };

@@ -328,6 +328,8 @@ pub struct Fence {
     pub session: i32,
     /// The lock's key.
     pub key: i64,
+    /// Which taking of the lock this is (unique within the process).
+    pub serial: u64,
 }
 
 /// A guard whose lock cannot be lost while it is held (an in-process lock).

@@ -539,8 +539,13 @@ const UPDATE_SYSTEM: &str = "WITH up AS (UPDATE systems SET revision = $2, recor
 
 /// Whether `e` says the session is gone (closed, or ended by the server).
 fn session_ended(e: &tokio_postgres::Error) -> bool {
-    e.is_closed() || e.as_db_error().is_some_and(|d| d.severity() == "FATAL")
+    e.is_closed()
+        || e.as_db_error()
+            .is_some_and(|d| d.parsed_severity() == Some(tokio_postgres::error::Severity::Fatal))
 }
+
+/// Each taking of a refresh lock in this process, numbered (see [`super::Fence::serial`]).
+static LOCK_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The sessions holding this store's refresh locks, by their fences (see
 /// [`CredentialStore::update_system_fenced`]).
@@ -556,9 +561,8 @@ fn lock_key(system_id: &str) -> i64 {
 struct PgLock {
     /// The session that holds the lock (shared only with a fenced write under way).
     obj: Option<Arc<deadpool_postgres::Object>>,
-    key: i64,
-    /// The backend process id of the session that holds it.
-    session: i32,
+    /// The session, the key and the serial of this taking of the lock.
+    fence: super::Fence,
     /// Given back once the connection is back in the pool.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Where fenced writes find the session; this lock's entry goes with it.
@@ -571,10 +575,7 @@ const LOCK_CHECK: Duration = Duration::from_secs(2);
 #[async_trait]
 impl super::LockGuard for PgLock {
     fn fence(&self) -> Option<super::Fence> {
-        Some(super::Fence {
-            session: self.session,
-            key: self.key,
-        })
+        Some(self.fence)
     }
 
     /// The session that took the lock still answers: it holds the lock (nothing else unlocks
@@ -595,12 +596,9 @@ impl super::LockGuard for PgLock {
 
 impl Drop for PgLock {
     fn drop(&mut self) {
-        crate::util::sync::lock(&self.fenced).remove(&super::Fence {
-            session: self.session,
-            key: self.key,
-        });
+        crate::util::sync::lock(&self.fenced).remove(&self.fence);
         if let Some(obj) = self.obj.take() {
-            let (key, slot) = (self.key, self.slot.take());
+            let (key, slot) = (self.fence.key, self.slot.take());
             // Unlock before the connection goes back to the pool; if this fails the connection
             // is dropped instead, which ends the session and its locks.
             tokio::spawn(async move {
@@ -739,7 +737,19 @@ impl CredentialStore for PostgresStore {
         match session.query(UPDATE_SYSTEM, &params).await {
             Ok(rows) if rows.is_empty() => Err(StoreError::Conflict),
             Ok(_) => Ok(()),
-            Err(e) if session_ended(&e) || session.is_closed() => Err(StoreError::LockLost),
+            Err(e) if session_ended(&e) || session.is_closed() => {
+                // The session may have ended after the commit, before its answer: then the
+                // write landed under the lock (this revision with this sealing is stored).
+                match self.get_system(&record.system_id).await {
+                    Ok(Some(stored))
+                        if stored.revision == record.revision
+                            && stored.sealed_credential == record.sealed_credential =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(StoreError::LockLost),
+                }
+            }
             Err(e) => Err(pg(e)),
         }
     }
@@ -859,12 +869,15 @@ impl CredentialStore for PostgresStore {
         loop {
             if let Some(session) = try_advisory_lock(&obj, key).await? {
                 let obj = Arc::new(obj);
-                crate::util::sync::lock(&self.fenced)
-                    .insert(super::Fence { session, key }, Arc::downgrade(&obj));
+                let fence = super::Fence {
+                    session,
+                    key,
+                    serial: LOCK_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
+                crate::util::sync::lock(&self.fenced).insert(fence, Arc::downgrade(&obj));
                 return Ok(Some(RefreshLock::losable(PgLock {
                     obj: Some(obj),
-                    key,
-                    session,
+                    fence,
                     slot,
                     fenced: self.fenced.clone(),
                 })));
