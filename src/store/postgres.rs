@@ -685,27 +685,12 @@ impl CredentialStore for PostgresStore {
         record: &SystemRecord,
         expected_revision: u64,
     ) -> Result<(), StoreError> {
-        let bytes = encode(record)?;
-        let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
-        let expected = i64::try_from(expected_revision).unwrap_or(i64::MAX);
-        let n = self
-            .rows(
-                UPDATE_SYSTEM,
-                &[
-                    &record.system_id,
-                    &rev,
-                    &bytes,
-                    &expected,
-                    &CHANNEL,
-                    &self.payload("system", &record.system_id),
-                ],
-            )
-            .await?
-            .len();
-        if n == 0 {
-            return Err(StoreError::Conflict);
+        let obj = self.client().await?;
+        match self.update_on(&obj, record, expected_revision).await? {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::Conflict),
+            Err(e) => Err(pg(e)),
         }
-        Ok(())
     }
 
     /// Made on the lock's own session: while that session lives it holds the lock (nothing
@@ -723,20 +708,9 @@ impl CredentialStore for PostgresStore {
         let Some(session) = held else {
             return Err(StoreError::LockLost);
         };
-        let bytes = encode(record)?;
-        let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
-        let expected = i64::try_from(expected_revision).unwrap_or(i64::MAX);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-            &record.system_id,
-            &rev,
-            &bytes,
-            &expected,
-            &CHANNEL,
-            &self.payload("system", &record.system_id),
-        ];
-        match session.query(UPDATE_SYSTEM, &params).await {
-            Ok(rows) if rows.is_empty() => Err(StoreError::Conflict),
-            Ok(_) => Ok(()),
+        match self.update_on(&session, record, expected_revision).await? {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::Conflict),
             Err(e) if session_ended(&e) || session.is_closed() => {
                 // The session may have ended after the commit, before its answer: then the
                 // write landed under the lock (this revision with this sealing is stored).
@@ -1020,6 +994,31 @@ impl CredentialStore for PostgresStore {
 }
 
 impl PostgresStore {
+    /// [`UPDATE_SYSTEM`] for `record` on `client`'s session: whether it wrote (a revision other
+    /// than `expected_revision` stored is no write), or the database's error as it came.
+    async fn update_on(
+        &self,
+        client: &tokio_postgres::Client,
+        record: &SystemRecord,
+        expected_revision: u64,
+    ) -> Result<Result<bool, tokio_postgres::Error>, StoreError> {
+        let bytes = encode(record)?;
+        let rev = i64::try_from(record.revision).unwrap_or(i64::MAX);
+        let expected = i64::try_from(expected_revision).unwrap_or(i64::MAX);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &record.system_id,
+            &rev,
+            &bytes,
+            &expected,
+            &CHANNEL,
+            &self.payload("system", &record.system_id),
+        ];
+        Ok(client
+            .query(UPDATE_SYSTEM, &params)
+            .await
+            .map(|rows| !rows.is_empty()))
+    }
+
     async fn append_events_now(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         let mut obj = self.client().await?;
         let tx = obj.transaction().await.map_err(pg)?;

@@ -204,15 +204,9 @@ async fn a_credential_write_the_full_disk_refused_is_not_read_back() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    if !mount_tmpfs(&data, "16m") {
-        assert!(
-            std::env::var("CREDBROKER_REQUIRE_TMPFS").ok().as_deref() != Some("1"),
-            "mounting a tmpfs was refused, but CREDBROKER_REQUIRE_TMPFS=1"
-        );
-        eprintln!("SKIPPED: mounting a tmpfs was refused");
+    let Some(_unmount) = tmpfs_or_skip(&data, "16m") else {
         return;
-    }
-    let _unmount = Unmount(data.clone());
+    };
     let mut config = test_config(&data);
     config.audit.file = Some(root.path().join("audit.log"));
     let asana = FakeAsana::start().await;
@@ -279,15 +273,9 @@ async fn an_audit_line_the_full_disk_cut_short_leaves_no_fragment() {
     let root = tempfile::tempdir().unwrap();
     let trail = root.path().join("trail");
     std::fs::create_dir_all(&trail).unwrap();
-    if !mount_tmpfs(&trail, "1m") {
-        assert!(
-            std::env::var("CREDBROKER_REQUIRE_TMPFS").ok().as_deref() != Some("1"),
-            "mounting a tmpfs was refused, but CREDBROKER_REQUIRE_TMPFS=1"
-        );
-        eprintln!("SKIPPED: mounting a tmpfs was refused");
+    let Some(_unmount) = tmpfs_or_skip(&trail, "1m") else {
         return;
-    }
-    let _unmount = Unmount(trail.clone());
+    };
     let log = trail.join("audit.log");
     let mut config = test_config(&root.path().join("data"));
     config.audit.file = Some(log.clone());
@@ -408,6 +396,20 @@ async fn a_rotation_lands_once_through_a_concurrent_write_or_a_lost_answer() {
         );
     }
     broker.stop().await;
+}
+
+/// A tmpfs of `size` mounted at `path` until the guard drops; `None` (the test skips) where
+/// mounting is refused, unless `CREDBROKER_REQUIRE_TMPFS=1`, which makes that a failure.
+fn tmpfs_or_skip(path: &Path, size: &str) -> Option<Unmount> {
+    if mount_tmpfs(path, size) {
+        return Some(Unmount(path.to_path_buf()));
+    }
+    assert!(
+        std::env::var("CREDBROKER_REQUIRE_TMPFS").ok().as_deref() != Some("1"),
+        "mounting a tmpfs was refused, but CREDBROKER_REQUIRE_TMPFS=1"
+    );
+    eprintln!("SKIPPED: mounting a tmpfs was refused");
+    None
 }
 
 /// Mounts a tmpfs of `size` at `path` (root with CAP_SYS_ADMIN); false where that is refused.
