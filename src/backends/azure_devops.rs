@@ -26,8 +26,15 @@ const URL_HINT: &str = "enter the organization URL (https://dev.azure.com/{organ
                         Azure DevOps Server, the collection URL (https://server/tfs/Collection)";
 /// The anonymous identity Azure DevOps reports for unauthenticated callers.
 const ANONYMOUS_ID: &str = "aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa";
-/// Headers that make Azure DevOps answer 401 instead of redirecting to a sign-in page.
-const EXTRA: &[(&str, &str)] = &[("x-tfs-fedauthredirect", "Suppress")];
+/// Headers that make Azure DevOps answer 401 instead of redirecting to a sign-in page, and
+/// the two without which connectionData gives the anonymous user's answer whatever the
+/// credential (Git Credential Manager's finding, upstreams.md §1.2): an encoding this client
+/// reads (no compression) and a cache directive.
+const EXTRA: &[(&str, &str)] = &[
+    ("x-tfs-fedauthredirect", "Suppress"),
+    ("accept-encoding", "identity"),
+    ("cache-control", "no-cache"),
+];
 /// Security namespace and bits of Exalate's "is the proxy user a collection admin" probe.
 const PCA_PROBE: &str =
     "_apis/permissions/11238e09-49f2-40c7-94d0-8f0307204ce4/15?alwaysAllowAdministrators=true";

@@ -72,9 +72,15 @@ impl Header {
     /// Whether the value can go into an HTTP request as it is: printable ASCII and spaces, at
     /// most [`MAX_HEADER_VALUE`] bytes. A vendor's token with a CR/LF, another control byte or
     /// non-ASCII text would inject headers at a worker's HTTP stack or be dropped by the proxy.
+    /// A value that starts or ends with a space is not sent as it is either (HTTP trims it):
+    /// an empty access token makes `Bearer `, which would only earn the workers 401s.
     pub fn sendable(&self) -> bool {
         let v = self.value.expose_secret().as_bytes();
-        !v.is_empty() && v.len() <= MAX_HEADER_VALUE && v.iter().all(|b| (0x20..0x7f).contains(b))
+        !v.is_empty()
+            && v.len() <= MAX_HEADER_VALUE
+            && v.iter().all(|b| (0x20..0x7f).contains(b))
+            && v.first() != Some(&b' ')
+            && v.last() != Some(&b' ')
     }
 }
 
@@ -368,5 +374,22 @@ pub fn basic(user: &str, password: &str) -> Header {
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token a worker's HTTP stack would carry as it is, and none other: an empty access
+    /// token (`Bearer `), a CR/LF, non-ASCII text or an oversized value is not handed out.
+    #[test]
+    fn only_a_header_sent_as_it_is_is_sendable() {
+        let of = |t: &str| bearer(&SecretString::from(t)).sendable();
+        assert!(of("at-1.2_3"));
+        for bad in ["", "at ", "at\r\nX-Injected: 1", "at-é"] {
+            assert!(!of(bad), "{bad:?}");
+        }
+        assert!(!of(&"a".repeat(MAX_HEADER_VALUE)));
     }
 }

@@ -371,11 +371,14 @@ fn relabelled(status: u16, body: &[u8]) -> (u16, Option<Vec<u8>>) {
             .ok()
             .is_some_and(|v| v.get(key).is_some_and(serde_json::Value::is_string))
     };
-    let status = match status {
-        200 => 200,
-        _ if has("access_token") => 200,
-        _ if has("error") => 400,
-        s => s,
+    // A 200 with an error and no token too: the crate would read it as a token answer, fail
+    // to parse it, and the vendor's verdict (`invalid_grant`) would pass for an outage.
+    let status = if has("access_token") {
+        200
+    } else if has("error") {
+        400
+    } else {
+        status
     };
     (status, Some(read))
 }
@@ -677,7 +680,7 @@ mod tests {
     /// A passing outage the vendor names (`temporarily_unavailable`) and a 401/403 without an
     /// OAuth error body (a firewall's page) are retried later; `invalid_grant` kills the grant.
     /// A token answer under any 2xx reaches the oauth2 crate as 200; an OAuth error under a
-    /// 2xx as an error answer; anything else keeps its status.
+    /// 2xx (200 included) as an error answer; anything else keeps its status.
     #[test]
     fn token_and_error_answers_under_another_2xx_keep_their_meaning() {
         let token = br#"{"access_token":"a","token_type":"Bearer","refresh_token":"r"}"#;
@@ -686,7 +689,11 @@ mod tests {
             assert_eq!(relabelled(status, token).0, 200, "{status}");
         }
         assert_eq!(relabelled(201, error).0, 400);
-        assert_eq!(relabelled(200, error).0, 200, "the crate's own 200 path");
+        assert_eq!(
+            relabelled(200, error).0,
+            400,
+            "a 200 that carries only an error"
+        );
         assert_eq!(relabelled(202, br#"{"queued":true}"#).0, 202);
         assert_eq!(relabelled(203, b"<html>sign in</html>"), (203, None));
         assert_eq!(relabelled(400, error), (400, None));

@@ -269,7 +269,10 @@ impl ServiceNowBackend {
                     .filter(|_| rotated)
                     .unwrap_or_else(|| refresh_token.clone()),
                 username: username.clone(),
-                refresh_expires_at: refresh_expires_at.or(Some(unix_now() + lifespan.as_secs())),
+                // A new refresh token lives its own lifespan from now.
+                refresh_expires_at: refresh_expires_at
+                    .filter(|_| !rotated)
+                    .or(Some(unix_now() + lifespan.as_secs())),
             });
         }
         Ok(issued)

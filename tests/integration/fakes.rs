@@ -495,6 +495,13 @@ impl FakeAzureDevOps {
             if s.mode == Mode::Anonymous && rest == "connectionData" {
                 return Reply::Json(200, anonymous_connection);
             }
+            // upstreams.md §1.2: without these two, connectionData answers as to an anonymous
+            // caller, whatever the credential.
+            if rest == "connectionData"
+                && (req.header("accept-encoding").is_empty() || req.header("cache-control").is_empty())
+            {
+                return Reply::Json(200, anonymous_connection);
+            }
             let principal = req.bearer().map(|t| s.entra_tokens.lock().unwrap().get(t).cloned());
             let user = match (principal, req.basic()) {
                 (Some(Some(client)), _) => match s.principals.get(&client) {

@@ -727,6 +727,47 @@ async fn servicenow_refresh_token_lapse_requires_a_new_password_grant() {
     broker.stop().await;
 }
 
+/// An instance that rotates its refresh tokens: each new one lives its own lifespan from its
+/// issue, not the first one's (which would have the grant refused locally at the first token's
+/// date).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_servicenow_refresh_token_lives_its_own_lifespan() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = servicenow(1800).await;
+    fake.oauth(|o| o.rotate = true);
+    let mut config = test_config(dir.path());
+    config.vendors.servicenow_refresh_token_lifespan = Duration::from_secs(3);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(sn_register(
+            "turns",
+            &fake.base_url,
+            password_grant(),
+            false,
+        ))
+        .await
+        .unwrap();
+    let mut token = admin
+        .get_access_token(req("turns"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Forced refreshes 1.6 s apart: the second comes after the first token's 3 s are over.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1_600)).await;
+        let mut r = req("turns");
+        r.rejected_token_id = token.token_id.clone();
+        token = admin
+            .get_access_token(r)
+            .await
+            .expect("the rotated refresh token is alive")
+            .into_inner();
+    }
+    assert_eq!(fake.reuse_detected(), 0);
+    broker.stop().await;
+}
+
 // ----------------------------------------------------------------------------------------------
 // Salesforce
 // ----------------------------------------------------------------------------------------------
