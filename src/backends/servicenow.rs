@@ -79,6 +79,14 @@ impl Backend for ServiceNowBackend {
         // With OAuth the user name is known only when it was given (or came with a password
         // grant); otherwise ask for the calling user.
         let query = match username(target.credential) {
+            // `^` joins conditions in an encoded query: such a name would add its own.
+            Some(u) if u.contains('^') => {
+                return AuthCheck::failed(
+                    AuthFailure::InvalidCredentials,
+                    "a ServiceNow user name with '^' in it cannot be looked up (the character \
+                     joins conditions in a query): check the user name",
+                )
+            }
             Some(u) => format!("user_name={u}"),
             None => "sys_id=javascript:gs.getUserID()".to_owned(),
         };

@@ -538,6 +538,21 @@ async fn servicenow_basic_tells_the_truth() {
         &["wrong-pw"],
     );
 
+    // A user name with `^` (which joins conditions in an encoded query) is not looked up:
+    // `x^ORuser_name=sync.proxy` would have shown sync.proxy's account.
+    let before = fake.server.count("/api/now/table/sys_user");
+    let c = check(
+        &mut admin,
+        candidate(
+            kind,
+            &fake.base_url,
+            basic_cred("x^ORuser_name=sync.proxy", "sn-pass-1"),
+        ),
+    )
+    .await;
+    assert_failed(&c, F::InvalidCredentials, &["'^'"], &["sn-pass-1"]);
+    assert_eq!(fake.server.count("/api/now/table/sys_user"), before);
+
     // ACL-filtered 200 with an empty result is not success.
     fake.set_access("limited", &["itil"], false, true);
     let c = check(
