@@ -371,14 +371,21 @@ fn relabelled(status: u16, body: &[u8]) -> (u16, Option<Vec<u8>>) {
             .ok()
             .is_some_and(|v| v.get(key).is_some_and(serde_json::Value::is_string))
     };
-    // A 200 with an error and no token too: the crate would read it as a token answer, fail
-    // to parse it, and the vendor's verdict (`invalid_grant`) would pass for an outage.
-    let status = if has("access_token") {
-        200
-    } else if has("error") {
-        400
-    } else {
-        status
+    // Under 200 only the vendor's verdict on the grant itself (`invalid_grant`), which the
+    // crate would read as a token answer and fail to parse, so that it passed for an outage. A
+    // gateway's 200 with another error stays unreadable, and so a passing fault: one answer
+    // of that kind must not send a person to reconnect.
+    let error_is = |code: &str| {
+        serde_json::from_slice::<serde_json::Value>(&read)
+            .ok()
+            .is_some_and(|v| v.get("error").and_then(serde_json::Value::as_str) == Some(code))
+    };
+    let status = match status {
+        _ if has("access_token") => 200,
+        200 if error_is("invalid_grant") => 400,
+        200 => 200,
+        _ if has("error") => 400,
+        s => s,
     };
     (status, Some(read))
 }
@@ -422,6 +429,13 @@ fn lenient_token_answer(body: &[u8]) -> Option<Vec<u8>> {
     }
     if !map.get("refresh_token").is_some_and(Value::is_string) {
         map.remove("refresh_token");
+    }
+    // A token padded with spaces is the token (the server it is sent to would trim them).
+    if let Some(Value::String(t)) = map.get_mut("access_token") {
+        let trimmed = t.trim();
+        if trimmed.len() != t.len() {
+            *t = trimmed.to_owned();
+        }
     }
     serde_json::to_vec(&map).ok()
 }
@@ -689,11 +703,11 @@ mod tests {
             assert_eq!(relabelled(status, token).0, 200, "{status}");
         }
         assert_eq!(relabelled(201, error).0, 400);
-        assert_eq!(
-            relabelled(200, error).0,
-            400,
-            "a 200 that carries only an error"
-        );
+        assert_eq!(relabelled(200, error).0, 400, "only invalid_grant");
+        let other = br#"{"error":"invalid_request"}"#;
+        assert_eq!(relabelled(200, other).0, 200, "another error under 200");
+        let both = br#"{"error":"x","access_token":"a"}"#;
+        assert_eq!(relabelled(200, both).0, 200);
         assert_eq!(relabelled(202, br#"{"queued":true}"#).0, 202);
         assert_eq!(relabelled(203, b"<html>sign in</html>"), (203, None));
         assert_eq!(relabelled(400, error), (400, None));

@@ -82,7 +82,7 @@ impl Backend for ServiceNowBackend {
             // `^` joins conditions in an encoded query: such a name would add its own.
             Some(u) if u.contains('^') => {
                 return AuthCheck::failed(
-                    AuthFailure::InvalidCredentials,
+                    AuthFailure::Misconfigured,
                     "a ServiceNow user name with '^' in it cannot be looked up (the character \
                      joins conditions in a query): check the user name",
                 )
@@ -136,6 +136,22 @@ impl Backend for ServiceNowBackend {
                 }
                 _ => return common(VENDOR, &resp, URL_HINT),
             };
+        // The account found must be the one named: a name the instance reads as more than a
+        // name (a `javascript:` value is run) would otherwise show another account's identity
+        // and roles.
+        if let Some(named) = username(target.credential) {
+            if !user
+                .user_name
+                .as_deref()
+                .is_some_and(|found| found.eq_ignore_ascii_case(named))
+            {
+                return AuthCheck::failed(
+                    AuthFailure::Misconfigured,
+                    "the ServiceNow account found is not the user name given: check the user \
+                     name",
+                );
+            }
+        }
         if user.active.as_deref() == Some("false") {
             return AuthCheck::failed(
                 AuthFailure::ExpiredOrRevoked,
@@ -517,6 +533,7 @@ struct TableResult<T> {
 struct UserRow {
     #[serde(default)]
     sys_id: String,
+    user_name: Option<String>,
     name: Option<String>,
     email: Option<String>,
     active: Option<String>,

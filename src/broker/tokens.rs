@@ -2247,8 +2247,8 @@ fn stale_or_unavailable(
 /// Why a vendor's token is not handed out (its content never appears).
 fn unsendable(kind: crate::model::SystemKind) -> String {
     format!(
-        "{} issued a token that cannot be sent as an HTTP header (control or non-ASCII \
-         characters, or over {} KiB); retrying later",
+        "{} issued a token that cannot be sent as an HTTP header (empty, control or \
+         non-ASCII characters, or over {} KiB); retrying later",
         kind.display_name(),
         crate::backends::MAX_HEADER_VALUE / 1024
     )

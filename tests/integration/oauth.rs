@@ -735,9 +735,7 @@ async fn a_rotated_servicenow_refresh_token_lives_its_own_lifespan() {
     let dir = tempfile::tempdir().unwrap();
     let fake = servicenow(1800).await;
     fake.oauth(|o| o.rotate = true);
-    let mut config = test_config(dir.path());
-    config.vendors.servicenow_refresh_token_lifespan = Duration::from_secs(3);
-    let broker = TestBroker::start_with(config).await;
+    let broker = TestBroker::start(dir.path()).await;
     let mut admin = broker.admin().await;
     admin
         .register_system(sn_register(
@@ -748,22 +746,42 @@ async fn a_rotated_servicenow_refresh_token_lives_its_own_lifespan() {
         ))
         .await
         .unwrap();
-    let mut token = admin
+    let expiry = |admin: &mut Client| {
+        let mut admin = admin.clone();
+        async move {
+            let system = admin
+                .get_system(pb::GetSystemRequest {
+                    system_id: "turns".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .system
+                .unwrap();
+            system.credential_expires_at.unwrap().seconds
+        }
+    };
+    let first = expiry(&mut admin).await;
+    let token = admin
         .get_access_token(req("turns"))
         .await
         .unwrap()
         .into_inner();
-    // Forced refreshes 1.6 s apart: the second comes after the first token's 3 s are over.
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(1_600)).await;
-        let mut r = req("turns");
-        r.rejected_token_id = token.token_id.clone();
-        token = admin
-            .get_access_token(r)
-            .await
-            .expect("the rotated refresh token is alive")
-            .into_inner();
+    // A second later (the expiry counts whole seconds), a refresh that rotates the token.
+    let before = credbroker::model::unix_now() + 1;
+    while credbroker::model::unix_now() < before {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let calls = fake.token_calls();
+    let mut r = req("turns");
+    r.rejected_token_id = token.token_id;
+    admin.get_access_token(r).await.unwrap();
+    assert_eq!(fake.token_calls(), calls + 1, "refreshed");
+    let rotated = expiry(&mut admin).await;
+    assert!(
+        rotated > first,
+        "the new refresh token's expiry {rotated} is its own, not the first one's {first}"
+    );
     assert_eq!(fake.reuse_detected(), 0);
     broker.stop().await;
 }

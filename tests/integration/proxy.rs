@@ -97,7 +97,7 @@ async fn every_static_kind_reaches_its_vendor_through_the_proxy() {
     };
     let cases = [
         (reg("p-asana", pb::SystemKind::Asana, &asana.base_url, pat("px-asana-pat")), "/users/me", vec![], "\"gid\":\"11\"", "px-asana-pat"),
-        (reg("p-ado", pb::SystemKind::AzureDevops, &ado.base_url, pat("px-ado-pat")), "/_apis/connectionData", vec![("accept", "application/json"), ("x-tfs-fedauthredirect", "Suppress")], "\"id\":\"u-9\"", "px-ado-pat"),
+        (reg("p-ado", pb::SystemKind::AzureDevops, &ado.base_url, pat("px-ado-pat")), "/_apis/connectionData", vec![("accept", "application/json"), ("x-tfs-fedauthredirect", "Suppress"), ("accept-encoding", "identity"), ("cache-control", "no-cache")], "\"id\":\"u-9\"", "px-ado-pat"),
         (reg("p-fd", pb::SystemKind::Freshdesk, &fd.base_url, api_key("px-fd-key")), "/agents/me", vec![], "\"id\":5", "px-fd-key"),
         (reg("p-fs", pb::SystemKind::Freshservice, &fs.base_url, api_key("px-fs-key")), "/agents/me", vec![], "\"id\":6", "px-fs-key"),
         (

@@ -550,7 +550,7 @@ async fn servicenow_basic_tells_the_truth() {
         ),
     )
     .await;
-    assert_failed(&c, F::InvalidCredentials, &["'^'"], &["sn-pass-1"]);
+    assert_failed(&c, F::Misconfigured, &["'^'"], &["sn-pass-1"]);
     assert_eq!(fake.server.count("/api/now/table/sys_user"), before);
 
     // ACL-filtered 200 with an empty result is not success.
