@@ -157,6 +157,14 @@ fn ends_a_line(path: &std::path::Path, size: u64) -> bool {
     }
 }
 
+/// Cuts the last `written` bytes off `f`, if it still has that many (best effort).
+fn take_back(f: &File, written: u64) {
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if written > 0 && len >= written {
+        let _ = f.set_len(len - written);
+    }
+}
+
 /// Appends `parts` to `f` (opened to append); how many bytes reached it, and whether all did.
 fn append(f: &mut File, parts: &[&[u8]]) -> (u64, std::io::Result<()>) {
     let mut written = 0u64;
@@ -430,13 +438,7 @@ impl Audit {
                 // grows. If that fails too, the reopen finds the line unended. Reopened next
                 // time: the file may have been replaced or the disk freed.
                 if let Some(f) = sink.file.take() {
-                    if written > 0 {
-                        if let Ok(len) = f.metadata().map(|m| m.len()) {
-                            if len >= written {
-                                let _ = f.set_len(len - written);
-                            }
-                        }
-                    }
+                    take_back(&f, written);
                 }
                 Err(AuditError(e.to_string()))
             }

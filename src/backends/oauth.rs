@@ -366,26 +366,18 @@ fn relabelled(status: u16, body: &[u8]) -> (u16, Option<Vec<u8>>) {
     let Some(read) = lenient_token_answer(body) else {
         return (status, None);
     };
-    let has = |key: &str| {
-        serde_json::from_slice::<serde_json::Value>(&read)
-            .ok()
-            .is_some_and(|v| v.get(key).is_some_and(serde_json::Value::is_string))
-    };
+    let answer = serde_json::from_slice::<serde_json::Value>(&read).ok();
+    let text = |key: &str| answer.as_ref().and_then(|v| v.get(key)?.as_str());
     // Under 200 only the vendor's verdict on the grant itself (`invalid_grant`), which the
     // crate would read as a token answer and fail to parse, so that it passed for an outage. A
     // gateway's 200 with another error stays unreadable, and so a passing fault: one answer
     // of that kind must not send a person to reconnect.
-    let error_is = |code: &str| {
-        serde_json::from_slice::<serde_json::Value>(&read)
-            .ok()
-            .is_some_and(|v| v.get("error").and_then(serde_json::Value::as_str) == Some(code))
-    };
-    let status = match status {
-        _ if has("access_token") => 200,
-        200 if error_is("invalid_grant") => 400,
-        200 => 200,
-        _ if has("error") => 400,
-        s => s,
+    let status = match (status, text("error")) {
+        _ if text("access_token").is_some() => 200,
+        (200, Some("invalid_grant")) => 400,
+        (200, _) => 200,
+        (_, Some(_)) => 400,
+        (s, None) => s,
     };
     (status, Some(read))
 }

@@ -272,7 +272,7 @@ impl Callers {
         if !bool::from(c.hash.ct_eq(&hash)) {
             return Err(AuthRefusal::Unknown);
         }
-        if c.expires_at.is_some_and(|e| e <= unix_now()) {
+        if expired(c.expires_at, unix_now()) {
             return Err(AuthRefusal::Expired);
         }
         Ok(c.clone())
@@ -284,9 +284,7 @@ impl Callers {
         let mut exact = accepted.named(name).iter().filter(|c| c.name == name);
         // The store keeps names unique; two here (memory and store apart) name no one.
         let one = exact.next().filter(|_| exact.next().is_none())?;
-        one.expires_at
-            .is_none_or(|e| e > unix_now())
-            .then(|| one.clone())
+        (!expired(one.expires_at, unix_now())).then(|| one.clone())
     }
 
     /// The caller named by a verified client certificate (its SAN DNS names), if any.
@@ -298,7 +296,7 @@ impl Callers {
         if matching.any(|other| other.hash != c.hash) {
             return Err(AuthRefusal::Ambiguous);
         }
-        if c.expires_at.is_some_and(|e| e <= unix_now()) {
+        if expired(c.expires_at, unix_now()) {
             return Err(AuthRefusal::Expired);
         }
         Ok(c.clone())
@@ -456,10 +454,8 @@ impl Broker {
     /// Revocations run one at a time, across replicas too (the store's lock), so two admins
     /// revoking each other at once cannot both pass that rule.
     pub async fn revoke_caller(&self, name: &str) -> Result<CallerRecord, BrokerError> {
-        let _local = self.caller_ops.lock().await;
-        let _shared = self
-            .store
-            .lock_refresh(CALLER_OPERATIONS_LOCK, std::time::Duration::from_secs(30))
+        let _serialized = self
+            .admin_operation(&self.caller_ops, CALLER_OPERATIONS_LOCK)
             .await?;
         let callers = self.store.list_callers().await?;
         let mut record = callers
@@ -474,9 +470,8 @@ impl Broker {
             return Ok(record);
         }
         let now = unix_now();
-        let active = |c: &CallerRecord| {
-            c.role == Role::Admin && !c.revoked && c.expires_at.is_none_or(|at| at > now)
-        };
+        let active =
+            |c: &CallerRecord| c.role == Role::Admin && !c.revoked && !expired(c.expires_at, now);
         let other_admins = callers
             .iter()
             .filter(|c| c.name != record.name && active(c))
@@ -500,6 +495,11 @@ impl Broker {
             }
         }
     }
+}
+
+/// Whether a caller token with this expiry has expired at `now` (Unix seconds): the one rule.
+fn expired(expires_at: Option<u64>, now: u64) -> bool {
+    expires_at.is_some_and(|at| at <= now)
 }
 
 /// The store lock caller revocations hold (not a valid system id, so it never meets a refresh

@@ -192,10 +192,8 @@ impl Broker {
         ),
         BrokerError,
     > {
-        let local = self.key_ops.lock().await;
-        let shared = self
-            .store
-            .lock_refresh(KEY_OPERATIONS_LOCK, std::time::Duration::from_secs(30))
+        let (local, shared) = self
+            .admin_operation(&self.key_ops, KEY_OPERATIONS_LOCK)
             .await?;
         if self.store.is_shared() {
             self.reload_keks().await?;

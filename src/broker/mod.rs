@@ -1442,6 +1442,27 @@ impl Broker {
         Ok(())
     }
 
+    /// Serializes one kind of administrative operation (`local`, this process) across replicas
+    /// too (the store's lock named `key`, an id starting with `~` that no system can have).
+    pub(crate) async fn admin_operation<'a>(
+        &self,
+        local: &'a tokio::sync::Mutex<()>,
+        key: &str,
+    ) -> Result<
+        (
+            tokio::sync::MutexGuard<'a, ()>,
+            Option<crate::store::RefreshLock>,
+        ),
+        BrokerError,
+    > {
+        let local = local.lock().await;
+        let shared = self
+            .store
+            .lock_refresh(key, std::time::Duration::from_secs(30))
+            .await?;
+        Ok((local, shared))
+    }
+
     /// The first credential version of a system registered as `system_id`: 1, or one past the
     /// last version of a deleted system that had the id.
     async fn first_version(&self, system_id: &str) -> Result<u64, BrokerError> {
