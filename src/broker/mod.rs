@@ -331,6 +331,9 @@ pub struct Broker {
     pub(crate) unauthorized: Mutex<HashMap<String, u64>>,
     /// When a vendor 401 through the proxy last made a system's token be minted again.
     pub(crate) proxy_remints: Mutex<HashMap<String, std::time::Instant>>,
+    /// Idle grants the keep-alive sweep refreshed, with when and the end it left their refresh
+    /// token (see [`tokens::KeptAlive`]).
+    pub(crate) kept_alive: Mutex<HashMap<String, tokens::KeptAlive>>,
     /// Who may call, and the authentication of each call.
     pub(crate) callers: Callers,
     /// This broker, for vendor exchanges that must outlive the request that started them.
@@ -407,6 +410,7 @@ impl Broker {
             pending_authorizations: Mutex::new(HashMap::new()),
             unauthorized: Mutex::new(HashMap::new()),
             proxy_remints: Mutex::new(HashMap::new()),
+            kept_alive: Mutex::new(HashMap::new()),
             audit,
             lease_key,
             link_key,

@@ -2084,12 +2084,26 @@ impl Broker {
     }
 
     /// Whether `r` is an idle authorization-code grant whose refresh token dies within the
-    /// keep-alive margin: the sweep refreshes it.
+    /// keep-alive margin, and that the sweep did not keep alive lately: the sweep refreshes it.
     fn keepalive_due(&self, r: &SystemRecord) -> bool {
-        let horizon = unix_now() + self.settings.keepalive_margin.as_secs();
+        let now = unix_now();
+        let horizon = now + self.settings.keepalive_margin.as_secs();
         r.state == SystemState::Active
             && r.credential_type == crate::model::CredentialType::OAuthAuthorizationCode
             && r.credential_expires_at.is_some_and(|e| e <= horizon)
+            && !lock(&self.kept_alive)
+                .get(&r.system_id)
+                .is_some_and(|k| k.holds(r, now))
+    }
+
+    /// Notes that the sweep kept `system_id` alive now (the end its refresh token has now, as
+    /// the store reads).
+    async fn note_kept_alive(&self, system_id: &str) {
+        let at = unix_now();
+        if let Ok(Some(r)) = self.store.get_system(system_id).await {
+            let end = r.credential_expires_at;
+            lock(&self.kept_alive).insert(system_id.to_owned(), KeptAlive { at, end });
+        }
     }
 
     /// Refreshes idle authorization-code grants whose refresh token would die within the
@@ -2100,6 +2114,8 @@ impl Broker {
         if !self.leads_sweep().await {
             return;
         }
+        let now = unix_now();
+        lock(&self.kept_alive).retain(|_, k| k.end.is_some_and(|end| end > now));
         let mut pages = self.system_pages(SCAN_PAGE);
         let mut due = crate::broker::schedule::Due::default();
         loop {
@@ -2141,13 +2157,35 @@ impl Broker {
                     let id = r.system_id.clone();
                     tracing::info!(message = "Keeping an idle grant alive.", system_id = %id);
                     tasks.spawn(async move {
-                        let _ = me
-                            .mint_detached(&id, SystemTime::now(), Reason::KeepAlive)
-                            .await;
+                        let kept = me.mint_detached(&id, SystemTime::now(), Reason::KeepAlive);
+                        if kept.await.is_ok() {
+                            me.note_kept_alive(&id).await;
+                        }
                     });
                 }
             }
         }
+    }
+}
+
+/// An idle grant the keep-alive sweep refreshed: when, and the end its refresh token had after.
+/// A refresh token whose lifespan is no longer than the margin (Zendesk's shortest, 7 days, is
+/// the default margin) is within the margin again right after its refresh, and one the vendor
+/// does not renew keeps its end: either would be refreshed at every sweep (hourly). It is
+/// refreshed again once half the time to that end has gone (or when the end moved meanwhile).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeptAlive {
+    at: u64,
+    end: Option<u64>,
+}
+
+impl KeptAlive {
+    /// Whether this keep-alive still covers `r` at `now`.
+    fn holds(&self, r: &SystemRecord, now: u64) -> bool {
+        let halfway = self
+            .end
+            .map_or(self.at, |end| self.at + end.saturating_sub(self.at) / 2);
+        r.credential_expires_at == self.end && now < halfway
     }
 }
 

@@ -1745,6 +1745,50 @@ async fn a_grant_kept_alive_meanwhile_is_not_refreshed_again() {
     assert_eq!(backend.calls(), 1);
 }
 
+/// A grant whose refresh token the vendor does not renew, or renews for no longer than the
+/// margin (Zendesk's shortest lifespan is the default margin), is within the margin again right
+/// after the sweep kept it alive: it is not refreshed again at every sweep (hourly), only once
+/// its end moved or half the time to it has gone.
+#[tokio::test]
+async fn an_idle_grant_is_kept_alive_once_not_at_every_sweep() {
+    let backend = FakeBackend::new(false, vec![]);
+    let as_zendesk: Arc<dyn Backend> = backend.clone();
+    let registry = Registry::from_backends(vec![(SystemKind::Zendesk, as_zendesk)]);
+    let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
+    let store = Shared::new(usize::MAX);
+    let open = Broker::open(
+        store.clone(),
+        Keyring::new(key),
+        registry,
+        Default::default(),
+    );
+    let (broker, _) = open.await.unwrap();
+    let now = crate::util::time::unix_now();
+    register_grant(&broker, "idle", now + 86_400).await;
+    change_system(&store, "idle", |r| r.state = SystemState::Active).await;
+    let sweep = || async {
+        let mut tasks = tokio::task::JoinSet::new();
+        broker.keepalive_sweep(&mut tasks).await;
+        while tasks.join_next().await.is_some() {}
+    };
+    sweep().await;
+    assert_eq!(backend.calls(), 1, "the idle grant was not kept alive");
+    sweep().await;
+    sweep().await;
+    assert_eq!(backend.calls(), 1, "kept alive again at the next sweeps");
+    // Its end moved (reconnected, or refreshed by a worker's call): judged again.
+    change_system(&store, "idle", |r| {
+        r.credential_expires_at = Some(now + 2 * 86_400)
+    })
+    .await;
+    sweep().await;
+    assert_eq!(
+        backend.calls(),
+        2,
+        "a grant whose end moved was not judged again"
+    );
+}
+
 /// Registers `id` as a completed authorization-code grant whose refresh token dies at `dies_at`.
 async fn register_grant(broker: &Broker, id: &str, dies_at: u64) {
     let grant = crate::model::Grant {
