@@ -573,7 +573,7 @@ impl JiraCloudBackend {
         issued.updated_credential = Some(oauth::credential_with_grant(
             client_id,
             client_secret,
-            scopes,
+            (scopes, &scopes_with_offline(scopes)),
             resp,
             previous,
             Some(unix_now() + self.ctx.oauth.jira_refresh_idle_limit.as_secs()),

@@ -623,12 +623,14 @@ pub fn fixed_refresh_expiry(
 }
 
 /// The authorization-code credential carrying the grant from a token response. A response
-/// without a refresh token keeps `previous` (the stored one).
+/// without a refresh token keeps `previous` (the stored one). `scopes` are stored as the admin
+/// gave them (none: the vendor's defaults); `asked` are the scopes the flow asked the vendor for
+/// (the defaults filled in), which a first response without `scope` is taken to have granted.
 #[allow(clippy::too_many_arguments)] // One call site per vendor; a struct would only rename them.
 pub fn credential_with_grant(
     client_id: &str,
     client_secret: &SecretString,
-    scopes: &[String],
+    (scopes, asked): (&[String], &[String]),
     resp: &VendorTokenResponse,
     previous: Option<&crate::model::Grant>,
     refresh_expires_at: Option<u64>,
@@ -655,7 +657,7 @@ pub fn credential_with_grant(
                 resp,
                 previous
                     .map(|g| g.granted_scopes.as_slice())
-                    .unwrap_or(scopes),
+                    .unwrap_or(asked),
             ),
             cloud_id: cloud_id.or_else(|| previous.and_then(|g| g.cloud_id.clone())),
             instance_url: resp

@@ -356,6 +356,41 @@ async fn zendesk_connects_end_to_end_through_the_rpc() {
     broker.stop().await;
 }
 
+/// A code exchange answered without `scope` (RFC 6749 lets a server leave it out when it
+/// granted what was asked) is taken to have granted what the flow asked for: with no scopes
+/// stored, Zendesk's defaults, so the check does not call them missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_answered_without_scope_has_what_was_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = zendesk().await;
+    fake.omit_scope();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let creds = authz_code(ZD_CLIENT, ZD_SECRET);
+    let reg = register("zd", pb::SystemKind::Zendesk, &fake.base_url, creds);
+    admin.register_system(reg).await.unwrap();
+    let s = start(&mut admin, "zd").await;
+    let (_, status, page) = browse(&s.authorize_url).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("connected and active"), "{page}");
+    let target = pb::check_authentication_request::Target::SystemId("zd".into());
+    let check = pb::CheckAuthenticationRequest {
+        target: Some(target),
+    };
+    let c = admin
+        .check_authentication(check)
+        .await
+        .unwrap()
+        .into_inner();
+    let c = c.check.unwrap();
+    assert!(c.ok, "{}", c.message);
+    assert!(
+        c.missing_permissions.is_empty(),
+        "{:?}",
+        c.missing_permissions
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jira_connects_through_the_cli_and_picks_the_registered_site() {
     let dir = tempfile::tempdir().unwrap();

@@ -1997,6 +1997,9 @@ struct ZdState {
     /// Refreshes answered without a refresh token (the old one stays valid) and with this
     /// `refresh_token_expires_in`: an answer real Zendesk does not give.
     omit_refresh_token: Option<u64>,
+    /// Code exchanges answered without `scope` (real Zendesk sends it; RFC 6749 lets a server
+    /// leave it out when it granted what was asked).
+    omit_scope: bool,
 }
 
 /// A fake Zendesk account: consent page, JSON token endpoint with rotating refresh tokens (the
@@ -2026,6 +2029,7 @@ impl FakeZendesk {
             service_clients: HashMap::new(),
             consent_page: false,
             omit_refresh_token: None,
+            omit_scope: false,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| zd_handle(&mut st.lock().unwrap(), req)).await;
@@ -2086,6 +2090,11 @@ impl FakeZendesk {
     /// Forces the access-token lifetime (seconds).
     pub fn set_access_lifetime(&self, secs: u64) {
         self.state.lock().unwrap().access_lifetime = Some(secs);
+    }
+
+    /// Answers code exchanges without `scope`.
+    pub fn omit_scope(&self) {
+        self.state.lock().unwrap().omit_scope = true;
     }
 
     /// Answers refreshes without a refresh token, saying `refresh_token_expires_in`.
@@ -2250,14 +2259,12 @@ fn zd_handle(s: &mut ZdState, req: &Req) -> Reply {
                 },
                 _ => return Reply::Unexpected("unknown grant_type".into()),
             };
-            delayed(
-                &s.oauth,
-                Reply::Json(
-                    200,
-                    json!({"access_token": access, "token_type": "bearer", "scope": scope, "refresh_token": refresh,
-                    "expires_in": lifetime, "refresh_token_expires_in": refresh_ttl}),
-                ),
-            )
+            let mut answer = json!({"access_token": access, "token_type": "bearer", "scope": scope, "refresh_token": refresh,
+                    "expires_in": lifetime, "refresh_token_expires_in": refresh_ttl});
+            if s.omit_scope {
+                answer.as_object_mut().unwrap().remove("scope");
+            }
+            delayed(&s.oauth, Reply::Json(200, answer))
         }
         "/api/v2/users/me.json" => {
             // Allowed for anonymous users: 200 with a null id, never 401.
