@@ -1219,6 +1219,45 @@ async fn a_flood_of_metrics_scrapes_shares_its_counts_of_the_systems() {
     broker.stop().await;
 }
 
+/// A scrape that goes away mid-count (its deadline) neither stops the count nor frees the turn:
+/// the next scrape, asked after that count started, waits for it to end and then, as it must
+/// count what was there when it asked, for the next count a second after it; it never starts a
+/// count of its own beside the abandoned one. (On a loaded machine a broken build could pass by
+/// being slow; a sound one cannot fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_scrape_that_goes_away_leaves_its_count_running() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Arc::new(FaultControl::default());
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
+    let mut admin = broker.admin().await;
+    let reg = register_asana("counted", &asana.base_url, "metrics-pat", false);
+    admin.register_system(reg).await.unwrap();
+    let url = format!("http://{}/metrics", broker.http_addr);
+    ctl.latency_ms.store(400, SeqCst);
+    let asked = std::time::Instant::now();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let gone = impatient.get(&url).send().await.unwrap_err();
+    assert!(gone.is_timeout(), "{gone}");
+    let body = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let answered = asked.elapsed();
+    ctl.heal();
+    assert!(
+        body.lines()
+            .any(|l| l == "credbroker_systems{state=\"active\"} 1"),
+        "{body}"
+    );
+    assert!(
+        answered >= Duration::from_secs(1),
+        "answered {answered:?} after the abandoned scrape: its count was stopped or its turn freed"
+    );
+    broker.stop().await;
+}
+
 /// Two admins revoking each other at once, while the store is slow: revocations run one at a
 /// time, so one of them stays; and an admin whose token has expired does not count as the one
 /// that may stay.
