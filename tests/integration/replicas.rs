@@ -107,6 +107,58 @@ impl Replicas {
     }
 }
 
+/// Two admins, each on its own replica, revoking each other at once, round after round: the
+/// revocations run one at a time across replicas (the store's lock), so one admin always stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_revoking_each_other_on_two_replicas_always_leave_one() {
+    let Some(pg) = PgServer::shared().await else {
+        return skipped("admins_revoking_each_other_on_two_replicas_always_leave_one");
+    };
+    let url = pg.fresh_db().await;
+    let r = replicas(&url, 2, &[]).await;
+    let mut kept = ("admin".to_owned(), r.admin_token.clone());
+    for round in 0..8 {
+        let mut a = client(r.procs[0].addr, Some(&kept.1)).await;
+        let create = pb::CreateCallerRequest {
+            name: format!("second-{round}"),
+            role: pb::CallerRole::Admin as i32,
+            ..Default::default()
+        };
+        let made = a.create_caller(create.clone()).await.unwrap().into_inner();
+        let other = (create.name, made.token);
+        let addr_b = r.procs[1].addr;
+        // Known at the other replica first.
+        within(Duration::from_secs(1), || {
+            let token = other.1.clone();
+            async move {
+                let mut b = client(addr_b, Some(&token)).await;
+                b.list_callers(pb::ListCallersRequest {}).await.is_ok()
+            }
+        })
+        .await;
+        let mut b = client(addr_b, Some(&other.1)).await;
+        let revoke = |name: &str| pb::RevokeCallerRequest { name: name.into() };
+        let (by_a, by_b) = tokio::join!(
+            a.revoke_caller(revoke(&other.0)),
+            b.revoke_caller(revoke(&kept.0)),
+        );
+        match (by_a.is_ok(), by_b.is_ok()) {
+            (true, false) => {}
+            (false, true) => kept = other,
+            outcome => panic!("round {round}: {outcome:?}: {by_a:?} {by_b:?}"),
+        }
+        let refused = by_a.err().or(by_b.err()).unwrap();
+        let codes = [Code::FailedPrecondition, Code::Unauthenticated];
+        assert!(codes.contains(&refused.code()), "{refused:?}");
+        let mut left = client(r.procs[0].addr, Some(&kept.1)).await;
+        let callers = left.list_callers(pb::ListCallersRequest {}).await.unwrap();
+        let callers = callers.into_inner().callers;
+        let active: Vec<_> = callers.iter().filter(|c| !c.revoked).collect();
+        assert_eq!(active.len(), 1, "round {round}: {callers:?}");
+        assert_eq!(active[0].name, kept.0);
+    }
+}
+
 /// The stored revision of `system_id`, read from the database itself.
 async fn stored_revision(url: &str, system_id: &str) -> i64 {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
