@@ -573,7 +573,10 @@ impl JiraCloudBackend {
         issued.updated_credential = Some(oauth::credential_with_grant(
             client_id,
             client_secret,
-            (scopes, &scopes_with_offline(scopes)),
+            oauth::GrantScopes {
+                stored: scopes,
+                asked: &scopes_with_offline(scopes),
+            },
             resp,
             previous,
             Some(unix_now() + self.ctx.oauth.jira_refresh_idle_limit.as_secs()),

@@ -622,15 +622,26 @@ pub fn fixed_refresh_expiry(
     }
 }
 
+/// The scopes of an authorization-code flow.
+pub struct GrantScopes<'a> {
+    /// As the admin gave them, and stored so (none: the vendor's defaults).
+    pub stored: &'a [String],
+    /// What the flow asked the vendor for (the defaults filled in).
+    pub asked: &'a [String],
+}
+
 /// The authorization-code credential carrying the grant from a token response. A response
-/// without a refresh token keeps `previous` (the stored one). `scopes` are stored as the admin
-/// gave them (none: the vendor's defaults); `asked` are the scopes the flow asked the vendor for
-/// (the defaults filled in), which a first response without `scope` is taken to have granted.
+/// without a refresh token keeps `previous` (the stored one). A response without `scope` is
+/// taken to have granted what the grant had before, else what the flow asked for (see
+/// [`GrantScopes`]).
 #[allow(clippy::too_many_arguments)] // One call site per vendor; a struct would only rename them.
 pub fn credential_with_grant(
     client_id: &str,
     client_secret: &SecretString,
-    (scopes, asked): (&[String], &[String]),
+    GrantScopes {
+        stored: scopes,
+        asked,
+    }: GrantScopes<'_>,
     resp: &VendorTokenResponse,
     previous: Option<&crate::model::Grant>,
     refresh_expires_at: Option<u64>,
@@ -657,6 +668,7 @@ pub fn credential_with_grant(
                 resp,
                 previous
                     .map(|g| g.granted_scopes.as_slice())
+                    .filter(|granted| !granted.is_empty())
                     .unwrap_or(asked),
             ),
             cloud_id: cloud_id.or_else(|| previous.and_then(|g| g.cloud_id.clone())),
@@ -684,6 +696,58 @@ pub fn missing_scopes(needed: &[String], granted: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token answer without `scope` keeps the scopes the grant had, and one that had none
+    /// (stored from such an answer before) gets what the flow asked for; an answer that names
+    /// its scopes is believed, narrower or not.
+    #[test]
+    fn an_answer_without_scope_has_what_was_asked_unless_the_grant_knew_better() {
+        let granted = |answer: &str, previous: Option<Vec<&str>>| {
+            let resp: VendorTokenResponse = serde_json::from_str(answer).unwrap();
+            let previous = previous.map(|had| crate::model::Grant {
+                refresh_token: SecretString::new("rt-0".to_owned()),
+                refresh_expires_at: None,
+                granted_scopes: had.iter().map(|s| s.to_string()).collect(),
+                cloud_id: None,
+                instance_url: None,
+                authorized_at: 0,
+            });
+            let asked = ["read".to_owned(), "write".to_owned()];
+            let scopes = GrantScopes {
+                stored: &[],
+                asked: &asked,
+            };
+            let secret = SecretString::new("s".to_owned());
+            let c = credential_with_grant(
+                "c",
+                &secret,
+                scopes,
+                &resp,
+                previous.as_ref(),
+                None,
+                None,
+                "V",
+            );
+            match c.unwrap() {
+                crate::model::Credential::OAuthAuthorizationCode {
+                    grant: Some(g),
+                    scopes,
+                    ..
+                } => {
+                    assert!(scopes.is_empty(), "the stored scopes stay as given");
+                    g.granted_scopes
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let bare = r#"{"access_token":"a","token_type":"bearer","refresh_token":"r"}"#;
+        let narrow =
+            r#"{"access_token":"a","token_type":"bearer","refresh_token":"r","scope":"read"}"#;
+        assert_eq!(granted(bare, None), ["read", "write"]);
+        assert_eq!(granted(bare, Some(vec![])), ["read", "write"]);
+        assert_eq!(granted(bare, Some(vec!["read"])), ["read"]);
+        assert_eq!(granted(narrow, None), ["read"]);
+    }
 
     /// A passing outage the vendor names (`temporarily_unavailable`) and a 401/403 without an
     /// OAuth error body (a firewall's page) are retried later; `invalid_grant` kills the grant.

@@ -635,7 +635,10 @@ impl SalesforceBackend {
         issued.updated_credential = Some(oauth::credential_with_grant(
             flow.client_id,
             flow.client_secret,
-            (flow.scopes, &scopes_or_default(flow.scopes)),
+            oauth::GrantScopes {
+                stored: flow.scopes,
+                asked: &scopes_or_default(flow.scopes),
+            },
             resp,
             previous,
             Some(crate::model::unix_now().saturating_add(idle.as_secs())),

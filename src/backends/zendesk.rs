@@ -338,7 +338,10 @@ impl ZendeskBackend {
         issued.updated_credential = Some(oauth::credential_with_grant(
             client_id,
             client_secret,
-            (scopes, &scopes_or_default(scopes)),
+            oauth::GrantScopes {
+                stored: scopes,
+                asked: &scopes_or_default(scopes),
+            },
             resp,
             previous,
             oauth::fixed_refresh_expiry(resp, previous, unix_now(), refresh_ttl),

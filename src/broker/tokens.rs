@@ -2084,25 +2084,43 @@ impl Broker {
     }
 
     /// Whether `r` is an idle authorization-code grant whose refresh token dies within the
-    /// keep-alive margin, and that the sweep did not keep alive lately: the sweep refreshes it.
+    /// keep-alive margin and that no refresh renewed lately (see [`KeptAlive`]): the sweep
+    /// refreshes it. A grant found renewed since it was noted is noted again.
     fn keepalive_due(&self, r: &SystemRecord) -> bool {
         let now = unix_now();
-        let horizon = now + self.settings.keepalive_margin.as_secs();
-        r.state == SystemState::Active
-            && r.credential_type == crate::model::CredentialType::OAuthAuthorizationCode
-            && r.credential_expires_at.is_some_and(|e| e <= horizon)
-            && !lock(&self.kept_alive)
-                .get(&r.system_id)
-                .is_some_and(|k| k.holds(r, now))
+        let horizon = now.saturating_add(self.settings.keepalive_margin.as_secs());
+        let Some(end) = r.credential_expires_at.filter(|end| *end <= horizon) else {
+            return false;
+        };
+        if r.state != SystemState::Active
+            || r.credential_type != crate::model::CredentialType::OAuthAuthorizationCode
+        {
+            return false;
+        }
+        // Refreshed before the health calls it a horizon (the sweep failed to push it back),
+        // with two sweeps to spare, whatever was noted.
+        let sweeps = self.settings.keepalive_interval.saturating_mul(2);
+        let spare = sweeps.max(Duration::from_secs(3600)).as_secs();
+        let soon = crate::broker::health::IDLE_GRANT_ALERT_SECS.saturating_add(spare);
+        let mut kept = lock(&self.kept_alive);
+        match keepalive_verdict(kept.get(&r.system_id).copied(), end, now, soon) {
+            Verdict::Due => true,
+            Verdict::NotDue => false,
+            Verdict::Renewed => {
+                kept.insert(r.system_id.clone(), KeptAlive { since: now, end });
+                false
+            }
+        }
     }
 
     /// Notes that the sweep kept `system_id` alive now (the end its refresh token has now, as
     /// the store reads).
     async fn note_kept_alive(&self, system_id: &str) {
-        let at = unix_now();
+        let since = unix_now();
         if let Ok(Some(r)) = self.store.get_system(system_id).await {
-            let end = r.credential_expires_at;
-            lock(&self.kept_alive).insert(system_id.to_owned(), KeptAlive { at, end });
+            if let Some(end) = r.credential_expires_at {
+                lock(&self.kept_alive).insert(system_id.to_owned(), KeptAlive { since, end });
+            }
         }
     }
 
@@ -2114,8 +2132,10 @@ impl Broker {
         if !self.leads_sweep().await {
             return;
         }
+        // What is past its end or beyond the margin is judged by the margin alone again.
         let now = unix_now();
-        lock(&self.kept_alive).retain(|_, k| k.end.is_some_and(|end| end > now));
+        let horizon = now.saturating_add(self.settings.keepalive_margin.as_secs());
+        lock(&self.kept_alive).retain(|_, k| now < k.end && k.end <= horizon);
         let mut pages = self.system_pages(SCAN_PAGE);
         let mut due = crate::broker::schedule::Due::default();
         loop {
@@ -2157,8 +2177,14 @@ impl Broker {
                     let id = r.system_id.clone();
                     tracing::info!(message = "Keeping an idle grant alive.", system_id = %id);
                     tasks.spawn(async move {
+                        // A failed refresh may still answer with the cached token: only a new
+                        // one is a refresh that went through.
+                        let before = me.cached(&id).map(|t| t.token_id.clone());
                         let kept = me.mint_detached(&id, SystemTime::now(), Reason::KeepAlive);
-                        if kept.await.is_ok() {
+                        if kept
+                            .await
+                            .is_ok_and(|t| Some(&t.token_id) != before.as_ref())
+                        {
                             me.note_kept_alive(&id).await;
                         }
                     });
@@ -2168,24 +2194,47 @@ impl Broker {
     }
 }
 
-/// An idle grant the keep-alive sweep refreshed: when, and the end its refresh token had after.
-/// A refresh token whose lifespan is no longer than the margin (Zendesk's shortest, 7 days, is
-/// the default margin) is within the margin again right after its refresh, and one the vendor
-/// does not renew keeps its end: either would be refreshed at every sweep (hourly). It is
-/// refreshed again once half the time to that end has gone (or when the end moved meanwhile).
-#[derive(Debug, Clone, Copy)]
+/// What the keep-alive sweep knows of a grant's refresh token: the end it last saw, and since
+/// when (the sweep's own refresh, or the sweep that found the end moved on). A refresh token
+/// whose lifespan is no longer than the margin (Zendesk's shortest, 7 days, is the default
+/// margin) is within the margin again right after every refresh, and one the vendor does not
+/// renew keeps its end: judged by the margin alone, either would be refreshed at every sweep
+/// (hourly), and each Zendesk refresh revokes the access token workers hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeptAlive {
-    at: u64,
-    end: Option<u64>,
+    since: u64,
+    end: u64,
 }
 
-impl KeptAlive {
-    /// Whether this keep-alive still covers `r` at `now`.
-    fn holds(&self, r: &SystemRecord, now: u64) -> bool {
-        let halfway = self
-            .end
-            .map_or(self.at, |end| self.at + end.saturating_sub(self.at) / 2);
-        r.credential_expires_at == self.end && now < halfway
+/// The keep-alive's verdict on a grant within the margin.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Due,
+    NotDue,
+    /// Renewed since it was noted (a worker's refresh, another replica's, a reconnect): not
+    /// idle; noted again from now.
+    Renewed,
+}
+
+/// The verdict on a grant whose refresh token ends at `end`, `noted` as the sweep last knew it:
+/// due when first seen, when its end moved earlier, once half the time from `since` to its
+/// end has gone (or the clock went back before `since`), and always within `soon` of its end
+/// (a lifespan that short is refreshed at every sweep, as the margin alone would).
+fn keepalive_verdict(noted: Option<KeptAlive>, end: u64, now: u64, soon: u64) -> Verdict {
+    if end.saturating_sub(now) <= soon {
+        return Verdict::Due;
+    }
+    match noted {
+        Some(k) if end > k.end => Verdict::Renewed,
+        Some(k) if end == k.end => {
+            let halfway = k.since + end.saturating_sub(k.since) / 2;
+            if k.since <= now && now < halfway {
+                Verdict::NotDue
+            } else {
+                Verdict::Due
+            }
+        }
+        _ => Verdict::Due,
     }
 }
 

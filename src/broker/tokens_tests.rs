@@ -1745,10 +1745,11 @@ async fn a_grant_kept_alive_meanwhile_is_not_refreshed_again() {
     assert_eq!(backend.calls(), 1);
 }
 
-/// A grant whose refresh token the vendor does not renew, or renews for no longer than the
-/// margin (Zendesk's shortest lifespan is the default margin), is within the margin again right
-/// after the sweep kept it alive: it is not refreshed again at every sweep (hourly), only once
-/// its end moved or half the time to it has gone.
+/// A grant whose refresh token the vendor does not renew (this fake's), or renews for no longer
+/// than the margin (Zendesk's shortest lifespan is the default margin), is within the margin
+/// again right after the sweep kept it alive: it is not refreshed again at every sweep (hourly).
+/// One that someone else renewed meanwhile is not idle; one whose end moved earlier is judged
+/// again.
 #[tokio::test]
 async fn an_idle_grant_is_kept_alive_once_not_at_every_sweep() {
     let backend = FakeBackend::new(false, vec![]);
@@ -1764,7 +1765,8 @@ async fn an_idle_grant_is_kept_alive_once_not_at_every_sweep() {
     );
     let (broker, _) = open.await.unwrap();
     let now = crate::util::time::unix_now();
-    register_grant(&broker, "idle", now + 86_400).await;
+    // Six days left: within the margin (7), outside the health's 3-day alert.
+    register_grant(&broker, "idle", now + 6 * 86_400).await;
     change_system(&store, "idle", |r| r.state = SystemState::Active).await;
     let sweep = || async {
         let mut tasks = tokio::task::JoinSet::new();
@@ -1776,17 +1778,113 @@ async fn an_idle_grant_is_kept_alive_once_not_at_every_sweep() {
     sweep().await;
     sweep().await;
     assert_eq!(backend.calls(), 1, "kept alive again at the next sweeps");
-    // Its end moved (reconnected, or refreshed by a worker's call): judged again.
-    change_system(&store, "idle", |r| {
-        r.credential_expires_at = Some(now + 2 * 86_400)
-    })
-    .await;
+    // Renewed by someone else (a worker's refresh, another replica): not idle.
+    let later = |days| move |r: &mut SystemRecord| r.credential_expires_at = Some(now + days);
+    change_system(&store, "idle", later(13 * 86_400 / 2)).await;
+    sweep().await;
+    assert_eq!(
+        backend.calls(),
+        1,
+        "a grant renewed meanwhile was refreshed"
+    );
+    // Its end moved earlier (connected again with a shorter grant): judged again.
+    change_system(&store, "idle", later(5 * 86_400)).await;
     sweep().await;
     assert_eq!(
         backend.calls(),
         2,
-        "a grant whose end moved was not judged again"
+        "a grant whose end moved earlier was not judged again"
     );
+}
+
+/// A keep-alive the vendor's outage failed answers with the cached token, as any mint does while
+/// it is still valid; it is not noted as done, and the next sweep tries again.
+#[tokio::test]
+async fn a_failed_keep_alive_is_tried_again_at_the_next_sweep() {
+    use crate::broker::tokens::Reason;
+    let script = vec![Answer::Token(None), Answer::Transient(None)];
+    let backend = FakeBackend::new(false, script);
+    let as_zendesk: Arc<dyn Backend> = backend.clone();
+    let registry = Registry::from_backends(vec![(SystemKind::Zendesk, as_zendesk)]);
+    let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
+    let store = Shared::new(usize::MAX);
+    let mut settings = BrokerSettings::default();
+    // No pause after the failure: the next sweep may try at once.
+    settings.refresh.retry_base = Duration::ZERO;
+    let open = Broker::open(store.clone(), Keyring::new(key), registry, settings);
+    let (broker, _) = open.await.unwrap();
+    let now = crate::util::time::unix_now();
+    register_grant(&broker, "idle", now + 6 * 86_400).await;
+    change_system(&store, "idle", |r| r.state = SystemState::Active).await;
+    let demand = Reason::Demand { rejected: None };
+    let cached = broker
+        .mint_detached("idle", SystemTime::now(), demand)
+        .await;
+    cached.unwrap();
+    let sweep = || async {
+        let mut tasks = tokio::task::JoinSet::new();
+        broker.keepalive_sweep(&mut tasks).await;
+        while tasks.join_next().await.is_some() {}
+    };
+    sweep().await;
+    assert_eq!(backend.calls(), 2, "the keep-alive was not tried");
+    sweep().await;
+    assert_eq!(backend.calls(), 3, "a failed keep-alive was taken for done");
+}
+
+/// The keep-alive's verdict: halfway from when the end was noted, the clock stepped back, an
+/// end close enough, renewed or moved earlier.
+#[test]
+fn the_keep_alive_refreshes_a_grant_halfway_to_the_end_it_noted() {
+    use super::{keepalive_verdict as verdict, KeptAlive, Verdict::*};
+    let (now, day) = (1_800_000_000u64, 86_400u64);
+    let soon = 7_200;
+    // (The broker's `soon` is the health's 3-day alert and two sweeps.)
+    let noted = |since, end| Some(KeptAlive { since, end });
+    // Noted a day ago, ending in six days: a day of the 3.5 gone.
+    assert_eq!(
+        verdict(noted(now - day, now + 6 * day), now + 6 * day, now, soon),
+        NotDue
+    );
+    // Halfway (3.5 days of 7) and past it.
+    let since = now - 7 * day / 2;
+    assert_eq!(
+        verdict(
+            noted(since, now + 7 * day / 2),
+            now + 7 * day / 2,
+            now,
+            soon
+        ),
+        Due
+    );
+    assert_eq!(
+        verdict(noted(since, now + 3 * day), now + 3 * day, now, soon),
+        Due
+    );
+    // Never seen: due.
+    assert_eq!(verdict(None, now + 6 * day, now, soon), Due);
+    // Within two sweeps of its end, whatever was noted.
+    assert_eq!(verdict(noted(now, now + soon), now + soon, now, soon), Due);
+    // The clock went back before the note: due, not skipped for longer.
+    assert_eq!(
+        verdict(noted(now + day, now + 8 * day), now + 8 * day, now, soon),
+        Due
+    );
+    // Renewed (the end moved on), or moved earlier.
+    assert_eq!(
+        verdict(noted(now - day, now + 5 * day), now + 6 * day, now, soon),
+        Renewed
+    );
+    assert_eq!(
+        verdict(noted(now - day, now + 6 * day), now + 5 * day, now, soon),
+        Due
+    );
+    // Far-off values do not overflow.
+    assert_eq!(
+        verdict(noted(u64::MAX - 1, u64::MAX), u64::MAX, u64::MAX - 1, soon),
+        Due
+    );
+    assert_eq!(verdict(noted(0, u64::MAX), u64::MAX, 1, soon), NotDue);
 }
 
 /// Registers `id` as a completed authorization-code grant whose refresh token dies at `dies_at`.

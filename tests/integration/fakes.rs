@@ -1997,8 +1997,8 @@ struct ZdState {
     /// Refreshes answered without a refresh token (the old one stays valid) and with this
     /// `refresh_token_expires_in`: an answer real Zendesk does not give.
     omit_refresh_token: Option<u64>,
-    /// Code exchanges answered without `scope` (real Zendesk sends it; RFC 6749 lets a server
-    /// leave it out when it granted what was asked).
+    /// Token answers (code exchanges and refreshes) without `scope` (real Zendesk sends it;
+    /// RFC 6749 lets a server leave it out when it granted what was asked).
     omit_scope: bool,
 }
 
@@ -2092,7 +2092,7 @@ impl FakeZendesk {
         self.state.lock().unwrap().access_lifetime = Some(secs);
     }
 
-    /// Answers code exchanges without `scope`.
+    /// Answers code exchanges and refreshes without `scope`.
     pub fn omit_scope(&self) {
         self.state.lock().unwrap().omit_scope = true;
     }

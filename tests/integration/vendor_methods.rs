@@ -705,8 +705,9 @@ async fn connect_with_salesforce_rotates_and_keeps_idle_grants_alive() {
     let mut config = test_config(dir.path());
     config.refresh.keepalive_interval = Duration::from_millis(200);
     config.refresh.keepalive_margin = Duration::from_secs(31 * 86_400);
-    let broker = TestBroker::start_with(config).await;
+    // Counted before the start: the first sweep runs at once.
     let before = fake.token_calls();
+    let broker = TestBroker::start_with(config).await;
     eventually(
         Duration::from_secs(10),
         "the keep-alive sweep refreshes the idle grant",
