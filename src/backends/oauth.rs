@@ -634,7 +634,7 @@ pub struct GrantScopes<'a> {
 /// without a refresh token keeps `previous` (the stored one). A response without `scope` is
 /// taken to have granted what the grant had before, else what the flow asked for (see
 /// [`GrantScopes`]).
-#[allow(clippy::too_many_arguments)] // One call site per vendor; a struct would only rename them.
+#[allow(clippy::too_many_arguments)] // One call site per vendor; the scopes are named (two lists).
 pub fn credential_with_grant(
     client_id: &str,
     client_secret: &SecretString,

@@ -116,8 +116,9 @@ fn is_transient(f: AuthFailure) -> bool {
     )
 }
 
-/// A connected grant this close to its idle limit was not kept alive (the sweep refreshes it a
-/// week ahead): from here on it is a horizon an admin must watch.
+/// A connected grant this close to its idle limit was not kept alive (the sweep refreshes it
+/// within the keep-alive margin, at the latest two sweeps before this): from here on it is a
+/// horizon an admin must watch.
 pub const IDLE_GRANT_ALERT_SECS: u64 = 3 * 86_400;
 
 /// The horizon an admin must act on. A connected grant's idle limit counts only once the

@@ -891,6 +891,11 @@ impl Broker {
             return self.answer_in_backoff(f, system_id, current, until);
         }
         let mut record = self.mintable_record(f, system_id).await?;
+        if matches!(reason, Reason::KeepAlive) && !self.store.is_shared() {
+            if let Some(answer) = self.keepalive_answer(system_id, &record, current.as_ref()) {
+                return answer;
+            }
+        }
         // Replicas (a shared store): one upstream refresh per expiry across processes. Use
         // what another replica did if it serves; else take the store's refresh lock (held for
         // the upstream call, released with the session if this process dies), look again at
@@ -1255,6 +1260,7 @@ impl Broker {
         let written = shared_with.is_some();
         let token =
             self.install_with_id(system_id, &record, issued, need_until, oauth, shared_with)?;
+        self.note_renewed(&record);
         if shared && !written && !self.share_token(system_id, &token).await {
             self.drop_token(system_id);
             return Err(changed_meanwhile());
@@ -1657,12 +1663,32 @@ impl Broker {
         }
     }
 
+    /// A keep-alive's answer, judged again on `record` (read under the system's lock): none
+    /// while the grant is still due; else the cached token if it is still valid. A grant that a
+    /// refresh renewed since the sweep read it (a worker's, another replica's) is not
+    /// refreshed again, and a keep-alive never adopts an access token, which would not renew
+    /// the grant.
+    fn keepalive_answer(
+        &self,
+        system_id: &str,
+        record: &SystemRecord,
+        current: Option<&Arc<IssuedToken>>,
+    ) -> Option<Result<Arc<IssuedToken>, BrokerError>> {
+        if self.keepalive_due(record) {
+            return None;
+        }
+        tracing::info!(message = "The idle grant is not due any more (refreshed or replaced meanwhile); not refreshed.", system_id = %system_id);
+        let valid = current
+            .filter(|c| c.expires_at > SystemTime::now())
+            .cloned();
+        let not_due = "not due any more: the grant was refreshed or replaced meanwhile";
+        Some(valid.ok_or(BrokerError::Unavailable(not_due.to_owned())))
+    }
+
     /// What another replica's work, as `record` shows it, answers without a refresh (`ask`:
-    /// until when the token must serve, why the mint runs, the cached token). The keep-alive
-    /// sweep skips a grant that is not due any more (refreshed or replaced since the sweep read
-    /// it) and never adopts an access token, which would not renew the grant. Any other mint
-    /// takes the token another replica stored if it serves, installed in the cache under its own
-    /// token id.
+    /// until when the token must serve, why the mint runs, the cached token): a keep-alive as
+    /// [`Self::keepalive_answer`]; any other mint takes the token another replica stored if it
+    /// serves, installed in the cache under its own token id.
     fn answer_from_record(
         &self,
         system_id: &str,
@@ -1670,15 +1696,7 @@ impl Broker {
         (need_until, reason, current): (SystemTime, &Reason, Option<&Arc<IssuedToken>>),
     ) -> Option<Result<Arc<IssuedToken>, BrokerError>> {
         if matches!(reason, Reason::KeepAlive) {
-            if self.keepalive_due(record) {
-                return None;
-            }
-            tracing::info!(message = "The idle grant is not due any more (refreshed or replaced meanwhile); not refreshed.", system_id = %system_id);
-            let valid = current
-                .filter(|c| c.expires_at > SystemTime::now())
-                .cloned();
-            let not_due = "not due any more: the grant was refreshed or replaced meanwhile";
-            return Some(valid.ok_or(BrokerError::Unavailable(not_due.to_owned())));
+            return self.keepalive_answer(system_id, record, current);
         }
         let shared = record.shared_token.as_ref()?;
         let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(shared.expires_at_ms);
@@ -2113,14 +2131,16 @@ impl Broker {
         }
     }
 
-    /// Notes that the sweep kept `system_id` alive now (the end its refresh token has now, as
-    /// the store reads).
-    async fn note_kept_alive(&self, system_id: &str) {
-        let since = unix_now();
-        if let Ok(Some(r)) = self.store.get_system(system_id).await {
-            if let Some(end) = r.credential_expires_at {
-                lock(&self.kept_alive).insert(system_id.to_owned(), KeptAlive { since, end });
-            }
+    /// Notes a refresh of an authorization-code grant that went through (whatever asked for
+    /// it): from now, the end its refresh token has (see [`KeptAlive`]).
+    fn note_renewed(&self, record: &SystemRecord) {
+        let code = crate::model::CredentialType::OAuthAuthorizationCode;
+        if let Some(end) = record
+            .credential_expires_at
+            .filter(|_| record.credential_type == code)
+        {
+            let since = unix_now();
+            lock(&self.kept_alive).insert(record.system_id.clone(), KeptAlive { since, end });
         }
     }
 
@@ -2177,16 +2197,9 @@ impl Broker {
                     let id = r.system_id.clone();
                     tracing::info!(message = "Keeping an idle grant alive.", system_id = %id);
                     tasks.spawn(async move {
-                        // A failed refresh may still answer with the cached token: only a new
-                        // one is a refresh that went through.
-                        let before = me.cached(&id).map(|t| t.token_id.clone());
-                        let kept = me.mint_detached(&id, SystemTime::now(), Reason::KeepAlive);
-                        if kept
-                            .await
-                            .is_ok_and(|t| Some(&t.token_id) != before.as_ref())
-                        {
-                            me.note_kept_alive(&id).await;
-                        }
+                        let _ = me
+                            .mint_detached(&id, SystemTime::now(), Reason::KeepAlive)
+                            .await;
                     });
                 }
             }
@@ -2195,7 +2208,8 @@ impl Broker {
 }
 
 /// What the keep-alive sweep knows of a grant's refresh token: the end it last saw, and since
-/// when (the sweep's own refresh, or the sweep that found the end moved on). A refresh token
+/// when (a refresh that went through on this broker, or the sweep that found the end moved on:
+/// another replica's refresh). A refresh token
 /// whose lifespan is no longer than the margin (Zendesk's shortest, 7 days, is the default
 /// margin) is within the margin again right after every refresh, and one the vendor does not
 /// renew keeps its end: judged by the margin alone, either would be refreshed at every sweep

@@ -1745,51 +1745,60 @@ async fn a_grant_kept_alive_meanwhile_is_not_refreshed_again() {
     assert_eq!(backend.calls(), 1);
 }
 
-/// A grant whose refresh token the vendor does not renew (this fake's), or renews for no longer
-/// than the margin (Zendesk's shortest lifespan is the default margin), is within the margin
-/// again right after the sweep kept it alive: it is not refreshed again at every sweep (hourly).
-/// One that someone else renewed meanwhile is not idle; one whose end moved earlier is judged
-/// again.
-#[tokio::test]
-async fn an_idle_grant_is_kept_alive_once_not_at_every_sweep() {
-    let backend = FakeBackend::new(false, vec![]);
+/// A broker whose Zendesk backend is `backend`, with `settings`, holding the active grant
+/// "idle" whose refresh token ends in `left` seconds; and a sweep that waits for its refreshes.
+async fn idle_grant(
+    backend: &Arc<FakeBackend>,
+    settings: BrokerSettings,
+    left: u64,
+) -> (Arc<Broker>, Arc<Shared>) {
     let as_zendesk: Arc<dyn Backend> = backend.clone();
     let registry = Registry::from_backends(vec![(SystemKind::Zendesk, as_zendesk)]);
     let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
     let store = Shared::new(usize::MAX);
-    let open = Broker::open(
-        store.clone(),
-        Keyring::new(key),
-        registry,
-        Default::default(),
-    );
+    let open = Broker::open(store.clone(), Keyring::new(key), registry, settings);
     let (broker, _) = open.await.unwrap();
     let now = crate::util::time::unix_now();
-    // Six days left: within the margin (7), outside the health's 3-day alert.
-    register_grant(&broker, "idle", now + 6 * 86_400).await;
+    register_grant(&broker, "idle", now + left).await;
     change_system(&store, "idle", |r| r.state = SystemState::Active).await;
-    let sweep = || async {
-        let mut tasks = tokio::task::JoinSet::new();
-        broker.keepalive_sweep(&mut tasks).await;
-        while tasks.join_next().await.is_some() {}
-    };
-    sweep().await;
+    (broker, store)
+}
+
+/// One keep-alive sweep, its refreshes waited for.
+async fn sweep(broker: &Arc<Broker>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    broker.keepalive_sweep(&mut tasks).await;
+    while tasks.join_next().await.is_some() {}
+}
+
+/// A grant whose refresh token the vendor does not renew (this fake's), or renews for no longer
+/// than the margin (Zendesk's shortest lifespan is the default margin), is within the margin
+/// again right after the sweep kept it alive: it is not refreshed again at every sweep (hourly).
+/// One that someone else renewed meanwhile is not idle; one whose end moved earlier than that
+/// is judged again.
+#[tokio::test]
+async fn an_idle_grant_is_kept_alive_once_not_at_every_sweep() {
+    let backend = FakeBackend::new(false, vec![]);
+    // Six days left: within the margin (7), outside the health's 3-day alert.
+    let (broker, store) = idle_grant(&backend, Default::default(), 6 * 86_400).await;
+    let now = crate::util::time::unix_now();
+    sweep(&broker).await;
     assert_eq!(backend.calls(), 1, "the idle grant was not kept alive");
-    sweep().await;
-    sweep().await;
+    sweep(&broker).await;
+    sweep(&broker).await;
     assert_eq!(backend.calls(), 1, "kept alive again at the next sweeps");
-    // Renewed by someone else (a worker's refresh, another replica): not idle.
-    let later = |days| move |r: &mut SystemRecord| r.credential_expires_at = Some(now + days);
-    change_system(&store, "idle", later(13 * 86_400 / 2)).await;
-    sweep().await;
+    // Renewed by someone else (another replica): not idle, noted again.
+    let ends = |secs| move |r: &mut SystemRecord| r.credential_expires_at = Some(now + secs);
+    change_system(&store, "idle", ends(13 * 86_400 / 2)).await;
+    sweep(&broker).await;
     assert_eq!(
         backend.calls(),
         1,
         "a grant renewed meanwhile was refreshed"
     );
-    // Its end moved earlier (connected again with a shorter grant): judged again.
-    change_system(&store, "idle", later(5 * 86_400)).await;
-    sweep().await;
+    // Its end moved earlier than that (connected again with a shorter grant): judged again.
+    change_system(&store, "idle", ends(25 * 86_400 / 4)).await;
+    sweep(&broker).await;
     assert_eq!(
         backend.calls(),
         2,
@@ -1797,38 +1806,55 @@ async fn an_idle_grant_is_kept_alive_once_not_at_every_sweep() {
     );
 }
 
+/// A grant a worker's refresh renewed is not idle: the sweep leaves it alone. One within the
+/// health's 3-day alert and two sweeps of its end is refreshed at every sweep.
+#[tokio::test]
+async fn a_grant_in_use_is_left_alone_and_one_near_its_end_is_refreshed_at_every_sweep() {
+    use crate::broker::tokens::Reason;
+    let backend = FakeBackend::new(false, vec![]);
+    let (broker, store) = idle_grant(&backend, Default::default(), 6 * 86_400).await;
+    let demand = Reason::Demand { rejected: None };
+    broker
+        .mint_detached("idle", SystemTime::now(), demand)
+        .await
+        .unwrap();
+    sweep(&broker).await;
+    assert_eq!(backend.calls(), 1, "a grant in use was kept alive");
+    let now = crate::util::time::unix_now();
+    let near = now + 3 * 86_400 + 3_000;
+    change_system(&store, "idle", |r| r.credential_expires_at = Some(near)).await;
+    sweep(&broker).await;
+    sweep(&broker).await;
+    assert_eq!(
+        backend.calls(),
+        3,
+        "a grant near its end was not refreshed at each sweep"
+    );
+}
+
 /// A keep-alive the vendor's outage failed answers with the cached token, as any mint does while
-/// it is still valid; it is not noted as done, and the next sweep tries again.
+/// it is still valid; it is not taken for a refresh, and the next sweep tries again.
 #[tokio::test]
 async fn a_failed_keep_alive_is_tried_again_at_the_next_sweep() {
     use crate::broker::tokens::Reason;
     let script = vec![Answer::Token(None), Answer::Transient(None)];
     let backend = FakeBackend::new(false, script);
-    let as_zendesk: Arc<dyn Backend> = backend.clone();
-    let registry = Registry::from_backends(vec![(SystemKind::Zendesk, as_zendesk)]);
-    let key = MasterKey::from_bytes(Zeroizing::new([7u8; 32]));
-    let store = Shared::new(usize::MAX);
     let mut settings = BrokerSettings::default();
     // No pause after the failure: the next sweep may try at once.
     settings.refresh.retry_base = Duration::ZERO;
-    let open = Broker::open(store.clone(), Keyring::new(key), registry, settings);
-    let (broker, _) = open.await.unwrap();
-    let now = crate::util::time::unix_now();
-    register_grant(&broker, "idle", now + 6 * 86_400).await;
-    change_system(&store, "idle", |r| r.state = SystemState::Active).await;
+    let (broker, store) = idle_grant(&backend, settings, 6 * 86_400).await;
     let demand = Reason::Demand { rejected: None };
-    let cached = broker
+    broker
         .mint_detached("idle", SystemTime::now(), demand)
-        .await;
-    cached.unwrap();
-    let sweep = || async {
-        let mut tasks = tokio::task::JoinSet::new();
-        broker.keepalive_sweep(&mut tasks).await;
-        while tasks.join_next().await.is_some() {}
-    };
-    sweep().await;
+        .await
+        .unwrap();
+    // Reconnected with an earlier end: due, with a valid token cached.
+    let now = crate::util::time::unix_now();
+    let sooner = now + 5 * 86_400;
+    change_system(&store, "idle", |r| r.credential_expires_at = Some(sooner)).await;
+    sweep(&broker).await;
     assert_eq!(backend.calls(), 2, "the keep-alive was not tried");
-    sweep().await;
+    sweep(&broker).await;
     assert_eq!(backend.calls(), 3, "a failed keep-alive was taken for done");
 }
 
