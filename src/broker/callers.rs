@@ -449,8 +449,9 @@ impl Broker {
         Ok(self.store.list_callers().await?)
     }
 
-    /// Revokes a caller; its token stops working at once. The last active admin (revoked
-    /// nowhere, not expired) cannot be revoked: nobody could administer the broker afterwards.
+    /// Revokes a caller; its token stops working at once. An active admin (revoked nowhere, not
+    /// expired) cannot be revoked unless another active admin lasts at least as long (no expiry,
+    /// or a later one): nobody could administer the broker afterwards.
     /// Revocations run one at a time, across replicas too (the store's lock), so two admins
     /// revoking each other at once cannot both pass that rule.
     pub async fn revoke_caller(&self, name: &str) -> Result<CallerRecord, BrokerError> {
@@ -472,13 +473,21 @@ impl Broker {
         let now = unix_now();
         let active =
             |c: &CallerRecord| c.role == Role::Admin && !c.revoked && !expired(c.expires_at, now);
-        let other_admins = callers
+        // Another admin stays only if it lasts as long: one that expires first would leave no
+        // admin at all once it has (and nothing but an admin can create one).
+        let lasts = |c: &CallerRecord| match (c.expires_at, record.expires_at) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(other), Some(this)) => other >= this,
+        };
+        let staying = callers
             .iter()
-            .filter(|c| c.name != record.name && active(c))
+            .filter(|c| c.name != record.name && active(c) && lasts(c))
             .count();
-        if active(&record) && other_admins == 0 {
+        if active(&record) && staying == 0 {
             return Err(BrokerError::FailedPrecondition(format!(
-                "'{name}' is the last active admin; create another admin before revoking it"
+                "'{name}' is the last admin that stays (any other expires before it); create \
+                 another admin, without an expiry or expiring later, before revoking it"
             )));
         }
         record.revoked = true;
