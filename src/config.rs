@@ -67,7 +67,12 @@ fn quota_settings(
         errors.extend(o.problems(&format!("quota.{slug}")));
         match crate::model::SystemKind::from_slug(&slug) {
             Some(kind) => {
-                q.kinds.insert(kind, o);
+                if q.kinds.insert(kind, o).is_some() {
+                    errors.push(format!(
+                        "quota.{slug}: the kind {} is configured twice (spelt two ways)",
+                        kind.slug()
+                    ));
+                }
             }
             None => errors.push(format!(
                 "quota.{slug}: not a system kind (one of {})",
@@ -746,6 +751,7 @@ fn secret_arg(s: &str) -> Result<crate::secret::SecretString, std::convert::Infa
 impl Config {
     /// Builds the config from an optional TOML text and overrides, reporting every problem.
     pub fn build(file: Option<&str>, o: &Overrides) -> Result<Self, Vec<String>> {
+        let o = &o.clone().without_empty();
         let mut errors = Vec::new();
         let mut f: FileConfig = match file {
             Some(text) => toml::from_str(text).unwrap_or_else(|e| {
@@ -782,6 +788,66 @@ impl Config {
             None => None,
         };
         Self::build(text.as_deref(), o)
+    }
+}
+
+impl Overrides {
+    /// These overrides with every empty value taken for unset: an environment variable a
+    /// deployment template left empty (`${VAR}`) must not switch a setting off, nor put the
+    /// data directory or the audit trail in the working directory.
+    fn without_empty(mut self) -> Self {
+        fn text(v: &mut Option<String>) {
+            if v.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                *v = None;
+            }
+        }
+        fn path(v: &mut Option<PathBuf>) {
+            if v.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *v = None;
+            }
+        }
+        for v in [
+            &mut self.listen,
+            &mut self.console,
+            &mut self.replica_snapshot,
+            &mut self.log_format,
+            &mut self.egress_allow_http,
+            &mut self.egress_allow,
+            &mut self.egress_proxy,
+            &mut self.egress_no_proxy,
+            &mut self.http_listen,
+            &mut self.public_url,
+            &mut self.jira_auth_url,
+            &mut self.jira_api_url,
+            &mut self.webhook_url,
+            &mut self.audit_file,
+            &mut self.audit_stdout,
+            &mut self.audit_fail_closed,
+            &mut self.bearer_tokens,
+            &mut self.default_static_delivery,
+            &mut self.adopt_unauthenticated_records,
+        ] {
+            text(v);
+        }
+        for v in [
+            &mut self.data_dir,
+            &mut self.master_key_file,
+            &mut self.store_ca_file,
+            &mut self.egress_proxy_credentials_file,
+            &mut self.entra_federated_token_dir,
+            &mut self.webhook_secret_file,
+            &mut self.tls_cert_file,
+            &mut self.tls_key_file,
+            &mut self.tls_client_ca_file,
+            &mut self.http_tls_cert_file,
+            &mut self.http_tls_key_file,
+        ] {
+            path(v);
+        }
+        if self.store_url.as_ref().is_some_and(|u| u.is_empty()) {
+            self.store_url = None;
+        }
+        self
     }
 }
 
@@ -875,15 +941,27 @@ impl ServerConfig {
             }
         }
         self.apply_console(f, o, errors);
-        if let Some(v) = f.max_request_bytes {
-            self.max_request_bytes = v;
-        }
-        if let Some(v) = f.concurrency_limit_per_connection {
-            self.concurrency_limit_per_connection = v;
-        }
-        if let Some(v) = f.max_concurrent_streams {
-            self.max_concurrent_streams = v;
-        }
+        bounded(
+            f.max_request_bytes,
+            "max_request_bytes",
+            (1, 64 << 20),
+            errors,
+            &mut self.max_request_bytes,
+        );
+        bounded(
+            f.concurrency_limit_per_connection,
+            "concurrency_limit_per_connection",
+            (1, 65_536),
+            errors,
+            &mut self.concurrency_limit_per_connection,
+        );
+        bounded(
+            f.max_concurrent_streams,
+            "max_concurrent_streams",
+            (1, 65_536),
+            errors,
+            &mut self.max_concurrent_streams,
+        );
     }
 }
 
@@ -1068,19 +1146,24 @@ impl RefreshConfig {
             errors,
             &mut self.retry_max,
         );
-        if let Some(v) = f.refresh_ahead_min_secs {
-            self.ahead_min = Duration::from_secs(v);
-        }
+        secs_or_zero(
+            f.refresh_ahead_min_secs,
+            "refresh_ahead_min_secs",
+            errors,
+            &mut self.ahead_min,
+        );
         match f.refresh_ahead_fraction {
             Some(v) if v > 0.0 && v <= 0.9 => self.ahead_fraction = v,
             Some(v) => errors.push(format!("refresh_ahead_fraction: {v} must be in (0, 0.9]")),
             None => {}
         }
-        match f.max_concurrent_refreshes {
-            Some(0) => errors.push("max_concurrent_refreshes must be greater than 0".to_owned()),
-            Some(v) => self.max_concurrent = v,
-            None => {}
-        }
+        bounded(
+            f.max_concurrent_refreshes,
+            "max_concurrent_refreshes",
+            (1, 65_536),
+            errors,
+            &mut self.max_concurrent,
+        );
         secs(
             f.keepalive_interval_secs,
             "keepalive_interval_secs",
@@ -1093,9 +1176,12 @@ impl RefreshConfig {
             errors,
             &mut self.keepalive_margin,
         );
-        if let Some(v) = f.check_interval_secs {
-            self.check_interval = Duration::from_secs(v);
-        }
+        secs_or_zero(
+            f.check_interval_secs,
+            "check_interval_secs",
+            errors,
+            &mut self.check_interval,
+        );
         match f.checks_per_vendor {
             Some(0) => errors.push("checks_per_vendor must be greater than 0".to_owned()),
             Some(v) => self.checks_per_vendor = v,
@@ -1300,14 +1386,42 @@ fn apply_vendors(
     }
 }
 
-/// Sets `target` from whole seconds `v` (refusing 0).
+/// The longest duration any setting takes, in seconds (ten years): a longer one would overflow
+/// the clock arithmetic it meets (a deadline, an expiry) and stop the broker.
+const MAX_SECS: u64 = 10 * 365 * 86_400;
+
+/// Sets `target` from whole seconds `v` (refusing 0 and more than [`MAX_SECS`]).
 fn secs(v: Option<u64>, name: &str, errors: &mut Vec<String>, target: &mut Duration) {
-    if let Some(s) = v {
-        if s == 0 {
-            errors.push(format!("{name} must be greater than 0"));
-        } else {
-            *target = Duration::from_secs(s);
+    if v == Some(0) {
+        errors.push(format!("{name} must be greater than 0"));
+    } else {
+        secs_or_zero(v, name, errors, target);
+    }
+}
+
+/// Sets `target` from whole seconds `v`, 0 included (refusing more than [`MAX_SECS`]).
+fn secs_or_zero(v: Option<u64>, name: &str, errors: &mut Vec<String>, target: &mut Duration) {
+    match v {
+        Some(s) if s > MAX_SECS => {
+            errors.push(format!("{name} must be at most {MAX_SECS} (ten years)"))
         }
+        Some(s) => *target = Duration::from_secs(s),
+        None => {}
+    }
+}
+
+/// Sets `target` from `v` when it is within `lo..=hi`, else reports it.
+fn bounded<T: PartialOrd + std::fmt::Display + Copy>(
+    v: Option<T>,
+    name: &str,
+    (lo, hi): (T, T),
+    errors: &mut Vec<String>,
+    target: &mut T,
+) {
+    match v {
+        Some(v) if v < lo || v > hi => errors.push(format!("{name} must be {lo} – {hi}")),
+        Some(v) => *target = v,
+        None => {}
     }
 }
 
@@ -1344,7 +1458,7 @@ fn flag(
 fn parse_bool(v: &str) -> Option<bool> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Some(true),
-        "0" | "false" | "no" | "off" | "" => Some(false),
+        "0" | "false" | "no" | "off" => Some(false),
         _ => None,
     }
 }
@@ -1374,6 +1488,78 @@ mod tests {
         };
         let errs = Config::build(Some("request_timeout_secs = 0"), &bad).unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    /// Values that would stop or freeze the broker are refused at start, each named: zero or
+    /// absurd limits (a connection's RPCs, streams, request size, concurrent refreshes),
+    /// durations past ten years, a quota kind spelt twice.
+    #[test]
+    fn limits_that_would_stop_the_broker_are_refused() {
+        let o = Overrides::default();
+        let refused = |file: &str, name: &str| {
+            let errs = Config::build(Some(file), &o).unwrap_err();
+            assert!(errs.iter().any(|e| e.contains(name)), "{file}: {errs:?}");
+        };
+        refused(
+            "concurrency_limit_per_connection = 0",
+            "concurrency_limit_per_connection",
+        );
+        refused(
+            "concurrency_limit_per_connection = 9223372036854775807",
+            "concurrency_limit_per_connection",
+        );
+        refused("max_concurrent_streams = 0", "max_concurrent_streams");
+        refused("max_request_bytes = 0", "max_request_bytes");
+        refused(
+            "max_request_bytes = 9223372036854775807",
+            "max_request_bytes",
+        );
+        refused(
+            "max_concurrent_refreshes = 9223372036854775807",
+            "max_concurrent_refreshes",
+        );
+        for name in [
+            "static_header_ttl_secs",
+            "shutdown_grace_secs",
+            "lease_ttl_secs",
+            "check_interval_secs",
+            "refresh_ahead_min_secs",
+        ] {
+            refused(&format!("{name} = 9223372036854775807"), name);
+        }
+        refused(
+            "[quota.jira-cloud]\nmax_concurrent = 2\n[quota.jira_cloud]\nmax_concurrent = 3\n",
+            "configured twice",
+        );
+        let c = Config::build(
+            Some("check_interval_secs = 0\nshutdown_grace_secs = 315360000"),
+            &o,
+        );
+        assert!(c.is_ok(), "{:?}", c.err());
+    }
+
+    /// An empty value (a template's `${VAR}` left empty) counts as unset: it switches nothing
+    /// off, and the file's setting stands.
+    #[test]
+    fn empty_overrides_count_as_unset() {
+        let o = Overrides {
+            audit_fail_closed: Some(String::new()),
+            http_listen: Some(" ".into()),
+            data_dir: Some(PathBuf::new()),
+            audit_file: Some(String::new()),
+            ..Default::default()
+        };
+        let file =
+            "audit_fail_closed = true\nhttp_listen = \"127.0.0.1:8089\"\ndata_dir = \"/srv/cb\"\n";
+        let c = Config::build(Some(file), &o).unwrap();
+        assert!(c.audit.fail_closed);
+        assert_eq!(c.server.http_listen.map(|a| a.port()), Some(8089));
+        assert_eq!(c.store.data_dir, PathBuf::from("/srv/cb"));
+        assert!(
+            c.audit.file.is_none() && !c.audit.file_off,
+            "{:?}",
+            c.audit.file
+        );
     }
 
     /// A secret file may hold one secret, or several `whsec_` ones (a rotation); a `whsec_`

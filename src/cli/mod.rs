@@ -439,7 +439,9 @@ async fn connect(cli: &Cli) -> Result<Client> {
              read it; use CREDBROKER_TOKEN, --token-file or the default admin.token instead"
         );
     }
-    let token = match (&cli.token, &cli.token_file) {
+    // An empty token (CREDBROKER_TOKEN left empty by a template) counts as none given.
+    let given = cli.token.as_ref().filter(|t| !t.trim().is_empty());
+    let token = match (given, &cli.token_file) {
         (None, None) if cli.client_cert.is_some() => String::new(),
         (Some(t), _) => t.trim().to_owned(),
         (None, Some(f)) => std::fs::read_to_string(f)
