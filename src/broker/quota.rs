@@ -280,13 +280,16 @@ impl State {
             self.limit = s.limit;
             l.changed = true;
         }
-        // A reset a second or two off is the same window (Zendesk counts it from now).
+        // A reset a second or two off is the same window (Zendesk counts it from now); an
+        // earlier one is a late answer from a window gone by, and changes nothing.
         let new_window = s
             .reset_at
-            .is_some_and(|r| self.reset_at.is_none_or(|c| r.abs_diff(c) > 2));
+            .is_some_and(|r| self.reset_at.is_none_or(|c| r > c.saturating_add(2)));
         if new_window {
             self.reset_at = s.reset_at;
-            self.counted = 1;
+            // The calls still in flight (this one among them) count in the new window: they
+            // may reach the vendor after its reset.
+            self.counted = i64::from(self.in_flight).max(1);
             l.changed = true;
         }
         if let Some(counting) = s.count_locally {
@@ -707,6 +710,41 @@ mod tests {
         let refused = book.admit("s", SystemKind::Zendesk).await.err().unwrap();
         assert_eq!(refused.reason, LimitReason::Reserve);
         assert_eq!(book.view("s").unwrap().in_flight, 5);
+    }
+
+    /// A vendor counted locally (ServiceNow: a limit and a reset, no remaining count): the calls
+    /// in flight when a window's first answer comes count in it, so no more than the limit less
+    /// the reserve go out; a late answer from the window before changes nothing.
+    #[tokio::test]
+    async fn a_local_count_keeps_the_calls_in_flight_and_ignores_an_older_window() {
+        let book = Quotas::default();
+        let reset = crate::model::unix_now() + 3600;
+        let window = |reset_at| RateSignals {
+            limit: Some(20),
+            reset_at: Some(reset_at),
+            count_locally: true,
+            served: true,
+            ..Default::default()
+        };
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(book.admit("s", SystemKind::ServiceNow).await.unwrap());
+        }
+        book.learn("s", &held[0], &window(reset));
+        while let Ok(p) = book.admit("s", SystemKind::ServiceNow).await {
+            held.push(p);
+            assert!(held.len() <= 40, "never refused");
+        }
+        assert!(
+            held.len() < 20,
+            "{} calls out against a limit of 20",
+            held.len()
+        );
+        let before = book.view("s").unwrap();
+        book.learn("s", &held[1], &window(reset - 3600));
+        let after = book.view("s").unwrap();
+        assert_eq!(after.reset_at, Some(reset));
+        assert_eq!(after.remaining, before.remaining);
     }
 
     #[tokio::test]
