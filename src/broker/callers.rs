@@ -97,12 +97,12 @@ pub struct CallerScope {
 }
 
 /// Why a token was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthRefusal {
     /// No caller has this token (or it was revoked).
     Unknown,
-    /// The caller's token expired.
-    Expired,
+    /// The caller's token expired (the caller's name: the refusal is audited under it).
+    Expired(String),
     /// A client certificate's names match more than one caller.
     Ambiguous,
 }
@@ -273,7 +273,7 @@ impl Callers {
             return Err(AuthRefusal::Unknown);
         }
         if expired(c.expires_at, unix_now()) {
-            return Err(AuthRefusal::Expired);
+            return Err(AuthRefusal::Expired(c.name.clone()));
         }
         Ok(c.clone())
     }
@@ -297,7 +297,7 @@ impl Callers {
             return Err(AuthRefusal::Ambiguous);
         }
         if expired(c.expires_at, unix_now()) {
-            return Err(AuthRefusal::Expired);
+            return Err(AuthRefusal::Expired(c.name.clone()));
         }
         Ok(c.clone())
     }
@@ -312,14 +312,15 @@ impl Callers {
         need: Role,
     ) -> Result<Arc<Caller>, (BrokerError, Option<String>)> {
         let refused = |r: AuthRefusal, what: &str| {
-            let message = match r {
-                AuthRefusal::Unknown => format!("invalid or revoked {what}"),
-                AuthRefusal::Expired => format!("the {what} has expired"),
-                AuthRefusal::Ambiguous => {
-                    format!("the {what} names more than one caller; refused as ambiguous")
-                }
+            let (message, name) = match r {
+                AuthRefusal::Unknown => (format!("invalid or revoked {what}"), None),
+                AuthRefusal::Expired(name) => (format!("the {what} has expired"), Some(name)),
+                AuthRefusal::Ambiguous => (
+                    format!("the {what} names more than one caller; refused as ambiguous"),
+                    None,
+                ),
             };
-            (BrokerError::Unauthenticated(message), None)
+            (BrokerError::Unauthenticated(message), name)
         };
         let unauthenticated = |m: &str| (BrokerError::Unauthenticated(m.to_owned()), None);
         let caller = match presented {
@@ -572,7 +573,7 @@ mod tests {
         ]);
         assert_eq!(
             callers.authenticate("cbt_old").unwrap_err(),
-            AuthRefusal::Expired
+            AuthRefusal::Expired("old".to_owned())
         );
         let names = vec!["svc-a".to_owned()];
         assert_eq!(

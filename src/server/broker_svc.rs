@@ -367,7 +367,9 @@ impl Call {
     }
 }
 
-/// Audits a call refused before its handler ran, within the refusal rate limit.
+/// Audits a call refused before its handler ran: always when the caller is known (a worker
+/// calling an admin RPC, an expired token; the line names it, so a flood of anonymous refusals
+/// cannot hide it), else within the refusal rate limit.
 async fn audit_refusal(
     broker: &Broker,
     rpc: &str,
@@ -375,7 +377,7 @@ async fn audit_refusal(
     system_id: Option<&str>,
     refused: &BrokerError,
 ) {
-    if broker.audit.admit_refusal() {
+    if caller.is_some() || broker.audit.admit_refusal() {
         let code = crate::error::code_name(refused.code());
         let _ = broker
             .audit_record(rpc, caller, system_id, code, None)

@@ -362,6 +362,73 @@ fn audit_events(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Anonymous refusals reach the trail at most 50 a second; a flood of them cannot keep a known
+/// caller's refusals out: a worker calling an admin RPC, and a caller whose token expired, are
+/// audited under their names. (The flood and the refusal may straddle a second, so a broken
+/// build could pass by chance; the expired caller's name cannot.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_callers_refusals_are_audited_through_an_anonymous_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let create = |name, expires| worker_req(name, &["x"], &[], expires);
+    let token = |r: pb::CreateCallerResponse| r.token;
+    let w = admin
+        .create_caller(create("flood-worker", None))
+        .await
+        .unwrap();
+    let mut worker = client(broker.addr, Some(&token(w.into_inner()))).await;
+    let soon = Some(credbroker::model::unix_now() as i64 + 2);
+    let b = admin
+        .create_caller(create("brief-worker", soon))
+        .await
+        .unwrap();
+    let mut brief = client(broker.addr, Some(&token(b.into_inner()))).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let unauthenticated =
+        |r: Result<_, tonic::Status>| matches!(r, Err(e) if e.code() == Code::Unauthenticated);
+    while !unauthenticated(brief.get_access_token(tok("x")).await) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the token never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let anon = client(broker.addr, Some("cbt_not-a-caller")).await;
+    let flood = || {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..80 {
+            let mut a = anon.clone();
+            calls.spawn(async move { a.list_systems(pb::ListSystemsRequest::default()).await });
+        }
+        calls.join_all()
+    };
+    flood().await;
+    let denied = worker.list_systems(pb::ListSystemsRequest::default()).await;
+    assert_eq!(denied.unwrap_err().code(), Code::PermissionDenied);
+    flood().await;
+    assert!(unauthenticated(brief.get_access_token(tok("x")).await));
+    let all = audit_events(dir.path());
+    let line = |caller: &str, rpc: &str, code: &str| {
+        all.iter()
+            .any(|e| e["caller"] == caller && e["rpc"] == rpc && e["code"] == code)
+    };
+    assert!(
+        line("flood-worker", "ListSystems", "PERMISSION_DENIED"),
+        "{all:?}"
+    );
+    assert!(
+        line("brief-worker", "GetAccessToken", "UNAUTHENTICATED"),
+        "{all:?}"
+    );
+    let anonymous = all.iter().filter(|e| e["caller"].is_null()).count();
+    assert!(
+        anonymous <= 100,
+        "{anonymous} anonymous refusals reached the trail"
+    );
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
     let dir = tempfile::tempdir().unwrap();
