@@ -635,13 +635,8 @@ impl Broker {
         if caller.is_kind_scoped() {
             let kind = match self.cached(system_id) {
                 Some(t) => Some(t.kind),
-                None => self
-                    .store
-                    .get_system(system_id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|r| r.kind),
+                // A store that cannot answer is UNAVAILABLE (retry), not a refusal for good.
+                None => self.store.get_system(system_id).await?.map(|r| r.kind),
             };
             if !kind.is_some_and(|k| caller.may_use_kind(k)) {
                 return Err(denied());

@@ -274,6 +274,15 @@ async fn warm_tokens_are_served_with_every_store_operation_failing() {
         ))
         .await
         .unwrap();
+    admin
+        .register_system(register_asana(
+            "cold-static",
+            &asana.base_url,
+            "cold-pat",
+            false,
+        ))
+        .await
+        .unwrap();
     // A worker scoped by kind too: its kind check must come from memory as well.
     let scoped = admin
         .create_caller(pb::CreateCallerRequest {
@@ -333,6 +342,10 @@ async fn warm_tokens_are_served_with_every_store_operation_failing() {
         .await
         .unwrap_err();
     assert_eq!(cold.code(), Code::Unavailable, "{cold:?}");
+    // A kind-scoped worker's first call for a system not in memory: the store cannot say its
+    // kind, so UNAVAILABLE (retry), not PERMISSION_DENIED (which a worker takes for good).
+    let cold = worker.get_access_token(req("cold-static", "")).await;
+    assert_eq!(cold.unwrap_err().code(), Code::Unavailable);
     control.heal();
     broker.stop().await;
 }
