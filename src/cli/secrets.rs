@@ -55,6 +55,11 @@ impl SecretReader {
                 bail!("only one secret can come from standard input");
             }
             self.stdin_used = true;
+            if std::io::stdin().is_terminal() {
+                // Typed, not piped: not shown on the screen.
+                return rpassword::prompt_password(format!("{field}: "))
+                    .with_context(|| format!("reading {field} from the terminal"));
+            }
             let mut s = String::new();
             std::io::stdin()
                 .read_to_string(&mut s)
@@ -100,13 +105,18 @@ fn gather_secrets(
             .find(|(f, _)| *f == field)
             .map(|(f, _)| *f)
             .ok_or_else(|| {
+                // The name given is not repeated: it may be the secret itself, pasted by
+                // mistake (a base64 value holds '=').
                 let names: Vec<&str> = fields.iter().map(|(f, _)| *f).collect();
                 anyhow!(
-                    "{} has no secret field '{field}' (fields: {})",
+                    "{} has no secret field by the name given before '=' in --secret (fields: {})",
                     t,
                     names.join(", ")
                 )
             })?;
+        if out.contains_key(known) {
+            bail!("{known} is given twice (--secret-file, --secret-stdin or --secret)");
+        }
         out.insert(known, reader.read(known, source)?);
     }
     for (field, required) in fields {

@@ -125,6 +125,34 @@ async fn cli_register_token_list_show_rotate_delete_and_callers() {
         "{text}"
     );
 
+    // A secret pasted where its source belongs (base64 holds '=') is not repeated in the error;
+    // one field given twice is refused, not silently overridden.
+    let pasted = "cGFzdGVkLXNlY3JldC12YWx1ZQ==";
+    let out = tokio::task::block_in_place(|| {
+        ctl(
+            b,
+            &["system", "rotate", "cli-asana", "--secret", pasted],
+            None,
+        )
+    });
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no secret field"), "{err}");
+    assert!(!err.contains("cGFzdGVkLXNlY3JldC12YWx1ZQ"), "{err}");
+    let args = [
+        "system",
+        "rotate",
+        "cli-asana",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--secret",
+        "token=stdin",
+    ];
+    let out = tokio::task::block_in_place(|| ctl(b, &args, Some("other-pat")));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("given twice"), "{err}");
+
     // A failing rotation exits non-zero with the reason and changes nothing.
     let out = tokio::task::block_in_place(|| {
         ctl(
