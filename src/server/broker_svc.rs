@@ -1027,10 +1027,13 @@ fn event_stream(
         let _slot = slot;
         let closed = broker.events.closed();
         let mut closed = std::pin::pin!(closed);
+        // The snapshot and the backlog may read every system or event without sending one (a
+        // narrow filter): a client that went away meanwhile ends them, and frees its slot.
         if snapshot {
             let sent = send_snapshot(&broker, &caller, &filter, at, &tx, admin);
             tokio::select! {
                 _ = &mut closed => return,
+                _ = tx.closed() => return,
                 ok = sent => if !ok { return },
             }
         }
@@ -1038,6 +1041,7 @@ fn event_stream(
             let sent = send_backlog(&broker, &caller, &filter, range, &tx, admin);
             tokio::select! {
                 _ = &mut closed => return,
+                _ = tx.closed() => return,
                 ok = sent => if !ok { return },
             }
         }

@@ -1258,6 +1258,45 @@ async fn a_metrics_scrape_that_goes_away_leaves_its_count_running() {
     broker.stop().await;
 }
 
+/// A watch whose client goes away while its snapshot still reads the store (slowly here) ends
+/// there and frees its slot: a caller that opens and drops watches is not shut out of new ones
+/// for as long as the abandoned scans would take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_dropped_during_its_snapshot_frees_its_slot() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = Arc::new(FaultControl::default());
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start_wrapped(test_config(dir.path()), wrap(&ctl)).await;
+    let mut admin = broker.admin().await;
+    let reg = register_asana("watched", &asana.base_url, "watch-pat", false);
+    admin.register_system(reg).await.unwrap();
+    ctl.latency_ms.store(5_000, SeqCst);
+    let request = pb::WatchSystemsRequest::default;
+    let mut open = Vec::new();
+    for _ in 0..credbroker::broker::watch::MAX_WATCHES_PER_CALLER {
+        open.push(admin.watch_systems(request()).await.unwrap().into_inner());
+    }
+    drop(open);
+    let dropped = Instant::now();
+    loop {
+        match admin.watch_systems(request()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                let waited = dropped.elapsed();
+                assert!(
+                    waited < Duration::from_secs(3),
+                    "slots still held after {waited:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    ctl.heal();
+    broker.stop().await;
+}
+
 /// Two admins revoking each other at once, while the store is slow: revocations run one at a
 /// time, so one of them stays; and an admin whose token has expired does not count as the one
 /// that may stay.
