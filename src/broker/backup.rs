@@ -350,7 +350,11 @@ impl Broker {
         record.sealed_credential = self.seal(&id, record.credential_version, &s.credential)?;
         record.revision = 1;
         match self.store.insert_system(&record).await {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                // Watches and webhooks hear of it as of any registration.
+                self.emit(super::events::EventType::Registered, &record, "restored");
+                Ok(true)
+            }
             Err(StoreError::AlreadyExists) => Ok(false),
             Err(e) => Err(e.into()),
         }

@@ -329,10 +329,28 @@ async fn a_restored_system_never_repeats_a_deleted_ones_version() {
     assert_eq!(last.system.unwrap().credential_version, 3);
     let delete = pb::DeleteSystemRequest { system_id };
     admin.delete_system(delete).await.unwrap();
+    let watch = admin
+        .watch_systems(pb::WatchSystemsRequest::default())
+        .await;
+    let mut events = watch.unwrap().into_inner();
     let restored = ok_json(&tokio::task::block_in_place(|| {
         ctl(&a, &["restore", "--in", &f])
     }));
     assert_eq!(restored["systems_restored"], 1, "{restored}");
+    // Watches (and webhooks) hear of a restored system as of any registration.
+    let registered = async {
+        loop {
+            let e = events.message().await.unwrap().expect("the watch ended");
+            if e.r#type == "system.registered" {
+                break e.system.map(|s| s.system_id);
+            }
+        }
+    };
+    let heard = tokio::time::timeout(std::time::Duration::from_secs(10), registered).await;
+    assert_eq!(
+        heard.expect("no event for the restored system"),
+        Some("again".into())
+    );
     let back = admin.get_system(get).await.unwrap().into_inner();
     assert_eq!(back.system.unwrap().credential_version, 4);
     assert_eq!(
