@@ -88,6 +88,10 @@ pub struct AuditEvent<'a> {
     /// System events (`rpc` = `SystemEvent`): the event type, as `WatchSystems` names it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<&'a str>,
+    /// What an administrative call changed, beyond a system (`caller=NAME role=ROLE`, `key=ID`,
+    /// `delivery=proxy`): no secrets, only names the broker validated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
 }
 
 /// Why an event could not be written.
@@ -580,6 +584,7 @@ mod tests {
                     path: None,
                     duration_ms: None,
                     event: None,
+                    detail: None,
                 })
                 .await
                 .unwrap();
@@ -610,6 +615,7 @@ mod tests {
             path: None,
             duration_ms: None,
             event: None,
+            detail: None,
         }
     }
 
@@ -735,6 +741,7 @@ mod tests {
             path: None,
             duration_ms: None,
             event: None,
+            detail: None,
         };
         assert!(audit.record(&ev).await.is_err());
         assert!(!audit.is_healthy());

@@ -1107,6 +1107,7 @@ impl Broker {
             path: None,
             duration_ms: None,
             event: Some(kind.as_str()),
+            detail: None,
         }));
         self.events.emit(kind, record, detail);
     }
@@ -1504,6 +1505,18 @@ impl Broker {
         code: &'static str,
         token_hmac: Option<&str>,
     ) -> impl std::future::Future<Output = Result<(), crate::audit::AuditError>> + Send + '_ {
+        self.audit_record_with(rpc, caller, system_id, (code, token_hmac, None))
+    }
+
+    /// [`Self::audit_record`] with what an administrative call changed (see
+    /// [`AuditEvent::detail`]).
+    pub fn audit_record_with(
+        &self,
+        rpc: &str,
+        caller: Option<&str>,
+        system_id: Option<&str>,
+        (code, token_hmac, detail): (&'static str, Option<&str>, Option<&str>),
+    ) -> impl std::future::Future<Output = Result<(), crate::audit::AuditError>> + Send + '_ {
         self.audit.record(&AuditEvent {
             time: crate::audit::now_rfc3339(),
             caller,
@@ -1516,6 +1529,7 @@ impl Broker {
             path: None,
             duration_ms: None,
             event: None,
+            detail,
         })
     }
 

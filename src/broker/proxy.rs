@@ -66,6 +66,7 @@ fn proxy_event<'a>(
         path: Some(masked),
         duration_ms: took.map(|d| d.as_millis() as u64),
         event: None,
+        detail: None,
     }
 }
 

@@ -43,6 +43,17 @@ struct Audited {
     system_id: Option<String>,
     /// The token handed out.
     token_id: Option<AuditedToken>,
+    /// What an administrative call changed (see [`crate::audit::AuditEvent::detail`]).
+    detail: Option<String>,
+}
+
+impl Audited {
+    fn detail(detail: String) -> Self {
+        Self {
+            detail: Some(detail),
+            ..Self::default()
+        }
+    }
 }
 
 /// A token handed out, as the audit trail records it (by HMAC).
@@ -193,6 +204,7 @@ impl BrokerService {
                         let audited = Audited {
                             system_id: None,
                             token_id: Some(AuditedToken::Id(lease.lease_id)),
+                            detail: None,
                         };
                         return Ok((convert::TokenAnswer::Message(resp), audited));
                     }
@@ -202,6 +214,7 @@ impl BrokerService {
                     Audited {
                         system_id: None,
                         token_id: Some(AuditedToken::Issued(token)),
+                        detail: None,
                     },
                 ))
             },
@@ -323,9 +336,14 @@ impl Call {
                 break 'call Err(*e);
             }
             let mut result = f(broker.clone(), caller.clone(), message, ready).await;
-            let (code, generated, token) = match &mut result {
-                Ok((_, a)) => (Code::Ok, a.system_id.take(), a.token_id.take()),
-                Err(e) => (e.code(), None, None),
+            let (code, generated, token, detail) = match &mut result {
+                Ok((_, a)) => (
+                    Code::Ok,
+                    a.system_id.take(),
+                    a.token_id.take(),
+                    a.detail.take(),
+                ),
+                Err(e) => (e.code(), None, None, None),
             };
             let hmac = match &token {
                 Some(AuditedToken::Id(id)) => Some(std::borrow::Cow::Owned(broker.audit.hmac(id))),
@@ -335,12 +353,15 @@ impl Call {
                 None => None,
             };
             let written = broker
-                .audit_record(
+                .audit_record_with(
                     rpc,
                     Some(&caller.name),
                     generated.as_deref().or(self.system_id.as_deref()),
-                    crate::error::code_name(code),
-                    hmac.as_deref(),
+                    (
+                        crate::error::code_name(code),
+                        hmac.as_deref(),
+                        detail.as_deref(),
+                    ),
                 )
                 .await;
             if written.is_err() && self.secret && code == Code::Ok && broker.audit.fail_closed() {
@@ -449,6 +470,7 @@ impl CredentialBroker for BrokerService {
                 let audited = Audited {
                     system_id: Some(record.system_id.clone()),
                     token_id: None,
+                    detail: None,
                 };
                 Ok((
                     pb::RegisterSystemResponse {
@@ -670,9 +692,13 @@ impl CredentialBroker for BrokerService {
             };
             let (record, token) = broker.create_caller(r.name.trim(), role, scope).await?;
             tracing::info!(message = "Caller created.", caller = %record.name, role = %record.role, by = %caller.name);
+            let mut detail = format!("caller={} role={}", record.name, record.role);
+            if let Some(at) = record.expires_at {
+                detail.push_str(&format!(" expires_at={at}"));
+            }
             Ok((
                 pb::CreateCallerResponse { caller: Some(convert::caller(&record)), token: token.expose_secret().to_owned() },
-                Audited::default(),
+                Audited::detail(detail),
             ))
         })
         .await
@@ -708,7 +734,8 @@ impl CredentialBroker for BrokerService {
         self.run("RevokeCaller", Role::Admin, false, request, |_| None, |broker, caller, r| async move {
             let record = broker.revoke_caller(r.name.trim()).await?;
             tracing::info!(message = "Caller revoked.", caller = %record.name, by = %caller.name);
-            Ok((pb::RevokeCallerResponse { caller: Some(convert::caller(&record)) }, Audited::default()))
+            let detail = Audited::detail(format!("caller={}", record.name));
+            Ok((pb::RevokeCallerResponse { caller: Some(convert::caller(&record)) }, detail))
         })
         .await
     }
@@ -762,7 +789,7 @@ impl CredentialBroker for BrokerService {
                     pb::RotateMasterKeyResponse {
                         key_id: format!("{id:08x}"),
                     },
-                    Audited::default(),
+                    Audited::detail(format!("key={id:08x}")),
                 ))
             },
         )
@@ -823,7 +850,10 @@ impl CredentialBroker for BrokerService {
             |_| None,
             |broker, _, r| async move {
                 broker.retire_key(&r.key_id).await?;
-                Ok((pb::RetireKeyResponse {}, Audited::default()))
+                // As the retirement parsed it (the request's text may be padded).
+                let id = u32::from_str_radix(r.key_id.trim(), 16).unwrap_or_default();
+                let detail = Audited::detail(format!("key={id:08x}"));
+                Ok((pb::RetireKeyResponse {}, detail))
             },
         )
         .await
@@ -874,11 +904,16 @@ impl CredentialBroker for BrokerService {
             |broker, _, r| async move {
                 let delivery = convert::delivery(r.delivery)?;
                 let record = broker.set_delivery(r.system_id.trim(), delivery).await?;
+                let delivery = match record.delivery {
+                    crate::model::Delivery::Header => "header",
+                    crate::model::Delivery::Proxy => "proxy",
+                };
+                let detail = format!("delivery={delivery}");
                 Ok((
                     pb::SetDeliveryResponse {
                         system: Some(convert::system(&record)),
                     },
-                    Audited::default(),
+                    Audited::detail(detail),
                 ))
             },
         )

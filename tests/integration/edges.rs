@@ -1466,13 +1466,18 @@ async fn admin_changes_whose_caller_gives_up_are_applied_in_full_and_audited() {
     }
     broker.stop().await;
     let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
-    for rpc in ["DeleteSystem", "SetDelivery", "RevokeCaller"] {
+    // Each line names what it changed (the delivery set, the caller revoked).
+    for (rpc, detail) in [
+        ("DeleteSystem", serde_json::Value::Null),
+        ("SetDelivery", "delivery=proxy".into()),
+        ("RevokeCaller", "caller=w".into()),
+    ] {
         assert!(
             trail.lines().any(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v["rpc"] == rpc && v["outcome"] == "ok"
+                v["rpc"] == rpc && v["outcome"] == "ok" && v["detail"] == detail
             }),
-            "{rpc} left no audit line"
+            "{rpc} left no audit line with {detail}"
         );
     }
 }

@@ -506,7 +506,14 @@ async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
             ("GetAccessToken", "UNAUTHENTICATED"),
         ]
     );
+    // An administrative change names what it changed (who was made what), never a secret.
+    assert_eq!(
+        events[1]["detail"], "caller=aud-worker role=worker",
+        "{:?}",
+        events[1]
+    );
     let granted = &events[2];
+    assert!(granted["detail"].is_null(), "{granted:?}");
     assert_eq!(granted["caller"], "aud-worker");
     assert_eq!(granted["system_id"], "aud");
     let hmac = granted["token_hmac"].as_str().unwrap();
