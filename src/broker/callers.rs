@@ -190,7 +190,17 @@ pub struct Callers {
     accepted: RwLock<Accepted>,
     /// Token hashes of callers seen revoked: never installed again by this process.
     revoked: Mutex<HashSet<[u8; 32]>>,
+    /// Callers created by this process, numbered (with the last number): a reload whose read
+    /// of the store began before one was created keeps it (its list may not hold it yet);
+    /// dropped once a reload's read began after it.
+    created: Mutex<(u64, Vec<Created>)>,
 }
+
+/// A caller created by this process, with its number.
+type Created = (u64, Arc<Caller>);
+
+/// The most callers created here that a reload keeps beside its list.
+const MAX_CREATED_KEPT: usize = 4096;
 
 impl std::fmt::Debug for Callers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,8 +211,20 @@ impl std::fmt::Debug for Callers {
 }
 
 impl Callers {
-    /// Replaces the accepted callers with `callers` (revoked ones left out, and remembered).
+    /// The number of the last caller created here: taken before a reload reads the store.
+    pub(crate) fn created_so_far(&self) -> u64 {
+        lock(&self.created).0
+    }
+
+    /// Replaces the accepted callers with `callers` (revoked ones left out, and remembered),
+    /// read from the store after every caller created here so far.
     pub(crate) fn install(&self, callers: Vec<CallerRecord>) {
+        self.install_read_after(callers, self.created_so_far());
+    }
+
+    /// [`Self::install`] for a list whose read began after the caller numbered `read_after` was
+    /// created here: the callers created since are kept, though the list may not hold them.
+    pub(crate) fn install_read_after(&self, callers: Vec<CallerRecord>, read_after: u64) {
         let mut accepted = Accepted::default();
         for c in &callers {
             if let (true, Some(hash)) = (c.revoked, hex::decode::<32>(&c.token_sha256)) {
@@ -212,6 +234,13 @@ impl Callers {
         for c in callers.iter().filter(|c| !c.revoked) {
             if let Some(hash) = self.usable_hash(c) {
                 accepted.insert(Arc::new(Caller::from_record(c, hash)));
+            }
+        }
+        {
+            let mut created = lock(&self.created);
+            created.1.retain(|(n, _)| *n > read_after);
+            for (_, c) in &created.1 {
+                accepted.insert(c.clone());
             }
         }
         // Asked again under the lock: a caller revoked since it was read is not put back
@@ -233,10 +262,21 @@ impl Callers {
 
     /// Accepts a caller just created, whose token hashes to `hash`.
     fn insert(&self, record: &CallerRecord, hash: [u8; 32]) {
+        let caller = Arc::new(Caller::from_record(record, hash));
+        {
+            let mut created = lock(&self.created);
+            created.0 += 1;
+            let n = created.0;
+            created.1.push((n, caller.clone()));
+            // A reload's read lasts seconds: without reloads (one process, no shared store),
+            // only the latest are worth keeping.
+            let excess = created.1.len().saturating_sub(MAX_CREATED_KEPT);
+            created.1.drain(..excess);
+        }
         let mut accepted = write(&self.accepted);
         // As in `install`: never one revoked meanwhile.
         if !lock(&self.revoked).contains(&hash) {
-            accepted.insert(Arc::new(Caller::from_record(record, hash)));
+            accepted.insert(caller);
         }
     }
 
@@ -498,8 +538,9 @@ impl Broker {
     }
 
     pub(super) async fn reload_callers(&self) {
+        let read_after = self.callers.created_so_far();
         match self.store.list_callers().await {
-            Ok(c) => self.callers.install(c),
+            Ok(c) => self.callers.install_read_after(c, read_after),
             Err(e) => {
                 tracing::warn!(message = "Could not reload callers from the shared store.", error = %e)
             }
@@ -559,6 +600,24 @@ mod tests {
             AuthRefusal::Unknown
         );
         assert!(callers.by_name("w1").is_none());
+    }
+
+    /// A reload whose read of the store began before a caller was created here (another
+    /// replica's change, the 30 s backstop) does not drop it; one that began after it does
+    /// (the store is the truth then: a caller missing from it is gone).
+    #[test]
+    fn a_reload_read_before_a_caller_was_created_keeps_it() {
+        let callers = Callers::default();
+        let old = record("old", "cbt_old", Role::Worker);
+        callers.install(vec![old.clone()]);
+        let read_after = callers.created_so_far();
+        let new = record("new", "cbt_new", Role::Worker);
+        callers.insert(&new, token_sha256("cbt_new"));
+        callers.install_read_after(vec![old.clone()], read_after);
+        assert!(callers.authenticate("cbt_new").is_ok(), "a stale reload dropped it");
+        assert!(callers.authenticate("cbt_old").is_ok());
+        callers.install_read_after(vec![old], callers.created_so_far());
+        assert!(callers.authenticate("cbt_new").is_err());
     }
 
     #[test]
