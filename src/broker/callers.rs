@@ -449,6 +449,14 @@ impl Broker {
         if scope.expires_at.is_some_and(|e| e <= unix_now()) {
             return Err(BrokerError::invalid("expires_at", "must be in the future"));
         }
+        // Its token is a secret, handed out only once audited: while the trail cannot be
+        // written (fail-closed), no caller is created whose token would be withheld.
+        if self.audit.fail_closed() && !self.audit.is_healthy() {
+            return Err(BrokerError::Unavailable(
+                "the audit trail cannot be written; no caller is created until it recovers"
+                    .to_owned(),
+            ));
+        }
         self.create_caller_with(name, role, scope, new_caller_token())
             .await
             .map_err(|e| match e {
@@ -614,7 +622,10 @@ mod tests {
         let new = record("new", "cbt_new", Role::Worker);
         callers.insert(&new, token_sha256("cbt_new"));
         callers.install_read_after(vec![old.clone()], read_after);
-        assert!(callers.authenticate("cbt_new").is_ok(), "a stale reload dropped it");
+        assert!(
+            callers.authenticate("cbt_new").is_ok(),
+            "a stale reload dropped it"
+        );
         assert!(callers.authenticate("cbt_old").is_ok());
         callers.install_read_after(vec![old], callers.created_so_far());
         assert!(callers.authenticate("cbt_new").is_err());

@@ -612,6 +612,15 @@ async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
         ServingStatus::Serving as i32
     );
     assert_eq!(readyz().await.0, 200);
+    // The refused caller was not created behind the refusal (an active caller whose token
+    // nobody holds): it is not listed, and its name is free.
+    let listed = admin.list_callers(pb::ListCallersRequest {}).await.unwrap();
+    let listed = listed.into_inner().callers;
+    assert!(listed.iter().all(|c| c.name != "unaudited"), "{listed:?}");
+    let again = admin
+        .create_caller(worker_req("unaudited", &[], &[], None))
+        .await;
+    assert!(again.is_ok(), "{again:?}");
 
     // credbrokerctl audit tail filters the trail.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_credbrokerctl"))
