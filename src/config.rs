@@ -751,8 +751,16 @@ fn secret_arg(s: &str) -> Result<crate::secret::SecretString, std::convert::Infa
 impl Config {
     /// Builds the config from an optional TOML text and overrides, reporting every problem.
     pub fn build(file: Option<&str>, o: &Overrides) -> Result<Self, Vec<String>> {
-        let o = &o.clone().without_empty();
-        let mut errors = Vec::new();
+        let mut o = o.clone();
+        let mut errors: Vec<String> = o
+            .take_empty()
+            .into_iter()
+            .map(|name| {
+                let env = format!("CREDBROKER_{}", name.to_ascii_uppercase());
+                format!("{name}: set but empty ({env} or its flag); unset it or give a value")
+            })
+            .collect();
+        let o = &o;
         let mut f: FileConfig = match file {
             Some(text) => toml::from_str(text).unwrap_or_else(|e| {
                 errors.push(format!("config file: {}", e.message()));
@@ -792,62 +800,47 @@ impl Config {
 }
 
 impl Overrides {
-    /// These overrides with every empty value taken for unset: an environment variable a
-    /// deployment template left empty (`${VAR}`) must not switch a setting off, nor put the
-    /// data directory or the audit trail in the working directory.
-    fn without_empty(mut self) -> Self {
-        fn text(v: &mut Option<String>) {
+    /// The settings given an empty value (a flag, or a `CREDBROKER_*` variable a deployment
+    /// template left empty): refused, each named, rather than read as "off" or as unset, which
+    /// would each switch something silently (fail-closed auditing, a listener, the console).
+    /// They are cleared, so that nothing else reports them again.
+    fn take_empty(&mut self) -> Vec<&'static str> {
+        let text = [
+            ("listen", &mut self.listen),
+            ("console", &mut self.console),
+            ("replica_snapshot", &mut self.replica_snapshot),
+            ("log_format", &mut self.log_format),
+            ("egress_allow_http", &mut self.egress_allow_http),
+            ("egress_allow", &mut self.egress_allow),
+            ("egress_proxy", &mut self.egress_proxy),
+            ("egress_no_proxy", &mut self.egress_no_proxy),
+            ("http_listen", &mut self.http_listen),
+            ("public_url", &mut self.public_url),
+            ("jira_auth_url", &mut self.jira_auth_url),
+            ("jira_api_url", &mut self.jira_api_url),
+            ("webhook_url", &mut self.webhook_url),
+            ("audit_file", &mut self.audit_file),
+            ("audit_stdout", &mut self.audit_stdout),
+            ("audit_fail_closed", &mut self.audit_fail_closed),
+            ("bearer_tokens", &mut self.bearer_tokens),
+            ("default_static_delivery", &mut self.default_static_delivery),
+            (
+                "adopt_unauthenticated_records",
+                &mut self.adopt_unauthenticated_records,
+            ),
+        ];
+        let mut empty = Vec::new();
+        for (name, v) in text {
             if v.as_deref().is_some_and(|t| t.trim().is_empty()) {
                 *v = None;
+                empty.push(name);
             }
-        }
-        fn path(v: &mut Option<PathBuf>) {
-            if v.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-                *v = None;
-            }
-        }
-        for v in [
-            &mut self.listen,
-            &mut self.console,
-            &mut self.replica_snapshot,
-            &mut self.log_format,
-            &mut self.egress_allow_http,
-            &mut self.egress_allow,
-            &mut self.egress_proxy,
-            &mut self.egress_no_proxy,
-            &mut self.http_listen,
-            &mut self.public_url,
-            &mut self.jira_auth_url,
-            &mut self.jira_api_url,
-            &mut self.webhook_url,
-            &mut self.audit_file,
-            &mut self.audit_stdout,
-            &mut self.audit_fail_closed,
-            &mut self.bearer_tokens,
-            &mut self.default_static_delivery,
-            &mut self.adopt_unauthenticated_records,
-        ] {
-            text(v);
-        }
-        for v in [
-            &mut self.data_dir,
-            &mut self.master_key_file,
-            &mut self.store_ca_file,
-            &mut self.egress_proxy_credentials_file,
-            &mut self.entra_federated_token_dir,
-            &mut self.webhook_secret_file,
-            &mut self.tls_cert_file,
-            &mut self.tls_key_file,
-            &mut self.tls_client_ca_file,
-            &mut self.http_tls_cert_file,
-            &mut self.http_tls_key_file,
-        ] {
-            path(v);
         }
         if self.store_url.as_ref().is_some_and(|u| u.is_empty()) {
             self.store_url = None;
+            empty.push("store_url");
         }
-        self
+        empty
     }
 }
 
@@ -1538,27 +1531,25 @@ mod tests {
         assert!(c.is_ok(), "{:?}", c.err());
     }
 
-    /// An empty value (a template's `${VAR}` left empty) counts as unset: it switches nothing
-    /// off, and the file's setting stands.
+    /// An empty value (a template's `${VAR}` left empty) is refused, named: read as "off" or
+    /// as unset it would switch something silently.
     #[test]
-    fn empty_overrides_count_as_unset() {
+    fn empty_overrides_are_refused_by_name() {
         let o = Overrides {
             audit_fail_closed: Some(String::new()),
             http_listen: Some(" ".into()),
-            data_dir: Some(PathBuf::new()),
-            audit_file: Some(String::new()),
             ..Default::default()
         };
-        let file =
-            "audit_fail_closed = true\nhttp_listen = \"127.0.0.1:8089\"\ndata_dir = \"/srv/cb\"\n";
-        let c = Config::build(Some(file), &o).unwrap();
-        assert!(c.audit.fail_closed);
-        assert_eq!(c.server.http_listen.map(|a| a.port()), Some(8089));
-        assert_eq!(c.store.data_dir, PathBuf::from("/srv/cb"));
+        let errs = Config::build(Some("audit_fail_closed = true"), &o).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(
-            c.audit.file.is_none() && !c.audit.file_off,
-            "{:?}",
-            c.audit.file
+            errs[0].contains("CREDBROKER_HTTP_LISTEN")
+                || errs[1].contains("CREDBROKER_HTTP_LISTEN")
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("CREDBROKER_AUDIT_FAIL_CLOSED")),
+            "{errs:?}"
         );
     }
 

@@ -194,6 +194,9 @@ pub struct Callers {
     /// of the store began before one was created keeps it (its list may not hold it yet);
     /// dropped once a reload's read began after it.
     created: Mutex<(u64, Vec<Created>)>,
+    /// Held by a reload from the store (one at a time: a later read installed before an earlier
+    /// one would prune a caller the earlier list lacks).
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// A caller created by this process, with its number.
@@ -546,6 +549,7 @@ impl Broker {
     }
 
     pub(super) async fn reload_callers(&self) {
+        let _one_at_a_time = self.callers.reloading.lock().await;
         let read_after = self.callers.created_so_far();
         match self.store.list_callers().await {
             Ok(c) => self.callers.install_read_after(c, read_after),

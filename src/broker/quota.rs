@@ -195,6 +195,8 @@ struct State {
     /// When the held remaining count was taken.
     read_at: Option<Instant>,
     in_flight: u32,
+    /// When the held window (its reset) was taken.
+    window_at: Option<Instant>,
     /// Calls counted locally in this window (vendors that send no remaining count).
     counting: bool,
     counted: i64,
@@ -282,10 +284,16 @@ impl State {
         }
         // A reset a second or two off is the same window (Zendesk counts it from now); an
         // earlier one is a late answer from a window gone by, and changes nothing.
-        let new_window = s
-            .reset_at
-            .is_some_and(|r| self.reset_at.is_none_or(|c| r > c.saturating_add(2)));
+        let new_window = s.reset_at.is_some_and(|r| match self.reset_at {
+            None => true,
+            Some(held) if r.abs_diff(held) <= 2 => false,
+            Some(held) if r > held => true,
+            // Earlier: from a window gone by when its call began before the held window was
+            // taken; else the held reset was the wrong one (a broken answer's, far ahead).
+            Some(_) => self.window_at.is_none_or(|at| started > at),
+        });
         if new_window {
+            self.window_at = Some(Instant::now());
             self.reset_at = s.reset_at;
             // The calls still in flight (this one among them) count in the new window: they
             // may reach the vendor after its reset.
@@ -745,6 +753,14 @@ mod tests {
         let after = book.view("s").unwrap();
         assert_eq!(after.reset_at, Some(reset));
         assert_eq!(after.remaining, before.remaining);
+        // A broken answer's reset far ahead is not held against an honest earlier one whose
+        // call began after it was taken.
+        let a = book.admit("t", SystemKind::ServiceNow).await.unwrap();
+        book.learn("t", &a, &window(reset + 20 * 3600));
+        drop(a);
+        let b = book.admit("t", SystemKind::ServiceNow).await.unwrap();
+        book.learn("t", &b, &window(reset));
+        assert_eq!(book.view("t").unwrap().reset_at, Some(reset));
     }
 
     #[tokio::test]

@@ -635,8 +635,19 @@ impl Broker {
         if caller.is_kind_scoped() {
             let kind = match self.cached(system_id) {
                 Some(t) => Some(t.kind),
-                // A store that cannot answer is UNAVAILABLE (retry), not a refusal for good.
-                None => self.store.get_system(system_id).await?.map(|r| r.kind),
+                // A store that cannot answer is UNAVAILABLE (retry), not a refusal for good; a
+                // record it cannot read is a refusal like a missing one (no DATA_LOSS telling
+                // the worker that a system of another kind exists).
+                None => match self
+                    .store
+                    .get_system(system_id)
+                    .await
+                    .map_err(BrokerError::from)
+                {
+                    Ok(r) => r.map(|r| r.kind),
+                    Err(e) if e.code() == tonic::Code::Unavailable => return Err(e),
+                    Err(_) => None,
+                },
             };
             if !kind.is_some_and(|k| caller.may_use_kind(k)) {
                 return Err(denied());

@@ -439,9 +439,12 @@ async fn connect(cli: &Cli) -> Result<Client> {
              read it; use CREDBROKER_TOKEN, --token-file or the default admin.token instead"
         );
     }
-    // An empty token (CREDBROKER_TOKEN left empty by a template) counts as none given.
-    let given = cli.token.as_ref().filter(|t| !t.trim().is_empty());
-    let token = match (given, &cli.token_file) {
+    // An empty token (CREDBROKER_TOKEN left empty by a template) is refused: taken for none,
+    // a worker's script would run as the admin whose token file it can read.
+    if cli.token.as_ref().is_some_and(|t| t.trim().is_empty()) {
+        bail!("CREDBROKER_TOKEN (or --token) is set but empty; unset it or give a caller token");
+    }
+    let token = match (&cli.token, &cli.token_file) {
         (None, None) if cli.client_cert.is_some() => String::new(),
         (Some(t), _) => t.trim().to_owned(),
         (None, Some(f)) => std::fs::read_to_string(f)

@@ -66,9 +66,13 @@ impl SecretReader {
                 .context("reading the secret from standard input")?;
             s
         } else if let Some(path) = source.strip_prefix("file:") {
-            std::fs::read_to_string(path).with_context(|| format!("reading {field} from {path}"))?
+            // The path is not repeated: a secret pasted in its place would be printed.
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {field} from the file given after file:"))?
         } else if let Some(var) = source.strip_prefix("env:") {
-            std::env::var(var).with_context(|| format!("reading {field} from ${var}"))?
+            std::env::var(var).with_context(|| {
+                format!("reading {field} from the environment variable given after env:")
+            })?
         } else {
             bail!("secret source for {field} must be file:PATH, stdin or env:VAR");
         };

@@ -388,9 +388,11 @@ impl Call {
     }
 }
 
-/// Audits a call refused before its handler ran: always when the caller is known (a worker
-/// calling an admin RPC, an expired token; the line names it, so a flood of anonymous refusals
-/// cannot hide it), else within the refusal rate limit.
+/// Audits a call refused before its handler ran: always when an authenticated caller made it
+/// (a worker calling an admin RPC; the line names it, so a flood of anonymous refusals cannot
+/// hide it, and it could write lines by its successful calls anyway), else within the refusal
+/// rate limit (an expired token's refusal names its caller too, but whoever holds an old token
+/// has no right to write the trail at will).
 async fn audit_refusal(
     broker: &Broker,
     rpc: &str,
@@ -398,7 +400,8 @@ async fn audit_refusal(
     system_id: Option<&str>,
     refused: &BrokerError,
 ) {
-    if caller.is_some() || broker.audit.admit_refusal() {
+    let authenticated = caller.is_some() && refused.code() != tonic::Code::Unauthenticated;
+    if authenticated || broker.audit.admit_refusal() {
         let code = crate::error::code_name(refused.code());
         let _ = broker
             .audit_record(rpc, caller, system_id, code, None)
@@ -693,6 +696,13 @@ impl CredentialBroker for BrokerService {
             let (record, token) = broker.create_caller(r.name.trim(), role, scope).await?;
             tracing::info!(message = "Caller created.", caller = %record.name, role = %record.role, by = %caller.name);
             let mut detail = format!("caller={} role={}", record.name, record.role);
+            if !record.kinds.is_empty() {
+                let kinds: Vec<&str> = record.kinds.iter().map(|k| k.slug()).collect();
+                detail.push_str(&format!(" kinds={}", kinds.join(",")));
+            }
+            if !record.system_patterns.is_empty() {
+                detail.push_str(&format!(" patterns={}", record.system_patterns.len()));
+            }
             if let Some(at) = record.expires_at {
                 detail.push_str(&format!(" expires_at={at}"));
             }

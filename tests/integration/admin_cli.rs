@@ -207,9 +207,9 @@ async fn cli_register_token_list_show_rotate_delete_and_callers() {
     });
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"));
-    // An empty CREDBROKER_TOKEN (a template's `${VAR}` left empty) counts as none: the admin
-    // token of the data directory is used.
-    let v = json_out(&tokio::task::block_in_place(|| {
+    // An empty CREDBROKER_TOKEN (a template's `${VAR}` left empty) is refused, not taken for
+    // none (a worker's script would then run as the data directory's admin).
+    let out = tokio::task::block_in_place(|| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_credbrokerctl"));
         c.args(["--output", "json", "caller", "list"])
             .env("CREDBROKER_ADDR", b.addr.to_string())
@@ -217,6 +217,12 @@ async fn cli_register_token_list_show_rotate_delete_and_callers() {
             .env("CREDBROKER_TOKEN", "")
             .env_remove("CREDBROKER_TOKEN_FILE");
         c.output().unwrap()
+    });
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("set but empty"), "{err}");
+    let v = json_out(&tokio::task::block_in_place(|| {
+        ctl(b, &["--output", "json", "caller", "list"], None)
     }));
     assert_eq!(v.as_array().unwrap().len(), 2);
     json_out(&tokio::task::block_in_place(|| {

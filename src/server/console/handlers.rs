@@ -215,7 +215,7 @@ async fn sign_in(State(c): St, headers: HeaderMap, names: Names, Form(f): Fields
                     .audit_record("ConsoleSignIn", name.as_deref(), None, code, None)
                     .await;
             }
-            let why = if name.is_some() {
+            let why = if e.code() == tonic::Code::PermissionDenied {
                 "worker callers cannot sign in to the console; use an admin caller token".to_owned()
             } else {
                 e.to_string()
