@@ -645,7 +645,7 @@ impl Broker {
                     .map_err(BrokerError::from)
                 {
                     Ok(r) => r.map(|r| r.kind),
-                    Err(e) if e.code() == tonic::Code::Unavailable => return Err(e),
+                    Err(e @ BrokerError::Unavailable(_)) => return Err(e),
                     Err(_) => None,
                 },
             };
