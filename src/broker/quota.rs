@@ -289,15 +289,23 @@ impl State {
             Some(held) if r.abs_diff(held) <= 2 => false,
             Some(held) if r > held => true,
             // Earlier: from a window gone by when its call began before the held window was
-            // taken; else the held reset was the wrong one (a broken answer's, far ahead).
-            Some(_) => self.window_at.is_none_or(|at| started > at),
+            // taken, or when that reset has passed; else the held reset was the wrong one (a
+            // broken answer's, far ahead).
+            Some(_) => r > s.now_ms / 1000 && self.window_at.is_none_or(|at| started > at),
         });
         if new_window {
+            // Moved back, the window keeps what it counted (the same calls reached the vendor).
+            let back = self.reset_at.is_some_and(|held| s.reset_at < Some(held));
             self.window_at = Some(Instant::now());
             self.reset_at = s.reset_at;
             // The calls still in flight (this one among them) count in the new window: they
             // may reach the vendor after its reset.
-            self.counted = i64::from(self.in_flight).max(1);
+            let in_flight = i64::from(self.in_flight).max(1);
+            self.counted = if back {
+                self.counted.max(in_flight)
+            } else {
+                in_flight
+            };
             l.changed = true;
         }
         if let Some(counting) = s.count_locally {

@@ -646,7 +646,10 @@ impl Broker {
                 {
                     Ok(r) => r.map(|r| r.kind),
                     Err(e @ BrokerError::Unavailable(_)) => return Err(e),
-                    Err(_) => None,
+                    Err(e) => {
+                        tracing::warn!(message = "A worker's system could not be read; refused.", system_id = %system_id, error = %e);
+                        None
+                    }
                 },
             };
             if !kind.is_some_and(|k| caller.may_use_kind(k)) {

@@ -70,8 +70,10 @@ impl SecretReader {
             std::fs::read_to_string(path)
                 .with_context(|| format!("reading {field} from the file given after file:"))?
         } else if let Some(var) = source.strip_prefix("env:") {
-            std::env::var(var).with_context(|| {
-                format!("reading {field} from the environment variable given after env:")
+            // Neither the name nor the value is repeated (a value that is not UTF-8 would be
+            // printed by the error itself).
+            std::env::var(var).map_err(|_| {
+                anyhow!("reading {field} from the environment variable given after env: it is unset or not UTF-8")
             })?
         } else {
             bail!("secret source for {field} must be file:PATH, stdin or env:VAR");
