@@ -548,6 +548,24 @@ impl Broker {
         Ok(record)
     }
 
+    /// Revokes `name`, a caller just created whose token could not be handed out (its audit
+    /// line failed, fail-closed): nobody holds its token, and it must not stay active. A
+    /// failure is logged (the caller then stays until an admin revokes it).
+    pub async fn withdraw_caller(&self, name: &str) {
+        let withdrawn = async {
+            let callers = self.store.list_callers().await?;
+            if let Some(mut record) = callers.into_iter().find(|c| c.name == name) {
+                record.revoked = true;
+                self.store.update_caller(&record).await?;
+                self.callers.forget(&record);
+            }
+            Ok::<_, StoreError>(())
+        };
+        if let Err(e) = withdrawn.await {
+            tracing::error!(message = "A caller whose token was not handed out could not be revoked; revoke it.", caller = %name, error = %e);
+        }
+    }
+
     pub(super) async fn reload_callers(&self) {
         let _one_at_a_time = self.callers.reloading.lock().await;
         let read_after = self.callers.created_so_far();

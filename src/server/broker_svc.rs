@@ -45,6 +45,9 @@ struct Audited {
     token_id: Option<AuditedToken>,
     /// What an administrative call changed (see [`crate::audit::AuditEvent::detail`]).
     detail: Option<String>,
+    /// A caller the call created: withdrawn if its token cannot be handed out (the audit line
+    /// failed, fail-closed), so that no active caller is left whose token nobody holds.
+    created_caller: Option<String>,
 }
 
 impl Audited {
@@ -205,6 +208,7 @@ impl BrokerService {
                             system_id: None,
                             token_id: Some(AuditedToken::Id(lease.lease_id)),
                             detail: None,
+                            created_caller: None,
                         };
                         return Ok((convert::TokenAnswer::Message(resp), audited));
                     }
@@ -215,6 +219,7 @@ impl BrokerService {
                         system_id: None,
                         token_id: Some(AuditedToken::Issued(token)),
                         detail: None,
+                        created_caller: None,
                     },
                 ))
             },
@@ -336,14 +341,18 @@ impl Call {
                 break 'call Err(*e);
             }
             let mut result = f(broker.clone(), caller.clone(), message, ready).await;
-            let (code, generated, token, detail) = match &mut result {
-                Ok((_, a)) => (
-                    Code::Ok,
-                    a.system_id.take(),
-                    a.token_id.take(),
-                    a.detail.take(),
-                ),
-                Err(e) => (e.code(), None, None, None),
+            let (code, generated, token, detail, created) = match &mut result {
+                Ok((_, a)) => {
+                    let created = a.created_caller.take();
+                    (
+                        Code::Ok,
+                        a.system_id.take(),
+                        a.token_id.take(),
+                        a.detail.take(),
+                        created,
+                    )
+                }
+                Err(e) => (e.code(), None, None, None, None),
             };
             let hmac = match &token {
                 Some(AuditedToken::Id(id)) => Some(std::borrow::Cow::Owned(broker.audit.hmac(id))),
@@ -365,6 +374,9 @@ impl Call {
                 )
                 .await;
             if written.is_err() && self.secret && code == Code::Ok && broker.audit.fail_closed() {
+                if let Some(name) = created {
+                    broker.withdraw_caller(&name).await;
+                }
                 break 'call Err(BrokerError::Unavailable(
                     "the audit trail cannot be written; refusing to hand out secrets until it recovers"
                         .to_owned(),
@@ -474,6 +486,7 @@ impl CredentialBroker for BrokerService {
                     system_id: Some(record.system_id.clone()),
                     token_id: None,
                     detail: None,
+                    created_caller: None,
                 };
                 Ok((
                     pb::RegisterSystemResponse {
@@ -706,9 +719,13 @@ impl CredentialBroker for BrokerService {
             if let Some(at) = record.expires_at {
                 detail.push_str(&format!(" expires_at={at}"));
             }
+            let audited = Audited {
+                created_caller: Some(record.name.clone()),
+                ..Audited::detail(detail)
+            };
             Ok((
                 pb::CreateCallerResponse { caller: Some(convert::caller(&record)), token: token.expose_secret().to_owned() },
-                Audited::detail(detail),
+                audited,
             ))
         })
         .await

@@ -583,6 +583,13 @@ async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
     let path = dir.path().join("audit.log");
     std::fs::rename(&path, dir.path().join("audit.before")).unwrap();
     std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    // The first write to fail is a new caller's line (health still says the trail is fine):
+    // its token is withheld, and the caller, whose token nobody holds, is withdrawn.
+    let e = admin
+        .create_caller(worker_req("withheld", &[], &[], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     let e = worker.get_access_token(tok("aud")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert!(e.message().contains("audit"), "{}", e.message());
@@ -627,6 +634,8 @@ async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
     let listed = admin.list_callers(pb::ListCallersRequest {}).await.unwrap();
     let listed = listed.into_inner().callers;
     assert!(listed.iter().all(|c| c.name != "unaudited"), "{listed:?}");
+    let withheld = listed.iter().find(|c| c.name == "withheld");
+    assert!(withheld.is_none_or(|c| c.revoked), "{listed:?}");
     let again = admin
         .create_caller(worker_req("unaudited", &[], &[], None))
         .await;
