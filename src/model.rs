@@ -475,6 +475,16 @@ pub enum Delivery {
     Proxy,
 }
 
+impl Delivery {
+    /// The snake_case name (as stored).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Header => "header",
+            Self::Proxy => "proxy",
+        }
+    }
+}
+
 /// Lifecycle state of a system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

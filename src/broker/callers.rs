@@ -542,10 +542,16 @@ impl Broker {
                  another admin, without an expiry or expiring later, before revoking it"
             )));
         }
-        record.revoked = true;
-        self.store.update_caller(&record).await?;
-        self.callers.forget(&record);
+        self.mark_revoked(&mut record).await?;
         Ok(record)
+    }
+
+    /// Stores `record` as revoked and drops it from the accepted callers, for good.
+    async fn mark_revoked(&self, record: &mut CallerRecord) -> Result<(), StoreError> {
+        record.revoked = true;
+        self.store.update_caller(record).await?;
+        self.callers.forget(record);
+        Ok(())
     }
 
     /// Revokes `name`, a caller just created whose token could not be handed out (its audit
@@ -555,9 +561,7 @@ impl Broker {
         let withdrawn = async {
             let callers = self.store.list_callers().await?;
             if let Some(mut record) = callers.into_iter().find(|c| c.name == name) {
-                record.revoked = true;
-                self.store.update_caller(&record).await?;
-                self.callers.forget(&record);
+                self.mark_revoked(&mut record).await?;
             }
             Ok::<_, StoreError>(())
         };

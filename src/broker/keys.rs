@@ -380,10 +380,12 @@ impl Broker {
         })
     }
 
-    /// Retires a KEK no record uses.
-    pub async fn retire_key(&self, key_id: &str) -> Result<(), BrokerError> {
+    /// Retires a KEK no record uses; answers its id as parsed.
+    pub async fn retire_key(&self, key_id: &str) -> Result<u32, BrokerError> {
         let id = parse_id(key_id)
             .ok_or_else(|| BrokerError::invalid("key_id", "must be a hex key id"))?;
+        // Named as parsed from here on (the request's text may be padded).
+        let key_id = hex_id(id);
         let _serialized = self.key_operation().await?;
         let status = self.key_status().await?;
         let Some(k) = status.keys.iter().find(|k| k.id == id) else {
@@ -416,7 +418,7 @@ impl Broker {
             .await?;
         write(&self.keyring).remove_kek(id);
         tracing::info!(message = "Key retired.", key_id = %key_id);
-        Ok(())
+        Ok(id)
     }
 }
 

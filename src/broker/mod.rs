@@ -331,8 +331,9 @@ pub struct Broker {
     pub(crate) unauthorized: Mutex<HashMap<String, u64>>,
     /// When a vendor 401 through the proxy last made a system's token be minted again.
     pub(crate) proxy_remints: Mutex<HashMap<String, std::time::Instant>>,
-    /// Idle grants the keep-alive sweep refreshed, with when and the end it left their refresh
-    /// token (see [`tokens::KeptAlive`]).
+    /// Connected grants whose refresh went through (or that the sweep found renewed), with when
+    /// and the end their refresh token had: the keep-alive leaves them alone till halfway (see
+    /// [`tokens::KeptAlive`]).
     pub(crate) kept_alive: Mutex<HashMap<String, tokens::KeptAlive>>,
     /// Who may call, and the authentication of each call.
     pub(crate) callers: Callers,

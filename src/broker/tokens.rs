@@ -2158,13 +2158,14 @@ impl Broker {
     /// unused system does not die quietly; starts the scheduled checks that are due, and writes
     /// the health that time alone changed (a horizon closer, a degraded spell over).
     async fn keepalive_sweep(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
-        if !self.leads_sweep().await {
-            return;
-        }
-        // What is past its end or beyond the margin is judged by the margin alone again.
+        // What is past its end or beyond the margin is judged by the margin alone again (pruned
+        // by every replica: each notes its own refreshes, the leader or not).
         let now = unix_now();
         let horizon = now.saturating_add(self.settings.keepalive_margin.as_secs());
         lock(&self.kept_alive).retain(|_, k| now < k.end && k.end <= horizon);
+        if !self.leads_sweep().await {
+            return;
+        }
         let mut pages = self.system_pages(SCAN_PAGE);
         let mut due = crate::broker::schedule::Due::default();
         loop {
@@ -2218,11 +2219,11 @@ impl Broker {
 
 /// What the keep-alive sweep knows of a grant's refresh token: the end it last saw, and since
 /// when (a refresh that went through on this broker, or the sweep that found the end moved on:
-/// another replica's refresh). A refresh token
-/// whose lifespan is no longer than the margin (Zendesk's shortest, 7 days, is the default
-/// margin) is within the margin again right after every refresh, and one the vendor does not
-/// renew keeps its end: judged by the margin alone, either would be refreshed at every sweep
-/// (hourly), and each Zendesk refresh revokes the access token workers hold.
+/// another replica's refresh). A refresh token whose lifespan is no longer than the margin
+/// (Zendesk's shortest, 7 days, is the default margin) is within the margin again right after
+/// every refresh, and one the vendor does not renew keeps its end: judged by the margin alone,
+/// either would be refreshed at every sweep (hourly), and each Zendesk refresh revokes the
+/// access token workers hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeptAlive {
     since: u64,

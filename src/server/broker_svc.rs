@@ -876,9 +876,8 @@ impl CredentialBroker for BrokerService {
             request,
             |_| None,
             |broker, _, r| async move {
-                broker.retire_key(&r.key_id).await?;
-                // As the retirement parsed it (the request's text may be padded).
-                let id = u32::from_str_radix(r.key_id.trim(), 16).unwrap_or_default();
+                // The id as the retirement parsed it (the request's text may be padded).
+                let id = broker.retire_key(&r.key_id).await?;
                 let detail = Audited::detail(format!("key={id:08x}"));
                 Ok((pb::RetireKeyResponse {}, detail))
             },
@@ -931,11 +930,7 @@ impl CredentialBroker for BrokerService {
             |broker, _, r| async move {
                 let delivery = convert::delivery(r.delivery)?;
                 let record = broker.set_delivery(r.system_id.trim(), delivery).await?;
-                let delivery = match record.delivery {
-                    crate::model::Delivery::Header => "header",
-                    crate::model::Delivery::Proxy => "proxy",
-                };
-                let detail = format!("delivery={delivery}");
+                let detail = format!("delivery={}", record.delivery.as_str());
                 Ok((
                     pb::SetDeliveryResponse {
                         system: Some(convert::system(&record)),
