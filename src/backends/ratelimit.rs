@@ -6,7 +6,9 @@
 //! - Zendesk: `X-Rate-Limit` / `X-Rate-Limit-Remaining`, or `ratelimit-limit/-remaining/-reset`
 //!   (seconds from now); 429 with `Retry-After`.
 //! - Jira Cloud: `X-RateLimit-Limit/-Remaining`, `X-RateLimit-Reset` (ISO-8601); 429 or 503 with
-//!   `Retry-After`.
+//!   `Retry-After`. A 429 whose `RateLimit-Reason` is only `jira-per-issue-on-write` (one issue)
+//!   or `jira-burst-based` (one endpoint and method) refuses less than the system: it is passed
+//!   on to the worker and holds nobody else back.
 //! - Azure DevOps: `X-RateLimit-Limit/-Remaining`, `X-RateLimit-Reset` (Unix time), and
 //!   `Retry-After` even on a 200.
 //! - ServiceNow: `X-RateLimit-Limit` (per hour) and `X-RateLimit-Reset` (Unix time) but no
@@ -45,6 +47,9 @@ pub struct RateSignals {
     pub wait: Option<Duration>,
     /// The vendor refused the call for quota (429, or Salesforce's over-quota 403).
     pub throttled: bool,
+    /// The refusal concerns less than the system (Jira's limits on one issue's writes or on one
+    /// endpoint): no pause for the system, and its counts are that narrower limit's.
+    pub narrow: bool,
     /// The vendor reports a limit but no remaining count: count calls locally.
     pub count_locally: bool,
     /// The vendor served the call (2xx or 3xx): an answer that would carry its count, if the
@@ -106,6 +111,13 @@ pub fn read(
         s.throttled = kind == SystemKind::JiraCloud && asked.is_some();
         s.wait = s.wait.or(asked);
     }
+    if s.throttled && kind == SystemKind::JiraCloud && narrow_reason(headers) {
+        s = RateSignals {
+            throttled: true,
+            narrow: true,
+            ..RateSignals::default()
+        };
+    }
     s.wait = s.wait.map(|w| w.min(MAX_WAIT));
     // Counted locally only within a dated window (a count that never resets would lock out).
     s.count_locally = kind == SystemKind::ServiceNow && s.limit.is_some() && s.reset_at.is_some();
@@ -153,6 +165,25 @@ fn salesforce(s: &mut RateSignals, status: u16, headers: &HeaderMap, body: Optio
             NO_WAIT_GIVEN
         });
     }
+}
+
+/// Jira's reasons for a refusal whose scope is one issue or one endpoint, not the tenant's
+/// budget (developer.atlassian.com, "Build an app that respects rate limits").
+const NARROW_REASONS: [&str; 2] = ["jira-per-issue-on-write", "jira-burst-based"];
+
+/// True when `RateLimit-Reason` names only narrow reasons (a list naming a tenant-wide one, or
+/// no reason at all, refuses the system).
+fn narrow_reason(headers: &HeaderMap) -> bool {
+    let Some(reasons) = text(headers, "ratelimit-reason") else {
+        return false;
+    };
+    let mut named = reasons.split(',').map(str::trim).filter(|r| !r.is_empty());
+    let mut any = false;
+    let all_narrow = named.all(|r| {
+        any = true;
+        NARROW_REASONS.iter().any(|n| n.eq_ignore_ascii_case(r))
+    });
+    any && all_narrow
 }
 
 fn zendesk(s: &mut RateSignals, headers: &HeaderMap, now: u64) {
@@ -322,6 +353,54 @@ mod tests {
             now,
         );
         assert!(fd.throttled && fd.wait == Some(MAX_WAIT));
+    }
+
+    #[test]
+    fn a_jira_refusal_of_one_issue_or_endpoint_does_not_pause_the_system() {
+        let now = 1_800_000_000;
+        let jira = |reason: &str| {
+            read(
+                SystemKind::JiraCloud,
+                429,
+                &h(&[
+                    ("retry-after", "30"),
+                    ("x-ratelimit-limit", "10"),
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "2027-01-15T08:00:00Z"),
+                    ("ratelimit-reason", reason),
+                ]),
+                None,
+                now,
+            )
+        };
+        for reason in [
+            "jira-per-issue-on-write",
+            " JIRA-Burst-Based ",
+            "jira-burst-based, jira-per-issue-on-write",
+        ] {
+            let s = jira(reason);
+            assert!(s.throttled && s.narrow, "{reason}: {s:?}");
+            assert_eq!(s.wait, None, "{reason}");
+            assert_eq!((s.remaining, s.limit, s.reset_at), (None, None, None));
+        }
+        for reason in [
+            "jira-quota-tenant-based",
+            "jira-per-issue-on-write, jira-quota-tenant-based",
+            "",
+            ",",
+            "jira-per-issue-on-write-ish",
+        ] {
+            let s = jira(reason);
+            assert!(s.throttled && !s.narrow, "{reason}: {s:?}");
+            assert_eq!(s.wait, Some(Duration::from_secs(30)), "{reason}");
+        }
+        // Only Jira's 429 says so: another vendor's header of that name is no such reason.
+        let mut headers = h(&[("retry-after", "30")]);
+        headers.insert("ratelimit-reason", "jira-burst-based".parse().unwrap());
+        let zd = read(SystemKind::Zendesk, 429, &headers, None, now);
+        assert!(!zd.narrow && zd.wait == Some(Duration::from_secs(30)));
+        let ok = read(SystemKind::JiraCloud, 200, &headers, None, now);
+        assert!(!ok.narrow && !ok.throttled);
     }
 
     #[test]

@@ -2313,6 +2313,8 @@ struct AtlState {
     zero_retry_after: bool,
     /// accessible-resources answers this status this many more times.
     resources_failures: (u32, u16),
+    /// Writes to this issue (`PUT …/issue/{key}`) are over Jira's per-issue write limit.
+    issue_write_limited: Option<String>,
 }
 
 /// A fake Atlassian: consent page, JSON token endpoint with rotating refresh tokens and reuse
@@ -2346,6 +2348,7 @@ impl FakeAtlassian {
             throttled_until: None,
             zero_retry_after: false,
             resources_failures: (0, 503),
+            issue_write_limited: None,
         }));
         let st = state.clone();
         let server = FakeUpstream::start(move |req| atl_handle(&mut st.lock().unwrap(), req)).await;
@@ -2366,6 +2369,12 @@ impl FakeAtlassian {
         let mut s = self.state.lock().unwrap();
         s.throttled_until = Some(std::time::Instant::now() + std::time::Duration::from_secs(secs));
         s.zero_retry_after = false;
+    }
+
+    /// Writes to issue `key` answer 429 as Jira's per-issue write limit does (`RateLimit-Reason:
+    /// jira-per-issue-on-write`, `Retry-After: 30`, that limit's own counts); others pass.
+    pub fn limit_issue_writes(&self, key: &str) {
+        self.state.lock().unwrap().issue_write_limited = Some(key.to_owned());
     }
 
     /// Jira's API answers 429 with `Retry-After: 0` for the next `millis`.
@@ -2711,6 +2720,22 @@ fn atl_handle(s: &mut AtlState, req: &Req) -> Reply {
                 );
             }
             return atl_myself(s, &user);
+        }
+        let limited_issue = s
+            .issue_write_limited
+            .as_deref()
+            .is_some_and(|key| api == format!("rest/api/3/issue/{key}"));
+        if limited_issue && req.method == Method::PUT {
+            return Reply::JsonWith(
+                429,
+                vec![
+                    ("retry-after", "30".into()),
+                    ("x-ratelimit-limit", "20".into()),
+                    ("x-ratelimit-remaining", "0".into()),
+                    ("ratelimit-reason", "jira-per-issue-on-write".into()),
+                ],
+                json!({"errorMessages": ["Rate limit exceeded."]}),
+            );
         }
         let left = s
             .throttled_until

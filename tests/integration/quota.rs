@@ -355,6 +355,66 @@ async fn a_jira_retry_after_holds_every_worker_back_locally_for_its_whole_wait()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jira_refusal_of_one_issues_writes_holds_back_no_other_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = jira_fake().await;
+    let broker = TestBroker::start_with(crate::connect::jira_config(dir.path(), &fake)).await;
+    let mut admin = broker.admin().await;
+    let reg = proxied_system(
+        "jira-i",
+        pb::SystemKind::JiraCloud,
+        &fake.origin,
+        cc(SA_ID, SA_SECRET),
+    );
+    register_checked(&mut admin, reg).await;
+    let t = lease(&mut admin, "jira-i").await;
+    let http = reqwest::Client::new();
+    fake.limit_issue_writes("ACME-1");
+    let busy = "/rest/api/3/issue/ACME-1";
+    let at_vendor = |p: &str| fake.server.count(&format!("/ex/jira/cloud-acme{p}"));
+
+    // The vendor's refusal reaches the worker as it was sent, its wait included.
+    let refused = proxied(&http, &t, "PUT", busy).await;
+    assert!(
+        refused.status == 429 && !refused.local,
+        "the vendor's own 429: {refused:?}"
+    );
+    assert_eq!(refused.retry_after, Some(30));
+    // Every other call goes on to the vendor at once: other issues, reads, the same issue again
+    // (the vendor judges it; the broker does not guess when that issue's limit ends).
+    for (method, path) in [
+        ("PUT", "/rest/api/3/issue/ACME-2"),
+        ("GET", "/rest/api/3/search"),
+        ("PUT", busy),
+    ] {
+        let before = at_vendor(path);
+        let seen = proxied(&http, &t, method, path).await;
+        assert!(
+            !seen.local,
+            "held back by the broker: {method} {path} {seen:?}"
+        );
+        assert_eq!(at_vendor(path), before + 1, "{method} {path}");
+    }
+    let s = system(&mut admin, "jira-i").await;
+    assert_ne!(
+        s.health,
+        pb::SystemHealth::Degraded as i32,
+        "{}",
+        s.health_reason
+    );
+    let quota = s.quota.unwrap();
+    assert!(quota.blocked_until.is_none(), "{quota:?}");
+    // The per-issue limit's counts ("0 of 20 left") are not taken for the tenant's budget
+    // (this fake's other answers carry none: unknown is -1).
+    assert_eq!((quota.remaining, quota.limit), (-1, -1), "{quota:?}");
+    assert!(
+        fake.server.unexpected().is_empty(),
+        "{:?}",
+        fake.server.unexpected()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn salesforce_concurrency_is_capped_under_a_hundred_workers_and_queued_calls_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeSalesforce::start(SF_ID, SF_SECRET).await;
