@@ -333,7 +333,29 @@ pub struct Flight {
     /// about: a digest of the sealed credential and shared token of the record the last mint
     /// attempt read (see [`vendor_view`]).
     seen: Option<[u8; 32]>,
+    /// A refresh that presented a refresh token and timed out after it was sent: the vendor
+    /// may have turned the token over, and the answer is lost. See [`Unsettled`].
+    unsettled: Option<Unsettled>,
 }
+
+/// An unknown outcome the broker settles on its own (Atlassian lets a turned-over refresh
+/// token be presented again for 10 minutes, `upstreams.md` §5): it presents the stored refresh
+/// token again, at most [`UNSETTLED_RETRY_MAX`] apart, without waiting for a worker, a check
+/// or the hourly keep-alive (each might come too late), until a refresh goes through, another
+/// credential is stored, the grant is found dead, or [`UNSETTLED_WINDOW`] has passed.
+struct Unsettled {
+    since: Instant,
+    /// The sealed credential that was presented (another one stored settles it).
+    presented: Vec<u8>,
+}
+
+/// How long after an unknown outcome the broker keeps presenting the stored refresh token on
+/// its own: Atlassian's reuse leeway, the longest of the vendors'.
+const UNSETTLED_WINDOW: Duration = Duration::from_secs(600);
+
+/// The longest wait between two of those tries (a vendor's longer `Retry-After` included), so
+/// several fall within the window.
+const UNSETTLED_RETRY_MAX: Duration = Duration::from_secs(120);
 
 impl std::fmt::Debug for Flight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -355,6 +377,7 @@ impl std::fmt::Debug for Flight {
             .field("refused (sealed length, failure, message)", &refused)
             .field("reported", &self.reported.as_ref().map(|t| &t.token_id))
             .field("seen", &self.seen.is_some())
+            .field("unsettled", &self.unsettled.as_ref().map(|u| u.since))
             .finish()
     }
 }
@@ -392,6 +415,9 @@ pub(crate) enum Reason {
     Ahead { token_id: String },
     /// The keep-alive sweep renews an idle grant before its refresh token dies.
     KeepAlive,
+    /// The broker presents the stored refresh token again after an unknown outcome
+    /// ([`Unsettled`]).
+    Unsettled,
 }
 
 /// The background refresher; stop it before the store closes.
@@ -900,11 +926,6 @@ impl Broker {
             return self.answer_in_backoff(f, system_id, current, until);
         }
         let mut record = self.mintable_record(f, system_id).await?;
-        if matches!(reason, Reason::KeepAlive) && !self.store.is_shared() {
-            if let Some(answer) = self.keepalive_answer(system_id, &record, current.as_ref()) {
-                return answer;
-            }
-        }
         // Replicas (a shared store): one upstream refresh per expiry across processes. Use
         // what another replica did if it serves; else take the store's refresh lock (held for
         // the upstream call, released with the session if this process dies), look again at
@@ -925,6 +946,9 @@ impl Broker {
             if let Some(answer) = self.answer_from_record(system_id, &record, ask) {
                 return answer;
             }
+        }
+        if let Some(answer) = self.answer_for_reason(f, system_id, &reason, &record, &current) {
+            return answer;
         }
         if let Some(rejected) = Self::refused_before(f, &record) {
             return Err(self
@@ -992,6 +1016,27 @@ impl Broker {
         }
     }
 
+    /// What the mint's reason settles once the record is read (under the replica lock, with
+    /// replicas): a keep-alive on a store of its own as [`Self::keepalive_answer`] (with
+    /// replicas [`Self::answer_from_record`] did); an unknown outcome another credential or the
+    /// window's end settled ([`settled_by`]).
+    fn answer_for_reason(
+        &self,
+        f: &mut Flight,
+        system_id: &str,
+        reason: &Reason,
+        record: &SystemRecord,
+        current: &Option<Arc<IssuedToken>>,
+    ) -> Option<Result<Arc<IssuedToken>, BrokerError>> {
+        match reason {
+            Reason::KeepAlive if !self.store.is_shared() => {
+                self.keepalive_answer(system_id, record, current.as_ref())
+            }
+            Reason::Unsettled if settled_by(f, record) => Some(settled(current.as_ref())),
+            _ => None,
+        }
+    }
+
     /// What the request's reason settles before any minting: a cached token that still serves,
     /// a recently forced re-mint, or an ahead-of-time refresh that lost its token. A worker's
     /// rejected token is dropped (and `current` cleared) so a new one is minted.
@@ -1035,6 +1080,11 @@ impl Broker {
                 }
             },
             Reason::KeepAlive => {}
+            Reason::Unsettled => {
+                if f.unsettled.is_none() {
+                    return Some(settled(current.as_ref()));
+                }
+            }
         }
         None
     }
@@ -1266,6 +1316,7 @@ impl Broker {
         f.backoff_until = None;
         f.last_failure = None;
         f.reported = None;
+        f.unsettled = None;
         let written = shared_with.is_some();
         let token =
             self.install_with_id(system_id, &record, issued, need_until, oauth, shared_with)?;
@@ -1527,7 +1578,8 @@ impl Broker {
     }
 
     /// A transient failure: back off (honouring the vendor's `Retry-After`), note an unknown
-    /// outcome, and serve the cached token while it is still valid.
+    /// outcome and, when the call presented a refresh token, settle it ([`Unsettled`]); serve
+    /// the cached token while it is still valid.
     async fn on_transient(
         &self,
         f: &mut Flight,
@@ -1539,7 +1591,23 @@ impl Broker {
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         f.failures = f.failures.saturating_add(1);
         f.last_failure = Some(failure);
-        let delay = self.backoff_delay(f.failures, retry_after);
+        let unknown = oauth && message.contains(OUTCOME_UNKNOWN_MARK);
+        let begins = unknown
+            && presents_refresh_token(record.credential_type)
+            && !f
+                .unsettled
+                .as_ref()
+                .is_some_and(|u| same_sealing(&u.presented, &record.sealed_credential));
+        if begins {
+            f.unsettled = Some(Unsettled {
+                since: Instant::now(),
+                presented: record.sealed_credential.clone(),
+            });
+        }
+        let mut delay = self.backoff_delay(f.failures, retry_after);
+        if f.unsettled.is_some() {
+            delay = delay.min(UNSETTLED_RETRY_MAX);
+        }
         f.backoff_until = Some(Instant::now() + delay);
         let current = self.fallback(f, system_id, current);
         tracing::warn!(message = "Token refresh failed; backing off.", kind = %record.kind, system_id = %system_id, error = %message, retry_in_ms = delay.as_millis() as u64);
@@ -1562,10 +1630,13 @@ impl Broker {
                 .await;
             });
         }
-        if oauth && message.contains(OUTCOME_UNKNOWN_MARK) {
+        if let Some(u) = f.unsettled.as_ref().filter(|_| begins) {
+            self.present_again_at(system_id, u.since, Instant::now() + delay);
+        }
+        if unknown {
             // The request reached the vendor, the answer did not reach us: the
             // vendor may have rotated the refresh token. The stored one is presented
-            // again next time (Atlassian's reuse leeway exists for exactly this).
+            // again soon (Atlassian's reuse leeway exists for exactly this).
             let note = format!(
                 "the last token refresh timed out after it was sent, so its outcome \
                  is unknown; the broker retries with the stored refresh token in {} s \
@@ -1582,6 +1653,36 @@ impl Broker {
             self.schedule_at(system_id, &c.token_id, Instant::now() + delay);
         }
         stale_or_unavailable(current, message, delay)
+    }
+
+    /// Presents the stored refresh token again at `at` ([`Unsettled`], begun at `since`), and
+    /// after each try that leaves it unsettled, when that try's backoff ends; stops once it is
+    /// settled, the grant is dead, the window has passed, or the broker is gone.
+    fn present_again_at(&self, system_id: &str, since: Instant, mut at: Instant) {
+        let (weak, id) = (self.me.clone(), system_id.to_owned());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep_until(at).await;
+                let Some(me) = weak.upgrade() else {
+                    return;
+                };
+                tracing::info!(message = "Presenting the stored refresh token again after a refresh whose outcome is unknown.", system_id = %id);
+                let _ = me
+                    .mint_detached(&id, SystemTime::now(), Reason::Unsettled)
+                    .await;
+                let flight = me.flight(&id);
+                let mut f = flight.lock().await;
+                if f.unsettled.as_ref().is_none_or(|u| u.since != since) {
+                    return;
+                }
+                if since.elapsed() >= UNSETTLED_WINDOW || f.dead.is_some() {
+                    f.unsettled = None;
+                    return;
+                }
+                let soonest = Instant::now() + Duration::from_secs(1);
+                at = f.backoff_until.map_or(soonest, |until| until.max(soonest));
+            }
+        });
     }
 
     /// Caches freshly issued headers (and schedules their refresh) and returns them.
@@ -1706,6 +1807,11 @@ impl Broker {
     ) -> Option<Result<Arc<IssuedToken>, BrokerError>> {
         if matches!(reason, Reason::KeepAlive) {
             return self.keepalive_answer(system_id, record, current);
+        }
+        if matches!(reason, Reason::Unsettled) {
+            // Another replica's access token settles nothing: only another credential does
+            // (judged in `mint_locked`).
+            return None;
         }
         let shared = record.shared_token.as_ref()?;
         let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(shared.expires_at_ms);
@@ -2339,6 +2445,35 @@ pub(crate) fn vendor_view(record: &SystemRecord) -> [u8; 32] {
         h.update(&t.sealed);
     }
     h.finalize().into()
+}
+
+/// Whether credentials of type `t` hold a refresh token (one a vendor may turn over).
+fn presents_refresh_token(t: crate::model::CredentialType) -> bool {
+    use crate::model::CredentialType as C;
+    matches!(t, C::OAuthRefreshToken | C::OAuthAuthorizationCode)
+}
+
+/// Whether `record` settles `f`'s unknown outcome without presenting anything: another
+/// credential is stored (a refresh here or on another replica went through, an admin
+/// reconnected), or the window has passed. Forgets it then.
+fn settled_by(f: &mut Flight, record: &SystemRecord) -> bool {
+    let Some(u) = f.unsettled.as_ref() else {
+        return true;
+    };
+    let done = !same_sealing(&u.presented, &record.sealed_credential)
+        || u.since.elapsed() >= UNSETTLED_WINDOW;
+    if done {
+        f.unsettled = None;
+    }
+    done
+}
+
+/// The answer to a settling try that had nothing to present: the cached token while valid.
+fn settled(current: Option<&Arc<IssuedToken>>) -> Result<Arc<IssuedToken>, BrokerError> {
+    current
+        .filter(|c| c.expires_at > SystemTime::now())
+        .cloned()
+        .ok_or_else(|| BrokerError::Unavailable("the refresh's outcome is settled".to_owned()))
 }
 
 fn stale_or_unavailable(

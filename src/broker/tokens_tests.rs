@@ -31,6 +31,8 @@ enum Answer {
     /// A token valid for [`LIFETIME`]; `Some(rt)` also rotates the refresh token to `rt`.
     Token(Option<&'static str>),
     Transient(Option<Duration>),
+    /// The call was sent and no answer came in time: the vendor may have acted on it.
+    Unknown,
     /// The client is refused (`invalid_client`).
     Rejected,
     /// The grant is refused (`invalid_grant`): a spent or revoked refresh token.
@@ -94,6 +96,13 @@ impl Backend for FakeBackend {
                     failure: AuthFailure::UpstreamError,
                     message: "token endpoint answered 503".to_owned(),
                     retry_after,
+                })
+            }
+            Answer::Unknown => {
+                return Err(BackendError::Transient {
+                    failure: AuthFailure::UpstreamError,
+                    message: "could not reach the token endpoint (timed out after 10s)".to_owned(),
+                    retry_after: None,
                 })
             }
             Answer::Rejected => {
@@ -271,6 +280,84 @@ async fn a_failing_endpoint_is_backed_off_not_hammered() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     broker.access_token(SYSTEM, 0, None).await.unwrap();
     assert_eq!(backend.calls(), 2);
+}
+
+/// A refresh that timed out after it was sent (the vendor may have turned the refresh token
+/// over) is settled by the broker itself within Atlassian's 10-minute reuse leeway, though no
+/// worker, check or keep-alive comes back: a vendor's long `Retry-After` meanwhile does not
+/// push the next try past it.
+#[tokio::test(start_paused = true)]
+async fn an_unknown_refresh_outcome_is_settled_within_the_reuse_leeway() {
+    let backend = FakeBackend::new(
+        false,
+        vec![
+            Answer::Unknown,
+            Answer::Transient(Some(Duration::from_secs(600))),
+            Answer::Token(Some("rt-2")),
+        ],
+    );
+    let broker = broker_with(backend.clone()).await;
+    // A check (nothing cached, nobody waiting after it) meets the timeout.
+    let checked = broker
+        .check(crate::broker::CheckTarget::Stored(SYSTEM.to_owned()))
+        .await
+        .unwrap();
+    assert!(!checked.ok);
+    assert_eq!(backend.calls(), 1);
+    let noted = broker.get_system(SYSTEM).await.unwrap().state_message;
+    assert!(noted.is_some_and(|m| m.contains("outcome is unknown")));
+    let started = tokio::time::Instant::now();
+    let tries = async {
+        while backend.calls() < 3 {
+            backend.entered.notified().await;
+        }
+    };
+    let in_time = tokio::time::timeout(Duration::from_secs(3600), tries).await;
+    assert!(
+        in_time.is_ok(),
+        "not presented again: {} calls",
+        backend.calls()
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(300), "settled after {took:?}");
+    assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
+    assert_eq!(stored_refresh_token(&broker).await, "rt-2");
+    let record = broker.get_system(SYSTEM).await.unwrap();
+    assert_eq!(record.state_message, None, "the note is cleared");
+    // Settled: nothing more is presented.
+    tokio::time::sleep(Duration::from_secs(1800)).await;
+    assert_eq!(backend.calls(), 3);
+}
+
+/// Settling stops at the end of the window, and when another credential is stored meanwhile
+/// (an admin's reconnect) nothing is presented for the old one.
+#[tokio::test(start_paused = true)]
+async fn settling_an_unknown_outcome_stops_at_the_window_or_another_credential() {
+    let backend = FakeBackend::new(false, (0..40).map(|_| Answer::Unknown).collect());
+    let broker = broker_with(backend.clone()).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    tokio::time::sleep(Duration::from_secs(660)).await;
+    let within = backend.calls();
+    assert!(within >= 4, "tried {within} times within the window");
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(backend.calls(), within, "presented again after the window");
+
+    // The reconnect is made on another replica: this one's refresh state is not reset by it.
+    let store = Arc::new(MemoryStore::new());
+    let backend = FakeBackend::new(false, (0..40).map(|_| Answer::Unknown).collect());
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let other = open_on(FakeBackend::new(false, vec![]), store).await;
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    other
+        .rotate(SYSTEM, admins_credential(), true)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(
+        backend.calls(),
+        1,
+        "the replaced credential was presented again"
+    );
 }
 
 #[tokio::test(start_paused = true)]
