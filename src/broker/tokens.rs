@@ -67,6 +67,8 @@ pub struct IssuedToken {
     /// When this process minted (or adopted) it: a fresh token is served as is, so demand for
     /// more validity than the vendor grants cannot drive a refresh per call.
     minted_at: Instant,
+    /// How long it was valid for when minted (or adopted): about what a new one would last.
+    lifetime: Duration,
     /// The token id's audit HMAC, computed on first use (every hand-out is audited).
     audit_hmac: std::sync::OnceLock<String>,
     /// The base proxied calls are built on (`api_base_url` normalized), or why the egress
@@ -100,12 +102,21 @@ impl IssuedToken {
     }
 
     /// True while the token is valid until `need_until`, or (a refreshable token, when the
-    /// vendor grants less) while it is still valid and was minted less than `fresh_for` ago.
+    /// vendor grants less) while it is still valid and was minted less than `fresh_for` ago,
+    /// or, when not even a new token would last until `need_until`, less than half its
+    /// lifetime ago: asking for more than the vendor grants re-mints at most once per half
+    /// lifetime (each Zendesk refresh revokes the token every other worker holds).
     pub(crate) fn serves(&self, need_until: SystemTime, fresh_for: Duration) -> bool {
-        self.expires_at >= need_until
-            || (self.refreshable
-                && self.expires_at > SystemTime::now()
-                && self.minted_at.elapsed() < fresh_for)
+        let now = SystemTime::now();
+        if self.expires_at >= need_until {
+            return true;
+        }
+        if !self.refreshable || self.expires_at <= now {
+            return false;
+        }
+        let age = self.minted_at.elapsed();
+        let beyond_any = need_until > now + self.lifetime;
+        age < fresh_for || (beyond_any && age < self.lifetime / 2)
     }
 
     fn mark_used(&self) {
@@ -1745,6 +1756,7 @@ impl Broker {
             subject: issued.subject,
             used: AtomicBool::new(false),
             minted_at: Instant::now(),
+            lifetime: expires_at.duration_since(now).unwrap_or_default(),
             audit_hmac: std::sync::OnceLock::new(),
             upstream_base: std::sync::OnceLock::new(),
             answer: std::sync::OnceLock::new(),

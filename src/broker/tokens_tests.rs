@@ -360,6 +360,23 @@ async fn settling_an_unknown_outcome_stops_at_the_window_or_another_credential()
     );
 }
 
+/// Asking for more validity than the vendor grants (3600 s of a 100 s token) re-mints at most
+/// once per half lifetime, not every `min_demand_interval` (each Zendesk refresh revokes the
+/// token every other worker holds). (Expiries here are on the wall clock, which a paused test
+/// does not move; ages are on tokio's.)
+#[tokio::test(start_paused = true)]
+async fn demand_beyond_any_token_re_mints_once_per_half_lifetime() {
+    let backend = FakeBackend::new(false, vec![]);
+    let broker = broker_with(backend.clone()).await;
+    for _ in 0..200 {
+        broker.access_token(SYSTEM, 3600, None).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Minted at 0 s, then about every 50 s: 5 calls in 200 s (every 10 s would be 20).
+    let calls = backend.calls();
+    assert!((4..=5).contains(&calls), "{calls} token calls");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_vendor_retry_after_is_honoured() {
     let backend = FakeBackend::new(
