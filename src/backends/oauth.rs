@@ -387,8 +387,9 @@ fn relabelled(status: u16, body: &[u8]) -> (u16, Option<Vec<u8>>) {
 /// MicrosoftDocs/azure-docs#54997) or as fractions, no `token_type`, `scope` as an array, a JSON
 /// body labelled as something else. The strict parse after it would otherwise throw the whole
 /// answer away, and with it a refresh token the vendor has already rotated (the old one is dead
-/// at Zendesk). A lifetime that is no number at all is dropped: the vendor's default lifetime
-/// applies, held between the bounds like any other. Anything but a JSON object is left alone.
+/// at Zendesk). A lifetime that is no number at all, or 0 (no token lives no time; believed, it
+/// would make about every call a mint), is dropped: the vendor's default lifetime applies, held
+/// between the bounds like any other. Anything but a JSON object is left alone.
 fn lenient_token_answer(body: &[u8]) -> Option<Vec<u8>> {
     use serde_json::Value;
     let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(body) else {
@@ -396,10 +397,10 @@ fn lenient_token_answer(body: &[u8]) -> Option<Vec<u8>> {
     };
     for key in ["expires_in", "refresh_token_expires_in"] {
         match map.get(key).map(seconds) {
-            Some(Some(n)) => {
+            Some(Some(n)) if n > 0 => {
                 map.insert(key.to_owned(), n.into());
             }
-            Some(None) => {
+            Some(_) => {
                 map.remove(key);
             }
             None => {}
@@ -907,7 +908,17 @@ mod tests {
             let body = format!(r#"{{"access_token":"at","expires_in":{fraction}}}"#);
             assert_eq!(read(&body).expires_in(), Some(Duration::from_secs(1799)));
         }
-        for garbage in [r#""soon""#, "-5", r#""NaN""#, "null", "[]", "1e300"] {
+        for garbage in [
+            r#""soon""#,
+            "-5",
+            r#""NaN""#,
+            "null",
+            "[]",
+            "1e300",
+            "0",
+            "0.4",
+            r#""0""#,
+        ] {
             let body =
                 format!(r#"{{"access_token":"at","expires_in":{garbage},"refresh_token":null}}"#);
             let r = read(&body);

@@ -111,7 +111,7 @@ pub fn read(
         s.throttled = kind == SystemKind::JiraCloud && asked.is_some();
         s.wait = s.wait.or(asked);
     }
-    if s.throttled && kind == SystemKind::JiraCloud && narrow_reason(headers) {
+    if status == 429 && kind == SystemKind::JiraCloud && narrow_reason(headers) {
         s = RateSignals {
             throttled: true,
             narrow: true,
@@ -174,10 +174,17 @@ const NARROW_REASONS: [&str; 2] = ["jira-per-issue-on-write", "jira-burst-based"
 /// True when `RateLimit-Reason` names only narrow reasons (a list naming a tenant-wide one, or
 /// no reason at all, refuses the system).
 fn narrow_reason(headers: &HeaderMap) -> bool {
-    let Some(reasons) = text(headers, "ratelimit-reason") else {
+    // Every field line: `a` and `b` on two lines are the list `a, b` (RFC 9110 §5.3); a line
+    // that is not text names no narrow reason.
+    let lines = headers.get_all("ratelimit-reason").iter();
+    let Some(lines) = lines.map(|v| v.to_str().ok()).collect::<Option<Vec<_>>>() else {
         return false;
     };
-    let mut named = reasons.split(',').map(str::trim).filter(|r| !r.is_empty());
+    let mut named = lines
+        .into_iter()
+        .flat_map(|l| l.split(','))
+        .map(str::trim)
+        .filter(|r| !r.is_empty());
     let mut any = false;
     let all_narrow = named.all(|r| {
         any = true;
@@ -394,6 +401,30 @@ mod tests {
             assert!(s.throttled && !s.narrow, "{reason}: {s:?}");
             assert_eq!(s.wait, Some(Duration::from_secs(30)), "{reason}");
         }
+        // Two field lines are one list: a tenant-wide reason on either blocks.
+        let mut two = h(&[("retry-after", "30")]);
+        two.append("ratelimit-reason", "jira-burst-based".parse().unwrap());
+        two.append(
+            "ratelimit-reason",
+            "jira-quota-tenant-based".parse().unwrap(),
+        );
+        let s = read(SystemKind::JiraCloud, 429, &two, None, now);
+        assert!(
+            !s.narrow && s.wait == Some(Duration::from_secs(30)),
+            "{s:?}"
+        );
+        two.remove("ratelimit-reason");
+        two.append("ratelimit-reason", "jira-burst-based".parse().unwrap());
+        two.append(
+            "ratelimit-reason",
+            "jira-per-issue-on-write".parse().unwrap(),
+        );
+        assert!(read(SystemKind::JiraCloud, 429, &two, None, now).narrow);
+        // Jira's throttling 503 (with `Retry-After`) blocks, whatever reason it names.
+        let mut busy = h(&[("retry-after", "30")]);
+        busy.insert("ratelimit-reason", "jira-burst-based".parse().unwrap());
+        let s = read(SystemKind::JiraCloud, 503, &busy, None, now);
+        assert!(s.throttled && !s.narrow && s.wait == Some(Duration::from_secs(30)));
         // Only Jira's 429 says so: another vendor's header of that name is no such reason.
         let mut headers = h(&[("retry-after", "30")]);
         headers.insert("ratelimit-reason", "jira-burst-based".parse().unwrap());

@@ -365,6 +365,8 @@ fn classify_cc_error(e: &oauth::TokenRequestError, http: &OAuthHttp) -> BackendE
             };
         }
         if code == "unauthorized_client" || desc.contains("integration user") {
+            // The instance's own word, cut and cleaned like any vendor text.
+            let code = crate::backends::classify::shown(&code);
             return BackendError::Rejected {
                 failure: AuthFailure::Misconfigured,
                 message: format!(
@@ -559,6 +561,25 @@ struct ErrorDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_code_is_shown_cut_and_cleaned() {
+        use oauth2::basic::{BasicErrorResponse, BasicErrorResponseType};
+        let ctx = BackendContext::for_tests();
+        let http = OAuthHttp::form(&ctx.http);
+        let hostile = format!("x\r\nFAKE LOG LINE\u{1b}[2J{}", "y".repeat(10_000));
+        let e = oauth2::RequestTokenError::ServerResponse(BasicErrorResponse::new(
+            BasicErrorResponseType::Extension(hostile),
+            Some("no integration user".to_owned()),
+            None,
+        ));
+        let BackendError::Rejected { message, .. } = classify_cc_error(&e, &http) else {
+            panic!("not a refusal");
+        };
+        assert!(!message.chars().any(char::is_control), "{message:?}");
+        assert!(message.len() < 600, "{} bytes", message.len());
+        assert!(message.contains("OAuth Application User"), "{message}");
+    }
 
     #[test]
     fn base_urls() {

@@ -726,9 +726,10 @@ fn unusable_base() -> ProxyRefusal {
 }
 
 /// True when no path segment escapes (`..`, `.`, also with `;parameters` or encoded, encoded
-/// separators, backslashes, NUL).
+/// separators, backslashes, NUL) and every `%` starts a two-hex-digit escape (IIS also decodes
+/// `%u002e`, which Azure DevOps Server may sit behind).
 pub fn is_clean_path(tail: &str) -> bool {
-    if tail.contains('\\') {
+    if tail.contains('\\') || !escapes_well_formed(tail) {
         return false;
     }
     tail.split('/').skip(1).all(|seg| {
@@ -757,6 +758,16 @@ pub fn is_clean_path(tail: &str) -> bool {
             && !lower.contains("%2f")
             && !lower.contains("%5c")
             && !lower.contains("%00")
+    })
+}
+
+/// True when every `%` in `s` is followed by two hex digits.
+fn escapes_well_formed(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || b.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
     })
 }
 
@@ -820,10 +831,15 @@ mod tests {
             "/a/.;/b",
             "/..;jsessionid=1/admin",
             "/a/%2e%2e;x/b",
+            "/a/%u002e%u002e/b",
+            "/a/%U002E./b",
+            "/a/b%",
+            "/a/b%2",
+            "/a/%zz/b",
         ] {
             assert!(!is_clean_path(escape), "{escape}");
         }
-        for clean in ["/a/b;v=1", "/a/..x;y/b", "/a/b", "/a/;x"] {
+        for clean in ["/a/b;v=1", "/a/..x;y/b", "/a/b", "/a/;x", "/a/%20b/%C3%A9"] {
             assert!(is_clean_path(clean), "{clean}");
         }
     }
