@@ -378,8 +378,9 @@ fn learn(
     (wait <= max).then_some(wait)
 }
 
-/// One upstream exchange, bounded by the client's read timeout for the answer's head, holding
-/// the call's quota permit (handed back with the answer).
+/// One upstream exchange, bounded by the client's read timeout for the answer's head (counted
+/// from the last chunk of the worker's body, [`UploadMoved`]), holding the call's quota permit
+/// (handed back with the answer).
 async fn exchange(
     (upstream, read_timeout): (&Upstream, Duration),
     forward: axum::http::Request<Body>,
@@ -387,17 +388,30 @@ async fn exchange(
     about: Leftover<'_>,
 ) -> Result<(axum::http::Response<hyper::body::Incoming>, QuotaPermit), Refusal> {
     let until = tokio::time::Instant::now() + read_timeout;
+    let moved = forward.extensions().get::<UploadMoved>().cloned();
     let mut at = AtVendor {
         request: Some(upstream.request(forward)),
         permit: Some(permit),
         until,
         about,
     };
-    let head = std::future::poll_fn(|cx| match at.request.as_mut() {
+    let mut head = std::future::poll_fn(|cx| match at.request.as_mut() {
         Some(r) => std::future::Future::poll(std::pin::Pin::new(r), cx),
         None => std::task::Poll::Pending,
     });
-    let answer = tokio::time::timeout_at(until, head).await;
+    let mut deadline = until;
+    let answer = loop {
+        match tokio::time::timeout_at(deadline, &mut head).await {
+            Ok(head) => break Ok(head),
+            Err(late) => {
+                let later = moved.as_ref().map(|m| m.last() + read_timeout);
+                match later.filter(|l| *l > tokio::time::Instant::now()) {
+                    Some(later) => deadline = later,
+                    None => break Err(late),
+                }
+            }
+        }
+    };
     at.request = None;
     let permit = at.permit.take();
     match (answer, permit) {
@@ -611,23 +625,62 @@ fn forward_request(
     // chunked encoding or body pipe is needed.
     let bodiless = http_body::Body::size_hint(req.body()).exact() == Some(0);
     let mut seen = 0u64;
-    let upload = req.into_body().into_data_stream().map(move |chunk| {
-        let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
-        seen += chunk.len() as u64;
-        if seen > cap {
-            return Err(std::io::Error::other("request body over the proxy's cap"));
+    let moved = UploadMoved::default();
+    let upload = req.into_body().into_data_stream().map({
+        let moved = moved.clone();
+        move |chunk| {
+            let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+            seen += chunk.len() as u64;
+            if seen > cap {
+                return Err(std::io::Error::other("request body over the proxy's cap"));
+            }
+            moved.now();
+            Ok::<_, std::io::Error>(chunk)
         }
-        Ok::<_, std::io::Error>(chunk)
     });
     let mut forward = axum::http::Request::new(if bodiless {
         Body::empty()
     } else {
         Body::from_stream(upload)
     });
+    if !bodiless {
+        forward.extensions_mut().insert(moved);
+    }
     *forward.method_mut() = method;
     *forward.uri_mut() = uri;
     *forward.headers_mut() = headers;
     Ok(forward)
+}
+
+/// When the worker's body last moved (a chunk passed on), carried in the forwarded request's
+/// extensions: a vendor answers once it has the whole body, so the read timeout for the
+/// answer's head runs from the last chunk, and a slow upload is not taken for the vendor's
+/// silence.
+#[derive(Clone)]
+struct UploadMoved(std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>);
+
+impl Default for UploadMoved {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(
+            tokio::time::Instant::now(),
+        )))
+    }
+}
+
+impl UploadMoved {
+    fn now(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Where a vendor's redirect under the system's base URL points at the proxy instead.

@@ -743,6 +743,61 @@ async fn a_vendor_that_stops_answering_gets_a_504_or_a_cut_body_within_the_read_
     broker.stop().await;
 }
 
+/// A slow upload is not the vendor's silence: the read timeout for the answer's head runs from
+/// the worker's last chunk. An upload that stops still ends within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_taken_for_a_silent_vendor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.proxy.read_timeout = Duration::from_millis(400);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let (base, uploads) = streaming_vendor("up-pat").await;
+    let (t, auth) = lease(&mut admin, "slow-up", &base, "up-pat").await;
+    let http = reqwest::Client::new();
+    // Ten chunks 150 ms apart: 1.5 s of upload against a 0.4 s read timeout.
+    let chunk = axum::body::Bytes::from(vec![b'u'; 10 * 1024]);
+    let paced = tokio_stream::StreamExt::throttle(
+        tokio_stream::iter((0..10).map(move |_| Ok::<_, std::io::Error>(chunk.clone()))),
+        Duration::from_millis(150),
+    );
+    let started = std::time::Instant::now();
+    let r = http
+        .post(format!("{}/upload", t.api_base_url))
+        .header("authorization", &auth)
+        .body(reqwest::Body::wrap_stream(paced))
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!("{{\"bytes\":{}}}", 10 * 10 * 1024)
+    );
+    assert_eq!(uploads.load(Ordering::SeqCst), 1);
+
+    // One chunk, then nothing: the vendor never has the whole body, and the call ends within
+    // the read timeout of that chunk, not never.
+    let first = tokio_stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from(vec![
+        b'u';
+        1024
+    ]))]);
+    let stuck = first.chain(tokio_stream::pending());
+    let started = std::time::Instant::now();
+    let r = http
+        .post(format!("{}/upload", t.api_base_url))
+        .header("authorization", &auth)
+        .header("content-length", "100000")
+        .body(reqwest::Body::wrap_stream(stuck))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    broker.stop().await;
+}
+
 /// A worker that goes away while the vendor is still answering (its client deadline): the call
 /// still gets its outcome line in the trail, `cancelled`, after the `forwarding` one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
