@@ -625,7 +625,8 @@ fn forward_request(
     // chunked encoding or body pipe is needed.
     let bodiless = http_body::Body::size_hint(req.body()).exact() == Some(0);
     let mut seen = 0u64;
-    let moved = UploadMoved::default();
+    // Only a body has progress to note (a bodiless call allocates nothing for it).
+    let moved = (!bodiless).then(UploadMoved::default);
     let upload = req.into_body().into_data_stream().map({
         let moved = moved.clone();
         move |chunk| {
@@ -634,7 +635,9 @@ fn forward_request(
             if seen > cap {
                 return Err(std::io::Error::other("request body over the proxy's cap"));
             }
-            moved.now();
+            if let Some(moved) = &moved {
+                moved.now();
+            }
             Ok::<_, std::io::Error>(chunk)
         }
     });
@@ -643,7 +646,7 @@ fn forward_request(
     } else {
         Body::from_stream(upload)
     });
-    if !bodiless {
+    if let Some(moved) = moved {
         forward.extensions_mut().insert(moved);
     }
     *forward.method_mut() = method;
