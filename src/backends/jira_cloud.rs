@@ -68,6 +68,10 @@ fn normalize_site(url: &str) -> String {
 
 #[async_trait]
 impl Backend for JiraCloudBackend {
+    fn reuse_leeway(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_secs(600))
+    }
+
     fn kind(&self) -> SystemKind {
         SystemKind::JiraCloud
     }

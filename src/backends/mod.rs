@@ -223,6 +223,14 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// How long a refresh token the vendor turned over may still be presented once more
+    /// (Atlassian: 10 minutes, `upstreams.md` §5). Within it the broker settles a refresh whose
+    /// answer was lost by presenting the stored token again. Default: none (at the others a
+    /// turned-over token is dead, and one not turned over stays valid: nothing to hurry).
+    fn reuse_leeway(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Authorization-code flows: the vendor's consent page for this client.
     fn authorize_url(
         &self,

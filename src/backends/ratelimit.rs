@@ -174,6 +174,11 @@ const NARROW_REASONS: [&str; 2] = ["jira-per-issue-on-write", "jira-burst-based"
 /// True when `RateLimit-Reason` names only narrow reasons (a list naming a tenant-wide one, or
 /// no reason at all, refuses the system).
 fn narrow_reason(headers: &HeaderMap) -> bool {
+    // Jira's pre-enforcement header (seen naming the tenant's quota) beside a narrow reason:
+    // taken as tenant-wide, whatever it names.
+    if headers.contains_key("x-beta-ratelimit-reason") {
+        return false;
+    }
     // Every field line: `a` and `b` on two lines are the list `a, b` (RFC 9110 §5.3); a line
     // that is not text names no narrow reason.
     let lines = headers.get_all("ratelimit-reason").iter();
@@ -420,6 +425,12 @@ mod tests {
             "jira-per-issue-on-write".parse().unwrap(),
         );
         assert!(read(SystemKind::JiraCloud, 429, &two, None, now).narrow);
+        // A beta reason beside it (the tenant's quota) blocks.
+        two.insert(
+            "x-beta-ratelimit-reason",
+            "jira-quota-tenant-based".parse().unwrap(),
+        );
+        assert!(!read(SystemKind::JiraCloud, 429, &two, None, now).narrow);
         // Jira's throttling 503 (with `Retry-After`) blocks, whatever reason it names.
         let mut busy = h(&[("retry-after", "30")]);
         busy.insert("ratelimit-reason", "jira-burst-based".parse().unwrap());

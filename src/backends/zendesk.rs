@@ -333,11 +333,9 @@ impl ZendeskBackend {
             .refresh_token_expires_in
             .map(Duration::from_secs)
             .unwrap_or(self.ctx.oauth.zendesk_refresh_token_ttl)
-            // Zendesk's range is 7 to 90 days; an answer outside it is not believed.
-            .clamp(
-                Duration::from_secs(7 * 86_400),
-                Duration::from_secs(90 * 86_400),
-            );
+            // Zendesk's maximum is 90 days; a larger answer is not believed. A shorter one is
+            // (believing more than was said would let the keep-alive come too late).
+            .min(Duration::from_secs(90 * 86_400));
         issued.updated_credential = Some(oauth::credential_with_grant(
             client_id,
             client_secret,

@@ -101,22 +101,18 @@ impl IssuedToken {
         self.answer.get_or_init(|| encode(self)).expose_secret()
     }
 
-    /// True while the token is valid until `need_until`, or (a refreshable token, when the
-    /// vendor grants less) while it is still valid and was minted less than `fresh_for` ago,
-    /// or, when not even a new token would last until `need_until`, less than half its
-    /// lifetime ago: asking for more than the vendor grants re-mints at most once per half
-    /// lifetime (each Zendesk refresh revokes the token every other worker holds).
+    /// True while the token is valid until `need_until`, or (a refreshable token) while it is
+    /// still valid and younger than `fresh_for` or half its lifetime, whichever is longer: a
+    /// demand beyond what it has left re-mints at most once per half lifetime, whatever
+    /// `min_valid_seconds` says (each Zendesk refresh revokes the token every other worker
+    /// holds). Served meanwhile, it still has at least half its lifetime left.
     pub(crate) fn serves(&self, need_until: SystemTime, fresh_for: Duration) -> bool {
-        let now = SystemTime::now();
         if self.expires_at >= need_until {
             return true;
         }
-        if !self.refreshable || self.expires_at <= now {
-            return false;
-        }
-        let age = self.minted_at.elapsed();
-        let beyond_any = need_until > now + self.lifetime;
-        age < fresh_for || (beyond_any && age < self.lifetime / 2)
+        self.refreshable
+            && self.expires_at > SystemTime::now()
+            && self.minted_at.elapsed() < fresh_for.max(self.lifetime / 2)
     }
 
     fn mark_used(&self) {
@@ -349,24 +345,31 @@ pub struct Flight {
     unsettled: Option<Unsettled>,
 }
 
-/// An unknown outcome the broker settles on its own (Atlassian lets a turned-over refresh
-/// token be presented again for 10 minutes, `upstreams.md` §5): it presents the stored refresh
-/// token again, at most [`UNSETTLED_RETRY_MAX`] apart, without waiting for a worker, a check
-/// or the hourly keep-alive (each might come too late), until a refresh goes through, another
-/// credential is stored, the grant is found dead, or [`UNSETTLED_WINDOW`] has passed.
+/// An unknown outcome the broker settles on its own, at a vendor with a reuse leeway
+/// ([`Backend::reuse_leeway`]; Atlassian lets a turned-over refresh token be presented again
+/// for 10 minutes): the refresher presents the stored refresh token again, at most
+/// [`UNSETTLED_RETRY_MAX`] apart, without waiting for a worker, a check or the hourly
+/// keep-alive (each might come too late), until the vendor answers a refresh (a token, or a
+/// refusal), another credential is stored, or the leeway has passed.
 struct Unsettled {
     since: Instant,
+    /// The vendor's leeway: how long the presented token may be presented again.
+    window: Duration,
     /// The sealed credential that was presented (another one stored settles it).
     presented: Vec<u8>,
 }
 
-/// How long after an unknown outcome the broker keeps presenting the stored refresh token on
-/// its own: Atlassian's reuse leeway, the longest of the vendors'.
-const UNSETTLED_WINDOW: Duration = Duration::from_secs(600);
-
 /// The longest wait between two of those tries (a vendor's longer `Retry-After` included), so
-/// several fall within the window.
+/// several fall within the leeway.
 const UNSETTLED_RETRY_MAX: Duration = Duration::from_secs(120);
+
+/// The shortest wait between two of those tries when nothing else set one (the store was
+/// away, say).
+const UNSETTLED_RETRY_MIN: Duration = Duration::from_secs(10);
+
+/// The refresher's schedule entry for presenting a system's stored refresh token again (no
+/// token id has this shape: they are URL-safe base64).
+const UNSETTLED_MARK: &str = "~unsettled";
 
 impl std::fmt::Debug for Flight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1291,6 +1294,9 @@ impl Broker {
         need_until: SystemTime,
         (oauth, lock): (bool, Option<&crate::store::RefreshLock>),
     ) -> Result<Arc<IssuedToken>, BrokerError> {
+        // The vendor answered: an earlier lost answer is settled (what it issued is kept
+        // below, or pending until the store takes it).
+        f.unsettled = None;
         let mut shared = lock.is_some();
         let updated = issued
             .updated_credential
@@ -1327,7 +1333,6 @@ impl Broker {
         f.backoff_until = None;
         f.last_failure = None;
         f.reported = None;
-        f.unsettled = None;
         let written = shared_with.is_some();
         let token =
             self.install_with_id(system_id, &record, issued, need_until, oauth, shared_with)?;
@@ -1472,6 +1477,8 @@ impl Broker {
     ) -> BrokerError {
         f.pending = None;
         f.reported = None;
+        // The vendor's word on the presented token: nothing is left to settle.
+        f.unsettled = None;
         f.last_failure = Some(failure);
         self.drop_token(system_id);
         // Kept as the vendor said it (a kept refusal comes back through here).
@@ -1603,15 +1610,21 @@ impl Broker {
         f.failures = f.failures.saturating_add(1);
         f.last_failure = Some(failure);
         let unknown = oauth && message.contains(OUTCOME_UNKNOWN_MARK);
+        let leeway = self
+            .registry
+            .get(record.kind)
+            .ok()
+            .and_then(|b| b.reuse_leeway());
         let begins = unknown
             && presents_refresh_token(record.credential_type)
             && !f
                 .unsettled
                 .as_ref()
                 .is_some_and(|u| same_sealing(&u.presented, &record.sealed_credential));
-        if begins {
+        if let Some(window) = leeway.filter(|_| begins) {
             f.unsettled = Some(Unsettled {
                 since: Instant::now(),
+                window,
                 presented: record.sealed_credential.clone(),
             });
         }
@@ -1641,8 +1654,8 @@ impl Broker {
                 .await;
             });
         }
-        if let Some(u) = f.unsettled.as_ref().filter(|_| begins) {
-            self.present_again_at(system_id, u.since, Instant::now() + delay);
+        if begins && f.unsettled.is_some() {
+            self.schedule_at(system_id, UNSETTLED_MARK, Instant::now() + delay);
         }
         if unknown {
             // The request reached the vendor, the answer did not reach us: the
@@ -1666,34 +1679,30 @@ impl Broker {
         stale_or_unavailable(current, message, delay)
     }
 
-    /// Presents the stored refresh token again at `at` ([`Unsettled`], begun at `since`), and
-    /// after each try that leaves it unsettled, when that try's backoff ends; stops once it is
-    /// settled, the grant is dead, the window has passed, or the broker is gone.
-    fn present_again_at(&self, system_id: &str, since: Instant, mut at: Instant) {
-        let (weak, id) = (self.me.clone(), system_id.to_owned());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep_until(at).await;
-                let Some(me) = weak.upgrade() else {
-                    return;
-                };
-                tracing::info!(message = "Presenting the stored refresh token again after a refresh whose outcome is unknown.", system_id = %id);
-                let _ = me
-                    .mint_detached(&id, SystemTime::now(), Reason::Unsettled)
-                    .await;
-                let flight = me.flight(&id);
-                let mut f = flight.lock().await;
-                if f.unsettled.as_ref().is_none_or(|u| u.since != since) {
-                    return;
-                }
-                if since.elapsed() >= UNSETTLED_WINDOW || f.dead.is_some() {
-                    f.unsettled = None;
-                    return;
-                }
-                let soonest = Instant::now() + Duration::from_secs(1);
-                at = f.backoff_until.map_or(soonest, |until| until.max(soonest));
-            }
-        });
+    /// Presents the stored refresh token again ([`Unsettled`]; the refresher runs this for an
+    /// [`UNSETTLED_MARK`] entry, so a stop ends it), and schedules the next try when the
+    /// outcome is still unknown: when that try's backoff ends, at least
+    /// [`UNSETTLED_RETRY_MIN`] from now.
+    async fn present_again(self: Arc<Self>, system_id: String) {
+        tracing::info!(message = "Presenting the stored refresh token again after a refresh whose outcome is unknown.", system_id = %system_id);
+        let _ = self
+            .mint_detached(&system_id, SystemTime::now(), Reason::Unsettled)
+            .await;
+        // A system deleted meanwhile has no flight any more (none is made for it).
+        let Some(flight) = self.cache.existing_flight(&system_id) else {
+            return;
+        };
+        let mut f = flight.lock().await;
+        let Some(u) = f.unsettled.as_ref() else {
+            return;
+        };
+        if u.since.elapsed() >= u.window || f.dead.is_some() {
+            f.unsettled = None;
+            return;
+        }
+        let soonest = Instant::now() + UNSETTLED_RETRY_MIN;
+        let at = f.backoff_until.map_or(soonest, |until| until.max(soonest));
+        self.schedule_at(&system_id, UNSETTLED_MARK, at);
     }
 
     /// Caches freshly issued headers (and schedules their refresh) and returns them.
@@ -2188,6 +2197,10 @@ impl Broker {
                 _ = keepalive.tick() => self.keepalive_sweep(&mut tasks).await,
             }
             for (_, system_id, token_id) in self.cache.take_due(Instant::now()) {
+                if token_id == UNSETTLED_MARK {
+                    tasks.spawn(self.clone().present_again(system_id));
+                    continue;
+                }
                 let Some(current) = self.cached(&system_id) else {
                     continue;
                 };
@@ -2472,8 +2485,8 @@ fn settled_by(f: &mut Flight, record: &SystemRecord) -> bool {
     let Some(u) = f.unsettled.as_ref() else {
         return true;
     };
-    let done = !same_sealing(&u.presented, &record.sealed_credential)
-        || u.since.elapsed() >= UNSETTLED_WINDOW;
+    let done =
+        !same_sealing(&u.presented, &record.sealed_credential) || u.since.elapsed() >= u.window;
     if done {
         f.unsettled = None;
     }

@@ -149,6 +149,11 @@ impl Backend for FakeBackend {
     async fn verify(&self, _target: &Target<'_>, _issued: &Issued) -> AuthCheck {
         AuthCheck::ok(Identity::default(), "the grant authenticates")
     }
+
+    /// As Atlassian's (a fake that stands for a vendor with the leeway).
+    fn reuse_leeway(&self) -> Option<Duration> {
+        Some(Duration::from_secs(600))
+    }
 }
 
 /// A broker on the memory store with `backend` for ServiceNow and one OAuth system registered.
@@ -297,6 +302,7 @@ async fn an_unknown_refresh_outcome_is_settled_within_the_reuse_leeway() {
         ],
     );
     let broker = broker_with(backend.clone()).await;
+    let refresher = broker.start_refresher();
     // A check (nothing cached, nobody waiting after it) meets the timeout.
     let checked = broker
         .check(crate::broker::CheckTarget::Stored(SYSTEM.to_owned()))
@@ -327,6 +333,7 @@ async fn an_unknown_refresh_outcome_is_settled_within_the_reuse_leeway() {
     // Settled: nothing more is presented.
     tokio::time::sleep(Duration::from_secs(1800)).await;
     assert_eq!(backend.calls(), 3);
+    refresher.shutdown().await;
 }
 
 /// Settling stops at the end of the window, and when another credential is stored meanwhile
@@ -335,18 +342,21 @@ async fn an_unknown_refresh_outcome_is_settled_within_the_reuse_leeway() {
 async fn settling_an_unknown_outcome_stops_at_the_window_or_another_credential() {
     let backend = FakeBackend::new(false, (0..40).map(|_| Answer::Unknown).collect());
     let broker = broker_with(backend.clone()).await;
+    let refresher = broker.start_refresher();
     broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     tokio::time::sleep(Duration::from_secs(660)).await;
     let within = backend.calls();
     assert!(within >= 4, "tried {within} times within the window");
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert_eq!(backend.calls(), within, "presented again after the window");
+    refresher.shutdown().await;
 
     // The reconnect is made on another replica: this one's refresh state is not reset by it.
     let store = Arc::new(MemoryStore::new());
     let backend = FakeBackend::new(false, (0..40).map(|_| Answer::Unknown).collect());
     let broker = broker_on(backend.clone(), store.clone()).await;
     let other = open_on(FakeBackend::new(false, vec![]), store).await;
+    let refresher = broker.start_refresher();
     broker.access_token(SYSTEM, 0, None).await.unwrap_err();
     other
         .rotate(SYSTEM, admins_credential(), true)
@@ -358,6 +368,35 @@ async fn settling_an_unknown_outcome_stops_at_the_window_or_another_credential()
         1,
         "the replaced credential was presented again"
     );
+    refresher.shutdown().await;
+}
+
+/// A try that gets the vendor's answer settles it, even when the store then refuses the
+/// credential it brought (kept pending for the store): it is not presented again, which would
+/// turn it over again and again. A stopped refresher presents nothing.
+#[tokio::test(start_paused = true)]
+async fn an_answered_try_or_a_stop_ends_the_settling() {
+    let store = Shared::new(usize::MAX);
+    let backend = FakeBackend::new(false, vec![Answer::Unknown, Answer::Token(Some("rt-2"))]);
+    let broker = broker_on(backend.clone(), store.clone()).await;
+    let refresher = broker.start_refresher();
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    store.updates_down.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1800)).await;
+    assert_eq!(
+        backend.calls(),
+        2,
+        "presented again after the vendor answered"
+    );
+    refresher.shutdown().await;
+
+    let backend = FakeBackend::new(false, (0..40).map(|_| Answer::Unknown).collect());
+    let broker = broker_with(backend.clone()).await;
+    let refresher = broker.start_refresher();
+    broker.access_token(SYSTEM, 0, None).await.unwrap_err();
+    refresher.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(1800)).await;
+    assert_eq!(backend.calls(), 1, "presented after the refresher stopped");
 }
 
 /// Asking for more validity than the vendor grants (3600 s of a 100 s token) re-mints at most
@@ -375,6 +414,47 @@ async fn demand_beyond_any_token_re_mints_once_per_half_lifetime() {
     // Minted at 0 s, then about every 50 s: 5 calls in 200 s (every 10 s would be 20).
     let calls = backend.calls();
     assert!((4..=5).contains(&calls), "{calls} token calls");
+}
+
+/// A demand the cached token cannot meet re-mints once the token is older than half its
+/// lifetime (or the demand interval), however close to the lifetime the demand is (asking
+/// 1795 s of 1800-s tokens must not re-mint every 10 s either).
+#[tokio::test(start_paused = true)]
+async fn a_demand_below_the_lifetime_re_mints_once_per_half_lifetime_too() {
+    let token = |age_secs: u64, left_secs: u64| super::IssuedToken {
+        headers: Vec::new(),
+        expires_at: SystemTime::now() + Duration::from_secs(left_secs),
+        api_base_url: String::new(),
+        credential_version: 1,
+        kind: SystemKind::Zendesk,
+        delivery: Default::default(),
+        token_id: "t".to_owned(),
+        refreshable: true,
+        subject: None,
+        used: Default::default(),
+        minted_at: tokio::time::Instant::now() - Duration::from_secs(age_secs),
+        lifetime: Duration::from_secs(1800),
+        audit_hmac: Default::default(),
+        upstream_base: Default::default(),
+        answer: Default::default(),
+    };
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let need = SystemTime::now() + Duration::from_secs(1795);
+    let fresh_for = Duration::from_secs(10);
+    assert!(
+        token(100, 1700).serves(need, fresh_for),
+        "re-minted after 100 s"
+    );
+    assert!(token(899, 901).serves(need, fresh_for));
+    assert!(!token(900, 900).serves(need, fresh_for), "kept past half");
+    assert!(token(0, 1800).serves(need, fresh_for));
+    // Expired: never served.
+    assert!(!token(100, 0).serves(need, fresh_for));
+    let static_token = super::IssuedToken {
+        refreshable: false,
+        ..token(1, 1700)
+    };
+    assert!(!static_token.serves(need, fresh_for));
 }
 
 #[tokio::test(start_paused = true)]
