@@ -147,10 +147,13 @@ fn salesforce(s: &mut RateSignals, status: u16, headers: &HeaderMap, body: Optio
         s.limit = Some(limit);
         s.remaining = Some(limit.saturating_sub(used).max(0));
     }
-    // The error's own code, not any text in the body (which may echo the org's data).
-    let error = body
+    // The error's own code, not any text in the body (which may echo the org's data), as
+    // sent: Salesforce compresses it when the worker asked for that.
+    let body = body
         .filter(|_| status == 403)
-        .and_then(|b| serde_json::from_slice::<Vec<serde_json::Value>>(b).ok())
+        .and_then(|b| decoded(headers, b));
+    let error = body
+        .and_then(|b| serde_json::from_slice::<Vec<serde_json::Value>>(&b).ok())
         .and_then(|errors| errors.into_iter().next())
         .filter(|e| e["errorCode"] == "REQUEST_LIMIT_EXCEEDED");
     if let Some(error) = error {
@@ -165,6 +168,30 @@ fn salesforce(s: &mut RateSignals, status: u16, headers: &HeaderMap, body: Optio
             NO_WAIT_GIVEN
         });
     }
+}
+
+/// The most of a compressed body that is decoded to read its signal (a bomb is cut here).
+const MAX_DECODED: u64 = 64 * 1024;
+
+/// `body` decoded as its `Content-Encoding` says (none, gzip or deflate: what Salesforce
+/// sends), at most [`MAX_DECODED`] bytes of it; `None` for another encoding or a broken one.
+fn decoded<'a>(headers: &HeaderMap, body: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+    use std::io::Read;
+    let encoding = text(headers, "content-encoding")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut out = Vec::new();
+    let read = match encoding.as_str() {
+        "" | "identity" => return Some(std::borrow::Cow::Borrowed(body)),
+        "gzip" | "x-gzip" => flate2::read::GzDecoder::new(body)
+            .take(MAX_DECODED)
+            .read_to_end(&mut out),
+        "deflate" => flate2::read::ZlibDecoder::new(body)
+            .take(MAX_DECODED)
+            .read_to_end(&mut out),
+        _ => return None,
+    };
+    read.ok().map(|_| std::borrow::Cow::Owned(out))
 }
 
 /// Jira's reasons for a refusal whose scope is one issue or one endpoint, not the tenant's
@@ -443,6 +470,45 @@ mod tests {
         assert!(!zd.narrow && zd.wait == Some(Duration::from_secs(30)));
         let ok = read(SystemKind::JiraCloud, 200, &headers, None, now);
         assert!(!ok.narrow && !ok.throttled);
+    }
+
+    #[test]
+    fn a_compressed_salesforce_refusal_is_read_and_a_bomb_is_cut() {
+        use std::io::Write;
+        let now = 1_800_000_000;
+        let refusal =
+            br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
+        let gz = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let zlib = {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(refusal).unwrap();
+            e.finish().unwrap()
+        };
+        let sf = |encoding: &str, body: &[u8]| {
+            let headers = h(&[("content-encoding", encoding)]);
+            read(SystemKind::Salesforce, 403, &headers, Some(body), now)
+        };
+        for (encoding, body) in [
+            ("gzip", gz(refusal)),
+            ("Deflate", zlib),
+            ("identity", refusal.to_vec()),
+        ] {
+            let s = sf(encoding, &body);
+            assert!(
+                s.throttled && s.wait == Some(NO_WAIT_GIVEN),
+                "{encoding}: {s:?}"
+            );
+        }
+        // 20 MB of zeros in tens of KB: decoded no further than the cap, and no signal.
+        let bomb = gz(&vec![0u8; 20 << 20]);
+        assert!(bomb.len() < 100 << 10);
+        assert!(!sf("gzip", &bomb).throttled);
+        assert!(!sf("br", &gz(refusal)).throttled);
+        assert!(!sf("gzip", b"not gzip at all").throttled);
     }
 
     #[test]

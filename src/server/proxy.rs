@@ -320,10 +320,10 @@ async fn send(
     };
     let status = resp.status().as_u16();
     let kind = grant.token.kind;
-    let (response, held) = answer(resp, &redirects, client.read_timeout, cap, permit).await;
-    if let Some((body, permit)) =
-        held.filter(|_| crate::backends::ratelimit::needs_body(kind, status))
-    {
+    let signals_in_body = crate::backends::ratelimit::needs_body(kind, status);
+    let timing = (client.read_timeout, cap);
+    let (response, held) = answer(resp, &redirects, timing, permit, signals_in_body).await;
+    if let Some((body, permit)) = held.filter(|_| signals_in_body) {
         let now = crate::model::unix_now();
         let signals = read_signals(kind, status, response.headers(), Some(&body), now);
         broker.learn_quota(call.system_id, &permit, &signals);
@@ -714,13 +714,14 @@ impl Redirects<'_> {
 /// the base URL rewritten to the proxy) and its body, whole when small, else streamed, capped at
 /// `cap` bytes and cut when the vendor stalls for `read_timeout`. The call's quota permit is
 /// held until the body has streamed; a body passed whole is returned with it (its quota signals
-/// may be in it).
+/// may be in it). `signals_in_body` (Salesforce's over-quota 403): held whole also when its
+/// length is not given (a chunked answer), up to the same small size.
 async fn answer(
     resp: axum::http::Response<hyper::body::Incoming>,
     redirects: &Redirects<'_>,
-    read_timeout: Duration,
-    cap: u64,
+    (read_timeout, cap): (Duration, u64),
     permit: crate::broker::quota::QuotaPermit,
+    signals_in_body: bool,
 ) -> (
     Response,
     Option<(axum::body::Bytes, crate::broker::quota::QuotaPermit)>,
@@ -753,9 +754,10 @@ async fn answer(
         .and_then(|v| v.parse::<u64>().ok());
     let incoming = resp.into_body();
     // Small answers with a known length (most API JSON) are passed whole; the rest streams.
-    if length.is_some_and(|n| n <= SMALL_BODY) {
+    if length.is_some_and(|n| n <= SMALL_BODY) || (signals_in_body && length.is_none()) {
+        let held = http_body_util::Limited::new(incoming, SMALL_BODY as usize);
         let whole =
-            tokio::time::timeout(read_timeout, http_body_util::BodyExt::collect(incoming)).await;
+            tokio::time::timeout(read_timeout, http_body_util::BodyExt::collect(held)).await;
         return match whole {
             Ok(Ok(collected)) => {
                 let bytes = collected.to_bytes();

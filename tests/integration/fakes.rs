@@ -80,6 +80,8 @@ pub enum Reply {
     JsonWith(u16, Vec<(&'static str, String)>, Value),
     /// A raw body with a content type.
     Raw(u16, &'static str, String),
+    /// A body sent in chunks (no `Content-Length`) with a status and headers.
+    Chunked(u16, Vec<(&'static str, String)>, Vec<u8>),
     /// Never answers.
     Hang,
     /// Answers after a delay.
@@ -242,6 +244,20 @@ async fn respond(
             body,
         )
             .into_response(),
+        Reply::Chunked(s, hs, body) => {
+            let parts: Vec<Result<axum::body::Bytes, std::io::Error>> = body
+                .chunks(16)
+                .map(|c| Ok(axum::body::Bytes::copy_from_slice(c)))
+                .collect();
+            let mut r = axum::response::Response::new(axum::body::Body::from_stream(
+                tokio_stream::iter(parts),
+            ));
+            *r.status_mut() = StatusCode::from_u16(s).unwrap();
+            for (k, val) in hs {
+                r.headers_mut().insert(k, val.parse().unwrap());
+            }
+            r
+        }
         Reply::Hang => {
             std::future::pending::<()>().await;
             unreachable!()
@@ -1918,7 +1934,24 @@ fn sf_handle(s: &mut SfState, req: &Req, origin: &str) -> Reply {
                 return invalid_session;
             }
             if s.api_limit_exhausted {
-                // As Salesforce answers past the allocation: a 403, no Retry-After.
+                // As Salesforce answers past the allocation: a 403, no Retry-After; compressed
+                // (and chunked) when the caller asks for gzip, as Salesforce does.
+                let gzip = req
+                    .headers
+                    .get("accept-encoding")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("gzip"));
+                if gzip {
+                    use std::io::Write;
+                    let refusal = br#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#;
+                    let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+                    e.write_all(refusal).unwrap();
+                    let headers = vec![
+                        ("content-type", "application/json".to_owned()),
+                        ("content-encoding", "gzip".to_owned()),
+                    ];
+                    return Reply::Chunked(403, headers, e.finish().unwrap());
+                }
                 return Reply::Json(
                     403,
                     json!([{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]),

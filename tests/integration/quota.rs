@@ -126,6 +126,62 @@ async fn metrics(broker: &TestBroker) -> String {
         .unwrap()
 }
 
+/// Salesforce's over-quota 403 compressed and chunked, as it answers a worker that asks for
+/// gzip (Go's, Python's and Java's HTTP clients all do): the proxy still reads the refusal and
+/// holds the system back, and the worker gets the body as the vendor sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_salesforce_refusal_still_holds_the_system_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeSalesforce::start(SF_ID, SF_SECRET).await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let reg = proxied_system(
+        "sf-gz",
+        pb::SystemKind::Salesforce,
+        &fake.base_url,
+        sf_cc(SF_SECRET),
+    );
+    register_checked(&mut admin, reg).await;
+    let t = lease(&mut admin, "sf-gz").await;
+    fake.set_api_limit_exhausted(true);
+    let http = reqwest::Client::new();
+    let call = || {
+        let mut req = http.get(format!("{}/services/data/v62.0/", t.api_base_url));
+        for h in &t.headers {
+            req = req.header(&h.name, &h.value);
+        }
+        req.header("accept-encoding", "gzip").send()
+    };
+    let first = call().await.unwrap();
+    assert_eq!(first.status(), 403);
+    assert!(first.headers().get("x-credbroker-limited").is_none());
+    assert_eq!(
+        first
+            .headers()
+            .get("content-encoding")
+            .map(|v| v.as_bytes()),
+        Some(&b"gzip"[..])
+    );
+    let sent = first.bytes().await.unwrap();
+    let mut plain = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&sent[..]), &mut plain)
+        .unwrap();
+    assert!(plain.contains("REQUEST_LIMIT_EXCEEDED"), "{plain}");
+    let at_vendor = fake.server.count("/services/data/v62.0/");
+    let second = call().await.unwrap();
+    assert_eq!(second.status(), 429);
+    assert_eq!(
+        second
+            .headers()
+            .get("x-credbroker-limited")
+            .map(|v| v.as_bytes()),
+        Some(&b"local"[..])
+    );
+    assert_eq!(fake.server.count("/services/data/v62.0/"), at_vendor);
+    let s = system(&mut admin, "sf-gz").await;
+    assert!(s.quota.unwrap().blocked_until.is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_workers_stop_at_the_salesforce_reserve_and_the_vendor_sees_no_call_past_it() {
     let dir = tempfile::tempdir().unwrap();
