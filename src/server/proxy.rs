@@ -697,16 +697,44 @@ impl Redirects<'_> {
     /// `location` through the proxy, when it stays under the registered base by whole path
     /// segments (`/acme` does not cover `/acme2`).
     fn through_proxy(&self, location: &HeaderValue) -> Option<HeaderValue> {
-        let rest = under_base(location.to_str().ok()?, self.api_base_url)?;
-        let value = match self.public_url {
+        HeaderValue::from_str(&self.proxied(location.to_str().ok()?)?).ok()
+    }
+
+    /// `url` through the proxy, when it lies under the registered base.
+    fn proxied(&self, url: &str) -> Option<String> {
+        let rest = under_base(url, self.api_base_url)?;
+        Some(match self.public_url {
             Some(public) => format!(
                 "{}/proxy/{}{rest}",
                 public.trim_end_matches('/'),
                 self.system_id
             ),
             None => rest.to_owned(),
-        };
-        HeaderValue::from_str(&value).ok()
+        })
+    }
+
+    /// A `Link` header (RFC 8288: `<url>; rel="next", …`, Freshdesk's and Freshservice's
+    /// pagination) with each target under the base pointed at the proxy, so a worker that
+    /// follows it sends its lease to the broker, not to the vendor; `None` when none is.
+    fn links_through_proxy(&self, link: &HeaderValue) -> Option<HeaderValue> {
+        let mut rest = link.to_str().ok()?;
+        let mut out = String::with_capacity(rest.len() + 64);
+        let mut changed = false;
+        while let Some(open) = rest.find('<') {
+            let close = open + rest[open..].find('>')?;
+            out.push_str(&rest[..=open]);
+            let target = &rest[open + 1..close];
+            match self.proxied(target) {
+                Some(p) => {
+                    out.push_str(&p);
+                    changed = true;
+                }
+                None => out.push_str(target),
+            }
+            rest = &rest[close..];
+        }
+        out.push_str(rest);
+        changed.then(|| HeaderValue::from_str(&out).ok()).flatten()
     }
 }
 
@@ -739,11 +767,14 @@ async fn answer(
         {
             continue;
         }
-        if k == "location" {
-            if let Some(nv) = redirects.through_proxy(v) {
-                out.append(k.clone(), nv);
-                continue;
-            }
+        let rewritten = match k.as_str() {
+            "location" => redirects.through_proxy(v),
+            "link" => redirects.links_through_proxy(v),
+            _ => None,
+        };
+        if let Some(nv) = rewritten {
+            out.append(k.clone(), nv);
+            continue;
         }
         out.append(k.clone(), v.clone());
     }

@@ -490,6 +490,19 @@ async fn streaming_vendor(secret: &'static str) -> (String, Arc<AtomicUsize>) {
                     "",
                 )
                     .into_response(),
+                // Freshdesk's way to the next page.
+                "/api/1.0/paged" => (
+                    StatusCode::OK,
+                    [(
+                        "link",
+                        format!(
+                            "<http://{host}/api/1.0/tasks?page=2>; rel=\"next\", \
+                             <https://elsewhere.example/x>; rel=\"help\""
+                        ),
+                    )],
+                    "[]",
+                )
+                    .into_response(),
                 _ => (StatusCode::NOT_FOUND, "").into_response(),
             }
         }
@@ -596,6 +609,23 @@ async fn large_bodies_stream_in_bounded_memory_and_redirects_are_not_followed() 
         .unwrap();
     assert_eq!(r.status(), 302);
     assert_eq!(r.headers()["location"], "https://elsewhere.example/x");
+    // A Link header's targets under the base likewise (a worker following the next page sends
+    // its lease to the broker, not to the vendor); others untouched.
+    let r = http
+        .get(format!("{}/paged", t.api_base_url))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["link"],
+        format!(
+            "<{}/tasks?page=2>; rel=\"next\", <https://elsewhere.example/x>; rel=\"help\"",
+            t.api_base_url
+        )
+        .as_str()
+    );
     drop(admin);
     assert_eq!(
         tokio::task::spawn_blocking(move || proc.terminate())
