@@ -706,6 +706,18 @@ fn jwt_bearer_refusal(r: &super::http::UpstreamResponse) -> BackendError {
         };
     }
     let desc = e.error_description.to_ascii_lowercase();
+    if desc.contains("expired authorization code") {
+        // Salesforce's word for an assertion whose `exp` had passed (`upstreams.md` §13.1):
+        // a clock that drifts usually heals (NTP), so the system is not given up (as Entra's
+        // AADSTS700024).
+        return BackendError::Transient {
+            failure: AuthFailure::Misconfigured,
+            message: "Salesforce found the JWT bearer assertion expired when it read it: check \
+                      the broker host's clock"
+                .to_owned(),
+            retry_after,
+        };
+    }
     let (failure, fix) = match (e.error.as_str(), desc.as_str()) {
         (_, d) if d.contains("hasn't approved") || d.contains("not approved") => (
             AuthFailure::Misconfigured,
@@ -727,10 +739,6 @@ fn jwt_bearer_refusal(r: &super::http::UpstreamResponse) -> BackendError {
             AuthFailure::InvalidCredentials,
             "the signature does not match a certificate on the app: upload this key's \
              certificate under the External Client App's settings (Enable JWT Bearer Flow)",
-        ),
-        (_, d) if d.contains("expired") => (
-            AuthFailure::Misconfigured,
-            "the assertion had expired when Salesforce read it: check the broker host's clock",
         ),
         ("invalid_client_id", _) | ("invalid_client", _) => (
             AuthFailure::InvalidCredentials,
@@ -913,6 +921,10 @@ mod tests {
             ),
             (answer(429, "", ""), AuthFailure::RateLimited, "HTTP 429"),
         ];
+        // A clock that drifts heals: the system is not given up for it (retried, not rejected).
+        let expired =
+            jwt_bearer_refusal(&answer(400, "invalid_grant", "expired authorization code"));
+        assert!(matches!(expired, BackendError::Transient { .. }));
         for (r, want, needle) in cases {
             let e = jwt_bearer_refusal(&r);
             let c = e.to_check();
