@@ -420,6 +420,12 @@ async fn exchange(
             StatusCode::GATEWAY_TIMEOUT,
             "the upstream did not answer in time",
         )),
+        // Connected, then the connection broke before an answer: the request (a write too) may
+        // have reached the vendor, and a worker must not take it for one that did not.
+        (Ok(Err(e)), _) if !e.is_connect() => Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            "the upstream's connection broke before its answer: the request may have reached it",
+        )),
         _ => Err(Refusal::new(
             StatusCode::BAD_GATEWAY,
             "the upstream could not be reached",

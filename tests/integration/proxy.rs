@@ -773,6 +773,62 @@ async fn a_vendor_that_stops_answering_gets_a_504_or_a_cut_body_within_the_read_
     broker.stop().await;
 }
 
+/// A vendor that reads a write and then drops the connection: the worker is told the request
+/// may have reached it, not that it could not be reached (which invites a second write); one
+/// that is not listening at all could not be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_answer_was_lost_is_not_reported_as_unsent() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/api/1.0", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = l.accept().await {
+            // Reads what the proxy sends (head and body), then hangs up without answering.
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut seen = Vec::new();
+            while !String::from_utf8_lossy(&seen).contains("\"x\"") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            drop(sock);
+        }
+    });
+    let (t, auth) = lease(&mut admin, "hangs-up", &base, "hup-pat").await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/tasks", t.api_base_url))
+        .header("authorization", &auth)
+        .header("content-type", "application/json")
+        .body("{\"name\":\"x\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("may have reached it"), "{body}");
+
+    // Nobody listening: could not be reached.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone = format!("http://{}/api/1.0", closed.local_addr().unwrap());
+    drop(closed);
+    let (t, auth) = lease(&mut admin, "nobody", &gone, "none-pat").await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/tasks", t.api_base_url))
+        .header("authorization", &auth)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("could not be reached"), "{body}");
+    broker.stop().await;
+}
+
 /// A slow upload is not the vendor's silence: the read timeout for the answer's head runs from
 /// the worker's last chunk. An upload that stops still ends within it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
