@@ -1684,14 +1684,18 @@ impl Broker {
     /// outcome is still unknown: when that try's backoff ends, at least
     /// [`UNSETTLED_RETRY_MIN`] from now.
     async fn present_again(self: Arc<Self>, system_id: String) {
+        // A system deleted meanwhile has no flight any more (none is made for it), and one
+        // settled meanwhile has nothing to present.
+        let Some(flight) = self.cache.existing_flight(&system_id) else {
+            return;
+        };
+        if flight.lock().await.unsettled.is_none() {
+            return;
+        }
         tracing::info!(message = "Presenting the stored refresh token again after a refresh whose outcome is unknown.", system_id = %system_id);
         let _ = self
             .mint_detached(&system_id, SystemTime::now(), Reason::Unsettled)
             .await;
-        // A system deleted meanwhile has no flight any more (none is made for it).
-        let Some(flight) = self.cache.existing_flight(&system_id) else {
-            return;
-        };
         let mut f = flight.lock().await;
         let Some(u) = f.unsettled.as_ref() else {
             return;

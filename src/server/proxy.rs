@@ -404,9 +404,13 @@ async fn exchange(
         match tokio::time::timeout_at(deadline, &mut head).await {
             Ok(head) => break Ok(head),
             Err(late) => {
-                let later = moved.as_ref().map(|m| m.last() + read_timeout);
+                let later = moved.as_ref().and_then(|m| m.deadline(read_timeout));
                 match later.filter(|l| *l > tokio::time::Instant::now()) {
-                    Some(later) => deadline = later,
+                    Some(later) => {
+                        deadline = later;
+                        // A worker gone from here on leaves the request running as long.
+                        at.until = later;
+                    }
                     None => break Err(late),
                 }
             }
@@ -416,6 +420,10 @@ async fn exchange(
     let permit = at.permit.take();
     match (answer, permit) {
         (Ok(Ok(r)), Some(permit)) => Ok((r, permit)),
+        _ if moved.as_ref().is_some_and(UploadMoved::went_over_cap) => Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the request body is larger than the proxy allows",
+        )),
         (Err(_), _) => Err(Refusal::new(
             StatusCode::GATEWAY_TIMEOUT,
             "the upstream did not answer in time",
@@ -639,10 +647,13 @@ fn forward_request(
             let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
             seen += chunk.len() as u64;
             if seen > cap {
+                if let Some(moved) = &moved {
+                    moved.over_cap();
+                }
                 return Err(std::io::Error::other("request body over the proxy's cap"));
             }
             if let Some(moved) = &moved {
-                moved.now();
+                moved.moved(chunk.len());
             }
             Ok::<_, std::io::Error>(chunk)
         }
@@ -661,34 +672,71 @@ fn forward_request(
     Ok(forward)
 }
 
-/// When the worker's body last moved (a chunk passed on), carried in the forwarded request's
-/// extensions: a vendor answers once it has the whole body, so the read timeout for the
-/// answer's head runs from the last chunk, and a slow upload is not taken for the vendor's
-/// silence.
+/// How the worker's body is moving, carried in the forwarded request's extensions: a vendor
+/// answers once it has the whole body, so the read timeout for the answer's head runs from the
+/// last chunk, and a slow upload is not taken for the vendor's silence; but only while the
+/// upload averages [`MIN_UPLOAD_RATE`] and for [`MAX_UPLOAD`] at most, so a worker trickling
+/// bytes cannot hold a connection and a concurrency slot for ever.
 #[derive(Clone)]
-struct UploadMoved(std::sync::Arc<std::sync::Mutex<tokio::time::Instant>>);
+struct UploadMoved(std::sync::Arc<std::sync::Mutex<Progress>>);
+
+/// See [`UploadMoved`].
+struct Progress {
+    started: tokio::time::Instant,
+    last: tokio::time::Instant,
+    bytes: u64,
+    /// The body went over the proxy's cap (answered 413, not as a broken vendor).
+    over_cap: bool,
+}
+
+/// The slowest average upload that keeps pushing the answer's deadline back (32 kbit/s).
+const MIN_UPLOAD_RATE: u64 = 4 * 1024;
+/// The longest an upload can push the answer's deadline back from the call's start.
+const MAX_UPLOAD: Duration = Duration::from_secs(3600);
 
 impl Default for UploadMoved {
     fn default() -> Self {
-        Self(std::sync::Arc::new(std::sync::Mutex::new(
-            tokio::time::Instant::now(),
-        )))
+        let now = tokio::time::Instant::now();
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Progress {
+            started: now,
+            last: now,
+            bytes: 0,
+            over_cap: false,
+        })))
     }
 }
 
 impl UploadMoved {
-    fn now(&self) {
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
-    }
-
-    fn last(&self) -> tokio::time::Instant {
-        *self
-            .0
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A chunk of `len` bytes passed on.
+    fn moved(&self, len: usize) {
+        let mut p = self.progress();
+        p.last = tokio::time::Instant::now();
+        p.bytes = p.bytes.saturating_add(len as u64);
+    }
+
+    fn over_cap(&self) {
+        self.progress().over_cap = true;
+    }
+
+    fn went_over_cap(&self) -> bool {
+        self.progress().over_cap
+    }
+
+    /// The answer's deadline as the upload has it now (`read_timeout` after its last chunk),
+    /// if the upload has earned one: at least [`MIN_UPLOAD_RATE`] on average since the call
+    /// began (a second's grace), and no later than [`MAX_UPLOAD`] after it.
+    fn deadline(&self, read_timeout: Duration) -> Option<tokio::time::Instant> {
+        let p = self.progress();
+        let elapsed = p.started.elapsed().as_secs();
+        let steady = p.bytes >= MIN_UPLOAD_RATE.saturating_mul(elapsed.saturating_sub(1));
+        let at = (p.last + read_timeout).min(p.started + MAX_UPLOAD);
+        steady.then_some(at)
     }
 }
 
@@ -723,23 +771,36 @@ impl Redirects<'_> {
     /// pagination) with each target under the base pointed at the proxy, so a worker that
     /// follows it sends its lease to the broker, not to the vendor; `None` when none is.
     fn links_through_proxy(&self, link: &HeaderValue) -> Option<HeaderValue> {
-        let mut rest = link.to_str().ok()?;
-        let mut out = String::with_capacity(rest.len() + 64);
-        let mut changed = false;
-        while let Some(open) = rest.find('<') {
-            let close = open + rest[open..].find('>')?;
-            out.push_str(&rest[..=open]);
-            let target = &rest[open + 1..close];
-            match self.proxied(target) {
-                Some(p) => {
-                    out.push_str(&p);
-                    changed = true;
+        let text = link.to_str().ok()?;
+        let mut out = String::with_capacity(text.len() + 64);
+        let (mut changed, mut quoted, mut from) = (false, false, 0);
+        let mut chars = text.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                // A parameter's quoted string (`title="a<b"`) holds no target.
+                '"' => quoted = !quoted,
+                '\\' if quoted => {
+                    chars.next();
                 }
-                None => out.push_str(target),
+                '<' if !quoted => {
+                    // A `<` never closed: the rest is kept as it is.
+                    let Some(len) = text[i..].find('>') else {
+                        break;
+                    };
+                    let target = &text[i + 1..i + len];
+                    if let Some(p) = self.proxied(target) {
+                        out.push_str(&text[from..=i]);
+                        out.push_str(&p);
+                        from = i + len;
+                        changed = true;
+                    }
+                    // Past the target and its `>`.
+                    while chars.next().is_some_and(|(j, _)| j < i + len) {}
+                }
+                _ => {}
             }
-            rest = &rest[close..];
         }
-        out.push_str(rest);
+        out.push_str(&text[from..]);
         changed.then(|| HeaderValue::from_str(&out).ok()).flatten()
     }
 }
@@ -836,4 +897,43 @@ fn error(status: StatusCode, message: &str) -> Response {
         serde_json::json!({ "error": message }).to_string(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_targets_under_the_base_go_through_the_proxy() {
+        let r = Redirects {
+            api_base_url: "https://acme.freshdesk.com/api/v2",
+            public_url: Some("https://broker.example"),
+            system_id: "fd",
+        };
+        let link = |v: &str| {
+            r.links_through_proxy(&HeaderValue::from_str(v).unwrap())
+                .map(|h| h.to_str().unwrap().to_owned())
+        };
+        let via = "https://broker.example/proxy/fd";
+        assert_eq!(
+            link(r#"<https://acme.freshdesk.com/api/v2/tickets?page=2>; rel="next""#),
+            Some(format!(r#"<{via}/tickets?page=2>; rel="next""#))
+        );
+        // Two targets, one elsewhere; a quoted `<` is no target; a `<` never closed keeps the
+        // rewrites before it.
+        assert_eq!(
+            link(
+                r#"<https://elsewhere.example/x>; rel="help"; title="a<b", <https://acme.freshdesk.com/api/v2/t?p=3>; rel="last", <https://acme.freshdesk.com/api/v2/open"#
+            ),
+            Some(format!(
+                r#"<https://elsewhere.example/x>; rel="help"; title="a<b", <{via}/t?p=3>; rel="last", <https://acme.freshdesk.com/api/v2/open"#
+            ))
+        );
+        assert_eq!(link(r#"<https://elsewhere.example/x>; rel="next""#), None);
+        assert_eq!(link("<<<"), None);
+        assert_eq!(
+            link(r#"title="\"<https://acme.freshdesk.com/api/v2/x>""#),
+            None
+        );
+    }
 }

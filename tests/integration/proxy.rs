@@ -478,6 +478,15 @@ async fn streaming_vendor(secret: &'static str) -> (String, Arc<AtomicUsize>) {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     (StatusCode::OK, "{\"data\":[]}").into_response()
                 }
+                // Takes the whole body, then works on it for 800 ms.
+                "/api/1.0/upload-then-work" => {
+                    let mut s = req.into_body().into_data_stream();
+                    while let Some(c) = s.next().await {
+                        c.unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    (StatusCode::CREATED, "{}").into_response()
+                }
                 "/api/1.0/moved" => (
                     StatusCode::FOUND,
                     [("location", format!("http://{host}/api/1.0/users/me"))],
@@ -881,6 +890,97 @@ async fn a_slow_upload_is_not_taken_for_a_silent_vendor() {
         .unwrap();
     assert_eq!(r.status(), 504);
     assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A byte every 300 ms, for ever: far below the least rate that keeps pushing the deadline
+    // back, so the call ends within a few read timeouts, not whenever the worker likes.
+    let trickle = tokio_stream::StreamExt::throttle(
+        tokio_stream::iter(std::iter::repeat_with(|| {
+            Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"u"))
+        })),
+        Duration::from_millis(300),
+    );
+    let started = std::time::Instant::now();
+    let sent = http
+        .post(format!("{}/upload", t.api_base_url))
+        .header("authorization", &auth)
+        .body(reqwest::Body::wrap_stream(trickle))
+        .send();
+    let r = tokio::time::timeout(Duration::from_secs(10), sent).await;
+    let r = r
+        .expect("a trickled upload held the call for 10 s")
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    broker.stop().await;
+}
+
+/// A worker that gives up after a slow upload, while the vendor works on it: the call keeps the
+/// system's concurrency slot until the vendor answers (the deadline the upload earned), so the
+/// worker's retry cannot put a second upload on the vendor past its cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_gives_up_after_a_slow_upload_keeps_the_slot_until_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.proxy.read_timeout = Duration::from_millis(1000);
+    let one = credbroker::broker::quota::LimitsOverride {
+        max_concurrent: Some(1),
+        max_queue_wait_seconds: Some(0),
+        ..Default::default()
+    };
+    config.quota.systems.insert("slow-up".into(), one);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let (base, _) = streaming_vendor("slow-up-pat").await;
+    let (t, auth) = lease(&mut admin, "slow-up", &base, "slow-up-pat").await;
+    // Six chunks 150 ms apart (the last at about 0.75 s); the vendor then works for 0.8 s, past
+    // the read timeout counted from the call's start (1 s), within the one the upload earned
+    // (1.75 s). The worker gives up at 1.05 s, while the vendor works.
+    let chunk = axum::body::Bytes::from(vec![b'u'; 8 * 1024]);
+    let paced = tokio_stream::StreamExt::throttle(
+        tokio_stream::iter((0..6).map(move |_| Ok::<_, std::io::Error>(chunk.clone()))),
+        Duration::from_millis(150),
+    );
+    let gave_up = reqwest::Client::new()
+        .post(format!("{}/upload-then-work", t.api_base_url))
+        .header("authorization", &auth)
+        .body(reqwest::Body::wrap_stream(paced))
+        .timeout(Duration::from_millis(1050))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    let (status, body) = call(&t, "/users/me", &[]).await;
+    assert_eq!(
+        status, 429,
+        "the vendor still works on the abandoned upload: {body}"
+    );
+    broker.stop().await;
+}
+
+/// A chunked upload past the proxy's body cap is the worker's fault, answered 413, not a broken
+/// vendor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_upload_over_the_cap_is_answered_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.proxy.max_body_bytes = 4096;
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let (base, _) = streaming_vendor("cap-pat").await;
+    let (t, auth) = lease(&mut admin, "capped", &base, "cap-pat").await;
+    let chunk = axum::body::Bytes::from(vec![b'c'; 1024]);
+    let up = tokio_stream::iter((0..8).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
+    let r = reqwest::Client::new()
+        .post(format!("{}/upload", t.api_base_url))
+        .header("authorization", &auth)
+        .body(reqwest::Body::wrap_stream(up))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
     broker.stop().await;
 }
 
