@@ -918,24 +918,37 @@ async fn a_slow_upload_is_not_taken_for_a_silent_vendor() {
     broker.stop().await;
 }
 
+/// A broker whose system `id` (at [`streaming_vendor`]) takes one proxied call at a time and
+/// queues none, with the proxy's `read_timeout`; its lease and the lease's header value.
+async fn one_slot(
+    dir: &std::path::Path,
+    id: &str,
+    read_timeout: Duration,
+) -> (TestBroker, pb::GetAccessTokenResponse, String) {
+    let mut config = test_config(dir);
+    config.proxy.read_timeout = read_timeout;
+    let one = credbroker::broker::quota::LimitsOverride {
+        max_concurrent: Some(1),
+        max_queue_wait_seconds: Some(0),
+        ..Default::default()
+    };
+    config.quota.systems.insert(id.into(), one);
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    let pat: &'static str = Box::leak(format!("{id}-pat").into_boxed_str());
+    let (base, _) = streaming_vendor(pat).await;
+    let (t, auth) = lease(&mut admin, id, &base, pat).await;
+    (broker, t, auth)
+}
+
 /// A worker that gives up after a slow upload, while the vendor works on it: the call keeps the
 /// system's concurrency slot until the vendor answers (the deadline the upload earned), so the
 /// worker's retry cannot put a second upload on the vendor past its cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_gives_up_after_a_slow_upload_keeps_the_slot_until_the_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.proxy.read_timeout = Duration::from_millis(1000);
-    let one = credbroker::broker::quota::LimitsOverride {
-        max_concurrent: Some(1),
-        max_queue_wait_seconds: Some(0),
-        ..Default::default()
-    };
-    config.quota.systems.insert("slow-up".into(), one);
-    let broker = TestBroker::start_with(config).await;
-    let mut admin = broker.admin().await;
-    let (base, _) = streaming_vendor("slow-up-pat").await;
-    let (t, auth) = lease(&mut admin, "slow-up", &base, "slow-up-pat").await;
+    let read_timeout = Duration::from_millis(1000);
+    let (broker, t, auth) = one_slot(dir.path(), "slow-up", read_timeout).await;
     // Six chunks 150 ms apart (the last at about 0.75 s); the vendor then works for 0.8 s, past
     // the read timeout counted from the call's start (1 s), within the one the upload earned
     // (1.75 s). The worker gives up at 1.05 s, while the vendor works.
@@ -1266,18 +1279,7 @@ async fn a_token_the_vendor_refuses_through_the_proxy_is_minted_again_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_gives_up_early_does_not_pile_calls_on_the_vendor() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.proxy.read_timeout = Duration::from_secs(5);
-    let one = credbroker::broker::quota::LimitsOverride {
-        max_concurrent: Some(1),
-        max_queue_wait_seconds: Some(0),
-        ..Default::default()
-    };
-    config.quota.systems.insert("slow".into(), one);
-    let broker = TestBroker::start_with(config).await;
-    let mut admin = broker.admin().await;
-    let (base, _) = streaming_vendor("slow-pat").await;
-    let (t, auth) = lease(&mut admin, "slow", &base, "slow-pat").await;
+    let (broker, t, auth) = one_slot(dir.path(), "slow", Duration::from_secs(5)).await;
     let sent = std::time::Instant::now();
     let gave_up = reqwest::Client::new()
         .get(format!("{}/slow", t.api_base_url))
