@@ -47,9 +47,6 @@ pub struct RateSignals {
     pub wait: Option<Duration>,
     /// The vendor refused the call for quota (429, or Salesforce's over-quota 403).
     pub throttled: bool,
-    /// The refusal concerns less than the system (Jira's limits on one issue's writes or on one
-    /// endpoint): no pause for the system, and its counts are that narrower limit's.
-    pub narrow: bool,
     /// The vendor reports a limit but no remaining count: count calls locally.
     pub count_locally: bool,
     /// The vendor served the call (2xx or 3xx): an answer that would carry its count, if the
@@ -66,6 +63,13 @@ pub fn read(
     now: u64,
 ) -> RateSignals {
     let mut s = RateSignals::default();
+    if status == 429 && kind == SystemKind::JiraCloud && narrow_reason(headers) {
+        // Less than the system refused (one issue's writes, one endpoint): counted as a
+        // refusal, with no pause for the system, and that narrower limit's counts not taken
+        // for the tenant's.
+        s.throttled = true;
+        return s;
+    }
     match kind {
         SystemKind::Salesforce => salesforce(&mut s, status, headers, body),
         SystemKind::Zendesk => zendesk(&mut s, headers, now),
@@ -110,13 +114,6 @@ pub fn read(
         let asked = retry_after(headers, now);
         s.throttled = kind == SystemKind::JiraCloud && asked.is_some();
         s.wait = s.wait.or(asked);
-    }
-    if status == 429 && kind == SystemKind::JiraCloud && narrow_reason(headers) {
-        s = RateSignals {
-            throttled: true,
-            narrow: true,
-            ..RateSignals::default()
-        };
     }
     s.wait = s.wait.map(|w| w.min(MAX_WAIT));
     // Counted locally only within a dated window (a count that never resets would lock out).
@@ -212,17 +209,14 @@ fn narrow_reason(headers: &HeaderMap) -> bool {
     let Some(lines) = lines.map(|v| v.to_str().ok()).collect::<Option<Vec<_>>>() else {
         return false;
     };
-    let mut named = lines
+    let named: Vec<&str> = lines
         .into_iter()
         .flat_map(|l| l.split(','))
         .map(str::trim)
-        .filter(|r| !r.is_empty());
-    let mut any = false;
-    let all_narrow = named.all(|r| {
-        any = true;
-        NARROW_REASONS.iter().any(|n| n.eq_ignore_ascii_case(r))
-    });
-    any && all_narrow
+        .filter(|r| !r.is_empty())
+        .collect();
+    let narrow = |r: &&str| NARROW_REASONS.iter().any(|n| n.eq_ignore_ascii_case(r));
+    !named.is_empty() && named.iter().all(narrow)
 }
 
 fn zendesk(s: &mut RateSignals, headers: &HeaderMap, now: u64) {
@@ -397,6 +391,12 @@ mod tests {
     #[test]
     fn a_jira_refusal_of_one_issue_or_endpoint_does_not_pause_the_system() {
         let now = 1_800_000_000;
+        // Narrow: a refusal with no pause for the system and no counts taken from it.
+        let narrow = |s: &RateSignals| {
+            s.throttled
+                && s.wait.is_none()
+                && (s.remaining, s.limit, s.reset_at) == (None, None, None)
+        };
         let jira = |reason: &str| {
             read(
                 SystemKind::JiraCloud,
@@ -418,7 +418,7 @@ mod tests {
             "jira-burst-based, jira-per-issue-on-write",
         ] {
             let s = jira(reason);
-            assert!(s.throttled && s.narrow, "{reason}: {s:?}");
+            assert!(narrow(&s), "{reason}: {s:?}");
             assert_eq!(s.wait, None, "{reason}");
             assert_eq!((s.remaining, s.limit, s.reset_at), (None, None, None));
         }
@@ -430,7 +430,7 @@ mod tests {
             "jira-per-issue-on-write-ish",
         ] {
             let s = jira(reason);
-            assert!(s.throttled && !s.narrow, "{reason}: {s:?}");
+            assert!(s.throttled && !narrow(&s), "{reason}: {s:?}");
             assert_eq!(s.wait, Some(Duration::from_secs(30)), "{reason}");
         }
         // Two field lines are one list: a tenant-wide reason on either blocks.
@@ -442,7 +442,7 @@ mod tests {
         );
         let s = read(SystemKind::JiraCloud, 429, &two, None, now);
         assert!(
-            !s.narrow && s.wait == Some(Duration::from_secs(30)),
+            !narrow(&s) && s.wait == Some(Duration::from_secs(30)),
             "{s:?}"
         );
         two.remove("ratelimit-reason");
@@ -451,25 +451,25 @@ mod tests {
             "ratelimit-reason",
             "jira-per-issue-on-write".parse().unwrap(),
         );
-        assert!(read(SystemKind::JiraCloud, 429, &two, None, now).narrow);
+        assert!(narrow(&read(SystemKind::JiraCloud, 429, &two, None, now)));
         // A beta reason beside it (the tenant's quota) blocks.
         two.insert(
             "x-beta-ratelimit-reason",
             "jira-quota-tenant-based".parse().unwrap(),
         );
-        assert!(!read(SystemKind::JiraCloud, 429, &two, None, now).narrow);
+        assert!(!narrow(&read(SystemKind::JiraCloud, 429, &two, None, now)));
         // Jira's throttling 503 (with `Retry-After`) blocks, whatever reason it names.
         let mut busy = h(&[("retry-after", "30")]);
         busy.insert("ratelimit-reason", "jira-burst-based".parse().unwrap());
         let s = read(SystemKind::JiraCloud, 503, &busy, None, now);
-        assert!(s.throttled && !s.narrow && s.wait == Some(Duration::from_secs(30)));
+        assert!(s.throttled && !narrow(&s) && s.wait == Some(Duration::from_secs(30)));
         // Only Jira's 429 says so: another vendor's header of that name is no such reason.
         let mut headers = h(&[("retry-after", "30")]);
         headers.insert("ratelimit-reason", "jira-burst-based".parse().unwrap());
         let zd = read(SystemKind::Zendesk, 429, &headers, None, now);
-        assert!(!zd.narrow && zd.wait == Some(Duration::from_secs(30)));
+        assert!(!narrow(&zd) && zd.wait == Some(Duration::from_secs(30)));
         let ok = read(SystemKind::JiraCloud, 200, &headers, None, now);
-        assert!(!ok.narrow && !ok.throttled);
+        assert!(!narrow(&ok) && !ok.throttled);
     }
 
     #[test]

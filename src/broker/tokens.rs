@@ -1093,12 +1093,8 @@ impl Broker {
                     )))
                 }
             },
-            Reason::KeepAlive => {}
-            Reason::Unsettled => {
-                if f.unsettled.is_none() {
-                    return Some(settled(current.as_ref()));
-                }
-            }
+            // Judged on the record ([`Self::answer_for_reason`]).
+            Reason::KeepAlive | Reason::Unsettled => {}
         }
         None
     }
@@ -1610,18 +1606,17 @@ impl Broker {
         f.failures = f.failures.saturating_add(1);
         f.last_failure = Some(failure);
         let unknown = oauth && message.contains(OUTCOME_UNKNOWN_MARK);
-        let leeway = self
-            .registry
-            .get(record.kind)
-            .ok()
-            .and_then(|b| b.reuse_leeway());
-        let begins = unknown
+        // A spell to settle begins: an unknown outcome for a refresh token not yet being
+        // settled, at a vendor with a reuse leeway.
+        let begins = (unknown
             && presents_refresh_token(record.credential_type)
             && !f
                 .unsettled
                 .as_ref()
-                .is_some_and(|u| same_sealing(&u.presented, &record.sealed_credential));
-        if let Some(window) = leeway.filter(|_| begins) {
+                .is_some_and(|u| same_sealing(&u.presented, &record.sealed_credential)))
+        .then(|| self.registry.get(record.kind).ok()?.reuse_leeway())
+        .flatten();
+        if let Some(window) = begins {
             f.unsettled = Some(Unsettled {
                 since: Instant::now(),
                 window,
@@ -1654,7 +1649,7 @@ impl Broker {
                 .await;
             });
         }
-        if begins && f.unsettled.is_some() {
+        if begins.is_some() {
             self.schedule_at(system_id, UNSETTLED_MARK, Instant::now() + delay);
         }
         if unknown {

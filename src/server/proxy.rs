@@ -638,32 +638,19 @@ fn forward_request(
     // A bodiless request (most API reads) is forwarded without a streamed body, so no
     // chunked encoding or body pipe is needed.
     let bodiless = http_body::Body::size_hint(req.body()).exact() == Some(0);
-    let mut seen = 0u64;
-    // Only a body has progress to note (a bodiless call allocates nothing for it).
-    let moved = (!bodiless).then(UploadMoved::default);
-    let upload = req.into_body().into_data_stream().map({
-        let moved = moved.clone();
-        move |chunk| {
+    let mut forward = axum::http::Request::new(Body::empty());
+    // Only a body is streamed, and has progress to note.
+    if !bodiless {
+        let moved = UploadMoved::default();
+        let progress = moved.clone();
+        let upload = req.into_body().into_data_stream().map(move |chunk| {
             let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
-            seen += chunk.len() as u64;
-            if seen > cap {
-                if let Some(moved) = &moved {
-                    moved.over_cap();
-                }
+            if !progress.moved(chunk.len(), cap) {
                 return Err(std::io::Error::other("request body over the proxy's cap"));
             }
-            if let Some(moved) = &moved {
-                moved.moved(chunk.len());
-            }
             Ok::<_, std::io::Error>(chunk)
-        }
-    });
-    let mut forward = axum::http::Request::new(if bodiless {
-        Body::empty()
-    } else {
-        Body::from_stream(upload)
-    });
-    if let Some(moved) = moved {
+        });
+        *forward.body_mut() = Body::from_stream(upload);
         forward.extensions_mut().insert(moved);
     }
     *forward.method_mut() = method;
@@ -713,15 +700,13 @@ impl UploadMoved {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A chunk of `len` bytes passed on.
-    fn moved(&self, len: usize) {
+    /// A chunk of `len` bytes passed on; false (and noted) when it takes the body over `cap`.
+    fn moved(&self, len: usize, cap: u64) -> bool {
         let mut p = self.progress();
         p.last = tokio::time::Instant::now();
         p.bytes = p.bytes.saturating_add(len as u64);
-    }
-
-    fn over_cap(&self) {
-        self.progress().over_cap = true;
+        p.over_cap = p.bytes > cap;
+        !p.over_cap
     }
 
     fn went_over_cap(&self) -> bool {
