@@ -145,46 +145,69 @@ impl SledStore {
         key: &[u8],
         before: Option<sled::IVec>,
     ) -> Result<(), StoreError> {
-        self.durable_or(|unsure| {
-            unsure.entry(key.to_vec()).or_insert(before);
+        let key = key.to_vec();
+        self.durable_or(move |unsure| {
+            unsure.entry(key).or_insert(before);
         })
         .await
     }
 
     /// [`Self::durable`]; `failed` runs on the unsure systems when the flush fails, under the
     /// flush turn (so a later flush that succeeds, and clears them, comes after it).
-    async fn durable_or(&self, failed: impl FnOnce(&mut Unsure)) -> Result<(), StoreError> {
-        let g = &self.flushes;
-        let mine = g.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let _turn = g.flushing.lock().await;
-        if g.durable.load(Ordering::SeqCst) >= mine {
-            return Ok(());
-        }
-        // Every request counted so far was made after its write: this flush covers them all.
-        let upto = g.requested.load(Ordering::SeqCst);
-        let db = self.db.clone();
-        let flushed = tokio::task::spawn_blocking(move || db.flush())
+    ///
+    /// The write is already in sled's memory, so the flush and its accounting run on a task of
+    /// their own: a caller that leaves (a deadline, a disconnect) leaves them to finish. Before,
+    /// a failed flush whose caller had left recorded nothing, and reads answered the write the
+    /// disk did not have until a reopen dropped it.
+    async fn durable_or(
+        &self,
+        failed: impl FnOnce(&mut Unsure) + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let (db, g, unsure) = (self.db.clone(), self.flushes.clone(), self.unsure.clone());
+        tokio::spawn(async move { flush_turn(&db, &g, &unsure, failed).await })
             .await
-            .map_err(|e| StoreError::Backend(format!("flush task: {e}")))
-            .and_then(|r| r.map_err(backend));
-        let mut unsure = crate::util::sync::lock(&self.unsure);
-        match flushed {
-            Ok(_) => {
-                // Everything in memory is on disk now, the unsure writes too.
-                unsure.clear();
-                g.durable.fetch_max(upto, Ordering::SeqCst);
-                Ok(())
-            }
-            Err(e) => {
-                failed(&mut unsure);
-                Err(e)
-            }
-        }
+            .map_err(|e| StoreError::Backend(format!("flush task: {e}")))?
     }
 
     /// What a read of system `key` answers while its last write is unsure, if it is.
     fn unsure_system(&self, key: &[u8]) -> Option<Option<sled::IVec>> {
         crate::util::sync::lock(&self.unsure).get(key).cloned()
+    }
+}
+
+/// One writer's turn at [`SledStore::durable_or`]: returns once the writes made before the call
+/// are on disk. A flush started after this call's request covers it, so a writer that finds one
+/// already done returns at once.
+async fn flush_turn(
+    db: &sled::Db,
+    g: &GroupCommit,
+    unsure: &std::sync::Mutex<Unsure>,
+    failed: impl FnOnce(&mut Unsure),
+) -> Result<(), StoreError> {
+    let mine = g.requested.fetch_add(1, Ordering::SeqCst) + 1;
+    let _turn = g.flushing.lock().await;
+    if g.durable.load(Ordering::SeqCst) >= mine {
+        return Ok(());
+    }
+    // Every request counted so far was made after its write: this flush covers them all.
+    let upto = g.requested.load(Ordering::SeqCst);
+    let db = db.clone();
+    let flushed = tokio::task::spawn_blocking(move || db.flush())
+        .await
+        .map_err(|e| StoreError::Backend(format!("flush task: {e}")))
+        .and_then(|r| r.map_err(backend));
+    let mut unsure = crate::util::sync::lock(unsure);
+    match flushed {
+        Ok(_) => {
+            // Everything in memory is on disk now, the unsure writes too.
+            unsure.clear();
+            g.durable.fetch_max(upto, Ordering::SeqCst);
+            Ok(())
+        }
+        Err(e) => {
+            failed(&mut unsure);
+            Err(e)
+        }
     }
 }
 

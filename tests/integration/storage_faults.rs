@@ -265,6 +265,56 @@ async fn a_credential_write_the_full_disk_refused_is_not_read_back() {
     broker.stop().await;
 }
 
+/// A system write whose caller leaves (a deadline, a disconnect) while its flush runs on a full
+/// disk is accounted for all the same: reads answer what the disk has, before and after the store
+/// is reopened. (The flush ran on without its caller, and its failure went unrecorded: reads
+/// answered the write until a reopen dropped it.) Each write here is polled once, which applies
+/// it in memory and starts its flush, and then dropped.
+#[tokio::test(flavor = "current_thread")]
+async fn a_system_write_whose_caller_left_is_not_read_back_when_its_flush_fails() {
+    use credbroker::store::{CredentialStore, SledStore};
+    use std::future::Future;
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let Some(_unmount) = tmpfs_or_skip(&data, "16m") else {
+        return;
+    };
+    let store = SledStore::open(&data).unwrap();
+    let record = crate::store_conformance::record;
+    store.insert_system(&record("s", 1)).await.unwrap();
+    let filler = fill(&data);
+    let mut durable = 1;
+    let mut failed = false;
+    for revision in 2..5000 {
+        let mut next = record("s", revision);
+        next.sealed_credential = format!("{revision}-{}", "x".repeat(4000)).into_bytes();
+        {
+            let mut write = Box::pin(store.update_system(&next, durable));
+            let polled =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "the write waits for its flush");
+        }
+        // The flush left behind takes its turn before this one.
+        tokio::task::yield_now().await;
+        if store.flush().await.is_err() {
+            failed = true;
+            break;
+        }
+        durable = revision;
+    }
+    assert!(failed, "a flush on the full disk must fail");
+    let read = |store: &SledStore| {
+        let store = store.clone();
+        async move { store.get_system("s").await.unwrap().unwrap().revision }
+    };
+    assert_eq!(read(&store).await, durable, "on the full disk");
+    drop(store);
+    std::fs::remove_file(&filler).unwrap();
+    let store = SledStore::open(&data).unwrap();
+    assert_eq!(read(&store).await, durable, "after the reopen");
+}
+
 /// The audit trail on a disk that fills in the middle of a line: the call fails closed, the
 /// line's head that reached the file is cut off again, and once space is freed every line of
 /// the trail is whole JSON (a head left behind glued the next line to it).

@@ -7,7 +7,7 @@ use credbroker::model::{
 };
 use credbroker::store::{CredentialStore, MemoryStore, SledStore, StoreError};
 
-fn record(id: &str, revision: u64) -> SystemRecord {
+pub(crate) fn record(id: &str, revision: u64) -> SystemRecord {
     SystemRecord {
         system_id: id.to_owned(),
         display_name: format!("name {id}"),
