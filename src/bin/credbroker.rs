@@ -31,8 +31,23 @@ struct Args {
     overrides: Overrides,
 }
 
+/// A flag or environment value clap refused (a number that is not one, an empty path, a
+/// misspelt flag) is bad configuration like any other: exit 64, as the docs promise. `--help`
+/// and `--version` print and exit 0.
+fn refused_flags(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    if e.use_stderr() {
+        ExitCode::from(EXIT_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => return refused_flags(&e),
+    };
     let overrides = args.overrides;
     let mut config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -34,6 +34,10 @@ impl FromRef<HttpState> for Arc<OnceLock<Arc<Broker>>> {
     }
 }
 
+/// The Connect button's form (a link's id and token): anything larger is refused with 413
+/// before it is parsed, not read up to axum's default 2 MiB by anyone who can reach the port.
+const START_FORM_BYTES: usize = 8 * 1024;
+
 /// The HTTP routes, sharing the gRPC service's core cell; `proxy` forwards proxied calls;
 /// `console` adds the admin console under `/console`. A request to any route but the proxy's
 /// (whose calls stream and have their own limits) must be whole and answered within
@@ -48,7 +52,12 @@ pub fn router(
     let pages = console.clone().map(super::console::router);
     let app = Router::new()
         .route("/oauth/callback", get(callback))
-        .route("/oauth/start", get(start_link_page).post(start_link))
+        .route(
+            "/oauth/start",
+            get(start_link_page)
+                .post(start_link)
+                .layer(axum::extract::DefaultBodyLimit::max(START_FORM_BYTES)),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

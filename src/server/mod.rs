@@ -343,7 +343,11 @@ async fn start_grpc(
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ServeError::Transport(e.to_string()))?;
+        .map_err(|e| ServeError::Transport(e.to_string()))?
+        .max_decoding_message_size(PROBE_REQUEST_BYTES);
+    // Health and reflection answer anyone: their requests are a name or two, so a peer cannot
+    // have tonic set aside its default 4 MiB per stream for them before anything is checked.
+    let health_service = health_service.max_decoding_message_size(PROBE_REQUEST_BYTES);
 
     let service = token_route::BrokerRoutes::new(
         BrokerService::new(core.clone(), config.tls.bearer_tokens),
@@ -356,7 +360,6 @@ async fn start_grpc(
         .max_concurrent_streams(config.server.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
         .http2_max_header_list_size(16 * 1024)
         .add_service(health_service)
         .add_service(reflection)
@@ -392,6 +395,9 @@ async fn start_grpc(
     Ok((health, server_task, extra))
 }
 
+/// The largest health or reflection request read (a service or symbol name).
+const PROBE_REQUEST_BYTES: usize = 4 * 1024;
+
 /// Serves the gRPC `router` on a listener until told to stop (the main runtime's listener and
 /// each extra core's).
 ///
@@ -411,17 +417,7 @@ fn grpc_server(
             let stop = cores::stopped(stop);
             let served = match tls {
                 None => {
-                    let incoming = TcpListenerStream::new(listener).filter_map(move |r| {
-                        let io = match r {
-                            Ok(io) => io,
-                            Err(e) => return Some(Err(e)),
-                        };
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            crate::metrics::METRICS.grpc_refused();
-                            return None;
-                        };
-                        Some(Ok(stall::SilentCut::new(io, silent).holding(slot)))
-                    });
+                    let incoming = plaintext_incoming(listener, slots, silent);
                     router.serve_with_incoming_shutdown(incoming, stop).await
                 }
                 Some(reloader) => {
@@ -436,6 +432,45 @@ fn grpc_server(
             served.map_err(|e| e.to_string())
         })
     }
+}
+
+/// The plaintext gRPC listener's connections, each tuned (see [`tuned`]) and holding a place
+/// under the connection cap (past it, a new one is closed at once). An accept error (out of
+/// descriptors) waits 50 ms before the next accept, as the TLS and HTTP listeners do, instead of
+/// spinning.
+fn plaintext_incoming(
+    listener: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+    silent: Duration,
+) -> impl tokio_stream::Stream<Item = std::io::Result<stall::SilentCut<tokio::net::TcpStream>>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener)
+        .then(|r| async move {
+            if let Err(e) = &r {
+                tracing::warn!(message = "Accept failed.", error = %e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r
+        })
+        .filter_map(move |r| {
+            let io = match r {
+                Ok(io) => tuned(io),
+                Err(_) => return None,
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                crate::metrics::METRICS.grpc_refused();
+                return None;
+            };
+            Some(Ok(stall::SilentCut::new(io, silent).holding(slot)))
+        })
+}
+
+/// An accepted gRPC connection's socket, Nagle off: a small answer leaves at once (as on the
+/// HTTP listener). tonic sets `tcp_nodelay` only on listeners it binds itself, not on those
+/// handed to `serve_with_incoming`; dead peers are found by the HTTP/2 keep-alive pings.
+pub(crate) fn tuned(tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    let _ = tcp.set_nodelay(true);
+    tcp
 }
 
 /// One listener's gRPC serving.
@@ -567,6 +602,9 @@ async fn start_http(
             tracing::info!(message = "HTTP listening.", addr = %addr, tls = http_tls.is_some());
             let scheme = if http_tls.is_some() { "https" } else { "http" };
             if public_url.is_none() {
+                if l.local_addr().is_ok_and(|a| a.ip().is_unspecified()) {
+                    tracing::warn!(message = "No public URL is set, and the HTTP listener's address names no host: proxy leases and OAuth redirects would point workers and browsers at it (itself, on their machine). Set public_url (CREDBROKER_PUBLIC_URL) to the URL they reach this broker at.", addr = %addr);
+                }
                 public_url = Some(format!("{scheme}://{addr}"));
             }
             if let Some(r) = &http_tls {
@@ -1303,6 +1341,34 @@ fn restrict_data_dir(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+
+    /// A plaintext gRPC connection is served with Nagle off (tonic leaves sockets handed to
+    /// `serve_with_incoming` as accepted), and past the cap a new one is closed at once.
+    #[tokio::test]
+    async fn plaintext_grpc_connections_are_tuned_and_capped() {
+        use tokio_stream::StreamExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let incoming = plaintext_incoming(listener, slots.clone(), Duration::from_secs(5));
+        tokio::pin!(incoming);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let served = incoming.next().await.unwrap().unwrap();
+        assert!(served.get_ref().nodelay().unwrap());
+        assert_eq!(slots.available_permits(), 0);
+        // Past the cap: closed at once (its read ends), while the stream serves nothing.
+        let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::select! {
+            read = tokio::io::AsyncReadExt::read(&mut refused, &mut buf) => read,
+            next = incoming.next() => panic!("served past the cap: {:?}", next.is_some()),
+        };
+        drop(served);
+        let _next = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let next = incoming.next().await.unwrap().unwrap();
+        assert!(next.get_ref().nodelay().unwrap());
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
 
     /// A start-up step is tried again while the database does not answer (a restart between
     /// connecting and loading the mirror); any other error ends the start at once.

@@ -130,6 +130,12 @@ impl<T> SilentCut<T> {
         self._slot = Some(slot);
         self
     }
+
+    /// The connection inside.
+    #[cfg(test)]
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for SilentCut<T> {

@@ -218,6 +218,7 @@ impl TlsReloader {
                     crate::metrics::METRICS.grpc_refused();
                     continue;
                 };
+                let tcp = super::tuned(tcp);
                 let acceptor = tokio_rustls::TlsAcceptor::from(me.config());
                 let tx = tx.clone();
                 let timeout = me.settings.handshake_timeout;

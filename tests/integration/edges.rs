@@ -610,7 +610,7 @@ async fn a_request_body_that_never_arrives_is_cut_at_the_deadline() {
         .unwrap();
     let head = "POST /oauth/start HTTP/1.1\r\nHost: broker\r\n\
                 Content-Type: application/x-www-form-urlencoded\r\n\
-                Content-Length: 100000\r\n\r\nsystem=";
+                Content-Length: 4000\r\n\r\nsystem=";
     slow.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
     let ready = reqwest::get(format!("http://{}/readyz", broker.http_addr))
@@ -623,6 +623,68 @@ async fn a_request_body_that_never_arrives_is_cut_at_the_deadline() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(5));
+    broker.stop().await;
+}
+
+/// What anyone who reaches the ports may send before anything is checked is sized to what the
+/// route needs: health and reflection read a name or two (not tonic's default 4 MiB, set aside
+/// per stream as soon as a message's length is declared), and the Connect form is refused past
+/// 8 KiB before it is read (not axum's default 2 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_requests_are_refused_past_their_size_before_they_are_read() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", broker.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let big = "s".repeat(64 * 1024);
+    let mut health = HealthClient::new(ch.clone());
+    let e = health
+        .check(HealthCheckRequest {
+            service: big.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    let ok = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().status, ServingStatus::Serving as i32);
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(big.clone())),
+    };
+    // Reflection ends the exchange without an answer (it would name the symbol unknown).
+    let answered = match ServerReflectionClient::new(ch)
+        .server_reflection_info(tokio_stream::iter(vec![ask]))
+        .await
+    {
+        Err(e) => Err(e),
+        Ok(answer) => answer.into_inner().message().await,
+    };
+    assert!(
+        matches!(&answered, Ok(None))
+            || matches!(&answered, Err(e) if e.code() == Code::OutOfRange),
+        "{answered:?}"
+    );
+    let form = reqwest::Client::new()
+        .post(format!("http://{}/oauth/start", broker.http_addr))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("link={big}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status().as_u16(), 413);
     broker.stop().await;
 }
 

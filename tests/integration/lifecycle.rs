@@ -207,6 +207,94 @@ fn refused_start(dir: &std::path::Path, log: &std::path::Path, envs: &[(&str, &s
     assert!(log.contains(says), "{log}");
 }
 
+/// Bad configuration exits 64 (EX_USAGE) whether clap refuses the value (a number that is not
+/// one, a misspelt flag) or the broker's own checks do, and says what is wrong; `--help` exits 0.
+/// Nothing is created in the data directory. (Clap's refusals once exited 2.)
+#[test]
+fn bad_configuration_exits_64_whoever_finds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(args)
+            .env("CREDBROKER_DATA_DIR", &data)
+            .env("CREDBROKER_LISTEN", "127.0.0.1:0")
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
+        (&[], &[("CREDBROKER_STORE_CACHE_MIB", "abc")], "abc"),
+        (&["--no-such-flag"], &[], "--no-such-flag"),
+        (
+            &[],
+            &[("CREDBROKER_STORE_CACHE_MIB", "0")],
+            "store_cache_mib",
+        ),
+        (&[], &[("CREDBROKER_LOG_FORMAT", "xml")], "log format"),
+    ];
+    for (args, envs, says) in cases {
+        let (code, stderr) = run(args, envs);
+        assert_eq!(code, Some(64), "{args:?} {envs:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?} {envs:?}: {stderr}");
+    }
+    let (code, _) = run(&["--help"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(!data.exists(), "a refused start created the data directory");
+}
+
+/// An HTTP listener on a wildcard address with no public URL set warns at start: leases and
+/// OAuth redirects would name `0.0.0.0`, which sends a worker on another host to itself (the
+/// container's default). With the public URL set, no warning.
+#[test]
+fn a_public_url_that_names_no_host_is_warned_about_at_start() {
+    let startup_log = |envs: &[(&str, &str)]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("CREDBROKER_LOG_FORMAT", "json")
+            .env_remove("CREDBROKER_PUBLIC_URL")
+            .env_remove("CREDBROKER_CONFIG")
+            .envs(envs.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let serving = line.contains("credbroker is serving.");
+                lines.push(line);
+                if serving {
+                    break;
+                }
+            }
+            let _ = tx.send(lines.join("\n"));
+        });
+        let log = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(log.contains("credbroker is serving."), "{log}");
+        log
+    };
+    let warning = "No public URL is set";
+    assert!(startup_log(&[]).contains(warning));
+    let set = startup_log(&[("CREDBROKER_PUBLIC_URL", "https://broker.example.com")]);
+    assert!(!set.contains(warning), "{set}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_master_key_refuses_to_start_and_leaves_data_untouched() {
     let dir = tempfile::tempdir().unwrap();
