@@ -337,6 +337,49 @@ impl Audit {
         }
     }
 
+    /// While the sink is failing, tries it again with a line of its own, whose success makes
+    /// the broker healthy again. Without it a failed trail was tried only by calls, and once a
+    /// load balancer had taken the broker out of service for it, none came: it stayed unready
+    /// after the disk was freed. Does nothing while the sink is healthy.
+    pub async fn recheck(&self) {
+        if self.is_healthy() {
+            return;
+        }
+        let line = AuditEvent {
+            time: now_rfc3339(),
+            caller: None,
+            rpc: "AuditCheck",
+            system_id: None,
+            outcome: "ok",
+            code: "OK",
+            token_hmac: None,
+            method: None,
+            path: None,
+            duration_ms: None,
+            event: None,
+            detail: Some("the trail could not be written before this line"),
+        };
+        let _ = self.record(&line).await;
+    }
+
+    /// At start: opens the audit file as a write would, so a trail that cannot be opened (a
+    /// missing directory, no permission, a directory in its place) is reported before the
+    /// first call, not at it.
+    pub fn check_at_start(&self) {
+        let Some(path) = self.config.file.as_deref() else {
+            return;
+        };
+        let opened = std::os::unix::fs::OpenOptionsExt::mode(
+            OpenOptions::new().create(true).append(true),
+            0o600,
+        )
+        .open(path);
+        if let Err(e) = opened {
+            self.health_tx.send_replace(false);
+            tracing::error!(message = "Audit sink failed.", error = %e);
+        }
+    }
+
     /// Writes the open batch (called by its leader). Batches reach the file in the order they
     /// were closed: the file lock is taken before the batch is.
     fn flush(&self) {

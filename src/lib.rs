@@ -35,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod pb;

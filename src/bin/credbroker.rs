@@ -44,6 +44,8 @@ fn refused_flags(e: &clap::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // First, before any secret is in memory.
+    let limits = credbroker::limits::apply();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => return refused_flags(&e),
@@ -59,6 +61,10 @@ fn main() -> ExitCode {
         }
     };
     credbroker::telemetry::init(config.server.log_json);
+    limits.log(
+        config.server.grpc_max_connections,
+        config.server.http_max_connections,
+    );
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

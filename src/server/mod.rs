@@ -249,14 +249,7 @@ pub async fn run_with_hooks(
     broker.start_change_feed();
     let refresher = broker.start_refresher();
     broker.resume_rewrap().await;
-    let watchers = spawn_health_watchers(&broker, &health);
-    health
-        .set_service_status(WRITES_HEALTH_SERVICE, ServingStatus::Serving)
-        .await;
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    let watchers = announce_serving(&broker, &health).await;
     tracing::info!(message = "credbroker is serving.");
     spawn_integrity_check(&broker);
 
@@ -332,12 +325,13 @@ async fn start_grpc(
     stop_rx: oneshot::Receiver<()>,
 ) -> Result<(HealthReporter, cores::ServerTask, Option<cores::ExtraCores>), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    // Every service is known from the start (NOT_SERVING until the broker is open): a monitor
+    // watching the writes service while the broker starts hears when it opens.
+    for service in ["", SERVICE_NAME, WRITES_HEALTH_SERVICE] {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -477,18 +471,20 @@ pub(crate) fn tuned(tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
 type GrpcServing = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
 /// Health says NOT_SERVING to its watchers, then ends their streams so they do not hold the
-/// graceful shutdown open.
+/// graceful shutdown open: every service's, the writes one's too (a monitor watching it held
+/// each shutdown for the whole grace period).
 async fn announce_draining(health: &HealthReporter) {
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
+    const SERVICES: [&str; 3] = ["", SERVICE_NAME, WRITES_HEALTH_SERVICE];
+    for service in SERVICES {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut health_clear = health.clone();
-    health_clear.clear_service_status("").await;
-    health_clear.clear_service_status(SERVICE_NAME).await;
+    for service in SERVICES {
+        health_clear.clear_service_status(service).await;
+    }
 }
 
 /// Waits for the listeners, the calls in flight and the vendor exchanges within one grace
@@ -663,11 +659,35 @@ async fn start_http(
     Ok((http_task, public_url))
 }
 
+/// Health as it stands once the broker is open (a write or the audit sink, tried here, may
+/// have failed while starting), and the watchers that follow every change from here on.
+async fn announce_serving(broker: &Arc<Broker>, health: &HealthReporter) -> [JoinHandle<()>; 3] {
+    broker.audit.check_at_start();
+    let serving = |ok: bool| {
+        if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    let writes = serving(broker.write_health.is_ok());
+    let audit = serving(broker.audit.is_healthy());
+    health.set_service_status("", audit).await;
+    health.set_service_status(SERVICE_NAME, audit).await;
+    health
+        .set_service_status(WRITES_HEALTH_SERVICE, writes)
+        .await;
+    spawn_health_watchers(broker, health)
+}
+
 /// Tasks that keep gRPC health current: the main services follow the audit sink, a separate
-/// service follows the store's writes, and a probe tries a write every second.
+/// service follows the store's writes, and a probe tries a write every second (and the audit
+/// sink, while it is failing).
 fn spawn_health_watchers(broker: &Arc<Broker>, health: &HealthReporter) -> [JoinHandle<()>; 3] {
     // Health follows the audit sink: NOT_SERVING while it cannot be written.
     let mut audit_health = broker.audit.health();
+    // A change between the first statuses and these subscriptions is not missed.
+    audit_health.mark_changed();
     let health_audit = health.clone();
     let audit_watch = tokio::spawn(async move {
         while audit_health.changed().await.is_ok() {
@@ -684,6 +704,7 @@ fn spawn_health_watchers(broker: &Arc<Broker>, health: &HealthReporter) -> [Join
     // A separate health service follows the store's writes (disk full, I/O errors): tokens
     // keep flowing from memory while it is NOT_SERVING, so the main service stays SERVING.
     let mut writes = broker.write_health.subscribe();
+    writes.mark_changed();
     let health_writes = health.clone();
     let write_watch = tokio::spawn(async move {
         while writes.changed().await.is_ok() {
@@ -704,6 +725,7 @@ fn spawn_health_watchers(broker: &Arc<Broker>, health: &HealthReporter) -> [Join
         loop {
             tick.tick().await;
             prober.probe_writes().await;
+            prober.audit.recheck().await;
         }
     });
     [audit_watch, write_watch, write_probe]

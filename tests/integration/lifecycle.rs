@@ -186,6 +186,61 @@ async fn sigterm_reports_not_serving_drains_and_exits_zero_then_restart_keeps_da
     assert_eq!(proc.terminate(), Some(0));
 }
 
+/// SIGHUP (a `systemctl reload`, a logrotate `kill -HUP`) stops nothing, with or without TLS:
+/// its default action ended the broker with no drain. Then SIGTERM, with a monitor watching the
+/// writes health service: the watch hears NOT_SERVING and ends, so it does not hold the
+/// shutdown for the grace period, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_stops_nothing_and_a_writes_watch_does_not_hold_the_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    // A grace far longer than the test: an exit within it shows nothing held it open.
+    let config = logs.path().join("grace.toml");
+    std::fs::write(&config, "shutdown_grace_secs = 600\n").unwrap();
+    let config = config.to_str().unwrap();
+    let mut proc = spawn_process(
+        dir.path(),
+        &logs.path().join("1.log"),
+        &[("CREDBROKER_CONFIG", config)],
+    )
+    .unwrap();
+    wait_for_health(proc.addr, ServingStatus::Serving).await;
+    proc.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proc.log().contains("SIGHUP received") {
+        assert!(
+            proc.child.try_wait().unwrap().is_none(),
+            "SIGHUP ended the broker"
+        );
+        assert!(Instant::now() < deadline, "{}", proc.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut health = health_client(proc.addr).await;
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: credbroker::store::WRITES_HEALTH_SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    proc.signal("TERM");
+    let heard = tokio::time::timeout(Duration::from_secs(60), watch.message()).await;
+    let heard = heard.expect("the writes watch heard nothing of the shutdown");
+    assert_eq!(
+        heard.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    let code = tokio::task::spawn_blocking(move || proc.terminate_wait());
+    let code = tokio::time::timeout(Duration::from_secs(60), code).await;
+    assert!(code.is_ok(), "the watch held the shutdown");
+    drop(watch);
+    assert_eq!(code.unwrap().unwrap(), Some(0));
+}
+
 impl BrokerProcess {
     /// Waits for an exit that was already signalled.
     pub fn terminate_wait(mut self) -> Option<i32> {
@@ -248,51 +303,109 @@ fn bad_configuration_exits_64_whoever_finds_it() {
     assert!(!data.exists(), "a refused start created the data directory");
 }
 
+/// Runs `cmd` (the broker, logging JSON to stderr) until it says it is serving; returns the
+/// child, still running, and its log so far.
+fn until_serving(mut cmd: std::process::Command) -> (std::process::Child, String) {
+    let mut child = cmd
+        .env("CREDBROKER_LOG_FORMAT", "json")
+        .env_remove("CREDBROKER_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let serving = line.contains("credbroker is serving.");
+            lines.push(line);
+            if serving {
+                break;
+            }
+        }
+        let _ = tx.send(lines.join("\n"));
+    });
+    let log = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    assert!(log.contains("credbroker is serving."), "{log}");
+    (child, log)
+}
+
+/// The broker's command line on `data` (gRPC on loopback, HTTP on `http`).
+fn broker_command(data: &std::path::Path, http: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"));
+    cmd.args(["--listen", "127.0.0.1:0", "--http-listen", http])
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("CREDBROKER_PUBLIC_URL");
+    cmd
+}
+
 /// An HTTP listener on a wildcard address with no public URL set warns at start: leases and
 /// OAuth redirects would name `0.0.0.0`, which sends a worker on another host to itself (the
 /// container's default). With the public URL set, no warning.
 #[test]
 fn a_public_url_that_names_no_host_is_warned_about_at_start() {
-    let startup_log = |envs: &[(&str, &str)]| {
+    let startup_log = |public_url: Option<&str>| {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-            .args(["--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("CREDBROKER_LOG_FORMAT", "json")
-            .env_remove("CREDBROKER_PUBLIC_URL")
-            .env_remove("CREDBROKER_CONFIG")
-            .envs(envs.iter().copied())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let serving = line.contains("credbroker is serving.");
-                lines.push(line);
-                if serving {
-                    break;
-                }
-            }
-            let _ = tx.send(lines.join("\n"));
-        });
-        let log = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let mut cmd = broker_command(dir.path(), "0.0.0.0:0");
+        if let Some(url) = public_url {
+            cmd.env("CREDBROKER_PUBLIC_URL", url);
+        }
+        let (mut child, log) = until_serving(cmd);
         let _ = child.kill();
         let _ = child.wait();
-        assert!(log.contains("credbroker is serving."), "{log}");
         log
     };
     let warning = "No public URL is set";
-    assert!(startup_log(&[]).contains(warning));
-    let set = startup_log(&[("CREDBROKER_PUBLIC_URL", "https://broker.example.com")]);
+    assert!(startup_log(None).contains(warning));
+    let set = startup_log(Some("https://broker.example.com"));
     assert!(!set.contains(warning), "{set}");
+}
+
+/// The broker turns core dumps off (a crash would write the keys and tokens in memory to
+/// disk) and raises its open-file limit to the hard one (a soft 1024 runs out before the
+/// connection caps); where the hard limit is below the caps, it warns at start.
+#[test]
+fn the_broker_writes_no_core_and_takes_the_open_files_it_may() {
+    let limits_of = |pid: u32| {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let row = |name: &str| -> Vec<String> {
+            let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+            line[name.len()..]
+                .split_whitespace()
+                .take(2)
+                .map(str::to_owned)
+                .collect()
+        };
+        (row("Max core file size"), row("Max open files"))
+    };
+    let under = |shell_limits: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = broker_command(dir.path(), "127.0.0.1:0");
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{shell_limits}; exec \"$0\" \"$@\""))
+            .arg(inner.get_program())
+            .args(inner.get_args());
+        let (mut child, log) = until_serving(cmd);
+        let limits = limits_of(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        (limits, log)
+    };
+    // A low soft limit under a hard one the caps fit in, and core dumps asked for.
+    let ((core, files), log) = under("ulimit -Sn 512 && ulimit -Hn 8192 && ulimit -Sc 1024");
+    assert_eq!(core, ["0", "0"], "{log}");
+    assert_eq!(files, ["8192", "8192"], "{log}");
+    assert!(!log.contains("open-file limit is below"), "{log}");
+    // A hard limit below the default caps (4096 + 1024 connections).
+    let ((_, files), log) = under("ulimit -n 1000");
+    assert_eq!(files, ["1000", "1000"]);
+    assert!(log.contains("open-file limit is below"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -439,6 +439,50 @@ async fn a_known_callers_refusals_are_audited_through_an_anonymous_flood() {
     broker.stop().await;
 }
 
+/// An audit trail that cannot be opened at start is reported before any call (health said
+/// SERVING until the first one), and a failed trail is tried again without calls: once a load
+/// balancer has taken the broker out of service, none come, and the broker stayed unready after
+/// the trail could be written again. The line that found it writable says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_trail_is_found_at_start_and_tried_again_without_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let trail = dir.path().join("trail.log");
+    // A directory where the file should be: it cannot be opened for appending.
+    std::fs::create_dir(&trail).unwrap();
+    let mut config = test_config(dir.path());
+    config.audit.file = Some(trail.clone());
+    let (addr, open, stop, task) = TestBroker::start_held(config).await;
+    let _ = open.send(());
+    // The writes service is announced last, once the broker is open.
+    wait_for_service_health(
+        addr,
+        credbroker::store::WRITES_HEALTH_SERVICE,
+        ServingStatus::Serving,
+    )
+    .await;
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    std::fs::remove_dir(&trail).unwrap();
+    wait_for_health(addr, ServingStatus::Serving).await;
+    let written = std::fs::read_to_string(&trail).unwrap();
+    let line: serde_json::Value = serde_json::from_str(written.lines().next().unwrap()).unwrap();
+    assert_eq!(line["rpc"], "AuditCheck", "{written}");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
     let dir = tempfile::tempdir().unwrap();
