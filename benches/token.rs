@@ -179,16 +179,22 @@ fn serve_echo(kind: &str, response_hex: &str) {
     runtime(kind, cpus).block_on(async move {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", l.local_addr().unwrap());
+        // Nagle off on each connection, as the broker's listener (and tonic's own `serve`) has it.
+        let incoming =
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(l), |r| {
+                r.inspect(|s| {
+                    let _ = s.set_nodelay(true);
+                })
+            });
         tonic::transport::Server::builder()
             .timeout(Duration::from_secs(30))
             .concurrency_limit_per_connection(1024)
             .max_concurrent_streams(1024)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_keepalive(Some(Duration::from_secs(60)))
             .http2_max_header_list_size(16 * 1024)
             .add_service(CredentialBrokerServer::new(Echo(resp)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+            .serve_with_incoming(incoming)
             .await
             .unwrap();
     });

@@ -213,7 +213,16 @@ pub struct Audit {
     health_tx: watch::Sender<bool>,
     /// Lines for refused and unauthenticated calls in the current second: (second, count).
     refusals: std::sync::Mutex<(u64, u32)>,
+    /// While the sink fails: when [`Audit::recheck`] may try it next, and the wait after that.
+    rechecks: std::sync::Mutex<Option<(std::time::Instant, std::time::Duration)>>,
 }
+
+/// The first wait between two [`Audit::recheck`] tries of a failing sink; it doubles up to
+/// [`RECHECK_MAX`], so a sink failing for hours (a file gone, stdout still written) gets a try
+/// a minute, not a line a second.
+const RECHECK_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest wait between two tries.
+const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Lines a second kept for refused and unauthenticated calls; the rest are counted in
 /// `credbroker_audit_dropped_total`, so anonymous traffic cannot rotate the trail away.
@@ -245,6 +254,7 @@ impl Audit {
             pending: Mutex::new(Pending::default()),
             batches: std::sync::atomic::AtomicU64::new(0),
             refusals: std::sync::Mutex::new((0, 0)),
+            rechecks: std::sync::Mutex::new(None),
             health_tx,
         }
     }
@@ -340,9 +350,10 @@ impl Audit {
     /// While the sink is failing, tries it again with a line of its own, whose success makes
     /// the broker healthy again. Without it a failed trail was tried only by calls, and once a
     /// load balancer had taken the broker out of service for it, none came: it stayed unready
-    /// after the disk was freed. Does nothing while the sink is healthy.
+    /// after the disk was freed. Does nothing while the sink is healthy; while it fails, tries
+    /// at once, then after 1 s, 2 s, … and once a minute at most.
     pub async fn recheck(&self) {
-        if self.is_healthy() {
+        if !self.recheck_due() {
             return;
         }
         let line = AuditEvent {
@@ -357,9 +368,26 @@ impl Audit {
             path: None,
             duration_ms: None,
             event: None,
-            detail: Some("the trail could not be written before this line"),
+            detail: Some("a check of the trail, which could not be written before"),
         };
         let _ = self.record(&line).await;
+    }
+
+    /// Whether [`Self::recheck`] should try the sink now (and when it may next).
+    fn recheck_due(&self) -> bool {
+        let mut next = crate::util::sync::lock(&self.rechecks);
+        if self.is_healthy() {
+            *next = None;
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let (at, wait) = next.get_or_insert((now, RECHECK_FIRST));
+        if now < *at {
+            return false;
+        }
+        *at = now + *wait;
+        *wait = (*wait * 2).min(RECHECK_MAX);
+        true
     }
 
     /// At start: opens the audit file as a write would, so a trail that cannot be opened (a
@@ -791,5 +819,41 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(audit.record(&ev).await.is_ok());
         assert!(audit.is_healthy());
+    }
+
+    /// A failing sink is tried again at once, then after a growing wait: a probe every second
+    /// does not write a line a second (to stdout, say, while the file is what fails).
+    #[tokio::test]
+    async fn a_failing_sink_is_rechecked_at_a_growing_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        let audit = Audit::new(
+            AuditConfig {
+                file: Some(path.clone()),
+                ..Default::default()
+            },
+            [1; 32].into(),
+        );
+        audit.recheck().await;
+        assert_eq!(audit.batches_written(), 0, "a healthy sink is left alone");
+        audit.check_at_start();
+        assert!(audit.is_healthy(), "/dev/full opens");
+        assert!(audit.record(&event("x")).await.is_err());
+        let failed = audit.batches_written();
+        for _ in 0..5 {
+            audit.recheck().await;
+        }
+        assert_eq!(audit.batches_written(), failed + 1);
+        assert!(!audit.is_healthy());
+        std::fs::remove_file(&path).unwrap();
+        // The next try is a second away; back-dated here instead of waited for.
+        if let Some((at, _)) = crate::util::sync::lock(&audit.rechecks).as_mut() {
+            *at = std::time::Instant::now();
+        }
+        audit.recheck().await;
+        assert!(audit.is_healthy());
+        let written = std::fs::read_to_string(&path).unwrap();
+        assert!(written.contains(r#""rpc":"AuditCheck""#), "{written}");
     }
 }

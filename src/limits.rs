@@ -61,15 +61,16 @@ pub fn apply() -> Applied {
 pub const RESERVED_FILES: u64 = 256;
 
 impl Applied {
-    /// Logs what was set, and warns when the connection caps (`grpc` + `http`) and the reserve
-    /// need more descriptors than the limit allows: the caps would then never be reached, and
+    /// Logs what was set, and warns when the connection caps (`grpc` + twice `http`) and the
+    /// reserve need more descriptors than the limit allows: the caps would then never be reached, and
     /// descriptors would run out first.
     pub fn log(&self, grpc: usize, http: usize) {
         if let Some(e) = &self.dumps_left_on {
             tracing::warn!(message = "Core dumps could not be turned off; a crash may write secrets in memory to disk.", error = %e);
         }
+        // A proxied call holds a vendor connection besides the worker's.
         let needed = (grpc as u64)
-            .saturating_add(http as u64)
+            .saturating_add((http as u64).saturating_mul(2))
             .saturating_add(RESERVED_FILES);
         match self.open_files {
             Some(limit) if limit < needed => tracing::warn!(
@@ -79,5 +80,24 @@ impl Applied {
             ),
             _ => tracing::info!(message = "Process limits set.", open_files = ?self.open_files, core_dumps_off = self.dumps_left_on.is_none()),
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    /// This (test) process after `apply`: not dumpable, no core file. (The integration test
+    /// reads the server's limits from /proc; dumpability only the process itself can read.)
+    #[test]
+    fn apply_leaves_the_process_not_dumpable_and_without_cores() {
+        let applied = apply();
+        assert_eq!(applied.dumps_left_on, None);
+        assert_eq!(
+            rustix::process::dumpable_behavior().unwrap(),
+            rustix::process::DumpableBehavior::NotDumpable
+        );
+        let core = rustix::process::getrlimit(rustix::process::Resource::Core);
+        assert_eq!(core.current, Some(0));
     }
 }

@@ -342,6 +342,9 @@ pub struct Broker {
     /// Vendor exchanges in flight (refreshes, code exchanges, logins): detached from their
     /// callers, waited for at shutdown.
     pub(crate) exchanges: tokio_util::task::TaskTracker,
+    /// Set once a stop has waited for the exchanges: no new one starts (see
+    /// [`Broker::refuse_new_exchanges`]).
+    pub(crate) exchanges_refused: std::sync::atomic::AtomicBool,
     /// Held by master-key rotations and retirements (one at a time).
     pub(crate) key_ops: tokio::sync::Mutex<()>,
     /// Held by caller revocations (one at a time: the last-admin rule counts the others).
@@ -396,6 +399,7 @@ impl Broker {
         let broker = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             exchanges: tokio_util::task::TaskTracker::new(),
+            exchanges_refused: std::sync::atomic::AtomicBool::new(false),
             key_ops: tokio::sync::Mutex::new(()),
             caller_ops: tokio::sync::Mutex::new(()),
             counted: Arc::new(tokio::sync::Mutex::new(None)),

@@ -723,6 +723,9 @@ impl Broker {
         // task per system.
         let flight = self.flight(system_id);
         let mut f = flight.lock_owned().await;
+        if self.exchanges_refused.load(Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable("shutting down".to_owned()));
+        }
         let id = system_id.to_owned();
         let task = self.exchanges.spawn(tracing::Instrument::instrument(
             async move { me.mint_locked(&mut f, &id, need_until, reason).await },
@@ -743,6 +746,14 @@ impl Broker {
             tracing::Span::current(),
         ));
         async move { task.await.ok() }
+    }
+
+    /// From now on no vendor exchange starts: a stop calls this once the calls it waits for are
+    /// done or abandoned. An abandoned call's task lives on (the server cuts only its accept
+    /// loop), and an exchange it started after the drain would be cut by the exit, a refresh
+    /// token the vendor rotated in it lost. Exchanges already running are still waited for.
+    pub fn refuse_new_exchanges(&self) {
+        self.exchanges_refused.store(true, Ordering::SeqCst);
     }
 
     /// Waits (at most `grace`) for the vendor exchanges in flight; new ones are still accepted

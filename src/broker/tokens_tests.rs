@@ -208,6 +208,37 @@ async fn drop_caller_mid_exchange(broker: &Arc<Broker>, backend: &FakeBackend) {
     assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
 }
 
+/// Once a stop has waited for the calls, a call it abandoned (its task lives on) starts no
+/// vendor exchange: the exit would cut it, and a refresh token the vendor rotated in it would
+/// be lost. The one already running is still waited for and stored.
+#[tokio::test]
+async fn once_exchanges_are_refused_no_new_one_reaches_the_vendor() {
+    let backend = FakeBackend::new(true, vec![Answer::Token(Some("rt-2"))]);
+    let broker = broker_with(backend.clone()).await;
+    let running = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 0, None).await }
+    });
+    backend.entered.notified().await;
+    // A second call waits behind the running refresh for the system's lock.
+    let queued = tokio::spawn({
+        let b = broker.clone();
+        async move { b.access_token(SYSTEM, 3_600, None).await }
+    });
+    tokio::task::yield_now().await;
+    broker.refuse_new_exchanges();
+    backend.open_gate();
+    assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
+    assert!(running.await.unwrap().is_ok());
+    assert_eq!(stored_refresh_token(&broker).await, "rt-2");
+    let refused = queued.await.unwrap().unwrap_err();
+    assert!(
+        matches!(refused, BrokerError::Unavailable(_)),
+        "{refused:?}"
+    );
+    assert_eq!(backend.calls(), 1, "an exchange started after the drain");
+}
+
 #[tokio::test]
 async fn many_waiters_share_one_upstream_call() {
     let backend = FakeBackend::new(true, vec![]);

@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
@@ -245,6 +245,9 @@ pub async fn run_with_hooks(
         let _ = tokio::time::timeout(Duration::from_secs(2), server_task).await;
         return opened.map(|_| ());
     };
+    // Before the broker takes calls or answers `/readyz`: a trail that cannot be opened is
+    // reported from the first answer on.
+    broker.audit.check_at_start();
     let _ = core.set(broker.clone());
     broker.start_change_feed();
     let refresher = broker.start_refresher();
@@ -517,6 +520,7 @@ async fn drain_within_grace(
         }
     }
     refresher.shutdown().await;
+    broker.refuse_new_exchanges();
     // A refresh or code exchange the vendor has already answered must reach the store: its
     // old refresh token may be dead already.
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -659,10 +663,12 @@ async fn start_http(
     Ok((http_task, public_url))
 }
 
-/// Health as it stands once the broker is open (a write or the audit sink, tried here, may
-/// have failed while starting), and the watchers that follow every change from here on.
-async fn announce_serving(broker: &Arc<Broker>, health: &HealthReporter) -> [JoinHandle<()>; 3] {
-    broker.audit.check_at_start();
+/// Health as it stands once the broker is open (a write or the audit sink may have failed
+/// while starting), and the watchers that follow every change from here on.
+async fn announce_serving(broker: &Arc<Broker>, health: &HealthReporter) -> [JoinHandle<()>; 4] {
+    // Subscribed before the statuses are read: a change after the read is not missed (and
+    // none is announced twice).
+    let watched = (broker.audit.health(), broker.write_health.subscribe());
     let serving = |ok: bool| {
         if ok {
             ServingStatus::Serving
@@ -677,17 +683,18 @@ async fn announce_serving(broker: &Arc<Broker>, health: &HealthReporter) -> [Joi
     health
         .set_service_status(WRITES_HEALTH_SERVICE, writes)
         .await;
-    spawn_health_watchers(broker, health)
+    spawn_health_watchers(broker, health, watched)
 }
 
 /// Tasks that keep gRPC health current: the main services follow the audit sink, a separate
 /// service follows the store's writes, and a probe tries a write every second (and the audit
 /// sink, while it is failing).
-fn spawn_health_watchers(broker: &Arc<Broker>, health: &HealthReporter) -> [JoinHandle<()>; 3] {
+fn spawn_health_watchers(
+    broker: &Arc<Broker>,
+    health: &HealthReporter,
+    (mut audit_health, mut writes): (watch::Receiver<bool>, watch::Receiver<bool>),
+) -> [JoinHandle<()>; 4] {
     // Health follows the audit sink: NOT_SERVING while it cannot be written.
-    let mut audit_health = broker.audit.health();
-    // A change between the first statuses and these subscriptions is not missed.
-    audit_health.mark_changed();
     let health_audit = health.clone();
     let audit_watch = tokio::spawn(async move {
         while audit_health.changed().await.is_ok() {
@@ -703,8 +710,6 @@ fn spawn_health_watchers(broker: &Arc<Broker>, health: &HealthReporter) -> [Join
     });
     // A separate health service follows the store's writes (disk full, I/O errors): tokens
     // keep flowing from memory while it is NOT_SERVING, so the main service stays SERVING.
-    let mut writes = broker.write_health.subscribe();
-    writes.mark_changed();
     let health_writes = health.clone();
     let write_watch = tokio::spawn(async move {
         while writes.changed().await.is_ok() {
@@ -725,10 +730,19 @@ fn spawn_health_watchers(broker: &Arc<Broker>, health: &HealthReporter) -> [Join
         loop {
             tick.tick().await;
             prober.probe_writes().await;
-            prober.audit.recheck().await;
         }
     });
-    [audit_watch, write_watch, write_probe]
+    // On its own: a store probe stuck on a stalled disk does not hold it up.
+    let checker = broker.clone();
+    let audit_probe = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            checker.audit.recheck().await;
+        }
+    });
+    [audit_watch, write_watch, write_probe, audit_probe]
 }
 
 /// Startup integrity check, in the background so serving does not wait for it: every stored

@@ -109,6 +109,29 @@ impl MonitoredStore {
     pub fn new(inner: Arc<dyn CredentialStore>, health: Arc<WriteHealth>) -> Self {
         Self { inner, health }
     }
+
+    /// Runs the write `op` makes to its end on a task of its own and notes its outcome. A
+    /// caller that leaves (a deadline, a disconnect, a dropped select) leaves the write, its
+    /// flush and what its outcome sets off (this health, the sled store's reopen after a
+    /// failure) to finish without it: a failed write whose caller had left went unnoticed, and
+    /// health said writes succeed.
+    async fn write<T, F>(
+        &self,
+        op: impl FnOnce(Arc<dyn CredentialStore>) -> F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let (work, health) = (op(self.inner.clone()), self.health.clone());
+        tokio::spawn(async move {
+            let r = work.await;
+            health.observe(&r);
+            r
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("store write task: {e}")))?
+    }
 }
 
 #[async_trait]
@@ -130,9 +153,9 @@ impl CredentialStore for MonitoredStore {
     }
 
     async fn insert_system(&self, record: &SystemRecord) -> Result<(), StoreError> {
-        let r = self.inner.insert_system(record).await;
-        self.health.observe(&r);
-        r
+        let record = record.clone();
+        self.write(|s| async move { s.insert_system(&record).await })
+            .await
     }
 
     async fn update_system_fenced(
@@ -141,12 +164,12 @@ impl CredentialStore for MonitoredStore {
         expected_revision: u64,
         fence: super::Fence,
     ) -> Result<(), StoreError> {
-        let r = self
-            .inner
-            .update_system_fenced(record, expected_revision, fence)
-            .await;
-        self.health.observe(&r);
-        r
+        let record = record.clone();
+        self.write(|s| async move {
+            s.update_system_fenced(&record, expected_revision, fence)
+                .await
+        })
+        .await
     }
 
     async fn update_system(
@@ -154,15 +177,15 @@ impl CredentialStore for MonitoredStore {
         record: &SystemRecord,
         expected_revision: u64,
     ) -> Result<(), StoreError> {
-        let r = self.inner.update_system(record, expected_revision).await;
-        self.health.observe(&r);
-        r
+        let record = record.clone();
+        self.write(|s| async move { s.update_system(&record, expected_revision).await })
+            .await
     }
 
     async fn delete_system(&self, system_id: &str) -> Result<bool, StoreError> {
-        let r = self.inner.delete_system(system_id).await;
-        self.health.observe(&r);
-        r
+        let id = system_id.to_owned();
+        self.write(|s| async move { s.delete_system(&id).await })
+            .await
     }
 
     async fn count_systems(&self) -> Result<usize, StoreError> {
@@ -174,15 +197,15 @@ impl CredentialStore for MonitoredStore {
     }
 
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
-        let r = self.inner.insert_caller(record).await;
-        self.health.observe(&r);
-        r
+        let record = record.clone();
+        self.write(|s| async move { s.insert_caller(&record).await })
+            .await
     }
 
     async fn update_caller(&self, record: &CallerRecord) -> Result<(), StoreError> {
-        let r = self.inner.update_caller(record).await;
-        self.health.observe(&r);
-        r
+        let record = record.clone();
+        self.write(|s| async move { s.update_caller(&record).await })
+            .await
     }
 
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -190,15 +213,13 @@ impl CredentialStore for MonitoredStore {
     }
 
     async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let r = self.inner.put_meta(key, value).await;
-        self.health.observe(&r);
-        r
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.write(|s| async move { s.put_meta(&key, &value).await })
+            .await
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        let r = self.inner.flush().await;
-        self.health.observe(&r);
-        r
+        self.write(|s| async move { s.flush().await }).await
     }
 
     fn is_shared(&self) -> bool {
@@ -218,9 +239,9 @@ impl CredentialStore for MonitoredStore {
     }
 
     async fn append_events(&self, events: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
-        let r = self.inner.append_events(events).await;
-        self.health.observe(&r);
-        r
+        let events = events.to_vec();
+        self.write(|s| async move { s.append_events(&events).await })
+            .await
     }
 
     async fn events_after(
@@ -244,14 +265,45 @@ impl CredentialStore for MonitoredStore {
     }
 
     async fn init_meta(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let r = self.inner.init_meta(key, value).await;
-        self.health.observe(&r);
-        r
+        let (key, value) = (key.to_owned(), value.to_vec());
+        self.write(|s| async move { s.init_meta(&key, &value).await })
+            .await
     }
 
     async fn take_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let r = self.inner.take_meta(key).await;
-        self.health.observe(&r);
-        r
+        let key = key.to_owned();
+        self.write(|s| async move { s.take_meta(&key).await }).await
+    }
+}
+
+#[cfg(all(test, feature = "fault-injection"))]
+mod tests {
+    use super::*;
+    use crate::store::faulty::{FaultControl, FaultyStore};
+    use crate::store::memory::MemoryStore;
+    use std::future::Future;
+    use std::sync::atomic::Ordering;
+
+    /// A write whose caller leaves while it runs still counts: its failure turns the writes
+    /// health, which a failed write nobody waited for did not.
+    #[tokio::test]
+    async fn a_write_whose_caller_left_still_reports_its_failure() {
+        let control = Arc::new(FaultControl::default());
+        control.latency_ms.store(20, Ordering::SeqCst);
+        control.disk_full.store(true, Ordering::SeqCst);
+        let inner = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new()), control));
+        let health = Arc::new(WriteHealth::default());
+        let store = MonitoredStore::new(inner, health.clone());
+        let mut seen = health.subscribe();
+        {
+            let mut write = Box::pin(store.put_meta("k", b"v"));
+            let polled =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+            assert!(polled.is_pending());
+        }
+        let changed = tokio::time::timeout(std::time::Duration::from_secs(10), seen.changed());
+        assert!(changed.await.is_ok(), "the failure went unnoticed");
+        assert!(!health.is_ok());
+        assert_eq!(health.reason(), Some("disk full"));
     }
 }

@@ -164,7 +164,9 @@ impl SledStore {
         failed: impl FnOnce(&mut Unsure) + Send + 'static,
     ) -> Result<(), StoreError> {
         let (db, g, unsure) = (self.db.clone(), self.flushes.clone(), self.unsure.clone());
-        tokio::spawn(async move { flush_turn(&db, &g, &unsure, failed).await })
+        // Counted now, right after the write: a flush that starts before the task runs covers it.
+        let mine = g.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::spawn(async move { flush_turn(&db, &g, &unsure, mine, failed).await })
             .await
             .map_err(|e| StoreError::Backend(format!("flush task: {e}")))?
     }
@@ -175,16 +177,16 @@ impl SledStore {
     }
 }
 
-/// One writer's turn at [`SledStore::durable_or`]: returns once the writes made before the call
-/// are on disk. A flush started after this call's request covers it, so a writer that finds one
-/// already done returns at once.
+/// One writer's turn at [`SledStore::durable_or`], its request counted as `mine`: returns once
+/// the writes made before it are on disk. A flush started after the request covers it, so a
+/// writer that finds one already done returns at once.
 async fn flush_turn(
     db: &sled::Db,
     g: &GroupCommit,
     unsure: &std::sync::Mutex<Unsure>,
+    mine: u64,
     failed: impl FnOnce(&mut Unsure),
 ) -> Result<(), StoreError> {
-    let mine = g.requested.fetch_add(1, Ordering::SeqCst) + 1;
     let _turn = g.flushing.lock().await;
     if g.durable.load(Ordering::SeqCst) >= mine {
         return Ok(());
