@@ -219,10 +219,10 @@ pub struct Audit {
 
 /// The first wait between two [`Audit::recheck`] tries of a failing sink; it doubles up to
 /// [`RECHECK_MAX`], so a sink failing for hours (a file gone, stdout still written) gets a try
-/// a minute, not a line a second.
+/// every 15 s, not a line a second, and a freed disk is found within 15 s.
 const RECHECK_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 /// The longest wait between two tries.
-const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Lines a second kept for refused and unauthenticated calls; the rest are counted in
 /// `credbroker_audit_dropped_total`, so anonymous traffic cannot rotate the trail away.
@@ -351,7 +351,7 @@ impl Audit {
     /// the broker healthy again. Without it a failed trail was tried only by calls, and once a
     /// load balancer had taken the broker out of service for it, none came: it stayed unready
     /// after the disk was freed. Does nothing while the sink is healthy; while it fails, tries
-    /// at once, then after 1 s, 2 s, … and once a minute at most.
+    /// at once, then after 1 s, 2 s, … and every 15 s at most.
     pub async fn recheck(&self) {
         if !self.recheck_due() {
             return;

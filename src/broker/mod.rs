@@ -843,6 +843,15 @@ impl Broker {
                 }
             }
             Err(BrokerError::DataLoss(m)) => return Err(BrokerError::DataLoss(m)),
+            // The broker is stopping: that says nothing of the credential, and nothing is
+            // recorded.
+            Err(e)
+                if self
+                    .exchanges_refused
+                    .load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                return Err(e)
+            }
             Err(e) => {
                 let failure = match (&e, self.last_failure(&system_id).await) {
                     (_, Some(f)) => f,

@@ -255,6 +255,9 @@ const MAX_TOKEN_ID_LEN: usize = 64;
 /// The least time a stop gives its last try to store the credentials the store refused.
 const PENDING_AT_STOP: Duration = Duration::from_secs(2);
 
+/// Why a vendor exchange was not started: the broker is stopping.
+const SHUTTING_DOWN: &str = "shutting down";
+
 /// How a transport timeout reads in a backend's message (`TransportError::Timeout`): the request
 /// was sent and no answer came, so the vendor may have acted on it.
 const OUTCOME_UNKNOWN_MARK: &str = "timed out after";
@@ -723,9 +726,6 @@ impl Broker {
         // task per system.
         let flight = self.flight(system_id);
         let mut f = flight.lock_owned().await;
-        if self.exchanges_refused.load(Ordering::SeqCst) {
-            return Err(BrokerError::Unavailable("shutting down".to_owned()));
-        }
         let id = system_id.to_owned();
         let task = self.exchanges.spawn(tracing::Instrument::instrument(
             async move { me.mint_locked(&mut f, &id, need_until, reason).await },
@@ -735,17 +735,37 @@ impl Broker {
             .unwrap_or_else(|_| Err(BrokerError::Unavailable("shutting down".to_owned())))
     }
 
+    /// The backend to ask for a token, unless a stop has refused new exchanges (see
+    /// [`Self::refuse_new_exchanges`]): checked in the detached mint, after every way of
+    /// answering without the vendor, so a call waiting behind a refresh still gets its result.
+    fn backend_to_ask(
+        &self,
+        kind: crate::model::SystemKind,
+    ) -> Result<Arc<dyn Backend>, BrokerError> {
+        if self.exchanges_refused.load(Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable(SHUTTING_DOWN.to_owned()));
+        }
+        Ok(self.registry.get(kind)?.clone())
+    }
+
     /// Runs `work` (a vendor exchange and the durable write of its result) as a tracked task
-    /// that the caller may stop waiting for without stopping it. `None` if the task panicked.
+    /// that the caller may stop waiting for without stopping it. `None` if the task panicked,
+    /// or if a stop has refused new exchanges (the work is not started).
     pub fn run_detached<T: Send + 'static>(
         &self,
         work: impl std::future::Future<Output = T> + Send + 'static,
     ) -> impl std::future::Future<Output = Option<T>> + Send + 'static {
-        let task = self.exchanges.spawn(tracing::Instrument::instrument(
-            work,
-            tracing::Span::current(),
-        ));
-        async move { task.await.ok() }
+        // Held across the flag's read: a drain cannot finish its wait between the read and the
+        // spawn and leave the work running unwaited.
+        let held = self.exchanges.token();
+        let task = (!self.exchanges_refused.load(Ordering::SeqCst)).then(|| {
+            self.exchanges.spawn(tracing::Instrument::instrument(
+                work,
+                tracing::Span::current(),
+            ))
+        });
+        drop(held);
+        async move { task?.await.ok() }
     }
 
     /// From now on no vendor exchange starts: a stop calls this once the calls it waits for are
@@ -980,7 +1000,7 @@ impl Broker {
                 .on_rejected(f, system_id, &record, true, rejected)
                 .await);
         }
-        let backend = self.registry.get(record.kind)?.clone();
+        let backend = self.backend_to_ask(record.kind)?;
         let mut reread = false;
         loop {
             let credential = match self.pending_for(f, &record) {

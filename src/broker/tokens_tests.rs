@@ -210,7 +210,9 @@ async fn drop_caller_mid_exchange(broker: &Arc<Broker>, backend: &FakeBackend) {
 
 /// Once a stop has waited for the calls, a call it abandoned (its task lives on) starts no
 /// vendor exchange: the exit would cut it, and a refresh token the vendor rotated in it would
-/// be lost. The one already running is still waited for and stored.
+/// be lost. The exchange already running is waited for and stored; a call queued behind it
+/// still gets the token it brought; only a call that needs a new one is refused; and no
+/// detached work starts.
 #[tokio::test]
 async fn once_exchanges_are_refused_no_new_one_reaches_the_vendor() {
     let backend = FakeBackend::new(true, vec![Answer::Token(Some("rt-2"))]);
@@ -223,20 +225,25 @@ async fn once_exchanges_are_refused_no_new_one_reaches_the_vendor() {
     // A second call waits behind the running refresh for the system's lock.
     let queued = tokio::spawn({
         let b = broker.clone();
-        async move { b.access_token(SYSTEM, 3_600, None).await }
+        async move { b.access_token(SYSTEM, 0, None).await }
     });
     tokio::task::yield_now().await;
     broker.refuse_new_exchanges();
     backend.open_gate();
     assert!(broker.drain_exchanges(Duration::from_secs(5)).await);
-    assert!(running.await.unwrap().is_ok());
+    let fresh = running.await.unwrap().unwrap();
     assert_eq!(stored_refresh_token(&broker).await, "rt-2");
-    let refused = queued.await.unwrap().unwrap_err();
+    assert_eq!(queued.await.unwrap().unwrap().token_id, fresh.token_id);
+    let refused = broker
+        .access_token(SYSTEM, 0, Some(&fresh.token_id))
+        .await
+        .unwrap_err();
     assert!(
         matches!(refused, BrokerError::Unavailable(_)),
         "{refused:?}"
     );
     assert_eq!(backend.calls(), 1, "an exchange started after the drain");
+    assert!(broker.run_detached(async { 1 }).await.is_none());
 }
 
 #[tokio::test]

@@ -307,6 +307,7 @@ async fn after_server_ended(
     // Ends watches and webhook deliveries (tracked with the exchanges drained next).
     settle_events(broker).await;
     refresher.shutdown().await;
+    broker.refuse_new_exchanges();
     broker.drain_exchanges(config.server.shutdown_grace).await;
     broker.stop_rewrap().await;
     let _ = broker.flush().await;
@@ -505,21 +506,22 @@ async fn drain_within_grace(
     if let Some(t) = http_task {
         let _ = tokio::time::timeout_at(deadline, t).await;
     }
-    match tokio::time::timeout_at(deadline, &mut server_task).await {
-        Ok(_) => tracing::info!(message = "In-flight calls drained."),
+    let ran_out = match tokio::time::timeout_at(deadline, &mut server_task).await {
+        Ok(_) => {
+            tracing::info!(message = "In-flight calls drained.");
+            false
+        }
         Err(_) => {
             tracing::warn!(
                 message = "Shutdown grace period ran out; abandoning remaining calls.",
                 grace_secs = config.server.shutdown_grace.as_secs()
             );
             server_task.abort();
-            // The extra threads' calls are abandoned too, before exchanges are drained.
-            for c in extras.iter().flatten() {
-                c.cut();
-            }
+            true
         }
-    }
+    };
     refresher.shutdown().await;
+    // The abandoned calls start no vendor exchange from here on.
     broker.refuse_new_exchanges();
     // A refresh or code exchange the vendor has already answered must reach the store: its
     // old refresh token may be dead already.
@@ -528,6 +530,14 @@ async fn drain_within_grace(
         tracing::warn!(
             message = "Vendor exchanges still running after the grace period; stopping anyway."
         );
+    }
+    // Only now are the extra threads' abandoned calls cut: an exchange a call there started
+    // runs on that thread's runtime, and cutting it first dropped the exchange mid-way (a
+    // refresh token the vendor had rotated, lost).
+    if ran_out {
+        for c in extras.iter().flatten() {
+            c.cut();
+        }
     }
     broker.stop_rewrap().await;
     if let Err(e) = broker.flush().await {

@@ -124,11 +124,16 @@ impl MonitoredStore {
         F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let (work, health) = (op(self.inner.clone()), self.health.clone());
-        tokio::spawn(async move {
+        let write = async move {
             let r = work.await;
             health.observe(&r);
             r
-        })
+        };
+        // The caller's span goes along: the store's log lines keep its request and system.
+        tokio::spawn(tracing::Instrument::instrument(
+            write,
+            tracing::Span::current(),
+        ))
         .await
         .map_err(|e| StoreError::Backend(format!("store write task: {e}")))?
     }
