@@ -85,31 +85,62 @@ impl BrokerService {
         req: &Request<T>,
         need: Role,
     ) -> Result<Arc<Caller>, (BrokerError, Option<String>)> {
-        let token = req
+        let authorization = req
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.to_str().ok());
+        let ext = req.extensions();
+        let (tls, console) = (ext.get::<super::tls::TlsConnectInfo>(), ext.get());
+        self.authn_with(broker, authorization, tls, console, need)
+    }
+
+    /// [`Self::authn`] on what a request presents: its `authorization` header, its connection's
+    /// verified client certificate, a console session.
+    fn authn_with(
+        &self,
+        broker: &Broker,
+        authorization: Option<&str>,
+        tls: Option<&super::tls::TlsConnectInfo>,
+        console: Option<&ConsoleCaller>,
+        need: Role,
+    ) -> Result<Arc<Caller>, (BrokerError, Option<String>)> {
+        let token = authorization
             .and_then(|v| {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim)
             .filter(|t| !t.is_empty());
-        let cert_names = req
-            .extensions()
-            .get::<super::tls::TlsConnectInfo>()
+        let cert_names = tls
             .map(|i| i.client_names.as_slice())
             .filter(|n| !n.is_empty());
         let presented = match (token, cert_names) {
             (Some(token), _) => Presented::Token(token),
             (None, Some(names)) => Presented::Certificate(names),
             // Looked for last: the console's in-process calls carry neither.
-            (None, None) => match req.extensions().get::<ConsoleCaller>() {
+            (None, None) => match console {
                 Some(s) => Presented::Session(&s.0),
                 None => Presented::Nothing,
             },
         };
         broker.callers.authn(presented, self.bearer_tokens, need)
+    }
+
+    /// True when an HTTP/2 request to the service presents no caller the broker knows (no
+    /// token, an unknown, revoked or expired one): its message need not be read to refuse it.
+    /// False while the broker is starting (the call is answered UNAVAILABLE as usual).
+    pub(super) fn refuses_unread<B>(&self, req: &tonic::codegen::http::Request<B>) -> bool {
+        let Some(broker) = self.core.get() else {
+            return false;
+        };
+        let authorization = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let ext = req.extensions();
+        let (tls, console) = (ext.get::<super::tls::TlsConnectInfo>(), ext.get());
+        self.authn_with(broker, authorization, tls, console, Role::Worker)
+            .is_err()
     }
 
     /// Runs one RPC: authenticate, call, audit. `secret` RPCs hand out secrets and fail closed

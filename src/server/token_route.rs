@@ -25,6 +25,12 @@ const PATH: &str = "/credbroker.v1.CredentialBroker/GetAccessToken";
 /// before the first chunk is read.
 const RESTORE_PATH: &str = "/credbroker.v1.CredentialBroker/RestoreBackup";
 
+/// The largest `GetAccessToken` request read: a system id (128 bytes at most), a token id (64)
+/// and a number fit many times over. The route answers before the caller is authenticated
+/// (authentication is the hot path's first step, once the message is in), so anyone who
+/// reaches the port may make it read this much per stream, not `max_request_bytes`.
+const TOKEN_REQUEST_BYTES: usize = 1024;
+
 /// The largest answer any of the broker's methods sends.
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -76,10 +82,13 @@ impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Broker
         match req.uri().path() {
             PATH => {}
             RESTORE_PATH => return self.restore.call(req),
+            _ if self.service.refuses_unread(&req) => {
+                return self.generated.call(without_message(req))
+            }
             _ => return self.generated.call(req),
         }
         let call = TokenCall(self.service.clone());
-        let max_request_bytes = self.max_request_bytes;
+        let max_request_bytes = self.max_request_bytes.min(TOKEN_REQUEST_BYTES);
         Box::pin(async move {
             // The generated route's limits; neither route compresses (tonic is built without
             // a compression feature).
@@ -88,6 +97,23 @@ impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Broker
             Ok(grpc.unary(call, req).await)
         })
     }
+}
+
+/// `req` with its message replaced by an empty one, unread: the method then refuses the caller
+/// (and audits and counts the refusal) as it would have, and a caller nobody knows cannot make
+/// the broker read and hold up to `max_request_bytes` per stream first.
+fn without_message(
+    req: tonic::codegen::http::Request<tonic::body::Body>,
+) -> tonic::codegen::http::Request<tonic::body::Body> {
+    /// A gRPC frame: not compressed, length 0 (every request message's defaults).
+    const EMPTY_FRAME: &[u8] = &[0, 0, 0, 0, 0];
+    let (mut parts, unread) = req.into_parts();
+    drop(unread);
+    parts
+        .headers
+        .remove(tonic::codegen::http::header::CONTENT_LENGTH);
+    let body = http_body_util::Full::new(tonic::codegen::Bytes::from_static(EMPTY_FRAME));
+    tonic::codegen::http::Request::from_parts(parts, tonic::body::Body::new(body))
 }
 
 /// One `GetAccessToken` call.

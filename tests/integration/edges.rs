@@ -507,7 +507,9 @@ async fn anonymous_traffic_cannot_rewrite_the_trail() {
             .count()
     };
     let before = lines();
-    let huge = "x".repeat(60_000);
+    // As long as `GetAccessToken` reads (1 KiB): a longer message is refused unread, before
+    // anything is audited (`unknown_callers_are_refused_before_their_message_is_read`).
+    let huge = "x".repeat(900);
     let mut anon = client(broker.addr, None).await;
     let started = Instant::now();
     for _ in 0..300 {
@@ -685,6 +687,44 @@ async fn anonymous_requests_are_refused_past_their_size_before_they_are_read() {
         .await
         .unwrap();
     assert_eq!(form.status().as_u16(), 413);
+    broker.stop().await;
+}
+
+/// A caller the broker does not know is refused before its message is read: a message far
+/// over the size limit is answered UNAUTHENTICATED (not OUT_OF_RANGE, which meant it was being
+/// read), and the refusal is audited as before. `GetAccessToken`, which answers before it
+/// authenticates, reads 1 KiB at most, for anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_callers_are_refused_before_their_message_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let fake = FakeAsana::start().await;
+    let mut big = register_asana("anon-big", &fake.base_url, "anon-secret", false);
+    big.description = "x".repeat(200 * 1024);
+    for token in [None, Some("cbk_not-a-caller")] {
+        let mut anon = client(broker.addr, token).await;
+        let e = anon.register_system(big.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{token:?}: {e:?}");
+    }
+    let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let refused = trail
+        .lines()
+        .filter(|l| l.contains(r#""rpc":"RegisterSystem""#) && l.contains("UNAUTHENTICATED"))
+        .count();
+    assert_eq!(refused, 2, "{trail}");
+    assert!(!trail.contains("anon-secret"));
+    let mut admin = broker.admin().await;
+    let long_id = pb::GetAccessTokenRequest {
+        system_id: "s".repeat(2 * 1024),
+        ..Default::default()
+    };
+    for c in [&mut admin, &mut client(broker.addr, None).await] {
+        let e = c.get_access_token(long_id.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    }
+    // A known caller's message is read as before.
+    let e = admin.register_system(big).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     broker.stop().await;
 }
 
