@@ -23,6 +23,11 @@ use crate::pb::credential_broker_server::CredentialBroker;
 #[derive(Clone, Copy)]
 pub struct ConsoleCaller(pub [u8; 32]);
 
+/// Marks a request whose message was replaced, unread, by an empty one (see
+/// `token_route::without_message`): its method refuses it whoever the caller turns out to be.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unread;
+
 impl std::fmt::Debug for ConsoleCaller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ConsoleCaller(<redacted>)")
@@ -91,7 +96,17 @@ impl BrokerService {
             .and_then(|v| v.to_str().ok());
         let ext = req.extensions();
         let (tls, console) = (ext.get::<super::tls::TlsConnectInfo>(), ext.get());
-        self.authn_with(broker, authorization, tls, console, need)
+        let caller = self.authn_with(broker, authorization, tls, console, need)?;
+        if ext.get::<Unread>().is_some() {
+            // Refused before its message was read, known now (a caller created meanwhile): the
+            // message it carries is a stand-in, never acted on.
+            let retry = "the caller was not known when the call arrived; send it again";
+            return Err((
+                BrokerError::Unauthenticated(retry.to_owned()),
+                Some(caller.name.clone()),
+            ));
+        }
+        Ok(caller)
     }
 
     /// [`Self::authn`] on what a request presents: its `authorization` header, its connection's
@@ -126,12 +141,16 @@ impl BrokerService {
         broker.callers.authn(presented, self.bearer_tokens, need)
     }
 
-    /// True when an HTTP/2 request to the service presents no caller the broker knows (no
-    /// token, an unknown, revoked or expired one): its message need not be read to refuse it.
-    /// False while the broker is starting (the call is answered UNAVAILABLE as usual).
-    pub(super) fn refuses_unread<B>(&self, req: &tonic::codegen::http::Request<B>) -> bool {
+    /// True when a request to the service is refused whatever its message says: the broker is
+    /// starting (UNAVAILABLE), or the request presents no caller the broker knows (no token, an
+    /// unknown, revoked or expired one) or one without the role `need`.
+    pub(super) fn refuses_unread<B>(
+        &self,
+        req: &tonic::codegen::http::Request<B>,
+        need: Role,
+    ) -> bool {
         let Some(broker) = self.core.get() else {
-            return false;
+            return true;
         };
         let authorization = req
             .headers()
@@ -139,7 +158,7 @@ impl BrokerService {
             .and_then(|v| v.to_str().ok());
         let ext = req.extensions();
         let (tls, console) = (ext.get::<super::tls::TlsConnectInfo>(), ext.get());
-        self.authn_with(broker, authorization, tls, console, Role::Worker)
+        self.authn_with(broker, authorization, tls, console, need)
             .is_err()
     }
 

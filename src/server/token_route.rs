@@ -25,6 +25,9 @@ const PATH: &str = "/credbroker.v1.CredentialBroker/GetAccessToken";
 /// before the first chunk is read.
 const RESTORE_PATH: &str = "/credbroker.v1.CredentialBroker/RestoreBackup";
 
+/// `WatchSystems`' path: the one method besides `GetAccessToken` a worker may call.
+const WATCH_PATH: &str = "/credbroker.v1.CredentialBroker/WatchSystems";
+
 /// The largest `GetAccessToken` request read: a system id (128 bytes at most), a token id (64)
 /// and a number fit many times over. The route answers before the caller is authenticated
 /// (authentication is the hot path's first step, once the message is in), so anyone who
@@ -82,7 +85,7 @@ impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Broker
         match req.uri().path() {
             PATH => {}
             RESTORE_PATH => return self.restore.call(req),
-            _ if self.service.refuses_unread(&req) => {
+            path if self.service.refuses_unread(&req, role_for(path)) => {
                 return self.generated.call(without_message(req))
             }
             _ => return self.generated.call(req),
@@ -99,6 +102,16 @@ impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Broker
     }
 }
 
+/// The role a method needs (the handler checks it again): workers may only watch systems
+/// (`GetAccessToken` has its own route).
+fn role_for(path: &str) -> crate::model::Role {
+    if path == WATCH_PATH {
+        crate::model::Role::Worker
+    } else {
+        crate::model::Role::Admin
+    }
+}
+
 /// `req` with its message replaced by an empty one, unread: the method then refuses the caller
 /// (and audits and counts the refusal) as it would have, and a caller nobody knows cannot make
 /// the broker read and hold up to `max_request_bytes` per stream first.
@@ -112,6 +125,9 @@ fn without_message(
     parts
         .headers
         .remove(tonic::codegen::http::header::CONTENT_LENGTH);
+    // The stand-in is not compressed: a compressed call is refused (and audited) like another.
+    parts.headers.remove("grpc-encoding");
+    parts.extensions.insert(super::broker_svc::Unread);
     let body = http_body_util::Full::new(tonic::codegen::Bytes::from_static(EMPTY_FRAME));
     tonic::codegen::http::Request::from_parts(parts, tonic::body::Body::new(body))
 }
@@ -157,5 +173,34 @@ impl Encoder for AnswerEncoder {
     fn encode(&mut self, item: TokenAnswer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         item.encode(dst);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// The stand-in: one empty, uncompressed message, no length of the one it replaces, and the
+    /// mark that makes the method refuse it whoever the caller turns out to be.
+    #[tokio::test]
+    async fn a_message_refused_unread_is_replaced_by_a_marked_empty_one() {
+        let req = tonic::codegen::http::Request::builder()
+            .uri(PATH)
+            .header("content-length", "204800")
+            .header("grpc-encoding", "gzip")
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                tonic::codegen::Bytes::from(vec![7u8; 1024]),
+            )))
+            .unwrap();
+        let (parts, body) = without_message(req).into_parts();
+        assert!(parts.headers.get("content-length").is_none());
+        assert!(parts.headers.get("grpc-encoding").is_none());
+        assert!(parts
+            .extensions
+            .get::<super::super::broker_svc::Unread>()
+            .is_some());
+        let sent = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&sent[..], &[0, 0, 0, 0, 0]);
     }
 }

@@ -722,6 +722,29 @@ async fn unknown_callers_are_refused_before_their_message_is_read() {
         let e = c.get_access_token(long_id.clone()).await.unwrap_err();
         assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     }
+    // A worker's admin call is refused unread too (PERMISSION_DENIED, audited by name).
+    let worker = admin
+        .create_caller(pb::CreateCallerRequest {
+            name: "gate-worker".into(),
+            role: pb::CallerRole::Worker as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut as_worker = client(broker.addr, Some(&worker)).await;
+    let e = as_worker.register_system(big.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let trail = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains(r#""caller":"gate-worker""#)
+                && l.contains(r#""rpc":"RegisterSystem""#)
+                && l.contains("PERMISSION_DENIED")),
+        "{trail}"
+    );
     // A known caller's message is read as before.
     let e = admin.register_system(big).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
