@@ -893,6 +893,32 @@ async fn replicas_share_one_event_log_and_deliver_each_webhook_once() {
         delivered() >= 2
     })
     .await;
+    // The delivering replica records its cursor just after the 2xx; killed before that, it
+    // leaves the event to be sent once more with the same webhook-id (documented: receivers
+    // dedupe on it). Wait for the record, so the kill tests the hand-over alone.
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    within(Duration::from_secs(15), || {
+        let db = &db;
+        async move {
+            let newest: i64 = db
+                .query_one("SELECT COALESCE(max(seq), 0) FROM events", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let cursors = db
+                .query("SELECT value FROM meta WHERE key LIKE 'webhook/%'", &[])
+                .await
+                .unwrap();
+            cursors.iter().any(|row| {
+                let value: Vec<u8> = row.get(0);
+                String::from_utf8_lossy(&value).parse::<i64>().ok() >= Some(newest)
+            })
+        }
+    })
+    .await;
     // Killing either replica leaves the other to deliver (the lead passes within seconds).
     r.procs[0].signal("KILL");
     register_on(&mut b, "e-3", &asana.base_url).await;
