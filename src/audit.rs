@@ -94,6 +94,26 @@ pub struct AuditEvent<'a> {
     pub detail: Option<&'a str>,
 }
 
+impl<'a> AuditEvent<'a> {
+    /// An event of `rpc` now, with its outcome and code and no other field.
+    pub fn now(rpc: &'a str, outcome: &'a str, code: &'a str) -> Self {
+        Self {
+            time: now_rfc3339(),
+            caller: None,
+            rpc,
+            system_id: None,
+            outcome,
+            code,
+            token_hmac: None,
+            method: None,
+            path: None,
+            duration_ms: None,
+            event: None,
+            detail: None,
+        }
+    }
+}
+
 /// Why an event could not be written.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("audit sink unavailable: {0}")]
@@ -162,6 +182,12 @@ fn ends_a_line(path: &std::path::Path, size: u64) -> bool {
 }
 
 /// Cuts the last `written` bytes off `f`, if it still has that many (best effort).
+/// Opens the trail for appending, created owner-only.
+fn open_trail(path: &std::path::Path) -> std::io::Result<File> {
+    std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), 0o600)
+        .open(path)
+}
+
 fn take_back(f: &File, written: u64) {
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if written > 0 && len >= written {
@@ -357,18 +383,8 @@ impl Audit {
             return;
         }
         let line = AuditEvent {
-            time: now_rfc3339(),
-            caller: None,
-            rpc: "AuditCheck",
-            system_id: None,
-            outcome: "ok",
-            code: "OK",
-            token_hmac: None,
-            method: None,
-            path: None,
-            duration_ms: None,
-            event: None,
             detail: Some("a check of the trail, which could not be written before"),
+            ..AuditEvent::now("AuditCheck", "ok", "OK")
         };
         let _ = self.record(&line).await;
     }
@@ -397,12 +413,7 @@ impl Audit {
         let Some(path) = self.config.file.as_deref() else {
             return;
         };
-        let opened = std::os::unix::fs::OpenOptionsExt::mode(
-            OpenOptions::new().create(true).append(true),
-            0o600,
-        )
-        .open(path);
-        if let Err(e) = opened {
+        if let Err(e) = open_trail(path) {
             self.health_tx.send_replace(false);
             tracing::error!(message = "Audit sink failed.", error = %e);
         }
@@ -477,12 +488,7 @@ impl Audit {
             }
         }
         if sink.file.is_none() {
-            let f = std::os::unix::fs::OpenOptionsExt::mode(
-                OpenOptions::new().create(true).append(true),
-                0o600,
-            )
-            .open(&sink.path)
-            .map_err(|e| AuditError(e.to_string()))?;
+            let f = open_trail(&sink.path).map_err(|e| AuditError(e.to_string()))?;
             let meta = f.metadata().ok();
             sink.size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
             sink.torn = sink.size > 0 && !ends_a_line(&sink.path, sink.size);
@@ -800,20 +806,7 @@ mod tests {
             },
             [1; 32].into(),
         );
-        let ev = AuditEvent {
-            time: now_rfc3339(),
-            caller: None,
-            rpc: "x",
-            system_id: None,
-            outcome: "ok",
-            code: "OK",
-            token_hmac: None,
-            method: None,
-            path: None,
-            duration_ms: None,
-            event: None,
-            detail: None,
-        };
+        let ev = AuditEvent::now("x", "ok", "OK");
         assert!(audit.record(&ev).await.is_err());
         assert!(!audit.is_healthy());
         std::fs::remove_file(&path).unwrap();

@@ -845,13 +845,7 @@ impl Broker {
             Err(BrokerError::DataLoss(m)) => return Err(BrokerError::DataLoss(m)),
             // The broker is stopping: that says nothing of the credential, and nothing is
             // recorded.
-            Err(e)
-                if self
-                    .exchanges_refused
-                    .load(std::sync::atomic::Ordering::SeqCst) =>
-            {
-                return Err(e)
-            }
+            Err(e) if self.refusing_exchanges() => return Err(e),
             Err(e) => {
                 let failure = match (&e, self.last_failure(&system_id).await) {
                     (_, Some(f)) => f,
@@ -1110,18 +1104,9 @@ impl Broker {
         // Not awaited: the batch is written when the future is dropped, if this line leads it,
         // or with the batch it joined.
         drop(self.audit.record(&AuditEvent {
-            time: crate::audit::now_rfc3339(),
-            caller: None,
-            rpc: "SystemEvent",
             system_id: Some(&record.system_id),
-            outcome: "ok",
-            code: "OK",
-            token_hmac: None,
-            method: None,
-            path: None,
-            duration_ms: None,
             event: Some(kind.as_str()),
-            detail: None,
+            ..AuditEvent::now("SystemEvent", "ok", "OK")
         }));
         self.events.emit(kind, record, detail);
     }

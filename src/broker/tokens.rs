@@ -572,7 +572,7 @@ impl TokenCache {
         self.permits
             .acquire()
             .await
-            .map_err(|_| BrokerError::Unavailable("shutting down".to_owned()))
+            .map_err(|_| BrokerError::Unavailable(SHUTTING_DOWN.to_owned()))
     }
 
     /// Schedules a refresh of `token_id` of `system_id` at `at`.
@@ -719,7 +719,7 @@ impl Broker {
         reason: Reason,
     ) -> Result<Arc<IssuedToken>, BrokerError> {
         let Some(me) = self.me.upgrade() else {
-            return Err(BrokerError::Unavailable("shutting down".to_owned()));
+            return Err(BrokerError::Unavailable(SHUTTING_DOWN.to_owned()));
         };
         // The wait for the system's lock stays in the caller's future (a caller that gives up
         // leaves nothing behind); only the holder runs detached, so there is at most one such
@@ -732,7 +732,7 @@ impl Broker {
             tracing::Span::current(),
         ));
         task.await
-            .unwrap_or_else(|_| Err(BrokerError::Unavailable("shutting down".to_owned())))
+            .unwrap_or_else(|_| Err(BrokerError::Unavailable(SHUTTING_DOWN.to_owned())))
     }
 
     /// The backend to ask for a token, unless a stop has refused new exchanges (see
@@ -742,7 +742,7 @@ impl Broker {
         &self,
         kind: crate::model::SystemKind,
     ) -> Result<Arc<dyn Backend>, BrokerError> {
-        if self.exchanges_refused.load(Ordering::SeqCst) {
+        if self.refusing_exchanges() {
             return Err(BrokerError::Unavailable(SHUTTING_DOWN.to_owned()));
         }
         Ok(self.registry.get(kind)?.clone())
@@ -758,7 +758,7 @@ impl Broker {
         // Held across the flag's read: a drain cannot finish its wait between the read and the
         // spawn and leave the work running unwaited.
         let held = self.exchanges.token();
-        let task = (!self.exchanges_refused.load(Ordering::SeqCst)).then(|| {
+        let task = (!self.refusing_exchanges()).then(|| {
             self.exchanges.spawn(tracing::Instrument::instrument(
                 work,
                 tracing::Span::current(),
@@ -774,6 +774,11 @@ impl Broker {
     /// token the vendor rotated in it lost. Exchanges already running are still waited for.
     pub fn refuse_new_exchanges(&self) {
         self.exchanges_refused.store(true, Ordering::SeqCst);
+    }
+
+    /// True once [`Self::refuse_new_exchanges`] was called.
+    pub(crate) fn refusing_exchanges(&self) -> bool {
+        self.exchanges_refused.load(Ordering::SeqCst)
     }
 
     /// Waits (at most `grace`) for the vendor exchanges in flight; new ones are still accepted
@@ -1802,7 +1807,7 @@ impl Broker {
         });
         self.cache.insert(system_id, token.clone());
         if refreshable {
-            let lifetime = expires_at.duration_since(now).unwrap_or_default();
+            let lifetime = token.lifetime;
             let margin = lifetime
                 .mul_f64(self.settings.refresh.ahead_fraction)
                 .max(self.settings.refresh.ahead_min.min(lifetime / 2));

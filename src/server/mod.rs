@@ -331,7 +331,7 @@ async fn start_grpc(
     let (health, health_service) = tonic_health::server::health_reporter();
     // Every service is known from the start (NOT_SERVING until the broker is open): a monitor
     // watching the writes service while the broker starts hears when it opens.
-    for service in ["", SERVICE_NAME, WRITES_HEALTH_SERVICE] {
+    for service in HEALTH_SERVICES {
         health
             .set_service_status(service, ServingStatus::NotServing)
             .await;
@@ -392,6 +392,9 @@ async fn start_grpc(
     }
     Ok((health, server_task, extra))
 }
+
+/// Every gRPC health service the broker reports: the server's, the broker's, its writes'.
+const HEALTH_SERVICES: [&str; 3] = ["", SERVICE_NAME, WRITES_HEALTH_SERVICE];
 
 /// The largest health or reflection request read (a service or symbol name).
 const PROBE_REQUEST_BYTES: usize = 4 * 1024;
@@ -478,15 +481,14 @@ type GrpcServing = std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + S
 /// graceful shutdown open: every service's, the writes one's too (a monitor watching it held
 /// each shutdown for the whole grace period).
 async fn announce_draining(health: &HealthReporter) {
-    const SERVICES: [&str; 3] = ["", SERVICE_NAME, WRITES_HEALTH_SERVICE];
-    for service in SERVICES {
+    for service in HEALTH_SERVICES {
         health
             .set_service_status(service, ServingStatus::NotServing)
             .await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     let mut health_clear = health.clone();
-    for service in SERVICES {
+    for service in HEALTH_SERVICES {
         health_clear.clear_service_status(service).await;
     }
 }
@@ -679,15 +681,8 @@ async fn announce_serving(broker: &Arc<Broker>, health: &HealthReporter) -> [Joi
     // Subscribed before the statuses are read: a change after the read is not missed (and
     // none is announced twice).
     let watched = (broker.audit.health(), broker.write_health.subscribe());
-    let serving = |ok: bool| {
-        if ok {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        }
-    };
-    let writes = serving(broker.write_health.is_ok());
-    let audit = serving(broker.audit.is_healthy());
+    let writes = status_of(broker.write_health.is_ok());
+    let audit = status_of(broker.audit.is_healthy());
     health.set_service_status("", audit).await;
     health.set_service_status(SERVICE_NAME, audit).await;
     health
@@ -708,12 +703,7 @@ fn spawn_health_watchers(
     let health_audit = health.clone();
     let audit_watch = tokio::spawn(async move {
         while audit_health.changed().await.is_ok() {
-            let ok = *audit_health.borrow();
-            let s = if ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
+            let s = status_of(*audit_health.borrow());
             health_audit.set_service_status("", s).await;
             health_audit.set_service_status(SERVICE_NAME, s).await;
         }
@@ -723,36 +713,49 @@ fn spawn_health_watchers(
     let health_writes = health.clone();
     let write_watch = tokio::spawn(async move {
         while writes.changed().await.is_ok() {
-            let s = if *writes.borrow() {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
+            let s = status_of(*writes.borrow());
             health_writes
                 .set_service_status(WRITES_HEALTH_SERVICE, s)
                 .await;
         }
     });
     let prober = broker.clone();
-    let write_probe = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            prober.probe_writes().await;
-        }
+    let write_probe = every_second(move || {
+        let prober = prober.clone();
+        async move { prober.probe_writes().await }
     });
     // On its own: a store probe stuck on a stalled disk does not hold it up.
     let checker = broker.clone();
-    let audit_probe = tokio::spawn(async move {
+    let audit_probe = every_second(move || {
+        let checker = checker.clone();
+        async move { checker.audit.recheck().await }
+    });
+    [audit_watch, write_watch, write_probe, audit_probe]
+}
+
+/// A health status from whether something works.
+fn status_of(ok: bool) -> ServingStatus {
+    if ok {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+/// Runs `probe` once a second (a slow one delays the next, never piles up) until aborted.
+fn every_second<F, Fut>(mut probe: F) -> JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            checker.audit.recheck().await;
+            probe().await;
         }
-    });
-    [audit_watch, write_watch, write_probe, audit_probe]
+    })
 }
 
 /// Startup integrity check, in the background so serving does not wait for it: every stored
