@@ -380,14 +380,22 @@ impl Call {
                 Ok(c) => c,
                 Err(refused) => {
                     let (s, name) = *refused;
-                    audit_refusal(&broker, rpc, name.as_deref(), self.system_id.as_deref(), &s)
-                        .await;
+                    // Boxed, as every rare await here: inline, its future would size every
+                    // call's, past the allocator's per-thread cache (see token_route's test).
+                    Box::pin(audit_refusal(
+                        &broker,
+                        rpc,
+                        name.as_deref(),
+                        self.system_id.as_deref(),
+                        &s,
+                    ))
+                    .await;
                     break 'call Err(s);
                 }
             };
             if let Some(Err(e)) = self.id_check {
                 // Checked before the id touches the trail, a map or the store.
-                audit_refusal(&broker, rpc, Some(&caller.name), None, &e).await;
+                Box::pin(audit_refusal(&broker, rpc, Some(&caller.name), None, &e)).await;
                 break 'call Err(*e);
             }
             let mut result = f(broker.clone(), caller.clone(), message, ready).await;
@@ -425,7 +433,7 @@ impl Call {
                 .await;
             if written.is_err() && self.secret && code == Code::Ok && broker.audit.fail_closed() {
                 if let Some(name) = created {
-                    broker.withdraw_caller(&name).await;
+                    Box::pin(broker.withdraw_caller(&name)).await;
                 }
                 break 'call Err(BrokerError::Unavailable(
                     "the audit trail cannot be written; refusing to hand out secrets until it recovers"

@@ -1613,3 +1613,34 @@ fn short<T>(m: T) -> tonic::Request<T> {
     r.set_timeout(Duration::from_millis(50));
     r
 }
+
+/// An answer longer than the token route's codec buffer (1 KiB; an Entra or Atlassian access
+/// token is a JWT of a few KiB) arrives whole: on its first hand-out, encoded then, and from
+/// the bytes kept with the token after.
+#[tokio::test]
+async fn a_token_longer_than_the_routes_buffer_is_handed_out_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let asana = FakeAsana::start().await;
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    let long = format!("2/{}", "j".repeat(5000));
+    admin
+        .register_system(register_asana("long", &asana.base_url, &long, false))
+        .await
+        .unwrap();
+    let token = worker_token(&mut admin, "long-reader").await;
+    let mut worker = client(broker.addr, Some(&token)).await;
+    for _ in 0..2 {
+        let answer = worker
+            .get_access_token(pb::GetAccessTokenRequest {
+                system_id: "long".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.headers.len(), 1);
+        assert_eq!(answer.headers[0].value, format!("Bearer {long}"));
+    }
+    broker.stop().await;
+}
