@@ -260,7 +260,7 @@ impl BrokerService {
                             detail: None,
                             created_caller: None,
                         };
-                        return Ok((convert::TokenAnswer::Message(resp), audited));
+                        return Ok((convert::TokenAnswer::Message(Box::new(resp)), audited));
                     }
                 };
                 Ok((
@@ -313,10 +313,11 @@ impl BrokerService {
             )
         };
         let mut system_id = system_of(request.get_ref()).filter(|s| !s.is_empty());
-        let id_check = system_id
+        let bad_id = system_id
             .as_deref()
-            .map(|id| crate::broker::validate_system_id(id).map_err(Box::new));
-        if matches!(id_check, Some(Err(_))) {
+            .and_then(|id| crate::broker::validate_system_id(id).err())
+            .map(Box::new);
+        if bad_id.is_some() {
             system_id = None;
         }
         let authorized = broker.map(|broker| {
@@ -330,7 +331,7 @@ impl BrokerService {
             rpc,
             secret,
             system_id,
-            id_check,
+            bad_id,
             authorized,
         };
         tracing::Instrument::instrument(
@@ -346,7 +347,7 @@ struct Call {
     secret: bool,
     system_id: Option<String>,
     /// The request's system id against the id grammar (boxed: rare, keeps the future small).
-    id_check: Option<Result<(), Box<BrokerError>>>,
+    bad_id: Option<Box<BrokerError>>,
     /// `None` while the broker is starting.
     authorized: Option<(Arc<Broker>, AuthResult)>,
 }
@@ -393,7 +394,7 @@ impl Call {
                     break 'call Err(s);
                 }
             };
-            if let Some(Err(e)) = self.id_check {
+            if let Some(e) = self.bad_id {
                 // Checked before the id touches the trail, a map or the store.
                 Box::pin(audit_refusal(&broker, rpc, Some(&caller.name), None, &e)).await;
                 break 'call Err(*e);

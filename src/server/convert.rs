@@ -636,8 +636,9 @@ pub fn caller(c: &CallerRecord) -> pb::Caller {
 pub enum TokenAnswer {
     /// Cached headers.
     Issued(Arc<IssuedToken>),
-    /// An answer of its own.
-    Message(pb::GetAccessTokenResponse),
+    /// An answer of its own (boxed: a lease's answer is the rarer one, and inline it would
+    /// size every call's future, see `token_route`'s test).
+    Message(Box<pb::GetAccessTokenResponse>),
 }
 
 impl TokenAnswer {
@@ -645,7 +646,15 @@ impl TokenAnswer {
     pub fn into_message(self) -> pb::GetAccessTokenResponse {
         match self {
             Self::Issued(t) => token_response(&t),
-            Self::Message(m) => m,
+            Self::Message(m) => *m,
+        }
+    }
+
+    /// The length [`Self::encode`] appends.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Self::Issued(t) => t.answer(encoded_answer).len(),
+            Self::Message(m) => m.encoded_len(),
         }
     }
 

@@ -1614,9 +1614,9 @@ fn short<T>(m: T) -> tonic::Request<T> {
     r
 }
 
-/// An answer longer than the token route's codec buffer (1 KiB; an Entra or Atlassian access
-/// token is a JWT of a few KiB) arrives whole: on its first hand-out, encoded then, and from
-/// the bytes kept with the token after.
+/// An answer longer than the token route's codec buffer (1,000 bytes; an Entra or Atlassian
+/// access token is a JWT of a few KiB) arrives whole: on its first hand-out, encoded then, and
+/// from the bytes kept with the token after.
 #[tokio::test]
 async fn a_token_longer_than_the_routes_buffer_is_handed_out_whole() {
     let dir = tempfile::tempdir().unwrap();
