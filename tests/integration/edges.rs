@@ -1644,3 +1644,28 @@ async fn a_token_longer_than_the_routes_buffer_is_handed_out_whole() {
     }
     broker.stop().await;
 }
+
+/// `GetAccessToken` reads a request of up to 1 KiB (the token route's cap) and refuses one byte
+/// more, before anything else looks at it.
+#[tokio::test]
+async fn a_token_request_is_read_up_to_one_kib_and_refused_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path()).await;
+    let mut admin = broker.admin().await;
+    for (size, refused) in [(1024, false), (1025, true)] {
+        let request = pb::GetAccessTokenRequest {
+            // A two-byte length and a one-byte tag: the message is the id's length plus 3.
+            system_id: "s".repeat(size - 3),
+            ..Default::default()
+        };
+        assert_eq!(prost::Message::encoded_len(&request), size);
+        let e = admin.get_access_token(request).await.unwrap_err();
+        let expected = if refused {
+            Code::OutOfRange
+        } else {
+            Code::InvalidArgument
+        };
+        assert_eq!(e.code(), expected, "{size} bytes: {e:?}");
+    }
+    broker.stop().await;
+}
