@@ -181,13 +181,13 @@ fn ends_a_line(path: &std::path::Path, size: u64) -> bool {
     }
 }
 
-/// Cuts the last `written` bytes off `f`, if it still has that many (best effort).
 /// Opens the trail for appending, created owner-only.
 fn open_trail(path: &std::path::Path) -> std::io::Result<File> {
     std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), 0o600)
         .open(path)
 }
 
+/// Cuts the last `written` bytes off `f`, if it still has that many (best effort).
 fn take_back(f: &File, written: u64) {
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if written > 0 && len >= written {

@@ -346,7 +346,8 @@ struct Call {
     rpc: &'static str,
     secret: bool,
     system_id: Option<String>,
-    /// The request's system id against the id grammar (boxed: rare, keeps the future small).
+    /// Why the request's system id is outside the id grammar, if it is (boxed: rare, keeps the
+    /// future small).
     bad_id: Option<Box<BrokerError>>,
     /// `None` while the broker is starting.
     authorized: Option<(Arc<Broker>, AuthResult)>,

@@ -650,19 +650,17 @@ impl TokenAnswer {
         }
     }
 
-    /// The length [`Self::encode`] appends.
-    pub fn encoded_len(&self) -> usize {
-        match self {
-            Self::Issued(t) => t.answer(encoded_answer).len(),
-            Self::Message(m) => m.encoded_len(),
-        }
-    }
-
     /// Appends the encoded message to `buf`.
-    pub fn encode(&self, buf: &mut impl prost::bytes::BufMut) {
+    pub fn encode(&self, buf: &mut tonic::codec::EncodeBuf<'_>) {
         match self {
-            Self::Issued(t) => buf.put_slice(t.answer(encoded_answer)),
-            Self::Message(m) => m.encode_raw(buf),
+            Self::Issued(t) => prost::bytes::BufMut::put_slice(buf, t.answer(encoded_answer)),
+            Self::Message(m) => {
+                // Room for the whole message first: grown while it is written, the buffer would
+                // leave the part written so far (a lease's header) behind in a freed chunk.
+                // (`put_slice` above reserves the whole answer at once.)
+                buf.reserve(m.encoded_len());
+                m.encode_raw(buf)
+            }
         }
     }
 }

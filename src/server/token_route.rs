@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
@@ -152,14 +152,14 @@ impl Codec for TokenCodec {
     type Encode = TokenAnswer;
     type Decode = pb::GetAccessTokenRequest;
     type Encoder = AnswerEncoder;
-    type Decoder = RequestDecoder;
+    type Decoder = tonic_prost::ProstDecoder<pb::GetAccessTokenRequest>;
 
     fn encoder(&mut self) -> AnswerEncoder {
         AnswerEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder(tonic_prost::ProstDecoder::default())
+        tonic_prost::ProstDecoder::new(codec_buffer())
     }
 }
 
@@ -186,22 +186,6 @@ fn codec_buffer() -> BufferSettings {
     BufferSettings::new(CODEC_BUFFER_BYTES, 32 * 1024)
 }
 
-/// Reads a [`pb::GetAccessTokenRequest`] as prost does, into a [`CODEC_BUFFER_BYTES`] buffer.
-struct RequestDecoder(tonic_prost::ProstDecoder<pb::GetAccessTokenRequest>);
-
-impl Decoder for RequestDecoder {
-    type Item = pb::GetAccessTokenRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        self.0.decode(src)
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        codec_buffer()
-    }
-}
-
 /// Writes a [`TokenAnswer`] into a [`CODEC_BUFFER_BYTES`] buffer.
 struct AnswerEncoder;
 
@@ -210,9 +194,6 @@ impl Encoder for AnswerEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: TokenAnswer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // Room for the whole answer first: grown while a message is written, the buffer would
-        // leave the part written so far (a lease's header) behind in a freed chunk.
-        dst.reserve(item.encoded_len());
         item.encode(dst);
         Ok(())
     }
