@@ -793,19 +793,21 @@ mod tests {
         assert_eq!(audit.batches_written(), 1);
     }
 
+    /// An audit trail whose file is `/dev/full` (opens, every write fails), in `dir`.
+    fn on_dev_full(dir: &std::path::Path) -> (Audit, std::path::PathBuf) {
+        let path = dir.join("audit.log");
+        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+        let config = AuditConfig {
+            file: Some(path.clone()),
+            ..Default::default()
+        };
+        (Audit::new(config, [1; 32].into()), path)
+    }
+
     #[tokio::test]
     async fn unwritable_sink_is_reported_and_recovers() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        #[cfg(unix)]
-        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
-        let audit = Audit::new(
-            AuditConfig {
-                file: Some(path.clone()),
-                ..Default::default()
-            },
-            [1; 32].into(),
-        );
+        let (audit, path) = on_dev_full(dir.path());
         let ev = AuditEvent::now("x", "ok", "OK");
         assert!(audit.record(&ev).await.is_err());
         assert!(!audit.is_healthy());
@@ -819,15 +821,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_sink_is_rechecked_at_a_growing_interval() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        std::os::unix::fs::symlink("/dev/full", &path).unwrap();
-        let audit = Audit::new(
-            AuditConfig {
-                file: Some(path.clone()),
-                ..Default::default()
-            },
-            [1; 32].into(),
-        );
+        let (audit, path) = on_dev_full(dir.path());
         audit.recheck().await;
         assert_eq!(audit.batches_written(), 0, "a healthy sink is left alone");
         audit.check_at_start();
