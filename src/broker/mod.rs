@@ -93,6 +93,9 @@ impl Unwritten {
     }
 }
 
+/// How long the last audit lines may take to be written at shutdown.
+const AUDIT_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The least time between two counts of the systems for `/metrics`.
 const COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// The longest one count of the systems for `/metrics` may take.
@@ -1549,8 +1552,14 @@ impl Broker {
         }
     }
 
-    /// Flushes the store (at shutdown).
+    /// Writes what is pending (at shutdown): the audit trail's lines (for at most
+    /// [`AUDIT_DRAIN`]), then the store.
     pub async fn flush(&self) -> Result<(), BrokerError> {
+        // Lines whose calls did not wait for them (system events) reach the trail before the
+        // process ends with its writer thread.
+        if !self.audit.drain(AUDIT_DRAIN).await {
+            tracing::warn!(message = "Audit lines not yet written are lost with this stop.");
+        }
         Ok(self.store.flush().await?)
     }
 

@@ -483,6 +483,97 @@ async fn a_failed_trail_is_found_at_start_and_tried_again_without_calls() {
     task.await.unwrap().unwrap();
 }
 
+/// A trail that stops taking writes (a stdout pipe nobody reads, a stalled disk) was written on
+/// the runtime's thread, and took every call, health and `/readyz` down with it. Now the call
+/// whose line waits fails closed within seconds and later ones at once, health and `/readyz`
+/// answer meanwhile (NOT_SERVING, 503), and all recovers once the trail takes writes again. On
+/// one thread, as the broker runs on one core.
+#[tokio::test(flavor = "current_thread")]
+async fn a_trail_that_stops_taking_writes_fails_closed_and_holds_up_nothing_else() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("audit.pipe");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success());
+    // Held open to read and write: the broker's opens need no reader, and nothing is read
+    // until the test reads.
+    let mut pipe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let fake = FakeAsana::start().await;
+    fake.add_user(PAT, "1", "U", "u@example.com");
+    let mut config = test_config(dir.path());
+    config.audit.file = Some(fifo.clone());
+    let broker = TestBroker::start_with(config).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register_asana("stall", &fake.base_url, PAT, true))
+        .await
+        .unwrap();
+    let w = admin
+        .create_caller(worker_req("stall-worker", &["stall"], &[], None))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut worker = client(broker.addr, Some(&w)).await;
+    worker.get_access_token(tok("stall")).await.unwrap();
+    // The pipe is filled to the brim by a writer of our own, which then waits as the broker's
+    // writes will.
+    let mut filler = pipe.try_clone().unwrap();
+    std::thread::spawn(move || filler.write_all(&vec![b'\n'; 1 << 20]));
+    let refused = loop {
+        let call = worker.get_access_token(tok("stall"));
+        match tokio::time::timeout(Duration::from_secs(20), call).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => break e,
+            Err(_) => panic!("a call waited for a stalled trail past its limit"),
+        }
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("audit"), "{}", refused.message());
+    wait_for_health(broker.addr, ServingStatus::NotServing).await;
+    let readyz = format!("http://{}/readyz", broker.http_addr);
+    assert_eq!(reqwest::get(&readyz).await.unwrap().status().as_u16(), 503);
+    // Later calls are answered at once: secrets refused, the rest served.
+    let again = tokio::time::timeout(
+        Duration::from_secs(2),
+        worker.get_access_token(tok("stall")),
+    )
+    .await
+    .expect("a later call waited behind the stalled write");
+    assert_eq!(again.unwrap_err().code(), Code::Unavailable);
+    let listed = tokio::time::timeout(
+        Duration::from_secs(2),
+        admin.list_systems(pb::ListSystemsRequest::default()),
+    )
+    .await
+    .expect("a call that hands out no secret waited behind the stalled write");
+    assert_eq!(listed.unwrap().into_inner().systems.len(), 1);
+    // The pipe is read again: the write returns, and the broker serves.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reading = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0; 1 << 16];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            reading.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    wait_for_health(broker.addr, ServingStatus::Serving).await;
+    let t = worker.get_access_token(tok("stall")).await.unwrap();
+    assert!(t.into_inner().headers.iter().any(|h| h.value.contains(PAT)));
+    assert_eq!(reqwest::get(&readyz).await.unwrap().status().as_u16(), 200);
+    broker.stop().await;
+    let seen = String::from_utf8(seen.lock().unwrap().clone()).unwrap();
+    assert!(seen.contains(r#""rpc":"GetAccessToken""#), "{seen}");
+    for secret in [PAT, w.as_str()] {
+        assert!(!seen.contains(secret), "a secret is in the audit trail");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_is_audited_and_tokens_fail_closed_without_the_trail() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,18 +14,24 @@
 //! one `write`), and every call waits until the batch holding its event has been written, so an
 //! RPC still answers only after its audit line is in the file, and still fails closed when it is
 //! not. Under load this turns one `stat` + one `write` per call into one per batch.
+//!
+//! The batches are written by a thread of their own ([`writer`]), never on the async runtime: a
+//! sink that blocks holds up only the calls waiting for their lines, and those fail closed after
+//! a few seconds ([`writer::WRITE_LIMIT`]) while every other call, health and `/readyz` go on.
 
-use std::fs::{File, OpenOptions};
+mod sink;
+mod writer;
+
 use std::future::Future;
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
-use tokio::sync::{watch, Notify};
+
+use tokio::sync::watch;
+use writer::{Batch, Writer, Written};
 
 /// Default size at which the audit file is rotated.
 pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
@@ -119,27 +125,6 @@ impl<'a> AuditEvent<'a> {
 #[error("audit sink unavailable: {0}")]
 pub struct AuditError(String);
 
-/// The outcome of one batch, shared by every call whose event is in it.
-#[derive(Default)]
-struct Written {
-    result: OnceLock<Result<(), AuditError>>,
-    notify: Notify,
-}
-
-impl Written {
-    async fn wait(&self) -> Result<(), AuditError> {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(r) = self.result.get() {
-                return r.clone();
-            }
-            notified.await;
-        }
-    }
-}
-
 /// The batch being filled.
 #[derive(Default)]
 struct Pending {
@@ -150,80 +135,37 @@ struct Pending {
     written: Arc<Written>,
 }
 
-/// Writes the open batch when dropped: the leader's future may be cancelled (a client that goes
-/// away) and the other calls of its batch must not wait forever.
-struct Leader<'a>(&'a Audit);
+/// How a call joined its batch.
+enum Joined<'a> {
+    Leader(Leader<'a>),
+    Follower(Arc<Written>),
+}
+
+/// The call that leads a batch. Dropped before it handed the batch over (its future may be
+/// cancelled: a client that goes away), it hands it over then, and once gone it leaves waking the
+/// batch's other calls to whoever settles it: they must not wait forever.
+struct Leader<'a> {
+    audit: &'a Audit,
+    written: Arc<Written>,
+    handed_over: bool,
+}
+
+impl Leader<'_> {
+    /// Hands the batch to the writer, then waits for it and wakes its other calls.
+    async fn lead(mut self) -> Result<(), AuditError> {
+        self.audit.flush();
+        self.handed_over = true;
+        self.written.lead().await
+    }
+}
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        self.0.flush();
-    }
-}
-
-struct FileSink {
-    path: PathBuf,
-    file: Option<File>,
-    size: u64,
-    /// (device, inode) of the open file, to notice external rotation or removal.
-    id: Option<(u64, u64)>,
-    /// The file's last line is unended (cut short by a crash or a failed write).
-    torn: bool,
-}
-
-/// Whether the last byte (of `size`) of the file at `path` ends a line; true when it cannot
-/// be read (the trail may be writable only, and is written on regardless).
-fn ends_a_line(path: &std::path::Path, size: u64) -> bool {
-    use std::os::unix::fs::FileExt;
-    let mut last = [0u8; 1];
-    match File::open(path).and_then(|f| f.read_at(&mut last, size.saturating_sub(1))) {
-        Ok(1) => last[0] == b'\n',
-        _ => true,
-    }
-}
-
-/// Opens the trail for appending, created owner-only.
-fn open_trail(path: &std::path::Path) -> std::io::Result<File> {
-    std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), 0o600)
-        .open(path)
-}
-
-/// Cuts the last `written` bytes off `f`, if it still has that many (best effort).
-fn take_back(f: &File, written: u64) {
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if written > 0 && len >= written {
-        let _ = f.set_len(len - written);
-    }
-}
-
-/// Appends `parts` to `f` (opened to append); how many bytes reached it, and whether all did.
-fn append(f: &mut File, parts: &[&[u8]]) -> (u64, std::io::Result<()>) {
-    let mut written = 0u64;
-    for part in parts {
-        let mut rest = *part;
-        while !rest.is_empty() {
-            match f.write(rest) {
-                Ok(0) => return (written, Err(std::io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    written += n as u64;
-                    rest = &rest[n..];
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return (written, Err(e)),
-            }
+        if !self.handed_over {
+            self.audit.flush();
         }
+        self.written.leader_gone();
     }
-    (written, f.flush())
-}
-
-#[cfg(unix)]
-fn file_id(m: &std::fs::Metadata) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    Some((m.dev(), m.ino()))
-}
-
-#[cfg(not(unix))]
-fn file_id(_: &std::fs::Metadata) -> Option<(u64, u64)> {
-    None
 }
 
 /// The audit writer.
@@ -231,12 +173,9 @@ pub struct Audit {
     config: AuditConfig,
     /// HMAC-SHA256 keyed once; cloned per token.
     mac: Option<Hmac<Sha256>>,
-    file: Mutex<Option<FileSink>>,
     pending: Mutex<Pending>,
-    /// Batches written (each one `write` per sink).
-    batches: std::sync::atomic::AtomicU64,
-    /// Whether the last write succeeded (and who wants to know when that changes).
-    health_tx: watch::Sender<bool>,
+    /// The thread that writes the batches, and the trail's health.
+    writer: Arc<Writer>,
     /// Lines for refused and unauthenticated calls in the current second: (second, count).
     refusals: std::sync::Mutex<(u64, u32)>,
     /// While the sink fails: when [`Audit::recheck`] may try it next, and the wait after that.
@@ -265,23 +204,13 @@ impl std::fmt::Debug for Audit {
 impl Audit {
     /// An audit writer with `key` for token HMACs.
     pub fn new(config: AuditConfig, key: crate::crypto::SubKey) -> Self {
-        let file = config.file.clone().map(|path| FileSink {
-            path,
-            file: None,
-            size: 0,
-            id: None,
-            torn: false,
-        });
-        let (health_tx, _) = watch::channel(true);
         Self {
-            config,
             mac: <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes()).ok(),
-            file: Mutex::new(file),
             pending: Mutex::new(Pending::default()),
-            batches: std::sync::atomic::AtomicU64::new(0),
+            writer: Writer::start(&config),
             refusals: std::sync::Mutex::new((0, 0)),
             rechecks: std::sync::Mutex::new(None),
-            health_tx,
+            config,
         }
     }
 
@@ -313,17 +242,17 @@ impl Audit {
 
     /// True while the last write succeeded.
     pub fn is_healthy(&self) -> bool {
-        *self.health_tx.borrow()
+        self.writer.is_healthy()
     }
 
     /// How many batches have been written so far.
     pub fn batches_written(&self) -> u64 {
-        self.batches.load(Ordering::Relaxed)
+        self.writer.batches_written()
     }
 
     /// A receiver that sees health changes.
     pub fn health(&self) -> watch::Receiver<bool> {
-        self.health_tx.subscribe()
+        self.writer.health()
     }
 
     /// HMAC-SHA256 of `value` under the installation's audit key, hex (first 16 bytes).
@@ -337,8 +266,9 @@ impl Audit {
 
     /// Writes one event to every sink; the future resolves once the batch holding it has been
     /// written. The event joins its batch right away (so the future holds only a few pointers,
-    /// not the event); the first call of a batch leads it, and its future writes the batch when
-    /// polled after one scheduler yield, or when dropped.
+    /// not the event); the first call of a batch leads it: its future hands the batch to the
+    /// writer thread when polled after one scheduler yield (or when dropped), and wakes the
+    /// batch's other calls once it is written.
     pub fn record<'s>(
         &'s self,
         event: &AuditEvent<'_>,
@@ -356,20 +286,31 @@ impl Audit {
                     p.lines.push(b'\n');
                     p.events += 1;
                     let lead = !std::mem::replace(&mut p.led, true);
-                    // Not `then_some`: a `Leader` built and dropped here would write the batch
-                    // under this lock.
-                    Ok((p.written.clone(), lead.then(|| Leader(self))))
+                    if lead {
+                        p.written.led();
+                    }
+                    let written = p.written.clone();
+                    Ok(if lead {
+                        Joined::Leader(Leader {
+                            audit: self,
+                            written,
+                            handed_over: false,
+                        })
+                    } else {
+                        Joined::Follower(written)
+                    })
                 }
             }
         };
         async move {
-            let (written, leader) = joined?;
-            if let Some(leader) = leader {
-                // Let the calls that are ready in this tick join the batch, then write it.
-                tokio::task::yield_now().await;
-                drop(leader);
+            match joined? {
+                Joined::Follower(written) => written.wait().await,
+                Joined::Leader(leader) => {
+                    // Let the calls that are ready in this tick join the batch, then write it.
+                    tokio::task::yield_now().await;
+                    leader.lead().await
+                }
             }
-            written.wait().await
         }
     }
 
@@ -377,8 +318,10 @@ impl Audit {
     /// the broker healthy again. Without it a failed trail was tried only by calls, and once a
     /// load balancer had taken the broker out of service for it, none came: it stayed unready
     /// after the disk was freed. Does nothing while the sink is healthy; while it fails, tries
-    /// at once, then after 1 s, 2 s, … and every 15 s at most.
+    /// at once, then after 1 s, 2 s, … and every 15 s at most. First, fails the calls of a
+    /// write that has stalled ([`writer::WRITE_LIMIT`]).
     pub async fn recheck(&self) {
+        self.writer.fail_stalled();
         if !self.recheck_due() {
             return;
         }
@@ -386,7 +329,9 @@ impl Audit {
             detail: Some("a check of the trail, which could not be written before"),
             ..AuditEvent::now("AuditCheck", "ok", "OK")
         };
-        let _ = self.record(&line).await;
+        // Bounded: this probe is what fails a stalled write's calls, and must not wait behind
+        // it for ever itself.
+        let _ = tokio::time::timeout(writer::WRITE_LIMIT, self.record(&line)).await;
     }
 
     /// Whether [`Self::recheck`] should try the sink now (and when it may next).
@@ -413,135 +358,49 @@ impl Audit {
         let Some(path) = self.config.file.as_deref() else {
             return;
         };
-        if let Err(e) = open_trail(path) {
-            self.health_tx.send_replace(false);
-            tracing::error!(message = "Audit sink failed.", error = %e);
+        if let Err(e) = sink::open_trail(path) {
+            self.writer.report(&AuditError(e.to_string()));
         }
     }
 
-    /// Writes the open batch (called by its leader). Batches reach the file in the order they
-    /// were closed: the file lock is taken before the batch is.
+    /// Waits (at most `within`) until every line recorded before it is written; whether they
+    /// were. At shutdown, so lines whose calls did not wait for them (system events) are not
+    /// lost with the process.
+    pub async fn drain(&self, within: std::time::Duration) -> bool {
+        let written = crate::util::sync::lock(&self.pending).written.clone();
+        self.flush();
+        matches!(
+            tokio::time::timeout(within, written.wait()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Hands the open batch to the writer (called by its leader). Batches reach the sinks in
+    /// the order they were closed: each is queued under the lock that closes it.
     fn flush(&self) {
-        let mut file = crate::util::sync::lock(&self.file);
-        let (lines, events, written) = {
-            let mut p = crate::util::sync::lock(&self.pending);
-            // The next batch starts with room for one like this (one allocation, not a dozen
-            // while it grows).
-            let room = Vec::with_capacity(p.lines.len().min(1 << 20));
-            let taken = std::mem::replace(
-                &mut *p,
-                Pending {
-                    lines: room,
-                    ..Pending::default()
-                },
-            );
-            (taken.lines, taken.events, taken.written)
-        };
-        if lines.is_empty() {
-            let _ = written.result.set(Ok(()));
-            written.notify.notify_waiters();
-            return;
-        }
-        let result = self.write_batch(&mut file, &lines);
-        drop(file);
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        let ok = result.is_ok();
-        if !ok {
-            for _ in 0..events {
-                crate::metrics::METRICS.audit_error();
-            }
-        }
-        let changed = self.health_tx.send_if_modified(|healthy| {
-            let changed = *healthy != ok;
-            *healthy = ok;
-            changed
+        let mut p = crate::util::sync::lock(&self.pending);
+        // The next batch starts with room for one like this (one allocation, not a dozen while
+        // it grows).
+        let room = Vec::with_capacity(p.lines.len().min(1 << 20));
+        let taken = std::mem::replace(
+            &mut *p,
+            Pending {
+                lines: room,
+                ..Pending::default()
+            },
+        );
+        self.writer.hand_over(Batch {
+            lines: taken.lines,
+            events: taken.events,
+            written: taken.written,
         });
-        if changed {
-            if ok {
-                tracing::info!(message = "Audit sink recovered.");
-            } else {
-                tracing::error!(message = "Audit sink failed.", error = %result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
-            }
-        }
-        let _ = written.result.set(result);
-        written.notify.notify_waiters();
     }
+}
 
-    fn write_batch(&self, guard: &mut Option<FileSink>, line: &[u8]) -> Result<(), AuditError> {
-        if self.config.stdout {
-            let mut out = std::io::stdout().lock();
-            out.write_all(line)
-                .and_then(|_| out.flush())
-                .map_err(|e| AuditError(e.to_string()))?;
-        }
-        let Some(sink) = guard.as_mut() else {
-            return Ok(());
-        };
-        if sink.size + line.len() as u64 > self.config.max_bytes && sink.size > 0 {
-            self.rotate(sink);
-        }
-        // Follow the path: after an external rotation, removal or replacement, reopen it.
-        if sink.file.is_some() {
-            let current = std::fs::metadata(&sink.path).ok().and_then(|m| file_id(&m));
-            if current.is_none() || current != sink.id {
-                sink.file = None;
-            }
-        }
-        if sink.file.is_none() {
-            let f = open_trail(&sink.path).map_err(|e| AuditError(e.to_string()))?;
-            let meta = f.metadata().ok();
-            sink.size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
-            sink.torn = sink.size > 0 && !ends_a_line(&sink.path, sink.size);
-            sink.id = std::fs::metadata(&sink.path)
-                .ok()
-                .and_then(|m| file_id(&m))
-                .or_else(|| meta.as_ref().and_then(file_id));
-            sink.file = Some(f);
-        }
-        // A line cut short before (a crash mid-write) is ended first, so the next one stands
-        // on its own line.
-        let start: &[u8] = if sink.torn { b"\n" } else { b"" };
-        let Some(f) = sink.file.as_mut() else {
-            return Ok(());
-        };
-        let (written, res) = append(f, &[start, line]);
-        match res {
-            Ok(()) => {
-                sink.size += written;
-                sink.torn = false;
-                Ok(())
-            }
-            Err(e) => {
-                // The part of the batch that reached the file is cut off again (a full disk
-                // takes a line's head and refuses its tail), else the next batch's first line
-                // would be glued to it: the file shrinks by exactly those bytes, from its end
-                // as it is now (a copy-truncate rotation may have emptied it meanwhile), never
-                // grows. If that fails too, the reopen finds the line unended. Reopened next
-                // time: the file may have been replaced or the disk freed.
-                if let Some(f) = sink.file.take() {
-                    take_back(&f, written);
-                }
-                Err(AuditError(e.to_string()))
-            }
-        }
-    }
-
-    fn rotate(&self, sink: &mut FileSink) {
-        sink.file = None;
-        let name = |i: usize| {
-            let mut p = sink.path.clone().into_os_string();
-            p.push(format!(".{i}"));
-            PathBuf::from(p)
-        };
-        for i in (1..self.config.keep).rev() {
-            let _ = std::fs::rename(name(i), name(i + 1));
-        }
-        if self.config.keep > 0 {
-            let _ = std::fs::rename(&sink.path, name(1));
-        } else {
-            let _ = std::fs::remove_file(&sink.path);
-        }
-        sink.size = 0;
+impl Drop for Audit {
+    /// The thread writes what is queued, then ends.
+    fn drop(&mut self) {
+        self.writer.close();
     }
 }
 
@@ -742,9 +601,14 @@ mod tests {
                 assert!(text.contains(&format!("\"{name}\"")), "{name} missing");
             }));
         }
-        for t in tasks {
-            t.await.unwrap();
-        }
+        let joined = async {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), joined)
+            .await
+            .expect("calls of a written batch were never woken");
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 400);
         assert!(text
@@ -793,6 +657,48 @@ mod tests {
         assert_eq!(audit.batches_written(), 1);
     }
 
+    /// Sets its flag when woken.
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The writer thread wakes a batch's leader only; a leader that goes after that, before it
+    /// woke the others, wakes them as it goes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_leader_gone_after_its_batch_was_written_still_wakes_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig {
+            file: Some(dir.path().join("audit.log")),
+            ..Default::default()
+        };
+        let audit = Audit::new(config, [6; 32].into());
+        let leader_event = event("leader");
+        let mut leader = Box::pin(audit.record(&leader_event));
+        assert!(poll_once(leader.as_mut()).await.is_pending());
+        let follower_event = event("follower");
+        let follower = audit.record(&follower_event);
+        tokio::pin!(follower);
+        assert!(poll_once(follower.as_mut()).await.is_pending());
+        // Polled again with a waker of its own: it hands the batch over and waits.
+        let woken = Arc::new(Flag::default());
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(leader.as_mut().poll(&mut cx).is_pending());
+        while !woken.0.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        drop(leader);
+        tokio::time::timeout(std::time::Duration::from_secs(5), follower)
+            .await
+            .expect("the others of a batch whose leader went were never woken")
+            .unwrap();
+    }
+
     /// An audit trail whose file is `/dev/full` (opens, every write fails), in `dir`.
     fn on_dev_full(dir: &std::path::Path) -> (Audit, std::path::PathBuf) {
         let path = dir.join("audit.log");
@@ -814,6 +720,77 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(audit.record(&ev).await.is_ok());
         assert!(audit.is_healthy());
+    }
+
+    /// A trail whose sink stopped taking writes (a pipe nobody reads; `path` is one, held
+    /// open by the returned handle, which reads nothing until asked).
+    fn on_a_stalled_pipe(dir: &std::path::Path) -> (Audit, std::fs::File) {
+        let path = dir.join("audit.pipe");
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success());
+        let pipe = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let config = AuditConfig {
+            file: Some(path),
+            ..Default::default()
+        };
+        (Audit::new(config, [2; 32].into()), pipe)
+    }
+
+    /// A write that does not return holds up only the calls whose lines wait for it: they fail
+    /// once it has taken the limit, later ones are refused at once, and the trail is unhealthy
+    /// until the write returns. Lines are never written on the caller's thread.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stalled_write_fails_its_calls_and_refuses_new_ones_until_it_returns() {
+        use std::io::Read;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, mut pipe) = on_a_stalled_pipe(dir.path());
+        // Twice what the pipe holds: the write blocks half way.
+        let long = "x".repeat(128 << 10);
+        let stuck_event = AuditEvent {
+            detail: Some(&long),
+            ..event("stuck")
+        };
+        let stuck = audit.record(&stuck_event);
+        tokio::pin!(stuck);
+        assert!(poll_once(stuck.as_mut()).await.is_pending());
+        assert!(!audit.drain(Duration::from_millis(100)).await);
+        while !audit.writer.age_busy() {
+            tokio::task::yield_now().await;
+        }
+        audit.recheck().await;
+        let e = tokio::time::timeout(Duration::from_secs(5), stuck)
+            .await
+            .expect("the calls of a stalled write were left waiting");
+        assert!(e.unwrap_err().to_string().contains("no write"));
+        assert!(!audit.is_healthy());
+        let later = tokio::time::timeout(Duration::from_secs(5), audit.record(&event("later")))
+            .await
+            .expect("a new line waited behind a stalled write");
+        assert!(later.is_err());
+        // The pipe is read again: the write returns, and the trail is healthy.
+        let mut health = audit.health();
+        let reader = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = vec![0; 1 << 16];
+            while !String::from_utf8_lossy(&seen).contains("\"after\"") {
+                let n = pipe.read(&mut buf).unwrap();
+                seen.extend_from_slice(&buf[..n]);
+            }
+            seen
+        });
+        tokio::time::timeout(Duration::from_secs(10), health.wait_for(|ok| *ok))
+            .await
+            .unwrap()
+            .unwrap();
+        audit.record(&event("after")).await.unwrap();
+        assert!(audit.drain(Duration::from_secs(5)).await);
+        let seen = String::from_utf8(reader.join().unwrap()).unwrap();
+        assert!(seen.contains("\"stuck\"") && !seen.contains("\"later\""));
     }
 
     /// A failing sink is tried again at once, then after a growing wait: a probe every second
