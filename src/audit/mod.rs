@@ -318,10 +318,8 @@ impl Audit {
     /// the broker healthy again. Without it a failed trail was tried only by calls, and once a
     /// load balancer had taken the broker out of service for it, none came: it stayed unready
     /// after the disk was freed. Does nothing while the sink is healthy; while it fails, tries
-    /// at once, then after 1 s, 2 s, … and every 15 s at most. First, fails the calls of a
-    /// write that has stalled ([`writer::WRITE_LIMIT`]).
+    /// at once, then after 1 s, 2 s, … and every 15 s at most.
     pub async fn recheck(&self) {
-        self.writer.fail_stalled();
         if !self.recheck_due() {
             return;
         }
@@ -329,8 +327,7 @@ impl Audit {
             detail: Some("a check of the trail, which could not be written before"),
             ..AuditEvent::now("AuditCheck", "ok", "OK")
         };
-        // Bounded: this probe is what fails a stalled write's calls, and must not wait behind
-        // it for ever itself.
+        // Bounded: behind a stalled write it would wait as long as the write.
         let _ = tokio::time::timeout(writer::WRITE_LIMIT, self.record(&line)).await;
     }
 
@@ -367,33 +364,46 @@ impl Audit {
     /// were. At shutdown, so lines whose calls did not wait for them (system events) are not
     /// lost with the process.
     pub async fn drain(&self, within: std::time::Duration) -> bool {
-        let written = crate::util::sync::lock(&self.pending).written.clone();
         self.flush();
-        matches!(
-            tokio::time::timeout(within, written.wait()).await,
-            Ok(Ok(()))
-        )
+        // A mark behind them, which only the thread settles (a batch's leader may not run
+        // again to wake others).
+        let mark = Arc::new(Written::default());
+        let queued = self.writer.hand_over(Batch {
+            lines: Vec::new(),
+            events: 0,
+            written: mark.clone(),
+        });
+        if let Err((batch, e)) = queued {
+            writer::fail(batch, e);
+        }
+        matches!(tokio::time::timeout(within, mark.wait()).await, Ok(Ok(())))
     }
 
     /// Hands the open batch to the writer (called by its leader). Batches reach the sinks in
     /// the order they were closed: each is queued under the lock that closes it.
     fn flush(&self) {
-        let mut p = crate::util::sync::lock(&self.pending);
-        // The next batch starts with room for one like this (one allocation, not a dozen while
-        // it grows).
-        let room = Vec::with_capacity(p.lines.len().min(1 << 20));
-        let taken = std::mem::replace(
-            &mut *p,
-            Pending {
-                lines: room,
-                ..Pending::default()
-            },
-        );
-        self.writer.hand_over(Batch {
-            lines: taken.lines,
-            events: taken.events,
-            written: taken.written,
-        });
+        let refused = {
+            let mut p = crate::util::sync::lock(&self.pending);
+            // The next batch starts with room for one like this (one allocation, not a dozen
+            // while it grows).
+            let room = Vec::with_capacity(p.lines.len().min(1 << 20));
+            let taken = std::mem::replace(
+                &mut *p,
+                Pending {
+                    lines: room,
+                    ..Pending::default()
+                },
+            );
+            self.writer.hand_over(Batch {
+                lines: taken.lines,
+                events: taken.events,
+                written: taken.written,
+            })
+        };
+        // Failed once no lock is held.
+        if let Err((batch, e)) = refused {
+            writer::fail(batch, e);
+        }
     }
 }
 
@@ -689,7 +699,12 @@ mod tests {
         let waker = std::task::Waker::from(woken.clone());
         let mut cx = std::task::Context::from_waker(&waker);
         assert!(leader.as_mut().poll(&mut cx).is_pending());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !woken.0.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the leader was never woken"
+            );
             tokio::task::yield_now().await;
         }
         drop(leader);
@@ -749,8 +764,8 @@ mod tests {
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
         let (audit, mut pipe) = on_a_stalled_pipe(dir.path());
-        // Twice what the pipe holds: the write blocks half way.
-        let long = "x".repeat(128 << 10);
+        // More than any pipe holds (64 KiB, 1 MiB with 64-KiB pages): the write blocks.
+        let long = "x".repeat(4 << 20);
         let stuck_event = AuditEvent {
             detail: Some(&long),
             ..event("stuck")
@@ -759,10 +774,15 @@ mod tests {
         tokio::pin!(stuck);
         assert!(poll_once(stuck.as_mut()).await.is_pending());
         assert!(!audit.drain(Duration::from_millis(100)).await);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !audit.writer.age_busy() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the write never began"
+            );
             tokio::task::yield_now().await;
         }
-        audit.recheck().await;
+        audit.writer.fail_stalled();
         let e = tokio::time::timeout(Duration::from_secs(5), stuck)
             .await
             .expect("the calls of a stalled write were left waiting");
@@ -774,22 +794,25 @@ mod tests {
         assert!(later.is_err());
         // The pipe is read again: the write returns, and the trail is healthy.
         let mut health = audit.health();
-        let reader = std::thread::spawn(move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
             let mut seen = Vec::new();
             let mut buf = vec![0; 1 << 16];
             while !String::from_utf8_lossy(&seen).contains("\"after\"") {
                 let n = pipe.read(&mut buf).unwrap();
                 seen.extend_from_slice(&buf[..n]);
             }
-            seen
+            tx.send(seen).unwrap();
         });
         tokio::time::timeout(Duration::from_secs(10), health.wait_for(|ok| *ok))
             .await
             .unwrap()
             .unwrap();
-        audit.record(&event("after")).await.unwrap();
+        let after = tokio::time::timeout(Duration::from_secs(5), audit.record(&event("after")));
+        after.await.unwrap().unwrap();
         assert!(audit.drain(Duration::from_secs(5)).await);
-        let seen = String::from_utf8(reader.join().unwrap()).unwrap();
+        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let seen = String::from_utf8(seen).unwrap();
         assert!(seen.contains("\"stuck\"") && !seen.contains("\"later\""));
     }
 

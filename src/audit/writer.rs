@@ -134,27 +134,32 @@ pub(super) struct Batch {
 #[derive(Default)]
 struct Queue {
     batches: VecDeque<Batch>,
+    /// Bytes of lines queued or being written.
     bytes: usize,
     /// Since when the batches being written have been, while some are.
     busy: Option<Instant>,
-    /// Those batches' outcomes.
-    writing: Vec<Arc<Written>>,
+    /// Those batches' outcomes, and their lines.
+    writing: Vec<(Arc<Written>, u64)>,
     /// The thread waits for a batch (and must be woken for one).
     asleep: bool,
-    /// Why no batch is taken any more (the trail was dropped, or the thread did not start).
+    /// Why no batch is taken any more (the trail was dropped, or the thread did not start or
+    /// stopped).
     closed: Option<&'static str>,
 }
 
 impl Queue {
+    /// A write under way has taken [`WRITE_LIMIT`].
+    fn stalled(&self) -> bool {
+        self.busy
+            .is_some_and(|since| since.elapsed() >= WRITE_LIMIT)
+    }
+
     /// Why a batch of `len` bytes is refused, if it is.
     fn refusal(&self, len: usize) -> Option<AuditError> {
         if let Some(why) = self.closed {
             return Some(AuditError(why.to_owned()));
         }
-        if self
-            .busy
-            .is_some_and(|since| since.elapsed() >= WRITE_LIMIT)
-        {
+        if self.stalled() {
             return Some(stalled());
         }
         (self.bytes + len > MAX_QUEUED_BYTES)
@@ -169,19 +174,25 @@ fn stalled() -> AuditError {
     ))
 }
 
+/// Lines taken for one `write`: whole batches up to this many bytes (at least one batch), so
+/// a thread that fell behind catches up in few writes, and a slow sink that still moves is
+/// timed per megabyte, not per backlog.
+const TAKE_BYTES: usize = 1 << 20;
+
 /// What the calls and the writer thread share.
 pub(super) struct Writer {
     queue: Mutex<Queue>,
     wake: Condvar,
     /// Batches written (each one `write` per sink).
     batches: AtomicU64,
-    /// Whether the last write succeeded (and who wants to know when that changes).
+    /// Whether the last write succeeded (and who wants to know when that changes). Changed
+    /// only under the queue's lock, so the last decision stands.
     health_tx: watch::Sender<bool>,
 }
 
 impl Writer {
-    /// Starts the thread. If it cannot start, every batch is refused (secret-returning calls
-    /// fail closed) and the trail reports unhealthy.
+    /// Starts the writer thread and its watchdog. If either cannot start, every batch is
+    /// refused (secret-returning calls fail closed) and the trail reports unhealthy.
     pub(super) fn start(config: &AuditConfig) -> Arc<Self> {
         let writer = Arc::new(Self {
             queue: Mutex::new(Queue::default()),
@@ -190,12 +201,17 @@ impl Writer {
             health_tx: watch::channel(true).0,
         });
         let (worker, sinks) = (writer.clone(), Sinks::new(config));
-        let spawned = std::thread::Builder::new()
+        let watched = Arc::downgrade(&writer);
+        let started = std::thread::Builder::new()
             .name("audit-writer".to_owned())
-            .spawn(move || worker.run(sinks));
-        if let Err(e) = spawned {
-            lock(&writer.queue).closed = Some("the audit writer thread could not start");
-            writer.set_health(Some(&AuditError(e.to_string())));
+            .spawn(move || worker.run(sinks))
+            .and_then(|_| {
+                std::thread::Builder::new()
+                    .name("audit-watchdog".to_owned())
+                    .spawn(move || watch_for_stalls(&watched))
+            });
+        if let Err(e) = started {
+            writer.stop("the audit writer thread could not start", &e.to_string());
         }
         writer
     }
@@ -214,16 +230,19 @@ impl Writer {
 
     /// Marks the trail unhealthy (a trail that cannot be opened at start).
     pub(super) fn report(&self, error: &AuditError) {
-        self.set_health(Some(error));
+        let changed = self.publish(&mut lock(&self.queue), false);
+        log_health(changed, Some(error));
     }
 
-    /// Queues `batch`; a refused one is failed here.
-    pub(super) fn hand_over(&self, batch: Batch) {
+    /// Queues `batch`; a refused one is handed back with why (and health says so), to be
+    /// failed by the caller once it holds no lock.
+    pub(super) fn hand_over(&self, batch: Batch) -> Result<(), (Batch, AuditError)> {
         let mut q = lock(&self.queue);
         if let Some(e) = q.refusal(batch.lines.len()) {
+            let changed = self.publish(&mut q, false);
             drop(q);
-            self.finish(&batch, Err(e));
-            return;
+            log_health(changed, Some(&e));
+            return Err((batch, e));
         }
         q.bytes += batch.lines.len();
         q.batches.push_back(batch);
@@ -233,27 +252,33 @@ impl Writer {
         if asleep {
             self.wake.notify_one();
         }
+        Ok(())
     }
 
     /// When a write has taken [`WRITE_LIMIT`]: fails its calls and those of every batch queued
     /// behind it (their lines are dropped, and counted), and reports the trail unhealthy. The
-    /// write itself cannot be stopped; when it returns, its outcome sets health again.
+    /// write itself cannot be stopped; it may still land its lines, and when it returns its
+    /// outcome sets health again.
     pub(super) fn fail_stalled(&self) {
-        let (stuck, queued) = {
+        let (stuck, queued, changed) = {
             let mut q = lock(&self.queue);
-            if q.busy.is_none_or(|since| since.elapsed() < WRITE_LIMIT) {
+            if !q.stalled() {
                 return;
             }
-            q.bytes = 0;
-            (q.writing.clone(), std::mem::take(&mut q.batches))
+            let queued = std::mem::take(&mut q.batches);
+            let dropped: usize = queued.iter().map(|b| b.lines.len()).sum();
+            q.bytes = q.bytes.saturating_sub(dropped);
+            let changed = self.publish(&mut q, false);
+            (q.writing.clone(), queued, changed)
         };
         let e = stalled();
-        self.set_health(Some(&e));
-        for written in stuck {
+        log_health(changed, Some(&e));
+        for (written, events) in stuck {
+            count_errors(events);
             written.settle(Err(e.clone()));
         }
         for batch in queued {
-            self.finish(&batch, Err(e.clone()));
+            fail(batch, e.clone());
         }
     }
 
@@ -266,9 +291,34 @@ impl Writer {
         self.wake.notify_one();
     }
 
-    /// Writes what is queued, all of it with one `write` (a thread that fell behind catches
-    /// up in one), until closed.
+    /// The trail cannot be written any more: fails what is queued, and refuses the rest.
+    fn stop(&self, why: &'static str, error: &str) {
+        let (queued, changed) = {
+            let mut q = lock(&self.queue);
+            q.closed = Some(why);
+            q.bytes = 0;
+            let changed = self.publish(&mut q, false);
+            (std::mem::take(&mut q.batches), changed)
+        };
+        log_health(changed, Some(&AuditError(error.to_owned())));
+        for batch in queued {
+            fail(batch, AuditError(why.to_owned()));
+        }
+    }
+
+    /// Writes what is queued, a megabyte at a time, until closed.
     fn run(&self, mut sinks: Sinks) {
+        // A thread that ends any other way (a panic) leaves no call waiting.
+        struct Stopped<'a>(&'a Writer);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0
+                        .stop("the audit writer thread stopped", "it panicked");
+                }
+            }
+        }
+        let _stopped = Stopped(self);
         let (mut taken, mut lines) = (VecDeque::new(), Vec::new());
         while self.take(&mut taken) {
             let all = match taken.len() {
@@ -287,26 +337,39 @@ impl Writer {
                 self.batches.fetch_add(1, Ordering::Relaxed);
                 sinks.write(all)
             };
-            self.idle();
+            let written: usize = taken.iter().map(|b| b.lines.len()).sum();
+            let changed = self.idle(written, result.is_ok());
+            log_health(changed, result.as_ref().err());
             for batch in taken.drain(..) {
-                self.finish(&batch, result.clone());
+                if result.is_err() {
+                    count_errors(batch.events);
+                }
+                batch.written.settle(result.clone());
             }
             // A burst's buffer is not kept for ever.
-            lines.shrink_to(1 << 20);
+            lines.shrink_to(TAKE_BYTES);
         }
     }
 
-    /// Moves every queued batch to `taken`, marked as being written; false once closed and
-    /// empty.
+    /// Moves queued batches (up to [`TAKE_BYTES`]) to `taken`, marked as being written; false
+    /// once closed and empty.
     fn take(&self, taken: &mut VecDeque<Batch>) -> bool {
         let mut q = lock(&self.queue);
         loop {
             if !q.batches.is_empty() {
-                std::mem::swap(&mut q.batches, taken);
-                q.bytes = 0;
+                let mut size = 0;
+                while let Some(batch) = q.batches.pop_front() {
+                    size += batch.lines.len();
+                    q.writing.push((batch.written.clone(), batch.events));
+                    taken.push_back(batch);
+                    if q.batches
+                        .front()
+                        .is_none_or(|b| size + b.lines.len() > TAKE_BYTES)
+                    {
+                        break;
+                    }
+                }
                 q.busy = Some(Instant::now());
-                let writing = taken.iter().map(|b| b.written.clone());
-                q.writing.extend(writing);
                 return true;
             }
             if q.closed.is_some() {
@@ -320,40 +383,60 @@ impl Writer {
         }
     }
 
-    fn idle(&self) {
+    /// A write of `bytes` returned: nothing is being written, and health follows its outcome
+    /// (unless it wrote only marks); whether health changed.
+    fn idle(&self, bytes: usize, ok: bool) -> bool {
         let mut q = lock(&self.queue);
         q.busy = None;
         q.writing.clear();
+        q.bytes = q.bytes.saturating_sub(bytes);
+        bytes > 0 && self.publish(&mut q, ok)
     }
 
-    /// Settles `batch` with `result`: its calls wake, a failure is counted per line, and health
-    /// follows (an empty batch, a mark in the queue, leaves health as it is when written).
-    fn finish(&self, batch: &Batch, result: Result<(), AuditError>) {
-        if batch.lines.is_empty() && result.is_ok() {
-            batch.written.settle(result);
-            return;
-        }
-        if result.is_err() {
-            for _ in 0..batch.events {
-                crate::metrics::METRICS.audit_error();
-            }
-        }
-        self.set_health(result.as_ref().err());
-        batch.written.settle(result);
-    }
-
-    fn set_health(&self, error: Option<&AuditError>) {
-        let ok = error.is_none();
-        let changed = self.health_tx.send_if_modified(|healthy| {
+    /// Sets health while the queue is locked (`_q`); whether it changed.
+    fn publish(&self, _q: &mut Queue, ok: bool) -> bool {
+        self.health_tx.send_if_modified(|healthy| {
             let changed = *healthy != ok;
             *healthy = ok;
             changed
-        });
-        match error {
-            _ if !changed => {}
-            None => tracing::info!(message = "Audit sink recovered."),
-            Some(e) => tracing::error!(message = "Audit sink failed.", error = %e),
+        })
+    }
+}
+
+/// Logs a change of health, once no lock is held.
+fn log_health(changed: bool, error: Option<&AuditError>) {
+    match error {
+        _ if !changed => {}
+        None => tracing::info!(message = "Audit sink recovered."),
+        Some(e) => tracing::error!(message = "Audit sink failed.", error = %e),
+    }
+}
+
+/// Fails a batch that will not be written.
+pub(super) fn fail(batch: Batch, error: AuditError) {
+    count_errors(batch.events);
+    batch.written.settle(Err(error));
+}
+
+/// Counts `events` lines that were not written.
+fn count_errors(events: u64) {
+    for _ in 0..events {
+        crate::metrics::METRICS.audit_error();
+    }
+}
+
+/// Fails the calls of a stalled write once a second, on a thread of its own: the writer's is
+/// the one stuck, and the runtime's probe may not run (a broker shutting down).
+fn watch_for_stalls(writer: &std::sync::Weak<Writer>) {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
+        if lock(&writer.queue).closed.is_some() {
+            return;
         }
+        writer.fail_stalled();
     }
 }
 

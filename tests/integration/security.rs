@@ -524,8 +524,15 @@ async fn a_trail_that_stops_taking_writes_fails_closed_and_holds_up_nothing_else
     // The pipe is filled to the brim by a writer of our own, which then waits as the broker's
     // writes will.
     let mut filler = pipe.try_clone().unwrap();
-    std::thread::spawn(move || filler.write_all(&vec![b'\n'; 1 << 20]));
+    // More than any pipe holds (64 KiB, 1 MiB with 64-KiB pages).
+    std::thread::spawn(move || filler.write_all(&vec![b'\n'; 4 << 20]));
+    let mut calls = 0;
     let refused = loop {
+        calls += 1;
+        assert!(
+            calls < 100,
+            "calls kept being served: the trail never stalled"
+        );
         let call = worker.get_access_token(tok("stall"));
         match tokio::time::timeout(Duration::from_secs(20), call).await {
             Ok(Ok(_)) => continue,
