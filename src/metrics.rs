@@ -263,7 +263,12 @@ impl Metrics {
 
     /// An audit event that could not be written.
     pub fn audit_error(&self) {
-        self.audit_errors.fetch_add(1, Ordering::Relaxed);
+        self.audit_errors(1);
+    }
+
+    /// `n` audit events that could not be written.
+    pub fn audit_errors(&self, n: u64) {
+        self.audit_errors.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A stored record refused on read (undecodable, or failing authentication).

@@ -368,14 +368,7 @@ impl Audit {
         // A mark behind them, which only the thread settles (a batch's leader may not run
         // again to wake others).
         let mark = Arc::new(Written::default());
-        let queued = self.writer.hand_over(Batch {
-            lines: Vec::new(),
-            events: 0,
-            written: mark.clone(),
-        });
-        if let Err((batch, e)) = queued {
-            writer::fail(batch, e);
-        }
+        self.queue(Batch::new(Vec::new(), 0, mark.clone()));
         matches!(tokio::time::timeout(within, mark.wait()).await, Ok(Ok(())))
     }
 
@@ -394,14 +387,18 @@ impl Audit {
                     ..Pending::default()
                 },
             );
-            self.writer.hand_over(Batch {
-                lines: taken.lines,
-                events: taken.events,
-                written: taken.written,
-            })
+            self.writer
+                .hand_over(Batch::new(taken.lines, taken.events, taken.written))
         };
         // Failed once no lock is held.
         if let Err((batch, e)) = refused {
+            writer::fail(batch, e);
+        }
+    }
+
+    /// Hands `batch` to the writer; a refused one fails.
+    fn queue(&self, batch: Batch) {
+        if let Err((batch, e)) = self.writer.hand_over(batch) {
             writer::fail(batch, e);
         }
     }

@@ -102,11 +102,12 @@ impl Written {
         }
     }
 
-    /// The first outcome stands (a stalled write's calls may have been failed before it ends).
-    pub(super) fn settle(&self, result: Result<(), AuditError>) {
+    /// The first outcome stands (a stalled write's calls may have been failed before it ends);
+    /// whether this one did.
+    pub(super) fn settle(&self, result: Result<(), AuditError>) -> bool {
         let mut relay = lock(&self.relay);
         if self.result.set(result).is_err() {
-            return;
+            return false;
         }
         match &mut *relay {
             Relay::Leader(waker) => {
@@ -121,14 +122,28 @@ impl Written {
                 self.notify.notify_waiters();
             }
         }
+        true
     }
 }
 
 /// A closed batch on its way to the sinks; an empty one only marks a place in the queue.
 pub(super) struct Batch {
-    pub(super) lines: Vec<u8>,
-    pub(super) events: u64,
-    pub(super) written: Arc<Written>,
+    lines: Vec<u8>,
+    events: u64,
+    written: Arc<Written>,
+    /// When it was closed: its lines have waited since.
+    since: Instant,
+}
+
+impl Batch {
+    pub(super) fn new(lines: Vec<u8>, events: u64, written: Arc<Written>) -> Self {
+        Self {
+            lines,
+            events,
+            written,
+            since: Instant::now(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -136,7 +151,7 @@ struct Queue {
     batches: VecDeque<Batch>,
     /// Bytes of lines queued or being written.
     bytes: usize,
-    /// Since when the batches being written have been, while some are.
+    /// While a write is under way: since when the oldest of its lines has waited.
     busy: Option<Instant>,
     /// Those batches' outcomes, and their lines.
     writing: Vec<(Arc<Written>, u64)>,
@@ -148,22 +163,26 @@ struct Queue {
 }
 
 impl Queue {
-    /// A write under way has taken [`WRITE_LIMIT`].
+    /// A line has waited [`WRITE_LIMIT`] for its write (a write that does not return, or a
+    /// sink so slow that lines queue behind it that long).
     fn stalled(&self) -> bool {
-        self.busy
-            .is_some_and(|since| since.elapsed() >= WRITE_LIMIT)
+        let oldest = self.busy.or_else(|| self.batches.front().map(|b| b.since));
+        oldest.is_some_and(|since| since.elapsed() >= WRITE_LIMIT)
     }
 
-    /// Why a batch of `len` bytes is refused, if it is.
-    fn refusal(&self, len: usize) -> Option<AuditError> {
+    /// Why a batch of `len` bytes is refused, if it is, and whether that makes the trail
+    /// unhealthy (a full queue does not: the sink works, only behind).
+    fn refusal(&self, len: usize) -> Option<(AuditError, bool)> {
         if let Some(why) = self.closed {
-            return Some(AuditError(why.to_owned()));
+            return Some((AuditError(why.to_owned()), true));
         }
         if self.stalled() {
-            return Some(stalled());
+            return Some((stalled(), true));
         }
-        (self.bytes + len > MAX_QUEUED_BYTES)
-            .then(|| AuditError("the audit trail is too far behind its lines".to_owned()))
+        (self.bytes + len > MAX_QUEUED_BYTES).then(|| {
+            let e = AuditError("the audit trail is too far behind its lines".to_owned());
+            (e, false)
+        })
     }
 }
 
@@ -238,8 +257,8 @@ impl Writer {
     /// failed by the caller once it holds no lock.
     pub(super) fn hand_over(&self, batch: Batch) -> Result<(), (Batch, AuditError)> {
         let mut q = lock(&self.queue);
-        if let Some(e) = q.refusal(batch.lines.len()) {
-            let changed = self.publish(&mut q, false);
+        if let Some((e, unhealthy)) = q.refusal(batch.lines.len()) {
+            let changed = unhealthy && self.publish(&mut q, false);
             drop(q);
             log_health(changed, Some(&e));
             return Err((batch, e));
@@ -274,8 +293,9 @@ impl Writer {
         let e = stalled();
         log_health(changed, Some(&e));
         for (written, events) in stuck {
-            count_errors(events);
-            written.settle(Err(e.clone()));
+            if written.settle(Err(e.clone())) {
+                count_errors(events);
+            }
         }
         for batch in queued {
             fail(batch, e.clone());
@@ -291,16 +311,27 @@ impl Writer {
         self.wake.notify_one();
     }
 
-    /// The trail cannot be written any more: fails what is queued, and refuses the rest.
+    /// The trail cannot be written any more: fails what is queued or being written, and
+    /// refuses the rest.
     fn stop(&self, why: &'static str, error: &str) {
-        let (queued, changed) = {
+        let (queued, writing, changed) = {
             let mut q = lock(&self.queue);
             q.closed = Some(why);
             q.bytes = 0;
+            q.busy = None;
             let changed = self.publish(&mut q, false);
-            (std::mem::take(&mut q.batches), changed)
+            (
+                std::mem::take(&mut q.batches),
+                std::mem::take(&mut q.writing),
+                changed,
+            )
         };
         log_health(changed, Some(&AuditError(error.to_owned())));
+        for (written, events) in writing {
+            if written.settle(Err(AuditError(why.to_owned()))) {
+                count_errors(events);
+            }
+        }
         for batch in queued {
             fail(batch, AuditError(why.to_owned()));
         }
@@ -308,7 +339,8 @@ impl Writer {
 
     /// Writes what is queued, a megabyte at a time, until closed.
     fn run(&self, mut sinks: Sinks) {
-        // A thread that ends any other way (a panic) leaves no call waiting.
+        // A thread that ends any other way (a panic, in a build that unwinds: release builds
+        // abort) leaves no call waiting.
         struct Stopped<'a>(&'a Writer);
         impl Drop for Stopped<'_> {
             fn drop(&mut self) {
@@ -320,6 +352,8 @@ impl Writer {
         }
         let _stopped = Stopped(self);
         let (mut taken, mut lines) = (VecDeque::new(), Vec::new());
+        // The outcome of the last write, which a take of marks only reports.
+        let mut last = Ok(());
         while self.take(&mut taken) {
             let all = match taken.len() {
                 1 => &taken[0].lines,
@@ -332,19 +366,19 @@ impl Writer {
                 }
             };
             let result = if all.is_empty() {
-                Ok(())
+                last.clone()
             } else {
                 self.batches.fetch_add(1, Ordering::Relaxed);
                 sinks.write(all)
             };
+            last = result.clone();
             let written: usize = taken.iter().map(|b| b.lines.len()).sum();
             let changed = self.idle(written, result.is_ok());
             log_health(changed, result.as_ref().err());
             for batch in taken.drain(..) {
-                if result.is_err() {
+                if batch.written.settle(result.clone()) && result.is_err() {
                     count_errors(batch.events);
                 }
-                batch.written.settle(result.clone());
             }
             // A burst's buffer is not kept for ever.
             lines.shrink_to(TAKE_BYTES);
@@ -369,7 +403,7 @@ impl Writer {
                         break;
                     }
                 }
-                q.busy = Some(Instant::now());
+                q.busy = taken.front().map(|b| b.since);
                 return true;
             }
             if q.closed.is_some() {
@@ -414,15 +448,14 @@ fn log_health(changed: bool, error: Option<&AuditError>) {
 
 /// Fails a batch that will not be written.
 pub(super) fn fail(batch: Batch, error: AuditError) {
-    count_errors(batch.events);
-    batch.written.settle(Err(error));
+    if batch.written.settle(Err(error)) {
+        count_errors(batch.events);
+    }
 }
 
 /// Counts `events` lines that were not written.
 fn count_errors(events: u64) {
-    for _ in 0..events {
-        crate::metrics::METRICS.audit_error();
-    }
+    crate::metrics::METRICS.audit_errors(events);
 }
 
 /// Fails the calls of a stalled write once a second, on a thread of its own: the writer's is

@@ -573,9 +573,18 @@ async fn a_trail_that_stops_taking_writes_fails_closed_and_holds_up_nothing_else
     let t = worker.get_access_token(tok("stall")).await.unwrap();
     assert!(t.into_inner().headers.iter().any(|h| h.value.contains(PAT)));
     assert_eq!(reqwest::get(&readyz).await.unwrap().status().as_u16(), 200);
+    admin
+        .create_caller(worker_req("after-the-stall", &[], &[], None))
+        .await
+        .unwrap();
     broker.stop().await;
-    let seen = String::from_utf8(seen.lock().unwrap().clone()).unwrap();
-    assert!(seen.contains(r#""rpc":"GetAccessToken""#), "{seen}");
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    // Written before the call answered; read by the test's reader thread soon after.
+    eventually(Duration::from_secs(10), "the line after the stall", || {
+        text().contains("caller=after-the-stall")
+    })
+    .await;
+    let seen = text();
     for secret in [PAT, w.as_str()] {
         assert!(!seen.contains(secret), "a secret is in the audit trail");
     }
