@@ -186,6 +186,8 @@ pub struct Audit {
 /// [`RECHECK_MAX`], so a sink failing for hours (a file gone, stdout still written) gets a try
 /// every 15 s, not a line a second, and a freed disk is found within 15 s.
 const RECHECK_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long [`Audit::check_at_start`] waits for the trail to open.
+const OPEN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The longest wait between two tries.
 const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -350,13 +352,31 @@ impl Audit {
 
     /// At start: opens the audit file as a write would, so a trail that cannot be opened (a
     /// missing directory, no permission, a directory in its place) is reported before the
-    /// first call, not at it.
+    /// first call, not at it. On a thread of its own, waited for at most [`OPEN_LIMIT`]: an
+    /// open can block (a FIFO nobody reads), and must not hold up the start; one that does is
+    /// reported like a failed one, and the writer's own open then counts as a stalled write.
     pub fn check_at_start(&self) {
-        let Some(path) = self.config.file.as_deref() else {
+        let Some(path) = self.config.file.clone() else {
             return;
         };
-        if let Err(e) = sink::open_trail(path) {
-            self.writer.report(&AuditError(e.to_string()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let opening = std::thread::Builder::new()
+            .name("audit-open".to_owned())
+            .spawn(move || {
+                let _ = tx.send(sink::open_trail(&path).map(drop));
+            });
+        let opened = match opening {
+            Err(e) => Err(e.to_string()),
+            Ok(_) => match rx.recv_timeout(OPEN_LIMIT) {
+                Ok(opened) => opened.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "opening the trail took more than {} s",
+                    OPEN_LIMIT.as_secs()
+                )),
+            },
+        };
+        if let Err(e) = opened {
+            self.writer.report(&AuditError(e));
         }
     }
 
@@ -811,6 +831,32 @@ mod tests {
         let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         let seen = String::from_utf8(seen).unwrap();
         assert!(seen.contains("\"stuck\"") && !seen.contains("\"later\""));
+    }
+
+    /// A trail whose open blocks (a FIFO nobody reads) is reported at start after a short
+    /// wait, instead of holding the start up for as long as the open blocks.
+    #[test]
+    fn a_trail_whose_open_blocks_is_reported_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.pipe");
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success());
+        let config = AuditConfig {
+            file: Some(path.clone()),
+            ..Default::default()
+        };
+        let audit = Arc::new(Audit::new(config, [9; 32].into()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let checking = audit.clone();
+        std::thread::spawn(move || {
+            checking.check_at_start();
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the start waited for the trail's open");
+        assert!(!audit.is_healthy());
+        // A reader lets the blocked open go (and its thread end).
+        drop(std::fs::File::open(&path).unwrap());
     }
 
     /// A failing sink is tried again at once, then after a growing wait: a probe every second
