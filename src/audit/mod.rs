@@ -833,6 +833,62 @@ mod tests {
         assert!(seen.contains("\"stuck\"") && !seen.contains("\"later\""));
     }
 
+    /// Batches queued behind a write go out in the order they were closed, a megabyte at most
+    /// per write: three of 600 KiB take three writes, not one.
+    #[tokio::test(flavor = "current_thread")]
+    async fn queued_batches_are_written_in_order_a_megabyte_at_a_time() {
+        use std::io::Read;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, mut pipe) = on_a_stalled_pipe(dir.path());
+        let (long, big) = ("x".repeat(4 << 20), "y".repeat(600 << 10));
+        let stuck_event = AuditEvent {
+            detail: Some(&long),
+            ..event("stuck")
+        };
+        let events: Vec<_> = ["A", "B", "C"]
+            .into_iter()
+            .map(|name| AuditEvent {
+                detail: Some(&big),
+                ..event(name)
+            })
+            .collect();
+        // Each leads a batch of its own: made and polled twice before the next joins (the
+        // first poll yields, the second hands the batch over).
+        let mut calls = Vec::new();
+        for e in std::iter::once(&stuck_event).chain(&events) {
+            let mut call = Box::pin(audit.record(e));
+            assert!(poll_once(call.as_mut()).await.is_pending());
+            assert!(poll_once(call.as_mut()).await.is_pending());
+            calls.push(call);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = vec![0; 1 << 16];
+            // Up to the end of C's line; the pipe is read on after (closed, it would fail the
+            // writes still under way).
+            let whole = |seen: &[u8]| {
+                seen.ends_with(b"\n") && String::from_utf8_lossy(seen).contains(r#""caller":"C""#)
+            };
+            while !whole(&seen) {
+                let n = pipe.read(&mut buf).unwrap();
+                seen.extend_from_slice(&buf[..n]);
+            }
+            tx.send(seen).unwrap();
+            while pipe.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        for call in calls {
+            let done = tokio::time::timeout(Duration::from_secs(10), call).await;
+            done.expect("a queued batch was never written").unwrap();
+        }
+        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let seen = String::from_utf8_lossy(&seen);
+        let at = |name: &str| seen.find(&format!(r#""caller":"{name}""#)).expect(name);
+        assert!(at("stuck") < at("A") && at("A") < at("B") && at("B") < at("C"));
+        assert_eq!(audit.batches_written(), 4);
+    }
+
     /// A trail whose open blocks (a FIFO nobody reads) is reported at start after a short
     /// wait, instead of holding the start up for as long as the open blocks.
     #[test]
