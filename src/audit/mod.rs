@@ -186,10 +186,10 @@ pub struct Audit {
 /// [`RECHECK_MAX`], so a sink failing for hours (a file gone, stdout still written) gets a try
 /// every 15 s, not a line a second, and a freed disk is found within 15 s.
 const RECHECK_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
-/// How long [`Audit::check_at_start`] waits for the trail to open.
-const OPEN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The longest wait between two tries.
 const RECHECK_MAX: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long [`Audit::check_at_start`] waits for the trail to open.
+const OPEN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Lines a second kept for refused and unauthenticated calls; the rest are counted in
 /// `credbroker_audit_dropped_total`, so anonymous traffic cannot rotate the trail away.
@@ -565,6 +565,57 @@ mod tests {
         assert!(!text.contains("token-123"));
     }
 
+    /// An audit trail writing to `audit.log` in `dir`, keyed with `[seed; 32]`.
+    fn on_a_file(dir: &std::path::Path, seed: u8) -> (Audit, std::path::PathBuf) {
+        let path = dir.join("audit.log");
+        let config = AuditConfig {
+            file: Some(path.clone()),
+            ..Default::default()
+        };
+        (Audit::new(config, [seed; 32].into()), path)
+    }
+
+    /// A batch's leader polled once (it yields) and a follower of the batch polled once (it
+    /// waits), boxed so that dropping one really drops its future.
+    async fn led_and_followed<'a>(
+        audit: &'a Audit,
+        leader: &'a AuditEvent<'a>,
+        follower: &'a AuditEvent<'a>,
+    ) -> (
+        std::pin::Pin<Box<impl Future<Output = Result<(), AuditError>> + 'a>>,
+        std::pin::Pin<Box<impl Future<Output = Result<(), AuditError>> + 'a>>,
+    ) {
+        let mut leader = Box::pin(audit.record(leader));
+        assert!(poll_once(leader.as_mut()).await.is_pending());
+        let mut follower = Box::pin(audit.record(follower));
+        assert!(poll_once(follower.as_mut()).await.is_pending());
+        (leader, follower)
+    }
+
+    /// Reads `pipe` on a thread of its own up to the end of the line naming `caller`, and
+    /// sends what it read; then reads on (closed, the pipe would fail writes still under way).
+    fn read_until(
+        mut pipe: std::fs::File,
+        caller: &'static str,
+    ) -> std::sync::mpsc::Receiver<Vec<u8>> {
+        use std::io::Read;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let needle = format!(r#""caller":"{caller}""#);
+        std::thread::spawn(move || {
+            let (mut seen, mut buf) = (Vec::new(), vec![0; 1 << 16]);
+            let whole = |seen: &[u8]| {
+                seen.ends_with(b"\n") && String::from_utf8_lossy(seen).contains(&needle)
+            };
+            while !whole(&seen) {
+                let n = pipe.read(&mut buf).unwrap();
+                seen.extend_from_slice(&buf[..n]);
+            }
+            tx.send(seen).unwrap();
+            while pipe.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        rx
+    }
+
     fn event(caller: &str) -> AuditEvent<'_> {
         AuditEvent {
             time: now_rfc3339(),
@@ -586,15 +637,8 @@ mod tests {
     #[tokio::test]
     async fn a_line_cut_short_before_is_ended_first() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
+        let (audit, path) = on_a_file(dir.path(), 5);
         std::fs::write(&path, "{\"whole\":1}\n{\"time\":\"2026-").unwrap();
-        let audit = Audit::new(
-            AuditConfig {
-                file: Some(path.clone()),
-                ..Default::default()
-            },
-            [5; 32].into(),
-        );
         audit.record(&event("w")).await.unwrap();
         audit.record(&event("v")).await.unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -609,14 +653,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_events_share_writes_and_each_call_returns_after_its_line_landed() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let audit = Arc::new(Audit::new(
-            AuditConfig {
-                file: Some(path.clone()),
-                ..Default::default()
-            },
-            [3; 32].into(),
-        ));
+        let (audit, path) = on_a_file(dir.path(), 3);
+        let audit = Arc::new(audit);
         let mut tasks = Vec::new();
         for i in 0..400 {
             let (audit, path) = (audit.clone(), path.clone());
@@ -657,23 +695,10 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_cancelled_leader_still_writes_its_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let audit = Audit::new(
-            AuditConfig {
-                file: Some(path.clone()),
-                ..Default::default()
-            },
-            [4; 32].into(),
-        );
-        let leader_event = event("leader");
-        // Boxed, so that dropping it really drops the future.
-        let mut leader = Box::pin(audit.record(&leader_event));
-        // Polled once: it leads the batch and yields; then its caller goes away.
-        assert!(poll_once(leader.as_mut()).await.is_pending());
-        let follower_event = event("follower");
-        let follower = audit.record(&follower_event);
-        tokio::pin!(follower);
-        assert!(poll_once(follower.as_mut()).await.is_pending());
+        let (audit, path) = on_a_file(dir.path(), 4);
+        let (leader_event, follower_event) = (event("leader"), event("follower"));
+        let (leader, follower) = led_and_followed(&audit, &leader_event, &follower_event).await;
+        // The leader's caller goes away before it handed the batch over.
         drop(leader);
         tokio::time::timeout(std::time::Duration::from_secs(5), follower)
             .await
@@ -699,18 +724,9 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_leader_gone_after_its_batch_was_written_still_wakes_the_others() {
         let dir = tempfile::tempdir().unwrap();
-        let config = AuditConfig {
-            file: Some(dir.path().join("audit.log")),
-            ..Default::default()
-        };
-        let audit = Audit::new(config, [6; 32].into());
-        let leader_event = event("leader");
-        let mut leader = Box::pin(audit.record(&leader_event));
-        assert!(poll_once(leader.as_mut()).await.is_pending());
-        let follower_event = event("follower");
-        let follower = audit.record(&follower_event);
-        tokio::pin!(follower);
-        assert!(poll_once(follower.as_mut()).await.is_pending());
+        let (audit, _) = on_a_file(dir.path(), 6);
+        let (leader_event, follower_event) = (event("leader"), event("follower"));
+        let (mut leader, follower) = led_and_followed(&audit, &leader_event, &follower_event).await;
         // Polled again with a waker of its own: it hands the batch over and waits.
         let woken = Arc::new(Flag::default());
         let waker = std::task::Waker::from(woken.clone());
@@ -777,10 +793,9 @@ mod tests {
     /// until the write returns. Lines are never written on the caller's thread.
     #[tokio::test(flavor = "current_thread")]
     async fn a_stalled_write_fails_its_calls_and_refuses_new_ones_until_it_returns() {
-        use std::io::Read;
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
-        let (audit, mut pipe) = on_a_stalled_pipe(dir.path());
+        let (audit, pipe) = on_a_stalled_pipe(dir.path());
         // More than any pipe holds (64 KiB, 1 MiB with 64-KiB pages): the write blocks.
         let long = "x".repeat(4 << 20);
         let stuck_event = AuditEvent {
@@ -811,16 +826,7 @@ mod tests {
         assert!(later.is_err());
         // The pipe is read again: the write returns, and the trail is healthy.
         let mut health = audit.health();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            let mut buf = vec![0; 1 << 16];
-            while !String::from_utf8_lossy(&seen).contains("\"after\"") {
-                let n = pipe.read(&mut buf).unwrap();
-                seen.extend_from_slice(&buf[..n]);
-            }
-            tx.send(seen).unwrap();
-        });
+        let read = read_until(pipe, "after");
         tokio::time::timeout(Duration::from_secs(10), health.wait_for(|ok| *ok))
             .await
             .unwrap()
@@ -828,7 +834,7 @@ mod tests {
         let after = tokio::time::timeout(Duration::from_secs(5), audit.record(&event("after")));
         after.await.unwrap().unwrap();
         assert!(audit.drain(Duration::from_secs(5)).await);
-        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let seen = read.recv_timeout(Duration::from_secs(10)).unwrap();
         let seen = String::from_utf8(seen).unwrap();
         assert!(seen.contains("\"stuck\"") && !seen.contains("\"later\""));
     }
@@ -837,10 +843,9 @@ mod tests {
     /// per write: three of 600 KiB take three writes, not one.
     #[tokio::test(flavor = "current_thread")]
     async fn queued_batches_are_written_in_order_a_megabyte_at_a_time() {
-        use std::io::Read;
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
-        let (audit, mut pipe) = on_a_stalled_pipe(dir.path());
+        let (audit, pipe) = on_a_stalled_pipe(dir.path());
         let (long, big) = ("x".repeat(4 << 20), "y".repeat(600 << 10));
         let stuck_event = AuditEvent {
             detail: Some(&long),
@@ -862,27 +867,12 @@ mod tests {
             assert!(poll_once(call.as_mut()).await.is_pending());
             calls.push(call);
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            let mut buf = vec![0; 1 << 16];
-            // Up to the end of C's line; the pipe is read on after (closed, it would fail the
-            // writes still under way).
-            let whole = |seen: &[u8]| {
-                seen.ends_with(b"\n") && String::from_utf8_lossy(seen).contains(r#""caller":"C""#)
-            };
-            while !whole(&seen) {
-                let n = pipe.read(&mut buf).unwrap();
-                seen.extend_from_slice(&buf[..n]);
-            }
-            tx.send(seen).unwrap();
-            while pipe.read(&mut buf).is_ok_and(|n| n > 0) {}
-        });
+        let read = read_until(pipe, "C");
         for call in calls {
             let done = tokio::time::timeout(Duration::from_secs(10), call).await;
             done.expect("a queued batch was never written").unwrap();
         }
-        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let seen = read.recv_timeout(Duration::from_secs(10)).unwrap();
         let seen = String::from_utf8_lossy(&seen);
         let at = |name: &str| seen.find(&format!(r#""caller":"{name}""#)).expect(name);
         assert!(at("stuck") < at("A") && at("A") < at("B") && at("B") < at("C"));

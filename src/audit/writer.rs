@@ -151,10 +151,9 @@ struct Queue {
     batches: VecDeque<Batch>,
     /// Bytes of lines queued or being written.
     bytes: usize,
-    /// While a write is under way: since when the oldest of its lines has waited.
-    busy: Option<Instant>,
-    /// Those batches' outcomes, and their lines.
-    writing: Vec<(Arc<Written>, u64)>,
+    /// The batches being written (their outcomes, lines, and since when they waited), in
+    /// the order they were closed.
+    writing: Vec<(Arc<Written>, u64, Instant)>,
     /// The thread waits for a batch (and must be woken for one).
     asleep: bool,
     /// Why no batch is taken any more (the trail was dropped, or the thread did not start or
@@ -166,7 +165,10 @@ impl Queue {
     /// A line has waited [`WRITE_LIMIT`] for its write (a write that does not return, or a
     /// sink so slow that lines queue behind it that long).
     fn stalled(&self) -> bool {
-        let oldest = self.busy.or_else(|| self.batches.front().map(|b| b.since));
+        let oldest = match self.writing.first() {
+            Some(&(_, _, since)) => Some(since),
+            None => self.batches.front().map(|b| b.since),
+        };
         oldest.is_some_and(|since| since.elapsed() >= WRITE_LIMIT)
     }
 
@@ -292,7 +294,7 @@ impl Writer {
         };
         let e = stalled();
         log_health(changed, Some(&e));
-        for (written, events) in stuck {
+        for (written, events, _) in stuck {
             if written.settle(Err(e.clone())) {
                 count_errors(events);
             }
@@ -318,7 +320,6 @@ impl Writer {
             let mut q = lock(&self.queue);
             q.closed = Some(why);
             q.bytes = 0;
-            q.busy = None;
             let changed = self.publish(&mut q, false);
             (
                 std::mem::take(&mut q.batches),
@@ -327,7 +328,7 @@ impl Writer {
             )
         };
         log_health(changed, Some(&AuditError(error.to_owned())));
-        for (written, events) in writing {
+        for (written, events, _) in writing {
             if written.settle(Err(AuditError(why.to_owned()))) {
                 count_errors(events);
             }
@@ -394,7 +395,8 @@ impl Writer {
                 let mut size = 0;
                 while let Some(batch) = q.batches.pop_front() {
                     size += batch.lines.len();
-                    q.writing.push((batch.written.clone(), batch.events));
+                    q.writing
+                        .push((batch.written.clone(), batch.events, batch.since));
                     taken.push_back(batch);
                     if q.batches
                         .front()
@@ -403,7 +405,6 @@ impl Writer {
                         break;
                     }
                 }
-                q.busy = taken.front().map(|b| b.since);
                 return true;
             }
             if q.closed.is_some() {
@@ -421,7 +422,6 @@ impl Writer {
     /// (unless it wrote only marks); whether health changed.
     fn idle(&self, bytes: usize, ok: bool) -> bool {
         let mut q = lock(&self.queue);
-        q.busy = None;
         q.writing.clear();
         q.bytes = q.bytes.saturating_sub(bytes);
         bytes > 0 && self.publish(&mut q, ok)
@@ -478,7 +478,7 @@ impl Writer {
     /// Back-dates the write under way by [`WRITE_LIMIT`], if one is; whether one was.
     pub(super) fn age_busy(&self) -> bool {
         let mut q = lock(&self.queue);
-        let Some(since) = q.busy.as_mut() else {
+        let Some((_, _, since)) = q.writing.first_mut() else {
             return false;
         };
         *since = since.checked_sub(WRITE_LIMIT).unwrap_or(*since);

@@ -1552,15 +1552,17 @@ impl Broker {
         }
     }
 
-    /// Writes what is pending (at shutdown): the audit trail's lines (for at most
-    /// [`AUDIT_DRAIN`]), then the store.
+    /// Writes what is pending (at shutdown): the store, then the audit trail's lines (for at
+    /// most [`AUDIT_DRAIN`]). The store first: a stop cut short while a stalled trail is
+    /// waited for loses audit lines, not writes.
     pub async fn flush(&self) -> Result<(), BrokerError> {
+        let flushed = self.store.flush().await;
         // Lines whose calls did not wait for them (system events) reach the trail before the
         // process ends with its writer thread.
         if !self.audit.drain(AUDIT_DRAIN).await {
             tracing::warn!(message = "Audit lines not yet written are lost with this stop.");
         }
-        Ok(self.store.flush().await?)
+        Ok(flushed?)
     }
 
     // ----- helpers -------------------------------------------------------------------------
