@@ -29,6 +29,33 @@ struct Args {
     /// Every other setting (flags and environment override the file).
     #[command(flatten)]
     overrides: Overrides,
+    /// Without a command, the broker serves.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Replace the master key file, with the broker stopped: copies the store into a new data
+    /// directory under a new key (the old directory is only read). See docs/operations.md.
+    Rekey(RekeyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RekeyArgs {
+    /// The new data directory (absent or empty); filled beside it under `<dir>.rekeying`.
+    #[arg(long)]
+    to_data_dir: PathBuf,
+    /// The new master key file: read when it exists, else generated (mode 0600). Default:
+    /// `<to-data-dir>/master.key`.
+    #[arg(long)]
+    new_master_key_file: Option<PathBuf>,
+    /// Optional TOML config file of the broker whose key is replaced.
+    #[arg(long, env = "CREDBROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// The broker's settings (its data directory and master key file, as it is started with).
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 /// A flag or environment value clap refused (a number that is not one, an empty path, a
@@ -43,6 +70,70 @@ fn refused_flags(e: &clap::Error) -> ExitCode {
     }
 }
 
+fn load_config(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, ExitCode> {
+    Config::load(file, overrides).map_err(|errors| {
+        for e in errors {
+            eprintln!("credbroker: configuration error: {e}");
+        }
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+/// `credbroker rekey`: prints what it did and what to do next, or why nothing changed.
+fn rekey_main(args: RekeyArgs) -> ExitCode {
+    use credbroker::server::rekey::{rekey, RekeyError, RekeyOptions};
+    let config = match load_config(args.config.as_deref(), &args.overrides) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    credbroker::telemetry::init(config.server.log_json);
+    let options = RekeyOptions {
+        to_data_dir: args.to_data_dir,
+        new_master_key_file: args.new_master_key_file,
+    };
+    let runtime = match credbroker::server::cores::main_runtime(true) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("credbroker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(rekey(&config, &options)) {
+        Ok(done) => {
+            let (old, new) = done.key_ids;
+            let made = if done.key_generated {
+                "generated"
+            } else {
+                "read"
+            };
+            println!(
+                "Copied {} systems and {} callers from {} (key {old:08x}) into {} under the new \
+                 master key {new:08x} ({made}: {}).",
+                done.systems,
+                done.callers,
+                config.store.data_dir.display(),
+                done.data_dir.display(),
+                done.key_file.display()
+            );
+            println!(
+                "Next: start the broker with --data-dir {} --master-key-file {}. Keep the old \
+                 directory and key until it serves, then destroy the old key file.",
+                done.data_dir.display(),
+                done.key_file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("credbroker: rekey: {e}; nothing was changed");
+            ExitCode::from(match e {
+                RekeyError::Usage(_) => EXIT_USAGE,
+                RekeyError::Refused(_) => EXIT_CONFIG,
+                RekeyError::Failed(_) => 1,
+            })
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // First, before any secret is in memory.
     let limits = credbroker::limits::apply();
@@ -50,15 +141,13 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => return refused_flags(&e),
     };
+    if let Some(Command::Rekey(rekey)) = args.command {
+        return rekey_main(rekey);
+    }
     let overrides = args.overrides;
-    let mut config = match Config::load(args.config.as_deref(), &overrides) {
+    let mut config = match load_config(args.config.as_deref(), &overrides) {
         Ok(c) => c,
-        Err(errors) => {
-            for e in errors {
-                eprintln!("credbroker: configuration error: {e}");
-            }
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(code) => return code,
     };
     credbroker::telemetry::init(config.server.log_json);
     limits.log(

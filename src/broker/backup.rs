@@ -339,6 +339,57 @@ impl Broker {
     }
 }
 
+/// What [`Broker::copy_into`] copied.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopySummary {
+    /// Systems copied (every one the source stores).
+    pub systems: u64,
+    /// Callers copied (every one the source stores).
+    pub callers: u64,
+}
+
+impl Broker {
+    /// Copies every system and caller into `target`, an empty broker under another master key
+    /// (a master key replacement: [`crate::server::rekey`]): the records go through a backup
+    /// made here, its chunks opened under this broker's key and sealed again under the
+    /// target's, and restored there (each credential sealed under the target's key). Nothing
+    /// is written here. Fails, leaving the target to be thrown away, unless the target ends
+    /// with exactly what this store holds: a record this broker refuses (undecodable, failing
+    /// authentication) would otherwise be left behind without anyone noticing.
+    pub async fn copy_into(&self, target: &Broker) -> Result<CopySummary, BrokerError> {
+        let (from, to) = (cipher(self), cipher(target));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let collect = async {
+            let mut resealed = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                let bytes: Vec<u8> = chunk?;
+                let chunk = open(&from, &bytes, resealed.len())?;
+                resealed.push(seal(&to, &chunk)?);
+            }
+            Ok::<_, BrokerError>(resealed)
+        };
+        let ((), resealed) = tokio::join!(self.export_backup(tx), collect);
+        let restored = target.restore_backup(&resealed?).await?;
+        let stored = (
+            self.store.count_systems().await? as u64,
+            self.store.list_callers().await?.len() as u64,
+        );
+        let copied = (restored.systems_restored, restored.callers_restored);
+        if copied != stored || restored.systems_skipped + restored.callers_skipped > 0 {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "copied {} of {} systems and {} of {} callers into a store that must start \
+                 empty; the store holds records this broker refuses (see the errors naming \
+                 them) or the target was not empty. Nothing was changed here",
+                copied.0, stored.0, copied.1, stored.1
+            )));
+        }
+        Ok(CopySummary {
+            systems: copied.0,
+            callers: copied.1,
+        })
+    }
+}
+
 impl Broker {
     /// Inserts one backed-up system, re-sealed, past any version a deleted one had; false
     /// when the system exists already (left as it is).

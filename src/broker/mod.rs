@@ -271,6 +271,10 @@ pub struct BrokerSettings {
     pub checks_per_vendor: usize,
     /// The proxy's quota rules, per kind and per system.
     pub quota: quota::QuotaSettings,
+    /// Create the admin caller on a store without callers. Off only where the callers come
+    /// from elsewhere: the store a master key replacement fills from the old one
+    /// ([`crate::server::rekey`]).
+    pub bootstrap_admin: bool,
 }
 
 impl Default for BrokerSettings {
@@ -296,6 +300,7 @@ impl Default for BrokerSettings {
             checks_per_vendor: 4,
             check_timeout: Duration::from_secs(10),
             quota: quota::QuotaSettings::default(),
+            bootstrap_admin: true,
         }
     }
 }
@@ -447,6 +452,9 @@ impl Broker {
             let ours = earlier.filter(|t| is_admin_token(&callers, t.expose_secret()));
             self.install_stored_callers(callers)?;
             return Ok(ours);
+        }
+        if !self.settings.bootstrap_admin {
+            return Ok(None);
         }
         // Every try of this start offers the same token (see `StartToken`).
         let token = self.settings.start_token.get_or(new_caller_token);

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod cores;
 pub mod http;
 pub mod proxy;
+pub mod rekey;
 mod stall;
 pub mod tls;
 pub mod token_route;
@@ -1348,6 +1349,7 @@ fn broker_settings(
         checks_per_vendor: config.refresh.checks_per_vendor,
         audit: audit_config(config, data_dir),
         quota: config.quota.clone(),
+        bootstrap_admin: true,
     }
 }
 

@@ -28,6 +28,7 @@ mod observability;
 mod pg;
 mod proxy;
 mod quota;
+mod rekey;
 mod replicas;
 mod security;
 mod service_identities;

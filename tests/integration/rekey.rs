@@ -1,0 +1,308 @@
+//! `credbroker rekey`: the master key file replaced with the broker stopped. The real binary
+//! copies a store into a new data directory under a new key; the brokers before and after are
+//! real servers on those directories.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use credbroker::pb;
+
+use crate::support::*;
+
+const PAT_HEADER: &str = "rekey-pat-header-8d1c";
+const PAT_PROXY: &str = "rekey-pat-proxy-42ae";
+
+/// Runs `credbroker rekey` on `from` with `args` (off the runtime: the broker under test may be
+/// serving on it).
+async fn rekey(from: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_credbroker"));
+    cmd.arg("rekey")
+        .arg("--data-dir")
+        .arg(from)
+        .args(args)
+        .env_remove("CREDBROKER_MASTER_KEY_FILE")
+        .env_remove("CREDBROKER_CONFIG")
+        .env_remove("CREDBROKER_STORE_URL");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A store with a header-delivered and a proxy-delivered system, sealed under two key-encryption
+/// keys (one registered before a rotation, one after), and a worker, stopped; the worker's
+/// token.
+async fn filled(dir: &Path, asana: &FakeAsana) -> String {
+    let broker = TestBroker::start(dir).await;
+    let mut admin = broker.admin().await;
+    admin
+        .register_system(register_asana("hdr", &asana.base_url, PAT_HEADER, true))
+        .await
+        .unwrap();
+    admin
+        .rotate_master_key(pb::RotateMasterKeyRequest {})
+        .await
+        .unwrap();
+    admin
+        .register_system(pb::RegisterSystemRequest {
+            delivery: pb::Delivery::Proxy as i32,
+            ..register_asana("prx", &asana.base_url, PAT_PROXY, true)
+        })
+        .await
+        .unwrap();
+    let worker = worker_token(&mut admin, "sync-worker").await;
+    broker.stop().await;
+    worker
+}
+
+/// What a worker gets through the broker at `addr`: the header system's header, and the answer
+/// of a GET proxied with the other system's lease.
+async fn worker_view(addr: std::net::SocketAddr, worker: &str) -> (String, reqwest::StatusCode) {
+    let mut c = client(addr, Some(worker)).await;
+    let header = auth_header(&mut c, "hdr").await.unwrap();
+    let lease = c
+        .get_access_token(pb::GetAccessTokenRequest {
+            system_id: "prx".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut get = reqwest::Client::new().get(format!("{}/users/me", lease.api_base_url));
+    for h in &lease.headers {
+        get = get.header(&h.name, &h.value);
+    }
+    (header, get.send().await.unwrap().status())
+}
+
+#[tokio::test]
+async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_opens_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let (old, new) = (root.path().join("old"), root.path().join("new"));
+    let asana = FakeAsana::start().await;
+    for pat in [PAT_HEADER, PAT_PROXY] {
+        asana.add_user(pat, "1", "Sync", "sync@example.com");
+    }
+    let worker = filled(&old, &asana).await;
+
+    let to = ["--to-data-dir", new.to_str().unwrap()];
+    let out = rekey(&old, &to, &[("RUST_LOG", "trace")]).await;
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("Copied 2 systems and 2 callers"), "{said}");
+    for secret in [PAT_HEADER, PAT_PROXY, worker.as_str()] {
+        assert!(!said.contains(secret), "the rekey's output shows a secret");
+        assert_eq!(
+            dir_contains(&new, secret),
+            None,
+            "a secret in clear in the new directory"
+        );
+    }
+    assert!(!root.path().join("new.rekeying").exists());
+    let old_key = std::fs::read_to_string(old.join("master.key")).unwrap();
+    let new_key = std::fs::read_to_string(new.join("master.key")).unwrap();
+    assert_ne!(old_key, new_key);
+
+    // The new directory serves what the old one held, to the same worker and admin tokens.
+    let broker = TestBroker::start(&new).await;
+    assert_eq!(
+        worker_view(broker.addr, &worker).await,
+        (format!("Bearer {PAT_HEADER}"), reqwest::StatusCode::OK)
+    );
+    let mut admin = broker.admin().await;
+    let listed = admin
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.systems.len(), 2);
+    let status = admin
+        .get_key_status(pb::GetKeyStatusRequest {})
+        .await
+        .unwrap();
+    assert_eq!(status.into_inner().keys.len(), 1, "only the new root key");
+    broker.stop().await;
+
+    // The old key opens nothing in the new directory; the old directory is as it was.
+    let mut config = test_config(&new);
+    config.store.master_key_file = Some(old.join("master.key"));
+    let refused = credbroker::server::run(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        config,
+        std::future::pending(),
+    )
+    .await;
+    assert!(refused.is_err(), "the old key opened the new store");
+    let broker = TestBroker::start(&old).await;
+    assert_eq!(
+        worker_view(broker.addr, &worker).await,
+        (format!("Bearer {PAT_HEADER}"), reqwest::StatusCode::OK)
+    );
+    broker.stop().await;
+    let trail = std::fs::read_to_string(old.join("audit.log")).unwrap();
+    assert!(trail.contains("\"rpc\":\"ReplaceMasterKey\""), "{trail}");
+}
+
+/// A rekey that must be refused: why, on which directory, with what, and the exit code and
+/// words expected.
+struct Refusal<'a> {
+    why: &'a str,
+    from: &'a Path,
+    args: &'a [&'a str],
+    envs: &'a [(&'a str, &'a str)],
+    code: i32,
+    says: &'a str,
+}
+
+impl<'a> Refusal<'a> {
+    fn new(why: &'a str, from: &'a Path, args: &'a [&'a str], code: i32, says: &'a str) -> Self {
+        Self {
+            why,
+            from,
+            args,
+            envs: &[],
+            code,
+            says,
+        }
+    }
+
+    fn env(self, envs: &'a [(&'a str, &'a str)]) -> Self {
+        Self { envs, ..self }
+    }
+}
+
+#[tokio::test]
+async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
+    let root = tempfile::tempdir().unwrap();
+    let (old, new) = (root.path().join("old"), root.path().join("new"));
+    let staging = root.path().join("new.rekeying");
+    let asana = FakeAsana::start().await;
+    for pat in [PAT_HEADER, PAT_PROXY] {
+        asana.add_user(pat, "1", "Sync", "sync@example.com");
+    }
+    let worker = filled(&old, &asana).await;
+    let to = ["--to-data-dir", new.to_str().unwrap()];
+    let old_key = old.join("master.key");
+    let inside = old.join("new");
+    let empty = root.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let other_key = root.path().join("other.key");
+    std::fs::write(
+        &other_key,
+        format!("{}\n", "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY="),
+    )
+    .unwrap();
+    let key_flag = ["--new-master-key-file", old_key.to_str().unwrap()];
+    let other = [("CREDBROKER_MASTER_KEY_FILE", other_key.to_str().unwrap())];
+    let pg = [("CREDBROKER_STORE_URL", "postgres://127.0.0.1:9/none")];
+    let inside_flag = ["--to-data-dir", inside.to_str().unwrap()];
+    let with_key = [&to[..], &key_flag[..]].concat();
+    let cases = [
+        Refusal::new(
+            "the old key is not the store's",
+            &old,
+            &to,
+            78,
+            "does not match",
+        )
+        .env(&other),
+        Refusal::new(
+            "the new key is the one in use",
+            &old,
+            &with_key,
+            64,
+            "key in use",
+        ),
+        Refusal::new(
+            "no store where asked for",
+            &empty,
+            &to,
+            64,
+            "holds no store",
+        ),
+        Refusal::new(
+            "a target in the old directory",
+            &old,
+            &inside_flag,
+            64,
+            "lies inside",
+        ),
+        Refusal::new("a PostgreSQL store", &old, &to, 64, "PostgreSQL").env(&pg),
+    ];
+    for case in cases {
+        let why = case.why;
+        let out = rekey(case.from, case.args, case.envs).await;
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(case.code), "{why}: {said}");
+        assert!(
+            said.contains(case.says) && said.contains("nothing was changed"),
+            "{why}: {said}"
+        );
+        assert!(
+            !new.exists() && !staging.exists() && !inside.exists(),
+            "{why}: left a directory"
+        );
+    }
+
+    // A target that holds anything, and a staging directory an interrupted run left.
+    std::fs::create_dir(&new).unwrap();
+    std::fs::write(new.join("keep"), "x").unwrap();
+    let out = rekey(&old, &to, &[]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("is not empty"));
+    assert_eq!(std::fs::read_to_string(new.join("keep")).unwrap(), "x");
+    std::fs::remove_dir_all(&new).unwrap();
+    std::fs::create_dir(&staging).unwrap();
+    let out = rekey(&old, &to, &[]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("stopped part-way"), "{}", text(&out));
+    std::fs::remove_dir(&staging).unwrap();
+
+    // A running broker holds its store: no copy that its refreshes could overtake.
+    let broker = TestBroker::start(&old).await;
+    let out = rekey(&old, &to, &[]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(!new.exists() && !staging.exists());
+    assert_eq!(
+        worker_view(broker.addr, &worker).await.0,
+        format!("Bearer {PAT_HEADER}")
+    );
+    broker.stop().await;
+}
+
+/// A record the broker refuses (edited without the master key) would be left behind by a copy:
+/// the rekey fails instead, and leaves no new directory.
+#[tokio::test]
+async fn a_store_holding_a_refused_record_is_not_rekeyed() {
+    use credbroker::store::CredentialStore;
+    let root = tempfile::tempdir().unwrap();
+    let (old, new) = (root.path().join("old"), root.path().join("new"));
+    let asana = FakeAsana::start().await;
+    for pat in [PAT_HEADER, PAT_PROXY] {
+        asana.add_user(pat, "1", "Sync", "sync@example.com");
+    }
+    filled(&old, &asana).await;
+    {
+        let store = crate::store_conformance::open_sled(&old).await;
+        let mut r = store.get_system("prx").await.unwrap().unwrap();
+        r.base_url = "http://127.0.0.1:9/api/1.0".into();
+        let rev = r.revision;
+        store.update_system(&r, rev).await.unwrap();
+        store.flush().await.unwrap();
+    }
+    let out = rekey(&old, &["--to-data-dir", new.to_str().unwrap()], &[]).await;
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("copied 1 of 2 systems"), "{said}");
+    assert!(!new.exists() && !root.path().join("new.rekeying").exists());
+}
