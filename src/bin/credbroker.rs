@@ -16,7 +16,7 @@ const EXIT_CONFIG: u8 = 78;
 
 /// credbroker: a gRPC credential broker for sync engines.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Args {
     /// Optional TOML config file; every setting has a default.
     #[arg(long, env = "CREDBROKER_CONFIG")]
@@ -116,8 +116,9 @@ fn rekey_main(args: RekeyArgs) -> ExitCode {
                 done.key_file.display()
             );
             println!(
-                "Next: start the broker with --data-dir {} --master-key-file {}. Keep the old \
-                 directory and key until it serves, then destroy the old key file.",
+                "Next: start the broker with --data-dir {} --master-key-file {} and check it \
+                 (systems, a token). Keep the old directory and key until then; the old \
+                 directory now refuses to start (remove its superseded-by file to go back).",
                 done.data_dir.display(),
                 done.key_file.display()
             );

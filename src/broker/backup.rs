@@ -297,36 +297,7 @@ impl Broker {
         }
         let mut summary = RestoreSummary::default();
         for chunk in opened {
-            for s in chunk.systems {
-                let id = s.record.system_id.clone();
-                // Under the system's single-flight lock, as a delete is: one landing between
-                // the version read and the insert would see its version repeated. A flight
-                // made only for this is dropped again if nothing was restored (one that was
-                // there holds the system's refresh state: it stays).
-                let made = self.cache.existing_flight(&id).is_none();
-                let flight = self.flight(&id);
-                let guard = flight.lock().await;
-                let restored = self.restore_system(s).await;
-                drop(guard);
-                drop(flight);
-                if made && !matches!(restored, Ok(true)) {
-                    self.forget_flight_if_idle(&id, 0);
-                }
-                match restored? {
-                    true => summary.systems_restored += 1,
-                    false => summary.systems_skipped += 1,
-                }
-            }
-            for c in chunk.callers {
-                match self.store.insert_caller(&c).await {
-                    Ok(()) => {
-                        self.callers.load(&c);
-                        summary.callers_restored += 1
-                    }
-                    Err(StoreError::AlreadyExists) => summary.callers_skipped += 1,
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            self.restore_chunk(chunk, &mut summary, true).await?;
         }
         tracing::info!(
             message = "Backup restored.",
@@ -336,6 +307,47 @@ impl Broker {
             callers_skipped = summary.callers_skipped
         );
         Ok(summary)
+    }
+
+    /// Inserts one opened chunk's missing systems and callers, counting them in `summary`;
+    /// with `announce`, each restored system is an event.
+    async fn restore_chunk(
+        &self,
+        chunk: Chunk,
+        summary: &mut RestoreSummary,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        for s in chunk.systems {
+            let id = s.record.system_id.clone();
+            // Under the system's single-flight lock, as a delete is: one landing between
+            // the version read and the insert would see its version repeated. A flight
+            // made only for this is dropped again if nothing was restored (one that was
+            // there holds the system's refresh state: it stays).
+            let made = self.cache.existing_flight(&id).is_none();
+            let flight = self.flight(&id);
+            let guard = flight.lock().await;
+            let restored = self.restore_system(s, announce).await;
+            drop(guard);
+            drop(flight);
+            if made && !matches!(restored, Ok(true)) {
+                self.forget_flight_if_idle(&id, 0);
+            }
+            match restored? {
+                true => summary.systems_restored += 1,
+                false => summary.systems_skipped += 1,
+            }
+        }
+        for c in chunk.callers {
+            match self.store.insert_caller(&c).await {
+                Ok(()) => {
+                    self.callers.load(&c);
+                    summary.callers_restored += 1
+                }
+                Err(StoreError::AlreadyExists) => summary.callers_skipped += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -351,28 +363,31 @@ pub struct CopySummary {
 impl Broker {
     /// Copies every system and caller into `target`, an empty broker under another master key
     /// (a master key replacement: [`crate::server::rekey`]): the records go through a backup
-    /// made here, its chunks opened under this broker's key and sealed again under the
-    /// target's, and restored there (each credential sealed under the target's key). Nothing
-    /// is written here. Fails, leaving the target to be thrown away, unless the target ends
-    /// with exactly what this store holds: a record this broker refuses (undecodable, failing
-    /// authentication) would otherwise be left behind without anyone noticing.
+    /// made here, each chunk opened as it is made and restored there (each credential sealed
+    /// under the target's key). Nothing is written here. Fails, leaving the target to be thrown
+    /// away, unless the target ends with exactly what this store holds: a record this broker
+    /// refuses (undecodable, failing authentication) would otherwise be left behind unnoticed.
     pub async fn copy_into(&self, target: &Broker) -> Result<CopySummary, BrokerError> {
-        let (from, to) = (cipher(self), cipher(target));
-        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let collect = async {
-            let mut resealed = Vec::new();
-            while let Some(chunk) = rx.recv().await {
-                let bytes: Vec<u8> = chunk?;
-                let chunk = open(&from, &bytes, resealed.len())?;
-                resealed.push(seal(&to, &chunk)?);
+        let from = cipher(self);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        // Chunk by chunk: one in clear at a time, whatever the store's size.
+        let copy = async {
+            let mut restored = RestoreSummary::default();
+            let mut index = 0;
+            while let Some(bytes) = rx.recv().await {
+                let bytes: Vec<u8> = bytes?;
+                let chunk = open(&from, &bytes, index)?;
+                // No events: the copy's log starts empty (see `crate::server::rekey`).
+                target.restore_chunk(chunk, &mut restored, false).await?;
+                index += 1;
             }
-            Ok::<_, BrokerError>(resealed)
+            Ok::<_, BrokerError>(restored)
         };
-        let ((), resealed) = tokio::join!(self.export_backup(tx), collect);
-        let restored = target.restore_backup(&resealed?).await?;
+        let ((), restored) = tokio::join!(self.export_backup(tx), copy);
+        let restored = restored?;
         let stored = (
             self.store.count_systems().await? as u64,
-            self.store.list_callers().await?.len() as u64,
+            self.store.count_callers().await? as u64,
         );
         let copied = (restored.systems_restored, restored.callers_restored);
         if copied != stored || restored.systems_skipped + restored.callers_skipped > 0 {
@@ -393,7 +408,7 @@ impl Broker {
 impl Broker {
     /// Inserts one backed-up system, re-sealed, past any version a deleted one had; false
     /// when the system exists already (left as it is).
-    async fn restore_system(&self, s: BackupSystem) -> Result<bool, BrokerError> {
+    async fn restore_system(&self, s: BackupSystem, announce: bool) -> Result<bool, BrokerError> {
         let mut record = s.record;
         let id = record.system_id.clone();
         let version = self.version_for_restore(&id, record.credential_version);
@@ -403,7 +418,9 @@ impl Broker {
         match self.store.insert_system(&record).await {
             Ok(()) => {
                 // Watches and webhooks hear of it as of any registration.
-                self.emit(super::events::EventType::Registered, &record, "restored");
+                if announce {
+                    self.emit(super::events::EventType::Registered, &record, "restored");
+                }
                 Ok(true)
             }
             Err(StoreError::AlreadyExists) => Ok(false),

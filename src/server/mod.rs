@@ -86,6 +86,19 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("gRPC server: {0}")]
     Transport(String),
+    /// The data directory's store was copied under a new master key (`credbroker rekey`).
+    #[error(
+        "the store in {dir} was copied under a new master key into {to} (credbroker rekey); \
+         start the broker on that directory. To start this one anyway (going back to the old \
+         key and what it held then), remove {dir}/{marker}",
+        marker = rekey::SUPERSEDED_FILE
+    )]
+    Superseded {
+        /// This data directory.
+        dir: PathBuf,
+        /// Where it was copied to.
+        to: String,
+    },
 }
 
 /// Hooks for embedding and tests.
@@ -1072,6 +1085,10 @@ fn start_from_snapshot_if(
 /// The embedded sled store in the data directory, opened only once the master key is known to
 /// be the right one.
 async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, ServeError> {
+    if let Some(to) = rekey::superseded(data_dir) {
+        let dir = data_dir.to_path_buf();
+        return Err(ServeError::Superseded { dir, to });
+    }
     let store_exists = SledStore::exists_in(data_dir);
     let initialized = store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
     let (key, source) = MasterKey::load_or_generate(

@@ -262,6 +262,10 @@ impl CredentialStore for AuthenticatedStore {
         self.inner.count_systems().await
     }
 
+    async fn count_callers(&self) -> Result<usize, StoreError> {
+        self.inner.count_callers().await
+    }
+
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
         let all = self.inner.list_callers().await?;
         Ok(all

@@ -175,6 +175,13 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// Every caller.
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError>;
 
+    /// Number of callers stored, counting those [`Self::list_callers`] leaves out (undecodable,
+    /// or failing authentication), as [`Self::count_systems`] does: a copy of the store compares
+    /// what it copied with it.
+    async fn count_callers(&self) -> Result<usize, StoreError> {
+        Ok(self.list_callers().await?.len())
+    }
+
     /// Inserts a caller; [`StoreError::AlreadyExists`] when the name is taken. Durable on Ok.
     async fn insert_caller(&self, record: &CallerRecord) -> Result<(), StoreError>;
 

@@ -197,6 +197,10 @@ impl CredentialStore for MonitoredStore {
         self.inner.count_systems().await
     }
 
+    async fn count_callers(&self) -> Result<usize, StoreError> {
+        self.inner.count_callers().await
+    }
+
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
         self.inner.list_callers().await
     }

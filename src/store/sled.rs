@@ -332,6 +332,10 @@ impl CredentialStore for SledStore {
         Ok(self.systems.len())
     }
 
+    async fn count_callers(&self) -> Result<usize, StoreError> {
+        Ok(self.callers.len())
+    }
+
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.callers.iter() {
@@ -681,6 +685,10 @@ impl CredentialStore for ReopeningSledStore {
 
     async fn count_systems(&self) -> Result<usize, StoreError> {
         self.reader().await?.count_systems().await
+    }
+
+    async fn count_callers(&self) -> Result<usize, StoreError> {
+        self.reader().await?.count_callers().await
     }
 
     async fn list_callers(&self) -> Result<Vec<CallerRecord>, StoreError> {

@@ -11,6 +11,8 @@ use crate::support::*;
 
 const PAT_HEADER: &str = "rekey-pat-header-8d1c";
 const PAT_PROXY: &str = "rekey-pat-proxy-42ae";
+/// What the header system's credential is rotated to (its version 2).
+const PAT_ROTATED: &str = "rekey-pat-rotated-e07b";
 
 /// Runs `credbroker rekey` on `from` with `args` (off the runtime: the broker under test may be
 /// serving on it).
@@ -39,10 +41,19 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// A store with a header-delivered and a proxy-delivered system, sealed under two key-encryption
-/// keys (one registered before a rotation, one after), and a worker, stopped; the worker's
-/// token.
-async fn filled(dir: &Path, asana: &FakeAsana) -> String {
+/// A fake Asana that knows every PAT these tests use.
+async fn asana() -> FakeAsana {
+    let asana = FakeAsana::start().await;
+    for pat in [PAT_HEADER, PAT_PROXY, PAT_ROTATED] {
+        asana.add_user(pat, "1", "Sync", "sync@example.com");
+    }
+    asana
+}
+
+/// A store with a header-delivered system (its credential rotated once) and a proxy-delivered
+/// one, sealed under two key-encryption keys (one registered before a key rotation, one after),
+/// a worker and a revoked caller, stopped; the worker's and the revoked caller's tokens.
+async fn filled(dir: &Path, asana: &FakeAsana) -> (String, String) {
     let broker = TestBroker::start(dir).await;
     let mut admin = broker.admin().await;
     admin
@@ -60,9 +71,24 @@ async fn filled(dir: &Path, asana: &FakeAsana) -> String {
         })
         .await
         .unwrap();
+    admin
+        .rotate_credential(pb::RotateCredentialRequest {
+            system_id: "hdr".into(),
+            credential: Some(pat(PAT_ROTATED)),
+            skip_check: false,
+        })
+        .await
+        .unwrap();
     let worker = worker_token(&mut admin, "sync-worker").await;
+    let gone = worker_token(&mut admin, "gone").await;
+    admin
+        .revoke_caller(pb::RevokeCallerRequest {
+            name: "gone".into(),
+        })
+        .await
+        .unwrap();
     broker.stop().await;
-    worker
+    (worker, gone)
 }
 
 /// What a worker gets through the broker at `addr`: the header system's header, and the answer
@@ -89,18 +115,15 @@ async fn worker_view(addr: std::net::SocketAddr, worker: &str) -> (String, reqwe
 async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_opens_nothing() {
     let root = tempfile::tempdir().unwrap();
     let (old, new) = (root.path().join("old"), root.path().join("new"));
-    let asana = FakeAsana::start().await;
-    for pat in [PAT_HEADER, PAT_PROXY] {
-        asana.add_user(pat, "1", "Sync", "sync@example.com");
-    }
-    let worker = filled(&old, &asana).await;
+    let asana = asana().await;
+    let (worker, gone) = filled(&old, &asana).await;
 
     let to = ["--to-data-dir", new.to_str().unwrap()];
     let out = rekey(&old, &to, &[("RUST_LOG", "trace")]).await;
     let said = text(&out);
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("Copied 2 systems and 2 callers"), "{said}");
-    for secret in [PAT_HEADER, PAT_PROXY, worker.as_str()] {
+    assert!(said.contains("Copied 2 systems and 3 callers"), "{said}");
+    for secret in [PAT_HEADER, PAT_PROXY, PAT_ROTATED, &worker, &gone] {
         assert!(!said.contains(secret), "the rekey's output shows a secret");
         assert_eq!(
             dir_contains(&new, secret),
@@ -112,20 +135,41 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     let old_key = std::fs::read_to_string(old.join("master.key")).unwrap();
     let new_key = std::fs::read_to_string(new.join("master.key")).unwrap();
     assert_ne!(old_key, new_key);
+    for (file, mode) in [
+        ("", 0o700),
+        ("master.key", 0o600),
+        ("admin.token", 0o600),
+        ("audit.log", 0o600),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let found = std::fs::metadata(new.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(found & 0o777, mode, "{file}");
+    }
 
     // The new directory serves what the old one held, to the same worker and admin tokens.
     let broker = TestBroker::start(&new).await;
     assert_eq!(
         worker_view(broker.addr, &worker).await,
-        (format!("Bearer {PAT_HEADER}"), reqwest::StatusCode::OK)
+        (format!("Bearer {PAT_ROTATED}"), reqwest::StatusCode::OK)
     );
+    let mut revoked = client(broker.addr, Some(&gone)).await;
+    let refused = auth_header(&mut revoked, "hdr").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     let mut admin = broker.admin().await;
     let listed = admin
         .list_systems(pb::ListSystemsRequest::default())
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.systems.len(), 2);
+    let versions: Vec<_> = listed
+        .systems
+        .iter()
+        .map(|s| (s.system_id.as_str(), s.credential_version))
+        .collect();
+    assert_eq!(versions, [("hdr", 2), ("prx", 1)]);
     let status = admin
         .get_key_status(pb::GetKeyStatusRequest {})
         .await
@@ -143,14 +187,41 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     )
     .await;
     assert!(refused.is_err(), "the old key opened the new store");
+
+    // Both trails end with the replacement; the new one holds the old one's lines before it.
+    let (old_trail, new_trail) = (
+        std::fs::read_to_string(old.join("audit.log")).unwrap(),
+        std::fs::read_to_string(new.join("audit.log")).unwrap(),
+    );
+    let line = old_trail
+        .lines()
+        .find(|l| l.contains("\"rpc\":\"ReplaceMasterKey\""))
+        .expect("the old trail names the replacement");
+    assert!(new_trail.contains(line), "{new_trail}");
+    assert!(
+        new_trail.contains("\"rpc\":\"RevokeCaller\""),
+        "{new_trail}"
+    );
+
+    // The old directory will not serve by mistake (its refreshes would be lost to the new
+    // one); once its marker is removed, it serves as it did.
+    let superseded = credbroker::server::run(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        test_config(&old),
+        std::future::pending(),
+    )
+    .await;
+    let Err(credbroker::server::ServeError::Superseded { to, .. }) = superseded else {
+        panic!("the old directory started: {superseded:?}");
+    };
+    assert_eq!(Path::new(&to), std::fs::canonicalize(&new).unwrap());
+    std::fs::remove_file(old.join(credbroker::server::rekey::SUPERSEDED_FILE)).unwrap();
     let broker = TestBroker::start(&old).await;
     assert_eq!(
         worker_view(broker.addr, &worker).await,
-        (format!("Bearer {PAT_HEADER}"), reqwest::StatusCode::OK)
+        (format!("Bearer {PAT_ROTATED}"), reqwest::StatusCode::OK)
     );
     broker.stop().await;
-    let trail = std::fs::read_to_string(old.join("audit.log")).unwrap();
-    assert!(trail.contains("\"rpc\":\"ReplaceMasterKey\""), "{trail}");
 }
 
 /// A rekey that must be refused: why, on which directory, with what, and the exit code and
@@ -186,11 +257,8 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     let root = tempfile::tempdir().unwrap();
     let (old, new) = (root.path().join("old"), root.path().join("new"));
     let staging = root.path().join("new.rekeying");
-    let asana = FakeAsana::start().await;
-    for pat in [PAT_HEADER, PAT_PROXY] {
-        asana.add_user(pat, "1", "Sync", "sync@example.com");
-    }
-    let worker = filled(&old, &asana).await;
+    let asana = asana().await;
+    let (worker, _) = filled(&old, &asana).await;
     let to = ["--to-data-dir", new.to_str().unwrap()];
     let old_key = old.join("master.key");
     let inside = old.join("new");
@@ -207,6 +275,16 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     let pg = [("CREDBROKER_STORE_URL", "postgres://127.0.0.1:9/none")];
     let inside_flag = ["--to-data-dir", inside.to_str().unwrap()];
     let with_key = [&to[..], &key_flag[..]].concat();
+    let open_key = root.path().join("open.key");
+    std::fs::write(&open_key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    let open_flag = [
+        &to[..],
+        &["--new-master-key-file", open_key.to_str().unwrap()],
+    ]
+    .concat();
+    let file = root.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let file_flag = ["--to-data-dir", file.to_str().unwrap()];
     let cases = [
         Refusal::new(
             "the old key is not the store's",
@@ -238,6 +316,20 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
             "lies inside",
         ),
         Refusal::new("a PostgreSQL store", &old, &to, 64, "PostgreSQL").env(&pg),
+        Refusal::new(
+            "a new key others may read",
+            &old,
+            &open_flag,
+            64,
+            "mode 0600",
+        ),
+        Refusal::new(
+            "a target that is a file",
+            &old,
+            &file_flag,
+            64,
+            "not a directory",
+        ),
     ];
     for case in cases {
         let why = case.why;
@@ -268,41 +360,68 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     assert!(text(&out).contains("stopped part-way"), "{}", text(&out));
     std::fs::remove_dir(&staging).unwrap();
 
-    // A running broker holds its store: no copy that its refreshes could overtake.
-    let broker = TestBroker::start(&old).await;
+    // A directory copied before is not copied again (a marker says where to).
+    let marker = old.join(credbroker::server::rekey::SUPERSEDED_FILE);
+    std::fs::write(&marker, "/elsewhere\n").unwrap();
     let out = rekey(&old, &to, &[]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("already copied"), "{}", text(&out));
+    std::fs::remove_file(&marker).unwrap();
+
+    // A running broker holds its store: no copy that its refreshes could overtake, and no new
+    // key file made for it.
+    let broker = TestBroker::start(&old).await;
+    let new_key = root.path().join("new.key");
+    let args = [
+        &to[..],
+        &["--new-master-key-file", new_key.to_str().unwrap()],
+    ]
+    .concat();
+    let out = rekey(&old, &args, &[]).await;
     assert_eq!(out.status.code(), Some(78), "{}", text(&out));
-    assert!(!new.exists() && !staging.exists());
+    assert!(!new.exists() && !staging.exists() && !new_key.exists());
     assert_eq!(
         worker_view(broker.addr, &worker).await.0,
-        format!("Bearer {PAT_HEADER}")
+        format!("Bearer {PAT_ROTATED}")
     );
     broker.stop().await;
 }
 
-/// A record the broker refuses (edited without the master key) would be left behind by a copy:
-/// the rekey fails instead, and leaves no new directory.
+/// A record the broker refuses (edited without the master key), a system or a caller, would be
+/// left behind by a copy: the rekey fails instead, and leaves no new directory.
 #[tokio::test]
 async fn a_store_holding_a_refused_record_is_not_rekeyed() {
     use credbroker::store::CredentialStore;
-    let root = tempfile::tempdir().unwrap();
-    let (old, new) = (root.path().join("old"), root.path().join("new"));
-    let asana = FakeAsana::start().await;
-    for pat in [PAT_HEADER, PAT_PROXY] {
-        asana.add_user(pat, "1", "Sync", "sync@example.com");
+    let asana = asana().await;
+    for (edited, says) in [
+        ("system", "copied 1 of 2 systems and 3 of 3 callers"),
+        ("caller", "copied 2 of 2 systems and 2 of 3 callers"),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let (old, new) = (root.path().join("old"), root.path().join("new"));
+        filled(&old, &asana).await;
+        {
+            let store = crate::store_conformance::open_sled(&old).await;
+            if edited == "system" {
+                let mut r = store.get_system("prx").await.unwrap().unwrap();
+                r.base_url = "http://127.0.0.1:9/api/1.0".into();
+                let rev = r.revision;
+                store.update_system(&r, rev).await.unwrap();
+            } else {
+                let callers = store.list_callers().await.unwrap();
+                let mut gone = callers.into_iter().find(|c| c.name == "gone").unwrap();
+                gone.revoked = false;
+                store.update_caller(&gone).await.unwrap();
+            }
+            store.flush().await.unwrap();
+        }
+        let out = rekey(&old, &["--to-data-dir", new.to_str().unwrap()], &[]).await;
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{edited}: {said}");
+        assert!(said.contains(says), "{edited}: {said}");
+        assert!(!new.exists() && !root.path().join("new.rekeying").exists());
+        assert!(!old
+            .join(credbroker::server::rekey::SUPERSEDED_FILE)
+            .exists());
     }
-    filled(&old, &asana).await;
-    {
-        let store = crate::store_conformance::open_sled(&old).await;
-        let mut r = store.get_system("prx").await.unwrap().unwrap();
-        r.base_url = "http://127.0.0.1:9/api/1.0".into();
-        let rev = r.revision;
-        store.update_system(&r, rev).await.unwrap();
-        store.flush().await.unwrap();
-    }
-    let out = rekey(&old, &["--to-data-dir", new.to_str().unwrap()], &[]).await;
-    let said = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains("copied 1 of 2 systems"), "{said}");
-    assert!(!new.exists() && !root.path().join("new.rekeying").exists());
 }
