@@ -122,6 +122,12 @@ fn rekey_main(args: RekeyArgs) -> ExitCode {
                 done.data_dir.display(),
                 done.key_file.display()
             );
+            if !done.left_behind.is_empty() {
+                println!(
+                    "Not copied from the old directory (move what the broker needs): {}.",
+                    done.left_behind.join(", ")
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

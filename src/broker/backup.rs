@@ -125,6 +125,24 @@ fn open(cipher: &Aes256Gcm, bytes: &[u8], index: usize) -> Result<Chunk, BrokerE
     serde_json::from_slice(&plain).map_err(|_| bad("unreadable content"))
 }
 
+/// Refuses a chunk holding a system whose credential is not of the record's type.
+fn consistent(chunk: &Chunk) -> Result<(), BrokerError> {
+    match chunk
+        .systems
+        .iter()
+        .find(|s| s.record.credential_type != s.credential.credential_type())
+    {
+        Some(s) => Err(BrokerError::invalid(
+            "chunk",
+            format!(
+                "system '{}' has an inconsistent credential",
+                s.record.system_id
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// An export under way: what its chunks share and how far it got.
 struct Export {
     cipher: Aes256Gcm,
@@ -282,17 +300,7 @@ impl Broker {
                     "the backup's system count does not match its chunks",
                 ));
             }
-            for s in &chunk.systems {
-                if s.record.credential_type != s.credential.credential_type() {
-                    return Err(BrokerError::invalid(
-                        "chunk",
-                        format!(
-                            "system '{}' has an inconsistent credential",
-                            s.record.system_id
-                        ),
-                    ));
-                }
-            }
+            consistent(&chunk)?;
             opened.push(chunk);
         }
         let mut summary = RestoreSummary::default();
@@ -377,6 +385,7 @@ impl Broker {
             while let Some(bytes) = rx.recv().await {
                 let bytes: Vec<u8> = bytes?;
                 let chunk = open(&from, &bytes, index)?;
+                consistent(&chunk)?;
                 // No events: the copy's log starts empty (see `crate::server::rekey`).
                 target.restore_chunk(chunk, &mut restored, false).await?;
                 index += 1;

@@ -90,7 +90,8 @@ pub enum ServeError {
     #[error(
         "the store in {dir} was copied under a new master key into {to} (credbroker rekey); \
          start the broker on that directory. To start this one anyway (going back to the old \
-         key and what it held then), remove {dir}/{marker}",
+         key and what it held then), or if that directory does not exist (a rekey stopped \
+         part-way), remove {dir}/{marker}",
         marker = rekey::SUPERSEDED_FILE
     )]
     Superseded {
@@ -1082,20 +1083,18 @@ fn start_from_snapshot_if(
     )))
 }
 
-/// The embedded sled store in the data directory, opened only once the master key is known to
-/// be the right one.
-async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, ServeError> {
+/// The master key for the sled store in `data_dir`, checked against its `key.check` (or
+/// generated, for a new store), unless the directory was copied under a new key.
+fn sled_keyring(
+    key_file: Option<&Path>,
+    data_dir: &Path,
+    store_exists: bool,
+) -> Result<(Keyring, u32, MasterKeySource), ServeError> {
     if let Some(to) = rekey::superseded(data_dir) {
         let dir = data_dir.to_path_buf();
         return Err(ServeError::Superseded { dir, to });
     }
-    let store_exists = SledStore::exists_in(data_dir);
-    let initialized = store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
-    let (key, source) = MasterKey::load_or_generate(
-        config.store.master_key_file.as_deref(),
-        data_dir,
-        store_exists,
-    )?;
+    let (key, source) = MasterKey::load_or_generate(key_file, data_dir, store_exists)?;
     let key_id = key.id();
     let keyring = Keyring::new(key);
     // Before the store is opened: sled writes to its files on open, and a wrong key
@@ -1103,6 +1102,16 @@ async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, Serv
     if !verify_key_check_file(data_dir, &keyring, store_exists)? {
         return Err(ServeError::Broker(BrokerOpenError::WrongKey));
     }
+    Ok((keyring, key_id, source))
+}
+
+/// The embedded sled store in the data directory, opened only once the master key is known to
+/// be the right one.
+async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, ServeError> {
+    let store_exists = SledStore::exists_in(data_dir);
+    let initialized = store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
+    let key_file = config.store.master_key_file.as_deref();
+    let (keyring, key_id, source) = sled_keyring(key_file, data_dir, store_exists)?;
     let dir = data_dir.to_path_buf();
     let cache = config.store.cache_mib;
     let store = tokio::task::spawn_blocking(move || SledStore::open_with_cache(&dir, cache))

@@ -111,25 +111,59 @@ async fn worker_view(addr: std::net::SocketAddr, worker: &str) -> (String, reqwe
     (header, get.send().await.unwrap().status())
 }
 
+/// A start on `config` that must be refused; bounded, so a start that serves fails the test
+/// instead of holding it.
+async fn refused_start(
+    config: credbroker::config::Config,
+) -> Result<(), credbroker::server::ServeError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let run = credbroker::server::run(listener, config, std::future::pending());
+    tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .expect("the broker started")
+}
+
 #[tokio::test]
 async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_opens_nothing() {
     let root = tempfile::tempdir().unwrap();
     let (old, new) = (root.path().join("old"), root.path().join("new"));
     let asana = asana().await;
     let (worker, gone) = filled(&old, &asana).await;
+    let admin_token = std::fs::read_to_string(old.join("admin.token")).unwrap();
+    // A rotated trail file, and a file of the operator's that is not the broker's.
+    std::fs::write(old.join("audit.log.1"), "{\"rotated\":true}\n").unwrap();
+    std::fs::write(old.join("extra.toml"), "x = 1\n").unwrap();
 
     let to = ["--to-data-dir", new.to_str().unwrap()];
     let out = rekey(&old, &to, &[("RUST_LOG", "trace")]).await;
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("Copied 2 systems and 3 callers"), "{said}");
-    for secret in [PAT_HEADER, PAT_PROXY, PAT_ROTATED, &worker, &gone] {
+    assert!(
+        said.contains("(move what the broker needs): extra.toml."),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(new.join("audit.log.1")).unwrap(),
+        "{\"rotated\":true}\n"
+    );
+    // The admin token is where it was (its own file), and nowhere else.
+    let secrets = [
+        PAT_HEADER,
+        PAT_PROXY,
+        PAT_ROTATED,
+        &worker,
+        &gone,
+        admin_token.trim(),
+    ];
+    for secret in secrets {
         assert!(!said.contains(secret), "the rekey's output shows a secret");
-        assert_eq!(
-            dir_contains(&new, secret),
-            None,
-            "a secret in clear in the new directory"
-        );
+        for file in files_under(&new) {
+            let bytes = std::fs::read(&file).unwrap();
+            let found = bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
+            let own = file.ends_with("admin.token") && secret == admin_token.trim();
+            assert!(!found || own, "a secret in clear in {}", file.display());
+        }
     }
     assert!(!root.path().join("new.rekeying").exists());
     let old_key = std::fs::read_to_string(old.join("master.key")).unwrap();
@@ -180,12 +214,7 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     // The old key opens nothing in the new directory; the old directory is as it was.
     let mut config = test_config(&new);
     config.store.master_key_file = Some(old.join("master.key"));
-    let refused = credbroker::server::run(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        config,
-        std::future::pending(),
-    )
-    .await;
+    let refused = refused_start(config).await;
     assert!(refused.is_err(), "the old key opened the new store");
 
     // Both trails end with the replacement; the new one holds the old one's lines before it.
@@ -205,12 +234,7 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
 
     // The old directory will not serve by mistake (its refreshes would be lost to the new
     // one); once its marker is removed, it serves as it did.
-    let superseded = credbroker::server::run(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        test_config(&old),
-        std::future::pending(),
-    )
-    .await;
+    let superseded = refused_start(test_config(&old)).await;
     let Err(credbroker::server::ServeError::Superseded { to, .. }) = superseded else {
         panic!("the old directory started: {superseded:?}");
     };
@@ -270,7 +294,10 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
         format!("{}\n", "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY="),
     )
     .unwrap();
-    let key_flag = ["--new-master-key-file", old_key.to_str().unwrap()];
+    // The key in use, copied out of the old directory.
+    let same_key = root.path().join("same.key");
+    std::fs::copy(&old_key, &same_key).unwrap();
+    let key_flag = ["--new-master-key-file", same_key.to_str().unwrap()];
     let other = [("CREDBROKER_MASTER_KEY_FILE", other_key.to_str().unwrap())];
     let pg = [("CREDBROKER_STORE_URL", "postgres://127.0.0.1:9/none")];
     let inside_flag = ["--to-data-dir", inside.to_str().unwrap()];
@@ -285,6 +312,12 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     let file = root.path().join("file");
     std::fs::write(&file, "x").unwrap();
     let file_flag = ["--to-data-dir", file.to_str().unwrap()];
+    let old_dir_key = old.join("new.key");
+    let old_dir_key_flag = [
+        &to[..],
+        &["--new-master-key-file", old_dir_key.to_str().unwrap()],
+    ]
+    .concat();
     let cases = [
         Refusal::new(
             "the old key is not the store's",
@@ -330,6 +363,13 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
             64,
             "not a directory",
         ),
+        Refusal::new(
+            "a new key in the old directory",
+            &old,
+            &old_dir_key_flag,
+            64,
+            "lies in the old data directory",
+        ),
     ];
     for case in cases {
         let why = case.why;
@@ -341,10 +381,31 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
             "{why}: {said}"
         );
         assert!(
-            !new.exists() && !staging.exists() && !inside.exists(),
-            "{why}: left a directory"
+            !new.exists() && !staging.exists() && !inside.exists() && !old_dir_key.exists(),
+            "{why}: left a directory or a key"
         );
     }
+
+    // Settings before the command would name another store: refused.
+    let mut before = Command::new(env!("CARGO_BIN_EXE_credbroker"));
+    before.arg("--data-dir").arg(&old).arg("rekey").args(to);
+    let out = tokio::task::spawn_blocking(move || before.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(!new.exists() && !staging.exists());
+
+    // A trail file planted as a link (a root run must not copy what it points at): nothing.
+    let planted = old.join("audit.log.2");
+    std::os::unix::fs::symlink("/etc/passwd", &planted).unwrap();
+    let out = rekey(&old, &to, &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("not a regular file"), "{}", text(&out));
+    assert!(!new.exists() && !staging.exists());
+    assert!(!old
+        .join(credbroker::server::rekey::SUPERSEDED_FILE)
+        .exists());
+    std::fs::remove_file(&planted).unwrap();
 
     // A target that holds anything, and a staging directory an interrupted run left.
     std::fs::create_dir(&new).unwrap();
@@ -360,13 +421,24 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     assert!(text(&out).contains("stopped part-way"), "{}", text(&out));
     std::fs::remove_dir(&staging).unwrap();
 
-    // A directory copied before is not copied again (a marker says where to).
+    // A directory copied before is not copied again (a marker says where to), and a marker the
+    // broker cannot read as a file still stops it.
     let marker = old.join(credbroker::server::rekey::SUPERSEDED_FILE);
     std::fs::write(&marker, "/elsewhere\n").unwrap();
     let out = rekey(&old, &to, &[]).await;
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("already copied"), "{}", text(&out));
     std::fs::remove_file(&marker).unwrap();
+    std::fs::create_dir(&marker).unwrap();
+    let refused = refused_start(test_config(&old)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(credbroker::server::ServeError::Superseded { .. })
+        ),
+        "{refused:?}"
+    );
+    std::fs::remove_dir(&marker).unwrap();
 
     // A running broker holds its store: no copy that its refreshes could overtake, and no new
     // key file made for it.

@@ -1,0 +1,381 @@
+//! The files of a master key replacement: the target and its staging directory, the copied
+//! admin token and audit trail, the marker left in the old directory, and the new key file.
+//! Every file taken from a directory is opened as a regular file, not through a symlink, and
+//! checked to be the one looked at (a root run must not copy `/etc/shadow` for an
+//! `audit.log.3` link).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use super::{RekeyError, SUPERSEDED_FILE};
+use crate::audit::AuditEvent;
+use crate::config::Config;
+use crate::crypto::keys::KEY_CHECK_FILE;
+use crate::crypto::MasterKey;
+use crate::server::{audit_config, restrict_data_dir, ADMIN_TOKEN_FILE};
+use crate::store::SledStore;
+
+/// The most of the marker a broker reads (for its message).
+const MARKER_READ: u64 = 4096;
+
+pub(super) fn io(what: &str, path: &Path, e: std::io::Error) -> RekeyError {
+    RekeyError::Failed(format!("{what} {}: {e}", path.display()))
+}
+
+/// `path` made absolute and normalized (`new/` and `./new` alike), symlinks left as they are.
+pub(super) fn absolute(path: &Path) -> Result<PathBuf, RekeyError> {
+    let abs = std::path::absolute(path).map_err(|e| io("cannot resolve", path, e))?;
+    Ok(abs.components().collect())
+}
+
+pub(super) fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// A directory made 0700 from the start (sealed records and token hashes go in it).
+pub(super) fn make_private_dir(dir: &Path) -> Result<(), RekeyError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io("cannot create", dir, e))
+}
+
+/// Syncs every file and directory under `dir`, and `dir` itself.
+fn sync_tree(dir: &Path) -> Result<(), RekeyError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io("cannot read", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io("cannot read", dir, e))?;
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("cannot sync", &path, e))?;
+        }
+    }
+    sync_dir(dir).map_err(|e| io("cannot sync", dir, e))
+}
+
+/// `path` opened for reading when it is a regular file (not through a symlink, and the file
+/// looked at); `None` when it is absent.
+fn open_regular(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let seen = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let other = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned());
+    if !seen.is_file() {
+        return Err(other("not a regular file"));
+    }
+    let file = std::fs::File::open(path)?;
+    let opened = file.metadata()?;
+    if (opened.dev(), opened.ino()) != (seen.dev(), seen.ino()) {
+        return Err(other("replaced while it was opened"));
+    }
+    Ok(Some(file))
+}
+
+/// Copies the regular file `src`, if there is one, to the new file `dst` (mode 0600).
+fn copy_regular(src: &Path, dst: &Path) -> Result<(), RekeyError> {
+    let Some(mut from) = open_regular(src).map_err(|e| io("cannot copy", src, e))? else {
+        return Ok(());
+    };
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)
+        .map_err(|e| io("cannot create", dst, e))?;
+    std::io::copy(&mut from, &mut to).map_err(|e| io("cannot copy", src, e))?;
+    Ok(())
+}
+
+/// Where the directory was copied to, when it was: anything at its marker counts (a marker the
+/// broker cannot read still stops it), and what is read of it is cut and stripped of control
+/// characters for the message.
+pub fn superseded(dir: &Path) -> Option<String> {
+    let marker = dir.join(SUPERSEDED_FILE);
+    let read = || -> std::io::Result<String> {
+        let mut text = Vec::new();
+        if let Some(f) = open_regular(&marker)? {
+            f.take(MARKER_READ).read_to_end(&mut text)?;
+        }
+        Ok(String::from_utf8_lossy(&text).to_string())
+    };
+    match std::fs::symlink_metadata(&marker) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!("(unreadable marker: {e})")),
+        Ok(_) => Some(match read() {
+            Ok(text) => text.chars().filter(|c| !c.is_control()).collect(),
+            Err(e) => format!("(unreadable marker: {e})"),
+        }),
+    }
+}
+
+/// Marks `from` as copied into `to`, durably; an entry already there (planted) fails it.
+fn mark(from: &Path, to: &Path) -> Result<PathBuf, RekeyError> {
+    let marker = from.join(SUPERSEDED_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&marker)
+        .map_err(|e| io("cannot create", &marker, e))?;
+    file.write_all(format!("{}\n", to.display()).as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| sync_dir(from))
+        .map_err(|e| io("cannot write", &marker, e))?;
+    Ok(marker)
+}
+
+/// The owner of the old directory: a root run gives it the new files.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Owner {
+    uid: u32,
+    gid: u32,
+    root: bool,
+}
+
+impl Owner {
+    pub(super) fn of(dir: &Path) -> Result<Self, RekeyError> {
+        let meta = std::fs::metadata(dir).map_err(|e| io("cannot read", dir, e))?;
+        Ok(Self {
+            uid: meta.uid(),
+            gid: meta.gid(),
+            root: rustix::process::geteuid().is_root(),
+        })
+    }
+
+    /// Whether `uid` may own the new key file: this user or the old directory's owner.
+    fn may_own(&self, uid: u32) -> bool {
+        uid == self.uid || uid == rustix::process::geteuid().as_raw()
+    }
+
+    /// Gives `path` to the owner (only a root run changes anything).
+    pub(super) fn give(&self, path: &Path) -> Result<(), RekeyError> {
+        if !self.root {
+            return Ok(());
+        }
+        std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))
+            .map_err(|e| io("cannot give", path, e))
+    }
+
+    fn give_tree(&self, dir: &Path) -> Result<(), RekeyError> {
+        self.give(dir)?;
+        for entry in std::fs::read_dir(dir).map_err(|e| io("cannot read", dir, e))? {
+            let entry = entry.map_err(|e| io("cannot read", dir, e))?;
+            match entry.file_type().is_ok_and(|t| t.is_dir()) {
+                true => self.give_tree(&entry.path())?,
+                false => self.give(&entry.path())?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An existing new key file: a regular file of mode 0600 that this user or the old directory's
+/// owner owns (one planted by someone else would hand them the new key).
+pub(super) fn read_new_key(at: &Path, owner: Owner) -> Result<MasterKey, String> {
+    let mut file = open_regular(at)
+        .map_err(|e| format!("cannot be read: {e}"))?
+        .ok_or("is gone")?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if meta.mode() & 0o077 != 0 || !owner.may_own(meta.uid()) {
+        return Err("must be of mode 0600 and owned by this user or the data directory's".into());
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    file.read_to_string(&mut text)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    MasterKey::from_base64(&text).ok_or_else(|| "must hold 32 bytes, base64-encoded".into())
+}
+
+/// The new data directory and where it is filled.
+pub(super) struct Target {
+    pub(super) path: PathBuf,
+    pub(super) staging: PathBuf,
+}
+
+impl Target {
+    /// Refuses a target that is not an absent path or an empty directory on its parent's file
+    /// system, that lies inside the old directory, or whose staging directory exists.
+    pub(super) fn prepare(path: &Path, from: &Path) -> Result<Self, RekeyError> {
+        let path = absolute(path)?;
+        let usage = |why: &str| Err(RekeyError::Usage(format!("{} {why}", path.display())));
+        if !matches!(path.components().next_back(), Some(Component::Normal(_))) {
+            return usage("must end in a directory's name");
+        }
+        let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+        if let (Some(p), Some(f)) = (canonical(parent_of(&path)), canonical(from)) {
+            if p.starts_with(f) {
+                return usage("lies inside the old data directory; give one beside it");
+            }
+        }
+        if let Some(why) = unusable(&path)? {
+            return usage(why);
+        }
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(".rekeying");
+        let staging = PathBuf::from(staging);
+        if std::fs::symlink_metadata(&staging).is_ok() {
+            return Err(RekeyError::Usage(format!(
+                "{} exists: an earlier rekey stopped part-way; remove it and run again",
+                staging.display()
+            )));
+        }
+        Ok(Self { path, staging })
+    }
+
+    /// Copies the admin token file and the trail, restricts the modes, gives the files to the
+    /// old directory's owner, syncs them all, marks the old directory, and renames the staging
+    /// directory into place (the mark goes again if that fails).
+    pub(super) fn complete(
+        &self,
+        from: &Path,
+        trail: &Trail,
+        owner: Owner,
+    ) -> Result<(), RekeyError> {
+        let token = ADMIN_TOKEN_FILE;
+        copy_regular(&from.join(token), &self.staging.join(token))?;
+        trail.copy(from, &self.staging)?;
+        restrict_data_dir(&self.staging).map_err(|e| io("cannot restrict", &self.staging, e))?;
+        owner.give_tree(&self.staging)?;
+        // sled's own flush does not sync every file it writes (nor their names).
+        sync_tree(&self.staging)?;
+        let marker = mark(from, &self.path)?;
+        if let Err(e) = std::fs::rename(&self.staging, &self.path) {
+            let _ = std::fs::remove_file(&marker).and_then(|()| sync_dir(from));
+            return Err(io("cannot rename", &self.path, e));
+        }
+        if let Err(e) = sync_dir(parent_of(&self.path)) {
+            tracing::warn!(message = "Could not sync the new data directory's parent.", error = %e);
+        }
+        Ok(())
+    }
+}
+
+/// Why `path` cannot become the new data directory, if it cannot: anything but an absent path
+/// or an empty directory on its parent's file system (a mount point could not be renamed onto).
+fn unusable(path: &Path) -> Result<Option<&'static str>, RekeyError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("cannot read", path, e)),
+    };
+    if !meta.is_dir() {
+        return Ok(Some("is not a directory; rekey fills a new data directory"));
+    }
+    let mut entries = std::fs::read_dir(path).map_err(|e| io("cannot read", path, e))?;
+    if entries.next().is_some() {
+        return Ok(Some("is not empty; rekey fills a new data directory"));
+    }
+    let parent = parent_of(path);
+    let parent = std::fs::metadata(parent).map_err(|e| io("cannot read", parent, e))?;
+    if parent.dev() != meta.dev() {
+        return Ok(Some("is a mount point; give a directory inside it"));
+    }
+    Ok(None)
+}
+
+/// The old broker's audit trail, when it is kept in the data directory (and so moves with it):
+/// its file name, and how many rotated files (`.1` … `.N`) may sit beside it.
+pub(super) struct Trail {
+    in_data_dir: Option<(std::ffi::OsString, usize)>,
+}
+
+impl Trail {
+    pub(super) fn of(config: &Config, from: &Path) -> Self {
+        let audit = audit_config(config, from);
+        let name = audit.file.and_then(|f| {
+            let inside = absolute(parent_of(&f)).is_ok_and(|p| p == from);
+            inside
+                .then(|| f.file_name().map(|n| n.to_owned()))
+                .flatten()
+        });
+        if name.is_some() && config.audit.file.is_some() {
+            tracing::warn!(message = "The audit file setting names a file in the old data directory; the trail is copied, so point the setting at the new directory.");
+        }
+        Self {
+            in_data_dir: name.map(|n| (n, audit.keep)),
+        }
+    }
+
+    /// The trail's file names: the file and its rotated ones.
+    fn names(&self) -> Vec<std::ffi::OsString> {
+        let Some((name, keep)) = &self.in_data_dir else {
+            return Vec::new();
+        };
+        let suffixes = std::iter::once(String::new()).chain((1..=*keep).map(|i| format!(".{i}")));
+        suffixes
+            .map(|s| {
+                let mut n = name.clone();
+                n.push(s);
+                n
+            })
+            .collect()
+    }
+
+    /// Copies the trail and its rotated files from `from` into `dir` (mode 0600; lines and
+    /// HMACs, no secret).
+    fn copy(&self, from: &Path, dir: &Path) -> Result<(), RekeyError> {
+        for name in self.names() {
+            copy_regular(&from.join(&name), &dir.join(&name))?;
+        }
+        Ok(())
+    }
+
+    /// Appends `line` to the copied trail in `dir`, durably.
+    pub(super) fn append(&self, dir: &Path, line: &AuditEvent<'_>) -> std::io::Result<()> {
+        let Some((name, _)) = &self.in_data_dir else {
+            return Ok(());
+        };
+        let mut text = serde_json::to_vec(line)?;
+        text.push(b'\n');
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(dir.join(name))?;
+        file.write_all(&text)?;
+        file.sync_all()
+    }
+}
+
+/// The entries of the old directory that were not copied (a config file, TLS material): the
+/// store, the keys, the admin token and the trail are, in their own ways.
+pub(super) fn left_behind(from: &Path, trail: &Trail) -> Vec<String> {
+    let store = SledStore::path_in(from);
+    let mut known: Vec<std::ffi::OsString> = trail.names();
+    let token = crate::admin_token::companions(ADMIN_TOKEN_FILE);
+    let fixed = [
+        ADMIN_TOKEN_FILE,
+        "master.key",
+        KEY_CHECK_FILE,
+        SUPERSEDED_FILE,
+    ];
+    known.extend(fixed.into_iter().map(Into::into));
+    known.extend(token.iter().map(Into::into));
+    known.extend(store.file_name().map(|n| n.to_owned()));
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return Vec::new();
+    };
+    let mut left: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| !known.contains(n))
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    left
+}
