@@ -1181,18 +1181,7 @@ async fn open_broker(
     if let Some(wrap) = &wrap_store {
         store = wrap(store);
     }
-    let egress = config.egress.policy();
-    let http = HttpClient::new(
-        config.egress.upstream_timeout,
-        config.egress.max_upstream_body_bytes,
-        &egress,
-    )
-    .map_err(ServeError::Http)?;
-    let registry = Registry::new(&BackendContext {
-        http: http.clone(),
-        egress: egress.clone(),
-        oauth: config.vendors.clone(),
-    });
+    let (egress, http, registry) = backends(config).map_err(ServeError::Http)?;
     let settings = broker_settings(config, egress, public_url, initialized, &data_dir);
     let opening = Opening {
         config,
@@ -1339,6 +1328,25 @@ fn reload_keyring(config: &Config, data_dir: &Path, first: &[u8]) -> Result<Keyr
         return Err(ServeError::Key(crate::crypto::keys::KeyError::Changed));
     }
     Ok(keyring)
+}
+
+/// The egress policy, the outbound HTTP client and the vendors' backends the configuration
+/// asks for.
+fn backends(
+    config: &Config,
+) -> Result<(crate::backends::EgressPolicy, HttpClient, Registry), String> {
+    let egress = config.egress.policy();
+    let http = HttpClient::new(
+        config.egress.upstream_timeout,
+        config.egress.max_upstream_body_bytes,
+        &egress,
+    )?;
+    let registry = Registry::new(&BackendContext {
+        http: http.clone(),
+        egress: egress.clone(),
+        oauth: config.vendors.clone(),
+    });
+    Ok((egress, http, registry))
 }
 
 /// The broker's settings from the configuration.

@@ -28,8 +28,11 @@ async fn rekey(from: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    // Bounded: a rekey that blocks fails the test instead of holding it.
+    let run = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    tokio::time::timeout(std::time::Duration::from_secs(60), run)
         .await
+        .expect("the rekey did not end within 60 s")
         .unwrap()
 }
 
@@ -215,7 +218,15 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     let mut config = test_config(&new);
     config.store.master_key_file = Some(old.join("master.key"));
     let refused = refused_start(config).await;
-    assert!(refused.is_err(), "the old key opened the new store");
+    assert!(
+        matches!(
+            refused,
+            Err(credbroker::server::ServeError::Broker(
+                credbroker::broker::OpenError::WrongKey
+            ))
+        ),
+        "the old key opened the new store: {refused:?}"
+    );
 
     // Both trails end with the replacement; the new one holds the old one's lines before it.
     let (old_trail, new_trail) = (
@@ -304,6 +315,11 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     let with_key = [&to[..], &key_flag[..]].concat();
     let open_key = root.path().join("open.key");
     std::fs::write(&open_key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let readable = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(&open_key, readable).unwrap();
+    }
     let open_flag = [
         &to[..],
         &["--new-master-key-file", open_key.to_str().unwrap()],
@@ -313,6 +329,15 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     std::fs::write(&file, "x").unwrap();
     let file_flag = ["--to-data-dir", file.to_str().unwrap()];
     let old_dir_key = old.join("new.key");
+    // The old directory under another name: a key put there through it is still in it.
+    let alias = root.path().join("alias");
+    std::os::unix::fs::symlink(&old, &alias).unwrap();
+    let alias_key = alias.join("other-new.key");
+    let alias_key_flag = [
+        &to[..],
+        &["--new-master-key-file", alias_key.to_str().unwrap()],
+    ]
+    .concat();
     let old_dir_key_flag = [
         &to[..],
         &["--new-master-key-file", old_dir_key.to_str().unwrap()],
@@ -370,6 +395,13 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
             64,
             "lies in the old data directory",
         ),
+        Refusal::new(
+            "a new key in the old directory by another name",
+            &old,
+            &alias_key_flag,
+            64,
+            "lies in the old data directory",
+        ),
     ];
     for case in cases {
         let why = case.why;
@@ -381,7 +413,11 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
             "{why}: {said}"
         );
         assert!(
-            !new.exists() && !staging.exists() && !inside.exists() && !old_dir_key.exists(),
+            !new.exists()
+                && !staging.exists()
+                && !inside.exists()
+                && !old_dir_key.exists()
+                && !old.join("other-new.key").exists(),
             "{why}: left a directory or a key"
         );
     }

@@ -29,6 +29,26 @@ pub(super) fn absolute(path: &Path) -> Result<PathBuf, RekeyError> {
     Ok(abs.components().collect())
 }
 
+/// Whether `path` lies in `dir`, by its name or by where its parent really is (through links
+/// and `..`).
+pub(super) fn within(path: &Path, dir: &Path) -> bool {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    let real = match (canonical(parent_of(path)), canonical(dir)) {
+        (Some(p), Some(d)) => p.starts_with(d),
+        _ => false,
+    };
+    real || path.starts_with(dir)
+}
+
+/// `path` with its parent's real name (the name the marker gives, the same however the target
+/// was named).
+fn canonical_name(path: &Path) -> PathBuf {
+    match (std::fs::canonicalize(parent_of(path)), path.file_name()) {
+        (Ok(p), Some(name)) => p.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
 pub(super) fn parent_of(path: &Path) -> &Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -65,29 +85,35 @@ fn sync_tree(dir: &Path) -> Result<(), RekeyError> {
     sync_dir(dir).map_err(|e| io("cannot sync", dir, e))
 }
 
-/// `path` opened for reading when it is a regular file (not through a symlink, and the file
-/// looked at); `None` when it is absent.
-fn open_regular(path: &Path) -> std::io::Result<Option<std::fs::File>> {
-    let seen = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let other = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned());
-    if !seen.is_file() {
-        return Err(other("not a regular file"));
+/// `path` opened for reading when it is a regular file, not through a link (and without
+/// blocking on a FIFO or opening a device's driver for anything but a check); `None` when it
+/// is absent. With `follow`, a link to a regular file is followed (a key file mounted from a
+/// secret store).
+fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<std::fs::File>> {
+    use rustix::fs::{Mode, OFlags};
+    let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    if !follow {
+        flags |= OFlags::NOFOLLOW;
     }
-    let file = std::fs::File::open(path)?;
-    let opened = file.metadata()?;
-    if (opened.dev(), opened.ino()) != (seen.dev(), seen.ino()) {
-        return Err(other("replaced while it was opened"));
+    let file = match rustix::fs::open(path, flags, Mode::empty()) {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(rustix::io::Errno::LOOP) => return Err(not_regular()),
+        Err(e) => return Err(e.into()),
+    };
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
     }
     Ok(Some(file))
 }
 
+fn not_regular() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+}
+
 /// Copies the regular file `src`, if there is one, to the new file `dst` (mode 0600).
 fn copy_regular(src: &Path, dst: &Path) -> Result<(), RekeyError> {
-    let Some(mut from) = open_regular(src).map_err(|e| io("cannot copy", src, e))? else {
+    let Some(mut from) = open_regular(src, false).map_err(|e| io("cannot copy", src, e))? else {
         return Ok(());
     };
     let mut to = std::fs::OpenOptions::new()
@@ -107,14 +133,14 @@ pub fn superseded(dir: &Path) -> Option<String> {
     let marker = dir.join(SUPERSEDED_FILE);
     let read = || -> std::io::Result<String> {
         let mut text = Vec::new();
-        if let Some(f) = open_regular(&marker)? {
+        if let Some(f) = open_regular(&marker, false)? {
             f.take(MARKER_READ).read_to_end(&mut text)?;
         }
         Ok(String::from_utf8_lossy(&text).to_string())
     };
     match std::fs::symlink_metadata(&marker) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => Some(format!("(unreadable marker: {e})")),
+        // A directory the broker cannot search fails its start on its own, with its own words.
+        Err(_) => None,
         Ok(_) => Some(match read() {
             Ok(text) => text.chars().filter(|c| !c.is_control()).collect(),
             Err(e) => format!("(unreadable marker: {e})"),
@@ -131,10 +157,19 @@ fn mark(from: &Path, to: &Path) -> Result<PathBuf, RekeyError> {
         .mode(0o644)
         .open(&marker)
         .map_err(|e| io("cannot create", &marker, e))?;
-    file.write_all(format!("{}\n", to.display()).as_bytes())
+    let written = file
+        .write_all(format!("{}\n", to.display()).as_bytes())
         .and_then(|()| file.sync_all())
-        .and_then(|()| sync_dir(from))
-        .map_err(|e| io("cannot write", &marker, e))?;
+        .and_then(|()| sync_dir(from));
+    if let Err(e) = written {
+        return Err(match std::fs::remove_file(&marker) {
+            Ok(()) => io("cannot write", &marker, e),
+            Err(left) => RekeyError::Failed(format!(
+                "cannot write {}: {e}; and cannot remove it ({left}): remove it by hand",
+                marker.display()
+            )),
+        });
+    }
     Ok(marker)
 }
 
@@ -156,9 +191,9 @@ impl Owner {
         })
     }
 
-    /// Whether `uid` may own the new key file: this user or the old directory's owner.
+    /// Whether `uid` may own the new key file: root, this user or the old directory's owner.
     fn may_own(&self, uid: u32) -> bool {
-        uid == self.uid || uid == rustix::process::geteuid().as_raw()
+        uid == 0 || uid == self.uid || uid == rustix::process::geteuid().as_raw()
     }
 
     /// Gives `path` to the owner (only a root run changes anything).
@@ -183,17 +218,38 @@ impl Owner {
     }
 }
 
-/// An existing new key file: a regular file of mode 0600 that this user or the old directory's
-/// owner owns (one planted by someone else would hand them the new key).
+/// A new key file generated outside the target, kept as `old` is when run as root: its owner
+/// and group, and group read if `old` has it (a root-owned key the broker's group reads). Not
+/// as root, it stays this user's, mode 0600.
+pub(super) fn keep_like(new: &Path, old: &Path) -> Result<(), RekeyError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let old = std::fs::metadata(old).map_err(|e| io("cannot read", old, e))?;
+    std::os::unix::fs::lchown(new, Some(old.uid()), Some(old.gid()))
+        .map_err(|e| io("cannot give", new, e))?;
+    let mode = 0o600 | (old.mode() & 0o040);
+    std::fs::set_permissions(new, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io("cannot restrict", new, e))
+}
+
+/// An existing new key file (a link to one is followed, as for a key mounted from a secret
+/// store): a regular file no one but its owner and group may read and only its owner write,
+/// owned by root, this user or the old directory's owner (one planted by someone else would
+/// hand them the new key).
 pub(super) fn read_new_key(at: &Path, owner: Owner) -> Result<MasterKey, String> {
-    let mut file = open_regular(at)
+    let mut file = open_regular(at, true)
         .map_err(|e| format!("cannot be read: {e}"))?
         .ok_or("is gone")?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot be read: {e}"))?;
-    if meta.mode() & 0o077 != 0 || !owner.may_own(meta.uid()) {
-        return Err("must be of mode 0600 and owned by this user or the data directory's".into());
+    if meta.mode() & 0o027 != 0 || !owner.may_own(meta.uid()) {
+        return Err(
+            "must be of mode 0600 or 0640, owned by root, this user or the data directory's owner"
+                .into(),
+        );
     }
     let mut text = zeroize::Zeroizing::new(String::new());
     file.read_to_string(&mut text)
@@ -216,11 +272,8 @@ impl Target {
         if !matches!(path.components().next_back(), Some(Component::Normal(_))) {
             return usage("must end in a directory's name");
         }
-        let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-        if let (Some(p), Some(f)) = (canonical(parent_of(&path)), canonical(from)) {
-            if p.starts_with(f) {
-                return usage("lies inside the old data directory; give one beside it");
-            }
+        if within(&path, from) {
+            return usage("lies inside the old data directory; give one beside it");
         }
         if let Some(why) = unusable(&path)? {
             return usage(why);
@@ -237,26 +290,39 @@ impl Target {
         Ok(Self { path, staging })
     }
 
-    /// Copies the admin token file and the trail, restricts the modes, gives the files to the
-    /// old directory's owner, syncs them all, marks the old directory, and renames the staging
-    /// directory into place (the mark goes again if that fails).
+    /// Copies the admin token file and the trail (ending it with `line`), restricts the modes,
+    /// gives the files to the old directory's owner, syncs them all, marks the old directory,
+    /// and renames the staging directory into place (the mark goes again if that fails).
     pub(super) fn complete(
         &self,
         from: &Path,
-        trail: &Trail,
+        (trail, line): (&Trail, &AuditEvent<'_>),
         owner: Owner,
     ) -> Result<(), RekeyError> {
         let token = ADMIN_TOKEN_FILE;
         copy_regular(&from.join(token), &self.staging.join(token))?;
         trail.copy(from, &self.staging)?;
+        trail
+            .append(&self.staging, line)
+            .map_err(|e| io("cannot write the trail in", &self.staging, e))?;
         restrict_data_dir(&self.staging).map_err(|e| io("cannot restrict", &self.staging, e))?;
         owner.give_tree(&self.staging)?;
         // sled's own flush does not sync every file it writes (nor their names).
         sync_tree(&self.staging)?;
-        let marker = mark(from, &self.path)?;
+        let marker = mark(from, &canonical_name(&self.path))?;
         if let Err(e) = std::fs::rename(&self.staging, &self.path) {
-            let _ = std::fs::remove_file(&marker).and_then(|()| sync_dir(from));
-            return Err(io("cannot rename", &self.path, e));
+            let unmarked = std::fs::remove_file(&marker).and_then(|()| sync_dir(from));
+            let also = match unmarked {
+                Ok(()) => String::new(),
+                Err(left) => format!(
+                    "; and cannot remove {} ({left}): remove it by hand",
+                    marker.display()
+                ),
+            };
+            return Err(RekeyError::Failed(format!(
+                "cannot rename into {}: {e}{also}",
+                self.path.display()
+            )));
         }
         if let Err(e) = sync_dir(parent_of(&self.path)) {
             tracing::warn!(message = "Could not sync the new data directory's parent.", error = %e);
@@ -333,6 +399,19 @@ impl Trail {
             copy_regular(&from.join(&name), &dir.join(&name))?;
         }
         Ok(())
+    }
+
+    /// Gives the old trail's files to the old directory's owner: lines this run wrote as root (or
+    /// a rotation it caused) must leave them the broker's to write if it starts there again.
+    pub(super) fn give(&self, from: &Path, owner: Owner) {
+        for name in self.names() {
+            let path = from.join(name);
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                if let Err(e) = owner.give(&path) {
+                    tracing::warn!(message = "Could not give the old audit trail back to its owner.", error = %e);
+                }
+            }
+        }
     }
 
     /// Appends `line` to the copied trail in `dir`, durably.

@@ -23,8 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::audit::{AuditConfig, AuditEvent};
-use crate::backends::{BackendContext, HttpClient, Registry};
-use crate::broker::backup::CopySummary;
+use crate::backends::Registry;
 use crate::broker::{Broker, BrokerSettings};
 use crate::config::Config;
 use crate::crypto::keys::{verify_key_check_file, write_secret_file};
@@ -111,7 +110,9 @@ pub async fn rekey(config: &Config, options: &RekeyOptions) -> Result<Rekeyed, R
             tracing::warn!(message = "Could not remove the staging directory; remove it before running again.", path = %target.staging.display(), error = %e);
         }
         if let Some(key) = made_key {
-            let _ = std::fs::remove_file(key);
+            if let Err(e) = std::fs::remove_file(&key) {
+                tracing::warn!(message = "Could not remove the new key file this run made; remove it by hand.", path = %key.display(), error = %e);
+            }
         }
     }
     done
@@ -130,12 +131,15 @@ async fn fill(
     let owner = Owner::of(&from)?;
     // First the old store: its lock stands for the broker being stopped.
     let source = open(&from).await.map_err(RekeyError::Refused)?;
-    let new = new_keyring(options, target, (&old, &from, owner), made_key)?;
+    let old_file = config.store.master_key_file.clone();
+    let old_file = old_file.unwrap_or_else(|| from.join("master.key"));
+    let new = new_keyring(options, target, (&old, &from, &old_file, owner), made_key)?;
     let key_ids = (old.root_id(), new.keyring.root_id());
     let staged = |e: ServeError| RekeyError::Failed(e.to_string());
     verify_key_check_file(&target.staging, &new.keyring, false).map_err(|e| staged(e.into()))?;
     let fresh = open(&target.staging).await.map_err(staged)?;
-    let registry = idle_registry(config)?;
+    // Neither broker reaches a vendor: their exchanges are refused.
+    let (.., registry) = super::backends(config).map_err(RekeyError::Failed)?;
     let source = open_broker(config, source, old, registry.clone(), &from, true).await?;
     let copy = open_broker(config, fresh, new.keyring, registry, &target.staging, false)
         .await
@@ -145,8 +149,20 @@ async fn fill(
     drop(copy);
     let (copied, ()) = (copied?, flushed?);
     let trail = Trail::of(config, &from);
-    target.complete(&from, &trail, owner)?;
-    note_in_trails(&source, copied, &target.path, &trail).await;
+    let detail = format!(
+        "systems={} callers={} to={}",
+        copied.systems,
+        copied.callers,
+        target.path.display()
+    );
+    let line = AuditEvent {
+        detail: Some(&detail),
+        ..AuditEvent::now("ReplaceMasterKey", "ok", "OK")
+    };
+    target.complete(&from, (&trail, &line), owner)?;
+    note_in_old_trail(&source, &line).await;
+    // Lines written as root (or a rotation) must leave the trail the broker's to write.
+    trail.give(&from, owner);
     Ok(Rekeyed {
         systems: copied.systems,
         callers: copied.callers,
@@ -162,7 +178,8 @@ async fn fill(
 fn old_keyring(from: &Path, key_file: Option<&Path>) -> Result<Keyring, RekeyError> {
     if let Some(to) = superseded(from) {
         return Err(RekeyError::Usage(format!(
-            "{} was already copied under a new key into {to}",
+            "{} was already copied under a new key into {to} (if that does not exist, a rekey \
+             stopped part-way: remove the {SUPERSEDED_FILE} file and the .rekeying directory)",
             from.display()
         )));
     }
@@ -187,7 +204,7 @@ struct NewKey {
 fn new_keyring(
     options: &RekeyOptions,
     target: &Target,
-    (old, from, owner): (&Keyring, &Path, Owner),
+    (old, from, old_file, owner): (&Keyring, &Path, &Path, Owner),
     made: &mut Option<PathBuf>,
 ) -> Result<NewKey, RekeyError> {
     let file = match &options.new_master_key_file {
@@ -195,7 +212,7 @@ fn new_keyring(
         None => target.path.join("master.key"),
     };
     let usage = |why: &str| RekeyError::Usage(format!("{} {why}", file.display()));
-    if file.starts_with(from) {
+    if files::within(&file, from) {
         return Err(usage(
             "lies in the old data directory, which goes once the new one serves",
         ));
@@ -212,7 +229,8 @@ fn new_keyring(
             .map_err(|e| io("cannot write", &at, e))?;
         if outside {
             *made = Some(at.clone());
-            owner.give(&at)?;
+            // As the old key file is kept (a root-owned key the broker's group reads).
+            files::keep_like(&at, old_file)?;
         }
         // Its name durable too: a target whose key file was lost would be unreadable.
         let dir = files::parent_of(&at);
@@ -241,22 +259,6 @@ async fn open(dir: &Path) -> Result<Arc<dyn CredentialStore>, ServeError> {
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))??;
     Ok(Arc::new(store))
-}
-
-/// Backends for opening the brokers; neither reaches a vendor (their exchanges are refused).
-fn idle_registry(config: &Config) -> Result<Registry, RekeyError> {
-    let egress = config.egress.policy();
-    let http = HttpClient::new(
-        config.egress.upstream_timeout,
-        config.egress.max_upstream_body_bytes,
-        &egress,
-    )
-    .map_err(RekeyError::Failed)?;
-    Ok(Registry::new(&BackendContext {
-        http,
-        egress,
-        oauth: config.vendors.clone(),
-    }))
 }
 
 /// A broker on `store`: the old one (`initialized`, writing its own audit trail, adopting
@@ -294,26 +296,12 @@ async fn open_broker(
     Ok(broker)
 }
 
-/// A line in the old and (when it moved) the new trail saying what was done (a failed write is
-/// logged: the replacement is complete by then).
-async fn note_in_trails(source: &Broker, copied: CopySummary, to: &Path, trail: &Trail) {
-    let detail = format!(
-        "systems={} callers={} to={}",
-        copied.systems,
-        copied.callers,
-        to.display()
-    );
-    let line = AuditEvent {
-        detail: Some(&detail),
-        ..AuditEvent::now("ReplaceMasterKey", "ok", "OK")
-    };
-    let written = source.audit.record(&line).await;
+/// The replacement's line in the old trail (the copied one ends with it already); a failed
+/// write is logged: the replacement is complete by then.
+async fn note_in_old_trail(source: &Broker, line: &AuditEvent<'_>) {
+    let written = source.audit.record(line).await;
     let _ = source.flush().await;
-    let copied = trail.append(to, &line);
-    if let Err(e) = written
-        .map_err(|e| e.to_string())
-        .and(copied.map_err(|e| e.to_string()))
-    {
-        tracing::warn!(message = "Could not write the master key replacement to the audit trail.", error = %e);
+    if let Err(e) = written {
+        tracing::warn!(message = "Could not write the master key replacement to the old audit trail.", error = %e);
     }
 }
