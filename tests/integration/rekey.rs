@@ -137,7 +137,9 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     std::fs::write(old.join("audit.log.1"), "{\"rotated\":true}\n").unwrap();
     std::fs::write(old.join("extra.toml"), "x = 1\n").unwrap();
 
-    let to = ["--to-data-dir", new.to_str().unwrap()];
+    // Named through the old directory's parent (`old/../new`): beside it, not in it.
+    let beside = old.join("..").join("new");
+    let to = ["--to-data-dir", beside.to_str().unwrap()];
     let out = rekey(&old, &to, &[("RUST_LOG", "trace")]).await;
     let said = text(&out);
     assert!(out.status.success(), "{said}");
@@ -379,7 +381,7 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
             &old,
             &open_flag,
             64,
-            "mode 0600",
+            "writable by its owner only",
         ),
         Refusal::new(
             "a target that is a file",
@@ -442,6 +444,35 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
         .join(credbroker::server::rekey::SUPERSEDED_FILE)
         .exists());
     std::fs::remove_file(&planted).unwrap();
+
+    // …nor one hard-linked in from elsewhere.
+    let elsewhere = root.path().join("elsewhere.log");
+    std::fs::write(&elsewhere, "not the broker's\n").unwrap();
+    std::fs::hard_link(&elsewhere, &planted).unwrap();
+    let out = rekey(&old, &to, &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("hard links"), "{}", text(&out));
+    assert!(!new.exists() && !staging.exists());
+    std::fs::remove_file(&planted).unwrap();
+
+    // A new key file that is a link leading into the old directory.
+    let hidden = old.join("hidden.key");
+    std::fs::write(&hidden, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
+    let linked = root.path().join("linked.key");
+    std::os::unix::fs::symlink(&hidden, &linked).unwrap();
+    let args = [
+        &to[..],
+        &["--new-master-key-file", linked.to_str().unwrap()],
+    ]
+    .concat();
+    let out = rekey(&old, &args, &[]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("leads into the old data directory"),
+        "{}",
+        text(&out)
+    );
+    std::fs::remove_file(&hidden).unwrap();
 
     // A target that holds anything, and a staging directory an interrupted run left.
     std::fs::create_dir(&new).unwrap();

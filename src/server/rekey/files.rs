@@ -1,8 +1,8 @@
 //! The files of a master key replacement: the target and its staging directory, the copied
 //! admin token and audit trail, the marker left in the old directory, and the new key file.
-//! Every file taken from a directory is opened as a regular file, not through a symlink, and
-//! checked to be the one looked at (a root run must not copy `/etc/shadow` for an
-//! `audit.log.3` link).
+//! Every file taken from a directory is opened as a regular file, not through a symlink, without
+//! blocking, and checked (fstat) to be a regular file with no other hard link (a root run must
+//! not copy `/etc/shadow` for an `audit.log.3` link).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -32,12 +32,24 @@ pub(super) fn absolute(path: &Path) -> Result<PathBuf, RekeyError> {
 /// Whether `path` lies in `dir`, by its name or by where its parent really is (through links
 /// and `..`).
 pub(super) fn within(path: &Path, dir: &Path) -> bool {
-    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    let real = match (canonical(parent_of(path)), canonical(dir)) {
-        (Some(p), Some(d)) => p.starts_with(d),
-        _ => false,
-    };
-    real || path.starts_with(dir)
+    match (real(parent_of(path)), std::fs::canonicalize(dir)) {
+        (Some(p), Ok(d)) => p.starts_with(d),
+        _ => path.starts_with(dir),
+    }
+}
+
+/// Where `path` really is: its nearest existing ancestor resolved (links, `..`), the rest as
+/// written (a target not made yet).
+fn real(path: &Path) -> Option<PathBuf> {
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(found) = std::fs::canonicalize(at) {
+            return Some(rest.iter().rev().fold(found, |p: PathBuf, n| p.join(n)));
+        }
+        rest.push(at.file_name()?.to_owned());
+        at = at.parent()?;
+    }
 }
 
 /// `path` with its parent's real name (the name the marker gives, the same however the target
@@ -85,12 +97,21 @@ fn sync_tree(dir: &Path) -> Result<(), RekeyError> {
     sync_dir(dir).map_err(|e| io("cannot sync", dir, e))
 }
 
-/// `path` opened for reading when it is a regular file, not through a link (and without
-/// blocking on a FIFO or opening a device's driver for anything but a check); `None` when it
-/// is absent. With `follow`, a link to a regular file is followed (a key file mounted from a
-/// secret store).
+/// `path` opened for reading when it is a regular file, not through a link, and without
+/// blocking on a FIFO; `None` when it is absent. A device or FIFO seen first is not opened at
+/// all; one swapped in after that look is opened without blocking and refused. With `follow`,
+/// a link to a regular file is followed (a key file mounted from a secret store).
 fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<std::fs::File>> {
     use rustix::fs::{Mode, OFlags};
+    let seen = match follow {
+        true => std::fs::metadata(path),
+        false => std::fs::symlink_metadata(path),
+    };
+    match seen {
+        Ok(m) if !m.is_file() => return Err(not_regular()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        _ => {}
+    }
     let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
     if !follow {
         flags |= OFlags::NOFOLLOW;
@@ -111,11 +132,22 @@ fn not_regular() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
 }
 
-/// Copies the regular file `src`, if there is one, to the new file `dst` (mode 0600).
+/// Copies the regular file `src`, if there is one, to the new file `dst` (mode 0600). A file
+/// with other hard links is refused: it may be another file of the system's, linked in.
 fn copy_regular(src: &Path, dst: &Path) -> Result<(), RekeyError> {
     let Some(mut from) = open_regular(src, false).map_err(|e| io("cannot copy", src, e))? else {
         return Ok(());
     };
+    let links = from
+        .metadata()
+        .map_err(|e| io("cannot copy", src, e))?
+        .nlink();
+    if links > 1 {
+        return Err(RekeyError::Failed(format!(
+            "cannot copy {}: it has {links} hard links (a file of the broker's has one)",
+            src.display()
+        )));
+    }
     let mut to = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -227,10 +259,14 @@ pub(super) fn keep_like(new: &Path, old: &Path) -> Result<(), RekeyError> {
         return Ok(());
     }
     let old = std::fs::metadata(old).map_err(|e| io("cannot read", old, e))?;
-    std::os::unix::fs::lchown(new, Some(old.uid()), Some(old.gid()))
+    // On the file itself (opened without following a link), not on whatever its name is now.
+    let file = open_regular(new, false)
+        .and_then(|f| f.ok_or_else(not_regular))
+        .map_err(|e| io("cannot open", new, e))?;
+    std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
         .map_err(|e| io("cannot give", new, e))?;
     let mode = 0o600 | (old.mode() & 0o040);
-    std::fs::set_permissions(new, std::fs::Permissions::from_mode(mode))
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| io("cannot restrict", new, e))
 }
 
@@ -238,16 +274,20 @@ pub(super) fn keep_like(new: &Path, old: &Path) -> Result<(), RekeyError> {
 /// store): a regular file no one but its owner and group may read and only its owner write,
 /// owned by root, this user or the old directory's owner (one planted by someone else would
 /// hand them the new key).
-pub(super) fn read_new_key(at: &Path, owner: Owner) -> Result<MasterKey, String> {
+pub(super) fn read_new_key(at: &Path, owner: Owner, old_key: &Path) -> Result<MasterKey, String> {
     let mut file = open_regular(at, true)
         .map_err(|e| format!("cannot be read: {e}"))?
         .ok_or("is gone")?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot be read: {e}"))?;
-    if meta.mode() & 0o027 != 0 || !owner.may_own(meta.uid()) {
+    // The old key file's owner too: a key this command generated and kept like the old one.
+    let old_owner = std::fs::metadata(old_key).map(|m| m.uid()).ok();
+    if meta.mode() & 0o027 != 0 || !(owner.may_own(meta.uid()) || old_owner == Some(meta.uid())) {
         return Err(
-            "must be of mode 0600 or 0640, owned by root, this user or the data directory's owner"
+            "must be writable by its owner only and readable by no one but its owner \
+                    and group (0600, 0640, 0400, 0440), owned by root, this user, the data \
+                    directory's owner or the old key file's"
                 .into(),
         );
     }
@@ -401,15 +441,34 @@ impl Trail {
         Ok(())
     }
 
-    /// Gives the old trail's files to the old directory's owner: lines this run wrote as root (or
-    /// a rotation it caused) must leave them the broker's to write if it starts there again.
-    pub(super) fn give(&self, from: &Path, owner: Owner) {
-        for name in self.names() {
+    /// The owners of the old trail's files, before this run writes to it.
+    pub(super) fn owners(&self, from: &Path) -> Vec<Option<(u32, u32)>> {
+        let owner = |name| {
+            let meta = std::fs::symlink_metadata(from.join(name)).ok()?;
+            meta.is_file().then(|| (meta.uid(), meta.gid()))
+        };
+        self.names().into_iter().map(owner).collect()
+    }
+
+    /// Gives the old trail's files back: lines this run wrote as root (or a rotation it caused)
+    /// must leave them as they were (`before`), or, for a file it made, the old directory's
+    /// owner's, for the broker to write if it starts there again.
+    pub(super) fn give_back(&self, from: &Path, owner: Owner, before: &[Option<(u32, u32)>]) {
+        if !owner.root {
+            return;
+        }
+        for (i, name) in self.names().into_iter().enumerate() {
             let path = from.join(name);
-            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
-                if let Err(e) = owner.give(&path) {
-                    tracing::warn!(message = "Could not give the old audit trail back to its owner.", error = %e);
-                }
+            if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                continue;
+            }
+            let (uid, gid) = before
+                .get(i)
+                .copied()
+                .flatten()
+                .unwrap_or((owner.uid, owner.gid));
+            if let Err(e) = std::os::unix::fs::lchown(&path, Some(uid), Some(gid)) {
+                tracing::warn!(message = "Could not give the old audit trail back to its owner.", path = %path.display(), error = %e);
             }
         }
     }

@@ -44,9 +44,11 @@ pub const SUPERSEDED_FILE: &str = "superseded-by";
 pub struct RekeyOptions {
     /// The new data directory: absent, or an empty directory.
     pub to_data_dir: PathBuf,
-    /// The new master key file: read when it exists (a regular file of mode 0600, owned by this
-    /// user or the old directory's owner), else generated there. By default
-    /// `<to_data_dir>/master.key`, where a broker started on the new directory finds it.
+    /// The new master key file: read when it exists (a regular file or a link to one, no one
+    /// but its owner may write it and no one but its owner and group read it, owned by root,
+    /// this user, the old directory's owner or the old key file's), else generated there. By
+    /// default `<to_data_dir>/master.key`, where a broker started on the new directory finds
+    /// it.
     pub new_master_key_file: Option<PathBuf>,
 }
 
@@ -135,6 +137,8 @@ async fn fill(
     let old_file = old_file.unwrap_or_else(|| from.join("master.key"));
     let new = new_keyring(options, target, (&old, &from, &old_file, owner), made_key)?;
     let key_ids = (old.root_id(), new.keyring.root_id());
+    let trail = Trail::of(config, &from);
+    let trail_owners = trail.owners(&from);
     let staged = |e: ServeError| RekeyError::Failed(e.to_string());
     verify_key_check_file(&target.staging, &new.keyring, false).map_err(|e| staged(e.into()))?;
     let fresh = open(&target.staging).await.map_err(staged)?;
@@ -148,7 +152,6 @@ async fn fill(
     let flushed = copy.flush().await;
     drop(copy);
     let (copied, ()) = (copied?, flushed?);
-    let trail = Trail::of(config, &from);
     let detail = format!(
         "systems={} callers={} to={}",
         copied.systems,
@@ -162,7 +165,7 @@ async fn fill(
     target.complete(&from, (&trail, &line), owner)?;
     note_in_old_trail(&source, &line).await;
     // Lines written as root (or a rotation) must leave the trail the broker's to write.
-    trail.give(&from, owner);
+    trail.give_back(&from, owner, &trail_owners);
     Ok(Rekeyed {
         systems: copied.systems,
         callers: copied.callers,
@@ -237,7 +240,13 @@ fn new_keyring(
         sync_dir(dir).map_err(|e| io("cannot sync", dir, e))?;
         key
     } else {
-        files::read_new_key(&at, owner).map_err(|why| usage(&why))?
+        // A link (a mounted secret) must not lead into the old directory either.
+        if std::fs::canonicalize(&at).is_ok_and(|real| files::within(&real, from)) {
+            return Err(usage(
+                "leads into the old data directory, which goes once the new one serves",
+            ));
+        }
+        files::read_new_key(&at, owner, old_file).map_err(|why| usage(&why))?
     };
     let keyring = Keyring::new(key);
     if keyring.root_id() == old.root_id() {
