@@ -46,8 +46,9 @@ struct RekeyArgs {
     /// The new data directory (absent or empty); filled beside it under `<dir>.rekeying`.
     #[arg(long)]
     to_data_dir: PathBuf,
-    /// The new master key file: read when it exists (mode 0600, 0640, 0400 or 0440), else
-    /// generated (mode 0600). Default: `<to-data-dir>/master.key`.
+    /// The new master key file: read when it exists (no bits for others, no group write), else
+    /// generated (mode 0600; outside the target and run as root, with the old key file's
+    /// owner, group and group read). Default: `<to-data-dir>/master.key`.
     #[arg(long)]
     new_master_key_file: Option<PathBuf>,
     /// Optional TOML config file of the broker whose key is replaced.

@@ -135,6 +135,10 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     let admin_token = std::fs::read_to_string(old.join("admin.token")).unwrap();
     // A rotated trail file, and a file of the operator's that is not the broker's.
     std::fs::write(old.join("audit.log.1"), "{\"rotated\":true}\n").unwrap();
+    // A snapshot taken with `cp -al` before the rekey: the trail has two links, both its own.
+    let snapshot = root.path().join("snapshot");
+    std::fs::create_dir(&snapshot).unwrap();
+    std::fs::hard_link(old.join("audit.log.1"), snapshot.join("audit.log.1")).unwrap();
     std::fs::write(old.join("extra.toml"), "x = 1\n").unwrap();
 
     // Named through the old directory's parent (`old/../new`): beside it, not in it.
@@ -144,6 +148,13 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("Copied 2 systems and 3 callers"), "{said}");
+    // The new directory is named by its real path (the old one will go, and `old/..` with it).
+    let real_new = std::fs::canonicalize(&new).unwrap();
+    assert!(
+        said.contains(&format!("into {} under", real_new.display())),
+        "{said}"
+    );
+    assert!(!said.contains("/../"), "{said}");
     assert!(
         said.contains("(move what the broker needs): extra.toml."),
         "{said}"
@@ -445,15 +456,19 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
         .exists());
     std::fs::remove_file(&planted).unwrap();
 
-    // …nor one hard-linked in from elsewhere.
+    // …nor another user's file hard-linked in. Making one needs root (chown); this suite runs
+    // as root in CI. A hard link of the owner's own (a `cp -al` snapshot) is copied: see the
+    // first test.
     let elsewhere = root.path().join("elsewhere.log");
     std::fs::write(&elsewhere, "not the broker's\n").unwrap();
-    std::fs::hard_link(&elsewhere, &planted).unwrap();
-    let out = rekey(&old, &to, &[]).await;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("hard links"), "{}", text(&out));
-    assert!(!new.exists() && !staging.exists());
-    std::fs::remove_file(&planted).unwrap();
+    if std::os::unix::fs::chown(&elsewhere, Some(65534), Some(65534)).is_ok() {
+        std::fs::hard_link(&elsewhere, &planted).unwrap();
+        let out = rekey(&old, &to, &[]).await;
+        assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+        assert!(text(&out).contains("other hard links"), "{}", text(&out));
+        assert!(!new.exists() && !staging.exists());
+        std::fs::remove_file(&planted).unwrap();
+    }
 
     // A new key file that is a link leading into the old directory.
     let hidden = old.join("hidden.key");

@@ -1,8 +1,8 @@
 //! The files of a master key replacement: the target and its staging directory, the copied
 //! admin token and audit trail, the marker left in the old directory, and the new key file.
 //! Every file taken from a directory is opened as a regular file, not through a symlink, without
-//! blocking, and checked (fstat) to be a regular file with no other hard link (a root run must
-//! not copy `/etc/shadow` for an `audit.log.3` link).
+//! blocking, and checked (fstat) to be a regular file; a copied one with other hard links must be
+//! the old directory owner's (a root run must not copy `/etc/shadow` for an `audit.log.3` link).
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -54,7 +54,7 @@ fn real(path: &Path) -> Option<PathBuf> {
 
 /// `path` with its parent's real name (the name the marker gives, the same however the target
 /// was named).
-fn canonical_name(path: &Path) -> PathBuf {
+pub(super) fn canonical_name(path: &Path) -> PathBuf {
     match (std::fs::canonicalize(parent_of(path)), path.file_name()) {
         (Ok(p), Some(name)) => p.join(name),
         _ => path.to_path_buf(),
@@ -132,22 +132,39 @@ fn not_regular() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
 }
 
-/// Copies the regular file `src`, if there is one, to the new file `dst` (mode 0600). A file
-/// with other hard links is refused: it may be another file of the system's, linked in.
-fn copy_regular(src: &Path, dst: &Path) -> Result<(), RekeyError> {
-    let Some(mut from) = open_regular(src, false).map_err(|e| io("cannot copy", src, e))? else {
-        return Ok(());
+/// `src` opened for copying, if it is there: a regular file, and, if it has other hard links
+/// (a snapshot made with `cp -al` gives every file two), one the old directory's owner owns,
+/// not another file of the system's linked in.
+fn open_copyable(src: &Path, owner: Owner) -> Result<Option<std::fs::File>, RekeyError> {
+    let Some(file) = open_regular(src, false).map_err(|e| io("cannot copy", src, e))? else {
+        return Ok(None);
     };
-    let links = from
-        .metadata()
-        .map_err(|e| io("cannot copy", src, e))?
-        .nlink();
-    if links > 1 {
-        return Err(RekeyError::Failed(format!(
-            "cannot copy {}: it has {links} hard links (a file of the broker's has one)",
+    let meta = file.metadata().map_err(|e| io("cannot copy", src, e))?;
+    if meta.nlink() > 1 && meta.uid() != owner.uid {
+        return Err(RekeyError::Usage(format!(
+            "{} has other hard links and another owner than the data directory; if it is the \
+             broker's, break the link (cp FILE FILE.n && mv FILE.n FILE) and run again",
             src.display()
         )));
     }
+    Ok(Some(file))
+}
+
+/// Checks, before anything is copied, the files [`Target::complete`] will copy.
+pub(super) fn check_copyable(from: &Path, trail: &Trail, owner: Owner) -> Result<(), RekeyError> {
+    let names = std::iter::once(ADMIN_TOKEN_FILE.into()).chain(trail.names());
+    for name in names {
+        open_copyable(&from.join(name), owner)?;
+    }
+    Ok(())
+}
+
+/// Copies the file `src`, if there is one ([`open_copyable`]), to the new file `dst` (mode
+/// 0600).
+fn copy_regular(src: &Path, dst: &Path, owner: Owner) -> Result<(), RekeyError> {
+    let Some(mut from) = open_copyable(src, owner)? else {
+        return Ok(());
+    };
     let mut to = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -250,32 +267,42 @@ impl Owner {
     }
 }
 
-/// A new key file generated outside the target, kept as `old` is when run as root: its owner
-/// and group, and group read if `old` has it (a root-owned key the broker's group reads). Not
-/// as root, it stays this user's, mode 0600.
-pub(super) fn keep_like(new: &Path, old: &Path) -> Result<(), RekeyError> {
+/// Writes `key` to the new file `at` (mode 0600), durably, name and all. With `like`, run as
+/// root, the file gets that file's owner and group, and group read if it has it (a root-owned
+/// key the broker's group reads), all on the one open file, never by name again.
+pub(super) fn write_key(at: &Path, key: &MasterKey, like: Option<&Path>) -> Result<(), RekeyError> {
     use std::os::unix::fs::PermissionsExt;
-    if !rustix::process::geteuid().is_root() {
-        return Ok(());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(at)
+        .map_err(|e| io("cannot create", at, e))?;
+    let text = key.to_base64();
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .map_err(|e| io("cannot write", at, e))?;
+    if let Some(old) = like.filter(|_| rustix::process::geteuid().is_root()) {
+        let old = std::fs::metadata(old).map_err(|e| io("cannot read", old, e))?;
+        std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
+            .map_err(|e| io("cannot give", at, e))?;
+        let mode = 0o600 | (old.mode() & 0o040);
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| io("cannot restrict", at, e))?;
     }
-    let old = std::fs::metadata(old).map_err(|e| io("cannot read", old, e))?;
-    // On the file itself (opened without following a link), not on whatever its name is now.
-    let file = open_regular(new, false)
-        .and_then(|f| f.ok_or_else(not_regular))
-        .map_err(|e| io("cannot open", new, e))?;
-    std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
-        .map_err(|e| io("cannot give", new, e))?;
-    let mode = 0o600 | (old.mode() & 0o040);
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io("cannot restrict", new, e))
+    file.sync_all().map_err(|e| io("cannot sync", at, e))?;
+    // Its name durable too: a target whose key file was lost would be unreadable.
+    let dir = parent_of(at);
+    sync_dir(dir).map_err(|e| io("cannot sync", dir, e))
 }
 
-/// An existing new key file (a link to one is followed, as for a key mounted from a secret
-/// store): a regular file no one but its owner and group may read and only its owner write,
-/// owned by root, this user or the old directory's owner (one planted by someone else would
-/// hand them the new key).
+/// An existing new key file at its real name (a link to it, as for a key mounted from a
+/// secret store, resolved by the caller): a regular file no one but its owner and group may
+/// read and only its owner write (no bits for others, no group write: 0600, 0640, 0400, 0440
+/// and the like), owned by root, this user, the old directory's owner or the old key file's
+/// (one planted by someone else would hand them the new key).
 pub(super) fn read_new_key(at: &Path, owner: Owner, old_key: &Path) -> Result<MasterKey, String> {
-    let mut file = open_regular(at, true)
+    let mut file = open_regular(at, false)
         .map_err(|e| format!("cannot be read: {e}"))?
         .ok_or("is gone")?;
     let meta = file
@@ -321,6 +348,10 @@ impl Target {
         let mut staging = path.as_os_str().to_owned();
         staging.push(".rekeying");
         let staging = PathBuf::from(staging);
+        // By its real name from here on: the name printed, written in the trail and the marker
+        // must outlive the old directory (a name through `old/..` would not).
+        let path = canonical_name(&path);
+        let staging = canonical_name(&staging);
         if std::fs::symlink_metadata(&staging).is_ok() {
             return Err(RekeyError::Usage(format!(
                 "{} exists: an earlier rekey stopped part-way; remove it and run again",
@@ -340,8 +371,8 @@ impl Target {
         owner: Owner,
     ) -> Result<(), RekeyError> {
         let token = ADMIN_TOKEN_FILE;
-        copy_regular(&from.join(token), &self.staging.join(token))?;
-        trail.copy(from, &self.staging)?;
+        copy_regular(&from.join(token), &self.staging.join(token), owner)?;
+        trail.copy(from, &self.staging, owner)?;
         trail
             .append(&self.staging, line)
             .map_err(|e| io("cannot write the trail in", &self.staging, e))?;
@@ -434,9 +465,9 @@ impl Trail {
 
     /// Copies the trail and its rotated files from `from` into `dir` (mode 0600; lines and
     /// HMACs, no secret).
-    fn copy(&self, from: &Path, dir: &Path) -> Result<(), RekeyError> {
+    fn copy(&self, from: &Path, dir: &Path, owner: Owner) -> Result<(), RekeyError> {
         for name in self.names() {
-            copy_regular(&from.join(&name), &dir.join(&name))?;
+            copy_regular(&from.join(&name), &dir.join(&name), owner)?;
         }
         Ok(())
     }
@@ -459,7 +490,11 @@ impl Trail {
         }
         for (i, name) in self.names().into_iter().enumerate() {
             let path = from.join(name);
-            if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            // The file itself, opened without following a link, and only the trail's own.
+            let Ok(Some(file)) = open_regular(&path, false) else {
+                continue;
+            };
+            if file.metadata().map_or(true, |m| m.nlink() > 1) {
                 continue;
             }
             let (uid, gid) = before
@@ -467,7 +502,7 @@ impl Trail {
                 .copied()
                 .flatten()
                 .unwrap_or((owner.uid, owner.gid));
-            if let Err(e) = std::os::unix::fs::lchown(&path, Some(uid), Some(gid)) {
+            if let Err(e) = std::os::unix::fs::fchown(&file, Some(uid), Some(gid)) {
                 tracing::warn!(message = "Could not give the old audit trail back to its owner.", path = %path.display(), error = %e);
             }
         }

@@ -15,7 +15,8 @@
 //! proxy leases and authorization links (made under keys derived from the old key, they stop
 //! verifying), and the audit trail's token HMACs (new ones from here on). Callers keep their
 //! tokens; the admin token file and an audit trail kept in the data directory are copied. When
-//! run as root, the new files are given to the old directory's owner.
+//! run as root, the new directory's files are given to the old directory's owner, and a key
+//! file generated outside it to the old key file's owner.
 
 mod files;
 
@@ -26,11 +27,11 @@ use crate::audit::{AuditConfig, AuditEvent};
 use crate::backends::Registry;
 use crate::broker::{Broker, BrokerSettings};
 use crate::config::Config;
-use crate::crypto::keys::{verify_key_check_file, write_secret_file};
+use crate::crypto::keys::verify_key_check_file;
 use crate::crypto::{Keyring, MasterKey};
 use crate::store::{CredentialStore, SledStore};
 
-use self::files::{absolute, io, sync_dir, Owner, Target, Trail};
+use self::files::{absolute, Owner, Target, Trail};
 use super::{broker_settings, sled_keyring, ServeError};
 
 pub use self::files::superseded;
@@ -138,6 +139,8 @@ async fn fill(
     let new = new_keyring(options, target, (&old, &from, &old_file, owner), made_key)?;
     let key_ids = (old.root_id(), new.keyring.root_id());
     let trail = Trail::of(config, &from);
+    // What will be copied is checked before the store is: a refusal costs no copy.
+    files::check_copyable(&from, &trail, owner)?;
     let trail_owners = trail.owners(&from);
     let staged = |e: ServeError| RekeyError::Failed(e.to_string());
     verify_key_check_file(&target.staging, &new.keyring, false).map_err(|e| staged(e.into()))?;
@@ -210,8 +213,10 @@ fn new_keyring(
     (old, from, old_file, owner): (&Keyring, &Path, &Path, Owner),
     made: &mut Option<PathBuf>,
 ) -> Result<NewKey, RekeyError> {
+    // By its real name: the one printed and written in the trail must outlive the old
+    // directory (a name through `old/..` would not).
     let file = match &options.new_master_key_file {
-        Some(f) => absolute(f)?,
+        Some(f) => files::canonical_name(&absolute(f)?),
         None => target.path.join("master.key"),
     };
     let usage = |why: &str| RekeyError::Usage(format!("{} {why}", file.display()));
@@ -228,25 +233,25 @@ fn new_keyring(
     let generated = std::fs::symlink_metadata(&at).is_err();
     let key = if generated {
         let key = MasterKey::generate();
-        write_secret_file(&at, key.to_base64().as_bytes())
-            .map_err(|e| io("cannot write", &at, e))?;
+        // Outside the target, kept as the old key file is (a root-owned key the broker's
+        // group reads).
+        let like = outside.then_some(old_file);
+        files::write_key(&at, &key, like)?;
         if outside {
             *made = Some(at.clone());
-            // As the old key file is kept (a root-owned key the broker's group reads).
-            files::keep_like(&at, old_file)?;
         }
-        // Its name durable too: a target whose key file was lost would be unreadable.
-        let dir = files::parent_of(&at);
-        sync_dir(dir).map_err(|e| io("cannot sync", dir, e))?;
         key
     } else {
-        // A link (a mounted secret) must not lead into the old directory either.
-        if std::fs::canonicalize(&at).is_ok_and(|real| files::within(&real, from)) {
+        // A link (a mounted secret) is read at its real name, which must not be in the old
+        // directory either.
+        let real =
+            std::fs::canonicalize(&at).map_err(|e| usage(&format!("cannot be read: {e}")))?;
+        if files::within(&real, from) {
             return Err(usage(
                 "leads into the old data directory, which goes once the new one serves",
             ));
         }
-        files::read_new_key(&at, owner, old_file).map_err(|why| usage(&why))?
+        files::read_new_key(&real, owner, old_file).map_err(|why| usage(&why))?
     };
     let keyring = Keyring::new(key);
     if keyring.root_id() == old.root_id() {
