@@ -142,8 +142,15 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     std::fs::write(old.join("extra.toml"), "x = 1\n").unwrap();
 
     // Named through the old directory's parent (`old/../new`): beside it, not in it.
+    // The key file is named the same way, inside the target that is not made yet.
     let beside = old.join("..").join("new");
-    let to = ["--to-data-dir", beside.to_str().unwrap()];
+    let key_inside = beside.join("master.key");
+    let to = [
+        "--to-data-dir",
+        beside.to_str().unwrap(),
+        "--new-master-key-file",
+        key_inside.to_str().unwrap(),
+    ];
     let out = rekey(&old, &to, &[("RUST_LOG", "trace")]).await;
     let said = text(&out);
     assert!(out.status.success(), "{said}");
@@ -154,6 +161,8 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
         said.contains(&format!("into {} under", real_new.display())),
         "{said}"
     );
+    let generated = format!("(generated: {})", real_new.join("master.key").display());
+    assert!(said.contains(&generated), "{said}");
     assert!(!said.contains("/../"), "{said}");
     assert!(
         said.contains("(move what the broker needs): extra.toml."),
@@ -448,7 +457,7 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     let planted = old.join("audit.log.2");
     std::os::unix::fs::symlink("/etc/passwd", &planted).unwrap();
     let out = rekey(&old, &to, &[]).await;
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(text(&out).contains("not a regular file"), "{}", text(&out));
     assert!(!new.exists() && !staging.exists());
     assert!(!old
@@ -456,12 +465,13 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
         .exists());
     std::fs::remove_file(&planted).unwrap();
 
-    // …nor another user's file hard-linked in. Making one needs root (chown); this suite runs
-    // as root in CI. A hard link of the owner's own (a `cp -al` snapshot) is copied: see the
-    // first test.
+    // …nor another user's file hard-linked in. Making one needs root (chown), as CI runs; run
+    // as another user, this part cannot be set up. A hard link of the owner's own (a `cp -al`
+    // snapshot) is copied: see the first test.
     let elsewhere = root.path().join("elsewhere.log");
     std::fs::write(&elsewhere, "not the broker's\n").unwrap();
-    if std::os::unix::fs::chown(&elsewhere, Some(65534), Some(65534)).is_ok() {
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(&elsewhere, Some(65534), Some(65534)).unwrap();
         std::fs::hard_link(&elsewhere, &planted).unwrap();
         let out = rekey(&old, &to, &[]).await;
         assert_eq!(out.status.code(), Some(64), "{}", text(&out));

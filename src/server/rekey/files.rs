@@ -55,8 +55,10 @@ fn real(path: &Path) -> Option<PathBuf> {
 /// `path` with its parent's real name (the name the marker gives, the same however the target
 /// was named).
 pub(super) fn canonical_name(path: &Path) -> PathBuf {
-    match (std::fs::canonicalize(parent_of(path)), path.file_name()) {
-        (Ok(p), Some(name)) => p.join(name),
+    // Through the nearest existing ancestor: a key file named inside a target not made yet
+    // resolves as the target does.
+    match (real(parent_of(path)), path.file_name()) {
+        (Some(p), Some(name)) => p.join(name),
         _ => path.to_path_buf(),
     }
 }
@@ -136,15 +138,25 @@ fn not_regular() -> std::io::Error {
 /// (a snapshot made with `cp -al` gives every file two), one the old directory's owner owns,
 /// not another file of the system's linked in.
 fn open_copyable(src: &Path, owner: Owner) -> Result<Option<std::fs::File>, RekeyError> {
-    let Some(file) = open_regular(src, false).map_err(|e| io("cannot copy", src, e))? else {
+    let refused = |why: String| RekeyError::Usage(format!("{} {why}", src.display()));
+    let file = match open_regular(src, false) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Err(refused(format!(
+                "is {e} (a link?): the broker's own files are"
+            )))
+        }
+        Err(e) => return Err(io("cannot copy", src, e)),
+    };
+    let Some(file) = file else {
         return Ok(None);
     };
     let meta = file.metadata().map_err(|e| io("cannot copy", src, e))?;
     if meta.nlink() > 1 && meta.uid() != owner.uid {
-        return Err(RekeyError::Usage(format!(
-            "{} has other hard links and another owner than the data directory; if it is the \
-             broker's, break the link (cp FILE FILE.n && mv FILE.n FILE) and run again",
-            src.display()
+        return Err(refused(format!(
+            "has other hard links and is owned by uid {}, not the data directory's owner: \
+             find out what it is linked to before anything else",
+            meta.uid()
         )));
     }
     Ok(Some(file))
@@ -271,13 +283,30 @@ impl Owner {
 /// root, the file gets that file's owner and group, and group read if it has it (a root-owned
 /// key the broker's group reads), all on the one open file, never by name again.
 pub(super) fn write_key(at: &Path, key: &MasterKey, like: Option<&Path>) -> Result<(), RekeyError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(at)
         .map_err(|e| io("cannot create", at, e))?;
+    let written = fill_key(file, at, key, like);
+    if written.is_err() {
+        // The file this run made, half done: the next run must not find it and read it.
+        if let Err(e) = std::fs::remove_file(at) {
+            tracing::warn!(message = "Could not remove the key file this run began; remove it by hand.", path = %at.display(), error = %e);
+        }
+    }
+    written
+}
+
+/// [`write_key`]'s work on the file it created.
+fn fill_key(
+    mut file: std::fs::File,
+    at: &Path,
+    key: &MasterKey,
+    like: Option<&Path>,
+) -> Result<(), RekeyError> {
+    use std::os::unix::fs::PermissionsExt;
     let text = key.to_base64();
     file.write_all(text.as_bytes())
         .and_then(|()| file.write_all(b"\n"))
