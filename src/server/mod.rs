@@ -87,13 +87,7 @@ pub enum ServeError {
     #[error("gRPC server: {0}")]
     Transport(String),
     /// The data directory's store was copied under a new master key (`credbroker rekey`).
-    #[error(
-        "the store in {dir} was copied under a new master key into {to} (credbroker rekey); \
-         start the broker on that directory. To start this one anyway (going back to the old \
-         key and what it held then), or if that directory does not exist (a rekey stopped \
-         part-way), remove {dir}/{marker}",
-        marker = rekey::SUPERSEDED_FILE
-    )]
+    #[error("the store in {dir} {}", rekey::superseded_advice(dir, to))]
     Superseded {
         /// This data directory.
         dir: PathBuf,
@@ -1112,6 +1106,8 @@ async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, Serv
     let initialized = store_exists || data_dir.join(crate::crypto::keys::KEY_CHECK_FILE).exists();
     let key_file = config.store.master_key_file.as_deref();
     let (keyring, key_id, source) = sled_keyring(key_file, data_dir, store_exists)?;
+    // Held for the broker's life (sled's own lock goes while it reopens a failed store).
+    let lock = crate::store::sled::DirLock::take(data_dir)?;
     let dir = data_dir.to_path_buf();
     let cache = config.store.cache_mib;
     let store = tokio::task::spawn_blocking(move || SledStore::open_with_cache(&dir, cache))
@@ -1121,7 +1117,7 @@ async fn open_sled(config: &Config, data_dir: &Path) -> Result<OpenedStore, Serv
         tracing::warn!(message = "Could not restrict the store's file modes.", error = %e);
     }
     Ok((
-        Arc::new(ReopeningSledStore::new(store, data_dir)) as Arc<dyn CredentialStore>,
+        Arc::new(ReopeningSledStore::new(store, data_dir, lock)) as Arc<dyn CredentialStore>,
         keyring,
         key_id,
         source,

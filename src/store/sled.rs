@@ -515,6 +515,51 @@ pub struct ReopeningSledStore {
     cache_mib: u64,
     current: tokio::sync::RwLock<Option<Arc<SledStore>>>,
     poisoned: AtomicBool,
+    /// Held for as long as the store is: sled's own lock goes while it reopens.
+    _lock: DirLock,
+}
+
+/// The file a process holding a data directory locks (`flock`) for as long as it uses it: a
+/// broker for its whole life, whatever happens to sled's handle (sled's own lock goes while a
+/// failed store is reopened), and `credbroker rekey` while it copies.
+pub const DIR_LOCK_FILE: &str = "broker.lock";
+
+/// Left in a data directory whose store was copied under a new master key
+/// (`credbroker rekey`): a broker neither starts nor reopens its store there.
+pub const SUPERSEDED_FILE: &str = "superseded-by";
+
+/// A hold on a data directory ([`DIR_LOCK_FILE`]); let go when dropped.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Takes the data directory, or [`OpenError::Locked`] while another process holds it.
+    pub fn take(data_dir: &Path) -> Result<Self, OpenError> {
+        use fs2::FileExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = data_dir.join(DIR_LOCK_FILE);
+        let other = |e: std::io::Error| OpenError::Other {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(other)?;
+        match file.try_lock_exclusive() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
+                Err(OpenError::Locked(data_dir.to_path_buf()))
+            }
+            Err(e) => Err(other(e)),
+        }
+    }
 }
 
 impl std::fmt::Debug for ReopeningSledStore {
@@ -526,13 +571,14 @@ impl std::fmt::Debug for ReopeningSledStore {
 }
 
 impl ReopeningSledStore {
-    /// Wraps a store opened on `data_dir`.
-    pub fn new(store: SledStore, data_dir: &Path) -> Self {
+    /// Wraps a store opened on `data_dir`, which `lock` holds.
+    pub fn new(store: SledStore, data_dir: &Path, lock: DirLock) -> Self {
         Self {
             data_dir: data_dir.to_path_buf(),
             cache_mib: store.cache_mib,
             current: tokio::sync::RwLock::new(Some(Arc::new(store))),
             poisoned: AtomicBool::new(false),
+            _lock: lock,
         }
     }
 
@@ -558,6 +604,11 @@ impl ReopeningSledStore {
         let mut current = self.current.write().await;
         if !self.poisoned.load(Ordering::Acquire) {
             return Ok(());
+        }
+        if std::fs::symlink_metadata(self.data_dir.join(SUPERSEDED_FILE)).is_ok() {
+            return Err(StoreError::Backend(
+                "this data directory was copied under a new master key; not reopened".to_owned(),
+            ));
         }
         // Closing sled on a disk that is still full would leave nothing to read from (the
         // reopen needs space too), so wait for room first; meanwhile reads use the old handle.
@@ -765,9 +816,11 @@ mod tests {
     #[tokio::test]
     async fn a_reopened_store_keeps_its_cache_size() {
         let dir = tempfile::tempdir().unwrap();
+        let lock = DirLock::take(dir.path()).unwrap();
         let store = ReopeningSledStore::new(
             SledStore::open_with_cache(dir.path(), 5).unwrap(),
             dir.path(),
+            lock,
         );
         store.poisoned.store(true, Ordering::Release);
         store.reopen().await.unwrap();

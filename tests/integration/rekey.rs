@@ -519,7 +519,25 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     std::fs::write(&marker, "/elsewhere\n").unwrap();
     let out = rekey(&old, &to, &[]).await;
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
-    assert!(text(&out).contains("already copied"), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("was copied under a new master key into /elsewhere"),
+        "{said}"
+    );
+    assert!(
+        said.contains("only to go back to the old key on purpose"),
+        "{said}"
+    );
+    // One that stopped part-way (its staging directory is there) says so, and how to recover.
+    let ghost = root.path().join("ghost");
+    std::fs::write(&marker, format!("{}\n", ghost.display())).unwrap();
+    std::fs::create_dir(root.path().join("ghost.rekeying")).unwrap();
+    let refused = refused_start(test_config(&old))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("stopped part-way"), "{refused}");
+    assert!(refused.contains("ghost.rekeying"), "{refused}");
     std::fs::remove_file(&marker).unwrap();
     std::fs::create_dir(&marker).unwrap();
     let refused = refused_start(test_config(&old)).await;
@@ -531,6 +549,15 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
         "{refused:?}"
     );
     std::fs::remove_dir(&marker).unwrap();
+
+    // The directory's lock, which a broker holds for its whole life (sled's own lock goes while
+    // it reopens a failed store), stops a rekey even with the store itself closed.
+    let held = credbroker::store::sled::DirLock::take(&old).unwrap();
+    let out = rekey(&old, &to, &[]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(text(&out).contains("in use"), "{}", text(&out));
+    assert!(!new.exists() && !staging.exists());
+    drop(held);
 
     // A running broker holds its store: no copy that its refreshes could overtake, and no new
     // key file made for it.

@@ -565,6 +565,7 @@ pub(super) fn left_behind(from: &Path, trail: &Trail) -> Vec<String> {
         "master.key",
         KEY_CHECK_FILE,
         SUPERSEDED_FILE,
+        crate::store::sled::DIR_LOCK_FILE,
     ];
     known.extend(fixed.into_iter().map(Into::into));
     known.extend(token.iter().map(Into::into));

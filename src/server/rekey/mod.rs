@@ -36,9 +36,30 @@ use super::{broker_settings, sled_keyring, ServeError};
 
 pub use self::files::superseded;
 
-/// Left in a data directory whose store was copied under a new key; a broker refuses to start
-/// there while it exists (it names the new directory).
-pub const SUPERSEDED_FILE: &str = "superseded-by";
+pub use crate::store::sled::SUPERSEDED_FILE;
+
+/// What to do about a directory marked as copied into `to`: a rekey that stopped part-way
+/// leaves `<to>.rekeying` (and the marker may go); a finished one does not, and then the
+/// directory is not to be used again unless on purpose.
+pub fn superseded_advice(dir: &Path, to: &str) -> String {
+    let mut staging = std::ffi::OsString::from(to);
+    staging.push(".rekeying");
+    if Path::new(&staging).exists() {
+        return format!(
+            "was being copied under a new master key into {to} when the copy stopped part-way: \
+             remove {to}.rekeying and {}/{SUPERSEDED_FILE}, then start the broker or run the \
+             rekey again",
+            dir.display()
+        );
+    }
+    format!(
+        "was copied under a new master key into {to} (credbroker rekey): start the broker on \
+         that directory (wherever it was moved). Remove {}/{SUPERSEDED_FILE} only to go back to \
+         the old key on purpose, and then stop using the new directory: each would refresh \
+         tokens the other lacks",
+        dir.display()
+    )
+}
 
 /// What `credbroker rekey` is asked to do.
 #[derive(Debug, Clone)]
@@ -132,7 +153,9 @@ async fn fill(
 ) -> Result<Rekeyed, RekeyError> {
     let from = absolute(&config.store.data_dir)?;
     let owner = Owner::of(&from)?;
-    // First the old store: its lock stands for the broker being stopped.
+    // First the old directory's lock, which a broker holds for its whole life, then its
+    // store: no broker can be running, nor start, while this copies.
+    let _held = crate::store::sled::DirLock::take(&from).map_err(ServeError::from)?;
     let source = open(&from).await.map_err(RekeyError::Refused)?;
     let old_file = config.store.master_key_file.clone();
     let old_file = old_file.unwrap_or_else(|| from.join("master.key"));
@@ -183,11 +206,8 @@ async fn fill(
 /// The key the old store was made with, checked against its `key.check` before anything opens.
 fn old_keyring(from: &Path, key_file: Option<&Path>) -> Result<Keyring, RekeyError> {
     if let Some(to) = superseded(from) {
-        return Err(RekeyError::Usage(format!(
-            "{} was already copied under a new key into {to} (if that does not exist, a rekey \
-             stopped part-way: remove the {SUPERSEDED_FILE} file and the .rekeying directory)",
-            from.display()
-        )));
+        let advice = superseded_advice(from, &to);
+        return Err(RekeyError::Usage(format!("{} {advice}", from.display())));
     }
     if !SledStore::exists_in(from) {
         return Err(RekeyError::Usage(format!(
