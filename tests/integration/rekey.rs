@@ -281,6 +281,13 @@ async fn a_replaced_master_key_serves_every_system_and_caller_and_the_old_one_op
     broker.stop().await;
 }
 
+/// `to`'s arguments with a `--new-master-key-file`.
+fn with_key_file<'a>(to: &[&'a str], key: &'a Path) -> Vec<&'a str> {
+    let mut args = to.to_vec();
+    args.extend(["--new-master-key-file", key.to_str().unwrap()]);
+    args
+}
+
 /// A rekey that must be refused: why, on which directory, with what, and the exit code and
 /// words expected.
 struct Refusal<'a> {
@@ -330,11 +337,10 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     // The key in use, copied out of the old directory.
     let same_key = root.path().join("same.key");
     std::fs::copy(&old_key, &same_key).unwrap();
-    let key_flag = ["--new-master-key-file", same_key.to_str().unwrap()];
     let other = [("CREDBROKER_MASTER_KEY_FILE", other_key.to_str().unwrap())];
     let pg = [("CREDBROKER_STORE_URL", "postgres://127.0.0.1:9/none")];
     let inside_flag = ["--to-data-dir", inside.to_str().unwrap()];
-    let with_key = [&to[..], &key_flag[..]].concat();
+    let with_key = with_key_file(&to, &same_key);
     let open_key = root.path().join("open.key");
     std::fs::write(&open_key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
     {
@@ -342,11 +348,7 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
         let readable = std::fs::Permissions::from_mode(0o644);
         std::fs::set_permissions(&open_key, readable).unwrap();
     }
-    let open_flag = [
-        &to[..],
-        &["--new-master-key-file", open_key.to_str().unwrap()],
-    ]
-    .concat();
+    let open_flag = with_key_file(&to, &open_key);
     let file = root.path().join("file");
     std::fs::write(&file, "x").unwrap();
     let file_flag = ["--to-data-dir", file.to_str().unwrap()];
@@ -355,16 +357,8 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     let alias = root.path().join("alias");
     std::os::unix::fs::symlink(&old, &alias).unwrap();
     let alias_key = alias.join("other-new.key");
-    let alias_key_flag = [
-        &to[..],
-        &["--new-master-key-file", alias_key.to_str().unwrap()],
-    ]
-    .concat();
-    let old_dir_key_flag = [
-        &to[..],
-        &["--new-master-key-file", old_dir_key.to_str().unwrap()],
-    ]
-    .concat();
+    let alias_key_flag = with_key_file(&to, &alias_key);
+    let old_dir_key_flag = with_key_file(&to, &old_dir_key);
     let cases = [
         Refusal::new(
             "the old key is not the store's",
@@ -485,11 +479,7 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     std::fs::write(&hidden, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n").unwrap();
     let linked = root.path().join("linked.key");
     std::os::unix::fs::symlink(&hidden, &linked).unwrap();
-    let args = [
-        &to[..],
-        &["--new-master-key-file", linked.to_str().unwrap()],
-    ]
-    .concat();
+    let args = with_key_file(&to, &linked);
     let out = rekey(&old, &args, &[]).await;
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
     assert!(
@@ -563,11 +553,7 @@ async fn a_rekey_that_cannot_be_done_changes_nothing_and_says_why() {
     // key file made for it.
     let broker = TestBroker::start(&old).await;
     let new_key = root.path().join("new.key");
-    let args = [
-        &to[..],
-        &["--new-master-key-file", new_key.to_str().unwrap()],
-    ]
-    .concat();
+    let args = with_key_file(&to, &new_key);
     let out = rekey(&old, &args, &[]).await;
     assert_eq!(out.status.code(), Some(78), "{}", text(&out));
     assert!(!new.exists() && !staging.exists() && !new_key.exists());
