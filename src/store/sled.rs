@@ -813,6 +813,40 @@ mod tests {
         );
     }
 
+    /// A broker whose store failed after its directory was copied under a new key (and marked)
+    /// does not reopen it: the copy is where its refreshes must land.
+    #[tokio::test]
+    async fn a_store_copied_under_a_new_key_is_not_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = DirLock::take(dir.path()).unwrap();
+        let store = ReopeningSledStore::new(SledStore::open(dir.path()).unwrap(), dir.path(), lock);
+        std::fs::write(dir.path().join(SUPERSEDED_FILE), "/elsewhere\n").unwrap();
+        store.poisoned.store(true, Ordering::Release);
+        let refused = store.reopen().await.unwrap_err().to_string();
+        assert!(
+            refused.contains("copied under a new master key"),
+            "{refused}"
+        );
+        assert!(store.poisoned.load(Ordering::Acquire));
+        assert!(
+            store.current.read().await.is_some(),
+            "the old handle was let go"
+        );
+    }
+
+    /// The directory's lock is one holder's at a time, and free again once dropped.
+    #[test]
+    fn a_data_directory_is_held_by_one_process_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = DirLock::take(dir.path()).unwrap();
+        assert!(matches!(
+            DirLock::take(dir.path()),
+            Err(OpenError::Locked(_))
+        ));
+        drop(held);
+        DirLock::take(dir.path()).unwrap();
+    }
+
     #[tokio::test]
     async fn a_reopened_store_keeps_its_cache_size() {
         let dir = tempfile::tempdir().unwrap();
