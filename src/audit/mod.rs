@@ -20,6 +20,7 @@
 //! a few seconds ([`writer::WRITE_LIMIT`]) while every other call, health and `/readyz` go on.
 
 mod sink;
+pub(crate) use sink::rotated;
 mod writer;
 
 use std::future::Future;

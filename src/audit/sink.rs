@@ -116,11 +116,7 @@ impl FileSink {
 
     fn rotate(&mut self, keep: usize) {
         self.file = None;
-        let name = |i: usize| {
-            let mut p = self.path.clone().into_os_string();
-            p.push(format!(".{i}"));
-            PathBuf::from(p)
-        };
+        let name = |i: usize| rotated(&self.path, i);
         for i in (1..keep).rev() {
             let _ = std::fs::rename(name(i), name(i + 1));
         }
@@ -131,6 +127,13 @@ impl FileSink {
         }
         self.size = 0;
     }
+}
+
+/// The trail's `i`th rotated file (`audit.log.1` … `.N`) beside `path`.
+pub(crate) fn rotated(path: &std::path::Path, i: usize) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{i}"));
+    PathBuf::from(p)
 }
 
 /// Whether the last byte (of `size`) of the file at `path` ends a line; true when it cannot

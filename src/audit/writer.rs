@@ -295,9 +295,7 @@ impl Writer {
         let e = stalled();
         log_health(changed, Some(&e));
         for (written, events, _) in stuck {
-            if written.settle(Err(e.clone())) {
-                count_errors(events);
-            }
+            fail_lines(&written, events, e.clone());
         }
         for batch in queued {
             fail(batch, e.clone());
@@ -329,9 +327,7 @@ impl Writer {
         };
         log_health(changed, Some(&AuditError(error.to_owned())));
         for (written, events, _) in writing {
-            if written.settle(Err(AuditError(why.to_owned()))) {
-                count_errors(events);
-            }
+            fail_lines(&written, events, AuditError(why.to_owned()));
         }
         for batch in queued {
             fail(batch, AuditError(why.to_owned()));
@@ -448,8 +444,14 @@ fn log_health(changed: bool, error: Option<&AuditError>) {
 
 /// Fails a batch that will not be written.
 pub(super) fn fail(batch: Batch, error: AuditError) {
-    if batch.written.settle(Err(error)) {
-        count_errors(batch.events);
+    fail_lines(&batch.written, batch.events, error);
+}
+
+/// Fails the `events` lines `written` stands for, counting them unless they were settled
+/// before (a stalled write's calls are failed once).
+fn fail_lines(written: &Written, events: u64, error: AuditError) {
+    if written.settle(Err(error)) {
+        count_errors(events);
     }
 }
 

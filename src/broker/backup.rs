@@ -403,7 +403,7 @@ impl Broker {
             return Err(BrokerError::FailedPrecondition(format!(
                 "copied {} of {} systems and {} of {} callers into a store that must start \
                  empty; the store holds records this broker refuses (see the errors naming \
-                 them) or the target was not empty. Nothing was changed here",
+                 them) or the target was not empty",
                 copied.0, stored.0, copied.1, stored.1
             )));
         }

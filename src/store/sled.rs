@@ -528,6 +528,12 @@ pub const DIR_LOCK_FILE: &str = "broker.lock";
 /// (`credbroker rekey`): a broker neither starts nor reopens its store there.
 pub const SUPERSEDED_FILE: &str = "superseded-by";
 
+/// Whether `data_dir` was copied under a new master key: anything at its [`SUPERSEDED_FILE`]
+/// counts (a marker its reader cannot read still stops the broker).
+pub fn is_superseded(data_dir: &Path) -> bool {
+    std::fs::symlink_metadata(data_dir.join(SUPERSEDED_FILE)).is_ok()
+}
+
 /// A hold on a data directory ([`DIR_LOCK_FILE`]); let go when dropped.
 #[derive(Debug)]
 pub struct DirLock {
@@ -550,6 +556,8 @@ impl DirLock {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // A link planted in its place must not make a root run create a file elsewhere.
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&path)
             .map_err(other)?;
         match file.try_lock_exclusive() {
@@ -605,7 +613,7 @@ impl ReopeningSledStore {
         if !self.poisoned.load(Ordering::Acquire) {
             return Ok(());
         }
-        if std::fs::symlink_metadata(self.data_dir.join(SUPERSEDED_FILE)).is_ok() {
+        if is_superseded(&self.data_dir) {
             return Err(StoreError::Backend(
                 "this data directory was copied under a new master key; not reopened".to_owned(),
             ));
@@ -832,6 +840,19 @@ mod tests {
             store.current.read().await.is_some(),
             "the old handle was let go"
         );
+    }
+
+    /// A link planted at the lock's name is not followed: nothing is made where it points.
+    #[test]
+    fn a_link_at_the_lock_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join(DIR_LOCK_FILE)).unwrap();
+        assert!(matches!(
+            DirLock::take(dir.path()),
+            Err(OpenError::Other { .. })
+        ));
+        assert!(!elsewhere.exists());
     }
 
     /// The directory's lock is one holder's at a time, and free again once dropped.

@@ -199,14 +199,14 @@ pub fn superseded(dir: &Path) -> Option<String> {
         }
         Ok(String::from_utf8_lossy(&text).to_string())
     };
-    match std::fs::symlink_metadata(&marker) {
-        // A directory the broker cannot search fails its start on its own, with its own words.
-        Err(_) => None,
-        Ok(_) => Some(match read() {
-            Ok(text) => text.chars().filter(|c| !c.is_control()).collect(),
-            Err(e) => format!("(unreadable marker: {e})"),
-        }),
+    // A directory the broker cannot search fails its start on its own, with its own words.
+    if !crate::store::sled::is_superseded(dir) {
+        return None;
     }
+    Some(match read() {
+        Ok(text) => text.chars().filter(|c| !c.is_control()).collect(),
+        Err(e) => format!("(unreadable marker: {e})"),
+    })
 }
 
 /// Marks `from` as copied into `to`, durably; an entry already there (planted) fails it.
@@ -239,7 +239,8 @@ fn mark(from: &Path, to: &Path) -> Result<PathBuf, RekeyError> {
 pub(super) struct Owner {
     uid: u32,
     gid: u32,
-    root: bool,
+    /// This process's effective user.
+    euid: u32,
 }
 
 impl Owner {
@@ -248,18 +249,23 @@ impl Owner {
         Ok(Self {
             uid: meta.uid(),
             gid: meta.gid(),
-            root: rustix::process::geteuid().is_root(),
+            euid: rustix::process::geteuid().as_raw(),
         })
+    }
+
+    /// Whether this run is root's (and so gives files away).
+    pub(super) fn root(&self) -> bool {
+        self.euid == 0
     }
 
     /// Whether `uid` may own the new key file: root, this user or the old directory's owner.
     fn may_own(&self, uid: u32) -> bool {
-        uid == 0 || uid == self.uid || uid == rustix::process::geteuid().as_raw()
+        uid == 0 || uid == self.uid || uid == self.euid
     }
 
     /// Gives `path` to the owner (only a root run changes anything).
     pub(super) fn give(&self, path: &Path) -> Result<(), RekeyError> {
-        if !self.root {
+        if !self.root() {
             return Ok(());
         }
         std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))
@@ -279,9 +285,9 @@ impl Owner {
     }
 }
 
-/// Writes `key` to the new file `at` (mode 0600), durably, name and all. With `like`, run as
-/// root, the file gets that file's owner and group, and group read if it has it (a root-owned
-/// key the broker's group reads), all on the one open file, never by name again.
+/// Writes `key` to the new file `at` (mode 0600), durably, name and all. With `like` (given
+/// only to a root run), the file gets that file's owner and group, and group read if it has it
+/// (a root-owned key the broker's group reads), all on the one open file, never by name again.
 pub(super) fn write_key(at: &Path, key: &MasterKey, like: Option<&Path>) -> Result<(), RekeyError> {
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -311,7 +317,7 @@ fn fill_key(
     file.write_all(text.as_bytes())
         .and_then(|()| file.write_all(b"\n"))
         .map_err(|e| io("cannot write", at, e))?;
-    if let Some(old) = like.filter(|_| rustix::process::geteuid().is_root()) {
+    if let Some(old) = like {
         let old = std::fs::metadata(old).map_err(|e| io("cannot read", old, e))?;
         std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
             .map_err(|e| io("cannot give", at, e))?;
@@ -409,7 +415,7 @@ impl Target {
         owner.give_tree(&self.staging)?;
         // sled's own flush does not sync every file it writes (nor their names).
         sync_tree(&self.staging)?;
-        let marker = mark(from, &canonical_name(&self.path))?;
+        let marker = mark(from, &self.path)?;
         if let Err(e) = std::fs::rename(&self.staging, &self.path) {
             let unmarked = std::fs::remove_file(&marker).and_then(|()| sync_dir(from));
             let also = match unmarked {
@@ -477,18 +483,14 @@ impl Trail {
         }
     }
 
-    /// The trail's file names: the file and its rotated ones.
+    /// The trail's file names: the file and its rotated ones (named as the sink rotates them).
     fn names(&self) -> Vec<std::ffi::OsString> {
         let Some((name, keep)) = &self.in_data_dir else {
             return Vec::new();
         };
-        let suffixes = std::iter::once(String::new()).chain((1..=*keep).map(|i| format!(".{i}")));
-        suffixes
-            .map(|s| {
-                let mut n = name.clone();
-                n.push(s);
-                n
-            })
+        let rotated = (1..=*keep).map(|i| crate::audit::rotated(Path::new(name), i));
+        std::iter::once(name.clone())
+            .chain(rotated.map(PathBuf::into_os_string))
             .collect()
     }
 
@@ -514,7 +516,7 @@ impl Trail {
     /// must leave them as they were (`before`), or, for a file it made, the old directory's
     /// owner's, for the broker to write if it starts there again.
     pub(super) fn give_back(&self, from: &Path, owner: Owner, before: &[Option<(u32, u32)>]) {
-        if !owner.root {
+        if !owner.root() {
             return;
         }
         for (i, name) in self.names().into_iter().enumerate() {

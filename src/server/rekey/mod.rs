@@ -6,9 +6,10 @@
 //! files as the broker does), so a run that stops part-way (a crash, Ctrl-C, a full disk) leaves
 //! the broker as it was: the new directory is filled under `<to>.rekeying`, its every file and
 //! directory synced, the old directory marked ([`SUPERSEDED_FILE`]), and the new one renamed to
-//! `<to>` only then. The old broker must be stopped: the store's lock refuses a copy while it
-//! runs, and the marker keeps it from starting again by mistake, since a refresh it made then (a
-//! rotated refresh token) would be missing from the new directory.
+//! `<to>` only then. The old broker must be stopped: the data directory's lock, which a broker
+//! holds for its whole life, refuses a copy while it runs, and the marker keeps it from
+//! starting (or reopening its store) again by mistake, since a refresh it made then (a rotated
+//! refresh token) would be missing from the new directory.
 //!
 //! What does not come across, because it is bound to the old key or is history: the event log
 //! and webhook cursors (the new log starts empty), the retired versions of deleted systems,
@@ -127,7 +128,7 @@ pub async fn rekey(config: &Config, options: &RekeyOptions) -> Result<Rekeyed, R
     let old = old_keyring(&from, config.store.master_key_file.as_deref())?;
     files::make_private_dir(&target.staging)?;
     let mut made_key = None;
-    let done = fill(config, options, &target, old, &mut made_key).await;
+    let done = fill(config, options, (&from, &target), old, &mut made_key).await;
     if done.is_err() {
         // Only what this run made goes; the old store was only read.
         if let Err(e) = std::fs::remove_dir_all(&target.staging) {
@@ -147,16 +148,17 @@ pub async fn rekey(config: &Config, options: &RekeyOptions) -> Result<Rekeyed, R
 async fn fill(
     config: &Config,
     options: &RekeyOptions,
-    target: &Target,
+    (from, target): (&Path, &Target),
     old: Keyring,
     made_key: &mut Option<PathBuf>,
 ) -> Result<Rekeyed, RekeyError> {
-    let from = absolute(&config.store.data_dir)?;
+    let from = from.to_path_buf();
     let owner = Owner::of(&from)?;
     // First the old directory's lock, which a broker holds for its whole life, then its
     // store: no broker can be running, nor start, while this copies.
     let _held = crate::store::sled::DirLock::take(&from).map_err(ServeError::from)?;
-    let source = open(&from).await.map_err(RekeyError::Refused)?;
+    let cache = config.store.cache_mib;
+    let source = open(&from, cache).await.map_err(RekeyError::Refused)?;
     let old_file = config.store.master_key_file.clone();
     let old_file = old_file.unwrap_or_else(|| from.join("master.key"));
     let new = new_keyring(options, target, (&old, &from, &old_file, owner), made_key)?;
@@ -167,7 +169,7 @@ async fn fill(
     let trail_owners = trail.owners(&from);
     let staged = |e: ServeError| RekeyError::Failed(e.to_string());
     verify_key_check_file(&target.staging, &new.keyring, false).map_err(|e| staged(e.into()))?;
-    let fresh = open(&target.staging).await.map_err(staged)?;
+    let fresh = open(&target.staging, cache).await.map_err(staged)?;
     // Neither broker reaches a vendor: their exchanges are refused.
     let (.., registry) = super::backends(config).map_err(RekeyError::Failed)?;
     let source = open_broker(config, source, old, registry.clone(), &from, true).await?;
@@ -255,7 +257,7 @@ fn new_keyring(
         let key = MasterKey::generate();
         // Outside the target, kept as the old key file is (a root-owned key the broker's
         // group reads).
-        let like = outside.then_some(old_file);
+        let like = (outside && owner.root()).then_some(old_file);
         files::write_key(&at, &key, like)?;
         if outside {
             *made = Some(at.clone());
@@ -287,9 +289,9 @@ fn new_keyring(
 }
 
 /// The sled store in `dir`; refused while another process (a running broker) holds it.
-async fn open(dir: &Path) -> Result<Arc<dyn CredentialStore>, ServeError> {
+async fn open(dir: &Path, cache_mib: u64) -> Result<Arc<dyn CredentialStore>, ServeError> {
     let dir = dir.to_path_buf();
-    let store = tokio::task::spawn_blocking(move || SledStore::open_with_cache(&dir, 64))
+    let store = tokio::task::spawn_blocking(move || SledStore::open_with_cache(&dir, cache_mib))
         .await
         .map_err(|e| ServeError::Transport(e.to_string()))??;
     Ok(Arc::new(store))
