@@ -1,7 +1,7 @@
 //! Proxy overhead: the same loopback fake vendor called directly, through a bare forwarder (the
 //! floor: hyper's server and the proxy's pooled hyper client, nothing else) and through the
 //! broker's proxy, with the same client, concurrency and duration. Run with `cargo bench --bench proxy`
-//! (`-- --concurrency N --seconds S --rounds R`); writes `bench-results/proxy.json` and prints a
+//! (`-- --concurrency N --seconds S --rounds R`); writes `bench-results/proxy-c{N}.json` and prints a
 //! markdown table. Medians over alternating rounds, since run-to-run noise on a 2-core VM is
 //! ±10–15 %.
 
@@ -24,10 +24,20 @@ struct Figures {
     p99_us: f64,
     /// The broker's CPU per request (0 for direct calls, which do not touch it).
     broker_cpu_us: f64,
+    /// The load generator's CPU per request (its process: the client, and the fake vendor
+    /// unless `--vendor-cores` gives it a process of its own).
+    load_cpu_us: f64,
+    /// How busy the load generator's cores were (1.0: all of them, all the time).
+    load_busy: f64,
 }
 
-async fn fake_vendor() -> String {
-    let app = axum::Router::new().fallback(|req: axum::extract::Request| async move {
+/// The fake vendor; with `delay_ms` > 0 every answer waits that long (a vendor's own time,
+/// which loopback does not have).
+async fn fake_vendor(delay_ms: u64) -> String {
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| async move {
+        if delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        }
         if req
             .headers()
             .get("authorization")
@@ -59,6 +69,7 @@ async fn drive(
     broker: u32,
 ) -> Figures {
     let cpu_before = cpu_us(broker);
+    let load_before = cpu_us(std::process::id());
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
@@ -87,12 +98,16 @@ async fn drive(
     }
     let (all, elapsed) = finish(seconds, &stop, tasks, started).await;
     let cpu = cpu_us(broker) - cpu_before;
+    let load = cpu_us(std::process::id()) - load_before;
     let pct = |p: f64| quantile(&all, p);
+    let calls = all.len().max(1) as f64;
     Figures {
         rps: all.len() as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
-        broker_cpu_us: cpu / all.len().max(1) as f64,
+        broker_cpu_us: cpu / calls,
+        load_cpu_us: load / calls,
+        load_busy: load / 1e6 / elapsed / load_threads() as f64,
     }
 }
 
@@ -149,26 +164,64 @@ fn forwarder_main(vendor_root: String) {
     });
 }
 
-/// Starts [`forwarder_main`] pinned to core 1; returns its address and the child.
-fn spawn_forwarder(vendor_root: &str) -> (String, std::process::Child) {
+/// The fake vendor in a process of its own (`--vendor DELAY_MS`), on as many runtime threads
+/// as the cores it is pinned to; prints its base URL.
+fn vendor_main(delay_ms: u64) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        println!("{}", fake_vendor(delay_ms).await);
+        std::future::pending::<()>().await;
+    });
+}
+
+/// How many CPUs a `taskset` list names ("1", "0,2", "0-2").
+fn count_cpus(list: &str) -> usize {
+    let bound = |n: &str| n.trim().parse::<usize>().expect("a taskset CPU list");
+    list.split(',')
+        .map(|part| {
+            part.split_once('-')
+                .map_or(1, |(a, b)| bound(b) + 1 - bound(a))
+        })
+        .sum()
+}
+
+/// The load generator's cores (`--load-cores`, default core 0): one runtime thread per core.
+fn load_threads() -> usize {
+    count_cpus(&arg("--load-cores", "0"))
+}
+
+/// Runs this bench binary again with `args`, pinned to `cores`; returns the first line it
+/// prints (its address) and the child.
+fn spawn_self(cores: &str, args: &[&str]) -> (String, std::process::Child) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new("taskset")
-        .args(["-c", "1"])
+        .args(["-c", cores])
         .arg(std::env::current_exe().unwrap())
-        .args(["--forwarder", vendor_root])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("taskset is needed");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = lines.next().expect("forwarder exited").unwrap();
+    let addr = lines.next().expect("child exited").unwrap();
     (addr, child)
 }
 
-/// Starts the real `credbroker` binary pinned to core 1; returns (gRPC addr, HTTP addr, child).
+/// Starts [`forwarder_main`] on the broker's cores; returns its address and the child.
+fn spawn_forwarder(vendor_root: &str) -> (String, std::process::Child) {
+    spawn_self(&arg("--broker-cores", "1"), &["--forwarder", vendor_root])
+}
+
+/// Starts the real `credbroker` binary pinned to the broker's cores (`--broker-cores`, default
+/// core 1); returns (gRPC addr, HTTP addr, child).
 fn spawn_broker(data_dir: &std::path::Path) -> (String, String, std::process::Child) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new("taskset")
-        .args(["-c", "1"])
+        .args(["-c", &arg("--broker-cores", "1")])
         .arg(broker_bin())
         .args([
             "--listen",
@@ -258,6 +311,10 @@ fn main() {
     if !forwarder.is_empty() {
         return forwarder_main(forwarder);
     }
+    let vendor_child = arg("--vendor", "");
+    if !vendor_child.is_empty() {
+        return vendor_main(vendor_child.parse().unwrap());
+    }
     let concurrency = arg("--concurrency", "16").parse::<usize>().unwrap();
     let seconds = arg("--seconds", "5.0").parse::<f64>().unwrap();
     let rounds = arg("--rounds", "3").parse::<usize>().unwrap();
@@ -267,19 +324,33 @@ fn main() {
     let quota_ns = quota_bookkeeping_ns(1_000_000);
     // The load generator and the fake vendor run on core 0, the broker on core 1 (as
     // docs/benchmarks.md measures gRPC servers), so the proxy's work does not steal the
-    // client's CPU.
+    // client's CPU. On a machine with more cores, `--load-cores`, `--vendor-cores` (the
+    // vendor then runs in a process of its own) and `--broker-cores` give each its own.
+    let (load_cores, vendor_cores) = (arg("--load-cores", "0"), arg("--vendor-cores", ""));
+    let delay_ms = arg("--vendor-delay-ms", "0").parse::<u64>().unwrap();
     let _ = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &load_cores,
+            &std::process::id().to_string(),
+        ])
         .stdout(std::process::Stdio::null())
         .status();
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(load_threads())
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let vendor = fake_vendor().await;
+        let (vendor, mut vendor_child) = if vendor_cores.is_empty() {
+            (fake_vendor(delay_ms).await, None)
+        } else {
+            let (url, child) = spawn_self(&vendor_cores, &["--vendor", &delay_ms.to_string()]);
+            (url, Some(child))
+        };
         let (grpc_addr, _http_addr, mut child) = spawn_broker(dir.path());
         let token_path = dir.path().join("admin.token");
         let channel = loop {
@@ -353,6 +424,14 @@ fn main() {
         let wcpu = m(&w, |f| f.broker_cpu_us);
         let (prps, pp50, pp99) = (m(&p, |f| f.rps), m(&p, |f| f.p50_us), m(&p, |f| f.p99_us));
         let pcpu = m(&p, |f| f.broker_cpu_us);
+        let load = |v: &[Figures]| (m(v, |f| f.load_cpu_us), m(v, |f| f.load_busy));
+        let ((dl, db), (wl, wb), (pl, pb)) = (load(&d), load(&w), load(&p));
+        let layout = format!(
+            "load generator on cores {load_cores} ({} runtime threads), the vendor {}, the broker and the forwarder on cores {}; vendor delay {delay_ms} ms",
+            load_threads(),
+            if vendor_cores.is_empty() { "in the load generator's process".to_owned() } else { format!("on cores {vendor_cores}") },
+            arg("--broker-cores", "1"),
+        );
         let json = serde_json::json!({
             "benchmark": "proxy_overhead",
             "broker": std::env::var("BENCH_BROKER_BIN").unwrap_or_else(|_| "this build".to_owned()),
@@ -364,16 +443,25 @@ fn main() {
             "bare_forwarder_ratio": wrps / drps,
             "throughput_ratio_to_bare_forwarder": prps / wrps,
             "p50_added_ms": (pp50 - dp50) / 1000.0,
+            "layout": layout,
+            "load_generator": {
+                "cpu_us_per_req": {"direct": dl, "bare_forwarder": wl, "proxied": pl},
+                "busy": {"direct": db, "bare_forwarder": wb, "proxied": pb},
+            },
             "quota_bookkeeping_ns_per_call": quota_ns,
         });
-        std::fs::create_dir_all("bench-results").unwrap();
-        std::fs::write(format!("bench-results/proxy-c{concurrency}.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
-        println!("| path | requests/s | p50 | p99 | broker CPU/req |");
-        println!("|---|---|---|---|---|");
-        println!("| direct GET to the loopback fake | {drps:.0} | {:.3} ms | {:.3} ms | – |", dp50 / 1000.0, dp99 / 1000.0);
-        println!("| bare forwarder (hyper server + the proxy's client, no checks) | {wrps:.0} | {:.3} ms | {:.3} ms | {wcpu:.1} µs |", wp50 / 1000.0, wp99 / 1000.0);
-        println!("| proxied GET (lease → real header) | {prps:.0} | {:.3} ms | {:.3} ms | {pcpu:.1} µs |", pp50 / 1000.0, pp99 / 1000.0);
+        save(format!("proxy-c{concurrency}.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        println!("{layout}");
         println!();
+        println!("| path | requests/s | p50 | p99 | broker CPU/req | load generator CPU/req (busy) |");
+        println!("|---|---|---|---|---|---|");
+        println!("| direct GET to the loopback fake | {drps:.0} | {:.3} ms | {:.3} ms | – | {dl:.1} µs ({:.0} %) |", dp50 / 1000.0, dp99 / 1000.0, db * 100.0);
+        println!("| bare forwarder (hyper server + the proxy's client, no checks) | {wrps:.0} | {:.3} ms | {:.3} ms | {wcpu:.1} µs | {wl:.1} µs ({:.0} %) |", wp50 / 1000.0, wp99 / 1000.0, wb * 100.0);
+        println!("| proxied GET (lease → real header) | {prps:.0} | {:.3} ms | {:.3} ms | {pcpu:.1} µs | {pl:.1} µs ({:.0} %) |", pp50 / 1000.0, pp99 / 1000.0, pb * 100.0);
+        println!();
+        if wb >= 0.95 && db >= 0.95 {
+            println!("the load generator's cores were the bound through the bare forwarder ({:.0} % busy), and each call there cost them {wl:.1} µs against {dl:.1} µs direct: no proxy in this layout, however cheap, shows more than {:.2} of direct", wb * 100.0, dl / wl);
+        }
         println!("throughput ratio proxied/direct: {:.2} (target ≥ 0.90); p50 added: {:.3} ms (target ≤ 0.1 ms)", prps / drps, (pp50 - dp50) / 1000.0);
         println!("bare forwarder/direct: {:.2} (the floor of any proxy here); broker/bare forwarder: {:.2}; broker CPU per call − forwarder's: {:.1} µs", wrps / drps, prps / wrps, pcpu - wcpu);
         println!("quota bookkeeping (admit + read the vendor's headers + learn): {quota_ns:.0} ns per call (target ≤ 2 µs)");
@@ -381,5 +469,9 @@ fn main() {
         let _ = child.wait();
         let _ = fwd_child.kill();
         let _ = fwd_child.wait();
+        if let Some(mut v) = vendor_child.take() {
+            let _ = v.kill();
+            let _ = v.wait();
+        }
     });
 }

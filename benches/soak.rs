@@ -187,9 +187,8 @@ fn main() {
         for t in tasks {
             t.await.unwrap();
         }
-        std::fs::create_dir_all("bench-results").unwrap();
-        std::fs::write(
-            "bench-results/soak.json",
+        save(
+            "soak.json",
             serde_json::to_string_pretty(&serde_json::json!({
                 "minutes": minutes, "get_access_token": reads.load(Ordering::Relaxed),
                 "writes": writes.load(Ordering::Relaxed), "samples": samples,

@@ -552,9 +552,8 @@ async fn oauth_scenario(
         "refreshes_per_s": refreshes as f64 / broker_secs.max(1e-9),
         "worker_calls_over_50ms": slow,
     });
-    std::fs::create_dir_all("bench-results").unwrap();
-    std::fs::write(
-        format!("bench-results/token-oauth-n{connections}-c{concurrency}.json"),
+    save(
+        format!("token-oauth-n{connections}-c{concurrency}.json"),
         serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();
@@ -630,9 +629,8 @@ async fn storm_scenario(
         "upstream_refresh_calls": refresh_calls, "upstream_max_concurrent": max_inflight,
         "upstream_cap": max_concurrent, "systems_refreshed_before_expiry": refreshed_in_time,
     });
-    std::fs::create_dir_all("bench-results").unwrap();
-    std::fs::write(
-        "bench-results/token-storm.json",
+    save(
+        "token-storm.json",
         serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();
@@ -1138,9 +1136,8 @@ async fn checks_scenario(rt_kind: &str, n: usize, seconds: f64) {
         "on": {"p50_us": p50_on, "p99_us": p99_on, "rps": rps_on,
                "checks_during_measurement": during, "upstream_max_concurrent": max_inflight},
     });
-    std::fs::create_dir_all("bench-results").unwrap();
-    std::fs::write(
-        "bench-results/token-checks.json",
+    save(
+        "token-checks.json",
         serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();
@@ -1341,9 +1338,8 @@ async fn scale_scenario(rt_kind: &str, n: usize, seconds: f64) {
             "warm": {"p50_us": p50c, "p99_us": p99c, "rps": rpsc},
         }));
     }
-    std::fs::create_dir_all("bench-results").unwrap();
-    std::fs::write(
-        format!("bench-results/scale-{n}.json"),
+    save(
+        format!("scale-{n}.json"),
         serde_json::to_string_pretty(&rows).unwrap(),
     )
     .unwrap();
@@ -1413,9 +1409,8 @@ async fn register_scenario(
         "registrations": all.len(), "per_second": rps, "p50_us": pct(0.5), "p99_us": pct(0.99),
         "server_cpu_us_per_req": cpu / all.len() as f64,
     });
-    std::fs::create_dir_all("bench-results").unwrap();
-    std::fs::write(
-        format!("bench-results/register-c{concurrency}.json"),
+    save(
+        format!("register-c{concurrency}.json"),
         serde_json::to_string_pretty(&json).unwrap(),
     )
     .unwrap();
@@ -1594,10 +1589,9 @@ fn main() {
                 "broker_peak_rss_kib": brss, "echo_peak_rss_kib": erss,
                 "throughput_ratio": rps_ratio, "p99_ratio": p99_ratio,
             });
-            std::fs::create_dir_all("bench-results").unwrap();
-            std::fs::write(
+            save(
                 format!(
-                    "bench-results/token-{rt_kind}-n{connections}-c{concurrency}{}.json",
+                    "token-{rt_kind}-n{connections}-c{concurrency}{}.json",
                     if store == "postgres" { "-pg" } else { "" }
                 ),
                 serde_json::to_string_pretty(&json).unwrap(),
@@ -1630,9 +1624,9 @@ fn main() {
                 md.push_str(r);
                 md.push('\n');
             }
-            std::fs::write(format!("bench-results/token-suite-{rt_kind}.md"), &md).unwrap();
-            std::fs::write(
-                format!("bench-results/token-suite-{rt_kind}.json"),
+            save(format!("token-suite-{rt_kind}.md"), &md).unwrap();
+            save(
+                format!("token-suite-{rt_kind}.json"),
                 serde_json::to_string_pretty(&suite_json).unwrap(),
             )
             .unwrap();

@@ -120,3 +120,12 @@ pub fn cpu_us(pid: u32) -> f64 {
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
     ticks * 1e6 / 100.0
 }
+
+/// Writes a result file `name` into `BENCH_RESULTS_DIR` (default `bench-results`), making the
+/// directory; CI's short runs of every bench write elsewhere, so the committed figures stay.
+pub fn save(name: impl AsRef<str>, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    let dir = std::env::var_os("BENCH_RESULTS_DIR").unwrap_or_else(|| "bench-results".into());
+    let dir = std::path::Path::new(&dir);
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(name.as_ref()), contents)
+}
