@@ -14,9 +14,8 @@ const PAT_PROXY: &str = "rekey-pat-proxy-42ae";
 /// What the header system's credential is rotated to (its version 2).
 const PAT_ROTATED: &str = "rekey-pat-rotated-e07b";
 
-/// Runs `credbroker rekey` on `from` with `args` (off the runtime: the broker under test may be
-/// serving on it).
-async fn rekey(from: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+/// `credbroker rekey` on `from` with `args`, in an environment of the test's own.
+fn rekey_command(from: &Path, args: &[&str], envs: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_credbroker"));
     cmd.arg("rekey")
         .arg("--data-dir")
@@ -28,6 +27,13 @@ async fn rekey(from: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    cmd
+}
+
+/// Runs `credbroker rekey` on `from` with `args` (off the runtime: the broker under test may be
+/// serving on it).
+async fn rekey(from: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = rekey_command(from, args, envs);
     // Bounded: a rekey that blocks fails the test instead of holding it.
     let run = tokio::task::spawn_blocking(move || cmd.output().unwrap());
     tokio::time::timeout(std::time::Duration::from_secs(60), run)
@@ -601,4 +607,125 @@ async fn a_store_holding_a_refused_record_is_not_rekeyed() {
             .join(credbroker::server::rekey::SUPERSEDED_FILE)
             .exists());
     }
+}
+
+/// How a rekey stopped at some moment left the old directory and the new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Left {
+    /// No marker: the old directory is as it was (a staging directory may be left).
+    Untouched,
+    /// Marked, with the copy still under its staging name.
+    Marked,
+    /// Marked and renamed into place: the rekey was done.
+    Done,
+}
+
+/// The old directory's marker and the new directory's two names, after a stop.
+fn left_by_stop(old: &Path, new: &Path) -> Left {
+    let marked = old
+        .join(credbroker::server::rekey::SUPERSEDED_FILE)
+        .exists();
+    let staged = Path::new(&format!("{}.rekeying", new.display())).exists();
+    match (marked, new.exists(), staged) {
+        (false, false, _) => Left::Untouched,
+        (true, false, true) => Left::Marked,
+        (true, true, false) => Left::Done,
+        other => panic!("marker, target, staging: {other:?}: a state no recovery covers"),
+    }
+}
+
+/// The worker's view through a broker on `dir` (the rotated PAT, a proxied GET, the last of
+/// the systems added for bulk).
+async fn serves(dir: &Path, worker: &str) {
+    let broker = TestBroker::start(dir).await;
+    assert_eq!(
+        worker_view(broker.addr, worker).await,
+        (format!("Bearer {PAT_ROTATED}"), reqwest::StatusCode::OK)
+    );
+    let mut c = client(broker.addr, Some(worker)).await;
+    assert_eq!(
+        auth_header(&mut c, &format!("bulk-{}", BULK - 1))
+            .await
+            .unwrap(),
+        format!("Bearer {PAT_HEADER}")
+    );
+    broker.stop().await;
+}
+
+/// Systems added to the store so that a copy takes long enough to be stopped inside it.
+const BULK: usize = 150;
+
+#[tokio::test]
+async fn a_rekey_killed_at_any_moment_leaves_a_directory_that_serves_and_a_way_on() {
+    let root = tempfile::tempdir().unwrap();
+    let (old, new) = (root.path().join("old"), root.path().join("new"));
+    let staging = root.path().join("new.rekeying");
+    let marker = old.join(credbroker::server::rekey::SUPERSEDED_FILE);
+    let asana = asana().await;
+    let (worker, _) = filled(&old, &asana).await;
+    let broker = TestBroker::start(&old).await;
+    let mut admin = broker.admin().await;
+    for i in 0..BULK {
+        let id = format!("bulk-{i}");
+        let req = register_asana(&id, &asana.base_url, PAT_HEADER, false);
+        admin.register_system(req).await.unwrap();
+    }
+    broker.stop().await;
+    let to = ["--to-data-dir", new.to_str().unwrap()];
+    // How long a whole copy takes here; then back to the old key, as the docs say.
+    let started = std::time::Instant::now();
+    let out = rekey(&old, &to, &[]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let whole = started.elapsed();
+    std::fs::remove_file(&marker).unwrap();
+    std::fs::remove_dir_all(&new).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for percent in (1..=20).map(|k| k * 5) {
+        let mut child = rekey_command(&old, &to, &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Not a wait for readiness: the moment of the kill, spread over a whole copy's time.
+        tokio::time::sleep(whole * percent / 100).await;
+        let _ = child.kill();
+        child.wait().unwrap();
+        let left = left_by_stop(&old, &new);
+        seen.insert(left);
+        match left {
+            Left::Untouched => {
+                serves(&old, &worker).await;
+                // "An earlier rekey stopped part-way; remove it and run again."
+                if staging.exists() {
+                    std::fs::remove_dir_all(&staging).unwrap();
+                }
+            }
+            Left::Marked => {
+                let refused = refused_start(test_config(&old)).await;
+                let Err(credbroker::server::ServeError::Superseded { to, .. }) = refused else {
+                    panic!("a directory marked mid-copy started: {refused:?}");
+                };
+                // The marker is whole: it names the new directory.
+                let real = std::fs::canonicalize(root.path()).unwrap().join("new");
+                assert_eq!(Path::new(&to), real);
+                let advice = credbroker::server::rekey::superseded_advice(&old, &to);
+                assert!(advice.contains("stopped part-way"), "{advice}");
+                std::fs::remove_dir_all(&staging).unwrap();
+                std::fs::remove_file(&marker).unwrap();
+                serves(&old, &worker).await;
+            }
+            Left::Done => {
+                serves(&new, &worker).await;
+                assert!(refused_start(test_config(&old)).await.is_err());
+                std::fs::remove_file(&marker).unwrap();
+                std::fs::remove_dir_all(&new).unwrap();
+            }
+        }
+    }
+    eprintln!("a whole copy: {whole:?}; the kills left {seen:?}");
+    assert!(seen.contains(&Left::Untouched), "{seen:?}");
+    // After every recovery, a rekey runs to the end.
+    let out = rekey(&old, &to, &[]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    serves(&new, &worker).await;
 }

@@ -187,6 +187,9 @@ fn copy_regular(src: &Path, dst: &Path, owner: Owner) -> Result<(), RekeyError> 
     Ok(())
 }
 
+/// Where [`mark`] writes the marker's text before linking it in.
+const PARTIAL_MARKER: &str = "superseded-by.partial";
+
 /// Where the directory was copied to, when it was: anything at its marker counts (a marker the
 /// broker cannot read still stops it), and what is read of it is cut and stripped of control
 /// characters for the message.
@@ -209,29 +212,47 @@ pub fn superseded(dir: &Path) -> Option<String> {
     })
 }
 
-/// Marks `from` as copied into `to`, durably; an entry already there (planted) fails it.
-fn mark(from: &Path, to: &Path) -> Result<PathBuf, RekeyError> {
-    let marker = from.join(SUPERSEDED_FILE);
+/// Marks `from` as copied into `to`, durably and whole: the text is written and synced under
+/// another name first, then linked in (a link never replaces, so an entry already there, planted,
+/// fails it). A run stopped part-way leaves no marker or a whole one, never an empty one.
+fn mark(from: &Path, to: &Path) -> Result<(), RekeyError> {
+    let (marker, partial) = (from.join(SUPERSEDED_FILE), from.join(PARTIAL_MARKER));
+    // One left by a run that was stopped: only this command writes that name.
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("cannot remove", &partial, e));
+        }
+        _ => {}
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
-        .open(&marker)
-        .map_err(|e| io("cannot create", &marker, e))?;
+        .open(&partial)
+        .map_err(|e| io("cannot create", &partial, e))?;
     let written = file
         .write_all(format!("{}\n", to.display()).as_bytes())
         .and_then(|()| file.sync_all())
-        .and_then(|()| sync_dir(from));
-    if let Err(e) = written {
-        return Err(match std::fs::remove_file(&marker) {
-            Ok(()) => io("cannot write", &marker, e),
-            Err(left) => RekeyError::Failed(format!(
-                "cannot write {}: {e}; and cannot remove it ({left}): remove it by hand",
-                marker.display()
-            )),
+        .map_err(|e| io("cannot write", &partial, e))
+        .and_then(|()| {
+            std::fs::hard_link(&partial, &marker).map_err(|e| io("cannot create", &marker, e))
         });
+    let _ = std::fs::remove_file(&partial);
+    written?;
+    sync_dir(from).map_err(|e| unmark(from, io("cannot sync", from, e)))?;
+    Ok(())
+}
+
+/// Takes `from`'s marker away again, durably, after `why` failed the run.
+fn unmark(from: &Path, why: RekeyError) -> RekeyError {
+    let marker = from.join(SUPERSEDED_FILE);
+    match std::fs::remove_file(&marker).and_then(|()| sync_dir(from)) {
+        Ok(()) => why,
+        Err(left) => RekeyError::Failed(format!(
+            "{why}; and cannot remove {} ({left}): remove it by hand",
+            marker.display()
+        )),
     }
-    Ok(marker)
 }
 
 /// The owner of the old directory: a root run gives it the new files.
@@ -415,20 +436,10 @@ impl Target {
         owner.give_tree(&self.staging)?;
         // sled's own flush does not sync every file it writes (nor their names).
         sync_tree(&self.staging)?;
-        let marker = mark(from, &self.path)?;
+        mark(from, &self.path)?;
         if let Err(e) = std::fs::rename(&self.staging, &self.path) {
-            let unmarked = std::fs::remove_file(&marker).and_then(|()| sync_dir(from));
-            let also = match unmarked {
-                Ok(()) => String::new(),
-                Err(left) => format!(
-                    "; and cannot remove {} ({left}): remove it by hand",
-                    marker.display()
-                ),
-            };
-            return Err(RekeyError::Failed(format!(
-                "cannot rename into {}: {e}{also}",
-                self.path.display()
-            )));
+            let why = io("cannot rename into", &self.path, e);
+            return Err(unmark(from, why));
         }
         if let Err(e) = sync_dir(parent_of(&self.path)) {
             tracing::warn!(message = "Could not sync the new data directory's parent.", error = %e);
@@ -583,4 +594,27 @@ pub(super) fn left_behind(from: &Path, trail: &Trail) -> Vec<String> {
         .collect();
     left.sort();
     left
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_is_linked_in_whole_and_never_over_one_already_there() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (from, to) = (dir.path(), Path::new("/srv/new"));
+        let (marker, partial) = (from.join(SUPERSEDED_FILE), from.join(PARTIAL_MARKER));
+        // A run stopped before it linked its text in left this behind.
+        std::fs::write(&partial, "/srv/ha").expect("a stale partial marker");
+        mark(from, to).expect("marked");
+        let text = std::fs::read_to_string(&marker).expect("the marker");
+        assert_eq!(text, "/srv/new\n");
+        assert!(!partial.exists(), "the partial text stayed");
+        // One already there (planted, or an earlier run's) is not replaced.
+        assert!(mark(from, Path::new("/srv/other")).is_err());
+        let text = std::fs::read_to_string(&marker).expect("the marker");
+        assert_eq!(text, "/srv/new\n");
+        assert!(!partial.exists(), "the partial text stayed");
+    }
 }
