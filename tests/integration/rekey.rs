@@ -655,12 +655,57 @@ async fn serves(dir: &Path, worker: &str) {
 /// Systems added to the store so that a copy takes long enough to be stopped inside it.
 const BULK: usize = 150;
 
+/// The two directories of a rekey test, and the worker whose view is checked.
+struct Dirs<'a> {
+    old: &'a Path,
+    new: &'a Path,
+    worker: &'a str,
+}
+
+impl Dirs<'_> {
+    /// Checks what a stop left the way an operator would meet it, then recovers as the docs
+    /// and messages say, back to the old directory alone.
+    async fn check_and_recover(&self, left: Left) {
+        let (old, new) = (self.old, self.new);
+        let marker = old.join(credbroker::server::rekey::SUPERSEDED_FILE);
+        let staging = format!("{}.rekeying", new.display());
+        match left {
+            Left::Untouched => {
+                serves(old, self.worker).await;
+                // "An earlier rekey stopped part-way; remove it and run again."
+                if Path::new(&staging).exists() {
+                    std::fs::remove_dir_all(&staging).unwrap();
+                }
+            }
+            Left::Marked => {
+                let refused = refused_start(test_config(old)).await;
+                let Err(credbroker::server::ServeError::Superseded { to, .. }) = refused else {
+                    panic!("a directory marked mid-copy started: {refused:?}");
+                };
+                // The marker is whole: it names the new directory.
+                let real = std::fs::canonicalize(new.parent().unwrap()).unwrap();
+                assert_eq!(Path::new(&to), real.join("new"));
+                let advice = credbroker::server::rekey::superseded_advice(old, &to);
+                assert!(advice.contains("stopped part-way"), "{advice}");
+                std::fs::remove_dir_all(&staging).unwrap();
+                std::fs::remove_file(&marker).unwrap();
+                serves(old, self.worker).await;
+            }
+            Left::Done => {
+                serves(new, self.worker).await;
+                assert!(refused_start(test_config(old)).await.is_err());
+                std::fs::remove_file(&marker).unwrap();
+                std::fs::remove_dir_all(new).unwrap();
+            }
+        }
+    }
+}
+
 #[tokio::test]
-async fn a_rekey_killed_at_any_moment_leaves_a_directory_that_serves_and_a_way_on() {
+async fn a_rekey_stopped_at_any_step_or_moment_leaves_a_directory_that_serves_and_a_way_on() {
     let root = tempfile::tempdir().unwrap();
     let (old, new) = (root.path().join("old"), root.path().join("new"));
-    let staging = root.path().join("new.rekeying");
-    let marker = old.join(credbroker::server::rekey::SUPERSEDED_FILE);
+    let partial = old.join("superseded-by.partial");
     let asana = asana().await;
     let (worker, _) = filled(&old, &asana).await;
     let broker = TestBroker::start(&old).await;
@@ -671,14 +716,36 @@ async fn a_rekey_killed_at_any_moment_leaves_a_directory_that_serves_and_a_way_o
         admin.register_system(req).await.unwrap();
     }
     broker.stop().await;
+    let dirs = Dirs {
+        old: &old,
+        new: &new,
+        worker: &worker,
+    };
     let to = ["--to-data-dir", new.to_str().unwrap()];
+    // Stopped at each step of the commit (test builds end the process there, no clean-up
+    // run): what each leaves, exactly. A partial marker left is the next run's to clear.
+    let steps = [
+        ("staged", Left::Untouched, false),
+        ("partial", Left::Untouched, true),
+        ("linked", Left::Marked, true),
+        ("marked", Left::Marked, false),
+        ("renamed", Left::Done, false),
+    ];
+    for (step, expected, partial_left) in steps {
+        let out = rekey(&old, &to, &[("CREDBROKER_TEST_REKEY_STOP_AT", step)]).await;
+        assert_eq!(out.status.code(), Some(137), "{step}: {}", text(&out));
+        assert_eq!(left_by_stop(&old, &new), expected, "stopped at {step}");
+        assert_eq!(partial.exists(), partial_left, "stopped at {step}");
+        dirs.check_and_recover(expected).await;
+    }
     // How long a whole copy takes here; then back to the old key, as the docs say.
     let started = std::time::Instant::now();
     let out = rekey(&old, &to, &[]).await;
     assert!(out.status.success(), "{}", text(&out));
     let whole = started.elapsed();
-    std::fs::remove_file(&marker).unwrap();
-    std::fs::remove_dir_all(&new).unwrap();
+    assert!(!partial.exists());
+    dirs.check_and_recover(Left::Done).await;
+    // Killed (SIGKILL) at moments spread over a whole copy's time.
     let mut seen = std::collections::HashSet::new();
     for percent in (1..=20).map(|k| k * 5) {
         let mut child = rekey_command(&old, &to, &[])
@@ -686,44 +753,18 @@ async fn a_rekey_killed_at_any_moment_leaves_a_directory_that_serves_and_a_way_o
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Not a wait for readiness: the moment of the kill, spread over a whole copy's time.
+        // Not a wait for readiness: the moment of the kill.
         tokio::time::sleep(whole * percent / 100).await;
+        if let Some(ended) = child.try_wait().unwrap() {
+            assert!(ended.success(), "a rekey ended on its own, failed: {ended}");
+        }
         let _ = child.kill();
         child.wait().unwrap();
         let left = left_by_stop(&old, &new);
         seen.insert(left);
-        match left {
-            Left::Untouched => {
-                serves(&old, &worker).await;
-                // "An earlier rekey stopped part-way; remove it and run again."
-                if staging.exists() {
-                    std::fs::remove_dir_all(&staging).unwrap();
-                }
-            }
-            Left::Marked => {
-                let refused = refused_start(test_config(&old)).await;
-                let Err(credbroker::server::ServeError::Superseded { to, .. }) = refused else {
-                    panic!("a directory marked mid-copy started: {refused:?}");
-                };
-                // The marker is whole: it names the new directory.
-                let real = std::fs::canonicalize(root.path()).unwrap().join("new");
-                assert_eq!(Path::new(&to), real);
-                let advice = credbroker::server::rekey::superseded_advice(&old, &to);
-                assert!(advice.contains("stopped part-way"), "{advice}");
-                std::fs::remove_dir_all(&staging).unwrap();
-                std::fs::remove_file(&marker).unwrap();
-                serves(&old, &worker).await;
-            }
-            Left::Done => {
-                serves(&new, &worker).await;
-                assert!(refused_start(test_config(&old)).await.is_err());
-                std::fs::remove_file(&marker).unwrap();
-                std::fs::remove_dir_all(&new).unwrap();
-            }
-        }
+        dirs.check_and_recover(left).await;
     }
     eprintln!("a whole copy: {whole:?}; the kills left {seen:?}");
-    assert!(seen.contains(&Left::Untouched), "{seen:?}");
     // After every recovery, a rekey runs to the end.
     let out = rekey(&old, &to, &[]).await;
     assert!(out.status.success(), "{}", text(&out));

@@ -187,6 +187,19 @@ fn copy_regular(src: &Path, dst: &Path, owner: Owner) -> Result<(), RekeyError> 
     Ok(())
 }
 
+/// Test builds only (feature `fault-injection`, never in a release):
+/// `CREDBROKER_TEST_REKEY_STOP_AT=<step>` ends the process where rekey reaches `step`, with no
+/// clean-up run (as a kill there would), so a test can see what each step leaves.
+#[cfg(feature = "fault-injection")]
+pub(super) fn stop_point(step: &str) {
+    if std::env::var("CREDBROKER_TEST_REKEY_STOP_AT").is_ok_and(|at| at == step) {
+        std::process::exit(137);
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+pub(super) fn stop_point(_: &str) {}
+
 /// Where [`mark`] writes the marker's text before linking it in.
 const PARTIAL_MARKER: &str = "superseded-by.partial";
 
@@ -217,13 +230,7 @@ pub fn superseded(dir: &Path) -> Option<String> {
 /// fails it). A run stopped part-way leaves no marker or a whole one, never an empty one.
 fn mark(from: &Path, to: &Path) -> Result<(), RekeyError> {
     let (marker, partial) = (from.join(SUPERSEDED_FILE), from.join(PARTIAL_MARKER));
-    // One left by a run that was stopped: only this command writes that name.
-    match std::fs::remove_file(&partial) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io("cannot remove", &partial, e));
-        }
-        _ => {}
-    }
+    clear_partial_marker(from)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -235,12 +242,38 @@ fn mark(from: &Path, to: &Path) -> Result<(), RekeyError> {
         .and_then(|()| file.sync_all())
         .map_err(|e| io("cannot write", &partial, e))
         .and_then(|()| {
-            std::fs::hard_link(&partial, &marker).map_err(|e| io("cannot create", &marker, e))
+            stop_point("partial");
+            link_new(&partial, &marker).map_err(|e| io("cannot create", &marker, e))
         });
+    stop_point("linked");
     let _ = std::fs::remove_file(&partial);
     written?;
     sync_dir(from).map_err(|e| unmark(from, io("cannot sync", from, e)))?;
+    stop_point("marked");
     Ok(())
+}
+
+/// Removes a partial marker a stopped run left (only rekey writes that name); anything there
+/// that cannot be removed (a directory) fails the run before it copies.
+pub(super) fn clear_partial_marker(from: &Path) -> Result<(), RekeyError> {
+    let partial = from.join(PARTIAL_MARKER);
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("cannot remove", &partial, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Gives `from`'s file the name `to` too, never replacing what is there: a hard link, or where
+/// the file system has none, a rename that does not replace.
+fn link_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            let flags = rustix::fs::RenameFlags::NOREPLACE;
+            rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, flags)
+                .map_err(|_| e)
+        }
+        done => done,
+    }
 }
 
 /// Takes `from`'s marker away again, durably, after `why` failed the run.
@@ -436,6 +469,7 @@ impl Target {
         owner.give_tree(&self.staging)?;
         // sled's own flush does not sync every file it writes (nor their names).
         sync_tree(&self.staging)?;
+        stop_point("staged");
         mark(from, &self.path)?;
         if let Err(e) = std::fs::rename(&self.staging, &self.path) {
             let why = io("cannot rename into", &self.path, e);
@@ -578,6 +612,7 @@ pub(super) fn left_behind(from: &Path, trail: &Trail) -> Vec<String> {
         "master.key",
         KEY_CHECK_FILE,
         SUPERSEDED_FILE,
+        PARTIAL_MARKER,
         crate::store::sled::DIR_LOCK_FILE,
     ];
     known.extend(fixed.into_iter().map(Into::into));

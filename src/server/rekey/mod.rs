@@ -166,6 +166,7 @@ async fn fill(
     let trail = Trail::of(config, &from);
     // What will be copied is checked before the store is: a refusal costs no copy.
     files::check_copyable(&from, &trail, owner)?;
+    files::clear_partial_marker(&from)?;
     let trail_owners = trail.owners(&from);
     let staged = |e: ServeError| RekeyError::Failed(e.to_string());
     verify_key_check_file(&target.staging, &new.keyring, false).map_err(|e| staged(e.into()))?;
@@ -191,6 +192,7 @@ async fn fill(
         ..AuditEvent::now("ReplaceMasterKey", "ok", "OK")
     };
     target.complete(&from, (&trail, &line), owner)?;
+    files::stop_point("renamed");
     note_in_old_trail(&source, &line).await;
     // Lines written as root (or a rotation) must leave the trail the broker's to write.
     trail.give_back(&from, owner, &trail_owners);
