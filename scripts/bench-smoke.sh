@@ -64,12 +64,13 @@ grep -q '"layout": ".*the vendor on cores 1.*vendor delay 1 ms"' "$BENCH_RESULTS
 pg_init=$(command -v initdb 2>/dev/null || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -1 || true)
 if [ -n "$pg_init" ]; then
     pg_bin=$(dirname "$pg_init")
-    mkdir -p "$work/pg" && chmod 0755 "$work"
+    # Only postgres (or this user) inside: the password file and the socket live there.
+    mkdir -p "$work/pg" && chmod 0711 "$work" && chmod 0700 "$work/pg"
     if [ "$(id -u)" = 0 ]; then chown postgres "$work/pg"; fi
     pg_data="$work/pg/data"
     # A password, not trust: other local users must not get a superuser on this port.
     password=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
-    printf '%s\n' "$password" > "$work/pg/pw"
+    ( umask 077; printf '%s\n' "$password" > "$work/pg/pw" )
     if [ "$(id -u)" = 0 ]; then chown postgres "$work/pg/pw"; fi
     as_postgres "$pg_bin/initdb" -D "$pg_data" -U bench --auth=scram-sha-256 \
         --pwfile="$work/pg/pw" >/dev/null

@@ -264,16 +264,26 @@ pub(super) fn clear_partial_marker(from: &Path) -> Result<(), RekeyError> {
 }
 
 /// Gives `from`'s file the name `to` too, never replacing what is there: a hard link, or where
-/// the file system has none, a rename that does not replace.
+/// the file system has none (on Linux), a rename that does not replace.
 fn link_new(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::hard_link(from, to) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            let flags = rustix::fs::RenameFlags::NOREPLACE;
-            rustix::fs::renameat_with(rustix::fs::CWD, from, rustix::fs::CWD, to, flags)
-                .map_err(|_| e)
-        }
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => rename_new(from, to, e),
         done => done,
     }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn rename_new(from: &Path, to: &Path, link_failed: std::io::Error) -> std::io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE).map_err(|e| {
+        let why = format!("{link_failed}; and a rename that does not replace: {e}");
+        std::io::Error::new(link_failed.kind(), why)
+    })
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn rename_new(_: &Path, _: &Path, link_failed: std::io::Error) -> std::io::Result<()> {
+    Err(link_failed)
 }
 
 /// Takes `from`'s marker away again, durably, after `why` failed the run.
