@@ -229,8 +229,8 @@ pub fn superseded(dir: &Path) -> Option<String> {
 /// another name first, then linked in (a link never replaces, so an entry already there, planted,
 /// fails it). A run stopped part-way leaves no marker or a whole one, never an empty one.
 fn mark(from: &Path, to: &Path) -> Result<(), RekeyError> {
+    // A partial marker a stopped run left was cleared before the copy (under the lock).
     let (marker, partial) = (from.join(SUPERSEDED_FILE), from.join(PARTIAL_MARKER));
-    clear_partial_marker(from)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -444,9 +444,7 @@ impl Target {
         if let Some(why) = unusable(&path)? {
             return usage(why);
         }
-        let mut staging = path.as_os_str().to_owned();
-        staging.push(".rekeying");
-        let staging = PathBuf::from(staging);
+        let staging = super::staging_of(&path);
         // By its real name from here on: the name printed, written in the trail and the marker
         // must outlive the old directory (a name through `old/..` would not).
         let path = canonical_name(&path);
@@ -652,6 +650,7 @@ mod tests {
         let (marker, partial) = (from.join(SUPERSEDED_FILE), from.join(PARTIAL_MARKER));
         // A run stopped before it linked its text in left this behind.
         std::fs::write(&partial, "/srv/ha").expect("a stale partial marker");
+        clear_partial_marker(from).expect("cleared");
         mark(from, to).expect("marked");
         let text = std::fs::read_to_string(&marker).expect("the marker");
         assert_eq!(text, "/srv/new\n");

@@ -39,13 +39,18 @@ pub use self::files::superseded;
 
 pub use crate::store::sled::SUPERSEDED_FILE;
 
+/// Where a rekey into `to` fills the new directory before renaming it to `to`.
+fn staging_of(to: &Path) -> PathBuf {
+    let mut staging = to.as_os_str().to_owned();
+    staging.push(".rekeying");
+    PathBuf::from(staging)
+}
+
 /// What to do about a directory marked as copied into `to`: a rekey that stopped part-way
 /// leaves `<to>.rekeying` (and the marker may go); a finished one does not, and then the
 /// directory is not to be used again unless on purpose.
 pub fn superseded_advice(dir: &Path, to: &str) -> String {
-    let mut staging = std::ffi::OsString::from(to);
-    staging.push(".rekeying");
-    if Path::new(&staging).exists() {
+    if staging_of(Path::new(to)).exists() {
         return format!(
             "was being copied under a new master key into {to} when the copy stopped part-way: \
              remove {to}.rekeying and {}/{SUPERSEDED_FILE}, then start the broker or run the \
